@@ -1,0 +1,118 @@
+//! Bug check codes: how the machine stops when a driver breaks a kernel rule.
+//!
+//! On Windows, `KeBugCheckEx` stops the machine. In the simulator the same call prints the stop
+//! code and ends the process, so a test can assert that a rule fires
+//! (see [`sim::run_isolated`](crate::sim::run_isolated)).
+
+use core::fmt;
+
+use crate::irql::Irql;
+use crate::sys;
+
+/// A bug check code (the first argument of `KeBugCheckEx`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BugCheckCode(pub u32);
+
+macro_rules! codes {
+    ($($(#[$doc:meta])* $name:ident = $value:expr;)*) => {
+        impl BugCheckCode {
+            $($(#[$doc])* pub const $name: BugCheckCode = BugCheckCode($value);)*
+
+            /// The symbolic name, as the debugger prints it.
+            pub const fn name(self) -> Option<&'static str> {
+                match self.0 {
+                    $($value => Some(stringify!($name)),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+codes! {
+    /// 0x5: a thread attached to a process it may not attach to (the classic result of calling
+    /// `FltSendMessage` from `classifyFn` at `DISPATCH_LEVEL`).
+    INVALID_PROCESS_ATTACH_ATTEMPT = 0x5;
+    /// 0x9: the IRQL was raised to a level below the current one.
+    IRQL_NOT_GREATER_OR_EQUAL = 0x9;
+    /// 0xA: a routine was called, or memory touched, at an IRQL that is too high.
+    IRQL_NOT_LESS_OR_EQUAL = 0xA;
+    /// 0xF: a processor tried to acquire a spin lock it already holds.
+    SPIN_LOCK_ALREADY_OWNED = 0xF;
+    /// 0x10: a spin lock was released that the caller does not hold.
+    SPIN_LOCK_NOT_OWNED = 0x10;
+    /// 0x1E: a kernel-mode exception (here: a Rust panic in a driver) was not handled.
+    KMODE_EXCEPTION_NOT_HANDLED = 0x1E;
+    /// 0xC2: a bad pool request (for example, freeing with the wrong tag).
+    BAD_POOL_CALLER = 0xC2;
+    /// 0xC4: Driver Verifier caught a violation; parameter 1 says which ([`verifier`]).
+    DRIVER_VERIFIER_DETECTED_VIOLATION = 0xC4;
+    /// 0xC8: the IRQL is not what it should be, typically after a callback returned without
+    /// restoring it.
+    IRQL_UNEXPECTED_VALUE = 0xC8;
+    /// 0xCE: a driver unloaded while work it had queued was still pending.
+    DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS = 0xCE;
+    /// 0xE1: a work item routine returned at an IRQL other than `PASSIVE_LEVEL`.
+    WORKER_THREAD_RETURNED_AT_BAD_IRQL = 0xE1;
+    /// 0xE4: a work item was queued twice, or freed while queued.
+    WORKER_INVALID = 0xE4;
+}
+
+impl fmt::Debug for BugCheckCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.name() {
+            Some(name) => write!(f, "{name} ({:#X})", self.0),
+            None => write!(f, "BugCheckCode({:#X})", self.0),
+        }
+    }
+}
+
+impl fmt::Display for BugCheckCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Parameter 1 values of [`BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION`].
+pub mod verifier {
+    /// A zero-byte pool allocation was requested.
+    pub const ZERO_BYTE_ALLOCATION: usize = 0x00;
+    /// Paged pool was allocated above `APC_LEVEL`.
+    pub const PAGED_ALLOCATION_ABOVE_APC: usize = 0x01;
+    /// Non-paged pool was allocated above `DISPATCH_LEVEL`.
+    pub const NONPAGED_ALLOCATION_ABOVE_DISPATCH: usize = 0x02;
+    /// An address that no allocation returned was freed.
+    pub const FREE_OF_UNALLOCATED_ADDRESS: usize = 0x10;
+    /// Paged pool was freed above `APC_LEVEL`.
+    pub const PAGED_FREE_ABOVE_APC: usize = 0x11;
+    /// Non-paged pool was freed above `DISPATCH_LEVEL`.
+    pub const NONPAGED_FREE_ABOVE_DISPATCH: usize = 0x12;
+    /// Pool that was already freed was freed again.
+    pub const DOUBLE_FREE: usize = 0x13;
+    /// `KeRaiseIrql` to a level below the current one.
+    pub const RAISE_IRQL_TO_LOWER_LEVEL: usize = 0x30;
+    /// `KeLowerIrql` to a level above the current one.
+    pub const LOWER_IRQL_TO_HIGHER_LEVEL: usize = 0x31;
+    /// The driver unloaded without freeing all its pool allocations; parameter 4 is the count.
+    pub const POOL_LEAKED_AT_UNLOAD: usize = 0x62;
+    /// `KeReleaseSpinLock` called at an IRQL other than `DISPATCH_LEVEL`; parameter 2 is the
+    /// IRQL, parameter 3 the lock.
+    pub const RELEASE_SPIN_LOCK_NOT_AT_DISPATCH: usize = 0x32;
+}
+
+/// Stops the machine. Wraps `KeBugCheckEx`.
+pub fn bug_check(code: BugCheckCode, p1: usize, p2: usize, p3: usize, p4: usize) -> ! {
+    // SAFETY: KeBugCheckEx may be called at any IRQL and does not return.
+    unsafe { sys::KeBugCheckEx(code.0, p1, p2, p3, p4) }
+}
+
+/// `IRQL_NOT_LESS_OR_EQUAL` for code that found itself above `bound`.
+pub(crate) fn irql_not_less_or_equal(now: Irql, bound: Irql) -> ! {
+    bug_check(
+        BugCheckCode::IRQL_NOT_LESS_OR_EQUAL,
+        0,
+        now.0 as usize,
+        bound.0 as usize,
+        0,
+    )
+}

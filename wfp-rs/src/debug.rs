@@ -1,0 +1,110 @@
+//! Debug output through `DbgPrintEx`.
+//!
+//! In the kernel the text goes to the kernel debugger (or DebugView); in the simulator it is
+//! collected per machine ([`Machine::debug_output`](crate::sim::Machine::debug_output)) and
+//! echoed to stderr when `WFP_SIM_ECHO` is set.
+
+use core::fmt::{self, Write};
+
+use crate::sys;
+
+/// Importance of a debug message, as the `DPFLTR_*_LEVEL` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    /// `DPFLTR_ERROR_LEVEL`: always shown by the debugger.
+    Error,
+    /// `DPFLTR_WARNING_LEVEL`.
+    Warning,
+    /// `DPFLTR_TRACE_LEVEL`.
+    Trace,
+    /// `DPFLTR_INFO_LEVEL`.
+    Info,
+}
+
+impl Level {
+    const fn raw(self) -> u32 {
+        match self {
+            Level::Error => sys::DPFLTR_ERROR_LEVEL,
+            Level::Warning => sys::DPFLTR_WARNING_LEVEL,
+            Level::Trace => sys::DPFLTR_TRACE_LEVEL,
+            Level::Info => sys::DPFLTR_INFO_LEVEL,
+        }
+    }
+}
+
+/// Bytes formatted per `DbgPrintEx` call. Longer text is split; the buffer lives on the stack,
+/// so it stays far below a kernel stack page.
+const CHUNK: usize = 256;
+
+struct DbgWriter {
+    level: Level,
+    buf: [u8; CHUNK],
+    len: usize,
+}
+
+impl DbgWriter {
+    fn flush(&mut self) {
+        if self.len == 0 {
+            return;
+        }
+        // SAFETY: the format string is NUL-terminated and `%.*s` consumes exactly the length
+        // (an int) and the pointer that follow; `buf[..len]` is initialised. DbgPrintEx may be
+        // called at any IRQL for text without Unicode conversions.
+        unsafe {
+            sys::DbgPrintEx(
+                sys::DPFLTR_IHVDRIVER_ID,
+                self.level.raw(),
+                c"%.*s".as_ptr().cast(),
+                self.len as i32,
+                self.buf.as_ptr(),
+            );
+        }
+        self.len = 0;
+    }
+}
+
+impl Write for DbgWriter {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for &byte in s.as_bytes() {
+            if self.len == CHUNK {
+                self.flush();
+            }
+            self.buf[self.len] = byte;
+            self.len += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Writes formatted text to the kernel debugger at `level`. Callable at any IRQL; does not
+/// allocate. Prefer the [`kd_print!`](crate::kd_print) macro.
+pub fn print(level: Level, args: fmt::Arguments<'_>) {
+    let mut writer = DbgWriter {
+        level,
+        buf: [0; CHUNK],
+        len: 0,
+    };
+    // Writing to the stack buffer cannot fail.
+    let _ = writer.write_fmt(args);
+    writer.flush();
+}
+
+pub(crate) fn print_error(args: fmt::Arguments<'_>) {
+    print(Level::Error, args);
+}
+
+/// Prints to the kernel debugger, like `print!` (no newline is added).
+///
+/// ```
+/// # wfp_rs::sim::Machine::new().run(|| {
+/// wfp_rs::kd_print!("blocked {} connections\n", 3);
+/// wfp_rs::kd_print!(Error, "unexpected status {:#x}\n", 0xC000_0001u32);
+/// # });
+/// ```
+#[macro_export]
+macro_rules! kd_print {
+    (Error, $($arg:tt)*) => { $crate::debug::print($crate::debug::Level::Error, format_args!($($arg)*)) };
+    (Warning, $($arg:tt)*) => { $crate::debug::print($crate::debug::Level::Warning, format_args!($($arg)*)) };
+    (Trace, $($arg:tt)*) => { $crate::debug::print($crate::debug::Level::Trace, format_args!($($arg)*)) };
+    ($($arg:tt)*) => { $crate::debug::print($crate::debug::Level::Info, format_args!($($arg)*)) };
+}

@@ -1,0 +1,351 @@
+//! Driver entry and unload.
+//!
+//! A driver is a function marked [`#[driver_entry]`](crate::driver_entry) that receives a
+//! `&mut PassiveLevel` and a [`Driver`], and returns the driver's state. The SDK keeps the state
+//! until unload, then calls [`DriverState::unload`] and drops it at `PASSIVE_LEVEL`; then it waits
+//! for every work item and every [`WorkQueue`] handle, and deletes its device object. A driver
+//! written this way cannot forget to clean up.
+//!
+//! ```
+//! use wfp_rs::driver::{Driver, DriverState};
+//! use wfp_rs::irql::PassiveLevel;
+//! use wfp_rs::Status;
+//!
+//! struct Counter;
+//! impl DriverState for Counter {}
+//!
+//! #[wfp_rs::driver_entry]
+//! fn entry(_irql: &mut PassiveLevel, driver: &mut Driver) -> Result<Counter, Status> {
+//!     wfp_rs::kd_print!("loaded from {}\n", driver.registry_path());
+//!     Ok(Counter)
+//! }
+//!
+//! let machine = wfp_rs::sim::Machine::new();
+//! let loaded = machine.load_driver("counter", DriverEntry).unwrap();
+//! machine.unload_driver(loaded).unwrap();
+//! ```
+
+use core::fmt;
+use core::mem::MaybeUninit;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::event::{Event, EventKind};
+use crate::irql::PassiveLevel;
+use crate::status::Status;
+use crate::sys;
+use crate::work_item::WorkQueue;
+
+/// The state a driver keeps from `DriverEntry` to unload.
+///
+/// It is shared with callbacks that may run on any processor, hence `Send + Sync`.
+pub trait DriverState: Send + Sync + 'static {
+    /// Called at `PASSIVE_LEVEL` when the driver unloads, before the state is dropped. The
+    /// default does nothing; `Drop` implementations of the fields run afterwards.
+    fn unload(&mut self, irql: &mut PassiveLevel<'_>) {
+        let _ = irql;
+    }
+}
+
+impl DriverState for () {}
+
+/// What the SDK shares between the driver object, its work items and its handles.
+pub(crate) struct Shared {
+    pub(crate) device: NonNull<sys::DEVICE_OBJECT>,
+    /// One reference for the loaded driver plus one per live [`WorkQueue`] handle (queued work
+    /// items hold one). Unload drops the driver's and waits for zero.
+    pub(crate) references: AtomicUsize,
+    pub(crate) drained: Event,
+}
+
+impl Shared {
+    pub(crate) fn acquire(&self) {
+        self.references.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn release(&self) {
+        if self.references.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // SAFETY: all Rust code in a driver runs at IRQL <= DISPATCH_LEVEL, where KeSetEvent
+            // is allowed; no token is at hand in `Drop`, which is where this runs.
+            let irql = unsafe { crate::irql::DispatchLevel::new_unchecked() };
+            self.drained.set(&irql);
+        }
+    }
+}
+
+/// The block the SDK keeps in the driver object extension.
+struct Extension<D> {
+    shared: Shared,
+    state: MaybeUninit<D>,
+}
+
+/// Identifies the SDK's driver object extension (`ClientIdentificationAddress`): any address
+/// unique to this crate will do.
+static EXTENSION_ID: u8 = 0;
+
+fn extension_id() -> sys::PVOID {
+    (&raw const EXTENSION_ID).cast_mut().cast()
+}
+
+/// The driver being initialised, as `DriverEntry` sees it.
+pub struct Driver<'a> {
+    object: NonNull<sys::DRIVER_OBJECT>,
+    registry_path: &'a sys::UNICODE_STRING,
+    shared: &'a Shared,
+}
+
+impl Driver<'_> {
+    /// A handle for queueing work items to system worker threads.
+    pub fn work_queue(&self) -> WorkQueue {
+        WorkQueue::new(self.shared)
+    }
+
+    /// The driver's registry key (`\REGISTRY\MACHINE\SYSTEM\CurrentControlSet\Services\<name>`).
+    pub fn registry_path(&self) -> UnicodeStr<'_> {
+        UnicodeStr(self.registry_path)
+    }
+
+    /// The raw driver object, for calls this crate does not wrap.
+    pub fn raw_object(&self) -> *mut sys::DRIVER_OBJECT {
+        self.object.as_ptr()
+    }
+
+    /// The unnamed device object the SDK created for this driver (WFP callout registration and
+    /// work items need one).
+    pub fn raw_device(&self) -> *mut sys::DEVICE_OBJECT {
+        self.shared.device.as_ptr()
+    }
+}
+
+impl fmt::Debug for Driver<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Driver")
+            .field("registry_path", &self.registry_path())
+            .finish()
+    }
+}
+
+/// A borrowed `UNICODE_STRING`, displayed as text.
+#[derive(Clone, Copy)]
+pub struct UnicodeStr<'a>(&'a sys::UNICODE_STRING);
+
+impl UnicodeStr<'_> {
+    /// The UTF-16 code units.
+    pub fn as_utf16(&self) -> &[u16] {
+        if self.0.Buffer.is_null() {
+            return &[];
+        }
+        // SAFETY: a UNICODE_STRING from the kernel holds `Length` bytes at `Buffer`, valid for
+        // the borrow.
+        unsafe { core::slice::from_raw_parts(self.0.Buffer, usize::from(self.0.Length / 2)) }
+    }
+}
+
+impl fmt::Display for UnicodeStr<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in char::decode_utf16(self.as_utf16().iter().copied()) {
+            fmt::Write::write_char(f, c.unwrap_or(char::REPLACEMENT_CHARACTER))?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for UnicodeStr<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}
+
+/// The body of the `DriverEntry` that `#[driver_entry]` generates.
+///
+/// # Safety
+///
+/// Only the generated `DriverEntry` may call this, with the arguments the I/O manager passed.
+#[doc(hidden)]
+pub unsafe fn __run_driver_entry<D: DriverState>(
+    driver_object: *mut sys::DRIVER_OBJECT,
+    registry_path: *const sys::UNICODE_STRING,
+    entry: fn(&mut PassiveLevel<'_>, &mut Driver<'_>) -> Result<D, Status>,
+) -> sys::NTSTATUS {
+    const { assert!(core::mem::align_of::<Extension<D>>() <= crate::pool::POOL_ALIGNMENT) };
+    // SAFETY: the I/O manager calls DriverEntry at PASSIVE_LEVEL; the token lives for this call.
+    let mut irql = unsafe { PassiveLevel::new_unchecked() };
+    let (Some(object), Some(registry_path)) =
+        // SAFETY: the I/O manager passes a valid registry path for the duration of the call.
+        (NonNull::new(driver_object), unsafe { registry_path.as_ref() })
+    else {
+        return Status::INVALID_PARAMETER.raw();
+    };
+    match start::<D>(&mut irql, object, registry_path, entry) {
+        Ok(()) => 0,
+        // A success code would tell the I/O manager the driver loaded after it cleaned up.
+        Err(status) if status.raw() >= 0 => Status::UNSUCCESSFUL.raw(),
+        Err(status) => status.raw(),
+    }
+}
+
+fn start<D: DriverState>(
+    irql: &mut PassiveLevel<'_>,
+    object: NonNull<sys::DRIVER_OBJECT>,
+    registry_path: &sys::UNICODE_STRING,
+    entry: fn(&mut PassiveLevel<'_>, &mut Driver<'_>) -> Result<D, Status>,
+) -> Result<(), Status> {
+    let mut raw_extension: sys::PVOID = core::ptr::null_mut();
+    // SAFETY: `object` is our driver object; the out pointer is a local. The extension is freed
+    // by the I/O manager with the driver object.
+    let status = unsafe {
+        sys::IoAllocateDriverObjectExtension(
+            object.as_ptr(),
+            extension_id(),
+            core::mem::size_of::<Extension<D>>() as u32,
+            &mut raw_extension,
+        )
+    };
+    Status::from_ntstatus(status)?;
+    let extension =
+        NonNull::new(raw_extension.cast::<Extension<D>>()).ok_or(Status::INSUFFICIENT_RESOURCES)?;
+
+    let mut device: *mut sys::DEVICE_OBJECT = core::ptr::null_mut();
+    // SAFETY: an unnamed device for our driver object; the out pointer is a local.
+    let status = unsafe {
+        sys::IoCreateDevice(
+            object.as_ptr(),
+            0,
+            core::ptr::null(),
+            sys::FILE_DEVICE_NETWORK,
+            sys::FILE_DEVICE_SECURE_OPEN,
+            sys::FALSE,
+            &mut device,
+        )
+    };
+    Status::from_ntstatus(status)?;
+    let device = NonNull::new(device).ok_or(Status::UNSUCCESSFUL)?;
+    let drained = match Event::try_new(EventKind::Notification, false, irql) {
+        Ok(event) => event,
+        Err(status) => {
+            // SAFETY: the device was created above and nothing else refers to it yet.
+            unsafe { sys::IoDeleteDevice(device.as_ptr()) };
+            return Err(status);
+        }
+    };
+    let shared = Shared {
+        device,
+        references: AtomicUsize::new(1),
+        drained,
+    };
+    // SAFETY: the extension is a fresh, suitably aligned block of the right size (alignment is
+    // asserted at compile time against the pool's 16 bytes).
+    unsafe {
+        extension.as_ptr().write(Extension {
+            shared,
+            state: MaybeUninit::uninit(),
+        })
+    };
+    // SAFETY: initialised just above; only this thread uses it until DriverEntry returns.
+    let extension = unsafe { &mut *extension.as_ptr() };
+
+    let mut driver = Driver {
+        object,
+        registry_path,
+        shared: &extension.shared,
+    };
+    match entry(irql, &mut driver) {
+        Ok(state) => {
+            extension.state.write(state);
+            // SAFETY: `object` is our driver object; setting the unload routine during
+            // DriverEntry is how a driver becomes unloadable.
+            unsafe { (*object.as_ptr()).DriverUnload = Some(unload_trampoline::<D>) };
+            Ok(())
+        }
+        Err(status) => {
+            // SAFETY: the state was never written; the shared part is torn down exactly once.
+            unsafe { tear_down(irql, &mut extension.shared) };
+            Err(status)
+        }
+    }
+}
+
+/// Drops the driver's own reference, waits until every work item and handle is gone, deletes the
+/// device, and drops the shared block.
+///
+/// # Safety
+///
+/// Called once, at PASSIVE_LEVEL, after the driver state is gone.
+unsafe fn tear_down(irql: &mut PassiveLevel<'_>, shared: &mut Shared) {
+    shared.release();
+    shared.drained.wait(irql);
+    // SAFETY: every reference is gone, so no work item can still use the device.
+    unsafe { sys::IoDeleteDevice(shared.device.as_ptr()) };
+    // SAFETY: nothing refers to `shared` any more; it is dropped in place exactly once.
+    unsafe { core::ptr::drop_in_place(shared) };
+}
+
+unsafe extern "system" fn unload_trampoline<D: DriverState>(
+    driver_object: *mut sys::DRIVER_OBJECT,
+) {
+    // SAFETY: the I/O manager calls the unload routine at PASSIVE_LEVEL.
+    let mut irql = unsafe { PassiveLevel::new_unchecked() };
+    // SAFETY: the extension was allocated and initialised in `start` for this driver object.
+    let extension = unsafe { sys::IoGetDriverObjectExtension(driver_object, extension_id()) };
+    let Some(extension) = NonNull::new(extension.cast::<Extension<D>>()) else {
+        return;
+    };
+    // SAFETY: `start` initialised both parts before it set this unload routine, and unload runs
+    // once, when no other driver code runs on behalf of the I/O manager.
+    let extension = unsafe { &mut *extension.as_ptr() };
+    {
+        // SAFETY: the state was written in `start` and is read out exactly once, here.
+        let mut state = unsafe { extension.state.assume_init_read() };
+        state.unload(&mut irql);
+    }
+    // SAFETY: the state is gone; this is the single teardown.
+    unsafe { tear_down(&mut irql, &mut extension.shared) };
+}
+
+/// Exports the `DriverEntry` that the `#[driver_entry]` attribute asks for. On Windows it is the
+/// image's entry point (`#[no_mangle]`); in the simulator it is an ordinary function that
+/// [`Machine::load_driver`](crate::sim::Machine::load_driver) calls, so several drivers can live
+/// in one test binary.
+#[cfg(wfp_nt)]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_driver_entry {
+    ($entry:path) => {
+        /// The driver's entry point, generated by `#[wfp_rs::driver_entry]`.
+        ///
+        /// # Safety
+        ///
+        /// Called by the I/O manager only.
+        #[allow(non_snake_case)]
+        #[unsafe(no_mangle)]
+        pub unsafe extern "system" fn DriverEntry(
+            driver_object: *mut $crate::sys::DRIVER_OBJECT,
+            registry_path: *const $crate::sys::UNICODE_STRING,
+        ) -> $crate::sys::NTSTATUS {
+            // SAFETY: the I/O manager passes its own arguments through unchanged.
+            unsafe { $crate::driver::__run_driver_entry(driver_object, registry_path, $entry) }
+        }
+    };
+}
+
+#[cfg(wfp_sim)]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_driver_entry {
+    ($entry:path) => {
+        /// The driver's entry point, generated by `#[wfp_rs::driver_entry]`; load it with
+        /// `wfp_rs::sim::Machine::load_driver`.
+        ///
+        /// # Safety
+        ///
+        /// Called by the (simulated) I/O manager only.
+        #[allow(non_snake_case)]
+        pub unsafe extern "system" fn DriverEntry(
+            driver_object: *mut $crate::sys::DRIVER_OBJECT,
+            registry_path: *const $crate::sys::UNICODE_STRING,
+        ) -> $crate::sys::NTSTATUS {
+            // SAFETY: the I/O manager passes its own arguments through unchanged.
+            unsafe { $crate::driver::__run_driver_entry(driver_object, registry_path, $entry) }
+        }
+    };
+}

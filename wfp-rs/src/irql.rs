@@ -1,0 +1,316 @@
+//! IRQL in the type system.
+//!
+//! Windows runs kernel code at an *interrupt request level*. Code at `DISPATCH_LEVEL` may not
+//! wait, touch pageable memory or call routines documented for `PASSIVE_LEVEL`/`APC_LEVEL`; if it
+//! does, the machine bugchecks, sometimes only under load. The classic case is a WFP `classifyFn`
+//! (which may run at `DISPATCH_LEVEL`) calling `FltSendMessage` (at most `APC_LEVEL`).
+//!
+//! This module turns those rules into types:
+//!
+//! - A token proves an upper bound on the current IRQL for as long as it is borrowed:
+//!   [`PassiveLevel`] (IRQL is `PASSIVE_LEVEL`), [`ApcLevel`] (at most `APC_LEVEL`) and
+//!   [`DispatchLevel`] (at most `DISPATCH_LEVEL`; the SDK treats it as "may be exactly
+//!   `DISPATCH_LEVEL`").
+//! - An API states the weakest bound it needs with a sealed trait: [`AtMostApc`] or
+//!   [`AtMostDispatch`]; an API that needs `PASSIVE_LEVEL` takes `&PassiveLevel`.
+//! - Tokens are handed out by the SDK's trampolines (driver entry, unload and work items get
+//!   `&PassiveLevel`; WFP callbacks get `&DispatchLevel`), by a [`SpinLockGuard`], or by the
+//!   checked [`try_current`](PassiveLevel::try_current) and `unsafe` `assume` functions.
+//! - Raising the IRQL borrows the lower token mutably ([`SpinLock::lock`]), so the lower token
+//!   cannot be used while the IRQL is raised.
+//!
+//! ```compile_fail
+//! use wfp_rs::irql::{AtMostApc, DispatchLevel};
+//!
+//! fn wants_apc(_irql: &impl AtMostApc) {}
+//!
+//! fn classify(irql: &DispatchLevel) {
+//!     wants_apc(irql); // error: `DispatchLevel` may be DISPATCH_LEVEL
+//! }
+//! ```
+//!
+//! [`SpinLock::lock`]: crate::spin_lock::SpinLock::lock
+//! [`SpinLockGuard`]: crate::spin_lock::SpinLockGuard
+
+use core::fmt;
+use core::marker::PhantomData;
+
+use crate::sys;
+
+/// A run-time IRQL value, as returned by `KeGetCurrentIrql`.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Irql(pub u8);
+
+impl Irql {
+    /// `PASSIVE_LEVEL` (0): threads run here; everything may be called.
+    pub const PASSIVE: Irql = Irql(sys::PASSIVE_LEVEL);
+    /// `APC_LEVEL` (1): asynchronous procedure calls are masked.
+    pub const APC: Irql = Irql(sys::APC_LEVEL);
+    /// `DISPATCH_LEVEL` (2): the scheduler is masked; no waiting, no paged memory.
+    pub const DISPATCH: Irql = Irql(sys::DISPATCH_LEVEL);
+    /// `HIGH_LEVEL` (15 on x64).
+    pub const HIGH: Irql = Irql(sys::HIGH_LEVEL);
+
+    /// The IRQL of the calling processor. Wraps `KeGetCurrentIrql`.
+    ///
+    /// ```
+    /// # wfp_rs::sim::Machine::new().run(|| {
+    /// use wfp_rs::irql::Irql;
+    /// assert_eq!(Irql::current(), Irql::PASSIVE);
+    /// # });
+    /// ```
+    pub fn current() -> Irql {
+        Irql(sys::KeGetCurrentIrql())
+    }
+
+    /// The C name of the level (`"DISPATCH_LEVEL"`), or `None` for a device level.
+    pub const fn name(self) -> Option<&'static str> {
+        match self.0 {
+            sys::PASSIVE_LEVEL => Some("PASSIVE_LEVEL"),
+            sys::APC_LEVEL => Some("APC_LEVEL"),
+            sys::DISPATCH_LEVEL => Some("DISPATCH_LEVEL"),
+            sys::HIGH_LEVEL => Some("HIGH_LEVEL"),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Debug for Irql {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.name() {
+            Some(name) => f.write_str(name),
+            None => write!(f, "Irql({})", self.0),
+        }
+    }
+}
+
+impl fmt::Display for Irql {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Makes a token type: zero-sized, `!Send`, `!Sync`, invariant in its lifetime, and not
+/// constructible outside this crate.
+macro_rules! token {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        pub struct $name<'a> {
+            // `*mut ()` makes the token neither `Send` nor `Sync`: the IRQL is a property of one
+            // processor, and a token moved to another thread would prove nothing there.
+            // `fn(&'a ()) -> &'a ()` makes `'a` invariant so a token cannot be coerced to live
+            // longer than the frame that minted it.
+            _not_send: PhantomData<*mut ()>,
+            _scope: PhantomData<fn(&'a ()) -> &'a ()>,
+        }
+
+        impl $name<'_> {
+            /// Mints a token without any check.
+            ///
+            /// # Safety
+            ///
+            /// The current IRQL must satisfy the token's bound for the whole lifetime of the
+            /// token, and no other token of this thread may be used to raise the IRQL while it
+            /// lives.
+            pub(crate) const unsafe fn new_unchecked() -> Self {
+                $name { _not_send: PhantomData, _scope: PhantomData }
+            }
+        }
+
+        impl fmt::Debug for $name<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(stringify!($name))
+            }
+        }
+    };
+}
+
+token! {
+    /// Proof that the current IRQL is `PASSIVE_LEVEL`.
+    ///
+    /// # Invariants
+    ///
+    /// While a `&PassiveLevel` is usable, the current processor runs at `PASSIVE_LEVEL`: the
+    /// only safe way to raise the IRQL is through an API that borrows this token mutably
+    /// (such as [`SpinLock::lock`](crate::spin_lock::SpinLock::lock)), which makes the token
+    /// unusable until the IRQL is lowered again.
+    ///
+    /// The SDK hands this token to `DriverEntry`, to the unload routine and to work items.
+    /// Safe code cannot create one:
+    ///
+    /// ```compile_fail
+    /// let token = wfp_rs::irql::PassiveLevel { _not_send: Default::default(), _scope: Default::default() };
+    /// ```
+    PassiveLevel
+}
+
+token! {
+    /// Proof that the current IRQL is at most `APC_LEVEL`.
+    ///
+    /// # Invariants
+    ///
+    /// As for [`PassiveLevel`], with the bound `APC_LEVEL`.
+    ApcLevel
+}
+
+token! {
+    /// Proof that the current IRQL is at most `DISPATCH_LEVEL`.
+    ///
+    /// WFP callbacks (`classifyFn`, `notifyFn`, `flowDeleteFn`, completion callbacks) receive
+    /// `&DispatchLevel`: they *may* run at `DISPATCH_LEVEL`, so they are written as if they
+    /// always did. A spin lock guard hands one out while the lock is held.
+    ///
+    /// # Invariants
+    ///
+    /// While a `&DispatchLevel` is usable, the current processor runs at an IRQL of at most
+    /// `DISPATCH_LEVEL`.
+    DispatchLevel
+}
+
+impl<'a> PassiveLevel<'a> {
+    /// Runs `f` with a `PassiveLevel` token if the current IRQL is `PASSIVE_LEVEL`; returns
+    /// `None` without calling `f` otherwise.
+    ///
+    /// This is the checked way to obtain a token in code the SDK did not call with one (a
+    /// library function, a callback registered by other means). Hold one token per thread at a
+    /// time: the token proves the IRQL it saw, and raising the IRQL through *another* token while
+    /// this one lives is not something the compiler can see. The SDK's own entry points check
+    /// the IRQL again at run time in the simulator, which stops such code with a bugcheck.
+    ///
+    /// ```
+    /// # wfp_rs::sim::Machine::new().run(|| {
+    /// use wfp_rs::irql::PassiveLevel;
+    /// let ran = PassiveLevel::try_current(|_irql| 42);
+    /// assert_eq!(ran, Some(42));
+    /// # });
+    /// ```
+    pub fn try_current<R>(f: impl for<'t> FnOnce(&'t mut PassiveLevel<'t>) -> R) -> Option<R> {
+        if Irql::current() != Irql::PASSIVE {
+            return None;
+        }
+        // SAFETY: the IRQL is PASSIVE_LEVEL now; the token lives only for the call of `f`, and
+        // safe code can raise the IRQL only through `&mut` of a token, which `f` is given.
+        let mut token = unsafe { PassiveLevel::new_unchecked() };
+        Some(f(&mut token))
+    }
+
+    /// Creates a token, checking the IRQL in debug builds (and always in the simulator).
+    ///
+    /// # Safety
+    ///
+    /// The caller guarantees that the IRQL is `PASSIVE_LEVEL` for all of `'a`, and that no
+    /// other token of this thread is used to raise the IRQL while the returned token lives.
+    pub unsafe fn assume() -> PassiveLevel<'a> {
+        assume_check(Irql::PASSIVE, "PassiveLevel::assume");
+        // SAFETY: forwarded to the caller.
+        unsafe { PassiveLevel::new_unchecked() }
+    }
+}
+
+impl<'a> ApcLevel<'a> {
+    /// Runs `f` with an `ApcLevel` token if the current IRQL is at most `APC_LEVEL`.
+    ///
+    /// The same one-token-per-thread rule as [`PassiveLevel::try_current`] applies.
+    pub fn try_current<R>(f: impl for<'t> FnOnce(&'t mut ApcLevel<'t>) -> R) -> Option<R> {
+        if Irql::current() > Irql::APC {
+            return None;
+        }
+        // SAFETY: the IRQL is at most APC_LEVEL now and can only be raised through `&mut` of a
+        // token, which `f` holds.
+        let mut token = unsafe { ApcLevel::new_unchecked() };
+        Some(f(&mut token))
+    }
+
+    /// Creates a token, checking the IRQL in debug builds (and always in the simulator).
+    ///
+    /// # Safety
+    ///
+    /// As for [`PassiveLevel::assume`], with the bound `APC_LEVEL`.
+    pub unsafe fn assume() -> ApcLevel<'a> {
+        assume_check(Irql::APC, "ApcLevel::assume");
+        // SAFETY: forwarded to the caller.
+        unsafe { ApcLevel::new_unchecked() }
+    }
+}
+
+impl<'a> DispatchLevel<'a> {
+    /// Runs `f` with a `DispatchLevel` token if the current IRQL is at most `DISPATCH_LEVEL`.
+    pub fn try_current<R>(f: impl for<'t> FnOnce(&'t mut DispatchLevel<'t>) -> R) -> Option<R> {
+        if Irql::current() > Irql::DISPATCH {
+            return None;
+        }
+        // SAFETY: the IRQL is at most DISPATCH_LEVEL now and can only be raised through `&mut`
+        // of a token, which `f` holds.
+        let mut token = unsafe { DispatchLevel::new_unchecked() };
+        Some(f(&mut token))
+    }
+
+    /// Creates a token, checking the IRQL in debug builds (and always in the simulator).
+    ///
+    /// # Safety
+    ///
+    /// As for [`PassiveLevel::assume`], with the bound `DISPATCH_LEVEL`.
+    pub unsafe fn assume() -> DispatchLevel<'a> {
+        assume_check(Irql::DISPATCH, "DispatchLevel::assume");
+        // SAFETY: forwarded to the caller.
+        unsafe { DispatchLevel::new_unchecked() }
+    }
+}
+
+/// The debug check behind the `assume` functions: a wrong assumption stops the machine the way
+/// the violation itself eventually would, but at the point where it was made.
+fn assume_check(bound: Irql, what: &'static str) {
+    if cfg!(any(debug_assertions, wfp_sim)) {
+        let now = Irql::current();
+        if now > bound {
+            crate::debug::print_error(format_args!("wfp-rs: {what} at {now}, above {bound}\n"));
+            crate::bugcheck::irql_not_less_or_equal(now, bound);
+        }
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::PassiveLevel<'_> {}
+    impl Sealed for super::ApcLevel<'_> {}
+    impl Sealed for super::DispatchLevel<'_> {}
+}
+
+/// Implemented by tokens that prove the IRQL is at most `APC_LEVEL`: [`PassiveLevel`] and
+/// [`ApcLevel`]. Sealed.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` may be DISPATCH_LEVEL, but this call requires IRQL <= APC_LEVEL",
+    label = "this token does not prove IRQL <= APC_LEVEL",
+    note = "code that may run at DISPATCH_LEVEL (classifyFn, a spin-lock guard) cannot make this call",
+    note = "queue a work item (`WorkQueue::queue`) and make the call from it: work items receive a `&PassiveLevel`"
+)]
+pub trait AtMostApc: AtMostDispatch + sealed::Sealed {}
+
+/// Implemented by tokens that prove the IRQL is at most `DISPATCH_LEVEL`: every token. Sealed.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an IRQL token",
+    label = "expected `&PassiveLevel`, `&ApcLevel` or `&DispatchLevel`",
+    note = "tokens are handed to your callbacks by the SDK; pass the one your callback received"
+)]
+pub trait AtMostDispatch: sealed::Sealed {
+    /// The bound the token proves.
+    const BOUND: Irql;
+}
+
+impl AtMostApc for PassiveLevel<'_> {}
+impl AtMostApc for ApcLevel<'_> {}
+impl AtMostDispatch for PassiveLevel<'_> {
+    const BOUND: Irql = Irql::PASSIVE;
+}
+impl AtMostDispatch for ApcLevel<'_> {
+    const BOUND: Irql = Irql::APC;
+}
+impl AtMostDispatch for DispatchLevel<'_> {
+    const BOUND: Irql = Irql::DISPATCH;
+}
+
+static_assertions::assert_eq_size!(PassiveLevel<'static>, ());
+static_assertions::assert_eq_size!(DispatchLevel<'static>, ());
+static_assertions::assert_not_impl_any!(PassiveLevel<'static>: Send, Sync, Clone, Copy, Default);
+static_assertions::assert_not_impl_any!(ApcLevel<'static>: Send, Sync, Clone, Copy, Default);
+static_assertions::assert_not_impl_any!(DispatchLevel<'static>: Send, Sync, Clone, Copy, Default);

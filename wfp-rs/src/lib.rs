@@ -1,0 +1,54 @@
+//! # wfp-rs
+//!
+//! Write Windows Filtering Platform callout drivers in Rust, with the IRQL rules that crash C
+//! drivers checked by the compiler, and test them on any host in a simulator that stops where
+//! Windows would bugcheck.
+//!
+//! - [`irql`]: tokens that prove an upper bound on the IRQL, so that a `PASSIVE_LEVEL`-only call
+//!   from code that may run at `DISPATCH_LEVEL` does not compile.
+//! - [`driver`]: `DriverEntry` and unload glue ([`driver_entry`]).
+//! - [`spin_lock`], [`event`], [`work_item`], [`pool`]: the kernel services a callout driver
+//!   uses, each taking the IRQL token it needs.
+//! - [`sys`]: the raw kernel ABI, with two backends: the real kernel (`nt`, when compiling for
+//!   Windows) and the host simulator (everywhere else, or with the `sim` feature).
+//! - [`sim`] (simulator backend only): boot a simulated machine, load drivers, assert bug checks.
+//!
+//! The guides in the repository's `docs/` folder start from the bug this crate was built to
+//! prevent: `FltSendMessage` called from `classifyFn` at `DISPATCH_LEVEL`.
+
+#![no_std]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+extern crate alloc;
+// The simulator is host code: it uses std, and its modules import std's prelude and macros.
+#[cfg(wfp_sim)]
+#[macro_use]
+extern crate std;
+
+pub mod bugcheck;
+pub mod debug;
+pub mod driver;
+pub mod event;
+pub mod guid;
+pub mod irql;
+pub mod pool;
+pub mod spin_lock;
+pub mod status;
+pub mod sys;
+pub mod work_item;
+
+#[cfg(wfp_sim)]
+pub mod sim;
+
+#[cfg(all(wfp_nt, feature = "panic-handler"))]
+mod panic;
+
+pub use guid::Guid;
+pub use status::Status;
+pub use wfp_rs_macros::{driver_entry, guid};
+
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::guid::Guid;
+    pub use crate::sys::GUID;
+}

@@ -1,0 +1,308 @@
+//! Non-paged pool: tagged allocations with `ExAllocatePool2`.
+//!
+//! Kernel allocations can fail, and a failure must not bring the machine down, so every
+//! allocation here is fallible and gives the value back when it fails. Everything allocated
+//! here is non-paged, so it may be touched at `DISPATCH_LEVEL`.
+//!
+//! A driver that wants `alloc` collections can install [`PoolAllocator`] as its global
+//! allocator (Windows builds only; the simulator uses the host allocator for `alloc`).
+
+use core::alloc::{GlobalAlloc, Layout};
+use core::fmt;
+use core::marker::PhantomData;
+use core::mem::{self, ManuallyDrop};
+use core::ops::{Deref, DerefMut};
+use core::ptr::NonNull;
+
+use crate::irql::AtMostDispatch;
+use crate::status::Status;
+use crate::sys;
+
+/// A pool tag: four characters that identify a driver's allocations in the debugger and in
+/// poolmon.
+///
+/// ```
+/// use wfp_rs::pool::PoolTag;
+/// const TAG: PoolTag = PoolTag::new(b"Demo");
+/// assert_eq!(TAG.to_string(), "Demo");
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PoolTag(u32);
+
+impl PoolTag {
+    /// The tag the SDK uses for its own allocations.
+    pub const SDK: PoolTag = PoolTag::new(b"WfpR");
+
+    /// Makes a tag from four ASCII characters, in the order tools display them.
+    ///
+    /// (C drivers write the reversed multi-character literal `'omeD'` for "Demo"; this takes the
+    /// readable order and produces the same value.)
+    pub const fn new(chars: &[u8; 4]) -> PoolTag {
+        PoolTag(u32::from_le_bytes(*chars))
+    }
+
+    /// The `ULONG` passed to `ExAllocatePool2`.
+    pub const fn raw(self) -> u32 {
+        self.0
+    }
+}
+
+impl fmt::Display for PoolTag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in self.0.to_le_bytes() {
+            let c = if byte.is_ascii_graphic() || byte == b' ' {
+                byte as char
+            } else {
+                '?'
+            };
+            fmt::Write::write_char(f, c)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for PoolTag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PoolTag(\"{self}\")")
+    }
+}
+
+/// An allocation failed; the value that was to be stored is handed back.
+pub struct AllocError<T> {
+    value: T,
+    bytes: usize,
+}
+
+impl<T> AllocError<T> {
+    /// The value that could not be moved into the pool.
+    pub fn into_inner(self) -> T {
+        self.value
+    }
+
+    /// `STATUS_INSUFFICIENT_RESOURCES`, for drivers that report the failure as an `NTSTATUS`.
+    pub fn status(&self) -> Status {
+        Status::INSUFFICIENT_RESOURCES
+    }
+}
+
+impl<T> fmt::Debug for AllocError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AllocError")
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> fmt::Display for AllocError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "non-paged pool allocation of {} bytes failed",
+            self.bytes
+        )
+    }
+}
+
+impl<T> core::error::Error for AllocError<T> {}
+
+impl<T> From<AllocError<T>> for Status {
+    fn from(_: AllocError<T>) -> Status {
+        Status::INSUFFICIENT_RESOURCES
+    }
+}
+
+/// The alignment `ExAllocatePool2` guarantees on x64.
+pub const POOL_ALIGNMENT: usize = 16;
+
+/// Allocates `layout` from non-paged pool; null on failure. Zero-sized layouts must not reach
+/// here (a zero-byte request is a Driver Verifier violation).
+fn allocate_raw(layout: Layout, tag: PoolTag) -> *mut u8 {
+    debug_assert!(layout.size() != 0);
+    if layout.align() > POOL_ALIGNMENT {
+        return core::ptr::null_mut();
+    }
+    // SAFETY: non-paged allocation is allowed at IRQL <= DISPATCH_LEVEL, which every caller's
+    // token (or, for the global allocator, the kernel's rules for Rust code) guarantees.
+    unsafe { sys::ExAllocatePool2(sys::POOL_FLAG_NON_PAGED, layout.size(), tag.raw()).cast() }
+}
+
+/// A `Box` in non-paged pool, with a tag and a fallible constructor.
+///
+/// ```
+/// use wfp_rs::pool::{PoolBox, PoolTag};
+/// # wfp_rs::sim::Machine::new().run(|| {
+/// # wfp_rs::irql::PassiveLevel::try_current(|irql| {
+/// let mut counters = PoolBox::try_new([0u64; 4], PoolTag::new(b"Demo"), irql)?;
+/// counters[2] += 1;
+/// assert_eq!(*counters, [0, 0, 1, 0]);
+/// # Ok::<(), wfp_rs::Status>(())
+/// # }).unwrap().unwrap();
+/// # });
+/// ```
+pub struct PoolBox<T> {
+    ptr: NonNull<T>,
+    tag: PoolTag,
+    _owns: PhantomData<T>,
+}
+
+// SAFETY: a PoolBox owns its `T` exactly like `Box<T>` does.
+unsafe impl<T: Send> Send for PoolBox<T> {}
+// SAFETY: as for `Box<T>`: shared access to the box is shared access to `T`.
+unsafe impl<T: Sync> Sync for PoolBox<T> {}
+
+impl<T> PoolBox<T> {
+    /// Moves `value` into a new non-paged allocation tagged `tag`. Wraps `ExAllocatePool2`
+    /// with `POOL_FLAG_NON_PAGED`. On failure the value is returned inside the error.
+    pub fn try_new(
+        value: T,
+        tag: PoolTag,
+        irql: &impl AtMostDispatch,
+    ) -> Result<PoolBox<T>, AllocError<T>> {
+        let _ = irql;
+        const {
+            assert!(
+                mem::align_of::<T>() <= POOL_ALIGNMENT,
+                "pool memory is 16-byte aligned"
+            )
+        };
+        let layout = Layout::new::<T>();
+        let ptr = if layout.size() == 0 {
+            NonNull::dangling()
+        } else {
+            match NonNull::new(allocate_raw(layout, tag).cast::<T>()) {
+                Some(ptr) => ptr,
+                None => {
+                    return Err(AllocError {
+                        value,
+                        bytes: layout.size(),
+                    });
+                }
+            }
+        };
+        // SAFETY: `ptr` is valid for writes of `T` and suitably aligned (pool alignment was
+        // checked above; a dangling pointer is aligned for zero-sized `T`).
+        unsafe { ptr.as_ptr().write(value) };
+        Ok(PoolBox {
+            ptr,
+            tag,
+            _owns: PhantomData,
+        })
+    }
+
+    /// The tag of this allocation.
+    pub fn tag(this: &Self) -> PoolTag {
+        this.tag
+    }
+
+    /// Moves the value out and frees the allocation.
+    pub fn into_inner(this: Self) -> T {
+        let this = ManuallyDrop::new(this);
+        // SAFETY: the value is initialised and is read exactly once; `free` does not drop it.
+        let value = unsafe { this.ptr.as_ptr().read() };
+        // SAFETY: the allocation came from `try_new` with this tag and is freed exactly once.
+        unsafe { free::<T>(this.ptr, this.tag) };
+        value
+    }
+
+    /// Gives up ownership; the pointer must come back through [`from_raw`](Self::from_raw).
+    pub fn into_raw(this: Self) -> NonNull<T> {
+        let this = ManuallyDrop::new(this);
+        this.ptr
+    }
+
+    /// Takes back ownership of a pointer from [`into_raw`](Self::into_raw).
+    ///
+    /// # Safety
+    ///
+    /// `ptr` must come from `PoolBox::<T>::into_raw` of a box tagged `tag`, and ownership must
+    /// be taken back only once.
+    pub unsafe fn from_raw(ptr: NonNull<T>, tag: PoolTag) -> PoolBox<T> {
+        PoolBox {
+            ptr,
+            tag,
+            _owns: PhantomData,
+        }
+    }
+}
+
+/// Frees the memory of a `PoolBox<T>` without dropping the value.
+///
+/// # Safety
+///
+/// `ptr` must be a live allocation made by `PoolBox::<T>::try_new` with `tag`.
+unsafe fn free<T>(ptr: NonNull<T>, tag: PoolTag) {
+    if mem::size_of::<T>() != 0 {
+        // SAFETY: per the contract, `ptr` was returned by ExAllocatePool2 with `tag`.
+        unsafe { sys::ExFreePoolWithTag(ptr.as_ptr().cast(), tag.raw()) }
+    }
+}
+
+impl<T> Deref for PoolBox<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: the box owns an initialised `T` for its whole life.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl<T> DerefMut for PoolBox<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: as in `deref`, and `&mut self` makes the access unique.
+        unsafe { self.ptr.as_mut() }
+    }
+}
+
+impl<T> Drop for PoolBox<T> {
+    fn drop(&mut self) {
+        // SAFETY: the value is initialised and dropped exactly once, then its memory is freed
+        // with the tag it was allocated with.
+        unsafe {
+            self.ptr.as_ptr().drop_in_place();
+            free::<T>(self.ptr, self.tag);
+        }
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for PoolBox<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
+/// A `GlobalAlloc` over non-paged pool, for driver crates that use `alloc` collections.
+///
+/// ```
+/// use wfp_rs::pool::{PoolAllocator, PoolTag};
+///
+/// // In a driver crate built for Windows:
+/// // #[global_allocator]
+/// static ALLOCATOR: PoolAllocator = PoolAllocator::new(PoolTag::new(b"Demo"));
+/// ```
+///
+/// Allocation failures are reported to `alloc` as null, which makes infallible collection
+/// methods panic (and a panic in a driver bugchecks); use `try_reserve` and friends on paths that
+/// must survive low memory. Alignments above 16 bytes are refused.
+#[derive(Debug)]
+pub struct PoolAllocator {
+    tag: PoolTag,
+}
+
+impl PoolAllocator {
+    /// An allocator whose blocks carry `tag`.
+    pub const fn new(tag: PoolTag) -> PoolAllocator {
+        PoolAllocator { tag }
+    }
+}
+
+// SAFETY: blocks come from ExAllocatePool2 with the layout's size, which returns memory aligned
+// to 16 bytes (larger alignments are refused with null) and frees them with the same tag.
+unsafe impl GlobalAlloc for PoolAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        allocate_raw(layout, self.tag)
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
+        // SAFETY: `ptr` came from `alloc` above with this tag (GlobalAlloc contract).
+        unsafe { sys::ExFreePoolWithTag(ptr.cast(), self.tag.raw()) }
+    }
+}

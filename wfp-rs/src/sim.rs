@@ -1,0 +1,562 @@
+//! The host simulator's harness: boot a simulated machine, load a driver into it, drive it, and
+//! check that it unloads clean — on Linux, in `cargo test`.
+//!
+//! The simulator implements the kernel functions of [`crate::sys`] in Rust; the driver code, the
+//! SDK's trampolines and the `#[repr(C)]` structures are the ones that run on Windows. Where
+//! Windows (with Driver Verifier) would bugcheck, the simulator stops the process with the same
+//! stop code; [`run_isolated`] runs such a scenario in a child process so a test can assert the
+//! stop code.
+//!
+//! ```
+//! use wfp_rs::sim::Machine;
+//! use wfp_rs::irql::Irql;
+//!
+//! let machine = Machine::new();
+//! let seen = machine.at_dispatch(|_irql| Irql::current());
+//! assert_eq!(seen, Irql::DISPATCH);
+//! ```
+
+#[allow(unused_imports)]
+use std::{
+    borrow::ToOwned,
+    boxed::Box,
+    string::{String, ToString},
+    vec::Vec,
+};
+
+use std::fmt;
+use std::process::Command;
+use std::sync::Arc;
+
+use crate::bugcheck::{BugCheckCode, verifier};
+use crate::irql::{DispatchLevel, PassiveLevel};
+use crate::pool::PoolTag;
+use crate::status::Status;
+use crate::sys::sim::bugcheck::{STOP_PREFIX, stop};
+use crate::sys::sim::kernel::{self, DriverRecord, Kernel, WorkItemState};
+use crate::sys::types::*;
+
+/// The signature of a driver's `DriverEntry`, which the `#[driver_entry]` attribute generates.
+pub type DriverEntryFn =
+    unsafe extern "system" fn(*mut DRIVER_OBJECT, *const UNICODE_STRING) -> NTSTATUS;
+
+/// One simulated machine: processors (the threads that enter it), a pool, an I/O manager and
+/// system worker threads. Machines are independent, so tests can run in parallel.
+pub struct Machine {
+    kernel: Arc<Kernel>,
+}
+
+impl Default for Machine {
+    fn default() -> Self {
+        Machine::new()
+    }
+}
+
+impl fmt::Debug for Machine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Machine").finish_non_exhaustive()
+    }
+}
+
+/// A driver loaded into a [`Machine`]; pass it to [`Machine::unload_driver`].
+#[derive(Debug)]
+#[must_use = "a loaded driver should be unloaded so the simulator can check for leaks"]
+pub struct LoadedDriver {
+    object: usize,
+    name: String,
+}
+
+impl LoadedDriver {
+    /// The name the driver was loaded under.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The driver object, as the kernel passes it to the driver.
+    pub fn driver_object(&self) -> *mut DRIVER_OBJECT {
+        self.object as *mut DRIVER_OBJECT
+    }
+}
+
+/// Why [`Machine::unload_driver`] did not unload a driver. (Rule violations are not errors:
+/// they stop the machine, as on Windows.)
+#[derive(Debug, thiserror::Error)]
+pub enum UnloadError {
+    /// The driver set no unload routine, so Windows refuses to stop it.
+    #[error("driver {} has no unload routine and cannot be stopped", .0.name)]
+    NotUnloadable(LoadedDriver),
+    /// The unload routine returned with device objects still present; Windows keeps such a
+    /// driver loaded ("unload pending") until they are deleted.
+    #[error("driver {name} returned from unload with {devices} device object(s) not deleted")]
+    DeviceObjectsRemain {
+        /// The driver's name.
+        name: String,
+        /// How many device objects remain.
+        devices: usize,
+    },
+}
+
+/// A block of simulated pool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolBlock {
+    /// The tag it was allocated with.
+    pub tag: PoolTag,
+    /// Its size in bytes.
+    pub size: usize,
+    /// The driver it is charged to, if any.
+    pub driver: Option<String>,
+}
+
+impl Machine {
+    /// A machine with two system worker threads.
+    pub fn new() -> Machine {
+        Machine::with_worker_threads(2)
+    }
+
+    /// A machine with `workers` system worker threads (at least one).
+    pub fn with_worker_threads(workers: usize) -> Machine {
+        Machine {
+            kernel: Kernel::new(workers.max(1)),
+        }
+    }
+
+    /// Runs `f` on this thread inside the machine at `PASSIVE_LEVEL`, as harness code (not
+    /// charged to any driver). Kernel functions and the SDK's safe API work inside.
+    pub fn run<R>(&self, f: impl FnOnce() -> R) -> R {
+        kernel::with_context(&self.kernel, PASSIVE_LEVEL, 0, f)
+    }
+
+    /// Runs `f` at `PASSIVE_LEVEL` with a token.
+    pub fn at_passive<R>(&self, f: impl for<'t> FnOnce(&'t mut PassiveLevel<'t>) -> R) -> R {
+        self.run(|| {
+            // SAFETY: this thread runs at PASSIVE_LEVEL inside the machine for the call of `f`.
+            let mut token = unsafe { PassiveLevel::new_unchecked() };
+            let result = f(&mut token);
+            check_irql_restored("Machine::at_passive", PASSIVE_LEVEL);
+            result
+        })
+    }
+
+    /// Runs `f` at `DISPATCH_LEVEL`, as a DPC would run, with a token. If `f` returns with the
+    /// IRQL changed, the machine stops with `IRQL_UNEXPECTED_VALUE`.
+    pub fn at_dispatch<R>(&self, f: impl for<'t> FnOnce(&'t mut DispatchLevel<'t>) -> R) -> R {
+        kernel::with_context(&self.kernel, DISPATCH_LEVEL, 0, || {
+            // SAFETY: this thread runs at DISPATCH_LEVEL inside the machine for the call of `f`.
+            let mut token = unsafe { DispatchLevel::new_unchecked() };
+            let result = f(&mut token);
+            check_irql_restored("a DPC", DISPATCH_LEVEL);
+            result
+        })
+    }
+
+    /// Loads a driver: creates its driver object and calls `entry` at `PASSIVE_LEVEL`, as the
+    /// I/O manager does. A failing `DriverEntry` is unloaded at once, with the same checks as an
+    /// unload.
+    pub fn load_driver(&self, name: &str, entry: DriverEntryFn) -> Result<LoadedDriver, Status> {
+        let object = self.create_driver_object(name);
+        let (object_ptr, registry_path) = {
+            let mut state = self.kernel.lock();
+            let record = state.drivers.get_mut(&object).expect("just created");
+            let path = UNICODE_STRING {
+                Length: (record.registry_path_utf16.len() * 2) as u16,
+                MaximumLength: (record.registry_path_utf16.len() * 2) as u16,
+                Buffer: record.registry_path_utf16.as_mut_ptr(),
+            };
+            (&mut *record.object as *mut DRIVER_OBJECT, path)
+        };
+        let status = kernel::with_context(&self.kernel, PASSIVE_LEVEL, object, || {
+            // SAFETY: the driver object and registry path are valid for the call, as the I/O
+            // manager guarantees to DriverEntry.
+            let status = unsafe { entry(object_ptr, &registry_path) };
+            check_irql_restored("DriverEntry", PASSIVE_LEVEL);
+            status
+        });
+        let driver = LoadedDriver {
+            object,
+            name: name.to_owned(),
+        };
+        match Status::from_ntstatus(status) {
+            Ok(()) => Ok(driver),
+            Err(error) => {
+                // The I/O manager deletes the driver object of a failed DriverEntry; what the
+                // driver left behind is checked as at unload.
+                if let Err(e) = self.finish_unload(&driver) {
+                    panic!("after a failed DriverEntry: {e}");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Unloads a driver: calls its unload routine at `PASSIVE_LEVEL`, waits for work item
+    /// routines that are still running (the I/O manager holds the image for them), and checks
+    /// what Windows with Driver Verifier checks:
+    ///
+    /// - the IRQL was restored (`IRQL_UNEXPECTED_VALUE`);
+    /// - no work item is still queued (`DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS`);
+    /// - no pool is still charged to the driver, work items included
+    ///   (`DRIVER_VERIFIER_DETECTED_VIOLATION`, parameter 1 = 0x62).
+    pub fn unload_driver(&self, driver: LoadedDriver) -> Result<(), UnloadError> {
+        let unload = {
+            let state = self.kernel.lock();
+            state
+                .drivers
+                .get(&driver.object)
+                .and_then(|d| d.object.DriverUnload)
+        };
+        let Some(unload) = unload else {
+            return Err(UnloadError::NotUnloadable(driver));
+        };
+        kernel::with_context(&self.kernel, PASSIVE_LEVEL, driver.object, || {
+            // SAFETY: the driver set this routine and is loaded; the I/O manager calls it at
+            // PASSIVE_LEVEL with the driver object.
+            unsafe { unload(driver.object as *mut DRIVER_OBJECT) };
+            check_irql_restored("DriverUnload", PASSIVE_LEVEL);
+        });
+        self.finish_unload(&driver)
+    }
+
+    /// What the I/O manager and Driver Verifier do after a driver's unload routine returned.
+    fn finish_unload(&self, driver: &LoadedDriver) -> Result<(), UnloadError> {
+        let mut state = self.kernel.lock();
+        // Routines already running keep the image loaded until they return.
+        while state
+            .work_items
+            .values()
+            .any(|w| w.driver == driver.object && matches!(w.state, WorkItemState::Running(_)))
+        {
+            state = self
+                .kernel
+                .work_done
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        let queued = state
+            .work_items
+            .iter()
+            .filter(|(_, w)| w.driver == driver.object && w.state == WorkItemState::Queued)
+            .count();
+        if queued > 0 {
+            let item = state
+                .queue
+                .iter()
+                .find(|q| {
+                    state
+                        .work_items
+                        .get(&q.item)
+                        .is_some_and(|w| w.driver == driver.object)
+                })
+                .map_or(0, |q| q.routine as usize);
+            drop(state);
+            stop(
+                BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS,
+                [item, 0, 0, 0],
+                &format!(
+                    "driver {} unloaded with {queued} work item(s) still queued",
+                    driver.name
+                ),
+            );
+        }
+        let devices = state
+            .devices
+            .values()
+            .filter(|d| d.driver == driver.object)
+            .count();
+        if devices > 0 {
+            return Err(UnloadError::DeviceObjectsRemain {
+                name: driver.name.clone(),
+                devices,
+            });
+        }
+        let leaked: Vec<(usize, u32, usize)> = state
+            .pool
+            .iter()
+            .filter(|(_, b)| b.driver == driver.object)
+            .map(|(&addr, b)| (addr, b.tag, b.size))
+            .collect();
+        if !leaked.is_empty() {
+            let record = state.drivers.get(&driver.object).expect("driver is loaded");
+            let name_ptr = &record.object.DriverName as *const UNICODE_STRING as usize;
+            drop(state);
+            let list: Vec<String> = leaked
+                .iter()
+                .map(|&(addr, tag, size)| {
+                    format!(
+                        "{addr:#x} tag {} ({size} bytes)",
+                        PoolTag::new(&tag.to_le_bytes())
+                    )
+                })
+                .collect();
+            stop(
+                BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION,
+                [verifier::POOL_LEAKED_AT_UNLOAD, name_ptr, 0, leaked.len()],
+                &format!(
+                    "driver {} unloaded without freeing {} pool allocation(s): {}",
+                    driver.name,
+                    leaked.len(),
+                    list.join(", ")
+                ),
+            );
+        }
+        let record = state
+            .drivers
+            .remove(&driver.object)
+            .expect("driver is loaded");
+        drop(state);
+        self.run(|| {
+            for &(_, ptr, _) in &record.extensions {
+                crate::sys::sim::kernel_free_block(ptr as *mut u8);
+            }
+        });
+        Ok(())
+    }
+
+    fn create_driver_object(&self, name: &str) -> usize {
+        let mut name_utf16: Vec<u16> = format!("\\Driver\\{name}").encode_utf16().collect();
+        let registry_path_utf16: Vec<u16> =
+            format!("\\REGISTRY\\MACHINE\\SYSTEM\\CurrentControlSet\\Services\\{name}")
+                .encode_utf16()
+                .collect();
+        // SAFETY: DRIVER_OBJECT and DRIVER_EXTENSION are plain data (integers, raw pointers and
+        // optional function pointers), valid when zeroed.
+        let mut object: Box<DRIVER_OBJECT> = unsafe { Box::new_zeroed().assume_init() };
+        // SAFETY: as above.
+        let mut driver_extension: Box<DRIVER_EXTENSION> =
+            unsafe { Box::new_zeroed().assume_init() };
+        object.Type = 4; // IO_TYPE_DRIVER
+        object.Size = core::mem::size_of::<DRIVER_OBJECT>() as i16;
+        // The vectors' heap buffers do not move when the vectors move into the record.
+        object.DriverName = UNICODE_STRING {
+            Length: (name_utf16.len() * 2) as u16,
+            MaximumLength: (name_utf16.len() * 2) as u16,
+            Buffer: name_utf16.as_mut_ptr(),
+        };
+        let key = &*object as *const DRIVER_OBJECT as usize;
+        driver_extension.DriverObject = key as *mut DRIVER_OBJECT;
+        object.DriverExtension = &mut *driver_extension;
+        let record = DriverRecord {
+            name: name.to_owned(),
+            object,
+            driver_extension,
+            extensions: Vec::new(),
+            name_utf16,
+            registry_path_utf16,
+        };
+        self.kernel.lock().drivers.insert(key, record);
+        key
+    }
+
+    /// Waits until no work item is queued or running. Harness synchronisation, not timing: it
+    /// returns as soon as the queues are empty.
+    pub fn wait_for_work_items(&self) {
+        let mut state = self.kernel.lock();
+        while !state.queue.is_empty()
+            || state
+                .work_items
+                .values()
+                .any(|w| matches!(w.state, WorkItemState::Running(_)))
+        {
+            state = self
+                .kernel
+                .work_done
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Makes the next `count` pool allocations fail (return null), to test low-memory paths.
+    pub fn fail_allocations(&self, count: u32) {
+        self.kernel.lock().fail_allocations = count;
+    }
+
+    /// The live pool blocks.
+    pub fn pool_blocks(&self) -> Vec<PoolBlock> {
+        let state = self.kernel.lock();
+        state
+            .pool
+            .values()
+            .map(|b| PoolBlock {
+                tag: PoolTag::new(&b.tag.to_le_bytes()),
+                size: b.size,
+                driver: state.drivers.get(&b.driver).map(|d| d.name.clone()),
+            })
+            .collect()
+    }
+
+    /// Everything written with `DbgPrintEx` so far, one entry per call.
+    pub fn debug_output(&self) -> Vec<String> {
+        self.kernel.lock().debug.clone()
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.kernel.shut_down();
+    }
+}
+
+fn check_irql_restored(callback: &str, expected: KIRQL) {
+    let now = kernel::irql();
+    if now != expected {
+        stop(
+            BugCheckCode::IRQL_UNEXPECTED_VALUE,
+            // Parameter 1 packs (current << 16) | (expected << 8) | 2, where 2 means "a callout
+            // routine returned at the wrong IRQL".
+            [
+                ((now as usize) << 16) | ((expected as usize) << 8) | 2,
+                0,
+                0,
+                0,
+            ],
+            &format!(
+                "{callback} returned at IRQL {now} ({}); it was called at {expected} ({})",
+                kernel::level_name(now),
+                kernel::level_name(expected)
+            ),
+        );
+    }
+}
+
+/// A bug check seen by [`run_isolated`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BugCheckReport {
+    /// The stop code.
+    pub code: BugCheckCode,
+    /// The four parameters.
+    pub params: [usize; 4],
+}
+
+/// How an isolated scenario ended.
+#[derive(Debug)]
+pub struct Isolated {
+    /// The bug check the child process stopped with, if any.
+    pub bugcheck: Option<BugCheckReport>,
+    /// Whether the scenario ran to its end without a bug check.
+    pub completed: bool,
+    /// Everything the child wrote to stderr.
+    pub stderr: String,
+}
+
+const ISOLATED_ENV: &str = "WFP_SIM_ISOLATED_TEST";
+const COMPLETED_MARKER: &str = "wfp-rs simulator: isolated scenario completed without a bug check";
+
+impl Isolated {
+    /// Asserts that the scenario stopped with `code`, and returns the report.
+    #[track_caller]
+    pub fn expect_bugcheck(&self, code: BugCheckCode) -> &BugCheckReport {
+        match &self.bugcheck {
+            Some(report) if report.code == code => report,
+            Some(report) => panic!(
+                "expected bug check {code}, the machine stopped with {}\n--- child stderr ---\n{}",
+                report.code, self.stderr
+            ),
+            None => panic!(
+                "expected bug check {code}, but there was none (completed: {})\n--- child stderr ---\n{}",
+                self.completed, self.stderr
+            ),
+        }
+    }
+
+    /// Asserts that the scenario ran to its end without a bug check.
+    #[track_caller]
+    pub fn expect_completed(&self) {
+        assert!(
+            self.completed && self.bugcheck.is_none(),
+            "expected the scenario to complete without a bug check\n--- child stderr ---\n{}",
+            self.stderr
+        );
+    }
+}
+
+/// Runs `scenario` in a child process, so that a bug check (which ends the process, as it stops
+/// a Windows machine) can be observed and asserted on.
+///
+/// `test_name` is the libtest name of the calling test (`module::test`, without the crate name);
+/// the child re-runs exactly that test with an environment variable set, and in the child this
+/// function runs `scenario` and exits. Prefer the [`bugcheck_test!`](crate::bugcheck_test) macro,
+/// which fills in the name.
+pub fn run_isolated(test_name: &str, scenario: impl FnOnce()) -> Isolated {
+    if std::env::var(ISOLATED_ENV).as_deref() == Ok(test_name) {
+        scenario();
+        eprintln!("{COMPLETED_MARKER}");
+        std::process::exit(0);
+    }
+    let exe = std::env::current_exe().expect("the test binary knows its own path");
+    let output = Command::new(exe)
+        .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(ISOLATED_ENV, test_name)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("could not start the test binary as a child process");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("running 1 test")
+            || stderr.contains(COMPLETED_MARKER)
+            || stderr.contains(STOP_PREFIX),
+        "the isolated child did not run test `{test_name}`; is the name right?\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}"
+    );
+    Isolated {
+        bugcheck: parse_stop(&stderr),
+        completed: stderr.contains(COMPLETED_MARKER),
+        stderr,
+    }
+}
+
+fn parse_stop(stderr: &str) -> Option<BugCheckReport> {
+    let line = stderr.lines().find_map(|l| l.strip_prefix(STOP_PREFIX))?;
+    let hex = |s: &str| {
+        usize::from_str_radix(
+            s.trim().trim_start_matches("0x").trim_start_matches("0X"),
+            16,
+        )
+        .ok()
+    };
+    let (code, rest) = line.split_once(' ')?;
+    let inner = rest.trim().strip_prefix('(')?.strip_suffix(')')?;
+    let mut params = [0usize; 4];
+    for (slot, text) in params.iter_mut().zip(inner.split(',')) {
+        *slot = hex(text)?;
+    }
+    Some(BugCheckReport {
+        code: BugCheckCode(u32::try_from(hex(code)?).ok()?),
+        params,
+    })
+}
+
+#[doc(hidden)]
+pub fn __test_name(module_path: &str, function: &str) -> String {
+    match module_path.split_once("::") {
+        Some((_crate, rest)) => format!("{rest}::{function}"),
+        None => function.to_owned(),
+    }
+}
+
+/// Declares a test whose scenario must stop the simulated machine with a given bug check.
+///
+/// ```
+/// wfp_rs::bugcheck_test! {
+///     /// Waiting at DISPATCH_LEVEL is a bug.
+///     fn waiting_at_dispatch_stops() expects IRQL_NOT_LESS_OR_EQUAL {
+///         // scenario
+///     }
+/// }
+/// ```
+///
+/// The scenario runs in a child process (see [`run_isolated`]); the test passes only if the child
+/// stopped with that code. An optional `(p1)` after the code also checks parameter 1.
+#[macro_export]
+macro_rules! bugcheck_test {
+    ($(#[$meta:meta])* fn $name:ident() expects $code:ident $(($p1:expr))? $body:block) => {
+        $(#[$meta])*
+        #[test]
+        fn $name() {
+            let outcome = $crate::sim::run_isolated(
+                &$crate::sim::__test_name(module_path!(), stringify!($name)),
+                || $body,
+            );
+            let _report = outcome.expect_bugcheck($crate::bugcheck::BugCheckCode::$code);
+            $(assert_eq!(_report.params[0], $p1, "bug check parameter 1\n{}", outcome.stderr);)?
+        }
+    };
+}

@@ -1,0 +1,106 @@
+//! `NTSTATUS` values as a Rust error type.
+
+use core::fmt;
+
+use crate::sys::NTSTATUS;
+
+/// An `NTSTATUS` that is not a success code.
+///
+/// Every fallible kernel call in this crate returns `Result<T, Status>`. `Display` shows the
+/// symbolic name where this crate knows it, and always the hexadecimal value:
+///
+/// ```
+/// use wfp_rs::Status;
+/// assert_eq!(Status::INSUFFICIENT_RESOURCES.to_string(), "STATUS_INSUFFICIENT_RESOURCES (0xC000009A)");
+/// assert_eq!(Status::from_ntstatus(0), Ok(()));
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+#[error("{}", DisplayStatus(self.0))]
+pub struct Status(NTSTATUS);
+
+macro_rules! statuses {
+    ($($(#[$doc:meta])* $name:ident = $value:expr;)*) => {
+        impl Status {
+            $($(#[$doc])* pub const $name: Status = Status($value as u32 as i32);)*
+        }
+
+        /// The `STATUS_*` name of a known value.
+        pub fn name_of(status: NTSTATUS) -> Option<&'static str> {
+            match status as u32 {
+                0 => Some("STATUS_SUCCESS"),
+                $($value => Some(concat!("STATUS_", stringify!($name))),)*
+                _ => None,
+            }
+        }
+    };
+}
+
+statuses! {
+    /// `STATUS_UNSUCCESSFUL`.
+    UNSUCCESSFUL = 0xC000_0001;
+    /// `STATUS_NOT_IMPLEMENTED`.
+    NOT_IMPLEMENTED = 0xC000_0002;
+    /// `STATUS_INVALID_PARAMETER`.
+    INVALID_PARAMETER = 0xC000_000D;
+    /// `STATUS_NO_MEMORY`.
+    NO_MEMORY = 0xC000_0017;
+    /// `STATUS_ACCESS_DENIED`.
+    ACCESS_DENIED = 0xC000_0022;
+    /// `STATUS_OBJECT_NAME_COLLISION`.
+    OBJECT_NAME_COLLISION = 0xC000_0035;
+    /// `STATUS_INSUFFICIENT_RESOURCES`.
+    INSUFFICIENT_RESOURCES = 0xC000_009A;
+    /// `STATUS_DEVICE_BUSY`.
+    DEVICE_BUSY = 0x8000_0011;
+    /// `STATUS_CANCELLED`.
+    CANCELLED = 0xC000_0120;
+    /// `STATUS_TIMEOUT` (a success-severity code that callers usually treat as an error).
+    TIMEOUT = 0x0000_0102;
+    /// `STATUS_FWP_CANNOT_PEND`.
+    FWP_CANNOT_PEND = 0xC022_0039;
+}
+
+impl Status {
+    /// Converts a raw `NTSTATUS`: `Ok(())` for `STATUS_SUCCESS` and the other success codes
+    /// except `STATUS_TIMEOUT`, `Err` otherwise.
+    pub const fn from_ntstatus(status: NTSTATUS) -> Result<(), Status> {
+        if status >= 0 && status != Status::TIMEOUT.0 {
+            Ok(())
+        } else {
+            Err(Status(status))
+        }
+    }
+
+    /// Wraps a raw value without classifying it.
+    pub const fn from_raw(status: NTSTATUS) -> Status {
+        Status(status)
+    }
+
+    /// The raw `NTSTATUS`.
+    pub const fn raw(self) -> NTSTATUS {
+        self.0
+    }
+
+    /// The `STATUS_*` name, if this crate knows it.
+    pub fn name(self) -> Option<&'static str> {
+        name_of(self.0)
+    }
+}
+
+impl fmt::Debug for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Status({})", DisplayStatus(self.0))
+    }
+}
+
+/// Formats an `NTSTATUS` as `NAME (0xVALUE)`.
+struct DisplayStatus(NTSTATUS);
+
+impl fmt::Display for DisplayStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match name_of(self.0) {
+            Some(name) => write!(f, "{name} ({:#010X})", self.0 as u32),
+            None => write!(f, "NTSTATUS {:#010X}", self.0 as u32),
+        }
+    }
+}

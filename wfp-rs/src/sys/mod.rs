@@ -1,0 +1,32 @@
+//! The kernel's C ABI, with two interchangeable backends.
+//!
+//! - `nt` (compiling for Windows without the `sim` feature): `#[repr(C)]` types and
+//!   `raw-dylib` imports from `ntoskrnl.exe`; no WDK and no import libraries are needed.
+//! - `sim` (everywhere else): the host simulator, which implements the same functions with the
+//!   same names and signatures in Rust, and stops with the real bug check where Windows would.
+//!
+//! The safe layer calls these functions by the same paths on both backends, so the code that
+//! runs in the simulator is the code that runs in the kernel.
+//!
+//! Everything here is raw FFI: the names are the C names, and every function is `unsafe` with
+//! the contract the WDK documents for it.
+
+#![allow(
+    non_snake_case,
+    non_camel_case_types,
+    non_upper_case_globals,
+    missing_docs
+)]
+
+pub(crate) mod types;
+pub use types::*;
+
+#[cfg(wfp_nt)]
+mod nt;
+#[cfg(wfp_nt)]
+pub use nt::*;
+
+#[cfg(wfp_sim)]
+pub(crate) mod sim;
+#[cfg(wfp_sim)]
+pub use sim::exports::*;

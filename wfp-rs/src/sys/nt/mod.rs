@@ -1,0 +1,157 @@
+//! The real Windows kernel.
+//!
+//! Imports are declared with `raw-dylib` and `+verbatim`, so `rustc` writes the import table
+//! itself and the exact module name (`ntoskrnl.exe`, not `ntoskrnl.exe.dll`) is used: a driver
+//! links with `rust-lld` on any host, without the WDK's import libraries.
+//!
+//! Prototypes follow WDK 10.0.22621 `km/wdm.h`.
+
+use super::types::*;
+
+#[link(name = "ntoskrnl.exe", kind = "raw-dylib", modifiers = "+verbatim")]
+unsafe extern "system" {
+    pub fn KeAcquireSpinLockRaiseToDpc(SpinLock: *mut KSPIN_LOCK) -> KIRQL;
+    pub fn KeReleaseSpinLock(SpinLock: *mut KSPIN_LOCK, NewIrql: KIRQL);
+
+    pub fn ExAllocatePool2(Flags: POOL_FLAGS, NumberOfBytes: SIZE_T, Tag: ULONG) -> PVOID;
+    pub fn ExFreePoolWithTag(P: PVOID, Tag: ULONG);
+
+    pub fn KeBugCheckEx(
+        BugCheckCode: ULONG,
+        BugCheckParameter1: ULONG_PTR,
+        BugCheckParameter2: ULONG_PTR,
+        BugCheckParameter3: ULONG_PTR,
+        BugCheckParameter4: ULONG_PTR,
+    ) -> !;
+
+    pub fn IoCreateDevice(
+        DriverObject: *mut DRIVER_OBJECT,
+        DeviceExtensionSize: ULONG,
+        DeviceName: *const UNICODE_STRING,
+        DeviceType: DEVICE_TYPE,
+        DeviceCharacteristics: ULONG,
+        Exclusive: BOOLEAN,
+        DeviceObject: *mut *mut DEVICE_OBJECT,
+    ) -> NTSTATUS;
+    pub fn IoDeleteDevice(DeviceObject: *mut DEVICE_OBJECT);
+    pub fn IoAllocateDriverObjectExtension(
+        DriverObject: *mut DRIVER_OBJECT,
+        ClientIdentificationAddress: PVOID,
+        DriverObjectExtensionSize: ULONG,
+        DriverObjectExtension: *mut PVOID,
+    ) -> NTSTATUS;
+    pub fn IoGetDriverObjectExtension(
+        DriverObject: *mut DRIVER_OBJECT,
+        ClientIdentificationAddress: PVOID,
+    ) -> PVOID;
+
+    pub fn IoAllocateWorkItem(DeviceObject: *mut DEVICE_OBJECT) -> *mut IO_WORKITEM;
+    pub fn IoQueueWorkItem(
+        IoWorkItem: *mut IO_WORKITEM,
+        WorkerRoutine: PIO_WORKITEM_ROUTINE,
+        QueueType: WORK_QUEUE_TYPE,
+        Context: PVOID,
+    );
+    pub fn IoFreeWorkItem(IoWorkItem: *mut IO_WORKITEM);
+
+    pub fn KeInitializeEvent(Event: *mut KEVENT, Type: EVENT_TYPE, State: BOOLEAN);
+    pub fn KeSetEvent(Event: *mut KEVENT, Increment: KPRIORITY, Wait: BOOLEAN) -> LONG;
+    pub fn KeClearEvent(Event: *mut KEVENT);
+    pub fn KeWaitForSingleObject(
+        Object: PVOID,
+        WaitReason: i32,
+        WaitMode: KPROCESSOR_MODE,
+        Alertable: BOOLEAN,
+        Timeout: *const LARGE_INTEGER,
+    ) -> NTSTATUS;
+}
+
+// C-variadic, so declared with the "C" ABI (identical to "system" on x64).
+#[link(name = "ntoskrnl.exe", kind = "raw-dylib", modifiers = "+verbatim")]
+unsafe extern "C" {
+    pub fn DbgPrintEx(ComponentId: ULONG, Level: ULONG, Format: PCSTR, ...) -> ULONG;
+}
+
+// What `core` and `alloc` need from the C runtime on x86_64-pc-windows-msvc; ntoskrnl.exe
+// exports all four.
+#[link(name = "ntoskrnl.exe", kind = "raw-dylib", modifiers = "+verbatim")]
+unsafe extern "C" {
+    pub fn memcpy(dest: *mut u8, src: *const u8, n: usize) -> *mut u8;
+    pub fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mut u8;
+    pub fn memset(dest: *mut u8, c: i32, n: usize) -> *mut u8;
+    pub fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32;
+}
+
+/// `KeGetCurrentIrql`: on x64 the IRQL is the task-priority register, CR8 (wdm.h inlines this).
+#[inline]
+pub fn KeGetCurrentIrql() -> KIRQL {
+    let irql: u64;
+    // SAFETY: reading CR8 is allowed in kernel mode at any IRQL and has no side effects.
+    unsafe {
+        core::arch::asm!("mov {}, cr8", out(reg) irql, options(nomem, nostack, preserves_flags))
+    };
+    irql as KIRQL
+}
+
+/// `KfRaiseIrql` as wdm.h inlines it on x64 for levels up to `DISPATCH_LEVEL`.
+///
+/// # Safety
+///
+/// `NewIrql` must be at least the current IRQL and at most `DISPATCH_LEVEL`.
+#[inline]
+pub unsafe fn KfRaiseIrql(NewIrql: KIRQL) -> KIRQL {
+    let old = KeGetCurrentIrql();
+    // SAFETY: the caller guarantees a valid, non-lowering level; CR8 writes are how x64 changes
+    // IRQL.
+    unsafe {
+        core::arch::asm!("mov cr8, {}", in(reg) NewIrql as u64, options(nomem, nostack, preserves_flags))
+    };
+    old
+}
+
+/// `KeLowerIrql` as wdm.h inlines it on x64.
+///
+/// # Safety
+///
+/// `NewIrql` must be at most the current IRQL and be the level saved when it was raised.
+#[inline]
+pub unsafe fn KeLowerIrql(NewIrql: KIRQL) {
+    // SAFETY: the caller guarantees the level is the one saved by the matching raise.
+    unsafe {
+        core::arch::asm!("mov cr8, {}", in(reg) NewIrql as u64, options(nomem, nostack, preserves_flags))
+    };
+}
+
+#[link(name = "ntoskrnl.exe", kind = "raw-dylib", modifiers = "+verbatim")]
+unsafe extern "C" {
+    pub fn strlen(s: *const u8) -> usize;
+}
+
+/// Referenced by the compiler whenever floating-point code is present (MSVC convention); the
+/// kernel C runtime would define it, and drivers have none.
+#[unsafe(no_mangle)]
+#[used]
+pub static _fltused: i32 = 0;
+
+/// The precompiled `core`/`alloc` for this target carry unwind tables that name the C++ frame
+/// handler. Drivers are built with `panic = "abort"`, so no exception ever unwinds through Rust
+/// frames and this is never called; if it were, the only safe answer is to stop.
+///
+/// # Safety
+///
+/// Never called.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __CxxFrameHandler3(
+    _record: *mut core::ffi::c_void,
+    _frame: *mut core::ffi::c_void,
+    _context: *mut core::ffi::c_void,
+    _dispatcher: *mut core::ffi::c_void,
+) -> i32 {
+    crate::bugcheck::bug_check(
+        crate::bugcheck::BugCheckCode::KMODE_EXCEPTION_NOT_HANDLED,
+        0,
+        0,
+        0,
+        0,
+    )
+}

@@ -1,0 +1,141 @@
+//! Kernel events. The signal state lives in the `KEVENT` itself (`Header.SignalState`), as in
+//! the kernel; waiters sleep on the machine's condition variable.
+
+#[allow(unused_imports)]
+use std::{
+    borrow::ToOwned,
+    boxed::Box,
+    string::{String, ToString},
+    vec::Vec,
+};
+
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+use super::kernel::{current, require_irql};
+use crate::sys::types::*;
+
+const STATUS_SUCCESS: NTSTATUS = 0;
+const STATUS_TIMEOUT: NTSTATUS = 0x102;
+
+fn signal_state<'a>(event: *mut KEVENT) -> &'a AtomicI32 {
+    // SAFETY: callers pass an initialised KEVENT that outlives the call; SignalState is an
+    // aligned LONG that is only accessed through these atomics.
+    unsafe { AtomicI32::from_ptr(&raw mut (*event).Header.SignalState) }
+}
+
+fn is_synchronization(event: *mut KEVENT) -> bool {
+    // SAFETY: as above; the type lives in the first byte of the header, written once at
+    // initialisation before the event is shared.
+    unsafe { (*event).Header.Lock & 0xff == SynchronizationEvent }
+}
+
+/// `KeInitializeEvent`.
+///
+/// # Safety
+///
+/// `Event` must point to writable memory for a `KEVENT` that is not in use.
+pub unsafe extern "system" fn KeInitializeEvent(
+    Event: *mut KEVENT,
+    Type: EVENT_TYPE,
+    State: BOOLEAN,
+) {
+    // SAFETY: the caller provides a writable KEVENT not yet shared with other threads.
+    unsafe {
+        (*Event).Header.Lock = Type & 0xff;
+        (*Event).Header.SignalState = i32::from(State != 0);
+    }
+}
+
+/// `KeSetEvent` (with `Wait` = FALSE).
+///
+/// # Safety
+///
+/// `Event` must be an initialised `KEVENT`.
+pub unsafe extern "system" fn KeSetEvent(
+    Event: *mut KEVENT,
+    Increment: KPRIORITY,
+    Wait: BOOLEAN,
+) -> LONG {
+    let _ = Increment;
+    require_irql(
+        "KeSetEvent",
+        if Wait != 0 { APC_LEVEL } else { DISPATCH_LEVEL },
+    );
+    let kernel = current();
+    let _guard = kernel.event_lock.lock().unwrap();
+    let previous = signal_state(Event).swap(1, Ordering::SeqCst);
+    kernel.event_signal.notify_all();
+    previous
+}
+
+/// `KeClearEvent`.
+///
+/// # Safety
+///
+/// `Event` must be an initialised `KEVENT`.
+pub unsafe extern "system" fn KeClearEvent(Event: *mut KEVENT) {
+    require_irql("KeClearEvent", DISPATCH_LEVEL);
+    signal_state(Event).store(0, Ordering::SeqCst);
+}
+
+/// `KeWaitForSingleObject` on an event. A zero timeout polls and is allowed at
+/// `DISPATCH_LEVEL`; any other wait requires IRQL <= `APC_LEVEL`. Relative timeouts (negative,
+/// in 100 ns units) are honoured; absolute ones are treated as already expired.
+///
+/// # Safety
+///
+/// `Object` must be an initialised `KEVENT`; `Timeout` null or valid.
+pub unsafe extern "system" fn KeWaitForSingleObject(
+    Object: PVOID,
+    WaitReason: i32,
+    WaitMode: KPROCESSOR_MODE,
+    Alertable: BOOLEAN,
+    Timeout: *const LARGE_INTEGER,
+) -> NTSTATUS {
+    let _ = (WaitReason, WaitMode, Alertable);
+    // SAFETY: the caller passes null or a valid timeout.
+    let timeout = unsafe { Timeout.as_ref().copied() };
+    let poll = timeout == Some(0);
+    require_irql(
+        "KeWaitForSingleObject",
+        if poll { DISPATCH_LEVEL } else { APC_LEVEL },
+    );
+    let event = Object.cast::<KEVENT>();
+    let deadline = match timeout {
+        None => None,
+        Some(ticks) if ticks < 0 => {
+            Some(Instant::now() + Duration::from_nanos(ticks.unsigned_abs().saturating_mul(100)))
+        }
+        Some(_) => Some(Instant::now()),
+    };
+    let kernel = current();
+    let mut guard = kernel.event_lock.lock().unwrap();
+    loop {
+        let state = signal_state(event);
+        let acquired = if is_synchronization(event) {
+            state
+                .compare_exchange(1, 0, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        } else {
+            state.load(Ordering::SeqCst) != 0
+        };
+        if acquired {
+            return STATUS_SUCCESS;
+        }
+        match deadline {
+            None => guard = kernel.event_signal.wait(guard).unwrap(),
+            Some(deadline) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    return STATUS_TIMEOUT;
+                }
+                guard = kernel
+                    .event_signal
+                    .wait_timeout(guard, deadline - now)
+                    .unwrap()
+                    .0;
+            }
+        }
+    }
+}

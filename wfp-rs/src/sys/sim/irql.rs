@@ -1,0 +1,148 @@
+//! IRQL and spin locks on simulated processors.
+
+#[allow(unused_imports)]
+use std::{
+    borrow::ToOwned,
+    boxed::Box,
+    string::{String, ToString},
+    vec::Vec,
+};
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::bugcheck::stop;
+use super::kernel::{irql, level_name, set_irql, thread_id};
+use crate::bugcheck::{BugCheckCode, verifier};
+use crate::sys::types::*;
+
+/// `KeGetCurrentIrql`.
+pub fn KeGetCurrentIrql() -> KIRQL {
+    irql()
+}
+
+/// `KfRaiseIrql` (`KeRaiseIrql`). Raising to a lower level is a verifier violation.
+///
+/// # Safety
+///
+/// As in the kernel: the caller must lower the IRQL again with the returned value.
+pub unsafe fn KfRaiseIrql(NewIrql: KIRQL) -> KIRQL {
+    let old = irql();
+    if NewIrql < old || NewIrql > HIGH_LEVEL {
+        stop(
+            BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION,
+            [
+                verifier::RAISE_IRQL_TO_LOWER_LEVEL,
+                old as usize,
+                NewIrql as usize,
+                0,
+            ],
+            &format!("KeRaiseIrql from {old} to {NewIrql}, which is not a raise"),
+        );
+    }
+    set_irql(NewIrql);
+    old
+}
+
+/// `KeLowerIrql`. Lowering to a higher level is a verifier violation.
+///
+/// # Safety
+///
+/// As in the kernel: `NewIrql` must be the value saved by the matching raise.
+pub unsafe fn KeLowerIrql(NewIrql: KIRQL) {
+    let now = irql();
+    if NewIrql > now {
+        stop(
+            BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION,
+            [
+                verifier::LOWER_IRQL_TO_HIGHER_LEVEL,
+                now as usize,
+                NewIrql as usize,
+                0,
+            ],
+            &format!("KeLowerIrql from {now} to {NewIrql}, which is not a lowering"),
+        );
+    }
+    set_irql(NewIrql);
+}
+
+/// The lock word holds 0 when free and the owner's simulated thread id when held, so the
+/// verifier can tell who holds it.
+fn word<'a>(lock: *mut KSPIN_LOCK) -> &'a AtomicUsize {
+    // SAFETY: callers pass a valid, aligned KSPIN_LOCK that outlives the call (the routine's
+    // contract); KSPIN_LOCK is a usize, which AtomicUsize shares the layout of, and every
+    // access to it goes through these atomics.
+    unsafe { AtomicUsize::from_ptr(lock) }
+}
+
+/// `KeAcquireSpinLockRaiseToDpc`.
+///
+/// # Safety
+///
+/// `SpinLock` must point to an initialised `KSPIN_LOCK` that outlives the hold.
+pub unsafe extern "system" fn KeAcquireSpinLockRaiseToDpc(SpinLock: *mut KSPIN_LOCK) -> KIRQL {
+    super::kernel::require_irql("KeAcquireSpinLockRaiseToDpc", DISPATCH_LEVEL);
+    let me = thread_id() as usize;
+    let lock = word(SpinLock);
+    if lock.load(Ordering::Relaxed) == me {
+        stop(
+            BugCheckCode::SPIN_LOCK_ALREADY_OWNED,
+            [SpinLock as usize, 0, 0, 0],
+            "a spin lock was acquired by the processor that already holds it (on Windows: a hang)",
+        );
+    }
+    let old = irql();
+    set_irql(DISPATCH_LEVEL);
+    let mut spins = 0u32;
+    while lock
+        .compare_exchange_weak(0, me, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        spins = spins.wrapping_add(1);
+        if spins % 64 == 0 {
+            // The holder is a host thread the host may have preempted; let it run.
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+    old
+}
+
+/// `KeReleaseSpinLock`.
+///
+/// # Safety
+///
+/// `SpinLock` must be held by this processor; `NewIrql` must be the value its acquisition
+/// returned.
+pub unsafe extern "system" fn KeReleaseSpinLock(SpinLock: *mut KSPIN_LOCK, NewIrql: KIRQL) {
+    let now = irql();
+    if now != DISPATCH_LEVEL {
+        stop(
+            BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION,
+            [
+                verifier::RELEASE_SPIN_LOCK_NOT_AT_DISPATCH,
+                now as usize,
+                SpinLock as usize,
+                0,
+            ],
+            &format!(
+                "KeReleaseSpinLock at IRQL {now} ({}); it must be called at DISPATCH_LEVEL",
+                level_name(now)
+            ),
+        );
+    }
+    let me = thread_id() as usize;
+    let lock = word(SpinLock);
+    if lock
+        .compare_exchange(me, 0, Ordering::Release, Ordering::Relaxed)
+        .is_err()
+    {
+        stop(
+            BugCheckCode::SPIN_LOCK_NOT_OWNED,
+            [SpinLock as usize, 0, 0, 0],
+            "KeReleaseSpinLock on a spin lock this processor does not hold",
+        );
+    }
+    // SAFETY: the lock was released; lowering to the saved level is the routine's own contract.
+    unsafe { KeLowerIrql(NewIrql) };
+}

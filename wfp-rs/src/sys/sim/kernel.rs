@@ -1,0 +1,295 @@
+//! The state of one simulated machine, and the per-thread state of its processors.
+
+#[allow(unused_imports)]
+use std::{
+    borrow::ToOwned,
+    boxed::Box,
+    string::{String, ToString},
+    vec::Vec,
+};
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use super::bugcheck::stop;
+use crate::bugcheck::BugCheckCode;
+use crate::sys::types::*;
+
+/// A pool block.
+pub(crate) struct Block {
+    pub size: usize,
+    pub tag: u32,
+    pub flags: POOL_FLAGS,
+    /// The driver object the allocation is charged to (0: the kernel or the test harness).
+    pub driver: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum WorkItemState {
+    Idle,
+    Queued,
+    /// Its routine runs on the simulated thread with this id.
+    Running(u64),
+}
+
+pub(crate) struct WorkItemRecord {
+    pub driver: usize,
+    pub device: usize,
+    pub state: WorkItemState,
+}
+
+pub(crate) struct QueuedWork {
+    pub item: usize,
+    pub routine: unsafe extern "system" fn(*mut DEVICE_OBJECT, PVOID),
+    pub device: usize,
+    pub context: usize,
+}
+
+pub(crate) struct DriverRecord {
+    pub name: String,
+    pub object: Box<DRIVER_OBJECT>,
+    // Owned here so the pointers to them in `object` stay valid; read only through those.
+    #[allow(dead_code)]
+    pub driver_extension: Box<DRIVER_EXTENSION>,
+    /// `IoAllocateDriverObjectExtension` blocks: (client id, address, size). Freed with the
+    /// driver object, not charged as leaks.
+    pub extensions: Vec<(usize, usize, usize)>,
+    #[allow(dead_code)]
+    pub name_utf16: Vec<u16>,
+    pub registry_path_utf16: Vec<u16>,
+}
+
+pub(crate) struct DeviceRecord {
+    pub driver: usize,
+    // Owned here; drivers and the driver object's device list reach it by pointer.
+    #[allow(dead_code)]
+    pub object: Box<DEVICE_OBJECT>,
+    pub extension: Option<(usize, usize)>,
+    pub name: Option<String>,
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    pub pool: HashMap<usize, Block>,
+    pub freed: HashSet<usize>,
+    pub fail_allocations: u32,
+    pub drivers: HashMap<usize, DriverRecord>,
+    pub devices: HashMap<usize, DeviceRecord>,
+    pub work_items: HashMap<usize, WorkItemRecord>,
+    pub queue: VecDeque<QueuedWork>,
+    pub debug: Vec<String>,
+    pub shutdown: bool,
+}
+
+// SAFETY: the raw pointers in the state (driver and device objects, their links) point into
+// boxes the state itself owns, and are only touched with the machine's state lock held.
+unsafe impl Send for State {}
+
+/// One simulated machine.
+pub(crate) struct Kernel {
+    pub state: Mutex<State>,
+    /// Signalled when work is queued or the machine shuts down.
+    pub work_ready: Condvar,
+    /// Signalled when a work item finishes.
+    pub work_done: Condvar,
+    /// Guards event waits; see `event.rs`.
+    pub event_lock: Mutex<()>,
+    pub event_signal: Condvar,
+    pub echo_debug: bool,
+    pub workers: Mutex<Vec<JoinHandle<()>>>,
+    pub stopped: AtomicBool,
+}
+
+static NEXT_THREAD_ID: AtomicU64 = AtomicU64::new(1);
+
+/// What a simulated processor knows about the thread running on it.
+pub(crate) struct ThreadState {
+    pub kernel: RefCell<Option<Arc<Kernel>>>,
+    pub irql: Cell<KIRQL>,
+    /// The driver object whose code this thread is running (0: kernel or harness).
+    pub driver: Cell<usize>,
+    /// The work item whose routine this thread is running (0: none).
+    pub work_item: Cell<usize>,
+    pub id: u64,
+}
+
+thread_local! {
+    pub(crate) static THREAD: ThreadState = ThreadState {
+        kernel: RefCell::new(None),
+        irql: Cell::new(PASSIVE_LEVEL),
+        driver: Cell::new(0),
+        work_item: Cell::new(0),
+        id: NEXT_THREAD_ID.fetch_add(1, Ordering::Relaxed),
+    };
+}
+
+impl Kernel {
+    pub(crate) fn new(workers: usize) -> Arc<Kernel> {
+        let kernel = Arc::new(Kernel {
+            state: Mutex::new(State::default()),
+            work_ready: Condvar::new(),
+            work_done: Condvar::new(),
+            event_lock: Mutex::new(()),
+            event_signal: Condvar::new(),
+            echo_debug: std::env::var_os("WFP_SIM_ECHO").is_some(),
+            workers: Mutex::new(Vec::new()),
+            stopped: AtomicBool::new(false),
+        });
+        let mut handles = Vec::with_capacity(workers);
+        for index in 0..workers {
+            let kernel = Arc::clone(&kernel);
+            let handle = std::thread::Builder::new()
+                .name(format!("sim-worker-{index}"))
+                .spawn(move || super::io::worker_thread(kernel))
+                .expect("the host could not start a simulator worker thread");
+            handles.push(handle);
+        }
+        *kernel.workers.lock().unwrap() = handles;
+        kernel
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock means a harness thread panicked while holding it; the state is still
+        // consistent for the bookkeeping done here.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Stops the worker threads (the harness's `Machine` drop).
+    pub(crate) fn shut_down(&self) {
+        if self.stopped.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.lock().shutdown = true;
+        self.work_ready.notify_all();
+        let handles = std::mem::take(&mut *self.workers.lock().unwrap());
+        for handle in handles {
+            if handle.thread().id() != std::thread::current().id() {
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+/// The machine this thread runs in. Kernel functions called outside a machine are a harness
+/// mistake, not a driver bug, so they panic with instructions rather than bugcheck.
+pub(crate) fn current() -> Arc<Kernel> {
+    THREAD
+        .with(|t| t.kernel.borrow().clone())
+        .unwrap_or_else(|| {
+            panic!(
+                "wfp-rs simulator: a kernel function was called on a thread that is not running in \
+             a simulated machine; wrap the code in `Machine::run` (or load it as a driver)"
+            )
+        })
+}
+
+pub(crate) fn irql() -> KIRQL {
+    THREAD.with(|t| t.irql.get())
+}
+
+pub(crate) fn set_irql(irql: KIRQL) {
+    THREAD.with(|t| t.irql.set(irql));
+}
+
+pub(crate) fn thread_id() -> u64 {
+    THREAD.with(|t| t.id)
+}
+
+pub(crate) fn current_driver() -> usize {
+    THREAD.with(|t| t.driver.get())
+}
+
+/// Runs `f` with this thread entered into `kernel` at `irql`, charged to `driver`, and restores
+/// the thread's previous state afterwards.
+pub(crate) fn with_context<R>(
+    kernel: &Arc<Kernel>,
+    irql: KIRQL,
+    driver: usize,
+    f: impl FnOnce() -> R,
+) -> R {
+    struct Restore {
+        kernel: Option<Arc<Kernel>>,
+        irql: KIRQL,
+        driver: usize,
+    }
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            THREAD.with(|t| {
+                *t.kernel.borrow_mut() = self.kernel.take();
+                t.irql.set(self.irql);
+                t.driver.set(self.driver);
+            });
+        }
+    }
+    let _restore = THREAD.with(|t| {
+        let previous = Restore {
+            kernel: t.kernel.replace(Some(Arc::clone(kernel))),
+            irql: t.irql.get(),
+            driver: t.driver.get(),
+        };
+        t.irql.set(irql);
+        t.driver.set(driver);
+        previous
+    });
+    f()
+}
+
+/// The verifier's IRQL check at the top of every simulated routine: calling `routine` above
+/// `max` stops the machine with `IRQL_NOT_LESS_OR_EQUAL`, parameters as the debugger shows them
+/// (address, IRQL, operation, instruction): here 0, the current IRQL, 8 (execute: the routine
+/// is pageable code, or requires a wait), 0. The maximum is in the explanation.
+pub(crate) fn require_irql(routine: &str, max: KIRQL) {
+    let now = irql();
+    if now > max {
+        stop(
+            BugCheckCode::IRQL_NOT_LESS_OR_EQUAL,
+            [0, now as usize, 8, 0],
+            &format!(
+                "{routine} was called at IRQL {now} ({}); its maximum is {max} ({})",
+                level_name(now),
+                level_name(max)
+            ),
+        );
+    }
+}
+
+pub(crate) fn level_name(irql: KIRQL) -> &'static str {
+    crate::irql::Irql(irql).name().unwrap_or("device level")
+}
+
+/// `DbgPrintEx`. The simulator formats exactly what the safe layer passes: the format `%.*s`
+/// followed by a length and a pointer to the text. Any other format is recorded verbatim.
+///
+/// # Safety
+///
+/// `Format` must be a NUL-terminated string; for `%.*s`, `Text` must point to `Length` bytes.
+pub unsafe extern "C" fn DbgPrintEx(
+    ComponentId: ULONG,
+    Level: ULONG,
+    Format: PCSTR,
+    Length: i32,
+    Text: *const u8,
+) -> ULONG {
+    let _ = (ComponentId, Level);
+    // SAFETY: the caller passes a NUL-terminated format string.
+    let format = unsafe { core::ffi::CStr::from_ptr(Format.cast()) };
+    let text = if format.to_bytes() == b"%.*s" {
+        let len = usize::try_from(Length).unwrap_or(0);
+        // SAFETY: for `%.*s` the caller passes `Length` readable bytes at `Text`.
+        let bytes = unsafe { core::slice::from_raw_parts(Text, len) };
+        String::from_utf8_lossy(bytes).into_owned()
+    } else {
+        format.to_string_lossy().into_owned()
+    };
+    let kernel = current();
+    if kernel.echo_debug {
+        eprint!("{text}");
+    }
+    kernel.lock().debug.push(text);
+    0
+}

@@ -1,0 +1,41 @@
+//! The host simulator: the kernel functions of [`crate::sys`], implemented in Rust.
+//!
+//! Every function here has the name and signature of the kernel routine it stands for, and
+//! checks the rules Windows (with Driver Verifier) enforces: the IRQL it may be called at, the
+//! state of the object it is given, and what a driver must have released by unload. A broken
+//! rule stops the simulated machine with the real bug check code (see [`bugcheck`]).
+//!
+//! State lives in a [`Kernel`] per simulated machine; a thread belongs to at most one machine at
+//! a time and carries its own IRQL, like a processor.
+
+#[allow(unused_imports)]
+use std::{
+    borrow::ToOwned,
+    boxed::Box,
+    string::{String, ToString},
+    vec::Vec,
+};
+
+pub(crate) mod bugcheck;
+mod event;
+mod io;
+mod irql;
+pub(crate) mod kernel;
+mod pool;
+
+pub(crate) use pool::kernel_free as kernel_free_block;
+
+/// The functions the safe layer calls, under their kernel names.
+pub mod exports {
+    pub use super::bugcheck::KeBugCheckEx;
+    pub use super::event::{KeClearEvent, KeInitializeEvent, KeSetEvent, KeWaitForSingleObject};
+    pub use super::io::{
+        IoAllocateDriverObjectExtension, IoAllocateWorkItem, IoCreateDevice, IoDeleteDevice,
+        IoFreeWorkItem, IoGetDriverObjectExtension, IoQueueWorkItem,
+    };
+    pub use super::irql::{
+        KeAcquireSpinLockRaiseToDpc, KeGetCurrentIrql, KeLowerIrql, KeReleaseSpinLock, KfRaiseIrql,
+    };
+    pub use super::kernel::DbgPrintEx;
+    pub use super::pool::{ExAllocatePool2, ExFreePoolWithTag};
+}

@@ -1,0 +1,218 @@
+//! Pool allocation with tags, IRQL checks and leak accounting.
+
+#[allow(unused_imports)]
+use std::{
+    borrow::ToOwned,
+    boxed::Box,
+    string::{String, ToString},
+    vec::Vec,
+};
+
+use std::alloc::Layout;
+
+use super::bugcheck::stop;
+use super::kernel::{Block, current, current_driver, irql, level_name};
+use crate::bugcheck::{BugCheckCode, verifier};
+use crate::pool::POOL_ALIGNMENT;
+use crate::sys::types::*;
+
+/// The byte `POOL_FLAG_UNINITIALIZED` memory is filled with, so reads of uninitialised pool show
+/// up in tests instead of reading zeroes by luck.
+pub(crate) const UNINITIALIZED_FILL: u8 = 0xCD;
+
+pub(crate) fn layout(size: usize) -> Layout {
+    Layout::from_size_align(size, POOL_ALIGNMENT).expect("pool block size overflows a Layout")
+}
+
+/// `ExAllocatePool2`. Memory is zeroed unless `POOL_FLAG_UNINITIALIZED` is given; failures can be
+/// injected with `Machine::fail_allocations`.
+///
+/// # Safety
+///
+/// None beyond the kernel's rules, which this function checks.
+pub unsafe extern "system" fn ExAllocatePool2(
+    Flags: POOL_FLAGS,
+    NumberOfBytes: SIZE_T,
+    Tag: ULONG,
+) -> PVOID {
+    let now = irql();
+    let paged = Flags & POOL_FLAG_PAGED != 0;
+    if paged && now > APC_LEVEL {
+        stop(
+            BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION,
+            [
+                verifier::PAGED_ALLOCATION_ABOVE_APC,
+                now as usize,
+                Flags as usize,
+                NumberOfBytes,
+            ],
+            &format!("paged pool allocated at IRQL {now} ({})", level_name(now)),
+        );
+    }
+    if now > DISPATCH_LEVEL {
+        stop(
+            BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION,
+            [
+                verifier::NONPAGED_ALLOCATION_ABOVE_DISPATCH,
+                now as usize,
+                Flags as usize,
+                NumberOfBytes,
+            ],
+            &format!("pool allocated at IRQL {now}"),
+        );
+    }
+    if NumberOfBytes == 0 {
+        stop(
+            BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION,
+            [
+                verifier::ZERO_BYTE_ALLOCATION,
+                now as usize,
+                Flags as usize,
+                0,
+            ],
+            "a zero-byte pool allocation was requested",
+        );
+    }
+    let kernel = current();
+    let mut state = kernel.lock();
+    if state.fail_allocations > 0 {
+        state.fail_allocations -= 1;
+        return core::ptr::null_mut();
+    }
+    let layout = layout(NumberOfBytes);
+    // SAFETY: the layout has a non-zero size (checked above).
+    let ptr = unsafe {
+        if Flags & POOL_FLAG_UNINITIALIZED != 0 {
+            let ptr = std::alloc::alloc(layout);
+            if !ptr.is_null() {
+                ptr.write_bytes(UNINITIALIZED_FILL, NumberOfBytes);
+            }
+            ptr
+        } else {
+            std::alloc::alloc_zeroed(layout)
+        }
+    };
+    if ptr.is_null() {
+        return core::ptr::null_mut();
+    }
+    state.freed.remove(&(ptr as usize));
+    state.pool.insert(
+        ptr as usize,
+        Block {
+            size: NumberOfBytes,
+            tag: Tag,
+            flags: Flags,
+            driver: current_driver(),
+        },
+    );
+    ptr.cast()
+}
+
+/// `ExFreePoolWithTag`.
+///
+/// # Safety
+///
+/// `P` must be a live block from `ExAllocatePool2`; the simulator stops the machine otherwise,
+/// before touching the memory.
+pub unsafe extern "system" fn ExFreePoolWithTag(P: PVOID, Tag: ULONG) {
+    let now = irql();
+    let kernel = current();
+    let mut state = kernel.lock();
+    let Some(block) = state.pool.get(&(P as usize)) else {
+        let double = state.freed.contains(&(P as usize));
+        drop(state);
+        let (subcode, why) = if double {
+            (
+                verifier::DOUBLE_FREE,
+                "pool that was already freed was freed again",
+            )
+        } else {
+            (
+                verifier::FREE_OF_UNALLOCATED_ADDRESS,
+                "freed an address no allocation returned",
+            )
+        };
+        stop(
+            BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION,
+            [subcode, P as usize, 0, 0],
+            why,
+        );
+    };
+    let paged = block.flags & POOL_FLAG_PAGED != 0;
+    if (paged && now > APC_LEVEL) || now > DISPATCH_LEVEL {
+        let subcode = if paged {
+            verifier::PAGED_FREE_ABOVE_APC
+        } else {
+            verifier::NONPAGED_FREE_ABOVE_DISPATCH
+        };
+        let flags = block.flags as usize;
+        drop(state);
+        stop(
+            BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION,
+            [subcode, now as usize, flags, P as usize],
+            &format!("pool freed at IRQL {now} ({})", level_name(now)),
+        );
+    }
+    if block.tag != Tag {
+        let allocated_with = block.tag;
+        drop(state);
+        stop(
+            BugCheckCode::BAD_POOL_CALLER,
+            [0x0A, P as usize, allocated_with as usize, Tag as usize],
+            &format!(
+                "ExFreePoolWithTag with tag {:?}, but the block was allocated with {:?}",
+                crate::pool::PoolTag::new(&Tag.to_le_bytes()),
+                crate::pool::PoolTag::new(&allocated_with.to_le_bytes())
+            ),
+        );
+    }
+    let size = block.size;
+    state.pool.remove(&(P as usize));
+    state.freed.insert(P as usize);
+    drop(state);
+    // SAFETY: the block was allocated above with this layout and is freed exactly once (it was
+    // just removed from the live table).
+    unsafe { std::alloc::dealloc(P.cast(), layout(size)) };
+}
+
+/// Allocates a block charged to `driver` on behalf of the kernel (driver object extensions,
+/// work items). Returns null when an injected failure applies.
+pub(crate) fn kernel_allocate(size: usize, tag: u32, driver: usize) -> *mut u8 {
+    let kernel = current();
+    let mut state = kernel.lock();
+    if state.fail_allocations > 0 {
+        state.fail_allocations -= 1;
+        return core::ptr::null_mut();
+    }
+    // SAFETY: sizes passed here are non-zero constants or checked by the caller.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout(size.max(1))) };
+    if !ptr.is_null() {
+        state.freed.remove(&(ptr as usize));
+        state.pool.insert(
+            ptr as usize,
+            Block {
+                size: size.max(1),
+                tag,
+                flags: POOL_FLAG_NON_PAGED,
+                driver,
+            },
+        );
+    }
+    ptr
+}
+
+/// Frees a block from [`kernel_allocate`].
+pub(crate) fn kernel_free(ptr: *mut u8) {
+    let kernel = current();
+    let size = {
+        let mut state = kernel.lock();
+        let block = state
+            .pool
+            .remove(&(ptr as usize))
+            .expect("kernel block freed twice");
+        state.freed.insert(ptr as usize);
+        block.size
+    };
+    // SAFETY: allocated by `kernel_allocate` with this size, freed once (removed above).
+    unsafe { std::alloc::dealloc(ptr, layout(size)) };
+}
