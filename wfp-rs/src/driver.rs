@@ -1,10 +1,15 @@
 //! Driver entry and unload.
 //!
 //! A driver is a function marked [`#[driver_entry]`](crate::driver_entry) that receives a
-//! `&mut PassiveLevel` and a [`Driver`], and returns the driver's state. The SDK keeps the state
-//! until unload, then calls [`DriverState::unload`] and drops it at `PASSIVE_LEVEL`; then it waits
-//! for every work item and every [`WorkQueue`] handle, and deletes its device object. A driver
-//! written this way cannot forget to clean up.
+//! `&mut PassiveLevel` and a [`Driver`], and returns the driver's state. At unload, at
+//! `PASSIVE_LEVEL`, the SDK
+//!
+//! 1. waits until no work item is queued or running,
+//! 2. calls [`DriverState::unload`] and drops the state,
+//! 3. waits until every [`WorkQueue`] handle is gone (and with it any work queued in step 2),
+//! 4. deletes its device object.
+//!
+//! A driver written this way cannot forget to clean up.
 //!
 //! ```
 //! use wfp_rs::driver::{Driver, DriverState};
@@ -31,7 +36,8 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::event::{Event, EventKind};
-use crate::irql::PassiveLevel;
+use crate::irql::{DispatchLevel, PassiveLevel};
+use crate::spin_lock::SpinLock;
 use crate::status::Status;
 use crate::sys;
 use crate::work_item::WorkQueue;
@@ -56,9 +62,46 @@ pub(crate) struct Shared {
     /// items hold one). Unload drops the driver's and waits for zero.
     pub(crate) references: AtomicUsize,
     pub(crate) drained: Event,
+    /// Work items queued or running. `idle` is signalled exactly when this is zero; both change
+    /// under the lock so they cannot disagree.
+    jobs: SpinLock<usize>,
+    idle: Event,
 }
 
 impl Shared {
+    /// A token for the SDK's own bookkeeping, which runs at IRQL <= DISPATCH_LEVEL (all driver
+    /// code does) and only takes short spin locks.
+    fn bookkeeping_token<'t>() -> DispatchLevel<'t> {
+        // SAFETY: driver code never runs above DISPATCH_LEVEL, and the token is used only to
+        // take `jobs`, which raises and restores the IRQL itself.
+        unsafe { DispatchLevel::new_unchecked() }
+    }
+
+    pub(crate) fn job_queued(&self) {
+        let mut token = Self::bookkeeping_token();
+        let jobs = &mut *self.jobs.lock(&mut token);
+        *jobs += 1;
+        if *jobs == 1 {
+            self.idle.clear(&Self::bookkeeping_token());
+        }
+    }
+
+    pub(crate) fn job_finished(&self) {
+        let mut token = Self::bookkeeping_token();
+        let jobs = &mut *self.jobs.lock(&mut token);
+        *jobs -= 1;
+        if *jobs == 0 {
+            self.idle.set(&Self::bookkeeping_token());
+        }
+    }
+
+    /// Waits until no work item is queued or running.
+    fn wait_for_jobs(&self, irql: &mut PassiveLevel<'_>) {
+        while *self.jobs.lock(irql) != 0 {
+            self.idle.wait(irql);
+        }
+    }
+
     pub(crate) fn acquire(&self) {
         self.references.fetch_add(1, Ordering::Relaxed);
     }
@@ -67,13 +110,15 @@ impl Shared {
         if self.references.fetch_sub(1, Ordering::AcqRel) == 1 {
             // SAFETY: all Rust code in a driver runs at IRQL <= DISPATCH_LEVEL, where KeSetEvent
             // is allowed; no token is at hand in `Drop`, which is where this runs.
-            let irql = unsafe { crate::irql::DispatchLevel::new_unchecked() };
+            let irql = unsafe { DispatchLevel::new_unchecked() };
             self.drained.set(&irql);
         }
     }
 }
 
-/// The block the SDK keeps in the driver object extension.
+/// The block the SDK keeps in the driver object extension. `repr(C)` puts `shared` first for
+/// every `D`, so code that does not know `D` can still find it.
+#[repr(C)]
 struct Extension<D> {
     shared: Shared,
     state: MaybeUninit<D>,
@@ -85,6 +130,18 @@ static EXTENSION_ID: u8 = 0;
 
 fn extension_id() -> sys::PVOID {
     (&raw const EXTENSION_ID).cast_mut().cast()
+}
+
+/// A new [`WorkQueue`] handle for an SDK driver, found from its driver object (for the
+/// simulator harness, which has no access to the driver's state).
+#[cfg(wfp_sim)]
+pub(crate) fn work_queue_of(object: *mut sys::DRIVER_OBJECT) -> Option<WorkQueue> {
+    // SAFETY: the harness passes the object of a loaded driver; a driver that does not use the
+    // SDK glue simply has no extension under this id.
+    let extension = unsafe { sys::IoGetDriverObjectExtension(object, extension_id()) };
+    // SAFETY: the SDK's extension starts with its `Shared` block (repr(C)), initialised before
+    // DriverEntry returned, and alive until unload.
+    NonNull::new(extension.cast::<Shared>()).map(|shared| WorkQueue::new(unsafe { shared.as_ref() }))
 }
 
 /// The driver being initialised, as `DriverEntry` sees it.
@@ -220,8 +277,10 @@ fn start<D: DriverState>(
     };
     Status::from_ntstatus(status)?;
     let device = NonNull::new(device).ok_or(Status::UNSUCCESSFUL)?;
-    let drained = match Event::try_new(EventKind::Notification, false, irql) {
-        Ok(event) => event,
+    let events = Event::try_new(EventKind::Notification, false, irql)
+        .and_then(|drained| Ok((drained, Event::try_new(EventKind::Notification, true, irql)?)));
+    let (drained, idle) = match events {
+        Ok(events) => events,
         Err(status) => {
             // SAFETY: the device was created above and nothing else refers to it yet.
             unsafe { sys::IoDeleteDevice(device.as_ptr()) };
@@ -232,6 +291,8 @@ fn start<D: DriverState>(
         device,
         references: AtomicUsize::new(1),
         drained,
+        jobs: SpinLock::new(0),
+        idle,
     };
     // SAFETY: the extension is a fresh, suitably aligned block of the right size (alignment is
     // asserted at compile time against the pool's 16 bytes).
@@ -293,6 +354,7 @@ unsafe extern "system" fn unload_trampoline<D: DriverState>(
     // SAFETY: `start` initialised both parts before it set this unload routine, and unload runs
     // once, when no other driver code runs on behalf of the I/O manager.
     let extension = unsafe { &mut *extension.as_ptr() };
+    extension.shared.wait_for_jobs(&mut irql);
     {
         // SAFETY: the state was written in `start` and is read out exactly once, here.
         let mut state = unsafe { extension.state.assume_init_read() };

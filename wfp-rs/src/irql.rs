@@ -280,9 +280,9 @@ mod sealed {
 /// [`ApcLevel`]. Sealed.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` may be DISPATCH_LEVEL, but this call requires IRQL <= APC_LEVEL",
-    label = "this token does not prove IRQL <= APC_LEVEL",
-    note = "code that may run at DISPATCH_LEVEL (classifyFn, a spin-lock guard) cannot make this call",
-    note = "queue a work item (`WorkQueue::queue`) and make the call from it: work items receive a `&PassiveLevel`"
+    label = "this does not prove IRQL <= APC_LEVEL",
+    note = "only `&PassiveLevel` and `&ApcLevel` prove IRQL <= APC_LEVEL; a WFP callback such as classifyFn, or code holding a spin lock, has only a `&DispatchLevel`",
+    note = "to make this call from such code, queue a work item (`WorkQueue::queue`) and make the call in its closure, which receives a `&mut PassiveLevel`"
 )]
 pub trait AtMostApc: AtMostDispatch + sealed::Sealed {}
 

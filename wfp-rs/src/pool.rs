@@ -254,12 +254,10 @@ impl<T> DerefMut for PoolBox<T> {
 
 impl<T> Drop for PoolBox<T> {
     fn drop(&mut self) {
-        // SAFETY: the value is initialised and dropped exactly once, then its memory is freed
-        // with the tag it was allocated with.
-        unsafe {
-            self.ptr.as_ptr().drop_in_place();
-            free::<T>(self.ptr, self.tag);
-        }
+        // SAFETY: the value is initialised and dropped exactly once.
+        unsafe { self.ptr.as_ptr().drop_in_place() };
+        // SAFETY: the memory came from `try_new` with this tag and is freed exactly once.
+        unsafe { free::<T>(self.ptr, self.tag) };
     }
 }
 

@@ -72,6 +72,13 @@ impl LoadedDriver {
         &self.name
     }
 
+    /// A [`WorkQueue`](crate::work_item::WorkQueue) handle of a driver built with
+    /// `#[driver_entry]` (`None` for other drivers), to queue work on its behalf from a test.
+    /// Drop it before unloading: unload waits for every handle.
+    pub fn work_queue(&self, machine: &Machine) -> Option<crate::work_item::WorkQueue> {
+        machine.run(|| crate::driver::work_queue_of(self.driver_object()))
+    }
+
     /// The driver object, as the kernel passes it to the driver.
     pub fn driver_object(&self) -> *mut DRIVER_OBJECT {
         self.object as *mut DRIVER_OBJECT
@@ -350,7 +357,7 @@ impl Machine {
     /// returns as soon as the queues are empty.
     pub fn wait_for_work_items(&self) {
         let mut state = self.kernel.lock();
-        while !state.queue.is_empty()
+        while (!state.queue.is_empty() && !state.hold_work_items)
             || state
                 .work_items
                 .values()
@@ -364,9 +371,28 @@ impl Machine {
         }
     }
 
-    /// Makes the next `count` pool allocations fail (return null), to test low-memory paths.
-    pub fn fail_allocations(&self, count: u32) {
-        self.kernel.lock().fail_allocations = count;
+    /// Makes pool allocations fail (return null), to test low-memory paths: after `skip` more
+    /// allocations succeed, the following `count` fail. Allocations the kernel makes for the
+    /// driver (work items, driver object extensions) count too. `fail_allocations(0, 0)` turns
+    /// injection off.
+    pub fn fail_allocations(&self, skip: u64, count: u64) {
+        let mut state = self.kernel.lock();
+        state.fail_from = skip;
+        state.fail_count = count;
+    }
+
+    /// How many injected failures are still to come (0 once all have happened).
+    pub fn pending_allocation_failures(&self) -> u64 {
+        self.kernel.lock().fail_count
+    }
+
+    /// While `hold` is true, system worker threads leave queued work items in the queue; set it
+    /// back to false to let them run. For tests that need a work item to stay queued.
+    pub fn hold_work_items(&self, hold: bool) {
+        self.kernel.lock().hold_work_items = hold;
+        if !hold {
+            self.kernel.work_ready.notify_all();
+        }
     }
 
     /// The live pool blocks.

@@ -127,6 +127,30 @@ impl<'g, T: ?Sized> SpinLockGuard<'g, T> {
     pub fn irql(&self) -> &DispatchLevel<'g> {
         &self.token
     }
+
+    /// The same proof, mutably: to take a second lock while this one is held. The inner guard
+    /// borrows this one, so locks are released in reverse order of acquisition.
+    ///
+    /// ```
+    /// use wfp_rs::irql::PassiveLevel;
+    /// use wfp_rs::spin_lock::SpinLock;
+    ///
+    /// fn transfer(irql: &mut PassiveLevel, from: &SpinLock<u32>, to: &SpinLock<u32>) {
+    ///     let mut source = from.lock(irql);
+    ///     let mut target = to.lock(source.irql_mut());
+    ///     *target += 1;
+    ///     drop(target);
+    ///     *source -= 1;
+    /// }
+    /// # wfp_rs::sim::Machine::new().at_passive(|irql| {
+    /// # let (a, b) = (SpinLock::new(1), SpinLock::new(0));
+    /// # transfer(irql, &a, &b);
+    /// # assert_eq!((a.into_inner(), b.into_inner()), (0, 1));
+    /// # });
+    /// ```
+    pub fn irql_mut(&mut self) -> &mut DispatchLevel<'g> {
+        &mut self.token
+    }
 }
 
 impl<T: ?Sized> Deref for SpinLockGuard<'_, T> {

@@ -91,6 +91,8 @@ impl WorkQueue {
             });
         }
         job.item = item;
+        // Counted before it is queued: the routine may finish before IoQueueWorkItem returns.
+        self.shared().job_queued();
         let context = PoolBox::into_raw(job);
         // SAFETY: `item` is a fresh work item; `context` is a live PoolBox<Job<F>> that
         // `run_job::<F>` takes back exactly once.
@@ -138,14 +140,11 @@ unsafe extern "system" fn run_job<F>(_device: *mut sys::DEVICE_OBJECT, context: 
 where
     F: FnOnce(&mut PassiveLevel<'_>) + Send + 'static,
 {
-    // SAFETY: `context` is the pointer `queue` produced with `PoolBox::into_raw` for a
-    // `Job<F>` with the SDK tag, and the I/O manager passes it to this routine exactly once.
-    let job = unsafe {
-        PoolBox::from_raw(
-            NonNull::new_unchecked(context.cast::<Job<F>>()),
-            PoolTag::SDK,
-        )
-    };
+    // SAFETY: the I/O manager passes the non-null context given to IoQueueWorkItem.
+    let context = unsafe { NonNull::new_unchecked(context.cast::<Job<F>>()) };
+    // SAFETY: `context` is the pointer `queue` produced with `PoolBox::into_raw` for a `Job<F>`
+    // with the SDK tag, and the I/O manager passes it to this routine exactly once.
+    let job = unsafe { PoolBox::from_raw(context, PoolTag::SDK) };
     let Job { work, item, queue } = PoolBox::into_inner(job);
     // SAFETY: the system dequeued the item before calling its routine, so the routine may free
     // it; nothing else refers to it.
@@ -154,6 +153,7 @@ where
     // for this call only.
     let mut irql = unsafe { PassiveLevel::new_unchecked() };
     work(&mut irql);
+    queue.shared().job_finished();
     // Dropped last: once this handle is gone the driver may finish unloading. The image stays
     // mapped until this routine returns, because IoQueueWorkItem holds the device object.
     drop(queue);

@@ -19,9 +19,10 @@ const STATUS_SUCCESS: NTSTATUS = 0;
 const STATUS_TIMEOUT: NTSTATUS = 0x102;
 
 fn signal_state<'a>(event: *mut KEVENT) -> &'a AtomicI32 {
-    // SAFETY: callers pass an initialised KEVENT that outlives the call; SignalState is an
-    // aligned LONG that is only accessed through these atomics.
-    unsafe { AtomicI32::from_ptr(&raw mut (*event).Header.SignalState) }
+    // SAFETY: callers pass an initialised KEVENT that outlives the call.
+    let state = unsafe { &raw mut (*event).Header.SignalState };
+    // SAFETY: SignalState is an aligned LONG that is only accessed through these atomics.
+    unsafe { AtomicI32::from_ptr(state) }
 }
 
 fn is_synchronization(event: *mut KEVENT) -> bool {
@@ -41,10 +42,9 @@ pub unsafe extern "system" fn KeInitializeEvent(
     State: BOOLEAN,
 ) {
     // SAFETY: the caller provides a writable KEVENT not yet shared with other threads.
-    unsafe {
-        (*Event).Header.Lock = Type & 0xff;
-        (*Event).Header.SignalState = i32::from(State != 0);
-    }
+    let header = unsafe { &mut (*Event).Header };
+    header.Lock = Type & 0xff;
+    header.SignalState = i32::from(State != 0);
 }
 
 /// `KeSetEvent` (with `Wait` = FALSE).

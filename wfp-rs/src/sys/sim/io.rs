@@ -66,14 +66,8 @@ pub unsafe extern "system" fn IoCreateDevice(
         drop(state);
         return STATUS_INVALID_PARAMETER;
     }
-    if let Some(name) = &name {
-        if state
-            .devices
-            .values()
-            .any(|d| d.name.as_deref() == Some(name.as_str()))
-        {
-            return STATUS_OBJECT_NAME_COLLISION;
-        }
+    if name.is_some() && state.devices.values().any(|d| d.name == name) {
+        return STATUS_OBJECT_NAME_COLLISION;
     }
     // SAFETY: DEVICE_OBJECT is plain data (integers and raw pointers), valid when zeroed.
     let mut object: Box<DEVICE_OBJECT> = unsafe { Box::new_zeroed().assume_init() };
@@ -135,16 +129,20 @@ pub unsafe extern "system" fn IoDeleteDevice(DeviceObject: *mut DEVICE_OBJECT) {
     };
     if let Some(driver) = state.drivers.get_mut(&record.driver) {
         // Unlink from the driver's device list.
-        let mut link: *mut *mut DEVICE_OBJECT = &mut driver.object.DeviceObject;
-        // SAFETY: the list links device objects owned by `state.devices` (or the one being
-        // removed, still alive in `record`), all valid while the state lock is held.
-        unsafe {
-            while !(*link).is_null() {
-                if *link == DeviceObject {
-                    *link = (**link).NextDevice;
+        let after = record.object.NextDevice;
+        if driver.object.DeviceObject == DeviceObject {
+            driver.object.DeviceObject = after;
+        } else {
+            let mut current = driver.object.DeviceObject;
+            while !current.is_null() {
+                // SAFETY: the list links device objects owned by `state.devices`, all valid while
+                // the state lock is held.
+                let device = unsafe { &mut *current };
+                if device.NextDevice == DeviceObject {
+                    device.NextDevice = after;
                     break;
                 }
-                link = &mut (**link).NextDevice;
+                current = device.NextDevice;
             }
         }
     }
@@ -382,7 +380,9 @@ pub(crate) fn worker_thread(kernel: Arc<Kernel>) {
                 if state.shutdown {
                     return;
                 }
-                if let Some(work) = state.queue.pop_front() {
+                if !state.hold_work_items
+                    && let Some(work) = state.queue.pop_front()
+                {
                     break work;
                 }
                 state = kernel
@@ -416,10 +416,10 @@ pub(crate) fn worker_thread(kernel: Arc<Kernel>) {
             }
         });
         let mut state = kernel.lock();
-        if let Some(record) = state.work_items.get_mut(&work.item) {
-            if record.state == WorkItemState::Running(thread_id()) {
-                record.state = WorkItemState::Idle;
-            }
+        if let Some(record) = state.work_items.get_mut(&work.item)
+            && record.state == WorkItemState::Running(thread_id())
+        {
+            record.state = WorkItemState::Idle;
         }
         drop(state);
         kernel.work_done.notify_all();

@@ -98,7 +98,7 @@ pub unsafe extern "system" fn KeAcquireSpinLockRaiseToDpc(SpinLock: *mut KSPIN_L
         .is_err()
     {
         spins = spins.wrapping_add(1);
-        if spins % 64 == 0 {
+        if spins.is_multiple_of(64) {
             // The holder is a host thread the host may have preempted; let it run.
             std::thread::yield_now();
         } else {

@@ -75,7 +75,11 @@ pub(crate) struct DeviceRecord {
 pub(crate) struct State {
     pub pool: HashMap<usize, Block>,
     pub freed: HashSet<usize>,
-    pub fail_allocations: u32,
+    /// Pool allocations that fail: `fail_from` more succeed, then `fail_count` fail.
+    pub fail_from: u64,
+    pub fail_count: u64,
+    /// While set, worker threads leave queued work items in the queue.
+    pub hold_work_items: bool,
     pub drivers: HashMap<usize, DriverRecord>,
     pub devices: HashMap<usize, DeviceRecord>,
     pub work_items: HashMap<usize, WorkItemRecord>,
@@ -149,6 +153,19 @@ impl Kernel {
         }
         *kernel.workers.lock().unwrap() = handles;
         kernel
+    }
+
+    /// Whether the next pool allocation is one the harness asked to fail.
+    pub(crate) fn injected_failure(state: &mut State) -> bool {
+        if state.fail_count == 0 {
+            return false;
+        }
+        if state.fail_from > 0 {
+            state.fail_from -= 1;
+            return false;
+        }
+        state.fail_count -= 1;
+        true
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {

@@ -11,7 +11,7 @@ use std::{
 use std::alloc::Layout;
 
 use super::bugcheck::stop;
-use super::kernel::{Block, current, current_driver, irql, level_name};
+use super::kernel::{Block, Kernel, current, current_driver, irql, level_name};
 use crate::bugcheck::{BugCheckCode, verifier};
 use crate::pool::POOL_ALIGNMENT;
 use crate::sys::types::*;
@@ -75,22 +75,21 @@ pub unsafe extern "system" fn ExAllocatePool2(
     }
     let kernel = current();
     let mut state = kernel.lock();
-    if state.fail_allocations > 0 {
-        state.fail_allocations -= 1;
+    if Kernel::injected_failure(&mut state) {
         return core::ptr::null_mut();
     }
     let layout = layout(NumberOfBytes);
-    // SAFETY: the layout has a non-zero size (checked above).
-    let ptr = unsafe {
-        if Flags & POOL_FLAG_UNINITIALIZED != 0 {
-            let ptr = std::alloc::alloc(layout);
-            if !ptr.is_null() {
-                ptr.write_bytes(UNINITIALIZED_FILL, NumberOfBytes);
-            }
-            ptr
-        } else {
-            std::alloc::alloc_zeroed(layout)
+    let ptr = if Flags & POOL_FLAG_UNINITIALIZED != 0 {
+        // SAFETY: the layout has a non-zero size (checked above).
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        if !ptr.is_null() {
+            // SAFETY: `ptr` is a fresh block of `NumberOfBytes` bytes.
+            unsafe { ptr.write_bytes(UNINITIALIZED_FILL, NumberOfBytes) };
         }
+        ptr
+    } else {
+        // SAFETY: the layout has a non-zero size (checked above).
+        unsafe { std::alloc::alloc_zeroed(layout) }
     };
     if ptr.is_null() {
         return core::ptr::null_mut();
@@ -180,8 +179,7 @@ pub unsafe extern "system" fn ExFreePoolWithTag(P: PVOID, Tag: ULONG) {
 pub(crate) fn kernel_allocate(size: usize, tag: u32, driver: usize) -> *mut u8 {
     let kernel = current();
     let mut state = kernel.lock();
-    if state.fail_allocations > 0 {
-        state.fail_allocations -= 1;
+    if Kernel::injected_failure(&mut state) {
         return core::ptr::null_mut();
     }
     // SAFETY: sizes passed here are non-zero constants or checked by the caller.

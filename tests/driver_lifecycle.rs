@@ -1,0 +1,242 @@
+//! Whole drivers in the simulator: load, work, unload, and the failure paths in between.
+
+#![cfg(any(not(windows), feature = "sim"))]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use wfp_rs::Status;
+use wfp_rs::bugcheck::verifier;
+use wfp_rs::bugcheck_test;
+use wfp_rs::driver::{Driver, DriverState};
+use wfp_rs::irql::{Irql, PassiveLevel};
+use wfp_rs::pool::{PoolBox, PoolTag};
+use wfp_rs::sim::{Machine, UnloadError};
+
+#[test]
+fn minimal_driver_runs_its_work_items_and_unloads_clean() {
+    let machine = Machine::new();
+    let driver = machine.load_driver("minimal", minimal_driver::DriverEntry).expect("loads");
+    machine.unload_driver(driver).expect("unloads");
+    let output = machine.debug_output().concat();
+    assert!(
+        output.contains(
+            "minimal-driver: loaded from \\REGISTRY\\MACHINE\\SYSTEM\\CurrentControlSet\\Services\\minimal"
+        ),
+        "{output}"
+    );
+    for n in 0..minimal_driver::GREETINGS {
+        assert!(output.contains(&format!("work item {n} ran at PASSIVE_LEVEL")), "{output}");
+    }
+    // Unload waits for the work items, so the count is always complete.
+    assert!(output.contains("unloading after 4 work item(s)"), "{output}");
+    assert!(machine.pool_blocks().is_empty(), "pool left behind: {:?}", machine.pool_blocks());
+}
+
+#[test]
+fn minimal_driver_loads_and_unloads_repeatedly() {
+    let machine = Machine::with_worker_threads(3);
+    for _ in 0..20 {
+        let driver = machine.load_driver("minimal", minimal_driver::DriverEntry).expect("loads");
+        machine.unload_driver(driver).expect("unloads");
+    }
+    assert!(machine.pool_blocks().is_empty());
+}
+
+#[test]
+fn every_allocation_failure_during_load_is_reported_and_leaks_nothing() {
+    let machine = Machine::new();
+    let mut failures = 0;
+    for skip in 0.. {
+        machine.fail_allocations(skip, 1);
+        match machine.load_driver("minimal", minimal_driver::DriverEntry) {
+            Ok(driver) => machine.unload_driver(driver).expect("unloads"),
+            Err(status) => {
+                assert_eq!(status, Status::INSUFFICIENT_RESOURCES, "allocation {skip}");
+                failures += 1;
+            }
+        }
+        assert!(machine.pool_blocks().is_empty(), "allocation {skip}: {:?}", machine.pool_blocks());
+        if machine.pending_allocation_failures() == 1 {
+            // The load made fewer than `skip + 1` allocations: every point has been tried.
+            machine.fail_allocations(0, 0);
+            break;
+        }
+    }
+    // Extension, two events, and one job block plus one work item per greeting.
+    let expected = 3 + 2 * minimal_driver::GREETINGS as usize;
+    assert_eq!(failures, expected, "allocation points exercised");
+}
+
+mod failing {
+    use super::*;
+
+    pub static WORK_RAN: AtomicU32 = AtomicU32::new(0);
+
+    /// Queues work, then fails: the SDK must wait for the work and clean up.
+    #[wfp_rs::driver_entry]
+    fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<(), Status> {
+        driver
+            .work_queue()
+            .queue(irql, |_| {
+                WORK_RAN.fetch_add(1, Ordering::SeqCst);
+            })
+            .map_err(Status::from)?;
+        Err(Status::ACCESS_DENIED)
+    }
+}
+
+#[test]
+fn a_failing_driver_entry_is_cleaned_up_after_its_work_ran() {
+    let machine = Machine::new();
+    let status = machine.load_driver("failing", failing::DriverEntry).unwrap_err();
+    assert_eq!(status, Status::ACCESS_DENIED);
+    assert_eq!(failing::WORK_RAN.load(Ordering::SeqCst), 1, "teardown waited for the work item");
+    assert!(machine.pool_blocks().is_empty());
+}
+
+mod success_as_error {
+    use super::*;
+
+    #[wfp_rs::driver_entry]
+    fn entry(_irql: &mut PassiveLevel<'_>, _driver: &mut Driver<'_>) -> Result<(), Status> {
+        Err(Status::from_raw(0))
+    }
+}
+
+#[test]
+fn an_error_carrying_a_success_code_still_fails_the_load() {
+    let machine = Machine::new();
+    let status = machine.load_driver("odd", success_as_error::DriverEntry).unwrap_err();
+    assert_eq!(status, Status::UNSUCCESSFUL);
+}
+
+mod leaky {
+    use super::*;
+
+    pub struct Leaky;
+    impl DriverState for Leaky {
+        fn unload(&mut self, irql: &mut PassiveLevel<'_>) {
+            let block = PoolBox::try_new([0u8; 100], PoolTag::new(b"Leak"), irql).unwrap();
+            PoolBox::into_raw(block);
+        }
+    }
+
+    #[wfp_rs::driver_entry]
+    fn entry(_irql: &mut PassiveLevel<'_>, _driver: &mut Driver<'_>) -> Result<Leaky, Status> {
+        Ok(Leaky)
+    }
+}
+
+bugcheck_test! {
+    fn a_driver_that_leaks_pool_stops_at_unload() expects DRIVER_VERIFIER_DETECTED_VIOLATION (verifier::POOL_LEAKED_AT_UNLOAD) {
+        let machine = Machine::new();
+        let driver = machine.load_driver("leaky", leaky::DriverEntry).unwrap();
+        let _ = machine.unload_driver(driver);
+    }
+}
+
+mod raises_and_returns {
+    use super::*;
+    use wfp_rs::spin_lock::SpinLock;
+
+    static LOCK: SpinLock<()> = SpinLock::new(());
+
+    #[wfp_rs::driver_entry]
+    fn entry(irql: &mut PassiveLevel<'_>, _driver: &mut Driver<'_>) -> Result<(), Status> {
+        std::mem::forget(LOCK.lock(irql));
+        Ok(())
+    }
+}
+
+bugcheck_test! {
+    fn a_driver_entry_returning_at_dispatch_level_stops() expects IRQL_UNEXPECTED_VALUE ((2 << 16) | 2) {
+        let machine = Machine::new();
+        let _ = machine.load_driver("raises", raises_and_returns::DriverEntry);
+    }
+}
+
+mod state_sees_unload {
+    use super::*;
+
+    pub static UNLOADS: AtomicU32 = AtomicU32::new(0);
+    pub static DROPS: AtomicU32 = AtomicU32::new(0);
+
+    pub struct State;
+    impl DriverState for State {
+        fn unload(&mut self, _irql: &mut PassiveLevel<'_>) {
+            assert_eq!(Irql::current(), Irql::PASSIVE);
+            assert_eq!(DROPS.load(Ordering::SeqCst), 0, "unload runs before the drop");
+            UNLOADS.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    impl Drop for State {
+        fn drop(&mut self) {
+            DROPS.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[wfp_rs::driver_entry]
+    fn entry(_irql: &mut PassiveLevel<'_>, _driver: &mut Driver<'_>) -> Result<State, Status> {
+        Ok(State)
+    }
+}
+
+#[test]
+fn unload_calls_the_state_hook_then_drops_the_state() {
+    let machine = Machine::new();
+    let driver = machine.load_driver("state", state_sees_unload::DriverEntry).unwrap();
+    assert_eq!(state_sees_unload::UNLOADS.load(Ordering::SeqCst), 0);
+    machine.unload_driver(driver).unwrap();
+    assert_eq!(state_sees_unload::UNLOADS.load(Ordering::SeqCst), 1);
+    assert_eq!(state_sees_unload::DROPS.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn work_queued_from_dispatch_level_runs_at_passive_level_before_unload_finishes() {
+    const ITEMS: u32 = 200;
+    let machine = Machine::new();
+    let driver = machine.load_driver("minimal", minimal_driver::DriverEntry).unwrap();
+    let queue = driver.work_queue(&machine).expect("an SDK driver");
+    let ran = Arc::new(AtomicU32::new(0));
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            let queue = queue.clone();
+            let ran = Arc::clone(&ran);
+            let machine = &machine;
+            scope.spawn(move || {
+                machine.at_dispatch(|irql| {
+                    for _ in 0..ITEMS / 4 {
+                        let ran = Arc::clone(&ran);
+                        queue
+                            .queue(irql, move |_passive| {
+                                assert_eq!(Irql::current(), Irql::PASSIVE);
+                                ran.fetch_add(1, Ordering::SeqCst);
+                            })
+                            .unwrap();
+                    }
+                });
+            });
+        }
+    });
+    drop(queue);
+    machine.unload_driver(driver).unwrap();
+    assert_eq!(ran.load(Ordering::SeqCst), ITEMS, "unload waited for every queued item");
+    assert!(machine.pool_blocks().is_empty());
+}
+
+#[test]
+fn a_driver_without_an_unload_routine_cannot_be_stopped() {
+    unsafe extern "system" fn entry(
+        _object: *mut wfp_rs::sys::DRIVER_OBJECT,
+        _path: *const wfp_rs::sys::UNICODE_STRING,
+    ) -> wfp_rs::sys::NTSTATUS {
+        0
+    }
+    let machine = Machine::new();
+    let driver = machine.load_driver("stuck", entry).unwrap();
+    match machine.unload_driver(driver) {
+        Err(UnloadError::NotUnloadable(driver)) => assert_eq!(driver.name(), "stuck"),
+        other => panic!("expected NotUnloadable, got {other:?}"),
+    }
+}
