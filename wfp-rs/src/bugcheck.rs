@@ -116,3 +116,23 @@ pub(crate) fn irql_not_less_or_equal(now: Irql, bound: Irql) -> ! {
         0,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::ToString;
+
+    #[test]
+    fn codes_have_their_debugger_names() {
+        assert_eq!(BugCheckCode::IRQL_NOT_LESS_OR_EQUAL.0, 0xA);
+        assert_eq!(
+            BugCheckCode(0xC4).name(),
+            Some("DRIVER_VERIFIER_DETECTED_VIOLATION")
+        );
+        assert_eq!(
+            BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS.to_string(),
+            "DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS (0xCE)"
+        );
+        assert_eq!(BugCheckCode(0x1234).to_string(), "BugCheckCode(0x1234)");
+    }
+}

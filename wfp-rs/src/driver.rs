@@ -141,7 +141,8 @@ pub(crate) fn work_queue_of(object: *mut sys::DRIVER_OBJECT) -> Option<WorkQueue
     let extension = unsafe { sys::IoGetDriverObjectExtension(object, extension_id()) };
     // SAFETY: the SDK's extension starts with its `Shared` block (repr(C)), initialised before
     // DriverEntry returned, and alive until unload.
-    NonNull::new(extension.cast::<Shared>()).map(|shared| WorkQueue::new(unsafe { shared.as_ref() }))
+    NonNull::new(extension.cast::<Shared>())
+        .map(|shared| WorkQueue::new(unsafe { shared.as_ref() }))
 }
 
 /// The driver being initialised, as `DriverEntry` sees it.
@@ -277,8 +278,12 @@ fn start<D: DriverState>(
     };
     Status::from_ntstatus(status)?;
     let device = NonNull::new(device).ok_or(Status::UNSUCCESSFUL)?;
-    let events = Event::try_new(EventKind::Notification, false, irql)
-        .and_then(|drained| Ok((drained, Event::try_new(EventKind::Notification, true, irql)?)));
+    let events = Event::try_new(EventKind::Notification, false, irql).and_then(|drained| {
+        Ok((
+            drained,
+            Event::try_new(EventKind::Notification, true, irql)?,
+        ))
+    });
     let (drained, idle) = match events {
         Ok(events) => events,
         Err(status) => {

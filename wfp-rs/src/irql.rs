@@ -314,3 +314,38 @@ static_assertions::assert_eq_size!(DispatchLevel<'static>, ());
 static_assertions::assert_not_impl_any!(PassiveLevel<'static>: Send, Sync, Clone, Copy, Default);
 static_assertions::assert_not_impl_any!(ApcLevel<'static>: Send, Sync, Clone, Copy, Default);
 static_assertions::assert_not_impl_any!(DispatchLevel<'static>: Send, Sync, Clone, Copy, Default);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::format;
+    use alloc::string::ToString;
+
+    #[test]
+    fn irql_values_print_their_c_names() {
+        assert_eq!(Irql::DISPATCH.to_string(), "DISPATCH_LEVEL");
+        assert_eq!(format!("{:?}", Irql(5)), "Irql(5)");
+        assert!(Irql::PASSIVE < Irql::APC && Irql::APC < Irql::DISPATCH);
+    }
+
+    #[test]
+    fn try_current_grants_only_the_bounds_that_hold() {
+        let machine = crate::sim::Machine::new();
+        let at_dispatch = machine.at_dispatch(|_| {
+            (
+                PassiveLevel::try_current(|_| ()).is_some(),
+                ApcLevel::try_current(|_| ()).is_some(),
+                DispatchLevel::try_current(|_| ()).is_some(),
+            )
+        });
+        assert_eq!(at_dispatch, (false, false, true));
+        let at_passive = machine.at_passive(|_| {
+            (
+                PassiveLevel::try_current(|_| ()).is_some(),
+                ApcLevel::try_current(|_| ()).is_some(),
+                DispatchLevel::try_current(|_| ()).is_some(),
+            )
+        });
+        assert_eq!(at_passive, (true, true, true));
+    }
+}

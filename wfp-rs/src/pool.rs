@@ -304,3 +304,30 @@ unsafe impl GlobalAlloc for PoolAllocator {
         unsafe { sys::ExFreePoolWithTag(ptr.cast(), self.tag.raw()) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::ToString;
+
+    #[test]
+    fn tags_read_in_display_order_and_match_c_literals() {
+        // The C literal 'omeD' (reversed) has this value on little-endian x64.
+        assert_eq!(PoolTag::new(b"Demo").raw(), 0x6F6D_6544);
+        assert_eq!(PoolTag::new(b"Demo").to_string(), "Demo");
+        assert_eq!(PoolTag::new(&[b'a', 0, b'b', 0x7f]).to_string(), "a?b?");
+    }
+
+    #[test]
+    fn zero_sized_values_do_not_allocate() {
+        let machine = crate::sim::Machine::new();
+        machine.at_dispatch(|irql| {
+            let unit = PoolBox::try_new((), PoolTag::SDK, irql).unwrap();
+            assert!(
+                machine.pool_blocks().is_empty(),
+                "a ZST must not reach ExAllocatePool2"
+            );
+            drop(unit);
+        });
+    }
+}

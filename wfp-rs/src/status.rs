@@ -104,3 +104,39 @@ impl fmt::Display for DisplayStatus {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::format;
+    use alloc::string::ToString;
+
+    #[test]
+    fn success_codes_are_ok_and_timeout_is_an_error() {
+        assert_eq!(Status::from_ntstatus(0), Ok(()));
+        // STATUS_PENDING (0x103) is a success code.
+        assert_eq!(Status::from_ntstatus(0x103), Ok(()));
+        assert_eq!(Status::from_ntstatus(0x102), Err(Status::TIMEOUT));
+        assert_eq!(
+            Status::from_ntstatus(0xC000_009Au32 as i32),
+            Err(Status::INSUFFICIENT_RESOURCES)
+        );
+    }
+
+    #[test]
+    fn display_names_known_codes_and_shows_unknown_ones_in_hex() {
+        assert_eq!(
+            Status::FWP_CANNOT_PEND.to_string(),
+            "STATUS_FWP_CANNOT_PEND (0xC0220039)"
+        );
+        assert_eq!(
+            Status::from_raw(0xC0DE_0001u32 as i32).to_string(),
+            "NTSTATUS 0xC0DE0001"
+        );
+        assert_eq!(
+            format!("{:?}", Status::CANCELLED),
+            "Status(STATUS_CANCELLED (0xC0000120))"
+        );
+        assert_eq!(Status::DEVICE_BUSY.name(), Some("STATUS_DEVICE_BUSY"));
+    }
+}
