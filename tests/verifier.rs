@@ -63,6 +63,23 @@ bugcheck_test! {
     }
 }
 
+bugcheck_test! {
+    /// Two tokens on one thread: raising through one leaves the other claiming PASSIVE_LEVEL.
+    /// `Event::set` itself is allowed at DISPATCH_LEVEL, so only the SDK's check of the token
+    /// can catch this, at the call that misuses it.
+    fn a_token_used_above_its_bound_stops_at_the_call() expects IRQL_NOT_LESS_OR_EQUAL {
+        let machine = Machine::new();
+        let lock = SpinLock::new(());
+        machine.at_passive(|irql| {
+            let event = Event::try_new(EventKind::Notification, false, irql).unwrap();
+            wfp_rs::irql::DispatchLevel::try_current(|second| {
+                let _guard = lock.lock(second);
+                event.set(irql);
+            });
+        });
+    }
+}
+
 #[test]
 fn waiting_at_passive_level_runs_clean() {
     let machine = Machine::new();

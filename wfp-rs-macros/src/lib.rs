@@ -5,7 +5,7 @@ use proc_macro::TokenStream;
 use proc_macro2::Span;
 use quote::quote;
 use syn::spanned::Spanned;
-use syn::{Error, FnArg, ItemFn, LitStr, ReturnType, parse_macro_input};
+use syn::{Error, FnArg, ItemFn, LitStr, ReturnType, Type, parse_macro_input};
 
 /// A GUID literal, checked at compile time: `guid!("01234567-89ab-cdef-0123-456789abcdef")`.
 ///
@@ -78,7 +78,7 @@ fn parse_guid(text: &str) -> Result<GuidFields, String> {
 /// The function takes `&mut PassiveLevel` and `&mut Driver` and returns
 /// `Result<State, Status>`, where `State: DriverState` is kept until unload:
 ///
-/// ```ignore
+/// ```text
 /// #[wfp_rs::driver_entry]
 /// fn entry(irql: &mut PassiveLevel, driver: &mut Driver) -> Result<MyState, Status> { ... }
 /// ```
@@ -94,7 +94,9 @@ pub fn driver_entry(args: TokenStream, item: TokenStream) -> TokenStream {
     }
     let function = parse_macro_input!(item as ItemFn);
     if let Err(error) = check_entry(&function) {
-        return error.to_compile_error().into();
+        // Keep the function, so the only error is ours (no "unused import", no "cannot find").
+        let error = error.to_compile_error();
+        return quote! { #function #error }.into();
     }
     let name = &function.sig.ident;
     quote! {
@@ -131,6 +133,24 @@ fn check_entry(function: &ItemFn) -> Result<(), Error> {
             sig.inputs.span(),
             format!("wrong parameters; {SHAPE}"),
         ));
+    }
+    if let Some(FnArg::Typed(first)) = sig.inputs.first() {
+        let is_mut_passive = match &*first.ty {
+            Type::Reference(reference) => {
+                reference.mutability.is_some()
+                    && matches!(&*reference.elem, Type::Path(path)
+                        if path.path.segments.last().is_some_and(|s| s.ident == "PassiveLevel"))
+            }
+            _ => false,
+        };
+        if !is_mut_passive {
+            return Err(Error::new_spanned(
+                &first.ty,
+                format!(
+                    "the first parameter must be `&mut PassiveLevel`: DriverEntry runs at PASSIVE_LEVEL; {SHAPE}"
+                ),
+            ));
+        }
     }
     if matches!(sig.output, ReturnType::Default) {
         return Err(Error::new(

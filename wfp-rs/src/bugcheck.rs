@@ -106,13 +106,14 @@ pub fn bug_check(code: BugCheckCode, p1: usize, p2: usize, p3: usize, p4: usize)
     unsafe { sys::KeBugCheckEx(code.0, p1, p2, p3, p4) }
 }
 
-/// `IRQL_NOT_LESS_OR_EQUAL` for code that found itself above `bound`.
-pub(crate) fn irql_not_less_or_equal(now: Irql, bound: Irql) -> ! {
+/// `IRQL_NOT_LESS_OR_EQUAL` for code that found itself above the IRQL it needs. Parameters as
+/// the simulator's routine checks give them: address 0, the current IRQL, 8 (execute), 0.
+pub(crate) fn irql_not_less_or_equal(now: Irql) -> ! {
     bug_check(
         BugCheckCode::IRQL_NOT_LESS_OR_EQUAL,
         0,
         now.0 as usize,
-        bound.0 as usize,
+        8,
         0,
     )
 }

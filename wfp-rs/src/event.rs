@@ -83,7 +83,7 @@ impl Event {
 
     /// Signals the event (`KeSetEvent`).
     pub fn set(&self, irql: &impl AtMostDispatch) {
-        let _ = irql;
+        crate::irql::verify(irql);
         // SAFETY: the event was initialised in `try_new`; KeSetEvent with Wait = FALSE may be
         // called at IRQL <= DISPATCH_LEVEL, which the token proves.
         unsafe { sys::KeSetEvent(self.raw.get(), 0, sys::FALSE) };
@@ -91,45 +91,41 @@ impl Event {
 
     /// Resets the event to not signalled (`KeClearEvent`).
     pub fn clear(&self, irql: &impl AtMostDispatch) {
-        let _ = irql;
+        crate::irql::verify(irql);
         // SAFETY: the event was initialised; KeClearEvent may be called at <= DISPATCH_LEVEL.
         unsafe { sys::KeClearEvent(self.raw.get()) };
     }
 
     /// Waits until the event is signalled (`KeWaitForSingleObject` without a timeout).
     pub fn wait(&self, irql: &impl AtMostApc) {
-        let _ = irql;
-        // SAFETY: the event is initialised and outlives the wait (borrowed by `&self`); an
-        // infinite wait is allowed at IRQL <= APC_LEVEL, which the token proves.
-        let status = unsafe {
-            sys::KeWaitForSingleObject(
-                self.raw.get().cast(),
-                sys::Executive,
-                sys::KernelMode,
-                sys::FALSE,
-                core::ptr::null(),
-            )
-        };
+        let status = self.wait_raw(irql, None);
         debug_assert_eq!(status, 0);
     }
 
     /// Waits at most `timeout`; returns whether the event was signalled in time.
     pub fn wait_timeout(&self, irql: &impl AtMostApc, timeout: Duration) -> bool {
-        let _ = irql;
         // Relative times are negative, in units of 100 ns.
         let ticks = i64::try_from(timeout.as_nanos() / 100).unwrap_or(i64::MAX);
-        let relative = -ticks;
-        // SAFETY: as in `wait`; the timeout pointer refers to a local that outlives the call.
-        let status = unsafe {
+        self.wait_raw(irql, Some(-ticks)) == 0
+    }
+
+    fn wait_raw(&self, irql: &impl AtMostApc, timeout: Option<i64>) -> sys::NTSTATUS {
+        crate::irql::verify(irql);
+        let timeout = timeout
+            .as_ref()
+            .map_or(core::ptr::null(), |t| t as *const i64);
+        // SAFETY: the event is initialised and outlives the wait (borrowed by `&self`); the
+        // timeout is null or points to a local that outlives the call; any wait is allowed at
+        // IRQL <= APC_LEVEL, which the token proves.
+        unsafe {
             sys::KeWaitForSingleObject(
                 self.raw.get().cast(),
                 sys::Executive,
                 sys::KernelMode,
                 sys::FALSE,
-                &relative,
+                timeout,
             )
-        };
-        status == 0
+        }
     }
 }
 

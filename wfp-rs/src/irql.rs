@@ -90,6 +90,10 @@ impl fmt::Display for Irql {
     }
 }
 
+/// Names the reason a token is neither `Send` nor `Sync` in the compiler's error: the IRQL is a
+/// property of one processor, and a token moved to another thread would prove nothing there.
+pub struct ThisProcessorOnly(*mut ());
+
 /// Makes a token type: zero-sized, `!Send`, `!Sync`, invariant in its lifetime, and not
 /// constructible outside this crate.
 macro_rules! token {
@@ -100,7 +104,7 @@ macro_rules! token {
             // processor, and a token moved to another thread would prove nothing there.
             // `fn(&'a ()) -> &'a ()` makes `'a` invariant so a token cannot be coerced to live
             // longer than the frame that minted it.
-            _not_send: PhantomData<*mut ()>,
+            _not_send: PhantomData<ThisProcessorOnly>,
             _scope: PhantomData<fn(&'a ()) -> &'a ()>,
         }
 
@@ -167,95 +171,54 @@ token! {
     DispatchLevel
 }
 
-impl<'a> PassiveLevel<'a> {
-    /// Runs `f` with a `PassiveLevel` token if the current IRQL is `PASSIVE_LEVEL`; returns
-    /// `None` without calling `f` otherwise.
-    ///
-    /// This is the checked way to obtain a token in code the SDK did not call with one (a
-    /// library function, a callback registered by other means). Hold one token per thread at a
-    /// time: the token proves the IRQL it saw, and raising the IRQL through *another* token while
-    /// this one lives is not something the compiler can see. The SDK's own entry points check
-    /// the IRQL again at run time in the simulator, which stops such code with a bugcheck.
-    ///
-    /// ```
-    /// # wfp_rs::sim::Machine::new().run(|| {
-    /// use wfp_rs::irql::PassiveLevel;
-    /// let ran = PassiveLevel::try_current(|_irql| 42);
-    /// assert_eq!(ran, Some(42));
-    /// # });
-    /// ```
-    pub fn try_current<R>(f: impl for<'t> FnOnce(&'t mut PassiveLevel<'t>) -> R) -> Option<R> {
-        if Irql::current() != Irql::PASSIVE {
-            return None;
-        }
-        // SAFETY: the IRQL is PASSIVE_LEVEL now; the token lives only for the call of `f`, and
-        // safe code can raise the IRQL only through `&mut` of a token, which `f` is given.
-        let mut token = unsafe { PassiveLevel::new_unchecked() };
-        Some(f(&mut token))
-    }
+/// The checked ways to obtain a token, for code the SDK did not call with one.
+macro_rules! checked_constructors {
+    ($name:ident, $bound:expr, $level:literal) => {
+        impl<'a> $name<'a> {
+            #[doc = concat!("Runs `f` with a `", stringify!($name), "` token if the current IRQL is at most `", $level, "`; returns `None` without calling `f` otherwise.")]
+            ///
+            /// This is the checked way to obtain a token in code the SDK did not call with one (a
+            /// library function, a callback registered by other means). Hold one token per
+            /// thread at a time: a token proves the IRQL it saw, and raising the IRQL through
+            /// *another* token while this one lives is not something the compiler can see. The
+            /// simulator checks the IRQL again in every kernel routine and stops such code with a
+            /// bug check.
+            ///
+            /// ```
+            /// # wfp_rs::sim::Machine::new().run(|| {
+            #[doc = concat!("let ran = wfp_rs::irql::", stringify!($name), "::try_current(|_irql| 42);")]
+            /// assert_eq!(ran, Some(42)); // the harness runs at PASSIVE_LEVEL
+            /// # });
+            /// ```
+            pub fn try_current<R>(f: impl for<'t> FnOnce(&'t mut $name<'t>) -> R) -> Option<R> {
+                if Irql::current() > $bound {
+                    return None;
+                }
+                // SAFETY: the IRQL is within the bound now; the token lives only for the call of
+                // `f`, and safe code can raise the IRQL only through `&mut` of a token, which `f`
+                // is given.
+                let mut token = unsafe { $name::new_unchecked() };
+                Some(f(&mut token))
+            }
 
-    /// Creates a token, checking the IRQL in debug builds (and always in the simulator).
-    ///
-    /// # Safety
-    ///
-    /// The caller guarantees that the IRQL is `PASSIVE_LEVEL` for all of `'a`, and that no
-    /// other token of this thread is used to raise the IRQL while the returned token lives.
-    pub unsafe fn assume() -> PassiveLevel<'a> {
-        assume_check(Irql::PASSIVE, "PassiveLevel::assume");
-        // SAFETY: forwarded to the caller.
-        unsafe { PassiveLevel::new_unchecked() }
-    }
+            /// Creates a token, checking the IRQL in debug builds (and always in the simulator),
+            /// where a wrong assumption stops the machine with `IRQL_NOT_LESS_OR_EQUAL`.
+            ///
+            /// # Safety
+            ///
+            #[doc = concat!("The caller guarantees that the IRQL is at most `", $level, "` for all of `'a`, and that no other token of this thread is used to raise the IRQL while the returned token lives.")]
+            pub unsafe fn assume() -> $name<'a> {
+                assume_check($bound, concat!(stringify!($name), "::assume"));
+                // SAFETY: forwarded to the caller.
+                unsafe { $name::new_unchecked() }
+            }
+        }
+    };
 }
 
-impl<'a> ApcLevel<'a> {
-    /// Runs `f` with an `ApcLevel` token if the current IRQL is at most `APC_LEVEL`.
-    ///
-    /// The same one-token-per-thread rule as [`PassiveLevel::try_current`] applies.
-    pub fn try_current<R>(f: impl for<'t> FnOnce(&'t mut ApcLevel<'t>) -> R) -> Option<R> {
-        if Irql::current() > Irql::APC {
-            return None;
-        }
-        // SAFETY: the IRQL is at most APC_LEVEL now and can only be raised through `&mut` of a
-        // token, which `f` holds.
-        let mut token = unsafe { ApcLevel::new_unchecked() };
-        Some(f(&mut token))
-    }
-
-    /// Creates a token, checking the IRQL in debug builds (and always in the simulator).
-    ///
-    /// # Safety
-    ///
-    /// As for [`PassiveLevel::assume`], with the bound `APC_LEVEL`.
-    pub unsafe fn assume() -> ApcLevel<'a> {
-        assume_check(Irql::APC, "ApcLevel::assume");
-        // SAFETY: forwarded to the caller.
-        unsafe { ApcLevel::new_unchecked() }
-    }
-}
-
-impl<'a> DispatchLevel<'a> {
-    /// Runs `f` with a `DispatchLevel` token if the current IRQL is at most `DISPATCH_LEVEL`.
-    pub fn try_current<R>(f: impl for<'t> FnOnce(&'t mut DispatchLevel<'t>) -> R) -> Option<R> {
-        if Irql::current() > Irql::DISPATCH {
-            return None;
-        }
-        // SAFETY: the IRQL is at most DISPATCH_LEVEL now and can only be raised through `&mut`
-        // of a token, which `f` holds.
-        let mut token = unsafe { DispatchLevel::new_unchecked() };
-        Some(f(&mut token))
-    }
-
-    /// Creates a token, checking the IRQL in debug builds (and always in the simulator).
-    ///
-    /// # Safety
-    ///
-    /// As for [`PassiveLevel::assume`], with the bound `DISPATCH_LEVEL`.
-    pub unsafe fn assume() -> DispatchLevel<'a> {
-        assume_check(Irql::DISPATCH, "DispatchLevel::assume");
-        // SAFETY: forwarded to the caller.
-        unsafe { DispatchLevel::new_unchecked() }
-    }
-}
+checked_constructors!(PassiveLevel, Irql::PASSIVE, "PASSIVE_LEVEL");
+checked_constructors!(ApcLevel, Irql::APC, "APC_LEVEL");
+checked_constructors!(DispatchLevel, Irql::DISPATCH, "DISPATCH_LEVEL");
 
 /// The debug check behind the `assume` functions: a wrong assumption stops the machine the way
 /// the violation itself eventually would, but at the point where it was made.
@@ -263,8 +226,10 @@ fn assume_check(bound: Irql, what: &'static str) {
     if cfg!(any(debug_assertions, wfp_sim)) {
         let now = Irql::current();
         if now > bound {
-            crate::debug::print_error(format_args!("wfp-rs: {what} at {now}, above {bound}\n"));
-            crate::bugcheck::irql_not_less_or_equal(now, bound);
+            crate::debug::print_error(format_args!(
+                "wfp-rs: {what} claims IRQL <= {bound}, but the IRQL is {now}\n"
+            ));
+            crate::bugcheck::irql_not_less_or_equal(now);
         }
     }
 }
@@ -274,6 +239,8 @@ mod sealed {
     impl Sealed for super::PassiveLevel<'_> {}
     impl Sealed for super::ApcLevel<'_> {}
     impl Sealed for super::DispatchLevel<'_> {}
+    impl<T: Sealed + ?Sized> Sealed for &T {}
+    impl<T: Sealed + ?Sized> Sealed for &mut T {}
 }
 
 /// Implemented by tokens that prove the IRQL is at most `APC_LEVEL`: [`PassiveLevel`] and
@@ -297,6 +264,27 @@ pub trait AtMostDispatch: sealed::Sealed {
     const BOUND: Irql;
 }
 
+// A reference to a token proves what the token proves, so `wait(&irql)` works whether `irql` is
+// a token or already a reference to one.
+impl<T: AtMostApc + ?Sized> AtMostApc for &T {}
+impl<T: AtMostApc + ?Sized> AtMostApc for &mut T {}
+impl<T: AtMostDispatch + ?Sized> AtMostDispatch for &T {
+    const BOUND: Irql = T::BOUND;
+}
+impl<T: AtMostDispatch + ?Sized> AtMostDispatch for &mut T {
+    const BOUND: Irql = T::BOUND;
+}
+
+/// The run-time half of the IRQL rules, at the top of every API that takes a token: the token
+/// says the IRQL is at most `L::BOUND`; in debug builds (and always in the simulator) this checks
+/// it, so a token misused from safe code (two tokens on one thread, a forgotten spin-lock guard)
+/// stops the machine at the call that went wrong rather than somewhere later. Release builds
+/// for Windows compile it away.
+#[inline]
+pub(crate) fn verify<L: AtMostDispatch + ?Sized>(_irql: &L) {
+    assume_check(L::BOUND, "an IRQL token");
+}
+
 impl AtMostApc for PassiveLevel<'_> {}
 impl AtMostApc for ApcLevel<'_> {}
 impl AtMostDispatch for PassiveLevel<'_> {
@@ -309,6 +297,8 @@ impl AtMostDispatch for DispatchLevel<'_> {
     const BOUND: Irql = Irql::DISPATCH;
 }
 
+// The marker is what makes tokens `!Send` and `!Sync`; it must stay so.
+static_assertions::assert_not_impl_any!(ThisProcessorOnly: Send, Sync);
 static_assertions::assert_eq_size!(PassiveLevel<'static>, ());
 static_assertions::assert_eq_size!(DispatchLevel<'static>, ());
 static_assertions::assert_not_impl_any!(PassiveLevel<'static>: Send, Sync, Clone, Copy, Default);

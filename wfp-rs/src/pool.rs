@@ -158,7 +158,7 @@ impl<T> PoolBox<T> {
         tag: PoolTag,
         irql: &impl AtMostDispatch,
     ) -> Result<PoolBox<T>, AllocError<T>> {
-        let _ = irql;
+        crate::irql::verify(irql);
         const {
             assert!(
                 mem::align_of::<T>() <= POOL_ALIGNMENT,

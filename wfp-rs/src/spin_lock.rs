@@ -79,7 +79,7 @@ impl<T: ?Sized> SpinLock<T> {
     /// Taking a lock that this processor already holds deadlocks on Windows; the simulator
     /// stops with `SPIN_LOCK_ALREADY_OWNED` instead.
     pub fn lock<'g, L: AtMostDispatch>(&'g self, irql: &'g mut L) -> SpinLockGuard<'g, T> {
-        let _ = irql;
+        crate::irql::verify(irql);
         // SAFETY: the lock word belongs to this `SpinLock` and outlives the guard; the token
         // proves the IRQL is at most DISPATCH_LEVEL, as KeAcquireSpinLockRaiseToDpc requires.
         let old_irql = unsafe { sys::KeAcquireSpinLockRaiseToDpc(self.lock.get()) };
