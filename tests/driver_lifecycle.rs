@@ -16,7 +16,9 @@ use wfp_rs::sim::{Machine, UnloadError};
 #[test]
 fn minimal_driver_runs_its_work_items_and_unloads_clean() {
     let machine = Machine::new();
-    let driver = machine.load_driver("minimal", minimal_driver::DriverEntry).expect("loads");
+    let driver = machine
+        .load_driver("minimal", minimal_driver::DriverEntry)
+        .expect("loads");
     machine.unload_driver(driver).expect("unloads");
     let output = machine.debug_output().concat();
     assert!(
@@ -26,18 +28,30 @@ fn minimal_driver_runs_its_work_items_and_unloads_clean() {
         "{output}"
     );
     for n in 0..minimal_driver::GREETINGS {
-        assert!(output.contains(&format!("work item {n} ran at PASSIVE_LEVEL")), "{output}");
+        assert!(
+            output.contains(&format!("work item {n} ran at PASSIVE_LEVEL")),
+            "{output}"
+        );
     }
     // Unload waits for the work items, so the count is always complete.
-    assert!(output.contains("unloading after 4 work item(s)"), "{output}");
-    assert!(machine.pool_blocks().is_empty(), "pool left behind: {:?}", machine.pool_blocks());
+    assert!(
+        output.contains("unloading after 4 work item(s)"),
+        "{output}"
+    );
+    assert!(
+        machine.pool_blocks().is_empty(),
+        "pool left behind: {:?}",
+        machine.pool_blocks()
+    );
 }
 
 #[test]
 fn minimal_driver_loads_and_unloads_repeatedly() {
     let machine = Machine::with_worker_threads(3);
     for _ in 0..20 {
-        let driver = machine.load_driver("minimal", minimal_driver::DriverEntry).expect("loads");
+        let driver = machine
+            .load_driver("minimal", minimal_driver::DriverEntry)
+            .expect("loads");
         machine.unload_driver(driver).expect("unloads");
     }
     assert!(machine.pool_blocks().is_empty());
@@ -56,7 +70,11 @@ fn every_allocation_failure_during_load_is_reported_and_leaks_nothing() {
                 failures += 1;
             }
         }
-        assert!(machine.pool_blocks().is_empty(), "allocation {skip}: {:?}", machine.pool_blocks());
+        assert!(
+            machine.pool_blocks().is_empty(),
+            "allocation {skip}: {:?}",
+            machine.pool_blocks()
+        );
         if machine.pending_allocation_failures() == 1 {
             // The load made fewer than `skip + 1` allocations: every point has been tried.
             machine.fail_allocations(0, 0);
@@ -89,9 +107,15 @@ mod failing {
 #[test]
 fn a_failing_driver_entry_is_cleaned_up_after_its_work_ran() {
     let machine = Machine::new();
-    let status = machine.load_driver("failing", failing::DriverEntry).unwrap_err();
+    let status = machine
+        .load_driver("failing", failing::DriverEntry)
+        .unwrap_err();
     assert_eq!(status, Status::ACCESS_DENIED);
-    assert_eq!(failing::WORK_RAN.load(Ordering::SeqCst), 1, "teardown waited for the work item");
+    assert_eq!(
+        failing::WORK_RAN.load(Ordering::SeqCst),
+        1,
+        "teardown waited for the work item"
+    );
     assert!(machine.pool_blocks().is_empty());
 }
 
@@ -107,7 +131,9 @@ mod success_as_error {
 #[test]
 fn an_error_carrying_a_success_code_still_fails_the_load() {
     let machine = Machine::new();
-    let status = machine.load_driver("odd", success_as_error::DriverEntry).unwrap_err();
+    let status = machine
+        .load_driver("odd", success_as_error::DriverEntry)
+        .unwrap_err();
     assert_eq!(status, Status::UNSUCCESSFUL);
 }
 
@@ -166,7 +192,11 @@ mod state_sees_unload {
     impl DriverState for State {
         fn unload(&mut self, _irql: &mut PassiveLevel<'_>) {
             assert_eq!(Irql::current(), Irql::PASSIVE);
-            assert_eq!(DROPS.load(Ordering::SeqCst), 0, "unload runs before the drop");
+            assert_eq!(
+                DROPS.load(Ordering::SeqCst),
+                0,
+                "unload runs before the drop"
+            );
             UNLOADS.fetch_add(1, Ordering::SeqCst);
         }
     }
@@ -185,7 +215,9 @@ mod state_sees_unload {
 #[test]
 fn unload_calls_the_state_hook_then_drops_the_state() {
     let machine = Machine::new();
-    let driver = machine.load_driver("state", state_sees_unload::DriverEntry).unwrap();
+    let driver = machine
+        .load_driver("state", state_sees_unload::DriverEntry)
+        .unwrap();
     assert_eq!(state_sees_unload::UNLOADS.load(Ordering::SeqCst), 0);
     machine.unload_driver(driver).unwrap();
     assert_eq!(state_sees_unload::UNLOADS.load(Ordering::SeqCst), 1);
@@ -196,7 +228,9 @@ fn unload_calls_the_state_hook_then_drops_the_state() {
 fn work_queued_from_dispatch_level_runs_at_passive_level_before_unload_finishes() {
     const ITEMS: u32 = 200;
     let machine = Machine::new();
-    let driver = machine.load_driver("minimal", minimal_driver::DriverEntry).unwrap();
+    let driver = machine
+        .load_driver("minimal", minimal_driver::DriverEntry)
+        .unwrap();
     let queue = driver.work_queue(&machine).expect("an SDK driver");
     let ran = Arc::new(AtomicU32::new(0));
     std::thread::scope(|scope| {
@@ -221,7 +255,11 @@ fn work_queued_from_dispatch_level_runs_at_passive_level_before_unload_finishes(
     });
     drop(queue);
     machine.unload_driver(driver).unwrap();
-    assert_eq!(ran.load(Ordering::SeqCst), ITEMS, "unload waited for every queued item");
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        ITEMS,
+        "unload waited for every queued item"
+    );
     assert!(machine.pool_blocks().is_empty());
 }
 

@@ -6,6 +6,10 @@
 //! process the way it stops a machine.
 
 #![cfg(any(not(windows), feature = "sim"))]
+#![expect(
+    clippy::multiple_unsafe_ops_per_block,
+    reason = "each unsafe block is one deliberate misuse of the raw ABI, argued as a whole"
+)]
 
 use core::ptr::{null, null_mut};
 use std::mem;
@@ -97,7 +101,10 @@ fn waiting_at_passive_level_runs_clean() {
 fn try_current_refuses_a_passive_token_at_dispatch() {
     let machine = Machine::new();
     let refused = machine.at_dispatch(|_irql| PassiveLevel::try_current(|_| ()).is_none());
-    assert!(refused, "try_current must not mint a PassiveLevel token at DISPATCH_LEVEL");
+    assert!(
+        refused,
+        "try_current must not mint a PassiveLevel token at DISPATCH_LEVEL"
+    );
     let granted = machine.at_passive(|_irql| PassiveLevel::try_current(|_| ()).is_some());
     assert!(granted);
 }
@@ -156,7 +163,10 @@ fn non_paged_pool_at_dispatch_runs_clean_and_is_zeroed() {
         assert_eq!(*block, [0u8; 48]);
         assert_eq!(PoolBox::tag(&block), PoolTag::new(b"Test"));
     });
-    assert!(machine.pool_blocks().is_empty(), "the PoolBox was freed on drop");
+    assert!(
+        machine.pool_blocks().is_empty(),
+        "the PoolBox was freed on drop"
+    );
 }
 
 #[test]
@@ -164,7 +174,11 @@ fn uninitialized_pool_is_filled_with_a_pattern() {
     Machine::new().run(|| {
         // SAFETY: a valid allocation that is read (as bytes) and freed with its tag.
         unsafe {
-            let block = sys::ExAllocatePool2(sys::POOL_FLAG_NON_PAGED | sys::POOL_FLAG_UNINITIALIZED, 8, TAG);
+            let block = sys::ExAllocatePool2(
+                sys::POOL_FLAG_NON_PAGED | sys::POOL_FLAG_UNINITIALIZED,
+                8,
+                TAG,
+            );
             assert_eq!(*block.cast::<[u8; 8]>(), [0xCD; 8]);
             sys::ExFreePoolWithTag(block, TAG);
         }
@@ -177,9 +191,15 @@ fn failed_allocations_hand_the_value_back() {
     machine.fail_allocations(0, 1);
     machine.at_passive(|irql| {
         let error = PoolBox::try_new(String::from("kept"), PoolTag::SDK, irql).unwrap_err();
-        assert_eq!(error.to_string(), "non-paged pool allocation of 24 bytes failed");
+        assert_eq!(
+            error.to_string(),
+            "non-paged pool allocation of 24 bytes failed"
+        );
         assert_eq!(error.into_inner(), "kept");
-        assert!(PoolBox::try_new(1u32, PoolTag::SDK, irql).is_ok(), "only one failure was injected");
+        assert!(
+            PoolBox::try_new(1u32, PoolTag::SDK, irql).is_ok(),
+            "only one failure was injected"
+        );
     });
 }
 
@@ -260,10 +280,18 @@ fn nested_spin_locks_restore_the_irql_in_order() {
                 let mut second = b.lock(first.irql_mut());
                 *second += 1;
             }
-            assert_eq!(Irql::current(), Irql::DISPATCH, "the outer lock is still held");
+            assert_eq!(
+                Irql::current(),
+                Irql::DISPATCH,
+                "the outer lock is still held"
+            );
             *first += 1;
         }
-        assert_eq!(Irql::current(), Irql::PASSIVE, "releasing the outer lock restores PASSIVE_LEVEL");
+        assert_eq!(
+            Irql::current(),
+            Irql::PASSIVE,
+            "releasing the outer lock restores PASSIVE_LEVEL"
+        );
         let first = *a.lock(irql);
         let second = *b.lock(irql);
         assert_eq!((first, second), (2, 3));
@@ -311,7 +339,15 @@ mod raw_driver {
         let mut device = null_mut();
         // SAFETY: called by the simulated I/O manager at PASSIVE_LEVEL with a valid driver object.
         unsafe {
-            let status = sys::IoCreateDevice(object, 0, null(), sys::FILE_DEVICE_NETWORK, 0, 0, &mut device);
+            let status = sys::IoCreateDevice(
+                object,
+                0,
+                null(),
+                sys::FILE_DEVICE_NETWORK,
+                0,
+                0,
+                &mut device,
+            );
             assert_eq!(status, 0);
             (*object).DriverUnload = Some(unload);
         }
@@ -410,7 +446,6 @@ bugcheck_test! {
     }
 }
 
-
 #[test]
 fn work_items_free_themselves_and_unload_runs_clean() {
     let machine = Machine::new();
@@ -430,5 +465,9 @@ fn work_items_free_themselves_and_unload_runs_clean() {
     });
     machine.wait_for_work_items();
     machine.unload_driver(driver).expect("unloads");
-    assert!(machine.pool_blocks().is_empty(), "left: {:?}", machine.pool_blocks());
+    assert!(
+        machine.pool_blocks().is_empty(),
+        "left: {:?}",
+        machine.pool_blocks()
+    );
 }

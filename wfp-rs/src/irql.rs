@@ -92,7 +92,7 @@ impl fmt::Display for Irql {
 
 /// Names the reason a token is neither `Send` nor `Sync` in the compiler's error: the IRQL is a
 /// property of one processor, and a token moved to another thread would prove nothing there.
-pub struct ThisProcessorOnly(*mut ());
+pub struct ThisProcessorOnly(PhantomData<*mut ()>);
 
 /// Makes a token type: zero-sized, `!Send`, `!Sync`, invariant in its lifetime, and not
 /// constructible outside this crate.
