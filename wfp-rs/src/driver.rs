@@ -145,6 +145,28 @@ pub(crate) fn work_queue_of(object: *mut sys::DRIVER_OBJECT) -> Option<WorkQueue
         .map(|shared| WorkQueue::new(unsafe { shared.as_ref() }))
 }
 
+/// Runs `f` with the [`Driver`] handle of a loaded SDK driver (for the simulator harness, which
+/// runs test code as if it were the driver's). `None` for drivers without the SDK's extension.
+#[cfg(wfp_sim)]
+pub(crate) fn with_driver_of<R>(
+    object: *mut sys::DRIVER_OBJECT,
+    registry_path: &sys::UNICODE_STRING,
+    irql: &mut PassiveLevel<'_>,
+    f: impl FnOnce(&mut PassiveLevel<'_>, &mut Driver<'_>) -> R,
+) -> Option<R> {
+    // SAFETY: as in `work_queue_of`.
+    let extension = unsafe { sys::IoGetDriverObjectExtension(object, extension_id()) };
+    let shared = NonNull::new(extension.cast::<Shared>())?;
+    // SAFETY: the extension starts with the `Shared` block, alive while the driver is loaded.
+    let shared = unsafe { shared.as_ref() };
+    let mut driver = Driver {
+        object: NonNull::new(object)?,
+        registry_path,
+        shared,
+    };
+    Some(f(irql, &mut driver))
+}
+
 /// The driver being initialised, as `DriverEntry` sees it.
 pub struct Driver<'a> {
     object: NonNull<sys::DRIVER_OBJECT>,

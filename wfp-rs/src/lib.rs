@@ -20,17 +20,25 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 extern crate alloc;
+// The proc macros name this crate `::wfp_rs`, also when used inside it.
+extern crate self as wfp_rs;
 // The simulator is host code: it uses std, and its modules import std's prelude and macros.
 #[cfg(wfp_sim)]
 #[macro_use]
 extern crate std;
 
 pub mod bugcheck;
+pub mod callout;
+pub mod classify;
 pub mod debug;
 pub mod driver;
+pub mod engine;
 pub mod event;
+pub mod filter;
 pub mod guid;
 pub mod irql;
+pub mod layer;
+pub mod metadata;
 pub mod pool;
 pub mod spin_lock;
 pub mod status;

@@ -79,6 +79,35 @@ impl LoadedDriver {
         machine.run(|| crate::driver::work_queue_of(self.driver_object()))
     }
 
+    /// Runs `f` as the driver's own code at `PASSIVE_LEVEL`, with its [`Driver`] handle, so a test
+    /// can register callouts or queue work for it. `None` if the driver was not built with
+    /// `#[driver_entry]`. Whatever `f` creates (registrations, handles) must be gone before
+    /// unload, as for the driver's own state.
+    ///
+    /// [`Driver`]: crate::driver::Driver
+    pub fn run_in_driver<R>(
+        &self,
+        machine: &Machine,
+        f: impl FnOnce(&mut PassiveLevel<'_>, &mut crate::driver::Driver<'_>) -> R,
+    ) -> Option<R> {
+        let path = {
+            let mut state = machine.kernel.lock();
+            let record = state.drivers.get_mut(&self.object)?;
+            UNICODE_STRING {
+                Length: (record.registry_path_utf16.len() * 2) as u16,
+                MaximumLength: (record.registry_path_utf16.len() * 2) as u16,
+                Buffer: record.registry_path_utf16.as_mut_ptr(),
+            }
+        };
+        kernel::with_context(&machine.kernel, PASSIVE_LEVEL, self.object, || {
+            // SAFETY: this thread runs at PASSIVE_LEVEL, as the driver, for the call of `f`.
+            let mut token = unsafe { PassiveLevel::new_unchecked() };
+            let result = crate::driver::with_driver_of(self.driver_object(), &path, &mut token, f);
+            check_irql_restored("LoadedDriver::run_in_driver", PASSIVE_LEVEL);
+            result
+        })
+    }
+
     /// The driver object, as the kernel passes it to the driver.
     pub fn driver_object(&self) -> *mut DRIVER_OBJECT {
         self.object as *mut DRIVER_OBJECT
@@ -261,6 +290,25 @@ impl Machine {
                 &format!(
                     "driver {} unloaded with {queued} work item(s) still queued",
                     driver.name
+                ),
+            );
+        }
+        let callouts = self
+            .kernel
+            .wfp
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .callouts_of(driver.object);
+        if !callouts.is_empty() {
+            drop(state);
+            stop(
+                BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS,
+                [0, 0, 0, 0],
+                &format!(
+                    "driver {} unloaded with {} callout(s) still registered ({}); the filter engine would call into unloaded code",
+                    driver.name,
+                    callouts.len(),
+                    callouts.join(", ")
                 ),
             );
         }
@@ -585,4 +633,203 @@ macro_rules! bugcheck_test {
             $(assert_eq!(_report.params[0], $p1, "bug check parameter 1\n{}", outcome.stderr);)?
         }
     };
+}
+
+// --- the filter engine ----------------------------------------------------------------------------
+
+use crate::layer::value::{ConditionFlags, HasRepr, IpProtocol as Protocol, repr};
+use crate::layer::{Field, Layer};
+use crate::sys::sim::wfp::{self as engine, SimValue};
+
+/// A field value in the simulator's own form (opaque).
+#[derive(Clone, Debug)]
+pub struct SimFieldValue(SimValue);
+
+/// A value the harness can put in a field of representation `R` at layer `L`.
+pub trait FieldInput<R, L: Layer> {
+    /// Converts to the simulator's owned value.
+    fn into_sim(self) -> SimFieldValue;
+}
+
+macro_rules! int_input {
+    ($($ty:ty => $repr:ident, $variant:ident;)*) => {$(
+        impl<L: Layer> FieldInput<repr::$repr, L> for $ty {
+            fn into_sim(self) -> SimFieldValue {
+                SimFieldValue(SimValue::$variant(self))
+            }
+        }
+    )*};
+}
+
+int_input! {
+    u8 => U8, U8;
+    u16 => U16, U16;
+    u32 => U32, U32;
+    u64 => U64, U64;
+}
+
+impl<L: Layer<Address = core::net::Ipv4Addr>> FieldInput<repr::Address, L> for core::net::Ipv4Addr {
+    fn into_sim(self) -> SimFieldValue {
+        // IPv4 fields are UINT32 in host byte order.
+        SimFieldValue(SimValue::U32(u32::from(self)))
+    }
+}
+
+impl<L: Layer<Address = core::net::Ipv6Addr>> FieldInput<repr::Address, L> for core::net::Ipv6Addr {
+    fn into_sim(self) -> SimFieldValue {
+        SimFieldValue(SimValue::Bytes16(self.octets()))
+    }
+}
+
+impl<L: Layer> FieldInput<repr::IpProtocol, L> for Protocol {
+    fn into_sim(self) -> SimFieldValue {
+        SimFieldValue(SimValue::U8(self.into()))
+    }
+}
+
+impl<L: Layer> FieldInput<repr::ConditionFlags, L> for ConditionFlags {
+    fn into_sim(self) -> SimFieldValue {
+        SimFieldValue(SimValue::U32(self.bits()))
+    }
+}
+
+impl<L: Layer> FieldInput<repr::AppId, L> for &str {
+    fn into_sim(self) -> SimFieldValue {
+        SimFieldValue(SimValue::Blob(app_id_bytes(self)))
+    }
+}
+
+impl<L: Layer> FieldInput<repr::ByteBlob, L> for &[u8] {
+    fn into_sim(self) -> SimFieldValue {
+        SimFieldValue(SimValue::Blob(self.to_vec()))
+    }
+}
+
+/// The bytes WFP uses for an application id: the NT path, lower case, UTF-16LE, NUL-terminated.
+pub fn app_id_bytes(path: &str) -> Vec<u8> {
+    path.to_lowercase()
+        .encode_utf16()
+        .chain([0])
+        .flat_map(u16::to_le_bytes)
+        .collect()
+}
+
+/// A classification to run at layer `L`: the values of its fields and its metadata. Fields not
+/// set are `FWP_EMPTY`.
+pub struct ClassifyRequest<L: Layer> {
+    values: Vec<SimValue>,
+    metadata: crate::sys::FWPS_INCOMING_METADATA_VALUES0,
+    process_path: Option<Box<(Vec<u8>, crate::sys::FWP_BYTE_BLOB)>>,
+    _layer: core::marker::PhantomData<L>,
+}
+
+impl<L: Layer> Default for ClassifyRequest<L> {
+    fn default() -> Self {
+        ClassifyRequest::new()
+    }
+}
+
+impl<L: Layer> fmt::Debug for ClassifyRequest<L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClassifyRequest")
+            .field("layer", &L::NAME)
+            .field("values", &self.values)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<L: Layer> ClassifyRequest<L> {
+    /// A classification with every field empty and no metadata.
+    pub fn new() -> Self {
+        ClassifyRequest {
+            values: vec![SimValue::Empty; L::FIELD_COUNT as usize],
+            // SAFETY: the metadata structure is plain data (integers and raw pointers), valid
+            // when zeroed: no metadata bits are set.
+            metadata: unsafe { core::mem::zeroed() },
+            process_path: None,
+            _layer: core::marker::PhantomData,
+        }
+    }
+
+    /// Sets field `K`.
+    pub fn with<K>(mut self, value: impl FieldInput<K::Repr, L>) -> Self
+    where
+        K: Field<L> + HasRepr,
+    {
+        self.values[K::INDEX as usize] = value.into_sim().0;
+        self
+    }
+
+    /// Sets the process metadata (`FWPS_METADATA_FIELD_PROCESS_ID`, `..._PROCESS_PATH`).
+    pub fn process(mut self, pid: u64, path: &str) -> Self {
+        let mut storage = Box::new((
+            app_id_bytes(path),
+            crate::sys::FWP_BYTE_BLOB {
+                size: 0,
+                data: core::ptr::null_mut(),
+            },
+        ));
+        storage.1 = crate::sys::FWP_BYTE_BLOB {
+            size: storage.0.len() as u32,
+            data: storage.0.as_mut_ptr(),
+        };
+        self.metadata.processId = pid;
+        self.metadata.processPath = &mut storage.1;
+        self.metadata.currentMetadataValues |= crate::sys::FWPS_METADATA_FIELD_PROCESS_ID
+            | crate::sys::FWPS_METADATA_FIELD_PROCESS_PATH;
+        self.process_path = Some(storage);
+        self
+    }
+
+    /// Sets the flow handle metadata (`FWPS_METADATA_FIELD_FLOW_HANDLE`).
+    pub fn flow_handle(mut self, handle: u64) -> Self {
+        self.metadata.flowHandle = handle;
+        self.metadata.currentMetadataValues |= crate::sys::FWPS_METADATA_FIELD_FLOW_HANDLE;
+        self
+    }
+}
+
+/// The filter engine's final decision for one classification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// Permit or block.
+    pub action: crate::classify::Action,
+    /// Whether the decision was hard (no write right left).
+    pub hard: bool,
+    /// Whether a callout vetoed a hard permit.
+    pub vetoed: bool,
+    /// Whether the deciding callout absorbed the data (`FWPS_CLASSIFY_OUT_FLAG_ABSORB`).
+    pub absorbed: bool,
+    /// The filter that decided, if any.
+    pub filter_id: Option<u64>,
+}
+
+impl Machine {
+    /// Runs one classification at layer `L` on this thread at `irql`, as the network stack would:
+    /// the matching filters are evaluated by sublayer and weight, callouts are called through
+    /// their registered `classifyFn`, and WFP's arbitration decides.
+    pub fn classify<L: Layer>(
+        &self,
+        irql: crate::irql::Irql,
+        request: &ClassifyRequest<L>,
+    ) -> Decision {
+        let layer = crate::layer::layer_by_id(L::ID).expect("every Layer type is in the table");
+        let mut incoming = engine::Incoming {
+            layer,
+            values: request.values.clone(),
+            metadata: request.metadata,
+            layer_data: core::ptr::null_mut(),
+            classify_context: core::ptr::null(),
+            flow_context: 0,
+        };
+        let verdict =
+            kernel::with_context(&self.kernel, irql.0, 0, || engine::classify(&mut incoming));
+        Decision {
+            action: crate::classify::Action::from_raw(verdict.action),
+            hard: verdict.hard,
+            vetoed: verdict.vetoed,
+            absorbed: verdict.absorbed,
+            filter_id: verdict.filter_id,
+        }
+    }
 }

@@ -56,8 +56,51 @@ statuses! {
     CANCELLED = 0xC000_0120;
     /// `STATUS_TIMEOUT` (a success-severity code that callers usually treat as an error).
     TIMEOUT = 0x0000_0102;
-    /// `STATUS_FWP_CANNOT_PEND`.
-    FWP_CANNOT_PEND = 0xC022_0039;
+    /// `STATUS_FWP_CALLOUT_NOT_FOUND`.
+    FWP_CALLOUT_NOT_FOUND = 0xC022_0001;
+    /// `STATUS_FWP_CONDITION_NOT_FOUND`: a filter condition names a field the layer lacks.
+    FWP_CONDITION_NOT_FOUND = 0xC022_0002;
+    /// `STATUS_FWP_FILTER_NOT_FOUND`.
+    FWP_FILTER_NOT_FOUND = 0xC022_0003;
+    /// `STATUS_FWP_LAYER_NOT_FOUND`.
+    FWP_LAYER_NOT_FOUND = 0xC022_0004;
+    /// `STATUS_FWP_PROVIDER_NOT_FOUND`.
+    FWP_PROVIDER_NOT_FOUND = 0xC022_0005;
+    /// `STATUS_FWP_SUBLAYER_NOT_FOUND`.
+    FWP_SUBLAYER_NOT_FOUND = 0xC022_0007;
+    /// `STATUS_FWP_NOT_FOUND`.
+    FWP_NOT_FOUND = 0xC022_0008;
+    /// `STATUS_FWP_ALREADY_EXISTS`.
+    FWP_ALREADY_EXISTS = 0xC022_0009;
+    /// `STATUS_FWP_IN_USE`.
+    FWP_IN_USE = 0xC022_000A;
+    /// `STATUS_FWP_WRONG_SESSION`.
+    FWP_WRONG_SESSION = 0xC022_000C;
+    /// `STATUS_FWP_NO_TXN_IN_PROGRESS`.
+    FWP_NO_TXN_IN_PROGRESS = 0xC022_000D;
+    /// `STATUS_FWP_TXN_IN_PROGRESS`.
+    FWP_TXN_IN_PROGRESS = 0xC022_000E;
+    /// `STATUS_FWP_INCOMPATIBLE_LAYER`.
+    FWP_INCOMPATIBLE_LAYER = 0xC022_0014;
+    /// `STATUS_FWP_NULL_POINTER`.
+    FWP_NULL_POINTER = 0xC022_001C;
+    /// `STATUS_FWP_INVALID_FLAGS`.
+    FWP_INVALID_FLAGS = 0xC022_001E;
+    /// `STATUS_FWP_INVALID_ACTION_TYPE`.
+    FWP_INVALID_ACTION_TYPE = 0xC022_0024;
+    /// `STATUS_FWP_INVALID_WEIGHT`.
+    FWP_INVALID_WEIGHT = 0xC022_0025;
+    /// `STATUS_FWP_MATCH_TYPE_MISMATCH`.
+    FWP_MATCH_TYPE_MISMATCH = 0xC022_0026;
+    /// `STATUS_FWP_TYPE_MISMATCH`.
+    FWP_TYPE_MISMATCH = 0xC022_0027;
+    /// `STATUS_FWP_INVALID_PARAMETER`.
+    FWP_INVALID_PARAMETER = 0xC022_0035;
+    /// `STATUS_FWP_CALLOUT_NOTIFICATION_FAILED`: a callout's notifyFn refused a filter.
+    FWP_CALLOUT_NOTIFICATION_FAILED = 0xC022_0037;
+    /// `STATUS_FWP_CANNOT_PEND`: pending is not possible here (for example, in a
+    /// reauthorization).
+    FWP_CANNOT_PEND = 0xC022_0103;
 }
 
 impl Status {
@@ -127,7 +170,7 @@ mod tests {
     fn display_names_known_codes_and_shows_unknown_ones_in_hex() {
         assert_eq!(
             Status::FWP_CANNOT_PEND.to_string(),
-            "STATUS_FWP_CANNOT_PEND (0xC0220039)"
+            "STATUS_FWP_CANNOT_PEND (0xC0220103)"
         );
         assert_eq!(
             Status::from_raw(0xC0DE_0001u32 as i32).to_string(),

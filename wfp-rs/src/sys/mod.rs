@@ -20,6 +20,8 @@
 
 pub(crate) mod types;
 pub use types::*;
+mod fwp;
+pub use fwp::*;
 
 #[cfg(wfp_nt)]
 mod nt;

@@ -22,6 +22,7 @@ pub type ULONG_PTR = usize;
 pub type SIZE_T = usize;
 pub type POOL_FLAGS = u64;
 pub type PVOID = *mut c_void;
+pub type HANDLE = *mut c_void;
 pub type PCSTR = *const u8;
 pub type DEVICE_TYPE = u32;
 pub type LARGE_INTEGER = i64;

@@ -6,6 +6,7 @@
 //!
 //! Prototypes follow WDK 10.0.22621 `km/wdm.h`.
 
+use super::fwp::*;
 use super::types::*;
 
 #[link(name = "ntoskrnl.exe", kind = "raw-dylib", modifiers = "+verbatim")]
@@ -154,4 +155,54 @@ pub unsafe extern "C" fn __CxxFrameHandler3(
         0,
         0,
     )
+}
+
+// The WFP kernel client (fwpsk.h, fwpmk.h of WDK 10.0.22621). Every management routine
+// (`Fwpm*`) requires PASSIVE_LEVEL; FwpsCalloutRegister3/UnregisterById0 too.
+#[link(name = "fwpkclnt.sys", kind = "raw-dylib", modifiers = "+verbatim")]
+unsafe extern "system" {
+    pub fn FwpsCalloutRegister3(
+        deviceObject: *mut core::ffi::c_void,
+        callout: *const FWPS_CALLOUT3,
+        calloutId: *mut u32,
+    ) -> NTSTATUS;
+    pub fn FwpsCalloutUnregisterById0(calloutId: u32) -> NTSTATUS;
+
+    pub fn FwpmEngineOpen0(
+        serverName: *const u16,
+        authnService: u32,
+        authIdentity: *mut core::ffi::c_void,
+        session: *const FWPM_SESSION0,
+        engineHandle: *mut HANDLE,
+    ) -> NTSTATUS;
+    pub fn FwpmEngineClose0(engineHandle: HANDLE) -> NTSTATUS;
+    pub fn FwpmTransactionBegin0(engineHandle: HANDLE, flags: u32) -> NTSTATUS;
+    pub fn FwpmTransactionCommit0(engineHandle: HANDLE) -> NTSTATUS;
+    pub fn FwpmTransactionAbort0(engineHandle: HANDLE) -> NTSTATUS;
+    pub fn FwpmProviderAdd0(
+        engineHandle: HANDLE,
+        provider: *const FWPM_PROVIDER0,
+        sd: *mut core::ffi::c_void,
+    ) -> NTSTATUS;
+    pub fn FwpmProviderDeleteByKey0(engineHandle: HANDLE, key: *const GUID) -> NTSTATUS;
+    pub fn FwpmSubLayerAdd0(
+        engineHandle: HANDLE,
+        subLayer: *const FWPM_SUBLAYER0,
+        sd: *mut core::ffi::c_void,
+    ) -> NTSTATUS;
+    pub fn FwpmSubLayerDeleteByKey0(engineHandle: HANDLE, key: *const GUID) -> NTSTATUS;
+    pub fn FwpmCalloutAdd0(
+        engineHandle: HANDLE,
+        callout: *const FWPM_CALLOUT0,
+        sd: *mut core::ffi::c_void,
+        id: *mut u32,
+    ) -> NTSTATUS;
+    pub fn FwpmCalloutDeleteByKey0(engineHandle: HANDLE, key: *const GUID) -> NTSTATUS;
+    pub fn FwpmFilterAdd0(
+        engineHandle: HANDLE,
+        filter: *const FWPM_FILTER0,
+        sd: *mut core::ffi::c_void,
+        id: *mut u64,
+    ) -> NTSTATUS;
+    pub fn FwpmFilterDeleteById0(engineHandle: HANDLE, id: u64) -> NTSTATUS;
 }

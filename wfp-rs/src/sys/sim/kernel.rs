@@ -105,6 +105,11 @@ pub(crate) struct Kernel {
     pub echo_debug: bool,
     pub workers: Mutex<Vec<JoinHandle<()>>>,
     pub stopped: AtomicBool,
+    /// The filter engine. A lock of its own: classification calls into drivers, which call the
+    /// pool and the I/O manager.
+    pub wfp: Mutex<super::wfp::Bfe>,
+    /// Signalled when a call into a callout finishes (unregistration waits on it).
+    pub wfp_idle: Condvar,
 }
 
 static NEXT_THREAD_ID: AtomicU64 = AtomicU64::new(1);
@@ -141,6 +146,8 @@ impl Kernel {
             echo_debug: std::env::var_os("WFP_SIM_ECHO").is_some(),
             workers: Mutex::new(Vec::new()),
             stopped: AtomicBool::new(false),
+            wfp: Mutex::new(super::wfp::Bfe::default()),
+            wfp_idle: Condvar::new(),
         });
         let mut handles = Vec::with_capacity(workers);
         for index in 0..workers {

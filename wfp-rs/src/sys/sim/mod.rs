@@ -22,6 +22,7 @@ mod io;
 mod irql;
 pub(crate) mod kernel;
 mod pool;
+pub(crate) mod wfp;
 
 pub(crate) use pool::kernel_free as kernel_free_block;
 
@@ -38,4 +39,10 @@ pub mod exports {
     };
     pub use super::kernel::DbgPrintEx;
     pub use super::pool::{ExAllocatePool2, ExFreePoolWithTag};
+    pub use super::wfp::{
+        FwpmCalloutAdd0, FwpmCalloutDeleteByKey0, FwpmEngineClose0, FwpmEngineOpen0,
+        FwpmFilterAdd0, FwpmFilterDeleteById0, FwpmProviderAdd0, FwpmProviderDeleteByKey0,
+        FwpmSubLayerAdd0, FwpmSubLayerDeleteByKey0, FwpmTransactionAbort0, FwpmTransactionBegin0,
+        FwpmTransactionCommit0, FwpsCalloutRegister3, FwpsCalloutUnregisterById0,
+    };
 }

@@ -1,0 +1,439 @@
+//! The hand-written WFP ABI in `wfp_rs::sys` checked against an independent transcription: the
+//! `windows-sys` crate, generated from Microsoft's Win32 metadata.
+//!
+//! Only user-visible types exist in `windows-sys` (the `FWP_*`/`FWPM_*` types, the socket
+//! address types, and the `FWPS_*` flag constants); the kernel-only `FWPS_*` structures are
+//! pinned by the static assertions in `wfp-rs/src/sys/fwp.rs`. These are pure layout and value
+//! checks, so they run on every host and with either backend.
+//!
+//! Each test collects every difference it finds and fails once, listing all of them.
+
+use core::mem::{align_of, offset_of, size_of};
+
+use wfp_rs::sys as ours;
+use windows_sys::Win32::NetworkManagement::IpHelper as iphlp;
+use windows_sys::Win32::NetworkManagement::WindowsFilteringPlatform as wfp;
+use windows_sys::Win32::Networking::WinSock as ws;
+use windows_sys::Win32::Security as sec;
+
+/// The size of the type a field projection returns, without needing a value.
+fn field_size<T, F>(_: impl Fn(&T) -> &F) -> usize {
+    size_of::<F>()
+}
+
+/// Compares the offset and size of one field; `ours_field` and `theirs_field` differ only where
+/// the crates name an anonymous union differently (`u` here, `Anonymous` in windows-sys).
+macro_rules! check_field {
+    ($diffs:ident, $ours:ty, $theirs:ty, $of:ident) => {
+        check_field!($diffs, $ours, $theirs, $of, $of)
+    };
+    ($diffs:ident, $ours:ty, $theirs:ty, $of:ident, $tf:ident) => {{
+        let (o, t) = (offset_of!($ours, $of), offset_of!($theirs, $tf));
+        if o != t {
+            $diffs.push(format!(
+                "{}.{}: offset {o} here, {t} in windows-sys ({}.{})",
+                stringify!($ours),
+                stringify!($of),
+                stringify!($theirs),
+                stringify!($tf),
+            ));
+        }
+        let (o, t) = (
+            field_size(|s: &$ours| &s.$of),
+            field_size(|s: &$theirs| &s.$tf),
+        );
+        if o != t {
+            $diffs.push(format!(
+                "{}.{}: {o} bytes here, {t} in windows-sys ({}.{})",
+                stringify!($ours),
+                stringify!($of),
+                stringify!($theirs),
+                stringify!($tf),
+            ));
+        }
+    }};
+}
+
+/// Compares size and alignment of two types, then the listed fields (`field` when both crates
+/// use the same name, `ours => theirs` otherwise).
+macro_rules! check_layout {
+    ($diffs:ident, $ours:ty, $theirs:ty $(, $of:ident $(=> $tf:ident)?)* $(,)?) => {{
+        let (o, t) = (size_of::<$ours>(), size_of::<$theirs>());
+        if o != t {
+            $diffs.push(format!(
+                "size_of::<{}>() is {o}, windows-sys {} is {t}",
+                stringify!($ours),
+                stringify!($theirs),
+            ));
+        }
+        let (o, t) = (align_of::<$ours>(), align_of::<$theirs>());
+        if o != t {
+            $diffs.push(format!(
+                "align_of::<{}>() is {o}, windows-sys {} is {t}",
+                stringify!($ours),
+                stringify!($theirs),
+            ));
+        }
+        $(check_field!($diffs, $ours, $theirs, $of $(, $tf)?);)*
+    }};
+}
+
+/// Compares constants of the same name (values widened to i64: the crates sometimes pick
+/// different integer types for the same C `#define`).
+macro_rules! check_consts {
+    ($diffs:ident, $theirs:ident: $($name:ident),* $(,)?) => {
+        $(
+            let (o, t) = (ours::$name as i64, $theirs::$name as i64);
+            if o != t {
+                $diffs.push(format!(
+                    "{}: {o:#x} here, {t:#x} in windows-sys",
+                    stringify!($name),
+                ));
+            }
+        )*
+    };
+}
+
+fn assert_no_diffs(what: &str, diffs: &[String]) {
+    assert!(
+        diffs.is_empty(),
+        "{what}: {} difference(s) from windows-sys:\n  {}",
+        diffs.len(),
+        diffs.join("\n  ")
+    );
+}
+
+#[test]
+fn value_types_match_windows_sys() {
+    let mut d = Vec::new();
+    check_layout!(
+        d,
+        ours::GUID,
+        windows_sys::core::GUID,
+        Data1 => data1,
+        Data2 => data2,
+        Data3 => data3,
+        Data4 => data4,
+    );
+    check_layout!(
+        d,
+        ours::SID_AND_ATTRIBUTES,
+        sec::SID_AND_ATTRIBUTES,
+        Sid,
+        Attributes
+    );
+    check_layout!(d, ours::FWP_BYTE_ARRAY6, wfp::FWP_BYTE_ARRAY6, byteArray6);
+    check_layout!(
+        d,
+        ours::FWP_BYTE_ARRAY16,
+        wfp::FWP_BYTE_ARRAY16,
+        byteArray16
+    );
+    check_layout!(d, ours::FWP_BYTE_BLOB, wfp::FWP_BYTE_BLOB, size, data);
+    check_layout!(
+        d,
+        ours::FWP_TOKEN_INFORMATION,
+        wfp::FWP_TOKEN_INFORMATION,
+        sidCount,
+        sids,
+        restrictedSidCount,
+        restrictedSids,
+    );
+    check_layout!(d, ours::FWP_VALUE0_u, wfp::FWP_VALUE0_0);
+    check_layout!(d, ours::FWP_VALUE0, wfp::FWP_VALUE0, r#type, u => Anonymous);
+    check_layout!(
+        d,
+        ours::FWP_V4_ADDR_AND_MASK,
+        wfp::FWP_V4_ADDR_AND_MASK,
+        addr,
+        mask
+    );
+    check_layout!(
+        d,
+        ours::FWP_V6_ADDR_AND_MASK,
+        wfp::FWP_V6_ADDR_AND_MASK,
+        addr,
+        prefixLength,
+    );
+    check_layout!(d, ours::FWP_RANGE0, wfp::FWP_RANGE0, valueLow, valueHigh);
+    check_layout!(d, ours::FWP_CONDITION_VALUE0_u, wfp::FWP_CONDITION_VALUE0_0);
+    check_layout!(
+        d,
+        ours::FWP_CONDITION_VALUE0,
+        wfp::FWP_CONDITION_VALUE0,
+        r#type,
+        u => Anonymous,
+    );
+    check_layout!(
+        d,
+        ours::FWPM_DISPLAY_DATA0,
+        wfp::FWPM_DISPLAY_DATA0,
+        name,
+        description
+    );
+    assert_no_diffs("FWP value types", &d);
+}
+
+#[test]
+fn management_types_match_windows_sys() {
+    let mut d = Vec::new();
+    check_layout!(
+        d,
+        ours::FWPM_SESSION0,
+        wfp::FWPM_SESSION0,
+        sessionKey,
+        displayData,
+        flags,
+        txnWaitTimeoutInMSec,
+        processId,
+        sid,
+        username,
+        kernelMode,
+    );
+    check_layout!(
+        d,
+        ours::FWPM_PROVIDER0,
+        wfp::FWPM_PROVIDER0,
+        providerKey,
+        displayData,
+        flags,
+        providerData,
+        serviceName,
+    );
+    check_layout!(
+        d,
+        ours::FWPM_SUBLAYER0,
+        wfp::FWPM_SUBLAYER0,
+        subLayerKey,
+        displayData,
+        flags,
+        providerKey,
+        providerData,
+        weight,
+    );
+    check_layout!(
+        d,
+        ours::FWPM_CALLOUT0,
+        wfp::FWPM_CALLOUT0,
+        calloutKey,
+        displayData,
+        flags,
+        providerKey,
+        providerData,
+        applicableLayer,
+        calloutId,
+    );
+    check_layout!(d, ours::FWPM_ACTION0_u, wfp::FWPM_ACTION0_0);
+    check_layout!(d, ours::FWPM_ACTION0, wfp::FWPM_ACTION0, r#type, u => Anonymous);
+    check_layout!(
+        d,
+        ours::FWPM_FILTER_CONDITION0,
+        wfp::FWPM_FILTER_CONDITION0,
+        fieldKey,
+        matchType,
+        conditionValue,
+    );
+    check_layout!(d, ours::FWPM_FILTER0_u, wfp::FWPM_FILTER0_0);
+    check_layout!(
+        d,
+        ours::FWPM_FILTER0,
+        wfp::FWPM_FILTER0,
+        filterKey,
+        displayData,
+        flags,
+        providerKey,
+        providerData,
+        layerKey,
+        subLayerKey,
+        weight,
+        numFilterConditions,
+        filterCondition,
+        action,
+        u => Anonymous,
+        reserved,
+        filterId,
+        effectiveWeight,
+    );
+    assert_no_diffs("FWPM management types", &d);
+}
+
+#[test]
+fn socket_address_types_match_windows_sys() {
+    let mut d = Vec::new();
+    check_layout!(d, ours::SCOPE_ID, ws::SCOPE_ID);
+    check_layout!(d, ours::IN_ADDR, ws::IN_ADDR, S_un);
+    check_layout!(d, ours::IN6_ADDR, ws::IN6_ADDR, u);
+    check_layout!(d, ours::SOCKADDR, ws::SOCKADDR, sa_family, sa_data);
+    check_layout!(
+        d,
+        ours::SOCKADDR_IN,
+        ws::SOCKADDR_IN,
+        sin_family,
+        sin_port,
+        sin_addr,
+        sin_zero,
+    );
+    check_layout!(
+        d,
+        ours::SOCKADDR_IN6,
+        ws::SOCKADDR_IN6,
+        sin6_family,
+        sin6_port,
+        sin6_flowinfo,
+        sin6_addr,
+        u => Anonymous,
+    );
+    check_layout!(d, ours::SOCKADDR_INET, ws::SOCKADDR_INET);
+    check_layout!(
+        d,
+        ours::IP_ADDRESS_PREFIX,
+        iphlp::IP_ADDRESS_PREFIX,
+        Prefix,
+        PrefixLength,
+    );
+    // windows-sys names `_WSACMSGHDR` by its POSIX alias.
+    check_layout!(
+        d,
+        ours::WSACMSGHDR,
+        ws::CMSGHDR,
+        cmsg_len,
+        cmsg_level,
+        cmsg_type,
+    );
+    assert_no_diffs("socket address types", &d);
+}
+
+#[test]
+fn enum_values_match_windows_sys() {
+    let mut d = Vec::new();
+    check_consts!(d, wfp:
+        FWP_DIRECTION_OUTBOUND, FWP_DIRECTION_INBOUND, FWP_DIRECTION_MAX,
+        FWP_IP_VERSION_V4, FWP_IP_VERSION_V6, FWP_IP_VERSION_NONE, FWP_IP_VERSION_MAX,
+        FWP_EMPTY, FWP_UINT8, FWP_UINT16, FWP_UINT32, FWP_UINT64, FWP_INT8, FWP_INT16,
+        FWP_INT32, FWP_INT64, FWP_FLOAT, FWP_DOUBLE, FWP_BYTE_ARRAY16_TYPE, FWP_BYTE_BLOB_TYPE,
+        FWP_SID, FWP_SECURITY_DESCRIPTOR_TYPE, FWP_TOKEN_INFORMATION_TYPE,
+        FWP_TOKEN_ACCESS_INFORMATION_TYPE, FWP_UNICODE_STRING_TYPE, FWP_BYTE_ARRAY6_TYPE,
+        FWP_SINGLE_DATA_TYPE_MAX, FWP_V4_ADDR_MASK, FWP_V6_ADDR_MASK, FWP_RANGE_TYPE,
+        FWP_DATA_TYPE_MAX,
+        FWP_MATCH_EQUAL, FWP_MATCH_GREATER, FWP_MATCH_LESS, FWP_MATCH_GREATER_OR_EQUAL,
+        FWP_MATCH_LESS_OR_EQUAL, FWP_MATCH_RANGE, FWP_MATCH_FLAGS_ALL_SET,
+        FWP_MATCH_FLAGS_ANY_SET, FWP_MATCH_FLAGS_NONE_SET, FWP_MATCH_EQUAL_CASE_INSENSITIVE,
+        FWP_MATCH_NOT_EQUAL, FWP_MATCH_PREFIX, FWP_MATCH_NOT_PREFIX, FWP_MATCH_TYPE_MAX,
+    );
+    assert_no_diffs("FWP enumerations", &d);
+}
+
+#[test]
+fn action_and_classify_constants_match_windows_sys() {
+    let mut d = Vec::new();
+    check_consts!(d, wfp:
+        FWP_ACTION_FLAG_TERMINATING, FWP_ACTION_FLAG_NON_TERMINATING, FWP_ACTION_FLAG_CALLOUT,
+        FWP_ACTION_BLOCK, FWP_ACTION_PERMIT, FWP_ACTION_CALLOUT_TERMINATING,
+        FWP_ACTION_CALLOUT_INSPECTION, FWP_ACTION_CALLOUT_UNKNOWN, FWP_ACTION_CONTINUE,
+        FWP_ACTION_NONE, FWP_ACTION_NONE_NO_MATCH,
+        FWPS_RIGHT_ACTION_WRITE,
+        FWPS_CLASSIFY_OUT_FLAG_ABSORB, FWPS_CLASSIFY_OUT_FLAG_BUFFER_LIMIT_REACHED,
+        FWPS_CLASSIFY_OUT_FLAG_NO_MORE_DATA, FWPS_CLASSIFY_OUT_FLAG_ALE_FAST_CACHE_CHECK,
+        FWPS_CLASSIFY_OUT_FLAG_ALE_FAST_CACHE_POSSIBLE,
+        FWPS_INCOMING_FLAG_CACHE_SAFE, FWPS_INCOMING_FLAG_ENFORCE_QUERY,
+        FWPS_INCOMING_FLAG_ABSORB, FWPS_INCOMING_FLAG_CONNECTION_FAILING_INDICATION,
+        FWPS_INCOMING_FLAG_MID_STREAM_INSPECTION, FWPS_INCOMING_FLAG_RECLASSIFY,
+        FWPS_INCOMING_FLAG_IS_LOOSE_SOURCE_FLOW, FWPS_INCOMING_FLAG_IS_LOCAL_ONLY_FLOW,
+        FWPS_INCOMING_FLAG_RESERVED0,
+        FWPS_FILTER_FLAG_CLEAR_ACTION_RIGHT, FWPS_FILTER_FLAG_PERMIT_IF_CALLOUT_UNREGISTERED,
+        FWPS_FILTER_FLAG_OR_CONDITIONS, FWPS_FILTER_FLAG_HAS_SECURITY_REALM_PROVIDER_CONTEXT,
+        FWPS_FILTER_FLAG_SILENT_MODE, FWPS_FILTER_FLAG_IPSEC_NO_ACQUIRE_INITIATE,
+        FWPS_FILTER_FLAG_RESERVED0, FWPS_FILTER_FLAG_RESERVED1,
+        FWP_CALLOUT_FLAG_CONDITIONAL_ON_FLOW, FWP_CALLOUT_FLAG_ALLOW_OFFLOAD,
+        FWP_CALLOUT_FLAG_ENABLE_COMMIT_ADD_NOTIFY, FWP_CALLOUT_FLAG_ALLOW_MID_STREAM_INSPECTION,
+        FWP_CALLOUT_FLAG_ALLOW_RECLASSIFY, FWP_CALLOUT_FLAG_RESERVED1, FWP_CALLOUT_FLAG_ALLOW_RSC,
+        FWP_CALLOUT_FLAG_ALLOW_L2_BATCH_CLASSIFY, FWP_CALLOUT_FLAG_ALLOW_USO,
+        FWP_CALLOUT_FLAG_ALLOW_URO, FWP_CALLOUT_FLAG_RESERVED2,
+    );
+    assert_no_diffs("action, right and classify constants", &d);
+}
+
+#[test]
+fn condition_flags_match_windows_sys() {
+    let mut d = Vec::new();
+    check_consts!(d, wfp:
+        FWP_CONDITION_FLAG_IS_LOOPBACK, FWP_CONDITION_FLAG_IS_IPSEC_SECURED,
+        FWP_CONDITION_FLAG_IS_REAUTHORIZE, FWP_CONDITION_FLAG_IS_WILDCARD_BIND,
+        FWP_CONDITION_FLAG_IS_RAW_ENDPOINT, FWP_CONDITION_FLAG_IS_FRAGMENT,
+        FWP_CONDITION_FLAG_IS_FRAGMENT_GROUP, FWP_CONDITION_FLAG_IS_IPSEC_NATT_RECLASSIFY,
+        FWP_CONDITION_FLAG_REQUIRES_ALE_CLASSIFY, FWP_CONDITION_FLAG_IS_IMPLICIT_BIND,
+        FWP_CONDITION_FLAG_IS_REASSEMBLED, FWP_CONDITION_FLAG_IS_NAME_APP_SPECIFIED,
+        FWP_CONDITION_FLAG_IS_PROMISCUOUS, FWP_CONDITION_FLAG_IS_AUTH_FW,
+        FWP_CONDITION_FLAG_IS_RECLASSIFY, FWP_CONDITION_FLAG_IS_OUTBOUND_PASS_THRU,
+        FWP_CONDITION_FLAG_IS_INBOUND_PASS_THRU, FWP_CONDITION_FLAG_IS_CONNECTION_REDIRECTED,
+        FWP_CONDITION_FLAG_IS_PROXY_CONNECTION, FWP_CONDITION_FLAG_IS_APPCONTAINER_LOOPBACK,
+        FWP_CONDITION_FLAG_IS_NON_APPCONTAINER_LOOPBACK, FWP_CONDITION_FLAG_IS_RESERVED,
+        FWP_CONDITION_FLAG_IS_HONORING_POLICY_AUTHORIZE,
+        FWP_CONDITION_REAUTHORIZE_REASON_POLICY_CHANGE,
+        FWP_CONDITION_REAUTHORIZE_REASON_NEW_ARRIVAL_INTERFACE,
+        FWP_CONDITION_REAUTHORIZE_REASON_NEW_NEXTHOP_INTERFACE,
+        FWP_CONDITION_REAUTHORIZE_REASON_PROFILE_CROSSING,
+        FWP_CONDITION_REAUTHORIZE_REASON_CLASSIFY_COMPLETION,
+        FWP_CONDITION_REAUTHORIZE_REASON_IPSEC_PROPERTIES_CHANGED,
+        FWP_CONDITION_REAUTHORIZE_REASON_MID_STREAM_INSPECTION,
+        FWP_CONDITION_REAUTHORIZE_REASON_SOCKET_PROPERTY_CHANGED,
+        FWP_CONDITION_REAUTHORIZE_REASON_NEW_INBOUND_MCAST_BCAST_PACKET,
+        FWP_CONDITION_REAUTHORIZE_REASON_EDP_POLICY_CHANGED,
+        FWP_CONDITION_REAUTHORIZE_REASON_PROXY_HANDLE_CHANGED,
+        FWP_CONDITION_REAUTHORIZE_REASON_CHECK_OFFLOAD,
+    );
+    assert_no_diffs("condition flags", &d);
+}
+
+#[test]
+fn metadata_field_bits_match_windows_sys() {
+    let mut d = Vec::new();
+    check_consts!(d, wfp:
+        FWPS_METADATA_FIELD_DISCARD_REASON, FWPS_METADATA_FIELD_FLOW_HANDLE,
+        FWPS_METADATA_FIELD_IP_HEADER_SIZE, FWPS_METADATA_FIELD_PROCESS_PATH,
+        FWPS_METADATA_FIELD_TOKEN, FWPS_METADATA_FIELD_PROCESS_ID,
+        FWPS_METADATA_FIELD_SYSTEM_FLAGS, FWPS_METADATA_FIELD_RESERVED,
+        FWPS_METADATA_FIELD_SOURCE_INTERFACE_INDEX,
+        FWPS_METADATA_FIELD_DESTINATION_INTERFACE_INDEX,
+        FWPS_METADATA_FIELD_TRANSPORT_HEADER_SIZE, FWPS_METADATA_FIELD_COMPARTMENT_ID,
+        FWPS_METADATA_FIELD_FRAGMENT_DATA, FWPS_METADATA_FIELD_PATH_MTU,
+        FWPS_METADATA_FIELD_COMPLETION_HANDLE, FWPS_METADATA_FIELD_TRANSPORT_ENDPOINT_HANDLE,
+        FWPS_METADATA_FIELD_TRANSPORT_CONTROL_DATA, FWPS_METADATA_FIELD_REMOTE_SCOPE_ID,
+        FWPS_METADATA_FIELD_PACKET_DIRECTION, FWPS_METADATA_FIELD_PACKET_SYSTEM_CRITICAL,
+        FWPS_METADATA_FIELD_FORWARD_LAYER_OUTBOUND_PASS_THRU,
+        FWPS_METADATA_FIELD_FORWARD_LAYER_INBOUND_PASS_THRU,
+        FWPS_METADATA_FIELD_ALE_CLASSIFY_REQUIRED,
+        FWPS_METADATA_FIELD_TRANSPORT_HEADER_INCLUDE_HEADER,
+        FWPS_METADATA_FIELD_DESTINATION_PREFIX, FWPS_METADATA_FIELD_ETHER_FRAME_LENGTH,
+        FWPS_METADATA_FIELD_PARENT_ENDPOINT_HANDLE, FWPS_METADATA_FIELD_ICMP_ID_AND_SEQUENCE,
+        FWPS_METADATA_FIELD_LOCAL_REDIRECT_TARGET_PID, FWPS_METADATA_FIELD_ORIGINAL_DESTINATION,
+        FWPS_METADATA_FIELD_REDIRECT_RECORD_HANDLE, FWPS_METADATA_FIELD_SUB_PROCESS_TAG,
+        FWPS_L2_METADATA_FIELD_ETHERNET_MAC_HEADER_SIZE,
+        FWPS_L2_METADATA_FIELD_WIFI_OPERATION_MODE,
+        FWPS_L2_METADATA_FIELD_VSWITCH_SOURCE_PORT_ID,
+        FWPS_L2_METADATA_FIELD_VSWITCH_SOURCE_NIC_INDEX,
+        FWPS_L2_METADATA_FIELD_VSWITCH_PACKET_CONTEXT,
+        FWPS_L2_METADATA_FIELD_VSWITCH_DESTINATION_PORT_ID, FWPS_L2_METADATA_FIELD_RESERVED,
+    );
+    assert_no_diffs("FWPS_METADATA_FIELD_* bits", &d);
+}
+
+#[test]
+fn management_flags_match_windows_sys() {
+    let mut d = Vec::new();
+    check_consts!(d, wfp:
+        FWPM_SESSION_FLAG_DYNAMIC, FWPM_SESSION_FLAG_RESERVED,
+        FWPM_PROVIDER_FLAG_PERSISTENT, FWPM_PROVIDER_FLAG_DISABLED,
+        FWPM_SUBLAYER_FLAG_PERSISTENT,
+        FWPM_CALLOUT_FLAG_PERSISTENT, FWPM_CALLOUT_FLAG_USES_PROVIDER_CONTEXT,
+        FWPM_CALLOUT_FLAG_REGISTERED,
+        FWPM_FILTER_FLAG_NONE, FWPM_FILTER_FLAG_PERSISTENT, FWPM_FILTER_FLAG_BOOTTIME,
+        FWPM_FILTER_FLAG_HAS_PROVIDER_CONTEXT, FWPM_FILTER_FLAG_CLEAR_ACTION_RIGHT,
+        FWPM_FILTER_FLAG_PERMIT_IF_CALLOUT_UNREGISTERED, FWPM_FILTER_FLAG_DISABLED,
+        FWPM_FILTER_FLAG_INDEXED, FWPM_FILTER_FLAG_HAS_SECURITY_REALM_PROVIDER_CONTEXT,
+        FWPM_FILTER_FLAG_SYSTEMOS_ONLY, FWPM_FILTER_FLAG_GAMEOS_ONLY,
+        FWPM_FILTER_FLAG_SILENT_MODE, FWPM_FILTER_FLAG_IPSEC_NO_ACQUIRE_INITIATE,
+        FWPM_FILTER_FLAG_RESERVED0, FWPM_FILTER_FLAG_RESERVED1,
+    );
+    assert_no_diffs("FWPM_*_FLAG_* constants", &d);
+}

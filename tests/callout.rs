@@ -1,0 +1,805 @@
+//! Callouts in the simulated filter engine: typed values at every layer, WFP's arbitration
+//! across sublayers, the rights rules, unregistered callouts, and unload checks.
+//!
+//! Filters are added here with the raw management ABI (`Fwpm*`), so these tests pin the
+//! simulated engine itself; the safe management API has its own tests.
+
+#![cfg(any(not(windows), feature = "sim"))]
+#![expect(
+    clippy::multiple_unsafe_ops_per_block,
+    reason = "each raw management call is one unsafe block with its pointer arguments"
+)]
+
+use core::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use wfp_rs::bugcheck_test;
+use wfp_rs::callout::{Callout, CalloutRegistration, Classify, FilterEvent};
+use wfp_rs::classify::{Action, RightsError};
+use wfp_rs::driver::{Driver, DriverState};
+use wfp_rs::irql::{DispatchLevel, Irql, PassiveLevel};
+use wfp_rs::layer::value::{ConditionFlags, IpProtocol};
+use wfp_rs::layer::{self, Layer, fields};
+use wfp_rs::sim::{ClassifyRequest, LoadedDriver, Machine};
+use wfp_rs::{Guid, Status, guid, sys};
+
+/// The driver the tests register their callouts in.
+mod host {
+    use super::*;
+
+    #[wfp_rs::driver_entry]
+    fn entry(_irql: &mut PassiveLevel<'_>, _driver: &mut Driver<'_>) -> Result<(), Status> {
+        Ok(())
+    }
+}
+
+/// What a scripted callout does.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Script {
+    Permit,
+    PermitHard,
+    Block,
+    Continue,
+    /// Returns without touching the decision.
+    Nothing,
+    /// Refuses filters in notify.
+    RefuseFilters,
+}
+
+/// What a callout saw.
+#[derive(Clone, Debug, PartialEq)]
+struct Seen {
+    layer_id: u16,
+    irql: Irql,
+    could_write: bool,
+    permit_result: Option<Result<(), RightsError>>,
+    remote_port: Option<u16>,
+    remote_v4: Option<Ipv4Addr>,
+    remote_v6: Option<Ipv6Addr>,
+    protocol: Option<IpProtocol>,
+    app: Option<String>,
+    pid: Option<u64>,
+    filter_context: u64,
+}
+
+struct Scripted {
+    script: Script,
+    seen: Mutex<Vec<Seen>>,
+    notified: AtomicU32,
+}
+
+impl Scripted {
+    fn new(script: Script) -> Scripted {
+        Scripted {
+            script,
+            seen: Mutex::new(Vec::new()),
+            notified: AtomicU32::new(0),
+        }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl<L: Layer> Callout<L> for Scripted {
+    fn classify(&self, _irql: &mut DispatchLevel<'_>, c: &mut Classify<'_, L>) {
+        let mut seen = Seen {
+            layer_id: L::ID,
+            irql: Irql::current(),
+            could_write: c.out.can_write(),
+            permit_result: None,
+            remote_port: None,
+            remote_v4: None,
+            remote_v6: None,
+            protocol: None,
+            app: c.metadata.process_path().map(|p| p.to_string()),
+            pid: c.metadata.process_id(),
+            filter_context: c.filter.context(),
+        };
+        match self.script {
+            Script::Permit => seen.permit_result = Some(c.out.permit()),
+            Script::PermitHard => seen.permit_result = Some(c.out.permit_hard()),
+            Script::Block => {
+                c.out.block();
+            }
+            Script::Continue => {
+                let _ = c.out.continue_to_next_filter();
+            }
+            Script::Nothing | Script::RefuseFilters => {}
+        }
+        record_typed::<L>(c, &mut seen);
+        self.seen.lock().unwrap().push(seen);
+    }
+
+    fn notify(&self, _irql: &mut DispatchLevel<'_>, event: FilterEvent<'_>) -> Result<(), Status> {
+        self.notified.fetch_add(1, Ordering::SeqCst);
+        match (self.script, event) {
+            (Script::RefuseFilters, FilterEvent::Added(_)) => Err(Status::ACCESS_DENIED),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Reads the typed fields at the two layers the typed tests use.
+fn record_typed<L: Layer>(c: &Classify<'_, L>, seen: &mut Seen) {
+    // The typed API needs the concrete layer; dispatch on the id for the recorder.
+    if L::ID == layer::AleAuthConnectV4::ID {
+        let values = unsafe_cast::<L, layer::AleAuthConnectV4>(c);
+        seen.remote_port = values.values.get::<fields::IpRemotePort>().ok();
+        seen.remote_v4 = values.values.get::<fields::IpRemoteAddress>().ok();
+        seen.protocol = values.values.get::<fields::IpProtocol>().ok();
+    } else if L::ID == layer::AleAuthConnectV6::ID {
+        let values = unsafe_cast::<L, layer::AleAuthConnectV6>(c);
+        seen.remote_port = values.values.get::<fields::IpRemotePort>().ok();
+        seen.remote_v6 = values.values.get::<fields::IpRemoteAddress>().ok();
+        seen.protocol = values.values.get::<fields::IpProtocol>().ok();
+    }
+}
+
+/// Views a `Classify<L>` as the concrete layer `M` it is (checked by id).
+fn unsafe_cast<'c, 'a, L: Layer, M: Layer>(c: &'c Classify<'a, L>) -> &'c Classify<'a, M> {
+    assert_eq!(L::ID, M::ID);
+    // SAFETY: `Classify<L>` and `Classify<M>` differ only in a phantom type, and the ids match,
+    // so the values really are `M`'s.
+    unsafe { &*(c as *const Classify<'a, L>).cast::<Classify<'a, M>>() }
+}
+
+// --- raw management helpers ---------------------------------------------------------------------
+
+fn utf16(text: &str) -> Vec<u16> {
+    text.encode_utf16().chain([0]).collect()
+}
+
+struct Session(sys::HANDLE);
+
+fn open(dynamic: bool) -> Session {
+    let mut session: sys::FWPM_SESSION0 = unsafe { core::mem::zeroed() };
+    session.flags = if dynamic {
+        sys::FWPM_SESSION_FLAG_DYNAMIC
+    } else {
+        0
+    };
+    let mut handle = core::ptr::null_mut();
+    // SAFETY: kernel-mode open with a valid session and out pointer.
+    let status = unsafe {
+        sys::FwpmEngineOpen0(
+            core::ptr::null(),
+            0xFFFF_FFFF,
+            core::ptr::null_mut(),
+            &session,
+            &mut handle,
+        )
+    };
+    assert_eq!(status, 0);
+    Session(handle)
+}
+
+impl Session {
+    fn sublayer(&self, key: Guid, weight: u16) {
+        let mut name = utf16("test sublayer");
+        // SAFETY: plain data, valid when zeroed.
+        let mut sublayer: sys::FWPM_SUBLAYER0 = unsafe { core::mem::zeroed() };
+        sublayer.subLayerKey = key.0;
+        sublayer.displayData.name = name.as_mut_ptr();
+        sublayer.weight = weight;
+        // SAFETY: valid structure for the call.
+        assert_eq!(
+            unsafe { sys::FwpmSubLayerAdd0(self.0, &sublayer, core::ptr::null_mut()) },
+            0
+        );
+    }
+
+    fn callout<L: Layer>(&self, key: Guid) {
+        let mut name = utf16("test callout");
+        // SAFETY: plain data, valid when zeroed.
+        let mut callout: sys::FWPM_CALLOUT0 = unsafe { core::mem::zeroed() };
+        callout.calloutKey = key.0;
+        callout.displayData.name = name.as_mut_ptr();
+        callout.applicableLayer = L::KEY.0;
+        // SAFETY: valid structure for the call.
+        assert_eq!(
+            unsafe {
+                sys::FwpmCalloutAdd0(
+                    self.0,
+                    &callout,
+                    core::ptr::null_mut(),
+                    core::ptr::null_mut(),
+                )
+            },
+            0
+        );
+    }
+
+    /// Adds a filter; `conditions` are (field key, match type, value as u16 port or u32 address).
+    fn filter<L: Layer>(&self, spec: FilterSpec) -> Result<u64, Status> {
+        let mut name = utf16("test filter");
+        let mut weight = spec.weight;
+        let mut raw_conditions: Vec<sys::FWPM_FILTER_CONDITION0> = spec
+            .ports
+            .iter()
+            .map(|&(match_type, port)| sys::FWPM_FILTER_CONDITION0 {
+                fieldKey: <fields::IpRemotePort as layer::FieldKind>::CONDITION.0,
+                matchType: match_type,
+                conditionValue: sys::FWP_CONDITION_VALUE0 {
+                    r#type: sys::FWP_UINT16,
+                    u: sys::FWP_CONDITION_VALUE0_u { uint16: port },
+                },
+            })
+            .collect();
+        // SAFETY: plain data, valid when zeroed.
+        let mut filter: sys::FWPM_FILTER0 = unsafe { core::mem::zeroed() };
+        filter.filterKey = spec.key.0;
+        filter.displayData.name = name.as_mut_ptr();
+        filter.layerKey = L::KEY.0;
+        filter.subLayerKey = spec.sublayer.0;
+        filter.weight = sys::FWP_VALUE0 {
+            r#type: sys::FWP_UINT64,
+            u: sys::FWP_VALUE0_u {
+                uint64: &mut weight,
+            },
+        };
+        filter.numFilterConditions = raw_conditions.len() as u32;
+        filter.filterCondition = raw_conditions.as_mut_ptr();
+        filter.flags = spec.flags;
+        filter.action.r#type = spec.action;
+        filter.action.u.calloutKey = spec.callout.0;
+        filter.u.rawContext = spec.context;
+        let mut id = 0;
+        // SAFETY: the filter and everything it points to live across the call.
+        let status =
+            unsafe { sys::FwpmFilterAdd0(self.0, &filter, core::ptr::null_mut(), &mut id) };
+        Status::from_ntstatus(status).map(|()| id)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // SAFETY: our handle.
+        unsafe { sys::FwpmEngineClose0(self.0) };
+    }
+}
+
+#[derive(Clone)]
+struct FilterSpec {
+    key: Guid,
+    sublayer: Guid,
+    weight: u64,
+    action: u32,
+    callout: Guid,
+    flags: u32,
+    context: u64,
+    ports: Vec<(sys::FWP_MATCH_TYPE, u16)>,
+}
+
+impl FilterSpec {
+    fn new(action: u32) -> FilterSpec {
+        FilterSpec {
+            key: Guid::default(),
+            sublayer: Guid::default(),
+            weight: 1,
+            action,
+            callout: Guid::default(),
+            flags: 0,
+            context: 0,
+            ports: Vec::new(),
+        }
+    }
+    fn callout(callout: Guid) -> FilterSpec {
+        FilterSpec {
+            callout,
+            ..FilterSpec::new(sys::FWP_ACTION_CALLOUT_TERMINATING)
+        }
+    }
+    fn in_sublayer(mut self, sublayer: Guid) -> Self {
+        self.sublayer = sublayer;
+        self
+    }
+}
+
+const HIGH: Guid = guid!("10000000-0000-0000-0000-000000000001");
+const LOW: Guid = guid!("10000000-0000-0000-0000-000000000002");
+const CALLOUT_A: Guid = guid!("20000000-0000-0000-0000-00000000000a");
+const CALLOUT_B: Guid = guid!("20000000-0000-0000-0000-00000000000b");
+
+fn connect_v4(port: u16) -> ClassifyRequest<layer::AleAuthConnectV4> {
+    ClassifyRequest::new()
+        .with::<fields::IpRemoteAddress>(Ipv4Addr::new(192, 0, 2, 7))
+        .with::<fields::IpRemotePort>(port)
+        .with::<fields::IpProtocol>(IpProtocol::Tcp)
+        .with::<fields::AleAppId>("\\device\\harddiskvolume3\\tools\\curl.exe")
+        .with::<fields::Flags>(ConditionFlags::empty())
+        .process(4242, "\\device\\harddiskvolume3\\tools\\curl.exe")
+}
+
+/// Loads the host driver and registers `callout` under `key` at layer `L`.
+fn register<L: Layer>(
+    machine: &Machine,
+    driver: &LoadedDriver,
+    key: Guid,
+    callout: Scripted,
+) -> CalloutRegistration<L, Scripted> {
+    driver
+        .run_in_driver(machine, |irql, d| {
+            CalloutRegistration::<L, Scripted>::register(irql, d, key, callout).expect("registers")
+        })
+        .expect("an SDK driver")
+}
+
+fn unregister<L: Layer>(
+    machine: &Machine,
+    driver: &LoadedDriver,
+    registration: CalloutRegistration<L, Scripted>,
+) {
+    driver.run_in_driver(machine, |irql, _| {
+        registration
+            .unregister(irql)
+            .map_err(|(_, s)| s)
+            .expect("unregisters")
+    });
+}
+
+// --- typed values -----------------------------------------------------------------------------
+
+#[test]
+fn a_v4_connection_reaches_the_callout_with_typed_values() {
+    let machine = Machine::new();
+    let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+    let registration = register::<layer::AleAuthConnectV4>(
+        &machine,
+        &driver,
+        CALLOUT_A,
+        Scripted::new(Script::Permit),
+    );
+    machine.at_passive(|_| {
+        let session = open(true);
+        session.callout::<layer::AleAuthConnectV4>(CALLOUT_A);
+        let mut spec = FilterSpec::callout(CALLOUT_A);
+        spec.context = 0xC0FFEE;
+        session.filter::<layer::AleAuthConnectV4>(spec).unwrap();
+        let decision = machine.classify(Irql::DISPATCH, &connect_v4(443));
+        assert_eq!(decision.action, Action::Permit);
+        drop(session);
+    });
+    let seen = registration.callout().seen();
+    assert_eq!(seen.len(), 1);
+    let seen = &seen[0];
+    assert_eq!(seen.layer_id, 48);
+    assert_eq!(seen.irql, Irql::DISPATCH);
+    assert_eq!(seen.remote_port, Some(443));
+    assert_eq!(seen.remote_v4, Some(Ipv4Addr::new(192, 0, 2, 7)));
+    assert_eq!(seen.protocol, Some(IpProtocol::Tcp));
+    assert_eq!(
+        seen.app.as_deref(),
+        Some("\\device\\harddiskvolume3\\tools\\curl.exe")
+    );
+    assert_eq!(seen.pid, Some(4242));
+    assert_eq!(seen.filter_context, 0xC0FFEE);
+    unregister(&machine, &driver, registration);
+    machine.unload_driver(driver).unwrap();
+    assert!(machine.pool_blocks().is_empty());
+}
+
+#[test]
+fn a_v6_connection_reaches_the_callout_with_an_ipv6_address() {
+    let machine = Machine::new();
+    let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+    let registration = register::<layer::AleAuthConnectV6>(
+        &machine,
+        &driver,
+        CALLOUT_A,
+        Scripted::new(Script::Block),
+    );
+    let remote: Ipv6Addr = "2001:db8::1:2".parse().unwrap();
+    machine.at_passive(|_| {
+        let session = open(true);
+        session.callout::<layer::AleAuthConnectV6>(CALLOUT_A);
+        session
+            .filter::<layer::AleAuthConnectV6>(FilterSpec::callout(CALLOUT_A))
+            .unwrap();
+        let request = ClassifyRequest::<layer::AleAuthConnectV6>::new()
+            .with::<fields::IpRemoteAddress>(remote)
+            .with::<fields::IpRemotePort>(8443u16)
+            .with::<fields::IpProtocol>(IpProtocol::Udp);
+        let decision = machine.classify(Irql::PASSIVE, &request);
+        assert_eq!(decision.action, Action::Block);
+        assert!(decision.hard, "a callout block clears the write right");
+    });
+    let seen = registration.callout().seen();
+    assert_eq!(seen[0].remote_v6, Some(remote));
+    assert_eq!(seen[0].remote_port, Some(8443));
+    assert_eq!(seen[0].protocol, Some(IpProtocol::Udp));
+    assert_eq!(seen[0].irql, Irql::PASSIVE);
+    unregister(&machine, &driver, registration);
+    machine.unload_driver(driver).unwrap();
+}
+
+macro_rules! every_layer_reaches_its_callout {
+    ($($layer:ident),*) => {
+        #[test]
+        fn every_layer_reaches_a_registered_callout() {
+            let machine = Machine::new();
+            let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+            $(
+                {
+                    let registration = register::<layer::$layer>(&machine, &driver, CALLOUT_A, Scripted::new(Script::Block));
+                    machine.at_passive(|_| {
+                        let session = open(true);
+                        session.callout::<layer::$layer>(CALLOUT_A);
+                        session.filter::<layer::$layer>(FilterSpec::callout(CALLOUT_A)).unwrap();
+                        let decision = machine.classify(Irql::DISPATCH, &ClassifyRequest::<layer::$layer>::new());
+                        assert_eq!(decision.action, Action::Block, "{}", <layer::$layer as Layer>::NAME);
+                    });
+                    let seen = registration.callout().seen();
+                    assert_eq!(seen.len(), 1, "{}", <layer::$layer as Layer>::NAME);
+                    assert_eq!(seen[0].layer_id, <layer::$layer as Layer>::ID);
+                    unregister(&machine, &driver, registration);
+                }
+            )*
+            machine.unload_driver(driver).unwrap();
+        }
+    };
+}
+
+every_layer_reaches_its_callout!(
+    AleAuthConnectV4,
+    AleAuthConnectV6,
+    AleAuthRecvAcceptV4,
+    AleAuthRecvAcceptV6,
+    AleFlowEstablishedV4,
+    AleFlowEstablishedV6,
+    OutboundTransportV4,
+    OutboundTransportV6,
+    InboundTransportV4,
+    InboundTransportV6,
+    AleEndpointClosureV4,
+    AleEndpointClosureV6,
+    AleConnectRedirectV4,
+    AleConnectRedirectV6,
+    AleResourceAssignmentV4,
+    AleResourceAssignmentV6
+);
+
+// --- arbitration --------------------------------------------------------------------------------
+
+/// Runs one classification with: a static filter in the high sublayer, and a callout filter in
+/// the low sublayer; returns the decision and what the callout saw.
+fn two_sublayers(
+    high_action: u32,
+    high_flags: u32,
+    low_script: Script,
+) -> (wfp_rs::sim::Decision, Vec<Seen>) {
+    let machine = Machine::new();
+    let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+    let registration = register::<layer::AleAuthConnectV4>(
+        &machine,
+        &driver,
+        CALLOUT_A,
+        Scripted::new(low_script),
+    );
+    let decision = machine.at_passive(|_| {
+        let session = open(true);
+        session.sublayer(HIGH, 0x9000);
+        session.sublayer(LOW, 0x1000);
+        session.callout::<layer::AleAuthConnectV4>(CALLOUT_A);
+        let mut high = FilterSpec::new(high_action).in_sublayer(HIGH);
+        high.flags = high_flags;
+        session.filter::<layer::AleAuthConnectV4>(high).unwrap();
+        session
+            .filter::<layer::AleAuthConnectV4>(FilterSpec::callout(CALLOUT_A).in_sublayer(LOW))
+            .unwrap();
+        machine.classify(Irql::DISPATCH, &connect_v4(80))
+    });
+    let seen = registration.callout().seen();
+    unregister(&machine, &driver, registration);
+    machine.unload_driver(driver).unwrap();
+    (decision, seen)
+}
+
+#[test]
+fn a_lower_sublayer_callout_blocks_over_a_soft_permit() {
+    let (decision, seen) = two_sublayers(sys::FWP_ACTION_PERMIT, 0, Script::Block);
+    assert_eq!(decision.action, Action::Block);
+    assert!(!decision.vetoed, "overriding a soft permit is not a veto");
+    assert!(seen[0].could_write, "a soft permit leaves the write right");
+}
+
+#[test]
+fn a_lower_sublayer_callout_vetoes_a_hard_permit() {
+    let (decision, seen) = two_sublayers(
+        sys::FWP_ACTION_PERMIT,
+        sys::FWPM_FILTER_FLAG_CLEAR_ACTION_RIGHT,
+        Script::Block,
+    );
+    assert_eq!(decision.action, Action::Block);
+    assert!(decision.vetoed);
+    assert!(!seen[0].could_write);
+}
+
+#[test]
+fn without_the_write_right_a_callout_cannot_permit_and_the_hard_decision_stands() {
+    let (decision, seen) = two_sublayers(sys::FWP_ACTION_BLOCK, 0, Script::Permit);
+    assert_eq!(decision.action, Action::Block, "a static block is hard");
+    assert!(!seen[0].could_write);
+    assert_eq!(
+        seen[0].permit_result,
+        Some(Err(RightsError::NoWriteRight {
+            current: Action::Block
+        })),
+        "the SDK refuses to override a hard decision"
+    );
+}
+
+#[test]
+fn a_hard_permit_from_a_callout_beats_a_static_block_below_it() {
+    let machine = Machine::new();
+    let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+    let registration = register::<layer::AleAuthConnectV4>(
+        &machine,
+        &driver,
+        CALLOUT_A,
+        Scripted::new(Script::PermitHard),
+    );
+    let decision = machine.at_passive(|_| {
+        let session = open(true);
+        session.sublayer(HIGH, 0x9000);
+        session.sublayer(LOW, 0x1000);
+        session.callout::<layer::AleAuthConnectV4>(CALLOUT_A);
+        session
+            .filter::<layer::AleAuthConnectV4>(FilterSpec::callout(CALLOUT_A).in_sublayer(HIGH))
+            .unwrap();
+        session
+            .filter::<layer::AleAuthConnectV4>(
+                FilterSpec::new(sys::FWP_ACTION_BLOCK).in_sublayer(LOW),
+            )
+            .unwrap();
+        machine.classify(Irql::DISPATCH, &connect_v4(80))
+    });
+    assert_eq!(
+        decision.action,
+        Action::Permit,
+        "a static block cannot veto"
+    );
+    assert!(decision.hard);
+    assert_eq!(registration.callout().seen()[0].permit_result, Some(Ok(())));
+    unregister(&machine, &driver, registration);
+    machine.unload_driver(driver).unwrap();
+}
+
+#[test]
+fn a_terminating_callout_without_a_decision_keeps_the_one_in_force_or_blocks() {
+    let (decision, _) = two_sublayers(sys::FWP_ACTION_PERMIT, 0, Script::Nothing);
+    // The callout left the soft permit it was handed in place: permit stands.
+    assert_eq!(decision.action, Action::Permit);
+    let machine = Machine::new();
+    let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+    let registration = register::<layer::AleAuthConnectV4>(
+        &machine,
+        &driver,
+        CALLOUT_A,
+        Scripted::new(Script::Continue),
+    );
+    let decision = machine.at_passive(|_| {
+        let session = open(true);
+        session.callout::<layer::AleAuthConnectV4>(CALLOUT_A);
+        session
+            .filter::<layer::AleAuthConnectV4>(FilterSpec::callout(CALLOUT_A))
+            .unwrap();
+        machine.classify(Irql::DISPATCH, &connect_v4(80))
+    });
+    assert_eq!(
+        decision.action,
+        Action::Block,
+        "CONTINUE from a terminating callout counts as block"
+    );
+    unregister(&machine, &driver, registration);
+    machine.unload_driver(driver).unwrap();
+}
+
+#[test]
+fn within_a_sublayer_the_heaviest_matching_filter_decides() {
+    let machine = Machine::new();
+    let decision = machine.at_passive(|_| {
+        let session = open(true);
+        let mut permit = FilterSpec::new(sys::FWP_ACTION_PERMIT);
+        permit.weight = 10;
+        let mut block = FilterSpec::new(sys::FWP_ACTION_BLOCK);
+        block.weight = 20;
+        block.ports = vec![(sys::FWP_MATCH_EQUAL, 1234)];
+        let permit_id = session.filter::<layer::AleAuthConnectV4>(permit).unwrap();
+        let block_id = session.filter::<layer::AleAuthConnectV4>(block).unwrap();
+        let blocked = machine.classify(Irql::DISPATCH, &connect_v4(1234));
+        let allowed = machine.classify(Irql::DISPATCH, &connect_v4(80));
+        assert_eq!(blocked.filter_id, Some(block_id));
+        assert_eq!(allowed.filter_id, Some(permit_id));
+        (blocked.action, allowed.action)
+    });
+    assert_eq!(decision, (Action::Block, Action::Permit));
+}
+
+#[test]
+fn conditions_on_the_same_field_are_ored_and_ranges_match() {
+    let machine = Machine::new();
+    machine.at_passive(|_| {
+        let session = open(true);
+        let mut block = FilterSpec::new(sys::FWP_ACTION_BLOCK);
+        block.ports = vec![(sys::FWP_MATCH_EQUAL, 21), (sys::FWP_MATCH_EQUAL, 23)];
+        session.filter::<layer::AleAuthConnectV4>(block).unwrap();
+        for (port, expected) in [
+            (21, Action::Block),
+            (23, Action::Block),
+            (22, Action::Permit),
+        ] {
+            assert_eq!(
+                machine.classify(Irql::PASSIVE, &connect_v4(port)).action,
+                expected,
+                "port {port}"
+            );
+        }
+    });
+}
+
+#[test]
+fn no_matching_filter_permits() {
+    let machine = Machine::new();
+    let decision = machine.at_passive(|_| machine.classify(Irql::DISPATCH, &connect_v4(80)));
+    assert_eq!(decision.action, Action::Permit);
+    assert_eq!(decision.filter_id, None);
+}
+
+// --- unregistered callouts -----------------------------------------------------------------------
+
+fn unregistered(action: u32, flags: u32) -> Action {
+    let machine = Machine::new();
+    machine.at_passive(|_| {
+        let session = open(true);
+        session.callout::<layer::AleAuthConnectV4>(CALLOUT_B);
+        let mut spec = FilterSpec::callout(CALLOUT_B);
+        spec.action = action;
+        spec.flags = flags;
+        session.filter::<layer::AleAuthConnectV4>(spec).unwrap();
+        machine.classify(Irql::DISPATCH, &connect_v4(80)).action
+    })
+}
+
+#[test]
+fn a_filter_naming_an_unregistered_callout_acts_as_documented() {
+    assert_eq!(
+        unregistered(sys::FWP_ACTION_CALLOUT_TERMINATING, 0),
+        Action::Block
+    );
+    assert_eq!(
+        unregistered(sys::FWP_ACTION_CALLOUT_UNKNOWN, 0),
+        Action::Block
+    );
+    assert_eq!(
+        unregistered(sys::FWP_ACTION_CALLOUT_INSPECTION, 0),
+        Action::Permit,
+        "inspection is skipped"
+    );
+    assert_eq!(
+        unregistered(
+            sys::FWP_ACTION_CALLOUT_TERMINATING,
+            sys::FWPM_FILTER_FLAG_PERMIT_IF_CALLOUT_UNREGISTERED
+        ),
+        Action::Permit
+    );
+}
+
+// --- management validation and notify ------------------------------------------------------------
+
+#[test]
+fn the_engine_refuses_malformed_filters() {
+    let machine = Machine::new();
+    machine.at_passive(|_| {
+        let session = open(true);
+        // A callout filter whose callout was never added.
+        assert_eq!(
+            session.filter::<layer::AleAuthConnectV4>(FilterSpec::callout(CALLOUT_B)),
+            Err(Status::FWP_CALLOUT_NOT_FOUND)
+        );
+        // A sublayer that does not exist.
+        assert_eq!(
+            session.filter::<layer::AleAuthConnectV4>(
+                FilterSpec::new(sys::FWP_ACTION_BLOCK).in_sublayer(HIGH)
+            ),
+            Err(Status::FWP_SUBLAYER_NOT_FOUND)
+        );
+        // A callout added for another layer.
+        session.callout::<layer::AleAuthConnectV6>(CALLOUT_A);
+        assert_eq!(
+            session.filter::<layer::AleAuthConnectV4>(FilterSpec::callout(CALLOUT_A)),
+            Err(Status::FWP_INCOMPATIBLE_LAYER)
+        );
+        // A remote port condition at a layer without that field.
+        let mut spec = FilterSpec::new(sys::FWP_ACTION_BLOCK);
+        spec.ports = vec![(sys::FWP_MATCH_EQUAL, 80)];
+        assert_eq!(
+            session.filter::<layer::AleResourceAssignmentV4>(spec),
+            Err(Status::FWP_CONDITION_NOT_FOUND)
+        );
+        // A match type the field's type does not support.
+        let mut spec = FilterSpec::new(sys::FWP_ACTION_BLOCK);
+        spec.ports = vec![(sys::FWP_MATCH_EQUAL_CASE_INSENSITIVE, 80)];
+        assert_eq!(
+            session.filter::<layer::AleAuthConnectV4>(spec),
+            Err(Status::FWP_MATCH_TYPE_MISMATCH)
+        );
+        // Duplicate keys.
+        let mut keyed = FilterSpec::new(sys::FWP_ACTION_BLOCK);
+        keyed.key = guid!("30000000-0000-0000-0000-000000000001");
+        session
+            .filter::<layer::AleAuthConnectV4>(keyed.clone())
+            .unwrap();
+        assert_eq!(
+            session.filter::<layer::AleAuthConnectV4>(keyed),
+            Err(Status::FWP_ALREADY_EXISTS)
+        );
+    });
+}
+
+#[test]
+fn notify_sees_filters_come_and_go_and_can_refuse_them() {
+    let machine = Machine::new();
+    let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+    let accepting = register::<layer::AleAuthConnectV4>(
+        &machine,
+        &driver,
+        CALLOUT_A,
+        Scripted::new(Script::Permit),
+    );
+    let refusing = register::<layer::AleAuthConnectV4>(
+        &machine,
+        &driver,
+        CALLOUT_B,
+        Scripted::new(Script::RefuseFilters),
+    );
+    machine.at_passive(|_| {
+        let session = open(true);
+        session.callout::<layer::AleAuthConnectV4>(CALLOUT_A);
+        session.callout::<layer::AleAuthConnectV4>(CALLOUT_B);
+        session
+            .filter::<layer::AleAuthConnectV4>(FilterSpec::callout(CALLOUT_A))
+            .unwrap();
+        assert_eq!(
+            session.filter::<layer::AleAuthConnectV4>(FilterSpec::callout(CALLOUT_B)),
+            Err(Status::FWP_CALLOUT_NOTIFICATION_FAILED)
+        );
+        // Closing the dynamic session deletes the filter: a second notification.
+    });
+    assert_eq!(
+        accepting.callout().notified.load(Ordering::SeqCst),
+        2,
+        "added, then deleted"
+    );
+    assert_eq!(refusing.callout().notified.load(Ordering::SeqCst), 1);
+    unregister(&machine, &driver, accepting);
+    unregister(&machine, &driver, refusing);
+    machine.unload_driver(driver).unwrap();
+}
+
+bugcheck_test! {
+    /// A driver must unregister its callouts before it unloads.
+    fn unloading_with_a_registered_callout_stops() expects DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS {
+        let machine = Machine::new();
+        let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+        let registration = register::<layer::AleAuthConnectV4>(&machine, &driver, CALLOUT_A, Scripted::new(Script::Permit));
+        std::mem::forget(registration);
+        let _ = machine.unload_driver(driver);
+    }
+}
+
+bugcheck_test! {
+    /// Callout registration is PASSIVE_LEVEL only.
+    fn registering_a_callout_at_dispatch_stops() expects IRQL_NOT_LESS_OR_EQUAL {
+        let machine = Machine::new();
+        machine.at_dispatch(|_| {
+            let callout: sys::FWPS_CALLOUT3 = unsafe { core::mem::zeroed() };
+            // SAFETY: deliberately at the wrong IRQL; the simulator stops before using anything.
+            unsafe { sys::FwpsCalloutRegister3(core::ptr::null_mut(), &callout, core::ptr::null_mut()) };
+        });
+    }
+}
+
+impl DriverState for Scripted {}

@@ -1,0 +1,1697 @@
+//! The filter engine (BFE and the WFP kernel client): sessions, transactions, providers,
+//! sublayers, callouts and filters; callout registration; and classification with WFP's
+//! arbitration rules.
+//!
+//! Behaviour follows Microsoft's documentation ("Filter Arbitration", `FWPS_ACTION0`,
+//! `FWPM_FILTER0`, `FwpsCalloutRegister*`). Where the documentation is silent the choice is
+//! marked INFERRED below and in `docs/simulator.md`:
+//! - the `actionType` a callout sees on entry: the decision so far, or `FWP_ACTION_CONTINUE`;
+//! - no matching filter in any sublayer: permit;
+//! - the universal (default) sublayer's weight: 0x8000;
+//! - automatic filter weights: the number of conditions (more specific first), then insertion.
+
+#[allow(unused_imports)]
+use std::{
+    borrow::ToOwned,
+    boxed::Box,
+    string::{String, ToString},
+    vec::Vec,
+};
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use super::bugcheck::stop;
+use super::kernel::{THREAD, current, irql, level_name, require_irql};
+use crate::bugcheck::BugCheckCode;
+use crate::layer::value::ValueKind;
+use crate::layer::{IpVersion, LayerInfo, layer_by_id, layer_by_key};
+use crate::status::Status;
+use crate::sys::fwp::*;
+use crate::sys::types::*;
+
+const STATUS_SUCCESS: NTSTATUS = 0;
+const ZERO: GUID = GUID {
+    Data1: 0,
+    Data2: 0,
+    Data3: 0,
+    Data4: [0; 8],
+};
+
+/// INFERRED: the weight of `FWPM_SUBLAYER_UNIVERSAL`, where filters without a sublayer go.
+pub(crate) const UNIVERSAL_SUBLAYER_WEIGHT: u16 = 0x8000;
+
+/// Callout ids are unique across every simulated machine in the process, so the SDK's registry
+/// (which maps a callout id to its instance) never confuses two machines' callouts.
+static NEXT_CALLOUT_ID: AtomicU32 = AtomicU32::new(1);
+
+/// A condition or field value, owned.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum SimValue {
+    Empty,
+    U8(u8),
+    U16(u16),
+    U32(u32),
+    U64(u64),
+    Bytes16([u8; 16]),
+    Blob(Vec<u8>),
+    Sid(Vec<u8>),
+    SecurityDescriptor(Vec<u8>),
+    TokenAccess(Vec<u8>),
+    Unicode(Vec<u16>),
+    V4Mask { addr: u32, mask: u32 },
+    V6Mask { addr: [u8; 16], prefix: u8 },
+    Range(Box<SimValue>, Box<SimValue>),
+}
+
+impl SimValue {
+    fn integer(&self) -> Option<u64> {
+        match *self {
+            SimValue::U8(v) => Some(v.into()),
+            SimValue::U16(v) => Some(v.into()),
+            SimValue::U32(v) => Some(v.into()),
+            SimValue::U64(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    fn same_type(&self, other: &SimValue) -> bool {
+        core::mem::discriminant(self) == core::mem::discriminant(other)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Condition {
+    field_index: u32,
+    match_type: FWP_MATCH_TYPE,
+    value: SimValue,
+}
+
+#[derive(Clone, Debug)]
+struct FilterRecord {
+    id: u64,
+    key: GUID,
+    layer_id: u16,
+    sublayer: GUID,
+    weight: u64,
+    flags: u32,
+    action: FWP_ACTION_TYPE,
+    callout_key: GUID,
+    raw_context: u64,
+    conditions: Vec<Condition>,
+    session: usize,
+}
+
+#[derive(Clone, Debug)]
+struct Owned<T> {
+    session: usize,
+    data: T,
+}
+
+#[derive(Clone, Default)]
+struct Objects {
+    providers: HashMap<GUID, Owned<()>>,
+    sublayers: HashMap<GUID, Owned<u16>>,
+    /// Callout key → (applicable layer, id).
+    callouts: HashMap<GUID, Owned<(GUID, u32)>>,
+    filters: BTreeMap<u64, FilterRecord>,
+}
+
+struct Session {
+    dynamic: bool,
+}
+
+struct Transaction {
+    session: usize,
+    snapshot: Objects,
+}
+
+/// A callout registered with `FwpsCalloutRegister3`.
+struct RuntimeCallout {
+    key: GUID,
+    classify: FWPS_CALLOUT_CLASSIFY_FN3,
+    notify: FWPS_CALLOUT_NOTIFY_FN3,
+    /// The driver whose code the callbacks are (charged for pool, checked at unload).
+    driver: usize,
+    /// Calls into the callout under way; unregistration waits for zero.
+    in_flight: usize,
+}
+
+#[derive(Default)]
+pub(crate) struct Bfe {
+    next_handle: usize,
+    next_filter_id: u64,
+    sessions: HashMap<usize, Session>,
+    txn: Option<Transaction>,
+    objects: Objects,
+    callout_ids: HashMap<GUID, u32>,
+    runtime: HashMap<u32, RuntimeCallout>,
+}
+
+impl Bfe {
+    /// The committed objects: what classification sees while a transaction is open.
+    fn committed(&self) -> &Objects {
+        self.txn.as_ref().map_or(&self.objects, |t| &t.snapshot)
+    }
+
+    fn callout_id(&mut self, key: GUID) -> u32 {
+        *self
+            .callout_ids
+            .entry(key)
+            .or_insert_with(|| NEXT_CALLOUT_ID.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The keys of the callouts `driver` still has registered (checked at unload).
+    pub(crate) fn callouts_of(&self, driver: usize) -> Vec<String> {
+        self.runtime
+            .values()
+            .filter(|c| c.driver == driver)
+            .map(|c| crate::guid::Guid(c.key).to_string())
+            .collect()
+    }
+}
+
+fn with_bfe<R>(f: impl FnOnce(&mut Bfe) -> R) -> R {
+    let kernel = current();
+    let mut bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
+    f(&mut bfe)
+}
+
+fn session_of(bfe: &Bfe, handle: HANDLE) -> Result<usize, NTSTATUS> {
+    let key = handle as usize;
+    if bfe.sessions.contains_key(&key) {
+        Ok(key)
+    } else {
+        Err(Status::INVALID_PARAMETER.raw())
+    }
+}
+
+fn status(result: Result<(), NTSTATUS>) -> NTSTATUS {
+    result.err().unwrap_or(STATUS_SUCCESS)
+}
+
+// --- sessions and transactions -----------------------------------------------------------------
+
+/// `FwpmEngineOpen0` (kernel mode: `serverName` must be null).
+///
+/// # Safety
+///
+/// `session` null or valid; `engineHandle` writable.
+pub unsafe extern "system" fn FwpmEngineOpen0(
+    serverName: *const u16,
+    authnService: u32,
+    authIdentity: PVOID,
+    session: *const FWPM_SESSION0,
+    engineHandle: *mut HANDLE,
+) -> NTSTATUS {
+    let _ = (authnService, authIdentity);
+    require_irql("FwpmEngineOpen0", PASSIVE_LEVEL);
+    if !serverName.is_null() || engineHandle.is_null() {
+        return Status::INVALID_PARAMETER.raw();
+    }
+    // SAFETY: null or a valid session per the contract.
+    let dynamic =
+        unsafe { session.as_ref() }.is_some_and(|s| s.flags & FWPM_SESSION_FLAG_DYNAMIC != 0);
+    let handle = with_bfe(|bfe| {
+        bfe.next_handle += 1;
+        let handle = 0x5E55_0000 + bfe.next_handle;
+        bfe.sessions.insert(handle, Session { dynamic });
+        handle
+    });
+    // SAFETY: writable per the contract.
+    unsafe { engineHandle.write(handle as HANDLE) };
+    STATUS_SUCCESS
+}
+
+/// `FwpmEngineClose0`: aborts the session's transaction and, for a dynamic session, deletes
+/// every object it added.
+///
+/// # Safety
+///
+/// None beyond the handle being the caller's.
+pub unsafe extern "system" fn FwpmEngineClose0(engineHandle: HANDLE) -> NTSTATUS {
+    require_irql("FwpmEngineClose0", PASSIVE_LEVEL);
+    let removed = with_bfe(|bfe| {
+        let session = session_of(bfe, engineHandle)?;
+        if bfe.txn.as_ref().is_some_and(|t| t.session == session) {
+            let txn = bfe.txn.take().expect("checked");
+            bfe.objects = txn.snapshot;
+        }
+        let dynamic = bfe.sessions.remove(&session).is_some_and(|s| s.dynamic);
+        let mut removed = Vec::new();
+        if dynamic {
+            let ids: Vec<u64> = bfe
+                .objects
+                .filters
+                .values()
+                .filter(|f| f.session == session)
+                .map(|f| f.id)
+                .collect();
+            for id in ids {
+                if let Some(filter) = bfe.objects.filters.remove(&id) {
+                    removed.push(filter);
+                }
+            }
+            bfe.objects.callouts.retain(|_, c| c.session != session);
+            bfe.objects.sublayers.retain(|_, s| s.session != session);
+            bfe.objects.providers.retain(|_, p| p.session != session);
+        }
+        Ok(removed)
+    });
+    match removed {
+        Ok(removed) => {
+            for filter in &removed {
+                notify_delete(filter);
+            }
+            STATUS_SUCCESS
+        }
+        Err(status) => status,
+    }
+}
+
+/// `FwpmTransactionBegin0`. One transaction at a time, machine-wide.
+///
+/// # Safety
+///
+/// None beyond the handle being the caller's.
+pub unsafe extern "system" fn FwpmTransactionBegin0(engineHandle: HANDLE, flags: u32) -> NTSTATUS {
+    let _ = flags;
+    require_irql("FwpmTransactionBegin0", PASSIVE_LEVEL);
+    status(with_bfe(|bfe| {
+        let session = session_of(bfe, engineHandle)?;
+        if bfe.txn.is_some() {
+            return Err(Status::FWP_TXN_IN_PROGRESS.raw());
+        }
+        bfe.txn = Some(Transaction {
+            session,
+            snapshot: bfe.objects.clone(),
+        });
+        Ok(())
+    }))
+}
+
+/// `FwpmTransactionCommit0`.
+///
+/// # Safety
+///
+/// None beyond the handle being the caller's.
+pub unsafe extern "system" fn FwpmTransactionCommit0(engineHandle: HANDLE) -> NTSTATUS {
+    require_irql("FwpmTransactionCommit0", PASSIVE_LEVEL);
+    status(with_bfe(|bfe| {
+        let session = session_of(bfe, engineHandle)?;
+        match &bfe.txn {
+            Some(txn) if txn.session == session => {
+                bfe.txn = None;
+                Ok(())
+            }
+            _ => Err(Status::FWP_NO_TXN_IN_PROGRESS.raw()),
+        }
+    }))
+}
+
+/// `FwpmTransactionAbort0`: restores the objects as they were at `FwpmTransactionBegin0`.
+///
+/// # Safety
+///
+/// None beyond the handle being the caller's.
+pub unsafe extern "system" fn FwpmTransactionAbort0(engineHandle: HANDLE) -> NTSTATUS {
+    require_irql("FwpmTransactionAbort0", PASSIVE_LEVEL);
+    let removed = with_bfe(|bfe| {
+        let session = session_of(bfe, engineHandle)?;
+        match bfe.txn.take() {
+            Some(txn) if txn.session == session => {
+                let removed: Vec<FilterRecord> = bfe
+                    .objects
+                    .filters
+                    .values()
+                    .filter(|f| !txn.snapshot.filters.contains_key(&f.id))
+                    .cloned()
+                    .collect();
+                bfe.objects = txn.snapshot;
+                Ok(removed)
+            }
+            other => {
+                bfe.txn = other;
+                Err(Status::FWP_NO_TXN_IN_PROGRESS.raw())
+            }
+        }
+    });
+    match removed {
+        Ok(removed) => {
+            for filter in &removed {
+                notify_delete(filter);
+            }
+            STATUS_SUCCESS
+        }
+        Err(status) => status,
+    }
+}
+
+/// Checks that `session` may write now: no other session's transaction is open.
+fn writable(bfe: &Bfe, session: usize) -> Result<(), NTSTATUS> {
+    match &bfe.txn {
+        Some(txn) if txn.session != session => Err(Status::FWP_TXN_IN_PROGRESS.raw()),
+        _ => Ok(()),
+    }
+}
+
+// --- providers, sublayers, callouts ------------------------------------------------------------
+
+/// `FwpmProviderAdd0`.
+///
+/// # Safety
+///
+/// `provider` must be valid.
+pub unsafe extern "system" fn FwpmProviderAdd0(
+    engineHandle: HANDLE,
+    provider: *const FWPM_PROVIDER0,
+    sd: PVOID,
+) -> NTSTATUS {
+    let _ = sd;
+    require_irql("FwpmProviderAdd0", PASSIVE_LEVEL);
+    // SAFETY: valid per the contract.
+    let Some(provider) = (unsafe { provider.as_ref() }) else {
+        return Status::FWP_NULL_POINTER.raw();
+    };
+    status(with_bfe(|bfe| {
+        let session = session_of(bfe, engineHandle)?;
+        writable(bfe, session)?;
+        if bfe.objects.providers.contains_key(&provider.providerKey) {
+            return Err(Status::FWP_ALREADY_EXISTS.raw());
+        }
+        bfe.objects
+            .providers
+            .insert(provider.providerKey, Owned { session, data: () });
+        Ok(())
+    }))
+}
+
+/// `FwpmProviderDeleteByKey0`.
+///
+/// # Safety
+///
+/// `key` must be valid.
+pub unsafe extern "system" fn FwpmProviderDeleteByKey0(
+    engineHandle: HANDLE,
+    key: *const GUID,
+) -> NTSTATUS {
+    require_irql("FwpmProviderDeleteByKey0", PASSIVE_LEVEL);
+    // SAFETY: valid per the contract.
+    let Some(key) = (unsafe { key.as_ref() }).copied() else {
+        return Status::FWP_NULL_POINTER.raw();
+    };
+    status(with_bfe(|bfe| {
+        let session = session_of(bfe, engineHandle)?;
+        writable(bfe, session)?;
+        bfe.objects
+            .providers
+            .remove(&key)
+            .map(|_| ())
+            .ok_or(Status::FWP_PROVIDER_NOT_FOUND.raw())
+    }))
+}
+
+/// `FwpmSubLayerAdd0`.
+///
+/// # Safety
+///
+/// `subLayer` must be valid.
+pub unsafe extern "system" fn FwpmSubLayerAdd0(
+    engineHandle: HANDLE,
+    subLayer: *const FWPM_SUBLAYER0,
+    sd: PVOID,
+) -> NTSTATUS {
+    let _ = sd;
+    require_irql("FwpmSubLayerAdd0", PASSIVE_LEVEL);
+    // SAFETY: valid per the contract.
+    let Some(sublayer) = (unsafe { subLayer.as_ref() }) else {
+        return Status::FWP_NULL_POINTER.raw();
+    };
+    // SAFETY: the provider key is null or valid per the contract.
+    let provider = unsafe { sublayer.providerKey.as_ref() }.copied();
+    status(with_bfe(|bfe| {
+        let session = session_of(bfe, engineHandle)?;
+        writable(bfe, session)?;
+        if sublayer.subLayerKey == ZERO || bfe.objects.sublayers.contains_key(&sublayer.subLayerKey)
+        {
+            return Err(Status::FWP_ALREADY_EXISTS.raw());
+        }
+        if let Some(provider) = provider
+            && !bfe.objects.providers.contains_key(&provider)
+        {
+            return Err(Status::FWP_PROVIDER_NOT_FOUND.raw());
+        }
+        bfe.objects.sublayers.insert(
+            sublayer.subLayerKey,
+            Owned {
+                session,
+                data: sublayer.weight,
+            },
+        );
+        Ok(())
+    }))
+}
+
+/// `FwpmSubLayerDeleteByKey0`. A sublayer that still holds filters is in use.
+///
+/// # Safety
+///
+/// `key` must be valid.
+pub unsafe extern "system" fn FwpmSubLayerDeleteByKey0(
+    engineHandle: HANDLE,
+    key: *const GUID,
+) -> NTSTATUS {
+    require_irql("FwpmSubLayerDeleteByKey0", PASSIVE_LEVEL);
+    // SAFETY: valid per the contract.
+    let Some(key) = (unsafe { key.as_ref() }).copied() else {
+        return Status::FWP_NULL_POINTER.raw();
+    };
+    status(with_bfe(|bfe| {
+        let session = session_of(bfe, engineHandle)?;
+        writable(bfe, session)?;
+        if !bfe.objects.sublayers.contains_key(&key) {
+            return Err(Status::FWP_SUBLAYER_NOT_FOUND.raw());
+        }
+        if bfe.objects.filters.values().any(|f| f.sublayer == key) {
+            return Err(Status::FWP_IN_USE.raw());
+        }
+        bfe.objects.sublayers.remove(&key);
+        Ok(())
+    }))
+}
+
+/// `FwpmCalloutAdd0`. The callout's id is shared with `FwpsCalloutRegister3` through its key.
+///
+/// # Safety
+///
+/// `callout` must be valid; `id` null or writable.
+pub unsafe extern "system" fn FwpmCalloutAdd0(
+    engineHandle: HANDLE,
+    callout: *const FWPM_CALLOUT0,
+    sd: PVOID,
+    id: *mut u32,
+) -> NTSTATUS {
+    let _ = sd;
+    require_irql("FwpmCalloutAdd0", PASSIVE_LEVEL);
+    // SAFETY: valid per the contract.
+    let Some(callout) = (unsafe { callout.as_ref() }) else {
+        return Status::FWP_NULL_POINTER.raw();
+    };
+    let result = with_bfe(|bfe| {
+        let session = session_of(bfe, engineHandle)?;
+        writable(bfe, session)?;
+        if layer_by_key(&crate::guid::Guid(callout.applicableLayer)).is_none() {
+            return Err(Status::FWP_LAYER_NOT_FOUND.raw());
+        }
+        if bfe.objects.callouts.contains_key(&callout.calloutKey) {
+            return Err(Status::FWP_ALREADY_EXISTS.raw());
+        }
+        let callout_id = bfe.callout_id(callout.calloutKey);
+        bfe.objects.callouts.insert(
+            callout.calloutKey,
+            Owned {
+                session,
+                data: (callout.applicableLayer, callout_id),
+            },
+        );
+        Ok(callout_id)
+    });
+    match result {
+        Ok(callout_id) => {
+            if !id.is_null() {
+                // SAFETY: writable per the contract.
+                unsafe { id.write(callout_id) };
+            }
+            STATUS_SUCCESS
+        }
+        Err(status) => status,
+    }
+}
+
+/// `FwpmCalloutDeleteByKey0`. A callout still named by a filter is in use.
+///
+/// # Safety
+///
+/// `key` must be valid.
+pub unsafe extern "system" fn FwpmCalloutDeleteByKey0(
+    engineHandle: HANDLE,
+    key: *const GUID,
+) -> NTSTATUS {
+    require_irql("FwpmCalloutDeleteByKey0", PASSIVE_LEVEL);
+    // SAFETY: valid per the contract.
+    let Some(key) = (unsafe { key.as_ref() }).copied() else {
+        return Status::FWP_NULL_POINTER.raw();
+    };
+    status(with_bfe(|bfe| {
+        let session = session_of(bfe, engineHandle)?;
+        writable(bfe, session)?;
+        if !bfe.objects.callouts.contains_key(&key) {
+            return Err(Status::FWP_CALLOUT_NOT_FOUND.raw());
+        }
+        if bfe
+            .objects
+            .filters
+            .values()
+            .any(|f| f.action & FWP_ACTION_FLAG_CALLOUT != 0 && f.callout_key == key)
+        {
+            return Err(Status::FWP_IN_USE.raw());
+        }
+        bfe.objects.callouts.remove(&key);
+        Ok(())
+    }))
+}
+
+// --- filters -----------------------------------------------------------------------------------
+
+/// Copies a byte blob out of the engine's structures.
+///
+/// # Safety
+///
+/// `ptr` must be null or point to a valid `FWP_BYTE_BLOB`.
+unsafe fn read_blob(ptr: *const FWP_BYTE_BLOB) -> Result<Vec<u8>, NTSTATUS> {
+    // SAFETY: null or valid per the contract.
+    let blob = unsafe { ptr.as_ref() }.ok_or(Status::FWP_NULL_POINTER.raw())?;
+    if blob.size == 0 {
+        return Ok(Vec::new());
+    }
+    if blob.data.is_null() {
+        return Err(Status::FWP_NULL_POINTER.raw());
+    }
+    // SAFETY: a valid blob holds `size` bytes at `data`.
+    Ok(unsafe { core::slice::from_raw_parts(blob.data, blob.size as usize) }.to_vec())
+}
+
+/// Copies a SID (8-byte header, then 4 bytes per sub-authority; the count is byte 1).
+///
+/// # Safety
+///
+/// `sid` must be null or point to a valid SID.
+unsafe fn read_sid(sid: *const SID) -> Result<Vec<u8>, NTSTATUS> {
+    let bytes = sid.cast::<u8>();
+    if bytes.is_null() {
+        return Err(Status::FWP_NULL_POINTER.raw());
+    }
+    // SAFETY: a valid SID has its 8-byte header; byte 1 is the sub-authority count.
+    let count = unsafe { bytes.wrapping_add(1).read() } as usize;
+    // SAFETY: a valid SID holds `8 + 4 * count` bytes.
+    Ok(unsafe { core::slice::from_raw_parts(bytes, 8 + 4 * count) }.to_vec())
+}
+
+/// Copies a NUL-terminated UTF-16 string.
+///
+/// # Safety
+///
+/// `text` must be null or point to a NUL-terminated string.
+unsafe fn read_units(text: *const u16) -> Result<Vec<u16>, NTSTATUS> {
+    if text.is_null() {
+        return Err(Status::FWP_NULL_POINTER.raw());
+    }
+    let mut units = Vec::new();
+    loop {
+        let next = text.wrapping_add(units.len());
+        // SAFETY: the string is NUL-terminated and reading stops at the terminator.
+        let unit = unsafe { next.read() };
+        if unit == 0 {
+            return Ok(units);
+        }
+        units.push(unit);
+    }
+}
+
+/// Reads a value from the arms both `FWP_VALUE0_u` and `FWP_CONDITION_VALUE0_u` have, by tag;
+/// `None` for tags only condition values have.
+macro_rules! read_common_arms {
+    ($tag:expr, $u:expr) => {{
+        let u = $u;
+        let null = Status::FWP_NULL_POINTER.raw();
+        // SAFETY (each block in this macro): `$tag` names the active arm, and pointer arms are
+        // null (checked) or valid per the calling function's contract.
+        match $tag {
+            FWP_EMPTY => Some(SimValue::Empty),
+            // SAFETY: see above.
+            FWP_UINT8 => Some(SimValue::U8(unsafe { u.uint8 })),
+            // SAFETY: see above.
+            FWP_UINT16 => Some(SimValue::U16(unsafe { u.uint16 })),
+            // SAFETY: see above.
+            FWP_UINT32 => Some(SimValue::U32(unsafe { u.uint32 })),
+            FWP_UINT64 => {
+                // SAFETY: see above.
+                let ptr = unsafe { u.uint64 };
+                // SAFETY: see above.
+                Some(SimValue::U64(unsafe { ptr.as_ref() }.copied().ok_or(null)?))
+            }
+            FWP_BYTE_ARRAY16_TYPE => {
+                // SAFETY: see above.
+                let ptr = unsafe { u.byteArray16 };
+                // SAFETY: see above.
+                let array = unsafe { ptr.as_ref() };
+                Some(SimValue::Bytes16(array.ok_or(null)?.byteArray16))
+            }
+            // SAFETY: see above (the arm, then the blob it points to).
+            FWP_BYTE_BLOB_TYPE => {
+                // SAFETY: see above.
+                let blob = unsafe { u.byteBlob };
+                // SAFETY: see above.
+                Some(SimValue::Blob(unsafe { read_blob(blob) }?))
+            }
+            // SAFETY: see above.
+            FWP_SECURITY_DESCRIPTOR_TYPE => {
+                // SAFETY: see above.
+                let blob = unsafe { u.sd };
+                // SAFETY: see above.
+                Some(SimValue::SecurityDescriptor(unsafe { read_blob(blob) }?))
+            }
+            FWP_TOKEN_ACCESS_INFORMATION_TYPE => {
+                // SAFETY: see above.
+                let blob = unsafe { u.tokenAccessInformation };
+                // SAFETY: see above.
+                Some(SimValue::TokenAccess(unsafe { read_blob(blob) }?))
+            }
+            // SAFETY: see above.
+            FWP_SID => {
+                // SAFETY: see above.
+                let sid = unsafe { u.sid };
+                // SAFETY: see above.
+                Some(SimValue::Sid(unsafe { read_sid(sid) }?))
+            }
+            // SAFETY: see above.
+            FWP_UNICODE_STRING_TYPE => {
+                // SAFETY: see above.
+                let text = unsafe { u.unicodeString };
+                // SAFETY: see above.
+                Some(SimValue::Unicode(unsafe { read_units(text) }?))
+            }
+            _ => None,
+        }
+    }};
+}
+
+/// Reads an `FWP_VALUE0` into an owned value.
+///
+/// # Safety
+///
+/// The pointer arm its tag names must be null or valid.
+unsafe fn read_value(value: &FWP_VALUE0) -> Result<Option<SimValue>, NTSTATUS> {
+    Ok(read_common_arms!(value.r#type, &value.u))
+}
+
+/// Reads an `FWP_CONDITION_VALUE0` into an owned value.
+///
+/// # Safety
+///
+/// The pointer arm its tag names must be null or valid, recursively for ranges.
+unsafe fn read_condition(value: &FWP_CONDITION_VALUE0) -> Result<SimValue, NTSTATUS> {
+    let null = Status::FWP_NULL_POINTER.raw();
+    let u = &value.u;
+    let owned = match value.r#type {
+        FWP_V4_ADDR_MASK => {
+            // SAFETY: the tag names this arm; the pointer is null or valid per the contract.
+            let mask = unsafe { u.v4AddrMask.as_ref() }.ok_or(null)?;
+            SimValue::V4Mask {
+                addr: mask.addr,
+                mask: mask.mask,
+            }
+        }
+        FWP_V6_ADDR_MASK => {
+            // SAFETY: as above.
+            let mask = unsafe { u.v6AddrMask.as_ref() }.ok_or(null)?;
+            if mask.prefixLength > 128 {
+                return Err(Status::FWP_INVALID_PARAMETER.raw());
+            }
+            SimValue::V6Mask {
+                addr: mask.addr,
+                prefix: mask.prefixLength,
+            }
+        }
+        FWP_RANGE_TYPE => {
+            // SAFETY: as above.
+            let range = unsafe { u.rangeValue.as_ref() }.ok_or(null)?;
+            // SAFETY: the range's ends are values valid per the contract.
+            let low =
+                unsafe { read_value(&range.valueLow) }?.ok_or(Status::FWP_TYPE_MISMATCH.raw())?;
+            // SAFETY: as above.
+            let high =
+                unsafe { read_value(&range.valueHigh) }?.ok_or(Status::FWP_TYPE_MISMATCH.raw())?;
+            SimValue::Range(Box::new(low), Box::new(high))
+        }
+        tag => read_common_arms!(tag, u).ok_or(Status::FWP_TYPE_MISMATCH.raw())?,
+    };
+    Ok(owned)
+}
+
+/// The value type a field of `kind` takes in a condition, and whether `value` fits it.
+fn condition_fits(kind: ValueKind, version: IpVersion, value: &SimValue) -> Result<(), NTSTATUS> {
+    let sample = |v: &SimValue| -> bool {
+        matches!(
+            (kind, v),
+            (ValueKind::U8 | ValueKind::IpProtocol, SimValue::U8(_))
+                | (ValueKind::U16, SimValue::U16(_))
+                | (ValueKind::U32 | ValueKind::ConditionFlags, SimValue::U32(_))
+                | (ValueKind::U64, SimValue::U64(_))
+                | (ValueKind::AppId | ValueKind::ByteBlob, SimValue::Blob(_))
+                | (ValueKind::Sid, SimValue::Sid(_))
+                | (ValueKind::UnicodeString, SimValue::Unicode(_))
+                | (ValueKind::ByteArray16, SimValue::Bytes16(_))
+        ) || matches!(
+            (kind, version, v),
+            (
+                ValueKind::Address,
+                IpVersion::V4,
+                SimValue::U32(_) | SimValue::V4Mask { .. }
+            ) | (
+                ValueKind::Address,
+                IpVersion::V6,
+                SimValue::Bytes16(_) | SimValue::V6Mask { .. }
+            )
+        )
+    };
+    match value {
+        SimValue::Range(low, high) if sample(low) && low.same_type(high) => Ok(()),
+        // Identity fields are matched with a security descriptor through an access check, which
+        // the simulator does not implement: refuse rather than never match.
+        SimValue::SecurityDescriptor(_) => Err(Status::NOT_IMPLEMENTED.raw()),
+        v if sample(v) => Ok(()),
+        _ => Err(Status::FWP_TYPE_MISMATCH.raw()),
+    }
+}
+
+fn match_type_fits(match_type: FWP_MATCH_TYPE, value: &SimValue) -> Result<(), NTSTATUS> {
+    let ok = match match_type {
+        FWP_MATCH_EQUAL | FWP_MATCH_NOT_EQUAL => !matches!(value, SimValue::Range(..)),
+        FWP_MATCH_GREATER
+        | FWP_MATCH_LESS
+        | FWP_MATCH_GREATER_OR_EQUAL
+        | FWP_MATCH_LESS_OR_EQUAL => value.integer().is_some(),
+        FWP_MATCH_RANGE => matches!(value, SimValue::Range(..)),
+        FWP_MATCH_FLAGS_ALL_SET | FWP_MATCH_FLAGS_ANY_SET | FWP_MATCH_FLAGS_NONE_SET => {
+            value.integer().is_some()
+        }
+        FWP_MATCH_EQUAL_CASE_INSENSITIVE => matches!(value, SimValue::Unicode(_)),
+        FWP_MATCH_PREFIX | FWP_MATCH_NOT_PREFIX => return Err(Status::NOT_IMPLEMENTED.raw()),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::FWP_MATCH_TYPE_MISMATCH.raw())
+    }
+}
+
+/// `FwpmFilterAdd0`. Validates the filter as BFE does, calls the callout's `notifyFn` with
+/// `FWPS_CALLOUT_NOTIFY_ADD_FILTER` if the callout is registered (a failure there refuses the
+/// filter), and assigns the filter id.
+///
+/// # Safety
+///
+/// `filter` and everything it points to must be valid; `id` null or writable.
+pub unsafe extern "system" fn FwpmFilterAdd0(
+    engineHandle: HANDLE,
+    filter: *const FWPM_FILTER0,
+    sd: PVOID,
+    id: *mut u64,
+) -> NTSTATUS {
+    let _ = sd;
+    require_irql("FwpmFilterAdd0", PASSIVE_LEVEL);
+    // SAFETY: valid per the contract.
+    let Some(filter) = (unsafe { filter.as_ref() }) else {
+        return Status::FWP_NULL_POINTER.raw();
+    };
+    // SAFETY: the filter and its pointers are valid per the contract.
+    let record = match unsafe { parse_filter(filter) } {
+        Ok(record) => record,
+        Err(status) => return status,
+    };
+    let prepared = with_bfe(|bfe| -> Result<(FilterRecord, Option<Notify>), NTSTATUS> {
+        let session = session_of(bfe, engineHandle)?;
+        writable(bfe, session)?;
+        let mut record = record;
+        record.session = session;
+        if record.sublayer != ZERO && !bfe.objects.sublayers.contains_key(&record.sublayer) {
+            return Err(Status::FWP_SUBLAYER_NOT_FOUND.raw());
+        }
+        if record.key != ZERO && bfe.objects.filters.values().any(|f| f.key == record.key) {
+            return Err(Status::FWP_ALREADY_EXISTS.raw());
+        }
+        let mut notify = None;
+        if record.action & FWP_ACTION_FLAG_CALLOUT != 0 {
+            let Some(callout) = bfe.objects.callouts.get(&record.callout_key) else {
+                return Err(Status::FWP_CALLOUT_NOT_FOUND.raw());
+            };
+            let layer = layer_by_id(record.layer_id).expect("parsed from a known layer");
+            if callout.data.0 != layer.key.0 {
+                return Err(Status::FWP_INCOMPATIBLE_LAYER.raw());
+            }
+            let callout_id = callout.data.1;
+            notify = begin_call(bfe, callout_id)
+                .and_then(|(call, rt)| rt.notify.map(|f| Notify { call, f }));
+        }
+        bfe.next_filter_id += 1;
+        record.id = bfe.next_filter_id;
+        if record.key == ZERO {
+            // BFE generates a key for a filter that has none.
+            record.key = GUID {
+                Data1: 0x5157_0000,
+                Data2: 0,
+                Data3: 0,
+                Data4: record.id.to_le_bytes(),
+            };
+        }
+        Ok((record, notify))
+    });
+    let (record, notify) = match prepared {
+        Ok(prepared) => prepared,
+        Err(status) => return status,
+    };
+    if let Some(notify) = notify {
+        let verdict = notify.call(FWPS_CALLOUT_NOTIFY_ADD_FILTER, &record);
+        if verdict < 0 {
+            return Status::FWP_CALLOUT_NOTIFICATION_FAILED.raw();
+        }
+    }
+    let inserted = with_bfe(|bfe| {
+        if bfe.objects.filters.values().any(|f| f.key == record.key) {
+            return Err(Status::FWP_ALREADY_EXISTS.raw());
+        }
+        bfe.objects.filters.insert(record.id, record.clone());
+        Ok(record.id)
+    });
+    match inserted {
+        Ok(filter_id) => {
+            if !id.is_null() {
+                // SAFETY: writable per the contract.
+                unsafe { id.write(filter_id) };
+            }
+            STATUS_SUCCESS
+        }
+        Err(status) => status,
+    }
+}
+
+/// Turns an `FWPM_FILTER0` into a record, checking what BFE checks.
+///
+/// # Safety
+///
+/// `filter` and its pointers must be valid.
+unsafe fn parse_filter(filter: &FWPM_FILTER0) -> Result<FilterRecord, NTSTATUS> {
+    let layer = layer_by_key(&crate::guid::Guid(filter.layerKey))
+        .ok_or(Status::FWP_LAYER_NOT_FOUND.raw())?;
+    let action = filter.action.r#type;
+    let callout_key = if action & FWP_ACTION_FLAG_CALLOUT != 0 {
+        // SAFETY: the action's union holds the callout key when the callout flag is set.
+        unsafe { filter.action.u.calloutKey }
+    } else {
+        ZERO
+    };
+    match action {
+        FWP_ACTION_PERMIT
+        | FWP_ACTION_BLOCK
+        | FWP_ACTION_CALLOUT_TERMINATING
+        | FWP_ACTION_CALLOUT_INSPECTION
+        | FWP_ACTION_CALLOUT_UNKNOWN => {}
+        _ => return Err(Status::FWP_INVALID_ACTION_TYPE.raw()),
+    }
+    if filter.flags & FWPM_FILTER_FLAG_PERMIT_IF_CALLOUT_UNREGISTERED != 0
+        && !matches!(
+            action,
+            FWP_ACTION_CALLOUT_TERMINATING | FWP_ACTION_CALLOUT_UNKNOWN
+        )
+    {
+        return Err(Status::FWP_INVALID_FLAGS.raw());
+    }
+    // SAFETY: the weight's pointer arms are valid per the contract.
+    let weight_value =
+        unsafe { read_value(&filter.weight) }?.ok_or(Status::FWP_INVALID_WEIGHT.raw())?;
+    let conditions = if filter.numFilterConditions == 0 {
+        Vec::new()
+    } else {
+        if filter.filterCondition.is_null() {
+            return Err(Status::FWP_NULL_POINTER.raw());
+        }
+        // SAFETY: the array holds `numFilterConditions` conditions per the contract.
+        let raw = unsafe {
+            core::slice::from_raw_parts(filter.filterCondition, filter.numFilterConditions as usize)
+        };
+        let mut conditions = Vec::with_capacity(raw.len());
+        for condition in raw {
+            let field = layer
+                .fields
+                .iter()
+                .find(|f| f.condition.0 == condition.fieldKey)
+                .ok_or(Status::FWP_CONDITION_NOT_FOUND.raw())?;
+            // SAFETY: the condition value's pointer arms are valid per the contract.
+            let value = unsafe { read_condition(&condition.conditionValue) }?;
+            condition_fits(field.kind, layer.ip_version, &value)?;
+            match_type_fits(condition.matchType, &value)?;
+            conditions.push(Condition {
+                field_index: field.index,
+                match_type: condition.matchType,
+                value,
+            });
+        }
+        conditions
+    };
+    // INFERRED auto weight: more conditions (more specific) first.
+    let auto = conditions.len() as u64;
+    let weight = match weight_value {
+        SimValue::Empty => auto,
+        SimValue::U8(range) if range <= 15 => (u64::from(range) << 60) | auto,
+        SimValue::U64(weight) => weight,
+        _ => return Err(Status::FWP_INVALID_WEIGHT.raw()),
+    };
+    Ok(FilterRecord {
+        id: 0,
+        key: filter.filterKey,
+        layer_id: layer.id,
+        sublayer: filter.subLayerKey,
+        weight,
+        flags: filter.flags,
+        action,
+        callout_key,
+        raw_context: if filter.flags & FWPM_FILTER_FLAG_HAS_PROVIDER_CONTEXT == 0 {
+            // SAFETY: without HAS_PROVIDER_CONTEXT the union holds the raw context.
+            unsafe { filter.u.rawContext }
+        } else {
+            0
+        },
+        conditions,
+        session: 0,
+    })
+}
+
+/// `FwpmFilterDeleteById0`: calls the callout's `notifyFn` with
+/// `FWPS_CALLOUT_NOTIFY_DELETE_FILTER`.
+///
+/// # Safety
+///
+/// None beyond the handle being the caller's.
+pub unsafe extern "system" fn FwpmFilterDeleteById0(engineHandle: HANDLE, id: u64) -> NTSTATUS {
+    require_irql("FwpmFilterDeleteById0", PASSIVE_LEVEL);
+    let removed = with_bfe(|bfe| {
+        let session = session_of(bfe, engineHandle)?;
+        writable(bfe, session)?;
+        bfe.objects
+            .filters
+            .remove(&id)
+            .ok_or(Status::FWP_FILTER_NOT_FOUND.raw())
+    });
+    match removed {
+        Ok(filter) => {
+            notify_delete(&filter);
+            STATUS_SUCCESS
+        }
+        Err(status) => status,
+    }
+}
+
+// --- callout registration ----------------------------------------------------------------------
+
+/// `FwpsCalloutRegister3`.
+///
+/// # Safety
+///
+/// `deviceObject` must be the caller's device; `callout` valid; `calloutId` null or writable.
+pub unsafe extern "system" fn FwpsCalloutRegister3(
+    deviceObject: PVOID,
+    callout: *const FWPS_CALLOUT3,
+    calloutId: *mut u32,
+) -> NTSTATUS {
+    require_irql("FwpsCalloutRegister3", PASSIVE_LEVEL);
+    // SAFETY: valid per the contract.
+    let Some(callout) = (unsafe { callout.as_ref() }) else {
+        return Status::FWP_NULL_POINTER.raw();
+    };
+    let driver = {
+        let kernel = current();
+        let state = kernel.lock();
+        match state.devices.get(&(deviceObject as usize)) {
+            Some(device) => device.driver,
+            None => return Status::INVALID_PARAMETER.raw(),
+        }
+    };
+    if callout.classifyFn.is_none() || callout.notifyFn.is_none() {
+        return Status::FWP_NULL_POINTER.raw();
+    }
+    let result = with_bfe(|bfe| {
+        let id = bfe.callout_id(callout.calloutKey);
+        if bfe.runtime.contains_key(&id) {
+            return Err(Status::FWP_ALREADY_EXISTS.raw());
+        }
+        bfe.runtime.insert(
+            id,
+            RuntimeCallout {
+                key: callout.calloutKey,
+                classify: callout.classifyFn,
+                notify: callout.notifyFn,
+                driver,
+                in_flight: 0,
+            },
+        );
+        Ok(id)
+    });
+    match result {
+        Ok(id) => {
+            if !calloutId.is_null() {
+                // SAFETY: writable per the contract.
+                unsafe { calloutId.write(id) };
+            }
+            STATUS_SUCCESS
+        }
+        Err(status) => status,
+    }
+}
+
+/// `FwpsCalloutUnregisterById0`: waits for calls into the callout that are under way, so no
+/// callback runs after it returns.
+///
+/// # Safety
+///
+/// None.
+pub unsafe extern "system" fn FwpsCalloutUnregisterById0(calloutId: u32) -> NTSTATUS {
+    require_irql("FwpsCalloutUnregisterById0", PASSIVE_LEVEL);
+    let kernel = current();
+    let mut bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        match bfe.runtime.get(&calloutId) {
+            None => return Status::FWP_CALLOUT_NOT_FOUND.raw(),
+            Some(callout) if callout.in_flight == 0 => break,
+            Some(_) => bfe = kernel.wfp_idle.wait(bfe).unwrap_or_else(|p| p.into_inner()),
+        }
+    }
+    bfe.runtime.remove(&calloutId);
+    STATUS_SUCCESS
+}
+
+/// A call into a registered callout, counted so unregistration waits for it.
+struct Call {
+    id: u32,
+    driver: usize,
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        let kernel = current();
+        if let Some(callout) = kernel
+            .wfp
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .runtime
+            .get_mut(&self.id)
+        {
+            callout.in_flight -= 1;
+        }
+        kernel.wfp_idle.notify_all();
+    }
+}
+
+/// Starts a call into callout `id` if it is registered.
+fn begin_call(bfe: &mut Bfe, id: u32) -> Option<(Call, &RuntimeCallout)> {
+    let callout = bfe.runtime.get_mut(&id)?;
+    callout.in_flight += 1;
+    let driver = callout.driver;
+    Some((Call { id, driver }, &*callout))
+}
+
+struct Notify {
+    call: Call,
+    f: unsafe extern "system" fn(
+        FWPS_CALLOUT_NOTIFY_TYPE,
+        *const GUID,
+        *mut FWPS_FILTER3,
+    ) -> NTSTATUS,
+}
+
+impl Notify {
+    fn call(self, kind: FWPS_CALLOUT_NOTIFY_TYPE, record: &FilterRecord) -> NTSTATUS {
+        let mut storage = FilterStorage::new(record, 0);
+        let key = record.key;
+        let driver = self.call.driver;
+        let status = in_driver(driver, "notifyFn", || {
+            // SAFETY: the callout registered this notifyFn; the key and filter are valid for the
+            // call, and notifyFn is called at PASSIVE_LEVEL here (the management call's IRQL).
+            unsafe { (self.f)(kind, &key, storage.filter()) }
+        });
+        drop(self.call);
+        status
+    }
+}
+
+fn notify_delete(record: &FilterRecord) {
+    if record.action & FWP_ACTION_FLAG_CALLOUT == 0 {
+        return;
+    }
+    let notify = with_bfe(|bfe| {
+        let id = *bfe.callout_ids.get(&record.callout_key)?;
+        begin_call(bfe, id).and_then(|(call, rt)| rt.notify.map(|f| Notify { call, f }))
+    });
+    if let Some(notify) = notify {
+        let _ = notify.call(FWPS_CALLOUT_NOTIFY_DELETE_FILTER, record);
+    }
+}
+
+/// Runs driver code on this thread, charged to `driver`, and checks that it returns at the IRQL
+/// it was called at.
+fn in_driver<R>(driver: usize, callback: &str, f: impl FnOnce() -> R) -> R {
+    let before = irql();
+    let previous = THREAD.with(|t| t.driver.replace(driver));
+    let result = f();
+    THREAD.with(|t| t.driver.set(previous));
+    let after = irql();
+    if after != before {
+        stop(
+            BugCheckCode::IRQL_UNEXPECTED_VALUE,
+            [
+                ((after as usize) << 16) | ((before as usize) << 8) | 2,
+                0,
+                0,
+                0,
+            ],
+            &format!(
+                "{callback} returned at IRQL {after} ({}); it was called at {before} ({})",
+                level_name(after),
+                level_name(before)
+            ),
+        );
+    }
+    result
+}
+
+/// The `FWPS_FILTER3` handed to a callout, with the storage its pointers refer to.
+struct FilterStorage {
+    weight: Box<u64>,
+    filter: Box<FWPS_FILTER3>,
+}
+
+impl FilterStorage {
+    fn new(record: &FilterRecord, sublayer_weight: u16) -> FilterStorage {
+        let mut weight = Box::new(record.weight);
+        let mut flags = 0u16;
+        if record.flags & FWPM_FILTER_FLAG_CLEAR_ACTION_RIGHT != 0 {
+            flags |= FWPS_FILTER_FLAG_CLEAR_ACTION_RIGHT;
+        }
+        if record.flags & FWPM_FILTER_FLAG_PERMIT_IF_CALLOUT_UNREGISTERED != 0 {
+            flags |= FWPS_FILTER_FLAG_PERMIT_IF_CALLOUT_UNREGISTERED;
+        }
+        let callout_id = if record.action & FWP_ACTION_FLAG_CALLOUT != 0 {
+            current()
+                .wfp
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .callout_ids
+                .get(&record.callout_key)
+                .copied()
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        let filter = Box::new(FWPS_FILTER3 {
+            filterId: record.id,
+            weight: FWP_VALUE0 {
+                r#type: FWP_UINT64,
+                u: FWP_VALUE0_u {
+                    uint64: &mut *weight,
+                },
+            },
+            subLayerWeight: sublayer_weight,
+            flags,
+            // The simulator does not hand the filter's conditions to callouts (a callout that
+            // reads `filterCondition` sees none); see docs/simulator.md.
+            numFilterConditions: 0,
+            filterCondition: core::ptr::null_mut(),
+            action: FWPS_ACTION0 {
+                r#type: record.action,
+                calloutId: callout_id,
+            },
+            context: record.raw_context,
+            providerContext: core::ptr::null_mut(),
+        });
+        FilterStorage { weight, filter }
+    }
+
+    fn filter(&mut self) -> *mut FWPS_FILTER3 {
+        let _ = &self.weight;
+        &mut *self.filter
+    }
+}
+
+// --- classification ----------------------------------------------------------------------------
+
+/// The outcome of classifying at one layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Verdict {
+    /// `FWP_ACTION_PERMIT` or `FWP_ACTION_BLOCK`.
+    pub action: FWP_ACTION_TYPE,
+    /// Whether the decision is hard (the write right was cleared).
+    pub hard: bool,
+    /// Whether a callout vetoed a hard permit.
+    pub vetoed: bool,
+    /// Whether the deciding callout set `FWPS_CLASSIFY_OUT_FLAG_ABSORB`.
+    pub absorbed: bool,
+    /// The filter that decided, if any did.
+    pub filter_id: Option<u64>,
+}
+
+/// The incoming values and metadata of one classification, owned; the raw structures handed to
+/// callouts point into it.
+pub(crate) struct Incoming {
+    pub layer: &'static LayerInfo,
+    pub values: Vec<SimValue>,
+    pub metadata: FWPS_INCOMING_METADATA_VALUES0,
+    pub layer_data: PVOID,
+    pub classify_context: *const core::ffi::c_void,
+    pub flow_context: u64,
+}
+
+struct Matched {
+    record: FilterRecord,
+    sublayer_weight: u16,
+    callout: Option<(u32, Option<(Call, FWPS_CALLOUT_CLASSIFY_FN3)>)>,
+}
+
+fn condition_holds(condition: &Condition, value: &SimValue) -> bool {
+    let c = &condition.value;
+    match condition.match_type {
+        FWP_MATCH_EQUAL => equal(c, value),
+        FWP_MATCH_NOT_EQUAL => !matches!(value, SimValue::Empty) && !equal(c, value),
+        FWP_MATCH_EQUAL_CASE_INSENSITIVE => match (c, value) {
+            (SimValue::Unicode(a), SimValue::Unicode(b)) => {
+                a.len() == b.len()
+                    && a.iter().zip(b).all(|(x, y)| {
+                        let lower = |u: u16| {
+                            if (0x41..=0x5A).contains(&u) {
+                                u + 0x20
+                            } else {
+                                u
+                            }
+                        };
+                        lower(*x) == lower(*y)
+                    })
+            }
+            _ => false,
+        },
+        FWP_MATCH_RANGE => match (c, value.integer()) {
+            (SimValue::Range(low, high), Some(v)) => {
+                low.integer().is_some_and(|l| l <= v) && high.integer().is_some_and(|h| v <= h)
+            }
+            _ => false,
+        },
+        op => match (value.integer(), c.integer()) {
+            (Some(v), Some(c)) => match op {
+                FWP_MATCH_GREATER => v > c,
+                FWP_MATCH_LESS => v < c,
+                FWP_MATCH_GREATER_OR_EQUAL => v >= c,
+                FWP_MATCH_LESS_OR_EQUAL => v <= c,
+                FWP_MATCH_FLAGS_ALL_SET => v & c == c,
+                FWP_MATCH_FLAGS_ANY_SET => v & c != 0,
+                FWP_MATCH_FLAGS_NONE_SET => v & c == 0,
+                _ => false,
+            },
+            _ => false,
+        },
+    }
+}
+
+fn equal(condition: &SimValue, value: &SimValue) -> bool {
+    match (condition, value) {
+        (SimValue::V4Mask { addr, mask }, SimValue::U32(v)) => v & mask == addr & mask,
+        (SimValue::V6Mask { addr, prefix }, SimValue::Bytes16(v)) => {
+            let bits = u32::from(*prefix);
+            let a = u128::from_be_bytes(*addr);
+            let b = u128::from_be_bytes(*v);
+            bits == 0 || (a ^ b) >> (128 - bits) == 0
+        }
+        (c, v) => c == v,
+    }
+}
+
+/// Whether a filter's conditions hold: consecutive conditions on the same field are OR'ed,
+/// groups of different fields are AND'ed.
+fn filter_matches(record: &FilterRecord, values: &[SimValue]) -> bool {
+    let mut index = 0;
+    while index < record.conditions.len() {
+        let field = record.conditions[index].field_index;
+        let group_end = record.conditions[index..]
+            .iter()
+            .position(|c| c.field_index != field)
+            .map_or(record.conditions.len(), |n| index + n);
+        let value = values.get(field as usize).unwrap_or(&SimValue::Empty);
+        if !record.conditions[index..group_end]
+            .iter()
+            .any(|c| condition_holds(c, value))
+        {
+            return false;
+        }
+        index = group_end;
+    }
+    true
+}
+
+/// Storage for the raw `FWPS_INCOMING_VALUE0` array and the data its pointers refer to.
+#[expect(
+    clippy::vec_box,
+    reason = "each box gives its value an address that pushing cannot move"
+)]
+struct ValueStorage {
+    values: Vec<FWPS_INCOMING_VALUE0>,
+    _u64s: Vec<Box<u64>>,
+    _arrays: Vec<Box<FWP_BYTE_ARRAY16>>,
+    _blobs: Vec<Box<FWP_BYTE_BLOB>>,
+    // Vectors of vectors: each inner buffer is its own allocation, so pointers into it stay
+    // valid as more are pushed.
+    _bytes: Vec<Vec<u8>>,
+    _units: Vec<Vec<u16>>,
+}
+
+impl ValueStorage {
+    fn new(values: &[SimValue]) -> ValueStorage {
+        let mut storage = ValueStorage {
+            values: Vec::with_capacity(values.len()),
+            _u64s: Vec::new(),
+            _arrays: Vec::new(),
+            _blobs: Vec::new(),
+            _bytes: Vec::new(),
+            _units: Vec::new(),
+        };
+        for value in values {
+            let (tag, u) = storage.raw(value);
+            storage.values.push(FWPS_INCOMING_VALUE0 {
+                value: FWP_VALUE0 { r#type: tag, u },
+            });
+        }
+        storage
+    }
+
+    fn blob(&mut self, bytes: &[u8]) -> *mut FWP_BYTE_BLOB {
+        let mut data = bytes.to_vec();
+        let mut blob = Box::new(FWP_BYTE_BLOB {
+            size: data.len() as u32,
+            data: data.as_mut_ptr(),
+        });
+        let ptr = &mut *blob as *mut FWP_BYTE_BLOB;
+        self._bytes.push(data);
+        self._blobs.push(blob);
+        ptr
+    }
+
+    fn raw(&mut self, value: &SimValue) -> (FWP_DATA_TYPE, FWP_VALUE0_u) {
+        match value {
+            SimValue::Empty => (
+                FWP_EMPTY,
+                FWP_VALUE0_u {
+                    uint64: core::ptr::null_mut(),
+                },
+            ),
+            SimValue::U8(v) => (FWP_UINT8, FWP_VALUE0_u { uint8: *v }),
+            SimValue::U16(v) => (FWP_UINT16, FWP_VALUE0_u { uint16: *v }),
+            SimValue::U32(v) => (FWP_UINT32, FWP_VALUE0_u { uint32: *v }),
+            SimValue::U64(v) => {
+                let mut boxed = Box::new(*v);
+                let ptr = &mut *boxed as *mut u64;
+                self._u64s.push(boxed);
+                (FWP_UINT64, FWP_VALUE0_u { uint64: ptr })
+            }
+            SimValue::Bytes16(bytes) => {
+                let mut boxed = Box::new(FWP_BYTE_ARRAY16 {
+                    byteArray16: *bytes,
+                });
+                let ptr = &mut *boxed as *mut FWP_BYTE_ARRAY16;
+                self._arrays.push(boxed);
+                (FWP_BYTE_ARRAY16_TYPE, FWP_VALUE0_u { byteArray16: ptr })
+            }
+            SimValue::Blob(bytes) => (
+                FWP_BYTE_BLOB_TYPE,
+                FWP_VALUE0_u {
+                    byteBlob: self.blob(bytes),
+                },
+            ),
+            SimValue::SecurityDescriptor(bytes) => (
+                FWP_SECURITY_DESCRIPTOR_TYPE,
+                FWP_VALUE0_u {
+                    sd: self.blob(bytes),
+                },
+            ),
+            SimValue::TokenAccess(bytes) => (
+                FWP_TOKEN_ACCESS_INFORMATION_TYPE,
+                FWP_VALUE0_u {
+                    tokenAccessInformation: self.blob(bytes),
+                },
+            ),
+            SimValue::Sid(bytes) => {
+                let mut data = bytes.clone();
+                let ptr = data.as_mut_ptr().cast::<SID>();
+                self._bytes.push(data);
+                (FWP_SID, FWP_VALUE0_u { sid: ptr })
+            }
+            SimValue::Unicode(units) => {
+                let mut data = units.clone();
+                data.push(0);
+                let ptr = data.as_mut_ptr();
+                self._units.push(data);
+                (FWP_UNICODE_STRING_TYPE, FWP_VALUE0_u { unicodeString: ptr })
+            }
+            SimValue::V4Mask { .. } | SimValue::V6Mask { .. } | SimValue::Range(..) => {
+                unreachable!("condition-only value types are never incoming values")
+            }
+        }
+    }
+}
+
+/// Classifies `incoming` at its layer on this thread, at the thread's current IRQL, calling the
+/// matching callouts through their registered `classifyFn` and arbitrating as WFP does.
+pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
+    let layer = incoming.layer;
+    // Collect the matching filters from the committed objects, in evaluation order, and count a
+    // call into each registered callout among them.
+    let mut matched: Vec<Matched> = with_bfe(|bfe| {
+        let objects = bfe.committed();
+        let mut list: Vec<(u16, GUID, FilterRecord)> = objects
+            .filters
+            .values()
+            .filter(|f| f.layer_id == layer.id && filter_matches(f, &incoming.values))
+            .map(|f| {
+                let sublayer_weight = if f.sublayer == ZERO {
+                    UNIVERSAL_SUBLAYER_WEIGHT
+                } else {
+                    objects.sublayers.get(&f.sublayer).map_or(0, |s| s.data)
+                };
+                (sublayer_weight, f.sublayer, f.clone())
+            })
+            .collect();
+        list.sort_by(|a, b| {
+            b.0.cmp(&a.0)
+                .then_with(|| guid_order(&a.1).cmp(&guid_order(&b.1)))
+                .then_with(|| b.2.weight.cmp(&a.2.weight))
+                .then_with(|| a.2.id.cmp(&b.2.id))
+        });
+        list.into_iter()
+            .map(|(sublayer_weight, _, record)| {
+                let callout = if record.action & FWP_ACTION_FLAG_CALLOUT != 0 {
+                    let id = bfe
+                        .callout_ids
+                        .get(&record.callout_key)
+                        .copied()
+                        .unwrap_or(0);
+                    Some((
+                        id,
+                        begin_call(bfe, id).map(|(call, rt)| (call, rt.classify)),
+                    ))
+                } else {
+                    None
+                };
+                Matched {
+                    record,
+                    sublayer_weight,
+                    callout,
+                }
+            })
+            .collect()
+    });
+
+    let mut storage = ValueStorage::new(&incoming.values);
+    let fixed = FWPS_INCOMING_VALUES0 {
+        layerId: layer.id,
+        valueCount: storage.values.len() as u32,
+        incomingValue: storage.values.as_mut_ptr(),
+    };
+
+    let mut current = Verdict {
+        action: FWP_ACTION_NONE,
+        hard: false,
+        vetoed: false,
+        absorbed: false,
+        filter_id: None,
+    };
+    let mut index = 0;
+    while index < matched.len() {
+        let sublayer = matched[index].record.sublayer;
+        let end = matched[index..]
+            .iter()
+            .position(|m| m.record.sublayer != sublayer)
+            .map_or(matched.len(), |n| index + n);
+        // Within a sublayer: the first filter that permits or blocks decides.
+        let mut decision: Option<(FWP_ACTION_TYPE, bool, bool, bool, u64)> = None;
+        for entry in &mut matched[index..end] {
+            let record = &entry.record;
+            let soft_permit_rights = record.flags & FWPM_FILTER_FLAG_CLEAR_ACTION_RIGHT == 0;
+            match (record.action, entry.callout.as_mut()) {
+                (FWP_ACTION_PERMIT, _) => {
+                    decision = Some((
+                        FWP_ACTION_PERMIT,
+                        !soft_permit_rights,
+                        false,
+                        false,
+                        record.id,
+                    ));
+                }
+                (FWP_ACTION_BLOCK, _) => {
+                    decision = Some((FWP_ACTION_BLOCK, true, false, false, record.id))
+                }
+                (action, Some((_, registered))) => match registered.take() {
+                    None => {
+                        // An unregistered callout: terminating and unknown filters block (or
+                        // permit, when the filter asks to); inspection filters are skipped.
+                        if action == FWP_ACTION_CALLOUT_INSPECTION {
+                            continue;
+                        }
+                        decision = if record.flags & FWPM_FILTER_FLAG_PERMIT_IF_CALLOUT_UNREGISTERED
+                            != 0
+                        {
+                            Some((
+                                FWP_ACTION_PERMIT,
+                                !soft_permit_rights,
+                                false,
+                                false,
+                                record.id,
+                            ))
+                        } else {
+                            Some((FWP_ACTION_BLOCK, true, false, false, record.id))
+                        };
+                    }
+                    Some((call, classify_fn)) => {
+                        let outcome = call_classify(
+                            incoming,
+                            &fixed,
+                            record,
+                            entry.sublayer_weight,
+                            &current,
+                            call,
+                            classify_fn,
+                        );
+                        if action == FWP_ACTION_CALLOUT_INSPECTION {
+                            continue;
+                        }
+                        let (returned, rights, absorbed) = outcome;
+                        if current.hard {
+                            // Without the write right only a veto counts.
+                            if current.action == FWP_ACTION_PERMIT && returned == FWP_ACTION_BLOCK {
+                                decision =
+                                    Some((FWP_ACTION_BLOCK, true, true, absorbed, record.id));
+                            } else {
+                                continue;
+                            }
+                        } else {
+                            let returned = match (action, returned) {
+                                (_, FWP_ACTION_PERMIT | FWP_ACTION_BLOCK) => returned,
+                                // Anything else from a terminating callout counts as a block.
+                                (FWP_ACTION_CALLOUT_TERMINATING, _) => FWP_ACTION_BLOCK,
+                                _ => continue,
+                            };
+                            decision = Some((
+                                returned,
+                                rights & FWPS_RIGHT_ACTION_WRITE == 0,
+                                false,
+                                absorbed,
+                                record.id,
+                            ));
+                        }
+                    }
+                },
+                _ => continue,
+            }
+            break;
+        }
+        // Calls not made (filters after the deciding one) are released here.
+        for entry in &mut matched[index..end] {
+            if let Some((_, registered)) = entry.callout.as_mut() {
+                drop(registered.take());
+            }
+        }
+        if let Some((action, hard, vetoed, absorbed, filter_id)) = decision
+            && (!current.hard || vetoed)
+        {
+            {
+                current = Verdict {
+                    action,
+                    hard,
+                    vetoed: vetoed || current.vetoed,
+                    absorbed,
+                    filter_id: Some(filter_id),
+                };
+            }
+        }
+        index = end;
+    }
+    if current.action == FWP_ACTION_NONE {
+        // INFERRED: no filter decided, so the traffic is permitted.
+        current.action = FWP_ACTION_PERMIT;
+    }
+    current
+}
+
+/// Orders sublayers of equal weight deterministically.
+fn guid_order(guid: &GUID) -> (u32, u16, u16, [u8; 8]) {
+    (guid.Data1, guid.Data2, guid.Data3, guid.Data4)
+}
+
+/// Calls one callout's `classifyFn`; returns (action, rights, absorbed) as it left them.
+fn call_classify(
+    incoming: &mut Incoming,
+    fixed: &FWPS_INCOMING_VALUES0,
+    record: &FilterRecord,
+    sublayer_weight: u16,
+    current: &Verdict,
+    call: Call,
+    classify_fn: FWPS_CALLOUT_CLASSIFY_FN3,
+) -> (FWP_ACTION_TYPE, u32, bool) {
+    let mut storage = FilterStorage::new(record, sublayer_weight);
+    let mut out = FWPS_CLASSIFY_OUT0 {
+        // INFERRED: the decision so far, or CONTINUE if there is none.
+        actionType: if current.action == FWP_ACTION_NONE {
+            FWP_ACTION_CONTINUE
+        } else {
+            current.action
+        },
+        outContext: 0,
+        filterId: 0,
+        rights: if current.hard {
+            0
+        } else {
+            FWPS_RIGHT_ACTION_WRITE
+        },
+        flags: 0,
+        reserved: 0,
+    };
+    let driver = call.driver;
+    if let Some(classify_fn) = classify_fn {
+        in_driver(driver, "classifyFn", || {
+            // SAFETY: the callout registered this classifyFn; every pointer is valid for the call
+            // (owned by this frame or by `incoming`), as the filter engine guarantees.
+            unsafe {
+                classify_fn(
+                    fixed,
+                    &incoming.metadata,
+                    incoming.layer_data,
+                    incoming.classify_context,
+                    storage.filter(),
+                    incoming.flow_context,
+                    &mut out,
+                )
+            }
+        });
+    }
+    drop(call);
+    (
+        out.actionType,
+        out.rights,
+        out.flags & FWPS_CLASSIFY_OUT_FLAG_ABSORB != 0,
+    )
+}
