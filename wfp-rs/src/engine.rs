@@ -29,7 +29,7 @@
 //!     .name("Outbound TCP to the callout")
 //!     .sublayer(SUBLAYER)
 //!     .action(FilterAction::CalloutTerminating(CALLOUT))
-//!     .condition::<fields::IpProtocol>(Match::Equal(wfp_rs::layer::IpProtocol::Tcp));
+//!     .condition::<fields::IpProtocol>(Match::Equal(wfp_rs::layer::value::IpProtocol::Tcp));
 //! let filter_id = txn.add_filter(irql, &filter)?;
 //! txn.commit(irql)?;
 //!
@@ -134,10 +134,10 @@ impl<'a> SessionOptions<'a> {
     /// How long [`Engine::transaction`] waits for another session's transaction to end
     /// (`txnWaitTimeoutInMSec`). Rounded up to whole milliseconds and at least 1 ms (0 would
     /// select the engine's default); `u32::MAX` milliseconds or more wait forever (`INFINITE`).
-    /// Without this option the engine's default applies.
+    /// Without this option the engine's default applies (15 seconds, as documented).
     pub fn txn_wait_timeout(mut self, timeout: Duration) -> Self {
         let rounded_up =
-            timeout.as_millis() + u128::from(timeout.subsec_nanos() % 1_000_000 != 0);
+            timeout.as_millis() + u128::from(!timeout.subsec_nanos().is_multiple_of(1_000_000));
         self.txn_wait_timeout_ms = u32::try_from(rounded_up.max(1)).unwrap_or(INFINITE);
         self
     }
@@ -156,11 +156,12 @@ pub struct Engine {
     handle: sys::HANDLE,
 }
 
-// SAFETY: the engine handle is a kernel handle to a session object, not tied to the thread that
-// opened it; the engine serialises the calls made with it.
+// SAFETY: the handle names a session of the filter engine, not anything of the opening thread;
+// the management functions may be called with it from any thread at PASSIVE_LEVEL.
 unsafe impl Send for Engine {}
-// SAFETY: every method takes `&self` and passes the handle to an engine function, which may be
-// called concurrently from several threads with the same handle.
+// SAFETY: `&Engine` only lets callers pass the handle (by value) to management functions; the
+// engine serialises the calls of a session (they are requests to the filter engine, which
+// applies them one transaction at a time), so concurrent calls with one handle are sound.
 unsafe impl Sync for Engine {}
 
 impl Engine {
@@ -245,7 +246,11 @@ impl Engine {
     }
 
     /// Adds a provider. Wraps `FwpmProviderAdd0` (no security descriptor).
-    pub fn add_provider(&self, irql: &PassiveLevel<'_>, provider: &Provider<'_>) -> Result<(), Status> {
+    pub fn add_provider(
+        &self,
+        irql: &PassiveLevel<'_>,
+        provider: &Provider<'_>,
+    ) -> Result<(), Status> {
         verify(irql);
         let mut display = DisplayData::new(provider.name, provider.description)?;
         let raw = sys::FWPM_PROVIDER0 {
@@ -266,7 +271,11 @@ impl Engine {
     }
 
     /// Adds a sublayer. Wraps `FwpmSubLayerAdd0` (no security descriptor).
-    pub fn add_sublayer(&self, irql: &PassiveLevel<'_>, sublayer: &Sublayer<'_>) -> Result<(), Status> {
+    pub fn add_sublayer(
+        &self,
+        irql: &PassiveLevel<'_>,
+        sublayer: &Sublayer<'_>,
+    ) -> Result<(), Status> {
         verify(irql);
         let mut display = DisplayData::new(sublayer.name, sublayer.description)?;
         let mut provider = sublayer.provider.map(|key| key.0);
@@ -292,9 +301,10 @@ impl Engine {
     /// runtime id. Wraps `FwpmCalloutAdd0` (no security descriptor).
     ///
     /// Filters can name a callout as their action only once it is added here. Its classify
-    /// function is registered separately (`FwpsCalloutRegister3`), in either order; until then,
-    /// the callout's filters block (or permit, with
-    /// [`PERMIT_IF_CALLOUT_UNREGISTERED`](crate::filter::FilterFlags::PERMIT_IF_CALLOUT_UNREGISTERED)).
+    /// function is registered separately (`FwpsCalloutRegister3`), in either order; while it is
+    /// not registered, a filter that calls it with a terminating or unknown action blocks,
+    /// unless the filter has
+    /// [`PERMIT_IF_CALLOUT_UNREGISTERED`](crate::filter::FilterFlags::PERMIT_IF_CALLOUT_UNREGISTERED).
     pub fn add_callout<L: Layer>(
         &self,
         irql: &PassiveLevel<'_>,
@@ -352,7 +362,8 @@ impl Engine {
         Ok(FilterId::from_raw(id))
     }
 
-    /// Deletes a filter. Wraps `FwpmFilterDeleteById0`.
+    /// Deletes a filter. Wraps `FwpmFilterDeleteById0`. Fails with
+    /// `STATUS_FWP_FILTER_NOT_FOUND` if there is no filter with that id.
     pub fn delete_filter(&self, irql: &PassiveLevel<'_>, id: FilterId) -> Result<(), Status> {
         verify(irql);
         // SAFETY: PASSIVE_LEVEL (the token); the handle is open.
@@ -407,14 +418,19 @@ impl Drop for Engine {
         // only here (`close` does not run this destructor).
         let status = unsafe { sys::FwpmEngineClose0(self.handle) };
         if let Err(error) = Status::from_ntstatus(status) {
-            kd_print!(Error, "wfp-rs: FwpmEngineClose0 failed when an Engine was dropped: {error}\n");
+            kd_print!(
+                Error,
+                "wfp-rs: FwpmEngineClose0 failed when an Engine was dropped: {error}\n"
+            );
         }
     }
 }
 
 impl fmt::Debug for Engine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Engine").field("handle", &self.handle).finish()
+        f.debug_struct("Engine")
+            .field("handle", &self.handle)
+            .finish()
     }
 }
 
@@ -439,7 +455,8 @@ impl Transaction<'_> {
         let this = ManuallyDrop::new(self);
         // SAFETY: PASSIVE_LEVEL (the token); the session's transaction is open (this value
         // stands for it), and `this` is not dropped, so it is ended only here.
-        let committed = Status::from_ntstatus(unsafe { sys::FwpmTransactionCommit0(this.engine.handle) });
+        let committed =
+            Status::from_ntstatus(unsafe { sys::FwpmTransactionCommit0(this.engine.handle) });
         if committed.is_err() {
             // The result is not interesting: if the failed commit already ended the
             // transaction, this reports STATUS_FWP_NO_TXN_IN_PROGRESS.
@@ -485,14 +502,19 @@ impl Drop for Transaction<'_> {
         // and is ended only here (`commit` and `abort` do not run this destructor).
         let status = unsafe { sys::FwpmTransactionAbort0(self.engine.handle) };
         if let Err(error) = Status::from_ntstatus(status) {
-            kd_print!(Error, "wfp-rs: FwpmTransactionAbort0 failed when a Transaction was dropped: {error}\n");
+            kd_print!(
+                Error,
+                "wfp-rs: FwpmTransactionAbort0 failed when a Transaction was dropped: {error}\n"
+            );
         }
     }
 }
 
 impl fmt::Debug for Transaction<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Transaction").field("engine", self.engine).finish()
+        f.debug_struct("Transaction")
+            .field("engine", self.engine)
+            .finish()
     }
 }
 
@@ -621,6 +643,7 @@ impl<'a> Sublayer<'a> {
 /// let callout = CalloutEntry::<AleAuthConnectV4>::new(wfp_rs::guid!("0f1e2d3c-4b5a-4968-8776-a5b4c3d2e141"))
 ///     .name("Connect verdicts (IPv4)");
 /// ```
+#[derive(Clone, Copy)]
 #[must_use = "a callout entry does nothing until it is added with `Engine::add_callout`"]
 pub struct CalloutEntry<'a, L: Layer> {
     key: Guid,
@@ -676,14 +699,6 @@ impl<'a, L: Layer> CalloutEntry<'a, L> {
     }
 }
 
-impl<L: Layer> Clone for CalloutEntry<'_, L> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-
-impl<L: Layer> Copy for CalloutEntry<'_, L> {}
-
 impl<L: Layer> fmt::Debug for CalloutEntry<'_, L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CalloutEntry")
@@ -718,7 +733,7 @@ impl DisplayData {
             description: self
                 .description
                 .as_mut()
-                .map_or(ptr::null_mut(), |text| text.as_mut_ptr()),
+                .map_or(ptr::null_mut(), Vec::as_mut_ptr),
         }
     }
 }
@@ -737,8 +752,16 @@ mod tests {
 
     #[test]
     fn transaction_wait_timeouts_round_up_and_saturate() {
-        let ms = |d| SessionOptions::new().txn_wait_timeout(d).txn_wait_timeout_ms;
-        assert_eq!(SessionOptions::new().txn_wait_timeout_ms, 0, "0: the engine's default");
+        let ms = |d| {
+            SessionOptions::new()
+                .txn_wait_timeout(d)
+                .txn_wait_timeout_ms
+        };
+        assert_eq!(
+            SessionOptions::new().txn_wait_timeout_ms,
+            0,
+            "0: the engine's default"
+        );
         assert_eq!(ms(Duration::ZERO), 1);
         assert_eq!(ms(Duration::from_micros(1)), 1);
         assert_eq!(ms(Duration::from_micros(1500)), 2);
