@@ -155,6 +155,7 @@ fn utf16(text: &str) -> Vec<u16> {
 struct Session(sys::HANDLE);
 
 fn open(dynamic: bool) -> Session {
+    // SAFETY: plain data (integers and pointers), valid when zeroed.
     let mut session: sys::FWPM_SESSION0 = unsafe { core::mem::zeroed() };
     session.flags = if dynamic {
         sys::FWPM_SESSION_FLAG_DYNAMIC
@@ -184,8 +185,8 @@ impl Session {
         sublayer.subLayerKey = key.0;
         sublayer.displayData.name = name.as_mut_ptr();
         sublayer.weight = weight;
-        // SAFETY: valid structure for the call.
         assert_eq!(
+            // SAFETY: valid structure for the call.
             unsafe { sys::FwpmSubLayerAdd0(self.0, &sublayer, core::ptr::null_mut()) },
             0
         );
@@ -198,8 +199,8 @@ impl Session {
         callout.calloutKey = key.0;
         callout.displayData.name = name.as_mut_ptr();
         callout.applicableLayer = L::KEY.0;
-        // SAFETY: valid structure for the call.
         assert_eq!(
+            // SAFETY: valid structure for the call.
             unsafe {
                 sys::FwpmCalloutAdd0(
                     self.0,
@@ -795,6 +796,7 @@ bugcheck_test! {
     fn registering_a_callout_at_dispatch_stops() expects IRQL_NOT_LESS_OR_EQUAL {
         let machine = Machine::new();
         machine.at_dispatch(|_| {
+            // SAFETY: plain data (a GUID, flags and optional function pointers), valid zeroed.
             let callout: sys::FWPS_CALLOUT3 = unsafe { core::mem::zeroed() };
             // SAFETY: deliberately at the wrong IRQL; the simulator stops before using anything.
             unsafe { sys::FwpsCalloutRegister3(core::ptr::null_mut(), &callout, core::ptr::null_mut()) };
@@ -803,3 +805,116 @@ bugcheck_test! {
 }
 
 impl DriverState for Scripted {}
+
+#[test]
+fn bfe_rules_on_names_lifetimes_and_persistence() {
+    let machine = Machine::new();
+    machine.at_passive(|_| {
+        let dynamic = open(true);
+        let other = open(true);
+        let static_session = open(false);
+        // Every object needs a display name.
+        // SAFETY: plain data, valid when zeroed.
+        let mut nameless: sys::FWPM_SUBLAYER0 = unsafe { core::mem::zeroed() };
+        nameless.subLayerKey = LOW.0;
+        // SAFETY: a valid structure for the call.
+        let status = unsafe { sys::FwpmSubLayerAdd0(dynamic.0, &nameless, core::ptr::null_mut()) };
+        assert_eq!(
+            Status::from_ntstatus(status),
+            Err(Status::FWP_NULL_DISPLAY_NAME)
+        );
+        // Another session's dynamic sublayer cannot hold this session's filter, and a static
+        // filter cannot refer to a dynamic sublayer.
+        dynamic.sublayer(HIGH, 0x100);
+        let in_high = FilterSpec::new(sys::FWP_ACTION_BLOCK).in_sublayer(HIGH);
+        assert_eq!(
+            other.filter::<layer::AleAuthConnectV4>(in_high.clone()),
+            Err(Status::FWP_LIFETIME_MISMATCH)
+        );
+        assert_eq!(
+            static_session.filter::<layer::AleAuthConnectV4>(in_high.clone()),
+            Err(Status::FWP_LIFETIME_MISMATCH)
+        );
+        assert!(dynamic.filter::<layer::AleAuthConnectV4>(in_high).is_ok());
+        // A dynamic session cannot add persistent objects.
+        let mut persistent = FilterSpec::new(sys::FWP_ACTION_BLOCK);
+        persistent.flags = sys::FWPM_FILTER_FLAG_PERSISTENT;
+        assert_eq!(
+            dynamic.filter::<layer::AleAuthConnectV4>(persistent),
+            Err(Status::FWP_DYNAMIC_SESSION_IN_PROGRESS)
+        );
+        // A filter cannot be added disabled.
+        let mut disabled = FilterSpec::new(sys::FWP_ACTION_BLOCK);
+        disabled.flags = sys::FWPM_FILTER_FLAG_DISABLED;
+        assert_eq!(
+            dynamic.filter::<layer::AleAuthConnectV4>(disabled),
+            Err(Status::FWP_INVALID_FLAGS)
+        );
+    });
+}
+
+#[test]
+fn a_write_waits_for_another_sessions_transaction() {
+    let machine = Machine::new();
+    // A session that waits at most 1 ms gives up while the other transaction stays open.
+    machine.at_passive(|_| {
+        let holder = open(true);
+        // SAFETY: our handle.
+        assert_eq!(unsafe { sys::FwpmTransactionBegin0(holder.0, 0) }, 0);
+        // SAFETY: plain data, valid when zeroed.
+        let mut impatient: sys::FWPM_SESSION0 = unsafe { core::mem::zeroed() };
+        impatient.txnWaitTimeoutInMSec = 1;
+        let mut handle = core::ptr::null_mut();
+        assert_eq!(
+            // SAFETY: valid arguments.
+            unsafe {
+                sys::FwpmEngineOpen0(
+                    core::ptr::null(),
+                    0xFFFF_FFFF,
+                    core::ptr::null_mut(),
+                    &impatient,
+                    &mut handle,
+                )
+            },
+            0
+        );
+        let impatient = Session(handle);
+        assert_eq!(
+            impatient.filter::<layer::AleAuthConnectV4>(FilterSpec::new(sys::FWP_ACTION_BLOCK)),
+            Err(Status::FWP_TIMEOUT)
+        );
+        // SAFETY: our handle.
+        assert_eq!(unsafe { sys::FwpmTransactionCommit0(holder.0) }, 0);
+        assert!(
+            impatient
+                .filter::<layer::AleAuthConnectV4>(FilterSpec::new(sys::FWP_ACTION_BLOCK))
+                .is_ok()
+        );
+    });
+    // A session with the default wait proceeds once the transaction commits, whichever thread
+    // runs first.
+    let holder_handle = machine.at_passive(|_| {
+        let holder = open(true);
+        // SAFETY: our handle.
+        assert_eq!(unsafe { sys::FwpmTransactionBegin0(holder.0, 0) }, 0);
+        let handle = holder.0 as usize;
+        std::mem::forget(holder);
+        handle
+    });
+    std::thread::scope(|scope| {
+        let waiter = scope.spawn(|| {
+            machine.at_passive(|_| {
+                let session = open(true);
+                session.filter::<layer::AleAuthConnectV4>(FilterSpec::new(sys::FWP_ACTION_BLOCK))
+            })
+        });
+        machine.at_passive(|_| {
+            // SAFETY: the holder's handle, closed here exactly once (its Session was forgotten).
+            unsafe {
+                assert_eq!(sys::FwpmTransactionCommit0(holder_handle as sys::HANDLE), 0);
+                sys::FwpmEngineClose0(holder_handle as sys::HANDLE);
+            }
+        });
+        assert!(waiter.join().unwrap().is_ok());
+    });
+}

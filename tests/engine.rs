@@ -367,8 +367,6 @@ fn deleting_everything_in_reverse_order() {
 }
 
 #[test]
-#[ignore = "the simulator deletes a provider that a sublayer still references (WFP documents \
-            FWP_E_IN_USE: an object cannot be deleted while others reference it)"]
 fn referenced_provider_cannot_be_deleted() {
     let machine = Machine::new();
     machine.at_passive(|irql| {

@@ -1,7 +1,7 @@
 //! Debug output through `DbgPrintEx`.
 //!
 //! In the kernel the text goes to the kernel debugger (or DebugView); in the simulator it is
-//! collected per machine ([`Machine::debug_output`](crate::sim::Machine::debug_output)) and
+//! collected per machine (`wfp_rs::sim::Machine::debug_output`) and
 //! echoed to stderr when `WFP_SIM_ECHO` is set.
 
 use core::fmt::{self, Write};

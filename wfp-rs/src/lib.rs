@@ -11,7 +11,7 @@
 //!   uses, each taking the IRQL token it needs.
 //! - [`sys`]: the raw kernel ABI, with two backends: the real kernel (`nt`, when compiling for
 //!   Windows) and the host simulator (everywhere else, or with the `sim` feature).
-//! - [`sim`] (simulator backend only): boot a simulated machine, load drivers, assert bug checks.
+//! - `sim` (simulator backend only): boot a simulated machine, load drivers, assert bug checks.
 //!
 //! The guides in the repository's `docs/` folder start from the bug this crate was built to
 //! prevent: `FltSendMessage` called from `classifyFn` at `DISPATCH_LEVEL`.

@@ -7,7 +7,7 @@
 //! (`FWPS_FIELD_<LAYER>_<FIELD>`): reading a field a layer does not have is a compile error, not
 //! a wrong index.
 //!
-//! The tables in [`defs`] are transcribed from the WDK 10.0.22621 headers (`km/fwpsk.h` for
+//! The tables in `defs.rs` are transcribed from the WDK 10.0.22621 headers (`km/fwpsk.h` for
 //! runtime layer ids and field indices, `shared/fwpmu.h`/`fwpmk.h` for the layer and condition
 //! GUIDs).
 

@@ -110,6 +110,8 @@ pub(crate) struct Kernel {
     pub wfp: Mutex<super::wfp::Bfe>,
     /// Signalled when a call into a callout finishes (unregistration waits on it).
     pub wfp_idle: Condvar,
+    /// Signalled when a filter engine transaction ends (writers of other sessions wait on it).
+    pub wfp_txn: Condvar,
 }
 
 static NEXT_THREAD_ID: AtomicU64 = AtomicU64::new(1);
@@ -148,6 +150,7 @@ impl Kernel {
             stopped: AtomicBool::new(false),
             wfp: Mutex::new(super::wfp::Bfe::default()),
             wfp_idle: Condvar::new(),
+            wfp_txn: Condvar::new(),
         });
         let mut handles = Vec::with_capacity(workers);
         for index in 0..workers {

@@ -20,6 +20,7 @@ use std::{
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use super::bugcheck::stop;
 use super::kernel::{THREAD, current, irql, level_name, require_irql};
@@ -37,6 +38,9 @@ const ZERO: GUID = GUID {
     Data3: 0,
     Data4: [0; 8],
 };
+
+/// How long a write waits for another session's transaction when the session does not say.
+const DEFAULT_TXN_WAIT: Duration = Duration::from_secs(15);
 
 /// INFERRED: the weight of `FWPM_SUBLAYER_UNIVERSAL`, where filters without a sublayer go.
 pub(crate) const UNIVERSAL_SUBLAYER_WEIGHT: u16 = 0x8000;
@@ -100,11 +104,14 @@ struct FilterRecord {
     raw_context: u64,
     conditions: Vec<Condition>,
     session: usize,
+    provider: Option<GUID>,
 }
 
 #[derive(Clone, Debug)]
 struct Owned<T> {
     session: usize,
+    /// The provider the object names, if any (a provider in use cannot be deleted).
+    provider: Option<GUID>,
     data: T,
 }
 
@@ -119,6 +126,8 @@ struct Objects {
 
 struct Session {
     dynamic: bool,
+    /// How long a write waits for another session's transaction (`None`: forever).
+    txn_wait: Option<Duration>,
 }
 
 struct Transaction {
@@ -186,6 +195,15 @@ fn session_of(bfe: &Bfe, handle: HANDLE) -> Result<usize, NTSTATUS> {
     }
 }
 
+/// Wakes the writers waiting for a transaction when dropped.
+struct WakeTxnWaiters;
+
+impl Drop for WakeTxnWaiters {
+    fn drop(&mut self) {
+        current().wfp_txn.notify_all();
+    }
+}
+
 fn status(result: Result<(), NTSTATUS>) -> NTSTATUS {
     result.err().unwrap_or(STATUS_SUCCESS)
 }
@@ -210,12 +228,18 @@ pub unsafe extern "system" fn FwpmEngineOpen0(
         return Status::INVALID_PARAMETER.raw();
     }
     // SAFETY: null or a valid session per the contract.
-    let dynamic =
-        unsafe { session.as_ref() }.is_some_and(|s| s.flags & FWPM_SESSION_FLAG_DYNAMIC != 0);
+    let options = unsafe { session.as_ref() };
+    let dynamic = options.is_some_and(|s| s.flags & FWPM_SESSION_FLAG_DYNAMIC != 0);
+    // 0 selects BFE's default wait; INFINITE (0xFFFFFFFF) waits forever.
+    let txn_wait = match options.map_or(0, |s| s.txnWaitTimeoutInMSec) {
+        0 => Some(DEFAULT_TXN_WAIT),
+        u32::MAX => None,
+        ms => Some(Duration::from_millis(ms.into())),
+    };
     let handle = with_bfe(|bfe| {
         bfe.next_handle += 1;
         let handle = 0x5E55_0000 + bfe.next_handle;
-        bfe.sessions.insert(handle, Session { dynamic });
+        bfe.sessions.insert(handle, Session { dynamic, txn_wait });
         handle
     });
     // SAFETY: writable per the contract.
@@ -231,6 +255,8 @@ pub unsafe extern "system" fn FwpmEngineOpen0(
 /// None beyond the handle being the caller's.
 pub unsafe extern "system" fn FwpmEngineClose0(engineHandle: HANDLE) -> NTSTATUS {
     require_irql("FwpmEngineClose0", PASSIVE_LEVEL);
+    // Whatever happens, a transaction may have ended: let waiting writers look again.
+    let _wake = WakeTxnWaiters;
     let removed = with_bfe(|bfe| {
         let session = session_of(bfe, engineHandle)?;
         if bfe.txn.as_ref().is_some_and(|t| t.session == session) {
@@ -277,8 +303,9 @@ pub unsafe extern "system" fn FwpmEngineClose0(engineHandle: HANDLE) -> NTSTATUS
 pub unsafe extern "system" fn FwpmTransactionBegin0(engineHandle: HANDLE, flags: u32) -> NTSTATUS {
     let _ = flags;
     require_irql("FwpmTransactionBegin0", PASSIVE_LEVEL);
-    status(with_bfe(|bfe| {
-        let session = session_of(bfe, engineHandle)?;
+    status(with_write(engineHandle, |bfe, session| {
+        // `with_write` waited out other sessions' transactions; a second one of this session is
+        // an error.
         if bfe.txn.is_some() {
             return Err(Status::FWP_TXN_IN_PROGRESS.raw());
         }
@@ -297,6 +324,8 @@ pub unsafe extern "system" fn FwpmTransactionBegin0(engineHandle: HANDLE, flags:
 /// None beyond the handle being the caller's.
 pub unsafe extern "system" fn FwpmTransactionCommit0(engineHandle: HANDLE) -> NTSTATUS {
     require_irql("FwpmTransactionCommit0", PASSIVE_LEVEL);
+    // Whatever happens, a transaction may have ended: let waiting writers look again.
+    let _wake = WakeTxnWaiters;
     status(with_bfe(|bfe| {
         let session = session_of(bfe, engineHandle)?;
         match &bfe.txn {
@@ -316,6 +345,8 @@ pub unsafe extern "system" fn FwpmTransactionCommit0(engineHandle: HANDLE) -> NT
 /// None beyond the handle being the caller's.
 pub unsafe extern "system" fn FwpmTransactionAbort0(engineHandle: HANDLE) -> NTSTATUS {
     require_irql("FwpmTransactionAbort0", PASSIVE_LEVEL);
+    // Whatever happens, a transaction may have ended: let waiting writers look again.
+    let _wake = WakeTxnWaiters;
     let removed = with_bfe(|bfe| {
         let session = session_of(bfe, engineHandle)?;
         match bfe.txn.take() {
@@ -347,11 +378,75 @@ pub unsafe extern "system" fn FwpmTransactionAbort0(engineHandle: HANDLE) -> NTS
     }
 }
 
-/// Checks that `session` may write now: no other session's transaction is open.
-fn writable(bfe: &Bfe, session: usize) -> Result<(), NTSTATUS> {
-    match &bfe.txn {
-        Some(txn) if txn.session != session => Err(Status::FWP_TXN_IN_PROGRESS.raw()),
-        _ => Ok(()),
+/// Runs a write by the session `handle`: waits while another session's transaction is open, up
+/// to the session's transaction wait timeout (`STATUS_FWP_TIMEOUT` then), as BFE does.
+fn with_write<R>(
+    handle: HANDLE,
+    f: impl FnOnce(&mut Bfe, usize) -> Result<R, NTSTATUS>,
+) -> Result<R, NTSTATUS> {
+    let kernel = current();
+    let mut bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
+    let session = session_of(&bfe, handle)?;
+    let deadline = bfe.sessions[&session]
+        .txn_wait
+        .map(|wait| Instant::now() + wait);
+    while bfe.txn.as_ref().is_some_and(|txn| txn.session != session) {
+        bfe = match deadline {
+            None => kernel.wfp_txn.wait(bfe).unwrap_or_else(|p| p.into_inner()),
+            Some(deadline) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(Status::FWP_TIMEOUT.raw());
+                }
+                kernel
+                    .wfp_txn
+                    .wait_timeout(bfe, deadline - now)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            }
+        };
+        // The session may have been closed while this thread waited.
+        session_of(&bfe, handle)?;
+    }
+    f(&mut bfe, session)
+}
+
+/// Whether an object of `session` may refer to one owned by `owner`: a dynamic session's
+/// objects may be referred to only by objects of the same session.
+fn lifetime_ok(bfe: &Bfe, session: usize, owner: usize) -> bool {
+    owner == session || !bfe.sessions.get(&owner).is_some_and(|s| s.dynamic)
+}
+
+/// Checks a reference to provider `key` by a new object of `session`.
+fn check_provider(bfe: &Bfe, session: usize, key: Option<GUID>) -> Result<(), NTSTATUS> {
+    let Some(key) = key else { return Ok(()) };
+    let provider = bfe
+        .objects
+        .providers
+        .get(&key)
+        .ok_or(Status::FWP_PROVIDER_NOT_FOUND.raw())?;
+    if lifetime_ok(bfe, session, provider.session) {
+        Ok(())
+    } else {
+        Err(Status::FWP_LIFETIME_MISMATCH.raw())
+    }
+}
+
+/// Persistent objects outlive every session, so a dynamic session cannot add them.
+fn check_persistence(bfe: &Bfe, session: usize, persistent: bool) -> Result<(), NTSTATUS> {
+    if persistent && bfe.sessions[&session].dynamic {
+        Err(Status::FWP_DYNAMIC_SESSION_IN_PROGRESS.raw())
+    } else {
+        Ok(())
+    }
+}
+
+/// BFE requires a display name on every object.
+fn check_name(display: &FWPM_DISPLAY_DATA0) -> Result<(), NTSTATUS> {
+    if display.name.is_null() {
+        Err(Status::FWP_NULL_DISPLAY_NAME.raw())
+    } else {
+        Ok(())
     }
 }
 
@@ -373,15 +468,24 @@ pub unsafe extern "system" fn FwpmProviderAdd0(
     let Some(provider) = (unsafe { provider.as_ref() }) else {
         return Status::FWP_NULL_POINTER.raw();
     };
-    status(with_bfe(|bfe| {
-        let session = session_of(bfe, engineHandle)?;
-        writable(bfe, session)?;
+    status(with_write(engineHandle, |bfe, session| {
+        check_name(&provider.displayData)?;
+        check_persistence(
+            bfe,
+            session,
+            provider.flags & FWPM_PROVIDER_FLAG_PERSISTENT != 0,
+        )?;
         if bfe.objects.providers.contains_key(&provider.providerKey) {
             return Err(Status::FWP_ALREADY_EXISTS.raw());
         }
-        bfe.objects
-            .providers
-            .insert(provider.providerKey, Owned { session, data: () });
+        bfe.objects.providers.insert(
+            provider.providerKey,
+            Owned {
+                session,
+                provider: None,
+                data: (),
+            },
+        );
         Ok(())
     }))
 }
@@ -400,14 +504,20 @@ pub unsafe extern "system" fn FwpmProviderDeleteByKey0(
     let Some(key) = (unsafe { key.as_ref() }).copied() else {
         return Status::FWP_NULL_POINTER.raw();
     };
-    status(with_bfe(|bfe| {
-        let session = session_of(bfe, engineHandle)?;
-        writable(bfe, session)?;
-        bfe.objects
-            .providers
-            .remove(&key)
-            .map(|_| ())
-            .ok_or(Status::FWP_PROVIDER_NOT_FOUND.raw())
+    status(with_write(engineHandle, |bfe, _session| {
+        if !bfe.objects.providers.contains_key(&key) {
+            return Err(Status::FWP_PROVIDER_NOT_FOUND.raw());
+        }
+        let objects = &bfe.objects;
+        let named = objects.sublayers.values().any(|o| o.provider == Some(key))
+            || objects.callouts.values().any(|o| o.provider == Some(key))
+            || objects.filters.values().any(|f| f.provider == Some(key));
+        if named {
+            // An object cannot be deleted while others refer to it.
+            return Err(Status::FWP_IN_USE.raw());
+        }
+        bfe.objects.providers.remove(&key);
+        Ok(())
     }))
 }
 
@@ -429,22 +539,34 @@ pub unsafe extern "system" fn FwpmSubLayerAdd0(
     };
     // SAFETY: the provider key is null or valid per the contract.
     let provider = unsafe { sublayer.providerKey.as_ref() }.copied();
-    status(with_bfe(|bfe| {
-        let session = session_of(bfe, engineHandle)?;
-        writable(bfe, session)?;
-        if sublayer.subLayerKey == ZERO || bfe.objects.sublayers.contains_key(&sublayer.subLayerKey)
-        {
+    status(with_write(engineHandle, |bfe, session| {
+        check_name(&sublayer.displayData)?;
+        check_persistence(
+            bfe,
+            session,
+            sublayer.flags & FWPM_SUBLAYER_FLAG_PERSISTENT != 0,
+        )?;
+        check_provider(bfe, session, provider)?;
+        let key = if sublayer.subLayerKey == ZERO {
+            // BFE generates a key for a sublayer that has none.
+            bfe.next_handle += 1;
+            GUID {
+                Data1: 0x5AB1_0000,
+                Data2: 0,
+                Data3: 0,
+                Data4: (bfe.next_handle as u64).to_le_bytes(),
+            }
+        } else {
+            sublayer.subLayerKey
+        };
+        if bfe.objects.sublayers.contains_key(&key) {
             return Err(Status::FWP_ALREADY_EXISTS.raw());
         }
-        if let Some(provider) = provider
-            && !bfe.objects.providers.contains_key(&provider)
-        {
-            return Err(Status::FWP_PROVIDER_NOT_FOUND.raw());
-        }
         bfe.objects.sublayers.insert(
-            sublayer.subLayerKey,
+            key,
             Owned {
                 session,
+                provider,
                 data: sublayer.weight,
             },
         );
@@ -466,9 +588,7 @@ pub unsafe extern "system" fn FwpmSubLayerDeleteByKey0(
     let Some(key) = (unsafe { key.as_ref() }).copied() else {
         return Status::FWP_NULL_POINTER.raw();
     };
-    status(with_bfe(|bfe| {
-        let session = session_of(bfe, engineHandle)?;
-        writable(bfe, session)?;
+    status(with_write(engineHandle, |bfe, _session| {
         if !bfe.objects.sublayers.contains_key(&key) {
             return Err(Status::FWP_SUBLAYER_NOT_FOUND.raw());
         }
@@ -497,9 +617,16 @@ pub unsafe extern "system" fn FwpmCalloutAdd0(
     let Some(callout) = (unsafe { callout.as_ref() }) else {
         return Status::FWP_NULL_POINTER.raw();
     };
-    let result = with_bfe(|bfe| {
-        let session = session_of(bfe, engineHandle)?;
-        writable(bfe, session)?;
+    // SAFETY: the provider key is null or valid per the contract.
+    let provider = unsafe { callout.providerKey.as_ref() }.copied();
+    let result = with_write(engineHandle, |bfe, session| {
+        check_name(&callout.displayData)?;
+        check_persistence(
+            bfe,
+            session,
+            callout.flags & FWPM_CALLOUT_FLAG_PERSISTENT != 0,
+        )?;
+        check_provider(bfe, session, provider)?;
         if layer_by_key(&crate::guid::Guid(callout.applicableLayer)).is_none() {
             return Err(Status::FWP_LAYER_NOT_FOUND.raw());
         }
@@ -511,6 +638,7 @@ pub unsafe extern "system" fn FwpmCalloutAdd0(
             callout.calloutKey,
             Owned {
                 session,
+                provider,
                 data: (callout.applicableLayer, callout_id),
             },
         );
@@ -542,9 +670,7 @@ pub unsafe extern "system" fn FwpmCalloutDeleteByKey0(
     let Some(key) = (unsafe { key.as_ref() }).copied() else {
         return Status::FWP_NULL_POINTER.raw();
     };
-    status(with_bfe(|bfe| {
-        let session = session_of(bfe, engineHandle)?;
-        writable(bfe, session)?;
+    status(with_write(engineHandle, |bfe, _session| {
         if !bfe.objects.callouts.contains_key(&key) {
             return Err(Status::FWP_CALLOUT_NOT_FOUND.raw());
         }
@@ -781,7 +907,7 @@ fn match_type_fits(match_type: FWP_MATCH_TYPE, value: &SimValue) -> Result<(), N
         FWP_MATCH_GREATER
         | FWP_MATCH_LESS
         | FWP_MATCH_GREATER_OR_EQUAL
-        | FWP_MATCH_LESS_OR_EQUAL => value.integer().is_some(),
+        | FWP_MATCH_LESS_OR_EQUAL => order_key(value).is_some(),
         FWP_MATCH_RANGE => matches!(value, SimValue::Range(..)),
         FWP_MATCH_FLAGS_ALL_SET | FWP_MATCH_FLAGS_ANY_SET | FWP_MATCH_FLAGS_NONE_SET => {
             value.integer().is_some()
@@ -821,43 +947,60 @@ pub unsafe extern "system" fn FwpmFilterAdd0(
         Ok(record) => record,
         Err(status) => return status,
     };
-    let prepared = with_bfe(|bfe| -> Result<(FilterRecord, Option<Notify>), NTSTATUS> {
-        let session = session_of(bfe, engineHandle)?;
-        writable(bfe, session)?;
-        let mut record = record;
-        record.session = session;
-        if record.sublayer != ZERO && !bfe.objects.sublayers.contains_key(&record.sublayer) {
-            return Err(Status::FWP_SUBLAYER_NOT_FOUND.raw());
-        }
-        if record.key != ZERO && bfe.objects.filters.values().any(|f| f.key == record.key) {
-            return Err(Status::FWP_ALREADY_EXISTS.raw());
-        }
-        let mut notify = None;
-        if record.action & FWP_ACTION_FLAG_CALLOUT != 0 {
-            let Some(callout) = bfe.objects.callouts.get(&record.callout_key) else {
-                return Err(Status::FWP_CALLOUT_NOT_FOUND.raw());
-            };
-            let layer = layer_by_id(record.layer_id).expect("parsed from a known layer");
-            if callout.data.0 != layer.key.0 {
-                return Err(Status::FWP_INCOMPATIBLE_LAYER.raw());
+    let prepared = with_write(
+        engineHandle,
+        |bfe, session| -> Result<(FilterRecord, Option<Notify>), NTSTATUS> {
+            let mut record = record;
+            record.session = session;
+            check_persistence(
+                bfe,
+                session,
+                record.flags & FWPM_FILTER_FLAG_PERSISTENT != 0,
+            )?;
+            check_provider(bfe, session, record.provider)?;
+            if record.sublayer != ZERO {
+                let sublayer = bfe
+                    .objects
+                    .sublayers
+                    .get(&record.sublayer)
+                    .ok_or(Status::FWP_SUBLAYER_NOT_FOUND.raw())?;
+                if !lifetime_ok(bfe, session, sublayer.session) {
+                    return Err(Status::FWP_LIFETIME_MISMATCH.raw());
+                }
             }
-            let callout_id = callout.data.1;
-            notify = begin_call(bfe, callout_id)
-                .and_then(|(call, rt)| rt.notify.map(|f| Notify { call, f }));
-        }
-        bfe.next_filter_id += 1;
-        record.id = bfe.next_filter_id;
-        if record.key == ZERO {
-            // BFE generates a key for a filter that has none.
-            record.key = GUID {
-                Data1: 0x5157_0000,
-                Data2: 0,
-                Data3: 0,
-                Data4: record.id.to_le_bytes(),
-            };
-        }
-        Ok((record, notify))
-    });
+            if record.key != ZERO && bfe.objects.filters.values().any(|f| f.key == record.key) {
+                return Err(Status::FWP_ALREADY_EXISTS.raw());
+            }
+            let mut notify = None;
+            if record.action & FWP_ACTION_FLAG_CALLOUT != 0 {
+                let Some(callout) = bfe.objects.callouts.get(&record.callout_key) else {
+                    return Err(Status::FWP_CALLOUT_NOT_FOUND.raw());
+                };
+                if !lifetime_ok(bfe, session, callout.session) {
+                    return Err(Status::FWP_LIFETIME_MISMATCH.raw());
+                }
+                let layer = layer_by_id(record.layer_id).expect("parsed from a known layer");
+                if callout.data.0 != layer.key.0 {
+                    return Err(Status::FWP_INCOMPATIBLE_LAYER.raw());
+                }
+                let callout_id = callout.data.1;
+                notify = begin_call(bfe, callout_id)
+                    .and_then(|(call, rt)| rt.notify.map(|f| Notify { call, f }));
+            }
+            bfe.next_filter_id += 1;
+            record.id = bfe.next_filter_id;
+            if record.key == ZERO {
+                // BFE generates a key for a filter that has none.
+                record.key = GUID {
+                    Data1: 0x5157_0000,
+                    Data2: 0,
+                    Data3: 0,
+                    Data4: record.id.to_le_bytes(),
+                };
+            }
+            Ok((record, notify))
+        },
+    );
     let (record, notify) = match prepared {
         Ok(prepared) => prepared,
         Err(status) => return status,
@@ -902,6 +1045,11 @@ unsafe fn parse_filter(filter: &FWPM_FILTER0) -> Result<FilterRecord, NTSTATUS> 
     } else {
         ZERO
     };
+    check_name(&filter.displayData)?;
+    if filter.flags & FWPM_FILTER_FLAG_DISABLED != 0 {
+        // A filter cannot be added disabled.
+        return Err(Status::FWP_INVALID_FLAGS.raw());
+    }
     match action {
         FWP_ACTION_PERMIT
         | FWP_ACTION_BLOCK
@@ -975,6 +1123,8 @@ unsafe fn parse_filter(filter: &FWPM_FILTER0) -> Result<FilterRecord, NTSTATUS> 
         },
         conditions,
         session: 0,
+        // SAFETY: the provider key is null or valid per the contract.
+        provider: unsafe { filter.providerKey.as_ref() }.copied(),
     })
 }
 
@@ -986,9 +1136,7 @@ unsafe fn parse_filter(filter: &FWPM_FILTER0) -> Result<FilterRecord, NTSTATUS> 
 /// None beyond the handle being the caller's.
 pub unsafe extern "system" fn FwpmFilterDeleteById0(engineHandle: HANDLE, id: u64) -> NTSTATUS {
     require_irql("FwpmFilterDeleteById0", PASSIVE_LEVEL);
-    let removed = with_bfe(|bfe| {
-        let session = session_of(bfe, engineHandle)?;
-        writable(bfe, session)?;
+    let removed = with_write(engineHandle, |bfe, _session| {
         bfe.objects
             .filters
             .remove(&id)
@@ -1267,39 +1415,67 @@ struct Matched {
     callout: Option<(u32, Option<(Call, FWPS_CALLOUT_CLASSIFY_FN3)>)>,
 }
 
+/// The value as something ordered, for the "sortable" types: integers, byte arrays, blobs and
+/// strings (compared byte by byte, or unit by unit).
+fn order_key(value: &SimValue) -> Option<OrderKey<'_>> {
+    match value {
+        v if v.integer().is_some() => v.integer().map(OrderKey::Integer),
+        SimValue::Bytes16(bytes) => Some(OrderKey::Bytes(bytes)),
+        SimValue::Blob(bytes) => Some(OrderKey::Bytes(bytes)),
+        SimValue::Unicode(units) => Some(OrderKey::Units(units)),
+        _ => None,
+    }
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+enum OrderKey<'a> {
+    Integer(u64),
+    Bytes(&'a [u8]),
+    Units(&'a [u16]),
+}
+
+/// Compares two sortable values of the same type.
+fn compare(value: &SimValue, condition: &SimValue) -> Option<core::cmp::Ordering> {
+    match (order_key(value)?, order_key(condition)?) {
+        (a @ OrderKey::Integer(_), b @ OrderKey::Integer(_))
+        | (a @ OrderKey::Bytes(_), b @ OrderKey::Bytes(_))
+        | (a @ OrderKey::Units(_), b @ OrderKey::Units(_)) => Some(a.cmp(&b)),
+        _ => None,
+    }
+}
+
 fn condition_holds(condition: &Condition, value: &SimValue) -> bool {
+    use core::cmp::Ordering::{Equal, Greater, Less};
     let c = &condition.value;
     match condition.match_type {
         FWP_MATCH_EQUAL => equal(c, value),
         FWP_MATCH_NOT_EQUAL => !matches!(value, SimValue::Empty) && !equal(c, value),
         FWP_MATCH_EQUAL_CASE_INSENSITIVE => match (c, value) {
             (SimValue::Unicode(a), SimValue::Unicode(b)) => {
-                a.len() == b.len()
-                    && a.iter().zip(b).all(|(x, y)| {
-                        let lower = |u: u16| {
-                            if (0x41..=0x5A).contains(&u) {
-                                u + 0x20
-                            } else {
-                                u
-                            }
-                        };
-                        lower(*x) == lower(*y)
-                    })
+                let lower = |u: u16| {
+                    if (0x41..=0x5A).contains(&u) {
+                        u + 0x20
+                    } else {
+                        u
+                    }
+                };
+                a.len() == b.len() && a.iter().zip(b).all(|(x, y)| lower(*x) == lower(*y))
             }
             _ => false,
         },
-        FWP_MATCH_RANGE => match (c, value.integer()) {
-            (SimValue::Range(low, high), Some(v)) => {
-                low.integer().is_some_and(|l| l <= v) && high.integer().is_some_and(|h| v <= h)
+        FWP_MATCH_RANGE => match c {
+            SimValue::Range(low, high) => {
+                matches!(compare(value, low), Some(Greater | Equal))
+                    && matches!(compare(value, high), Some(Less | Equal))
             }
             _ => false,
         },
+        FWP_MATCH_GREATER => compare(value, c) == Some(Greater),
+        FWP_MATCH_LESS => compare(value, c) == Some(Less),
+        FWP_MATCH_GREATER_OR_EQUAL => matches!(compare(value, c), Some(Greater | Equal)),
+        FWP_MATCH_LESS_OR_EQUAL => matches!(compare(value, c), Some(Less | Equal)),
         op => match (value.integer(), c.integer()) {
             (Some(v), Some(c)) => match op {
-                FWP_MATCH_GREATER => v > c,
-                FWP_MATCH_LESS => v < c,
-                FWP_MATCH_GREATER_OR_EQUAL => v >= c,
-                FWP_MATCH_LESS_OR_EQUAL => v <= c,
                 FWP_MATCH_FLAGS_ALL_SET => v & c == c,
                 FWP_MATCH_FLAGS_ANY_SET => v & c != 0,
                 FWP_MATCH_FLAGS_NONE_SET => v & c == 0,
