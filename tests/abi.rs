@@ -437,3 +437,145 @@ fn management_flags_match_windows_sys() {
     );
     assert_no_diffs("FWPM_*_FLAG_* constants", &d);
 }
+
+/// Compares a `GUID` from `windows-sys` with ours.
+fn same_guid(theirs: windows_sys::core::GUID, ours: wfp_rs::Guid) -> bool {
+    let o = ours.raw();
+    theirs.data1 == o.Data1
+        && theirs.data2 == o.Data2
+        && theirs.data3 == o.Data3
+        && theirs.data4 == o.Data4
+}
+
+macro_rules! guid_table {
+    ($trait_:ident :: $const_:ident; $($ours:path => $theirs:ident,)*) => {{
+        let mut diffs = Vec::new();
+        $(
+            let key = <$ours as wfp_rs::layer::$trait_>::$const_;
+            if !same_guid(wfp::$theirs, key) {
+                diffs.push(format!("{}: ours {key}, windows-sys differs", stringify!($theirs)));
+            }
+        )*
+        diffs
+    }};
+}
+
+#[test]
+fn layer_keys_match_windows_sys() {
+    use wfp_rs::layer as l;
+    let diffs = guid_table!(Layer::KEY;
+        l::AleAuthConnectV4 => FWPM_LAYER_ALE_AUTH_CONNECT_V4,
+        l::AleAuthConnectV6 => FWPM_LAYER_ALE_AUTH_CONNECT_V6,
+        l::AleAuthRecvAcceptV4 => FWPM_LAYER_ALE_AUTH_RECV_ACCEPT_V4,
+        l::AleAuthRecvAcceptV6 => FWPM_LAYER_ALE_AUTH_RECV_ACCEPT_V6,
+        l::AleFlowEstablishedV4 => FWPM_LAYER_ALE_FLOW_ESTABLISHED_V4,
+        l::AleFlowEstablishedV6 => FWPM_LAYER_ALE_FLOW_ESTABLISHED_V6,
+        l::OutboundTransportV4 => FWPM_LAYER_OUTBOUND_TRANSPORT_V4,
+        l::OutboundTransportV6 => FWPM_LAYER_OUTBOUND_TRANSPORT_V6,
+        l::InboundTransportV4 => FWPM_LAYER_INBOUND_TRANSPORT_V4,
+        l::InboundTransportV6 => FWPM_LAYER_INBOUND_TRANSPORT_V6,
+        l::AleEndpointClosureV4 => FWPM_LAYER_ALE_ENDPOINT_CLOSURE_V4,
+        l::AleEndpointClosureV6 => FWPM_LAYER_ALE_ENDPOINT_CLOSURE_V6,
+        l::AleConnectRedirectV4 => FWPM_LAYER_ALE_CONNECT_REDIRECT_V4,
+        l::AleConnectRedirectV6 => FWPM_LAYER_ALE_CONNECT_REDIRECT_V6,
+        l::AleResourceAssignmentV4 => FWPM_LAYER_ALE_RESOURCE_ASSIGNMENT_V4,
+        l::AleResourceAssignmentV6 => FWPM_LAYER_ALE_RESOURCE_ASSIGNMENT_V6,
+    );
+    assert_no_diffs("FWPM_LAYER_* keys", &diffs);
+}
+
+#[test]
+fn condition_keys_match_windows_sys() {
+    use wfp_rs::layer::fields as f;
+    let diffs = guid_table!(FieldKind::CONDITION;
+        f::AleAppId => FWPM_CONDITION_ALE_APP_ID,
+        f::AleEffectiveName => FWPM_CONDITION_ALE_EFFECTIVE_NAME,
+        f::AleOriginalAppId => FWPM_CONDITION_ALE_ORIGINAL_APP_ID,
+        f::AlePackageId => FWPM_CONDITION_ALE_PACKAGE_ID,
+        f::AlePromiscuousMode => FWPM_CONDITION_ALE_PROMISCUOUS_MODE,
+        f::AleRemoteMachineId => FWPM_CONDITION_ALE_REMOTE_MACHINE_ID,
+        f::AleRemoteUserId => FWPM_CONDITION_ALE_REMOTE_USER_ID,
+        f::AleSecurityAttributeFqbnValue => FWPM_CONDITION_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE,
+        f::AleUserId => FWPM_CONDITION_ALE_USER_ID,
+        f::ArrivalInterfaceIndex => FWPM_CONDITION_ARRIVAL_INTERFACE_INDEX,
+        f::ArrivalInterfaceType => FWPM_CONDITION_ARRIVAL_INTERFACE_TYPE,
+        f::ArrivalTunnelType => FWPM_CONDITION_ARRIVAL_TUNNEL_TYPE,
+        f::CompartmentId => FWPM_CONDITION_COMPARTMENT_ID,
+        f::CurrentProfileId => FWPM_CONDITION_CURRENT_PROFILE_ID,
+        f::Direction => FWPM_CONDITION_DIRECTION,
+        f::Flags => FWPM_CONDITION_FLAGS,
+        f::InterfaceIndex => FWPM_CONDITION_INTERFACE_INDEX,
+        f::InterfaceQuarantineEpoch => FWPM_CONDITION_INTERFACE_QUARANTINE_EPOCH,
+        f::InterfaceType => FWPM_CONDITION_INTERFACE_TYPE,
+        f::IpArrivalInterface => FWPM_CONDITION_IP_ARRIVAL_INTERFACE,
+        f::IpDestinationAddressType => FWPM_CONDITION_IP_DESTINATION_ADDRESS_TYPE,
+        f::IpLocalAddress => FWPM_CONDITION_IP_LOCAL_ADDRESS,
+        f::IpLocalAddressType => FWPM_CONDITION_IP_LOCAL_ADDRESS_TYPE,
+        f::IpLocalInterface => FWPM_CONDITION_IP_LOCAL_INTERFACE,
+        f::IpLocalPort => FWPM_CONDITION_IP_LOCAL_PORT,
+        f::IpNexthopInterface => FWPM_CONDITION_IP_NEXTHOP_INTERFACE,
+        f::IpProtocol => FWPM_CONDITION_IP_PROTOCOL,
+        f::IpRemoteAddress => FWPM_CONDITION_IP_REMOTE_ADDRESS,
+        f::IpRemotePort => FWPM_CONDITION_IP_REMOTE_PORT,
+        f::IpsecSecurityRealmId => FWPM_CONDITION_IPSEC_SECURITY_REALM_ID,
+        f::LocalInterfaceProfileId => FWPM_CONDITION_LOCAL_INTERFACE_PROFILE_ID,
+        f::NapContext => FWPM_CONDITION_ALE_NAP_CONTEXT,
+        f::NexthopInterfaceIndex => FWPM_CONDITION_NEXTHOP_INTERFACE_INDEX,
+        f::NexthopInterfaceType => FWPM_CONDITION_NEXTHOP_INTERFACE_TYPE,
+        f::NexthopSubInterfaceIndex => FWPM_CONDITION_NEXTHOP_SUB_INTERFACE_INDEX,
+        f::NexthopTunnelType => FWPM_CONDITION_NEXTHOP_TUNNEL_TYPE,
+        f::OriginalIcmpType => FWPM_CONDITION_ORIGINAL_ICMP_TYPE,
+        f::OriginalProfileId => FWPM_CONDITION_ORIGINAL_PROFILE_ID,
+        f::PeerName => FWPM_CONDITION_PEER_NAME,
+        f::ReauthorizeReason => FWPM_CONDITION_REAUTHORIZE_REASON,
+        f::SioFirewallSocketProperty => FWPM_CONDITION_ALE_SIO_FIREWALL_SYSTEM_PORT,
+        f::SubInterfaceIndex => FWPM_CONDITION_SUB_INTERFACE_INDEX,
+        f::TunnelType => FWPM_CONDITION_TUNNEL_TYPE,
+    );
+    assert_no_diffs("FWPM_CONDITION_* keys", &diffs);
+}
+
+/// Runtime layer ids, as transcribed from `FWPS_BUILTIN_LAYERS` in WDK 10.0.22621 `km/fwpsk.h`
+/// (all below 82, so the same in every WDK since Windows 8.1): the table's ids are the header's.
+#[test]
+fn layer_ids_are_the_headers() {
+    let expected: &[(&str, u16)] = &[
+        ("INBOUND_TRANSPORT_V4", 12),
+        ("INBOUND_TRANSPORT_V6", 14),
+        ("OUTBOUND_TRANSPORT_V4", 16),
+        ("OUTBOUND_TRANSPORT_V6", 18),
+        ("ALE_RESOURCE_ASSIGNMENT_V4", 36),
+        ("ALE_RESOURCE_ASSIGNMENT_V6", 38),
+        ("ALE_AUTH_RECV_ACCEPT_V4", 44),
+        ("ALE_AUTH_RECV_ACCEPT_V6", 46),
+        ("ALE_AUTH_CONNECT_V4", 48),
+        ("ALE_AUTH_CONNECT_V6", 50),
+        ("ALE_FLOW_ESTABLISHED_V4", 52),
+        ("ALE_FLOW_ESTABLISHED_V6", 54),
+        ("ALE_ENDPOINT_CLOSURE_V4", 64),
+        ("ALE_ENDPOINT_CLOSURE_V6", 65),
+        ("ALE_CONNECT_REDIRECT_V4", 66),
+        ("ALE_CONNECT_REDIRECT_V6", 67),
+    ];
+    assert_eq!(wfp_rs::layer::ALL_LAYERS.len(), expected.len());
+    for &(name, id) in expected {
+        let layer = wfp_rs::layer::ALL_LAYERS
+            .iter()
+            .find(|l| l.name == name)
+            .unwrap_or_else(|| panic!("{name} missing"));
+        assert_eq!(layer.id, id, "{name}");
+        assert_eq!(wfp_rs::layer::layer_by_id(id).map(|l| l.name), Some(name));
+    }
+    // Spot checks of field indices against the header's FWPS_FIELDS_* enums.
+    use wfp_rs::layer::{AleAuthConnectV4, Field, InboundTransportV4, OutboundTransportV4, fields};
+    assert_eq!(
+        <fields::IpRemoteAddress as Field<OutboundTransportV4>>::INDEX,
+        3
+    );
+    assert_eq!(
+        <fields::IpRemoteAddress as Field<InboundTransportV4>>::INDEX,
+        2
+    );
+    assert_eq!(<fields::AleAppId as Field<AleAuthConnectV4>>::INDEX, 0);
+    assert_eq!(<fields::IpRemotePort as Field<AleAuthConnectV4>>::INDEX, 7);
+}

@@ -918,3 +918,118 @@ fn a_write_waits_for_another_sessions_transaction() {
         assert!(waiter.join().unwrap().is_ok());
     });
 }
+
+// --- whole connections ---------------------------------------------------------------------------
+
+fn outbound(port: u16) -> wfp_rs::sim::Connection {
+    wfp_rs::sim::Connection {
+        pid: 77,
+        app: "\\device\\harddiskvolume3\\apps\\browser.exe".into(),
+        protocol: IpProtocol::Tcp,
+        local: "10.0.0.5:50000".parse().unwrap(),
+        remote: format!("198.51.100.9:{port}").parse().unwrap(),
+        direction: wfp_rs::metadata::Direction::Outbound,
+    }
+}
+
+#[test]
+fn an_outbound_connection_runs_the_layers_in_order_and_stops_at_a_block() {
+    use wfp_rs::sim::AleIrql;
+    let machine = Machine::new();
+    let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+    let connect = register::<layer::AleAuthConnectV4>(
+        &machine,
+        &driver,
+        CALLOUT_A,
+        Scripted::new(Script::Permit),
+    );
+    let transport = register::<layer::OutboundTransportV4>(
+        &machine,
+        &driver,
+        CALLOUT_B,
+        Scripted::new(Script::Permit),
+    );
+    machine.at_passive(|_| {
+        let session = open(true);
+        session.callout::<layer::AleAuthConnectV4>(CALLOUT_A);
+        session.callout::<layer::OutboundTransportV4>(CALLOUT_B);
+        session
+            .filter::<layer::AleAuthConnectV4>(FilterSpec::callout(CALLOUT_A))
+            .unwrap();
+        session
+            .filter::<layer::OutboundTransportV4>(FilterSpec::callout(CALLOUT_B))
+            .unwrap();
+        let mut block = FilterSpec::new(sys::FWP_ACTION_BLOCK);
+        block.weight = 100;
+        block.ports = vec![(sys::FWP_MATCH_EQUAL, 1234)];
+        session.filter::<layer::AleAuthConnectV4>(block).unwrap();
+
+        let allowed = machine.connect(&outbound(443), AleIrql::Passive);
+        let names: Vec<&str> = allowed.layers.iter().map(|(name, _)| *name).collect();
+        assert_eq!(
+            names,
+            [
+                "ALE_RESOURCE_ASSIGNMENT_V4",
+                "ALE_CONNECT_REDIRECT_V4",
+                "ALE_AUTH_CONNECT_V4",
+                "OUTBOUND_TRANSPORT_V4",
+                "ALE_FLOW_ESTABLISHED_V4"
+            ]
+        );
+        assert_eq!(allowed.decision.action, Action::Permit);
+        assert!(allowed.flow_handle.is_some());
+
+        let blocked = machine.connect(&outbound(1234), AleIrql::Dispatch);
+        assert_eq!(blocked.decision.action, Action::Block);
+        assert_eq!(
+            blocked.layers.len(),
+            3,
+            "nothing after ALE_AUTH_CONNECT runs"
+        );
+        assert_eq!(blocked.flow_handle, None);
+    });
+    let at_connect = connect.callout().seen();
+    assert_eq!(
+        at_connect.len(),
+        1,
+        "the heavier static block decided the second connection first"
+    );
+    assert_eq!(at_connect[0].irql, Irql::PASSIVE);
+    assert_eq!(at_connect[0].remote_port, Some(443));
+    assert_eq!(at_connect[0].pid, Some(77));
+    assert_eq!(
+        at_connect[0].app.as_deref(),
+        Some("\\device\\harddiskvolume3\\apps\\browser.exe")
+    );
+    let at_transport = transport.callout().seen();
+    assert_eq!(at_transport.len(), 1);
+    assert_eq!(
+        at_transport[0].irql,
+        Irql::DISPATCH,
+        "transport layers run at DISPATCH_LEVEL"
+    );
+    unregister(&machine, &driver, connect);
+    unregister(&machine, &driver, transport);
+    machine.unload_driver(driver).unwrap();
+}
+
+#[test]
+fn an_inbound_v6_connection_runs_transport_then_recv_accept() {
+    use wfp_rs::sim::AleIrql;
+    let machine = Machine::new();
+    let mut connection = outbound(22);
+    connection.direction = wfp_rs::metadata::Direction::Inbound;
+    connection.local = "[2001:db8::5]:22".parse().unwrap();
+    connection.remote = "[2001:db8::9]:50000".parse().unwrap();
+    let outcome = machine.connect(&connection, AleIrql::Dispatch);
+    let names: Vec<&str> = outcome.layers.iter().map(|(name, _)| *name).collect();
+    assert_eq!(
+        names,
+        [
+            "INBOUND_TRANSPORT_V6",
+            "ALE_AUTH_RECV_ACCEPT_V6",
+            "ALE_FLOW_ESTABLISHED_V6"
+        ]
+    );
+    assert_eq!(outcome.decision.action, Action::Permit);
+}

@@ -29,7 +29,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use crate::bugcheck::{BugCheckCode, verifier};
-use crate::irql::{DispatchLevel, PassiveLevel};
+use crate::irql::{DispatchLevel, Irql, PassiveLevel};
 use crate::pool::PoolTag;
 use crate::status::Status;
 use crate::sys::sim::bugcheck::{STOP_PREFIX, stop};
@@ -824,6 +824,229 @@ impl Machine {
         };
         let verdict =
             kernel::with_context(&self.kernel, irql.0, 0, || engine::classify(&mut incoming));
+        Decision {
+            action: crate::classify::Action::from_raw(verdict.action),
+            hard: verdict.hard,
+            vetoed: verdict.vetoed,
+            absorbed: verdict.absorbed,
+            filter_id: verdict.filter_id,
+        }
+    }
+}
+
+// --- connections ----------------------------------------------------------------------------------
+
+/// A connection attempt by a process, for [`Machine::connect`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Connection {
+    /// The process id.
+    pub pid: u64,
+    /// The process image as an NT path (`\device\harddiskvolume3\...\app.exe`).
+    pub app: String,
+    /// TCP, UDP, ...
+    pub protocol: Protocol,
+    /// The local endpoint.
+    pub local: std::net::SocketAddr,
+    /// The remote endpoint.
+    pub remote: std::net::SocketAddr,
+    /// Whether this process connects out, or accepts a connection in.
+    pub direction: crate::metadata::Direction,
+}
+
+/// At which IRQL [`Machine::connect`] runs the ALE authorization layers. (Transport layers and
+/// ALE_FLOW_ESTABLISHED always run at `DISPATCH_LEVEL`, as in the network stack.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AleIrql {
+    /// `PASSIVE_LEVEL`: a TCP `connect` from the caller's thread.
+    Passive,
+    /// `DISPATCH_LEVEL`: what a callout must always be prepared for.
+    Dispatch,
+}
+
+/// What [`Machine::connect`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectOutcome {
+    /// The final decision: permit only if every layer permitted.
+    pub decision: Decision,
+    /// Each layer classified, in order, with its decision; classification stops at the first
+    /// block.
+    pub layers: Vec<(&'static str, Decision)>,
+    /// The flow handle the connection got, if it was established.
+    pub flow_handle: Option<u64>,
+}
+
+/// The null SID (S-1-0-0): the package id of a process outside an AppContainer.
+const NULL_SID: [u8; 12] = [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+static NEXT_FLOW: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0x0F10_0000);
+
+impl Connection {
+    /// The value field `name` has for this connection at a layer of `version`.
+    fn value(&self, name: &str, version: crate::layer::IpVersion, reauthorize: bool) -> SimValue {
+        let address = |addr: std::net::IpAddr| match (addr, version) {
+            (std::net::IpAddr::V4(v4), crate::layer::IpVersion::V4) => SimValue::U32(u32::from(v4)),
+            (std::net::IpAddr::V6(v6), crate::layer::IpVersion::V6) => {
+                SimValue::Bytes16(v6.octets())
+            }
+            _ => SimValue::Empty,
+        };
+        let mut flags = 0;
+        if self.remote.ip().is_loopback() {
+            flags |= crate::sys::FWP_CONDITION_FLAG_IS_LOOPBACK;
+        }
+        if reauthorize {
+            flags |= crate::sys::FWP_CONDITION_FLAG_IS_REAUTHORIZE;
+        }
+        let direction = match self.direction {
+            crate::metadata::Direction::Outbound => crate::sys::FWP_DIRECTION_OUTBOUND,
+            crate::metadata::Direction::Inbound => crate::sys::FWP_DIRECTION_INBOUND,
+        };
+        match name {
+            "AleAppId" | "AleOriginalAppId" => SimValue::Blob(app_id_bytes(&self.app)),
+            // An opaque token-access blob: the simulator models no security.
+            "AleUserId" => SimValue::TokenAccess(vec![0u8; 16]),
+            "AlePackageId" => SimValue::Sid(NULL_SID.to_vec()),
+            "IpLocalAddress" => address(self.local.ip()),
+            "IpRemoteAddress" => address(self.remote.ip()),
+            "IpLocalPort" => SimValue::U16(self.local.port()),
+            "IpRemotePort" => SimValue::U16(self.remote.port()),
+            "IpProtocol" => SimValue::U8(self.protocol.into()),
+            "Flags" => SimValue::U32(flags),
+            "Direction" => SimValue::U32(direction as u32),
+            // NlatUnicast; the destination address type is unicast too.
+            "IpLocalAddressType" | "IpDestinationAddressType" => SimValue::U8(1),
+            "IpLocalInterface" | "IpArrivalInterface" | "IpNexthopInterface" => {
+                SimValue::U64(0x0006_0000_0100_0000)
+            }
+            "InterfaceIndex" | "ArrivalInterfaceIndex" | "NexthopInterfaceIndex" => {
+                SimValue::U32(2)
+            }
+            "SubInterfaceIndex" | "NexthopSubInterfaceIndex" => SimValue::U32(0),
+            // IF_TYPE_ETHERNET_CSMACD; no tunnel.
+            "InterfaceType" | "ArrivalInterfaceType" | "NexthopInterfaceType" => SimValue::U32(6),
+            "TunnelType" | "ArrivalTunnelType" | "NexthopTunnelType" => SimValue::U32(0),
+            "CompartmentId" => SimValue::U32(1),
+            // NET_FW_PROFILE2_PRIVATE.
+            "CurrentProfileId" | "OriginalProfileId" | "LocalInterfaceProfileId" => {
+                SimValue::U32(2)
+            }
+            "ReauthorizeReason" => SimValue::U32(0),
+            _ => SimValue::Empty,
+        }
+    }
+}
+
+impl Machine {
+    /// Process `connection.pid` opens (or accepts) a connection: runs the layers the network
+    /// stack runs, in order, and stops at the first block.
+    ///
+    /// Outbound: ALE_RESOURCE_ASSIGNMENT (the implicit bind), ALE_CONNECT_REDIRECT,
+    /// ALE_AUTH_CONNECT, OUTBOUND_TRANSPORT (the first packet), ALE_FLOW_ESTABLISHED. Inbound:
+    /// INBOUND_TRANSPORT, ALE_AUTH_RECV_ACCEPT, ALE_FLOW_ESTABLISHED. The IP version follows the
+    /// addresses; the ALE authorization layers run at `ale_irql`, the others at
+    /// `DISPATCH_LEVEL`.
+    pub fn connect(&self, connection: &Connection, ale_irql: AleIrql) -> ConnectOutcome {
+        use crate::layer::*;
+        let v4 = connection.remote.is_ipv4();
+        let ale = match ale_irql {
+            AleIrql::Passive => Irql::PASSIVE,
+            AleIrql::Dispatch => Irql::DISPATCH,
+        };
+        let flow = NEXT_FLOW.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+        let plan: Vec<(u16, Irql, bool)> = match (connection.direction, v4) {
+            (crate::metadata::Direction::Outbound, true) => vec![
+                (AleResourceAssignmentV4::ID, ale, false),
+                (AleConnectRedirectV4::ID, ale, false),
+                (AleAuthConnectV4::ID, ale, false),
+                (OutboundTransportV4::ID, Irql::DISPATCH, true),
+                (AleFlowEstablishedV4::ID, Irql::DISPATCH, true),
+            ],
+            (crate::metadata::Direction::Outbound, false) => vec![
+                (AleResourceAssignmentV6::ID, ale, false),
+                (AleConnectRedirectV6::ID, ale, false),
+                (AleAuthConnectV6::ID, ale, false),
+                (OutboundTransportV6::ID, Irql::DISPATCH, true),
+                (AleFlowEstablishedV6::ID, Irql::DISPATCH, true),
+            ],
+            (crate::metadata::Direction::Inbound, true) => vec![
+                (InboundTransportV4::ID, Irql::DISPATCH, false),
+                (AleAuthRecvAcceptV4::ID, ale, false),
+                (AleFlowEstablishedV4::ID, Irql::DISPATCH, true),
+            ],
+            (crate::metadata::Direction::Inbound, false) => vec![
+                (InboundTransportV6::ID, Irql::DISPATCH, false),
+                (AleAuthRecvAcceptV6::ID, ale, false),
+                (AleFlowEstablishedV6::ID, Irql::DISPATCH, true),
+            ],
+        };
+        let mut layers = Vec::new();
+        for (id, irql, has_flow) in plan {
+            let layer = crate::layer::layer_by_id(id).expect("known layer");
+            let decision =
+                self.classify_connection(layer, connection, irql, has_flow.then_some(flow));
+            layers.push((layer.name, decision));
+            if decision.action != crate::classify::Action::Permit {
+                return ConnectOutcome {
+                    decision,
+                    layers,
+                    flow_handle: None,
+                };
+            }
+        }
+        let decision = layers.last().map(|(_, d)| *d).expect("at least one layer");
+        ConnectOutcome {
+            decision,
+            layers,
+            flow_handle: Some(flow),
+        }
+    }
+
+    /// Classifies `connection` at one layer, with its field values and metadata.
+    fn classify_connection(
+        &self,
+        layer: &'static crate::layer::LayerInfo,
+        connection: &Connection,
+        irql: Irql,
+        flow: Option<u64>,
+    ) -> Decision {
+        use crate::sys::*;
+        let mut values = vec![SimValue::Empty; layer.field_count as usize];
+        for field in layer.fields {
+            values[field.index as usize] = connection.value(field.name, layer.ip_version, false);
+        }
+        let mut path = app_id_bytes(&connection.app);
+        let mut path_blob = FWP_BYTE_BLOB {
+            size: path.len() as u32,
+            data: path.as_mut_ptr(),
+        };
+        // SAFETY: the metadata structure is plain data, valid when zeroed (no bits set).
+        let mut metadata: FWPS_INCOMING_METADATA_VALUES0 = unsafe { core::mem::zeroed() };
+        metadata.currentMetadataValues = FWPS_METADATA_FIELD_PROCESS_ID
+            | FWPS_METADATA_FIELD_PROCESS_PATH
+            | FWPS_METADATA_FIELD_COMPARTMENT_ID
+            | FWPS_METADATA_FIELD_PACKET_DIRECTION;
+        metadata.processId = connection.pid;
+        metadata.processPath = &mut path_blob;
+        metadata.compartmentId = 1;
+        metadata.packetDirection = match connection.direction {
+            crate::metadata::Direction::Outbound => FWP_DIRECTION_OUTBOUND,
+            crate::metadata::Direction::Inbound => FWP_DIRECTION_INBOUND,
+        };
+        if let Some(flow) = flow {
+            metadata.currentMetadataValues |= FWPS_METADATA_FIELD_FLOW_HANDLE;
+            metadata.flowHandle = flow;
+        }
+        let mut incoming = engine::Incoming {
+            layer,
+            values,
+            metadata,
+            layer_data: core::ptr::null_mut(),
+            classify_context: core::ptr::null(),
+            flow_context: 0,
+        };
+        let verdict =
+            kernel::with_context(&self.kernel, irql.0, 0, || engine::classify(&mut incoming));
+        drop(path);
         Decision {
             action: crate::classify::Action::from_raw(verdict.action),
             hard: verdict.hard,
