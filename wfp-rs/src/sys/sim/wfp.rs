@@ -773,14 +773,12 @@ macro_rules! read_common_arms {
                 let array = unsafe { ptr.as_ref() };
                 Some(SimValue::Bytes16(array.ok_or(null)?.byteArray16))
             }
-            // SAFETY: see above (the arm, then the blob it points to).
             FWP_BYTE_BLOB_TYPE => {
                 // SAFETY: see above.
                 let blob = unsafe { u.byteBlob };
                 // SAFETY: see above.
                 Some(SimValue::Blob(unsafe { read_blob(blob) }?))
             }
-            // SAFETY: see above.
             FWP_SECURITY_DESCRIPTOR_TYPE => {
                 // SAFETY: see above.
                 let blob = unsafe { u.sd };
@@ -793,14 +791,12 @@ macro_rules! read_common_arms {
                 // SAFETY: see above.
                 Some(SimValue::TokenAccess(unsafe { read_blob(blob) }?))
             }
-            // SAFETY: see above.
             FWP_SID => {
                 // SAFETY: see above.
                 let sid = unsafe { u.sid };
                 // SAFETY: see above.
                 Some(SimValue::Sid(unsafe { read_sid(sid) }?))
             }
-            // SAFETY: see above.
             FWP_UNICODE_STRING_TYPE => {
                 // SAFETY: see above.
                 let text = unsafe { u.unicodeString };
