@@ -142,7 +142,7 @@ mod leaky {
 
     pub struct Leaky;
     impl DriverState for Leaky {
-        fn unload(&mut self, irql: &mut PassiveLevel<'_>) {
+        fn unload(self, irql: &mut PassiveLevel<'_>) {
             let block = PoolBox::try_new([0u8; 100], PoolTag::new(b"Leak"), irql).unwrap();
             PoolBox::into_raw(block);
         }
@@ -190,7 +190,7 @@ mod state_sees_unload {
 
     pub struct State;
     impl DriverState for State {
-        fn unload(&mut self, _irql: &mut PassiveLevel<'_>) {
+        fn unload(self, _irql: &mut PassiveLevel<'_>) {
             assert_eq!(Irql::current(), Irql::PASSIVE);
             assert_eq!(
                 DROPS.load(Ordering::SeqCst),

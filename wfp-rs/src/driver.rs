@@ -46,9 +46,13 @@ use crate::work_item::WorkQueue;
 ///
 /// It is shared with callbacks that may run on any processor, hence `Send + Sync`.
 pub trait DriverState: Send + Sync + 'static {
-    /// Called at `PASSIVE_LEVEL` when the driver unloads, before the state is dropped. The
-    /// default does nothing; `Drop` implementations of the fields run afterwards.
-    fn unload(&mut self, irql: &mut PassiveLevel<'_>) {
+    /// Called at `PASSIVE_LEVEL` when the driver unloads, with the state by value, so teardown
+    /// can consume its parts in order (`Engine::close(self, ..)`,
+    /// `CalloutRegistration::unregister(self, ..)`). The default drops the state.
+    fn unload(self, irql: &mut PassiveLevel<'_>)
+    where
+        Self: Sized,
+    {
         let _ = irql;
     }
 }
@@ -384,7 +388,7 @@ unsafe extern "system" fn unload_trampoline<D: DriverState>(
     extension.shared.wait_for_jobs(&mut irql);
     {
         // SAFETY: the state was written in `start` and is read out exactly once, here.
-        let mut state = unsafe { extension.state.assume_init_read() };
+        let state = unsafe { extension.state.assume_init_read() };
         state.unload(&mut irql);
     }
     // SAFETY: the state is gone; this is the single teardown.

@@ -35,7 +35,7 @@ pub struct Minimal {
 }
 
 impl DriverState for Minimal {
-    fn unload(&mut self, irql: &mut PassiveLevel<'_>) {
+    fn unload(self, irql: &mut PassiveLevel<'_>) {
         let hits = *self.hits.lock(irql);
         kd_print!("minimal-driver: unloading after {hits} work item(s)\n");
     }

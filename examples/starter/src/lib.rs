@@ -106,21 +106,14 @@ where
 
 /// What the driver keeps while it is loaded.
 pub struct Starter {
-    // An `Option` because unload consumes the parts, in order, from `&mut self`.
-    filtering: Option<Filtering>,
-}
-
-struct Filtering {
     engine: Engine,
     v4: CalloutRegistration<AleAuthConnectV4, ConnectPolicy>,
     v6: CalloutRegistration<AleAuthConnectV6, ConnectPolicy>,
 }
 
 impl DriverState for Starter {
-    fn unload(&mut self, irql: &mut PassiveLevel<'_>) {
-        let Some(Filtering { engine, v4, v6 }) = self.filtering.take() else {
-            return;
-        };
+    fn unload(self, irql: &mut PassiveLevel<'_>) {
+        let Starter { engine, v4, v6 } = self;
         // The filters go first, with the dynamic session: a terminating filter whose callout
         // is unregistered blocks everything it matches.
         if let Err(status) = engine.close(irql) {
@@ -160,9 +153,7 @@ fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<Starter
     txn.commit(irql)?;
 
     kd_print!("starter: watching outbound TCP connections, blocking port {BLOCKED_PORT}\n");
-    Ok(Starter {
-        filtering: Some(Filtering { engine, v4, v6 }),
-    })
+    Ok(Starter { engine, v4, v6 })
 }
 
 /// Adds the callout entry `callout` at layer `L` and the filter `filter` that hands it every
