@@ -1033,3 +1033,186 @@ fn an_inbound_v6_connection_runs_transport_then_recv_accept() {
     );
     assert_eq!(outcome.decision.action, Action::Permit);
 }
+
+// --- typed values at every layer, from whole connections ----------------------------------------
+
+/// Records the typed local endpoint and protocol at any layer that has those fields.
+struct Endpoints {
+    seen: Mutex<Vec<(u16, std::net::IpAddr, u16, IpProtocol)>>,
+}
+
+impl<L: Layer> Callout<L> for Endpoints
+where
+    L::Address: Into<std::net::IpAddr>,
+    fields::IpLocalAddress: layer::Field<L>,
+    fields::IpLocalPort: layer::Field<L>,
+    fields::IpProtocol: layer::Field<L>,
+{
+    fn classify(&self, _irql: &mut DispatchLevel<'_>, c: &mut Classify<'_, L>) {
+        let address = c
+            .values
+            .get::<fields::IpLocalAddress>()
+            .expect("typed local address");
+        let port = c
+            .values
+            .get::<fields::IpLocalPort>()
+            .expect("typed local port");
+        let protocol = c
+            .values
+            .get::<fields::IpProtocol>()
+            .expect("typed protocol");
+        self.seen
+            .lock()
+            .unwrap()
+            .push((L::ID, address.into(), port, protocol));
+        let _ = c.out.permit();
+    }
+}
+
+#[test]
+fn every_layer_delivers_the_connections_typed_values() {
+    use wfp_rs::metadata::Direction;
+    use wfp_rs::sim::{AleIrql, Connection};
+    let machine = Machine::new();
+    let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+    let session = std::cell::RefCell::new(None);
+    macro_rules! watch {
+        ($($layer:ident = $n:literal),*) => {{
+            let mut registrations: Vec<Box<dyn core::any::Any>> = Vec::new();
+            $(
+                let key = Guid::from_fields(0x4000_0000 + $n, 0, 0, [0; 8]);
+                let registration = driver
+                    .run_in_driver(&machine, |irql, d| {
+                        CalloutRegistration::<layer::$layer, _>::register(irql, d, key, Endpoints { seen: Mutex::new(Vec::new()) }).unwrap()
+                    })
+                    .unwrap();
+                machine.at_passive(|_| {
+                    let mut slot = session.borrow_mut();
+                    let engine = slot.get_or_insert_with(|| open(true));
+                    engine.callout::<layer::$layer>(key);
+                    let mut spec = FilterSpec::callout(key);
+                    spec.action = sys::FWP_ACTION_CALLOUT_INSPECTION;
+                    engine.filter::<layer::$layer>(spec).unwrap();
+                });
+                registrations.push(Box::new(registration));
+            )*
+            registrations
+        }};
+    }
+    let registrations = watch!(
+        AleAuthConnectV4 = 1,
+        AleAuthConnectV6 = 2,
+        AleAuthRecvAcceptV4 = 3,
+        AleAuthRecvAcceptV6 = 4,
+        AleFlowEstablishedV4 = 5,
+        AleFlowEstablishedV6 = 6,
+        OutboundTransportV4 = 7,
+        OutboundTransportV6 = 8,
+        InboundTransportV4 = 9,
+        InboundTransportV6 = 10,
+        AleEndpointClosureV4 = 11,
+        AleEndpointClosureV6 = 12,
+        AleConnectRedirectV4 = 13,
+        AleConnectRedirectV6 = 14,
+        AleResourceAssignmentV4 = 15,
+        AleResourceAssignmentV6 = 16
+    );
+    let connections = [
+        ("10.1.1.1:40001", "203.0.113.5:443", Direction::Outbound),
+        (
+            "[2001:db8::a]:40002",
+            "[2001:db8::b]:443",
+            Direction::Outbound,
+        ),
+        ("10.1.1.1:8080", "203.0.113.6:51000", Direction::Inbound),
+        (
+            "[2001:db8::a]:8081",
+            "[2001:db8::c]:51001",
+            Direction::Inbound,
+        ),
+    ];
+    machine.at_passive(|_| {
+        for (local, remote, direction) in connections {
+            let connection = Connection {
+                pid: 9,
+                app: "\\device\\harddiskvolume1\\svc.exe".into(),
+                protocol: IpProtocol::Tcp,
+                local: local.parse().unwrap(),
+                remote: remote.parse().unwrap(),
+                direction,
+            };
+            let outcome = machine.connect(&connection, AleIrql::Dispatch);
+            assert_eq!(outcome.decision.action, Action::Permit);
+            let flow = outcome.flow_handle.expect("established");
+            let opposite = if direction == Direction::Outbound {
+                Direction::Inbound
+            } else {
+                Direction::Outbound
+            };
+            assert_eq!(
+                machine.packet(&connection, flow, opposite).action,
+                Action::Permit
+            );
+            assert_eq!(machine.close(&connection).action, Action::Permit);
+        }
+        drop(session.borrow_mut().take());
+    });
+    // Every layer saw every connection that crosses it, with the connection's local endpoint.
+    let mut total = 0;
+    for registration in &registrations {
+        let seen = if let Some(r) =
+            registration.downcast_ref::<CalloutRegistration<layer::AleAuthConnectV4, Endpoints>>()
+        {
+            r.callout().seen.lock().unwrap().clone()
+        } else {
+            macro_rules! find {
+                ($($layer:ident),*) => {{
+                    let mut found = None;
+                    $(
+                        if let Some(r) = registration.downcast_ref::<CalloutRegistration<layer::$layer, Endpoints>>() {
+                            found = Some(r.callout().seen.lock().unwrap().clone());
+                        }
+                    )*
+                    found.expect("a registration of a known layer")
+                }};
+            }
+            find!(
+                AleAuthConnectV6,
+                AleAuthRecvAcceptV4,
+                AleAuthRecvAcceptV6,
+                AleFlowEstablishedV4,
+                AleFlowEstablishedV6,
+                OutboundTransportV4,
+                OutboundTransportV6,
+                InboundTransportV4,
+                InboundTransportV6,
+                AleEndpointClosureV4,
+                AleEndpointClosureV6,
+                AleConnectRedirectV4,
+                AleConnectRedirectV6,
+                AleResourceAssignmentV4,
+                AleResourceAssignmentV6
+            )
+        };
+        assert!(!seen.is_empty(), "a layer saw nothing");
+        for (layer_id, address, port, protocol) in &seen {
+            let matching = connections.iter().any(|(local, _, _)| {
+                let local: std::net::SocketAddr = local.parse().unwrap();
+                local.ip() == *address && local.port() == *port
+            });
+            assert!(
+                matching,
+                "layer {layer_id} saw {address}:{port}, which is no connection's local endpoint"
+            );
+            assert_eq!(*protocol, IpProtocol::Tcp);
+        }
+        total += seen.len();
+    }
+    // Outbound: 5 layers + 1 inbound packet + closure; inbound: 3 layers + 1 outbound packet +
+    // closure; for each IP version.
+    assert_eq!(total, 2 * (5 + 1 + 1) + 2 * (3 + 1 + 1));
+    // Dropped as the driver's own code would drop them: at PASSIVE_LEVEL, inside the machine.
+    driver.run_in_driver(&machine, |_, _| drop(registrations));
+    machine.unload_driver(driver).unwrap();
+    assert!(machine.pool_blocks().is_empty());
+}

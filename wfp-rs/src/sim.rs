@@ -1001,6 +1001,40 @@ impl Machine {
         }
     }
 
+    /// A packet of an established connection crosses the transport layer: OUTBOUND_TRANSPORT
+    /// when `direction` is outbound, INBOUND_TRANSPORT otherwise, at `DISPATCH_LEVEL`, with the
+    /// connection's values and its flow handle.
+    pub fn packet(
+        &self,
+        connection: &Connection,
+        flow_handle: u64,
+        direction: crate::metadata::Direction,
+    ) -> Decision {
+        use crate::layer::*;
+        let id = match (direction, connection.remote.is_ipv4()) {
+            (crate::metadata::Direction::Outbound, true) => OutboundTransportV4::ID,
+            (crate::metadata::Direction::Outbound, false) => OutboundTransportV6::ID,
+            (crate::metadata::Direction::Inbound, true) => InboundTransportV4::ID,
+            (crate::metadata::Direction::Inbound, false) => InboundTransportV6::ID,
+        };
+        let layer = layer_by_id(id).expect("known layer");
+        let mut packet = connection.clone();
+        packet.direction = direction;
+        self.classify_connection(layer, &packet, Irql::DISPATCH, Some(flow_handle))
+    }
+
+    /// The connection's endpoint closes: ALE_ENDPOINT_CLOSURE at `PASSIVE_LEVEL`.
+    pub fn close(&self, connection: &Connection) -> Decision {
+        use crate::layer::*;
+        let id = if connection.remote.is_ipv4() {
+            AleEndpointClosureV4::ID
+        } else {
+            AleEndpointClosureV6::ID
+        };
+        let layer = layer_by_id(id).expect("known layer");
+        self.classify_connection(layer, connection, Irql::PASSIVE, None)
+    }
+
     /// Classifies `connection` at one layer, with its field values and metadata.
     fn classify_connection(
         &self,
