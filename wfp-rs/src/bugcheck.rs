@@ -56,6 +56,8 @@ codes! {
     WORKER_THREAD_RETURNED_AT_BAD_IRQL = 0xE1;
     /// 0xE4: a work item was queued twice, or freed while queued.
     WORKER_INVALID = 0xE4;
+    /// 0x1D3: a WFP callout performed an invalid operation.
+    WFP_INVALID_OPERATION = 0x1D3;
 }
 
 impl fmt::Debug for BugCheckCode {

@@ -39,6 +39,7 @@ pub mod guid;
 pub mod irql;
 pub mod layer;
 pub mod metadata;
+pub mod pend;
 pub mod pool;
 pub mod spin_lock;
 pub mod status;

@@ -299,6 +299,23 @@ impl Machine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .callouts_of(driver.object);
+        let pends = self
+            .kernel
+            .wfp
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pends_of(driver.object);
+        if pends > 0 {
+            drop(state);
+            stop(
+                BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS,
+                [0, 0, 0, 0],
+                &format!(
+                    "driver {} unloaded with {pends} pended classification(s) not completed",
+                    driver.name
+                ),
+            );
+        }
         if !callouts.is_empty() {
             drop(state);
             stop(
@@ -720,6 +737,8 @@ pub struct ClassifyRequest<L: Layer> {
     values: Vec<SimValue>,
     metadata: crate::sys::FWPS_INCOMING_METADATA_VALUES0,
     process_path: Option<Box<(Vec<u8>, crate::sys::FWP_BYTE_BLOB)>>,
+    pendable: bool,
+    reauthorization: bool,
     _layer: core::marker::PhantomData<L>,
 }
 
@@ -747,6 +766,8 @@ impl<L: Layer> ClassifyRequest<L> {
             // when zeroed: no metadata bits are set.
             metadata: unsafe { core::mem::zeroed() },
             process_path: None,
+            pendable: false,
+            reauthorization: false,
             _layer: core::marker::PhantomData,
         }
     }
@@ -781,6 +802,21 @@ impl<L: Layer> ClassifyRequest<L> {
         self
     }
 
+    /// Gives the classification a completion handle (`FWPS_METADATA_FIELD_COMPLETION_HANDLE`),
+    /// so a callout may pend it, as at ALE_AUTH_CONNECT and ALE_AUTH_RECV_ACCEPT.
+    pub fn pendable(mut self) -> Self {
+        self.pendable = true;
+        self
+    }
+
+    /// Marks the classification as a reauthorization: pending is refused
+    /// (`STATUS_FWP_CANNOT_PEND`). Set the `IS_REAUTHORIZE` flag field yourself if the layer has
+    /// one.
+    pub fn reauthorization(mut self) -> Self {
+        self.reauthorization = true;
+        self
+    }
+
     /// Sets the flow handle metadata (`FWPS_METADATA_FIELD_FLOW_HANDLE`).
     pub fn flow_handle(mut self, handle: u64) -> Self {
         self.metadata.flowHandle = handle;
@@ -802,6 +838,37 @@ pub struct Decision {
     pub absorbed: bool,
     /// The filter that decided, if any.
     pub filter_id: Option<u64>,
+    /// Set if a callout pended the classification (`FwpsPendOperation0`).
+    pub pending: Option<Pending>,
+}
+
+/// A classification a callout pended; see [`Machine::is_pending`] and
+/// [`Machine::wait_for_completion`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pending(usize);
+
+impl Machine {
+    /// Whether the pended classification is still waiting for `FwpsCompleteOperation0`.
+    pub fn is_pending(&self, pending: Pending) -> bool {
+        self.run(|| engine::is_pending(pending.0))
+    }
+
+    /// Waits until the driver completes the pended classification (as the network stack holds a
+    /// connection until then).
+    pub fn wait_for_completion(&self, pending: Pending) {
+        self.run(|| engine::wait_for_completion(pending.0));
+    }
+
+    fn decision(verdict: engine::Verdict) -> Decision {
+        Decision {
+            action: crate::classify::Action::from_raw(verdict.action),
+            hard: verdict.hard,
+            vetoed: verdict.vetoed,
+            absorbed: verdict.absorbed,
+            filter_id: verdict.filter_id,
+            pending: verdict.pended.map(Pending),
+        }
+    }
 }
 
 impl Machine {
@@ -821,16 +888,12 @@ impl Machine {
             layer_data: core::ptr::null_mut(),
             classify_context: core::ptr::null(),
             flow_context: 0,
+            pendable: request.pendable,
+            reauthorization: request.reauthorization,
         };
         let verdict =
             kernel::with_context(&self.kernel, irql.0, 0, || engine::classify(&mut incoming));
-        Decision {
-            action: crate::classify::Action::from_raw(verdict.action),
-            hard: verdict.hard,
-            vetoed: verdict.vetoed,
-            absorbed: verdict.absorbed,
-            filter_id: verdict.filter_id,
-        }
+        Machine::decision(verdict)
     }
 }
 
@@ -873,6 +936,10 @@ pub struct ConnectOutcome {
     pub layers: Vec<(&'static str, Decision)>,
     /// The flow handle the connection got, if it was established.
     pub flow_handle: Option<u64>,
+    /// Whether a callout pended an authorization (the connection waited for its completion;
+    /// at ALE_AUTH_CONNECT `layers` then lists the layer twice: the pended classification and
+    /// the reauthorization).
+    pub pended: bool,
 }
 
 /// The null SID (S-1-0-0): the package id of a process outside an AppContainer.
@@ -980,16 +1047,36 @@ impl Machine {
             ],
         };
         let mut layers = Vec::new();
+        let mut pended = false;
         for (id, irql, has_flow) in plan {
             let layer = crate::layer::layer_by_id(id).expect("known layer");
-            let decision =
-                self.classify_connection(layer, connection, irql, has_flow.then_some(flow));
+            let mut decision =
+                self.classify_connection(layer, connection, irql, has_flow.then_some(flow), false);
+            if let Some(pending) = decision.pending {
+                // The stack holds the connection until the callout completes the pend.
+                pended = true;
+                layers.push((layer.name, decision));
+                self.wait_for_completion(pending);
+                if layer.name.starts_with("ALE_AUTH_RECV_ACCEPT") {
+                    // No reauthorization at RECV_ACCEPT: the absorbed packet is gone unless the
+                    // callout reinjects a clone (not simulated yet), so this attempt fails.
+                    return ConnectOutcome {
+                        decision,
+                        layers,
+                        flow_handle: None,
+                        pended,
+                    };
+                }
+                // Completing at ALE_AUTH_CONNECT makes the stack classify the connection again.
+                decision = self.classify_connection(layer, connection, irql, None, true);
+            }
             layers.push((layer.name, decision));
             if decision.action != crate::classify::Action::Permit {
                 return ConnectOutcome {
                     decision,
                     layers,
                     flow_handle: None,
+                    pended,
                 };
             }
         }
@@ -998,6 +1085,7 @@ impl Machine {
             decision,
             layers,
             flow_handle: Some(flow),
+            pended,
         }
     }
 
@@ -1020,7 +1108,7 @@ impl Machine {
         let layer = layer_by_id(id).expect("known layer");
         let mut packet = connection.clone();
         packet.direction = direction;
-        self.classify_connection(layer, &packet, Irql::DISPATCH, Some(flow_handle))
+        self.classify_connection(layer, &packet, Irql::DISPATCH, Some(flow_handle), false)
     }
 
     /// The connection's endpoint closes: ALE_ENDPOINT_CLOSURE at `PASSIVE_LEVEL`.
@@ -1032,7 +1120,7 @@ impl Machine {
             AleEndpointClosureV6::ID
         };
         let layer = layer_by_id(id).expect("known layer");
-        self.classify_connection(layer, connection, Irql::PASSIVE, None)
+        self.classify_connection(layer, connection, Irql::PASSIVE, None, false)
     }
 
     /// Classifies `connection` at one layer, with its field values and metadata.
@@ -1042,11 +1130,13 @@ impl Machine {
         connection: &Connection,
         irql: Irql,
         flow: Option<u64>,
+        reauthorization: bool,
     ) -> Decision {
         use crate::sys::*;
         let mut values = vec![SimValue::Empty; layer.field_count as usize];
         for field in layer.fields {
-            values[field.index as usize] = connection.value(field.name, layer.ip_version, false);
+            values[field.index as usize] =
+                connection.value(field.name, layer.ip_version, reauthorization);
         }
         let mut path = app_id_bytes(&connection.app);
         let mut path_blob = FWP_BYTE_BLOB {
@@ -1077,16 +1167,19 @@ impl Machine {
             layer_data: core::ptr::null_mut(),
             classify_context: core::ptr::null(),
             flow_context: 0,
+            // The layers where the stack hands callouts a completion handle.
+            pendable: matches!(
+                layer.name,
+                "ALE_AUTH_CONNECT_V4"
+                    | "ALE_AUTH_CONNECT_V6"
+                    | "ALE_AUTH_RECV_ACCEPT_V4"
+                    | "ALE_AUTH_RECV_ACCEPT_V6"
+            ),
+            reauthorization,
         };
         let verdict =
             kernel::with_context(&self.kernel, irql.0, 0, || engine::classify(&mut incoming));
         drop(path);
-        Decision {
-            action: crate::classify::Action::from_raw(verdict.action),
-            hard: verdict.hard,
-            vetoed: verdict.vetoed,
-            absorbed: verdict.absorbed,
-            filter_id: verdict.filter_id,
-        }
+        Machine::decision(verdict)
     }
 }

@@ -206,3 +206,11 @@ unsafe extern "system" {
     ) -> NTSTATUS;
     pub fn FwpmFilterDeleteById0(engineHandle: HANDLE, id: u64) -> NTSTATUS;
 }
+
+// Pending (fwpsk.h). Both at IRQL <= DISPATCH_LEVEL.
+#[link(name = "fwpkclnt.sys", kind = "raw-dylib", modifiers = "+verbatim")]
+unsafe extern "system" {
+    pub fn FwpsPendOperation0(completionHandle: HANDLE, completionContext: *mut HANDLE)
+    -> NTSTATUS;
+    pub fn FwpsCompleteOperation0(completionContext: HANDLE, netBufferList: PVOID);
+}

@@ -112,6 +112,8 @@ pub(crate) struct Kernel {
     pub wfp_idle: Condvar,
     /// Signalled when a filter engine transaction ends (writers of other sessions wait on it).
     pub wfp_txn: Condvar,
+    /// Signalled when a pended classification is completed.
+    pub wfp_pend: Condvar,
 }
 
 static NEXT_THREAD_ID: AtomicU64 = AtomicU64::new(1);
@@ -151,6 +153,7 @@ impl Kernel {
             wfp: Mutex::new(super::wfp::Bfe::default()),
             wfp_idle: Condvar::new(),
             wfp_txn: Condvar::new(),
+            wfp_pend: Condvar::new(),
         });
         let mut handles = Vec::with_capacity(workers);
         for index in 0..workers {

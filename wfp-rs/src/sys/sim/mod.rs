@@ -44,5 +44,6 @@ pub mod exports {
         FwpmFilterAdd0, FwpmFilterDeleteById0, FwpmProviderAdd0, FwpmProviderDeleteByKey0,
         FwpmSubLayerAdd0, FwpmSubLayerDeleteByKey0, FwpmTransactionAbort0, FwpmTransactionBegin0,
         FwpmTransactionCommit0, FwpsCalloutRegister3, FwpsCalloutUnregisterById0,
+        FwpsCompleteOperation0, FwpsPendOperation0,
     };
 }

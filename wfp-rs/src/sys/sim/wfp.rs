@@ -155,6 +155,24 @@ pub(crate) struct Bfe {
     objects: Objects,
     callout_ids: HashMap<GUID, u32>,
     runtime: HashMap<u32, RuntimeCallout>,
+    next_pend: usize,
+    /// Completion handles of classifications in progress (valid only during the classify).
+    completion_handles: HashMap<usize, CompletionHandle>,
+    /// Pended classifications, by completion context.
+    pends: HashMap<usize, Pend>,
+}
+
+/// A completion handle handed to callouts in `FWPS_INCOMING_METADATA_VALUES0`.
+struct CompletionHandle {
+    reauthorization: bool,
+    pended: Option<usize>,
+}
+
+/// A classification a callout pended with `FwpsPendOperation0`.
+pub(crate) struct Pend {
+    /// The driver that pended it.
+    pub driver: usize,
+    pub completed: bool,
 }
 
 impl Bfe {
@@ -168,6 +186,14 @@ impl Bfe {
             .callout_ids
             .entry(key)
             .or_insert_with(|| NEXT_CALLOUT_ID.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The pends `driver` has not completed (checked at unload).
+    pub(crate) fn pends_of(&self, driver: usize) -> usize {
+        self.pends
+            .values()
+            .filter(|p| p.driver == driver && !p.completed)
+            .count()
     }
 
     /// The keys of the callouts `driver` still has registered (checked at unload).
@@ -1392,6 +1418,8 @@ pub(crate) struct Verdict {
     pub absorbed: bool,
     /// The filter that decided, if any did.
     pub filter_id: Option<u64>,
+    /// The completion context, if a callout pended the classification.
+    pub pended: Option<usize>,
 }
 
 /// The incoming values and metadata of one classification, owned; the raw structures handed to
@@ -1403,6 +1431,10 @@ pub(crate) struct Incoming {
     pub layer_data: PVOID,
     pub classify_context: *const core::ffi::c_void,
     pub flow_context: u64,
+    /// Whether the layer lets callouts pend (a completion handle goes in the metadata).
+    pub pendable: bool,
+    /// Whether this is the reauthorization after a completed pend (pending is refused).
+    pub reauthorization: bool,
 }
 
 struct Matched {
@@ -1678,6 +1710,24 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
             .collect()
     });
 
+    let completion_handle = incoming.pendable.then(|| {
+        with_bfe(|bfe| {
+            bfe.next_pend += 1;
+            let handle = 0xC0A1_0000 + bfe.next_pend;
+            bfe.completion_handles.insert(
+                handle,
+                CompletionHandle {
+                    reauthorization: incoming.reauthorization,
+                    pended: None,
+                },
+            );
+            handle
+        })
+    });
+    if let Some(handle) = completion_handle {
+        incoming.metadata.currentMetadataValues |= FWPS_METADATA_FIELD_COMPLETION_HANDLE;
+        incoming.metadata.completionHandle = handle as HANDLE;
+    }
     let mut storage = ValueStorage::new(&incoming.values);
     let fixed = FWPS_INCOMING_VALUES0 {
         layerId: layer.id,
@@ -1686,6 +1736,7 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
     };
 
     let mut current = Verdict {
+        pended: None,
         action: FWP_ACTION_NONE,
         hard: false,
         vetoed: false,
@@ -1792,6 +1843,7 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
         {
             {
                 current = Verdict {
+                    pended: None,
                     action,
                     hard,
                     vetoed: vetoed || current.vetoed,
@@ -1805,6 +1857,11 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
     if current.action == FWP_ACTION_NONE {
         // INFERRED: no filter decided, so the traffic is permitted.
         current.action = FWP_ACTION_PERMIT;
+    }
+    // The completion handle is valid only during the classification.
+    if let Some(handle) = completion_handle {
+        current.pended =
+            with_bfe(|bfe| bfe.completion_handles.remove(&handle)).and_then(|h| h.pended);
     }
     current
 }
@@ -1866,4 +1923,105 @@ fn call_classify(
         out.rights,
         out.flags & FWPS_CLASSIFY_OUT_FLAG_ABSORB != 0,
     )
+}
+
+// --- pending -------------------------------------------------------------------------------------
+
+/// What `FwpsCompleteOperation0` on a context that is not pending means: on Windows the context
+/// was freed by the first completion, and the second one corrupts memory. Windows documents no
+/// stop code for it; the simulator stops with WFP's own, parameter 1 marking this rule.
+pub(crate) const INVALID_COMPLETION: usize = 0x8000_0001;
+
+/// `FwpsPendOperation0`: pends the classification whose completion handle this is. Only during
+/// the classification, and not during a reauthorization (`STATUS_FWP_CANNOT_PEND`).
+///
+/// # Safety
+///
+/// `completionContext` must be writable.
+pub unsafe extern "system" fn FwpsPendOperation0(
+    completionHandle: HANDLE,
+    completionContext: *mut HANDLE,
+) -> NTSTATUS {
+    require_irql("FwpsPendOperation0", DISPATCH_LEVEL);
+    if completionContext.is_null() {
+        return Status::FWP_NULL_POINTER.raw();
+    }
+    let driver = THREAD.with(|t| t.driver.get());
+    let result = with_bfe(|bfe| {
+        bfe.next_pend += 1;
+        let context = 0xC0A2_0000 + bfe.next_pend;
+        let Some(handle) = bfe.completion_handles.get_mut(&(completionHandle as usize)) else {
+            // Not a classification in progress (or one that already returned).
+            return Err(Status::INVALID_PARAMETER.raw());
+        };
+        if handle.reauthorization || handle.pended.is_some() {
+            return Err(Status::FWP_CANNOT_PEND.raw());
+        }
+        handle.pended = Some(context);
+        bfe.pends.insert(
+            context,
+            Pend {
+                driver,
+                completed: false,
+            },
+        );
+        Ok(context)
+    });
+    match result {
+        Ok(context) => {
+            // SAFETY: writable per the contract.
+            unsafe { completionContext.write(context as HANDLE) };
+            STATUS_SUCCESS
+        }
+        Err(status) => status,
+    }
+}
+
+/// `FwpsCompleteOperation0`: ends a pend. At ALE_AUTH_CONNECT the network stack then
+/// reauthorizes the connection; at ALE_AUTH_RECV_ACCEPT it does not (the callout reinjects).
+/// Completing a context that is not pending stops the machine.
+///
+/// # Safety
+///
+/// `completionContext` must come from `FwpsPendOperation0`.
+pub unsafe extern "system" fn FwpsCompleteOperation0(
+    completionContext: HANDLE,
+    netBufferList: PVOID,
+) {
+    let _ = netBufferList;
+    require_irql("FwpsCompleteOperation0", DISPATCH_LEVEL);
+    let kernel = current();
+    let completed = {
+        let mut bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
+        match bfe.pends.get_mut(&(completionContext as usize)) {
+            Some(pend) if !pend.completed => {
+                pend.completed = true;
+                true
+            }
+            _ => false,
+        }
+    };
+    if !completed {
+        stop(
+            BugCheckCode::WFP_INVALID_OPERATION,
+            [INVALID_COMPLETION, completionContext as usize, 0, 0],
+            "FwpsCompleteOperation0 on a completion context that is not pending (completed twice, or never pended)",
+        );
+    }
+    kernel.wfp_pend.notify_all();
+}
+
+/// Waits until the pend `context` is completed (harness: the connection's `connect` call).
+pub(crate) fn wait_for_completion(context: usize) {
+    let kernel = current();
+    let mut bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
+    while bfe.pends.get(&context).is_some_and(|p| !p.completed) {
+        bfe = kernel.wfp_pend.wait(bfe).unwrap_or_else(|p| p.into_inner());
+    }
+    bfe.pends.remove(&context);
+}
+
+/// Whether the pend `context` is still waiting for completion.
+pub(crate) fn is_pending(context: usize) -> bool {
+    with_bfe(|bfe| bfe.pends.get(&context).is_some_and(|p| !p.completed))
 }

@@ -1,0 +1,558 @@
+//! Pending, completing and reauthorizing, in the simulator: the pattern a callout needs when it
+//! must ask someone (user mode) before it can decide.
+
+#![cfg(any(not(windows), feature = "sim"))]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use wfp_rs::callout::{Callout, CalloutRegistration, Classify};
+use wfp_rs::classify::Action;
+use wfp_rs::driver::Driver;
+use wfp_rs::engine::{CalloutEntry, Engine, SessionOptions};
+use wfp_rs::filter::{Filter, FilterAction};
+use wfp_rs::irql::{DispatchLevel, PassiveLevel};
+use wfp_rs::layer;
+use wfp_rs::layer::value::IpProtocol;
+use wfp_rs::metadata::Direction;
+use wfp_rs::pend::{ConnectionKey, PendError, VerdictTable};
+use wfp_rs::sim::{AleIrql, Connection, LoadedDriver, Machine};
+use wfp_rs::work_item::WorkQueue;
+use wfp_rs::{Guid, Status, bugcheck_test, guid, sys};
+
+mod host {
+    use super::*;
+
+    #[wfp_rs::driver_entry]
+    fn entry(_irql: &mut PassiveLevel<'_>, _driver: &mut Driver<'_>) -> Result<(), Status> {
+        Ok(())
+    }
+}
+
+const CALLOUT: Guid = guid!("50000000-0000-0000-0000-000000000001");
+const FILTER: Guid = guid!("50000000-0000-0000-0000-000000000002");
+
+/// The policy the "service" applies: even remote ports are blocked.
+fn policy(port: u16) -> bool {
+    port % 2 == 1
+}
+
+/// How the asking callout behaves.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// Pend, decide in a work item, record, complete; answer the reauthorization from the record.
+    Ask,
+    /// Pend, and drop the pended classification without recording anything.
+    DropThePend,
+    /// Also try to pend during the reauthorization, and record what the engine said.
+    PendTwice,
+}
+
+struct Shared {
+    verdicts: VerdictTable<bool, 1024>,
+    pended: AtomicU32,
+    reauthorized: AtomicU32,
+    refused: std::sync::Mutex<Vec<PendError>>,
+}
+
+struct Asker {
+    mode: Mode,
+    queue: WorkQueue,
+    shared: Arc<Shared>,
+}
+
+impl Callout<layer::AleAuthConnectV4> for Asker {
+    fn classify(
+        &self,
+        irql: &mut DispatchLevel<'_>,
+        c: &mut Classify<'_, layer::AleAuthConnectV4>,
+    ) {
+        let Some(key) = ConnectionKey::of(c) else {
+            c.out.block();
+            return;
+        };
+        if c.is_reauthorization() {
+            self.shared.reauthorized.fetch_add(1, Ordering::SeqCst);
+            if self.mode == Mode::PendTwice {
+                let error = c.pend().expect_err("pending a reauthorization must fail");
+                self.shared.refused.lock().unwrap().push(error);
+            }
+            match self.shared.verdicts.take(irql, &key) {
+                Some(true) => {
+                    let _ = c.out.permit();
+                }
+                // No record (or a block): the default is to block.
+                _ => {
+                    c.out.block();
+                }
+            }
+            return;
+        }
+        let pended = match c.pend() {
+            Ok(pended) => pended,
+            Err(_) => {
+                c.out.block();
+                return;
+            }
+        };
+        self.shared.pended.fetch_add(1, Ordering::SeqCst);
+        if self.mode == Mode::DropThePend {
+            drop(pended);
+            return;
+        }
+        let shared = Arc::clone(&self.shared);
+        let port = key.remote.1;
+        let queued = self.queue.queue(irql, move |passive| {
+            // At PASSIVE_LEVEL: this is where the service would be asked.
+            shared.verdicts.record(passive, key, policy(port));
+            pended.complete(passive);
+        });
+        // If it could not be queued, the closure comes back and dropping it completes the pend.
+        drop(queued);
+    }
+}
+
+struct Setup {
+    machine: Machine,
+    driver: LoadedDriver,
+    registration: Option<CalloutRegistration<layer::AleAuthConnectV4, Asker>>,
+    engine: Option<Engine>,
+    shared: Arc<Shared>,
+}
+
+fn setup(mode: Mode) -> Setup {
+    let machine = Machine::with_worker_threads(3);
+    let driver = machine.load_driver("asker", host::DriverEntry).unwrap();
+    let shared = Arc::new(Shared {
+        verdicts: VerdictTable::new(),
+        pended: AtomicU32::new(0),
+        reauthorized: AtomicU32::new(0),
+        refused: std::sync::Mutex::new(Vec::new()),
+    });
+    let (registration, engine) = driver
+        .run_in_driver(&machine, |irql, d| {
+            let asker = Asker {
+                mode,
+                queue: d.work_queue(),
+                shared: Arc::clone(&shared),
+            };
+            let registration = CalloutRegistration::register(irql, d, CALLOUT, asker).unwrap();
+            let engine = Engine::open(irql, SessionOptions::new().dynamic()).unwrap();
+            engine
+                .add_callout(
+                    irql,
+                    &CalloutEntry::<layer::AleAuthConnectV4>::new(CALLOUT).name("asker"),
+                )
+                .unwrap();
+            engine
+                .add_filter(
+                    irql,
+                    &Filter::<layer::AleAuthConnectV4>::new(FILTER)
+                        .name("asker")
+                        .action(FilterAction::CalloutTerminating(CALLOUT)),
+                )
+                .unwrap();
+            (registration, engine)
+        })
+        .unwrap();
+    Setup {
+        machine,
+        driver,
+        registration: Some(registration),
+        engine: Some(engine),
+        shared,
+    }
+}
+
+impl Setup {
+    fn teardown(mut self) {
+        let (engine, registration) = (self.engine.take(), self.registration.take());
+        self.driver.run_in_driver(&self.machine, |irql, _| {
+            engine.unwrap().close(irql).unwrap();
+            registration
+                .unwrap()
+                .unregister(irql)
+                .map_err(|(_, s)| s)
+                .unwrap();
+        });
+        let driver = self.driver;
+        self.machine.unload_driver(driver).unwrap();
+        assert!(
+            self.machine.pool_blocks().is_empty(),
+            "left: {:?}",
+            self.machine.pool_blocks()
+        );
+    }
+}
+
+fn connection(port: u16, local_port: u16) -> Connection {
+    Connection {
+        pid: 1000 + u64::from(local_port),
+        app: "\\device\\harddiskvolume1\\app.exe".into(),
+        protocol: IpProtocol::Tcp,
+        local: format!("10.0.0.1:{local_port}").parse().unwrap(),
+        remote: format!("192.0.2.1:{port}").parse().unwrap(),
+        direction: Direction::Outbound,
+    }
+}
+
+#[test]
+fn a_pended_connection_is_reauthorized_from_the_recorded_verdict() {
+    let setup = setup(Mode::Ask);
+    for (port, expected) in [(443u16, Action::Permit), (8080, Action::Block)] {
+        let outcome = setup
+            .machine
+            .connect(&connection(port, 40000 + port), AleIrql::Dispatch);
+        assert!(outcome.pended);
+        assert_eq!(outcome.decision.action, expected, "port {port}");
+        let connect_layers: Vec<_> = outcome
+            .layers
+            .iter()
+            .filter(|(name, _)| *name == "ALE_AUTH_CONNECT_V4")
+            .collect();
+        assert_eq!(
+            connect_layers.len(),
+            2,
+            "the pended classification and its reauthorization"
+        );
+        assert!(
+            connect_layers[0].1.absorbed,
+            "a pended classification is absorbed"
+        );
+        assert_eq!(connect_layers[0].1.action, Action::Block);
+        assert_eq!(outcome.flow_handle.is_some(), expected == Action::Permit);
+    }
+    assert_eq!(setup.shared.pended.load(Ordering::SeqCst), 2);
+    assert_eq!(setup.shared.reauthorized.load(Ordering::SeqCst), 2);
+    setup.machine.at_dispatch(|irql| {
+        assert!(
+            setup.shared.verdicts.is_empty(irql),
+            "every verdict was taken"
+        )
+    });
+    setup.teardown();
+}
+
+#[test]
+fn pending_a_reauthorization_is_refused() {
+    let setup = setup(Mode::PendTwice);
+    let outcome = setup
+        .machine
+        .connect(&connection(443, 40001), AleIrql::Passive);
+    assert_eq!(outcome.decision.action, Action::Permit);
+    assert_eq!(
+        *setup.shared.refused.lock().unwrap(),
+        [PendError::Refused(Status::FWP_CANNOT_PEND)]
+    );
+    setup.teardown();
+}
+
+#[test]
+fn a_dropped_pend_is_completed_and_the_default_applies() {
+    let setup = setup(Mode::DropThePend);
+    let outcome = setup
+        .machine
+        .connect(&connection(443, 40002), AleIrql::Dispatch);
+    assert!(outcome.pended);
+    assert_eq!(
+        outcome.decision.action,
+        Action::Block,
+        "no verdict was recorded: the default blocks"
+    );
+    assert!(
+        setup
+            .machine
+            .debug_output()
+            .concat()
+            .contains("dropped without being completed")
+    );
+    setup.teardown();
+}
+
+#[test]
+fn many_concurrent_connections_each_get_exactly_one_decision() {
+    const THREADS: u64 = 8;
+    const PER_THREAD: u64 = 60;
+    let seed: u64 = std::env::var("WFP_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5EED_0001);
+    let setup = setup(Mode::Ask);
+    let wrong = AtomicU32::new(0);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        std::thread::scope(|scope| {
+            for thread in 0..THREADS {
+                let (machine, wrong) = (&setup.machine, &wrong);
+                scope.spawn(move || {
+                    let mut state = seed ^ (thread.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                    for n in 0..PER_THREAD {
+                        // xorshift64: deterministic per seed.
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        let port = (state % 60_000) as u16 + 1;
+                        let irql = if state & (1 << 40) != 0 {
+                            AleIrql::Dispatch
+                        } else {
+                            AleIrql::Passive
+                        };
+                        let local = (20_000 + thread * PER_THREAD + n) as u16;
+                        let outcome = machine.connect(&connection(port, local), irql);
+                        let expected = if policy(port) {
+                            Action::Permit
+                        } else {
+                            Action::Block
+                        };
+                        if outcome.decision.action != expected || !outcome.pended {
+                            wrong.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                });
+            }
+        });
+    }));
+    assert!(
+        result.is_ok(),
+        "a connection thread panicked (seed {seed:#x})"
+    );
+    assert_eq!(
+        wrong.load(Ordering::SeqCst),
+        0,
+        "connections decided against the policy (seed {seed:#x})"
+    );
+    let total = (THREADS * PER_THREAD) as u32;
+    assert_eq!(
+        setup.shared.pended.load(Ordering::SeqCst),
+        total,
+        "seed {seed:#x}"
+    );
+    assert_eq!(
+        setup.shared.reauthorized.load(Ordering::SeqCst),
+        total,
+        "exactly one reauthorization each (seed {seed:#x})"
+    );
+    setup.teardown();
+}
+
+#[test]
+fn a_layer_without_a_completion_handle_cannot_pend() {
+    struct TryPend(std::sync::Mutex<Option<PendError>>);
+    impl Callout<layer::OutboundTransportV4> for TryPend {
+        fn classify(
+            &self,
+            _irql: &mut DispatchLevel<'_>,
+            c: &mut Classify<'_, layer::OutboundTransportV4>,
+        ) {
+            *self.0.lock().unwrap() = c.pend().err();
+            let _ = c.out.permit();
+        }
+    }
+    let machine = Machine::new();
+    let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+    let (registration, engine) = driver
+        .run_in_driver(&machine, |irql, d| {
+            let registration = CalloutRegistration::register(
+                irql,
+                d,
+                CALLOUT,
+                TryPend(std::sync::Mutex::new(None)),
+            )
+            .unwrap();
+            let engine = Engine::open(irql, SessionOptions::new().dynamic()).unwrap();
+            engine
+                .add_callout(
+                    irql,
+                    &CalloutEntry::<layer::OutboundTransportV4>::new(CALLOUT).name("t"),
+                )
+                .unwrap();
+            engine
+                .add_filter(
+                    irql,
+                    &Filter::<layer::OutboundTransportV4>::new(FILTER)
+                        .name("t")
+                        .action(FilterAction::CalloutTerminating(CALLOUT)),
+                )
+                .unwrap();
+            (registration, engine)
+        })
+        .unwrap();
+    let outcome = machine.connect(&connection(443, 40003), AleIrql::Dispatch);
+    assert_eq!(outcome.decision.action, Action::Permit);
+    assert_eq!(
+        *registration.callout().0.lock().unwrap(),
+        Some(PendError::NotPendable)
+    );
+    driver.run_in_driver(&machine, |irql, _| {
+        engine.close(irql).unwrap();
+        registration.unregister(irql).map_err(|(_, s)| s).unwrap();
+    });
+    machine.unload_driver(driver).unwrap();
+}
+
+#[test]
+fn an_inbound_pend_at_recv_accept_is_not_reauthorized() {
+    struct PendAndComplete;
+    impl Callout<layer::AleAuthRecvAcceptV4> for PendAndComplete {
+        fn classify(
+            &self,
+            irql: &mut DispatchLevel<'_>,
+            c: &mut Classify<'_, layer::AleAuthRecvAcceptV4>,
+        ) {
+            let pended = c.pend().expect("RECV_ACCEPT can pend");
+            pended.complete(irql);
+        }
+    }
+    let machine = Machine::new();
+    let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+    let (registration, engine) = driver
+        .run_in_driver(&machine, |irql, d| {
+            let registration =
+                CalloutRegistration::register(irql, d, CALLOUT, PendAndComplete).unwrap();
+            let engine = Engine::open(irql, SessionOptions::new().dynamic()).unwrap();
+            engine
+                .add_callout(
+                    irql,
+                    &CalloutEntry::<layer::AleAuthRecvAcceptV4>::new(CALLOUT).name("r"),
+                )
+                .unwrap();
+            engine
+                .add_filter(
+                    irql,
+                    &Filter::<layer::AleAuthRecvAcceptV4>::new(FILTER)
+                        .name("r")
+                        .action(FilterAction::CalloutTerminating(CALLOUT)),
+                )
+                .unwrap();
+            (registration, engine)
+        })
+        .unwrap();
+    let mut inbound = connection(50000, 22);
+    inbound.direction = Direction::Inbound;
+    let outcome = machine.connect(&inbound, AleIrql::Dispatch);
+    assert!(outcome.pended);
+    assert_eq!(
+        outcome.decision.action,
+        Action::Block,
+        "without reinjection the attempt is dropped"
+    );
+    assert_eq!(
+        outcome
+            .layers
+            .iter()
+            .filter(|(n, _)| *n == "ALE_AUTH_RECV_ACCEPT_V4")
+            .count(),
+        1,
+        "no reauthorization"
+    );
+    driver.run_in_driver(&machine, |irql, _| {
+        engine.close(irql).unwrap();
+        registration.unregister(irql).map_err(|(_, s)| s).unwrap();
+    });
+    machine.unload_driver(driver).unwrap();
+}
+
+// --- what the simulator stops on ---------------------------------------------------------------
+
+/// A callout that pends through the raw ABI and keeps the context, to misuse it.
+struct RawPender(std::sync::Mutex<Option<usize>>);
+
+impl Callout<layer::AleAuthConnectV4> for RawPender {
+    fn classify(
+        &self,
+        _irql: &mut DispatchLevel<'_>,
+        c: &mut Classify<'_, layer::AleAuthConnectV4>,
+    ) {
+        let handle = c.metadata.completion_handle().expect("pendable");
+        let mut context = core::ptr::null_mut();
+        // SAFETY: the completion handle of the classification in progress.
+        let status = unsafe { sys::FwpsPendOperation0(handle, &mut context) };
+        assert_eq!(status, 0);
+        *self.0.lock().unwrap() = Some(context as usize);
+        c.out.block();
+    }
+}
+
+fn raw_pend(
+    machine: &Machine,
+    driver: &LoadedDriver,
+) -> (
+    usize,
+    CalloutRegistration<layer::AleAuthConnectV4, RawPender>,
+    Engine,
+) {
+    let (registration, engine) = driver
+        .run_in_driver(machine, |irql, d| {
+            let registration = CalloutRegistration::register(
+                irql,
+                d,
+                CALLOUT,
+                RawPender(std::sync::Mutex::new(None)),
+            )
+            .unwrap();
+            let engine = Engine::open(irql, SessionOptions::new().dynamic()).unwrap();
+            engine
+                .add_callout(
+                    irql,
+                    &CalloutEntry::<layer::AleAuthConnectV4>::new(CALLOUT).name("raw"),
+                )
+                .unwrap();
+            engine
+                .add_filter(
+                    irql,
+                    &Filter::<layer::AleAuthConnectV4>::new(FILTER)
+                        .name("raw")
+                        .action(FilterAction::CalloutTerminating(CALLOUT)),
+                )
+                .unwrap();
+            (registration, engine)
+        })
+        .unwrap();
+    let request = wfp_rs::sim::ClassifyRequest::<layer::AleAuthConnectV4>::new().pendable();
+    let decision = machine.classify(wfp_rs::irql::Irql::DISPATCH, &request);
+    assert!(decision.pending.is_some());
+    let context = registration.callout().0.lock().unwrap().expect("pended");
+    (context, registration, engine)
+}
+
+bugcheck_test! {
+    fn completing_a_pend_twice_stops() expects WFP_INVALID_OPERATION (0x8000_0001) {
+        let machine = Machine::new();
+        let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+        let (context, _registration, _engine) = raw_pend(&machine, &driver);
+        machine.at_dispatch(|_| {
+            // SAFETY: a context from FwpsPendOperation0, completed once.
+            unsafe { sys::FwpsCompleteOperation0(context as sys::HANDLE, core::ptr::null_mut()) };
+            // SAFETY: deliberately completed a second time: the rule under test.
+            unsafe { sys::FwpsCompleteOperation0(context as sys::HANDLE, core::ptr::null_mut()) };
+        });
+    }
+}
+
+bugcheck_test! {
+    fn unloading_with_a_pend_outstanding_stops() expects DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS {
+        let machine = Machine::new();
+        let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+        let (_context, registration, engine) = raw_pend(&machine, &driver);
+        driver.run_in_driver(&machine, |irql, _| {
+            engine.close(irql).unwrap();
+            registration.unregister(irql).map_err(|(_, s)| s).unwrap();
+        });
+        let _ = machine.unload_driver(driver);
+    }
+}
+
+#[test]
+fn a_completed_raw_pend_unloads_clean() {
+    let machine = Machine::new();
+    let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+    let (context, registration, engine) = raw_pend(&machine, &driver);
+    machine.at_dispatch(|_| {
+        // SAFETY: the context from FwpsPendOperation0, completed once.
+        unsafe { sys::FwpsCompleteOperation0(context as sys::HANDLE, core::ptr::null_mut()) };
+    });
+    driver.run_in_driver(&machine, |irql, _| {
+        engine.close(irql).unwrap();
+        registration.unregister(irql).map_err(|(_, s)| s).unwrap();
+    });
+    machine.unload_driver(driver).unwrap();
+}

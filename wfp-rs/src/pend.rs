@@ -1,0 +1,309 @@
+//! Pending a classification: decide later, after asking someone who may take time.
+//!
+//! A callout at ALE_AUTH_CONNECT or ALE_AUTH_RECV_ACCEPT may not know the answer yet (it must ask
+//! a user-mode service, which needs `PASSIVE_LEVEL` and time). It *pends* the classification
+//! (`FwpsPendOperation0`): the connection is held, the classify returns at once with BLOCK +
+//! ABSORB and the write right cleared. Later — from a work item, another thread, any IRQL up to
+//! `DISPATCH_LEVEL` — it completes the pend (`FwpsCompleteOperation0`). At ALE_AUTH_CONNECT, WFP
+//! then classifies the connection again (a *reauthorization*, where pending is refused), and the
+//! callout answers from the verdict it recorded: [`VerdictTable`] does that bookkeeping.
+//!
+//! ```
+//! use wfp_rs::callout::{Callout, Classify};
+//! use wfp_rs::irql::DispatchLevel;
+//! use wfp_rs::layer::AleAuthConnectV4;
+//! use wfp_rs::work_item::WorkQueue;
+//!
+//! struct AskUserMode {
+//!     queue: WorkQueue,
+//! }
+//!
+//! impl Callout<AleAuthConnectV4> for AskUserMode {
+//!     fn classify(&self, irql: &mut DispatchLevel<'_>, c: &mut Classify<'_, AleAuthConnectV4>) {
+//!         let Ok(pended) = c.pend() else {
+//!             let _ = c.out.permit(); // a reauthorization: answer from the record instead
+//!             return;
+//!         };
+//!         let queued = self.queue.queue(irql, move |passive| {
+//!             // ... ask the service at PASSIVE_LEVEL, record the verdict ...
+//!             pended.complete(passive);
+//!         });
+//!         // If the work item could not be queued, the closure (and the pend in it) comes back
+//!         // and is dropped here, which completes the pend: nothing is left hanging.
+//!         drop(queued);
+//!     }
+//! }
+//! ```
+
+use core::fmt;
+use core::ptr::NonNull;
+
+use crate::callout::Classify;
+use crate::irql::AtMostDispatch;
+use crate::layer::Layer;
+use crate::status::Status;
+use crate::sys;
+
+/// Why a classification could not be pended. The classification is left unchanged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PendError {
+    /// The layer handed no completion handle: it cannot be pended with `FwpsPendOperation0`.
+    #[error("this classification has no completion handle and cannot be pended")]
+    NotPendable,
+    /// The callout does not have the write right, so it may not take over the decision.
+    #[error("a higher-priority filter made a hard decision; the classification cannot be pended")]
+    NoWriteRight,
+    /// The filter engine refused, e.g. `STATUS_FWP_CANNOT_PEND` during a reauthorization.
+    #[error("the filter engine refused to pend: {0}")]
+    Refused(Status),
+}
+
+impl From<PendError> for Status {
+    fn from(error: PendError) -> Status {
+        match error {
+            PendError::Refused(status) => status,
+            PendError::NotPendable | PendError::NoWriteRight => Status::FWP_CANNOT_PEND,
+        }
+    }
+}
+
+impl<L: Layer> Classify<'_, L> {
+    /// Pends this classification (`FwpsPendOperation0`) and sets the decision WFP requires for
+    /// a pended classification: BLOCK with `FWPS_CLASSIFY_OUT_FLAG_ABSORB`, write right cleared.
+    ///
+    /// The returned [`PendedClassify`] must be completed; dropping it completes it too.
+    pub fn pend(&mut self) -> Result<PendedClassify, PendError> {
+        let handle = self
+            .metadata
+            .completion_handle()
+            .ok_or(PendError::NotPendable)?;
+        if !self.out.can_write() {
+            return Err(PendError::NoWriteRight);
+        }
+        let mut context: sys::HANDLE = core::ptr::null_mut();
+        // SAFETY: the completion handle is the engine's for this classification, which is in
+        // progress; classifyFn runs at IRQL <= DISPATCH_LEVEL, as FwpsPendOperation0 requires.
+        let status = unsafe { sys::FwpsPendOperation0(handle, &mut context) };
+        Status::from_ntstatus(status).map_err(PendError::Refused)?;
+        let context = NonNull::new(context).ok_or(PendError::Refused(Status::FWP_NULL_POINTER))?;
+        let out = self.out.raw();
+        out.actionType = sys::FWP_ACTION_BLOCK;
+        out.flags |= sys::FWPS_CLASSIFY_OUT_FLAG_ABSORB;
+        out.rights &= !sys::FWPS_RIGHT_ACTION_WRITE;
+        Ok(PendedClassify {
+            context: Some(context),
+        })
+    }
+}
+
+/// A pended classification. Complete it once, from any thread at IRQL <= `DISPATCH_LEVEL`;
+/// completing consumes it, so it cannot be completed twice.
+///
+/// Dropping it uncompleted completes it (and reports that to the debugger): at ALE_AUTH_CONNECT
+/// the reauthorization then asks the callout again, which answers from whatever it recorded —
+/// typically nothing, so its default applies. A pend can never leak.
+#[must_use = "a pended classification holds the connection until it is completed"]
+pub struct PendedClassify {
+    context: Option<NonNull<core::ffi::c_void>>,
+}
+
+// SAFETY: a completion context is a kernel handle that may be completed from any thread.
+unsafe impl Send for PendedClassify {}
+// SAFETY: no method works through `&self` except reading nothing; sharing is harmless.
+unsafe impl Sync for PendedClassify {}
+
+impl PendedClassify {
+    /// Completes the pend (`FwpsCompleteOperation0`). At ALE_AUTH_CONNECT the connection is then
+    /// reauthorized; record the verdict before calling this.
+    pub fn complete(mut self, irql: &impl AtMostDispatch) {
+        crate::irql::verify(irql);
+        self.complete_inner();
+    }
+
+    fn complete_inner(&mut self) {
+        if let Some(context) = self.context.take() {
+            // SAFETY: the context came from FwpsPendOperation0 and is completed exactly once
+            // (taken out of the option); all Rust code in a driver runs at <= DISPATCH_LEVEL.
+            unsafe { sys::FwpsCompleteOperation0(context.as_ptr(), core::ptr::null_mut()) };
+        }
+    }
+}
+
+impl Drop for PendedClassify {
+    fn drop(&mut self) {
+        if self.context.is_some() {
+            crate::kd_print!(
+                Warning,
+                "wfp-rs: a pended classification was dropped without being completed; completing it now\n"
+            );
+            self.complete_inner();
+        }
+    }
+}
+
+impl fmt::Debug for PendedClassify {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendedClassify")
+            .field("completed", &self.context.is_none())
+            .finish()
+    }
+}
+
+/// Identifies one connection attempt across its pended classification and its
+/// reauthorization: the process (id and image, so a reused process id is a different key), the
+/// protocol and both endpoints (so two concurrent attempts to the same destination, which have
+/// different local ports, are different keys).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnectionKey {
+    /// The process id (`FWPS_METADATA_FIELD_PROCESS_ID`; 0 if absent).
+    pub pid: u64,
+    /// A 64-bit FNV-1a hash of the application id (the process image's NT path).
+    pub app: u64,
+    /// The IP protocol number.
+    pub protocol: u8,
+    /// The local address and port.
+    pub local: (core::net::IpAddr, u16),
+    /// The remote address and port.
+    pub remote: (core::net::IpAddr, u16),
+}
+
+impl ConnectionKey {
+    /// The key of the connection being classified, from the layer's fields and metadata; `None`
+    /// if a field is missing or malformed.
+    pub fn of<L>(c: &Classify<'_, L>) -> Option<ConnectionKey>
+    where
+        L: Layer,
+        L::Address: Into<core::net::IpAddr>,
+        crate::layer::fields::AleAppId: crate::layer::Field<L>,
+        crate::layer::fields::IpProtocol: crate::layer::Field<L>,
+        crate::layer::fields::IpLocalAddress: crate::layer::Field<L>,
+        crate::layer::fields::IpLocalPort: crate::layer::Field<L>,
+        crate::layer::fields::IpRemoteAddress: crate::layer::Field<L>,
+        crate::layer::fields::IpRemotePort: crate::layer::Field<L>,
+    {
+        use crate::layer::fields;
+        let app = c.values.get::<fields::AleAppId>().ok()?;
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in app.as_bytes() {
+            hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        Some(ConnectionKey {
+            pid: c.metadata.process_id().unwrap_or(0),
+            app: hash,
+            protocol: c.values.get::<fields::IpProtocol>().ok()?.into(),
+            local: (
+                c.values.get::<fields::IpLocalAddress>().ok()?.into(),
+                c.values.get::<fields::IpLocalPort>().ok()?,
+            ),
+            remote: (
+                c.values.get::<fields::IpRemoteAddress>().ok()?.into(),
+                c.values.get::<fields::IpRemotePort>().ok()?,
+            ),
+        })
+    }
+}
+
+/// Verdicts recorded for pended connections, for their reauthorization: the standard pattern is
+/// to [`record`](Self::record) the verdict, complete the pend, and [`take`](Self::take) the
+/// verdict in the reauthorization classify. Bounded: at most `N` entries, the oldest evicted
+/// first (its connection's reauthorization then falls back to the callout's default). Non-paged
+/// and lock-protected, usable at `DISPATCH_LEVEL`.
+///
+/// ```
+/// use wfp_rs::pend::{ConnectionKey, VerdictTable};
+/// # use core::net::{IpAddr, Ipv4Addr};
+/// static VERDICTS: VerdictTable<bool, 256> = VerdictTable::new();
+/// # wfp_rs::sim::Machine::new().at_dispatch(|irql| {
+/// # let key = ConnectionKey { pid: 1, app: 2, protocol: 6, local: (IpAddr::V4(Ipv4Addr::LOCALHOST), 5000), remote: (IpAddr::V4(Ipv4Addr::LOCALHOST), 80) };
+/// VERDICTS.record(irql, key, true);
+/// assert_eq!(VERDICTS.take(irql, &key), Some(true));
+/// assert_eq!(VERDICTS.take(irql, &key), None, "a verdict answers one reauthorization");
+/// # });
+/// ```
+pub struct VerdictTable<V: Copy + Send, const N: usize> {
+    slots: crate::spin_lock::SpinLock<Slots<V, N>>,
+}
+
+struct Slots<V, const N: usize> {
+    entries: [Option<(ConnectionKey, V, u64)>; N],
+    clock: u64,
+}
+
+impl<V: Copy + Send, const N: usize> Default for VerdictTable<V, N> {
+    fn default() -> Self {
+        VerdictTable::new()
+    }
+}
+
+impl<V: Copy + Send, const N: usize> VerdictTable<V, N> {
+    /// An empty table.
+    pub const fn new() -> Self {
+        VerdictTable {
+            slots: crate::spin_lock::SpinLock::new(Slots {
+                entries: [const { None }; N],
+                clock: 0,
+            }),
+        }
+    }
+
+    /// Records `verdict` for `key`, replacing an earlier one for the same key. Returns the entry
+    /// evicted to make room, if the table was full.
+    pub fn record<I: AtMostDispatch>(
+        &self,
+        irql: &mut I,
+        key: ConnectionKey,
+        verdict: V,
+    ) -> Option<(ConnectionKey, V)> {
+        let mut slots = self.slots.lock(irql);
+        slots.clock += 1;
+        let stamp = slots.clock;
+        if let Some(entry) = slots
+            .entries
+            .iter_mut()
+            .flatten()
+            .find(|(k, _, _)| *k == key)
+        {
+            *entry = (key, verdict, stamp);
+            return None;
+        }
+        if let Some(free) = slots.entries.iter_mut().find(|e| e.is_none()) {
+            *free = Some((key, verdict, stamp));
+            return None;
+        }
+        let oldest = slots
+            .entries
+            .iter_mut()
+            .min_by_key(|e| e.as_ref().map_or(0, |(_, _, stamp)| *stamp))?;
+        oldest
+            .replace((key, verdict, stamp))
+            .map(|(k, v, _)| (k, v))
+    }
+
+    /// Removes and returns the verdict recorded for `key`.
+    pub fn take<I: AtMostDispatch>(&self, irql: &mut I, key: &ConnectionKey) -> Option<V> {
+        let mut slots = self.slots.lock(irql);
+        let entry = slots
+            .entries
+            .iter_mut()
+            .find(|e| e.as_ref().is_some_and(|(k, _, _)| k == key))?;
+        entry.take().map(|(_, verdict, _)| verdict)
+    }
+
+    /// How many verdicts are recorded.
+    pub fn len<I: AtMostDispatch>(&self, irql: &mut I) -> usize {
+        self.slots.lock(irql).entries.iter().flatten().count()
+    }
+
+    /// Whether no verdict is recorded.
+    pub fn is_empty<I: AtMostDispatch>(&self, irql: &mut I) -> bool {
+        self.len(irql) == 0
+    }
+}
+
+impl<V: Copy + Send, const N: usize> fmt::Debug for VerdictTable<V, N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerdictTable")
+            .field("capacity", &N)
+            .finish_non_exhaustive()
+    }
+}
