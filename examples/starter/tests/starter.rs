@@ -52,6 +52,7 @@ const UNFILTERED: Decision = Decision {
     vetoed: false,
     absorbed: false,
     filter_id: None,
+    pending: None,
 };
 
 /// The debug output since `from`.
@@ -216,6 +217,7 @@ fn a_heavier_sublayers_hard_permit_stands_except_against_the_veto() {
             vetoed: false,
             absorbed: false,
             filter_id: Some(permit_v4.raw()),
+            pending: None,
         },
         "the hard permit decides"
     );
