@@ -45,10 +45,16 @@ use crate::pool::{PoolBox, PoolTag};
 use crate::status::Status;
 use crate::sys;
 
-/// A callout at layer `L`.
-pub trait Callout<L: Layer>: Send + Sync + 'static {
+/// A callout at layer `L`, whose flow contexts (if it uses any) are values of type `F`.
+///
+/// Most callouts keep no per-flow state and implement `Callout<L>` (`F` is `()`). A callout that
+/// does implements `Callout<L, MyFlowState>`: it attaches a value to a flow with
+/// [`Classify::associate_flow_context`], finds it again in later classifications of the flow
+/// with [`Classify::flow_context`], and gets it back in [`flow_deleted`](Self::flow_deleted)
+/// when the flow ends.
+pub trait Callout<L: Layer, F: Send + Sync + 'static = ()>: Send + Sync + 'static {
     /// Decides (or inspects) one classification. Called at IRQL <= `DISPATCH_LEVEL`.
-    fn classify(&self, irql: &mut DispatchLevel<'_>, classify: &mut Classify<'_, L>);
+    fn classify(&self, irql: &mut DispatchLevel<'_>, classify: &mut Classify<'_, L, F>);
 
     /// A filter naming this callout was added or deleted. Returning an error when a filter is
     /// added makes the filter engine refuse the filter. The default accepts everything.
@@ -56,10 +62,16 @@ pub trait Callout<L: Layer>: Send + Sync + 'static {
         let _ = (irql, event);
         Ok(())
     }
+
+    /// A flow context of this callout is gone (`flowDeleteFn`): its flow ended, or it was
+    /// removed. The value is handed back; the default drops it.
+    fn flow_deleted(&self, irql: &mut DispatchLevel<'_>, layer_id: u16, context: F) {
+        let _ = (irql, layer_id, context);
+    }
 }
 
-/// One classification, as a callout sees it.
-pub struct Classify<'a, L: Layer> {
+/// One classification, as a callout sees it. `F` is the callout's flow context type.
+pub struct Classify<'a, L: Layer, F: 'static = ()> {
     /// The layer's data fields.
     pub values: IncomingValues<'a, L>,
     /// The classification's metadata.
@@ -69,14 +81,100 @@ pub struct Classify<'a, L: Layer> {
     /// The decision, with WFP's rights rules enforced.
     pub out: ClassifyOut<'a>,
     flow_context: u64,
+    callout_id: u32,
+    flows: &'a Flows,
+    _context: PhantomData<fn() -> F>,
 }
 
-impl<L: Layer> Classify<'_, L> {
-    /// The context associated with the flow (0 if none).
-    pub fn flow_context(&self) -> u64 {
-        self.flow_context
+/// Why a flow context could not be associated; the value is handed back.
+#[derive(Debug)]
+pub struct FlowContextError<F> {
+    /// The failure: `STATUS_FWP_NOT_FOUND` without a flow handle, `STATUS_INSUFFICIENT_RESOURCES`,
+    /// or what `FwpsFlowAssociateContext0` returned.
+    pub status: Status,
+    /// The value that was not associated.
+    pub value: F,
+}
+
+impl<F> fmt::Display for FlowContextError<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "flow context not associated: {}", self.status)
+    }
+}
+
+impl<F: fmt::Debug> core::error::Error for FlowContextError<F> {}
+
+impl<L: Layer, F: Send + Sync + 'static> Classify<'_, L, F> {
+    /// This callout's context of the flow being classified, if one was associated at this layer.
+    pub fn flow_context(&self) -> Option<&F> {
+        let pointer = NonNull::new(self.flow_context as *mut F)?;
+        // SAFETY: a non-zero flow context of this callout is a `PoolBox<F>` the SDK associated
+        // (the registration's type fixes `F`); it lives until flowDeleteFn hands it back, which
+        // the engine does not do while a classification of the flow is in progress.
+        Some(unsafe { pointer.as_ref() })
     }
 
+    /// Attaches `value` to the flow being classified, at this layer (`FwpsFlowAssociateContext0`):
+    /// later classifications of the flow at this layer see it in [`flow_context`](Self::flow_context),
+    /// and [`Callout::flow_deleted`] receives it when the flow ends. Needs the flow handle
+    /// metadata (ALE_FLOW_ESTABLISHED, transport and stream layers have it).
+    pub fn associate_flow_context(
+        &mut self,
+        irql: &mut DispatchLevel<'_>,
+        value: F,
+    ) -> Result<(), FlowContextError<F>> {
+        let Some(flow) = self.metadata.flow_handle() else {
+            return Err(FlowContextError {
+                status: Status::FWP_NOT_FOUND,
+                value,
+            });
+        };
+        let boxed = match PoolBox::try_new(value, PoolTag::SDK, irql) {
+            Ok(boxed) => boxed,
+            Err(error) => {
+                return Err(FlowContextError {
+                    status: Status::INSUFFICIENT_RESOURCES,
+                    value: error.into_inner(),
+                });
+            }
+        };
+        let pointer = PoolBox::into_raw(boxed);
+        let context = pointer.as_ptr() as u64;
+        // Tracked before it is associated, so unregistration can always find it.
+        if !self.flows.insert(irql, flow, L::ID, context) {
+            // SAFETY: the pointer came from `into_raw` above and was never shared.
+            let boxed = unsafe { PoolBox::from_raw(pointer, PoolTag::SDK) };
+            return Err(FlowContextError {
+                status: Status::INSUFFICIENT_RESOURCES,
+                value: PoolBox::into_inner(boxed),
+            });
+        }
+        // SAFETY: IRQL <= DISPATCH_LEVEL (the token); the flow and callout ids are the engine's.
+        let status =
+            unsafe { sys::FwpsFlowAssociateContext0(flow, L::ID, self.callout_id, context) };
+        if let Err(status) = Status::from_ntstatus(status) {
+            self.flows.remove(irql, context);
+            // SAFETY: not associated, so the SDK still owns the box.
+            let boxed = unsafe { PoolBox::from_raw(pointer, PoolTag::SDK) };
+            return Err(FlowContextError {
+                status,
+                value: PoolBox::into_inner(boxed),
+            });
+        }
+        Ok(())
+    }
+
+    /// Detaches this callout's context from the flow (`FwpsFlowRemoveContext0`); the engine then
+    /// calls [`Callout::flow_deleted`] with it.
+    pub fn remove_flow_context(&mut self, irql: &mut DispatchLevel<'_>) -> Result<(), Status> {
+        crate::irql::verify(irql);
+        let flow = self.metadata.flow_handle().ok_or(Status::FWP_NOT_FOUND)?;
+        // SAFETY: IRQL <= DISPATCH_LEVEL (the token); the ids are the engine's.
+        Status::from_ntstatus(unsafe { sys::FwpsFlowRemoveContext0(flow, L::ID, self.callout_id) })
+    }
+}
+
+impl<L: Layer, F: 'static> Classify<'_, L, F> {
     /// Whether this classification re-authorizes a connection (the layer's `FLAGS` field has
     /// `FWP_CONDITION_FLAG_IS_REAUTHORIZE`). Always `false` at layers without a `FLAGS` field.
     pub fn is_reauthorization(&self) -> bool {
@@ -97,7 +195,7 @@ impl<L: Layer> Classify<'_, L> {
     }
 }
 
-impl<L: Layer> fmt::Debug for Classify<'_, L> {
+impl<L: Layer, F: 'static> fmt::Debug for Classify<'_, L, F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Classify")
             .field("layer", &L::NAME)
@@ -214,7 +312,55 @@ mod registry {
     }
 }
 
-unsafe extern "system" fn classify_trampoline<L: Layer, C: Callout<L>>(
+/// The flow contexts a registration has associated: (flow id, layer id, context). Kept so that
+/// unregistration can remove the ones still attached (`FwpsCalloutUnregisterById0` refuses with
+/// `STATUS_DEVICE_BUSY` while any is).
+pub(crate) struct Flows {
+    entries: crate::spin_lock::SpinLock<alloc::vec::Vec<(u64, u16, u64)>>,
+}
+
+impl Flows {
+    const fn new() -> Flows {
+        Flows {
+            entries: crate::spin_lock::SpinLock::new(alloc::vec::Vec::new()),
+        }
+    }
+
+    /// Records an association; false if there is no memory for it.
+    fn insert(&self, irql: &mut DispatchLevel<'_>, flow: u64, layer: u16, context: u64) -> bool {
+        let mut entries = self.entries.lock(irql);
+        if entries.try_reserve(1).is_err() {
+            return false;
+        }
+        entries.push((flow, layer, context));
+        true
+    }
+
+    fn remove(&self, irql: &mut DispatchLevel<'_>, context: u64) {
+        self.entries.lock(irql).retain(|&(_, _, c)| c != context);
+    }
+
+    /// The (flow, layer) pairs still associated.
+    fn snapshot(&self, irql: &mut PassiveLevel<'_>) -> alloc::vec::Vec<(u64, u16)> {
+        let entries = self.entries.lock(irql);
+        entries
+            .iter()
+            .map(|&(flow, layer, _)| (flow, layer))
+            .collect()
+    }
+}
+
+/// What the registry points to: the callout and its flow bookkeeping.
+struct Registered<C> {
+    callout: C,
+    flows: Flows,
+}
+
+unsafe extern "system" fn classify_trampoline<
+    L: Layer,
+    F: Send + Sync + 'static,
+    C: Callout<L, F>,
+>(
     in_fixed_values: *const sys::FWPS_INCOMING_VALUES0,
     in_meta_values: *const sys::FWPS_INCOMING_METADATA_VALUES0,
     _layer_data: *mut core::ffi::c_void,
@@ -232,12 +378,13 @@ unsafe extern "system" fn classify_trampoline<L: Layer, C: Callout<L>>(
     ) else {
         return;
     };
-    let Some(instance) = registry::lookup(filter.action.calloutId) else {
+    let callout_id = filter.action.calloutId;
+    let Some(instance) = registry::lookup(callout_id) else {
         return;
     };
-    // SAFETY: the registry holds a live `PoolBox<C>` for this id until the callout is
-    // unregistered, and unregistration waits for calls in progress.
-    let callout = unsafe { instance.cast::<C>().as_ref() };
+    // SAFETY: the registry holds a live `PoolBox<Registered<C>>` for this id until the callout
+    // is unregistered, and unregistration waits for calls in progress.
+    let registered = unsafe { instance.cast::<Registered<C>>().as_ref() };
     // SAFETY: classifyFn runs at IRQL <= DISPATCH_LEVEL; the token lives for this call.
     let mut irql = unsafe { DispatchLevel::new_unchecked() };
     let mut classify = Classify {
@@ -248,11 +395,18 @@ unsafe extern "system" fn classify_trampoline<L: Layer, C: Callout<L>>(
         filter: FilterInfo { raw: filter },
         out: ClassifyOut::new(out),
         flow_context,
+        callout_id,
+        flows: &registered.flows,
+        _context: PhantomData,
     };
-    callout.classify(&mut irql, &mut classify);
+    registered.callout.classify(&mut irql, &mut classify);
 }
 
-unsafe extern "system" fn notify_trampoline<L: Layer, C: Callout<L>>(
+unsafe extern "system" fn notify_trampoline<
+    L: Layer,
+    F: Send + Sync + 'static,
+    C: Callout<L, F>,
+>(
     notify_type: sys::FWPS_CALLOUT_NOTIFY_TYPE,
     _filter_key: *const sys::GUID,
     filter: *mut sys::FWPS_FILTER3,
@@ -265,7 +419,7 @@ unsafe extern "system" fn notify_trampoline<L: Layer, C: Callout<L>>(
         return 0;
     };
     // SAFETY: as in `classify_trampoline`.
-    let callout = unsafe { instance.cast::<C>().as_ref() };
+    let registered = unsafe { instance.cast::<Registered<C>>().as_ref() };
     // SAFETY: notifyFn runs at IRQL <= DISPATCH_LEVEL; the token lives for this call.
     let mut irql = unsafe { DispatchLevel::new_unchecked() };
     let info = FilterInfo { raw: filter };
@@ -275,19 +429,49 @@ unsafe extern "system" fn notify_trampoline<L: Layer, C: Callout<L>>(
         sys::FWPS_CALLOUT_NOTIFY_ADD_FILTER_POST_COMMIT => FilterEvent::Committed(info),
         _ => return 0,
     };
-    match callout.notify(&mut irql, event) {
+    match registered.callout.notify(&mut irql, event) {
         Ok(()) => 0,
         Err(status) => status.raw(),
     }
 }
 
+unsafe extern "system" fn flow_delete_trampoline<
+    L: Layer,
+    F: Send + Sync + 'static,
+    C: Callout<L, F>,
+>(
+    layer_id: u16,
+    callout_id: u32,
+    flow_context: u64,
+) {
+    let Some(context) = NonNull::new(flow_context as *mut F) else {
+        return;
+    };
+    // SAFETY: flowDeleteFn runs at IRQL <= DISPATCH_LEVEL; the token lives for this call.
+    let mut irql = unsafe { DispatchLevel::new_unchecked() };
+    // SAFETY: the context is a `PoolBox<F>` this registration associated, handed back exactly
+    // once by the engine.
+    let value = PoolBox::into_inner(unsafe { PoolBox::from_raw(context, PoolTag::SDK) });
+    match registry::lookup(callout_id) {
+        Some(instance) => {
+            // SAFETY: as in `classify_trampoline`: the engine calls flowDeleteFn only while the
+            // callout is registered.
+            let registered = unsafe { instance.cast::<Registered<C>>().as_ref() };
+            registered.flows.remove(&mut irql, flow_context);
+            registered.callout.flow_deleted(&mut irql, layer_id, value);
+        }
+        None => drop(value),
+    }
+}
+
 /// A callout registered with the filter engine. Unregisters on drop (at `PASSIVE_LEVEL`;
-/// prefer [`unregister`](Self::unregister), which reports failure).
-pub struct CalloutRegistration<L: Layer, C: Callout<L>> {
+/// prefer [`unregister`](Self::unregister), which reports failure). `F` is the callout's flow
+/// context type (`()` for callouts without flow contexts).
+pub struct CalloutRegistration<L: Layer, C: Callout<L, F>, F: Send + Sync + 'static = ()> {
     id: u32,
     key: Guid,
-    instance: Option<PoolBox<C>>,
-    _layer: PhantomData<fn() -> L>,
+    instance: Option<PoolBox<Registered<C>>>,
+    _layer: PhantomData<fn() -> (L, F)>,
 }
 
 /// Why a callout could not be registered; the callout is handed back.
@@ -320,7 +504,7 @@ impl<C> From<RegisterError<C>> for Status {
     }
 }
 
-impl<L: Layer, C: Callout<L>> CalloutRegistration<L, C> {
+impl<L: Layer, F: Send + Sync + 'static, C: Callout<L, F>> CalloutRegistration<L, C, F> {
     /// Registers `callout` under `key` (`FwpsCalloutRegister3`) for `driver`'s device.
     pub fn register(
         irql: &PassiveLevel<'_>,
@@ -328,17 +512,21 @@ impl<L: Layer, C: Callout<L>> CalloutRegistration<L, C> {
         key: Guid,
         callout: C,
     ) -> Result<Self, RegisterError<C>> {
+        let registered = Registered {
+            callout,
+            flows: Flows::new(),
+        };
         let instance =
-            PoolBox::try_new(callout, PoolTag::SDK, irql).map_err(|e| RegisterError {
+            PoolBox::try_new(registered, PoolTag::SDK, irql).map_err(|e| RegisterError {
                 status: Status::INSUFFICIENT_RESOURCES,
-                callout: e.into_inner(),
+                callout: e.into_inner().callout,
             })?;
         let raw = sys::FWPS_CALLOUT3 {
             calloutKey: key.0,
             flags: 0,
-            classifyFn: Some(classify_trampoline::<L, C>),
-            notifyFn: Some(notify_trampoline::<L, C>),
-            flowDeleteFn: None,
+            classifyFn: Some(classify_trampoline::<L, F, C>),
+            notifyFn: Some(notify_trampoline::<L, F, C>),
+            flowDeleteFn: Some(flow_delete_trampoline::<L, F, C>),
         };
         let mut id = 0u32;
         // SAFETY: PASSIVE_LEVEL (the token); the device is the driver's; `raw` and `id` are
@@ -348,7 +536,7 @@ impl<L: Layer, C: Callout<L>> CalloutRegistration<L, C> {
         if let Err(status) = Status::from_ntstatus(status) {
             return Err(RegisterError {
                 status,
-                callout: PoolBox::into_inner(instance),
+                callout: PoolBox::into_inner(instance).callout,
             });
         }
         let pointer = PoolBox::into_raw(instance);
@@ -359,7 +547,7 @@ impl<L: Layer, C: Callout<L>> CalloutRegistration<L, C> {
             let instance = unsafe { PoolBox::from_raw(pointer, PoolTag::SDK) };
             return Err(RegisterError {
                 status: Status::INSUFFICIENT_RESOURCES,
-                callout: PoolBox::into_inner(instance),
+                callout: PoolBox::into_inner(instance).callout,
             });
         }
         // SAFETY: the pointer came from `into_raw` above; the registry only borrows it.
@@ -384,22 +572,39 @@ impl<L: Layer, C: Callout<L>> CalloutRegistration<L, C> {
 
     /// The registered callout.
     pub fn callout(&self) -> &C {
-        self.instance.as_ref().expect("present until unregistered")
+        &self
+            .instance
+            .as_ref()
+            .expect("present until unregistered")
+            .callout
     }
 
     /// Unregisters (`FwpsCalloutUnregisterById0`). On failure the callout stays registered and
     /// is handed back with the status.
-    pub fn unregister(mut self, irql: &PassiveLevel<'_>) -> Result<(), (Self, Status)> {
+    pub fn unregister(mut self, irql: &mut PassiveLevel<'_>) -> Result<(), (Self, Status)> {
         match self.unregister_inner(irql) {
             Ok(()) => Ok(()),
             Err(status) => Err((self, status)),
         }
     }
 
-    fn unregister_inner(&mut self, irql: &PassiveLevel<'_>) -> Result<(), Status> {
+    /// Unregisters; while flow contexts remain (`STATUS_DEVICE_BUSY`), removes them — which
+    /// hands each to [`Callout::flow_deleted`] — and tries again.
+    fn unregister_inner(&mut self, irql: &mut PassiveLevel<'_>) -> Result<(), Status> {
         crate::irql::verify(irql);
         // SAFETY: PASSIVE_LEVEL (the token); the id is ours.
-        let status = unsafe { sys::FwpsCalloutUnregisterById0(self.id) };
+        let mut status = unsafe { sys::FwpsCalloutUnregisterById0(self.id) };
+        if status == Status::DEVICE_BUSY.raw()
+            && let Some(instance) = &self.instance
+        {
+            for (flow, layer) in instance.flows.snapshot(irql) {
+                // SAFETY: IRQL <= DISPATCH_LEVEL; a flow context this callout associated. The
+                // engine calls flowDeleteFn, which frees the value and forgets the entry.
+                unsafe { sys::FwpsFlowRemoveContext0(flow, layer, self.id) };
+            }
+            // SAFETY: as above.
+            status = unsafe { sys::FwpsCalloutUnregisterById0(self.id) };
+        }
         Status::from_ntstatus(status)?;
         // The engine no longer calls the callout: withdraw and free the instance.
         registry::remove(self.id);
@@ -408,7 +613,7 @@ impl<L: Layer, C: Callout<L>> CalloutRegistration<L, C> {
     }
 }
 
-impl<L: Layer, C: Callout<L>> Drop for CalloutRegistration<L, C> {
+impl<L: Layer, F: Send + Sync + 'static, C: Callout<L, F>> Drop for CalloutRegistration<L, C, F> {
     fn drop(&mut self) {
         if self.instance.is_none() {
             return;
@@ -437,7 +642,9 @@ impl<L: Layer, C: Callout<L>> Drop for CalloutRegistration<L, C> {
     }
 }
 
-impl<L: Layer, C: Callout<L>> fmt::Debug for CalloutRegistration<L, C> {
+impl<L: Layer, F: Send + Sync + 'static, C: Callout<L, F>> fmt::Debug
+    for CalloutRegistration<L, C, F>
+{
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CalloutRegistration")
             .field("layer", &L::NAME)

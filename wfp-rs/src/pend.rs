@@ -67,7 +67,7 @@ impl From<PendError> for Status {
     }
 }
 
-impl<L: Layer> Classify<'_, L> {
+impl<L: Layer, F: 'static> Classify<'_, L, F> {
     /// Pends this classification (`FwpsPendOperation0`) and sets the decision WFP requires for
     /// a pended classification: BLOCK with `FWPS_CLASSIFY_OUT_FLAG_ABSORB`, write right cleared.
     ///
@@ -170,7 +170,7 @@ pub struct ConnectionKey {
 impl ConnectionKey {
     /// The key of the connection being classified, from the layer's fields and metadata; `None`
     /// if a field is missing or malformed.
-    pub fn of<L>(c: &Classify<'_, L>) -> Option<ConnectionKey>
+    pub fn of<L, F: 'static>(c: &Classify<'_, L, F>) -> Option<ConnectionKey>
     where
         L: Layer,
         L::Address: Into<core::net::IpAddr>,

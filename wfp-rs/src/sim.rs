@@ -1111,6 +1111,14 @@ impl Machine {
         self.classify_connection(layer, &packet, Irql::DISPATCH, Some(flow_handle), false)
     }
 
+    /// The flow `flow_handle` ends (its connection is torn down): every callout context attached
+    /// to it goes to its callout's `flowDeleteFn`, at `DISPATCH_LEVEL`. Returns how many did.
+    pub fn end_flow(&self, flow_handle: u64) -> usize {
+        kernel::with_context(&self.kernel, DISPATCH_LEVEL, 0, || {
+            engine::end_flow(flow_handle)
+        })
+    }
+
     /// The connection's endpoint closes: ALE_ENDPOINT_CLOSURE at `PASSIVE_LEVEL`.
     pub fn close(&self, connection: &Connection) -> Decision {
         use crate::layer::*;

@@ -214,3 +214,15 @@ unsafe extern "system" {
     -> NTSTATUS;
     pub fn FwpsCompleteOperation0(completionContext: HANDLE, netBufferList: PVOID);
 }
+
+// Flow contexts (fwpsk.h). Both at IRQL <= DISPATCH_LEVEL.
+#[link(name = "fwpkclnt.sys", kind = "raw-dylib", modifiers = "+verbatim")]
+unsafe extern "system" {
+    pub fn FwpsFlowAssociateContext0(
+        flowId: u64,
+        layerId: u16,
+        calloutId: u32,
+        flowContext: u64,
+    ) -> NTSTATUS;
+    pub fn FwpsFlowRemoveContext0(flowId: u64, layerId: u16, calloutId: u32) -> NTSTATUS;
+}

@@ -44,6 +44,7 @@ pub mod exports {
         FwpmFilterAdd0, FwpmFilterDeleteById0, FwpmProviderAdd0, FwpmProviderDeleteByKey0,
         FwpmSubLayerAdd0, FwpmSubLayerDeleteByKey0, FwpmTransactionAbort0, FwpmTransactionBegin0,
         FwpmTransactionCommit0, FwpsCalloutRegister3, FwpsCalloutUnregisterById0,
-        FwpsCompleteOperation0, FwpsPendOperation0,
+        FwpsCompleteOperation0, FwpsFlowAssociateContext0, FwpsFlowRemoveContext0,
+        FwpsPendOperation0,
     };
 }

@@ -140,6 +140,7 @@ struct RuntimeCallout {
     key: GUID,
     classify: FWPS_CALLOUT_CLASSIFY_FN3,
     notify: FWPS_CALLOUT_NOTIFY_FN3,
+    flow_delete: FWPS_CALLOUT_FLOW_DELETE_NOTIFY_FN0,
     /// The driver whose code the callbacks are (charged for pool, checked at unload).
     driver: usize,
     /// Calls into the callout under way; unregistration waits for zero.
@@ -160,6 +161,8 @@ pub(crate) struct Bfe {
     completion_handles: HashMap<usize, CompletionHandle>,
     /// Pended classifications, by completion context.
     pends: HashMap<usize, Pend>,
+    /// Flow contexts: (flow id, layer id, callout id) → context.
+    flow_contexts: HashMap<(u64, u16, u32), u64>,
 }
 
 /// A completion handle handed to callouts in `FWPS_INCOMING_METADATA_VALUES0`.
@@ -1212,6 +1215,7 @@ pub unsafe extern "system" fn FwpsCalloutRegister3(
                 key: callout.calloutKey,
                 classify: callout.classifyFn,
                 notify: callout.notifyFn,
+                flow_delete: callout.flowDeleteFn,
                 driver,
                 in_flight: 0,
             },
@@ -1240,6 +1244,14 @@ pub unsafe extern "system" fn FwpsCalloutUnregisterById0(calloutId: u32) -> NTST
     require_irql("FwpsCalloutUnregisterById0", PASSIVE_LEVEL);
     let kernel = current();
     let mut bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
+    if bfe
+        .flow_contexts
+        .keys()
+        .any(|&(_, _, callout)| callout == calloutId)
+    {
+        // Flows still carry this callout's contexts: the driver must remove them first.
+        return Status::DEVICE_BUSY.raw();
+    }
     loop {
         match bfe.runtime.get(&calloutId) {
             None => return Status::FWP_CALLOUT_NOT_FOUND.raw(),
@@ -1881,6 +1893,7 @@ fn call_classify(
     call: Call,
     classify_fn: FWPS_CALLOUT_CLASSIFY_FN3,
 ) -> (FWP_ACTION_TYPE, u32, bool) {
+    let flow_context = incoming_flow_context(incoming, call.id);
     let mut storage = FilterStorage::new(record, sublayer_weight);
     let mut out = FWPS_CLASSIFY_OUT0 {
         // INFERRED: the decision so far, or CONTINUE if there is none.
@@ -1911,7 +1924,7 @@ fn call_classify(
                     incoming.layer_data,
                     incoming.classify_context,
                     storage.filter(),
-                    incoming.flow_context,
+                    flow_context,
                     &mut out,
                 )
             }
@@ -2024,4 +2037,101 @@ pub(crate) fn wait_for_completion(context: usize) {
 /// Whether the pend `context` is still waiting for completion.
 pub(crate) fn is_pending(context: usize) -> bool {
     with_bfe(|bfe| bfe.pends.get(&context).is_some_and(|p| !p.completed))
+}
+
+// --- flow contexts -------------------------------------------------------------------------------
+
+/// The context callout `callout` associated with the flow being classified, at this layer.
+fn incoming_flow_context(incoming: &Incoming, callout: u32) -> u64 {
+    if incoming.metadata.currentMetadataValues & FWPS_METADATA_FIELD_FLOW_HANDLE == 0 {
+        return incoming.flow_context;
+    }
+    let key = (incoming.metadata.flowHandle, incoming.layer.id, callout);
+    with_bfe(|bfe| bfe.flow_contexts.get(&key).copied()).unwrap_or(incoming.flow_context)
+}
+
+/// `FwpsFlowAssociateContext0`. A zero context is refused; so is a second context for the same
+/// flow, layer and callout (INFERRED: `STATUS_FWP_ALREADY_EXISTS`).
+///
+/// # Safety
+///
+/// None beyond the kernel's rules, which this function checks.
+pub unsafe extern "system" fn FwpsFlowAssociateContext0(
+    flowId: u64,
+    layerId: u16,
+    calloutId: u32,
+    flowContext: u64,
+) -> NTSTATUS {
+    require_irql("FwpsFlowAssociateContext0", DISPATCH_LEVEL);
+    if flowContext == 0 {
+        return Status::INVALID_PARAMETER.raw();
+    }
+    status(with_bfe(|bfe| {
+        if !bfe.runtime.contains_key(&calloutId) {
+            return Err(Status::FWP_CALLOUT_NOT_FOUND.raw());
+        }
+        if bfe
+            .flow_contexts
+            .contains_key(&(flowId, layerId, calloutId))
+        {
+            return Err(Status::FWP_ALREADY_EXISTS.raw());
+        }
+        bfe.flow_contexts
+            .insert((flowId, layerId, calloutId), flowContext);
+        Ok(())
+    }))
+}
+
+/// `FwpsFlowRemoveContext0`: removes the context and calls the callout's `flowDeleteFn` with it
+/// synchronously; `STATUS_UNSUCCESSFUL` when there is none.
+///
+/// # Safety
+///
+/// None beyond the kernel's rules, which this function checks.
+pub unsafe extern "system" fn FwpsFlowRemoveContext0(
+    flowId: u64,
+    layerId: u16,
+    calloutId: u32,
+) -> NTSTATUS {
+    require_irql("FwpsFlowRemoveContext0", DISPATCH_LEVEL);
+    let Some(context) = with_bfe(|bfe| bfe.flow_contexts.remove(&(flowId, layerId, calloutId)))
+    else {
+        return Status::UNSUCCESSFUL.raw();
+    };
+    delete_flow_context(layerId, calloutId, context);
+    STATUS_SUCCESS
+}
+
+/// Hands a removed context to its callout's `flowDeleteFn`.
+fn delete_flow_context(layer: u16, callout: u32, context: u64) {
+    let call = with_bfe(|bfe| {
+        begin_call(bfe, callout).and_then(|(call, rt)| rt.flow_delete.map(|f| (call, f)))
+    });
+    if let Some((call, flow_delete)) = call {
+        let driver = call.driver;
+        in_driver(driver, "flowDeleteFn", || {
+            // SAFETY: the callout registered this flowDeleteFn and the context it associated.
+            unsafe { flow_delete(layer, callout, context) }
+        });
+        drop(call);
+    }
+}
+
+/// A flow ends: every context associated with it goes to its callout's `flowDeleteFn`.
+pub(crate) fn end_flow(flow: u64) -> usize {
+    let removed: Vec<((u64, u16, u32), u64)> = with_bfe(|bfe| {
+        let keys: Vec<(u64, u16, u32)> = bfe
+            .flow_contexts
+            .keys()
+            .filter(|k| k.0 == flow)
+            .copied()
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| bfe.flow_contexts.remove(&k).map(|c| (k, c)))
+            .collect()
+    });
+    for &((_, layer, callout), context) in &removed {
+        delete_flow_context(layer, callout, context);
+    }
+    removed.len()
 }
