@@ -43,6 +43,9 @@ codes! {
     SPIN_LOCK_NOT_OWNED = 0x10;
     /// 0x1E: a kernel-mode exception (here: a Rust panic in a driver) was not handled.
     KMODE_EXCEPTION_NOT_HANDLED = 0x1E;
+    /// 0x44: an IRP was completed that is already completed (or is not an IRP); parameter 1 is
+    /// its address.
+    MULTIPLE_IRP_COMPLETE_REQUESTS = 0x44;
     /// 0xC2: a bad pool request (for example, freeing with the wrong tag).
     BAD_POOL_CALLER = 0xC2;
     /// 0xC4: Driver Verifier caught a violation; parameter 1 says which ([`verifier`]).
@@ -50,6 +53,9 @@ codes! {
     /// 0xC8: the IRQL is not what it should be, typically after a callback returned without
     /// restoring it.
     IRQL_UNEXPECTED_VALUE = 0xC8;
+    /// 0xC9: Driver Verifier's I/O verification caught a misuse of an IRP; parameter 1 says
+    /// which ([`iomanager`]).
+    DRIVER_VERIFIER_IOMANAGER_VIOLATION = 0xC9;
     /// 0xCE: a driver unloaded while work it had queued was still pending.
     DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS = 0xCE;
     /// 0xE1: a work item routine returned at an IRQL other than `PASSIVE_LEVEL`.
@@ -100,6 +106,36 @@ pub mod verifier {
     /// `KeReleaseSpinLock` called at an IRQL other than `DISPATCH_LEVEL`; parameter 2 is the
     /// IRQL, parameter 3 the lock.
     pub const RELEASE_SPIN_LOCK_NOT_AT_DISPATCH: usize = 0x32;
+}
+
+/// Parameter 1 values of [`BugCheckCode::DRIVER_VERIFIER_IOMANAGER_VIOLATION`], as the bug check
+/// reference lists them (codes 0x200 and up are the "WDM DRIVER ERROR" I/O verification codes).
+pub mod iomanager {
+    /// The IRQL changed across a call to a dispatch routine; parameters 2-4: device object, IRQL
+    /// before, IRQL after.
+    pub const IRQL_CHANGED_BY_DISPATCH: usize = 0x05;
+    /// `IoCompleteRequest` with a status of `STATUS_PENDING` (or -1); parameter 2 is the status,
+    /// 3 the IRP.
+    pub const COMPLETED_WITH_PENDING_STATUS: usize = 0x06;
+    /// `IoCompleteRequest` while the IRP's cancel routine was still set; parameter 2 is the
+    /// cancel routine, 3 the IRP.
+    pub const COMPLETED_WITH_CANCEL_ROUTINE: usize = 0x07;
+    /// `IoCompleteRequest` above `DISPATCH_LEVEL`; parameter 2 is the IRQL, 3 the IRP.
+    pub const COMPLETED_ABOVE_DISPATCH: usize = 0x0E;
+    /// An I/O verification error without a code of its own.
+    pub const UNKNOWN: usize = 0x200;
+    /// A dispatch routine returned a status other than the one it completed the IRP with;
+    /// parameter 3 is the IRP, 4 the status it was completed with.
+    pub const STATUS_MISMATCH: usize = 0x224;
+    /// A dispatch routine returned without completing the IRP and without returning
+    /// `STATUS_PENDING`; parameter 3 is the IRP.
+    pub const NOT_COMPLETED_NOR_PENDING: usize = 0x226;
+    /// A dispatch routine returned `STATUS_PENDING` without `IoMarkIrpPending`; parameter 3 is
+    /// the IRP.
+    pub const PENDING_NOT_MARKED: usize = 0x23D;
+    /// A dispatch routine marked the IRP pending but did not return `STATUS_PENDING`; parameter
+    /// 3 is the IRP, 4 the status it returned.
+    pub const MARKED_PENDING_NOT_RETURNED: usize = 0x23E;
 }
 
 /// Stops the machine. Wraps `KeBugCheckEx`.

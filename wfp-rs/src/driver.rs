@@ -341,6 +341,9 @@ fn start<D: DriverState>(
         registry_path,
         shared: &extension.shared,
     };
+    // Requests for devices the driver creates in `entry` (an `InvertedQueue`'s) reach the SDK's
+    // dispatch routine from the start.
+    crate::dispatch::install(object);
     match entry(irql, &mut driver) {
         Ok(state) => {
             extension.state.write(state);

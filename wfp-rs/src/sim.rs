@@ -329,6 +329,8 @@ impl Machine {
                 ),
             );
         }
+        crate::sys::sim::flt::check_unload(&self.kernel, driver.object, &driver.name);
+        crate::sys::sim::irp::check_unload(&self.kernel, driver.object, &driver.name);
         let devices = state
             .devices
             .values()
@@ -1189,5 +1191,176 @@ impl Machine {
             kernel::with_context(&self.kernel, irql.0, 0, || engine::classify(&mut incoming));
         drop(path);
         Machine::decision(verdict)
+    }
+}
+
+// --- filter-manager ports: the user-mode side -----------------------------------------------------
+
+/// A user-mode process's end of a filter-manager communication port: what a service does with
+/// `FilterConnectCommunicationPort`, `FilterGetMessage`, `FilterReplyMessage` and `CloseHandle`.
+/// Get one with [`Machine::port_client`].
+///
+/// One `PortClient` is one connection (one handle). The methods take `&self` where the Win32
+/// calls can run concurrently on one handle, so a test can share a client between threads: one
+/// waiting in [`get_message`](Self::get_message), another replying. Dropping a connected client
+/// closes its handle.
+///
+/// ```
+/// use wfp_rs::sim::Machine;
+/// use wfp_rs::Status;
+///
+/// let machine = Machine::new();
+/// let mut client = machine.port_client("\\NoSuchPort");
+/// assert_eq!(client.connect(&[]), Err(Status::OBJECT_NAME_NOT_FOUND));
+/// ```
+pub struct PortClient {
+    kernel: Arc<Kernel>,
+    name: String,
+    administrator: bool,
+    client: Option<usize>,
+}
+
+/// A message a driver sent with `FltSendMessage`, as [`PortClient::get_message`] returns it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortMessage {
+    /// `FILTER_MESSAGE_HEADER::MessageId`: pass it to [`PortClient::reply`].
+    pub id: u64,
+    /// `FILTER_MESSAGE_HEADER::ReplyLength`: the size of the reply the driver waits for,
+    /// including the 16-byte `FILTER_REPLY_HEADER`; 0 if it waits for none.
+    pub reply_length: u32,
+    /// The message, as the driver sent it.
+    pub data: Vec<u8>,
+}
+
+impl Machine {
+    /// A user-mode client for the communication port named `name` (for example
+    /// `"\\WfpRsFirewall"`), not connected yet. It runs as an administrator, as a service
+    /// running as SYSTEM would; see [`PortClient::as_standard_user`].
+    pub fn port_client(&self, name: &str) -> PortClient {
+        PortClient {
+            kernel: Arc::clone(&self.kernel),
+            name: name.to_owned(),
+            administrator: true,
+            client: None,
+        }
+    }
+
+    /// Waits until a client of port `name` has a [`PortClient::get_message`] pending, so that a
+    /// message the driver sends now is delivered at once. Harness synchronisation: it waits for
+    /// the state, never for a time.
+    pub fn wait_for_port_listener(&self, name: &str) {
+        crate::sys::sim::flt::wait_for_listener(&self.kernel, name);
+    }
+}
+
+impl PortClient {
+    /// Makes the process a standard user: a port whose security descriptor admits only
+    /// administrators and SYSTEM refuses it (`STATUS_ACCESS_DENIED`).
+    pub fn as_standard_user(mut self) -> PortClient {
+        self.administrator = false;
+        self
+    }
+
+    /// Connects (`FilterConnectCommunicationPort`), passing `context` to the driver's connect
+    /// callback. The callback runs on this thread, as on Windows. Fails with
+    /// `STATUS_OBJECT_NAME_NOT_FOUND` (no such port), `STATUS_ACCESS_DENIED` (the port's security
+    /// descriptor refuses this process), `STATUS_CONNECTION_COUNT_LIMIT` (the port has its maximum
+    /// number of connections), whatever the driver's callback returned, or
+    /// `STATUS_INVALID_PARAMETER` if this client is connected already.
+    pub fn connect(&mut self, context: &[u8]) -> Result<(), Status> {
+        if self.client.is_some() {
+            return Err(Status::INVALID_PARAMETER);
+        }
+        let client = crate::sys::sim::flt::user_connect(
+            &self.kernel,
+            &self.name,
+            context,
+            self.administrator,
+        )
+        .map_err(Status::from_raw)?;
+        self.client = Some(client);
+        Ok(())
+    }
+
+    /// Whether the connection is open at both ends (the driver may close its end, and
+    /// unregistering its filter closes every connection).
+    pub fn is_connected(&self) -> bool {
+        self.client
+            .is_some_and(|client| crate::sys::sim::flt::user_is_connected(&self.kernel, client))
+    }
+
+    /// Waits for the next message (`FilterGetMessage`), at most `timeout` (`None`: until a
+    /// message comes or the connection breaks). `None` on timeout, when the connection is gone,
+    /// or when this client never connected.
+    pub fn get_message(&self, timeout: Option<core::time::Duration>) -> Option<PortMessage> {
+        let client = self.client?;
+        crate::sys::sim::flt::user_get_message(&self.kernel, client, timeout).map(|m| PortMessage {
+            id: m.id,
+            reply_length: m.reply_length,
+            data: m.data,
+        })
+    }
+
+    /// Replies to message `message_id` (`FilterReplyMessage`); `reply` is what follows the
+    /// `FILTER_REPLY_HEADER`, and is what the driver receives. Fails with
+    /// `STATUS_FLT_NO_WAITER_FOR_REPLY` when the driver no longer waits for that reply (it timed
+    /// out, it was answered already, it was never delivered to this client or wanted none), and
+    /// with `STATUS_PORT_DISCONNECTED` when the connection is gone.
+    pub fn reply(&self, message_id: u64, reply: &[u8]) -> Result<(), Status> {
+        let Some(client) = self.client else {
+            return Err(Status::PORT_DISCONNECTED);
+        };
+        crate::sys::sim::flt::user_reply(&self.kernel, client, message_id, reply)
+            .map_err(Status::from_raw)
+    }
+
+    /// Closes the connection (`CloseHandle`): the driver's disconnect callback runs on this
+    /// thread, and messages waiting for a reply fail with `STATUS_PORT_DISCONNECTED`.
+    pub fn disconnect(&mut self) {
+        if let Some(client) = self.client.take() {
+            crate::sys::sim::flt::user_disconnect(&self.kernel, client);
+        }
+    }
+}
+
+impl Drop for PortClient {
+    fn drop(&mut self) {
+        self.disconnect();
+    }
+}
+
+impl fmt::Debug for PortClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PortClient")
+            .field("port", &self.name)
+            .field("administrator", &self.administrator)
+            .field("connected", &self.is_connected())
+            .finish()
+    }
+}
+
+// --- devices and I/O requests ----------------------------------------------------------------------
+
+pub use crate::sys::sim::irp::{Caller, DeviceHandle, IoCompletion, IoRequest};
+
+impl Machine {
+    /// A user-mode process running as `caller` opens a device (`CreateFile` with
+    /// `GENERIC_READ | GENERIC_WRITE`): `path` is `\\.\name` or `\??\name` (through the symbolic
+    /// link), or the device's own name (`\Device\name`). The device's DACL decides (a device
+    /// without one lets everyone in, as the default device security descriptor does); then the
+    /// driver's `IRP_MJ_CREATE` runs.
+    pub fn open_device(&self, path: &str, caller: Caller) -> Result<DeviceHandle, Status> {
+        crate::sys::sim::irp::open(&self.kernel, path, caller)
+    }
+
+    /// The symbolic links that exist, as (link, target) pairs, sorted: drivers must delete
+    /// theirs before unload, or the next load finds the name taken.
+    pub fn symbolic_links(&self) -> Vec<(String, String)> {
+        crate::sys::sim::irp::symbolic_links(&self.kernel)
+    }
+
+    /// How many I/O requests sent to drivers are not completed yet.
+    pub fn pending_io_requests(&self) -> usize {
+        crate::sys::sim::irp::pending_irps(&self.kernel, 0)
     }
 }

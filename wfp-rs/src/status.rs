@@ -42,18 +42,49 @@ statuses! {
     NOT_IMPLEMENTED = 0xC000_0002;
     /// `STATUS_INVALID_PARAMETER`.
     INVALID_PARAMETER = 0xC000_000D;
+    /// `STATUS_INVALID_HANDLE`.
+    INVALID_HANDLE = 0xC000_0008;
+    /// `STATUS_INVALID_DEVICE_REQUEST`: the device does not handle this request (for example, an
+    /// I/O control code it does not know).
+    INVALID_DEVICE_REQUEST = 0xC000_0010;
+    /// `STATUS_BUFFER_TOO_SMALL`: the buffer cannot hold what the request needs.
+    BUFFER_TOO_SMALL = 0xC000_0023;
+    /// `STATUS_OBJECT_TYPE_MISMATCH`.
+    OBJECT_TYPE_MISMATCH = 0xC000_0024;
+    /// `STATUS_OBJECT_NAME_INVALID`: a device or link name is empty, too long or malformed.
+    OBJECT_NAME_INVALID = 0xC000_0033;
+    /// `STATUS_DELETE_PENDING`: the device is being deleted and takes no new requests.
+    DELETE_PENDING = 0xC000_0056;
+    /// `STATUS_INVALID_ACL`.
+    INVALID_ACL = 0xC000_0077;
+    /// `STATUS_INVALID_SID`.
+    INVALID_SID = 0xC000_0078;
+    /// `STATUS_INVALID_SECURITY_DESCR`.
+    INVALID_SECURITY_DESCR = 0xC000_0079;
+    /// `STATUS_INVALID_DEVICE_STATE`: the object is not in a state that allows the request.
+    INVALID_DEVICE_STATE = 0xC000_0184;
     /// `STATUS_NO_MEMORY`.
     NO_MEMORY = 0xC000_0017;
     /// `STATUS_ACCESS_DENIED`.
     ACCESS_DENIED = 0xC000_0022;
+    /// `STATUS_OBJECT_NAME_NOT_FOUND`: for example, no communication port has that name.
+    OBJECT_NAME_NOT_FOUND = 0xC000_0034;
     /// `STATUS_OBJECT_NAME_COLLISION`.
     OBJECT_NAME_COLLISION = 0xC000_0035;
+    /// `STATUS_PORT_DISCONNECTED`: the other end of a communication port went away.
+    PORT_DISCONNECTED = 0xC000_0037;
     /// `STATUS_INSUFFICIENT_RESOURCES`.
     INSUFFICIENT_RESOURCES = 0xC000_009A;
     /// `STATUS_DEVICE_BUSY`.
     DEVICE_BUSY = 0x8000_0011;
     /// `STATUS_CANCELLED`.
     CANCELLED = 0xC000_0120;
+    /// `STATUS_CONNECTION_COUNT_LIMIT`: a port already has its maximum number of connections.
+    CONNECTION_COUNT_LIMIT = 0xC000_0246;
+    /// `STATUS_BUFFER_OVERFLOW` (a warning code): the data did not fit the buffer and was cut.
+    BUFFER_OVERFLOW = 0x8000_0005;
+    /// `STATUS_FLT_NO_WAITER_FOR_REPLY`: a reply came for a message nobody waits for any more.
+    FLT_NO_WAITER_FOR_REPLY = 0xC01C_0020;
     /// `STATUS_TIMEOUT` (a success-severity code that callers usually treat as an error).
     TIMEOUT = 0x0000_0102;
     /// `STATUS_FWP_CALLOUT_NOT_FOUND`.

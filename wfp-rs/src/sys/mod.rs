@@ -22,6 +22,10 @@ pub(crate) mod types;
 pub use types::*;
 mod fwp;
 pub use fwp::*;
+mod irp;
+pub use irp::*;
+mod flt;
+pub use flt::*;
 
 #[cfg(wfp_nt)]
 mod nt;

@@ -119,11 +119,8 @@ pub struct IO_WORKITEM {
     _opaque: [u8; 0],
 }
 
-/// `IRP` is only handled by pointer in this crate so far.
-#[repr(C)]
-pub struct IRP {
-    _opaque: [u8; 0],
-}
+// `IRP` and the other I/O request types are laid out in `irp.rs`.
+pub use super::irp::IRP;
 
 /// `DRIVER_EXTENSION` (wdm.h).
 #[repr(C)]

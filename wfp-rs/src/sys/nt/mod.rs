@@ -226,3 +226,104 @@ unsafe extern "system" {
     ) -> NTSTATUS;
     pub fn FwpsFlowRemoveContext0(flowId: u64, layerId: u16, calloutId: u32) -> NTSTATUS;
 }
+
+// The filter manager (fltKernel.h of WDK 10.0.22621): a filter registration and communication
+// ports. FltSendMessage is at most APC_LEVEL (it waits, and it attaches to the client's process
+// to copy the message); FltRegisterFilter, FltStartFiltering, FltUnregisterFilter and the
+// security descriptor routines at most APC_LEVEL; the port routines PASSIVE_LEVEL.
+use super::flt::*;
+
+#[link(name = "fltmgr.sys", kind = "raw-dylib", modifiers = "+verbatim")]
+unsafe extern "system" {
+    pub fn FltRegisterFilter(
+        Driver: *mut DRIVER_OBJECT,
+        Registration: *const FLT_REGISTRATION,
+        RetFilter: *mut PFLT_FILTER,
+    ) -> NTSTATUS;
+    pub fn FltStartFiltering(Filter: PFLT_FILTER) -> NTSTATUS;
+    pub fn FltUnregisterFilter(Filter: PFLT_FILTER);
+    pub fn FltBuildDefaultSecurityDescriptor(
+        SecurityDescriptor: *mut PSECURITY_DESCRIPTOR,
+        DesiredAccess: ACCESS_MASK,
+    ) -> NTSTATUS;
+    pub fn FltFreeSecurityDescriptor(SecurityDescriptor: PSECURITY_DESCRIPTOR);
+    pub fn FltCreateCommunicationPort(
+        Filter: PFLT_FILTER,
+        ServerPort: *mut PFLT_PORT,
+        ObjectAttributes: *const OBJECT_ATTRIBUTES,
+        ServerPortCookie: PVOID,
+        ConnectNotifyCallback: PFLT_CONNECT_NOTIFY,
+        DisconnectNotifyCallback: PFLT_DISCONNECT_NOTIFY,
+        MessageNotifyCallback: PFLT_MESSAGE_NOTIFY,
+        MaxConnections: LONG,
+    ) -> NTSTATUS;
+    pub fn FltCloseCommunicationPort(ServerPort: PFLT_PORT);
+    pub fn FltCloseClientPort(Filter: PFLT_FILTER, ClientPort: *mut PFLT_PORT);
+    pub fn FltSendMessage(
+        Filter: PFLT_FILTER,
+        ClientPort: *mut PFLT_PORT,
+        SenderBuffer: PVOID,
+        SenderBufferLength: ULONG,
+        ReplyBuffer: PVOID,
+        ReplyLength: *mut ULONG,
+        Timeout: *const LARGE_INTEGER,
+    ) -> NTSTATUS;
+}
+
+// I/O requests, cancel-safe queues, symbolic links and object security (wdm.h, ntifs.h of WDK
+// 10.0.22621; all exported by ntoskrnl.exe). IofCompleteRequest is FASTCALL in the header, which
+// on x64 is the one calling convention ("system"). IRQL: IofCompleteRequest, the IoCsq routines
+// and IoAcquireCancelSpinLock at most DISPATCH_LEVEL (IoCsqInitializeEx any level);
+// IoReleaseCancelSpinLock exactly DISPATCH_LEVEL; ObOpenObjectByPointer at most APC_LEVEL;
+// IoCreateSymbolicLink, IoDeleteSymbolicLink, ZwSetSecurityObject and ZwClose PASSIVE_LEVEL.
+// IoCreateDeviceSecure is not among them: it lives in the static library wdmsec.lib, which a
+// raw-dylib build cannot link, so named devices get their DACL through ObOpenObjectByPointer +
+// ZwSetSecurityObject instead (see `crate::inverted`).
+use super::irp::*;
+
+#[link(name = "ntoskrnl.exe", kind = "raw-dylib", modifiers = "+verbatim")]
+unsafe extern "system" {
+    pub fn IofCompleteRequest(Irp: *mut IRP, PriorityBoost: i8);
+    pub fn IoAcquireCancelSpinLock(Irql: *mut KIRQL);
+    pub fn IoReleaseCancelSpinLock(Irql: KIRQL);
+    pub fn IoCsqInitializeEx(
+        Csq: *mut IO_CSQ,
+        CsqInsertIrp: PIO_CSQ_INSERT_IRP_EX,
+        CsqRemoveIrp: PIO_CSQ_REMOVE_IRP,
+        CsqPeekNextIrp: PIO_CSQ_PEEK_NEXT_IRP,
+        CsqAcquireLock: PIO_CSQ_ACQUIRE_LOCK,
+        CsqReleaseLock: PIO_CSQ_RELEASE_LOCK,
+        CsqCompleteCanceledIrp: PIO_CSQ_COMPLETE_CANCELED_IRP,
+    ) -> NTSTATUS;
+    pub fn IoCsqInsertIrpEx(
+        Csq: *mut IO_CSQ,
+        Irp: *mut IRP,
+        Context: *mut IO_CSQ_IRP_CONTEXT,
+        InsertContext: PVOID,
+    ) -> NTSTATUS;
+    pub fn IoCsqRemoveNextIrp(Csq: *mut IO_CSQ, PeekContext: PVOID) -> *mut IRP;
+    pub fn IoCreateSymbolicLink(
+        SymbolicLinkName: *const UNICODE_STRING,
+        DeviceName: *const UNICODE_STRING,
+    ) -> NTSTATUS;
+    pub fn IoDeleteSymbolicLink(SymbolicLinkName: *const UNICODE_STRING) -> NTSTATUS;
+    /// `DesiredAccess` is an `ACCESS_MASK`; `PassedAccessState` a `PACCESS_STATE`; `ObjectType`
+    /// a `POBJECT_TYPE`, which may be null for `KernelMode`.
+    pub fn ObOpenObjectByPointer(
+        Object: PVOID,
+        HandleAttributes: ULONG,
+        PassedAccessState: PVOID,
+        DesiredAccess: u32,
+        ObjectType: PVOID,
+        AccessMode: KPROCESSOR_MODE,
+        Handle: *mut HANDLE,
+    ) -> NTSTATUS;
+    /// `SecurityInformation` is a `SECURITY_INFORMATION`; `SecurityDescriptor` a
+    /// `PSECURITY_DESCRIPTOR` in absolute or self-relative form.
+    pub fn ZwSetSecurityObject(
+        Handle: HANDLE,
+        SecurityInformation: u32,
+        SecurityDescriptor: PVOID,
+    ) -> NTSTATUS;
+    pub fn ZwClose(Handle: HANDLE) -> NTSTATUS;
+}

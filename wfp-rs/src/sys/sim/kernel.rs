@@ -112,8 +112,12 @@ pub(crate) struct Kernel {
     pub wfp_idle: Condvar,
     /// Signalled when a filter engine transaction ends (writers of other sessions wait on it).
     pub wfp_txn: Condvar,
+    /// The filter manager: filters, communication ports and their messages.
+    pub flt: super::flt::FilterManager,
     /// Signalled when a pended classification is completed.
     pub wfp_pend: Condvar,
+    /// I/O requests, file objects, symbolic links and device security (`irp.rs`).
+    pub irp: super::irp::IoManager,
 }
 
 static NEXT_THREAD_ID: AtomicU64 = AtomicU64::new(1);
@@ -153,7 +157,9 @@ impl Kernel {
             wfp: Mutex::new(super::wfp::Bfe::default()),
             wfp_idle: Condvar::new(),
             wfp_txn: Condvar::new(),
+            flt: super::flt::FilterManager::default(),
             wfp_pend: Condvar::new(),
+            irp: super::irp::IoManager::default(),
         });
         let mut handles = Vec::with_capacity(workers);
         for index in 0..workers {

@@ -18,7 +18,9 @@ use std::{
 
 pub(crate) mod bugcheck;
 mod event;
+pub(crate) mod flt;
 mod io;
+pub(crate) mod irp;
 mod irql;
 pub(crate) mod kernel;
 mod pool;
@@ -30,9 +32,19 @@ pub(crate) use pool::kernel_free as kernel_free_block;
 pub mod exports {
     pub use super::bugcheck::KeBugCheckEx;
     pub use super::event::{KeClearEvent, KeInitializeEvent, KeSetEvent, KeWaitForSingleObject};
+    pub use super::flt::{
+        FltBuildDefaultSecurityDescriptor, FltCloseClientPort, FltCloseCommunicationPort,
+        FltCreateCommunicationPort, FltFreeSecurityDescriptor, FltRegisterFilter, FltSendMessage,
+        FltStartFiltering, FltUnregisterFilter,
+    };
     pub use super::io::{
         IoAllocateDriverObjectExtension, IoAllocateWorkItem, IoCreateDevice, IoDeleteDevice,
         IoFreeWorkItem, IoGetDriverObjectExtension, IoQueueWorkItem,
+    };
+    pub use super::irp::{
+        IoAcquireCancelSpinLock, IoCreateSymbolicLink, IoCsqInitializeEx, IoCsqInsertIrpEx,
+        IoCsqRemoveNextIrp, IoDeleteSymbolicLink, IoReleaseCancelSpinLock, IofCompleteRequest,
+        ObOpenObjectByPointer, ZwClose, ZwSetSecurityObject,
     };
     pub use super::irql::{
         KeAcquireSpinLockRaiseToDpc, KeGetCurrentIrql, KeLowerIrql, KeReleaseSpinLock, KfRaiseIrql,
