@@ -81,6 +81,7 @@ pub struct Classify<'a, L: Layer, F: 'static = ()> {
     /// The decision, with WFP's rights rules enforced.
     pub out: ClassifyOut<'a>,
     flow_context: u64,
+    pub(crate) classify_context: *const core::ffi::c_void,
     callout_id: u32,
     flows: &'a Flows,
     _context: PhantomData<fn() -> F>,
@@ -175,6 +176,13 @@ impl<L: Layer, F: Send + Sync + 'static> Classify<'_, L, F> {
 }
 
 impl<L: Layer, F: 'static> Classify<'_, L, F> {
+    /// The raw classify context the engine passed to `classifyFn`, for calling
+    /// `sys::FwpsAcquireClassifyHandle0` directly; [`pend_decision`](Self::pend_decision) is the
+    /// safe way to use it. Valid only during this classification.
+    pub fn raw_classify_context(&self) -> *const core::ffi::c_void {
+        self.classify_context
+    }
+
     /// Whether this classification re-authorizes a connection (the layer's `FLAGS` field has
     /// `FWP_CONDITION_FLAG_IS_REAUTHORIZE`). Always `false` at layers without a `FLAGS` field.
     pub fn is_reauthorization(&self) -> bool {
@@ -364,7 +372,7 @@ unsafe extern "system" fn classify_trampoline<
     in_fixed_values: *const sys::FWPS_INCOMING_VALUES0,
     in_meta_values: *const sys::FWPS_INCOMING_METADATA_VALUES0,
     _layer_data: *mut core::ffi::c_void,
-    _classify_context: *const core::ffi::c_void,
+    classify_context: *const core::ffi::c_void,
     filter: *const sys::FWPS_FILTER3,
     flow_context: u64,
     classify_out: *mut sys::FWPS_CLASSIFY_OUT0,
@@ -395,6 +403,7 @@ unsafe extern "system" fn classify_trampoline<
         filter: FilterInfo { raw: filter },
         out: ClassifyOut::new(out),
         flow_context,
+        classify_context,
         callout_id,
         flows: &registered.flows,
         _context: PhantomData,

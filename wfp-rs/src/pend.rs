@@ -8,6 +8,10 @@
 //! then classifies the connection again (a *reauthorization*, where pending is refused), and the
 //! callout answers from the verdict it recorded: [`VerdictTable`] does that bookkeeping.
 //!
+//! ALE_CONNECT_REDIRECT and ALE_ENDPOINT_CLOSURE have no completion handle; there a callout
+//! pends by classify handle with [`Classify::pend_decision`], and the completion carries the
+//! final decision ([`PendedDecision::complete`]) or asks for a reauthorization.
+//!
 //! ```
 //! use wfp_rs::callout::{Callout, Classify};
 //! use wfp_rs::irql::DispatchLevel;
@@ -145,6 +149,158 @@ impl fmt::Debug for PendedClassify {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PendedClassify")
             .field("completed", &self.context.is_none())
+            .finish()
+    }
+}
+
+/// Layers whose classifications are pended by *classify handle* (`FwpsAcquireClassifyHandle0` +
+/// `FwpsPendClassify0`) instead of a completion handle: ALE_CONNECT_REDIRECT and
+/// ALE_ENDPOINT_CLOSURE. Only these have [`Classify::pend_decision`]; elsewhere it does not
+/// compile.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` does not pend by classify handle",
+    label = "`pend_decision` is only for ALE_CONNECT_REDIRECT and ALE_ENDPOINT_CLOSURE",
+    note = "at ALE_AUTH_CONNECT and ALE_AUTH_RECV_ACCEPT, use `Classify::pend` (completion handle) and answer the reauthorization"
+)]
+pub trait PendableByClassifyHandle: Layer + sealed::Sealed {}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+macro_rules! pendable_by_classify_handle {
+    ($($layer:ident),* $(,)?) => {$(
+        impl sealed::Sealed for crate::layer::$layer {}
+        impl PendableByClassifyHandle for crate::layer::$layer {}
+    )*};
+}
+
+pendable_by_classify_handle!(
+    AleConnectRedirectV4,
+    AleConnectRedirectV6,
+    AleEndpointClosureV4,
+    AleEndpointClosureV6,
+);
+
+impl<L: Layer, F: 'static> Classify<'_, L, F> {
+    /// Pends this classification by classify handle (`FwpsAcquireClassifyHandle0`, then
+    /// `FwpsPendClassify0`) and sets BLOCK with `FWPS_CLASSIFY_OUT_FLAG_ABSORB`, write right
+    /// cleared. Unlike [`pend`](Self::pend), the completion carries the final decision itself:
+    /// [`PendedDecision::complete`] gives it, [`PendedDecision::reauthorize`] asks the stack to
+    /// classify again.
+    ///
+    /// Refused with [`PendError::Refused`]`(STATUS_FWP_CANNOT_PEND)` during a reauthorization.
+    pub fn pend_decision(&mut self) -> Result<PendedDecision, PendError>
+    where
+        L: PendableByClassifyHandle,
+    {
+        if !self.out.can_write() {
+            return Err(PendError::NoWriteRight);
+        }
+        if self.classify_context.is_null() {
+            return Err(PendError::NotPendable);
+        }
+        let mut handle: u64 = 0;
+        // SAFETY: the classify context is the engine's for this classification, in progress;
+        // classifyFn runs at IRQL <= DISPATCH_LEVEL.
+        let status = unsafe {
+            sys::FwpsAcquireClassifyHandle0(self.classify_context.cast_mut(), 0, &mut handle)
+        };
+        Status::from_ntstatus(status).map_err(PendError::Refused)?;
+        let filter_id = self.filter.id();
+        let out = self.out.raw();
+        // The deep copy FwpsCompleteClassify0 wants, taken before the pend changes the decision.
+        let original = *out;
+        // SAFETY: the handle was just acquired for this classification; `out` is its
+        // classify-out.
+        let status = unsafe { sys::FwpsPendClassify0(handle, filter_id, 0, out) };
+        if let Err(status) = Status::from_ntstatus(status) {
+            // SAFETY: acquired above, not pended, released once.
+            unsafe { sys::FwpsReleaseClassifyHandle0(handle) };
+            return Err(PendError::Refused(status));
+        }
+        out.actionType = sys::FWP_ACTION_BLOCK;
+        out.flags |= sys::FWPS_CLASSIFY_OUT_FLAG_ABSORB;
+        out.rights &= !sys::FWPS_RIGHT_ACTION_WRITE;
+        Ok(PendedDecision {
+            handle: Some(handle),
+            out: original,
+        })
+    }
+}
+
+/// A classification pended by classify handle. Complete it once, from any thread at IRQL <=
+/// `DISPATCH_LEVEL`, with the final decision or a request to reauthorize; either consumes it and
+/// releases the classify handle.
+///
+/// Dropping it uncompleted reauthorizes (and reports that to the debugger): the stack asks the
+/// callout again, where pending is refused and it answers from what it recorded.
+#[must_use = "a pended classification holds the connection until it is completed"]
+pub struct PendedDecision {
+    handle: Option<u64>,
+    out: sys::FWPS_CLASSIFY_OUT0,
+}
+
+// SAFETY: a classify handle may be completed and released from any thread; `out` is plain data.
+unsafe impl Send for PendedDecision {}
+// SAFETY: nothing is reachable through `&self`.
+unsafe impl Sync for PendedDecision {}
+
+impl PendedDecision {
+    /// Completes the pend with `action` as the callout's final decision
+    /// (`FwpsCompleteClassify0` with a classify-out), then releases the classify handle. A
+    /// permit or block is hard: the write right is cleared, as [`ClassifyOut::block`] does.
+    ///
+    /// [`ClassifyOut::block`]: crate::classify::ClassifyOut::block
+    pub fn complete(mut self, irql: &impl AtMostDispatch, action: crate::classify::Action) {
+        crate::irql::verify(irql);
+        let mut out = self.out;
+        out.actionType = action.raw();
+        if matches!(
+            action,
+            crate::classify::Action::Permit | crate::classify::Action::Block
+        ) {
+            out.rights &= !sys::FWPS_RIGHT_ACTION_WRITE;
+        }
+        self.finish(Some(&out));
+    }
+
+    /// Completes the pend without a decision (`FwpsCompleteClassify0` with no classify-out): the
+    /// stack classifies again, as a reauthorization. Then releases the classify handle.
+    pub fn reauthorize(mut self, irql: &impl AtMostDispatch) {
+        crate::irql::verify(irql);
+        self.finish(None);
+    }
+
+    fn finish(&mut self, out: Option<&sys::FWPS_CLASSIFY_OUT0>) {
+        if let Some(handle) = self.handle.take() {
+            let out = out.map_or(core::ptr::null(), |out| out as *const _);
+            // SAFETY: the handle was pended by `pend_decision` and is completed exactly once
+            // (taken out of the option); `out` is null or valid for the call; all Rust code in a
+            // driver runs at <= DISPATCH_LEVEL.
+            unsafe { sys::FwpsCompleteClassify0(handle, 0, out) };
+            // SAFETY: completed just above, released exactly once.
+            unsafe { sys::FwpsReleaseClassifyHandle0(handle) };
+        }
+    }
+}
+
+impl Drop for PendedDecision {
+    fn drop(&mut self) {
+        if self.handle.is_some() {
+            crate::kd_print!(
+                Warning,
+                "wfp-rs: a pended decision was dropped without being completed; reauthorizing\n"
+            );
+            self.finish(None);
+        }
+    }
+}
+
+impl fmt::Debug for PendedDecision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendedDecision")
+            .field("completed", &self.handle.is_none())
             .finish()
     }
 }

@@ -840,7 +840,8 @@ pub struct Decision {
     pub absorbed: bool,
     /// The filter that decided, if any.
     pub filter_id: Option<u64>,
-    /// Set if a callout pended the classification (`FwpsPendOperation0`).
+    /// Set if a callout pended the classification (`FwpsPendOperation0` or
+    /// `FwpsPendClassify0`).
     pub pending: Option<Pending>,
 }
 
@@ -850,15 +851,18 @@ pub struct Decision {
 pub struct Pending(usize);
 
 impl Machine {
-    /// Whether the pended classification is still waiting for `FwpsCompleteOperation0`.
+    /// Whether the pended classification is still waiting for `FwpsCompleteOperation0` or
+    /// `FwpsCompleteClassify0`.
     pub fn is_pending(&self, pending: Pending) -> bool {
         self.run(|| engine::is_pending(pending.0))
     }
 
     /// Waits until the driver completes the pended classification (as the network stack holds a
-    /// connection until then).
-    pub fn wait_for_completion(&self, pending: Pending) {
-        self.run(|| engine::wait_for_completion(pending.0));
+    /// connection until then). Returns the callout's final decision if it completed with one
+    /// (`FwpsCompleteClassify0` with a classify-out); `None` means the stack reauthorizes.
+    pub fn wait_for_completion(&self, pending: Pending) -> Option<crate::classify::Action> {
+        self.run(|| engine::wait_for_completion(pending.0))
+            .map(crate::classify::Action::from_raw)
     }
 
     fn decision(verdict: engine::Verdict) -> Decision {
@@ -1058,7 +1062,7 @@ impl Machine {
                 // The stack holds the connection until the callout completes the pend.
                 pended = true;
                 layers.push((layer.name, decision));
-                self.wait_for_completion(pending);
+                let final_action = self.wait_for_completion(pending);
                 if layer.name.starts_with("ALE_AUTH_RECV_ACCEPT") {
                     // No reauthorization at RECV_ACCEPT: the absorbed packet is gone unless the
                     // callout reinjects a clone (not simulated yet), so this attempt fails.
@@ -1069,8 +1073,20 @@ impl Machine {
                         pended,
                     };
                 }
-                // Completing at ALE_AUTH_CONNECT makes the stack classify the connection again.
-                decision = self.classify_connection(layer, connection, irql, None, true);
+                decision = match final_action {
+                    // FwpsCompleteClassify0 with a classify-out: that is the layer's decision.
+                    Some(action) => Decision {
+                        action,
+                        hard: false,
+                        vetoed: false,
+                        absorbed: false,
+                        pending: None,
+                        ..decision
+                    },
+                    // FwpsCompleteOperation0 (or FwpsCompleteClassify0 without a classify-out):
+                    // the stack classifies the connection again.
+                    None => self.classify_connection(layer, connection, irql, None, true),
+                };
             }
             layers.push((layer.name, decision));
             if decision.action != crate::classify::Action::Permit {
@@ -1121,7 +1137,9 @@ impl Machine {
         })
     }
 
-    /// The connection's endpoint closes: ALE_ENDPOINT_CLOSURE at `PASSIVE_LEVEL`.
+    /// The connection's endpoint closes: ALE_ENDPOINT_CLOSURE at `PASSIVE_LEVEL`. If a callout
+    /// pends the closure (`FwpsPendClassify0`), this waits for its completion, as the stack
+    /// holds the endpoint until then; the returned decision keeps `pending` set.
     pub fn close(&self, connection: &Connection) -> Decision {
         use crate::layer::*;
         let id = if connection.remote.is_ipv4() {
@@ -1130,7 +1148,13 @@ impl Machine {
             AleEndpointClosureV6::ID
         };
         let layer = layer_by_id(id).expect("known layer");
-        self.classify_connection(layer, connection, Irql::PASSIVE, None, false)
+        let decision = self.classify_connection(layer, connection, Irql::PASSIVE, None, false);
+        if let Some(pending) = decision.pending
+            && let Some(action) = self.wait_for_completion(pending)
+        {
+            return Decision { action, ..decision };
+        }
+        decision
     }
 
     /// Classifies `connection` at one layer, with its field values and metadata.

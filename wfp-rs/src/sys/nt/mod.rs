@@ -327,3 +327,26 @@ unsafe extern "system" {
     ) -> NTSTATUS;
     pub fn ZwClose(Handle: HANDLE) -> NTSTATUS;
 }
+
+// Pending by classify handle (fwpsk.h), for layers without a completion handle
+// (ALE_CONNECT_REDIRECT, ALE_BIND_REDIRECT, ALE_ENDPOINT_CLOSURE). All at IRQL <= DISPATCH_LEVEL.
+#[link(name = "fwpkclnt.sys", kind = "raw-dylib", modifiers = "+verbatim")]
+unsafe extern "system" {
+    pub fn FwpsAcquireClassifyHandle0(
+        classifyContext: *mut core::ffi::c_void,
+        reserved: u32,
+        classifyHandle: *mut u64,
+    ) -> NTSTATUS;
+    pub fn FwpsReleaseClassifyHandle0(classifyHandle: u64);
+    pub fn FwpsPendClassify0(
+        classifyHandle: u64,
+        filterId: u64,
+        flags: u32,
+        classifyOut: *mut FWPS_CLASSIFY_OUT0,
+    ) -> NTSTATUS;
+    pub fn FwpsCompleteClassify0(
+        classifyHandle: u64,
+        flags: u32,
+        classifyOut: *const FWPS_CLASSIFY_OUT0,
+    );
+}

@@ -55,8 +55,9 @@ pub mod exports {
         FwpmCalloutAdd0, FwpmCalloutDeleteByKey0, FwpmEngineClose0, FwpmEngineOpen0,
         FwpmFilterAdd0, FwpmFilterDeleteById0, FwpmProviderAdd0, FwpmProviderDeleteByKey0,
         FwpmSubLayerAdd0, FwpmSubLayerDeleteByKey0, FwpmTransactionAbort0, FwpmTransactionBegin0,
-        FwpmTransactionCommit0, FwpsCalloutRegister3, FwpsCalloutUnregisterById0,
-        FwpsCompleteOperation0, FwpsFlowAssociateContext0, FwpsFlowRemoveContext0,
-        FwpsPendOperation0,
+        FwpmTransactionCommit0, FwpsAcquireClassifyHandle0, FwpsCalloutRegister3,
+        FwpsCalloutUnregisterById0, FwpsCompleteClassify0, FwpsCompleteOperation0,
+        FwpsFlowAssociateContext0, FwpsFlowRemoveContext0, FwpsPendClassify0, FwpsPendOperation0,
+        FwpsReleaseClassifyHandle0,
     };
 }

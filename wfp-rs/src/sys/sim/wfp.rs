@@ -163,6 +163,25 @@ pub(crate) struct Bfe {
     pends: HashMap<usize, Pend>,
     /// Flow contexts: (flow id, layer id, callout id) → context.
     flow_contexts: HashMap<(u64, u16, u32), u64>,
+    /// Classifications in progress, by the classify context handed to callouts.
+    live_classifications: HashMap<usize, LiveClassification>,
+    /// Classify handles acquired and not yet released.
+    classify_handles: HashMap<usize, ClassifyHandle>,
+}
+
+/// A classification in progress, as `FwpsAcquireClassifyHandle0`/`FwpsPendClassify0` see it.
+struct LiveClassification {
+    /// Whether a callout may pend it by classify handle.
+    pendable: bool,
+    /// The classify handle that pended it.
+    pended: Option<usize>,
+}
+
+/// A classify handle from `FwpsAcquireClassifyHandle0`.
+struct ClassifyHandle {
+    driver: usize,
+    /// The classify context it was acquired for.
+    classification: usize,
 }
 
 /// A completion handle handed to callouts in `FWPS_INCOMING_METADATA_VALUES0`.
@@ -176,6 +195,8 @@ pub(crate) struct Pend {
     /// The driver that pended it.
     pub driver: usize,
     pub completed: bool,
+    /// The final decision `FwpsCompleteClassify0` gave (`None`: reauthorize).
+    pub decision: Option<FWP_ACTION_TYPE>,
 }
 
 impl Bfe {
@@ -191,12 +212,22 @@ impl Bfe {
             .or_insert_with(|| NEXT_CALLOUT_ID.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// The pends `driver` has not completed (checked at unload).
+    /// The pends `driver` has not completed and the classify handles it has not released
+    /// (checked at unload).
     pub(crate) fn pends_of(&self, driver: usize) -> usize {
-        self.pends
-            .values()
-            .filter(|p| p.driver == driver && !p.completed)
-            .count()
+        let mut open: std::collections::BTreeSet<usize> = self
+            .pends
+            .iter()
+            .filter(|(_, p)| p.driver == driver && !p.completed)
+            .map(|(context, _)| *context)
+            .collect();
+        open.extend(
+            self.classify_handles
+                .iter()
+                .filter(|(_, h)| h.driver == driver)
+                .map(|(handle, _)| *handle),
+        );
+        open.len()
     }
 
     /// The keys of the callouts `driver` still has registered (checked at unload).
@@ -1675,6 +1706,21 @@ impl ValueStorage {
 /// matching callouts through their registered `classifyFn` and arbitrating as WFP does.
 pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
     let layer = incoming.layer;
+    // The classify context identifies this classification to FwpsAcquireClassifyHandle0; it is
+    // valid until the classification returns.
+    let classification = with_bfe(|bfe| {
+        bfe.next_pend += 1;
+        let context = 0xC1A0_0000 + bfe.next_pend;
+        bfe.live_classifications.insert(
+            context,
+            LiveClassification {
+                pendable: pendable_by_classify_handle(layer) && !incoming.reauthorization,
+                pended: None,
+            },
+        );
+        context
+    });
+    incoming.classify_context = classification as *const core::ffi::c_void;
     // Collect the matching filters from the committed objects, in evaluation order, and count a
     // call into each registered callout among them.
     let mut matched: Vec<Matched> = with_bfe(|bfe| {
@@ -1875,7 +1921,24 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
         current.pended =
             with_bfe(|bfe| bfe.completion_handles.remove(&handle)).and_then(|h| h.pended);
     }
+    let by_classify_handle =
+        with_bfe(|bfe| bfe.live_classifications.remove(&classification)).and_then(|c| c.pended);
+    current.pended = current.pended.or(by_classify_handle);
     current
+}
+
+/// The layers whose classifications are pended with a classify handle (`FwpsPendClassify0`)
+/// rather than a completion handle. INFERRED from fwpsk.h and the redirect documentation:
+/// ALE_CONNECT_REDIRECT, ALE_BIND_REDIRECT and ALE_ENDPOINT_CLOSURE; elsewhere the simulator
+/// refuses with `STATUS_FWP_CANNOT_PEND`.
+fn pendable_by_classify_handle(layer: &LayerInfo) -> bool {
+    [
+        "ALE_CONNECT_REDIRECT",
+        "ALE_BIND_REDIRECT",
+        "ALE_ENDPOINT_CLOSURE",
+    ]
+    .iter()
+    .any(|prefix| layer.name.starts_with(prefix))
 }
 
 /// Orders sublayers of equal weight deterministically.
@@ -1976,6 +2039,7 @@ pub unsafe extern "system" fn FwpsPendOperation0(
             Pend {
                 driver,
                 completed: false,
+                decision: None,
             },
         );
         Ok(context)
@@ -2024,14 +2088,182 @@ pub unsafe extern "system" fn FwpsCompleteOperation0(
     kernel.wfp_pend.notify_all();
 }
 
-/// Waits until the pend `context` is completed (harness: the connection's `connect` call).
-pub(crate) fn wait_for_completion(context: usize) {
+/// Waits until the pend `context` is completed (harness: the connection's `connect` call);
+/// returns the final decision `FwpsCompleteClassify0` gave, if it gave one.
+pub(crate) fn wait_for_completion(context: usize) -> Option<FWP_ACTION_TYPE> {
     let kernel = current();
     let mut bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
     while bfe.pends.get(&context).is_some_and(|p| !p.completed) {
         bfe = kernel.wfp_pend.wait(bfe).unwrap_or_else(|p| p.into_inner());
     }
-    bfe.pends.remove(&context);
+    bfe.pends.remove(&context).and_then(|p| p.decision)
+}
+
+/// `FwpsReleaseClassifyHandle0` on a handle that is not acquired (released twice, or never
+/// acquired): parameter 1 of the simulator's WFP_INVALID_OPERATION stop.
+pub(crate) const INVALID_CLASSIFY_HANDLE: usize = 0x8000_0002;
+/// `FwpsReleaseClassifyHandle0` on a handle whose pended classification is not completed.
+pub(crate) const RELEASED_WHILE_PENDED: usize = 0x8000_0003;
+
+/// `FwpsAcquireClassifyHandle0`: a handle for the classification `classifyContext` names,
+/// which must be in progress (INFERRED: `STATUS_INVALID_PARAMETER` otherwise).
+///
+/// # Safety
+///
+/// `classifyHandle` must be writable.
+pub unsafe extern "system" fn FwpsAcquireClassifyHandle0(
+    classifyContext: *mut core::ffi::c_void,
+    reserved: u32,
+    classifyHandle: *mut u64,
+) -> NTSTATUS {
+    let _ = reserved;
+    require_irql("FwpsAcquireClassifyHandle0", DISPATCH_LEVEL);
+    if classifyHandle.is_null() {
+        return Status::FWP_NULL_POINTER.raw();
+    }
+    let driver = THREAD.with(|t| t.driver.get());
+    let result = with_bfe(|bfe| {
+        let classification = classifyContext as usize;
+        if !bfe.live_classifications.contains_key(&classification) {
+            return Err(Status::INVALID_PARAMETER.raw());
+        }
+        bfe.next_pend += 1;
+        let handle = 0xC1A1_0000 + bfe.next_pend;
+        bfe.classify_handles.insert(
+            handle,
+            ClassifyHandle {
+                driver,
+                classification,
+            },
+        );
+        Ok(handle)
+    });
+    match result {
+        Ok(handle) => {
+            // SAFETY: writable per the contract.
+            unsafe { classifyHandle.write(handle as u64) };
+            STATUS_SUCCESS
+        }
+        Err(status) => status,
+    }
+}
+
+/// `FwpsPendClassify0`: pends the classification the classify handle was acquired for. Only
+/// during that classification, once, at a layer that pends by classify handle, and not during a
+/// reauthorization (`STATUS_FWP_CANNOT_PEND`).
+///
+/// # Safety
+///
+/// `classifyOut` must be the classification's.
+pub unsafe extern "system" fn FwpsPendClassify0(
+    classifyHandle: u64,
+    filterId: u64,
+    flags: u32,
+    classifyOut: *mut FWPS_CLASSIFY_OUT0,
+) -> NTSTATUS {
+    let _ = (filterId, flags);
+    require_irql("FwpsPendClassify0", DISPATCH_LEVEL);
+    if classifyOut.is_null() {
+        return Status::FWP_NULL_POINTER.raw();
+    }
+    let handle = classifyHandle as usize;
+    status(with_bfe(|bfe| {
+        let Some(acquired) = bfe.classify_handles.get(&handle) else {
+            return Err(Status::INVALID_PARAMETER.raw());
+        };
+        let driver = acquired.driver;
+        let Some(live) = bfe.live_classifications.get_mut(&acquired.classification) else {
+            // The classification already returned.
+            return Err(Status::INVALID_PARAMETER.raw());
+        };
+        if !live.pendable || live.pended.is_some() {
+            return Err(Status::FWP_CANNOT_PEND.raw());
+        }
+        live.pended = Some(handle);
+        bfe.pends.insert(
+            handle,
+            Pend {
+                driver,
+                completed: false,
+                decision: None,
+            },
+        );
+        Ok(())
+    }))
+}
+
+/// `FwpsCompleteClassify0`: ends a pend by classify handle. With `classifyOut`, its action is
+/// the callout's final decision; without, the stack reauthorizes. Completing a handle that is
+/// not pending stops the machine, as `FwpsCompleteOperation0` does.
+///
+/// # Safety
+///
+/// `classifyOut` null or valid.
+pub unsafe extern "system" fn FwpsCompleteClassify0(
+    classifyHandle: u64,
+    flags: u32,
+    classifyOut: *const FWPS_CLASSIFY_OUT0,
+) {
+    let _ = flags;
+    require_irql("FwpsCompleteClassify0", DISPATCH_LEVEL);
+    // SAFETY: null or valid per the contract.
+    let decision = unsafe { classifyOut.as_ref() }.map(|out| out.actionType);
+    let kernel = current();
+    let completed = {
+        let mut bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
+        let handle = classifyHandle as usize;
+        let acquired = bfe.classify_handles.contains_key(&handle);
+        match bfe.pends.get_mut(&handle) {
+            Some(pend) if acquired && !pend.completed => {
+                pend.completed = true;
+                pend.decision = decision;
+                true
+            }
+            _ => false,
+        }
+    };
+    if !completed {
+        stop(
+            BugCheckCode::WFP_INVALID_OPERATION,
+            [INVALID_COMPLETION, classifyHandle as usize, 0, 0],
+            "FwpsCompleteClassify0 on a classify handle that is not pending (completed twice, never pended, or released)",
+        );
+    }
+    kernel.wfp_pend.notify_all();
+}
+
+/// `FwpsReleaseClassifyHandle0`. Releasing a handle twice, or while its pend is not completed,
+/// stops the machine (on Windows the first frees what the pended classification still uses).
+///
+/// # Safety
+///
+/// None beyond the kernel's rules, which this function checks.
+pub unsafe extern "system" fn FwpsReleaseClassifyHandle0(classifyHandle: u64) {
+    require_irql("FwpsReleaseClassifyHandle0", DISPATCH_LEVEL);
+    let handle = classifyHandle as usize;
+    let problem = with_bfe(|bfe| {
+        if !bfe.classify_handles.contains_key(&handle) {
+            return Some(INVALID_CLASSIFY_HANDLE);
+        }
+        if bfe.pends.get(&handle).is_some_and(|p| !p.completed) {
+            return Some(RELEASED_WHILE_PENDED);
+        }
+        bfe.classify_handles.remove(&handle);
+        None
+    });
+    match problem {
+        Some(INVALID_CLASSIFY_HANDLE) => stop(
+            BugCheckCode::WFP_INVALID_OPERATION,
+            [INVALID_CLASSIFY_HANDLE, handle, 0, 0],
+            "FwpsReleaseClassifyHandle0 on a classify handle that is not acquired (released twice?)",
+        ),
+        Some(parameter) => stop(
+            BugCheckCode::WFP_INVALID_OPERATION,
+            [parameter, handle, 0, 0],
+            "FwpsReleaseClassifyHandle0 while its pended classification is not completed",
+        ),
+        None => {}
+    }
 }
 
 /// Whether the pend `context` is still waiting for completion.

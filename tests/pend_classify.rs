@@ -1,0 +1,509 @@
+//! Pending by classify handle (`FwpsAcquireClassifyHandle0` + `FwpsPendClassify0`), in the
+//! simulator: ALE_CONNECT_REDIRECT and ALE_ENDPOINT_CLOSURE, where the completion carries the
+//! final decision or asks for a reauthorization.
+
+#![cfg(any(not(windows), feature = "sim"))]
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use wfp_rs::callout::{Callout, CalloutRegistration, Classify};
+use wfp_rs::classify::Action;
+use wfp_rs::driver::Driver;
+use wfp_rs::engine::{CalloutEntry, Engine, SessionOptions};
+use wfp_rs::filter::{Filter, FilterAction};
+use wfp_rs::irql::{DispatchLevel, PassiveLevel};
+use wfp_rs::layer::value::IpProtocol;
+use wfp_rs::layer::{self, Layer};
+use wfp_rs::metadata::Direction;
+use wfp_rs::pend::PendError;
+use wfp_rs::sim::{AleIrql, Connection, LoadedDriver, Machine};
+use wfp_rs::work_item::WorkQueue;
+use wfp_rs::{Guid, Status, bugcheck_test, guid, sys};
+
+mod host {
+    use super::*;
+
+    #[wfp_rs::driver_entry]
+    fn entry(_irql: &mut PassiveLevel<'_>, _driver: &mut Driver<'_>) -> Result<(), Status> {
+        Ok(())
+    }
+}
+
+const CALLOUT: Guid = guid!("51000000-0000-0000-0000-000000000001");
+const FILTER: Guid = guid!("51000000-0000-0000-0000-000000000002");
+
+/// How the redirect callout finishes a pend.
+#[derive(Clone, Copy, PartialEq)]
+enum Finish {
+    /// From a work item: permit odd remote ports, block even ones.
+    Decide,
+    /// From a work item, without a decision: the stack classifies again.
+    Reauthorize,
+    /// Drop the pend in classify.
+    Drop,
+}
+
+struct Redirector {
+    finish: Finish,
+    queue: WorkQueue,
+    calls: AtomicU32,
+    refused: Mutex<Vec<PendError>>,
+}
+
+impl<L: wfp_rs::pend::PendableByClassifyHandle> Callout<L> for Redirector {
+    fn classify(&self, irql: &mut DispatchLevel<'_>, c: &mut Classify<'_, L>) {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let remote_port = c
+            .values
+            .raw_value(remote_port_index::<L>())
+            .ok()
+            // SAFETY: the remote port field is a UINT16 at these layers.
+            .map(|v| unsafe { v.u.uint16 })
+            .unwrap_or(0);
+        let pended = match c.pend_decision() {
+            Ok(pended) => pended,
+            Err(error) => {
+                self.refused.lock().unwrap().push(error);
+                let _ = c.out.permit();
+                return;
+            }
+        };
+        match self.finish {
+            Finish::Drop => drop(pended),
+            Finish::Decide => {
+                let queued = self.queue.queue(irql, move |passive| {
+                    let action = if remote_port % 2 == 1 {
+                        Action::Permit
+                    } else {
+                        Action::Block
+                    };
+                    pended.complete(passive, action);
+                });
+                drop(queued);
+            }
+            Finish::Reauthorize => {
+                let queued = self
+                    .queue
+                    .queue(irql, move |passive| pended.reauthorize(passive));
+                drop(queued);
+            }
+        }
+    }
+}
+
+fn remote_port_index<L: Layer>() -> u32 {
+    L::FIELDS
+        .iter()
+        .find(|f| f.name == "IpRemotePort")
+        .expect("the layer has a remote port")
+        .index
+}
+
+struct Setup<L: wfp_rs::pend::PendableByClassifyHandle> {
+    machine: Machine,
+    driver: LoadedDriver,
+    registration: CalloutRegistration<L, Redirector>,
+    engine: Engine,
+}
+
+fn setup<L: wfp_rs::pend::PendableByClassifyHandle>(finish: Finish) -> Setup<L> {
+    let machine = Machine::with_worker_threads(2);
+    let driver = machine
+        .load_driver("redirector", host::DriverEntry)
+        .unwrap();
+    let (registration, engine) = driver
+        .run_in_driver(&machine, |irql, d| {
+            let callout = Redirector {
+                finish,
+                queue: d.work_queue(),
+                calls: AtomicU32::new(0),
+                refused: Mutex::new(Vec::new()),
+            };
+            let registration =
+                CalloutRegistration::<L, _>::register(irql, d, CALLOUT, callout).unwrap();
+            let engine = Engine::open(irql, SessionOptions::new().dynamic()).unwrap();
+            engine
+                .add_callout(irql, &CalloutEntry::<L>::new(CALLOUT).name("redirector"))
+                .unwrap();
+            engine
+                .add_filter(
+                    irql,
+                    &Filter::<L>::new(FILTER)
+                        .name("redirector")
+                        .action(FilterAction::CalloutTerminating(CALLOUT)),
+                )
+                .unwrap();
+            (registration, engine)
+        })
+        .unwrap();
+    Setup {
+        machine,
+        driver,
+        registration,
+        engine,
+    }
+}
+
+impl<L: wfp_rs::pend::PendableByClassifyHandle> Setup<L> {
+    fn calls(&self) -> u32 {
+        self.registration.callout().calls.load(Ordering::SeqCst)
+    }
+
+    fn refused(&self) -> Vec<PendError> {
+        self.registration.callout().refused.lock().unwrap().clone()
+    }
+
+    fn teardown(self) {
+        let Setup {
+            machine,
+            driver,
+            registration,
+            engine,
+        } = self;
+        driver.run_in_driver(&machine, |irql, _| {
+            engine.close(irql).unwrap();
+            registration.unregister(irql).map_err(|(_, s)| s).unwrap();
+        });
+        machine.unload_driver(driver).unwrap();
+        assert!(
+            machine.pool_blocks().is_empty(),
+            "left: {:?}",
+            machine.pool_blocks()
+        );
+    }
+}
+
+fn connection(remote_port: u16) -> Connection {
+    Connection {
+        pid: 4242,
+        app: "\\device\\harddiskvolume1\\app.exe".into(),
+        protocol: IpProtocol::Tcp,
+        local: "10.0.0.1:50123".parse().unwrap(),
+        remote: format!("192.0.2.7:{remote_port}").parse().unwrap(),
+        direction: Direction::Outbound,
+    }
+}
+
+fn layer_count(outcome: &wfp_rs::sim::ConnectOutcome, name: &str) -> usize {
+    outcome.layers.iter().filter(|(n, _)| *n == name).count()
+}
+
+#[test]
+fn a_completed_decision_at_connect_redirect_is_final() {
+    for (port, expected) in [(443u16, Action::Permit), (8080, Action::Block)] {
+        let setup = setup::<layer::AleConnectRedirectV4>(Finish::Decide);
+        let outcome = setup.machine.connect(&connection(port), AleIrql::Dispatch);
+        assert!(outcome.pended, "port {port}");
+        assert_eq!(outcome.decision.action, expected, "port {port}");
+        // The pended classification and the decision that completed it; no reauthorization.
+        assert_eq!(layer_count(&outcome, "ALE_CONNECT_REDIRECT_V4"), 2);
+        assert_eq!(setup.calls(), 1, "the callout was asked once");
+        let pended = outcome
+            .layers
+            .iter()
+            .find(|(n, _)| *n == "ALE_CONNECT_REDIRECT_V4")
+            .unwrap()
+            .1;
+        assert!(pended.absorbed && pended.action == Action::Block);
+        assert_eq!(
+            layer_count(&outcome, "ALE_AUTH_CONNECT_V4"),
+            usize::from(expected == Action::Permit),
+            "a block at the redirect layer stops the connection there"
+        );
+        setup.teardown();
+    }
+}
+
+#[test]
+fn completing_without_a_decision_reauthorizes_and_pending_again_is_refused() {
+    let setup = setup::<layer::AleConnectRedirectV4>(Finish::Reauthorize);
+    let outcome = setup.machine.connect(&connection(443), AleIrql::Passive);
+    assert!(outcome.pended);
+    assert_eq!(
+        outcome.decision.action,
+        Action::Permit,
+        "the callout permits when it cannot pend"
+    );
+    assert_eq!(
+        setup.calls(),
+        2,
+        "the pended classification and the reauthorization"
+    );
+    assert_eq!(
+        setup.refused(),
+        [PendError::Refused(Status::FWP_CANNOT_PEND)]
+    );
+    setup.teardown();
+}
+
+#[test]
+fn a_dropped_pended_decision_reauthorizes_and_is_reported() {
+    let setup = setup::<layer::AleConnectRedirectV4>(Finish::Drop);
+    let outcome = setup.machine.connect(&connection(443), AleIrql::Dispatch);
+    assert!(outcome.pended);
+    assert_eq!(setup.calls(), 2);
+    assert_eq!(outcome.decision.action, Action::Permit);
+    assert!(
+        setup
+            .machine
+            .debug_output()
+            .concat()
+            .contains("pended decision was dropped without being completed")
+    );
+    setup.teardown();
+}
+
+#[test]
+fn an_endpoint_closure_is_held_until_its_pend_completes() {
+    let setup = setup::<layer::AleEndpointClosureV4>(Finish::Decide);
+    let decision = setup.machine.close(&connection(8080));
+    assert!(decision.pending.is_some());
+    assert_eq!(decision.action, Action::Block);
+    assert_eq!(setup.calls(), 1);
+    setup.teardown();
+}
+
+#[test]
+fn ipv6_connect_redirect_pends_too() {
+    let setup = setup::<layer::AleConnectRedirectV6>(Finish::Decide);
+    let mut v6 = connection(8081);
+    v6.local = "[2001:db8::1]:50123".parse().unwrap();
+    v6.remote = "[2001:db8::7]:8081".parse().unwrap();
+    let outcome = setup.machine.connect(&v6, AleIrql::Dispatch);
+    assert!(outcome.pended);
+    assert_eq!(outcome.decision.action, Action::Permit);
+    setup.teardown();
+}
+
+// --- what the simulator stops on ---------------------------------------------------------------
+
+/// A callout that pends through the raw ABI and keeps the classify handle, to misuse it.
+struct RawPender(Mutex<Option<u64>>);
+
+impl Callout<layer::AleConnectRedirectV4> for RawPender {
+    fn classify(
+        &self,
+        _irql: &mut DispatchLevel<'_>,
+        c: &mut Classify<'_, layer::AleConnectRedirectV4>,
+    ) {
+        let mut handle = 0u64;
+        // SAFETY: the classify context of the classification in progress.
+        let status = unsafe {
+            sys::FwpsAcquireClassifyHandle0(c.raw_classify_context().cast_mut(), 0, &mut handle)
+        };
+        assert_eq!(status, 0);
+        let mut out = sys::FWPS_CLASSIFY_OUT0 {
+            actionType: sys::FWP_ACTION_BLOCK,
+            outContext: 0,
+            filterId: 0,
+            rights: 0,
+            flags: 0,
+            reserved: 0,
+        };
+        // SAFETY: the handle was just acquired; `out` stands in for the classify-out.
+        let status = unsafe { sys::FwpsPendClassify0(handle, c.filter.id(), 0, &mut out) };
+        assert_eq!(status, 0);
+        *self.0.lock().unwrap() = Some(handle);
+        c.out.block();
+    }
+}
+
+fn raw_pend(
+    machine: &Machine,
+    driver: &LoadedDriver,
+) -> (
+    u64,
+    CalloutRegistration<layer::AleConnectRedirectV4, RawPender>,
+    Engine,
+) {
+    let (registration, engine) = driver
+        .run_in_driver(machine, |irql, d| {
+            let registration =
+                CalloutRegistration::register(irql, d, CALLOUT, RawPender(Mutex::new(None)))
+                    .unwrap();
+            let engine = Engine::open(irql, SessionOptions::new().dynamic()).unwrap();
+            engine
+                .add_callout(
+                    irql,
+                    &CalloutEntry::<layer::AleConnectRedirectV4>::new(CALLOUT).name("raw"),
+                )
+                .unwrap();
+            engine
+                .add_filter(
+                    irql,
+                    &Filter::<layer::AleConnectRedirectV4>::new(FILTER)
+                        .name("raw")
+                        .action(FilterAction::CalloutTerminating(CALLOUT)),
+                )
+                .unwrap();
+            (registration, engine)
+        })
+        .unwrap();
+    let request = wfp_rs::sim::ClassifyRequest::<layer::AleConnectRedirectV4>::new();
+    let decision = machine.classify(wfp_rs::irql::Irql::DISPATCH, &request);
+    assert!(decision.pending.is_some());
+    let handle = registration.callout().0.lock().unwrap().expect("pended");
+    (handle, registration, engine)
+}
+
+fn close(
+    machine: &Machine,
+    driver: &LoadedDriver,
+    registration: CalloutRegistration<layer::AleConnectRedirectV4, RawPender>,
+    engine: Engine,
+) {
+    driver.run_in_driver(machine, |irql, _| {
+        engine.close(irql).unwrap();
+        registration.unregister(irql).map_err(|(_, s)| s).unwrap();
+    });
+}
+
+bugcheck_test! {
+    fn completing_a_classify_handle_twice_stops() expects WFP_INVALID_OPERATION (0x8000_0001) {
+        let machine = Machine::new();
+        let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+        let (handle, _registration, _engine) = raw_pend(&machine, &driver);
+        machine.at_dispatch(|_| {
+            // SAFETY: a pended classify handle, completed once.
+            unsafe { sys::FwpsCompleteClassify0(handle, 0, core::ptr::null()) };
+            // SAFETY: deliberately completed a second time: the rule under test.
+            unsafe { sys::FwpsCompleteClassify0(handle, 0, core::ptr::null()) };
+        });
+    }
+}
+
+bugcheck_test! {
+    fn releasing_a_classify_handle_while_pended_stops() expects WFP_INVALID_OPERATION (0x8000_0003) {
+        let machine = Machine::new();
+        let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+        let (handle, _registration, _engine) = raw_pend(&machine, &driver);
+        machine.at_dispatch(|_| {
+            // SAFETY: deliberately released before completing: the rule under test.
+            unsafe { sys::FwpsReleaseClassifyHandle0(handle) };
+        });
+    }
+}
+
+bugcheck_test! {
+    fn releasing_a_classify_handle_twice_stops() expects WFP_INVALID_OPERATION (0x8000_0002) {
+        let machine = Machine::new();
+        let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+        let (handle, _registration, _engine) = raw_pend(&machine, &driver);
+        machine.at_dispatch(|_| {
+            // SAFETY: a pended classify handle, completed once.
+            unsafe { sys::FwpsCompleteClassify0(handle, 0, core::ptr::null()) };
+            // SAFETY: completed; released once.
+            unsafe { sys::FwpsReleaseClassifyHandle0(handle) };
+            // SAFETY: deliberately released a second time: the rule under test.
+            unsafe { sys::FwpsReleaseClassifyHandle0(handle) };
+        });
+    }
+}
+
+bugcheck_test! {
+    fn unloading_with_a_classify_handle_unreleased_stops() expects DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS {
+        let machine = Machine::new();
+        let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+        let (handle, registration, engine) = raw_pend(&machine, &driver);
+        machine.at_dispatch(|_| {
+            // SAFETY: a pended classify handle, completed once but never released.
+            unsafe { sys::FwpsCompleteClassify0(handle, 0, core::ptr::null()) };
+        });
+        close(&machine, &driver, registration, engine);
+        let _ = machine.unload_driver(driver);
+    }
+}
+
+#[test]
+fn a_completed_and_released_raw_pend_unloads_clean() {
+    let machine = Machine::new();
+    let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+    let (handle, registration, engine) = raw_pend(&machine, &driver);
+    machine.at_dispatch(|_| {
+        let out = sys::FWPS_CLASSIFY_OUT0 {
+            actionType: sys::FWP_ACTION_PERMIT,
+            outContext: 0,
+            filterId: 0,
+            rights: 0,
+            flags: 0,
+            reserved: 0,
+        };
+        // SAFETY: the pended handle, completed once.
+        unsafe { sys::FwpsCompleteClassify0(handle, 0, &out) };
+        // SAFETY: completed; released once.
+        unsafe { sys::FwpsReleaseClassifyHandle0(handle) };
+    });
+    close(&machine, &driver, registration, engine);
+    machine.unload_driver(driver).unwrap();
+}
+
+#[test]
+fn a_classify_handle_cannot_pend_at_auth_connect() {
+    struct TryRawPend(Mutex<Option<i32>>);
+    impl Callout<layer::AleAuthConnectV4> for TryRawPend {
+        fn classify(
+            &self,
+            _irql: &mut DispatchLevel<'_>,
+            c: &mut Classify<'_, layer::AleAuthConnectV4>,
+        ) {
+            let mut handle = 0u64;
+            let mut out = sys::FWPS_CLASSIFY_OUT0 {
+                actionType: sys::FWP_ACTION_CONTINUE,
+                outContext: 0,
+                filterId: 0,
+                rights: sys::FWPS_RIGHT_ACTION_WRITE,
+                flags: 0,
+                reserved: 0,
+            };
+            // SAFETY: the classify context of the classification in progress.
+            let acquired = unsafe {
+                sys::FwpsAcquireClassifyHandle0(c.raw_classify_context().cast_mut(), 0, &mut handle)
+            };
+            assert_eq!(acquired, 0);
+            // SAFETY: the handle was just acquired; `out` stands in for the classify-out.
+            let status = unsafe { sys::FwpsPendClassify0(handle, c.filter.id(), 0, &mut out) };
+            // SAFETY: acquired, not pended; released once.
+            unsafe { sys::FwpsReleaseClassifyHandle0(handle) };
+            *self.0.lock().unwrap() = Some(status);
+            let _ = c.out.permit();
+        }
+    }
+    let machine = Machine::new();
+    let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+    let (registration, engine) = driver
+        .run_in_driver(&machine, |irql, d| {
+            let registration =
+                CalloutRegistration::register(irql, d, CALLOUT, TryRawPend(Mutex::new(None)))
+                    .unwrap();
+            let engine = Engine::open(irql, SessionOptions::new().dynamic()).unwrap();
+            engine
+                .add_callout(
+                    irql,
+                    &CalloutEntry::<layer::AleAuthConnectV4>::new(CALLOUT).name("t"),
+                )
+                .unwrap();
+            engine
+                .add_filter(
+                    irql,
+                    &Filter::<layer::AleAuthConnectV4>::new(FILTER)
+                        .name("t")
+                        .action(FilterAction::CalloutTerminating(CALLOUT)),
+                )
+                .unwrap();
+            (registration, engine)
+        })
+        .unwrap();
+    let outcome = machine.connect(&connection(443), AleIrql::Dispatch);
+    assert_eq!(outcome.decision.action, Action::Permit);
+    assert!(!outcome.pended);
+    assert_eq!(
+        *registration.callout().0.lock().unwrap(),
+        Some(Status::FWP_CANNOT_PEND.raw())
+    );
+    driver.run_in_driver(&machine, |irql, _| {
+        engine.close(irql).unwrap();
+        registration.unregister(irql).map_err(|(_, s)| s).unwrap();
+    });
+    machine.unload_driver(driver).unwrap();
+}
