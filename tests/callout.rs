@@ -1216,3 +1216,121 @@ fn every_layer_delivers_the_connections_typed_values() {
     machine.unload_driver(driver).unwrap();
     assert!(machine.pool_blocks().is_empty());
 }
+
+// --- the filter a callout receives ---------------------------------------------------------------
+
+/// Records the conditions of the filter that called it, decoded from the raw structures.
+struct ConditionReader(Mutex<Vec<(u16, i32, i32, String)>>);
+
+impl Callout<layer::AleAuthConnectV4> for ConditionReader {
+    fn classify(
+        &self,
+        _irql: &mut DispatchLevel<'_>,
+        c: &mut Classify<'_, layer::AleAuthConnectV4>,
+    ) {
+        let mut seen = Vec::new();
+        for condition in c.filter.conditions() {
+            let value = &condition.conditionValue;
+            // SAFETY: each arm read is the one the tag names; pointers are the engine's, valid
+            // for the classification.
+            let text = unsafe {
+                match value.r#type {
+                    sys::FWP_UINT16 => format!("{}", value.u.uint16),
+                    sys::FWP_UINT8 => format!("{}", value.u.uint8),
+                    sys::FWP_V4_ADDR_MASK => {
+                        let mask = &*value.u.v4AddrMask;
+                        format!("{}/{:#x}", Ipv4Addr::from(mask.addr), mask.mask)
+                    }
+                    sys::FWP_RANGE_TYPE => {
+                        let range = &*value.u.rangeValue;
+                        format!("{}..={}", range.valueLow.u.uint16, range.valueHigh.u.uint16)
+                    }
+                    other => format!("type {other}"),
+                }
+            };
+            seen.push((condition.fieldId, condition.matchType, value.r#type, text));
+        }
+        *self.0.lock().unwrap() = seen;
+        let _ = c.out.permit();
+    }
+}
+
+#[test]
+fn a_callout_receives_its_filters_conditions() {
+    use wfp_rs::engine::{CalloutEntry, Engine, SessionOptions};
+    use wfp_rs::filter::{Filter, FilterAction, Match};
+    let machine = Machine::new();
+    let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+    let (registration, engine) = driver
+        .run_in_driver(&machine, |irql, d| {
+            let registration = CalloutRegistration::register(
+                irql,
+                d,
+                CALLOUT_A,
+                ConditionReader(Mutex::new(Vec::new())),
+            )
+            .unwrap();
+            let engine = Engine::open(irql, SessionOptions::new().dynamic()).unwrap();
+            engine
+                .add_callout(
+                    irql,
+                    &CalloutEntry::<layer::AleAuthConnectV4>::new(CALLOUT_A).name("reader"),
+                )
+                .unwrap();
+            engine
+                .add_filter(
+                    irql,
+                    &Filter::<layer::AleAuthConnectV4>::new(HIGH)
+                        .name("reader")
+                        .action(FilterAction::CalloutTerminating(CALLOUT_A))
+                        .condition::<fields::IpProtocol>(Match::Equal(IpProtocol::Tcp))
+                        .condition::<fields::IpRemoteAddress>(Match::AddressMask(
+                            Ipv4Addr::new(192, 0, 2, 0),
+                            24,
+                        ))
+                        .condition::<fields::IpRemotePort>(Match::Range(400, 500)),
+                )
+                .unwrap();
+            (registration, engine)
+        })
+        .unwrap();
+    let decision = machine.classify(Irql::DISPATCH, &connect_v4(443));
+    assert_eq!(decision.action, Action::Permit);
+    let index = |name: &str| {
+        layer::AleAuthConnectV4::FIELDS
+            .iter()
+            .find(|f| f.name == name)
+            .unwrap()
+            .index as u16
+    };
+    let mut seen = registration.callout().0.lock().unwrap().clone();
+    seen.sort();
+    let mut expected = vec![
+        (
+            index("IpProtocol"),
+            sys::FWP_MATCH_EQUAL,
+            sys::FWP_UINT8,
+            "6".to_string(),
+        ),
+        (
+            index("IpRemoteAddress"),
+            sys::FWP_MATCH_EQUAL,
+            sys::FWP_V4_ADDR_MASK,
+            "192.0.2.0/0xffffff00".to_string(),
+        ),
+        (
+            index("IpRemotePort"),
+            sys::FWP_MATCH_RANGE,
+            sys::FWP_RANGE_TYPE,
+            "400..=500".to_string(),
+        ),
+    ];
+    expected.sort();
+    assert_eq!(seen, expected);
+    driver.run_in_driver(&machine, |irql, _| {
+        engine.close(irql).unwrap();
+        registration.unregister(irql).map_err(|(_, s)| s).unwrap();
+    });
+    machine.unload_driver(driver).unwrap();
+    assert!(machine.pool_blocks().is_empty());
+}

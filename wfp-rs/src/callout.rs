@@ -241,6 +241,18 @@ impl<'a> FilterInfo<'a> {
         self.raw.flags & sys::FWPS_FILTER_FLAG_CLEAR_ACTION_RIGHT != 0
     }
 
+    /// The filter's conditions as the engine hands them over (`filterCondition`): each names the
+    /// field by its index at this layer (`fieldId`), with the match type and the raw value.
+    pub fn conditions(&self) -> &'a [sys::FWPS_FILTER_CONDITION0] {
+        let count = self.raw.numFilterConditions as usize;
+        if count == 0 || self.raw.filterCondition.is_null() {
+            return &[];
+        }
+        // SAFETY: the engine passes `numFilterConditions` conditions at `filterCondition`, valid
+        // for the classification (`'a`).
+        unsafe { core::slice::from_raw_parts(self.raw.filterCondition, count) }
+    }
+
     /// The raw structure.
     pub fn raw(&self) -> &'a sys::FWPS_FILTER3 {
         self.raw

@@ -1392,6 +1392,9 @@ fn in_driver<R>(driver: usize, callback: &str, f: impl FnOnce() -> R) -> R {
 struct FilterStorage {
     weight: Box<u64>,
     filter: Box<FWPS_FILTER3>,
+    // The filter's conditions, and the values they point into.
+    _conditions: Vec<FWPS_FILTER_CONDITION0>,
+    _values: ValueStorage,
 }
 
 impl FilterStorage {
@@ -1416,6 +1419,20 @@ impl FilterStorage {
         } else {
             0
         };
+        let mut values = ValueStorage::new(&[]);
+        let mut conditions: Vec<FWPS_FILTER_CONDITION0> = record
+            .conditions
+            .iter()
+            .map(|condition| {
+                let (tag, u) = values.raw_condition(&condition.value);
+                FWPS_FILTER_CONDITION0 {
+                    fieldId: condition.field_index as u16,
+                    reserved: 0,
+                    matchType: condition.match_type,
+                    conditionValue: FWP_CONDITION_VALUE0 { r#type: tag, u },
+                }
+            })
+            .collect();
         let filter = Box::new(FWPS_FILTER3 {
             filterId: record.id,
             weight: FWP_VALUE0 {
@@ -1426,10 +1443,12 @@ impl FilterStorage {
             },
             subLayerWeight: sublayer_weight,
             flags,
-            // The simulator does not hand the filter's conditions to callouts (a callout that
-            // reads `filterCondition` sees none); see docs/simulator.md.
-            numFilterConditions: 0,
-            filterCondition: core::ptr::null_mut(),
+            numFilterConditions: conditions.len() as u32,
+            filterCondition: if conditions.is_empty() {
+                core::ptr::null_mut()
+            } else {
+                conditions.as_mut_ptr()
+            },
             action: FWPS_ACTION0 {
                 r#type: record.action,
                 calloutId: callout_id,
@@ -1437,7 +1456,12 @@ impl FilterStorage {
             context: record.raw_context,
             providerContext: core::ptr::null_mut(),
         });
-        FilterStorage { weight, filter }
+        FilterStorage {
+            weight,
+            filter,
+            _conditions: conditions,
+            _values: values,
+        }
     }
 
     fn filter(&mut self) -> *mut FWPS_FILTER3 {
@@ -1600,6 +1624,9 @@ fn filter_matches(record: &FilterRecord, values: &[SimValue]) -> bool {
 struct ValueStorage {
     values: Vec<FWPS_INCOMING_VALUE0>,
     _u64s: Vec<Box<u64>>,
+    _v4_masks: Vec<Box<FWP_V4_ADDR_AND_MASK>>,
+    _v6_masks: Vec<Box<FWP_V6_ADDR_AND_MASK>>,
+    _ranges: Vec<Box<FWP_RANGE0>>,
     _arrays: Vec<Box<FWP_BYTE_ARRAY16>>,
     _blobs: Vec<Box<FWP_BYTE_BLOB>>,
     // Vectors of vectors: each inner buffer is its own allocation, so pointers into it stay
@@ -1613,6 +1640,9 @@ impl ValueStorage {
         let mut storage = ValueStorage {
             values: Vec::with_capacity(values.len()),
             _u64s: Vec::new(),
+            _v4_masks: Vec::new(),
+            _v6_masks: Vec::new(),
+            _ranges: Vec::new(),
             _arrays: Vec::new(),
             _blobs: Vec::new(),
             _bytes: Vec::new(),
@@ -1637,6 +1667,90 @@ impl ValueStorage {
         self._bytes.push(data);
         self._blobs.push(blob);
         ptr
+    }
+
+    /// A condition value as the engine hands it to callouts in `FWPS_FILTER3::filterCondition`.
+    fn raw_condition(&mut self, value: &SimValue) -> (FWP_DATA_TYPE, FWP_CONDITION_VALUE0_u) {
+        let u = match value {
+            SimValue::V4Mask { addr, mask } => {
+                let mut boxed = Box::new(FWP_V4_ADDR_AND_MASK {
+                    addr: *addr,
+                    mask: *mask,
+                });
+                let v4AddrMask = &mut *boxed as *mut FWP_V4_ADDR_AND_MASK;
+                self._v4_masks.push(boxed);
+                return (FWP_V4_ADDR_MASK, FWP_CONDITION_VALUE0_u { v4AddrMask });
+            }
+            SimValue::V6Mask { addr, prefix } => {
+                let mut boxed = Box::new(FWP_V6_ADDR_AND_MASK {
+                    addr: *addr,
+                    prefixLength: *prefix,
+                });
+                let v6AddrMask = &mut *boxed as *mut FWP_V6_ADDR_AND_MASK;
+                self._v6_masks.push(boxed);
+                return (FWP_V6_ADDR_MASK, FWP_CONDITION_VALUE0_u { v6AddrMask });
+            }
+            SimValue::Range(low, high) => {
+                let (low_tag, low) = self.raw(low);
+                let (high_tag, high) = self.raw(high);
+                let mut boxed = Box::new(FWP_RANGE0 {
+                    valueLow: FWP_VALUE0 {
+                        r#type: low_tag,
+                        u: low,
+                    },
+                    valueHigh: FWP_VALUE0 {
+                        r#type: high_tag,
+                        u: high,
+                    },
+                });
+                let rangeValue = &mut *boxed as *mut FWP_RANGE0;
+                self._ranges.push(boxed);
+                return (FWP_RANGE_TYPE, FWP_CONDITION_VALUE0_u { rangeValue });
+            }
+            other => other,
+        };
+        let (tag, raw) = self.raw(u);
+        // The arms `raw` produces exist in both unions with the same types; copy the active one.
+        // In every arm below, `tag` names the arm `raw` wrote, so reading it is sound.
+        let u = match tag {
+            FWP_EMPTY => FWP_CONDITION_VALUE0_u {
+                uint64: core::ptr::null_mut(),
+            },
+            FWP_UINT8 => FWP_CONDITION_VALUE0_u {
+                // SAFETY: see above.
+                uint8: unsafe { raw.uint8 },
+            },
+            FWP_UINT16 => FWP_CONDITION_VALUE0_u {
+                // SAFETY: see above.
+                uint16: unsafe { raw.uint16 },
+            },
+            FWP_UINT32 => FWP_CONDITION_VALUE0_u {
+                // SAFETY: see above.
+                uint32: unsafe { raw.uint32 },
+            },
+            FWP_UINT64 => FWP_CONDITION_VALUE0_u {
+                // SAFETY: see above.
+                uint64: unsafe { raw.uint64 },
+            },
+            FWP_BYTE_ARRAY16_TYPE => FWP_CONDITION_VALUE0_u {
+                // SAFETY: see above.
+                byteArray16: unsafe { raw.byteArray16 },
+            },
+            FWP_SID => FWP_CONDITION_VALUE0_u {
+                // SAFETY: see above.
+                sid: unsafe { raw.sid },
+            },
+            FWP_UNICODE_STRING_TYPE => FWP_CONDITION_VALUE0_u {
+                // SAFETY: see above.
+                unicodeString: unsafe { raw.unicodeString },
+            },
+            // Blobs, security descriptors and token access information: all blob pointers.
+            _ => FWP_CONDITION_VALUE0_u {
+                // SAFETY: see above.
+                byteBlob: unsafe { raw.byteBlob },
+            },
+        };
+        (tag, u)
     }
 
     fn raw(&mut self, value: &SimValue) -> (FWP_DATA_TYPE, FWP_VALUE0_u) {
