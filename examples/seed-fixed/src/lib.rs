@@ -1,0 +1,742 @@
+//! The seed scenario, fixed: a callout that asks a user-mode service whether a process may
+//! connect — without bringing the machine down.
+//!
+//! # The bug
+//!
+//! wfp-rs exists because of one driver. Its callout sent the process id of every connection
+//! attempt to a user-mode service with `FltSendMessage`, straight from `classifyFn`, and waited
+//! for an allow/deny reply:
+//!
+//! ```c
+//! void NTAPI ClassifyFn(const FWPS_INCOMING_VALUES0 *inFixedValues,
+//!                       const FWPS_INCOMING_METADATA_VALUES0 *inMetaValues, void *layerData,
+//!                       const void *classifyContext, const FWPS_FILTER3 *filter,
+//!                       UINT64 flowContext, FWPS_CLASSIFY_OUT0 *classifyOut)
+//! {
+//!     SEED_REQUEST request = { SEED_REQUEST_MAGIC, 1, 0, inMetaValues->processId };
+//!     SEED_REPLY reply;
+//!     ULONG replyLength = sizeof(reply);
+//!     LARGE_INTEGER timeout = { .QuadPart = -500 * 10000LL };
+//!     NTSTATUS status = FltSendMessage(gFilter, &gClientPort, &request, sizeof(request),
+//!                                      &reply, &replyLength, &timeout);
+//!     classifyOut->actionType =
+//!         NT_SUCCESS(status) && reply.Verdict == 1 ? FWP_ACTION_PERMIT : FWP_ACTION_BLOCK;
+//! }
+//! ```
+//!
+//! WFP calls `classifyFn` at IRQL <= `DISPATCH_LEVEL` — at `PASSIVE_LEVEL` for one connection,
+//! at `DISPATCH_LEVEL` for the next, depending on the path through the network stack.
+//! `FltSendMessage` waits, and must be called at IRQL <= `APC_LEVEL`. It compiled without a
+//! warning and passed testing; the first classification at `DISPATCH_LEVEL` stopped the machine
+//! with `INVALID_PROCESS_ATTACH_ATTEMPT` (0x5).
+//!
+//! # The same mistake with wfp-rs does not compile
+//!
+//! Written with this SDK, the original callout holds a port to the service
+//! ([`ServerPort::send`] is `FltSendMessage`) and calls it from [`Callout::classify`]:
+//!
+//! ```compile_fail,E0277
+//! use core::time::Duration;
+//!
+//! use seed_fixed::protocol::{Verdict, VerdictProtocol, VerdictRequest};
+//! use wfp_rs::callout::{Callout, Classify};
+//! use wfp_rs::irql::DispatchLevel;
+//! use wfp_rs::layer::AleAuthConnectV4;
+//! use wfp_rs::port::ServerPort;
+//!
+//! /// The seed driver's callout, as it was first written.
+//! struct AskInClassify {
+//!     port: ServerPort<VerdictProtocol>,
+//! }
+//!
+//! impl Callout<AleAuthConnectV4> for AskInClassify {
+//!     fn classify(&self, irql: &mut DispatchLevel<'_>, c: &mut Classify<'_, AleAuthConnectV4>) {
+//!         let request = VerdictRequest { pid: c.metadata.process_id().unwrap_or(0) };
+//!         // FltSendMessage from classifyFn: waits for the service's reply.
+//!         match self.port.send(irql, &request, Duration::from_millis(500)) {
+//!             Ok(reply) if reply.verdict == Verdict::Allow => {
+//!                 let _ = c.out.permit();
+//!             }
+//!             _ => {
+//!                 c.out.block();
+//!             }
+//!         }
+//!     }
+//! }
+//! ```
+//!
+//! `classify` receives a `&mut DispatchLevel`, because it may run at `DISPATCH_LEVEL`, and
+//! `send` takes `&impl AtMostApc`, which only `&PassiveLevel` and `&ApcLevel` satisfy. The
+//! compiler says so, and says what to do instead:
+//!
+//! ```text
+//! error[E0277]: `DispatchLevel<'_>` may be DISPATCH_LEVEL, but this call requires IRQL <= APC_LEVEL
+//!    |
+//!    |         match self.port.send(irql, &request, Duration::from_millis(500)) {
+//!    |                         ---- ^^^^ this does not prove IRQL <= APC_LEVEL
+//!    |                         |
+//!    |                         required by a bound introduced by this call
+//!    |
+//!    = help: the trait `AtMostApc` is not implemented for `DispatchLevel<'_>`
+//!    = note: only `&PassiveLevel` and `&ApcLevel` prove IRQL <= APC_LEVEL; a WFP callback such as classifyFn, or code holding a spin lock, has only a `&DispatchLevel`
+//!    = note: to make this call from such code, queue a work item (`WorkQueue::queue`) and make the call in its closure, which receives a `&mut PassiveLevel`
+//! ```
+//!
+//! # The fix
+//!
+//! Leave `DISPATCH_LEVEL` before asking, and hold the connection meanwhile. [`AskTheService`],
+//! this crate's callout at `ALE_AUTH_CONNECT_V4` and `_V6`:
+//!
+//! 1. **pends** the classification ([`Classify::pend`], `FwpsPendOperation0`): WFP holds the
+//!    connection, and `classify` returns at once;
+//! 2. **queues a work item** ([`WorkQueue::queue`], `IoQueueWorkItem`), whose closure runs on a
+//!    system worker thread and receives a `&mut PassiveLevel` — the token `send` accepts;
+//! 3. in the work item, **asks the service** ([`ServerPort::send`], with a timeout),
+//!    **records** the verdict in a [`VerdictTable`] under the connection's [`ConnectionKey`],
+//!    and **completes** the pend ([`PendedClassify::complete`], `FwpsCompleteOperation0`);
+//! 4. WFP then **reauthorizes** the connection: `classify` runs again, with
+//!    `FWP_CONDITION_FLAG_IS_REAUTHORIZE`, and answers from the record.
+//!
+//! The work item, condensed (the real one is in this crate's source):
+//!
+//! ```
+//! use core::time::Duration;
+//!
+//! use seed_fixed::protocol::{Verdict, VerdictProtocol, VerdictRequest};
+//! use wfp_rs::callout::{Callout, Classify};
+//! use wfp_rs::irql::DispatchLevel;
+//! use wfp_rs::layer::AleAuthConnectV4;
+//! use wfp_rs::port::ServerPort;
+//! use wfp_rs::work_item::WorkQueue;
+//!
+//! struct AskFromAWorkItem {
+//!     port: ServerPort<VerdictProtocol>,
+//!     queue: WorkQueue,
+//! }
+//!
+//! impl Callout<AleAuthConnectV4> for AskFromAWorkItem {
+//!     fn classify(&self, irql: &mut DispatchLevel<'_>, c: &mut Classify<'_, AleAuthConnectV4>) {
+//!         // (A reauthorization would be answered from the record here.)
+//!         let Ok(pended) = c.pend() else {
+//!             c.out.block();
+//!             return;
+//!         };
+//!         let request = VerdictRequest { pid: c.metadata.process_id().unwrap_or(0) };
+//!         let port = self.port.clone();
+//!         let queued = self.queue.queue(irql, move |passive| {
+//!             // PASSIVE_LEVEL: the same call compiles here.
+//!             let _allow = matches!(
+//!                 port.send(passive, &request, Duration::from_millis(500)),
+//!                 Ok(reply) if reply.verdict == Verdict::Allow && reply.pid == request.pid
+//!             );
+//!             // ... record the verdict, then:
+//!             pended.complete(passive);
+//!         });
+//!         // Not queued: the closure comes back and is dropped, and dropping the pend inside it
+//!         // completes it; the reauthorization then finds no record and blocks.
+//!         drop(queued);
+//!     }
+//! }
+//! ```
+//!
+//! # What happens when the service cannot answer: fail closed
+//!
+//! Every pended connection gets exactly one decision. When the service gives none, the
+//! configured default applies ([`Config::default`]; [`Verdict::Block`] in [`Config::DEFAULT`],
+//! which `DriverEntry` uses): a firewall that asks before letting a process connect should not
+//! let it connect because nobody answered. Each case is logged (`kd_print!`) with its reason.
+//!
+//! | situation | decision |
+//! |---|---|
+//! | the service replies with a valid [`VerdictReply`] for the process asked about | its verdict |
+//! | no service connected ([`SendError::NotConnected`]) | the default |
+//! | the service disconnects before replying ([`SendError::Disconnected`]) | the default |
+//! | no reply within [`Config::timeout`] ([`SendError::Timeout`]); a late reply is discarded | the default |
+//! | a reply too short, too long, or malformed (wrong magic or version, a verdict other than 0/1, reserved bytes set), or about another process | the default |
+//! | no pool to send ([`SendError::Status`]) | the default |
+//! | the work item cannot be queued (no pool): the default is recorded, and the closure that came back is dropped with the pend in it, which completes it | the default |
+//! | the verdict was evicted from the table (more than [`VERDICT_SLOTS`] completions waiting for their reauthorization) | no record: the default |
+//! | a reauthorization this callout did not cause (WFP reauthorizes connections when policy changes) | no record: the default |
+//! | the connection's key cannot be read, or the classification cannot be pended (no completion handle, refused) | the default, at once |
+//! | a heavier sublayer already decided hard (no write right): nothing to ask | that decision stands |
+//! | the driver is unloading: nothing is pended any more | the default, at once |
+//!
+//! "No record" also means the default: the table answers only the reauthorization its own
+//! work item caused, and anything else is treated as unknown. With a fail-open configuration
+//! ([`Verdict::Allow`] as the default) every "default" row above permits instead, including
+//! reauthorizations of connections that existed before the driver loaded.
+//!
+//! The driver logs each pend (`seed-fixed: pid 42: pended, asking the service`) and each
+//! decision with its reason (`seed-fixed: pid 42: block (default: no reply within the
+//! timeout)`); the tests read these lines from the simulator's debugger output.
+//!
+//! # Configuration
+//!
+//! [`Config`] holds the port name, the timeout and the default. `DriverEntry` uses
+//! [`Config::DEFAULT`] (a 500 ms timeout, fail-closed); a product would read its settings from
+//! its service key. Without a registry, another configuration is a `#[driver_entry]` of your
+//! own that calls [`start`] — which is what the tests do:
+//!
+//! ```
+//! use core::time::Duration;
+//! use seed_fixed::{Config, SeedFixed};
+//! use wfp_rs::driver::Driver;
+//! use wfp_rs::irql::PassiveLevel;
+//! use wfp_rs::Status;
+//!
+//! #[wfp_rs::driver_entry]
+//! fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<SeedFixed, Status> {
+//!     seed_fixed::start(irql, driver, Config { timeout: Duration::from_millis(50), ..Config::DEFAULT })
+//! }
+//! # let machine = wfp_rs::sim::Machine::new();
+//! # let driver = machine.load_driver("seed-fixed", DriverEntry).unwrap();
+//! # machine.unload_driver(driver).unwrap();
+//! # assert!(machine.pool_blocks().is_empty());
+//! ```
+//!
+//! # Loading and unloading
+//!
+//! `DriverEntry` registers the minifilter ([`Filter`]; the driver must be installed as a
+//! minifilter, see [`wfp_rs::port`]) and creates the port [`PORT_NAME`] for one service
+//! connection; registers the callouts; and only then, in a dynamic session and one
+//! transaction, adds the provider, the sublayer, the callout entries and two terminating
+//! filters for outbound TCP at `ALE_AUTH_CONNECT_V4`/`_V6` — so no connection ever meets a
+//! filter whose callout is missing.
+//!
+//! Unload must leave no pend behind, and must not let a pended connection through by
+//! accident. The order:
+//!
+//! 1. The SDK waits until no work item is queued or running: every work item completes its
+//!    pend, with the service's answer or, once [`Config::timeout`] expires, the default.
+//! 2. [`SeedFixed::unload`](DriverState::unload) sets the "unloading" flag — from then on a new
+//!    connection gets the default at once instead of being pended — and waits until every pend
+//!    it made is completed *and reauthorized*. Completing a pend only asks WFP to reauthorize;
+//!    the reauthorization comes later, on another thread. If the filters were deleted first, it
+//!    would meet no filter and the connection would be permitted whatever the verdict. The wait
+//!    ends when no work item of this driver is in flight and the [`VerdictTable`] is empty
+//!    (every recorded verdict taken), or after [`Config::timeout`] +
+//!    [`REAUTHORIZATION_GRACE`] without progress (a reauthorization that never comes; logged).
+//! 3. It closes the engine session: the filters go before the callouts, because a terminating
+//!    filter whose callout is gone blocks everything it matches.
+//! 4. It unregisters the callouts, closes the port, and unregisters the minifilter, which
+//!    disconnects the service.
+//!
+//! So every pended connection gets exactly one decision. The cost: while the service stays
+//! silent, unload takes up to [`Config::timeout`] for each wave of work items the system worker
+//! threads run, because the SDK waits for work items (step 1) before the driver can raise its
+//! flag or disconnect the service to make the sends fail fast. Connections that arrive after
+//! step 3 are not filtered by this driver, as after any unload.
+//!
+//! # Running it
+//!
+//! Build the kernel image: `cargo xtask driver seed-fixed`
+//! (or `cargo build --release --target x86_64-pc-windows-msvc -p seed-fixed`).
+//! In the simulator, `cargo test -p seed-fixed` plays the service on a harness thread and
+//! drives hundreds of concurrent connections through the driver.
+//!
+//! [`ServerPort::send`]: wfp_rs::port::ServerPort::send
+//! [`Callout::classify`]: wfp_rs::callout::Callout::classify
+//! [`Classify::pend`]: wfp_rs::callout::Classify::pend
+//! [`WorkQueue::queue`]: wfp_rs::work_item::WorkQueue::queue
+//! [`VerdictTable`]: wfp_rs::pend::VerdictTable
+//! [`ConnectionKey`]: wfp_rs::pend::ConnectionKey
+//! [`PendedClassify::complete`]: wfp_rs::pend::PendedClassify::complete
+//! [`SendError::NotConnected`]: wfp_rs::port::SendError::NotConnected
+//! [`SendError::Disconnected`]: wfp_rs::port::SendError::Disconnected
+//! [`SendError::Timeout`]: wfp_rs::port::SendError::Timeout
+//! [`SendError::Status`]: wfp_rs::port::SendError::Status
+//! [`VerdictReply`]: protocol::VerdictReply
+//! [`Verdict::Block`]: protocol::Verdict::Block
+//! [`Verdict::Allow`]: protocol::Verdict::Allow
+//! [`Filter`]: wfp_rs::port::Filter
+
+#![no_std]
+
+extern crate alloc;
+
+pub mod protocol;
+
+use alloc::sync::Arc;
+use core::fmt;
+use core::net::IpAddr;
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use core::time::Duration;
+
+use wfp_rs::callout::{Callout, CalloutRegistration, Classify};
+use wfp_rs::classify::ClassifyOut;
+use wfp_rs::driver::{Driver, DriverState};
+use wfp_rs::engine::{CalloutEntry, Engine, Provider, SessionOptions, Sublayer};
+use wfp_rs::event::{Event, EventKind};
+use wfp_rs::filter::{Filter as WfpFilter, FilterAction, Match};
+use wfp_rs::irql::{AtMostApc, AtMostDispatch, DispatchLevel, PassiveLevel};
+use wfp_rs::layer::value::IpProtocol;
+use wfp_rs::layer::{AleAuthConnectV4, AleAuthConnectV6, Field, Layer, fields};
+use wfp_rs::pend::{ConnectionKey, PendError, VerdictTable};
+use wfp_rs::port::{Filter, SendError, ServerPort};
+use wfp_rs::work_item::WorkQueue;
+use wfp_rs::{Guid, Status, guid, kd_print};
+
+use protocol::{Verdict, VerdictProtocol, VerdictRequest};
+
+#[cfg(all(target_os = "windows", not(feature = "sim")))]
+#[global_allocator]
+static ALLOCATOR: wfp_rs::pool::PoolAllocator =
+    wfp_rs::pool::PoolAllocator::new(wfp_rs::pool::PoolTag::new(b"Seed"));
+
+/// The name of the communication port the service connects to
+/// (`FilterConnectCommunicationPort(L"\\WfpRsSeedPort", ...)`).
+pub const PORT_NAME: &str = "\\WfpRsSeedPort";
+
+/// How long a work item waits for the service's reply by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How many service connections the port accepts at a time. One service, one connection: a
+/// second instance is refused (`STATUS_CONNECTION_COUNT_LIMIT`) until the first disconnects.
+pub const SERVICE_CONNECTIONS: u32 = 1;
+
+/// How many verdicts wait for their reauthorization at most. An entry lives only from the
+/// work item's `record` to the reauthorization's `take`, so this bounds completions in flight,
+/// not connections; when it is exceeded the oldest entry is evicted and its connection gets the
+/// default.
+pub const VERDICT_SLOTS: usize = 64;
+
+/// How long unload waits, beyond [`Config::timeout`], for the reauthorizations of the
+/// connections it completed before it deletes its filters (see the crate documentation).
+pub const REAUTHORIZATION_GRACE: Duration = Duration::from_secs(2);
+
+/// The weight of this driver's sublayer.
+pub const SUBLAYER_WEIGHT: u16 = 0x7E00;
+
+/// The provider that owns the sublayer, callout entries and filters.
+pub const PROVIDER: Guid = guid!("cbbbfed6-d603-4f18-b043-37501c12d2a1");
+/// The sublayer.
+pub const SUBLAYER: Guid = guid!("6608b783-66e3-48e7-8b63-087ec5946782");
+/// The callout at `ALE_AUTH_CONNECT_V4`.
+pub const CALLOUT_V4: Guid = guid!("44f17202-bfff-4765-a718-2e50235b3b6e");
+/// The callout at `ALE_AUTH_CONNECT_V6`.
+pub const CALLOUT_V6: Guid = guid!("cee9f9c2-acd8-4fb8-8321-1e31eb1beb48");
+/// The filter that hands outbound IPv4 TCP connections to [`CALLOUT_V4`].
+pub const FILTER_V4: Guid = guid!("b464e9d2-83a5-4774-89e0-982737ecd9e1");
+/// The filter that hands outbound IPv6 TCP connections to [`CALLOUT_V6`].
+pub const FILTER_V6: Guid = guid!("bedc39da-0808-4aad-ba67-44e88a0cb3d3");
+
+/// The driver's settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The name of the communication port.
+    pub port_name: &'static str,
+    /// How long a work item waits for the service (delivery and reply together).
+    pub timeout: Duration,
+    /// The decision when the service gives none (see the crate documentation for every case).
+    pub default: Verdict,
+}
+
+impl Config {
+    /// What `DriverEntry` uses: [`PORT_NAME`], [`DEFAULT_TIMEOUT`], fail-closed.
+    pub const DEFAULT: Config = Config {
+        port_name: PORT_NAME,
+        timeout: DEFAULT_TIMEOUT,
+        default: Verdict::Block,
+    };
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::DEFAULT
+    }
+}
+
+/// Why the service's answer could not be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AskError {
+    /// The message was not sent, or no valid reply came back.
+    Send(SendError),
+    /// The reply is well-formed but about another process.
+    WrongProcess {
+        /// The process asked about.
+        asked: u64,
+        /// The process the reply named.
+        answered: u64,
+    },
+}
+
+impl fmt::Display for AskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AskError::Send(error) => error.fmt(f),
+            AskError::WrongProcess { asked, answered } => {
+                write!(f, "the reply is about pid {answered}, not {asked}")
+            }
+        }
+    }
+}
+
+/// Asks the service connected to `port` whether process `pid` may connect, waiting at most
+/// `timeout`, and validates the answer (the SDK checks the length and decodes; this checks the
+/// process id it echoes).
+///
+/// Waits, so it needs IRQL <= `APC_LEVEL`: a work item's `&PassiveLevel` will do, a classify
+/// callback's `&DispatchLevel` does not compile.
+pub fn ask_service(
+    irql: &impl AtMostApc,
+    port: &ServerPort<VerdictProtocol>,
+    pid: u64,
+    timeout: Duration,
+) -> Result<Verdict, AskError> {
+    let reply = port
+        .send(irql, &VerdictRequest { pid }, timeout)
+        .map_err(AskError::Send)?;
+    if reply.pid != pid {
+        return Err(AskError::WrongProcess {
+            asked: pid,
+            answered: reply.pid,
+        });
+    }
+    Ok(reply.verdict)
+}
+
+/// What the callout and its work items share.
+struct Shared {
+    config: Config,
+    port: ServerPort<VerdictProtocol>,
+    verdicts: VerdictTable<Verdict, VERDICT_SLOTS>,
+    /// Set at unload: work items and classifications apply the default instead of asking.
+    unloading: AtomicBool,
+    /// Classifications of new connections between their check of `unloading` and the end of
+    /// their work item (or of the path that decided without one).
+    in_flight: AtomicUsize,
+    /// Set, while unloading, when `in_flight` drops to zero or a recorded verdict is taken.
+    progress: Event,
+}
+
+impl Shared {
+    /// A new connection's classification, or its work item, is done.
+    fn finished(&self, irql: &impl AtMostDispatch) {
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.unloading.load(Ordering::SeqCst)
+        {
+            self.progress.set(irql);
+        }
+    }
+
+    /// At unload: stops new pends, then waits until every pend this driver made is completed
+    /// and every verdict recorded for a reauthorization has been taken by it — so that no
+    /// reauthorization arrives after the filters are deleted, where nothing would block it.
+    /// Gives up after [`Config::timeout`] + [`REAUTHORIZATION_GRACE`] without progress (a
+    /// reauthorization that never comes); returns whether everything settled.
+    fn settle(&self, irql: &mut PassiveLevel<'_>) -> bool {
+        // Sequentially consistent with `classify`'s increment of `in_flight` and its load of
+        // `unloading`: either a classification sees the flag and does not pend, or this sees
+        // it in flight and waits for it.
+        self.unloading.store(true, Ordering::SeqCst);
+        let patience = self.config.timeout.saturating_add(REAUTHORIZATION_GRACE);
+        let settled = |irql: &mut PassiveLevel<'_>| {
+            self.in_flight.load(Ordering::SeqCst) == 0 && self.verdicts.is_empty(irql)
+        };
+        loop {
+            // Cleared before the check, so a signal after the check ends the wait.
+            self.progress.clear(irql);
+            if settled(irql) {
+                return true;
+            }
+            if !self.progress.wait_timeout(irql, patience) {
+                return settled(irql);
+            }
+        }
+    }
+
+    /// Records `verdict` for `key`'s reauthorization. Call it before completing the pend: the
+    /// reauthorization may run before `complete` returns.
+    fn record<I: AtMostDispatch>(&self, irql: &mut I, key: ConnectionKey, verdict: Verdict) {
+        if let Some((evicted, _)) = self.verdicts.record(irql, key, verdict) {
+            kd_print!(
+                Warning,
+                "seed-fixed: verdict table full; pid {} evicted, its reauthorization gets the default\n",
+                evicted.pid
+            );
+        }
+    }
+
+    /// The work item's job: ask (unless unloading), log, and return the decision.
+    fn decide(&self, irql: &PassiveLevel<'_>, pid: u64) -> Verdict {
+        let default = self.config.default;
+        if self.unloading.load(Ordering::SeqCst) {
+            kd_print!(
+                Warning,
+                "seed-fixed: pid {pid}: {default} (default: unloading)\n"
+            );
+            return default;
+        }
+        match ask_service(irql, &self.port, pid, self.config.timeout) {
+            Ok(verdict) => {
+                kd_print!("seed-fixed: pid {pid}: {verdict} (service)\n");
+                verdict
+            }
+            Err(error) => {
+                kd_print!(
+                    Warning,
+                    "seed-fixed: pid {pid}: {default} (default: {error})\n"
+                );
+                default
+            }
+        }
+    }
+}
+
+/// Applies `verdict`: a soft permit (a lighter sublayer may still block) or a hard block.
+fn apply(out: &mut ClassifyOut<'_>, verdict: Verdict) {
+    match verdict {
+        Verdict::Allow => {
+            // Without the write right this changes nothing: a hard decision stands.
+            let _ = out.permit();
+        }
+        Verdict::Block => {
+            out.block();
+        }
+    }
+}
+
+/// The callout: pends each new connection, asks the service from a work item, and answers the
+/// reauthorization from the verdict the work item recorded. One type serves both IP versions.
+pub struct AskTheService {
+    shared: Arc<Shared>,
+    queue: WorkQueue,
+}
+
+impl<L: Layer> Callout<L> for AskTheService
+where
+    L::Address: Into<IpAddr>,
+    fields::AleAppId: Field<L>,
+    fields::IpProtocol: Field<L>,
+    fields::IpLocalAddress: Field<L>,
+    fields::IpLocalPort: Field<L>,
+    fields::IpRemoteAddress: Field<L>,
+    fields::IpRemotePort: Field<L>,
+{
+    fn classify(&self, irql: &mut DispatchLevel<'_>, c: &mut Classify<'_, L>) {
+        let default = self.shared.config.default;
+        let Some(key) = ConnectionKey::of(c) else {
+            // ALE_AUTH_CONNECT always has these fields; without them there is no key to
+            // record a verdict under, so nothing to ask about.
+            apply(&mut c.out, default);
+            return;
+        };
+        let shared = &self.shared;
+        if c.is_reauthorization() {
+            // The work item recorded the verdict before it completed the pend. No record: a
+            // reauthorization this callout did not cause, or an evicted entry.
+            let verdict = match shared.verdicts.take(irql, &key) {
+                Some(verdict) => {
+                    if shared.unloading.load(Ordering::SeqCst) {
+                        shared.progress.set(irql);
+                    }
+                    verdict
+                }
+                None => default,
+            };
+            apply(&mut c.out, verdict);
+            return;
+        }
+        // Counted before the flag is read (see `Shared::settle`).
+        shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        if shared.unloading.load(Ordering::SeqCst) {
+            apply(&mut c.out, default);
+            shared.finished(irql);
+            return;
+        }
+        let pended = match c.pend() {
+            Ok(pended) => pended,
+            // A heavier sublayer decided hard; there is nothing to ask.
+            Err(PendError::NoWriteRight) => {
+                shared.finished(irql);
+                return;
+            }
+            Err(error) => {
+                kd_print!(
+                    Warning,
+                    "seed-fixed: pid {}: {default} (default: {error})\n",
+                    key.pid
+                );
+                apply(&mut c.out, default);
+                shared.finished(irql);
+                return;
+            }
+        };
+        kd_print!("seed-fixed: pid {}: pended, asking the service\n", key.pid);
+        let work = Arc::clone(shared);
+        let queued = self.queue.queue(irql, move |passive| {
+            let verdict = work.decide(passive, key.pid);
+            work.record(passive, key, verdict);
+            pended.complete(passive);
+            work.finished(passive);
+        });
+        if let Err(not_queued) = queued {
+            kd_print!(
+                Warning,
+                "seed-fixed: pid {}: {default} (default: {not_queued})\n",
+                key.pid
+            );
+            shared.record(irql, key, default);
+            // Dropping the closure drops the pend in it, which completes it; the
+            // reauthorization finds the default recorded.
+            drop(not_queued);
+            shared.finished(irql);
+        }
+    }
+}
+
+/// What the driver keeps while it is loaded.
+pub struct SeedFixed {
+    engine: Engine,
+    v4: CalloutRegistration<AleAuthConnectV4, AskTheService>,
+    v6: CalloutRegistration<AleAuthConnectV6, AskTheService>,
+    shared: Arc<Shared>,
+    filter: Filter,
+}
+
+impl DriverState for SeedFixed {
+    fn unload(self, irql: &mut PassiveLevel<'_>) {
+        // The SDK has waited for every work item: no pend is outstanding.
+        let SeedFixed {
+            engine,
+            v4,
+            v6,
+            shared,
+            filter,
+        } = self;
+        // No new pends; wait for the reauthorizations of the pends completed so far, while the
+        // filters that route them to this callout still exist.
+        if !shared.settle(irql) {
+            kd_print!(
+                Warning,
+                "seed-fixed: reauthorizations still outstanding at unload; they will not be filtered\n"
+            );
+        }
+        // The filters go first, with the dynamic session: a terminating filter whose callout
+        // is unregistered blocks everything it matches.
+        if let Err(status) = engine.close(irql) {
+            kd_print!(Error, "seed-fixed: closing the session failed: {status}\n");
+        }
+        if let Err((_, status)) = v4.unregister(irql) {
+            kd_print!(Error, "seed-fixed: unregistering (IPv4) failed: {status}\n");
+        }
+        if let Err((_, status)) = v6.unregister(irql) {
+            kd_print!(Error, "seed-fixed: unregistering (IPv6) failed: {status}\n");
+        }
+        // The port before the filter: a filter with an open port cannot be unregistered.
+        match Arc::try_unwrap(shared) {
+            Ok(Shared { port, .. }) => port.close(irql),
+            // A work item queued by a classification that raced the session's close still
+            // holds it; it closes the port when it finishes, at PASSIVE_LEVEL, and the SDK
+            // waits for it before the driver is gone.
+            Err(shared) => drop(shared),
+        }
+        // Unregisters the minifilter (if no work item holds the port), which disconnects the
+        // service.
+        filter.close(irql);
+        kd_print!("seed-fixed: unloaded\n");
+    }
+}
+
+/// The body of `DriverEntry`, with a configuration: registers the minifilter and the port,
+/// the callouts, and then the filters that hand outbound TCP connections to them. On an error
+/// everything done so far is undone (the locals are dropped in reverse order, at
+/// `PASSIVE_LEVEL`).
+pub fn start(
+    irql: &mut PassiveLevel<'_>,
+    driver: &mut Driver<'_>,
+    config: Config,
+) -> Result<SeedFixed, Status> {
+    let filter = Filter::register(irql, driver)?;
+    let port = ServerPort::<VerdictProtocol>::create(
+        irql,
+        &filter,
+        config.port_name,
+        SERVICE_CONNECTIONS,
+        (),
+    )?;
+    let progress = Event::try_new(EventKind::Notification, false, irql)?;
+    let shared = Arc::new(Shared {
+        config,
+        port,
+        verdicts: VerdictTable::new(),
+        unloading: AtomicBool::new(false),
+        in_flight: AtomicUsize::new(0),
+        progress,
+    });
+
+    // Registered before the filters that name them exist, so no connection meets a filter
+    // whose callout is missing (it would be blocked).
+    let callout = || AskTheService {
+        shared: Arc::clone(&shared),
+        queue: driver.work_queue(),
+    };
+    let v4 = CalloutRegistration::register(irql, driver, CALLOUT_V4, callout())?;
+    let v6 = CalloutRegistration::register(irql, driver, CALLOUT_V6, callout())?;
+
+    // Dynamic: closing the session deletes everything added in it.
+    let engine = Engine::open(
+        irql,
+        SessionOptions::new().dynamic().name("wfp-rs seed-fixed"),
+    )?;
+    // All or nothing: dropped on an error, the transaction is aborted.
+    let txn = engine.transaction(irql)?;
+    txn.add_provider(irql, &Provider::new(PROVIDER).name("wfp-rs seed-fixed"))?;
+    txn.add_sublayer(
+        irql,
+        &Sublayer::new(SUBLAYER)
+            .name("wfp-rs seed-fixed")
+            .provider(PROVIDER)
+            .weight(SUBLAYER_WEIGHT),
+    )?;
+    add_connect_filter::<AleAuthConnectV4>(irql, &txn, CALLOUT_V4, FILTER_V4, "seed-fixed (IPv4)")?;
+    add_connect_filter::<AleAuthConnectV6>(irql, &txn, CALLOUT_V6, FILTER_V6, "seed-fixed (IPv6)")?;
+    txn.commit(irql)?;
+
+    kd_print!(
+        "seed-fixed: asking the service on {} ({} ms timeout, default {})\n",
+        config.port_name,
+        config.timeout.as_millis(),
+        config.default
+    );
+    Ok(SeedFixed {
+        engine,
+        v4,
+        v6,
+        shared,
+        filter,
+    })
+}
+
+#[wfp_rs::driver_entry]
+fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<SeedFixed, Status> {
+    start(irql, driver, Config::DEFAULT)
+}
+
+/// Adds the callout entry `callout` at layer `L` and the terminating filter `filter` that hands
+/// it every TCP connection attempt.
+fn add_connect_filter<L: Layer>(
+    irql: &PassiveLevel<'_>,
+    engine: &Engine,
+    callout: Guid,
+    filter: Guid,
+    name: &str,
+) -> Result<(), Status>
+where
+    fields::IpProtocol: Field<L>,
+{
+    engine.add_callout(
+        irql,
+        &CalloutEntry::<L>::new(callout)
+            .name(name)
+            .provider(PROVIDER),
+    )?;
+    let filter = WfpFilter::<L>::new(filter)
+        .name(name)
+        .provider(PROVIDER)
+        .sublayer(SUBLAYER)
+        .action(FilterAction::CalloutTerminating(callout))
+        .condition::<fields::IpProtocol>(Match::Equal(IpProtocol::Tcp));
+    engine.add_filter(irql, &filter)?;
+    Ok(())
+}

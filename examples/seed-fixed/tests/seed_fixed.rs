@@ -1,0 +1,896 @@
+//! The seed scenario, fixed, in the simulator: the driver pends each outbound TCP connection,
+//! asks a simulated user-mode service (a harness thread on the filter-manager port) from a
+//! PASSIVE_LEVEL work item, and completes the pend with the answer — or, when the service
+//! cannot answer, with the configured default.
+//!
+//! Every test checks that each connection got exactly one final decision (pended once,
+//! reauthorized once), that it is the service's answer or the documented default, and that after
+//! unload no pool is left (the simulator itself stops the process on any rule it enforces, so a
+//! test that returns did not bugcheck).
+//!
+//! Nothing here waits for a time to make something "probably" happen: the service thread
+//! replies after it has received, tests wait for states (`wait_for_port_listener`, messages
+//! received, joins), and timeouts are tested with a service that never replies, which gives the
+//! same outcome however long the timeout takes.
+
+#![cfg(any(not(windows), feature = "sim"))]
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::thread;
+use std::time::Duration;
+
+use seed_fixed::protocol::{MESSAGE_LEN, Verdict, VerdictReply, VerdictRequest};
+use seed_fixed::{Config, PORT_NAME};
+use wfp_rs::Status;
+use wfp_rs::classify::Action;
+use wfp_rs::layer::value::IpProtocol;
+use wfp_rs::layer::{AleAuthConnectV4, AleAuthConnectV6, Layer};
+use wfp_rs::metadata::Direction;
+use wfp_rs::port::Message;
+use wfp_rs::sim::{AleIrql, ConnectOutcome, Connection, LoadedDriver, Machine, PortClient};
+
+const APP: &str = r"\device\harddiskvolume3\program files\seed\app.exe";
+
+/// Long enough never to expire while the service is answering, however slow the machine.
+const PATIENT: Duration = Duration::from_secs(120);
+
+/// Drivers with the configurations the tests need: `DriverEntry` with `Config::DEFAULT` is the
+/// product; these call `seed_fixed::start` with another configuration, as a test (or a product
+/// reading its registry) does.
+macro_rules! configured_driver {
+    ($module:ident, $config:expr) => {
+        mod $module {
+            use super::*;
+
+            #[wfp_rs::driver_entry]
+            fn entry(
+                irql: &mut wfp_rs::irql::PassiveLevel<'_>,
+                driver: &mut wfp_rs::driver::Driver<'_>,
+            ) -> Result<seed_fixed::SeedFixed, Status> {
+                seed_fixed::start(irql, driver, $config)
+            }
+        }
+    };
+}
+
+configured_driver!(
+    patient,
+    Config {
+        timeout: PATIENT,
+        ..Config::DEFAULT
+    }
+);
+configured_driver!(
+    fail_open,
+    Config {
+        timeout: PATIENT,
+        default: Verdict::Allow,
+        ..Config::DEFAULT
+    }
+);
+configured_driver!(
+    impatient,
+    Config {
+        timeout: Duration::from_millis(50),
+        ..Config::DEFAULT
+    }
+);
+
+/// The service's policy in these tests: odd process ids may connect.
+fn rule(pid: u64) -> Verdict {
+    if pid % 2 == 1 {
+        Verdict::Allow
+    } else {
+        Verdict::Block
+    }
+}
+
+fn action(verdict: Verdict) -> Action {
+    match verdict {
+        Verdict::Allow => Action::Permit,
+        Verdict::Block => Action::Block,
+    }
+}
+
+fn reply_bytes(pid: u64, verdict: Verdict) -> Vec<u8> {
+    let mut out = vec![0u8; MESSAGE_LEN];
+    let len = VerdictReply { pid, verdict }.encode(&mut out).unwrap();
+    out.truncate(len);
+    out
+}
+
+/// An outbound TCP connection by process `pid` from local port `local_port` to `remote` (the
+/// local address has the remote's IP version).
+fn connection(pid: u64, local_port: u16, remote: SocketAddr) -> Connection {
+    let local_ip = match remote.ip() {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1)),
+    };
+    Connection {
+        pid,
+        app: APP.into(),
+        protocol: IpProtocol::Tcp,
+        local: SocketAddr::new(local_ip, local_port),
+        remote,
+        direction: Direction::Outbound,
+    }
+}
+
+fn web(pid: u64, local_port: u16) -> Connection {
+    connection(
+        pid,
+        local_port,
+        SocketAddr::new(Ipv4Addr::new(192, 0, 2, 80).into(), 443),
+    )
+}
+
+fn load(machine: &Machine, entry: wfp_rs::sim::DriverEntryFn) -> LoadedDriver {
+    machine.load_driver("seed-fixed", entry).expect("loads")
+}
+
+fn connected_client(machine: &Machine) -> PortClient {
+    let mut client = machine.port_client(PORT_NAME);
+    client.connect(&[]).expect("the service connects");
+    client
+}
+
+/// Starts the simulated service: a thread with its own connection that answers every request
+/// with `answer(pid)` until the connection goes away (at unload, when the driver unregisters its
+/// minifilter). Returns the process ids it was asked about, in order.
+fn serve(
+    machine: &Machine,
+    answer: impl Fn(u64) -> Verdict + Send + 'static,
+) -> thread::JoinHandle<Vec<u64>> {
+    let client = connected_client(machine);
+    thread::spawn(move || {
+        let mut asked = Vec::new();
+        while let Some(message) = client.get_message(None) {
+            assert_eq!(
+                message.reply_length as usize,
+                16 + MESSAGE_LEN,
+                "the driver waits for a FILTER_REPLY_HEADER and a SEED_REPLY"
+            );
+            let request = VerdictRequest::decode(&message.data).expect("the driver's encoding");
+            asked.push(request.pid);
+            client
+                .reply(message.id, &reply_bytes(request.pid, answer(request.pid)))
+                .expect("the driver is waiting for this reply");
+        }
+        asked
+    })
+}
+
+/// The decisions the driver logged, as (pid, verdict, reason), in order.
+fn decisions(machine: &Machine) -> Vec<(u64, String, String)> {
+    machine
+        .debug_output()
+        .iter()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("seed-fixed: pid ")?;
+            let (pid, rest) = rest.split_once(": ")?;
+            let (verdict, reason) = rest.split_once(" (")?;
+            if verdict != "allow" && verdict != "block" {
+                return None;
+            }
+            let reason = reason.strip_suffix(")\n")?;
+            Some((pid.parse().ok()?, verdict.to_owned(), reason.to_owned()))
+        })
+        .collect()
+}
+
+/// How many connections the driver has pended so far (it logs each).
+fn pended(machine: &Machine) -> usize {
+    machine
+        .debug_output()
+        .iter()
+        .filter(|line| line.ends_with(": pended, asking the service\n"))
+        .count()
+}
+
+/// Asserts that `outcome` is one pended connection attempt decided exactly once, `expected`.
+fn assert_decided_once(outcome: &ConnectOutcome, expected: Verdict, what: &str) {
+    assert!(
+        outcome.pended,
+        "{what}: the callout pends every new connection"
+    );
+    let at_auth_connect: Vec<_> = outcome
+        .layers
+        .iter()
+        .filter(|(name, _)| *name == AleAuthConnectV4::NAME || *name == AleAuthConnectV6::NAME)
+        .collect();
+    assert_eq!(
+        at_auth_connect.len(),
+        2,
+        "{what}: ALE_AUTH_CONNECT classified twice, the pend and its one reauthorization: {:?}",
+        outcome.layers
+    );
+    let (_, pended) = at_auth_connect[0];
+    assert!(
+        pended.absorbed && pended.action == Action::Block,
+        "{what}: a pended classification is BLOCK + ABSORB: {pended:?}"
+    );
+    let (_, reauthorized) = at_auth_connect[1];
+    assert_eq!(reauthorized.action, action(expected), "{what}: the verdict");
+    assert_eq!(outcome.decision.action, action(expected), "{what}: final");
+    assert_eq!(
+        outcome.flow_handle.is_some(),
+        expected == Verdict::Allow,
+        "{what}: only a permitted connection is established"
+    );
+}
+
+/// Unloads and checks that nothing is left behind.
+fn unload_clean(machine: &Machine, driver: LoadedDriver) {
+    machine.unload_driver(driver).expect("unloads");
+    assert_eq!(machine.pool_blocks(), [], "pool left after unload");
+    assert_eq!(
+        machine.debug_output().last().map(String::as_str),
+        Some("seed-fixed: unloaded\n"),
+        "unload reported no error"
+    );
+}
+
+// --- seeded randomness ---------------------------------------------------------------------------
+
+/// The seed: `WFP_TEST_SEED` (decimal or 0x-hex) to replay a failure, or a fixed default.
+fn seed() -> u64 {
+    std::env::var("WFP_TEST_SEED")
+        .ok()
+        .and_then(|s| match s.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).ok(),
+            None => s.parse().ok(),
+        })
+        .unwrap_or(0x5EED_F1CE_D000_0001)
+}
+
+/// xorshift64.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64, stream: u64) -> Rng {
+        Rng((seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15)).max(1))
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn irql(&mut self) -> AleIrql {
+        if self.next() & 1 == 0 {
+            AleIrql::Passive
+        } else {
+            AleIrql::Dispatch
+        }
+    }
+
+    /// A remote endpoint, IPv4 or IPv6.
+    fn remote(&mut self) -> SocketAddr {
+        let port = (self.next() % 65_535) as u16 + 1;
+        let host = self.next();
+        if host & 1 == 0 {
+            SocketAddr::new(Ipv4Addr::new(198, 51, 100, (host >> 8) as u8).into(), port)
+        } else {
+            let ip = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, (host >> 8) as u16);
+            SocketAddr::new(ip.into(), port)
+        }
+    }
+}
+
+/// Runs `per_thread` connections on each of `threads` threads; connection `n` of thread `t`
+/// comes from local port `base + t * per_thread + n`, so concurrent attempts never share a key.
+/// Pids, remotes and IRQLs come from the seeded generator. Returns every connection with its
+/// outcome.
+fn connect_concurrently(
+    machine: &Machine,
+    seed: u64,
+    threads: u64,
+    per_thread: u64,
+    base: u16,
+) -> Vec<(Connection, ConnectOutcome)> {
+    let run = || {
+        thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|t| {
+                    s.spawn(move || {
+                        let mut rng = Rng::new(seed, t + 1);
+                        (0..per_thread)
+                            .map(|n| {
+                                let pid = rng.next() % 100_000 + 4;
+                                let local = base + (t * per_thread + n) as u16;
+                                let c = connection(pid, local, rng.remote());
+                                let outcome = machine.connect(&c, rng.irql());
+                                (c, outcome)
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().expect("a connection thread panicked"))
+                .collect()
+        })
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(outcomes) => outcomes,
+        Err(panic) => {
+            eprintln!("replay with WFP_TEST_SEED={seed:#x}");
+            std::panic::resume_unwind(panic)
+        }
+    }
+}
+
+// --- the tests -------------------------------------------------------------------------------
+
+/// 8 threads × 50 connections, IPv4 and IPv6, at PASSIVE_LEVEL and DISPATCH_LEVEL, with the
+/// service answering each: every connection gets the service's verdict, exactly once.
+#[test]
+fn many_concurrent_connections_each_get_the_services_verdict_once() {
+    const THREADS: u64 = 8;
+    const PER_THREAD: u64 = 50;
+    let seed = seed();
+    let machine = Machine::with_worker_threads(4);
+    let driver = load(&machine, patient::DriverEntry);
+    let service = serve(&machine, rule);
+
+    let outcomes = connect_concurrently(&machine, seed, THREADS, PER_THREAD, 10_000);
+    unload_clean(&machine, driver);
+    let mut asked = service.join().expect("the service thread");
+
+    let total = (THREADS * PER_THREAD) as usize;
+    assert_eq!(outcomes.len(), total, "seed {seed:#x}");
+    for (c, outcome) in &outcomes {
+        let what = format!("pid {} {} -> {} (seed {seed:#x})", c.pid, c.local, c.remote);
+        assert_decided_once(outcome, rule(c.pid), &what);
+    }
+    let ipv6 = outcomes.iter().filter(|(c, _)| c.remote.is_ipv6()).count();
+    assert!(
+        ipv6 > 0 && ipv6 < total,
+        "both IP versions ran (seed {seed:#x})"
+    );
+
+    // The service was asked exactly once per connection, about its process.
+    let mut pids: Vec<u64> = outcomes.iter().map(|(c, _)| c.pid).collect();
+    pids.sort_unstable();
+    asked.sort_unstable();
+    assert_eq!(asked, pids, "one request per connection (seed {seed:#x})");
+
+    // And the driver logged one decision per connection, each the service's.
+    let logged = decisions(&machine);
+    assert_eq!(logged.len(), total, "seed {seed:#x}");
+    for (pid, verdict, reason) in &logged {
+        assert_eq!(reason, "service", "pid {pid} (seed {seed:#x})");
+        assert_eq!(*verdict, rule(*pid).as_str(), "pid {pid} (seed {seed:#x})");
+    }
+}
+
+/// No service connected: every connection is blocked (the fail-closed default), at once.
+#[test]
+fn without_a_service_every_connection_gets_the_fail_closed_default() {
+    let seed = seed();
+    let machine = Machine::new();
+    let driver = load(&machine, patient::DriverEntry);
+
+    let outcomes = connect_concurrently(&machine, seed, 4, 10, 20_000);
+    for (c, outcome) in &outcomes {
+        let what = format!("pid {} (seed {seed:#x})", c.pid);
+        assert_decided_once(outcome, Verdict::Block, &what);
+    }
+    let logged = decisions(&machine);
+    assert_eq!(logged.len(), outcomes.len(), "seed {seed:#x}");
+    assert!(
+        logged.iter().all(|(_, verdict, reason)| verdict == "block"
+            && reason == "default: no client is connected to the port"),
+        "{logged:?}"
+    );
+    unload_clean(&machine, driver);
+}
+
+/// The default is configuration: fail-open permits when no service is connected.
+#[test]
+fn a_fail_open_configuration_permits_without_a_service() {
+    let machine = Machine::new();
+    let driver = load(&machine, fail_open::DriverEntry);
+    for (n, irql) in [AleIrql::Passive, AleIrql::Dispatch]
+        .into_iter()
+        .enumerate()
+    {
+        let outcome = machine.connect(&web(2, 30_000 + n as u16), irql);
+        assert_decided_once(&outcome, Verdict::Allow, "even pid, fail-open");
+    }
+    assert_eq!(
+        decisions(&machine),
+        [
+            (
+                2,
+                "allow".into(),
+                "default: no client is connected to the port".into()
+            ),
+            (
+                2,
+                "allow".into(),
+                "default: no client is connected to the port".into()
+            ),
+        ]
+    );
+    unload_clean(&machine, driver);
+}
+
+/// The service reads a request and disconnects without replying: that connection gets the
+/// default. After it reconnects, connections get its answers again.
+#[test]
+fn a_service_that_disconnects_mid_request_leaves_the_default_then_reconnects() {
+    let machine = Machine::new();
+    let driver = load(&machine, patient::DriverEntry);
+
+    let mut client = connected_client(&machine);
+    let quitter = thread::spawn(move || {
+        let message = client.get_message(None).expect("the request");
+        let request = VerdictRequest::decode(&message.data).expect("the driver's encoding");
+        // The service crashes: its handle is closed before it replies.
+        client.disconnect();
+        request.pid
+    });
+    // Pid 7 would be allowed; the service never says so.
+    let outcome = machine.connect(&web(7, 40_000), AleIrql::Dispatch);
+    assert_decided_once(&outcome, Verdict::Block, "the disconnected request");
+    // Joined before reconnecting: the driver's disconnect callback has returned, so the port's
+    // one connection slot is free again.
+    assert_eq!(quitter.join().unwrap(), 7, "the service had the request");
+
+    let service = serve(&machine, rule);
+    let allowed = machine.connect(&web(9, 40_001), AleIrql::Passive);
+    assert_decided_once(&allowed, Verdict::Allow, "after reconnecting, pid 9");
+    let blocked = machine.connect(&web(10, 40_002), AleIrql::Dispatch);
+    assert_decided_once(&blocked, Verdict::Block, "after reconnecting, pid 10");
+
+    unload_clean(&machine, driver);
+    assert_eq!(service.join().unwrap(), [9, 10]);
+    assert_eq!(
+        decisions(&machine),
+        [
+            (
+                7,
+                "block".into(),
+                "default: the client disconnected before it replied".into()
+            ),
+            (9, "allow".into(), "service".into()),
+            (10, "block".into(), "service".into()),
+        ]
+    );
+}
+
+/// A service that reads a request but never replies: after the (configured, short) timeout the
+/// connection gets the default, and the service's late reply finds nobody waiting. A service
+/// that never even reads gets the same result, and the request is withdrawn.
+#[test]
+fn a_service_that_never_replies_times_out_to_the_default() {
+    let machine = Machine::new();
+    let driver = load(&machine, impatient::DriverEntry);
+    let client = connected_client(&machine);
+
+    thread::scope(|s| {
+        let reader = s.spawn(|| client.get_message(None).expect("the request"));
+        // A FilterGetMessage is pending, so the request is delivered as soon as it is sent.
+        machine.wait_for_port_listener(PORT_NAME);
+        let outcome = machine.connect(&web(11, 41_000), AleIrql::Dispatch);
+        assert_decided_once(&outcome, Verdict::Block, "read, never answered");
+        let message = reader.join().unwrap();
+        assert_eq!(
+            VerdictRequest::decode(&message.data),
+            Ok(VerdictRequest { pid: 11 })
+        );
+        assert_eq!(
+            client.reply(message.id, &reply_bytes(11, Verdict::Allow)),
+            Err(Status::FLT_NO_WAITER_FOR_REPLY),
+            "the late reply is discarded"
+        );
+    });
+
+    // Nobody reads at all.
+    let outcome = machine.connect(&web(13, 41_001), AleIrql::Passive);
+    assert_decided_once(&outcome, Verdict::Block, "never read");
+    assert_eq!(
+        client.get_message(Some(Duration::ZERO)),
+        None,
+        "a request that timed out before delivery is withdrawn"
+    );
+
+    assert_eq!(
+        decisions(&machine),
+        [
+            (
+                11,
+                "block".into(),
+                "default: no reply within the timeout".into()
+            ),
+            (
+                13,
+                "block".into(),
+                "default: no reply within the timeout".into()
+            ),
+        ]
+    );
+    unload_clean(&machine, driver);
+    assert!(!client.is_connected(), "unload disconnected the service");
+}
+
+/// Replies are untrusted: too short, too long, malformed or about another process, each gets
+/// the default (every pid here is odd, so the rule would allow it) — and the driver keeps
+/// working: a valid reply afterwards is honoured.
+#[test]
+fn malformed_short_and_oversized_replies_get_the_default() {
+    let valid = |pid: u64| reply_bytes(pid, Verdict::Allow);
+    let with = |pid: u64, offset: usize, byte: u8| {
+        let mut bytes = valid(pid);
+        bytes[offset] = byte;
+        bytes
+    };
+    #[allow(clippy::type_complexity)]
+    let cases: Vec<(u64, Box<dyn Fn(u64) -> Vec<u8> + Send + Sync>, &str)> = vec![
+        (
+            101,
+            Box::new(|_| Vec::new()),
+            "default: the reply has 0 bytes, fewer than the 16 the protocol requires",
+        ),
+        (
+            103,
+            Box::new(move |pid| valid(pid)[..15].to_vec()),
+            "default: the reply has 15 bytes, fewer than the 16 the protocol requires",
+        ),
+        (
+            105,
+            Box::new(move |pid| [valid(pid), vec![0]].concat()),
+            "default: the reply is longer than the 16 bytes the protocol allows",
+        ),
+        (
+            107,
+            Box::new(|_| vec![0xA5; 4096]),
+            "default: the reply is longer than the 16 bytes the protocol allows",
+        ),
+        (
+            109,
+            Box::new(move |pid| with(pid, 0, b'X')),
+            "default: malformed reply: bad magic",
+        ),
+        (
+            111,
+            Box::new(move |pid| with(pid, 4, 2)),
+            "default: malformed reply: unsupported protocol version",
+        ),
+        (
+            113,
+            Box::new(move |pid| with(pid, 6, 2)),
+            "default: malformed reply: the verdict is 0 (block) or 1 (allow)",
+        ),
+        (
+            115,
+            Box::new(move |pid| with(pid, 7, 1)),
+            "default: malformed reply: reserved byte is not zero",
+        ),
+        (
+            117,
+            Box::new(move |pid| valid(pid + 2)),
+            "default: the reply is about pid 119, not 117",
+        ),
+        (
+            121,
+            // The request, echoed back.
+            Box::new(|pid| {
+                let mut out = vec![0u8; MESSAGE_LEN];
+                VerdictRequest { pid }.encode(&mut out).unwrap();
+                out
+            }),
+            "default: malformed reply: bad magic",
+        ),
+        (123, Box::new(valid), "service"),
+    ];
+
+    let machine = Machine::new();
+    let driver = load(&machine, patient::DriverEntry);
+    let client = connected_client(&machine);
+    thread::scope(|s| {
+        let replies: Vec<_> = cases.iter().map(|(_, reply, _)| reply).collect();
+        let client = &client;
+        s.spawn(move || {
+            for reply in replies {
+                let message = client.get_message(None).expect("a request");
+                let request = VerdictRequest::decode(&message.data).unwrap();
+                // User mode is not told that its reply was refused.
+                client.reply(message.id, &reply(request.pid)).unwrap();
+            }
+        });
+        for (n, (pid, _, _)) in cases.iter().enumerate() {
+            let expected = if *pid == 123 {
+                Verdict::Allow
+            } else {
+                Verdict::Block
+            };
+            let irql = if n % 2 == 0 {
+                AleIrql::Dispatch
+            } else {
+                AleIrql::Passive
+            };
+            let outcome = machine.connect(&web(*pid, 42_000 + n as u16), irql);
+            assert_decided_once(&outcome, expected, &format!("pid {pid}"));
+        }
+    });
+
+    let logged = decisions(&machine);
+    let expected: Vec<(u64, String, String)> = cases
+        .iter()
+        .map(|(pid, _, reason)| {
+            let verdict = if *pid == 123 { "allow" } else { "block" };
+            (*pid, verdict.to_owned(), (*reason).to_owned())
+        })
+        .collect();
+    assert_eq!(logged, expected);
+    unload_clean(&machine, driver);
+}
+
+/// Unload while connections are pended and their work items are waiting for a service that
+/// reads the requests but never answers, with the product's own `DriverEntry` (500 ms,
+/// fail-closed): unload waits for the work items, each completes its pend with the default,
+/// unload waits for their reauthorizations, and only then deletes the filters and disconnects
+/// the service. Every connection gets exactly one decision, nothing leaks.
+///
+/// (However slow the machine — even if some requests time out before the service reads them,
+/// or before the unload starts — the outcome is the same.)
+#[test]
+fn unload_with_requests_outstanding_decides_every_pended_connection() {
+    const PENDED: usize = 12;
+    // One worker per connection: every work item waits in `send` at the same time.
+    let machine = Machine::with_worker_threads(PENDED);
+    let driver = load(&machine, seed_fixed::DriverEntry);
+    let client = connected_client(&machine);
+
+    let (outcomes, messages) = thread::scope(|s| {
+        // The service reads every request and answers none, until unload disconnects it.
+        let service = s.spawn(|| {
+            let mut messages = Vec::new();
+            while let Some(message) = client.get_message(None) {
+                messages.push(message);
+            }
+            messages
+        });
+        let connections: Vec<_> = (0..PENDED)
+            .map(|n| {
+                let machine = &machine;
+                s.spawn(move || {
+                    let c = web(2 * n as u64 + 1, 43_000 + n as u16);
+                    let irql = if n % 2 == 0 {
+                        AleIrql::Dispatch
+                    } else {
+                        AleIrql::Passive
+                    };
+                    (c.clone(), machine.connect(&c, irql))
+                })
+            })
+            .collect();
+        // Every connection is pended (its work item queued). Unload from another thread.
+        while pended(&machine) < PENDED {
+            thread::yield_now();
+        }
+        let unloader = s.spawn(|| machine.unload_driver(driver));
+        let outcomes: Vec<_> = connections
+            .into_iter()
+            .map(|c| c.join().expect("a connection thread"))
+            .collect();
+        unloader.join().unwrap().expect("unloads");
+        (outcomes, service.join().unwrap())
+    });
+
+    for (c, outcome) in &outcomes {
+        assert_decided_once(outcome, Verdict::Block, &format!("pid {}", c.pid));
+    }
+    let pids: Vec<u64> = outcomes.iter().map(|(c, _)| c.pid).collect();
+    for message in &messages {
+        let request = VerdictRequest::decode(&message.data).expect("the driver's encoding");
+        assert!(pids.contains(&request.pid), "{request:?}");
+    }
+    let logged = decisions(&machine);
+    assert_eq!(logged.len(), PENDED);
+    assert!(
+        logged.iter().all(|(_, verdict, reason)| verdict == "block"
+            && reason == "default: no reply within the timeout"),
+        "{logged:?}"
+    );
+    assert_eq!(machine.pool_blocks(), [], "pool left after unload");
+    assert!(!client.is_connected(), "unload disconnected the service");
+    if let Some(message) = messages.first() {
+        let late = client.reply(message.id, &reply_bytes(1, Verdict::Allow));
+        assert!(late.is_err(), "nobody waits for a reply any more: {late:?}");
+    }
+}
+
+/// Unload while connections keep arriving and the service keeps answering: each attempt still
+/// gets exactly one decision — the service's verdict or the default while the driver is
+/// loaded, or no filter at all once its session is closed. No pended attempt is reauthorized
+/// after the filters are gone (which would let it through unfiltered): unload stops pending and
+/// waits for those reauthorizations first. Unload leaves nothing behind.
+#[test]
+fn unload_under_load_decides_every_connection_once() {
+    const THREADS: u16 = 4;
+    let seed = seed();
+    let machine = Machine::with_worker_threads(3);
+    let driver = load(&machine, patient::DriverEntry);
+    let service = serve(&machine, rule);
+    let unloaded = std::sync::atomic::AtomicBool::new(false);
+
+    let outcomes: Vec<(Connection, ConnectOutcome)> = thread::scope(|s| {
+        let workers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (machine, unloaded) = (&machine, &unloaded);
+                s.spawn(move || {
+                    let mut rng = Rng::new(seed, u64::from(t) + 100);
+                    let mut outcomes = Vec::new();
+                    // At least a few attempts before the unload, then until it has finished.
+                    for n in 0u16.. {
+                        if n >= 5 && unloaded.load(std::sync::atomic::Ordering::SeqCst) {
+                            break;
+                        }
+                        let local = 50_000 + t * 2_000 + n % 2_000;
+                        let c = connection(rng.next() % 1_000 + 4, local, rng.remote());
+                        let outcome = machine.connect(&c, rng.irql());
+                        outcomes.push((c, outcome));
+                    }
+                    outcomes
+                })
+            })
+            .collect();
+        // Once the service has answered some, unload in the middle of the traffic.
+        while decisions(&machine).len() < 8 {
+            thread::yield_now();
+        }
+        unload_clean(&machine, driver);
+        unloaded.store(true, std::sync::atomic::Ordering::SeqCst);
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("a connection thread"))
+            .collect()
+    });
+    let asked = service.join().unwrap();
+
+    // How each attempt was decided.
+    let mut by_driver = 0;
+    let mut after_its_filters = 0;
+    for (c, outcome) in &outcomes {
+        let what = format!("pid {} {} (seed {seed:#x}): {outcome:?}", c.pid, c.local);
+        let at_auth_connect: Vec<_> = outcome
+            .layers
+            .iter()
+            .filter(|(name, _)| *name == AleAuthConnectV4::NAME || *name == AleAuthConnectV6::NAME)
+            .map(|(_, decision)| decision)
+            .collect();
+        let last = at_auth_connect.last().expect("ALE_AUTH_CONNECT ran");
+        if outcome.pended {
+            assert_eq!(at_auth_connect.len(), 2, "{what}: one reauthorization");
+        } else {
+            assert_eq!(at_auth_connect.len(), 1, "{what}: classified once");
+        }
+        if last.filter_id.is_none() {
+            // The session was closed before this attempt: the driver's filters were gone and
+            // nothing filtered it, as after any unload. Never a pended attempt: unload waits
+            // for the reauthorizations of its pends before it deletes the filters.
+            assert!(
+                !outcome.pended,
+                "{what}: reauthorized after the filters were gone"
+            );
+            assert_eq!(outcome.decision.action, Action::Permit, "{what}");
+            after_its_filters += 1;
+        } else {
+            // Decided by the driver: the service's verdict, or the fail-closed default
+            // (asked while unloading).
+            let expected = action(rule(c.pid));
+            assert!(
+                last.action == expected || last.action == Action::Block,
+                "{what}"
+            );
+            by_driver += 1;
+        }
+    }
+    assert!(
+        by_driver >= 8,
+        "connections were decided before the unload (seed {seed:#x})"
+    );
+    eprintln!(
+        "unload under load (seed {seed:#x}): {} attempts, {by_driver} decided by the driver, \
+         {after_its_filters} after its filters were gone",
+        outcomes.len()
+    );
+    let logged = decisions(&machine);
+    assert!(
+        logged.len() >= asked.len(),
+        "every request the service answered was logged"
+    );
+    assert_eq!(machine.pool_blocks(), []);
+}
+
+/// The product's own `DriverEntry` (500 ms, fail-closed) loads, says how it is configured,
+/// blocks over both IP versions while no service is connected, and unloads clean. (The unload
+/// test above runs it with a silent service; the tests that need answers use a patient timeout,
+/// so that a slow machine cannot turn an answer into a timeout.)
+#[test]
+fn the_default_driver_entry_fails_closed_over_both_ip_versions() {
+    let machine = Machine::new();
+    let driver = load(&machine, seed_fixed::DriverEntry);
+    assert_eq!(
+        machine.debug_output()[0],
+        "seed-fixed: asking the service on \\WfpRsSeedPort (500 ms timeout, default block)\n"
+    );
+    let v6 = connection(
+        21,
+        44_000,
+        SocketAddr::new(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1).into(), 443),
+    );
+    let outcomes: BTreeMap<u64, ConnectOutcome> = [
+        (21, machine.connect(&v6, AleIrql::Dispatch)),
+        (23, machine.connect(&web(23, 44_001), AleIrql::Passive)),
+    ]
+    .into_iter()
+    .collect();
+    assert_decided_once(&outcomes[&21], Verdict::Block, "pid 21 over IPv6");
+    assert_decided_once(&outcomes[&23], Verdict::Block, "pid 23 over IPv4");
+    assert_eq!(
+        outcomes[&21].layers[2].0,
+        AleAuthConnectV6::NAME,
+        "the IPv6 callout decided"
+    );
+    unload_clean(&machine, driver);
+}
+
+/// Every pool allocation on a connection's path is made to fail in turn (the work item and its
+/// `IO_WORKITEM`; the request and reply buffers and the filter manager's message): the
+/// connection is still pended once and decided once, by the default — the pend inside a work
+/// item that could not be queued is completed by being dropped — never a crash, and nothing
+/// leaks.
+#[test]
+fn allocation_failures_on_the_path_fall_back_to_the_default() {
+    let machine = Machine::new();
+    let driver = load(&machine, patient::DriverEntry);
+    let service = serve(&machine, rule);
+    let mut failures_seen = 0;
+    for skip in 0.. {
+        machine.fail_allocations(skip, 1);
+        let outcome = machine.connect(&web(31, 45_000 + skip as u16), AleIrql::Dispatch);
+        let injected = machine.pending_allocation_failures() == 0;
+        machine.fail_allocations(0, 0);
+        if !injected {
+            // No allocation left to fail on this path: the service's verdict.
+            assert_decided_once(&outcome, Verdict::Allow, "no failure");
+            break;
+        }
+        failures_seen += 1;
+        assert_decided_once(
+            &outcome,
+            Verdict::Block,
+            &format!("allocation {skip} failed: fail closed"),
+        );
+        assert!(skip < 100, "the path has a bounded number of allocations");
+    }
+    // One decision per attempt: the default for each failure — where the work item could not
+    // be queued, and where the message could not be sent — then the service's answer.
+    let logged = decisions(&machine);
+    assert_eq!(logged.len(), failures_seen + 1, "{logged:#?}");
+    let (last, failed) = logged.split_last().unwrap();
+    assert_eq!(*last, (31, "allow".into(), "service".into()));
+    let queueing = "default: could not queue a work item: out of non-paged pool";
+    let sending = "default: FltSendMessage failed: STATUS_INSUFFICIENT_RESOURCES";
+    assert!(
+        failed.iter().all(|(_, verdict, reason)| verdict == "block"
+            && (reason == queueing || reason.starts_with(sending))),
+        "{logged:#?}"
+    );
+    assert!(failed.iter().any(|(_, _, reason)| reason == queueing));
+    assert!(
+        failed
+            .iter()
+            .any(|(_, _, reason)| reason.starts_with(sending))
+    );
+    unload_clean(&machine, driver);
+    service.join().unwrap();
+}
