@@ -278,3 +278,62 @@ fn a_driver_without_an_unload_routine_cannot_be_stopped() {
         other => panic!("expected NotUnloadable, got {other:?}"),
     }
 }
+
+mod stops_early {
+    use super::*;
+    use core::time::Duration;
+    use std::sync::Mutex;
+    use wfp_rs::event::{Event, EventKind};
+
+    /// What happened, in order.
+    pub static LOG: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+
+    pub struct State {
+        release: Arc<Event>,
+    }
+
+    impl DriverState for State {
+        fn stopping(&self, irql: &mut PassiveLevel<'_>) {
+            LOG.lock().unwrap().push("stopping");
+            self.release.set(irql);
+        }
+
+        fn unload(self, _irql: &mut PassiveLevel<'_>) {
+            LOG.lock().unwrap().push("unload");
+        }
+    }
+
+    #[wfp_rs::driver_entry]
+    fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<State, Status> {
+        let release = Arc::new(Event::try_new(EventKind::Notification, false, irql)?);
+        let waiting = Arc::clone(&release);
+        driver
+            .work_queue()
+            .queue(irql, move |passive| {
+                // Stands for a send waiting on a silent service: only `stopping` ends it early.
+                // The timeout is an upper bound that only matters if the hook never runs.
+                let woken = waiting.wait_timeout(passive, Duration::from_secs(600));
+                LOG.lock().unwrap().push(if woken {
+                    "work item released"
+                } else {
+                    "work item timed out"
+                });
+            })
+            .map_err(|_| Status::INSUFFICIENT_RESOURCES)?;
+        Ok(State { release })
+    }
+}
+
+#[test]
+fn stopping_runs_before_unload_waits_for_work_items() {
+    let machine = Machine::with_worker_threads(2);
+    let driver = machine
+        .load_driver("stops", stops_early::DriverEntry)
+        .unwrap();
+    machine.unload_driver(driver).expect("unloads");
+    assert_eq!(
+        *stops_early::LOG.lock().unwrap(),
+        ["stopping", "work item released", "unload"]
+    );
+    assert!(machine.pool_blocks().is_empty());
+}

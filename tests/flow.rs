@@ -16,6 +16,7 @@ use wfp_rs::layer::{self, Layer, value::IpProtocol};
 use wfp_rs::metadata::Direction;
 use wfp_rs::sim::{AleIrql, Connection, Machine};
 use wfp_rs::{Guid, Status, guid};
+use wfp_rs_tests::install::install;
 
 mod host {
     use super::*;
@@ -203,29 +204,9 @@ fn without_a_flow_handle_the_value_is_handed_back() {
     }
     let machine = Machine::new();
     let driver = machine.load_driver("host", host::DriverEntry).unwrap();
-    let (registration, engine) = driver
-        .run_in_driver(&machine, |irql, d| {
-            let registration =
-                CalloutRegistration::register(irql, d, CALLOUT, AtConnect(Mutex::new(None)))
-                    .unwrap();
-            let engine = Engine::open(irql, SessionOptions::new().dynamic()).unwrap();
-            engine
-                .add_callout(
-                    irql,
-                    &CalloutEntry::<layer::AleAuthConnectV4>::new(CALLOUT).name("c"),
-                )
-                .unwrap();
-            engine
-                .add_filter(
-                    irql,
-                    &Filter::<layer::AleAuthConnectV4>::new(FILTER)
-                        .name("c")
-                        .action(FilterAction::CalloutTerminating(CALLOUT)),
-                )
-                .unwrap();
-            (registration, engine)
-        })
-        .unwrap();
+    let installed = install(&machine, &driver, CALLOUT, FILTER, |_| {
+        AtConnect(Mutex::new(None))
+    });
     assert_eq!(
         machine
             .connect(&connection(43000), AleIrql::Dispatch)
@@ -234,12 +215,9 @@ fn without_a_flow_handle_the_value_is_handed_back() {
         Action::Permit
     );
     assert_eq!(
-        *registration.callout().0.lock().unwrap(),
+        *installed.callout().0.lock().unwrap(),
         Some((Status::FWP_NOT_FOUND, 7))
     );
-    driver.run_in_driver(&machine, |irql, _| {
-        engine.close(irql).unwrap();
-        registration.unregister(irql).map_err(|(_, s)| s).unwrap();
-    });
+    installed.remove(&machine, &driver);
     machine.unload_driver(driver).unwrap();
 }

@@ -2,3 +2,88 @@
 //! compile-fail UI tests (`ui`) and checks of the driver image built for Windows
 //! (`driver_image`). The simulator tests run wherever the simulator backend is selected: on any
 //! non-Windows host, and on Windows with `--features sim`.
+
+#[cfg(any(not(windows), feature = "sim"))]
+pub mod install {
+    //! The setup most simulator tests share: a callout registered in a loaded driver, with a
+    //! dynamic session holding its callout entry and one terminating filter that names it.
+
+    use wfp_rs::Guid;
+    use wfp_rs::callout::{Callout, CalloutRegistration};
+    use wfp_rs::driver::Driver;
+    use wfp_rs::engine::{CalloutEntry, Engine, SessionOptions};
+    use wfp_rs::filter::{Filter, FilterAction};
+    use wfp_rs::layer::Layer;
+    use wfp_rs::sim::{LoadedDriver, Machine};
+
+    /// A registered callout and the session that added its management objects.
+    pub struct Installed<L: Layer, C: Callout<L, F>, F: Send + Sync + 'static = ()> {
+        /// The callout's registration.
+        pub registration: CalloutRegistration<L, C, F>,
+        /// The dynamic session: closing it deletes the callout entry and the filter.
+        pub engine: Engine,
+    }
+
+    /// Registers the callout `make` builds (inside the driver, so it can take the driver's work
+    /// queue) under `callout_key`, and adds its callout entry and a terminating filter
+    /// `filter_key` at layer `L`. Panics (failing the test) if any step fails.
+    pub fn install<L, C, F>(
+        machine: &Machine,
+        driver: &LoadedDriver,
+        callout_key: Guid,
+        filter_key: Guid,
+        make: impl FnOnce(&mut Driver<'_>) -> C,
+    ) -> Installed<L, C, F>
+    where
+        L: Layer,
+        C: Callout<L, F>,
+        F: Send + Sync + 'static,
+    {
+        driver
+            .run_in_driver(machine, |irql, d| {
+                let callout = make(d);
+                let registration =
+                    CalloutRegistration::<L, C, F>::register(irql, d, callout_key, callout)
+                        .unwrap_or_else(|e| panic!("registers: {}", e.status));
+                let engine = Engine::open(irql, SessionOptions::new().dynamic()).expect("opens");
+                engine
+                    .add_callout(irql, &CalloutEntry::<L>::new(callout_key).name("test"))
+                    .expect("adds the callout entry");
+                engine
+                    .add_filter(
+                        irql,
+                        &Filter::<L>::new(filter_key)
+                            .name("test")
+                            .action(FilterAction::CalloutTerminating(callout_key)),
+                    )
+                    .expect("adds the filter");
+                Installed {
+                    registration,
+                    engine,
+                }
+            })
+            .expect("an SDK driver")
+    }
+
+    impl<L: Layer, C: Callout<L, F>, F: Send + Sync + 'static> Installed<L, C, F> {
+        /// The callout, to read what it recorded.
+        pub fn callout(&self) -> &C {
+            self.registration.callout()
+        }
+
+        /// Closes the session and unregisters the callout, in the driver. Panics if either fails.
+        pub fn remove(self, machine: &Machine, driver: &LoadedDriver) {
+            let Installed {
+                registration,
+                engine,
+            } = self;
+            driver.run_in_driver(machine, |irql, _| {
+                engine.close(irql).expect("closes the session");
+                registration
+                    .unregister(irql)
+                    .map_err(|(_, status)| status)
+                    .expect("unregisters");
+            });
+        }
+    }
+}

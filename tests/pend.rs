@@ -6,11 +6,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use wfp_rs::callout::{Callout, CalloutRegistration, Classify};
+use wfp_rs::callout::{Callout, Classify};
 use wfp_rs::classify::Action;
 use wfp_rs::driver::Driver;
-use wfp_rs::engine::{CalloutEntry, Engine, SessionOptions};
-use wfp_rs::filter::{Filter, FilterAction};
 use wfp_rs::irql::{DispatchLevel, PassiveLevel};
 use wfp_rs::layer;
 use wfp_rs::layer::value::IpProtocol;
@@ -19,6 +17,7 @@ use wfp_rs::pend::{ConnectionKey, PendError, VerdictTable};
 use wfp_rs::sim::{AleIrql, Connection, LoadedDriver, Machine};
 use wfp_rs::work_item::WorkQueue;
 use wfp_rs::{Guid, Status, bugcheck_test, guid, sys};
+use wfp_rs_tests::install::{Installed, install};
 
 mod host {
     use super::*;
@@ -115,8 +114,7 @@ impl Callout<layer::AleAuthConnectV4> for Asker {
 struct Setup {
     machine: Machine,
     driver: LoadedDriver,
-    registration: Option<CalloutRegistration<layer::AleAuthConnectV4, Asker>>,
-    engine: Option<Engine>,
+    installed: Option<Installed<layer::AleAuthConnectV4, Asker>>,
     shared: Arc<Shared>,
 }
 
@@ -129,52 +127,25 @@ fn setup(mode: Mode) -> Setup {
         reauthorized: AtomicU32::new(0),
         refused: std::sync::Mutex::new(Vec::new()),
     });
-    let (registration, engine) = driver
-        .run_in_driver(&machine, |irql, d| {
-            let asker = Asker {
-                mode,
-                queue: d.work_queue(),
-                shared: Arc::clone(&shared),
-            };
-            let registration = CalloutRegistration::register(irql, d, CALLOUT, asker).unwrap();
-            let engine = Engine::open(irql, SessionOptions::new().dynamic()).unwrap();
-            engine
-                .add_callout(
-                    irql,
-                    &CalloutEntry::<layer::AleAuthConnectV4>::new(CALLOUT).name("asker"),
-                )
-                .unwrap();
-            engine
-                .add_filter(
-                    irql,
-                    &Filter::<layer::AleAuthConnectV4>::new(FILTER)
-                        .name("asker")
-                        .action(FilterAction::CalloutTerminating(CALLOUT)),
-                )
-                .unwrap();
-            (registration, engine)
-        })
-        .unwrap();
+    let installed = install(&machine, &driver, CALLOUT, FILTER, |d| Asker {
+        mode,
+        queue: d.work_queue(),
+        shared: Arc::clone(&shared),
+    });
     Setup {
         machine,
         driver,
-        registration: Some(registration),
-        engine: Some(engine),
+        installed: Some(installed),
         shared,
     }
 }
 
 impl Setup {
     fn teardown(mut self) {
-        let (engine, registration) = (self.engine.take(), self.registration.take());
-        self.driver.run_in_driver(&self.machine, |irql, _| {
-            engine.unwrap().close(irql).unwrap();
-            registration
-                .unwrap()
-                .unregister(irql)
-                .map_err(|(_, s)| s)
-                .unwrap();
-        });
+        self.installed
+            .take()
+            .unwrap()
+            .remove(&self.machine, &self.driver);
         let driver = self.driver;
         self.machine.unload_driver(driver).unwrap();
         assert!(
@@ -349,43 +320,16 @@ fn a_layer_without_a_completion_handle_cannot_pend() {
     }
     let machine = Machine::new();
     let driver = machine.load_driver("host", host::DriverEntry).unwrap();
-    let (registration, engine) = driver
-        .run_in_driver(&machine, |irql, d| {
-            let registration = CalloutRegistration::register(
-                irql,
-                d,
-                CALLOUT,
-                TryPend(std::sync::Mutex::new(None)),
-            )
-            .unwrap();
-            let engine = Engine::open(irql, SessionOptions::new().dynamic()).unwrap();
-            engine
-                .add_callout(
-                    irql,
-                    &CalloutEntry::<layer::OutboundTransportV4>::new(CALLOUT).name("t"),
-                )
-                .unwrap();
-            engine
-                .add_filter(
-                    irql,
-                    &Filter::<layer::OutboundTransportV4>::new(FILTER)
-                        .name("t")
-                        .action(FilterAction::CalloutTerminating(CALLOUT)),
-                )
-                .unwrap();
-            (registration, engine)
-        })
-        .unwrap();
+    let installed = install(&machine, &driver, CALLOUT, FILTER, |_| {
+        TryPend(std::sync::Mutex::new(None))
+    });
     let outcome = machine.connect(&connection(443, 40003), AleIrql::Dispatch);
     assert_eq!(outcome.decision.action, Action::Permit);
     assert_eq!(
-        *registration.callout().0.lock().unwrap(),
+        *installed.callout().0.lock().unwrap(),
         Some(PendError::NotPendable)
     );
-    driver.run_in_driver(&machine, |irql, _| {
-        engine.close(irql).unwrap();
-        registration.unregister(irql).map_err(|(_, s)| s).unwrap();
-    });
+    installed.remove(&machine, &driver);
     machine.unload_driver(driver).unwrap();
 }
 
@@ -404,28 +348,7 @@ fn an_inbound_pend_at_recv_accept_is_not_reauthorized() {
     }
     let machine = Machine::new();
     let driver = machine.load_driver("host", host::DriverEntry).unwrap();
-    let (registration, engine) = driver
-        .run_in_driver(&machine, |irql, d| {
-            let registration =
-                CalloutRegistration::register(irql, d, CALLOUT, PendAndComplete).unwrap();
-            let engine = Engine::open(irql, SessionOptions::new().dynamic()).unwrap();
-            engine
-                .add_callout(
-                    irql,
-                    &CalloutEntry::<layer::AleAuthRecvAcceptV4>::new(CALLOUT).name("r"),
-                )
-                .unwrap();
-            engine
-                .add_filter(
-                    irql,
-                    &Filter::<layer::AleAuthRecvAcceptV4>::new(FILTER)
-                        .name("r")
-                        .action(FilterAction::CalloutTerminating(CALLOUT)),
-                )
-                .unwrap();
-            (registration, engine)
-        })
-        .unwrap();
+    let installed = install(&machine, &driver, CALLOUT, FILTER, |_| PendAndComplete);
     let mut inbound = connection(50000, 22);
     inbound.direction = Direction::Inbound;
     let outcome = machine.connect(&inbound, AleIrql::Dispatch);
@@ -444,10 +367,7 @@ fn an_inbound_pend_at_recv_accept_is_not_reauthorized() {
         1,
         "no reauthorization"
     );
-    driver.run_in_driver(&machine, |irql, _| {
-        engine.close(irql).unwrap();
-        registration.unregister(irql).map_err(|(_, s)| s).unwrap();
-    });
+    installed.remove(&machine, &driver);
     machine.unload_driver(driver).unwrap();
 }
 
@@ -475,50 +395,22 @@ impl Callout<layer::AleAuthConnectV4> for RawPender {
 fn raw_pend(
     machine: &Machine,
     driver: &LoadedDriver,
-) -> (
-    usize,
-    CalloutRegistration<layer::AleAuthConnectV4, RawPender>,
-    Engine,
-) {
-    let (registration, engine) = driver
-        .run_in_driver(machine, |irql, d| {
-            let registration = CalloutRegistration::register(
-                irql,
-                d,
-                CALLOUT,
-                RawPender(std::sync::Mutex::new(None)),
-            )
-            .unwrap();
-            let engine = Engine::open(irql, SessionOptions::new().dynamic()).unwrap();
-            engine
-                .add_callout(
-                    irql,
-                    &CalloutEntry::<layer::AleAuthConnectV4>::new(CALLOUT).name("raw"),
-                )
-                .unwrap();
-            engine
-                .add_filter(
-                    irql,
-                    &Filter::<layer::AleAuthConnectV4>::new(FILTER)
-                        .name("raw")
-                        .action(FilterAction::CalloutTerminating(CALLOUT)),
-                )
-                .unwrap();
-            (registration, engine)
-        })
-        .unwrap();
+) -> (usize, Installed<layer::AleAuthConnectV4, RawPender>) {
+    let installed = install(machine, driver, CALLOUT, FILTER, |_| {
+        RawPender(std::sync::Mutex::new(None))
+    });
     let request = wfp_rs::sim::ClassifyRequest::<layer::AleAuthConnectV4>::new().pendable();
     let decision = machine.classify(wfp_rs::irql::Irql::DISPATCH, &request);
     assert!(decision.pending.is_some());
-    let context = registration.callout().0.lock().unwrap().expect("pended");
-    (context, registration, engine)
+    let context = installed.callout().0.lock().unwrap().expect("pended");
+    (context, installed)
 }
 
 bugcheck_test! {
     fn completing_a_pend_twice_stops() expects WFP_INVALID_OPERATION (0x8000_0001) {
         let machine = Machine::new();
         let driver = machine.load_driver("host", host::DriverEntry).unwrap();
-        let (context, _registration, _engine) = raw_pend(&machine, &driver);
+        let (context, _installed) = raw_pend(&machine, &driver);
         machine.at_dispatch(|_| {
             // SAFETY: a context from FwpsPendOperation0, completed once.
             unsafe { sys::FwpsCompleteOperation0(context as sys::HANDLE, core::ptr::null_mut()) };
@@ -532,11 +424,8 @@ bugcheck_test! {
     fn unloading_with_a_pend_outstanding_stops() expects DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS {
         let machine = Machine::new();
         let driver = machine.load_driver("host", host::DriverEntry).unwrap();
-        let (_context, registration, engine) = raw_pend(&machine, &driver);
-        driver.run_in_driver(&machine, |irql, _| {
-            engine.close(irql).unwrap();
-            registration.unregister(irql).map_err(|(_, s)| s).unwrap();
-        });
+        let (_context, installed) = raw_pend(&machine, &driver);
+        installed.remove(&machine, &driver);
         let _ = machine.unload_driver(driver);
     }
 }
@@ -545,14 +434,11 @@ bugcheck_test! {
 fn a_completed_raw_pend_unloads_clean() {
     let machine = Machine::new();
     let driver = machine.load_driver("host", host::DriverEntry).unwrap();
-    let (context, registration, engine) = raw_pend(&machine, &driver);
+    let (context, installed) = raw_pend(&machine, &driver);
     machine.at_dispatch(|_| {
         // SAFETY: the context from FwpsPendOperation0, completed once.
         unsafe { sys::FwpsCompleteOperation0(context as sys::HANDLE, core::ptr::null_mut()) };
     });
-    driver.run_in_driver(&machine, |irql, _| {
-        engine.close(irql).unwrap();
-        registration.unregister(irql).map_err(|(_, s)| s).unwrap();
-    });
+    installed.remove(&machine, &driver);
     machine.unload_driver(driver).unwrap();
 }

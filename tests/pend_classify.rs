@@ -7,11 +7,9 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use wfp_rs::callout::{Callout, CalloutRegistration, Classify};
+use wfp_rs::callout::{Callout, Classify};
 use wfp_rs::classify::Action;
 use wfp_rs::driver::Driver;
-use wfp_rs::engine::{CalloutEntry, Engine, SessionOptions};
-use wfp_rs::filter::{Filter, FilterAction};
 use wfp_rs::irql::{DispatchLevel, PassiveLevel};
 use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::layer::{self, Layer};
@@ -20,6 +18,7 @@ use wfp_rs::pend::PendError;
 use wfp_rs::sim::{AleIrql, Connection, LoadedDriver, Machine};
 use wfp_rs::work_item::WorkQueue;
 use wfp_rs::{Guid, Status, bugcheck_test, guid, sys};
+use wfp_rs_tests::install::{Installed, install};
 
 mod host {
     use super::*;
@@ -103,8 +102,7 @@ fn remote_port_index<L: Layer>() -> u32 {
 struct Setup<L: wfp_rs::pend::PendableByClassifyHandle> {
     machine: Machine,
     driver: LoadedDriver,
-    registration: CalloutRegistration<L, Redirector>,
-    engine: Engine,
+    installed: Installed<L, Redirector>,
 }
 
 fn setup<L: wfp_rs::pend::PendableByClassifyHandle>(finish: Finish) -> Setup<L> {
@@ -112,59 +110,35 @@ fn setup<L: wfp_rs::pend::PendableByClassifyHandle>(finish: Finish) -> Setup<L> 
     let driver = machine
         .load_driver("redirector", host::DriverEntry)
         .unwrap();
-    let (registration, engine) = driver
-        .run_in_driver(&machine, |irql, d| {
-            let callout = Redirector {
-                finish,
-                queue: d.work_queue(),
-                calls: AtomicU32::new(0),
-                refused: Mutex::new(Vec::new()),
-            };
-            let registration =
-                CalloutRegistration::<L, _>::register(irql, d, CALLOUT, callout).unwrap();
-            let engine = Engine::open(irql, SessionOptions::new().dynamic()).unwrap();
-            engine
-                .add_callout(irql, &CalloutEntry::<L>::new(CALLOUT).name("redirector"))
-                .unwrap();
-            engine
-                .add_filter(
-                    irql,
-                    &Filter::<L>::new(FILTER)
-                        .name("redirector")
-                        .action(FilterAction::CalloutTerminating(CALLOUT)),
-                )
-                .unwrap();
-            (registration, engine)
-        })
-        .unwrap();
+    let installed = install(&machine, &driver, CALLOUT, FILTER, |d| Redirector {
+        finish,
+        queue: d.work_queue(),
+        calls: AtomicU32::new(0),
+        refused: Mutex::new(Vec::new()),
+    });
     Setup {
         machine,
         driver,
-        registration,
-        engine,
+        installed,
     }
 }
 
 impl<L: wfp_rs::pend::PendableByClassifyHandle> Setup<L> {
     fn calls(&self) -> u32 {
-        self.registration.callout().calls.load(Ordering::SeqCst)
+        self.installed.callout().calls.load(Ordering::SeqCst)
     }
 
     fn refused(&self) -> Vec<PendError> {
-        self.registration.callout().refused.lock().unwrap().clone()
+        self.installed.callout().refused.lock().unwrap().clone()
     }
 
     fn teardown(self) {
         let Setup {
             machine,
             driver,
-            registration,
-            engine,
+            installed,
         } = self;
-        driver.run_in_driver(&machine, |irql, _| {
-            engine.close(irql).unwrap();
-            registration.unregister(irql).map_err(|(_, s)| s).unwrap();
-        });
+        installed.remove(&machine, &driver);
         machine.unload_driver(driver).unwrap();
         assert!(
             machine.pool_blocks().is_empty(),
@@ -312,58 +286,22 @@ impl Callout<layer::AleConnectRedirectV4> for RawPender {
 fn raw_pend(
     machine: &Machine,
     driver: &LoadedDriver,
-) -> (
-    u64,
-    CalloutRegistration<layer::AleConnectRedirectV4, RawPender>,
-    Engine,
-) {
-    let (registration, engine) = driver
-        .run_in_driver(machine, |irql, d| {
-            let registration =
-                CalloutRegistration::register(irql, d, CALLOUT, RawPender(Mutex::new(None)))
-                    .unwrap();
-            let engine = Engine::open(irql, SessionOptions::new().dynamic()).unwrap();
-            engine
-                .add_callout(
-                    irql,
-                    &CalloutEntry::<layer::AleConnectRedirectV4>::new(CALLOUT).name("raw"),
-                )
-                .unwrap();
-            engine
-                .add_filter(
-                    irql,
-                    &Filter::<layer::AleConnectRedirectV4>::new(FILTER)
-                        .name("raw")
-                        .action(FilterAction::CalloutTerminating(CALLOUT)),
-                )
-                .unwrap();
-            (registration, engine)
-        })
-        .unwrap();
+) -> (u64, Installed<layer::AleConnectRedirectV4, RawPender>) {
+    let installed = install(machine, driver, CALLOUT, FILTER, |_| {
+        RawPender(Mutex::new(None))
+    });
     let request = wfp_rs::sim::ClassifyRequest::<layer::AleConnectRedirectV4>::new();
     let decision = machine.classify(wfp_rs::irql::Irql::DISPATCH, &request);
     assert!(decision.pending.is_some());
-    let handle = registration.callout().0.lock().unwrap().expect("pended");
-    (handle, registration, engine)
-}
-
-fn close(
-    machine: &Machine,
-    driver: &LoadedDriver,
-    registration: CalloutRegistration<layer::AleConnectRedirectV4, RawPender>,
-    engine: Engine,
-) {
-    driver.run_in_driver(machine, |irql, _| {
-        engine.close(irql).unwrap();
-        registration.unregister(irql).map_err(|(_, s)| s).unwrap();
-    });
+    let handle = installed.callout().0.lock().unwrap().expect("pended");
+    (handle, installed)
 }
 
 bugcheck_test! {
     fn completing_a_classify_handle_twice_stops() expects WFP_INVALID_OPERATION (0x8000_0001) {
         let machine = Machine::new();
         let driver = machine.load_driver("host", host::DriverEntry).unwrap();
-        let (handle, _registration, _engine) = raw_pend(&machine, &driver);
+        let (handle, _installed) = raw_pend(&machine, &driver);
         machine.at_dispatch(|_| {
             // SAFETY: a pended classify handle, completed once.
             unsafe { sys::FwpsCompleteClassify0(handle, 0, core::ptr::null()) };
@@ -377,7 +315,7 @@ bugcheck_test! {
     fn releasing_a_classify_handle_while_pended_stops() expects WFP_INVALID_OPERATION (0x8000_0003) {
         let machine = Machine::new();
         let driver = machine.load_driver("host", host::DriverEntry).unwrap();
-        let (handle, _registration, _engine) = raw_pend(&machine, &driver);
+        let (handle, _installed) = raw_pend(&machine, &driver);
         machine.at_dispatch(|_| {
             // SAFETY: deliberately released before completing: the rule under test.
             unsafe { sys::FwpsReleaseClassifyHandle0(handle) };
@@ -389,7 +327,7 @@ bugcheck_test! {
     fn releasing_a_classify_handle_twice_stops() expects WFP_INVALID_OPERATION (0x8000_0002) {
         let machine = Machine::new();
         let driver = machine.load_driver("host", host::DriverEntry).unwrap();
-        let (handle, _registration, _engine) = raw_pend(&machine, &driver);
+        let (handle, _installed) = raw_pend(&machine, &driver);
         machine.at_dispatch(|_| {
             // SAFETY: a pended classify handle, completed once.
             unsafe { sys::FwpsCompleteClassify0(handle, 0, core::ptr::null()) };
@@ -405,12 +343,12 @@ bugcheck_test! {
     fn unloading_with_a_classify_handle_unreleased_stops() expects DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS {
         let machine = Machine::new();
         let driver = machine.load_driver("host", host::DriverEntry).unwrap();
-        let (handle, registration, engine) = raw_pend(&machine, &driver);
+        let (handle, installed) = raw_pend(&machine, &driver);
         machine.at_dispatch(|_| {
             // SAFETY: a pended classify handle, completed once but never released.
             unsafe { sys::FwpsCompleteClassify0(handle, 0, core::ptr::null()) };
         });
-        close(&machine, &driver, registration, engine);
+        installed.remove(&machine, &driver);
         let _ = machine.unload_driver(driver);
     }
 }
@@ -419,7 +357,7 @@ bugcheck_test! {
 fn a_completed_and_released_raw_pend_unloads_clean() {
     let machine = Machine::new();
     let driver = machine.load_driver("host", host::DriverEntry).unwrap();
-    let (handle, registration, engine) = raw_pend(&machine, &driver);
+    let (handle, installed) = raw_pend(&machine, &driver);
     machine.at_dispatch(|_| {
         let out = sys::FWPS_CLASSIFY_OUT0 {
             actionType: sys::FWP_ACTION_PERMIT,
@@ -434,7 +372,7 @@ fn a_completed_and_released_raw_pend_unloads_clean() {
         // SAFETY: completed; released once.
         unsafe { sys::FwpsReleaseClassifyHandle0(handle) };
     });
-    close(&machine, &driver, registration, engine);
+    installed.remove(&machine, &driver);
     machine.unload_driver(driver).unwrap();
 }
 
@@ -471,39 +409,16 @@ fn a_classify_handle_cannot_pend_at_auth_connect() {
     }
     let machine = Machine::new();
     let driver = machine.load_driver("host", host::DriverEntry).unwrap();
-    let (registration, engine) = driver
-        .run_in_driver(&machine, |irql, d| {
-            let registration =
-                CalloutRegistration::register(irql, d, CALLOUT, TryRawPend(Mutex::new(None)))
-                    .unwrap();
-            let engine = Engine::open(irql, SessionOptions::new().dynamic()).unwrap();
-            engine
-                .add_callout(
-                    irql,
-                    &CalloutEntry::<layer::AleAuthConnectV4>::new(CALLOUT).name("t"),
-                )
-                .unwrap();
-            engine
-                .add_filter(
-                    irql,
-                    &Filter::<layer::AleAuthConnectV4>::new(FILTER)
-                        .name("t")
-                        .action(FilterAction::CalloutTerminating(CALLOUT)),
-                )
-                .unwrap();
-            (registration, engine)
-        })
-        .unwrap();
+    let installed = install(&machine, &driver, CALLOUT, FILTER, |_| {
+        TryRawPend(Mutex::new(None))
+    });
     let outcome = machine.connect(&connection(443), AleIrql::Dispatch);
     assert_eq!(outcome.decision.action, Action::Permit);
     assert!(!outcome.pended);
     assert_eq!(
-        *registration.callout().0.lock().unwrap(),
+        *installed.callout().0.lock().unwrap(),
         Some(Status::FWP_CANNOT_PEND.raw())
     );
-    driver.run_in_driver(&machine, |irql, _| {
-        engine.close(irql).unwrap();
-        registration.unregister(irql).map_err(|(_, s)| s).unwrap();
-    });
+    installed.remove(&machine, &driver);
     machine.unload_driver(driver).unwrap();
 }

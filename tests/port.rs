@@ -596,6 +596,41 @@ mod sim {
     }
 
     #[test]
+    fn disconnect_all_fails_a_waiting_send_at_once_and_later_sends_find_no_client() {
+        let fixture = Fixture::new(2);
+        let client = fixture.client();
+        let (read, was_read) = mpsc::channel();
+        let (client_ref, fixture_ref) = (&client, &fixture);
+        let closed = std::thread::scope(|s| {
+            s.spawn(move || {
+                client_ref.get_message(None).expect("a message");
+                read.send(()).unwrap();
+                // Never replies: only the driver closing the connection ends the send.
+            });
+            let closer = s.spawn(move || {
+                was_read.recv().unwrap();
+                fixture_ref
+                    .machine
+                    .at_passive(|irql| fixture_ref.port().disconnect_all(irql))
+            });
+            assert_eq!(fixture.send(1, LONG), Err(SendError::Disconnected));
+            closer.join().unwrap()
+        });
+        assert_eq!(closed, 1);
+        assert!(!fixture.port().has_client());
+        assert_eq!(fixture.send(2, LONG), Err(SendError::NotConnected));
+        assert_eq!(
+            fixture
+                .machine
+                .at_passive(|irql| fixture.port().disconnect_all(irql)),
+            0,
+            "nothing left to close"
+        );
+        drop(client);
+        fixture.finish();
+    }
+
+    #[test]
     fn replies_are_validated_and_a_bad_one_is_an_error() {
         let fixture = Fixture::new(1);
         let client = fixture.client();

@@ -46,6 +46,17 @@ use crate::work_item::WorkQueue;
 ///
 /// It is shared with callbacks that may run on any processor, hence `Send + Sync`.
 pub trait DriverState: Send + Sync + 'static {
+    /// Called at `PASSIVE_LEVEL` when the driver starts to unload, before the SDK waits for work
+    /// items to finish: the place to make waiting work return early — set a flag that stops new
+    /// requests, close client connections ([`ServerPort::disconnect_all`]) so sends in progress
+    /// fail at once instead of running into their timeout. The state is still shared with the
+    /// work items; [`unload`](Self::unload) follows once they are done. The default does nothing.
+    ///
+    /// [`ServerPort::disconnect_all`]: crate::port::ServerPort::disconnect_all
+    fn stopping(&self, irql: &mut PassiveLevel<'_>) {
+        let _ = irql;
+    }
+
     /// Called at `PASSIVE_LEVEL` when the driver unloads, with the state by value, so teardown
     /// can consume its parts in order (`Engine::close(self, ..)`,
     /// `CalloutRegistration::unregister(self, ..)`). The default drops the state.
@@ -388,6 +399,12 @@ unsafe extern "system" fn unload_trampoline<D: DriverState>(
     // SAFETY: `start` initialised both parts before it set this unload routine, and unload runs
     // once, when no other driver code runs on behalf of the I/O manager.
     let extension = unsafe { &mut *extension.as_ptr() };
+    {
+        // SAFETY: the state was written in `start` and is read out only below, after this
+        // shared borrow ends.
+        let state = unsafe { extension.state.assume_init_ref() };
+        state.stopping(&mut irql);
+    }
     extension.shared.wait_for_jobs(&mut irql);
     {
         // SAFETY: the state was written in `start` and is read out exactly once, here.

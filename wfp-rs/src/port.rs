@@ -1049,6 +1049,31 @@ impl<P: Protocol, E: PortEvents> ServerPort<P, E> {
         self.connections() > 0
     }
 
+    /// Closes the driver's end of every connection (`FltCloseClientPort`): sends waiting for a
+    /// reply fail at once with [`SendError::Disconnected`], later ones with
+    /// [`SendError::NotConnected`] until a client connects again. Returns how many connections it
+    /// closed.
+    ///
+    /// For unload: call it from [`DriverState::stopping`](crate::driver::DriverState::stopping),
+    /// after setting whatever flag stops new requests, so that work items blocked in `send`
+    /// return before the SDK waits for them.
+    pub fn disconnect_all(&self, irql: &PassiveLevel<'_>) -> usize {
+        crate::irql::verify(irql);
+        let shared = self.shared();
+        let mut closed = 0;
+        for slot in shared.slots() {
+            if slot.client.load(Ordering::Acquire).is_null() {
+                continue;
+            }
+            // SAFETY: PASSIVE_LEVEL (the token); the filter is registered while a port handle
+            // exists; the variable is the slot's, which the filter manager clears under its lock
+            // (a variable already cleared by a concurrent disconnect makes this a no-op).
+            unsafe { sys::FltCloseClientPort(shared.raw_filter, slot.client.as_ptr()) };
+            closed += 1;
+        }
+        closed
+    }
+
     /// The port's connection events.
     pub fn events(&self) -> &E {
         &self.shared().events

@@ -203,29 +203,30 @@
 //! filters for outbound TCP at `ALE_AUTH_CONNECT_V4`/`_V6` — so no connection ever meets a
 //! filter whose callout is missing.
 //!
-//! Unload must leave no pend behind, and must not let a pended connection through by
-//! accident. The order:
+//! Unload must leave no pend behind, must not let a pended connection through by accident,
+//! and should not wait for a silent service. The order:
 //!
-//! 1. The SDK waits until no work item is queued or running: every work item completes its
-//!    pend, with the service's answer or, once [`Config::timeout`] expires, the default.
-//! 2. [`SeedFixed::unload`](DriverState::unload) sets the "unloading" flag — from then on a new
-//!    connection gets the default at once instead of being pended — and waits until every pend
-//!    it made is completed *and reauthorized*. Completing a pend only asks WFP to reauthorize;
-//!    the reauthorization comes later, on another thread. If the filters were deleted first, it
-//!    would meet no filter and the connection would be permitted whatever the verdict. The wait
-//!    ends when no work item of this driver is in flight and the [`VerdictTable`] is empty
-//!    (every recorded verdict taken), or after [`Config::timeout`] +
-//!    [`REAUTHORIZATION_GRACE`] without progress (a reauthorization that never comes; logged).
-//! 3. It closes the engine session: the filters go before the callouts, because a terminating
+//! 1. [`SeedFixed::stopping`](DriverState::stopping), before the SDK waits for anything, sets
+//!    the "unloading" flag — from then on a new connection gets the default at once instead of
+//!    being pended, and a work item that has not asked yet does not — and closes the service's
+//!    connection ([`ServerPort::disconnect_all`]), so a send waiting for a reply fails at once
+//!    instead of running into [`Config::timeout`].
+//! 2. The SDK waits until no work item is queued or running: every work item has completed its
+//!    pend, with the service's answer or the default.
+//! 3. [`SeedFixed::unload`](DriverState::unload) waits until every pend it made is completed
+//!    *and reauthorized*. Completing a pend only asks WFP to reauthorize; the reauthorization
+//!    comes later, on another thread. If the filters were deleted first, it would meet no filter
+//!    and the connection would be permitted whatever the verdict. The wait ends when no work
+//!    item of this driver is in flight and the [`VerdictTable`] is empty (every recorded verdict
+//!    taken), or after [`Config::timeout`] + [`REAUTHORIZATION_GRACE`] without progress (a
+//!    reauthorization that never comes; logged).
+//! 4. It closes the engine session: the filters go before the callouts, because a terminating
 //!    filter whose callout is gone blocks everything it matches.
-//! 4. It unregisters the callouts, closes the port, and unregisters the minifilter, which
-//!    disconnects the service.
+//! 5. It unregisters the callouts, closes the port, and unregisters the minifilter.
 //!
-//! So every pended connection gets exactly one decision. The cost: while the service stays
-//! silent, unload takes up to [`Config::timeout`] for each wave of work items the system worker
-//! threads run, because the SDK waits for work items (step 1) before the driver can raise its
-//! flag or disconnect the service to make the sends fail fast. Connections that arrive after
-//! step 3 are not filtered by this driver, as after any unload.
+//! So every pended connection gets exactly one decision, and unload does not wait for the
+//! service. Connections that arrive after step 4 are not filtered by this driver, as after any
+//! unload.
 //!
 //! # Running it
 //!
@@ -595,6 +596,14 @@ pub struct SeedFixed {
 }
 
 impl DriverState for SeedFixed {
+    fn stopping(&self, irql: &mut PassiveLevel<'_>) {
+        // No new pends, and no new questions; then fail the questions already waiting, so the
+        // work items the SDK is about to wait for finish now rather than at their timeout.
+        self.shared.unloading.store(true, Ordering::SeqCst);
+        let closed = self.shared.port.disconnect_all(irql);
+        kd_print!("seed-fixed: stopping; {closed} service connection(s) closed\n");
+    }
+
     fn unload(self, irql: &mut PassiveLevel<'_>) {
         // The SDK has waited for every work item: no pend is outstanding.
         let SeedFixed {
