@@ -306,13 +306,15 @@ fn many_concurrent_connections_each_get_exactly_one_decision() {
 }
 
 #[test]
-fn a_layer_without_a_completion_handle_cannot_pend() {
+fn a_classification_without_a_completion_handle_cannot_pend() {
+    // At other layers `pend` does not compile (tests/ui/pend_at_a_layer_without_completion.rs);
+    // here the layer allows it but this classification carries no completion handle.
     struct TryPend(std::sync::Mutex<Option<PendError>>);
-    impl Callout<layer::OutboundTransportV4> for TryPend {
+    impl Callout<layer::AleAuthConnectV4> for TryPend {
         fn classify(
             &self,
             _irql: &mut DispatchLevel<'_>,
-            c: &mut Classify<'_, layer::OutboundTransportV4>,
+            c: &mut Classify<'_, layer::AleAuthConnectV4>,
         ) {
             *self.0.lock().unwrap() = c.pend().err();
             let _ = c.out.permit();
@@ -323,11 +325,17 @@ fn a_layer_without_a_completion_handle_cannot_pend() {
     let installed = install(&machine, &driver, CALLOUT, FILTER, |_| {
         TryPend(std::sync::Mutex::new(None))
     });
-    let outcome = machine.connect(&connection(443, 40003), AleIrql::Dispatch);
-    assert_eq!(outcome.decision.action, Action::Permit);
+    let request = wfp_rs::sim::ClassifyRequest::<layer::AleAuthConnectV4>::new();
+    let decision = machine.classify(wfp_rs::irql::Irql::DISPATCH, &request);
+    assert_eq!(decision.action, Action::Permit);
+    assert_eq!(decision.pending, None);
     assert_eq!(
         *installed.callout().0.lock().unwrap(),
         Some(PendError::NotPendable)
+    );
+    assert_eq!(
+        Status::from(PendError::NotPendable),
+        Status::FWP_CANNOT_PEND
     );
     installed.remove(&machine, &driver);
     machine.unload_driver(driver).unwrap();

@@ -71,12 +71,43 @@ impl From<PendError> for Status {
     }
 }
 
+/// Layers whose classifications are pended with the completion handle in the metadata
+/// (`FwpsPendOperation0`): ALE_AUTH_CONNECT and ALE_AUTH_RECV_ACCEPT. Only these have
+/// [`Classify::pend`]; elsewhere it does not compile. (fwpsk's documentation also names
+/// ALE_RESOURCE_ASSIGNMENT and ALE_AUTH_LISTEN; what follows a completion there is not
+/// documented, so the SDK does not offer it yet.)
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot pend with a completion handle",
+    label = "`pend` is only for ALE_AUTH_CONNECT and ALE_AUTH_RECV_ACCEPT",
+    note = "at ALE_CONNECT_REDIRECT and ALE_ENDPOINT_CLOSURE, use `Classify::pend_decision` (classify handle); elsewhere decide inline, or keep per-flow state and decide on a later packet"
+)]
+pub trait PendableByCompletionHandle: Layer + sealed::Sealed {}
+
+macro_rules! pendable_by_completion_handle {
+    ($($layer:ident),* $(,)?) => {$(
+        impl sealed::Sealed for crate::layer::$layer {}
+        impl PendableByCompletionHandle for crate::layer::$layer {}
+    )*};
+}
+
+pendable_by_completion_handle!(
+    AleAuthConnectV4,
+    AleAuthConnectV6,
+    AleAuthRecvAcceptV4,
+    AleAuthRecvAcceptV6,
+);
+
 impl<L: Layer, F: 'static> Classify<'_, L, F> {
     /// Pends this classification (`FwpsPendOperation0`) and sets the decision WFP requires for
     /// a pended classification: BLOCK with `FWPS_CLASSIFY_OUT_FLAG_ABSORB`, write right cleared.
     ///
-    /// The returned [`PendedClassify`] must be completed; dropping it completes it too.
-    pub fn pend(&mut self) -> Result<PendedClassify, PendError> {
+    /// The returned [`PendedClassify`] must be completed; dropping it completes it too. Refused
+    /// with [`PendError::Refused`]`(STATUS_FWP_CANNOT_PEND)` during a reauthorization, and with
+    /// [`PendError::NotPendable`] if the engine handed no completion handle.
+    pub fn pend(&mut self) -> Result<PendedClassify, PendError>
+    where
+        L: PendableByCompletionHandle,
+    {
         let handle = self
             .metadata
             .completion_handle()

@@ -272,7 +272,7 @@ use wfp_rs::filter::{Filter as WfpFilter, FilterAction, Match};
 use wfp_rs::irql::{AtMostApc, AtMostDispatch, DispatchLevel, PassiveLevel};
 use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::layer::{AleAuthConnectV4, AleAuthConnectV6, Field, Layer, fields};
-use wfp_rs::pend::{ConnectionKey, PendError, VerdictTable};
+use wfp_rs::pend::{ConnectionKey, PendError, PendableByCompletionHandle, VerdictTable};
 use wfp_rs::port::{Filter, SendError, ServerPort};
 use wfp_rs::work_item::WorkQueue;
 use wfp_rs::{Guid, Status, guid, kd_print};
@@ -504,7 +504,7 @@ pub struct AskTheService {
     queue: WorkQueue,
 }
 
-impl<L: Layer> Callout<L> for AskTheService
+impl<L: PendableByCompletionHandle> Callout<L> for AskTheService
 where
     L::Address: Into<IpAddr>,
     fields::AleAppId: Field<L>,
