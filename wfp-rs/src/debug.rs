@@ -9,6 +9,12 @@ use core::fmt::{self, Write};
 use crate::sys;
 
 /// Importance of a debug message, as the `DPFLTR_*_LEVEL` values.
+///
+/// Messages go out under the component `DPFLTR_IHVDRIVER_ID`. By default Windows shows only
+/// [`Level::Error`] for it; to see the others, set the mask for that component — in the
+/// debugger `ed nt!Kd_IHVDRIVER_Mask 0xf`, or persistently the `DWORD` value `IHVDRIVER` = `0xf`
+/// under `HKLM\SYSTEM\CurrentControlSet\Control\Session Manager\Debug Print Filter`
+/// (read at boot). The simulator keeps every level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Level {
     /// `DPFLTR_ERROR_LEVEL`: always shown by the debugger.
