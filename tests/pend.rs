@@ -11,7 +11,7 @@ use wfp_rs::classify::Action;
 use wfp_rs::driver::Driver;
 use wfp_rs::irql::{DispatchLevel, PassiveLevel};
 use wfp_rs::layer;
-use wfp_rs::layer::value::IpProtocol;
+use wfp_rs::layer::value::{IpProtocol, ReauthorizeReasons};
 use wfp_rs::metadata::Direction;
 use wfp_rs::pend::{ConnectionKey, PendError, VerdictTable};
 use wfp_rs::sim::{AleIrql, Connection, LoadedDriver, Machine};
@@ -52,6 +52,8 @@ struct Shared {
     pended: AtomicU32,
     reauthorized: AtomicU32,
     refused: std::sync::Mutex<Vec<PendError>>,
+    /// `reauthorization_reason()` as each classification saw it.
+    reasons: std::sync::Mutex<Vec<Option<ReauthorizeReasons>>>,
 }
 
 struct Asker {
@@ -70,6 +72,11 @@ impl Callout<layer::AleAuthConnectV4> for Asker {
             c.out.block();
             return;
         };
+        self.shared
+            .reasons
+            .lock()
+            .unwrap()
+            .push(c.reauthorization_reason());
         if c.is_reauthorization() {
             self.shared.reauthorized.fetch_add(1, Ordering::SeqCst);
             if self.mode == Mode::PendTwice {
@@ -126,6 +133,7 @@ fn setup(mode: Mode) -> Setup {
         pended: AtomicU32::new(0),
         reauthorized: AtomicU32::new(0),
         refused: std::sync::Mutex::new(Vec::new()),
+        reasons: std::sync::Mutex::new(Vec::new()),
     });
     let installed = install(&machine, &driver, CALLOUT, FILTER, |d| Asker {
         mode,
@@ -195,6 +203,12 @@ fn a_pended_connection_is_reauthorized_from_the_recorded_verdict() {
     }
     assert_eq!(setup.shared.pended.load(Ordering::SeqCst), 2);
     assert_eq!(setup.shared.reauthorized.load(Ordering::SeqCst), 2);
+    // The first classification is no reauthorization; the second follows the completion.
+    let completion = Some(ReauthorizeReasons::CLASSIFY_COMPLETION);
+    assert_eq!(
+        *setup.shared.reasons.lock().unwrap(),
+        [None, completion, None, completion]
+    );
     setup.machine.at_dispatch(|irql| {
         assert!(
             setup.shared.verdicts.is_empty(irql),

@@ -183,6 +183,34 @@ impl<L: Layer, F: 'static> Classify<'_, L, F> {
         self.classify_context
     }
 
+    /// Why this classification re-authorizes a connection: `None` if it does not
+    /// ([`is_reauthorization`](Self::is_reauthorization) is `false`); otherwise the layer's
+    /// `REAUTHORIZE_REASON` field, or empty reasons at layers without one.
+    /// [`ReauthorizeReasons::CLASSIFY_COMPLETION`] marks the reauthorization that follows a
+    /// completed pend: the one to answer from the recorded verdict.
+    ///
+    /// [`ReauthorizeReasons::CLASSIFY_COMPLETION`]: crate::layer::value::ReauthorizeReasons::CLASSIFY_COMPLETION
+    pub fn reauthorization_reason(&self) -> Option<crate::layer::value::ReauthorizeReasons> {
+        use crate::layer::value::ReauthorizeReasons;
+        if !self.is_reauthorization() {
+            return None;
+        }
+        let Some(field) = L::FIELDS.iter().find(|f| {
+            f.condition == <fields::ReauthorizeReason as crate::layer::FieldKind>::CONDITION
+        }) else {
+            return Some(ReauthorizeReasons::empty());
+        };
+        match self.values.raw_value(field.index) {
+            // SAFETY: the tag says the `uint32` arm is active.
+            Ok(value) if value.r#type == sys::FWP_UINT32 => {
+                Some(ReauthorizeReasons::from_bits_retain(unsafe {
+                    value.u.uint32
+                }))
+            }
+            _ => Some(ReauthorizeReasons::empty()),
+        }
+    }
+
     /// Whether this classification re-authorizes a connection (the layer's `FLAGS` field has
     /// `FWP_CONDITION_FLAG_IS_REAUTHORIZE`). Always `false` at layers without a `FLAGS` field.
     pub fn is_reauthorization(&self) -> bool {

@@ -985,6 +985,12 @@ impl Connection {
             "IpRemotePort" => SimValue::U16(self.remote.port()),
             "IpProtocol" => SimValue::U8(self.protocol.into()),
             "Flags" => SimValue::U32(flags),
+            // The harness reauthorizes only after a completed pend.
+            "ReauthorizeReason" => SimValue::U32(if reauthorize {
+                crate::sys::FWP_CONDITION_REAUTHORIZE_REASON_CLASSIFY_COMPLETION
+            } else {
+                0
+            }),
             "Direction" => SimValue::U32(direction as u32),
             // NlatUnicast; the destination address type is unicast too.
             "IpLocalAddressType" | "IpDestinationAddressType" => SimValue::U8(1),
@@ -1003,7 +1009,6 @@ impl Connection {
             "CurrentProfileId" | "OriginalProfileId" | "LocalInterfaceProfileId" => {
                 SimValue::U32(2)
             }
-            "ReauthorizeReason" => SimValue::U32(0),
             _ => SimValue::Empty,
         }
     }

@@ -433,6 +433,42 @@ impl fmt::Debug for AppId<'_> {
 }
 
 bitflags::bitflags! {
+    /// Why a connection is being reauthorized: the `REAUTHORIZE_REASON` field at
+    /// ALE_AUTH_CONNECT and ALE_AUTH_RECV_ACCEPT (`FWP_CONDITION_REAUTHORIZE_REASON_*`). Read it
+    /// with [`Classify::reauthorization_reason`](crate::callout::Classify::reauthorization_reason).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct ReauthorizeReasons: u32 {
+        /// The filtering policy changed (filters added or removed).
+        const POLICY_CHANGE = sys::FWP_CONDITION_REAUTHORIZE_REASON_POLICY_CHANGE;
+        /// Traffic arrived on another interface.
+        const NEW_ARRIVAL_INTERFACE = sys::FWP_CONDITION_REAUTHORIZE_REASON_NEW_ARRIVAL_INTERFACE;
+        /// Traffic leaves through another next-hop interface.
+        const NEW_NEXTHOP_INTERFACE = sys::FWP_CONDITION_REAUTHORIZE_REASON_NEW_NEXTHOP_INTERFACE;
+        /// The network profile changed (for example from private to public).
+        const PROFILE_CROSSING = sys::FWP_CONDITION_REAUTHORIZE_REASON_PROFILE_CROSSING;
+        /// A pended classification was completed: the answer the callout recorded is due.
+        const CLASSIFY_COMPLETION = sys::FWP_CONDITION_REAUTHORIZE_REASON_CLASSIFY_COMPLETION;
+        /// The connection's IPsec properties changed.
+        const IPSEC_PROPERTIES_CHANGED =
+            sys::FWP_CONDITION_REAUTHORIZE_REASON_IPSEC_PROPERTIES_CHANGED;
+        /// A callout asked for mid-stream inspection.
+        const MID_STREAM_INSPECTION = sys::FWP_CONDITION_REAUTHORIZE_REASON_MID_STREAM_INSPECTION;
+        /// A socket property changed.
+        const SOCKET_PROPERTY_CHANGED =
+            sys::FWP_CONDITION_REAUTHORIZE_REASON_SOCKET_PROPERTY_CHANGED;
+        /// A new inbound multicast or broadcast packet.
+        const NEW_INBOUND_MCAST_BCAST_PACKET =
+            sys::FWP_CONDITION_REAUTHORIZE_REASON_NEW_INBOUND_MCAST_BCAST_PACKET;
+        /// The enterprise data protection policy changed.
+        const EDP_POLICY_CHANGED = sys::FWP_CONDITION_REAUTHORIZE_REASON_EDP_POLICY_CHANGED;
+        /// The proxy handle changed.
+        const PROXY_HANDLE_CHANGED = sys::FWP_CONDITION_REAUTHORIZE_REASON_PROXY_HANDLE_CHANGED;
+        /// Offload is being checked.
+        const CHECK_OFFLOAD = sys::FWP_CONDITION_REAUTHORIZE_REASON_CHECK_OFFLOAD;
+    }
+}
+
+bitflags::bitflags! {
     /// The `FLAGS` field (`FWP_CONDITION_FLAG_*`).
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
     pub struct ConditionFlags: u32 {
