@@ -337,3 +337,66 @@ fn stopping_runs_before_unload_waits_for_work_items() {
     );
     assert!(machine.pool_blocks().is_empty());
 }
+
+#[test]
+fn a_pool_arc_is_freed_by_its_last_clone_on_any_thread() {
+    use wfp_rs::pool::PoolArc;
+    struct Counted(Arc<AtomicU32>);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let drops = Arc::new(AtomicU32::new(0));
+    let machine = Machine::new();
+    let tag = PoolTag::new(b"Arc ");
+    let shared = machine.at_passive(|irql| {
+        PoolArc::try_new(Counted(Arc::clone(&drops)), tag, irql).expect("allocates")
+    });
+    assert_eq!(machine.pool_blocks().len(), 1);
+    let clones: Vec<_> = (0..4).map(|_| PoolArc::clone(&shared)).collect();
+    assert_eq!(PoolArc::strong_count(&shared), 5);
+    assert!(clones.iter().all(|c| PoolArc::ptr_eq(c, &shared)));
+    std::thread::scope(|s| {
+        for clone in clones {
+            let machine = &machine;
+            s.spawn(move || machine.at_dispatch(|_| drop(clone)));
+        }
+    });
+    assert_eq!(drops.load(Ordering::SeqCst), 0, "one clone is left");
+    let shared = machine
+        .at_passive(|_| PoolArc::try_unwrap(shared).map_err(|_| ()))
+        .expect("the only clone");
+    assert!(
+        machine.pool_blocks().is_empty(),
+        "unwrapping frees the block"
+    );
+    drop(shared);
+    assert_eq!(drops.load(Ordering::SeqCst), 1);
+
+    let last = machine.at_passive(|irql| PoolArc::try_new(7u64, tag, irql).unwrap());
+    let other = PoolArc::clone(&last);
+    let last = PoolArc::try_unwrap(last).expect_err("another clone exists");
+    assert_eq!(*last, 7);
+    machine.at_dispatch(|_| {
+        drop(last);
+        drop(other);
+    });
+    assert!(
+        machine.pool_blocks().is_empty(),
+        "the last clone frees the block"
+    );
+}
+
+#[test]
+fn a_pool_arc_that_cannot_be_allocated_hands_the_value_back() {
+    use wfp_rs::pool::PoolArc;
+    let machine = Machine::new();
+    machine.fail_allocations(0, 1);
+    let error = machine
+        .at_passive(|irql| PoolArc::try_new(String::from("kept"), PoolTag::new(b"Arc "), irql))
+        .expect_err("the allocation fails");
+    assert_eq!(error.status(), Status::INSUFFICIENT_RESOURCES);
+    assert_eq!(error.into_inner(), "kept");
+    assert!(machine.pool_blocks().is_empty());
+}

@@ -13,6 +13,7 @@ use core::marker::PhantomData;
 use core::mem::{self, ManuallyDrop};
 use core::ops::{Deref, DerefMut};
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::irql::AtMostDispatch;
 use crate::status::Status;
@@ -262,6 +263,151 @@ impl<T> Drop for PoolBox<T> {
 }
 
 impl<T: fmt::Debug> fmt::Debug for PoolBox<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
+/// A shared value in non-paged pool, counted like `Arc`, with a tag and a fallible
+/// constructor: `Arc::new` cannot report an allocation failure (in a driver it ends in a bug
+/// check), `PoolArc::try_new` hands the value back instead.
+///
+/// Clones may be dropped on any thread at IRQL <= `DISPATCH_LEVEL`; the last one drops the value
+/// and frees the memory there.
+///
+/// ```
+/// use wfp_rs::pool::{PoolArc, PoolTag};
+/// # wfp_rs::sim::Machine::new().run(|| {
+/// # wfp_rs::irql::PassiveLevel::try_current(|irql| {
+/// let shared = PoolArc::try_new(core::sync::atomic::AtomicU32::new(0), PoolTag::new(b"Demo"), irql)?;
+/// let for_a_work_item = PoolArc::clone(&shared);
+/// for_a_work_item.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+/// assert_eq!(shared.load(core::sync::atomic::Ordering::Relaxed), 1);
+/// assert_eq!(PoolArc::strong_count(&shared), 2);
+/// # Ok::<(), wfp_rs::Status>(())
+/// # }).unwrap().unwrap();
+/// # });
+/// ```
+pub struct PoolArc<T> {
+    ptr: NonNull<ArcInner<T>>,
+    tag: PoolTag,
+    _owns: PhantomData<ArcInner<T>>,
+}
+
+struct ArcInner<T> {
+    count: AtomicUsize,
+    value: T,
+}
+
+/// Beyond this many clones the count could overflow; as `Arc` does, stop instead.
+const MAX_REFCOUNT: usize = isize::MAX as usize;
+
+// SAFETY: as for `Arc<T>`: clones on several threads share `T` (so `Sync`) and the last one,
+// on any thread, drops it (so `Send`).
+unsafe impl<T: Send + Sync> Send for PoolArc<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send + Sync> Sync for PoolArc<T> {}
+
+impl<T> PoolArc<T> {
+    /// Moves `value` into a new non-paged allocation tagged `tag`, with one reference. On
+    /// failure the value is returned inside the error.
+    pub fn try_new(
+        value: T,
+        tag: PoolTag,
+        irql: &impl AtMostDispatch,
+    ) -> Result<PoolArc<T>, AllocError<T>> {
+        let inner = ArcInner {
+            count: AtomicUsize::new(1),
+            value,
+        };
+        match PoolBox::try_new(inner, tag, irql) {
+            Ok(boxed) => Ok(PoolArc {
+                ptr: PoolBox::into_raw(boxed),
+                tag,
+                _owns: PhantomData,
+            }),
+            Err(error) => Err(AllocError {
+                bytes: error.bytes,
+                value: error.value.value,
+            }),
+        }
+    }
+
+    fn inner(&self) -> &ArcInner<T> {
+        // SAFETY: the allocation lives while any clone (this one included) does.
+        unsafe { self.ptr.as_ref() }
+    }
+
+    /// How many clones exist now (others may be made or dropped concurrently).
+    pub fn strong_count(this: &Self) -> usize {
+        this.inner().count.load(Ordering::Acquire)
+    }
+
+    /// Whether both point to the same allocation.
+    pub fn ptr_eq(this: &Self, other: &Self) -> bool {
+        this.ptr == other.ptr
+    }
+
+    /// The value, if this is the only clone; otherwise this clone comes back.
+    pub fn try_unwrap(this: Self) -> Result<T, PoolArc<T>> {
+        if this
+            .inner()
+            .count
+            .compare_exchange(1, 0, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return Err(this);
+        }
+        let this = ManuallyDrop::new(this);
+        // SAFETY: the count went from 1 to 0, so no other clone exists; the pointer came from
+        // `PoolBox::into_raw` with this tag and is taken back once.
+        let boxed = unsafe { PoolBox::from_raw(this.ptr, this.tag) };
+        Ok(PoolBox::into_inner(boxed).value)
+    }
+}
+
+impl<T> Clone for PoolArc<T> {
+    fn clone(&self) -> Self {
+        // Relaxed suffices to take a reference from one that exists, as in `Arc`.
+        let old = self.inner().count.fetch_add(1, Ordering::Relaxed);
+        if old > MAX_REFCOUNT {
+            crate::bugcheck::bug_check(
+                crate::bugcheck::BugCheckCode::KMODE_EXCEPTION_NOT_HANDLED,
+                0xC000_0095, // STATUS_INTEGER_OVERFLOW
+                0,
+                0,
+                0,
+            );
+        }
+        PoolArc {
+            ptr: self.ptr,
+            tag: self.tag,
+            _owns: PhantomData,
+        }
+    }
+}
+
+impl<T> Deref for PoolArc<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.inner().value
+    }
+}
+
+impl<T> Drop for PoolArc<T> {
+    fn drop(&mut self) {
+        if self.inner().count.fetch_sub(1, Ordering::Release) != 1 {
+            return;
+        }
+        // Every other clone's use of the value happens before it is dropped here.
+        core::sync::atomic::fence(Ordering::Acquire);
+        // SAFETY: this was the last clone; the pointer came from `PoolBox::into_raw` with this
+        // tag and is taken back once.
+        drop(unsafe { PoolBox::from_raw(self.ptr, self.tag) });
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for PoolArc<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&**self, f)
     }
