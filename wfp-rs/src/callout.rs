@@ -201,11 +201,10 @@ impl<L: Layer, F: 'static> Classify<'_, L, F> {
             return Some(ReauthorizeReasons::empty());
         };
         match self.values.raw_value(field.index) {
-            // SAFETY: the tag says the `uint32` arm is active.
             Ok(value) if value.r#type == sys::FWP_UINT32 => {
-                Some(ReauthorizeReasons::from_bits_retain(unsafe {
-                    value.u.uint32
-                }))
+                // SAFETY: the tag says the `uint32` arm is active.
+                let bits = unsafe { value.u.uint32 };
+                Some(ReauthorizeReasons::from_bits_retain(bits))
             }
             _ => Some(ReauthorizeReasons::empty()),
         }
