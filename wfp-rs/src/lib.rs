@@ -12,6 +12,8 @@
 //! - [`sys`]: the raw kernel ABI, with two backends: the real kernel (`nt`, when compiling for
 //!   Windows) and the host simulator (everywhere else, or with the `sim` feature).
 //! - `sim` (simulator backend only): boot a simulated machine, load drivers, assert bug checks.
+//! - `user` (feature `user`): the user-mode service's side of ports and the inverted call, on
+//!   Windows or against a simulated machine in another process.
 //!
 //! The guides in the repository's `docs/` folder start from the bug this crate was built to
 //! prevent: `FltSendMessage` called from `classifyFn` at `DISPATCH_LEVEL`.
@@ -25,6 +27,9 @@ extern crate self as wfp_rs;
 // The simulator is host code: it uses std, and its modules import std's prelude and macros.
 #[cfg(wfp_sim)]
 #[macro_use]
+extern crate std;
+// The user-mode client is host code too; with the simulator backend std is linked already.
+#[cfg(all(feature = "user", not(wfp_sim)))]
 extern crate std;
 
 pub mod bugcheck;
@@ -51,6 +56,10 @@ pub mod work_item;
 
 #[cfg(wfp_sim)]
 pub mod sim;
+
+// The user-mode side needs the bridge's Unix domain socket in the simulator backend.
+#[cfg(all(feature = "user", any(wfp_nt, unix)))]
+pub mod user;
 
 #[cfg(all(wfp_nt, feature = "panic-handler"))]
 mod panic;

@@ -1368,6 +1368,40 @@ impl fmt::Debug for PortClient {
     }
 }
 
+// --- the user-mode bridge ---------------------------------------------------------------------------
+
+#[cfg(unix)]
+pub(crate) mod bridge;
+
+#[cfg(unix)]
+pub use bridge::UserModeBridge;
+
+#[cfg(unix)]
+impl Machine {
+    /// Serves this machine's communication ports and devices to user-mode processes on a Unix
+    /// domain socket at `socket_path` (which must not exist), so that a service built on
+    /// `wfp_rs::user` (feature `user`) can run in another process: start it with
+    /// `WFP_RS_SIM_SOCKET` set to `socket_path`. Each client connection runs as SYSTEM would;
+    /// when a client process dies, its port connections are disconnected and its device handles
+    /// closed (cancelling their requests), as Windows does for an exiting process. The bridge
+    /// runs until the returned [`UserModeBridge`] is dropped.
+    ///
+    /// ```no_run
+    /// use wfp_rs::sim::Machine;
+    ///
+    /// let machine = Machine::new();
+    /// let bridge = machine.serve_user_mode("/tmp/wfp-sim.sock".as_ref()).unwrap();
+    /// // std::process::Command::new("my-service").env("WFP_RS_SIM_SOCKET", bridge.socket_path())
+    /// # drop(bridge);
+    /// ```
+    pub fn serve_user_mode(
+        &self,
+        socket_path: &std::path::Path,
+    ) -> std::io::Result<UserModeBridge> {
+        UserModeBridge::start(Arc::clone(&self.kernel), socket_path)
+    }
+}
+
 // --- devices and I/O requests ----------------------------------------------------------------------
 
 pub use crate::sys::sim::irp::{Caller, DeviceHandle, IoCompletion, IoRequest};

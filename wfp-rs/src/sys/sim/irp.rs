@@ -1622,6 +1622,39 @@ impl IoRequest {
         result
     }
 
+    /// Like [`wait`](Self::wait), for at most `timeout`: `None` if the request is still pending
+    /// then (`GetOverlappedResultEx` failing with `WAIT_TIMEOUT`).
+    pub fn wait_timeout(&self, timeout: core::time::Duration) -> Option<IoCompletion> {
+        let deadline = std::time::Instant::now().checked_add(timeout);
+        let result = {
+            let mut state = io(&self.kernel);
+            loop {
+                if let Phase::Completed(completion) = &state.irps[&self.irp].phase {
+                    break Some(completion.result.clone());
+                }
+                let now = std::time::Instant::now();
+                let Some(left) = deadline.map_or(Some(timeout), |d| d.checked_duration_since(now))
+                else {
+                    break None;
+                };
+                if left.is_zero() {
+                    break None;
+                }
+                state = self
+                    .kernel
+                    .irp
+                    .changed
+                    .wait_timeout(state, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        };
+        if result.is_some() {
+            run_due_closes(&self.kernel);
+        }
+        result
+    }
+
     /// `CancelIoEx(handle, &overlapped)`: the I/O manager sets the IRP's `Cancel` flag and calls
     /// its cancel routine, if one is set. Returns whether a cancel routine was called (false if
     /// the request was completed already, or the driver holds it without a cancel routine).
