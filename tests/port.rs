@@ -186,78 +186,9 @@ mod sim {
     use wfp_rs::sim::{LoadedDriver, Machine, PortClient, UnloadError, run_isolated};
     use wfp_rs::spin_lock::SpinLock;
     use wfp_rs::{Status, sys};
+    use wfp_rs_tests::protocol::{Ask, Firewall, Verdict};
 
-    // --- the protocol the tests speak ---------------------------------------------------------
-
-    /// Driver → service: a process id.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    struct Ask {
-        pid: u32,
-    }
-
-    /// Service → driver: `b'V'`, then 0 (block) or 1 (allow), then up to 6 zero bytes.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    enum Verdict {
-        Allow,
-        Block,
-    }
-
-    impl Message for Ask {
-        const MIN_LEN: usize = 4;
-        const MAX_LEN: usize = 4;
-
-        fn encode(&self, out: &mut [u8]) -> Result<usize, Malformed> {
-            out.get_mut(..4)
-                .ok_or(Malformed("short buffer"))?
-                .copy_from_slice(&self.pid.to_le_bytes());
-            Ok(4)
-        }
-
-        fn decode(bytes: &[u8]) -> Result<Self, Malformed> {
-            let pid = bytes
-                .try_into()
-                .map_err(|_| Malformed("an Ask is 4 bytes"))?;
-            Ok(Ask {
-                pid: u32::from_le_bytes(pid),
-            })
-        }
-    }
-
-    impl Message for Verdict {
-        const MIN_LEN: usize = 2;
-        const MAX_LEN: usize = 8;
-
-        fn encode(&self, out: &mut [u8]) -> Result<usize, Malformed> {
-            let out = out.get_mut(..2).ok_or(Malformed("short buffer"))?;
-            out[0] = b'V';
-            out[1] = u8::from(*self == Verdict::Allow);
-            Ok(2)
-        }
-
-        fn decode(bytes: &[u8]) -> Result<Self, Malformed> {
-            let [magic, verdict, rest @ ..] = bytes else {
-                return Err(Malformed("too short"));
-            };
-            if *magic != b'V' {
-                return Err(Malformed("bad magic"));
-            }
-            if rest.iter().any(|&b| b != 0) {
-                return Err(Malformed("reserved bytes are not zero"));
-            }
-            match verdict {
-                0 => Ok(Verdict::Block),
-                1 => Ok(Verdict::Allow),
-                _ => Err(Malformed("the verdict is 0 or 1")),
-            }
-        }
-    }
-
-    struct Firewall;
-
-    impl Protocol for Firewall {
-        type Request = Ask;
-        type Reply = Verdict;
-    }
+    // --- the protocol the tests speak: wfp_rs_tests::protocol ----------------------------------
 
     /// Notifications: no reply.
     struct Notify;
