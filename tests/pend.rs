@@ -457,10 +457,12 @@ fn a_completed_raw_pend_unloads_clean() {
     let machine = Machine::new();
     let driver = machine.load_driver("host", host::DriverEntry).unwrap();
     let (context, installed) = raw_pend(&machine, &driver);
+    assert_eq!(machine.pending_classifications(), 1);
     machine.at_dispatch(|_| {
         // SAFETY: the context from FwpsPendOperation0, completed once.
         unsafe { sys::FwpsCompleteOperation0(context as sys::HANDLE, core::ptr::null_mut()) };
     });
+    assert_eq!(machine.pending_classifications(), 0);
     installed.remove(&machine, &driver);
     machine.unload_driver(driver).unwrap();
 }

@@ -851,6 +851,12 @@ pub struct Decision {
 pub struct Pending(usize);
 
 impl Machine {
+    /// How many pended classifications wait for their driver to complete them, on this machine
+    /// (pends by completion handle and by classify handle).
+    pub fn pending_classifications(&self) -> usize {
+        self.run(engine::pends_outstanding)
+    }
+
     /// Whether the pended classification is still waiting for `FwpsCompleteOperation0` or
     /// `FwpsCompleteClassify0`.
     pub fn is_pending(&self, pending: Pending) -> bool {

@@ -2380,6 +2380,11 @@ pub unsafe extern "system" fn FwpsReleaseClassifyHandle0(classifyHandle: u64) {
     }
 }
 
+/// How many pended classifications (either kind) wait for completion, on the whole machine.
+pub(crate) fn pends_outstanding() -> usize {
+    with_bfe(|bfe| bfe.pends.values().filter(|p| !p.completed).count())
+}
+
 /// Whether the pend `context` is still waiting for completion.
 pub(crate) fn is_pending(context: usize) -> bool {
     with_bfe(|bfe| bfe.pends.get(&context).is_some_and(|p| !p.completed))
