@@ -46,6 +46,34 @@ impl Action {
     }
 }
 
+impl fmt::Display for Action {
+    /// `permit`, `block`, `continue`, or the raw value in hex for any other action type.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Action::Permit => f.write_str("permit"),
+            Action::Block => f.write_str("block"),
+            Action::Continue => f.write_str("continue"),
+            Action::Other(raw) => write!(f, "action {raw:#x}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod display_tests {
+    use super::Action;
+
+    #[test]
+    fn actions_display_as_words_or_hex() {
+        assert_eq!(alloc::format!("{}", Action::Permit), "permit");
+        assert_eq!(alloc::format!("{}", Action::Block), "block");
+        assert_eq!(alloc::format!("{}", Action::Continue), "continue");
+        assert_eq!(
+            alloc::format!("{}", Action::Other(0x1000_0000)),
+            "action 0x10000000"
+        );
+    }
+}
+
 /// A decision the rights did not allow. The classification is left unchanged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RightsError {
