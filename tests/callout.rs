@@ -141,8 +141,8 @@ fn record_typed<L: Layer>(c: &Classify<'_, L>, seen: &mut Seen) {
 /// Views a `Classify<L>` as the concrete layer `M` it is (checked by id).
 fn unsafe_cast<'c, 'a, L: Layer, M: Layer>(c: &'c Classify<'a, L>) -> &'c Classify<'a, M> {
     assert_eq!(L::ID, M::ID);
-    // SAFETY: `Classify<L>` and `Classify<M>` differ only in a phantom type, and the ids match,
-    // so the values really are `M`'s.
+    // The types differ only in a phantom layer type, and the ids match (asserted above).
+    // SAFETY: so the values really are `M`'s.
     unsafe { &*(c as *const Classify<'a, L>).cast::<Classify<'a, M>>() }
 }
 
@@ -248,9 +248,9 @@ impl Session {
         filter.action.u.calloutKey = spec.callout.0;
         filter.u.rawContext = spec.context;
         let mut id = 0;
+        let reserved = core::ptr::null_mut();
         // SAFETY: the filter and everything it points to live across the call.
-        let status =
-            unsafe { sys::FwpmFilterAdd0(self.0, &filter, core::ptr::null_mut(), &mut id) };
+        let status = unsafe { sys::FwpmFilterAdd0(self.0, &filter, reserved, &mut id) };
         Status::from_ntstatus(status).map(|()| id)
     }
 }
@@ -1231,8 +1231,8 @@ impl Callout<layer::AleAuthConnectV4> for ConditionReader {
         let mut seen = Vec::new();
         for condition in c.filter.conditions() {
             let value = &condition.conditionValue;
-            // SAFETY: each arm read is the one the tag names; pointers are the engine's, valid
-            // for the classification.
+            // Pointers are the engine's, valid for the classification.
+            // SAFETY: each arm read is the one the tag names.
             let text = unsafe {
                 match value.r#type {
                     sys::FWP_UINT16 => format!("{}", value.u.uint16),

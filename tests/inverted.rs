@@ -624,8 +624,8 @@ mod raw {
         let (mut name, mut link) = (wide(r"\Device\WfpRsRaw"), wide(r"\??\WfpRsRaw"));
         let (name, link) = (unicode(&mut name), unicode(&mut link));
         let mut device = null_mut();
-        // SAFETY: called by the simulated I/O manager at PASSIVE_LEVEL with a valid driver
-        // object; the strings are locals.
+        // Called by the simulated I/O manager at PASSIVE_LEVEL with a valid driver object.
+        // SAFETY: as above; the strings are locals.
         unsafe {
             let status = sys::IoCreateDevice(object, 0, &name, 0x8000, 0, 0, &mut device);
             assert_eq!(status, 0);
@@ -683,8 +683,8 @@ mod raw {
         device: *mut sys::DEVICE_OBJECT,
         irp: *mut sys::IRP,
     ) -> sys::NTSTATUS {
-        // SAFETY: the I/O manager hands over a valid IRP; each arm below is one behaviour, the
-        // wrong ones on purpose.
+        // Each arm below is one behaviour, the wrong ones on purpose.
+        // SAFETY: the I/O manager hands over a valid IRP.
         unsafe {
             let stack = sys::IoGetCurrentIrpStackLocation(irp);
             if (*stack).MajorFunction != sys::IRP_MJ_DEVICE_CONTROL {
