@@ -39,7 +39,7 @@ use crate::driver::Driver;
 use crate::guid::Guid;
 use crate::irql::{DispatchLevel, Irql, PassiveLevel};
 use crate::layer::value::ConditionFlags;
-use crate::layer::{IncomingValues, Layer, fields};
+use crate::layer::{FieldKind, IncomingValues, Layer, field_index, fields};
 use crate::metadata::Metadata;
 use crate::pool::{PoolBox, PoolTag};
 use crate::status::Status;
@@ -191,42 +191,38 @@ impl<L: Layer, F: 'static> Classify<'_, L, F> {
     ///
     /// [`ReauthorizeReasons::CLASSIFY_COMPLETION`]: crate::layer::value::ReauthorizeReasons::CLASSIFY_COMPLETION
     pub fn reauthorization_reason(&self) -> Option<crate::layer::value::ReauthorizeReasons> {
-        use crate::layer::value::ReauthorizeReasons;
         if !self.is_reauthorization() {
             return None;
         }
-        let Some(field) = L::FIELDS.iter().find(|f| {
-            f.condition == <fields::ReauthorizeReason as crate::layer::FieldKind>::CONDITION
-        }) else {
-            return Some(ReauthorizeReasons::empty());
+        let index = const {
+            field_index(
+                L::FIELDS,
+                <fields::ReauthorizeReason as FieldKind>::CONDITION,
+            )
         };
-        match self.values.raw_value(field.index) {
-            Ok(value) if value.r#type == sys::FWP_UINT32 => {
-                // SAFETY: the tag says the `uint32` arm is active.
-                let bits = unsafe { value.u.uint32 };
-                Some(ReauthorizeReasons::from_bits_retain(bits))
-            }
-            _ => Some(ReauthorizeReasons::empty()),
-        }
+        let bits = self.uint32_field(index).unwrap_or(0);
+        Some(crate::layer::value::ReauthorizeReasons::from_bits_retain(
+            bits,
+        ))
     }
 
     /// Whether this classification re-authorizes a connection (the layer's `FLAGS` field has
     /// `FWP_CONDITION_FLAG_IS_REAUTHORIZE`). Always `false` at layers without a `FLAGS` field.
     pub fn is_reauthorization(&self) -> bool {
-        let Some(field) = L::FIELDS
-            .iter()
-            .find(|f| f.condition == <fields::Flags as crate::layer::FieldKind>::CONDITION)
-        else {
-            return false;
-        };
-        match self.values.raw_value(field.index) {
-            Ok(value) if value.r#type == sys::FWP_UINT32 => {
-                // SAFETY: the tag says the `uint32` arm is active.
-                let flags = ConditionFlags::from_bits_retain(unsafe { value.u.uint32 });
-                flags.contains(ConditionFlags::IS_REAUTHORIZE)
-            }
-            _ => false,
+        let index = const { field_index(L::FIELDS, <fields::Flags as FieldKind>::CONDITION) };
+        self.uint32_field(index).is_some_and(|bits| {
+            ConditionFlags::from_bits_retain(bits).contains(ConditionFlags::IS_REAUTHORIZE)
+        })
+    }
+
+    /// The `UINT32` value at `index`, if the layer has the field and the value has that type.
+    fn uint32_field(&self, index: Option<u32>) -> Option<u32> {
+        let value = self.values.raw_value(index?).ok()?;
+        if value.r#type != sys::FWP_UINT32 {
+            return None;
         }
+        // SAFETY: the tag says the `uint32` arm is active.
+        Some(unsafe { value.u.uint32 })
     }
 }
 

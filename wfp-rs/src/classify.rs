@@ -162,10 +162,17 @@ impl<'a> ClassifyOut<'a> {
         Ok(())
     }
 
-    /// The raw structure, for the SDK's pend and reauthorization support.
-    #[allow(dead_code)]
+    /// The raw structure, for the SDK's pend support.
     pub(crate) fn raw(&mut self) -> &mut sys::FWPS_CLASSIFY_OUT0 {
         self.raw
+    }
+
+    /// The decision WFP requires of a pended classification: BLOCK with
+    /// `FWPS_CLASSIFY_OUT_FLAG_ABSORB`, write right cleared.
+    pub(crate) fn mark_pended(&mut self) {
+        self.raw.actionType = sys::FWP_ACTION_BLOCK;
+        self.raw.flags |= sys::FWPS_CLASSIFY_OUT_FLAG_ABSORB;
+        self.raw.rights &= !sys::FWPS_RIGHT_ACTION_WRITE;
     }
 
     fn require_write(&self) -> Result<(), RightsError> {

@@ -121,10 +121,7 @@ impl<L: Layer, F: 'static> Classify<'_, L, F> {
         let status = unsafe { sys::FwpsPendOperation0(handle, &mut context) };
         Status::from_ntstatus(status).map_err(PendError::Refused)?;
         let context = NonNull::new(context).ok_or(PendError::Refused(Status::FWP_NULL_POINTER))?;
-        let out = self.out.raw();
-        out.actionType = sys::FWP_ACTION_BLOCK;
-        out.flags |= sys::FWPS_CLASSIFY_OUT_FLAG_ABSORB;
-        out.rights &= !sys::FWPS_RIGHT_ACTION_WRITE;
+        self.out.mark_pended();
         Ok(PendedClassify {
             context: Some(context),
         })
@@ -250,9 +247,7 @@ impl<L: Layer, F: 'static> Classify<'_, L, F> {
             unsafe { sys::FwpsReleaseClassifyHandle0(handle) };
             return Err(PendError::Refused(status));
         }
-        out.actionType = sys::FWP_ACTION_BLOCK;
-        out.flags |= sys::FWPS_CLASSIFY_OUT_FLAG_ABSORB;
-        out.rights &= !sys::FWPS_RIGHT_ACTION_WRITE;
+        self.out.mark_pended();
         Ok(PendedDecision {
             handle: Some(handle),
             out: original,

@@ -53,6 +53,27 @@ pub trait Layer: sealed::Sealed + Copy + fmt::Debug + Send + Sync + 'static {
     const FIELDS: &'static [FieldInfo];
 }
 
+/// The index of the field whose management key is `condition` in a layer's table, if the
+/// layer has one. `const`, so callers can look up once per layer at compile time.
+pub(crate) const fn field_index(fields: &[FieldInfo], condition: Guid) -> Option<u32> {
+    let (want, mut i) = (condition.0, 0);
+    while i < fields.len() {
+        let have = fields[i].condition.0;
+        let mut same =
+            have.Data1 == want.Data1 && have.Data2 == want.Data2 && have.Data3 == want.Data3;
+        let mut b = 0;
+        while same && b < 8 {
+            same = have.Data4[b] == want.Data4[b];
+            b += 1;
+        }
+        if same {
+            return Some(fields[i].index);
+        }
+        i += 1;
+    }
+    None
+}
+
 /// A field of a layer, as a table entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FieldInfo {
