@@ -312,6 +312,42 @@ bugcheck_test! {
 }
 
 bugcheck_test! {
+    fn completing_a_classify_handle_as_a_completion_context_stops() expects WFP_INVALID_OPERATION (0x8000_0001) {
+        let machine = Machine::new();
+        let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+        let (handle, _installed) = raw_pend(&machine, &driver);
+        machine.at_dispatch(|_| {
+            // SAFETY: deliberately the wrong completion routine for this pend: the rule under test.
+            unsafe { sys::FwpsCompleteOperation0(handle as usize as sys::HANDLE, core::ptr::null_mut()) };
+        });
+    }
+}
+
+bugcheck_test! {
+    fn pending_with_a_released_classify_handle_stops() expects WFP_INVALID_OPERATION (0x8000_0002) {
+        let machine = Machine::new();
+        let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+        let (handle, _installed) = raw_pend(&machine, &driver);
+        machine.at_dispatch(|_| {
+            let mut out = sys::FWPS_CLASSIFY_OUT0 {
+                actionType: sys::FWP_ACTION_CONTINUE,
+                outContext: 0,
+                filterId: 0,
+                rights: 0,
+                flags: 0,
+                reserved: 0,
+            };
+            // SAFETY: the pended handle, completed once.
+            unsafe { sys::FwpsCompleteClassify0(handle, 0, core::ptr::null()) };
+            // SAFETY: completed; released once.
+            unsafe { sys::FwpsReleaseClassifyHandle0(handle) };
+            // SAFETY: deliberately pending with the released handle: the rule under test.
+            unsafe { sys::FwpsPendClassify0(handle, 0, 0, &mut out) };
+        });
+    }
+}
+
+bugcheck_test! {
     fn releasing_a_classify_handle_while_pended_stops() expects WFP_INVALID_OPERATION (0x8000_0003) {
         let machine = Machine::new();
         let driver = machine.load_driver("host", host::DriverEntry).unwrap();

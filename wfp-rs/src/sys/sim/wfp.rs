@@ -2184,8 +2184,11 @@ pub unsafe extern "system" fn FwpsCompleteOperation0(
     let kernel = current();
     let completed = {
         let mut bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
-        match bfe.pends.get_mut(&(completionContext as usize)) {
-            Some(pend) if !pend.completed => {
+        let context = completionContext as usize;
+        // A classify handle is another object: completing it here is the same corruption.
+        let by_classify_handle = bfe.classify_handles.contains_key(&context);
+        match bfe.pends.get_mut(&context) {
+            Some(pend) if !pend.completed && !by_classify_handle => {
                 pend.completed = true;
                 true
             }
@@ -2281,6 +2284,14 @@ pub unsafe extern "system" fn FwpsPendClassify0(
         return Status::FWP_NULL_POINTER.raw();
     }
     let handle = classifyHandle as usize;
+    if !with_bfe(|bfe| bfe.classify_handles.contains_key(&handle)) {
+        // Never acquired, or released: on Windows a freed object.
+        stop(
+            BugCheckCode::WFP_INVALID_OPERATION,
+            [INVALID_CLASSIFY_HANDLE, handle, 0, 0],
+            "FwpsPendClassify0 with a classify handle that is not acquired (released already?)",
+        );
+    }
     status(with_bfe(|bfe| {
         let Some(acquired) = bfe.classify_handles.get(&handle) else {
             return Err(Status::INVALID_PARAMETER.raw());
