@@ -466,3 +466,36 @@ fn a_completed_raw_pend_unloads_clean() {
     installed.remove(&machine, &driver);
     machine.unload_driver(driver).unwrap();
 }
+
+#[test]
+fn the_verdict_table_replaces_by_key_and_evicts_the_oldest_when_full() {
+    let key = |port: u16| ConnectionKey {
+        pid: 7,
+        app: 0xA9,
+        protocol: 6,
+        local: ("10.0.0.1".parse().unwrap(), 40_000 + port),
+        remote: ("192.0.2.1".parse().unwrap(), 443),
+    };
+    let machine = Machine::new();
+    machine.at_dispatch(|mut irql| {
+        let table: VerdictTable<u16, 3> = VerdictTable::new();
+        assert_eq!(table.record(&mut irql, key(1), 10), None);
+        assert_eq!(table.record(&mut irql, key(2), 20), None);
+        assert_eq!(
+            table.record(&mut irql, key(1), 11),
+            None,
+            "same key: replaced"
+        );
+        assert_eq!(table.record(&mut irql, key(3), 30), None);
+        // Full: key 2 is now the oldest (key 1 was refreshed by its replacement).
+        assert_eq!(table.record(&mut irql, key(4), 40), Some((key(2), 20)));
+        assert_eq!(table.take(&mut irql, &key(1)), Some(11));
+        assert_eq!(table.take(&mut irql, &key(2)), None);
+        // A freed slot is reused without evicting.
+        assert_eq!(table.record(&mut irql, key(5), 50), None);
+        for (k, v) in [(3, 30), (4, 40), (5, 50)] {
+            assert_eq!(table.take(&mut irql, &key(k)), Some(v));
+        }
+        assert!(table.is_empty(&mut irql));
+    });
+}

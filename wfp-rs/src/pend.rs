@@ -439,26 +439,28 @@ impl<V: Copy + Send, const N: usize> VerdictTable<V, N> {
         let mut slots = self.slots.lock(irql);
         slots.clock += 1;
         let stamp = slots.clock;
-        if let Some(entry) = slots
-            .entries
-            .iter_mut()
-            .flatten()
-            .find(|(k, _, _)| *k == key)
-        {
-            *entry = (key, verdict, stamp);
-            return None;
+        // One pass under the lock: the key's own slot, else the first free one, else the oldest.
+        let (mut same, mut free, mut oldest) = (None, None, None::<(usize, u64)>);
+        for (index, entry) in slots.entries.iter().enumerate() {
+            match entry {
+                Some((k, _, _)) if *k == key => {
+                    same = Some(index);
+                    break;
+                }
+                Some((_, _, age)) => {
+                    if oldest.is_none_or(|(_, least)| *age < least) {
+                        oldest = Some((index, *age));
+                    }
+                }
+                None => {
+                    free.get_or_insert(index);
+                }
+            }
         }
-        if let Some(free) = slots.entries.iter_mut().find(|e| e.is_none()) {
-            *free = Some((key, verdict, stamp));
-            return None;
-        }
-        let oldest = slots
-            .entries
-            .iter_mut()
-            .min_by_key(|e| e.as_ref().map_or(0, |(_, _, stamp)| *stamp))?;
-        oldest
-            .replace((key, verdict, stamp))
-            .map(|(k, v, _)| (k, v))
+        let evicting = same.is_none() && free.is_none();
+        let index = same.or(free).or(oldest.map(|(index, _)| index))?;
+        let previous = slots.entries[index].replace((key, verdict, stamp));
+        previous.filter(|_| evicting).map(|(k, v, _)| (k, v))
     }
 
     /// Removes and returns the verdict recorded for `key`.
