@@ -1507,7 +1507,7 @@ pub(crate) struct Incoming {
 struct Matched {
     record: FilterRecord,
     sublayer_weight: u16,
-    callout: Option<(u32, Option<(Call, FWPS_CALLOUT_CLASSIFY_FN3)>)>,
+    callout: Option<Option<(Call, FWPS_CALLOUT_CLASSIFY_FN3)>>,
 }
 
 /// The value as something ordered, for the "sortable" types: integers, byte arrays, blobs and
@@ -1866,10 +1866,7 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
                         .get(&record.callout_key)
                         .copied()
                         .unwrap_or(0);
-                    Some((
-                        id,
-                        begin_call(bfe, id).map(|(call, rt)| (call, rt.classify)),
-                    ))
+                    Some(begin_call(bfe, id).map(|(call, rt)| (call, rt.classify)))
                 } else {
                     None
                 };
@@ -1940,7 +1937,7 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
                 (FWP_ACTION_BLOCK, _) => {
                     decision = Some((FWP_ACTION_BLOCK, true, false, false, record.id))
                 }
-                (action, Some((_, registered))) => match registered.take() {
+                (action, Some(registered)) => match registered.take() {
                     None => {
                         // An unregistered callout: terminating and unknown filters block (or
                         // permit, when the filter asks to); inspection filters are skipped.
@@ -2006,7 +2003,7 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
         }
         // Calls not made (filters after the deciding one) are released here.
         for entry in &mut matched[index..end] {
-            if let Some((_, registered)) = entry.callout.as_mut() {
+            if let Some(registered) = entry.callout.as_mut() {
                 drop(registered.take());
             }
         }
@@ -2046,13 +2043,18 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
 /// ALE_CONNECT_REDIRECT, ALE_BIND_REDIRECT and ALE_ENDPOINT_CLOSURE; elsewhere the simulator
 /// refuses with `STATUS_FWP_CANNOT_PEND`.
 fn pendable_by_classify_handle(layer: &LayerInfo) -> bool {
+    use crate::layer::{
+        AleConnectRedirectV4, AleConnectRedirectV6, AleEndpointClosureV4, AleEndpointClosureV6,
+        Layer,
+    };
+    // (ALE_BIND_REDIRECT is not among the simulated layers.)
     [
-        "ALE_CONNECT_REDIRECT",
-        "ALE_BIND_REDIRECT",
-        "ALE_ENDPOINT_CLOSURE",
+        AleConnectRedirectV4::ID,
+        AleConnectRedirectV6::ID,
+        AleEndpointClosureV4::ID,
+        AleEndpointClosureV6::ID,
     ]
-    .iter()
-    .any(|prefix| layer.name.starts_with(prefix))
+    .contains(&layer.id)
 }
 
 /// Orders sublayers of equal weight deterministically.
