@@ -64,6 +64,12 @@
 //! | 16     | 4    | `cache_seconds` | 0 = do not cache; else how long the driver may reuse the verdict, at most [`MAX_CACHE_SECONDS`] |
 //! | 20     | 4    | `reserved1`     | 0                                                         |
 //!
+//! ## Commands (service → driver)
+//!
+//! The service also sends the driver commands — today one, revoking cached verdicts after a
+//! rules reload — as buffered I/O control requests to the driver's control device; see
+//! [`control`].
+//!
 //! # Validation
 //!
 //! Messages are encoded and decoded field by field, never by casting a buffer: a reply comes
@@ -120,6 +126,11 @@ use core::num::NonZeroU32;
 
 use static_assertions::const_assert_eq;
 use wfp_rs::port::{Malformed, Message, Protocol};
+
+pub mod control;
+
+/// The filter-manager port the driver creates and the service connects to.
+pub const PORT_NAME: &str = r"\WfpRsFirewallPort";
 
 /// `RawRequestHeader::magic`: `"FWRQ"` in memory.
 pub const REQUEST_MAGIC: [u8; 4] = *b"FWRQ";
