@@ -127,9 +127,9 @@ impl VolumeArgs {
 }
 
 fn parse_volume(text: &str) -> Result<(String, char), String> {
-    let (device, letter) = text
-        .rsplit_once('=')
-        .ok_or_else(|| format!(r"`{text}` is not DEVICE=LETTER (like \Device\HarddiskVolume3=C)"))?;
+    let (device, letter) = text.rsplit_once('=').ok_or_else(|| {
+        format!(r"`{text}` is not DEVICE=LETTER (like \Device\HarddiskVolume3=C)")
+    })?;
     let letter = letter.strip_suffix(':').unwrap_or(letter);
     let mut chars = letter.chars();
     match (chars.next(), chars.next()) {

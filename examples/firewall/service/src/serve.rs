@@ -308,7 +308,9 @@ impl Server {
                 Err(error) => log(format_args!(
                     "cannot open the control device {}: {error}; cached verdicts expire on their own (at most {} s)",
                     self.options.control_device,
-                    self.service.cache_lifetime().map_or(0, CacheLifetime::as_secs)
+                    self.service
+                        .cache_lifetime()
+                        .map_or(0, CacheLifetime::as_secs)
                 )),
             }
         }
