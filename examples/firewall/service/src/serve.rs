@@ -4,10 +4,10 @@
 //! 2. Connect to the driver's port ([`PORT_NAME`]). While it cannot (the driver is not loaded,
 //!    or was unloaded), retry with a backoff that doubles from 100 ms up to
 //!    [`ServeOptions::max_backoff`], logging each new reason once.
-//! 3. Once connected, tell the driver to revoke **every** cached verdict ([`Revoke::All`]): an
+//! 3. Once connected, tell the driver to revoke **every** cached verdict ([`Revoke::All`](firewall_protocol::control::Revoke::All)): an
 //!    earlier instance of the service, or an earlier policy, may have let it cache verdicts this
 //!    one knows nothing about. The service's own memory starts empty then.
-//! 4. Answer requests: decode, decide, reply, append the audit record. A request that does not
+//! 4. Answer requests: decode, decide, append the audit record, reply. A request that does not
 //!    decode (a driver speaking another protocol version, or a bug) is logged and **not
 //!    answered**: its request id cannot be trusted, and the driver applies its own default
 //!    verdict (fail-open or fail-closed, the driver's configuration) when its wait times out.
@@ -29,6 +29,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use firewall_protocol::control::{CONTROL_DEVICE_PATH, REVOKE, REVOKED_LEN, Revoked};
@@ -56,7 +57,7 @@ pub struct ServeOptions {
     /// The longest wait between two connection attempts.
     pub max_backoff: Duration,
     /// How many cacheable verdicts the service remembers (see
-    /// [`Service`](crate::service::Service)).
+    /// [`Service`]).
     pub memory_capacity: usize,
     /// The port to connect to; [`PORT_NAME`] normally.
     pub port_name: String,
@@ -225,20 +226,41 @@ impl Server {
     }
 
     /// Answers requests until the connection fails; returns the failure.
+    ///
+    /// A reader thread waits in `get_message` without a timeout, which is how a broken
+    /// connection shows (a wait with a timeout that ends without a message may mean either);
+    /// this thread answers what it reads and reads the rules file between messages.
     fn serve_connection(&mut self, port: &PortConnection) -> io::Error {
-        let mut next_poll = Instant::now() + self.options.poll_interval;
-        loop {
-            let wait = next_poll.saturating_duration_since(Instant::now());
-            match port.get_message(Some(wait)) {
-                Ok(Some(request)) => self.answer(port, &request),
-                Ok(None) => {}
-                Err(error) => return error,
+        let (sender, messages) = mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(move || {
+                loop {
+                    let message = port.get_message(None).and_then(|m| {
+                        m.ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
+                    });
+                    let failed = message.is_err();
+                    if sender.send(message).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+            let mut next_poll = Instant::now() + self.options.poll_interval;
+            loop {
+                let wait = next_poll.saturating_duration_since(Instant::now());
+                match messages.recv_timeout(wait) {
+                    Ok(Ok(request)) => self.answer(port, &request),
+                    Ok(Err(error)) => return error,
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => {
+                        return io::Error::other("the port reader stopped");
+                    }
+                }
+                if Instant::now() >= next_poll {
+                    self.check_rules();
+                    next_poll = Instant::now() + self.options.poll_interval;
+                }
             }
-            if Instant::now() >= next_poll {
-                self.check_rules();
-                next_poll = Instant::now() + self.options.poll_interval;
-            }
-        }
+        })
     }
 
     fn answer(&mut self, port: &PortConnection, message: &Request) {
@@ -254,6 +276,11 @@ impl Server {
             }
         };
         let (reply, record) = self.service.decide(&request);
+        // Audited before the driver learns the verdict: every verdict that took effect is in
+        // the log, even if the service is killed right after replying.
+        if let Err(error) = self.audit.write(&record) {
+            log(format_args!("cannot write the audit log: {error}"));
+        }
         if message.wants_reply() {
             let mut bytes = [0u8; ConnectionReply::MAX_LEN];
             match reply.encode(&mut bytes) {
@@ -270,9 +297,6 @@ impl Server {
                     request.request_id, error.0
                 )),
             }
-        }
-        if let Err(error) = self.audit.write(&record) {
-            log(format_args!("cannot write the audit log: {error}"));
         }
     }
 

@@ -406,9 +406,10 @@ fn random_policy(rng: &mut Rng) -> String {
 
 fn random_request(rng: &mut Rng, id: u64) -> ConnectionRequest {
     let remote: IpAddr = rng.pick(&REMOTES).parse().unwrap();
+    let app: &str = rng.pick::<&str>(&APPS);
     let mut asked = request(
         id,
-        *rng.pick(&APPS),
+        app,
         remote,
         *rng.pick(&PORTS),
         *rng.pick(&[ip_protocol::TCP, ip_protocol::UDP]),
