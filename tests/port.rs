@@ -352,6 +352,26 @@ mod sim {
     }
 
     bugcheck_test! {
+        /// A client-port variable that still holds a port the filter manager has freed (the
+        /// driver kept a copy past FltCloseClientPort) is a use after free on Windows; the
+        /// simulator stops instead of answering STATUS_PORT_DISCONNECTED.
+        fn sending_through_a_stale_client_port_stops() expects KMODE_EXCEPTION_NOT_HANDLED {
+            let fixture = Fixture::new(1);
+            let filter = fixture.filter.as_ref().unwrap().raw();
+            fixture.machine.at_passive(|_irql| {
+                let mut freed = [0u64; 4];
+                let mut client_port: sys::PFLT_PORT = freed.as_mut_ptr().cast();
+                let mut ask = [0u8; 4];
+                // SAFETY: deliberately passing a pointer that is no client port; the simulator
+                // stops before it dereferences it.
+                unsafe {
+                    sys::FltSendMessage(filter, &mut client_port, ask.as_mut_ptr().cast(), 4, null_mut(), null_mut(), null_mut());
+                }
+            });
+        }
+    }
+
+    bugcheck_test! {
         /// Above DISPATCH_LEVEL FltSendMessage fails the ordinary IRQL check.
         fn sending_above_dispatch_level_stops_with_irql_not_less_or_equal() expects IRQL_NOT_LESS_OR_EQUAL {
             let fixture = Fixture::new(1);

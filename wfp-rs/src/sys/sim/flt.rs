@@ -758,6 +758,13 @@ pub unsafe extern "system" fn FltSendMessage(
     // SAFETY: the caller passes the variable holding the client port; it is read under the
     // filter manager's lock, which FltCloseClientPort holds while it clears it.
     let client = unsafe { port_variable(ClientPort) }.load(Ordering::SeqCst) as usize;
+    if client != 0 && !flt.clients.contains_key(&client) {
+        // The variable still points at a client port the filter manager has freed (closed with
+        // FltCloseClientPort and copied elsewhere, or never a port): Windows would dereference
+        // it.
+        drop(flt);
+        bad_object("FltSendMessage", "client port", client);
+    }
     if !flt.clients.get(&client).is_some_and(ClientRecord::is_live) {
         return STATUS_PORT_DISCONNECTED;
     }
