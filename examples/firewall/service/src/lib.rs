@@ -16,8 +16,13 @@
 //! - [`serve`]: the service loop: connect to the port (and reconnect with backoff), answer
 //!   requests, watch the rules file, send revocations to the driver's control device.
 //!
+//! - [`demo`] (Linux and macOS hosts): the driver, the service and a scenario of connections in
+//!   the simulator.
+//!
 //! The `firewall` binary is the command line around these (`firewall --help`).
 
 pub mod audit;
+#[cfg(unix)]
+pub mod demo;
 pub mod serve;
 pub mod service;

@@ -191,7 +191,11 @@ fn parse_direction(text: &str) -> Result<Direction, String> {
 /// the firewall driver, starts `firewall serve` as its own process against it, replays a
 /// scenario of connection attempts (several programs; allowed, denied and unknown destinations;
 /// IPv4 and IPv6; a rules reload; the service killed and restarted) and prints each decision
-/// and a summary.
+/// and a summary. Exits 1 if a decision differs from what the scenario expects.
+///
+/// A trace file has one JSON object per line: {"step":"connect","pid":1200,"image":"\\Device\\HarddiskVolume3\\app.exe","protocol":"tcp","direction":"outbound","remote":"192.0.2.1:443","expect":"allow"},
+/// {"step":"reload","rules":"FILE"}, {"step":"kill-service"}, {"step":"start-service"} or
+/// {"step":"note","text":"..."}; see examples/firewall/service/demo-trace.jsonl.
 #[derive(Debug, Args)]
 struct DemoArgs {
     /// Replay the connection attempts in this JSON-lines file instead of the built-in scenario.
@@ -203,6 +207,13 @@ struct DemoArgs {
     /// Configure the driver to allow (instead of deny) connections it cannot get an answer for.
     #[arg(long)]
     fail_open: bool,
+    /// Keep the service's audit log in this file (otherwise it is removed with the demo's
+    /// temporary directory).
+    #[arg(long, value_name = "FILE")]
+    audit: Option<PathBuf>,
+    /// Also print the driver's debug output.
+    #[arg(long)]
+    verbose: bool,
 }
 
 fn main() -> ExitCode {
@@ -298,8 +309,33 @@ fn decide(args: &DecideArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+#[cfg(unix)]
 fn demo(args: &DemoArgs) -> ExitCode {
-    let _ = (&args.trace, &args.rules, args.fail_open);
-    eprintln!("firewall: demo: not available in this build (the simulator demo is not built yet)");
+    let options = firewall::demo::DemoOptions {
+        trace: args.trace.clone(),
+        rules: args.rules.clone(),
+        fail_open: args.fail_open,
+        audit: args.audit.clone(),
+        verbose: args.verbose,
+    };
+    match firewall::demo::run(&options) {
+        Ok(summary) if summary.unexpected.is_empty() && summary.problems.is_empty() => {
+            ExitCode::SUCCESS
+        }
+        Ok(_) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("firewall: demo: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn demo(args: &DemoArgs) -> ExitCode {
+    let _ = args;
+    eprintln!(
+        "firewall: demo: the simulator demo runs on a Linux or macOS host (its bridge is a Unix \
+         socket); on Windows, load the driver and run `firewall serve`"
+    );
     ExitCode::FAILURE
 }

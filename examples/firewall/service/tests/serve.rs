@@ -257,6 +257,14 @@ remote = "10.0.0.0/8"
 port = 443
 "#;
 
+/// Replaces the rules file in one step, so the service (polling every 10 ms) never reads it
+/// half written.
+fn write_rules(path: &Path, text: &str) {
+    let staging = path.with_extension("new");
+    std::fs::write(&staging, text).unwrap();
+    std::fs::rename(&staging, path).unwrap();
+}
+
 fn sixty() -> Option<CacheLifetime> {
     Some(CacheLifetime::from_secs(60).unwrap())
 }
@@ -285,7 +293,7 @@ fn serve_answers_reloads_revokes_and_reconnects() {
     assert_eq!((reply.verdict, reply.cache), (Verdict::Deny, sixty()));
 
     // A bad file: said where, and the policy in force stays.
-    std::fs::write(&rules, RULES.replace("port = 443", "port = 443443")).unwrap();
+    write_rules(&rules, &RULES.replace("port = 443", "port = 443443"));
     let line = service.wait_for("the policy in force stays");
     assert_eq!(
         line,
@@ -298,7 +306,7 @@ fn serve_answers_reloads_revokes_and_reconnects() {
     assert_eq!(reply.verdict, Verdict::Allow);
 
     // A good file that changes curl's verdicts: both of them (ids 1 and 3) are revoked.
-    std::fs::write(&rules, RULES_NO_CURL).unwrap();
+    write_rules(&rules, RULES_NO_CURL);
     assert_eq!(fixture.answer_revoke(2), 0, "a revoke of request ids");
     service.wait_for("reloaded");
     service.wait_for("revoked 2 cached verdicts (2 entries removed)");
