@@ -110,15 +110,16 @@ impl CacheArgs {
 struct VolumeArgs {
     /// Map an NT device to a drive letter, so that image paths like
     /// \Device\HarddiskVolume3\Windows\System32\curl.exe match rules written as
-    /// C:\Windows\System32\curl.exe. Repeat for each volume. Paths on unmapped devices are
-    /// matched as the driver reports them.
+    /// C:\Windows\System32\curl.exe. Repeat for each volume. On Windows the drive letters'
+    /// devices are mapped already (QueryDosDevice, when the command starts); these add to or
+    /// replace them. Paths on unmapped devices are matched as the driver reports them.
     #[arg(long = "volume", value_name = r"\Device\NAME=LETTER", value_parser = parse_volume)]
     volumes: Vec<(String, char)>,
 }
 
 impl VolumeArgs {
     fn map(&self) -> VolumeMap {
-        let mut map = VolumeMap::new();
+        let mut map = firewall::service::system_volumes();
         for (device, letter) in &self.volumes {
             map.insert(device, *letter);
         }

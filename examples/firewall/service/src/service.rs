@@ -139,6 +139,42 @@ pub fn load_rules(path: &Path) -> Result<Rules, LoadError> {
     Ok(Rules::parse_named(&file, &text)?)
 }
 
+/// The drive letters' NT devices as Windows maps them now (`QueryDosDeviceW` for `A:` to
+/// `Z:`): `C` → `\Device\HarddiskVolume3`, and so on. Letters mapped to something other than a
+/// `\Device\...` path (a `subst` drive maps to `\??\C:\dir`) are left out. Empty on other
+/// hosts, where the simulator's paths are mapped with `--volume`.
+#[cfg(windows)]
+pub fn system_volumes() -> VolumeMap {
+    let mut map = VolumeMap::new();
+    for letter in 'A'..='Z' {
+        let name: Vec<u16> = format!("{letter}:").encode_utf16().chain([0]).collect();
+        let mut target = vec![0u16; 1024];
+        // SAFETY: `name` is NUL-terminated and lives across the call; `target` has
+        // `target.len()` writable units, which is what the call is told it may write.
+        let len = unsafe {
+            windows_sys::Win32::Storage::FileSystem::QueryDosDeviceW(
+                name.as_ptr(),
+                target.as_mut_ptr(),
+                target.len() as u32,
+            )
+        };
+        // A list of NUL-terminated names; the first is the mapping in force.
+        let written = target.get(..len as usize).unwrap_or_default();
+        let first = written.split(|&u| u == 0).next().unwrap_or_default();
+        let device = String::from_utf16_lossy(first);
+        if device.starts_with(r"\Device\") {
+            map.insert(&device, letter);
+        }
+    }
+    map
+}
+
+/// The drive letters' NT devices: none outside Windows (see the Windows version).
+#[cfg(not(windows))]
+pub fn system_volumes() -> VolumeMap {
+    VolumeMap::new()
+}
+
 /// `request` as the rules see it: the image path turned into a DOS path with `volumes` (and
 /// marked with [`TRUNCATION_MARK`] if the driver truncated it).
 pub fn connection_of(request: &ConnectionRequest, volumes: &VolumeMap) -> Connection {
