@@ -36,6 +36,8 @@
 //! file. The service maps `\Device\HarddiskVolume3` to `C:`.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::Write;
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -80,6 +82,17 @@ fn demo_entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<Fi
     firewall_driver::start(irql, driver, config)
 }
 
+/// Makes the command that runs `firewall` with `args` (the service: `serve ...`).
+pub type Launcher = fn(args: &[OsString]) -> std::io::Result<Command>;
+
+/// Runs this program (`std::env::current_exe`) with `args`: the `firewall` binary starts its
+/// own service.
+pub fn this_program(args: &[OsString]) -> std::io::Result<Command> {
+    let mut command = Command::new(std::env::current_exe()?);
+    command.args(args);
+    Ok(command)
+}
+
 /// What `firewall demo` was asked to do.
 #[derive(Clone, Debug, Default)]
 pub struct DemoOptions {
@@ -91,8 +104,10 @@ pub struct DemoOptions {
     pub fail_open: bool,
     /// Keep the audit log here (otherwise it is written to a temporary directory and removed).
     pub audit: Option<PathBuf>,
-    /// Show the driver's debug output after the table.
+    /// Show the driver's debug output as it comes.
     pub verbose: bool,
+    /// How to start the service; `None`: [`this_program`].
+    pub launcher: Option<Launcher>,
 }
 
 /// One connection attempt of a scenario.
@@ -383,17 +398,29 @@ impl Drop for ServiceProcess {
 }
 
 impl ServiceProcess {
-    fn start(socket: &Path, rules: &Path, audit: &Path) -> Result<ServiceProcess, String> {
-        let exe = std::env::current_exe()
-            .map_err(|e| format!("cannot find this program to start the service: {e}"))?;
+    fn start(
+        launcher: Launcher,
+        socket: &Path,
+        rules: &Path,
+        audit: &Path,
+        out: &mut dyn Write,
+    ) -> Result<ServiceProcess, String> {
         let volume = format!("{}={}", DEMO_VOLUME.0, DEMO_VOLUME.1);
-        let mut child = Command::new(exe)
-            .args(["serve", "--poll-ms", "20", "--max-backoff-ms", "100"])
-            .arg("--rules")
-            .arg(rules)
-            .arg("--audit")
-            .arg(audit)
-            .args(["--volume", &volume])
+        let args: Vec<OsString> = vec![
+            "serve".into(),
+            "--poll-ms".into(),
+            "20".into(),
+            "--max-backoff-ms".into(),
+            "100".into(),
+            "--rules".into(),
+            rules.into(),
+            "--audit".into(),
+            audit.into(),
+            "--volume".into(),
+            volume.into(),
+        ];
+        let mut child = launcher(&args)
+            .map_err(|e| format!("cannot find the service's program: {e}"))?
             .env(wfp_rs::user::SIM_SOCKET_VARIABLE, socket)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -415,25 +442,29 @@ impl ServiceProcess {
             log,
             no_control_device: std::cell::Cell::new(false),
         };
-        println!("    [demo] started the service: pid {}", service.child.id());
+        let _ = writeln!(
+            out,
+            "    [demo] started the service: pid {}",
+            service.child.id()
+        );
         Ok(service)
     }
 
     /// Prints the log lines that came so far.
-    fn show_log(&self) {
+    fn show_log(&self, out: &mut dyn Write) {
         while let Ok(line) = self.log.try_recv() {
-            self.show_line(&line);
+            self.show_line(&line, out);
         }
     }
 
     /// Prints log lines until one contains `expected`; returns it.
-    fn wait_for(&self, expected: &[&str]) -> Result<String, String> {
+    fn wait_for(&self, expected: &[&str], out: &mut dyn Write) -> Result<String, String> {
         let deadline = Instant::now() + PATIENCE;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.log.recv_timeout(left) {
                 Ok(line) => {
-                    self.show_line(&line);
+                    self.show_line(&line, out);
                     if expected.iter().any(|e| line.contains(e)) {
                         return Ok(line);
                     }
@@ -450,12 +481,12 @@ impl ServiceProcess {
 }
 
 impl ServiceProcess {
-    fn show_line(&self, line: &str) {
+    fn show_line(&self, line: &str, out: &mut dyn Write) {
         if line.contains("cannot open the control device") {
             self.no_control_device.set(true);
         }
         let line = line.strip_prefix("firewall: ").unwrap_or(line);
-        println!("    [service] {line}");
+        let _ = writeln!(out, "    [service] {line}");
     }
 }
 
@@ -475,6 +506,19 @@ impl AuditReader {
         new.lines()
             .filter_map(|line| serde_json::from_str(line).ok())
             .collect()
+    }
+}
+
+/// The counters that changed from `base` to `now`.
+fn since(now: StatsSnapshot, base: StatsSnapshot) -> StatsSnapshot {
+    StatsSnapshot {
+        cache_hits: now.cache_hits - base.cache_hits,
+        asked: now.asked - base.asked,
+        answered: now.answered - base.answered,
+        defaults: now.defaults - base.defaults,
+        cached: now.cached - base.cached,
+        revoked: now.revoked - base.revoked,
+        ..StatsSnapshot::default()
     }
 }
 
@@ -508,7 +552,11 @@ pub struct Summary {
     pub problems: Vec<String>,
 }
 
-struct Demo {
+struct Demo<'o> {
+    out: &'o mut dyn Write,
+    launcher: Launcher,
+    /// The driver's counters when this run started (they are process-wide).
+    baseline: StatsSnapshot,
     machine: Machine,
     socket: PathBuf,
     rules_file: PathBuf,
@@ -529,7 +577,7 @@ struct Demo {
 }
 
 /// Runs the demo and prints it; the summary says what happened.
-pub fn run(options: &DemoOptions) -> Result<Summary, String> {
+pub fn run(options: &DemoOptions, out: &mut dyn Write) -> Result<Summary, String> {
     let (rules_text, builtin_rules) = match &options.rules {
         Some(path) => (
             std::fs::read_to_string(path)
@@ -564,7 +612,7 @@ pub fn run(options: &DemoOptions) -> Result<Summary, String> {
 
     let dir = std::env::temp_dir().join(format!("firewall-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let result = run_in(options, &dir, &rules_text, steps);
+    let result = run_in(options, &dir, &rules_text, steps, out);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
@@ -574,6 +622,7 @@ fn run_in(
     dir: &Path,
     rules_text: &str,
     steps: Vec<Step>,
+    out: &mut dyn Write,
 ) -> Result<Summary, String> {
     let rules_file = dir.join("rules.toml");
     std::fs::write(&rules_file, rules_text).map_err(|e| e.to_string())?;
@@ -599,11 +648,13 @@ fn run_in(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = config;
 
+    let baseline = STATS.snapshot();
     let machine = Machine::new();
     let driver = machine
         .load_driver("firewall", DriverEntry)
         .map_err(|s| format!("the firewall driver did not load: {s}"))?;
-    println!(
+    let _ = writeln!(
+        out,
         "firewall demo: a simulated machine with the firewall driver loaded (fail-{}, {} s timeout, {} cache entries)",
         if options.fail_open { "open" } else { "closed" },
         config.timeout.as_secs(),
@@ -619,6 +670,9 @@ fn run_in(
     let mut volumes = VolumeMap::new();
     volumes.insert(DEMO_VOLUME.0, DEMO_VOLUME.1);
     let mut demo = Demo {
+        out,
+        launcher: options.launcher.unwrap_or(this_program),
+        baseline,
         machine,
         socket,
         audit: AuditReader {
@@ -665,20 +719,33 @@ fn run_in(
             false
         }
     };
-    demo.print_summary(&STATS.snapshot());
+    demo.print_summary(&since(STATS.snapshot(), demo.baseline));
     if clean {
-        println!("  the driver unloaded cleanly: no pool left, no pended connection left");
+        let _ = writeln!(
+            demo.out,
+            "  the driver unloaded cleanly: no pool left, no pended connection left"
+        );
     }
     if options.audit.is_some() {
-        println!("  the audit log is in {}", demo.audit_file.display());
+        let _ = writeln!(
+            demo.out,
+            "  the audit log is in {}",
+            demo.audit_file.display()
+        );
     }
     Ok(demo.summary)
 }
 
-impl Demo {
+impl Demo<'_> {
     fn start_service(&mut self) -> Result<(), String> {
-        let service = ServiceProcess::start(&self.socket, &self.rules_file, &self.audit_file)?;
-        service.wait_for(&["serving"])?;
+        let service = ServiceProcess::start(
+            self.launcher,
+            &self.socket,
+            &self.rules_file,
+            &self.audit_file,
+            self.out,
+        )?;
+        service.wait_for(&["serving"], self.out)?;
         if service.no_control_device.get() {
             self.no_control_device = true;
         }
@@ -688,9 +755,10 @@ impl Demo {
         Ok(())
     }
 
-    fn print_header(&self) {
+    fn print_header(&mut self) {
         let w = self.widths;
-        println!(
+        let _ = writeln!(
+            self.out,
             "  {:>w0$}  {:>w1$}  {:<w2$}  {:<w3$}  {:<w4$}  {:<w5$}  {:<w6$}  decided by",
             "#",
             "pid",
@@ -716,7 +784,7 @@ impl Demo {
         }
         let output = self.machine.debug_output();
         for line in output.iter().skip(self.debug_seen) {
-            println!("    [driver] {}", line.trim_end());
+            let _ = writeln!(self.out, "    [driver] {}", line.trim_end());
         }
         self.debug_seen = output.len();
     }
@@ -730,20 +798,22 @@ impl Demo {
     fn run_step(&mut self, step: Step) -> Result<(), String> {
         match step {
             Step::Note(text) => {
-                println!("\n{text}");
+                let _ = writeln!(self.out, "\n{text}");
                 self.print_header();
             }
             Step::Connect(attempt) => self.connect(&attempt)?,
             Step::Reload { text, what, valid } => {
-                println!("    [demo] rewriting the rules file: {what}");
+                let _ = writeln!(self.out, "    [demo] rewriting the rules file: {what}");
                 write_atomically(&self.rules_file, &text)?;
                 let Some(service) = &self.service else {
-                    println!(
+                    let _ = writeln!(
+                        self.out,
                         "    [demo] (the service is not running; it reads the file when it starts)"
                     );
                     return Ok(());
                 };
-                let line = service.wait_for(&["reloaded", "the policy in force stays"])?;
+                let line =
+                    service.wait_for(&["reloaded", "the policy in force stays"], self.out)?;
                 let accepted = line.contains("reloaded");
                 if accepted != valid {
                     self.summary.problems.push(format!(
@@ -760,7 +830,7 @@ impl Demo {
                     .and_then(|n| n.parse::<usize>().ok())
                     .unwrap_or(0);
                 if accepted && to_revoke > 0 {
-                    service.wait_for(&["revoked", "revoke request", "control device"])?;
+                    service.wait_for(&["revoked", "revoke request", "control device"], self.out)?;
                 }
                 if service.no_control_device.get() {
                     self.no_control_device = true;
@@ -768,11 +838,11 @@ impl Demo {
             }
             Step::KillService => {
                 if let Some(mut service) = self.service.take() {
-                    service.show_log();
+                    service.show_log(self.out);
                     let pid = service.child.id();
                     let _ = service.child.kill();
                     let _ = service.child.wait();
-                    println!("    [demo] killed the service (pid {pid})");
+                    let _ = writeln!(self.out, "    [demo] killed the service (pid {pid})");
                 }
             }
             Step::StartService => {
@@ -820,7 +890,7 @@ impl Demo {
         }
         let after = STATS.snapshot();
         if let Some(service) = &self.service {
-            service.show_log();
+            service.show_log(self.out);
         }
         let records = self.audit.read_new();
         let allowed = outcome.decision.action == Action::Permit;
@@ -900,7 +970,8 @@ impl Demo {
             self.volumes.to_dos_path(&attempt.image)
         };
         let w = self.widths;
-        println!(
+        let _ = writeln!(
+            self.out,
             "  {:>w0$}  {:>w1$}  {:<w2$}  {:<w3$}  {:<w4$}  {:<w5$}  {:<w6$}  {by}{mark}",
             self.summary.attempts,
             attempt.pid,
@@ -957,18 +1028,21 @@ impl Demo {
         }
     }
 
-    fn print_summary(&self, stats: &StatsSnapshot) {
+    fn print_summary(&mut self, stats: &StatsSnapshot) {
         let s = &self.summary;
-        println!("\nSummary");
-        println!(
+        let _ = writeln!(self.out, "\nSummary");
+        let _ = writeln!(
+            self.out,
             "  {} attempts: {} allowed, {} denied",
             s.attempts, s.allowed, s.denied
         );
-        println!(
+        let _ = writeln!(
+            self.out,
             "  decided by the service's rules: {}, the driver's cache: {}, the driver's default: {}",
             s.by_service, s.by_cache, s.by_default
         );
-        println!(
+        let _ = writeln!(
+            self.out,
             "  driver: {} questions asked, {} answered, {} verdicts cached, {} cache hits, {} revoked, {} defaults",
             stats.asked,
             stats.answered,
@@ -980,16 +1054,23 @@ impl Demo {
         let records = std::fs::read_to_string(&self.audit_file)
             .map(|t| t.lines().count())
             .unwrap_or(0);
-        println!("  audit log: {records} records (one JSON line per decision the service made)");
+        let _ = writeln!(
+            self.out,
+            "  audit log: {records} records (one JSON line per decision the service made)"
+        );
         if s.unexpected.is_empty() {
             if s.attempts > 0 {
-                println!("  every decision was the expected one");
+                let _ = writeln!(self.out, "  every decision was the expected one");
             }
         } else {
-            println!("  UNEXPECTED decisions at attempts {:?}", s.unexpected);
+            let _ = writeln!(
+                self.out,
+                "  UNEXPECTED decisions at attempts {:?}",
+                s.unexpected
+            );
         }
         for problem in &s.problems {
-            println!("  PROBLEM: {problem}");
+            let _ = writeln!(self.out, "  PROBLEM: {problem}");
         }
     }
 }

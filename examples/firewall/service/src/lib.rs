@@ -19,10 +19,14 @@
 //! - [`demo`] (Linux and macOS hosts): the driver, the service and a scenario of connections in
 //!   the simulator.
 //!
-//! The `firewall` binary is the command line around these (`firewall --help`).
+//! The `firewall` binary is the command line around these ([`cli`], `firewall --help`).
 
 pub mod audit;
+pub mod cli;
 #[cfg(unix)]
 pub mod demo;
 pub mod serve;
 pub mod service;
+
+#[cfg(test)]
+mod tests;

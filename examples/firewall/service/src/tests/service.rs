@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use firewall::audit::AuditRecord;
-use firewall::service::{Revocation, Service, encode_revoke_all};
+use crate::audit::AuditRecord;
+use crate::service::{Revocation, Service, encode_revoke_all};
 use firewall_protocol::control::{MAX_REVOKE_IDS, Revoke};
 use firewall_protocol::{
     CacheLifetime, ConnectionRequest, Direction, ImagePath, MAX_PATH_UNITS, Verdict, ip_protocol,
@@ -459,8 +459,8 @@ fn revocation_case(seed: u64) -> usize {
         .iter()
         .filter(|(_, (_, _, expires))| *expires > reload_at)
         .filter(|(_, (asked, verdict, _))| {
-            let connection = firewall::service::connection_of(asked, &volumes);
-            firewall::service::wire_verdict(new_rules.decide(&connection).verdict) != *verdict
+            let connection = crate::service::connection_of(asked, &volumes);
+            crate::service::wire_verdict(new_rules.decide(&connection).verdict) != *verdict
         })
         .map(|(&id, _)| id)
         .collect();

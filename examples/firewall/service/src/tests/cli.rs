@@ -1,24 +1,12 @@
 //! The `firewall` command line, run as the built binary.
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
 
-fn firewall(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_firewall"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8(bytes.to_vec()).unwrap()
-}
+use super::{firewall, temp_dir};
 
 /// A file in a fresh temporary directory for this test.
 fn temp_file(test: &str, name: &str, contents: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("firewall-cli-{}-{test}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
+    let path = temp_dir(test).join(name);
     std::fs::write(&path, contents).unwrap();
     path
 }
@@ -45,15 +33,15 @@ app = '**\system32\curl.exe'
 fn check_rules_summarises_a_good_file() {
     let path = temp_file("good", "rules.toml", GOOD);
     let out = firewall(&["check-rules", path.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(out.code, Some(0), "{}", out.stderr.clone());
     assert_eq!(
-        text(&out.stdout),
+        out.stdout.clone(),
         format!(
             "{}: ok: 3 rules, default deny\n    1  line 3    allow  dns\n    2  line 9    deny   (unnamed)\n    3  line 13   allow  curl\n",
             path.display()
         )
     );
-    assert_eq!(text(&out.stderr), "");
+    assert_eq!(out.stderr.clone(), "");
 }
 
 #[test]
@@ -61,10 +49,10 @@ fn check_rules_reports_a_bad_file_with_line_and_column() {
     let bad = GOOD.replace("port = 53", "port = 70000");
     let path = temp_file("bad", "rules.toml", &bad);
     let out = firewall(&["check-rules", path.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(text(&out.stdout), "");
+    assert_eq!(out.code, Some(1));
+    assert_eq!(out.stdout.clone(), "");
     assert_eq!(
-        text(&out.stderr),
+        out.stderr.clone(),
         format!("{}:7:8: port out of range (0 to 65535)\n", path.display())
     );
 }
@@ -72,8 +60,8 @@ fn check_rules_reports_a_bad_file_with_line_and_column() {
 #[test]
 fn check_rules_reports_a_missing_file() {
     let out = firewall(&["check-rules", "/nonexistent/rules.toml"]);
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = text(&out.stderr);
+    assert_eq!(out.code, Some(1));
+    let stderr = out.stderr.clone();
     assert!(
         stderr.starts_with("/nonexistent/rules.toml: cannot read: "),
         "{stderr}"
@@ -84,7 +72,7 @@ fn check_rules_reports_a_missing_file() {
 fn the_shipped_demo_rules_are_valid() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/demo-rules.toml");
     let out = firewall(&["check-rules", path]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(out.code, Some(0), "{}", out.stderr.clone());
 }
 
 #[test]
@@ -104,9 +92,9 @@ fn decide_names_the_rule_that_decided() {
         "--port",
         "443",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(out.code, Some(0), "{}", out.stderr.clone());
     assert_eq!(
-        text(&out.stdout),
+        out.stdout.clone(),
         "allow by rule 3 \"curl\", line 13\n  app C:\\Windows\\System32\\curl.exe, remote 192.0.2.7:443, protocol tcp, outbound\n"
     );
     let out = firewall(&[
@@ -123,13 +111,13 @@ fn decide_names_the_rule_that_decided() {
         "inbound",
     ]);
     assert_eq!(
-        text(&out.stdout),
+        out.stdout.clone(),
         "allow by rule 1 \"dns\", line 3\n  app (unknown), remote [2001:db8::1]:53, protocol udp, inbound\n"
     );
     let out = firewall(&["decide", "--rules", rules, "--remote", "203.0.113.1"]);
-    assert!(text(&out.stdout).starts_with("deny by rule 2, line 9\n"));
+    assert!(out.stdout.clone().starts_with("deny by rule 2, line 9\n"));
     let out = firewall(&["decide", "--rules", rules, "--remote", "198.51.100.1"]);
-    assert!(text(&out.stdout).starts_with("deny by default\n"));
+    assert!(out.stdout.clone().starts_with("deny by default\n"));
 }
 
 #[test]
@@ -150,8 +138,8 @@ fn bad_arguments_are_refused() {
         &["frobnicate"],
     ] {
         let out = firewall(args);
-        assert_eq!(out.status.code(), Some(2), "{args:?}");
-        assert!(text(&out.stderr).contains("error:"), "{args:?}");
+        assert_eq!(out.code, Some(2), "{args:?}");
+        assert!(out.stderr.clone().contains("error:"), "{args:?}");
     }
 }
 
@@ -159,9 +147,9 @@ fn bad_arguments_are_refused() {
 fn serve_refuses_to_start_with_a_bad_rules_file() {
     let path = temp_file("serve-bad", "rules.toml", "default = \"maybe\"\n");
     let out = firewall(&["serve", "--rules", path.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.code, Some(1));
     assert_eq!(
-        text(&out.stderr),
+        out.stderr.clone(),
         format!(
             "firewall: {}:1:11: unknown default `maybe` (expected \"allow\" or \"deny\")\n",
             path.display()
@@ -172,13 +160,13 @@ fn serve_refuses_to_start_with_a_bad_rules_file() {
 #[test]
 fn help_explains_every_command() {
     let out = firewall(&["--help"]);
-    assert_eq!(out.status.code(), Some(0));
-    let help = text(&out.stdout);
+    assert_eq!(out.code, Some(0));
+    let help = out.stdout.clone();
     for command in ["serve", "check-rules", "decide", "demo"] {
         assert!(help.contains(command), "{help}");
     }
     let out = firewall(&["serve", "--help"]);
-    let help = text(&out.stdout);
+    let help = out.stdout.clone();
     for option in [
         "--rules",
         "--audit",

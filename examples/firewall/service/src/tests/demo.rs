@@ -1,20 +1,35 @@
 //! `firewall demo`, run as the built binary: the driver in the simulator, the service as its own
 //! process, and the built-in scenario or a trace.
 
-#![cfg(unix)]
+use std::sync::Mutex;
 
-use std::process::{Command, Output};
+use crate::demo::{DemoOptions, Summary, run};
 
-fn demo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_firewall"))
-        .arg("demo")
-        .args(args)
-        .output()
-        .unwrap()
+/// The demo's driver configuration and counters are process-wide: one demo at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Runs the demo in this process (its service in a child process); what it printed, and how it
+/// ended.
+fn demo(options: DemoOptions) -> (String, Result<Summary, String>) {
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let options = DemoOptions {
+        launcher: Some(super::launcher),
+        ..options
+    };
+    let mut out = Vec::new();
+    let result = run(&options, &mut out);
+    let out = String::from_utf8(out).unwrap();
+    eprintln!("{out}");
+    (out, result)
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8(bytes.to_vec()).unwrap()
+/// Whether the run succeeded as the `firewall demo` command judges it.
+fn passed(result: &Result<Summary, String>) -> bool {
+    result
+        .as_ref()
+        .is_ok_and(|s| s.unexpected.is_empty() && s.problems.is_empty())
 }
 
 /// The table row of attempt `n`.
@@ -28,14 +43,8 @@ fn row(stdout: &str, n: usize) -> &str {
 
 #[test]
 fn the_builtin_scenario_decides_as_expected() {
-    let out = demo(&[]);
-    let stdout = text(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{stdout}\n{}",
-        text(&out.stderr)
-    );
+    let (stdout, result) = demo(DemoOptions::default());
+    assert!(passed(&result), "{result:?}\n{stdout}");
     assert!(
         stdout.contains("every decision was the expected one"),
         "{stdout}"
@@ -55,17 +64,21 @@ fn the_builtin_scenario_decides_as_expected() {
     );
     assert!(row(&stdout, 23).contains("deny     driver default (no service)"));
     assert!(row(&stdout, 25).contains("allow    service: rule 5 \"updater\""));
-    assert!(
-        stdout.contains("25 attempts: 16 allowed, 9 denied"),
+    let summary = result.unwrap();
+    assert_eq!(
+        (summary.attempts, summary.allowed, summary.denied),
+        (25, 16, 9),
         "{stdout}"
     );
 }
 
 #[test]
 fn fail_open_lets_through_what_nobody_answered() {
-    let out = demo(&["--fail-open"]);
-    let stdout = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let (stdout, result) = demo(DemoOptions {
+        fail_open: true,
+        ..DemoOptions::default()
+    });
+    assert!(passed(&result), "{result:?}\n{stdout}");
     assert!(stdout.contains("fail-open"));
     assert!(
         row(&stdout, 14).contains("allow    driver default"),
@@ -80,14 +93,11 @@ fn fail_open_lets_through_what_nobody_answered() {
 #[test]
 fn the_sample_trace_replays() {
     let trace = concat!(env!("CARGO_MANIFEST_DIR"), "/demo-trace.jsonl");
-    let out = demo(&["--trace", trace]);
-    let stdout = text(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{stdout}\n{}",
-        text(&out.stderr)
-    );
+    let (stdout, result) = demo(DemoOptions {
+        trace: Some(trace.into()),
+        ..DemoOptions::default()
+    });
+    assert!(passed(&result), "{result:?}\n{stdout}");
     assert!(
         stdout.contains("every decision was the expected one"),
         "{stdout}"
@@ -100,20 +110,21 @@ fn the_sample_trace_replays() {
 
 #[test]
 fn a_bad_trace_line_is_reported_with_its_line() {
-    let dir = std::env::temp_dir().join(format!("firewall-demo-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = super::temp_dir("bad-trace");
     let trace = dir.join("trace.jsonl");
     std::fs::write(
         &trace,
         "# comment\n\n{\"step\":\"connect\",\"pid\":1,\"remote\":\"192.0.2.1:1\",\"protocol\":\"sctp\"}\n",
     )
     .unwrap();
-    let out = demo(&["--trace", trace.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1));
+    let (_, result) = demo(DemoOptions {
+        trace: Some(trace.clone()),
+        ..DemoOptions::default()
+    });
     assert_eq!(
-        text(&out.stderr),
+        result.unwrap_err(),
         format!(
-            "firewall: demo: {}:3: protocol `sctp` is not tcp, udp, icmp, icmpv6 or 0 to 255\n",
+            "{}:3: protocol `sctp` is not tcp, udp, icmp, icmpv6 or 0 to 255",
             trace.display()
         )
     );
@@ -122,17 +133,19 @@ fn a_bad_trace_line_is_reported_with_its_line() {
 
 #[test]
 fn an_expectation_that_fails_fails_the_demo() {
-    let dir = std::env::temp_dir().join(format!("firewall-demo-fail-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = super::temp_dir("failing-trace");
     let trace = dir.join("trace.jsonl");
     std::fs::write(
         &trace,
         "{\"step\":\"connect\",\"pid\":1,\"remote\":\"203.0.113.1:443\",\"expect\":\"allow\"}\n",
     )
     .unwrap();
-    let out = demo(&["--trace", trace.to_str().unwrap()]);
-    let stdout = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let (stdout, result) = demo(DemoOptions {
+        trace: Some(trace),
+        ..DemoOptions::default()
+    });
+    assert!(!passed(&result), "{stdout}");
+    assert_eq!(result.unwrap().unexpected, vec![1]);
     assert!(row(&stdout, 1).contains("<< expected allow"), "{stdout}");
     assert!(
         stdout.contains("UNEXPECTED decisions at attempts [1]"),

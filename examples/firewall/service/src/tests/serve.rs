@@ -5,16 +5,15 @@
 //! Nothing here depends on timing to pass: the test waits for lines the service logs and for
 //! requests to be pending at the driver; timeouts only bound those waits.
 
-#![cfg(unix)]
-
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
-use firewall::audit::AuditRecord;
+use crate::audit::AuditRecord;
 use firewall_protocol::control::{
     CONTROL_DEVICE_NAME, REVOKE, REVOKE_ALL, REVOKE_MAGIC, REVOKED_LEN, Revoked,
 };
@@ -57,15 +56,24 @@ impl Drop for Service {
 
 impl Service {
     fn start(socket: &Path, rules: &Path, audit: &Path) -> Service {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_firewall"))
-            .args(["serve", "--cache-seconds", "60", "--poll-ms", "10"])
-            .args(["--max-backoff-ms", "20"])
-            .arg("--rules")
-            .arg(rules)
-            .arg("--audit")
-            .arg(audit)
-            .args(["--volume", r"\Device\HarddiskVolume3=C"])
+        let args: Vec<&OsStr> = vec![
+            "serve".as_ref(),
+            "--cache-seconds".as_ref(),
+            "60".as_ref(),
+            "--poll-ms".as_ref(),
+            "10".as_ref(),
+            "--max-backoff-ms".as_ref(),
+            "20".as_ref(),
+            "--rules".as_ref(),
+            rules.as_os_str(),
+            "--audit".as_ref(),
+            audit.as_os_str(),
+            "--volume".as_ref(),
+            r"\Device\HarddiskVolume3=C".as_ref(),
+        ];
+        let mut child = super::firewall_command(&args)
             .env(SIM_SOCKET_VARIABLE, socket)
+            .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
