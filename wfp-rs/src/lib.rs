@@ -49,6 +49,7 @@ pub mod metadata;
 pub mod pend;
 pub mod pool;
 pub mod port;
+mod secure_device;
 pub mod spin_lock;
 pub mod status;
 pub mod sys;
