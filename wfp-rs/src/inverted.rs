@@ -234,7 +234,8 @@ impl<P> fmt::Display for Undelivered<P> {
 
 impl<P> core::error::Error for Undelivered<P> {}
 
-/// The longest device name [`InvertedQueue::new`] accepts, in UTF-16 units.
+/// The longest device name [`InvertedQueue::new`] and
+/// [`ControlDevice::new`](crate::control::ControlDevice::new) accept, in UTF-16 units.
 pub const MAX_NAME_LEN: usize = crate::secure_device::MAX_NAME_LEN;
 /// `STATUS_SUCCESS`.
 const SUCCESS: sys::NTSTATUS = 0;

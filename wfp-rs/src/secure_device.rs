@@ -1,6 +1,7 @@
-//! The named device that [`InvertedQueue`](crate::inverted::InvertedQueue) creates:
-//! `\Device\<name>` with the link `\??\<name>`, opened only by SYSTEM and Administrators, whose
-//! requests reach the SDK's dispatch routine ([`crate::dispatch`]).
+//! The named device that [`InvertedQueue`](crate::inverted::InvertedQueue) and
+//! [`ControlDevice`](crate::control::ControlDevice) create: `\Device\<name>` with the link
+//! `\??\<name>`, opened only by SYSTEM and Administrators, whose requests reach the SDK's
+//! dispatch routine ([`crate::dispatch`]).
 //!
 //! The steps are split so that each owner can put its extension in order between them:
 //! [`create`] (the device exists but cannot be opened: `DO_DEVICE_INITIALIZING`), then the owner
