@@ -61,8 +61,8 @@ pub mod sim;
 #[cfg(all(feature = "user", any(wfp_nt, unix)))]
 pub mod user;
 
-#[cfg(all(wfp_nt, feature = "panic-handler"))]
-mod panic;
+#[doc(hidden)]
+pub mod panic;
 
 pub use guid::Guid;
 pub use status::Status;
