@@ -8,7 +8,7 @@
 //!   from code that may run at `DISPATCH_LEVEL` does not compile.
 //! - [`driver`]: `DriverEntry` and unload glue ([`driver_entry`]).
 //! - [`spin_lock`], [`event`], [`work_item`], [`pool`]: the kernel services a callout driver
-//!   uses, each taking the IRQL token it needs.
+//!   uses, each taking the IRQL token it needs; [`time`]: the monotonic interrupt-time clock.
 //! - [`sys`]: the raw kernel ABI, with two backends: the real kernel (`nt`, when compiling for
 //!   Windows) and the host simulator (everywhere else, or with the `sim` feature).
 //! - `sim` (simulator backend only): boot a simulated machine, load drivers, assert bug checks.
@@ -52,6 +52,7 @@ pub mod port;
 pub mod spin_lock;
 pub mod status;
 pub mod sys;
+pub mod time;
 pub mod work_item;
 
 #[cfg(wfp_sim)]
