@@ -95,11 +95,15 @@ fn parse_guid(text: &str) -> Result<GuidFields, String> {
 /// ```
 #[proc_macro_attribute]
 pub fn driver_entry(args: TokenStream, item: TokenStream) -> TokenStream {
+    let function = parse_macro_input!(item as ItemFn);
     let panic_handler = match parse_entry_args(args) {
         Ok(panic_handler) => panic_handler,
-        Err(error) => return error.to_compile_error().into(),
+        Err(error) => {
+            // Keep the function, so the only error is ours (as below).
+            let error = error.to_compile_error();
+            return quote! { #function #error }.into();
+        }
     };
-    let function = parse_macro_input!(item as ItemFn);
     if let Err(error) = check_entry(&function) {
         // Keep the function, so the only error is ours (no "unused import", no "cannot find").
         let error = error.to_compile_error();
