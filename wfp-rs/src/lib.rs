@@ -8,12 +8,15 @@
 //!   from code that may run at `DISPATCH_LEVEL` does not compile.
 //! - [`driver`]: `DriverEntry` and unload glue ([`driver_entry`]).
 //! - [`spin_lock`], [`event`], [`work_item`], [`pool`]: the kernel services a callout driver
-//!   uses, each taking the IRQL token it needs.
+//!   uses, each taking the IRQL token it needs; [`time`]: the monotonic interrupt-time clock.
 //! - [`sys`]: the raw kernel ABI, with two backends: the real kernel (`nt`, when compiling for
 //!   Windows) and the host simulator (everywhere else, or with the `sim` feature).
 //! - `sim` (simulator backend only): boot a simulated machine, load drivers, assert bug checks.
-//! - `user` (feature `user`): the user-mode service's side of ports and the inverted call, on
-//!   Windows or against a simulated machine in another process.
+//! - [`port`], [`inverted`], [`control`]: talking to a user-mode service — filter-manager ports,
+//!   the inverted call (requests pended by the service, completed by the driver) and commands
+//!   (requests the driver answers at once).
+//! - `user` (feature `user`): the user-mode service's side of ports, the inverted call and
+//!   commands, on Windows or against a simulated machine in another process.
 //!
 //! The guides in the repository's `docs/` folder start from the bug this crate was built to
 //! prevent: `FltSendMessage` called from `classifyFn` at `DISPATCH_LEVEL`.
@@ -35,6 +38,7 @@ extern crate std;
 pub mod bugcheck;
 pub mod callout;
 pub mod classify;
+pub mod control;
 pub mod debug;
 mod dispatch;
 pub mod driver;
@@ -49,9 +53,11 @@ pub mod metadata;
 pub mod pend;
 pub mod pool;
 pub mod port;
+mod secure_device;
 pub mod spin_lock;
 pub mod status;
 pub mod sys;
+pub mod time;
 pub mod work_item;
 
 #[cfg(wfp_sim)]
@@ -61,8 +67,8 @@ pub mod sim;
 #[cfg(all(feature = "user", any(wfp_nt, unix)))]
 pub mod user;
 
-#[cfg(all(wfp_nt, feature = "panic-handler"))]
-mod panic;
+#[doc(hidden)]
+pub mod panic;
 
 pub use guid::Guid;
 pub use status::Status;
