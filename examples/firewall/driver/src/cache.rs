@@ -70,6 +70,14 @@ struct Entry {
     stamp: u64,
 }
 
+/// A verdict to cache, with its expiry and the request it answered.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Answer {
+    pub(crate) verdict: Verdict,
+    pub(crate) expires: Ticks,
+    pub(crate) request_id: u64,
+}
+
 /// What [`VerdictCache::lookup`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Lookup {
@@ -183,7 +191,7 @@ impl VerdictCache {
         self.generation.load(Ordering::SeqCst)
     }
 
-    /// Caches `verdict` for `key` until `expires`, as the answer to `request_id`, unless a
+    /// Caches `answer` for `key` until it expires, unless a
     /// revocation came since `generation` was read. In the key's set it takes the key's own
     /// slot, else a free one, else the one that expired first (if any has at `now`), else the
     /// oldest.
@@ -191,12 +199,15 @@ impl VerdictCache {
         &self,
         irql: &mut I,
         key: CacheKey,
-        verdict: Verdict,
+        answer: Answer,
         now: Ticks,
-        expires: Ticks,
-        request_id: u64,
         generation: u64,
     ) -> Insert {
+        let Answer {
+            verdict,
+            expires,
+            request_id,
+        } = answer;
         let mut guard = self.inner.lock(irql);
         // Revocations change the generation under this lock: checked here, the answer is
         // either cached before a revocation (and revoked by it) or not at all.

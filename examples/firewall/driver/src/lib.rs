@@ -238,7 +238,7 @@ use wfp_rs::work_item::WorkQueue;
 use wfp_rs::{Guid, Status, guid, kd_print};
 
 pub use cache::WAYS;
-use cache::{CacheKey, Insert, Lookup, VerdictCache};
+use cache::{Answer, CacheKey, Insert, Lookup, VerdictCache};
 use stats::Counter;
 pub use stats::{Stats, StatsSnapshot};
 
@@ -618,15 +618,12 @@ impl Shared {
         };
         let now = clock::now();
         let expires = now.after(Duration::from_secs(u64::from(lifetime.as_secs())));
-        let outcome = self.cache.insert(
-            irql,
-            *key,
-            reply.verdict,
-            now,
+        let answer = Answer {
+            verdict: reply.verdict,
             expires,
-            request.request_id,
-            generation,
-        );
+            request_id: request.request_id,
+        };
+        let outcome = self.cache.insert(irql, *key, answer, now, generation);
         let cached = match outcome {
             Insert::Added => true,
             Insert::ReplacedExpired => {
