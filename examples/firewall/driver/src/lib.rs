@@ -96,7 +96,8 @@
 //! image path is hashed in (64-bit FNV-1a) so a reused process id does not inherit a verdict.
 //!
 //! - **Bounded**: [`Config::cache_capacity`] entries (rounded down to a multiple of [`WAYS`]),
-//!   allocated once by [`start`], about 64 bytes each. Lookups and insertions never allocate.
+//!   allocated once by [`start`], 72 bytes each (72 KiB for the default 1024). Lookups and
+//!   insertions never allocate.
 //! - **Set-associative**: the key's hash picks a set of [`WAYS`] slots; a lookup scans one set
 //!   under a spin lock, at any IRQL up to `DISPATCH_LEVEL`, so its cost does not grow with the
 //!   capacity.
@@ -250,7 +251,7 @@ static ALLOCATOR: wfp_rs::pool::PoolAllocator =
 /// How long a work item waits for the service's reply by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// How many verdicts the cache holds by default (about 64 KiB of non-paged pool).
+/// How many verdicts the cache holds by default (72 KiB of non-paged pool).
 pub const DEFAULT_CACHE_CAPACITY: usize = 1024;
 
 /// How many inbound background asks may be in flight by default.
