@@ -745,6 +745,13 @@ mod raw {
                 behaviour::ECHO => {
                     let length = (control.InputBufferLength as usize)
                         .min(control.OutputBufferLength as usize);
+                    if control.IoControlCode & 3 == sys::METHOD_NEITHER && length > 0 {
+                        // The caller's own buffers, no system buffer (a real driver would
+                        // probe them under __try).
+                        assert!((*irp).AssociatedIrp.SystemBuffer.is_null());
+                        let to = (*irp).UserBuffer.cast::<u8>();
+                        to.copy_from_nonoverlapping(control.Type3InputBuffer.cast(), length);
+                    }
                     complete(irp, SUCCESS, length);
                     SUCCESS
                 }
@@ -940,6 +947,31 @@ bugcheck_test! {
         let _request = handle.device_io_control(raw_code(behaviour::PEND), &[], 0);
         let _ = machine.unload_driver(driver);
     }
+}
+
+#[test]
+fn method_neither_hands_the_driver_the_callers_buffers_and_direct_io_is_not_simulated() {
+    let machine = Machine::new();
+    let (driver, handle) = raw::load(&machine);
+    let code = |method| {
+        sys::CTL_CODE(
+            0x8000,
+            u32::from(behaviour::ECHO),
+            method,
+            sys::FILE_ANY_ACCESS,
+        )
+    };
+    let echo = handle
+        .device_io_control(code(sys::METHOD_NEITHER), b"neither", 16)
+        .wait();
+    assert_eq!(echo.status, SUCCESS);
+    assert_eq!(echo.output, b"neither");
+    for method in [sys::METHOD_IN_DIRECT, sys::METHOD_OUT_DIRECT] {
+        let direct = handle.device_io_control(code(method), b"x", 1).wait();
+        assert_eq!(direct.status, Status::NOT_IMPLEMENTED.raw());
+    }
+    drop(handle);
+    machine.unload_driver(driver).unwrap();
 }
 
 #[test]

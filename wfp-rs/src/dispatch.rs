@@ -213,6 +213,30 @@ impl Request {
         unsafe { core::slice::from_raw_parts_mut(buffer, control.output_len) }
     }
 
+    /// The input buffer of a `METHOD_BUFFERED` device-control request: the system buffer, as
+    /// long as `InputBufferLength`. Empty for other requests, or when there is no input buffer.
+    /// It is the same memory as [`buffered_output`](Self::buffered_output): copy what is needed
+    /// before writing output.
+    pub(crate) fn buffered_input(&self) -> &[u8] {
+        let Some(control) = self.device_control() else {
+            return &[];
+        };
+        if control.code & 3 != sys::METHOD_BUFFERED || control.input_len == 0 {
+            return &[];
+        }
+        // SAFETY: this value owns the IRP.
+        let irp = unsafe { self.0.as_ref() };
+        // SAFETY: the I/O manager fills `SystemBuffer` for buffered requests.
+        let buffer = unsafe { irp.AssociatedIrp.SystemBuffer }.cast::<u8>();
+        if buffer.is_null() {
+            return &[];
+        }
+        // SAFETY: for METHOD_BUFFERED the system buffer holds max(input, output) bytes, the
+        // input copied in first, so at least `input_len`; it belongs to the IRP, which this value
+        // owns, until completion, and `&self` keeps `buffered_output` from writing meanwhile.
+        unsafe { core::slice::from_raw_parts(buffer, control.input_len) }
+    }
+
     /// Whether `IoMarkIrpPending` was called for the current stack location: the dispatch
     /// routine must then return `STATUS_PENDING`, even if it completes the IRP itself.
     pub(crate) fn is_marked_pending(&self) -> bool {

@@ -85,7 +85,8 @@ use core::ptr::NonNull;
 use crate::dispatch::{DeviceHeader, Request};
 use crate::driver::Driver;
 use crate::event::{Event, EventKind};
-use crate::irql::{AtMostDispatch, DispatchLevel, Irql, PassiveLevel};
+use crate::irql::{AtMostDispatch, Irql, PassiveLevel};
+use crate::secure_device::{self, WideName, callback_token};
 use crate::status::Status;
 use crate::sys;
 
@@ -233,15 +234,9 @@ impl<P> fmt::Display for Undelivered<P> {
 
 impl<P> core::error::Error for Undelivered<P> {}
 
-/// The longest device name [`InvertedQueue::new`] accepts, in UTF-16 units.
-pub const MAX_NAME_LEN: usize = 64;
-
-const DEVICE_PREFIX: &str = "\\Device\\";
-const LINK_PREFIX: &str = "\\??\\";
-const NAME_CAPACITY: usize = DEVICE_PREFIX.len() + MAX_NAME_LEN;
-
-/// `OBJ_KERNEL_HANDLE` (wdm.h): the handle lives in the kernel's handle table.
-const OBJ_KERNEL_HANDLE: u32 = 0x0000_0200;
+/// The longest device name [`InvertedQueue::new`] and
+/// [`ControlDevice::new`](crate::control::ControlDevice::new) accept, in UTF-16 units.
+pub const MAX_NAME_LEN: usize = crate::secure_device::MAX_NAME_LEN;
 /// `STATUS_SUCCESS`.
 const SUCCESS: sys::NTSTATUS = 0;
 
@@ -279,65 +274,31 @@ impl InvertedQueue {
         max_message: usize,
     ) -> Result<InvertedQueue, Status> {
         crate::irql::verify(irql);
-        let mut device_name = WideName::new();
-        let mut link = WideName::new();
-        if !device_name.push_name(DEVICE_PREFIX, name) || !link.push_name(LINK_PREFIX, name) {
-            return Err(Status::OBJECT_NAME_INVALID);
-        }
+        let names = secure_device::Names::new(name)?;
         if code.method() != sys::METHOD_BUFFERED {
             return Err(Status::INVALID_PARAMETER);
         }
         let max_message = u32::try_from(max_message).map_err(|_| Status::INVALID_PARAMETER)?;
-        let object = NonNull::new(driver.raw_object()).ok_or(Status::INVALID_PARAMETER)?;
-        crate::dispatch::ensure_installed(object)?;
         let idle = Event::try_new(EventKind::Notification, false, irql)?;
-
-        let mut raw_device: *mut sys::DEVICE_OBJECT = core::ptr::null_mut();
-        let device_string = device_name.as_unicode();
-        // SAFETY: PASSIVE_LEVEL (the token); a named device of the driver's own object, with an
-        // extension of the queue's size; the name and the out pointer are locals that outlive
-        // the call (the name is captured).
-        let status = unsafe {
-            sys::IoCreateDevice(
-                object.as_ptr(),
-                core::mem::size_of::<QueueDevice>() as u32,
-                &device_string,
-                sys::DEVICE_TYPE::from(code.device_type()),
-                sys::FILE_DEVICE_SECURE_OPEN,
-                sys::FALSE,
-                &mut raw_device,
-            )
-        };
-        Status::from_ntstatus(status)?;
-        let device = NonNull::new(raw_device).ok_or(Status::UNSUCCESSFUL)?;
-        // SAFETY: IoCreateDevice allocated an extension of `size_of::<QueueDevice>()` bytes,
-        // pool-aligned (16, checked below at compile time), owned by the device object.
-        let extension = unsafe { (*device.as_ptr()).DeviceExtension }.cast::<QueueDevice>();
-        let Some(queue) = NonNull::new(extension) else {
-            // SAFETY: the device was created above and nothing refers to it yet.
-            unsafe { sys::IoDeleteDevice(device.as_ptr()) };
-            return Err(Status::UNSUCCESSFUL);
-        };
+        let (device, extension) = secure_device::create(
+            irql,
+            driver,
+            &names,
+            core::mem::size_of::<QueueDevice>(),
+            sys::DEVICE_TYPE::from(code.device_type()),
+        )?;
+        // Pool-aligned (16, checked below at compile time), `size_of::<QueueDevice>()` bytes.
+        let queue = extension.cast::<QueueDevice>();
         // SAFETY: the extension is ours, unused and large enough; no request can reach the
         // device yet (it is still initializing and has no link).
-        unsafe { QueueDevice::init(queue, code, max_message, &link, idle) };
+        unsafe { QueueDevice::init(queue, code, max_message, &names.link, idle) };
         let this = InvertedQueue { device, queue };
 
         // From here on, dropping `this` at PASSIVE_LEVEL tears everything down.
-        if let Err(status) = restrict_to_admins_and_system(irql, device) {
+        if let Err(status) = secure_device::publish(irql, device, &names) {
             this.discard_unpublished(irql);
             return Err(status);
         }
-        let link_string = this.queue().link.as_unicode();
-        // SAFETY: PASSIVE_LEVEL (the token); both strings are valid for the call.
-        let status = unsafe { sys::IoCreateSymbolicLink(&link_string, &device_string) };
-        if let Err(status) = Status::from_ntstatus(status) {
-            this.discard_unpublished(irql);
-            return Err(status);
-        }
-        // SAFETY: the device is ours; clearing DO_DEVICE_INITIALIZING lets the I/O manager open
-        // it, now that its extension, DACL and link are in place.
-        unsafe { (*device.as_ptr()).Flags &= !sys::DO_DEVICE_INITIALIZING };
         Ok(this)
     }
 
@@ -438,13 +399,8 @@ impl InvertedQueue {
         crate::irql::verify(irql);
         let queue = self.queue();
         if delete_link {
-            let link = queue.link.as_unicode();
-            // SAFETY: PASSIVE_LEVEL (the token); the link was created by `new` and is deleted
-            // once, here.
-            let status = unsafe { sys::IoDeleteSymbolicLink(&link) };
-            if let Err(error) = Status::from_ntstatus(status) {
-                crate::kd_print!(Error, "wfp-rs: IoDeleteSymbolicLink failed: {error}\n");
-            }
+            // The link was created by `new` and is deleted once, here.
+            secure_device::delete_link(irql, &queue.link);
         }
         queue.lock().closed = true;
         queue.drain();
@@ -502,170 +458,7 @@ impl fmt::Debug for InvertedQueue {
     }
 }
 
-/// Sets the DACL `D:P(A;;FA;;;SY)(A;;FA;;;BA)` on the device through a kernel handle.
-fn restrict_to_admins_and_system(
-    irql: &PassiveLevel<'_>,
-    device: NonNull<sys::DEVICE_OBJECT>,
-) -> Result<(), Status> {
-    crate::irql::verify(irql);
-    let mut handle: sys::HANDLE = core::ptr::null_mut();
-    // SAFETY: PASSIVE_LEVEL (the token); a kernel-mode open of our own device object, for which
-    // the object type may be null; the out pointer is a local.
-    let status = unsafe {
-        sys::ObOpenObjectByPointer(
-            device.as_ptr().cast(),
-            OBJ_KERNEL_HANDLE,
-            core::ptr::null_mut(),
-            sys::WRITE_DAC,
-            core::ptr::null_mut(),
-            sys::KernelMode,
-            &mut handle,
-        )
-    };
-    Status::from_ntstatus(status)?;
-    // SAFETY: PASSIVE_LEVEL; the handle was opened with WRITE_DAC; the descriptor is a valid
-    // self-relative security descriptor in read-only memory, which the kernel only reads.
-    let status = unsafe {
-        sys::ZwSetSecurityObject(
-            handle,
-            sys::DACL_SECURITY_INFORMATION,
-            (&raw const ADMINS_AND_SYSTEM_ONLY).cast_mut().cast(),
-        )
-    };
-    // SAFETY: PASSIVE_LEVEL; the handle was opened above and is closed once.
-    let closed = unsafe { sys::ZwClose(handle) };
-    Status::from_ntstatus(status)?;
-    Status::from_ntstatus(closed)
-}
-
-// --- the security descriptor --------------------------------------------------------------------
-
-/// S-1-5-18: LocalSystem. (Revision 1, one sub-authority, SECURITY_NT_AUTHORITY,
-/// SECURITY_LOCAL_SYSTEM_RID.)
-const SYSTEM_SID: [u8; 12] = [1, 1, 0, 0, 0, 0, 0, 5, 18, 0, 0, 0];
-/// S-1-5-32-544: BUILTIN\Administrators. (Two sub-authorities: SECURITY_BUILTIN_DOMAIN_RID,
-/// DOMAIN_ALIAS_RID_ADMINS.)
-const ADMINS_SID: [u8; 16] = [1, 2, 0, 0, 0, 0, 0, 5, 32, 0, 0, 0, 0x20, 0x02, 0, 0];
-
-const SD_HEADER_LEN: usize = core::mem::size_of::<sys::SECURITY_DESCRIPTOR_RELATIVE>();
-const ACL_HEADER_LEN: usize = core::mem::size_of::<sys::ACL>();
-/// An ACCESS_ALLOWED_ACE is an ACE header and a mask (8 bytes), then the SID.
-const ACE_FIXED_LEN: usize = 8;
-const ACL_LEN: usize =
-    ACL_HEADER_LEN + ACE_FIXED_LEN + SYSTEM_SID.len() + ACE_FIXED_LEN + ADMINS_SID.len();
-const SD_LEN: usize = SD_HEADER_LEN + ACL_LEN;
-
-/// A self-relative security descriptor; the kernel reads its `ULONG`s in place, so it is
-/// aligned.
-#[repr(C, align(8))]
-struct SelfRelative([u8; SD_LEN]);
-
-/// `D:P(A;;FA;;;SY)(A;;FA;;;BA)`: a protected DACL granting FILE_ALL_ACCESS to SYSTEM and to
-/// Administrators, nothing to anyone else. No owner, group or SACL: `ZwSetSecurityObject` is
-/// asked to set the DACL only.
-static ADMINS_AND_SYSTEM_ONLY: SelfRelative = SelfRelative(admins_and_system_only());
-
-const fn put_u16(out: &mut [u8; SD_LEN], at: usize, value: u16) {
-    let bytes = value.to_le_bytes();
-    out[at] = bytes[0];
-    out[at + 1] = bytes[1];
-}
-
-const fn put_u32(out: &mut [u8; SD_LEN], at: usize, value: u32) {
-    let bytes = value.to_le_bytes();
-    let mut i = 0;
-    while i < 4 {
-        out[at + i] = bytes[i];
-        i += 1;
-    }
-}
-
-/// Writes an ACCESS_ALLOWED_ACE for `sid` with `mask` at `at`; returns the offset after it.
-const fn put_allow_ace(out: &mut [u8; SD_LEN], at: usize, mask: u32, sid: &[u8]) -> usize {
-    let size = ACE_FIXED_LEN + sid.len();
-    out[at] = sys::ACCESS_ALLOWED_ACE_TYPE;
-    out[at + 1] = 0;
-    put_u16(out, at + 2, size as u16);
-    put_u32(out, at + 4, mask);
-    let mut i = 0;
-    while i < sid.len() {
-        out[at + ACE_FIXED_LEN + i] = sid[i];
-        i += 1;
-    }
-    at + size
-}
-
-const fn admins_and_system_only() -> [u8; SD_LEN] {
-    let mut out = [0u8; SD_LEN];
-    // SECURITY_DESCRIPTOR_RELATIVE: revision, padding, control, then owner, group, SACL, DACL.
-    out[0] = sys::SECURITY_DESCRIPTOR_REVISION;
-    put_u16(
-        &mut out,
-        2,
-        sys::SE_SELF_RELATIVE | sys::SE_DACL_PRESENT | sys::SE_DACL_PROTECTED,
-    );
-    put_u32(&mut out, 16, SD_HEADER_LEN as u32);
-    // ACL header: revision, padding, size, ACE count, padding.
-    let acl = SD_HEADER_LEN;
-    out[acl] = sys::ACL_REVISION;
-    put_u16(&mut out, acl + 2, ACL_LEN as u16);
-    put_u16(&mut out, acl + 4, 2);
-    let next = put_allow_ace(
-        &mut out,
-        acl + ACL_HEADER_LEN,
-        sys::FILE_ALL_ACCESS,
-        &SYSTEM_SID,
-    );
-    let end = put_allow_ace(&mut out, next, sys::FILE_ALL_ACCESS, &ADMINS_SID);
-    assert!(end == SD_LEN);
-    out
-}
-
 // --- the device extension -----------------------------------------------------------------------
-
-/// A device or link name as UTF-16, in a fixed buffer (no allocation).
-struct WideName {
-    units: [u16; NAME_CAPACITY],
-    len: usize,
-}
-
-impl WideName {
-    const fn new() -> WideName {
-        WideName {
-            units: [0; NAME_CAPACITY],
-            len: 0,
-        }
-    }
-
-    /// `prefix` followed by `name`; false if `name` is not a valid device name.
-    fn push_name(&mut self, prefix: &str, name: &str) -> bool {
-        if name.is_empty() || name.contains(['\\', '\0']) {
-            return false;
-        }
-        let mut len = 0;
-        for unit in prefix.encode_utf16().chain(name.encode_utf16()) {
-            let Some(slot) = self.units.get_mut(len) else {
-                return false;
-            };
-            *slot = unit;
-            len += 1;
-        }
-        if len - prefix.len() > MAX_NAME_LEN {
-            return false;
-        }
-        self.len = len;
-        true
-    }
-
-    /// A `UNICODE_STRING` that borrows the buffer (valid while `self` does not move).
-    fn as_unicode(&self) -> sys::UNICODE_STRING {
-        sys::UNICODE_STRING {
-            Length: (self.len * 2) as u16,
-            MaximumLength: (self.len * 2) as u16,
-            Buffer: self.units.as_ptr().cast_mut(),
-        }
-    }
-}
 
 /// What the lock protects.
 struct QueueState {
@@ -723,14 +516,6 @@ impl Drop for Locked<'_> {
         // SAFETY: the guard acquired the lock on this processor and releases it once.
         unsafe { self.queue.release(self.old_irql) };
     }
-}
-
-/// A token for code the kernel calls back (queue callbacks, dispatch), which runs at IRQL <=
-/// DISPATCH_LEVEL and uses the token only for `Event::set`.
-fn callback_token<'t>() -> DispatchLevel<'t> {
-    // SAFETY: the I/O manager calls dispatch routines at PASSIVE_LEVEL and the cancel-safe queue
-    // callbacks at <= DISPATCH_LEVEL; the token lives for one short call.
-    unsafe { DispatchLevel::new_unchecked() }
 }
 
 /// The offset of `Tail.Overlay.ListEntry` in an IRP.
@@ -792,10 +577,7 @@ impl QueueDevice {
                 idle: UnsafeCell::new(ManuallyDrop::new(idle)),
                 code,
                 max_message,
-                link: WideName {
-                    units: link.units,
-                    len: link.len,
-                },
+                link: link.clone(),
             })
         };
         // SAFETY: initialised above; not shared with anyone yet.
@@ -1152,43 +934,6 @@ unsafe extern "system" fn csq_complete_canceled(csq: *mut sys::IO_CSQ, irp: *mut
 #[cfg(test)]
 mod tests {
     use super::*;
-    use alloc::string::String;
-
-    #[test]
-    fn the_security_descriptor_is_the_protected_system_and_admins_dacl() {
-        let sd = &ADMINS_AND_SYSTEM_ONLY.0;
-        assert_eq!(SD_LEN, 72);
-        // Revision 1, control SE_SELF_RELATIVE | SE_DACL_PROTECTED | SE_DACL_PRESENT, no owner,
-        // group or SACL, DACL at 20.
-        assert_eq!(
-            sd[..20],
-            [
-                1, 0, 0x04, 0x90, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 20, 0, 0, 0
-            ]
-        );
-        // ACL revision 2, 52 bytes, 2 ACEs.
-        assert_eq!(sd[20..28], [2, 0, 52, 0, 2, 0, 0, 0]);
-        // ACCESS_ALLOWED_ACE, 20 bytes, FILE_ALL_ACCESS (0x1F01FF), S-1-5-18.
-        assert_eq!(sd[28..36], [0, 0, 20, 0, 0xFF, 0x01, 0x1F, 0x00]);
-        assert_eq!(sd[36..48], SYSTEM_SID);
-        // ACCESS_ALLOWED_ACE, 24 bytes, FILE_ALL_ACCESS, S-1-5-32-544.
-        assert_eq!(sd[48..56], [0, 0, 24, 0, 0xFF, 0x01, 0x1F, 0x00]);
-        assert_eq!(sd[56..72], ADMINS_SID);
-    }
-
-    #[test]
-    fn names_are_checked() {
-        let mut name = WideName::new();
-        assert!(name.push_name(DEVICE_PREFIX, "WfpRs"));
-        assert_eq!(
-            String::from_utf16_lossy(&name.units[..name.len]),
-            "\\Device\\WfpRs"
-        );
-        for bad in ["", "a\\b", "nul\0", &"x".repeat(MAX_NAME_LEN + 1)] {
-            assert!(!WideName::new().push_name(DEVICE_PREFIX, bad), "{bad:?}");
-        }
-        assert!(WideName::new().push_name(DEVICE_PREFIX, &"x".repeat(MAX_NAME_LEN)));
-    }
 
     #[test]
     fn control_codes_follow_ctl_code() {

@@ -12,8 +12,11 @@
 //! - [`sys`]: the raw kernel ABI, with two backends: the real kernel (`nt`, when compiling for
 //!   Windows) and the host simulator (everywhere else, or with the `sim` feature).
 //! - `sim` (simulator backend only): boot a simulated machine, load drivers, assert bug checks.
-//! - `user` (feature `user`): the user-mode service's side of ports and the inverted call, on
-//!   Windows or against a simulated machine in another process.
+//! - [`port`], [`inverted`], [`control`]: talking to a user-mode service — filter-manager ports,
+//!   the inverted call (requests pended by the service, completed by the driver) and commands
+//!   (requests the driver answers at once).
+//! - `user` (feature `user`): the user-mode service's side of ports, the inverted call and
+//!   commands, on Windows or against a simulated machine in another process.
 //!
 //! The guides in the repository's `docs/` folder start from the bug this crate was built to
 //! prevent: `FltSendMessage` called from `classifyFn` at `DISPATCH_LEVEL`.
@@ -35,6 +38,7 @@ extern crate std;
 pub mod bugcheck;
 pub mod callout;
 pub mod classify;
+pub mod control;
 pub mod debug;
 mod dispatch;
 pub mod driver;
@@ -49,6 +53,7 @@ pub mod metadata;
 pub mod pend;
 pub mod pool;
 pub mod port;
+mod secure_device;
 pub mod spin_lock;
 pub mod status;
 pub mod sys;

@@ -262,6 +262,56 @@ impl<T> Drop for PoolBox<T> {
     }
 }
 
+/// A copy of some bytes in non-paged pool, of a length known only at run time: for the SDK's
+/// own short-lived copies (an I/O control request's input). Empty copies allocate nothing.
+pub(crate) struct PoolBytes {
+    ptr: NonNull<u8>,
+    len: usize,
+    tag: PoolTag,
+}
+
+impl PoolBytes {
+    /// Copies `bytes` into a new allocation tagged `tag`; `None` if the pool has no room.
+    pub(crate) fn try_copy(
+        bytes: &[u8],
+        tag: PoolTag,
+        irql: &impl AtMostDispatch,
+    ) -> Option<PoolBytes> {
+        crate::irql::verify(irql);
+        let ptr = if bytes.is_empty() {
+            NonNull::dangling()
+        } else {
+            let layout = Layout::array::<u8>(bytes.len()).ok()?;
+            NonNull::new(allocate_raw(layout, tag))?
+        };
+        // SAFETY: `ptr` is a fresh allocation of `bytes.len()` bytes (or dangling for none),
+        // which cannot overlap `bytes`.
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr.as_ptr(), bytes.len()) };
+        Some(PoolBytes {
+            ptr,
+            len: bytes.len(),
+            tag,
+        })
+    }
+}
+
+impl Deref for PoolBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `len` initialised bytes owned by this value (none for a dangling pointer).
+        unsafe { core::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for PoolBytes {
+    fn drop(&mut self) {
+        if self.len != 0 {
+            // SAFETY: allocated by `try_copy` with this tag, freed exactly once.
+            unsafe { sys::ExFreePoolWithTag(self.ptr.as_ptr().cast(), self.tag.raw()) }
+        }
+    }
+}
+
 impl<T: fmt::Debug> fmt::Debug for PoolBox<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&**self, f)

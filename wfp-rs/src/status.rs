@@ -75,6 +75,11 @@ statuses! {
     PORT_DISCONNECTED = 0xC000_0037;
     /// `STATUS_INSUFFICIENT_RESOURCES`.
     INSUFFICIENT_RESOURCES = 0xC000_009A;
+    /// `STATUS_INTERNAL_ERROR`: the driver broke its own contract (for example, a command
+    /// handler reported more output than the buffer holds).
+    INTERNAL_ERROR = 0xC000_00E5;
+    /// `STATUS_INVALID_BUFFER_SIZE`: a buffer's size is not one the request accepts.
+    INVALID_BUFFER_SIZE = 0xC000_0206;
     /// `STATUS_DEVICE_BUSY`.
     DEVICE_BUSY = 0x8000_0011;
     /// `STATUS_CANCELLED`.

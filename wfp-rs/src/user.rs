@@ -5,7 +5,9 @@
 //!   `FltSendMessage` and reply to it.
 //! - [`Device`] and [`Operation`]: the inverted call (the driver's
 //!   [`InvertedQueue`](crate::inverted::InvertedQueue)): leave I/O control requests pending at the
-//!   driver, which completes them when it has something to say.
+//!   driver, which completes them when it has something to say. The same calls send commands
+//!   to a [`ControlDevice`](crate::control::ControlDevice), which completes them at once: send
+//!   the request and [`wait`](Operation::wait) for it.
 //!
 //! # Two backends
 //!

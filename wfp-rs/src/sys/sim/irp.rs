@@ -15,7 +15,7 @@
 //! | returns `STATUS_PENDING` without `IoMarkIrpPending` | 0xC9, 0x23D |
 //! | marks the IRP pending and returns something else | 0xC9, 0x23E |
 //! | returns neither `STATUS_PENDING` nor the status it completed the IRP with | 0xC9, 0x224 / 0x226 |
-//! | completes a buffered I/O control request with more output than the buffer holds | 0xC9, 0x200 (the simulator's choice: Windows copies past the buffer) |
+//! | completes an I/O control request with more output than the caller's buffer holds | 0xC9, 0x200 (the simulator's choice: Windows copies past the buffer) |
 //! | unloads with IRPs still pending | `DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS` (0xCE), parameter 1 = the IRP |
 //!
 //! Where the simulator differs from Windows, and says so:
@@ -30,7 +30,10 @@
 //! - `IoCsqInsertIrpEx` marks the IRP pending whether or not the queue takes it (as the
 //!   reference implementations do; Microsoft documents only the success case), so a dispatch
 //!   routine must return `STATUS_PENDING` after calling it.
-//! - Only `METHOD_BUFFERED` I/O control codes are simulated; `ObOpenObjectByPointer` opens
+//! - Only `METHOD_BUFFERED` and `METHOD_NEITHER` I/O control codes are simulated (direct I/O,
+//!   which needs MDLs, completes with `STATUS_NOT_IMPLEMENTED` without reaching the driver). For
+//!   `METHOD_NEITHER` the "user-mode" buffers are host memory the driver may read and write
+//!   without faulting, where Windows would need `ProbeForRead` under `__try`. `ObOpenObjectByPointer` opens
 //!   device objects only, in kernel mode; `ZwSetSecurityObject` sets DACLs only, and the access
 //!   check evaluates allow and deny ACEs (others are ignored).
 //! - Completed IRPs stay allocated until the machine is dropped, so a driver touching one after
@@ -125,8 +128,12 @@ struct Completion {
 
 struct IrpRecord {
     block: *mut IrpBlock,
-    /// The system buffer of a buffered request: address and length.
+    /// The system buffer of a buffered request, or the caller's input and output buffers (one
+    /// block, input first) of a `METHOD_NEITHER` request: address and length.
     buffer: Option<(*mut u8, usize)>,
+    /// Where in `buffer` the output starts: 0 for a buffered request (input and output share
+    /// the system buffer), the input's length for `METHOD_NEITHER`.
+    output_at: usize,
     driver: usize,
     device: usize,
     file: usize,
@@ -313,26 +320,50 @@ struct NewIrp {
 
 /// Allocates an IRP with one stack location and records it; returns its address.
 fn new_irp(kernel: &Kernel, request: NewIrp) -> usize {
-    let (buffer, parameters, output_len) = match request.control {
+    let mut system_buffer: PVOID = core::ptr::null_mut();
+    let mut user_buffer: PVOID = core::ptr::null_mut();
+    let (buffer, output_at, parameters, output_len) = match request.control {
         Some((code, input, output_len)) => {
-            let len = input.len().max(output_len);
+            let neither = code & 3 == METHOD_NEITHER;
+            // Buffered: one system buffer, max(input, output) bytes, the input copied in.
+            // Neither: the caller's own buffers, input then output, passed as they are.
+            let len = if neither {
+                input.len() + output_len
+            } else {
+                input.len().max(output_len)
+            };
             let buffer = (len > 0).then(|| {
                 let mut bytes = vec![0u8; len].into_boxed_slice();
                 bytes[..input.len()].copy_from_slice(&input);
                 (Box::into_raw(bytes).cast::<u8>(), len)
             });
+            let base = buffer.map_or(core::ptr::null_mut(), |(ptr, _)| ptr);
+            let mut type3_input: PVOID = core::ptr::null_mut();
+            let output_at = if neither {
+                if !input.is_empty() {
+                    type3_input = base.cast();
+                }
+                if output_len > 0 {
+                    user_buffer = base.wrapping_add(input.len()).cast();
+                }
+                input.len()
+            } else {
+                system_buffer = base.cast();
+                0
+            };
             let parameters = IO_STACK_LOCATION_PARAMETERS {
                 DeviceIoControl: IO_STACK_LOCATION_DEVICE_IO_CONTROL::new(
                     output_len as u32,
                     input.len() as u32,
                     code,
-                    core::ptr::null_mut(),
+                    type3_input,
                 ),
             };
-            (buffer, parameters, output_len)
+            (buffer, output_at, parameters, output_len)
         }
         None => (
             None,
+            0,
             IO_STACK_LOCATION_PARAMETERS {
                 Others: [core::ptr::null_mut(); 4],
             },
@@ -355,8 +386,9 @@ fn new_irp(kernel: &Kernel, request: NewIrp) -> usize {
     irp.CurrentLocation = 1;
     irp.RequestorMode = UserMode;
     irp.AssociatedIrp = IRP_ASSOCIATED_IRP {
-        SystemBuffer: buffer.map_or(core::ptr::null_mut(), |(ptr, _)| ptr.cast()),
+        SystemBuffer: system_buffer,
     };
+    irp.UserBuffer = user_buffer;
     irp.Tail = IRP_TAIL {
         Overlay: IRP_TAIL_OVERLAY {
             DriverContext: [core::ptr::null_mut(); 4],
@@ -377,6 +409,7 @@ fn new_irp(kernel: &Kernel, request: NewIrp) -> usize {
         IrpRecord {
             block,
             buffer,
+            output_at,
             driver: request.driver,
             device: request.device,
             file: request.file,
@@ -640,8 +673,10 @@ pub unsafe extern "system" fn IofCompleteRequest(Irp: *mut IRP, PriorityBoost: i
             );
         }
         if let Some((buffer, _)) = record.buffer {
-            // SAFETY: the system buffer holds max(input, output) >= information bytes.
-            output = unsafe { core::slice::from_raw_parts(buffer, information) }.to_vec();
+            let start = buffer.wrapping_add(record.output_at);
+            // SAFETY: the output, at `output_at` in the block, holds `output_len` >= information
+            // bytes (checked above).
+            output = unsafe { core::slice::from_raw_parts(start, information) }.to_vec();
         }
     }
     record.phase = Phase::Completed(Completion {
@@ -1531,7 +1566,8 @@ fn send_simple(kernel: &Arc<Kernel>, file: usize, major: u8) {
 impl DeviceHandle {
     /// `DeviceIoControl(handle, code, input, output_len)` with an `OVERLAPPED`: sends the request
     /// and returns at once, whether the driver completed it or left it pending. Only
-    /// `METHOD_BUFFERED` codes are simulated (others complete with `STATUS_NOT_IMPLEMENTED`).
+    /// `METHOD_BUFFERED` and `METHOD_NEITHER` codes are simulated (direct I/O completes with
+    /// `STATUS_NOT_IMPLEMENTED`).
     pub fn device_io_control(&self, code: u32, input: &[u8], output_len: usize) -> IoRequest {
         run_due_closes(&self.kernel);
         let (device, serial, driver, phase) = {
@@ -1560,7 +1596,7 @@ impl DeviceHandle {
         };
         if phase != FilePhase::Open || !device_alive(&self.kernel, device, serial) {
             complete_internally(&self.kernel, irp, Status::DELETE_PENDING.raw());
-        } else if code & 3 != METHOD_BUFFERED {
+        } else if code & 3 != METHOD_BUFFERED && code & 3 != METHOD_NEITHER {
             complete_internally(&self.kernel, irp, Status::NOT_IMPLEMENTED.raw());
         } else {
             call_driver(&self.kernel, irp);
