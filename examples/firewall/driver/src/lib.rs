@@ -129,7 +129,8 @@
 //! # Control device
 //!
 //! The [`REVOKE`] command arrives as a buffered I/O control request on the control device
-//! [`CONTROL_DEVICE_NAME`] (only administrators and SYSTEM may open it): its input is decoded
+//! [`CONTROL_DEVICE_NAME`] ([`ControlDevice`]; only administrators and SYSTEM may open it,
+//! and the handler runs in the service's thread at `PASSIVE_LEVEL`): its input is decoded
 //! with [`Revoke::decode`] and answered with [`Revoked`] (8 bytes; a smaller output buffer is
 //! `STATUS_BUFFER_TOO_SMALL`, a malformed request `STATUS_INVALID_PARAMETER`). Any other control
 //! code is `STATUS_INVALID_DEVICE_REQUEST`.
@@ -170,12 +171,13 @@
 //!    background ask is queued — and closes the service's connection, so a send waiting for a
 //!    reply fails at once.
 //! 2. The SDK waits until no work item is queued or running: every pend is completed.
-//! 3. [`Firewall::unload`](DriverState::unload) waits until every completed pend has been
+//! 3. [`Firewall::unload`](DriverState::unload) closes the control device (waiting for a
+//!    command in progress), then waits until every completed pend has been
 //!    reauthorized (no pend in flight, the [`VerdictTable`] empty), or until
 //!    [`Config::timeout`] + [`REAUTHORIZATION_GRACE`] pass without progress.
-//! 4. It closes the engine session (the filters go before the callouts: a terminating filter
-//!    whose callout is gone blocks everything), unregisters the callouts, closes the control
-//!    device and the port, and unregisters the minifilter.
+//! 4. It closes the engine session (the filters go
+//!    before the callouts: a terminating filter whose callout is gone blocks everything),
+//!    unregisters the callouts, closes the port, and unregisters the minifilter.
 //!
 //! # Logging
 //!
@@ -194,6 +196,7 @@
 //! [`Revoked`]: firewall_protocol::control::Revoked
 //! [`CONTROL_DEVICE_NAME`]: firewall_protocol::control::CONTROL_DEVICE_NAME
 //! [`VerdictTable`]: wfp_rs::pend::VerdictTable
+//! [`ControlDevice`]: wfp_rs::control::ControlDevice
 //! [`ConnectionKey`]: wfp_rs::pend::ConnectionKey
 //! [`Classify::pend`]: wfp_rs::callout::Classify::pend
 //! [`SendError::NotConnected`]: wfp_rs::port::SendError::NotConnected
@@ -222,6 +225,7 @@ use firewall_protocol::{
 };
 use wfp_rs::callout::{Callout, CalloutRegistration, Classify};
 use wfp_rs::classify::ClassifyOut;
+use wfp_rs::control::{CommandHandler, ControlDevice};
 use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::engine::{CalloutEntry, Engine, Provider, SessionOptions, Sublayer};
 use wfp_rs::event::{Event, EventKind};
@@ -1003,6 +1007,24 @@ impl Shared {
     }
 }
 
+/// The control device's handler: the service's commands (see "Control device" in the crate
+/// documentation).
+pub struct Commands {
+    shared: Arc<Shared>,
+}
+
+impl CommandHandler for Commands {
+    fn command(
+        &self,
+        irql: &mut PassiveLevel<'_>,
+        code: ControlCode,
+        input: &[u8],
+        output: &mut [u8],
+    ) -> Result<usize, Status> {
+        self.shared.command(irql, code, input, output)
+    }
+}
+
 /// What the driver keeps while it is loaded.
 pub struct Firewall {
     engine: Engine,
@@ -1010,6 +1032,7 @@ pub struct Firewall {
     connect_v6: CalloutRegistration<AleAuthConnectV6, Outbound>,
     accept_v4: CalloutRegistration<AleAuthRecvAcceptV4, Inbound>,
     accept_v6: CalloutRegistration<AleAuthRecvAcceptV6, Inbound>,
+    control: ControlDevice<Commands>,
     shared: Arc<Shared>,
     filter: Filter,
 }
@@ -1038,9 +1061,12 @@ impl DriverState for Firewall {
             connect_v6,
             accept_v4,
             accept_v6,
+            control,
             shared,
             filter,
         } = self;
+        // No more commands; the handler's share of the state goes with the device.
+        control.close(irql);
         if !shared.settle(irql) {
             kd_print!(
                 Warning,
@@ -1122,6 +1148,14 @@ pub fn start(
         background: AtomicUsize::new(0),
         own_stats: Stats::new(),
     });
+    let control = ControlDevice::new(
+        irql,
+        driver,
+        config.device_name,
+        Commands {
+            shared: Arc::clone(&shared),
+        },
+    )?;
 
     // Registered before the filters that name them exist, so no connection meets a filter
     // whose callout is missing (it would be blocked).
@@ -1201,6 +1235,7 @@ pub fn start(
         connect_v6,
         accept_v4,
         accept_v6,
+        control,
         shared,
         filter,
     })
