@@ -70,6 +70,14 @@ struct Entry {
     stamp: u64,
 }
 
+/// A verdict to cache, with its expiry and the request it answered.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Answer {
+    pub(crate) verdict: Verdict,
+    pub(crate) expires: Ticks,
+    pub(crate) request_id: u64,
+}
+
 /// What [`VerdictCache::lookup`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Lookup {
@@ -183,7 +191,7 @@ impl VerdictCache {
         self.generation.load(Ordering::SeqCst)
     }
 
-    /// Caches `verdict` for `key` until `expires`, as the answer to `request_id`, unless a
+    /// Caches `answer` for `key` until it expires, unless a
     /// revocation came since `generation` was read. In the key's set it takes the key's own
     /// slot, else a free one, else the one that expired first (if any has at `now`), else the
     /// oldest.
@@ -191,12 +199,15 @@ impl VerdictCache {
         &self,
         irql: &mut I,
         key: CacheKey,
-        verdict: Verdict,
+        answer: Answer,
         now: Ticks,
-        expires: Ticks,
-        request_id: u64,
         generation: u64,
     ) -> Insert {
+        let Answer {
+            verdict,
+            expires,
+            request_id,
+        } = answer;
         let mut guard = self.inner.lock(irql);
         // Revocations change the generation under this lock: checked here, the answer is
         // either cached before a revocation (and revoked by it) or not at all.
@@ -285,5 +296,176 @@ impl VerdictCache {
             }
         }
         removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use core::net::Ipv4Addr;
+    use core::time::Duration;
+
+    use firewall_protocol::control::{REVOKE_MAX_LEN, Revoke};
+    use wfp_rs::irql::DispatchLevel;
+    use wfp_rs::sim::Machine;
+
+    use super::*;
+
+    fn key(n: u8) -> CacheKey {
+        CacheKey {
+            pid: 42,
+            app: 7,
+            direction: Direction::Outbound,
+            protocol: 6,
+            remote: (IpAddr::V4(Ipv4Addr::new(192, 0, 2, n)), 443),
+        }
+    }
+
+    fn at(ticks: u64) -> Ticks {
+        Ticks::from_ticks(ticks)
+    }
+
+    fn answer(verdict: Verdict, expires: u64, request_id: u64) -> Answer {
+        Answer {
+            verdict,
+            expires: at(expires),
+            request_id,
+        }
+    }
+
+    fn with_cache(capacity: usize, test: impl FnOnce(&mut DispatchLevel<'_>, &VerdictCache)) {
+        let machine = Machine::new();
+        let cache = VerdictCache::new(capacity).unwrap();
+        machine.at_dispatch(|irql| test(irql, &cache));
+    }
+
+    fn revoke_ids(ids: &[u64], test: impl FnOnce(&Revoke<'_>)) {
+        let mut bytes = [0u8; REVOKE_MAX_LEN];
+        let len = Revoke::encode_requests(ids, &mut bytes).unwrap();
+        test(&Revoke::decode(&bytes[..len]).unwrap());
+    }
+
+    #[test]
+    fn an_entry_is_72_bytes() {
+        // The crate documentation's memory figures.
+        assert_eq!(core::mem::size_of::<Option<Entry>>(), 72);
+    }
+
+    #[test]
+    fn capacity_is_rounded_down_to_whole_sets() {
+        with_cache(10, |irql, cache| assert_eq!(cache.capacity(irql), 8));
+        with_cache(3, |irql, cache| assert_eq!(cache.capacity(irql), 3));
+        with_cache(0, |irql, cache| {
+            assert_eq!(cache.capacity(irql), 0);
+            let g = cache.generation();
+            let outcome = cache.insert(irql, key(1), answer(Verdict::Allow, 10, 1), at(0), g);
+            assert_eq!(outcome, Insert::Disabled);
+            assert_eq!(cache.lookup(irql, &key(1), at(0)), Lookup::Miss);
+        });
+    }
+
+    #[test]
+    fn a_verdict_answers_until_it_expires() {
+        with_cache(8, |irql, cache| {
+            let g = cache.generation();
+            let outcome = cache.insert(irql, key(1), answer(Verdict::Deny, 100, 1), at(0), g);
+            assert_eq!(outcome, Insert::Added);
+            assert_eq!(
+                cache.lookup(irql, &key(1), at(99)),
+                Lookup::Hit(Verdict::Deny)
+            );
+            assert_eq!(cache.lookup(irql, &key(2), at(99)), Lookup::Miss);
+            assert_eq!(cache.lookup(irql, &key(1), at(100)), Lookup::Expired);
+            assert_eq!(cache.lookup(irql, &key(1), at(0)), Lookup::Miss, "removed");
+        });
+    }
+
+    #[test]
+    fn a_full_set_loses_its_first_expired_entry_then_its_oldest() {
+        with_cache(4, |irql, cache| {
+            let g = cache.generation();
+            for (n, expires) in [(1, 50), (2, 40), (3, 1_000), (4, 1_000)] {
+                let a = answer(Verdict::Allow, expires, u64::from(n));
+                assert_eq!(cache.insert(irql, key(n), a, at(0), g), Insert::Added);
+            }
+            // Same key: replaced in place.
+            let a = answer(Verdict::Deny, 1_000, 9);
+            assert_eq!(cache.insert(irql, key(4), a, at(0), g), Insert::Added);
+            assert_eq!(
+                cache.lookup(irql, &key(4), at(0)),
+                Lookup::Hit(Verdict::Deny)
+            );
+            // At 60 both 1 and 2 have expired; 2 expired first.
+            let a = answer(Verdict::Allow, 1_000, 5);
+            assert_eq!(
+                cache.insert(irql, key(5), a, at(60), g),
+                Insert::ReplacedExpired
+            );
+            assert_eq!(cache.lookup(irql, &key(2), at(0)), Lookup::Miss);
+            assert_eq!(
+                cache.lookup(irql, &key(1), at(0)),
+                Lookup::Hit(Verdict::Allow)
+            );
+            // Nothing expired at 10: the oldest (1) goes.
+            let a = answer(Verdict::Allow, 1_000, 6);
+            assert_eq!(cache.insert(irql, key(6), a, at(10), g), Insert::Evicted);
+            assert_eq!(cache.lookup(irql, &key(1), at(10)), Lookup::Miss);
+            for n in [3, 4, 5, 6] {
+                assert!(matches!(
+                    cache.lookup(irql, &key(n), at(10)),
+                    Lookup::Hit(_)
+                ));
+            }
+        });
+    }
+
+    #[test]
+    fn revoke_removes_the_named_requests_verdicts_or_all() {
+        with_cache(64, |irql, cache| {
+            let g = cache.generation();
+            for n in 1..=10u8 {
+                let a = answer(Verdict::Allow, 1_000, 100 + u64::from(n));
+                cache.insert(irql, key(n), a, at(0), g);
+            }
+            revoke_ids(&[110, 999, 103, 105], |revoke| {
+                assert_eq!(cache.revoke(irql, revoke), 3);
+            });
+            for n in 1..=10u8 {
+                let expected = if [3, 5, 10].contains(&n) {
+                    Lookup::Miss
+                } else {
+                    Lookup::Hit(Verdict::Allow)
+                };
+                assert_eq!(cache.lookup(irql, &key(n), at(0)), expected, "{n}");
+            }
+            assert_eq!(cache.revoke(irql, &Revoke::All), 7);
+            assert_eq!(cache.revoke(irql, &Revoke::All), 0);
+        });
+    }
+
+    #[test]
+    fn an_answer_to_a_question_asked_before_a_revoke_is_not_cached() {
+        with_cache(8, |irql, cache| {
+            let asked = cache.generation();
+            revoke_ids(&[12345], |revoke| assert_eq!(cache.revoke(irql, revoke), 0));
+            let a = answer(Verdict::Allow, 1_000, 1);
+            assert_eq!(cache.insert(irql, key(1), a, at(0), asked), Insert::Revoked);
+            assert_eq!(cache.lookup(irql, &key(1), at(0)), Lookup::Miss);
+            let asked_after = cache.generation();
+            assert_eq!(
+                cache.insert(irql, key(1), a, at(0), asked_after),
+                Insert::Added
+            );
+        });
+    }
+
+    #[test]
+    fn ticks_saturate_at_the_end_of_time() {
+        assert_eq!(at(5).after(Duration::from_micros(1)), at(15));
+        assert_eq!(
+            at(u64::MAX - 1).after(Duration::from_secs(86_400)),
+            at(u64::MAX)
+        );
     }
 }

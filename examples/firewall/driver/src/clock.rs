@@ -10,6 +10,12 @@ const TICKS_PER_SECOND: u64 = 10_000_000;
 pub(crate) struct Ticks(u64);
 
 impl Ticks {
+    /// A point `ticks` after the clock's origin.
+    #[cfg(test)]
+    pub(crate) const fn from_ticks(ticks: u64) -> Ticks {
+        Ticks(ticks)
+    }
+
     /// The point `duration` after this one; the end of time if that does not fit (a cached
     /// verdict that never expires is still revocable and evictable).
     pub(crate) fn after(self, duration: Duration) -> Ticks {

@@ -96,7 +96,8 @@
 //! image path is hashed in (64-bit FNV-1a) so a reused process id does not inherit a verdict.
 //!
 //! - **Bounded**: [`Config::cache_capacity`] entries (rounded down to a multiple of [`WAYS`]),
-//!   allocated once by [`start`], about 64 bytes each. Lookups and insertions never allocate.
+//!   allocated once by [`start`], 72 bytes each (72 KiB for the default 1024). Lookups and
+//!   insertions never allocate.
 //! - **Set-associative**: the key's hash picks a set of [`WAYS`] slots; a lookup scans one set
 //!   under a spin lock, at any IRQL up to `DISPATCH_LEVEL`, so its cost does not grow with the
 //!   capacity.
@@ -128,7 +129,8 @@
 //! # Control device
 //!
 //! The [`REVOKE`] command arrives as a buffered I/O control request on the control device
-//! [`CONTROL_DEVICE_NAME`] (only administrators and SYSTEM may open it): its input is decoded
+//! [`CONTROL_DEVICE_NAME`] ([`ControlDevice`]; only administrators and SYSTEM may open it,
+//! and the handler runs in the service's thread at `PASSIVE_LEVEL`): its input is decoded
 //! with [`Revoke::decode`] and answered with [`Revoked`] (8 bytes; a smaller output buffer is
 //! `STATUS_BUFFER_TOO_SMALL`, a malformed request `STATUS_INVALID_PARAMETER`). Any other control
 //! code is `STATUS_INVALID_DEVICE_REQUEST`.
@@ -169,12 +171,13 @@
 //!    background ask is queued — and closes the service's connection, so a send waiting for a
 //!    reply fails at once.
 //! 2. The SDK waits until no work item is queued or running: every pend is completed.
-//! 3. [`Firewall::unload`](DriverState::unload) waits until every completed pend has been
+//! 3. [`Firewall::unload`](DriverState::unload) closes the control device (waiting for a
+//!    command in progress), then waits until every completed pend has been
 //!    reauthorized (no pend in flight, the [`VerdictTable`] empty), or until
 //!    [`Config::timeout`] + [`REAUTHORIZATION_GRACE`] pass without progress.
-//! 4. It closes the engine session (the filters go before the callouts: a terminating filter
-//!    whose callout is gone blocks everything), unregisters the callouts, closes the control
-//!    device and the port, and unregisters the minifilter.
+//! 4. It closes the engine session (the filters go
+//!    before the callouts: a terminating filter whose callout is gone blocks everything),
+//!    unregisters the callouts, closes the port, and unregisters the minifilter.
 //!
 //! # Logging
 //!
@@ -193,6 +196,7 @@
 //! [`Revoked`]: firewall_protocol::control::Revoked
 //! [`CONTROL_DEVICE_NAME`]: firewall_protocol::control::CONTROL_DEVICE_NAME
 //! [`VerdictTable`]: wfp_rs::pend::VerdictTable
+//! [`ControlDevice`]: wfp_rs::control::ControlDevice
 //! [`ConnectionKey`]: wfp_rs::pend::ConnectionKey
 //! [`Classify::pend`]: wfp_rs::callout::Classify::pend
 //! [`SendError::NotConnected`]: wfp_rs::port::SendError::NotConnected
@@ -221,6 +225,7 @@ use firewall_protocol::{
 };
 use wfp_rs::callout::{Callout, CalloutRegistration, Classify};
 use wfp_rs::classify::ClassifyOut;
+use wfp_rs::control::{CommandHandler, ControlDevice};
 use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::engine::{CalloutEntry, Engine, Provider, SessionOptions, Sublayer};
 use wfp_rs::event::{Event, EventKind};
@@ -238,7 +243,7 @@ use wfp_rs::work_item::WorkQueue;
 use wfp_rs::{Guid, Status, guid, kd_print};
 
 pub use cache::WAYS;
-use cache::{CacheKey, Insert, Lookup, VerdictCache};
+use cache::{Answer, CacheKey, Insert, Lookup, VerdictCache};
 use stats::Counter;
 pub use stats::{Stats, StatsSnapshot};
 
@@ -250,7 +255,7 @@ static ALLOCATOR: wfp_rs::pool::PoolAllocator =
 /// How long a work item waits for the service's reply by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// How many verdicts the cache holds by default (about 64 KiB of non-paged pool).
+/// How many verdicts the cache holds by default (72 KiB of non-paged pool).
 pub const DEFAULT_CACHE_CAPACITY: usize = 1024;
 
 /// How many inbound background asks may be in flight by default.
@@ -618,15 +623,12 @@ impl Shared {
         };
         let now = clock::now();
         let expires = now.after(Duration::from_secs(u64::from(lifetime.as_secs())));
-        let outcome = self.cache.insert(
-            irql,
-            *key,
-            reply.verdict,
-            now,
+        let answer = Answer {
+            verdict: reply.verdict,
             expires,
-            request.request_id,
-            generation,
-        );
+            request_id: request.request_id,
+        };
+        let outcome = self.cache.insert(irql, *key, answer, now, generation);
         let cached = match outcome {
             Insert::Added => true,
             Insert::ReplacedExpired => {
@@ -1005,6 +1007,24 @@ impl Shared {
     }
 }
 
+/// The control device's handler: the service's commands (see "Control device" in the crate
+/// documentation).
+pub struct Commands {
+    shared: Arc<Shared>,
+}
+
+impl CommandHandler for Commands {
+    fn command(
+        &self,
+        irql: &mut PassiveLevel<'_>,
+        code: ControlCode,
+        input: &[u8],
+        output: &mut [u8],
+    ) -> Result<usize, Status> {
+        self.shared.command(irql, code, input, output)
+    }
+}
+
 /// What the driver keeps while it is loaded.
 pub struct Firewall {
     engine: Engine,
@@ -1012,6 +1032,7 @@ pub struct Firewall {
     connect_v6: CalloutRegistration<AleAuthConnectV6, Outbound>,
     accept_v4: CalloutRegistration<AleAuthRecvAcceptV4, Inbound>,
     accept_v6: CalloutRegistration<AleAuthRecvAcceptV6, Inbound>,
+    control: ControlDevice<Commands>,
     shared: Arc<Shared>,
     filter: Filter,
 }
@@ -1040,9 +1061,12 @@ impl DriverState for Firewall {
             connect_v6,
             accept_v4,
             accept_v6,
+            control,
             shared,
             filter,
         } = self;
+        // No more commands; the handler's share of the state goes with the device.
+        control.close(irql);
         if !shared.settle(irql) {
             kd_print!(
                 Warning,
@@ -1124,6 +1148,14 @@ pub fn start(
         background: AtomicUsize::new(0),
         own_stats: Stats::new(),
     });
+    let control = ControlDevice::new(
+        irql,
+        driver,
+        config.device_name,
+        Commands {
+            shared: Arc::clone(&shared),
+        },
+    )?;
 
     // Registered before the filters that name them exist, so no connection meets a filter
     // whose callout is missing (it would be blocked).
@@ -1203,6 +1235,7 @@ pub fn start(
         connect_v6,
         accept_v4,
         accept_v6,
+        control,
         shared,
         filter,
     })
