@@ -64,10 +64,18 @@ fn the_builtin_scenario_decides_as_expected() {
     );
     assert!(row(&stdout, 23).contains("deny     driver default (no service)"));
     assert!(row(&stdout, 25).contains("allow    service: rule 5 \"updater\""));
+    // With the driver's control device, the reload revokes the cached allow, and the restarted
+    // service has every cached verdict revoked.
+    assert!(
+        stdout.contains("revoked 1 cached verdicts (1 entries removed)"),
+        "{stdout}"
+    );
+    assert!(row(&stdout, 18).contains("deny     service: rule 1 \"quarantine-192.0.2.10\""));
+    assert!(row(&stdout, 24).contains("allow    service: rule 4 \"browser-web\""));
     let summary = result.unwrap();
     assert_eq!(
         (summary.attempts, summary.allowed, summary.denied),
-        (25, 16, 9),
+        (25, 14, 11),
         "{stdout}"
     );
 }
