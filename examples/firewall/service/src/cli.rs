@@ -68,6 +68,16 @@ enum Command {
     /// `firewall decide --rules rules.toml --app 'C:\Windows\System32\curl.exe' --remote 192.0.2.7 --port 443`.
     Decide(DecideArgs),
     /// Run the whole firewall in the simulator: driver, service, and a scenario of connections.
+    ///
+    /// On a Linux or macOS host: boots a simulated machine, loads
+    /// the firewall driver, starts `firewall serve` as its own process against it, replays a
+    /// scenario of connection attempts (several programs; allowed, denied and unknown destinations;
+    /// IPv4 and IPv6; a rules reload; the service killed and restarted) and prints each decision
+    /// and a summary. Exits 1 if a decision differs from what the scenario expects.
+    ///
+    /// A trace file has one JSON object per line: {"step":"connect","pid":1200,"image":"\\Device\\HarddiskVolume3\\app.exe","protocol":"tcp","direction":"outbound","remote":"192.0.2.1:443","expect":"allow"},
+    /// {"step":"reload","rules":"FILE"}, {"step":"kill-service"}, {"step":"start-service"} or
+    /// {"step":"note","text":"..."}; see examples/firewall/service/demo-trace.jsonl.
     Demo(DemoArgs),
 }
 
@@ -194,15 +204,7 @@ fn parse_direction(text: &str) -> Result<Direction, String> {
     }
 }
 
-/// Runs the firewall in the simulator (Linux and macOS hosts): boots a simulated machine, loads
-/// the firewall driver, starts `firewall serve` as its own process against it, replays a
-/// scenario of connection attempts (several programs; allowed, denied and unknown destinations;
-/// IPv4 and IPv6; a rules reload; the service killed and restarted) and prints each decision
-/// and a summary. Exits 1 if a decision differs from what the scenario expects.
-///
-/// A trace file has one JSON object per line: {"step":"connect","pid":1200,"image":"\\Device\\HarddiskVolume3\\app.exe","protocol":"tcp","direction":"outbound","remote":"192.0.2.1:443","expect":"allow"},
-/// {"step":"reload","rules":"FILE"}, {"step":"kill-service"}, {"step":"start-service"} or
-/// {"step":"note","text":"..."}; see examples/firewall/service/demo-trace.jsonl.
+/// `firewall demo`'s options.
 #[derive(Debug, Args)]
 struct DemoArgs {
     /// Replay the connection attempts in this JSON-lines file instead of the built-in scenario.
