@@ -1893,3 +1893,23 @@ fn a_rules_reload_with_revoke_mid_stream_gives_no_stale_verdict() {
         reload::STATS.snapshot()
     );
 }
+
+/// A second instance cannot load (the port's and the device's names are taken); its failed
+/// `DriverEntry` undoes everything it did, and the first instance keeps working.
+#[test]
+fn a_second_instance_fails_to_load_and_leaves_nothing_behind() {
+    let machine = Machine::new();
+    let driver = load(&machine, firewall_driver::DriverEntry);
+    let second = machine.load_driver("firewall-2", firewall_driver::DriverEntry);
+    assert_eq!(second.err(), Some(Status::OBJECT_NAME_COLLISION));
+    let c = browser(52_000, web(7, 443));
+    assert_eq!(
+        decided_once(
+            &c,
+            &machine.connect(&c, AleIrql::Dispatch),
+            "first instance"
+        ),
+        (Action::Block, true)
+    );
+    unload_clean(&machine, driver);
+}
