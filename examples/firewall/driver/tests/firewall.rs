@@ -88,6 +88,7 @@ configured_driver!(inbound, PATIENT_CONFIG);
 configured_driver!(loopback, PATIENT_CONFIG);
 configured_driver!(revoking, PATIENT_CONFIG);
 configured_driver!(reload, PATIENT_CONFIG);
+configured_driver!(expiry, PATIENT_CONFIG);
 configured_driver!(
     impatient,
     Config {
@@ -1912,4 +1913,80 @@ fn a_second_instance_fails_to_load_and_leaves_nothing_behind() {
         (Action::Block, true)
     );
     unload_clean(&machine, driver);
+}
+
+/// A cached verdict answers for the lifetime the reply granted, on the kernel's clock, and not
+/// a tick longer: then the connection is asked about again. Inbound likewise. (The simulated
+/// clock only moves when the test moves it.)
+#[test]
+fn cached_verdicts_expire_after_their_lifetime() {
+    let machine = Machine::new();
+    let driver = load(&machine, expiry::DriverEntry);
+    let service = serve_simply(connected_client(&machine), RULES);
+    let mut port = 51_000;
+    let mut attempt = |c: Connection| {
+        port += 1;
+        let c = Connection {
+            local: SocketAddr::new(c.local.ip(), port),
+            ..c
+        };
+        decided_once(
+            &c,
+            &machine.connect(&c, AleIrql::Dispatch),
+            &format!("{c:?}"),
+        )
+    };
+    let out = browser(0, web(7, 443));
+    assert_eq!(attempt(out.clone()), (Action::Permit, true), "asked");
+    machine.advance_clock(Duration::from_secs(59));
+    assert_eq!(
+        attempt(out.clone()),
+        (Action::Permit, false),
+        "59 s: cached"
+    );
+    machine.advance_clock(Duration::from_millis(999));
+    assert_eq!(
+        attempt(out.clone()),
+        (Action::Permit, false),
+        "59.999 s: cached"
+    );
+    machine.advance_clock(Duration::from_millis(1));
+    assert_eq!(
+        attempt(out.clone()),
+        (Action::Permit, true),
+        "60 s: expired, asked"
+    );
+    assert_eq!(
+        attempt(out.clone()),
+        (Action::Permit, false),
+        "cached again"
+    );
+
+    let inbound = connection(
+        4,
+        APPS[1],
+        IpProtocol::Tcp,
+        SimDirection::Inbound,
+        5_000,
+        web(9, 40_000),
+    );
+    let inbound_attempt = |expected: Action| {
+        let outcome = machine.connect(&inbound, AleIrql::Passive);
+        assert_eq!(
+            decided_once(&inbound, &outcome, "inbound"),
+            (expected, false)
+        );
+    };
+    inbound_attempt(Action::Block);
+    wait_for_background_asks(&machine, 1);
+    inbound_attempt(Action::Permit);
+    machine.advance_clock(Duration::from_secs(60));
+    inbound_attempt(Action::Block);
+    wait_for_background_asks(&machine, 2);
+    inbound_attempt(Action::Permit);
+
+    let stats = expiry::STATS.snapshot();
+    assert_eq!((stats.expired, stats.asked), (2, 4), "{stats:?}");
+    unload_clean(&machine, driver);
+    assert_eq!(service.join().unwrap(), 4);
 }
