@@ -15,11 +15,12 @@
 //!
 //! One terminating filter per layer hands the callout every connection whose IP protocol is TCP
 //! or UDP (two consecutive conditions on `IP_PROTOCOL`, which the engine ORs). **ICMP and other
-//! protocols are not filtered**: an ICMP "connection" at these layers is a raw or ICMP socket
-//! (ping), whose "remote port" is an ICMP type/code, not something the rules' port ranges mean;
-//! leaving it to the Windows firewall keeps `ping` and path-MTU discovery working whatever the
-//! service says. A product that wants to filter ICMP adds `1` and `58` to the filter conditions
-//! ([`FILTERED_PROTOCOLS`]); nothing else in the driver depends on ports.
+//! protocols are not filtered**: at these layers WFP puts an ICMP message's type and code in
+//! the port fields (`FWPM_CONDITION_ICMP_TYPE` is `FWPM_CONDITION_IP_LOCAL_PORT`, the code the
+//! remote port), which the service's port rules would misread, and leaving ICMP to the Windows
+//! firewall keeps `ping` working whatever the service says. A product that wants to filter ICMP
+//! adds `1` and `58` to [`FILTERED_PROTOCOLS`] and teaches its rules the type and code; nothing
+//! in the driver depends on ports.
 //!
 //! The provider, sublayer, callout entries and filters are added in one dynamic session, in one
 //! transaction, after the callouts are registered, as in `examples/seed-fixed`.
@@ -105,8 +106,9 @@
 //!   slot that expired first, else the oldest entry of the set (first inserted). (A cache with
 //!   fewer than [`WAYS`] entries is one set: plain "expired first, then oldest".)
 //! - **Expiry**: a verdict lives `cache_seconds` from the reply (at most one day,
-//!   [`firewall_protocol::MAX_CACHE_SECONDS`]), measured on the kernel's monotonic clock; a
-//!   lookup that finds it expired removes it and asks again. `cache_seconds = 0` means "do not
+//!   [`firewall_protocol::MAX_CACHE_SECONDS`]), measured on the kernel's interrupt-time clock
+//!   ([`wfp_rs::time::Instant`], which the wall clock's changes do not move); a lookup that
+//!   finds it expired removes it and asks again. `cache_seconds = 0` means "do not
 //!   cache".
 //! - **Revocable**: each entry remembers the `request_id` of the reply that created it. The
 //!   [`REVOKE`] command removes the entries of the listed requests, or all of them
