@@ -1045,39 +1045,29 @@ fn short_oversized_malformed_and_mismatched_replies_give_the_default() {
     unload_clean(&machine, driver);
 }
 
-/// Every pool allocation on an outbound connection's path is made to fail in turn (the work
-/// item and its `IO_WORKITEM`; the message buffers and the filter manager's message): the
-/// connection is still pended once and decided once, by the default; then, with no failure
-/// left to inject, by the service. The same for an inbound attempt, whose background ask is
-/// then simply not made. Nothing leaks.
+/// Every pool allocation on an outbound connection's path is made to fail in turn (the request,
+/// the work item and its `IO_WORKITEM`, the message buffers and the filter manager's message):
+/// the connection is decided once, by the default — at once when the request cannot be
+/// allocated, after its pend otherwise; then, with no failure left to inject, by the service.
+/// The same for an inbound attempt, whose background ask is then simply not made. Nothing
+/// leaks.
 #[test]
 fn allocation_failures_fall_back_to_the_default() {
     let machine = Machine::new();
     let driver = load(&machine, alloc::DriverEntry);
     let service = serve_simply(connected_client(&machine), RULES);
-    let mut failures = 0;
+    let (mut failures, mut unpended) = (0, 0);
     for skip in 0.. {
         assert!(skip < 100, "the path has a bounded number of allocations");
         machine.fail_allocations(skip, 1);
-        // A remote port of its own each time: never answered from the cache.
+        // The same key each time: a default is not cached, so each attempt is asked about.
         let c = browser(43_000 + skip as u16, web(7, 443));
-        let c = Connection {
-            remote: SocketAddr::new(c.remote.ip(), 80 + skip as u16),
-            ..c
-        };
-        let c = if skip == 0 {
-            c
-        } else {
-            Connection {
-                remote: web(7, 443),
-                ..c
-            }
-        };
         let outcome = machine.connect(&c, AleIrql::Dispatch);
         let injected = machine.pending_allocation_failures() == 0;
         machine.fail_allocations(0, 0);
         let (decided, pended) = decided_once(&c, &outcome, &format!("allocation {skip}"));
-        assert!(pended);
+        // Only a failure to allocate the request itself decides before the pend.
+        unpended += usize::from(!pended);
         if !injected {
             assert_eq!(decided, Action::Permit, "no failure: the service's verdict");
             break;
@@ -1093,13 +1083,17 @@ fn allocation_failures_fall_back_to_the_default() {
     assert_eq!(logged.len(), failures + 1, "{logged:#?}");
     let (last, failed) = logged.split_last().unwrap();
     assert_eq!(last.1, "allow");
+    let request = "default: no pool for the request";
     let queueing = "default: could not queue a work item: out of non-paged pool";
     let sending = "default: FltSendMessage failed: STATUS_INSUFFICIENT_RESOURCES";
     assert!(
         failed.iter().all(|(_, verdict, reason)| verdict == "deny"
-            && (reason == queueing || reason.starts_with(sending))),
+            && (reason == request || reason == queueing || reason.starts_with(sending))),
         "{logged:#?}"
     );
+    let at_once = failed.iter().filter(|(_, _, reason)| reason == request);
+    assert_eq!(at_once.count(), unpended, "{logged:#?}");
+    assert_eq!(unpended, 1, "one allocation before the pend");
     assert!(failed.iter().any(|(_, _, reason)| reason == queueing));
     assert!(
         failed
