@@ -15,11 +15,12 @@
 //!
 //! One terminating filter per layer hands the callout every connection whose IP protocol is TCP
 //! or UDP (two consecutive conditions on `IP_PROTOCOL`, which the engine ORs). **ICMP and other
-//! protocols are not filtered**: an ICMP "connection" at these layers is a raw or ICMP socket
-//! (ping), whose "remote port" is an ICMP type/code, not something the rules' port ranges mean;
-//! leaving it to the Windows firewall keeps `ping` and path-MTU discovery working whatever the
-//! service says. A product that wants to filter ICMP adds `1` and `58` to the filter conditions
-//! ([`FILTERED_PROTOCOLS`]); nothing else in the driver depends on ports.
+//! protocols are not filtered**: at these layers WFP puts an ICMP message's type and code in
+//! the port fields (`FWPM_CONDITION_ICMP_TYPE` is `FWPM_CONDITION_IP_LOCAL_PORT`, the code the
+//! remote port), which the service's port rules would misread, and leaving ICMP to the Windows
+//! firewall keeps `ping` working whatever the service says. A product that wants to filter ICMP
+//! adds `1` and `58` to [`FILTERED_PROTOCOLS`] and teaches its rules the type and code; nothing
+//! in the driver depends on ports.
 //!
 //! The provider, sublayer, callout entries and filters are added in one dynamic session, in one
 //! transaction, after the callouts are registered, as in `examples/seed-fixed`.
@@ -59,7 +60,7 @@
 //! | the work item cannot be queued (no pool): the default is recorded, and the closure that came back is dropped with the pend in it, which completes it | the default |
 //! | the recorded verdict was evicted from the [`VerdictTable`] (more than [`VERDICT_SLOTS`] completions waiting for their reauthorization) | the cache's verdict if it has one, else the default |
 //! | a reauthorization the driver did not cause (WFP reauthorizes when policy changes) | the cache's verdict if it has one, else the default |
-//! | the connection's fields cannot be read, or the classification cannot be pended | the default, at once |
+//! | the connection's fields or image path cannot be read, there is no pool for the request, or the classification cannot be pended | the default, at once (nothing pended) |
 //! | a heavier sublayer already decided hard (no write right) | that decision stands |
 //! | the driver is unloading | the default, at once (nothing is pended any more) |
 //!
@@ -105,9 +106,9 @@
 //!   slot that expired first, else the oldest entry of the set (first inserted). (A cache with
 //!   fewer than [`WAYS`] entries is one set: plain "expired first, then oldest".)
 //! - **Expiry**: a verdict lives `cache_seconds` from the reply (at most one day,
-//!   [`firewall_protocol::MAX_CACHE_SECONDS`]), measured on the kernel's monotonic clock; a
-//!   lookup that finds it expired removes it and asks again. `cache_seconds = 0` means "do not
-//!   cache".
+//!   [`firewall_protocol::MAX_CACHE_SECONDS`]), measured on the kernel's interrupt-time clock
+//!   ([`wfp_rs::time::Instant`], which the wall clock's changes do not move); a lookup that
+//!   finds it expired removes it and asks again. `cache_seconds = 0` means "do not cache".
 //! - **Revocable**: each entry remembers the `request_id` of the reply that created it. The
 //!   [`REVOKE`] command removes the entries of the listed requests, or all of them
 //!   ([`Revoke::All`]). A reply whose question was asked *before* a revoke command and that
@@ -172,12 +173,12 @@
 //!    reply fails at once.
 //! 2. The SDK waits until no work item is queued or running: every pend is completed.
 //! 3. [`Firewall::unload`](DriverState::unload) closes the control device (waiting for a
-//!    command in progress), then waits until every completed pend has been
-//!    reauthorized (no pend in flight, the [`VerdictTable`] empty), or until
-//!    [`Config::timeout`] + [`REAUTHORIZATION_GRACE`] pass without progress.
-//! 4. It closes the engine session (the filters go
-//!    before the callouts: a terminating filter whose callout is gone blocks everything),
-//!    unregisters the callouts, closes the port, and unregisters the minifilter.
+//!    command in progress), then waits until every completed pend has been reauthorized (no
+//!    pend in flight, the [`VerdictTable`] empty), or until [`Config::timeout`] +
+//!    [`REAUTHORIZATION_GRACE`] pass without progress.
+//! 4. It closes the engine session (the filters go before the callouts: a terminating filter
+//!    whose callout is gone blocks everything), unregisters the callouts, closes the port, and
+//!    unregisters the minifilter.
 //!
 //! # Logging
 //!
@@ -238,6 +239,7 @@ use wfp_rs::layer::{
     fields,
 };
 use wfp_rs::pend::{ConnectionKey, PendError, PendableByCompletionHandle, VerdictTable};
+use wfp_rs::pool::{PoolBox, PoolTag};
 use wfp_rs::port::{Filter, SendError, ServerPort};
 use wfp_rs::work_item::WorkQueue;
 use wfp_rs::{Guid, Status, guid, kd_print};
@@ -468,8 +470,29 @@ impl Observed {
         }
     }
 
+    /// The request that asks about this connection, in pool memory. With its image path (up to
+    /// 1 KiB) a request is too big for a classify callback's stack: a frame over a page needs a
+    /// stack probe (`__chkstk`), which a kernel image does not link, and the network stack
+    /// leaves callouts little room. So it is built in frames of its own and carried to the work
+    /// item by pointer.
+    #[inline(never)]
+    fn boxed_request<L>(
+        &self,
+        c: &Classify<'_, L>,
+        request_id: u64,
+        irql: &impl AtMostDispatch,
+    ) -> Result<PoolBox<ConnectionRequest>, NoRequest>
+    where
+        L: Layer,
+        fields::AleAppId: Field<L>,
+    {
+        let request = self.request(c, request_id).ok_or(NoRequest::Unreadable)?;
+        PoolBox::try_new(request, REQUEST_TAG, irql).map_err(|_| NoRequest::NoPool)
+    }
+
     /// The request that asks about this connection, with the image path from the `ALE_APP_ID`
     /// field (cut to [`MAX_PATH_UNITS`] and marked truncated if longer).
+    #[inline(never)]
     fn request<L>(&self, c: &Classify<'_, L>, request_id: u64) -> Option<ConnectionRequest>
     where
         L: Layer,
@@ -497,6 +520,27 @@ impl Observed {
         })
     }
 }
+
+/// Why no request was built for a connection.
+#[derive(Clone, Copy, Debug)]
+enum NoRequest {
+    /// The `ALE_APP_ID` field is missing or malformed.
+    Unreadable,
+    /// No pool for the request.
+    NoPool,
+}
+
+impl fmt::Display for NoRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NoRequest::Unreadable => f.write_str("the image path cannot be read"),
+            NoRequest::NoPool => f.write_str("no pool for the request"),
+        }
+    }
+}
+
+/// The pool tag of the requests work items carry.
+const REQUEST_TAG: PoolTag = PoolTag::new(b"FwRq");
 
 /// Whether the classification's `FLAGS` field marks loopback.
 fn is_loopback<L: Layer>(c: &Classify<'_, L>) -> bool
@@ -795,12 +839,12 @@ where
         }
         // Counted before the flag is read (see `Shared::settle`).
         shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        let request_id = shared.request_id();
         let decided_at_once = |c: &mut Classify<'_, L>, reason: &dyn fmt::Display| {
             shared.count(Counter::Defaults);
             kd_print!(
                 Warning,
-                "firewall: pid {}: {default} (default: {reason})\n",
-                observed.key.pid
+                "firewall: #{request_id}: {default} (default: {reason})\n"
             );
             apply(&mut c.out, default);
             shared.finished(irql);
@@ -809,10 +853,12 @@ where
             decided_at_once(c, &"unloading");
             return;
         }
-        let request_id = shared.request_id();
-        let Some(request) = observed.request(c, request_id) else {
-            decided_at_once(c, &"the image path cannot be read");
-            return;
+        let request = match observed.boxed_request(c, request_id, irql) {
+            Ok(request) => request,
+            Err(error) => {
+                decided_at_once(c, &error);
+                return;
+            }
         };
         let pended = match c.pend() {
             Ok(pended) => pended,
@@ -931,15 +977,18 @@ where
             return;
         }
         let request_id = shared.request_id();
-        let Some(request) = observed.request(c, request_id) else {
-            shared.background.fetch_sub(1, Ordering::SeqCst);
-            shared.count(Counter::BackgroundSkipped);
-            kd_print!(
-                Warning,
-                "firewall: pid {} inbound: {default} (default: not cached; the image path cannot be read)\n",
-                observed.key.pid
-            );
-            return;
+        let request = match observed.boxed_request(c, request_id, irql) {
+            Ok(request) => request,
+            Err(error) => {
+                shared.background.fetch_sub(1, Ordering::SeqCst);
+                shared.count(Counter::BackgroundSkipped);
+                kd_print!(
+                    Warning,
+                    "firewall: pid {} inbound: {default} (default: not cached; not asking: {error})\n",
+                    observed.key.pid
+                );
+                return;
+            }
         };
         kd_print!(
             "firewall: #{request_id}: {}: {default} (default: not cached; asking the service for later attempts)\n",

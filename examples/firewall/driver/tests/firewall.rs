@@ -88,6 +88,7 @@ configured_driver!(inbound, PATIENT_CONFIG);
 configured_driver!(loopback, PATIENT_CONFIG);
 configured_driver!(revoking, PATIENT_CONFIG);
 configured_driver!(reload, PATIENT_CONFIG);
+configured_driver!(expiry, PATIENT_CONFIG);
 configured_driver!(
     impatient,
     Config {
@@ -1044,39 +1045,29 @@ fn short_oversized_malformed_and_mismatched_replies_give_the_default() {
     unload_clean(&machine, driver);
 }
 
-/// Every pool allocation on an outbound connection's path is made to fail in turn (the work
-/// item and its `IO_WORKITEM`; the message buffers and the filter manager's message): the
-/// connection is still pended once and decided once, by the default; then, with no failure
-/// left to inject, by the service. The same for an inbound attempt, whose background ask is
-/// then simply not made. Nothing leaks.
+/// Every pool allocation on an outbound connection's path is made to fail in turn (the request,
+/// the work item and its `IO_WORKITEM`, the message buffers and the filter manager's message):
+/// the connection is decided once, by the default — at once when the request cannot be
+/// allocated, after its pend otherwise; then, with no failure left to inject, by the service.
+/// The same for an inbound attempt, whose background ask is then simply not made. Nothing
+/// leaks.
 #[test]
 fn allocation_failures_fall_back_to_the_default() {
     let machine = Machine::new();
     let driver = load(&machine, alloc::DriverEntry);
     let service = serve_simply(connected_client(&machine), RULES);
-    let mut failures = 0;
+    let (mut failures, mut unpended) = (0, 0);
     for skip in 0.. {
         assert!(skip < 100, "the path has a bounded number of allocations");
         machine.fail_allocations(skip, 1);
-        // A remote port of its own each time: never answered from the cache.
+        // The same key each time: a default is not cached, so each attempt is asked about.
         let c = browser(43_000 + skip as u16, web(7, 443));
-        let c = Connection {
-            remote: SocketAddr::new(c.remote.ip(), 80 + skip as u16),
-            ..c
-        };
-        let c = if skip == 0 {
-            c
-        } else {
-            Connection {
-                remote: web(7, 443),
-                ..c
-            }
-        };
         let outcome = machine.connect(&c, AleIrql::Dispatch);
         let injected = machine.pending_allocation_failures() == 0;
         machine.fail_allocations(0, 0);
         let (decided, pended) = decided_once(&c, &outcome, &format!("allocation {skip}"));
-        assert!(pended);
+        // Only a failure to allocate the request itself decides before the pend.
+        unpended += usize::from(!pended);
         if !injected {
             assert_eq!(decided, Action::Permit, "no failure: the service's verdict");
             break;
@@ -1092,13 +1083,17 @@ fn allocation_failures_fall_back_to_the_default() {
     assert_eq!(logged.len(), failures + 1, "{logged:#?}");
     let (last, failed) = logged.split_last().unwrap();
     assert_eq!(last.1, "allow");
+    let request = "default: no pool for the request";
     let queueing = "default: could not queue a work item: out of non-paged pool";
     let sending = "default: FltSendMessage failed: STATUS_INSUFFICIENT_RESOURCES";
     assert!(
         failed.iter().all(|(_, verdict, reason)| verdict == "deny"
-            && (reason == queueing || reason.starts_with(sending))),
+            && (reason == request || reason == queueing || reason.starts_with(sending))),
         "{logged:#?}"
     );
+    let at_once = failed.iter().filter(|(_, _, reason)| reason == request);
+    assert_eq!(at_once.count(), unpended, "{logged:#?}");
+    assert_eq!(unpended, 1, "one allocation before the pend");
     assert!(failed.iter().any(|(_, _, reason)| reason == queueing));
     assert!(
         failed
@@ -1892,4 +1887,91 @@ fn a_rules_reload_with_revoke_mid_stream_gives_no_stale_verdict() {
         "reload: {removed} verdicts revoked, {after_reload} attempts after; {:?}",
         reload::STATS.snapshot()
     );
+}
+
+/// A second instance cannot load (the port's and the device's names are taken); its failed
+/// `DriverEntry` undoes everything it did, and the first instance keeps working.
+#[test]
+fn a_second_instance_fails_to_load_and_leaves_nothing_behind() {
+    let machine = Machine::new();
+    let driver = load(&machine, firewall_driver::DriverEntry);
+    let second = machine.load_driver("firewall-2", firewall_driver::DriverEntry);
+    assert_eq!(second.err(), Some(Status::OBJECT_NAME_COLLISION));
+    let c = browser(52_000, web(7, 443));
+    assert_eq!(
+        decided_once(
+            &c,
+            &machine.connect(&c, AleIrql::Dispatch),
+            "first instance"
+        ),
+        (Action::Block, true)
+    );
+    unload_clean(&machine, driver);
+}
+
+/// A cached verdict answers until the lifetime the reply granted has passed on the kernel's
+/// clock; then the connection is asked about again. Inbound likewise. (The simulated clock is
+/// real time plus what the test adds, so "still cached" is checked right after caching, well
+/// within the minute granted, and expiry by adding the whole minute; the exact boundary is a
+/// unit test of the cache.)
+#[test]
+fn cached_verdicts_expire_after_their_lifetime() {
+    let machine = Machine::new();
+    let driver = load(&machine, expiry::DriverEntry);
+    let service = serve_simply(connected_client(&machine), RULES);
+    let mut port = 51_000;
+    let mut attempt = |c: Connection| {
+        port += 1;
+        let c = Connection {
+            local: SocketAddr::new(c.local.ip(), port),
+            ..c
+        };
+        decided_once(
+            &c,
+            &machine.connect(&c, AleIrql::Dispatch),
+            &format!("{c:?}"),
+        )
+    };
+    let out = browser(0, web(7, 443));
+    assert_eq!(attempt(out.clone()), (Action::Permit, true), "asked");
+    assert_eq!(attempt(out.clone()), (Action::Permit, false), "cached");
+    machine.advance_clock(Duration::from_secs(60));
+    assert_eq!(
+        attempt(out.clone()),
+        (Action::Permit, true),
+        "60 s: expired, asked"
+    );
+    assert_eq!(
+        attempt(out.clone()),
+        (Action::Permit, false),
+        "cached again"
+    );
+
+    let inbound = connection(
+        4,
+        APPS[1],
+        IpProtocol::Tcp,
+        SimDirection::Inbound,
+        5_000,
+        web(9, 40_000),
+    );
+    let inbound_attempt = |expected: Action| {
+        let outcome = machine.connect(&inbound, AleIrql::Passive);
+        assert_eq!(
+            decided_once(&inbound, &outcome, "inbound"),
+            (expected, false)
+        );
+    };
+    inbound_attempt(Action::Block);
+    wait_for_background_asks(&machine, 1);
+    inbound_attempt(Action::Permit);
+    machine.advance_clock(Duration::from_secs(60));
+    inbound_attempt(Action::Block);
+    wait_for_background_asks(&machine, 2);
+    inbound_attempt(Action::Permit);
+
+    let stats = expiry::STATS.snapshot();
+    assert_eq!((stats.expired, stats.asked), (2, 4), "{stats:?}");
+    unload_clean(&machine, driver);
+    assert_eq!(service.join().unwrap(), 4);
 }
