@@ -571,6 +571,8 @@ struct Demo<'o> {
     widths: [usize; 7],
     verbose: bool,
     debug_seen: usize,
+    /// Whether the table's header was printed (at the first attempt, and after each note).
+    header_shown: bool,
     /// Whether the service said it cannot reach the driver's control device (so revocations
     /// do not happen, and verdicts cached before a reload live out their lifetime).
     no_control_device: bool,
@@ -689,6 +691,7 @@ fn run_in(
         widths: [3, 5, 38, 3, 5, 26, 7],
         verbose: options.verbose,
         debug_seen: 0,
+        header_shown: false,
         no_control_device: false,
     };
     let outcome = demo.start_service().and_then(|()| {
@@ -756,6 +759,7 @@ impl Demo<'_> {
     }
 
     fn print_header(&mut self) {
+        self.header_shown = true;
         let w = self.widths;
         let _ = writeln!(
             self.out,
@@ -804,7 +808,16 @@ impl Demo<'_> {
             Step::Connect(attempt) => self.connect(&attempt)?,
             Step::Reload { text, what, valid } => {
                 let _ = writeln!(self.out, "    [demo] rewriting the rules file: {what}");
+                let unchanged = std::fs::read_to_string(&self.rules_file).is_ok_and(|t| t == text);
                 write_atomically(&self.rules_file, &text)?;
+                if unchanged {
+                    // The service reloads when the text changes; there is nothing to wait for.
+                    let _ = writeln!(
+                        self.out,
+                        "    [demo] (the text is the same: nothing to reload)"
+                    );
+                    return Ok(());
+                }
                 let Some(service) = &self.service else {
                     let _ = writeln!(
                         self.out,
@@ -855,6 +868,10 @@ impl Demo<'_> {
     }
 
     fn connect(&mut self, attempt: &Attempt) -> Result<(), String> {
+        if !self.header_shown {
+            let _ = writeln!(self.out);
+            self.print_header();
+        }
         let protocol = parse_protocol(&attempt.protocol)?;
         let direction = parse_direction(&attempt.direction)?;
         let expect = attempt.expect.as_deref().map(parse_verdict).transpose()?;
