@@ -201,6 +201,24 @@ fn get_message_times_out_and_an_unanswered_send_times_out() {
 }
 
 #[test]
+fn get_message_with_a_timeout_reports_a_broken_connection_as_an_error() {
+    let fixture = Fixture::new("brokenwait");
+    let connection = fixture.connect();
+    let closed = fixture
+        .machine
+        .at_passive(|irql| fixture.port().disconnect_all(irql));
+    assert_eq!(closed, 1);
+    // Not `Ok(None)`, which would read as "no message yet" and keep a service waiting on a
+    // connection that is gone.
+    let error = connection
+        .get_message(Some(Duration::from_secs(30)))
+        .expect_err("the connection is gone");
+    assert_eq!(error.kind(), std::io::ErrorKind::NotConnected, "{error}");
+    drop(connection);
+    fixture.finish();
+}
+
+#[test]
 fn a_malformed_reply_is_a_send_error() {
     let fixture = Fixture::new("malformed");
     let connection = fixture.connect();

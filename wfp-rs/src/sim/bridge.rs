@@ -97,7 +97,8 @@ pub(crate) enum Answer {
         reply_length: u32,
         data: Vec<u8>,
     },
-    /// `FilterGetMessage` found no message (timeout, or the connection is gone).
+    /// `FilterGetMessage` found no message within its timeout (a broken connection is
+    /// `Failed(STATUS_PORT_DISCONNECTED)`).
     NoMessage,
     /// The operation completed.
     Completed {
@@ -488,8 +489,9 @@ impl Shared {
         };
         match (&*session, call) {
             (Session::Port { client, open }, Call::GetMessage { timeout, .. }) => {
+                let disconnected = Answer::Failed(crate::Status::PORT_DISCONNECTED.raw());
                 if !open.load(Ordering::SeqCst) {
-                    return Answer::NoMessage;
+                    return disconnected;
                 }
                 match flt::user_get_message(&self.kernel, *client, timeout) {
                     Some(m) => Answer::Message {
@@ -497,7 +499,10 @@ impl Shared {
                         reply_length: m.reply_length,
                         data: m.data,
                     },
-                    None => Answer::NoMessage,
+                    // No message: the timeout passed, or the connection broke — which the
+                    // client must hear as an error, not as "nothing yet".
+                    None if flt::user_is_connected(&self.kernel, *client) => Answer::NoMessage,
+                    None => disconnected,
                 }
             }
             (

@@ -127,6 +127,7 @@ impl Port {
                 Err(status_error(Status::PORT_DISCONNECTED.raw()))
             }
             Answer::NoMessage => Ok(None),
+            Answer::Failed(status) => Err(status_error(status)),
             other => Err(unexpected(&other)),
         }
     }
