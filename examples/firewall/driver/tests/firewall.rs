@@ -1,0 +1,1665 @@
+//! The example firewall driver in the simulator, with the service played by harness threads on
+//! the filter-manager port, deciding with the `firewall-rules` crate.
+//!
+//! Every test checks that each connection attempt got exactly one final decision (an outbound
+//! attempt the driver pended: the pended classification and one reauthorization; anything
+//! else: one classification, never pended inbound), that the decision is what the rules say or
+//! the documented default, and that after unload no pool is left (work items and their
+//! closures, the cache, every pend's bookkeeping). The simulator stops the process on any rule
+//! it enforces, so a test that returns did not bugcheck.
+//!
+//! Nothing waits for a time to make something "probably" happen: services reply after they
+//! received, tests wait for states (log lines, counters, joins), timeouts are caused by a
+//! service that never replies, and random choices (latency, faults, connections) come from a
+//! seeded generator whose seed is printed on failure (`WFP_TEST_SEED` replays it).
+
+#![cfg(any(not(windows), feature = "sim"))]
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use firewall_driver::{Config, Stats};
+use firewall_protocol::{
+    CacheLifetime, ConnectionReply, ConnectionRequest, Direction, PORT_NAME, Verdict,
+};
+use firewall_rules::{Rules, VolumeMap};
+use wfp_rs::Status;
+use wfp_rs::classify::Action;
+use wfp_rs::layer::value::IpProtocol;
+use wfp_rs::layer::{
+    AleAuthConnectV4, AleAuthConnectV6, AleAuthRecvAcceptV4, AleAuthRecvAcceptV6, Layer,
+};
+use wfp_rs::metadata::Direction as SimDirection;
+use wfp_rs::port::Message;
+use wfp_rs::sim::{AleIrql, ConnectOutcome, Connection, LoadedDriver, Machine, PortClient};
+
+/// Long enough never to expire while a service is answering, however slow the machine.
+const PATIENT: Duration = Duration::from_secs(120);
+
+/// Drivers with the configurations the tests need, each with its own counters.
+macro_rules! configured_driver {
+    ($module:ident, $config:expr) => {
+        mod $module {
+            use super::*;
+
+            pub static STATS: Stats = Stats::new();
+
+            #[wfp_rs::driver_entry]
+            fn entry(
+                irql: &mut wfp_rs::irql::PassiveLevel<'_>,
+                driver: &mut wfp_rs::driver::Driver<'_>,
+            ) -> Result<firewall_driver::Firewall, Status> {
+                firewall_driver::start(
+                    irql,
+                    driver,
+                    Config {
+                        stats: Some(&STATS),
+                        ..$config
+                    },
+                )
+            }
+        }
+    };
+}
+
+const PATIENT_CONFIG: Config = Config {
+    timeout: PATIENT,
+    ..Config::DEFAULT
+};
+
+configured_driver!(stress, PATIENT_CONFIG);
+configured_driver!(chaos, PATIENT_CONFIG);
+configured_driver!(killed, PATIENT_CONFIG);
+configured_driver!(replies, PATIENT_CONFIG);
+configured_driver!(alloc, PATIENT_CONFIG);
+configured_driver!(unload_busy, PATIENT_CONFIG);
+configured_driver!(unload_silent, PATIENT_CONFIG);
+configured_driver!(no_service, PATIENT_CONFIG);
+configured_driver!(caching, PATIENT_CONFIG);
+configured_driver!(inbound, PATIENT_CONFIG);
+configured_driver!(loopback, PATIENT_CONFIG);
+configured_driver!(
+    impatient,
+    Config {
+        timeout: Duration::from_millis(50),
+        ..Config::DEFAULT
+    }
+);
+configured_driver!(
+    fail_open,
+    Config {
+        default: Verdict::Allow,
+        ..PATIENT_CONFIG
+    }
+);
+configured_driver!(
+    small_cache,
+    Config {
+        cache_capacity: 4,
+        ..PATIENT_CONFIG
+    }
+);
+configured_driver!(
+    no_cache,
+    Config {
+        cache_capacity: 0,
+        ..PATIENT_CONFIG
+    }
+);
+configured_driver!(
+    inbound_bounded,
+    Config {
+        background_asks: 3,
+        ..PATIENT_CONFIG
+    }
+);
+configured_driver!(
+    loopback_asked,
+    Config {
+        permit_loopback: false,
+        ..PATIENT_CONFIG
+    }
+);
+
+// --- the policy --------------------------------------------------------------------------------
+
+const RULES: &str = r#"
+default = "deny"
+
+[[rule]]
+name = "blocked-net"
+action = "deny"
+remote = "198.51.100.0/26"
+
+[[rule]]
+name = "browser"
+action = "allow"
+app = 'C:\apps\browser.exe'
+protocol = "tcp"
+port = [80, 443]
+direction = "outbound"
+
+[[rule]]
+name = "dns"
+action = "allow"
+protocol = "udp"
+port = 53
+direction = "outbound"
+
+[[rule]]
+name = "ssh-in"
+action = "allow"
+direction = "inbound"
+protocol = "tcp"
+port = 22
+
+[[rule]]
+name = "tool"
+action = "allow"
+app = 'C:\apps\tool.exe'
+"#;
+
+#[allow(
+    dead_code,
+    reason = "the reload test needs the control device (REVOKE)"
+)]
+/// The same policy after a reload: the tool may no longer connect, port 8080 may.
+const RELOADED_RULES: &str = r#"
+default = "deny"
+
+[[rule]]
+name = "tool-banned"
+action = "deny"
+app = 'C:\apps\tool.exe'
+
+[[rule]]
+name = "web-8080"
+action = "allow"
+port = 8080
+"#;
+
+const APPS: [&str; 3] = [
+    r"\device\harddiskvolume3\apps\browser.exe",
+    r"\device\harddiskvolume3\apps\tool.exe",
+    r"\device\harddiskvolume3\apps\other.exe",
+];
+
+fn rules(text: &str) -> Rules {
+    Rules::parse_named("test-rules.toml", text).expect("the test policy parses")
+}
+
+fn volumes() -> VolumeMap {
+    let mut volumes = VolumeMap::new();
+    volumes.insert(r"\device\harddiskvolume3", 'C');
+    volumes
+}
+
+fn verdict_of(verdict: firewall_rules::Verdict) -> Verdict {
+    match verdict {
+        firewall_rules::Verdict::Allow => Verdict::Allow,
+        firewall_rules::Verdict::Deny => Verdict::Deny,
+    }
+}
+
+/// What the rules say about a request, as the service decides it.
+fn decide_request(rules: &Rules, request: &ConnectionRequest) -> Verdict {
+    let app: String = request.image_path.chars_lossy().collect();
+    let connection = firewall_rules::Connection {
+        app: volumes().to_dos_path(&app),
+        remote: request.remote_address,
+        port: request.remote_port,
+        protocol: request.ip_protocol,
+        direction: match request.direction {
+            Direction::Outbound => firewall_rules::Direction::Outbound,
+            Direction::Inbound => firewall_rules::Direction::Inbound,
+        },
+    };
+    verdict_of(rules.decide(&connection).verdict)
+}
+
+/// What the rules say about a connection, as the test sees it.
+fn decide_connection(rules: &Rules, c: &Connection) -> Verdict {
+    let connection = firewall_rules::Connection {
+        app: volumes().to_dos_path(&c.app),
+        remote: c.remote.ip(),
+        port: c.remote.port(),
+        protocol: c.protocol.into(),
+        direction: match c.direction {
+            SimDirection::Outbound => firewall_rules::Direction::Outbound,
+            SimDirection::Inbound => firewall_rules::Direction::Inbound,
+        },
+    };
+    verdict_of(rules.decide(&connection).verdict)
+}
+
+fn action(verdict: Verdict) -> Action {
+    match verdict {
+        Verdict::Allow => Action::Permit,
+        Verdict::Deny => Action::Block,
+    }
+}
+
+// --- connections ---------------------------------------------------------------------------------
+
+fn local_ip(remote: IpAddr) -> IpAddr {
+    match remote {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2)),
+    }
+}
+
+fn connection(
+    pid: u64,
+    app: &str,
+    protocol: IpProtocol,
+    direction: SimDirection,
+    local_port: u16,
+    remote: SocketAddr,
+) -> Connection {
+    Connection {
+        pid,
+        app: app.into(),
+        protocol,
+        local: SocketAddr::new(local_ip(remote.ip()), local_port),
+        remote,
+        direction,
+    }
+}
+
+/// The browser (pid 100) connects out over TCP to `remote`.
+fn browser(local_port: u16, remote: SocketAddr) -> Connection {
+    connection(
+        100,
+        APPS[0],
+        IpProtocol::Tcp,
+        SimDirection::Outbound,
+        local_port,
+        remote,
+    )
+}
+
+fn web(last: u8, port: u16) -> SocketAddr {
+    SocketAddr::new(Ipv4Addr::new(192, 0, 2, last).into(), port)
+}
+
+/// The layer the driver decides at for `c`.
+fn auth_layer(c: &Connection) -> &'static str {
+    match (c.direction, c.remote.is_ipv4()) {
+        (SimDirection::Outbound, true) => AleAuthConnectV4::NAME,
+        (SimDirection::Outbound, false) => AleAuthConnectV6::NAME,
+        (SimDirection::Inbound, true) => AleAuthRecvAcceptV4::NAME,
+        (SimDirection::Inbound, false) => AleAuthRecvAcceptV6::NAME,
+    }
+}
+
+/// Checks that `outcome` is exactly one final decision by the driver for `c`, and returns it
+/// with whether the attempt was pended.
+fn decided_once(c: &Connection, outcome: &ConnectOutcome, what: &str) -> (Action, bool) {
+    let layer = auth_layer(c);
+    let at_auth: Vec<_> = outcome
+        .layers
+        .iter()
+        .filter(|(name, _)| *name == layer)
+        .map(|(_, decision)| *decision)
+        .collect();
+    if outcome.pended {
+        assert_eq!(
+            c.direction,
+            SimDirection::Outbound,
+            "{what}: never pended inbound"
+        );
+        assert_eq!(
+            at_auth.len(),
+            2,
+            "{what}: a pended attempt is classified twice, the pend and its one reauthorization: {outcome:?}"
+        );
+        assert!(
+            at_auth[0].absorbed && at_auth[0].action == Action::Block,
+            "{what}: a pended classification is BLOCK + ABSORB: {outcome:?}"
+        );
+    } else {
+        assert_eq!(at_auth.len(), 1, "{what}: classified once: {outcome:?}");
+    }
+    let last = at_auth.last().expect("classified");
+    assert!(
+        last.filter_id.is_some(),
+        "{what}: the driver's filter decided: {outcome:?}"
+    );
+    assert!(last.pending.is_none(), "{what}: nothing left pending");
+    assert_eq!(outcome.decision.action, last.action, "{what}: final");
+    assert_eq!(
+        outcome.flow_handle.is_some(),
+        last.action == Action::Permit,
+        "{what}: only a permitted connection is established"
+    );
+    (last.action, outcome.pended)
+}
+
+fn load(machine: &Machine, entry: wfp_rs::sim::DriverEntryFn) -> LoadedDriver {
+    machine.load_driver("firewall", entry).expect("loads")
+}
+
+/// Unloads and checks that nothing is left behind.
+fn unload_clean(machine: &Machine, driver: LoadedDriver) {
+    machine.unload_driver(driver).expect("unloads");
+    assert_eq!(machine.pending_classifications(), 0, "no pend left");
+    assert_eq!(machine.pool_blocks(), [], "pool left after unload");
+    let last = machine.debug_output().last().cloned().unwrap_or_default();
+    assert!(
+        last.starts_with("firewall: unloaded ("),
+        "unload reported no error: {last:?}"
+    );
+}
+
+// --- seeded randomness -------------------------------------------------------------------------
+
+/// The seed: `WFP_TEST_SEED` (decimal or 0x-hex) to replay a failure, or a fixed default.
+fn seed() -> u64 {
+    let seed = std::env::var("WFP_TEST_SEED")
+        .ok()
+        .and_then(|s| match s.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).ok(),
+            None => s.parse().ok(),
+        })
+        .unwrap_or(0xF1_4E_3A_11_D0_00_00_05);
+    eprintln!("seed {seed:#x} (replay with WFP_TEST_SEED={seed:#x})");
+    seed
+}
+
+/// xorshift64*.
+#[derive(Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64, stream: u64) -> Rng {
+        Rng((seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15)).max(1))
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn irql(&mut self) -> AleIrql {
+        if self.next() & 1 == 0 {
+            AleIrql::Passive
+        } else {
+            AleIrql::Dispatch
+        }
+    }
+
+    /// A service's thinking time: up to 300 µs, sometimes none.
+    fn latency(&mut self) -> Duration {
+        match self.below(4) {
+            0 => Duration::ZERO,
+            _ => Duration::from_micros(self.below(300)),
+        }
+    }
+
+    /// A connection attempt from a small population, so keys repeat and the cache answers:
+    /// 12 processes (each one of three apps), TCP or UDP, mostly outbound, to a few remotes
+    /// over IPv4 and IPv6 and a few ports.
+    fn attempt(&mut self, local_port: u16) -> Connection {
+        let pid = 100 + self.below(12);
+        let app = APPS[(pid % 3) as usize];
+        let protocol = if self.below(3) == 0 {
+            IpProtocol::Udp
+        } else {
+            IpProtocol::Tcp
+        };
+        let direction = if self.below(5) == 0 {
+            SimDirection::Inbound
+        } else {
+            SimDirection::Outbound
+        };
+        let ip: IpAddr = match self.below(5) {
+            0 => Ipv4Addr::new(192, 0, 2, 7).into(),
+            1 => Ipv4Addr::new(198, 51, 100, 9).into(),
+            2 => Ipv4Addr::new(203, 0, 113, 80).into(),
+            3 => Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x80).into(),
+            _ => Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x53).into(),
+        };
+        let port = [22, 53, 80, 443, 8080][self.below(5) as usize];
+        connection(
+            pid,
+            app,
+            protocol,
+            direction,
+            local_port,
+            SocketAddr::new(ip, port),
+        )
+    }
+}
+
+// --- the simulated service ---------------------------------------------------------------------
+
+fn connected_client(machine: &Machine) -> PortClient {
+    let mut client = machine.port_client(PORT_NAME);
+    client.connect(&[]).expect("the service connects");
+    client
+}
+
+fn encode_reply(reply: ConnectionReply) -> Vec<u8> {
+    let mut out = vec![0u8; ConnectionReply::MAX_LEN];
+    let len = reply.encode(&mut out).unwrap();
+    out.truncate(len);
+    out
+}
+
+/// The reply the service gives under `rules`, cached for a minute.
+fn answer(rules: &Rules, request: &ConnectionRequest) -> (Verdict, Vec<u8>) {
+    let verdict = decide_request(rules, request);
+    let reply = request
+        .reply(verdict)
+        .cached_for(CacheLifetime::from_secs(60).unwrap());
+    (verdict, encode_reply(reply))
+}
+
+/// What the service did with one request.
+#[derive(Clone, Debug)]
+struct Answered {
+    request: ConnectionRequest,
+    /// The verdict it sent in a valid reply, `None` for a fault (or no reply).
+    valid: Option<Verdict>,
+}
+
+/// The answers, shared by the service's threads.
+type Log = Arc<Mutex<Vec<Answered>>>;
+
+/// A well-behaved service: `threads` threads share one connection and answer every request by
+/// `rules` after a random latency, until the connection goes away. Returns the log and the
+/// threads.
+fn serve(
+    machine: &Machine,
+    rules: Arc<Mutex<Rules>>,
+    threads: u64,
+    seed: u64,
+) -> (Log, Vec<thread::JoinHandle<()>>) {
+    let client = Arc::new(connected_client(machine));
+    let log: Log = Arc::default();
+    let handles = (0..threads)
+        .map(|t| {
+            let (client, log, rules) = (Arc::clone(&client), Arc::clone(&log), Arc::clone(&rules));
+            thread::spawn(move || {
+                let mut rng = Rng::new(seed, 1000 + t);
+                while let Some(message) = client.get_message(None) {
+                    let request =
+                        ConnectionRequest::decode(&message.data).expect("the driver's encoding");
+                    thread::sleep(rng.latency());
+                    // Decided and logged under the lock, so a reload is either before or after.
+                    let mut log = log.lock().unwrap();
+                    let (verdict, bytes) = answer(&rules.lock().unwrap(), &request);
+                    match client.reply(message.id, &bytes) {
+                        Ok(()) => log.push(Answered {
+                            request,
+                            valid: Some(verdict),
+                        }),
+                        // The driver closed the connection (at unload): nobody waits.
+                        Err(Status::PORT_DISCONNECTED) => break,
+                        Err(status) => panic!("the driver is waiting for this reply: {status}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    (log, handles)
+}
+
+/// Runs `per_thread` attempts on each of `threads` threads, attempt `n` of thread `t` from
+/// local port `base + t * per_thread + n` (so no two attempts share a local port), drawn from
+/// the seeded population; checks each was decided exactly once. Returns each attempt, its
+/// decision and whether it was pended.
+fn run_attempts(
+    machine: &Machine,
+    seed: u64,
+    threads: u64,
+    per_thread: u64,
+    base: u16,
+) -> Vec<(Connection, Action, bool)> {
+    thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut rng = Rng::new(seed, t + 1);
+                    (0..per_thread)
+                        .map(|n| {
+                            let local = base + (t * per_thread + n) as u16;
+                            let c = rng.attempt(local);
+                            let outcome = machine.connect(&c, rng.irql());
+                            let what = format!("{c:?} (seed {seed:#x})");
+                            let (action, pended) = decided_once(&c, &outcome, &what);
+                            (c, action, pended)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("a connection thread panicked"))
+            .collect()
+    })
+}
+
+// --- the tests -------------------------------------------------------------------------------
+
+/// Issue 5, point 6: 10,000 attempts from 8 threads, out and in, TCP and UDP, IPv4 and IPv6, at
+/// PASSIVE_LEVEL and DISPATCH_LEVEL, with a service of 4 threads answering after a random
+/// latency. Every attempt is decided once: outbound exactly as the rules say (asked, or from
+/// the cache); inbound as the rules say when cached, else the fail-closed default (so a permit
+/// is always the rules'). The service was asked once per pended attempt, about that attempt.
+#[test]
+fn ten_thousand_attempts_from_eight_threads_are_each_decided_once_by_the_rules() {
+    const THREADS: u64 = 8;
+    const PER_THREAD: u64 = 1_250;
+    let seed = seed();
+    let machine = Machine::with_worker_threads(8);
+    let driver = load(&machine, stress::DriverEntry);
+    let policy = Arc::new(Mutex::new(rules(RULES)));
+    let (log, service) = serve(&machine, Arc::clone(&policy), 4, seed);
+
+    let attempts = run_attempts(&machine, seed, THREADS, PER_THREAD, 1_024);
+    assert_eq!(machine.pending_classifications(), 0);
+    // The inbound misses' background questions are answered before the unload.
+    let misses = stress::STATS.snapshot();
+    wait_for_background_asks(
+        &machine,
+        (misses.background_asks + misses.background_skipped) as usize,
+    );
+    unload_clean(&machine, driver);
+    let stats = stress::STATS.snapshot();
+    for thread in service {
+        thread.join().expect("a service thread");
+    }
+
+    let policy = policy.lock().unwrap();
+    let log = log.lock().unwrap();
+    let by_port: HashMap<u16, &Answered> = log
+        .iter()
+        .filter(|a| a.request.direction == Direction::Outbound)
+        .map(|a| (a.request.local_port, a))
+        .collect();
+    assert_eq!(attempts.len(), (THREADS * PER_THREAD) as usize);
+    let (mut pended, mut inbound_defaults) = (0, 0);
+    for (c, decided, was_pended) in &attempts {
+        let what = format!("{c:?} (seed {seed:#x})");
+        let rule = action(decide_connection(&policy, c));
+        match c.direction {
+            SimDirection::Outbound => {
+                assert_eq!(*decided, rule, "{what}");
+                if *was_pended {
+                    pended += 1;
+                    let asked = by_port.get(&c.local.port()).expect("asked about it");
+                    assert_eq!(asked.request.process_id, c.pid, "{what}");
+                    assert_eq!(asked.request.remote_address, c.remote.ip(), "{what}");
+                    assert_eq!(asked.request.remote_port, c.remote.port(), "{what}");
+                    assert_eq!(u8::from(c.protocol), asked.request.ip_protocol, "{what}");
+                    let path: String = asked.request.image_path.chars_lossy().collect();
+                    assert_eq!(path, c.app, "{what}");
+                }
+            }
+            SimDirection::Inbound => {
+                if *decided != rule {
+                    assert_eq!(*decided, Action::Block, "{what}: the default");
+                    inbound_defaults += 1;
+                }
+            }
+        }
+    }
+    let outbound_asked = log
+        .iter()
+        .filter(|a| a.request.direction == Direction::Outbound)
+        .count();
+    assert_eq!(outbound_asked, pended, "one question per pended attempt");
+    assert_eq!(stats.asked as usize, log.len(), "every question answered");
+    assert_eq!(stats.answered, stats.asked);
+    assert!(
+        stats.cache_hits > 1_000,
+        "repeated keys are answered from the cache: {stats:?}"
+    );
+    assert!(pended > 100, "and new ones are asked: {pended}");
+    assert!(stats.defaults >= inbound_defaults, "{stats:?}");
+    for version_v4 in [true, false] {
+        assert!(
+            attempts
+                .iter()
+                .any(|(c, _, p)| *p && c.remote.is_ipv4() == version_v4),
+            "both IP versions were pended (seed {seed:#x})"
+        );
+    }
+    eprintln!(
+        "{} attempts: {pended} pended, {inbound_defaults} inbound defaults; {stats:?}",
+        attempts.len()
+    );
+}
+
+/// The outbound decisions the driver logged, as (request id, verdict, reason), in order.
+fn logged_decisions(machine: &Machine) -> Vec<(u64, String, String)> {
+    machine
+        .debug_output()
+        .iter()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("firewall: #")?;
+            let (id, rest) = rest.split_once(": ")?;
+            let (verdict, reason) = rest.split_once(" (")?;
+            if verdict != "allow" && verdict != "deny" {
+                return None;
+            }
+            let reason = reason.strip_suffix(")\n")?;
+            Some((id.parse().ok()?, verdict.to_owned(), reason.to_owned()))
+        })
+        .collect()
+}
+
+/// Waits until `n` inbound background asks have ended (answered or not, queued or not), by
+/// the driver's log: one line each.
+fn wait_for_background_asks(machine: &Machine, n: usize) {
+    let ended = |line: &String| {
+        line.contains(" for later attempts (")
+            || line.contains(": not asked (")
+            || line.contains("; not asking: ")
+    };
+    // `Machine::wait_for_work_items` returns once the SDK has freed a work item, which it does
+    // before running its closure; so this waits for the closure's own report instead.
+    while machine.debug_output().iter().filter(|l| ended(l)).count() < n {
+        thread::yield_now();
+    }
+}
+
+/// A service that reads every request and answers none, until its connection goes away,
+/// counting what it read in `read`. Returns the requests it read.
+fn silent_service(client: &PortClient, read: &AtomicUsize) -> Vec<ConnectionRequest> {
+    let mut requests = Vec::new();
+    while let Some(message) = client.get_message(None) {
+        requests.push(ConnectionRequest::decode(&message.data).expect("the driver's encoding"));
+        read.fetch_add(1, Ordering::SeqCst);
+    }
+    requests
+}
+
+/// One thread answering by `rules`, no latency, until the connection goes away; returns how
+/// many it answered.
+fn serve_simply(client: PortClient, policy: &str) -> thread::JoinHandle<usize> {
+    let policy = rules(policy);
+    thread::spawn(move || {
+        let mut answered = 0;
+        while let Some(message) = client.get_message(None) {
+            let request = ConnectionRequest::decode(&message.data).expect("the driver's encoding");
+            let (_, bytes) = answer(&policy, &request);
+            match client.reply(message.id, &bytes) {
+                Ok(()) => answered += 1,
+                Err(Status::PORT_DISCONNECTED) => break,
+                Err(status) => panic!("the driver is waiting for this reply: {status}"),
+            }
+        }
+        answered
+    })
+}
+
+/// Faults, at random, under load: 8 threads of attempts while the service answers most
+/// requests but sometimes replies short, oversized, huge, malformed (bad magic, bad verdict,
+/// reserved bits, a cache lifetime beyond the maximum) or about another request, and sometimes
+/// is killed in the middle of a request and restarted. Each attempt is decided once; an
+/// outbound attempt the service validly answered gets the rules' verdict, every other pended
+/// one the default; attempts answered from the cache get the rules' verdict (only valid
+/// replies are cached); inbound attempts get the rules' verdict or the default.
+#[test]
+fn faults_under_load_give_the_rules_or_the_default_and_nothing_else() {
+    const THREADS: u64 = 8;
+    const PER_THREAD: u64 = 250;
+    let seed = seed();
+    let machine = Machine::with_worker_threads(8);
+    let driver = load(&machine, chaos::DriverEntry);
+    let policy = rules(RULES);
+    let log: Log = Arc::default();
+    let done = AtomicBool::new(false);
+    let kills = thread::scope(|s| {
+        let supervisor = s.spawn(|| {
+            let mut rng = Rng::new(seed, 77);
+            let mut kills = 0;
+            'lives: while !done.load(Ordering::SeqCst) {
+                let mut client = machine.port_client(PORT_NAME);
+                if client.connect(&[]).is_err() {
+                    thread::yield_now();
+                    continue;
+                }
+                loop {
+                    // Polls, so it can notice the end of the test; the timeout decides nothing.
+                    let Some(message) = client.get_message(Some(Duration::from_millis(5))) else {
+                        if done.load(Ordering::SeqCst) {
+                            break 'lives;
+                        }
+                        continue;
+                    };
+                    let request = ConnectionRequest::decode(&message.data).unwrap();
+                    thread::sleep(rng.latency());
+                    let (verdict, valid) = answer(&policy, &request);
+                    let id = request.request_id;
+                    let fault: Option<Vec<u8>> = match rng.below(20) {
+                        0 => Some(valid[..23].to_vec()),
+                        1 => Some([valid.as_slice(), &[0]].concat()),
+                        2 => Some(vec![0xA5; 4096]),
+                        3 => Some([b"XXXX", &valid[4..]].concat()),
+                        4 => {
+                            let mut bad = valid.clone();
+                            bad[6] = 2;
+                            Some(bad)
+                        }
+                        5 => {
+                            let mut bad = valid.clone();
+                            bad[20] = 1;
+                            Some(bad)
+                        }
+                        6 => {
+                            let mut bad = valid.clone();
+                            bad[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+                            Some(bad)
+                        }
+                        7 => Some(encode_reply(ConnectionReply::allow(id + 1))),
+                        8 => {
+                            // Killed mid-request: the connection closes without a reply.
+                            log.lock().unwrap().push(Answered {
+                                request,
+                                valid: None,
+                            });
+                            client.disconnect();
+                            kills += 1;
+                            continue 'lives;
+                        }
+                        _ => None,
+                    };
+                    let valid_verdict = fault.is_none().then_some(verdict);
+                    let bytes = fault.unwrap_or(valid);
+                    match client.reply(message.id, &bytes) {
+                        Ok(()) => log.lock().unwrap().push(Answered {
+                            request,
+                            valid: valid_verdict,
+                        }),
+                        Err(status) => panic!("the driver is waiting for this reply: {status}"),
+                    }
+                }
+            }
+            kills
+        });
+        let attempts = run_attempts(&machine, seed, THREADS, PER_THREAD, 2_000);
+        done.store(true, Ordering::SeqCst);
+        let kills = supervisor.join().expect("the service supervisor");
+
+        let log = log.lock().unwrap();
+        let by_port: HashMap<u16, &Answered> = log
+            .iter()
+            .filter(|a| a.request.direction == Direction::Outbound)
+            .map(|a| (a.request.local_port, a))
+            .collect();
+        let mut faulted = 0;
+        for (c, decided, pended) in &attempts {
+            let what = format!("{c:?} (seed {seed:#x})");
+            let rule = action(decide_connection(&policy, c));
+            match (c.direction, pended) {
+                (SimDirection::Outbound, true) => {
+                    match by_port.get(&c.local.port()).and_then(|a| a.valid) {
+                        Some(verdict) => assert_eq!(*decided, action(verdict), "{what}"),
+                        None => {
+                            assert_eq!(*decided, Action::Block, "{what}: the default");
+                            faulted += 1;
+                        }
+                    }
+                }
+                (SimDirection::Outbound, false) => assert_eq!(*decided, rule, "{what}: cached"),
+                (SimDirection::Inbound, _) => assert!(
+                    *decided == rule || *decided == Action::Block,
+                    "{what}: the rules or the default"
+                ),
+            }
+        }
+        assert!(faulted > 20, "faults happened (seed {seed:#x}): {faulted}");
+        kills
+    });
+    assert!(kills > 0, "the service was killed (seed {seed:#x})");
+    unload_clean(&machine, driver);
+    eprintln!(
+        "faults under load: {kills} kills; {:?}",
+        chaos::STATS.snapshot()
+    );
+}
+
+/// The service is killed while the driver waits for its reply: that connection gets the
+/// default at once (not at the timeout); with no service, the next one too; once it is
+/// restarted, connections get its verdict again.
+#[test]
+fn a_killed_service_gives_the_default_until_it_is_restarted() {
+    let machine = Machine::new();
+    let driver = load(&machine, killed::DriverEntry);
+    let mut client = connected_client(&machine);
+    let outcome = thread::scope(|s| {
+        let attempt = s.spawn(|| machine.connect(&browser(40_000, web(7, 443)), AleIrql::Dispatch));
+        let message = client.get_message(None).expect("the request");
+        ConnectionRequest::decode(&message.data).unwrap();
+        // Killed with the request unanswered.
+        client.disconnect();
+        attempt.join().unwrap()
+    });
+    let c = browser(40_000, web(7, 443));
+    assert_eq!(decided_once(&c, &outcome, "killed"), (Action::Block, true));
+
+    let c = browser(40_001, web(7, 443));
+    let outcome = machine.connect(&c, AleIrql::Passive);
+    assert_eq!(
+        decided_once(&c, &outcome, "no service"),
+        (Action::Block, true)
+    );
+
+    let service = serve_simply(connected_client(&machine), RULES);
+    let c = browser(40_002, web(7, 443));
+    let outcome = machine.connect(&c, AleIrql::Dispatch);
+    assert_eq!(
+        decided_once(&c, &outcome, "restarted"),
+        (Action::Permit, true)
+    );
+
+    let reasons: Vec<String> = logged_decisions(&machine)
+        .into_iter()
+        .map(|(_, verdict, reason)| format!("{verdict} ({reason})"))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "deny (default: the client disconnected before it replied)",
+            "deny (default: no client is connected to the port)",
+            "allow (service, cached for 60 s)",
+        ]
+    );
+    unload_clean(&machine, driver);
+    assert_eq!(service.join().unwrap(), 1);
+}
+
+/// A service that reads requests and never answers: with a 50 ms timeout, every connection
+/// gets the default, however long the timeout takes on this machine.
+#[test]
+fn no_reply_within_the_timeout_gives_the_default() {
+    let machine = Machine::with_worker_threads(4);
+    let driver = load(&machine, impatient::DriverEntry);
+    let client = connected_client(&machine);
+    let counted = AtomicUsize::new(0);
+    let (outcomes, read) = thread::scope(|s| {
+        let service = s.spawn(|| silent_service(&client, &counted));
+        let attempts: Vec<_> = (0..4u16)
+            .map(|n| {
+                let machine = &machine;
+                s.spawn(move || {
+                    let c = browser(41_000 + n, web(10 + n as u8, 443));
+                    let outcome = machine.connect(&c, AleIrql::Dispatch);
+                    (c, outcome)
+                })
+            })
+            .collect();
+        let outcomes: Vec<_> = attempts.into_iter().map(|a| a.join().unwrap()).collect();
+        machine.unload_driver(driver).expect("unloads");
+        (outcomes, service.join().unwrap())
+    });
+    for (c, outcome) in &outcomes {
+        assert_eq!(decided_once(c, outcome, "timed out"), (Action::Block, true));
+    }
+    assert_eq!(read.len(), 4, "each was asked");
+    let logged = logged_decisions(&machine);
+    assert_eq!(logged.len(), 4);
+    assert!(
+        logged.iter().all(|(_, verdict, reason)| verdict == "deny"
+            && reason == "default: no reply within the timeout"),
+        "{logged:?}"
+    );
+    assert_eq!(machine.pool_blocks(), []);
+}
+
+/// Every kind of bad reply gives the default, and only a valid reply to the request asked
+/// gives the service's verdict. User mode is not told that its reply was refused.
+#[test]
+fn short_oversized_malformed_and_mismatched_replies_give_the_default() {
+    type Corrupt = Box<dyn Fn(&ConnectionRequest, Vec<u8>) -> Vec<u8> + Send + Sync>;
+    let set = |at: usize, bytes: &'static [u8]| -> Corrupt {
+        Box::new(move |_, mut valid| {
+            valid[at..at + bytes.len()].copy_from_slice(bytes);
+            valid
+        })
+    };
+    let cases: Vec<(Corrupt, &str)> = vec![
+        (
+            Box::new(|_, valid| valid[..23].to_vec()),
+            "default: the reply has 23 bytes, fewer than the 24 the protocol requires",
+        ),
+        (
+            Box::new(|_, _| Vec::new()),
+            "default: the reply has 0 bytes, fewer than the 24 the protocol requires",
+        ),
+        (
+            Box::new(|_, valid| [valid, vec![0]].concat()),
+            "default: the reply is longer than the 24 bytes the protocol allows",
+        ),
+        (
+            Box::new(|_, _| vec![0xA5; 4096]),
+            "default: the reply is longer than the 24 bytes the protocol allows",
+        ),
+        (set(0, b"FWRQ"), "default: malformed reply: bad reply magic"),
+        (
+            set(4, &[2, 0]),
+            "default: malformed reply: unsupported protocol version",
+        ),
+        (
+            set(6, &[2]),
+            "default: malformed reply: the verdict is 0 (deny) or 1 (allow)",
+        ),
+        (
+            set(7, &[1]),
+            "default: malformed reply: reserved reply fields are not zero",
+        ),
+        (
+            set(20, &[0, 0, 0, 1]),
+            "default: malformed reply: reserved reply fields are not zero",
+        ),
+        (
+            Box::new(|r, _| encode_reply(ConnectionReply::allow(r.request_id + 1))),
+            "default: the reply answers request #{next}, not #{id}",
+        ),
+        (
+            Box::new(|_, _| encode_reply(ConnectionReply::allow(0))),
+            "default: the reply answers request #0, not #{id}",
+        ),
+        (Box::new(|_, valid| valid), "service, cached for 60 s"),
+    ];
+    let machine = Machine::new();
+    let driver = load(&machine, replies::DriverEntry);
+    let client = connected_client(&machine);
+    let policy = rules(RULES);
+    let mut ids = Vec::new();
+    thread::scope(|s| {
+        let corruptions: Vec<_> = cases.iter().map(|(corrupt, _)| corrupt).collect();
+        let (client, policy) = (&client, &policy);
+        let service = s.spawn(move || {
+            let mut ids = Vec::new();
+            for corrupt in corruptions {
+                let message = client.get_message(None).expect("a request");
+                let request = ConnectionRequest::decode(&message.data).unwrap();
+                let (_, valid) = answer(policy, &request);
+                client.reply(message.id, &corrupt(&request, valid)).unwrap();
+                ids.push(request.request_id);
+            }
+            ids
+        });
+        for (n, _) in cases.iter().enumerate() {
+            // A remote of its own each time: nothing is answered from the cache.
+            let c = browser(42_000 + n as u16, web(100 + n as u8, 443));
+            let irql = if n % 2 == 0 {
+                AleIrql::Dispatch
+            } else {
+                AleIrql::Passive
+            };
+            let expected = if n == cases.len() - 1 {
+                Action::Permit
+            } else {
+                Action::Block
+            };
+            let outcome = machine.connect(&c, irql);
+            assert_eq!(
+                decided_once(&c, &outcome, &format!("case {n}")),
+                (expected, true)
+            );
+        }
+        ids = service.join().unwrap();
+    });
+    let logged = logged_decisions(&machine);
+    let expected: Vec<(u64, String, String)> = cases
+        .iter()
+        .zip(&ids)
+        .map(|((_, reason), id)| {
+            let verdict = if reason.starts_with("service") {
+                "allow"
+            } else {
+                "deny"
+            };
+            let reason = reason
+                .replace("{id}", &id.to_string())
+                .replace("{next}", &(id + 1).to_string());
+            (*id, verdict.to_owned(), reason)
+        })
+        .collect();
+    assert_eq!(logged, expected);
+    let stats = replies::STATS.snapshot();
+    assert_eq!((stats.asked, stats.answered, stats.cached), (12, 1, 1));
+    unload_clean(&machine, driver);
+}
+
+/// Every pool allocation on an outbound connection's path is made to fail in turn (the work
+/// item and its `IO_WORKITEM`; the message buffers and the filter manager's message): the
+/// connection is still pended once and decided once, by the default; then, with no failure
+/// left to inject, by the service. The same for an inbound attempt, whose background ask is
+/// then simply not made. Nothing leaks.
+#[test]
+fn allocation_failures_fall_back_to_the_default() {
+    let machine = Machine::new();
+    let driver = load(&machine, alloc::DriverEntry);
+    let service = serve_simply(connected_client(&machine), RULES);
+    let mut failures = 0;
+    for skip in 0.. {
+        assert!(skip < 100, "the path has a bounded number of allocations");
+        machine.fail_allocations(skip, 1);
+        // A remote port of its own each time: never answered from the cache.
+        let c = browser(43_000 + skip as u16, web(7, 443));
+        let c = Connection {
+            remote: SocketAddr::new(c.remote.ip(), 80 + skip as u16),
+            ..c
+        };
+        let c = if skip == 0 {
+            c
+        } else {
+            Connection {
+                remote: web(7, 443),
+                ..c
+            }
+        };
+        let outcome = machine.connect(&c, AleIrql::Dispatch);
+        let injected = machine.pending_allocation_failures() == 0;
+        machine.fail_allocations(0, 0);
+        let (decided, pended) = decided_once(&c, &outcome, &format!("allocation {skip}"));
+        assert!(pended);
+        if !injected {
+            assert_eq!(decided, Action::Permit, "no failure: the service's verdict");
+            break;
+        }
+        failures += 1;
+        assert_eq!(
+            decided,
+            Action::Block,
+            "allocation {skip} failed: fail closed"
+        );
+    }
+    let logged = logged_decisions(&machine);
+    assert_eq!(logged.len(), failures + 1, "{logged:#?}");
+    let (last, failed) = logged.split_last().unwrap();
+    assert_eq!(last.1, "allow");
+    let queueing = "default: could not queue a work item: out of non-paged pool";
+    let sending = "default: FltSendMessage failed: STATUS_INSUFFICIENT_RESOURCES";
+    assert!(
+        failed.iter().all(|(_, verdict, reason)| verdict == "deny"
+            && (reason == queueing || reason.starts_with(sending))),
+        "{logged:#?}"
+    );
+    assert!(failed.iter().any(|(_, _, reason)| reason == queueing));
+    assert!(
+        failed
+            .iter()
+            .any(|(_, _, reason)| reason.starts_with(sending))
+    );
+
+    // Inbound: the attempt gets the default at once whatever fails; the background ask is
+    // made or not.
+    for skip in 0.. {
+        assert!(skip < 100, "the path has a bounded number of allocations");
+        machine.fail_allocations(skip, 1);
+        let c = connection(
+            300 + skip,
+            APPS[2],
+            IpProtocol::Tcp,
+            SimDirection::Inbound,
+            22,
+            SocketAddr::new(Ipv4Addr::new(192, 0, 2, 200).into(), 50_000),
+        );
+        let outcome = machine.connect(&c, AleIrql::Dispatch);
+        wait_for_background_asks(&machine, skip as usize + 1);
+        let injected = machine.pending_allocation_failures() == 0;
+        machine.fail_allocations(0, 0);
+        let what = format!("inbound, allocation {skip}");
+        assert_eq!(decided_once(&c, &outcome, &what), (Action::Block, false));
+        if !injected {
+            break;
+        }
+    }
+    assert!(alloc::STATS.snapshot().background_skipped > 0);
+    unload_clean(&machine, driver);
+    service.join().unwrap();
+}
+
+/// Unload while outbound connections are pended and their work items wait for a service that
+/// reads the requests but never answers, with a two-minute timeout: `stopping` closes the
+/// service's connection, so every waiting send fails at once; each pend is completed with the
+/// default and reauthorized before the filters go. Nothing leaks.
+#[test]
+fn unload_with_questions_outstanding_decides_every_pended_connection() {
+    const PENDED: u16 = 10;
+    let machine = Machine::with_worker_threads(PENDED as usize);
+    let driver = load(&machine, unload_silent::DriverEntry);
+    let client = connected_client(&machine);
+    let counted = AtomicUsize::new(0);
+    let (outcomes, read) = thread::scope(|s| {
+        let service = s.spawn(|| silent_service(&client, &counted));
+        let attempts: Vec<_> = (0..PENDED)
+            .map(|n| {
+                let machine = &machine;
+                s.spawn(move || {
+                    let c = browser(44_000 + n, web(20 + n as u8, 443));
+                    let irql = if n % 2 == 0 {
+                        AleIrql::Dispatch
+                    } else {
+                        AleIrql::Passive
+                    };
+                    let outcome = machine.connect(&c, irql);
+                    (c, outcome)
+                })
+            })
+            .collect();
+        // Every question waits for the service.
+        while counted.load(Ordering::SeqCst) < PENDED as usize {
+            thread::yield_now();
+        }
+        let unloader = s.spawn(|| machine.unload_driver(driver));
+        let outcomes: Vec<_> = attempts.into_iter().map(|a| a.join().unwrap()).collect();
+        unloader.join().unwrap().expect("unloads");
+        (outcomes, service.join().unwrap())
+    });
+    for (c, outcome) in &outcomes {
+        assert_eq!(decided_once(c, outcome, "unloaded"), (Action::Block, true));
+    }
+    assert_eq!(read.len(), PENDED as usize);
+    let logged = logged_decisions(&machine);
+    assert_eq!(logged.len(), PENDED as usize);
+    assert!(
+        logged.iter().all(|(_, verdict, reason)| verdict == "deny"
+            && reason == "default: the client disconnected before it replied"),
+        "{logged:?}"
+    );
+    assert_eq!(machine.pending_classifications(), 0);
+    assert_eq!(machine.pool_blocks(), [], "pool left after unload");
+    assert!(!client.is_connected(), "unload disconnected the service");
+}
+
+/// Unload while 6 threads keep connecting, out and in, and the service keeps answering: each
+/// attempt is decided once — by the driver (the rules or the default), or, once its session is
+/// closed, by nobody (permitted, as after any unload); never a pended attempt reauthorized
+/// after the filters are gone. Nothing leaks.
+#[test]
+fn unload_under_load_decides_every_attempt_once() {
+    const THREADS: u64 = 6;
+    let seed = seed();
+    let machine = Machine::with_worker_threads(4);
+    let driver = load(&machine, unload_busy::DriverEntry);
+    let policy = Arc::new(Mutex::new(rules(RULES)));
+    let (_log, service) = serve(&machine, Arc::clone(&policy), 2, seed);
+    let unloaded = AtomicBool::new(false);
+    let attempts: Vec<(Connection, ConnectOutcome)> = thread::scope(|s| {
+        let workers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (machine, unloaded) = (&machine, &unloaded);
+                s.spawn(move || {
+                    let mut rng = Rng::new(seed, 200 + t);
+                    let mut attempts = Vec::new();
+                    for n in 0u64..100_000 {
+                        if n >= 5 && unloaded.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let local = 20_000 + (t * 3_000 + n % 3_000) as u16;
+                        let c = rng.attempt(local);
+                        let outcome = machine.connect(&c, rng.irql());
+                        attempts.push((c, outcome));
+                    }
+                    attempts
+                })
+            })
+            .collect();
+        while unload_busy::STATS.snapshot().answered < 20 {
+            thread::yield_now();
+        }
+        // The connecting threads stop once this is over, failed or not.
+        let unloading = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            unload_clean(&machine, driver)
+        }));
+        unloaded.store(true, Ordering::SeqCst);
+        if let Err(panic) = unloading {
+            std::panic::resume_unwind(panic);
+        }
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("a connection thread"))
+            .collect()
+    });
+    for thread in service {
+        thread.join().unwrap();
+    }
+    let policy = policy.lock().unwrap();
+    let (mut by_driver, mut after) = (0, 0);
+    for (c, outcome) in &attempts {
+        let what = format!("{c:?} (seed {seed:#x}): {outcome:?}");
+        let layer = auth_layer(c);
+        let at_auth: Vec<_> = outcome
+            .layers
+            .iter()
+            .filter(|(name, _)| *name == layer)
+            .map(|(_, d)| *d)
+            .collect();
+        let last = at_auth.last().expect("classified");
+        assert_eq!(at_auth.len(), if outcome.pended { 2 } else { 1 }, "{what}");
+        if last.filter_id.is_none() {
+            assert!(
+                !outcome.pended,
+                "{what}: reauthorized after the filters were gone"
+            );
+            assert_eq!(outcome.decision.action, Action::Permit, "{what}");
+            after += 1;
+        } else {
+            let rule = action(decide_connection(&policy, c));
+            assert!(
+                last.action == rule || last.action == Action::Block,
+                "{what}: the rules or the default"
+            );
+            by_driver += 1;
+        }
+    }
+    assert!(
+        by_driver >= 20,
+        "decided before the unload (seed {seed:#x})"
+    );
+    eprintln!(
+        "unload under load: {} attempts, {by_driver} by the driver, {after} after its filters",
+        attempts.len()
+    );
+}
+
+/// No service connected: every attempt gets the default (fail-closed), outbound after a pend,
+/// inbound at once; nothing is cached.
+#[test]
+fn without_a_service_everything_gets_the_fail_closed_default() {
+    let seed = seed();
+    let machine = Machine::with_worker_threads(2);
+    let driver = load(&machine, no_service::DriverEntry);
+    let attempts = run_attempts(&machine, seed, 4, 50, 45_000);
+    for (c, decided, _) in &attempts {
+        assert_eq!(*decided, Action::Block, "{c:?} (seed {seed:#x})");
+    }
+    let stats = no_service::STATS.snapshot();
+    assert_eq!((stats.answered, stats.cached, stats.cache_hits), (0, 0, 0));
+    assert!(
+        logged_decisions(&machine)
+            .iter()
+            .all(|(_, verdict, reason)| verdict == "deny"
+                && reason == "default: no client is connected to the port")
+    );
+    unload_clean(&machine, driver);
+}
+
+/// The default is configuration: fail-open permits when no service answers.
+#[test]
+fn a_fail_open_configuration_permits_without_a_service() {
+    let machine = Machine::new();
+    let driver = load(&machine, fail_open::DriverEntry);
+    let out = browser(46_000, web(7, 443));
+    assert_eq!(
+        decided_once(&out, &machine.connect(&out, AleIrql::Dispatch), "out"),
+        (Action::Permit, true)
+    );
+    let inbound = connection(
+        7,
+        APPS[2],
+        IpProtocol::Tcp,
+        SimDirection::Inbound,
+        22,
+        web(9, 50_000),
+    );
+    assert_eq!(
+        decided_once(&inbound, &machine.connect(&inbound, AleIrql::Passive), "in"),
+        (Action::Permit, false)
+    );
+    unload_clean(&machine, driver);
+}
+
+/// The cache answers a repeated (process, image, direction, protocol, remote endpoint) at once,
+/// whatever the local port; another process, another image under a reused process id, another
+/// protocol or remote is asked about. A reply with no lifetime is not cached.
+#[test]
+fn the_cache_answers_known_connections_at_once() {
+    let machine = Machine::new();
+    let driver = load(&machine, caching::DriverEntry);
+    let client = connected_client(&machine);
+    let policy = rules(RULES);
+    let asked = Mutex::new(Vec::new());
+    thread::scope(|s| {
+        let service = s.spawn(|| {
+            while let Some(message) = client.get_message(None) {
+                let request = ConnectionRequest::decode(&message.data).unwrap();
+                let verdict = decide_request(&policy, &request);
+                // Port 80 answers are not to be cached.
+                let reply = if request.remote_port == 80 {
+                    request.reply(verdict)
+                } else {
+                    request
+                        .reply(verdict)
+                        .cached_for(CacheLifetime::from_secs(60).unwrap())
+                };
+                asked.lock().unwrap().push(request.clone());
+                if client.reply(message.id, &encode_reply(reply)).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut port = 47_000;
+        let mut attempt = |c: Connection| {
+            port += 1;
+            let c = Connection {
+                local: SocketAddr::new(c.local.ip(), port),
+                ..c
+            };
+            let outcome = machine.connect(&c, AleIrql::Dispatch);
+            decided_once(&c, &outcome, &format!("{c:?}"))
+        };
+        let b = browser(0, web(7, 443));
+        assert_eq!(attempt(b.clone()), (Action::Permit, true), "asked");
+        assert_eq!(attempt(b.clone()), (Action::Permit, false), "cached");
+        assert_eq!(attempt(b.clone()), (Action::Permit, false), "cached");
+        let denied = browser(0, web(7, 25));
+        assert_eq!(attempt(denied.clone()), (Action::Block, true), "asked");
+        assert_eq!(
+            attempt(denied),
+            (Action::Block, false),
+            "a deny is cached too"
+        );
+        let other_pid = Connection {
+            pid: 101,
+            ..b.clone()
+        };
+        assert_eq!(
+            attempt(other_pid),
+            (Action::Permit, true),
+            "another process"
+        );
+        let reused_pid = Connection {
+            app: APPS[2].into(),
+            ..b.clone()
+        };
+        assert_eq!(
+            attempt(reused_pid),
+            (Action::Block, true),
+            "another image, same pid"
+        );
+        let udp = Connection {
+            protocol: IpProtocol::Udp,
+            ..b.clone()
+        };
+        assert_eq!(attempt(udp), (Action::Block, true), "another protocol");
+        let other_remote = browser(0, web(8, 443));
+        assert_eq!(
+            attempt(other_remote),
+            (Action::Permit, true),
+            "another remote"
+        );
+        let uncached = browser(0, web(7, 80));
+        assert_eq!(attempt(uncached.clone()), (Action::Permit, true), "asked");
+        assert_eq!(
+            attempt(uncached),
+            (Action::Permit, true),
+            "no lifetime: asked again"
+        );
+        unload_clean(&machine, driver);
+        service.join().unwrap();
+    });
+    let stats = caching::STATS.snapshot();
+    assert_eq!(
+        (stats.cache_hits, stats.asked, stats.cached),
+        (3, 8, 6),
+        "{stats:?}"
+    );
+    assert_eq!(asked.lock().unwrap().len(), 8);
+}
+
+/// The cache is bounded: with 4 entries (one set), a fifth verdict evicts the oldest, which is
+/// asked about again; the others are still answered from the cache. With no cache, everything
+/// is asked every time.
+#[test]
+fn a_full_cache_evicts_the_oldest_verdict() {
+    let machine = Machine::new();
+    let driver = load(&machine, small_cache::DriverEntry);
+    let service = serve_simply(connected_client(&machine), RULES);
+    let mut port = 48_000;
+    let mut attempt = |remote: u8| {
+        port += 1;
+        let c = browser(port, web(remote, 443));
+        decided_once(
+            &c,
+            &machine.connect(&c, AleIrql::Passive),
+            &format!("{remote}"),
+        )
+        .1
+    };
+    for remote in 1..=4 {
+        assert!(attempt(remote), "{remote}: asked");
+    }
+    for remote in 1..=4 {
+        assert!(!attempt(remote), "{remote}: cached");
+    }
+    assert!(attempt(5), "5: asked, evicting 1");
+    assert!(attempt(1), "1: evicted, asked again (evicting 2)");
+    for remote in [3, 4, 5, 1] {
+        assert!(!attempt(remote), "{remote}: still cached");
+    }
+    let stats = small_cache::STATS.snapshot();
+    assert_eq!(
+        (stats.asked, stats.evicted, stats.cache_hits),
+        (6, 2, 8),
+        "{stats:?}"
+    );
+    unload_clean(&machine, driver);
+    assert_eq!(service.join().unwrap(), 6);
+
+    let machine = Machine::new();
+    let driver = load(&machine, no_cache::DriverEntry);
+    let service = serve_simply(connected_client(&machine), RULES);
+    for n in 0..3 {
+        let c = browser(48_100 + n, web(7, 443));
+        assert_eq!(
+            decided_once(&c, &machine.connect(&c, AleIrql::Passive), "no cache"),
+            (Action::Permit, true)
+        );
+    }
+    assert_eq!(no_cache::STATS.snapshot().cached, 0);
+    unload_clean(&machine, driver);
+    assert_eq!(service.join().unwrap(), 3);
+}
+
+/// Inbound is never pended: a peer's first attempt gets the default at once while the service
+/// is asked in the background; the next attempt gets the service's cached verdict, allow or
+/// deny.
+#[test]
+fn inbound_gets_the_default_then_the_services_cached_verdict() {
+    let machine = Machine::new();
+    let driver = load(&machine, inbound::DriverEntry);
+    let service = serve_simply(connected_client(&machine), RULES);
+    // The rules allow the tool everything, and nothing else in.
+    let peer = |app: &str, local_port: u16, remote_port: u16| {
+        connection(
+            4,
+            app,
+            IpProtocol::Tcp,
+            SimDirection::Inbound,
+            local_port,
+            SocketAddr::new(
+                Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 9).into(),
+                remote_port,
+            ),
+        )
+    };
+    let ssh = peer(APPS[1], 22, 50_000);
+    let other = peer(APPS[2], 23, 50_001);
+    for c in [&ssh, &other] {
+        assert_eq!(
+            decided_once(c, &machine.connect(c, AleIrql::Dispatch), "first"),
+            (Action::Block, false),
+            "the default at once"
+        );
+    }
+    wait_for_background_asks(&machine, 2);
+    assert_eq!(
+        decided_once(
+            &ssh,
+            &machine.connect(&ssh, AleIrql::Dispatch),
+            "retransmitted"
+        ),
+        (Action::Permit, false),
+        "the rules allow the tool in: cached"
+    );
+    assert_eq!(
+        decided_once(
+            &other,
+            &machine.connect(&other, AleIrql::Passive),
+            "retransmitted"
+        ),
+        (Action::Block, false),
+        "the rules deny the rest: cached"
+    );
+    let stats = inbound::STATS.snapshot();
+    assert_eq!(
+        (
+            stats.background_asks,
+            stats.answered,
+            stats.cache_hits,
+            stats.defaults
+        ),
+        (2, 2, 2, 2),
+        "{stats:?}"
+    );
+    let lines = machine.debug_output();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.ends_with(": allow for later attempts (service, cached for 60 s)\n")),
+        "{lines:#?}"
+    );
+    unload_clean(&machine, driver);
+    assert_eq!(service.join().unwrap(), 2);
+}
+
+/// At most `background_asks` inbound questions are in flight: with a silent service, the
+/// first three misses queue a question each, later ones only get the default. Unload ends the
+/// waiting questions at once.
+#[test]
+fn inbound_background_asks_are_bounded() {
+    let machine = Machine::with_worker_threads(4);
+    let driver = load(&machine, inbound_bounded::DriverEntry);
+    let client = connected_client(&machine);
+    let read = AtomicUsize::new(0);
+    thread::scope(|s| {
+        let service = s.spawn(|| silent_service(&client, &read));
+        for n in 0..6u16 {
+            let c = connection(
+                7,
+                APPS[2],
+                IpProtocol::Udp,
+                SimDirection::Inbound,
+                5_000,
+                web(50 + n as u8, 40_000),
+            );
+            assert_eq!(
+                decided_once(&c, &machine.connect(&c, AleIrql::Dispatch), "inbound"),
+                (Action::Block, false)
+            );
+        }
+        let stats = inbound_bounded::STATS.snapshot();
+        assert_eq!((stats.background_asks, stats.background_skipped), (3, 3));
+        // The three questions wait for the service when the driver unloads.
+        while read.load(Ordering::SeqCst) < 3 {
+            thread::yield_now();
+        }
+        unload_clean(&machine, driver);
+        assert_eq!(service.join().unwrap().len(), 3);
+    });
+}
+
+/// Loopback is permitted without asking by default (even with no service); with
+/// `permit_loopback: false` it is asked about like any other connection.
+#[test]
+fn loopback_is_permitted_without_asking_unless_configured_otherwise() {
+    let local = |direction| {
+        connection(
+            100,
+            APPS[2],
+            IpProtocol::Tcp,
+            direction,
+            49_000,
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 8080),
+        )
+    };
+    let machine = Machine::new();
+    let driver = load(&machine, loopback::DriverEntry);
+    for direction in [SimDirection::Outbound, SimDirection::Inbound] {
+        let c = local(direction);
+        assert_eq!(
+            decided_once(&c, &machine.connect(&c, AleIrql::Dispatch), "loopback"),
+            (Action::Permit, false)
+        );
+    }
+    let v6 = Connection {
+        remote: SocketAddr::new(Ipv6Addr::LOCALHOST.into(), 8080),
+        local: SocketAddr::new(Ipv6Addr::LOCALHOST.into(), 49_001),
+        ..local(SimDirection::Outbound)
+    };
+    assert_eq!(
+        decided_once(&v6, &machine.connect(&v6, AleIrql::Passive), "loopback v6"),
+        (Action::Permit, false)
+    );
+    let stats = loopback::STATS.snapshot();
+    assert_eq!((stats.loopback, stats.asked), (3, 0));
+    unload_clean(&machine, driver);
+
+    let machine = Machine::new();
+    let driver = load(&machine, loopback_asked::DriverEntry);
+    let c = local(SimDirection::Outbound);
+    assert_eq!(
+        decided_once(&c, &machine.connect(&c, AleIrql::Dispatch), "asked"),
+        (Action::Block, true),
+        "asked, nobody answered: the default"
+    );
+    unload_clean(&machine, driver);
+}
+
+/// TCP and UDP are filtered; ICMP is not (see the crate documentation): with no service, an
+/// ICMP echo is not seen by the driver and passes.
+#[test]
+fn icmp_is_not_filtered() {
+    let machine = Machine::new();
+    let driver = load(&machine, firewall_driver::DriverEntry);
+    assert_eq!(
+        machine.debug_output()[0],
+        "firewall: asking the service on \\WfpRsFirewallPort (500 ms timeout, default deny, \
+         1024 cache entries, loopback permitted)\n"
+    );
+    let ping = Connection {
+        protocol: IpProtocol::Icmp,
+        ..browser(0, web(7, 0))
+    };
+    let outcome = machine.connect(&ping, AleIrql::Dispatch);
+    assert!(!outcome.pended);
+    assert_eq!(outcome.decision.action, Action::Permit);
+    let (_, at_connect) = outcome
+        .layers
+        .iter()
+        .find(|(name, _)| *name == AleAuthConnectV4::NAME)
+        .expect("ALE_AUTH_CONNECT ran");
+    assert_eq!(
+        at_connect.filter_id, None,
+        "no filter of the driver matched"
+    );
+    let udp = Connection {
+        protocol: IpProtocol::Udp,
+        ..browser(49_500, web(7, 53))
+    };
+    assert_eq!(
+        decided_once(&udp, &machine.connect(&udp, AleIrql::Dispatch), "udp"),
+        (Action::Block, true)
+    );
+    unload_clean(&machine, driver);
+}
