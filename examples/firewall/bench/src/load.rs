@@ -168,6 +168,16 @@ impl Load {
         }
     }
 
+    /// How many lines of the machine's debug output contain `needle` (the firewall logs why it
+    /// gave a default).
+    pub fn debug_lines_containing(&self, needle: &str) -> usize {
+        self.machine
+            .debug_output()
+            .iter()
+            .filter(|line| line.contains(needle))
+            .count()
+    }
+
     /// Stops the clients, unloads the driver (which disconnects the service), and checks that
     /// nothing is left: no pend, no pool. Returns how many requests the service answered.
     pub fn finish(mut self) -> u64 {
