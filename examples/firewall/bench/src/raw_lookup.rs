@@ -85,7 +85,8 @@ impl RawFields {
         fixed: *const sys::FWPS_INCOMING_VALUES0,
         meta: *const sys::FWPS_INCOMING_METADATA_VALUES0,
     ) -> RawFields {
-        // SAFETY (each read below): the engine's values for this layer, of the documented type.
+        // SAFETY: the engine's values for this layer (the caller's contract); each read below
+        // likewise.
         let flags = unsafe { value(fixed, index::FLAGS) };
         // SAFETY: as above.
         let app = unsafe { value(fixed, index::ALE_APP_ID) };
@@ -107,7 +108,7 @@ impl RawFields {
             0
         };
         RawFields {
-            // SAFETY (each union read below): the arm of the field's type at this layer.
+            // SAFETY: the arm of the field's type at this layer; each union read below likewise.
             flags: unsafe { flags.uint32 },
             // SAFETY: as above.
             app: unsafe { app.byteBlob },
