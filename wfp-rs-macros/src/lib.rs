@@ -2,7 +2,6 @@
 //! (`wfp_rs::guid!`, `#[wfp_rs::driver_entry]`); the generated code refers to `::wfp_rs`.
 
 use proc_macro::TokenStream;
-use proc_macro2::Span;
 use quote::quote;
 use syn::spanned::Spanned;
 use syn::{Error, FnArg, ItemFn, LitStr, ReturnType, Type, parse_macro_input};
@@ -85,25 +84,55 @@ fn parse_guid(text: &str) -> Result<GuidFields, String> {
 ///
 /// On Windows the generated `DriverEntry` is the image's exported entry point; in the simulator
 /// it is a plain `pub` function to pass to `Machine::load_driver`. Unload is wired automatically.
+///
+/// The attribute also defines the image's `#[panic_handler]` (`wfp_rs::panic_handler!()`: print
+/// the panic to the kernel debugger, then bug check with `KMODE_EXCEPTION_NOT_HANDLED`; nothing
+/// in the simulator). A driver that defines its own handler opts out:
+///
+/// ```text
+/// #[wfp_rs::driver_entry(no_panic_handler)]
+/// fn entry(irql: &mut PassiveLevel, driver: &mut Driver) -> Result<MyState, Status> { ... }
+/// ```
 #[proc_macro_attribute]
 pub fn driver_entry(args: TokenStream, item: TokenStream) -> TokenStream {
-    if !args.is_empty() {
-        return Error::new(Span::call_site(), "#[driver_entry] takes no arguments")
-            .to_compile_error()
-            .into();
-    }
     let function = parse_macro_input!(item as ItemFn);
+    let panic_handler = match parse_entry_args(args) {
+        Ok(panic_handler) => panic_handler,
+        Err(error) => {
+            // Keep the function, so the only error is ours (as below).
+            let error = error.to_compile_error();
+            return quote! { #function #error }.into();
+        }
+    };
     if let Err(error) = check_entry(&function) {
         // Keep the function, so the only error is ours (no "unused import", no "cannot find").
         let error = error.to_compile_error();
         return quote! { #function #error }.into();
     }
     let name = &function.sig.ident;
+    let panic_handler = panic_handler.then(|| quote! { ::wfp_rs::panic_handler!(); });
     quote! {
         #function
         ::wfp_rs::__export_driver_entry!(#name);
+        #panic_handler
     }
     .into()
+}
+
+/// Whether to define the panic handler: `#[driver_entry]` does, `#[driver_entry(no_panic_handler)]`
+/// does not; anything else is an error.
+fn parse_entry_args(args: TokenStream) -> Result<bool, Error> {
+    if args.is_empty() {
+        return Ok(true);
+    }
+    let args = proc_macro2::TokenStream::from(args);
+    match syn::parse2::<syn::Ident>(args.clone()) {
+        Ok(ident) if ident == "no_panic_handler" => Ok(false),
+        _ => Err(Error::new_spanned(
+            args,
+            "#[driver_entry] takes no arguments, or `no_panic_handler` to leave the panic handler to the driver",
+        )),
+    }
 }
 
 fn check_entry(function: &ItemFn) -> Result<(), Error> {

@@ -8,7 +8,7 @@
 //!   from code that may run at `DISPATCH_LEVEL` does not compile.
 //! - [`driver`]: `DriverEntry` and unload glue ([`driver_entry`]).
 //! - [`spin_lock`], [`event`], [`work_item`], [`pool`]: the kernel services a callout driver
-//!   uses, each taking the IRQL token it needs.
+//!   uses, each taking the IRQL token it needs; [`time`]: the monotonic interrupt-time clock.
 //! - [`sys`]: the raw kernel ABI, with two backends: the real kernel (`nt`, when compiling for
 //!   Windows) and the host simulator (everywhere else, or with the `sim` feature).
 //! - `sim` (simulator backend only): boot a simulated machine, load drivers, assert bug checks.
@@ -57,6 +57,7 @@ mod secure_device;
 pub mod spin_lock;
 pub mod status;
 pub mod sys;
+pub mod time;
 pub mod work_item;
 
 #[cfg(wfp_sim)]
@@ -66,8 +67,8 @@ pub mod sim;
 #[cfg(all(feature = "user", any(wfp_nt, unix)))]
 pub mod user;
 
-#[cfg(all(wfp_nt, feature = "panic-handler"))]
-mod panic;
+#[doc(hidden)]
+pub mod panic;
 
 pub use guid::Guid;
 pub use status::Status;

@@ -156,6 +156,22 @@ impl Machine {
         }
     }
 
+    /// The machine's interrupt time, what [`Instant::now`](crate::time::Instant::now) returns
+    /// inside it. Callable from any thread, also outside the machine.
+    pub fn now(&self) -> crate::time::Instant {
+        crate::time::Instant::from_ticks(self.kernel.interrupt_time())
+    }
+
+    /// Moves the machine's clock forward by `by` (rounded up to whole 100-ns ticks), at once and
+    /// for every thread in the machine: the clock is real monotonic time since the machine
+    /// started plus the sum of these advances. Tests use it to expire timeouts and cache
+    /// entries deterministically, without sleeping. The clock only moves forward; an advance
+    /// past the end of the clock's range saturates.
+    pub fn advance_clock(&self, by: core::time::Duration) {
+        let ticks = u64::try_from(by.as_nanos().div_ceil(100)).unwrap_or(u64::MAX);
+        self.kernel.advance_clock(ticks);
+    }
+
     /// Runs `f` on this thread inside the machine at `PASSIVE_LEVEL`, as harness code (not
     /// charged to any driver). Kernel functions and the SDK's safe API work inside.
     pub fn run<R>(&self, f: impl FnOnce() -> R) -> R {

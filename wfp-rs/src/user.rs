@@ -23,8 +23,9 @@
 //! path of its Unix domain socket. Killing the service process closes its connections, as
 //! Windows does: the driver sees the port disconnect and its pending requests cancelled.
 //!
-//! The feature links `std`: a service is a user-mode program, never the driver itself (and it
-//! cannot be combined with `panic-handler`).
+//! The feature links `std`: a service is a user-mode program, never the driver itself. (A driver
+//! crate defines the kernel's panic handler, through `#[driver_entry]`; wfp-rs itself defines
+//! none, so a service can depend on wfp-rs in the same workspace as the drivers.)
 //!
 //! ```no_run
 //! use std::time::Duration;

@@ -17,6 +17,7 @@ pub type KIRQL = u8;
 pub type KSPIN_LOCK = usize;
 pub type BOOLEAN = u8;
 pub type ULONG = u32;
+pub type ULONG64 = u64;
 pub type LONG = i32;
 pub type ULONG_PTR = usize;
 pub type SIZE_T = usize;

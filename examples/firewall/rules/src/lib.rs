@@ -48,8 +48,7 @@
 //! `protocol` from `ip_protocol`, and `direction` mapped one to one. The crate deliberately does
 //! not depend on `firewall-protocol` (and so on `wfp-rs`): it is plain `std` + `toml`, and builds
 //! and tests the same on every target, whatever features the rest of the workspace turns on in
-//! `wfp-rs` (a workspace-wide Windows build unifies in `wfp-rs/panic-handler`, which clashes
-//! with `std`). Its [`Verdict`] and [`Direction`] mirror the protocol's enums.
+//! `wfp-rs`. Its [`Verdict`] and [`Direction`] mirror the protocol's enums.
 //!
 //! The driver reports the process image as an NT device path
 //! (`\device\harddiskvolume3\windows\system32\curl.exe`); a [`VolumeMap`] turns it into the

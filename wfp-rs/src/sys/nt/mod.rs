@@ -58,6 +58,9 @@ unsafe extern "system" {
     pub fn KeInitializeEvent(Event: *mut KEVENT, Type: EVENT_TYPE, State: BOOLEAN);
     pub fn KeSetEvent(Event: *mut KEVENT, Increment: KPRIORITY, Wait: BOOLEAN) -> LONG;
     pub fn KeClearEvent(Event: *mut KEVENT);
+
+    /// Exported since Windows 8.1; callable at any IRQL.
+    pub fn KeQueryInterruptTimePrecise(QpcTimeStamp: *mut ULONG64) -> ULONG64;
     pub fn KeWaitForSingleObject(
         Object: PVOID,
         WaitReason: i32,

@@ -118,6 +118,10 @@ pub(crate) struct Kernel {
     pub wfp_pend: Condvar,
     /// I/O requests, file objects, symbolic links and device security (`irp.rs`).
     pub irp: super::irp::IoManager,
+    /// The interrupt-time clock: host monotonic time since the machine started, plus
+    /// `clock_offset` (100-ns ticks) that the harness adds with `Machine::advance_clock`.
+    pub clock_start: std::time::Instant,
+    pub clock_offset: AtomicU64,
 }
 
 static NEXT_THREAD_ID: AtomicU64 = AtomicU64::new(1);
@@ -160,6 +164,8 @@ impl Kernel {
             flt: super::flt::FilterManager::default(),
             wfp_pend: Condvar::new(),
             irp: super::irp::IoManager::default(),
+            clock_start: std::time::Instant::now(),
+            clock_offset: AtomicU64::new(0),
         });
         let mut handles = Vec::with_capacity(workers);
         for index in 0..workers {
@@ -193,6 +199,27 @@ impl Kernel {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The interrupt time, in 100-ns ticks: real time since the machine started (so it moves
+    /// on while the machine sleeps, as interrupt time does) plus the harness's offset.
+    pub(crate) fn interrupt_time(&self) -> u64 {
+        // Offset first: of two reads ordered by happens-before, the later sees an offset and an
+        // elapsed time at least as large, so the sum never goes back.
+        let offset = self.clock_offset.load(Ordering::SeqCst);
+        let elapsed = self.clock_start.elapsed().as_nanos() / 100;
+        u64::try_from(elapsed)
+            .unwrap_or(u64::MAX)
+            .saturating_add(offset)
+    }
+
+    /// Moves the clock forward by `ticks` (100 ns each), saturating.
+    pub(crate) fn advance_clock(&self, ticks: u64) {
+        let _ = self
+            .clock_offset
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |offset| {
+                Some(offset.saturating_add(ticks))
+            });
     }
 
     /// Stops the worker threads (the harness's `Machine` drop).
@@ -328,4 +355,26 @@ pub unsafe extern "C" fn DbgPrintEx(
     }
     kernel.lock().debug.push(text);
     0
+}
+
+/// `KeQueryInterruptTimePrecise`: the machine's interrupt time in 100-ns units, at any IRQL. The
+/// performance-counter value written to `QpcTimeStamp` is the same count (a 10 MHz counter, the
+/// frequency current Windows versions report).
+///
+/// # Safety
+///
+/// `QpcTimeStamp` must be valid for a write of a `ULONG64`. A null pointer stops the machine
+/// with `KMODE_EXCEPTION_NOT_HANDLED` (the kernel would fault writing to it).
+pub unsafe extern "system" fn KeQueryInterruptTimePrecise(QpcTimeStamp: *mut ULONG64) -> ULONG64 {
+    let now = current().interrupt_time();
+    if QpcTimeStamp.is_null() {
+        stop(
+            BugCheckCode::KMODE_EXCEPTION_NOT_HANDLED,
+            [0xC000_0005, 0, 1, 0],
+            "KeQueryInterruptTimePrecise: QpcTimeStamp is null; the kernel writes the counter value through it (an access violation in kernel mode)",
+        );
+    }
+    // SAFETY: the caller passes a pointer valid for a ULONG64 write, and it is not null.
+    unsafe { QpcTimeStamp.write(now) };
+    now
 }

@@ -49,7 +49,7 @@ pub mod exports {
     pub use super::irql::{
         KeAcquireSpinLockRaiseToDpc, KeGetCurrentIrql, KeLowerIrql, KeReleaseSpinLock, KfRaiseIrql,
     };
-    pub use super::kernel::DbgPrintEx;
+    pub use super::kernel::{DbgPrintEx, KeQueryInterruptTimePrecise};
     pub use super::pool::{ExAllocatePool2, ExFreePoolWithTag};
     pub use super::wfp::{
         FwpmCalloutAdd0, FwpmCalloutDeleteByKey0, FwpmEngineClose0, FwpmEngineOpen0,
