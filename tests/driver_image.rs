@@ -43,6 +43,16 @@ fn minimal_driver_image_is_a_wdm_kernel_driver() {
     check_driver_image(&sys);
 }
 
+/// The example firewall's driver: a bigger driver (port, control device, four callouts) whose
+/// classify path once needed a stack probe (`__chkstk`) the kernel image cannot link.
+#[test]
+fn firewall_driver_image_is_a_wdm_kernel_driver() {
+    let Some(sys) = build_driver_image("firewall-driver") else {
+        return;
+    };
+    check_driver_image(&sys);
+}
+
 /// Runs `cargo xtask driver <package>` in `<target>/driver-image` and returns the `.sys` path
 /// it prints, or `None` (after printing `SKIPPED: ...`) when the Windows target is missing.
 fn build_driver_image(package: &str) -> Option<PathBuf> {

@@ -347,6 +347,12 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_is_72_bytes() {
+        // The crate documentation's memory figures.
+        assert_eq!(core::mem::size_of::<Option<Entry>>(), 72);
+    }
+
+    #[test]
     fn capacity_is_rounded_down_to_whole_sets() {
         with_cache(10, |irql, cache| assert_eq!(cache.capacity(irql), 8));
         with_cache(3, |irql, cache| assert_eq!(cache.capacity(irql), 3));

@@ -27,7 +27,8 @@ impl Ticks {
     }
 }
 
-/// Now, at any IRQL.
+/// Now, at any IRQL: the kernel's interrupt time, which does not jump when the wall clock is
+/// set and keeps counting through sleep.
 pub(crate) fn now() -> Ticks {
-    Ticks(0)
+    Ticks(wfp_rs::time::Instant::now().as_ticks())
 }

@@ -15,11 +15,12 @@
 //!
 //! One terminating filter per layer hands the callout every connection whose IP protocol is TCP
 //! or UDP (two consecutive conditions on `IP_PROTOCOL`, which the engine ORs). **ICMP and other
-//! protocols are not filtered**: an ICMP "connection" at these layers is a raw or ICMP socket
-//! (ping), whose "remote port" is an ICMP type/code, not something the rules' port ranges mean;
-//! leaving it to the Windows firewall keeps `ping` and path-MTU discovery working whatever the
-//! service says. A product that wants to filter ICMP adds `1` and `58` to the filter conditions
-//! ([`FILTERED_PROTOCOLS`]); nothing else in the driver depends on ports.
+//! protocols are not filtered**: at these layers WFP puts an ICMP message's type and code in
+//! the port fields (`FWPM_CONDITION_ICMP_TYPE` is `FWPM_CONDITION_IP_LOCAL_PORT`, the code the
+//! remote port), which the service's port rules would misread, and leaving ICMP to the Windows
+//! firewall keeps `ping` working whatever the service says. A product that wants to filter ICMP
+//! adds `1` and `58` to [`FILTERED_PROTOCOLS`] and teaches its rules the type and code; nothing
+//! in the driver depends on ports.
 //!
 //! The provider, sublayer, callout entries and filters are added in one dynamic session, in one
 //! transaction, after the callouts are registered, as in `examples/seed-fixed`.
@@ -59,7 +60,7 @@
 //! | the work item cannot be queued (no pool): the default is recorded, and the closure that came back is dropped with the pend in it, which completes it | the default |
 //! | the recorded verdict was evicted from the [`VerdictTable`] (more than [`VERDICT_SLOTS`] completions waiting for their reauthorization) | the cache's verdict if it has one, else the default |
 //! | a reauthorization the driver did not cause (WFP reauthorizes when policy changes) | the cache's verdict if it has one, else the default |
-//! | the connection's fields cannot be read, or the classification cannot be pended | the default, at once |
+//! | the connection's fields or image path cannot be read, there is no pool for the request, or the classification cannot be pended | the default, at once (nothing pended) |
 //! | a heavier sublayer already decided hard (no write right) | that decision stands |
 //! | the driver is unloading | the default, at once (nothing is pended any more) |
 //!
@@ -96,7 +97,8 @@
 //! image path is hashed in (64-bit FNV-1a) so a reused process id does not inherit a verdict.
 //!
 //! - **Bounded**: [`Config::cache_capacity`] entries (rounded down to a multiple of [`WAYS`]),
-//!   allocated once by [`start`], about 64 bytes each. Lookups and insertions never allocate.
+//!   allocated once by [`start`], 72 bytes each (72 KiB for the default 1024). Lookups and
+//!   insertions never allocate.
 //! - **Set-associative**: the key's hash picks a set of [`WAYS`] slots; a lookup scans one set
 //!   under a spin lock, at any IRQL up to `DISPATCH_LEVEL`, so its cost does not grow with the
 //!   capacity.
@@ -104,8 +106,9 @@
 //!   slot that expired first, else the oldest entry of the set (first inserted). (A cache with
 //!   fewer than [`WAYS`] entries is one set: plain "expired first, then oldest".)
 //! - **Expiry**: a verdict lives `cache_seconds` from the reply (at most one day,
-//!   [`firewall_protocol::MAX_CACHE_SECONDS`]), measured on the kernel's monotonic clock; a
-//!   lookup that finds it expired removes it and asks again. `cache_seconds = 0` means "do not
+//!   [`firewall_protocol::MAX_CACHE_SECONDS`]), measured on the kernel's interrupt-time clock
+//!   ([`wfp_rs::time::Instant`], which the wall clock's changes do not move); a lookup that
+//!   finds it expired removes it and asks again. `cache_seconds = 0` means "do not
 //!   cache".
 //! - **Revocable**: each entry remembers the `request_id` of the reply that created it. The
 //!   [`REVOKE`] command removes the entries of the listed requests, or all of them
@@ -128,7 +131,8 @@
 //! # Control device
 //!
 //! The [`REVOKE`] command arrives as a buffered I/O control request on the control device
-//! [`CONTROL_DEVICE_NAME`] (only administrators and SYSTEM may open it): its input is decoded
+//! [`CONTROL_DEVICE_NAME`] ([`ControlDevice`]; only administrators and SYSTEM may open it,
+//! and the handler runs in the service's thread at `PASSIVE_LEVEL`): its input is decoded
 //! with [`Revoke::decode`] and answered with [`Revoked`] (8 bytes; a smaller output buffer is
 //! `STATUS_BUFFER_TOO_SMALL`, a malformed request `STATUS_INVALID_PARAMETER`). Any other control
 //! code is `STATUS_INVALID_DEVICE_REQUEST`.
@@ -169,12 +173,13 @@
 //!    background ask is queued — and closes the service's connection, so a send waiting for a
 //!    reply fails at once.
 //! 2. The SDK waits until no work item is queued or running: every pend is completed.
-//! 3. [`Firewall::unload`](DriverState::unload) waits until every completed pend has been
+//! 3. [`Firewall::unload`](DriverState::unload) closes the control device (waiting for a
+//!    command in progress), then waits until every completed pend has been
 //!    reauthorized (no pend in flight, the [`VerdictTable`] empty), or until
 //!    [`Config::timeout`] + [`REAUTHORIZATION_GRACE`] pass without progress.
-//! 4. It closes the engine session (the filters go before the callouts: a terminating filter
-//!    whose callout is gone blocks everything), unregisters the callouts, closes the control
-//!    device and the port, and unregisters the minifilter.
+//! 4. It closes the engine session (the filters go
+//!    before the callouts: a terminating filter whose callout is gone blocks everything),
+//!    unregisters the callouts, closes the port, and unregisters the minifilter.
 //!
 //! # Logging
 //!
@@ -193,6 +198,7 @@
 //! [`Revoked`]: firewall_protocol::control::Revoked
 //! [`CONTROL_DEVICE_NAME`]: firewall_protocol::control::CONTROL_DEVICE_NAME
 //! [`VerdictTable`]: wfp_rs::pend::VerdictTable
+//! [`ControlDevice`]: wfp_rs::control::ControlDevice
 //! [`ConnectionKey`]: wfp_rs::pend::ConnectionKey
 //! [`Classify::pend`]: wfp_rs::callout::Classify::pend
 //! [`SendError::NotConnected`]: wfp_rs::port::SendError::NotConnected
@@ -221,6 +227,7 @@ use firewall_protocol::{
 };
 use wfp_rs::callout::{Callout, CalloutRegistration, Classify};
 use wfp_rs::classify::ClassifyOut;
+use wfp_rs::control::{CommandHandler, ControlDevice};
 use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::engine::{CalloutEntry, Engine, Provider, SessionOptions, Sublayer};
 use wfp_rs::event::{Event, EventKind};
@@ -233,6 +240,7 @@ use wfp_rs::layer::{
     fields,
 };
 use wfp_rs::pend::{ConnectionKey, PendError, PendableByCompletionHandle, VerdictTable};
+use wfp_rs::pool::{PoolBox, PoolTag};
 use wfp_rs::port::{Filter, SendError, ServerPort};
 use wfp_rs::work_item::WorkQueue;
 use wfp_rs::{Guid, Status, guid, kd_print};
@@ -250,7 +258,7 @@ static ALLOCATOR: wfp_rs::pool::PoolAllocator =
 /// How long a work item waits for the service's reply by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// How many verdicts the cache holds by default (about 64 KiB of non-paged pool).
+/// How many verdicts the cache holds by default (72 KiB of non-paged pool).
 pub const DEFAULT_CACHE_CAPACITY: usize = 1024;
 
 /// How many inbound background asks may be in flight by default.
@@ -463,8 +471,29 @@ impl Observed {
         }
     }
 
+    /// The request that asks about this connection, in pool memory. With its image path (up to
+    /// 1 KiB) a request is too big for a classify callback's stack: a frame over a page needs a
+    /// stack probe (`__chkstk`), which a kernel image does not link, and the network stack
+    /// leaves callouts little room. So it is built in frames of its own and carried to the work
+    /// item by pointer.
+    #[inline(never)]
+    fn boxed_request<L>(
+        &self,
+        c: &Classify<'_, L>,
+        request_id: u64,
+        irql: &impl AtMostDispatch,
+    ) -> Result<PoolBox<ConnectionRequest>, NoRequest>
+    where
+        L: Layer,
+        fields::AleAppId: Field<L>,
+    {
+        let request = self.request(c, request_id).ok_or(NoRequest::Unreadable)?;
+        PoolBox::try_new(request, REQUEST_TAG, irql).map_err(|_| NoRequest::NoPool)
+    }
+
     /// The request that asks about this connection, with the image path from the `ALE_APP_ID`
     /// field (cut to [`MAX_PATH_UNITS`] and marked truncated if longer).
+    #[inline(never)]
     fn request<L>(&self, c: &Classify<'_, L>, request_id: u64) -> Option<ConnectionRequest>
     where
         L: Layer,
@@ -492,6 +521,27 @@ impl Observed {
         })
     }
 }
+
+/// Why no request was built for a connection.
+#[derive(Clone, Copy, Debug)]
+enum NoRequest {
+    /// The `ALE_APP_ID` field is missing or malformed.
+    Unreadable,
+    /// No pool for the request.
+    NoPool,
+}
+
+impl fmt::Display for NoRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NoRequest::Unreadable => f.write_str("the image path cannot be read"),
+            NoRequest::NoPool => f.write_str("no pool for the request"),
+        }
+    }
+}
+
+/// The pool tag of the requests work items carry.
+const REQUEST_TAG: PoolTag = PoolTag::new(b"FwRq");
 
 /// Whether the classification's `FLAGS` field marks loopback.
 fn is_loopback<L: Layer>(c: &Classify<'_, L>) -> bool
@@ -790,12 +840,12 @@ where
         }
         // Counted before the flag is read (see `Shared::settle`).
         shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        let request_id = shared.request_id();
         let decided_at_once = |c: &mut Classify<'_, L>, reason: &dyn fmt::Display| {
             shared.count(Counter::Defaults);
             kd_print!(
                 Warning,
-                "firewall: pid {}: {default} (default: {reason})\n",
-                observed.key.pid
+                "firewall: #{request_id}: {default} (default: {reason})\n"
             );
             apply(&mut c.out, default);
             shared.finished(irql);
@@ -804,10 +854,12 @@ where
             decided_at_once(c, &"unloading");
             return;
         }
-        let request_id = shared.request_id();
-        let Some(request) = observed.request(c, request_id) else {
-            decided_at_once(c, &"the image path cannot be read");
-            return;
+        let request = match observed.boxed_request(c, request_id, irql) {
+            Ok(request) => request,
+            Err(error) => {
+                decided_at_once(c, &error);
+                return;
+            }
         };
         let pended = match c.pend() {
             Ok(pended) => pended,
@@ -926,15 +978,18 @@ where
             return;
         }
         let request_id = shared.request_id();
-        let Some(request) = observed.request(c, request_id) else {
-            shared.background.fetch_sub(1, Ordering::SeqCst);
-            shared.count(Counter::BackgroundSkipped);
-            kd_print!(
-                Warning,
-                "firewall: pid {} inbound: {default} (default: not cached; the image path cannot be read)\n",
-                observed.key.pid
-            );
-            return;
+        let request = match observed.boxed_request(c, request_id, irql) {
+            Ok(request) => request,
+            Err(error) => {
+                shared.background.fetch_sub(1, Ordering::SeqCst);
+                shared.count(Counter::BackgroundSkipped);
+                kd_print!(
+                    Warning,
+                    "firewall: pid {} inbound: {default} (default: not cached; not asking: {error})\n",
+                    observed.key.pid
+                );
+                return;
+            }
         };
         kd_print!(
             "firewall: #{request_id}: {}: {default} (default: not cached; asking the service for later attempts)\n",
@@ -1002,6 +1057,24 @@ impl Shared {
     }
 }
 
+/// The control device's handler: the service's commands (see "Control device" in the crate
+/// documentation).
+pub struct Commands {
+    shared: Arc<Shared>,
+}
+
+impl CommandHandler for Commands {
+    fn command(
+        &self,
+        irql: &mut PassiveLevel<'_>,
+        code: ControlCode,
+        input: &[u8],
+        output: &mut [u8],
+    ) -> Result<usize, Status> {
+        self.shared.command(irql, code, input, output)
+    }
+}
+
 /// What the driver keeps while it is loaded.
 pub struct Firewall {
     engine: Engine,
@@ -1009,6 +1082,7 @@ pub struct Firewall {
     connect_v6: CalloutRegistration<AleAuthConnectV6, Outbound>,
     accept_v4: CalloutRegistration<AleAuthRecvAcceptV4, Inbound>,
     accept_v6: CalloutRegistration<AleAuthRecvAcceptV6, Inbound>,
+    control: ControlDevice<Commands>,
     shared: Arc<Shared>,
     filter: Filter,
 }
@@ -1037,9 +1111,12 @@ impl DriverState for Firewall {
             connect_v6,
             accept_v4,
             accept_v6,
+            control,
             shared,
             filter,
         } = self;
+        // No more commands; the handler's share of the state goes with the device.
+        control.close(irql);
         if !shared.settle(irql) {
             kd_print!(
                 Warning,
@@ -1121,6 +1198,14 @@ pub fn start(
         background: AtomicUsize::new(0),
         own_stats: Stats::new(),
     });
+    let control = ControlDevice::new(
+        irql,
+        driver,
+        config.device_name,
+        Commands {
+            shared: Arc::clone(&shared),
+        },
+    )?;
 
     // Registered before the filters that name them exist, so no connection meets a filter
     // whose callout is missing (it would be blocked).
@@ -1200,6 +1285,7 @@ pub fn start(
         connect_v6,
         accept_v4,
         accept_v6,
+        control,
         shared,
         filter,
     })

@@ -49,7 +49,8 @@ pub struct Stats {
 pub struct StatsSnapshot {
     /// Classifications answered from the verdict cache.
     pub cache_hits: u64,
-    /// Requests sent to the service (outbound pends and inbound background asks).
+    /// Questions put to the port (outbound pends and inbound background asks), whether or not
+    /// a service was connected to receive them.
     pub asked: u64,
     /// Valid replies to those requests (the right `request_id`, well-formed, in time).
     pub answered: u64,

@@ -23,19 +23,23 @@ use std::thread;
 use std::time::Duration;
 
 use firewall_driver::{Config, Stats};
+use firewall_protocol::control::{
+    CONTROL_DEVICE_PATH, MAX_REVOKE_IDS, REVOKE, REVOKE_MAX_LEN, Revoke, Revoked,
+};
 use firewall_protocol::{
     CacheLifetime, ConnectionReply, ConnectionRequest, Direction, PORT_NAME, Verdict,
 };
 use firewall_rules::{Rules, VolumeMap};
 use wfp_rs::Status;
 use wfp_rs::classify::Action;
+use wfp_rs::inverted::{ControlCode, RequiredAccess};
 use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::layer::{
     AleAuthConnectV4, AleAuthConnectV6, AleAuthRecvAcceptV4, AleAuthRecvAcceptV6, Layer,
 };
 use wfp_rs::metadata::Direction as SimDirection;
 use wfp_rs::port::Message;
-use wfp_rs::sim::{AleIrql, ConnectOutcome, Connection, LoadedDriver, Machine, PortClient};
+use wfp_rs::sim::{AleIrql, Caller, ConnectOutcome, Connection, LoadedDriver, Machine, PortClient};
 
 /// Long enough never to expire while a service is answering, however slow the machine.
 const PATIENT: Duration = Duration::from_secs(120);
@@ -82,6 +86,9 @@ configured_driver!(no_service, PATIENT_CONFIG);
 configured_driver!(caching, PATIENT_CONFIG);
 configured_driver!(inbound, PATIENT_CONFIG);
 configured_driver!(loopback, PATIENT_CONFIG);
+configured_driver!(revoking, PATIENT_CONFIG);
+configured_driver!(reload, PATIENT_CONFIG);
+configured_driver!(expiry, PATIENT_CONFIG);
 configured_driver!(
     impatient,
     Config {
@@ -1038,39 +1045,29 @@ fn short_oversized_malformed_and_mismatched_replies_give_the_default() {
     unload_clean(&machine, driver);
 }
 
-/// Every pool allocation on an outbound connection's path is made to fail in turn (the work
-/// item and its `IO_WORKITEM`; the message buffers and the filter manager's message): the
-/// connection is still pended once and decided once, by the default; then, with no failure
-/// left to inject, by the service. The same for an inbound attempt, whose background ask is
-/// then simply not made. Nothing leaks.
+/// Every pool allocation on an outbound connection's path is made to fail in turn (the request,
+/// the work item and its `IO_WORKITEM`, the message buffers and the filter manager's message):
+/// the connection is decided once, by the default — at once when the request cannot be
+/// allocated, after its pend otherwise; then, with no failure left to inject, by the service.
+/// The same for an inbound attempt, whose background ask is then simply not made. Nothing
+/// leaks.
 #[test]
 fn allocation_failures_fall_back_to_the_default() {
     let machine = Machine::new();
     let driver = load(&machine, alloc::DriverEntry);
     let service = serve_simply(connected_client(&machine), RULES);
-    let mut failures = 0;
+    let (mut failures, mut unpended) = (0, 0);
     for skip in 0.. {
         assert!(skip < 100, "the path has a bounded number of allocations");
         machine.fail_allocations(skip, 1);
-        // A remote port of its own each time: never answered from the cache.
+        // The same key each time: a default is not cached, so each attempt is asked about.
         let c = browser(43_000 + skip as u16, web(7, 443));
-        let c = Connection {
-            remote: SocketAddr::new(c.remote.ip(), 80 + skip as u16),
-            ..c
-        };
-        let c = if skip == 0 {
-            c
-        } else {
-            Connection {
-                remote: web(7, 443),
-                ..c
-            }
-        };
         let outcome = machine.connect(&c, AleIrql::Dispatch);
         let injected = machine.pending_allocation_failures() == 0;
         machine.fail_allocations(0, 0);
         let (decided, pended) = decided_once(&c, &outcome, &format!("allocation {skip}"));
-        assert!(pended);
+        // Only a failure to allocate the request itself decides before the pend.
+        unpended += usize::from(!pended);
         if !injected {
             assert_eq!(decided, Action::Permit, "no failure: the service's verdict");
             break;
@@ -1086,13 +1083,17 @@ fn allocation_failures_fall_back_to_the_default() {
     assert_eq!(logged.len(), failures + 1, "{logged:#?}");
     let (last, failed) = logged.split_last().unwrap();
     assert_eq!(last.1, "allow");
+    let request = "default: no pool for the request";
     let queueing = "default: could not queue a work item: out of non-paged pool";
     let sending = "default: FltSendMessage failed: STATUS_INSUFFICIENT_RESOURCES";
     assert!(
         failed.iter().all(|(_, verdict, reason)| verdict == "deny"
-            && (reason == queueing || reason.starts_with(sending))),
+            && (reason == request || reason == queueing || reason.starts_with(sending))),
         "{logged:#?}"
     );
+    let at_once = failed.iter().filter(|(_, _, reason)| reason == request);
+    assert_eq!(at_once.count(), unpended, "{logged:#?}");
+    assert_eq!(unpended, 1, "one allocation before the pend");
     assert!(failed.iter().any(|(_, _, reason)| reason == queueing));
     assert!(
         failed
@@ -1662,4 +1663,324 @@ fn icmp_is_not_filtered() {
         (Action::Block, true)
     );
     unload_clean(&machine, driver);
+}
+
+/// Sends the revoke command `input` as the service does, and decodes the driver's answer.
+fn send_revoke(machine: &Machine, input: &[u8]) -> Result<u32, Status> {
+    let device = machine
+        .open_device(CONTROL_DEVICE_PATH, Caller::System)
+        .expect("the service opens the control device");
+    let completion = device
+        .device_io_control(REVOKE.raw(), input, firewall_protocol::control::REVOKED_LEN)
+        .wait();
+    let output = completion.ok()?;
+    Ok(Revoked::decode(output)
+        .expect("the driver's answer")
+        .removed)
+}
+
+fn revoke_all(machine: &Machine) -> Result<u32, Status> {
+    let mut bytes = [0u8; REVOKE_MAX_LEN];
+    let len = Revoke::encode_all(&mut bytes).unwrap();
+    send_revoke(machine, &bytes[..len])
+}
+
+/// Revokes the verdicts of `ids`, in as many commands as it takes; returns how many went.
+fn revoke_ids(machine: &Machine, ids: &[u64]) -> u32 {
+    ids.chunks(MAX_REVOKE_IDS)
+        .map(|chunk| {
+            let mut bytes = [0u8; REVOKE_MAX_LEN];
+            let len = Revoke::encode_requests(chunk, &mut bytes).unwrap();
+            send_revoke(machine, &bytes[..len]).expect("revoked")
+        })
+        .sum()
+}
+
+/// The control device's revoke command removes the cached verdicts of the named requests, or
+/// all of them, and those connections are asked about again; other codes, malformed commands
+/// and a short output buffer are refused; a standard user cannot open the device.
+#[test]
+fn the_revoke_command_forgets_cached_verdicts() {
+    let seed = seed();
+    let machine = Machine::new();
+    let driver = load(&machine, revoking::DriverEntry);
+    let (log, service) = serve(&machine, Arc::new(Mutex::new(rules(RULES))), 1, seed);
+    let mut port = 50_000;
+    let mut attempt = |remote: u8| {
+        port += 1;
+        let c = browser(port, web(remote, 443));
+        decided_once(
+            &c,
+            &machine.connect(&c, AleIrql::Dispatch),
+            &format!("{remote}"),
+        )
+    };
+    let id_of = |remote: u8| {
+        let log = log.lock().unwrap();
+        log.iter()
+            .rev()
+            .find(|a| a.request.remote_address == web(remote, 443).ip())
+            .map(|a| a.request.request_id)
+            .expect("asked")
+    };
+    assert_eq!(attempt(7), (Action::Permit, true));
+    assert_eq!(attempt(8), (Action::Permit, true));
+    assert_eq!(attempt(7), (Action::Permit, false), "cached");
+    assert_eq!(attempt(8), (Action::Permit, false), "cached");
+
+    assert_eq!(revoke_ids(&machine, &[id_of(7), 999_999]), 1);
+    assert_eq!(attempt(7), (Action::Permit, true), "revoked: asked again");
+    assert_eq!(
+        attempt(8),
+        (Action::Permit, false),
+        "not named: still cached"
+    );
+    assert_eq!(revoke_all(&machine), Ok(2));
+    assert_eq!(attempt(7), (Action::Permit, true), "asked again");
+    assert_eq!(attempt(8), (Action::Permit, true), "asked again");
+    assert_eq!(revoking::STATS.snapshot().revoked, 3);
+
+    // Refusals.
+    let device = machine
+        .open_device(CONTROL_DEVICE_PATH, Caller::Administrator)
+        .unwrap();
+    let other = ControlCode::buffered(0x8A5E, 0x802, RequiredAccess::Write);
+    let refused = |code: ControlCode, input: &[u8], output_len: usize| {
+        device
+            .device_io_control(code.raw(), input, output_len)
+            .wait()
+            .ok()
+            .map(<[u8]>::to_vec)
+    };
+    let mut buffer = [0u8; REVOKE_MAX_LEN];
+    let len = Revoke::encode_all(&mut buffer).unwrap();
+    let all = &buffer[..len];
+    assert_eq!(refused(other, all, 8), Err(Status::INVALID_DEVICE_REQUEST));
+    assert_eq!(
+        refused(REVOKE, &all[..15], 8),
+        Err(Status::INVALID_PARAMETER)
+    );
+    let mut bad_magic = all.to_vec();
+    bad_magic[0] = b'X';
+    assert_eq!(
+        refused(REVOKE, &bad_magic, 8),
+        Err(Status::INVALID_PARAMETER)
+    );
+    assert_eq!(refused(REVOKE, all, 7), Err(Status::BUFFER_TOO_SMALL));
+    assert_eq!(
+        machine.open_device(CONTROL_DEVICE_PATH, Caller::User).err(),
+        Some(Status::ACCESS_DENIED)
+    );
+    drop(device);
+    assert_eq!(
+        attempt(8),
+        (Action::Permit, false),
+        "the refusals revoked nothing"
+    );
+    unload_clean(&machine, driver);
+    for thread in service {
+        thread.join().unwrap();
+    }
+}
+
+/// Issue 5, point 6: the rules are reloaded in the middle of 8 threads of attempts. The
+/// service swaps its rules and revokes the cached verdicts the new rules no longer give, by
+/// request id, as the real service does. Every attempt is decided once; an attempt that starts
+/// after the revoke command returned gets the new rules (outbound) or the new rules or the
+/// default (inbound) — never a stale cached verdict; attempts during the reload get the old
+/// rules or the new ones (or the default, inbound).
+#[test]
+fn a_rules_reload_with_revoke_mid_stream_gives_no_stale_verdict() {
+    const THREADS: u64 = 8;
+    const PER_THREAD: u64 = 500;
+    let seed = seed();
+    let machine = Machine::with_worker_threads(8);
+    let driver = load(&machine, reload::DriverEntry);
+    let policy = Arc::new(Mutex::new(rules(RULES)));
+    let (log, service) = serve(&machine, Arc::clone(&policy), 4, seed);
+    let reloaded = AtomicBool::new(false);
+    let (old, new) = (rules(RULES), rules(RELOADED_RULES));
+
+    let (attempts, removed) = thread::scope(|s| {
+        let reloader = s.spawn(|| {
+            while reload::STATS.snapshot().answered < 300 {
+                thread::yield_now();
+            }
+            // What the service does on a reload: swap the rules, then revoke every cached
+            // verdict it gave that the new rules do not give. Under the log's lock, so no
+            // answer is being given meanwhile.
+            let log = log.lock().unwrap();
+            *policy.lock().unwrap() = rules(RELOADED_RULES);
+            let stale: Vec<u64> = log
+                .iter()
+                .filter(|a| {
+                    a.valid
+                        .is_some_and(|v| v != decide_request(&new, &a.request))
+                })
+                .map(|a| a.request.request_id)
+                .collect();
+            let removed = revoke_ids(&machine, &stale);
+            reloaded.store(true, Ordering::SeqCst);
+            removed
+        });
+        let workers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (machine, reloaded) = (&machine, &reloaded);
+                s.spawn(move || {
+                    let mut rng = Rng::new(seed, 300 + t);
+                    (0..PER_THREAD)
+                        .map(|n| {
+                            let local = 2_000 + (t * PER_THREAD + n) as u16;
+                            let c = rng.attempt(local);
+                            let after = reloaded.load(Ordering::SeqCst);
+                            let outcome = machine.connect(&c, rng.irql());
+                            let what = format!("{c:?} (seed {seed:#x})");
+                            let (action, _) = decided_once(&c, &outcome, &what);
+                            (c, action, after)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let attempts: Vec<_> = workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("a connection thread"))
+            .collect();
+        (attempts, reloader.join().expect("the reloader"))
+    });
+    unload_clean(&machine, driver);
+    for thread in service {
+        thread.join().unwrap();
+    }
+
+    let mut after_reload = 0;
+    for (c, decided, after) in &attempts {
+        let what = format!("{c:?} (seed {seed:#x})");
+        let (old, new) = (
+            action(decide_connection(&old, c)),
+            action(decide_connection(&new, c)),
+        );
+        match (c.direction, after) {
+            (SimDirection::Outbound, true) => assert_eq!(*decided, new, "{what}: new rules"),
+            (SimDirection::Outbound, false) => {
+                assert!(*decided == old || *decided == new, "{what}")
+            }
+            (SimDirection::Inbound, true) => {
+                assert!(*decided == new || *decided == Action::Block, "{what}")
+            }
+            (SimDirection::Inbound, false) => assert!(
+                *decided == old || *decided == new || *decided == Action::Block,
+                "{what}"
+            ),
+        }
+        after_reload += usize::from(*after);
+    }
+    assert!(
+        removed > 0,
+        "the reload revoked cached verdicts (seed {seed:#x})"
+    );
+    assert!(
+        after_reload > 100,
+        "attempts ran after the reload (seed {seed:#x}): {after_reload}"
+    );
+    eprintln!(
+        "reload: {removed} verdicts revoked, {after_reload} attempts after; {:?}",
+        reload::STATS.snapshot()
+    );
+}
+
+/// A second instance cannot load (the port's and the device's names are taken); its failed
+/// `DriverEntry` undoes everything it did, and the first instance keeps working.
+#[test]
+fn a_second_instance_fails_to_load_and_leaves_nothing_behind() {
+    let machine = Machine::new();
+    let driver = load(&machine, firewall_driver::DriverEntry);
+    let second = machine.load_driver("firewall-2", firewall_driver::DriverEntry);
+    assert_eq!(second.err(), Some(Status::OBJECT_NAME_COLLISION));
+    let c = browser(52_000, web(7, 443));
+    assert_eq!(
+        decided_once(
+            &c,
+            &machine.connect(&c, AleIrql::Dispatch),
+            "first instance"
+        ),
+        (Action::Block, true)
+    );
+    unload_clean(&machine, driver);
+}
+
+/// A cached verdict answers for the lifetime the reply granted, on the kernel's clock, and not
+/// a tick longer: then the connection is asked about again. Inbound likewise. (The simulated
+/// clock only moves when the test moves it.)
+#[test]
+fn cached_verdicts_expire_after_their_lifetime() {
+    let machine = Machine::new();
+    let driver = load(&machine, expiry::DriverEntry);
+    let service = serve_simply(connected_client(&machine), RULES);
+    let mut port = 51_000;
+    let mut attempt = |c: Connection| {
+        port += 1;
+        let c = Connection {
+            local: SocketAddr::new(c.local.ip(), port),
+            ..c
+        };
+        decided_once(
+            &c,
+            &machine.connect(&c, AleIrql::Dispatch),
+            &format!("{c:?}"),
+        )
+    };
+    let out = browser(0, web(7, 443));
+    assert_eq!(attempt(out.clone()), (Action::Permit, true), "asked");
+    machine.advance_clock(Duration::from_secs(59));
+    assert_eq!(
+        attempt(out.clone()),
+        (Action::Permit, false),
+        "59 s: cached"
+    );
+    machine.advance_clock(Duration::from_millis(999));
+    assert_eq!(
+        attempt(out.clone()),
+        (Action::Permit, false),
+        "59.999 s: cached"
+    );
+    machine.advance_clock(Duration::from_millis(1));
+    assert_eq!(
+        attempt(out.clone()),
+        (Action::Permit, true),
+        "60 s: expired, asked"
+    );
+    assert_eq!(
+        attempt(out.clone()),
+        (Action::Permit, false),
+        "cached again"
+    );
+
+    let inbound = connection(
+        4,
+        APPS[1],
+        IpProtocol::Tcp,
+        SimDirection::Inbound,
+        5_000,
+        web(9, 40_000),
+    );
+    let inbound_attempt = |expected: Action| {
+        let outcome = machine.connect(&inbound, AleIrql::Passive);
+        assert_eq!(
+            decided_once(&inbound, &outcome, "inbound"),
+            (expected, false)
+        );
+    };
+    inbound_attempt(Action::Block);
+    wait_for_background_asks(&machine, 1);
+    inbound_attempt(Action::Permit);
+    machine.advance_clock(Duration::from_secs(60));
+    inbound_attempt(Action::Block);
+    wait_for_background_asks(&machine, 2);
+    inbound_attempt(Action::Permit);
+
+    let stats = expiry::STATS.snapshot();
+    assert_eq!((stats.expired, stats.asked), (2, 4), "{stats:?}");
+    unload_clean(&machine, driver);
+    assert_eq!(service.join().unwrap(), 4);
 }

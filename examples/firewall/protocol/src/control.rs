@@ -16,7 +16,7 @@
 //! | Offset | Size | Field      | Meaning                                                      |
 //! |-------:|-----:|------------|--------------------------------------------------------------|
 //! | 0      | 4    | `magic`    | `"FWRV"` ([`REVOKE_MAGIC`])                                  |
-//! | 4      | 2    | `version`  | [`VERSION`](crate::VERSION) (1)                              |
+//! | 4      | 2    | `version`  | [`VERSION`] (1)                                              |
 //! | 6      | 2    | `flags`    | bit 0: [`REVOKE_ALL`]; other bits 0                          |
 //! | 8      | 4    | `count`    | number of request ids that follow; 0 with `REVOKE_ALL`, at most [`MAX_REVOKE_IDS`] |
 //! | 12     | 4    | `reserved` | 0                                                            |
