@@ -73,6 +73,11 @@ fn main() {
         .measurement_time(Duration::from_secs(2))
         .configure_from_args();
 
+    if !measuring {
+        println!(
+            "(criterion's test mode: one small round each; the figures below are not measurements)"
+        );
+    }
     let sdk = HitMachine::start(Variant::Sdk);
     let raw = HitMachine::start(Variant::Raw);
     let (sdk_hits, raw_hits) = (sdk.hits(), raw.hits());

@@ -17,11 +17,17 @@ use firewall_bench::load::{Design, Load, LoadConfig};
 use wfp_rs::sim::AleIrql;
 
 fn main() {
+    let measuring = std::env::args().any(|a| a == "--bench");
     let mut c = Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3))
         .configure_from_args();
+    if !measuring {
+        println!(
+            "(criterion's test mode: one small round each; the figures below are not measurements)"
+        );
+    }
     let mut summary = Vec::new();
     let mut group = c.benchmark_group("b-pended-round-trip");
     group.sampling_mode(SamplingMode::Flat);

@@ -42,6 +42,11 @@ fn main() {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3))
         .configure_from_args();
+    if !measuring {
+        println!(
+            "(criterion's test mode: one small round each; the figures below are not measurements)"
+        );
+    }
     let mut summary = Vec::new();
     for latency in SERVICE_LATENCIES {
         let variants = [
