@@ -4,7 +4,7 @@
 //! type checks, and a global for its state.
 //!
 //! It does the work the firewall's outbound callout does on a cache hit, in the same order, with
-//! the firewall's own [`VerdictCache`](crate::cache) (compiled from the driver's source): the
+//! the firewall's own `VerdictCache` (compiled from the driver's source): the
 //! loopback flag, the connection's fields and the FNV-1a hash of its application id, the
 //! reauthorization flag, the set-associative lookup under the cache's spin lock, the hit
 //! counted twice (the firewall as the benchmarks load it counts in its own counters and in
