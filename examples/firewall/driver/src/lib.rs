@@ -108,8 +108,7 @@
 //! - **Expiry**: a verdict lives `cache_seconds` from the reply (at most one day,
 //!   [`firewall_protocol::MAX_CACHE_SECONDS`]), measured on the kernel's interrupt-time clock
 //!   ([`wfp_rs::time::Instant`], which the wall clock's changes do not move); a lookup that
-//!   finds it expired removes it and asks again. `cache_seconds = 0` means "do not
-//!   cache".
+//!   finds it expired removes it and asks again. `cache_seconds = 0` means "do not cache".
 //! - **Revocable**: each entry remembers the `request_id` of the reply that created it. The
 //!   [`REVOKE`] command removes the entries of the listed requests, or all of them
 //!   ([`Revoke::All`]). A reply whose question was asked *before* a revoke command and that
@@ -174,12 +173,12 @@
 //!    reply fails at once.
 //! 2. The SDK waits until no work item is queued or running: every pend is completed.
 //! 3. [`Firewall::unload`](DriverState::unload) closes the control device (waiting for a
-//!    command in progress), then waits until every completed pend has been
-//!    reauthorized (no pend in flight, the [`VerdictTable`] empty), or until
-//!    [`Config::timeout`] + [`REAUTHORIZATION_GRACE`] pass without progress.
-//! 4. It closes the engine session (the filters go
-//!    before the callouts: a terminating filter whose callout is gone blocks everything),
-//!    unregisters the callouts, closes the port, and unregisters the minifilter.
+//!    command in progress), then waits until every completed pend has been reauthorized (no
+//!    pend in flight, the [`VerdictTable`] empty), or until [`Config::timeout`] +
+//!    [`REAUTHORIZATION_GRACE`] pass without progress.
+//! 4. It closes the engine session (the filters go before the callouts: a terminating filter
+//!    whose callout is gone blocks everything), unregisters the callouts, closes the port, and
+//!    unregisters the minifilter.
 //!
 //! # Logging
 //!

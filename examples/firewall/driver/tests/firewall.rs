@@ -1909,9 +1909,11 @@ fn a_second_instance_fails_to_load_and_leaves_nothing_behind() {
     unload_clean(&machine, driver);
 }
 
-/// A cached verdict answers for the lifetime the reply granted, on the kernel's clock, and not
-/// a tick longer: then the connection is asked about again. Inbound likewise. (The simulated
-/// clock only moves when the test moves it.)
+/// A cached verdict answers until the lifetime the reply granted has passed on the kernel's
+/// clock; then the connection is asked about again. Inbound likewise. (The simulated clock is
+/// real time plus what the test adds, so "still cached" is checked right after caching, well
+/// within the minute granted, and expiry by adding the whole minute; the exact boundary is a
+/// unit test of the cache.)
 #[test]
 fn cached_verdicts_expire_after_their_lifetime() {
     let machine = Machine::new();
@@ -1932,19 +1934,8 @@ fn cached_verdicts_expire_after_their_lifetime() {
     };
     let out = browser(0, web(7, 443));
     assert_eq!(attempt(out.clone()), (Action::Permit, true), "asked");
-    machine.advance_clock(Duration::from_secs(59));
-    assert_eq!(
-        attempt(out.clone()),
-        (Action::Permit, false),
-        "59 s: cached"
-    );
-    machine.advance_clock(Duration::from_millis(999));
-    assert_eq!(
-        attempt(out.clone()),
-        (Action::Permit, false),
-        "59.999 s: cached"
-    );
-    machine.advance_clock(Duration::from_millis(1));
+    assert_eq!(attempt(out.clone()), (Action::Permit, false), "cached");
+    machine.advance_clock(Duration::from_secs(60));
     assert_eq!(
         attempt(out.clone()),
         (Action::Permit, true),
