@@ -1334,3 +1334,53 @@ fn a_callout_receives_its_filters_conditions() {
     machine.unload_driver(driver).unwrap();
     assert!(machine.pool_blocks().is_empty());
 }
+
+#[test]
+fn a_direct_classify_reaches_the_callout_as_the_engine_does() {
+    let machine = Machine::new();
+    let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+    let registration = register::<layer::AleAuthConnectV4>(
+        &machine,
+        &driver,
+        CALLOUT_A,
+        Scripted::new(Script::Block),
+    );
+    machine.at_passive(|_| {
+        let session = open(true);
+        session.callout::<layer::AleAuthConnectV4>(CALLOUT_A);
+        // No filter calls the callout yet: nothing to prepare.
+        assert!(
+            machine
+                .direct_classify(CALLOUT_A, &connect_v4(443))
+                .is_err()
+        );
+        let mut spec = FilterSpec::callout(CALLOUT_A);
+        spec.context = 0xC0FFEE;
+        session.filter::<layer::AleAuthConnectV4>(spec).unwrap();
+        let request = connect_v4(443);
+        let mut direct = machine.direct_classify(CALLOUT_A, &request).unwrap();
+        // The prepared classification owns copies of what it hands the callout.
+        drop(request);
+        for _ in 0..3 {
+            assert_eq!(machine.at_dispatch(|irql| direct.call(irql)), Action::Block);
+        }
+        // Released, or unregistration would wait for it.
+        drop(direct);
+        let decision = machine.classify(Irql::DISPATCH, &connect_v4(443));
+        assert_eq!(decision.action, Action::Block);
+        drop(session);
+    });
+    // What the callout saw directly is what a classification through the engine shows it: the
+    // filter and its context, the fields, the process, the IRQL, the write right.
+    let seen = registration.callout().seen();
+    assert_eq!(seen.len(), 4);
+    for direct in &seen[..3] {
+        assert_eq!(*direct, seen[3]);
+    }
+    assert_eq!(seen[3].filter_context, 0xC0FFEE);
+    assert_eq!(seen[3].pid, Some(4242));
+    assert_eq!(seen[3].remote_port, Some(443));
+    unregister(&machine, &driver, registration);
+    machine.unload_driver(driver).unwrap();
+    assert!(machine.pool_blocks().is_empty());
+}

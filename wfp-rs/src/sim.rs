@@ -925,6 +925,86 @@ impl Machine {
     }
 }
 
+/// A classification prepared once and handed straight to one registered callout's
+/// `classifyFn`, as often as a benchmark likes: no filter matching, no arbitration, no pend
+/// bookkeeping — only the call the filter engine makes, with the same structures
+/// ([`Machine::classify`] builds them anew for every classification).
+///
+/// For measuring a callout's own cost, where the simulated engine's work would swamp it; tests
+/// of behaviour use [`Machine::classify`] or [`Machine::connect`]. The classification carries no
+/// completion handle and no classify context, so a callout cannot pend it, and no flow context.
+///
+/// While it exists it counts as a call into the callout in progress: drop it before the
+/// callout is unregistered (unregistration waits for calls in progress, as on Windows).
+///
+/// ```
+/// # use wfp_rs::sim::{ClassifyRequest, Machine};
+/// # fn demo(machine: &Machine, callout: wfp_rs::guid::Guid) {
+/// let request = ClassifyRequest::<wfp_rs::layer::AleAuthConnectV4>::new();
+/// let mut direct = machine.direct_classify(callout, &request).expect("a filter calls it");
+/// let action = machine.at_dispatch(|irql| direct.call(irql));
+/// # let _ = action;
+/// # }
+/// ```
+pub struct DirectClassify<L: Layer> {
+    direct: engine::Direct,
+    // What the prepared metadata's process path points to (the request's own copy may go).
+    _process_path: Option<Box<(Vec<u8>, crate::sys::FWP_BYTE_BLOB)>>,
+    _layer: core::marker::PhantomData<L>,
+}
+
+impl<L: Layer> fmt::Debug for DirectClassify<L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DirectClassify")
+            .field("layer", &L::NAME)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<L: Layer> DirectClassify<L> {
+    /// Calls the callout's `classifyFn` once with the prepared classification, on this thread
+    /// at its IRQL (the token's), with a fresh classify-out (`FWP_ACTION_CONTINUE`, the write
+    /// right). Returns the action the callout left. Call it inside the machine it was prepared
+    /// in ([`Machine::at_dispatch`], [`Machine::at_passive`]); elsewhere it panics.
+    pub fn call(&mut self, irql: &impl crate::irql::AtMostDispatch) -> crate::classify::Action {
+        let _ = irql;
+        assert!(
+            self.direct.in_its_machine(),
+            "DirectClassify::call outside the machine it was prepared in"
+        );
+        let (action, _rights, _absorbed) = self.direct.call();
+        crate::classify::Action::from_raw(action)
+    }
+}
+
+impl Machine {
+    /// Prepares `request` for [`DirectClassify::call`]: the callout `callout` (registered, with
+    /// a classifyFn) gets the structures a classification at layer `L` would give it, with the
+    /// first committed filter at `L` that calls it. Fails if no such filter exists or the
+    /// callout is not registered.
+    pub fn direct_classify<L: Layer>(
+        &self,
+        callout: crate::guid::Guid,
+        request: &ClassifyRequest<L>,
+    ) -> Result<DirectClassify<L>, &'static str> {
+        let layer = crate::layer::layer_by_id(L::ID).expect("every Layer type is in the table");
+        let mut metadata = request.metadata;
+        let process_path = request.process_path.as_ref().map(|path| {
+            let mut copy = Box::new((path.0.clone(), path.1));
+            copy.1.data = copy.0.as_mut_ptr();
+            metadata.processPath = &mut copy.1;
+            copy
+        });
+        let direct =
+            self.run(|| engine::Direct::prepare(layer, &request.values, metadata, callout.0))?;
+        Ok(DirectClassify {
+            direct,
+            _process_path: process_path,
+            _layer: core::marker::PhantomData,
+        })
+    }
+}
+
 // --- connections ----------------------------------------------------------------------------------
 
 /// A connection attempt by a process, for [`Machine::connect`].

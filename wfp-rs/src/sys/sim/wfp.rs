@@ -2117,6 +2117,154 @@ fn call_classify(
     )
 }
 
+// --- direct calls (benchmarks) ------------------------------------------------------------------
+
+/// A classification prepared once and handed straight to one callout's `classifyFn`, without the
+/// filter matching, arbitration and pend bookkeeping of [`classify`]: what
+/// `sim::DirectClassify` wraps, so that a benchmark measures the callout and not the simulated
+/// engine. Holds a call into the callout for its whole life (unregistration waits for it, as
+/// for a classification in progress).
+pub(crate) struct Direct {
+    kernel: std::sync::Arc<super::kernel::Kernel>,
+    call: Option<Call>,
+    classify_fn: unsafe extern "system" fn(
+        *const FWPS_INCOMING_VALUES0,
+        *const FWPS_INCOMING_METADATA_VALUES0,
+        PVOID,
+        *const core::ffi::c_void,
+        *const FWPS_FILTER3,
+        u64,
+        *mut FWPS_CLASSIFY_OUT0,
+    ),
+    metadata: Box<FWPS_INCOMING_METADATA_VALUES0>,
+    fixed: Box<FWPS_INCOMING_VALUES0>,
+    // What `fixed` and `filter` point into.
+    _values: ValueStorage,
+    filter: FilterStorage,
+}
+
+impl Direct {
+    /// Prepares `values` and `metadata` at `layer` for the callout `callout_key`, with the first
+    /// committed filter at that layer that calls it (the filter a callout sees identifies it:
+    /// the SDK's trampoline finds its callout by the filter's callout id). Runs in a machine
+    /// context.
+    pub(crate) fn prepare(
+        layer: &'static LayerInfo,
+        values: &[SimValue],
+        metadata: FWPS_INCOMING_METADATA_VALUES0,
+        callout_key: GUID,
+    ) -> Result<Direct, &'static str> {
+        let found = with_bfe(|bfe| {
+            let record = bfe
+                .committed()
+                .filters
+                .values()
+                .filter(|f| {
+                    f.layer_id == layer.id
+                        && f.action & FWP_ACTION_FLAG_CALLOUT != 0
+                        && f.callout_key == callout_key
+                })
+                .min_by_key(|f| f.id)
+                .cloned()
+                .ok_or("no committed filter at this layer calls the callout")?;
+            let sublayer_weight = if record.sublayer == ZERO {
+                UNIVERSAL_SUBLAYER_WEIGHT
+            } else {
+                bfe.committed()
+                    .sublayers
+                    .get(&record.sublayer)
+                    .map_or(0, |s| s.data)
+            };
+            let id = *bfe
+                .callout_ids
+                .get(&callout_key)
+                .ok_or("the callout is not registered")?;
+            let (call, runtime) = begin_call(bfe, id).ok_or("the callout is not registered")?;
+            let classify_fn = runtime.classify;
+            Ok((record, sublayer_weight, call, classify_fn))
+        });
+        let (record, sublayer_weight, call, classify_fn) = found?;
+        let Some(classify_fn) = classify_fn else {
+            // Released in this machine context.
+            drop(call);
+            return Err("the callout has no classifyFn");
+        };
+        let mut values_storage = ValueStorage::new(values);
+        let fixed = Box::new(FWPS_INCOMING_VALUES0 {
+            layerId: layer.id,
+            valueCount: values_storage.values.len() as u32,
+            incomingValue: values_storage.values.as_mut_ptr(),
+        });
+        Ok(Direct {
+            kernel: current(),
+            call: Some(call),
+            classify_fn,
+            metadata: Box::new(metadata),
+            fixed,
+            _values: values_storage,
+            filter: FilterStorage::new(&record, sublayer_weight),
+        })
+    }
+
+    /// Whether this thread runs in the machine the classification was prepared in.
+    pub(crate) fn in_its_machine(&self) -> bool {
+        THREAD.with(|t| {
+            t.kernel
+                .borrow()
+                .as_ref()
+                .is_some_and(|k| std::sync::Arc::ptr_eq(k, &self.kernel))
+        })
+    }
+
+    /// Calls the callout's `classifyFn` once, on this thread at its IRQL, with a fresh
+    /// classify-out (`CONTINUE`, the write right). Returns (action, rights, absorbed) as the
+    /// callout left them.
+    pub(crate) fn call(&mut self) -> (FWP_ACTION_TYPE, u32, bool) {
+        let mut out = FWPS_CLASSIFY_OUT0 {
+            actionType: FWP_ACTION_CONTINUE,
+            outContext: 0,
+            filterId: 0,
+            rights: FWPS_RIGHT_ACTION_WRITE,
+            flags: 0,
+            reserved: 0,
+        };
+        let driver = self.call.as_ref().map_or(0, |call| call.driver);
+        let classify_fn = self.classify_fn;
+        let (fixed, metadata) = (&*self.fixed, &*self.metadata);
+        let filter = self.filter.filter();
+        in_driver(driver, "classifyFn", || {
+            // SAFETY: the callout registered this classifyFn and cannot be unregistered while
+            // `self.call` is held; every pointer is owned by `self` (values, metadata, filter)
+            // or by this frame (`out`), valid for the call. No completion handle or classify
+            // context is given: the classification cannot be pended.
+            unsafe {
+                classify_fn(
+                    fixed,
+                    metadata,
+                    core::ptr::null_mut(),
+                    core::ptr::null(),
+                    filter,
+                    0,
+                    &mut out,
+                )
+            }
+        });
+        (
+            out.actionType,
+            out.rights,
+            out.flags & FWPS_CLASSIFY_OUT_FLAG_ABSORB != 0,
+        )
+    }
+}
+
+impl Drop for Direct {
+    fn drop(&mut self) {
+        // `Call` releases itself in the current machine's context: give it this one's.
+        let call = self.call.take();
+        super::kernel::with_context(&self.kernel, PASSIVE_LEVEL, 0, move || drop(call));
+    }
+}
+
 // --- pending -------------------------------------------------------------------------------------
 
 /// What `FwpsCompleteOperation0` on a context that is not pending means: on Windows the context

@@ -1,0 +1,290 @@
+//! Benchmark (c)'s other design, the seed's: a C-style classifyFn that sends the question to
+//! the service over the filter-manager port and waits for the reply before it decides.
+//!
+//! The seed did this at whatever IRQL the classification came at, and `FltSendMessage` at
+//! `DISPATCH_LEVEL` stops the machine (`INVALID_PROCESS_ATTACH_ATTEMPT`). Here the benchmark
+//! drives it at `PASSIVE_LEVEL` only ([`wfp_rs::sim::AleIrql::Passive`]), where waiting is
+//! allowed, and the callout checks: at any other IRQL it decides the default without asking.
+//! Everything else is the seed's shape — no pend, no work item, no cache — with the firewall's
+//! messages, port name, and the SDK's port (the same `FltSendMessage` path the firewall's work
+//! items use), so that the benchmark compares the two designs and nothing else.
+
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::time::Duration;
+
+use firewall_protocol::{
+    ConnectionRequest, Direction, FirewallProtocol, ImagePath, MAX_PATH_UNITS, PORT_NAME, Verdict,
+};
+use wfp_rs::driver::{Driver, DriverState};
+use wfp_rs::engine::{CalloutEntry, Engine, Provider, SessionOptions, Sublayer};
+use wfp_rs::filter::{Filter as WfpFilter, FilterAction, Match};
+use wfp_rs::irql::PassiveLevel;
+use wfp_rs::layer::AleAuthConnectV4;
+use wfp_rs::layer::fields;
+use wfp_rs::layer::value::IpProtocol;
+use wfp_rs::port::{Filter, ServerPort};
+use wfp_rs::{Guid, Status, guid, kd_print, sys};
+
+use crate::raw_lookup::RawFields;
+
+/// The blocking callout at `ALE_AUTH_CONNECT_V4`.
+pub const CALLOUT: Guid = guid!("e2b7d4a9-6c15-4f83-9d0e-b1a3c5f7e924");
+const PROVIDER: Guid = guid!("8f3e5a17-b2c4-4d69-a0e8-3c7d9f1b5a26");
+const SUBLAYER: Guid = guid!("1c9a7e35-d4f2-4b08-8e6a-5b2d0f4c7e93");
+const FILTER: Guid = guid!("6a4d2f8c-e1b5-4c37-9f0a-d8e2b6c4a715");
+
+/// How long a classification waits for the service before it decides the default.
+pub const TIMEOUT: Duration = crate::firewall::PATIENT;
+
+struct State {
+    port: ServerPort<FirewallProtocol>,
+    next_request: AtomicU64,
+    asked: AtomicU64,
+    defaults: AtomicU64,
+}
+
+/// Set before the callout is registered, cleared after it is unregistered.
+static STATE: AtomicPtr<State> = AtomicPtr::new(core::ptr::null_mut());
+
+fn apply(out: &mut sys::FWPS_CLASSIFY_OUT0, verdict: Verdict) {
+    match verdict {
+        Verdict::Allow => {
+            if out.rights & sys::FWPS_RIGHT_ACTION_WRITE != 0 {
+                out.actionType = sys::FWP_ACTION_PERMIT;
+            }
+        }
+        Verdict::Deny => {
+            out.actionType = sys::FWP_ACTION_BLOCK;
+            out.rights &= !sys::FWPS_RIGHT_ACTION_WRITE;
+        }
+    }
+}
+
+/// The classifyFn: ask, wait, decide (the default, deny, when asking fails).
+///
+/// # Safety
+///
+/// Called by the filter engine, with valid structures for an `ALE_AUTH_CONNECT_V4`
+/// classification, at IRQL <= `DISPATCH_LEVEL`.
+unsafe extern "system" fn classify(
+    in_fixed_values: *const sys::FWPS_INCOMING_VALUES0,
+    in_meta_values: *const sys::FWPS_INCOMING_METADATA_VALUES0,
+    _layer_data: *mut core::ffi::c_void,
+    _classify_context: *const core::ffi::c_void,
+    _filter: *const sys::FWPS_FILTER3,
+    _flow_context: u64,
+    classify_out: *mut sys::FWPS_CLASSIFY_OUT0,
+) {
+    // SAFETY: set before registration and freed after unregistration, which waits for calls
+    // in progress.
+    let Some(state) = (unsafe { STATE.load(Ordering::Acquire).as_ref() }) else {
+        return;
+    };
+    // SAFETY: the engine's classify-out, valid and ours for the call.
+    let out = unsafe { &mut *classify_out };
+    // SAFETY: the engine's structures for this layer.
+    let fields = unsafe { RawFields::read(in_fixed_values, in_meta_values) };
+    // SAFETY: the engine's blob, valid for the call.
+    let app = unsafe { fields.app_bytes() };
+    let mut units = [0u16; MAX_PATH_UNITS + 1];
+    let mut len = 0;
+    for (slot, pair) in units.iter_mut().zip(app.chunks_exact(2)) {
+        let unit = u16::from_le_bytes([pair[0], pair[1]]);
+        if unit == 0 {
+            break;
+        }
+        *slot = unit;
+        len += 1;
+    }
+    let Ok(image_path) = ImagePath::from_units_truncating(&units[..len]) else {
+        state.defaults.fetch_add(1, Ordering::Relaxed);
+        apply(out, Verdict::Deny);
+        return;
+    };
+    let request = ConnectionRequest {
+        request_id: state.next_request.fetch_add(1, Ordering::Relaxed) + 1,
+        process_id: fields.pid,
+        direction: Direction::Outbound,
+        ip_protocol: fields.protocol,
+        local_address: fields.local.0,
+        local_port: fields.local.1,
+        remote_address: fields.remote.0,
+        remote_port: fields.remote.1,
+        image_path,
+    };
+    // The seed's design: the classification waits here for the service. Only at
+    // PASSIVE_LEVEL; anywhere else sending would stop the machine.
+    let answer = PassiveLevel::try_current(|passive| {
+        state.asked.fetch_add(1, Ordering::Relaxed);
+        state.port.send(passive, &request, TIMEOUT)
+    });
+    match answer {
+        Some(Ok(reply)) if reply.answers(&request) => apply(out, reply.verdict),
+        _ => {
+            state.defaults.fetch_add(1, Ordering::Relaxed);
+            apply(out, Verdict::Deny);
+        }
+    }
+}
+
+/// The notifyFn (required): accepts every filter.
+///
+/// # Safety
+///
+/// Called by the filter engine.
+unsafe extern "system" fn notify(
+    _notify_type: sys::FWPS_CALLOUT_NOTIFY_TYPE,
+    _filter_key: *const sys::GUID,
+    _filter: *mut sys::FWPS_FILTER3,
+) -> sys::NTSTATUS {
+    0
+}
+
+/// Questions asked and defaults given by the blocking callout of the loaded driver (0, 0 when
+/// none is loaded).
+pub fn counts() -> (u64, u64) {
+    // SAFETY: the pointer is null or a live `State`, freed only at unload (the harness calls
+    // this between loads, or while loaded).
+    unsafe { STATE.load(Ordering::Acquire).as_ref() }.map_or((0, 0), |state| {
+        (
+            state.asked.load(Ordering::Relaxed),
+            state.defaults.load(Ordering::Relaxed),
+        )
+    })
+}
+
+/// The blocking driver's state.
+pub struct Blocking {
+    engine: Option<Engine>,
+    callout_id: u32,
+    filter: Option<Filter>,
+}
+
+impl DriverState for Blocking {
+    fn stopping(&self, irql: &mut PassiveLevel<'_>) {
+        // SAFETY: as in `counts`.
+        if let Some(state) = unsafe { STATE.load(Ordering::Acquire).as_ref() } {
+            // Classifications waiting for a reply fail now rather than at their timeout.
+            state.port.disconnect_all(irql);
+        }
+    }
+
+    fn unload(mut self, irql: &mut PassiveLevel<'_>) {
+        self.teardown(irql);
+    }
+}
+
+impl Blocking {
+    fn teardown(&mut self, irql: &mut PassiveLevel<'_>) {
+        // The filter before the callout: a terminating filter whose callout is gone blocks.
+        if let Some(engine) = self.engine.take()
+            && let Err(status) = engine.close(irql)
+        {
+            kd_print!(Error, "blocking: closing the session failed: {status}\n");
+        }
+        if self.callout_id != 0 {
+            // SAFETY: PASSIVE_LEVEL (the token); our callout's id. Waits for calls under way.
+            let status = unsafe { sys::FwpsCalloutUnregisterById0(self.callout_id) };
+            if status != 0 {
+                kd_print!(Error, "blocking: unregistering failed: {status:#x}\n");
+            }
+            self.callout_id = 0;
+        }
+        let state = STATE.swap(core::ptr::null_mut(), Ordering::AcqRel);
+        if !state.is_null() {
+            // SAFETY: from `Box::into_raw` in `entry`; no classifyFn runs any more.
+            let state = unsafe { Box::from_raw(state) };
+            state.port.close(irql);
+        }
+        // The port before the filter: a filter with an open port cannot be unregistered.
+        if let Some(filter) = self.filter.take() {
+            filter.close(irql);
+        }
+    }
+}
+
+/// `DriverEntry`: the minifilter and the firewall's port ([`PORT_NAME`]), the callout, and the
+/// filter that hands it outbound TCP and UDP at `ALE_AUTH_CONNECT_V4`.
+#[wfp_rs::driver_entry]
+fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<Blocking, Status> {
+    let filter = Filter::register(irql, driver)?;
+    let port = match ServerPort::<FirewallProtocol>::create(irql, &filter, PORT_NAME, 1, ()) {
+        Ok(port) => port,
+        Err(error) => {
+            filter.close(irql);
+            return Err(error.status);
+        }
+    };
+    let state = Box::into_raw(Box::new(State {
+        port,
+        next_request: AtomicU64::new(0),
+        asked: AtomicU64::new(0),
+        defaults: AtomicU64::new(0),
+    }));
+    STATE.store(state, Ordering::Release);
+    let mut blocking = Blocking {
+        engine: None,
+        callout_id: 0,
+        filter: Some(filter),
+    };
+    let callout = sys::FWPS_CALLOUT3 {
+        calloutKey: CALLOUT.0,
+        flags: 0,
+        classifyFn: Some(classify),
+        notifyFn: Some(notify),
+        flowDeleteFn: None,
+    };
+    // SAFETY: PASSIVE_LEVEL (the token); the device is this driver's; the structure and the id
+    // are locals valid for the call.
+    let status = unsafe {
+        sys::FwpsCalloutRegister3(
+            driver.raw_device().cast(),
+            &callout,
+            &mut blocking.callout_id,
+        )
+    };
+    if let Err(status) = Status::from_ntstatus(status) {
+        blocking.teardown(irql);
+        return Err(status);
+    }
+    match add_objects(irql) {
+        Ok(engine) => {
+            blocking.engine = Some(engine);
+            Ok(blocking)
+        }
+        Err(status) => {
+            blocking.teardown(irql);
+            Err(status)
+        }
+    }
+}
+
+fn add_objects(irql: &PassiveLevel<'_>) -> Result<Engine, Status> {
+    let engine = Engine::open(irql, SessionOptions::new().dynamic().name("blocking"))?;
+    let txn = engine.transaction(irql)?;
+    txn.add_provider(irql, &Provider::new(PROVIDER).name("blocking"))?;
+    txn.add_sublayer(
+        irql,
+        &Sublayer::new(SUBLAYER)
+            .name("blocking")
+            .provider(PROVIDER)
+            .weight(firewall_driver::SUBLAYER_WEIGHT),
+    )?;
+    txn.add_callout(
+        irql,
+        &CalloutEntry::<AleAuthConnectV4>::new(CALLOUT)
+            .name("blocking")
+            .provider(PROVIDER),
+    )?;
+    let mut filter = WfpFilter::<AleAuthConnectV4>::new(FILTER)
+        .name("blocking")
+        .provider(PROVIDER)
+        .sublayer(SUBLAYER)
+        .action(FilterAction::CalloutTerminating(CALLOUT));
+    for protocol in [IpProtocol::Tcp, IpProtocol::Udp] {
+        filter = filter.condition::<fields::IpProtocol>(Match::Equal(protocol));
+    }
+    txn.add_filter(irql, &filter)?;
+    txn.commit(irql)?;
+    Ok(engine)
+}

@@ -1,0 +1,198 @@
+//! Connections in waves: benchmarks (b) and (c).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use wfp_rs::classify::Action;
+use wfp_rs::sim::{AleIrql, LoadedDriver, Machine};
+
+use crate::Service;
+
+/// Which driver decides the connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Design {
+    /// The firewall driver: pend, ask from a work item, complete, answer the reauthorization.
+    Pended,
+    /// The seed's design ([`crate::blocking`]): the classification waits for the reply.
+    Blocking,
+}
+
+/// A workload: `clients` threads, each opening `per_client` connections one after the other
+/// per wave, against a service of `service_threads` threads that answers each request after
+/// `service_latency` without letting the driver cache it (so every connection asks).
+#[derive(Clone, Copy, Debug)]
+pub struct LoadConfig {
+    /// The driver.
+    pub design: Design,
+    /// Connection threads, each with one connection outstanding at a time.
+    pub clients: usize,
+    /// Connections per thread per wave.
+    pub per_client: usize,
+    /// The IRQL of the ALE authorization layers.
+    pub ale_irql: AleIrql,
+    /// The machine's system worker threads (what runs the firewall's work items).
+    pub workers: usize,
+    /// The service's threads.
+    pub service_threads: usize,
+    /// How long the service takes per request (a sleep; none if zero).
+    pub service_latency: Duration,
+}
+
+/// One wave's outcome.
+#[derive(Clone, Debug, Default)]
+pub struct Wave {
+    /// From the release of the clients to the last final decision.
+    pub elapsed: Duration,
+    /// Each connection's round trip: from `Machine::connect` to its final decision (the
+    /// completion and the reauthorization, for a pended connection).
+    pub latencies: Vec<Duration>,
+    /// Connections that were not permitted (the service allows everything, so each is a
+    /// default: a timeout, or a verdict evicted before its reauthorization).
+    pub denied: usize,
+}
+
+/// The machine, the driver, the service and the client threads of a [`LoadConfig`], ready for
+/// waves.
+pub struct Load {
+    config: LoadConfig,
+    machine: Arc<Machine>,
+    driver: Option<LoadedDriver>,
+    service: Option<Service>,
+    clients: Vec<JoinHandle<()>>,
+    start: Arc<Barrier>,
+    done: Arc<Barrier>,
+    stop: Arc<AtomicBool>,
+    results: Arc<Mutex<Vec<(Duration, bool)>>>,
+}
+
+impl Load {
+    /// Boots a machine with `config.workers` worker threads, loads the design's driver, starts
+    /// the service and the client threads (waiting for the first wave).
+    pub fn start(config: LoadConfig) -> Load {
+        let machine = Arc::new(Machine::with_worker_threads(config.workers));
+        let entry = match config.design {
+            Design::Pended => crate::firewall::DriverEntry,
+            Design::Blocking => crate::blocking::DriverEntry,
+        };
+        let driver = machine
+            .load_driver("firewall", entry)
+            .expect("the driver loads");
+        let service = Service::start(
+            &machine,
+            config.service_threads,
+            config.service_latency,
+            None,
+        );
+        let start = Arc::new(Barrier::new(config.clients + 1));
+        let done = Arc::new(Barrier::new(config.clients + 1));
+        let stop = Arc::new(AtomicBool::new(false));
+        let results = Arc::new(Mutex::new(Vec::with_capacity(
+            config.clients * config.per_client,
+        )));
+        let clients = (0..config.clients)
+            .map(|i| {
+                let (machine, start, done, stop, results) = (
+                    Arc::clone(&machine),
+                    Arc::clone(&start),
+                    Arc::clone(&done),
+                    Arc::clone(&stop),
+                    Arc::clone(&results),
+                );
+                // One local port per client: its connections are never outstanding together.
+                let c = crate::connection(1024 + i as u16);
+                thread::Builder::new()
+                    .stack_size(256 * 1024)
+                    .spawn(move || {
+                        let mut mine = Vec::with_capacity(config.per_client);
+                        loop {
+                            start.wait();
+                            if stop.load(Ordering::SeqCst) {
+                                return;
+                            }
+                            for _ in 0..config.per_client {
+                                let began = Instant::now();
+                                let outcome = machine.connect(&c, config.ale_irql);
+                                mine.push((
+                                    began.elapsed(),
+                                    outcome.decision.action == Action::Permit,
+                                ));
+                            }
+                            results.lock().unwrap().append(&mut mine);
+                            done.wait();
+                        }
+                    })
+                    .expect("a client thread starts")
+            })
+            .collect();
+        Load {
+            config,
+            machine,
+            driver: Some(driver),
+            service: Some(service),
+            clients,
+            start,
+            done,
+            stop,
+            results,
+        }
+    }
+
+    /// The workload.
+    pub fn config(&self) -> LoadConfig {
+        self.config
+    }
+
+    /// Connections per wave.
+    pub fn connections_per_wave(&self) -> usize {
+        self.config.clients * self.config.per_client
+    }
+
+    /// Releases the clients and waits until every connection of the wave has its decision.
+    pub fn wave(&self) -> Wave {
+        let began = Instant::now();
+        self.start.wait();
+        self.done.wait();
+        let elapsed = began.elapsed();
+        let results = std::mem::take(&mut *self.results.lock().unwrap());
+        assert_eq!(
+            results.len(),
+            self.connections_per_wave(),
+            "every connection decided"
+        );
+        Wave {
+            elapsed,
+            denied: results.iter().filter(|(_, permitted)| !permitted).count(),
+            latencies: results.into_iter().map(|(latency, _)| latency).collect(),
+        }
+    }
+
+    /// How many lines of the machine's debug output contain `needle` (the firewall logs why it
+    /// gave a default).
+    pub fn debug_lines_containing(&self, needle: &str) -> usize {
+        self.machine
+            .debug_output()
+            .iter()
+            .filter(|line| line.contains(needle))
+            .count()
+    }
+
+    /// Stops the clients, unloads the driver (which disconnects the service), and checks that
+    /// nothing is left: no pend, no pool. Returns how many requests the service answered.
+    pub fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        self.start.wait();
+        for client in self.clients.drain(..) {
+            client.join().expect("a client thread failed");
+        }
+        let driver = self.driver.take().expect("loaded");
+        self.machine
+            .unload_driver(driver)
+            .expect("the driver unloads");
+        let answered = self.service.take().expect("started").join();
+        assert_eq!(self.machine.pending_classifications(), 0, "no pend left");
+        assert_eq!(self.machine.pool_blocks(), [], "no pool left");
+        answered
+    }
+}
