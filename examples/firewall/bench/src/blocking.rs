@@ -16,12 +16,8 @@ use firewall_protocol::{
     ConnectionRequest, Direction, FirewallProtocol, ImagePath, MAX_PATH_UNITS, PORT_NAME, Verdict,
 };
 use wfp_rs::driver::{Driver, DriverState};
-use wfp_rs::engine::{CalloutEntry, Engine, Provider, SessionOptions, Sublayer};
-use wfp_rs::filter::{Filter as WfpFilter, FilterAction, Match};
+use wfp_rs::engine::Engine;
 use wfp_rs::irql::PassiveLevel;
-use wfp_rs::layer::AleAuthConnectV4;
-use wfp_rs::layer::fields;
-use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::port::{Filter, ServerPort};
 use wfp_rs::{Guid, Status, guid, kd_print, sys};
 
@@ -260,31 +256,14 @@ fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<Blockin
 }
 
 fn add_objects(irql: &PassiveLevel<'_>) -> Result<Engine, Status> {
-    let engine = Engine::open(irql, SessionOptions::new().dynamic().name("blocking"))?;
-    let txn = engine.transaction(irql)?;
-    txn.add_provider(irql, &Provider::new(PROVIDER).name("blocking"))?;
-    txn.add_sublayer(
+    crate::raw_objects::add(
         irql,
-        &Sublayer::new(SUBLAYER)
-            .name("blocking")
-            .provider(PROVIDER)
-            .weight(firewall_driver::SUBLAYER_WEIGHT),
-    )?;
-    txn.add_callout(
-        irql,
-        &CalloutEntry::<AleAuthConnectV4>::new(CALLOUT)
-            .name("blocking")
-            .provider(PROVIDER),
-    )?;
-    let mut filter = WfpFilter::<AleAuthConnectV4>::new(FILTER)
-        .name("blocking")
-        .provider(PROVIDER)
-        .sublayer(SUBLAYER)
-        .action(FilterAction::CalloutTerminating(CALLOUT));
-    for protocol in [IpProtocol::Tcp, IpProtocol::Udp] {
-        filter = filter.condition::<fields::IpProtocol>(Match::Equal(protocol));
-    }
-    txn.add_filter(irql, &filter)?;
-    txn.commit(irql)?;
-    Ok(engine)
+        &crate::raw_objects::Keys {
+            name: "blocking",
+            provider: PROVIDER,
+            sublayer: SUBLAYER,
+            callout: CALLOUT,
+            filter: FILTER,
+        },
+    )
 }

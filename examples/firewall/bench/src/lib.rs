@@ -32,6 +32,7 @@ pub mod firewall;
 pub mod hit;
 pub mod load;
 pub mod raw_lookup;
+mod raw_objects;
 mod service;
 mod stats;
 

@@ -17,12 +17,8 @@ use std::time::Duration;
 
 use firewall_protocol::{Direction, Verdict};
 use wfp_rs::driver::{Driver, DriverState};
-use wfp_rs::engine::{CalloutEntry, Engine, Provider, SessionOptions, Sublayer};
-use wfp_rs::filter::{Filter as WfpFilter, FilterAction, Match};
+use wfp_rs::engine::Engine;
 use wfp_rs::irql::{DispatchLevel, PassiveLevel};
-use wfp_rs::layer::AleAuthConnectV4;
-use wfp_rs::layer::fields;
-use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::{Guid, Status, guid, kd_print, sys};
 
 use crate::cache::{Answer, CacheKey, Lookup, VerdictCache};
@@ -368,31 +364,14 @@ fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<RawLook
 }
 
 fn add_objects(irql: &PassiveLevel<'_>) -> Result<Engine, Status> {
-    let engine = Engine::open(irql, SessionOptions::new().dynamic().name("raw-lookup"))?;
-    let txn = engine.transaction(irql)?;
-    txn.add_provider(irql, &Provider::new(PROVIDER).name("raw-lookup"))?;
-    txn.add_sublayer(
+    crate::raw_objects::add(
         irql,
-        &Sublayer::new(SUBLAYER)
-            .name("raw-lookup")
-            .provider(PROVIDER)
-            .weight(firewall_driver::SUBLAYER_WEIGHT),
-    )?;
-    txn.add_callout(
-        irql,
-        &CalloutEntry::<AleAuthConnectV4>::new(CALLOUT)
-            .name("raw-lookup")
-            .provider(PROVIDER),
-    )?;
-    let mut filter = WfpFilter::<AleAuthConnectV4>::new(FILTER)
-        .name("raw-lookup")
-        .provider(PROVIDER)
-        .sublayer(SUBLAYER)
-        .action(FilterAction::CalloutTerminating(CALLOUT));
-    for protocol in [IpProtocol::Tcp, IpProtocol::Udp] {
-        filter = filter.condition::<fields::IpProtocol>(Match::Equal(protocol));
-    }
-    txn.add_filter(irql, &filter)?;
-    txn.commit(irql)?;
-    Ok(engine)
+        &crate::raw_objects::Keys {
+            name: "raw-lookup",
+            provider: PROVIDER,
+            sublayer: SUBLAYER,
+            callout: CALLOUT,
+            filter: FILTER,
+        },
+    )
 }
