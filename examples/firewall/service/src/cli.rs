@@ -110,7 +110,9 @@ struct ServeArgs {
 #[derive(Debug, Args)]
 struct CacheArgs {
     /// How long the driver may reuse a verdict for the same program, remote endpoint and
-    /// protocol without asking, in seconds; 0: never cache. The service remembers what it let
+    /// protocol (and, inbound, local port) without asking, in seconds; 0: never cache. An
+    /// outbound verdict that a rule's `local_port` decides is never cached (each outbound
+    /// connection has a fresh local port, which the driver's cache does not key on). The service remembers what it let
     /// the driver cache, to revoke it when the rules change; when that memory is full
     /// (--max-remembered) it answers without caching.
     #[arg(long, value_name = "N", default_value_t = crate::service::DEFAULT_CACHE_SECONDS,
