@@ -18,9 +18,11 @@ use crate::clock::Ticks;
 pub const WAYS: usize = 8;
 
 /// What a cached verdict answers for: the process (its id, and its image so that a reused
-/// process id is another key), the direction, the protocol and the remote endpoint. Not the
-/// local port: each new outbound connection has a fresh one, so a key with it would never be
-/// found again.
+/// process id is another key), the direction, the protocol, the remote endpoint and, for
+/// inbound connections only, the local port. An outbound connection's local port is fresh each
+/// time, so a key with it would never be found again; an inbound connection's is the port
+/// connected to, which rules name (`local_port = 22`) and which a retransmitted attempt
+/// repeats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct CacheKey {
     pub(crate) pid: u64,
@@ -29,6 +31,8 @@ pub(crate) struct CacheKey {
     pub(crate) direction: Direction,
     pub(crate) protocol: u8,
     pub(crate) remote: (IpAddr, u16),
+    /// The local port of an inbound connection; 0 for outbound ones.
+    pub(crate) local_port: u16,
 }
 
 impl CacheKey {
@@ -54,6 +58,7 @@ impl CacheKey {
             IpAddr::V6(v6) => eat(&v6.octets()),
         }
         eat(&self.remote.1.to_le_bytes());
+        eat(&self.local_port.to_le_bytes());
         hash
     }
 }
@@ -319,6 +324,7 @@ mod tests {
             direction: Direction::Outbound,
             protocol: 6,
             remote: (IpAddr::V4(Ipv4Addr::new(192, 0, 2, n)), 443),
+            local_port: 0,
         }
     }
 

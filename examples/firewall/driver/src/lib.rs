@@ -92,8 +92,11 @@
 //! # The verdict cache
 //!
 //! The key is (process id, image path hash, direction, IP protocol, remote address, remote
-//! port). The local port is not part of it: every new outbound connection has a fresh one, so a
-//! key with it would never be found again; the service's rules do not look at it either. The
+//! port, and for inbound connections the local port). An outbound connection's local port is
+//! not part of it: every new outbound connection has a fresh one, so a key with it would never
+//! be found again; a verdict that depends on it (a rule's `local_port`) must not be granted a
+//! cache lifetime, and the example service grants none. An inbound connection's local port is
+//! the port connected to, which rules name (`local_port = 22`) and a retransmission repeats. The
 //! image path is hashed in (64-bit FNV-1a) so a reused process id does not inherit a verdict.
 //!
 //! - **Bounded**: [`Config::cache_capacity`] entries (rounded down to a multiple of [`WAYS`]),
@@ -467,6 +470,12 @@ impl Observed {
             direction: self.direction,
             protocol: self.key.protocol,
             remote: self.key.remote,
+            // Outbound: a fresh port per connection, which would make every key new; the
+            // service grants no lifetime to an outbound verdict that depends on it.
+            local_port: match self.direction {
+                Direction::Inbound => self.key.local.1,
+                Direction::Outbound => 0,
+            },
         }
     }
 

@@ -85,6 +85,7 @@ configured_driver!(unload_silent, PATIENT_CONFIG);
 configured_driver!(no_service, PATIENT_CONFIG);
 configured_driver!(caching, PATIENT_CONFIG);
 configured_driver!(inbound, PATIENT_CONFIG);
+configured_driver!(inbound_local_port, PATIENT_CONFIG);
 configured_driver!(loopback, PATIENT_CONFIG);
 configured_driver!(revoking, PATIENT_CONFIG);
 configured_driver!(reload, PATIENT_CONFIG);
@@ -162,7 +163,7 @@ name = "ssh-in"
 action = "allow"
 direction = "inbound"
 protocol = "tcp"
-port = 22
+local_port = 22
 
 [[rule]]
 name = "tool"
@@ -214,18 +215,23 @@ fn verdict_of(verdict: firewall_rules::Verdict) -> Verdict {
 
 /// What the rules say about a request, as the service decides it.
 fn decide_request(rules: &Rules, request: &ConnectionRequest) -> Verdict {
+    verdict_of(rules.decide(&rules_connection(request)).verdict)
+}
+
+/// A request as the service's rules see it.
+fn rules_connection(request: &ConnectionRequest) -> firewall_rules::Connection {
     let app: String = request.image_path.chars_lossy().collect();
-    let connection = firewall_rules::Connection {
+    firewall_rules::Connection {
         app: volumes().to_dos_path(&app),
         remote: request.remote_address,
         port: request.remote_port,
+        local_port: request.local_port,
         protocol: request.ip_protocol,
         direction: match request.direction {
             Direction::Outbound => firewall_rules::Direction::Outbound,
             Direction::Inbound => firewall_rules::Direction::Inbound,
         },
-    };
-    verdict_of(rules.decide(&connection).verdict)
+    }
 }
 
 /// What the rules say about a connection, as the test sees it.
@@ -234,6 +240,7 @@ fn decide_connection(rules: &Rules, c: &Connection) -> Verdict {
         app: volumes().to_dos_path(&c.app),
         remote: c.remote.ip(),
         port: c.remote.port(),
+        local_port: c.local.port(),
         protocol: c.protocol.into(),
         direction: match c.direction {
             SimDirection::Outbound => firewall_rules::Direction::Outbound,
@@ -463,12 +470,16 @@ fn encode_reply(reply: ConnectionReply) -> Vec<u8> {
     out
 }
 
-/// The reply the service gives under `rules`, cached for a minute.
+/// The reply the service gives under `rules`, cached for a minute unless, like the service, it
+/// must not be: an outbound verdict that depends on the local port, which the driver's cache
+/// key leaves out.
 fn answer(rules: &Rules, request: &ConnectionRequest) -> (Verdict, Vec<u8>) {
-    let verdict = decide_request(rules, request);
-    let reply = request
-        .reply(verdict)
-        .cached_for(CacheLifetime::from_secs(60).unwrap());
+    let decision = rules.decide(&rules_connection(request));
+    let verdict = verdict_of(decision.verdict);
+    let mut reply = request.reply(verdict);
+    if !(decision.local_port_matters && request.direction == Direction::Outbound) {
+        reply = reply.cached_for(CacheLifetime::from_secs(60).unwrap());
+    }
     (verdict, encode_reply(reply))
 }
 
@@ -1539,6 +1550,69 @@ fn inbound_gets_the_default_then_the_services_cached_verdict() {
             .iter()
             .any(|l| l.ends_with(": allow for later attempts (service, cached for 60 s)\n")),
         "{lines:#?}"
+    );
+    unload_clean(&machine, driver);
+    assert_eq!(service.join().unwrap(), 2);
+}
+
+/// An inbound verdict is cached for the local port it was decided for: a rule's `local_port`
+/// (`ssh-in`: 22) admits the peer on that port, and the same peer endpoint on another local
+/// port of the same process gets its own verdict, not the cached one.
+#[test]
+fn inbound_verdicts_are_cached_per_local_port() {
+    let machine = Machine::new();
+    let driver = load(&machine, inbound_local_port::DriverEntry);
+    let service = serve_simply(connected_client(&machine), RULES);
+    // One process listening on two ports; one peer endpoint (source port 22 on purpose: `port`
+    // is the remote port, which `ssh-in` does not name).
+    let peer = |local_port: u16| {
+        connection(
+            7,
+            APPS[2],
+            IpProtocol::Tcp,
+            SimDirection::Inbound,
+            local_port,
+            SocketAddr::new(Ipv4Addr::new(192, 0, 2, 7).into(), 22),
+        )
+    };
+    let (ssh, other) = (peer(22), peer(2222));
+    assert_eq!(
+        decided_once(&ssh, &machine.connect(&ssh, AleIrql::Dispatch), "first"),
+        (Action::Block, false),
+        "the default at once"
+    );
+    wait_for_background_asks(&machine, 1);
+    assert_eq!(
+        decided_once(&ssh, &machine.connect(&ssh, AleIrql::Dispatch), "again"),
+        (Action::Permit, false),
+        "ssh-in allows local port 22: cached"
+    );
+    assert_eq!(
+        decided_once(&other, &machine.connect(&other, AleIrql::Dispatch), "first"),
+        (Action::Block, false),
+        "not the verdict cached for port 22"
+    );
+    wait_for_background_asks(&machine, 2);
+    assert_eq!(
+        decided_once(&other, &machine.connect(&other, AleIrql::Passive), "again"),
+        (Action::Block, false),
+        "the rules deny local port 2222: cached"
+    );
+    assert_eq!(
+        decided_once(&ssh, &machine.connect(&ssh, AleIrql::Passive), "third"),
+        (Action::Permit, false),
+        "port 22's verdict is still cached"
+    );
+    let stats = inbound_local_port::STATS.snapshot();
+    assert_eq!(
+        (
+            stats.background_asks,
+            stats.answered,
+            stats.cache_hits,
+            stats.defaults
+        ),
+        (2, 2, 3, 2),
+        "{stats:?}"
     );
     unload_clean(&machine, driver);
     assert_eq!(service.join().unwrap(), 2);

@@ -685,7 +685,7 @@ pub struct ConnectionReply {
     /// The answer.
     pub verdict: Verdict,
     /// How long the driver may reuse the verdict for the same process, remote endpoint and
-    /// protocol; `None`: ask again next time.
+    /// protocol (and, inbound, local port); `None`: ask again next time.
     pub cache: Option<CacheLifetime>,
 }
 

@@ -11,13 +11,34 @@
 //! action = "allow"            # "allow" or "deny"; required
 //! app = 'C:\Program Files\**\*.exe'   # optional glob on the DOS path of the process image
 //! remote = ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7"]  # optional address, CIDR, or a list
-//! port = [80, 443, "8000-8100"]       # optional remote port, "low-high" range, or a list
+//! port = [80, 443, "8000-8100"]       # optional REMOTE port, "low-high" range, or a list
+//! local_port = 22            # optional LOCAL port, same syntax as `port`
 //! protocol = "tcp"            # optional: "tcp", "udp", "icmp", "icmpv6", "any", or 0..=255
 //! direction = "outbound"      # optional: "outbound", "inbound" or "any"
 //! ```
 //!
 //! A rule with no match fields matches every connection. Every field of a rule must match; a
-//! list matches when any of its elements does. Unknown keys are errors, as are wrong types,
+//! list matches when any of its elements does.
+//!
+//! # Ports
+//!
+//! `port` is the **remote** port: the server's port for an outbound connection, but the peer's
+//! (usually ephemeral) source port for an inbound one. `local_port` is this machine's port: the
+//! listening port for an inbound connection (`local_port = 22` admits SSH), the (usually
+//! ephemeral) source port for an outbound one. So an outbound rule names the service it
+//! reaches with `port`, and an inbound rule names the service it exposes with `local_port`:
+//!
+//! ```toml
+//! [[rule]]
+//! name = "ssh-in"
+//! action = "allow"
+//! direction = "inbound"
+//! protocol = "tcp"
+//! local_port = 22             # not `port = 22`: that would match peers whose source port is 22
+//! ```
+//!
+//! Both take a number, a `"low-high"` string (inclusive), or a list of them. Protocols without
+//! ports (ICMP) have both ports 0. Unknown keys are errors, as are wrong types,
 //! bad addresses or prefixes, reversed or out-of-range ports, bad globs and unknown actions,
 //! protocols or directions. Every error carries the line and column (1-based, columns counted
 //! in characters) of the offending key or value: `rules.toml:12:9: port range 9000-8000 is
@@ -45,15 +66,21 @@
 //! The engine decides on its own [`Connection`], which the service builds from the driver's
 //! `firewall_protocol::ConnectionRequest`: `app` from `image_path` through
 //! [`VolumeMap::to_dos_path`], `remote` from `remote_address`, `port` from `remote_port`,
-//! `protocol` from `ip_protocol`, and `direction` mapped one to one. The crate deliberately does
+//! `local_port` from `local_port`, `protocol` from `ip_protocol`, and `direction` mapped one to one. The crate deliberately does
 //! not depend on `firewall-protocol` (and so on `wfp-rs`): it is plain `std` + `toml`, and builds
 //! and tests the same on every target, whatever features the rest of the workspace turns on in
 //! `wfp-rs`. Its [`Verdict`] and [`Direction`] mirror the protocol's enums.
 //!
 //! The driver reports the process image as an NT device path
 //! (`\device\harddiskvolume3\windows\system32\curl.exe`); a [`VolumeMap`] turns it into the
-//! DOS path (`C:\windows\system32\curl.exe`) that rules are written against. Ports are the
-//! remote port; protocols without ports have port 0.
+//! DOS path (`C:\windows\system32\curl.exe`) that rules are written against.
+//!
+//! # Caching decisions
+//!
+//! The example driver caches a verdict per process, image, direction, protocol and remote
+//! endpoint: every field a rule matches except the local port. A decision that a different
+//! local port could change must not be cached under that key; [`Decision::local_port_matters`]
+//! says when that is so.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -168,8 +195,12 @@ pub struct Connection {
     pub app: String,
     /// The remote address.
     pub remote: IpAddr,
-    /// The remote port (0 for protocols without ports).
+    /// The remote port (0 for protocols without ports): the server's port for an outbound
+    /// connection, the peer's source port for an inbound one. Rules match it with `port`.
     pub port: u16,
+    /// The local port (0 for protocols without ports): the listening port for an inbound
+    /// connection, the source port for an outbound one. Rules match it with `local_port`.
+    pub local_port: u16,
     /// IANA protocol number.
     pub protocol: u8,
     /// Outbound or inbound.
@@ -400,20 +431,28 @@ pub struct Rule {
     app: Option<Glob>,
     remote: Option<Vec<Cidr>>,
     ports: Option<Vec<(u16, u16)>>,
+    local_ports: Option<Vec<(u16, u16)>>,
     protocol: Option<u8>,
     direction: Option<Direction>,
+}
+
+fn in_ranges(ranges: Option<&Vec<(u16, u16)>>, port: u16) -> bool {
+    ranges.is_none_or(|rs| rs.iter().any(|&(lo, hi)| (lo..=hi).contains(&port)))
 }
 
 impl Rule {
     /// Whether every match field of the rule holds for `connection`.
     pub fn matches(&self, connection: &Connection) -> bool {
+        self.matches_but_local_port(connection)
+            && in_ranges(self.local_ports.as_ref(), connection.local_port)
+    }
+
+    /// Every field but `local_port` holds.
+    fn matches_but_local_port(&self, connection: &Connection) -> bool {
         let remote = connection.remote.to_canonical();
         self.direction.is_none_or(|d| d == connection.direction)
             && self.protocol.is_none_or(|p| p == connection.protocol)
-            && self.ports.as_ref().is_none_or(|ps| {
-                ps.iter()
-                    .any(|&(lo, hi)| (lo..=hi).contains(&connection.port))
-            })
+            && in_ranges(self.ports.as_ref(), connection.port)
             && self
                 .remote
                 .as_ref()
@@ -454,6 +493,11 @@ pub struct Decision<'r> {
     pub verdict: Verdict,
     /// Which rule, or the default, decided.
     pub by: DecidedBy<'r>,
+    /// Whether the same connection from or to another local port might be decided otherwise: a
+    /// rule tried names `local_port`, and its other fields hold (so its `local_port` alone made
+    /// it match or not). A verdict cached without the local port in its key (as the example
+    /// driver's is) must not be cached when this is `true`.
+    pub local_port_matters: bool,
 }
 
 impl Rules {
@@ -495,23 +539,28 @@ impl Rules {
 
     /// The first matching rule's action, or the default.
     pub fn decide(&self, connection: &Connection) -> Decision<'_> {
-        match self
-            .rules
-            .iter()
-            .enumerate()
-            .find(|(_, r)| r.matches(connection))
-        {
-            Some((index, rule)) => Decision {
-                verdict: rule.action,
-                by: DecidedBy::Rule {
-                    index,
-                    name: rule.name.as_deref(),
-                },
-            },
-            None => Decision {
-                verdict: self.default,
-                by: DecidedBy::Default,
-            },
+        let mut local_port_matters = false;
+        for (index, rule) in self.rules.iter().enumerate() {
+            if !rule.matches_but_local_port(connection) {
+                continue;
+            }
+            // Conservative for a `local_port` covering every port: it is counted all the same.
+            local_port_matters |= rule.local_ports.is_some();
+            if in_ranges(rule.local_ports.as_ref(), connection.local_port) {
+                return Decision {
+                    verdict: rule.action,
+                    by: DecidedBy::Rule {
+                        index,
+                        name: rule.name.as_deref(),
+                    },
+                    local_port_matters,
+                };
+            }
+        }
+        Decision {
+            verdict: self.default,
+            by: DecidedBy::Default,
+            local_port_matters,
         }
     }
 }
@@ -617,6 +666,7 @@ fn parse_rule(text: &str, span: &Range<usize>, table: &DeTable<'_>) -> Result<(u
         app: None,
         remote: None,
         ports: None,
+        local_ports: None,
         protocol: None,
         direction: None,
     };
@@ -635,12 +685,16 @@ fn parse_rule(text: &str, span: &Range<usize>, table: &DeTable<'_>) -> Result<(u
                 }
                 rule.remote = Some(cidrs);
             }
-            "port" => {
+            key @ ("port" | "local_port") => {
                 let mut ports = Vec::new();
-                for item in one_or_many(value, "port")? {
-                    ports.push(parse_port(item)?);
+                for item in one_or_many(value, key)? {
+                    ports.push(parse_port(item, key)?);
                 }
-                rule.ports = Some(ports);
+                if key == "port" {
+                    rule.ports = Some(ports);
+                } else {
+                    rule.local_ports = Some(ports);
+                }
             }
             "protocol" => rule.protocol = parse_protocol(value)?,
             "direction" => {
@@ -662,7 +716,7 @@ fn parse_rule(text: &str, span: &Range<usize>, table: &DeTable<'_>) -> Result<(u
                 return at(
                     &key.span(),
                     format!(
-                        "unknown key `{other}` in rule (expected name, action, app, remote, port, protocol or direction)"
+                        "unknown key `{other}` in rule (expected name, action, app, remote, port, local_port, protocol or direction)"
                     ),
                 );
             }
@@ -682,7 +736,8 @@ fn integer(value: &Value<'_>) -> Option<i128> {
     }
 }
 
-fn parse_port(value: &Value<'_>) -> Result<(u16, u16), At> {
+/// One element of `port` or `local_port` (`key`, for the messages).
+fn parse_port(value: &Value<'_>, key: &str) -> Result<(u16, u16), At> {
     let span = value.span();
     let number = |s: &str| -> Result<u16, At> {
         s.trim()
@@ -692,13 +747,13 @@ fn parse_port(value: &Value<'_>) -> Result<(u16, u16), At> {
     match value.get_ref() {
         DeValue::Integer(_) => match integer(value).and_then(|n| u16::try_from(n).ok()) {
             Some(p) => Ok((p, p)),
-            None => at(&span, "port out of range (0 to 65535)"),
+            None => at(&span, format!("{key} out of range (0 to 65535)")),
         },
         DeValue::String(s) => match s.split_once('-') {
             Some((lo, hi)) => {
                 let (lo, hi) = (number(lo)?, number(hi)?);
                 if lo > hi {
-                    return at(&span, format!("port range {lo}-{hi} is reversed"));
+                    return at(&span, format!("{key} range {lo}-{hi} is reversed"));
                 }
                 Ok((lo, hi))
             }
@@ -707,7 +762,7 @@ fn parse_port(value: &Value<'_>) -> Result<(u16, u16), At> {
         other => at(
             &span,
             format!(
-                "`port` must be a number or a \"low-high\" string, found {}",
+                "`{key}` must be a number or a \"low-high\" string, found {}",
                 other.type_str()
             ),
         ),

@@ -7,18 +7,30 @@ use firewall_rules::{Cidr, Connection, DecidedBy, Direction, Glob, Rules, Verdic
 
 const EXAMPLE: &str = include_str!("../rules.example.toml");
 
-fn conn(app: &str, remote: &str, port: u16, protocol: u8, direction: Direction) -> Connection {
+/// A local port no test rule names, as an outbound connection's ephemeral port would be.
+const EPHEMERAL: u16 = 50_000;
+
+fn out(app: &str, remote: &str, port: u16, protocol: u8) -> Connection {
     Connection {
         app: app.to_owned(),
         remote: remote.parse().unwrap(),
         port,
+        local_port: EPHEMERAL,
         protocol,
-        direction,
+        direction: Direction::Outbound,
     }
 }
 
-fn out(app: &str, remote: &str, port: u16, protocol: u8) -> Connection {
-    conn(app, remote, port, protocol, Direction::Outbound)
+/// A peer at `remote`:`remote_port` connects in to this machine's `local_port`.
+fn inbound(app: &str, remote: &str, remote_port: u16, local_port: u16, protocol: u8) -> Connection {
+    Connection {
+        app: app.to_owned(),
+        remote: remote.parse().unwrap(),
+        port: remote_port,
+        local_port,
+        protocol,
+        direction: Direction::Inbound,
+    }
 }
 
 fn decided<'r>(rules: &'r Rules, c: &Connection) -> (Verdict, Option<&'r str>) {
@@ -51,7 +63,7 @@ fn example_file_parses_and_decides() {
             None
         ]
     );
-    assert_eq!(rules.rules()[0].line, 4);
+    assert_eq!(rules.rules()[0].line, 6);
 
     let curl = r"C:\Windows\System32\curl.exe";
     let firefox = r"c:\program files\Mozilla Firefox\firefox.exe";
@@ -97,11 +109,16 @@ fn example_file_parses_and_decides() {
     );
     let sshd = r"C:\Windows\System32\OpenSSH\sshd.exe";
     assert_eq!(
-        decided(&rules, &conn(sshd, "10.9.9.9", 22, 6, Direction::Inbound)),
+        decided(&rules, &inbound(sshd, "10.9.9.9", 50_123, 22, 6)),
         (Verdict::Allow, Some("ssh-in"))
     );
+    // A LAN peer whose source port is 22, to another local port: not SSH.
     assert_eq!(
-        decided(&rules, &conn(sshd, "192.0.2.1", 22, 6, Direction::Inbound)),
+        decided(&rules, &inbound(sshd, "10.9.9.9", 22, 8080, 6)),
+        (Verdict::Deny, Some("#7"))
+    );
+    assert_eq!(
+        decided(&rules, &inbound(sshd, "192.0.2.1", 50_123, 22, 6)),
         (Verdict::Deny, Some("#7"))
     );
 }
@@ -141,7 +158,7 @@ fn error_messages_have_line_and_column() {
     );
     assert_eq!(
         err(&format!("{head}  colour = \"red\"\n")),
-        "rules.toml:5:3: unknown key `colour` in rule (expected name, action, app, remote, port, protocol or direction)"
+        "rules.toml:5:3: unknown key `colour` in rule (expected name, action, app, remote, port, local_port, protocol or direction)"
     );
     assert_eq!(
         err("default = \"deny\"\nextra = 1\n"),
@@ -154,6 +171,14 @@ fn error_messages_have_line_and_column() {
     assert_eq!(
         err(&format!("{head}port = []\n")),
         "rules.toml:5:8: `port` is an empty list, which matches nothing"
+    );
+    assert_eq!(
+        err(&format!("{head}port = true\n")),
+        "rules.toml:5:8: `port` must be a number or a \"low-high\" string, found boolean"
+    );
+    assert_eq!(
+        err(&format!("{head}port = \"http\"\n")),
+        "rules.toml:5:8: `http` is not a port (0 to 65535)"
     );
     assert_eq!(
         err(&format!("{head}protocol = \"sctp\"\n")),
@@ -181,6 +206,125 @@ fn error_messages_have_line_and_column() {
         e.to_string()
             .ends_with("rule has no `action` (\"allow\" or \"deny\")"),
         "{e}"
+    );
+}
+
+#[test]
+fn local_port_errors_name_the_key() {
+    let head = "default = \"allow\"\n\n[[rule]]\naction = \"deny\"\n";
+    assert_eq!(
+        err(&format!("{head}local_port = \"9000-8000\"\n")),
+        "rules.toml:5:14: local_port range 9000-8000 is reversed"
+    );
+    assert_eq!(
+        err(&format!("{head}local_port = [22, 70000]\n")),
+        "rules.toml:5:19: local_port out of range (0 to 65535)"
+    );
+    assert_eq!(
+        err(&format!("{head}local_port = -1\n")),
+        "rules.toml:5:14: local_port out of range (0 to 65535)"
+    );
+    assert_eq!(
+        err(&format!("{head}local_port = []\n")),
+        "rules.toml:5:14: `local_port` is an empty list, which matches nothing"
+    );
+    assert_eq!(
+        err(&format!("{head}local_port = 22.0\n")),
+        "rules.toml:5:14: `local_port` must be a number or a \"low-high\" string, found float"
+    );
+    assert_eq!(
+        err(&format!("{head}local_port = [[22]]\n")),
+        "rules.toml:5:15: `local_port` must be a number or a \"low-high\" string, found array"
+    );
+    assert_eq!(
+        err(&format!("{head}local_port = \"22-ssh\"\n")),
+        "rules.toml:5:14: `ssh` is not a port (0 to 65535)"
+    );
+    assert_eq!(
+        err(&format!("{head}localport = 22\n")),
+        "rules.toml:5:1: unknown key `localport` in rule (expected name, action, app, remote, port, local_port, protocol or direction)"
+    );
+}
+
+#[test]
+fn local_port_matches_the_local_port_and_port_the_remote_one() {
+    let rules = Rules::parse(
+        "default = \"deny\"\n\
+         [[rule]]\nname = \"ssh-in\"\naction = \"allow\"\ndirection = \"inbound\"\nlocal_port = 22\n\
+         [[rule]]\nname = \"from-22\"\naction = \"allow\"\ndirection = \"inbound\"\nport = 22\n\
+         [[rule]]\nname = \"web-out\"\naction = \"allow\"\ndirection = \"outbound\"\nport = [80, 443]\n\
+         [[rule]]\nname = \"low-source\"\naction = \"allow\"\nlocal_port = \"1-1023\"\nport = 9999\n",
+    )
+    .unwrap();
+    let name = |c: &Connection| match rules.decide(c).by {
+        DecidedBy::Rule { name, .. } => name,
+        DecidedBy::Default => None,
+    };
+    // Inbound: `local_port` is the port connected to, `port` the peer's source port.
+    assert_eq!(
+        name(&inbound("", "10.0.0.9", 50_123, 22, 6)),
+        Some("ssh-in")
+    );
+    assert_eq!(
+        name(&inbound("", "10.0.0.9", 22, 50_123, 6)),
+        Some("from-22")
+    );
+    assert_eq!(name(&inbound("", "10.0.0.9", 22, 22, 6)), Some("ssh-in"));
+    assert_eq!(name(&inbound("", "10.0.0.9", 50_123, 8080, 6)), None);
+    // Outbound: `port` is the server's port, `local_port` the source port.
+    assert_eq!(name(&out("", "192.0.2.1", 443, 6)), Some("web-out"));
+    let mut from_22 = out("", "192.0.2.1", 8080, 6);
+    from_22.local_port = 22;
+    assert_eq!(name(&from_22), None, "ssh-in is inbound only");
+    let mut low = out("", "192.0.2.1", 9999, 6);
+    assert_eq!(name(&low), None);
+    low.local_port = 1023;
+    assert_eq!(name(&low), Some("low-source"));
+    low.local_port = 1024;
+    assert_eq!(name(&low), None);
+    // Lists and ranges, as for `port`.
+    let list = Rules::parse(
+        "default = \"deny\"\n[[rule]]\naction = \"allow\"\nlocal_port = [22, \"8000-8001\", 0x1BB]\n",
+    )
+    .unwrap();
+    for (local_port, verdict) in [
+        (22, Verdict::Allow),
+        (23, Verdict::Deny),
+        (443, Verdict::Allow),
+        (7999, Verdict::Deny),
+        (8000, Verdict::Allow),
+        (8001, Verdict::Allow),
+        (8002, Verdict::Deny),
+    ] {
+        let c = inbound("", "10.0.0.9", 22, local_port, 6);
+        assert_eq!(list.decide(&c).verdict, verdict, "local port {local_port}");
+    }
+}
+
+#[test]
+fn local_port_matters_when_a_local_port_rule_is_decisive() {
+    let rules = Rules::parse(
+        "default = \"deny\"\n\
+         [[rule]]\naction = \"allow\"\ndirection = \"outbound\"\nport = 443\n\
+         [[rule]]\naction = \"allow\"\ndirection = \"inbound\"\nlocal_port = 22\n\
+         [[rule]]\naction = \"deny\"\nremote = \"10.0.0.0/8\"\n",
+    )
+    .unwrap();
+    let matters = |c: &Connection| rules.decide(c).local_port_matters;
+    // Decided before any `local_port` rule.
+    assert!(!matters(&out("", "192.0.2.1", 443, 6)));
+    // The `local_port` rule is tried but is outbound only: its local port is irrelevant.
+    assert!(!matters(&out("", "192.0.2.1", 80, 6)));
+    // Decided by the `local_port` rule: another local port would not be.
+    assert!(matters(&inbound("", "10.0.0.9", 50_000, 22, 6)));
+    // Passed over only because of its local port: another local port would match it.
+    assert!(matters(&inbound("", "10.0.0.9", 50_000, 8080, 6)));
+    assert!(matters(&inbound("", "192.0.2.1", 50_000, 8080, 6)));
+    let plain = Rules::parse(EXAMPLE.replace("local_port = 22", "port = 22").as_str()).unwrap();
+    assert!(
+        !plain
+            .decide(&inbound("", "10.0.0.9", 22, 8080, 6))
+            .local_port_matters
     );
 }
 
@@ -391,6 +535,7 @@ struct RefRule {
     app: Option<String>,
     remote: Option<Vec<(IpAddr, u32)>>,
     ports: Option<Vec<(u16, u16)>>,
+    local_ports: Option<Vec<(u16, u16)>>,
     protocol: Option<u8>,
     direction: Option<Direction>,
 }
@@ -427,6 +572,10 @@ fn ref_matches(r: &RefRule, c: &Connection) -> bool {
         && r.ports
             .as_ref()
             .is_none_or(|ps| ps.iter().any(|&(lo, hi)| lo <= c.port && c.port <= hi))
+        && r.local_ports.as_ref().is_none_or(|ps| {
+            ps.iter()
+                .any(|&(lo, hi)| lo <= c.local_port && c.local_port <= hi)
+        })
         && r.remote.as_ref().is_none_or(|cs| {
             cs.iter().any(|&(net, len)| {
                 net.is_ipv4() == remote.is_ipv4()
@@ -468,6 +617,29 @@ fn random_path(rng: &mut Rng, segments: &[&str]) -> String {
         .join("\\")
 }
 
+/// A `key = [...]` line of ports and ranges, all below [`PORTS`] (so none covers every port).
+fn random_ports(rng: &mut Rng, toml: &mut String, key: &str) -> Vec<(u16, u16)> {
+    let mut items = Vec::new();
+    let mut texts = Vec::new();
+    for _ in 0..1 + rng.below(3) {
+        let lo = rng.below(100) as u16;
+        if rng.below(2) == 0 {
+            items.push((lo, lo));
+            texts.push(lo.to_string());
+        } else {
+            let hi = lo + rng.below(20) as u16;
+            items.push((lo, hi));
+            texts.push(format!("\"{lo}-{hi}\""));
+        }
+    }
+    toml.push_str(&format!("{key} = [{}]\n", texts.join(", ")));
+    items
+}
+
+/// Ports of random connections are below this; every port from here up is in no rule's range,
+/// so `0..=PORTS` holds every distinct case.
+const PORTS: u16 = 120;
+
 fn random_rule(rng: &mut Rng, toml: &mut String) -> RefRule {
     let allow = rng.below(2) == 0;
     toml.push_str(&format!(
@@ -479,6 +651,7 @@ fn random_rule(rng: &mut Rng, toml: &mut String) -> RefRule {
         app: None,
         remote: None,
         ports: None,
+        local_ports: None,
         protocol: None,
         direction: None,
     };
@@ -507,21 +680,10 @@ fn random_rule(rng: &mut Rng, toml: &mut String) -> RefRule {
         r.remote = Some(items);
     }
     if rng.below(3) == 0 {
-        let mut items = Vec::new();
-        let mut texts = Vec::new();
-        for _ in 0..1 + rng.below(3) {
-            let lo = rng.below(100) as u16;
-            if rng.below(2) == 0 {
-                items.push((lo, lo));
-                texts.push(lo.to_string());
-            } else {
-                let hi = lo + rng.below(20) as u16;
-                items.push((lo, hi));
-                texts.push(format!("\"{lo}-{hi}\""));
-            }
-        }
-        toml.push_str(&format!("port = [{}]\n", texts.join(", ")));
-        r.ports = Some(items);
+        r.ports = Some(random_ports(rng, toml, "port"));
+    }
+    if rng.below(3) == 0 {
+        r.local_ports = Some(random_ports(rng, toml, "local_port"));
     }
     if rng.below(3) == 0 {
         let (text, p) = *rng.pick(&[
@@ -564,7 +726,8 @@ fn random_connection(rng: &mut Rng) -> Connection {
             }
             _ => random_v6(rng),
         },
-        port: rng.below(120) as u16,
+        port: rng.below(u64::from(PORTS)) as u16,
+        local_port: rng.below(u64::from(PORTS)) as u16,
         protocol: *rng.pick(&[1, 6, 17, 58, 132]),
         direction: if rng.below(2) == 0 {
             Direction::Outbound
@@ -584,6 +747,8 @@ fn randomized_decide_matches_reference() {
     let mut rng = Rng(seed);
     // (decided by a rule, decided by the default): both must occur, or the test proves little.
     let mut outcomes = (0, 0);
+    // (local port mattered, did not): likewise.
+    let mut matters = (0, 0);
     for round in 0..300 {
         let default_allow = rng.below(2) == 0;
         let mut toml = format!(
@@ -596,37 +761,52 @@ fn randomized_decide_matches_reference() {
         let rules = Rules::parse(&toml).unwrap_or_else(|e| {
             panic!("seed {seed} (FIREWALL_RULES_SEED={seed}), round {round}: {e}\n{toml}")
         });
+        let ref_decide = |c: &Connection| match reference.iter().position(|r| ref_matches(r, c)) {
+            Some(i) => (
+                if reference[i].allow {
+                    Verdict::Allow
+                } else {
+                    Verdict::Deny
+                },
+                DecidedBy::Rule {
+                    index: i,
+                    name: None,
+                },
+            ),
+            None => (
+                if default_allow {
+                    Verdict::Allow
+                } else {
+                    Verdict::Deny
+                },
+                DecidedBy::Default,
+            ),
+        };
         for _ in 0..100 {
             let c = random_connection(&mut rng);
-            let expected = match reference.iter().position(|r| ref_matches(r, &c)) {
-                Some(i) => (
-                    if reference[i].allow {
-                        Verdict::Allow
-                    } else {
-                        Verdict::Deny
-                    },
-                    DecidedBy::Rule {
-                        index: i,
-                        name: None,
-                    },
-                ),
-                None => (
-                    if default_allow {
-                        Verdict::Allow
-                    } else {
-                        Verdict::Deny
-                    },
-                    DecidedBy::Default,
-                ),
-            };
+            let expected = ref_decide(&c);
+            // The local port matters when some other local port is decided by another rule (no
+            // generated range covers every port, so a deciding `local_port` rule always counts).
+            let expected_matters = (0..=PORTS).any(|local_port| {
+                ref_decide(&Connection {
+                    local_port,
+                    ..c.clone()
+                })
+                .1 != expected.1
+            });
             let got = rules.decide(&c);
             match got.by {
                 DecidedBy::Rule { .. } => outcomes.0 += 1,
                 DecidedBy::Default => outcomes.1 += 1,
             }
+            if got.local_port_matters {
+                matters.0 += 1;
+            } else {
+                matters.1 += 1;
+            }
             assert_eq!(
-                (got.verdict, got.by),
-                expected,
+                (got.verdict, got.by, got.local_port_matters),
+                (expected.0, expected.1, expected_matters),
                 "seed {seed} (rerun with FIREWALL_RULES_SEED={seed}), round {round}\nconnection {c:?}\nrules:\n{toml}"
             );
         }
@@ -634,5 +814,9 @@ fn randomized_decide_matches_reference() {
     assert!(
         outcomes.0 > 1000 && outcomes.1 > 1000,
         "seed {seed}: too few of one outcome {outcomes:?}"
+    );
+    assert!(
+        matters.0 > 1000 && matters.1 > 1000,
+        "seed {seed}: too few of one local-port outcome {matters:?}"
     );
 }

@@ -54,10 +54,13 @@ enum Command {
     /// A rules file is TOML: `default = "allow"|"deny"` and an ordered list of [[rule]] tables,
     /// each with `action = "allow"|"deny"` and optional match fields: `name`, `app` (a glob on
     /// the DOS path of the program: `?`, `*` within a folder, `**` across folders,
-    /// case-insensitive), `remote` (address or CIDR, or a list), `port` (number or "low-high",
-    /// or a list), `protocol` ("tcp", "udp", "icmp", "icmpv6", "any" or a number) and
-    /// `direction` ("outbound", "inbound" or "any"). The first rule whose fields all match
-    /// decides; if none does, the default does.
+    /// case-insensitive), `remote` (address or CIDR, or a list), `port` (the remote port: number
+    /// or "low-high", or a list), `local_port` (this machine's port, the same way: for inbound
+    /// connections, the port connected to), `protocol` ("tcp", "udp", "icmp", "icmpv6", "any" or
+    /// a number) and `direction` ("outbound", "inbound" or "any"). An inbound rule names the
+    /// service it admits with `local_port` (`local_port = 22` for SSH): its `port` is the peer's
+    /// source port. The first rule whose fields all match decides; if none does, the default
+    /// does.
     CheckRules {
         /// The rules file to check.
         file: PathBuf,
@@ -65,7 +68,9 @@ enum Command {
     /// Decide one connection against a rules file, and say which rule decided.
     ///
     /// For trying out a policy before `serve` uses it:
-    /// `firewall decide --rules rules.toml --app 'C:\Windows\System32\curl.exe' --remote 192.0.2.7 --port 443`.
+    /// `firewall decide --rules rules.toml --app 'C:\Windows\System32\curl.exe' --remote 192.0.2.7 --port 443`,
+    /// or for an inbound connection to this machine's SSH server:
+    /// `firewall decide --rules rules.toml --direction inbound --remote 10.1.2.3 --port 50123 --local-port 22`.
     Decide(DecideArgs),
     /// Run the whole firewall in the simulator: driver, service, and a scenario of connections.
     ///
@@ -105,7 +110,9 @@ struct ServeArgs {
 #[derive(Debug, Args)]
 struct CacheArgs {
     /// How long the driver may reuse a verdict for the same program, remote endpoint and
-    /// protocol without asking, in seconds; 0: never cache. The service remembers what it let
+    /// protocol (and, inbound, local port) without asking, in seconds; 0: never cache. An
+    /// outbound verdict that a rule's `local_port` decides is never cached (each outbound
+    /// connection has a fresh local port, which the driver's cache does not key on). The service remembers what it let
     /// the driver cache, to revoke it when the rules change; when that memory is full
     /// (--max-remembered) it answers without caching.
     #[arg(long, value_name = "N", default_value_t = crate::service::DEFAULT_CACHE_SECONDS,
@@ -170,9 +177,14 @@ struct DecideArgs {
     /// The remote address.
     #[arg(long, value_name = "ADDRESS")]
     remote: IpAddr,
-    /// The remote port.
+    /// The remote port: the server's for an outbound connection, the peer's source port for an
+    /// inbound one. Rules match it with `port`.
     #[arg(long, value_name = "N", default_value_t = 0)]
     port: u16,
+    /// This machine's port: the port connected to for an inbound connection, the source port for
+    /// an outbound one. Rules match it with `local_port`.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    local_port: u16,
     /// The protocol: tcp, udp, icmp, icmpv6, or a number.
     #[arg(long, value_name = "PROTOCOL", default_value = "tcp", value_parser = parse_protocol)]
     protocol: u8,
@@ -329,6 +341,7 @@ fn decide(args: &DecideArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
         &args.app,
         args.remote,
         args.port,
+        args.local_port,
         args.protocol,
         args.direction,
     );
@@ -341,13 +354,14 @@ fn decide(args: &DecideArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     let _ = writeln!(out, "{verdict} by {by}{line}");
     let _ = writeln!(
         out,
-        "  app {}, remote {}, protocol {}, {}",
+        "  app {}, remote {}, local port {}, protocol {}, {}",
         if connection.app.is_empty() {
             "(unknown)"
         } else {
             &connection.app
         },
         std::net::SocketAddr::new(connection.remote, connection.port),
+        connection.local_port,
         crate::audit::protocol_name(connection.protocol)
             .map_or_else(|| connection.protocol.to_string(), str::to_owned),
         connection.direction

@@ -11,6 +11,16 @@
 //! expires. [`Service::reload`] decides each remembered connection again under the new rules and
 //! returns the ids whose verdict changed ([`Revocation`]).
 //!
+//! The driver's cache key (process, image, direction, protocol, remote endpoint, and the local
+//! port of inbound connections) holds every field a rule matches except the local port of
+//! outbound connections, which is fresh for each. An outbound verdict that a rule's
+//! `local_port` makes depend on the local port
+//! ([`Decision::local_port_matters`](firewall_rules::Decision::local_port_matters)) is
+//! therefore never cacheable: the driver would give it to the same process's next connection
+//! to the same endpoint from another local port. For the same reason a reload revokes a
+//! remembered outbound verdict when the new rules make it depend on the local port, even if
+//! they decide the remembered connection the same way.
+//!
 //! The memory is bounded ([`Service::memory_capacity`]). When it is full (after dropping what has
 //! expired), the service answers **without** a cache lifetime rather than forget a verdict the
 //! driver could still be holding: a verdict it cannot revoke is never cached.
@@ -187,12 +197,21 @@ pub fn connection_of(request: &ConnectionRequest, volumes: &VolumeMap) -> Connec
         app,
         remote: request.remote_address,
         port: request.remote_port,
+        local_port: request.local_port,
         protocol: request.ip_protocol,
         direction: match request.direction {
             firewall_protocol::Direction::Outbound => firewall_rules::Direction::Outbound,
             firewall_protocol::Direction::Inbound => firewall_rules::Direction::Inbound,
         },
     }
+}
+
+/// Whether a decision on `connection` depends on something the driver's cache key leaves out:
+/// the local port of an outbound connection (`local_port_matters`, from
+/// [`Decision::local_port_matters`](firewall_rules::Decision::local_port_matters)). Such a
+/// verdict must not be cached. See the [module documentation](self).
+pub fn outside_the_drivers_key(connection: &Connection, local_port_matters: bool) -> bool {
+    local_port_matters && connection.direction == firewall_rules::Direction::Outbound
 }
 
 /// The protocol's verdict for the rules' one.
@@ -279,7 +298,9 @@ impl Service {
     }
 
     /// Decides `request` at time `now`: the reply for the driver, and the audit record. The
-    /// reply is cacheable if the service grants a lifetime and has room to remember it.
+    /// reply is cacheable if the service grants a lifetime, the verdict of an outbound connection
+    /// does not depend on its local port (see the [module documentation](self)), and there is
+    /// room to remember it.
     pub fn decide_at(
         &mut self,
         request: &ConnectionRequest,
@@ -296,6 +317,7 @@ impl Service {
         let by = describe_decided_by(&decided_by);
         let mut reply = request.reply(wire_verdict(verdict));
         if let Some(lifetime) = self.cache
+            && !outside_the_drivers_key(&connection, decision.local_port_matters)
             && self.make_room(now)
         {
             reply = reply.cached_for(lifetime);
@@ -351,14 +373,19 @@ impl Service {
     /// Replaces the policy with the one in `text` (errors name the file as
     /// [`rules_name`](Self::rules_name)). On error the policy in force stays. On success,
     /// returns the remembered verdicts, still cached at `now`, that the new rules decide
-    /// differently; they are forgotten here, and the caller must have the driver revoke them.
+    /// differently, or (outbound) whose decision depends on the local port under the new rules;
+    /// they are forgotten here, and the caller must have the driver revoke them.
     pub fn reload_at(&mut self, text: &str, now: SystemTime) -> Result<Revocation, RulesError> {
         let rules = Rules::parse_named(&self.rules_name, text)?;
         self.forget_expired(now);
         let ids: Vec<u64> = self
             .remembered
             .iter()
-            .filter(|(_, r)| rules.decide(&r.connection).verdict != r.verdict)
+            .filter(|(_, r)| {
+                let decision = rules.decide(&r.connection);
+                decision.verdict != r.verdict
+                    || outside_the_drivers_key(&r.connection, decision.local_port_matters)
+            })
             .map(|(&id, _)| id)
             .collect();
         for id in &ids {
@@ -370,12 +397,13 @@ impl Service {
 
     /// Decides a connection described directly (not by the driver), for operator tools: the
     /// rules' [`Decision`](firewall_rules::Decision) on `app` (an NT path is mapped to DOS with
-    /// the volume map).
+    /// the volume map), `remote`:`port` and this machine's `local_port`.
     pub fn explain(
         &self,
         app: &str,
         remote: IpAddr,
         port: u16,
+        local_port: u16,
         protocol: u8,
         direction: firewall_rules::Direction,
     ) -> (Connection, firewall_rules::Verdict, String) {
@@ -383,6 +411,7 @@ impl Service {
             app: self.volumes.to_dos_path(app),
             remote,
             port,
+            local_port,
             protocol,
             direction,
         };

@@ -29,6 +29,18 @@ action = "allow"
 app = '**\system32\curl.exe'
 "#;
 
+/// An inbound SSH rule, named by the local (listening) port.
+const SSH: &str = r#"default = "deny"
+
+[[rule]]
+name = "ssh-in"
+action = "allow"
+direction = "inbound"
+protocol = "tcp"
+local_port = 22
+remote = "10.0.0.0/8"
+"#;
+
 #[test]
 fn check_rules_summarises_a_good_file() {
     let path = temp_file("good", "rules.toml", GOOD);
@@ -95,7 +107,7 @@ fn decide_names_the_rule_that_decided() {
     assert_eq!(out.code, Some(0), "{}", out.stderr.clone());
     assert_eq!(
         out.stdout.clone(),
-        "allow by rule 3 \"curl\", line 13\n  app C:\\Windows\\System32\\curl.exe, remote 192.0.2.7:443, protocol tcp, outbound\n"
+        "allow by rule 3 \"curl\", line 13\n  app C:\\Windows\\System32\\curl.exe, remote 192.0.2.7:443, local port 0, protocol tcp, outbound\n"
     );
     let out = firewall(&[
         "decide",
@@ -112,12 +124,74 @@ fn decide_names_the_rule_that_decided() {
     ]);
     assert_eq!(
         out.stdout.clone(),
-        "allow by rule 1 \"dns\", line 3\n  app (unknown), remote [2001:db8::1]:53, protocol udp, inbound\n"
+        "allow by rule 1 \"dns\", line 3\n  app (unknown), remote [2001:db8::1]:53, local port 0, protocol udp, inbound\n"
     );
     let out = firewall(&["decide", "--rules", rules, "--remote", "203.0.113.1"]);
     assert!(out.stdout.clone().starts_with("deny by rule 2, line 9\n"));
     let out = firewall(&["decide", "--rules", rules, "--remote", "198.51.100.1"]);
     assert!(out.stdout.clone().starts_with("deny by default\n"));
+}
+
+#[test]
+fn decide_matches_local_port_against_the_local_port() {
+    let path = temp_file("decide-local-port", "rules.toml", SSH);
+    let rules = path.to_str().unwrap();
+    let inbound = |port: &str, local_port: &str| {
+        firewall(&[
+            "decide",
+            "--rules",
+            rules,
+            "--direction",
+            "inbound",
+            "--remote",
+            "10.1.2.3",
+            "--port",
+            port,
+            "--local-port",
+            local_port,
+        ])
+    };
+    let out = inbound("50123", "22");
+    assert_eq!(out.code, Some(0), "{}", out.stderr.clone());
+    assert_eq!(
+        out.stdout.clone(),
+        "allow by rule 1 \"ssh-in\", line 3\n  app (unknown), remote 10.1.2.3:50123, local port 22, protocol tcp, inbound\n"
+    );
+    // A peer whose source port is 22, to another local port, is not SSH.
+    assert_eq!(
+        inbound("22", "50123").stdout.clone(),
+        "deny by default\n  app (unknown), remote 10.1.2.3:22, local port 50123, protocol tcp, inbound\n"
+    );
+    let out = firewall(&["decide", "--help"]);
+    assert!(
+        out.stdout.clone().contains("--local-port"),
+        "{}",
+        out.stdout.clone()
+    );
+}
+
+#[test]
+fn check_rules_reports_a_bad_local_port() {
+    let path = temp_file(
+        "bad-local-port",
+        "rules.toml",
+        &SSH.replace("local_port = 22", "local_port = \"2222-22\""),
+    );
+    let out = firewall(&["check-rules", path.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1));
+    assert_eq!(
+        out.stderr.clone(),
+        format!(
+            "{}:8:14: local_port range 2222-22 is reversed\n",
+            path.display()
+        )
+    );
+    let out = firewall(&["check-rules", "--help"]);
+    assert!(
+        out.stdout.clone().contains("`local_port`"),
+        "{}",
+        out.stdout.clone()
+    );
 }
 
 #[test]

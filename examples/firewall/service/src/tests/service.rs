@@ -321,6 +321,121 @@ fn service_with_capacity_zero() -> Service {
     service(60).with_memory_capacity(0)
 }
 
+const SSH_POLICY: &str = r#"default = "deny"
+
+[[rule]]
+name = "dns"
+action = "allow"
+protocol = "udp"
+port = 53
+
+[[rule]]
+name = "ssh-in"
+action = "allow"
+direction = "inbound"
+protocol = "tcp"
+local_port = 22
+"#;
+
+fn inbound(id: u64, remote_port: u16, local_port: u16) -> ConnectionRequest {
+    let mut asked = request(id, "", "10.1.2.3".parse().unwrap(), remote_port, 6);
+    asked.direction = Direction::Inbound;
+    asked.local_port = local_port;
+    asked
+}
+
+#[test]
+fn rules_see_the_local_port_of_the_request() {
+    let mut service = Service::new(
+        Rules::parse(SSH_POLICY).unwrap(),
+        "rules.toml",
+        volumes(),
+        None,
+    );
+    let (reply, record) = service.decide_at(&inbound(1, 50_123, 22), at(0));
+    assert_eq!(
+        (reply.verdict, record.decided_by.as_str()),
+        (Verdict::Allow, "rule 2 \"ssh-in\"")
+    );
+    assert_eq!(record.local, "10.0.0.2:22");
+    // The peer's source port is 22, the local port is not: not SSH.
+    let (reply, record) = service.decide_at(&inbound(2, 22, 50_123), at(0));
+    assert_eq!(
+        (reply.verdict, record.decided_by.as_str()),
+        (Verdict::Deny, "default")
+    );
+    let (connection, verdict, by) = service.explain(
+        "",
+        "10.1.2.3".parse().unwrap(),
+        50_123,
+        22,
+        ip_protocol::TCP,
+        firewall_rules::Direction::Inbound,
+    );
+    assert_eq!((connection.port, connection.local_port), (50_123, 22));
+    assert_eq!(
+        (verdict, by.as_str()),
+        (firewall_rules::Verdict::Allow, "rule 2 \"ssh-in\"")
+    );
+}
+
+#[test]
+fn an_outbound_verdict_that_depends_on_the_local_port_is_not_cached() {
+    // The driver's cache key has the local port of inbound connections only (an outbound one's
+    // is fresh each time): caching "allow" for an outbound connection from local port 1000
+    // would allow the same process and endpoint from any local port.
+    let policy = format!(
+        "{SSH_POLICY}\n[[rule]]\nname = \"low-source\"\naction = \"allow\"\ndirection = \"outbound\"\nlocal_port = \"1-1023\"\n"
+    );
+    let mut service = Service::new(
+        Rules::parse(&policy).unwrap(),
+        "rules.toml",
+        volumes(),
+        CacheLifetime::from_secs(60).ok(),
+    );
+    let web = |id, local_port| {
+        let mut asked = request(id, "", "192.0.2.7".parse().unwrap(), 443, ip_protocol::TCP);
+        asked.local_port = local_port;
+        asked
+    };
+    for (id, local_port, verdict) in [(1, 1000, Verdict::Allow), (2, 50_000, Verdict::Deny)] {
+        let (reply, record) = service.decide_at(&web(id, local_port), at(0));
+        assert_eq!(reply.verdict, verdict, "local port {local_port}");
+        assert_eq!((reply.cache, record.cache_seconds), (None, 0));
+    }
+    // Inbound, the local port is in the driver's key: cacheable, allowed or not.
+    for (id, local_port, verdict) in [(3, 22, Verdict::Allow), (4, 8080, Verdict::Deny)] {
+        let (reply, _) = service.decide_at(&inbound(id, 50_123, local_port), at(0));
+        assert_eq!(reply.verdict, verdict, "local port {local_port}");
+        assert!(reply.cache.is_some(), "local port {local_port}");
+    }
+    // Decided before any `local_port` rule: cacheable.
+    let dns = request(5, "", "10.0.0.53".parse().unwrap(), 53, ip_protocol::UDP);
+    assert!(service.decide_at(&dns, at(0)).0.cache.is_some());
+    assert_eq!(
+        service.remembered().keys().copied().collect::<Vec<_>>(),
+        vec![3, 4, 5]
+    );
+
+    // Without the outbound `local_port` rule, outbound verdicts are cacheable again.
+    let mut service = Service::new(
+        Rules::parse(SSH_POLICY).unwrap(),
+        "rules.toml",
+        volumes(),
+        CacheLifetime::from_secs(60).ok(),
+    );
+    assert!(service.decide_at(&web(6, 50_000), at(0)).0.cache.is_some());
+    assert!(service.decide_at(&dns, at(0)).0.cache.is_some());
+    // A reload that makes the cached outbound verdict depend on the local port revokes it,
+    // although the remembered connection (local port 50000) is still denied.
+    let revocation = service.reload_at(&policy, at(1)).unwrap();
+    assert_eq!(revocation.ids, vec![6]);
+    assert_eq!(
+        service.decide_at(&web(7, 50_000), at(2)).0.verdict,
+        Verdict::Deny
+    );
+}
+
 // --- revocations against a recompute, on random policies ------------------------------------
 
 /// splitmix64: a small deterministic generator, so every case is reproducible from its seed.
@@ -362,6 +477,7 @@ const REMOTES: [&str; 5] = [
     "::ffff:10.9.9.9",
 ];
 const PORTS: [u16; 4] = [22, 53, 443, 8080];
+const LOCAL_PORTS: [u16; 4] = [22, 443, 8080, 50_000];
 
 fn random_policy(rng: &mut Rng) -> String {
     let mut text = format!(
@@ -392,6 +508,10 @@ fn random_policy(rng: &mut Rng) -> String {
             let port = rng.pick(&["22", "53", "443", "\"8000-9000\"", "[22, 443]"]);
             text.push_str(&format!("port = {port}\n"));
         }
+        if rng.chance(25) {
+            let port = rng.pick(&["22", "443", "\"8000-9000\"", "[22, 443]"]);
+            text.push_str(&format!("local_port = {port}\n"));
+        }
         if rng.chance(30) {
             let protocol = rng.pick(&["\"tcp\"", "\"udp\"", "\"any\""]);
             text.push_str(&format!("protocol = {protocol}\n"));
@@ -417,11 +537,33 @@ fn random_request(rng: &mut Rng, id: u64) -> ConnectionRequest {
     if rng.chance(30) {
         asked.direction = Direction::Inbound;
     }
+    asked.local_port = *rng.pick(&LOCAL_PORTS);
     asked
 }
 
+/// Whether `rules` decide `asked` the same way whatever its local port (among every case the
+/// random policies distinguish), as a verdict the driver may cache must be when its key has no
+/// local port (outbound); inbound, the key has it, and this holds trivially.
+fn same_for_every_local_port(rules: &Rules, asked: &ConnectionRequest) -> bool {
+    if asked.direction == Direction::Inbound {
+        return true;
+    }
+    let volumes = volumes();
+    let verdict_at = |local_port| {
+        let mut c = crate::service::connection_of(asked, &volumes);
+        c.local_port = local_port;
+        rules.decide(&c).verdict
+    };
+    let first = verdict_at(0);
+    LOCAL_PORTS
+        .iter()
+        .chain(&[0, 8000, 9000, 9001, 65_535])
+        .all(|&p| verdict_at(p) == first)
+}
+
 /// One case: random decisions under a random policy over time, then a reload at a random time;
-/// the revocation must be exactly the recomputed set.
+/// the revocation must be exactly the recomputed set, and every verdict the driver may cache
+/// (before and after the reload) must hold for every local port, since its key has none.
 fn revocation_case(seed: u64) -> usize {
     let mut rng = Rng(seed);
     let old = random_policy(&mut rng);
@@ -445,6 +587,10 @@ fn revocation_case(seed: u64) -> usize {
         assert_eq!(record.verdict, reply.verdict.as_str());
         if let Some(life) = reply.cache {
             assert_eq!(life.as_secs(), lifetime);
+            assert!(
+                same_for_every_local_port(service.rules(), &asked),
+                "seed {seed}: cached a verdict that depends on the local port: {asked:?}\n{old}"
+            );
             cached.insert(
                 id,
                 (asked, reply.verdict, at(now + u64::from(life.as_secs()))),
@@ -460,7 +606,9 @@ fn revocation_case(seed: u64) -> usize {
         .filter(|(_, (_, _, expires))| *expires > reload_at)
         .filter(|(_, (asked, verdict, _))| {
             let connection = crate::service::connection_of(asked, &volumes);
-            crate::service::wire_verdict(new_rules.decide(&connection).verdict) != *verdict
+            let decision = new_rules.decide(&connection);
+            crate::service::wire_verdict(decision.verdict) != *verdict
+                || (asked.direction == Direction::Outbound && decision.local_port_matters)
         })
         .map(|(&id, _)| id)
         .collect();
@@ -473,6 +621,10 @@ fn revocation_case(seed: u64) -> usize {
         assert!(
             !expected.contains(id) && cached[id].2 > reload_at,
             "seed {seed}: remembers a revoked or expired verdict {id}"
+        );
+        assert!(
+            same_for_every_local_port(&new_rules, &cached[id].0),
+            "seed {seed}: keeps a verdict that depends on the local port: {id}\n{new}"
         );
     }
     expected.len()
