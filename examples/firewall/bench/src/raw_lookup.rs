@@ -230,6 +230,8 @@ unsafe extern "system" fn classify(
         direction: Direction::Outbound,
         protocol: fields.protocol,
         remote: fields.remote,
+        // Outbound: the firewall keys on the remote endpoint only (a fresh local port each time).
+        local_port: 0,
     };
     // The firewall answers a reauthorization from its table of pended verdicts first; this
     // baseline never pends, so the flag only costs the test.
@@ -312,6 +314,7 @@ fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<RawLook
         direction: Direction::Outbound,
         protocol: c.protocol.into(),
         remote: (c.remote.ip(), c.remote.port()),
+        local_port: 0,
     };
     let now = clock::now();
     let answer = Answer {
