@@ -195,7 +195,9 @@ struct DecideArgs {
     volumes: VolumeArgs,
 }
 
-fn parse_protocol(text: &str) -> Result<u8, String> {
+/// A protocol as the command line and trace files name it: `tcp`, `udp`, `icmp`, `icmpv6` (in
+/// any case) or an IANA number.
+pub(crate) fn parse_protocol(text: &str) -> Result<u8, String> {
     use firewall_protocol::ip_protocol::*;
     match text.to_ascii_lowercase().as_str() {
         "tcp" => Ok(TCP),

@@ -217,16 +217,7 @@ pub fn read_trace(path: &Path) -> Result<Vec<Step>, String> {
 }
 
 fn parse_protocol(text: &str) -> Result<u8, String> {
-    use firewall_protocol::ip_protocol::*;
-    match text {
-        "tcp" => Ok(TCP),
-        "udp" => Ok(UDP),
-        "icmp" => Ok(ICMP),
-        "icmpv6" => Ok(ICMPV6),
-        other => other
-            .parse()
-            .map_err(|_| format!("protocol `{text}` is not tcp, udp, icmp, icmpv6 or 0 to 255")),
-    }
+    crate::cli::parse_protocol(text).map_err(|error| format!("protocol {error}"))
 }
 
 fn parse_direction(text: &str) -> Result<SimDirection, String> {
