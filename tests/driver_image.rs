@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use object::read::pe::{ImageNtHeaders, ImageOptionalHeader, PeFile64};
-use object::{FileKind, LittleEndian as LE, pe};
+use object::{FileKind, LittleEndian as LE, NameOrOrdinal, Object as _, pe};
 
 /// The only modules a driver may import from: they are loaded in kernel space. Anything else
 /// (`kernel32.dll`, the C runtime, `api-ms-win-*` sets) exists only in user mode and the image
@@ -37,25 +37,64 @@ const XTASK_TARGET_MISSING: i32 = 3;
 
 #[test]
 fn minimal_driver_image_is_a_wdm_kernel_driver() {
-    let Some(sys) = build_driver_image("minimal-driver") else {
+    let Some(sys) = build_driver_image("minimal-driver", Profile::Release) else {
         return;
     };
     check_driver_image(&sys);
 }
 
 /// The example firewall's driver: a bigger driver (port, control device, four callouts) whose
-/// classify path once needed a stack probe (`__chkstk`) the kernel image cannot link.
+/// classify path once needed a stack probe (`__chkstk`) the kernel image could not link.
 #[test]
 fn firewall_driver_image_is_a_wdm_kernel_driver() {
-    let Some(sys) = build_driver_image("firewall-driver") else {
+    let Some(sys) = build_driver_image("firewall-driver", Profile::Release) else {
         return;
     };
     check_driver_image(&sys);
 }
 
+/// A debug image has functions whose frames are larger than a page (seed-fixed's
+/// `VerdictTable::new` and `Arc::new` of its driver state, among others), and rustc calls the
+/// stack probe `__chkstk` in their prologues. No C runtime is linked into a kernel image, so
+/// wfp-rs imports the probe from ntoskrnl.exe: the image must link, and `__chkstk` must be
+/// among ntoskrnl.exe's imports and no other module's.
+#[test]
+fn debug_image_with_page_sized_frames_imports_chkstk_from_ntoskrnl() {
+    let Some(sys) = build_driver_image("seed-fixed", Profile::Debug) else {
+        return;
+    };
+    check_driver_image(&sys);
+
+    let data = std::fs::read(&sys)
+        .unwrap_or_else(|e| panic!("expected to read {}, found error: {e}", sys.display()));
+    let image = PeFile64::parse(&*data).expect("expected a PE32+ image that object can parse");
+    let providers: Vec<String> = image
+        .imports()
+        .expect("expected a readable import table")
+        .map(|import| import.expect("expected a readable import"))
+        .filter(|import| import.name() == NameOrOrdinal::Name(b"__chkstk".as_slice()))
+        .map(|import| String::from_utf8_lossy(import.library()).into_owned())
+        .collect();
+    assert_eq!(
+        providers,
+        ["ntoskrnl.exe"],
+        "expected the debug image of seed-fixed to import __chkstk from ntoskrnl.exe only \
+         (its frames over a page call the stack probe), found it imported from {providers:?}"
+    );
+}
+
+/// Which cargo profile `cargo xtask driver` builds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Profile {
+    /// `release`, the default of the xtask.
+    Release,
+    /// `dev`, with `--debug`.
+    Debug,
+}
+
 /// Runs `cargo xtask driver <package>` in `<target>/driver-image` and returns the `.sys` path
 /// it prints, or `None` (after printing `SKIPPED: ...`) when the Windows target is missing.
-fn build_driver_image(package: &str) -> Option<PathBuf> {
+fn build_driver_image(package: &str, profile: Profile) -> Option<PathBuf> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ is inside the workspace");
@@ -65,17 +104,24 @@ fn build_driver_image(package: &str) -> Option<PathBuf> {
 
     // The same command as the `cargo xtask` alias, spelled out so it does not depend on the
     // alias being picked up from the caller's directory.
-    let output = Command::new(&cargo)
+    let mut xtask = Command::new(&cargo);
+    xtask
         .current_dir(workspace)
         .env("CARGO_TARGET_DIR", &target_dir)
-        .args(["run", "--quiet", "-p", "xtask", "--", "driver", package])
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "expected to run {}, but it failed to start: {e}",
-                Path::new(&cargo).display()
-            )
-        });
+        .args(["run", "--quiet", "-p", "xtask", "--", "driver", package]);
+    let flag = match profile {
+        Profile::Release => "",
+        Profile::Debug => " --debug",
+    };
+    if profile == Profile::Debug {
+        xtask.arg("--debug");
+    }
+    let output = xtask.output().unwrap_or_else(|e| {
+        panic!(
+            "expected to run {}, but it failed to start: {e}",
+            Path::new(&cargo).display()
+        )
+    });
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
 
@@ -95,14 +141,14 @@ fn build_driver_image(package: &str) -> Option<PathBuf> {
     }
     assert!(
         output.status.success(),
-        "expected `cargo xtask driver {package}` to succeed, found {}\n\
+        "expected `cargo xtask driver {package}{flag}` to succeed, found {}\n\
          --- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
         output.status
     );
     let path = stdout.lines().last().unwrap_or_default().trim();
     assert!(
         !path.is_empty(),
-        "expected `cargo xtask driver {package}` to print the image path, found no output\n\
+        "expected `cargo xtask driver {package}{flag}` to print the image path, found no output\n\
          --- stderr ---\n{stderr}"
     );
     Some(PathBuf::from(path))

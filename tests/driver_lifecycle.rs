@@ -2,8 +2,9 @@
 
 #![cfg(any(not(windows), feature = "sim"))]
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
 
 use wfp_rs::Status;
 use wfp_rs::bugcheck::verifier;
@@ -260,6 +261,65 @@ fn work_queued_from_dispatch_level_runs_at_passive_level_before_unload_finishes(
         ITEMS,
         "unload waited for every queued item"
     );
+    assert!(machine.pool_blocks().is_empty());
+}
+
+/// `wait_for_work_items` returns only once every routine has returned. The SDK frees its work
+/// item before it runs the closure, so the item being gone says nothing: here the closure
+/// blocks until the test releases it, and the waiter, on another thread, must still be waiting.
+#[test]
+fn wait_for_work_items_waits_for_a_routine_that_freed_its_item() {
+    let machine = Machine::new();
+    let driver = machine
+        .load_driver("minimal", minimal_driver::DriverEntry)
+        .expect("loads");
+    let queue = driver.work_queue(&machine).expect("an SDK driver");
+    let (started_tx, started_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let finished = Arc::new(AtomicBool::new(false));
+    let routine_finished = Arc::clone(&finished);
+    machine.at_passive(|irql| {
+        queue
+            .queue(irql, move |_passive| {
+                started_tx.send(()).expect("the test waits for the start");
+                // Released by the test; an error means the test already failed and went away.
+                let _ = release_rx.recv();
+                routine_finished.store(true, Ordering::SeqCst);
+            })
+            .map_err(|_| "out of pool")
+            .expect("queues");
+    });
+    started_rx.recv().expect("the routine runs");
+    // The routine runs, and the SDK has freed its work item.
+    std::thread::scope(|scope| {
+        let (returned_tx, returned_rx) = mpsc::channel();
+        let machine = &machine;
+        let finished = &finished;
+        scope.spawn(move || {
+            machine.wait_for_work_items();
+            let _ = returned_tx.send(finished.load(Ordering::SeqCst));
+        });
+        // Time for a waiter that does not wait to show itself; waiting longer or shorter does
+        // not change whether a correct one passes.
+        let early = returned_rx.recv_timeout(Duration::from_millis(200));
+        // Released before asserting, so a failure does not leave the waiter blocked.
+        release_tx
+            .send(())
+            .expect("the routine is blocked on the release");
+        assert!(
+            early.is_err(),
+            "expected wait_for_work_items to wait while the routine is blocked, \
+             but it returned (routine finished at that point: {early:?})"
+        );
+        let finished_at_return = returned_rx.recv().expect("the waiter reports");
+        assert!(
+            finished_at_return,
+            "expected the routine to have returned when wait_for_work_items returned, \
+             but it had not"
+        );
+    });
+    drop(queue);
+    machine.unload_driver(driver).expect("unloads");
     assert!(machine.pool_blocks().is_empty());
 }
 

@@ -271,12 +271,9 @@ impl Machine {
     /// What the I/O manager and Driver Verifier do after a driver's unload routine returned.
     fn finish_unload(&self, driver: &LoadedDriver) -> Result<(), UnloadError> {
         let mut state = self.kernel.lock();
-        // Routines already running keep the image loaded until they return.
-        while state
-            .work_items
-            .values()
-            .any(|w| w.driver == driver.object && matches!(w.state, WorkItemState::Running(_)))
-        {
+        // Routines already running keep the image loaded until they return (IoQueueWorkItem
+        // holds the device object), including those that freed their work item.
+        while state.running_work.contains_key(&driver.object) {
             state = self
                 .kernel
                 .work_done
@@ -436,15 +433,15 @@ impl Machine {
         key
     }
 
-    /// Waits until no work item is queued or running. Harness synchronisation, not timing: it
-    /// returns as soon as the queues are empty.
+    /// Waits until no work item of this machine is queued or running: every routine queued
+    /// with `IoQueueWorkItem` has returned (for an SDK work item, the closure and the SDK's
+    /// code after it), whether or not it freed its work item first. While
+    /// [`hold_work_items`](Self::hold_work_items) is on, held items are not waited for, only
+    /// those already running. Harness synchronisation, not timing: it returns as soon as that
+    /// holds.
     pub fn wait_for_work_items(&self) {
         let mut state = self.kernel.lock();
-        while (!state.queue.is_empty() && !state.hold_work_items)
-            || state
-                .work_items
-                .values()
-                .any(|w| matches!(w.state, WorkItemState::Running(_)))
+        while (!state.queue.is_empty() && !state.hold_work_items) || !state.running_work.is_empty()
         {
             state = self
                 .kernel

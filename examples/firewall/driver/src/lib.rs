@@ -480,10 +480,9 @@ impl Observed {
     }
 
     /// The request that asks about this connection, in pool memory. With its image path (up to
-    /// 1 KiB) a request is too big for a classify callback's stack: a frame over a page needs a
-    /// stack probe (`__chkstk`), which a kernel image does not link, and the network stack
-    /// leaves callouts little room. So it is built in frames of its own and carried to the work
-    /// item by pointer.
+    /// 1 KiB) a request is too big for a classify callback's stack: the network stack leaves
+    /// callouts little room (and a frame over a page costs a stack probe, `__chkstk`). So it is
+    /// built in frames of its own and carried to the work item by pointer.
     #[inline(never)]
     fn boxed_request<L>(
         &self,

@@ -687,8 +687,8 @@ fn wait_for_background_asks(machine: &Machine, n: usize) {
             || line.contains(": not asked (")
             || line.contains("; not asking: ")
     };
-    // `Machine::wait_for_work_items` returns once the SDK has freed a work item, which it does
-    // before running its closure; so this waits for the closure's own report instead.
+    // Counted in the driver's log rather than with `Machine::wait_for_work_items`, which would
+    // also wait for every other work item of the machine.
     while machine.debug_output().iter().filter(|l| ended(l)).count() < n {
         thread::yield_now();
     }

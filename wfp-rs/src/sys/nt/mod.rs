@@ -131,6 +131,21 @@ unsafe extern "C" {
     pub fn strlen(s: *const u8) -> usize;
 }
 
+// The stack probe. For x86_64-pc-windows-msvc, rustc calls `__chkstk` in the prologue of every
+// function whose frame is larger than a page (debug builds have many: every temporary gets its
+// own slot), so the pages of the new frame are touched in order and the stack's guard page is
+// hit before anything below it. The user-mode C runtime that defines it is not in a kernel
+// image, but ntoskrnl.exe exports `__chkstk` on x64, next to `__C_specific_handler` (the
+// export tables of Wine's and ReactOS's ntoskrnl.exe, written to load Windows drivers, list it
+// for x86_64 only). The thunk rustc writes for a raw-dylib import is a single `jmp` through the
+// import address table, so the probe's own convention (size in rax, every register but
+// r10/r11 and the flags preserved) reaches ntoskrnl intact. Never called from Rust: declared so
+// the import is written.
+#[link(name = "ntoskrnl.exe", kind = "raw-dylib", modifiers = "+verbatim")]
+unsafe extern "C" {
+    pub fn __chkstk();
+}
+
 /// Referenced by the compiler whenever floating-point code is present (MSVC convention); the
 /// kernel C runtime would define it, and drivers have none.
 #[unsafe(no_mangle)]

@@ -9,6 +9,7 @@ use std::{
     vec::Vec,
 };
 
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
 use super::bugcheck::stop;
@@ -374,7 +375,7 @@ fn work_routine(state: &super::kernel::State, item: *mut IO_WORKITEM) -> usize {
 /// each returns at `PASSIVE_LEVEL`.
 pub(crate) fn worker_thread(kernel: Arc<Kernel>) {
     loop {
-        let work = {
+        let (work, driver) = {
             let mut state = kernel.lock();
             loop {
                 if state.shutdown {
@@ -383,22 +384,22 @@ pub(crate) fn worker_thread(kernel: Arc<Kernel>) {
                 if !state.hold_work_items
                     && let Some(work) = state.queue.pop_front()
                 {
-                    break work;
+                    // Taken off the queue and counted as running under the same lock, so a
+                    // waiter never sees the item in neither place.
+                    let record = state
+                        .work_items
+                        .get_mut(&work.item)
+                        .expect("queued item is allocated");
+                    record.state = WorkItemState::Running(thread_id());
+                    let driver = record.driver;
+                    *state.running_work.entry(driver).or_insert(0) += 1;
+                    break (work, driver);
                 }
                 state = kernel
                     .work_ready
                     .wait(state)
                     .unwrap_or_else(|p| p.into_inner());
             }
-        };
-        let driver = {
-            let mut state = kernel.lock();
-            let record = state
-                .work_items
-                .get_mut(&work.item)
-                .expect("queued item is allocated");
-            record.state = WorkItemState::Running(thread_id());
-            record.driver
         };
         super::kernel::with_context(&kernel, PASSIVE_LEVEL, driver, || {
             THREAD.with(|t| t.work_item.set(work.item));
@@ -415,11 +416,19 @@ pub(crate) fn worker_thread(kernel: Arc<Kernel>) {
                 );
             }
         });
+        // The routine has returned, epilogue and all; the item itself may be gone already
+        // (freed by its routine) or queued again.
         let mut state = kernel.lock();
         if let Some(record) = state.work_items.get_mut(&work.item)
             && record.state == WorkItemState::Running(thread_id())
         {
             record.state = WorkItemState::Idle;
+        }
+        if let Entry::Occupied(mut running) = state.running_work.entry(driver) {
+            *running.get_mut() -= 1;
+            if *running.get() == 0 {
+                running.remove();
+            }
         }
         drop(state);
         kernel.work_done.notify_all();

@@ -84,6 +84,12 @@ pub(crate) struct State {
     pub devices: HashMap<usize, DeviceRecord>,
     pub work_items: HashMap<usize, WorkItemRecord>,
     pub queue: VecDeque<QueuedWork>,
+    /// Work items taken off `queue` whose routine has not returned yet, by driver object (no
+    /// entry: none). Counted by the worker threads, under this lock, from the moment they take
+    /// an item off the queue until the routine returns, even if the routine freed its item
+    /// first (the SDK's routines do): Windows keeps the device object referenced, and the
+    /// driver loaded, for that long.
+    pub running_work: HashMap<usize, usize>,
     pub debug: Vec<String>,
     pub shutdown: bool,
 }
