@@ -543,3 +543,40 @@ fn the_verdict_table_refuses_instead_of_evicting_with_try_record() {
         assert!(table.is_empty(&mut irql));
     });
 }
+
+#[test]
+fn a_verdict_table_built_in_pool_is_empty_usable_and_freed() {
+    let key = |port: u16| ConnectionKey {
+        pid: 9,
+        app: 0xB1,
+        protocol: 17,
+        local: ("10.0.0.1".parse().unwrap(), port),
+        remote: ("192.0.2.9".parse().unwrap(), 53),
+    };
+    let tag = wfp_rs::pool::PoolTag::new(b"VtTs");
+    let machine = Machine::new();
+    machine.at_dispatch(|mut irql| {
+        machine.fail_allocations(0, 1);
+        assert!(
+            VerdictTable::<u16, 4096>::try_new_in_pool(tag, irql).is_none(),
+            "no pool: None"
+        );
+        let table = VerdictTable::<u16, 4096>::try_new_in_pool(tag, irql).expect("pool");
+        let blocks = machine.pool_blocks();
+        assert_eq!(blocks.len(), 1);
+        assert_eq!(blocks[0].tag, tag);
+        assert_eq!(
+            blocks[0].size,
+            core::mem::size_of::<VerdictTable<u16, 4096>>()
+        );
+        assert!(table.is_empty(&mut irql));
+        for port in 0..4096 {
+            assert_eq!(table.try_record(&mut irql, key(port), port), Ok(None));
+        }
+        assert_eq!(table.try_record(&mut irql, key(5000), 1), Err(TableFull));
+        assert_eq!(table.take(&mut irql, &key(4095)), Some(4095));
+        assert_eq!(table.len(&mut irql), 4095);
+        drop(table);
+    });
+    assert_eq!(machine.pool_blocks(), [], "freed with its box");
+}

@@ -405,7 +405,10 @@ impl ConnectionKey {
 ///   default.
 ///
 /// Lookups scan the slots up to the highest one in use, so their cost follows the number of
-/// recorded verdicts, not `N`. Each slot holds a [`ConnectionKey`], a `V` and a `u64`.
+/// recorded verdicts, not `N`. Each slot holds a [`ConnectionKey`], a `V` and a `u64` (80 bytes
+/// for a one-byte `V`). A table beyond a few dozen slots does not fit on a kernel stack: make it
+/// a `static`, or build it in pool with [`try_new_in_pool`](Self::try_new_in_pool) rather than
+/// moving [`new`](Self::new)'s value into a larger structure.
 ///
 /// ```
 /// use wfp_rs::pend::{ConnectionKey, VerdictTable};
@@ -485,6 +488,47 @@ impl<V: Copy + Send, const N: usize> VerdictTable<V, N> {
                 high: 0,
             }),
         }
+    }
+
+    /// An empty table in its own non-paged allocation tagged `tag`, built in place: a table
+    /// of a few thousand slots is hundreds of KiB, far more than a kernel stack (12–24 KiB)
+    /// could hold while [`new`](Self::new)'s value is moved into place. `None` if there is no
+    /// pool.
+    pub fn try_new_in_pool(
+        tag: crate::pool::PoolTag,
+        irql: &impl AtMostDispatch,
+    ) -> Option<crate::pool::PoolBox<Self>> {
+        let init = |table: NonNull<Self>| {
+            // SAFETY: `table` is valid for writes and aligned (try_new_in_place's promise); the
+            // projection creates no reference to the uninitialised table.
+            let slots = unsafe { &raw mut (*table.as_ptr()).slots };
+            // Every field written through raw pointers, one slot at a time: nothing large is
+            // built on the stack, nothing uninitialised is read.
+            let init_slots = |slots: *mut Slots<V, N>| {
+                // SAFETY: `slots` is valid for writes and aligned (init_in_place's promise); the
+                // projection creates no reference.
+                let entries = unsafe { &raw mut (*slots).entries };
+                // SAFETY: as for `entries`.
+                let clock = unsafe { &raw mut (*slots).clock };
+                // SAFETY: as for `entries`.
+                let high = unsafe { &raw mut (*slots).high };
+                let entries = entries.cast::<Option<(ConnectionKey, V, u64)>>();
+                for index in 0..N {
+                    // SAFETY: `index < N`: an element of the array, valid for writes.
+                    unsafe { entries.wrapping_add(index).write(None) };
+                }
+                // SAFETY: valid for writes, as above.
+                unsafe { clock.write(0) };
+                // SAFETY: valid for writes, as above.
+                unsafe { high.write(0) };
+            };
+            // SAFETY: `slots` is valid for writes and aligned; `init_slots` writes every field
+            // of `Slots` without reading any.
+            unsafe { crate::spin_lock::SpinLock::init_in_place(slots, init_slots) };
+        };
+        // SAFETY: `init` initialises every field of the table (the lock, each of the N
+        // entries, the clock and the high-water mark) without reading any.
+        unsafe { crate::pool::PoolBox::try_new_in_place(tag, irql, init) }
     }
 
     /// How many verdicts the table holds at most: `N`.

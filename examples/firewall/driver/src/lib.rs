@@ -294,8 +294,8 @@ pub const SERVICE_CONNECTIONS: u32 = 1;
 /// bound of [`Config::max_pending`]. Each pended connection reserves a slot before it is pended
 /// and frees it when its reauthorization takes the verdict, so a recorded verdict is never
 /// evicted; a new connection that finds no free slot is not pended (see the crate
-/// documentation). 2048 slots of 80 bytes: 160 KiB of non-paged pool, allocated with the
-/// driver's state at load. Enough for a burst of 1024 new connections at once
+/// documentation). 2048 slots of 80 bytes: 160 KiB of non-paged pool (tag `FwVt`), allocated
+/// at load. Enough for a burst of 1024 new connections at once
 /// (`docs/benchmarks.md`, (b)) with room to spare.
 pub const VERDICT_SLOTS: usize = 2048;
 
@@ -576,6 +576,9 @@ impl fmt::Display for NoRequest {
 /// The pool tag of the requests work items carry.
 const REQUEST_TAG: PoolTag = PoolTag::new(b"FwRq");
 
+/// The pool tag of the verdict table.
+const VERDICTS_TAG: PoolTag = PoolTag::new(b"FwVt");
+
 /// Whether the classification's `FLAGS` field marks loopback.
 fn is_loopback<L: Layer>(c: &Classify<'_, L>) -> bool
 where
@@ -604,7 +607,8 @@ struct Shared {
     config: Config,
     port: ServerPort<FirewallProtocol>,
     cache: VerdictCache,
-    verdicts: VerdictTable<Verdict, VERDICT_SLOTS>,
+    /// In its own allocation: at 160 KiB it cannot pass through a kernel stack.
+    verdicts: PoolBox<VerdictTable<Verdict, VERDICT_SLOTS>>,
     /// Set at unload: nothing is pended or asked any more.
     unloading: AtomicBool,
     /// Outbound classifications between their check of `unloading` and the end of their work
@@ -1310,13 +1314,15 @@ pub fn start(
         ..config
     };
     let cache = VerdictCache::new(config.cache_capacity)?;
+    let verdicts =
+        VerdictTable::try_new_in_pool(VERDICTS_TAG, irql).ok_or(Status::INSUFFICIENT_RESOURCES)?;
     let capacity = cache.capacity(irql);
     let progress = Event::try_new(EventKind::Notification, false, irql)?;
     let shared = Arc::new(Shared {
         config,
         port,
         cache,
-        verdicts: VerdictTable::new(),
+        verdicts,
         unloading: AtomicBool::new(false),
         in_flight: AtomicUsize::new(0),
         outstanding: AtomicUsize::new(0),
