@@ -13,7 +13,7 @@ use wfp_rs::irql::{DispatchLevel, PassiveLevel};
 use wfp_rs::layer;
 use wfp_rs::layer::value::{IpProtocol, ReauthorizeReasons};
 use wfp_rs::metadata::Direction;
-use wfp_rs::pend::{ConnectionKey, PendError, VerdictTable};
+use wfp_rs::pend::{ConnectionKey, PendError, TableFull, VerdictTable};
 use wfp_rs::sim::{AleIrql, Connection, LoadedDriver, Machine};
 use wfp_rs::work_item::WorkQueue;
 use wfp_rs::{Guid, Status, bugcheck_test, guid, sys};
@@ -498,4 +498,85 @@ fn the_verdict_table_replaces_by_key_and_evicts_the_oldest_when_full() {
         }
         assert!(table.is_empty(&mut irql));
     });
+}
+
+#[test]
+fn the_verdict_table_refuses_instead_of_evicting_with_try_record() {
+    let key = |port: u16| ConnectionKey {
+        pid: 7,
+        app: 0xA9,
+        protocol: 6,
+        local: ("10.0.0.1".parse().unwrap(), 40_000 + port),
+        remote: ("192.0.2.1".parse().unwrap(), 443),
+    };
+    let machine = Machine::new();
+    machine.at_dispatch(|mut irql| {
+        let table: VerdictTable<u16, 3> = VerdictTable::new();
+        assert_eq!(table.capacity(), 3);
+        assert_eq!(table.try_record(&mut irql, key(1), 10), Ok(None));
+        assert_eq!(table.try_record(&mut irql, key(2), 20), Ok(None));
+        assert_eq!(table.try_record(&mut irql, key(3), 30), Ok(None));
+        assert_eq!(
+            table.try_record(&mut irql, key(2), 21),
+            Ok(Some(20)),
+            "same key: replaced, even when full"
+        );
+        assert_eq!(table.try_record(&mut irql, key(4), 40), Err(TableFull));
+        assert_eq!(table.len(&mut irql), 3, "nothing evicted");
+        for (k, v) in [(1, 10), (2, 21), (3, 30)] {
+            assert_eq!(table.take(&mut irql, &key(k)), Some(v));
+        }
+        assert!(table.is_empty(&mut irql));
+        // Slots freed from the top and from the middle are found again.
+        assert_eq!(table.try_record(&mut irql, key(5), 50), Ok(None));
+        assert_eq!(table.try_record(&mut irql, key(6), 60), Ok(None));
+        assert_eq!(table.try_record(&mut irql, key(7), 70), Ok(None));
+        assert_eq!(table.take(&mut irql, &key(6)), Some(60));
+        assert_eq!(table.take(&mut irql, &key(7)), Some(70));
+        assert_eq!(table.try_record(&mut irql, key(8), 80), Ok(None));
+        assert_eq!(table.try_record(&mut irql, key(9), 90), Ok(None));
+        assert_eq!(table.try_record(&mut irql, key(10), 100), Err(TableFull));
+        for (k, v) in [(5, 50), (8, 80), (9, 90)] {
+            assert_eq!(table.take(&mut irql, &key(k)), Some(v));
+        }
+        assert_eq!(table.take(&mut irql, &key(5)), None);
+        assert!(table.is_empty(&mut irql));
+    });
+}
+
+#[test]
+fn a_verdict_table_built_in_pool_is_empty_usable_and_freed() {
+    let key = |port: u16| ConnectionKey {
+        pid: 9,
+        app: 0xB1,
+        protocol: 17,
+        local: ("10.0.0.1".parse().unwrap(), port),
+        remote: ("192.0.2.9".parse().unwrap(), 53),
+    };
+    let tag = wfp_rs::pool::PoolTag::new(b"VtTs");
+    let machine = Machine::new();
+    machine.at_dispatch(|mut irql| {
+        machine.fail_allocations(0, 1);
+        assert!(
+            VerdictTable::<u16, 4096>::try_new_in_pool(tag, irql).is_none(),
+            "no pool: None"
+        );
+        let table = VerdictTable::<u16, 4096>::try_new_in_pool(tag, irql).expect("pool");
+        let blocks = machine.pool_blocks();
+        assert_eq!(blocks.len(), 1);
+        assert_eq!(blocks[0].tag, tag);
+        assert_eq!(
+            blocks[0].size,
+            core::mem::size_of::<VerdictTable<u16, 4096>>()
+        );
+        assert!(table.is_empty(&mut irql));
+        for port in 0..4096 {
+            assert_eq!(table.try_record(&mut irql, key(port), port), Ok(None));
+        }
+        assert_eq!(table.try_record(&mut irql, key(5000), 1), Err(TableFull));
+        assert_eq!(table.take(&mut irql, &key(4095)), Some(4095));
+        assert_eq!(table.len(&mut irql), 4095);
+        drop(table);
+    });
+    assert_eq!(machine.pool_blocks(), [], "freed with its box");
 }

@@ -386,10 +386,29 @@ impl ConnectionKey {
 }
 
 /// Verdicts recorded for pended connections, for their reauthorization: the standard pattern is
-/// to [`record`](Self::record) the verdict, complete the pend, and [`take`](Self::take) the
-/// verdict in the reauthorization classify. Bounded: at most `N` entries, the oldest evicted
-/// first (its connection's reauthorization then falls back to the callout's default). Non-paged
-/// and lock-protected, usable at `DISPATCH_LEVEL`.
+/// to record the verdict, complete the pend, and [`take`](Self::take) the verdict in the
+/// reauthorization classify. Bounded: at most `N` entries. Non-paged and lock-protected, usable
+/// at `DISPATCH_LEVEL`.
+///
+/// Two ways to record, for two ways to bound the pends:
+///
+/// - [`try_record`](Self::try_record) never evicts: it refuses when the table is full. A driver
+///   that reserves one slot per pend before pending (at most [`capacity`](Self::capacity)
+///   pended or completed-but-not-reauthorized connections, counted by the driver) never sees
+///   the refusal, and no recorded verdict is lost before its reauthorization takes it. This is
+///   what `examples/firewall/driver` does; a connection that finds no slot is decided at once
+///   instead of pended.
+/// - [`record`](Self::record) evicts the oldest entry when full: the evicted connection's
+///   reauthorization then falls back to the callout's default. Simpler, for a driver whose pends
+///   are bounded some other way (`examples/seed-fixed`), but under a burst of more than `N`
+///   completions waiting for their reauthorization it silently replaces answers with the
+///   default.
+///
+/// Lookups scan the slots up to the highest one in use, so their cost follows the number of
+/// recorded verdicts, not `N`. Each slot holds a [`ConnectionKey`], a `V` and a `u64` (80 bytes
+/// for a one-byte `V`). A table beyond a few dozen slots does not fit on a kernel stack: make it
+/// a `static`, or build it in pool with [`try_new_in_pool`](Self::try_new_in_pool) rather than
+/// moving [`new`](Self::new)'s value into a larger structure.
 ///
 /// ```
 /// use wfp_rs::pend::{ConnectionKey, VerdictTable};
@@ -397,7 +416,7 @@ impl ConnectionKey {
 /// static VERDICTS: VerdictTable<bool, 256> = VerdictTable::new();
 /// # wfp_rs::sim::Machine::new().at_dispatch(|irql| {
 /// # let key = ConnectionKey { pid: 1, app: 2, protocol: 6, local: (IpAddr::V4(Ipv4Addr::LOCALHOST), 5000), remote: (IpAddr::V4(Ipv4Addr::LOCALHOST), 80) };
-/// VERDICTS.record(irql, key, true);
+/// assert_eq!(VERDICTS.try_record(irql, key, true), Ok(None));
 /// assert_eq!(VERDICTS.take(irql, &key), Some(true));
 /// assert_eq!(VERDICTS.take(irql, &key), None, "a verdict answers one reauthorization");
 /// # });
@@ -409,7 +428,49 @@ pub struct VerdictTable<V: Copy + Send, const N: usize> {
 struct Slots<V, const N: usize> {
     entries: [Option<(ConnectionKey, V, u64)>; N],
     clock: u64,
+    /// One past the highest slot in use: every entry is below it. New entries take the lowest
+    /// free slot, so it stays near the number of entries and bounds every scan.
+    high: usize,
 }
+
+impl<V, const N: usize> Slots<V, N> {
+    /// The key's own slot, the lowest free slot, and the oldest entry's slot, in one pass.
+    fn find(&self, key: &ConnectionKey) -> (Option<usize>, Option<usize>, Option<usize>) {
+        let (mut free, mut oldest) = (None, None::<(usize, u64)>);
+        for (index, entry) in self.entries[..self.high].iter().enumerate() {
+            match entry {
+                Some((k, _, _)) if k == key => return (Some(index), None, None),
+                Some((_, _, age)) => {
+                    if oldest.is_none_or(|(_, least)| *age < least) {
+                        oldest = Some((index, *age));
+                    }
+                }
+                None => {
+                    free.get_or_insert(index);
+                }
+            }
+        }
+        if free.is_none() && self.high < N {
+            free = Some(self.high);
+        }
+        (None, free, oldest.map(|(index, _)| index))
+    }
+
+    /// Puts `entry` in slot `index` and returns what was there.
+    fn put(&mut self, index: usize, key: ConnectionKey, verdict: V) -> Option<(ConnectionKey, V)> {
+        self.clock += 1;
+        let stamp = self.clock;
+        self.high = self.high.max(index + 1);
+        self.entries[index]
+            .replace((key, verdict, stamp))
+            .map(|(k, v, _)| (k, v))
+    }
+}
+
+/// [`VerdictTable::try_record`] refused: every slot holds another connection's verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the verdict table is full")]
+pub struct TableFull;
 
 impl<V: Copy + Send, const N: usize> Default for VerdictTable<V, N> {
     fn default() -> Self {
@@ -424,12 +485,75 @@ impl<V: Copy + Send, const N: usize> VerdictTable<V, N> {
             slots: crate::spin_lock::SpinLock::new(Slots {
                 entries: [const { None }; N],
                 clock: 0,
+                high: 0,
             }),
         }
     }
 
-    /// Records `verdict` for `key`, replacing an earlier one for the same key. Returns the entry
-    /// evicted to make room, if the table was full.
+    /// An empty table in its own non-paged allocation tagged `tag`, built in place: a table
+    /// of a few thousand slots is hundreds of KiB, far more than a kernel stack (12–24 KiB)
+    /// could hold while [`new`](Self::new)'s value is moved into place. `None` if there is no
+    /// pool.
+    pub fn try_new_in_pool(
+        tag: crate::pool::PoolTag,
+        irql: &impl AtMostDispatch,
+    ) -> Option<crate::pool::PoolBox<Self>> {
+        let init = |table: NonNull<Self>| {
+            // SAFETY: `table` is valid for writes and aligned (try_new_in_place's promise); the
+            // projection creates no reference to the uninitialised table.
+            let slots = unsafe { &raw mut (*table.as_ptr()).slots };
+            // Every field written through raw pointers, one slot at a time: nothing large is
+            // built on the stack, nothing uninitialised is read.
+            let init_slots = |slots: *mut Slots<V, N>| {
+                // SAFETY: `slots` is valid for writes and aligned (init_in_place's promise); the
+                // projection creates no reference.
+                let entries = unsafe { &raw mut (*slots).entries };
+                // SAFETY: as for `entries`.
+                let clock = unsafe { &raw mut (*slots).clock };
+                // SAFETY: as for `entries`.
+                let high = unsafe { &raw mut (*slots).high };
+                let entries = entries.cast::<Option<(ConnectionKey, V, u64)>>();
+                for index in 0..N {
+                    // SAFETY: `index < N`: an element of the array, valid for writes.
+                    unsafe { entries.wrapping_add(index).write(None) };
+                }
+                // SAFETY: valid for writes, as above.
+                unsafe { clock.write(0) };
+                // SAFETY: valid for writes, as above.
+                unsafe { high.write(0) };
+            };
+            // SAFETY: `slots` is valid for writes and aligned; `init_slots` writes every field
+            // of `Slots` without reading any.
+            unsafe { crate::spin_lock::SpinLock::init_in_place(slots, init_slots) };
+        };
+        // SAFETY: `init` initialises every field of the table (the lock, each of the N
+        // entries, the clock and the high-water mark) without reading any.
+        unsafe { crate::pool::PoolBox::try_new_in_place(tag, irql, init) }
+    }
+
+    /// How many verdicts the table holds at most: `N`.
+    pub const fn capacity(&self) -> usize {
+        N
+    }
+
+    /// Records `verdict` for `key`, replacing an earlier one for the same key (returned), in the
+    /// key's own slot or a free one. Never evicts: if every slot holds another key's verdict it
+    /// refuses with [`TableFull`] and changes nothing.
+    pub fn try_record<I: AtMostDispatch>(
+        &self,
+        irql: &mut I,
+        key: ConnectionKey,
+        verdict: V,
+    ) -> Result<Option<V>, TableFull> {
+        let mut slots = self.slots.lock(irql);
+        let (same, free, _) = slots.find(&key);
+        let index = same.or(free).ok_or(TableFull)?;
+        Ok(slots.put(index, key, verdict).map(|(_, v)| v))
+    }
+
+    /// Records `verdict` for `key`, replacing an earlier one for the same key. If the table is
+    /// full, evicts the oldest entry to make room and returns it: that connection's
+    /// reauthorization will find no verdict. [`try_record`](Self::try_record) refuses instead.
     pub fn record<I: AtMostDispatch>(
         &self,
         irql: &mut I,
@@ -437,45 +561,32 @@ impl<V: Copy + Send, const N: usize> VerdictTable<V, N> {
         verdict: V,
     ) -> Option<(ConnectionKey, V)> {
         let mut slots = self.slots.lock(irql);
-        slots.clock += 1;
-        let stamp = slots.clock;
-        // One pass under the lock: the key's own slot, else the first free one, else the oldest.
-        let (mut same, mut free, mut oldest) = (None, None, None::<(usize, u64)>);
-        for (index, entry) in slots.entries.iter().enumerate() {
-            match entry {
-                Some((k, _, _)) if *k == key => {
-                    same = Some(index);
-                    break;
-                }
-                Some((_, _, age)) => {
-                    if oldest.is_none_or(|(_, least)| *age < least) {
-                        oldest = Some((index, *age));
-                    }
-                }
-                None => {
-                    free.get_or_insert(index);
-                }
-            }
-        }
+        let (same, free, oldest) = slots.find(&key);
         let evicting = same.is_none() && free.is_none();
-        let index = same.or(free).or(oldest.map(|(index, _)| index))?;
-        let previous = slots.entries[index].replace((key, verdict, stamp));
-        previous.filter(|_| evicting).map(|(k, v, _)| (k, v))
+        let index = same.or(free).or(oldest)?;
+        let previous = slots.put(index, key, verdict);
+        previous.filter(|_| evicting)
     }
 
     /// Removes and returns the verdict recorded for `key`.
     pub fn take<I: AtMostDispatch>(&self, irql: &mut I, key: &ConnectionKey) -> Option<V> {
         let mut slots = self.slots.lock(irql);
-        let entry = slots
-            .entries
-            .iter_mut()
-            .find(|e| e.as_ref().is_some_and(|(k, _, _)| k == key))?;
-        entry.take().map(|(_, verdict, _)| verdict)
+        let high = slots.high;
+        let index = slots.entries[..high]
+            .iter()
+            .position(|e| e.as_ref().is_some_and(|(k, _, _)| k == key))?;
+        let taken = slots.entries[index].take().map(|(_, verdict, _)| verdict);
+        if index + 1 == high {
+            let in_use = slots.entries[..index].iter().rposition(Option::is_some);
+            slots.high = in_use.map_or(0, |last| last + 1);
+        }
+        taken
     }
 
     /// How many verdicts are recorded.
     pub fn len<I: AtMostDispatch>(&self, irql: &mut I) -> usize {
-        self.slots.lock(irql).entries.iter().flatten().count()
+        let slots = self.slots.lock(irql);
+        slots.entries[..slots.high].iter().flatten().count()
     }
 
     /// Whether no verdict is recorded.

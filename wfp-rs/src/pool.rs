@@ -190,6 +190,39 @@ impl<T> PoolBox<T> {
         })
     }
 
+    /// A new non-paged allocation tagged `tag`, initialised in place by `init`, for values too
+    /// large to build on a kernel stack and move. `None` if there is no pool.
+    ///
+    /// # Safety
+    ///
+    /// `init` must leave the value at the pointer it is given (valid for writes and aligned for
+    /// `T`) fully initialised, without reading it first.
+    pub(crate) unsafe fn try_new_in_place(
+        tag: PoolTag,
+        irql: &impl AtMostDispatch,
+        init: impl FnOnce(NonNull<T>),
+    ) -> Option<PoolBox<T>> {
+        crate::irql::verify(irql);
+        const {
+            assert!(
+                mem::align_of::<T>() <= POOL_ALIGNMENT,
+                "pool memory is 16-byte aligned"
+            )
+        };
+        let layout = Layout::new::<T>();
+        let ptr = if layout.size() == 0 {
+            NonNull::dangling()
+        } else {
+            NonNull::new(allocate_raw(layout, tag).cast::<T>())?
+        };
+        init(ptr);
+        Some(PoolBox {
+            ptr,
+            tag,
+            _owns: PhantomData,
+        })
+    }
+
     /// The tag of this allocation.
     pub fn tag(this: &Self) -> PoolTag {
         this.tag

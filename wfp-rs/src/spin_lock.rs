@@ -65,6 +65,26 @@ impl<T> SpinLock<T> {
         }
     }
 
+    /// Initialises an unlocked lock at `this`, and its value in place with `init_value` (given
+    /// a pointer to the value), without building either on the stack.
+    ///
+    /// # Safety
+    ///
+    /// `this` must be valid for writes and aligned; `init_value` must leave the value it is
+    /// given a pointer to fully initialised, without reading it first.
+    pub(crate) unsafe fn init_in_place(this: *mut SpinLock<T>, init_value: impl FnOnce(*mut T))
+    where
+        T: Sized,
+    {
+        // SAFETY: `this` is valid and aligned (the contract); the projection creates no reference.
+        let lock = unsafe { &raw mut (*this).lock };
+        // SAFETY: valid for writes (the contract); an unlocked KSPIN_LOCK is 0, as in `new`.
+        unsafe { UnsafeCell::raw_get(lock).write(0) };
+        // SAFETY: as for `lock`.
+        let value = unsafe { &raw mut (*this).value };
+        init_value(UnsafeCell::raw_get(value));
+    }
+
     /// Consumes the lock and returns the value.
     pub fn into_inner(self) -> T {
         self.value.into_inner()

@@ -298,7 +298,8 @@ pub const SERVICE_CONNECTIONS: u32 = 1;
 /// How many verdicts wait for their reauthorization at most. An entry lives only from the
 /// work item's `record` to the reauthorization's `take`, so this bounds completions in flight,
 /// not connections; when it is exceeded the oldest entry is evicted and its connection gets the
-/// default.
+/// default. (`examples/firewall/driver` avoids that under bursts: it reserves a slot before each
+/// pend and records with `VerdictTable::try_record`, which never evicts.)
 pub const VERDICT_SLOTS: usize = 64;
 
 /// How long unload waits, beyond [`Config::timeout`], for the reauthorizations of the

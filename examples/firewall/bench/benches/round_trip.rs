@@ -41,6 +41,7 @@ fn main() {
             service_threads: 2,
             service_latency: Duration::ZERO,
         });
+        let before = firewall_bench::firewall::STATS.snapshot();
         let mut latencies = Latencies::new();
         let (mut waves, mut denied) = (0u64, 0usize);
         group.throughput(Throughput::Elements(n as u64));
@@ -57,14 +58,17 @@ fn main() {
                 total
             })
         });
-        // Why a connection got the default: its verdict was evicted from the firewall's table
-        // of verdicts waiting for their reauthorization (`VERDICT_SLOTS`).
-        let evicted = load.debug_lines_containing("verdict table full");
+        // Why a connection would get the default: more than `Config::max_pending` connections
+        // pended or waiting for their reauthorization at once (the overload case), or (a
+        // defect) a verdict lost before its reauthorization.
+        let after = firewall_bench::firewall::STATS.snapshot();
+        let overloaded = after.overloaded - before.overloaded;
+        let defaults = after.defaults - before.defaults;
         let answered = load.finish();
         let p50 = latencies.percentile(50.0).unwrap_or_default();
         let p99 = latencies.percentile(99.0).unwrap_or_default();
         summary.push(format!(
-            "(b) N = {n:>4}: round trip p50 = {:>9.1} µs, p99 = {:>9.1} µs over {} connections in {waves} waves; {denied} not permitted (the default: {evicted} verdicts evicted from the table waiting for reauthorization); {answered} questions answered",
+            "(b) N = {n:>4}: round trip p50 = {:>9.1} µs, p99 = {:>9.1} µs over {} connections in {waves} waves; {denied} not permitted ({defaults} defaults, {overloaded} of them overload); {answered} questions answered",
             p50.as_secs_f64() * 1e6,
             p99.as_secs_f64() * 1e6,
             latencies.len(),

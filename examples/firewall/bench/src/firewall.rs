@@ -14,8 +14,8 @@ pub const PATIENT: Duration = Duration::from_secs(120);
 /// compare snapshots).
 pub static STATS: Stats = Stats::new();
 
-/// `DriverEntry`: [`Config::DEFAULT`] (fail-closed, 1024 cache entries, loopback permitted)
-/// with the [`PATIENT`] timeout and [`STATS`].
+/// `DriverEntry`: [`Config::DEFAULT`] (fail-closed, 1024 cache entries, 2048 pends at most,
+/// loopback permitted) with the [`PATIENT`] timeout and [`STATS`].
 #[wfp_rs::driver_entry]
 fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<Firewall, Status> {
     firewall_driver::start(

@@ -35,12 +35,15 @@
 //! 3. **Any other classification** (a new connection, or a reauthorization the driver did not
 //!    cause): the **verdict cache**, if it holds a live verdict for the connection's
 //!    [cache key](#the-verdict-cache).
-//! 4. **A new connection the cache does not answer**: pended ([`Classify::pend`]); a work item
+//! 4. **A new connection the cache does not answer**: if fewer than [`Config::max_pending`]
+//!    connections are outstanding (pended, or completed and not yet reauthorized), it takes a
+//!    slot of the [`VerdictTable`] and is pended ([`Classify::pend`]); a work item
 //!    sends a [`ConnectionRequest`] (process id, image path, protocol, both endpoints,
 //!    direction) and waits at most [`Config::timeout`]; it checks that the reply
 //!    [`answers`](ConnectionReply::answers) the request, caches the verdict if the reply allows
 //!    it (`cache_seconds > 0`), records it for the reauthorization, and completes the pend.
-//!    WFP reauthorizes the connection and step 2 answers.
+//!    WFP reauthorizes the connection and step 2 answers, which frees the slot. Otherwise it is
+//!    not pended: it gets the default at once (see [Overload](#overload)).
 //!
 //! Every failure gives [`Config::default`] — fail-closed ([`Verdict::Deny`]) in
 //! [`Config::DEFAULT`]: a firewall that asks before letting a process connect should not let
@@ -58,13 +61,33 @@
 //! | a well-formed reply to another request (its `request_id` is not this one's) | the default |
 //! | no pool to send ([`SendError::Status`]) | the default |
 //! | the work item cannot be queued (no pool): the default is recorded, and the closure that came back is dropped with the pend in it, which completes it | the default |
-//! | the recorded verdict was evicted from the [`VerdictTable`] (more than [`VERDICT_SLOTS`] completions waiting for their reauthorization) | the cache's verdict if it has one, else the default |
+//! | **overload**: [`Config::max_pending`] connections are pended or waiting for their reauthorization already, and the cache has no verdict | the default, at once (nothing pended); counted in [`StatsSnapshot::overloaded`] |
 //! | a reauthorization the driver did not cause (WFP reauthorizes when policy changes) | the cache's verdict if it has one, else the default |
+//! | a second pend of the same connection (process, image, protocol, both endpoints) while the first waits for its reauthorization: one verdict is kept, for one of the two | the other: the cache's verdict if it has one, else the default |
 //! | the connection's fields or image path cannot be read, there is no pool for the request, or the classification cannot be pended | the default, at once (nothing pended) |
 //! | a heavier sublayer already decided hard (no write right) | that decision stands |
 //! | the driver is unloading | the default, at once (nothing is pended any more) |
 //!
 //! A default is never cached: the next connection with the same key asks again.
+//!
+//! ## Overload
+//!
+//! A pended connection holds a slot of the [`VerdictTable`] from before its pend until its
+//! reauthorization takes the verdict, so a verdict the service gave is never evicted before
+//! the reauthorization it is for: every pended connection gets the service's verdict (or the
+//! default for the reasons above). The price is a bound: with [`Config::max_pending`]
+//! connections outstanding, a new connection the cache does not answer is not pended, and gets
+//! the default at once. That case is counted ([`StatsSnapshot::overloaded`], and in
+//! `defaults`) and logged once when a burst starts and once when it ends (with how many
+//! connections it refused), not per connection. The default bound, [`VERDICT_SLOTS`] (2048,
+//! 160 KiB of non-paged pool), is twice the largest burst the benchmarks make (1024 new
+//! connections at once, none refused).
+//!
+//! A slot is freed only by the reauthorization that takes its verdict (or by the classification
+//! that reserved it, when it decides without pending). WFP reauthorizes every connection whose
+//! pend at `ALE_AUTH_CONNECT` is completed; if it ever did not, that slot would stay taken until
+//! unload (which then gives up after its grace period and says so), and the bound would shrink
+//! by one.
 //!
 //! # The decision, inbound (`ALE_AUTH_RECV_ACCEPT`)
 //!
@@ -142,9 +165,9 @@
 //! # Configuration
 //!
 //! [`Config`]; `DriverEntry` uses [`Config::DEFAULT`] (fail-closed, a 500 ms timeout, 1024
-//! cache entries, loopback permitted). A product would read its settings from its service key;
-//! here another configuration is a `#[driver_entry]` of your own that calls [`start`], which is
-//! what the tests and the service's simulator demo do:
+//! cache entries, loopback permitted, [`VERDICT_SLOTS`] pends at most). A product would read
+//! its settings from its service key; here another configuration is a `#[driver_entry]` of
+//! your own that calls [`start`], which is what the tests and the service's simulator demo do:
 //!
 //! ```
 //! use core::time::Duration;
@@ -177,8 +200,8 @@
 //! 2. The SDK waits until no work item is queued or running: every pend is completed.
 //! 3. [`Firewall::unload`](DriverState::unload) closes the control device (waiting for a
 //!    command in progress), then waits until every completed pend has been reauthorized (no
-//!    pend in flight, the [`VerdictTable`] empty), or until [`Config::timeout`] +
-//!    [`REAUTHORIZATION_GRACE`] pass without progress.
+//!    pend in flight, no slot of the [`VerdictTable`] reserved, the table empty), or until
+//!    [`Config::timeout`] + [`REAUTHORIZATION_GRACE`] pass without progress.
 //! 4. It closes the engine session (the filters go before the callouts: a terminating filter
 //!    whose callout is gone blocks everything), unregisters the callouts, closes the port, and
 //!    unregisters the minifilter.
@@ -270,10 +293,14 @@ pub const DEFAULT_BACKGROUND_ASKS: usize = 8;
 /// refused (`STATUS_CONNECTION_COUNT_LIMIT`) until the first disconnects.
 pub const SERVICE_CONNECTIONS: u32 = 1;
 
-/// How many outbound verdicts wait for their reauthorization at most. An entry lives only from
-/// the work item's record to the reauthorization, so this bounds completions in flight; beyond
-/// it the oldest is evicted and its reauthorization falls back to the cache, then the default.
-pub const VERDICT_SLOTS: usize = 256;
+/// The size of the table of outbound verdicts waiting for their reauthorization, and the upper
+/// bound of [`Config::max_pending`]. Each pended connection reserves a slot before it is pended
+/// and frees it when its reauthorization takes the verdict, so a recorded verdict is never
+/// evicted; a new connection that finds no free slot is not pended (see the crate
+/// documentation). 2048 slots of 80 bytes: 160 KiB of non-paged pool (tag `FwVt`), allocated
+/// at load. Enough for a burst of 1024 new connections at once
+/// (`docs/benchmarks.md`, (b)) with room to spare.
+pub const VERDICT_SLOTS: usize = 2048;
 
 /// How long unload waits, beyond [`Config::timeout`], for the reauthorizations of the
 /// connections it completed before it deletes its filters.
@@ -324,6 +351,11 @@ pub struct Config {
     pub permit_loopback: bool,
     /// How many inbound background asks may be in flight at once.
     pub background_asks: usize,
+    /// How many outbound connections may be pended at once, counting those completed and
+    /// waiting for their reauthorization; at most [`VERDICT_SLOTS`] (a larger value is clamped).
+    /// A new connection beyond it that the cache does not answer gets the default at once (0:
+    /// the driver never pends, and such connections always get the default).
+    pub max_pending: usize,
     /// Counters to update besides the driver's own, for a caller that reads them while the
     /// driver runs (see [`Stats`]).
     pub stats: Option<&'static Stats>,
@@ -331,7 +363,8 @@ pub struct Config {
 
 impl Config {
     /// What `DriverEntry` uses: fail-closed, [`DEFAULT_TIMEOUT`], [`DEFAULT_CACHE_CAPACITY`],
-    /// the protocol's port and device names, loopback permitted, [`DEFAULT_BACKGROUND_ASKS`].
+    /// the protocol's port and device names, loopback permitted, [`DEFAULT_BACKGROUND_ASKS`],
+    /// [`VERDICT_SLOTS`] pends at most.
     pub const DEFAULT: Config = Config {
         default: Verdict::Deny,
         timeout: DEFAULT_TIMEOUT,
@@ -340,6 +373,7 @@ impl Config {
         device_name: firewall_protocol::control::CONTROL_DEVICE_NAME,
         permit_loopback: true,
         background_asks: DEFAULT_BACKGROUND_ASKS,
+        max_pending: VERDICT_SLOTS,
         stats: None,
     };
 }
@@ -550,6 +584,9 @@ impl fmt::Display for NoRequest {
 /// The pool tag of the requests work items carry.
 const REQUEST_TAG: PoolTag = PoolTag::new(b"FwRq");
 
+/// The pool tag of the verdict table.
+const VERDICTS_TAG: PoolTag = PoolTag::new(b"FwVt");
+
 /// Whether the classification's `FLAGS` field marks loopback.
 fn is_loopback<L: Layer>(c: &Classify<'_, L>) -> bool
 where
@@ -578,12 +615,20 @@ struct Shared {
     config: Config,
     port: ServerPort<FirewallProtocol>,
     cache: VerdictCache,
-    verdicts: VerdictTable<Verdict, VERDICT_SLOTS>,
+    /// In its own allocation: at 160 KiB it cannot pass through a kernel stack.
+    verdicts: PoolBox<VerdictTable<Verdict, VERDICT_SLOTS>>,
     /// Set at unload: nothing is pended or asked any more.
     unloading: AtomicBool,
     /// Outbound classifications between their check of `unloading` and the end of their work
     /// item (or of the path that decided without one).
     in_flight: AtomicUsize,
+    /// Outbound connections holding a slot of `verdicts`: reserved before the pend, freed when
+    /// the reauthorization takes the verdict (or when the classification decides without
+    /// pending or recording). At most `config.max_pending`, so `verdicts` never fills.
+    outstanding: AtomicUsize,
+    /// New connections refused a slot since the last one that got one: the current overload
+    /// burst, logged when it starts and when it ends rather than per connection.
+    overload_burst: AtomicU64,
     /// Set, while unloading, when `in_flight` drops to zero or a recorded verdict is taken.
     progress: Event,
     next_request: AtomicU64,
@@ -746,15 +791,81 @@ impl Shared {
         }
     }
 
-    /// Records `verdict` for `key`'s reauthorization. Call it before completing the pend: the
-    /// reauthorization may run before `complete` returns.
+    /// Takes a slot of the verdict table for a connection about to be pended, unless
+    /// [`Config::max_pending`] are taken already. Logs the start and the end of an overload
+    /// burst, not each refused connection.
+    fn reserve(&self) -> bool {
+        let limit = self.config.max_pending;
+        let mut current = self.outstanding.load(Ordering::SeqCst);
+        loop {
+            if current >= limit {
+                if self.overload_burst.fetch_add(1, Ordering::Relaxed) == 0 {
+                    kd_print!(
+                        Warning,
+                        "firewall: {limit} connections pended or awaiting reauthorization; new connections the cache does not answer get the default until one is reauthorized\n"
+                    );
+                }
+                return false;
+            }
+            match self.outstanding.compare_exchange(
+                current,
+                current + 1,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => break,
+                Err(now) => current = now,
+            }
+        }
+        // A load first, so the common case (no overload) writes nothing shared.
+        if self.overload_burst.load(Ordering::Relaxed) != 0 {
+            let refused = self.overload_burst.swap(0, Ordering::Relaxed);
+            if refused != 0 {
+                kd_print!(
+                    Warning,
+                    "firewall: pending again; {refused} connection(s) got the default while {limit} were outstanding\n"
+                );
+            }
+        }
+        true
+    }
+
+    /// Frees a slot taken by [`reserve`](Self::reserve).
+    fn release(&self, irql: &impl AtMostDispatch) {
+        if self.outstanding.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.unloading.load(Ordering::SeqCst)
+        {
+            self.progress.set(irql);
+        }
+    }
+
+    /// Records `verdict` for `key`'s reauthorization, in the slot the classification reserved.
+    /// Call it before completing the pend: the reauthorization may run before `complete`
+    /// returns.
     fn record<I: AtMostDispatch>(&self, irql: &mut I, key: ConnectionKey, verdict: Verdict) {
-        if let Some((evicted, _)) = self.verdicts.record(irql, key, verdict) {
-            kd_print!(
-                Warning,
-                "firewall: verdict table full; pid {} evicted, its reauthorization falls back to the cache or the default\n",
-                evicted.pid
-            );
+        match self.verdicts.try_record(irql, key, verdict) {
+            Ok(None) => {}
+            // Two pends of one connection key at once (same process, image and both
+            // endpoints): one verdict answers one of their reauthorizations, and the other
+            // falls back to the cache or the default. Its slot is not needed any more.
+            Ok(Some(_)) => {
+                kd_print!(
+                    Warning,
+                    "firewall: pid {}: a second pend of the same connection; one reauthorization falls back to the cache or the default\n",
+                    key.pid
+                );
+                self.release(irql);
+            }
+            // Cannot happen while every pend reserves a slot first; if it did, this verdict
+            // is lost, not another one.
+            Err(full) => {
+                kd_print!(
+                    Error,
+                    "firewall: pid {}: {full} although a slot was reserved; its reauthorization falls back to the cache or the default\n",
+                    key.pid
+                );
+                self.release(irql);
+            }
         }
     }
 
@@ -767,7 +878,9 @@ impl Shared {
         self.unloading.store(true, Ordering::SeqCst);
         let patience = self.config.timeout.saturating_add(REAUTHORIZATION_GRACE);
         let settled = |irql: &mut PassiveLevel<'_>| {
-            self.in_flight.load(Ordering::SeqCst) == 0 && self.verdicts.is_empty(irql)
+            self.in_flight.load(Ordering::SeqCst) == 0
+                && self.outstanding.load(Ordering::SeqCst) == 0
+                && self.verdicts.is_empty(irql)
         };
         loop {
             // Cleared before the check, so a signal after the check ends the wait.
@@ -822,12 +935,14 @@ where
             // The work item recorded the verdict before it completed the pend.
             let verdict = match shared.verdicts.take(irql, &observed.key) {
                 Some(verdict) => {
+                    // Its connection's slot is free again (and unload is told of progress).
+                    shared.release(irql);
                     if shared.unloading.load(Ordering::SeqCst) {
                         shared.progress.set(irql);
                     }
                     verdict
                 }
-                // A reauthorization this callout did not cause, or an evicted record.
+                // A reauthorization this callout did not cause.
                 None => shared.cached(irql, &cache_key).unwrap_or_else(|| {
                     shared.count(Counter::Defaults);
                     kd_print!(
@@ -861,9 +976,19 @@ where
             decided_at_once(c, &"unloading");
             return;
         }
+        // A slot for the verdict, before the pend: a recorded verdict is never evicted.
+        if !shared.reserve() {
+            // The cache did not answer (above): the default, counted; logged per burst.
+            shared.count(Counter::Overloaded);
+            shared.count(Counter::Defaults);
+            apply(&mut c.out, default);
+            shared.finished(irql);
+            return;
+        }
         let request = match observed.boxed_request(c, request_id, irql) {
             Ok(request) => request,
             Err(error) => {
+                shared.release(irql);
                 decided_at_once(c, &error);
                 return;
             }
@@ -872,10 +997,12 @@ where
             Ok(pended) => pended,
             // A heavier sublayer decided hard; there is nothing to ask.
             Err(PendError::NoWriteRight) => {
+                shared.release(irql);
                 shared.finished(irql);
                 return;
             }
             Err(error) => {
+                shared.release(irql);
                 decided_at_once(c, &error);
                 return;
             }
@@ -1190,16 +1317,24 @@ pub fn start(
         SERVICE_CONNECTIONS,
         (),
     )?;
+    let config = Config {
+        max_pending: config.max_pending.min(VERDICT_SLOTS),
+        ..config
+    };
     let cache = VerdictCache::new(config.cache_capacity)?;
+    let verdicts =
+        VerdictTable::try_new_in_pool(VERDICTS_TAG, irql).ok_or(Status::INSUFFICIENT_RESOURCES)?;
     let capacity = cache.capacity(irql);
     let progress = Event::try_new(EventKind::Notification, false, irql)?;
     let shared = Arc::new(Shared {
         config,
         port,
         cache,
-        verdicts: VerdictTable::new(),
+        verdicts,
         unloading: AtomicBool::new(false),
         in_flight: AtomicUsize::new(0),
+        outstanding: AtomicUsize::new(0),
+        overload_burst: AtomicU64::new(0),
         progress,
         next_request: AtomicU64::new(0),
         background: AtomicUsize::new(0),
@@ -1275,11 +1410,12 @@ pub fn start(
     txn.commit(irql)?;
 
     kd_print!(
-        "firewall: asking the service on {} ({} ms timeout, default {}, {} cache entries, loopback {})\n",
+        "firewall: asking the service on {} ({} ms timeout, default {}, {} cache entries, {} pends at most, loopback {})\n",
         config.port_name,
         config.timeout.as_millis(),
         config.default,
         capacity,
+        config.max_pending,
         if config.permit_loopback {
             "permitted"
         } else {

@@ -42,6 +42,7 @@ pub struct Stats {
     not_cached_revoked: AtomicU64,
     background_asks: AtomicU64,
     background_skipped: AtomicU64,
+    overloaded: AtomicU64,
 }
 
 /// The counters at one moment (see [`Stats`]).
@@ -77,6 +78,12 @@ pub struct StatsSnapshot {
     ///
     /// [`Config::background_asks`]: crate::Config::background_asks
     pub background_skipped: u64,
+    /// New outbound connections the cache did not answer that were not pended, because
+    /// [`Config::max_pending`] connections were pended or waiting for their reauthorization
+    /// already: each got the default at once (also counted in `defaults`).
+    ///
+    /// [`Config::max_pending`]: crate::Config::max_pending
+    pub overloaded: u64,
 }
 
 /// Which counter to add to.
@@ -94,6 +101,7 @@ pub(crate) enum Counter {
     NotCachedRevoked,
     BackgroundAsks,
     BackgroundSkipped,
+    Overloaded,
 }
 
 impl Stats {
@@ -112,6 +120,7 @@ impl Stats {
             not_cached_revoked: AtomicU64::new(0),
             background_asks: AtomicU64::new(0),
             background_skipped: AtomicU64::new(0),
+            overloaded: AtomicU64::new(0),
         }
     }
 
@@ -129,6 +138,7 @@ impl Stats {
             Counter::NotCachedRevoked => &self.not_cached_revoked,
             Counter::BackgroundAsks => &self.background_asks,
             Counter::BackgroundSkipped => &self.background_skipped,
+            Counter::Overloaded => &self.overloaded,
         }
     }
 
@@ -157,6 +167,7 @@ impl Stats {
             not_cached_revoked: get(Counter::NotCachedRevoked),
             background_asks: get(Counter::BackgroundAsks),
             background_skipped: get(Counter::BackgroundSkipped),
+            overloaded: get(Counter::Overloaded),
         }
     }
 }
@@ -178,7 +189,7 @@ impl fmt::Display for StatsSnapshot {
         write!(
             f,
             "{} cache hits, {} asked, {} answered, {} defaults, {} loopback, {} cached, \
-             {} expired, {} evicted, {} revoked",
+             {} expired, {} evicted, {} revoked, {} overloaded",
             self.cache_hits,
             self.asked,
             self.answered,
@@ -187,7 +198,8 @@ impl fmt::Display for StatsSnapshot {
             self.cached,
             self.expired,
             self.evicted,
-            self.revoked
+            self.revoked,
+            self.overloaded
         )
     }
 }

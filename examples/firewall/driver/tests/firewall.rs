@@ -39,7 +39,10 @@ use wfp_rs::layer::{
 };
 use wfp_rs::metadata::Direction as SimDirection;
 use wfp_rs::port::Message;
-use wfp_rs::sim::{AleIrql, Caller, ConnectOutcome, Connection, LoadedDriver, Machine, PortClient};
+use wfp_rs::sim::{
+    AleIrql, Caller, ClassifyRequest, ConnectOutcome, Connection, Decision, LoadedDriver, Machine,
+    PortClient,
+};
 
 /// Long enough never to expire while a service is answering, however slow the machine.
 const PATIENT: Duration = Duration::from_secs(120);
@@ -90,6 +93,16 @@ configured_driver!(loopback, PATIENT_CONFIG);
 configured_driver!(revoking, PATIENT_CONFIG);
 configured_driver!(reload, PATIENT_CONFIG);
 configured_driver!(expiry, PATIENT_CONFIG);
+configured_driver!(burst, PATIENT_CONFIG);
+configured_driver!(overload, PATIENT_CONFIG);
+configured_driver!(unload_reserved, PATIENT_CONFIG);
+configured_driver!(
+    overload_small,
+    Config {
+        max_pending: 3,
+        ..PATIENT_CONFIG
+    }
+);
 configured_driver!(
     impatient,
     Config {
@@ -1710,7 +1723,7 @@ fn icmp_is_not_filtered() {
     assert_eq!(
         machine.debug_output()[0],
         "firewall: asking the service on \\WfpRsFirewallPort (500 ms timeout, default deny, \
-         1024 cache entries, loopback permitted)\n"
+         1024 cache entries, 2048 pends at most, loopback permitted)\n"
     );
     let ping = Connection {
         protocol: IpProtocol::Icmp,
@@ -2048,4 +2061,340 @@ fn cached_verdicts_expire_after_their_lifetime() {
     assert_eq!((stats.expired, stats.asked), (2, 4), "{stats:?}");
     unload_clean(&machine, driver);
     assert_eq!(service.join().unwrap(), 4);
+}
+
+// --- bursts and overload ----------------------------------------------------------------------
+
+/// The browser's outbound TCP attempt from `local_port` to 192.0.2.`last`:443, as one
+/// classification at ALE_AUTH_CONNECT_V4: the initial authorization (pendable), or its
+/// reauthorization. Tests that drive the two halves of `Machine::connect` themselves use it, to
+/// hold completed connections before their reauthorization.
+fn auth_connect(
+    local_port: u16,
+    last: u8,
+    reauthorization: bool,
+) -> ClassifyRequest<AleAuthConnectV4> {
+    use wfp_rs::layer::fields;
+    use wfp_rs::layer::value::ConditionFlags;
+    let request = ClassifyRequest::<AleAuthConnectV4>::new()
+        .process(100, APPS[0])
+        .with::<fields::AleAppId>(APPS[0])
+        .with::<fields::IpProtocol>(IpProtocol::Tcp)
+        .with::<fields::IpLocalAddress>(Ipv4Addr::new(10, 0, 0, 2))
+        .with::<fields::IpLocalPort>(local_port)
+        .with::<fields::IpRemoteAddress>(Ipv4Addr::new(192, 0, 2, last))
+        .with::<fields::IpRemotePort>(443u16);
+    if reauthorization {
+        request
+            .with::<fields::Flags>(ConditionFlags::IS_REAUTHORIZE)
+            .reauthorization()
+    } else {
+        request
+            .with::<fields::Flags>(ConditionFlags::empty())
+            .pendable()
+    }
+}
+
+/// Classifies `request` at `DISPATCH_LEVEL`, as the network stack does at ALE_AUTH_CONNECT.
+fn classify_connect(machine: &Machine, request: &ClassifyRequest<AleAuthConnectV4>) -> Decision {
+    machine.classify(wfp_rs::irql::Irql::DISPATCH, request)
+}
+
+/// What the burst tests' service says: allow, except every seventh local port; never cached, so
+/// only the verdict table can carry the answer to the reauthorization.
+fn burst_verdict(local_port: u16) -> Verdict {
+    if local_port.is_multiple_of(7) {
+        Verdict::Deny
+    } else {
+        Verdict::Allow
+    }
+}
+
+fn burst_reply(message: &wfp_rs::sim::PortMessage) -> Vec<u8> {
+    let request = ConnectionRequest::decode(&message.data).expect("the driver's encoding");
+    encode_reply(request.reply(burst_verdict(request.local_port)))
+}
+
+/// Pends every attempt and returns each pend, or the first attempt that was not pended.
+fn pend_all(machine: &Machine, ports: &[u16]) -> Result<Vec<wfp_rs::sim::Pending>, String> {
+    ports
+        .iter()
+        .map(|&port| {
+            let decision = classify_connect(machine, &auth_connect(port, 1, false));
+            match decision.pending {
+                Some(pending) if decision.absorbed && decision.action == Action::Block => {
+                    Ok(pending)
+                }
+                _ => Err(format!("port {port} was not pended: {decision:?}")),
+            }
+        })
+        .collect()
+}
+
+/// Waits until the driver completed each pend; none is reauthorized yet, so every verdict
+/// waits in the driver's table at once.
+fn complete_all(machine: &Machine, pendings: Vec<wfp_rs::sim::Pending>) {
+    for pending in pendings {
+        assert_eq!(machine.wait_for_completion(pending), None, "reauthorize");
+    }
+}
+
+/// Pends every attempt, checks it was pended, and waits until the driver completed each.
+fn pend_and_complete(machine: &Machine, ports: &[u16]) {
+    let pendings = pend_all(machine, ports).unwrap_or_else(|error| panic!("{error}"));
+    complete_all(machine, pendings);
+}
+
+/// Reauthorizes every attempt and checks it gets the service's verdict.
+fn reauthorize_all(machine: &Machine, ports: &[u16]) {
+    for &port in ports {
+        let decision = classify_connect(machine, &auth_connect(port, 1, true));
+        assert_eq!(
+            decision.action,
+            action(burst_verdict(port)),
+            "port {port}: the service's verdict, not the default: {decision:?}"
+        );
+        assert!(decision.pending.is_none());
+    }
+}
+
+/// More connections pended at once than the verdict table held before (256), with the
+/// service's replies held until every question has arrived (one worker thread per question, so
+/// all are asked at once), then all answered, and every reauthorization held until every pend
+/// is completed: every connection gets the service's own verdict; nothing is refused or
+/// defaulted.
+#[test]
+fn a_burst_beyond_the_old_table_size_gets_every_services_verdict() {
+    const N: u16 = 320;
+    let machine = Machine::with_worker_threads(N as usize);
+    let driver = load(&machine, burst::DriverEntry);
+    let client = connected_client(&machine);
+    let ports: Vec<u16> = (0..N).map(|n| 47_000 + n).collect();
+    // Detached, so a failing test ends instead of waiting for questions that will not come.
+    let service = thread::spawn(move || {
+        // Nothing is answered until every connection is pended and asked about.
+        let held: Vec<_> = (0..N)
+            .map(|_| client.get_message(None).expect("a question"))
+            .collect();
+        for message in &held {
+            client
+                .reply(message.id, &burst_reply(message))
+                .expect("replied");
+        }
+    });
+    pend_and_complete(&machine, &ports);
+    service.join().unwrap();
+    reauthorize_all(&machine, &ports);
+    let stats = burst::STATS.snapshot();
+    assert_eq!(
+        (
+            stats.asked,
+            stats.answered,
+            stats.defaults,
+            stats.overloaded
+        ),
+        (u64::from(N), u64::from(N), 0, 0),
+        "{stats:?}"
+    );
+    assert!(
+        !machine
+            .debug_output()
+            .iter()
+            .any(|l| l.contains("full") || l.contains("pended or awaiting")),
+        "no overload"
+    );
+    unload_clean(&machine, driver);
+}
+
+/// Lines the driver logs when an overload burst starts and ends.
+fn overload_lines(machine: &Machine) -> (Vec<String>, Vec<String>) {
+    let output = machine.debug_output();
+    let started = output
+        .iter()
+        .filter(|l| l.contains("pended or awaiting reauthorization"))
+        .cloned()
+        .collect();
+    let ended = output
+        .iter()
+        .filter(|l| l.contains("pending again"))
+        .cloned()
+        .collect();
+    (started, ended)
+}
+
+/// A burst the size of the verdict table, completed and waiting for its reauthorizations, and
+/// then more: the extra connections are not pended but get the default at once, are counted
+/// and logged once for the burst; every recorded verdict still answers its reauthorization;
+/// once slots are free, new connections are pended again.
+#[test]
+fn beyond_the_verdict_table_new_connections_get_the_default_at_once_and_nothing_recorded_is_lost() {
+    const EXTRA: u16 = 5;
+    let capacity = u16::try_from(firewall_driver::VERDICT_SLOTS).unwrap();
+    let machine = Machine::new();
+    let driver = load(&machine, overload::DriverEntry);
+    let client = connected_client(&machine);
+    let ports: Vec<u16> = (0..capacity).map(|n| 10_000 + n).collect();
+    // Detached, so a failing test ends; it ends at unload, when the driver disconnects it.
+    let service = thread::spawn(move || {
+        while let Some(message) = client.get_message(None) {
+            match client.reply(message.id, &burst_reply(&message)) {
+                Ok(()) => {}
+                Err(Status::PORT_DISCONNECTED) => break,
+                Err(status) => panic!("the driver is waiting for this reply: {status}"),
+            }
+        }
+    });
+    pend_and_complete(&machine, &ports);
+    // Every slot holds a verdict waiting for its reauthorization.
+    for n in 0..EXTRA {
+        let port = 30_000 + n;
+        let decision = classify_connect(&machine, &auth_connect(port, 2, false));
+        assert_eq!(
+            (decision.action, decision.pending, decision.absorbed),
+            (Action::Block, None, false),
+            "port {port}: the default at once, not pended"
+        );
+    }
+    let stats = overload::STATS.snapshot();
+    assert_eq!(
+        (stats.overloaded, stats.defaults, stats.asked),
+        (u64::from(EXTRA), u64::from(EXTRA), u64::from(capacity)),
+        "{stats:?}"
+    );
+    let (started, ended) = overload_lines(&machine);
+    assert_eq!(
+        (started.len(), ended.len()),
+        (1, 0),
+        "logged once: {started:?}"
+    );
+    // Every recorded verdict is still there for its reauthorization.
+    reauthorize_all(&machine, &ports);
+    // Slots are free again: a new connection is pended and asked about.
+    let port = 40_000;
+    let decision = classify_connect(&machine, &auth_connect(port, 3, false));
+    let pending = decision.pending.expect("pended again");
+    assert_eq!(machine.wait_for_completion(pending), None);
+    let decision = classify_connect(&machine, &auth_connect(port, 3, true));
+    assert_eq!(decision.action, action(burst_verdict(port)));
+    let (started, ended) = overload_lines(&machine);
+    assert_eq!(started.len(), 1);
+    assert_eq!(ended.len(), 1, "the burst's end is logged once");
+    assert!(
+        ended[0].contains(&format!("{EXTRA} connection(s) got the default")),
+        "{ended:?}"
+    );
+    unload_clean(&machine, driver);
+    service.join().unwrap();
+    let stats = overload::STATS.snapshot();
+    assert_eq!(
+        (
+            stats.overloaded,
+            stats.defaults,
+            stats.asked,
+            stats.answered
+        ),
+        (
+            u64::from(EXTRA),
+            u64::from(EXTRA),
+            u64::from(capacity) + 1,
+            u64::from(capacity) + 1
+        ),
+        "{stats:?}"
+    );
+}
+
+/// `Config::max_pending` counts connections still waiting for the service too: with 3 pended
+/// and unanswered, a fourth gets the default at once; the 3 then get the service's verdicts.
+#[test]
+fn max_pending_counts_connections_waiting_for_the_service() {
+    const PORTS: [u16; 3] = [20_001, 20_002, 20_003];
+    let machine = Machine::with_worker_threads(3);
+    let driver = load(&machine, overload_small::DriverEntry);
+    let client = connected_client(&machine);
+    let (asked_tx, asked_rx) = std::sync::mpsc::channel();
+    let (answer_tx, answer_rx) = std::sync::mpsc::channel::<()>();
+    // Detached, so a failing test ends instead of waiting for questions that will not come.
+    let service = thread::spawn(move || {
+        let held: Vec<_> = (0..PORTS.len())
+            .map(|_| client.get_message(None).expect("a question"))
+            .collect();
+        asked_tx.send(()).unwrap();
+        answer_rx.recv().unwrap();
+        for message in &held {
+            client
+                .reply(message.id, &burst_reply(message))
+                .expect("replied");
+        }
+    });
+    let pendings: Vec<_> = PORTS
+        .iter()
+        .map(|&port| {
+            classify_connect(&machine, &auth_connect(port, 4, false))
+                .pending
+                .expect("pended")
+        })
+        .collect();
+    asked_rx.recv().unwrap();
+    // All three are with the service, unanswered.
+    let decision = classify_connect(&machine, &auth_connect(20_004, 4, false));
+    assert_eq!((decision.action, decision.pending), (Action::Block, None));
+    assert_eq!(overload_small::STATS.snapshot().overloaded, 1);
+    answer_tx.send(()).unwrap();
+    complete_all(&machine, pendings);
+    service.join().unwrap();
+    for port in PORTS {
+        let decision = classify_connect(&machine, &auth_connect(port, 4, true));
+        assert_eq!(decision.action, action(burst_verdict(port)), "port {port}");
+    }
+    let stats = overload_small::STATS.snapshot();
+    assert_eq!(
+        (stats.overloaded, stats.defaults, stats.answered),
+        (1, 1, 3),
+        "{stats:?}"
+    );
+    unload_clean(&machine, driver);
+}
+
+/// Unload with verdicts recorded and their reauthorizations not yet run: it waits (the slots
+/// are still reserved), the reauthorizations that come while it waits get the service's
+/// verdicts, and it then finishes without giving up on them.
+#[test]
+fn unload_waits_for_the_reauthorizations_of_completed_pends() {
+    let machine = Machine::new();
+    let driver = load(&machine, unload_reserved::DriverEntry);
+    let client = connected_client(&machine);
+    let service = thread::spawn(move || {
+        while let Some(message) = client.get_message(None) {
+            match client.reply(message.id, &burst_reply(&message)) {
+                Ok(()) => {}
+                Err(Status::PORT_DISCONNECTED) => break,
+                Err(status) => panic!("the driver is waiting for this reply: {status}"),
+            }
+        }
+    });
+    let ports: Vec<u16> = (0..40).map(|n| 21_000 + n).collect();
+    pend_and_complete(&machine, &ports);
+    thread::scope(|s| {
+        let unloader = s.spawn(|| machine.unload_driver(driver));
+        // Unload has begun: no new pends, the service disconnected.
+        while !machine
+            .debug_output()
+            .iter()
+            .any(|l| l.starts_with("firewall: stopping"))
+        {
+            thread::yield_now();
+        }
+        reauthorize_all(&machine, &ports);
+        unloader.join().unwrap().expect("unloads");
+    });
+    service.join().unwrap();
+    let output = machine.debug_output();
+    assert!(
+        !output.iter().any(|l| l.contains("still outstanding")),
+        "every reauthorization was waited for: {output:?}"
+    );
+    assert_eq!(machine.pending_classifications(), 0);
+    assert_eq!(machine.pool_blocks(), [], "pool left after unload");
+    let stats = unload_reserved::STATS.snapshot();
+    assert_eq!((stats.defaults, stats.overloaded), (0, 0), "{stats:?}");
 }
