@@ -4,25 +4,24 @@
 //! type checks, and a global for its state.
 //!
 //! It does the work the firewall's outbound callout does on a cache hit, in the same order, with
-//! the firewall's own `VerdictCache` (compiled from the driver's source): the
-//! loopback flag, the connection's fields and the FNV-1a hash of its application id, the
-//! reauthorization flag, the set-associative lookup under the cache's spin lock, the hit
-//! counted twice (the firewall as the benchmarks load it counts in its own counters and in
-//! `Config::stats`), and the verdict in the classify-out. It only skips what the SDK adds: finding the callout
-//! instance from the filter's callout id, and checking each value's type.
+//! the firewall's own [`VerdictCache`] (`firewall_driver::cache`): the loopback flag, the
+//! connection's fields and the FNV-1a hash of its application id, the reauthorization flag, the
+//! set-associative lookup under the cache's spin lock, the hit counted twice (the firewall as
+//! the benchmarks load it counts in its own counters and in `Config::stats`), and the verdict in
+//! the classify-out. It only skips what the SDK adds: finding the callout instance from the
+//! filter's callout id, and checking each value's type.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use std::time::Duration;
 
+use firewall_driver::cache::{Answer, CacheKey, Lookup, VerdictCache};
 use firewall_protocol::{Direction, Verdict};
 use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::engine::Engine;
 use wfp_rs::irql::{DispatchLevel, PassiveLevel};
+use wfp_rs::time::Instant;
 use wfp_rs::{Guid, Status, guid, kd_print, sys};
-
-use crate::cache::{Answer, CacheKey, Lookup, VerdictCache};
-use crate::clock;
 
 /// The baseline's callout at `ALE_AUTH_CONNECT_V4`.
 pub const CALLOUT: Guid = guid!("3b0f2a6e-8d61-4c1e-9a57-0c4e2f7b9d13");
@@ -239,7 +238,7 @@ unsafe extern "system" fn classify(
     let _local = fields.local;
     // SAFETY: classifyFn runs at IRQL <= DISPATCH_LEVEL; the token lives for this call only.
     let mut irql = unsafe { DispatchLevel::assume() };
-    match state.cache.lookup(&mut irql, &key, clock::now()) {
+    match state.cache.lookup(&mut irql, &key, Instant::now()) {
         Lookup::Hit(verdict) => {
             state.hits.fetch_add(1, Ordering::Relaxed);
             state.harness_hits.fetch_add(1, Ordering::Relaxed);
@@ -316,10 +315,10 @@ fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<RawLook
         remote: (c.remote.ip(), c.remote.port()),
         local_port: 0,
     };
-    let now = clock::now();
+    let now = Instant::now();
     let answer = Answer {
         verdict: Verdict::Allow,
-        expires: now.after(Duration::from_secs(3600)),
+        expires: now.saturating_add(Duration::from_secs(3600)),
         request_id: 1,
     };
     let generation = cache.generation();

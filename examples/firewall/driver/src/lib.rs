@@ -122,6 +122,9 @@
 //! the port connected to, which rules name (`local_port = 22`) and a retransmission repeats. The
 //! image path is hashed in (64-bit FNV-1a) so a reused process id does not inherit a verdict.
 //!
+//! The cache is the public module [`cache`] ([`cache::VerdictCache`]), for
+//! other drivers (and the benchmarks' C-style baseline) to use as it is.
+//!
 //! - **Bounded**: [`Config::cache_capacity`] entries (rounded down to a multiple of [`WAYS`]),
 //!   allocated once by [`start`], 72 bytes each (72 KiB for the default 1024). Lookups and
 //!   insertions never allocate.
@@ -235,8 +238,7 @@
 
 extern crate alloc;
 
-mod cache;
-mod clock;
+pub mod cache;
 mod stats;
 
 use alloc::sync::Arc;
@@ -267,6 +269,7 @@ use wfp_rs::layer::{
 use wfp_rs::pend::{ConnectionKey, PendError, PendableByCompletionHandle, VerdictTable};
 use wfp_rs::pool::{PoolBox, PoolTag};
 use wfp_rs::port::{Filter, SendError, ServerPort};
+use wfp_rs::time::Instant;
 use wfp_rs::work_item::WorkQueue;
 use wfp_rs::{Guid, Status, guid, kd_print};
 
@@ -668,7 +671,7 @@ impl Shared {
 
     /// The cache's verdict for `key` now, counting a hit or an expiry.
     fn cached<I: AtMostDispatch>(&self, irql: &mut I, key: &CacheKey) -> Option<Verdict> {
-        match self.cache.lookup(irql, key, clock::now()) {
+        match self.cache.lookup(irql, key, Instant::now()) {
             Lookup::Hit(verdict) => {
                 self.count(Counter::CacheHits);
                 Some(verdict)
@@ -718,8 +721,8 @@ impl Shared {
         let Some(lifetime) = reply.cache else {
             return Ok((reply, None));
         };
-        let now = clock::now();
-        let expires = now.after(Duration::from_secs(u64::from(lifetime.as_secs())));
+        let now = Instant::now();
+        let expires = now.saturating_add(Duration::from_secs(u64::from(lifetime.as_secs())));
         let answer = Answer {
             verdict: reply.verdict,
             expires,
