@@ -21,6 +21,7 @@ pub mod blocking;
 pub mod firewall;
 pub mod hit;
 pub mod load;
+mod raw_callout;
 pub mod raw_lookup;
 mod raw_objects;
 mod service;
