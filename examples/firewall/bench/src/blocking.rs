@@ -19,9 +19,9 @@ use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::engine::Engine;
 use wfp_rs::irql::PassiveLevel;
 use wfp_rs::port::{Filter, ServerPort};
-use wfp_rs::{Guid, Status, guid, kd_print, sys};
+use wfp_rs::{Guid, Status, guid, sys};
 
-use crate::raw_lookup::RawFields;
+use crate::raw_callout::{apply, begin, register, unregister};
 
 /// The blocking callout at `ALE_AUTH_CONNECT_V4`.
 pub const CALLOUT: Guid = guid!("e2b7d4a9-6c15-4f83-9d0e-b1a3c5f7e924");
@@ -42,20 +42,6 @@ struct State {
 /// Set before the callout is registered, cleared after it is unregistered.
 static STATE: AtomicPtr<State> = AtomicPtr::new(core::ptr::null_mut());
 
-fn apply(out: &mut sys::FWPS_CLASSIFY_OUT0, verdict: Verdict) {
-    match verdict {
-        Verdict::Allow => {
-            if out.rights & sys::FWPS_RIGHT_ACTION_WRITE != 0 {
-                out.actionType = sys::FWP_ACTION_PERMIT;
-            }
-        }
-        Verdict::Deny => {
-            out.actionType = sys::FWP_ACTION_BLOCK;
-            out.rights &= !sys::FWPS_RIGHT_ACTION_WRITE;
-        }
-    }
-}
-
 /// The classifyFn: ask, wait, decide (the default, deny, when asking fails).
 ///
 /// # Safety
@@ -71,15 +57,14 @@ unsafe extern "system" fn classify(
     _flow_context: u64,
     classify_out: *mut sys::FWPS_CLASSIFY_OUT0,
 ) {
-    // SAFETY: set before registration and freed after unregistration, which waits for calls
-    // in progress.
-    let Some(state) = (unsafe { STATE.load(Ordering::Acquire).as_ref() }) else {
+    // SAFETY: STATE is set before registration and freed after unregistration, which waits
+    // for calls in progress; the engine's arguments for this layer, valid for the call, the
+    // classify-out ours for it.
+    let Some((state, out, fields)) =
+        (unsafe { begin(&STATE, in_fixed_values, in_meta_values, classify_out) })
+    else {
         return;
     };
-    // SAFETY: the engine's classify-out, valid and ours for the call.
-    let out = unsafe { &mut *classify_out };
-    // SAFETY: the engine's structures for this layer.
-    let fields = unsafe { RawFields::read(in_fixed_values, in_meta_values) };
     // SAFETY: the engine's blob, valid for the call.
     let app = unsafe { fields.app_bytes() };
     let mut units = [0u16; MAX_PATH_UNITS + 1];
@@ -123,19 +108,6 @@ unsafe extern "system" fn classify(
     }
 }
 
-/// The notifyFn (required): accepts every filter.
-///
-/// # Safety
-///
-/// Called by the filter engine.
-unsafe extern "system" fn notify(
-    _notify_type: sys::FWPS_CALLOUT_NOTIFY_TYPE,
-    _filter_key: *const sys::GUID,
-    _filter: *mut sys::FWPS_FILTER3,
-) -> sys::NTSTATUS {
-    0
-}
-
 /// Questions asked and defaults given by the blocking callout of the loaded driver (0, 0 when
 /// none is loaded).
 pub fn counts() -> (u64, u64) {
@@ -172,20 +144,7 @@ impl DriverState for Blocking {
 
 impl Blocking {
     fn teardown(&mut self, irql: &mut PassiveLevel<'_>) {
-        // The filter before the callout: a terminating filter whose callout is gone blocks.
-        if let Some(engine) = self.engine.take()
-            && let Err(status) = engine.close(irql)
-        {
-            kd_print!(Error, "blocking: closing the session failed: {status}\n");
-        }
-        if self.callout_id != 0 {
-            // SAFETY: PASSIVE_LEVEL (the token); our callout's id. Waits for calls under way.
-            let status = unsafe { sys::FwpsCalloutUnregisterById0(self.callout_id) };
-            if status != 0 {
-                kd_print!(Error, "blocking: unregistering failed: {status:#x}\n");
-            }
-            self.callout_id = 0;
-        }
+        unregister(irql, "blocking", &mut self.engine, &mut self.callout_id);
         let state = STATE.swap(core::ptr::null_mut(), Ordering::AcqRel);
         if !state.is_null() {
             // SAFETY: from `Box::into_raw` in `entry`; no classifyFn runs any more.
@@ -223,23 +182,13 @@ fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<Blockin
         callout_id: 0,
         filter: Some(filter),
     };
-    let callout = sys::FWPS_CALLOUT3 {
-        calloutKey: CALLOUT.0,
-        flags: 0,
-        classifyFn: Some(classify),
-        notifyFn: Some(notify),
-        flowDeleteFn: None,
-    };
-    // SAFETY: PASSIVE_LEVEL (the token); the device is this driver's; the structure and the id
-    // are locals valid for the call.
-    let status = unsafe {
-        sys::FwpsCalloutRegister3(
-            driver.raw_device().cast(),
-            &callout,
-            &mut blocking.callout_id,
-        )
-    };
-    if let Err(status) = Status::from_ntstatus(status) {
+    if let Err(status) = register(
+        irql,
+        driver,
+        CALLOUT,
+        Some(classify),
+        &mut blocking.callout_id,
+    ) {
         blocking.teardown(irql);
         return Err(status);
     }

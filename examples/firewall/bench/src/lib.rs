@@ -5,7 +5,8 @@
 //!   counters the benchmarks read.
 //! - [`raw_lookup`]: the baseline of benchmark (a), a C-style callout (`unsafe extern "system"`
 //!   classifyFn registered with `FwpsCalloutRegister3`) that reads the classification's fields
-//!   by raw pointer and does the firewall's cache-hit work with the firewall's own verdict cache.
+//!   by raw pointer and does the firewall's cache-hit work with the firewall's own verdict cache
+//!   ([`firewall_driver::cache`]).
 //! - [`blocking`]: the seed's design for benchmark (c), a C-style callout whose classifyFn sends
 //!   the question to the service and waits for the reply — at `PASSIVE_LEVEL` only, where that
 //!   is allowed, instead of stopping the machine as the seed did at `DISPATCH_LEVEL`.
@@ -16,21 +17,11 @@
 
 #![cfg(any(not(windows), feature = "sim"))]
 
-extern crate alloc;
-
-// The firewall driver's verdict cache, compiled from the driver's own source: the raw baseline
-// must do the same lookup as the driver, and the driver keeps its cache private.
-#[allow(dead_code, reason = "the baseline uses the lookup path only")]
-#[path = "../../driver/src/cache.rs"]
-mod cache;
-#[allow(dead_code, reason = "the baseline uses the lookup path only")]
-#[path = "../../driver/src/clock.rs"]
-mod clock;
-
 pub mod blocking;
 pub mod firewall;
 pub mod hit;
 pub mod load;
+mod raw_callout;
 pub mod raw_lookup;
 mod raw_objects;
 mod service;

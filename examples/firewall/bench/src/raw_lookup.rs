@@ -4,145 +4,31 @@
 //! type checks, and a global for its state.
 //!
 //! It does the work the firewall's outbound callout does on a cache hit, in the same order, with
-//! the firewall's own `VerdictCache` (compiled from the driver's source): the
-//! loopback flag, the connection's fields and the FNV-1a hash of its application id, the
-//! reauthorization flag, the set-associative lookup under the cache's spin lock, the hit
-//! counted twice (the firewall as the benchmarks load it counts in its own counters and in
-//! `Config::stats`), and the verdict in the classify-out. It only skips what the SDK adds: finding the callout
-//! instance from the filter's callout id, and checking each value's type.
+//! the firewall's own [`VerdictCache`] (`firewall_driver::cache`): the loopback flag, the
+//! connection's fields and the FNV-1a hash of its application id, the reauthorization flag, the
+//! set-associative lookup under the cache's spin lock, the hit counted twice (the firewall as
+//! the benchmarks load it counts in its own counters and in `Config::stats`), and the verdict in
+//! the classify-out. It only skips what the SDK adds: finding the callout instance from the
+//! filter's callout id, and checking each value's type.
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use std::time::Duration;
 
+use firewall_driver::cache::{Answer, CacheKey, Lookup, VerdictCache};
 use firewall_protocol::{Direction, Verdict};
 use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::engine::Engine;
 use wfp_rs::irql::{DispatchLevel, PassiveLevel};
-use wfp_rs::{Guid, Status, guid, kd_print, sys};
+use wfp_rs::time::Instant;
+use wfp_rs::{Guid, Status, guid, sys};
 
-use crate::cache::{Answer, CacheKey, Lookup, VerdictCache};
-use crate::clock;
+use crate::raw_callout::{apply, begin, register, unregister};
 
 /// The baseline's callout at `ALE_AUTH_CONNECT_V4`.
 pub const CALLOUT: Guid = guid!("3b0f2a6e-8d61-4c1e-9a57-0c4e2f7b9d13");
 const PROVIDER: Guid = guid!("5d2c8e41-7a93-4f0b-b6e2-19a4c3d5e7f8");
 const SUBLAYER: Guid = guid!("a7e1c9d3-2b48-4f6a-8c05-d3e9f1a2b4c6");
 const FILTER: Guid = guid!("c4f8a2e6-1d37-4b9c-a5e0-7f2d6b8c3e19");
-
-/// `FWPS_FIELD_ALE_AUTH_CONNECT_V4_*` (fwpsk.h), as a C driver spells them.
-pub(crate) mod index {
-    pub const ALE_APP_ID: usize = 0;
-    pub const IP_LOCAL_ADDRESS: usize = 2;
-    pub const IP_LOCAL_PORT: usize = 4;
-    pub const IP_PROTOCOL: usize = 5;
-    pub const IP_REMOTE_ADDRESS: usize = 6;
-    pub const IP_REMOTE_PORT: usize = 7;
-    pub const FLAGS: usize = 12;
-}
-
-/// The value at `index`.
-///
-/// # Safety
-///
-/// `fixed` points to the engine's incoming values of an `ALE_AUTH_CONNECT_V4` classification in
-/// progress, which has more than `index` fields.
-pub(crate) unsafe fn value(
-    fixed: *const sys::FWPS_INCOMING_VALUES0,
-    index: usize,
-) -> sys::FWP_VALUE0_u {
-    // SAFETY: `fixed` is valid (the caller's contract).
-    let values = unsafe { (*fixed).incomingValue };
-    // SAFETY: the array has more than `index` entries (the caller's contract).
-    let slot = unsafe { values.add(index) };
-    // SAFETY: in bounds, initialised by the engine.
-    unsafe { (*slot).value.u }
-}
-
-/// The connection fields a C callout reads, unchecked (the engine's types for this layer:
-/// `FWP_BYTE_BLOB_TYPE`, `FWP_UINT32` addresses in host order, `FWP_UINT16` ports, `FWP_UINT8`
-/// protocol, `FWP_UINT32` flags).
-pub(crate) struct RawFields {
-    pub flags: u32,
-    pub app: *const sys::FWP_BYTE_BLOB,
-    pub protocol: u8,
-    pub local: (IpAddr, u16),
-    pub remote: (IpAddr, u16),
-    pub pid: u64,
-}
-
-impl RawFields {
-    /// Reads them.
-    ///
-    /// # Safety
-    ///
-    /// As [`value`], and `meta` points to the classification's metadata.
-    pub(crate) unsafe fn read(
-        fixed: *const sys::FWPS_INCOMING_VALUES0,
-        meta: *const sys::FWPS_INCOMING_METADATA_VALUES0,
-    ) -> RawFields {
-        // SAFETY: the engine's values for this layer (the caller's contract); each read below
-        // likewise.
-        let flags = unsafe { value(fixed, index::FLAGS) };
-        // SAFETY: as above.
-        let app = unsafe { value(fixed, index::ALE_APP_ID) };
-        // SAFETY: as above.
-        let protocol = unsafe { value(fixed, index::IP_PROTOCOL) };
-        // SAFETY: as above.
-        let local_address = unsafe { value(fixed, index::IP_LOCAL_ADDRESS) };
-        // SAFETY: as above.
-        let local_port = unsafe { value(fixed, index::IP_LOCAL_PORT) };
-        // SAFETY: as above.
-        let remote_address = unsafe { value(fixed, index::IP_REMOTE_ADDRESS) };
-        // SAFETY: as above.
-        let remote_port = unsafe { value(fixed, index::IP_REMOTE_PORT) };
-        // SAFETY: `meta` is valid (the caller's contract).
-        let meta = unsafe { &*meta };
-        let pid = if meta.currentMetadataValues & sys::FWPS_METADATA_FIELD_PROCESS_ID != 0 {
-            meta.processId
-        } else {
-            0
-        };
-        RawFields {
-            // SAFETY: the arm of the field's type at this layer; each union read below likewise.
-            flags: unsafe { flags.uint32 },
-            // SAFETY: as above.
-            app: unsafe { app.byteBlob },
-            // SAFETY: as above.
-            protocol: unsafe { protocol.uint8 },
-            local: (
-                // SAFETY: as above.
-                IpAddr::V4(Ipv4Addr::from(unsafe { local_address.uint32 })),
-                // SAFETY: as above.
-                unsafe { local_port.uint16 },
-            ),
-            remote: (
-                // SAFETY: as above.
-                IpAddr::V4(Ipv4Addr::from(unsafe { remote_address.uint32 })),
-                // SAFETY: as above.
-                unsafe { remote_port.uint16 },
-            ),
-            pid,
-        }
-    }
-
-    /// The application id's bytes.
-    ///
-    /// # Safety
-    ///
-    /// `self.app` is the engine's blob of a classification in progress, valid for `'a`.
-    pub(crate) unsafe fn app_bytes<'a>(&self) -> &'a [u8] {
-        // SAFETY: the caller's contract.
-        let Some(blob) = (unsafe { self.app.as_ref() }) else {
-            return &[];
-        };
-        if blob.data.is_null() {
-            return &[];
-        }
-        // SAFETY: the engine's blob: `size` bytes at `data`.
-        unsafe { core::slice::from_raw_parts(blob.data, blob.size as usize) }
-    }
-}
 
 /// 64-bit FNV-1a, as `wfp_rs::pend::ConnectionKey` hashes the application id.
 pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
@@ -177,22 +63,6 @@ pub fn hits() -> u64 {
         .map_or(0, |state| state.hits.load(Ordering::Relaxed))
 }
 
-/// The verdict into the classify-out: a soft permit (only with the write right), or a hard
-/// block.
-fn apply(out: &mut sys::FWPS_CLASSIFY_OUT0, verdict: Verdict) {
-    match verdict {
-        Verdict::Allow => {
-            if out.rights & sys::FWPS_RIGHT_ACTION_WRITE != 0 {
-                out.actionType = sys::FWP_ACTION_PERMIT;
-            }
-        }
-        Verdict::Deny => {
-            out.actionType = sys::FWP_ACTION_BLOCK;
-            out.rights &= !sys::FWPS_RIGHT_ACTION_WRITE;
-        }
-    }
-}
-
 /// The classifyFn.
 ///
 /// # Safety
@@ -208,15 +78,14 @@ unsafe extern "system" fn classify(
     _flow_context: u64,
     classify_out: *mut sys::FWPS_CLASSIFY_OUT0,
 ) {
-    // SAFETY: set before registration and freed after unregistration, which waits for calls
-    // in progress.
-    let Some(state) = (unsafe { STATE.load(Ordering::Acquire).as_ref() }) else {
+    // SAFETY: STATE is set before registration and freed after unregistration, which waits
+    // for calls in progress; the engine's arguments for this layer, valid for the call, the
+    // classify-out ours for it.
+    let Some((state, out, fields)) =
+        (unsafe { begin(&STATE, in_fixed_values, in_meta_values, classify_out) })
+    else {
         return;
     };
-    // SAFETY: the engine's classify-out, valid and ours for the call.
-    let out = unsafe { &mut *classify_out };
-    // SAFETY: the engine's structures for this layer.
-    let fields = unsafe { RawFields::read(in_fixed_values, in_meta_values) };
     if state.permit_loopback && fields.flags & sys::FWP_CONDITION_FLAG_IS_LOOPBACK != 0 {
         state.loopback.fetch_add(1, Ordering::Relaxed);
         apply(out, Verdict::Allow);
@@ -239,7 +108,7 @@ unsafe extern "system" fn classify(
     let _local = fields.local;
     // SAFETY: classifyFn runs at IRQL <= DISPATCH_LEVEL; the token lives for this call only.
     let mut irql = unsafe { DispatchLevel::assume() };
-    match state.cache.lookup(&mut irql, &key, clock::now()) {
+    match state.cache.lookup(&mut irql, &key, Instant::now()) {
         Lookup::Hit(verdict) => {
             state.hits.fetch_add(1, Ordering::Relaxed);
             state.harness_hits.fetch_add(1, Ordering::Relaxed);
@@ -250,19 +119,6 @@ unsafe extern "system" fn classify(
             apply(out, state.default);
         }
     }
-}
-
-/// The notifyFn (required): accepts every filter.
-///
-/// # Safety
-///
-/// Called by the filter engine.
-unsafe extern "system" fn notify(
-    _notify_type: sys::FWPS_CALLOUT_NOTIFY_TYPE,
-    _filter_key: *const sys::GUID,
-    _filter: *mut sys::FWPS_FILTER3,
-) -> sys::NTSTATUS {
-    0
 }
 
 /// The baseline driver's state: the engine session that holds its filter, and the runtime id.
@@ -279,20 +135,7 @@ impl DriverState for RawLookup {
 
 impl RawLookup {
     fn teardown(&mut self, irql: &mut PassiveLevel<'_>) {
-        // The filter before the callout: a terminating filter whose callout is gone blocks.
-        if let Some(engine) = self.engine.take()
-            && let Err(status) = engine.close(irql)
-        {
-            kd_print!(Error, "raw-lookup: closing the session failed: {status}\n");
-        }
-        if self.callout_id != 0 {
-            // SAFETY: PASSIVE_LEVEL (the token); our callout's id. Waits for calls under way.
-            let status = unsafe { sys::FwpsCalloutUnregisterById0(self.callout_id) };
-            if status != 0 {
-                kd_print!(Error, "raw-lookup: unregistering failed: {status:#x}\n");
-            }
-            self.callout_id = 0;
-        }
+        unregister(irql, "raw-lookup", &mut self.engine, &mut self.callout_id);
         let state = STATE.swap(core::ptr::null_mut(), Ordering::AcqRel);
         if !state.is_null() {
             // SAFETY: from `Box::into_raw` in `entry`; no classifyFn runs any more.
@@ -316,10 +159,10 @@ fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<RawLook
         remote: (c.remote.ip(), c.remote.port()),
         local_port: 0,
     };
-    let now = clock::now();
+    let now = Instant::now();
     let answer = Answer {
         verdict: Verdict::Allow,
-        expires: now.after(Duration::from_secs(3600)),
+        expires: now.saturating_add(Duration::from_secs(3600)),
         request_id: 1,
     };
     let generation = cache.generation();
@@ -338,19 +181,7 @@ fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<RawLook
         engine: None,
         callout_id: 0,
     };
-    let callout = sys::FWPS_CALLOUT3 {
-        calloutKey: CALLOUT.0,
-        flags: 0,
-        classifyFn: Some(classify),
-        notifyFn: Some(notify),
-        flowDeleteFn: None,
-    };
-    // SAFETY: PASSIVE_LEVEL (the token); the device is this driver's; the structure and the id
-    // are locals valid for the call.
-    let status = unsafe {
-        sys::FwpsCalloutRegister3(driver.raw_device().cast(), &callout, &mut raw.callout_id)
-    };
-    if let Err(status) = Status::from_ntstatus(status) {
+    if let Err(status) = register(irql, driver, CALLOUT, Some(classify), &mut raw.callout_id) {
         raw.teardown(irql);
         return Err(status);
     }

@@ -1,5 +1,49 @@
-//! The verdict cache: bounded, expiring, revocable; looked up at `DISPATCH_LEVEL` without
-//! allocating.
+//! The verdict cache: the reusable part of the example, a map from a connection's
+//! [`CacheKey`] to the [`Verdict`] the service gave for it, looked up at any IRQL up to
+//! `DISPATCH_LEVEL` without allocating.
+//!
+//! - **Bounded**: every slot is allocated by [`VerdictCache::new`]; lookups and insertions never
+//!   allocate.
+//! - **Set-associative**: a key's hash picks a set of [`WAYS`] slots, and each operation scans
+//!   that set only, under a spin lock, so its cost does not grow with the capacity. A new entry
+//!   takes its key's own slot, else a free one, else the one that expired first, else the
+//!   oldest.
+//! - **Expiring**: each entry answers until its [`Answer::expires`], on the kernel's
+//!   interrupt-time clock ([`Instant`]); a lookup that finds it expired removes it.
+//! - **Revocable**: [`VerdictCache::revoke`] removes every entry, or those created by the
+//!   replies to given requests, and keeps answers to questions asked before it out of the
+//!   cache ([`VerdictCache::generation`]).
+//!
+//! ```
+//! use core::net::{IpAddr, Ipv4Addr};
+//! use core::time::Duration;
+//! use firewall_driver::cache::{Answer, CacheKey, Insert, Lookup, VerdictCache};
+//! use firewall_protocol::{Direction, Verdict};
+//! use wfp_rs::time::Instant;
+//!
+//! # let machine = wfp_rs::sim::Machine::new();
+//! # machine.at_dispatch(|irql| {
+//! let cache = VerdictCache::new(1024).unwrap();
+//! let key = CacheKey {
+//!     pid: 42,
+//!     app: 0x1234,
+//!     direction: Direction::Outbound,
+//!     protocol: 6,
+//!     remote: (IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 443),
+//!     local_port: 0,
+//! };
+//! // Read before the question is asked, so a revocation in between keeps the answer out.
+//! let generation = cache.generation();
+//! let now = Instant::now();
+//! let answer = Answer {
+//!     verdict: Verdict::Allow,
+//!     expires: now.saturating_add(Duration::from_secs(60)),
+//!     request_id: 17,
+//! };
+//! assert_eq!(cache.insert(irql, key, answer, now, generation), Insert::Added);
+//! assert_eq!(cache.lookup(irql, &key, now), Lookup::Hit(Verdict::Allow));
+//! # });
+//! ```
 
 use alloc::vec::Vec;
 use core::net::IpAddr;
@@ -11,8 +55,7 @@ use firewall_protocol::{Direction, Verdict};
 use wfp_rs::Status;
 use wfp_rs::irql::AtMostDispatch;
 use wfp_rs::spin_lock::SpinLock;
-
-use crate::clock::Ticks;
+use wfp_rs::time::Instant;
 
 /// How many slots one key may occupy: the cache is 8-way set-associative.
 pub const WAYS: usize = 8;
@@ -24,15 +67,19 @@ pub const WAYS: usize = 8;
 /// connected to, which rules name (`local_port = 22`) and which a retransmitted attempt
 /// repeats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct CacheKey {
-    pub(crate) pid: u64,
+pub struct CacheKey {
+    /// The process id (`FWPS_INCOMING_METADATA_VALUES0::processId`).
+    pub pid: u64,
     /// FNV-1a of the image path's bytes (`wfp_rs::pend::ConnectionKey::app`).
-    pub(crate) app: u64,
-    pub(crate) direction: Direction,
-    pub(crate) protocol: u8,
-    pub(crate) remote: (IpAddr, u16),
+    pub app: u64,
+    /// Which way the connection goes.
+    pub direction: Direction,
+    /// The IP protocol number (6 TCP, 17 UDP).
+    pub protocol: u8,
+    /// The remote address and port.
+    pub remote: (IpAddr, u16),
     /// The local port of an inbound connection; 0 for outbound ones.
-    pub(crate) local_port: u16,
+    pub local_port: u16,
 }
 
 impl CacheKey {
@@ -67,8 +114,8 @@ impl CacheKey {
 struct Entry {
     key: CacheKey,
     verdict: Verdict,
-    /// The first tick at which the entry no longer answers.
-    expires: Ticks,
+    /// The first instant at which the entry no longer answers.
+    expires: Instant,
     /// The request whose reply created the entry: what a revoke command names.
     request_id: u64,
     /// Insertion order within the cache, for "oldest first" eviction.
@@ -77,16 +124,21 @@ struct Entry {
 
 /// A verdict to cache, with its expiry and the request it answered.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Answer {
-    pub(crate) verdict: Verdict,
-    pub(crate) expires: Ticks,
-    pub(crate) request_id: u64,
+pub struct Answer {
+    /// The verdict.
+    pub verdict: Verdict,
+    /// The first instant at which it no longer answers.
+    pub expires: Instant,
+    /// The request whose reply gave it: what [`VerdictCache::revoke`] names.
+    pub request_id: u64,
 }
 
 /// What [`VerdictCache::lookup`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Lookup {
+pub enum Lookup {
+    /// A live entry: its verdict.
     Hit(Verdict),
+    /// No entry for the key.
     Miss,
     /// An entry for the key had expired; it is gone now.
     Expired,
@@ -94,7 +146,7 @@ pub(crate) enum Lookup {
 
 /// What [`VerdictCache::insert`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Insert {
+pub enum Insert {
     /// Into a free slot, or over an earlier entry for the same key.
     Added,
     /// Over an expired entry of the set.
@@ -129,7 +181,7 @@ impl Inner {
 
 /// The verdict cache. All of its memory is allocated by [`new`](Self::new); lookups and
 /// insertions take a spin lock and scan one set of [`WAYS`] slots.
-pub(crate) struct VerdictCache {
+pub struct VerdictCache {
     inner: SpinLock<Inner>,
     /// Incremented, under the lock, by every revocation. A question remembers it when it is
     /// asked, and its answer is cached only if no revocation came in between.
@@ -140,7 +192,7 @@ impl VerdictCache {
     /// A cache of `capacity` slots, rounded down to a multiple of [`WAYS`] when it is larger
     /// (smaller caches are one fully associative set). 0 disables caching. Fails only without
     /// pool.
-    pub(crate) fn new(capacity: usize) -> Result<VerdictCache, Status> {
+    pub fn new(capacity: usize) -> Result<VerdictCache, Status> {
         let ways = capacity.clamp(1, WAYS);
         let slots_len = capacity - capacity % ways;
         let mut slots = Vec::new();
@@ -159,18 +211,13 @@ impl VerdictCache {
     }
 
     /// How many slots the cache has.
-    pub(crate) fn capacity<I: AtMostDispatch>(&self, irql: &mut I) -> usize {
+    pub fn capacity<I: AtMostDispatch>(&self, irql: &mut I) -> usize {
         self.inner.lock(irql).slots.len()
     }
 
     /// The verdict cached for `key`, if one is and it has not expired at `now`. An expired
     /// entry is removed.
-    pub(crate) fn lookup<I: AtMostDispatch>(
-        &self,
-        irql: &mut I,
-        key: &CacheKey,
-        now: Ticks,
-    ) -> Lookup {
+    pub fn lookup<I: AtMostDispatch>(&self, irql: &mut I, key: &CacheKey, now: Instant) -> Lookup {
         let mut guard = self.inner.lock(irql);
         let inner = &mut *guard;
         let Some(set) = inner.set_of(key) else {
@@ -192,7 +239,7 @@ impl VerdictCache {
 
     /// The revocation generation now: read it before asking the question whose answer may be
     /// cached.
-    pub(crate) fn generation(&self) -> u64 {
+    pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
     }
 
@@ -200,12 +247,12 @@ impl VerdictCache {
     /// revocation came since `generation` was read. In the key's set it takes the key's own
     /// slot, else a free one, else the one that expired first (if any has at `now`), else the
     /// oldest.
-    pub(crate) fn insert<I: AtMostDispatch>(
+    pub fn insert<I: AtMostDispatch>(
         &self,
         irql: &mut I,
         key: CacheKey,
         answer: Answer,
-        now: Ticks,
+        now: Instant,
         generation: u64,
     ) -> Insert {
         let Answer {
@@ -226,7 +273,7 @@ impl VerdictCache {
         inner.stamp += 1;
         let stamp = inner.stamp;
         let (mut same, mut free, mut expired, mut oldest) =
-            (None, None, None::<(usize, Ticks)>, None::<(usize, u64)>);
+            (None, None, None::<(usize, Instant)>, None::<(usize, u64)>);
         for index in set {
             match &inner.slots[index] {
                 Some(entry) if entry.key == key => {
@@ -269,7 +316,7 @@ impl VerdictCache {
     /// listed requests — and returns how many entries it removed. Every revocation, even one
     /// that removes nothing, keeps answers to questions asked before it out of the cache (see
     /// [`insert`](Self::insert)).
-    pub(crate) fn revoke<I: AtMostDispatch>(&self, irql: &mut I, revoke: &Revoke<'_>) -> u32 {
+    pub fn revoke<I: AtMostDispatch>(&self, irql: &mut I, revoke: &Revoke<'_>) -> u32 {
         // Sorted before the lock is taken, so the scan under it is a binary search per entry.
         let mut ids = [0u64; MAX_REVOKE_IDS];
         let ids = match revoke {
@@ -309,7 +356,6 @@ mod tests {
     extern crate std;
 
     use core::net::Ipv4Addr;
-    use core::time::Duration;
 
     use firewall_protocol::control::{REVOKE_MAX_LEN, Revoke};
     use wfp_rs::irql::DispatchLevel;
@@ -328,8 +374,8 @@ mod tests {
         }
     }
 
-    fn at(ticks: u64) -> Ticks {
-        Ticks::from_ticks(ticks)
+    fn at(ticks: u64) -> Instant {
+        Instant::from_ticks(ticks)
     }
 
     fn answer(verdict: Verdict, expires: u64, request_id: u64) -> Answer {
@@ -464,14 +510,5 @@ mod tests {
                 Insert::Added
             );
         });
-    }
-
-    #[test]
-    fn ticks_saturate_at_the_end_of_time() {
-        assert_eq!(at(5).after(Duration::from_micros(1)), at(15));
-        assert_eq!(
-            at(u64::MAX - 1).after(Duration::from_secs(86_400)),
-            at(u64::MAX)
-        );
     }
 }

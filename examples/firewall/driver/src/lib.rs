@@ -122,6 +122,9 @@
 //! the port connected to, which rules name (`local_port = 22`) and a retransmission repeats. The
 //! image path is hashed in (64-bit FNV-1a) so a reused process id does not inherit a verdict.
 //!
+//! The cache is the public module [`cache`] ([`cache::VerdictCache`]), for
+//! other drivers (and the benchmarks' C-style baseline) to use as it is.
+//!
 //! - **Bounded**: [`Config::cache_capacity`] entries (rounded down to a multiple of [`WAYS`]),
 //!   allocated once by [`start`], 72 bytes each (72 KiB for the default 1024). Lookups and
 //!   insertions never allocate.
@@ -235,8 +238,7 @@
 
 extern crate alloc;
 
-mod cache;
-mod clock;
+pub mod cache;
 mod stats;
 
 use alloc::sync::Arc;
@@ -267,6 +269,7 @@ use wfp_rs::layer::{
 use wfp_rs::pend::{ConnectionKey, PendError, PendableByCompletionHandle, VerdictTable};
 use wfp_rs::pool::{PoolBox, PoolTag};
 use wfp_rs::port::{Filter, SendError, ServerPort};
+use wfp_rs::time::Instant;
 use wfp_rs::work_item::WorkQueue;
 use wfp_rs::{Guid, Status, guid, kd_print};
 
@@ -666,9 +669,49 @@ impl Shared {
         }
     }
 
+    /// The start of both callouts' classification. A loopback connection (when
+    /// [`Config::permit_loopback`]) is permitted, and one whose fields cannot be read gets the
+    /// default: either way it is decided, and `None` returned. Otherwise what the
+    /// classification is about, and its cache key.
+    fn observe<L>(
+        &self,
+        c: &mut Classify<'_, L>,
+        direction: Direction,
+    ) -> Option<(Observed, CacheKey)>
+    where
+        L: Layer,
+        L::Address: Into<IpAddr>,
+        fields::AleAppId: Field<L>,
+        fields::Flags: Field<L>,
+        fields::IpProtocol: Field<L>,
+        fields::IpLocalAddress: Field<L>,
+        fields::IpLocalPort: Field<L>,
+        fields::IpRemoteAddress: Field<L>,
+        fields::IpRemotePort: Field<L>,
+    {
+        if self.config.permit_loopback && is_loopback(c) {
+            self.count(Counter::Loopback);
+            apply(&mut c.out, Verdict::Allow);
+            return None;
+        }
+        let Some(observed) = Observed::of(c, direction) else {
+            let default = self.config.default;
+            self.count(Counter::Defaults);
+            // "firewall: outbound: …" or "firewall: inbound: …", as each callout logged it.
+            kd_print!(
+                Warning,
+                "firewall: {direction}: {default} (default: the connection's fields cannot be read)\n"
+            );
+            apply(&mut c.out, default);
+            return None;
+        };
+        let cache_key = observed.cache_key();
+        Some((observed, cache_key))
+    }
+
     /// The cache's verdict for `key` now, counting a hit or an expiry.
     fn cached<I: AtMostDispatch>(&self, irql: &mut I, key: &CacheKey) -> Option<Verdict> {
-        match self.cache.lookup(irql, key, clock::now()) {
+        match self.cache.lookup(irql, key, Instant::now()) {
             Lookup::Hit(verdict) => {
                 self.count(Counter::CacheHits);
                 Some(verdict)
@@ -718,8 +761,8 @@ impl Shared {
         let Some(lifetime) = reply.cache else {
             return Ok((reply, None));
         };
-        let now = clock::now();
-        let expires = now.after(Duration::from_secs(u64::from(lifetime.as_secs())));
+        let now = Instant::now();
+        let expires = now.saturating_add(Duration::from_secs(u64::from(lifetime.as_secs())));
         let answer = Answer {
             verdict: reply.verdict,
             expires,
@@ -916,21 +959,9 @@ where
     fn classify(&self, irql: &mut DispatchLevel<'_>, c: &mut Classify<'_, L>) {
         let shared = &self.shared;
         let default = shared.config.default;
-        if shared.config.permit_loopback && is_loopback(c) {
-            shared.count(Counter::Loopback);
-            apply(&mut c.out, Verdict::Allow);
-            return;
-        }
-        let Some(observed) = Observed::of(c, Direction::Outbound) else {
-            shared.count(Counter::Defaults);
-            kd_print!(
-                Warning,
-                "firewall: outbound: {default} (default: the connection's fields cannot be read)\n"
-            );
-            apply(&mut c.out, default);
+        let Some((observed, cache_key)) = shared.observe(c, Direction::Outbound) else {
             return;
         };
-        let cache_key = observed.cache_key();
         if c.is_reauthorization() {
             // The work item recorded the verdict before it completed the pend.
             let verdict = match shared.verdicts.take(irql, &observed.key) {
@@ -1080,21 +1111,9 @@ where
     fn classify(&self, irql: &mut DispatchLevel<'_>, c: &mut Classify<'_, L>) {
         let shared = &self.shared;
         let default = shared.config.default;
-        if shared.config.permit_loopback && is_loopback(c) {
-            shared.count(Counter::Loopback);
-            apply(&mut c.out, Verdict::Allow);
-            return;
-        }
-        let Some(observed) = Observed::of(c, Direction::Inbound) else {
-            shared.count(Counter::Defaults);
-            kd_print!(
-                Warning,
-                "firewall: inbound: {default} (default: the connection's fields cannot be read)\n"
-            );
-            apply(&mut c.out, default);
+        let Some((observed, cache_key)) = shared.observe(c, Direction::Inbound) else {
             return;
         };
-        let cache_key = observed.cache_key();
         if let Some(verdict) = shared.cached(irql, &cache_key) {
             apply(&mut c.out, verdict);
             return;

@@ -1714,6 +1714,51 @@ fn loopback_is_permitted_without_asking_unless_configured_otherwise() {
     unload_clean(&machine, driver);
 }
 
+/// A classification whose fields cannot be read (here: no `ALE_APP_ID`) gets the default at
+/// once, outbound and inbound, with the reason logged; nothing is pended or asked.
+#[test]
+fn a_connection_whose_fields_cannot_be_read_gets_the_default_at_once() {
+    use wfp_rs::layer::fields;
+    use wfp_rs::layer::value::ConditionFlags;
+    let machine = Machine::new();
+    let driver = load(&machine, firewall_driver::DriverEntry);
+    let outbound = ClassifyRequest::<AleAuthConnectV4>::new()
+        .process(100, APPS[0])
+        .with::<fields::IpProtocol>(IpProtocol::Tcp)
+        .with::<fields::IpLocalAddress>(Ipv4Addr::new(10, 0, 0, 2))
+        .with::<fields::IpLocalPort>(50_000u16)
+        .with::<fields::IpRemoteAddress>(Ipv4Addr::new(192, 0, 2, 1))
+        .with::<fields::IpRemotePort>(443u16)
+        .with::<fields::Flags>(ConditionFlags::empty())
+        .pendable();
+    let decision = machine.classify(wfp_rs::irql::Irql::DISPATCH, &outbound);
+    assert_eq!((decision.action, decision.pending), (Action::Block, None));
+    let inbound = ClassifyRequest::<AleAuthRecvAcceptV4>::new()
+        .process(100, APPS[0])
+        .with::<fields::IpProtocol>(IpProtocol::Tcp)
+        .with::<fields::IpLocalAddress>(Ipv4Addr::new(10, 0, 0, 2))
+        .with::<fields::IpLocalPort>(22u16)
+        .with::<fields::IpRemoteAddress>(Ipv4Addr::new(192, 0, 2, 1))
+        .with::<fields::IpRemotePort>(50_000u16)
+        .with::<fields::Flags>(ConditionFlags::empty())
+        .pendable();
+    let decision = machine.classify(wfp_rs::irql::Irql::DISPATCH, &inbound);
+    assert_eq!((decision.action, decision.pending), (Action::Block, None));
+    let logged: Vec<String> = machine
+        .debug_output()
+        .into_iter()
+        .filter(|line| line.contains("cannot be read"))
+        .collect();
+    assert_eq!(
+        logged,
+        [
+            "firewall: outbound: deny (default: the connection's fields cannot be read)\n",
+            "firewall: inbound: deny (default: the connection's fields cannot be read)\n",
+        ]
+    );
+    unload_clean(&machine, driver);
+}
+
 /// TCP and UDP are filtered; ICMP is not (see the crate documentation): with no service, an
 /// ICMP echo is not seen by the driver and passes.
 #[test]
