@@ -452,6 +452,94 @@ bugcheck_test! {
     }
 }
 
+/// A callout that keeps the completion handle of the first classification it sees and pends the
+/// next one with it: a driver that stored the raw handle instead of pending at once.
+struct KeepsHandle(std::sync::Mutex<Option<usize>>);
+
+impl Callout<layer::AleAuthConnectV4> for KeepsHandle {
+    fn classify(
+        &self,
+        _irql: &mut DispatchLevel<'_>,
+        c: &mut Classify<'_, layer::AleAuthConnectV4>,
+    ) {
+        let live = c.metadata.completion_handle().expect("pendable") as usize;
+        let kept = *self.0.lock().unwrap().get_or_insert(live);
+        if kept != live {
+            let mut context = core::ptr::null_mut();
+            // SAFETY: deliberately the handle of a classification that returned: the rule under
+            // test. The context is writable.
+            let _ = unsafe { sys::FwpsPendOperation0(kept as sys::HANDLE, &mut context) };
+        }
+        let _ = c.out.permit();
+    }
+}
+
+/// Two classifications; the second pends with the first one's (retired) completion handle.
+fn pend_with_a_kept_completion_handle() {
+    let machine = Machine::new();
+    let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+    let _installed = install(&machine, &driver, CALLOUT, FILTER, |_| {
+        KeepsHandle(std::sync::Mutex::new(None))
+    });
+    let request = wfp_rs::sim::ClassifyRequest::<layer::AleAuthConnectV4>::new().pendable();
+    let first = machine.classify(wfp_rs::irql::Irql::DISPATCH, &request);
+    assert!(first.pending.is_none());
+    machine.classify(wfp_rs::irql::Irql::DISPATCH, &request);
+}
+
+/// A null completion handle: a driver that did not check `FWPS_METADATA_FIELD_COMPLETION_HANDLE`.
+fn pend_with_a_completion_handle_never_handed_out() {
+    let machine = Machine::new();
+    machine.at_dispatch(|_| {
+        let mut context = core::ptr::null_mut();
+        // SAFETY: deliberately no completion handle: the rule under test.
+        let _ = unsafe { sys::FwpsPendOperation0(core::ptr::null_mut(), &mut context) };
+    });
+}
+
+bugcheck_test! {
+    fn pending_with_a_kept_completion_handle_stops() expects WFP_INVALID_OPERATION (0x8000_0004) {
+        pend_with_a_kept_completion_handle();
+    }
+}
+
+bugcheck_test! {
+    fn pending_with_a_completion_handle_never_handed_out_stops() expects WFP_INVALID_OPERATION (0x8000_0004) {
+        pend_with_a_completion_handle_never_handed_out();
+    }
+}
+
+/// Runs `scenario` in a child process; it must stop for a stale completion handle, parameter 3
+/// saying whether the engine retired the value (1) or never handed it out (0).
+fn expect_stale_completion_handle(test: &str, retired: usize, scenario: fn()) {
+    let outcome = wfp_rs::sim::run_isolated(test, scenario);
+    let report = outcome.expect_bugcheck(wfp_rs::bugcheck::BugCheckCode::WFP_INVALID_OPERATION);
+    assert_eq!(
+        report.params[0], 0x8000_0004,
+        "parameter 1\n{}",
+        outcome.stderr
+    );
+    assert_eq!(report.params[2], retired, "parameter 3\n{}", outcome.stderr);
+}
+
+#[test]
+fn a_kept_completion_handle_is_reported_as_retired() {
+    expect_stale_completion_handle(
+        "a_kept_completion_handle_is_reported_as_retired",
+        1,
+        pend_with_a_kept_completion_handle,
+    );
+}
+
+#[test]
+fn a_null_completion_handle_is_reported_as_never_handed_out() {
+    expect_stale_completion_handle(
+        "a_null_completion_handle_is_reported_as_never_handed_out",
+        0,
+        pend_with_a_completion_handle_never_handed_out,
+    );
+}
+
 #[test]
 fn a_completed_raw_pend_unloads_clean() {
     let machine = Machine::new();

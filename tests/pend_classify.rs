@@ -297,6 +297,96 @@ fn raw_pend(
     (handle, installed)
 }
 
+/// A callout that keeps the classify context of the first classification it sees and acquires a
+/// classify handle with it in the next one: a driver that stored the raw pointer to pend later.
+struct KeepsContext(Mutex<Option<usize>>);
+
+impl Callout<layer::AleConnectRedirectV4> for KeepsContext {
+    fn classify(
+        &self,
+        _irql: &mut DispatchLevel<'_>,
+        c: &mut Classify<'_, layer::AleConnectRedirectV4>,
+    ) {
+        let live = c.raw_classify_context() as usize;
+        let kept = *self.0.lock().unwrap().get_or_insert(live);
+        if kept != live {
+            let mut handle = 0u64;
+            // SAFETY: deliberately the context of a classification that returned: the rule
+            // under test. The handle is writable.
+            let _ = unsafe {
+                sys::FwpsAcquireClassifyHandle0(kept as *mut core::ffi::c_void, 0, &mut handle)
+            };
+        }
+        let _ = c.out.permit();
+    }
+}
+
+/// Two classifications; the second acquires with the first one's (retired) classify context.
+fn acquire_with_a_kept_classify_context() {
+    let machine = Machine::new();
+    let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+    let _installed = install(&machine, &driver, CALLOUT, FILTER, |_| {
+        KeepsContext(Mutex::new(None))
+    });
+    let request = wfp_rs::sim::ClassifyRequest::<layer::AleConnectRedirectV4>::new();
+    let first = machine.classify(wfp_rs::irql::Irql::DISPATCH, &request);
+    assert!(first.pending.is_none());
+    machine.classify(wfp_rs::irql::Irql::DISPATCH, &request);
+}
+
+/// A null classify context, as a classification outside the engine would have.
+fn acquire_with_a_classify_context_never_handed_out() {
+    let machine = Machine::new();
+    machine.at_dispatch(|_| {
+        let mut handle = 0u64;
+        // SAFETY: deliberately no classify context: the rule under test.
+        let _ = unsafe { sys::FwpsAcquireClassifyHandle0(core::ptr::null_mut(), 0, &mut handle) };
+    });
+}
+
+bugcheck_test! {
+    fn acquiring_with_a_kept_classify_context_stops() expects WFP_INVALID_OPERATION (0x8000_0005) {
+        acquire_with_a_kept_classify_context();
+    }
+}
+
+bugcheck_test! {
+    fn acquiring_with_a_classify_context_never_handed_out_stops() expects WFP_INVALID_OPERATION (0x8000_0005) {
+        acquire_with_a_classify_context_never_handed_out();
+    }
+}
+
+/// Runs `scenario` in a child process; it must stop for a stale classify context, parameter 3
+/// saying whether the engine retired the value (1) or never handed it out (0).
+fn expect_stale_classify_context(test: &str, retired: usize, scenario: fn()) {
+    let outcome = wfp_rs::sim::run_isolated(test, scenario);
+    let report = outcome.expect_bugcheck(wfp_rs::bugcheck::BugCheckCode::WFP_INVALID_OPERATION);
+    assert_eq!(
+        report.params[0], 0x8000_0005,
+        "parameter 1\n{}",
+        outcome.stderr
+    );
+    assert_eq!(report.params[2], retired, "parameter 3\n{}", outcome.stderr);
+}
+
+#[test]
+fn a_kept_classify_context_is_reported_as_retired() {
+    expect_stale_classify_context(
+        "a_kept_classify_context_is_reported_as_retired",
+        1,
+        acquire_with_a_kept_classify_context,
+    );
+}
+
+#[test]
+fn a_null_classify_context_is_reported_as_never_handed_out() {
+    expect_stale_classify_context(
+        "a_null_classify_context_is_reported_as_never_handed_out",
+        0,
+        acquire_with_a_classify_context_never_handed_out,
+    );
+}
+
 bugcheck_test! {
     fn completing_a_classify_handle_twice_stops() expects WFP_INVALID_OPERATION (0x8000_0001) {
         let machine = Machine::new();

@@ -8,7 +8,10 @@
 //! - the `actionType` a callout sees on entry: the decision so far, or `FWP_ACTION_CONTINUE`;
 //! - no matching filter in any sublayer: permit;
 //! - the universal (default) sublayer's weight: 0x8000;
-//! - automatic filter weights: the number of conditions (more specific first), then insertion.
+//! - automatic filter weights: the number of conditions (more specific first), then insertion;
+//! - a completion handle or classify context that is not live (kept after its classification
+//!   returned, or never handed out) stops the machine with `WFP_INVALID_OPERATION`, parameter 1
+//!   = 0x80000004 / 0x80000005 (see [`FwpsPendOperation0`]).
 
 #[allow(unused_imports)]
 use std::{
@@ -18,7 +21,7 @@ use std::{
     vec::Vec,
 };
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -167,6 +170,33 @@ pub(crate) struct Bfe {
     live_classifications: HashMap<usize, LiveClassification>,
     /// Classify handles acquired and not yet released.
     classify_handles: HashMap<usize, ClassifyHandle>,
+    /// Completion handles of classifications that returned, the most recent ones.
+    retired_completion_handles: Retired,
+    /// Classify contexts of classifications that returned, the most recent ones.
+    retired_classify_contexts: Retired,
+}
+
+/// The last [`Retired::CAPACITY`] values of one kind the engine handed out and invalidated.
+/// Only the stop's report reads it (was the value handed out once, or never?): any value that
+/// is not live stops the machine, so forgetting old ones changes the report, never the verdict.
+#[derive(Default)]
+struct Retired(VecDeque<usize>);
+
+impl Retired {
+    /// Bounded so a long simulation (millions of classifications) does not grow it without end.
+    const CAPACITY: usize = 1024;
+
+    fn retire(&mut self, value: usize) {
+        if self.0.len() == Self::CAPACITY {
+            self.0.pop_front();
+        }
+        self.0.push_back(value);
+    }
+
+    /// 1 if `value` is among the recently retired, 0 otherwise: parameter 3 of the stop.
+    fn parameter(&self, value: usize) -> usize {
+        usize::from(self.0.contains(&value))
+    }
 }
 
 /// A classification in progress, as `FwpsAcquireClassifyHandle0`/`FwpsPendClassify0` see it.
@@ -2027,13 +2057,20 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
         // INFERRED: no filter decided, so the traffic is permitted.
         current.action = FWP_ACTION_PERMIT;
     }
-    // The completion handle is valid only during the classification.
+    // The completion handle and the classify context are valid only during the classification:
+    // retired now, so a callout that kept one and uses it later stops the machine.
     if let Some(handle) = completion_handle {
-        current.pended =
-            with_bfe(|bfe| bfe.completion_handles.remove(&handle)).and_then(|h| h.pended);
+        current.pended = with_bfe(|bfe| {
+            bfe.retired_completion_handles.retire(handle);
+            bfe.completion_handles.remove(&handle)
+        })
+        .and_then(|h| h.pended);
     }
-    let by_classify_handle =
-        with_bfe(|bfe| bfe.live_classifications.remove(&classification)).and_then(|c| c.pended);
+    let by_classify_handle = with_bfe(|bfe| {
+        bfe.retired_classify_contexts.retire(classification);
+        bfe.live_classifications.remove(&classification)
+    })
+    .and_then(|c| c.pended);
     current.pended = current.pended.or(by_classify_handle);
     current
 }
@@ -2272,8 +2309,31 @@ impl Drop for Direct {
 /// stop code for it; the simulator stops with WFP's own, parameter 1 marking this rule.
 pub(crate) const INVALID_COMPLETION: usize = 0x8000_0001;
 
+/// Why a routine given a completion handle or classify context does not succeed.
+enum Refusal {
+    /// A status for the caller.
+    Status(NTSTATUS),
+    /// The value is not live: a stop, with this parameter 3 (1 = recently retired).
+    Stale(usize),
+}
+
+/// `FwpsPendOperation0` with a completion handle that is not live: parameter 1 of the
+/// simulator's WFP_INVALID_OPERATION stop. See [`FwpsPendOperation0`] for why this code.
+pub(crate) const STALE_COMPLETION_HANDLE: usize = 0x8000_0004;
+
 /// `FwpsPendOperation0`: pends the classification whose completion handle this is. Only during
 /// the classification, and not during a reauthorization (`STATUS_FWP_CANNOT_PEND`).
+///
+/// A completion handle that is not live — its classification returned (the callout kept the
+/// value), or the engine never handed it out (null, another kind of handle, garbage) — stops
+/// the machine. INFERRED: Microsoft documents no check and no stop for it; the handle points
+/// into the engine's state for the classification, which is gone once the classification
+/// returns, so Windows would read freed memory (an access violation, or a corruption found
+/// later). The simulator stops with WFP's own code, as it does for the other dead WFP handles
+/// (a completed context, a released classify handle), parameter 1 = 0x80000004 naming this rule,
+/// parameter 2 the handle, parameter 3 = 1 if it is one of the last 1024 the engine retired
+/// (a use after the classification returned) and 0 otherwise (never handed out, or retired
+/// long ago). `KMODE_EXCEPTION_NOT_HANDLED` stays the filter manager's stop for its pointers.
 ///
 /// # Safety
 ///
@@ -2287,16 +2347,18 @@ pub unsafe extern "system" fn FwpsPendOperation0(
         return Status::FWP_NULL_POINTER.raw();
     }
     let driver = THREAD.with(|t| t.driver.get());
+    let value = completionHandle as usize;
     let result = with_bfe(|bfe| {
-        bfe.next_pend += 1;
-        let context = 0xC0A2_0000 + bfe.next_pend;
-        let Some(handle) = bfe.completion_handles.get_mut(&(completionHandle as usize)) else {
-            // Not a classification in progress (or one that already returned).
-            return Err(Status::INVALID_PARAMETER.raw());
+        let Some(handle) = bfe.completion_handles.get_mut(&value) else {
+            return Err(Refusal::Stale(
+                bfe.retired_completion_handles.parameter(value),
+            ));
         };
         if handle.reauthorization || handle.pended.is_some() {
-            return Err(Status::FWP_CANNOT_PEND.raw());
+            return Err(Refusal::Status(Status::FWP_CANNOT_PEND.raw()));
         }
+        bfe.next_pend += 1;
+        let context = 0xC0A2_0000 + bfe.next_pend;
         handle.pended = Some(context);
         bfe.pends.insert(
             context,
@@ -2314,7 +2376,16 @@ pub unsafe extern "system" fn FwpsPendOperation0(
             unsafe { completionContext.write(context as HANDLE) };
             STATUS_SUCCESS
         }
-        Err(status) => status,
+        Err(Refusal::Status(status)) => status,
+        Err(Refusal::Stale(retired)) => stop(
+            BugCheckCode::WFP_INVALID_OPERATION,
+            [STALE_COMPLETION_HANDLE, value, retired, 0],
+            if retired == 1 {
+                "FwpsPendOperation0 with the completion handle of a classification that already returned (kept after classifyFn?)"
+            } else {
+                "FwpsPendOperation0 with a completion handle the engine never handed out (or retired long ago)"
+            },
+        ),
     }
 }
 
@@ -2371,9 +2442,18 @@ pub(crate) fn wait_for_completion(context: usize) -> Option<FWP_ACTION_TYPE> {
 pub(crate) const INVALID_CLASSIFY_HANDLE: usize = 0x8000_0002;
 /// `FwpsReleaseClassifyHandle0` on a handle whose pended classification is not completed.
 pub(crate) const RELEASED_WHILE_PENDED: usize = 0x8000_0003;
+/// `FwpsAcquireClassifyHandle0` with a classify context that is not live.
+pub(crate) const STALE_CLASSIFY_CONTEXT: usize = 0x8000_0005;
 
 /// `FwpsAcquireClassifyHandle0`: a handle for the classification `classifyContext` names,
-/// which must be in progress (INFERRED: `STATUS_INVALID_PARAMETER` otherwise).
+/// which must be in progress.
+///
+/// A classify context that is not live — its classification returned (the callout kept the
+/// pointer), or the engine never handed it out (null, garbage) — stops the machine, for the
+/// reason [`FwpsPendOperation0`] gives for a completion handle (INFERRED likewise: the context
+/// points into the engine's state for the classification, freed when it returns):
+/// WFP_INVALID_OPERATION, parameter 1 = 0x80000005, parameter 2 the context, parameter 3 = 1
+/// if it is one of the last 1024 contexts the engine retired, 0 otherwise.
 ///
 /// # Safety
 ///
@@ -2392,7 +2472,7 @@ pub unsafe extern "system" fn FwpsAcquireClassifyHandle0(
     let result = with_bfe(|bfe| {
         let classification = classifyContext as usize;
         if !bfe.live_classifications.contains_key(&classification) {
-            return Err(Status::INVALID_PARAMETER.raw());
+            return Err(bfe.retired_classify_contexts.parameter(classification));
         }
         bfe.next_pend += 1;
         let handle = 0xC1A1_0000 + bfe.next_pend;
@@ -2411,7 +2491,15 @@ pub unsafe extern "system" fn FwpsAcquireClassifyHandle0(
             unsafe { classifyHandle.write(handle as u64) };
             STATUS_SUCCESS
         }
-        Err(status) => status,
+        Err(retired) => stop(
+            BugCheckCode::WFP_INVALID_OPERATION,
+            [STALE_CLASSIFY_CONTEXT, classifyContext as usize, retired, 0],
+            if retired == 1 {
+                "FwpsAcquireClassifyHandle0 with the classify context of a classification that already returned (kept after classifyFn?)"
+            } else {
+                "FwpsAcquireClassifyHandle0 with a classify context the engine never handed out (or retired long ago)"
+            },
+        ),
     }
 }
 
@@ -2646,4 +2734,22 @@ pub(crate) fn end_flow(flow: u64) -> usize {
         delete_flow_context(layer, callout, context);
     }
     removed.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_retired_set_forgets_the_oldest_beyond_its_capacity() {
+        let mut retired = Retired::default();
+        for value in 0..=Retired::CAPACITY {
+            retired.retire(0x1000 + value);
+        }
+        assert_eq!(retired.0.len(), Retired::CAPACITY);
+        assert_eq!(retired.parameter(0x1000), 0, "the oldest is forgotten");
+        assert_eq!(retired.parameter(0x1001), 1);
+        assert_eq!(retired.parameter(0x1000 + Retired::CAPACITY), 1);
+        assert_eq!(retired.parameter(0x42), 0, "never retired");
+    }
 }
