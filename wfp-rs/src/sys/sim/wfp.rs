@@ -1846,6 +1846,14 @@ impl ValueStorage {
     }
 }
 
+/// An opaque value the simulated engine hands out (a classify context, a completion handle, a
+/// classify handle): its kind in the top 16 bits and a serial below them, so values of different
+/// kinds never collide, however many the machine issues.
+fn opaque_value(kind: u16, serial: usize) -> usize {
+    const SERIAL_BITS: u32 = 48;
+    (usize::from(kind) << SERIAL_BITS) | (serial & ((1 << SERIAL_BITS) - 1))
+}
+
 /// Classifies `incoming` at its layer on this thread, at the thread's current IRQL, calling the
 /// matching callouts through their registered `classifyFn` and arbitrating as WFP does.
 pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
@@ -1854,7 +1862,7 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
     // valid until the classification returns.
     let classification = with_bfe(|bfe| {
         bfe.next_pend += 1;
-        let context = 0xC1A0_0000 + bfe.next_pend;
+        let context = opaque_value(0xC1A0, bfe.next_pend);
         bfe.live_classifications.insert(
             context,
             LiveClassification {
@@ -1912,7 +1920,7 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
     let completion_handle = incoming.pendable.then(|| {
         with_bfe(|bfe| {
             bfe.next_pend += 1;
-            let handle = 0xC0A1_0000 + bfe.next_pend;
+            let handle = opaque_value(0xC0A1, bfe.next_pend);
             bfe.completion_handles.insert(
                 handle,
                 CompletionHandle {
@@ -2358,7 +2366,7 @@ pub unsafe extern "system" fn FwpsPendOperation0(
             return Err(Refusal::Status(Status::FWP_CANNOT_PEND.raw()));
         }
         bfe.next_pend += 1;
-        let context = 0xC0A2_0000 + bfe.next_pend;
+        let context = opaque_value(0xC0A2, bfe.next_pend);
         handle.pended = Some(context);
         bfe.pends.insert(
             context,
@@ -2475,7 +2483,7 @@ pub unsafe extern "system" fn FwpsAcquireClassifyHandle0(
             return Err(bfe.retired_classify_contexts.parameter(classification));
         }
         bfe.next_pend += 1;
-        let handle = 0xC1A1_0000 + bfe.next_pend;
+        let handle = opaque_value(0xC1A1, bfe.next_pend);
         bfe.classify_handles.insert(
             handle,
             ClassifyHandle {
@@ -2739,6 +2747,15 @@ pub(crate) fn end_flow(flow: u64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn opaque_values_of_different_kinds_never_collide() {
+        // The same serial under two kinds, and serials beyond the 16 bits the kinds once
+        // shared with them.
+        assert_ne!(opaque_value(0xC0A1, 7), opaque_value(0xC1A0, 7));
+        assert_ne!(opaque_value(0xC0A1, 0x1_0000 + 7), opaque_value(0xC0A2, 7));
+        assert_eq!(opaque_value(0xC0A1, 7) >> 48, 0xC0A1);
+    }
 
     #[test]
     fn the_retired_set_forgets_the_oldest_beyond_its_capacity() {
