@@ -57,12 +57,11 @@ unsafe extern "system" fn classify(
     _flow_context: u64,
     classify_out: *mut sys::FWPS_CLASSIFY_OUT0,
 ) {
-    // SAFETY: STATE is set before registration and freed after unregistration, which waits
-    // for calls in progress; the engine's arguments for this layer, valid for the call, the
-    // classify-out ours for it.
-    let Some((state, out, fields)) =
-        (unsafe { begin(&STATE, in_fixed_values, in_meta_values, classify_out) })
-    else {
+    // STATE is set before registration and freed after unregistration, which waits for calls
+    // in progress; the arguments are the engine's for this layer, valid for the call.
+    // SAFETY: as above; the classify-out is ours for the call.
+    let begun = unsafe { begin(&STATE, in_fixed_values, in_meta_values, classify_out) };
+    let Some((state, out, fields)) = begun else {
         return;
     };
     // SAFETY: the engine's blob, valid for the call.
@@ -111,8 +110,8 @@ unsafe extern "system" fn classify(
 /// Questions asked and defaults given by the blocking callout of the loaded driver (0, 0 when
 /// none is loaded).
 pub fn counts() -> (u64, u64) {
-    // SAFETY: the pointer is null or a live `State`, freed only at unload (the harness calls
-    // this between loads, or while loaded).
+    // The harness calls this between loads, or while loaded.
+    // SAFETY: the pointer is null or a live `State`, freed only at unload.
     unsafe { STATE.load(Ordering::Acquire).as_ref() }.map_or((0, 0), |state| {
         (
             state.asked.load(Ordering::Relaxed),

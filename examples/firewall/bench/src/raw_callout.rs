@@ -63,8 +63,8 @@ impl RawFields {
         fixed: *const sys::FWPS_INCOMING_VALUES0,
         meta: *const sys::FWPS_INCOMING_METADATA_VALUES0,
     ) -> RawFields {
-        // SAFETY: the engine's values for this layer (the caller's contract); each read below
-        // likewise.
+        // Each read below is of the engine's values for this layer (the caller's contract).
+        // SAFETY: as above.
         let flags = unsafe { value(fixed, index::FLAGS) };
         // SAFETY: as above.
         let app = unsafe { value(fixed, index::ALE_APP_ID) };
@@ -145,8 +145,8 @@ pub(crate) unsafe fn begin<'a, S>(
 ) -> Option<(&'a S, &'a mut sys::FWPS_CLASSIFY_OUT0, RawFields)> {
     // SAFETY: null or live for `'a` (the caller's contract).
     let state = unsafe { state.load(Ordering::Acquire).as_ref() }?;
-    // SAFETY: the engine's classify-out, valid and the caller's alone for `'a` (the caller's
-    // contract).
+    // The engine's classify-out is valid and the caller's alone for `'a` (its contract).
+    // SAFETY: as above.
     let out = unsafe { &mut *classify_out };
     // SAFETY: the engine's structures for this layer (the caller's contract).
     let fields = unsafe { RawFields::read(fixed, meta) };
@@ -198,10 +198,10 @@ pub(crate) fn register(
         notifyFn: Some(notify),
         flowDeleteFn: None,
     };
-    // SAFETY: PASSIVE_LEVEL (the token); the device is this driver's; the structure and the id
-    // are valid for the call.
-    let status =
-        unsafe { sys::FwpsCalloutRegister3(driver.raw_device().cast(), &callout, callout_id) };
+    let device = driver.raw_device().cast();
+    // PASSIVE_LEVEL (the token); the device is this driver's.
+    // SAFETY: as above; the structure and the id are valid for the call.
+    let status = unsafe { sys::FwpsCalloutRegister3(device, &callout, callout_id) };
     Status::from_ntstatus(status)
 }
 

@@ -57,8 +57,8 @@ static STATE: AtomicPtr<State> = AtomicPtr::new(core::ptr::null_mut());
 
 /// Cache hits counted by the baseline callout since the process started.
 pub fn hits() -> u64 {
-    // SAFETY: the pointer is either null or a live `State` (freed only after unregistration,
-    // and `hits` is called by the harness between loads).
+    // `hits` is called by the harness between loads.
+    // SAFETY: the pointer is null or a live `State`, freed only after unregistration.
     unsafe { STATE.load(Ordering::Acquire).as_ref() }
         .map_or(0, |state| state.hits.load(Ordering::Relaxed))
 }
@@ -78,12 +78,11 @@ unsafe extern "system" fn classify(
     _flow_context: u64,
     classify_out: *mut sys::FWPS_CLASSIFY_OUT0,
 ) {
-    // SAFETY: STATE is set before registration and freed after unregistration, which waits
-    // for calls in progress; the engine's arguments for this layer, valid for the call, the
-    // classify-out ours for it.
-    let Some((state, out, fields)) =
-        (unsafe { begin(&STATE, in_fixed_values, in_meta_values, classify_out) })
-    else {
+    // STATE is set before registration and freed after unregistration, which waits for calls
+    // in progress; the arguments are the engine's for this layer, valid for the call.
+    // SAFETY: as above; the classify-out is ours for the call.
+    let begun = unsafe { begin(&STATE, in_fixed_values, in_meta_values, classify_out) };
+    let Some((state, out, fields)) = begun else {
         return;
     };
     if state.permit_loopback && fields.flags & sys::FWP_CONDITION_FLAG_IS_LOOPBACK != 0 {
