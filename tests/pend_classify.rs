@@ -356,6 +356,50 @@ bugcheck_test! {
     }
 }
 
+/// A callout that acquires a classify handle and keeps it past its classification, to pend
+/// later: a driver that saved the handle instead of pending from within classifyFn.
+struct PendsLater;
+
+/// The handle `PendsLater` kept.
+static KEPT_HANDLE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+impl Callout<layer::AleConnectRedirectV4> for PendsLater {
+    fn classify(
+        &self,
+        _irql: &mut DispatchLevel<'_>,
+        c: &mut Classify<'_, layer::AleConnectRedirectV4>,
+    ) {
+        let mut handle = 0u64;
+        let context = c.raw_classify_context().cast_mut();
+        // SAFETY: the live classification's context; the handle is writable.
+        let status = unsafe { sys::FwpsAcquireClassifyHandle0(context, 0, &mut handle) };
+        assert_eq!(status, 0);
+        KEPT_HANDLE.store(handle, std::sync::atomic::Ordering::SeqCst);
+        let _ = c.out.permit();
+    }
+}
+
+bugcheck_test! {
+    /// Pending needs the classification's classify-out, which is gone once classifyFn returns;
+    /// the handle alone does not make a later pend valid.
+    fn pending_with_a_kept_handle_after_the_classification_returned_stops() expects WFP_INVALID_OPERATION (0x8000_0006) {
+        let machine = Machine::new();
+        let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+        let _installed = install(&machine, &driver, CALLOUT, FILTER, |_| PendsLater);
+        let request = wfp_rs::sim::ClassifyRequest::<layer::AleConnectRedirectV4>::new().pendable();
+        machine.classify(wfp_rs::irql::Irql::DISPATCH, &request);
+        let handle = KEPT_HANDLE.load(std::sync::atomic::Ordering::SeqCst);
+        assert_ne!(handle, 0, "the callout acquired a handle");
+        machine.at_dispatch(|_| {
+            // SAFETY: zeroed is a valid classify-out (integers only).
+            let mut out: sys::FWPS_CLASSIFY_OUT0 = unsafe { core::mem::zeroed() };
+            // SAFETY: deliberately pending after the classification returned: the rule under
+            // test; `out` is writable.
+            let _ = unsafe { sys::FwpsPendClassify0(handle, 0, 0, &mut out) };
+        });
+    }
+}
+
 /// Runs `scenario` in a child process; it must stop for a stale classify context, parameter 3
 /// saying whether the engine retired the value (1) or never handed it out (0).
 fn expect_stale_classify_context(test: &str, retired: usize, scenario: fn()) {

@@ -2538,17 +2538,16 @@ pub unsafe extern "system" fn FwpsPendClassify0(
             "FwpsPendClassify0 with a classify handle that is not acquired (released already?)",
         );
     }
-    status(with_bfe(|bfe| {
+    let pended = with_bfe(|bfe| {
         let Some(acquired) = bfe.classify_handles.get(&handle) else {
-            return Err(Status::INVALID_PARAMETER.raw());
+            return Ok(Err(Status::INVALID_PARAMETER.raw()));
         };
         let driver = acquired.driver;
         let Some(live) = bfe.live_classifications.get_mut(&acquired.classification) else {
-            // The classification already returned.
-            return Err(Status::INVALID_PARAMETER.raw());
+            return Err(());
         };
         if !live.pendable || live.pended.is_some() {
-            return Err(Status::FWP_CANNOT_PEND.raw());
+            return Ok(Err(Status::FWP_CANNOT_PEND.raw()));
         }
         live.pended = Some(handle);
         bfe.pends.insert(
@@ -2559,9 +2558,24 @@ pub unsafe extern "system" fn FwpsPendClassify0(
                 decision: None,
             },
         );
-        Ok(())
-    }))
+        Ok(Ok(()))
+    });
+    match pended {
+        Ok(result) => status(result),
+        // INFERRED: the handle outlives its classification, but `classifyOut` and the
+        // classification's state do not: pending after classifyFn returned writes through a
+        // dead classify-out on Windows.
+        Err(()) => stop(
+            BugCheckCode::WFP_INVALID_OPERATION,
+            [PEND_AFTER_CLASSIFICATION, handle, 0, 0],
+            "FwpsPendClassify0 after the classification returned: pend from within classifyFn, with its classify-out",
+        ),
+    }
 }
+
+/// Parameter 1 of the stop for `FwpsPendClassify0` with an acquired classify handle whose
+/// classification has already returned (simulator-specific, like the other `0x8000_000x`).
+pub(crate) const PEND_AFTER_CLASSIFICATION: usize = 0x8000_0006;
 
 /// `FwpsCompleteClassify0`: ends a pend by classify handle. With `classifyOut`, its action is
 /// the callout's final decision; without, the stack reauthorizes. Completing a handle that is
