@@ -590,6 +590,15 @@ const REQUEST_TAG: PoolTag = PoolTag::new(b"FwRq");
 /// The pool tag of the verdict table.
 const VERDICTS_TAG: PoolTag = PoolTag::new(b"FwVt");
 
+/// Adds one to `counter` unless it has reached `limit`; whether it did.
+fn increment_below(counter: &AtomicUsize, limit: usize) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < limit).then_some(n + 1)
+        })
+        .is_ok()
+}
+
 /// Whether the classification's `FLAGS` field marks loopback.
 fn is_loopback<L: Layer>(c: &Classify<'_, L>) -> bool
 where
@@ -839,26 +848,14 @@ impl Shared {
     /// burst, not each refused connection.
     fn reserve(&self) -> bool {
         let limit = self.config.max_pending;
-        let mut current = self.outstanding.load(Ordering::SeqCst);
-        loop {
-            if current >= limit {
-                if self.overload_burst.fetch_add(1, Ordering::Relaxed) == 0 {
-                    kd_print!(
-                        Warning,
-                        "firewall: {limit} connections pended or awaiting reauthorization; new connections the cache does not answer get the default until one is reauthorized\n"
-                    );
-                }
-                return false;
+        if !increment_below(&self.outstanding, limit) {
+            if self.overload_burst.fetch_add(1, Ordering::Relaxed) == 0 {
+                kd_print!(
+                    Warning,
+                    "firewall: {limit} connections pended or awaiting reauthorization; new connections the cache does not answer get the default until one is reauthorized\n"
+                );
             }
-            match self.outstanding.compare_exchange(
-                current,
-                current + 1,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            ) {
-                Ok(_) => break,
-                Err(now) => current = now,
-            }
+            return false;
         }
         // A load first, so the common case (no overload) writes nothing shared.
         if self.overload_burst.load(Ordering::Relaxed) != 0 {
@@ -1078,22 +1075,8 @@ impl Inbound {
     /// not unloading.
     fn reserve_background(&self) -> bool {
         let shared = &self.shared;
-        let limit = shared.config.background_asks;
-        let mut current = shared.background.load(Ordering::SeqCst);
-        loop {
-            if current >= limit || shared.unloading.load(Ordering::SeqCst) {
-                return false;
-            }
-            match shared.background.compare_exchange(
-                current,
-                current + 1,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            ) {
-                Ok(_) => return true,
-                Err(now) => current = now,
-            }
-        }
+        !shared.unloading.load(Ordering::SeqCst)
+            && increment_below(&shared.background, shared.config.background_asks)
     }
 }
 
