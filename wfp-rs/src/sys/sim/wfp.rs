@@ -1740,46 +1740,13 @@ impl ValueStorage {
             other => other,
         };
         let (tag, raw) = self.raw(u);
-        // The arms `raw` produces exist in both unions with the same types; copy the active one.
-        // In every arm below, `tag` names the arm `raw` wrote, so reading it is sound.
-        let u = match tag {
-            FWP_EMPTY => FWP_CONDITION_VALUE0_u {
-                uint64: core::ptr::null_mut(),
-            },
-            FWP_UINT8 => FWP_CONDITION_VALUE0_u {
-                // SAFETY: see above.
-                uint8: unsafe { raw.uint8 },
-            },
-            FWP_UINT16 => FWP_CONDITION_VALUE0_u {
-                // SAFETY: see above.
-                uint16: unsafe { raw.uint16 },
-            },
-            FWP_UINT32 => FWP_CONDITION_VALUE0_u {
-                // SAFETY: see above.
-                uint32: unsafe { raw.uint32 },
-            },
-            FWP_UINT64 => FWP_CONDITION_VALUE0_u {
-                // SAFETY: see above.
-                uint64: unsafe { raw.uint64 },
-            },
-            FWP_BYTE_ARRAY16_TYPE => FWP_CONDITION_VALUE0_u {
-                // SAFETY: see above.
-                byteArray16: unsafe { raw.byteArray16 },
-            },
-            FWP_SID => FWP_CONDITION_VALUE0_u {
-                // SAFETY: see above.
-                sid: unsafe { raw.sid },
-            },
-            FWP_UNICODE_STRING_TYPE => FWP_CONDITION_VALUE0_u {
-                // SAFETY: see above.
-                unicodeString: unsafe { raw.unicodeString },
-            },
-            // Blobs, security descriptors and token access information: all blob pointers.
-            _ => FWP_CONDITION_VALUE0_u {
-                // SAFETY: see above.
-                byteBlob: unsafe { raw.byteBlob },
-            },
-        };
+        const _: () = assert!(size_of::<FWP_VALUE0_u>() == size_of::<FWP_CONDITION_VALUE0_u>());
+        // Every arm of `FWP_VALUE0_u` is an arm of `FWP_CONDITION_VALUE0_u` with the same type
+        // at offset 0, and the two unions have one size, so the active arm's bits carry over
+        // unchanged and `tag` still names it.
+        // SAFETY: as above; a union may hold any bytes, uninitialised ones outside its active
+        // arm included.
+        let u = unsafe { core::mem::transmute::<FWP_VALUE0_u, FWP_CONDITION_VALUE0_u>(raw) };
         (tag, u)
     }
 
