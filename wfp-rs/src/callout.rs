@@ -563,10 +563,11 @@ impl<C> Registered<C> {
         if self.wrong_layer_reported.swap(true, Ordering::Relaxed) {
             return;
         }
-        let arrived = crate::layer::layer_by_id(layer_id).map_or("an unknown layer", |l| l.name);
+        // One line under `DbgPrintEx`'s 256-byte chunks, also with the longest layer names.
+        let arrived = crate::layer::layer_by_id(layer_id).map_or("unknown", |l| l.name);
         crate::kd_print!(
             Error,
-            "wfp-rs: callout {} is registered for layer {registered}, but its {callback} was called at layer {arrived} (id {layer_id}); {instead}. Give each layer its own CalloutKey (and GUID). Reported once per callout.\n",
+            "wfp-rs: callout {} (layer {registered}): {callback} at layer {arrived}; {instead}. One CalloutKey and GUID per layer; reported once\n",
             self.key
         );
     }
@@ -580,9 +581,9 @@ fn classify_at_wrong_layer(out: &mut sys::FWPS_CLASSIFY_OUT0) -> &'static str {
     if out.rights & sys::FWPS_RIGHT_ACTION_WRITE != 0 {
         out.actionType = sys::FWP_ACTION_BLOCK;
         out.rights &= !sys::FWPS_RIGHT_ACTION_WRITE;
-        "blocked without calling classify"
+        "blocked, classify not called"
     } else {
-        "classify was not called (no write right: the decision was left as it was)"
+        "left as is (no write right), not classified"
     }
 }
 
@@ -703,7 +704,7 @@ unsafe extern "system" fn flow_delete_trampoline<
                 "flowDeleteFn",
                 L::NAME,
                 layer_id,
-                "the context was not associated by this callout's Classify and is left alone",
+                "its context is left alone",
             );
         }
         return;

@@ -347,11 +347,11 @@ impl Engine {
         if let Some(registered) = crate::callout::registered_layer(id)
             && registered != L::ID
         {
-            let name = |id| crate::layer::layer_by_id(id).map_or("an unknown layer", |l| l.name);
+            let name = |id| crate::layer::layer_by_id(id).map_or("unknown", |l| l.name);
             kd_print!(
                 Error,
-                "wfp-rs: callout {} is registered for layer {}, so its entry cannot be added at \
-                 layer {}; give each layer its own CalloutKey (and GUID)\n",
+                "wfp-rs: callout {} is registered at layer {}, not added at {}; one CalloutKey \
+                 and GUID per layer\n",
                 callout.key,
                 name(registered),
                 L::NAME
