@@ -38,12 +38,18 @@
 //! different layers: a key of another layer is a compile error that names both layers
 //! (`expected CalloutKey<AleAuthConnectV4>, found CalloutKey<OutboundTransportV4>`).
 //!
-//! The compiler cannot see two key constants that share a GUID. If a classification still
-//! arrives at a layer other than `L` (`inFixedValues->layerId != L::ID`, also in release
-//! builds), the SDK does not call [`Callout::classify`], whose fields would be read at the
-//! wrong indices. It blocks instead when the classify-out has the write right (and clears the
+//! The compiler cannot see two key constants that share a GUID, nor a persistent callout entry
+//! an earlier version of the driver left at another layer. If a classification still arrives at
+//! a layer other than `L` (`inFixedValues->layerId != L::ID`, checked in release builds too),
+//! the SDK does not call [`Callout::classify`], whose fields would be read at the wrong
+//! indices. It blocks instead when the classify-out has the write right (and clears the
 //! write right: a hard block), leaves the classify-out untouched without it, and prints one
-//! error line per registration to the kernel debugger.
+//! error line per registration to the kernel debugger. A `flowDeleteFn` at another layer hands
+//! back a context this SDK did not associate, so it is left alone (and reported the same way).
+//! `notifyFn` cannot be checked (`FWPS_FILTER3` carries no layer), and needs no check:
+//! [`FilterEvent`] exposes nothing read by `L`'s field indices. When the callout is registered
+//! before its entry is added, [`Engine::add_callout`](crate::engine::Engine::add_callout)
+//! already refuses an entry at another layer.
 
 use core::fmt;
 use core::hash::{Hash, Hasher};
