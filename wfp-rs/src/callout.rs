@@ -564,7 +564,10 @@ struct Registered<C> {
 
 impl<C> Registered<C> {
     /// Prints, once per registration, that a callback for layer `registered` arrived for
-    /// `layer_id`, and what the SDK did instead of calling the callout.
+    /// `layer_id`, and what the SDK did instead of calling the callout. Cold and never inlined:
+    /// its formatting buffer stays off the classify path's stack frame.
+    #[cold]
+    #[inline(never)]
     fn report_wrong_layer(&self, callback: &str, registered: &str, layer_id: u16, instead: &str) {
         if self.wrong_layer_reported.swap(true, Ordering::Relaxed) {
             return;
@@ -580,16 +583,29 @@ impl<C> Registered<C> {
 }
 
 /// What the classify trampoline does with a classification at a layer other than the
-/// callout's: the callout is not called. With the write right, the action becomes a hard block
-/// (`FWP_ACTION_BLOCK`, write right cleared); without it, the classify-out is left untouched (a
-/// hard decision above stands).
-fn classify_at_wrong_layer(out: &mut sys::FWPS_CLASSIFY_OUT0) -> &'static str {
-    if out.rights & sys::FWPS_RIGHT_ACTION_WRITE != 0 {
+/// callout's (`registered`): the callout is not called. With the write right, the action becomes
+/// a hard block (`FWP_ACTION_BLOCK`, write right cleared); without it, the classify-out is left
+/// untouched (a hard decision above stands). Reported once per registration.
+#[cold]
+#[inline(never)]
+fn classify_at_wrong_layer<C>(
+    registered: &str,
+    layer_id: u16,
+    callout_id: u32,
+    out: &mut sys::FWPS_CLASSIFY_OUT0,
+) {
+    let outcome = if out.rights & sys::FWPS_RIGHT_ACTION_WRITE != 0 {
         out.actionType = sys::FWP_ACTION_BLOCK;
         out.rights &= !sys::FWPS_RIGHT_ACTION_WRITE;
         "blocked, classify not called"
     } else {
         "left as is (no write right), not classified"
+    };
+    if let Some(instance) = registry::lookup(callout_id) {
+        // SAFETY: as in `classify_trampoline`, whose caller this is: the registry holds a live
+        // `PoolBox<Registered<C>>` for this id while the engine calls the callout.
+        let registered_callout = unsafe { instance.cast::<Registered<C>>().as_ref() };
+        registered_callout.report_wrong_layer("classifyFn", registered, layer_id, outcome);
     }
 }
 
@@ -618,22 +634,16 @@ unsafe extern "system" fn classify_trampoline<
     let callout_id = filter.action.calloutId;
     // Checked in every build, before anything reads a field: the values' indices are those of
     // `fixed.layerId`, and `Classify<L>` would read them as `L`'s.
-    let wrong_layer = fixed.layerId != L::ID;
-    let outcome = if wrong_layer {
-        classify_at_wrong_layer(out)
-    } else {
-        ""
-    };
+    if fixed.layerId != L::ID {
+        classify_at_wrong_layer::<C>(L::NAME, fixed.layerId, callout_id, out);
+        return;
+    }
     let Some(instance) = registry::lookup(callout_id) else {
         return;
     };
     // SAFETY: the registry holds a live `PoolBox<Registered<C>>` for this id until the callout
     // is unregistered, and unregistration waits for calls in progress.
     let registered = unsafe { instance.cast::<Registered<C>>().as_ref() };
-    if wrong_layer {
-        registered.report_wrong_layer("classifyFn", L::NAME, fixed.layerId, outcome);
-        return;
-    }
     // SAFETY: classifyFn runs at IRQL <= DISPATCH_LEVEL; the token lives for this call.
     let mut irql = unsafe { DispatchLevel::new_unchecked() };
     let mut classify = Classify {
