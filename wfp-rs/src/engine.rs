@@ -341,9 +341,10 @@ impl Engine {
         // writable.
         let status = unsafe { sys::FwpmCalloutAdd0(self.handle, &raw, ptr::null_mut(), &mut id) };
         Status::from_ntstatus(status)?;
-        // The runtime id is the key's, the same `FwpsCalloutRegister3` returned: if this driver
-        // registered the key's GUID for another layer (two `CalloutKey`s sharing a GUID, which
-        // the compiler cannot see), every classification would be at the wrong layer.
+        // The runtime id is the one `FwpsCalloutRegister3` returned for the key (as
+        // `FwpmCalloutAdd0`'s reference page documents): if this driver registered the key's
+        // GUID for another layer (two `CalloutKey`s sharing a GUID, which the compiler cannot
+        // see), every classification would be at the wrong layer.
         if let Some(registered) = crate::callout::registered_layer(id)
             && registered != L::ID
         {
