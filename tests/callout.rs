@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use wfp_rs::bugcheck_test;
-use wfp_rs::callout::{Callout, CalloutRegistration, Classify, FilterEvent};
+use wfp_rs::callout::{Callout, CalloutKey, CalloutRegistration, Classify, FilterEvent};
 use wfp_rs::classify::{Action, RightsError};
 use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::irql::{DispatchLevel, Irql, PassiveLevel};
@@ -323,7 +323,8 @@ fn register<L: Layer>(
 ) -> CalloutRegistration<L, Scripted> {
     driver
         .run_in_driver(machine, |irql, d| {
-            CalloutRegistration::<L, Scripted>::register(irql, d, key, callout).expect("registers")
+            CalloutRegistration::<L, Scripted>::register(irql, d, CalloutKey::new(key), callout)
+                .expect("registers")
         })
         .expect("an SDK driver")
 }
@@ -1083,7 +1084,7 @@ fn every_layer_delivers_the_connections_typed_values() {
                 let key = Guid::from_fields(0x4000_0000 + $n, 0, 0, [0; 8]);
                 let registration = driver
                     .run_in_driver(&machine, |irql, d| {
-                        CalloutRegistration::<layer::$layer, _>::register(irql, d, key, Endpoints { seen: Mutex::new(Vec::new()) }).unwrap()
+                        CalloutRegistration::<layer::$layer, _>::register(irql, d, CalloutKey::new(key), Endpoints { seen: Mutex::new(Vec::new()) }).unwrap()
                     })
                     .unwrap();
                 machine.at_passive(|_| {
@@ -1263,26 +1264,24 @@ fn a_callout_receives_its_filters_conditions() {
     let driver = machine.load_driver("host", host::DriverEntry).unwrap();
     let (registration, engine) = driver
         .run_in_driver(&machine, |irql, d| {
+            let key = CalloutKey::<layer::AleAuthConnectV4>::new(CALLOUT_A);
             let registration = CalloutRegistration::register(
                 irql,
                 d,
-                CALLOUT_A,
+                key,
                 ConditionReader(Mutex::new(Vec::new())),
             )
             .unwrap();
             let engine = Engine::open(irql, SessionOptions::new().dynamic()).unwrap();
             engine
-                .add_callout(
-                    irql,
-                    &CalloutEntry::<layer::AleAuthConnectV4>::new(CALLOUT_A).name("reader"),
-                )
+                .add_callout(irql, &CalloutEntry::new(key).name("reader"))
                 .unwrap();
             engine
                 .add_filter(
                     irql,
                     &Filter::<layer::AleAuthConnectV4>::new(HIGH)
                         .name("reader")
-                        .action(FilterAction::CalloutTerminating(CALLOUT_A))
+                        .action(FilterAction::CalloutTerminating(key))
                         .condition::<fields::IpProtocol>(Match::Equal(IpProtocol::Tcp))
                         .condition::<fields::IpRemoteAddress>(Match::AddressMask(
                             Ipv4Addr::new(192, 0, 2, 0),
@@ -1351,14 +1350,16 @@ fn a_direct_classify_reaches_the_callout_as_the_engine_does() {
         // No filter calls the callout yet: nothing to prepare.
         assert!(
             machine
-                .direct_classify(CALLOUT_A, &connect_v4(443))
+                .direct_classify(CalloutKey::new(CALLOUT_A), &connect_v4(443))
                 .is_err()
         );
         let mut spec = FilterSpec::callout(CALLOUT_A);
         spec.context = 0xC0FFEE;
         session.filter::<layer::AleAuthConnectV4>(spec).unwrap();
         let request = connect_v4(443);
-        let mut direct = machine.direct_classify(CALLOUT_A, &request).unwrap();
+        let mut direct = machine
+            .direct_classify(CalloutKey::new(CALLOUT_A), &request)
+            .unwrap();
         // The prepared classification owns copies of what it hands the callout.
         drop(request);
         for _ in 0..3 {

@@ -6,6 +6,7 @@
 
 use core::net::{Ipv4Addr, Ipv6Addr};
 
+use wfp_rs::callout::CalloutKey;
 use wfp_rs::classify::Action;
 use wfp_rs::engine::{CalloutEntry, Engine, Provider, SessionOptions, Sublayer};
 use wfp_rs::filter::{AppPath, Filter, FilterAction, FilterId, Match, Weight};
@@ -17,7 +18,10 @@ use wfp_rs::{Guid, Status, guid};
 
 const PROVIDER: Guid = guid!("3c1f7a52-9e0b-4d6a-b8e4-5f2a1c0d9e01");
 const SUBLAYER: Guid = guid!("3c1f7a52-9e0b-4d6a-b8e4-5f2a1c0d9e02");
-const CALLOUT: Guid = guid!("3c1f7a52-9e0b-4d6a-b8e4-5f2a1c0d9e03");
+const CALLOUT: CalloutKey<AleAuthConnectV4> =
+    CalloutKey::new(guid!("3c1f7a52-9e0b-4d6a-b8e4-5f2a1c0d9e03"));
+const CALLOUT_V6: CalloutKey<AleAuthConnectV6> =
+    CalloutKey::new(guid!("3c1f7a52-9e0b-4d6a-b8e4-5f2a1c0d9e06"));
 const FILTER_A: Guid = guid!("3c1f7a52-9e0b-4d6a-b8e4-5f2a1c0d9e04");
 const FILTER_B: Guid = guid!("3c1f7a52-9e0b-4d6a-b8e4-5f2a1c0d9e05");
 const UNKNOWN: Guid = guid!("3c1f7a52-9e0b-4d6a-b8e4-5f2a1c0d9eff");
@@ -208,10 +212,7 @@ fn callout_filter_needs_the_callout_added() {
         );
 
         let callout_id = engine
-            .add_callout(
-                irql,
-                &CalloutEntry::<AleAuthConnectV4>::new(CALLOUT).name("verdicts"),
-            )
+            .add_callout(irql, &CalloutEntry::new(CALLOUT).name("verdicts"))
             .expect("adds the callout");
         assert_ne!(callout_id, 0, "the engine assigns a runtime id");
         let id = engine
@@ -246,7 +247,7 @@ fn dynamic_session_close_deletes_its_objects() {
             )?;
             engine.add_callout(
                 irql,
-                &CalloutEntry::<AleAuthConnectV4>::new(CALLOUT)
+                &CalloutEntry::new(CALLOUT)
                     .name("callout")
                     .provider(PROVIDER),
             )?;
@@ -320,7 +321,7 @@ fn deleting_everything_in_reverse_order() {
         .expect("adds the sublayer");
         txn.add_callout(
             irql,
-            &CalloutEntry::<AleAuthConnectV6>::new(CALLOUT)
+            &CalloutEntry::new(CALLOUT_V6)
                 .name("Example callout")
                 .description("test callout")
                 .provider(PROVIDER),
@@ -335,7 +336,7 @@ fn deleting_everything_in_reverse_order() {
                     .provider(PROVIDER)
                     .sublayer(SUBLAYER)
                     .weight(Weight::Exact(1 << 40))
-                    .action(FilterAction::CalloutUnknown(CALLOUT))
+                    .action(FilterAction::CalloutUnknown(CALLOUT_V6))
                     .raw_context(0xC0FFEE)
                     .condition::<fields::AleAppId>(Match::Equal(AppPath::new(
                         r"\device\harddiskvolume3\windows\system32\curl.exe",
@@ -355,7 +356,7 @@ fn deleting_everything_in_reverse_order() {
 
         engine.delete_filter(irql, id).expect("deletes the filter");
         engine
-            .delete_callout(irql, CALLOUT)
+            .delete_callout(irql, CALLOUT_V6)
             .expect("deletes the callout");
         engine
             .delete_sublayer(irql, SUBLAYER)
@@ -609,11 +610,8 @@ fn no_pool_is_left_after_the_engines_are_dropped() {
         let txn = engine.transaction(irql).expect("begins");
         txn.add_sublayer(irql, &Sublayer::new(SUBLAYER).name("s"))
             .expect("adds");
-        txn.add_callout(
-            irql,
-            &CalloutEntry::<AleAuthConnectV4>::new(CALLOUT).name("c"),
-        )
-        .expect("adds");
+        txn.add_callout(irql, &CalloutEntry::new(CALLOUT).name("c"))
+            .expect("adds");
         txn.add_filter(
             irql,
             &block(FILTER_A)

@@ -6,7 +6,7 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use wfp_rs::callout::{Callout, CalloutRegistration, Classify};
+use wfp_rs::callout::{Callout, CalloutKey, CalloutRegistration, Classify};
 use wfp_rs::classify::Action;
 use wfp_rs::driver::Driver;
 use wfp_rs::engine::{CalloutEntry, Engine, SessionOptions};
@@ -94,21 +94,19 @@ fn setup(
 ) {
     driver
         .run_in_driver(machine, |irql, d| {
+            let key = CalloutKey::<layer::OutboundTransportV4>::new(CALLOUT);
             let registration =
-                CalloutRegistration::register(irql, d, CALLOUT, Counter::default()).unwrap();
+                CalloutRegistration::register(irql, d, key, Counter::default()).unwrap();
             let engine = Engine::open(irql, SessionOptions::new().dynamic()).unwrap();
             engine
-                .add_callout(
-                    irql,
-                    &CalloutEntry::<layer::OutboundTransportV4>::new(CALLOUT).name("count"),
-                )
+                .add_callout(irql, &CalloutEntry::new(key).name("count"))
                 .unwrap();
             engine
                 .add_filter(
                     irql,
                     &Filter::<layer::OutboundTransportV4>::new(FILTER)
                         .name("count")
-                        .action(FilterAction::CalloutInspection(CALLOUT)),
+                        .action(FilterAction::CalloutInspection(key)),
                 )
                 .unwrap();
             (registration, engine)
@@ -204,7 +202,7 @@ fn without_a_flow_handle_the_value_is_handed_back() {
     }
     let machine = Machine::new();
     let driver = machine.load_driver("host", host::DriverEntry).unwrap();
-    let installed = install(&machine, &driver, CALLOUT, FILTER, |_| {
+    let installed = install(&machine, &driver, CalloutKey::new(CALLOUT), FILTER, |_| {
         AtConnect(Mutex::new(None))
     });
     assert_eq!(

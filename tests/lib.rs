@@ -9,7 +9,7 @@ pub mod install {
     //! dynamic session holding its callout entry and one terminating filter that names it.
 
     use wfp_rs::Guid;
-    use wfp_rs::callout::{Callout, CalloutRegistration};
+    use wfp_rs::callout::{Callout, CalloutKey, CalloutRegistration};
     use wfp_rs::driver::Driver;
     use wfp_rs::engine::{CalloutEntry, Engine, SessionOptions};
     use wfp_rs::filter::{Filter, FilterAction};
@@ -26,11 +26,11 @@ pub mod install {
 
     /// Registers the callout `make` builds (inside the driver, so it can take the driver's work
     /// queue) under `callout_key`, and adds its callout entry and a terminating filter
-    /// `filter_key` at layer `L`. Panics (failing the test) if any step fails.
+    /// `filter_key` at the key's layer `L`. Panics (failing the test) if any step fails.
     pub fn install<L, C, F>(
         machine: &Machine,
         driver: &LoadedDriver,
-        callout_key: Guid,
+        callout_key: CalloutKey<L>,
         filter_key: Guid,
         make: impl FnOnce(&mut Driver<'_>) -> C,
     ) -> Installed<L, C, F>
@@ -47,7 +47,7 @@ pub mod install {
                         .unwrap_or_else(|e| panic!("registers: {}", e.status));
                 let engine = Engine::open(irql, SessionOptions::new().dynamic()).expect("opens");
                 engine
-                    .add_callout(irql, &CalloutEntry::<L>::new(callout_key).name("test"))
+                    .add_callout(irql, &CalloutEntry::new(callout_key).name("test"))
                     .expect("adds the callout entry");
                 engine
                     .add_filter(

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use wfp_rs::callout::{Callout, Classify};
+use wfp_rs::callout::{Callout, CalloutKey, Classify};
 use wfp_rs::classify::Action;
 use wfp_rs::driver::Driver;
 use wfp_rs::irql::{DispatchLevel, PassiveLevel};
@@ -135,10 +135,12 @@ fn setup(mode: Mode) -> Setup {
         refused: std::sync::Mutex::new(Vec::new()),
         reasons: std::sync::Mutex::new(Vec::new()),
     });
-    let installed = install(&machine, &driver, CALLOUT, FILTER, |d| Asker {
-        mode,
-        queue: d.work_queue(),
-        shared: Arc::clone(&shared),
+    let installed = install(&machine, &driver, CalloutKey::new(CALLOUT), FILTER, |d| {
+        Asker {
+            mode,
+            queue: d.work_queue(),
+            shared: Arc::clone(&shared),
+        }
     });
     Setup {
         machine,
@@ -336,7 +338,7 @@ fn a_classification_without_a_completion_handle_cannot_pend() {
     }
     let machine = Machine::new();
     let driver = machine.load_driver("host", host::DriverEntry).unwrap();
-    let installed = install(&machine, &driver, CALLOUT, FILTER, |_| {
+    let installed = install(&machine, &driver, CalloutKey::new(CALLOUT), FILTER, |_| {
         TryPend(std::sync::Mutex::new(None))
     });
     let request = wfp_rs::sim::ClassifyRequest::<layer::AleAuthConnectV4>::new();
@@ -370,7 +372,9 @@ fn an_inbound_pend_at_recv_accept_is_not_reauthorized() {
     }
     let machine = Machine::new();
     let driver = machine.load_driver("host", host::DriverEntry).unwrap();
-    let installed = install(&machine, &driver, CALLOUT, FILTER, |_| PendAndComplete);
+    let installed = install(&machine, &driver, CalloutKey::new(CALLOUT), FILTER, |_| {
+        PendAndComplete
+    });
     let mut inbound = connection(50000, 22);
     inbound.direction = Direction::Inbound;
     let outcome = machine.connect(&inbound, AleIrql::Dispatch);
@@ -418,7 +422,7 @@ fn raw_pend(
     machine: &Machine,
     driver: &LoadedDriver,
 ) -> (usize, Installed<layer::AleAuthConnectV4, RawPender>) {
-    let installed = install(machine, driver, CALLOUT, FILTER, |_| {
+    let installed = install(machine, driver, CalloutKey::new(CALLOUT), FILTER, |_| {
         RawPender(std::sync::Mutex::new(None))
     });
     let request = wfp_rs::sim::ClassifyRequest::<layer::AleAuthConnectV4>::new().pendable();
@@ -478,7 +482,7 @@ impl Callout<layer::AleAuthConnectV4> for KeepsHandle {
 fn pend_with_a_kept_completion_handle() {
     let machine = Machine::new();
     let driver = machine.load_driver("host", host::DriverEntry).unwrap();
-    let _installed = install(&machine, &driver, CALLOUT, FILTER, |_| {
+    let _installed = install(&machine, &driver, CalloutKey::new(CALLOUT), FILTER, |_| {
         KeepsHandle(std::sync::Mutex::new(None))
     });
     let request = wfp_rs::sim::ClassifyRequest::<layer::AleAuthConnectV4>::new().pendable();

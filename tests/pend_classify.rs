@@ -7,7 +7,7 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use wfp_rs::callout::{Callout, Classify};
+use wfp_rs::callout::{Callout, CalloutKey, Classify};
 use wfp_rs::classify::Action;
 use wfp_rs::driver::Driver;
 use wfp_rs::irql::{DispatchLevel, PassiveLevel};
@@ -110,11 +110,13 @@ fn setup<L: wfp_rs::pend::PendableByClassifyHandle>(finish: Finish) -> Setup<L> 
     let driver = machine
         .load_driver("redirector", host::DriverEntry)
         .unwrap();
-    let installed = install(&machine, &driver, CALLOUT, FILTER, |d| Redirector {
-        finish,
-        queue: d.work_queue(),
-        calls: AtomicU32::new(0),
-        refused: Mutex::new(Vec::new()),
+    let installed = install(&machine, &driver, CalloutKey::new(CALLOUT), FILTER, |d| {
+        Redirector {
+            finish,
+            queue: d.work_queue(),
+            calls: AtomicU32::new(0),
+            refused: Mutex::new(Vec::new()),
+        }
     });
     Setup {
         machine,
@@ -287,7 +289,7 @@ fn raw_pend(
     machine: &Machine,
     driver: &LoadedDriver,
 ) -> (u64, Installed<layer::AleConnectRedirectV4, RawPender>) {
-    let installed = install(machine, driver, CALLOUT, FILTER, |_| {
+    let installed = install(machine, driver, CalloutKey::new(CALLOUT), FILTER, |_| {
         RawPender(Mutex::new(None))
     });
     let request = wfp_rs::sim::ClassifyRequest::<layer::AleConnectRedirectV4>::new();
@@ -325,7 +327,7 @@ impl Callout<layer::AleConnectRedirectV4> for KeepsContext {
 fn acquire_with_a_kept_classify_context() {
     let machine = Machine::new();
     let driver = machine.load_driver("host", host::DriverEntry).unwrap();
-    let _installed = install(&machine, &driver, CALLOUT, FILTER, |_| {
+    let _installed = install(&machine, &driver, CalloutKey::new(CALLOUT), FILTER, |_| {
         KeepsContext(Mutex::new(None))
     });
     let request = wfp_rs::sim::ClassifyRequest::<layer::AleConnectRedirectV4>::new();
@@ -385,7 +387,7 @@ bugcheck_test! {
     fn pending_with_a_kept_handle_after_the_classification_returned_stops() expects WFP_INVALID_OPERATION (0x8000_0006) {
         let machine = Machine::new();
         let driver = machine.load_driver("host", host::DriverEntry).unwrap();
-        let _installed = install(&machine, &driver, CALLOUT, FILTER, |_| PendsLater);
+        let _installed = install(&machine, &driver, CalloutKey::new(CALLOUT), FILTER, |_| PendsLater);
         let request = wfp_rs::sim::ClassifyRequest::<layer::AleConnectRedirectV4>::new().pendable();
         machine.classify(wfp_rs::irql::Irql::DISPATCH, &request);
         let handle = KEPT_HANDLE.load(std::sync::atomic::Ordering::SeqCst);
@@ -579,7 +581,7 @@ fn a_classify_handle_cannot_pend_at_auth_connect() {
     }
     let machine = Machine::new();
     let driver = machine.load_driver("host", host::DriverEntry).unwrap();
-    let installed = install(&machine, &driver, CALLOUT, FILTER, |_| {
+    let installed = install(&machine, &driver, CalloutKey::new(CALLOUT), FILTER, |_| {
         TryRawPend(Mutex::new(None))
     });
     let outcome = machine.connect(&connection(443), AleIrql::Dispatch);

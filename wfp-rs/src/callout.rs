@@ -28,11 +28,34 @@
 //! Register callouts before adding the filters that name them: until `FwpsCalloutRegister3`
 //! returns, the SDK cannot route a classification to the instance, and the trampoline leaves
 //! the decision untouched (a terminating filter then blocks).
+//!
+//! # One layer per key
+//!
+//! A callout is named by a [`CalloutKey<L>`]: a GUID that carries its layer in its type. The
+//! registration ([`CalloutRegistration::register`]), the callout entry
+//! ([`CalloutEntry::new`](crate::engine::CalloutEntry::new)) and the filter action
+//! ([`FilterAction`](crate::filter::FilterAction)) all take the key, so they cannot name
+//! different layers: a key of another layer is a compile error that names both layers
+//! (`expected CalloutKey<AleAuthConnectV4>, found CalloutKey<OutboundTransportV4>`).
+//!
+//! The compiler cannot see two key constants that share a GUID, nor a persistent callout entry
+//! an earlier version of the driver left at another layer. If a classification still arrives at
+//! a layer other than `L` (`inFixedValues->layerId != L::ID`, checked in release builds too),
+//! the SDK does not call [`Callout::classify`], whose fields would be read at the wrong
+//! indices. It blocks instead when the classify-out has the write right (and clears the
+//! write right: a hard block), leaves the classify-out untouched without it, and prints one
+//! error line per registration to the kernel debugger. A `flowDeleteFn` at another layer hands
+//! back a context this SDK did not associate, so it is left alone (and reported the same way).
+//! `notifyFn` cannot be checked (`FWPS_FILTER3` carries no layer), and needs no check:
+//! [`FilterEvent`] exposes nothing read by `L`'s field indices. When the callout is registered
+//! before its entry is added, [`Engine::add_callout`](crate::engine::Engine::add_callout)
+//! already refuses an entry at another layer.
 
 use core::fmt;
+use core::hash::{Hash, Hasher};
 use core::marker::PhantomData;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU16, AtomicU32, Ordering};
 
 use crate::classify::ClassifyOut;
 use crate::driver::Driver;
@@ -45,6 +68,111 @@ use crate::pool::{PoolBox, PoolTag};
 use crate::status::Status;
 use crate::sys;
 
+/// The key of a callout at layer `L` (`FWPS_CALLOUT3::calloutKey`, `FWPM_CALLOUT0::calloutKey`):
+/// a GUID that carries its layer in its type.
+///
+/// The same key registers the callout ([`CalloutRegistration::register`]), adds its callout
+/// entry ([`CalloutEntry::new`](crate::engine::CalloutEntry::new)) and names it in a filter's
+/// action ([`FilterAction`](crate::filter::FilterAction)), so all three are at layer `L`. In C
+/// they meet only through the GUID, and `FwpsCalloutRegister3` takes no layer: a callout
+/// registered for one layer and filtered at another compiles, registers, and reads every field
+/// at the wrong index. Here it does not compile:
+///
+/// ```compile_fail,E0308
+/// use wfp_rs::callout::CalloutKey;
+/// use wfp_rs::engine::CalloutEntry;
+/// use wfp_rs::guid;
+/// use wfp_rs::layer::{AleAuthConnectV4, OutboundTransportV4};
+///
+/// const COUNT: CalloutKey<OutboundTransportV4> =
+///     CalloutKey::new(guid!("0f1e2d3c-4b5a-4968-8776-a5b4c3d2e151"));
+/// // error[E0308]: expected `CalloutKey<AleAuthConnectV4>`, found `CalloutKey<OutboundTransportV4>`
+/// let entry = CalloutEntry::<AleAuthConnectV4>::new(COUNT);
+/// ```
+///
+/// A driver with the same logic at several layers (IPv4 and IPv6, say) has one key per layer
+/// and one generic callout type; the layer follows from the key wherever it is used:
+///
+/// ```
+/// use wfp_rs::callout::CalloutKey;
+/// use wfp_rs::engine::CalloutEntry;
+/// use wfp_rs::guid;
+/// use wfp_rs::layer::{AleAuthConnectV4, AleAuthConnectV6};
+///
+/// const CONNECT_V4: CalloutKey<AleAuthConnectV4> =
+///     CalloutKey::new(guid!("0f1e2d3c-4b5a-4968-8776-a5b4c3d2e152"));
+/// const CONNECT_V6: CalloutKey<AleAuthConnectV6> =
+///     CalloutKey::new(guid!("0f1e2d3c-4b5a-4968-8776-a5b4c3d2e153"));
+///
+/// let v4 = CalloutEntry::new(CONNECT_V4).name("connect (IPv4)"); // CalloutEntry<AleAuthConnectV4>
+/// let v6 = CalloutEntry::new(CONNECT_V6).name("connect (IPv6)"); // CalloutEntry<AleAuthConnectV6>
+/// assert_eq!(v4.key(), CONNECT_V4);
+/// # let _ = v6;
+/// ```
+///
+/// Give every key its own GUID: two keys with one GUID at two layers compile (the compiler
+/// cannot compare constants), and then the classification check of the
+/// [module documentation](self#one-layer-per-key) blocks at run time.
+pub struct CalloutKey<L: Layer> {
+    guid: Guid,
+    _layer: PhantomData<fn() -> L>,
+}
+
+impl<L: Layer> CalloutKey<L> {
+    /// The key `guid` for a callout at layer `L`.
+    pub const fn new(guid: Guid) -> CalloutKey<L> {
+        CalloutKey {
+            guid,
+            _layer: PhantomData,
+        }
+    }
+
+    /// The GUID.
+    pub const fn guid(self) -> Guid {
+        self.guid
+    }
+}
+
+impl<L: Layer> Clone for CalloutKey<L> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<L: Layer> Copy for CalloutKey<L> {}
+
+impl<L: Layer> PartialEq for CalloutKey<L> {
+    fn eq(&self, other: &Self) -> bool {
+        self.guid == other.guid
+    }
+}
+
+impl<L: Layer> Eq for CalloutKey<L> {}
+
+impl<L: Layer> Hash for CalloutKey<L> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.guid.hash(state);
+    }
+}
+
+impl<L: Layer> From<CalloutKey<L>> for Guid {
+    fn from(key: CalloutKey<L>) -> Guid {
+        key.guid
+    }
+}
+
+impl<L: Layer> fmt::Debug for CalloutKey<L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CalloutKey<{}>({})", L::NAME, self.guid)
+    }
+}
+
+impl<L: Layer> fmt::Display for CalloutKey<L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.guid, f)
+    }
+}
+
 /// A callout at layer `L`, whose flow contexts (if it uses any) are values of type `F`.
 ///
 /// Most callouts keep no per-flow state and implement `Callout<L>` (`F` is `()`). A callout that
@@ -53,18 +181,26 @@ use crate::sys;
 /// with [`Classify::flow_context`], and gets it back in [`flow_deleted`](Self::flow_deleted)
 /// when the flow ends.
 pub trait Callout<L: Layer, F: Send + Sync + 'static = ()>: Send + Sync + 'static {
-    /// Decides (or inspects) one classification. Called at IRQL <= `DISPATCH_LEVEL`.
+    /// Decides (or inspects) one classification. Called at IRQL <= `DISPATCH_LEVEL`, and only
+    /// for classifications at `L`: one that arrives at another layer is blocked without calling
+    /// it (see the [module documentation](self#one-layer-per-key)).
     fn classify(&self, irql: &mut DispatchLevel<'_>, classify: &mut Classify<'_, L, F>);
 
     /// A filter naming this callout was added or deleted. Returning an error when a filter is
     /// added makes the filter engine refuse the filter. The default accepts everything.
+    ///
+    /// The engine's notification (`FWPS_FILTER3`) does not say at which layer the filter is,
+    /// so it cannot be checked against `L`; nothing in [`FilterEvent`] is read by `L`'s field
+    /// indices either (its conditions are raw).
     fn notify(&self, irql: &mut DispatchLevel<'_>, event: FilterEvent<'_>) -> Result<(), Status> {
         let _ = (irql, event);
         Ok(())
     }
 
     /// A flow context of this callout is gone (`flowDeleteFn`): its flow ended, or it was
-    /// removed. The value is handed back; the default drops it.
+    /// removed. The value is handed back; the default drops it. `layer_id` is always `L::ID`:
+    /// the SDK associates contexts only at `L`, and a `flowDeleteFn` for another layer (a
+    /// context associated through `sys` directly) is not passed on.
     fn flow_deleted(&self, irql: &mut DispatchLevel<'_>, layer_id: u16, context: F) {
         let _ = (irql, layer_id, context);
     }
@@ -312,28 +448,44 @@ mod registry {
     struct Slot {
         id: AtomicU32,
         instance: AtomicPtr<()>,
+        /// The layer id the callout is registered for.
+        layer: AtomicU16,
     }
 
     #[allow(clippy::declare_interior_mutable_const)]
     const EMPTY: Slot = Slot {
         id: AtomicU32::new(0),
         instance: AtomicPtr::new(core::ptr::null_mut()),
+        layer: AtomicU16::new(0),
     };
     static TABLE: [Slot; SLOTS] = [EMPTY; SLOTS];
 
-    /// Publishes `instance` under `id`; false if the table is full.
-    pub(super) fn insert(id: u32, instance: *mut ()) -> bool {
+    /// Publishes `instance`, registered for layer `layer`, under `id`; false if the table is
+    /// full.
+    pub(super) fn insert(id: u32, instance: *mut (), layer: u16) -> bool {
         for slot in &TABLE {
             if slot
                 .id
                 .compare_exchange(0, id, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
             {
+                slot.layer.store(layer, Ordering::Relaxed);
                 slot.instance.store(instance, Ordering::Release);
                 return true;
             }
         }
         false
+    }
+
+    /// The layer id the callout `id` is registered for, if this driver registered it.
+    pub(super) fn layer(id: u32) -> Option<u16> {
+        TABLE
+            .iter()
+            .find(|slot| {
+                slot.id.load(Ordering::Acquire) == id
+                    && !slot.instance.load(Ordering::Acquire).is_null()
+            })
+            .map(|slot| slot.layer.load(Ordering::Relaxed))
     }
 
     pub(super) fn lookup(id: u32) -> Option<NonNull<()>> {
@@ -353,6 +505,12 @@ mod registry {
             }
         }
     }
+}
+
+/// The layer id the callout with runtime id `callout_id` is registered for, if this driver
+/// registered it with [`CalloutRegistration::register`].
+pub(crate) fn registered_layer(callout_id: u32) -> Option<u16> {
+    registry::layer(callout_id)
 }
 
 /// The flow contexts a registration has associated: (flow id, layer id, context). Kept so that
@@ -397,6 +555,58 @@ impl Flows {
 struct Registered<C> {
     callout: C,
     flows: Flows,
+    /// The callout's key, for messages.
+    key: Guid,
+    /// Set once a callback of this callout arrived at another layer and was reported, so a
+    /// misconfiguration reports once instead of once per packet (at `DISPATCH_LEVEL`).
+    wrong_layer_reported: AtomicBool,
+}
+
+impl<C> Registered<C> {
+    /// Prints, once per registration, that a callback for layer `registered` arrived for
+    /// `layer_id`, and what the SDK did instead of calling the callout. Cold and never inlined:
+    /// its formatting buffer stays off the classify path's stack frame.
+    #[cold]
+    #[inline(never)]
+    fn report_wrong_layer(&self, callback: &str, registered: &str, layer_id: u16, instead: &str) {
+        if self.wrong_layer_reported.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        // One line under `DbgPrintEx`'s 256-byte chunks, also with the longest layer names.
+        let arrived = crate::layer::layer_by_id(layer_id).map_or("unknown", |l| l.name);
+        crate::kd_print!(
+            Error,
+            "wfp-rs: callout {} (layer {registered}): {callback} at layer {arrived}; {instead}. One CalloutKey and GUID per layer; reported once\n",
+            self.key
+        );
+    }
+}
+
+/// What the classify trampoline does with a classification at a layer other than the
+/// callout's (`registered`): the callout is not called. With the write right, the action becomes
+/// a hard block (`FWP_ACTION_BLOCK`, write right cleared); without it, the classify-out is left
+/// untouched (a hard decision above stands). Reported once per registration.
+#[cold]
+#[inline(never)]
+fn classify_at_wrong_layer<C>(
+    registered: &str,
+    layer_id: u16,
+    callout_id: u32,
+    out: &mut sys::FWPS_CLASSIFY_OUT0,
+) {
+    let outcome = if out.rights & sys::FWPS_RIGHT_ACTION_WRITE != 0 {
+        out.actionType = sys::FWP_ACTION_BLOCK;
+        out.rights &= !sys::FWPS_RIGHT_ACTION_WRITE;
+        "blocked, classify not called"
+    } else {
+        "left as is (no write right), not classified"
+    };
+    if let Some(instance) = registry::lookup(callout_id) {
+        // SAFETY: as in `classify_trampoline`, whose caller this is: the registry holds a live
+        // `PoolBox<Registered<C>>` for this id while the engine calls the callout.
+        let registered_callout = unsafe { instance.cast::<Registered<C>>().as_ref() };
+        registered_callout.report_wrong_layer("classifyFn", registered, layer_id, outcome);
+    }
 }
 
 unsafe extern "system" fn classify_trampoline<
@@ -422,6 +632,12 @@ unsafe extern "system" fn classify_trampoline<
         return;
     };
     let callout_id = filter.action.calloutId;
+    // Checked in every build, before anything reads a field: the values' indices are those of
+    // `fixed.layerId`, and `Classify<L>` would read them as `L`'s.
+    if fixed.layerId != L::ID {
+        classify_at_wrong_layer::<C>(L::NAME, fixed.layerId, callout_id, out);
+        return;
+    }
     let Some(instance) = registry::lookup(callout_id) else {
         return;
     };
@@ -431,8 +647,8 @@ unsafe extern "system" fn classify_trampoline<
     // SAFETY: classifyFn runs at IRQL <= DISPATCH_LEVEL; the token lives for this call.
     let mut irql = unsafe { DispatchLevel::new_unchecked() };
     let mut classify = Classify {
-        // SAFETY: the values are the engine's for a classification at the layer this callout
-        // was registered for.
+        // SAFETY: the values are the engine's for a classification at `L` (`layerId` was
+        // checked above).
         values: unsafe { IncomingValues::new(fixed) },
         metadata: Metadata::new(meta),
         filter: FilterInfo { raw: filter },
@@ -459,6 +675,8 @@ unsafe extern "system" fn notify_trampoline<
     let Some(filter) = (unsafe { filter.as_ref() }) else {
         return 0;
     };
+    // No layer check is possible here: FWPS_FILTER3 carries no layer id. None is needed for
+    // soundness: `FilterEvent` exposes nothing typed by `L`.
     let Some(instance) = registry::lookup(filter.action.calloutId) else {
         return 0;
     };
@@ -491,6 +709,22 @@ unsafe extern "system" fn flow_delete_trampoline<
     let Some(context) = NonNull::new(flow_context as *mut F) else {
         return;
     };
+    if layer_id != L::ID {
+        // The SDK associates this callout's contexts only at `L` (a `Classify<L>`, which runs
+        // only at `L`), so this one came from elsewhere (a raw `FwpsFlowAssociateContext0`):
+        // it is not known to be a `PoolBox<F>`, and is left alone rather than reinterpreted.
+        if let Some(instance) = registry::lookup(callout_id) {
+            // SAFETY: as in `classify_trampoline`.
+            let registered = unsafe { instance.cast::<Registered<C>>().as_ref() };
+            registered.report_wrong_layer(
+                "flowDeleteFn",
+                L::NAME,
+                layer_id,
+                "its context is left alone",
+            );
+        }
+        return;
+    }
     // SAFETY: flowDeleteFn runs at IRQL <= DISPATCH_LEVEL; the token lives for this call.
     let mut irql = unsafe { DispatchLevel::new_unchecked() };
     // SAFETY: the context is a `PoolBox<F>` this registration associated, handed back exactly
@@ -549,16 +783,21 @@ impl<C> From<RegisterError<C>> for Status {
 }
 
 impl<L: Layer, F: Send + Sync + 'static, C: Callout<L, F>> CalloutRegistration<L, C, F> {
-    /// Registers `callout` under `key` (`FwpsCalloutRegister3`) for `driver`'s device.
+    /// Registers `callout` under `key` (`FwpsCalloutRegister3`) for `driver`'s device. The
+    /// layer `L` is the key's: the callout entry and the filters that name the callout take the
+    /// same key, so they are at the same layer.
     pub fn register(
         irql: &PassiveLevel<'_>,
         driver: &Driver<'_>,
-        key: Guid,
+        key: CalloutKey<L>,
         callout: C,
     ) -> Result<Self, RegisterError<C>> {
+        let key = key.guid();
         let registered = Registered {
             callout,
             flows: Flows::new(),
+            key,
+            wrong_layer_reported: AtomicBool::new(false),
         };
         let instance =
             PoolBox::try_new(registered, PoolTag::SDK, irql).map_err(|e| RegisterError {
@@ -584,7 +823,7 @@ impl<L: Layer, F: Send + Sync + 'static, C: Callout<L, F>> CalloutRegistration<L
             });
         }
         let pointer = PoolBox::into_raw(instance);
-        if !registry::insert(id, pointer.as_ptr().cast()) {
+        if !registry::insert(id, pointer.as_ptr().cast(), L::ID) {
             // SAFETY: just registered by us; nothing was routed to it (the registry lacks it).
             unsafe { sys::FwpsCalloutUnregisterById0(id) };
             // SAFETY: the pointer came from `into_raw` above, with the SDK tag.
@@ -610,8 +849,8 @@ impl<L: Layer, F: Send + Sync + 'static, C: Callout<L, F>> CalloutRegistration<L
     }
 
     /// The callout key.
-    pub fn key(&self) -> Guid {
-        self.key
+    pub fn key(&self) -> CalloutKey<L> {
+        CalloutKey::new(self.key)
     }
 
     /// The registered callout.

@@ -6,6 +6,7 @@
 //! may run at `DISPATCH_LEVEL`, does not, and cannot add or delete a filter.
 //!
 //! ```
+//! use wfp_rs::callout::CalloutKey;
 //! use wfp_rs::engine::{CalloutEntry, Engine, Provider, SessionOptions, Sublayer};
 //! use wfp_rs::filter::{Filter, FilterAction, Match};
 //! use wfp_rs::layer::{fields, AleAuthConnectV4};
@@ -13,7 +14,8 @@
 //!
 //! const PROVIDER: Guid = guid!("0f1e2d3c-4b5a-4968-8776-a5b4c3d2e101");
 //! const SUBLAYER: Guid = guid!("0f1e2d3c-4b5a-4968-8776-a5b4c3d2e102");
-//! const CALLOUT: Guid = guid!("0f1e2d3c-4b5a-4968-8776-a5b4c3d2e103");
+//! const CALLOUT: CalloutKey<AleAuthConnectV4> =
+//!     CalloutKey::new(guid!("0f1e2d3c-4b5a-4968-8776-a5b4c3d2e103"));
 //! const FILTER: Guid = guid!("0f1e2d3c-4b5a-4968-8776-a5b4c3d2e104");
 //!
 //! # wfp_rs::sim::Machine::new().at_passive(|irql| {
@@ -24,7 +26,7 @@
 //! let txn = engine.transaction(irql)?;
 //! txn.add_provider(irql, &Provider::new(PROVIDER).name("Example"))?;
 //! txn.add_sublayer(irql, &Sublayer::new(SUBLAYER).name("Example rules").provider(PROVIDER))?;
-//! txn.add_callout(irql, &CalloutEntry::<AleAuthConnectV4>::new(CALLOUT).name("Ask the service"))?;
+//! txn.add_callout(irql, &CalloutEntry::new(CALLOUT).name("Ask the service"))?;
 //! let filter = Filter::<AleAuthConnectV4>::new(FILTER)
 //!     .name("Outbound TCP to the callout")
 //!     .sublayer(SUBLAYER)
@@ -60,12 +62,12 @@
 
 use alloc::vec::Vec;
 use core::fmt;
-use core::marker::PhantomData;
 use core::mem::ManuallyDrop;
 use core::ops::Deref;
 use core::ptr;
 use core::time::Duration;
 
+use crate::callout::CalloutKey;
 use crate::filter::{EMPTY_BLOB, Filter, FilterId, try_vec};
 use crate::guid::Guid;
 use crate::irql::{Irql, PassiveLevel, verify};
@@ -298,7 +300,14 @@ impl Engine {
     }
 
     /// Adds a callout's management object (its key, layer and name) and returns the callout's
-    /// runtime id. Wraps `FwpmCalloutAdd0` (no security descriptor).
+    /// runtime id. Wraps `FwpmCalloutAdd0` (no security descriptor). The layer is the key's
+    /// ([`CalloutKey<L>`]), the one the callout is registered for.
+    ///
+    /// If this driver has registered the key's GUID for another layer (two `CalloutKey`s with
+    /// one GUID), the entry is deleted again and `STATUS_FWP_INCOMPATIBLE_LAYER` returned, with
+    /// a debugger message: every classification would reach the callout at the wrong layer.
+    /// (Registered after the entry is added, the same mistake is caught at the first
+    /// classification; see [`callout`](crate::callout#one-layer-per-key).)
     ///
     /// Filters can name a callout as their action only once it is added here. Its classify
     /// function is registered separately (`FwpsCalloutRegister3`), in either order; while it is
@@ -314,7 +323,7 @@ impl Engine {
         let mut display = DisplayData::new(callout.name, callout.description)?;
         let mut provider = callout.provider.map(|key| key.0);
         let raw = sys::FWPM_CALLOUT0 {
-            calloutKey: callout.key.0,
+            calloutKey: callout.key.guid().0,
             displayData: display.raw(),
             flags: if callout.persistent {
                 sys::FWPM_CALLOUT_FLAG_PERSISTENT
@@ -332,6 +341,26 @@ impl Engine {
         // writable.
         let status = unsafe { sys::FwpmCalloutAdd0(self.handle, &raw, ptr::null_mut(), &mut id) };
         Status::from_ntstatus(status)?;
+        // The runtime id is the one `FwpsCalloutRegister3` returned for the key (as
+        // `FwpmCalloutAdd0`'s reference page documents): if this driver registered the key's
+        // GUID for another layer (two `CalloutKey`s sharing a GUID, which the compiler cannot
+        // see), every classification would be at the wrong layer.
+        if let Some(registered) = crate::callout::registered_layer(id)
+            && registered != L::ID
+        {
+            let name = |id| crate::layer::layer_by_id(id).map_or("unknown", |l| l.name);
+            kd_print!(
+                Error,
+                "wfp-rs: callout {} is registered at layer {}, not added at {}; one CalloutKey \
+                 and GUID per layer\n",
+                callout.key,
+                name(registered),
+                L::NAME
+            );
+            // SAFETY: PASSIVE_LEVEL (the token); the handle is open; the key lives for the call.
+            let _ = unsafe { sys::FwpmCalloutDeleteByKey0(self.handle, &raw.calloutKey) };
+            return Err(Status::FWP_INCOMPATIBLE_LAYER);
+        }
         Ok(id)
     }
 
@@ -372,8 +401,13 @@ impl Engine {
 
     /// Deletes a callout's management object. Wraps `FwpmCalloutDeleteByKey0`. Fails with
     /// `STATUS_FWP_IN_USE` while filters use the callout.
-    pub fn delete_callout(&self, irql: &PassiveLevel<'_>, key: Guid) -> Result<(), Status> {
+    pub fn delete_callout<L: Layer>(
+        &self,
+        irql: &PassiveLevel<'_>,
+        key: CalloutKey<L>,
+    ) -> Result<(), Status> {
         verify(irql);
+        let key = key.guid();
         // SAFETY: PASSIVE_LEVEL (the token); the handle is open; `key` lives for the call.
         Status::from_ntstatus(unsafe { sys::FwpmCalloutDeleteByKey0(self.handle, key.raw()) })
     }
@@ -635,36 +669,37 @@ impl<'a> Sublayer<'a> {
 
 /// A callout's management object at layer `L`: its key, name and applicable layer. Wraps
 /// `FWPM_CALLOUT0`; add it with [`Engine::add_callout`]. (Its classify function is registered
-/// separately.)
+/// separately, with the same [`CalloutKey<L>`], so at the same layer.)
 ///
 /// ```
+/// use wfp_rs::callout::CalloutKey;
 /// use wfp_rs::engine::CalloutEntry;
 /// use wfp_rs::layer::AleAuthConnectV4;
-/// let callout = CalloutEntry::<AleAuthConnectV4>::new(wfp_rs::guid!("0f1e2d3c-4b5a-4968-8776-a5b4c3d2e141"))
-///     .name("Connect verdicts (IPv4)");
+///
+/// const VERDICTS_V4: CalloutKey<AleAuthConnectV4> =
+///     CalloutKey::new(wfp_rs::guid!("0f1e2d3c-4b5a-4968-8776-a5b4c3d2e141"));
+/// let callout = CalloutEntry::new(VERDICTS_V4).name("Connect verdicts (IPv4)");
 /// ```
 #[derive(Clone, Copy)]
 #[must_use = "a callout entry does nothing until it is added with `Engine::add_callout`"]
 pub struct CalloutEntry<'a, L: Layer> {
-    key: Guid,
+    key: CalloutKey<L>,
     name: &'a str,
     description: Option<&'a str>,
     provider: Option<Guid>,
     persistent: bool,
-    _layer: PhantomData<L>,
 }
 
 impl<'a, L: Layer> CalloutEntry<'a, L> {
-    /// A callout with key `key` at layer `L` (`applicableLayer`), an empty display name and no
-    /// provider.
-    pub const fn new(key: Guid) -> CalloutEntry<'a, L> {
+    /// A callout with key `key` at the key's layer `L` (`applicableLayer`), an empty display
+    /// name and no provider.
+    pub const fn new(key: CalloutKey<L>) -> CalloutEntry<'a, L> {
         CalloutEntry {
             key,
             name: "",
             description: None,
             provider: None,
             persistent: false,
-            _layer: PhantomData,
         }
     }
 
@@ -694,7 +729,7 @@ impl<'a, L: Layer> CalloutEntry<'a, L> {
     }
 
     /// The callout's key.
-    pub const fn key(&self) -> Guid {
+    pub const fn key(&self) -> CalloutKey<L> {
         self.key
     }
 }

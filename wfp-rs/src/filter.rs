@@ -84,6 +84,7 @@ use core::marker::PhantomData;
 use core::net::{Ipv4Addr, Ipv6Addr};
 use core::ptr;
 
+use crate::callout::CalloutKey;
 use crate::engine::DisplayData;
 use crate::guid::Guid;
 use crate::layer::value::{AppId, ConditionFlags, HasRepr, IpProtocol, Repr, repr};
@@ -133,35 +134,102 @@ pub enum Weight {
     Exact(u64),
 }
 
-/// What a filter does with traffic its conditions match. Wraps `FWPM_ACTION0`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum FilterAction {
+/// What a filter at layer `L` does with traffic its conditions match. Wraps `FWPM_ACTION0`.
+///
+/// A callout action names the callout by its [`CalloutKey<L>`], the key the callout is
+/// registered and added with, so a filter cannot call out to a callout of another layer: a key
+/// of another layer does not compile (`expected CalloutKey<AleAuthConnectV4>, found
+/// CalloutKey<OutboundTransportV4>`).
+///
+/// ```
+/// use wfp_rs::callout::CalloutKey;
+/// use wfp_rs::filter::{Filter, FilterAction};
+/// use wfp_rs::layer::AleAuthConnectV4;
+/// use wfp_rs::guid;
+///
+/// const VERDICTS: CalloutKey<AleAuthConnectV4> =
+///     CalloutKey::new(guid!("6a3bd3e4-2f70-4b0e-9d55-0c2b7e0f1a06"));
+/// let filter = Filter::new(guid!("6a3bd3e4-2f70-4b0e-9d55-0c2b7e0f1a07"))
+///     .action(FilterAction::CalloutTerminating(VERDICTS)); // a Filter<AleAuthConnectV4>
+/// # let _ = filter;
+/// ```
+pub enum FilterAction<L: Layer> {
     /// `FWP_ACTION_PERMIT`.
     Permit,
     /// `FWP_ACTION_BLOCK`.
     Block,
     /// `FWP_ACTION_CALLOUT_TERMINATING`: the callout with this key decides, and must return
     /// permit or block.
-    CalloutTerminating(Guid),
+    CalloutTerminating(CalloutKey<L>),
     /// `FWP_ACTION_CALLOUT_INSPECTION`: the callout with this key inspects the traffic and
     /// always returns continue.
-    CalloutInspection(Guid),
+    CalloutInspection(CalloutKey<L>),
     /// `FWP_ACTION_CALLOUT_UNKNOWN`: the callout with this key may decide or continue.
-    CalloutUnknown(Guid),
+    CalloutUnknown(CalloutKey<L>),
 }
 
-impl FilterAction {
-    fn raw(self) -> sys::FWPM_ACTION0 {
-        let (kind, key) = match self {
+impl<L: Layer> FilterAction<L> {
+    /// The action type and the callout key (null for permit and block).
+    fn parts(self) -> (sys::FWP_ACTION_TYPE, Guid) {
+        match self {
             FilterAction::Permit => (sys::FWP_ACTION_PERMIT, Guid::default()),
             FilterAction::Block => (sys::FWP_ACTION_BLOCK, Guid::default()),
-            FilterAction::CalloutTerminating(key) => (sys::FWP_ACTION_CALLOUT_TERMINATING, key),
-            FilterAction::CalloutInspection(key) => (sys::FWP_ACTION_CALLOUT_INSPECTION, key),
-            FilterAction::CalloutUnknown(key) => (sys::FWP_ACTION_CALLOUT_UNKNOWN, key),
-        };
+            FilterAction::CalloutTerminating(key) => {
+                (sys::FWP_ACTION_CALLOUT_TERMINATING, key.guid())
+            }
+            FilterAction::CalloutInspection(key) => {
+                (sys::FWP_ACTION_CALLOUT_INSPECTION, key.guid())
+            }
+            FilterAction::CalloutUnknown(key) => (sys::FWP_ACTION_CALLOUT_UNKNOWN, key.guid()),
+        }
+    }
+
+    fn raw(self) -> sys::FWPM_ACTION0 {
+        let (kind, key) = self.parts();
         sys::FWPM_ACTION0 {
             r#type: kind,
             u: sys::FWPM_ACTION0_u { calloutKey: key.0 },
+        }
+    }
+}
+
+// By hand: derives would require `L: PartialEq + Eq + Hash` of the layer marker.
+impl<L: Layer> Clone for FilterAction<L> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<L: Layer> Copy for FilterAction<L> {}
+
+impl<L: Layer> PartialEq for FilterAction<L> {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl<L: Layer> Eq for FilterAction<L> {}
+
+impl<L: Layer> core::hash::Hash for FilterAction<L> {
+    fn hash<H: core::hash::Hasher>(&self, state: &mut H) {
+        self.parts().hash(state);
+    }
+}
+
+impl<L: Layer> fmt::Debug for FilterAction<L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FilterAction::Permit => f.write_str("Permit"),
+            FilterAction::Block => f.write_str("Block"),
+            FilterAction::CalloutTerminating(key) => {
+                f.debug_tuple("CalloutTerminating").field(key).finish()
+            }
+            FilterAction::CalloutInspection(key) => {
+                f.debug_tuple("CalloutInspection").field(key).finish()
+            }
+            FilterAction::CalloutUnknown(key) => {
+                f.debug_tuple("CalloutUnknown").field(key).finish()
+            }
         }
     }
 }
@@ -576,7 +644,7 @@ pub struct Filter<'a, L: Layer> {
     sublayer: Guid,
     provider: Option<Guid>,
     weight: Weight,
-    action: Option<FilterAction>,
+    action: Option<FilterAction<L>>,
     flags: FilterFlags,
     raw_context: u64,
     conditions: Vec<Condition<'a>>,
@@ -636,8 +704,9 @@ impl<'a, L: Layer> Filter<'a, L> {
         self
     }
 
-    /// What the filter does with matching traffic.
-    pub fn action(mut self, action: FilterAction) -> Self {
+    /// What the filter does with matching traffic. A callout action's key is of the filter's
+    /// layer.
+    pub fn action(mut self, action: FilterAction<L>) -> Self {
         self.action = Some(action);
         self
     }
@@ -998,7 +1067,8 @@ mod tests {
     use alloc::string::ToString;
 
     const KEY: Guid = crate::guid!("6a3bd3e4-2f70-4b0e-9d55-0c2b7e0f1a10");
-    const CALLOUT: Guid = crate::guid!("6a3bd3e4-2f70-4b0e-9d55-0c2b7e0f1a11");
+    const CALLOUT: CalloutKey<AleAuthConnectV4> =
+        CalloutKey::new(crate::guid!("6a3bd3e4-2f70-4b0e-9d55-0c2b7e0f1a11"));
 
     fn units(text: *const u16) -> alloc::vec::Vec<u16> {
         let mut out = alloc::vec::Vec::new();
@@ -1018,7 +1088,7 @@ mod tests {
         let filter = Filter::<AleAuthConnectV4>::new(KEY)
             .name("Block it")
             .description("a test")
-            .provider(CALLOUT)
+            .provider(CALLOUT.guid())
             .weight(Weight::Exact(0x1234_5678_9abc))
             .action(FilterAction::CalloutTerminating(CALLOUT))
             .flags(FilterFlags::CLEAR_ACTION_RIGHT)
@@ -1033,11 +1103,11 @@ mod tests {
                 assert!(raw.filterCondition.is_null());
                 assert_eq!(raw.action.r#type, sys::FWP_ACTION_CALLOUT_TERMINATING);
                 // SAFETY: a callout action's union holds the callout key.
-                assert_eq!(unsafe { raw.action.u.calloutKey }, CALLOUT.0);
+                assert_eq!(unsafe { raw.action.u.calloutKey }, CALLOUT.guid().0);
                 // SAFETY: no provider-context flag, so the union holds the raw context.
                 assert_eq!(unsafe { raw.u.rawContext }, 77);
                 // SAFETY: set from a live local for the duration of the call.
-                assert_eq!(unsafe { *raw.providerKey }, CALLOUT.0);
+                assert_eq!(unsafe { *raw.providerKey }, CALLOUT.guid().0);
                 assert_eq!(raw.weight.r#type, sys::FWP_UINT64);
                 // SAFETY: the tag says uint64.
                 assert_eq!(pointee(unsafe { raw.weight.u.uint64 }), 0x1234_5678_9abc);

@@ -936,8 +936,10 @@ impl Machine {
 ///
 /// ```
 /// # use wfp_rs::sim::{ClassifyRequest, Machine};
-/// # fn demo(machine: &Machine, callout: wfp_rs::guid::Guid) {
-/// let request = ClassifyRequest::<wfp_rs::layer::AleAuthConnectV4>::new();
+/// # use wfp_rs::callout::CalloutKey;
+/// # use wfp_rs::layer::AleAuthConnectV4;
+/// # fn demo(machine: &Machine, callout: CalloutKey<AleAuthConnectV4>) {
+/// let request = ClassifyRequest::new(); // at the key's layer
 /// let mut direct = machine.direct_classify(callout, &request).expect("a filter calls it");
 /// let action = machine.at_dispatch(|irql| direct.call(irql));
 /// # let _ = action;
@@ -977,11 +979,11 @@ impl<L: Layer> DirectClassify<L> {
 impl Machine {
     /// Prepares `request` for [`DirectClassify::call`]: the callout `callout` (registered, with
     /// a classifyFn) gets the structures a classification at layer `L` would give it, with the
-    /// first committed filter at `L` that calls it. Fails if no such filter exists or the
-    /// callout is not registered.
+    /// first committed filter at `L` that calls it. The request is at the key's layer. Fails if
+    /// no such filter exists or the callout is not registered.
     pub fn direct_classify<L: Layer>(
         &self,
-        callout: crate::guid::Guid,
+        callout: crate::callout::CalloutKey<L>,
         request: &ClassifyRequest<L>,
     ) -> Result<DirectClassify<L>, &'static str> {
         let layer = crate::layer::layer_by_id(L::ID).expect("every Layer type is in the table");
@@ -992,8 +994,8 @@ impl Machine {
             metadata.processPath = &mut copy.1;
             copy
         });
-        let direct =
-            self.run(|| engine::Direct::prepare(layer, &request.values, metadata, callout.0))?;
+        let direct = self
+            .run(|| engine::Direct::prepare(layer, &request.values, metadata, callout.guid().0))?;
         Ok(DirectClassify {
             direct,
             _process_path: process_path,

@@ -263,7 +263,7 @@ use core::net::IpAddr;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use core::time::Duration;
 
-use wfp_rs::callout::{Callout, CalloutRegistration, Classify};
+use wfp_rs::callout::{Callout, CalloutKey, CalloutRegistration, Classify};
 use wfp_rs::classify::ClassifyOut;
 use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::engine::{CalloutEntry, Engine, Provider, SessionOptions, Sublayer};
@@ -314,9 +314,11 @@ pub const PROVIDER: Guid = guid!("cbbbfed6-d603-4f18-b043-37501c12d2a1");
 /// The sublayer.
 pub const SUBLAYER: Guid = guid!("6608b783-66e3-48e7-8b63-087ec5946782");
 /// The callout at `ALE_AUTH_CONNECT_V4`.
-pub const CALLOUT_V4: Guid = guid!("44f17202-bfff-4765-a718-2e50235b3b6e");
+pub const CALLOUT_V4: CalloutKey<AleAuthConnectV4> =
+    CalloutKey::new(guid!("44f17202-bfff-4765-a718-2e50235b3b6e"));
 /// The callout at `ALE_AUTH_CONNECT_V6`.
-pub const CALLOUT_V6: Guid = guid!("cee9f9c2-acd8-4fb8-8321-1e31eb1beb48");
+pub const CALLOUT_V6: CalloutKey<AleAuthConnectV6> =
+    CalloutKey::new(guid!("cee9f9c2-acd8-4fb8-8321-1e31eb1beb48"));
 /// The filter that hands outbound IPv4 TCP connections to [`CALLOUT_V4`].
 pub const FILTER_V4: Guid = guid!("b464e9d2-83a5-4774-89e0-982737ecd9e1");
 /// The filter that hands outbound IPv6 TCP connections to [`CALLOUT_V6`].
@@ -699,8 +701,8 @@ pub fn start(
             .provider(PROVIDER)
             .weight(SUBLAYER_WEIGHT),
     )?;
-    add_connect_filter::<AleAuthConnectV4>(irql, &txn, CALLOUT_V4, FILTER_V4, "seed-fixed (IPv4)")?;
-    add_connect_filter::<AleAuthConnectV6>(irql, &txn, CALLOUT_V6, FILTER_V6, "seed-fixed (IPv6)")?;
+    add_connect_filter(irql, &txn, CALLOUT_V4, FILTER_V4, "seed-fixed (IPv4)")?;
+    add_connect_filter(irql, &txn, CALLOUT_V6, FILTER_V6, "seed-fixed (IPv6)")?;
     txn.commit(irql)?;
 
     kd_print!(
@@ -723,12 +725,12 @@ fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<SeedFix
     start(irql, driver, Config::DEFAULT)
 }
 
-/// Adds the callout entry `callout` at layer `L` and the terminating filter `filter` that hands
+/// Adds the callout entry `callout` at its layer `L` and the terminating filter `filter` that hands
 /// it every TCP connection attempt.
 fn add_connect_filter<L: Layer>(
     irql: &PassiveLevel<'_>,
     engine: &Engine,
-    callout: Guid,
+    callout: CalloutKey<L>,
     filter: Guid,
     name: &str,
 ) -> Result<(), Status>
@@ -737,9 +739,7 @@ where
 {
     engine.add_callout(
         irql,
-        &CalloutEntry::<L>::new(callout)
-            .name(name)
-            .provider(PROVIDER),
+        &CalloutEntry::new(callout).name(name).provider(PROVIDER),
     )?;
     let filter = WfpFilter::<L>::new(filter)
         .name(name)

@@ -25,7 +25,7 @@ extern crate alloc;
 
 use core::net::{IpAddr, SocketAddr};
 
-use wfp_rs::callout::{Callout, CalloutRegistration, Classify};
+use wfp_rs::callout::{Callout, CalloutKey, CalloutRegistration, Classify};
 use wfp_rs::classify::{BlockOutcome, RightsError};
 use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::engine::{CalloutEntry, Engine, Provider, SessionOptions, Sublayer};
@@ -52,9 +52,11 @@ pub const PROVIDER: Guid = guid!("a71784a1-4ff0-456c-9615-854560ca70b1");
 /// The starter's sublayer.
 pub const SUBLAYER: Guid = guid!("2404c309-6a0f-458d-a211-a7aa55b567f0");
 /// The callout at `ALE_AUTH_CONNECT_V4`.
-pub const CALLOUT_V4: Guid = guid!("016e29f9-c38f-4162-8149-429b682cfc91");
+pub const CALLOUT_V4: CalloutKey<AleAuthConnectV4> =
+    CalloutKey::new(guid!("016e29f9-c38f-4162-8149-429b682cfc91"));
 /// The callout at `ALE_AUTH_CONNECT_V6`.
-pub const CALLOUT_V6: Guid = guid!("29d5205e-eacd-4702-a437-f7f997a17eb6");
+pub const CALLOUT_V6: CalloutKey<AleAuthConnectV6> =
+    CalloutKey::new(guid!("29d5205e-eacd-4702-a437-f7f997a17eb6"));
 /// The filter that sends outbound IPv4 TCP connections to [`CALLOUT_V4`].
 pub const FILTER_V4: Guid = guid!("5f16eba0-8c06-4fa5-87ec-782cafdf2541");
 /// The filter that sends outbound IPv6 TCP connections to [`CALLOUT_V6`].
@@ -148,20 +150,20 @@ fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<Starter
             .provider(PROVIDER)
             .weight(SUBLAYER_WEIGHT),
     )?;
-    add_connect_filter::<AleAuthConnectV4>(irql, &txn, CALLOUT_V4, FILTER_V4, "starter (IPv4)")?;
-    add_connect_filter::<AleAuthConnectV6>(irql, &txn, CALLOUT_V6, FILTER_V6, "starter (IPv6)")?;
+    add_connect_filter(irql, &txn, CALLOUT_V4, FILTER_V4, "starter (IPv4)")?;
+    add_connect_filter(irql, &txn, CALLOUT_V6, FILTER_V6, "starter (IPv6)")?;
     txn.commit(irql)?;
 
     kd_print!("starter: watching outbound TCP connections, blocking port {BLOCKED_PORT}\n");
     Ok(Starter { engine, v4, v6 })
 }
 
-/// Adds the callout entry `callout` at layer `L` and the filter `filter` that hands it every
+/// Adds the callout entry `callout` at its layer `L` and the filter `filter` that hands it every
 /// TCP connection attempt.
 fn add_connect_filter<L: Layer>(
     irql: &PassiveLevel<'_>,
     engine: &Engine,
-    callout: Guid,
+    callout: CalloutKey<L>,
     filter: Guid,
     name: &str,
 ) -> Result<(), Status>
@@ -170,9 +172,7 @@ where
 {
     engine.add_callout(
         irql,
-        &CalloutEntry::<L>::new(callout)
-            .name(name)
-            .provider(PROVIDER),
+        &CalloutEntry::new(callout).name(name).provider(PROVIDER),
     )?;
     let filter = Filter::<L>::new(filter)
         .name(name)

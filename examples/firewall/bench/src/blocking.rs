@@ -15,16 +15,19 @@ use std::time::Duration;
 use firewall_protocol::{
     ConnectionRequest, Direction, FirewallProtocol, ImagePath, MAX_PATH_UNITS, PORT_NAME, Verdict,
 };
+use wfp_rs::callout::CalloutKey;
 use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::engine::Engine;
 use wfp_rs::irql::PassiveLevel;
+use wfp_rs::layer::AleAuthConnectV4;
 use wfp_rs::port::{Filter, ServerPort};
 use wfp_rs::{Guid, Status, guid, sys};
 
 use crate::raw_callout::{apply, begin, register, unregister};
 
 /// The blocking callout at `ALE_AUTH_CONNECT_V4`.
-pub const CALLOUT: Guid = guid!("e2b7d4a9-6c15-4f83-9d0e-b1a3c5f7e924");
+pub const CALLOUT: CalloutKey<AleAuthConnectV4> =
+    CalloutKey::new(guid!("e2b7d4a9-6c15-4f83-9d0e-b1a3c5f7e924"));
 const PROVIDER: Guid = guid!("8f3e5a17-b2c4-4d69-a0e8-3c7d9f1b5a26");
 const SUBLAYER: Guid = guid!("1c9a7e35-d4f2-4b08-8e6a-5b2d0f4c7e93");
 const FILTER: Guid = guid!("6a4d2f8c-e1b5-4c37-9f0a-d8e2b6c4a715");

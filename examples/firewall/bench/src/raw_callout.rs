@@ -7,10 +7,12 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicPtr, Ordering};
 
 use firewall_protocol::Verdict;
+use wfp_rs::callout::CalloutKey;
 use wfp_rs::driver::Driver;
 use wfp_rs::engine::Engine;
 use wfp_rs::irql::PassiveLevel;
-use wfp_rs::{Guid, Status, kd_print, sys};
+use wfp_rs::layer::{AleAuthConnectV4, Layer};
+use wfp_rs::{Status, kd_print, sys};
 
 /// `FWPS_FIELD_ALE_AUTH_CONNECT_V4_*` (fwpsk.h), as a C driver spells them.
 pub(crate) mod index {
@@ -128,15 +130,17 @@ impl RawFields {
 
 /// The start of a classifyFn: its state, reached through the global `state` as a C driver
 /// reaches its globals, the classify-out, and the connection's fields; `None` (decide nothing)
-/// when the state is gone.
+/// when the state is gone. A classification at another layer than `ALE_AUTH_CONNECT_V4` (the
+/// callout entry added at another layer under this key) is blocked without reading a field, as
+/// the SDK's trampoline does: the indices below are this layer's.
 ///
 /// # Safety
 ///
 /// `state` holds null or a pointer to a live `S` that stays live for `'a` (stored before the
 /// callout is registered, freed only after it is unregistered, which waits for calls in
 /// progress); `fixed`, `meta` and `classify_out` are the filter engine's arguments to a
-/// classifyFn of an `ALE_AUTH_CONNECT_V4` classification in progress, valid for `'a`, and the
-/// classify-out is the caller's alone for `'a`.
+/// classifyFn of a classification in progress, valid for `'a`, and the classify-out is the
+/// caller's alone for `'a`.
 pub(crate) unsafe fn begin<'a, S>(
     state: &AtomicPtr<S>,
     fixed: *const sys::FWPS_INCOMING_VALUES0,
@@ -148,7 +152,15 @@ pub(crate) unsafe fn begin<'a, S>(
     // The engine's classify-out is valid and the caller's alone for `'a` (its contract).
     // SAFETY: as above.
     let out = unsafe { &mut *classify_out };
-    // SAFETY: the engine's structures for this layer (the caller's contract).
+    // SAFETY: the engine's incoming values, valid for `'a` (the caller's contract).
+    if unsafe { (*fixed).layerId } != AleAuthConnectV4::ID {
+        if out.rights & sys::FWPS_RIGHT_ACTION_WRITE != 0 {
+            apply(out, Verdict::Deny);
+        }
+        return None;
+    }
+    // SAFETY: the engine's structures for this layer (the caller's contract; the layer was
+    // checked above).
     let fields = unsafe { RawFields::read(fixed, meta) };
     Some((state, out, fields))
 }
@@ -187,12 +199,12 @@ pub(crate) unsafe extern "system" fn notify(
 pub(crate) fn register(
     _irql: &PassiveLevel<'_>,
     driver: &mut Driver<'_>,
-    key: Guid,
+    key: CalloutKey<AleAuthConnectV4>,
     classify: sys::FWPS_CALLOUT_CLASSIFY_FN3,
     callout_id: &mut u32,
 ) -> Result<(), Status> {
     let callout = sys::FWPS_CALLOUT3 {
-        calloutKey: key.0,
+        calloutKey: key.guid().0,
         flags: 0,
         classifyFn: classify,
         notifyFn: Some(notify),

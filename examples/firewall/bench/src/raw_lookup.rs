@@ -16,16 +16,19 @@ use std::time::Duration;
 
 use firewall_driver::cache::{Answer, CacheKey, Lookup, VerdictCache};
 use firewall_protocol::{Direction, Verdict};
+use wfp_rs::callout::CalloutKey;
 use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::engine::Engine;
 use wfp_rs::irql::{DispatchLevel, PassiveLevel};
+use wfp_rs::layer::AleAuthConnectV4;
 use wfp_rs::time::Instant;
 use wfp_rs::{Guid, Status, guid, sys};
 
 use crate::raw_callout::{apply, begin, register, unregister};
 
 /// The baseline's callout at `ALE_AUTH_CONNECT_V4`.
-pub const CALLOUT: Guid = guid!("3b0f2a6e-8d61-4c1e-9a57-0c4e2f7b9d13");
+pub const CALLOUT: CalloutKey<AleAuthConnectV4> =
+    CalloutKey::new(guid!("3b0f2a6e-8d61-4c1e-9a57-0c4e2f7b9d13"));
 const PROVIDER: Guid = guid!("5d2c8e41-7a93-4f0b-b6e2-19a4c3d5e7f8");
 const SUBLAYER: Guid = guid!("a7e1c9d3-2b48-4f6a-8c05-d3e9f1a2b4c6");
 const FILTER: Guid = guid!("c4f8a2e6-1d37-4b9c-a5e0-7f2d6b8c3e19");

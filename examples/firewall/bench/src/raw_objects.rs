@@ -2,6 +2,7 @@
 //! sublayer of the firewall's weight, the callout entry at `ALE_AUTH_CONNECT_V4`, and one
 //! terminating filter for TCP and UDP — the firewall driver's own outbound setup.
 
+use wfp_rs::callout::CalloutKey;
 use wfp_rs::engine::{CalloutEntry, Engine, Provider, SessionOptions, Sublayer};
 use wfp_rs::filter::{Filter as WfpFilter, FilterAction, Match};
 use wfp_rs::irql::PassiveLevel;
@@ -16,7 +17,7 @@ pub(crate) struct Keys {
     pub name: &'static str,
     pub provider: Guid,
     pub sublayer: Guid,
-    pub callout: Guid,
+    pub callout: CalloutKey<AleAuthConnectV4>,
     pub filter: Guid,
 }
 
@@ -35,7 +36,7 @@ pub(crate) fn add(irql: &PassiveLevel<'_>, keys: &Keys) -> Result<Engine, Status
     )?;
     txn.add_callout(
         irql,
-        &CalloutEntry::<AleAuthConnectV4>::new(keys.callout)
+        &CalloutEntry::new(keys.callout)
             .name(keys.name)
             .provider(keys.provider),
     )?;

@@ -252,7 +252,7 @@ use firewall_protocol::{
     ConnectionReply, ConnectionRequest, Direction, FirewallProtocol, ImagePath, MAX_PATH_UNITS,
     Verdict,
 };
-use wfp_rs::callout::{Callout, CalloutRegistration, Classify};
+use wfp_rs::callout::{Callout, CalloutKey, CalloutRegistration, Classify};
 use wfp_rs::classify::ClassifyOut;
 use wfp_rs::control::{CommandHandler, ControlDevice};
 use wfp_rs::driver::{Driver, DriverState};
@@ -320,13 +320,17 @@ pub const PROVIDER: Guid = guid!("6ef0f72b-9146-4430-8724-b8f6d87e65da");
 /// The sublayer.
 pub const SUBLAYER: Guid = guid!("08d00c6a-7d82-4434-9ce3-29c9ec775842");
 /// The callout at `ALE_AUTH_CONNECT_V4`.
-pub const CALLOUT_CONNECT_V4: Guid = guid!("4ac3ff77-22e4-40be-b382-fce05c732936");
+pub const CALLOUT_CONNECT_V4: CalloutKey<AleAuthConnectV4> =
+    CalloutKey::new(guid!("4ac3ff77-22e4-40be-b382-fce05c732936"));
 /// The callout at `ALE_AUTH_CONNECT_V6`.
-pub const CALLOUT_CONNECT_V6: Guid = guid!("972e0342-866c-4447-b41d-139981bdb90a");
+pub const CALLOUT_CONNECT_V6: CalloutKey<AleAuthConnectV6> =
+    CalloutKey::new(guid!("972e0342-866c-4447-b41d-139981bdb90a"));
 /// The callout at `ALE_AUTH_RECV_ACCEPT_V4`.
-pub const CALLOUT_RECV_ACCEPT_V4: Guid = guid!("1fec78a3-50b9-48f7-874d-ca576f6180fd");
+pub const CALLOUT_RECV_ACCEPT_V4: CalloutKey<AleAuthRecvAcceptV4> =
+    CalloutKey::new(guid!("1fec78a3-50b9-48f7-874d-ca576f6180fd"));
 /// The callout at `ALE_AUTH_RECV_ACCEPT_V6`.
-pub const CALLOUT_RECV_ACCEPT_V6: Guid = guid!("d696e655-15ef-410b-92f3-75642e90ea04");
+pub const CALLOUT_RECV_ACCEPT_V6: CalloutKey<AleAuthRecvAcceptV6> =
+    CalloutKey::new(guid!("d696e655-15ef-410b-92f3-75642e90ea04"));
 /// The filter that hands outbound IPv4 TCP and UDP to [`CALLOUT_CONNECT_V4`].
 pub const FILTER_CONNECT_V4: Guid = guid!("e94e0469-3137-4bcf-a8f6-351084057091");
 /// The filter that hands outbound IPv6 TCP and UDP to [`CALLOUT_CONNECT_V6`].
@@ -1381,28 +1385,28 @@ pub fn start(
             .provider(PROVIDER)
             .weight(SUBLAYER_WEIGHT),
     )?;
-    add_filter::<AleAuthConnectV4>(
+    add_filter(
         irql,
         &txn,
         CALLOUT_CONNECT_V4,
         FILTER_CONNECT_V4,
         "firewall (connect, IPv4)",
     )?;
-    add_filter::<AleAuthConnectV6>(
+    add_filter(
         irql,
         &txn,
         CALLOUT_CONNECT_V6,
         FILTER_CONNECT_V6,
         "firewall (connect, IPv6)",
     )?;
-    add_filter::<AleAuthRecvAcceptV4>(
+    add_filter(
         irql,
         &txn,
         CALLOUT_RECV_ACCEPT_V4,
         FILTER_RECV_ACCEPT_V4,
         "firewall (accept, IPv4)",
     )?;
-    add_filter::<AleAuthRecvAcceptV6>(
+    add_filter(
         irql,
         &txn,
         CALLOUT_RECV_ACCEPT_V6,
@@ -1441,12 +1445,12 @@ fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<Firewal
     start(irql, driver, Config::DEFAULT)
 }
 
-/// Adds the callout entry `callout` at layer `L` and the terminating filter `filter` that hands
-/// it every connection of the [`FILTERED_PROTOCOLS`].
+/// Adds the callout entry `callout` at its layer `L` and the terminating filter `filter` that
+/// hands it every connection of the [`FILTERED_PROTOCOLS`].
 fn add_filter<L: Layer>(
     irql: &PassiveLevel<'_>,
     engine: &Engine,
-    callout: Guid,
+    callout: CalloutKey<L>,
     filter: Guid,
     name: &str,
 ) -> Result<(), Status>
@@ -1455,9 +1459,7 @@ where
 {
     engine.add_callout(
         irql,
-        &CalloutEntry::<L>::new(callout)
-            .name(name)
-            .provider(PROVIDER),
+        &CalloutEntry::new(callout).name(name).provider(PROVIDER),
     )?;
     let mut entry = WfpFilter::<L>::new(filter)
         .name(name)
