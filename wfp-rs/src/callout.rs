@@ -106,12 +106,20 @@ impl<F> fmt::Display for FlowContextError<F> {
 impl<F: fmt::Debug> core::error::Error for FlowContextError<F> {}
 
 impl<L: Layer, F: Send + Sync + 'static> Classify<'_, L, F> {
-    /// This callout's context of the flow being classified, if one was associated at this layer.
+    /// This callout's context of the flow being classified, if one is associated at this layer:
+    /// the one the engine passed to this classification, or the one
+    /// [`associate_flow_context`](Self::associate_flow_context) attached during it. `None` after
+    /// [`remove_flow_context`](Self::remove_flow_context) in this classification.
     pub fn flow_context(&self) -> Option<&F> {
         let pointer = NonNull::new(self.flow_context as *mut F)?;
-        // SAFETY: a non-zero flow context of this callout is a `PoolBox<F>` the SDK associated
-        // (the registration's type fixes `F`); it lives until flowDeleteFn hands it back, which
-        // the engine does not do while a classification of the flow is in progress.
+        // SAFETY: a non-zero `self.flow_context` is a `PoolBox<F>` this registration associated
+        // with the flow being classified (the registration's type fixes `F`). It is freed only by
+        // flowDeleteFn, and the engine does not call flowDeleteFn for a context of a flow while a
+        // classification of that flow is in progress: `FwpsFlowRemoveContext0` returns
+        // STATUS_PENDING then and calls it later (its reference page; the simulator models it),
+        // and a flow does not end under its own classification. The one removal that may
+        // complete synchronously is this callout's own (`remove_flow_context`), which takes
+        // `&mut self` — so no `&F` from here is alive — and zeroes the field first.
         Some(unsafe { pointer.as_ref() })
     }
 
@@ -162,14 +170,28 @@ impl<L: Layer, F: Send + Sync + 'static> Classify<'_, L, F> {
                 value: PoolBox::into_inner(boxed),
             });
         }
+        // Associated with the flow being classified: alive until a flowDeleteFn that cannot run
+        // before this classification returns (see `flow_context`).
+        self.flow_context = context;
         Ok(())
     }
 
     /// Detaches this callout's context from the flow (`FwpsFlowRemoveContext0`); the engine then
-    /// calls [`Callout::flow_deleted`] with it.
+    /// calls [`Callout::flow_deleted`] with it — after this classification returns, not during
+    /// it: a classification of the flow is in progress (this one), so the engine answers
+    /// `STATUS_PENDING` and calls `flowDeleteFn` when the flow's classifications have returned
+    /// (`Ok(())` either way). So a spin lock that `flow_deleted` takes may be held here.
+    ///
+    /// From here on [`flow_context`](Self::flow_context) returns `None` in this classification
+    /// (whatever the engine answered), and a new context may be associated. Fails with
+    /// `STATUS_FWP_NOT_FOUND` without a flow handle, and with `STATUS_UNSUCCESSFUL` when no
+    /// context of this callout is associated at this layer (also when another classification of
+    /// the flow removed it first).
     pub fn remove_flow_context(&mut self, irql: &mut DispatchLevel<'_>) -> Result<(), Status> {
         crate::irql::verify(irql);
         let flow = self.metadata.flow_handle().ok_or(Status::FWP_NOT_FOUND)?;
+        // Forgotten before the engine may free it, so no later `flow_context` can reach it.
+        self.flow_context = 0;
         // SAFETY: IRQL <= DISPATCH_LEVEL (the token); the ids are the engine's.
         Status::from_ntstatus(unsafe { sys::FwpsFlowRemoveContext0(flow, L::ID, self.callout_id) })
     }
@@ -625,6 +647,11 @@ impl<L: Layer, F: Send + Sync + 'static, C: Callout<L, F>> CalloutRegistration<L
 
     /// Unregisters (`FwpsCalloutUnregisterById0`). On failure the callout stays registered and
     /// is handed back with the status.
+    ///
+    /// Flow contexts still attached are removed first (each comes back through
+    /// [`Callout::flow_deleted`]). One whose flow is being classified on another processor at
+    /// that moment is handed back only when that classification returns, so unregistration can
+    /// fail with `STATUS_DEVICE_BUSY`: try again.
     pub fn unregister(mut self, irql: &mut PassiveLevel<'_>) -> Result<(), (Self, Status)> {
         match self.unregister_inner(irql) {
             Ok(()) => Ok(()),

@@ -35,6 +35,7 @@ use crate::sys::fwp::*;
 use crate::sys::types::*;
 
 const STATUS_SUCCESS: NTSTATUS = 0;
+const STATUS_PENDING: NTSTATUS = 0x0000_0103;
 const ZERO: GUID = GUID {
     Data1: 0,
     Data2: 0,
@@ -166,6 +167,12 @@ pub(crate) struct Bfe {
     pends: HashMap<usize, Pend>,
     /// Flow contexts: (flow id, layer id, callout id) → context.
     flow_contexts: HashMap<(u64, u16, u32), u64>,
+    /// Classifications in progress, by the flow handle in their metadata (those without one are
+    /// not counted).
+    classifying_flows: HashMap<u64, usize>,
+    /// Contexts removed while a classification of their flow was in progress, waiting for the
+    /// last one to return before they go to `flowDeleteFn`: (flow, layer, callout, context).
+    deferred_flow_deletes: Vec<(u64, u16, u32, u64)>,
     /// Classifications in progress, by the classify context handed to callouts.
     live_classifications: HashMap<usize, LiveClassification>,
     /// Classify handles acquired and not yet released.
@@ -1309,8 +1316,13 @@ pub unsafe extern "system" fn FwpsCalloutUnregisterById0(calloutId: u32) -> NTST
         .flow_contexts
         .keys()
         .any(|&(_, _, callout)| callout == calloutId)
+        || bfe
+            .deferred_flow_deletes
+            .iter()
+            .any(|&(_, _, callout, _)| callout == calloutId)
     {
-        // Flows still carry this callout's contexts: the driver must remove them first.
+        // Flows still carry this callout's contexts (or a removed one still waits for its
+        // flowDeleteFn): the driver must remove them first, and try again.
         return Status::DEVICE_BUSY.raw();
     }
     loop {
@@ -1840,6 +1852,7 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
         context
     });
     incoming.classify_context = classification as *const core::ffi::c_void;
+    let flow = enter_flow(&incoming.metadata);
     // Collect the matching filters from the committed objects, in evaluation order, and count a
     // call into each registered callout among them.
     let mut matched: Vec<Matched> = with_bfe(|bfe| {
@@ -2047,6 +2060,7 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
     })
     .and_then(|c| c.pended);
     current.pended = current.pended.or(by_classify_handle);
+    leave_flow(flow);
     current
 }
 
@@ -2244,6 +2258,7 @@ impl Direct {
         let classify_fn = self.classify_fn;
         let (fixed, metadata) = (&*self.fixed, &*self.metadata);
         let filter = self.filter.filter();
+        let flow = enter_flow(metadata);
         in_driver(driver, "classifyFn", || {
             // SAFETY: the callout registered this classifyFn and cannot be unregistered while
             // `self.call` is held; every pointer is owned by `self` (values, metadata, filter)
@@ -2261,6 +2276,7 @@ impl Direct {
                 )
             }
         });
+        leave_flow(flow);
         (
             out.actionType,
             out.rights,
@@ -2671,8 +2687,15 @@ pub unsafe extern "system" fn FwpsFlowAssociateContext0(
     }))
 }
 
-/// `FwpsFlowRemoveContext0`: removes the context and calls the callout's `flowDeleteFn` with it
-/// synchronously; `STATUS_UNSUCCESSFUL` when there is none.
+/// `FwpsFlowRemoveContext0`, as its reference page documents it: `STATUS_UNSUCCESSFUL` when no
+/// context is associated; `STATUS_PENDING` while a classification of the flow is in progress,
+/// and `flowDeleteFn` runs later — here when the last classification of the flow returns, on
+/// its thread; otherwise `STATUS_SUCCESS`, having called `flowDeleteFn` synchronously, from
+/// inside this call (so a caller holding a spin lock that its `flowDeleteFn` takes deadlocks on
+/// Windows, and stops the simulator with `SPIN_LOCK_ALREADY_OWNED`).
+///
+/// INFERRED: "a classification in progress" is counted per flow (any layer, any callout):
+/// every classification whose metadata carries the flow's handle, including the one calling.
 ///
 /// # Safety
 ///
@@ -2683,12 +2706,62 @@ pub unsafe extern "system" fn FwpsFlowRemoveContext0(
     calloutId: u32,
 ) -> NTSTATUS {
     require_irql("FwpsFlowRemoveContext0", DISPATCH_LEVEL);
-    let Some(context) = with_bfe(|bfe| bfe.flow_contexts.remove(&(flowId, layerId, calloutId)))
-    else {
-        return Status::UNSUCCESSFUL.raw();
+    let removed = with_bfe(|bfe| {
+        let context = bfe.flow_contexts.remove(&(flowId, layerId, calloutId))?;
+        if bfe.classifying_flows.contains_key(&flowId) {
+            bfe.deferred_flow_deletes
+                .push((flowId, layerId, calloutId, context));
+            Some(None)
+        } else {
+            Some(Some(context))
+        }
+    });
+    match removed {
+        None => Status::UNSUCCESSFUL.raw(),
+        Some(None) => STATUS_PENDING,
+        Some(Some(context)) => {
+            delete_flow_context(layerId, calloutId, context);
+            STATUS_SUCCESS
+        }
+    }
+}
+
+/// A classification of a flow in progress, from [`enter_flow`] to [`leave_flow`].
+#[must_use]
+struct FlowClassification(Option<u64>);
+
+/// Counts a classification of the flow in `metadata` (if it has a flow handle) as in progress.
+fn enter_flow(metadata: &FWPS_INCOMING_METADATA_VALUES0) -> FlowClassification {
+    if metadata.currentMetadataValues & FWPS_METADATA_FIELD_FLOW_HANDLE == 0 {
+        return FlowClassification(None);
+    }
+    let flow = metadata.flowHandle;
+    with_bfe(|bfe| *bfe.classifying_flows.entry(flow).or_insert(0) += 1);
+    FlowClassification(Some(flow))
+}
+
+/// The classification returned: if it was the last one of its flow, the contexts removed from
+/// the flow meanwhile go to their `flowDeleteFn` now, on this thread.
+fn leave_flow(classification: FlowClassification) {
+    let Some(flow) = classification.0 else {
+        return;
     };
-    delete_flow_context(layerId, calloutId, context);
-    STATUS_SUCCESS
+    let deferred: Vec<(u64, u16, u32, u64)> = with_bfe(|bfe| {
+        let count = bfe.classifying_flows.get_mut(&flow).expect("entered");
+        *count -= 1;
+        if *count > 0 {
+            return Vec::new();
+        }
+        bfe.classifying_flows.remove(&flow);
+        let (mine, others) = core::mem::take(&mut bfe.deferred_flow_deletes)
+            .into_iter()
+            .partition(|d| d.0 == flow);
+        bfe.deferred_flow_deletes = others;
+        mine
+    });
+    for (_, layer, callout, context) in deferred {
+        delete_flow_context(layer, callout, context);
+    }
 }
 
 /// Hands a removed context to its callout's `flowDeleteFn`.
@@ -2706,23 +2779,37 @@ fn delete_flow_context(layer: u16, callout: u32, context: u64) {
     }
 }
 
-/// A flow ends: every context associated with it goes to its callout's `flowDeleteFn`.
+/// A flow ends: every context associated with it goes to its callout's `flowDeleteFn` — at once,
+/// or, while a classification of the flow is in progress, when the last one returns (INFERRED:
+/// the classification holds the flow, as it does for [`FwpsFlowRemoveContext0`]). Returns how
+/// many contexts were removed.
 pub(crate) fn end_flow(flow: u64) -> usize {
-    let removed: Vec<((u64, u16, u32), u64)> = with_bfe(|bfe| {
+    let (removed, count): (Vec<((u64, u16, u32), u64)>, usize) = with_bfe(|bfe| {
         let keys: Vec<(u64, u16, u32)> = bfe
             .flow_contexts
             .keys()
             .filter(|k| k.0 == flow)
             .copied()
             .collect();
-        keys.into_iter()
+        let removed: Vec<_> = keys
+            .into_iter()
             .filter_map(|k| bfe.flow_contexts.remove(&k).map(|c| (k, c)))
-            .collect()
+            .collect();
+        let count = removed.len();
+        if bfe.classifying_flows.contains_key(&flow) {
+            bfe.deferred_flow_deletes.extend(
+                removed
+                    .iter()
+                    .map(|&((flow, layer, callout), context)| (flow, layer, callout, context)),
+            );
+            return (Vec::new(), count);
+        }
+        (removed, count)
     });
     for &((_, layer, callout), context) in &removed {
         delete_flow_context(layer, callout, context);
     }
-    removed.len()
+    count
 }
 
 #[cfg(test)]
