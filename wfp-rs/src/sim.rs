@@ -343,6 +343,7 @@ impl Machine {
             );
         }
         crate::sys::sim::flt::check_unload(&self.kernel, driver.object, &driver.name);
+        crate::sys::sim::wfp::check_unload(&self.kernel, driver.object, &driver.name);
         crate::sys::sim::irp::check_unload(&self.kernel, driver.object, &driver.name);
         let devices = state
             .devices

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use super::bugcheck::stop;
-use super::kernel::{THREAD, current, irql, level_name, require_irql};
+use super::kernel::{THREAD, current, current_driver, irql, level_name, require_irql};
 use crate::bugcheck::BugCheckCode;
 use crate::layer::value::ValueKind;
 use crate::layer::{IpVersion, LayerInfo, layer_by_id, layer_by_key};
@@ -132,6 +132,8 @@ struct Session {
     dynamic: bool,
     /// How long a write waits for another session's transaction (`None`: forever).
     txn_wait: Option<Duration>,
+    /// The driver whose code opened it (0: the test harness), checked at its unload.
+    driver: usize,
 }
 
 struct Transaction {
@@ -333,10 +335,18 @@ pub unsafe extern "system" fn FwpmEngineOpen0(
         u32::MAX => None,
         ms => Some(Duration::from_millis(ms.into())),
     };
+    let driver = current_driver();
     let handle = with_bfe(|bfe| {
         bfe.next_handle += 1;
         let handle = 0x5E55_0000 + bfe.next_handle;
-        bfe.sessions.insert(handle, Session { dynamic, txn_wait });
+        bfe.sessions.insert(
+            handle,
+            Session {
+                dynamic,
+                txn_wait,
+                driver,
+            },
+        );
         handle
     });
     // SAFETY: writable per the contract.
@@ -344,8 +354,11 @@ pub unsafe extern "system" fn FwpmEngineOpen0(
     STATUS_SUCCESS
 }
 
-/// `FwpmEngineClose0`: aborts the session's transaction and, for a dynamic session, deletes
-/// every object it added.
+/// `FwpmEngineClose0`: aborts the session's transaction (as documented: "If this function is
+/// called with a transaction in progress, the transaction will be aborted"), which deletes the
+/// filters added in it as [`FwpmTransactionAbort0`] does, and, for a dynamic session, deletes
+/// every object it added. Objects a non-dynamic session added stay in the engine after it
+/// closes (until deleted, or persistent ones for good), as on Windows.
 ///
 /// # Safety
 ///
@@ -356,12 +369,20 @@ pub unsafe extern "system" fn FwpmEngineClose0(engineHandle: HANDLE) -> NTSTATUS
     let _wake = WakeTxnWaiters;
     let removed = with_bfe(|bfe| {
         let session = session_of(bfe, engineHandle)?;
+        let mut removed = Vec::new();
         if bfe.txn.as_ref().is_some_and(|t| t.session == session) {
             let txn = bfe.txn.take().expect("checked");
+            // The filters added in the aborted transaction are deleted: their callouts are told.
+            removed.extend(
+                bfe.objects
+                    .filters
+                    .values()
+                    .filter(|f| !txn.snapshot.filters.contains_key(&f.id))
+                    .cloned(),
+            );
             bfe.objects = txn.snapshot;
         }
         let dynamic = bfe.sessions.remove(&session).is_some_and(|s| s.dynamic);
-        let mut removed = Vec::new();
         if dynamic {
             let ids: Vec<u64> = bfe
                 .objects
@@ -390,6 +411,82 @@ pub unsafe extern "system" fn FwpmEngineClose0(engineHandle: HANDLE) -> NTSTATUS
         }
         Err(status) => status,
     }
+}
+
+/// Parameter 3 of the `DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS` stop for a
+/// filter-engine session still open at unload (1 to 3 are the filter manager's: server port,
+/// client connection, minifilter).
+pub(crate) const UNLOAD_SESSION_OPEN: usize = 4;
+
+/// The unload check for the filter engine: a session the driver opened (`FwpmEngineOpen0` in its
+/// code) and did not close stops the machine with 0xCE, parameter 2 = the engine handle,
+/// parameter 3 = [`UNLOAD_SESSION_OPEN`], parameter 4 = how many of its sessions are open (the
+/// lowest handle is reported).
+///
+/// INFERRED: Microsoft documents no stop for it. On Windows nothing closes a kernel-mode session
+/// for the driver, so everything it owns outlives the driver: a dynamic session's filters stay
+/// in force (a terminating callout filter keeps blocking once its callout is unregistered), and
+/// its open transaction, if any, keeps every other session's writes waiting. The simulator
+/// reports it the way it reports the driver's other leftovers at unload, and changes nothing:
+/// the objects stay where the driver left them.
+pub(crate) fn check_unload(kernel: &super::kernel::Kernel, driver: usize, name: &str) {
+    let bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
+    let mut open: Vec<(usize, bool)> = bfe
+        .sessions
+        .iter()
+        .filter(|(_, s)| s.driver == driver)
+        .map(|(&handle, s)| (handle, s.dynamic))
+        .collect();
+    open.sort_unstable();
+    let Some(&(handle, dynamic)) = open.first() else {
+        return;
+    };
+    let objects = &bfe.objects;
+    let filters = objects
+        .filters
+        .values()
+        .filter(|f| f.session == handle)
+        .count();
+    let callouts = objects
+        .callouts
+        .values()
+        .filter(|c| c.session == handle)
+        .count();
+    let sublayers = objects
+        .sublayers
+        .values()
+        .filter(|x| x.session == handle)
+        .count();
+    let providers = objects
+        .providers
+        .values()
+        .filter(|p| p.session == handle)
+        .count();
+    let txn = bfe.txn.as_ref().is_some_and(|t| t.session == handle);
+    drop(bfe);
+    let kind = if dynamic { "dynamic" } else { "non-dynamic" };
+    let txn = if txn {
+        ", its transaction still open (every other session's writes wait for it)"
+    } else {
+        ""
+    };
+    let consequence = if dynamic {
+        "a dynamic session's objects are deleted only when it closes, so they outlive the driver \
+         and its filters keep acting (a filter naming an unregistered callout blocks)"
+    } else {
+        "the session is never closed"
+    };
+    stop(
+        BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS,
+        [0, handle, UNLOAD_SESSION_OPEN, open.len()],
+        &format!(
+            "driver {name} unloaded with {} filter engine session(s) still open (engine handle \
+             {handle:#x}: {kind}{txn}; it owns {filters} filter(s), {callouts} callout(s), \
+             {sublayers} sublayer(s), {providers} provider(s)); {consequence}. Close every \
+             Engine (Engine::close) before unload returns",
+            open.len()
+        ),
+    );
 }
 
 /// `FwpmTransactionBegin0`. One transaction at a time, machine-wide.
