@@ -301,10 +301,15 @@ mod scripted {
         ) {
             let step = *self.step.lock().unwrap();
             match step {
-                Step::Attach(n) => {
-                    c.associate_flow_context(irql, Label(n)).unwrap();
-                    self.note(format!("attached, reads {:?}", label(c.flow_context())));
-                }
+                Step::Attach(n) => match c.associate_flow_context(irql, Label(n)) {
+                    Ok(()) => self.note(format!("attached, reads {:?}", label(c.flow_context()))),
+                    Err(error) => self.note(format!(
+                        "not attached {:#x}, {} back, reads {:?}",
+                        error.status.raw(),
+                        error.value.0,
+                        label(c.flow_context())
+                    )),
+                },
                 Step::RemoveThenRead => {
                     self.note(format!("reads {:?}", label(c.flow_context())));
                     self.note(format!("removed {}", outcome(c.remove_flow_context(irql))));
@@ -487,6 +492,21 @@ fn a_context_may_be_removed_in_classify_under_the_lock_flow_deleted_takes() {
     assert_eq!(
         scene.take_log(),
         ["removed under the lock Ok", "classify returns", "deleted 1"]
+    );
+    scene.finish();
+}
+
+#[test]
+fn a_second_context_is_refused_and_handed_back() {
+    let scene = Scene::new();
+    scene.classify(Step::Attach(2));
+    assert_eq!(
+        scene.take_log(),
+        [
+            // STATUS_OBJECT_NAME_EXISTS: informational, yet the value was not associated.
+            "not attached 0x40000000, 2 back, reads Some(1)",
+            "classify returns"
+        ]
     );
     scene.finish();
 }

@@ -91,7 +91,8 @@ pub struct Classify<'a, L: Layer, F: 'static = ()> {
 #[derive(Debug)]
 pub struct FlowContextError<F> {
     /// The failure: `STATUS_FWP_NOT_FOUND` without a flow handle, `STATUS_INSUFFICIENT_RESOURCES`,
-    /// or what `FwpsFlowAssociateContext0` returned.
+    /// `STATUS_OBJECT_NAME_EXISTS` when this callout already has a context on the flow at this
+    /// layer (remove it first), or another status `FwpsFlowAssociateContext0` returned.
     pub status: Status,
     /// The value that was not associated.
     pub value: F,
@@ -127,6 +128,11 @@ impl<L: Layer, F: Send + Sync + 'static> Classify<'_, L, F> {
     /// later classifications of the flow at this layer see it in [`flow_context`](Self::flow_context),
     /// and [`Callout::flow_deleted`] receives it when the flow ends. Needs the flow handle
     /// metadata (ALE_FLOW_ESTABLISHED, transport and stream layers have it).
+    ///
+    /// One context per flow, layer and callout: while one is associated, this fails with
+    /// `STATUS_OBJECT_NAME_EXISTS` and hands `value` back. To replace it, call
+    /// [`remove_flow_context`](Self::remove_flow_context) first (in the same classification
+    /// is fine).
     pub fn associate_flow_context(
         &mut self,
         irql: &mut DispatchLevel<'_>,
@@ -161,7 +167,14 @@ impl<L: Layer, F: Send + Sync + 'static> Classify<'_, L, F> {
         // SAFETY: IRQL <= DISPATCH_LEVEL (the token); the flow and callout ids are the engine's.
         let status =
             unsafe { sys::FwpsFlowAssociateContext0(flow, L::ID, self.callout_id, context) };
-        if let Err(status) = Status::from_ntstatus(status) {
+        // A context already associated is reported with an informational status, which
+        // `from_ntstatus` would take for success: the new one was not associated.
+        let associated = if status == Status::OBJECT_NAME_EXISTS.raw() {
+            Err(Status::OBJECT_NAME_EXISTS)
+        } else {
+            Status::from_ntstatus(status)
+        };
+        if let Err(status) = associated {
             self.flows.remove(irql, context);
             // SAFETY: not associated, so the SDK still owns the box.
             let boxed = unsafe { PoolBox::from_raw(pointer, PoolTag::SDK) };

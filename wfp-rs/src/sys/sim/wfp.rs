@@ -2752,8 +2752,10 @@ fn incoming_flow_context(incoming: &Incoming, callout: u32) -> u64 {
     with_bfe(|bfe| bfe.flow_contexts.get(&key).copied()).unwrap_or(incoming.flow_context)
 }
 
-/// `FwpsFlowAssociateContext0`. A zero context is refused; so is a second context for the same
-/// flow, layer and callout (INFERRED: `STATUS_FWP_ALREADY_EXISTS`).
+/// `FwpsFlowAssociateContext0`, as documented: `STATUS_INVALID_PARAMETER` for a zero context or
+/// a callout that is not registered with a `flowDeleteFn`; `STATUS_OBJECT_NAME_EXISTS` (an
+/// informational status, not an error code) when the callout already has a context on the flow
+/// at this layer, which stays associated.
 ///
 /// # Safety
 ///
@@ -2769,14 +2771,18 @@ pub unsafe extern "system" fn FwpsFlowAssociateContext0(
         return Status::INVALID_PARAMETER.raw();
     }
     status(with_bfe(|bfe| {
-        if !bfe.runtime.contains_key(&calloutId) {
-            return Err(Status::FWP_CALLOUT_NOT_FOUND.raw());
+        if bfe
+            .runtime
+            .get(&calloutId)
+            .is_none_or(|callout| callout.flow_delete.is_none())
+        {
+            return Err(Status::INVALID_PARAMETER.raw());
         }
         if bfe
             .flow_contexts
             .contains_key(&(flowId, layerId, calloutId))
         {
-            return Err(Status::FWP_ALREADY_EXISTS.raw());
+            return Err(Status::OBJECT_NAME_EXISTS.raw());
         }
         bfe.flow_contexts
             .insert((flowId, layerId, calloutId), flowContext);
