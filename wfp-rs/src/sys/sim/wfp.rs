@@ -167,14 +167,14 @@ pub(crate) struct Bfe {
     completion_handles: HashMap<usize, CompletionHandle>,
     /// Pended classifications, by completion context.
     pends: HashMap<usize, Pend>,
-    /// Flow contexts: (flow id, layer id, callout id) → context.
-    flow_contexts: HashMap<(u64, u16, u32), u64>,
+    /// Flow contexts, by (flow id, layer id, callout id).
+    flow_contexts: HashMap<FlowKey, u64>,
     /// Classifications in progress, by the flow handle in their metadata (those without one are
     /// not counted).
     classifying_flows: HashMap<u64, usize>,
     /// Contexts removed while a classification of their flow was in progress, waiting for the
-    /// last one to return before they go to `flowDeleteFn`: (flow, layer, callout, context).
-    deferred_flow_deletes: Vec<(u64, u16, u32, u64)>,
+    /// last one to return before they go to `flowDeleteFn`.
+    deferred_flow_deletes: Vec<(FlowKey, u64)>,
     /// Classifications in progress, by the classify context handed to callouts.
     live_classifications: HashMap<usize, LiveClassification>,
     /// Classify handles acquired and not yet released.
@@ -184,6 +184,9 @@ pub(crate) struct Bfe {
     /// Classify contexts of classifications that returned, the most recent ones.
     retired_classify_contexts: Retired,
 }
+
+/// A flow context's place: (flow id, layer id, callout id).
+type FlowKey = (u64, u16, u32);
 
 /// The last [`Retired::CAPACITY`] values of one kind the engine handed out and invalidated.
 /// Only the stop's report reads it (was the value handed out once, or never?): any value that
@@ -1416,7 +1419,7 @@ pub unsafe extern "system" fn FwpsCalloutUnregisterById0(calloutId: u32) -> NTST
         || bfe
             .deferred_flow_deletes
             .iter()
-            .any(|&(_, _, callout, _)| callout == calloutId)
+            .any(|&((_, _, callout), _)| callout == calloutId)
     {
         // Flows still carry this callout's contexts (or a removed one still waits for its
         // flowDeleteFn): the driver must remove them first, and try again.
@@ -2813,7 +2816,7 @@ pub unsafe extern "system" fn FwpsFlowRemoveContext0(
         let context = bfe.flow_contexts.remove(&(flowId, layerId, calloutId))?;
         if bfe.classifying_flows.contains_key(&flowId) {
             bfe.deferred_flow_deletes
-                .push((flowId, layerId, calloutId, context));
+                .push(((flowId, layerId, calloutId), context));
             Some(None)
         } else {
             Some(Some(context))
@@ -2849,7 +2852,7 @@ fn leave_flow(classification: FlowClassification) {
     let Some(flow) = classification.0 else {
         return;
     };
-    let deferred: Vec<(u64, u16, u32, u64)> = with_bfe(|bfe| {
+    let deferred: Vec<(FlowKey, u64)> = with_bfe(|bfe| {
         let count = bfe.classifying_flows.get_mut(&flow).expect("entered");
         *count -= 1;
         if *count > 0 {
@@ -2858,11 +2861,11 @@ fn leave_flow(classification: FlowClassification) {
         bfe.classifying_flows.remove(&flow);
         let (mine, others) = core::mem::take(&mut bfe.deferred_flow_deletes)
             .into_iter()
-            .partition(|d| d.0 == flow);
+            .partition(|&((of, _, _), _)| of == flow);
         bfe.deferred_flow_deletes = others;
         mine
     });
-    for (_, layer, callout, context) in deferred {
+    for ((_, layer, callout), context) in deferred {
         delete_flow_context(layer, callout, context);
     }
 }
@@ -2887,8 +2890,8 @@ fn delete_flow_context(layer: u16, callout: u32, context: u64) {
 /// the classification holds the flow, as it does for [`FwpsFlowRemoveContext0`]). Returns how
 /// many contexts were removed.
 pub(crate) fn end_flow(flow: u64) -> usize {
-    let (removed, count): (Vec<((u64, u16, u32), u64)>, usize) = with_bfe(|bfe| {
-        let keys: Vec<(u64, u16, u32)> = bfe
+    let (removed, count): (Vec<(FlowKey, u64)>, usize) = with_bfe(|bfe| {
+        let keys: Vec<FlowKey> = bfe
             .flow_contexts
             .keys()
             .filter(|k| k.0 == flow)
@@ -2900,11 +2903,7 @@ pub(crate) fn end_flow(flow: u64) -> usize {
             .collect();
         let count = removed.len();
         if bfe.classifying_flows.contains_key(&flow) {
-            bfe.deferred_flow_deletes.extend(
-                removed
-                    .iter()
-                    .map(|&((flow, layer, callout), context)| (flow, layer, callout, context)),
-            );
+            bfe.deferred_flow_deletes.extend(removed);
             return (Vec::new(), count);
         }
         (removed, count)
