@@ -528,17 +528,21 @@ unsafe extern "system" fn flow_delete_trampoline<
     };
     // SAFETY: flowDeleteFn runs at IRQL <= DISPATCH_LEVEL; the token lives for this call.
     let mut irql = unsafe { DispatchLevel::new_unchecked() };
+    let registered = registry::lookup(callout_id).map(|instance| {
+        // SAFETY: as in `classify_trampoline`: the engine calls flowDeleteFn only while the
+        // callout is registered.
+        unsafe { instance.cast::<Registered<C>>().as_ref() }
+    });
+    // Forgotten before the box is freed: once freed, its address may be associated again (on
+    // another processor), and that entry must survive.
+    if let Some(registered) = registered {
+        registered.flows.remove(&mut irql, flow_context);
+    }
     // SAFETY: the context is a `PoolBox<F>` this registration associated, handed back exactly
     // once by the engine.
     let value = PoolBox::into_inner(unsafe { PoolBox::from_raw(context, PoolTag::SDK) });
-    match registry::lookup(callout_id) {
-        Some(instance) => {
-            // SAFETY: as in `classify_trampoline`: the engine calls flowDeleteFn only while the
-            // callout is registered.
-            let registered = unsafe { instance.cast::<Registered<C>>().as_ref() };
-            registered.flows.remove(&mut irql, flow_context);
-            registered.callout.flow_deleted(&mut irql, layer_id, value);
-        }
+    match registered {
+        Some(registered) => registered.callout.flow_deleted(&mut irql, layer_id, value),
         None => drop(value),
     }
 }
