@@ -227,7 +227,8 @@ pub struct Classify<'a, L: Layer, F: 'static = ()> {
 #[derive(Debug)]
 pub struct FlowContextError<F> {
     /// The failure: `STATUS_FWP_NOT_FOUND` without a flow handle, `STATUS_INSUFFICIENT_RESOURCES`,
-    /// or what `FwpsFlowAssociateContext0` returned.
+    /// `STATUS_OBJECT_NAME_EXISTS` when this callout already has a context on the flow at this
+    /// layer (remove it first), or another status `FwpsFlowAssociateContext0` returned.
     pub status: Status,
     /// The value that was not associated.
     pub value: F,
@@ -242,12 +243,20 @@ impl<F> fmt::Display for FlowContextError<F> {
 impl<F: fmt::Debug> core::error::Error for FlowContextError<F> {}
 
 impl<L: Layer, F: Send + Sync + 'static> Classify<'_, L, F> {
-    /// This callout's context of the flow being classified, if one was associated at this layer.
+    /// This callout's context of the flow being classified, if one is associated at this layer:
+    /// the one the engine passed to this classification, or the one
+    /// [`associate_flow_context`](Self::associate_flow_context) attached during it. `None` after
+    /// [`remove_flow_context`](Self::remove_flow_context) in this classification.
     pub fn flow_context(&self) -> Option<&F> {
         let pointer = NonNull::new(self.flow_context as *mut F)?;
-        // SAFETY: a non-zero flow context of this callout is a `PoolBox<F>` the SDK associated
-        // (the registration's type fixes `F`); it lives until flowDeleteFn hands it back, which
-        // the engine does not do while a classification of the flow is in progress.
+        // SAFETY: a non-zero `self.flow_context` is a `PoolBox<F>` this registration associated
+        // with the flow being classified (the registration's type fixes `F`). It is freed only by
+        // flowDeleteFn, and the engine does not call flowDeleteFn for a context of a flow while a
+        // classification of that flow is in progress: `FwpsFlowRemoveContext0` returns
+        // STATUS_PENDING then and calls it later (its reference page; the simulator models it),
+        // and a flow does not end under its own classification. The one removal that may
+        // complete synchronously is this callout's own (`remove_flow_context`), which takes
+        // `&mut self` — so no `&F` from here is alive — and zeroes the field first.
         Some(unsafe { pointer.as_ref() })
     }
 
@@ -255,6 +264,11 @@ impl<L: Layer, F: Send + Sync + 'static> Classify<'_, L, F> {
     /// later classifications of the flow at this layer see it in [`flow_context`](Self::flow_context),
     /// and [`Callout::flow_deleted`] receives it when the flow ends. Needs the flow handle
     /// metadata (ALE_FLOW_ESTABLISHED, transport and stream layers have it).
+    ///
+    /// One context per flow, layer and callout: while one is associated, this fails with
+    /// `STATUS_OBJECT_NAME_EXISTS` and hands `value` back. To replace it, call
+    /// [`remove_flow_context`](Self::remove_flow_context) first (in the same classification
+    /// is fine).
     pub fn associate_flow_context(
         &mut self,
         irql: &mut DispatchLevel<'_>,
@@ -289,7 +303,14 @@ impl<L: Layer, F: Send + Sync + 'static> Classify<'_, L, F> {
         // SAFETY: IRQL <= DISPATCH_LEVEL (the token); the flow and callout ids are the engine's.
         let status =
             unsafe { sys::FwpsFlowAssociateContext0(flow, L::ID, self.callout_id, context) };
-        if let Err(status) = Status::from_ntstatus(status) {
+        // A context already associated is reported with an informational status, which
+        // `from_ntstatus` would take for success: the new one was not associated.
+        let associated = if status == Status::OBJECT_NAME_EXISTS.raw() {
+            Err(Status::OBJECT_NAME_EXISTS)
+        } else {
+            Status::from_ntstatus(status)
+        };
+        if let Err(status) = associated {
             self.flows.remove(irql, context);
             // SAFETY: not associated, so the SDK still owns the box.
             let boxed = unsafe { PoolBox::from_raw(pointer, PoolTag::SDK) };
@@ -298,14 +319,28 @@ impl<L: Layer, F: Send + Sync + 'static> Classify<'_, L, F> {
                 value: PoolBox::into_inner(boxed),
             });
         }
+        // Associated with the flow being classified: alive until a flowDeleteFn that cannot run
+        // before this classification returns (see `flow_context`).
+        self.flow_context = context;
         Ok(())
     }
 
     /// Detaches this callout's context from the flow (`FwpsFlowRemoveContext0`); the engine then
-    /// calls [`Callout::flow_deleted`] with it.
+    /// calls [`Callout::flow_deleted`] with it — after this classification returns, not during
+    /// it: a classification of the flow is in progress (this one), so the engine answers
+    /// `STATUS_PENDING` and calls `flowDeleteFn` when the flow's classifications have returned
+    /// (`Ok(())` either way). So a spin lock that `flow_deleted` takes may be held here.
+    ///
+    /// From here on [`flow_context`](Self::flow_context) returns `None` in this classification
+    /// (whatever the engine answered), and a new context may be associated. Fails with
+    /// `STATUS_FWP_NOT_FOUND` without a flow handle, and with `STATUS_UNSUCCESSFUL` when no
+    /// context of this callout is associated at this layer (also when another classification of
+    /// the flow removed it first).
     pub fn remove_flow_context(&mut self, irql: &mut DispatchLevel<'_>) -> Result<(), Status> {
         crate::irql::verify(irql);
         let flow = self.metadata.flow_handle().ok_or(Status::FWP_NOT_FOUND)?;
+        // Forgotten before the engine may free it, so no later `flow_context` can reach it.
+        self.flow_context = 0;
         // SAFETY: IRQL <= DISPATCH_LEVEL (the token); the ids are the engine's.
         Status::from_ntstatus(unsafe { sys::FwpsFlowRemoveContext0(flow, L::ID, self.callout_id) })
     }
@@ -727,17 +762,21 @@ unsafe extern "system" fn flow_delete_trampoline<
     }
     // SAFETY: flowDeleteFn runs at IRQL <= DISPATCH_LEVEL; the token lives for this call.
     let mut irql = unsafe { DispatchLevel::new_unchecked() };
+    let registered = registry::lookup(callout_id).map(|instance| {
+        // SAFETY: as in `classify_trampoline`: the engine calls flowDeleteFn only while the
+        // callout is registered.
+        unsafe { instance.cast::<Registered<C>>().as_ref() }
+    });
+    // Forgotten before the box is freed: once freed, its address may be associated again (on
+    // another processor), and that entry must survive.
+    if let Some(registered) = registered {
+        registered.flows.remove(&mut irql, flow_context);
+    }
     // SAFETY: the context is a `PoolBox<F>` this registration associated, handed back exactly
     // once by the engine.
     let value = PoolBox::into_inner(unsafe { PoolBox::from_raw(context, PoolTag::SDK) });
-    match registry::lookup(callout_id) {
-        Some(instance) => {
-            // SAFETY: as in `classify_trampoline`: the engine calls flowDeleteFn only while the
-            // callout is registered.
-            let registered = unsafe { instance.cast::<Registered<C>>().as_ref() };
-            registered.flows.remove(&mut irql, flow_context);
-            registered.callout.flow_deleted(&mut irql, layer_id, value);
-        }
+    match registered {
+        Some(registered) => registered.callout.flow_deleted(&mut irql, layer_id, value),
         None => drop(value),
     }
 }
@@ -864,6 +903,11 @@ impl<L: Layer, F: Send + Sync + 'static, C: Callout<L, F>> CalloutRegistration<L
 
     /// Unregisters (`FwpsCalloutUnregisterById0`). On failure the callout stays registered and
     /// is handed back with the status.
+    ///
+    /// Flow contexts still attached are removed first (each comes back through
+    /// [`Callout::flow_deleted`]). One whose flow is being classified on another processor at
+    /// that moment is handed back only when that classification returns, so unregistration can
+    /// fail with `STATUS_DEVICE_BUSY`: try again.
     pub fn unregister(mut self, irql: &mut PassiveLevel<'_>) -> Result<(), (Self, Status)> {
         match self.unregister_inner(irql) {
             Ok(()) => Ok(()),

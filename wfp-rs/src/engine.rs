@@ -51,6 +51,12 @@
 //! aborted when the session closes). Close explicitly with [`Engine::close`] and
 //! [`Transaction::commit`]/[`Transaction::abort`] from `PASSIVE_LEVEL` code to avoid that.
 //!
+//! A leaked session stays open after the driver unloads — on Windows nothing closes it, so the
+//! filters of a dynamic session keep acting (a terminating filter whose callout is unregistered
+//! blocks). The simulator stops with `DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS`
+//! (0xCE, parameter 2 = the engine handle, parameter 3 = 4) when a driver unloads with a session
+//! it opened still open: leaked this way, forgotten, or kept in a static.
+//!
 //! # Memory
 //!
 //! Display names and the other strings the engine takes as NUL-terminated UTF-16 are converted
@@ -212,8 +218,9 @@ impl Engine {
         Ok(Engine { handle })
     }
 
-    /// Closes the session, reporting the engine's status. Wraps `FwpmEngineClose0`. In a
-    /// dynamic session, every object the session added is deleted.
+    /// Closes the session, reporting the engine's status. Wraps `FwpmEngineClose0`. A
+    /// transaction still open is aborted (the engine does that). In a dynamic session, every
+    /// object the session added is deleted; a non-dynamic session's objects stay until deleted.
     pub fn close(self, irql: &PassiveLevel<'_>) -> Result<(), Status> {
         verify(irql);
         let this = ManuallyDrop::new(self);

@@ -343,6 +343,7 @@ impl Machine {
             );
         }
         crate::sys::sim::flt::check_unload(&self.kernel, driver.object, &driver.name);
+        crate::sys::sim::wfp::check_unload(&self.kernel, driver.object, &driver.name);
         crate::sys::sim::irp::check_unload(&self.kernel, driver.object, &driver.name);
         let devices = state
             .devices
@@ -1236,7 +1237,9 @@ impl Machine {
     }
 
     /// The flow `flow_handle` ends (its connection is torn down): every callout context attached
-    /// to it goes to its callout's `flowDeleteFn`, at `DISPATCH_LEVEL`. Returns how many did.
+    /// to it is removed and goes to its callout's `flowDeleteFn`, at `DISPATCH_LEVEL` on this
+    /// thread — or, while another thread is classifying the flow, on that thread when its
+    /// classification returns. Returns how many contexts were removed.
     pub fn end_flow(&self, flow_handle: u64) -> usize {
         kernel::with_context(&self.kernel, DISPATCH_LEVEL, 0, || {
             engine::end_flow(flow_handle)

@@ -69,6 +69,10 @@ statuses! {
     ACCESS_DENIED = 0xC000_0022;
     /// `STATUS_OBJECT_NAME_NOT_FOUND`: for example, no communication port has that name.
     OBJECT_NAME_NOT_FOUND = 0xC000_0034;
+    /// `STATUS_OBJECT_NAME_EXISTS`: an informational status, not an error by its severity (so
+    /// [`Status::from_ntstatus`] accepts it). `FwpsFlowAssociateContext0` returns it when the
+    /// callout already has a context on the flow, without associating the new one.
+    OBJECT_NAME_EXISTS = 0x4000_0000;
     /// `STATUS_OBJECT_NAME_COLLISION`.
     OBJECT_NAME_COLLISION = 0xC000_0035;
     /// `STATUS_PORT_DISCONNECTED`: the other end of a communication port went away.

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use super::bugcheck::stop;
-use super::kernel::{THREAD, current, irql, level_name, require_irql};
+use super::kernel::{THREAD, current, current_driver, irql, level_name, require_irql};
 use crate::bugcheck::BugCheckCode;
 use crate::layer::value::ValueKind;
 use crate::layer::{IpVersion, LayerInfo, layer_by_id, layer_by_key};
@@ -35,6 +35,7 @@ use crate::sys::fwp::*;
 use crate::sys::types::*;
 
 const STATUS_SUCCESS: NTSTATUS = 0;
+const STATUS_PENDING: NTSTATUS = 0x0000_0103;
 const ZERO: GUID = GUID {
     Data1: 0,
     Data2: 0,
@@ -131,6 +132,8 @@ struct Session {
     dynamic: bool,
     /// How long a write waits for another session's transaction (`None`: forever).
     txn_wait: Option<Duration>,
+    /// The driver whose code opened it (0: the test harness), checked at its unload.
+    driver: usize,
 }
 
 struct Transaction {
@@ -164,8 +167,14 @@ pub(crate) struct Bfe {
     completion_handles: HashMap<usize, CompletionHandle>,
     /// Pended classifications, by completion context.
     pends: HashMap<usize, Pend>,
-    /// Flow contexts: (flow id, layer id, callout id) → context.
-    flow_contexts: HashMap<(u64, u16, u32), u64>,
+    /// Flow contexts, by (flow id, layer id, callout id).
+    flow_contexts: HashMap<FlowKey, u64>,
+    /// Classifications in progress, by the flow handle in their metadata (those without one are
+    /// not counted).
+    classifying_flows: HashMap<u64, usize>,
+    /// Contexts removed while a classification of their flow was in progress, waiting for the
+    /// last one to return before they go to `flowDeleteFn`.
+    deferred_flow_deletes: Vec<(FlowKey, u64)>,
     /// Classifications in progress, by the classify context handed to callouts.
     live_classifications: HashMap<usize, LiveClassification>,
     /// Classify handles acquired and not yet released.
@@ -175,6 +184,9 @@ pub(crate) struct Bfe {
     /// Classify contexts of classifications that returned, the most recent ones.
     retired_classify_contexts: Retired,
 }
+
+/// A flow context's place: (flow id, layer id, callout id).
+type FlowKey = (u64, u16, u32);
 
 /// The last [`Retired::CAPACITY`] values of one kind the engine handed out and invalidated.
 /// Only the stop's report reads it (was the value handed out once, or never?): any value that
@@ -326,10 +338,18 @@ pub unsafe extern "system" fn FwpmEngineOpen0(
         u32::MAX => None,
         ms => Some(Duration::from_millis(ms.into())),
     };
+    let driver = current_driver();
     let handle = with_bfe(|bfe| {
         bfe.next_handle += 1;
         let handle = 0x5E55_0000 + bfe.next_handle;
-        bfe.sessions.insert(handle, Session { dynamic, txn_wait });
+        bfe.sessions.insert(
+            handle,
+            Session {
+                dynamic,
+                txn_wait,
+                driver,
+            },
+        );
         handle
     });
     // SAFETY: writable per the contract.
@@ -337,8 +357,11 @@ pub unsafe extern "system" fn FwpmEngineOpen0(
     STATUS_SUCCESS
 }
 
-/// `FwpmEngineClose0`: aborts the session's transaction and, for a dynamic session, deletes
-/// every object it added.
+/// `FwpmEngineClose0`: aborts the session's transaction (as documented: "If this function is
+/// called with a transaction in progress, the transaction will be aborted"), which deletes the
+/// filters added in it as [`FwpmTransactionAbort0`] does, and, for a dynamic session, deletes
+/// every object it added. Objects a non-dynamic session added stay in the engine after it
+/// closes (until deleted, or persistent ones for good), as on Windows.
 ///
 /// # Safety
 ///
@@ -349,12 +372,20 @@ pub unsafe extern "system" fn FwpmEngineClose0(engineHandle: HANDLE) -> NTSTATUS
     let _wake = WakeTxnWaiters;
     let removed = with_bfe(|bfe| {
         let session = session_of(bfe, engineHandle)?;
+        let mut removed = Vec::new();
         if bfe.txn.as_ref().is_some_and(|t| t.session == session) {
             let txn = bfe.txn.take().expect("checked");
+            // The filters added in the aborted transaction are deleted: their callouts are told.
+            removed.extend(
+                bfe.objects
+                    .filters
+                    .values()
+                    .filter(|f| !txn.snapshot.filters.contains_key(&f.id))
+                    .cloned(),
+            );
             bfe.objects = txn.snapshot;
         }
         let dynamic = bfe.sessions.remove(&session).is_some_and(|s| s.dynamic);
-        let mut removed = Vec::new();
         if dynamic {
             let ids: Vec<u64> = bfe
                 .objects
@@ -383,6 +414,82 @@ pub unsafe extern "system" fn FwpmEngineClose0(engineHandle: HANDLE) -> NTSTATUS
         }
         Err(status) => status,
     }
+}
+
+/// Parameter 3 of the `DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS` stop for a
+/// filter-engine session still open at unload (1 to 3 are the filter manager's: server port,
+/// client connection, minifilter).
+pub(crate) const UNLOAD_SESSION_OPEN: usize = 4;
+
+/// The unload check for the filter engine: a session the driver opened (`FwpmEngineOpen0` in its
+/// code) and did not close stops the machine with 0xCE, parameter 2 = the engine handle,
+/// parameter 3 = [`UNLOAD_SESSION_OPEN`], parameter 4 = how many of its sessions are open (the
+/// lowest handle is reported).
+///
+/// INFERRED: Microsoft documents no stop for it. On Windows nothing closes a kernel-mode session
+/// for the driver, so everything it owns outlives the driver: a dynamic session's filters stay
+/// in force (a terminating callout filter keeps blocking once its callout is unregistered), and
+/// its open transaction, if any, keeps every other session's writes waiting. The simulator
+/// reports it the way it reports the driver's other leftovers at unload, and changes nothing:
+/// the objects stay where the driver left them.
+pub(crate) fn check_unload(kernel: &super::kernel::Kernel, driver: usize, name: &str) {
+    let bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
+    let mut open: Vec<(usize, bool)> = bfe
+        .sessions
+        .iter()
+        .filter(|(_, s)| s.driver == driver)
+        .map(|(&handle, s)| (handle, s.dynamic))
+        .collect();
+    open.sort_unstable();
+    let Some(&(handle, dynamic)) = open.first() else {
+        return;
+    };
+    let objects = &bfe.objects;
+    let filters = objects
+        .filters
+        .values()
+        .filter(|f| f.session == handle)
+        .count();
+    let callouts = objects
+        .callouts
+        .values()
+        .filter(|c| c.session == handle)
+        .count();
+    let sublayers = objects
+        .sublayers
+        .values()
+        .filter(|x| x.session == handle)
+        .count();
+    let providers = objects
+        .providers
+        .values()
+        .filter(|p| p.session == handle)
+        .count();
+    let txn = bfe.txn.as_ref().is_some_and(|t| t.session == handle);
+    drop(bfe);
+    let kind = if dynamic { "dynamic" } else { "non-dynamic" };
+    let txn = if txn {
+        ", its transaction still open (every other session's writes wait for it)"
+    } else {
+        ""
+    };
+    let consequence = if dynamic {
+        "a dynamic session's objects are deleted only when it closes, so they outlive the driver \
+         and its filters keep acting (a filter naming an unregistered callout blocks)"
+    } else {
+        "the session is never closed"
+    };
+    stop(
+        BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS,
+        [0, handle, UNLOAD_SESSION_OPEN, open.len()],
+        &format!(
+            "driver {name} unloaded with {} filter engine session(s) still open (engine handle \
+             {handle:#x}: {kind}{txn}; it owns {filters} filter(s), {callouts} callout(s), \
+             {sublayers} sublayer(s), {providers} provider(s)); {consequence}. Close every \
+             Engine (Engine::close) before unload returns",
+            open.len()
+        ),
+    );
 }
 
 /// `FwpmTransactionBegin0`. One transaction at a time, machine-wide.
@@ -1309,8 +1416,13 @@ pub unsafe extern "system" fn FwpsCalloutUnregisterById0(calloutId: u32) -> NTST
         .flow_contexts
         .keys()
         .any(|&(_, _, callout)| callout == calloutId)
+        || bfe
+            .deferred_flow_deletes
+            .iter()
+            .any(|&((_, _, callout), _)| callout == calloutId)
     {
-        // Flows still carry this callout's contexts: the driver must remove them first.
+        // Flows still carry this callout's contexts (or a removed one still waits for its
+        // flowDeleteFn): the driver must remove them first, and try again.
         return Status::DEVICE_BUSY.raw();
     }
     loop {
@@ -1840,6 +1952,7 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
         context
     });
     incoming.classify_context = classification as *const core::ffi::c_void;
+    let flow = enter_flow(&incoming.metadata);
     // Collect the matching filters from the committed objects, in evaluation order, and count a
     // call into each registered callout among them.
     let mut matched: Vec<Matched> = with_bfe(|bfe| {
@@ -2047,6 +2160,7 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
     })
     .and_then(|c| c.pended);
     current.pended = current.pended.or(by_classify_handle);
+    leave_flow(flow);
     current
 }
 
@@ -2244,6 +2358,7 @@ impl Direct {
         let classify_fn = self.classify_fn;
         let (fixed, metadata) = (&*self.fixed, &*self.metadata);
         let filter = self.filter.filter();
+        let flow = enter_flow(metadata);
         in_driver(driver, "classifyFn", || {
             // SAFETY: the callout registered this classifyFn and cannot be unregistered while
             // `self.call` is held; every pointer is owned by `self` (values, metadata, filter)
@@ -2261,6 +2376,7 @@ impl Direct {
                 )
             }
         });
+        leave_flow(flow);
         (
             out.actionType,
             out.rights,
@@ -2639,8 +2755,10 @@ fn incoming_flow_context(incoming: &Incoming, callout: u32) -> u64 {
     with_bfe(|bfe| bfe.flow_contexts.get(&key).copied()).unwrap_or(incoming.flow_context)
 }
 
-/// `FwpsFlowAssociateContext0`. A zero context is refused; so is a second context for the same
-/// flow, layer and callout (INFERRED: `STATUS_FWP_ALREADY_EXISTS`).
+/// `FwpsFlowAssociateContext0`, as documented: `STATUS_INVALID_PARAMETER` for a zero context or
+/// a callout that is not registered with a `flowDeleteFn`; `STATUS_OBJECT_NAME_EXISTS` (an
+/// informational status, not an error code) when the callout already has a context on the flow
+/// at this layer, which stays associated.
 ///
 /// # Safety
 ///
@@ -2656,14 +2774,18 @@ pub unsafe extern "system" fn FwpsFlowAssociateContext0(
         return Status::INVALID_PARAMETER.raw();
     }
     status(with_bfe(|bfe| {
-        if !bfe.runtime.contains_key(&calloutId) {
-            return Err(Status::FWP_CALLOUT_NOT_FOUND.raw());
+        if bfe
+            .runtime
+            .get(&calloutId)
+            .is_none_or(|callout| callout.flow_delete.is_none())
+        {
+            return Err(Status::INVALID_PARAMETER.raw());
         }
         if bfe
             .flow_contexts
             .contains_key(&(flowId, layerId, calloutId))
         {
-            return Err(Status::FWP_ALREADY_EXISTS.raw());
+            return Err(Status::OBJECT_NAME_EXISTS.raw());
         }
         bfe.flow_contexts
             .insert((flowId, layerId, calloutId), flowContext);
@@ -2671,8 +2793,15 @@ pub unsafe extern "system" fn FwpsFlowAssociateContext0(
     }))
 }
 
-/// `FwpsFlowRemoveContext0`: removes the context and calls the callout's `flowDeleteFn` with it
-/// synchronously; `STATUS_UNSUCCESSFUL` when there is none.
+/// `FwpsFlowRemoveContext0`, as its reference page documents it: `STATUS_UNSUCCESSFUL` when no
+/// context is associated; `STATUS_PENDING` while a classification of the flow is in progress,
+/// and `flowDeleteFn` runs later — here when the last classification of the flow returns, on
+/// its thread; otherwise `STATUS_SUCCESS`, having called `flowDeleteFn` synchronously, from
+/// inside this call (so a caller holding a spin lock that its `flowDeleteFn` takes deadlocks on
+/// Windows, and stops the simulator with `SPIN_LOCK_ALREADY_OWNED`).
+///
+/// INFERRED: "a classification in progress" is counted per flow (any layer, any callout):
+/// every classification whose metadata carries the flow's handle, including the one calling.
 ///
 /// # Safety
 ///
@@ -2683,12 +2812,62 @@ pub unsafe extern "system" fn FwpsFlowRemoveContext0(
     calloutId: u32,
 ) -> NTSTATUS {
     require_irql("FwpsFlowRemoveContext0", DISPATCH_LEVEL);
-    let Some(context) = with_bfe(|bfe| bfe.flow_contexts.remove(&(flowId, layerId, calloutId)))
-    else {
-        return Status::UNSUCCESSFUL.raw();
+    let removed = with_bfe(|bfe| {
+        let context = bfe.flow_contexts.remove(&(flowId, layerId, calloutId))?;
+        if bfe.classifying_flows.contains_key(&flowId) {
+            bfe.deferred_flow_deletes
+                .push(((flowId, layerId, calloutId), context));
+            Some(None)
+        } else {
+            Some(Some(context))
+        }
+    });
+    match removed {
+        None => Status::UNSUCCESSFUL.raw(),
+        Some(None) => STATUS_PENDING,
+        Some(Some(context)) => {
+            delete_flow_context(layerId, calloutId, context);
+            STATUS_SUCCESS
+        }
+    }
+}
+
+/// A classification of a flow in progress, from [`enter_flow`] to [`leave_flow`].
+#[must_use]
+struct FlowClassification(Option<u64>);
+
+/// Counts a classification of the flow in `metadata` (if it has a flow handle) as in progress.
+fn enter_flow(metadata: &FWPS_INCOMING_METADATA_VALUES0) -> FlowClassification {
+    if metadata.currentMetadataValues & FWPS_METADATA_FIELD_FLOW_HANDLE == 0 {
+        return FlowClassification(None);
+    }
+    let flow = metadata.flowHandle;
+    with_bfe(|bfe| *bfe.classifying_flows.entry(flow).or_insert(0) += 1);
+    FlowClassification(Some(flow))
+}
+
+/// The classification returned: if it was the last one of its flow, the contexts removed from
+/// the flow meanwhile go to their `flowDeleteFn` now, on this thread.
+fn leave_flow(classification: FlowClassification) {
+    let Some(flow) = classification.0 else {
+        return;
     };
-    delete_flow_context(layerId, calloutId, context);
-    STATUS_SUCCESS
+    let deferred: Vec<(FlowKey, u64)> = with_bfe(|bfe| {
+        let count = bfe.classifying_flows.get_mut(&flow).expect("entered");
+        *count -= 1;
+        if *count > 0 {
+            return Vec::new();
+        }
+        bfe.classifying_flows.remove(&flow);
+        let (mine, others) = core::mem::take(&mut bfe.deferred_flow_deletes)
+            .into_iter()
+            .partition(|&((of, _, _), _)| of == flow);
+        bfe.deferred_flow_deletes = others;
+        mine
+    });
+    for ((_, layer, callout), context) in deferred {
+        delete_flow_context(layer, callout, context);
+    }
 }
 
 /// Hands a removed context to its callout's `flowDeleteFn`.
@@ -2706,23 +2885,33 @@ fn delete_flow_context(layer: u16, callout: u32, context: u64) {
     }
 }
 
-/// A flow ends: every context associated with it goes to its callout's `flowDeleteFn`.
+/// A flow ends: every context associated with it goes to its callout's `flowDeleteFn` — at once,
+/// or, while a classification of the flow is in progress, when the last one returns (INFERRED:
+/// the classification holds the flow, as it does for [`FwpsFlowRemoveContext0`]). Returns how
+/// many contexts were removed.
 pub(crate) fn end_flow(flow: u64) -> usize {
-    let removed: Vec<((u64, u16, u32), u64)> = with_bfe(|bfe| {
-        let keys: Vec<(u64, u16, u32)> = bfe
+    let (removed, count): (Vec<(FlowKey, u64)>, usize) = with_bfe(|bfe| {
+        let keys: Vec<FlowKey> = bfe
             .flow_contexts
             .keys()
             .filter(|k| k.0 == flow)
             .copied()
             .collect();
-        keys.into_iter()
+        let removed: Vec<_> = keys
+            .into_iter()
             .filter_map(|k| bfe.flow_contexts.remove(&k).map(|c| (k, c)))
-            .collect()
+            .collect();
+        let count = removed.len();
+        if bfe.classifying_flows.contains_key(&flow) {
+            bfe.deferred_flow_deletes.extend(removed);
+            return (Vec::new(), count);
+        }
+        (removed, count)
     });
     for &((_, layer, callout), context) in &removed {
         delete_flow_context(layer, callout, context);
     }
-    removed.len()
+    count
 }
 
 #[cfg(test)]
