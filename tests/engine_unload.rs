@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use wfp_rs::bugcheck::BugCheckCode;
-use wfp_rs::callout::{Callout, CalloutRegistration, Classify, FilterEvent};
+use wfp_rs::callout::{Callout, CalloutKey, CalloutRegistration, Classify, FilterEvent};
 use wfp_rs::classify::Action;
 use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::engine::{CalloutEntry, Engine, SessionOptions};
@@ -20,9 +20,11 @@ use wfp_rs::sim::{ClassifyRequest, Machine, run_isolated};
 use wfp_rs::spin_lock::SpinLock;
 use wfp_rs::{Guid, Status, guid};
 
-const CALLOUT: Guid = guid!("7a000000-0000-0000-0000-000000000001");
+const CALLOUT: CalloutKey<AleAuthConnectV4> =
+    CalloutKey::new(guid!("7a000000-0000-0000-0000-000000000001"));
 const FILTER: Guid = guid!("7a000000-0000-0000-0000-000000000002");
-const OTHER_CALLOUT: Guid = guid!("7a000000-0000-0000-0000-000000000003");
+const OTHER_CALLOUT: CalloutKey<AleAuthConnectV4> =
+    CalloutKey::new(guid!("7a000000-0000-0000-0000-000000000003"));
 const OTHER_FILTER: Guid = guid!("7a000000-0000-0000-0000-000000000004");
 
 /// Permits everything; counts the filters deleted under it.

@@ -380,9 +380,13 @@ impl Scene {
         let driver = machine.load_driver("host", host::DriverEntry).unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let for_callout = Arc::clone(&log);
-        let installed = install(&machine, &driver, CALLOUT, FILTER, move |_| {
-            Scripted::new(for_callout)
-        });
+        let installed = install(
+            &machine,
+            &driver,
+            CalloutKey::new(CALLOUT),
+            FILTER,
+            move |_| Scripted::new(for_callout),
+        );
         let scene = Scene {
             machine,
             driver,
