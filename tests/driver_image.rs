@@ -1,4 +1,7 @@
-//! The minimal-driver kernel image, checked the way Windows looks at a driver before it loads it.
+//! The example drivers' kernel images, checked the way Windows looks at a driver before it
+//! loads it, and checked for stack depth: every example driver's image, release and debug, must
+//! pass `wfp-rs-stack`'s check (no bounded path from a routine the kernel calls deeper than
+//! the budget; see docs/building-drivers.md).
 //!
 //! The image is built by `cargo xtask driver minimal-driver`, the command a user runs, so the
 //! link flags, the `.dll` → `.sys` rename and the xtask itself are tested together. It is built
@@ -41,6 +44,7 @@ fn minimal_driver_image_is_a_wdm_kernel_driver() {
         return;
     };
     check_driver_image(&sys);
+    check_stack(&sys);
 }
 
 /// The example firewall's driver: a bigger driver (port, control device, four callouts) whose
@@ -51,6 +55,7 @@ fn firewall_driver_image_is_a_wdm_kernel_driver() {
         return;
     };
     check_driver_image(&sys);
+    check_stack(&sys);
 }
 
 /// A debug image has functions whose frames are larger than a page (seed-fixed's
@@ -64,6 +69,7 @@ fn debug_image_with_page_sized_frames_imports_chkstk_from_ntoskrnl() {
         return;
     };
     check_driver_image(&sys);
+    check_stack(&sys);
 
     let data = std::fs::read(&sys)
         .unwrap_or_else(|e| panic!("expected to read {}, found error: {e}", sys.display()));
@@ -80,6 +86,56 @@ fn debug_image_with_page_sized_frames_imports_chkstk_from_ntoskrnl() {
         ["ntoskrnl.exe"],
         "expected the debug image of seed-fixed to import __chkstk from ntoskrnl.exe only \
          (its frames over a page call the stack probe), found it imported from {providers:?}"
+    );
+}
+
+/// The images the tests above do not build already, each checked the same way: with them every
+/// example driver is checked in both profiles (the debug images have much bigger frames: no
+/// optimisation, a stack slot for every temporary).
+#[test]
+fn other_example_images_pass_the_stack_check_in_both_profiles() {
+    for (package, profile) in [
+        ("minimal-driver", Profile::Debug),
+        ("starter", Profile::Release),
+        ("starter", Profile::Debug),
+        ("seed-fixed", Profile::Release),
+        ("firewall-driver", Profile::Debug),
+    ] {
+        let Some(sys) = build_driver_image(package, profile) else {
+            return;
+        };
+        check_driver_image(&sys);
+        check_stack(&sys);
+    }
+}
+
+/// Asserts that the image at `sys` passes the stack check with the default budget, printing
+/// the report when it does not. The image's linker map, which `cargo xtask driver` leaves
+/// beside it, names the functions; the check asserts it was found.
+fn check_stack(sys: &Path) {
+    assert!(
+        sys.with_extension("map").is_file(),
+        "expected the linker map {} beside the image (wfp-rs-build links with /MAP and the \
+         xtask copies it), found none",
+        sys.with_extension("map").display()
+    );
+    let report = wfp_rs_stack::analyze_file(sys, &wfp_rs_stack::Options::default())
+        .unwrap_or_else(|e| panic!("expected {} to be analysable, found: {e}", sys.display()));
+    assert!(
+        report.names.values().any(|name| name == "DriverEntry"),
+        "expected the map to name DriverEntry"
+    );
+    assert!(
+        report.passed(),
+        "expected {} to pass the stack check (budget {} bytes), found:\n{report}",
+        sys.display(),
+        report.budget
+    );
+    let deepest = report.deepest().map_or(0, |entry| entry.depth.bytes);
+    assert!(
+        deepest > 0 && report.entries.len() > 1,
+        "expected entry points with a depth in {}, found:\n{report}",
+        sys.display()
     );
 }
 
