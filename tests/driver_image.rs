@@ -58,13 +58,14 @@ fn firewall_driver_image_is_a_wdm_kernel_driver() {
     check_stack(&sys);
 }
 
-/// A debug image has functions whose frames are larger than a page (seed-fixed's
-/// `VerdictTable::new` and `Arc::new` of its driver state, among others), and rustc calls the
-/// stack probe `__chkstk` in their prologues. No C runtime is linked into a kernel image, so
-/// wfp-rs imports the probe from ntoskrnl.exe: the image must link, and `__chkstk` must be
-/// among ntoskrnl.exe's imports and no other module's.
+/// rustc calls the stack probe `__chkstk` in the prologue of every function whose frame is
+/// larger than a page. No C runtime is linked into a kernel image, so wfp-rs imports the probe
+/// from ntoskrnl.exe: wherever the debug image of seed-fixed has such a frame (the stack
+/// check's unwind data tells), `__chkstk` must be among ntoskrnl.exe's imports and no other
+/// module's; and it is imported from nowhere else in any case. (seed-fixed once had several
+/// such frames; since its verdict table lives in pool it may have none.)
 #[test]
-fn debug_image_with_page_sized_frames_imports_chkstk_from_ntoskrnl() {
+fn debug_image_imports_chkstk_from_ntoskrnl_where_a_frame_needs_it() {
     let Some(sys) = build_driver_image("seed-fixed", Profile::Debug) else {
         return;
     };
@@ -81,11 +82,22 @@ fn debug_image_with_page_sized_frames_imports_chkstk_from_ntoskrnl() {
         .filter(|import| import.name() == NameOrOrdinal::Name(b"__chkstk".as_slice()))
         .map(|import| String::from_utf8_lossy(import.library()).into_owned())
         .collect();
-    assert_eq!(
-        providers,
-        ["ntoskrnl.exe"],
-        "expected the debug image of seed-fixed to import __chkstk from ntoskrnl.exe only \
-         (its frames over a page call the stack probe), found it imported from {providers:?}"
+    let report = wfp_rs_stack::analyze_pe(&data, &wfp_rs_stack::Options::default())
+        .expect("expected the image to be analysable");
+    let page_frames = report
+        .functions
+        .values()
+        .filter(|function| function.frame > 4096)
+        .count();
+    let expected: &[&str] = if page_frames > 0 {
+        &["ntoskrnl.exe"]
+    } else {
+        &[]
+    };
+    assert!(
+        providers == expected || (page_frames == 0 && providers == ["ntoskrnl.exe"]),
+        "expected the debug image of seed-fixed ({page_frames} frame(s) over a page) to import \
+         __chkstk from {expected:?}, found it imported from {providers:?}"
     );
 }
 

@@ -41,7 +41,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register};
+use iced_x86::{
+    Code, Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register,
+};
 
 pub mod map;
 mod pe;
@@ -118,7 +120,8 @@ impl Image {
     }
 
     fn is_code(&self, rva: u32) -> bool {
-        self.section_of(rva).is_some_and(|section| section.executable)
+        self.section_of(rva)
+            .is_some_and(|section| section.executable)
     }
 }
 
@@ -644,7 +647,10 @@ pub fn analyze(image: &Image, options: &Options) -> Report {
     // Entry points.
     let mut entries: BTreeMap<u32, BTreeSet<EntryKind>> = BTreeMap::new();
     if let Some(entry) = image.entry_point {
-        entries.entry(entry).or_default().insert(EntryKind::ImageEntry);
+        entries
+            .entry(entry)
+            .or_default()
+            .insert(EntryKind::ImageEntry);
     }
     for rva in image.exports.keys() {
         if functions.contains_key(rva) {
@@ -652,7 +658,10 @@ pub fn analyze(image: &Image, options: &Options) -> Report {
         }
     }
     for rva in address_taken {
-        entries.entry(rva).or_default().insert(EntryKind::AddressInCode);
+        entries
+            .entry(rva)
+            .or_default()
+            .insert(EntryKind::AddressInCode);
     }
     for target in image.data_pointers.values() {
         if functions.contains_key(target) {
@@ -854,12 +863,15 @@ fn decode(
         }
         let raw = &bytes[(site - start) as usize..(next - start) as usize];
         if instruction.mnemonic() == Mnemonic::Lea && instruction.is_ip_rel_memory_operand() {
-            out.lea_targets.push(instruction.ip_rel_memory_address() as u32);
+            out.lea_targets
+                .push(instruction.ip_rel_memory_address() as u32);
         }
         if instruction.op0_kind() == OpKind::Register && instruction.op0_register() == Register::RSP
         {
             match instruction.mnemonic() {
-                Mnemonic::Sub if instruction.op1_kind() == OpKind::Register && site >= prolog_end => {
+                Mnemonic::Sub
+                    if instruction.op1_kind() == OpKind::Register && site >= prolog_end =>
+                {
                     out.flags.push((site, FlagKind::DynamicAllocation));
                 }
                 Mnemonic::And if is_immediate(instruction.op1_kind()) => {

@@ -232,9 +232,7 @@ fn chained_unwind_info_adds_the_primary_entry() {
     let primary = b.function(&[code(4, ALLOC_SMALL, 15)], |_| vec![RET]); // 128
     let chained = b.runtime_function(primary);
     // A fragment (cold code split from `primary`) with one more push of its own.
-    let fragment = b.function_with(1, &[code(1, PUSH_NONVOL, 6)], Some(chained), |_| {
-        vec![RET]
-    });
+    let fragment = b.function_with(1, &[code(1, PUSH_NONVOL, 6)], Some(chained), |_| vec![RET]);
     let report = report(&b.image(primary));
     assert_eq!(report.functions[&fragment].frame, 8 + 8 + 128);
     let wfp_rs_stack::FrameSource::Unwind(frame) = &report.functions[&fragment].source else {
@@ -304,7 +302,10 @@ fn an_indirect_call_is_flagged_and_reported_on_every_entry_that_reaches_it() {
     let kinds: Vec<(u32, &FlagKind)> = report.flags.iter().map(|f| (f.function, &f.kind)).collect();
     assert_eq!(
         kinds,
-        vec![(indirect, &FlagKind::IndirectCall), (tail, &FlagKind::IndirectTailCall)],
+        vec![
+            (indirect, &FlagKind::IndirectCall),
+            (tail, &FlagKind::IndirectTailCall)
+        ],
         "{report}"
     );
     let entry_report = report.entries.iter().find(|e| e.rva == entry).unwrap();
@@ -457,7 +458,11 @@ fn a_run_time_sized_allocation_outside_the_prolog_fails_the_check() {
     });
     let report = report(&b.image(f));
     let sites: Vec<(u32, &FlagKind)> = report.flags.iter().map(|f| (f.site, &f.kind)).collect();
-    assert_eq!(sites, vec![(f + 13, &FlagKind::DynamicAllocation)], "{report}");
+    assert_eq!(
+        sites,
+        vec![(f + 13, &FlagKind::DynamicAllocation)],
+        "{report}"
+    );
     assert!(!report.passed());
 }
 

@@ -228,9 +228,9 @@ impl StackOptions {
         let mut args = args.iter();
         while let Some(arg) = args.next() {
             if arg == "--budget" {
-                let value = args.next().ok_or_else(|| {
-                    Error::Usage("`--budget` needs a number of bytes".into())
-                })?;
+                let value = args
+                    .next()
+                    .ok_or_else(|| Error::Usage("`--budget` needs a number of bytes".into()))?;
                 budget = value.parse().map_err(|_| {
                     Error::Usage(format!("`--budget {value}`: expected a number of bytes"))
                 })?;

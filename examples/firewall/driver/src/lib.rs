@@ -249,8 +249,7 @@ use core::time::Duration;
 
 use firewall_protocol::control::{REVOKE, REVOKED_LEN, Revoke, Revoked};
 use firewall_protocol::{
-    ConnectionReply, ConnectionRequest, Direction, FirewallProtocol, ImagePath,
-    Verdict,
+    ConnectionReply, ConnectionRequest, Direction, FirewallProtocol, ImagePath, Verdict,
 };
 use wfp_rs::callout::{Callout, CalloutRegistration, Classify};
 use wfp_rs::classify::ClassifyOut;
@@ -540,8 +539,9 @@ impl Observed {
             .values
             .get::<fields::AleAppId>()
             .map_err(|_| NoRequest::Unreadable)?;
-        let mut request = PoolBox::try_new(self.request_without_path(request_id), REQUEST_TAG, irql)
-            .map_err(|_| NoRequest::NoPool)?;
+        let mut request =
+            PoolBox::try_new(self.request_without_path(request_id), REQUEST_TAG, irql)
+                .map_err(|_| NoRequest::NoPool)?;
         request
             .image_path
             .set_units_truncating(app.units())
@@ -1491,7 +1491,11 @@ fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<Firewal
 /// function of its own: in a debug build each step of the builder is a copy on the stack,
 /// and these copies must not lie under [`Engine::add_filter`] (see [`start`]).
 #[inline(never)]
-fn terminating_filter<'a, L: Layer>(filter: Guid, callout: Guid, name: &'a str) -> WfpFilter<'a, L> {
+fn terminating_filter<'a, L: Layer>(
+    filter: Guid,
+    callout: Guid,
+    name: &'a str,
+) -> WfpFilter<'a, L> {
     WfpFilter::<L>::new(filter)
         .name(name)
         .provider(PROVIDER)
