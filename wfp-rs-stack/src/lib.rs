@@ -299,6 +299,10 @@ pub struct Depth {
     pub path: Vec<u32>,
     /// Indices into [`Report::flags`] of the unbounded sites reachable from here.
     pub unbounded: BTreeSet<usize>,
+    /// When an indirect call or indirect tail call is reachable from here: the most stack, in
+    /// bytes from this function's return address on, that is in use by the frames above its
+    /// unknown target when it is made. The target's own depth adds to it, and is in no bound.
+    pub indirect_base: Option<u64>,
 }
 
 /// An entry point and its worst-case depth.
@@ -396,6 +400,31 @@ impl Report {
         }
     }
 
+    /// The deepest address-taken function (an [`EntryKind::AddressInCode`] or
+    /// [`EntryKind::AddressInData`] entry point): every possible target of an indirect call is
+    /// one of these.
+    pub fn deepest_indirect_target(&self) -> Option<&Entry> {
+        self.entries
+            .iter()
+            .filter(|entry| {
+                entry.kinds.contains(&EntryKind::AddressInCode)
+                    || entry.kinds.contains(&EntryKind::AddressInData)
+            })
+            .max_by_key(|entry| entry.depth.bytes)
+    }
+
+    /// The pessimistic depth of `entry` if each indirect call it reaches called the deepest
+    /// address-taken function ([`deepest_indirect_target`](Self::deepest_indirect_target)).
+    /// Information only: [`passed`](Self::passed) does not use it (the real targets are usually
+    /// far shallower, and the search does not follow the targets' own indirect calls).
+    pub fn pessimistic_depth(&self, entry: &Entry) -> u64 {
+        let through_indirect = match (entry.depth.indirect_base, self.deepest_indirect_target()) {
+            (Some(base), Some(target)) => base + target.depth.bytes,
+            _ => 0,
+        };
+        entry.depth.bytes.max(through_indirect)
+    }
+
     /// The deepest entry point, if any.
     pub fn deepest(&self) -> Option<&Entry> {
         self.entries.iter().max_by_key(|entry| entry.depth.bytes)
@@ -422,13 +451,13 @@ impl fmt::Display for Report {
             } else {
                 "ok"
             };
-            let unbounded = if entry.depth.unbounded.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    ", +unbounded through {} flagged site(s)",
-                    entry.depth.unbounded.len()
-                )
+            let unbounded = match (entry.depth.unbounded.len(), entry.depth.indirect_base) {
+                (0, _) => String::new(),
+                (count, None) => format!(", +unbounded through {count} flagged site(s)"),
+                (count, Some(base)) => format!(
+                    ", +unbounded through {count} flagged site(s); an indirect call made with \
+                     {base} bytes in use"
+                ),
             };
             writeln!(
                 f,
@@ -444,6 +473,23 @@ impl fmt::Display for Report {
         if let Some(deepest) = entries.first() {
             writeln!(f, "deepest path ({} bytes):", deepest.depth.bytes)?;
             self.write_path(f, &deepest.depth.path)?;
+        }
+        if let Some(target) = self.deepest_indirect_target() {
+            let worst = self
+                .entries
+                .iter()
+                .max_by_key(|entry| self.pessimistic_depth(entry));
+            if let Some(worst) = worst {
+                writeln!(
+                    f,
+                    "through indirect calls (information, not checked): the deepest possible \
+                     target is {} ({} bytes); with it, {} would reach {} bytes",
+                    self.name(target.rva),
+                    target.depth.bytes,
+                    self.name(worst.rva),
+                    self.pessimistic_depth(worst)
+                )?;
+            }
         }
         for rva in self.unreached_over_budget() {
             writeln!(
@@ -744,6 +790,10 @@ impl Search<'_> {
             .filter(|(_, flag)| flag.function == start)
             .map(|(index, _)| index)
             .collect();
+        let mut indirect_base: Option<u64> = None;
+        let mut raise = |base: u64| {
+            indirect_base = Some(indirect_base.map_or(base, |old| old.max(base)));
+        };
         // Below our frame (calls) and at our depth (tail calls).
         let mut deepest_call = (0u64, Vec::new());
         let mut deepest_tail = (0u64, Vec::new());
@@ -762,6 +812,9 @@ impl Search<'_> {
                     }
                     let callee = self.depth(*target);
                     unbounded.extend(callee.unbounded.iter().copied());
+                    if let Some(base) = callee.indirect_base {
+                        raise(if tail { base } else { function.frame + base });
+                    }
                     let best = if tail {
                         &mut deepest_tail
                     } else {
@@ -771,9 +824,16 @@ impl Search<'_> {
                         *best = (callee.bytes, callee.path);
                     }
                 }
-                EdgeKind::Import(_) | EdgeKind::Indirect { .. } => {
+                EdgeKind::Indirect { tail } => {
+                    // The target's depth counts its return address (ours, for a tail call).
+                    raise(if *tail { 0 } else { function.frame });
+                    if RETURN_ADDRESS > deepest_call.0 {
+                        deepest_call = (RETURN_ADDRESS, Vec::new());
+                    }
+                }
+                EdgeKind::Import(_) => {
                     // The return address the call pushes; the callee's own frames are the
-                    // kernel's (imports) or unknown (indirect: flagged).
+                    // kernel's.
                     if RETURN_ADDRESS > deepest_call.0 {
                         deepest_call = (RETURN_ADDRESS, Vec::new());
                     }
@@ -787,6 +847,7 @@ impl Search<'_> {
                 bytes: deepest_tail.0,
                 path: deepest_tail.1,
                 unbounded,
+                indirect_base,
             }
         } else {
             let mut path = vec![start];
@@ -795,6 +856,7 @@ impl Search<'_> {
                 bytes: through_call,
                 path,
                 unbounded,
+                indirect_base,
             }
         };
         self.depths.insert(start, depth.clone());

@@ -310,6 +310,10 @@ fn an_indirect_call_is_flagged_and_reported_on_every_entry_that_reaches_it() {
     );
     let entry_report = report.entries.iter().find(|e| e.rva == entry).unwrap();
     assert_eq!(entry_report.depth.unbounded.len(), 1);
+    // The indirect call is made with the entry's and `indirect`'s frames in use.
+    assert_eq!(entry_report.depth.indirect_base, Some(48 + 48));
+    assert_eq!(report.depths[&tail].indirect_base, Some(0));
+    assert_eq!(report.depths[&switch].indirect_base, None);
     assert!(report.to_string().contains("indirect call at"), "{report}");
     // Unbounded sites are reported, not failed.
     assert!(report.passed());

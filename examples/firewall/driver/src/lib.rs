@@ -1305,7 +1305,7 @@ impl DriverState for Firewall {
 /// callouts, and then the filters that hand TCP and UDP connections to them. On an error
 /// everything done so far is undone (dropped in reverse order, at `PASSIVE_LEVEL`).
 ///
-/// The work is split in two functions of their own, [`register`] and [`add_filters`], so that
+/// The work is split in two functions of their own, `register` and `add_filters`, so that
 /// the temporaries of the first are off the stack while the second (the deepest path at load
 /// time) runs: in a debug build every temporary has a stack slot of its own
 /// (`cargo xtask stack firewall-driver --debug` checks the depth).
