@@ -567,6 +567,34 @@ mod tests {
     }
 
     #[test]
+    fn stack_options() {
+        let (options, budget) = StackOptions::parse(&args(&["starter", "--debug"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            options,
+            DriverOptions {
+                package: "starter".into(),
+                release: false
+            }
+        );
+        assert_eq!(budget, wfp_rs_stack::DEFAULT_BUDGET);
+        let (_, budget) = StackOptions::parse(&args(&["--budget", "8192", "starter"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(budget, 8192);
+        assert!(matches!(
+            StackOptions::parse(&args(&["starter", "--budget"])),
+            Err(Error::Usage(_))
+        ));
+        assert!(matches!(
+            StackOptions::parse(&args(&["starter", "--budget", "12k"])),
+            Err(Error::Usage(_))
+        ));
+        assert!(StackOptions::parse(&args(&["--help"])).unwrap().is_none());
+    }
+
+    #[test]
     fn metadata() {
         let text = r#"{"packages":[
             {"name":"minimal-driver","targets":[
