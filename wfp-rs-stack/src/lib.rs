@@ -198,7 +198,8 @@ pub struct Function {
     /// One past the last byte decoded.
     pub end: u32,
     /// Stack it uses itself: the return address, the prolog's pushes and allocations, and the
-    /// worst stack realignment (`and rsp, -N`) in its body.
+    /// worst stack realignment (`and rsp, -N`) and the most stack pushed or allocated in its
+    /// body past the prolog (compilers for x64 do not, but hand-written code may).
     pub frame: u64,
     /// Where the frame size comes from.
     pub source: FrameSource,
@@ -650,11 +651,21 @@ pub fn analyze(image: &Image, options: &Options) -> Report {
                 });
                 continue;
             }
-            // A transfer into the middle of a function with unwind data goes to that function.
+            // A transfer into the middle of a function with unwind data goes to that function,
+            // unless that function is the primary entry this fragment's unwind info chains to:
+            // a jump back from split-off code into its own function's body is a jump within
+            // one function, whose frame this fragment's already includes.
             let resolved = match containing(target) {
                 Some(begin) => begin,
                 None => target,
             };
+            let chain = match &source {
+                FrameSource::Unwind(frame) => frame.chain.as_slice(),
+                FrameSource::Leaf => &[],
+            };
+            if resolved != target && chain.contains(&resolved) {
+                continue;
+            }
             match &mut edge.kind {
                 EdgeKind::Call(t) | EdgeKind::Tail(t) => *t = resolved,
                 _ => {}
@@ -677,7 +688,8 @@ pub fn analyze(image: &Image, options: &Options) -> Report {
         let frame = match &source {
             FrameSource::Unwind(frame) => RETURN_ADDRESS + frame.allocation,
             FrameSource::Leaf => RETURN_ADDRESS,
-        } + decoded.realignment;
+        } + decoded.realignment
+            + decoded.body_stack;
         functions.insert(
             start,
             Function {
@@ -870,6 +882,7 @@ struct Decoded {
     lea_targets: Vec<u32>,
     flags: Vec<(u32, FlagKind)>,
     realignment: u64,
+    body_stack: u64,
 }
 
 /// Decodes the function at `start`: to `end` when its unwind entry gives it, else (a leaf) up
@@ -908,6 +921,15 @@ fn decode(
         lea_targets: Vec::new(),
         flags: Vec::new(),
         realignment: 0,
+        body_stack: 0,
+    };
+    // Stack moved past the prolog on the straight-line path being decoded: pushes and `sub
+    // rsp, imm` add, pops and `add rsp, imm` (an epilog) take away; a return or a jump out
+    // ends the path. Its maximum adds to the frame the unwind codes give.
+    let mut body_now = 0u64;
+    let mut body_move = |out: &mut Decoded, delta: i64| {
+        body_now = body_now.saturating_add_signed(delta);
+        out.body_stack = out.body_stack.max(body_now);
     };
     let inside = |target: u32| target >= start && target < limit;
     let mut furthest_branch = start;
@@ -947,7 +969,28 @@ fn decode(
                 Mnemonic::Sub | Mnemonic::Add | Mnemonic::Mov | Mnemonic::Lea if leaf => {
                     out.flags.push((site, FlagKind::LeafMovesStack));
                 }
+                Mnemonic::Sub if is_immediate(instruction.op1_kind()) && site >= prolog_end => {
+                    body_move(&mut out, instruction.immediate(1) as i64);
+                }
+                Mnemonic::Add if is_immediate(instruction.op1_kind()) && site >= prolog_end => {
+                    body_move(&mut out, -(instruction.immediate(1) as i64));
+                }
                 _ => {}
+            }
+        }
+        if !leaf && site >= prolog_end {
+            match instruction.mnemonic() {
+                Mnemonic::Push | Mnemonic::Pushfq => body_move(&mut out, 8),
+                Mnemonic::Pop | Mnemonic::Popfq => body_move(&mut out, -8),
+                _ => {}
+            }
+            if matches!(
+                instruction.flow_control(),
+                FlowControl::Return
+                    | FlowControl::UnconditionalBranch
+                    | FlowControl::IndirectBranch
+            ) {
+                body_move(&mut out, i64::MIN);
             }
         }
         match instruction.flow_control() {

@@ -229,16 +229,39 @@ fn machine_frame_counts_40_or_48_bytes() {
 #[test]
 fn chained_unwind_info_adds_the_primary_entry() {
     let mut b = Builder::default();
-    let primary = b.function(&[code(4, ALLOC_SMALL, 15)], |_| vec![RET]); // 128
+    // The primary: `jne` to its split-off fragment (placed right after it), then `nop; ret`.
+    let fragment_at = b.next() + 16;
+    let primary = b.function(&[code(4, ALLOC_SMALL, 15)], |site| {
+        // jne rel32 (0f 85) to the fragment.
+        let rel = fragment_at.wrapping_sub(site + 6) as i32;
+        let mut body = vec![0x0f, 0x85];
+        body.extend(rel.to_le_bytes());
+        body.extend([0x90, RET]);
+        body
+    });
     let chained = b.runtime_function(primary);
-    // A fragment (cold code split from `primary`) with one more push of its own.
-    let fragment = b.function_with(1, &[code(1, PUSH_NONVOL, 6)], Some(chained), |_| vec![RET]);
+    let back_into_primary = primary + 6;
+    // The fragment (cold code split from `primary`) has one more push of its own and jumps back
+    // into the primary's body when done.
+    let fragment = b.function_with(1, &[code(1, PUSH_NONVOL, 6)], Some(chained), |site| {
+        jmp(site, back_into_primary)
+    });
+    assert_eq!(fragment, fragment_at);
     let report = report(&b.image(primary));
     assert_eq!(report.functions[&fragment].frame, 8 + 8 + 128);
     let wfp_rs_stack::FrameSource::Unwind(frame) = &report.functions[&fragment].source else {
         panic!("expected unwind data for the fragment");
     };
     assert_eq!(frame.chain, vec![primary]);
+    // The jump into the fragment is an edge; the jump back is within one function, not a cycle.
+    assert_eq!(
+        report.functions[&primary].edges[0].kind,
+        EdgeKind::Tail(fragment)
+    );
+    assert!(report.functions[&fragment].edges.is_empty());
+    assert!(report.flags.is_empty(), "{report}");
+    // The primary's worst case is the fragment's frame, which includes its own.
+    assert_eq!(depth(&report, primary), 8 + 8 + 128);
 }
 
 #[test]
@@ -480,4 +503,21 @@ fn unknown_unwind_operations_are_errors() {
         "{report}"
     );
     assert!(!report.passed());
+}
+
+#[test]
+fn stack_pushed_in_the_body_past_the_prolog_adds_to_the_frame() {
+    let mut b = Builder::default();
+    // Prolog (4 bytes: sub rsp, 0x28), then push rax; push rcx; pop rcx; pop rax;
+    // sub rsp, 0x100; add rsp, 0x100; ret — at most 16 + 0x100 more than the unwind codes say.
+    let f = b.function_with(4, &[code(4, ALLOC_SMALL, 4)], None, |_| {
+        let mut body = vec![0x48, 0x83, 0xec, 0x28];
+        body.extend([0x50, 0x51, 0x59, 0x58]);
+        body.extend([0x48, 0x81, 0xec, 0x00, 0x01, 0x00, 0x00]);
+        body.extend([0x48, 0x81, 0xc4, 0x00, 0x01, 0x00, 0x00]);
+        body.push(RET);
+        body
+    });
+    let report = report(&b.image(f));
+    assert_eq!(report.functions[&f].frame, 8 + 40 + 0x100);
 }
