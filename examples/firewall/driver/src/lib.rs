@@ -1305,16 +1305,17 @@ impl DriverState for Firewall {
 /// callouts, and then the filters that hand TCP and UDP connections to them. On an error
 /// everything done so far is undone (dropped in reverse order, at `PASSIVE_LEVEL`).
 ///
-/// The work is split in two functions of their own, `register` and `add_filters`, so that
-/// the temporaries of the first are off the stack while the second (the deepest path at load
-/// time) runs: in a debug build every temporary has a stack slot of its own
-/// (`cargo xtask stack firewall-driver --debug` checks the depth).
+/// The work is split into functions of their own (`open_port`, `register`, `add_filters`),
+/// called one after the other, so that the temporaries of each are off the stack while the
+/// next runs: in a debug build every temporary has a stack slot of its own, and each of these
+/// reaches deep into the SDK (`cargo xtask stack firewall-driver --debug` checks the depth).
 pub fn start(
     irql: &mut PassiveLevel<'_>,
     driver: &mut Driver<'_>,
     config: Config,
 ) -> Result<Firewall, Status> {
-    let firewall = register(irql, driver, config)?;
+    let (filter, port) = open_port(irql, driver, config.port_name)?;
+    let firewall = register(irql, driver, config, filter, port)?;
     // On an error the firewall is dropped: its fields go in declaration order, the engine
     // session (and with it everything added in it) first, the minifilter last.
     add_filters(irql, &firewall.engine)?;
@@ -1342,22 +1343,32 @@ fn announce(irql: &mut PassiveLevel<'_>, firewall: &Firewall) {
     );
 }
 
-/// Everything [`start`] does before the filters: the minifilter, the port, the shared state,
-/// the control device, the callouts and the (still empty) dynamic engine session.
+/// Registers the minifilter and creates the service's port on it. Called by [`start`] on its
+/// own, not from [`register`], so that `ServerPort::create` (deep in a debug build) runs with
+/// only `start`'s frame above it.
+#[inline(never)]
+fn open_port(
+    irql: &mut PassiveLevel<'_>,
+    driver: &mut Driver<'_>,
+    port_name: &str,
+) -> Result<(Filter, ServerPort<FirewallProtocol>), Status> {
+    let filter = Filter::register(irql, driver)?;
+    let port =
+        ServerPort::<FirewallProtocol>::create(irql, &filter, port_name, SERVICE_CONNECTIONS, ())?;
+    Ok((filter, port))
+}
+
+/// Everything [`start`] does after [`open_port`] and before the filters: the shared state, the
+/// control device, the callouts and the (still empty) dynamic engine session. On an error the
+/// port and then the minifilter it was given are dropped after its own locals.
 #[inline(never)]
 fn register(
     irql: &mut PassiveLevel<'_>,
     driver: &mut Driver<'_>,
     config: Config,
+    filter: Filter,
+    port: ServerPort<FirewallProtocol>,
 ) -> Result<Firewall, Status> {
-    let filter = Filter::register(irql, driver)?;
-    let port = ServerPort::<FirewallProtocol>::create(
-        irql,
-        &filter,
-        config.port_name,
-        SERVICE_CONNECTIONS,
-        (),
-    )?;
     let config = Config {
         max_pending: config.max_pending.min(VERDICT_SLOTS),
         ..config
@@ -1436,20 +1447,28 @@ fn shared_state(
     Ok(shared)
 }
 
-/// Adds to `engine`, in one transaction, the provider, the sublayer, the callout entries and
-/// the filters that hand connections to the callouts.
+/// Adds the provider and the sublayer; a function of its own, so that their builders are off
+/// the stack under [`add_filter`] (see [`start`]).
 #[inline(never)]
-fn add_filters(irql: &mut PassiveLevel<'_>, engine: &Engine) -> Result<(), Status> {
-    // All or nothing: dropped on an error, the transaction is aborted.
-    let txn = engine.transaction(irql)?;
-    txn.add_provider(irql, &Provider::new(PROVIDER).name("wfp-rs firewall"))?;
-    txn.add_sublayer(
+fn add_provider_and_sublayer(irql: &PassiveLevel<'_>, engine: &Engine) -> Result<(), Status> {
+    engine.add_provider(irql, &Provider::new(PROVIDER).name("wfp-rs firewall"))?;
+    engine.add_sublayer(
         irql,
         &Sublayer::new(SUBLAYER)
             .name("wfp-rs firewall")
             .provider(PROVIDER)
             .weight(SUBLAYER_WEIGHT),
     )?;
+    Ok(())
+}
+
+/// Adds to `engine`, in one transaction, the provider, the sublayer, the callout entries and
+/// the filters that hand connections to the callouts.
+#[inline(never)]
+fn add_filters(irql: &mut PassiveLevel<'_>, engine: &Engine) -> Result<(), Status> {
+    // All or nothing: dropped on an error, the transaction is aborted.
+    let txn = engine.transaction(irql)?;
+    add_provider_and_sublayer(irql, &txn)?;
     add_filter::<AleAuthConnectV4>(
         irql,
         &txn,
