@@ -521,3 +521,36 @@ fn stack_pushed_in_the_body_past_the_prolog_adds_to_the_frame() {
     let report = report(&b.image(f));
     assert_eq!(report.functions[&f].frame, 8 + 40 + 0x100);
 }
+
+#[test]
+fn save_operations_take_their_slots_and_move_no_stack() {
+    const SET_FPREG: u8 = 3;
+    const SAVE_NONVOL: u8 = 4;
+    const SAVE_NONVOL_FAR: u8 = 5;
+    const SAVE_XMM128: u8 = 8;
+    const SAVE_XMM128_FAR: u8 = 9;
+    let mut b = Builder::default();
+    // Each save carries its offset in the slots after it; read as operations, those slots
+    // (0x0201 and 0x0202 decode as ALLOC_SMALL of 8 bytes) would add stack that is not there.
+    let f = b.function(
+        &[
+            code(20, SAVE_XMM128_FAR, 6),
+            0x0201,
+            0x0000,
+            code(16, SAVE_XMM128, 7),
+            0x0202,
+            code(12, SAVE_NONVOL_FAR, 3),
+            0x0201,
+            0x0000,
+            code(8, SAVE_NONVOL, 5),
+            0x0202,
+            code(6, SET_FPREG, 0),
+            code(4, ALLOC_SMALL, 7), // 64
+            code(1, PUSH_NONVOL, 5),
+        ],
+        |_| vec![RET],
+    );
+    let report = report(&b.image(f));
+    assert!(report.flags.is_empty(), "{report}");
+    assert_eq!(report.functions[&f].frame, 8 + 64 + 8);
+}
