@@ -42,6 +42,11 @@ pub const DRIVER_LINK_ARGS: &[(&str, &str)] = &[
         "writes the PE checksum Windows verifies for drivers",
     ),
     ("/MERGE:.rdata=.text", "fewer sections"),
+    (
+        "/MAP",
+        "writes <crate>.map (every function's address) beside the image in deps/, which \
+         `cargo xtask stack` uses to name functions; the image itself is unchanged",
+    ),
 ];
 
 /// Emits the kernel-image linker arguments when the crate is built for a Windows MSVC target,

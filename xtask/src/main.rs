@@ -6,6 +6,9 @@
 //! test (`tests/driver_image.rs`) runs this command, so the build-and-rename logic lives only
 //! here.
 //!
+//! `cargo xtask stack <package>` builds the image the same way and checks its worst-case stack
+//! depth with `wfp-rs-stack` (frame sizes from the x64 unwind data, the call graph from the
+//! code); it exits with status 1 when a path exceeds the budget.
 
 use std::collections::BTreeMap;
 use std::env;
@@ -32,6 +35,7 @@ cargo xtask: repository tasks for wfp-rs
 
 USAGE:
     cargo xtask driver <package> [--debug]
+    cargo xtask stack <package> [--debug] [--budget <bytes>]
     cargo xtask --help
 
 COMMANDS:
@@ -41,10 +45,18 @@ COMMANDS:
                         of the .sys file. The package needs a `cdylib` library target; the
                         link flags come from its build.rs and .cargo/config.toml (rust-lld,
                         so no Windows SDK or WDK is needed).
+    stack <package>     Build the image as `driver` does, then compute the worst-case
+                        stack depth of every routine the kernel can call (DriverEntry,
+                        exports, every function whose address is taken) from the image's
+                        x64 unwind data and call graph, print the report, and fail when a
+                        bounded path exceeds the budget. Recursion and indirect calls are
+                        listed as unbounded sites. See docs/building-drivers.md.
 
 OPTIONS:
     --debug             Build with the dev profile instead of release
                         (output in target/x86_64-pc-windows-msvc/debug/).
+    --budget <bytes>    (stack) The budget for the driver's own frames
+                        (default 12288: half of the 24 KiB x64 kernel stack).
     -h, --help          Print this help.
 
 ENVIRONMENT:
@@ -58,13 +70,14 @@ ENVIRONMENT:
 
 EXIT STATUS:
     0  success
-    1  the build or the copy failed
+    1  the build or the copy failed, or (stack) the stack check failed
     2  usage error
     3  the x86_64-pc-windows-msvc standard library is not installed
        (fix: rustup target add x86_64-pc-windows-msvc)
 
-EXAMPLE:
+EXAMPLES:
     cargo xtask driver minimal-driver
+    cargo xtask stack firewall-driver --debug
 ";
 
 fn main() -> ExitCode {
@@ -135,8 +148,30 @@ fn run(args: &[String]) -> Result<(), Error> {
             println!("{}", sys.display());
             Ok(())
         }
+        Some("stack") => {
+            let (options, budget) = match StackOptions::parse(&args[1..])? {
+                Some(parsed) => parsed,
+                None => {
+                    print!("{HELP}");
+                    return Ok(());
+                }
+            };
+            let sys = build_driver(&options)?;
+            let report = wfp_rs_stack::analyze_file(&sys, &wfp_rs_stack::Options { budget })
+                .map_err(|e| Error::Failed(format!("{}: {e}", sys.display())))?;
+            println!("{}", sys.display());
+            print!("{report}");
+            if report.passed() {
+                Ok(())
+            } else {
+                Err(Error::Failed(format!(
+                    "the stack check of {} failed (see the report above)",
+                    sys.display()
+                )))
+            }
+        }
         Some(other) => Err(Error::Usage(format!(
-            "unknown command `{other}` (the only command is `driver`)"
+            "unknown command `{other}` (the commands are `driver` and `stack`)"
         ))),
     }
 }
@@ -182,8 +217,33 @@ impl DriverOptions {
     }
 }
 
-/// Builds `options.package` for [`DRIVER_TARGET`], copies the `.dll` to a `.sys` next to it and
-/// returns the path of the `.sys`.
+/// What `cargo xtask stack` was asked to do: the build, and the budget.
+struct StackOptions;
+
+impl StackOptions {
+    /// Parses the arguments after `stack`; `Ok(None)` means help was asked for.
+    fn parse(args: &[String]) -> Result<Option<(DriverOptions, u64)>, Error> {
+        let mut rest = Vec::new();
+        let mut budget = wfp_rs_stack::DEFAULT_BUDGET;
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
+            if arg == "--budget" {
+                let value = args
+                    .next()
+                    .ok_or_else(|| Error::Usage("`--budget` needs a number of bytes".into()))?;
+                budget = value.parse().map_err(|_| {
+                    Error::Usage(format!("`--budget {value}`: expected a number of bytes"))
+                })?;
+            } else {
+                rest.push(arg.clone());
+            }
+        }
+        Ok(DriverOptions::parse(&rest)?.map(|options| (options, budget)))
+    }
+}
+
+/// Builds `options.package` for [`DRIVER_TARGET`], copies the `.dll` to a `.sys` next to it (and
+/// the linker map to a `.map`, when there is one) and returns the path of the `.sys`.
 fn build_driver(options: &DriverOptions) -> Result<PathBuf, Error> {
     check_target_installed()?;
 
@@ -232,6 +292,23 @@ fn build_driver(options: &DriverOptions) -> Result<PathBuf, Error> {
             sys.display()
         ))
     })?;
+    // The linker map (`/MAP` from wfp-rs-build) stays in deps/; put it beside the image, where
+    // `cargo xtask stack` looks for function names. An image linked without it has none.
+    let map = sys.with_extension("map");
+    let linked_map = out_dir.join("deps").join(format!("{crate_name}.map"));
+    if linked_map.is_file() {
+        fs::copy(&linked_map, &map).map_err(|e| {
+            Error::Failed(format!(
+                "could not copy {} to {}: {e}",
+                linked_map.display(),
+                map.display()
+            ))
+        })?;
+    } else if map.is_file() {
+        // A stale map from an earlier link would name the wrong functions.
+        fs::remove_file(&map)
+            .map_err(|e| Error::Failed(format!("could not remove {}: {e}", map.display())))?;
+    }
     Ok(sys)
 }
 
@@ -487,6 +564,34 @@ mod tests {
             DriverOptions::parse(&args(&["--frobnicate", "a"])),
             Err(Error::Usage(_))
         ));
+    }
+
+    #[test]
+    fn stack_options() {
+        let (options, budget) = StackOptions::parse(&args(&["starter", "--debug"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            options,
+            DriverOptions {
+                package: "starter".into(),
+                release: false
+            }
+        );
+        assert_eq!(budget, wfp_rs_stack::DEFAULT_BUDGET);
+        let (_, budget) = StackOptions::parse(&args(&["--budget", "8192", "starter"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(budget, 8192);
+        assert!(matches!(
+            StackOptions::parse(&args(&["starter", "--budget"])),
+            Err(Error::Usage(_))
+        ));
+        assert!(matches!(
+            StackOptions::parse(&args(&["starter", "--budget", "12k"])),
+            Err(Error::Usage(_))
+        ));
+        assert!(StackOptions::parse(&args(&["--help"])).unwrap().is_none());
     }
 
     #[test]

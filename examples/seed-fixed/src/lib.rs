@@ -273,6 +273,7 @@ use wfp_rs::irql::{AtMostApc, AtMostDispatch, DispatchLevel, PassiveLevel};
 use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::layer::{AleAuthConnectV4, AleAuthConnectV6, Field, Layer, fields};
 use wfp_rs::pend::{ConnectionKey, PendError, PendableByCompletionHandle, VerdictTable};
+use wfp_rs::pool::{PoolBox, PoolTag};
 use wfp_rs::port::{Filter, SendError, ServerPort};
 use wfp_rs::work_item::WorkQueue;
 use wfp_rs::{Guid, Status, guid, kd_print};
@@ -399,11 +400,17 @@ pub fn ask_service(
     Ok(reply.verdict)
 }
 
+/// The pool tag of the verdict table's allocation.
+const VERDICTS_TAG: PoolTag = PoolTag::new(b"SfVt");
+
 /// What the callout and its work items share.
 struct Shared {
     config: Config,
     port: ServerPort<VerdictProtocol>,
-    verdicts: VerdictTable<Verdict, VERDICT_SLOTS>,
+    /// In a pool allocation of its own: the table is several KiB, which a debug build would
+    /// otherwise copy through the stack of `start` (the stack check,
+    /// `cargo xtask stack seed-fixed --debug`, measured 38 KiB).
+    verdicts: PoolBox<VerdictTable<Verdict, VERDICT_SLOTS>>,
     /// Set at unload: work items and classifications apply the default instead of asking.
     unloading: AtomicBool,
     /// Classifications of new connections between their check of `unloading` and the end of
@@ -668,10 +675,12 @@ pub fn start(
         (),
     )?;
     let progress = Event::try_new(EventKind::Notification, false, irql)?;
+    let verdicts =
+        VerdictTable::try_new_in_pool(VERDICTS_TAG, irql).ok_or(Status::INSUFFICIENT_RESOURCES)?;
     let shared = Arc::new(Shared {
         config,
         port,
-        verdicts: VerdictTable::new(),
+        verdicts,
         unloading: AtomicBool::new(false),
         in_flight: AtomicUsize::new(0),
         progress,
@@ -725,7 +734,41 @@ fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<SeedFix
     start(irql, driver, Config::DEFAULT)
 }
 
-/// Adds the callout entry `callout` at its layer `L` and the terminating filter `filter` that hands
+/// Adds the callout entry `callout` at layer `L`. A function of its own, like [`tcp_filter`]:
+/// in a debug build each builder step is a copy on the stack, and those copies must not lie
+/// under [`Engine::add_filter`], the deepest path at load time (`cargo xtask stack seed-fixed
+/// --debug` checks it).
+#[inline(never)]
+fn add_callout_entry<L: Layer>(
+    irql: &PassiveLevel<'_>,
+    engine: &Engine,
+    callout: CalloutKey<L>,
+    name: &str,
+) -> Result<(), Status> {
+    engine.add_callout(
+        irql,
+        &CalloutEntry::<L>::new(callout)
+            .name(name)
+            .provider(PROVIDER),
+    )?;
+    Ok(())
+}
+
+/// The terminating filter `filter` that hands outbound TCP connections to `callout`.
+#[inline(never)]
+fn tcp_filter<'a, L: Layer>(filter: Guid, callout: CalloutKey<L>, name: &'a str) -> WfpFilter<'a, L>
+where
+    fields::IpProtocol: Field<L>,
+{
+    WfpFilter::<L>::new(filter)
+        .name(name)
+        .provider(PROVIDER)
+        .sublayer(SUBLAYER)
+        .action(FilterAction::CalloutTerminating(callout))
+        .condition::<fields::IpProtocol>(Match::Equal(IpProtocol::Tcp))
+}
+
+/// Adds the callout entry `callout` at layer `L` and the terminating filter `filter` that hands
 /// it every TCP connection attempt.
 fn add_connect_filter<L: Layer>(
     irql: &PassiveLevel<'_>,
@@ -737,16 +780,8 @@ fn add_connect_filter<L: Layer>(
 where
     fields::IpProtocol: Field<L>,
 {
-    engine.add_callout(
-        irql,
-        &CalloutEntry::new(callout).name(name).provider(PROVIDER),
-    )?;
-    let filter = WfpFilter::<L>::new(filter)
-        .name(name)
-        .provider(PROVIDER)
-        .sublayer(SUBLAYER)
-        .action(FilterAction::CalloutTerminating(callout))
-        .condition::<fields::IpProtocol>(Match::Equal(IpProtocol::Tcp));
+    add_callout_entry::<L>(irql, engine, callout, name)?;
+    let filter = tcp_filter::<L>(filter, callout, name);
     engine.add_filter(irql, &filter)?;
     Ok(())
 }

@@ -170,16 +170,41 @@ fn add_connect_filter<L: Layer>(
 where
     fields::IpProtocol: Field<L>,
 {
+    add_callout_entry::<L>(irql, engine, callout, name)?;
+    engine.add_filter(irql, &tcp_filter::<L>(filter, callout, name))?;
+    Ok(())
+}
+
+/// Adds the callout entry `callout` at layer `L`.
+///
+/// This and [`tcp_filter`] are functions of their own to keep the stack shallow: in a debug
+/// build each builder step is a copy on the stack, and those copies must not lie under
+/// [`Engine::add_filter`], the deepest path when the driver loads. `cargo xtask stack starter
+/// --debug` checks it (docs/building-drivers.md).
+#[inline(never)]
+fn add_callout_entry<L: Layer>(
+    irql: &PassiveLevel<'_>,
+    engine: &Engine,
+    callout: CalloutKey<L>,
+    name: &str,
+) -> Result<(), Status> {
     engine.add_callout(
         irql,
         &CalloutEntry::new(callout).name(name).provider(PROVIDER),
     )?;
-    let filter = Filter::<L>::new(filter)
+    Ok(())
+}
+
+/// The terminating filter `filter` that hands `callout` every TCP connection attempt.
+#[inline(never)]
+fn tcp_filter<'a, L: Layer>(filter: Guid, callout: CalloutKey<L>, name: &'a str) -> Filter<'a, L>
+where
+    fields::IpProtocol: Field<L>,
+{
+    Filter::<L>::new(filter)
         .name(name)
         .provider(PROVIDER)
         .sublayer(SUBLAYER)
         .action(FilterAction::CalloutTerminating(callout))
-        .condition::<fields::IpProtocol>(Match::Equal(IpProtocol::Tcp));
-    engine.add_filter(irql, &filter)?;
-    Ok(())
+        .condition::<fields::IpProtocol>(Match::Equal(IpProtocol::Tcp))
 }

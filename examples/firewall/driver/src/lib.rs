@@ -249,8 +249,7 @@ use core::time::Duration;
 
 use firewall_protocol::control::{REVOKE, REVOKED_LEN, Revoke, Revoked};
 use firewall_protocol::{
-    ConnectionReply, ConnectionRequest, Direction, FirewallProtocol, ImagePath, MAX_PATH_UNITS,
-    Verdict,
+    ConnectionReply, ConnectionRequest, Direction, FirewallProtocol, ImagePath, Verdict,
 };
 use wfp_rs::callout::{Callout, CalloutKey, CalloutRegistration, Classify};
 use wfp_rs::classify::ClassifyOut;
@@ -520,10 +519,15 @@ impl Observed {
         }
     }
 
-    /// The request that asks about this connection, in pool memory. With its image path (up to
-    /// 1 KiB) a request is too big for a classify callback's stack: the network stack leaves
-    /// callouts little room (and a frame over a page costs a stack probe, `__chkstk`). So it is
-    /// built in frames of its own and carried to the work item by pointer.
+    /// The request that asks about this connection, in pool memory, with the image path from
+    /// the `ALE_APP_ID` field (cut to [`MAX_PATH_UNITS`](firewall_protocol::MAX_PATH_UNITS) and
+    /// marked truncated if longer).
+    ///
+    /// With its image path (up to 1 KiB) a request is too big for a classify callback's stack:
+    /// the network stack leaves callouts little room. So the request is allocated with an empty
+    /// path and the path is copied from the field straight into the pool (no buffer, no
+    /// temporary `ImagePath`, no move of a whole request), which keeps this frame small in
+    /// debug builds too; `cargo xtask stack firewall-driver --debug` checks it.
     #[inline(never)]
     fn boxed_request<L>(
         &self,
@@ -535,28 +539,23 @@ impl Observed {
         L: Layer,
         fields::AleAppId: Field<L>,
     {
-        let request = self.request(c, request_id).ok_or(NoRequest::Unreadable)?;
-        PoolBox::try_new(request, REQUEST_TAG, irql).map_err(|_| NoRequest::NoPool)
+        let app = c
+            .values
+            .get::<fields::AleAppId>()
+            .map_err(|_| NoRequest::Unreadable)?;
+        let mut request =
+            PoolBox::try_new(self.request_without_path(request_id), REQUEST_TAG, irql)
+                .map_err(|_| NoRequest::NoPool)?;
+        request
+            .image_path
+            .set_units_truncating(app.units())
+            .map_err(|_| NoRequest::Unreadable)?;
+        Ok(request)
     }
 
-    /// The request that asks about this connection, with the image path from the `ALE_APP_ID`
-    /// field (cut to [`MAX_PATH_UNITS`] and marked truncated if longer).
-    #[inline(never)]
-    fn request<L>(&self, c: &Classify<'_, L>, request_id: u64) -> Option<ConnectionRequest>
-    where
-        L: Layer,
-        fields::AleAppId: Field<L>,
-    {
-        let app = c.values.get::<fields::AleAppId>().ok()?;
-        // One unit more than fits, so that a longer path is seen as truncated.
-        let mut units = [0u16; MAX_PATH_UNITS + 1];
-        let mut len = 0;
-        for (slot, unit) in units.iter_mut().zip(app.units()) {
-            *slot = unit;
-            len += 1;
-        }
-        let image_path = ImagePath::from_units_truncating(&units[..len]).ok()?;
-        Some(ConnectionRequest {
+    /// The request about this connection with an empty image path.
+    fn request_without_path(&self, request_id: u64) -> ConnectionRequest {
+        ConnectionRequest {
             request_id,
             process_id: self.key.pid,
             direction: self.direction,
@@ -565,8 +564,8 @@ impl Observed {
             local_port: self.key.local.1,
             remote_address: self.key.remote.0,
             remote_port: self.key.remote.1,
-            image_path,
-        })
+            image_path: ImagePath::empty(),
+        }
     }
 }
 
@@ -1308,44 +1307,77 @@ impl DriverState for Firewall {
 
 /// The body of `DriverEntry`, with a configuration: registers the minifilter and the port, the
 /// callouts, and then the filters that hand TCP and UDP connections to them. On an error
-/// everything done so far is undone (the locals are dropped in reverse order, at
-/// `PASSIVE_LEVEL`).
+/// everything done so far is undone (dropped in reverse order, at `PASSIVE_LEVEL`).
+///
+/// The work is split into functions of their own (`open_port`, `register`, `add_filters`),
+/// called one after the other, so that the temporaries of each are off the stack while the
+/// next runs: in a debug build every temporary has a stack slot of its own, and each of these
+/// reaches deep into the SDK (`cargo xtask stack firewall-driver --debug` checks the depth).
 pub fn start(
     irql: &mut PassiveLevel<'_>,
     driver: &mut Driver<'_>,
     config: Config,
 ) -> Result<Firewall, Status> {
-    let filter = Filter::register(irql, driver)?;
-    let port = ServerPort::<FirewallProtocol>::create(
-        irql,
-        &filter,
+    let (filter, port) = open_port(irql, driver, config.port_name)?;
+    let firewall = register(irql, driver, config, filter, port)?;
+    // On an error the firewall is dropped: its fields go in declaration order, the engine
+    // session (and with it everything added in it) first, the minifilter last.
+    add_filters(irql, &firewall.engine)?;
+    announce(irql, &firewall);
+    Ok(firewall)
+}
+
+/// The load-time log line. A function of its own: its formatting temporaries stay off the
+/// stack under [`add_filters`].
+#[inline(never)]
+fn announce(irql: &mut PassiveLevel<'_>, firewall: &Firewall) {
+    let config = &firewall.shared.config;
+    kd_print!(
+        "firewall: asking the service on {} ({} ms timeout, default {}, {} cache entries, {} pends at most, loopback {})\n",
         config.port_name,
-        SERVICE_CONNECTIONS,
-        (),
-    )?;
+        config.timeout.as_millis(),
+        config.default,
+        firewall.shared.cache.capacity(irql),
+        config.max_pending,
+        if config.permit_loopback {
+            "permitted"
+        } else {
+            "asked"
+        }
+    );
+}
+
+/// Registers the minifilter and creates the service's port on it. Called by [`start`] on its
+/// own, not from [`register`], so that `ServerPort::create` (deep in a debug build) runs with
+/// only `start`'s frame above it.
+#[inline(never)]
+fn open_port(
+    irql: &mut PassiveLevel<'_>,
+    driver: &mut Driver<'_>,
+    port_name: &str,
+) -> Result<(Filter, ServerPort<FirewallProtocol>), Status> {
+    let filter = Filter::register(irql, driver)?;
+    let port =
+        ServerPort::<FirewallProtocol>::create(irql, &filter, port_name, SERVICE_CONNECTIONS, ())?;
+    Ok((filter, port))
+}
+
+/// Everything [`start`] does after [`open_port`] and before the filters: the shared state, the
+/// control device, the callouts and the (still empty) dynamic engine session. On an error the
+/// port and then the minifilter it was given are dropped after its own locals.
+#[inline(never)]
+fn register(
+    irql: &mut PassiveLevel<'_>,
+    driver: &mut Driver<'_>,
+    config: Config,
+    filter: Filter,
+    port: ServerPort<FirewallProtocol>,
+) -> Result<Firewall, Status> {
     let config = Config {
         max_pending: config.max_pending.min(VERDICT_SLOTS),
         ..config
     };
-    let cache = VerdictCache::new(config.cache_capacity)?;
-    let verdicts =
-        VerdictTable::try_new_in_pool(VERDICTS_TAG, irql).ok_or(Status::INSUFFICIENT_RESOURCES)?;
-    let capacity = cache.capacity(irql);
-    let progress = Event::try_new(EventKind::Notification, false, irql)?;
-    let shared = Arc::new(Shared {
-        config,
-        port,
-        cache,
-        verdicts,
-        unloading: AtomicBool::new(false),
-        in_flight: AtomicUsize::new(0),
-        outstanding: AtomicUsize::new(0),
-        overload_burst: AtomicU64::new(0),
-        progress,
-        next_request: AtomicU64::new(0),
-        background: AtomicUsize::new(0),
-        own_stats: Stats::new(),
-    });
+    let shared = shared_state(irql, config, port)?;
     let control = ControlDevice::new(
         irql,
         driver,
@@ -1375,17 +1407,73 @@ pub fn start(
         irql,
         SessionOptions::new().dynamic().name("wfp-rs firewall"),
     )?;
-    // All or nothing: dropped on an error, the transaction is aborted.
-    let txn = engine.transaction(irql)?;
-    txn.add_provider(irql, &Provider::new(PROVIDER).name("wfp-rs firewall"))?;
-    txn.add_sublayer(
+    Ok(Firewall {
+        engine,
+        connect_v4,
+        connect_v6,
+        accept_v4,
+        accept_v6,
+        control,
+        shared,
+        filter,
+    })
+}
+
+/// The state the callouts, the work items and the control device share. A function of its
+/// own (not inlined) so that its temporaries (the `Shared` value before it moves into the `Arc`)
+/// are off the stack before [`add_filters`] runs: in a debug build every temporary has a slot
+/// of its own, and `start`'s frame lies under the whole filter-adding path
+/// (`cargo xtask stack firewall-driver --debug`).
+#[inline(never)]
+fn shared_state(
+    irql: &mut PassiveLevel<'_>,
+    config: Config,
+    port: ServerPort<FirewallProtocol>,
+) -> Result<Arc<Shared>, Status> {
+    let cache = VerdictCache::new(config.cache_capacity)?;
+    let verdicts =
+        VerdictTable::try_new_in_pool(VERDICTS_TAG, irql).ok_or(Status::INSUFFICIENT_RESOURCES)?;
+    let progress = Event::try_new(EventKind::Notification, false, irql)?;
+    let shared = Arc::new(Shared {
+        config,
+        port,
+        cache,
+        verdicts,
+        unloading: AtomicBool::new(false),
+        in_flight: AtomicUsize::new(0),
+        outstanding: AtomicUsize::new(0),
+        overload_burst: AtomicU64::new(0),
+        progress,
+        next_request: AtomicU64::new(0),
+        background: AtomicUsize::new(0),
+        own_stats: Stats::new(),
+    });
+    Ok(shared)
+}
+
+/// Adds the provider and the sublayer; a function of its own, so that their builders are off
+/// the stack under [`add_filter`] (see [`start`]).
+#[inline(never)]
+fn add_provider_and_sublayer(irql: &PassiveLevel<'_>, engine: &Engine) -> Result<(), Status> {
+    engine.add_provider(irql, &Provider::new(PROVIDER).name("wfp-rs firewall"))?;
+    engine.add_sublayer(
         irql,
         &Sublayer::new(SUBLAYER)
             .name("wfp-rs firewall")
             .provider(PROVIDER)
             .weight(SUBLAYER_WEIGHT),
     )?;
-    add_filter(
+    Ok(())
+}
+
+/// Adds to `engine`, in one transaction, the provider, the sublayer, the callout entries and
+/// the filters that hand connections to the callouts.
+#[inline(never)]
+fn add_filters(irql: &mut PassiveLevel<'_>, engine: &Engine) -> Result<(), Status> {
+    // All or nothing: dropped on an error, the transaction is aborted.
+    let txn = engine.transaction(irql)?;
+    add_provider_and_sublayer(irql, &txn)?;
+    add_filter::<AleAuthConnectV4>(
         irql,
         &txn,
         CALLOUT_CONNECT_V4,
@@ -1414,30 +1502,7 @@ pub fn start(
         "firewall (accept, IPv6)",
     )?;
     txn.commit(irql)?;
-
-    kd_print!(
-        "firewall: asking the service on {} ({} ms timeout, default {}, {} cache entries, {} pends at most, loopback {})\n",
-        config.port_name,
-        config.timeout.as_millis(),
-        config.default,
-        capacity,
-        config.max_pending,
-        if config.permit_loopback {
-            "permitted"
-        } else {
-            "asked"
-        }
-    );
-    Ok(Firewall {
-        engine,
-        connect_v4,
-        connect_v6,
-        accept_v4,
-        accept_v6,
-        control,
-        shared,
-        filter,
-    })
+    Ok(())
 }
 
 #[wfp_rs::driver_entry]
@@ -1445,8 +1510,42 @@ fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<Firewal
     start(irql, driver, Config::DEFAULT)
 }
 
-/// Adds the callout entry `callout` at its layer `L` and the terminating filter `filter` that
-/// hands it every connection of the [`FILTERED_PROTOCOLS`].
+/// The terminating filter `filter` that hands connections to `callout`, without conditions. A
+/// function of its own: in a debug build each step of the builder is a copy on the stack,
+/// and these copies must not lie under [`Engine::add_filter`] (see [`start`]).
+#[inline(never)]
+fn terminating_filter<'a, L: Layer>(
+    filter: Guid,
+    callout: CalloutKey<L>,
+    name: &'a str,
+) -> WfpFilter<'a, L> {
+    WfpFilter::<L>::new(filter)
+        .name(name)
+        .provider(PROVIDER)
+        .sublayer(SUBLAYER)
+        .action(FilterAction::CalloutTerminating(callout))
+}
+
+/// Adds the callout entry `callout` at layer `L`; a function of its own, so that its builder is
+/// off the stack under the filter's (see [`start`]).
+#[inline(never)]
+fn add_callout_entry<L: Layer>(
+    irql: &PassiveLevel<'_>,
+    engine: &Engine,
+    callout: CalloutKey<L>,
+    name: &str,
+) -> Result<(), Status> {
+    engine.add_callout(
+        irql,
+        &CalloutEntry::<L>::new(callout)
+            .name(name)
+            .provider(PROVIDER),
+    )?;
+    Ok(())
+}
+
+/// Adds the callout entry `callout` at layer `L` and the terminating filter `filter` that hands
+/// it every connection of the [`FILTERED_PROTOCOLS`].
 fn add_filter<L: Layer>(
     irql: &PassiveLevel<'_>,
     engine: &Engine,
@@ -1457,15 +1556,8 @@ fn add_filter<L: Layer>(
 where
     fields::IpProtocol: Field<L>,
 {
-    engine.add_callout(
-        irql,
-        &CalloutEntry::new(callout).name(name).provider(PROVIDER),
-    )?;
-    let mut entry = WfpFilter::<L>::new(filter)
-        .name(name)
-        .provider(PROVIDER)
-        .sublayer(SUBLAYER)
-        .action(FilterAction::CalloutTerminating(callout));
+    add_callout_entry::<L>(irql, engine, callout, name)?;
+    let mut entry = terminating_filter::<L>(filter, callout, name);
     // Consecutive conditions on one field: the engine ORs them.
     for protocol in FILTERED_PROTOCOLS {
         entry = entry.condition::<fields::IpProtocol>(Match::Equal(protocol));

@@ -521,32 +521,45 @@ impl ImagePath {
     /// marked truncated if it is longer. A NUL unit is an error. This is what a driver does with
     /// the path the kernel gives it (`UNICODE_STRING::Buffer`, `Length / 2` units).
     pub fn from_units_truncating(units: &[u16]) -> Result<Self, Malformed> {
-        let kept = units.get(..MAX_PATH_UNITS).unwrap_or(units);
-        if kept.contains(&0) {
-            return Err(Malformed("the image path contains a NUL unit"));
-        }
         let mut path = ImagePath::empty();
-        path.units[..kept.len()].copy_from_slice(kept);
-        path.len = kept.len();
-        path.truncated = units.len() > MAX_PATH_UNITS;
+        path.set_units_truncating(units.iter().copied())?;
         Ok(path)
+    }
+
+    /// Replaces the path, in place, with `units` (without a terminator) cut to their first
+    /// [`MAX_PATH_UNITS`] and marked truncated if there are more; units past the cut are not
+    /// read. A NUL unit in the kept part is an error, and leaves the path empty.
+    ///
+    /// This is how a driver fills a request that already lives in pool memory: no second copy
+    /// of the (1 KiB) path is made on the stack, which a kernel callback cannot spare.
+    pub fn set_units_truncating<I>(&mut self, units: I) -> Result<(), Malformed>
+    where
+        I: IntoIterator<Item = u16>,
+    {
+        self.units.fill(0);
+        self.len = 0;
+        self.truncated = false;
+        for unit in units {
+            if self.len == MAX_PATH_UNITS {
+                self.truncated = true;
+                break;
+            }
+            if unit == 0 {
+                self.units.fill(0);
+                self.len = 0;
+                return Err(Malformed("the image path contains a NUL unit"));
+            }
+            self.units[self.len] = unit;
+            self.len += 1;
+        }
+        Ok(())
     }
 
     /// `path` encoded as UTF-16, truncated like [`from_units_truncating`](Self::from_units_truncating).
     /// A NUL character is an error.
     pub fn from_str_truncating(path: &str) -> Result<Self, Malformed> {
         let mut out = ImagePath::empty();
-        for unit in path.encode_utf16() {
-            if unit == 0 {
-                return Err(Malformed("the image path contains a NUL unit"));
-            }
-            if out.len == MAX_PATH_UNITS {
-                out.truncated = true;
-                break;
-            }
-            out.units[out.len] = unit;
-            out.len += 1;
-        }
+        out.set_units_truncating(path.encode_utf16())?;
         Ok(out)
     }
 

@@ -508,3 +508,37 @@ fn decode_never_panics_and_inverts_encode_on_random_bytes() {
     assert!(requests_ok > 0, "seed {seed}: no random request decoded");
     assert!(replies_ok > 0, "seed {seed}: no random reply decoded");
 }
+
+/// The driver fills a request's path in pool memory with `set_units_truncating`: it must give
+/// what `from_units_truncating` gives, replace whatever path was there, read no unit past the
+/// cut, and leave an empty path on a NUL.
+#[test]
+fn set_units_truncating_replaces_the_path_in_place() {
+    let mut path = ImagePath::from_str_truncating(r"\Device\HarddiskVolume1\old.exe").unwrap();
+    path.set_units_truncating("ab".encode_utf16()).unwrap();
+    assert_eq!(path, ImagePath::from_str_truncating("ab").unwrap());
+
+    let long = vec![u16::from(b'q'); MAX_PATH_UNITS + 3];
+    path.set_units_truncating(long.iter().copied()).unwrap();
+    assert_eq!(path, ImagePath::from_units_truncating(&long).unwrap());
+    assert!(path.is_truncated());
+
+    // Exactly MAX_PATH_UNITS units: whole, not truncated.
+    path.set_units_truncating(long[..MAX_PATH_UNITS].iter().copied())
+        .unwrap();
+    assert!(!path.is_truncated());
+    assert_eq!(path.as_units().len(), MAX_PATH_UNITS);
+
+    // Units past the cut are never read: an iterator that panics after them is fine.
+    let endless = core::iter::repeat_n(u16::from(b'r'), MAX_PATH_UNITS + 1)
+        .chain(core::iter::from_fn(|| panic!("read past the cut")));
+    path.set_units_truncating(endless).unwrap();
+    assert!(path.is_truncated());
+
+    assert_eq!(
+        path.set_units_truncating([u16::from(b'a'), 0, u16::from(b'b')]),
+        Err(Malformed("the image path contains a NUL unit"))
+    );
+    assert_eq!(path, ImagePath::empty());
+    assert!(!path.is_truncated());
+}
