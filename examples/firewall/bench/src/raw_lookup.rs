@@ -165,7 +165,7 @@ fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<RawLook
         request_id: 1,
     };
     let generation = cache.generation();
-    cache.insert(irql, key, answer, now, generation);
+    cache.insert(&mut *irql, key, answer, now, generation);
     let state = Box::into_raw(Box::new(State {
         cache,
         permit_loopback: true,
