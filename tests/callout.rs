@@ -1344,7 +1344,9 @@ fn a_direct_classify_reaches_the_callout_as_the_engine_does() {
         CALLOUT_A,
         Scripted::new(Script::Block),
     );
-    machine.at_passive(|_| {
+    // `run`, not `at_passive`: the classifications below run at DISPATCH_LEVEL on this thread,
+    // where a PASSIVE_LEVEL token of this scope would prove nothing.
+    machine.run(|| {
         let session = open(true);
         session.callout::<layer::AleAuthConnectV4>(CALLOUT_A);
         // No filter calls the callout yet: nothing to prepare.

@@ -165,13 +165,13 @@ bugcheck_test! {
 
 mod raises_and_returns {
     use super::*;
-    use wfp_rs::spin_lock::SpinLock;
 
-    static LOCK: SpinLock<()> = SpinLock::new(());
-
+    /// Raises the IRQL through the raw ABI and returns without lowering it (the safe
+    /// `SpinLock` cannot: it releases when its closure returns).
     #[wfp_rs::driver_entry]
-    fn entry(irql: &mut PassiveLevel<'_>, _driver: &mut Driver<'_>) -> Result<(), Status> {
-        std::mem::forget(LOCK.lock(irql));
+    fn entry(_irql: &mut PassiveLevel<'_>, _driver: &mut Driver<'_>) -> Result<(), Status> {
+        // SAFETY: deliberately raising without lowering; the simulator must stop at the return.
+        let _old = unsafe { wfp_rs::sys::KfRaiseIrql(wfp_rs::sys::DISPATCH_LEVEL) };
         Ok(())
     }
 }

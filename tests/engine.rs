@@ -581,9 +581,9 @@ fn transaction_dropped_above_passive_stays_open_with_a_message() {
         let engine = dynamic(irql);
         let txn = engine.transaction(irql).expect("begins");
         txn.add_filter(irql, &block(FILTER_A)).expect("adds");
-        // Pretend the transaction went out of scope in DISPATCH_LEVEL code. (`at_dispatch` from
-        // inside `at_passive` is a harness trick: real code cannot hold the passive token there.)
-        machine.at_dispatch(|_dispatch| drop(txn));
+        // The transaction goes out of scope in DISPATCH_LEVEL code: under a spin lock.
+        let lock = wfp_rs::spin_lock::SpinLock::new(());
+        lock.lock(&mut *irql, |_, _| drop(txn));
         let output = machine.debug_output().concat();
         assert!(
             output.contains("a Transaction was dropped at DISPATCH_LEVEL"),

@@ -91,10 +91,11 @@ mod slot {
 
     impl DriverState for State {
         fn unload(self, irql: &mut PassiveLevel<'_>) {
-            {
-                let mut slot = self.engine.lock(irql);
+            // The session is dropped inside the lock, at DISPATCH_LEVEL, where it cannot be
+            // closed.
+            self.engine.lock(&mut *irql, |slot, _| {
                 slot.take();
-            }
+            });
             let _ = self.registration.unregister(irql);
         }
     }

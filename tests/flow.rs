@@ -328,10 +328,10 @@ mod scripted {
                     self.note(format!("raw remove {status:#x}"));
                 }
                 Step::RemoveUnderLock => {
-                    let mut guard = self.lock.lock(irql);
-                    *guard += 1;
-                    let removed = c.remove_flow_context(guard.irql_mut());
-                    drop(guard);
+                    let removed = self.lock.lock(&mut *irql, |count, irql| {
+                        *count += 1;
+                        c.remove_flow_context(irql)
+                    });
                     self.note(format!("removed under the lock {}", outcome(removed)));
                 }
                 Step::Replace(n) => {
@@ -352,8 +352,7 @@ mod scripted {
         }
 
         fn flow_deleted(&self, irql: &mut DispatchLevel<'_>, _layer_id: u16, context: Label) {
-            let guard = self.lock.lock(irql);
-            drop(guard);
+            self.lock.lock(irql, |_, _| ());
             self.note(format!("deleted {}", context.0));
         }
     }
@@ -615,15 +614,16 @@ wfp_rs::bugcheck_test! {
         let scene = Scene::new();
         let callout_id = scene.installed.registration.id();
         scene.machine.at_dispatch(|irql| {
-            let _guard = scene.installed.callout().lock.lock(irql);
-            // SAFETY: DISPATCH_LEVEL; a context the callout associated.
-            unsafe {
-                wfp_rs::sys::FwpsFlowRemoveContext0(
-                    FLOW,
-                    layer::OutboundTransportV4::ID,
-                    callout_id,
-                )
-            };
+            scene.installed.callout().lock.lock(irql, |_, _| {
+                // SAFETY: DISPATCH_LEVEL; a context the callout associated.
+                unsafe {
+                    wfp_rs::sys::FwpsFlowRemoveContext0(
+                        FLOW,
+                        layer::OutboundTransportV4::ID,
+                        callout_id,
+                    )
+                };
+            });
         });
     }
 }

@@ -168,3 +168,12 @@ pub mod protocol {
         type Reply = Verdict;
     }
 }
+
+/// The guides' Rust code blocks, compiled (and the `compile_fail` ones checked to fail with their
+/// error code) as doctests of this crate, so the guides cannot drift from the API:
+/// `cargo test -p wfp-rs-tests --doc`.
+#[cfg(doctest)]
+pub mod guides {
+    #[doc = include_str!("../docs/irql.md")]
+    pub mod irql {}
+}

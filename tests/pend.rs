@@ -110,7 +110,7 @@ impl Callout<layer::AleAuthConnectV4> for Asker {
         let port = key.remote.1;
         let queued = self.queue.queue(irql, move |passive| {
             // At PASSIVE_LEVEL: this is where the service would be asked.
-            shared.verdicts.record(passive, key, policy(port));
+            shared.verdicts.record(&mut *passive, key, policy(port));
             pended.complete(passive);
         });
         // If it could not be queued, the closure comes back and dropping it completes the pend.
@@ -569,26 +569,26 @@ fn the_verdict_table_replaces_by_key_and_evicts_the_oldest_when_full() {
         remote: ("192.0.2.1".parse().unwrap(), 443),
     };
     let machine = Machine::new();
-    machine.at_dispatch(|mut irql| {
+    machine.at_dispatch(|irql| {
         let table: VerdictTable<u16, 3> = VerdictTable::new();
-        assert_eq!(table.record(&mut irql, key(1), 10), None);
-        assert_eq!(table.record(&mut irql, key(2), 20), None);
+        assert_eq!(table.record(&mut *irql, key(1), 10), None);
+        assert_eq!(table.record(&mut *irql, key(2), 20), None);
         assert_eq!(
-            table.record(&mut irql, key(1), 11),
+            table.record(&mut *irql, key(1), 11),
             None,
             "same key: replaced"
         );
-        assert_eq!(table.record(&mut irql, key(3), 30), None);
+        assert_eq!(table.record(&mut *irql, key(3), 30), None);
         // Full: key 2 is now the oldest (key 1 was refreshed by its replacement).
-        assert_eq!(table.record(&mut irql, key(4), 40), Some((key(2), 20)));
-        assert_eq!(table.take(&mut irql, &key(1)), Some(11));
-        assert_eq!(table.take(&mut irql, &key(2)), None);
+        assert_eq!(table.record(&mut *irql, key(4), 40), Some((key(2), 20)));
+        assert_eq!(table.take(&mut *irql, &key(1)), Some(11));
+        assert_eq!(table.take(&mut *irql, &key(2)), None);
         // A freed slot is reused without evicting.
-        assert_eq!(table.record(&mut irql, key(5), 50), None);
+        assert_eq!(table.record(&mut *irql, key(5), 50), None);
         for (k, v) in [(3, 30), (4, 40), (5, 50)] {
-            assert_eq!(table.take(&mut irql, &key(k)), Some(v));
+            assert_eq!(table.take(&mut *irql, &key(k)), Some(v));
         }
-        assert!(table.is_empty(&mut irql));
+        assert!(table.is_empty(&mut *irql));
     });
 }
 
@@ -602,37 +602,37 @@ fn the_verdict_table_refuses_instead_of_evicting_with_try_record() {
         remote: ("192.0.2.1".parse().unwrap(), 443),
     };
     let machine = Machine::new();
-    machine.at_dispatch(|mut irql| {
+    machine.at_dispatch(|irql| {
         let table: VerdictTable<u16, 3> = VerdictTable::new();
         assert_eq!(table.capacity(), 3);
-        assert_eq!(table.try_record(&mut irql, key(1), 10), Ok(None));
-        assert_eq!(table.try_record(&mut irql, key(2), 20), Ok(None));
-        assert_eq!(table.try_record(&mut irql, key(3), 30), Ok(None));
+        assert_eq!(table.try_record(&mut *irql, key(1), 10), Ok(None));
+        assert_eq!(table.try_record(&mut *irql, key(2), 20), Ok(None));
+        assert_eq!(table.try_record(&mut *irql, key(3), 30), Ok(None));
         assert_eq!(
-            table.try_record(&mut irql, key(2), 21),
+            table.try_record(&mut *irql, key(2), 21),
             Ok(Some(20)),
             "same key: replaced, even when full"
         );
-        assert_eq!(table.try_record(&mut irql, key(4), 40), Err(TableFull));
-        assert_eq!(table.len(&mut irql), 3, "nothing evicted");
+        assert_eq!(table.try_record(&mut *irql, key(4), 40), Err(TableFull));
+        assert_eq!(table.len(&mut *irql), 3, "nothing evicted");
         for (k, v) in [(1, 10), (2, 21), (3, 30)] {
-            assert_eq!(table.take(&mut irql, &key(k)), Some(v));
+            assert_eq!(table.take(&mut *irql, &key(k)), Some(v));
         }
-        assert!(table.is_empty(&mut irql));
+        assert!(table.is_empty(&mut *irql));
         // Slots freed from the top and from the middle are found again.
-        assert_eq!(table.try_record(&mut irql, key(5), 50), Ok(None));
-        assert_eq!(table.try_record(&mut irql, key(6), 60), Ok(None));
-        assert_eq!(table.try_record(&mut irql, key(7), 70), Ok(None));
-        assert_eq!(table.take(&mut irql, &key(6)), Some(60));
-        assert_eq!(table.take(&mut irql, &key(7)), Some(70));
-        assert_eq!(table.try_record(&mut irql, key(8), 80), Ok(None));
-        assert_eq!(table.try_record(&mut irql, key(9), 90), Ok(None));
-        assert_eq!(table.try_record(&mut irql, key(10), 100), Err(TableFull));
+        assert_eq!(table.try_record(&mut *irql, key(5), 50), Ok(None));
+        assert_eq!(table.try_record(&mut *irql, key(6), 60), Ok(None));
+        assert_eq!(table.try_record(&mut *irql, key(7), 70), Ok(None));
+        assert_eq!(table.take(&mut *irql, &key(6)), Some(60));
+        assert_eq!(table.take(&mut *irql, &key(7)), Some(70));
+        assert_eq!(table.try_record(&mut *irql, key(8), 80), Ok(None));
+        assert_eq!(table.try_record(&mut *irql, key(9), 90), Ok(None));
+        assert_eq!(table.try_record(&mut *irql, key(10), 100), Err(TableFull));
         for (k, v) in [(5, 50), (8, 80), (9, 90)] {
-            assert_eq!(table.take(&mut irql, &key(k)), Some(v));
+            assert_eq!(table.take(&mut *irql, &key(k)), Some(v));
         }
-        assert_eq!(table.take(&mut irql, &key(5)), None);
-        assert!(table.is_empty(&mut irql));
+        assert_eq!(table.take(&mut *irql, &key(5)), None);
+        assert!(table.is_empty(&mut *irql));
     });
 }
 
@@ -647,7 +647,7 @@ fn a_verdict_table_built_in_pool_is_empty_usable_and_freed() {
     };
     let tag = wfp_rs::pool::PoolTag::new(b"VtTs");
     let machine = Machine::new();
-    machine.at_dispatch(|mut irql| {
+    machine.at_dispatch(|irql| {
         machine.fail_allocations(0, 1);
         assert!(
             VerdictTable::<u16, 4096>::try_new_in_pool(tag, irql).is_none(),
@@ -661,13 +661,13 @@ fn a_verdict_table_built_in_pool_is_empty_usable_and_freed() {
             blocks[0].size,
             core::mem::size_of::<VerdictTable<u16, 4096>>()
         );
-        assert!(table.is_empty(&mut irql));
+        assert!(table.is_empty(&mut *irql));
         for port in 0..4096 {
-            assert_eq!(table.try_record(&mut irql, key(port), port), Ok(None));
+            assert_eq!(table.try_record(&mut *irql, key(port), port), Ok(None));
         }
-        assert_eq!(table.try_record(&mut irql, key(5000), 1), Err(TableFull));
-        assert_eq!(table.take(&mut irql, &key(4095)), Some(4095));
-        assert_eq!(table.len(&mut irql), 4095);
+        assert_eq!(table.try_record(&mut *irql, key(5000), 1), Err(TableFull));
+        assert_eq!(table.take(&mut *irql, &key(4095)), Some(4095));
+        assert_eq!(table.len(&mut *irql), 4095);
         drop(table);
     });
     assert_eq!(machine.pool_blocks(), [], "freed with its box");

@@ -14,7 +14,7 @@ use wfp_rs::irql::{DispatchLevel, PassiveLevel};
 use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::layer::{self, Layer};
 use wfp_rs::metadata::Direction;
-use wfp_rs::pend::PendError;
+use wfp_rs::pend::{FinalAction, PendError};
 use wfp_rs::sim::{AleIrql, Connection, LoadedDriver, Machine};
 use wfp_rs::work_item::WorkQueue;
 use wfp_rs::{Guid, Status, bugcheck_test, guid, sys};
@@ -73,9 +73,9 @@ impl<L: wfp_rs::pend::PendableByClassifyHandle> Callout<L> for Redirector {
             Finish::Decide => {
                 let queued = self.queue.queue(irql, move |passive| {
                     let action = if remote_port % 2 == 1 {
-                        Action::Permit
+                        FinalAction::Permit
                     } else {
-                        Action::Block
+                        FinalAction::Block
                     };
                     pended.complete(passive, action);
                 });

@@ -391,18 +391,23 @@ mod sim {
     }
 
     bugcheck_test! {
-        /// Safe code can still hold two tokens (`try_current` inside a spin lock): the SDK's token
-        /// check in `send` stops at the call, before the filter manager is reached.
+        /// Two tokens on one thread take `unsafe` now (`try_current` while holding a token breaks
+        /// its contract); if code does it anyway, the SDK's token check in `send` stops at the
+        /// call, before the filter manager is reached.
         fn a_passive_token_used_under_a_spin_lock_stops_at_send() expects IRQL_NOT_LESS_OR_EQUAL {
             let fixture = Fixture::new(1);
             let _client = fixture.client();
             let port = fixture.port();
             let lock = SpinLock::new(());
             fixture.machine.at_passive(|irql| {
-                DispatchLevel::try_current(|second| {
-                    let _guard = lock.lock(second);
-                    let _ = port.send(irql, &Ask { pid: 1 }, SHORT);
-                });
+                let misuse = |second: &mut DispatchLevel<'_>| {
+                    lock.lock(second, |_, _| {
+                        let _ = port.send(irql, &Ask { pid: 1 }, SHORT);
+                    });
+                };
+                // SAFETY: NOT upheld, on purpose: `irql` is usable while `misuse` runs. The
+                // scenario checks the run-time backstop for exactly this broken promise.
+                unsafe { DispatchLevel::try_current(misuse) };
             });
         }
     }

@@ -12,7 +12,6 @@
 )]
 
 use core::ptr::{null, null_mut};
-use std::mem;
 
 use wfp_rs::bugcheck::verifier;
 use wfp_rs::bugcheck_test;
@@ -68,18 +67,20 @@ bugcheck_test! {
 }
 
 bugcheck_test! {
-    /// Two tokens on one thread: raising through one leaves the other claiming PASSIVE_LEVEL.
-    /// `Event::set` itself is allowed at DISPATCH_LEVEL, so only the SDK's check of the token
-    /// can catch this, at the call that misuses it.
+    /// Two tokens on one thread (only possible with `unsafe` now): raising through one leaves
+    /// the other claiming PASSIVE_LEVEL. `Event::set` itself is allowed at DISPATCH_LEVEL, so
+    /// only the SDK's check of the token can catch this, at the call that misuses it.
     fn a_token_used_above_its_bound_stops_at_the_call() expects IRQL_NOT_LESS_OR_EQUAL {
         let machine = Machine::new();
         let lock = SpinLock::new(());
         machine.at_passive(|irql| {
             let event = Event::try_new(EventKind::Notification, false, irql).unwrap();
-            wfp_rs::irql::DispatchLevel::try_current(|second| {
-                let _guard = lock.lock(second);
-                event.set(irql);
-            });
+            let misuse = |second: &mut wfp_rs::irql::DispatchLevel<'_>| {
+                lock.lock(second, |_, _| event.set(irql));
+            };
+            // SAFETY: NOT upheld, on purpose: `irql` is usable while `misuse` runs. The scenario
+            // checks the run-time backstop for exactly this broken promise.
+            unsafe { wfp_rs::irql::DispatchLevel::try_current(misuse) };
         });
     }
 }
@@ -100,13 +101,55 @@ fn waiting_at_passive_level_runs_clean() {
 #[test]
 fn try_current_refuses_a_passive_token_at_dispatch() {
     let machine = Machine::new();
-    let refused = machine.at_dispatch(|_irql| PassiveLevel::try_current(|_| ()).is_none());
+    // SAFETY: the closures bind no token (`|_irql|` is unused), so no other token is usable.
+    let refused = machine.at_dispatch(|_| unsafe { PassiveLevel::try_current(|_| ()) }.is_none());
     assert!(
         refused,
         "try_current must not mint a PassiveLevel token at DISPATCH_LEVEL"
     );
-    let granted = machine.at_passive(|_irql| PassiveLevel::try_current(|_| ()).is_some());
+    // SAFETY: as above.
+    let granted = machine.at_passive(|_| unsafe { PassiveLevel::try_current(|_| ()) }.is_some());
     assert!(granted);
+}
+
+/// A harness call that hands out a token refuses to run where another token may be live on the
+/// thread: `at_dispatch` inside `at_passive` would otherwise raise the IRQL with the outer
+/// `&mut PassiveLevel` still usable in the closure.
+#[test]
+#[should_panic(expected = "Machine::at_dispatch called where an IRQL token may already be live")]
+fn a_harness_token_scope_cannot_nest() {
+    let machine = Machine::new();
+    machine.at_passive(|_outer| machine.at_dispatch(|_inner| ()));
+}
+
+/// The same through `Machine::run`, which hands out no token but does not hide the outer one.
+#[test]
+#[should_panic(expected = "Machine::at_passive called where an IRQL token may already be live")]
+fn a_harness_token_scope_cannot_nest_through_run() {
+    let machine = Machine::new();
+    machine.at_dispatch(|_outer| machine.run(|| machine.at_passive(|_inner| ())));
+}
+
+/// `run_in_driver` hands out a `&mut PassiveLevel` too: not inside another token scope.
+#[test]
+#[should_panic(
+    expected = "LoadedDriver::run_in_driver called where an IRQL token may already be live"
+)]
+fn run_in_driver_cannot_nest_in_a_token_scope() {
+    let machine = Machine::new();
+    let driver = machine
+        .load_driver("minimal", minimal_driver::DriverEntry)
+        .unwrap();
+    machine.at_passive(|_outer| driver.run_in_driver(&machine, |_inner, _| ()));
+}
+
+/// Token scopes one after the other, on one thread, are fine.
+#[test]
+fn harness_token_scopes_in_sequence_are_allowed() {
+    let machine = Machine::new();
+    machine.at_passive(|_| ());
+    machine.at_dispatch(|_| ());
+    assert_eq!(machine.at_passive(|_| Irql::current()), Irql::PASSIVE);
 }
 
 // --- pool ------------------------------------------------------------------------------------
@@ -224,9 +267,10 @@ bugcheck_test! {
         let machine = Machine::new();
         machine.at_passive(|irql| {
             let lock = SpinLock::new(0u32);
-            let mut outer = lock.lock(irql);
-            // Deadlocks on Windows; the safe API allows it because the lock is shared.
-            let _inner = lock.lock(outer.irql_mut());
+            lock.lock(irql, |_, irql| {
+                // Deadlocks on Windows; the safe API allows it because the lock is shared.
+                lock.lock(irql, |_, _| ());
+            });
         });
     }
 }
@@ -260,12 +304,38 @@ bugcheck_test! {
 }
 
 bugcheck_test! {
-    /// A callback that returns with a spin lock guard forgotten leaves the IRQL raised.
+    /// A callback that returns with a spin lock still held (taken through the raw ABI: the safe
+    /// `SpinLock` releases when its closure returns) leaves the IRQL raised.
     fn returning_from_a_callback_with_a_lock_held_stops() expects IRQL_UNEXPECTED_VALUE ((2 << 16) | 2) {
         let machine = Machine::new();
-        let lock = SpinLock::new(());
-        machine.at_passive(|irql| mem::forget(lock.lock(irql)));
+        let mut lock: sys::KSPIN_LOCK = 0;
+        machine.at_passive(|_irql| {
+            // SAFETY: a valid lock at PASSIVE_LEVEL; deliberately never released.
+            let _old = unsafe { sys::KeAcquireSpinLockRaiseToDpc(&mut lock) };
+        });
     }
+}
+
+#[test]
+fn a_spin_lock_is_released_when_its_closure_unwinds() {
+    let machine = Machine::new();
+    let lock = SpinLock::new(0u32);
+    machine.at_passive(|irql| {
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            lock.lock(&mut *irql, |value, _| {
+                *value += 1;
+                panic!("the closure fails while the lock is held");
+            })
+        }));
+        assert!(unwound.is_err());
+        assert_eq!(
+            Irql::current(),
+            Irql::PASSIVE,
+            "unwinding out of the closure restores the IRQL"
+        );
+        // The lock is free again: taking it does not stop with SPIN_LOCK_ALREADY_OWNED.
+        assert_eq!(lock.lock(irql, |value, _| *value), 1);
+    });
 }
 
 #[test]
@@ -273,27 +343,23 @@ fn nested_spin_locks_restore_the_irql_in_order() {
     let machine = Machine::new();
     machine.at_passive(|irql| {
         let (a, b) = (SpinLock::new(1u32), SpinLock::new(2u32));
-        {
-            let mut first = a.lock(irql);
+        a.lock(&mut *irql, |first, irql| {
             assert_eq!(Irql::current(), Irql::DISPATCH);
-            {
-                let mut second = b.lock(first.irql_mut());
-                *second += 1;
-            }
+            b.lock(irql, |second, _| *second += 1);
             assert_eq!(
                 Irql::current(),
                 Irql::DISPATCH,
                 "the outer lock is still held"
             );
             *first += 1;
-        }
+        });
         assert_eq!(
             Irql::current(),
             Irql::PASSIVE,
             "releasing the outer lock restores PASSIVE_LEVEL"
         );
-        let first = *a.lock(irql);
-        let second = *b.lock(irql);
+        let first = a.lock(&mut *irql, |first, _| *first);
+        let second = b.lock(irql, |second, _| *second);
         assert_eq!((first, second), (2, 3));
     });
 }
@@ -309,11 +375,13 @@ fn spin_lock_serialises_many_processors() {
             scope.spawn(|| {
                 machine.at_passive(|irql| {
                     for _ in 0..ROUNDS {
-                        let mut count = counter.lock(irql);
-                        // A non-atomic read-modify-write: lost updates would show a broken lock.
-                        let seen = *count;
-                        std::hint::black_box(());
-                        *count = seen + 1;
+                        counter.lock(&mut *irql, |count, _| {
+                            // A non-atomic read-modify-write: lost updates would show a broken
+                            // lock.
+                            let seen = *count;
+                            std::hint::black_box(());
+                            *count = seen + 1;
+                        });
                     }
                 });
             });
@@ -435,12 +503,17 @@ bugcheck_test! {
 
 bugcheck_test! {
     fn a_work_item_returning_at_dispatch_level_stops() expects WORKER_THREAD_RETURNED_AT_BAD_IRQL {
-        static LOCK: SpinLock<()> = SpinLock::new(());
         let machine = Machine::new();
         let driver = machine.load_driver("minimal", minimal_driver::DriverEntry).unwrap();
         let queue = driver.work_queue(&machine).expect("an SDK driver");
         machine.at_passive(|irql| {
-            queue.queue(irql, |passive| mem::forget(LOCK.lock(passive))).unwrap();
+            queue
+                .queue(irql, |_passive| {
+                    // SAFETY: deliberately raising without lowering (the raw ABI; the safe
+                    // `SpinLock` cannot leave the IRQL raised).
+                    let _old = unsafe { sys::KfRaiseIrql(sys::DISPATCH_LEVEL) };
+                })
+                .unwrap();
         });
         machine.wait_for_work_items();
     }

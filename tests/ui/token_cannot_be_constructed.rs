@@ -1,5 +1,5 @@
-// Minting a token with a struct literal in safe code. Only the SDK's trampolines, the checked
-// `try_current` and the `unsafe` `assume` produce tokens; the fields are private.
+// Minting a token with a struct literal in safe code. Only the SDK's trampolines, the `unsafe`
+// `try_current` and `assume`, and a locked spin lock produce tokens; the fields are private.
 
 use std::marker::PhantomData;
 use wfp_rs::irql::PassiveLevel;

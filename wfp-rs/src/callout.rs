@@ -60,7 +60,7 @@ use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU16, AtomicU32, Ordering};
 use crate::classify::ClassifyOut;
 use crate::driver::Driver;
 use crate::guid::Guid;
-use crate::irql::{DispatchLevel, Irql, PassiveLevel};
+use crate::irql::{AtPassive, DispatchLevel, Irql, PassiveLevel, RaiseIrql, Token};
 use crate::layer::value::ConditionFlags;
 use crate::layer::{FieldKind, IncomingValues, Layer, field_index, fields};
 use crate::metadata::Metadata;
@@ -564,25 +564,28 @@ impl Flows {
 
     /// Records an association; false if there is no memory for it.
     fn insert(&self, irql: &mut DispatchLevel<'_>, flow: u64, layer: u16, context: u64) -> bool {
-        let mut entries = self.entries.lock(irql);
-        if entries.try_reserve(1).is_err() {
-            return false;
-        }
-        entries.push((flow, layer, context));
-        true
+        self.entries.lock(irql, |entries, _| {
+            if entries.try_reserve(1).is_err() {
+                return false;
+            }
+            entries.push((flow, layer, context));
+            true
+        })
     }
 
     fn remove(&self, irql: &mut DispatchLevel<'_>, context: u64) {
-        self.entries.lock(irql).retain(|&(_, _, c)| c != context);
+        self.entries
+            .lock(irql, |entries, _| entries.retain(|&(_, _, c)| c != context));
     }
 
     /// The (flow, layer) pairs still associated.
-    fn snapshot(&self, irql: &mut PassiveLevel<'_>) -> alloc::vec::Vec<(u64, u16)> {
-        let entries = self.entries.lock(irql);
-        entries
-            .iter()
-            .map(|&(flow, layer, _)| (flow, layer))
-            .collect()
+    fn snapshot(&self, irql: impl RaiseIrql) -> alloc::vec::Vec<(u64, u16)> {
+        self.entries.lock(irql, |entries, _| {
+            entries
+                .iter()
+                .map(|&(flow, layer, _)| (flow, layer))
+                .collect()
+        })
     }
 }
 
@@ -826,7 +829,7 @@ impl<L: Layer, F: Send + Sync + 'static, C: Callout<L, F>> CalloutRegistration<L
     /// layer `L` is the key's: the callout entry and the filters that name the callout take the
     /// same key, so they are at the same layer.
     pub fn register(
-        irql: &PassiveLevel<'_>,
+        irql: &impl AtPassive,
         driver: &Driver<'_>,
         key: CalloutKey<L>,
         callout: C,
@@ -908,8 +911,13 @@ impl<L: Layer, F: Send + Sync + 'static, C: Callout<L, F>> CalloutRegistration<L
     /// [`Callout::flow_deleted`]). One whose flow is being classified on another processor at
     /// that moment is handed back only when that classification returns, so unregistration can
     /// fail with `STATUS_DEVICE_BUSY`: try again.
-    pub fn unregister(mut self, irql: &mut PassiveLevel<'_>) -> Result<(), (Self, Status)> {
-        match self.unregister_inner(irql) {
+    ///
+    /// `irql` is `&mut PassiveLevel`: unregistering takes a spin lock, so it raises the IRQL.
+    pub fn unregister(
+        mut self,
+        mut irql: impl RaiseIrql<Level: AtPassive>,
+    ) -> Result<(), (Self, Status)> {
+        match self.unregister_inner(irql.reborrow()) {
             Ok(()) => Ok(()),
             Err(status) => Err((self, status)),
         }
@@ -917,7 +925,7 @@ impl<L: Layer, F: Send + Sync + 'static, C: Callout<L, F>> CalloutRegistration<L
 
     /// Unregisters; while flow contexts remain (`STATUS_DEVICE_BUSY`), removes them — which
     /// hands each to [`Callout::flow_deleted`] — and tries again.
-    fn unregister_inner(&mut self, irql: &mut PassiveLevel<'_>) -> Result<(), Status> {
+    fn unregister_inner<T: Token + AtPassive>(&mut self, irql: &mut T) -> Result<(), Status> {
         crate::irql::verify(irql);
         // SAFETY: PASSIVE_LEVEL (the token); the id is ours.
         let mut status = unsafe { sys::FwpsCalloutUnregisterById0(self.id) };
@@ -945,7 +953,11 @@ impl<L: Layer, F: Send + Sync + 'static, C: Callout<L, F>> Drop for CalloutRegis
         if self.instance.is_none() {
             return;
         }
-        let result = PassiveLevel::try_current(|irql| self.unregister_inner(irql));
+        // SAFETY: `unregister_inner` is SDK code; it reaches no token of the driver's (a token
+        // the dropping code holds stays in its frame) and runs no driver code but the callout's
+        // drop, which receives no token; its spin lock restores the IRQL.
+        let result =
+            unsafe { PassiveLevel::try_current_in_sdk(|irql| self.unregister_inner(irql)) };
         match result {
             Some(Ok(())) => {}
             Some(Err(status)) => {

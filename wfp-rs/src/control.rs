@@ -118,10 +118,10 @@ use crate::dispatch::{DeviceHeader, Request};
 use crate::driver::Driver;
 use crate::event::{Event, EventKind};
 use crate::inverted::ControlCode;
-use crate::irql::{Irql, PassiveLevel};
+use crate::irql::{AtPassive, DispatchLevel, Irql, PassiveLevel};
 use crate::pool::{PoolBytes, PoolTag};
 use crate::secure_device::{self, WideName, callback_token};
-use crate::spin_lock::{SpinLock, SpinLockGuard};
+use crate::spin_lock::SpinLock;
 use crate::status::Status;
 use crate::sys;
 
@@ -178,7 +178,7 @@ impl<H: CommandHandler> ControlDevice<H> {
     /// create, cleanup, close or device control; otherwise what the kernel returned. The handler
     /// is dropped on failure.
     pub fn new(
-        irql: &PassiveLevel<'_>,
+        irql: &impl AtPassive,
         driver: &Driver<'_>,
         name: &str,
         handler: H,
@@ -242,30 +242,30 @@ impl<H: CommandHandler> ControlDevice<H> {
     /// handler call is running, drops the handler and deletes the device
     /// (`IoDeleteSymbolicLink`, `IoDeleteDevice`). Dropping the device at `PASSIVE_LEVEL` does
     /// the same.
-    pub fn close(self, irql: &PassiveLevel<'_>) {
+    pub fn close(self, irql: &impl AtPassive) {
         let this = ManuallyDrop::new(self);
         this.shut_down(irql, true);
     }
 
     /// `new` failed after the extension was written: tear it down (there is no link).
-    fn discard_unpublished(self, irql: &PassiveLevel<'_>) {
+    fn discard_unpublished(self, irql: &impl AtPassive) {
         let this = ManuallyDrop::new(self);
         this.shut_down(irql, false);
     }
 
-    fn shut_down(&self, irql: &PassiveLevel<'_>, delete_link: bool) {
+    fn shut_down(&self, irql: &impl AtPassive, delete_link: bool) {
         crate::irql::verify(irql);
         let extension = self.extension();
         if delete_link {
             // Created by `new`, deleted once, here.
             secure_device::delete_link(irql, &extension.link);
         }
-        extension.locked(|state| state.closed = true);
+        extension.locked(|state, _| state.closed = true);
         // Wait until every handler call has finished. The last one signals `idle` while holding
         // the lock; taking the lock once more after the wait makes sure it has also released
         // it, its last touch of the extension.
         loop {
-            if extension.locked(|state| state.references == 0) {
+            if extension.locked(|state, _| state.references == 0) {
                 break;
             }
             extension.idle().wait(irql);
@@ -287,7 +287,7 @@ impl<H: CommandHandler> ControlDevice<H> {
     /// Dropped above `PASSIVE_LEVEL`: refuse new requests, but the device (with its handler)
     /// cannot be deleted there, nor running calls waited for.
     fn abandon(&self) {
-        self.extension().locked(|state| state.closed = true);
+        self.extension().locked(|state, _| state.closed = true);
         crate::kd_print!(
             Error,
             "wfp-rs: a ControlDevice was dropped at {}; deleting its device needs PASSIVE_LEVEL, \
@@ -302,7 +302,11 @@ impl<H: CommandHandler> Drop for ControlDevice<H> {
     /// Closes the device at `PASSIVE_LEVEL` (see [`close`](Self::close)); above it, refuses new
     /// requests and leaks the device with a debugger message.
     fn drop(&mut self) {
-        if PassiveLevel::try_current(|irql| self.shut_down(irql, true)).is_none() {
+        // SAFETY: `shut_down` is SDK code; it reaches no token of the driver's (a token the
+        // dropping code holds stays in its frame) and runs no driver code but the handler's
+        // drop, which receives no token; its spin lock restores the IRQL.
+        if unsafe { PassiveLevel::try_current_in_sdk(|irql| self.shut_down(irql, true)) }.is_none()
+        {
             self.abandon();
         }
     }
@@ -338,12 +342,11 @@ struct ControlExtension<H> {
 
 impl<H: CommandHandler> ControlExtension<H> {
     /// Runs `f` with the lock held.
-    fn locked<R>(&self, f: impl FnOnce(&mut SpinLockGuard<'_, GateState>) -> R) -> R {
+    fn locked<R>(&self, f: impl FnOnce(&mut GateState, &mut DispatchLevel<'_>) -> R) -> R {
         // Every path of this module runs at PASSIVE_LEVEL, or at DISPATCH_LEVEL in `abandon`,
         // and takes this lock alone, never nested.
         let mut token = callback_token();
-        let mut guard = self.state.lock(&mut token);
-        f(&mut guard)
+        self.state.lock(&mut token, f)
     }
 
     fn idle(&self) -> &Event {
@@ -359,12 +362,12 @@ impl<H: CommandHandler> ControlExtension<H> {
     }
 
     fn is_closed(&self) -> bool {
-        self.locked(|state| state.closed)
+        self.locked(|state, _| state.closed)
     }
 
     /// Takes a reference for a handler call; false if the device is closed.
     fn enter(&self) -> bool {
-        self.locked(|state| {
+        self.locked(|state, _| {
             if state.closed {
                 return false;
             }
@@ -375,12 +378,12 @@ impl<H: CommandHandler> ControlExtension<H> {
 
     /// Drops a reference. After this the caller must not touch the extension.
     fn leave(&self) {
-        self.locked(|state| {
+        self.locked(|state, irql| {
             state.references -= 1;
             if state.closed && state.references == 0 {
                 // Under the lock: `shut_down` takes it once more after waking up, so it cannot
                 // free the event before this call is done with it.
-                self.idle().set(state.irql());
+                self.idle().set(irql);
             }
         });
     }
@@ -406,7 +409,13 @@ impl<H: CommandHandler> ControlExtension<H> {
         }
         let mut request = request;
         let (status, information) =
-            PassiveLevel::try_current(|irql| self.run(irql, &mut request, code, control.input_len))
+            // SAFETY: a dispatch routine is a trampoline: the I/O manager calls it on the
+            // requesting thread, where no driver code holds a token; the handler gets this one.
+            unsafe {
+                PassiveLevel::try_current_in_sdk(|irql| {
+                    self.run(irql, &mut request, code, control.input_len)
+                })
+            }
                 .unwrap_or_else(|| {
                     crate::kd_print!(
                         Error,

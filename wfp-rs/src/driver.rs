@@ -94,25 +94,27 @@ impl Shared {
 
     pub(crate) fn job_queued(&self) {
         let mut token = Self::bookkeeping_token();
-        let jobs = &mut *self.jobs.lock(&mut token);
-        *jobs += 1;
-        if *jobs == 1 {
-            self.idle.clear(&Self::bookkeeping_token());
-        }
+        self.jobs.lock(&mut token, |jobs, irql| {
+            *jobs += 1;
+            if *jobs == 1 {
+                self.idle.clear(irql);
+            }
+        });
     }
 
     pub(crate) fn job_finished(&self) {
         let mut token = Self::bookkeeping_token();
-        let jobs = &mut *self.jobs.lock(&mut token);
-        *jobs -= 1;
-        if *jobs == 0 {
-            self.idle.set(&Self::bookkeeping_token());
-        }
+        self.jobs.lock(&mut token, |jobs, irql| {
+            *jobs -= 1;
+            if *jobs == 0 {
+                self.idle.set(irql);
+            }
+        });
     }
 
     /// Waits until no work item is queued or running.
     fn wait_for_jobs(&self, irql: &mut PassiveLevel<'_>) {
-        while *self.jobs.lock(irql) != 0 {
+        while self.jobs.lock(&mut *irql, |jobs, _| *jobs) != 0 {
             self.idle.wait(irql);
         }
     }

@@ -1,9 +1,10 @@
 //! A session with the filter engine: add and delete providers, sublayers, callouts and filters,
 //! in transactions. Wraps `FwpmEngineOpen0` and the `Fwpm*` management functions of `fwpmk.h`.
 //!
-//! Every management function requires `PASSIVE_LEVEL`, so every method here takes a
-//! `&PassiveLevel`: driver entry, unload and work items have one; a classify callback, which
-//! may run at `DISPATCH_LEVEL`, does not, and cannot add or delete a filter.
+//! Every management function requires `PASSIVE_LEVEL`, so every method here takes
+//! `&impl` [`AtPassive`], which only a `&PassiveLevel` satisfies: driver
+//! entry, unload and work items have one; a classify callback, which may run at
+//! `DISPATCH_LEVEL`, does not, and cannot add or delete a filter.
 //!
 //! ```
 //! use wfp_rs::callout::CalloutKey;
@@ -76,7 +77,7 @@ use core::time::Duration;
 use crate::callout::CalloutKey;
 use crate::filter::{EMPTY_BLOB, Filter, FilterId, try_vec};
 use crate::guid::Guid;
-use crate::irql::{Irql, PassiveLevel, verify};
+use crate::irql::{AtPassive, Irql, verify};
 use crate::kd_print;
 use crate::layer::Layer;
 use crate::status::Status;
@@ -184,7 +185,7 @@ impl Engine {
     /// # Ok::<(), wfp_rs::Status>(())
     /// # }).unwrap();
     /// ```
-    pub fn open(irql: &PassiveLevel<'_>, options: SessionOptions<'_>) -> Result<Engine, Status> {
+    pub fn open(irql: &impl AtPassive, options: SessionOptions<'_>) -> Result<Engine, Status> {
         verify(irql);
         let mut display = DisplayData::new(options.name.unwrap_or(""), options.description)?;
         let session = sys::FWPM_SESSION0 {
@@ -221,7 +222,7 @@ impl Engine {
     /// Closes the session, reporting the engine's status. Wraps `FwpmEngineClose0`. A
     /// transaction still open is aborted (the engine does that). In a dynamic session, every
     /// object the session added is deleted; a non-dynamic session's objects stay until deleted.
-    pub fn close(self, irql: &PassiveLevel<'_>) -> Result<(), Status> {
+    pub fn close(self, irql: &impl AtPassive) -> Result<(), Status> {
         verify(irql);
         let this = ManuallyDrop::new(self);
         // SAFETY: PASSIVE_LEVEL (the token); the handle is open, and `this` is not dropped, so
@@ -246,7 +247,7 @@ impl Engine {
     /// # Ok::<(), wfp_rs::Status>(())
     /// # }).unwrap();
     /// ```
-    pub fn transaction(&self, irql: &PassiveLevel<'_>) -> Result<Transaction<'_>, Status> {
+    pub fn transaction(&self, irql: &impl AtPassive) -> Result<Transaction<'_>, Status> {
         verify(irql);
         // SAFETY: PASSIVE_LEVEL (the token); the handle is open. Flags 0: a read-write
         // transaction.
@@ -257,7 +258,7 @@ impl Engine {
     /// Adds a provider. Wraps `FwpmProviderAdd0` (no security descriptor).
     pub fn add_provider(
         &self,
-        irql: &PassiveLevel<'_>,
+        irql: &impl AtPassive,
         provider: &Provider<'_>,
     ) -> Result<(), Status> {
         verify(irql);
@@ -282,7 +283,7 @@ impl Engine {
     /// Adds a sublayer. Wraps `FwpmSubLayerAdd0` (no security descriptor).
     pub fn add_sublayer(
         &self,
-        irql: &PassiveLevel<'_>,
+        irql: &impl AtPassive,
         sublayer: &Sublayer<'_>,
     ) -> Result<(), Status> {
         verify(irql);
@@ -323,7 +324,7 @@ impl Engine {
     /// [`PERMIT_IF_CALLOUT_UNREGISTERED`](crate::filter::FilterFlags::PERMIT_IF_CALLOUT_UNREGISTERED).
     pub fn add_callout<L: Layer>(
         &self,
-        irql: &PassiveLevel<'_>,
+        irql: &impl AtPassive,
         callout: &CalloutEntry<'_, L>,
     ) -> Result<u32, Status> {
         verify(irql);
@@ -383,7 +384,7 @@ impl Engine {
     /// (`STATUS_INVALID_PARAMETER`), or no memory (`STATUS_INSUFFICIENT_RESOURCES`).
     pub fn add_filter<L: Layer>(
         &self,
-        irql: &PassiveLevel<'_>,
+        irql: &impl AtPassive,
         filter: &Filter<'_, L>,
     ) -> Result<FilterId, Status> {
         verify(irql);
@@ -400,7 +401,7 @@ impl Engine {
 
     /// Deletes a filter. Wraps `FwpmFilterDeleteById0`. Fails with
     /// `STATUS_FWP_FILTER_NOT_FOUND` if there is no filter with that id.
-    pub fn delete_filter(&self, irql: &PassiveLevel<'_>, id: FilterId) -> Result<(), Status> {
+    pub fn delete_filter(&self, irql: &impl AtPassive, id: FilterId) -> Result<(), Status> {
         verify(irql);
         // SAFETY: PASSIVE_LEVEL (the token); the handle is open.
         Status::from_ntstatus(unsafe { sys::FwpmFilterDeleteById0(self.handle, id.raw()) })
@@ -410,7 +411,7 @@ impl Engine {
     /// `STATUS_FWP_IN_USE` while filters use the callout.
     pub fn delete_callout<L: Layer>(
         &self,
-        irql: &PassiveLevel<'_>,
+        irql: &impl AtPassive,
         key: CalloutKey<L>,
     ) -> Result<(), Status> {
         verify(irql);
@@ -421,14 +422,14 @@ impl Engine {
 
     /// Deletes a sublayer. Wraps `FwpmSubLayerDeleteByKey0`. Fails with `STATUS_FWP_IN_USE`
     /// while filters are in the sublayer.
-    pub fn delete_sublayer(&self, irql: &PassiveLevel<'_>, key: Guid) -> Result<(), Status> {
+    pub fn delete_sublayer(&self, irql: &impl AtPassive, key: Guid) -> Result<(), Status> {
         verify(irql);
         // SAFETY: PASSIVE_LEVEL (the token); the handle is open; `key` lives for the call.
         Status::from_ntstatus(unsafe { sys::FwpmSubLayerDeleteByKey0(self.handle, key.raw()) })
     }
 
     /// Deletes a provider. Wraps `FwpmProviderDeleteByKey0`.
-    pub fn delete_provider(&self, irql: &PassiveLevel<'_>, key: Guid) -> Result<(), Status> {
+    pub fn delete_provider(&self, irql: &impl AtPassive, key: Guid) -> Result<(), Status> {
         verify(irql);
         // SAFETY: PASSIVE_LEVEL (the token); the handle is open; `key` lives for the call.
         Status::from_ntstatus(unsafe { sys::FwpmProviderDeleteByKey0(self.handle, key.raw()) })
@@ -491,7 +492,7 @@ impl Transaction<'_> {
     /// If the commit fails, the transaction is aborted (`FwpmTransactionAbort0`, as the WDK
     /// samples do), so the session is left without a transaction either way, and the commit's
     /// error is returned.
-    pub fn commit(self, irql: &PassiveLevel<'_>) -> Result<(), Status> {
+    pub fn commit(self, irql: &impl AtPassive) -> Result<(), Status> {
         verify(irql);
         let this = ManuallyDrop::new(self);
         // SAFETY: PASSIVE_LEVEL (the token); the session's transaction is open (this value
@@ -510,7 +511,7 @@ impl Transaction<'_> {
     /// Aborts the transaction, rolling back everything done in it, and reports the engine's
     /// status. Wraps `FwpmTransactionAbort0`. (Dropping the transaction does the same, without
     /// the status.)
-    pub fn abort(self, irql: &PassiveLevel<'_>) -> Result<(), Status> {
+    pub fn abort(self, irql: &impl AtPassive) -> Result<(), Status> {
         verify(irql);
         let this = ManuallyDrop::new(self);
         // SAFETY: PASSIVE_LEVEL (the token); the session's transaction is open, and `this` is

@@ -25,14 +25,12 @@ pub enum EventKind {
 ///
 /// ```
 /// use wfp_rs::event::{Event, EventKind};
-/// # wfp_rs::sim::Machine::new().run(|| {
-/// # wfp_rs::irql::PassiveLevel::try_current(|irql| {
+/// # wfp_rs::sim::Machine::new().at_passive(|irql| {
 /// let done = Event::try_new(EventKind::Notification, false, irql)?;
 /// done.set(irql);
 /// done.wait(irql); // returns at once: the event is signalled
 /// # Ok::<(), wfp_rs::Status>(())
-/// # }).unwrap().unwrap();
-/// # });
+/// # }).unwrap();
 /// ```
 ///
 /// ```compile_fail

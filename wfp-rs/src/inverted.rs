@@ -85,7 +85,7 @@ use core::ptr::NonNull;
 use crate::dispatch::{DeviceHeader, Request};
 use crate::driver::Driver;
 use crate::event::{Event, EventKind};
-use crate::irql::{AtMostDispatch, Irql, PassiveLevel};
+use crate::irql::{AtMostDispatch, AtPassive, Irql, PassiveLevel};
 use crate::secure_device::{self, WideName, callback_token};
 use crate::status::Status;
 use crate::sys;
@@ -267,7 +267,7 @@ impl InvertedQueue {
     /// `STATUS_INVALID_DEVICE_STATE` if the driver installed dispatch routines of its own for
     /// create, cleanup, close or device control; otherwise what the kernel returned.
     pub fn new(
-        irql: &PassiveLevel<'_>,
+        irql: &impl AtPassive,
         driver: &Driver<'_>,
         name: &str,
         code: ControlCode,
@@ -384,18 +384,18 @@ impl InvertedQueue {
     /// ones with `STATUS_DELETE_PENDING`, waits until no dispatch or cancel routine of the queue
     /// runs any more, and deletes the device (`IoDeleteSymbolicLink`, `IoDeleteDevice`).
     /// Dropping the queue at `PASSIVE_LEVEL` does the same.
-    pub fn close(self, irql: &PassiveLevel<'_>) {
+    pub fn close(self, irql: &impl AtPassive) {
         let this = ManuallyDrop::new(self);
         this.shut_down(irql, true);
     }
 
     /// `new` failed after the device was set up: tear it down (there is no link to delete).
-    fn discard_unpublished(self, irql: &PassiveLevel<'_>) {
+    fn discard_unpublished(self, irql: &impl AtPassive) {
         let this = ManuallyDrop::new(self);
         this.shut_down(irql, false);
     }
 
-    fn shut_down(&self, irql: &PassiveLevel<'_>, delete_link: bool) {
+    fn shut_down(&self, irql: &impl AtPassive, delete_link: bool) {
         crate::irql::verify(irql);
         let queue = self.queue();
         if delete_link {
@@ -443,7 +443,11 @@ impl Drop for InvertedQueue {
     /// Closes the queue at `PASSIVE_LEVEL` (see [`close`](Self::close)); above it, completes the
     /// waiting requests and leaks the device with a debugger message.
     fn drop(&mut self) {
-        if PassiveLevel::try_current(|irql| self.shut_down(irql, true)).is_none() {
+        // SAFETY: `shut_down` is SDK code; it reaches no token of the driver's (a token the
+        // dropping code holds stays in its frame) and runs no driver code but the drop of the
+        // queue's own state, which receives no token; it does not change the IRQL.
+        if unsafe { PassiveLevel::try_current_in_sdk(|irql| self.shut_down(irql, true)) }.is_none()
+        {
             self.abandon();
         }
     }

@@ -11,13 +11,17 @@
 //!   [`PassiveLevel`] (IRQL is `PASSIVE_LEVEL`), [`ApcLevel`] (at most `APC_LEVEL`) and
 //!   [`DispatchLevel`] (at most `DISPATCH_LEVEL`; the SDK treats it as "may be exactly
 //!   `DISPATCH_LEVEL`").
-//! - An API states the weakest bound it needs with a sealed trait: [`AtMostApc`] or
-//!   [`AtMostDispatch`]; an API that needs `PASSIVE_LEVEL` takes `&PassiveLevel`.
+//! - An API states the weakest bound it needs with a sealed trait: [`AtPassive`], [`AtMostApc`]
+//!   or [`AtMostDispatch`], taken as `&impl AtMostApc` and so on.
 //! - Tokens are handed out by the SDK's trampolines (driver entry, unload and work items get
-//!   `&PassiveLevel`; WFP callbacks get `&DispatchLevel`), by a [`SpinLockGuard`], or by the
-//!   checked [`try_current`](PassiveLevel::try_current) and `unsafe` `assume` functions.
-//! - Raising the IRQL borrows the lower token mutably ([`SpinLock::lock`]), so the lower token
-//!   cannot be used while the IRQL is raised.
+//!   `&mut PassiveLevel`; WFP callbacks get `&mut DispatchLevel`) and by a locked
+//!   [`SpinLock`] to its closure. Minting one anywhere else is `unsafe`
+//!   ([`try_current`](PassiveLevel::try_current), which checks the IRQL, and `assume`): a token
+//!   proves the IRQL only if no second token is usable on the same thread.
+//! - Raising the IRQL takes an exclusive borrow of a token itself ([`RaiseIrql`]: `&mut
+//!   PassiveLevel`, never `&PassiveLevel` or `&mut` of a copy of one), so no token that claims the
+//!   lower level can be used while the IRQL is raised. A generic helper that raises the IRQL
+//!   takes `&mut impl` [`Token`].
 //!
 //! ```compile_fail
 //! use wfp_rs::irql::{AtMostApc, DispatchLevel};
@@ -29,8 +33,7 @@
 //! }
 //! ```
 //!
-//! [`SpinLock::lock`]: crate::spin_lock::SpinLock::lock
-//! [`SpinLockGuard`]: crate::spin_lock::SpinLockGuard
+//! [`SpinLock`]: crate::spin_lock::SpinLock
 
 use core::fmt;
 use core::marker::PhantomData;
@@ -111,11 +114,14 @@ macro_rules! token {
         impl $name<'_> {
             /// Mints a token without any check.
             ///
+            /// The SDK's trampolines use this where the kernel documents the IRQL.
+            ///
             /// # Safety
             ///
             /// The current IRQL must satisfy the token's bound for the whole lifetime of the
-            /// token, and no other token of this thread may be used to raise the IRQL while it
-            /// lives.
+            /// token (except while the token itself is borrowed exclusively to raise it), and no
+            /// other token may be usable on this thread while it lives: either there is none, or
+            /// the other one is exclusively borrowed for the whole lifetime of this one.
             pub(crate) const unsafe fn new_unchecked() -> Self {
                 $name { _not_send: PhantomData, _scope: PhantomData }
             }
@@ -135,9 +141,10 @@ token! {
     /// # Invariants
     ///
     /// While a `&PassiveLevel` is usable, the current processor runs at `PASSIVE_LEVEL`: the
-    /// only safe way to raise the IRQL is through an API that borrows this token mutably
-    /// (such as [`SpinLock::lock`](crate::spin_lock::SpinLock::lock)), which makes the token
-    /// unusable until the IRQL is lowered again.
+    /// only safe way to raise the IRQL is through an API that borrows this token itself
+    /// exclusively ([`RaiseIrql`], such as [`SpinLock::lock`](crate::spin_lock::SpinLock::lock)),
+    /// which makes the token unusable until the IRQL is lowered again; and no second token is
+    /// usable on the same thread (minting one outside the SDK's trampolines is `unsafe`).
     ///
     /// The SDK hands this token to `DriverEntry`, to the unload routine and to work items.
     /// Safe code cannot create one:
@@ -162,7 +169,7 @@ token! {
     ///
     /// WFP callbacks (`classifyFn`, `notifyFn`, `flowDeleteFn`, completion callbacks) receive
     /// `&DispatchLevel`: they *may* run at `DISPATCH_LEVEL`, so they are written as if they
-    /// always did. A spin lock guard hands one out while the lock is held.
+    /// always did. A locked [`SpinLock`](crate::spin_lock::SpinLock) hands one to its closure.
     ///
     /// # Invariants
     ///
@@ -171,32 +178,70 @@ token! {
     DispatchLevel
 }
 
-/// The checked ways to obtain a token, for code the SDK did not call with one.
+/// The ways to obtain a token outside the SDK's trampolines. Both are `unsafe`: a token proves
+/// the IRQL only if it is the one token usable on its thread (see the `# Safety` sections).
 macro_rules! checked_constructors {
     ($name:ident, $bound:expr, $level:literal) => {
         impl<'a> $name<'a> {
             #[doc = concat!("Runs `f` with a `", stringify!($name), "` token if the current IRQL is at most `", $level, "`; returns `None` without calling `f` otherwise.")]
             ///
             /// This is the checked way to obtain a token in code the SDK did not call with one (a
-            /// library function, a callback registered by other means). Hold one token per
-            /// thread at a time: a token proves the IRQL it saw, and raising the IRQL through
-            /// *another* token while this one lives is not something the compiler can see. The
-            /// simulator checks the IRQL again in every kernel routine and stops such code with a
-            /// bug check.
+            /// callback registered by other means, library code whose caller passed none). The
+            /// token lives only for the call of `f`.
+            ///
+            /// # Safety
+            ///
+            /// No other IRQL token may be usable on this thread while `f` runs: the caller holds
+            /// none (it was given none, and `f` captures none), and `f` obtains none except by
+            /// borrowing the one it is given (as [`SpinLock::lock`] does). A token proves the IRQL
+            /// only while nothing raises it; the sole safe way to raise it is an exclusive borrow
+            /// of a token ([`RaiseIrql`]), which freezes *that* token but not a second one, so a
+            /// second token would go on claiming a level that no longer holds.
+            ///
+            /// Every SDK call checks its token again at run time in debug builds and always in
+            /// the simulator, so a broken promise stops the machine with `IRQL_NOT_LESS_OR_EQUAL`
+            /// at the first call that relies on it.
+            ///
+            /// [`SpinLock::lock`]: crate::spin_lock::SpinLock::lock
             ///
             /// ```
             /// # wfp_rs::sim::Machine::new().run(|| {
-            #[doc = concat!("let ran = wfp_rs::irql::", stringify!($name), "::try_current(|_irql| 42);")]
+            /// // SAFETY: this code holds no other token.
+            #[doc = concat!("let ran = unsafe { wfp_rs::irql::", stringify!($name), "::try_current(|_irql| 42) };")]
             /// assert_eq!(ran, Some(42)); // the harness runs at PASSIVE_LEVEL
             /// # });
             /// ```
-            pub fn try_current<R>(f: impl for<'t> FnOnce(&'t mut $name<'t>) -> R) -> Option<R> {
+            pub unsafe fn try_current<R>(
+                f: impl for<'t> FnOnce(&'t mut $name<'t>) -> R,
+            ) -> Option<R> {
                 if Irql::current() > $bound {
                     return None;
                 }
-                // SAFETY: the IRQL is within the bound now; the token lives only for the call of
-                // `f`, and safe code can raise the IRQL only through `&mut` of a token, which `f`
-                // is given.
+                // SAFETY: the IRQL is within the bound now. It can rise only through an exclusive
+                // borrow of a usable token, and the caller promises the token made here is the
+                // only one usable on this thread while `f` runs; it lives for that call only.
+                let mut token = unsafe { $name::new_unchecked() };
+                Some(f(&mut token))
+            }
+
+            #[doc = concat!("[`try_current`](Self::try_current) for the SDK's own code reached without a token: `Drop` implementations and kernel callbacks the SDK wraps where the IRQL is not documented. Runs `f` with a `", stringify!($name), "` if the current IRQL is at most `", $level, "`.")]
+            ///
+            /// # Safety
+            ///
+            /// `f` is SDK code that neither receives nor reaches any other token of this thread,
+            /// and runs no driver code that could (a token the driver holds in an outer frame,
+            /// around a `drop`, stays untouched there until `f` returns); it raises the IRQL only
+            /// through the token it is given, and the IRQL is back where it was when it returns.
+            #[allow(dead_code, reason = "the SDK needs it for some token types only")]
+            pub(crate) unsafe fn try_current_in_sdk<R>(
+                f: impl for<'t> FnOnce(&'t mut $name<'t>) -> R,
+            ) -> Option<R> {
+                if Irql::current() > $bound {
+                    return None;
+                }
+                // SAFETY: the IRQL is within the bound now; by the caller's promise nothing that
+                // runs during `f` can use another token while this one is raised or lowered, and
+                // the token lives for the call of `f` only.
                 let mut token = unsafe { $name::new_unchecked() };
                 Some(f(&mut token))
             }
@@ -206,7 +251,7 @@ macro_rules! checked_constructors {
             ///
             /// # Safety
             ///
-            #[doc = concat!("The caller guarantees that the IRQL is at most `", $level, "` for all of `'a`, and that no other token of this thread is used to raise the IRQL while the returned token lives.")]
+            #[doc = concat!("The IRQL is at most `", $level, "` now and stays so for all of `'a` except while the returned token itself is borrowed exclusively to raise it; and no other IRQL token is usable on this thread while the returned one lives (see [`try_current`](Self::try_current)).")]
             pub unsafe fn assume() -> $name<'a> {
                 assume_check($bound, concat!(stringify!($name), "::assume"));
                 // SAFETY: forwarded to the caller.
@@ -241,7 +286,24 @@ mod sealed {
     impl Sealed for super::DispatchLevel<'_> {}
     impl<T: Sealed + ?Sized> Sealed for &T {}
     impl<T: Sealed + ?Sized> Sealed for &mut T {}
+
+    /// Seals [`Token`](super::Token): only the three token types themselves, never a reference.
+    pub trait SealedToken {}
+    impl SealedToken for super::PassiveLevel<'_> {}
+    impl SealedToken for super::ApcLevel<'_> {}
+    impl SealedToken for super::DispatchLevel<'_> {}
 }
+
+/// Implemented by tokens that prove the IRQL is `PASSIVE_LEVEL`: [`PassiveLevel`] (and references
+/// to it). Sealed. PASSIVE-only APIs (opening a filter engine session, registering a callout,
+/// creating a communication port, …) take `&impl AtPassive`.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` may be above PASSIVE_LEVEL, but this call requires PASSIVE_LEVEL",
+    label = "this does not prove IRQL == PASSIVE_LEVEL",
+    note = "only `&PassiveLevel` proves PASSIVE_LEVEL; a WFP callback such as classifyFn, or code holding a spin lock, has only a `&DispatchLevel` (it may run at DISPATCH_LEVEL)",
+    note = "to make this call from such code, queue a work item (`WorkQueue::queue`) and make the call in its closure, which receives a `&mut PassiveLevel`"
+)]
+pub trait AtPassive: AtMostApc + sealed::Sealed {}
 
 /// Implemented by tokens that prove the IRQL is at most `APC_LEVEL`: [`PassiveLevel`] and
 /// [`ApcLevel`]. Sealed.
@@ -265,7 +327,10 @@ pub trait AtMostDispatch: sealed::Sealed {
 }
 
 // A reference to a token proves what the token proves, so `wait(&irql)` works whether `irql` is
-// a token or already a reference to one.
+// a token or already a reference to one. This is sound because only an exclusive borrow of a
+// token itself can raise the IRQL ([`RaiseIrql`]), and that borrow cannot coexist with these.
+impl<T: AtPassive + ?Sized> AtPassive for &T {}
+impl<T: AtPassive + ?Sized> AtPassive for &mut T {}
 impl<T: AtMostApc + ?Sized> AtMostApc for &T {}
 impl<T: AtMostApc + ?Sized> AtMostApc for &mut T {}
 impl<T: AtMostDispatch + ?Sized> AtMostDispatch for &T {
@@ -275,16 +340,138 @@ impl<T: AtMostDispatch + ?Sized> AtMostDispatch for &mut T {
     const BOUND: Irql = T::BOUND;
 }
 
+/// A token type itself: [`PassiveLevel`], [`ApcLevel`] or [`DispatchLevel`], never a reference to
+/// one. Sealed.
+///
+/// This is the bound for a generic helper that raises the IRQL (takes a spin lock): it takes
+/// `irql: &mut impl Token` (or `&mut L` with `L: Token`), and `&mut L` is then a [`RaiseIrql`].
+/// A helper that does not raise the IRQL takes `&impl AtMostDispatch` (or `AtMostApc`,
+/// `AtPassive`) instead, which also accepts references.
+///
+/// ```
+/// use wfp_rs::irql::{AtMostApc, Token};
+/// use wfp_rs::spin_lock::SpinLock;
+///
+/// // Callable with `&mut PassiveLevel`, `&mut ApcLevel` or `&mut DispatchLevel`.
+/// fn bump(irql: &mut impl Token, hits: &SpinLock<u64>) -> u64 {
+///     hits.lock(irql, |hits, _irql| {
+///         *hits += 1;
+///         *hits
+///     })
+/// }
+///
+/// // Raises the IRQL and, once it is lowered again, waits: `Token + AtMostApc`.
+/// fn bump_then_wait<L: Token + AtMostApc>(irql: &mut L, hits: &SpinLock<u64>, done: &wfp_rs::event::Event) {
+///     bump(irql, hits);
+///     done.wait_timeout(irql, core::time::Duration::ZERO);
+/// }
+/// # wfp_rs::sim::Machine::new().at_passive(|irql| {
+/// # let hits = SpinLock::new(0);
+/// # let done = wfp_rs::event::Event::try_new(wfp_rs::event::EventKind::Notification, true, irql).unwrap();
+/// # bump_then_wait(irql, &hits, &done);
+/// # assert_eq!(hits.into_inner(), 1);
+/// # });
+/// ```
+///
+/// A reference to a token is not a `Token`, so a helper cannot raise the IRQL through a copy of
+/// a shared reference:
+///
+/// ```compile_fail,E0277
+/// use wfp_rs::irql::{AtMostApc, PassiveLevel, Token};
+/// use wfp_rs::spin_lock::SpinLock;
+///
+/// fn bump(irql: &mut impl Token, hits: &SpinLock<u64>) {
+///     hits.lock(irql, |hits, _| *hits += 1);
+/// }
+///
+/// fn wrong(irql: &PassiveLevel, hits: &SpinLock<u64>) {
+///     let mut copy = irql;
+///     bump(&mut copy, hits); // `&PassiveLevel` is not a `Token`
+/// }
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an IRQL token itself, so it cannot be borrowed to raise the IRQL",
+    label = "a shared or copied reference to a token would stay usable at DISPATCH_LEVEL",
+    note = "pass `&mut` of the token you were given (`&mut PassiveLevel`, `&mut ApcLevel` or `&mut DispatchLevel`); a function that has only `&PassiveLevel` cannot raise the IRQL, so take `&mut PassiveLevel` from your caller instead"
+)]
+pub trait Token: AtMostDispatch + sealed::Sealed + sealed::SealedToken {}
+
+impl Token for PassiveLevel<'_> {}
+impl Token for ApcLevel<'_> {}
+impl Token for DispatchLevel<'_> {}
+
+/// An exclusive borrow of a token itself: `&mut PassiveLevel`, `&mut ApcLevel` or
+/// `&mut DispatchLevel`. Sealed. Every API that raises the IRQL (locking a
+/// [`SpinLock`](crate::spin_lock::SpinLock), a [`VerdictTable`](crate::pend::VerdictTable), …)
+/// takes one.
+///
+/// Raising the IRQL makes every token of the thread that claims a lower level false until the
+/// IRQL is lowered again. An exclusive borrow of the token itself is the one borrow under which
+/// no copy of it can be used: a `&PassiveLevel` is `Copy`, so `&mut` of a *copy* of one
+/// (`&mut &PassiveLevel`) would leave the original usable at `DISPATCH_LEVEL`. Neither compiles:
+///
+/// ```compile_fail,E0277
+/// use wfp_rs::irql::PassiveLevel;
+/// use wfp_rs::spin_lock::SpinLock;
+///
+/// fn wrong(irql: &PassiveLevel, hits: &SpinLock<u64>) {
+///     let mut copy = irql;
+///     hits.lock(&mut copy, |hits, _| *hits += 1);
+/// }
+/// ```
+///
+/// Passing the borrow moves it (it is a generic argument, so Rust does not reborrow it by
+/// itself): to use the token again afterwards, pass `&mut *irql`.
+///
+/// ```
+/// use wfp_rs::irql::DispatchLevel;
+/// use wfp_rs::spin_lock::SpinLock;
+///
+/// fn twice(irql: &mut DispatchLevel, hits: &SpinLock<u64>) {
+///     hits.lock(&mut *irql, |hits, _| *hits += 1);
+///     hits.lock(irql, |hits, _| *hits += 1);
+/// }
+/// # wfp_rs::sim::Machine::new().at_dispatch(|irql| {
+/// # let hits = SpinLock::new(0);
+/// # twice(irql, &hits);
+/// # assert_eq!(hits.into_inner(), 2);
+/// # });
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot raise the IRQL: that needs an IRQL token itself, borrowed exclusively (`&mut`)",
+    label = "not `&mut PassiveLevel`, `&mut ApcLevel` or `&mut DispatchLevel`",
+    note = "a shared reference to a token is `Copy`: raising the IRQL through it, or through `&mut` of a copy of it, would leave the original usable at DISPATCH_LEVEL",
+    note = "pass the token you were given as `&mut` (`&mut *irql` to keep using it afterwards); a function that has only a `&PassiveLevel` must take `&mut PassiveLevel` from its caller; a generic helper takes `irql: &mut impl Token`"
+)]
+pub trait RaiseIrql: AtMostDispatch + sealed::Sealed {
+    /// The token type borrowed.
+    type Level: Token;
+
+    /// The borrowed token, reborrowed: to use it for another call after passing `self` on.
+    fn reborrow(&mut self) -> &mut Self::Level;
+}
+
+// `do_not_recommend`: an error names `&PassiveLevel` or `&mut &PassiveLevel` as not being a
+// `RaiseIrql`, with this trait's message, instead of pointing into this impl.
+#[diagnostic::do_not_recommend]
+impl<L: Token> RaiseIrql for &mut L {
+    type Level = L;
+
+    fn reborrow(&mut self) -> &mut L {
+        self
+    }
+}
+
 /// The run-time half of the IRQL rules, at the top of every API that takes a token: the token
 /// says the IRQL is at most `L::BOUND`; in debug builds (and always in the simulator) this checks
-/// it, so a token misused from safe code (two tokens on one thread, a forgotten spin-lock guard)
-/// stops the machine at the call that went wrong rather than somewhere later. Release builds
-/// for Windows compile it away.
+/// it, so a token misused from safe code stops the machine at the call that went wrong rather
+/// than somewhere later. Release builds for Windows compile it away.
 #[inline]
 pub(crate) fn verify<L: AtMostDispatch + ?Sized>(_irql: &L) {
     assume_check(L::BOUND, "an IRQL token");
 }
 
+impl AtPassive for PassiveLevel<'_> {}
 impl AtMostApc for PassiveLevel<'_> {}
 impl AtMostApc for ApcLevel<'_> {}
 impl AtMostDispatch for PassiveLevel<'_> {
@@ -320,22 +507,17 @@ mod tests {
 
     #[test]
     fn try_current_grants_only_the_bounds_that_hold() {
+        fn grants() -> (bool, bool, bool) {
+            // SAFETY: the callers bind no token (`|_|`), so none other is usable here.
+            let passive = unsafe { PassiveLevel::try_current(|_| ()) }.is_some();
+            // SAFETY: as above.
+            let apc = unsafe { ApcLevel::try_current(|_| ()) }.is_some();
+            // SAFETY: as above.
+            let dispatch = unsafe { DispatchLevel::try_current(|_| ()) }.is_some();
+            (passive, apc, dispatch)
+        }
         let machine = crate::sim::Machine::new();
-        let at_dispatch = machine.at_dispatch(|_| {
-            (
-                PassiveLevel::try_current(|_| ()).is_some(),
-                ApcLevel::try_current(|_| ()).is_some(),
-                DispatchLevel::try_current(|_| ()).is_some(),
-            )
-        });
-        assert_eq!(at_dispatch, (false, false, true));
-        let at_passive = machine.at_passive(|_| {
-            (
-                PassiveLevel::try_current(|_| ()).is_some(),
-                ApcLevel::try_current(|_| ()).is_some(),
-                DispatchLevel::try_current(|_| ()).is_some(),
-            )
-        });
-        assert_eq!(at_passive, (true, true, true));
+        assert_eq!(machine.at_dispatch(|_| grants()), (false, false, true));
+        assert_eq!(machine.at_passive(|_| grants()), (true, true, true));
     }
 }

@@ -43,7 +43,7 @@ use core::fmt;
 use core::ptr::NonNull;
 
 use crate::callout::Classify;
-use crate::irql::AtMostDispatch;
+use crate::irql::{AtMostDispatch, RaiseIrql};
 use crate::layer::Layer;
 use crate::status::Status;
 use crate::sys;
@@ -255,6 +255,39 @@ impl<L: Layer, F: 'static> Classify<'_, L, F> {
     }
 }
 
+/// The decision that completes a [`PendedDecision`]: permit or block, nothing else.
+///
+/// A pended classification must end with a decision. `FWP_ACTION_CONTINUE` ("the next filter
+/// decides") or another action type is not one, so this type has no way to say it:
+///
+/// ```compile_fail,E0599
+/// use wfp_rs::pend::FinalAction;
+/// let _ = FinalAction::Continue;
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FinalAction {
+    /// `FWP_ACTION_PERMIT`, hard.
+    Permit,
+    /// `FWP_ACTION_BLOCK`, hard.
+    Block,
+}
+
+impl From<FinalAction> for crate::classify::Action {
+    fn from(action: FinalAction) -> Self {
+        match action {
+            FinalAction::Permit => crate::classify::Action::Permit,
+            FinalAction::Block => crate::classify::Action::Block,
+        }
+    }
+}
+
+impl fmt::Display for FinalAction {
+    /// `permit` or `block`, as [`Action`](crate::classify::Action) displays them.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&crate::classify::Action::from(*self), f)
+    }
+}
+
 /// A classification pended by classify handle. Complete it once, from any thread at IRQL <=
 /// `DISPATCH_LEVEL`, with the final decision or a request to reauthorize; either consumes it and
 /// releases the classify handle.
@@ -274,20 +307,19 @@ unsafe impl Sync for PendedDecision {}
 
 impl PendedDecision {
     /// Completes the pend with `action` as the callout's final decision
-    /// (`FwpsCompleteClassify0` with a classify-out), then releases the classify handle. A
-    /// permit or block is hard: the write right is cleared, as [`ClassifyOut::block`] does.
+    /// (`FwpsCompleteClassify0` with a classify-out), then releases the classify handle. The
+    /// decision is hard: the write right is cleared, as [`ClassifyOut::block`] does.
+    ///
+    /// Only a permit or a block can complete a pend ([`FinalAction`]): "continue" or any other
+    /// action type is no decision, and a connection must not be left with none. To have the
+    /// stack ask again instead, [`reauthorize`](Self::reauthorize).
     ///
     /// [`ClassifyOut::block`]: crate::classify::ClassifyOut::block
-    pub fn complete(mut self, irql: &impl AtMostDispatch, action: crate::classify::Action) {
+    pub fn complete(mut self, irql: &impl AtMostDispatch, action: FinalAction) {
         crate::irql::verify(irql);
         let mut out = self.out;
-        out.actionType = action.raw();
-        if matches!(
-            action,
-            crate::classify::Action::Permit | crate::classify::Action::Block
-        ) {
-            out.rights &= !sys::FWPS_RIGHT_ACTION_WRITE;
-        }
+        out.actionType = crate::classify::Action::from(action).raw();
+        out.rights &= !sys::FWPS_RIGHT_ACTION_WRITE;
         self.finish(Some(&out));
     }
 
@@ -416,8 +448,8 @@ impl ConnectionKey {
 /// static VERDICTS: VerdictTable<bool, 256> = VerdictTable::new();
 /// # wfp_rs::sim::Machine::new().at_dispatch(|irql| {
 /// # let key = ConnectionKey { pid: 1, app: 2, protocol: 6, local: (IpAddr::V4(Ipv4Addr::LOCALHOST), 5000), remote: (IpAddr::V4(Ipv4Addr::LOCALHOST), 80) };
-/// assert_eq!(VERDICTS.try_record(irql, key, true), Ok(None));
-/// assert_eq!(VERDICTS.take(irql, &key), Some(true));
+/// assert_eq!(VERDICTS.try_record(&mut *irql, key, true), Ok(None));
+/// assert_eq!(VERDICTS.take(&mut *irql, &key), Some(true));
 /// assert_eq!(VERDICTS.take(irql, &key), None, "a verdict answers one reauthorization");
 /// # });
 /// ```
@@ -539,58 +571,62 @@ impl<V: Copy + Send, const N: usize> VerdictTable<V, N> {
     /// Records `verdict` for `key`, replacing an earlier one for the same key (returned), in the
     /// key's own slot or a free one. Never evicts: if every slot holds another key's verdict it
     /// refuses with [`TableFull`] and changes nothing.
-    pub fn try_record<I: AtMostDispatch>(
+    pub fn try_record(
         &self,
-        irql: &mut I,
+        irql: impl RaiseIrql,
         key: ConnectionKey,
         verdict: V,
     ) -> Result<Option<V>, TableFull> {
-        let mut slots = self.slots.lock(irql);
-        let (same, free, _) = slots.find(&key);
-        let index = same.or(free).ok_or(TableFull)?;
-        Ok(slots.put(index, key, verdict).map(|(_, v)| v))
+        self.slots.lock(irql, |slots, _| {
+            let (same, free, _) = slots.find(&key);
+            let index = same.or(free).ok_or(TableFull)?;
+            Ok(slots.put(index, key, verdict).map(|(_, v)| v))
+        })
     }
 
     /// Records `verdict` for `key`, replacing an earlier one for the same key. If the table is
     /// full, evicts the oldest entry to make room and returns it: that connection's
     /// reauthorization will find no verdict. [`try_record`](Self::try_record) refuses instead.
-    pub fn record<I: AtMostDispatch>(
+    pub fn record(
         &self,
-        irql: &mut I,
+        irql: impl RaiseIrql,
         key: ConnectionKey,
         verdict: V,
     ) -> Option<(ConnectionKey, V)> {
-        let mut slots = self.slots.lock(irql);
-        let (same, free, oldest) = slots.find(&key);
-        let evicting = same.is_none() && free.is_none();
-        let index = same.or(free).or(oldest)?;
-        let previous = slots.put(index, key, verdict);
-        previous.filter(|_| evicting)
+        self.slots.lock(irql, |slots, _| {
+            let (same, free, oldest) = slots.find(&key);
+            let evicting = same.is_none() && free.is_none();
+            let index = same.or(free).or(oldest)?;
+            let previous = slots.put(index, key, verdict);
+            previous.filter(|_| evicting)
+        })
     }
 
     /// Removes and returns the verdict recorded for `key`.
-    pub fn take<I: AtMostDispatch>(&self, irql: &mut I, key: &ConnectionKey) -> Option<V> {
-        let mut slots = self.slots.lock(irql);
-        let high = slots.high;
-        let index = slots.entries[..high]
-            .iter()
-            .position(|e| e.as_ref().is_some_and(|(k, _, _)| k == key))?;
-        let taken = slots.entries[index].take().map(|(_, verdict, _)| verdict);
-        if index + 1 == high {
-            let in_use = slots.entries[..index].iter().rposition(Option::is_some);
-            slots.high = in_use.map_or(0, |last| last + 1);
-        }
-        taken
+    pub fn take(&self, irql: impl RaiseIrql, key: &ConnectionKey) -> Option<V> {
+        self.slots.lock(irql, |slots, _| {
+            let high = slots.high;
+            let index = slots.entries[..high]
+                .iter()
+                .position(|e| e.as_ref().is_some_and(|(k, _, _)| k == key))?;
+            let taken = slots.entries[index].take().map(|(_, verdict, _)| verdict);
+            if index + 1 == high {
+                let in_use = slots.entries[..index].iter().rposition(Option::is_some);
+                slots.high = in_use.map_or(0, |last| last + 1);
+            }
+            taken
+        })
     }
 
     /// How many verdicts are recorded.
-    pub fn len<I: AtMostDispatch>(&self, irql: &mut I) -> usize {
-        let slots = self.slots.lock(irql);
-        slots.entries[..slots.high].iter().flatten().count()
+    pub fn len(&self, irql: impl RaiseIrql) -> usize {
+        self.slots.lock(irql, |slots, _| {
+            slots.entries[..slots.high].iter().flatten().count()
+        })
     }
 
     /// Whether no verdict is recorded.
-    pub fn is_empty<I: AtMostDispatch>(&self, irql: &mut I) -> bool {
+    pub fn is_empty(&self, irql: impl RaiseIrql) -> bool {
         self.len(irql) == 0
     }
 }

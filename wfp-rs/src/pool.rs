@@ -131,14 +131,12 @@ fn allocate_raw(layout: Layout, tag: PoolTag) -> *mut u8 {
 ///
 /// ```
 /// use wfp_rs::pool::{PoolBox, PoolTag};
-/// # wfp_rs::sim::Machine::new().run(|| {
-/// # wfp_rs::irql::PassiveLevel::try_current(|irql| {
+/// # wfp_rs::sim::Machine::new().at_passive(|irql| {
 /// let mut counters = PoolBox::try_new([0u64; 4], PoolTag::new(b"Demo"), irql)?;
 /// counters[2] += 1;
 /// assert_eq!(*counters, [0, 0, 1, 0]);
 /// # Ok::<(), wfp_rs::Status>(())
-/// # }).unwrap().unwrap();
-/// # });
+/// # }).unwrap();
 /// ```
 pub struct PoolBox<T> {
     ptr: NonNull<T>,
@@ -360,16 +358,14 @@ impl<T: fmt::Debug> fmt::Debug for PoolBox<T> {
 ///
 /// ```
 /// use wfp_rs::pool::{PoolArc, PoolTag};
-/// # wfp_rs::sim::Machine::new().run(|| {
-/// # wfp_rs::irql::PassiveLevel::try_current(|irql| {
+/// # wfp_rs::sim::Machine::new().at_passive(|irql| {
 /// let shared = PoolArc::try_new(core::sync::atomic::AtomicU32::new(0), PoolTag::new(b"Demo"), irql)?;
 /// let for_a_work_item = PoolArc::clone(&shared);
 /// for_a_work_item.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
 /// assert_eq!(shared.load(core::sync::atomic::Ordering::Relaxed), 1);
 /// assert_eq!(PoolArc::strong_count(&shared), 2);
 /// # Ok::<(), wfp_rs::Status>(())
-/// # }).unwrap().unwrap();
-/// # });
+/// # }).unwrap();
 /// ```
 pub struct PoolArc<T> {
     ptr: NonNull<ArcInner<T>>,

@@ -223,7 +223,7 @@ use core::time::Duration;
 use alloc::vec::Vec;
 
 use crate::driver::Driver;
-use crate::irql::{ApcLevel, AtMostApc, AtMostDispatch, Irql, PassiveLevel};
+use crate::irql::{ApcLevel, AtMostApc, AtMostDispatch, AtPassive, Irql, PassiveLevel};
 use crate::pool::{PoolBox, PoolTag};
 use crate::status::Status;
 use crate::sys;
@@ -544,7 +544,7 @@ impl Drop for Filter {
             return;
         }
         let inner = self.inner;
-        let unregistered = ApcLevel::try_current(|_irql| {
+        let unregister = || {
             // SAFETY: IRQL <= APC_LEVEL (checked); this was the last reference, so no port
             // handle is left and every server port of the filter is closed (the last handle of
             // a port closes it before it releases its reference); the filter was registered in
@@ -556,7 +556,9 @@ impl Drop for Filter {
             // SAFETY: the block came from `PoolBox::into_raw` in `register` (SDK tag) and is
             // taken back once, by the last reference.
             drop(unsafe { PoolBox::from_raw(inner, PoolTag::SDK) });
-        });
+        };
+        // SAFETY: `unregister` is SDK code that uses no token at all and runs no driver code.
+        let unregistered = unsafe { ApcLevel::try_current_in_sdk(|_irql| unregister()) };
         if unregistered.is_none() {
             crate::kd_print!(
                 Error,
@@ -817,7 +819,7 @@ impl<P: Protocol, E: PortEvents> ServerPort<P, E> {
     /// name in use, `STATUS_INVALID_PARAMETER` for a bad name or count, ...) `events` is handed
     /// back.
     pub fn create(
-        irql: &PassiveLevel<'_>,
+        irql: &impl AtPassive,
         filter: &Filter,
         name: &str,
         max_connections: u32,
@@ -1057,7 +1059,7 @@ impl<P: Protocol, E: PortEvents> ServerPort<P, E> {
     /// For unload: call it from [`DriverState::stopping`](crate::driver::DriverState::stopping),
     /// after setting whatever flag stops new requests, so that work items blocked in `send`
     /// return before the SDK waits for them.
-    pub fn disconnect_all(&self, irql: &PassiveLevel<'_>) -> usize {
+    pub fn disconnect_all(&self, irql: &impl AtPassive) -> usize {
         crate::irql::verify(irql);
         let shared = self.shared();
         let mut closed = 0;
@@ -1081,7 +1083,7 @@ impl<P: Protocol, E: PortEvents> ServerPort<P, E> {
 
     /// Drops this handle at `PASSIVE_LEVEL`; if it is the last, the port is closed and its
     /// reference on the filter released.
-    pub fn close(self, irql: &PassiveLevel<'_>) {
+    pub fn close(self, irql: &impl AtPassive) {
         crate::irql::verify(irql);
         drop(self);
     }
@@ -1102,7 +1104,7 @@ impl<P: Protocol, E: PortEvents> Drop for ServerPort<P, E> {
             return;
         }
         let block = self.shared;
-        let closed = PassiveLevel::try_current(|_irql| {
+        let close = || {
             // SAFETY: the block is live: its filter reference is still held (taken below).
             let shared = unsafe { block.as_ref() };
             // SAFETY: PASSIVE_LEVEL (checked); the port was opened in `create` and is closed
@@ -1113,7 +1115,10 @@ impl<P: Protocol, E: PortEvents> Drop for ServerPort<P, E> {
             let filter = unsafe { (*shared.filter.get()).take() };
             // May unregister the filter, which frees this block: nothing touches it after.
             drop(filter);
-        });
+        };
+        // SAFETY: `close` is SDK code that uses no token and runs no driver code but the drop of
+        // the filter handle (SDK code as well).
+        let closed = unsafe { PassiveLevel::try_current_in_sdk(|_irql| close()) };
         if closed.is_none() {
             crate::kd_print!(
                 Error,

@@ -11,7 +11,7 @@
 use core::ptr::NonNull;
 
 use crate::driver::Driver;
-use crate::irql::{DispatchLevel, PassiveLevel};
+use crate::irql::{AtPassive, DispatchLevel};
 use crate::status::Status;
 use crate::sys;
 
@@ -47,7 +47,7 @@ impl Names {
 /// The device is still initializing: nobody can open it until [`publish`]. Returns the device
 /// and its zero-filled, pool-aligned extension, for the caller to initialise.
 pub(crate) fn create(
-    irql: &PassiveLevel<'_>,
+    irql: &impl AtPassive,
     driver: &Driver<'_>,
     names: &Names,
     extension_size: usize,
@@ -90,7 +90,7 @@ pub(crate) fn create(
 /// the link and clears `DO_DEVICE_INITIALIZING`. On failure the device stays unreachable (no
 /// link is left behind) and the caller deletes it.
 pub(crate) fn publish(
-    irql: &PassiveLevel<'_>,
+    irql: &impl AtPassive,
     device: NonNull<sys::DEVICE_OBJECT>,
     names: &Names,
 ) -> Result<(), Status> {
@@ -108,7 +108,7 @@ pub(crate) fn publish(
 
 /// Deletes a link [`publish`] created (`IoDeleteSymbolicLink`); a failure is reported on the
 /// debugger, as there is nothing else to do about it.
-pub(crate) fn delete_link(irql: &PassiveLevel<'_>, link: &WideName) {
+pub(crate) fn delete_link(irql: &impl AtPassive, link: &WideName) {
     crate::irql::verify(irql);
     let link = link.as_unicode();
     // SAFETY: PASSIVE_LEVEL (the token); the string is valid for the call.
@@ -129,7 +129,7 @@ pub(crate) fn callback_token<'t>() -> DispatchLevel<'t> {
 
 /// Sets the DACL `D:P(A;;FA;;;SY)(A;;FA;;;BA)` on the device through a kernel handle.
 fn restrict_to_admins_and_system(
-    irql: &PassiveLevel<'_>,
+    irql: &impl AtPassive,
     device: NonNull<sys::DEVICE_OBJECT>,
 ) -> Result<(), Status> {
     crate::irql::verify(irql);

@@ -99,12 +99,16 @@ impl LoadedDriver {
                 Buffer: record.registry_path_utf16.as_mut_ptr(),
             }
         };
-        kernel::with_context(&machine.kernel, PASSIVE_LEVEL, self.object, || {
-            // SAFETY: this thread runs at PASSIVE_LEVEL, as the driver, for the call of `f`.
-            let mut token = unsafe { PassiveLevel::new_unchecked() };
-            let result = crate::driver::with_driver_of(self.driver_object(), &path, &mut token, f);
-            check_irql_restored("LoadedDriver::run_in_driver", PASSIVE_LEVEL);
-            result
+        token_scope("LoadedDriver::run_in_driver", || {
+            kernel::with_context(&machine.kernel, PASSIVE_LEVEL, self.object, || {
+                // SAFETY: this thread runs at PASSIVE_LEVEL, as the driver, for the call of `f`, and
+                // `token_scope` made sure no other token is live on it.
+                let mut token = unsafe { PassiveLevel::new_unchecked() };
+                let result =
+                    crate::driver::with_driver_of(self.driver_object(), &path, &mut token, f);
+                check_irql_restored("LoadedDriver::run_in_driver", PASSIVE_LEVEL);
+                result
+            })
         })
     }
 
@@ -112,6 +116,37 @@ impl LoadedDriver {
     pub fn driver_object(&self) -> *mut DRIVER_OBJECT {
         self.object as *mut DRIVER_OBJECT
     }
+}
+
+std::thread_local! {
+    /// Whether this thread is inside a harness call that handed out an IRQL token.
+    static HARNESS_TOKEN: core::cell::Cell<bool> = const { core::cell::Cell::new(false) };
+}
+
+/// Runs `f`, a harness call that hands out an IRQL token, after making sure no other token can
+/// be live on this thread: not inside another such call, and not in driver code (which the SDK
+/// called with a token). Otherwise two tokens would be usable on one thread, and raising the
+/// IRQL through one (a spin lock) would leave the other claiming a level that no longer holds —
+/// `at_dispatch` nested in `at_passive` would even raise it directly. Harness misuse, so a
+/// panic rather than a bug check.
+fn token_scope<R>(what: &str, f: impl FnOnce() -> R) -> R {
+    struct Leave;
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            HARNESS_TOKEN.set(false);
+        }
+    }
+    if HARNESS_TOKEN.get() || kernel::current_driver() != 0 {
+        panic!(
+            "{what} called where an IRQL token may already be live on this thread (inside \
+             Machine::at_passive, Machine::at_dispatch, LoadedDriver::run_in_driver, or driver \
+             code): a second token would stay usable while the first one raises the IRQL. Use the \
+             token you have; to raise the IRQL, lock a SpinLock with it"
+        );
+    }
+    HARNESS_TOKEN.set(true);
+    let _leave = Leave;
+    f()
 }
 
 /// Why [`Machine::unload_driver`] did not unload a driver. (Rule violations are not errors:
@@ -179,25 +214,41 @@ impl Machine {
     }
 
     /// Runs `f` at `PASSIVE_LEVEL` with a token.
+    ///
+    /// # Panics
+    ///
+    /// If called where a token may already be live on this thread: inside `at_passive`,
+    /// [`at_dispatch`](Self::at_dispatch), [`LoadedDriver::run_in_driver`] or driver code. A
+    /// second token would stay usable while the first one raises the IRQL.
     pub fn at_passive<R>(&self, f: impl for<'t> FnOnce(&'t mut PassiveLevel<'t>) -> R) -> R {
-        self.run(|| {
-            // SAFETY: this thread runs at PASSIVE_LEVEL inside the machine for the call of `f`.
-            let mut token = unsafe { PassiveLevel::new_unchecked() };
-            let result = f(&mut token);
-            check_irql_restored("Machine::at_passive", PASSIVE_LEVEL);
-            result
+        token_scope("Machine::at_passive", || {
+            self.run(|| {
+                // SAFETY: this thread runs at PASSIVE_LEVEL inside the machine for the call of `f`,
+                // and `token_scope` made sure no other token is live on it.
+                let mut token = unsafe { PassiveLevel::new_unchecked() };
+                let result = f(&mut token);
+                check_irql_restored("Machine::at_passive", PASSIVE_LEVEL);
+                result
+            })
         })
     }
 
     /// Runs `f` at `DISPATCH_LEVEL`, as a DPC would run, with a token. If `f` returns with the
     /// IRQL changed, the machine stops with `IRQL_UNEXPECTED_VALUE`.
+    ///
+    /// # Panics
+    ///
+    /// As [`at_passive`](Self::at_passive): where a token may already be live on this thread.
     pub fn at_dispatch<R>(&self, f: impl for<'t> FnOnce(&'t mut DispatchLevel<'t>) -> R) -> R {
-        kernel::with_context(&self.kernel, DISPATCH_LEVEL, 0, || {
-            // SAFETY: this thread runs at DISPATCH_LEVEL inside the machine for the call of `f`.
-            let mut token = unsafe { DispatchLevel::new_unchecked() };
-            let result = f(&mut token);
-            check_irql_restored("a DPC", DISPATCH_LEVEL);
-            result
+        token_scope("Machine::at_dispatch", || {
+            kernel::with_context(&self.kernel, DISPATCH_LEVEL, 0, || {
+                // SAFETY: this thread runs at DISPATCH_LEVEL inside the machine for the call of `f`,
+                // and `token_scope` made sure no other token is live on it.
+                let mut token = unsafe { DispatchLevel::new_unchecked() };
+                let result = f(&mut token);
+                check_irql_restored("a DPC", DISPATCH_LEVEL);
+                result
+            })
         })
     }
 

@@ -1,36 +1,39 @@
-//! Executive spin locks whose guard carries the IRQL they raise to.
+//! Executive spin locks, held for the duration of a closure that receives the value and the
+//! IRQL token of the raised level.
 
 use core::cell::UnsafeCell;
 use core::fmt;
 use core::marker::PhantomData;
-use core::ops::{Deref, DerefMut};
 
-use crate::irql::{AtMostDispatch, DispatchLevel};
+use crate::irql::{DispatchLevel, RaiseIrql};
 use crate::sys;
 
 /// A value protected by a kernel spin lock (`KSPIN_LOCK`).
 ///
-/// Locking raises the IRQL to `DISPATCH_LEVEL`. [`lock`](Self::lock) therefore borrows the
-/// caller's IRQL token *mutably* for as long as the guard lives: a `&PassiveLevel` cannot be used
-/// (say, to wait or to send a message to user mode) while the lock is held. The guard hands out
-/// a [`DispatchLevel`] token instead.
+/// Locking raises the IRQL to `DISPATCH_LEVEL`. [`lock`](Self::lock) therefore takes the caller's
+/// IRQL token borrowed exclusively ([`RaiseIrql`]: `&mut PassiveLevel`, `&mut ApcLevel` or `&mut
+/// DispatchLevel`) and runs a closure with the value and a `&mut DispatchLevel`; the lock is
+/// released and the IRQL restored when the closure returns. The caller's token cannot be used
+/// (say, to wait or to send a message to user mode) while the lock is held, and no guard exists
+/// that could be leaked with the lock still held.
 ///
 /// ```
 /// use wfp_rs::irql::PassiveLevel;
 /// use wfp_rs::spin_lock::SpinLock;
 ///
 /// fn count(irql: &mut PassiveLevel, hits: &SpinLock<u64>) -> u64 {
-///     let mut guard = hits.lock(irql);
-///     *guard += 1;
-///     *guard
+///     hits.lock(irql, |hits, _irql| {
+///         *hits += 1;
+///         *hits
+///     })
 /// }
-/// # wfp_rs::sim::Machine::new().run(|| {
+/// # wfp_rs::sim::Machine::new().at_passive(|irql| {
 /// # let hits = SpinLock::new(0);
-/// # assert_eq!(PassiveLevel::try_current(|irql| count(irql, &hits)), Some(1));
+/// # assert_eq!(count(irql, &hits), 1);
 /// # });
 /// ```
 ///
-/// The lower token is unusable while the guard lives:
+/// The caller's token is unusable inside the closure:
 ///
 /// ```compile_fail,E0502
 /// use wfp_rs::irql::{AtMostApc, PassiveLevel};
@@ -39,10 +42,30 @@ use crate::sys;
 /// fn wait_for_user_mode(_irql: &impl AtMostApc) {}
 ///
 /// fn bad(irql: &mut PassiveLevel, lock: &SpinLock<u32>) {
-///     let guard = lock.lock(irql);
-///     wait_for_user_mode(irql); // still holding the lock at DISPATCH_LEVEL
-///     drop(guard);
+///     lock.lock(&mut *irql, |_, _| {
+///         wait_for_user_mode(irql); // still holding the lock at DISPATCH_LEVEL
+///     });
 /// }
+/// ```
+///
+/// To take a second lock while holding one, lock it with the token the first closure receives;
+/// the locks are released in reverse order of acquisition:
+///
+/// ```
+/// use wfp_rs::irql::PassiveLevel;
+/// use wfp_rs::spin_lock::SpinLock;
+///
+/// fn transfer(irql: &mut PassiveLevel, from: &SpinLock<u32>, to: &SpinLock<u32>) {
+///     from.lock(irql, |source, irql| {
+///         to.lock(irql, |target, _| *target += 1);
+///         *source -= 1;
+///     });
+/// }
+/// # wfp_rs::sim::Machine::new().at_passive(|irql| {
+/// # let (a, b) = (SpinLock::new(1), SpinLock::new(0));
+/// # transfer(irql, &a, &b);
+/// # assert_eq!((a.into_inner(), b.into_inner()), (0, 1));
+/// # });
 /// ```
 pub struct SpinLock<T: ?Sized> {
     lock: UnsafeCell<sys::KSPIN_LOCK>,
@@ -92,26 +115,44 @@ impl<T> SpinLock<T> {
 }
 
 impl<T: ?Sized> SpinLock<T> {
-    /// Acquires the lock, raising the IRQL to `DISPATCH_LEVEL`. Wraps
-    /// `KeAcquireSpinLockRaiseToDpc`; the guard's drop calls `KeReleaseSpinLock` with the IRQL
-    /// seen on entry.
+    /// Acquires the lock, raising the IRQL to `DISPATCH_LEVEL`, runs `f` with the value and a
+    /// `DISPATCH_LEVEL` token, then releases the lock and restores the IRQL seen on entry — also
+    /// if `f` unwinds (in the simulator; kernel code does not unwind). Wraps
+    /// `KeAcquireSpinLockRaiseToDpc` and `KeReleaseSpinLock`.
+    ///
+    /// `irql` is the caller's token borrowed exclusively (`&mut PassiveLevel`, `&mut ApcLevel` or
+    /// `&mut DispatchLevel`); it stays borrowed for the call, so nothing can use it at the raised
+    /// IRQL. Passing it moves the borrow: pass `&mut *irql` to use the token again afterwards.
+    /// The closure's token takes further locks (nested, released in reverse order).
     ///
     /// Taking a lock that this processor already holds deadlocks on Windows; the simulator
     /// stops with `SPIN_LOCK_ALREADY_OWNED` instead.
-    pub fn lock<'g, L: AtMostDispatch>(&'g self, irql: &'g mut L) -> SpinLockGuard<'g, T> {
-        crate::irql::verify(irql);
-        // SAFETY: the lock word belongs to this `SpinLock` and outlives the guard; the token
+    pub fn lock<R>(
+        &self,
+        irql: impl RaiseIrql,
+        f: impl FnOnce(&mut T, &mut DispatchLevel<'_>) -> R,
+    ) -> R {
+        crate::irql::verify(&irql);
+        // SAFETY: the lock word belongs to this `SpinLock`, which outlives the call; the token
         // proves the IRQL is at most DISPATCH_LEVEL, as KeAcquireSpinLockRaiseToDpc requires.
         let old_irql = unsafe { sys::KeAcquireSpinLockRaiseToDpc(self.lock.get()) };
-        SpinLockGuard {
-            lock: self,
+        // Releases on return and on unwind; private, so it cannot be leaked.
+        let held = Held {
+            lock: &self.lock,
             old_irql,
-            // SAFETY: the processor is at DISPATCH_LEVEL until the guard drops, and the caller's
-            // own token is mutably borrowed for the guard's lifetime, so no other token of this
-            // thread can lower the IRQL under it.
-            token: unsafe { DispatchLevel::new_unchecked() },
             _not_send: PhantomData,
-        }
+        };
+        // SAFETY: the processor is at DISPATCH_LEVEL until `held` drops, after `f` returns; the
+        // caller's own token is exclusively borrowed (`irql`, kept alive below) for the whole
+        // call, and the token lives only for the call of `f`.
+        let mut token = unsafe { DispatchLevel::new_unchecked() };
+        // SAFETY: the lock is held, so no other reference to the value exists; the reference
+        // lives only for the call of `f`, within the lock.
+        let value = unsafe { &mut *self.value.get() };
+        let result = f(value, &mut token);
+        drop(held);
+        drop(irql);
+        result
     }
 
     /// Mutable access without locking: `&mut self` proves no one else holds the lock.
@@ -132,72 +173,18 @@ impl<T: ?Sized> fmt::Debug for SpinLock<T> {
     }
 }
 
-/// Holds a [`SpinLock`] at `DISPATCH_LEVEL`; releasing it restores the IRQL seen on entry.
-#[must_use = "the lock is released as soon as the guard is dropped"]
-pub struct SpinLockGuard<'g, T: ?Sized> {
-    lock: &'g SpinLock<T>,
+/// The lock held by [`SpinLock::lock`]; dropping it releases the lock and restores the IRQL.
+struct Held<'g> {
+    lock: &'g UnsafeCell<sys::KSPIN_LOCK>,
     old_irql: sys::KIRQL,
-    token: DispatchLevel<'g>,
     // A spin lock must be released on the processor that acquired it.
     _not_send: PhantomData<*mut ()>,
 }
 
-impl<'g, T: ?Sized> SpinLockGuard<'g, T> {
-    /// The proof that this processor is at `DISPATCH_LEVEL` while the lock is held.
-    pub fn irql(&self) -> &DispatchLevel<'g> {
-        &self.token
-    }
-
-    /// The same proof, mutably: to take a second lock while this one is held. The inner guard
-    /// borrows this one, so locks are released in reverse order of acquisition.
-    ///
-    /// ```
-    /// use wfp_rs::irql::PassiveLevel;
-    /// use wfp_rs::spin_lock::SpinLock;
-    ///
-    /// fn transfer(irql: &mut PassiveLevel, from: &SpinLock<u32>, to: &SpinLock<u32>) {
-    ///     let mut source = from.lock(irql);
-    ///     let mut target = to.lock(source.irql_mut());
-    ///     *target += 1;
-    ///     drop(target);
-    ///     *source -= 1;
-    /// }
-    /// # wfp_rs::sim::Machine::new().at_passive(|irql| {
-    /// # let (a, b) = (SpinLock::new(1), SpinLock::new(0));
-    /// # transfer(irql, &a, &b);
-    /// # assert_eq!((a.into_inner(), b.into_inner()), (0, 1));
-    /// # });
-    /// ```
-    pub fn irql_mut(&mut self) -> &mut DispatchLevel<'g> {
-        &mut self.token
-    }
-}
-
-impl<T: ?Sized> Deref for SpinLockGuard<'_, T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        // SAFETY: the guard holds the lock, so no other reference to the value exists.
-        unsafe { &*self.lock.value.get() }
-    }
-}
-
-impl<T: ?Sized> DerefMut for SpinLockGuard<'_, T> {
-    fn deref_mut(&mut self) -> &mut T {
-        // SAFETY: the guard holds the lock, and `&mut self` makes this the only reference.
-        unsafe { &mut *self.lock.value.get() }
-    }
-}
-
-impl<T: ?Sized> Drop for SpinLockGuard<'_, T> {
+impl Drop for Held<'_> {
     fn drop(&mut self) {
-        // SAFETY: this guard acquired the lock on this processor and has not released it;
+        // SAFETY: `SpinLock::lock` acquired the lock on this processor and has not released it;
         // `old_irql` is what KeAcquireSpinLockRaiseToDpc returned.
-        unsafe { sys::KeReleaseSpinLock(self.lock.lock.get(), self.old_irql) }
-    }
-}
-
-impl<T: ?Sized + fmt::Debug> fmt::Debug for SpinLockGuard<'_, T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&**self, f)
+        unsafe { sys::KeReleaseSpinLock(self.lock.get(), self.old_irql) }
     }
 }

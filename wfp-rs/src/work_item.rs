@@ -65,9 +65,13 @@ impl WorkQueue {
     ///
     /// On failure (no pool for the closure or the work item) the closure is handed back inside
     /// the error, not lost.
+    ///
+    /// The closure must be a [`WorkItem`]: `FnOnce(&mut PassiveLevel) + Send + 'static`. It runs
+    /// on another thread, later, so it owns what it uses and cannot capture the caller's IRQL
+    /// token (it receives its own).
     pub fn queue<F>(&self, irql: &impl AtMostDispatch, work: F) -> Result<(), QueueError<F>>
     where
-        F: FnOnce(&mut PassiveLevel<'_>) + Send + 'static,
+        F: WorkItem,
     {
         let job = Job {
             work,
@@ -126,6 +130,38 @@ impl fmt::Debug for WorkQueue {
     }
 }
 
+/// A closure that can run as a work item: `FnOnce(&mut PassiveLevel) + Send + 'static`.
+/// Implemented for every such closure; it exists so that a closure that is not one gets an
+/// error in IRQL terms.
+///
+/// A work item runs later, on a system worker thread at `PASSIVE_LEVEL`. The token of the code
+/// that queued it proves nothing there (and is `!Send`, so it cannot be captured); the closure
+/// receives its own `&mut PassiveLevel`:
+///
+/// ```compile_fail,E0277
+/// use wfp_rs::irql::DispatchLevel;
+/// use wfp_rs::work_item::WorkQueue;
+///
+/// fn classify(irql: &DispatchLevel, queue: &WorkQueue) {
+///     let _ = queue.queue(irql, move |_passive| {
+///         let _captured = irql; // the caller's token, on another thread
+///     });
+/// }
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "this closure cannot be a work item: a work item runs later, on a system worker thread at PASSIVE_LEVEL",
+    label = "must be `FnOnce(&mut PassiveLevel) + Send + 'static`, so it cannot capture the caller's IRQL token or anything else tied to this thread",
+    note = "a token proves the IRQL of the code that received it, not of the worker thread: do not capture the caller's token; use the `&mut PassiveLevel` the closure receives (`move |passive| ...`)",
+    note = "move the data the work item needs into the closure (share state through an `Arc`)"
+)]
+pub trait WorkItem: FnOnce(&mut PassiveLevel<'_>) + Send + 'static {}
+
+// `do_not_recommend`: a closure that is not `Send` (it captured a token) is reported as not
+// being a `WorkItem`, with the message above, instead of as "`*mut ()` cannot be sent between
+// threads safely".
+#[diagnostic::do_not_recommend]
+impl<F: FnOnce(&mut PassiveLevel<'_>) + Send + 'static> WorkItem for F {}
+
 struct Job<F> {
     work: F,
     item: *mut sys::IO_WORKITEM,
@@ -138,7 +174,7 @@ unsafe impl<F: Send> Send for Job<F> {}
 
 unsafe extern "system" fn run_job<F>(_device: *mut sys::DEVICE_OBJECT, context: sys::PVOID)
 where
-    F: FnOnce(&mut PassiveLevel<'_>) + Send + 'static,
+    F: WorkItem,
 {
     // SAFETY: the I/O manager passes the non-null context given to IoQueueWorkItem.
     let context = unsafe { NonNull::new_unchecked(context.cast::<Job<F>>()) };

@@ -36,7 +36,7 @@ pub struct Minimal {
 
 impl DriverState for Minimal {
     fn unload(self, irql: &mut PassiveLevel<'_>) {
-        let hits = *self.hits.lock(irql);
+        let hits = self.hits.lock(irql, |hits, _| *hits);
         kd_print!("minimal-driver: unloading after {hits} work item(s)\n");
     }
 }
@@ -49,8 +49,7 @@ fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<Minimal
     for n in 0..GREETINGS {
         let hits = Arc::clone(&hits);
         queue.queue(irql, move |passive| {
-            let mut count = hits.lock(passive);
-            *count += 1;
+            hits.lock(passive, |count, _| *count += 1);
             kd_print!("minimal-driver: work item {n} ran at PASSIVE_LEVEL\n");
         })?;
     }

@@ -269,7 +269,7 @@ use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::engine::{CalloutEntry, Engine, Provider, SessionOptions, Sublayer};
 use wfp_rs::event::{Event, EventKind};
 use wfp_rs::filter::{Filter as WfpFilter, FilterAction, Match};
-use wfp_rs::irql::{AtMostApc, AtMostDispatch, DispatchLevel, PassiveLevel};
+use wfp_rs::irql::{AtMostApc, AtMostDispatch, DispatchLevel, PassiveLevel, Token};
 use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::layer::{AleAuthConnectV4, AleAuthConnectV6, Field, Layer, fields};
 use wfp_rs::pend::{ConnectionKey, PendError, PendableByCompletionHandle, VerdictTable};
@@ -458,7 +458,7 @@ impl Shared {
 
     /// Records `verdict` for `key`'s reauthorization. Call it before completing the pend: the
     /// reauthorization may run before `complete` returns.
-    fn record<I: AtMostDispatch>(&self, irql: &mut I, key: ConnectionKey, verdict: Verdict) {
+    fn record<I: Token>(&self, irql: &mut I, key: ConnectionKey, verdict: Verdict) {
         if let Some((evicted, _)) = self.verdicts.record(irql, key, verdict) {
             kd_print!(
                 Warning,
@@ -536,7 +536,7 @@ where
         if c.is_reauthorization() {
             // The work item recorded the verdict before it completed the pend. No record: a
             // reauthorization this callout did not cause, or an evicted entry.
-            let verdict = match shared.verdicts.take(irql, &key) {
+            let verdict = match shared.verdicts.take(&mut *irql, &key) {
                 Some(verdict) => {
                     if shared.unloading.load(Ordering::SeqCst) {
                         shared.progress.set(irql);
@@ -636,10 +636,10 @@ impl DriverState for SeedFixed {
         if let Err(status) = engine.close(irql) {
             kd_print!(Error, "seed-fixed: closing the session failed: {status}\n");
         }
-        if let Err((_, status)) = v4.unregister(irql) {
+        if let Err((_, status)) = v4.unregister(&mut *irql) {
             kd_print!(Error, "seed-fixed: unregistering (IPv4) failed: {status}\n");
         }
-        if let Err((_, status)) = v6.unregister(irql) {
+        if let Err((_, status)) = v6.unregister(&mut *irql) {
             kd_print!(Error, "seed-fixed: unregistering (IPv6) failed: {status}\n");
         }
         // The port before the filter: a filter with an open port cannot be unregistered.

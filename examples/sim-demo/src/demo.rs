@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use wfp_rs::irql::Irql;
 use wfp_rs::sim::Machine;
-use wfp_rs::spin_lock::SpinLock;
 
 /// Set in the child process that runs the deliberately broken scenario.
 const BROKEN_CHILD: &str = "WFP_DEMO_BROKEN_CHILD";
@@ -80,7 +79,9 @@ pub fn run() -> ExitCode {
         machine.pool_blocks().len()
     );
 
-    println!("\n4. A buggy driver: a work item returns while holding a spin lock");
+    println!(
+        "\n4. A buggy driver: a work item returns holding a spin lock it took through the raw kernel API"
+    );
     let outcome = run_broken_scenario();
     match outcome {
         Some(stop) => println!("   the simulator stopped the machine, as Windows would: {stop}"),
@@ -112,15 +113,25 @@ fn run_broken_scenario() -> Option<String> {
     Some(format!("{name} {}", stop.trim_start_matches("*** STOP: ")))
 }
 
+/// The mistake the types cannot see: `wfp_rs::sys` is the raw, `unsafe` kernel ABI, which takes
+/// no token (the safe `SpinLock` releases its lock when its closure returns, so it cannot do
+/// this).
 fn broken_scenario() {
-    static LOCK: SpinLock<()> = SpinLock::new(());
+    struct RawLock(core::cell::UnsafeCell<wfp_rs::sys::KSPIN_LOCK>);
+    // SAFETY: the lock word is only touched by the kernel's spin-lock routines, which serialise.
+    unsafe impl Sync for RawLock {}
+    static LOCK: RawLock = RawLock(core::cell::UnsafeCell::new(0));
     let machine = Machine::new();
     let driver = machine
         .load_driver("minimal", minimal_driver::DriverEntry)
         .expect("loads");
     let queue = driver.work_queue(&machine).expect("SDK driver");
     machine.at_passive(|irql| {
-        let _ = queue.queue(irql, |passive| std::mem::forget(LOCK.lock(passive)));
+        let _ = queue.queue(irql, |_passive| {
+            // SAFETY: a valid, initialised spin lock at PASSIVE_LEVEL. The bug is what follows:
+            // the routine returns without KeReleaseSpinLock, still at DISPATCH_LEVEL.
+            let _old_irql = unsafe { wfp_rs::sys::KeAcquireSpinLockRaiseToDpc(LOCK.0.get()) };
+        });
     });
     // Not past this: the worker thread stops the machine when the routine returns.
     machine.wait_for_work_items();

@@ -121,7 +121,7 @@ impl DriverState for Starter {
         if let Err(status) = engine.close(irql) {
             kd_print!(Error, "starter: closing the session failed: {status}\n");
         }
-        if let Err((_, status)) = v4.unregister(irql) {
+        if let Err((_, status)) = v4.unregister(&mut *irql) {
             kd_print!(Error, "starter: unregistering (IPv4) failed: {status}\n");
         }
         if let Err((_, status)) = v6.unregister(irql) {

@@ -108,7 +108,8 @@ unsafe extern "system" fn classify(
     // baseline never pends, so the flag only costs the test.
     let _reauthorization = fields.flags & sys::FWP_CONDITION_FLAG_IS_REAUTHORIZE != 0;
     let _local = fields.local;
-    // SAFETY: classifyFn runs at IRQL <= DISPATCH_LEVEL; the token lives for this call only.
+    // SAFETY: classifyFn runs at IRQL <= DISPATCH_LEVEL; the token lives for this call only, and
+    // it is the only one on this thread (the engine calls a raw classifyFn with none).
     let mut irql = unsafe { DispatchLevel::assume() };
     match state.cache.lookup(&mut irql, &key, Instant::now()) {
         Lookup::Hit(verdict) => {
@@ -168,7 +169,7 @@ fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<RawLook
         request_id: 1,
     };
     let generation = cache.generation();
-    cache.insert(irql, key, answer, now, generation);
+    cache.insert(&mut *irql, key, answer, now, generation);
     let state = Box::into_raw(Box::new(State {
         cache,
         permit_loopback: true,

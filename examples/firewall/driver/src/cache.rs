@@ -40,8 +40,8 @@
 //!     expires: now.saturating_add(Duration::from_secs(60)),
 //!     request_id: 17,
 //! };
-//! assert_eq!(cache.insert(irql, key, answer, now, generation), Insert::Added);
-//! assert_eq!(cache.lookup(irql, &key, now), Lookup::Hit(Verdict::Allow));
+//! assert_eq!(cache.insert(&mut *irql, key, answer, now, generation), Insert::Added);
+//! assert_eq!(cache.lookup(&mut *irql, &key, now), Lookup::Hit(Verdict::Allow));
 //! # });
 //! ```
 
@@ -53,7 +53,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use firewall_protocol::control::{MAX_REVOKE_IDS, Revoke};
 use firewall_protocol::{Direction, Verdict};
 use wfp_rs::Status;
-use wfp_rs::irql::AtMostDispatch;
+use wfp_rs::irql::RaiseIrql;
 use wfp_rs::spin_lock::SpinLock;
 use wfp_rs::time::Instant;
 
@@ -211,30 +211,30 @@ impl VerdictCache {
     }
 
     /// How many slots the cache has.
-    pub fn capacity<I: AtMostDispatch>(&self, irql: &mut I) -> usize {
-        self.inner.lock(irql).slots.len()
+    pub fn capacity(&self, irql: impl RaiseIrql) -> usize {
+        self.inner.lock(irql, |inner, _| inner.slots.len())
     }
 
     /// The verdict cached for `key`, if one is and it has not expired at `now`. An expired
     /// entry is removed.
-    pub fn lookup<I: AtMostDispatch>(&self, irql: &mut I, key: &CacheKey, now: Instant) -> Lookup {
-        let mut guard = self.inner.lock(irql);
-        let inner = &mut *guard;
-        let Some(set) = inner.set_of(key) else {
-            return Lookup::Miss;
-        };
-        for slot in &mut inner.slots[set] {
-            if let Some(entry) = slot
-                && entry.key == *key
-            {
-                if now >= entry.expires {
-                    *slot = None;
-                    return Lookup::Expired;
+    pub fn lookup(&self, irql: impl RaiseIrql, key: &CacheKey, now: Instant) -> Lookup {
+        self.inner.lock(irql, |inner, _| {
+            let Some(set) = inner.set_of(key) else {
+                return Lookup::Miss;
+            };
+            for slot in &mut inner.slots[set] {
+                if let Some(entry) = slot
+                    && entry.key == *key
+                {
+                    if now >= entry.expires {
+                        *slot = None;
+                        return Lookup::Expired;
+                    }
+                    return Lookup::Hit(entry.verdict);
                 }
-                return Lookup::Hit(entry.verdict);
             }
-        }
-        Lookup::Miss
+            Lookup::Miss
+        })
     }
 
     /// The revocation generation now: read it before asking the question whose answer may be
@@ -247,9 +247,9 @@ impl VerdictCache {
     /// revocation came since `generation` was read. In the key's set it takes the key's own
     /// slot, else a free one, else the one that expired first (if any has at `now`), else the
     /// oldest.
-    pub fn insert<I: AtMostDispatch>(
+    pub fn insert(
         &self,
-        irql: &mut I,
+        irql: impl RaiseIrql,
         key: CacheKey,
         answer: Answer,
         now: Instant,
@@ -260,63 +260,63 @@ impl VerdictCache {
             expires,
             request_id,
         } = answer;
-        let mut guard = self.inner.lock(irql);
-        // Revocations change the generation under this lock: checked here, the answer is
-        // either cached before a revocation (and revoked by it) or not at all.
-        if self.generation.load(Ordering::SeqCst) != generation {
-            return Insert::Revoked;
-        }
-        let inner = &mut *guard;
-        let Some(set) = inner.set_of(&key) else {
-            return Insert::Disabled;
-        };
-        inner.stamp += 1;
-        let stamp = inner.stamp;
-        let (mut same, mut free, mut expired, mut oldest) =
-            (None, None, None::<(usize, Instant)>, None::<(usize, u64)>);
-        for index in set {
-            match &inner.slots[index] {
-                Some(entry) if entry.key == key => {
-                    same = Some(index);
-                    break;
-                }
-                Some(entry) if now >= entry.expires => {
-                    if expired.is_none_or(|(_, first)| entry.expires < first) {
-                        expired = Some((index, entry.expires));
+        self.inner.lock(irql, |inner, _| {
+            // Revocations change the generation under this lock: checked here, the answer is
+            // either cached before a revocation (and revoked by it) or not at all.
+            if self.generation.load(Ordering::SeqCst) != generation {
+                return Insert::Revoked;
+            }
+            let Some(set) = inner.set_of(&key) else {
+                return Insert::Disabled;
+            };
+            inner.stamp += 1;
+            let stamp = inner.stamp;
+            let (mut same, mut free, mut expired, mut oldest) =
+                (None, None, None::<(usize, Instant)>, None::<(usize, u64)>);
+            for index in set {
+                match &inner.slots[index] {
+                    Some(entry) if entry.key == key => {
+                        same = Some(index);
+                        break;
                     }
-                }
-                Some(entry) => {
-                    if oldest.is_none_or(|(_, least)| entry.stamp < least) {
-                        oldest = Some((index, entry.stamp));
+                    Some(entry) if now >= entry.expires => {
+                        if expired.is_none_or(|(_, first)| entry.expires < first) {
+                            expired = Some((index, entry.expires));
+                        }
                     }
-                }
-                None => {
-                    free.get_or_insert(index);
+                    Some(entry) => {
+                        if oldest.is_none_or(|(_, least)| entry.stamp < least) {
+                            oldest = Some((index, entry.stamp));
+                        }
+                    }
+                    None => {
+                        free.get_or_insert(index);
+                    }
                 }
             }
-        }
-        let (index, outcome) = match (same, free, expired, oldest) {
-            (Some(index), ..) | (None, Some(index), ..) => (index, Insert::Added),
-            (None, None, Some((index, _)), _) => (index, Insert::ReplacedExpired),
-            (None, None, None, Some((index, _))) => (index, Insert::Evicted),
-            // A set has at least one slot, and each is one of the above.
-            (None, None, None, None) => return Insert::Disabled,
-        };
-        inner.slots[index] = Some(Entry {
-            key,
-            verdict,
-            expires,
-            request_id,
-            stamp,
-        });
-        outcome
+            let (index, outcome) = match (same, free, expired, oldest) {
+                (Some(index), ..) | (None, Some(index), ..) => (index, Insert::Added),
+                (None, None, Some((index, _)), _) => (index, Insert::ReplacedExpired),
+                (None, None, None, Some((index, _))) => (index, Insert::Evicted),
+                // A set has at least one slot, and each is one of the above.
+                (None, None, None, None) => return Insert::Disabled,
+            };
+            inner.slots[index] = Some(Entry {
+                key,
+                verdict,
+                expires,
+                request_id,
+                stamp,
+            });
+            outcome
+        })
     }
 
     /// Removes what `revoke` names — every entry, or those created by the replies to the
     /// listed requests — and returns how many entries it removed. Every revocation, even one
     /// that removes nothing, keeps answers to questions asked before it out of the cache (see
     /// [`insert`](Self::insert)).
-    pub fn revoke<I: AtMostDispatch>(&self, irql: &mut I, revoke: &Revoke<'_>) -> u32 {
+    pub fn revoke(&self, irql: impl RaiseIrql, revoke: &Revoke<'_>) -> u32 {
         // Sorted before the lock is taken, so the scan under it is a binary search per entry.
         let mut ids = [0u64; MAX_REVOKE_IDS];
         let ids = match revoke {
@@ -333,21 +333,24 @@ impl VerdictCache {
                 ids
             }
         };
-        let mut guard = self.inner.lock(irql);
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        let mut removed = 0u32;
-        for slot in guard.slots.iter_mut() {
-            let named = match (revoke, &slot) {
-                (_, None) => false,
-                (Revoke::All, Some(_)) => true,
-                (Revoke::Requests(_), Some(entry)) => ids.binary_search(&entry.request_id).is_ok(),
-            };
-            if named {
-                *slot = None;
-                removed += 1;
+        self.inner.lock(irql, |inner, _| {
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            let mut removed = 0u32;
+            for slot in inner.slots.iter_mut() {
+                let named = match (revoke, &slot) {
+                    (_, None) => false,
+                    (Revoke::All, Some(_)) => true,
+                    (Revoke::Requests(_), Some(entry)) => {
+                        ids.binary_search(&entry.request_id).is_ok()
+                    }
+                };
+                if named {
+                    *slot = None;
+                    removed += 1;
+                }
             }
-        }
-        removed
+            removed
+        })
     }
 }
 
@@ -406,14 +409,14 @@ mod tests {
 
     #[test]
     fn capacity_is_rounded_down_to_whole_sets() {
-        with_cache(10, |irql, cache| assert_eq!(cache.capacity(irql), 8));
-        with_cache(3, |irql, cache| assert_eq!(cache.capacity(irql), 3));
+        with_cache(10, |irql, cache| assert_eq!(cache.capacity(&mut *irql), 8));
+        with_cache(3, |irql, cache| assert_eq!(cache.capacity(&mut *irql), 3));
         with_cache(0, |irql, cache| {
-            assert_eq!(cache.capacity(irql), 0);
+            assert_eq!(cache.capacity(&mut *irql), 0);
             let g = cache.generation();
-            let outcome = cache.insert(irql, key(1), answer(Verdict::Allow, 10, 1), at(0), g);
+            let outcome = cache.insert(&mut *irql, key(1), answer(Verdict::Allow, 10, 1), at(0), g);
             assert_eq!(outcome, Insert::Disabled);
-            assert_eq!(cache.lookup(irql, &key(1), at(0)), Lookup::Miss);
+            assert_eq!(cache.lookup(&mut *irql, &key(1), at(0)), Lookup::Miss);
         });
     }
 
@@ -421,15 +424,19 @@ mod tests {
     fn a_verdict_answers_until_it_expires() {
         with_cache(8, |irql, cache| {
             let g = cache.generation();
-            let outcome = cache.insert(irql, key(1), answer(Verdict::Deny, 100, 1), at(0), g);
+            let outcome = cache.insert(&mut *irql, key(1), answer(Verdict::Deny, 100, 1), at(0), g);
             assert_eq!(outcome, Insert::Added);
             assert_eq!(
-                cache.lookup(irql, &key(1), at(99)),
+                cache.lookup(&mut *irql, &key(1), at(99)),
                 Lookup::Hit(Verdict::Deny)
             );
-            assert_eq!(cache.lookup(irql, &key(2), at(99)), Lookup::Miss);
-            assert_eq!(cache.lookup(irql, &key(1), at(100)), Lookup::Expired);
-            assert_eq!(cache.lookup(irql, &key(1), at(0)), Lookup::Miss, "removed");
+            assert_eq!(cache.lookup(&mut *irql, &key(2), at(99)), Lookup::Miss);
+            assert_eq!(cache.lookup(&mut *irql, &key(1), at(100)), Lookup::Expired);
+            assert_eq!(
+                cache.lookup(&mut *irql, &key(1), at(0)),
+                Lookup::Miss,
+                "removed"
+            );
         });
     }
 
@@ -439,33 +446,36 @@ mod tests {
             let g = cache.generation();
             for (n, expires) in [(1, 50), (2, 40), (3, 1_000), (4, 1_000)] {
                 let a = answer(Verdict::Allow, expires, u64::from(n));
-                assert_eq!(cache.insert(irql, key(n), a, at(0), g), Insert::Added);
+                assert_eq!(cache.insert(&mut *irql, key(n), a, at(0), g), Insert::Added);
             }
             // Same key: replaced in place.
             let a = answer(Verdict::Deny, 1_000, 9);
-            assert_eq!(cache.insert(irql, key(4), a, at(0), g), Insert::Added);
+            assert_eq!(cache.insert(&mut *irql, key(4), a, at(0), g), Insert::Added);
             assert_eq!(
-                cache.lookup(irql, &key(4), at(0)),
+                cache.lookup(&mut *irql, &key(4), at(0)),
                 Lookup::Hit(Verdict::Deny)
             );
             // At 60 both 1 and 2 have expired; 2 expired first.
             let a = answer(Verdict::Allow, 1_000, 5);
             assert_eq!(
-                cache.insert(irql, key(5), a, at(60), g),
+                cache.insert(&mut *irql, key(5), a, at(60), g),
                 Insert::ReplacedExpired
             );
-            assert_eq!(cache.lookup(irql, &key(2), at(0)), Lookup::Miss);
+            assert_eq!(cache.lookup(&mut *irql, &key(2), at(0)), Lookup::Miss);
             assert_eq!(
-                cache.lookup(irql, &key(1), at(0)),
+                cache.lookup(&mut *irql, &key(1), at(0)),
                 Lookup::Hit(Verdict::Allow)
             );
             // Nothing expired at 10: the oldest (1) goes.
             let a = answer(Verdict::Allow, 1_000, 6);
-            assert_eq!(cache.insert(irql, key(6), a, at(10), g), Insert::Evicted);
-            assert_eq!(cache.lookup(irql, &key(1), at(10)), Lookup::Miss);
+            assert_eq!(
+                cache.insert(&mut *irql, key(6), a, at(10), g),
+                Insert::Evicted
+            );
+            assert_eq!(cache.lookup(&mut *irql, &key(1), at(10)), Lookup::Miss);
             for n in [3, 4, 5, 6] {
                 assert!(matches!(
-                    cache.lookup(irql, &key(n), at(10)),
+                    cache.lookup(&mut *irql, &key(n), at(10)),
                     Lookup::Hit(_)
                 ));
             }
@@ -478,10 +488,10 @@ mod tests {
             let g = cache.generation();
             for n in 1..=10u8 {
                 let a = answer(Verdict::Allow, 1_000, 100 + u64::from(n));
-                cache.insert(irql, key(n), a, at(0), g);
+                cache.insert(&mut *irql, key(n), a, at(0), g);
             }
             revoke_ids(&[110, 999, 103, 105], |revoke| {
-                assert_eq!(cache.revoke(irql, revoke), 3);
+                assert_eq!(cache.revoke(&mut *irql, revoke), 3);
             });
             for n in 1..=10u8 {
                 let expected = if [3, 5, 10].contains(&n) {
@@ -489,10 +499,10 @@ mod tests {
                 } else {
                     Lookup::Hit(Verdict::Allow)
                 };
-                assert_eq!(cache.lookup(irql, &key(n), at(0)), expected, "{n}");
+                assert_eq!(cache.lookup(&mut *irql, &key(n), at(0)), expected, "{n}");
             }
-            assert_eq!(cache.revoke(irql, &Revoke::All), 7);
-            assert_eq!(cache.revoke(irql, &Revoke::All), 0);
+            assert_eq!(cache.revoke(&mut *irql, &Revoke::All), 7);
+            assert_eq!(cache.revoke(&mut *irql, &Revoke::All), 0);
         });
     }
 
@@ -500,13 +510,18 @@ mod tests {
     fn an_answer_to_a_question_asked_before_a_revoke_is_not_cached() {
         with_cache(8, |irql, cache| {
             let asked = cache.generation();
-            revoke_ids(&[12345], |revoke| assert_eq!(cache.revoke(irql, revoke), 0));
+            revoke_ids(&[12345], |revoke| {
+                assert_eq!(cache.revoke(&mut *irql, revoke), 0)
+            });
             let a = answer(Verdict::Allow, 1_000, 1);
-            assert_eq!(cache.insert(irql, key(1), a, at(0), asked), Insert::Revoked);
-            assert_eq!(cache.lookup(irql, &key(1), at(0)), Lookup::Miss);
+            assert_eq!(
+                cache.insert(&mut *irql, key(1), a, at(0), asked),
+                Insert::Revoked
+            );
+            assert_eq!(cache.lookup(&mut *irql, &key(1), at(0)), Lookup::Miss);
             let asked_after = cache.generation();
             assert_eq!(
-                cache.insert(irql, key(1), a, at(0), asked_after),
+                cache.insert(&mut *irql, key(1), a, at(0), asked_after),
                 Insert::Added
             );
         });

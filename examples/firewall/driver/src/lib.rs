@@ -259,7 +259,7 @@ use wfp_rs::engine::{CalloutEntry, Engine, Provider, SessionOptions, Sublayer};
 use wfp_rs::event::{Event, EventKind};
 use wfp_rs::filter::{Filter as WfpFilter, FilterAction, Match};
 use wfp_rs::inverted::ControlCode;
-use wfp_rs::irql::{AtMostDispatch, DispatchLevel, PassiveLevel};
+use wfp_rs::irql::{AtMostDispatch, DispatchLevel, PassiveLevel, Token};
 use wfp_rs::layer::value::{ConditionFlags, IpProtocol};
 use wfp_rs::layer::{
     AleAuthConnectV4, AleAuthConnectV6, AleAuthRecvAcceptV4, AleAuthRecvAcceptV6, Field, Layer,
@@ -722,7 +722,7 @@ impl Shared {
     }
 
     /// The cache's verdict for `key` now, counting a hit or an expiry.
-    fn cached<I: AtMostDispatch>(&self, irql: &mut I, key: &CacheKey) -> Option<Verdict> {
+    fn cached<I: Token>(&self, irql: &mut I, key: &CacheKey) -> Option<Verdict> {
         match self.cache.lookup(irql, key, Instant::now()) {
             Lookup::Hit(verdict) => {
                 self.count(Counter::CacheHits);
@@ -885,8 +885,8 @@ impl Shared {
     /// Records `verdict` for `key`'s reauthorization, in the slot the classification reserved.
     /// Call it before completing the pend: the reauthorization may run before `complete`
     /// returns.
-    fn record<I: AtMostDispatch>(&self, irql: &mut I, key: ConnectionKey, verdict: Verdict) {
-        match self.verdicts.try_record(irql, key, verdict) {
+    fn record<I: Token>(&self, irql: &mut I, key: ConnectionKey, verdict: Verdict) {
+        match self.verdicts.try_record(&mut *irql, key, verdict) {
             Ok(None) => {}
             // Two pends of one connection key at once (same process, image and both
             // endpoints): one verdict answers one of their reauthorizations, and the other
@@ -964,7 +964,7 @@ where
         };
         if c.is_reauthorization() {
             // The work item recorded the verdict before it completed the pend.
-            let verdict = match shared.verdicts.take(irql, &observed.key) {
+            let verdict = match shared.verdicts.take(&mut *irql, &observed.key) {
                 Some(verdict) => {
                     // Its connection's slot is free again (and unload is told of progress).
                     shared.release(irql);
@@ -1267,25 +1267,25 @@ impl DriverState for Firewall {
         if let Err(status) = engine.close(irql) {
             kd_print!(Error, "firewall: closing the session failed: {status}\n");
         }
-        if let Err((_, status)) = connect_v4.unregister(irql) {
+        if let Err((_, status)) = connect_v4.unregister(&mut *irql) {
             kd_print!(
                 Error,
                 "firewall: unregistering (connect, IPv4) failed: {status}\n"
             );
         }
-        if let Err((_, status)) = connect_v6.unregister(irql) {
+        if let Err((_, status)) = connect_v6.unregister(&mut *irql) {
             kd_print!(
                 Error,
                 "firewall: unregistering (connect, IPv6) failed: {status}\n"
             );
         }
-        if let Err((_, status)) = accept_v4.unregister(irql) {
+        if let Err((_, status)) = accept_v4.unregister(&mut *irql) {
             kd_print!(
                 Error,
                 "firewall: unregistering (accept, IPv4) failed: {status}\n"
             );
         }
-        if let Err((_, status)) = accept_v6.unregister(irql) {
+        if let Err((_, status)) = accept_v6.unregister(&mut *irql) {
             kd_print!(
                 Error,
                 "firewall: unregistering (accept, IPv6) failed: {status}\n"
