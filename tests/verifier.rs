@@ -220,7 +220,7 @@ bugcheck_test! {
 }
 
 bugcheck_test! {
-    fn acquiring_a_held_spin_lock_on_the_same_processor_stops() expects SPIN_LOCK_ALREADY_OWNED {
+    fn acquiring_a_held_spin_lock_on_the_same_processor_stops() expects DRIVER_VERIFIER_DETECTED_VIOLATION (verifier::DEADLOCK_SELF) {
         let machine = Machine::new();
         machine.at_passive(|irql| {
             let lock = SpinLock::new(0u32);
@@ -232,7 +232,7 @@ bugcheck_test! {
 }
 
 bugcheck_test! {
-    fn releasing_a_spin_lock_that_is_not_held_stops() expects SPIN_LOCK_NOT_OWNED {
+    fn releasing_a_spin_lock_that_is_not_held_stops() expects DRIVER_VERIFIER_DETECTED_VIOLATION (verifier::DEADLOCK_UNACQUIRED_RELEASE) {
         Machine::new().at_dispatch(|_irql| {
             let mut lock: sys::KSPIN_LOCK = 0;
             // SAFETY: deliberately releasing a lock nobody holds, at the right IRQL.

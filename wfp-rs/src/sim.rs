@@ -33,8 +33,9 @@ use crate::irql::{DispatchLevel, Irql, PassiveLevel};
 use crate::pool::PoolTag;
 use crate::status::Status;
 use crate::sys::sim::bugcheck::{STOP_PREFIX, stop};
-use crate::sys::sim::kernel::{self, DriverRecord, Kernel, WorkItemState};
+use crate::sys::sim::kernel::{self, DriverRecord, Kernel, Routine, RoutineKind, WorkItemState};
 use crate::sys::types::*;
+use std::sync::atomic::Ordering;
 
 /// The signature of a driver's `DriverEntry`, which the `#[driver_entry]` attribute generates.
 pub type DriverEntryFn =
@@ -175,12 +176,35 @@ impl Machine {
     /// Runs `f` on this thread inside the machine at `PASSIVE_LEVEL`, as harness code (not
     /// charged to any driver). Kernel functions and the SDK's safe API work inside.
     pub fn run<R>(&self, f: impl FnOnce() -> R) -> R {
-        kernel::with_context(&self.kernel, PASSIVE_LEVEL, 0, f)
+        self.run_as("Machine::run", f)
+    }
+
+    /// [`run`](Self::run), naming the harness method in the stop report.
+    fn run_as<R>(&self, method: &'static str, f: impl FnOnce() -> R) -> R {
+        kernel::with_context(&self.kernel, PASSIVE_LEVEL, 0, || {
+            kernel::with_routine(Routine::new(RoutineKind::Harness(method), 0, 0), f)
+        })
+    }
+
+    /// How long a wait the I/O manager makes at unload may last before the machine stops with
+    /// `DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS` (0xCE) instead of hanging, as a
+    /// Windows unload that waits for work which never finishes does: a wait with no timeout in
+    /// `DriverEntry` or the unload routine (the SDK's unload waits for work items and
+    /// [`WorkQueue`](crate::work_item::WorkQueue) handles this way), work item routines that have
+    /// not returned when the unload routine has, calls into a callout that
+    /// `FwpsCalloutUnregisterById0` waits for. The report names what was waited for and the
+    /// threads still blocked. The default is 30 seconds; tests of these stops set a short limit
+    /// (the hang is real, so a short limit only makes the test quicker).
+    pub fn set_unload_wait_limit(&self, limit: core::time::Duration) {
+        let ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+        self.kernel
+            .unload_wait_limit_ms
+            .store(ms, Ordering::Relaxed);
     }
 
     /// Runs `f` at `PASSIVE_LEVEL` with a token.
     pub fn at_passive<R>(&self, f: impl for<'t> FnOnce(&'t mut PassiveLevel<'t>) -> R) -> R {
-        self.run(|| {
+        self.run_as("Machine::at_passive", || {
             // SAFETY: this thread runs at PASSIVE_LEVEL inside the machine for the call of `f`.
             let mut token = unsafe { PassiveLevel::new_unchecked() };
             let result = f(&mut token);
@@ -193,11 +217,15 @@ impl Machine {
     /// IRQL changed, the machine stops with `IRQL_UNEXPECTED_VALUE`.
     pub fn at_dispatch<R>(&self, f: impl for<'t> FnOnce(&'t mut DispatchLevel<'t>) -> R) -> R {
         kernel::with_context(&self.kernel, DISPATCH_LEVEL, 0, || {
-            // SAFETY: this thread runs at DISPATCH_LEVEL inside the machine for the call of `f`.
-            let mut token = unsafe { DispatchLevel::new_unchecked() };
-            let result = f(&mut token);
-            check_irql_restored("a DPC", DISPATCH_LEVEL);
-            result
+            let dpc = Routine::new(RoutineKind::Harness("Machine::at_dispatch"), 0, 0);
+            kernel::with_routine(dpc, || {
+                // SAFETY: this thread runs at DISPATCH_LEVEL inside the machine for the call of
+                // `f`.
+                let mut token = unsafe { DispatchLevel::new_unchecked() };
+                let result = f(&mut token);
+                check_irql_restored("a DPC", DISPATCH_LEVEL);
+                result
+            })
         })
     }
 
@@ -217,11 +245,13 @@ impl Machine {
             (&mut *record.object as *mut DRIVER_OBJECT, path)
         };
         let status = kernel::with_context(&self.kernel, PASSIVE_LEVEL, object, || {
-            // SAFETY: the driver object and registry path are valid for the call, as the I/O
-            // manager guarantees to DriverEntry.
-            let status = unsafe { entry(object_ptr, &registry_path) };
-            check_irql_restored("DriverEntry", PASSIVE_LEVEL);
-            status
+            kernel::with_routine(Routine::new(RoutineKind::DriverEntry, object, 0), || {
+                // SAFETY: the driver object and registry path are valid for the call, as the
+                // I/O manager guarantees to DriverEntry.
+                let status = unsafe { entry(object_ptr, &registry_path) };
+                check_irql_restored("DriverEntry", PASSIVE_LEVEL);
+                status
+            })
         });
         let driver = LoadedDriver {
             object,
@@ -260,26 +290,27 @@ impl Machine {
             return Err(UnloadError::NotUnloadable(driver));
         };
         kernel::with_context(&self.kernel, PASSIVE_LEVEL, driver.object, || {
-            // SAFETY: the driver set this routine and is loaded; the I/O manager calls it at
-            // PASSIVE_LEVEL with the driver object.
-            unsafe { unload(driver.object as *mut DRIVER_OBJECT) };
-            check_irql_restored("DriverUnload", PASSIVE_LEVEL);
+            let routine = Routine::new(RoutineKind::DriverUnload, driver.object, 0);
+            kernel::with_routine(routine, || {
+                // SAFETY: the driver set this routine and is loaded; the I/O manager calls it at
+                // PASSIVE_LEVEL with the driver object.
+                unsafe { unload(driver.object as *mut DRIVER_OBJECT) };
+                check_irql_restored("DriverUnload", PASSIVE_LEVEL);
+            });
         });
         self.finish_unload(&driver)
     }
 
     /// What the I/O manager and Driver Verifier do after a driver's unload routine returned.
     fn finish_unload(&self, driver: &LoadedDriver) -> Result<(), UnloadError> {
-        let mut state = self.kernel.lock();
+        let routine = Routine::new(RoutineKind::AfterUnload, driver.object, 0);
+        kernel::with_routine(routine, || self.finish_unload_checks(driver))
+    }
+
+    fn finish_unload_checks(&self, driver: &LoadedDriver) -> Result<(), UnloadError> {
         // Routines already running keep the image loaded until they return (IoQueueWorkItem
         // holds the device object), including those that freed their work item.
-        while state.running_work.contains_key(&driver.object) {
-            state = self
-                .kernel
-                .work_done
-                .wait(state)
-                .unwrap_or_else(|p| p.into_inner());
-        }
+        let mut state = self.wait_for_running_work(driver);
         let queued = state
             .work_items
             .iter()
@@ -390,12 +421,56 @@ impl Machine {
             .remove(&driver.object)
             .expect("driver is loaded");
         drop(state);
+        crate::sys::sim::forget_locks_of(&self.kernel, driver.object);
         self.run(|| {
             for &(_, ptr, _) in &record.extensions {
                 crate::sys::sim::kernel_free_block(ptr as *mut u8);
             }
         });
         Ok(())
+    }
+
+    /// Waits until no work item routine of `driver` runs, at most the unload wait limit; then
+    /// stops with 0xCE naming the routines (on Windows the driver would stay loaded, its unload
+    /// never finishing).
+    fn wait_for_running_work(
+        &self,
+        driver: &LoadedDriver,
+    ) -> std::sync::MutexGuard<'_, kernel::State> {
+        let deadline = std::time::Instant::now() + self.kernel.unload_wait_limit();
+        let mut state = self.kernel.lock();
+        while state.running_work.contains_key(&driver.object) {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                let running: Vec<(usize, usize)> = state
+                    .work_items
+                    .iter()
+                    .filter(|(_, w)| {
+                        w.driver == driver.object && matches!(w.state, WorkItemState::Running(_))
+                    })
+                    .map(|(&item, _)| (item, 0))
+                    .collect();
+                let routine = self.kernel.blocked_work_routine_of(driver.object);
+                let count = state.running_work.get(&driver.object).copied().unwrap_or(0);
+                drop(state);
+                let item = running.first().map_or(0, |&(item, _)| item);
+                self.kernel.unload_wait_expired(
+                    driver.object,
+                    [item, 0, routine, crate::bugcheck::unload_wait::WORK_ITEM_ROUTINES],
+                    &format!(
+                        "{count} work item routine(s) of driver {} that have not returned (the I/O manager keeps the driver loaded until they do)",
+                        driver.name
+                    ),
+                );
+            }
+            state = self
+                .kernel
+                .work_done
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        state
     }
 
     fn create_driver_object(&self, name: &str) -> usize {

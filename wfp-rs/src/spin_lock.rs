@@ -97,7 +97,7 @@ impl<T: ?Sized> SpinLock<T> {
     /// seen on entry.
     ///
     /// Taking a lock that this processor already holds deadlocks on Windows; the simulator
-    /// stops with `SPIN_LOCK_ALREADY_OWNED` instead.
+    /// stops with `DRIVER_VERIFIER_DETECTED_VIOLATION` (0xC4, 0x1000: deadlock detection) instead.
     pub fn lock<'g, L: AtMostDispatch>(&'g self, irql: &'g mut L) -> SpinLockGuard<'g, T> {
         crate::irql::verify(irql);
         // SAFETY: the lock word belongs to this `SpinLock` and outlives the guard; the token

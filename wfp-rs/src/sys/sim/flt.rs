@@ -269,9 +269,15 @@ unsafe fn port_variable<'a>(variable: *mut PFLT_PORT) -> &'a AtomicPtr<FLT_PORT>
 
 /// Calls a driver routine the way the filter manager does: on this thread, at `PASSIVE_LEVEL`,
 /// as the driver, and checks that it returns at `PASSIVE_LEVEL`.
-fn call_driver<R>(kernel: &Arc<Kernel>, driver: usize, routine: &str, f: impl FnOnce() -> R) -> R {
+fn call_driver<R>(
+    kernel: &Arc<Kernel>,
+    driver: usize,
+    routine: &'static str,
+    f: impl FnOnce() -> R,
+) -> R {
     kernel::with_context(kernel, PASSIVE_LEVEL, driver, || {
-        let result = f();
+        let port = kernel::Routine::new(kernel::RoutineKind::Port(routine), driver, 0);
+        let result = kernel::with_routine(port, f);
         let now = irql();
         if now != PASSIVE_LEVEL {
             stop(

@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use super::bugcheck::stop;
 use super::kernel::{
-    DeviceRecord, Kernel, QueuedWork, THREAD, WorkItemRecord, WorkItemState, current,
-    current_driver, irql, require_irql, thread_id,
+    DeviceRecord, Kernel, QueuedWork, Routine, RoutineKind, THREAD, WorkItemRecord, WorkItemState,
+    current, current_driver, irql, require_irql, thread_id,
 };
 use super::pool::{kernel_allocate, kernel_free};
 use crate::bugcheck::BugCheckCode;
@@ -403,9 +403,12 @@ pub(crate) fn worker_thread(kernel: Arc<Kernel>) {
         };
         super::kernel::with_context(&kernel, PASSIVE_LEVEL, driver, || {
             THREAD.with(|t| t.work_item.set(work.item));
-            // SAFETY: the driver queued this routine with this context through IoQueueWorkItem,
-            // whose contract makes both valid until the routine runs.
-            unsafe { (work.routine)(work.device as *mut DEVICE_OBJECT, work.context as PVOID) };
+            let routine = Routine::new(RoutineKind::WorkItem, driver, work.routine as usize);
+            super::kernel::with_routine(routine, || {
+                // SAFETY: the driver queued this routine with this context through
+                // IoQueueWorkItem, whose contract makes both valid until the routine runs.
+                unsafe { (work.routine)(work.device as *mut DEVICE_OBJECT, work.context as PVOID) };
+            });
             THREAD.with(|t| t.work_item.set(0));
             let now = irql();
             if now != PASSIVE_LEVEL {

@@ -17,6 +17,7 @@ use std::{
 };
 
 pub(crate) mod bugcheck;
+mod deadlock;
 mod event;
 pub(crate) mod flt;
 mod io;
@@ -26,6 +27,7 @@ pub(crate) mod kernel;
 mod pool;
 pub(crate) mod wfp;
 
+pub(crate) use deadlock::forget_driver as forget_locks_of;
 pub(crate) use pool::kernel_free as kernel_free_block;
 
 /// The functions the safe layer calls, under their kernel names.

@@ -1313,11 +1313,40 @@ pub unsafe extern "system" fn FwpsCalloutUnregisterById0(calloutId: u32) -> NTST
         // Flows still carry this callout's contexts: the driver must remove them first.
         return Status::DEVICE_BUSY.raw();
     }
+    // From an unload routine (or DriverEntry) the wait is bounded, as every wait the I/O
+    // manager's unload depends on (`Machine::set_unload_wait_limit`).
+    let deadline = kernel.load_or_unload_deadline();
     loop {
         match bfe.runtime.get(&calloutId) {
             None => return Status::FWP_CALLOUT_NOT_FOUND.raw(),
             Some(callout) if callout.in_flight == 0 => break,
-            Some(_) => bfe = kernel.wfp_idle.wait(bfe).unwrap_or_else(|p| p.into_inner()),
+            Some(callout) => match deadline {
+                None => bfe = kernel.wfp_idle.wait(bfe).unwrap_or_else(|p| p.into_inner()),
+                Some(until) => {
+                    let now = std::time::Instant::now();
+                    if now >= until {
+                        let calls = callout.in_flight;
+                        drop(bfe);
+                        kernel.unload_wait_expired(
+                            super::kernel::current_driver(),
+                            [
+                                calloutId as usize,
+                                0,
+                                0,
+                                crate::bugcheck::unload_wait::CALLOUT_CALLS,
+                            ],
+                            &format!(
+                                "{calls} call(s) into callout {calloutId} to return (FwpsCalloutUnregisterById0 waits for callbacks in progress)"
+                            ),
+                        );
+                    }
+                    bfe = kernel
+                        .wfp_idle
+                        .wait_timeout(bfe, until - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            },
         }
     }
     bfe.runtime.remove(&calloutId);
@@ -1368,7 +1397,7 @@ impl Notify {
         let mut storage = FilterStorage::new(record, 0);
         let key = record.key;
         let driver = self.call.driver;
-        let status = in_driver(driver, "notifyFn", || {
+        let status = in_driver(driver, self.call.id, "notifyFn", || {
             // SAFETY: the callout registered this notifyFn; the key and filter are valid for the
             // call, and notifyFn is called at PASSIVE_LEVEL here (the management call's IRQL).
             unsafe { (self.f)(kind, &key, storage.filter()) }
@@ -1393,10 +1422,15 @@ fn notify_delete(record: &FilterRecord) {
 
 /// Runs driver code on this thread, charged to `driver`, and checks that it returns at the IRQL
 /// it was called at.
-fn in_driver<R>(driver: usize, callback: &str, f: impl FnOnce() -> R) -> R {
+fn in_driver<R>(driver: usize, callout: u32, callback: &'static str, f: impl FnOnce() -> R) -> R {
     let before = irql();
     let previous = THREAD.with(|t| t.driver.replace(driver));
-    let result = f();
+    let routine = super::kernel::Routine::new(
+        super::kernel::RoutineKind::Callout(callback),
+        driver,
+        callout as usize,
+    );
+    let result = super::kernel::with_routine(routine, f);
     THREAD.with(|t| t.driver.set(previous));
     let after = irql();
     if after != before {
@@ -2105,7 +2139,7 @@ fn call_classify(
     };
     let driver = call.driver;
     if let Some(classify_fn) = classify_fn {
-        in_driver(driver, "classifyFn", || {
+        in_driver(driver, call.id, "classifyFn", || {
             // SAFETY: the callout registered this classifyFn; every pointer is valid for the call
             // (owned by this frame or by `incoming`), as the filter engine guarantees.
             unsafe {
@@ -2241,10 +2275,11 @@ impl Direct {
             reserved: 0,
         };
         let driver = self.call.as_ref().map_or(0, |call| call.driver);
+        let callout = self.call.as_ref().map_or(0, |call| call.id);
         let classify_fn = self.classify_fn;
         let (fixed, metadata) = (&*self.fixed, &*self.metadata);
         let filter = self.filter.filter();
-        in_driver(driver, "classifyFn", || {
+        in_driver(driver, callout, "classifyFn", || {
             // SAFETY: the callout registered this classifyFn and cannot be unregistered while
             // `self.call` is held; every pointer is owned by `self` (values, metadata, filter)
             // or by this frame (`out`), valid for the call. No completion handle or classify
@@ -2698,7 +2733,7 @@ fn delete_flow_context(layer: u16, callout: u32, context: u64) {
     });
     if let Some((call, flow_delete)) = call {
         let driver = call.driver;
-        in_driver(driver, "flowDeleteFn", || {
+        in_driver(driver, callout, "flowDeleteFn", || {
             // SAFETY: the callout registered this flowDeleteFn and the context it associated.
             unsafe { flow_delete(layer, callout, context) }
         });
