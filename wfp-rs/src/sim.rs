@@ -32,7 +32,7 @@ use crate::bugcheck::{BugCheckCode, verifier};
 use crate::irql::{DispatchLevel, Irql, PassiveLevel};
 use crate::pool::PoolTag;
 use crate::status::Status;
-use crate::sys::sim::bugcheck::{STOP_PREFIX, stop};
+use crate::sys::sim::bugcheck::{AT_PREFIX, IN_PREFIX, STOP_PREFIX, stop};
 use crate::sys::sim::kernel::{self, DriverRecord, Kernel, Routine, RoutineKind, WorkItemState};
 use crate::sys::types::*;
 use std::sync::atomic::Ordering;
@@ -598,13 +598,29 @@ fn check_irql_restored(callback: &str, expected: KIRQL) {
     }
 }
 
-/// A bug check seen by [`run_isolated`].
+/// A bug check seen by [`run_isolated`], parsed from the report's first lines:
+///
+/// ```text
+/// *** STOP: 0x000000C4 (0x0000000000001001, 0x…, 0x…, 0x…)
+/// DRIVER_VERIFIER_DETECTED_VIOLATION
+/// wfp-rs simulator: <explanation>
+/// in: <the driver routine the thread ran>; thread <name> [<id>], IRQL <n>
+/// at: <file>:<line>:<column> (<function>)
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BugCheckReport {
     /// The stop code.
     pub code: BugCheckCode,
     /// The four parameters.
     pub params: [usize; 4],
+    /// The simulator's one-line explanation (after `wfp-rs simulator: `).
+    pub explanation: String,
+    /// The driver routine the stopping thread ran, with the thread and its IRQL (after `in: `),
+    /// for example `classifyFn of callout 3 of driver firewall; thread sim-worker-0 [7], IRQL 2`.
+    pub routine: String,
+    /// The source location (`file:line:column (function)`) of the innermost frame of driver
+    /// code on the stopping thread (after `at: `), or a note that there was none.
+    pub location: String,
 }
 
 /// How an isolated scenario ended.
@@ -685,7 +701,19 @@ pub fn run_isolated(test_name: &str, scenario: impl FnOnce()) -> Isolated {
 }
 
 fn parse_stop(stderr: &str) -> Option<BugCheckReport> {
-    let line = stderr.lines().find_map(|l| l.strip_prefix(STOP_PREFIX))?;
+    let mut lines = stderr.lines().skip_while(|l| !l.starts_with(STOP_PREFIX));
+    let line = lines.next()?.strip_prefix(STOP_PREFIX)?;
+    let _name = lines.next();
+    let mut rest = |prefix: &str| {
+        lines
+            .next()
+            .and_then(|l| l.strip_prefix(prefix))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let explanation = rest("wfp-rs simulator: ");
+    let routine = rest(IN_PREFIX);
+    let location = rest(AT_PREFIX);
     let hex = |s: &str| {
         usize::from_str_radix(
             s.trim().trim_start_matches("0x").trim_start_matches("0X"),
@@ -702,6 +730,9 @@ fn parse_stop(stderr: &str) -> Option<BugCheckReport> {
     Some(BugCheckReport {
         code: BugCheckCode(u32::try_from(hex(code)?).ok()?),
         params,
+        explanation,
+        routine,
+        location,
     })
 }
 

@@ -71,6 +71,8 @@ pub unsafe extern "system" fn IoCreateDevice(
         return STATUS_OBJECT_NAME_COLLISION;
     }
     // SAFETY: DEVICE_OBJECT is plain data (integers and raw pointers), valid when zeroed.
+    // `Box` allocates with the type's alignment: 16 bytes, as `DECLSPEC_ALIGN` in wdm.h and
+    // the pool the I/O manager takes device objects from give on x64.
     let mut object: Box<DEVICE_OBJECT> = unsafe { Box::new_zeroed().assume_init() };
     let extension = if DeviceExtensionSize > 0 {
         let size = DeviceExtensionSize as usize;

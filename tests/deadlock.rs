@@ -1,0 +1,513 @@
+//! Deadlocks: Driver Verifier's deadlock detection for spin locks (lock order, recursion,
+//! releases by the wrong processor), and waits at unload that would hang forever on Windows,
+//! which the simulator gives up with a stop naming what it waited for.
+//!
+//! Every breaking scenario runs in a child process (`bugcheck_test!` / `run_isolated`). The
+//! unload scenarios hang for real; a short `Machine::set_unload_wait_limit` only makes them end
+//! sooner, so they pass whatever the machine's speed.
+
+#![cfg(any(not(windows), feature = "sim"))]
+
+use core::ptr::{null, null_mut};
+use core::time::Duration;
+use std::sync::{Arc, mpsc};
+
+use wfp_rs::Status;
+use wfp_rs::bugcheck::{BugCheckCode, unload_wait, verifier};
+use wfp_rs::bugcheck_test;
+use wfp_rs::driver::{Driver, DriverState};
+use wfp_rs::event::{Event, EventKind};
+use wfp_rs::irql::PassiveLevel;
+use wfp_rs::sim::{Machine, run_isolated};
+use wfp_rs::spin_lock::SpinLock;
+use wfp_rs::sys;
+
+/// A short unload wait limit: the hangs below are real, this only shortens them.
+const SHORT: Duration = Duration::from_millis(300);
+
+/// Where a lock lives (to compare addresses, not to find its `KSPIN_LOCK`).
+fn address<T>(lock: &SpinLock<T>) -> usize {
+    core::ptr::from_ref(lock) as usize
+}
+
+// --- lock order ------------------------------------------------------------------------------
+
+/// The classic inversion, across two processors and at different times: no hang happens in
+/// the run (the first thread is done before the second starts), but Verifier reports the
+/// second order at the acquisition that closes the cycle.
+#[test]
+fn a_lock_order_inversion_across_processors_stops_even_without_a_hang() {
+    let outcome = run_isolated(
+        &wfp_rs::sim::__test_name(
+            module_path!(),
+            "a_lock_order_inversion_across_processors_stops_even_without_a_hang",
+        ),
+        || {
+            static A: SpinLock<()> = SpinLock::new(());
+            static B: SpinLock<()> = SpinLock::new(());
+            let machine = Machine::new();
+            std::thread::scope(|scope| {
+                scope
+                    .spawn(|| {
+                        machine.at_dispatch(|irql| {
+                            let mut a = A.lock(irql);
+                            let _b = B.lock(a.irql_mut());
+                        });
+                    })
+                    .join()
+                    .unwrap();
+                scope
+                    .spawn(|| {
+                        machine.at_dispatch(|irql| {
+                            let mut b = B.lock(irql);
+                            let _a = A.lock(b.irql_mut()); // closes the cycle
+                        });
+                    })
+                    .join()
+                    .unwrap();
+            });
+        },
+    );
+    let report = outcome.expect_bugcheck(BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION);
+    assert_eq!(
+        report.params[0],
+        verifier::DEADLOCK_LOCK_ORDER,
+        "{}",
+        outcome.stderr
+    );
+    assert_ne!(report.params[1], 0);
+    assert_ne!(report.params[2], 0);
+    assert_ne!(report.params[1], report.params[2], "{}", outcome.stderr);
+    // The report says where the other order was taken: this file, in the first thread.
+    assert!(
+        outcome
+            .stderr
+            .lines()
+            .any(|l| l.starts_with("before: ") && l.contains("deadlock.rs:")),
+        "{}",
+        outcome.stderr
+    );
+}
+
+bugcheck_test! {
+    /// A cycle through three locks, each pair taken in a consistent order by itself.
+    fn a_three_lock_cycle_stops() expects DRIVER_VERIFIER_DETECTED_VIOLATION (verifier::DEADLOCK_LOCK_ORDER) {
+        static A: SpinLock<()> = SpinLock::new(());
+        static B: SpinLock<()> = SpinLock::new(());
+        static C: SpinLock<()> = SpinLock::new(());
+        let machine = Machine::new();
+        machine.at_passive(|irql| {
+            {
+                let mut a = A.lock(irql);
+                let _b = B.lock(a.irql_mut());
+            }
+            {
+                let mut b = B.lock(irql);
+                let _c = C.lock(b.irql_mut());
+            }
+            let mut c = C.lock(irql);
+            let _a = A.lock(c.irql_mut()); // C → A closes A → B → C
+        });
+    }
+}
+
+bugcheck_test! {
+    /// The raw ABI: the cycle is found whichever API takes the locks.
+    fn a_lock_order_inversion_through_the_raw_abi_stops() expects DRIVER_VERIFIER_DETECTED_VIOLATION (verifier::DEADLOCK_LOCK_ORDER) {
+        static mut FIRST: sys::KSPIN_LOCK = 0;
+        static mut SECOND: sys::KSPIN_LOCK = 0;
+        Machine::new().at_dispatch(|_irql| {
+            let a = &raw mut FIRST;
+            let b = &raw mut SECOND;
+            // SAFETY: initialised locks that live for the process; each acquisition is released
+            // in reverse order, at DISPATCH_LEVEL.
+            unsafe {
+                let old_a = sys::KeAcquireSpinLockRaiseToDpc(a);
+                let old_b = sys::KeAcquireSpinLockRaiseToDpc(b);
+                sys::KeReleaseSpinLock(b, old_b);
+                sys::KeReleaseSpinLock(a, old_a);
+                let old_b = sys::KeAcquireSpinLockRaiseToDpc(b);
+                let _ = sys::KeAcquireSpinLockRaiseToDpc(a);
+                sys::KeReleaseSpinLock(b, old_b);
+            }
+        });
+    }
+}
+
+/// Many processors taking the same locks in the same order, over and over: a consistent order is
+/// never reported.
+#[test]
+fn a_consistent_lock_order_on_eight_processors_runs_clean() {
+    const THREADS: usize = 8;
+    const ROUNDS: usize = 500;
+    let machine = Machine::new();
+    let (outer, inner) = (SpinLock::new(0u64), SpinLock::new(0u64));
+    std::thread::scope(|scope| {
+        for _ in 0..THREADS {
+            scope.spawn(|| {
+                machine.at_passive(|irql| {
+                    for _ in 0..ROUNDS {
+                        let mut o = outer.lock(irql);
+                        *o += 1;
+                        let mut i = inner.lock(o.irql_mut());
+                        *i += 1;
+                    }
+                });
+            });
+        }
+    });
+    assert_eq!(outer.into_inner(), (THREADS * ROUNDS) as u64);
+    assert_eq!(inner.into_inner(), (THREADS * ROUNDS) as u64);
+}
+
+/// Takes two spin locks that live in this frame, in the order `swap` says, and returns their
+/// addresses.
+#[inline(never)]
+fn nest_on_the_stack(irql: &mut PassiveLevel<'_>, swap: bool) -> (usize, usize) {
+    let first = SpinLock::new(());
+    let second = SpinLock::new(());
+    let (x, y) = if swap {
+        (&second, &first)
+    } else {
+        (&first, &second)
+    };
+    let mut outer = x.lock(irql);
+    let _inner = y.lock(outer.irql_mut());
+    (address(&first), address(&second))
+}
+
+/// Locks on the stack are gone when their frame returns; new locks at the same addresses, taken
+/// in the other order, are other locks.
+#[test]
+fn stack_locks_are_forgotten_when_their_frame_returns() {
+    let machine = Machine::new();
+    let before = machine.at_passive(|irql| nest_on_the_stack(irql, false));
+    let after = machine.at_passive(|irql| nest_on_the_stack(irql, true));
+    assert_eq!(
+        before, after,
+        "the second call reuses the first one's stack, so this test exercises address reuse"
+    );
+}
+
+/// Takes the two spin locks at the start of `block`, the second first if `swap`.
+///
+/// # Safety
+///
+/// `block` points to two unlocked `KSPIN_LOCK`s; the caller runs at `DISPATCH_LEVEL`.
+unsafe fn nest_in(block: *mut sys::KSPIN_LOCK, swap: bool) {
+    // SAFETY: the caller's contract; each acquisition is released in reverse order.
+    unsafe {
+        let (a, b) = if swap {
+            (block.add(1), block)
+        } else {
+            (block, block.add(1))
+        };
+        let old_a = sys::KeAcquireSpinLockRaiseToDpc(a);
+        let old_b = sys::KeAcquireSpinLockRaiseToDpc(b);
+        sys::KeReleaseSpinLock(b, old_b);
+        sys::KeReleaseSpinLock(a, old_a);
+    }
+}
+
+/// Locks in a pool block are gone when it is freed; locks later allocated at the same address,
+/// taken in the other order, are other locks.
+#[test]
+fn locks_in_freed_pool_are_forgotten() {
+    const TAG: u32 = u32::from_le_bytes(*b"Lock");
+    const SIZE: usize = 16;
+    let machine = Machine::new();
+    machine.at_dispatch(|_irql| {
+        // Uninitialised pool comes from the host's `malloc`, which hands a freed block of a
+        // size out again for the next allocation of that size.
+        let allocate = || {
+            // SAFETY: a non-zero non-paged allocation at DISPATCH_LEVEL.
+            let block = unsafe {
+                sys::ExAllocatePool2(
+                    sys::POOL_FLAG_NON_PAGED | sys::POOL_FLAG_UNINITIALIZED,
+                    SIZE,
+                    TAG,
+                )
+            };
+            assert!(!block.is_null());
+            // SAFETY: a fresh block of SIZE bytes: two unlocked KSPIN_LOCKs from here on.
+            unsafe { block.cast::<u8>().write_bytes(0, SIZE) };
+            block
+        };
+        // SAFETY: blocks of two unlocked KSPIN_LOCKs each, freed once; this runs at
+        // DISPATCH_LEVEL.
+        unsafe {
+            let first = allocate();
+            nest_in(first.cast(), false);
+            sys::ExFreePoolWithTag(first, TAG);
+            let mut others = Vec::new();
+            let mut reused = None;
+            for _ in 0..10_000 {
+                let block = allocate();
+                if block == first {
+                    reused = Some(block);
+                    break;
+                }
+                others.push(block);
+            }
+            let block = reused.expect("the host allocator never reused the freed block");
+            nest_in(block.cast(), true);
+            sys::ExFreePoolWithTag(block, TAG);
+            for other in others {
+                sys::ExFreePoolWithTag(other, TAG);
+            }
+        }
+    });
+}
+
+// --- recursion and releases ------------------------------------------------------------------
+
+bugcheck_test! {
+    /// The raw ABI's recursive acquisition: deadlock detection reports it before the kernel would
+    /// spin forever.
+    fn acquiring_a_spin_lock_twice_through_the_raw_abi_stops() expects DRIVER_VERIFIER_DETECTED_VIOLATION (verifier::DEADLOCK_SELF) {
+        Machine::new().at_dispatch(|_irql| {
+            let mut lock: sys::KSPIN_LOCK = 0;
+            // SAFETY: deliberately acquiring a held lock again.
+            unsafe {
+                let _ = sys::KeAcquireSpinLockRaiseToDpc(&mut lock);
+                let _ = sys::KeAcquireSpinLockRaiseToDpc(&mut lock);
+            }
+        });
+    }
+}
+
+/// A processor that releases a spin lock another one holds: 0x1004, with the owner and the
+/// releasing thread.
+#[test]
+fn releasing_a_spin_lock_another_processor_holds_stops() {
+    let outcome = run_isolated(
+        &wfp_rs::sim::__test_name(
+            module_path!(),
+            "releasing_a_spin_lock_another_processor_holds_stops",
+        ),
+        || {
+            static mut LOCK: sys::KSPIN_LOCK = 0;
+            let machine = Machine::new();
+            let (held, release) = mpsc::channel::<()>();
+            std::thread::scope(|scope| {
+                let machine = &machine;
+                scope.spawn(move || {
+                    machine.at_dispatch(|_irql| {
+                        // SAFETY: taken and kept; the process ends with the other thread's stop.
+                        let _ = unsafe { sys::KeAcquireSpinLockRaiseToDpc(&raw mut LOCK) };
+                        held.send(()).unwrap();
+                        loop {
+                            std::thread::park();
+                        }
+                    });
+                });
+                release.recv().unwrap();
+                machine.at_dispatch(|_irql| {
+                    // SAFETY: deliberately releasing a lock the other thread holds.
+                    unsafe { sys::KeReleaseSpinLock(&raw mut LOCK, sys::DISPATCH_LEVEL) };
+                });
+            });
+        },
+    );
+    let report = outcome.expect_bugcheck(BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION);
+    assert_eq!(
+        report.params[0],
+        verifier::DEADLOCK_WRONG_THREAD_RELEASE,
+        "{}",
+        outcome.stderr
+    );
+    assert_ne!(report.params[2], 0, "the owner");
+    assert_ne!(
+        report.params[2], report.params[3],
+        "owner and releaser differ"
+    );
+}
+
+// --- waits at unload ---------------------------------------------------------------------------
+
+/// A `WorkQueue` handle kept past unload: the SDK's unload waits for every handle (on Windows:
+/// forever); the simulator gives up and names the handles.
+#[test]
+fn a_work_queue_handle_kept_past_unload_stops_instead_of_hanging() {
+    let outcome = run_isolated(
+        &wfp_rs::sim::__test_name(
+            module_path!(),
+            "a_work_queue_handle_kept_past_unload_stops_instead_of_hanging",
+        ),
+        || {
+            let machine = Machine::new();
+            machine.set_unload_wait_limit(SHORT);
+            let driver = machine
+                .load_driver("minimal", minimal_driver::DriverEntry)
+                .unwrap();
+            let kept = driver.work_queue(&machine).unwrap();
+            let _ = machine.unload_driver(driver);
+            drop(kept);
+        },
+    );
+    let report = outcome
+        .expect_bugcheck(BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS);
+    assert_eq!(report.params[3], unload_wait::EVENT, "{}", outcome.stderr);
+    let explanation = outcome.stderr.lines().nth(2).unwrap_or_default();
+    assert!(
+        explanation.contains("the unload routine of driver minimal")
+            && explanation.contains("1 WorkQueue handle(s)"),
+        "{}",
+        outcome.stderr
+    );
+}
+
+/// A work item that waits for an event only the driver's unload sets: the SDK's unload waits for
+/// the work item first, so neither ever runs on Windows. The report names the work items and
+/// the blocked thread.
+mod waits_for_unload {
+    use super::*;
+
+    pub struct State {
+        pub release: Arc<Event>,
+    }
+
+    impl DriverState for State {
+        // The mistake: the release belongs in `stopping`, which runs before the SDK waits for
+        // work items; `unload` runs after.
+        fn unload(self, irql: &mut PassiveLevel<'_>) {
+            self.release.set(irql);
+        }
+    }
+
+    #[wfp_rs::driver_entry]
+    fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<State, Status> {
+        let release = Arc::new(Event::try_new(EventKind::Notification, false, irql)?);
+        let waiting = Arc::clone(&release);
+        driver
+            .work_queue()
+            .queue(irql, move |passive| waiting.wait(passive))
+            .map_err(|_| Status::INSUFFICIENT_RESOURCES)?;
+        Ok(State { release })
+    }
+}
+
+#[test]
+fn a_work_item_waiting_for_unload_stops_instead_of_hanging() {
+    let outcome = run_isolated(
+        &wfp_rs::sim::__test_name(
+            module_path!(),
+            "a_work_item_waiting_for_unload_stops_instead_of_hanging",
+        ),
+        || {
+            let machine = Machine::new();
+            machine.set_unload_wait_limit(SHORT);
+            let driver = machine
+                .load_driver("waits", waits_for_unload::DriverEntry)
+                .unwrap();
+            let _ = machine.unload_driver(driver);
+        },
+    );
+    let report = outcome
+        .expect_bugcheck(BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS);
+    assert_eq!(report.params[3], unload_wait::EVENT, "{}", outcome.stderr);
+    assert!(
+        outcome
+            .stderr
+            .contains("work items queued through the driver's WorkQueue"),
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        outcome.stderr.lines().any(|l| l.starts_with("blocked: ")
+            && l.contains("a work item routine")
+            && l.contains("of driver waits")),
+        "{}",
+        outcome.stderr
+    );
+}
+
+/// A driver on the raw ABI whose work item routine never returns: its unload routine returns,
+/// and the I/O manager's wait for the routine gives up.
+mod raw_blocked {
+    use super::*;
+
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    // SAFETY: a KEVENT is plain data; all zeroes is a valid (unsignalled) value, initialised
+    // again in `entry`.
+    pub static mut EVENT: sys::KEVENT = unsafe { core::mem::zeroed() };
+    static mut DEVICE: usize = 0;
+    /// Set by the routine before it blocks, so the test unloads while it runs.
+    pub static STARTED: AtomicBool = AtomicBool::new(false);
+
+    unsafe extern "system" fn blocked(device: *mut sys::DEVICE_OBJECT, item: sys::PVOID) {
+        let _ = device;
+        // SAFETY: the routine owns its item; the event is initialised in `entry` and never set.
+        unsafe {
+            sys::IoFreeWorkItem(item.cast());
+            STARTED.store(true, Ordering::SeqCst);
+            sys::KeWaitForSingleObject(
+                (&raw mut EVENT).cast(),
+                sys::Executive,
+                sys::KernelMode,
+                0,
+                null(),
+            );
+        }
+    }
+
+    pub unsafe extern "system" fn entry(
+        object: *mut sys::DRIVER_OBJECT,
+        _path: *const sys::UNICODE_STRING,
+    ) -> sys::NTSTATUS {
+        let mut device = null_mut();
+        // SAFETY: DriverEntry at PASSIVE_LEVEL; the event lives for the process.
+        unsafe {
+            sys::KeInitializeEvent(&raw mut EVENT, sys::NotificationEvent, 0);
+            let status = sys::IoCreateDevice(object, 0, null(), 0x22, 0, 0, &mut device);
+            if status != 0 {
+                return status;
+            }
+            DEVICE = device as usize;
+            let item = sys::IoAllocateWorkItem(device);
+            sys::IoQueueWorkItem(item, Some(blocked), sys::DelayedWorkQueue, item.cast());
+            (*object).DriverUnload = Some(unload);
+        }
+        0
+    }
+
+    unsafe extern "system" fn unload(_object: *mut sys::DRIVER_OBJECT) {
+        // SAFETY: the device created in `entry`, deleted once.
+        unsafe { sys::IoDeleteDevice(DEVICE as *mut sys::DEVICE_OBJECT) };
+    }
+}
+
+#[test]
+fn a_work_item_routine_that_never_returns_stops_the_unload() {
+    let outcome = run_isolated(
+        &wfp_rs::sim::__test_name(
+            module_path!(),
+            "a_work_item_routine_that_never_returns_stops_the_unload",
+        ),
+        || {
+            let machine = Machine::new();
+            machine.set_unload_wait_limit(SHORT);
+            let driver = machine.load_driver("rawblock", raw_blocked::entry).unwrap();
+            while !raw_blocked::STARTED.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::yield_now();
+            }
+            let _ = machine.unload_driver(driver);
+        },
+    );
+    let report = outcome
+        .expect_bugcheck(BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS);
+    assert_eq!(
+        report.params[3],
+        unload_wait::WORK_ITEM_ROUTINES,
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        outcome
+            .stderr
+            .contains("work item routine(s) of driver rawblock that have not returned"),
+        "{}",
+        outcome.stderr
+    );
+}
