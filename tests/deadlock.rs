@@ -7,6 +7,10 @@
 //! sooner, so they pass whatever the machine's speed.
 
 #![cfg(any(not(windows), feature = "sim"))]
+#![expect(
+    clippy::multiple_unsafe_ops_per_block,
+    reason = "each unsafe block is one deliberate use (or misuse) of the raw ABI, argued as a whole"
+)]
 
 use core::ptr::{null, null_mut};
 use core::time::Duration;

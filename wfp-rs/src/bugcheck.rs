@@ -138,6 +138,12 @@ pub mod unload_wait {
     /// `FwpsCalloutUnregisterById0` waited for calls into the callout that did not return;
     /// parameter 1 is the callout id.
     pub const CALLOUT_CALLS: usize = 3;
+    /// `FltSendMessage` with no timeout waited for user mode to receive or answer; parameter 1
+    /// is the client port.
+    pub const PORT_MESSAGE: usize = 4;
+    /// A filter engine write with an infinite transaction wait timeout waited for another
+    /// session's transaction; parameter 1 is the waiting session's handle.
+    pub const TRANSACTION: usize = 5;
 }
 
 /// Parameter 1 values of [`BugCheckCode::DRIVER_VERIFIER_IOMANAGER_VIOLATION`], as the bug check

@@ -75,7 +75,8 @@ impl LoadedDriver {
 
     /// A [`WorkQueue`](crate::work_item::WorkQueue) handle of a driver built with
     /// `#[driver_entry]` (`None` for other drivers), to queue work on its behalf from a test.
-    /// Drop it before unloading: unload waits for every handle.
+    /// Drop it before unloading: unload waits for every handle (and stops the machine with 0xCE
+    /// after [`Machine::set_unload_wait_limit`] if one is still alive).
     pub fn work_queue(&self, machine: &Machine) -> Option<crate::work_item::WorkQueue> {
         machine.run(|| crate::driver::work_queue_of(self.driver_object()))
     }
@@ -274,6 +275,9 @@ impl Machine {
     /// routines that are still running (the I/O manager holds the image for them), and checks
     /// what Windows with Driver Verifier checks:
     ///
+    /// - every wait made at unload ends within [`set_unload_wait_limit`](Self::set_unload_wait_limit)
+    ///   (`DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS`, naming what was waited for,
+    ///   where Windows would hang);
     /// - the IRQL was restored (`IRQL_UNEXPECTED_VALUE`);
     /// - no work item is still queued (`DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS`);
     /// - no pool is still charged to the driver, work items included

@@ -741,6 +741,13 @@ pub unsafe extern "system" fn FltSendMessage(
         // Absolute times (and zero) are treated as already expired.
         Some(_) => Some(Instant::now()),
     };
+    // With no timeout in DriverEntry or an unload routine, the I/O manager's load or unload
+    // waits on the service: bounded by the machine's unload wait limit (on Windows: a hang).
+    let unload_deadline = if deadline.is_none() {
+        current().load_or_unload_deadline()
+    } else {
+        None
+    };
     let reply_capacity = if ReplyBuffer.is_null() {
         None
     } else {
@@ -840,7 +847,19 @@ pub unsafe extern "system" fn FltSendMessage(
             withdraw(&mut flt, client, id);
             return STATUS_TIMEOUT;
         }
-        flt = wait(&kernel, flt, deadline);
+        if unload_deadline.is_some_and(|d| Instant::now() >= d) {
+            let delivered = matches!(flt.messages[&id].state, MessageState::Delivered);
+            drop(flt);
+            kernel.unload_wait_expired(
+                kernel::current_driver(),
+                [client, 0, 0, crate::bugcheck::unload_wait::PORT_MESSAGE],
+                &format!(
+                    "user mode to {} message {id} sent with FltSendMessage with no timeout",
+                    if delivered { "reply to" } else { "receive" }
+                ),
+            );
+        }
+        flt = wait(&kernel, flt, deadline.or(unload_deadline));
     }
 }
 

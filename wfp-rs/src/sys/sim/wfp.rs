@@ -480,17 +480,40 @@ fn with_write<R>(
     let deadline = bfe.sessions[&session]
         .txn_wait
         .map(|wait| Instant::now() + wait);
+    // An infinite transaction wait in DriverEntry or an unload routine is bounded by the
+    // machine's unload wait limit (on Windows: a hang).
+    let unload_deadline = if deadline.is_none() {
+        kernel.load_or_unload_deadline()
+    } else {
+        None
+    };
     while bfe.txn.as_ref().is_some_and(|txn| txn.session != session) {
-        bfe = match deadline {
+        bfe = match deadline.or(unload_deadline) {
             None => kernel.wfp_txn.wait(bfe).unwrap_or_else(|p| p.into_inner()),
-            Some(deadline) => {
+            Some(until) => {
                 let now = Instant::now();
-                if now >= deadline {
+                if now >= until && deadline.is_none() {
+                    let holder = bfe.txn.as_ref().map_or(0, |txn| txn.session);
+                    drop(bfe);
+                    kernel.unload_wait_expired(
+                        super::kernel::current_driver(),
+                        [
+                            handle as usize,
+                            0,
+                            0,
+                            crate::bugcheck::unload_wait::TRANSACTION,
+                        ],
+                        &format!(
+                            "another session's filter engine transaction to end (session {holder:#x} keeps one open; this session waits with an infinite transaction wait timeout)"
+                        ),
+                    );
+                }
+                if now >= until {
                     return Err(Status::FWP_TIMEOUT.raw());
                 }
                 kernel
                     .wfp_txn
-                    .wait_timeout(bfe, deadline - now)
+                    .wait_timeout(bfe, until - now)
                     .unwrap_or_else(|p| p.into_inner())
                     .0
             }
