@@ -515,3 +515,124 @@ fn a_work_item_routine_that_never_returns_stops_the_unload() {
         outcome.stderr
     );
 }
+
+// --- the harness's own waits -------------------------------------------------------------------
+
+/// Queues a work item on `machine`'s minimal driver that blocks for good, and returns once its
+/// routine runs. The driver stays loaded (the test is about what happens next).
+fn block_a_worker(machine: &Machine) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let driver = machine
+        .load_driver("minimal", minimal_driver::DriverEntry)
+        .unwrap();
+    let queue = driver.work_queue(machine).unwrap();
+    let started = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&started);
+    machine.at_passive(|irql| {
+        let queued = queue.queue(irql, move |passive| {
+            let never = Event::try_new(EventKind::Notification, false, passive).unwrap();
+            flag.store(true, Ordering::SeqCst);
+            never.wait(passive);
+        });
+        assert!(queued.is_ok());
+        drop(queue);
+    });
+    while !started.load(Ordering::SeqCst) {
+        std::thread::yield_now();
+    }
+    std::mem::forget(driver);
+}
+
+/// `Machine::wait_for_work_items` with a routine that never returns: a panic that lists the
+/// blocked thread, not a hung test.
+#[test]
+#[should_panic(expected = "Machine::wait_for_work_items waited")]
+fn waiting_for_a_work_item_that_never_returns_panics_instead_of_hanging() {
+    let machine = Machine::new();
+    machine.set_unload_wait_limit(SHORT);
+    block_a_worker(&machine);
+    machine.wait_for_work_items();
+}
+
+/// Dropping a machine whose worker thread is stuck in a routine: a panic, not a hung test.
+#[test]
+#[should_panic(expected = "the machine was dropped while 1 system worker thread(s) still ran")]
+fn dropping_a_machine_with_a_stuck_work_item_panics_instead_of_hanging() {
+    let machine = Machine::new();
+    machine.set_unload_wait_limit(SHORT);
+    block_a_worker(&machine);
+    drop(machine);
+}
+
+/// An unload whose filter engine write waits, with an infinite transaction wait timeout, for
+/// another session's transaction that never ends.
+mod waits_for_a_transaction {
+    use super::*;
+    use wfp_rs::engine::{Engine, SessionOptions};
+
+    pub struct State {
+        pub engine: Engine,
+    }
+
+    impl DriverState for State {
+        fn unload(self, irql: &mut PassiveLevel<'_>) {
+            let _ = self
+                .engine
+                .delete_provider(irql, wfp_rs::guid!("5b0f3c2e-6a57-4f0e-9d0c-1b3e7f2a4c11"));
+        }
+    }
+
+    #[wfp_rs::driver_entry]
+    fn entry(irql: &mut PassiveLevel<'_>, _driver: &mut Driver<'_>) -> Result<State, Status> {
+        let options = SessionOptions::new().txn_wait_timeout(Duration::MAX);
+        Ok(State {
+            engine: Engine::open(irql, options)?,
+        })
+    }
+}
+
+#[test]
+fn an_unload_waiting_for_another_sessions_transaction_stops_instead_of_hanging() {
+    let outcome = run_isolated(
+        &wfp_rs::sim::__test_name(
+            module_path!(),
+            "an_unload_waiting_for_another_sessions_transaction_stops_instead_of_hanging",
+        ),
+        || {
+            let machine = Machine::new();
+            machine.set_unload_wait_limit(SHORT);
+            let driver = machine
+                .load_driver("txn", waits_for_a_transaction::DriverEntry)
+                .unwrap();
+            let (open, opened) = mpsc::channel();
+            std::thread::scope(|scope| {
+                let machine = &machine;
+                scope.spawn(move || {
+                    machine.at_passive(|irql| {
+                        let other = wfp_rs::engine::Engine::open(
+                            irql,
+                            wfp_rs::engine::SessionOptions::new(),
+                        )
+                        .unwrap();
+                        let _txn = other.transaction(irql).unwrap();
+                        open.send(()).unwrap();
+                        loop {
+                            std::thread::park();
+                        }
+                    });
+                });
+                opened.recv().unwrap();
+                let _ = machine.unload_driver(driver);
+            });
+        },
+    );
+    let report = outcome.expect_bugcheck(
+        BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS,
+    );
+    assert_eq!(report.params[3], unload_wait::TRANSACTION, "{}", outcome.stderr);
+    assert!(
+        report.routine.starts_with("the unload routine of driver txn"),
+        "{}",
+        outcome.stderr
+    );
+}

@@ -308,7 +308,10 @@ impl Machine {
     /// What the I/O manager and Driver Verifier do after a driver's unload routine returned.
     fn finish_unload(&self, driver: &LoadedDriver) -> Result<(), UnloadError> {
         let routine = Routine::new(RoutineKind::AfterUnload, driver.object, 0);
-        kernel::with_routine(routine, || self.finish_unload_checks(driver))
+        // Inside the machine, so a stop's report can name the driver.
+        kernel::with_context(&self.kernel, PASSIVE_LEVEL, 0, || {
+            kernel::with_routine(routine, || self.finish_unload_checks(driver))
+        })
     }
 
     fn finish_unload_checks(&self, driver: &LoadedDriver) -> Result<(), UnloadError> {
@@ -518,15 +521,35 @@ impl Machine {
     /// [`hold_work_items`](Self::hold_work_items) is on, held items are not waited for, only
     /// those already running. Harness synchronisation, not timing: it returns as soon as that
     /// holds.
+    ///
+    /// # Panics
+    ///
+    /// When that does not hold within [`set_unload_wait_limit`](Self::set_unload_wait_limit)
+    /// (a work item routine blocked for good), with the threads still blocked and what they wait
+    /// on, instead of hanging the test.
     pub fn wait_for_work_items(&self) {
+        let deadline = std::time::Instant::now() + self.kernel.unload_wait_limit();
         let mut state = self.kernel.lock();
         while (!state.queue.is_empty() && !state.hold_work_items) || !state.running_work.is_empty()
         {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                let running: usize = state.running_work.values().sum();
+                let queued = state.queue.len();
+                drop(state);
+                let blocked = self.kernel.blocked_threads();
+                panic!(
+                    "wfp-rs simulator: Machine::wait_for_work_items waited {:.1} s (Machine::set_unload_wait_limit) and {running} work item routine(s) still run, {queued} queued\n{}",
+                    self.kernel.unload_wait_limit().as_secs_f64(),
+                    blocked.join("\n")
+                );
+            }
             state = self
                 .kernel
                 .work_done
-                .wait(state)
-                .unwrap_or_else(|p| p.into_inner());
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 

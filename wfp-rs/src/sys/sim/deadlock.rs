@@ -148,7 +148,7 @@ fn on_this_stack(t: &ThreadState, address: usize) -> bool {
 
 /// Called by the acquire routines before they take `lock`: the self-deadlock and lock-order
 /// checks. Returns with the graph updated; the caller takes the lock, then calls [`acquired`].
-pub(crate) fn before_acquire(kernel: &Arc<Kernel>, lock: usize) {
+pub(crate) fn before_acquire(lock: usize) {
     THREAD.with(|t| {
         let held = t.held_locks.borrow();
         if held.contains(&lock) {
@@ -166,6 +166,9 @@ pub(crate) fn before_acquire(kernel: &Arc<Kernel>, lock: usize) {
             return;
         }
         let held: Vec<usize> = held.clone();
+        // Only nested acquisitions reach the machine's graph: a lock taken with none held adds
+        // no order.
+        let kernel = super::kernel::current();
         let mut graph = kernel.lock_order.lock();
         let new_edges: Vec<usize> = held
             .iter()

@@ -85,7 +85,7 @@ pub unsafe extern "system" fn KeAcquireSpinLockRaiseToDpc(SpinLock: *mut KSPIN_L
     super::kernel::require_irql("KeAcquireSpinLockRaiseToDpc", DISPATCH_LEVEL);
     let me = thread_id() as usize;
     let lock = word(SpinLock);
-    super::deadlock::before_acquire(&super::kernel::current(), SpinLock as usize);
+    super::deadlock::before_acquire(SpinLock as usize);
     let old = irql();
     set_irql(DISPATCH_LEVEL);
     let mut spins = 0u32;

@@ -329,6 +329,32 @@ impl Kernel {
             .map(|_| std::time::Instant::now() + self.unload_wait_limit())
     }
 
+    /// One line per thread (other than this one) blocked in a wait with no timeout: which, in
+    /// what routine, on what object.
+    pub(crate) fn blocked_threads(&self) -> Vec<String> {
+        let me = thread_id();
+        let waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        let mut blocked: Vec<(u64, &Waiter)> = waiters
+            .iter()
+            .filter(|&(&id, _)| id != me)
+            .map(|(&id, w)| (id, w))
+            .collect();
+        blocked.sort_by_key(|&(id, _)| id);
+        blocked
+            .into_iter()
+            .map(|(_, waiter)| {
+                let routine = waiter.routine.map_or_else(
+                    || "harness code".to_owned(),
+                    super::bugcheck::describe_routine,
+                );
+                format!(
+                    "blocked: thread {} in {routine}, waiting (no timeout) on {:#x}",
+                    waiter.thread, waiter.object
+                )
+            })
+            .collect()
+    }
+
     /// The routine of a work item of `driver` that is blocked in a wait with no timeout (0:
     /// none known).
     pub(crate) fn blocked_work_routine_of(&self, driver: usize) -> usize {
@@ -357,25 +383,7 @@ impl Kernel {
                 "{running} work item routine(s) of this driver have not returned"
             ));
         }
-        let me = thread_id();
-        let waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        let mut blocked: Vec<(u64, &Waiter)> = waiters
-            .iter()
-            .filter(|&(&id, _)| id != me)
-            .map(|(&id, w)| (id, w))
-            .collect();
-        blocked.sort_by_key(|&(id, _)| id);
-        for (_, waiter) in blocked {
-            let routine = waiter.routine.map_or_else(
-                || "harness code".to_owned(),
-                super::bugcheck::describe_routine,
-            );
-            details.push(format!(
-                "blocked: thread {} in {routine}, waiting (no timeout) on {:#x}",
-                waiter.thread, waiter.object
-            ));
-        }
-        drop(waiters);
+        details.extend(self.blocked_threads());
         super::bugcheck::stop_with_details(
             BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS,
             params,
@@ -395,10 +403,42 @@ impl Kernel {
         self.lock().shutdown = true;
         self.work_ready.notify_all();
         let handles = std::mem::take(&mut *self.workers.lock().unwrap());
+        // A worker blocked in a work item routine never sees the shutdown: wait for the workers
+        // at most the unload wait limit, then leave the blocked ones behind and say so (unless
+        // the test is failing already).
+        let deadline = std::time::Instant::now() + self.unload_wait_limit();
+        let mut state = self.lock();
+        while handles.iter().any(|h| !h.is_finished()) && std::time::Instant::now() < deadline {
+            // Worker threads notify `work_done` after each item; the timeout bounds the wait for
+            // a worker that is already returning (it notifies nothing).
+            state = self
+                .work_done
+                .wait_timeout(state, std::time::Duration::from_millis(10))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(state);
+        let mut stuck = 0;
         for handle in handles {
-            if handle.thread().id() != std::thread::current().id() {
-                let _ = handle.join();
+            if handle.thread().id() == std::thread::current().id() {
+                continue;
             }
+            if handle.is_finished() {
+                let _ = handle.join();
+            } else {
+                stuck += 1;
+            }
+        }
+        if stuck > 0 && !std::thread::panicking() {
+            let mut report = self.blocked_threads();
+            report.insert(
+                0,
+                format!(
+                    "wfp-rs simulator: the machine was dropped while {stuck} system worker thread(s) still ran a work item routine after {:.1} s (Machine::set_unload_wait_limit); unload the driver, or end its work, before dropping the machine",
+                    self.unload_wait_limit().as_secs_f64()
+                ),
+            );
+            panic!("{}", report.join("\n"));
         }
     }
 }
