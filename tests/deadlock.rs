@@ -626,12 +626,18 @@ fn an_unload_waiting_for_another_sessions_transaction_stops_instead_of_hanging()
             });
         },
     );
-    let report = outcome.expect_bugcheck(
-        BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS,
+    let report = outcome
+        .expect_bugcheck(BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS);
+    assert_eq!(
+        report.params[3],
+        unload_wait::TRANSACTION,
+        "{}",
+        outcome.stderr
     );
-    assert_eq!(report.params[3], unload_wait::TRANSACTION, "{}", outcome.stderr);
     assert!(
-        report.routine.starts_with("the unload routine of driver txn"),
+        report
+            .routine
+            .starts_with("the unload routine of driver txn"),
         "{}",
         outcome.stderr
     );

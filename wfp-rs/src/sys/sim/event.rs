@@ -83,7 +83,10 @@ pub unsafe extern "system" fn KeClearEvent(Event: *mut KEVENT) {
 
 /// `KeWaitForSingleObject` on an event. A zero timeout polls and is allowed at
 /// `DISPATCH_LEVEL`; any other wait requires IRQL <= `APC_LEVEL`. Relative timeouts (negative,
-/// in 100 ns units) are honoured; absolute ones are treated as already expired.
+/// in 100 ns units) are honoured; absolute ones are treated as already expired. A wait with no
+/// timeout in `DriverEntry` or an unload routine gives up after the machine's unload wait limit
+/// and stops with `DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS` (on Windows the unload
+/// hangs); other waits with no timeout are listed in that stop's report while they block.
 ///
 /// # Safety
 ///
