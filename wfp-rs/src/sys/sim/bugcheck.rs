@@ -10,6 +10,7 @@ use std::{
 
 use std::backtrace::{Backtrace, BacktraceStatus};
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::kernel::{Routine, RoutineKind};
 
@@ -42,6 +43,14 @@ pub(crate) fn stop(code: Code, params: [usize; 4], why: &str) -> ! {
 /// at: <file>:<line>:<column> (<function>)   — the innermost frame of driver code
 /// ```
 pub(crate) fn stop_with_details(code: Code, params: [usize; 4], why: &str, details: &str) -> ! {
+    // One bug check per process, as per machine: a second processor that stops while the first
+    // one's report is being written waits for the end instead of interleaving its own.
+    static STOPPING: AtomicBool = AtomicBool::new(false);
+    if STOPPING.swap(true, Ordering::SeqCst) {
+        loop {
+            std::thread::park();
+        }
+    }
     let name = code.name().unwrap_or("UNKNOWN_BUGCHECK");
     let why = why.replace('\n', " ");
     let routine = super::kernel::current_routine()
