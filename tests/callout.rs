@@ -896,6 +896,103 @@ fn unregistering_at_unload_while_classify_never_returns_stops_instead_of_hanging
     );
 }
 
+/// A callout that takes its counter's lock, then calls a helper that takes it again — the
+/// copy-paste recursion safe code allows. Deadlock detection stops it inside `classifyFn`, and
+/// the report names the callout and the line of the second acquisition.
+mod relocks {
+    use super::*;
+    use wfp_rs::spin_lock::SpinLock;
+
+    static HITS: SpinLock<u64> = SpinLock::new(0);
+
+    fn count(irql: &mut DispatchLevel<'_>) {
+        *HITS.lock(irql) += 1; // relocks: second acquisition
+    }
+
+    pub struct Relocks;
+
+    impl Callout<layer::AleAuthConnectV4> for Relocks {
+        fn classify(
+            &self,
+            irql: &mut DispatchLevel<'_>,
+            c: &mut Classify<'_, layer::AleAuthConnectV4>,
+        ) {
+            let mut hits = HITS.lock(irql);
+            *hits += 1;
+            count(hits.irql_mut());
+            let _ = c.out.permit();
+        }
+
+        fn notify(
+            &self,
+            _irql: &mut DispatchLevel<'_>,
+            _event: FilterEvent<'_>,
+        ) -> Result<(), Status> {
+            Ok(())
+        }
+    }
+}
+
+#[test]
+fn relocking_in_classify_stops_and_the_report_names_the_callout_and_the_line() {
+    let outcome = wfp_rs::sim::run_isolated(
+        &wfp_rs::sim::__test_name(
+            module_path!(),
+            "relocking_in_classify_stops_and_the_report_names_the_callout_and_the_line",
+        ),
+        || {
+            let machine = Machine::new();
+            let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+            let _registration = driver
+                .run_in_driver(&machine, |irql, d| {
+                    CalloutRegistration::<layer::AleAuthConnectV4, relocks::Relocks>::register(
+                        irql,
+                        d,
+                        CALLOUT_A,
+                        relocks::Relocks,
+                    )
+                    .expect("registers")
+                })
+                .expect("an SDK driver");
+            machine.at_passive(|_| {
+                let session = open(true);
+                session.callout::<layer::AleAuthConnectV4>(CALLOUT_A);
+                session
+                    .filter::<layer::AleAuthConnectV4>(FilterSpec::callout(CALLOUT_A))
+                    .unwrap();
+                machine.classify(Irql::DISPATCH, &connect_v4(80));
+            });
+        },
+    );
+    let report =
+        outcome.expect_bugcheck(wfp_rs::bugcheck::BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION);
+    assert_eq!(
+        report.params[0],
+        wfp_rs::bugcheck::verifier::DEADLOCK_SELF,
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        report.routine.starts_with("classifyFn of callout ")
+            && report
+                .routine
+                .contains(&format!("{{{CALLOUT_A}}} of driver host; ")),
+        "{}",
+        outcome.stderr
+    );
+    let line = include_str!("callout.rs")
+        .lines()
+        .position(|l| l.ends_with("// relocks: second acquisition"))
+        .map(|index| index + 1)
+        .expect("the line is in this file");
+    assert!(
+        report.location.contains(&format!("callout.rs:{line}:"))
+            && report.location.contains("relocks::count"),
+        "{}",
+        outcome.stderr
+    );
+}
+
 bugcheck_test! {
     /// Callout registration is PASSIVE_LEVEL only.
     fn registering_a_callout_at_dispatch_stops() expects IRQL_NOT_LESS_OR_EQUAL {

@@ -83,12 +83,16 @@ pub(crate) fn stop_with_details(code: Code, params: [usize; 4], why: &str, detai
 /// The name of driver object `driver`, if the machine's state can be read without waiting (a
 /// stop may come while this thread holds the state lock).
 fn driver_name(driver: usize) -> String {
-    let kernel = super::kernel::THREAD.with(|t| t.kernel.try_borrow().ok().and_then(|k| k.clone()));
-    let name = kernel.and_then(|kernel| {
+    let name = current_kernel().and_then(|kernel| {
         let state = kernel.state.try_lock().ok()?;
         state.drivers.get(&driver).map(|d| d.name.clone())
     });
     name.unwrap_or_else(|| format!("{driver:#x}"))
+}
+
+/// The machine this thread runs in, if it can be read without waiting.
+fn current_kernel() -> Option<std::sync::Arc<super::kernel::Kernel>> {
+    super::kernel::THREAD.with(|t| t.kernel.try_borrow().ok().and_then(|k| k.clone()))
 }
 
 /// "classifyFn of callout 3 of driver firewall", for the stop report.
@@ -105,10 +109,11 @@ pub(crate) fn describe_routine(routine: Routine) -> String {
             routine.object
         ),
         RoutineKind::Callout(callback) => {
-            format!(
-                "{callback} of callout {} of driver {driver}",
-                routine.object
-            )
+            let id = u32::try_from(routine.object).unwrap_or(0);
+            let key = current_kernel()
+                .and_then(|kernel| super::wfp::callout_key(&kernel, id))
+                .map_or_else(String::new, |key| format!(" {{{}}}", crate::Guid(key)));
+            format!("{callback} of callout {id}{key} of driver {driver}")
         }
         RoutineKind::Dispatch => format!(
             "the dispatch routine for major function {:#x} of driver {driver}",

@@ -1376,6 +1376,13 @@ pub unsafe extern "system" fn FwpsCalloutUnregisterById0(calloutId: u32) -> NTST
     STATUS_SUCCESS
 }
 
+/// The key of callout `id`, for the stop report: `None` if the engine is busy on this thread (a
+/// stop may come while it holds the engine lock) or the callout is gone.
+pub(crate) fn callout_key(kernel: &super::kernel::Kernel, id: u32) -> Option<GUID> {
+    let bfe = kernel.wfp.try_lock().ok()?;
+    bfe.runtime.get(&id).map(|callout| callout.key)
+}
+
 /// A call into a registered callout, counted so unregistration waits for it.
 struct Call {
     id: u32,
