@@ -138,6 +138,31 @@ bugcheck_test! {
     }
 }
 
+bugcheck_test! {
+    /// The classic WDM inversion: a dispatch path that takes the cancel spin lock while holding
+    /// its queue lock, and a cancel routine (called with the cancel spin lock held) that takes
+    /// the queue lock before releasing it.
+    fn the_cancel_spin_lock_and_a_queue_lock_in_both_orders_stop() expects DRIVER_VERIFIER_DETECTED_VIOLATION (verifier::DEADLOCK_LOCK_ORDER) {
+        static mut QUEUE: sys::KSPIN_LOCK = 0;
+        Machine::new().at_dispatch(|_irql| {
+            let queue = &raw mut QUEUE;
+            let mut cancel_irql = 0;
+            // SAFETY: a lock that lives for the process and the system cancel spin lock, each
+            // released in reverse order at DISPATCH_LEVEL.
+            unsafe {
+                // "Dispatch": queue lock, then the cancel spin lock.
+                let old = sys::KeAcquireSpinLockRaiseToDpc(queue);
+                sys::IoAcquireCancelSpinLock(&mut cancel_irql);
+                sys::IoReleaseCancelSpinLock(cancel_irql);
+                sys::KeReleaseSpinLock(queue, old);
+                // "Cancel routine": the cancel spin lock, then the queue lock.
+                sys::IoAcquireCancelSpinLock(&mut cancel_irql);
+                let _ = sys::KeAcquireSpinLockRaiseToDpc(queue);
+            }
+        });
+    }
+}
+
 /// Many processors taking the same locks in the same order, over and over: a consistent order is
 /// never reported.
 #[test]
