@@ -133,7 +133,8 @@ pub mod unload_wait {
     /// unload waits for work items and `WorkQueue` handles this way); parameter 1 is the event.
     pub const EVENT: usize = 1;
     /// The I/O manager waited for work item routines that had not returned after the unload
-    /// routine did; parameter 1 is the work item, parameter 3 its routine.
+    /// routine did; parameter 1 is the work item (0 if its routine freed it, as the SDK's do),
+    /// parameter 3 the routine of one that is blocked in a wait (0 if none is).
     pub const WORK_ITEM_ROUTINES: usize = 2;
     /// `FwpsCalloutUnregisterById0` waited for calls into the callout that did not return;
     /// parameter 1 is the callout id.
