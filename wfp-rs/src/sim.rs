@@ -196,6 +196,15 @@ impl Machine {
     /// `FwpsCalloutUnregisterById0` waits for. The report names what was waited for and the
     /// threads still blocked. The default is 30 seconds; tests of these stops set a short limit
     /// (the hang is real, so a short limit only makes the test quicker).
+    ///
+    /// ```
+    /// use core::time::Duration;
+    /// use wfp_rs::sim::Machine;
+    ///
+    /// let machine = Machine::new();
+    /// // A test that expects the stop: give up after half a second instead of 30.
+    /// machine.set_unload_wait_limit(Duration::from_millis(500));
+    /// ```
     pub fn set_unload_wait_limit(&self, limit: core::time::Duration) {
         let ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
         self.kernel
