@@ -600,6 +600,13 @@ impl Machine {
             .collect()
     }
 
+    /// How many spin locks deadlock detection remembers an order for: the locks that have been
+    /// held together with another, and whose memory has not gone since (freed pool, a returned
+    /// frame, an unloaded driver). For tests of the detection itself.
+    pub fn remembered_spin_locks(&self) -> usize {
+        crate::sys::sim::remembered_locks(&self.kernel)
+    }
+
     /// Everything written with `DbgPrintEx` so far, one entry per call.
     pub fn debug_output(&self) -> Vec<String> {
         self.kernel.lock().debug.clone()

@@ -265,6 +265,11 @@ pub(crate) fn released(lock: usize) {
     });
 }
 
+/// How many spin locks the graph remembers an order for.
+pub(crate) fn remembered(kernel: &Kernel) -> usize {
+    kernel.lock_order.lock().nodes.len()
+}
+
 /// Forgets the locks in `[start, start + len)`: their memory was freed.
 pub(crate) fn forget_range(kernel: &Kernel, start: usize, len: usize) {
     if kernel.lock_order.nodes.load(Ordering::Relaxed) == 0 {

@@ -28,7 +28,7 @@ pub(crate) mod kernel;
 mod pool;
 pub(crate) mod wfp;
 
-pub(crate) use deadlock::forget_driver as forget_locks_of;
+pub(crate) use deadlock::{forget_driver as forget_locks_of, remembered as remembered_locks};
 pub(crate) use pool::kernel_free as kernel_free_block;
 
 /// The functions the safe layer calls, under their kernel names.
