@@ -410,16 +410,17 @@ pub(crate) fn worker_thread(kernel: Arc<Kernel>) {
                 // SAFETY: the driver queued this routine with this context through
                 // IoQueueWorkItem, whose contract makes both valid until the routine runs.
                 unsafe { (work.routine)(work.device as *mut DEVICE_OBJECT, work.context as PVOID) };
+                THREAD.with(|t| t.work_item.set(0));
+                // Checked as the routine's return, so the report names the routine.
+                let now = irql();
+                if now != PASSIVE_LEVEL {
+                    stop(
+                        BugCheckCode::WORKER_THREAD_RETURNED_AT_BAD_IRQL,
+                        [work.routine as usize, now as usize, work.context, work.item],
+                        &format!("a work item routine returned at IRQL {now}, not PASSIVE_LEVEL"),
+                    );
+                }
             });
-            THREAD.with(|t| t.work_item.set(0));
-            let now = irql();
-            if now != PASSIVE_LEVEL {
-                stop(
-                    BugCheckCode::WORKER_THREAD_RETURNED_AT_BAD_IRQL,
-                    [work.routine as usize, now as usize, work.context, work.item],
-                    &format!("a work item routine returned at IRQL {now}, not PASSIVE_LEVEL"),
-                );
-            }
         });
         // The routine has returned, epilogue and all; the item itself may be gone already
         // (freed by its routine) or queued again.

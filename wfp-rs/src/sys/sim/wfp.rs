@@ -1460,25 +1460,29 @@ fn in_driver<R>(driver: usize, callout: u32, callback: &'static str, f: impl FnO
         driver,
         callout as usize,
     );
-    let result = super::kernel::with_routine(routine, f);
+    // The IRQL is checked as the callback's return, so the report names the callback.
+    let result = super::kernel::with_routine(routine, || {
+        let result = f();
+        let after = irql();
+        if after != before {
+            stop(
+                BugCheckCode::IRQL_UNEXPECTED_VALUE,
+                [
+                    ((after as usize) << 16) | ((before as usize) << 8) | 2,
+                    0,
+                    0,
+                    0,
+                ],
+                &format!(
+                    "{callback} returned at IRQL {after} ({}); it was called at {before} ({})",
+                    level_name(after),
+                    level_name(before)
+                ),
+            );
+        }
+        result
+    });
     THREAD.with(|t| t.driver.set(previous));
-    let after = irql();
-    if after != before {
-        stop(
-            BugCheckCode::IRQL_UNEXPECTED_VALUE,
-            [
-                ((after as usize) << 16) | ((before as usize) << 8) | 2,
-                0,
-                0,
-                0,
-            ],
-            &format!(
-                "{callback} returned at IRQL {after} ({}); it was called at {before} ({})",
-                level_name(after),
-                level_name(before)
-            ),
-        );
-    }
     result
 }
 
