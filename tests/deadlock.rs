@@ -654,3 +654,144 @@ fn an_unload_waiting_for_another_sessions_transaction_stops_instead_of_hanging()
         outcome.stderr
     );
 }
+
+/// A driver on the raw ABI whose unload sends a message with no timeout to a connected client
+/// that never reads: `FltSendMessage` waits for user mode for ever on Windows.
+mod raw_sender {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    pub const PORT: &str = "\\RawSender";
+    static FILTER: AtomicUsize = AtomicUsize::new(0);
+    static SERVER: AtomicUsize = AtomicUsize::new(0);
+    static CLIENT: AtomicUsize = AtomicUsize::new(0);
+
+    unsafe extern "system" fn connect(
+        client: sys::PFLT_PORT,
+        _server_cookie: sys::PVOID,
+        _context: sys::PVOID,
+        _size: sys::ULONG,
+        _connection_cookie: *mut sys::PVOID,
+    ) -> sys::NTSTATUS {
+        CLIENT.store(client as usize, Ordering::SeqCst);
+        0
+    }
+
+    unsafe extern "system" fn disconnect(_cookie: sys::PVOID) {}
+
+    pub unsafe extern "system" fn entry(
+        object: *mut sys::DRIVER_OBJECT,
+        _path: *const sys::UNICODE_STRING,
+    ) -> sys::NTSTATUS {
+        let registration = sys::FLT_REGISTRATION {
+            Size: core::mem::size_of::<sys::FLT_REGISTRATION>() as u16,
+            Version: sys::FLT_REGISTRATION_VERSION,
+            Flags: 0,
+            ContextRegistration: null(),
+            OperationRegistration: null(),
+            FilterUnloadCallback: None,
+            InstanceSetupCallback: null_mut(),
+            InstanceQueryTeardownCallback: null_mut(),
+            InstanceTeardownStartCallback: null_mut(),
+            InstanceTeardownCompleteCallback: null_mut(),
+            GenerateFileNameCallback: null_mut(),
+            NormalizeNameComponentCallback: null_mut(),
+            NormalizeContextCleanupCallback: null_mut(),
+            TransactionNotificationCallback: null_mut(),
+            NormalizeNameComponentExCallback: null_mut(),
+            SectionNotificationCallback: null_mut(),
+        };
+        let mut name: Vec<u16> = PORT.encode_utf16().collect();
+        let mut unicode = sys::UNICODE_STRING {
+            Length: (name.len() * 2) as u16,
+            MaximumLength: (name.len() * 2) as u16,
+            Buffer: name.as_mut_ptr(),
+        };
+        let attributes = sys::OBJECT_ATTRIBUTES {
+            Length: core::mem::size_of::<sys::OBJECT_ATTRIBUTES>() as u32,
+            RootDirectory: null_mut(),
+            ObjectName: &mut unicode,
+            Attributes: sys::OBJ_KERNEL_HANDLE | sys::OBJ_CASE_INSENSITIVE,
+            SecurityDescriptor: null_mut(),
+            SecurityQualityOfService: null_mut(),
+        };
+        let (mut filter, mut server) = (null_mut(), null_mut());
+        // SAFETY: DriverEntry at PASSIVE_LEVEL with its own driver object; every pointer is a
+        // local valid for the call.
+        unsafe {
+            let status = sys::FltRegisterFilter(object, &registration, &mut filter);
+            assert_eq!(status, 0);
+            let status = sys::FltCreateCommunicationPort(
+                filter,
+                &mut server,
+                &attributes,
+                null_mut(),
+                Some(connect),
+                Some(disconnect),
+                None,
+                1,
+            );
+            assert_eq!(status, 0);
+            // FltRegisterFilter took the unload routine away (no FilterUnloadCallback).
+            (*object).DriverUnload = Some(unload);
+        }
+        FILTER.store(filter as usize, Ordering::SeqCst);
+        SERVER.store(server as usize, Ordering::SeqCst);
+        0
+    }
+
+    unsafe extern "system" fn unload(_object: *mut sys::DRIVER_OBJECT) {
+        let mut client = CLIENT.load(Ordering::SeqCst) as sys::PFLT_PORT;
+        let mut message = *b"goodbye";
+        // SAFETY: the filter and the client port are live; no reply is asked for; no timeout
+        // (the mistake).
+        unsafe {
+            sys::FltSendMessage(
+                FILTER.load(Ordering::SeqCst) as sys::PFLT_FILTER,
+                &mut client,
+                message.as_mut_ptr().cast(),
+                message.len() as u32,
+                null_mut(),
+                null_mut(),
+                null(),
+            );
+        }
+    }
+}
+
+#[test]
+fn an_unload_sending_with_no_timeout_to_a_silent_client_stops_instead_of_hanging() {
+    let outcome = run_isolated(
+        &wfp_rs::sim::__test_name(
+            module_path!(),
+            "an_unload_sending_with_no_timeout_to_a_silent_client_stops_instead_of_hanging",
+        ),
+        || {
+            let machine = Machine::new();
+            machine.set_unload_wait_limit(SHORT);
+            let driver = machine.load_driver("sender", raw_sender::entry).unwrap();
+            let mut client = machine.port_client(raw_sender::PORT);
+            client.connect(&[]).unwrap();
+            let _ = machine.unload_driver(driver);
+            drop(client);
+        },
+    );
+    let report = outcome
+        .expect_bugcheck(BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS);
+    assert_eq!(
+        report.params[3],
+        unload_wait::PORT_MESSAGE,
+        "{}",
+        outcome.stderr
+    );
+    assert_ne!(
+        report.params[0], 0,
+        "parameter 1 is the client port: {}",
+        outcome.stderr
+    );
+    assert!(
+        report.explanation.contains("user mode to receive message"),
+        "{}",
+        outcome.stderr
+    );
+}
