@@ -579,3 +579,108 @@ fn layer_ids_are_the_headers() {
     assert_eq!(<fields::AleAppId as Field<AleAuthConnectV4>>::INDEX, 0);
     assert_eq!(<fields::IpRemotePort as Field<AleAuthConnectV4>>::INDEX, 7);
 }
+
+/// `DEVICE_OBJECT`: the fields drivers touch at the offsets windows-sys has, the size of the real
+/// structure, and the 16-byte alignment wdm.h gives it with
+/// `DECLSPEC_ALIGN(MEMORY_ALLOCATION_ALIGNMENT)` (x64: 16). windows-sys drops that alignment
+/// (its `DEVICE_OBJECT` is 8-aligned), so the alignment is pinned to the header's value.
+#[test]
+fn device_object_matches_windows_sys_and_the_header_alignment() {
+    use windows_sys::Wdk::Foundation as wdk;
+    let mut diffs = Vec::new();
+    check_field!(diffs, ours::DEVICE_OBJECT, wdk::DEVICE_OBJECT, Type);
+    check_field!(diffs, ours::DEVICE_OBJECT, wdk::DEVICE_OBJECT, Size);
+    check_field!(
+        diffs,
+        ours::DEVICE_OBJECT,
+        wdk::DEVICE_OBJECT,
+        ReferenceCount
+    );
+    check_field!(diffs, ours::DEVICE_OBJECT, wdk::DEVICE_OBJECT, DriverObject);
+    check_field!(diffs, ours::DEVICE_OBJECT, wdk::DEVICE_OBJECT, NextDevice);
+    check_field!(
+        diffs,
+        ours::DEVICE_OBJECT,
+        wdk::DEVICE_OBJECT,
+        AttachedDevice
+    );
+    check_field!(diffs, ours::DEVICE_OBJECT, wdk::DEVICE_OBJECT, CurrentIrp);
+    check_field!(diffs, ours::DEVICE_OBJECT, wdk::DEVICE_OBJECT, Flags);
+    check_field!(
+        diffs,
+        ours::DEVICE_OBJECT,
+        wdk::DEVICE_OBJECT,
+        Characteristics
+    );
+    check_field!(
+        diffs,
+        ours::DEVICE_OBJECT,
+        wdk::DEVICE_OBJECT,
+        DeviceExtension
+    );
+    check_field!(diffs, ours::DEVICE_OBJECT, wdk::DEVICE_OBJECT, DeviceType);
+    check_field!(diffs, ours::DEVICE_OBJECT, wdk::DEVICE_OBJECT, StackSize);
+    // windows-sys's members end at 0x148; the header's 16-byte alignment pads the structure to
+    // 0x150, the size `IoCreateDevice` allocates and `DEVICE_OBJECT::Size` reports.
+    if size_of::<ours::DEVICE_OBJECT>() != size_of::<wdk::DEVICE_OBJECT>().next_multiple_of(16) {
+        diffs.push(format!(
+            "DEVICE_OBJECT: {} bytes here, {} in windows-sys (before the 16-byte alignment)",
+            size_of::<ours::DEVICE_OBJECT>(),
+            size_of::<wdk::DEVICE_OBJECT>()
+        ));
+    }
+    // wdm.h, x64: sizeof(DEVICE_OBJECT) == 0x150, __declspec(align(16)).
+    if size_of::<ours::DEVICE_OBJECT>() != 0x150 {
+        diffs.push("DEVICE_OBJECT: not 0x150 bytes".into());
+    }
+    if align_of::<ours::DEVICE_OBJECT>() != 16 {
+        diffs.push(format!(
+            "DEVICE_OBJECT: aligned to {}, wdm.h declares 16 (MEMORY_ALLOCATION_ALIGNMENT)",
+            align_of::<ours::DEVICE_OBJECT>()
+        ));
+    }
+    assert_no_diffs("DEVICE_OBJECT", &diffs);
+}
+
+/// The simulator's `IoCreateDevice` hands out device objects at 16-byte-aligned addresses, as
+/// the I/O manager does (the object comes from pool, whose blocks are 16-aligned on x64), so code
+/// that relies on the declared alignment (an interlocked 16-byte operation on a member, a
+/// `DeviceExtension` placed after it) runs in the simulator as on Windows.
+#[cfg(any(not(windows), feature = "sim"))]
+#[test]
+fn simulated_device_objects_are_16_byte_aligned() {
+    use core::ptr::{null, null_mut};
+    let machine = wfp_rs::sim::Machine::new();
+    let driver = machine
+        .load_driver("minimal", minimal_driver::DriverEntry)
+        .unwrap();
+    machine.run(|| {
+        let mut devices = Vec::new();
+        for extension in [0u32, 1, 24, 100] {
+            let mut device = null_mut();
+            // SAFETY: the driver object is a loaded driver's; unnamed devices, deleted below.
+            let status = unsafe {
+                ours::IoCreateDevice(
+                    driver.driver_object(),
+                    extension,
+                    null(),
+                    0x22,
+                    0,
+                    0,
+                    &mut device,
+                )
+            };
+            assert_eq!(status, 0);
+            assert_eq!(device as usize % 16, 0, "device object at {device:p}");
+            // SAFETY: just created.
+            let ext = unsafe { (*device).DeviceExtension };
+            assert_eq!(ext as usize % 16, 0, "device extension at {ext:p}");
+            devices.push(device);
+        }
+        for device in devices {
+            // SAFETY: created above, deleted once.
+            unsafe { ours::IoDeleteDevice(device) };
+        }
+    });
+    machine.unload_driver(driver).unwrap();
+}

@@ -792,6 +792,210 @@ bugcheck_test! {
     }
 }
 
+/// A driver whose callout, once in `classifyFn`, spins until the driver's unload lets it go —
+/// after unregistering the callout, which waits for the call in progress: on Windows the unload
+/// never ends.
+mod spins_until_unload {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    pub static ENTERED: AtomicBool = AtomicBool::new(false);
+    static RELEASE: AtomicBool = AtomicBool::new(false);
+
+    pub struct Spinner;
+
+    impl Callout<layer::AleAuthConnectV4> for Spinner {
+        fn classify(
+            &self,
+            _irql: &mut DispatchLevel<'_>,
+            c: &mut Classify<'_, layer::AleAuthConnectV4>,
+        ) {
+            ENTERED.store(true, Ordering::SeqCst);
+            while !RELEASE.load(Ordering::SeqCst) {
+                core::hint::spin_loop();
+            }
+            let _ = c.out.permit();
+        }
+
+        fn notify(
+            &self,
+            _irql: &mut DispatchLevel<'_>,
+            _event: FilterEvent<'_>,
+        ) -> Result<(), Status> {
+            Ok(())
+        }
+    }
+
+    pub struct State {
+        registration: CalloutRegistration<layer::AleAuthConnectV4, Spinner>,
+    }
+
+    impl DriverState for State {
+        fn unload(self, irql: &mut PassiveLevel<'_>) {
+            // The mistake: the release comes after the unregistration that waits for it.
+            let _ = self.registration.unregister(irql);
+            RELEASE.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[wfp_rs::driver_entry]
+    fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<State, Status> {
+        let registration =
+            CalloutRegistration::register(irql, driver, CalloutKey::new(CALLOUT_A), Spinner)?;
+        Ok(State { registration })
+    }
+}
+
+/// `FwpsCalloutUnregisterById0` in an unload routine waits for a `classifyFn` that never
+/// returns: the machine stops with 0xCE (wait kind 3, the callout's id) instead of hanging.
+#[test]
+fn unregistering_at_unload_while_classify_never_returns_stops_instead_of_hanging() {
+    let outcome = wfp_rs::sim::run_isolated(
+        &wfp_rs::sim::__test_name(
+            module_path!(),
+            "unregistering_at_unload_while_classify_never_returns_stops_instead_of_hanging",
+        ),
+        || {
+            let machine = Machine::new();
+            machine.set_unload_wait_limit(core::time::Duration::from_millis(300));
+            let driver = machine
+                .load_driver("spins", spins_until_unload::DriverEntry)
+                .unwrap();
+            let session = machine.at_passive(|_| {
+                let session = open(true);
+                session.callout::<layer::AleAuthConnectV4>(CALLOUT_A);
+                session
+                    .filter::<layer::AleAuthConnectV4>(FilterSpec::callout(CALLOUT_A))
+                    .unwrap();
+                session
+            });
+            std::thread::scope(|scope| {
+                let machine = &machine;
+                scope.spawn(move || {
+                    let _ = machine.classify(Irql::DISPATCH, &connect_v4(80));
+                });
+                while !spins_until_unload::ENTERED.load(Ordering::SeqCst) {
+                    std::thread::yield_now();
+                }
+                let _ = machine.unload_driver(driver);
+            });
+            drop(session);
+        },
+    );
+    let report = outcome.expect_bugcheck(
+        wfp_rs::bugcheck::BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS,
+    );
+    assert_eq!(
+        report.params[3],
+        wfp_rs::bugcheck::unload_wait::CALLOUT_CALLS,
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        report.explanation.contains("1 call(s) into callout"),
+        "{}",
+        outcome.stderr
+    );
+}
+
+/// A callout that takes its counter's lock, then calls a helper that takes it again — the
+/// copy-paste recursion safe code allows. Deadlock detection stops it inside `classifyFn`, and
+/// the report names the callout and the line of the second acquisition.
+mod relocks {
+    use super::*;
+    use wfp_rs::spin_lock::SpinLock;
+
+    static HITS: SpinLock<u64> = SpinLock::new(0);
+
+    fn count(irql: &mut DispatchLevel<'_>) {
+        HITS.lock(irql, |hits, _| *hits += 1); // relocks: second acquisition
+    }
+
+    pub struct Relocks;
+
+    impl Callout<layer::AleAuthConnectV4> for Relocks {
+        fn classify(
+            &self,
+            irql: &mut DispatchLevel<'_>,
+            c: &mut Classify<'_, layer::AleAuthConnectV4>,
+        ) {
+            HITS.lock(&mut *irql, |hits, irql| {
+                *hits += 1;
+                count(irql);
+            });
+            let _ = c.out.permit();
+        }
+
+        fn notify(
+            &self,
+            _irql: &mut DispatchLevel<'_>,
+            _event: FilterEvent<'_>,
+        ) -> Result<(), Status> {
+            Ok(())
+        }
+    }
+}
+
+#[test]
+fn relocking_in_classify_stops_and_the_report_names_the_callout_and_the_line() {
+    let outcome = wfp_rs::sim::run_isolated(
+        &wfp_rs::sim::__test_name(
+            module_path!(),
+            "relocking_in_classify_stops_and_the_report_names_the_callout_and_the_line",
+        ),
+        || {
+            let machine = Machine::new();
+            let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+            let _registration = driver
+                .run_in_driver(&machine, |irql, d| {
+                    CalloutRegistration::<layer::AleAuthConnectV4, relocks::Relocks>::register(
+                        irql,
+                        d,
+                        CalloutKey::new(CALLOUT_A),
+                        relocks::Relocks,
+                    )
+                    .expect("registers")
+                })
+                .expect("an SDK driver");
+            machine.at_passive(|_| {
+                let session = open(true);
+                session.callout::<layer::AleAuthConnectV4>(CALLOUT_A);
+                session
+                    .filter::<layer::AleAuthConnectV4>(FilterSpec::callout(CALLOUT_A))
+                    .unwrap();
+                machine.classify(Irql::DISPATCH, &connect_v4(80));
+            });
+        },
+    );
+    let report =
+        outcome.expect_bugcheck(wfp_rs::bugcheck::BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION);
+    assert_eq!(
+        report.params[0],
+        wfp_rs::bugcheck::verifier::DEADLOCK_SELF,
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        report.routine.starts_with("classifyFn of callout ")
+            && report
+                .routine
+                .contains(&format!("{{{CALLOUT_A}}} of driver host; ")),
+        "{}",
+        outcome.stderr
+    );
+    let line = include_str!("callout.rs")
+        .lines()
+        .position(|l| l.ends_with("// relocks: second acquisition"))
+        .map(|index| index + 1)
+        .expect("the line is in this file");
+    assert!(
+        report.location.contains(&format!("callout.rs:{line}:"))
+            && report.location.contains("relocks::count"),
+        "{}",
+        outcome.stderr
+    );
+}
+
 bugcheck_test! {
     /// Callout registration is PASSIVE_LEVEL only.
     fn registering_a_callout_at_dispatch_stops() expects IRQL_NOT_LESS_OR_EQUAL {

@@ -487,7 +487,7 @@ fn removing_in_classify_returns_pending_and_outside_a_classification_succeeds_sy
 
 #[test]
 fn a_context_may_be_removed_in_classify_under_the_lock_flow_deleted_takes() {
-    // Once a false SPIN_LOCK_ALREADY_OWNED: flowDeleteFn ran inside the removal, under the lock.
+    // Once a false stop (then SPIN_LOCK_ALREADY_OWNED, now 0xC4 / 0x1000): flowDeleteFn ran inside the removal, under the lock.
     let scene = Scene::new();
     scene.classify(Step::RemoveUnderLock);
     assert_eq!(
@@ -609,7 +609,7 @@ wfp_rs::bugcheck_test! {
     /// (STATUS_SUCCESS, documented): a caller holding a lock that flowDeleteFn takes hangs on
     /// Windows. The simulator stops.
     fn removing_outside_a_classification_under_the_lock_flow_deleted_takes_stops()
-        expects SPIN_LOCK_ALREADY_OWNED
+        expects DRIVER_VERIFIER_DETECTED_VIOLATION(wfp_rs::bugcheck::verifier::DEADLOCK_SELF)
     {
         let scene = Scene::new();
         let callout_id = scene.installed.registration.id();

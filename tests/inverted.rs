@@ -989,7 +989,7 @@ fn unloading_after_completing_every_irp_runs_clean() {
 bugcheck_test! {
     /// The system cancel spin lock is a spin lock: IoReleaseCancelSpinLock below DISPATCH_LEVEL
     /// (here: without holding it) is caught like any other.
-    fn releasing_the_cancel_spin_lock_without_holding_it_stops() expects SPIN_LOCK_NOT_OWNED {
+    fn releasing_the_cancel_spin_lock_without_holding_it_stops() expects DRIVER_VERIFIER_DETECTED_VIOLATION (wfp_rs::bugcheck::verifier::DEADLOCK_UNACQUIRED_RELEASE) {
         let machine = Machine::new();
         machine.at_dispatch(|_irql| {
             // SAFETY: deliberately releasing a lock this processor does not hold.

@@ -263,7 +263,7 @@ bugcheck_test! {
 }
 
 bugcheck_test! {
-    fn acquiring_a_held_spin_lock_on_the_same_processor_stops() expects SPIN_LOCK_ALREADY_OWNED {
+    fn acquiring_a_held_spin_lock_on_the_same_processor_stops() expects DRIVER_VERIFIER_DETECTED_VIOLATION (verifier::DEADLOCK_SELF) {
         let machine = Machine::new();
         machine.at_passive(|irql| {
             let lock = SpinLock::new(0u32);
@@ -276,7 +276,7 @@ bugcheck_test! {
 }
 
 bugcheck_test! {
-    fn releasing_a_spin_lock_that_is_not_held_stops() expects SPIN_LOCK_NOT_OWNED {
+    fn releasing_a_spin_lock_that_is_not_held_stops() expects DRIVER_VERIFIER_DETECTED_VIOLATION (verifier::DEADLOCK_UNACQUIRED_RELEASE) {
         Machine::new().at_dispatch(|_irql| {
             let mut lock: sys::KSPIN_LOCK = 0;
             // SAFETY: deliberately releasing a lock nobody holds, at the right IRQL.
@@ -333,7 +333,7 @@ fn a_spin_lock_is_released_when_its_closure_unwinds() {
             Irql::PASSIVE,
             "unwinding out of the closure restores the IRQL"
         );
-        // The lock is free again: taking it does not stop with SPIN_LOCK_ALREADY_OWNED.
+        // The lock is free again: taking it does not stop with 0xC4 / 0x1000 (self-deadlock).
         assert_eq!(lock.lock(irql, |value, _| *value), 1);
     });
 }
@@ -543,4 +543,90 @@ fn work_items_free_themselves_and_unload_runs_clean() {
         "left: {:?}",
         machine.pool_blocks()
     );
+}
+
+// --- the stop report ---------------------------------------------------------------------------
+
+/// A driver whose `DriverEntry` waits at `DISPATCH_LEVEL`, for the report's format.
+mod waits_in_entry {
+    use super::*;
+
+    pub unsafe extern "system" fn entry(
+        _object: *mut sys::DRIVER_OBJECT,
+        _registry_path: *const sys::UNICODE_STRING,
+    ) -> sys::NTSTATUS {
+        let mut event = std::mem::MaybeUninit::<sys::KEVENT>::uninit();
+        // SAFETY: deliberately waiting at DISPATCH_LEVEL; the simulator stops before the wait.
+        unsafe {
+            sys::KeInitializeEvent(event.as_mut_ptr(), sys::NotificationEvent, 0);
+            sys::KfRaiseIrql(sys::DISPATCH_LEVEL);
+            // The report's `at:` line points at the next line.
+            sys::KeWaitForSingleObject(
+                event.as_mut_ptr().cast(),
+                sys::Executive,
+                sys::KernelMode,
+                0,
+                null(),
+            );
+        }
+        0
+    }
+}
+
+/// The first lines a stop prints are, in order: the stop code and its four parameters, the bug
+/// check's name, the simulator's one-line explanation, the driver routine the thread ran (with
+/// the thread and the IRQL), and the source location of the innermost frame of driver code.
+#[test]
+fn the_stop_report_starts_with_code_name_explanation_routine_and_driver_line() {
+    let outcome = wfp_rs::sim::run_isolated(
+        &wfp_rs::sim::__test_name(
+            module_path!(),
+            "the_stop_report_starts_with_code_name_explanation_routine_and_driver_line",
+        ),
+        || {
+            let machine = Machine::new();
+            let _ = machine.load_driver("report", waits_in_entry::entry);
+        },
+    );
+    let report = outcome.expect_bugcheck(wfp_rs::bugcheck::BugCheckCode::IRQL_NOT_LESS_OR_EQUAL);
+    let stop = outcome.stderr.find("*** STOP: ").expect("a STOP line");
+    let lines: Vec<&str> = outcome.stderr[stop..].lines().take(5).collect();
+    assert_eq!(
+        lines[0],
+        "*** STOP: 0x0000000A (0x0000000000000000, 0x0000000000000002, 0x0000000000000008, 0x0000000000000000)",
+        "{}",
+        outcome.stderr
+    );
+    assert_eq!(lines[1], "IRQL_NOT_LESS_OR_EQUAL");
+    assert_eq!(
+        lines[2],
+        "wfp-rs simulator: KeWaitForSingleObject was called at IRQL 2 (DISPATCH_LEVEL); its maximum is 1 (APC_LEVEL)"
+    );
+    assert!(
+        lines[3].starts_with("in: DriverEntry of driver report; thread ")
+            && lines[3].ends_with(", IRQL 2"),
+        "{}",
+        lines[3]
+    );
+    // The wait is on the line after the comment that announces it (1-based line numbers).
+    let wait_line = include_str!("verifier.rs")
+        .lines()
+        .position(|l| l.contains("The report's `at:` line points at the next line."))
+        .map(|index| index + 2)
+        .expect("the comment is in this file");
+    assert!(
+        lines[4].starts_with("at: ")
+            && lines[4].contains(&format!("verifier.rs:{wait_line}:"))
+            && lines[4].contains("waits_in_entry::entry"),
+        "{}",
+        lines[4]
+    );
+    // `run_isolated` parses the same lines.
+    assert_eq!(report.params, [0, 2, 8, 0]);
+    assert_eq!(
+        report.explanation,
+        lines[2].trim_start_matches("wfp-rs simulator: ")
+    );
+    assert_eq!(report.routine, lines[3].trim_start_matches("in: "));
+    assert_eq!(report.location, lines[4].trim_start_matches("at: "));
 }

@@ -106,6 +106,45 @@ pub mod verifier {
     /// `KeReleaseSpinLock` called at an IRQL other than `DISPATCH_LEVEL`; parameter 2 is the
     /// IRQL, parameter 3 the lock.
     pub const RELEASE_SPIN_LOCK_NOT_AT_DISPATCH: usize = 0x32;
+    /// Deadlock detection: a processor acquired a spin lock it already holds (self-deadlock);
+    /// parameter 2 is the lock.
+    pub const DEADLOCK_SELF: usize = 0x1000;
+    /// Deadlock detection: a lock hierarchy violation — the acquisition closes a cycle in the
+    /// order locks have been taken in; parameter 2 is the lock being acquired (the "final
+    /// cause"), parameter 3 (reserved in Microsoft's reference; the simulator's choice) the
+    /// held lock the cycle closes with.
+    pub const DEADLOCK_LOCK_ORDER: usize = 0x1001;
+    /// Deadlock detection: a spin lock was released by another processor than the one that
+    /// holds it; parameter 2 is the lock, 3 the owner's thread, 4 the releasing thread.
+    pub const DEADLOCK_WRONG_THREAD_RELEASE: usize = 0x1004;
+    /// Deadlock detection: a spin lock nobody holds was released; parameter 2 is the lock.
+    pub const DEADLOCK_UNACQUIRED_RELEASE: usize = 0x1007;
+}
+
+/// Parameter 4 values of the simulator's
+/// [`BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS`] stop for a wait at
+/// unload that gave up (`Machine::set_unload_wait_limit` in the simulator). On Windows such a
+/// wait never returns and unload hangs (INFERRED: Windows has no bug check for it); the simulator
+/// stops with 0xCE because the work the driver waits for is work left pending at unload.
+/// Parameter 1 is the object waited on, parameter 2 is 0, parameter 3 a routine that is still
+/// running (0 if none is known).
+pub mod unload_wait {
+    /// `KeWaitForSingleObject` with no timeout in `DriverEntry` or the unload routine (the SDK's
+    /// unload waits for work items and `WorkQueue` handles this way); parameter 1 is the event.
+    pub const EVENT: usize = 1;
+    /// The I/O manager waited for work item routines that had not returned after the unload
+    /// routine did; parameter 1 is the work item (0 if its routine freed it, as the SDK's do),
+    /// parameter 3 the routine of one that is blocked in a wait (0 if none is).
+    pub const WORK_ITEM_ROUTINES: usize = 2;
+    /// `FwpsCalloutUnregisterById0` waited for calls into the callout that did not return;
+    /// parameter 1 is the callout id.
+    pub const CALLOUT_CALLS: usize = 3;
+    /// `FltSendMessage` with no timeout waited for user mode to receive or answer; parameter 1
+    /// is the client port.
+    pub const PORT_MESSAGE: usize = 4;
+    /// A filter engine write with an infinite transaction wait timeout waited for another
+    /// session's transaction; parameter 1 is the waiting session's handle.
+    pub const TRANSACTION: usize = 5;
 }
 
 /// Parameter 1 values of [`BugCheckCode::DRIVER_VERIFIER_IOMANAGER_VIOLATION`], as the bug check

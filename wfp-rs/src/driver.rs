@@ -162,6 +162,37 @@ pub(crate) fn work_queue_of(object: *mut sys::DRIVER_OBJECT) -> Option<WorkQueue
         .map(|shared| WorkQueue::new(unsafe { shared.as_ref() }))
 }
 
+/// What the SDK's unload glue of driver `object` waits for when it waits on the event at
+/// `waited_on` (for the simulator's report when a wait at unload gives up). `None` if the
+/// driver does not use the SDK glue or the event is not one of its unload events.
+#[cfg(wfp_sim)]
+pub(crate) fn unload_wait_reason(
+    object: *mut sys::DRIVER_OBJECT,
+    waited_on: usize,
+) -> Option<std::string::String> {
+    // SAFETY: as in `work_queue_of`; unload has not torn the extension down while it waits.
+    let extension = unsafe { sys::IoGetDriverObjectExtension(object, extension_id()) };
+    let shared = NonNull::new(extension.cast::<Shared>())?;
+    // SAFETY: the extension starts with the `Shared` block, alive until unload's teardown, which
+    // is the wait this reports on.
+    let shared = unsafe { shared.as_ref() };
+    if waited_on == shared.idle.address() {
+        Some(
+            "work items queued through the driver's WorkQueue that have not finished (the SDK \
+             waits for them before DriverState::unload)"
+                .into(),
+        )
+    } else if waited_on == shared.drained.address() {
+        let handles = shared.references.load(Ordering::Relaxed);
+        Some(std::format!(
+            "{handles} WorkQueue handle(s) (or queued work items holding one) still alive (the SDK \
+             waits for every handle to drop before it deletes the device)"
+        ))
+    } else {
+        None
+    }
+}
+
 /// Runs `f` with the [`Driver`] handle of a loaded SDK driver (for the simulator harness, which
 /// runs test code as if it were the driver's). `None` for drivers without the SDK's extension.
 #[cfg(wfp_sim)]

@@ -107,6 +107,13 @@ impl Event {
         self.wait_raw(irql, Some(-ticks)) == 0
     }
 
+    /// The address of the `KEVENT` (what `KeWaitForSingleObject` is passed), for the
+    /// simulator's diagnostics.
+    #[cfg(wfp_sim)]
+    pub(crate) fn address(&self) -> usize {
+        self.raw.get() as usize
+    }
+
     fn wait_raw(&self, irql: &impl AtMostApc, timeout: Option<i64>) -> sys::NTSTATUS {
         crate::irql::verify(irql);
         let timeout = timeout

@@ -32,9 +32,10 @@ use crate::bugcheck::{BugCheckCode, verifier};
 use crate::irql::{DispatchLevel, Irql, PassiveLevel};
 use crate::pool::PoolTag;
 use crate::status::Status;
-use crate::sys::sim::bugcheck::{STOP_PREFIX, stop};
-use crate::sys::sim::kernel::{self, DriverRecord, Kernel, WorkItemState};
+use crate::sys::sim::bugcheck::{AT_PREFIX, IN_PREFIX, STOP_PREFIX, stop};
+use crate::sys::sim::kernel::{self, DriverRecord, Kernel, Routine, RoutineKind, WorkItemState};
 use crate::sys::types::*;
+use std::sync::atomic::Ordering;
 
 /// The signature of a driver's `DriverEntry`, which the `#[driver_entry]` attribute generates.
 pub type DriverEntryFn =
@@ -74,7 +75,8 @@ impl LoadedDriver {
 
     /// A [`WorkQueue`](crate::work_item::WorkQueue) handle of a driver built with
     /// `#[driver_entry]` (`None` for other drivers), to queue work on its behalf from a test.
-    /// Drop it before unloading: unload waits for every handle.
+    /// Drop it before unloading: unload waits for every handle (and stops the machine with 0xCE
+    /// after [`Machine::set_unload_wait_limit`] if one is still alive).
     pub fn work_queue(&self, machine: &Machine) -> Option<crate::work_item::WorkQueue> {
         machine.run(|| crate::driver::work_queue_of(self.driver_object()))
     }
@@ -210,7 +212,39 @@ impl Machine {
     /// Runs `f` on this thread inside the machine at `PASSIVE_LEVEL`, as harness code (not
     /// charged to any driver). Kernel functions and the SDK's safe API work inside.
     pub fn run<R>(&self, f: impl FnOnce() -> R) -> R {
-        kernel::with_context(&self.kernel, PASSIVE_LEVEL, 0, f)
+        self.run_as("Machine::run", f)
+    }
+
+    /// [`run`](Self::run), naming the harness method in the stop report.
+    fn run_as<R>(&self, method: &'static str, f: impl FnOnce() -> R) -> R {
+        kernel::with_context(&self.kernel, PASSIVE_LEVEL, 0, || {
+            kernel::with_routine(Routine::new(RoutineKind::Harness(method), 0, 0), f)
+        })
+    }
+
+    /// How long a wait the I/O manager makes at unload may last before the machine stops with
+    /// `DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS` (0xCE) instead of hanging, as a
+    /// Windows unload that waits for work which never finishes does: a wait with no timeout in
+    /// `DriverEntry` or the unload routine (the SDK's unload waits for work items and
+    /// [`WorkQueue`](crate::work_item::WorkQueue) handles this way), work item routines that have
+    /// not returned when the unload routine has, calls into a callout that
+    /// `FwpsCalloutUnregisterById0` waits for. The report names what was waited for and the
+    /// threads still blocked. The default is 30 seconds; tests of these stops set a short limit
+    /// (the hang is real, so a short limit only makes the test quicker).
+    ///
+    /// ```
+    /// use core::time::Duration;
+    /// use wfp_rs::sim::Machine;
+    ///
+    /// let machine = Machine::new();
+    /// // A test that expects the stop: give up after half a second instead of 30.
+    /// machine.set_unload_wait_limit(Duration::from_millis(500));
+    /// ```
+    pub fn set_unload_wait_limit(&self, limit: core::time::Duration) {
+        let ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+        self.kernel
+            .unload_wait_limit_ms
+            .store(ms, Ordering::Relaxed);
     }
 
     /// Runs `f` at `PASSIVE_LEVEL` with a token.
@@ -222,7 +256,7 @@ impl Machine {
     /// second token would stay usable while the first one raises the IRQL.
     pub fn at_passive<R>(&self, f: impl for<'t> FnOnce(&'t mut PassiveLevel<'t>) -> R) -> R {
         token_scope("Machine::at_passive", || {
-            self.run(|| {
+            self.run_as("Machine::at_passive", || {
                 // SAFETY: this thread runs at PASSIVE_LEVEL inside the machine for the call of `f`,
                 // and `token_scope` made sure no other token is live on it.
                 let mut token = unsafe { PassiveLevel::new_unchecked() };
@@ -242,12 +276,15 @@ impl Machine {
     pub fn at_dispatch<R>(&self, f: impl for<'t> FnOnce(&'t mut DispatchLevel<'t>) -> R) -> R {
         token_scope("Machine::at_dispatch", || {
             kernel::with_context(&self.kernel, DISPATCH_LEVEL, 0, || {
-                // SAFETY: this thread runs at DISPATCH_LEVEL inside the machine for the call of `f`,
-                // and `token_scope` made sure no other token is live on it.
-                let mut token = unsafe { DispatchLevel::new_unchecked() };
-                let result = f(&mut token);
-                check_irql_restored("a DPC", DISPATCH_LEVEL);
-                result
+                let dpc = Routine::new(RoutineKind::Harness("Machine::at_dispatch"), 0, 0);
+                kernel::with_routine(dpc, || {
+                    // SAFETY: this thread runs at DISPATCH_LEVEL inside the machine for the call
+                    // of `f`, and `token_scope` made sure no other token is live on it.
+                    let mut token = unsafe { DispatchLevel::new_unchecked() };
+                    let result = f(&mut token);
+                    check_irql_restored("a DPC", DISPATCH_LEVEL);
+                    result
+                })
             })
         })
     }
@@ -268,11 +305,13 @@ impl Machine {
             (&mut *record.object as *mut DRIVER_OBJECT, path)
         };
         let status = kernel::with_context(&self.kernel, PASSIVE_LEVEL, object, || {
-            // SAFETY: the driver object and registry path are valid for the call, as the I/O
-            // manager guarantees to DriverEntry.
-            let status = unsafe { entry(object_ptr, &registry_path) };
-            check_irql_restored("DriverEntry", PASSIVE_LEVEL);
-            status
+            kernel::with_routine(Routine::new(RoutineKind::DriverEntry, object, 0), || {
+                // SAFETY: the driver object and registry path are valid for the call, as the
+                // I/O manager guarantees to DriverEntry.
+                let status = unsafe { entry(object_ptr, &registry_path) };
+                check_irql_restored("DriverEntry", PASSIVE_LEVEL);
+                status
+            })
         });
         let driver = LoadedDriver {
             object,
@@ -295,6 +334,9 @@ impl Machine {
     /// routines that are still running (the I/O manager holds the image for them), and checks
     /// what Windows with Driver Verifier checks:
     ///
+    /// - every wait made at unload ends within [`set_unload_wait_limit`](Self::set_unload_wait_limit)
+    ///   (`DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS`, naming what was waited for,
+    ///   where Windows would hang);
     /// - the IRQL was restored (`IRQL_UNEXPECTED_VALUE`);
     /// - no work item is still queued (`DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS`);
     /// - no pool is still charged to the driver, work items included
@@ -311,26 +353,30 @@ impl Machine {
             return Err(UnloadError::NotUnloadable(driver));
         };
         kernel::with_context(&self.kernel, PASSIVE_LEVEL, driver.object, || {
-            // SAFETY: the driver set this routine and is loaded; the I/O manager calls it at
-            // PASSIVE_LEVEL with the driver object.
-            unsafe { unload(driver.object as *mut DRIVER_OBJECT) };
-            check_irql_restored("DriverUnload", PASSIVE_LEVEL);
+            let routine = Routine::new(RoutineKind::DriverUnload, driver.object, 0);
+            kernel::with_routine(routine, || {
+                // SAFETY: the driver set this routine and is loaded; the I/O manager calls it at
+                // PASSIVE_LEVEL with the driver object.
+                unsafe { unload(driver.object as *mut DRIVER_OBJECT) };
+                check_irql_restored("DriverUnload", PASSIVE_LEVEL);
+            });
         });
         self.finish_unload(&driver)
     }
 
     /// What the I/O manager and Driver Verifier do after a driver's unload routine returned.
     fn finish_unload(&self, driver: &LoadedDriver) -> Result<(), UnloadError> {
-        let mut state = self.kernel.lock();
+        let routine = Routine::new(RoutineKind::AfterUnload, driver.object, 0);
+        // Inside the machine, so a stop's report can name the driver.
+        kernel::with_context(&self.kernel, PASSIVE_LEVEL, 0, || {
+            kernel::with_routine(routine, || self.finish_unload_checks(driver))
+        })
+    }
+
+    fn finish_unload_checks(&self, driver: &LoadedDriver) -> Result<(), UnloadError> {
         // Routines already running keep the image loaded until they return (IoQueueWorkItem
         // holds the device object), including those that freed their work item.
-        while state.running_work.contains_key(&driver.object) {
-            state = self
-                .kernel
-                .work_done
-                .wait(state)
-                .unwrap_or_else(|p| p.into_inner());
-        }
+        let mut state = self.wait_for_running_work(driver);
         let queued = state
             .work_items
             .iter()
@@ -442,12 +488,56 @@ impl Machine {
             .remove(&driver.object)
             .expect("driver is loaded");
         drop(state);
+        crate::sys::sim::forget_locks_of(&self.kernel, driver.object);
         self.run(|| {
             for &(_, ptr, _) in &record.extensions {
                 crate::sys::sim::kernel_free_block(ptr as *mut u8);
             }
         });
         Ok(())
+    }
+
+    /// Waits until no work item routine of `driver` runs, at most the unload wait limit; then
+    /// stops with 0xCE naming the routines (on Windows the driver would stay loaded, its unload
+    /// never finishing).
+    fn wait_for_running_work(
+        &self,
+        driver: &LoadedDriver,
+    ) -> std::sync::MutexGuard<'_, kernel::State> {
+        let deadline = std::time::Instant::now() + self.kernel.unload_wait_limit();
+        let mut state = self.kernel.lock();
+        while state.running_work.contains_key(&driver.object) {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                let running: Vec<(usize, usize)> = state
+                    .work_items
+                    .iter()
+                    .filter(|(_, w)| {
+                        w.driver == driver.object && matches!(w.state, WorkItemState::Running(_))
+                    })
+                    .map(|(&item, _)| (item, 0))
+                    .collect();
+                let routine = self.kernel.blocked_work_routine_of(driver.object);
+                let count = state.running_work.get(&driver.object).copied().unwrap_or(0);
+                drop(state);
+                let item = running.first().map_or(0, |&(item, _)| item);
+                self.kernel.unload_wait_expired(
+                    driver.object,
+                    [item, 0, routine, crate::bugcheck::unload_wait::WORK_ITEM_ROUTINES],
+                    &format!(
+                        "{count} work item routine(s) of driver {} that have not returned (the I/O manager keeps the driver loaded until they do)",
+                        driver.name
+                    ),
+                );
+            }
+            state = self
+                .kernel
+                .work_done
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        state
     }
 
     fn create_driver_object(&self, name: &str) -> usize {
@@ -491,15 +581,35 @@ impl Machine {
     /// [`hold_work_items`](Self::hold_work_items) is on, held items are not waited for, only
     /// those already running. Harness synchronisation, not timing: it returns as soon as that
     /// holds.
+    ///
+    /// # Panics
+    ///
+    /// When that does not hold within [`set_unload_wait_limit`](Self::set_unload_wait_limit)
+    /// (a work item routine blocked for good), with the threads still blocked and what they wait
+    /// on, instead of hanging the test.
     pub fn wait_for_work_items(&self) {
+        let deadline = std::time::Instant::now() + self.kernel.unload_wait_limit();
         let mut state = self.kernel.lock();
         while (!state.queue.is_empty() && !state.hold_work_items) || !state.running_work.is_empty()
         {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                let running: usize = state.running_work.values().sum();
+                let queued = state.queue.len();
+                drop(state);
+                let blocked = self.kernel.blocked_threads();
+                panic!(
+                    "wfp-rs simulator: Machine::wait_for_work_items waited {:.1} s (Machine::set_unload_wait_limit) and {running} work item routine(s) still run, {queued} queued\n{}",
+                    self.kernel.unload_wait_limit().as_secs_f64(),
+                    blocked.join("\n")
+                );
+            }
             state = self
                 .kernel
                 .work_done
-                .wait(state)
-                .unwrap_or_else(|p| p.into_inner());
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -541,6 +651,13 @@ impl Machine {
             .collect()
     }
 
+    /// How many spin locks deadlock detection remembers an order for: the locks that have been
+    /// held together with another, and whose memory has not gone since (freed pool, a returned
+    /// frame, an unloaded driver). For tests of the detection itself.
+    pub fn remembered_spin_locks(&self) -> usize {
+        crate::sys::sim::remembered_locks(&self.kernel)
+    }
+
     /// Everything written with `DbgPrintEx` so far, one entry per call.
     pub fn debug_output(&self) -> Vec<String> {
         self.kernel.lock().debug.clone()
@@ -575,13 +692,29 @@ fn check_irql_restored(callback: &str, expected: KIRQL) {
     }
 }
 
-/// A bug check seen by [`run_isolated`].
+/// A bug check seen by [`run_isolated`], parsed from the report's first lines:
+///
+/// ```text
+/// *** STOP: 0x000000C4 (0x0000000000001001, 0x…, 0x…, 0x…)
+/// DRIVER_VERIFIER_DETECTED_VIOLATION
+/// wfp-rs simulator: <explanation>
+/// in: <the driver routine the thread ran>; thread <name> [<id>], IRQL <n>
+/// at: <file>:<line>:<column> (<function>)
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BugCheckReport {
     /// The stop code.
     pub code: BugCheckCode,
     /// The four parameters.
     pub params: [usize; 4],
+    /// The simulator's one-line explanation (after `wfp-rs simulator: `).
+    pub explanation: String,
+    /// The driver routine the stopping thread ran, with the thread and its IRQL (after `in: `),
+    /// for example `classifyFn of callout 3 of driver firewall; thread sim-worker-0 [7], IRQL 2`.
+    pub routine: String,
+    /// The source location (`file:line:column (function)`) of the innermost frame of driver
+    /// code on the stopping thread (after `at: `), or a note that there was none.
+    pub location: String,
 }
 
 /// How an isolated scenario ended.
@@ -662,7 +795,19 @@ pub fn run_isolated(test_name: &str, scenario: impl FnOnce()) -> Isolated {
 }
 
 fn parse_stop(stderr: &str) -> Option<BugCheckReport> {
-    let line = stderr.lines().find_map(|l| l.strip_prefix(STOP_PREFIX))?;
+    let mut lines = stderr.lines().skip_while(|l| !l.starts_with(STOP_PREFIX));
+    let line = lines.next()?.strip_prefix(STOP_PREFIX)?;
+    let _name = lines.next();
+    let mut rest = |prefix: &str| {
+        lines
+            .next()
+            .and_then(|l| l.strip_prefix(prefix))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let explanation = rest("wfp-rs simulator: ");
+    let routine = rest(IN_PREFIX);
+    let location = rest(AT_PREFIX);
     let hex = |s: &str| {
         usize::from_str_radix(
             s.trim().trim_start_matches("0x").trim_start_matches("0X"),
@@ -679,6 +824,9 @@ fn parse_stop(stderr: &str) -> Option<BugCheckReport> {
     Some(BugCheckReport {
         code: BugCheckCode(u32::try_from(hex(code)?).ok()?),
         params,
+        explanation,
+        routine,
+        location,
     })
 }
 

@@ -126,7 +126,7 @@ impl<T: ?Sized> SpinLock<T> {
     /// The closure's token takes further locks (nested, released in reverse order).
     ///
     /// Taking a lock that this processor already holds deadlocks on Windows; the simulator
-    /// stops with `SPIN_LOCK_ALREADY_OWNED` instead.
+    /// stops with `DRIVER_VERIFIER_DETECTED_VIOLATION` (0xC4, 0x1000: deadlock detection) instead.
     pub fn lock<R>(
         &self,
         irql: impl RaiseIrql,

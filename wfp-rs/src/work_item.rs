@@ -34,7 +34,8 @@ use crate::sys;
 ///
 /// Unload waits until every handle is dropped and every queued closure has run, so closures and
 /// handles may be kept in the driver state, but not leaked: a leaked handle makes unload wait
-/// forever.
+/// forever (in the simulator, until `Machine::set_unload_wait_limit`, then it stops with
+/// `DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS` naming the handles).
 pub struct WorkQueue {
     shared: NonNull<Shared>,
 }

@@ -165,8 +165,9 @@ pub struct DRIVER_OBJECT {
 }
 
 /// `DEVICE_OBJECT` (wdm.h). The members after `StackSize` (queue, DPC, device lock, ...) are
-/// kernel-owned and kept as padding so the size matches.
-#[repr(C)]
+/// kernel-owned and kept as padding so the size matches. wdm.h declares it
+/// `DECLSPEC_ALIGN(MEMORY_ALLOCATION_ALIGNMENT)`: 16-byte aligned on x64.
+#[repr(C, align(16))]
 pub struct DEVICE_OBJECT {
     pub Type: i16,
     pub Size: u16,
@@ -205,6 +206,7 @@ const_assert_eq!(core::mem::offset_of!(DRIVER_OBJECT, DriverInit), 0x58);
 const_assert_eq!(core::mem::offset_of!(DRIVER_OBJECT, DriverUnload), 0x68);
 const_assert_eq!(core::mem::offset_of!(DRIVER_OBJECT, MajorFunction), 0x70);
 assert_eq_size!(DEVICE_OBJECT, [u8; 0x150]);
+const_assert_eq!(core::mem::align_of::<DEVICE_OBJECT>(), 16);
 const_assert_eq!(core::mem::offset_of!(DEVICE_OBJECT, DriverObject), 0x08);
 const_assert_eq!(core::mem::offset_of!(DEVICE_OBJECT, NextDevice), 0x10);
 const_assert_eq!(core::mem::offset_of!(DEVICE_OBJECT, Flags), 0x30);

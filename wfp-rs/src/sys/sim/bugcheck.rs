@@ -8,32 +8,175 @@ use std::{
     vec::Vec,
 };
 
+use std::backtrace::{Backtrace, BacktraceStatus};
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::kernel::{Routine, RoutineKind};
 
 use crate::bugcheck::BugCheckCode as Code;
 use crate::sys::types::*;
 
 /// The line a bug check prints first; [`crate::sim::run_isolated`] parses it.
 pub(crate) const STOP_PREFIX: &str = "*** STOP: ";
+/// The line that says which driver routine the thread was running.
+pub(crate) const IN_PREFIX: &str = "in: ";
+/// The line that gives the source location of the innermost driver frame.
+pub(crate) const AT_PREFIX: &str = "at: ";
 
 /// Stops the machine: prints the stop code the way the kernel debugger shows it, with the
 /// simulator's explanation, and aborts the process. Nothing after a bug check runs, as on
 /// Windows, so no test can pass by accident after one.
 pub(crate) fn stop(code: Code, params: [usize; 4], why: &str) -> ! {
+    stop_with_details(code, params, why, "")
+}
+
+/// [`stop`], with more lines after the report's header (`details`; empty for none).
+///
+/// The report's first five lines, always in this order:
+///
+/// ```text
+/// *** STOP: 0x000000C4 (0x0000000000001001, 0x…, 0x…, 0x…)
+/// DRIVER_VERIFIER_DETECTED_VIOLATION
+/// wfp-rs simulator: <one-line explanation>
+/// in: <the driver routine the thread runs>; thread <name> [<id>], IRQL <n>
+/// at: <file>:<line>:<column> (<function>)   — the innermost frame of driver code
+/// ```
+pub(crate) fn stop_with_details(code: Code, params: [usize; 4], why: &str, details: &str) -> ! {
+    // One bug check per process, as per machine: a second processor that stops while the first
+    // one's report is being written waits for the end instead of interleaving its own.
+    static STOPPING: AtomicBool = AtomicBool::new(false);
+    if STOPPING.swap(true, Ordering::SeqCst) {
+        loop {
+            std::thread::park();
+        }
+    }
     let name = code.name().unwrap_or("UNKNOWN_BUGCHECK");
-    let text = format!(
-        "\n{STOP_PREFIX}{:#010X} ({:#018X}, {:#018X}, {:#018X}, {:#018X})\n{name}\nwfp-rs simulator: {why}\nthread: {}\n",
-        code.0,
-        params[0],
-        params[1],
-        params[2],
-        params[3],
-        std::thread::current().name().unwrap_or("<unnamed>"),
+    let why = why.replace('\n', " ");
+    let routine = super::kernel::current_routine()
+        .map_or_else(|| "kernel or harness code".to_owned(), describe_routine);
+    let current = std::thread::current();
+    let thread = format!(
+        "{} [{}]",
+        current.name().unwrap_or("<unnamed>"),
+        super::kernel::thread_id()
     );
+    let irql = super::kernel::irql();
+    let location = first_driver_frame(&Backtrace::force_capture()).map_or_else(
+        || "(no driver frame on the stack)".to_owned(),
+        |(function, at)| format!("{at} ({function})"),
+    );
+    let mut text = format!(
+        "{STOP_PREFIX}{:#010X} ({:#018X}, {:#018X}, {:#018X}, {:#018X})\n{name}\nwfp-rs simulator: {why}\n{IN_PREFIX}{routine}; thread {thread}, IRQL {irql}\n{AT_PREFIX}{location}\n",
+        code.0, params[0], params[1], params[2], params[3],
+    );
+    if !details.is_empty() {
+        text.push_str(details);
+        text.push('\n');
+    }
     let mut stderr = std::io::stderr().lock();
     let _ = stderr.write_all(text.as_bytes());
     let _ = stderr.flush();
     std::process::abort();
+}
+
+/// The name of driver object `driver`, if the machine's state can be read without waiting (a
+/// stop may come while this thread holds the state lock).
+fn driver_name(driver: usize) -> String {
+    let name = current_kernel().and_then(|kernel| {
+        let state = kernel.state.try_lock().ok()?;
+        state.drivers.get(&driver).map(|d| d.name.clone())
+    });
+    name.unwrap_or_else(|| format!("{driver:#x}"))
+}
+
+/// The machine this thread runs in, if it can be read without waiting.
+fn current_kernel() -> Option<std::sync::Arc<super::kernel::Kernel>> {
+    super::kernel::THREAD.with(|t| t.kernel.try_borrow().ok().and_then(|k| k.clone()))
+}
+
+/// "classifyFn of callout 3 of driver firewall", for the stop report.
+pub(crate) fn describe_routine(routine: Routine) -> String {
+    let driver = driver_name(routine.driver);
+    match routine.kind {
+        RoutineKind::DriverEntry => format!("DriverEntry of driver {driver}"),
+        RoutineKind::DriverUnload => format!("the unload routine of driver {driver}"),
+        RoutineKind::AfterUnload => {
+            format!("the I/O manager, unloading driver {driver} (its unload routine has returned)")
+        }
+        RoutineKind::WorkItem => format!(
+            "a work item routine ({:#x}) of driver {driver}",
+            routine.object
+        ),
+        RoutineKind::Callout(callback) => {
+            let id = u32::try_from(routine.object).unwrap_or(0);
+            let key = current_kernel()
+                .and_then(|kernel| super::wfp::callout_key(&kernel, id))
+                .map_or_else(String::new, |key| format!(" {{{}}}", crate::Guid(key)));
+            format!("{callback} of callout {id}{key} of driver {driver}")
+        }
+        RoutineKind::Dispatch => format!(
+            "the dispatch routine for major function {:#x} of driver {driver}",
+            routine.object
+        ),
+        RoutineKind::Cancel => format!("a cancel routine of driver {driver}"),
+        RoutineKind::Port(callback) => {
+            format!("the communication port's {callback} of driver {driver}")
+        }
+        RoutineKind::Harness(method) => format!("test harness code ({method})"),
+    }
+}
+
+/// Prefixes of functions that are not the driver's own code: the SDK (and the simulator in it),
+/// the standard library, the test harness and the C runtime.
+const NOT_DRIVER: &[&str] = &[
+    "wfp_rs::",
+    "<wfp_rs::",
+    "std::",
+    "<std::",
+    "core::",
+    "<core::",
+    "alloc::",
+    "<alloc::",
+    "test::",
+    "<test::",
+    "<F as ",
+    "<&F as ",
+    "<&mut F as ",
+    "__rust",
+    "rust_begin_unwind",
+    "_start",
+    "__libc",
+    "start_thread",
+    "clone",
+    "__clone",
+];
+
+/// The innermost frame of driver code in `backtrace`: its function and its source location
+/// (`file:line:column`). Tests and drivers in the simulator are host builds with debug info.
+pub(crate) fn first_driver_frame(backtrace: &Backtrace) -> Option<(String, String)> {
+    if backtrace.status() != BacktraceStatus::Captured {
+        return None;
+    }
+    // `Backtrace` lists frames as "  N: function" followed by "      at file:line:column".
+    let text = backtrace.to_string();
+    let mut function: Option<&str> = None;
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(location) = line.strip_prefix("at ") {
+            if let Some(f) = function.take()
+                && !NOT_DRIVER.iter().any(|p| f.starts_with(p))
+                && !location.contains("/rustc/")
+            {
+                return Some((f.to_owned(), location.to_owned()));
+            }
+        } else if let Some((index, f)) = line.split_once(": ")
+            && index.chars().all(|c| c.is_ascii_digit())
+        {
+            function = Some(f);
+        }
+    }
+    None
 }
 
 /// `KeBugCheckEx`.

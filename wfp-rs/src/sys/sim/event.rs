@@ -12,7 +12,9 @@ use std::{
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
-use super::kernel::{current, require_irql};
+use super::kernel::{
+    Kernel, Waiter, current, current_driver, current_routine, require_irql, thread_id,
+};
 use crate::sys::types::*;
 
 const STATUS_SUCCESS: NTSTATUS = 0;
@@ -81,7 +83,10 @@ pub unsafe extern "system" fn KeClearEvent(Event: *mut KEVENT) {
 
 /// `KeWaitForSingleObject` on an event. A zero timeout polls and is allowed at
 /// `DISPATCH_LEVEL`; any other wait requires IRQL <= `APC_LEVEL`. Relative timeouts (negative,
-/// in 100 ns units) are honoured; absolute ones are treated as already expired.
+/// in 100 ns units) are honoured; absolute ones are treated as already expired. A wait with no
+/// timeout in `DriverEntry` or an unload routine gives up after the machine's unload wait limit
+/// and stops with `DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS` (on Windows the unload
+/// hangs); other waits with no timeout are listed in that stop's report while they block.
 ///
 /// # Safety
 ///
@@ -110,6 +115,15 @@ pub unsafe extern "system" fn KeWaitForSingleObject(
         Some(_) => Some(Instant::now()),
     };
     let kernel = current();
+    // A wait with no timeout in DriverEntry or an unload routine is one the I/O manager's load
+    // or unload waits on: it gives up after the machine's unload wait limit (on Windows it
+    // hangs). Other waits with no timeout are listed for that report while they block.
+    let unload_deadline = if deadline.is_none() {
+        kernel.load_or_unload_deadline()
+    } else {
+        None
+    };
+    let _waiter = (deadline.is_none()).then(|| Registered::new(&kernel, Object as usize));
     let mut guard = kernel.event_lock.lock().unwrap();
     loop {
         let state = signal_state(event);
@@ -123,19 +137,72 @@ pub unsafe extern "system" fn KeWaitForSingleObject(
         if acquired {
             return STATUS_SUCCESS;
         }
-        match deadline {
+        match deadline.or(unload_deadline) {
             None => guard = kernel.event_signal.wait(guard).unwrap(),
-            Some(deadline) => {
+            Some(until) => {
                 let now = Instant::now();
-                if now >= deadline {
+                if now >= until {
+                    if deadline.is_none() {
+                        drop(guard);
+                        give_up_at_unload(&kernel, Object as usize);
+                    }
                     return STATUS_TIMEOUT;
                 }
                 guard = kernel
                     .event_signal
-                    .wait_timeout(guard, deadline - now)
+                    .wait_timeout(guard, until - now)
                     .unwrap()
                     .0;
             }
         }
     }
+}
+
+/// A wait with no timeout, listed in the machine's waiters while it blocks.
+struct Registered<'k> {
+    kernel: &'k Kernel,
+    id: u64,
+}
+
+impl<'k> Registered<'k> {
+    fn new(kernel: &'k Kernel, object: usize) -> Registered<'k> {
+        let id = thread_id();
+        let current = std::thread::current();
+        let waiter = Waiter {
+            object,
+            routine: current_routine(),
+            thread: format!("{} [{id}]", current.name().unwrap_or("<unnamed>")),
+        };
+        kernel
+            .waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, waiter);
+        Registered { kernel, id }
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.kernel
+            .waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// The stop for a wait with no timeout in `DriverEntry` or an unload routine that reached the
+/// unload wait limit.
+fn give_up_at_unload(kernel: &Kernel, object: usize) -> ! {
+    let driver = current_driver();
+    let what = crate::driver::unload_wait_reason(driver as *mut DRIVER_OBJECT, object)
+        .unwrap_or_else(|| {
+            format!("the event at {object:#x} (KeWaitForSingleObject with no timeout)")
+        });
+    kernel.unload_wait_expired(
+        driver,
+        [object, 0, 0, crate::bugcheck::unload_wait::EVENT],
+        &what,
+    )
 }

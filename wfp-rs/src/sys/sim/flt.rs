@@ -269,9 +269,15 @@ unsafe fn port_variable<'a>(variable: *mut PFLT_PORT) -> &'a AtomicPtr<FLT_PORT>
 
 /// Calls a driver routine the way the filter manager does: on this thread, at `PASSIVE_LEVEL`,
 /// as the driver, and checks that it returns at `PASSIVE_LEVEL`.
-fn call_driver<R>(kernel: &Arc<Kernel>, driver: usize, routine: &str, f: impl FnOnce() -> R) -> R {
+fn call_driver<R>(
+    kernel: &Arc<Kernel>,
+    driver: usize,
+    routine: &'static str,
+    f: impl FnOnce() -> R,
+) -> R {
     kernel::with_context(kernel, PASSIVE_LEVEL, driver, || {
-        let result = f();
+        let port = kernel::Routine::new(kernel::RoutineKind::Port(routine), driver, 0);
+        let result = kernel::with_routine(port, f);
         let now = irql();
         if now != PASSIVE_LEVEL {
             stop(
@@ -735,6 +741,13 @@ pub unsafe extern "system" fn FltSendMessage(
         // Absolute times (and zero) are treated as already expired.
         Some(_) => Some(Instant::now()),
     };
+    // With no timeout in DriverEntry or an unload routine, the I/O manager's load or unload
+    // waits on the service: bounded by the machine's unload wait limit (on Windows: a hang).
+    let unload_deadline = if deadline.is_none() {
+        current().load_or_unload_deadline()
+    } else {
+        None
+    };
     let reply_capacity = if ReplyBuffer.is_null() {
         None
     } else {
@@ -834,7 +847,19 @@ pub unsafe extern "system" fn FltSendMessage(
             withdraw(&mut flt, client, id);
             return STATUS_TIMEOUT;
         }
-        flt = wait(&kernel, flt, deadline);
+        if unload_deadline.is_some_and(|d| Instant::now() >= d) {
+            let delivered = matches!(flt.messages[&id].state, MessageState::Delivered);
+            drop(flt);
+            kernel.unload_wait_expired(
+                kernel::current_driver(),
+                [client, 0, 0, crate::bugcheck::unload_wait::PORT_MESSAGE],
+                &format!(
+                    "user mode to {} message {id} sent with FltSendMessage with no timeout",
+                    if delivered { "reply to" } else { "receive" }
+                ),
+            );
+        }
+        flt = wait(&kernel, flt, deadline.or(unload_deadline));
     }
 }
 

@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use super::bugcheck::stop;
 use super::kernel::{
-    DeviceRecord, Kernel, QueuedWork, THREAD, WorkItemRecord, WorkItemState, current,
-    current_driver, irql, require_irql, thread_id,
+    DeviceRecord, Kernel, QueuedWork, Routine, RoutineKind, THREAD, WorkItemRecord, WorkItemState,
+    current, current_driver, irql, require_irql, thread_id,
 };
 use super::pool::{kernel_allocate, kernel_free};
 use crate::bugcheck::BugCheckCode;
@@ -71,6 +71,8 @@ pub unsafe extern "system" fn IoCreateDevice(
         return STATUS_OBJECT_NAME_COLLISION;
     }
     // SAFETY: DEVICE_OBJECT is plain data (integers and raw pointers), valid when zeroed.
+    // `Box` allocates with the type's alignment: 16 bytes, as `DECLSPEC_ALIGN` in wdm.h and
+    // the pool the I/O manager takes device objects from give on x64.
     let mut object: Box<DEVICE_OBJECT> = unsafe { Box::new_zeroed().assume_init() };
     let extension = if DeviceExtensionSize > 0 {
         let size = DeviceExtensionSize as usize;
@@ -403,18 +405,22 @@ pub(crate) fn worker_thread(kernel: Arc<Kernel>) {
         };
         super::kernel::with_context(&kernel, PASSIVE_LEVEL, driver, || {
             THREAD.with(|t| t.work_item.set(work.item));
-            // SAFETY: the driver queued this routine with this context through IoQueueWorkItem,
-            // whose contract makes both valid until the routine runs.
-            unsafe { (work.routine)(work.device as *mut DEVICE_OBJECT, work.context as PVOID) };
-            THREAD.with(|t| t.work_item.set(0));
-            let now = irql();
-            if now != PASSIVE_LEVEL {
-                stop(
-                    BugCheckCode::WORKER_THREAD_RETURNED_AT_BAD_IRQL,
-                    [work.routine as usize, now as usize, work.context, work.item],
-                    &format!("a work item routine returned at IRQL {now}, not PASSIVE_LEVEL"),
-                );
-            }
+            let routine = Routine::new(RoutineKind::WorkItem, driver, work.routine as usize);
+            super::kernel::with_routine(routine, || {
+                // SAFETY: the driver queued this routine with this context through
+                // IoQueueWorkItem, whose contract makes both valid until the routine runs.
+                unsafe { (work.routine)(work.device as *mut DEVICE_OBJECT, work.context as PVOID) };
+                THREAD.with(|t| t.work_item.set(0));
+                // Checked as the routine's return, so the report names the routine.
+                let now = irql();
+                if now != PASSIVE_LEVEL {
+                    stop(
+                        BugCheckCode::WORKER_THREAD_RETURNED_AT_BAD_IRQL,
+                        [work.routine as usize, now as usize, work.context, work.item],
+                        &format!("a work item routine returned at IRQL {now}, not PASSIVE_LEVEL"),
+                    );
+                }
+            });
         });
         // The routine has returned, epilogue and all; the item itself may be gone already
         // (freed by its routine) or queued again.

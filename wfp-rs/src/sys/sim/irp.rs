@@ -468,9 +468,17 @@ fn call_driver(kernel: &Arc<Kernel>, irp: usize) -> NTSTATUS {
     };
     with_context(kernel, PASSIVE_LEVEL, driver, || {
         let before = irql();
-        // SAFETY: the driver installed this routine for the major function; the device is its
-        // own and alive (checked by the callers), and the IRP is a fresh packet it now owns.
-        let returned = unsafe { routine(device as *mut DEVICE_OBJECT, block.cast::<IRP>()) };
+        let dispatch = super::kernel::Routine::new(
+            super::kernel::RoutineKind::Dispatch,
+            driver,
+            usize::from(major),
+        );
+        let returned = super::kernel::with_routine(dispatch, || {
+            // SAFETY: the driver installed this routine for the major function; the device is
+            // its own and alive (checked by the callers), and the IRP is a fresh packet it now
+            // owns.
+            unsafe { routine(device as *mut DEVICE_OBJECT, block.cast::<IRP>()) }
+        });
         let after = irql();
         if after != before {
             stop(
@@ -743,9 +751,14 @@ fn cancel_irp(kernel: &Kernel, irp: usize) -> bool {
         Some(routine) => {
             // SAFETY: the stack location records the driver's device.
             let device = unsafe { (*block).stack.DeviceObject };
-            // SAFETY: the driver set this cancel routine for this IRP; it is called at
-            // DISPATCH_LEVEL with the cancel spin lock held, and must release it.
-            unsafe { routine(device, block.cast()) };
+            // SAFETY: the device of a queued IRP is alive: it cannot be deleted with IRPs pending.
+            let driver = unsafe { (*device).DriverObject } as usize;
+            let cancel = super::kernel::Routine::new(super::kernel::RoutineKind::Cancel, driver, 0);
+            super::kernel::with_routine(cancel, || {
+                // SAFETY: the driver set this cancel routine for this IRP; it is called at
+                // DISPATCH_LEVEL with the cancel spin lock held, and must release it.
+                unsafe { routine(device, block.cast()) }
+            });
             let now = irql();
             if now != old {
                 stop(

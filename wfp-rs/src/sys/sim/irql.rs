@@ -74,7 +74,9 @@ fn word<'a>(lock: *mut KSPIN_LOCK) -> &'a AtomicUsize {
     unsafe { AtomicUsize::from_ptr(lock) }
 }
 
-/// `KeAcquireSpinLockRaiseToDpc`.
+/// `KeAcquireSpinLockRaiseToDpc`. Driver Verifier's deadlock detection runs first (see
+/// `deadlock.rs`): acquiring a lock this processor holds stops with 0xC4 / 0x1000, an
+/// acquisition that closes a cycle in the order locks have been taken in with 0xC4 / 0x1001.
 ///
 /// # Safety
 ///
@@ -83,13 +85,7 @@ pub unsafe extern "system" fn KeAcquireSpinLockRaiseToDpc(SpinLock: *mut KSPIN_L
     super::kernel::require_irql("KeAcquireSpinLockRaiseToDpc", DISPATCH_LEVEL);
     let me = thread_id() as usize;
     let lock = word(SpinLock);
-    if lock.load(Ordering::Relaxed) == me {
-        stop(
-            BugCheckCode::SPIN_LOCK_ALREADY_OWNED,
-            [SpinLock as usize, 0, 0, 0],
-            "a spin lock was acquired by the processor that already holds it (on Windows: a hang)",
-        );
-    }
+    super::deadlock::before_acquire(SpinLock as usize);
     let old = irql();
     set_irql(DISPATCH_LEVEL);
     let mut spins = 0u32;
@@ -105,10 +101,12 @@ pub unsafe extern "system" fn KeAcquireSpinLockRaiseToDpc(SpinLock: *mut KSPIN_L
             std::hint::spin_loop();
         }
     }
+    super::deadlock::acquired(SpinLock as usize);
     old
 }
 
-/// `KeReleaseSpinLock`.
+/// `KeReleaseSpinLock`. Releasing a lock nobody holds stops with 0xC4 / 0x1007, one another
+/// processor holds with 0xC4 / 0x1004 (deadlock detection, see `deadlock.rs`).
 ///
 /// # Safety
 ///
@@ -133,16 +131,33 @@ pub unsafe extern "system" fn KeReleaseSpinLock(SpinLock: *mut KSPIN_LOCK, NewIr
     }
     let me = thread_id() as usize;
     let lock = word(SpinLock);
-    if lock
-        .compare_exchange(me, 0, Ordering::Release, Ordering::Relaxed)
-        .is_err()
-    {
+    if let Err(owner) = lock.compare_exchange(me, 0, Ordering::Release, Ordering::Relaxed) {
+        if owner == 0 {
+            stop(
+                BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION,
+                [
+                    verifier::DEADLOCK_UNACQUIRED_RELEASE,
+                    SpinLock as usize,
+                    0,
+                    0,
+                ],
+                "deadlock detection: KeReleaseSpinLock on a spin lock nobody holds",
+            );
+        }
         stop(
-            BugCheckCode::SPIN_LOCK_NOT_OWNED,
-            [SpinLock as usize, 0, 0, 0],
-            "KeReleaseSpinLock on a spin lock this processor does not hold",
+            BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION,
+            [
+                verifier::DEADLOCK_WRONG_THREAD_RELEASE,
+                SpinLock as usize,
+                owner,
+                me,
+            ],
+            &format!(
+                "deadlock detection: KeReleaseSpinLock on a spin lock another processor (thread {owner}) holds"
+            ),
         );
     }
+    super::deadlock::released(SpinLock as usize);
     // SAFETY: the lock was released; lowering to the saved level is the routine's own contract.
     unsafe { KeLowerIrql(NewIrql) };
 }

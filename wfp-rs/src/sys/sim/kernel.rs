@@ -128,6 +128,76 @@ pub(crate) struct Kernel {
     /// `clock_offset` (100-ns ticks) that the harness adds with `Machine::advance_clock`.
     pub clock_start: std::time::Instant,
     pub clock_offset: AtomicU64,
+    /// The order in which spin locks have been taken (Driver Verifier's deadlock detection).
+    pub lock_order: super::deadlock::LockOrder,
+    /// How long a wait made at unload on the driver's behalf may last before the machine stops
+    /// (`Machine::set_unload_wait_limit`), in milliseconds.
+    pub unload_wait_limit_ms: AtomicU64,
+    /// Threads blocked in `KeWaitForSingleObject` with no timeout, by simulated thread id: what
+    /// a wait at unload that gave up reports as blocking it.
+    pub waiters: Mutex<HashMap<u64, Waiter>>,
+}
+
+/// A thread blocked in a wait.
+pub(crate) struct Waiter {
+    /// The object it waits on.
+    pub object: usize,
+    pub routine: Option<Routine>,
+    pub thread: String,
+}
+
+/// The default of [`Kernel::unload_wait_limit_ms`]: 30 s, far beyond any unload that makes
+/// progress, short enough that a hung test reports instead of hanging.
+pub(crate) const DEFAULT_UNLOAD_WAIT_LIMIT_MS: u64 = 30_000;
+
+/// The driver code a thread is running, for the stop report ("in classifyFn of callout 3 of
+/// driver firewall").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Routine {
+    /// What is running: `DriverEntry`, `DriverUnload`, `classifyFn`, `a work item routine`, ...
+    pub kind: RoutineKind,
+    /// The driver object whose code it is (0: none).
+    pub driver: usize,
+    /// Which one: the callout id, the work item routine's address, the IRP major function.
+    pub object: usize,
+}
+
+/// The kinds of [`Routine`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RoutineKind {
+    DriverEntry,
+    DriverUnload,
+    /// The I/O manager's checks after a driver's unload routine returned (or its DriverEntry
+    /// failed): waiting for its work item routines, looking for what it left behind.
+    AfterUnload,
+    WorkItem,
+    /// A callout callback: `classifyFn`, `notifyFn`, `flowDeleteFn`.
+    Callout(&'static str),
+    Dispatch,
+    Cancel,
+    /// A filter-manager port callback: `ConnectNotify`, `DisconnectNotify`, ...
+    Port(&'static str),
+    /// Test harness code entered through a `Machine` method (the method's name).
+    Harness(&'static str),
+}
+
+impl Routine {
+    pub(crate) const fn new(kind: RoutineKind, driver: usize, object: usize) -> Routine {
+        Routine {
+            kind,
+            driver,
+            object,
+        }
+    }
+
+    /// Whether a wait in this routine is one the I/O manager's load or unload of a driver waits
+    /// on: bounded by the machine's unload wait limit.
+    pub(crate) fn is_load_or_unload(self) -> bool {
+        matches!(
+            self.kind,
+            RoutineKind::DriverEntry | RoutineKind::DriverUnload
+        )
+    }
 }
 
 static NEXT_THREAD_ID: AtomicU64 = AtomicU64::new(1);
@@ -141,6 +211,16 @@ pub(crate) struct ThreadState {
     /// The work item whose routine this thread is running (0: none).
     pub work_item: Cell<usize>,
     pub id: u64,
+    /// The driver routine this thread runs, innermost (for the stop report).
+    pub routine: Cell<Option<Routine>>,
+    /// The spin locks this processor holds, in the order it took them.
+    pub held_locks: RefCell<Vec<usize>>,
+    /// Spin locks in the lock-order graph that live on this thread's stack; forgotten when the
+    /// frame that holds them returns (see `with_context`).
+    pub stack_locks: RefCell<Vec<usize>>,
+    /// The address of a local in the outermost `with_context` frame on this thread (0: none):
+    /// locks between the current stack pointer and it live on this thread's stack.
+    pub stack_anchor: Cell<usize>,
 }
 
 thread_local! {
@@ -150,6 +230,10 @@ thread_local! {
         driver: Cell::new(0),
         work_item: Cell::new(0),
         id: NEXT_THREAD_ID.fetch_add(1, Ordering::Relaxed),
+        routine: Cell::new(None),
+        held_locks: RefCell::new(Vec::new()),
+        stack_locks: RefCell::new(Vec::new()),
+        stack_anchor: Cell::new(0),
     };
 }
 
@@ -172,6 +256,9 @@ impl Kernel {
             irp: super::irp::IoManager::default(),
             clock_start: std::time::Instant::now(),
             clock_offset: AtomicU64::new(0),
+            lock_order: super::deadlock::LockOrder::default(),
+            unload_wait_limit_ms: AtomicU64::new(DEFAULT_UNLOAD_WAIT_LIMIT_MS),
+            waiters: Mutex::new(HashMap::new()),
         });
         let mut handles = Vec::with_capacity(workers);
         for index in 0..workers {
@@ -228,6 +315,86 @@ impl Kernel {
             });
     }
 
+    /// How long a wait at load or unload may last (`Machine::set_unload_wait_limit`).
+    pub(crate) fn unload_wait_limit(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.unload_wait_limit_ms.load(Ordering::Relaxed))
+    }
+
+    /// The deadline of a wait with no timeout that starts now on this thread: bounded by the
+    /// unload wait limit while the thread runs `DriverEntry` or an unload routine, `None`
+    /// (forever) otherwise.
+    pub(crate) fn load_or_unload_deadline(&self) -> Option<std::time::Instant> {
+        current_routine()
+            .filter(|r| r.is_load_or_unload())
+            .map(|_| std::time::Instant::now() + self.unload_wait_limit())
+    }
+
+    /// One line per thread (other than this one) blocked in a wait with no timeout: which, in
+    /// what routine, on what object.
+    pub(crate) fn blocked_threads(&self) -> Vec<String> {
+        let me = thread_id();
+        let waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        let mut blocked: Vec<(u64, &Waiter)> = waiters
+            .iter()
+            .filter(|&(&id, _)| id != me)
+            .map(|(&id, w)| (id, w))
+            .collect();
+        blocked.sort_by_key(|&(id, _)| id);
+        blocked
+            .into_iter()
+            .map(|(_, waiter)| {
+                let routine = waiter.routine.map_or_else(
+                    || "harness code".to_owned(),
+                    super::bugcheck::describe_routine,
+                );
+                format!(
+                    "blocked: thread {} in {routine}, waiting (no timeout) on {:#x}",
+                    waiter.thread, waiter.object
+                )
+            })
+            .collect()
+    }
+
+    /// The routine of a work item of `driver` that is blocked in a wait with no timeout (0:
+    /// none known).
+    pub(crate) fn blocked_work_routine_of(&self, driver: usize) -> usize {
+        self.waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(|w| w.routine)
+            .find(|r| r.kind == RoutineKind::WorkItem && r.driver == driver)
+            .map_or(0, |r| r.object)
+    }
+
+    /// Stops the machine because a wait made at load or unload gave up: `what` says what was
+    /// waited for. Lists the threads blocked in a wait and the work item routines of the driver
+    /// that have not returned. The caller must not hold the state lock.
+    pub(crate) fn unload_wait_expired(&self, driver: usize, params: [usize; 4], what: &str) -> ! {
+        let limit = self.unload_wait_limit();
+        let routine = current_routine().map_or_else(
+            || "the I/O manager's unload".to_owned(),
+            super::bugcheck::describe_routine,
+        );
+        let running = self.lock().running_work.get(&driver).copied().unwrap_or(0);
+        let mut details = Vec::new();
+        if running > 0 {
+            details.push(format!(
+                "{running} work item routine(s) of this driver have not returned"
+            ));
+        }
+        details.extend(self.blocked_threads());
+        super::bugcheck::stop_with_details(
+            BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS,
+            params,
+            &format!(
+                "{routine} waited {:.1} s for {what}, and gave up (on Windows: unload hangs; Machine::set_unload_wait_limit sets the limit)",
+                limit.as_secs_f64()
+            ),
+            &details.join("\n"),
+        )
+    }
+
     /// Stops the worker threads (the harness's `Machine` drop).
     pub(crate) fn shut_down(&self) {
         if self.stopped.swap(true, Ordering::SeqCst) {
@@ -236,10 +403,42 @@ impl Kernel {
         self.lock().shutdown = true;
         self.work_ready.notify_all();
         let handles = std::mem::take(&mut *self.workers.lock().unwrap());
+        // A worker blocked in a work item routine never sees the shutdown: wait for the workers
+        // at most the unload wait limit, then leave the blocked ones behind and say so (unless
+        // the test is failing already).
+        let deadline = std::time::Instant::now() + self.unload_wait_limit();
+        let mut state = self.lock();
+        while handles.iter().any(|h| !h.is_finished()) && std::time::Instant::now() < deadline {
+            // Worker threads notify `work_done` after each item; the timeout bounds the wait for
+            // a worker that is already returning (it notifies nothing).
+            state = self
+                .work_done
+                .wait_timeout(state, std::time::Duration::from_millis(10))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(state);
+        let mut stuck = 0;
         for handle in handles {
-            if handle.thread().id() != std::thread::current().id() {
-                let _ = handle.join();
+            if handle.thread().id() == std::thread::current().id() {
+                continue;
             }
+            if handle.is_finished() {
+                let _ = handle.join();
+            } else {
+                stuck += 1;
+            }
+        }
+        if stuck > 0 && !std::thread::panicking() {
+            let mut report = self.blocked_threads();
+            report.insert(
+                0,
+                format!(
+                    "wfp-rs simulator: the machine was dropped while {stuck} system worker thread(s) still ran a work item routine after {:.1} s (Machine::set_unload_wait_limit); unload the driver, or end its work, before dropping the machine",
+                    self.unload_wait_limit().as_secs_f64()
+                ),
+            );
+            panic!("{}", report.join("\n"));
         }
     }
 }
@@ -274,7 +473,8 @@ pub(crate) fn current_driver() -> usize {
 }
 
 /// Runs `f` with this thread entered into `kernel` at `irql`, charged to `driver`, and restores
-/// the thread's previous state afterwards.
+/// the thread's previous state afterwards. Spin locks on the stack of the frames `f` ran in are
+/// gone when it returns, so the lock-order graph forgets them (their addresses will be reused).
 pub(crate) fn with_context<R>(
     kernel: &Arc<Kernel>,
     irql: KIRQL,
@@ -285,27 +485,63 @@ pub(crate) fn with_context<R>(
         kernel: Option<Arc<Kernel>>,
         irql: KIRQL,
         driver: usize,
+        /// The address of a local of this frame: the callee's stack lies below it.
+        frame: usize,
+        outermost: bool,
     }
     impl Drop for Restore {
         fn drop(&mut self) {
             THREAD.with(|t| {
+                let has_stack_locks = !t.stack_locks.borrow().is_empty();
+                if has_stack_locks && let Some(kernel) = t.kernel.borrow().as_ref() {
+                    super::deadlock::forget_stack_below(kernel, t, self.frame);
+                }
                 *t.kernel.borrow_mut() = self.kernel.take();
                 t.irql.set(self.irql);
                 t.driver.set(self.driver);
+                if self.outermost {
+                    t.stack_anchor.set(0);
+                }
             });
         }
     }
+    let marker = 0u8;
+    let frame = core::ptr::addr_of!(marker) as usize;
     let _restore = THREAD.with(|t| {
+        let outermost = t.stack_anchor.get() == 0;
+        if outermost {
+            t.stack_anchor.set(frame);
+        }
         let previous = Restore {
             kernel: t.kernel.replace(Some(Arc::clone(kernel))),
             irql: t.irql.get(),
             driver: t.driver.get(),
+            frame,
+            outermost,
         };
         t.irql.set(irql);
         t.driver.set(driver);
         previous
     });
     f()
+}
+
+/// Runs `f` as `routine` (what the stop report says the thread was running), and restores the
+/// previous routine afterwards.
+pub(crate) fn with_routine<R>(routine: Routine, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Routine>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            THREAD.with(|t| t.routine.set(self.0));
+        }
+    }
+    let _restore = Restore(THREAD.with(|t| t.routine.replace(Some(routine))));
+    f()
+}
+
+/// The routine this thread runs, innermost.
+pub(crate) fn current_routine() -> Option<Routine> {
+    THREAD.with(|t| t.routine.get())
 }
 
 /// The verifier's IRQL check at the top of every simulated routine: calling `routine` above

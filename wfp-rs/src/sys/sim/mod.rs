@@ -3,7 +3,8 @@
 //! Every function here has the name and signature of the kernel routine it stands for, and
 //! checks the rules Windows (with Driver Verifier) enforces: the IRQL it may be called at, the
 //! state of the object it is given, and what a driver must have released by unload. A broken
-//! rule stops the simulated machine with the real bug check code (see [`bugcheck`]).
+//! rule stops the simulated machine with the real bug check code (see [`bugcheck`]), including
+//! Driver Verifier's deadlock detection for spin locks (`deadlock.rs`).
 //!
 //! State lives in a [`Kernel`] per simulated machine; a thread belongs to at most one machine at
 //! a time and carries its own IRQL, like a processor.
@@ -17,6 +18,7 @@ use std::{
 };
 
 pub(crate) mod bugcheck;
+mod deadlock;
 mod event;
 pub(crate) mod flt;
 mod io;
@@ -26,6 +28,7 @@ pub(crate) mod kernel;
 mod pool;
 pub(crate) mod wfp;
 
+pub(crate) use deadlock::{forget_driver as forget_locks_of, remembered as remembered_locks};
 pub(crate) use pool::kernel_free as kernel_free_block;
 
 /// The functions the safe layer calls, under their kernel names.

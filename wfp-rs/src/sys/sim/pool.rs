@@ -169,6 +169,8 @@ pub unsafe extern "system" fn ExFreePoolWithTag(P: PVOID, Tag: ULONG) {
     state.pool.remove(&(P as usize));
     state.freed.insert(P as usize);
     drop(state);
+    // Spin locks in the block are gone; a lock later allocated at the same address is another.
+    super::deadlock::forget_range(&kernel, P as usize, size);
     // SAFETY: the block was allocated above with this layout and is freed exactly once (it was
     // just removed from the live table).
     unsafe { std::alloc::dealloc(P.cast(), layout(size)) };
@@ -211,6 +213,7 @@ pub(crate) fn kernel_free(ptr: *mut u8) {
         state.freed.insert(ptr as usize);
         block.size
     };
+    super::deadlock::forget_range(&kernel, ptr as usize, size);
     // SAFETY: allocated by `kernel_allocate` with this size, freed once (removed above).
     unsafe { std::alloc::dealloc(ptr, layout(size)) };
 }

@@ -587,17 +587,40 @@ fn with_write<R>(
     let deadline = bfe.sessions[&session]
         .txn_wait
         .map(|wait| Instant::now() + wait);
+    // An infinite transaction wait in DriverEntry or an unload routine is bounded by the
+    // machine's unload wait limit (on Windows: a hang).
+    let unload_deadline = if deadline.is_none() {
+        kernel.load_or_unload_deadline()
+    } else {
+        None
+    };
     while bfe.txn.as_ref().is_some_and(|txn| txn.session != session) {
-        bfe = match deadline {
+        bfe = match deadline.or(unload_deadline) {
             None => kernel.wfp_txn.wait(bfe).unwrap_or_else(|p| p.into_inner()),
-            Some(deadline) => {
+            Some(until) => {
                 let now = Instant::now();
-                if now >= deadline {
+                if now >= until && deadline.is_none() {
+                    let holder = bfe.txn.as_ref().map_or(0, |txn| txn.session);
+                    drop(bfe);
+                    kernel.unload_wait_expired(
+                        super::kernel::current_driver(),
+                        [
+                            handle as usize,
+                            0,
+                            0,
+                            crate::bugcheck::unload_wait::TRANSACTION,
+                        ],
+                        &format!(
+                            "another session's filter engine transaction to end (session {holder:#x} keeps one open; this session waits with an infinite transaction wait timeout)"
+                        ),
+                    );
+                }
+                if now >= until {
                     return Err(Status::FWP_TIMEOUT.raw());
                 }
                 kernel
                     .wfp_txn
-                    .wait_timeout(bfe, deadline - now)
+                    .wait_timeout(bfe, until - now)
                     .unwrap_or_else(|p| p.into_inner())
                     .0
             }
@@ -1425,15 +1448,51 @@ pub unsafe extern "system" fn FwpsCalloutUnregisterById0(calloutId: u32) -> NTST
         // flowDeleteFn): the driver must remove them first, and try again.
         return Status::DEVICE_BUSY.raw();
     }
+    // From an unload routine (or DriverEntry) the wait is bounded, as every wait the I/O
+    // manager's unload depends on (`Machine::set_unload_wait_limit`).
+    let deadline = kernel.load_or_unload_deadline();
     loop {
         match bfe.runtime.get(&calloutId) {
             None => return Status::FWP_CALLOUT_NOT_FOUND.raw(),
             Some(callout) if callout.in_flight == 0 => break,
-            Some(_) => bfe = kernel.wfp_idle.wait(bfe).unwrap_or_else(|p| p.into_inner()),
+            Some(callout) => match deadline {
+                None => bfe = kernel.wfp_idle.wait(bfe).unwrap_or_else(|p| p.into_inner()),
+                Some(until) => {
+                    let now = std::time::Instant::now();
+                    if now >= until {
+                        let calls = callout.in_flight;
+                        drop(bfe);
+                        kernel.unload_wait_expired(
+                            super::kernel::current_driver(),
+                            [
+                                calloutId as usize,
+                                0,
+                                0,
+                                crate::bugcheck::unload_wait::CALLOUT_CALLS,
+                            ],
+                            &format!(
+                                "{calls} call(s) into callout {calloutId} to return (FwpsCalloutUnregisterById0 waits for callbacks in progress)"
+                            ),
+                        );
+                    }
+                    bfe = kernel
+                        .wfp_idle
+                        .wait_timeout(bfe, until - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            },
         }
     }
     bfe.runtime.remove(&calloutId);
     STATUS_SUCCESS
+}
+
+/// The key of callout `id`, for the stop report: `None` if the engine is busy on this thread (a
+/// stop may come while it holds the engine lock) or the callout is gone.
+pub(crate) fn callout_key(kernel: &super::kernel::Kernel, id: u32) -> Option<GUID> {
+    let bfe = kernel.wfp.try_lock().ok()?;
+    bfe.runtime.get(&id).map(|callout| callout.key)
 }
 
 /// A call into a registered callout, counted so unregistration waits for it.
@@ -1480,7 +1539,7 @@ impl Notify {
         let mut storage = FilterStorage::new(record, 0);
         let key = record.key;
         let driver = self.call.driver;
-        let status = in_driver(driver, "notifyFn", || {
+        let status = in_driver(driver, self.call.id, "notifyFn", || {
             // SAFETY: the callout registered this notifyFn; the key and filter are valid for the
             // call, and notifyFn is called at PASSIVE_LEVEL here (the management call's IRQL).
             unsafe { (self.f)(kind, &key, storage.filter()) }
@@ -1505,28 +1564,37 @@ fn notify_delete(record: &FilterRecord) {
 
 /// Runs driver code on this thread, charged to `driver`, and checks that it returns at the IRQL
 /// it was called at.
-fn in_driver<R>(driver: usize, callback: &str, f: impl FnOnce() -> R) -> R {
+fn in_driver<R>(driver: usize, callout: u32, callback: &'static str, f: impl FnOnce() -> R) -> R {
     let before = irql();
     let previous = THREAD.with(|t| t.driver.replace(driver));
-    let result = f();
+    let routine = super::kernel::Routine::new(
+        super::kernel::RoutineKind::Callout(callback),
+        driver,
+        callout as usize,
+    );
+    // The IRQL is checked as the callback's return, so the report names the callback.
+    let result = super::kernel::with_routine(routine, || {
+        let result = f();
+        let after = irql();
+        if after != before {
+            stop(
+                BugCheckCode::IRQL_UNEXPECTED_VALUE,
+                [
+                    ((after as usize) << 16) | ((before as usize) << 8) | 2,
+                    0,
+                    0,
+                    0,
+                ],
+                &format!(
+                    "{callback} returned at IRQL {after} ({}); it was called at {before} ({})",
+                    level_name(after),
+                    level_name(before)
+                ),
+            );
+        }
+        result
+    });
     THREAD.with(|t| t.driver.set(previous));
-    let after = irql();
-    if after != before {
-        stop(
-            BugCheckCode::IRQL_UNEXPECTED_VALUE,
-            [
-                ((after as usize) << 16) | ((before as usize) << 8) | 2,
-                0,
-                0,
-                0,
-            ],
-            &format!(
-                "{callback} returned at IRQL {after} ({}); it was called at {before} ({})",
-                level_name(after),
-                level_name(before)
-            ),
-        );
-    }
     result
 }
 
@@ -2219,7 +2287,7 @@ fn call_classify(
     };
     let driver = call.driver;
     if let Some(classify_fn) = classify_fn {
-        in_driver(driver, "classifyFn", || {
+        in_driver(driver, call.id, "classifyFn", || {
             // SAFETY: the callout registered this classifyFn; every pointer is valid for the call
             // (owned by this frame or by `incoming`), as the filter engine guarantees.
             unsafe {
@@ -2355,11 +2423,12 @@ impl Direct {
             reserved: 0,
         };
         let driver = self.call.as_ref().map_or(0, |call| call.driver);
+        let callout = self.call.as_ref().map_or(0, |call| call.id);
         let classify_fn = self.classify_fn;
         let (fixed, metadata) = (&*self.fixed, &*self.metadata);
         let filter = self.filter.filter();
         let flow = enter_flow(metadata);
-        in_driver(driver, "classifyFn", || {
+        in_driver(driver, callout, "classifyFn", || {
             // SAFETY: the callout registered this classifyFn and cannot be unregistered while
             // `self.call` is held; every pointer is owned by `self` (values, metadata, filter)
             // or by this frame (`out`), valid for the call. No completion handle or classify
@@ -2798,7 +2867,7 @@ pub unsafe extern "system" fn FwpsFlowAssociateContext0(
 /// and `flowDeleteFn` runs later — here when the last classification of the flow returns, on
 /// its thread; otherwise `STATUS_SUCCESS`, having called `flowDeleteFn` synchronously, from
 /// inside this call (so a caller holding a spin lock that its `flowDeleteFn` takes deadlocks on
-/// Windows, and stops the simulator with `SPIN_LOCK_ALREADY_OWNED`).
+/// Windows, and stops the simulator with deadlock detection's 0xC4 / 0x1000).
 ///
 /// INFERRED: "a classification in progress" is counted per flow (any layer, any callout):
 /// every classification whose metadata carries the flow's handle, including the one calling.
@@ -2877,7 +2946,7 @@ fn delete_flow_context(layer: u16, callout: u32, context: u64) {
     });
     if let Some((call, flow_delete)) = call {
         let driver = call.driver;
-        in_driver(driver, "flowDeleteFn", || {
+        in_driver(driver, callout, "flowDeleteFn", || {
             // SAFETY: the callout registered this flowDeleteFn and the context it associated.
             unsafe { flow_delete(layer, callout, context) }
         });
