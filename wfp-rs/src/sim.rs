@@ -36,6 +36,13 @@ use crate::sys::sim::bugcheck::{STOP_PREFIX, stop};
 use crate::sys::sim::kernel::{self, DriverRecord, Kernel, WorkItemState};
 use crate::sys::types::*;
 
+/// The tag of the pool blocks driver code takes through the global allocator (`Box`, `Vec`,
+/// `Arc`, ...) in the simulator, as [`Machine::pool_blocks`] and the unload leak report show
+/// them. (On Windows they carry the tag the driver gave its
+/// [`PoolAllocator`](crate::pool::PoolAllocator); the simulator's allocator is shared by every
+/// driver in the process, so it cannot know that tag.)
+pub const GLOBAL_ALLOCATOR_TAG: PoolTag = PoolTag::new(b"Rust");
+
 /// The signature of a driver's `DriverEntry`, which the `#[driver_entry]` attribute generates.
 pub type DriverEntryFn =
     unsafe extern "system" fn(*mut DRIVER_OBJECT, *const UNICODE_STRING) -> NTSTATUS;
@@ -355,12 +362,16 @@ impl Machine {
                 devices,
             });
         }
+        // Pool the driver's code took through the global allocator counts as its pool too.
+        let global = self.kernel.global_pool.lock().unwrap_or_else(|p| p.into_inner());
         let leaked: Vec<(usize, u32, usize)> = state
             .pool
             .iter()
+            .chain(global.iter())
             .filter(|(_, b)| b.driver == driver.object)
             .map(|(&addr, b)| (addr, b.tag, b.size))
             .collect();
+        drop(global);
         if !leaked.is_empty() {
             let record = state.drivers.get(&driver.object).expect("driver is loaded");
             let name_ptr = &record.object.DriverName as *const UNICODE_STRING as usize;
@@ -456,14 +467,18 @@ impl Machine {
     /// driver (work items, driver object extensions) count too. `fail_allocations(0, 0)` turns
     /// injection off.
     pub fn fail_allocations(&self, skip: u64, count: u64) {
-        let mut state = self.kernel.lock();
-        state.fail_from = skip;
-        state.fail_count = count;
+        let mut faults = self.kernel.faults.lock().unwrap_or_else(|p| p.into_inner());
+        faults.skip = skip;
+        faults.count = count;
     }
 
     /// How many injected failures are still to come (0 once all have happened).
     pub fn pending_allocation_failures(&self) -> u64 {
-        self.kernel.lock().fail_count
+        self.kernel
+            .faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .count
     }
 
     /// While `hold` is true, system worker threads leave queued work items in the queue; set it
@@ -475,12 +490,19 @@ impl Machine {
         }
     }
 
-    /// The live pool blocks.
+    /// The live pool blocks, those driver code took through the global allocator (`Box`, `Vec`,
+    /// `Arc`: tag [`GLOBAL_ALLOCATOR_TAG`]) included.
     pub fn pool_blocks(&self) -> Vec<PoolBlock> {
         let state = self.kernel.lock();
+        let global = self
+            .kernel
+            .global_pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         state
             .pool
             .values()
+            .chain(global.values())
             .map(|b| PoolBlock {
                 tag: PoolTag::new(&b.tag.to_le_bytes()),
                 size: b.size,

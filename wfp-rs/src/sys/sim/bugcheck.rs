@@ -20,6 +20,9 @@ pub(crate) const STOP_PREFIX: &str = "*** STOP: ";
 /// simulator's explanation, and aborts the process. Nothing after a bug check runs, as on
 /// Windows, so no test can pass by accident after one.
 pub(crate) fn stop(code: Code, params: [usize; 4], why: &str) -> ! {
+    // The report is the kernel's: it must not come out of the driver's pool (which may be
+    // failing on purpose) when a driver's code is what stopped.
+    let _kernel = super::kernel::KernelCode::enter();
     let name = code.name().unwrap_or("UNKNOWN_BUGCHECK");
     let text = format!(
         "\n{STOP_PREFIX}{:#010X} ({:#018X}, {:#018X}, {:#018X}, {:#018X})\n{name}\nwfp-rs simulator: {why}\nthread: {}\n",
@@ -48,6 +51,7 @@ pub unsafe extern "system" fn KeBugCheckEx(
     BugCheckParameter3: ULONG_PTR,
     BugCheckParameter4: ULONG_PTR,
 ) -> ! {
+    let _kernel = super::kernel::KernelCode::enter();
     stop(
         Code(BugCheckCode),
         [

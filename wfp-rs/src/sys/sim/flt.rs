@@ -288,9 +288,7 @@ fn call_driver<R>(kernel: &Arc<Kernel>, driver: usize, routine: &str, f: impl Fn
 }
 
 fn injected_failure() -> bool {
-    let kernel = current();
-    let mut state = kernel.lock();
-    Kernel::injected_failure(&mut state)
+    current().injected_failure()
 }
 
 // --- registration ---------------------------------------------------------------------------
@@ -307,6 +305,7 @@ pub unsafe extern "system" fn FltRegisterFilter(
     Registration: *const FLT_REGISTRATION,
     RetFilter: *mut PFLT_FILTER,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FltRegisterFilter", APC_LEVEL);
     if RetFilter.is_null() {
         bad_object("FltRegisterFilter", "output pointer", 0);
@@ -340,11 +339,11 @@ pub unsafe extern "system" fn FltRegisterFilter(
     let kernel = current();
     let driver = Driver as usize;
     {
-        let mut state = kernel.lock();
+        let state = kernel.lock();
         if !state.drivers.contains_key(&driver) {
             return STATUS_INVALID_PARAMETER;
         }
-        if Kernel::injected_failure(&mut state) {
+        if kernel.injected_failure() {
             return STATUS_INSUFFICIENT_RESOURCES;
         }
     }
@@ -378,6 +377,7 @@ pub unsafe extern "system" fn FltRegisterFilter(
 ///
 /// `Filter` must come from `FltRegisterFilter`.
 pub unsafe extern "system" fn FltStartFiltering(Filter: PFLT_FILTER) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FltStartFiltering", APC_LEVEL);
     let kernel = current();
     let mut flt = lock(&kernel);
@@ -400,6 +400,7 @@ pub unsafe extern "system" fn FltStartFiltering(Filter: PFLT_FILTER) -> NTSTATUS
 ///
 /// `Filter` must come from `FltRegisterFilter` and not be unregistered yet.
 pub unsafe extern "system" fn FltUnregisterFilter(Filter: PFLT_FILTER) {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FltUnregisterFilter", APC_LEVEL);
     let kernel = current();
     let filter = Filter as usize;
@@ -460,6 +461,7 @@ pub unsafe extern "system" fn FltBuildDefaultSecurityDescriptor(
     SecurityDescriptor: *mut PSECURITY_DESCRIPTOR,
     DesiredAccess: ACCESS_MASK,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FltBuildDefaultSecurityDescriptor", APC_LEVEL);
     if SecurityDescriptor.is_null() {
         bad_object("FltBuildDefaultSecurityDescriptor", "output pointer", 0);
@@ -488,6 +490,7 @@ pub unsafe extern "system" fn FltBuildDefaultSecurityDescriptor(
 ///
 /// `SecurityDescriptor` must come from `FltBuildDefaultSecurityDescriptor` and not be freed yet.
 pub unsafe extern "system" fn FltFreeSecurityDescriptor(SecurityDescriptor: PSECURITY_DESCRIPTOR) {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FltFreeSecurityDescriptor", APC_LEVEL);
     let kernel = current();
     let known = lock(&kernel)
@@ -541,6 +544,7 @@ pub unsafe extern "system" fn FltCreateCommunicationPort(
     MessageNotifyCallback: PFLT_MESSAGE_NOTIFY,
     MaxConnections: LONG,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     // User mode cannot send to the driver in the simulator (there is no FilterSendMessage), so
     // the message callback is never called.
     let _ = MessageNotifyCallback;
@@ -618,6 +622,7 @@ pub unsafe extern "system" fn FltCreateCommunicationPort(
 ///
 /// `ServerPort` must come from `FltCreateCommunicationPort` and not be closed yet.
 pub unsafe extern "system" fn FltCloseCommunicationPort(ServerPort: PFLT_PORT) {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FltCloseCommunicationPort", PASSIVE_LEVEL);
     let kernel = current();
     let removed = lock(&kernel).servers.remove(&(ServerPort as usize));
@@ -637,6 +642,7 @@ pub unsafe extern "system" fn FltCloseCommunicationPort(ServerPort: PFLT_PORT) {
 ///
 /// `ClientPort` must point to the variable holding the client port, accessed only atomically.
 pub unsafe extern "system" fn FltCloseClientPort(Filter: PFLT_FILTER, ClientPort: *mut PFLT_PORT) {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FltCloseClientPort", PASSIVE_LEVEL);
     if ClientPort.is_null() {
         bad_object("FltCloseClientPort", "client port variable", 0);
@@ -701,6 +707,7 @@ pub unsafe extern "system" fn FltSendMessage(
     ReplyLength: *mut ULONG,
     Timeout: *const LARGE_INTEGER,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     let now = irql();
     if now == DISPATCH_LEVEL {
         let client = if ClientPort.is_null() {

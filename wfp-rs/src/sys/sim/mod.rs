@@ -18,6 +18,7 @@ use std::{
 
 pub(crate) mod bugcheck;
 mod event;
+mod global_alloc;
 pub(crate) mod flt;
 mod io;
 pub(crate) mod irp;
