@@ -82,8 +82,8 @@ fn every_allocation_failure_during_load_is_reported_and_leaks_nothing() {
             break;
         }
     }
-    // Extension, two events, and one job block plus one work item per greeting.
-    let expected = 3 + 2 * minimal_driver::GREETINGS as usize;
+    // Extension, two events, the counter, and one job block plus one work item per greeting.
+    let expected = 4 + 2 * minimal_driver::GREETINGS as usize;
     assert_eq!(failures, expected, "allocation points exercised");
 }
 

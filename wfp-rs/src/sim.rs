@@ -43,6 +43,24 @@ use crate::sys::types::*;
 /// driver in the process, so it cannot know that tag.)
 pub const GLOBAL_ALLOCATOR_TAG: PoolTag = PoolTag::new(b"Rust");
 
+/// Runs `f` as harness code even when called from a driver's code: what `f` allocates through
+/// the global allocator comes from the host, not the driver's pool, and fault injection does not
+/// touch it. For test instrumentation that driver code calls — a log the test reads afterwards,
+/// a counter map — which would otherwise be charged to the driver, and reported as its leak at
+/// unload if the test still holds it. Driver code proper must never need it.
+///
+/// ```
+/// use std::sync::Mutex;
+/// static LOG: Mutex<Vec<&str>> = Mutex::new(Vec::new());
+/// // In a callback of a driver under test:
+/// wfp_rs::sim::as_harness(|| LOG.lock().unwrap().push("classify"));
+/// # assert_eq!(LOG.lock().unwrap().len(), 1);
+/// ```
+pub fn as_harness<R>(f: impl FnOnce() -> R) -> R {
+    let _harness = kernel::KernelCode::enter();
+    f()
+}
+
 /// The signature of a driver's `DriverEntry`, which the `#[driver_entry]` attribute generates.
 pub type DriverEntryFn =
     unsafe extern "system" fn(*mut DRIVER_OBJECT, *const UNICODE_STRING) -> NTSTATUS;

@@ -65,7 +65,9 @@ static ALLOCATOR: SimAllocator = SimAllocator;
 
 thread_local! {
     /// The last allocation of driver code on this thread that got null, as (size, alignment),
-    /// until the thread's next call into the allocator: a failure nothing handled.
+    /// until the driver's code calls into the kernel or returns to it: a failure nothing has
+    /// handled yet. (Not until the next allocation: std's path from the null to its abort may
+    /// allocate, to read `RUST_BACKTRACE` or capture a backtrace.)
     static FAILED: Cell<Option<(usize, usize)>> = const { Cell::new(None) };
 }
 
@@ -86,8 +88,8 @@ fn pool_layout(size: usize) -> Option<Layout> {
     Layout::from_size_align(size.checked_add(HEADER)?, POOL_ALIGNMENT).ok()
 }
 
-/// A new thread-local allocator call: a failure before it was handled.
-fn forget_failure() {
+/// The driver's code calls into the kernel or returns to it: a failure before was handled.
+pub(crate) fn forget_failure() {
     if FAILED.with(Cell::get).is_some() {
         FAILED.with(|f| f.set(None));
     }
@@ -154,7 +156,7 @@ fn pool_alloc(running: Running, layout: Layout) -> *mut u8 {
     }
     // From here on the simulator's own allocations (the block table, a stop report) are the
     // kernel's.
-    let _kernel = KernelCode::enter();
+    let _kernel = KernelCode::for_allocator();
     let now = kernel::irql();
     if now > DISPATCH_LEVEL {
         stop(
@@ -192,6 +194,9 @@ fn pool_alloc(running: Running, layout: Layout) -> *mut u8 {
     unsafe { Arc::increment_strong_count(running.kernel) };
     // SAFETY: `ptr` is `HEADER` bytes into a fresh 16-byte aligned block.
     unsafe { write_header(ptr, running.kernel, POOL) };
+    if std::env::var_os("WFP_SIM_TRACE_ALLOC").is_some() {
+        std::eprintln!("ALLOC {:p} {}\n{}", ptr, layout.size(), std::backtrace::Backtrace::force_capture());
+    }
     machine
         .global_pool
         .lock()
@@ -214,7 +219,7 @@ fn pool_alloc(running: Running, layout: Layout) -> *mut u8 {
 ///
 /// `ptr` is a live pool block of this allocator.
 unsafe fn pool_free(ptr: *mut u8) {
-    let _kernel = KernelCode::enter();
+    let _kernel = KernelCode::for_allocator();
     let header = ptr.wrapping_sub(HEADER).cast::<*const Kernel>();
     // SAFETY: a pool block's header starts with its machine (written by `pool_alloc`).
     let machine_ptr = unsafe { header.read() };
@@ -257,7 +262,6 @@ unsafe fn pool_free(ptr: *mut u8) {
 // non-returning path is a bug check, which aborts.
 unsafe impl GlobalAlloc for SimAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        forget_failure();
         let running = kernel::running();
         if is_driver_code(running) {
             pool_alloc(running, layout)
@@ -267,7 +271,6 @@ unsafe impl GlobalAlloc for SimAllocator {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        forget_failure();
         let running = kernel::running();
         if is_driver_code(running) {
             // Pool blocks are zeroed.
@@ -278,7 +281,6 @@ unsafe impl GlobalAlloc for SimAllocator {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        forget_failure();
         // SAFETY: `ptr` is a live block of this allocator (GlobalAlloc contract).
         if unsafe { kind(ptr) } == POOL {
             // SAFETY: as above, and the kind says it is a pool block.
@@ -292,7 +294,6 @@ unsafe impl GlobalAlloc for SimAllocator {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        forget_failure();
         let running = kernel::running();
         // SAFETY: `ptr` is a live block of this allocator (GlobalAlloc contract).
         let from_host = unsafe { kind(ptr) } != POOL;
@@ -337,9 +338,9 @@ unsafe impl GlobalAlloc for SimAllocator {
 /// driver's panic handler bug checks with the panic's line as parameter 2: a line inside the
 /// `alloc` crate, which depends on the toolchain, so the simulator gives 0 there. Stable Rust
 /// offers no hook between `handle_alloc_error` and std's abort, so the simulator catches the
-/// abort itself (`SIGABRT`), on the thread whose allocation failed, if that thread has not
-/// called the allocator since (std's path from the null to the abort does not allocate). The
-/// handler only writes to stderr; the process then ends as every stop ends it.
+/// abort itself (`SIGABRT`), on the thread whose allocation failed, if that thread's driver code
+/// has not called into the kernel nor returned to it since (either means it handled the
+/// failure). The handler only writes to stderr; the process then ends as every stop ends it.
 #[cfg(unix)]
 mod report_unhandled_failure {
     use core::ffi::c_int;

@@ -321,7 +321,15 @@ pub(crate) struct KernelCode {
 }
 
 impl KernelCode {
+    /// Kernel code starts: a routine the driver called (so the driver handled any allocation
+    /// failure before), or the simulator's own code.
     pub(crate) fn enter() -> KernelCode {
+        super::global_alloc::forget_failure();
+        KernelCode::for_allocator()
+    }
+
+    /// The global allocator's own bookkeeping, which says nothing about what the driver handled.
+    pub(crate) fn for_allocator() -> KernelCode {
         let was_in_kernel = RUNNING.with(|r| {
             let mut now = r.get();
             let was = now.in_kernel;
@@ -349,6 +357,7 @@ pub(crate) fn as_driver<R>(driver: usize, f: impl FnOnce() -> R) -> R {
     struct Restore(Running);
     impl Drop for Restore {
         fn drop(&mut self) {
+            super::global_alloc::forget_failure();
             RUNNING.with(|r| r.set(self.0));
         }
     }
@@ -382,6 +391,7 @@ pub(crate) fn with_context<R>(
         fn drop(&mut self) {
             // The allocator's view first: it must not point at a machine this thread may be
             // about to release.
+            super::global_alloc::forget_failure();
             RUNNING.with(|r| r.set(self.running));
             THREAD.with(|t| {
                 *t.kernel.borrow_mut() = self.kernel.take();
