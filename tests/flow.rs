@@ -67,10 +67,8 @@ impl Callout<layer::OutboundTransportV4, PacketCount> for Counter {
     }
 
     fn flow_deleted(&self, _irql: &mut DispatchLevel<'_>, layer_id: u16, context: PacketCount) {
-        self.deleted
-            .lock()
-            .unwrap()
-            .push((layer_id, context.0.load(Ordering::SeqCst)));
+        let entry = (layer_id, context.0.load(Ordering::SeqCst));
+        wfp_rs::sim::as_harness(|| self.deleted.lock().unwrap().push(entry));
     }
 }
 
@@ -95,7 +93,9 @@ fn setup(
     driver
         .run_in_driver(machine, |irql, d| {
             let registration =
-                CalloutRegistration::register(irql, d, CALLOUT, Counter::default()).unwrap();
+                // The counter's log is the test's: allocated as harness code.
+                CalloutRegistration::register(irql, d, CALLOUT, wfp_rs::sim::as_harness(Counter::default))
+                    .unwrap();
             let engine = Engine::open(irql, SessionOptions::new().dynamic()).unwrap();
             engine
                 .add_callout(
