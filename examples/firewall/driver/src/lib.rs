@@ -241,7 +241,7 @@ extern crate alloc;
 pub mod cache;
 mod stats;
 
-use alloc::sync::Arc;
+use wfp_rs::pool::PoolArc;
 use core::fmt;
 use core::net::IpAddr;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -589,6 +589,8 @@ const REQUEST_TAG: PoolTag = PoolTag::new(b"FwRq");
 
 /// The pool tag of the verdict table.
 const VERDICTS_TAG: PoolTag = PoolTag::new(b"FwVt");
+/// The tag of the state the callouts, the work items and the control device share.
+const SHARED_TAG: PoolTag = PoolTag::new(b"FwSh");
 
 /// Adds one to `counter` unless it has reached `limit`; whether it did.
 fn increment_below(counter: &AtomicUsize, limit: usize) -> bool {
@@ -938,7 +940,7 @@ impl Shared {
 /// The outbound callout, at `ALE_AUTH_CONNECT_V4` and `_V6`: cache, else pend and ask from a
 /// work item, and answer the reauthorization from the recorded verdict.
 pub struct Outbound {
-    shared: Arc<Shared>,
+    shared: PoolArc<Shared>,
     queue: WorkQueue,
 }
 
@@ -1040,7 +1042,7 @@ where
             Described(&request)
         );
         let key = observed.key;
-        let work = Arc::clone(shared);
+        let work = PoolArc::clone(shared);
         let queued = self.queue.queue(irql, move |passive| {
             let verdict = work.decide(passive, &request, &cache_key);
             work.record(passive, key, verdict);
@@ -1066,7 +1068,7 @@ where
 /// and a background ask whose answer serves the next attempt. Never pends (see the crate
 /// documentation).
 pub struct Inbound {
-    shared: Arc<Shared>,
+    shared: PoolArc<Shared>,
     queue: WorkQueue,
 }
 
@@ -1131,7 +1133,7 @@ where
             "firewall: #{request_id}: {}: {default} (default: not cached; asking the service for later attempts)\n",
             Described(&request)
         );
-        let work = Arc::clone(shared);
+        let work = PoolArc::clone(shared);
         let queued = self.queue.queue(irql, move |passive| {
             work.learn(passive, &request, &cache_key);
             work.background.fetch_sub(1, Ordering::SeqCst);
@@ -1196,7 +1198,7 @@ impl Shared {
 /// The control device's handler: the service's commands (see "Control device" in the crate
 /// documentation).
 pub struct Commands {
-    shared: Arc<Shared>,
+    shared: PoolArc<Shared>,
 }
 
 impl CommandHandler for Commands {
@@ -1219,7 +1221,7 @@ pub struct Firewall {
     accept_v4: CalloutRegistration<AleAuthRecvAcceptV4, Inbound>,
     accept_v6: CalloutRegistration<AleAuthRecvAcceptV6, Inbound>,
     control: ControlDevice<Commands>,
-    shared: Arc<Shared>,
+    shared: PoolArc<Shared>,
     filter: Filter,
 }
 
@@ -1290,7 +1292,7 @@ impl DriverState for Firewall {
         }
         let stats = shared.own_stats.snapshot();
         // The port before the filter: a filter with an open port cannot be unregistered.
-        match Arc::try_unwrap(shared) {
+        match PoolArc::try_unwrap(shared) {
             Ok(Shared { port, .. }) => port.close(irql),
             // A work item queued by a classification that raced the session's close still
             // holds it; it closes the port when it finishes, at PASSIVE_LEVEL, and the SDK
@@ -1328,7 +1330,9 @@ pub fn start(
         VerdictTable::try_new_in_pool(VERDICTS_TAG, irql).ok_or(Status::INSUFFICIENT_RESOURCES)?;
     let capacity = cache.capacity(irql);
     let progress = Event::try_new(EventKind::Notification, false, irql)?;
-    let shared = Arc::new(Shared {
+    // Fallible: `Arc::new` cannot report an exhausted pool, and in a driver its failure is a
+    // bug check. On a failure the value comes back and is dropped like the other locals.
+    let shared = PoolArc::try_new(Shared {
         config,
         port,
         cache,
@@ -1341,24 +1345,25 @@ pub fn start(
         next_request: AtomicU64::new(0),
         background: AtomicUsize::new(0),
         own_stats: Stats::new(),
-    });
+    }, SHARED_TAG, irql)
+    .map_err(|e| e.status())?;
     let control = ControlDevice::new(
         irql,
         driver,
         config.device_name,
         Commands {
-            shared: Arc::clone(&shared),
+            shared: PoolArc::clone(&shared),
         },
     )?;
 
     // Registered before the filters that name them exist, so no connection meets a filter
     // whose callout is missing (it would be blocked).
     let outbound = || Outbound {
-        shared: Arc::clone(&shared),
+        shared: PoolArc::clone(&shared),
         queue: driver.work_queue(),
     };
     let inbound = || Inbound {
-        shared: Arc::clone(&shared),
+        shared: PoolArc::clone(&shared),
         queue: driver.work_queue(),
     };
     let connect_v4 = CalloutRegistration::register(irql, driver, CALLOUT_CONNECT_V4, outbound())?;

@@ -41,6 +41,7 @@ use core::alloc::{GlobalAlloc, Layout};
 use std::alloc::System;
 use std::cell::Cell;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use super::bugcheck::stop;
 use super::kernel::{self, Block, Kernel, KernelCode, Running};
@@ -194,8 +195,13 @@ fn pool_alloc(running: Running, layout: Layout) -> *mut u8 {
     unsafe { Arc::increment_strong_count(running.kernel) };
     // SAFETY: `ptr` is `HEADER` bytes into a fresh 16-byte aligned block.
     unsafe { write_header(ptr, running.kernel, POOL) };
-    if std::env::var_os("WFP_SIM_TRACE_ALLOC").is_some() {
-        std::eprintln!("ALLOC {:p} {}\n{}", ptr, layout.size(), std::backtrace::Backtrace::force_capture());
+    if tracing() {
+        std::eprintln!(
+            "wfp-rs simulator: driver code allocated {:p} ({} bytes) through the global allocator at\n{}",
+            ptr,
+            layout.size(),
+            std::backtrace::Backtrace::force_capture()
+        );
     }
     machine
         .global_pool
@@ -211,6 +217,21 @@ fn pool_alloc(running: Running, layout: Layout) -> *mut u8 {
             },
         );
     ptr
+}
+
+/// Whether `WFP_SIM_TRACE_ALLOC` is set: then every pool block driver code takes through the
+/// global allocator is printed with a backtrace, so a leak reported at unload can be found by
+/// its address. Read once.
+fn tracing() -> bool {
+    static TRACING: AtomicU8 = AtomicU8::new(0);
+    match TRACING.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var_os("WFP_SIM_TRACE_ALLOC").is_some();
+            TRACING.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+            on
+        }
+        state => state == 2,
+    }
 }
 
 /// `PoolAllocator::dealloc`: `ExFreePoolWithTag`, from whichever code frees the block.
