@@ -99,7 +99,11 @@ fn a_drivers_box_is_its_pool_until_freed_and_unload_is_clean_after() {
     drop(boxed);
     assert!(blocks_of(&machine, "plain").is_empty());
     machine.unload_driver(driver).unwrap();
-    assert!(machine.pool_blocks().is_empty(), "{:?}", machine.pool_blocks());
+    assert!(
+        machine.pool_blocks().is_empty(),
+        "{:?}",
+        machine.pool_blocks()
+    );
 }
 
 #[test]
@@ -108,21 +112,30 @@ fn memory_the_driver_keeps_in_its_state_is_freed_by_unload() {
     let driver = machine.load_driver("keeper", keeper::DriverEntry).unwrap();
     assert_eq!(blocks_of(&machine, "keeper").len(), 1);
     machine.unload_driver(driver).unwrap();
-    assert!(machine.pool_blocks().is_empty(), "{:?}", machine.pool_blocks());
+    assert!(
+        machine.pool_blocks().is_empty(),
+        "{:?}",
+        machine.pool_blocks()
+    );
 }
 
 #[test]
 fn a_leaked_box_stops_at_unload_naming_its_tag_and_size() {
-    let outcome = run_isolated("a_leaked_box_stops_at_unload_naming_its_tag_and_size", || {
-        let machine = Machine::new();
-        let driver = machine.load_driver("leaker", leaker::DriverEntry).unwrap();
-        let _ = machine.unload_driver(driver);
-    });
+    let outcome = run_isolated(
+        "a_leaked_box_stops_at_unload_naming_its_tag_and_size",
+        || {
+            let machine = Machine::new();
+            let driver = machine.load_driver("leaker", leaker::DriverEntry).unwrap();
+            let _ = machine.unload_driver(driver);
+        },
+    );
     let report = outcome.expect_bugcheck(BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION);
     assert_eq!(report.params[0], verifier::POOL_LEAKED_AT_UNLOAD);
     assert_eq!(report.params[3], 1, "one block leaked");
     assert!(
-        outcome.stderr.contains("driver leaker unloaded without freeing 1 pool allocation(s)")
+        outcome
+            .stderr
+            .contains("driver leaker unloaded without freeing 1 pool allocation(s)")
             && outcome.stderr.contains("tag Rust (40 bytes)"),
         "{}",
         outcome.stderr
@@ -226,10 +239,16 @@ fn alignment_above_sixteen_bytes_is_refused_to_driver_code() {
             struct Sixteen(#[expect(dead_code, reason = "only its layout matters")] u8);
             let mut over: Vec<CacheLine> = Vec::new();
             let mut at_limit: Vec<Sixteen> = Vec::new();
-            (over.try_reserve(1).is_err(), at_limit.try_reserve(1).is_ok())
+            (
+                over.try_reserve(1).is_err(),
+                at_limit.try_reserve(1).is_ok(),
+            )
         })
         .unwrap();
-    assert!(over, "a 64-byte alignment must fail as PoolAllocator fails it");
+    assert!(
+        over,
+        "a 64-byte alignment must fail as PoolAllocator fails it"
+    );
     assert!(at_limit, "16-byte alignment is what pool gives");
     machine.unload_driver(driver).unwrap();
 }

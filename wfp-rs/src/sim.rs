@@ -381,7 +381,11 @@ impl Machine {
             });
         }
         // Pool the driver's code took through the global allocator counts as its pool too.
-        let global = self.kernel.global_pool.lock().unwrap_or_else(|p| p.into_inner());
+        let global = self
+            .kernel
+            .global_pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let leaked: Vec<(usize, u32, usize)> = state
             .pool
             .iter()

@@ -19,8 +19,7 @@ use wfp_rs::{Status, kd_print};
 
 #[cfg(all(target_os = "windows", not(feature = "sim")))]
 #[global_allocator]
-static ALLOCATOR: wfp_rs::pool::PoolAllocator =
-    wfp_rs::pool::PoolAllocator::new(TAG);
+static ALLOCATOR: wfp_rs::pool::PoolAllocator = wfp_rs::pool::PoolAllocator::new(TAG);
 
 /// The tag of the driver's pool.
 const TAG: PoolTag = PoolTag::new(b"Mini");

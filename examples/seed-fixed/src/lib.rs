@@ -257,11 +257,11 @@ extern crate alloc;
 
 pub mod protocol;
 
-use wfp_rs::pool::{PoolArc, PoolTag};
 use core::fmt;
 use core::net::IpAddr;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use core::time::Duration;
+use wfp_rs::pool::{PoolArc, PoolTag};
 
 use wfp_rs::callout::{Callout, CalloutRegistration, Classify};
 use wfp_rs::classify::ClassifyOut;
@@ -671,14 +671,18 @@ pub fn start(
     let progress = Event::try_new(EventKind::Notification, false, irql)?;
     // Fallible: `Arc::new` cannot report an exhausted pool, and in a driver its failure is a
     // bug check. On a failure the value comes back and is dropped like the other locals.
-    let shared = PoolArc::try_new(Shared {
-        config,
-        port,
-        verdicts: VerdictTable::new(),
-        unloading: AtomicBool::new(false),
-        in_flight: AtomicUsize::new(0),
-        progress,
-    }, SHARED_TAG, irql)
+    let shared = PoolArc::try_new(
+        Shared {
+            config,
+            port,
+            verdicts: VerdictTable::new(),
+            unloading: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            progress,
+        },
+        SHARED_TAG,
+        irql,
+    )
     .map_err(|e| e.status())?;
 
     // Registered before the filters that name them exist, so no connection meets a filter

@@ -241,11 +241,11 @@ extern crate alloc;
 pub mod cache;
 mod stats;
 
-use wfp_rs::pool::PoolArc;
 use core::fmt;
 use core::net::IpAddr;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use core::time::Duration;
+use wfp_rs::pool::PoolArc;
 
 use firewall_protocol::control::{REVOKE, REVOKED_LEN, Revoke, Revoked};
 use firewall_protocol::{
@@ -1332,20 +1332,24 @@ pub fn start(
     let progress = Event::try_new(EventKind::Notification, false, irql)?;
     // Fallible: `Arc::new` cannot report an exhausted pool, and in a driver its failure is a
     // bug check. On a failure the value comes back and is dropped like the other locals.
-    let shared = PoolArc::try_new(Shared {
-        config,
-        port,
-        cache,
-        verdicts,
-        unloading: AtomicBool::new(false),
-        in_flight: AtomicUsize::new(0),
-        outstanding: AtomicUsize::new(0),
-        overload_burst: AtomicU64::new(0),
-        progress,
-        next_request: AtomicU64::new(0),
-        background: AtomicUsize::new(0),
-        own_stats: Stats::new(),
-    }, SHARED_TAG, irql)
+    let shared = PoolArc::try_new(
+        Shared {
+            config,
+            port,
+            cache,
+            verdicts,
+            unloading: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            outstanding: AtomicUsize::new(0),
+            overload_burst: AtomicU64::new(0),
+            progress,
+            next_request: AtomicU64::new(0),
+            background: AtomicUsize::new(0),
+            own_stats: Stats::new(),
+        },
+        SHARED_TAG,
+        irql,
+    )
     .map_err(|e| e.status())?;
     let control = ControlDevice::new(
         irql,

@@ -109,7 +109,9 @@ fn fail(layout: Layout) -> *mut u8 {
 ///
 /// `ptr` was handed out by this allocator and is live.
 unsafe fn kind(ptr: *mut u8) -> usize {
-    let word = ptr.wrapping_sub(core::mem::size_of::<usize>()).cast::<usize>();
+    let word = ptr
+        .wrapping_sub(core::mem::size_of::<usize>())
+        .cast::<usize>();
     // SAFETY: every block has its header in front of the pointer (the kind word last), written
     // when it was allocated; the block is live.
     unsafe { word.read() }

@@ -18,8 +18,8 @@ use std::{
 
 pub(crate) mod bugcheck;
 mod event;
-mod global_alloc;
 pub(crate) mod flt;
+mod global_alloc;
 mod io;
 pub(crate) mod irp;
 mod irql;
