@@ -307,3 +307,55 @@ bugcheck_test! {
         });
     }
 }
+
+bugcheck_test! {
+    /// Non-paged pool may be freed at DISPATCH_LEVEL at most, whoever allocated it.
+    fn a_box_freed_above_dispatch_level_stops() expects DRIVER_VERIFIER_DETECTED_VIOLATION (verifier::NONPAGED_FREE_ABOVE_DISPATCH) {
+        let machine = Machine::new();
+        let driver = load(&machine, "plain");
+        driver.run_in_driver(&machine, |_irql, _driver| {
+            let boxed = Box::new(1u64);
+            // SAFETY: deliberately raising above DISPATCH_LEVEL; the scenario stops before the
+            // IRQL would have to be lowered.
+            let _old = unsafe { wfp_rs::sys::KfRaiseIrql(wfp_rs::sys::HIGH_LEVEL) };
+            drop(boxed);
+        });
+    }
+}
+
+bugcheck_test! {
+    /// A work item's routine is driver code too: what it leaks is the driver's.
+    fn a_box_leaked_by_a_work_item_stops_at_unload() expects DRIVER_VERIFIER_DETECTED_VIOLATION (verifier::POOL_LEAKED_AT_UNLOAD) {
+        let machine = Machine::new();
+        let driver = load(&machine, "plain");
+        let queue = driver.work_queue(&machine).expect("an SDK driver");
+        machine.at_passive(|irql| {
+            queue
+                .queue(irql, |_passive| {
+                    Box::leak(Box::new(3u32));
+                })
+                .unwrap();
+        });
+        machine.wait_for_work_items();
+        drop(queue);
+        let _ = machine.unload_driver(driver);
+    }
+}
+
+#[test]
+fn the_harness_api_called_from_driver_code_does_not_deadlock_on_the_allocator() {
+    let machine = Machine::new();
+    let driver = load(&machine, "plain");
+    // `pool_blocks` allocates while it holds the table of driver code's blocks, which driver
+    // code's allocations take: it runs as harness code whoever calls it.
+    let (seen, ours) = driver
+        .run_in_driver(&machine, |_irql, _driver| {
+            let kept = Box::new(1u8);
+            let seen = blocks_of(&machine, "plain").len();
+            drop(kept);
+            (seen, blocks_of(&machine, "plain").len())
+        })
+        .unwrap();
+    assert_eq!((seen, ours), (1, 0), "only the Box is the driver's");
+    machine.unload_driver(driver).unwrap();
+}

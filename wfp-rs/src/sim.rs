@@ -295,6 +295,8 @@ impl Machine {
 
     /// What the I/O manager and Driver Verifier do after a driver's unload routine returned.
     fn finish_unload(&self, driver: &LoadedDriver) -> Result<(), UnloadError> {
+        // Harness code whoever calls it (see `pool_blocks`).
+        let _harness = kernel::KernelCode::enter();
         let mut state = self.kernel.lock();
         // Routines already running keep the image loaded until they return (IoQueueWorkItem
         // holds the device object), including those that freed their work item.
@@ -515,6 +517,9 @@ impl Machine {
     /// The live pool blocks, those driver code took through the global allocator (`Box`, `Vec`,
     /// `Arc`: tag [`GLOBAL_ALLOCATOR_TAG`]) included.
     pub fn pool_blocks(&self) -> Vec<PoolBlock> {
+        // Harness code even when driver code calls it: it allocates while holding the table of
+        // driver code's global-allocator blocks, which driver code's allocations take.
+        let _harness = kernel::KernelCode::enter();
         let state = self.kernel.lock();
         let global = self
             .kernel

@@ -23,8 +23,9 @@
 //! free would cost every test in the process a lock; the header costs 16 bytes.) A pool block's
 //! header also holds a counted reference to its machine, whose table of such blocks
 //! (`Kernel::global_pool`) is a leaf lock: this allocator takes it with nothing else held and
-//! allocates from the host while holding it, so a caller holding any simulator lock cannot
-//! deadlock here.
+//! allocates from the host while holding it, so a caller holding any other simulator lock cannot
+//! deadlock here. Whoever else takes it (the harness's `pool_blocks`, the unload check) runs as
+//! kernel code while holding it, so its own allocations do not come back for it.
 //!
 //! The thread-locals read here ([`RUNNING`](super::kernel::RUNNING), `FAILED`) are
 //! `const`-initialised `Copy` cells: no lazy initialisation that could allocate, no destructor
