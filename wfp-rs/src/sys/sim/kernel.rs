@@ -109,7 +109,7 @@ pub(crate) struct Kernel {
     /// the global allocator can consult it whatever locks its caller holds.
     pub faults: Mutex<Faults>,
     /// Blocks the global allocator took from pool for driver code (`Box`, `Vec`, `Arc`), by
-    /// address. A leaf lock, like `faults`: see `alloc.rs`.
+    /// address. A leaf lock, like `faults`: see `global_alloc.rs`.
     pub global_pool: Mutex<HashMap<usize, Block>>,
     /// Signalled when work is queued or the machine shuts down.
     pub work_ready: Condvar,
@@ -280,7 +280,7 @@ pub(crate) fn thread_id() -> u64 {
 }
 
 /// What code this thread runs, for charging pool to drivers and for the global allocator
-/// (`alloc.rs`), which reads it on every allocation. Kept apart from [`THREAD`] because it must
+/// (`global_alloc.rs`), which reads it on every allocation. Kept apart from [`THREAD`] because it must
 /// be readable from inside the allocator at any time, thread teardown included: a `const`
 /// initialiser and a `Copy` value without `Drop` make the thread-local a plain TLS slot, with no
 /// lazy initialisation that could allocate and no destructor after which it is gone.
@@ -375,7 +375,7 @@ pub(crate) fn as_driver<R>(driver: usize, f: impl FnOnce() -> R) -> R {
 
 /// Runs `f` with this thread entered into `kernel` at `irql`, charged to `driver`, and restores
 /// the thread's previous state afterwards. With a driver, `f` runs as that driver's code: what
-/// it allocates through the global allocator is the driver's pool (`alloc.rs`).
+/// it allocates through the global allocator is the driver's pool (`global_alloc.rs`).
 pub(crate) fn with_context<R>(
     kernel: &Arc<Kernel>,
     irql: KIRQL,
