@@ -280,10 +280,10 @@ pub(crate) fn thread_id() -> u64 {
 }
 
 /// What code this thread runs, for charging pool to drivers and for the global allocator
-/// (`global_alloc.rs`), which reads it on every allocation. Kept apart from [`THREAD`] because it must
-/// be readable from inside the allocator at any time, thread teardown included: a `const`
-/// initialiser and a `Copy` value without `Drop` make the thread-local a plain TLS slot, with no
-/// lazy initialisation that could allocate and no destructor after which it is gone.
+/// (`global_alloc.rs`), which reads it on every allocation. Kept apart from [`THREAD`] because
+/// it must be readable from inside the allocator at any time, thread teardown included: a
+/// `const` initialiser and a `Copy` value without `Drop` make the thread-local a plain TLS slot,
+/// with no lazy initialisation that could allocate and no destructor after which it is gone.
 #[derive(Clone, Copy)]
 pub(crate) struct Running {
     /// The driver object whose code runs, or on whose behalf the kernel runs (0: the kernel or
