@@ -51,7 +51,8 @@ impl Probe {
     }
 
     fn record(&self, event: &'static str) {
-        self.log.lock().unwrap().push(event);
+        // Called from the driver's handlers: the test's log is not the driver's memory.
+        wfp_rs::sim::as_harness(|| self.log.lock().unwrap().push(event));
     }
 
     fn calls(&self) -> usize {
@@ -106,8 +107,11 @@ impl CommandHandler for Commands {
             }
             OVERREPORT => Ok(output.len() + 1),
             BLOCK => {
-                self.0.entered.lock().unwrap().send(()).unwrap();
-                self.0.release.lock().unwrap().recv().unwrap();
+                // The test's channels allocate as the test's, not as the driver's.
+                wfp_rs::sim::as_harness(|| {
+                    self.0.entered.lock().unwrap().send(()).unwrap();
+                    self.0.release.lock().unwrap().recv().unwrap();
+                });
                 self.0.record("handler returned");
                 output[..4].copy_from_slice(b"done");
                 Ok(4)

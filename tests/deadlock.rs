@@ -260,6 +260,28 @@ fn locks_in_freed_pool_are_forgotten() {
     });
 }
 
+/// Locks in a `Box` of driver code live in the driver's pool (the simulator's global
+/// allocator): dropping the box forgets them too, while the driver stays loaded.
+#[test]
+fn locks_in_a_dropped_box_of_driver_code_are_forgotten() {
+    let machine = Machine::new();
+    let driver = machine
+        .load_driver("minimal", minimal_driver::DriverEntry)
+        .unwrap();
+    driver
+        .run_in_driver(&machine, |irql, _| {
+            let locks = Box::new((SpinLock::new(()), SpinLock::new(())));
+            locks.0.lock(&mut *irql, |_, irql| {
+                locks.1.lock(irql, |_, _| ());
+            });
+            assert_eq!(machine.remembered_spin_locks(), 2);
+            drop(locks);
+            assert_eq!(machine.remembered_spin_locks(), 0);
+        })
+        .unwrap();
+    machine.unload_driver(driver).unwrap();
+}
+
 /// The locks a driver ordered are forgotten when it unloads (its memory is gone with it, pool or
 /// not).
 #[test]

@@ -82,8 +82,8 @@ fn every_allocation_failure_during_load_is_reported_and_leaks_nothing() {
             break;
         }
     }
-    // Extension, two events, and one job block plus one work item per greeting.
-    let expected = 3 + 2 * minimal_driver::GREETINGS as usize;
+    // Extension, two events, the counter, and one job block plus one work item per greeting.
+    let expected = 4 + 2 * minimal_driver::GREETINGS as usize;
     assert_eq!(failures, expected, "allocation points exercised");
 }
 
@@ -281,9 +281,12 @@ fn wait_for_work_items_waits_for_a_routine_that_freed_its_item() {
     machine.at_passive(|irql| {
         queue
             .queue(irql, move |_passive| {
-                started_tx.send(()).expect("the test waits for the start");
-                // Released by the test; an error means the test already failed and went away.
-                let _ = release_rx.recv();
+                // The test's channels: harness code, not the driver's memory.
+                wfp_rs::sim::as_harness(|| {
+                    started_tx.send(()).expect("the test waits for the start");
+                    // Released by the test; an error means the test already failed and went away.
+                    let _ = release_rx.recv();
+                });
                 routine_finished.store(true, Ordering::SeqCst);
             })
             .map_err(|_| "out of pool")
@@ -354,12 +357,13 @@ mod stops_early {
 
     impl DriverState for State {
         fn stopping(&self, irql: &mut PassiveLevel<'_>) {
-            LOG.lock().unwrap().push("stopping");
+            // The test's log, not the driver's memory.
+            wfp_rs::sim::as_harness(|| LOG.lock().unwrap().push("stopping"));
             self.release.set(irql);
         }
 
         fn unload(self, _irql: &mut PassiveLevel<'_>) {
-            LOG.lock().unwrap().push("unload");
+            wfp_rs::sim::as_harness(|| LOG.lock().unwrap().push("unload"));
         }
     }
 
@@ -373,11 +377,12 @@ mod stops_early {
                 // Stands for a send waiting on a silent service: only `stopping` ends it early.
                 // The timeout is an upper bound that only matters if the hook never runs.
                 let woken = waiting.wait_timeout(passive, Duration::from_secs(600));
-                LOG.lock().unwrap().push(if woken {
+                let event = if woken {
                     "work item released"
                 } else {
                     "work item timed out"
-                });
+                };
+                wfp_rs::sim::as_harness(|| LOG.lock().unwrap().push(event));
             })
             .map_err(|_| Status::INSUFFICIENT_RESOURCES)?;
         Ok(State { release })

@@ -67,10 +67,8 @@ impl Callout<layer::OutboundTransportV4, PacketCount> for Counter {
     }
 
     fn flow_deleted(&self, _irql: &mut DispatchLevel<'_>, layer_id: u16, context: PacketCount) {
-        self.deleted
-            .lock()
-            .unwrap()
-            .push((layer_id, context.0.load(Ordering::SeqCst)));
+        let entry = (layer_id, context.0.load(Ordering::SeqCst));
+        wfp_rs::sim::as_harness(|| self.deleted.lock().unwrap().push(entry));
     }
 }
 
@@ -96,7 +94,9 @@ fn setup(
         .run_in_driver(machine, |irql, d| {
             let key = CalloutKey::<layer::OutboundTransportV4>::new(CALLOUT);
             let registration =
-                CalloutRegistration::register(irql, d, key, Counter::default()).unwrap();
+                // The counter's log is the test's: allocated as harness code.
+                CalloutRegistration::register(irql, d, key, wfp_rs::sim::as_harness(Counter::default))
+                    .unwrap();
             let engine = Engine::open(irql, SessionOptions::new().dynamic()).unwrap();
             engine
                 .add_callout(irql, &CalloutEntry::new(key).name("count"))

@@ -589,7 +589,8 @@ mod raw {
     static KEPT: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
 
     fn keep(device: *mut sys::DEVICE_OBJECT, irp: *mut sys::IRP) {
-        KEPT.lock().unwrap().push((device as usize, irp as usize));
+        // The test's record of what the driver keeps: harness memory.
+        wfp_rs::sim::as_harness(|| KEPT.lock().unwrap().push((device as usize, irp as usize)));
     }
 
     /// Takes the IRP kept for the raw driver's device.

@@ -72,16 +72,14 @@ impl Callout<layer::AleAuthConnectV4> for Asker {
             c.out.block();
             return;
         };
-        self.shared
-            .reasons
-            .lock()
-            .unwrap()
-            .push(c.reauthorization_reason());
+        // The test's records: harness memory, not the driver's.
+        let reason = c.reauthorization_reason();
+        wfp_rs::sim::as_harness(|| self.shared.reasons.lock().unwrap().push(reason));
         if c.is_reauthorization() {
             self.shared.reauthorized.fetch_add(1, Ordering::SeqCst);
             if self.mode == Mode::PendTwice {
                 let error = c.pend().expect_err("pending a reauthorization must fail");
-                self.shared.refused.lock().unwrap().push(error);
+                wfp_rs::sim::as_harness(|| self.shared.refused.lock().unwrap().push(error));
             }
             match self.shared.verdicts.take(irql, &key) {
                 Some(true) => {

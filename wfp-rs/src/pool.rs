@@ -5,7 +5,8 @@
 //! here is non-paged, so it may be touched at `DISPATCH_LEVEL`.
 //!
 //! A driver that wants `alloc` collections can install [`PoolAllocator`] as its global
-//! allocator (Windows builds only; the simulator uses the host allocator for `alloc`).
+//! allocator (Windows builds only). With the simulator backend wfp-rs is the program's global
+//! allocator, and gives driver code the same rules (see [`PoolAllocator`]).
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::fmt;
@@ -502,9 +503,22 @@ impl<T: fmt::Debug> fmt::Debug for PoolArc<T> {
 /// static ALLOCATOR: PoolAllocator = PoolAllocator::new(PoolTag::new(b"Demo"));
 /// ```
 ///
-/// Allocation failures are reported to `alloc` as null, which makes infallible collection
-/// methods panic (and a panic in a driver bugchecks); use `try_reserve` and friends on paths that
-/// must survive low memory. Alignments above 16 bytes are refused.
+/// Allocation failures are reported to `alloc` as null. Fallible methods (`try_reserve` and
+/// friends) return the error; infallible ones (`Box::new`, `Arc::new`, `Vec::push`) call
+/// `handle_alloc_error`, which in a `no_std` driver panics, and the driver's panic handler bug
+/// checks with `KMODE_EXCEPTION_NOT_HANDLED`. Use the fallible methods, or [`PoolBox`] and
+/// [`PoolArc`], on paths that must survive low memory. Alignments above
+/// [`POOL_ALIGNMENT`] (16 bytes) are refused with null before the pool is asked, so an
+/// `Arc::new` of a `#[repr(align(64))]` type always fails. Blocks are allocated with
+/// `POOL_FLAG_NON_PAGED` (zeroed), so allocating and freeing is allowed at IRQL <=
+/// `DISPATCH_LEVEL`; `realloc` is `GlobalAlloc`'s default (allocate, copy, free).
+///
+/// In the simulator a driver does not install it: wfp-rs is the global allocator of every
+/// program built with the simulator backend, and gives driver code these same rules — pool
+/// charged to the driver (a block still allocated at unload stops the machine with Driver
+/// Verifier's pool-leak code), failures injected by `Machine::fail_allocations`, the 16-byte
+/// alignment limit, the IRQL rule, and the bug check of an unhandled failure — while the test
+/// harness and the simulator itself allocate from the host. `docs/simulator.md` has the details.
 #[derive(Debug)]
 pub struct PoolAllocator {
     tag: PoolTag,

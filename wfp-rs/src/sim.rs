@@ -37,6 +37,31 @@ use crate::sys::sim::kernel::{self, DriverRecord, Kernel, Routine, RoutineKind, 
 use crate::sys::types::*;
 use std::sync::atomic::Ordering;
 
+/// The tag of the pool blocks driver code takes through the global allocator (`Box`, `Vec`,
+/// `Arc`, ...) in the simulator, as [`Machine::pool_blocks`] and the unload leak report show
+/// them. (On Windows they carry the tag the driver gave its
+/// [`PoolAllocator`](crate::pool::PoolAllocator); the simulator's allocator is shared by every
+/// driver in the process, so it cannot know that tag.)
+pub const GLOBAL_ALLOCATOR_TAG: PoolTag = PoolTag::new(b"Rust");
+
+/// Runs `f` as harness code even when called from a driver's code: what `f` allocates through
+/// the global allocator comes from the host, not the driver's pool, and fault injection does not
+/// touch it. For test instrumentation that driver code calls — a log the test reads afterwards,
+/// a counter map — which would otherwise be charged to the driver, and reported as its leak at
+/// unload if the test still holds it. Driver code proper must never need it.
+///
+/// ```
+/// use std::sync::Mutex;
+/// static LOG: Mutex<Vec<&str>> = Mutex::new(Vec::new());
+/// // In a callback of a driver under test:
+/// wfp_rs::sim::as_harness(|| LOG.lock().unwrap().push("classify"));
+/// # assert_eq!(LOG.lock().unwrap().len(), 1);
+/// ```
+pub fn as_harness<R>(f: impl FnOnce() -> R) -> R {
+    let _harness = kernel::KernelCode::enter();
+    f()
+}
+
 /// The signature of a driver's `DriverEntry`, which the `#[driver_entry]` attribute generates.
 pub type DriverEntryFn =
     unsafe extern "system" fn(*mut DRIVER_OBJECT, *const UNICODE_STRING) -> NTSTATUS;
@@ -367,8 +392,10 @@ impl Machine {
     /// What the I/O manager and Driver Verifier do after a driver's unload routine returned.
     fn finish_unload(&self, driver: &LoadedDriver) -> Result<(), UnloadError> {
         let routine = Routine::new(RoutineKind::AfterUnload, driver.object, 0);
-        // Inside the machine, so a stop's report can name the driver.
+        // Inside the machine, so a stop's report can name the driver; harness code, so the
+        // checks' own allocations come from the host (see `pool_blocks`).
         kernel::with_context(&self.kernel, PASSIVE_LEVEL, 0, || {
+            let _harness = kernel::KernelCode::enter();
             kernel::with_routine(routine, || self.finish_unload_checks(driver))
         })
     }
@@ -453,12 +480,20 @@ impl Machine {
                 devices,
             });
         }
+        // Pool the driver's code took through the global allocator counts as its pool too.
+        let global = self
+            .kernel
+            .global_pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let leaked: Vec<(usize, u32, usize)> = state
             .pool
             .iter()
+            .chain(global.iter())
             .filter(|(_, b)| b.driver == driver.object)
             .map(|(&addr, b)| (addr, b.tag, b.size))
             .collect();
+        drop(global);
         if !leaked.is_empty() {
             let record = state.drivers.get(&driver.object).expect("driver is loaded");
             let name_ptr = &record.object.DriverName as *const UNICODE_STRING as usize;
@@ -618,14 +653,18 @@ impl Machine {
     /// driver (work items, driver object extensions) count too. `fail_allocations(0, 0)` turns
     /// injection off.
     pub fn fail_allocations(&self, skip: u64, count: u64) {
-        let mut state = self.kernel.lock();
-        state.fail_from = skip;
-        state.fail_count = count;
+        let mut faults = self.kernel.faults.lock().unwrap_or_else(|p| p.into_inner());
+        faults.skip = skip;
+        faults.count = count;
     }
 
     /// How many injected failures are still to come (0 once all have happened).
     pub fn pending_allocation_failures(&self) -> u64 {
-        self.kernel.lock().fail_count
+        self.kernel
+            .faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .count
     }
 
     /// While `hold` is true, system worker threads leave queued work items in the queue; set it
@@ -637,12 +676,22 @@ impl Machine {
         }
     }
 
-    /// The live pool blocks.
+    /// The live pool blocks, those driver code took through the global allocator (`Box`, `Vec`,
+    /// `Arc`: tag [`GLOBAL_ALLOCATOR_TAG`]) included.
     pub fn pool_blocks(&self) -> Vec<PoolBlock> {
+        // Harness code even when driver code calls it: it allocates while holding the table of
+        // driver code's global-allocator blocks, which driver code's allocations take.
+        let _harness = kernel::KernelCode::enter();
         let state = self.kernel.lock();
+        let global = self
+            .kernel
+            .global_pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         state
             .pool
             .values()
+            .chain(global.values())
             .map(|b| PoolBlock {
                 tag: PoolTag::new(&b.tag.to_le_bytes()),
                 size: b.size,

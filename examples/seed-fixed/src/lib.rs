@@ -257,7 +257,6 @@ extern crate alloc;
 
 pub mod protocol;
 
-use alloc::sync::Arc;
 use core::fmt;
 use core::net::IpAddr;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -273,7 +272,7 @@ use wfp_rs::irql::{AtMostApc, AtMostDispatch, DispatchLevel, PassiveLevel, Token
 use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::layer::{AleAuthConnectV4, AleAuthConnectV6, Field, Layer, fields};
 use wfp_rs::pend::{ConnectionKey, PendError, PendableByCompletionHandle, VerdictTable};
-use wfp_rs::pool::{PoolBox, PoolTag};
+use wfp_rs::pool::{PoolArc, PoolBox, PoolTag};
 use wfp_rs::port::{Filter, SendError, ServerPort};
 use wfp_rs::work_item::WorkQueue;
 use wfp_rs::{Guid, Status, guid, kd_print};
@@ -284,6 +283,9 @@ use protocol::{Verdict, VerdictProtocol, VerdictRequest};
 #[global_allocator]
 static ALLOCATOR: wfp_rs::pool::PoolAllocator =
     wfp_rs::pool::PoolAllocator::new(wfp_rs::pool::PoolTag::new(b"Seed"));
+
+/// The tag of the state the callouts and their work items share.
+const SHARED_TAG: PoolTag = PoolTag::new(b"SdSh");
 
 /// The name of the communication port the service connects to
 /// (`FilterConnectCommunicationPort(L"\\WfpRsSeedPort", ...)`).
@@ -510,7 +512,7 @@ fn apply(out: &mut ClassifyOut<'_>, verdict: Verdict) {
 /// The callout: pends each new connection, asks the service from a work item, and answers the
 /// reauthorization from the verdict the work item recorded. One type serves both IP versions.
 pub struct AskTheService {
-    shared: Arc<Shared>,
+    shared: PoolArc<Shared>,
     queue: WorkQueue,
 }
 
@@ -574,7 +576,7 @@ where
             }
         };
         kd_print!("seed-fixed: pid {}: pended, asking the service\n", key.pid);
-        let work = Arc::clone(shared);
+        let work = PoolArc::clone(shared);
         let queued = self.queue.queue(irql, move |passive| {
             let verdict = work.decide(passive, key.pid);
             work.record(passive, key, verdict);
@@ -601,7 +603,7 @@ pub struct SeedFixed {
     engine: Engine,
     v4: CalloutRegistration<AleAuthConnectV4, AskTheService>,
     v6: CalloutRegistration<AleAuthConnectV6, AskTheService>,
-    shared: Arc<Shared>,
+    shared: PoolArc<Shared>,
     filter: Filter,
 }
 
@@ -643,7 +645,7 @@ impl DriverState for SeedFixed {
             kd_print!(Error, "seed-fixed: unregistering (IPv6) failed: {status}\n");
         }
         // The port before the filter: a filter with an open port cannot be unregistered.
-        match Arc::try_unwrap(shared) {
+        match PoolArc::try_unwrap(shared) {
             Ok(Shared { port, .. }) => port.close(irql),
             // A work item queued by a classification that raced the session's close still
             // holds it; it closes the port when it finishes, at PASSIVE_LEVEL, and the SDK
@@ -677,19 +679,26 @@ pub fn start(
     let progress = Event::try_new(EventKind::Notification, false, irql)?;
     let verdicts =
         VerdictTable::try_new_in_pool(VERDICTS_TAG, irql).ok_or(Status::INSUFFICIENT_RESOURCES)?;
-    let shared = Arc::new(Shared {
-        config,
-        port,
-        verdicts,
-        unloading: AtomicBool::new(false),
-        in_flight: AtomicUsize::new(0),
-        progress,
-    });
+    // Fallible: `Arc::new` cannot report an exhausted pool, and in a driver its failure is a
+    // bug check. On a failure the value comes back and is dropped like the other locals.
+    let shared = PoolArc::try_new(
+        Shared {
+            config,
+            port,
+            verdicts,
+            unloading: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            progress,
+        },
+        SHARED_TAG,
+        irql,
+    )
+    .map_err(|e| e.status())?;
 
     // Registered before the filters that name them exist, so no connection meets a filter
     // whose callout is missing (it would be blocked).
     let callout = || AskTheService {
-        shared: Arc::clone(&shared),
+        shared: PoolArc::clone(&shared),
         queue: driver.work_queue(),
     };
     let v4 = CalloutRegistration::register(irql, driver, CALLOUT_V4, callout())?;

@@ -906,3 +906,30 @@ fn allocation_failures_on_the_path_fall_back_to_the_default() {
     unload_clean(&machine, driver);
     service.join().unwrap();
 }
+
+/// Every pool allocation `DriverEntry` makes — the shared state included, a `PoolArc` because
+/// `Arc::new` cannot report an exhausted pool — is made to fail in turn: the load fails with
+/// `STATUS_INSUFFICIENT_RESOURCES`, never a bug check, and leaves nothing behind.
+#[test]
+fn every_allocation_failure_during_load_is_reported_and_leaks_nothing() {
+    let machine = Machine::new();
+    let mut failures = 0;
+    for skip in 0.. {
+        assert!(skip < 1000, "the load has a bounded number of allocations");
+        machine.fail_allocations(skip, 1);
+        match machine.load_driver("seed-fixed", seed_fixed::DriverEntry) {
+            Ok(driver) => {
+                machine.fail_allocations(0, 0);
+                machine.unload_driver(driver).expect("unloads");
+                break;
+            }
+            Err(status) => {
+                assert_eq!(status, Status::INSUFFICIENT_RESOURCES, "allocation {skip}");
+                failures += 1;
+            }
+        }
+        assert_eq!(machine.pool_blocks(), [], "allocation {skip}");
+    }
+    assert!(failures > 5, "{failures} allocation points");
+    assert_eq!(machine.pool_blocks(), []);
+}

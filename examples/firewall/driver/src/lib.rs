@@ -241,11 +241,11 @@ extern crate alloc;
 pub mod cache;
 mod stats;
 
-use alloc::sync::Arc;
 use core::fmt;
 use core::net::IpAddr;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use core::time::Duration;
+use wfp_rs::pool::PoolArc;
 
 use firewall_protocol::control::{REVOKE, REVOKED_LEN, Revoke, Revoked};
 use firewall_protocol::{
@@ -592,6 +592,8 @@ const REQUEST_TAG: PoolTag = PoolTag::new(b"FwRq");
 
 /// The pool tag of the verdict table.
 const VERDICTS_TAG: PoolTag = PoolTag::new(b"FwVt");
+/// The tag of the state the callouts, the work items and the control device share.
+const SHARED_TAG: PoolTag = PoolTag::new(b"FwSh");
 
 /// Adds one to `counter` unless it has reached `limit`; whether it did.
 fn increment_below(counter: &AtomicUsize, limit: usize) -> bool {
@@ -941,7 +943,7 @@ impl Shared {
 /// The outbound callout, at `ALE_AUTH_CONNECT_V4` and `_V6`: cache, else pend and ask from a
 /// work item, and answer the reauthorization from the recorded verdict.
 pub struct Outbound {
-    shared: Arc<Shared>,
+    shared: PoolArc<Shared>,
     queue: WorkQueue,
 }
 
@@ -1043,7 +1045,7 @@ where
             Described(&request)
         );
         let key = observed.key;
-        let work = Arc::clone(shared);
+        let work = PoolArc::clone(shared);
         let queued = self.queue.queue(irql, move |passive| {
             let verdict = work.decide(passive, &request, &cache_key);
             work.record(passive, key, verdict);
@@ -1069,7 +1071,7 @@ where
 /// and a background ask whose answer serves the next attempt. Never pends (see the crate
 /// documentation).
 pub struct Inbound {
-    shared: Arc<Shared>,
+    shared: PoolArc<Shared>,
     queue: WorkQueue,
 }
 
@@ -1134,7 +1136,7 @@ where
             "firewall: #{request_id}: {}: {default} (default: not cached; asking the service for later attempts)\n",
             Described(&request)
         );
-        let work = Arc::clone(shared);
+        let work = PoolArc::clone(shared);
         let queued = self.queue.queue(irql, move |passive| {
             work.learn(passive, &request, &cache_key);
             work.background.fetch_sub(1, Ordering::SeqCst);
@@ -1199,7 +1201,7 @@ impl Shared {
 /// The control device's handler: the service's commands (see "Control device" in the crate
 /// documentation).
 pub struct Commands {
-    shared: Arc<Shared>,
+    shared: PoolArc<Shared>,
 }
 
 impl CommandHandler for Commands {
@@ -1222,7 +1224,7 @@ pub struct Firewall {
     accept_v4: CalloutRegistration<AleAuthRecvAcceptV4, Inbound>,
     accept_v6: CalloutRegistration<AleAuthRecvAcceptV6, Inbound>,
     control: ControlDevice<Commands>,
-    shared: Arc<Shared>,
+    shared: PoolArc<Shared>,
     filter: Filter,
 }
 
@@ -1293,7 +1295,7 @@ impl DriverState for Firewall {
         }
         let stats = shared.own_stats.snapshot();
         // The port before the filter: a filter with an open port cannot be unregistered.
-        match Arc::try_unwrap(shared) {
+        match PoolArc::try_unwrap(shared) {
             Ok(Shared { port, .. }) => port.close(irql),
             // A work item queued by a classification that raced the session's close still
             // holds it; it closes the port when it finishes, at PASSIVE_LEVEL, and the SDK
@@ -1383,18 +1385,18 @@ fn register(
         driver,
         config.device_name,
         Commands {
-            shared: Arc::clone(&shared),
+            shared: PoolArc::clone(&shared),
         },
     )?;
 
     // Registered before the filters that name them exist, so no connection meets a filter
     // whose callout is missing (it would be blocked).
     let outbound = || Outbound {
-        shared: Arc::clone(&shared),
+        shared: PoolArc::clone(&shared),
         queue: driver.work_queue(),
     };
     let inbound = || Inbound {
-        shared: Arc::clone(&shared),
+        shared: PoolArc::clone(&shared),
         queue: driver.work_queue(),
     };
     let connect_v4 = CalloutRegistration::register(irql, driver, CALLOUT_CONNECT_V4, outbound())?;
@@ -1429,26 +1431,32 @@ fn shared_state(
     irql: &mut PassiveLevel<'_>,
     config: Config,
     port: ServerPort<FirewallProtocol>,
-) -> Result<Arc<Shared>, Status> {
+) -> Result<PoolArc<Shared>, Status> {
     let cache = VerdictCache::new(config.cache_capacity)?;
     let verdicts =
         VerdictTable::try_new_in_pool(VERDICTS_TAG, irql).ok_or(Status::INSUFFICIENT_RESOURCES)?;
     let progress = Event::try_new(EventKind::Notification, false, irql)?;
-    let shared = Arc::new(Shared {
-        config,
-        port,
-        cache,
-        verdicts,
-        unloading: AtomicBool::new(false),
-        in_flight: AtomicUsize::new(0),
-        outstanding: AtomicUsize::new(0),
-        overload_burst: AtomicU64::new(0),
-        progress,
-        next_request: AtomicU64::new(0),
-        background: AtomicUsize::new(0),
-        own_stats: Stats::new(),
-    });
-    Ok(shared)
+    // Fallible: `Arc::new` cannot report an exhausted pool, and in a driver its failure is a
+    // bug check. On a failure the value comes back and is dropped like the other locals.
+    PoolArc::try_new(
+        Shared {
+            config,
+            port,
+            cache,
+            verdicts,
+            unloading: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            outstanding: AtomicUsize::new(0),
+            overload_burst: AtomicU64::new(0),
+            progress,
+            next_request: AtomicU64::new(0),
+            background: AtomicUsize::new(0),
+            own_stats: Stats::new(),
+        },
+        SHARED_TAG,
+        irql,
+    )
+    .map_err(|e| e.status())
 }
 
 /// Adds the provider and the sublayer; a function of its own, so that their builders are off

@@ -2443,3 +2443,29 @@ fn unload_waits_for_the_reauthorizations_of_completed_pends() {
     let stats = unload_reserved::STATS.snapshot();
     assert_eq!((stats.defaults, stats.overloaded), (0, 0), "{stats:?}");
 }
+
+/// Every pool allocation `DriverEntry` makes — its shared state included, which is a `PoolArc`
+/// because `Arc::new` cannot report an exhausted pool — is made to fail in turn: the load fails
+/// with `STATUS_INSUFFICIENT_RESOURCES`, never a bug check, and leaves nothing behind.
+#[test]
+fn every_allocation_failure_during_load_is_reported_and_leaks_nothing() {
+    let machine = Machine::new();
+    let mut failures = 0;
+    for skip in 0.. {
+        assert!(skip < 1000, "the load has a bounded number of allocations");
+        machine.fail_allocations(skip, 1);
+        match machine.load_driver("firewall", firewall_driver::DriverEntry) {
+            Ok(driver) => {
+                machine.fail_allocations(0, 0);
+                unload_clean(&machine, driver);
+                break;
+            }
+            Err(status) => {
+                assert_eq!(status, Status::INSUFFICIENT_RESOURCES, "allocation {skip}");
+                failures += 1;
+            }
+        }
+        assert_eq!(machine.pool_blocks(), [], "allocation {skip}");
+    }
+    assert!(failures > 10, "{failures} allocation points");
+}

@@ -43,6 +43,9 @@ pub(crate) fn stop(code: Code, params: [usize; 4], why: &str) -> ! {
 /// at: <file>:<line>:<column> (<function>)   — the innermost frame of driver code
 /// ```
 pub(crate) fn stop_with_details(code: Code, params: [usize; 4], why: &str, details: &str) -> ! {
+    // The report is the kernel's: it must not come out of the driver's pool (which may be
+    // failing on purpose) when a driver's code is what stopped.
+    let _kernel = super::kernel::KernelCode::enter();
     // One bug check per process, as per machine: a second processor that stops while the first
     // one's report is being written waits for the end instead of interleaving its own.
     static STOPPING: AtomicBool = AtomicBool::new(false);
@@ -191,6 +194,7 @@ pub unsafe extern "system" fn KeBugCheckEx(
     BugCheckParameter3: ULONG_PTR,
     BugCheckParameter4: ULONG_PTR,
 ) -> ! {
+    let _kernel = super::kernel::KernelCode::enter();
     stop(
         Code(BugCheckCode),
         [

@@ -43,6 +43,7 @@ pub unsafe extern "system" fn KeInitializeEvent(
     Type: EVENT_TYPE,
     State: BOOLEAN,
 ) {
+    let _kernel = super::kernel::KernelCode::enter();
     // SAFETY: the caller provides a writable KEVENT not yet shared with other threads.
     let header = unsafe { &mut (*Event).Header };
     header.Lock = Type & 0xff;
@@ -59,6 +60,7 @@ pub unsafe extern "system" fn KeSetEvent(
     Increment: KPRIORITY,
     Wait: BOOLEAN,
 ) -> LONG {
+    let _kernel = super::kernel::KernelCode::enter();
     let _ = Increment;
     require_irql(
         "KeSetEvent",
@@ -77,6 +79,7 @@ pub unsafe extern "system" fn KeSetEvent(
 ///
 /// `Event` must be an initialised `KEVENT`.
 pub unsafe extern "system" fn KeClearEvent(Event: *mut KEVENT) {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("KeClearEvent", DISPATCH_LEVEL);
     signal_state(Event).store(0, Ordering::SeqCst);
 }
@@ -98,6 +101,7 @@ pub unsafe extern "system" fn KeWaitForSingleObject(
     Alertable: BOOLEAN,
     Timeout: *const LARGE_INTEGER,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     let _ = (WaitReason, WaitMode, Alertable);
     // SAFETY: the caller passes null or a valid timeout.
     let timeout = unsafe { Timeout.as_ref().copied() };

@@ -294,9 +294,7 @@ fn call_driver<R>(
 }
 
 fn injected_failure() -> bool {
-    let kernel = current();
-    let mut state = kernel.lock();
-    Kernel::injected_failure(&mut state)
+    current().injected_failure()
 }
 
 // --- registration ---------------------------------------------------------------------------
@@ -313,6 +311,7 @@ pub unsafe extern "system" fn FltRegisterFilter(
     Registration: *const FLT_REGISTRATION,
     RetFilter: *mut PFLT_FILTER,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FltRegisterFilter", APC_LEVEL);
     if RetFilter.is_null() {
         bad_object("FltRegisterFilter", "output pointer", 0);
@@ -346,11 +345,11 @@ pub unsafe extern "system" fn FltRegisterFilter(
     let kernel = current();
     let driver = Driver as usize;
     {
-        let mut state = kernel.lock();
+        let state = kernel.lock();
         if !state.drivers.contains_key(&driver) {
             return STATUS_INVALID_PARAMETER;
         }
-        if Kernel::injected_failure(&mut state) {
+        if kernel.injected_failure() {
             return STATUS_INSUFFICIENT_RESOURCES;
         }
     }
@@ -384,6 +383,7 @@ pub unsafe extern "system" fn FltRegisterFilter(
 ///
 /// `Filter` must come from `FltRegisterFilter`.
 pub unsafe extern "system" fn FltStartFiltering(Filter: PFLT_FILTER) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FltStartFiltering", APC_LEVEL);
     let kernel = current();
     let mut flt = lock(&kernel);
@@ -406,6 +406,7 @@ pub unsafe extern "system" fn FltStartFiltering(Filter: PFLT_FILTER) -> NTSTATUS
 ///
 /// `Filter` must come from `FltRegisterFilter` and not be unregistered yet.
 pub unsafe extern "system" fn FltUnregisterFilter(Filter: PFLT_FILTER) {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FltUnregisterFilter", APC_LEVEL);
     let kernel = current();
     let filter = Filter as usize;
@@ -466,6 +467,7 @@ pub unsafe extern "system" fn FltBuildDefaultSecurityDescriptor(
     SecurityDescriptor: *mut PSECURITY_DESCRIPTOR,
     DesiredAccess: ACCESS_MASK,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FltBuildDefaultSecurityDescriptor", APC_LEVEL);
     if SecurityDescriptor.is_null() {
         bad_object("FltBuildDefaultSecurityDescriptor", "output pointer", 0);
@@ -494,6 +496,7 @@ pub unsafe extern "system" fn FltBuildDefaultSecurityDescriptor(
 ///
 /// `SecurityDescriptor` must come from `FltBuildDefaultSecurityDescriptor` and not be freed yet.
 pub unsafe extern "system" fn FltFreeSecurityDescriptor(SecurityDescriptor: PSECURITY_DESCRIPTOR) {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FltFreeSecurityDescriptor", APC_LEVEL);
     let kernel = current();
     let known = lock(&kernel)
@@ -547,6 +550,7 @@ pub unsafe extern "system" fn FltCreateCommunicationPort(
     MessageNotifyCallback: PFLT_MESSAGE_NOTIFY,
     MaxConnections: LONG,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     // User mode cannot send to the driver in the simulator (there is no FilterSendMessage), so
     // the message callback is never called.
     let _ = MessageNotifyCallback;
@@ -624,6 +628,7 @@ pub unsafe extern "system" fn FltCreateCommunicationPort(
 ///
 /// `ServerPort` must come from `FltCreateCommunicationPort` and not be closed yet.
 pub unsafe extern "system" fn FltCloseCommunicationPort(ServerPort: PFLT_PORT) {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FltCloseCommunicationPort", PASSIVE_LEVEL);
     let kernel = current();
     let removed = lock(&kernel).servers.remove(&(ServerPort as usize));
@@ -643,6 +648,7 @@ pub unsafe extern "system" fn FltCloseCommunicationPort(ServerPort: PFLT_PORT) {
 ///
 /// `ClientPort` must point to the variable holding the client port, accessed only atomically.
 pub unsafe extern "system" fn FltCloseClientPort(Filter: PFLT_FILTER, ClientPort: *mut PFLT_PORT) {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FltCloseClientPort", PASSIVE_LEVEL);
     if ClientPort.is_null() {
         bad_object("FltCloseClientPort", "client port variable", 0);
@@ -707,6 +713,7 @@ pub unsafe extern "system" fn FltSendMessage(
     ReplyLength: *mut ULONG,
     Timeout: *const LARGE_INTEGER,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     let now = irql();
     if now == DISPATCH_LEVEL {
         let client = if ClientPort.is_null() {

@@ -58,6 +58,7 @@ pub unsafe extern "system" fn IoCreateDevice(
     Exclusive: BOOLEAN,
     DeviceObject: *mut *mut DEVICE_OBJECT,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     let _ = Exclusive;
     require_irql("IoCreateDevice", PASSIVE_LEVEL);
     let name = read_unicode(DeviceName);
@@ -119,6 +120,7 @@ pub unsafe extern "system" fn IoCreateDevice(
 ///
 /// `DeviceObject` must be a device the caller created and has not deleted.
 pub unsafe extern "system" fn IoDeleteDevice(DeviceObject: *mut DEVICE_OBJECT) {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("IoDeleteDevice", PASSIVE_LEVEL);
     let kernel = current();
     let mut state = kernel.lock();
@@ -166,6 +168,7 @@ pub unsafe extern "system" fn IoAllocateDriverObjectExtension(
     DriverObjectExtensionSize: ULONG,
     DriverObjectExtension: *mut PVOID,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("IoAllocateDriverObjectExtension", APC_LEVEL);
     // SAFETY: the caller passes a writable out pointer.
     unsafe { DriverObjectExtension.write(core::ptr::null_mut()) };
@@ -205,6 +208,7 @@ pub unsafe extern "system" fn IoGetDriverObjectExtension(
     DriverObject: *mut DRIVER_OBJECT,
     ClientIdentificationAddress: PVOID,
 ) -> PVOID {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("IoGetDriverObjectExtension", APC_LEVEL);
     let kernel = current();
     let state = kernel.lock();
@@ -228,6 +232,7 @@ pub unsafe extern "system" fn IoGetDriverObjectExtension(
 pub unsafe extern "system" fn IoAllocateWorkItem(
     DeviceObject: *mut DEVICE_OBJECT,
 ) -> *mut IO_WORKITEM {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("IoAllocateWorkItem", DISPATCH_LEVEL);
     let kernel = current();
     let driver = {
@@ -278,6 +283,7 @@ pub unsafe extern "system" fn IoQueueWorkItem(
     QueueType: WORK_QUEUE_TYPE,
     Context: PVOID,
 ) {
+    let _kernel = super::kernel::KernelCode::enter();
     let _ = QueueType;
     require_irql("IoQueueWorkItem", DISPATCH_LEVEL);
     let kernel = current();
@@ -325,6 +331,7 @@ pub unsafe extern "system" fn IoQueueWorkItem(
 ///
 /// `IoWorkItem` must come from `IoAllocateWorkItem`.
 pub unsafe extern "system" fn IoFreeWorkItem(IoWorkItem: *mut IO_WORKITEM) {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("IoFreeWorkItem", DISPATCH_LEVEL);
     let kernel = current();
     let mut state = kernel.lock();

@@ -586,6 +586,7 @@ fn check_dispatch_result(
 ///
 /// `Irp` must be an IRP the caller owns; the simulator checks that before touching it.
 pub unsafe extern "system" fn IofCompleteRequest(Irp: *mut IRP, PriorityBoost: i8) {
+    let _kernel = super::kernel::KernelCode::enter();
     let _ = PriorityBoost;
     let now = irql();
     let address = Irp as usize;
@@ -711,6 +712,7 @@ fn cancel_lock(kernel: &Kernel) -> *mut KSPIN_LOCK {
 ///
 /// `Irql` must be writable; the caller releases the lock with `IoReleaseCancelSpinLock`.
 pub unsafe extern "system" fn IoAcquireCancelSpinLock(Irql: *mut KIRQL) {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("IoAcquireCancelSpinLock", DISPATCH_LEVEL);
     let kernel = current();
     // SAFETY: the machine's cancel lock word outlives the hold; the IRQL was checked.
@@ -725,6 +727,7 @@ pub unsafe extern "system" fn IoAcquireCancelSpinLock(Irql: *mut KIRQL) {
 ///
 /// This processor holds the cancel spin lock; `Irql` is the value its acquisition saved.
 pub unsafe extern "system" fn IoReleaseCancelSpinLock(Irql: KIRQL) {
+    let _kernel = super::kernel::KernelCode::enter();
     let kernel = current();
     // SAFETY: KeReleaseSpinLock checks the IRQL and the owner itself.
     unsafe { crate::sys::KeReleaseSpinLock(cancel_lock(&kernel), Irql) };
@@ -757,7 +760,7 @@ fn cancel_irp(kernel: &Kernel, irp: usize) -> bool {
             super::kernel::with_routine(cancel, || {
                 // SAFETY: the driver set this cancel routine for this IRP; it is called at
                 // DISPATCH_LEVEL with the cancel spin lock held, and must release it.
-                unsafe { routine(device, block.cast()) }
+                driver_code(|| unsafe { routine(device, block.cast()) })
             });
             let now = irql();
             if now != old {
@@ -798,6 +801,7 @@ pub unsafe extern "system" fn IoCsqInitializeEx(
     CsqReleaseLock: PIO_CSQ_RELEASE_LOCK,
     CsqCompleteCanceledIrp: PIO_CSQ_COMPLETE_CANCELED_IRP,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     // SAFETY: the caller passes a writable IO_CSQ.
     unsafe {
         Csq.write(IO_CSQ {
@@ -820,6 +824,11 @@ pub unsafe extern "system" fn IoCsqInitializeEx(
 struct Callbacks {
     csq: *mut IO_CSQ,
     table: IO_CSQ,
+}
+
+/// Calls a routine of the driver the kernel runs for (a queue or cancel routine) as its code.
+fn driver_code<R>(f: impl FnOnce() -> R) -> R {
+    super::kernel::as_driver(super::kernel::current_driver(), f)
 }
 
 fn missing(what: &str) -> ! {
@@ -849,7 +858,7 @@ impl Callbacks {
             .unwrap_or_else(|| missing("CsqAcquireLock"));
         let mut old = PASSIVE_LEVEL;
         // SAFETY: the driver's lock routine, called as the kernel does.
-        unsafe { acquire(self.csq, &mut old) };
+        driver_code(|| unsafe { acquire(self.csq, &mut old) });
         old
     }
 
@@ -859,7 +868,7 @@ impl Callbacks {
             .CsqReleaseLock
             .unwrap_or_else(|| missing("CsqReleaseLock"));
         // SAFETY: the lock was taken with the driver's acquire routine, which saved `old`.
-        unsafe { release(self.csq, old) };
+        driver_code(|| unsafe { release(self.csq, old) });
         let now = irql();
         if now != before {
             stop(
@@ -886,7 +895,7 @@ impl Callbacks {
             .CsqRemoveIrp
             .unwrap_or_else(|| missing("CsqRemoveIrp"));
         // SAFETY: the driver's routine, with its lock held and an IRP in its queue.
-        unsafe { remove(self.csq, irp) };
+        driver_code(|| unsafe { remove(self.csq, irp) });
     }
 
     fn peek(&self, irp: *mut IRP, context: PVOID) -> *mut IRP {
@@ -895,7 +904,7 @@ impl Callbacks {
             .CsqPeekNextIrp
             .unwrap_or_else(|| missing("CsqPeekNextIrp"));
         // SAFETY: the driver's routine, with its lock held.
-        unsafe { peek(self.csq, irp, context) }
+        driver_code(|| unsafe { peek(self.csq, irp, context) })
     }
 
     fn complete_canceled(&self, irp: *mut IRP) {
@@ -904,7 +913,7 @@ impl Callbacks {
             .CsqCompleteCanceledIrp
             .unwrap_or_else(|| missing("CsqCompleteCanceledIrp"));
         // SAFETY: the driver's routine, for a cancelled IRP removed from its queue.
-        unsafe { complete(self.csq, irp) };
+        driver_code(|| unsafe { complete(self.csq, irp) });
     }
 }
 
@@ -929,6 +938,7 @@ pub unsafe extern "system" fn IoCsqInsertIrpEx(
     Context: *mut IO_CSQ_IRP_CONTEXT,
     InsertContext: PVOID,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("IoCsqInsertIrpEx", DISPATCH_LEVEL);
     let before = irql();
     // SAFETY: per the contract.
@@ -956,13 +966,13 @@ pub unsafe extern "system" fn IoCsqInsertIrpEx(
         let insert = unsafe { queue.table.CsqInsertIrp.CsqInsertIrpEx };
         let insert = insert.unwrap_or_else(|| missing("CsqInsertIrpEx"));
         // SAFETY: the driver's routine, with its lock held.
-        unsafe { insert(Csq, Irp, InsertContext) }
+        driver_code(|| unsafe { insert(Csq, Irp, InsertContext) })
     } else {
         // SAFETY: an IO_TYPE_CSQ queue stores the plain routine in this arm.
         let insert = unsafe { queue.table.CsqInsertIrp.CsqInsertIrp };
         let insert = insert.unwrap_or_else(|| missing("CsqInsertIrp"));
         // SAFETY: as above.
-        unsafe { insert(Csq, Irp) };
+        driver_code(|| unsafe { insert(Csq, Irp) });
         STATUS_SUCCESS
     };
     if !nt_success(status) {
@@ -998,6 +1008,7 @@ pub unsafe extern "system" fn IoCsqInsertIrpEx(
 ///
 /// `Csq` is an initialised queue.
 pub unsafe extern "system" fn IoCsqRemoveNextIrp(Csq: *mut IO_CSQ, PeekContext: PVOID) -> *mut IRP {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("IoCsqRemoveNextIrp", DISPATCH_LEVEL);
     let before = irql();
     // SAFETY: per the contract.
@@ -1037,6 +1048,7 @@ fn forget_context(irp: *mut IRP) {
 /// The cancel routine the queue routines set: removes the IRP with the driver's routine and has
 /// the driver complete it.
 unsafe extern "system" fn csq_cancel_routine(_device: *mut DEVICE_OBJECT, irp: *mut IRP) {
+    let _kernel = super::kernel::KernelCode::enter();
     // SAFETY: the I/O manager calls this with the cancel spin lock held, for an IRP it took the
     // routine from; the lock must be released first.
     let cancel_irql = unsafe { (*irp).CancelIrql };
@@ -1084,6 +1096,7 @@ pub unsafe extern "system" fn IoCreateSymbolicLink(
     SymbolicLinkName: *const UNICODE_STRING,
     DeviceName: *const UNICODE_STRING,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("IoCreateSymbolicLink", PASSIVE_LEVEL);
     let (Some(name), Some(target)) = (read_unicode(SymbolicLinkName), read_unicode(DeviceName))
     else {
@@ -1110,6 +1123,7 @@ pub unsafe extern "system" fn IoCreateSymbolicLink(
 pub unsafe extern "system" fn IoDeleteSymbolicLink(
     SymbolicLinkName: *const UNICODE_STRING,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("IoDeleteSymbolicLink", PASSIVE_LEVEL);
     let Some(name) = read_unicode(SymbolicLinkName) else {
         return Status::INVALID_PARAMETER.raw();
@@ -1137,6 +1151,7 @@ pub unsafe extern "system" fn ObOpenObjectByPointer(
     AccessMode: KPROCESSOR_MODE,
     Handle: *mut HANDLE,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     let _ = (PassedAccessState, ObjectType);
     require_irql("ObOpenObjectByPointer", APC_LEVEL);
     if AccessMode != KernelMode {
@@ -1182,6 +1197,7 @@ pub unsafe extern "system" fn ZwSetSecurityObject(
     SecurityInformation: u32,
     SecurityDescriptor: PVOID,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("ZwSetSecurityObject", PASSIVE_LEVEL);
     let kernel = current();
     let (object, serial, granted) = {
@@ -1220,6 +1236,7 @@ pub unsafe extern "system" fn ZwSetSecurityObject(
 ///
 /// None beyond the kernel's.
 pub unsafe extern "system" fn ZwClose(Handle: HANDLE) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("ZwClose", PASSIVE_LEVEL);
     let kernel = current();
     match io(&kernel).handles.remove(&(Handle as usize)) {
@@ -1717,6 +1734,7 @@ impl IoRequest {
             record.driver
         };
         with_context(&self.kernel, PASSIVE_LEVEL, driver, || {
+            let _kernel = super::kernel::KernelCode::enter();
             cancel_irp(&self.kernel, self.irp)
         })
     }

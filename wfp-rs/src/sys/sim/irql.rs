@@ -82,6 +82,7 @@ fn word<'a>(lock: *mut KSPIN_LOCK) -> &'a AtomicUsize {
 ///
 /// `SpinLock` must point to an initialised `KSPIN_LOCK` that outlives the hold.
 pub unsafe extern "system" fn KeAcquireSpinLockRaiseToDpc(SpinLock: *mut KSPIN_LOCK) -> KIRQL {
+    let _kernel = super::kernel::KernelCode::enter();
     super::kernel::require_irql("KeAcquireSpinLockRaiseToDpc", DISPATCH_LEVEL);
     let me = thread_id() as usize;
     let lock = word(SpinLock);
@@ -113,6 +114,7 @@ pub unsafe extern "system" fn KeAcquireSpinLockRaiseToDpc(SpinLock: *mut KSPIN_L
 /// `SpinLock` must be held by this processor; `NewIrql` must be the value its acquisition
 /// returned.
 pub unsafe extern "system" fn KeReleaseSpinLock(SpinLock: *mut KSPIN_LOCK, NewIrql: KIRQL) {
+    let _kernel = super::kernel::KernelCode::enter();
     let now = irql();
     if now != DISPATCH_LEVEL {
         stop(

@@ -75,9 +75,6 @@ pub(crate) struct DeviceRecord {
 pub(crate) struct State {
     pub pool: HashMap<usize, Block>,
     pub freed: HashSet<usize>,
-    /// Pool allocations that fail: `fail_from` more succeed, then `fail_count` fail.
-    pub fail_from: u64,
-    pub fail_count: u64,
     /// While set, worker threads leave queued work items in the queue.
     pub hold_work_items: bool,
     pub drivers: HashMap<usize, DriverRecord>,
@@ -98,9 +95,22 @@ pub(crate) struct State {
 // boxes the state itself owns, and are only touched with the machine's state lock held.
 unsafe impl Send for State {}
 
+/// Pool allocations that fail: `skip` more succeed, then `count` fail.
+#[derive(Default)]
+pub(crate) struct Faults {
+    pub skip: u64,
+    pub count: u64,
+}
+
 /// One simulated machine.
 pub(crate) struct Kernel {
     pub state: Mutex<State>,
+    /// Fault injection for pool allocations. A lock of its own, never held while allocating, so
+    /// the global allocator can consult it whatever locks its caller holds.
+    pub faults: Mutex<Faults>,
+    /// Blocks the global allocator took from pool for driver code (`Box`, `Vec`, `Arc`), by
+    /// address. A leaf lock, like `faults`: see `global_alloc.rs`.
+    pub global_pool: Mutex<HashMap<usize, Block>>,
     /// Signalled when work is queued or the machine shuts down.
     pub work_ready: Condvar,
     /// Signalled when a work item finishes.
@@ -206,8 +216,6 @@ static NEXT_THREAD_ID: AtomicU64 = AtomicU64::new(1);
 pub(crate) struct ThreadState {
     pub kernel: RefCell<Option<Arc<Kernel>>>,
     pub irql: Cell<KIRQL>,
-    /// The driver object whose code this thread is running (0: kernel or harness).
-    pub driver: Cell<usize>,
     /// The work item whose routine this thread is running (0: none).
     pub work_item: Cell<usize>,
     pub id: u64,
@@ -227,7 +235,6 @@ thread_local! {
     pub(crate) static THREAD: ThreadState = ThreadState {
         kernel: RefCell::new(None),
         irql: Cell::new(PASSIVE_LEVEL),
-        driver: Cell::new(0),
         work_item: Cell::new(0),
         id: NEXT_THREAD_ID.fetch_add(1, Ordering::Relaxed),
         routine: Cell::new(None),
@@ -241,6 +248,8 @@ impl Kernel {
     pub(crate) fn new(workers: usize) -> Arc<Kernel> {
         let kernel = Arc::new(Kernel {
             state: Mutex::new(State::default()),
+            faults: Mutex::new(Faults::default()),
+            global_pool: Mutex::new(HashMap::new()),
             work_ready: Condvar::new(),
             work_done: Condvar::new(),
             event_lock: Mutex::new(()),
@@ -274,15 +283,16 @@ impl Kernel {
     }
 
     /// Whether the next pool allocation is one the harness asked to fail.
-    pub(crate) fn injected_failure(state: &mut State) -> bool {
-        if state.fail_count == 0 {
+    pub(crate) fn injected_failure(&self) -> bool {
+        let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        if faults.count == 0 {
             return false;
         }
-        if state.fail_from > 0 {
-            state.fail_from -= 1;
+        if faults.skip > 0 {
+            faults.skip -= 1;
             return false;
         }
-        state.fail_count -= 1;
+        faults.count -= 1;
         true
     }
 
@@ -468,13 +478,105 @@ pub(crate) fn thread_id() -> u64 {
     THREAD.with(|t| t.id)
 }
 
+/// What code this thread runs, for charging pool to drivers and for the global allocator
+/// (`global_alloc.rs`), which reads it on every allocation. Kept apart from [`THREAD`] because
+/// it must be readable from inside the allocator at any time, thread teardown included: a
+/// `const` initialiser and a `Copy` value without `Drop` make the thread-local a plain TLS slot,
+/// with no lazy initialisation that could allocate and no destructor after which it is gone.
+#[derive(Clone, Copy)]
+pub(crate) struct Running {
+    /// The driver object whose code runs, or on whose behalf the kernel runs (0: the kernel or
+    /// the test harness on their own).
+    pub driver: usize,
+    /// The machine this thread is in (null: none); valid while [`with_context`] holds it.
+    pub kernel: *const Kernel,
+    /// Set while a simulated kernel routine (or the simulator's own code) runs, also when a
+    /// driver called it: its allocations are the kernel's, not the driver's.
+    pub in_kernel: bool,
+}
+
+thread_local! {
+    pub(crate) static RUNNING: Cell<Running> = const {
+        Cell::new(Running { driver: 0, kernel: core::ptr::null(), in_kernel: false })
+    };
+}
+
+pub(crate) fn running() -> Running {
+    RUNNING.with(Cell::get)
+}
+
+/// The driver object this thread runs code of, or runs kernel code for (0: none).
 pub(crate) fn current_driver() -> usize {
-    THREAD.with(|t| t.driver.get())
+    running().driver
+}
+
+/// Marks this thread as running kernel code until dropped: the simulator's allocations in it
+/// come from the host, never from the calling driver's pool (nor from its injected failures).
+/// Every simulated kernel routine takes one first; a call back into the driver
+/// ([`with_context`], `wfp::in_driver`) lifts it for the driver's code.
+#[must_use]
+pub(crate) struct KernelCode {
+    was_in_kernel: bool,
+}
+
+impl KernelCode {
+    /// Kernel code starts: a routine the driver called (so the driver handled any allocation
+    /// failure before), or the simulator's own code.
+    pub(crate) fn enter() -> KernelCode {
+        super::global_alloc::forget_failure();
+        KernelCode::for_allocator()
+    }
+
+    /// The global allocator's own bookkeeping, which says nothing about what the driver handled.
+    pub(crate) fn for_allocator() -> KernelCode {
+        let was_in_kernel = RUNNING.with(|r| {
+            let mut now = r.get();
+            let was = now.in_kernel;
+            now.in_kernel = true;
+            r.set(now);
+            was
+        });
+        KernelCode { was_in_kernel }
+    }
+}
+
+impl Drop for KernelCode {
+    fn drop(&mut self) {
+        RUNNING.with(|r| {
+            let mut now = r.get();
+            now.in_kernel = self.was_in_kernel;
+            r.set(now);
+        });
+    }
+}
+
+/// Runs driver code (`f`) of `driver` on this thread, then restores what ran before: the
+/// driver's allocations in `f` are its pool, even when a kernel routine calls it.
+pub(crate) fn as_driver<R>(driver: usize, f: impl FnOnce() -> R) -> R {
+    struct Restore(Running);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            super::global_alloc::forget_failure();
+            RUNNING.with(|r| r.set(self.0));
+        }
+    }
+    let _restore = RUNNING.with(|r| {
+        let previous = r.get();
+        r.set(Running {
+            driver,
+            in_kernel: false,
+            ..previous
+        });
+        Restore(previous)
+    });
+    f()
 }
 
 /// Runs `f` with this thread entered into `kernel` at `irql`, charged to `driver`, and restores
-/// the thread's previous state afterwards. Spin locks on the stack of the frames `f` ran in are
-/// gone when it returns, so the lock-order graph forgets them (their addresses will be reused).
+/// the thread's previous state afterwards. With a driver, `f` runs as that driver's code: what
+/// it allocates through the global allocator is the driver's pool (`global_alloc.rs`). Spin
+/// locks on the stack of the frames `f` ran in are gone when it returns, so the lock-order graph
+/// forgets them (their addresses will be reused).
 pub(crate) fn with_context<R>(
     kernel: &Arc<Kernel>,
     irql: KIRQL,
@@ -484,13 +586,17 @@ pub(crate) fn with_context<R>(
     struct Restore {
         kernel: Option<Arc<Kernel>>,
         irql: KIRQL,
-        driver: usize,
+        running: Running,
         /// The address of a local of this frame: the callee's stack lies below it.
         frame: usize,
         outermost: bool,
     }
     impl Drop for Restore {
         fn drop(&mut self) {
+            // The allocator's view first: it must not point at a machine this thread may be
+            // about to release.
+            super::global_alloc::forget_failure();
+            RUNNING.with(|r| r.set(self.running));
             THREAD.with(|t| {
                 let has_stack_locks = !t.stack_locks.borrow().is_empty();
                 if has_stack_locks && let Some(kernel) = t.kernel.borrow().as_ref() {
@@ -498,7 +604,6 @@ pub(crate) fn with_context<R>(
                 }
                 *t.kernel.borrow_mut() = self.kernel.take();
                 t.irql.set(self.irql);
-                t.driver.set(self.driver);
                 if self.outermost {
                     t.stack_anchor.set(0);
                 }
@@ -515,13 +620,20 @@ pub(crate) fn with_context<R>(
         let previous = Restore {
             kernel: t.kernel.replace(Some(Arc::clone(kernel))),
             irql: t.irql.get(),
-            driver: t.driver.get(),
+            running: running(),
             frame,
             outermost,
         };
         t.irql.set(irql);
-        t.driver.set(driver);
         previous
+    });
+    // Driver code when a driver is given; harness code (which allocates from the host) when not.
+    RUNNING.with(|r| {
+        r.set(Running {
+            driver,
+            kernel: Arc::as_ptr(kernel),
+            in_kernel: false,
+        });
     });
     f()
 }
@@ -580,6 +692,7 @@ pub unsafe extern "C" fn DbgPrintEx(
     Length: i32,
     Text: *const u8,
 ) -> ULONG {
+    let _kernel = KernelCode::enter();
     let _ = (ComponentId, Level);
     // SAFETY: the caller passes a NUL-terminated format string.
     let format = unsafe { core::ffi::CStr::from_ptr(Format.cast()) };
@@ -608,6 +721,7 @@ pub unsafe extern "C" fn DbgPrintEx(
 /// `QpcTimeStamp` must be valid for a write of a `ULONG64`. A null pointer stops the machine
 /// with `KMODE_EXCEPTION_NOT_HANDLED` (the kernel would fault writing to it).
 pub unsafe extern "system" fn KeQueryInterruptTimePrecise(QpcTimeStamp: *mut ULONG64) -> ULONG64 {
+    let _kernel = KernelCode::enter();
     let now = current().interrupt_time();
     if QpcTimeStamp.is_null() {
         stop(

@@ -21,6 +21,7 @@ pub(crate) mod bugcheck;
 mod deadlock;
 mod event;
 pub(crate) mod flt;
+mod global_alloc;
 mod io;
 pub(crate) mod irp;
 mod irql;

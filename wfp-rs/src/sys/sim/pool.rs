@@ -11,7 +11,7 @@ use std::{
 use std::alloc::Layout;
 
 use super::bugcheck::stop;
-use super::kernel::{Block, Kernel, current, current_driver, irql, level_name};
+use super::kernel::{Block, current, current_driver, irql, level_name};
 use crate::bugcheck::{BugCheckCode, verifier};
 use crate::pool::POOL_ALIGNMENT;
 use crate::sys::types::*;
@@ -35,6 +35,7 @@ pub unsafe extern "system" fn ExAllocatePool2(
     NumberOfBytes: SIZE_T,
     Tag: ULONG,
 ) -> PVOID {
+    let _kernel = super::kernel::KernelCode::enter();
     let now = irql();
     let paged = Flags & POOL_FLAG_PAGED != 0;
     if paged && now > APC_LEVEL {
@@ -75,7 +76,7 @@ pub unsafe extern "system" fn ExAllocatePool2(
     }
     let kernel = current();
     let mut state = kernel.lock();
-    if Kernel::injected_failure(&mut state) {
+    if kernel.injected_failure() {
         return core::ptr::null_mut();
     }
     let layout = layout(NumberOfBytes);
@@ -114,6 +115,7 @@ pub unsafe extern "system" fn ExAllocatePool2(
 /// `P` must be a live block from `ExAllocatePool2`; the simulator stops the machine otherwise,
 /// before touching the memory.
 pub unsafe extern "system" fn ExFreePoolWithTag(P: PVOID, Tag: ULONG) {
+    let _kernel = super::kernel::KernelCode::enter();
     let now = irql();
     let kernel = current();
     let mut state = kernel.lock();
@@ -181,7 +183,7 @@ pub unsafe extern "system" fn ExFreePoolWithTag(P: PVOID, Tag: ULONG) {
 pub(crate) fn kernel_allocate(size: usize, tag: u32, driver: usize) -> *mut u8 {
     let kernel = current();
     let mut state = kernel.lock();
-    if Kernel::injected_failure(&mut state) {
+    if kernel.injected_failure() {
         return core::ptr::null_mut();
     }
     // SAFETY: sizes passed here are non-zero constants or checked by the caller.

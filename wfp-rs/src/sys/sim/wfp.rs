@@ -324,6 +324,7 @@ pub unsafe extern "system" fn FwpmEngineOpen0(
     session: *const FWPM_SESSION0,
     engineHandle: *mut HANDLE,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     let _ = (authnService, authIdentity);
     require_irql("FwpmEngineOpen0", PASSIVE_LEVEL);
     if !serverName.is_null() || engineHandle.is_null() {
@@ -367,6 +368,7 @@ pub unsafe extern "system" fn FwpmEngineOpen0(
 ///
 /// None beyond the handle being the caller's.
 pub unsafe extern "system" fn FwpmEngineClose0(engineHandle: HANDLE) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FwpmEngineClose0", PASSIVE_LEVEL);
     // Whatever happens, a transaction may have ended: let waiting writers look again.
     let _wake = WakeTxnWaiters;
@@ -498,6 +500,7 @@ pub(crate) fn check_unload(kernel: &super::kernel::Kernel, driver: usize, name: 
 ///
 /// None beyond the handle being the caller's.
 pub unsafe extern "system" fn FwpmTransactionBegin0(engineHandle: HANDLE, flags: u32) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     let _ = flags;
     require_irql("FwpmTransactionBegin0", PASSIVE_LEVEL);
     status(with_write(engineHandle, |bfe, session| {
@@ -520,6 +523,7 @@ pub unsafe extern "system" fn FwpmTransactionBegin0(engineHandle: HANDLE, flags:
 ///
 /// None beyond the handle being the caller's.
 pub unsafe extern "system" fn FwpmTransactionCommit0(engineHandle: HANDLE) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FwpmTransactionCommit0", PASSIVE_LEVEL);
     // Whatever happens, a transaction may have ended: let waiting writers look again.
     let _wake = WakeTxnWaiters;
@@ -541,6 +545,7 @@ pub unsafe extern "system" fn FwpmTransactionCommit0(engineHandle: HANDLE) -> NT
 ///
 /// None beyond the handle being the caller's.
 pub unsafe extern "system" fn FwpmTransactionAbort0(engineHandle: HANDLE) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FwpmTransactionAbort0", PASSIVE_LEVEL);
     // Whatever happens, a transaction may have ended: let waiting writers look again.
     let _wake = WakeTxnWaiters;
@@ -682,6 +687,7 @@ pub unsafe extern "system" fn FwpmProviderAdd0(
     provider: *const FWPM_PROVIDER0,
     sd: PVOID,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     let _ = sd;
     require_irql("FwpmProviderAdd0", PASSIVE_LEVEL);
     // SAFETY: valid per the contract.
@@ -719,6 +725,7 @@ pub unsafe extern "system" fn FwpmProviderDeleteByKey0(
     engineHandle: HANDLE,
     key: *const GUID,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FwpmProviderDeleteByKey0", PASSIVE_LEVEL);
     // SAFETY: valid per the contract.
     let Some(key) = (unsafe { key.as_ref() }).copied() else {
@@ -751,6 +758,7 @@ pub unsafe extern "system" fn FwpmSubLayerAdd0(
     subLayer: *const FWPM_SUBLAYER0,
     sd: PVOID,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     let _ = sd;
     require_irql("FwpmSubLayerAdd0", PASSIVE_LEVEL);
     // SAFETY: valid per the contract.
@@ -803,6 +811,7 @@ pub unsafe extern "system" fn FwpmSubLayerDeleteByKey0(
     engineHandle: HANDLE,
     key: *const GUID,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FwpmSubLayerDeleteByKey0", PASSIVE_LEVEL);
     // SAFETY: valid per the contract.
     let Some(key) = (unsafe { key.as_ref() }).copied() else {
@@ -831,6 +840,7 @@ pub unsafe extern "system" fn FwpmCalloutAdd0(
     sd: PVOID,
     id: *mut u32,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     let _ = sd;
     require_irql("FwpmCalloutAdd0", PASSIVE_LEVEL);
     // SAFETY: valid per the contract.
@@ -885,6 +895,7 @@ pub unsafe extern "system" fn FwpmCalloutDeleteByKey0(
     engineHandle: HANDLE,
     key: *const GUID,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FwpmCalloutDeleteByKey0", PASSIVE_LEVEL);
     // SAFETY: valid per the contract.
     let Some(key) = (unsafe { key.as_ref() }).copied() else {
@@ -1152,6 +1163,7 @@ pub unsafe extern "system" fn FwpmFilterAdd0(
     sd: PVOID,
     id: *mut u64,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     let _ = sd;
     require_irql("FwpmFilterAdd0", PASSIVE_LEVEL);
     // SAFETY: valid per the contract.
@@ -1351,6 +1363,7 @@ unsafe fn parse_filter(filter: &FWPM_FILTER0) -> Result<FilterRecord, NTSTATUS> 
 ///
 /// None beyond the handle being the caller's.
 pub unsafe extern "system" fn FwpmFilterDeleteById0(engineHandle: HANDLE, id: u64) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FwpmFilterDeleteById0", PASSIVE_LEVEL);
     let removed = with_write(engineHandle, |bfe, _session| {
         bfe.objects
@@ -1379,6 +1392,7 @@ pub unsafe extern "system" fn FwpsCalloutRegister3(
     callout: *const FWPS_CALLOUT3,
     calloutId: *mut u32,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FwpsCalloutRegister3", PASSIVE_LEVEL);
     // SAFETY: valid per the contract.
     let Some(callout) = (unsafe { callout.as_ref() }) else {
@@ -1432,6 +1446,7 @@ pub unsafe extern "system" fn FwpsCalloutRegister3(
 ///
 /// None.
 pub unsafe extern "system" fn FwpsCalloutUnregisterById0(calloutId: u32) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FwpsCalloutUnregisterById0", PASSIVE_LEVEL);
     let kernel = current();
     let mut bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
@@ -1566,15 +1581,14 @@ fn notify_delete(record: &FilterRecord) {
 /// it was called at.
 fn in_driver<R>(driver: usize, callout: u32, callback: &'static str, f: impl FnOnce() -> R) -> R {
     let before = irql();
-    let previous = THREAD.with(|t| t.driver.replace(driver));
     let routine = super::kernel::Routine::new(
         super::kernel::RoutineKind::Callout(callback),
         driver,
         callout as usize,
     );
     // The IRQL is checked as the callback's return, so the report names the callback.
-    let result = super::kernel::with_routine(routine, || {
-        let result = f();
+    super::kernel::with_routine(routine, || {
+        let result = super::kernel::as_driver(driver, f);
         let after = irql();
         if after != before {
             stop(
@@ -1593,9 +1607,7 @@ fn in_driver<R>(driver: usize, callout: u32, callback: &'static str, f: impl FnO
             );
         }
         result
-    });
-    THREAD.with(|t| t.driver.set(previous));
-    result
+    })
 }
 
 /// The `FWPS_FILTER3` handed to a callout, with the storage its pointers refer to.
@@ -2502,11 +2514,12 @@ pub unsafe extern "system" fn FwpsPendOperation0(
     completionHandle: HANDLE,
     completionContext: *mut HANDLE,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FwpsPendOperation0", DISPATCH_LEVEL);
     if completionContext.is_null() {
         return Status::FWP_NULL_POINTER.raw();
     }
-    let driver = THREAD.with(|t| t.driver.get());
+    let driver = super::kernel::current_driver();
     let value = completionHandle as usize;
     let result = with_bfe(|bfe| {
         let Some(handle) = bfe.completion_handles.get_mut(&value) else {
@@ -2560,6 +2573,7 @@ pub unsafe extern "system" fn FwpsCompleteOperation0(
     completionContext: HANDLE,
     netBufferList: PVOID,
 ) {
+    let _kernel = super::kernel::KernelCode::enter();
     let _ = netBufferList;
     require_irql("FwpsCompleteOperation0", DISPATCH_LEVEL);
     let kernel = current();
@@ -2623,12 +2637,13 @@ pub unsafe extern "system" fn FwpsAcquireClassifyHandle0(
     reserved: u32,
     classifyHandle: *mut u64,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     let _ = reserved;
     require_irql("FwpsAcquireClassifyHandle0", DISPATCH_LEVEL);
     if classifyHandle.is_null() {
         return Status::FWP_NULL_POINTER.raw();
     }
-    let driver = THREAD.with(|t| t.driver.get());
+    let driver = super::kernel::current_driver();
     let result = with_bfe(|bfe| {
         let classification = classifyContext as usize;
         if !bfe.live_classifications.contains_key(&classification) {
@@ -2676,6 +2691,7 @@ pub unsafe extern "system" fn FwpsPendClassify0(
     flags: u32,
     classifyOut: *mut FWPS_CLASSIFY_OUT0,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     let _ = (filterId, flags);
     require_irql("FwpsPendClassify0", DISPATCH_LEVEL);
     if classifyOut.is_null() {
@@ -2741,6 +2757,7 @@ pub unsafe extern "system" fn FwpsCompleteClassify0(
     flags: u32,
     classifyOut: *const FWPS_CLASSIFY_OUT0,
 ) {
+    let _kernel = super::kernel::KernelCode::enter();
     let _ = flags;
     require_irql("FwpsCompleteClassify0", DISPATCH_LEVEL);
     // SAFETY: null or valid per the contract.
@@ -2776,6 +2793,7 @@ pub unsafe extern "system" fn FwpsCompleteClassify0(
 ///
 /// None beyond the kernel's rules, which this function checks.
 pub unsafe extern "system" fn FwpsReleaseClassifyHandle0(classifyHandle: u64) {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FwpsReleaseClassifyHandle0", DISPATCH_LEVEL);
     let handle = classifyHandle as usize;
     let problem = with_bfe(|bfe| {
@@ -2838,6 +2856,7 @@ pub unsafe extern "system" fn FwpsFlowAssociateContext0(
     calloutId: u32,
     flowContext: u64,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FwpsFlowAssociateContext0", DISPATCH_LEVEL);
     if flowContext == 0 {
         return Status::INVALID_PARAMETER.raw();
@@ -2880,6 +2899,7 @@ pub unsafe extern "system" fn FwpsFlowRemoveContext0(
     layerId: u16,
     calloutId: u32,
 ) -> NTSTATUS {
+    let _kernel = super::kernel::KernelCode::enter();
     require_irql("FwpsFlowRemoveContext0", DISPATCH_LEVEL);
     let removed = with_bfe(|bfe| {
         let context = bfe.flow_contexts.remove(&(flowId, layerId, calloutId))?;
