@@ -274,8 +274,10 @@ mod scripted {
             }
         }
 
+        /// Logs `line` for the test: the log's copy is the harness's memory, so it does not
+        /// count as the driver's pool at unload (`line` itself is freed here, by driver code).
         fn note(&self, line: String) {
-            self.log.lock().unwrap().push(line);
+            wfp_rs::sim::as_harness(|| self.log.lock().unwrap().push(line.clone()));
         }
     }
 
@@ -342,8 +344,11 @@ mod scripted {
                 Step::Wait => {
                     let inside = self.inside.lock().unwrap().take().unwrap();
                     let go = self.go.lock().unwrap().take().unwrap();
-                    inside.send(()).unwrap();
-                    go.recv().unwrap();
+                    // The channels are the test's: their lazily allocated blocks too.
+                    wfp_rs::sim::as_harness(|| {
+                        inside.send(()).unwrap();
+                        go.recv().unwrap();
+                    });
                     self.note(format!("waited, reads {:?}", label(c.flow_context())));
                 }
             }
