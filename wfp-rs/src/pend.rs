@@ -133,7 +133,9 @@ impl<L: Layer, F: 'static> Classify<'_, L, F> {
 ///
 /// Dropping it uncompleted completes it (and reports that to the debugger): at ALE_AUTH_CONNECT
 /// the reauthorization then asks the callout again, which answers from whatever it recorded —
-/// typically nothing, so its default applies. A pend can never leak.
+/// typically nothing, so its default applies. Leaking it (`mem::forget`, an `Arc` cycle) is safe
+/// Rust and leaves the connection waiting; unloading with it outstanding stops the simulator with
+/// `DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS`.
 #[must_use = "a pended classification holds the connection until it is completed"]
 pub struct PendedClassify {
     context: Option<NonNull<core::ffi::c_void>>,
