@@ -122,9 +122,10 @@ fn a_harness_token_scope_cannot_nest() {
     machine.at_passive(|_outer| machine.at_dispatch(|_inner| ()));
 }
 
-/// The same through `Machine::run`, which hands out no token but does not hide the outer one.
+/// The same through `Machine::run`, which hands out no token but does not hide the outer one:
+/// it would run its closure at `PASSIVE_LEVEL` on a thread at `DISPATCH_LEVEL`.
 #[test]
-#[should_panic(expected = "Machine::at_passive called where an IRQL token may already be live")]
+#[should_panic(expected = "nothing lowers the IRQL under running code")]
 fn a_harness_token_scope_cannot_nest_through_run() {
     let machine = Machine::new();
     machine.at_dispatch(|_outer| machine.run(|| machine.at_passive(|_inner| ())));
@@ -141,6 +142,85 @@ fn run_in_driver_cannot_nest_in_a_token_scope() {
         .load_driver("minimal", minimal_driver::DriverEntry)
         .unwrap();
     machine.at_passive(|_outer| driver.run_in_driver(&machine, |_inner, _| ()));
+}
+
+/// A harness entry point that would run code at a lower IRQL than the thread's refuses: a
+/// "PASSIVE_LEVEL" classification inside a DPC would let the callout wait at DISPATCH_LEVEL.
+#[test]
+#[should_panic(expected = "nothing lowers the IRQL under running code")]
+fn a_classification_cannot_lower_the_irql_of_the_harness() {
+    let machine = Machine::new();
+    machine.at_dispatch(|_| {
+        machine.classify::<wfp_rs::layer::AleAuthConnectV4>(
+            Irql::PASSIVE,
+            &wfp_rs::sim::ClassifyRequest::new(),
+        )
+    });
+}
+
+/// Driver code that kept a `Machine` cannot use the harness to leave its routine and IRQL
+/// (`Machine::run` from a callback would run the rest at `PASSIVE_LEVEL` as harness code): the
+/// refusal is a panic in driver code, so the machine stops as a driver's panic stops Windows.
+#[test]
+fn the_harness_refuses_driver_code() {
+    let outcome = wfp_rs::sim::run_isolated(
+        &wfp_rs::sim::__test_name(module_path!(), "the_harness_refuses_driver_code"),
+        || {
+            let machine = Machine::new();
+            let driver = machine
+                .load_driver("minimal", minimal_driver::DriverEntry)
+                .unwrap();
+            driver.run_in_driver(&machine, |_irql, _| machine.run(|| ()));
+        },
+    );
+    let report =
+        outcome.expect_bugcheck(wfp_rs::bugcheck::BugCheckCode::KMODE_EXCEPTION_NOT_HANDLED);
+    assert!(
+        report.explanation.contains("was called from driver code"),
+        "{}",
+        outcome.stderr
+    );
+}
+
+/// A panic in driver code — here a work item routine, called through the SDK's
+/// `extern "system"` trampoline — stops with `KMODE_EXCEPTION_NOT_HANDLED`, parameter 1
+/// "Rust" and parameter 2 the panic's line, as the driver's panic handler does on Windows.
+#[test]
+fn a_panic_in_a_work_item_stops_with_kmode_exception_not_handled() {
+    let outcome = wfp_rs::sim::run_isolated(
+        &wfp_rs::sim::__test_name(
+            module_path!(),
+            "a_panic_in_a_work_item_stops_with_kmode_exception_not_handled",
+        ),
+        || {
+            let machine = Machine::new();
+            let driver = machine
+                .load_driver("minimal", minimal_driver::DriverEntry)
+                .unwrap();
+            let queue = driver.work_queue(&machine).expect("an SDK driver");
+            machine.at_passive(|irql| {
+                queue
+                    .queue(irql, |_passive| panic!("the work item gives up")) // work item panic
+                    .unwrap_or_else(|_| unreachable!("queued"));
+            });
+            machine.wait_for_work_items();
+        },
+    );
+    let report =
+        outcome.expect_bugcheck(wfp_rs::bugcheck::BugCheckCode::KMODE_EXCEPTION_NOT_HANDLED);
+    let line = include_str!("verifier.rs")
+        .lines()
+        .position(|l| l.ends_with("// work item panic"))
+        .map(|index| index + 1)
+        .expect("the line is in this file");
+    assert_eq!(report.params[0], 0x5275_7374, "{}", outcome.stderr);
+    assert_eq!(report.params[1], line, "{}", outcome.stderr);
+    assert!(
+        report.explanation.contains("the work item gives up")
+            && report.routine.contains("work item routine"),
+        "{}",
+        outcome.stderr
+    );
 }
 
 /// Token scopes one after the other, on one thread, are fine.

@@ -24,6 +24,34 @@ pub(crate) const IN_PREFIX: &str = "in: ";
 /// The line that gives the source location of the innermost driver frame.
 pub(crate) const AT_PREFIX: &str = "at: ";
 
+/// "Rust" in ASCII: parameter 1 of the bug check a driver's panic handler gives.
+const RUST_PANIC: usize = 0x5275_7374;
+
+/// Makes a panic in driver code stop the machine as the driver's panic handler stops Windows:
+/// `KMODE_EXCEPTION_NOT_HANDLED` (0x1E), parameter 1 `0x52757374` ("Rust"), parameter 2 the
+/// panic's line (see `wfp_rs::panic_handler!`). Without it the panic would reach the SDK's
+/// `extern "system"` trampoline and abort the process with no stop report. Panics of harness
+/// code (assertions of a test) go to the hook that was there before. Installed once per
+/// process, by the first machine.
+pub(crate) fn install_driver_panic_hook() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let running = super::kernel::running();
+            if running.driver != 0 && !running.in_kernel && !running.kernel.is_null() {
+                let line = info.location().map_or(0, |l| l.line() as usize);
+                stop(
+                    Code::KMODE_EXCEPTION_NOT_HANDLED,
+                    [RUST_PANIC, line, 0, 0],
+                    &format!("driver code panicked: {info}"),
+                );
+            }
+            previous(info);
+        }));
+    });
+}
+
 /// Stops the machine: prints the stop code the way the kernel debugger shows it, with the
 /// simulator's explanation, and aborts the process. Nothing after a bug check runs, as on
 /// Windows, so no test can pass by accident after one.

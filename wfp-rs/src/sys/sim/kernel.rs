@@ -246,6 +246,7 @@ thread_local! {
 
 impl Kernel {
     pub(crate) fn new(workers: usize) -> Arc<Kernel> {
+        super::bugcheck::install_driver_panic_hook();
         let kernel = Arc::new(Kernel {
             state: Mutex::new(State::default()),
             faults: Mutex::new(Faults::default()),
@@ -572,6 +573,33 @@ pub(crate) fn as_driver<R>(driver: usize, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// A thread already inside a machine enters a new context only as the kernel does: never from
+/// the driver's own code (a test harness function — `Machine::run`, `classify`, `load_driver` —
+/// called from a callback through a `Machine` the driver kept would run the rest at
+/// `PASSIVE_LEVEL` as harness code, with the driver's spin lock still held), and never at a
+/// lower IRQL than the thread's (nothing on Windows lowers the IRQL under running code). Both
+/// are harness misuse, so they panic, as nested token scopes do.
+fn refuse_reentry_from_driver_code(irql: KIRQL) {
+    let (inside, now) = THREAD.with(|t| (t.kernel.borrow().is_some(), t.irql.get()));
+    if !inside {
+        return;
+    }
+    let current = running();
+    if current.driver != 0 && !current.in_kernel {
+        panic!(
+            "a wfp_rs::sim::Machine function was called from driver code: the test harness \
+             (Machine::run, at_passive, at_dispatch, classify, load_driver, ...) drives a \
+             machine from outside it; a driver cannot use it to leave its IRQL or its routine"
+        );
+    }
+    if irql < now {
+        panic!(
+            "a wfp_rs::sim::Machine function would run code at IRQL {irql} on a thread at IRQL \
+             {now}: nothing lowers the IRQL under running code; call it outside at_dispatch"
+        );
+    }
+}
+
 /// Runs `f` with this thread entered into `kernel` at `irql`, charged to `driver`, and restores
 /// the thread's previous state afterwards. With a driver, `f` runs as that driver's code: what
 /// it allocates through the global allocator is the driver's pool (`global_alloc.rs`). Spin
@@ -583,6 +611,7 @@ pub(crate) fn with_context<R>(
     driver: usize,
     f: impl FnOnce() -> R,
 ) -> R {
+    refuse_reentry_from_driver_code(irql);
     struct Restore {
         kernel: Option<Arc<Kernel>>,
         irql: KIRQL,
