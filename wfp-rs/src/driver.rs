@@ -289,11 +289,11 @@ impl fmt::Debug for UnicodeStr<'_> {
 /// # Safety
 ///
 /// Only the generated `DriverEntry` may call this, with the arguments the I/O manager passed.
-#[doc(hidden)]
 ///
 /// Generic over the entry function (a function item, zero-sized) rather than taking a function
 /// pointer: the call to the driver's function is then a direct call, which the stack check
-/// (`cargo xtask stack`) can follow; through a pointer its depth would be unbounded.
+/// (`cargo xtask stack`) follows and counts; through a pointer its depth would be unbounded.
+#[doc(hidden)]
 pub unsafe fn __run_driver_entry<D: DriverState>(
     driver_object: *mut sys::DRIVER_OBJECT,
     registry_path: *const sys::UNICODE_STRING,
@@ -352,8 +352,9 @@ fn start<D: DriverState>(
     }
 }
 
-/// Calls the driver's entry function and moves the state it returns into `state`: a frame of
-/// its own, so that only this small frame of the SDK's lies under the driver's function.
+/// Calls the driver's entry function: a frame of its own, so that only this small frame of the
+/// SDK's lies under the driver's function. It holds one temporary, the entry function's result,
+/// which [`store_state`] then moves into the extension once the driver's function has returned.
 #[inline(never)]
 fn run_entry<D>(
     irql: &mut PassiveLevel<'_>,
@@ -361,8 +362,16 @@ fn run_entry<D>(
     state: &mut MaybeUninit<D>,
     entry: impl FnOnce(&mut PassiveLevel<'_>, &mut Driver<'_>) -> Result<D, Status>,
 ) -> Result<(), Status> {
-    // A `match` rather than `?`: in a debug build each step of `?` is a copy of the state.
-    match entry(irql, driver) {
+    store_state(entry(irql, driver), state)
+}
+
+/// Moves the state out of the entry function's result into `state`. Not inlined into
+/// [`run_entry`]: in a debug build each move of the state is a copy with a stack slot of its
+/// own (`MaybeUninit::write` alone makes several), and here they are in a frame that is only
+/// on the stack after the driver's function has returned.
+#[inline(never)]
+fn store_state<D>(result: Result<D, Status>, state: &mut MaybeUninit<D>) -> Result<(), Status> {
+    match result {
         Ok(value) => {
             state.write(value);
             Ok(())
