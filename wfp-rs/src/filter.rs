@@ -786,9 +786,10 @@ impl<'a, L: Layer> Filter<'a, L> {
     ///
     /// In three frames, so that no large temporary lies under the deepest calls (in a debug
     /// build every temporary has a stack slot of its own, and `cargo xtask stack --debug` counts
-    /// them): this one checks the filter and holds only the vector of slots; [`Filter::slots`]
-    /// fills the slots (down to the allocator, the deepest part); [`Filter::lay_out`], called
-    /// after it has returned, builds the `FWPM_FILTER0` and calls `f`.
+    /// them): this one checks the filter and holds only the display data and the vector of
+    /// slots (both filled by calls that reach the allocator, the deepest part); [`Filter::slots`]
+    /// fills the slots; [`Filter::lay_out`], called after it has returned, builds the
+    /// `FWPM_FILTER0` and calls `f`.
     pub(crate) fn with_raw<R>(&self, f: impl FnOnce(&sys::FWPM_FILTER0) -> R) -> Result<R, Status> {
         if let Some(status) = self.error {
             return Err(status);
@@ -801,10 +802,11 @@ impl<'a, L: Layer> Filter<'a, L> {
         {
             return Err(Status::FWP_INVALID_WEIGHT);
         }
+        let mut display = DisplayData::new(self.name, self.description)?;
         // The values the conditions point to. Filled completely before any pointer into it is
         // taken, and not touched again (so not moved) until `f` returns.
         let mut slots = self.slots()?;
-        self.lay_out(action, &mut slots, f)
+        self.lay_out(action, &mut display, &mut slots, f)
     }
 
     /// A slot for each condition, filled with what its value points to.
@@ -823,17 +825,16 @@ impl<'a, L: Layer> Filter<'a, L> {
         Ok(slots)
     }
 
-    /// The rest of [`Filter::with_raw`], once the slots are filled: the display data, the
-    /// weight, the conditions pointing into `slots`, the `FWPM_FILTER0`, and the call of `f`.
+    /// The rest of [`Filter::with_raw`], once the slots are filled: the weight, the conditions pointing into `slots`, the `FWPM_FILTER0`, and the call of `f`.
     #[inline(never)]
     fn lay_out<R>(
         &self,
         action: FilterAction<L>,
+        display: &mut DisplayData,
         slots: &mut [Slot],
         f: impl FnOnce(&sys::FWPM_FILTER0) -> R,
     ) -> Result<R, Status> {
         let action = action.raw();
-        let mut display = DisplayData::new(self.name, self.description)?;
         let mut provider = self.provider.map(|key| key.0);
         // What an FWP_UINT64 weight points to.
         let mut exact_weight = match self.weight {
