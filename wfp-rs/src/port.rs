@@ -943,34 +943,54 @@ impl<P: Protocol, E: PortEvents> ServerPort<P, E> {
                 };
                 // SAFETY: `index < MAX_PORT_CONNECTIONS`: an element of the array, valid for
                 // writes.
-                unsafe { slots.add(index).write(slot) };
+                unsafe { slots.wrapping_add(index).write(slot) };
             }
-            // Each of the other fields is valid for writes (as above) and written once, without
-            // a reference to the uninitialised block.
-            let header = PortHeader {
-                next: core::ptr::null_mut(),
-                free: free_port::<P, E>,
+            // The other fields, one at a time: each projection stays inside the block (valid
+            // for writes, as above) and creates no reference; each field is written once.
+            // SAFETY: as above.
+            let field = unsafe { &raw mut (*block).header };
+            // SAFETY: valid for writes, as above.
+            unsafe {
+                field.write(PortHeader {
+                    next: core::ptr::null_mut(),
+                    free: free_port::<P, E>,
+                })
             };
-            // SAFETY: see above.
-            unsafe { (&raw mut (*block).header).write(header) };
-            // SAFETY: see above.
-            unsafe { (&raw mut (*block).raw_filter).write(filter.raw()) };
-            // SAFETY: see above.
-            unsafe { (&raw mut (*block).server).write(AtomicPtr::new(core::ptr::null_mut())) };
-            // SAFETY: see above.
-            unsafe { (&raw mut (*block).handles).write(AtomicUsize::new(1)) };
-            let reference = UnsafeCell::new(Some(filter.reference()));
-            // SAFETY: see above.
-            unsafe { (&raw mut (*block).filter).write(reference) };
-            // SAFETY: see above.
-            unsafe { (&raw mut (*block).next).write(AtomicUsize::new(0)) };
-            // SAFETY: see above.
-            unsafe { (&raw mut (*block).slot_count).write(max_connections as usize) };
-            // SAFETY: see above.
-            unsafe { (&raw mut (*block)._protocol).write(PhantomData) };
-            // SAFETY: `init` runs at most once, and only then are the events taken; the
-            // field is valid for writes, as above.
-            unsafe { (&raw mut (*block).events).write(ManuallyDrop::take(&mut events)) };
+            // SAFETY: as above.
+            let field = unsafe { &raw mut (*block).raw_filter };
+            // SAFETY: valid for writes, as above.
+            unsafe { field.write(filter.raw()) };
+            // SAFETY: as above.
+            let field = unsafe { &raw mut (*block).server };
+            // SAFETY: valid for writes, as above.
+            unsafe { field.write(AtomicPtr::new(core::ptr::null_mut())) };
+            // SAFETY: as above.
+            let field = unsafe { &raw mut (*block).handles };
+            // SAFETY: valid for writes, as above.
+            unsafe { field.write(AtomicUsize::new(1)) };
+            // SAFETY: as above.
+            let field = unsafe { &raw mut (*block).filter };
+            // SAFETY: valid for writes, as above.
+            unsafe { field.write(UnsafeCell::new(Some(filter.reference()))) };
+            // SAFETY: as above.
+            let field = unsafe { &raw mut (*block).next };
+            // SAFETY: valid for writes, as above.
+            unsafe { field.write(AtomicUsize::new(0)) };
+            // SAFETY: as above.
+            let field = unsafe { &raw mut (*block).slot_count };
+            // SAFETY: valid for writes, as above.
+            unsafe { field.write(max_connections as usize) };
+            // SAFETY: as above.
+            let field = unsafe { &raw mut (*block)._protocol };
+            // SAFETY: valid for writes, as above.
+            unsafe { field.write(PhantomData) };
+            // SAFETY: as above.
+            let field = unsafe { &raw mut (*block).events };
+            // SAFETY: taken once: `init` runs at most once, and only if the allocation
+            // succeeded, when the events are not given back below.
+            let events = unsafe { ManuallyDrop::take(&mut events) };
+            // SAFETY: valid for writes, as above.
+            unsafe { field.write(events) };
         };
         // SAFETY: `init` writes every field of the block (each slot of the array, then the
         // others) without reading any.
