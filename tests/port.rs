@@ -778,6 +778,43 @@ mod sim {
         fixture.finish();
     }
 
+    /// The port block is allocated and initialised in place (not built on the stack and
+    /// moved): when its allocation fails, the events must still come back, and nothing leaks.
+    #[test]
+    fn the_events_come_back_when_the_port_block_cannot_be_allocated() {
+        let fixture = Fixture::new(1);
+        let driver = fixture.driver.as_ref().unwrap();
+        let filter = fixture.filter.as_ref().unwrap();
+        let before = fixture.machine.pool_blocks().len();
+        // Fail each allocation of `create` in turn (the name's buffer, the block, what the
+        // kernel allocates for it) until one attempt succeeds.
+        let mut skip = 0;
+        let port = loop {
+            fixture.machine.fail_allocations(skip, 1);
+            let result = driver
+                .run_in_driver(&fixture.machine, |irql, _| {
+                    ServerPort::<Firewall, Seven>::create(irql, filter, "\\Low", 1, Seven(8))
+                })
+                .unwrap();
+            fixture.machine.fail_allocations(0, 0);
+            match result {
+                Ok(port) => break port,
+                Err(error) => {
+                    assert_eq!(error.status, Status::INSUFFICIENT_RESOURCES, "skip {skip}");
+                    assert_eq!(error.events.0, 8, "skip {skip}");
+                    assert_eq!(fixture.machine.pool_blocks().len(), before, "skip {skip}");
+                }
+            }
+            skip += 1;
+        };
+        assert!(skip >= 2, "the name and the block are allocated: {skip}");
+        assert_eq!(port.events().0, 8);
+        driver
+            .run_in_driver(&fixture.machine, |irql, _| port.close(irql))
+            .unwrap();
+        fixture.finish();
+    }
+
     struct Seven(u8);
 
     impl PortEvents for Seven {}

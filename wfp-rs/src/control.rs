@@ -190,7 +190,8 @@ impl<H: CommandHandler> ControlDevice<H> {
             )
         };
         crate::irql::verify(irql);
-        let names = secure_device::Names::new(name)?;
+        let mut names = secure_device::Names::EMPTY;
+        names.set(name)?;
         let idle = Event::try_new(EventKind::Notification, false, irql)?;
         let (device, extension) = secure_device::create(
             irql,

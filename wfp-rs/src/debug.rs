@@ -42,13 +42,13 @@ impl Level {
 /// so it stays far below a kernel stack page.
 const CHUNK: usize = 256;
 
-struct DbgWriter {
+struct DbgWriter<'a> {
     level: Level,
-    buf: [u8; CHUNK],
+    buf: &'a mut [u8; CHUNK],
     len: usize,
 }
 
-impl DbgWriter {
+impl DbgWriter<'_> {
     fn flush(&mut self) {
         if self.len == 0 {
             return;
@@ -69,7 +69,7 @@ impl DbgWriter {
     }
 }
 
-impl Write for DbgWriter {
+impl Write for DbgWriter<'_> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         for &byte in s.as_bytes() {
             if self.len == CHUNK {
@@ -85,9 +85,12 @@ impl Write for DbgWriter {
 /// Writes formatted text to the kernel debugger at `level`. Callable at any IRQL; does not
 /// allocate. Prefer the [`kd_print!`](crate::kd_print) macro.
 pub fn print(level: Level, args: fmt::Arguments<'_>) {
+    // The buffer is a local of its own that the writer borrows: built inside the writer, it
+    // would be built in a temporary and copied, two buffers in this frame in a debug build.
+    let mut buf = [0; CHUNK];
     let mut writer = DbgWriter {
         level,
-        buf: [0; CHUNK],
+        buf: &mut buf,
         len: 0,
     };
     // Writing to the stack buffer cannot fail.

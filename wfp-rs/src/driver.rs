@@ -289,11 +289,15 @@ impl fmt::Debug for UnicodeStr<'_> {
 /// # Safety
 ///
 /// Only the generated `DriverEntry` may call this, with the arguments the I/O manager passed.
+///
+/// Generic over the entry function (a function item, zero-sized) rather than taking a function
+/// pointer: the call to the driver's function is then a direct call, which the stack check
+/// (`cargo xtask stack`) follows and counts; through a pointer its depth would be unbounded.
 #[doc(hidden)]
 pub unsafe fn __run_driver_entry<D: DriverState>(
     driver_object: *mut sys::DRIVER_OBJECT,
     registry_path: *const sys::UNICODE_STRING,
-    entry: fn(&mut PassiveLevel<'_>, &mut Driver<'_>) -> Result<D, Status>,
+    entry: impl FnOnce(&mut PassiveLevel<'_>, &mut Driver<'_>) -> Result<D, Status>,
 ) -> sys::NTSTATUS {
     const { assert!(core::mem::align_of::<Extension<D>>() <= crate::pool::POOL_ALIGNMENT) };
     // SAFETY: the I/O manager calls DriverEntry at PASSIVE_LEVEL; the token lives for this call.
@@ -316,8 +320,73 @@ fn start<D: DriverState>(
     irql: &mut PassiveLevel<'_>,
     object: NonNull<sys::DRIVER_OBJECT>,
     registry_path: &sys::UNICODE_STRING,
-    entry: fn(&mut PassiveLevel<'_>, &mut Driver<'_>) -> Result<D, Status>,
+    entry: impl FnOnce(&mut PassiveLevel<'_>, &mut Driver<'_>) -> Result<D, Status>,
 ) -> Result<(), Status> {
+    // The driver's own function runs on top of this frame, so the setup's temporaries live in
+    // a frame of their own that has returned by then (`cargo xtask stack` measures the path).
+    let extension = prepare_extension::<D>(irql, object)?;
+    // SAFETY: initialised by `prepare_extension` (all but the state); only this thread uses it
+    // until DriverEntry returns.
+    let extension = unsafe { &mut *extension.as_ptr() };
+
+    let mut driver = Driver {
+        object,
+        registry_path,
+        shared: &extension.shared,
+    };
+    // Requests for devices the driver creates in `entry` (an `InvertedQueue`'s) reach the SDK's
+    // dispatch routine from the start.
+    crate::dispatch::install(object);
+    match run_entry(irql, &mut driver, &mut extension.state, entry) {
+        Ok(()) => {
+            // SAFETY: `object` is our driver object; setting the unload routine during
+            // DriverEntry is how a driver becomes unloadable.
+            unsafe { (*object.as_ptr()).DriverUnload = Some(unload_trampoline::<D>) };
+            Ok(())
+        }
+        Err(status) => {
+            // SAFETY: the state was never written; the shared part is torn down exactly once.
+            unsafe { tear_down(irql, &mut extension.shared) };
+            Err(status)
+        }
+    }
+}
+
+/// Calls the driver's entry function: a frame of its own, so that only this small frame of the
+/// SDK's lies under the driver's function. It holds one temporary, the entry function's result,
+/// which [`store_state`] then moves into the extension once the driver's function has returned.
+#[inline(never)]
+fn run_entry<D>(
+    irql: &mut PassiveLevel<'_>,
+    driver: &mut Driver<'_>,
+    state: &mut MaybeUninit<D>,
+    entry: impl FnOnce(&mut PassiveLevel<'_>, &mut Driver<'_>) -> Result<D, Status>,
+) -> Result<(), Status> {
+    store_state(entry(irql, driver), state)
+}
+
+/// Moves the state out of the entry function's result into `state`. Not inlined into
+/// [`run_entry`]: in a debug build each move of the state is a copy with a stack slot of its
+/// own (`MaybeUninit::write` alone makes several), and here they are in a frame that is only
+/// on the stack after the driver's function has returned.
+#[inline(never)]
+fn store_state<D>(result: Result<D, Status>, state: &mut MaybeUninit<D>) -> Result<(), Status> {
+    match result {
+        Ok(value) => {
+            state.write(value);
+            Ok(())
+        }
+        Err(status) => Err(status),
+    }
+}
+
+/// Allocates the driver object extension and creates the SDK's device and events in it; the
+/// state is left uninitialised, for the driver's entry function to provide.
+#[inline(never)]
+fn prepare_extension<D: DriverState>(
+    irql: &mut PassiveLevel<'_>,
+    object: NonNull<sys::DRIVER_OBJECT>,
+) -> Result<NonNull<Extension<D>>, Status> {
     let mut raw_extension: sys::PVOID = core::ptr::null_mut();
     // SAFETY: `object` is our driver object; the out pointer is a local. The extension is freed
     // by the I/O manager with the driver object.
@@ -362,46 +431,21 @@ fn start<D: DriverState>(
             return Err(status);
         }
     };
-    let shared = Shared {
-        device,
-        references: AtomicUsize::new(1),
-        drained,
-        jobs: SpinLock::new(0),
-        idle,
-    };
     // SAFETY: the extension is a fresh, suitably aligned block of the right size (alignment is
-    // asserted at compile time against the pool's 16 bytes).
+    // asserted at compile time against the pool's 16 bytes); the projection creates no reference.
+    let shared = unsafe { &raw mut (*extension.as_ptr()).shared };
+    // SAFETY: valid for writes (above); only the shared part is written, in place, and the state
+    // stays uninitialised (`MaybeUninit`).
     unsafe {
-        extension.as_ptr().write(Extension {
-            shared,
-            state: MaybeUninit::uninit(),
+        shared.write(Shared {
+            device,
+            references: AtomicUsize::new(1),
+            drained,
+            jobs: SpinLock::new(0),
+            idle,
         })
     };
-    // SAFETY: initialised just above; only this thread uses it until DriverEntry returns.
-    let extension = unsafe { &mut *extension.as_ptr() };
-
-    let mut driver = Driver {
-        object,
-        registry_path,
-        shared: &extension.shared,
-    };
-    // Requests for devices the driver creates in `entry` (an `InvertedQueue`'s) reach the SDK's
-    // dispatch routine from the start.
-    crate::dispatch::install(object);
-    match entry(irql, &mut driver) {
-        Ok(state) => {
-            extension.state.write(state);
-            // SAFETY: `object` is our driver object; setting the unload routine during
-            // DriverEntry is how a driver becomes unloadable.
-            unsafe { (*object.as_ptr()).DriverUnload = Some(unload_trampoline::<D>) };
-            Ok(())
-        }
-        Err(status) => {
-            // SAFETY: the state was never written; the shared part is torn down exactly once.
-            unsafe { tear_down(irql, &mut extension.shared) };
-            Err(status)
-        }
-    }
+    Ok(extension)
 }
 
 /// Drops the driver's own reference, waits until every work item and handle is gone, deletes the

@@ -783,13 +783,58 @@ impl<'a, L: Layer> Filter<'a, L> {
 
     /// Lays the filter out as an `FWPM_FILTER0`, with every structure it points to, and calls
     /// `f` with it. The structures live until `f` returns.
+    ///
+    /// In three frames, so that no large temporary lies under the deepest calls (in a debug
+    /// build every temporary has a stack slot of its own, and `cargo xtask stack --debug` counts
+    /// them): this one checks the filter and holds only the display data and the vector of
+    /// slots (both filled by calls that reach the allocator, the deepest part); [`Filter::slots`]
+    /// fills the slots; [`Filter::lay_out`], called after it has returned, builds the
+    /// `FWPM_FILTER0` and calls `f`.
     pub(crate) fn with_raw<R>(&self, f: impl FnOnce(&sys::FWPM_FILTER0) -> R) -> Result<R, Status> {
         if let Some(status) = self.error {
             return Err(status);
         }
-        let action = self.action.ok_or(Status::FWP_INVALID_ACTION_TYPE)?.raw();
-
+        let Some(action) = self.action else {
+            return Err(Status::FWP_INVALID_ACTION_TYPE);
+        };
+        if let Weight::Range(range) = self.weight
+            && range > 15
+        {
+            return Err(Status::FWP_INVALID_WEIGHT);
+        }
         let mut display = DisplayData::new(self.name, self.description)?;
+        // The values the conditions point to. Filled completely before any pointer into it is
+        // taken, and not touched again (so not moved) until `f` returns.
+        let mut slots = self.slots()?;
+        self.lay_out(action, &mut display, &mut slots, f)
+    }
+
+    /// A slot for each condition, filled with what its value points to.
+    #[inline(never)]
+    fn slots(&self) -> Result<Vec<Slot>, Status> {
+        let mut slots = try_vec(self.conditions.len())?;
+        for condition in &self.conditions {
+            // Filled where it lies, in the vector (which has room: no reallocation moves it):
+            // a `Slot` built and returned by value would be copied through several temporaries
+            // in a debug build.
+            slots.push(Slot::EMPTY);
+            if let Some(slot) = slots.last_mut() {
+                slot.fill(&condition.encoded.operand)?;
+            }
+        }
+        Ok(slots)
+    }
+
+    /// The rest of [`Filter::with_raw`], once the slots are filled: the weight, the conditions pointing into `slots`, the `FWPM_FILTER0`, and the call of `f`.
+    #[inline(never)]
+    fn lay_out<R>(
+        &self,
+        action: FilterAction<L>,
+        display: &mut DisplayData,
+        slots: &mut [Slot],
+        f: impl FnOnce(&sys::FWPM_FILTER0) -> R,
+    ) -> Result<R, Status> {
+        let action = action.raw();
         let mut provider = self.provider.map(|key| key.0);
         // What an FWP_UINT64 weight points to.
         let mut exact_weight = match self.weight {
@@ -803,12 +848,6 @@ impl<'a, L: Layer> Filter<'a, L> {
             Weight::Exact(_) => Arm::U64(&raw mut exact_weight).value(),
         };
 
-        // The values the conditions point to. Filled completely before any pointer into it is
-        // taken, and not touched again (so not moved) until the call returns.
-        let mut slots = try_vec(self.conditions.len())?;
-        for condition in &self.conditions {
-            slots.push(Slot::new(&condition.encoded.operand)?);
-        }
         let mut raw_conditions = try_vec(self.conditions.len())?;
         for (slot, condition) in slots.iter_mut().zip(&self.conditions) {
             raw_conditions.push(sys::FWPM_FILTER_CONDITION0 {
@@ -931,26 +970,31 @@ struct Leaf {
 }
 
 impl Leaf {
-    fn new(scalar: &Scalar<'_>) -> Result<Leaf, Status> {
-        let mut leaf = Leaf {
-            uint64: 0,
-            array16: sys::FWP_BYTE_ARRAY16::default(),
-            blob: EMPTY_BLOB,
-            bytes: Vec::new(),
-        };
+    /// A leaf that points to nothing yet.
+    const EMPTY: Leaf = Leaf {
+        uint64: 0,
+        array16: sys::FWP_BYTE_ARRAY16 {
+            byteArray16: [0; 16],
+        },
+        blob: EMPTY_BLOB,
+        bytes: Vec::new(),
+    };
+
+    /// Stores what `scalar` points to in this (empty) leaf.
+    fn fill(&mut self, scalar: &Scalar<'_>) -> Result<(), Status> {
         match *scalar {
-            Scalar::U64(v) => leaf.uint64 = v,
-            Scalar::Array16(v) => leaf.array16.byteArray16 = v,
+            Scalar::U64(v) => self.uint64 = v,
+            Scalar::Array16(v) => self.array16.byteArray16 = v,
             Scalar::AppId(path) => {
                 let len = path.blob_len();
-                leaf.bytes
+                self.bytes
                     .try_reserve_exact(len)
                     .map_err(|_| Status::INSUFFICIENT_RESOURCES)?;
-                path.write_blob(&mut leaf.bytes);
+                path.write_blob(&mut self.bytes);
             }
             Scalar::U8(_) | Scalar::U16(_) | Scalar::U32(_) | Scalar::Blob(_) => {}
         }
-        Ok(leaf)
+        Ok(())
     }
 
     /// The arm for `scalar`, pointing into this leaf (or, for a borrowed blob, at the caller's
@@ -993,34 +1037,38 @@ struct Slot {
 }
 
 impl Slot {
-    fn new(operand: &Operand<'_>) -> Result<Slot, Status> {
-        let none = Scalar::U8(0);
-        let (low, high) = match operand {
-            Operand::One(low) => (low, &none),
-            Operand::Range(low, high) => (low, high),
-            Operand::V4Mask { .. } | Operand::V6Mask { .. } => (&none, &none),
-        };
-        let mut slot = Slot {
-            low: Leaf::new(low)?,
-            high: Leaf::new(high)?,
-            range: sys::FWP_RANGE0 {
-                valueLow: EMPTY_VALUE,
-                valueHigh: EMPTY_VALUE,
-            },
-            v4: sys::FWP_V4_ADDR_AND_MASK::default(),
-            v6: sys::FWP_V6_ADDR_AND_MASK::default(),
-        };
+    /// A slot that holds nothing yet; [`Slot::fill`] fills it in place.
+    const EMPTY: Slot = Slot {
+        low: Leaf::EMPTY,
+        high: Leaf::EMPTY,
+        range: sys::FWP_RANGE0 {
+            valueLow: EMPTY_VALUE,
+            valueHigh: EMPTY_VALUE,
+        },
+        v4: sys::FWP_V4_ADDR_AND_MASK { addr: 0, mask: 0 },
+        v6: sys::FWP_V6_ADDR_AND_MASK {
+            addr: [0; 16],
+            prefixLength: 0,
+        },
+    };
+
+    /// Stores what `operand` points to in this (empty) slot.
+    fn fill(&mut self, operand: &Operand<'_>) -> Result<(), Status> {
         match *operand {
-            Operand::V4Mask { addr, mask } => slot.v4 = sys::FWP_V4_ADDR_AND_MASK { addr, mask },
+            Operand::One(ref low) => self.low.fill(low)?,
+            Operand::Range(ref low, ref high) => {
+                self.low.fill(low)?;
+                self.high.fill(high)?;
+            }
+            Operand::V4Mask { addr, mask } => self.v4 = sys::FWP_V4_ADDR_AND_MASK { addr, mask },
             Operand::V6Mask { addr, prefix } => {
-                slot.v6 = sys::FWP_V6_ADDR_AND_MASK {
+                self.v6 = sys::FWP_V6_ADDR_AND_MASK {
                     addr,
                     prefixLength: prefix,
                 }
             }
-            Operand::One(_) | Operand::Range(..) => {}
         }
-        Ok(slot)
+        Ok(())
     }
 
     /// The condition value for `operand`, pointing into this slot, which must not move or be

@@ -274,7 +274,8 @@ impl InvertedQueue {
         max_message: usize,
     ) -> Result<InvertedQueue, Status> {
         crate::irql::verify(irql);
-        let names = secure_device::Names::new(name)?;
+        let mut names = secure_device::Names::EMPTY;
+        names.set(name)?;
         if code.method() != sys::METHOD_BUFFERED {
             return Err(Status::INVALID_PARAMETER);
         }

@@ -216,6 +216,7 @@
 use core::cell::UnsafeCell;
 use core::fmt;
 use core::marker::PhantomData;
+use core::mem::ManuallyDrop;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use core::time::Duration;
@@ -836,44 +837,20 @@ impl<P: Protocol, E: PortEvents> ServerPort<P, E> {
             Ok(name) => name,
             Err(status) => return Err(CreatePortError { status, events }),
         };
-        let shared = PortShared::<P, E> {
-            header: PortHeader {
-                next: core::ptr::null_mut(),
-                free: free_port::<P, E>,
-            },
-            raw_filter: filter.raw(),
-            server: AtomicPtr::new(core::ptr::null_mut()),
-            handles: AtomicUsize::new(1),
-            filter: UnsafeCell::new(Some(filter.reference())),
-            next: AtomicUsize::new(0),
-            slots: core::array::from_fn(|index| Slot {
-                client: AtomicPtr::new(core::ptr::null_mut()),
-                claimed: AtomicBool::new(false),
-                owner: AtomicPtr::new(core::ptr::null_mut()),
-                index: index as u32,
-            }),
-            slot_count: max_connections as usize,
-            events,
-            _protocol: PhantomData,
-        };
-        let shared = match PoolBox::try_new(shared, PoolTag::SDK, irql) {
-            Ok(shared) => shared,
-            Err(error) => {
+        let block = match Self::allocate_block(irql, filter, max_connections, events) {
+            Ok(block) => block,
+            Err(events) => {
                 return Err(CreatePortError {
                     status: Status::INSUFFICIENT_RESOURCES,
-                    events: error.into_inner().events,
+                    events,
                 });
             }
         };
-        let block = PoolBox::into_raw(shared);
         // From here on the block is only used through shared references: once the port exists,
         // the callbacks may use it on other threads.
         // SAFETY: the block is live (just allocated) and freed only by `fail` below or by the
         // filter after it is unregistered.
         let port = unsafe { block.as_ref() };
-        for slot in &port.slots {
-            slot.owner.store(block.as_ptr().cast(), Ordering::Release);
-        }
         let fail = |status: Status| {
             // SAFETY: no port exists (creation failed), so no callback refers to the block; it
             // came from `into_raw` above and is taken back once. Dropping it releases the
@@ -935,6 +912,93 @@ impl<P: Protocol, E: PortEvents> ServerPort<P, E> {
         port.server.store(server, Ordering::Release);
         filter.adopt(block.cast());
         Ok(ServerPort { shared: block })
+    }
+
+    /// Allocates the port block (one handle, the filter reference, `max_connections` free
+    /// slots, `events`) and initialises it in place, one field at a time. With its slots the
+    /// block is over 600 bytes: built on the stack and moved into the pool, it was copied
+    /// several times in [`create`](Self::create)'s frame in a debug build, a frame that lies
+    /// under the rest of the port's creation (`cargo xtask stack --debug` measures it). Without
+    /// pool, `events` comes back.
+    #[inline(never)]
+    fn allocate_block(
+        irql: &impl AtPassive,
+        filter: &Filter,
+        max_connections: u32,
+        events: E,
+    ) -> Result<NonNull<PortShared<P, E>>, E> {
+        // Moved into the block by `init`, which runs only if the allocation succeeds.
+        let mut events = ManuallyDrop::new(events);
+        let init = |block: NonNull<PortShared<P, E>>| {
+            let block = block.as_ptr();
+            // SAFETY: `block` is valid for writes and aligned (try_new_in_place's promise); the
+            // projection creates no reference to the uninitialised block.
+            let slots = unsafe { &raw mut (*block).slots }.cast::<Slot>();
+            for index in 0..MAX_PORT_CONNECTIONS as usize {
+                let slot = Slot {
+                    client: AtomicPtr::new(core::ptr::null_mut()),
+                    claimed: AtomicBool::new(false),
+                    owner: AtomicPtr::new(block.cast()),
+                    index: index as u32,
+                };
+                // SAFETY: `index < MAX_PORT_CONNECTIONS`: an element of the array, valid for
+                // writes.
+                unsafe { slots.wrapping_add(index).write(slot) };
+            }
+            // The other fields, one at a time: each projection stays inside the block (valid
+            // for writes, as above) and creates no reference; each field is written once.
+            // SAFETY: as above.
+            let field = unsafe { &raw mut (*block).header };
+            // SAFETY: valid for writes, as above.
+            unsafe {
+                field.write(PortHeader {
+                    next: core::ptr::null_mut(),
+                    free: free_port::<P, E>,
+                })
+            };
+            // SAFETY: as above.
+            let field = unsafe { &raw mut (*block).raw_filter };
+            // SAFETY: valid for writes, as above.
+            unsafe { field.write(filter.raw()) };
+            // SAFETY: as above.
+            let field = unsafe { &raw mut (*block).server };
+            // SAFETY: valid for writes, as above.
+            unsafe { field.write(AtomicPtr::new(core::ptr::null_mut())) };
+            // SAFETY: as above.
+            let field = unsafe { &raw mut (*block).handles };
+            // SAFETY: valid for writes, as above.
+            unsafe { field.write(AtomicUsize::new(1)) };
+            // SAFETY: as above.
+            let field = unsafe { &raw mut (*block).filter };
+            // SAFETY: valid for writes, as above.
+            unsafe { field.write(UnsafeCell::new(Some(filter.reference()))) };
+            // SAFETY: as above.
+            let field = unsafe { &raw mut (*block).next };
+            // SAFETY: valid for writes, as above.
+            unsafe { field.write(AtomicUsize::new(0)) };
+            // SAFETY: as above.
+            let field = unsafe { &raw mut (*block).slot_count };
+            // SAFETY: valid for writes, as above.
+            unsafe { field.write(max_connections as usize) };
+            // SAFETY: as above.
+            let field = unsafe { &raw mut (*block)._protocol };
+            // SAFETY: valid for writes, as above.
+            unsafe { field.write(PhantomData) };
+            // SAFETY: as above.
+            let field = unsafe { &raw mut (*block).events };
+            // SAFETY: taken once: `init` runs at most once, and only if the allocation
+            // succeeded, when the events are not given back below.
+            let events = unsafe { ManuallyDrop::take(&mut events) };
+            // SAFETY: valid for writes, as above.
+            unsafe { field.write(events) };
+        };
+        // SAFETY: `init` writes every field of the block (each slot of the array, then the
+        // others) without reading any.
+        match unsafe { PoolBox::try_new_in_place(PoolTag::SDK, irql, init) } {
+            Some(block) => Ok(PoolBox::into_raw(block)),
+            // `init` did not run: the events are still here.
+            None => Err(ManuallyDrop::into_inner(events)),
+        }
     }
 
     fn shared(&self) -> &PortShared<P, E> {

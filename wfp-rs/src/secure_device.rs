@@ -29,15 +29,23 @@ pub(crate) struct Names {
 }
 
 impl Names {
-    /// `\Device\<name>` and `\??\<name>`; `STATUS_OBJECT_NAME_INVALID` for an empty name, one
-    /// longer than [`MAX_NAME_LEN`] or one with a backslash or NUL.
-    pub(crate) fn new(name: &str) -> Result<Names, Status> {
-        let mut device = WideName::new();
-        let mut link = WideName::new();
-        if !device.push_name(DEVICE_PREFIX, name) || !link.push_name(LINK_PREFIX, name) {
+    /// No names yet, for [`Names::set`].
+    pub(crate) const EMPTY: Names = Names {
+        device: WideName::new(),
+        link: WideName::new(),
+    };
+
+    /// Sets `\Device\<name>` and `\??\<name>`; `STATUS_OBJECT_NAME_INVALID` for an empty name,
+    /// one longer than [`MAX_NAME_LEN`] or one with a backslash or NUL.
+    ///
+    /// In place, not a constructor: a `Names` is some 300 bytes, and in a debug build a value
+    /// returned through a `Result` is copied through several temporaries, each with a stack slot
+    /// of its own in the frame that creates the device (`cargo xtask stack --debug`).
+    pub(crate) fn set(&mut self, name: &str) -> Result<(), Status> {
+        if !self.device.push_name(DEVICE_PREFIX, name) || !self.link.push_name(LINK_PREFIX, name) {
             return Err(Status::OBJECT_NAME_INVALID);
         }
-        Ok(Names { device, link })
+        Ok(())
     }
 }
 
@@ -322,7 +330,8 @@ mod tests {
 
     #[test]
     fn names_are_checked() {
-        let names = Names::new("WfpRs").unwrap();
+        let mut names = Names::EMPTY;
+        names.set("WfpRs").unwrap();
         let device = &names.device;
         assert_eq!(
             String::from_utf16_lossy(&device.units[..device.len]),
@@ -334,8 +343,10 @@ mod tests {
             "\\??\\WfpRs"
         );
         for bad in ["", "a\\b", "nul\0", &"x".repeat(MAX_NAME_LEN + 1)] {
-            assert!(Names::new(bad).is_err(), "{bad:?}");
+            let mut names = Names::EMPTY;
+            assert_eq!(names.set(bad), Err(Status::OBJECT_NAME_INVALID), "{bad:?}");
         }
-        assert!(Names::new(&"x".repeat(MAX_NAME_LEN)).is_ok());
+        let mut names = Names::EMPTY;
+        assert_eq!(names.set(&"x".repeat(MAX_NAME_LEN)), Ok(()));
     }
 }

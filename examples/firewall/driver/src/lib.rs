@@ -1321,12 +1321,17 @@ pub fn start(
     config: Config,
 ) -> Result<Firewall, Status> {
     let (filter, port) = open_port(irql, driver, config.port_name)?;
-    let firewall = register(irql, driver, config, filter, port)?;
-    // On an error the firewall is dropped: its fields go in declaration order, the engine
-    // session (and with it everything added in it) first, the minifilter last.
-    add_filters(irql, &firewall.engine)?;
-    announce(irql, &firewall);
-    Ok(firewall)
+    let firewall = register(irql, driver, config, filter, port);
+    // Borrowed in the `Result` and returned as it is, rather than taken out with `?` and
+    // wrapped again: in a debug build each of those moves is a copy of the whole state in this
+    // frame, which lies under the filters' path.
+    if let Ok(firewall) = &firewall {
+        // On an error the firewall is dropped: its fields go in declaration order, the engine
+        // session (and with it everything added in it) first, the minifilter last.
+        add_filters(irql, &firewall.engine)?;
+        announce(irql, firewall);
+    }
+    firewall
 }
 
 /// The load-time log line. A function of its own: its formatting temporaries stay off the
