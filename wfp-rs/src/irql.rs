@@ -95,7 +95,12 @@ impl fmt::Display for Irql {
 
 /// Names the reason a token is neither `Send` nor `Sync` in the compiler's error: the IRQL is a
 /// property of one processor, and a token moved to another thread would prove nothing there.
-pub struct ThisProcessorOnly(PhantomData<*mut ()>);
+///
+/// The compiler's "cannot be sent / shared between threads safely" error for a token names
+/// `*mut ThisProcessorOnly`: a token, or a reference to one, was moved to or shared with another
+/// thread (a spawned thread, a work item, a callout's state); use the token that thread's code
+/// is given instead.
+pub struct ThisProcessorOnly(PhantomData<*mut ThisProcessorOnly>);
 
 /// Makes a token type: zero-sized, `!Send`, `!Sync`, invariant in its lifetime, and not
 /// constructible outside this crate.
@@ -391,8 +396,9 @@ impl<T: AtMostDispatch + ?Sized> AtMostDispatch for &mut T {
 /// ```
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not an IRQL token itself, so it cannot be borrowed to raise the IRQL",
-    label = "a shared or copied reference to a token would stay usable at DISPATCH_LEVEL",
-    note = "pass `&mut` of the token you were given (`&mut PassiveLevel`, `&mut ApcLevel` or `&mut DispatchLevel`); a function that has only `&PassiveLevel` cannot raise the IRQL, so take `&mut PassiveLevel` from your caller instead"
+    label = "expected `PassiveLevel`, `ApcLevel` or `DispatchLevel` behind a single `&mut`",
+    note = "a shared reference to a token (`&PassiveLevel`) is `Copy`: raising the IRQL through a copy would leave the original usable at DISPATCH_LEVEL, so a function that has only `&PassiveLevel` must take `&mut PassiveLevel` from its caller instead",
+    note = "if you hold `irql: &mut PassiveLevel`, pass `irql` itself (or `&mut *irql` to keep using it afterwards), not `&mut irql`"
 )]
 pub trait Token: AtMostDispatch + sealed::Sealed + sealed::SealedToken {}
 

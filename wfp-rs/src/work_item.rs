@@ -152,8 +152,8 @@ impl fmt::Debug for WorkQueue {
 #[diagnostic::on_unimplemented(
     message = "this closure cannot be a work item: a work item runs later, on a system worker thread at PASSIVE_LEVEL",
     label = "must be `FnOnce(&mut PassiveLevel) + Send + 'static`, so it cannot capture the caller's IRQL token or anything else tied to this thread",
-    note = "a token proves the IRQL of the code that received it, not of the worker thread: do not capture the caller's token; use the `&mut PassiveLevel` the closure receives (`move |passive| ...`)",
-    note = "move the data the work item needs into the closure (share state through an `Arc`)"
+    note = "if it captures the caller's IRQL token: a token proves the IRQL of the code that received it, not of the worker thread; use the `&mut PassiveLevel` the closure receives (`move |passive| ...`)",
+    note = "whatever else it captures must be `Send + 'static` too (not an `Rc`, not a reference to the caller's locals): move the data the work item needs into the closure, and share state through an `Arc`"
 )]
 pub trait WorkItem: FnOnce(&mut PassiveLevel<'_>) + Send + 'static {}
 
