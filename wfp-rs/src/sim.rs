@@ -272,6 +272,37 @@ impl Machine {
             .store(ms, Ordering::Relaxed);
     }
 
+    /// How long a processor (a thread in the machine) may stay at `DISPATCH_LEVEL` or above
+    /// without a break before the machine stops with `DPC_WATCHDOG_VIOLATION` (0x133, parameter
+    /// 1 = 1, parameter 2 = the limit in 15.625 ms clock ticks), as the DPC watchdog stops
+    /// Windows. Every stay counts: callbacks the engine calls at `DISPATCH_LEVEL`, code under a
+    /// spin lock, [`at_dispatch`](Self::at_dispatch). A driver that spins at `DISPATCH_LEVEL`
+    /// waiting for other code (a flag a work item sets, a lock another callback holds for long)
+    /// passes in the simulator only because its processors are host threads; on Windows that
+    /// code may never run, and the watchdog fires.
+    ///
+    /// The default is 10 seconds (INFERRED: Windows' own period is not documented; crash dumps
+    /// of current versions show 120 s — the simulator's is shorter so a spin that never ends
+    /// reports in seconds). A stay ends when the thread drops below `DISPATCH_LEVEL`. The thread
+    /// stops the machine itself at its next call of a kernel routine; a spin that calls none is
+    /// caught by a watchdog thread that wakes every eighth of the limit (at most every 100 ms),
+    /// and its report names the thread, its routine and how long it has been at
+    /// `DISPATCH_LEVEL`. Tests of this stop set a short limit; a spin that never ends trips any
+    /// limit, so they pass whatever the machine's speed. A very long limit (`Duration::MAX`) in
+    /// effect turns the watchdog off, for a session under a debugger.
+    ///
+    /// ```
+    /// use core::time::Duration;
+    /// use wfp_rs::sim::Machine;
+    ///
+    /// let machine = Machine::new();
+    /// machine.set_dpc_watchdog_limit(Duration::from_millis(200));
+    /// machine.at_dispatch(|_irql| ()); // a short stay: nothing happens
+    /// ```
+    pub fn set_dpc_watchdog_limit(&self, limit: core::time::Duration) {
+        self.kernel.watchdog.set_limit(limit);
+    }
+
     /// Runs `f` at `PASSIVE_LEVEL` with a token.
     ///
     /// # Panics

@@ -27,6 +27,7 @@ pub(crate) mod irp;
 mod irql;
 pub(crate) mod kernel;
 mod pool;
+mod watchdog;
 pub(crate) mod wfp;
 
 pub(crate) use deadlock::{forget_driver as forget_locks_of, remembered as remembered_locks};
