@@ -1085,8 +1085,7 @@ fn classify_spinning_for_its_work_item_under_a_spin_lock_trips_the_dpc_watchdog(
             machine.classify(Irql::DISPATCH, &connect_v4(80));
         },
     );
-    let report =
-        outcome.expect_bugcheck(wfp_rs::bugcheck::BugCheckCode::DPC_WATCHDOG_VIOLATION);
+    let report = outcome.expect_bugcheck(wfp_rs::bugcheck::BugCheckCode::DPC_WATCHDOG_VIOLATION);
     assert_eq!(report.params, [1, 13, 0, 0], "{}", outcome.stderr);
     assert!(
         report.routine.starts_with("classifyFn of callout ")

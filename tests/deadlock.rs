@@ -976,3 +976,66 @@ fn short_stays_at_dispatch_that_add_up_past_the_limit_do_not_trip_the_watchdog()
     // The machine is still running: a stay now starts from zero.
     assert_eq!(machine.at_dispatch(|_| 1), 1);
 }
+
+/// Two processors: one spins for ever holding a spin lock, the other spins in the kernel's
+/// acquisition of that lock. The watchdog reports the longer stay — the holder — and lists the
+/// other processor at DISPATCH_LEVEL too.
+#[test]
+fn a_processor_spinning_for_a_lock_another_spins_under_trips_the_watchdog_for_the_holder() {
+    let outcome = run_isolated(
+        &wfp_rs::sim::__test_name(
+            module_path!(),
+            "a_processor_spinning_for_a_lock_another_spins_under_trips_the_watchdog_for_the_holder",
+        ),
+        || {
+            static LOCK: SpinLock<()> = SpinLock::new(());
+            static DONE: AtomicBool = AtomicBool::new(false);
+            let machine = Machine::new();
+            machine.set_dpc_watchdog_limit(WATCHDOG);
+            let (held, holding) = mpsc::channel::<()>();
+            std::thread::scope(|scope| {
+                let machine = &machine;
+                std::thread::Builder::new()
+                    .name("holder".into())
+                    .spawn_scoped(scope, move || {
+                        machine.at_dispatch(|irql| {
+                            LOCK.lock(irql, |_, _| {
+                                held.send(()).unwrap();
+                                while !DONE.load(Ordering::SeqCst) {
+                                    core::hint::spin_loop();
+                                }
+                            });
+                        });
+                    })
+                    .unwrap();
+                holding.recv().unwrap();
+                std::thread::Builder::new()
+                    .name("waiter".into())
+                    .spawn_scoped(scope, move || {
+                        machine.at_dispatch(|irql| LOCK.lock(irql, |_, _| ()));
+                    })
+                    .unwrap();
+            });
+        },
+    );
+    let report = outcome.expect_bugcheck(BugCheckCode::DPC_WATCHDOG_VIOLATION);
+    assert_eq!(
+        report.params,
+        [1, WATCHDOG_TICKS, 0, 0],
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        report.routine.contains("; thread holder ["),
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        outcome.stderr.lines().any(|l| {
+            l.starts_with("also at DISPATCH_LEVEL: thread waiter [")
+                && l.ends_with("in test harness code (Machine::at_dispatch)")
+        }),
+        "{}",
+        outcome.stderr
+    );
+}

@@ -18,9 +18,11 @@
 //! - the thread itself, at its next call of a kernel routine ([`check_current`], from
 //!   `KernelCode::enter`), with its own stack in the report;
 //! - otherwise a monitor thread per machine, started with the machine's first stay at
-//!   `DISPATCH_LEVEL`, which wakes a few times per limit; its report names the thread, the
-//!   driver routine it runs and how long it has been at `DISPATCH_LEVEL` (its stack is not
-//!   available to another thread).
+//!   `DISPATCH_LEVEL`, which wakes every eighth of the limit (at most every 100 ms) and reports
+//!   the longest stay past the limit in which the thread called no kernel routine between two
+//!   of its looks (a thread that still calls them stops itself, with a better report); its
+//!   report names the thread, the driver routine it runs and how long it has been at
+//!   `DISPATCH_LEVEL` (its stack is not available to another thread).
 //!
 //! Parameters (Microsoft's bug check 0x133 reference): 1 = 1 (the cumulative watchdog; INFERRED
 //! as what a spin in a callout trips: a callout runs in a DPC only on some paths, and the
@@ -62,6 +64,9 @@ const CUMULATIVE: usize = 1;
 /// A thread's stay at `DISPATCH_LEVEL` or above.
 struct Stay {
     since: Instant,
+    /// How many kernel routines the thread has called in this stay: a thread that still calls
+    /// them stops the machine itself, with its own stack, so the monitor leaves it alone.
+    calls: u64,
     irql: KIRQL,
     routine: Option<Routine>,
     thread: std::thread::Thread,
@@ -146,6 +151,7 @@ pub(crate) fn track(t: &ThreadState) {
             t.id,
             Stay {
                 since: Instant::now(),
+                calls: 0,
                 irql,
                 routine: t.routine.get(),
                 thread: std::thread::current(),
@@ -176,8 +182,10 @@ pub(crate) fn check_current() {
         let stay = t.dispatch.try_borrow().ok()?;
         let kernel = stay.as_ref()?;
         let limit = kernel.watchdog.limit();
-        let since = kernel.watchdog.stays().get(&t.id)?.since;
-        let elapsed = since.elapsed();
+        let mut stays = kernel.watchdog.stays();
+        let stay = stays.get_mut(&t.id)?;
+        stay.calls = stay.calls.wrapping_add(1);
+        let elapsed = stay.since.elapsed();
         (elapsed > limit).then_some((elapsed, limit))
     });
     if let Some((elapsed, limit)) = overdue {
@@ -214,8 +222,10 @@ fn start_monitor(kernel: &Arc<Kernel>) {
 }
 
 /// The monitor: wakes a few times per limit until the machine is gone or shut down, and stops
-/// the machine for the longest stay past the limit.
+/// the machine for the longest stay past the limit in which the thread called no kernel routine
+/// since the monitor's previous look (one that does stops the machine itself at its next call).
 fn monitor(machine: &Weak<Kernel>) {
+    let mut seen = HashMap::new();
     loop {
         let period = {
             let Some(kernel) = machine.upgrade() else {
@@ -225,7 +235,7 @@ fn monitor(machine: &Weak<Kernel>) {
                 return;
             }
             let limit = kernel.watchdog.limit();
-            if let Some(overdue) = overdue(&kernel, limit) {
+            if let Some(overdue) = overdue(&kernel, limit, &mut seen) {
                 report(&kernel, overdue, limit);
             }
             (limit / 8).clamp(Duration::from_millis(1), Duration::from_millis(100))
@@ -244,13 +254,28 @@ struct Overdue {
     others: Vec<(u64, Duration, Option<Routine>, std::thread::Thread)>,
 }
 
-fn overdue(kernel: &Kernel, limit: Duration) -> Option<Overdue> {
+/// The longest stay past the limit that has made no progress through the kernel since the last
+/// look (`seen`: each stay's start and call count then, updated here).
+fn overdue(
+    kernel: &Kernel,
+    limit: Duration,
+    seen: &mut HashMap<u64, (Instant, u64)>,
+) -> Option<Overdue> {
     let stays = kernel.watchdog.stays();
-    let (&id, longest) = stays.iter().min_by_key(|(_, stay)| stay.since)?;
+    let previous = core::mem::replace(
+        seen,
+        stays
+            .iter()
+            .map(|(&id, stay)| (id, (stay.since, stay.calls)))
+            .collect(),
+    );
+    let (&id, longest) = stays
+        .iter()
+        .filter(|&(id, stay)| {
+            stay.since.elapsed() > limit && previous.get(id) == Some(&(stay.since, stay.calls))
+        })
+        .min_by_key(|(_, stay)| stay.since)?;
     let elapsed = longest.since.elapsed();
-    if elapsed <= limit {
-        return None;
-    }
     let mut others: Vec<_> = stays
         .iter()
         .filter(|&(&other, _)| other != id)
