@@ -791,9 +791,13 @@ pub struct BugCheckReport {
     pub explanation: String,
     /// The driver routine the stopping thread ran, with the thread and its IRQL (after `in: `),
     /// for example `classifyFn of callout 3 of driver firewall; thread sim-worker-0 [7], IRQL 2`.
+    /// When the DPC watchdog's own thread stops the machine, the routine and thread are those of
+    /// the thread that stayed at `DISPATCH_LEVEL` too long.
     pub routine: String,
     /// The source location (`file:line:column (function)`) of the innermost frame of driver
-    /// code on the stopping thread (after `at: `), or a note that there was none.
+    /// code on the stopping thread (after `at: `), or a note that there was none (or, when the
+    /// DPC watchdog's own thread stops the machine, that the spinning thread's stack is not
+    /// available).
     pub location: String,
 }
 

@@ -178,7 +178,8 @@ pub(crate) fn routine_changed(t: &ThreadState) {
 /// The check at the top of every simulated kernel routine: a thread whose stay at
 /// `DISPATCH_LEVEL` has passed the limit stops the machine itself, with its own stack.
 pub(crate) fn check_current() {
-    let overdue = THREAD.with(|t| {
+    // `try_with`: a kernel routine may be called from a thread-local destructor.
+    let overdue = THREAD.try_with(|t| {
         let stay = t.dispatch.try_borrow().ok()?;
         let kernel = stay.as_ref()?;
         let limit = kernel.watchdog.limit();
@@ -188,7 +189,7 @@ pub(crate) fn check_current() {
         let elapsed = stay.since.elapsed();
         (elapsed > limit).then_some((elapsed, limit))
     });
-    if let Some((elapsed, limit)) = overdue {
+    if let Ok(Some((elapsed, limit))) = overdue {
         let routine = super::kernel::current_routine().map_or_else(
             || "kernel or harness code".to_owned(),
             super::bugcheck::describe_routine,
