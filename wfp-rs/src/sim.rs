@@ -324,7 +324,9 @@ impl Machine {
     }
 
     /// Runs `f` at `DISPATCH_LEVEL`, as a DPC would run, with a token. If `f` returns with the
-    /// IRQL changed, the machine stops with `IRQL_UNEXPECTED_VALUE`.
+    /// IRQL changed, the machine stops with `IRQL_UNEXPECTED_VALUE`; if `f` runs longer than the
+    /// DPC watchdog allows, with `DPC_WATCHDOG_VIOLATION`
+    /// ([`set_dpc_watchdog_limit`](Self::set_dpc_watchdog_limit)).
     ///
     /// # Panics
     ///
