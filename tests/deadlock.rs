@@ -1039,3 +1039,52 @@ fn a_processor_spinning_for_a_lock_another_spins_under_trips_the_watchdog_for_th
         outcome.stderr
     );
 }
+
+/// A work item routine (`PASSIVE_LEVEL`) that takes a spin lock and spins under it: its stay at
+/// DISPATCH_LEVEL counts like any other, and the report names the work item routine and the
+/// driver.
+#[test]
+fn a_work_item_spinning_under_a_spin_lock_trips_the_dpc_watchdog() {
+    let outcome = run_isolated(
+        &wfp_rs::sim::__test_name(
+            module_path!(),
+            "a_work_item_spinning_under_a_spin_lock_trips_the_dpc_watchdog",
+        ),
+        || {
+            static LOCK: SpinLock<()> = SpinLock::new(());
+            static DONE: AtomicBool = AtomicBool::new(false);
+            let machine = Machine::new();
+            machine.set_dpc_watchdog_limit(WATCHDOG);
+            let driver = machine
+                .load_driver("minimal", minimal_driver::DriverEntry)
+                .unwrap();
+            let queue = driver.work_queue(&machine).expect("an SDK driver");
+            machine.at_passive(|irql| {
+                let queued = queue.queue(&*irql, |passive| {
+                    LOCK.lock(passive, |_, _| {
+                        while !DONE.load(Ordering::SeqCst) {
+                            core::hint::spin_loop();
+                        }
+                    });
+                });
+                assert!(queued.is_ok());
+            });
+            machine.wait_for_work_items();
+        },
+    );
+    let report = outcome.expect_bugcheck(BugCheckCode::DPC_WATCHDOG_VIOLATION);
+    assert_eq!(
+        report.params,
+        [1, WATCHDOG_TICKS, 0, 0],
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        report.routine.starts_with("a work item routine (")
+            && report
+                .routine
+                .contains(" of driver minimal; thread sim-worker-"),
+        "{}",
+        outcome.stderr
+    );
+}
