@@ -996,6 +996,112 @@ fn relocking_in_classify_stops_and_the_report_names_the_callout_and_the_line() {
     );
 }
 
+/// A callout that queues a work item and waits for it under a spin lock, at `DISPATCH_LEVEL`
+/// — the work item runs at `PASSIVE_LEVEL`, so on a processor that spins it never runs, and on a
+/// machine whose processors all spin (or with one processor) nowhere.
+mod waits_for_its_work_item {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use wfp_rs::spin_lock::SpinLock;
+    use wfp_rs::work_item::WorkQueue;
+
+    static DONE: AtomicBool = AtomicBool::new(false);
+    static LOCK: SpinLock<u64> = SpinLock::new(0);
+
+    pub struct Waits {
+        pub queue: WorkQueue,
+    }
+
+    impl Callout<layer::AleAuthConnectV4> for Waits {
+        fn classify(
+            &self,
+            irql: &mut DispatchLevel<'_>,
+            c: &mut Classify<'_, layer::AleAuthConnectV4>,
+        ) {
+            if self
+                .queue
+                .queue(&*irql, |_| DONE.store(true, Ordering::SeqCst))
+                .is_err()
+            {
+                return;
+            }
+            LOCK.lock(irql, |count, _| {
+                *count += 1;
+                while !DONE.load(Ordering::SeqCst) {
+                    core::hint::spin_loop();
+                }
+            });
+            let _ = c.out.permit();
+        }
+
+        fn notify(
+            &self,
+            _irql: &mut DispatchLevel<'_>,
+            _event: FilterEvent<'_>,
+        ) -> Result<(), Status> {
+            Ok(())
+        }
+    }
+}
+
+/// The simulator's worker threads would run the work item at once on another host thread and
+/// end the spin; held (as the one processor of a small machine would hold it), the spin never
+/// ends and the DPC watchdog stops the machine, naming the callout.
+#[test]
+fn classify_spinning_for_its_work_item_under_a_spin_lock_trips_the_dpc_watchdog() {
+    let outcome = wfp_rs::sim::run_isolated(
+        &wfp_rs::sim::__test_name(
+            module_path!(),
+            "classify_spinning_for_its_work_item_under_a_spin_lock_trips_the_dpc_watchdog",
+        ),
+        || {
+            let machine = Machine::new();
+            machine.set_dpc_watchdog_limit(core::time::Duration::from_millis(200));
+            machine.hold_work_items(true);
+            let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+            let _registration = driver
+                .run_in_driver(&machine, |irql, d| {
+                    let waits = waits_for_its_work_item::Waits {
+                        queue: d.work_queue(),
+                    };
+                    CalloutRegistration::<layer::AleAuthConnectV4, _>::register(
+                        irql,
+                        d,
+                        CalloutKey::new(CALLOUT_A),
+                        waits,
+                    )
+                    .expect("registers")
+                })
+                .expect("an SDK driver");
+            // Kept to the end: the machine stops before anything is torn down.
+            let _session = machine.at_passive(|_| {
+                let session = open(true);
+                session.callout::<layer::AleAuthConnectV4>(CALLOUT_A);
+                session
+                    .filter::<layer::AleAuthConnectV4>(FilterSpec::callout(CALLOUT_A))
+                    .unwrap();
+                session
+            });
+            machine.classify(Irql::DISPATCH, &connect_v4(80));
+        },
+    );
+    let report = outcome.expect_bugcheck(wfp_rs::bugcheck::BugCheckCode::DPC_WATCHDOG_VIOLATION);
+    assert_eq!(report.params, [1, 13, 0, 0], "{}", outcome.stderr);
+    assert!(
+        report.routine.starts_with("classifyFn of callout ")
+            && report
+                .routine
+                .contains(&format!("{{{CALLOUT_A}}} of driver host; ")),
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        report.explanation.contains("in classifyFn of callout "),
+        "{}",
+        outcome.stderr
+    );
+}
+
 bugcheck_test! {
     /// Callout registration is PASSIVE_LEVEL only.
     fn registering_a_callout_at_dispatch_stops() expects IRQL_NOT_LESS_OR_EQUAL {

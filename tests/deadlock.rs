@@ -14,6 +14,7 @@
 
 use core::ptr::{null, null_mut};
 use core::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 
 use wfp_rs::Status;
@@ -820,6 +821,269 @@ fn an_unload_sending_with_no_timeout_to_a_silent_client_stops_instead_of_hanging
     );
     assert!(
         report.explanation.contains("user mode to receive message"),
+        "{}",
+        outcome.stderr
+    );
+}
+
+// --- the DPC watchdog --------------------------------------------------------------------------
+
+/// A short DPC watchdog limit. The spins below never end, so they trip any limit; this only
+/// makes them end sooner.
+const WATCHDOG: Duration = Duration::from_millis(200);
+
+/// 200 ms in 15.625 ms clock ticks, rounded up: parameter 2 of the stop.
+const WATCHDOG_TICKS: usize = 13;
+
+/// A spin under a spin lock, waiting for a flag nothing on this machine will set (on Windows:
+/// a work item that cannot run while this processor spins), calling no kernel routine: the
+/// watchdog's own thread stops the machine and names the spinning thread and its routine.
+#[test]
+fn spinning_under_a_spin_lock_for_ever_trips_the_dpc_watchdog() {
+    let outcome = run_isolated(
+        &wfp_rs::sim::__test_name(
+            module_path!(),
+            "spinning_under_a_spin_lock_for_ever_trips_the_dpc_watchdog",
+        ),
+        || {
+            static LOCK: SpinLock<()> = SpinLock::new(());
+            static DONE: AtomicBool = AtomicBool::new(false);
+            let machine = Machine::new();
+            machine.set_dpc_watchdog_limit(WATCHDOG);
+            machine.at_passive(|irql| {
+                LOCK.lock(irql, |_, _| {
+                    while !DONE.load(Ordering::SeqCst) {
+                        core::hint::spin_loop();
+                    }
+                });
+            });
+        },
+    );
+    let report = outcome.expect_bugcheck(BugCheckCode::DPC_WATCHDOG_VIOLATION);
+    assert_eq!(
+        report.params,
+        [1, WATCHDOG_TICKS, 0, 0],
+        "cumulative, the period in ticks: {}",
+        outcome.stderr
+    );
+    assert!(
+        report
+            .routine
+            .starts_with("test harness code (Machine::at_passive); thread ")
+            && report.routine.ends_with(", IRQL 2"),
+        "the spinning thread, not the watchdog's: {}",
+        outcome.stderr
+    );
+    assert!(
+        report.explanation.contains("DISPATCH_LEVEL or above for ")
+            && report.explanation.contains("limit of 0.200 s"),
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        report.location.starts_with("(not available"),
+        "{}",
+        outcome.stderr
+    );
+}
+
+/// The same spin in a loop that calls a kernel routine (the clock): the spinning thread stops
+/// the machine itself, and the report has its own line.
+#[test]
+fn a_spin_at_dispatch_that_calls_the_kernel_stops_on_its_own_thread() {
+    let outcome = run_isolated(
+        &wfp_rs::sim::__test_name(
+            module_path!(),
+            "a_spin_at_dispatch_that_calls_the_kernel_stops_on_its_own_thread",
+        ),
+        || {
+            static DONE: AtomicBool = AtomicBool::new(false);
+            let machine = Machine::new();
+            machine.set_dpc_watchdog_limit(WATCHDOG);
+            machine.at_dispatch(|_irql| {
+                while !DONE.load(Ordering::SeqCst) {
+                    let _ = wfp_rs::time::Instant::now(); // spins, reading the clock
+                }
+            });
+        },
+    );
+    let report = outcome.expect_bugcheck(BugCheckCode::DPC_WATCHDOG_VIOLATION);
+    assert_eq!(
+        report.params,
+        [1, WATCHDOG_TICKS, 0, 0],
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        report
+            .routine
+            .starts_with("test harness code (Machine::at_dispatch); thread "),
+        "{}",
+        outcome.stderr
+    );
+    let line = include_str!("deadlock.rs")
+        .lines()
+        .position(|l| l.ends_with("// spins, reading the clock"))
+        .map(|index| index + 1)
+        .expect("the line is in this file");
+    assert!(
+        report.location.contains(&format!("deadlock.rs:{line}:")),
+        "{}",
+        outcome.stderr
+    );
+}
+
+bugcheck_test! {
+    /// Raising the IRQL by hand and spinning there counts the same as a spin lock.
+    fn spinning_after_raising_the_irql_by_hand_trips_the_dpc_watchdog() expects DPC_WATCHDOG_VIOLATION (1) {
+        static DONE: AtomicBool = AtomicBool::new(false);
+        let machine = Machine::new();
+        machine.set_dpc_watchdog_limit(WATCHDOG);
+        machine.run(|| {
+            // SAFETY: raised from PASSIVE_LEVEL to DISPATCH_LEVEL; never lowered, the machine stops.
+            let _old = unsafe { sys::KfRaiseIrql(sys::DISPATCH_LEVEL) };
+            while !DONE.load(Ordering::SeqCst) {
+                core::hint::spin_loop();
+            }
+        });
+    }
+}
+
+/// Many stays at DISPATCH_LEVEL, each far below the limit, adding up to more than it: a stay
+/// ends when the processor drops below DISPATCH_LEVEL, so nothing fires. On several threads at
+/// once, with the locks taken from PASSIVE_LEVEL and from DISPATCH_LEVEL, and work items running
+/// in between.
+#[test]
+fn short_stays_at_dispatch_that_add_up_past_the_limit_do_not_trip_the_watchdog() {
+    const THREADS: usize = 4;
+    let machine = Machine::new();
+    machine.set_dpc_watchdog_limit(WATCHDOG);
+    let lock = SpinLock::new(0u64);
+    let start = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..THREADS {
+            scope.spawn(|| {
+                // Past twice the limit in all, in stays of a few microseconds.
+                while start.elapsed() < 2 * WATCHDOG {
+                    machine.at_passive(|irql| lock.lock(irql, |count, _| *count += 1));
+                    machine.at_dispatch(|irql| lock.lock(irql, |count, _| *count += 1));
+                    std::thread::yield_now();
+                }
+            });
+        }
+    });
+    assert!(lock.into_inner() > 0);
+    // The machine is still running: a stay now starts from zero.
+    assert_eq!(machine.at_dispatch(|_| 1), 1);
+}
+
+/// Two processors: one spins for ever holding a spin lock, the other spins in the kernel's
+/// acquisition of that lock. The watchdog reports the longer stay — the holder — and lists the
+/// other processor at DISPATCH_LEVEL too.
+#[test]
+fn a_processor_spinning_for_a_lock_another_spins_under_trips_the_watchdog_for_the_holder() {
+    let outcome = run_isolated(
+        &wfp_rs::sim::__test_name(
+            module_path!(),
+            "a_processor_spinning_for_a_lock_another_spins_under_trips_the_watchdog_for_the_holder",
+        ),
+        || {
+            static LOCK: SpinLock<()> = SpinLock::new(());
+            static DONE: AtomicBool = AtomicBool::new(false);
+            let machine = Machine::new();
+            machine.set_dpc_watchdog_limit(WATCHDOG);
+            let (held, holding) = mpsc::channel::<()>();
+            std::thread::scope(|scope| {
+                let machine = &machine;
+                std::thread::Builder::new()
+                    .name("holder".into())
+                    .spawn_scoped(scope, move || {
+                        machine.at_dispatch(|irql| {
+                            LOCK.lock(irql, |_, _| {
+                                held.send(()).unwrap();
+                                while !DONE.load(Ordering::SeqCst) {
+                                    core::hint::spin_loop();
+                                }
+                            });
+                        });
+                    })
+                    .unwrap();
+                holding.recv().unwrap();
+                std::thread::Builder::new()
+                    .name("waiter".into())
+                    .spawn_scoped(scope, move || {
+                        machine.at_dispatch(|irql| LOCK.lock(irql, |_, _| ()));
+                    })
+                    .unwrap();
+            });
+        },
+    );
+    let report = outcome.expect_bugcheck(BugCheckCode::DPC_WATCHDOG_VIOLATION);
+    assert_eq!(
+        report.params,
+        [1, WATCHDOG_TICKS, 0, 0],
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        report.routine.contains("; thread holder ["),
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        outcome.stderr.lines().any(|l| {
+            l.starts_with("also at DISPATCH_LEVEL: thread waiter [")
+                && l.ends_with("in test harness code (Machine::at_dispatch)")
+        }),
+        "{}",
+        outcome.stderr
+    );
+}
+
+/// A work item routine (`PASSIVE_LEVEL`) that takes a spin lock and spins under it: its stay at
+/// DISPATCH_LEVEL counts like any other, and the report names the work item routine and the
+/// driver.
+#[test]
+fn a_work_item_spinning_under_a_spin_lock_trips_the_dpc_watchdog() {
+    let outcome = run_isolated(
+        &wfp_rs::sim::__test_name(
+            module_path!(),
+            "a_work_item_spinning_under_a_spin_lock_trips_the_dpc_watchdog",
+        ),
+        || {
+            static LOCK: SpinLock<()> = SpinLock::new(());
+            static DONE: AtomicBool = AtomicBool::new(false);
+            let machine = Machine::new();
+            machine.set_dpc_watchdog_limit(WATCHDOG);
+            let driver = machine
+                .load_driver("minimal", minimal_driver::DriverEntry)
+                .unwrap();
+            let queue = driver.work_queue(&machine).expect("an SDK driver");
+            machine.at_passive(|irql| {
+                let queued = queue.queue(&*irql, |passive| {
+                    LOCK.lock(passive, |_, _| {
+                        while !DONE.load(Ordering::SeqCst) {
+                            core::hint::spin_loop();
+                        }
+                    });
+                });
+                assert!(queued.is_ok());
+            });
+            machine.wait_for_work_items();
+        },
+    );
+    let report = outcome.expect_bugcheck(BugCheckCode::DPC_WATCHDOG_VIOLATION);
+    assert_eq!(
+        report.params,
+        [1, WATCHDOG_TICKS, 0, 0],
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        report.routine.starts_with("a work item routine (")
+            && report
+                .routine
+                .contains(" of driver minimal; thread sim-worker-"),
         "{}",
         outcome.stderr
     );

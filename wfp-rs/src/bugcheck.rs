@@ -62,6 +62,10 @@ codes! {
     WORKER_THREAD_RETURNED_AT_BAD_IRQL = 0xE1;
     /// 0xE4: a work item was queued twice, or freed while queued.
     WORKER_INVALID = 0xE4;
+    /// 0x133: a processor ran at `DISPATCH_LEVEL` or above too long — a single DPC past its
+    /// allotment (parameter 1 = 0) or too long without a break (parameter 1 = 1: the DPC
+    /// watchdog; parameter 2 is its period in clock ticks).
+    DPC_WATCHDOG_VIOLATION = 0x133;
     /// 0x1D3: a WFP callout performed an invalid operation.
     WFP_INVALID_OPERATION = 0x1D3;
 }

@@ -272,6 +272,37 @@ impl Machine {
             .store(ms, Ordering::Relaxed);
     }
 
+    /// How long a processor (a thread in the machine) may stay at `DISPATCH_LEVEL` or above
+    /// without a break before the machine stops with `DPC_WATCHDOG_VIOLATION` (0x133, parameter
+    /// 1 = 1, parameter 2 = the limit in 15.625 ms clock ticks), as the DPC watchdog stops
+    /// Windows. Every stay counts: callbacks the engine calls at `DISPATCH_LEVEL`, code under a
+    /// spin lock, [`at_dispatch`](Self::at_dispatch). A driver that spins at `DISPATCH_LEVEL`
+    /// waiting for other code (a flag a work item sets, a lock another callback holds for long)
+    /// passes in the simulator only because its processors are host threads; on Windows that
+    /// code may never run, and the watchdog fires.
+    ///
+    /// The default is 10 seconds (INFERRED: Windows' own period is not documented; crash dumps
+    /// of current versions show 120 s — the simulator's is shorter so a spin that never ends
+    /// reports in seconds). A stay ends when the thread drops below `DISPATCH_LEVEL`. The thread
+    /// stops the machine itself at its next call of a kernel routine; a spin that calls none is
+    /// caught by a watchdog thread that wakes every eighth of the limit (at most every 100 ms),
+    /// and its report names the thread, its routine and how long it has been at
+    /// `DISPATCH_LEVEL`. Tests of this stop set a short limit; a spin that never ends trips any
+    /// limit, so they pass whatever the machine's speed. A very long limit (`Duration::MAX`) in
+    /// effect turns the watchdog off, for a session under a debugger.
+    ///
+    /// ```
+    /// use core::time::Duration;
+    /// use wfp_rs::sim::Machine;
+    ///
+    /// let machine = Machine::new();
+    /// machine.set_dpc_watchdog_limit(Duration::from_millis(200));
+    /// machine.at_dispatch(|_irql| ()); // a short stay: nothing happens
+    /// ```
+    pub fn set_dpc_watchdog_limit(&self, limit: core::time::Duration) {
+        self.kernel.watchdog.set_limit(limit);
+    }
+
     /// Runs `f` at `PASSIVE_LEVEL` with a token.
     ///
     /// # Panics
@@ -293,7 +324,9 @@ impl Machine {
     }
 
     /// Runs `f` at `DISPATCH_LEVEL`, as a DPC would run, with a token. If `f` returns with the
-    /// IRQL changed, the machine stops with `IRQL_UNEXPECTED_VALUE`.
+    /// IRQL changed, the machine stops with `IRQL_UNEXPECTED_VALUE`; if `f` runs longer than the
+    /// DPC watchdog allows, with `DPC_WATCHDOG_VIOLATION`
+    /// ([`set_dpc_watchdog_limit`](Self::set_dpc_watchdog_limit)).
     ///
     /// # Panics
     ///
@@ -760,9 +793,13 @@ pub struct BugCheckReport {
     pub explanation: String,
     /// The driver routine the stopping thread ran, with the thread and its IRQL (after `in: `),
     /// for example `classifyFn of callout 3 of driver firewall; thread sim-worker-0 [7], IRQL 2`.
+    /// When the DPC watchdog's own thread stops the machine, the routine and thread are those of
+    /// the thread that stayed at `DISPATCH_LEVEL` too long.
     pub routine: String,
     /// The source location (`file:line:column (function)`) of the innermost frame of driver
-    /// code on the stopping thread (after `at: `), or a note that there was none.
+    /// code on the stopping thread (after `at: `), or a note that there was none (or, when the
+    /// DPC watchdog's own thread stops the machine, that the spinning thread's stack is not
+    /// available).
     pub location: String,
 }
 

@@ -71,9 +71,35 @@ pub(crate) fn stop(code: Code, params: [usize; 4], why: &str) -> ! {
 /// at: <file>:<line>:<column> (<function>)   — the innermost frame of driver code
 /// ```
 pub(crate) fn stop_with_details(code: Code, params: [usize; 4], why: &str, details: &str) -> ! {
+    report(code, params, why, details, None)
+}
+
+/// [`stop_with_details`] from a thread that stops the machine on behalf of another (the DPC
+/// watchdog's monitor): `in_line` and `at_line` replace what the `in:` and `at:` lines would say
+/// about the stopping thread itself.
+pub(crate) fn stop_on_behalf(
+    code: Code,
+    params: [usize; 4],
+    why: &str,
+    details: &str,
+    in_line: &str,
+    at_line: &str,
+) -> ! {
+    report(code, params, why, details, Some((in_line, at_line)))
+}
+
+fn report(
+    code: Code,
+    params: [usize; 4],
+    why: &str,
+    details: &str,
+    on_behalf: Option<(&str, &str)>,
+) -> ! {
     // The report is the kernel's: it must not come out of the driver's pool (which may be
-    // failing on purpose) when a driver's code is what stopped.
-    let _kernel = super::kernel::KernelCode::enter();
+    // failing on purpose) when a driver's code is what stopped. Not `KernelCode::enter`: its
+    // watchdog check would stop again from inside the stop.
+    super::global_alloc::forget_failure();
+    let _kernel = super::kernel::KernelCode::for_allocator();
     // One bug check per process, as per machine: a second processor that stops while the first
     // one's report is being written waits for the end instead of interleaving its own.
     static STOPPING: AtomicBool = AtomicBool::new(false);
@@ -84,21 +110,27 @@ pub(crate) fn stop_with_details(code: Code, params: [usize; 4], why: &str, detai
     }
     let name = code.name().unwrap_or("UNKNOWN_BUGCHECK");
     let why = why.replace('\n', " ");
-    let routine = super::kernel::current_routine()
-        .map_or_else(|| "kernel or harness code".to_owned(), describe_routine);
-    let current = std::thread::current();
-    let thread = format!(
-        "{} [{}]",
-        current.name().unwrap_or("<unnamed>"),
-        super::kernel::thread_id()
-    );
-    let irql = super::kernel::irql();
-    let location = first_driver_frame(&Backtrace::force_capture()).map_or_else(
-        || "(no driver frame on the stack)".to_owned(),
-        |(function, at)| format!("{at} ({function})"),
-    );
+    let (in_line, location) = match on_behalf {
+        Some((in_line, at_line)) => (in_line.replace('\n', " "), at_line.replace('\n', " ")),
+        None => {
+            let routine = super::kernel::current_routine()
+                .map_or_else(|| "kernel or harness code".to_owned(), describe_routine);
+            let current = std::thread::current();
+            let thread = format!(
+                "{} [{}]",
+                current.name().unwrap_or("<unnamed>"),
+                super::kernel::thread_id()
+            );
+            let irql = super::kernel::irql();
+            let location = first_driver_frame(&Backtrace::force_capture()).map_or_else(
+                || "(no driver frame on the stack)".to_owned(),
+                |(function, at)| format!("{at} ({function})"),
+            );
+            (format!("{routine}; thread {thread}, IRQL {irql}"), location)
+        }
+    };
     let mut text = format!(
-        "{STOP_PREFIX}{:#010X} ({:#018X}, {:#018X}, {:#018X}, {:#018X})\n{name}\nwfp-rs simulator: {why}\n{IN_PREFIX}{routine}; thread {thread}, IRQL {irql}\n{AT_PREFIX}{location}\n",
+        "{STOP_PREFIX}{:#010X} ({:#018X}, {:#018X}, {:#018X}, {:#018X})\n{name}\nwfp-rs simulator: {why}\n{IN_PREFIX}{in_line}\n{AT_PREFIX}{location}\n",
         code.0, params[0], params[1], params[2], params[3],
     );
     if !details.is_empty() {

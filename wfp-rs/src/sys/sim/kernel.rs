@@ -146,6 +146,9 @@ pub(crate) struct Kernel {
     /// Threads blocked in `KeWaitForSingleObject` with no timeout, by simulated thread id: what
     /// a wait at unload that gave up reports as blocking it.
     pub waiters: Mutex<HashMap<u64, Waiter>>,
+    /// The DPC watchdog: how long each thread has been at `DISPATCH_LEVEL` or above, and the
+    /// limit (`watchdog.rs`).
+    pub watchdog: super::watchdog::Watchdog,
 }
 
 /// A thread blocked in a wait.
@@ -229,6 +232,9 @@ pub(crate) struct ThreadState {
     /// The address of a local in the outermost `with_context` frame on this thread (0: none):
     /// locks between the current stack pointer and it live on this thread's stack.
     pub stack_anchor: Cell<usize>,
+    /// The machine in which this thread's current stay at `DISPATCH_LEVEL` or above is counted
+    /// by the DPC watchdog (None: not at `DISPATCH_LEVEL`); see `watchdog::track`.
+    pub dispatch: RefCell<Option<Arc<Kernel>>>,
 }
 
 thread_local! {
@@ -241,6 +247,7 @@ thread_local! {
         held_locks: RefCell::new(Vec::new()),
         stack_locks: RefCell::new(Vec::new()),
         stack_anchor: Cell::new(0),
+        dispatch: RefCell::new(None),
     };
 }
 
@@ -269,6 +276,7 @@ impl Kernel {
             lock_order: super::deadlock::LockOrder::default(),
             unload_wait_limit_ms: AtomicU64::new(DEFAULT_UNLOAD_WAIT_LIMIT_MS),
             waiters: Mutex::new(HashMap::new()),
+            watchdog: super::watchdog::Watchdog::default(),
         });
         let mut handles = Vec::with_capacity(workers);
         for index in 0..workers {
@@ -472,7 +480,10 @@ pub(crate) fn irql() -> KIRQL {
 }
 
 pub(crate) fn set_irql(irql: KIRQL) {
-    THREAD.with(|t| t.irql.set(irql));
+    THREAD.with(|t| {
+        t.irql.set(irql);
+        super::watchdog::track(t);
+    });
 }
 
 pub(crate) fn thread_id() -> u64 {
@@ -522,10 +533,13 @@ pub(crate) struct KernelCode {
 
 impl KernelCode {
     /// Kernel code starts: a routine the driver called (so the driver handled any allocation
-    /// failure before), or the simulator's own code.
+    /// failure before), or the simulator's own code. A thread that has been at `DISPATCH_LEVEL`
+    /// longer than the DPC watchdog allows stops here (`watchdog.rs`).
     pub(crate) fn enter() -> KernelCode {
         super::global_alloc::forget_failure();
-        KernelCode::for_allocator()
+        let code = KernelCode::for_allocator();
+        super::watchdog::check_current();
+        code
     }
 
     /// The global allocator's own bookkeeping, which says nothing about what the driver handled.
@@ -633,6 +647,7 @@ pub(crate) fn with_context<R>(
                 }
                 *t.kernel.borrow_mut() = self.kernel.take();
                 t.irql.set(self.irql);
+                super::watchdog::track(t);
                 if self.outermost {
                     t.stack_anchor.set(0);
                 }
@@ -654,6 +669,7 @@ pub(crate) fn with_context<R>(
             outermost,
         };
         t.irql.set(irql);
+        super::watchdog::track(t);
         previous
     });
     // Driver code when a driver is given; harness code (which allocates from the host) when not.
@@ -673,10 +689,17 @@ pub(crate) fn with_routine<R>(routine: Routine, f: impl FnOnce() -> R) -> R {
     struct Restore(Option<Routine>);
     impl Drop for Restore {
         fn drop(&mut self) {
-            THREAD.with(|t| t.routine.set(self.0));
+            THREAD.with(|t| {
+                t.routine.set(self.0);
+                super::watchdog::routine_changed(t);
+            });
         }
     }
-    let _restore = Restore(THREAD.with(|t| t.routine.replace(Some(routine))));
+    let _restore = Restore(THREAD.with(|t| {
+        let previous = t.routine.replace(Some(routine));
+        super::watchdog::routine_changed(t);
+        previous
+    }));
     f()
 }
 

@@ -4,7 +4,8 @@
 //! checks the rules Windows (with Driver Verifier) enforces: the IRQL it may be called at, the
 //! state of the object it is given, and what a driver must have released by unload. A broken
 //! rule stops the simulated machine with the real bug check code (see [`bugcheck`]), including
-//! Driver Verifier's deadlock detection for spin locks (`deadlock.rs`).
+//! Driver Verifier's deadlock detection for spin locks (`deadlock.rs`) and the DPC watchdog for
+//! a thread that stays at `DISPATCH_LEVEL` too long (`watchdog.rs`).
 //!
 //! State lives in a [`Kernel`] per simulated machine; a thread belongs to at most one machine at
 //! a time and carries its own IRQL, like a processor.
@@ -27,6 +28,7 @@ pub(crate) mod irp;
 mod irql;
 pub(crate) mod kernel;
 mod pool;
+mod watchdog;
 pub(crate) mod wfp;
 
 pub(crate) use deadlock::{forget_driver as forget_locks_of, remembered as remembered_locks};
