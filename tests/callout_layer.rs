@@ -240,10 +240,9 @@ fn a_flow_context_deleted_at_another_layer_is_left_alone() {
     // it as this callout's context, the test would crash.
     let foreign: u64 = 0xDEAD_0000;
     driver.run_in_driver(&machine, |_irql, _| {
-        // SAFETY: PASSIVE_LEVEL (<= DISPATCH_LEVEL); the callout id is registered; the context
-        // is never dereferenced by this code.
-        let status =
-            unsafe { sys::FwpsFlowAssociateContext0(7, AleAuthConnectV4::ID, id, foreign) };
+        let (flow, layer) = (7, AleAuthConnectV4::ID);
+        // SAFETY: PASSIVE_LEVEL; the callout id is registered; this code never reads `foreign`.
+        let status = unsafe { sys::FwpsFlowAssociateContext0(flow, layer, id, foreign) };
         assert_eq!(status, 0);
         // SAFETY: as above; the engine hands the context to the callout's flowDeleteFn.
         let status = unsafe { sys::FwpsFlowRemoveContext0(7, AleAuthConnectV4::ID, id) };

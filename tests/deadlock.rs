@@ -124,8 +124,8 @@ bugcheck_test! {
         Machine::new().at_dispatch(|_irql| {
             let a = &raw mut FIRST;
             let b = &raw mut SECOND;
-            // SAFETY: initialised locks that live for the process; each acquisition is released
-            // in reverse order, at DISPATCH_LEVEL.
+            // Each acquisition is released in reverse order, at DISPATCH_LEVEL.
+            // SAFETY: initialised locks that live for the process, released in reverse order.
             unsafe {
                 let old_a = sys::KeAcquireSpinLockRaiseToDpc(a);
                 let old_b = sys::KeAcquireSpinLockRaiseToDpc(b);

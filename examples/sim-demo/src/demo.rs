@@ -128,8 +128,9 @@ fn broken_scenario() {
     let queue = driver.work_queue(&machine).expect("SDK driver");
     machine.at_passive(|irql| {
         let _ = queue.queue(irql, |_passive| {
-            // SAFETY: a valid, initialised spin lock at PASSIVE_LEVEL. The bug is what follows:
-            // the routine returns without KeReleaseSpinLock, still at DISPATCH_LEVEL.
+            // The bug is what follows: the routine returns without KeReleaseSpinLock, still at
+            // DISPATCH_LEVEL.
+            // SAFETY: a valid, initialised spin lock, acquired at PASSIVE_LEVEL.
             let _old_irql = unsafe { wfp_rs::sys::KeAcquireSpinLockRaiseToDpc(LOCK.0.get()) };
         });
     });

@@ -159,8 +159,8 @@ pub(crate) unsafe fn begin<'a, S>(
         }
         return None;
     }
-    // SAFETY: the engine's structures for this layer (the caller's contract; the layer was
-    // checked above).
+    // The layer was checked above; the structures are the engine's (the caller's contract).
+    // SAFETY: the engine's structures for this layer, as `RawFields::read` requires.
     let fields = unsafe { RawFields::read(fixed, meta) };
     Some((state, out, fields))
 }

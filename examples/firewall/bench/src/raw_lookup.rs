@@ -108,8 +108,8 @@ unsafe extern "system" fn classify(
     // baseline never pends, so the flag only costs the test.
     let _reauthorization = fields.flags & sys::FWP_CONDITION_FLAG_IS_REAUTHORIZE != 0;
     let _local = fields.local;
-    // SAFETY: classifyFn runs at IRQL <= DISPATCH_LEVEL; the token lives for this call only, and
-    // it is the only one on this thread (the engine calls a raw classifyFn with none).
+    // classifyFn runs at IRQL <= DISPATCH_LEVEL, and the engine calls a raw one with no token.
+    // SAFETY: IRQL <= DISPATCH_LEVEL; the only token on this thread, for this call only.
     let mut irql = unsafe { DispatchLevel::assume() };
     match state.cache.lookup(&mut irql, &key, Instant::now()) {
         Lookup::Hit(verdict) => {
