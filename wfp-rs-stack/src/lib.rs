@@ -42,7 +42,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use iced_x86::{
-    Code, Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register,
+    Code, Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic,
+    OpAccess, OpKind, Register,
 };
 
 pub mod map;
@@ -934,10 +935,33 @@ fn decode(
     let inside = |target: u32| target >= start && target < limit;
     let mut furthest_branch = start;
     let mut instruction = Instruction::default();
+    // The import whose address an earlier instruction loaded into a register (`mov rax,
+    // [rip + __imp_X]`): unoptimised code calls imports as `mov`, argument set-up, `call rax`.
+    // It holds along straight-line code only, while no instruction writes the register; any
+    // branch (or branch target: a branch ends the run before one) forgets it.
+    let mut loaded_import: Option<(Register, String)> = None;
+    let mut info = InstructionInfoFactory::new();
     while decoder.can_decode() {
         decoder.decode_out(&mut instruction);
         let site = instruction.ip() as u32;
         let next = instruction.next_ip() as u32;
+        let previous_load = loaded_import.take();
+        if let Some((register, name)) = &previous_load
+            && instruction.flow_control() == FlowControl::Next
+            && !writes(&mut info, &instruction, *register)
+        {
+            loaded_import = Some((*register, name.clone()));
+        }
+        if instruction.mnemonic() == Mnemonic::Mov
+            && instruction.op0_kind() == OpKind::Register
+            && instruction.op0_register().is_gpr64()
+            && instruction.is_ip_rel_memory_operand()
+            && let Some(name) = image
+                .imports
+                .get(&(instruction.ip_rel_memory_address() as u32))
+        {
+            loaded_import = Some((instruction.op0_register(), name.clone()));
+        }
         if instruction.is_invalid() {
             if leaf {
                 out.end = site;
@@ -1028,7 +1052,18 @@ fn decode(
                 if leaf {
                     out.flags.push((site, FlagKind::LeafMovesStack));
                 }
-                out.edges.push(indirect(image, &instruction, site, false));
+                out.edges.push(match previous_load {
+                    Some((register, name))
+                        if instruction.op0_kind() == OpKind::Register
+                            && instruction.op0_register() == register =>
+                    {
+                        Edge {
+                            site,
+                            kind: EdgeKind::Import(name),
+                        }
+                    }
+                    _ => indirect(image, &instruction, site, false),
+                });
             }
             FlowControl::IndirectBranch => {
                 // Compilers mark an indirect *tail call* with a REX.W prefix (the x64 epilog
@@ -1068,6 +1103,21 @@ fn decode(
         out.end = frame_end;
     }
     out
+}
+
+/// Whether `instruction` writes `register` or any part of it (explicitly or implicitly).
+fn writes(
+    info: &mut InstructionInfoFactory,
+    instruction: &Instruction,
+    register: Register,
+) -> bool {
+    info.info(instruction).used_registers().iter().any(|used| {
+        used.register().full_register() == register.full_register()
+            && !matches!(
+                used.access(),
+                OpAccess::Read | OpAccess::CondRead | OpAccess::None
+            )
+    })
 }
 
 fn is_immediate(kind: OpKind) -> bool {

@@ -306,6 +306,59 @@ fn a_call_through_the_iat_is_a_kernel_import_counted_as_its_return_address() {
     assert_eq!(depth(&report, f), 8 + 40 + 8);
 }
 
+/// `mov rax, qword ptr [rip + slot]` at `site`.
+fn mov_rax_slot(site: u32, slot: u32) -> Vec<u8> {
+    let rel = slot.wrapping_sub(site + 7) as i32;
+    let mut bytes = vec![0x48, 0x8b, 0x05];
+    bytes.extend(rel.to_le_bytes());
+    bytes
+}
+
+#[test]
+fn an_import_loaded_into_a_register_and_called_at_once_is_a_kernel_import() {
+    let mut b = Builder::default();
+    let slot = b.import("ntoskrnl.exe!DbgPrintEx");
+    // Unoptimised code: mov rax, [rip + __imp_DbgPrintEx]; call rax; ret
+    let f = b.function(&[code(4, ALLOC_SMALL, 4)], |site| {
+        let mut body = mov_rax_slot(site, slot);
+        body.extend([0xff, 0xd0, RET]);
+        body
+    });
+    // Argument set-up between the load and the call (`mov ecx, 77`) leaves rax alone.
+    let h = b.function(&[code(4, ALLOC_SMALL, 4)], |site| {
+        let mut body = mov_rax_slot(site, slot);
+        body.extend([0xb9, 77, 0, 0, 0, 0xff, 0xd0, RET]);
+        body
+    });
+    // An instruction between them that writes rax (`mov eax, ecx`): the call is an unknown
+    // indirect call.
+    let g = b.function(&[code(4, ALLOC_SMALL, 4)], |site| {
+        let mut body = mov_rax_slot(site, slot);
+        body.extend([0x89, 0xc8, 0xff, 0xd0, RET]);
+        body
+    });
+    let entry = b.function(&[code(4, ALLOC_SMALL, 4)], |site| {
+        let mut body = call(site, f);
+        body.extend(call(site + 5, g));
+        body.extend(call(site + 10, h));
+        body.push(RET);
+        body
+    });
+    let report = report(&b.image(entry));
+    for import in [f, h] {
+        assert_eq!(
+            report.functions[&import].edges[0].kind,
+            EdgeKind::Import("ntoskrnl.exe!DbgPrintEx".into())
+        );
+    }
+    assert_eq!(
+        report.functions[&g].edges[0].kind,
+        EdgeKind::Indirect { tail: false }
+    );
+    let flagged: Vec<u32> = report.flags.iter().map(|flag| flag.function).collect();
+    assert_eq!(flagged, vec![g], "{report}");
+}
+
 #[test]
 fn an_indirect_call_is_flagged_and_reported_on_every_entry_that_reaches_it() {
     let mut b = Builder::default();
