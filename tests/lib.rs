@@ -184,11 +184,13 @@ pub mod guide {
 
     pub use wfp_rs::callout::{Callout, CalloutKey, CalloutRegistration, Classify};
     pub use wfp_rs::classify::{Action, BlockOutcome, RightsError};
+    pub use wfp_rs::control::{CommandHandler, ControlDevice};
     pub use wfp_rs::driver::{Driver, DriverState};
     pub use wfp_rs::engine::{
         CalloutEntry, Engine, Provider, SessionOptions, Sublayer, Transaction,
     };
     pub use wfp_rs::filter::{AppPath, Filter, FilterAction, Match};
+    pub use wfp_rs::inverted::{ControlCode, RequiredAccess};
     pub use wfp_rs::irql::{AtMostDispatch, AtPassive, DispatchLevel, Irql, PassiveLevel};
     pub use wfp_rs::layer::value::{AppId, IpProtocol};
     pub use wfp_rs::layer::{
@@ -198,6 +200,8 @@ pub mod guide {
     pub use wfp_rs::pend::{ConnectionKey, FinalAction, PendedClassify, VerdictTable};
     pub use wfp_rs::sim::{ClassifyRequest, Machine};
     pub use wfp_rs::work_item::WorkQueue;
+    #[cfg(unix)]
+    pub use wfp_rs::user::{Device, PortConnection};
     pub use wfp_rs::{Guid, Status, guid, kd_print};
 
     // docs/callouts.md quotes examples/starter.
