@@ -199,15 +199,44 @@ pub mod guide {
     };
     pub use wfp_rs::pend::{ConnectionKey, FinalAction, PendedClassify, VerdictTable};
     pub use wfp_rs::sim::{ClassifyRequest, Machine};
-    pub use wfp_rs::work_item::WorkQueue;
     #[cfg(unix)]
     pub use wfp_rs::user::{Device, PortConnection};
+    pub use wfp_rs::work_item::WorkQueue;
     pub use wfp_rs::{Guid, Status, guid, kd_print};
 
     // docs/callouts.md quotes examples/starter.
     pub use starter::{
         BLOCKED_PORT, CALLOUT_V4, CALLOUT_V6, ConnectPolicy, FILTER_V4, FILTER_V6, PROVIDER,
         SUBLAYER, SUBLAYER_WEIGHT, Starter, add_connect_filter,
+    };
+}
+
+/// Checks a guide's test as its doctest. A doctest is compiled without the test harness, which
+/// drops `#[test]` items (and so `bugcheck_test!`'s expansion) before their bodies are checked;
+/// the guide wraps the test in this macro, on hidden lines, instead.
+///
+/// - `#[test] fn name() { .. }`: the body is compiled and run.
+/// - `wfp_rs::bugcheck_test! { .. }`: the invocation is passed on to the real macro (so its
+///   shape is checked), and the body and the bug check's name are compiled but not run (a bug
+///   check ends the process; the tests in `tests/` run such scenarios in a child process).
+///
+/// Not an API: only the doctests in [`guides`] use it.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! guide_test {
+    (#[test] fn $name:ident() $body:block) => {
+        fn $name() $body
+        $name();
+    };
+    (wfp_rs::bugcheck_test! {
+        fn $name:ident() expects $code:ident $(($p1:expr))? $body:block
+    }) => {
+        wfp_rs::bugcheck_test! {
+            fn $name() expects $code $(($p1))? $body
+        }
+        let _ = wfp_rs::bugcheck::BugCheckCode::$code;
+        $(let _: usize = $p1;)?
+        let _ = || $body;
     };
 }
 
