@@ -3,6 +3,8 @@
 //! (`driver_image`). The simulator tests run wherever the simulator backend is selected: on any
 //! non-Windows host, and on Windows with `--features sim`.
 
+extern crate alloc;
+
 #[cfg(any(not(windows), feature = "sim"))]
 pub mod install {
     //! The setup most simulator tests share: a callout registered in a loaded driver, with a
@@ -169,11 +171,92 @@ pub mod protocol {
     }
 }
 
+/// The names the guides' code blocks use without importing them, so that a quoted fragment
+/// needs one hidden line of setup (`# use wfp_rs_tests::guide::*;`) rather than a screen of
+/// `use` lines. Not an API: only the doctests in [`guides`] use it.
+#[cfg(any(not(windows), feature = "sim"))]
+#[doc(hidden)]
+pub mod guide {
+    pub use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    pub use core::sync::atomic::{AtomicU32, Ordering};
+
+    pub use alloc::sync::Arc;
+
+    pub use wfp_rs::callout::{Callout, CalloutKey, CalloutRegistration, Classify};
+    pub use wfp_rs::classify::{Action, BlockOutcome, RightsError};
+    pub use wfp_rs::control::{CommandHandler, ControlDevice};
+    pub use wfp_rs::driver::{Driver, DriverState};
+    pub use wfp_rs::engine::{
+        CalloutEntry, Engine, Provider, SessionOptions, Sublayer, Transaction,
+    };
+    pub use wfp_rs::filter::{AppPath, Filter, FilterAction, Match};
+    pub use wfp_rs::inverted::{ControlCode, RequiredAccess};
+    pub use wfp_rs::irql::{AtMostDispatch, AtPassive, DispatchLevel, Irql, PassiveLevel};
+    pub use wfp_rs::layer::value::{AppId, IpProtocol};
+    pub use wfp_rs::layer::{
+        AleAuthConnectV4, AleAuthConnectV6, AleResourceAssignmentV4, Field, Layer,
+        OutboundTransportV4, fields,
+    };
+    pub use wfp_rs::pend::{ConnectionKey, FinalAction, PendedClassify, VerdictTable};
+    pub use wfp_rs::sim::{ClassifyRequest, Machine};
+    #[cfg(unix)]
+    pub use wfp_rs::user::{Device, PortConnection};
+    pub use wfp_rs::work_item::WorkQueue;
+    pub use wfp_rs::{Guid, Status, guid, kd_print};
+
+    // docs/callouts.md quotes examples/starter.
+    pub use starter::{
+        BLOCKED_PORT, CALLOUT_V4, CALLOUT_V6, ConnectPolicy, FILTER_V4, FILTER_V6, PROVIDER,
+        SUBLAYER, SUBLAYER_WEIGHT, Starter, add_connect_filter,
+    };
+}
+
+/// Checks a guide's test as its doctest. A doctest is compiled without the test harness, which
+/// drops `#[test]` items (and so `bugcheck_test!`'s expansion) before their bodies are checked;
+/// the guide wraps the test in this macro, on hidden lines, instead.
+///
+/// - `#[test] fn name() { .. }`: the body is compiled and run.
+/// - `wfp_rs::bugcheck_test! { .. }`: the invocation is passed on to the real macro (so its
+///   shape is checked), and the body and the bug check's name are compiled but not run (a bug
+///   check ends the process; the tests in `tests/` run such scenarios in a child process).
+///
+/// Not an API: only the doctests in [`guides`] use it.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! guide_test {
+    (#[test] fn $name:ident() $body:block) => {
+        fn $name() $body
+        $name();
+    };
+    (wfp_rs::bugcheck_test! {
+        fn $name:ident() expects $code:ident $(($p1:expr))? $body:block
+    }) => {
+        wfp_rs::bugcheck_test! {
+            fn $name() expects $code $(($p1))? $body
+        }
+        let _ = wfp_rs::bugcheck::BugCheckCode::$code;
+        $(let _: usize = $p1;)?
+        let _ = || $body;
+    };
+}
+
 /// The guides' Rust code blocks, compiled (and the `compile_fail` ones checked to fail with their
 /// error code) as doctests of this crate, so the guides cannot drift from the API:
 /// `cargo test -p wfp-rs-tests --doc`.
 #[cfg(doctest)]
 pub mod guides {
+    #[doc = include_str!("../docs/async-decisions.md")]
+    pub mod async_decisions {}
+    #[doc = include_str!("../docs/benchmarks.md")]
+    pub mod benchmarks {}
+    #[doc = include_str!("../docs/building-drivers.md")]
+    pub mod building_drivers {}
+    #[doc = include_str!("../docs/callouts.md")]
+    pub mod callouts {}
+    #[doc = include_str!("../docs/firewall.md")]
+    pub mod firewall {}
     #[doc = include_str!("../docs/irql.md")]
     pub mod irql {}
+    #[doc = include_str!("../docs/simulator.md")]
+    pub mod simulator {}
 }

@@ -108,9 +108,13 @@ where
 
 /// What the driver keeps while it is loaded.
 pub struct Starter {
-    engine: Engine,
-    v4: CalloutRegistration<AleAuthConnectV4, ConnectPolicy>,
-    v6: CalloutRegistration<AleAuthConnectV6, ConnectPolicy>,
+    /// The dynamic session that added the provider, the sublayer, the callout entries and the
+    /// filters: closing it deletes them all.
+    pub engine: Engine,
+    /// The callout at `ALE_AUTH_CONNECT_V4`.
+    pub v4: CalloutRegistration<AleAuthConnectV4, ConnectPolicy>,
+    /// The callout at `ALE_AUTH_CONNECT_V6`.
+    pub v6: CalloutRegistration<AleAuthConnectV6, ConnectPolicy>,
 }
 
 impl DriverState for Starter {
@@ -160,7 +164,7 @@ fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<Starter
 
 /// Adds the callout entry `callout` at its layer `L` and the filter `filter` that hands it every
 /// TCP connection attempt.
-fn add_connect_filter<L: Layer>(
+pub fn add_connect_filter<L: Layer>(
     irql: &PassiveLevel<'_>,
     engine: &Engine,
     callout: CalloutKey<L>,
