@@ -173,7 +173,7 @@ pub mod protocol {
 
 /// The names the guides' code blocks use without importing them, so that a quoted fragment
 /// needs one hidden line of setup (`# use wfp_rs_tests::guide::*;`) rather than a screen of
-/// `use` lines. Not an API: only the doctests in [`guides`] use it.
+/// `use` lines. Not an API: only the doctests in `guides` use it.
 #[cfg(any(not(windows), feature = "sim"))]
 #[doc(hidden)]
 pub mod guide {
@@ -220,7 +220,7 @@ pub mod guide {
 ///   shape is checked), and the body and the bug check's name are compiled but not run (a bug
 ///   check ends the process; the tests in `tests/` run such scenarios in a child process).
 ///
-/// Not an API: only the doctests in [`guides`] use it.
+/// Not an API: only the doctests in `guides` use it.
 #[doc(hidden)]
 #[macro_export]
 macro_rules! guide_test {
