@@ -84,3 +84,8 @@ mod tests {
         assert_eq!(windows.len(), DRIVER_LINK_ARGS.len());
     }
 }
+
+/// The README's code, compiled as doctests so the crates.io page cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

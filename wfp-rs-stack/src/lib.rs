@@ -1162,3 +1162,8 @@ fn has_rex_w(raw: &[u8]) -> bool {
         })
         .is_some_and(|byte| (0x48..=0x4f).contains(byte))
 }
+
+/// The README's code, compiled as doctests so the crates.io page cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
