@@ -241,14 +241,9 @@ macro_rules! checked_constructors {
             pub(crate) unsafe fn try_current_in_sdk<R>(
                 f: impl for<'t> FnOnce(&'t mut $name<'t>) -> R,
             ) -> Option<R> {
-                if Irql::current() > $bound {
-                    return None;
-                }
-                // SAFETY: the IRQL is within the bound now; by the caller's promise nothing that
-                // runs during `f` can use another token while this one is raised or lowered, and
-                // the token lives for the call of `f` only.
-                let mut token = unsafe { $name::new_unchecked() };
-                Some(f(&mut token))
+                // SAFETY: the caller's promise (no other token of this thread is reached or used
+                // while `f` runs) is `try_current`'s contract.
+                unsafe { Self::try_current(f) }
             }
 
             /// Creates a token, checking the IRQL in debug builds (and always in the simulator),

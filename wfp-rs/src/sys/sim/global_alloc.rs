@@ -44,9 +44,7 @@ use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use super::bugcheck::stop;
 use super::kernel::{self, Block, Kernel, KernelCode, Running};
-use crate::bugcheck::{BugCheckCode, verifier};
 use crate::pool::POOL_ALIGNMENT;
 use crate::sim::GLOBAL_ALLOCATOR_TAG;
 use crate::sys::types::*;
@@ -161,22 +159,12 @@ fn pool_alloc(running: Running, layout: Layout) -> *mut u8 {
     // From here on the simulator's own allocations (the block table, a stop report) are the
     // kernel's.
     let _kernel = KernelCode::for_allocator();
-    let now = kernel::irql();
-    if now > DISPATCH_LEVEL {
-        stop(
-            BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION,
-            [
-                verifier::NONPAGED_ALLOCATION_ABOVE_DISPATCH,
-                now as usize,
-                POOL_FLAG_NON_PAGED as usize,
-                layout.size(),
-            ],
-            &format!(
-                "driver code allocated {} bytes through the global allocator (non-paged pool) at IRQL {now}",
-                layout.size()
-            ),
-        );
-    }
+    super::pool::require_allocation_irql(
+        kernel::irql(),
+        POOL_FLAG_NON_PAGED,
+        layout.size(),
+        "the global allocator (non-paged pool)",
+    );
     // SAFETY: `with_context` set `running.kernel` from the `Arc` it keeps in this thread's
     // state until it resets `RUNNING`, so the machine is alive.
     let machine = unsafe { &*running.kernel };
@@ -248,20 +236,16 @@ unsafe fn pool_free(ptr: *mut u8) {
     // SAFETY: a pool block's header starts with its machine (written by `pool_alloc`).
     let machine_ptr = unsafe { header.read() };
     // A thread outside every machine is at PASSIVE_LEVEL; one inside is at its own IRQL.
-    if !kernel::running().kernel.is_null() {
-        let now = kernel::irql();
-        if now > DISPATCH_LEVEL {
-            stop(
-                BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION,
-                [
-                    verifier::NONPAGED_FREE_ABOVE_DISPATCH,
-                    now as usize,
-                    POOL_FLAG_NON_PAGED as usize,
-                    ptr as usize,
-                ],
-                &format!("a global-allocator pool block was freed at IRQL {now}"),
-            );
-        }
+    let now = kernel::irql();
+    if !kernel::running().kernel.is_null()
+        && !super::pool::free_irql_allowed(now, POOL_FLAG_NON_PAGED)
+    {
+        super::pool::stop_free_above_irql(
+            now,
+            POOL_FLAG_NON_PAGED,
+            ptr as usize,
+            "a global-allocator pool block",
+        );
     }
     // SAFETY: the header holds a strong reference to the machine, taken in `pool_alloc`.
     let machine = unsafe { Arc::from_raw(machine_ptr) };

@@ -24,6 +24,49 @@ pub(crate) fn layout(size: usize) -> Layout {
     Layout::from_size_align(size, POOL_ALIGNMENT).expect("pool block size overflows a Layout")
 }
 
+/// Driver Verifier's IRQL rule for allocating `size` bytes of pool with `flags`: paged pool at
+/// most `APC_LEVEL`, non-paged at most `DISPATCH_LEVEL`; `what` names the allocator in the
+/// report. Shared by `ExAllocatePool2` and the global allocator (`global_alloc.rs`).
+pub(crate) fn require_allocation_irql(now: KIRQL, flags: POOL_FLAGS, size: usize, what: &str) {
+    let paged = flags & POOL_FLAG_PAGED != 0;
+    let subcode = if paged && now > APC_LEVEL {
+        verifier::PAGED_ALLOCATION_ABOVE_APC
+    } else if now > DISPATCH_LEVEL {
+        verifier::NONPAGED_ALLOCATION_ABOVE_DISPATCH
+    } else {
+        return;
+    };
+    stop(
+        BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION,
+        [subcode, now as usize, flags as usize, size],
+        &format!(
+            "{what}: {size} bytes allocated at IRQL {now} ({})",
+            level_name(now)
+        ),
+    );
+}
+
+/// The same rule for freeing a block allocated with `flags`.
+pub(crate) fn free_irql_allowed(now: KIRQL, flags: POOL_FLAGS) -> bool {
+    let paged = flags & POOL_FLAG_PAGED != 0;
+    !((paged && now > APC_LEVEL) || now > DISPATCH_LEVEL)
+}
+
+/// The stop for freeing the block at `address` (allocated with `flags`) where
+/// [`free_irql_allowed`] says no.
+pub(crate) fn stop_free_above_irql(now: KIRQL, flags: POOL_FLAGS, address: usize, what: &str) -> ! {
+    let subcode = if flags & POOL_FLAG_PAGED != 0 {
+        verifier::PAGED_FREE_ABOVE_APC
+    } else {
+        verifier::NONPAGED_FREE_ABOVE_DISPATCH
+    };
+    stop(
+        BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION,
+        [subcode, now as usize, flags as usize, address],
+        &format!("{what}: freed at IRQL {now} ({})", level_name(now)),
+    );
+}
+
 /// `ExAllocatePool2`. Memory is zeroed unless `POOL_FLAG_UNINITIALIZED` is given; failures can be
 /// injected with `Machine::fail_allocations`.
 ///
@@ -37,31 +80,7 @@ pub unsafe extern "system" fn ExAllocatePool2(
 ) -> PVOID {
     let _kernel = super::kernel::KernelCode::enter();
     let now = irql();
-    let paged = Flags & POOL_FLAG_PAGED != 0;
-    if paged && now > APC_LEVEL {
-        stop(
-            BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION,
-            [
-                verifier::PAGED_ALLOCATION_ABOVE_APC,
-                now as usize,
-                Flags as usize,
-                NumberOfBytes,
-            ],
-            &format!("paged pool allocated at IRQL {now} ({})", level_name(now)),
-        );
-    }
-    if now > DISPATCH_LEVEL {
-        stop(
-            BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION,
-            [
-                verifier::NONPAGED_ALLOCATION_ABOVE_DISPATCH,
-                now as usize,
-                Flags as usize,
-                NumberOfBytes,
-            ],
-            &format!("pool allocated at IRQL {now}"),
-        );
-    }
+    require_allocation_irql(now, Flags, NumberOfBytes, "pool");
     if NumberOfBytes == 0 {
         stop(
             BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION,
@@ -139,20 +158,10 @@ pub unsafe extern "system" fn ExFreePoolWithTag(P: PVOID, Tag: ULONG) {
             why,
         );
     };
-    let paged = block.flags & POOL_FLAG_PAGED != 0;
-    if (paged && now > APC_LEVEL) || now > DISPATCH_LEVEL {
-        let subcode = if paged {
-            verifier::PAGED_FREE_ABOVE_APC
-        } else {
-            verifier::NONPAGED_FREE_ABOVE_DISPATCH
-        };
-        let flags = block.flags as usize;
+    if !free_irql_allowed(now, block.flags) {
+        let flags = block.flags;
         drop(state);
-        stop(
-            BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION,
-            [subcode, now as usize, flags, P as usize],
-            &format!("pool freed at IRQL {now} ({})", level_name(now)),
-        );
+        stop_free_above_irql(now, flags, P as usize, "pool");
     }
     if block.tag != Tag {
         let allocated_with = block.tag;
