@@ -9,6 +9,10 @@
 //! `cargo xtask stack <package>` builds the image the same way and checks its worst-case stack
 //! depth with `wfp-rs-stack` (frame sizes from the x64 unwind data, the call graph from the
 //! code); it exits with status 1 when a path exceeds the budget.
+//!
+//! `cargo xtask publishable` prints the workspace packages that may be published (those without
+//! `publish = false`), one per line, for `.ci/run`'s packaging step: a new crate is packaged and
+//! checked as soon as it joins the workspace.
 
 use std::collections::BTreeMap;
 use std::env;
@@ -36,6 +40,7 @@ cargo xtask: repository tasks for wfp-rs
 USAGE:
     cargo xtask driver <package> [--debug]
     cargo xtask stack <package> [--debug] [--budget <bytes>]
+    cargo xtask publishable
     cargo xtask --help
 
 COMMANDS:
@@ -51,6 +56,8 @@ COMMANDS:
                         x64 unwind data and call graph, print the report, and fail when a
                         bounded path exceeds the budget. Recursion and indirect calls are
                         listed as unbounded sites. See docs/building-drivers.md.
+    publishable         Print the workspace packages that may be published (every one
+                        without `publish = false`), one per line, in workspace order.
 
 OPTIONS:
     --debug             Build with the dev profile instead of release
@@ -170,8 +177,15 @@ fn run(args: &[String]) -> Result<(), Error> {
                 )))
             }
         }
+        Some("publishable") => {
+            let workspace = workspace_root();
+            for package in Metadata::read(&workspace)?.publishable {
+                println!("{package}");
+            }
+            Ok(())
+        }
         Some(other) => Err(Error::Usage(format!(
-            "unknown command `{other}` (the commands are `driver` and `stack`)"
+            "unknown command `{other}` (the commands are `driver`, `stack` and `publishable`)"
         ))),
     }
 }
@@ -439,6 +453,9 @@ struct Metadata {
     target_directory: PathBuf,
     /// Workspace package name → its library target's name and crate types.
     libraries: BTreeMap<String, Option<(String, Vec<String>)>>,
+    /// The packages that may be published, in workspace order. `publish = false` is `[]` in
+    /// the metadata; `null` (any registry) or a list of registries is publishable.
+    publishable: Vec<String>,
 }
 
 impl Metadata {
@@ -467,6 +484,7 @@ impl Metadata {
             .and_then(Value::as_str)
             .ok_or("no `target_directory`")?;
         let mut libraries = BTreeMap::new();
+        let mut publishable = Vec::new();
         for package in root
             .get("packages")
             .and_then(Value::as_array)
@@ -499,10 +517,18 @@ impl Metadata {
                 Some((target.get("name")?.as_str()?.to_owned(), crate_types))
             });
             libraries.insert(name.to_owned(), library);
+            let unpublishable = package
+                .get("publish")
+                .and_then(Value::as_array)
+                .is_some_and(Vec::is_empty);
+            if !unpublishable {
+                publishable.push(name.to_owned());
+            }
         }
         Ok(Self {
             target_directory: PathBuf::from(target_directory),
             libraries,
+            publishable,
         })
     }
 
@@ -597,11 +623,12 @@ mod tests {
     #[test]
     fn metadata() {
         let text = r#"{"packages":[
-            {"name":"minimal-driver","targets":[
+            {"name":"minimal-driver","publish":[],"targets":[
                 {"name":"minimal_driver","kind":["cdylib","rlib"],"crate_types":["cdylib","rlib"]},
                 {"name":"build-script-build","kind":["custom-build"],"crate_types":["bin"]}]},
-            {"name":"wfp-rs","targets":[{"name":"wfp_rs","kind":["lib"],"crate_types":["lib"]}]},
-            {"name":"xtask","targets":[{"name":"xtask","kind":["bin"],"crate_types":["bin"]}]}],
+            {"name":"wfp-rs","publish":null,"targets":[{"name":"wfp_rs","kind":["lib"],"crate_types":["lib"]}]},
+            {"name":"in-house","publish":["internal"],"targets":[]},
+            {"name":"xtask","publish":[],"targets":[{"name":"xtask","kind":["bin"],"crate_types":["bin"]}]}],
             "target_directory":"C:\\work\\target"}"#;
         let metadata = Metadata::from_json(text).unwrap();
         assert_eq!(metadata.target_directory, PathBuf::from(r"C:\work\target"));
@@ -620,6 +647,10 @@ mod tests {
         let Err(Error::Usage(msg)) = metadata.cdylib_name("nope") else {
             panic!("an unknown package must be a usage error");
         };
-        assert!(msg.contains("minimal-driver, wfp-rs, xtask"), "{msg}");
+        assert!(
+            msg.contains("in-house, minimal-driver, wfp-rs, xtask"),
+            "{msg}"
+        );
+        assert_eq!(metadata.publishable, ["wfp-rs", "in-house"]);
     }
 }
