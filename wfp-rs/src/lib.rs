@@ -244,6 +244,10 @@
 //! the simulator.
 
 #![no_std]
+#![allow(
+    clippy::needless_doctest_main,
+    reason = "the quick start shows a build script, and its `main` is the point"
+)]
 // docs.rs (and `.ci/run`) pass `--cfg docsrs` on nightly: label items with the configuration
 // they need in user terms — the backend cfgs are internal, so their labels are written out.
 #![cfg_attr(docsrs, feature(doc_cfg))]
