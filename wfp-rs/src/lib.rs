@@ -35,6 +35,10 @@
 //! [lib]
 //! crate-type = ["cdylib", "rlib"]
 //!
+//! [features]
+//! # Tests on a Windows host: `cargo test --features sim`.
+//! sim = ["wfp-rs/sim"]
+//!
 //! [dependencies]
 //! wfp-rs = "0.1"
 //!
@@ -159,8 +163,9 @@
 //! **The kernel image**: `cargo wfp build --release` builds the crate for
 //! `x86_64-pc-windows-msvc` (rustup installs the target; no `.cargo/config.toml` needed), writes
 //! `my_driver.sys` and checks it: native subsystem, WDM driver, imports only from kernel modules,
-//! and a worst-case stack depth within the kernel stack. `cargo wfp package` adds the INF and a
-//! test signature; installing it needs Windows ([building a driver image]).
+//! and a worst-case stack depth within the kernel stack. `cargo wfp package` writes an
+//! installable folder: the `.sys`, its INF, a test signature where `osslsigncode` is installed,
+//! and the Windows commands to install it ([building a driver image]).
 //!
 //! # Guides
 //!
