@@ -45,7 +45,8 @@ pub const DRIVER_LINK_ARGS: &[(&str, &str)] = &[
     (
         "/MAP",
         "writes <crate>.map (every function's address) beside the image in deps/, which \
-         `cargo xtask stack` uses to name functions; the image itself is unchanged",
+         the stack check (wfp-rs-stack, run by `cargo wfp build`) uses to name functions; the \
+         image itself is unchanged",
     ),
 ];
 

@@ -85,7 +85,8 @@ fn parse_guid(text: &str) -> Result<GuidFields, String> {
 /// On Windows the generated `DriverEntry` is the image's exported entry point; in the simulator
 /// it is a plain `pub` function to pass to `Machine::load_driver`. Unload is wired automatically.
 /// `DriverEntry` calls the function directly, not through a function pointer, so the stack check
-/// (`cargo xtask stack`) follows the whole load path and counts it against the budget.
+/// (wfp-rs-stack, which `cargo wfp build` runs) follows the whole load path and counts it against
+/// the budget.
 ///
 /// The attribute also defines the image's `#[panic_handler]` (`wfp_rs::panic_handler!()`: print
 /// the panic to the kernel debugger, then bug check with `KMODE_EXCEPTION_NOT_HANDLED`; nothing

@@ -166,7 +166,8 @@ pub fn analyze_pe(bytes: &[u8], options: &Options) -> Result<Report, Error> {
 }
 
 /// Reads the image at `path` and, if there is one beside it, its linker map (`path` with the
-/// extension `map`, as `cargo xtask driver` leaves it) for function names, and analyses it.
+/// extension `map`, as wfp-rs-build's linker arguments leave it) for function names, and
+/// analyses it.
 pub fn analyze_file(path: &std::path::Path, options: &Options) -> Result<Report, Error> {
     let bytes = std::fs::read(path)
         .map_err(|e| Error::Image(format!("cannot read {}: {e}", path.display())))?;

@@ -292,7 +292,7 @@ impl fmt::Debug for UnicodeStr<'_> {
 ///
 /// Generic over the entry function (a function item, zero-sized) rather than taking a function
 /// pointer: the call to the driver's function is then a direct call, which the stack check
-/// (`cargo xtask stack`) follows and counts; through a pointer its depth would be unbounded.
+/// (wfp-rs-stack) follows and counts; through a pointer its depth would be unbounded.
 #[doc(hidden)]
 pub unsafe fn __run_driver_entry<D: DriverState>(
     driver_object: *mut sys::DRIVER_OBJECT,

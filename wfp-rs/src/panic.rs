@@ -24,8 +24,12 @@
 /// built with the feature `user`, which links std and with it std's panic handler: that happens
 /// to a driver crate when a single cargo command builds it together with a service (cargo
 /// unifies the feature), for example `cargo check --workspace`. Such a build checks, but is not
-/// a driver image; build images on their own (`cargo xtask driver <package>`).
+/// a driver image; build images on their own (`cargo wfp build -p <package>`).
 #[cfg(all(wfp_nt, not(feature = "user")))]
+#[cfg_attr(
+    docsrs,
+    doc(cfg(all(windows, not(feature = "sim"), not(feature = "user"))))
+)]
 #[macro_export]
 macro_rules! panic_handler {
     () => {
@@ -51,9 +55,10 @@ macro_rules! panic_handler {
 /// built with the feature `user`, which links std and with it std's panic handler: that happens
 /// to a driver crate when a single cargo command builds it together with a service (cargo
 /// unifies the feature), for example `cargo check --workspace`. Such a build checks, but is not
-/// a driver image; build images on their own (`cargo xtask driver <package>`). This build is one
+/// a driver image; build images on their own (`cargo wfp build -p <package>`). This build is one
 /// of those two cases.
 #[cfg(any(wfp_sim, feature = "user"))]
+#[cfg_attr(docsrs, doc(cfg(any(not(windows), feature = "sim", feature = "user"))))]
 #[macro_export]
 macro_rules! panic_handler {
     () => {};

@@ -121,6 +121,7 @@ impl PortConnection {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     #[cfg(wfp_sim)]
+    #[cfg_attr(docsrs, doc(cfg(any(not(windows), feature = "sim"))))]
     pub fn connect_at(
         socket: &std::path::Path,
         name: &str,
@@ -209,6 +210,7 @@ impl Device {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     #[cfg(wfp_sim)]
+    #[cfg_attr(docsrs, doc(cfg(any(not(windows), feature = "sim"))))]
     pub fn open_at(socket: &std::path::Path, path: &str) -> io::Result<Device> {
         Ok(Device {
             inner: Arc::new(imp::Device::open_at(socket, path)?),

@@ -9,6 +9,12 @@
 //! `cargo xtask stack <package>` builds the image the same way and checks its worst-case stack
 //! depth with `wfp-rs-stack` (frame sizes from the x64 unwind data, the call graph from the
 //! code); it exits with status 1 when a path exceeds the budget.
+//!
+//! `cargo xtask publishable` prints the workspace packages that may be published (those without
+//! `publish = false`), one per line, for `.ci/run`'s packaging step: a new crate is packaged and
+//! checked as soon as it joins the workspace. `cargo xtask docs-rs` prints, for each of them,
+//! the documentation builds docs.rs would run (target and features from the package's
+//! `[package.metadata.docs.rs]`), which `.ci/run` then runs.
 
 use std::collections::BTreeMap;
 use std::env;
@@ -36,6 +42,8 @@ cargo xtask: repository tasks for wfp-rs
 USAGE:
     cargo xtask driver <package> [--debug]
     cargo xtask stack <package> [--debug] [--budget <bytes>]
+    cargo xtask publishable
+    cargo xtask docs-rs
     cargo xtask --help
 
 COMMANDS:
@@ -51,6 +59,14 @@ COMMANDS:
                         x64 unwind data and call graph, print the report, and fail when a
                         bounded path exceeds the budget. Recursion and indirect calls are
                         listed as unbounded sites. See docs/building-drivers.md.
+    publishable         Print the workspace packages that may be published (every one
+                        without `publish = false`), one per line, in workspace order.
+    docs-rs             Print the documentation builds docs.rs runs for each publishable
+                        package, one per line: `<package> <target> [<feature flags>...]`,
+                        from its [package.metadata.docs.rs] (default-target, targets,
+                        features, all-features, no-default-features). Only the targets
+                        x86_64-unknown-linux-gnu and x86_64-pc-windows-msvc are printed;
+                        others a package asks for are named on stderr.
 
 OPTIONS:
     --debug             Build with the dev profile instead of release
@@ -170,8 +186,37 @@ fn run(args: &[String]) -> Result<(), Error> {
                 )))
             }
         }
+        Some("publishable") => {
+            let workspace = workspace_root();
+            for package in Metadata::read(&workspace)?.publishable {
+                println!("{}", package.name);
+            }
+            Ok(())
+        }
+        Some("docs-rs") => {
+            let workspace = workspace_root();
+            for package in Metadata::read(&workspace)?.publishable {
+                for target in package.docs_rs.targets() {
+                    if !DOCS_RS_TARGETS_CHECKED.contains(&target) {
+                        eprintln!(
+                            "note: docs.rs also documents {} for {target}; not checked here",
+                            package.name
+                        );
+                        continue;
+                    }
+                    let mut line = format!("{} {target}", package.name);
+                    for flag in package.docs_rs.feature_flags() {
+                        line.push(' ');
+                        line.push_str(&flag);
+                    }
+                    println!("{line}");
+                }
+            }
+            Ok(())
+        }
         Some(other) => Err(Error::Usage(format!(
-            "unknown command `{other}` (the commands are `driver` and `stack`)"
+            "unknown command `{other}` (the commands are `driver`, `stack`, `publishable` and \
+             `docs-rs`)"
         ))),
     }
 }
@@ -439,6 +484,105 @@ struct Metadata {
     target_directory: PathBuf,
     /// Workspace package name → its library target's name and crate types.
     libraries: BTreeMap<String, Option<(String, Vec<String>)>>,
+    /// The packages that may be published, in workspace order. `publish = false` is `[]` in
+    /// the metadata; `null` (any registry) or a list of registries is publishable.
+    publishable: Vec<Publishable>,
+}
+
+/// The targets `cargo xtask docs-rs` prints: the two the workspace is built for.
+const DOCS_RS_TARGETS_CHECKED: [&str; 2] = ["x86_64-unknown-linux-gnu", "x86_64-pc-windows-msvc"];
+
+/// The targets docs.rs documents when a package names none (<https://docs.rs/about/metadata>).
+const DOCS_RS_DEFAULT_TARGETS: [&str; 5] = [
+    "x86_64-unknown-linux-gnu",
+    "aarch64-apple-darwin",
+    "x86_64-pc-windows-msvc",
+    "aarch64-unknown-linux-gnu",
+    "i686-pc-windows-msvc",
+];
+
+/// A package that may be published.
+#[derive(Debug, PartialEq, Eq)]
+struct Publishable {
+    name: String,
+    docs_rs: DocsRs,
+}
+
+/// A package's `[package.metadata.docs.rs]`, the parts that choose what is documented.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct DocsRs {
+    default_target: Option<String>,
+    targets: Option<Vec<String>>,
+    features: Vec<String>,
+    all_features: bool,
+    no_default_features: bool,
+}
+
+impl DocsRs {
+    fn from_metadata(package: &Value) -> Self {
+        // `[package.metadata.docs.rs]` is the table `rs` inside the table `docs`.
+        let Some(table) = package.pointer("/metadata/docs/rs") else {
+            return Self::default();
+        };
+        let strings = |key: &str| {
+            table.get(key).and_then(Value::as_array).map(|items| {
+                items
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+        };
+        let flag = |key: &str| table.get(key).and_then(Value::as_bool).unwrap_or(false);
+        Self {
+            default_target: table
+                .get("default-target")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            targets: strings("targets"),
+            features: strings("features").unwrap_or_default(),
+            all_features: flag("all-features"),
+            no_default_features: flag("no-default-features"),
+        }
+    }
+
+    /// The targets docs.rs documents, its landing page's first: `default-target` and then
+    /// `targets`; without `default-target`, `targets` (its first is the landing page); without
+    /// either, docs.rs's own list.
+    fn targets(&self) -> Vec<&str> {
+        let mut targets: Vec<&str> = Vec::new();
+        if let Some(default) = &self.default_target {
+            targets.push(default);
+        }
+        match &self.targets {
+            Some(listed) => targets.extend(listed.iter().map(String::as_str)),
+            None if self.default_target.is_none() => targets.extend(DOCS_RS_DEFAULT_TARGETS),
+            None => {}
+        }
+        let mut seen = Vec::new();
+        targets.retain(|target| {
+            let new = !seen.contains(target);
+            seen.push(*target);
+            new
+        });
+        targets
+    }
+
+    /// The `cargo doc` flags that select the features docs.rs documents.
+    fn feature_flags(&self) -> Vec<String> {
+        let mut flags = Vec::new();
+        if self.all_features {
+            flags.push("--all-features".to_owned());
+        }
+        if self.no_default_features {
+            flags.push("--no-default-features".to_owned());
+        }
+        if !self.features.is_empty() {
+            flags.push("--features".to_owned());
+            flags.push(self.features.join(","));
+        }
+        flags
+    }
 }
 
 impl Metadata {
@@ -467,6 +611,7 @@ impl Metadata {
             .and_then(Value::as_str)
             .ok_or("no `target_directory`")?;
         let mut libraries = BTreeMap::new();
+        let mut publishable = Vec::new();
         for package in root
             .get("packages")
             .and_then(Value::as_array)
@@ -499,10 +644,21 @@ impl Metadata {
                 Some((target.get("name")?.as_str()?.to_owned(), crate_types))
             });
             libraries.insert(name.to_owned(), library);
+            let unpublishable = package
+                .get("publish")
+                .and_then(Value::as_array)
+                .is_some_and(Vec::is_empty);
+            if !unpublishable {
+                publishable.push(Publishable {
+                    name: name.to_owned(),
+                    docs_rs: DocsRs::from_metadata(package),
+                });
+            }
         }
         Ok(Self {
             target_directory: PathBuf::from(target_directory),
             libraries,
+            publishable,
         })
     }
 
@@ -597,11 +753,15 @@ mod tests {
     #[test]
     fn metadata() {
         let text = r#"{"packages":[
-            {"name":"minimal-driver","targets":[
+            {"name":"minimal-driver","publish":[],"targets":[
                 {"name":"minimal_driver","kind":["cdylib","rlib"],"crate_types":["cdylib","rlib"]},
                 {"name":"build-script-build","kind":["custom-build"],"crate_types":["bin"]}]},
-            {"name":"wfp-rs","targets":[{"name":"wfp_rs","kind":["lib"],"crate_types":["lib"]}]},
-            {"name":"xtask","targets":[{"name":"xtask","kind":["bin"],"crate_types":["bin"]}]}],
+            {"name":"wfp-rs","publish":null,"targets":[{"name":"wfp_rs","kind":["lib"],"crate_types":["lib"]}],
+             "metadata":{"docs":{"rs":{"default-target":"x86_64-pc-windows-msvc",
+                "targets":["x86_64-pc-windows-msvc","x86_64-unknown-linux-gnu"],"features":["user","x"],
+                "no-default-features":true}}}},
+            {"name":"in-house","publish":["internal"],"targets":[]},
+            {"name":"xtask","publish":[],"targets":[{"name":"xtask","kind":["bin"],"crate_types":["bin"]}]}],
             "target_directory":"C:\\work\\target"}"#;
         let metadata = Metadata::from_json(text).unwrap();
         assert_eq!(metadata.target_directory, PathBuf::from(r"C:\work\target"));
@@ -620,6 +780,43 @@ mod tests {
         let Err(Error::Usage(msg)) = metadata.cdylib_name("nope") else {
             panic!("an unknown package must be a usage error");
         };
-        assert!(msg.contains("minimal-driver, wfp-rs, xtask"), "{msg}");
+        assert!(
+            msg.contains("in-house, minimal-driver, wfp-rs, xtask"),
+            "{msg}"
+        );
+        let names: Vec<&str> = metadata
+            .publishable
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(names, ["wfp-rs", "in-house"]);
+        let wfp_rs = &metadata.publishable[0].docs_rs;
+        assert_eq!(
+            wfp_rs.targets(),
+            ["x86_64-pc-windows-msvc", "x86_64-unknown-linux-gnu"]
+        );
+        assert_eq!(
+            wfp_rs.feature_flags(),
+            ["--no-default-features", "--features", "user,x"]
+        );
+        let in_house = &metadata.publishable[1].docs_rs;
+        assert_eq!(in_house.targets(), DOCS_RS_DEFAULT_TARGETS);
+        assert!(in_house.feature_flags().is_empty());
+    }
+
+    #[test]
+    fn docs_rs_targets() {
+        let only_default = DocsRs {
+            default_target: Some("x86_64-pc-windows-msvc".into()),
+            ..DocsRs::default()
+        };
+        assert_eq!(only_default.targets(), ["x86_64-pc-windows-msvc"]);
+        let listed = DocsRs {
+            targets: Some(vec!["x86_64-unknown-linux-gnu".into()]),
+            all_features: true,
+            ..DocsRs::default()
+        };
+        assert_eq!(listed.targets(), ["x86_64-unknown-linux-gnu"]);
+        assert_eq!(listed.feature_flags(), ["--all-features"]);
     }
 }

@@ -1,0 +1,95 @@
+//! The quick start on the crate page of `wfp_rs` (wfp-rs/src/lib.rs): its driver and its simulator
+//! test, run. The crate page cannot run the test itself (a doctest is not a test binary), so the
+//! two copies are kept the same by hand.
+
+#![cfg(any(not(windows), feature = "sim"))]
+
+mod my_driver {
+
+    use wfp_rs::callout::{Callout, CalloutKey, CalloutRegistration, Classify};
+    use wfp_rs::driver::{Driver, DriverState};
+    use wfp_rs::engine::{Engine, SessionOptions};
+    use wfp_rs::filter::{Filter, FilterAction, Match};
+    use wfp_rs::irql::{DispatchLevel, PassiveLevel};
+    use wfp_rs::layer::{AleAuthConnectV4, fields, value::IpProtocol};
+    use wfp_rs::{Status, guid};
+
+    // The kernel image allocates from the pool (the management API allocates too).
+    #[cfg(all(windows, not(feature = "sim")))]
+    #[global_allocator]
+    static ALLOCATOR: wfp_rs::pool::PoolAllocator =
+        wfp_rs::pool::PoolAllocator::new(wfp_rs::pool::PoolTag::new(b"MyDr"));
+
+    // Your own keys (`uuidgen`): they name your objects in the filter engine of every machine.
+    pub const CALLOUT: CalloutKey<AleAuthConnectV4> =
+        CalloutKey::new(guid!("7d1c5e0a-9f0b-4e8a-a1f2-3b6c8d9e0f11"));
+    pub const FILTER: wfp_rs::Guid = guid!("2a4f6b8c-0d1e-4f3a-b5c7-d9e1f3a5b7c9");
+
+    pub struct BlockPort1234;
+
+    impl Callout<AleAuthConnectV4> for BlockPort1234 {
+        fn classify(&self, _irql: &mut DispatchLevel<'_>, c: &mut Classify<'_, AleAuthConnectV4>) {
+            if c.values.get::<fields::IpRemotePort>() == Ok(1234) {
+                c.out.block();
+            } else {
+                // Without the write right a heavier filter has decided; permit changes nothing.
+                let _ = c.out.permit();
+            }
+        }
+    }
+
+    pub struct MyDriver {
+        engine: Engine,
+        callout: CalloutRegistration<AleAuthConnectV4, BlockPort1234>,
+    }
+
+    impl DriverState for MyDriver {
+        fn unload(self, irql: &mut PassiveLevel<'_>) {
+            // The filter goes first: a terminating filter without its callout blocks everything.
+            let _ = self.engine.close(irql);
+            let _ = self.callout.unregister(irql);
+        }
+    }
+
+    #[wfp_rs::driver_entry]
+    fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<MyDriver, Status> {
+        let callout = CalloutRegistration::register(irql, driver, CALLOUT, BlockPort1234)?;
+        let engine = Engine::open(irql, SessionOptions::new().dynamic())?;
+        engine.add_callout(irql, &wfp_rs::engine::CalloutEntry::new(CALLOUT))?;
+        engine.add_filter(
+            irql,
+            &Filter::<AleAuthConnectV4>::new(FILTER)
+                .action(FilterAction::CalloutTerminating(CALLOUT))
+                .condition::<fields::IpProtocol>(Match::Equal(IpProtocol::Tcp)),
+        )?;
+        Ok(MyDriver { engine, callout })
+    }
+}
+use wfp_rs::classify::Action;
+use wfp_rs::irql::Irql;
+use wfp_rs::layer::{AleAuthConnectV4, fields, value::IpProtocol};
+use wfp_rs::sim::{ClassifyRequest, Machine};
+
+#[test]
+fn blocks_port_1234() {
+    let machine = Machine::new();
+    let driver = machine
+        .load_driver("my-driver", my_driver::DriverEntry)
+        .expect("loads");
+    let connect = |port: u16| {
+        ClassifyRequest::<AleAuthConnectV4>::new()
+            .with::<fields::IpProtocol>(IpProtocol::Tcp)
+            .with::<fields::IpRemotePort>(port)
+    };
+    assert_eq!(
+        machine.classify(Irql::DISPATCH, &connect(1234)).action,
+        Action::Block
+    );
+    assert_eq!(
+        machine.classify(Irql::DISPATCH, &connect(443)).action,
+        Action::Permit
+    );
+    machine
+        .unload_driver(driver)
+        .expect("unloads without leaks");
+}
