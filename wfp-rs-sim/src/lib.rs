@@ -1853,3 +1853,8 @@ impl Machine {
         crate::kernel::irp::pending_irps(&self.kernel, 0)
     }
 }
+
+/// The README's code, compiled as doctests so the crates.io page cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -61,7 +61,6 @@ pub unsafe fn dispatch_level<'t>() -> DispatchLevel<'t> {
     unsafe { DispatchLevel::new_unchecked() }
 }
 
-/// The wire protocol of the user-mode bridge (server in `wfp-rs-sim`, client in
-/// `crate::user`).
+// The wire protocol of the user-mode bridge (server in `wfp-rs-sim`, client in `crate::user`).
 #[cfg(unix)]
 pub mod bridge;

@@ -5,8 +5,8 @@
 //! here is non-paged, so it may be touched at `DISPATCH_LEVEL`.
 //!
 //! A driver that wants `alloc` collections can install [`PoolAllocator`] as its global
-//! allocator (Windows builds only). With the simulator backend wfp-rs is the program's global
-//! allocator, and gives driver code the same rules (see [`PoolAllocator`]).
+//! allocator (Windows builds only). With the simulator backend the simulator (`wfp-rs-sim`) is
+//! the program's global allocator, and gives driver code the same rules (see [`PoolAllocator`]).
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::fmt;
@@ -513,8 +513,8 @@ impl<T: fmt::Debug> fmt::Debug for PoolArc<T> {
 /// `POOL_FLAG_NON_PAGED` (zeroed), so allocating and freeing is allowed at IRQL <=
 /// `DISPATCH_LEVEL`; `realloc` is `GlobalAlloc`'s default (allocate, copy, free).
 ///
-/// In the simulator a driver does not install it: wfp-rs is the global allocator of every
-/// program built with the simulator backend, and gives driver code these same rules — pool
+/// In the simulator a driver does not install it: the simulator (`wfp-rs-sim`) is the global
+/// allocator of every program that links it, and gives driver code these same rules — pool
 /// charged to the driver (a block still allocated at unload stops the machine with Driver
 /// Verifier's pool-leak code), failures injected by `Machine::fail_allocations`, the 16-byte
 /// alignment limit, the IRQL rule, and the bug check of an unhandled failure — while the test

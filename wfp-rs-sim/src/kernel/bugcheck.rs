@@ -190,11 +190,13 @@ pub(crate) fn describe_routine(routine: Routine) -> String {
     }
 }
 
-/// Prefixes of functions that are not the driver's own code: the SDK (and the simulator in it),
-/// the standard library, the test harness and the C runtime.
+/// Prefixes of functions that are not the driver's own code: the SDK, the simulator, the standard
+/// library, the test harness and the C runtime.
 const NOT_DRIVER: &[&str] = &[
     "wfp_rs::",
     "<wfp_rs::",
+    "wfp_rs_sim::",
+    "<wfp_rs_sim::",
     "std::",
     "<std::",
     "core::",

@@ -82,8 +82,15 @@ macro_rules! kernel_functions {
 
         $($(
             $(#[$meta])*
+            ///
+            #[doc = concat!("Calls the simulator's `", stringify!($name), "`.")]
+            ///
+            /// # Safety
+            ///
+            #[doc = concat!("The contract the WDK documents for `", stringify!($name), "`.")]
             #[cfg(wfp_sim)]
             #[inline]
+            #[allow(clippy::too_many_arguments, reason = "the kernel's argument list")]
             pub unsafe fn $name($($arg: $ty),*) $(-> $ret)? {
                 // SAFETY: the simulator's function has this signature (the table's field type)
                 // and the contract the caller upholds for the kernel's.
