@@ -83,7 +83,8 @@ macro_rules! kernel_functions {
         $($(
             $(#[$meta])*
             ///
-            #[doc = concat!("Calls the simulator's `", stringify!($name), "`.")]
+            #[doc = concat!("The kernel's `", stringify!($name), "`; in a host build, the simulated \
+                kernel's (the `wfp-rs-sim` crate), through the table it installs.")]
             ///
             /// # Safety
             ///
