@@ -7,6 +7,9 @@
 //! Driver Verifier's deadlock detection for spin locks (`deadlock.rs`) and the DPC watchdog for
 //! a thread that stays at `DISPATCH_LEVEL` too long (`watchdog.rs`).
 //!
+//! [`FUNCTIONS`] is the table of them that `wfp_rs::sys` calls through once a machine has
+//! installed it (`wfp_rs::sys` declares each signature, the table's field types check ours).
+//!
 //! State lives in a [`Kernel`] per simulated machine; a thread belongs to at most one machine at
 //! a time and carries its own IRQL, like a processor.
 
