@@ -650,7 +650,7 @@ fn device_object_matches_windows_sys_and_the_header_alignment() {
 #[test]
 fn simulated_device_objects_are_16_byte_aligned() {
     use core::ptr::{null, null_mut};
-    let machine = wfp_rs::sim::Machine::new();
+    let machine = wfp_rs_sim::Machine::new();
     let driver = machine
         .load_driver("minimal", minimal_driver::DriverEntry)
         .unwrap();

@@ -14,15 +14,15 @@ use core::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use wfp_rs::bugcheck_test;
 use wfp_rs::callout::{Callout, CalloutKey, CalloutRegistration, Classify, FilterEvent};
 use wfp_rs::classify::{Action, RightsError};
 use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::irql::{DispatchLevel, Irql, PassiveLevel};
 use wfp_rs::layer::value::{ConditionFlags, IpProtocol};
 use wfp_rs::layer::{self, Layer, fields};
-use wfp_rs::sim::{ClassifyRequest, LoadedDriver, Machine};
 use wfp_rs::{Guid, Status, guid, sys};
+use wfp_rs_sim::bugcheck_test;
+use wfp_rs_sim::{ClassifyRequest, LoadedDriver, Machine};
 
 /// The driver the tests register their callouts in.
 mod host {
@@ -471,7 +471,7 @@ fn two_sublayers(
     high_action: u32,
     high_flags: u32,
     low_script: Script,
-) -> (wfp_rs::sim::Decision, Vec<Seen>) {
+) -> (wfp_rs_sim::Decision, Vec<Seen>) {
     let machine = Machine::new();
     let driver = machine.load_driver("host", host::DriverEntry).unwrap();
     let registration = register::<layer::AleAuthConnectV4>(
@@ -850,8 +850,8 @@ mod spins_until_unload {
 /// returns: the machine stops with 0xCE (wait kind 3, the callout's id) instead of hanging.
 #[test]
 fn unregistering_at_unload_while_classify_never_returns_stops_instead_of_hanging() {
-    let outcome = wfp_rs::sim::run_isolated(
-        &wfp_rs::sim::__test_name(
+    let outcome = wfp_rs_sim::run_isolated(
+        &wfp_rs_sim::__test_name(
             module_path!(),
             "unregistering_at_unload_while_classify_never_returns_stops_instead_of_hanging",
         ),
@@ -938,8 +938,8 @@ mod relocks {
 
 #[test]
 fn relocking_in_classify_stops_and_the_report_names_the_callout_and_the_line() {
-    let outcome = wfp_rs::sim::run_isolated(
-        &wfp_rs::sim::__test_name(
+    let outcome = wfp_rs_sim::run_isolated(
+        &wfp_rs_sim::__test_name(
             module_path!(),
             "relocking_in_classify_stops_and_the_report_names_the_callout_and_the_line",
         ),
@@ -1049,8 +1049,8 @@ mod waits_for_its_work_item {
 /// ends and the DPC watchdog stops the machine, naming the callout.
 #[test]
 fn classify_spinning_for_its_work_item_under_a_spin_lock_trips_the_dpc_watchdog() {
-    let outcome = wfp_rs::sim::run_isolated(
-        &wfp_rs::sim::__test_name(
+    let outcome = wfp_rs_sim::run_isolated(
+        &wfp_rs_sim::__test_name(
             module_path!(),
             "classify_spinning_for_its_work_item_under_a_spin_lock_trips_the_dpc_watchdog",
         ),
@@ -1232,8 +1232,8 @@ fn a_write_waits_for_another_sessions_transaction() {
 
 // --- whole connections ---------------------------------------------------------------------------
 
-fn outbound(port: u16) -> wfp_rs::sim::Connection {
-    wfp_rs::sim::Connection {
+fn outbound(port: u16) -> wfp_rs_sim::Connection {
+    wfp_rs_sim::Connection {
         pid: 77,
         app: "\\device\\harddiskvolume3\\apps\\browser.exe".into(),
         protocol: IpProtocol::Tcp,
@@ -1245,7 +1245,7 @@ fn outbound(port: u16) -> wfp_rs::sim::Connection {
 
 #[test]
 fn an_outbound_connection_runs_the_layers_in_order_and_stops_at_a_block() {
-    use wfp_rs::sim::AleIrql;
+    use wfp_rs_sim::AleIrql;
     let machine = Machine::new();
     let driver = machine.load_driver("host", host::DriverEntry).unwrap();
     let connect = register::<layer::AleAuthConnectV4>(
@@ -1326,7 +1326,7 @@ fn an_outbound_connection_runs_the_layers_in_order_and_stops_at_a_block() {
 
 #[test]
 fn an_inbound_v6_connection_runs_transport_then_recv_accept() {
-    use wfp_rs::sim::AleIrql;
+    use wfp_rs_sim::AleIrql;
     let machine = Machine::new();
     let mut connection = outbound(22);
     connection.direction = wfp_rs::metadata::Direction::Inbound;
@@ -1383,7 +1383,7 @@ where
 #[test]
 fn every_layer_delivers_the_connections_typed_values() {
     use wfp_rs::metadata::Direction;
-    use wfp_rs::sim::{AleIrql, Connection};
+    use wfp_rs_sim::{AleIrql, Connection};
     let machine = Machine::new();
     let driver = machine.load_driver("host", host::DriverEntry).unwrap();
     let session = std::cell::RefCell::new(None);

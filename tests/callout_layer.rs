@@ -15,8 +15,8 @@ use wfp_rs::engine::{CalloutEntry, Engine, SessionOptions, Sublayer};
 use wfp_rs::filter::{Filter, FilterAction, FilterFlags};
 use wfp_rs::irql::{DispatchLevel, Irql, PassiveLevel};
 use wfp_rs::layer::{AleAuthConnectV4, Layer, OutboundTransportV4};
-use wfp_rs::sim::{ClassifyRequest, LoadedDriver, Machine};
 use wfp_rs::{Guid, Status, guid, sys};
+use wfp_rs_sim::{ClassifyRequest, LoadedDriver, Machine};
 
 mod host {
     use super::*;

@@ -14,8 +14,8 @@ use wfp_rs::control::{CommandHandler, ControlDevice, MAX_INPUT};
 use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::inverted::{ControlCode, InvertedQueue, RequiredAccess};
 use wfp_rs::irql::PassiveLevel;
-use wfp_rs::sim::{Caller, LoadedDriver, Machine, UnloadError};
 use wfp_rs::{Status, sys};
+use wfp_rs_sim::{Caller, LoadedDriver, Machine, UnloadError};
 
 /// Copies the input to the output.
 const ECHO: ControlCode = ControlCode::buffered(0x8000, 0x900, RequiredAccess::Any);
@@ -52,7 +52,7 @@ impl Probe {
 
     fn record(&self, event: &'static str) {
         // Called from the driver's handlers: the test's log is not the driver's memory.
-        wfp_rs::sim::as_harness(|| self.log.lock().unwrap().push(event));
+        wfp_rs_sim::as_harness(|| self.log.lock().unwrap().push(event));
     }
 
     fn calls(&self) -> usize {
@@ -108,7 +108,7 @@ impl CommandHandler for Commands {
             OVERREPORT => Ok(output.len() + 1),
             BLOCK => {
                 // The test's channels allocate as the test's, not as the driver's.
-                wfp_rs::sim::as_harness(|| {
+                wfp_rs_sim::as_harness(|| {
                     self.0.entered.lock().unwrap().send(()).unwrap();
                     self.0.release.lock().unwrap().recv().unwrap();
                 });

@@ -19,13 +19,13 @@ use std::sync::{Arc, mpsc};
 
 use wfp_rs::Status;
 use wfp_rs::bugcheck::{BugCheckCode, unload_wait, verifier};
-use wfp_rs::bugcheck_test;
 use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::event::{Event, EventKind};
 use wfp_rs::irql::PassiveLevel;
-use wfp_rs::sim::{Machine, run_isolated};
 use wfp_rs::spin_lock::SpinLock;
 use wfp_rs::sys;
+use wfp_rs_sim::bugcheck_test;
+use wfp_rs_sim::{Machine, run_isolated};
 
 /// A short unload wait limit: the hangs below are real, this only shortens them.
 const SHORT: Duration = Duration::from_millis(300);
@@ -38,7 +38,7 @@ const SHORT: Duration = Duration::from_millis(300);
 #[test]
 fn a_lock_order_inversion_across_processors_stops_even_without_a_hang() {
     let outcome = run_isolated(
-        &wfp_rs::sim::__test_name(
+        &wfp_rs_sim::__test_name(
             module_path!(),
             "a_lock_order_inversion_across_processors_stops_even_without_a_hang",
         ),
@@ -327,7 +327,7 @@ bugcheck_test! {
 #[test]
 fn releasing_a_spin_lock_another_processor_holds_stops() {
     let outcome = run_isolated(
-        &wfp_rs::sim::__test_name(
+        &wfp_rs_sim::__test_name(
             module_path!(),
             "releasing_a_spin_lock_another_processor_holds_stops",
         ),
@@ -376,7 +376,7 @@ fn releasing_a_spin_lock_another_processor_holds_stops() {
 #[test]
 fn a_work_queue_handle_kept_past_unload_stops_instead_of_hanging() {
     let outcome = run_isolated(
-        &wfp_rs::sim::__test_name(
+        &wfp_rs_sim::__test_name(
             module_path!(),
             "a_work_queue_handle_kept_past_unload_stops_instead_of_hanging",
         ),
@@ -436,7 +436,7 @@ mod waits_for_unload {
 #[test]
 fn a_work_item_waiting_for_unload_stops_instead_of_hanging() {
     let outcome = run_isolated(
-        &wfp_rs::sim::__test_name(
+        &wfp_rs_sim::__test_name(
             module_path!(),
             "a_work_item_waiting_for_unload_stops_instead_of_hanging",
         ),
@@ -527,7 +527,7 @@ mod raw_blocked {
 #[test]
 fn a_work_item_routine_that_never_returns_stops_the_unload() {
     let outcome = run_isolated(
-        &wfp_rs::sim::__test_name(
+        &wfp_rs_sim::__test_name(
             module_path!(),
             "a_work_item_routine_that_never_returns_stops_the_unload",
         ),
@@ -636,7 +636,7 @@ mod waits_for_a_transaction {
 #[test]
 fn an_unload_waiting_for_another_sessions_transaction_stops_instead_of_hanging() {
     let outcome = run_isolated(
-        &wfp_rs::sim::__test_name(
+        &wfp_rs_sim::__test_name(
             module_path!(),
             "an_unload_waiting_for_another_sessions_transaction_stops_instead_of_hanging",
         ),
@@ -792,7 +792,7 @@ mod raw_sender {
 #[test]
 fn an_unload_sending_with_no_timeout_to_a_silent_client_stops_instead_of_hanging() {
     let outcome = run_isolated(
-        &wfp_rs::sim::__test_name(
+        &wfp_rs_sim::__test_name(
             module_path!(),
             "an_unload_sending_with_no_timeout_to_a_silent_client_stops_instead_of_hanging",
         ),
@@ -841,7 +841,7 @@ const WATCHDOG_TICKS: usize = 13;
 #[test]
 fn spinning_under_a_spin_lock_for_ever_trips_the_dpc_watchdog() {
     let outcome = run_isolated(
-        &wfp_rs::sim::__test_name(
+        &wfp_rs_sim::__test_name(
             module_path!(),
             "spinning_under_a_spin_lock_for_ever_trips_the_dpc_watchdog",
         ),
@@ -892,7 +892,7 @@ fn spinning_under_a_spin_lock_for_ever_trips_the_dpc_watchdog() {
 #[test]
 fn a_spin_at_dispatch_that_calls_the_kernel_stops_on_its_own_thread() {
     let outcome = run_isolated(
-        &wfp_rs::sim::__test_name(
+        &wfp_rs_sim::__test_name(
             module_path!(),
             "a_spin_at_dispatch_that_calls_the_kernel_stops_on_its_own_thread",
         ),
@@ -983,7 +983,7 @@ fn short_stays_at_dispatch_that_add_up_past_the_limit_do_not_trip_the_watchdog()
 #[test]
 fn a_processor_spinning_for_a_lock_another_spins_under_trips_the_watchdog_for_the_holder() {
     let outcome = run_isolated(
-        &wfp_rs::sim::__test_name(
+        &wfp_rs_sim::__test_name(
             module_path!(),
             "a_processor_spinning_for_a_lock_another_spins_under_trips_the_watchdog_for_the_holder",
         ),
@@ -1046,7 +1046,7 @@ fn a_processor_spinning_for_a_lock_another_spins_under_trips_the_watchdog_for_th
 #[test]
 fn a_work_item_spinning_under_a_spin_lock_trips_the_dpc_watchdog() {
     let outcome = run_isolated(
-        &wfp_rs::sim::__test_name(
+        &wfp_rs_sim::__test_name(
             module_path!(),
             "a_work_item_spinning_under_a_spin_lock_trips_the_dpc_watchdog",
         ),

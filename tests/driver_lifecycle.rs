@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use wfp_rs::Status;
 use wfp_rs::bugcheck::verifier;
-use wfp_rs::bugcheck_test;
 use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::irql::{Irql, PassiveLevel};
 use wfp_rs::pool::{PoolBox, PoolTag};
-use wfp_rs::sim::{Machine, UnloadError};
+use wfp_rs_sim::bugcheck_test;
+use wfp_rs_sim::{Machine, UnloadError};
 
 #[test]
 fn minimal_driver_runs_its_work_items_and_unloads_clean() {
@@ -282,7 +282,7 @@ fn wait_for_work_items_waits_for_a_routine_that_freed_its_item() {
         queue
             .queue(irql, move |_passive| {
                 // The test's channels: harness code, not the driver's memory.
-                wfp_rs::sim::as_harness(|| {
+                wfp_rs_sim::as_harness(|| {
                     started_tx.send(()).expect("the test waits for the start");
                     // Released by the test; an error means the test already failed and went away.
                     let _ = release_rx.recv();
@@ -358,12 +358,12 @@ mod stops_early {
     impl DriverState for State {
         fn stopping(&self, irql: &mut PassiveLevel<'_>) {
             // The test's log, not the driver's memory.
-            wfp_rs::sim::as_harness(|| LOG.lock().unwrap().push("stopping"));
+            wfp_rs_sim::as_harness(|| LOG.lock().unwrap().push("stopping"));
             self.release.set(irql);
         }
 
         fn unload(self, _irql: &mut PassiveLevel<'_>) {
-            wfp_rs::sim::as_harness(|| LOG.lock().unwrap().push("unload"));
+            wfp_rs_sim::as_harness(|| LOG.lock().unwrap().push("unload"));
         }
     }
 
@@ -382,7 +382,7 @@ mod stops_early {
                 } else {
                     "work item timed out"
                 };
-                wfp_rs::sim::as_harness(|| LOG.lock().unwrap().push(event));
+                wfp_rs_sim::as_harness(|| LOG.lock().unwrap().push(event));
             })
             .map_err(|_| Status::INSUFFICIENT_RESOURCES)?;
         Ok(State { release })

@@ -13,8 +13,8 @@ use wfp_rs::filter::{AppPath, Filter, FilterAction, FilterId, Match, Weight};
 use wfp_rs::irql::{Irql, PassiveLevel};
 use wfp_rs::layer::value::{ConditionFlags, IpProtocol};
 use wfp_rs::layer::{AleAuthConnectV4, AleAuthConnectV6, fields};
-use wfp_rs::sim::{ClassifyRequest, Machine};
 use wfp_rs::{Guid, Status, guid};
+use wfp_rs_sim::{ClassifyRequest, Machine};
 
 const PROVIDER: Guid = guid!("3c1f7a52-9e0b-4d6a-b8e4-5f2a1c0d9e01");
 const SUBLAYER: Guid = guid!("3c1f7a52-9e0b-4d6a-b8e4-5f2a1c0d9e02");

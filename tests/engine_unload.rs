@@ -16,9 +16,9 @@ use wfp_rs::engine::{CalloutEntry, Engine, SessionOptions};
 use wfp_rs::filter::{Filter, FilterAction};
 use wfp_rs::irql::{DispatchLevel, Irql, PassiveLevel};
 use wfp_rs::layer::AleAuthConnectV4;
-use wfp_rs::sim::{ClassifyRequest, Machine, run_isolated};
 use wfp_rs::spin_lock::SpinLock;
 use wfp_rs::{Guid, Status, guid};
+use wfp_rs_sim::{ClassifyRequest, Machine, run_isolated};
 
 const CALLOUT: CalloutKey<AleAuthConnectV4> =
     CalloutKey::new(guid!("7a000000-0000-0000-0000-000000000001"));

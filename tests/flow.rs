@@ -14,8 +14,8 @@ use wfp_rs::filter::{Filter, FilterAction};
 use wfp_rs::irql::{DispatchLevel, PassiveLevel};
 use wfp_rs::layer::{self, Layer, value::IpProtocol};
 use wfp_rs::metadata::Direction;
-use wfp_rs::sim::{AleIrql, Connection, Machine};
 use wfp_rs::{Guid, Status, guid};
+use wfp_rs_sim::{AleIrql, Connection, Machine};
 use wfp_rs_tests::install::install;
 
 mod host {
@@ -68,7 +68,7 @@ impl Callout<layer::OutboundTransportV4, PacketCount> for Counter {
 
     fn flow_deleted(&self, _irql: &mut DispatchLevel<'_>, layer_id: u16, context: PacketCount) {
         let entry = (layer_id, context.0.load(Ordering::SeqCst));
-        wfp_rs::sim::as_harness(|| self.deleted.lock().unwrap().push(entry));
+        wfp_rs_sim::as_harness(|| self.deleted.lock().unwrap().push(entry));
     }
 }
 
@@ -85,7 +85,7 @@ fn connection(local_port: u16) -> Connection {
 
 fn setup(
     machine: &Machine,
-    driver: &wfp_rs::sim::LoadedDriver,
+    driver: &wfp_rs_sim::LoadedDriver,
 ) -> (
     CalloutRegistration<layer::OutboundTransportV4, Counter, PacketCount>,
     Engine,
@@ -95,7 +95,7 @@ fn setup(
             let key = CalloutKey::<layer::OutboundTransportV4>::new(CALLOUT);
             let registration =
                 // The counter's log is the test's: allocated as harness code.
-                CalloutRegistration::register(irql, d, key, wfp_rs::sim::as_harness(Counter::default))
+                CalloutRegistration::register(irql, d, key, wfp_rs_sim::as_harness(Counter::default))
                     .unwrap();
             let engine = Engine::open(irql, SessionOptions::new().dynamic()).unwrap();
             engine
@@ -277,7 +277,7 @@ mod scripted {
         /// Logs `line` for the test: the log's copy is the harness's memory, so it does not
         /// count as the driver's pool at unload (`line` itself is freed here, by driver code).
         fn note(&self, line: String) {
-            wfp_rs::sim::as_harness(|| self.log.lock().unwrap().push(line.clone()));
+            wfp_rs_sim::as_harness(|| self.log.lock().unwrap().push(line.clone()));
         }
     }
 
@@ -345,7 +345,7 @@ mod scripted {
                     let inside = self.inside.lock().unwrap().take().unwrap();
                     let go = self.go.lock().unwrap().take().unwrap();
                     // The channels are the test's: their lazily allocated blocks too.
-                    wfp_rs::sim::as_harness(|| {
+                    wfp_rs_sim::as_harness(|| {
                         inside.send(()).unwrap();
                         go.recv().unwrap();
                     });
@@ -366,13 +366,13 @@ mod scripted {
 use scripted::{Scripted, Step};
 use std::sync::Arc;
 use wfp_rs::irql::Irql;
-use wfp_rs::sim::ClassifyRequest;
+use wfp_rs_sim::ClassifyRequest;
 
 const FLOW: u64 = 0x00F1_0000_0001;
 
 struct Scene {
     machine: Machine,
-    driver: wfp_rs::sim::LoadedDriver,
+    driver: wfp_rs_sim::LoadedDriver,
     installed:
         wfp_rs_tests::install::Installed<layer::OutboundTransportV4, Scripted, scripted::Label>,
     log: Arc<Mutex<Vec<String>>>,
@@ -609,7 +609,7 @@ fn a_flow_ending_during_its_classification_defers_flow_deleted() {
     scene.finish();
 }
 
-wfp_rs::bugcheck_test! {
+wfp_rs_sim::bugcheck_test! {
     /// Outside a classification, FwpsFlowRemoveContext0 calls flowDeleteFn from inside itself
     /// (STATUS_SUCCESS, documented): a caller holding a lock that flowDeleteFn takes hangs on
     /// Windows. The simulator stops.

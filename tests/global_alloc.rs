@@ -9,11 +9,11 @@ use std::collections::TryReserveError;
 use std::sync::Arc;
 
 use wfp_rs::bugcheck::{BugCheckCode, verifier};
-use wfp_rs::bugcheck_test;
 use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::irql::PassiveLevel;
-use wfp_rs::sim::{GLOBAL_ALLOCATOR_TAG, LoadedDriver, Machine, PoolBlock, run_isolated};
 use wfp_rs::{Status, kd_print};
+use wfp_rs_sim::bugcheck_test;
+use wfp_rs_sim::{GLOBAL_ALLOCATOR_TAG, LoadedDriver, Machine, PoolBlock, run_isolated};
 
 /// 64-byte aligned: more than pool gives.
 #[repr(align(64))]
@@ -213,7 +213,7 @@ fn the_harness_and_the_kernel_allocate_from_the_host() {
     // Harness instrumentation inside driver code, marked as such.
     let log = driver
         .run_in_driver(&machine, |_irql, _driver| {
-            wfp_rs::sim::as_harness(|| vec![String::from("instrumentation")])
+            wfp_rs_sim::as_harness(|| vec![String::from("instrumentation")])
         })
         .unwrap();
     assert_eq!(log.len(), 1);
@@ -358,4 +358,19 @@ fn the_harness_api_called_from_driver_code_does_not_deadlock_on_the_allocator() 
         .unwrap();
     assert_eq!((seen, ours), (1, 0), "only the Box is the driver's");
     machine.unload_driver(driver).unwrap();
+}
+
+/// A zero-sized `PoolBox` takes no pool: `ExAllocatePool2` is never asked for 0 bytes.
+#[test]
+fn zero_sized_pool_boxes_do_not_allocate() {
+    use wfp_rs::pool::{PoolBox, PoolTag};
+    let machine = Machine::new();
+    machine.at_dispatch(|irql| {
+        let unit = PoolBox::try_new((), PoolTag::SDK, irql).unwrap();
+        assert!(
+            machine.pool_blocks().is_empty(),
+            "a ZST must not reach ExAllocatePool2"
+        );
+        drop(unit);
+    });
 }

@@ -12,12 +12,12 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use wfp_rs::bugcheck::iomanager;
-use wfp_rs::bugcheck_test;
 use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::inverted::{ControlCode, InvertedQueue, Reason, RequiredAccess};
 use wfp_rs::irql::PassiveLevel;
-use wfp_rs::sim::{Caller, LoadedDriver, Machine, UnloadError};
 use wfp_rs::{Status, sys};
+use wfp_rs_sim::bugcheck_test;
+use wfp_rs_sim::{Caller, LoadedDriver, Machine, UnloadError};
 
 /// The code the tests' service sends.
 const EVENTS: ControlCode = ControlCode::buffered(0x8000, 0x800, RequiredAccess::Any);
@@ -590,7 +590,7 @@ mod raw {
 
     fn keep(device: *mut sys::DEVICE_OBJECT, irp: *mut sys::IRP) {
         // The test's record of what the driver keeps: harness memory.
-        wfp_rs::sim::as_harness(|| KEPT.lock().unwrap().push((device as usize, irp as usize)));
+        wfp_rs_sim::as_harness(|| KEPT.lock().unwrap().push((device as usize, irp as usize)));
     }
 
     /// Takes the IRP kept for the raw driver's device.
@@ -765,7 +765,7 @@ mod raw {
     }
 
     /// Loads the raw driver and opens its device.
-    pub fn load(machine: &Machine) -> (LoadedDriver, wfp_rs::sim::DeviceHandle) {
+    pub fn load(machine: &Machine) -> (LoadedDriver, wfp_rs_sim::DeviceHandle) {
         let driver = machine.load_driver("raw", entry).unwrap();
         let handle = machine
             .open_device(r"\\.\WfpRsRaw", Caller::User)

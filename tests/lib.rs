@@ -16,7 +16,7 @@ pub mod install {
     use wfp_rs::engine::{CalloutEntry, Engine, SessionOptions};
     use wfp_rs::filter::{Filter, FilterAction};
     use wfp_rs::layer::Layer;
-    use wfp_rs::sim::{LoadedDriver, Machine};
+    use wfp_rs_sim::{LoadedDriver, Machine};
 
     /// A registered callout and the session that added its management objects.
     pub struct Installed<L: Layer, C: Callout<L, F>, F: Send + Sync + 'static = ()> {
@@ -198,11 +198,11 @@ pub mod guide {
         OutboundTransportV4, fields,
     };
     pub use wfp_rs::pend::{ConnectionKey, FinalAction, PendedClassify, VerdictTable};
-    pub use wfp_rs::sim::{ClassifyRequest, Machine};
     #[cfg(unix)]
     pub use wfp_rs::user::{Device, PortConnection};
     pub use wfp_rs::work_item::WorkQueue;
     pub use wfp_rs::{Guid, Status, guid, kd_print};
+    pub use wfp_rs_sim::{ClassifyRequest, Machine};
 
     // docs/callouts.md quotes examples/starter.
     pub use starter::{
@@ -216,7 +216,7 @@ pub mod guide {
 /// the guide wraps the test in this macro, on hidden lines, instead.
 ///
 /// - `#[test] fn name() { .. }`: the body is compiled and run.
-/// - `wfp_rs::bugcheck_test! { .. }`: the invocation is passed on to the real macro (so its
+/// - `wfp_rs_sim::bugcheck_test! { .. }`: the invocation is passed on to the real macro (so its
 ///   shape is checked), and the body and the bug check's name are compiled but not run (a bug
 ///   check ends the process; the tests in `tests/` run such scenarios in a child process).
 ///
@@ -228,10 +228,10 @@ macro_rules! guide_test {
         fn $name() $body
         $name();
     };
-    (wfp_rs::bugcheck_test! {
+    (wfp_rs_sim::bugcheck_test! {
         fn $name:ident() expects $code:ident $(($p1:expr))? $body:block
     }) => {
-        wfp_rs::bugcheck_test! {
+        wfp_rs_sim::bugcheck_test! {
             fn $name() expects $code $(($p1))? $body
         }
         let _ = wfp_rs::bugcheck::BugCheckCode::$code;

@@ -14,9 +14,10 @@ use wfp_rs::layer;
 use wfp_rs::layer::value::{IpProtocol, ReauthorizeReasons};
 use wfp_rs::metadata::Direction;
 use wfp_rs::pend::{ConnectionKey, PendError, TableFull, VerdictTable};
-use wfp_rs::sim::{AleIrql, Connection, LoadedDriver, Machine};
 use wfp_rs::work_item::WorkQueue;
-use wfp_rs::{Guid, Status, bugcheck_test, guid, sys};
+use wfp_rs::{Guid, Status, guid, sys};
+use wfp_rs_sim::bugcheck_test;
+use wfp_rs_sim::{AleIrql, Connection, LoadedDriver, Machine};
 use wfp_rs_tests::install::{Installed, install};
 
 mod host {
@@ -74,12 +75,12 @@ impl Callout<layer::AleAuthConnectV4> for Asker {
         };
         // The test's records: harness memory, not the driver's.
         let reason = c.reauthorization_reason();
-        wfp_rs::sim::as_harness(|| self.shared.reasons.lock().unwrap().push(reason));
+        wfp_rs_sim::as_harness(|| self.shared.reasons.lock().unwrap().push(reason));
         if c.is_reauthorization() {
             self.shared.reauthorized.fetch_add(1, Ordering::SeqCst);
             if self.mode == Mode::PendTwice {
                 let error = c.pend().expect_err("pending a reauthorization must fail");
-                wfp_rs::sim::as_harness(|| self.shared.refused.lock().unwrap().push(error));
+                wfp_rs_sim::as_harness(|| self.shared.refused.lock().unwrap().push(error));
             }
             match self.shared.verdicts.take(irql, &key) {
                 Some(true) => {
@@ -339,7 +340,7 @@ fn a_classification_without_a_completion_handle_cannot_pend() {
     let installed = install(&machine, &driver, CalloutKey::new(CALLOUT), FILTER, |_| {
         TryPend(std::sync::Mutex::new(None))
     });
-    let request = wfp_rs::sim::ClassifyRequest::<layer::AleAuthConnectV4>::new();
+    let request = wfp_rs_sim::ClassifyRequest::<layer::AleAuthConnectV4>::new();
     let decision = machine.classify(wfp_rs::irql::Irql::DISPATCH, &request);
     assert_eq!(decision.action, Action::Permit);
     assert_eq!(decision.pending, None);
@@ -423,7 +424,7 @@ fn raw_pend(
     let installed = install(machine, driver, CalloutKey::new(CALLOUT), FILTER, |_| {
         RawPender(std::sync::Mutex::new(None))
     });
-    let request = wfp_rs::sim::ClassifyRequest::<layer::AleAuthConnectV4>::new().pendable();
+    let request = wfp_rs_sim::ClassifyRequest::<layer::AleAuthConnectV4>::new().pendable();
     let decision = machine.classify(wfp_rs::irql::Irql::DISPATCH, &request);
     assert!(decision.pending.is_some());
     let context = installed.callout().0.lock().unwrap().expect("pended");
@@ -483,7 +484,7 @@ fn pend_with_a_kept_completion_handle() {
     let _installed = install(&machine, &driver, CalloutKey::new(CALLOUT), FILTER, |_| {
         KeepsHandle(std::sync::Mutex::new(None))
     });
-    let request = wfp_rs::sim::ClassifyRequest::<layer::AleAuthConnectV4>::new().pendable();
+    let request = wfp_rs_sim::ClassifyRequest::<layer::AleAuthConnectV4>::new().pendable();
     let first = machine.classify(wfp_rs::irql::Irql::DISPATCH, &request);
     assert!(first.pending.is_none());
     machine.classify(wfp_rs::irql::Irql::DISPATCH, &request);
@@ -514,7 +515,7 @@ bugcheck_test! {
 /// Runs `scenario` in a child process; it must stop for a stale completion handle, parameter 3
 /// saying whether the engine retired the value (1) or never handed it out (0).
 fn expect_stale_completion_handle(test: &str, retired: usize, scenario: fn()) {
-    let outcome = wfp_rs::sim::run_isolated(test, scenario);
+    let outcome = wfp_rs_sim::run_isolated(test, scenario);
     let report = outcome.expect_bugcheck(wfp_rs::bugcheck::BugCheckCode::WFP_INVALID_OPERATION);
     assert_eq!(
         report.params[0], 0x8000_0004,

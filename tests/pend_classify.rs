@@ -15,9 +15,10 @@ use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::layer::{self, Layer};
 use wfp_rs::metadata::Direction;
 use wfp_rs::pend::{FinalAction, PendError};
-use wfp_rs::sim::{AleIrql, Connection, LoadedDriver, Machine};
 use wfp_rs::work_item::WorkQueue;
-use wfp_rs::{Guid, Status, bugcheck_test, guid, sys};
+use wfp_rs::{Guid, Status, guid, sys};
+use wfp_rs_sim::bugcheck_test;
+use wfp_rs_sim::{AleIrql, Connection, LoadedDriver, Machine};
 use wfp_rs_tests::install::{Installed, install};
 
 mod host {
@@ -161,7 +162,7 @@ fn connection(remote_port: u16) -> Connection {
     }
 }
 
-fn layer_count(outcome: &wfp_rs::sim::ConnectOutcome, name: &str) -> usize {
+fn layer_count(outcome: &wfp_rs_sim::ConnectOutcome, name: &str) -> usize {
     outcome.layers.iter().filter(|(n, _)| *n == name).count()
 }
 
@@ -292,7 +293,7 @@ fn raw_pend(
     let installed = install(machine, driver, CalloutKey::new(CALLOUT), FILTER, |_| {
         RawPender(Mutex::new(None))
     });
-    let request = wfp_rs::sim::ClassifyRequest::<layer::AleConnectRedirectV4>::new();
+    let request = wfp_rs_sim::ClassifyRequest::<layer::AleConnectRedirectV4>::new();
     let decision = machine.classify(wfp_rs::irql::Irql::DISPATCH, &request);
     assert!(decision.pending.is_some());
     let handle = installed.callout().0.lock().unwrap().expect("pended");
@@ -330,7 +331,7 @@ fn acquire_with_a_kept_classify_context() {
     let _installed = install(&machine, &driver, CalloutKey::new(CALLOUT), FILTER, |_| {
         KeepsContext(Mutex::new(None))
     });
-    let request = wfp_rs::sim::ClassifyRequest::<layer::AleConnectRedirectV4>::new();
+    let request = wfp_rs_sim::ClassifyRequest::<layer::AleConnectRedirectV4>::new();
     let first = machine.classify(wfp_rs::irql::Irql::DISPATCH, &request);
     assert!(first.pending.is_none());
     machine.classify(wfp_rs::irql::Irql::DISPATCH, &request);
@@ -388,7 +389,7 @@ bugcheck_test! {
         let machine = Machine::new();
         let driver = machine.load_driver("host", host::DriverEntry).unwrap();
         let _installed = install(&machine, &driver, CalloutKey::new(CALLOUT), FILTER, |_| PendsLater);
-        let request = wfp_rs::sim::ClassifyRequest::<layer::AleConnectRedirectV4>::new().pendable();
+        let request = wfp_rs_sim::ClassifyRequest::<layer::AleConnectRedirectV4>::new().pendable();
         machine.classify(wfp_rs::irql::Irql::DISPATCH, &request);
         let handle = KEPT_HANDLE.load(std::sync::atomic::Ordering::SeqCst);
         assert_ne!(handle, 0, "the callout acquired a handle");
@@ -405,7 +406,7 @@ bugcheck_test! {
 /// Runs `scenario` in a child process; it must stop for a stale classify context, parameter 3
 /// saying whether the engine retired the value (1) or never handed it out (0).
 fn expect_stale_classify_context(test: &str, retired: usize, scenario: fn()) {
-    let outcome = wfp_rs::sim::run_isolated(test, scenario);
+    let outcome = wfp_rs_sim::run_isolated(test, scenario);
     let report = outcome.expect_bugcheck(wfp_rs::bugcheck::BugCheckCode::WFP_INVALID_OPERATION);
     assert_eq!(
         report.params[0], 0x8000_0005,

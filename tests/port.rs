@@ -177,15 +177,15 @@ mod sim {
     use std::sync::{Mutex, mpsc};
 
     use wfp_rs::bugcheck::{BugCheckCode, verifier};
-    use wfp_rs::bugcheck_test;
     use wfp_rs::driver::{Driver, DriverState};
     use wfp_rs::irql::{DispatchLevel, PassiveLevel};
     use wfp_rs::port::{
         ConnectionId, Filter, Malformed, Message, PortEvents, Protocol, SendError, ServerPort,
     };
-    use wfp_rs::sim::{LoadedDriver, Machine, PortClient, UnloadError, run_isolated};
     use wfp_rs::spin_lock::SpinLock;
     use wfp_rs::{Status, sys};
+    use wfp_rs_sim::bugcheck_test;
+    use wfp_rs_sim::{LoadedDriver, Machine, PortClient, UnloadError, run_isolated};
     use wfp_rs_tests::protocol::{Ask, Firewall, Verdict};
 
     // --- the protocol the tests speak: wfp_rs_tests::protocol ----------------------------------
@@ -206,7 +206,7 @@ mod sim {
     }
 
     /// The service's policy in these tests: pid 666 is blocked.
-    fn policy(message: &wfp_rs::sim::PortMessage) -> Vec<u8> {
+    fn policy(message: &wfp_rs_sim::PortMessage) -> Vec<u8> {
         let ask = Ask::decode(&message.data).expect("the driver's encoding");
         verdict_bytes(if ask.pid == 666 {
             Verdict::Block
@@ -439,7 +439,7 @@ mod sim {
                         .queue(irql, move |passive| {
                             let verdict = port.send(passive, &Ask { pid }, LONG);
                             // The test's channel: harness memory.
-                            wfp_rs::sim::as_harness(|| results.send((pid, verdict)).unwrap());
+                            wfp_rs_sim::as_harness(|| results.send((pid, verdict)).unwrap());
                         })
                         .unwrap();
                 }

@@ -1,6 +1,6 @@
 //! The quick start on the crate page of `wfp_rs` (wfp-rs/src/lib.rs): its driver and its simulator
-//! test, run. The crate page cannot run the test itself (a doctest is not a test binary), so the
-//! two copies are kept the same by hand.
+//! test, run. The crate page cannot run the test itself (a doctest is not a test binary), so
+//! `the_crate_page_shows_this_code` checks that both copies say the same.
 
 #![cfg(any(not(windows), feature = "sim"))]
 
@@ -68,7 +68,7 @@ mod my_driver {
 use wfp_rs::classify::Action;
 use wfp_rs::irql::Irql;
 use wfp_rs::layer::{AleAuthConnectV4, fields, value::IpProtocol};
-use wfp_rs::sim::{ClassifyRequest, Machine};
+use wfp_rs_sim::{ClassifyRequest, Machine};
 
 #[test]
 fn blocks_port_1234() {
@@ -92,4 +92,53 @@ fn blocks_port_1234() {
     machine
         .unload_driver(driver)
         .expect("unloads without leaks");
+}
+
+/// The code blocks of the crate page (`//! ` lines between fences), with every whitespace
+/// character removed, so that line breaks and rustfmt's layout do not count as differences.
+fn crate_page_blocks() -> Vec<String> {
+    let page = include_str!("../wfp-rs/src/lib.rs");
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in page.lines().filter_map(|line| line.strip_prefix("//!")) {
+        let line = line.strip_prefix(' ').unwrap_or(line);
+        if line.starts_with("```") {
+            match current.take() {
+                Some(block) => blocks.push(block),
+                None => current = Some(String::new()),
+            }
+        } else if let Some(block) = &mut current {
+            // Lines hidden from the page (`# fn main() {}`) and the crate attributes a doctest
+            // needs are not part of what this file repeats.
+            if !line.starts_with("# ") && line != "#![no_std]" && line != "extern crate alloc;" {
+                block.extend(line.chars().filter(|c| !c.is_whitespace()));
+            }
+        }
+    }
+    blocks
+}
+
+#[test]
+fn the_crate_page_shows_this_code() {
+    let this: String = include_str!("quickstart.rs")
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    let blocks = crate_page_blocks();
+    let driver = blocks
+        .iter()
+        .find(|block| block.contains("#[wfp_rs::driver_entry]"))
+        .expect("the crate page shows a driver");
+    let test = blocks
+        .iter()
+        .find(|block| block.contains("fnblocks_port_1234()"))
+        .expect("the crate page shows a simulator test");
+    assert!(
+        this.contains(driver.as_str()),
+        "the driver on the crate page (wfp-rs/src/lib.rs) differs from `my_driver` here"
+    );
+    assert!(
+        this.contains(test.as_str()),
+        "the test on the crate page (wfp-rs/src/lib.rs) differs from `blocks_port_1234` here"
+    );
 }

@@ -7,10 +7,10 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
-use wfp_rs::bugcheck_test;
 use wfp_rs::irql::Irql;
-use wfp_rs::sim::Machine;
 use wfp_rs::time::Instant;
+use wfp_rs_sim::Machine;
+use wfp_rs_sim::bugcheck_test;
 
 #[test]
 fn the_clock_never_goes_back_on_any_thread() {
@@ -88,7 +88,7 @@ fn dispatch_level_code_and_work_items_read_the_advanced_clock() {
                 assert_eq!(Irql::current(), Irql::PASSIVE);
                 let now = Instant::now();
                 // The test's channel: harness memory.
-                wfp_rs::sim::as_harness(|| sender.send(now).unwrap());
+                wfp_rs_sim::as_harness(|| sender.send(now).unwrap());
             })
             .unwrap();
         at_dispatch

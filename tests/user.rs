@@ -20,8 +20,8 @@ use wfp_rs::driver::Driver;
 use wfp_rs::inverted::{ControlCode, InvertedQueue, RequiredAccess};
 use wfp_rs::irql::PassiveLevel;
 use wfp_rs::port::{ConnectionId, Filter, Malformed, Message, PortEvents, SendError, ServerPort};
-use wfp_rs::sim::{LoadedDriver, Machine, UserModeBridge};
 use wfp_rs::user::{self, Device, PortConnection, Request};
+use wfp_rs_sim::{LoadedDriver, Machine, UserModeBridge};
 use wfp_rs_tests::protocol::{Ask, Firewall, Verdict};
 
 /// The service's policy: pid 666 is blocked.

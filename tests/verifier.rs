@@ -14,13 +14,13 @@
 use core::ptr::{null, null_mut};
 
 use wfp_rs::bugcheck::verifier;
-use wfp_rs::bugcheck_test;
 use wfp_rs::event::{Event, EventKind};
 use wfp_rs::irql::{Irql, PassiveLevel};
 use wfp_rs::pool::{PoolBox, PoolTag};
-use wfp_rs::sim::Machine;
 use wfp_rs::spin_lock::SpinLock;
 use wfp_rs::sys;
+use wfp_rs_sim::Machine;
+use wfp_rs_sim::bugcheck_test;
 
 const TAG: u32 = u32::from_le_bytes(*b"Test");
 
@@ -153,7 +153,7 @@ fn a_classification_cannot_lower_the_irql_of_the_harness() {
     machine.at_dispatch(|_| {
         machine.classify::<wfp_rs::layer::AleAuthConnectV4>(
             Irql::PASSIVE,
-            &wfp_rs::sim::ClassifyRequest::new(),
+            &wfp_rs_sim::ClassifyRequest::new(),
         )
     });
 }
@@ -163,8 +163,8 @@ fn a_classification_cannot_lower_the_irql_of_the_harness() {
 /// refusal is a panic in driver code, so the machine stops as a driver's panic stops Windows.
 #[test]
 fn the_harness_refuses_driver_code() {
-    let outcome = wfp_rs::sim::run_isolated(
-        &wfp_rs::sim::__test_name(module_path!(), "the_harness_refuses_driver_code"),
+    let outcome = wfp_rs_sim::run_isolated(
+        &wfp_rs_sim::__test_name(module_path!(), "the_harness_refuses_driver_code"),
         || {
             let machine = Machine::new();
             let driver = machine
@@ -187,8 +187,8 @@ fn the_harness_refuses_driver_code() {
 /// "Rust" and parameter 2 the panic's line, as the driver's panic handler does on Windows.
 #[test]
 fn a_panic_in_a_work_item_stops_with_kmode_exception_not_handled() {
-    let outcome = wfp_rs::sim::run_isolated(
-        &wfp_rs::sim::__test_name(
+    let outcome = wfp_rs_sim::run_isolated(
+        &wfp_rs_sim::__test_name(
             module_path!(),
             "a_panic_in_a_work_item_stops_with_kmode_exception_not_handled",
         ),
@@ -508,7 +508,7 @@ mod raw_driver {
     }
 
     /// The driver's device object.
-    pub fn device(driver: &wfp_rs::sim::LoadedDriver) -> *mut sys::DEVICE_OBJECT {
+    pub fn device(driver: &wfp_rs_sim::LoadedDriver) -> *mut sys::DEVICE_OBJECT {
         // SAFETY: the driver object stays valid while the driver is loaded.
         unsafe { (*driver.driver_object()).DeviceObject }
     }
@@ -658,8 +658,8 @@ mod waits_in_entry {
 /// the thread and the IRQL), and the source location of the innermost frame of driver code.
 #[test]
 fn the_stop_report_starts_with_code_name_explanation_routine_and_driver_line() {
-    let outcome = wfp_rs::sim::run_isolated(
-        &wfp_rs::sim::__test_name(
+    let outcome = wfp_rs_sim::run_isolated(
+        &wfp_rs_sim::__test_name(
             module_path!(),
             "the_stop_report_starts_with_code_name_explanation_routine_and_driver_line",
         ),
@@ -709,4 +709,22 @@ fn the_stop_report_starts_with_code_name_explanation_routine_and_driver_line() {
     );
     assert_eq!(report.routine, lines[3].trim_start_matches("in: "));
     assert_eq!(report.location, lines[4].trim_start_matches("at: "));
+}
+
+/// `try_current` grants a token only for the bounds the current IRQL satisfies.
+#[test]
+fn try_current_grants_only_the_bounds_that_hold() {
+    use wfp_rs::irql::{ApcLevel, DispatchLevel};
+    fn grants() -> (bool, bool, bool) {
+        // SAFETY: the callers bind no token (`|_|`), so none other is usable here.
+        let passive = unsafe { PassiveLevel::try_current(|_| ()) }.is_some();
+        // SAFETY: as above.
+        let apc = unsafe { ApcLevel::try_current(|_| ()) }.is_some();
+        // SAFETY: as above.
+        let dispatch = unsafe { DispatchLevel::try_current(|_| ()) }.is_some();
+        (passive, apc, dispatch)
+    }
+    let machine = Machine::new();
+    assert_eq!(machine.at_dispatch(|_| grants()), (false, false, true));
+    assert_eq!(machine.at_passive(|_| grants()), (true, true, true));
 }

@@ -2,7 +2,7 @@
 //!
 //! On Windows, `KeBugCheckEx` stops the machine. In the simulator the same call prints the stop
 //! code and ends the process, so a test can assert that a rule fires
-//! (see `wfp_rs::sim::run_isolated` in the simulator backend).
+//! (see `wfp_rs_sim::run_isolated` in the simulator backend).
 
 use core::fmt;
 

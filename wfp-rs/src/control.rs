@@ -45,10 +45,10 @@
 //!     // User mode opens \\.\WfpRsDocCommands (SYSTEM and Administrators only).
 //!     ControlDevice::new(irql, driver, "WfpRsDocCommands", Commands)
 //! }
-//! # let machine = wfp_rs::sim::Machine::new();
+//! # let machine = wfp_rs_sim::Machine::new();
 //! # let driver = machine.load_driver("doc", minimal::DriverEntry).unwrap();
 //! # let device = driver.run_in_driver(&machine, |irql, d| create(irql, d)).unwrap().unwrap();
-//! # let service = machine.open_device(r"\\.\WfpRsDocCommands", wfp_rs::sim::Caller::System).unwrap();
+//! # let service = machine.open_device(r"\\.\WfpRsDocCommands", wfp_rs_sim::Caller::System).unwrap();
 //! # let answer = service.device_io_control(PING.raw(), b"hello", 16).wait();
 //! # assert_eq!(answer.ok(), Ok(&b"hello"[..]));
 //! # drop(service);

@@ -1,7 +1,7 @@
 //! Debug output through `DbgPrintEx`.
 //!
 //! In the kernel the text goes to the kernel debugger (or DebugView); in the simulator it is
-//! collected per machine (`wfp_rs::sim::Machine::debug_output`) and
+//! collected per machine (`wfp_rs_sim::Machine::debug_output`) and
 //! echoed to stderr when `WFP_SIM_ECHO` is set.
 
 use core::fmt::{self, Write};
@@ -105,7 +105,7 @@ pub(crate) fn print_error(args: fmt::Arguments<'_>) {
 /// Prints to the kernel debugger, like `print!` (no newline is added).
 ///
 /// ```
-/// # wfp_rs::sim::Machine::new().run(|| {
+/// # wfp_rs_sim::Machine::new().run(|| {
 /// wfp_rs::kd_print!("blocked {} connections\n", 3);
 /// wfp_rs::kd_print!(Error, "unexpected status {:#x}\n", 0xC000_0001u32);
 /// # });

@@ -19,7 +19,7 @@
 //!     CalloutKey::new(guid!("0f1e2d3c-4b5a-4968-8776-a5b4c3d2e103"));
 //! const FILTER: Guid = guid!("0f1e2d3c-4b5a-4968-8776-a5b4c3d2e104");
 //!
-//! # wfp_rs::sim::Machine::new().at_passive(|irql| {
+//! # wfp_rs_sim::Machine::new().at_passive(|irql| {
 //! // A dynamic session: everything it adds is deleted when it closes (or is dropped).
 //! let engine = Engine::open(irql, SessionOptions::new().dynamic().name("example firewall"))?;
 //!
@@ -179,7 +179,7 @@ impl Engine {
     ///
     /// ```
     /// use wfp_rs::engine::{Engine, SessionOptions};
-    /// # wfp_rs::sim::Machine::new().at_passive(|irql| {
+    /// # wfp_rs_sim::Machine::new().at_passive(|irql| {
     /// let engine = Engine::open(irql, SessionOptions::new().dynamic())?;
     /// engine.close(irql)?;
     /// # Ok::<(), wfp_rs::Status>(())
@@ -239,7 +239,7 @@ impl Engine {
     /// ```
     /// use wfp_rs::engine::{Engine, SessionOptions, Sublayer};
     /// use wfp_rs::guid;
-    /// # wfp_rs::sim::Machine::new().at_passive(|irql| {
+    /// # wfp_rs_sim::Machine::new().at_passive(|irql| {
     /// let engine = Engine::open(irql, SessionOptions::new().dynamic())?;
     /// let txn = engine.transaction(irql)?;
     /// txn.add_sublayer(irql, &Sublayer::new(guid!("0f1e2d3c-4b5a-4968-8776-a5b4c3d2e111")))?;

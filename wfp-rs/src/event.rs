@@ -25,7 +25,7 @@ pub enum EventKind {
 ///
 /// ```
 /// use wfp_rs::event::{Event, EventKind};
-/// # wfp_rs::sim::Machine::new().at_passive(|irql| {
+/// # wfp_rs_sim::Machine::new().at_passive(|irql| {
 /// let done = Event::try_new(EventKind::Notification, false, irql)?;
 /// done.set(irql);
 /// done.wait(irql); // returns at once: the event is signalled

@@ -15,7 +15,7 @@
 //!
 //! const BLOCK_TELNET: Guid = guid!("6a3bd3e4-2f70-4b0e-9d55-0c2b7e0f1a01");
 //!
-//! # wfp_rs::sim::Machine::new().at_passive(|irql| {
+//! # wfp_rs_sim::Machine::new().at_passive(|irql| {
 //! let engine = Engine::open(irql, SessionOptions::new().dynamic())?;
 //! let filter = Filter::<AleAuthConnectV4>::new(BLOCK_TELNET)
 //!     .name("Block telnet to 10.0.0.0/8")

@@ -26,13 +26,13 @@
 //!         let _kept: [u8; 8] = undelivered.into_inner();
 //!     }
 //! }
-//! # let machine = wfp_rs::sim::Machine::new();
+//! # let machine = wfp_rs_sim::Machine::new();
 //! # let driver = machine.load_driver("doc", minimal::DriverEntry).unwrap();
 //! # let queue = driver
 //! #     .run_in_driver(&machine, |irql, d| InvertedQueue::new(irql, d, "WfpRsDoc", WAIT_FOR_EVENT, 8))
 //! #     .unwrap()
 //! #     .unwrap();
-//! # let service = machine.open_device(r"\\.\WfpRsDoc", wfp_rs::sim::Caller::System).unwrap();
+//! # let service = machine.open_device(r"\\.\WfpRsDoc", wfp_rs_sim::Caller::System).unwrap();
 //! # let pending = service.device_io_control(WAIT_FOR_EVENT.raw(), &[], 8);
 //! # machine.at_dispatch(|irql| report(irql, &queue, 42));
 //! # assert_eq!(pending.wait().output, 42u64.to_le_bytes());

@@ -211,6 +211,8 @@
 //! - [`pend`]: pending a classification and completing it later.
 //! - [`spin_lock`], [`event`], [`work_item`], [`pool`], [`time`]: the kernel services a callout
 //!   driver uses, each taking the IRQL token it needs.
+//! - The simulator (boot a simulated machine, load drivers, assert bug checks) is its own crate,
+//!   `wfp-rs-sim`: a driver's tests add it to `[dev-dependencies]`.
 //! - [`port`], [`inverted`], [`control`]: talking to a user-mode service — filter-manager ports,
 //!   the inverted call (requests pended by the service, completed by the driver) and commands
 //!   (requests the driver answers at once).
@@ -261,7 +263,7 @@
 extern crate alloc;
 // The proc macros name this crate `::wfp_rs`, also when used inside it.
 extern crate self as wfp_rs;
-// The simulator is host code: it uses std, and its modules import std's prelude and macros.
+// The simulator backend is host code: its hooks for the simulator use std.
 #[cfg(wfp_sim)]
 #[macro_use]
 extern crate std;
@@ -294,9 +296,10 @@ pub mod sys;
 pub mod time;
 pub mod work_item;
 
+// What the simulator (the `wfp-rs-sim` crate) needs from inside the SDK; not API.
 #[cfg(wfp_sim)]
-#[cfg_attr(docsrs, doc(cfg(any(not(windows), feature = "sim"))))]
-pub mod sim;
+#[doc(hidden)]
+pub mod __sim;
 
 // The user-mode side needs the bridge's Unix domain socket in the simulator backend.
 #[cfg(all(feature = "user", any(wfp_nt, unix)))]

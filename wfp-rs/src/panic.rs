@@ -18,10 +18,10 @@
 /// the root of a driver crate that has no `#[driver_entry]` (for example a library image).
 ///
 /// With the simulator backend it expands to nothing: there the driver is host code and panics
-/// go through std, whose hook the simulator sets so that a panic in driver code stops the
-/// machine with the same `KMODE_EXCEPTION_NOT_HANDLED` (a panic in test code stays an ordinary
-/// panic). It also expands to nothing when wfp-rs is
-/// built with the feature `user`, which links std and with it std's panic handler: that happens
+/// go through std, whose hook the simulator (`wfp-rs-sim`) sets so that a panic in driver code
+/// stops the machine with the same `KMODE_EXCEPTION_NOT_HANDLED` (a panic in test code stays an
+/// ordinary panic). It also expands to nothing when wfp-rs is built with the feature `user`,
+/// which links std and with it std's panic handler: that happens
 /// to a driver crate when a single cargo command builds it together with a service (cargo
 /// unifies the feature), for example `cargo check --workspace`. Such a build checks, but is not
 /// a driver image; build images on their own (`cargo wfp build -p <package>`).
@@ -49,10 +49,10 @@ macro_rules! panic_handler {
 /// the root of a driver crate that has no `#[driver_entry]` (for example a library image).
 ///
 /// With the simulator backend it expands to nothing: there the driver is host code and panics
-/// go through std, whose hook the simulator sets so that a panic in driver code stops the
-/// machine with the same `KMODE_EXCEPTION_NOT_HANDLED` (a panic in test code stays an ordinary
-/// panic). It also expands to nothing when wfp-rs is
-/// built with the feature `user`, which links std and with it std's panic handler: that happens
+/// go through std, whose hook the simulator (`wfp-rs-sim`) sets so that a panic in driver code
+/// stops the machine with the same `KMODE_EXCEPTION_NOT_HANDLED` (a panic in test code stays an
+/// ordinary panic). It also expands to nothing when wfp-rs is built with the feature `user`,
+/// which links std and with it std's panic handler: that happens
 /// to a driver crate when a single cargo command builds it together with a service (cargo
 /// unifies the feature), for example `cargo check --workspace`. Such a build checks, but is not
 /// a driver image; build images on their own (`cargo wfp build -p <package>`). This build is one

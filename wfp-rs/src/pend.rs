@@ -448,7 +448,7 @@ impl ConnectionKey {
 /// use wfp_rs::pend::{ConnectionKey, VerdictTable};
 /// # use core::net::{IpAddr, Ipv4Addr};
 /// static VERDICTS: VerdictTable<bool, 256> = VerdictTable::new();
-/// # wfp_rs::sim::Machine::new().at_dispatch(|irql| {
+/// # wfp_rs_sim::Machine::new().at_dispatch(|irql| {
 /// # let key = ConnectionKey { pid: 1, app: 2, protocol: 6, local: (IpAddr::V4(Ipv4Addr::LOCALHOST), 5000), remote: (IpAddr::V4(Ipv4Addr::LOCALHOST), 80) };
 /// assert_eq!(VERDICTS.try_record(&mut *irql, key, true), Ok(None));
 /// assert_eq!(VERDICTS.take(&mut *irql, &key), Some(true));

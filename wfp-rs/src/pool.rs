@@ -5,8 +5,8 @@
 //! here is non-paged, so it may be touched at `DISPATCH_LEVEL`.
 //!
 //! A driver that wants `alloc` collections can install [`PoolAllocator`] as its global
-//! allocator (Windows builds only). With the simulator backend wfp-rs is the program's global
-//! allocator, and gives driver code the same rules (see [`PoolAllocator`]).
+//! allocator (Windows builds only). With the simulator backend the simulator (`wfp-rs-sim`) is
+//! the program's global allocator, and gives driver code the same rules (see [`PoolAllocator`]).
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::fmt;
@@ -132,7 +132,7 @@ fn allocate_raw(layout: Layout, tag: PoolTag) -> *mut u8 {
 ///
 /// ```
 /// use wfp_rs::pool::{PoolBox, PoolTag};
-/// # wfp_rs::sim::Machine::new().at_passive(|irql| {
+/// # wfp_rs_sim::Machine::new().at_passive(|irql| {
 /// let mut counters = PoolBox::try_new([0u64; 4], PoolTag::new(b"Demo"), irql)?;
 /// counters[2] += 1;
 /// assert_eq!(*counters, [0, 0, 1, 0]);
@@ -359,7 +359,7 @@ impl<T: fmt::Debug> fmt::Debug for PoolBox<T> {
 ///
 /// ```
 /// use wfp_rs::pool::{PoolArc, PoolTag};
-/// # wfp_rs::sim::Machine::new().at_passive(|irql| {
+/// # wfp_rs_sim::Machine::new().at_passive(|irql| {
 /// let shared = PoolArc::try_new(core::sync::atomic::AtomicU32::new(0), PoolTag::new(b"Demo"), irql)?;
 /// let for_a_work_item = PoolArc::clone(&shared);
 /// for_a_work_item.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
@@ -513,8 +513,8 @@ impl<T: fmt::Debug> fmt::Debug for PoolArc<T> {
 /// `POOL_FLAG_NON_PAGED` (zeroed), so allocating and freeing is allowed at IRQL <=
 /// `DISPATCH_LEVEL`; `realloc` is `GlobalAlloc`'s default (allocate, copy, free).
 ///
-/// In the simulator a driver does not install it: wfp-rs is the global allocator of every
-/// program built with the simulator backend, and gives driver code these same rules — pool
+/// In the simulator a driver does not install it: the simulator (`wfp-rs-sim`) is the global
+/// allocator of every program that links it, and gives driver code these same rules — pool
 /// charged to the driver (a block still allocated at unload stops the machine with Driver
 /// Verifier's pool-leak code), failures injected by `Machine::fail_allocations`, the 16-byte
 /// alignment limit, the IRQL rule, and the bug check of an unhandled failure — while the test
@@ -555,18 +555,5 @@ mod tests {
         assert_eq!(PoolTag::new(b"Demo").raw(), 0x6F6D_6544);
         assert_eq!(PoolTag::new(b"Demo").to_string(), "Demo");
         assert_eq!(PoolTag::new(&[b'a', 0, b'b', 0x7f]).to_string(), "a?b?");
-    }
-
-    #[test]
-    fn zero_sized_values_do_not_allocate() {
-        let machine = crate::sim::Machine::new();
-        machine.at_dispatch(|irql| {
-            let unit = PoolBox::try_new((), PoolTag::SDK, irql).unwrap();
-            assert!(
-                machine.pool_blocks().is_empty(),
-                "a ZST must not reach ExAllocatePool2"
-            );
-            drop(unit);
-        });
     }
 }

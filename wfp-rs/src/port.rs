@@ -145,7 +145,7 @@
 //! use wfp_rs::driver::Driver;
 //! use wfp_rs::irql::PassiveLevel;
 //! use wfp_rs::port::{Filter, ServerPort};
-//! use wfp_rs::sim::Machine;
+//! use wfp_rs_sim::Machine;
 //! use wfp_rs::Status;
 //!
 //! #[wfp_rs::driver_entry]

@@ -27,7 +27,7 @@ use crate::sys;
 ///         *hits
 ///     })
 /// }
-/// # wfp_rs::sim::Machine::new().at_passive(|irql| {
+/// # wfp_rs_sim::Machine::new().at_passive(|irql| {
 /// # let hits = SpinLock::new(0);
 /// # assert_eq!(count(irql, &hits), 1);
 /// # });
@@ -61,7 +61,7 @@ use crate::sys;
 ///         *source -= 1;
 ///     });
 /// }
-/// # wfp_rs::sim::Machine::new().at_passive(|irql| {
+/// # wfp_rs_sim::Machine::new().at_passive(|irql| {
 /// # let (a, b) = (SpinLock::new(1), SpinLock::new(0));
 /// # transfer(irql, &a, &b);
 /// # assert_eq!((a.into_inner(), b.into_inner()), (0, 1));

@@ -18,7 +18,7 @@
 //!
 //! Everywhere else (and with the `sim` feature, on Unix hosts) the same API talks to a
 //! simulated machine, possibly in another process: the machine serves its ports and devices with
-//! `sim::Machine::serve_user_mode`, and the service finds that
+//! `wfp_rs_sim::Machine::serve_user_mode`, and the service finds that
 //! bridge through the environment variable [`SIM_SOCKET_VARIABLE`] (`WFP_RS_SIM_SOCKET`), the
 //! path of its Unix domain socket. Killing the service process closes its connections, as
 //! Windows does: the driver sees the port disconnect and its pending requests cancelled.
@@ -58,7 +58,7 @@ use windows as imp;
 
 /// The environment variable that tells a service using the simulator backend where the
 /// simulated machine's bridge listens: the path of the Unix domain socket passed to
-/// `sim::Machine::serve_user_mode`. Unused on Windows.
+/// `wfp_rs_sim::Machine::serve_user_mode`. Unused on Windows.
 pub const SIM_SOCKET_VARIABLE: &str = "WFP_RS_SIM_SOCKET";
 
 /// A message the driver sent (`FltSendMessage`), as [`PortConnection::get_message`] returns it.

@@ -188,7 +188,7 @@
 //! fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<SeedFixed, Status> {
 //!     seed_fixed::start(irql, driver, Config { timeout: Duration::from_millis(50), ..Config::DEFAULT })
 //! }
-//! # let machine = wfp_rs::sim::Machine::new();
+//! # let machine = wfp_rs_sim::Machine::new();
 //! # let driver = machine.load_driver("seed-fixed", DriverEntry).unwrap();
 //! # machine.unload_driver(driver).unwrap();
 //! # assert!(machine.pool_blocks().is_empty());

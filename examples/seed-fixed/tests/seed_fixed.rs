@@ -28,7 +28,7 @@ use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::layer::{AleAuthConnectV4, AleAuthConnectV6, Layer};
 use wfp_rs::metadata::Direction;
 use wfp_rs::port::Message;
-use wfp_rs::sim::{AleIrql, ConnectOutcome, Connection, LoadedDriver, Machine, PortClient};
+use wfp_rs_sim::{AleIrql, ConnectOutcome, Connection, LoadedDriver, Machine, PortClient};
 
 const APP: &str = r"\device\harddiskvolume3\program files\seed\app.exe";
 
@@ -125,7 +125,7 @@ fn web(pid: u64, local_port: u16) -> Connection {
     )
 }
 
-fn load(machine: &Machine, entry: wfp_rs::sim::DriverEntryFn) -> LoadedDriver {
+fn load(machine: &Machine, entry: wfp_rs_sim::DriverEntryFn) -> LoadedDriver {
     machine.load_driver("seed-fixed", entry).expect("loads")
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use wfp_rs::irql::Irql;
-use wfp_rs::sim::Machine;
+use wfp_rs_sim::Machine;
 
 /// Set in the child process that runs the deliberately broken scenario.
 const BROKEN_CHILD: &str = "WFP_DEMO_BROKEN_CHILD";

@@ -12,8 +12,8 @@ use wfp_rs::irql::Irql;
 use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::layer::{AleAuthConnectV4, AleAuthConnectV6, Layer, fields};
 use wfp_rs::metadata::Direction;
-use wfp_rs::sim::{AleIrql, ClassifyRequest, Connection, Decision, Machine};
 use wfp_rs::{Guid, Status, guid};
+use wfp_rs_sim::{AleIrql, ClassifyRequest, Connection, Decision, Machine};
 
 const CURL: &str = r"\device\harddiskvolume3\windows\system32\curl.exe";
 const PID: u64 = 4242;

@@ -1,12 +1,15 @@
 //! The kernel's C ABI, with two interchangeable backends.
 //!
-//! - `nt` (compiling for Windows without the `sim` feature): `#[repr(C)]` types and
-//!   `raw-dylib` imports from `ntoskrnl.exe`; no WDK and no import libraries are needed.
-//! - `sim` (everywhere else): the host simulator, which implements the same functions with the
-//!   same names and signatures in Rust, and stops with the real bug check where Windows would.
+//! - `nt` (compiling for Windows without the `sim` feature): `raw-dylib` imports from
+//!   `ntoskrnl.exe`, `fwpkclnt.sys` and `fltmgr.sys`; no WDK and no import libraries are needed.
+//! - `sim` (everywhere else): every function calls through a table that a simulated kernel
+//!   installs — the `wfp-rs-sim` crate, which implements the same functions with the same
+//!   signatures in Rust and stops with the real bug check where Windows would. Without it,
+//!   calling one panics with a message that says to add `wfp-rs-sim`.
 //!
-//! The safe layer calls these functions by the same paths on both backends, so the code that
-//! runs in the simulator is the code that runs in the kernel.
+//! The `#[repr(C)]` types are the same on both, and each function is declared once, for both
+//! (`functions.rs`). The safe layer calls these functions by the same paths on both backends,
+//! so the code that runs in the simulator is the code that runs in the kernel.
 //!
 //! Everything here is raw FFI: the names are the C names, and every function is `unsafe` with
 //! the contract the WDK documents for it.
@@ -27,12 +30,10 @@ pub use irp::*;
 mod flt;
 pub use flt::*;
 
+mod functions;
+pub use functions::*;
+
 #[cfg(wfp_nt)]
 mod nt;
 #[cfg(wfp_nt)]
 pub use nt::*;
-
-#[cfg(wfp_sim)]
-pub(crate) mod sim;
-#[cfg(wfp_sim)]
-pub use sim::exports::*;

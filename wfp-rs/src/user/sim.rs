@@ -1,5 +1,5 @@
 //! The simulator backend of [`crate::user`]: a client of the bridge a simulated machine serves
-//! ([`crate::sim::Machine::serve_user_mode`]), through its Unix domain socket.
+//! (`wfp_rs_sim::Machine::serve_user_mode`), through its Unix domain socket.
 
 #[allow(unused_imports)]
 use std::{borrow::ToOwned, format, string::String, vec::Vec};
@@ -11,8 +11,8 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use super::{Request, SIM_SOCKET_VARIABLE, cancelled};
+use crate::__sim::bridge::{Answer, Call, exchange};
 use crate::Status;
-use crate::sim::bridge::{Answer, Call, exchange};
 
 /// The bridge's socket, from [`SIM_SOCKET_VARIABLE`].
 fn socket_from_environment() -> io::Result<PathBuf> {

@@ -2,7 +2,7 @@
 //! firewall driver's own outbound callout) against a raw C-style classifyFn doing the same
 //! lookup (`firewall_bench::raw_lookup`), both registered with the simulated filter engine.
 //!
-//! Two views: **direct** (`wfp_rs::sim::DirectClassify`: the engine's call of the classifyFn
+//! Two views: **direct** (`wfp_rs_sim::DirectClassify`: the engine's call of the classifyFn
 //! alone, with structures prepared once) and **engine** (`Machine::classify`: filter matching
 //! and arbitration included, the same for both). The ratio is computed from interleaved rounds
 //! in the same run (see `docs/benchmarks.md`).
@@ -16,7 +16,7 @@ use criterion::Criterion;
 use firewall_bench::hit::{self, HitMachine, Variant};
 use wfp_rs::classify::Action;
 use wfp_rs::layer::AleAuthConnectV4;
-use wfp_rs::sim::DirectClassify;
+use wfp_rs_sim::DirectClassify;
 
 /// Calls `direct` `n` times at `DISPATCH_LEVEL` in `machine`; the time taken.
 fn direct_calls(m: &HitMachine, direct: &mut DirectClassify<AleAuthConnectV4>, n: u64) -> Duration {

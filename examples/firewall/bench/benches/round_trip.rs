@@ -14,7 +14,7 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use firewall_bench::Latencies;
 use firewall_bench::load::{Design, Load, LoadConfig};
-use wfp_rs::sim::AleIrql;
+use wfp_rs_sim::AleIrql;
 
 fn main() {
     let measuring = std::env::args().any(|a| a == "--bench");

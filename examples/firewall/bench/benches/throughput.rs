@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use firewall_bench::load::{Design, Load, LoadConfig};
-use wfp_rs::sim::AleIrql;
+use wfp_rs_sim::AleIrql;
 
 const CLIENTS: usize = 8;
 const PER_CLIENT: usize = 32;

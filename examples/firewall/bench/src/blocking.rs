@@ -3,7 +3,7 @@
 //!
 //! The seed did this at whatever IRQL the classification came at, and `FltSendMessage` at
 //! `DISPATCH_LEVEL` stops the machine (`INVALID_PROCESS_ATTACH_ATTEMPT`). Here the benchmark
-//! drives it at `PASSIVE_LEVEL` only ([`wfp_rs::sim::AleIrql::Passive`]), where waiting is
+//! drives it at `PASSIVE_LEVEL` only ([`wfp_rs_sim::AleIrql::Passive`]), where waiting is
 //! allowed, and the callout checks: at any other IRQL it decides the default without asking.
 //! Everything else is the seed's shape — no pend, no work item, no cache — with the firewall's
 //! messages, port name, and the SDK's port (the same `FltSendMessage` path the firewall's work

@@ -9,7 +9,7 @@ use wfp_rs::irql::Irql;
 use wfp_rs::layer::AleAuthConnectV4;
 use wfp_rs::layer::fields;
 use wfp_rs::layer::value::{ConditionFlags, IpProtocol};
-use wfp_rs::sim::{AleIrql, ClassifyRequest, DirectClassify, LoadedDriver, Machine};
+use wfp_rs_sim::{AleIrql, ClassifyRequest, DirectClassify, LoadedDriver, Machine};
 
 use crate::{APP, PID, Service};
 

@@ -13,7 +13,7 @@
 //! - [`Service`]: the user-mode service, played by harness threads on the filter-manager port.
 //! - [`Latencies`]: percentiles, which criterion does not report.
 //!
-//! Everything here is harness code for the simulator (`wfp_rs::sim`), not driver code.
+//! Everything here is harness code for the simulator (`wfp_rs_sim`), not driver code.
 
 #![cfg(any(not(windows), feature = "sim"))]
 
@@ -33,7 +33,7 @@ pub use service::Service;
 pub use stats::Latencies;
 use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::metadata::Direction as SimDirection;
-use wfp_rs::sim::Connection;
+use wfp_rs_sim::Connection;
 
 /// The image of the process every benchmark connection comes from.
 pub const APP: &str = r"\device\harddiskvolume3\apps\browser.exe";

@@ -6,7 +6,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use wfp_rs::classify::Action;
-use wfp_rs::sim::{AleIrql, LoadedDriver, Machine};
+use wfp_rs_sim::{AleIrql, LoadedDriver, Machine};
 
 use crate::Service;
 

@@ -156,7 +156,7 @@ fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<RawLook
     let c = crate::connection(1);
     let key = CacheKey {
         pid: c.pid,
-        app: fnv1a(&wfp_rs::sim::app_id_bytes(&c.app)),
+        app: fnv1a(&wfp_rs_sim::app_id_bytes(&c.app)),
         direction: Direction::Outbound,
         protocol: c.protocol.into(),
         remote: (c.remote.ip(), c.remote.port()),

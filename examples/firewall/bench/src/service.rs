@@ -7,7 +7,7 @@ use std::time::Duration;
 use firewall_protocol::{CacheLifetime, ConnectionReply, ConnectionRequest, PORT_NAME, Verdict};
 use wfp_rs::Status;
 use wfp_rs::port::Message;
-use wfp_rs::sim::{Machine, PortClient};
+use wfp_rs_sim::{Machine, PortClient};
 
 /// A service that allows every connection: `threads` threads share one connection to
 /// [`PORT_NAME`] and answer each request after `latency` (a sleep; none if zero), until the

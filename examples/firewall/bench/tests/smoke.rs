@@ -10,7 +10,7 @@ use std::time::Duration;
 use firewall_bench::hit::{self, HitMachine, Variant};
 use firewall_bench::load::{Design, Load, LoadConfig};
 use wfp_rs::classify::Action;
-use wfp_rs::sim::AleIrql;
+use wfp_rs_sim::AleIrql;
 
 #[test]
 fn both_callouts_answer_from_their_cache_directly_and_through_the_engine() {

@@ -21,7 +21,7 @@
 //! use firewall_protocol::{Direction, Verdict};
 //! use wfp_rs::time::Instant;
 //!
-//! # let machine = wfp_rs::sim::Machine::new();
+//! # let machine = wfp_rs_sim::Machine::new();
 //! # machine.at_dispatch(|irql| {
 //! let cache = VerdictCache::new(1024).unwrap();
 //! let key = CacheKey {
@@ -362,7 +362,7 @@ mod tests {
 
     use firewall_protocol::control::{REVOKE_MAX_LEN, Revoke};
     use wfp_rs::irql::DispatchLevel;
-    use wfp_rs::sim::Machine;
+    use wfp_rs_sim::Machine;
 
     use super::*;
 

@@ -185,7 +185,7 @@
 //!     let config = Config { default: Verdict::Allow, timeout: Duration::from_secs(2), ..Config::DEFAULT };
 //!     firewall_driver::start(irql, driver, config)
 //! }
-//! # let machine = wfp_rs::sim::Machine::new();
+//! # let machine = wfp_rs_sim::Machine::new();
 //! # let driver = machine.load_driver("firewall", DriverEntry).unwrap();
 //! # machine.unload_driver(driver).unwrap();
 //! # assert!(machine.pool_blocks().is_empty());

@@ -22,7 +22,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 /// fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<Firewall, Status> {
 ///     firewall_driver::start(irql, driver, Config { stats: Some(&STATS), ..Config::DEFAULT })
 /// }
-/// # let machine = wfp_rs::sim::Machine::new();
+/// # let machine = wfp_rs_sim::Machine::new();
 /// # let driver = machine.load_driver("firewall", DriverEntry).unwrap();
 /// assert_eq!(STATS.snapshot().asked, 0);
 /// # machine.unload_driver(driver).unwrap();

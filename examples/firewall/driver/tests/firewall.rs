@@ -39,7 +39,7 @@ use wfp_rs::layer::{
 };
 use wfp_rs::metadata::Direction as SimDirection;
 use wfp_rs::port::Message;
-use wfp_rs::sim::{
+use wfp_rs_sim::{
     AleIrql, Caller, ClassifyRequest, ConnectOutcome, Connection, Decision, LoadedDriver, Machine,
     PortClient,
 };
@@ -366,7 +366,7 @@ fn decided_once(c: &Connection, outcome: &ConnectOutcome, what: &str) -> (Action
     (last.action, outcome.pended)
 }
 
-fn load(machine: &Machine, entry: wfp_rs::sim::DriverEntryFn) -> LoadedDriver {
+fn load(machine: &Machine, entry: wfp_rs_sim::DriverEntryFn) -> LoadedDriver {
     machine.load_driver("firewall", entry).expect("loads")
 }
 
@@ -2155,13 +2155,13 @@ fn burst_verdict(local_port: u16) -> Verdict {
     }
 }
 
-fn burst_reply(message: &wfp_rs::sim::PortMessage) -> Vec<u8> {
+fn burst_reply(message: &wfp_rs_sim::PortMessage) -> Vec<u8> {
     let request = ConnectionRequest::decode(&message.data).expect("the driver's encoding");
     encode_reply(request.reply(burst_verdict(request.local_port)))
 }
 
 /// Pends every attempt and returns each pend, or the first attempt that was not pended.
-fn pend_all(machine: &Machine, ports: &[u16]) -> Result<Vec<wfp_rs::sim::Pending>, String> {
+fn pend_all(machine: &Machine, ports: &[u16]) -> Result<Vec<wfp_rs_sim::Pending>, String> {
     ports
         .iter()
         .map(|&port| {
@@ -2178,7 +2178,7 @@ fn pend_all(machine: &Machine, ports: &[u16]) -> Result<Vec<wfp_rs::sim::Pending
 
 /// Waits until the driver completed each pend; none is reauthorized yet, so every verdict
 /// waits in the driver's table at once.
-fn complete_all(machine: &Machine, pendings: Vec<wfp_rs::sim::Pending>) {
+fn complete_all(machine: &Machine, pendings: Vec<wfp_rs_sim::Pending>) {
     for pending in pendings {
         assert_eq!(machine.wait_for_completion(pending), None, "reauthorize");
     }

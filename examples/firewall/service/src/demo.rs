@@ -1,6 +1,6 @@
 //! `firewall demo`: the whole firewall in the simulator (Linux and macOS hosts).
 //!
-//! 1. Boots a simulated machine ([`wfp_rs::sim::Machine`]) and loads the firewall's callout
+//! 1. Boots a simulated machine ([`wfp_rs_sim::Machine`]) and loads the firewall's callout
 //!    driver (`firewall_driver::start`, through this module's own `#[driver_entry]`, with the
 //!    configuration the demo chose: fail-closed unless `--fail-open`).
 //! 2. Serves the machine's ports and devices on a Unix socket
@@ -56,7 +56,7 @@ use wfp_rs::driver::Driver;
 use wfp_rs::irql::PassiveLevel;
 use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::metadata::Direction as SimDirection;
-use wfp_rs::sim::{AleIrql, Connection, Machine};
+use wfp_rs_sim::{AleIrql, Connection, Machine};
 
 use crate::audit::AuditRecord;
 

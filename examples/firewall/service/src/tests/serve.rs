@@ -26,8 +26,8 @@ use wfp_rs::driver::Driver;
 use wfp_rs::inverted::InvertedQueue;
 use wfp_rs::irql::PassiveLevel;
 use wfp_rs::port::{Filter, SendError, ServerPort};
-use wfp_rs::sim::{LoadedDriver, Machine, UserModeBridge};
 use wfp_rs::user::SIM_SOCKET_VARIABLE;
+use wfp_rs_sim::{LoadedDriver, Machine, UserModeBridge};
 
 /// Bounds waits that end by themselves when the code is right.
 const LONG: Duration = Duration::from_secs(60);

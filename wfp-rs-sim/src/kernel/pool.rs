@@ -11,10 +11,10 @@ use std::{
 use std::alloc::Layout;
 
 use super::bugcheck::stop;
-use super::kernel::{Block, current, current_driver, irql, level_name};
-use crate::bugcheck::{BugCheckCode, verifier};
-use crate::pool::POOL_ALIGNMENT;
-use crate::sys::types::*;
+use super::state::{Block, current, current_driver, irql, level_name};
+use wfp_rs::bugcheck::{BugCheckCode, verifier};
+use wfp_rs::pool::POOL_ALIGNMENT;
+use wfp_rs::sys::*;
 
 /// The byte `POOL_FLAG_UNINITIALIZED` memory is filled with, so reads of uninitialised pool show
 /// up in tests instead of reading zeroes by luck.
@@ -78,7 +78,7 @@ pub unsafe extern "system" fn ExAllocatePool2(
     NumberOfBytes: SIZE_T,
     Tag: ULONG,
 ) -> PVOID {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     let now = irql();
     require_allocation_irql(now, Flags, NumberOfBytes, "pool");
     if NumberOfBytes == 0 {
@@ -134,7 +134,7 @@ pub unsafe extern "system" fn ExAllocatePool2(
 /// `P` must be a live block from `ExAllocatePool2`; the simulator stops the machine otherwise,
 /// before touching the memory.
 pub unsafe extern "system" fn ExFreePoolWithTag(P: PVOID, Tag: ULONG) {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     let now = irql();
     let kernel = current();
     let mut state = kernel.lock();
@@ -171,8 +171,8 @@ pub unsafe extern "system" fn ExFreePoolWithTag(P: PVOID, Tag: ULONG) {
             [0x0A, P as usize, allocated_with as usize, Tag as usize],
             &format!(
                 "ExFreePoolWithTag with tag {:?}, but the block was allocated with {:?}",
-                crate::pool::PoolTag::new(&Tag.to_le_bytes()),
-                crate::pool::PoolTag::new(&allocated_with.to_le_bytes())
+                wfp_rs::pool::PoolTag::new(&Tag.to_le_bytes()),
+                wfp_rs::pool::PoolTag::new(&allocated_with.to_le_bytes())
             ),
         );
     }

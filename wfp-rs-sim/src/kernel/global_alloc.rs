@@ -1,7 +1,7 @@
 //! The global allocator of every program built with the simulator backend.
 //!
 //! On Windows a driver's `Box`, `Vec` and `Arc` come from non-paged pool through
-//! [`PoolAllocator`](crate::pool::PoolAllocator). In the simulator the driver is host code in
+//! [`PoolAllocator`](wfp_rs::pool::PoolAllocator). In the simulator the driver is host code in
 //! the test's process, so this allocator decides per call who is allocating:
 //!
 //! - **Driver code** — a thread inside a machine, running a driver's code (its `DriverEntry`,
@@ -27,14 +27,14 @@
 //! deadlock here. Whoever else takes it (the harness's `pool_blocks`, the unload check) runs as
 //! kernel code while holding it, so its own allocations do not come back for it.
 //!
-//! The thread-locals read here ([`RUNNING`](super::kernel::RUNNING), `FAILED`) are
+//! The thread-locals read here ([`RUNNING`](super::state::RUNNING), `FAILED`) are
 //! `const`-initialised `Copy` cells: no lazy initialisation that could allocate, no destructor
 //! after which they are gone, so an allocation during thread teardown is safe.
 //!
 //! When driver code's allocation fails and the caller cannot handle it (`Box::new`, `Vec::push`:
 //! anything but `try_reserve` and the like), Rust calls `handle_alloc_error`. In a driver that
 //! panics, and the driver's panic handler bug checks with `KMODE_EXCEPTION_NOT_HANDLED`
-//! ([`crate::panic`]). In a host program std prints "memory allocation of N bytes failed" and
+//! ([`wfp_rs::panic`]). In a host program std prints "memory allocation of N bytes failed" and
 //! aborts; on Unix hosts the simulator catches that abort and prints the stop a driver would
 //! give (see `report_unhandled_failure`).
 
@@ -44,10 +44,10 @@ use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use super::kernel::{self, Block, Kernel, KernelCode, Running};
-use crate::pool::POOL_ALIGNMENT;
-use crate::sim::GLOBAL_ALLOCATOR_TAG;
-use crate::sys::types::*;
+use super::state::{self as kernel, Block, Kernel, KernelCode, Running};
+use crate::GLOBAL_ALLOCATOR_TAG;
+use wfp_rs::pool::POOL_ALIGNMENT;
+use wfp_rs::sys::*;
 
 /// Bytes in front of every block: the machine (pool blocks) and the kind. As large as the pool
 /// alignment, so blocks keep it.
@@ -359,7 +359,7 @@ mod report_unhandled_failure {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use super::FAILED;
-    use crate::sys::sim::bugcheck::STOP_PREFIX;
+    use crate::kernel::bugcheck::STOP_PREFIX;
 
     const SIGABRT: c_int = 6;
     /// "Rust" in ASCII: parameter 1 of the SDK's panic handler's bug check.

@@ -52,11 +52,10 @@ use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::bugcheck::stop;
-use super::kernel::{Kernel, current, irql, level_name, require_irql, with_context};
-use crate::bugcheck::{BugCheckCode, iomanager};
-use crate::status::Status;
-use crate::sys::irp::*;
-use crate::sys::types::*;
+use super::state::{Kernel, current, irql, level_name, require_irql, with_context};
+use wfp_rs::bugcheck::{BugCheckCode, iomanager};
+use wfp_rs::status::Status;
+use wfp_rs::sys::*;
 
 const STATUS_SUCCESS: NTSTATUS = 0;
 const STATUS_ACCESS_VIOLATION: NTSTATUS = 0xC000_0005u32 as i32;
@@ -468,12 +467,12 @@ fn call_driver(kernel: &Arc<Kernel>, irp: usize) -> NTSTATUS {
     };
     with_context(kernel, PASSIVE_LEVEL, driver, || {
         let before = irql();
-        let dispatch = super::kernel::Routine::new(
-            super::kernel::RoutineKind::Dispatch,
+        let dispatch = super::state::Routine::new(
+            super::state::RoutineKind::Dispatch,
             driver,
             usize::from(major),
         );
-        let returned = super::kernel::with_routine(dispatch, || {
+        let returned = super::state::with_routine(dispatch, || {
             // SAFETY: the driver installed this routine for the major function; the device is
             // its own and alive (checked by the callers), and the IRP is a fresh packet it now
             // owns.
@@ -586,7 +585,7 @@ fn check_dispatch_result(
 ///
 /// `Irp` must be an IRP the caller owns; the simulator checks that before touching it.
 pub unsafe extern "system" fn IofCompleteRequest(Irp: *mut IRP, PriorityBoost: i8) {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     let _ = PriorityBoost;
     let now = irql();
     let address = Irp as usize;
@@ -712,11 +711,11 @@ fn cancel_lock(kernel: &Kernel) -> *mut KSPIN_LOCK {
 ///
 /// `Irql` must be writable; the caller releases the lock with `IoReleaseCancelSpinLock`.
 pub unsafe extern "system" fn IoAcquireCancelSpinLock(Irql: *mut KIRQL) {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("IoAcquireCancelSpinLock", DISPATCH_LEVEL);
     let kernel = current();
     // SAFETY: the machine's cancel lock word outlives the hold; the IRQL was checked.
-    let old = unsafe { crate::sys::KeAcquireSpinLockRaiseToDpc(cancel_lock(&kernel)) };
+    let old = unsafe { wfp_rs::sys::KeAcquireSpinLockRaiseToDpc(cancel_lock(&kernel)) };
     // SAFETY: the caller passes a writable KIRQL.
     unsafe { Irql.write(old) };
 }
@@ -727,10 +726,10 @@ pub unsafe extern "system" fn IoAcquireCancelSpinLock(Irql: *mut KIRQL) {
 ///
 /// This processor holds the cancel spin lock; `Irql` is the value its acquisition saved.
 pub unsafe extern "system" fn IoReleaseCancelSpinLock(Irql: KIRQL) {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     let kernel = current();
     // SAFETY: KeReleaseSpinLock checks the IRQL and the owner itself.
-    unsafe { crate::sys::KeReleaseSpinLock(cancel_lock(&kernel), Irql) };
+    unsafe { wfp_rs::sys::KeReleaseSpinLock(cancel_lock(&kernel), Irql) };
 }
 
 /// `IoCancelIrp`, as the I/O manager runs it for `CancelIoEx`: sets `Cancel`, takes the cancel
@@ -756,8 +755,8 @@ fn cancel_irp(kernel: &Kernel, irp: usize) -> bool {
             let device = unsafe { (*block).stack.DeviceObject };
             // SAFETY: the device of a queued IRP is alive: it cannot be deleted with IRPs pending.
             let driver = unsafe { (*device).DriverObject } as usize;
-            let cancel = super::kernel::Routine::new(super::kernel::RoutineKind::Cancel, driver, 0);
-            super::kernel::with_routine(cancel, || {
+            let cancel = super::state::Routine::new(super::state::RoutineKind::Cancel, driver, 0);
+            super::state::with_routine(cancel, || {
                 // SAFETY: the driver set this cancel routine for this IRP; it is called at
                 // DISPATCH_LEVEL with the cancel spin lock held, and must release it.
                 driver_code(|| unsafe { routine(device, block.cast()) })
@@ -801,7 +800,7 @@ pub unsafe extern "system" fn IoCsqInitializeEx(
     CsqReleaseLock: PIO_CSQ_RELEASE_LOCK,
     CsqCompleteCanceledIrp: PIO_CSQ_COMPLETE_CANCELED_IRP,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     // SAFETY: the caller passes a writable IO_CSQ.
     unsafe {
         Csq.write(IO_CSQ {
@@ -828,7 +827,7 @@ struct Callbacks {
 
 /// Calls a routine of the driver the kernel runs for (a queue or cancel routine) as its code.
 fn driver_code<R>(f: impl FnOnce() -> R) -> R {
-    super::kernel::as_driver(super::kernel::current_driver(), f)
+    super::state::as_driver(super::state::current_driver(), f)
 }
 
 fn missing(what: &str) -> ! {
@@ -938,7 +937,7 @@ pub unsafe extern "system" fn IoCsqInsertIrpEx(
     Context: *mut IO_CSQ_IRP_CONTEXT,
     InsertContext: PVOID,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("IoCsqInsertIrpEx", DISPATCH_LEVEL);
     let before = irql();
     // SAFETY: per the contract.
@@ -1008,7 +1007,7 @@ pub unsafe extern "system" fn IoCsqInsertIrpEx(
 ///
 /// `Csq` is an initialised queue.
 pub unsafe extern "system" fn IoCsqRemoveNextIrp(Csq: *mut IO_CSQ, PeekContext: PVOID) -> *mut IRP {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("IoCsqRemoveNextIrp", DISPATCH_LEVEL);
     let before = irql();
     // SAFETY: per the contract.
@@ -1048,7 +1047,7 @@ fn forget_context(irp: *mut IRP) {
 /// The cancel routine the queue routines set: removes the IRP with the driver's routine and has
 /// the driver complete it.
 unsafe extern "system" fn csq_cancel_routine(_device: *mut DEVICE_OBJECT, irp: *mut IRP) {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     // SAFETY: the I/O manager calls this with the cancel spin lock held, for an IRP it took the
     // routine from; the lock must be released first.
     let cancel_irql = unsafe { (*irp).CancelIrql };
@@ -1096,7 +1095,7 @@ pub unsafe extern "system" fn IoCreateSymbolicLink(
     SymbolicLinkName: *const UNICODE_STRING,
     DeviceName: *const UNICODE_STRING,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("IoCreateSymbolicLink", PASSIVE_LEVEL);
     let (Some(name), Some(target)) = (read_unicode(SymbolicLinkName), read_unicode(DeviceName))
     else {
@@ -1123,7 +1122,7 @@ pub unsafe extern "system" fn IoCreateSymbolicLink(
 pub unsafe extern "system" fn IoDeleteSymbolicLink(
     SymbolicLinkName: *const UNICODE_STRING,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("IoDeleteSymbolicLink", PASSIVE_LEVEL);
     let Some(name) = read_unicode(SymbolicLinkName) else {
         return Status::INVALID_PARAMETER.raw();
@@ -1151,7 +1150,7 @@ pub unsafe extern "system" fn ObOpenObjectByPointer(
     AccessMode: KPROCESSOR_MODE,
     Handle: *mut HANDLE,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     let _ = (PassedAccessState, ObjectType);
     require_irql("ObOpenObjectByPointer", APC_LEVEL);
     if AccessMode != KernelMode {
@@ -1197,7 +1196,7 @@ pub unsafe extern "system" fn ZwSetSecurityObject(
     SecurityInformation: u32,
     SecurityDescriptor: PVOID,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("ZwSetSecurityObject", PASSIVE_LEVEL);
     let kernel = current();
     let (object, serial, granted) = {
@@ -1236,7 +1235,7 @@ pub unsafe extern "system" fn ZwSetSecurityObject(
 ///
 /// None beyond the kernel's.
 pub unsafe extern "system" fn ZwClose(Handle: HANDLE) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("ZwClose", PASSIVE_LEVEL);
     let kernel = current();
     match io(&kernel).handles.remove(&(Handle as usize)) {
@@ -1734,7 +1733,7 @@ impl IoRequest {
             record.driver
         };
         with_context(&self.kernel, PASSIVE_LEVEL, driver, || {
-            let _kernel = super::kernel::KernelCode::enter();
+            let _kernel = super::state::KernelCode::enter();
             cancel_irp(&self.kernel, self.irp)
         })
     }

@@ -2,7 +2,7 @@
 //! driver, server ports, client connections and the messages exchanged over them — and the
 //! user-mode side of those connections (`FilterConnectCommunicationPort`, `FilterGetMessage`,
 //! `FilterReplyMessage`, `CloseHandle`), which the harness drives through
-//! [`crate::sim::PortClient`].
+//! [`crate::PortClient`].
 //!
 //! The rules it checks, with what Windows does:
 //!
@@ -60,12 +60,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::bugcheck::stop;
-use super::kernel::{self, Kernel, current, current_driver, irql, level_name, require_irql};
 use super::pool::{kernel_allocate, kernel_free};
-use crate::bugcheck::{BugCheckCode, verifier};
-use crate::status::Status;
-use crate::sys::flt::*;
-use crate::sys::types::*;
+use super::state::{
+    self as kernel, Kernel, current, current_driver, irql, level_name, require_irql,
+};
+use wfp_rs::bugcheck::{BugCheckCode, verifier};
+use wfp_rs::status::Status;
+use wfp_rs::sys::*;
 
 const STATUS_SUCCESS: NTSTATUS = 0;
 const STATUS_TIMEOUT: NTSTATUS = Status::TIMEOUT.raw();
@@ -311,7 +312,7 @@ pub unsafe extern "system" fn FltRegisterFilter(
     Registration: *const FLT_REGISTRATION,
     RetFilter: *mut PFLT_FILTER,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("FltRegisterFilter", APC_LEVEL);
     if RetFilter.is_null() {
         bad_object("FltRegisterFilter", "output pointer", 0);
@@ -383,7 +384,7 @@ pub unsafe extern "system" fn FltRegisterFilter(
 ///
 /// `Filter` must come from `FltRegisterFilter`.
 pub unsafe extern "system" fn FltStartFiltering(Filter: PFLT_FILTER) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("FltStartFiltering", APC_LEVEL);
     let kernel = current();
     let mut flt = lock(&kernel);
@@ -406,7 +407,7 @@ pub unsafe extern "system" fn FltStartFiltering(Filter: PFLT_FILTER) -> NTSTATUS
 ///
 /// `Filter` must come from `FltRegisterFilter` and not be unregistered yet.
 pub unsafe extern "system" fn FltUnregisterFilter(Filter: PFLT_FILTER) {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("FltUnregisterFilter", APC_LEVEL);
     let kernel = current();
     let filter = Filter as usize;
@@ -467,7 +468,7 @@ pub unsafe extern "system" fn FltBuildDefaultSecurityDescriptor(
     SecurityDescriptor: *mut PSECURITY_DESCRIPTOR,
     DesiredAccess: ACCESS_MASK,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("FltBuildDefaultSecurityDescriptor", APC_LEVEL);
     if SecurityDescriptor.is_null() {
         bad_object("FltBuildDefaultSecurityDescriptor", "output pointer", 0);
@@ -496,7 +497,7 @@ pub unsafe extern "system" fn FltBuildDefaultSecurityDescriptor(
 ///
 /// `SecurityDescriptor` must come from `FltBuildDefaultSecurityDescriptor` and not be freed yet.
 pub unsafe extern "system" fn FltFreeSecurityDescriptor(SecurityDescriptor: PSECURITY_DESCRIPTOR) {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("FltFreeSecurityDescriptor", APC_LEVEL);
     let kernel = current();
     let known = lock(&kernel)
@@ -550,7 +551,7 @@ pub unsafe extern "system" fn FltCreateCommunicationPort(
     MessageNotifyCallback: PFLT_MESSAGE_NOTIFY,
     MaxConnections: LONG,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     // User mode cannot send to the driver in the simulator (there is no FilterSendMessage), so
     // the message callback is never called.
     let _ = MessageNotifyCallback;
@@ -628,7 +629,7 @@ pub unsafe extern "system" fn FltCreateCommunicationPort(
 ///
 /// `ServerPort` must come from `FltCreateCommunicationPort` and not be closed yet.
 pub unsafe extern "system" fn FltCloseCommunicationPort(ServerPort: PFLT_PORT) {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("FltCloseCommunicationPort", PASSIVE_LEVEL);
     let kernel = current();
     let removed = lock(&kernel).servers.remove(&(ServerPort as usize));
@@ -648,7 +649,7 @@ pub unsafe extern "system" fn FltCloseCommunicationPort(ServerPort: PFLT_PORT) {
 ///
 /// `ClientPort` must point to the variable holding the client port, accessed only atomically.
 pub unsafe extern "system" fn FltCloseClientPort(Filter: PFLT_FILTER, ClientPort: *mut PFLT_PORT) {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("FltCloseClientPort", PASSIVE_LEVEL);
     if ClientPort.is_null() {
         bad_object("FltCloseClientPort", "client port variable", 0);
@@ -713,7 +714,7 @@ pub unsafe extern "system" fn FltSendMessage(
     ReplyLength: *mut ULONG,
     Timeout: *const LARGE_INTEGER,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     let now = irql();
     if now == DISPATCH_LEVEL {
         let client = if ClientPort.is_null() {
@@ -859,7 +860,7 @@ pub unsafe extern "system" fn FltSendMessage(
             drop(flt);
             kernel.unload_wait_expired(
                 kernel::current_driver(),
-                [client, 0, 0, crate::bugcheck::unload_wait::PORT_MESSAGE],
+                [client, 0, 0, wfp_rs::bugcheck::unload_wait::PORT_MESSAGE],
                 &format!(
                     "user mode to {} message {id} sent with FltSendMessage with no timeout",
                     if delivered { "reply to" } else { "receive" }

@@ -12,12 +12,12 @@ use std::backtrace::{Backtrace, BacktraceStatus};
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::kernel::{Routine, RoutineKind};
+use super::state::{Routine, RoutineKind};
 
-use crate::bugcheck::BugCheckCode as Code;
-use crate::sys::types::*;
+use wfp_rs::bugcheck::BugCheckCode as Code;
+use wfp_rs::sys::*;
 
-/// The line a bug check prints first; [`crate::sim::run_isolated`] parses it.
+/// The line a bug check prints first; [`crate::run_isolated`] parses it.
 pub(crate) const STOP_PREFIX: &str = "*** STOP: ";
 /// The line that says which driver routine the thread was running.
 pub(crate) const IN_PREFIX: &str = "in: ";
@@ -38,7 +38,7 @@ pub(crate) fn install_driver_panic_hook() {
     INSTALLED.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            let running = super::kernel::running();
+            let running = super::state::running();
             if running.driver != 0 && !running.in_kernel && !running.kernel.is_null() {
                 let line = info.location().map_or(0, |l| l.line() as usize);
                 stop(
@@ -99,7 +99,7 @@ fn report(
     // failing on purpose) when a driver's code is what stopped. Not `KernelCode::enter`: its
     // watchdog check would stop again from inside the stop.
     super::global_alloc::forget_failure();
-    let _kernel = super::kernel::KernelCode::for_allocator();
+    let _kernel = super::state::KernelCode::for_allocator();
     // One bug check per process, as per machine: a second processor that stops while the first
     // one's report is being written waits for the end instead of interleaving its own.
     static STOPPING: AtomicBool = AtomicBool::new(false);
@@ -113,15 +113,15 @@ fn report(
     let (in_line, location) = match on_behalf {
         Some((in_line, at_line)) => (in_line.replace('\n', " "), at_line.replace('\n', " ")),
         None => {
-            let routine = super::kernel::current_routine()
+            let routine = super::state::current_routine()
                 .map_or_else(|| "kernel or harness code".to_owned(), describe_routine);
             let current = std::thread::current();
             let thread = format!(
                 "{} [{}]",
                 current.name().unwrap_or("<unnamed>"),
-                super::kernel::thread_id()
+                super::state::thread_id()
             );
-            let irql = super::kernel::irql();
+            let irql = super::state::irql();
             let location = first_driver_frame(&Backtrace::force_capture()).map_or_else(
                 || "(no driver frame on the stack)".to_owned(),
                 |(function, at)| format!("{at} ({function})"),
@@ -154,8 +154,8 @@ fn driver_name(driver: usize) -> String {
 }
 
 /// The machine this thread runs in, if it can be read without waiting.
-fn current_kernel() -> Option<std::sync::Arc<super::kernel::Kernel>> {
-    super::kernel::THREAD.with(|t| t.kernel.try_borrow().ok().and_then(|k| k.clone()))
+fn current_kernel() -> Option<std::sync::Arc<super::state::Kernel>> {
+    super::state::THREAD.with(|t| t.kernel.try_borrow().ok().and_then(|k| k.clone()))
 }
 
 /// "classifyFn of callout 3 of driver firewall", for the stop report.
@@ -175,7 +175,7 @@ pub(crate) fn describe_routine(routine: Routine) -> String {
             let id = u32::try_from(routine.object).unwrap_or(0);
             let key = current_kernel()
                 .and_then(|kernel| super::wfp::callout_key(&kernel, id))
-                .map_or_else(String::new, |key| format!(" {{{}}}", crate::Guid(key)));
+                .map_or_else(String::new, |key| format!(" {{{}}}", wfp_rs::Guid(key)));
             format!("{callback} of callout {id}{key} of driver {driver}")
         }
         RoutineKind::Dispatch => format!(
@@ -190,11 +190,13 @@ pub(crate) fn describe_routine(routine: Routine) -> String {
     }
 }
 
-/// Prefixes of functions that are not the driver's own code: the SDK (and the simulator in it),
-/// the standard library, the test harness and the C runtime.
+/// Prefixes of functions that are not the driver's own code: the SDK, the simulator, the standard
+/// library, the test harness and the C runtime.
 const NOT_DRIVER: &[&str] = &[
     "wfp_rs::",
     "<wfp_rs::",
+    "wfp_rs_sim::",
+    "<wfp_rs_sim::",
     "std::",
     "<std::",
     "core::",
@@ -254,7 +256,7 @@ pub unsafe extern "system" fn KeBugCheckEx(
     BugCheckParameter3: ULONG_PTR,
     BugCheckParameter4: ULONG_PTR,
 ) -> ! {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     stop(
         Code(BugCheckCode),
         [

@@ -1,20 +1,47 @@
-//! The host simulator's harness: boot a simulated machine, load a driver into it, drive it, and
-//! check that it unloads clean — on Linux, in `cargo test`.
+//! # wfp-rs-sim
 //!
-//! The simulator implements the kernel functions of [`crate::sys`] in Rust; the driver code, the
+//! The Windows kernel, implemented in Rust, for testing [wfp-rs](wfp_rs) callout drivers on any
+//! host: boot a simulated machine, load a driver into it, drive it, and check that it unloads
+//! clean — on Linux, in `cargo test`.
+//!
+//! The simulator implements the kernel functions of [`wfp_rs::sys`] in Rust; the driver code, the
 //! SDK's trampolines and the `#[repr(C)]` structures are the ones that run on Windows. Where
 //! Windows (with Driver Verifier) would bugcheck, the simulator stops the process with the same
 //! stop code; [`run_isolated`] runs such a scenario in a child process so a test can assert the
-//! stop code.
+//! stop code ([`bugcheck_test!`] declares such a test).
+//!
+//! A driver's tests depend on it; the driver does not:
+//!
+//! ```toml
+//! [dev-dependencies]
+//! wfp-rs-sim = "0.1"
+//! ```
 //!
 //! ```
-//! use wfp_rs::sim::Machine;
 //! use wfp_rs::irql::Irql;
+//! use wfp_rs_sim::Machine;
 //!
 //! let machine = Machine::new();
 //! let seen = machine.at_dispatch(|_irql| Irql::current());
 //! assert_eq!(seen, Irql::DISPATCH);
 //! ```
+//!
+//! The first [`Machine`] installs the simulated kernel as the one `wfp_rs::sys` calls (a table of
+//! functions, see the repository's `docs/simulator.md`); kernel code that runs with no
+//! simulator in the process panics with a message that says to add this crate. Besides the
+//! machine, the crate sets the process's global allocator (so a driver's `Box` and `Vec` are
+//! pool, leak-checked at unload) and a panic hook (a panic in driver code stops the machine with
+//! `KMODE_EXCEPTION_NOT_HANDLED`, as the driver's panic handler stops Windows).
+//!
+//! The simulator runs where wfp-rs selects its simulator backend: on every host but Windows, and
+//! on Windows with the feature `sim` (of this crate, which enables wfp-rs's). Compiled for
+//! Windows without it, this crate is empty.
+
+#![cfg(any(not(windows), feature = "sim"))]
+
+// The kernel functions keep their C names and parameter names, as in `wfp_rs::sys`.
+#[allow(non_snake_case)]
+mod kernel;
 
 #[allow(unused_imports)]
 use std::{
@@ -28,19 +55,28 @@ use std::fmt;
 use std::process::Command;
 use std::sync::Arc;
 
-use crate::bugcheck::{BugCheckCode, verifier};
-use crate::irql::{DispatchLevel, Irql, PassiveLevel};
-use crate::pool::PoolTag;
-use crate::status::Status;
-use crate::sys::sim::bugcheck::{AT_PREFIX, IN_PREFIX, STOP_PREFIX, stop};
-use crate::sys::sim::kernel::{self, DriverRecord, Kernel, Routine, RoutineKind, WorkItemState};
-use crate::sys::types::*;
 use std::sync::atomic::Ordering;
+
+use wfp_rs::bugcheck::{BugCheckCode, verifier};
+use wfp_rs::irql::{DispatchLevel, Irql, PassiveLevel};
+use wfp_rs::pool::PoolTag;
+use wfp_rs::status::Status;
+use wfp_rs::sys::*;
+
+use crate::kernel::bugcheck::{AT_PREFIX, IN_PREFIX, STOP_PREFIX, stop};
+use crate::kernel::state::{
+    self as state, DriverRecord, Kernel, Routine, RoutineKind, WorkItemState,
+};
+
+#[doc(hidden)]
+pub mod __private {
+    pub use wfp_rs::bugcheck::BugCheckCode;
+}
 
 /// The tag of the pool blocks driver code takes through the global allocator (`Box`, `Vec`,
 /// `Arc`, ...) in the simulator, as [`Machine::pool_blocks`] and the unload leak report show
 /// them. (On Windows they carry the tag the driver gave its
-/// [`PoolAllocator`](crate::pool::PoolAllocator); the simulator's allocator is shared by every
+/// [`PoolAllocator`](wfp_rs::pool::PoolAllocator); the simulator's allocator is shared by every
 /// driver in the process, so it cannot know that tag.)
 pub const GLOBAL_ALLOCATOR_TAG: PoolTag = PoolTag::new(b"Rust");
 
@@ -54,11 +90,11 @@ pub const GLOBAL_ALLOCATOR_TAG: PoolTag = PoolTag::new(b"Rust");
 /// use std::sync::Mutex;
 /// static LOG: Mutex<Vec<&str>> = Mutex::new(Vec::new());
 /// // In a callback of a driver under test:
-/// wfp_rs::sim::as_harness(|| LOG.lock().unwrap().push("classify"));
+/// wfp_rs_sim::as_harness(|| LOG.lock().unwrap().push("classify"));
 /// # assert_eq!(LOG.lock().unwrap().len(), 1);
 /// ```
 pub fn as_harness<R>(f: impl FnOnce() -> R) -> R {
-    let _harness = kernel::KernelCode::enter();
+    let _harness = state::KernelCode::enter();
     f()
 }
 
@@ -98,12 +134,12 @@ impl LoadedDriver {
         &self.name
     }
 
-    /// A [`WorkQueue`](crate::work_item::WorkQueue) handle of a driver built with
+    /// A [`WorkQueue`](wfp_rs::work_item::WorkQueue) handle of a driver built with
     /// `#[driver_entry]` (`None` for other drivers), to queue work on its behalf from a test.
     /// Drop it before unloading: unload waits for every handle (and stops the machine with 0xCE
     /// after [`Machine::set_unload_wait_limit`] if one is still alive).
-    pub fn work_queue(&self, machine: &Machine) -> Option<crate::work_item::WorkQueue> {
-        machine.run(|| crate::driver::work_queue_of(self.driver_object()))
+    pub fn work_queue(&self, machine: &Machine) -> Option<wfp_rs::work_item::WorkQueue> {
+        machine.run(|| wfp_rs::__sim::work_queue_of(self.driver_object()))
     }
 
     /// Runs `f` as the driver's own code at `PASSIVE_LEVEL`, with its [`Driver`] handle, so a test
@@ -111,11 +147,11 @@ impl LoadedDriver {
     /// `#[driver_entry]`. Whatever `f` creates (registrations, handles) must be gone before
     /// unload, as for the driver's own state.
     ///
-    /// [`Driver`]: crate::driver::Driver
+    /// [`Driver`]: wfp_rs::driver::Driver
     pub fn run_in_driver<R>(
         &self,
         machine: &Machine,
-        f: impl FnOnce(&mut PassiveLevel<'_>, &mut crate::driver::Driver<'_>) -> R,
+        f: impl FnOnce(&mut PassiveLevel<'_>, &mut wfp_rs::driver::Driver<'_>) -> R,
     ) -> Option<R> {
         let path = {
             let mut state = machine.kernel.lock();
@@ -127,12 +163,12 @@ impl LoadedDriver {
             }
         };
         token_scope("LoadedDriver::run_in_driver", || {
-            kernel::with_context(&machine.kernel, PASSIVE_LEVEL, self.object, || {
+            state::with_context(&machine.kernel, PASSIVE_LEVEL, self.object, || {
                 // SAFETY: this thread runs at PASSIVE_LEVEL, as the driver, for the call of `f`, and
                 // `token_scope` made sure no other token is live on it.
-                let mut token = unsafe { PassiveLevel::new_unchecked() };
+                let mut token = unsafe { wfp_rs::__sim::passive_level() };
                 let result =
-                    crate::driver::with_driver_of(self.driver_object(), &path, &mut token, f);
+                    wfp_rs::__sim::with_driver_of(self.driver_object(), &path, &mut token, f);
                 check_irql_restored("LoadedDriver::run_in_driver", PASSIVE_LEVEL);
                 result
             })
@@ -163,7 +199,7 @@ fn token_scope<R>(what: &str, f: impl FnOnce() -> R) -> R {
             HARNESS_TOKEN.set(false);
         }
     }
-    if HARNESS_TOKEN.get() || kernel::current_driver() != 0 {
+    if HARNESS_TOKEN.get() || state::current_driver() != 0 {
         panic!(
             "{what} called where an IRQL token may already be live on this thread (inside \
              Machine::at_passive, Machine::at_dispatch, LoadedDriver::run_in_driver, or driver \
@@ -213,15 +249,18 @@ impl Machine {
 
     /// A machine with `workers` system worker threads (at least one).
     pub fn with_worker_threads(workers: usize) -> Machine {
+        // The same table every time: the first machine of the process installs it, the others
+        // find it there.
+        wfp_rs::__sim::install_kernel(&crate::kernel::FUNCTIONS);
         Machine {
             kernel: Kernel::new(workers.max(1)),
         }
     }
 
-    /// The machine's interrupt time, what [`Instant::now`](crate::time::Instant::now) returns
+    /// The machine's interrupt time, what [`Instant::now`](wfp_rs::time::Instant::now) returns
     /// inside it. Callable from any thread, also outside the machine.
-    pub fn now(&self) -> crate::time::Instant {
-        crate::time::Instant::from_ticks(self.kernel.interrupt_time())
+    pub fn now(&self) -> wfp_rs::time::Instant {
+        wfp_rs::time::Instant::from_ticks(self.kernel.interrupt_time())
     }
 
     /// Moves the machine's clock forward by `by` (rounded up to whole 100-ns ticks), at once and
@@ -242,8 +281,8 @@ impl Machine {
 
     /// [`run`](Self::run), naming the harness method in the stop report.
     fn run_as<R>(&self, method: &'static str, f: impl FnOnce() -> R) -> R {
-        kernel::with_context(&self.kernel, PASSIVE_LEVEL, 0, || {
-            kernel::with_routine(Routine::new(RoutineKind::Harness(method), 0, 0), f)
+        state::with_context(&self.kernel, PASSIVE_LEVEL, 0, || {
+            state::with_routine(Routine::new(RoutineKind::Harness(method), 0, 0), f)
         })
     }
 
@@ -251,7 +290,7 @@ impl Machine {
     /// `DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS` (0xCE) instead of hanging, as a
     /// Windows unload that waits for work which never finishes does: a wait with no timeout in
     /// `DriverEntry` or the unload routine (the SDK's unload waits for work items and
-    /// [`WorkQueue`](crate::work_item::WorkQueue) handles this way), work item routines that have
+    /// [`WorkQueue`](wfp_rs::work_item::WorkQueue) handles this way), work item routines that have
     /// not returned when the unload routine has, calls into a callout that
     /// `FwpsCalloutUnregisterById0` waits for. The report names what was waited for and the
     /// threads still blocked. The default is 30 seconds; tests of these stops set a short limit
@@ -259,7 +298,7 @@ impl Machine {
     ///
     /// ```
     /// use core::time::Duration;
-    /// use wfp_rs::sim::Machine;
+    /// use wfp_rs_sim::Machine;
     ///
     /// let machine = Machine::new();
     /// // A test that expects the stop: give up after half a second instead of 30.
@@ -293,7 +332,7 @@ impl Machine {
     ///
     /// ```
     /// use core::time::Duration;
-    /// use wfp_rs::sim::Machine;
+    /// use wfp_rs_sim::Machine;
     ///
     /// let machine = Machine::new();
     /// machine.set_dpc_watchdog_limit(Duration::from_millis(200));
@@ -315,7 +354,7 @@ impl Machine {
             self.run_as("Machine::at_passive", || {
                 // SAFETY: this thread runs at PASSIVE_LEVEL inside the machine for the call of `f`,
                 // and `token_scope` made sure no other token is live on it.
-                let mut token = unsafe { PassiveLevel::new_unchecked() };
+                let mut token = unsafe { wfp_rs::__sim::passive_level() };
                 let result = f(&mut token);
                 check_irql_restored("Machine::at_passive", PASSIVE_LEVEL);
                 result
@@ -333,12 +372,12 @@ impl Machine {
     /// As [`at_passive`](Self::at_passive): where a token may already be live on this thread.
     pub fn at_dispatch<R>(&self, f: impl for<'t> FnOnce(&'t mut DispatchLevel<'t>) -> R) -> R {
         token_scope("Machine::at_dispatch", || {
-            kernel::with_context(&self.kernel, DISPATCH_LEVEL, 0, || {
+            state::with_context(&self.kernel, DISPATCH_LEVEL, 0, || {
                 let dpc = Routine::new(RoutineKind::Harness("Machine::at_dispatch"), 0, 0);
-                kernel::with_routine(dpc, || {
+                state::with_routine(dpc, || {
                     // SAFETY: this thread runs at DISPATCH_LEVEL inside the machine for the call
                     // of `f`, and `token_scope` made sure no other token is live on it.
-                    let mut token = unsafe { DispatchLevel::new_unchecked() };
+                    let mut token = unsafe { wfp_rs::__sim::dispatch_level() };
                     let result = f(&mut token);
                     check_irql_restored("a DPC", DISPATCH_LEVEL);
                     result
@@ -362,8 +401,8 @@ impl Machine {
             };
             (&mut *record.object as *mut DRIVER_OBJECT, path)
         };
-        let status = kernel::with_context(&self.kernel, PASSIVE_LEVEL, object, || {
-            kernel::with_routine(Routine::new(RoutineKind::DriverEntry, object, 0), || {
+        let status = state::with_context(&self.kernel, PASSIVE_LEVEL, object, || {
+            state::with_routine(Routine::new(RoutineKind::DriverEntry, object, 0), || {
                 // SAFETY: the driver object and registry path are valid for the call, as the
                 // I/O manager guarantees to DriverEntry.
                 let status = unsafe { entry(object_ptr, &registry_path) };
@@ -410,9 +449,9 @@ impl Machine {
         let Some(unload) = unload else {
             return Err(UnloadError::NotUnloadable(driver));
         };
-        kernel::with_context(&self.kernel, PASSIVE_LEVEL, driver.object, || {
+        state::with_context(&self.kernel, PASSIVE_LEVEL, driver.object, || {
             let routine = Routine::new(RoutineKind::DriverUnload, driver.object, 0);
-            kernel::with_routine(routine, || {
+            state::with_routine(routine, || {
                 // SAFETY: the driver set this routine and is loaded; the I/O manager calls it at
                 // PASSIVE_LEVEL with the driver object.
                 unsafe { unload(driver.object as *mut DRIVER_OBJECT) };
@@ -427,9 +466,9 @@ impl Machine {
         let routine = Routine::new(RoutineKind::AfterUnload, driver.object, 0);
         // Inside the machine, so a stop's report can name the driver; harness code, so the
         // checks' own allocations come from the host (see `pool_blocks`).
-        kernel::with_context(&self.kernel, PASSIVE_LEVEL, 0, || {
-            let _harness = kernel::KernelCode::enter();
-            kernel::with_routine(routine, || self.finish_unload_checks(driver))
+        state::with_context(&self.kernel, PASSIVE_LEVEL, 0, || {
+            let _harness = state::KernelCode::enter();
+            state::with_routine(routine, || self.finish_unload_checks(driver))
         })
     }
 
@@ -499,9 +538,9 @@ impl Machine {
                 ),
             );
         }
-        crate::sys::sim::flt::check_unload(&self.kernel, driver.object, &driver.name);
-        crate::sys::sim::wfp::check_unload(&self.kernel, driver.object, &driver.name);
-        crate::sys::sim::irp::check_unload(&self.kernel, driver.object, &driver.name);
+        crate::kernel::flt::check_unload(&self.kernel, driver.object, &driver.name);
+        crate::kernel::wfp::check_unload(&self.kernel, driver.object, &driver.name);
+        crate::kernel::irp::check_unload(&self.kernel, driver.object, &driver.name);
         let devices = state
             .devices
             .values()
@@ -556,10 +595,10 @@ impl Machine {
             .remove(&driver.object)
             .expect("driver is loaded");
         drop(state);
-        crate::sys::sim::forget_locks_of(&self.kernel, driver.object);
+        crate::kernel::forget_locks_of(&self.kernel, driver.object);
         self.run(|| {
             for &(_, ptr, _) in &record.extensions {
-                crate::sys::sim::kernel_free_block(ptr as *mut u8);
+                crate::kernel::kernel_free_block(ptr as *mut u8);
             }
         });
         Ok(())
@@ -571,7 +610,7 @@ impl Machine {
     fn wait_for_running_work(
         &self,
         driver: &LoadedDriver,
-    ) -> std::sync::MutexGuard<'_, kernel::State> {
+    ) -> std::sync::MutexGuard<'_, state::State> {
         let deadline = std::time::Instant::now() + self.kernel.unload_wait_limit();
         let mut state = self.kernel.lock();
         while state.running_work.contains_key(&driver.object) {
@@ -591,7 +630,7 @@ impl Machine {
                 let item = running.first().map_or(0, |&(item, _)| item);
                 self.kernel.unload_wait_expired(
                     driver.object,
-                    [item, 0, routine, crate::bugcheck::unload_wait::WORK_ITEM_ROUTINES],
+                    [item, 0, routine, wfp_rs::bugcheck::unload_wait::WORK_ITEM_ROUTINES],
                     &format!(
                         "{count} work item routine(s) of driver {} that have not returned (the I/O manager keeps the driver loaded until they do)",
                         driver.name
@@ -714,7 +753,7 @@ impl Machine {
     pub fn pool_blocks(&self) -> Vec<PoolBlock> {
         // Harness code even when driver code calls it: it allocates while holding the table of
         // driver code's global-allocator blocks, which driver code's allocations take.
-        let _harness = kernel::KernelCode::enter();
+        let _harness = state::KernelCode::enter();
         let state = self.kernel.lock();
         let global = self
             .kernel
@@ -737,7 +776,7 @@ impl Machine {
     /// held together with another, and whose memory has not gone since (freed pool, a returned
     /// frame, an unloaded driver). For tests of the detection itself.
     pub fn remembered_spin_locks(&self) -> usize {
-        crate::sys::sim::remembered_locks(&self.kernel)
+        crate::kernel::remembered_locks(&self.kernel)
     }
 
     /// Everything written with `DbgPrintEx` so far, one entry per call.
@@ -753,7 +792,7 @@ impl Drop for Machine {
 }
 
 fn check_irql_restored(callback: &str, expected: KIRQL) {
-    let now = kernel::irql();
+    let now = state::irql();
     if now != expected {
         stop(
             BugCheckCode::IRQL_UNEXPECTED_VALUE,
@@ -767,8 +806,8 @@ fn check_irql_restored(callback: &str, expected: KIRQL) {
             ],
             &format!(
                 "{callback} returned at IRQL {now} ({}); it was called at {expected} ({})",
-                kernel::level_name(now),
-                kernel::level_name(expected)
+                state::level_name(now),
+                state::level_name(expected)
             ),
         );
     }
@@ -927,7 +966,7 @@ pub fn __test_name(module_path: &str, function: &str) -> String {
 /// Declares a test whose scenario must stop the simulated machine with a given bug check.
 ///
 /// ```
-/// wfp_rs::bugcheck_test! {
+/// wfp_rs_sim::bugcheck_test! {
 ///     /// Waiting at DISPATCH_LEVEL is a bug.
 ///     fn waiting_at_dispatch_stops() expects IRQL_NOT_LESS_OR_EQUAL {
 ///         // scenario
@@ -943,11 +982,11 @@ macro_rules! bugcheck_test {
         $(#[$meta])*
         #[test]
         fn $name() {
-            let outcome = $crate::sim::run_isolated(
-                &$crate::sim::__test_name(module_path!(), stringify!($name)),
+            let outcome = $crate::run_isolated(
+                &$crate::__test_name(module_path!(), stringify!($name)),
                 || $body,
             );
-            let _report = outcome.expect_bugcheck($crate::bugcheck::BugCheckCode::$code);
+            let _report = outcome.expect_bugcheck($crate::__private::BugCheckCode::$code);
             $(assert_eq!(_report.params[0], $p1, "bug check parameter 1\n{}", outcome.stderr);)?
         }
     };
@@ -955,9 +994,9 @@ macro_rules! bugcheck_test {
 
 // --- the filter engine ----------------------------------------------------------------------------
 
-use crate::layer::value::{ConditionFlags, HasRepr, IpProtocol as Protocol, repr};
-use crate::layer::{Field, Layer};
-use crate::sys::sim::wfp::{self as engine, SimValue};
+use crate::kernel::wfp::{self as engine, SimValue};
+use wfp_rs::layer::value::{ConditionFlags, HasRepr, IpProtocol as Protocol, repr};
+use wfp_rs::layer::{Field, Layer};
 
 /// A field value in the simulator's own form (opaque).
 #[derive(Clone, Debug)]
@@ -1036,8 +1075,8 @@ pub fn app_id_bytes(path: &str) -> Vec<u8> {
 /// set are `FWP_EMPTY`.
 pub struct ClassifyRequest<L: Layer> {
     values: Vec<SimValue>,
-    metadata: crate::sys::FWPS_INCOMING_METADATA_VALUES0,
-    process_path: Option<Box<(Vec<u8>, crate::sys::FWP_BYTE_BLOB)>>,
+    metadata: wfp_rs::sys::FWPS_INCOMING_METADATA_VALUES0,
+    process_path: Option<Box<(Vec<u8>, wfp_rs::sys::FWP_BYTE_BLOB)>>,
     pendable: bool,
     reauthorization: bool,
     _layer: core::marker::PhantomData<L>,
@@ -1086,19 +1125,19 @@ impl<L: Layer> ClassifyRequest<L> {
     pub fn process(mut self, pid: u64, path: &str) -> Self {
         let mut storage = Box::new((
             app_id_bytes(path),
-            crate::sys::FWP_BYTE_BLOB {
+            wfp_rs::sys::FWP_BYTE_BLOB {
                 size: 0,
                 data: core::ptr::null_mut(),
             },
         ));
-        storage.1 = crate::sys::FWP_BYTE_BLOB {
+        storage.1 = wfp_rs::sys::FWP_BYTE_BLOB {
             size: storage.0.len() as u32,
             data: storage.0.as_mut_ptr(),
         };
         self.metadata.processId = pid;
         self.metadata.processPath = &mut storage.1;
-        self.metadata.currentMetadataValues |= crate::sys::FWPS_METADATA_FIELD_PROCESS_ID
-            | crate::sys::FWPS_METADATA_FIELD_PROCESS_PATH;
+        self.metadata.currentMetadataValues |= wfp_rs::sys::FWPS_METADATA_FIELD_PROCESS_ID
+            | wfp_rs::sys::FWPS_METADATA_FIELD_PROCESS_PATH;
         self.process_path = Some(storage);
         self
     }
@@ -1121,7 +1160,7 @@ impl<L: Layer> ClassifyRequest<L> {
     /// Sets the flow handle metadata (`FWPS_METADATA_FIELD_FLOW_HANDLE`).
     pub fn flow_handle(mut self, handle: u64) -> Self {
         self.metadata.flowHandle = handle;
-        self.metadata.currentMetadataValues |= crate::sys::FWPS_METADATA_FIELD_FLOW_HANDLE;
+        self.metadata.currentMetadataValues |= wfp_rs::sys::FWPS_METADATA_FIELD_FLOW_HANDLE;
         self
     }
 }
@@ -1130,7 +1169,7 @@ impl<L: Layer> ClassifyRequest<L> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decision {
     /// Permit or block.
-    pub action: crate::classify::Action,
+    pub action: wfp_rs::classify::Action,
     /// Whether the decision was hard (no write right left).
     pub hard: bool,
     /// Whether a callout vetoed a hard permit.
@@ -1165,14 +1204,14 @@ impl Machine {
     /// Waits until the driver completes the pended classification (as the network stack holds a
     /// connection until then). Returns the callout's final decision if it completed with one
     /// (`FwpsCompleteClassify0` with a classify-out); `None` means the stack reauthorizes.
-    pub fn wait_for_completion(&self, pending: Pending) -> Option<crate::classify::Action> {
+    pub fn wait_for_completion(&self, pending: Pending) -> Option<wfp_rs::classify::Action> {
         self.run(|| engine::wait_for_completion(pending.0))
-            .map(crate::classify::Action::from_raw)
+            .map(wfp_rs::classify::Action::from_raw)
     }
 
     fn decision(verdict: engine::Verdict) -> Decision {
         Decision {
-            action: crate::classify::Action::from_raw(verdict.action),
+            action: wfp_rs::classify::Action::from_raw(verdict.action),
             hard: verdict.hard,
             vetoed: verdict.vetoed,
             absorbed: verdict.absorbed,
@@ -1188,10 +1227,10 @@ impl Machine {
     /// their registered `classifyFn`, and WFP's arbitration decides.
     pub fn classify<L: Layer>(
         &self,
-        irql: crate::irql::Irql,
+        irql: wfp_rs::irql::Irql,
         request: &ClassifyRequest<L>,
     ) -> Decision {
-        let layer = crate::layer::layer_by_id(L::ID).expect("every Layer type is in the table");
+        let layer = wfp_rs::layer::layer_by_id(L::ID).expect("every Layer type is in the table");
         let mut incoming = engine::Incoming {
             layer,
             values: request.values.clone(),
@@ -1203,7 +1242,7 @@ impl Machine {
             reauthorization: request.reauthorization,
         };
         let verdict =
-            kernel::with_context(&self.kernel, irql.0, 0, || engine::classify(&mut incoming));
+            state::with_context(&self.kernel, irql.0, 0, || engine::classify(&mut incoming));
         Machine::decision(verdict)
     }
 }
@@ -1221,7 +1260,7 @@ impl Machine {
 /// callout is unregistered (unregistration waits for calls in progress, as on Windows).
 ///
 /// ```
-/// # use wfp_rs::sim::{ClassifyRequest, Machine};
+/// # use wfp_rs_sim::{ClassifyRequest, Machine};
 /// # use wfp_rs::callout::CalloutKey;
 /// # use wfp_rs::layer::AleAuthConnectV4;
 /// # fn demo(machine: &Machine, callout: CalloutKey<AleAuthConnectV4>) {
@@ -1234,7 +1273,7 @@ impl Machine {
 pub struct DirectClassify<L: Layer> {
     direct: engine::Direct,
     // What the prepared metadata's process path points to (the request's own copy may go).
-    _process_path: Option<Box<(Vec<u8>, crate::sys::FWP_BYTE_BLOB)>>,
+    _process_path: Option<Box<(Vec<u8>, wfp_rs::sys::FWP_BYTE_BLOB)>>,
     _layer: core::marker::PhantomData<L>,
 }
 
@@ -1251,14 +1290,14 @@ impl<L: Layer> DirectClassify<L> {
     /// at its IRQL (the token's), with a fresh classify-out (`FWP_ACTION_CONTINUE`, the write
     /// right). Returns the action the callout left. Call it inside the machine it was prepared
     /// in ([`Machine::at_dispatch`], [`Machine::at_passive`]); elsewhere it panics.
-    pub fn call(&mut self, irql: &impl crate::irql::AtMostDispatch) -> crate::classify::Action {
+    pub fn call(&mut self, irql: &impl wfp_rs::irql::AtMostDispatch) -> wfp_rs::classify::Action {
         let _ = irql;
         assert!(
             self.direct.in_its_machine(),
             "DirectClassify::call outside the machine it was prepared in"
         );
         let (action, _rights, _absorbed) = self.direct.call();
-        crate::classify::Action::from_raw(action)
+        wfp_rs::classify::Action::from_raw(action)
     }
 }
 
@@ -1269,10 +1308,10 @@ impl Machine {
     /// no such filter exists or the callout is not registered.
     pub fn direct_classify<L: Layer>(
         &self,
-        callout: crate::callout::CalloutKey<L>,
+        callout: wfp_rs::callout::CalloutKey<L>,
         request: &ClassifyRequest<L>,
     ) -> Result<DirectClassify<L>, &'static str> {
-        let layer = crate::layer::layer_by_id(L::ID).expect("every Layer type is in the table");
+        let layer = wfp_rs::layer::layer_by_id(L::ID).expect("every Layer type is in the table");
         let mut metadata = request.metadata;
         let process_path = request.process_path.as_ref().map(|path| {
             let mut copy = Box::new((path.0.clone(), path.1));
@@ -1306,7 +1345,7 @@ pub struct Connection {
     /// The remote endpoint.
     pub remote: std::net::SocketAddr,
     /// Whether this process connects out, or accepts a connection in.
-    pub direction: crate::metadata::Direction,
+    pub direction: wfp_rs::metadata::Direction,
 }
 
 /// At which IRQL [`Machine::connect`] runs the ALE authorization layers. (Transport layers and
@@ -1342,24 +1381,26 @@ static NEXT_FLOW: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::n
 
 impl Connection {
     /// The value field `name` has for this connection at a layer of `version`.
-    fn value(&self, name: &str, version: crate::layer::IpVersion, reauthorize: bool) -> SimValue {
+    fn value(&self, name: &str, version: wfp_rs::layer::IpVersion, reauthorize: bool) -> SimValue {
         let address = |addr: std::net::IpAddr| match (addr, version) {
-            (std::net::IpAddr::V4(v4), crate::layer::IpVersion::V4) => SimValue::U32(u32::from(v4)),
-            (std::net::IpAddr::V6(v6), crate::layer::IpVersion::V6) => {
+            (std::net::IpAddr::V4(v4), wfp_rs::layer::IpVersion::V4) => {
+                SimValue::U32(u32::from(v4))
+            }
+            (std::net::IpAddr::V6(v6), wfp_rs::layer::IpVersion::V6) => {
                 SimValue::Bytes16(v6.octets())
             }
             _ => SimValue::Empty,
         };
         let mut flags = 0;
         if self.remote.ip().is_loopback() {
-            flags |= crate::sys::FWP_CONDITION_FLAG_IS_LOOPBACK;
+            flags |= wfp_rs::sys::FWP_CONDITION_FLAG_IS_LOOPBACK;
         }
         if reauthorize {
-            flags |= crate::sys::FWP_CONDITION_FLAG_IS_REAUTHORIZE;
+            flags |= wfp_rs::sys::FWP_CONDITION_FLAG_IS_REAUTHORIZE;
         }
         let direction = match self.direction {
-            crate::metadata::Direction::Outbound => crate::sys::FWP_DIRECTION_OUTBOUND,
-            crate::metadata::Direction::Inbound => crate::sys::FWP_DIRECTION_INBOUND,
+            wfp_rs::metadata::Direction::Outbound => wfp_rs::sys::FWP_DIRECTION_OUTBOUND,
+            wfp_rs::metadata::Direction::Inbound => wfp_rs::sys::FWP_DIRECTION_INBOUND,
         };
         match name {
             "AleAppId" | "AleOriginalAppId" => SimValue::Blob(app_id_bytes(&self.app)),
@@ -1374,7 +1415,7 @@ impl Connection {
             "Flags" => SimValue::U32(flags),
             // The harness reauthorizes only after a completed pend.
             "ReauthorizeReason" => SimValue::U32(if reauthorize {
-                crate::sys::FWP_CONDITION_REAUTHORIZE_REASON_CLASSIFY_COMPLETION
+                wfp_rs::sys::FWP_CONDITION_REAUTHORIZE_REASON_CLASSIFY_COMPLETION
             } else {
                 0
             }),
@@ -1411,7 +1452,7 @@ impl Machine {
     /// addresses; the ALE authorization layers run at `ale_irql`, the others at
     /// `DISPATCH_LEVEL`.
     pub fn connect(&self, connection: &Connection, ale_irql: AleIrql) -> ConnectOutcome {
-        use crate::layer::*;
+        use wfp_rs::layer::*;
         let v4 = connection.remote.is_ipv4();
         let ale = match ale_irql {
             AleIrql::Passive => Irql::PASSIVE,
@@ -1419,26 +1460,26 @@ impl Machine {
         };
         let flow = NEXT_FLOW.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
         let plan: Vec<(u16, Irql, bool)> = match (connection.direction, v4) {
-            (crate::metadata::Direction::Outbound, true) => vec![
+            (wfp_rs::metadata::Direction::Outbound, true) => vec![
                 (AleResourceAssignmentV4::ID, ale, false),
                 (AleConnectRedirectV4::ID, ale, false),
                 (AleAuthConnectV4::ID, ale, false),
                 (OutboundTransportV4::ID, Irql::DISPATCH, true),
                 (AleFlowEstablishedV4::ID, Irql::DISPATCH, true),
             ],
-            (crate::metadata::Direction::Outbound, false) => vec![
+            (wfp_rs::metadata::Direction::Outbound, false) => vec![
                 (AleResourceAssignmentV6::ID, ale, false),
                 (AleConnectRedirectV6::ID, ale, false),
                 (AleAuthConnectV6::ID, ale, false),
                 (OutboundTransportV6::ID, Irql::DISPATCH, true),
                 (AleFlowEstablishedV6::ID, Irql::DISPATCH, true),
             ],
-            (crate::metadata::Direction::Inbound, true) => vec![
+            (wfp_rs::metadata::Direction::Inbound, true) => vec![
                 (InboundTransportV4::ID, Irql::DISPATCH, false),
                 (AleAuthRecvAcceptV4::ID, ale, false),
                 (AleFlowEstablishedV4::ID, Irql::DISPATCH, true),
             ],
-            (crate::metadata::Direction::Inbound, false) => vec![
+            (wfp_rs::metadata::Direction::Inbound, false) => vec![
                 (InboundTransportV6::ID, Irql::DISPATCH, false),
                 (AleAuthRecvAcceptV6::ID, ale, false),
                 (AleFlowEstablishedV6::ID, Irql::DISPATCH, true),
@@ -1447,7 +1488,7 @@ impl Machine {
         let mut layers = Vec::new();
         let mut pended = false;
         for (id, irql, has_flow) in plan {
-            let layer = crate::layer::layer_by_id(id).expect("known layer");
+            let layer = wfp_rs::layer::layer_by_id(id).expect("known layer");
             let mut decision =
                 self.classify_connection(layer, connection, irql, has_flow.then_some(flow), false);
             if let Some(pending) = decision.pending {
@@ -1481,7 +1522,7 @@ impl Machine {
                 };
             }
             layers.push((layer.name, decision));
-            if decision.action != crate::classify::Action::Permit {
+            if decision.action != wfp_rs::classify::Action::Permit {
                 return ConnectOutcome {
                     decision,
                     layers,
@@ -1506,14 +1547,14 @@ impl Machine {
         &self,
         connection: &Connection,
         flow_handle: u64,
-        direction: crate::metadata::Direction,
+        direction: wfp_rs::metadata::Direction,
     ) -> Decision {
-        use crate::layer::*;
+        use wfp_rs::layer::*;
         let id = match (direction, connection.remote.is_ipv4()) {
-            (crate::metadata::Direction::Outbound, true) => OutboundTransportV4::ID,
-            (crate::metadata::Direction::Outbound, false) => OutboundTransportV6::ID,
-            (crate::metadata::Direction::Inbound, true) => InboundTransportV4::ID,
-            (crate::metadata::Direction::Inbound, false) => InboundTransportV6::ID,
+            (wfp_rs::metadata::Direction::Outbound, true) => OutboundTransportV4::ID,
+            (wfp_rs::metadata::Direction::Outbound, false) => OutboundTransportV6::ID,
+            (wfp_rs::metadata::Direction::Inbound, true) => InboundTransportV4::ID,
+            (wfp_rs::metadata::Direction::Inbound, false) => InboundTransportV6::ID,
         };
         let layer = layer_by_id(id).expect("known layer");
         let mut packet = connection.clone();
@@ -1526,7 +1567,7 @@ impl Machine {
     /// thread — or, while another thread is classifying the flow, on that thread when its
     /// classification returns. Returns how many contexts were removed.
     pub fn end_flow(&self, flow_handle: u64) -> usize {
-        kernel::with_context(&self.kernel, DISPATCH_LEVEL, 0, || {
+        state::with_context(&self.kernel, DISPATCH_LEVEL, 0, || {
             engine::end_flow(flow_handle)
         })
     }
@@ -1535,7 +1576,7 @@ impl Machine {
     /// pends the closure (`FwpsPendClassify0`), this waits for its completion, as the stack
     /// holds the endpoint until then; the returned decision keeps `pending` set.
     pub fn close(&self, connection: &Connection) -> Decision {
-        use crate::layer::*;
+        use wfp_rs::layer::*;
         let id = if connection.remote.is_ipv4() {
             AleEndpointClosureV4::ID
         } else {
@@ -1554,13 +1595,13 @@ impl Machine {
     /// Classifies `connection` at one layer, with its field values and metadata.
     fn classify_connection(
         &self,
-        layer: &'static crate::layer::LayerInfo,
+        layer: &'static wfp_rs::layer::LayerInfo,
         connection: &Connection,
         irql: Irql,
         flow: Option<u64>,
         reauthorization: bool,
     ) -> Decision {
-        use crate::sys::*;
+        use wfp_rs::sys::*;
         let mut values = vec![SimValue::Empty; layer.field_count as usize];
         for field in layer.fields {
             values[field.index as usize] =
@@ -1581,8 +1622,8 @@ impl Machine {
         metadata.processPath = &mut path_blob;
         metadata.compartmentId = 1;
         metadata.packetDirection = match connection.direction {
-            crate::metadata::Direction::Outbound => FWP_DIRECTION_OUTBOUND,
-            crate::metadata::Direction::Inbound => FWP_DIRECTION_INBOUND,
+            wfp_rs::metadata::Direction::Outbound => FWP_DIRECTION_OUTBOUND,
+            wfp_rs::metadata::Direction::Inbound => FWP_DIRECTION_INBOUND,
         };
         if let Some(flow) = flow {
             metadata.currentMetadataValues |= FWPS_METADATA_FIELD_FLOW_HANDLE;
@@ -1606,7 +1647,7 @@ impl Machine {
             reauthorization,
         };
         let verdict =
-            kernel::with_context(&self.kernel, irql.0, 0, || engine::classify(&mut incoming));
+            state::with_context(&self.kernel, irql.0, 0, || engine::classify(&mut incoming));
         drop(path);
         Machine::decision(verdict)
     }
@@ -1624,7 +1665,7 @@ impl Machine {
 /// closes its handle.
 ///
 /// ```
-/// use wfp_rs::sim::Machine;
+/// use wfp_rs_sim::Machine;
 /// use wfp_rs::Status;
 ///
 /// let machine = Machine::new();
@@ -1667,7 +1708,7 @@ impl Machine {
     /// message the driver sends now is delivered at once. Harness synchronisation: it waits for
     /// the state, never for a time.
     pub fn wait_for_port_listener(&self, name: &str) {
-        crate::sys::sim::flt::wait_for_listener(&self.kernel, name);
+        crate::kernel::flt::wait_for_listener(&self.kernel, name);
     }
 }
 
@@ -1689,13 +1730,9 @@ impl PortClient {
         if self.client.is_some() {
             return Err(Status::INVALID_PARAMETER);
         }
-        let client = crate::sys::sim::flt::user_connect(
-            &self.kernel,
-            &self.name,
-            context,
-            self.administrator,
-        )
-        .map_err(Status::from_raw)?;
+        let client =
+            crate::kernel::flt::user_connect(&self.kernel, &self.name, context, self.administrator)
+                .map_err(Status::from_raw)?;
         self.client = Some(client);
         Ok(())
     }
@@ -1704,7 +1741,7 @@ impl PortClient {
     /// unregistering its filter closes every connection).
     pub fn is_connected(&self) -> bool {
         self.client
-            .is_some_and(|client| crate::sys::sim::flt::user_is_connected(&self.kernel, client))
+            .is_some_and(|client| crate::kernel::flt::user_is_connected(&self.kernel, client))
     }
 
     /// Waits for the next message (`FilterGetMessage`), at most `timeout` (`None`: until a
@@ -1712,7 +1749,7 @@ impl PortClient {
     /// or when this client never connected.
     pub fn get_message(&self, timeout: Option<core::time::Duration>) -> Option<PortMessage> {
         let client = self.client?;
-        crate::sys::sim::flt::user_get_message(&self.kernel, client, timeout).map(|m| PortMessage {
+        crate::kernel::flt::user_get_message(&self.kernel, client, timeout).map(|m| PortMessage {
             id: m.id,
             reply_length: m.reply_length,
             data: m.data,
@@ -1728,7 +1765,7 @@ impl PortClient {
         let Some(client) = self.client else {
             return Err(Status::PORT_DISCONNECTED);
         };
-        crate::sys::sim::flt::user_reply(&self.kernel, client, message_id, reply)
+        crate::kernel::flt::user_reply(&self.kernel, client, message_id, reply)
             .map_err(Status::from_raw)
     }
 
@@ -1736,7 +1773,7 @@ impl PortClient {
     /// thread, and messages waiting for a reply fail with `STATUS_PORT_DISCONNECTED`.
     pub fn disconnect(&mut self) {
         if let Some(client) = self.client.take() {
-            crate::sys::sim::flt::user_disconnect(&self.kernel, client);
+            crate::kernel::flt::user_disconnect(&self.kernel, client);
         }
     }
 }
@@ -1776,7 +1813,7 @@ impl Machine {
     /// runs until the returned [`UserModeBridge`] is dropped.
     ///
     /// ```no_run
-    /// use wfp_rs::sim::Machine;
+    /// use wfp_rs_sim::Machine;
     ///
     /// let machine = Machine::new();
     /// let bridge = machine.serve_user_mode("/tmp/wfp-sim.sock".as_ref()).unwrap();
@@ -1793,7 +1830,7 @@ impl Machine {
 
 // --- devices and I/O requests ----------------------------------------------------------------------
 
-pub use crate::sys::sim::irp::{Caller, DeviceHandle, IoCompletion, IoRequest};
+pub use crate::kernel::irp::{Caller, DeviceHandle, IoCompletion, IoRequest};
 
 impl Machine {
     /// A user-mode process running as `caller` opens a device (`CreateFile` with
@@ -1802,17 +1839,22 @@ impl Machine {
     /// without one lets everyone in, as the default device security descriptor does); then the
     /// driver's `IRP_MJ_CREATE` runs.
     pub fn open_device(&self, path: &str, caller: Caller) -> Result<DeviceHandle, Status> {
-        crate::sys::sim::irp::open(&self.kernel, path, caller)
+        crate::kernel::irp::open(&self.kernel, path, caller)
     }
 
     /// The symbolic links that exist, as (link, target) pairs, sorted: drivers must delete
     /// theirs before unload, or the next load finds the name taken.
     pub fn symbolic_links(&self) -> Vec<(String, String)> {
-        crate::sys::sim::irp::symbolic_links(&self.kernel)
+        crate::kernel::irp::symbolic_links(&self.kernel)
     }
 
     /// How many I/O requests sent to drivers are not completed yet.
     pub fn pending_io_requests(&self) -> usize {
-        crate::sys::sim::irp::pending_irps(&self.kernel, 0)
+        crate::kernel::irp::pending_irps(&self.kernel, 0)
     }
 }
+
+/// The README's code, compiled as doctests so the crates.io page cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -13,13 +13,13 @@ use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
 use super::bugcheck::stop;
-use super::kernel::{
+use super::pool::{kernel_allocate, kernel_free};
+use super::state::{
     DeviceRecord, Kernel, QueuedWork, Routine, RoutineKind, THREAD, WorkItemRecord, WorkItemState,
     current, current_driver, irql, require_irql, thread_id,
 };
-use super::pool::{kernel_allocate, kernel_free};
-use crate::bugcheck::BugCheckCode;
-use crate::sys::types::*;
+use wfp_rs::bugcheck::BugCheckCode;
+use wfp_rs::sys::*;
 
 const STATUS_SUCCESS: NTSTATUS = 0;
 const STATUS_INSUFFICIENT_RESOURCES: NTSTATUS = 0xC000_009Au32 as i32;
@@ -58,7 +58,7 @@ pub unsafe extern "system" fn IoCreateDevice(
     Exclusive: BOOLEAN,
     DeviceObject: *mut *mut DEVICE_OBJECT,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     let _ = Exclusive;
     require_irql("IoCreateDevice", PASSIVE_LEVEL);
     let name = read_unicode(DeviceName);
@@ -120,7 +120,7 @@ pub unsafe extern "system" fn IoCreateDevice(
 ///
 /// `DeviceObject` must be a device the caller created and has not deleted.
 pub unsafe extern "system" fn IoDeleteDevice(DeviceObject: *mut DEVICE_OBJECT) {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("IoDeleteDevice", PASSIVE_LEVEL);
     let kernel = current();
     let mut state = kernel.lock();
@@ -168,7 +168,7 @@ pub unsafe extern "system" fn IoAllocateDriverObjectExtension(
     DriverObjectExtensionSize: ULONG,
     DriverObjectExtension: *mut PVOID,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("IoAllocateDriverObjectExtension", APC_LEVEL);
     // SAFETY: the caller passes a writable out pointer.
     unsafe { DriverObjectExtension.write(core::ptr::null_mut()) };
@@ -208,7 +208,7 @@ pub unsafe extern "system" fn IoGetDriverObjectExtension(
     DriverObject: *mut DRIVER_OBJECT,
     ClientIdentificationAddress: PVOID,
 ) -> PVOID {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("IoGetDriverObjectExtension", APC_LEVEL);
     let kernel = current();
     let state = kernel.lock();
@@ -232,7 +232,7 @@ pub unsafe extern "system" fn IoGetDriverObjectExtension(
 pub unsafe extern "system" fn IoAllocateWorkItem(
     DeviceObject: *mut DEVICE_OBJECT,
 ) -> *mut IO_WORKITEM {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("IoAllocateWorkItem", DISPATCH_LEVEL);
     let kernel = current();
     let driver = {
@@ -283,7 +283,7 @@ pub unsafe extern "system" fn IoQueueWorkItem(
     QueueType: WORK_QUEUE_TYPE,
     Context: PVOID,
 ) {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     let _ = QueueType;
     require_irql("IoQueueWorkItem", DISPATCH_LEVEL);
     let kernel = current();
@@ -331,7 +331,7 @@ pub unsafe extern "system" fn IoQueueWorkItem(
 ///
 /// `IoWorkItem` must come from `IoAllocateWorkItem`.
 pub unsafe extern "system" fn IoFreeWorkItem(IoWorkItem: *mut IO_WORKITEM) {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("IoFreeWorkItem", DISPATCH_LEVEL);
     let kernel = current();
     let mut state = kernel.lock();
@@ -340,7 +340,7 @@ pub unsafe extern "system" fn IoFreeWorkItem(IoWorkItem: *mut IO_WORKITEM) {
         stop(
             BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION,
             [
-                crate::bugcheck::verifier::DOUBLE_FREE,
+                wfp_rs::bugcheck::verifier::DOUBLE_FREE,
                 0,
                 IoWorkItem as usize,
                 0,
@@ -372,7 +372,7 @@ pub unsafe extern "system" fn IoFreeWorkItem(IoWorkItem: *mut IO_WORKITEM) {
 }
 
 /// The routine a queued item will run, for bug check parameters.
-fn work_routine(state: &super::kernel::State, item: *mut IO_WORKITEM) -> usize {
+fn work_routine(state: &super::state::State, item: *mut IO_WORKITEM) -> usize {
     state
         .queue
         .iter()
@@ -410,10 +410,10 @@ pub(crate) fn worker_thread(kernel: Arc<Kernel>) {
                     .unwrap_or_else(|p| p.into_inner());
             }
         };
-        super::kernel::with_context(&kernel, PASSIVE_LEVEL, driver, || {
+        super::state::with_context(&kernel, PASSIVE_LEVEL, driver, || {
             THREAD.with(|t| t.work_item.set(work.item));
             let routine = Routine::new(RoutineKind::WorkItem, driver, work.routine as usize);
-            super::kernel::with_routine(routine, || {
+            super::state::with_routine(routine, || {
                 // SAFETY: the driver queued this routine with this context through
                 // IoQueueWorkItem, whose contract makes both valid until the routine runs.
                 unsafe { (work.routine)(work.device as *mut DEVICE_OBJECT, work.context as PVOID) };

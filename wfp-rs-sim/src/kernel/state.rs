@@ -15,8 +15,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use super::bugcheck::stop;
-use crate::bugcheck::BugCheckCode;
-use crate::sys::types::*;
+use wfp_rs::bugcheck::BugCheckCode;
+use wfp_rs::sys::*;
 
 /// A pool block.
 pub(crate) struct Block {
@@ -601,14 +601,14 @@ fn refuse_reentry_from_driver_code(irql: KIRQL) {
     let current = running();
     if current.driver != 0 && !current.in_kernel {
         panic!(
-            "a wfp_rs::sim::Machine function was called from driver code: the test harness \
+            "a wfp_rs_sim::Machine function was called from driver code: the test harness \
              (Machine::run, at_passive, at_dispatch, classify, load_driver, ...) drives a \
              machine from outside it; a driver cannot use it to leave its IRQL or its routine"
         );
     }
     if irql < now {
         panic!(
-            "a wfp_rs::sim::Machine function would run code at IRQL {irql} on a thread at IRQL \
+            "a wfp_rs_sim::Machine function would run code at IRQL {irql} on a thread at IRQL \
              {now}: nothing lowers the IRQL under running code; call it outside at_dispatch"
         );
     }
@@ -728,7 +728,7 @@ pub(crate) fn require_irql(routine: &str, max: KIRQL) {
 }
 
 pub(crate) fn level_name(irql: KIRQL) -> &'static str {
-    crate::irql::Irql(irql).name().unwrap_or("device level")
+    wfp_rs::irql::Irql(irql).name().unwrap_or("device level")
 }
 
 /// `DbgPrintEx`. The simulator formats exactly what the safe layer passes: the format `%.*s`
@@ -737,7 +737,7 @@ pub(crate) fn level_name(irql: KIRQL) -> &'static str {
 /// # Safety
 ///
 /// `Format` must be a NUL-terminated string; for `%.*s`, `Text` must point to `Length` bytes.
-pub unsafe extern "C" fn DbgPrintEx(
+pub unsafe extern "system" fn DbgPrintEx(
     ComponentId: ULONG,
     Level: ULONG,
     Format: PCSTR,

@@ -26,13 +26,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use super::bugcheck::stop;
-use super::kernel::{THREAD, current, current_driver, irql, level_name, require_irql};
-use crate::bugcheck::BugCheckCode;
-use crate::layer::value::ValueKind;
-use crate::layer::{IpVersion, LayerInfo, layer_by_id, layer_by_key};
-use crate::status::Status;
-use crate::sys::fwp::*;
-use crate::sys::types::*;
+use super::state::{THREAD, current, current_driver, irql, level_name, require_irql};
+use wfp_rs::bugcheck::BugCheckCode;
+use wfp_rs::layer::value::ValueKind;
+use wfp_rs::layer::{IpVersion, LayerInfo, layer_by_id, layer_by_key};
+use wfp_rs::status::Status;
+use wfp_rs::sys::*;
 
 const STATUS_SUCCESS: NTSTATUS = 0;
 const STATUS_PENDING: NTSTATUS = 0x0000_0103;
@@ -277,7 +276,7 @@ impl Bfe {
         self.runtime
             .values()
             .filter(|c| c.driver == driver)
-            .map(|c| crate::guid::Guid(c.key).to_string())
+            .map(|c| wfp_rs::guid::Guid(c.key).to_string())
             .collect()
     }
 }
@@ -324,7 +323,7 @@ pub unsafe extern "system" fn FwpmEngineOpen0(
     session: *const FWPM_SESSION0,
     engineHandle: *mut HANDLE,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     let _ = (authnService, authIdentity);
     require_irql("FwpmEngineOpen0", PASSIVE_LEVEL);
     if !serverName.is_null() || engineHandle.is_null() {
@@ -368,7 +367,7 @@ pub unsafe extern "system" fn FwpmEngineOpen0(
 ///
 /// None beyond the handle being the caller's.
 pub unsafe extern "system" fn FwpmEngineClose0(engineHandle: HANDLE) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("FwpmEngineClose0", PASSIVE_LEVEL);
     // Whatever happens, a transaction may have ended: let waiting writers look again.
     let _wake = WakeTxnWaiters;
@@ -434,7 +433,7 @@ pub(crate) const UNLOAD_SESSION_OPEN: usize = 4;
 /// its open transaction, if any, keeps every other session's writes waiting. The simulator
 /// reports it the way it reports the driver's other leftovers at unload, and changes nothing:
 /// the objects stay where the driver left them.
-pub(crate) fn check_unload(kernel: &super::kernel::Kernel, driver: usize, name: &str) {
+pub(crate) fn check_unload(kernel: &super::state::Kernel, driver: usize, name: &str) {
     let bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
     let mut open: Vec<(usize, bool)> = bfe
         .sessions
@@ -500,7 +499,7 @@ pub(crate) fn check_unload(kernel: &super::kernel::Kernel, driver: usize, name: 
 ///
 /// None beyond the handle being the caller's.
 pub unsafe extern "system" fn FwpmTransactionBegin0(engineHandle: HANDLE, flags: u32) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     let _ = flags;
     require_irql("FwpmTransactionBegin0", PASSIVE_LEVEL);
     status(with_write(engineHandle, |bfe, session| {
@@ -523,7 +522,7 @@ pub unsafe extern "system" fn FwpmTransactionBegin0(engineHandle: HANDLE, flags:
 ///
 /// None beyond the handle being the caller's.
 pub unsafe extern "system" fn FwpmTransactionCommit0(engineHandle: HANDLE) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("FwpmTransactionCommit0", PASSIVE_LEVEL);
     // Whatever happens, a transaction may have ended: let waiting writers look again.
     let _wake = WakeTxnWaiters;
@@ -545,7 +544,7 @@ pub unsafe extern "system" fn FwpmTransactionCommit0(engineHandle: HANDLE) -> NT
 ///
 /// None beyond the handle being the caller's.
 pub unsafe extern "system" fn FwpmTransactionAbort0(engineHandle: HANDLE) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("FwpmTransactionAbort0", PASSIVE_LEVEL);
     // Whatever happens, a transaction may have ended: let waiting writers look again.
     let _wake = WakeTxnWaiters;
@@ -608,12 +607,12 @@ fn with_write<R>(
                     let holder = bfe.txn.as_ref().map_or(0, |txn| txn.session);
                     drop(bfe);
                     kernel.unload_wait_expired(
-                        super::kernel::current_driver(),
+                        super::state::current_driver(),
                         [
                             handle as usize,
                             0,
                             0,
-                            crate::bugcheck::unload_wait::TRANSACTION,
+                            wfp_rs::bugcheck::unload_wait::TRANSACTION,
                         ],
                         &format!(
                             "another session's filter engine transaction to end (session {holder:#x} keeps one open; this session waits with an infinite transaction wait timeout)"
@@ -687,7 +686,7 @@ pub unsafe extern "system" fn FwpmProviderAdd0(
     provider: *const FWPM_PROVIDER0,
     sd: PVOID,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     let _ = sd;
     require_irql("FwpmProviderAdd0", PASSIVE_LEVEL);
     // SAFETY: valid per the contract.
@@ -725,7 +724,7 @@ pub unsafe extern "system" fn FwpmProviderDeleteByKey0(
     engineHandle: HANDLE,
     key: *const GUID,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("FwpmProviderDeleteByKey0", PASSIVE_LEVEL);
     // SAFETY: valid per the contract.
     let Some(key) = (unsafe { key.as_ref() }).copied() else {
@@ -758,7 +757,7 @@ pub unsafe extern "system" fn FwpmSubLayerAdd0(
     subLayer: *const FWPM_SUBLAYER0,
     sd: PVOID,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     let _ = sd;
     require_irql("FwpmSubLayerAdd0", PASSIVE_LEVEL);
     // SAFETY: valid per the contract.
@@ -811,7 +810,7 @@ pub unsafe extern "system" fn FwpmSubLayerDeleteByKey0(
     engineHandle: HANDLE,
     key: *const GUID,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("FwpmSubLayerDeleteByKey0", PASSIVE_LEVEL);
     // SAFETY: valid per the contract.
     let Some(key) = (unsafe { key.as_ref() }).copied() else {
@@ -840,7 +839,7 @@ pub unsafe extern "system" fn FwpmCalloutAdd0(
     sd: PVOID,
     id: *mut u32,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     let _ = sd;
     require_irql("FwpmCalloutAdd0", PASSIVE_LEVEL);
     // SAFETY: valid per the contract.
@@ -857,7 +856,7 @@ pub unsafe extern "system" fn FwpmCalloutAdd0(
             callout.flags & FWPM_CALLOUT_FLAG_PERSISTENT != 0,
         )?;
         check_provider(bfe, session, provider)?;
-        if layer_by_key(&crate::guid::Guid(callout.applicableLayer)).is_none() {
+        if layer_by_key(&wfp_rs::guid::Guid(callout.applicableLayer)).is_none() {
             return Err(Status::FWP_LAYER_NOT_FOUND.raw());
         }
         if bfe.objects.callouts.contains_key(&callout.calloutKey) {
@@ -895,7 +894,7 @@ pub unsafe extern "system" fn FwpmCalloutDeleteByKey0(
     engineHandle: HANDLE,
     key: *const GUID,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("FwpmCalloutDeleteByKey0", PASSIVE_LEVEL);
     // SAFETY: valid per the contract.
     let Some(key) = (unsafe { key.as_ref() }).copied() else {
@@ -1163,7 +1162,7 @@ pub unsafe extern "system" fn FwpmFilterAdd0(
     sd: PVOID,
     id: *mut u64,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     let _ = sd;
     require_irql("FwpmFilterAdd0", PASSIVE_LEVEL);
     // SAFETY: valid per the contract.
@@ -1264,7 +1263,7 @@ pub unsafe extern "system" fn FwpmFilterAdd0(
 ///
 /// `filter` and its pointers must be valid.
 unsafe fn parse_filter(filter: &FWPM_FILTER0) -> Result<FilterRecord, NTSTATUS> {
-    let layer = layer_by_key(&crate::guid::Guid(filter.layerKey))
+    let layer = layer_by_key(&wfp_rs::guid::Guid(filter.layerKey))
         .ok_or(Status::FWP_LAYER_NOT_FOUND.raw())?;
     let action = filter.action.r#type;
     let callout_key = if action & FWP_ACTION_FLAG_CALLOUT != 0 {
@@ -1363,7 +1362,7 @@ unsafe fn parse_filter(filter: &FWPM_FILTER0) -> Result<FilterRecord, NTSTATUS> 
 ///
 /// None beyond the handle being the caller's.
 pub unsafe extern "system" fn FwpmFilterDeleteById0(engineHandle: HANDLE, id: u64) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("FwpmFilterDeleteById0", PASSIVE_LEVEL);
     let removed = with_write(engineHandle, |bfe, _session| {
         bfe.objects
@@ -1392,7 +1391,7 @@ pub unsafe extern "system" fn FwpsCalloutRegister3(
     callout: *const FWPS_CALLOUT3,
     calloutId: *mut u32,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("FwpsCalloutRegister3", PASSIVE_LEVEL);
     // SAFETY: valid per the contract.
     let Some(callout) = (unsafe { callout.as_ref() }) else {
@@ -1446,7 +1445,7 @@ pub unsafe extern "system" fn FwpsCalloutRegister3(
 ///
 /// None.
 pub unsafe extern "system" fn FwpsCalloutUnregisterById0(calloutId: u32) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("FwpsCalloutUnregisterById0", PASSIVE_LEVEL);
     let kernel = current();
     let mut bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
@@ -1478,12 +1477,12 @@ pub unsafe extern "system" fn FwpsCalloutUnregisterById0(calloutId: u32) -> NTST
                         let calls = callout.in_flight;
                         drop(bfe);
                         kernel.unload_wait_expired(
-                            super::kernel::current_driver(),
+                            super::state::current_driver(),
                             [
                                 calloutId as usize,
                                 0,
                                 0,
-                                crate::bugcheck::unload_wait::CALLOUT_CALLS,
+                                wfp_rs::bugcheck::unload_wait::CALLOUT_CALLS,
                             ],
                             &format!(
                                 "{calls} call(s) into callout {calloutId} to return (FwpsCalloutUnregisterById0 waits for callbacks in progress)"
@@ -1505,7 +1504,7 @@ pub unsafe extern "system" fn FwpsCalloutUnregisterById0(calloutId: u32) -> NTST
 
 /// The key of callout `id`, for the stop report: `None` if the engine is busy on this thread (a
 /// stop may come while it holds the engine lock) or the callout is gone.
-pub(crate) fn callout_key(kernel: &super::kernel::Kernel, id: u32) -> Option<GUID> {
+pub(crate) fn callout_key(kernel: &super::state::Kernel, id: u32) -> Option<GUID> {
     let bfe = kernel.wfp.try_lock().ok()?;
     bfe.runtime.get(&id).map(|callout| callout.key)
 }
@@ -1581,14 +1580,14 @@ fn notify_delete(record: &FilterRecord) {
 /// it was called at.
 fn in_driver<R>(driver: usize, callout: u32, callback: &'static str, f: impl FnOnce() -> R) -> R {
     let before = irql();
-    let routine = super::kernel::Routine::new(
-        super::kernel::RoutineKind::Callout(callback),
+    let routine = super::state::Routine::new(
+        super::state::RoutineKind::Callout(callback),
         driver,
         callout as usize,
     );
     // The IRQL is checked as the callback's return, so the report names the callback.
-    super::kernel::with_routine(routine, || {
-        let result = super::kernel::as_driver(driver, f);
+    super::state::with_routine(routine, || {
+        let result = super::state::as_driver(driver, f);
         let after = irql();
         if after != before {
             stop(
@@ -2249,7 +2248,7 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
 /// ALE_CONNECT_REDIRECT, ALE_BIND_REDIRECT and ALE_ENDPOINT_CLOSURE; elsewhere the simulator
 /// refuses with `STATUS_FWP_CANNOT_PEND`.
 fn pendable_by_classify_handle(layer: &LayerInfo) -> bool {
-    use crate::layer::{
+    use wfp_rs::layer::{
         AleConnectRedirectV4, AleConnectRedirectV6, AleEndpointClosureV4, AleEndpointClosureV6,
         Layer,
     };
@@ -2331,7 +2330,7 @@ fn call_classify(
 /// engine. Holds a call into the callout for its whole life (unregistration waits for it, as
 /// for a classification in progress).
 pub(crate) struct Direct {
-    kernel: std::sync::Arc<super::kernel::Kernel>,
+    kernel: std::sync::Arc<super::state::Kernel>,
     call: Option<Call>,
     classify_fn: unsafe extern "system" fn(
         *const FWPS_INCOMING_VALUES0,
@@ -2470,7 +2469,7 @@ impl Drop for Direct {
     fn drop(&mut self) {
         // `Call` releases itself in the current machine's context: give it this one's.
         let call = self.call.take();
-        super::kernel::with_context(&self.kernel, PASSIVE_LEVEL, 0, move || drop(call));
+        super::state::with_context(&self.kernel, PASSIVE_LEVEL, 0, move || drop(call));
     }
 }
 
@@ -2514,12 +2513,12 @@ pub unsafe extern "system" fn FwpsPendOperation0(
     completionHandle: HANDLE,
     completionContext: *mut HANDLE,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("FwpsPendOperation0", DISPATCH_LEVEL);
     if completionContext.is_null() {
         return Status::FWP_NULL_POINTER.raw();
     }
-    let driver = super::kernel::current_driver();
+    let driver = super::state::current_driver();
     let value = completionHandle as usize;
     let result = with_bfe(|bfe| {
         let Some(handle) = bfe.completion_handles.get_mut(&value) else {
@@ -2573,7 +2572,7 @@ pub unsafe extern "system" fn FwpsCompleteOperation0(
     completionContext: HANDLE,
     netBufferList: PVOID,
 ) {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     let _ = netBufferList;
     require_irql("FwpsCompleteOperation0", DISPATCH_LEVEL);
     let kernel = current();
@@ -2637,13 +2636,13 @@ pub unsafe extern "system" fn FwpsAcquireClassifyHandle0(
     reserved: u32,
     classifyHandle: *mut u64,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     let _ = reserved;
     require_irql("FwpsAcquireClassifyHandle0", DISPATCH_LEVEL);
     if classifyHandle.is_null() {
         return Status::FWP_NULL_POINTER.raw();
     }
-    let driver = super::kernel::current_driver();
+    let driver = super::state::current_driver();
     let result = with_bfe(|bfe| {
         let classification = classifyContext as usize;
         if !bfe.live_classifications.contains_key(&classification) {
@@ -2691,7 +2690,7 @@ pub unsafe extern "system" fn FwpsPendClassify0(
     flags: u32,
     classifyOut: *mut FWPS_CLASSIFY_OUT0,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     let _ = (filterId, flags);
     require_irql("FwpsPendClassify0", DISPATCH_LEVEL);
     if classifyOut.is_null() {
@@ -2757,7 +2756,7 @@ pub unsafe extern "system" fn FwpsCompleteClassify0(
     flags: u32,
     classifyOut: *const FWPS_CLASSIFY_OUT0,
 ) {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     let _ = flags;
     require_irql("FwpsCompleteClassify0", DISPATCH_LEVEL);
     // SAFETY: null or valid per the contract.
@@ -2793,7 +2792,7 @@ pub unsafe extern "system" fn FwpsCompleteClassify0(
 ///
 /// None beyond the kernel's rules, which this function checks.
 pub unsafe extern "system" fn FwpsReleaseClassifyHandle0(classifyHandle: u64) {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("FwpsReleaseClassifyHandle0", DISPATCH_LEVEL);
     let handle = classifyHandle as usize;
     let problem = with_bfe(|bfe| {
@@ -2856,7 +2855,7 @@ pub unsafe extern "system" fn FwpsFlowAssociateContext0(
     calloutId: u32,
     flowContext: u64,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("FwpsFlowAssociateContext0", DISPATCH_LEVEL);
     if flowContext == 0 {
         return Status::INVALID_PARAMETER.raw();
@@ -2899,7 +2898,7 @@ pub unsafe extern "system" fn FwpsFlowRemoveContext0(
     layerId: u16,
     calloutId: u32,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("FwpsFlowRemoveContext0", DISPATCH_LEVEL);
     let removed = with_bfe(|bfe| {
         let context = bfe.flow_contexts.remove(&(flowId, layerId, calloutId))?;

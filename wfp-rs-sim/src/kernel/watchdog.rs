@@ -45,9 +45,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use super::kernel::{Kernel, KernelCode, Routine, THREAD, ThreadState};
-use crate::bugcheck::BugCheckCode;
-use crate::sys::types::*;
+use super::state::{Kernel, KernelCode, Routine, THREAD, ThreadState};
+use wfp_rs::bugcheck::BugCheckCode;
+use wfp_rs::sys::*;
 
 /// The default limit: 10 s. INFERRED: Windows' cumulative watchdog period is 120 s on current
 /// versions (0x1E00 ticks in crash dumps; not documented); the simulator's is shorter so a test
@@ -190,7 +190,7 @@ pub(crate) fn check_current() {
         (elapsed > limit).then_some((elapsed, limit))
     });
     if let Ok(Some((elapsed, limit))) = overdue {
-        let routine = super::kernel::current_routine().map_or_else(
+        let routine = super::state::current_routine().map_or_else(
             || "kernel or harness code".to_owned(),
             super::bugcheck::describe_routine,
         );

@@ -12,10 +12,10 @@ use std::{
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
-use super::kernel::{
+use super::state::{
     Kernel, Waiter, current, current_driver, current_routine, require_irql, thread_id,
 };
-use crate::sys::types::*;
+use wfp_rs::sys::*;
 
 const STATUS_SUCCESS: NTSTATUS = 0;
 const STATUS_TIMEOUT: NTSTATUS = 0x102;
@@ -43,7 +43,7 @@ pub unsafe extern "system" fn KeInitializeEvent(
     Type: EVENT_TYPE,
     State: BOOLEAN,
 ) {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     // SAFETY: the caller provides a writable KEVENT not yet shared with other threads.
     let header = unsafe { &mut (*Event).Header };
     header.Lock = Type & 0xff;
@@ -60,7 +60,7 @@ pub unsafe extern "system" fn KeSetEvent(
     Increment: KPRIORITY,
     Wait: BOOLEAN,
 ) -> LONG {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     let _ = Increment;
     require_irql(
         "KeSetEvent",
@@ -79,7 +79,7 @@ pub unsafe extern "system" fn KeSetEvent(
 ///
 /// `Event` must be an initialised `KEVENT`.
 pub unsafe extern "system" fn KeClearEvent(Event: *mut KEVENT) {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     require_irql("KeClearEvent", DISPATCH_LEVEL);
     signal_state(Event).store(0, Ordering::SeqCst);
 }
@@ -101,7 +101,7 @@ pub unsafe extern "system" fn KeWaitForSingleObject(
     Alertable: BOOLEAN,
     Timeout: *const LARGE_INTEGER,
 ) -> NTSTATUS {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     let _ = (WaitReason, WaitMode, Alertable);
     // SAFETY: the caller passes null or a valid timeout.
     let timeout = unsafe { Timeout.as_ref().copied() };
@@ -200,13 +200,13 @@ impl Drop for Registered<'_> {
 /// unload wait limit.
 fn give_up_at_unload(kernel: &Kernel, object: usize) -> ! {
     let driver = current_driver();
-    let what = crate::driver::unload_wait_reason(driver as *mut DRIVER_OBJECT, object)
+    let what = wfp_rs::__sim::unload_wait_reason(driver as *mut DRIVER_OBJECT, object)
         .unwrap_or_else(|| {
             format!("the event at {object:#x} (KeWaitForSingleObject with no timeout)")
         });
     kernel.unload_wait_expired(
         driver,
-        [object, 0, 0, crate::bugcheck::unload_wait::EVENT],
+        [object, 0, 0, wfp_rs::bugcheck::unload_wait::EVENT],
         &what,
     )
 }

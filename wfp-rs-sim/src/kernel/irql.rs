@@ -11,12 +11,12 @@ use std::{
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::bugcheck::stop;
-use super::kernel::{irql, level_name, set_irql, thread_id};
-use crate::bugcheck::{BugCheckCode, verifier};
-use crate::sys::types::*;
+use super::state::{irql, level_name, set_irql, thread_id};
+use wfp_rs::bugcheck::{BugCheckCode, verifier};
+use wfp_rs::sys::*;
 
 /// `KeGetCurrentIrql`.
-pub fn KeGetCurrentIrql() -> KIRQL {
+pub extern "system" fn KeGetCurrentIrql() -> KIRQL {
     irql()
 }
 
@@ -25,7 +25,7 @@ pub fn KeGetCurrentIrql() -> KIRQL {
 /// # Safety
 ///
 /// As in the kernel: the caller must lower the IRQL again with the returned value.
-pub unsafe fn KfRaiseIrql(NewIrql: KIRQL) -> KIRQL {
+pub unsafe extern "system" fn KfRaiseIrql(NewIrql: KIRQL) -> KIRQL {
     let old = irql();
     if NewIrql < old || NewIrql > HIGH_LEVEL {
         stop(
@@ -48,7 +48,7 @@ pub unsafe fn KfRaiseIrql(NewIrql: KIRQL) -> KIRQL {
 /// # Safety
 ///
 /// As in the kernel: `NewIrql` must be the value saved by the matching raise.
-pub unsafe fn KeLowerIrql(NewIrql: KIRQL) {
+pub unsafe extern "system" fn KeLowerIrql(NewIrql: KIRQL) {
     let now = irql();
     if NewIrql > now {
         stop(
@@ -82,8 +82,8 @@ fn word<'a>(lock: *mut KSPIN_LOCK) -> &'a AtomicUsize {
 ///
 /// `SpinLock` must point to an initialised `KSPIN_LOCK` that outlives the hold.
 pub unsafe extern "system" fn KeAcquireSpinLockRaiseToDpc(SpinLock: *mut KSPIN_LOCK) -> KIRQL {
-    let _kernel = super::kernel::KernelCode::enter();
-    super::kernel::require_irql("KeAcquireSpinLockRaiseToDpc", DISPATCH_LEVEL);
+    let _kernel = super::state::KernelCode::enter();
+    super::state::require_irql("KeAcquireSpinLockRaiseToDpc", DISPATCH_LEVEL);
     let me = thread_id() as usize;
     let lock = word(SpinLock);
     super::deadlock::before_acquire(SpinLock as usize);
@@ -114,7 +114,7 @@ pub unsafe extern "system" fn KeAcquireSpinLockRaiseToDpc(SpinLock: *mut KSPIN_L
 /// `SpinLock` must be held by this processor; `NewIrql` must be the value its acquisition
 /// returned.
 pub unsafe extern "system" fn KeReleaseSpinLock(SpinLock: *mut KSPIN_LOCK, NewIrql: KIRQL) {
-    let _kernel = super::kernel::KernelCode::enter();
+    let _kernel = super::state::KernelCode::enter();
     let now = irql();
     if now != DISPATCH_LEVEL {
         stop(

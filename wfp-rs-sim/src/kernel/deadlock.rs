@@ -9,7 +9,7 @@
 //! at different times).
 //!
 //! The stops, all `DRIVER_VERIFIER_DETECTED_VIOLATION` (0xC4) with parameter 1 from
-//! [`crate::bugcheck::verifier`]:
+//! [`wfp_rs::bugcheck::verifier`]:
 //!
 //! | parameter 1 | parameter 2 | parameter 3 | parameter 4 | when |
 //! |---|---|---|---|---|
@@ -54,8 +54,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::bugcheck::{describe_routine, first_driver_frame, stop_with_details};
-use super::kernel::{Kernel, Routine, THREAD, ThreadState, current_driver, current_routine};
-use crate::bugcheck::{BugCheckCode, verifier};
+use super::state::{Kernel, Routine, THREAD, ThreadState, current_driver, current_routine};
+use wfp_rs::bugcheck::{BugCheckCode, verifier};
 
 /// Where one order (`A → B`) was first seen.
 struct Edge {
@@ -134,7 +134,7 @@ fn this_thread_name() -> String {
     format!(
         "{} [{}]",
         current.name().unwrap_or("<unnamed>"),
-        super::kernel::thread_id()
+        super::state::thread_id()
     )
 }
 
@@ -168,7 +168,7 @@ pub(crate) fn before_acquire(lock: usize) {
         let held: Vec<usize> = held.clone();
         // Only nested acquisitions reach the machine's graph: a lock taken with none held adds
         // no order.
-        let kernel = super::kernel::current();
+        let kernel = super::state::current();
         let mut graph = kernel.lock_order.lock();
         let new_edges: Vec<usize> = held
             .iter()
