@@ -17,8 +17,8 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use object::{NameOrOrdinal, Object as _};
 use object::read::pe::PeFile64;
+use object::{NameOrOrdinal, Object as _};
 
 /// The xtask's exit status for "the target's standard library is not installed".
 const XTASK_TARGET_MISSING: i32 = 3;

@@ -509,11 +509,15 @@ fn rename(text: &str, spec: &Spec, names: &Names) -> String {
             Some((old, hyphen)) => {
                 out.push_str(&text[copied..index]);
                 let next = bytes.get(index + old.len()).copied();
-                let replacement = if (hyphen && old.contains('-')) || next == Some(b'-') {
-                    &names.package
-                } else {
-                    &names.ident
-                };
+                // `-p NAME` takes the package name, whatever the spelling.
+                let package_flag =
+                    bytes[..index].ends_with(b"-p ") || bytes[..index].ends_with(b"--package ");
+                let replacement =
+                    if (hyphen && old.contains('-')) || next == Some(b'-') || package_flag {
+                        &names.package
+                    } else {
+                        &names.ident
+                    };
                 out.push_str(replacement);
                 index += old.len();
                 copied = index;
@@ -619,11 +623,11 @@ fn manifest(
             table.insert("name", toml_edit::value(name));
         }
     }
-    if let Some(name) = package {
-        if let Some(bins) = doc.get_mut("bin").and_then(Item::as_array_of_tables_mut) {
-            for bin in bins.iter_mut() {
-                bin.insert("name", toml_edit::value(name));
-            }
+    if let Some(name) = package
+        && let Some(bins) = doc.get_mut("bin").and_then(Item::as_array_of_tables_mut)
+    {
+        for bin in bins.iter_mut() {
+            bin.insert("name", toml_edit::value(name));
         }
     }
 
@@ -906,12 +910,12 @@ mod tests {
         assert_eq!(
             rename(
                 "firewall-driver firewall_protocol::X firewall::cli firewalls \\WfpRsFirewallPort \
-                 docs/firewall.md examples/firewall/driver let firewall = 1;",
+                 docs/firewall.md examples/firewall/driver let firewall = 1; -p firewall",
                 &firewall,
                 &names
             ),
             "acme-guard-driver acme_guard_protocol::X acme_guard::cli firewalls \\AcmeGuardPort \
-             docs/firewall.md examples/firewall/driver let acme_guard = 1;"
+             docs/firewall.md examples/firewall/driver let acme_guard = 1; -p acme-guard"
         );
         let minimal = spec(Template::Minimal);
         assert_eq!(

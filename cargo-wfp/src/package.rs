@@ -470,9 +470,7 @@ pub fn install_instructions(what: &Instructions<'_>, inf: &InfSummary) -> String
     line("");
     line("What still needs Windows");
     line("- A catalog file: `pnputil /add-driver` and right-click > Install verify the package");
-    line(&format!(
-        "  against the catalog its INF names (CatalogFile). Make it with the WDK's Inf2Cat"
-    ));
+    line("  against the catalog its INF names (CatalogFile). Make it with the WDK's Inf2Cat");
     line("  (Inf2Cat /driver:. /os:10_X64) and sign it with signtool; `sc create` above");
     line("  needs no catalog (the kernel checks the image's own signature).");
     line("- Production signing: machines without test signing load only drivers signed by");
