@@ -95,6 +95,18 @@ fn assert_success(what: &str, output: &Output) {
     );
 }
 
+/// Whether this runs in the wfp-rs repository (the published crate has no SDK beside it to
+/// build generated projects against); prints why not.
+fn in_repository() -> bool {
+    let inside = repo().join("wfp-rs/Cargo.toml").is_file() && repo().join("Cargo.lock").is_file();
+    if !inside {
+        say(
+            "SKIPPED: cargo wfp end to end: not in the wfp-rs repository (no SDK to build against)",
+        );
+    }
+    inside
+}
+
 /// Runs `cargo wfp new NAME --template TEMPLATE` in `parent` against this repository and
 /// copies the workspace's lock file in; returns the project folder.
 fn new_project(parent: &Path, name: &str, template: &str) -> PathBuf {
@@ -169,6 +181,9 @@ struct Expect {
 }
 
 fn end_to_end(expect: &Expect) {
+    if !in_repository() {
+        return;
+    }
     let started = Instant::now();
     let temp = tempfile::tempdir().expect("a temporary folder");
     let dir = new_project(temp.path(), expect.name, expect.template);
@@ -410,6 +425,9 @@ fn firewall_template_builds_tests_and_packages() {
 /// The messages a newcomer meets, each with what to do.
 #[test]
 fn failures_say_what_to_do() {
+    if !in_repository() {
+        return;
+    }
     let temp = tempfile::tempdir().expect("a temporary folder");
 
     // A service named as the driver: build the driver alone, with the flag.
@@ -491,6 +509,9 @@ fn failures_say_what_to_do() {
 /// find what enables the feature.
 #[test]
 fn user_feature_in_a_driver_is_explained() {
+    if !in_repository() {
+        return;
+    }
     let temp = tempfile::tempdir().expect("a temporary folder");
     let dir = new_project(temp.path(), "acme-user", "minimal");
     let manifest = fs::read_to_string(dir.join("Cargo.toml")).expect("reads the manifest");
