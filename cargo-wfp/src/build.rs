@@ -397,9 +397,9 @@ pub fn diagnose(stderr: &str, package: &str) -> Option<String> {
     }
     if stderr.contains("unwinding panics are not supported without std") {
         return Some(
-            "the driver was compiled with unwinding: set `panic = \"abort\"` in [profile.dev] \
-             and [profile.release] of the workspace's Cargo.toml (cargo wfp passes it with \
-             --config, but a profile in the manifest that says otherwise wins)"
+            "the driver was compiled with unwinding: kernel code needs `panic = \"abort\"`. \
+             cargo wfp passes it for the dev and release profiles; a custom profile needs \
+             `panic = \"abort\"` in its [profile.NAME] of the workspace's Cargo.toml"
                 .into(),
         );
     }

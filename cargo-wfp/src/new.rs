@@ -954,6 +954,65 @@ mod tests {
         );
     }
 
+    /// An SDK crate the examples start to use (as the simulator harness crate will be) needs no
+    /// change here: a workspace or path dependency outside the example becomes a registry
+    /// dependency with a patch.
+    #[test]
+    fn sdk_dependencies_become_registry_dependencies_with_patches() {
+        let workspace: DocumentMut = "[workspace.package]\nversion = \"0.1.0\"\nedition = \"2024\"\n\
+             [workspace.dependencies]\nwfp-rs-sim = { path = \"wfp-rs-sim\", version = \"0.1.0\" }\n\
+             [workspace.lints.rust]\nmissing_docs = \"warn\"\n"
+            .parse()
+            .unwrap();
+        let context = ManifestContext {
+            workspace: &workspace,
+            sdk_requirement: "0.1",
+            repo_dir: "examples/firewall/driver",
+            siblings: vec!["examples/firewall/driver", "examples/firewall/protocol"],
+            standalone: false,
+        };
+        let mut sdk = BTreeMap::new();
+        let text = manifest(
+            "[package]\nname = \"d\"\nversion.workspace = true\n\
+             [dependencies]\nproto = { path = \"../protocol\" }\n\
+             [dev-dependencies]\nwfp-rs-sim = { workspace = true, features = [\"x\"] }\n\
+             [target.'cfg(unix)'.dependencies]\nwfp-rs-build = { path = \"../../../wfp-rs-build\" }\n\
+             [lints]\nworkspace = true\n",
+            &context,
+            None,
+            &mut sdk,
+        )
+        .unwrap();
+        assert!(text.contains("version = \"0.1.0\""), "{text}");
+        assert!(
+            text.contains("proto = { path = \"../protocol\" }"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wfp-rs-sim = { version = \"0.1\", features = [\"x\"] }"),
+            "{text}"
+        );
+        assert!(text.contains("wfp-rs-build = \"0.1\""), "{text}");
+        assert!(text.contains("[lints]\nworkspace = true"), "{text}");
+        assert_eq!(
+            sdk.into_iter().collect::<Vec<_>>(),
+            [
+                ("wfp-rs-build".to_owned(), "wfp-rs-build".to_owned()),
+                ("wfp-rs-sim".to_owned(), "wfp-rs-sim".to_owned())
+            ]
+        );
+        let patches = project_tables(
+            Some(&["driver"]),
+            &workspace,
+            &BTreeMap::from([("wfp-rs-sim".to_owned(), "wfp-rs-sim".to_owned())]),
+            Some(Path::new("/sdk")),
+        );
+        assert!(
+            patches.contains("[patch.crates-io]\nwfp-rs-sim = { path = \"/sdk/wfp-rs-sim\" }"),
+            "{patches}"
+        );
+    }
+
     #[test]
     fn caret_requirements() {
         assert_eq!(caret_requirement("0.1.0"), "0.1");
