@@ -3,8 +3,9 @@
 //! pass `wfp-rs-stack`'s check (no bounded path from a routine the kernel calls deeper than
 //! the budget; see docs/building-drivers.md).
 //!
-//! The image is built by `cargo xtask driver minimal-driver`, the command a user runs, so the
-//! link flags, the `.dll` → `.sys` rename and the xtask itself are tested together. It is built
+//! The image is built by `cargo xtask driver minimal-driver`, which builds as `cargo wfp build`
+//! does (through cargo-wfp's library) and whose image checks are `cargo wfp build`'s, so the link
+//! flags, the `.dll` → `.sys` rename and the xtask itself are tested together. It is built
 //! in its own target directory, `<target>/driver-image`, so the nested cargo never waits for the
 //! lock of the `cargo test` that runs this file.
 //!
@@ -12,28 +13,12 @@
 //! with status 3 and this test prints `SKIPPED: <reason>` (on stderr, uncaptured) and returns; every other failure to
 //! build fails the test.
 
-use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use object::read::pe::{ImageNtHeaders, ImageOptionalHeader, PeFile64};
-use object::{FileKind, LittleEndian as LE, NameOrOrdinal, Object as _, pe};
-
-/// The only modules a driver may import from: they are loaded in kernel space. Anything else
-/// (`kernel32.dll`, the C runtime, `api-ms-win-*` sets) exists only in user mode and the image
-/// would fail to load.
-const KERNEL_MODULES: &[&str] = &[
-    "ntoskrnl.exe",
-    "hal.dll",
-    "fwpkclnt.sys",
-    "fltmgr.sys",
-    "netio.sys",
-    "ndis.sys",
-];
-
-/// Prefixes of user-mode modules that show up when the C runtime or std leaks into an image.
-const USER_MODE_MODULES: &[&str] = &["kernel32", "ucrt", "vcruntime", "msvcrt", "api-ms-"];
+use object::read::pe::PeFile64;
+use object::{NameOrOrdinal, Object as _};
 
 /// The xtask's exit status for "the target's standard library is not installed".
 const XTASK_TARGET_MISSING: i32 = 3;
@@ -308,7 +293,10 @@ fn xtask(args: &[&str]) -> std::process::Output {
         })
 }
 
-/// Asserts that `sys` is a 64-bit native WDM driver that imports only kernel modules.
+/// Asserts that `sys` is a 64-bit native WDM driver that imports only kernel modules, with the
+/// checks `cargo wfp build` makes (`cargo_wfp::image::check`: PE32+ for AMD64, subsystem
+/// NATIVE, the WDM-driver characteristic, the exported `DriverEntry` as entry point, imports
+/// from kernel modules only and none delay-loaded, no TLS directory, a matching PE checksum).
 fn check_driver_image(sys: &Path) {
     assert_eq!(
         sys.extension().and_then(|e| e.to_str()),
@@ -318,190 +306,19 @@ fn check_driver_image(sys: &Path) {
     );
     let data = std::fs::read(sys)
         .unwrap_or_else(|e| panic!("expected to read {}, found error: {e}", sys.display()));
-
-    let kind = FileKind::parse(&*data);
-    assert!(
-        matches!(kind, Ok(FileKind::Pe64)),
-        "expected a PE32+ image (FileKind::Pe64), found {kind:?}"
-    );
-    let image = PeFile64::parse(&*data).expect("expected a PE32+ image that object can parse");
-    let headers = image.nt_headers();
-    let file_header = headers.file_header();
-    let optional = headers.optional_header();
-
-    let magic = optional.magic();
-    assert_eq!(
-        magic,
-        pe::IMAGE_NT_OPTIONAL_HDR64_MAGIC,
-        "expected optional header magic {:#x} (PE32+), found {magic:#x}",
-        pe::IMAGE_NT_OPTIONAL_HDR64_MAGIC
-    );
-    let machine = file_header.machine.get(LE);
-    assert_eq!(
-        machine,
-        pe::IMAGE_FILE_MACHINE_AMD64,
-        "expected machine AMD64 ({:#06x}), found {:#06x}",
-        pe::IMAGE_FILE_MACHINE_AMD64.0,
-        machine.0
-    );
-    let subsystem = optional.subsystem();
-    assert_eq!(
-        subsystem,
-        pe::IMAGE_SUBSYSTEM_NATIVE,
-        "expected subsystem NATIVE ({}), found {}",
-        pe::IMAGE_SUBSYSTEM_NATIVE.0,
-        subsystem.0
-    );
-    let dll_characteristics = optional.dll_characteristics().0;
-    let wdm = pe::IMAGE_DLLCHARACTERISTICS_WDM_DRIVER.0;
-    assert_eq!(
-        dll_characteristics & wdm,
-        wdm,
-        "expected DllCharacteristics to include IMAGE_DLLCHARACTERISTICS_WDM_DRIVER ({wdm:#06x}), \
-         found {dll_characteristics:#06x}"
-    );
-
-    check_entry_point(&image, optional.address_of_entry_point());
-    check_imports(&image);
-
-    let tls = image.data_directory(pe::IMAGE_DIRECTORY_ENTRY_TLS);
-    assert!(
-        tls.is_none(),
-        "expected no TLS directory (the kernel does not run TLS callbacks), found {tls:?}"
-    );
-
-    let stored = optional.check_sum();
-    assert_ne!(
-        stored, 0,
-        "expected a non-zero PE checksum (linked with /RELEASE), found 0"
-    );
-    let nt_headers_offset = image.dos_header().nt_headers_offset() as usize;
-    let computed = pe_checksum(&data, nt_headers_offset);
-    assert_eq!(
-        stored, computed,
-        "expected the stored PE checksum to match the image, stored {stored:#010x}, computed {computed:#010x}"
-    );
-}
-
-/// The entry point must be the exported `DriverEntry` (linked with `/ENTRY:DriverEntry`).
-fn check_entry_point(image: &PeFile64<'_>, entry_rva: u32) {
-    assert_ne!(entry_rva, 0, "expected a non-zero entry point RVA, found 0");
-    let exports = image
-        .export_table()
-        .expect("expected a well-formed export table")
-        .expect("expected an export table (DriverEntry is exported), found none")
-        .exports()
-        .expect("expected readable exports");
-    let names: Vec<String> = exports
-        .iter()
-        .filter_map(|export| export.name)
-        .map(|name| String::from_utf8_lossy(name).into_owned())
-        .collect();
-    let driver_entry = exports
-        .iter()
-        .find(|export| export.name == Some(b"DriverEntry".as_slice()))
-        .unwrap_or_else(|| panic!("expected an export named DriverEntry, found {names:?}"));
-    let object::read::pe::ExportTarget::Address(export_rva) = driver_entry.target else {
+    let summary = cargo_wfp::image::check(&data).unwrap_or_else(|problems| {
         panic!(
-            "expected DriverEntry to be exported by address, found {:?}",
-            driver_entry.target
-        );
-    };
-    assert_eq!(
-        entry_rva, export_rva,
-        "expected the entry point RVA to be DriverEntry's ({export_rva:#x}), found {entry_rva:#x}"
-    );
-}
-
-/// Every imported module (plain or delay-loaded) must be a kernel module.
-fn check_imports(image: &PeFile64<'_>) {
-    let mut modules = BTreeSet::new();
-    if let Some(table) = image
-        .import_table()
-        .expect("expected a well-formed import table")
-    {
-        let mut descriptors = table.descriptors().expect("expected import descriptors");
-        while let Some(descriptor) = descriptors.next().expect("expected a readable descriptor") {
-            let name = table
-                .name(descriptor.name.get(LE))
-                .expect("expected a readable module name");
-            modules.insert(String::from_utf8_lossy(name).into_owned());
-        }
-    }
-    let delay_loaded = image
-        .delay_load_import_table()
-        .expect("expected a well-formed delay-load import table");
+            "expected {} to be a loadable WDM kernel driver image, found: {problems}",
+            sys.display()
+        )
+    });
     assert!(
-        delay_loaded.is_none(),
-        "expected no delay-load imports (the kernel does not resolve them), found a delay-load table"
-    );
-
-    let user_mode: Vec<&String> = modules
-        .iter()
-        .filter(|module| {
-            let lower = module.to_ascii_lowercase();
-            USER_MODE_MODULES
-                .iter()
-                .any(|prefix| lower.starts_with(prefix))
-        })
-        .collect();
-    assert!(
-        user_mode.is_empty(),
-        "expected no user-mode imports (kernel32, ucrt, vcruntime, msvcrt, api-ms-*), found {user_mode:?}"
-    );
-    let not_kernel: Vec<&String> = modules
-        .iter()
-        .filter(|module| {
-            !KERNEL_MODULES
-                .iter()
-                .any(|kernel| module.eq_ignore_ascii_case(kernel))
-        })
-        .collect();
-    assert!(
-        not_kernel.is_empty(),
-        "expected only kernel modules {KERNEL_MODULES:?} to be imported, found {not_kernel:?} \
-         (all imports: {modules:?})"
+        summary.imports.contains("ntoskrnl.exe"),
+        "expected ntoskrnl.exe among the imported modules, found {:?}",
+        summary.imports
     );
     assert!(
-        modules
-            .iter()
-            .any(|m| m.eq_ignore_ascii_case("ntoskrnl.exe")),
-        "expected ntoskrnl.exe among the imported modules, found {modules:?}"
+        !summary.signed,
+        "expected the image cargo builds to be unsigned (signing is `cargo wfp package`)"
     );
-}
-
-/// The PE checksum as `CheckSumMappedFile` computes it: the one's-complement-style 16-bit sum
-/// of the file with the checksum field taken as zero, plus the file length.
-fn pe_checksum(data: &[u8], nt_headers_offset: usize) -> u32 {
-    // Signature (4) + IMAGE_FILE_HEADER (20) + 64 bytes into the optional header, for both
-    // PE32 and PE32+.
-    let checksum_offset = nt_headers_offset + 4 + 20 + 64;
-    let mut sum: u64 = 0;
-    for (index, chunk) in data.chunks(2).enumerate() {
-        let offset = index * 2;
-        if (checksum_offset..checksum_offset + 4).contains(&offset) {
-            continue;
-        }
-        let word = u16::from_le_bytes([chunk[0], chunk.get(1).copied().unwrap_or(0)]);
-        sum += u64::from(word);
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    let sum = u32::try_from(sum).expect("a folded sum fits in 16 bits");
-    let len = u32::try_from(data.len()).expect("a PE image is smaller than 4 GiB");
-    sum.wrapping_add(len)
-}
-
-#[test]
-fn pe_checksum_skips_the_checksum_field_and_adds_the_length() {
-    // A fake header: NT headers at 0, so the checksum field is bytes 88..92.
-    let mut data = vec![0u8; 100];
-    data[0] = 0x01;
-    data[1] = 0x02; // word 0x0201
-    data[88..92].copy_from_slice(&[0xff; 4]); // ignored
-    data[99] = 0x80; // word 0x8000
-    assert_eq!(pe_checksum(&data, 0), 0x0201 + 0x8000 + 100);
-    // Carries fold back into the low 16 bits.
-    let data = vec![0xff; 4];
-    assert_eq!(pe_checksum(&data, 1000), 0xffff + 4);
 }

@@ -5,8 +5,8 @@
 //! `&mut PassiveLevel`, a state value the SDK keeps until unload, and work that moves from
 //! `DISPATCH_LEVEL` to `PASSIVE_LEVEL` through a work queue.
 //!
-//! Build the kernel image: `cargo xtask driver minimal-driver`
-//! (or `cargo build --release --target x86_64-pc-windows-msvc -p minimal-driver`).
+//! Build and check the kernel image: `cargo wfp build --release -p minimal-driver` (`cargo install
+//! cargo-wfp`; in the wfp-rs repository also `cargo xtask driver minimal-driver`).
 
 #![no_std]
 

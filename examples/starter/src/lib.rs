@@ -13,8 +13,8 @@
 //! Copy it to start a driver. Generate your own keys (`uuidgen`): they name your objects in the
 //! filter engine of every machine the driver runs on.
 //!
-//! Build the kernel image: `cargo xtask driver starter`
-//! (or `cargo build --release --target x86_64-pc-windows-msvc -p starter`).
+//! Build and check the kernel image: `cargo wfp build --release -p starter` (`cargo install
+//! cargo-wfp`; in the wfp-rs repository also `cargo xtask driver starter`).
 //! Run it in the simulator: `cargo test -p starter`.
 
 #![no_std]
@@ -183,8 +183,8 @@ where
 ///
 /// This and [`tcp_filter`] are functions of their own to keep the stack shallow: in a debug
 /// build each builder step is a copy on the stack, and those copies must not lie under
-/// [`Engine::add_filter`], the deepest path when the driver loads. `cargo xtask stack starter
-/// --debug` checks it (docs/building-drivers.md).
+/// [`Engine::add_filter`], the deepest path when the driver loads. `cargo wfp build -p starter`
+/// checks it (docs/building-drivers.md).
 #[inline(never)]
 fn add_callout_entry<L: Layer>(
     irql: &PassiveLevel<'_>,

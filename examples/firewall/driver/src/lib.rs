@@ -527,7 +527,7 @@ impl Observed {
     /// the network stack leaves callouts little room. So the request is allocated with an empty
     /// path and the path is copied from the field straight into the pool (no buffer, no
     /// temporary `ImagePath`, no move of a whole request), which keeps this frame small in
-    /// debug builds too; `cargo xtask stack firewall-driver --debug` checks it.
+    /// debug builds too; `cargo wfp build -p firewall-driver` (a debug image) checks it.
     #[inline(never)]
     fn boxed_request<L>(
         &self,
@@ -1314,7 +1314,7 @@ impl DriverState for Firewall {
 /// The work is split into functions of their own (`open_port`, `register`, `add_filters`),
 /// called one after the other, so that the temporaries of each are off the stack while the
 /// next runs: in a debug build every temporary has a stack slot of its own, and each of these
-/// reaches deep into the SDK (`cargo xtask stack firewall-driver --debug` checks the depth).
+/// reaches deep into the SDK (`cargo wfp build -p firewall-driver`, a debug image, checks the depth).
 pub fn start(
     irql: &mut PassiveLevel<'_>,
     driver: &mut Driver<'_>,
@@ -1430,7 +1430,7 @@ fn register(
 /// own (not inlined) so that its temporaries (the `Shared` value before it moves into the `Arc`)
 /// are off the stack before [`add_filters`] runs: in a debug build every temporary has a slot
 /// of its own, and `start`'s frame lies under the whole filter-adding path
-/// (`cargo xtask stack firewall-driver --debug`).
+/// (`cargo wfp build -p firewall-driver` checks it in a debug image).
 #[inline(never)]
 fn shared_state(
     irql: &mut PassiveLevel<'_>,

@@ -1,0 +1,1580 @@
+//! The example firewall's callout driver: every new TCP or UDP connection, out or in, over IPv4
+//! or IPv6, is allowed or denied by a user-mode service — answered at once from a verdict cache
+//! when the service has answered the same question before.
+//!
+//! The driver and the service speak [`firewall_protocol`]: a [`ConnectionRequest`] over the
+//! filter-manager port [`firewall_protocol::PORT_NAME`], a [`ConnectionReply`] back, and the
+//! [`REVOKE`] command on the control device [`CONTROL_DEVICE_NAME`].
+//!
+//! # Where it filters
+//!
+//! | layer | callout | connections |
+//! |---|---|---|
+//! | `ALE_AUTH_CONNECT_V4`, `_V6` | [`Outbound`] | this machine connects out (TCP `connect`, the first UDP send to a destination) |
+//! | `ALE_AUTH_RECV_ACCEPT_V4`, `_V6` | [`Inbound`] | a remote peer connects in (TCP accept, the first UDP datagram from a source) |
+//!
+//! One terminating filter per layer hands the callout every connection whose IP protocol is TCP
+//! or UDP (two consecutive conditions on `IP_PROTOCOL`, which the engine ORs). **ICMP and other
+//! protocols are not filtered**: at these layers WFP puts an ICMP message's type and code in
+//! the port fields (`FWPM_CONDITION_ICMP_TYPE` is `FWPM_CONDITION_IP_LOCAL_PORT`, the code the
+//! remote port), which the service's port rules would misread, and leaving ICMP to the Windows
+//! firewall keeps `ping` working whatever the service says. A product that wants to filter ICMP
+//! adds `1` and `58` to [`FILTERED_PROTOCOLS`] and teaches its rules the type and code; nothing
+//! in the driver depends on ports.
+//!
+//! The provider, sublayer, callout entries and filters are added in one dynamic session, in one
+//! transaction, after the callouts are registered, as in `examples/seed-fixed`.
+//!
+//! # The decision, outbound (`ALE_AUTH_CONNECT`)
+//!
+//! 1. **Loopback** (the `FLAGS` field has `FWP_CONDITION_FLAG_IS_LOOPBACK`): permitted without
+//!    asking, when [`Config::permit_loopback`] (the default). Local IPC over TCP is not a
+//!    firewall question, and asking about it would make the service ask about itself.
+//! 2. **The reauthorization of a connection this driver pended**: the verdict the work item
+//!    recorded in its [`VerdictTable`] (keyed by [`ConnectionKey`], local port included).
+//! 3. **Any other classification** (a new connection, or a reauthorization the driver did not
+//!    cause): the **verdict cache**, if it holds a live verdict for the connection's
+//!    [cache key](#the-verdict-cache).
+//! 4. **A new connection the cache does not answer**: if fewer than [`Config::max_pending`]
+//!    connections are outstanding (pended, or completed and not yet reauthorized), it takes a
+//!    slot of the [`VerdictTable`] and is pended ([`Classify::pend`]); a work item
+//!    sends a [`ConnectionRequest`] (process id, image path, protocol, both endpoints,
+//!    direction) and waits at most [`Config::timeout`]; it checks that the reply
+//!    [`answers`](ConnectionReply::answers) the request, caches the verdict if the reply allows
+//!    it (`cache_seconds > 0`), records it for the reauthorization, and completes the pend.
+//!    WFP reauthorizes the connection and step 2 answers, which frees the slot. Otherwise it is
+//!    not pended: it gets the default at once (see [Overload](#overload)).
+//!
+//! Every failure gives [`Config::default`] — fail-closed ([`Verdict::Deny`]) in
+//! [`Config::DEFAULT`]: a firewall that asks before letting a process connect should not let
+//! it connect because nobody answered. Each case is logged with its reason.
+//!
+//! | situation | decision |
+//! |---|---|
+//! | a loopback connection, with [`Config::permit_loopback`] | permit, nobody asked |
+//! | a live cached verdict for the cache key | that verdict, at once (no allocation, no work item) |
+//! | the service replies in time with a valid reply to this request | its verdict |
+//! | no service connected ([`SendError::NotConnected`]) | the default |
+//! | the service disconnects (is killed) before replying ([`SendError::Disconnected`]) | the default |
+//! | no reply within [`Config::timeout`] ([`SendError::Timeout`]); a late reply is discarded | the default |
+//! | a reply too short, too long, or malformed (any field [`ConnectionReply`]'s decoder rejects) | the default |
+//! | a well-formed reply to another request (its `request_id` is not this one's) | the default |
+//! | no pool to send ([`SendError::Status`]) | the default |
+//! | the work item cannot be queued (no pool): the default is recorded, and the closure that came back is dropped with the pend in it, which completes it | the default |
+//! | **overload**: [`Config::max_pending`] connections are pended or waiting for their reauthorization already, and the cache has no verdict | the default, at once (nothing pended); counted in [`StatsSnapshot::overloaded`] |
+//! | a reauthorization the driver did not cause (WFP reauthorizes when policy changes) | the cache's verdict if it has one, else the default |
+//! | a second pend of the same connection (process, image, protocol, both endpoints) while the first waits for its reauthorization: one verdict is kept, for one of the two | the other: the cache's verdict if it has one, else the default |
+//! | the connection's fields or image path cannot be read, there is no pool for the request, or the classification cannot be pended | the default, at once (nothing pended) |
+//! | a heavier sublayer already decided hard (no write right) | that decision stands |
+//! | the driver is unloading | the default, at once (nothing is pended any more) |
+//!
+//! A default is never cached: the next connection with the same key asks again.
+//!
+//! ## Overload
+//!
+//! A pended connection holds a slot of the [`VerdictTable`] from before its pend until its
+//! reauthorization takes the verdict, so a verdict the service gave is never evicted before
+//! the reauthorization it is for: every pended connection gets the service's verdict (or the
+//! default for the reasons above). The price is a bound: with [`Config::max_pending`]
+//! connections outstanding, a new connection the cache does not answer is not pended, and gets
+//! the default at once. That case is counted ([`StatsSnapshot::overloaded`], and in
+//! `defaults`) and logged once when a burst starts and once when it ends (with how many
+//! connections it refused), not per connection. The default bound, [`VERDICT_SLOTS`] (2048,
+//! 160 KiB of non-paged pool), is twice the largest burst the benchmarks make (1024 new
+//! connections at once, none refused).
+//!
+//! A slot is freed only by the reauthorization that takes its verdict (or by the classification
+//! that reserved it, when it decides without pending). WFP reauthorizes every connection whose
+//! pend at `ALE_AUTH_CONNECT` is completed; if it ever did not, that slot would stay taken until
+//! unload (which then gives up after its grace period and says so), and the bound would shrink
+//! by one.
+//!
+//! # The decision, inbound (`ALE_AUTH_RECV_ACCEPT`)
+//!
+//! Completing a pend at `ALE_AUTH_RECV_ACCEPT` does not reauthorize the connection: the packet
+//! that carried it was absorbed, and only a callout that cloned it and reinjects the clone
+//! (`FwpsInjectTransportReceiveAsync0`) lets the connection through. This first version does
+//! not reinject, and so never pends inbound — it never pretends a completion lets an inbound
+//! connection through. Instead:
+//!
+//! | situation | decision |
+//! |---|---|
+//! | a loopback connection, with [`Config::permit_loopback`] | permit, nobody asked |
+//! | a live cached verdict for the cache key | that verdict, at once |
+//! | otherwise | **the default, at once**; and, unless [`Config::background_asks`] questions are in flight already or the driver is unloading, a work item asks the service *in the background*, and caches its verdict if the reply allows it |
+//!
+//! So a peer's first attempt gets the default, and its next attempt — a TCP SYN is retransmitted
+//! after about a second — gets the service's cached verdict. With fail-closed that costs an
+//! allowed peer one retransmission; with fail-open, a denied peer gets one connection through
+//! before its verdict is cached. An inbound verdict the service does not let the driver cache
+//! (`cache_seconds = 0`) cannot help a later attempt, so such a peer always gets the default:
+//! services should grant inbound verdicts a lifetime. The background asks are bounded so a flood
+//! of new peers cannot queue unbounded work items (each holds a request, about 1 KiB); a miss
+//! beyond the bound just gets the default, and is counted.
+//!
+//! # The verdict cache
+//!
+//! The key is (process id, image path hash, direction, IP protocol, remote address, remote
+//! port, and for inbound connections the local port). An outbound connection's local port is
+//! not part of it: every new outbound connection has a fresh one, so a key with it would never
+//! be found again; a verdict that depends on it (a rule's `local_port`) must not be granted a
+//! cache lifetime, and the example service grants none. An inbound connection's local port is
+//! the port connected to, which rules name (`local_port = 22`) and a retransmission repeats. The
+//! image path is hashed in (64-bit FNV-1a) so a reused process id does not inherit a verdict.
+//!
+//! The cache is the public module [`cache`] ([`cache::VerdictCache`]), for
+//! other drivers (and the benchmarks' C-style baseline) to use as it is.
+//!
+//! - **Bounded**: [`Config::cache_capacity`] entries (rounded down to a multiple of [`WAYS`]),
+//!   allocated once by [`start`], 72 bytes each (72 KiB for the default 1024). Lookups and
+//!   insertions never allocate.
+//! - **Set-associative**: the key's hash picks a set of [`WAYS`] slots; a lookup scans one set
+//!   under a spin lock, at any IRQL up to `DISPATCH_LEVEL`, so its cost does not grow with the
+//!   capacity.
+//! - **Eviction**: a new verdict takes its key's own slot, else a free slot of the set, else the
+//!   slot that expired first, else the oldest entry of the set (first inserted). (A cache with
+//!   fewer than [`WAYS`] entries is one set: plain "expired first, then oldest".)
+//! - **Expiry**: a verdict lives `cache_seconds` from the reply (at most one day,
+//!   [`firewall_protocol::MAX_CACHE_SECONDS`]), measured on the kernel's interrupt-time clock
+//!   ([`wfp_rs::time::Instant`], which the wall clock's changes do not move); a lookup that
+//!   finds it expired removes it and asks again. `cache_seconds = 0` means "do not cache".
+//! - **Revocable**: each entry remembers the `request_id` of the reply that created it. The
+//!   [`REVOKE`] command removes the entries of the listed requests, or all of them
+//!   ([`Revoke::All`]). A reply whose question was asked *before* a revoke command and that
+//!   arrives after it is applied to its connection but not cached, whatever the command named:
+//!   it may be an answer under the rules the service just replaced.
+//!
+//! # The service's own traffic
+//!
+//! The service needs no network to do its job (it talks to the driver over the port and the
+//! control device, which WFP does not see), and its connections, if it makes any, are decided
+//! by its rules like every other process's — there is no exemption by process id. Exempting the
+//! connected service's process would need its process id in the port's connect callback, which
+//! the SDK does not expose yet, and trusting a process id the service *claims* would let any
+//! administrator-run process exempt another. A service that does connect out should allow
+//! itself in its rules and must not make that connection from the thread that answers the
+//! driver: that connection would wait for the answer the same thread has to give, and time out
+//! into the default.
+//!
+//! # Control device
+//!
+//! The [`REVOKE`] command arrives as a buffered I/O control request on the control device
+//! [`CONTROL_DEVICE_NAME`] ([`ControlDevice`]; only administrators and SYSTEM may open it,
+//! and the handler runs in the service's thread at `PASSIVE_LEVEL`): its input is decoded
+//! with [`Revoke::decode`] and answered with [`Revoked`] (8 bytes; a smaller output buffer is
+//! `STATUS_BUFFER_TOO_SMALL`, a malformed request `STATUS_INVALID_PARAMETER`). Any other control
+//! code is `STATUS_INVALID_DEVICE_REQUEST`.
+//!
+//! # Configuration
+//!
+//! [`Config`]; `DriverEntry` uses [`Config::DEFAULT`] (fail-closed, a 500 ms timeout, 1024
+//! cache entries, loopback permitted, [`VERDICT_SLOTS`] pends at most). A product would read
+//! its settings from its service key; here another configuration is a `#[driver_entry]` of
+//! your own that calls [`start`], which is what the tests and the service's simulator demo do:
+//!
+//! ```
+//! use core::time::Duration;
+//! use firewall_driver::{Config, Firewall};
+//! use firewall_protocol::Verdict;
+//! use wfp_rs::driver::Driver;
+//! use wfp_rs::irql::PassiveLevel;
+//! use wfp_rs::Status;
+//!
+//! #[wfp_rs::driver_entry]
+//! fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<Firewall, Status> {
+//!     let config = Config { default: Verdict::Allow, timeout: Duration::from_secs(2), ..Config::DEFAULT };
+//!     firewall_driver::start(irql, driver, config)
+//! }
+//! # let machine = wfp_rs_sim::Machine::new();
+//! # let driver = machine.load_driver("firewall", DriverEntry).unwrap();
+//! # machine.unload_driver(driver).unwrap();
+//! # assert!(machine.pool_blocks().is_empty());
+//! ```
+//!
+//! # Unloading
+//!
+//! As in `examples/seed-fixed`, so that every pended connection gets exactly one decision and
+//! unload does not wait for a silent service:
+//!
+//! 1. [`Firewall::stopping`](DriverState::stopping) sets the "unloading" flag — new connections
+//!    get the cache or the default at once, work items that have not asked yet do not ask, no
+//!    background ask is queued — and closes the service's connection, so a send waiting for a
+//!    reply fails at once.
+//! 2. The SDK waits until no work item is queued or running: every pend is completed.
+//! 3. [`Firewall::unload`](DriverState::unload) closes the control device (waiting for a
+//!    command in progress), then waits until every completed pend has been reauthorized (no
+//!    pend in flight, no slot of the [`VerdictTable`] reserved, the table empty), or until
+//!    [`Config::timeout`] + [`REAUTHORIZATION_GRACE`] pass without progress.
+//! 4. It closes the engine session (the filters go before the callouts: a terminating filter
+//!    whose callout is gone blocks everything), unregisters the callouts, closes the port, and
+//!    unregisters the minifilter.
+//!
+//! # Logging
+//!
+//! Each question and decision is logged with the request's id (`firewall: #17: pid 42 outbound
+//! tcp 10.0.0.2:50000 -> 192.0.2.1:443: pended, asking the service`, `firewall: #17: allow
+//! (service, cached for 60 s)`, `firewall: #18: deny (default: no reply within the timeout)`);
+//! cache hits are only counted ([`Stats`]), to keep the hot path short. Unload logs the totals.
+//!
+//! [`ConnectionRequest`]: firewall_protocol::ConnectionRequest
+//! [`ConnectionReply`]: firewall_protocol::ConnectionReply
+//! [`ConnectionReply::answers`]: firewall_protocol::ConnectionReply::answers
+//! [`Verdict::Deny`]: firewall_protocol::Verdict::Deny
+//! [`REVOKE`]: firewall_protocol::control::REVOKE
+//! [`Revoke::All`]: firewall_protocol::control::Revoke::All
+//! [`Revoke::decode`]: firewall_protocol::control::Revoke::decode
+//! [`Revoked`]: firewall_protocol::control::Revoked
+//! [`CONTROL_DEVICE_NAME`]: firewall_protocol::control::CONTROL_DEVICE_NAME
+//! [`VerdictTable`]: wfp_rs::pend::VerdictTable
+//! [`ControlDevice`]: wfp_rs::control::ControlDevice
+//! [`ConnectionKey`]: wfp_rs::pend::ConnectionKey
+//! [`Classify::pend`]: wfp_rs::callout::Classify::pend
+//! [`SendError::NotConnected`]: wfp_rs::port::SendError::NotConnected
+//! [`SendError::Disconnected`]: wfp_rs::port::SendError::Disconnected
+//! [`SendError::Timeout`]: wfp_rs::port::SendError::Timeout
+//! [`SendError::Status`]: wfp_rs::port::SendError::Status
+
+#![no_std]
+
+extern crate alloc;
+
+pub mod cache;
+mod stats;
+
+use core::fmt;
+use core::net::IpAddr;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use core::time::Duration;
+use wfp_rs::pool::PoolArc;
+
+use firewall_protocol::control::{REVOKE, REVOKED_LEN, Revoke, Revoked};
+use firewall_protocol::{
+    ConnectionReply, ConnectionRequest, Direction, FirewallProtocol, ImagePath, Verdict,
+};
+use wfp_rs::callout::{Callout, CalloutKey, CalloutRegistration, Classify};
+use wfp_rs::classify::ClassifyOut;
+use wfp_rs::control::{CommandHandler, ControlDevice};
+use wfp_rs::driver::{Driver, DriverState};
+use wfp_rs::engine::{CalloutEntry, Engine, Provider, SessionOptions, Sublayer};
+use wfp_rs::event::{Event, EventKind};
+use wfp_rs::filter::{Filter as WfpFilter, FilterAction, Match};
+use wfp_rs::inverted::ControlCode;
+use wfp_rs::irql::{AtMostDispatch, DispatchLevel, PassiveLevel, Token};
+use wfp_rs::layer::value::{ConditionFlags, IpProtocol};
+use wfp_rs::layer::{
+    AleAuthConnectV4, AleAuthConnectV6, AleAuthRecvAcceptV4, AleAuthRecvAcceptV6, Field, Layer,
+    fields,
+};
+use wfp_rs::pend::{ConnectionKey, PendError, PendableByCompletionHandle, VerdictTable};
+use wfp_rs::pool::{PoolBox, PoolTag};
+use wfp_rs::port::{Filter, SendError, ServerPort};
+use wfp_rs::time::Instant;
+use wfp_rs::work_item::WorkQueue;
+use wfp_rs::{Guid, Status, guid, kd_print};
+
+pub use cache::WAYS;
+use cache::{Answer, CacheKey, Insert, Lookup, VerdictCache};
+use stats::Counter;
+pub use stats::{Stats, StatsSnapshot};
+
+#[cfg(all(target_os = "windows", not(feature = "sim")))]
+#[global_allocator]
+static ALLOCATOR: wfp_rs::pool::PoolAllocator =
+    wfp_rs::pool::PoolAllocator::new(wfp_rs::pool::PoolTag::new(b"Fwal"));
+
+/// How long a work item waits for the service's reply by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How many verdicts the cache holds by default (72 KiB of non-paged pool).
+pub const DEFAULT_CACHE_CAPACITY: usize = 1024;
+
+/// How many inbound background asks may be in flight by default.
+pub const DEFAULT_BACKGROUND_ASKS: usize = 8;
+
+/// How many service connections the port accepts at a time: one service; a second instance is
+/// refused (`STATUS_CONNECTION_COUNT_LIMIT`) until the first disconnects.
+pub const SERVICE_CONNECTIONS: u32 = 1;
+
+/// The size of the table of outbound verdicts waiting for their reauthorization, and the upper
+/// bound of [`Config::max_pending`]. Each pended connection reserves a slot before it is pended
+/// and frees it when its reauthorization takes the verdict, so a recorded verdict is never
+/// evicted; a new connection that finds no free slot is not pended (see the crate
+/// documentation). 2048 slots of 80 bytes: 160 KiB of non-paged pool (tag `FwVt`), allocated
+/// at load. Enough for a burst of 1024 new connections at once
+/// (`docs/benchmarks.md`, (b)) with room to spare.
+pub const VERDICT_SLOTS: usize = 2048;
+
+/// How long unload waits, beyond [`Config::timeout`], for the reauthorizations of the
+/// connections it completed before it deletes its filters.
+pub const REAUTHORIZATION_GRACE: Duration = Duration::from_secs(2);
+
+/// The IP protocols handed to the callouts (see "Where it filters" in the crate documentation).
+pub const FILTERED_PROTOCOLS: [IpProtocol; 2] = [IpProtocol::Tcp, IpProtocol::Udp];
+
+/// The weight of this driver's sublayer.
+pub const SUBLAYER_WEIGHT: u16 = 0x7D00;
+
+/// The provider that owns the sublayer, callout entries and filters.
+pub const PROVIDER: Guid = guid!("6ef0f72b-9146-4430-8724-b8f6d87e65da");
+/// The sublayer.
+pub const SUBLAYER: Guid = guid!("08d00c6a-7d82-4434-9ce3-29c9ec775842");
+/// The callout at `ALE_AUTH_CONNECT_V4`.
+pub const CALLOUT_CONNECT_V4: CalloutKey<AleAuthConnectV4> =
+    CalloutKey::new(guid!("4ac3ff77-22e4-40be-b382-fce05c732936"));
+/// The callout at `ALE_AUTH_CONNECT_V6`.
+pub const CALLOUT_CONNECT_V6: CalloutKey<AleAuthConnectV6> =
+    CalloutKey::new(guid!("972e0342-866c-4447-b41d-139981bdb90a"));
+/// The callout at `ALE_AUTH_RECV_ACCEPT_V4`.
+pub const CALLOUT_RECV_ACCEPT_V4: CalloutKey<AleAuthRecvAcceptV4> =
+    CalloutKey::new(guid!("1fec78a3-50b9-48f7-874d-ca576f6180fd"));
+/// The callout at `ALE_AUTH_RECV_ACCEPT_V6`.
+pub const CALLOUT_RECV_ACCEPT_V6: CalloutKey<AleAuthRecvAcceptV6> =
+    CalloutKey::new(guid!("d696e655-15ef-410b-92f3-75642e90ea04"));
+/// The filter that hands outbound IPv4 TCP and UDP to [`CALLOUT_CONNECT_V4`].
+pub const FILTER_CONNECT_V4: Guid = guid!("e94e0469-3137-4bcf-a8f6-351084057091");
+/// The filter that hands outbound IPv6 TCP and UDP to [`CALLOUT_CONNECT_V6`].
+pub const FILTER_CONNECT_V6: Guid = guid!("983ff833-1a7d-427e-9713-c93963014788");
+/// The filter that hands inbound IPv4 TCP and UDP to [`CALLOUT_RECV_ACCEPT_V4`].
+pub const FILTER_RECV_ACCEPT_V4: Guid = guid!("4a9e0d4f-09ba-40f1-b27d-0ba024e97ffc");
+/// The filter that hands inbound IPv6 TCP and UDP to [`CALLOUT_RECV_ACCEPT_V6`].
+pub const FILTER_RECV_ACCEPT_V6: Guid = guid!("f9e394eb-1314-44a7-9b08-b8584470658a");
+
+/// The driver's settings.
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    /// The decision when the service gives none (see the crate documentation for every case).
+    pub default: Verdict,
+    /// How long a work item waits for the service (delivery and reply together).
+    pub timeout: Duration,
+    /// How many verdicts the cache holds (rounded down to a multiple of [`WAYS`]; 0 disables
+    /// the cache, and inbound connections then always get the default).
+    pub cache_capacity: usize,
+    /// The filter-manager port the service connects to.
+    pub port_name: &'static str,
+    /// The control device's name (`\Device\<name>`).
+    pub device_name: &'static str,
+    /// Permit loopback connections without asking (`true`), or ask about them like any other.
+    pub permit_loopback: bool,
+    /// How many inbound background asks may be in flight at once.
+    pub background_asks: usize,
+    /// How many outbound connections may be pended at once, counting those completed and
+    /// waiting for their reauthorization; at most [`VERDICT_SLOTS`] (a larger value is clamped).
+    /// A new connection beyond it that the cache does not answer gets the default at once (0:
+    /// the driver never pends, and such connections always get the default).
+    pub max_pending: usize,
+    /// Counters to update besides the driver's own, for a caller that reads them while the
+    /// driver runs (see [`Stats`]).
+    pub stats: Option<&'static Stats>,
+}
+
+impl Config {
+    /// What `DriverEntry` uses: fail-closed, [`DEFAULT_TIMEOUT`], [`DEFAULT_CACHE_CAPACITY`],
+    /// the protocol's port and device names, loopback permitted, [`DEFAULT_BACKGROUND_ASKS`],
+    /// [`VERDICT_SLOTS`] pends at most.
+    pub const DEFAULT: Config = Config {
+        default: Verdict::Deny,
+        timeout: DEFAULT_TIMEOUT,
+        cache_capacity: DEFAULT_CACHE_CAPACITY,
+        port_name: firewall_protocol::PORT_NAME,
+        device_name: firewall_protocol::control::CONTROL_DEVICE_NAME,
+        permit_loopback: true,
+        background_asks: DEFAULT_BACKGROUND_ASKS,
+        max_pending: VERDICT_SLOTS,
+        stats: None,
+    };
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::DEFAULT
+    }
+}
+
+/// Why the service's answer could not be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AskError {
+    /// The driver is unloading: nothing is asked any more.
+    Unloading,
+    /// The message was not sent, or no valid reply came back.
+    Send(SendError),
+    /// The reply is well-formed but answers another request.
+    Mismatched {
+        /// The request asked.
+        asked: u64,
+        /// The request the reply names.
+        answered: u64,
+    },
+}
+
+impl fmt::Display for AskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AskError::Unloading => f.write_str("unloading"),
+            AskError::Send(error) => error.fmt(f),
+            AskError::Mismatched { asked, answered } => {
+                write!(f, "the reply answers request #{answered}, not #{asked}")
+            }
+        }
+    }
+}
+
+/// An IP protocol number as the logs show it.
+struct ProtocolName(u8);
+
+impl fmt::Display for ProtocolName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            6 => f.write_str("tcp"),
+            17 => f.write_str("udp"),
+            1 => f.write_str("icmp"),
+            58 => f.write_str("icmpv6"),
+            other => write!(f, "protocol {other}"),
+        }
+    }
+}
+
+/// A connection as a log line describes it.
+struct Described<'a>(&'a ConnectionRequest);
+
+impl fmt::Display for Described<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = self.0;
+        let arrow = match r.direction {
+            Direction::Outbound => "->",
+            Direction::Inbound => "<-",
+        };
+        write!(
+            f,
+            "pid {} {} {} {} {arrow} {}",
+            r.process_id,
+            r.direction,
+            ProtocolName(r.ip_protocol),
+            Endpoint(r.local_address, r.local_port),
+            Endpoint(r.remote_address, r.remote_port),
+        )
+    }
+}
+
+/// `192.0.2.1:443`, `[2001:db8::1]:443`.
+struct Endpoint(IpAddr, u16);
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            IpAddr::V4(v4) => write!(f, "{v4}:{}", self.1),
+            IpAddr::V6(v6) => write!(f, "[{v6}]:{}", self.1),
+        }
+    }
+}
+
+/// "" or ", cached for N s".
+struct CachedFor(Option<u32>);
+
+impl fmt::Display for CachedFor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(secs) => write!(f, ", cached for {secs} s"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// What one classification is about, read from its fields.
+struct Observed {
+    key: ConnectionKey,
+    direction: Direction,
+}
+
+impl Observed {
+    fn of<L>(c: &Classify<'_, L>, direction: Direction) -> Option<Observed>
+    where
+        L: Layer,
+        L::Address: Into<IpAddr>,
+        fields::AleAppId: Field<L>,
+        fields::IpProtocol: Field<L>,
+        fields::IpLocalAddress: Field<L>,
+        fields::IpLocalPort: Field<L>,
+        fields::IpRemoteAddress: Field<L>,
+        fields::IpRemotePort: Field<L>,
+    {
+        Some(Observed {
+            key: ConnectionKey::of(c)?,
+            direction,
+        })
+    }
+
+    fn cache_key(&self) -> CacheKey {
+        CacheKey {
+            pid: self.key.pid,
+            app: self.key.app,
+            direction: self.direction,
+            protocol: self.key.protocol,
+            remote: self.key.remote,
+            // Outbound: a fresh port per connection, which would make every key new; the
+            // service grants no lifetime to an outbound verdict that depends on it.
+            local_port: match self.direction {
+                Direction::Inbound => self.key.local.1,
+                Direction::Outbound => 0,
+            },
+        }
+    }
+
+    /// The request that asks about this connection, in pool memory, with the image path from
+    /// the `ALE_APP_ID` field (cut to [`MAX_PATH_UNITS`](firewall_protocol::MAX_PATH_UNITS) and
+    /// marked truncated if longer).
+    ///
+    /// With its image path (up to 1 KiB) a request is too big for a classify callback's stack:
+    /// the network stack leaves callouts little room. So the request is allocated with an empty
+    /// path and the path is copied from the field straight into the pool (no buffer, no
+    /// temporary `ImagePath`, no move of a whole request), which keeps this frame small in
+    /// debug builds too; `cargo wfp build -p firewall-driver` (a debug image) checks it.
+    #[inline(never)]
+    fn boxed_request<L>(
+        &self,
+        c: &Classify<'_, L>,
+        request_id: u64,
+        irql: &impl AtMostDispatch,
+    ) -> Result<PoolBox<ConnectionRequest>, NoRequest>
+    where
+        L: Layer,
+        fields::AleAppId: Field<L>,
+    {
+        let app = c
+            .values
+            .get::<fields::AleAppId>()
+            .map_err(|_| NoRequest::Unreadable)?;
+        let mut request =
+            PoolBox::try_new(self.request_without_path(request_id), REQUEST_TAG, irql)
+                .map_err(|_| NoRequest::NoPool)?;
+        request
+            .image_path
+            .set_units_truncating(app.units())
+            .map_err(|_| NoRequest::Unreadable)?;
+        Ok(request)
+    }
+
+    /// The request about this connection with an empty image path.
+    fn request_without_path(&self, request_id: u64) -> ConnectionRequest {
+        ConnectionRequest {
+            request_id,
+            process_id: self.key.pid,
+            direction: self.direction,
+            ip_protocol: self.key.protocol,
+            local_address: self.key.local.0,
+            local_port: self.key.local.1,
+            remote_address: self.key.remote.0,
+            remote_port: self.key.remote.1,
+            image_path: ImagePath::empty(),
+        }
+    }
+}
+
+/// Why no request was built for a connection.
+#[derive(Clone, Copy, Debug)]
+enum NoRequest {
+    /// The `ALE_APP_ID` field is missing or malformed.
+    Unreadable,
+    /// No pool for the request.
+    NoPool,
+}
+
+impl fmt::Display for NoRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NoRequest::Unreadable => f.write_str("the image path cannot be read"),
+            NoRequest::NoPool => f.write_str("no pool for the request"),
+        }
+    }
+}
+
+/// The pool tag of the requests work items carry.
+const REQUEST_TAG: PoolTag = PoolTag::new(b"FwRq");
+
+/// The pool tag of the verdict table.
+const VERDICTS_TAG: PoolTag = PoolTag::new(b"FwVt");
+/// The tag of the state the callouts, the work items and the control device share.
+const SHARED_TAG: PoolTag = PoolTag::new(b"FwSh");
+
+/// Adds one to `counter` unless it has reached `limit`; whether it did.
+fn increment_below(counter: &AtomicUsize, limit: usize) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < limit).then_some(n + 1)
+        })
+        .is_ok()
+}
+
+/// Whether the classification's `FLAGS` field marks loopback.
+fn is_loopback<L: Layer>(c: &Classify<'_, L>) -> bool
+where
+    fields::Flags: Field<L>,
+{
+    c.values
+        .get::<fields::Flags>()
+        .is_ok_and(|flags| flags.contains(ConditionFlags::IS_LOOPBACK))
+}
+
+/// Applies `verdict`: a soft permit (a lighter sublayer may still block) or a hard block.
+fn apply(out: &mut ClassifyOut<'_>, verdict: Verdict) {
+    match verdict {
+        Verdict::Allow => {
+            // Without the write right this changes nothing: a hard decision stands.
+            let _ = out.permit();
+        }
+        Verdict::Deny => {
+            out.block();
+        }
+    }
+}
+
+/// What the callouts, work items and the control device share.
+struct Shared {
+    config: Config,
+    port: ServerPort<FirewallProtocol>,
+    cache: VerdictCache,
+    /// In its own allocation: at 160 KiB it cannot pass through a kernel stack.
+    verdicts: PoolBox<VerdictTable<Verdict, VERDICT_SLOTS>>,
+    /// Set at unload: nothing is pended or asked any more.
+    unloading: AtomicBool,
+    /// Outbound classifications between their check of `unloading` and the end of their work
+    /// item (or of the path that decided without one).
+    in_flight: AtomicUsize,
+    /// Outbound connections holding a slot of `verdicts`: reserved before the pend, freed when
+    /// the reauthorization takes the verdict (or when the classification decides without
+    /// pending or recording). At most `config.max_pending`, so `verdicts` never fills.
+    outstanding: AtomicUsize,
+    /// New connections refused a slot since the last one that got one: the current overload
+    /// burst, logged when it starts and when it ends rather than per connection.
+    overload_burst: AtomicU64,
+    /// Set, while unloading, when `in_flight` drops to zero or a recorded verdict is taken.
+    progress: Event,
+    next_request: AtomicU64,
+    /// Inbound background asks queued or running.
+    background: AtomicUsize,
+    own_stats: Stats,
+}
+
+impl Shared {
+    fn count(&self, counter: Counter) {
+        self.own_stats.count(counter);
+        if let Some(stats) = self.config.stats {
+            stats.count(counter);
+        }
+    }
+
+    fn count_n(&self, counter: Counter, n: u64) {
+        self.own_stats.add(counter, n);
+        if let Some(stats) = self.config.stats {
+            stats.add(counter, n);
+        }
+    }
+
+    fn request_id(&self) -> u64 {
+        // Ids only need to differ; 0 is never used, so a zeroed reply never matches.
+        self.next_request.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A new connection's classification, or its work item, is done.
+    fn finished(&self, irql: &impl AtMostDispatch) {
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.unloading.load(Ordering::SeqCst)
+        {
+            self.progress.set(irql);
+        }
+    }
+
+    /// The start of both callouts' classification. A loopback connection (when
+    /// [`Config::permit_loopback`]) is permitted, and one whose fields cannot be read gets the
+    /// default: either way it is decided, and `None` returned. Otherwise what the
+    /// classification is about, and its cache key.
+    fn observe<L>(
+        &self,
+        c: &mut Classify<'_, L>,
+        direction: Direction,
+    ) -> Option<(Observed, CacheKey)>
+    where
+        L: Layer,
+        L::Address: Into<IpAddr>,
+        fields::AleAppId: Field<L>,
+        fields::Flags: Field<L>,
+        fields::IpProtocol: Field<L>,
+        fields::IpLocalAddress: Field<L>,
+        fields::IpLocalPort: Field<L>,
+        fields::IpRemoteAddress: Field<L>,
+        fields::IpRemotePort: Field<L>,
+    {
+        if self.config.permit_loopback && is_loopback(c) {
+            self.count(Counter::Loopback);
+            apply(&mut c.out, Verdict::Allow);
+            return None;
+        }
+        let Some(observed) = Observed::of(c, direction) else {
+            let default = self.config.default;
+            self.count(Counter::Defaults);
+            // "firewall: outbound: …" or "firewall: inbound: …", as each callout logged it.
+            kd_print!(
+                Warning,
+                "firewall: {direction}: {default} (default: the connection's fields cannot be read)\n"
+            );
+            apply(&mut c.out, default);
+            return None;
+        };
+        let cache_key = observed.cache_key();
+        Some((observed, cache_key))
+    }
+
+    /// The cache's verdict for `key` now, counting a hit or an expiry.
+    fn cached<I: Token>(&self, irql: &mut I, key: &CacheKey) -> Option<Verdict> {
+        match self.cache.lookup(irql, key, Instant::now()) {
+            Lookup::Hit(verdict) => {
+                self.count(Counter::CacheHits);
+                Some(verdict)
+            }
+            Lookup::Expired => {
+                self.count(Counter::Expired);
+                None
+            }
+            Lookup::Miss => None,
+        }
+    }
+
+    /// Asks the service about `request` and checks that the reply answers it.
+    fn ask(
+        &self,
+        irql: &PassiveLevel<'_>,
+        request: &ConnectionRequest,
+    ) -> Result<ConnectionReply, AskError> {
+        if self.unloading.load(Ordering::SeqCst) {
+            return Err(AskError::Unloading);
+        }
+        self.count(Counter::Asked);
+        let reply = self
+            .port
+            .send(irql, request, self.config.timeout)
+            .map_err(AskError::Send)?;
+        if !reply.answers(request) {
+            return Err(AskError::Mismatched {
+                asked: request.request_id,
+                answered: reply.request_id,
+            });
+        }
+        self.count(Counter::Answered);
+        Ok(reply)
+    }
+
+    /// Asks, and caches the answer if the reply grants it a lifetime and no revocation came
+    /// since the question was asked. Returns the reply and how long it was cached.
+    fn ask_and_cache(
+        &self,
+        irql: &mut PassiveLevel<'_>,
+        request: &ConnectionRequest,
+        key: &CacheKey,
+    ) -> Result<(ConnectionReply, Option<u32>), AskError> {
+        let generation = self.cache.generation();
+        let reply = self.ask(irql, request)?;
+        let Some(lifetime) = reply.cache else {
+            return Ok((reply, None));
+        };
+        let now = Instant::now();
+        let expires = now.saturating_add(Duration::from_secs(u64::from(lifetime.as_secs())));
+        let answer = Answer {
+            verdict: reply.verdict,
+            expires,
+            request_id: request.request_id,
+        };
+        let outcome = self.cache.insert(irql, *key, answer, now, generation);
+        let cached = match outcome {
+            Insert::Added => true,
+            Insert::ReplacedExpired => {
+                self.count(Counter::Expired);
+                true
+            }
+            Insert::Evicted => {
+                self.count(Counter::Evicted);
+                true
+            }
+            Insert::Revoked => {
+                self.count(Counter::NotCachedRevoked);
+                false
+            }
+            Insert::Disabled => false,
+        };
+        if cached {
+            self.count(Counter::Cached);
+        }
+        Ok((reply, cached.then_some(lifetime.as_secs())))
+    }
+
+    /// The outbound work item's job: ask (unless unloading), cache, log, and return the
+    /// decision.
+    fn decide(
+        &self,
+        irql: &mut PassiveLevel<'_>,
+        request: &ConnectionRequest,
+        key: &CacheKey,
+    ) -> Verdict {
+        let id = request.request_id;
+        match self.ask_and_cache(irql, request, key) {
+            Ok((reply, cached)) => {
+                kd_print!(
+                    "firewall: #{id}: {} (service{})\n",
+                    reply.verdict,
+                    CachedFor(cached)
+                );
+                reply.verdict
+            }
+            Err(error) => {
+                let default = self.config.default;
+                self.count(Counter::Defaults);
+                kd_print!(Warning, "firewall: #{id}: {default} (default: {error})\n");
+                default
+            }
+        }
+    }
+
+    /// The inbound background work item's job: ask, cache, log.
+    fn learn(&self, irql: &mut PassiveLevel<'_>, request: &ConnectionRequest, key: &CacheKey) {
+        let id = request.request_id;
+        match self.ask_and_cache(irql, request, key) {
+            Ok((reply, cached)) => kd_print!(
+                "firewall: #{id}: {} for later attempts (service{})\n",
+                reply.verdict,
+                CachedFor(cached)
+            ),
+            Err(error) => kd_print!(
+                Warning,
+                "firewall: #{id}: no verdict for later attempts ({error})\n"
+            ),
+        }
+    }
+
+    /// Takes a slot of the verdict table for a connection about to be pended, unless
+    /// [`Config::max_pending`] are taken already. Logs the start and the end of an overload
+    /// burst, not each refused connection.
+    fn reserve(&self) -> bool {
+        let limit = self.config.max_pending;
+        if !increment_below(&self.outstanding, limit) {
+            if self.overload_burst.fetch_add(1, Ordering::Relaxed) == 0 {
+                kd_print!(
+                    Warning,
+                    "firewall: {limit} connections pended or awaiting reauthorization; new connections the cache does not answer get the default until one is reauthorized\n"
+                );
+            }
+            return false;
+        }
+        // A load first, so the common case (no overload) writes nothing shared.
+        if self.overload_burst.load(Ordering::Relaxed) != 0 {
+            let refused = self.overload_burst.swap(0, Ordering::Relaxed);
+            if refused != 0 {
+                kd_print!(
+                    Warning,
+                    "firewall: pending again; {refused} connection(s) got the default while {limit} were outstanding\n"
+                );
+            }
+        }
+        true
+    }
+
+    /// Frees a slot taken by [`reserve`](Self::reserve).
+    fn release(&self, irql: &impl AtMostDispatch) {
+        if self.outstanding.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.unloading.load(Ordering::SeqCst)
+        {
+            self.progress.set(irql);
+        }
+    }
+
+    /// Records `verdict` for `key`'s reauthorization, in the slot the classification reserved.
+    /// Call it before completing the pend: the reauthorization may run before `complete`
+    /// returns.
+    fn record<I: Token>(&self, irql: &mut I, key: ConnectionKey, verdict: Verdict) {
+        match self.verdicts.try_record(&mut *irql, key, verdict) {
+            Ok(None) => {}
+            // Two pends of one connection key at once (same process, image and both
+            // endpoints): one verdict answers one of their reauthorizations, and the other
+            // falls back to the cache or the default. Its slot is not needed any more.
+            Ok(Some(_)) => {
+                kd_print!(
+                    Warning,
+                    "firewall: pid {}: a second pend of the same connection; one reauthorization falls back to the cache or the default\n",
+                    key.pid
+                );
+                self.release(irql);
+            }
+            // Cannot happen while every pend reserves a slot first; if it did, this verdict
+            // is lost, not another one.
+            Err(full) => {
+                kd_print!(
+                    Error,
+                    "firewall: pid {}: {full} although a slot was reserved; its reauthorization falls back to the cache or the default\n",
+                    key.pid
+                );
+                self.release(irql);
+            }
+        }
+    }
+
+    /// At unload: stops new pends, then waits until every pend this driver made is completed
+    /// and reauthorized (see the crate documentation). Returns whether everything settled.
+    fn settle(&self, irql: &mut PassiveLevel<'_>) -> bool {
+        // Sequentially consistent with `classify`'s increment of `in_flight` and its load of
+        // `unloading`: either a classification sees the flag and does not pend, or this sees
+        // it in flight and waits for it.
+        self.unloading.store(true, Ordering::SeqCst);
+        let patience = self.config.timeout.saturating_add(REAUTHORIZATION_GRACE);
+        let settled = |irql: &mut PassiveLevel<'_>| {
+            self.in_flight.load(Ordering::SeqCst) == 0
+                && self.outstanding.load(Ordering::SeqCst) == 0
+                && self.verdicts.is_empty(irql)
+        };
+        loop {
+            // Cleared before the check, so a signal after the check ends the wait.
+            self.progress.clear(irql);
+            if settled(irql) {
+                return true;
+            }
+            if !self.progress.wait_timeout(irql, patience) {
+                return settled(irql);
+            }
+        }
+    }
+}
+
+/// The outbound callout, at `ALE_AUTH_CONNECT_V4` and `_V6`: cache, else pend and ask from a
+/// work item, and answer the reauthorization from the recorded verdict.
+pub struct Outbound {
+    shared: PoolArc<Shared>,
+    queue: WorkQueue,
+}
+
+impl<L: PendableByCompletionHandle> Callout<L> for Outbound
+where
+    L::Address: Into<IpAddr>,
+    fields::AleAppId: Field<L>,
+    fields::Flags: Field<L>,
+    fields::IpProtocol: Field<L>,
+    fields::IpLocalAddress: Field<L>,
+    fields::IpLocalPort: Field<L>,
+    fields::IpRemoteAddress: Field<L>,
+    fields::IpRemotePort: Field<L>,
+{
+    fn classify(&self, irql: &mut DispatchLevel<'_>, c: &mut Classify<'_, L>) {
+        let shared = &self.shared;
+        let default = shared.config.default;
+        let Some((observed, cache_key)) = shared.observe(c, Direction::Outbound) else {
+            return;
+        };
+        if c.is_reauthorization() {
+            // The work item recorded the verdict before it completed the pend.
+            let verdict = match shared.verdicts.take(&mut *irql, &observed.key) {
+                Some(verdict) => {
+                    // Its connection's slot is free again (and unload is told of progress).
+                    shared.release(irql);
+                    if shared.unloading.load(Ordering::SeqCst) {
+                        shared.progress.set(irql);
+                    }
+                    verdict
+                }
+                // A reauthorization this callout did not cause.
+                None => shared.cached(irql, &cache_key).unwrap_or_else(|| {
+                    shared.count(Counter::Defaults);
+                    kd_print!(
+                        Warning,
+                        "firewall: pid {}: {default} (default: a reauthorization with no recorded or cached verdict)\n",
+                        observed.key.pid
+                    );
+                    default
+                }),
+            };
+            apply(&mut c.out, verdict);
+            return;
+        }
+        if let Some(verdict) = shared.cached(irql, &cache_key) {
+            apply(&mut c.out, verdict);
+            return;
+        }
+        // Counted before the flag is read (see `Shared::settle`).
+        shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        let request_id = shared.request_id();
+        let decided_at_once = |c: &mut Classify<'_, L>, reason: &dyn fmt::Display| {
+            shared.count(Counter::Defaults);
+            kd_print!(
+                Warning,
+                "firewall: #{request_id}: {default} (default: {reason})\n"
+            );
+            apply(&mut c.out, default);
+            shared.finished(irql);
+        };
+        if shared.unloading.load(Ordering::SeqCst) {
+            decided_at_once(c, &"unloading");
+            return;
+        }
+        // A slot for the verdict, before the pend: a recorded verdict is never evicted.
+        if !shared.reserve() {
+            // The cache did not answer (above): the default, counted; logged per burst.
+            shared.count(Counter::Overloaded);
+            shared.count(Counter::Defaults);
+            apply(&mut c.out, default);
+            shared.finished(irql);
+            return;
+        }
+        let request = match observed.boxed_request(c, request_id, irql) {
+            Ok(request) => request,
+            Err(error) => {
+                shared.release(irql);
+                decided_at_once(c, &error);
+                return;
+            }
+        };
+        let pended = match c.pend() {
+            Ok(pended) => pended,
+            // A heavier sublayer decided hard; there is nothing to ask.
+            Err(PendError::NoWriteRight) => {
+                shared.release(irql);
+                shared.finished(irql);
+                return;
+            }
+            Err(error) => {
+                shared.release(irql);
+                decided_at_once(c, &error);
+                return;
+            }
+        };
+        kd_print!(
+            "firewall: #{request_id}: {}: pended, asking the service\n",
+            Described(&request)
+        );
+        let key = observed.key;
+        let work = PoolArc::clone(shared);
+        let queued = self.queue.queue(irql, move |passive| {
+            let verdict = work.decide(passive, &request, &cache_key);
+            work.record(passive, key, verdict);
+            pended.complete(passive);
+            work.finished(passive);
+        });
+        if let Err(not_queued) = queued {
+            shared.count(Counter::Defaults);
+            kd_print!(
+                Warning,
+                "firewall: #{request_id}: {default} (default: {not_queued})\n"
+            );
+            shared.record(irql, key, default);
+            // Dropping the closure drops the pend in it, which completes it; the
+            // reauthorization finds the default recorded.
+            drop(not_queued);
+            shared.finished(irql);
+        }
+    }
+}
+
+/// The inbound callout, at `ALE_AUTH_RECV_ACCEPT_V4` and `_V6`: cache, else the default at once
+/// and a background ask whose answer serves the next attempt. Never pends (see the crate
+/// documentation).
+pub struct Inbound {
+    shared: PoolArc<Shared>,
+    queue: WorkQueue,
+}
+
+impl Inbound {
+    /// Takes one of the [`Config::background_asks`] slots, if one is free and the driver is
+    /// not unloading.
+    fn reserve_background(&self) -> bool {
+        let shared = &self.shared;
+        !shared.unloading.load(Ordering::SeqCst)
+            && increment_below(&shared.background, shared.config.background_asks)
+    }
+}
+
+impl<L: Layer> Callout<L> for Inbound
+where
+    L::Address: Into<IpAddr>,
+    fields::AleAppId: Field<L>,
+    fields::Flags: Field<L>,
+    fields::IpProtocol: Field<L>,
+    fields::IpLocalAddress: Field<L>,
+    fields::IpLocalPort: Field<L>,
+    fields::IpRemoteAddress: Field<L>,
+    fields::IpRemotePort: Field<L>,
+{
+    fn classify(&self, irql: &mut DispatchLevel<'_>, c: &mut Classify<'_, L>) {
+        let shared = &self.shared;
+        let default = shared.config.default;
+        let Some((observed, cache_key)) = shared.observe(c, Direction::Inbound) else {
+            return;
+        };
+        if let Some(verdict) = shared.cached(irql, &cache_key) {
+            apply(&mut c.out, verdict);
+            return;
+        }
+        // This attempt gets the default whatever happens next.
+        shared.count(Counter::Defaults);
+        apply(&mut c.out, default);
+        if !self.reserve_background() {
+            shared.count(Counter::BackgroundSkipped);
+            kd_print!(
+                Warning,
+                "firewall: pid {} inbound: {default} (default: not cached; not asking: too many questions in flight, or unloading)\n",
+                observed.key.pid
+            );
+            return;
+        }
+        let request_id = shared.request_id();
+        let request = match observed.boxed_request(c, request_id, irql) {
+            Ok(request) => request,
+            Err(error) => {
+                shared.background.fetch_sub(1, Ordering::SeqCst);
+                shared.count(Counter::BackgroundSkipped);
+                kd_print!(
+                    Warning,
+                    "firewall: pid {} inbound: {default} (default: not cached; not asking: {error})\n",
+                    observed.key.pid
+                );
+                return;
+            }
+        };
+        kd_print!(
+            "firewall: #{request_id}: {}: {default} (default: not cached; asking the service for later attempts)\n",
+            Described(&request)
+        );
+        let work = PoolArc::clone(shared);
+        let queued = self.queue.queue(irql, move |passive| {
+            work.learn(passive, &request, &cache_key);
+            work.background.fetch_sub(1, Ordering::SeqCst);
+        });
+        match queued {
+            Ok(()) => shared.count(Counter::BackgroundAsks),
+            Err(not_queued) => {
+                kd_print!(
+                    Warning,
+                    "firewall: #{request_id}: not asked ({not_queued})\n"
+                );
+                drop(not_queued);
+                shared.background.fetch_sub(1, Ordering::SeqCst);
+                shared.count(Counter::BackgroundSkipped);
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// A control request on the control device: [`REVOKE`] removes cached verdicts and writes
+    /// a [`Revoked`] to `output`; any other code is `STATUS_INVALID_DEVICE_REQUEST`. Returns
+    /// how many bytes of `output` it wrote.
+    #[allow(
+        dead_code,
+        reason = "wired to the control device when the SDK's ControlDevice lands"
+    )]
+    fn command(
+        &self,
+        irql: &mut PassiveLevel<'_>,
+        code: ControlCode,
+        input: &[u8],
+        output: &mut [u8],
+    ) -> Result<usize, Status> {
+        if code != REVOKE {
+            return Err(Status::INVALID_DEVICE_REQUEST);
+        }
+        let revoke = match Revoke::decode(input) {
+            Ok(revoke) => revoke,
+            Err(malformed) => {
+                kd_print!(Warning, "firewall: revoke refused: {malformed}\n");
+                return Err(Status::INVALID_PARAMETER);
+            }
+        };
+        let out = output
+            .get_mut(..REVOKED_LEN)
+            .ok_or(Status::BUFFER_TOO_SMALL)?;
+        let removed = self.cache.revoke(irql, &revoke);
+        self.count_n(Counter::Revoked, u64::from(removed));
+        match revoke {
+            Revoke::All => kd_print!("firewall: revoked all cached verdicts ({removed})\n"),
+            Revoke::Requests(ids) => kd_print!(
+                "firewall: revoked {removed} cached verdict(s) of {} request(s)\n",
+                ids.len()
+            ),
+        }
+        out.copy_from_slice(&Revoked { removed }.to_bytes());
+        Ok(REVOKED_LEN)
+    }
+}
+
+/// The control device's handler: the service's commands (see "Control device" in the crate
+/// documentation).
+pub struct Commands {
+    shared: PoolArc<Shared>,
+}
+
+impl CommandHandler for Commands {
+    fn command(
+        &self,
+        irql: &mut PassiveLevel<'_>,
+        code: ControlCode,
+        input: &[u8],
+        output: &mut [u8],
+    ) -> Result<usize, Status> {
+        self.shared.command(irql, code, input, output)
+    }
+}
+
+/// What the driver keeps while it is loaded.
+pub struct Firewall {
+    engine: Engine,
+    connect_v4: CalloutRegistration<AleAuthConnectV4, Outbound>,
+    connect_v6: CalloutRegistration<AleAuthConnectV6, Outbound>,
+    accept_v4: CalloutRegistration<AleAuthRecvAcceptV4, Inbound>,
+    accept_v6: CalloutRegistration<AleAuthRecvAcceptV6, Inbound>,
+    control: ControlDevice<Commands>,
+    shared: PoolArc<Shared>,
+    filter: Filter,
+}
+
+impl Firewall {
+    /// The driver's counters now (its own, whether or not [`Config::stats`] is set).
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.own_stats.snapshot()
+    }
+}
+
+impl DriverState for Firewall {
+    fn stopping(&self, irql: &mut PassiveLevel<'_>) {
+        // No new pends or questions; then fail the questions already waiting, so the work
+        // items the SDK is about to wait for finish now rather than at their timeout.
+        self.shared.unloading.store(true, Ordering::SeqCst);
+        let closed = self.shared.port.disconnect_all(irql);
+        kd_print!("firewall: stopping; {closed} service connection(s) closed\n");
+    }
+
+    fn unload(self, irql: &mut PassiveLevel<'_>) {
+        // The SDK has waited for every work item: no pend is outstanding.
+        let Firewall {
+            engine,
+            connect_v4,
+            connect_v6,
+            accept_v4,
+            accept_v6,
+            control,
+            shared,
+            filter,
+        } = self;
+        // No more commands; the handler's share of the state goes with the device.
+        control.close(irql);
+        if !shared.settle(irql) {
+            kd_print!(
+                Warning,
+                "firewall: reauthorizations still outstanding at unload; they will not be filtered\n"
+            );
+        }
+        // The filters go first, with the dynamic session: a terminating filter whose callout
+        // is unregistered blocks everything it matches.
+        if let Err(status) = engine.close(irql) {
+            kd_print!(Error, "firewall: closing the session failed: {status}\n");
+        }
+        if let Err((_, status)) = connect_v4.unregister(&mut *irql) {
+            kd_print!(
+                Error,
+                "firewall: unregistering (connect, IPv4) failed: {status}\n"
+            );
+        }
+        if let Err((_, status)) = connect_v6.unregister(&mut *irql) {
+            kd_print!(
+                Error,
+                "firewall: unregistering (connect, IPv6) failed: {status}\n"
+            );
+        }
+        if let Err((_, status)) = accept_v4.unregister(&mut *irql) {
+            kd_print!(
+                Error,
+                "firewall: unregistering (accept, IPv4) failed: {status}\n"
+            );
+        }
+        if let Err((_, status)) = accept_v6.unregister(&mut *irql) {
+            kd_print!(
+                Error,
+                "firewall: unregistering (accept, IPv6) failed: {status}\n"
+            );
+        }
+        let stats = shared.own_stats.snapshot();
+        // The port before the filter: a filter with an open port cannot be unregistered.
+        match PoolArc::try_unwrap(shared) {
+            Ok(Shared { port, .. }) => port.close(irql),
+            // A work item queued by a classification that raced the session's close still
+            // holds it; it closes the port when it finishes, at PASSIVE_LEVEL, and the SDK
+            // waits for it before the driver is gone.
+            Err(shared) => drop(shared),
+        }
+        filter.close(irql);
+        kd_print!("firewall: unloaded ({stats})\n");
+    }
+}
+
+/// The body of `DriverEntry`, with a configuration: registers the minifilter and the port, the
+/// callouts, and then the filters that hand TCP and UDP connections to them. On an error
+/// everything done so far is undone (dropped in reverse order, at `PASSIVE_LEVEL`).
+///
+/// The work is split into functions of their own (`open_port`, `register`, `add_filters`),
+/// called one after the other, so that the temporaries of each are off the stack while the
+/// next runs: in a debug build every temporary has a stack slot of its own, and each of these
+/// reaches deep into the SDK (`cargo wfp build -p firewall-driver`, a debug image, checks the depth).
+pub fn start(
+    irql: &mut PassiveLevel<'_>,
+    driver: &mut Driver<'_>,
+    config: Config,
+) -> Result<Firewall, Status> {
+    let (filter, port) = open_port(irql, driver, config.port_name)?;
+    let firewall = register(irql, driver, config, filter, port);
+    // Borrowed in the `Result` and returned as it is, rather than taken out with `?` and
+    // wrapped again: in a debug build each of those moves is a copy of the whole state in this
+    // frame, which lies under the filters' path.
+    if let Ok(firewall) = &firewall {
+        // On an error the firewall is dropped: its fields go in declaration order, the engine
+        // session (and with it everything added in it) first, the minifilter last.
+        add_filters(irql, &firewall.engine)?;
+        announce(irql, firewall);
+    }
+    firewall
+}
+
+/// The load-time log line. A function of its own: its formatting temporaries stay off the
+/// stack under [`add_filters`].
+#[inline(never)]
+fn announce(irql: &mut PassiveLevel<'_>, firewall: &Firewall) {
+    let config = &firewall.shared.config;
+    kd_print!(
+        "firewall: asking the service on {} ({} ms timeout, default {}, {} cache entries, {} pends at most, loopback {})\n",
+        config.port_name,
+        config.timeout.as_millis(),
+        config.default,
+        firewall.shared.cache.capacity(irql),
+        config.max_pending,
+        if config.permit_loopback {
+            "permitted"
+        } else {
+            "asked"
+        }
+    );
+}
+
+/// Registers the minifilter and creates the service's port on it. Called by [`start`] on its
+/// own, not from [`register`], so that `ServerPort::create` (deep in a debug build) runs with
+/// only `start`'s frame above it.
+#[inline(never)]
+fn open_port(
+    irql: &mut PassiveLevel<'_>,
+    driver: &mut Driver<'_>,
+    port_name: &str,
+) -> Result<(Filter, ServerPort<FirewallProtocol>), Status> {
+    let filter = Filter::register(irql, driver)?;
+    let port =
+        ServerPort::<FirewallProtocol>::create(irql, &filter, port_name, SERVICE_CONNECTIONS, ())?;
+    Ok((filter, port))
+}
+
+/// Everything [`start`] does after [`open_port`] and before the filters: the shared state, the
+/// control device, the callouts and the (still empty) dynamic engine session. On an error the
+/// port and then the minifilter it was given are dropped after its own locals.
+#[inline(never)]
+fn register(
+    irql: &mut PassiveLevel<'_>,
+    driver: &mut Driver<'_>,
+    config: Config,
+    filter: Filter,
+    port: ServerPort<FirewallProtocol>,
+) -> Result<Firewall, Status> {
+    let config = Config {
+        max_pending: config.max_pending.min(VERDICT_SLOTS),
+        ..config
+    };
+    let shared = shared_state(irql, config, port)?;
+    let control = ControlDevice::new(
+        irql,
+        driver,
+        config.device_name,
+        Commands {
+            shared: PoolArc::clone(&shared),
+        },
+    )?;
+
+    // Registered before the filters that name them exist, so no connection meets a filter
+    // whose callout is missing (it would be blocked).
+    let outbound = || Outbound {
+        shared: PoolArc::clone(&shared),
+        queue: driver.work_queue(),
+    };
+    let inbound = || Inbound {
+        shared: PoolArc::clone(&shared),
+        queue: driver.work_queue(),
+    };
+    let connect_v4 = CalloutRegistration::register(irql, driver, CALLOUT_CONNECT_V4, outbound())?;
+    let connect_v6 = CalloutRegistration::register(irql, driver, CALLOUT_CONNECT_V6, outbound())?;
+    let accept_v4 = CalloutRegistration::register(irql, driver, CALLOUT_RECV_ACCEPT_V4, inbound())?;
+    let accept_v6 = CalloutRegistration::register(irql, driver, CALLOUT_RECV_ACCEPT_V6, inbound())?;
+
+    // Dynamic: closing the session deletes everything added in it.
+    let engine = Engine::open(
+        irql,
+        SessionOptions::new().dynamic().name("wfp-rs firewall"),
+    )?;
+    Ok(Firewall {
+        engine,
+        connect_v4,
+        connect_v6,
+        accept_v4,
+        accept_v6,
+        control,
+        shared,
+        filter,
+    })
+}
+
+/// The state the callouts, the work items and the control device share. A function of its
+/// own (not inlined) so that its temporaries (the `Shared` value before it moves into the `Arc`)
+/// are off the stack before [`add_filters`] runs: in a debug build every temporary has a slot
+/// of its own, and `start`'s frame lies under the whole filter-adding path
+/// (`cargo wfp build -p firewall-driver` checks it in a debug image).
+#[inline(never)]
+fn shared_state(
+    irql: &mut PassiveLevel<'_>,
+    config: Config,
+    port: ServerPort<FirewallProtocol>,
+) -> Result<PoolArc<Shared>, Status> {
+    let cache = VerdictCache::new(config.cache_capacity)?;
+    let verdicts =
+        VerdictTable::try_new_in_pool(VERDICTS_TAG, irql).ok_or(Status::INSUFFICIENT_RESOURCES)?;
+    let progress = Event::try_new(EventKind::Notification, false, irql)?;
+    // Fallible: `Arc::new` cannot report an exhausted pool, and in a driver its failure is a
+    // bug check. On a failure the value comes back and is dropped like the other locals.
+    PoolArc::try_new(
+        Shared {
+            config,
+            port,
+            cache,
+            verdicts,
+            unloading: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            outstanding: AtomicUsize::new(0),
+            overload_burst: AtomicU64::new(0),
+            progress,
+            next_request: AtomicU64::new(0),
+            background: AtomicUsize::new(0),
+            own_stats: Stats::new(),
+        },
+        SHARED_TAG,
+        irql,
+    )
+    .map_err(|e| e.status())
+}
+
+/// Adds the provider and the sublayer; a function of its own, so that their builders are off
+/// the stack under [`add_filter`] (see [`start`]).
+#[inline(never)]
+fn add_provider_and_sublayer(irql: &PassiveLevel<'_>, engine: &Engine) -> Result<(), Status> {
+    engine.add_provider(irql, &Provider::new(PROVIDER).name("wfp-rs firewall"))?;
+    engine.add_sublayer(
+        irql,
+        &Sublayer::new(SUBLAYER)
+            .name("wfp-rs firewall")
+            .provider(PROVIDER)
+            .weight(SUBLAYER_WEIGHT),
+    )?;
+    Ok(())
+}
+
+/// Adds to `engine`, in one transaction, the provider, the sublayer, the callout entries and
+/// the filters that hand connections to the callouts.
+#[inline(never)]
+fn add_filters(irql: &mut PassiveLevel<'_>, engine: &Engine) -> Result<(), Status> {
+    // All or nothing: dropped on an error, the transaction is aborted.
+    let txn = engine.transaction(irql)?;
+    add_provider_and_sublayer(irql, &txn)?;
+    add_filter::<AleAuthConnectV4>(
+        irql,
+        &txn,
+        CALLOUT_CONNECT_V4,
+        FILTER_CONNECT_V4,
+        "firewall (connect, IPv4)",
+    )?;
+    add_filter(
+        irql,
+        &txn,
+        CALLOUT_CONNECT_V6,
+        FILTER_CONNECT_V6,
+        "firewall (connect, IPv6)",
+    )?;
+    add_filter(
+        irql,
+        &txn,
+        CALLOUT_RECV_ACCEPT_V4,
+        FILTER_RECV_ACCEPT_V4,
+        "firewall (accept, IPv4)",
+    )?;
+    add_filter(
+        irql,
+        &txn,
+        CALLOUT_RECV_ACCEPT_V6,
+        FILTER_RECV_ACCEPT_V6,
+        "firewall (accept, IPv6)",
+    )?;
+    txn.commit(irql)?;
+    Ok(())
+}
+
+#[wfp_rs::driver_entry]
+fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<Firewall, Status> {
+    start(irql, driver, Config::DEFAULT)
+}
+
+/// The terminating filter `filter` that hands connections to `callout`, without conditions. A
+/// function of its own: in a debug build each step of the builder is a copy on the stack,
+/// and these copies must not lie under [`Engine::add_filter`] (see [`start`]).
+#[inline(never)]
+fn terminating_filter<'a, L: Layer>(
+    filter: Guid,
+    callout: CalloutKey<L>,
+    name: &'a str,
+) -> WfpFilter<'a, L> {
+    WfpFilter::<L>::new(filter)
+        .name(name)
+        .provider(PROVIDER)
+        .sublayer(SUBLAYER)
+        .action(FilterAction::CalloutTerminating(callout))
+}
+
+/// Adds the callout entry `callout` at layer `L`; a function of its own, so that its builder is
+/// off the stack under the filter's (see [`start`]).
+#[inline(never)]
+fn add_callout_entry<L: Layer>(
+    irql: &PassiveLevel<'_>,
+    engine: &Engine,
+    callout: CalloutKey<L>,
+    name: &str,
+) -> Result<(), Status> {
+    engine.add_callout(
+        irql,
+        &CalloutEntry::<L>::new(callout)
+            .name(name)
+            .provider(PROVIDER),
+    )?;
+    Ok(())
+}
+
+/// Adds the callout entry `callout` at layer `L` and the terminating filter `filter` that hands
+/// it every connection of the [`FILTERED_PROTOCOLS`].
+fn add_filter<L: Layer>(
+    irql: &PassiveLevel<'_>,
+    engine: &Engine,
+    callout: CalloutKey<L>,
+    filter: Guid,
+    name: &str,
+) -> Result<(), Status>
+where
+    fields::IpProtocol: Field<L>,
+{
+    add_callout_entry::<L>(irql, engine, callout, name)?;
+    let mut entry = terminating_filter::<L>(filter, callout, name);
+    // Consecutive conditions on one field: the engine ORs them.
+    for protocol in FILTERED_PROTOCOLS {
+        entry = entry.condition::<fields::IpProtocol>(Match::Equal(protocol));
+    }
+    engine.add_filter(irql, &entry)?;
+    Ok(())
+}

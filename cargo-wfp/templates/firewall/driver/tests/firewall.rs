@@ -1,0 +1,2471 @@
+//! The example firewall driver in the simulator, with the service played by harness threads on
+//! the filter-manager port, deciding with the `firewall-rules` crate.
+//!
+//! Every test checks that each connection attempt got exactly one final decision (an outbound
+//! attempt the driver pended: the pended classification and one reauthorization; anything
+//! else: one classification, never pended inbound), that the decision is what the rules say or
+//! the documented default, and that after unload no pool is left (work items and their
+//! closures, the cache, every pend's bookkeeping). The simulator stops the process on any rule
+//! it enforces, so a test that returns did not bugcheck.
+//!
+//! Nothing waits for a time to make something "probably" happen: services reply after they
+//! received, tests wait for states (log lines, counters, joins), timeouts are caused by a
+//! service that never replies, and random choices (latency, faults, connections) come from a
+//! seeded generator whose seed is printed on failure (`WFP_TEST_SEED` replays it).
+
+#![cfg(any(not(windows), feature = "sim"))]
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use firewall_driver::{Config, Stats};
+use firewall_protocol::control::{
+    CONTROL_DEVICE_PATH, MAX_REVOKE_IDS, REVOKE, REVOKE_MAX_LEN, Revoke, Revoked,
+};
+use firewall_protocol::{
+    CacheLifetime, ConnectionReply, ConnectionRequest, Direction, PORT_NAME, Verdict,
+};
+use firewall_rules::{Rules, VolumeMap};
+use wfp_rs::Status;
+use wfp_rs::classify::Action;
+use wfp_rs::inverted::{ControlCode, RequiredAccess};
+use wfp_rs::layer::value::IpProtocol;
+use wfp_rs::layer::{
+    AleAuthConnectV4, AleAuthConnectV6, AleAuthRecvAcceptV4, AleAuthRecvAcceptV6, Layer,
+};
+use wfp_rs::metadata::Direction as SimDirection;
+use wfp_rs::port::Message;
+use wfp_rs_sim::{
+    AleIrql, Caller, ClassifyRequest, ConnectOutcome, Connection, Decision, LoadedDriver, Machine,
+    PortClient,
+};
+
+/// Long enough never to expire while a service is answering, however slow the machine.
+const PATIENT: Duration = Duration::from_secs(120);
+
+/// Drivers with the configurations the tests need, each with its own counters.
+macro_rules! configured_driver {
+    ($module:ident, $config:expr) => {
+        mod $module {
+            use super::*;
+
+            pub static STATS: Stats = Stats::new();
+
+            #[wfp_rs::driver_entry]
+            fn entry(
+                irql: &mut wfp_rs::irql::PassiveLevel<'_>,
+                driver: &mut wfp_rs::driver::Driver<'_>,
+            ) -> Result<firewall_driver::Firewall, Status> {
+                firewall_driver::start(
+                    irql,
+                    driver,
+                    Config {
+                        stats: Some(&STATS),
+                        ..$config
+                    },
+                )
+            }
+        }
+    };
+}
+
+const PATIENT_CONFIG: Config = Config {
+    timeout: PATIENT,
+    ..Config::DEFAULT
+};
+
+configured_driver!(stress, PATIENT_CONFIG);
+configured_driver!(chaos, PATIENT_CONFIG);
+configured_driver!(killed, PATIENT_CONFIG);
+configured_driver!(replies, PATIENT_CONFIG);
+configured_driver!(alloc, PATIENT_CONFIG);
+configured_driver!(unload_busy, PATIENT_CONFIG);
+configured_driver!(unload_silent, PATIENT_CONFIG);
+configured_driver!(no_service, PATIENT_CONFIG);
+configured_driver!(caching, PATIENT_CONFIG);
+configured_driver!(inbound, PATIENT_CONFIG);
+configured_driver!(inbound_local_port, PATIENT_CONFIG);
+configured_driver!(loopback, PATIENT_CONFIG);
+configured_driver!(revoking, PATIENT_CONFIG);
+configured_driver!(reload, PATIENT_CONFIG);
+configured_driver!(expiry, PATIENT_CONFIG);
+configured_driver!(burst, PATIENT_CONFIG);
+configured_driver!(overload, PATIENT_CONFIG);
+configured_driver!(unload_reserved, PATIENT_CONFIG);
+configured_driver!(
+    overload_small,
+    Config {
+        max_pending: 3,
+        ..PATIENT_CONFIG
+    }
+);
+configured_driver!(
+    impatient,
+    Config {
+        timeout: Duration::from_millis(50),
+        ..Config::DEFAULT
+    }
+);
+configured_driver!(
+    fail_open,
+    Config {
+        default: Verdict::Allow,
+        ..PATIENT_CONFIG
+    }
+);
+configured_driver!(
+    small_cache,
+    Config {
+        cache_capacity: 4,
+        ..PATIENT_CONFIG
+    }
+);
+configured_driver!(
+    no_cache,
+    Config {
+        cache_capacity: 0,
+        ..PATIENT_CONFIG
+    }
+);
+configured_driver!(
+    inbound_bounded,
+    Config {
+        background_asks: 3,
+        ..PATIENT_CONFIG
+    }
+);
+configured_driver!(
+    loopback_asked,
+    Config {
+        permit_loopback: false,
+        ..PATIENT_CONFIG
+    }
+);
+
+// --- the policy --------------------------------------------------------------------------------
+
+const RULES: &str = r#"
+default = "deny"
+
+[[rule]]
+name = "blocked-net"
+action = "deny"
+remote = "198.51.100.0/26"
+
+[[rule]]
+name = "browser"
+action = "allow"
+app = 'C:\apps\browser.exe'
+protocol = "tcp"
+port = [80, 443]
+direction = "outbound"
+
+[[rule]]
+name = "dns"
+action = "allow"
+protocol = "udp"
+port = 53
+direction = "outbound"
+
+[[rule]]
+name = "ssh-in"
+action = "allow"
+direction = "inbound"
+protocol = "tcp"
+local_port = 22
+
+[[rule]]
+name = "tool"
+action = "allow"
+app = 'C:\apps\tool.exe'
+"#;
+
+#[allow(
+    dead_code,
+    reason = "the reload test needs the control device (REVOKE)"
+)]
+/// The same policy after a reload: the tool may no longer connect, port 8080 may.
+const RELOADED_RULES: &str = r#"
+default = "deny"
+
+[[rule]]
+name = "tool-banned"
+action = "deny"
+app = 'C:\apps\tool.exe'
+
+[[rule]]
+name = "web-8080"
+action = "allow"
+port = 8080
+"#;
+
+const APPS: [&str; 3] = [
+    r"\device\harddiskvolume3\apps\browser.exe",
+    r"\device\harddiskvolume3\apps\tool.exe",
+    r"\device\harddiskvolume3\apps\other.exe",
+];
+
+fn rules(text: &str) -> Rules {
+    Rules::parse_named("test-rules.toml", text).expect("the test policy parses")
+}
+
+fn volumes() -> VolumeMap {
+    let mut volumes = VolumeMap::new();
+    volumes.insert(r"\device\harddiskvolume3", 'C');
+    volumes
+}
+
+fn verdict_of(verdict: firewall_rules::Verdict) -> Verdict {
+    match verdict {
+        firewall_rules::Verdict::Allow => Verdict::Allow,
+        firewall_rules::Verdict::Deny => Verdict::Deny,
+    }
+}
+
+/// What the rules say about a request, as the service decides it.
+fn decide_request(rules: &Rules, request: &ConnectionRequest) -> Verdict {
+    verdict_of(rules.decide(&rules_connection(request)).verdict)
+}
+
+/// A request as the service's rules see it.
+fn rules_connection(request: &ConnectionRequest) -> firewall_rules::Connection {
+    let app: String = request.image_path.chars_lossy().collect();
+    firewall_rules::Connection {
+        app: volumes().to_dos_path(&app),
+        remote: request.remote_address,
+        port: request.remote_port,
+        local_port: request.local_port,
+        protocol: request.ip_protocol,
+        direction: match request.direction {
+            Direction::Outbound => firewall_rules::Direction::Outbound,
+            Direction::Inbound => firewall_rules::Direction::Inbound,
+        },
+    }
+}
+
+/// What the rules say about a connection, as the test sees it.
+fn decide_connection(rules: &Rules, c: &Connection) -> Verdict {
+    let connection = firewall_rules::Connection {
+        app: volumes().to_dos_path(&c.app),
+        remote: c.remote.ip(),
+        port: c.remote.port(),
+        local_port: c.local.port(),
+        protocol: c.protocol.into(),
+        direction: match c.direction {
+            SimDirection::Outbound => firewall_rules::Direction::Outbound,
+            SimDirection::Inbound => firewall_rules::Direction::Inbound,
+        },
+    };
+    verdict_of(rules.decide(&connection).verdict)
+}
+
+fn action(verdict: Verdict) -> Action {
+    match verdict {
+        Verdict::Allow => Action::Permit,
+        Verdict::Deny => Action::Block,
+    }
+}
+
+// --- connections ---------------------------------------------------------------------------------
+
+fn local_ip(remote: IpAddr) -> IpAddr {
+    match remote {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2)),
+    }
+}
+
+fn connection(
+    pid: u64,
+    app: &str,
+    protocol: IpProtocol,
+    direction: SimDirection,
+    local_port: u16,
+    remote: SocketAddr,
+) -> Connection {
+    Connection {
+        pid,
+        app: app.into(),
+        protocol,
+        local: SocketAddr::new(local_ip(remote.ip()), local_port),
+        remote,
+        direction,
+    }
+}
+
+/// The browser (pid 100) connects out over TCP to `remote`.
+fn browser(local_port: u16, remote: SocketAddr) -> Connection {
+    connection(
+        100,
+        APPS[0],
+        IpProtocol::Tcp,
+        SimDirection::Outbound,
+        local_port,
+        remote,
+    )
+}
+
+fn web(last: u8, port: u16) -> SocketAddr {
+    SocketAddr::new(Ipv4Addr::new(192, 0, 2, last).into(), port)
+}
+
+/// The layer the driver decides at for `c`.
+fn auth_layer(c: &Connection) -> &'static str {
+    match (c.direction, c.remote.is_ipv4()) {
+        (SimDirection::Outbound, true) => AleAuthConnectV4::NAME,
+        (SimDirection::Outbound, false) => AleAuthConnectV6::NAME,
+        (SimDirection::Inbound, true) => AleAuthRecvAcceptV4::NAME,
+        (SimDirection::Inbound, false) => AleAuthRecvAcceptV6::NAME,
+    }
+}
+
+/// Checks that `outcome` is exactly one final decision by the driver for `c`, and returns it
+/// with whether the attempt was pended.
+fn decided_once(c: &Connection, outcome: &ConnectOutcome, what: &str) -> (Action, bool) {
+    let layer = auth_layer(c);
+    let at_auth: Vec<_> = outcome
+        .layers
+        .iter()
+        .filter(|(name, _)| *name == layer)
+        .map(|(_, decision)| *decision)
+        .collect();
+    if outcome.pended {
+        assert_eq!(
+            c.direction,
+            SimDirection::Outbound,
+            "{what}: never pended inbound"
+        );
+        assert_eq!(
+            at_auth.len(),
+            2,
+            "{what}: a pended attempt is classified twice, the pend and its one reauthorization: {outcome:?}"
+        );
+        assert!(
+            at_auth[0].absorbed && at_auth[0].action == Action::Block,
+            "{what}: a pended classification is BLOCK + ABSORB: {outcome:?}"
+        );
+    } else {
+        assert_eq!(at_auth.len(), 1, "{what}: classified once: {outcome:?}");
+    }
+    let last = at_auth.last().expect("classified");
+    assert!(
+        last.filter_id.is_some(),
+        "{what}: the driver's filter decided: {outcome:?}"
+    );
+    assert!(last.pending.is_none(), "{what}: nothing left pending");
+    assert_eq!(outcome.decision.action, last.action, "{what}: final");
+    assert_eq!(
+        outcome.flow_handle.is_some(),
+        last.action == Action::Permit,
+        "{what}: only a permitted connection is established"
+    );
+    (last.action, outcome.pended)
+}
+
+fn load(machine: &Machine, entry: wfp_rs_sim::DriverEntryFn) -> LoadedDriver {
+    machine.load_driver("firewall", entry).expect("loads")
+}
+
+/// Unloads and checks that nothing is left behind.
+fn unload_clean(machine: &Machine, driver: LoadedDriver) {
+    machine.unload_driver(driver).expect("unloads");
+    assert_eq!(machine.pending_classifications(), 0, "no pend left");
+    assert_eq!(machine.pool_blocks(), [], "pool left after unload");
+    let last = machine.debug_output().last().cloned().unwrap_or_default();
+    assert!(
+        last.starts_with("firewall: unloaded ("),
+        "unload reported no error: {last:?}"
+    );
+}
+
+// --- seeded randomness -------------------------------------------------------------------------
+
+/// The seed: `WFP_TEST_SEED` (decimal or 0x-hex) to replay a failure, or a fixed default.
+fn seed() -> u64 {
+    let seed = std::env::var("WFP_TEST_SEED")
+        .ok()
+        .and_then(|s| match s.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).ok(),
+            None => s.parse().ok(),
+        })
+        .unwrap_or(0xF1_4E_3A_11_D0_00_00_05);
+    eprintln!("seed {seed:#x} (replay with WFP_TEST_SEED={seed:#x})");
+    seed
+}
+
+/// xorshift64*.
+#[derive(Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64, stream: u64) -> Rng {
+        Rng((seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15)).max(1))
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn irql(&mut self) -> AleIrql {
+        if self.next() & 1 == 0 {
+            AleIrql::Passive
+        } else {
+            AleIrql::Dispatch
+        }
+    }
+
+    /// A service's thinking time: up to 300 µs, sometimes none.
+    fn latency(&mut self) -> Duration {
+        match self.below(4) {
+            0 => Duration::ZERO,
+            _ => Duration::from_micros(self.below(300)),
+        }
+    }
+
+    /// A connection attempt from a small population, so keys repeat and the cache answers:
+    /// 12 processes (each one of three apps), TCP or UDP, mostly outbound, to a few remotes
+    /// over IPv4 and IPv6 and a few ports.
+    fn attempt(&mut self, local_port: u16) -> Connection {
+        let pid = 100 + self.below(12);
+        let app = APPS[(pid % 3) as usize];
+        let protocol = if self.below(3) == 0 {
+            IpProtocol::Udp
+        } else {
+            IpProtocol::Tcp
+        };
+        let direction = if self.below(5) == 0 {
+            SimDirection::Inbound
+        } else {
+            SimDirection::Outbound
+        };
+        let ip: IpAddr = match self.below(5) {
+            0 => Ipv4Addr::new(192, 0, 2, 7).into(),
+            1 => Ipv4Addr::new(198, 51, 100, 9).into(),
+            2 => Ipv4Addr::new(203, 0, 113, 80).into(),
+            3 => Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x80).into(),
+            _ => Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x53).into(),
+        };
+        let port = [22, 53, 80, 443, 8080][self.below(5) as usize];
+        connection(
+            pid,
+            app,
+            protocol,
+            direction,
+            local_port,
+            SocketAddr::new(ip, port),
+        )
+    }
+}
+
+// --- the simulated service ---------------------------------------------------------------------
+
+fn connected_client(machine: &Machine) -> PortClient {
+    let mut client = machine.port_client(PORT_NAME);
+    client.connect(&[]).expect("the service connects");
+    client
+}
+
+fn encode_reply(reply: ConnectionReply) -> Vec<u8> {
+    let mut out = vec![0u8; ConnectionReply::MAX_LEN];
+    let len = reply.encode(&mut out).unwrap();
+    out.truncate(len);
+    out
+}
+
+/// The reply the service gives under `rules`, cached for a minute unless, like the service, it
+/// must not be: an outbound verdict that depends on the local port, which the driver's cache
+/// key leaves out.
+fn answer(rules: &Rules, request: &ConnectionRequest) -> (Verdict, Vec<u8>) {
+    let decision = rules.decide(&rules_connection(request));
+    let verdict = verdict_of(decision.verdict);
+    let mut reply = request.reply(verdict);
+    if !(decision.local_port_matters && request.direction == Direction::Outbound) {
+        reply = reply.cached_for(CacheLifetime::from_secs(60).unwrap());
+    }
+    (verdict, encode_reply(reply))
+}
+
+/// What the service did with one request.
+#[derive(Clone, Debug)]
+struct Answered {
+    request: ConnectionRequest,
+    /// The verdict it sent in a valid reply, `None` for a fault (or no reply).
+    valid: Option<Verdict>,
+}
+
+/// The answers, shared by the service's threads.
+type Log = Arc<Mutex<Vec<Answered>>>;
+
+/// A well-behaved service: `threads` threads share one connection and answer every request by
+/// `rules` after a random latency, until the connection goes away. Returns the log and the
+/// threads.
+fn serve(
+    machine: &Machine,
+    rules: Arc<Mutex<Rules>>,
+    threads: u64,
+    seed: u64,
+) -> (Log, Vec<thread::JoinHandle<()>>) {
+    let client = Arc::new(connected_client(machine));
+    let log: Log = Arc::default();
+    let handles = (0..threads)
+        .map(|t| {
+            let (client, log, rules) = (Arc::clone(&client), Arc::clone(&log), Arc::clone(&rules));
+            thread::spawn(move || {
+                let mut rng = Rng::new(seed, 1000 + t);
+                while let Some(message) = client.get_message(None) {
+                    let request =
+                        ConnectionRequest::decode(&message.data).expect("the driver's encoding");
+                    thread::sleep(rng.latency());
+                    // Decided and logged under the lock, so a reload is either before or after.
+                    let mut log = log.lock().unwrap();
+                    let (verdict, bytes) = answer(&rules.lock().unwrap(), &request);
+                    match client.reply(message.id, &bytes) {
+                        Ok(()) => log.push(Answered {
+                            request,
+                            valid: Some(verdict),
+                        }),
+                        // The driver closed the connection (at unload): nobody waits.
+                        Err(Status::PORT_DISCONNECTED) => break,
+                        Err(status) => panic!("the driver is waiting for this reply: {status}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    (log, handles)
+}
+
+/// Runs `per_thread` attempts on each of `threads` threads, attempt `n` of thread `t` from
+/// local port `base + t * per_thread + n` (so no two attempts share a local port), drawn from
+/// the seeded population; checks each was decided exactly once. Returns each attempt, its
+/// decision and whether it was pended.
+fn run_attempts(
+    machine: &Machine,
+    seed: u64,
+    threads: u64,
+    per_thread: u64,
+    base: u16,
+) -> Vec<(Connection, Action, bool)> {
+    thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut rng = Rng::new(seed, t + 1);
+                    (0..per_thread)
+                        .map(|n| {
+                            let local = base + (t * per_thread + n) as u16;
+                            let c = rng.attempt(local);
+                            let outcome = machine.connect(&c, rng.irql());
+                            let what = format!("{c:?} (seed {seed:#x})");
+                            let (action, pended) = decided_once(&c, &outcome, &what);
+                            (c, action, pended)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("a connection thread panicked"))
+            .collect()
+    })
+}
+
+// --- the tests -------------------------------------------------------------------------------
+
+/// Issue 5, point 6: 10,000 attempts from 8 threads, out and in, TCP and UDP, IPv4 and IPv6, at
+/// PASSIVE_LEVEL and DISPATCH_LEVEL, with a service of 4 threads answering after a random
+/// latency. Every attempt is decided once: outbound exactly as the rules say (asked, or from
+/// the cache); inbound as the rules say when cached, else the fail-closed default (so a permit
+/// is always the rules'). The service was asked once per pended attempt, about that attempt.
+#[test]
+fn ten_thousand_attempts_from_eight_threads_are_each_decided_once_by_the_rules() {
+    const THREADS: u64 = 8;
+    const PER_THREAD: u64 = 1_250;
+    let seed = seed();
+    let machine = Machine::with_worker_threads(8);
+    let driver = load(&machine, stress::DriverEntry);
+    let policy = Arc::new(Mutex::new(rules(RULES)));
+    let (log, service) = serve(&machine, Arc::clone(&policy), 4, seed);
+
+    let attempts = run_attempts(&machine, seed, THREADS, PER_THREAD, 1_024);
+    assert_eq!(machine.pending_classifications(), 0);
+    // The inbound misses' background questions are answered before the unload.
+    let misses = stress::STATS.snapshot();
+    wait_for_background_asks(
+        &machine,
+        (misses.background_asks + misses.background_skipped) as usize,
+    );
+    unload_clean(&machine, driver);
+    let stats = stress::STATS.snapshot();
+    for thread in service {
+        thread.join().expect("a service thread");
+    }
+
+    let policy = policy.lock().unwrap();
+    let log = log.lock().unwrap();
+    let by_port: HashMap<u16, &Answered> = log
+        .iter()
+        .filter(|a| a.request.direction == Direction::Outbound)
+        .map(|a| (a.request.local_port, a))
+        .collect();
+    assert_eq!(attempts.len(), (THREADS * PER_THREAD) as usize);
+    let (mut pended, mut inbound_defaults) = (0, 0);
+    for (c, decided, was_pended) in &attempts {
+        let what = format!("{c:?} (seed {seed:#x})");
+        let rule = action(decide_connection(&policy, c));
+        match c.direction {
+            SimDirection::Outbound => {
+                assert_eq!(*decided, rule, "{what}");
+                if *was_pended {
+                    pended += 1;
+                    let asked = by_port.get(&c.local.port()).expect("asked about it");
+                    assert_eq!(asked.request.process_id, c.pid, "{what}");
+                    assert_eq!(asked.request.remote_address, c.remote.ip(), "{what}");
+                    assert_eq!(asked.request.remote_port, c.remote.port(), "{what}");
+                    assert_eq!(u8::from(c.protocol), asked.request.ip_protocol, "{what}");
+                    let path: String = asked.request.image_path.chars_lossy().collect();
+                    assert_eq!(path, c.app, "{what}");
+                }
+            }
+            SimDirection::Inbound => {
+                if *decided != rule {
+                    assert_eq!(*decided, Action::Block, "{what}: the default");
+                    inbound_defaults += 1;
+                }
+            }
+        }
+    }
+    let outbound_asked = log
+        .iter()
+        .filter(|a| a.request.direction == Direction::Outbound)
+        .count();
+    assert_eq!(outbound_asked, pended, "one question per pended attempt");
+    assert_eq!(stats.asked as usize, log.len(), "every question answered");
+    assert_eq!(stats.answered, stats.asked);
+    assert!(
+        stats.cache_hits > 1_000,
+        "repeated keys are answered from the cache: {stats:?}"
+    );
+    assert!(pended > 100, "and new ones are asked: {pended}");
+    assert!(stats.defaults >= inbound_defaults, "{stats:?}");
+    for version_v4 in [true, false] {
+        assert!(
+            attempts
+                .iter()
+                .any(|(c, _, p)| *p && c.remote.is_ipv4() == version_v4),
+            "both IP versions were pended (seed {seed:#x})"
+        );
+    }
+    eprintln!(
+        "{} attempts: {pended} pended, {inbound_defaults} inbound defaults; {stats:?}",
+        attempts.len()
+    );
+}
+
+/// The outbound decisions the driver logged, as (request id, verdict, reason), in order.
+fn logged_decisions(machine: &Machine) -> Vec<(u64, String, String)> {
+    machine
+        .debug_output()
+        .iter()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("firewall: #")?;
+            let (id, rest) = rest.split_once(": ")?;
+            let (verdict, reason) = rest.split_once(" (")?;
+            if verdict != "allow" && verdict != "deny" {
+                return None;
+            }
+            let reason = reason.strip_suffix(")\n")?;
+            Some((id.parse().ok()?, verdict.to_owned(), reason.to_owned()))
+        })
+        .collect()
+}
+
+/// Waits until `n` inbound background asks have ended (answered or not, queued or not), by
+/// the driver's log: one line each.
+fn wait_for_background_asks(machine: &Machine, n: usize) {
+    let ended = |line: &String| {
+        line.contains(" for later attempts (")
+            || line.contains(": not asked (")
+            || line.contains("; not asking: ")
+    };
+    // Counted in the driver's log rather than with `Machine::wait_for_work_items`, which would
+    // also wait for every other work item of the machine.
+    while machine.debug_output().iter().filter(|l| ended(l)).count() < n {
+        thread::yield_now();
+    }
+}
+
+/// A service that reads every request and answers none, until its connection goes away,
+/// counting what it read in `read`. Returns the requests it read.
+fn silent_service(client: &PortClient, read: &AtomicUsize) -> Vec<ConnectionRequest> {
+    let mut requests = Vec::new();
+    while let Some(message) = client.get_message(None) {
+        requests.push(ConnectionRequest::decode(&message.data).expect("the driver's encoding"));
+        read.fetch_add(1, Ordering::SeqCst);
+    }
+    requests
+}
+
+/// One thread answering by `rules`, no latency, until the connection goes away; returns how
+/// many it answered.
+fn serve_simply(client: PortClient, policy: &str) -> thread::JoinHandle<usize> {
+    let policy = rules(policy);
+    thread::spawn(move || {
+        let mut answered = 0;
+        while let Some(message) = client.get_message(None) {
+            let request = ConnectionRequest::decode(&message.data).expect("the driver's encoding");
+            let (_, bytes) = answer(&policy, &request);
+            match client.reply(message.id, &bytes) {
+                Ok(()) => answered += 1,
+                Err(Status::PORT_DISCONNECTED) => break,
+                Err(status) => panic!("the driver is waiting for this reply: {status}"),
+            }
+        }
+        answered
+    })
+}
+
+/// Faults, at random, under load: 8 threads of attempts while the service answers most
+/// requests but sometimes replies short, oversized, huge, malformed (bad magic, bad verdict,
+/// reserved bits, a cache lifetime beyond the maximum) or about another request, and sometimes
+/// is killed in the middle of a request and restarted. Each attempt is decided once; an
+/// outbound attempt the service validly answered gets the rules' verdict, every other pended
+/// one the default; attempts answered from the cache get the rules' verdict (only valid
+/// replies are cached); inbound attempts get the rules' verdict or the default.
+#[test]
+fn faults_under_load_give_the_rules_or_the_default_and_nothing_else() {
+    const THREADS: u64 = 8;
+    const PER_THREAD: u64 = 250;
+    let seed = seed();
+    let machine = Machine::with_worker_threads(8);
+    let driver = load(&machine, chaos::DriverEntry);
+    let policy = rules(RULES);
+    let log: Log = Arc::default();
+    let done = AtomicBool::new(false);
+    let kills = thread::scope(|s| {
+        let supervisor = s.spawn(|| {
+            let mut rng = Rng::new(seed, 77);
+            let mut kills = 0;
+            'lives: while !done.load(Ordering::SeqCst) {
+                let mut client = machine.port_client(PORT_NAME);
+                if client.connect(&[]).is_err() {
+                    thread::yield_now();
+                    continue;
+                }
+                loop {
+                    // Polls, so it can notice the end of the test; the timeout decides nothing.
+                    let Some(message) = client.get_message(Some(Duration::from_millis(5))) else {
+                        if done.load(Ordering::SeqCst) {
+                            break 'lives;
+                        }
+                        continue;
+                    };
+                    let request = ConnectionRequest::decode(&message.data).unwrap();
+                    thread::sleep(rng.latency());
+                    let (verdict, valid) = answer(&policy, &request);
+                    let id = request.request_id;
+                    let fault: Option<Vec<u8>> = match rng.below(20) {
+                        0 => Some(valid[..23].to_vec()),
+                        1 => Some([valid.as_slice(), &[0]].concat()),
+                        2 => Some(vec![0xA5; 4096]),
+                        3 => Some([b"XXXX", &valid[4..]].concat()),
+                        4 => {
+                            let mut bad = valid.clone();
+                            bad[6] = 2;
+                            Some(bad)
+                        }
+                        5 => {
+                            let mut bad = valid.clone();
+                            bad[20] = 1;
+                            Some(bad)
+                        }
+                        6 => {
+                            let mut bad = valid.clone();
+                            bad[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+                            Some(bad)
+                        }
+                        7 => Some(encode_reply(ConnectionReply::allow(id + 1))),
+                        8 => {
+                            // Killed mid-request: the connection closes without a reply.
+                            log.lock().unwrap().push(Answered {
+                                request,
+                                valid: None,
+                            });
+                            client.disconnect();
+                            kills += 1;
+                            continue 'lives;
+                        }
+                        _ => None,
+                    };
+                    let valid_verdict = fault.is_none().then_some(verdict);
+                    let bytes = fault.unwrap_or(valid);
+                    match client.reply(message.id, &bytes) {
+                        Ok(()) => log.lock().unwrap().push(Answered {
+                            request,
+                            valid: valid_verdict,
+                        }),
+                        Err(status) => panic!("the driver is waiting for this reply: {status}"),
+                    }
+                }
+            }
+            kills
+        });
+        let attempts = run_attempts(&machine, seed, THREADS, PER_THREAD, 2_000);
+        done.store(true, Ordering::SeqCst);
+        let kills = supervisor.join().expect("the service supervisor");
+
+        let log = log.lock().unwrap();
+        let by_port: HashMap<u16, &Answered> = log
+            .iter()
+            .filter(|a| a.request.direction == Direction::Outbound)
+            .map(|a| (a.request.local_port, a))
+            .collect();
+        let mut faulted = 0;
+        for (c, decided, pended) in &attempts {
+            let what = format!("{c:?} (seed {seed:#x})");
+            let rule = action(decide_connection(&policy, c));
+            match (c.direction, pended) {
+                (SimDirection::Outbound, true) => {
+                    match by_port.get(&c.local.port()).and_then(|a| a.valid) {
+                        Some(verdict) => assert_eq!(*decided, action(verdict), "{what}"),
+                        None => {
+                            assert_eq!(*decided, Action::Block, "{what}: the default");
+                            faulted += 1;
+                        }
+                    }
+                }
+                (SimDirection::Outbound, false) => assert_eq!(*decided, rule, "{what}: cached"),
+                (SimDirection::Inbound, _) => assert!(
+                    *decided == rule || *decided == Action::Block,
+                    "{what}: the rules or the default"
+                ),
+            }
+        }
+        assert!(faulted > 20, "faults happened (seed {seed:#x}): {faulted}");
+        kills
+    });
+    assert!(kills > 0, "the service was killed (seed {seed:#x})");
+    unload_clean(&machine, driver);
+    eprintln!(
+        "faults under load: {kills} kills; {:?}",
+        chaos::STATS.snapshot()
+    );
+}
+
+/// The service is killed while the driver waits for its reply: that connection gets the
+/// default at once (not at the timeout); with no service, the next one too; once it is
+/// restarted, connections get its verdict again.
+#[test]
+fn a_killed_service_gives_the_default_until_it_is_restarted() {
+    let machine = Machine::new();
+    let driver = load(&machine, killed::DriverEntry);
+    let mut client = connected_client(&machine);
+    let outcome = thread::scope(|s| {
+        let attempt = s.spawn(|| machine.connect(&browser(40_000, web(7, 443)), AleIrql::Dispatch));
+        let message = client.get_message(None).expect("the request");
+        ConnectionRequest::decode(&message.data).unwrap();
+        // Killed with the request unanswered.
+        client.disconnect();
+        attempt.join().unwrap()
+    });
+    let c = browser(40_000, web(7, 443));
+    assert_eq!(decided_once(&c, &outcome, "killed"), (Action::Block, true));
+
+    let c = browser(40_001, web(7, 443));
+    let outcome = machine.connect(&c, AleIrql::Passive);
+    assert_eq!(
+        decided_once(&c, &outcome, "no service"),
+        (Action::Block, true)
+    );
+
+    let service = serve_simply(connected_client(&machine), RULES);
+    let c = browser(40_002, web(7, 443));
+    let outcome = machine.connect(&c, AleIrql::Dispatch);
+    assert_eq!(
+        decided_once(&c, &outcome, "restarted"),
+        (Action::Permit, true)
+    );
+
+    let reasons: Vec<String> = logged_decisions(&machine)
+        .into_iter()
+        .map(|(_, verdict, reason)| format!("{verdict} ({reason})"))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "deny (default: the client disconnected before it replied)",
+            "deny (default: no client is connected to the port)",
+            "allow (service, cached for 60 s)",
+        ]
+    );
+    unload_clean(&machine, driver);
+    assert_eq!(service.join().unwrap(), 1);
+}
+
+/// A service that reads requests and never answers: with a 50 ms timeout, every connection
+/// gets the default, however long the timeout takes on this machine.
+#[test]
+fn no_reply_within_the_timeout_gives_the_default() {
+    let machine = Machine::with_worker_threads(4);
+    let driver = load(&machine, impatient::DriverEntry);
+    let client = connected_client(&machine);
+    let counted = AtomicUsize::new(0);
+    let (outcomes, read) = thread::scope(|s| {
+        let service = s.spawn(|| silent_service(&client, &counted));
+        let attempts: Vec<_> = (0..4u16)
+            .map(|n| {
+                let machine = &machine;
+                s.spawn(move || {
+                    let c = browser(41_000 + n, web(10 + n as u8, 443));
+                    let outcome = machine.connect(&c, AleIrql::Dispatch);
+                    (c, outcome)
+                })
+            })
+            .collect();
+        let outcomes: Vec<_> = attempts.into_iter().map(|a| a.join().unwrap()).collect();
+        machine.unload_driver(driver).expect("unloads");
+        (outcomes, service.join().unwrap())
+    });
+    for (c, outcome) in &outcomes {
+        assert_eq!(decided_once(c, outcome, "timed out"), (Action::Block, true));
+    }
+    assert_eq!(read.len(), 4, "each was asked");
+    let logged = logged_decisions(&machine);
+    assert_eq!(logged.len(), 4);
+    assert!(
+        logged.iter().all(|(_, verdict, reason)| verdict == "deny"
+            && reason == "default: no reply within the timeout"),
+        "{logged:?}"
+    );
+    assert_eq!(machine.pool_blocks(), []);
+}
+
+/// Every kind of bad reply gives the default, and only a valid reply to the request asked
+/// gives the service's verdict. User mode is not told that its reply was refused.
+#[test]
+fn short_oversized_malformed_and_mismatched_replies_give_the_default() {
+    type Corrupt = Box<dyn Fn(&ConnectionRequest, Vec<u8>) -> Vec<u8> + Send + Sync>;
+    let set = |at: usize, bytes: &'static [u8]| -> Corrupt {
+        Box::new(move |_, mut valid| {
+            valid[at..at + bytes.len()].copy_from_slice(bytes);
+            valid
+        })
+    };
+    let cases: Vec<(Corrupt, &str)> = vec![
+        (
+            Box::new(|_, valid| valid[..23].to_vec()),
+            "default: the reply has 23 bytes, fewer than the 24 the protocol requires",
+        ),
+        (
+            Box::new(|_, _| Vec::new()),
+            "default: the reply has 0 bytes, fewer than the 24 the protocol requires",
+        ),
+        (
+            Box::new(|_, valid| [valid, vec![0]].concat()),
+            "default: the reply is longer than the 24 bytes the protocol allows",
+        ),
+        (
+            Box::new(|_, _| vec![0xA5; 4096]),
+            "default: the reply is longer than the 24 bytes the protocol allows",
+        ),
+        (set(0, b"FWRQ"), "default: malformed reply: bad reply magic"),
+        (
+            set(4, &[2, 0]),
+            "default: malformed reply: unsupported protocol version",
+        ),
+        (
+            set(6, &[2]),
+            "default: malformed reply: the verdict is 0 (deny) or 1 (allow)",
+        ),
+        (
+            set(7, &[1]),
+            "default: malformed reply: reserved reply fields are not zero",
+        ),
+        (
+            set(20, &[0, 0, 0, 1]),
+            "default: malformed reply: reserved reply fields are not zero",
+        ),
+        (
+            Box::new(|r, _| encode_reply(ConnectionReply::allow(r.request_id + 1))),
+            "default: the reply answers request #{next}, not #{id}",
+        ),
+        (
+            Box::new(|_, _| encode_reply(ConnectionReply::allow(0))),
+            "default: the reply answers request #0, not #{id}",
+        ),
+        (Box::new(|_, valid| valid), "service, cached for 60 s"),
+    ];
+    let machine = Machine::new();
+    let driver = load(&machine, replies::DriverEntry);
+    let client = connected_client(&machine);
+    let policy = rules(RULES);
+    let mut ids = Vec::new();
+    thread::scope(|s| {
+        let corruptions: Vec<_> = cases.iter().map(|(corrupt, _)| corrupt).collect();
+        let (client, policy) = (&client, &policy);
+        let service = s.spawn(move || {
+            let mut ids = Vec::new();
+            for corrupt in corruptions {
+                let message = client.get_message(None).expect("a request");
+                let request = ConnectionRequest::decode(&message.data).unwrap();
+                let (_, valid) = answer(policy, &request);
+                client.reply(message.id, &corrupt(&request, valid)).unwrap();
+                ids.push(request.request_id);
+            }
+            ids
+        });
+        for (n, _) in cases.iter().enumerate() {
+            // A remote of its own each time: nothing is answered from the cache.
+            let c = browser(42_000 + n as u16, web(100 + n as u8, 443));
+            let irql = if n % 2 == 0 {
+                AleIrql::Dispatch
+            } else {
+                AleIrql::Passive
+            };
+            let expected = if n == cases.len() - 1 {
+                Action::Permit
+            } else {
+                Action::Block
+            };
+            let outcome = machine.connect(&c, irql);
+            assert_eq!(
+                decided_once(&c, &outcome, &format!("case {n}")),
+                (expected, true)
+            );
+        }
+        ids = service.join().unwrap();
+    });
+    let logged = logged_decisions(&machine);
+    let expected: Vec<(u64, String, String)> = cases
+        .iter()
+        .zip(&ids)
+        .map(|((_, reason), id)| {
+            let verdict = if reason.starts_with("service") {
+                "allow"
+            } else {
+                "deny"
+            };
+            let reason = reason
+                .replace("{id}", &id.to_string())
+                .replace("{next}", &(id + 1).to_string());
+            (*id, verdict.to_owned(), reason)
+        })
+        .collect();
+    assert_eq!(logged, expected);
+    let stats = replies::STATS.snapshot();
+    assert_eq!((stats.asked, stats.answered, stats.cached), (12, 1, 1));
+    unload_clean(&machine, driver);
+}
+
+/// Every pool allocation on an outbound connection's path is made to fail in turn (the request,
+/// the work item and its `IO_WORKITEM`, the message buffers and the filter manager's message):
+/// the connection is decided once, by the default — at once when the request cannot be
+/// allocated, after its pend otherwise; then, with no failure left to inject, by the service.
+/// The same for an inbound attempt, whose background ask is then simply not made. Nothing
+/// leaks.
+#[test]
+fn allocation_failures_fall_back_to_the_default() {
+    let machine = Machine::new();
+    let driver = load(&machine, alloc::DriverEntry);
+    let service = serve_simply(connected_client(&machine), RULES);
+    let (mut failures, mut unpended) = (0, 0);
+    for skip in 0.. {
+        assert!(skip < 100, "the path has a bounded number of allocations");
+        machine.fail_allocations(skip, 1);
+        // The same key each time: a default is not cached, so each attempt is asked about.
+        let c = browser(43_000 + skip as u16, web(7, 443));
+        let outcome = machine.connect(&c, AleIrql::Dispatch);
+        let injected = machine.pending_allocation_failures() == 0;
+        machine.fail_allocations(0, 0);
+        let (decided, pended) = decided_once(&c, &outcome, &format!("allocation {skip}"));
+        // Only a failure to allocate the request itself decides before the pend.
+        unpended += usize::from(!pended);
+        if !injected {
+            assert_eq!(decided, Action::Permit, "no failure: the service's verdict");
+            break;
+        }
+        failures += 1;
+        assert_eq!(
+            decided,
+            Action::Block,
+            "allocation {skip} failed: fail closed"
+        );
+    }
+    let logged = logged_decisions(&machine);
+    assert_eq!(logged.len(), failures + 1, "{logged:#?}");
+    let (last, failed) = logged.split_last().unwrap();
+    assert_eq!(last.1, "allow");
+    let request = "default: no pool for the request";
+    let queueing = "default: could not queue a work item: out of non-paged pool";
+    let sending = "default: FltSendMessage failed: STATUS_INSUFFICIENT_RESOURCES";
+    assert!(
+        failed.iter().all(|(_, verdict, reason)| verdict == "deny"
+            && (reason == request || reason == queueing || reason.starts_with(sending))),
+        "{logged:#?}"
+    );
+    let at_once = failed.iter().filter(|(_, _, reason)| reason == request);
+    assert_eq!(at_once.count(), unpended, "{logged:#?}");
+    assert_eq!(unpended, 1, "one allocation before the pend");
+    assert!(failed.iter().any(|(_, _, reason)| reason == queueing));
+    assert!(
+        failed
+            .iter()
+            .any(|(_, _, reason)| reason.starts_with(sending))
+    );
+
+    // Inbound: the attempt gets the default at once whatever fails; the background ask is
+    // made or not.
+    for skip in 0.. {
+        assert!(skip < 100, "the path has a bounded number of allocations");
+        machine.fail_allocations(skip, 1);
+        let c = connection(
+            300 + skip,
+            APPS[2],
+            IpProtocol::Tcp,
+            SimDirection::Inbound,
+            22,
+            SocketAddr::new(Ipv4Addr::new(192, 0, 2, 200).into(), 50_000),
+        );
+        let outcome = machine.connect(&c, AleIrql::Dispatch);
+        wait_for_background_asks(&machine, skip as usize + 1);
+        let injected = machine.pending_allocation_failures() == 0;
+        machine.fail_allocations(0, 0);
+        let what = format!("inbound, allocation {skip}");
+        assert_eq!(decided_once(&c, &outcome, &what), (Action::Block, false));
+        if !injected {
+            break;
+        }
+    }
+    assert!(alloc::STATS.snapshot().background_skipped > 0);
+    unload_clean(&machine, driver);
+    service.join().unwrap();
+}
+
+/// Unload while outbound connections are pended and their work items wait for a service that
+/// reads the requests but never answers, with a two-minute timeout: `stopping` closes the
+/// service's connection, so every waiting send fails at once; each pend is completed with the
+/// default and reauthorized before the filters go. Nothing leaks.
+#[test]
+fn unload_with_questions_outstanding_decides_every_pended_connection() {
+    const PENDED: u16 = 10;
+    let machine = Machine::with_worker_threads(PENDED as usize);
+    let driver = load(&machine, unload_silent::DriverEntry);
+    let client = connected_client(&machine);
+    let counted = AtomicUsize::new(0);
+    let (outcomes, read) = thread::scope(|s| {
+        let service = s.spawn(|| silent_service(&client, &counted));
+        let attempts: Vec<_> = (0..PENDED)
+            .map(|n| {
+                let machine = &machine;
+                s.spawn(move || {
+                    let c = browser(44_000 + n, web(20 + n as u8, 443));
+                    let irql = if n % 2 == 0 {
+                        AleIrql::Dispatch
+                    } else {
+                        AleIrql::Passive
+                    };
+                    let outcome = machine.connect(&c, irql);
+                    (c, outcome)
+                })
+            })
+            .collect();
+        // Every question waits for the service.
+        while counted.load(Ordering::SeqCst) < PENDED as usize {
+            thread::yield_now();
+        }
+        let unloader = s.spawn(|| machine.unload_driver(driver));
+        let outcomes: Vec<_> = attempts.into_iter().map(|a| a.join().unwrap()).collect();
+        unloader.join().unwrap().expect("unloads");
+        (outcomes, service.join().unwrap())
+    });
+    for (c, outcome) in &outcomes {
+        assert_eq!(decided_once(c, outcome, "unloaded"), (Action::Block, true));
+    }
+    assert_eq!(read.len(), PENDED as usize);
+    let logged = logged_decisions(&machine);
+    assert_eq!(logged.len(), PENDED as usize);
+    assert!(
+        logged.iter().all(|(_, verdict, reason)| verdict == "deny"
+            && reason == "default: the client disconnected before it replied"),
+        "{logged:?}"
+    );
+    assert_eq!(machine.pending_classifications(), 0);
+    assert_eq!(machine.pool_blocks(), [], "pool left after unload");
+    assert!(!client.is_connected(), "unload disconnected the service");
+}
+
+/// Unload while 6 threads keep connecting, out and in, and the service keeps answering: each
+/// attempt is decided once — by the driver (the rules or the default), or, once its session is
+/// closed, by nobody (permitted, as after any unload); never a pended attempt reauthorized
+/// after the filters are gone. Nothing leaks.
+#[test]
+fn unload_under_load_decides_every_attempt_once() {
+    const THREADS: u64 = 6;
+    let seed = seed();
+    let machine = Machine::with_worker_threads(4);
+    let driver = load(&machine, unload_busy::DriverEntry);
+    let policy = Arc::new(Mutex::new(rules(RULES)));
+    let (_log, service) = serve(&machine, Arc::clone(&policy), 2, seed);
+    let unloaded = AtomicBool::new(false);
+    let attempts: Vec<(Connection, ConnectOutcome)> = thread::scope(|s| {
+        let workers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (machine, unloaded) = (&machine, &unloaded);
+                s.spawn(move || {
+                    let mut rng = Rng::new(seed, 200 + t);
+                    let mut attempts = Vec::new();
+                    for n in 0u64..100_000 {
+                        if n >= 5 && unloaded.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let local = 20_000 + (t * 3_000 + n % 3_000) as u16;
+                        let c = rng.attempt(local);
+                        let outcome = machine.connect(&c, rng.irql());
+                        attempts.push((c, outcome));
+                    }
+                    attempts
+                })
+            })
+            .collect();
+        while unload_busy::STATS.snapshot().answered < 20 {
+            thread::yield_now();
+        }
+        // The connecting threads stop once this is over, failed or not.
+        let unloading = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            unload_clean(&machine, driver)
+        }));
+        unloaded.store(true, Ordering::SeqCst);
+        if let Err(panic) = unloading {
+            std::panic::resume_unwind(panic);
+        }
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("a connection thread"))
+            .collect()
+    });
+    for thread in service {
+        thread.join().unwrap();
+    }
+    let policy = policy.lock().unwrap();
+    let (mut by_driver, mut after) = (0, 0);
+    for (c, outcome) in &attempts {
+        let what = format!("{c:?} (seed {seed:#x}): {outcome:?}");
+        let layer = auth_layer(c);
+        let at_auth: Vec<_> = outcome
+            .layers
+            .iter()
+            .filter(|(name, _)| *name == layer)
+            .map(|(_, d)| *d)
+            .collect();
+        let last = at_auth.last().expect("classified");
+        assert_eq!(at_auth.len(), if outcome.pended { 2 } else { 1 }, "{what}");
+        if last.filter_id.is_none() {
+            assert!(
+                !outcome.pended,
+                "{what}: reauthorized after the filters were gone"
+            );
+            assert_eq!(outcome.decision.action, Action::Permit, "{what}");
+            after += 1;
+        } else {
+            let rule = action(decide_connection(&policy, c));
+            assert!(
+                last.action == rule || last.action == Action::Block,
+                "{what}: the rules or the default"
+            );
+            by_driver += 1;
+        }
+    }
+    assert!(
+        by_driver >= 20,
+        "decided before the unload (seed {seed:#x})"
+    );
+    eprintln!(
+        "unload under load: {} attempts, {by_driver} by the driver, {after} after its filters",
+        attempts.len()
+    );
+}
+
+/// No service connected: every attempt gets the default (fail-closed), outbound after a pend,
+/// inbound at once; nothing is cached.
+#[test]
+fn without_a_service_everything_gets_the_fail_closed_default() {
+    let seed = seed();
+    let machine = Machine::with_worker_threads(2);
+    let driver = load(&machine, no_service::DriverEntry);
+    let attempts = run_attempts(&machine, seed, 4, 50, 45_000);
+    for (c, decided, _) in &attempts {
+        assert_eq!(*decided, Action::Block, "{c:?} (seed {seed:#x})");
+    }
+    let stats = no_service::STATS.snapshot();
+    assert_eq!((stats.answered, stats.cached, stats.cache_hits), (0, 0, 0));
+    assert!(
+        logged_decisions(&machine)
+            .iter()
+            .all(|(_, verdict, reason)| verdict == "deny"
+                && reason == "default: no client is connected to the port")
+    );
+    unload_clean(&machine, driver);
+}
+
+/// The default is configuration: fail-open permits when no service answers.
+#[test]
+fn a_fail_open_configuration_permits_without_a_service() {
+    let machine = Machine::new();
+    let driver = load(&machine, fail_open::DriverEntry);
+    let out = browser(46_000, web(7, 443));
+    assert_eq!(
+        decided_once(&out, &machine.connect(&out, AleIrql::Dispatch), "out"),
+        (Action::Permit, true)
+    );
+    let inbound = connection(
+        7,
+        APPS[2],
+        IpProtocol::Tcp,
+        SimDirection::Inbound,
+        22,
+        web(9, 50_000),
+    );
+    assert_eq!(
+        decided_once(&inbound, &machine.connect(&inbound, AleIrql::Passive), "in"),
+        (Action::Permit, false)
+    );
+    unload_clean(&machine, driver);
+}
+
+/// The cache answers a repeated (process, image, direction, protocol, remote endpoint) at once,
+/// whatever the local port; another process, another image under a reused process id, another
+/// protocol or remote is asked about. A reply with no lifetime is not cached.
+#[test]
+fn the_cache_answers_known_connections_at_once() {
+    let machine = Machine::new();
+    let driver = load(&machine, caching::DriverEntry);
+    let client = connected_client(&machine);
+    let policy = rules(RULES);
+    let asked = Mutex::new(Vec::new());
+    thread::scope(|s| {
+        let service = s.spawn(|| {
+            while let Some(message) = client.get_message(None) {
+                let request = ConnectionRequest::decode(&message.data).unwrap();
+                let verdict = decide_request(&policy, &request);
+                // Port 80 answers are not to be cached.
+                let reply = if request.remote_port == 80 {
+                    request.reply(verdict)
+                } else {
+                    request
+                        .reply(verdict)
+                        .cached_for(CacheLifetime::from_secs(60).unwrap())
+                };
+                asked.lock().unwrap().push(request.clone());
+                if client.reply(message.id, &encode_reply(reply)).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut port = 47_000;
+        let mut attempt = |c: Connection| {
+            port += 1;
+            let c = Connection {
+                local: SocketAddr::new(c.local.ip(), port),
+                ..c
+            };
+            let outcome = machine.connect(&c, AleIrql::Dispatch);
+            decided_once(&c, &outcome, &format!("{c:?}"))
+        };
+        let b = browser(0, web(7, 443));
+        assert_eq!(attempt(b.clone()), (Action::Permit, true), "asked");
+        assert_eq!(attempt(b.clone()), (Action::Permit, false), "cached");
+        assert_eq!(attempt(b.clone()), (Action::Permit, false), "cached");
+        let denied = browser(0, web(7, 25));
+        assert_eq!(attempt(denied.clone()), (Action::Block, true), "asked");
+        assert_eq!(
+            attempt(denied),
+            (Action::Block, false),
+            "a deny is cached too"
+        );
+        let other_pid = Connection {
+            pid: 101,
+            ..b.clone()
+        };
+        assert_eq!(
+            attempt(other_pid),
+            (Action::Permit, true),
+            "another process"
+        );
+        let reused_pid = Connection {
+            app: APPS[2].into(),
+            ..b.clone()
+        };
+        assert_eq!(
+            attempt(reused_pid),
+            (Action::Block, true),
+            "another image, same pid"
+        );
+        let udp = Connection {
+            protocol: IpProtocol::Udp,
+            ..b.clone()
+        };
+        assert_eq!(attempt(udp), (Action::Block, true), "another protocol");
+        let other_remote = browser(0, web(8, 443));
+        assert_eq!(
+            attempt(other_remote),
+            (Action::Permit, true),
+            "another remote"
+        );
+        let uncached = browser(0, web(7, 80));
+        assert_eq!(attempt(uncached.clone()), (Action::Permit, true), "asked");
+        assert_eq!(
+            attempt(uncached),
+            (Action::Permit, true),
+            "no lifetime: asked again"
+        );
+        unload_clean(&machine, driver);
+        service.join().unwrap();
+    });
+    let stats = caching::STATS.snapshot();
+    assert_eq!(
+        (stats.cache_hits, stats.asked, stats.cached),
+        (3, 8, 6),
+        "{stats:?}"
+    );
+    assert_eq!(asked.lock().unwrap().len(), 8);
+}
+
+/// The cache is bounded: with 4 entries (one set), a fifth verdict evicts the oldest, which is
+/// asked about again; the others are still answered from the cache. With no cache, everything
+/// is asked every time.
+#[test]
+fn a_full_cache_evicts_the_oldest_verdict() {
+    let machine = Machine::new();
+    let driver = load(&machine, small_cache::DriverEntry);
+    let service = serve_simply(connected_client(&machine), RULES);
+    let mut port = 48_000;
+    let mut attempt = |remote: u8| {
+        port += 1;
+        let c = browser(port, web(remote, 443));
+        decided_once(
+            &c,
+            &machine.connect(&c, AleIrql::Passive),
+            &format!("{remote}"),
+        )
+        .1
+    };
+    for remote in 1..=4 {
+        assert!(attempt(remote), "{remote}: asked");
+    }
+    for remote in 1..=4 {
+        assert!(!attempt(remote), "{remote}: cached");
+    }
+    assert!(attempt(5), "5: asked, evicting 1");
+    assert!(attempt(1), "1: evicted, asked again (evicting 2)");
+    for remote in [3, 4, 5, 1] {
+        assert!(!attempt(remote), "{remote}: still cached");
+    }
+    let stats = small_cache::STATS.snapshot();
+    assert_eq!(
+        (stats.asked, stats.evicted, stats.cache_hits),
+        (6, 2, 8),
+        "{stats:?}"
+    );
+    unload_clean(&machine, driver);
+    assert_eq!(service.join().unwrap(), 6);
+
+    let machine = Machine::new();
+    let driver = load(&machine, no_cache::DriverEntry);
+    let service = serve_simply(connected_client(&machine), RULES);
+    for n in 0..3 {
+        let c = browser(48_100 + n, web(7, 443));
+        assert_eq!(
+            decided_once(&c, &machine.connect(&c, AleIrql::Passive), "no cache"),
+            (Action::Permit, true)
+        );
+    }
+    assert_eq!(no_cache::STATS.snapshot().cached, 0);
+    unload_clean(&machine, driver);
+    assert_eq!(service.join().unwrap(), 3);
+}
+
+/// Inbound is never pended: a peer's first attempt gets the default at once while the service
+/// is asked in the background; the next attempt gets the service's cached verdict, allow or
+/// deny.
+#[test]
+fn inbound_gets_the_default_then_the_services_cached_verdict() {
+    let machine = Machine::new();
+    let driver = load(&machine, inbound::DriverEntry);
+    let service = serve_simply(connected_client(&machine), RULES);
+    // The rules allow the tool everything, and nothing else in.
+    let peer = |app: &str, local_port: u16, remote_port: u16| {
+        connection(
+            4,
+            app,
+            IpProtocol::Tcp,
+            SimDirection::Inbound,
+            local_port,
+            SocketAddr::new(
+                Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 9).into(),
+                remote_port,
+            ),
+        )
+    };
+    let ssh = peer(APPS[1], 22, 50_000);
+    let other = peer(APPS[2], 23, 50_001);
+    for c in [&ssh, &other] {
+        assert_eq!(
+            decided_once(c, &machine.connect(c, AleIrql::Dispatch), "first"),
+            (Action::Block, false),
+            "the default at once"
+        );
+    }
+    wait_for_background_asks(&machine, 2);
+    assert_eq!(
+        decided_once(
+            &ssh,
+            &machine.connect(&ssh, AleIrql::Dispatch),
+            "retransmitted"
+        ),
+        (Action::Permit, false),
+        "the rules allow the tool in: cached"
+    );
+    assert_eq!(
+        decided_once(
+            &other,
+            &machine.connect(&other, AleIrql::Passive),
+            "retransmitted"
+        ),
+        (Action::Block, false),
+        "the rules deny the rest: cached"
+    );
+    let stats = inbound::STATS.snapshot();
+    assert_eq!(
+        (
+            stats.background_asks,
+            stats.answered,
+            stats.cache_hits,
+            stats.defaults
+        ),
+        (2, 2, 2, 2),
+        "{stats:?}"
+    );
+    let lines = machine.debug_output();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.ends_with(": allow for later attempts (service, cached for 60 s)\n")),
+        "{lines:#?}"
+    );
+    unload_clean(&machine, driver);
+    assert_eq!(service.join().unwrap(), 2);
+}
+
+/// An inbound verdict is cached for the local port it was decided for: a rule's `local_port`
+/// (`ssh-in`: 22) admits the peer on that port, and the same peer endpoint on another local
+/// port of the same process gets its own verdict, not the cached one.
+#[test]
+fn inbound_verdicts_are_cached_per_local_port() {
+    let machine = Machine::new();
+    let driver = load(&machine, inbound_local_port::DriverEntry);
+    let service = serve_simply(connected_client(&machine), RULES);
+    // One process listening on two ports; one peer endpoint (source port 22 on purpose: `port`
+    // is the remote port, which `ssh-in` does not name).
+    let peer = |local_port: u16| {
+        connection(
+            7,
+            APPS[2],
+            IpProtocol::Tcp,
+            SimDirection::Inbound,
+            local_port,
+            SocketAddr::new(Ipv4Addr::new(192, 0, 2, 7).into(), 22),
+        )
+    };
+    let (ssh, other) = (peer(22), peer(2222));
+    assert_eq!(
+        decided_once(&ssh, &machine.connect(&ssh, AleIrql::Dispatch), "first"),
+        (Action::Block, false),
+        "the default at once"
+    );
+    wait_for_background_asks(&machine, 1);
+    assert_eq!(
+        decided_once(&ssh, &machine.connect(&ssh, AleIrql::Dispatch), "again"),
+        (Action::Permit, false),
+        "ssh-in allows local port 22: cached"
+    );
+    assert_eq!(
+        decided_once(&other, &machine.connect(&other, AleIrql::Dispatch), "first"),
+        (Action::Block, false),
+        "not the verdict cached for port 22"
+    );
+    wait_for_background_asks(&machine, 2);
+    assert_eq!(
+        decided_once(&other, &machine.connect(&other, AleIrql::Passive), "again"),
+        (Action::Block, false),
+        "the rules deny local port 2222: cached"
+    );
+    assert_eq!(
+        decided_once(&ssh, &machine.connect(&ssh, AleIrql::Passive), "third"),
+        (Action::Permit, false),
+        "port 22's verdict is still cached"
+    );
+    let stats = inbound_local_port::STATS.snapshot();
+    assert_eq!(
+        (
+            stats.background_asks,
+            stats.answered,
+            stats.cache_hits,
+            stats.defaults
+        ),
+        (2, 2, 3, 2),
+        "{stats:?}"
+    );
+    unload_clean(&machine, driver);
+    assert_eq!(service.join().unwrap(), 2);
+}
+
+/// At most `background_asks` inbound questions are in flight: with a silent service, the
+/// first three misses queue a question each, later ones only get the default. Unload ends the
+/// waiting questions at once.
+#[test]
+fn inbound_background_asks_are_bounded() {
+    let machine = Machine::with_worker_threads(4);
+    let driver = load(&machine, inbound_bounded::DriverEntry);
+    let client = connected_client(&machine);
+    let read = AtomicUsize::new(0);
+    thread::scope(|s| {
+        let service = s.spawn(|| silent_service(&client, &read));
+        for n in 0..6u16 {
+            let c = connection(
+                7,
+                APPS[2],
+                IpProtocol::Udp,
+                SimDirection::Inbound,
+                5_000,
+                web(50 + n as u8, 40_000),
+            );
+            assert_eq!(
+                decided_once(&c, &machine.connect(&c, AleIrql::Dispatch), "inbound"),
+                (Action::Block, false)
+            );
+        }
+        let stats = inbound_bounded::STATS.snapshot();
+        assert_eq!((stats.background_asks, stats.background_skipped), (3, 3));
+        // The three questions wait for the service when the driver unloads.
+        while read.load(Ordering::SeqCst) < 3 {
+            thread::yield_now();
+        }
+        unload_clean(&machine, driver);
+        assert_eq!(service.join().unwrap().len(), 3);
+    });
+}
+
+/// Loopback is permitted without asking by default (even with no service); with
+/// `permit_loopback: false` it is asked about like any other connection.
+#[test]
+fn loopback_is_permitted_without_asking_unless_configured_otherwise() {
+    let local = |direction| {
+        connection(
+            100,
+            APPS[2],
+            IpProtocol::Tcp,
+            direction,
+            49_000,
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 8080),
+        )
+    };
+    let machine = Machine::new();
+    let driver = load(&machine, loopback::DriverEntry);
+    for direction in [SimDirection::Outbound, SimDirection::Inbound] {
+        let c = local(direction);
+        assert_eq!(
+            decided_once(&c, &machine.connect(&c, AleIrql::Dispatch), "loopback"),
+            (Action::Permit, false)
+        );
+    }
+    let v6 = Connection {
+        remote: SocketAddr::new(Ipv6Addr::LOCALHOST.into(), 8080),
+        local: SocketAddr::new(Ipv6Addr::LOCALHOST.into(), 49_001),
+        ..local(SimDirection::Outbound)
+    };
+    assert_eq!(
+        decided_once(&v6, &machine.connect(&v6, AleIrql::Passive), "loopback v6"),
+        (Action::Permit, false)
+    );
+    let stats = loopback::STATS.snapshot();
+    assert_eq!((stats.loopback, stats.asked), (3, 0));
+    unload_clean(&machine, driver);
+
+    let machine = Machine::new();
+    let driver = load(&machine, loopback_asked::DriverEntry);
+    let c = local(SimDirection::Outbound);
+    assert_eq!(
+        decided_once(&c, &machine.connect(&c, AleIrql::Dispatch), "asked"),
+        (Action::Block, true),
+        "asked, nobody answered: the default"
+    );
+    unload_clean(&machine, driver);
+}
+
+/// A classification whose fields cannot be read (here: no `ALE_APP_ID`) gets the default at
+/// once, outbound and inbound, with the reason logged; nothing is pended or asked.
+#[test]
+fn a_connection_whose_fields_cannot_be_read_gets_the_default_at_once() {
+    use wfp_rs::layer::fields;
+    use wfp_rs::layer::value::ConditionFlags;
+    let machine = Machine::new();
+    let driver = load(&machine, firewall_driver::DriverEntry);
+    let outbound = ClassifyRequest::<AleAuthConnectV4>::new()
+        .process(100, APPS[0])
+        .with::<fields::IpProtocol>(IpProtocol::Tcp)
+        .with::<fields::IpLocalAddress>(Ipv4Addr::new(10, 0, 0, 2))
+        .with::<fields::IpLocalPort>(50_000u16)
+        .with::<fields::IpRemoteAddress>(Ipv4Addr::new(192, 0, 2, 1))
+        .with::<fields::IpRemotePort>(443u16)
+        .with::<fields::Flags>(ConditionFlags::empty())
+        .pendable();
+    let decision = machine.classify(wfp_rs::irql::Irql::DISPATCH, &outbound);
+    assert_eq!((decision.action, decision.pending), (Action::Block, None));
+    let inbound = ClassifyRequest::<AleAuthRecvAcceptV4>::new()
+        .process(100, APPS[0])
+        .with::<fields::IpProtocol>(IpProtocol::Tcp)
+        .with::<fields::IpLocalAddress>(Ipv4Addr::new(10, 0, 0, 2))
+        .with::<fields::IpLocalPort>(22u16)
+        .with::<fields::IpRemoteAddress>(Ipv4Addr::new(192, 0, 2, 1))
+        .with::<fields::IpRemotePort>(50_000u16)
+        .with::<fields::Flags>(ConditionFlags::empty())
+        .pendable();
+    let decision = machine.classify(wfp_rs::irql::Irql::DISPATCH, &inbound);
+    assert_eq!((decision.action, decision.pending), (Action::Block, None));
+    let logged: Vec<String> = machine
+        .debug_output()
+        .into_iter()
+        .filter(|line| line.contains("cannot be read"))
+        .collect();
+    assert_eq!(
+        logged,
+        [
+            "firewall: outbound: deny (default: the connection's fields cannot be read)\n",
+            "firewall: inbound: deny (default: the connection's fields cannot be read)\n",
+        ]
+    );
+    unload_clean(&machine, driver);
+}
+
+/// TCP and UDP are filtered; ICMP is not (see the crate documentation): with no service, an
+/// ICMP echo is not seen by the driver and passes.
+#[test]
+fn icmp_is_not_filtered() {
+    let machine = Machine::new();
+    let driver = load(&machine, firewall_driver::DriverEntry);
+    assert_eq!(
+        machine.debug_output()[0],
+        "firewall: asking the service on \\WfpRsFirewallPort (500 ms timeout, default deny, \
+         1024 cache entries, 2048 pends at most, loopback permitted)\n"
+    );
+    let ping = Connection {
+        protocol: IpProtocol::Icmp,
+        ..browser(0, web(7, 0))
+    };
+    let outcome = machine.connect(&ping, AleIrql::Dispatch);
+    assert!(!outcome.pended);
+    assert_eq!(outcome.decision.action, Action::Permit);
+    let (_, at_connect) = outcome
+        .layers
+        .iter()
+        .find(|(name, _)| *name == AleAuthConnectV4::NAME)
+        .expect("ALE_AUTH_CONNECT ran");
+    assert_eq!(
+        at_connect.filter_id, None,
+        "no filter of the driver matched"
+    );
+    let udp = Connection {
+        protocol: IpProtocol::Udp,
+        ..browser(49_500, web(7, 53))
+    };
+    assert_eq!(
+        decided_once(&udp, &machine.connect(&udp, AleIrql::Dispatch), "udp"),
+        (Action::Block, true)
+    );
+    unload_clean(&machine, driver);
+}
+
+/// Sends the revoke command `input` as the service does, and decodes the driver's answer.
+fn send_revoke(machine: &Machine, input: &[u8]) -> Result<u32, Status> {
+    let device = machine
+        .open_device(CONTROL_DEVICE_PATH, Caller::System)
+        .expect("the service opens the control device");
+    let completion = device
+        .device_io_control(REVOKE.raw(), input, firewall_protocol::control::REVOKED_LEN)
+        .wait();
+    let output = completion.ok()?;
+    Ok(Revoked::decode(output)
+        .expect("the driver's answer")
+        .removed)
+}
+
+fn revoke_all(machine: &Machine) -> Result<u32, Status> {
+    let mut bytes = [0u8; REVOKE_MAX_LEN];
+    let len = Revoke::encode_all(&mut bytes).unwrap();
+    send_revoke(machine, &bytes[..len])
+}
+
+/// Revokes the verdicts of `ids`, in as many commands as it takes; returns how many went.
+fn revoke_ids(machine: &Machine, ids: &[u64]) -> u32 {
+    ids.chunks(MAX_REVOKE_IDS)
+        .map(|chunk| {
+            let mut bytes = [0u8; REVOKE_MAX_LEN];
+            let len = Revoke::encode_requests(chunk, &mut bytes).unwrap();
+            send_revoke(machine, &bytes[..len]).expect("revoked")
+        })
+        .sum()
+}
+
+/// The control device's revoke command removes the cached verdicts of the named requests, or
+/// all of them, and those connections are asked about again; other codes, malformed commands
+/// and a short output buffer are refused; a standard user cannot open the device.
+#[test]
+fn the_revoke_command_forgets_cached_verdicts() {
+    let seed = seed();
+    let machine = Machine::new();
+    let driver = load(&machine, revoking::DriverEntry);
+    let (log, service) = serve(&machine, Arc::new(Mutex::new(rules(RULES))), 1, seed);
+    let mut port = 50_000;
+    let mut attempt = |remote: u8| {
+        port += 1;
+        let c = browser(port, web(remote, 443));
+        decided_once(
+            &c,
+            &machine.connect(&c, AleIrql::Dispatch),
+            &format!("{remote}"),
+        )
+    };
+    let id_of = |remote: u8| {
+        let log = log.lock().unwrap();
+        log.iter()
+            .rev()
+            .find(|a| a.request.remote_address == web(remote, 443).ip())
+            .map(|a| a.request.request_id)
+            .expect("asked")
+    };
+    assert_eq!(attempt(7), (Action::Permit, true));
+    assert_eq!(attempt(8), (Action::Permit, true));
+    assert_eq!(attempt(7), (Action::Permit, false), "cached");
+    assert_eq!(attempt(8), (Action::Permit, false), "cached");
+
+    assert_eq!(revoke_ids(&machine, &[id_of(7), 999_999]), 1);
+    assert_eq!(attempt(7), (Action::Permit, true), "revoked: asked again");
+    assert_eq!(
+        attempt(8),
+        (Action::Permit, false),
+        "not named: still cached"
+    );
+    assert_eq!(revoke_all(&machine), Ok(2));
+    assert_eq!(attempt(7), (Action::Permit, true), "asked again");
+    assert_eq!(attempt(8), (Action::Permit, true), "asked again");
+    assert_eq!(revoking::STATS.snapshot().revoked, 3);
+
+    // Refusals.
+    let device = machine
+        .open_device(CONTROL_DEVICE_PATH, Caller::Administrator)
+        .unwrap();
+    let other = ControlCode::buffered(0x8A5E, 0x802, RequiredAccess::Write);
+    let refused = |code: ControlCode, input: &[u8], output_len: usize| {
+        device
+            .device_io_control(code.raw(), input, output_len)
+            .wait()
+            .ok()
+            .map(<[u8]>::to_vec)
+    };
+    let mut buffer = [0u8; REVOKE_MAX_LEN];
+    let len = Revoke::encode_all(&mut buffer).unwrap();
+    let all = &buffer[..len];
+    assert_eq!(refused(other, all, 8), Err(Status::INVALID_DEVICE_REQUEST));
+    assert_eq!(
+        refused(REVOKE, &all[..15], 8),
+        Err(Status::INVALID_PARAMETER)
+    );
+    let mut bad_magic = all.to_vec();
+    bad_magic[0] = b'X';
+    assert_eq!(
+        refused(REVOKE, &bad_magic, 8),
+        Err(Status::INVALID_PARAMETER)
+    );
+    assert_eq!(refused(REVOKE, all, 7), Err(Status::BUFFER_TOO_SMALL));
+    assert_eq!(
+        machine.open_device(CONTROL_DEVICE_PATH, Caller::User).err(),
+        Some(Status::ACCESS_DENIED)
+    );
+    drop(device);
+    assert_eq!(
+        attempt(8),
+        (Action::Permit, false),
+        "the refusals revoked nothing"
+    );
+    unload_clean(&machine, driver);
+    for thread in service {
+        thread.join().unwrap();
+    }
+}
+
+/// Issue 5, point 6: the rules are reloaded in the middle of 8 threads of attempts. The
+/// service swaps its rules and revokes the cached verdicts the new rules no longer give, by
+/// request id, as the real service does. Every attempt is decided once; an attempt that starts
+/// after the revoke command returned gets the new rules (outbound) or the new rules or the
+/// default (inbound) — never a stale cached verdict; attempts during the reload get the old
+/// rules or the new ones (or the default, inbound).
+#[test]
+fn a_rules_reload_with_revoke_mid_stream_gives_no_stale_verdict() {
+    const THREADS: u64 = 8;
+    const PER_THREAD: u64 = 500;
+    let seed = seed();
+    let machine = Machine::with_worker_threads(8);
+    let driver = load(&machine, reload::DriverEntry);
+    let policy = Arc::new(Mutex::new(rules(RULES)));
+    let (log, service) = serve(&machine, Arc::clone(&policy), 4, seed);
+    let reloaded = AtomicBool::new(false);
+    let (old, new) = (rules(RULES), rules(RELOADED_RULES));
+
+    let (attempts, removed) = thread::scope(|s| {
+        let reloader = s.spawn(|| {
+            while reload::STATS.snapshot().answered < 300 {
+                thread::yield_now();
+            }
+            // What the service does on a reload: swap the rules, then revoke every cached
+            // verdict it gave that the new rules do not give. Under the log's lock, so no
+            // answer is being given meanwhile.
+            let log = log.lock().unwrap();
+            *policy.lock().unwrap() = rules(RELOADED_RULES);
+            let stale: Vec<u64> = log
+                .iter()
+                .filter(|a| {
+                    a.valid
+                        .is_some_and(|v| v != decide_request(&new, &a.request))
+                })
+                .map(|a| a.request.request_id)
+                .collect();
+            let removed = revoke_ids(&machine, &stale);
+            reloaded.store(true, Ordering::SeqCst);
+            removed
+        });
+        let workers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (machine, reloaded) = (&machine, &reloaded);
+                s.spawn(move || {
+                    let mut rng = Rng::new(seed, 300 + t);
+                    (0..PER_THREAD)
+                        .map(|n| {
+                            let local = 2_000 + (t * PER_THREAD + n) as u16;
+                            let c = rng.attempt(local);
+                            let after = reloaded.load(Ordering::SeqCst);
+                            let outcome = machine.connect(&c, rng.irql());
+                            let what = format!("{c:?} (seed {seed:#x})");
+                            let (action, _) = decided_once(&c, &outcome, &what);
+                            (c, action, after)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let attempts: Vec<_> = workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("a connection thread"))
+            .collect();
+        (attempts, reloader.join().expect("the reloader"))
+    });
+    unload_clean(&machine, driver);
+    for thread in service {
+        thread.join().unwrap();
+    }
+
+    let mut after_reload = 0;
+    for (c, decided, after) in &attempts {
+        let what = format!("{c:?} (seed {seed:#x})");
+        let (old, new) = (
+            action(decide_connection(&old, c)),
+            action(decide_connection(&new, c)),
+        );
+        match (c.direction, after) {
+            (SimDirection::Outbound, true) => assert_eq!(*decided, new, "{what}: new rules"),
+            (SimDirection::Outbound, false) => {
+                assert!(*decided == old || *decided == new, "{what}")
+            }
+            (SimDirection::Inbound, true) => {
+                assert!(*decided == new || *decided == Action::Block, "{what}")
+            }
+            (SimDirection::Inbound, false) => assert!(
+                *decided == old || *decided == new || *decided == Action::Block,
+                "{what}"
+            ),
+        }
+        after_reload += usize::from(*after);
+    }
+    assert!(
+        removed > 0,
+        "the reload revoked cached verdicts (seed {seed:#x})"
+    );
+    assert!(
+        after_reload > 100,
+        "attempts ran after the reload (seed {seed:#x}): {after_reload}"
+    );
+    eprintln!(
+        "reload: {removed} verdicts revoked, {after_reload} attempts after; {:?}",
+        reload::STATS.snapshot()
+    );
+}
+
+/// A second instance cannot load (the port's and the device's names are taken); its failed
+/// `DriverEntry` undoes everything it did, and the first instance keeps working.
+#[test]
+fn a_second_instance_fails_to_load_and_leaves_nothing_behind() {
+    let machine = Machine::new();
+    let driver = load(&machine, firewall_driver::DriverEntry);
+    let second = machine.load_driver("firewall-2", firewall_driver::DriverEntry);
+    assert_eq!(second.err(), Some(Status::OBJECT_NAME_COLLISION));
+    let c = browser(52_000, web(7, 443));
+    assert_eq!(
+        decided_once(
+            &c,
+            &machine.connect(&c, AleIrql::Dispatch),
+            "first instance"
+        ),
+        (Action::Block, true)
+    );
+    unload_clean(&machine, driver);
+}
+
+/// A cached verdict answers until the lifetime the reply granted has passed on the kernel's
+/// clock; then the connection is asked about again. Inbound likewise. (The simulated clock is
+/// real time plus what the test adds, so "still cached" is checked right after caching, well
+/// within the minute granted, and expiry by adding the whole minute; the exact boundary is a
+/// unit test of the cache.)
+#[test]
+fn cached_verdicts_expire_after_their_lifetime() {
+    let machine = Machine::new();
+    let driver = load(&machine, expiry::DriverEntry);
+    let service = serve_simply(connected_client(&machine), RULES);
+    let mut port = 51_000;
+    let mut attempt = |c: Connection| {
+        port += 1;
+        let c = Connection {
+            local: SocketAddr::new(c.local.ip(), port),
+            ..c
+        };
+        decided_once(
+            &c,
+            &machine.connect(&c, AleIrql::Dispatch),
+            &format!("{c:?}"),
+        )
+    };
+    let out = browser(0, web(7, 443));
+    assert_eq!(attempt(out.clone()), (Action::Permit, true), "asked");
+    assert_eq!(attempt(out.clone()), (Action::Permit, false), "cached");
+    machine.advance_clock(Duration::from_secs(60));
+    assert_eq!(
+        attempt(out.clone()),
+        (Action::Permit, true),
+        "60 s: expired, asked"
+    );
+    assert_eq!(
+        attempt(out.clone()),
+        (Action::Permit, false),
+        "cached again"
+    );
+
+    let inbound = connection(
+        4,
+        APPS[1],
+        IpProtocol::Tcp,
+        SimDirection::Inbound,
+        5_000,
+        web(9, 40_000),
+    );
+    let inbound_attempt = |expected: Action| {
+        let outcome = machine.connect(&inbound, AleIrql::Passive);
+        assert_eq!(
+            decided_once(&inbound, &outcome, "inbound"),
+            (expected, false)
+        );
+    };
+    inbound_attempt(Action::Block);
+    wait_for_background_asks(&machine, 1);
+    inbound_attempt(Action::Permit);
+    machine.advance_clock(Duration::from_secs(60));
+    inbound_attempt(Action::Block);
+    wait_for_background_asks(&machine, 2);
+    inbound_attempt(Action::Permit);
+
+    let stats = expiry::STATS.snapshot();
+    assert_eq!((stats.expired, stats.asked), (2, 4), "{stats:?}");
+    unload_clean(&machine, driver);
+    assert_eq!(service.join().unwrap(), 4);
+}
+
+// --- bursts and overload ----------------------------------------------------------------------
+
+/// The browser's outbound TCP attempt from `local_port` to 192.0.2.`last`:443, as one
+/// classification at ALE_AUTH_CONNECT_V4: the initial authorization (pendable), or its
+/// reauthorization. Tests that drive the two halves of `Machine::connect` themselves use it, to
+/// hold completed connections before their reauthorization.
+fn auth_connect(
+    local_port: u16,
+    last: u8,
+    reauthorization: bool,
+) -> ClassifyRequest<AleAuthConnectV4> {
+    use wfp_rs::layer::fields;
+    use wfp_rs::layer::value::ConditionFlags;
+    let request = ClassifyRequest::<AleAuthConnectV4>::new()
+        .process(100, APPS[0])
+        .with::<fields::AleAppId>(APPS[0])
+        .with::<fields::IpProtocol>(IpProtocol::Tcp)
+        .with::<fields::IpLocalAddress>(Ipv4Addr::new(10, 0, 0, 2))
+        .with::<fields::IpLocalPort>(local_port)
+        .with::<fields::IpRemoteAddress>(Ipv4Addr::new(192, 0, 2, last))
+        .with::<fields::IpRemotePort>(443u16);
+    if reauthorization {
+        request
+            .with::<fields::Flags>(ConditionFlags::IS_REAUTHORIZE)
+            .reauthorization()
+    } else {
+        request
+            .with::<fields::Flags>(ConditionFlags::empty())
+            .pendable()
+    }
+}
+
+/// Classifies `request` at `DISPATCH_LEVEL`, as the network stack does at ALE_AUTH_CONNECT.
+fn classify_connect(machine: &Machine, request: &ClassifyRequest<AleAuthConnectV4>) -> Decision {
+    machine.classify(wfp_rs::irql::Irql::DISPATCH, request)
+}
+
+/// What the burst tests' service says: allow, except every seventh local port; never cached, so
+/// only the verdict table can carry the answer to the reauthorization.
+fn burst_verdict(local_port: u16) -> Verdict {
+    if local_port.is_multiple_of(7) {
+        Verdict::Deny
+    } else {
+        Verdict::Allow
+    }
+}
+
+fn burst_reply(message: &wfp_rs_sim::PortMessage) -> Vec<u8> {
+    let request = ConnectionRequest::decode(&message.data).expect("the driver's encoding");
+    encode_reply(request.reply(burst_verdict(request.local_port)))
+}
+
+/// Pends every attempt and returns each pend, or the first attempt that was not pended.
+fn pend_all(machine: &Machine, ports: &[u16]) -> Result<Vec<wfp_rs_sim::Pending>, String> {
+    ports
+        .iter()
+        .map(|&port| {
+            let decision = classify_connect(machine, &auth_connect(port, 1, false));
+            match decision.pending {
+                Some(pending) if decision.absorbed && decision.action == Action::Block => {
+                    Ok(pending)
+                }
+                _ => Err(format!("port {port} was not pended: {decision:?}")),
+            }
+        })
+        .collect()
+}
+
+/// Waits until the driver completed each pend; none is reauthorized yet, so every verdict
+/// waits in the driver's table at once.
+fn complete_all(machine: &Machine, pendings: Vec<wfp_rs_sim::Pending>) {
+    for pending in pendings {
+        assert_eq!(machine.wait_for_completion(pending), None, "reauthorize");
+    }
+}
+
+/// Pends every attempt, checks it was pended, and waits until the driver completed each.
+fn pend_and_complete(machine: &Machine, ports: &[u16]) {
+    let pendings = pend_all(machine, ports).unwrap_or_else(|error| panic!("{error}"));
+    complete_all(machine, pendings);
+}
+
+/// Reauthorizes every attempt and checks it gets the service's verdict.
+fn reauthorize_all(machine: &Machine, ports: &[u16]) {
+    for &port in ports {
+        let decision = classify_connect(machine, &auth_connect(port, 1, true));
+        assert_eq!(
+            decision.action,
+            action(burst_verdict(port)),
+            "port {port}: the service's verdict, not the default: {decision:?}"
+        );
+        assert!(decision.pending.is_none());
+    }
+}
+
+/// More connections pended at once than the verdict table held before (256), with the
+/// service's replies held until every question has arrived (one worker thread per question, so
+/// all are asked at once), then all answered, and every reauthorization held until every pend
+/// is completed: every connection gets the service's own verdict; nothing is refused or
+/// defaulted.
+#[test]
+fn a_burst_beyond_the_old_table_size_gets_every_services_verdict() {
+    const N: u16 = 320;
+    let machine = Machine::with_worker_threads(N as usize);
+    let driver = load(&machine, burst::DriverEntry);
+    let client = connected_client(&machine);
+    let ports: Vec<u16> = (0..N).map(|n| 47_000 + n).collect();
+    // Detached, so a failing test ends instead of waiting for questions that will not come.
+    let service = thread::spawn(move || {
+        // Nothing is answered until every connection is pended and asked about.
+        let held: Vec<_> = (0..N)
+            .map(|_| client.get_message(None).expect("a question"))
+            .collect();
+        for message in &held {
+            client
+                .reply(message.id, &burst_reply(message))
+                .expect("replied");
+        }
+    });
+    pend_and_complete(&machine, &ports);
+    service.join().unwrap();
+    reauthorize_all(&machine, &ports);
+    let stats = burst::STATS.snapshot();
+    assert_eq!(
+        (
+            stats.asked,
+            stats.answered,
+            stats.defaults,
+            stats.overloaded
+        ),
+        (u64::from(N), u64::from(N), 0, 0),
+        "{stats:?}"
+    );
+    assert!(
+        !machine
+            .debug_output()
+            .iter()
+            .any(|l| l.contains("full") || l.contains("pended or awaiting")),
+        "no overload"
+    );
+    unload_clean(&machine, driver);
+}
+
+/// Lines the driver logs when an overload burst starts and ends.
+fn overload_lines(machine: &Machine) -> (Vec<String>, Vec<String>) {
+    let output = machine.debug_output();
+    let started = output
+        .iter()
+        .filter(|l| l.contains("pended or awaiting reauthorization"))
+        .cloned()
+        .collect();
+    let ended = output
+        .iter()
+        .filter(|l| l.contains("pending again"))
+        .cloned()
+        .collect();
+    (started, ended)
+}
+
+/// A burst the size of the verdict table, completed and waiting for its reauthorizations, and
+/// then more: the extra connections are not pended but get the default at once, are counted
+/// and logged once for the burst; every recorded verdict still answers its reauthorization;
+/// once slots are free, new connections are pended again.
+#[test]
+fn beyond_the_verdict_table_new_connections_get_the_default_at_once_and_nothing_recorded_is_lost() {
+    const EXTRA: u16 = 5;
+    let capacity = u16::try_from(firewall_driver::VERDICT_SLOTS).unwrap();
+    let machine = Machine::new();
+    let driver = load(&machine, overload::DriverEntry);
+    let client = connected_client(&machine);
+    let ports: Vec<u16> = (0..capacity).map(|n| 10_000 + n).collect();
+    // Detached, so a failing test ends; it ends at unload, when the driver disconnects it.
+    let service = thread::spawn(move || {
+        while let Some(message) = client.get_message(None) {
+            match client.reply(message.id, &burst_reply(&message)) {
+                Ok(()) => {}
+                Err(Status::PORT_DISCONNECTED) => break,
+                Err(status) => panic!("the driver is waiting for this reply: {status}"),
+            }
+        }
+    });
+    pend_and_complete(&machine, &ports);
+    // Every slot holds a verdict waiting for its reauthorization.
+    for n in 0..EXTRA {
+        let port = 30_000 + n;
+        let decision = classify_connect(&machine, &auth_connect(port, 2, false));
+        assert_eq!(
+            (decision.action, decision.pending, decision.absorbed),
+            (Action::Block, None, false),
+            "port {port}: the default at once, not pended"
+        );
+    }
+    let stats = overload::STATS.snapshot();
+    assert_eq!(
+        (stats.overloaded, stats.defaults, stats.asked),
+        (u64::from(EXTRA), u64::from(EXTRA), u64::from(capacity)),
+        "{stats:?}"
+    );
+    let (started, ended) = overload_lines(&machine);
+    assert_eq!(
+        (started.len(), ended.len()),
+        (1, 0),
+        "logged once: {started:?}"
+    );
+    // Every recorded verdict is still there for its reauthorization.
+    reauthorize_all(&machine, &ports);
+    // Slots are free again: a new connection is pended and asked about.
+    let port = 40_000;
+    let decision = classify_connect(&machine, &auth_connect(port, 3, false));
+    let pending = decision.pending.expect("pended again");
+    assert_eq!(machine.wait_for_completion(pending), None);
+    let decision = classify_connect(&machine, &auth_connect(port, 3, true));
+    assert_eq!(decision.action, action(burst_verdict(port)));
+    let (started, ended) = overload_lines(&machine);
+    assert_eq!(started.len(), 1);
+    assert_eq!(ended.len(), 1, "the burst's end is logged once");
+    assert!(
+        ended[0].contains(&format!("{EXTRA} connection(s) got the default")),
+        "{ended:?}"
+    );
+    unload_clean(&machine, driver);
+    service.join().unwrap();
+    let stats = overload::STATS.snapshot();
+    assert_eq!(
+        (
+            stats.overloaded,
+            stats.defaults,
+            stats.asked,
+            stats.answered
+        ),
+        (
+            u64::from(EXTRA),
+            u64::from(EXTRA),
+            u64::from(capacity) + 1,
+            u64::from(capacity) + 1
+        ),
+        "{stats:?}"
+    );
+}
+
+/// `Config::max_pending` counts connections still waiting for the service too: with 3 pended
+/// and unanswered, a fourth gets the default at once; the 3 then get the service's verdicts.
+#[test]
+fn max_pending_counts_connections_waiting_for_the_service() {
+    const PORTS: [u16; 3] = [20_001, 20_002, 20_003];
+    let machine = Machine::with_worker_threads(3);
+    let driver = load(&machine, overload_small::DriverEntry);
+    let client = connected_client(&machine);
+    let (asked_tx, asked_rx) = std::sync::mpsc::channel();
+    let (answer_tx, answer_rx) = std::sync::mpsc::channel::<()>();
+    // Detached, so a failing test ends instead of waiting for questions that will not come.
+    let service = thread::spawn(move || {
+        let held: Vec<_> = (0..PORTS.len())
+            .map(|_| client.get_message(None).expect("a question"))
+            .collect();
+        asked_tx.send(()).unwrap();
+        answer_rx.recv().unwrap();
+        for message in &held {
+            client
+                .reply(message.id, &burst_reply(message))
+                .expect("replied");
+        }
+    });
+    let pendings: Vec<_> = PORTS
+        .iter()
+        .map(|&port| {
+            classify_connect(&machine, &auth_connect(port, 4, false))
+                .pending
+                .expect("pended")
+        })
+        .collect();
+    asked_rx.recv().unwrap();
+    // All three are with the service, unanswered.
+    let decision = classify_connect(&machine, &auth_connect(20_004, 4, false));
+    assert_eq!((decision.action, decision.pending), (Action::Block, None));
+    assert_eq!(overload_small::STATS.snapshot().overloaded, 1);
+    answer_tx.send(()).unwrap();
+    complete_all(&machine, pendings);
+    service.join().unwrap();
+    for port in PORTS {
+        let decision = classify_connect(&machine, &auth_connect(port, 4, true));
+        assert_eq!(decision.action, action(burst_verdict(port)), "port {port}");
+    }
+    let stats = overload_small::STATS.snapshot();
+    assert_eq!(
+        (stats.overloaded, stats.defaults, stats.answered),
+        (1, 1, 3),
+        "{stats:?}"
+    );
+    unload_clean(&machine, driver);
+}
+
+/// Unload with verdicts recorded and their reauthorizations not yet run: it waits (the slots
+/// are still reserved), the reauthorizations that come while it waits get the service's
+/// verdicts, and it then finishes without giving up on them.
+#[test]
+fn unload_waits_for_the_reauthorizations_of_completed_pends() {
+    let machine = Machine::new();
+    let driver = load(&machine, unload_reserved::DriverEntry);
+    let client = connected_client(&machine);
+    let service = thread::spawn(move || {
+        while let Some(message) = client.get_message(None) {
+            match client.reply(message.id, &burst_reply(&message)) {
+                Ok(()) => {}
+                Err(Status::PORT_DISCONNECTED) => break,
+                Err(status) => panic!("the driver is waiting for this reply: {status}"),
+            }
+        }
+    });
+    let ports: Vec<u16> = (0..40).map(|n| 21_000 + n).collect();
+    pend_and_complete(&machine, &ports);
+    thread::scope(|s| {
+        let unloader = s.spawn(|| machine.unload_driver(driver));
+        // Unload has begun: no new pends, the service disconnected.
+        while !machine
+            .debug_output()
+            .iter()
+            .any(|l| l.starts_with("firewall: stopping"))
+        {
+            thread::yield_now();
+        }
+        reauthorize_all(&machine, &ports);
+        unloader.join().unwrap().expect("unloads");
+    });
+    service.join().unwrap();
+    let output = machine.debug_output();
+    assert!(
+        !output.iter().any(|l| l.contains("still outstanding")),
+        "every reauthorization was waited for: {output:?}"
+    );
+    assert_eq!(machine.pending_classifications(), 0);
+    assert_eq!(machine.pool_blocks(), [], "pool left after unload");
+    let stats = unload_reserved::STATS.snapshot();
+    assert_eq!((stats.defaults, stats.overloaded), (0, 0), "{stats:?}");
+}
+
+/// Every pool allocation `DriverEntry` makes — its shared state included, which is a `PoolArc`
+/// because `Arc::new` cannot report an exhausted pool — is made to fail in turn: the load fails
+/// with `STATUS_INSUFFICIENT_RESOURCES`, never a bug check, and leaves nothing behind.
+#[test]
+fn every_allocation_failure_during_load_is_reported_and_leaks_nothing() {
+    let machine = Machine::new();
+    let mut failures = 0;
+    for skip in 0.. {
+        assert!(skip < 1000, "the load has a bounded number of allocations");
+        machine.fail_allocations(skip, 1);
+        match machine.load_driver("firewall", firewall_driver::DriverEntry) {
+            Ok(driver) => {
+                machine.fail_allocations(0, 0);
+                unload_clean(&machine, driver);
+                break;
+            }
+            Err(status) => {
+                assert_eq!(status, Status::INSUFFICIENT_RESOURCES, "allocation {skip}");
+                failures += 1;
+            }
+        }
+        assert_eq!(machine.pool_blocks(), [], "allocation {skip}");
+    }
+    assert!(failures > 10, "{failures} allocation points");
+}

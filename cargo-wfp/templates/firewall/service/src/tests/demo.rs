@@ -1,0 +1,163 @@
+//! `firewall demo`, run as the built binary: the driver in the simulator, the service as its own
+//! process, and the built-in scenario or a trace.
+
+use std::sync::Mutex;
+
+use crate::demo::{DemoOptions, Summary, run};
+
+/// The demo's driver configuration and counters are process-wide: one demo at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Runs the demo in this process (its service in a child process); what it printed, and how it
+/// ended.
+fn demo(options: DemoOptions) -> (String, Result<Summary, String>) {
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let options = DemoOptions {
+        launcher: Some(super::launcher),
+        ..options
+    };
+    let mut out = Vec::new();
+    let result = run(&options, &mut out);
+    let out = String::from_utf8(out).unwrap();
+    eprintln!("{out}");
+    (out, result)
+}
+
+/// Whether the run succeeded as the `firewall demo` command judges it.
+fn passed(result: &Result<Summary, String>) -> bool {
+    result
+        .as_ref()
+        .is_ok_and(|s| s.unexpected.is_empty() && s.problems.is_empty())
+}
+
+/// The table row of attempt `n`.
+fn row(stdout: &str, n: usize) -> &str {
+    let prefix = format!("{n:>5}  ");
+    stdout
+        .lines()
+        .find(|line| line.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no row {n} in:\n{stdout}"))
+}
+
+#[test]
+fn the_builtin_scenario_decides_as_expected() {
+    let (stdout, result) = demo(DemoOptions::default());
+    assert!(passed(&result), "{result:?}\n{stdout}");
+    assert!(
+        stdout.contains("every decision was the expected one"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("the driver unloaded cleanly"), "{stdout}");
+    // Asked, cached, denied by a rule, IPv6, inbound default then cache, no service.
+    assert!(row(&stdout, 1).contains("allow    service: rule 3 \"browser-web\""));
+    assert!(row(&stdout, 2).contains("allow    driver cache: rule 3 \"browser-web\""));
+    assert!(row(&stdout, 5).contains("[2001:db8:bad::1]:80"));
+    assert!(row(&stdout, 5).contains("deny     service: rule 2 \"block-trackers\""));
+    assert!(row(&stdout, 14).contains("deny     driver default (asked in the background: allow"));
+    assert!(row(&stdout, 15).contains("allow    driver cache: rule 6 \"lan-in\""));
+    assert!(
+        stdout.contains(
+            ":8:10: `192.0.2.300` is not an IP address or CIDR; the policy in force stays"
+        )
+    );
+    assert!(row(&stdout, 23).contains("deny     driver default (no service)"));
+    assert!(row(&stdout, 25).contains("allow    service: rule 5 \"updater\""));
+    // With the driver's control device, the reload revokes the cached allow, and the restarted
+    // service has every cached verdict revoked.
+    assert!(
+        stdout.contains("revoked 1 cached verdicts (1 entries removed)"),
+        "{stdout}"
+    );
+    assert!(row(&stdout, 18).contains("deny     service: rule 1 \"quarantine-192.0.2.10\""));
+    assert!(row(&stdout, 24).contains("allow    service: rule 4 \"browser-web\""));
+    let summary = result.unwrap();
+    assert_eq!(
+        (summary.attempts, summary.allowed, summary.denied),
+        (25, 14, 11),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn fail_open_lets_through_what_nobody_answered() {
+    let (stdout, result) = demo(DemoOptions {
+        fail_open: true,
+        ..DemoOptions::default()
+    });
+    assert!(passed(&result), "{result:?}\n{stdout}");
+    assert!(stdout.contains("fail-open"));
+    assert!(
+        row(&stdout, 14).contains("allow    driver default"),
+        "{stdout}"
+    );
+    assert!(
+        row(&stdout, 23).contains("allow    driver default (no service)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn the_sample_trace_replays() {
+    let trace = concat!(env!("CARGO_MANIFEST_DIR"), "/demo-trace.jsonl");
+    let (stdout, result) = demo(DemoOptions {
+        trace: Some(trace.into()),
+        ..DemoOptions::default()
+    });
+    assert!(passed(&result), "{result:?}\n{stdout}");
+    assert!(
+        stdout.contains("every decision was the expected one"),
+        "{stdout}"
+    );
+    assert!(
+        row(&stdout, 9).contains("deny     service: default"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_bad_trace_line_is_reported_with_its_line() {
+    let dir = super::temp_dir("bad-trace");
+    let trace = dir.join("trace.jsonl");
+    std::fs::write(
+        &trace,
+        "# comment\n\n{\"step\":\"connect\",\"pid\":1,\"remote\":\"192.0.2.1:1\",\"protocol\":\"sctp\"}\n",
+    )
+    .unwrap();
+    let (_, result) = demo(DemoOptions {
+        trace: Some(trace.clone()),
+        ..DemoOptions::default()
+    });
+    assert_eq!(
+        result.unwrap_err(),
+        format!(
+            "{}:3: protocol `sctp` is not tcp, udp, icmp, icmpv6 or 0 to 255",
+            trace.display()
+        )
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_expectation_that_fails_fails_the_demo() {
+    let dir = super::temp_dir("failing-trace");
+    let trace = dir.join("trace.jsonl");
+    std::fs::write(
+        &trace,
+        "{\"step\":\"connect\",\"pid\":1,\"remote\":\"203.0.113.1:443\",\"expect\":\"allow\"}\n",
+    )
+    .unwrap();
+    let (stdout, result) = demo(DemoOptions {
+        trace: Some(trace),
+        ..DemoOptions::default()
+    });
+    assert!(!passed(&result), "{stdout}");
+    assert_eq!(result.unwrap().unexpected, vec![1]);
+    assert!(row(&stdout, 1).contains("<< expected allow"), "{stdout}");
+    assert!(
+        stdout.contains("UNEXPECTED decisions at attempts [1]"),
+        "{stdout}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
