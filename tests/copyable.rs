@@ -584,7 +584,7 @@ fn identifier_tables_match_the_examples() {
             checked.push(folder);
         }
     }
-    for example in ["firewall", "starter", "minimal-driver"] {
+    for example in ["firewall", "starter", "minimal-driver", "seed-fixed"] {
         assert!(
             checked.contains(&workspace().join("examples").join(example)),
             "expected an identifier table for examples/{example}, found tables for {checked:?}"
