@@ -431,6 +431,61 @@ fn examples_write_out_the_workspace_lints() {
     }
 }
 
+/// The example folders that hold a driver, each with the `.cargo/config.toml` a copy needs.
+const DRIVER_FOLDERS: &[&str] = &["minimal-driver", "starter", "seed-fixed", "firewall"];
+
+/// Every example driver (a `cdylib`) is in a folder whose `.cargo/config.toml` sets
+/// `panic = "abort"` for both profiles and links the Windows target as the repository does, so
+/// a copy builds its kernel image (the copy tests above build it only where the Windows target
+/// is installed).
+#[test]
+fn example_driver_folders_carry_the_kernel_build_settings() {
+    for manifest in example_manifests() {
+        if read(&manifest).contains("\"cdylib\"") {
+            assert!(
+                DRIVER_FOLDERS
+                    .iter()
+                    .any(|folder| manifest.starts_with(workspace().join("examples").join(folder))),
+                "expected the driver {} to be in one of the folders {DRIVER_FOLDERS:?}",
+                manifest.display()
+            );
+        }
+    }
+    let root = parse_toml(&workspace().join(".cargo/config.toml"));
+    let windows = root
+        .get("target")
+        .and_then(|target| target.get(WINDOWS_TARGET))
+        .expect("expected the repository's .cargo/config.toml to configure the Windows target");
+    for folder in DRIVER_FOLDERS {
+        let path = workspace()
+            .join("examples")
+            .join(folder)
+            .join(".cargo/config.toml");
+        let config = parse_toml(&path);
+        for profile in ["dev", "release"] {
+            let panic = config
+                .get("profile")
+                .and_then(|profiles| profiles.get(profile))
+                .and_then(|settings| settings.get("panic"))
+                .and_then(toml::Value::as_str);
+            assert_eq!(
+                panic,
+                Some("abort"),
+                "expected {} to set panic = \"abort\" for the {profile} profile",
+                path.display()
+            );
+        }
+        assert_eq!(
+            config
+                .get("target")
+                .and_then(|target| target.get(WINDOWS_TARGET)),
+            Some(windows),
+            "expected {} to configure {WINDOWS_TARGET} as the repository does",
+            path.display()
+        );
+    }
+}
+
 /// One row of an identifier table: a value that must be in `file`.
 #[derive(Debug)]
 struct Listed {
