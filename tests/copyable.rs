@@ -284,6 +284,10 @@ fn timed(what: &str, run: impl FnOnce()) {
 }
 
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "the copies' tests need the simulator, which a Windows host selects per crate with --features sim"
+)]
 fn firewall_copied_with_its_siblings_builds_and_tests() {
     timed("firewall (driver, protocol, rules, service, bench)", || {
         let copy = Copy::of(&["firewall"]);
@@ -303,6 +307,10 @@ fn firewall_copied_with_its_siblings_builds_and_tests() {
 /// every file; the INF's file name follows the library's. The renamed driver's tests and
 /// doctests pass, and its image is `acme_driver.dll`.
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "the copies' tests need the simulator, which a Windows host selects per crate with --features sim"
+)]
 fn firewall_renamed_builds_and_tests() {
     timed("firewall renamed to acme", || {
         let copy = Copy::of(&["firewall"]);
@@ -345,6 +353,10 @@ fn rename_crates(dir: &Path, old: &str, new: &str, parts: &[&str]) {
 }
 
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "the copies' tests need the simulator, which a Windows host selects per crate with --features sim"
+)]
 fn starter_copied_alone_builds_and_tests() {
     timed("starter", || {
         let copy = Copy::of(&["starter"]);
@@ -354,6 +366,10 @@ fn starter_copied_alone_builds_and_tests() {
 }
 
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "the copies' tests need the simulator, which a Windows host selects per crate with --features sim"
+)]
 fn seed_fixed_copied_alone_builds_and_tests() {
     timed("seed-fixed", || {
         let copy = Copy::of(&["seed-fixed"]);
@@ -364,6 +380,10 @@ fn seed_fixed_copied_alone_builds_and_tests() {
 
 /// The minimal driver alone, and the simulator demo with the minimal driver beside it.
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "the copies' tests need the simulator, which a Windows host selects per crate with --features sim"
+)]
 fn minimal_driver_and_sim_demo_copied_build_and_test() {
     timed("minimal-driver and sim-demo", || {
         let copy = Copy::of(&["minimal-driver", "sim-demo"]);
