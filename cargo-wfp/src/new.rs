@@ -720,6 +720,39 @@ fn dependency_spec(
     context: &ManifestContext<'_>,
     sdk_crates: &mut BTreeMap<String, String>,
 ) -> Result<Option<Item>, Error> {
+    // A registry dependency on an SDK crate, the form the examples use (`wfp-rs = "0.1.0"`):
+    // the repository builds it from the checkout through its `[patch.crates-io]`, which names
+    // the crate's folder. The project gets the same patch under `--sdk-path`.
+    let patched = context
+        .workspace
+        .get("patch")
+        .and_then(|patch| patch.get("crates-io"))
+        .and_then(|patches| patches.get(name))
+        .and_then(|patch| patch.get("path"))
+        .and_then(Item::as_str);
+    if let Some(dir) = patched {
+        if item.as_str().is_some() {
+            sdk_crates.insert(name.to_owned(), normalize(dir));
+            return Ok(Some(toml_edit::value(context.sdk_requirement)));
+        }
+        if let Some(table) = item.as_table_like()
+            && table.get("workspace").is_none()
+            && table.get("path").is_none()
+        {
+            sdk_crates.insert(name.to_owned(), normalize(dir));
+            let mut spec = InlineTable::new();
+            spec.insert("version", context.sdk_requirement.into());
+            for (key, value) in table.iter() {
+                if key != "version"
+                    && let Some(value) = value.as_value()
+                {
+                    spec.insert(key, value.clone());
+                }
+            }
+            spec.fmt();
+            return Ok(Some(Item::Value(Value::InlineTable(spec))));
+        }
+    }
     let Some(table) = item.as_table_like() else {
         return Ok(None);
     };
@@ -1010,6 +1043,47 @@ mod tests {
         assert!(
             patches.contains("[patch.crates-io]\nwfp-rs-sim = { path = \"/sdk/wfp-rs-sim\" }"),
             "{patches}"
+        );
+    }
+
+    /// The examples' own form, a registry dependency that the repository patches to its
+    /// checkout, gets the SDK requirement and the same patch.
+    #[test]
+    fn registry_dependencies_on_patched_sdk_crates_get_patches() {
+        let workspace: DocumentMut = "[workspace.package]\nversion = \"0.1.0\"\n\
+             [patch.crates-io]\nwfp-rs = { path = \"wfp-rs\" }\n\
+             wfp-rs-sim = { path = \"wfp-rs-sim\" }\n"
+            .parse()
+            .unwrap();
+        let context = ManifestContext {
+            workspace: &workspace,
+            sdk_requirement: "0.1",
+            repo_dir: "examples/starter",
+            siblings: vec!["examples/starter"],
+            standalone: true,
+        };
+        let mut sdk = BTreeMap::new();
+        let text = manifest(
+            "[package]\nname = \"d\"\n\
+             [dependencies]\nwfp-rs = \"0.1.0\"\nclap = \"4\"\n\
+             [dev-dependencies]\nwfp-rs-sim = { version = \"0.1.0\", features = [\"x\"] }\n",
+            &context,
+            None,
+            &mut sdk,
+        )
+        .unwrap();
+        assert!(text.contains("wfp-rs = \"0.1\"\n"), "{text}");
+        assert!(text.contains("clap = \"4\"\n"), "{text}");
+        assert!(
+            text.contains("wfp-rs-sim = { version = \"0.1\", features = [\"x\"] }"),
+            "{text}"
+        );
+        assert_eq!(
+            sdk.into_iter().collect::<Vec<_>>(),
+            [
+                ("wfp-rs".to_owned(), "wfp-rs".to_owned()),
+                ("wfp-rs-sim".to_owned(), "wfp-rs-sim".to_owned())
+            ]
         );
     }
 
