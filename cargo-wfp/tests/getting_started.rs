@@ -539,7 +539,10 @@ fn the_getting_started_guide_runs_as_written() {
 #[test]
 fn edits_apply_once_and_excerpts_allow_elisions() {
     let text = "a\nb\nc\nd\n";
-    assert_eq!(apply_edit(text, " b\n-c\n+C\n+C2\n", "test"), "a\nb\nC\nC2\nd\n");
+    assert_eq!(
+        apply_edit(text, " b\n-c\n+C\n+C2\n", "test"),
+        "a\nb\nC\nC2\nd\n"
+    );
     let result = std::panic::catch_unwind(|| apply_edit("x\nx\n", "-x\n+y\n", "test"));
     assert!(result.is_err(), "an ambiguous edit is refused");
     check_excerpt(text, "a\n// ...\nd\n", "test");

@@ -60,6 +60,7 @@ pub fn describe(what: &str, output: &Output) -> String {
 }
 
 /// Panics with the whole output unless `output` is a success.
+#[track_caller]
 pub fn assert_success(what: &str, output: &Output) {
     assert!(
         output.status.success(),
