@@ -1,8 +1,9 @@
 //! docs/getting-started.md, run: every command of its ```sh blocks (and `$ ` lines of its
 //! ```console blocks) in order, in an empty temporary folder, and every block it marks as a file
 //! to write (`<!-- file: PATH -->`), an edit to make (`<!-- edit: PATH -->` before a ```diff
-//! block) or a part of a file to check (`<!-- excerpt: PATH -->`, with `// ...` for lines left
-//! out), at its place among the commands. The guide fails this test if a command fails, if an
+//! block), a part of a file to check (`<!-- excerpt: PATH -->`, with `// ...` for lines left
+//! out) or a drawing of a folder's files to check (`<!-- tree: DIR -->`), at its place among the
+//! commands. The guide fails this test if a command fails, if an
 //! edit does not apply, if an excerpt is not in the file, if a file it writes does not compile
 //! (the guide's own `cargo test` and `cargo wfp build` build it), or if a `#[test]` of a file
 //! it writes is not listed as passed by a later `cargo test`. Paths the guide names
@@ -60,6 +61,7 @@ enum Marker {
     File(String),
     Edit(String),
     Excerpt(String),
+    Tree(String),
 }
 
 /// A fenced code block of the guide.
@@ -87,6 +89,7 @@ fn parse_marker(line: &str) -> Option<Marker> {
         "file" => Some(Marker::File(path)),
         "edit" => Some(Marker::Edit(path)),
         "excerpt" => Some(Marker::Excerpt(path)),
+        "tree" => Some(Marker::Tree(path)),
         _ => None,
     }
 }
@@ -237,6 +240,47 @@ fn check_excerpt(text: &str, excerpt: &str, what: &str) {
     }
 }
 
+/// Panics unless the files a tree drawing lists (after its first line, the folder; each line
+/// a path after the drawing characters, then a description) are the files of `dir`, but
+/// `Cargo.lock` (copied in by this test) and `target/`.
+fn check_tree(dir: &Path, drawing: &str, at: &str) {
+    let mut listed: Vec<String> = drawing
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            line.trim_start_matches(['├', '└', '│', '─', ' '])
+                .split_whitespace()
+                .next()
+                .map(str::to_owned)
+        })
+        .collect();
+    listed.sort();
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(folder) = stack.pop() {
+        for entry in fs::read_dir(&folder).expect("reads the project") {
+            let path = entry.expect("an entry").path();
+            let relative = path.strip_prefix(dir).expect("below dir");
+            let shown: Vec<String> = relative
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect();
+            if path.is_dir() {
+                if shown != ["target"] {
+                    stack.push(path);
+                }
+            } else if shown != ["Cargo.lock"] {
+                found.push(shown.join("/"));
+            }
+        }
+    }
+    found.sort();
+    assert_eq!(
+        listed, found,
+        "{at}: expected the tree to list the project's files"
+    );
+}
+
 /// `$CARGO_HOME/bin`, where `cargo install` puts binaries and where cargo looks for
 /// subcommands before the `PATH` unless the `PATH` names it.
 fn cargo_home_bin() -> Option<PathBuf> {
@@ -302,6 +346,9 @@ impl Run {
                 let text = fs::read_to_string(self.cwd.join(path))
                     .unwrap_or_else(|e| panic!("{at}: expected to read {path}: {e}"));
                 check_excerpt(&text, &block.text, &format!("{at} (excerpt of {path})"));
+            }
+            (Some(Marker::Tree(path)), _) => {
+                check_tree(&self.cwd.join(path), &block.text, &at);
             }
             (None, "sh" | "console") => {
                 for command in commands(block) {
