@@ -526,6 +526,15 @@ fn the_getting_started_guide_runs_as_written() {
 
     let temp = tempfile::tempdir().expect("a temporary folder");
     let root = temp.path();
+    // Inside the repository, its `.cargo/config.toml` (aliases, linker) would apply too.
+    assert!(
+        !root
+            .canonicalize()
+            .expect("a temporary folder")
+            .starts_with(repo().canonicalize().expect("the repository")),
+        "expected the temporary folder outside the repository (TMPDIR={})",
+        root.display()
+    );
     let bin = root.join("bin");
     fs::create_dir(&bin).expect("creates bin");
     let tool = Path::new(env!("CARGO_BIN_EXE_cargo-wfp"));
