@@ -255,6 +255,8 @@ pub mod guides {
     pub mod callouts {}
     #[doc = include_str!("../docs/firewall.md")]
     pub mod firewall {}
+    #[doc = include_str!("../docs/getting-started.md")]
+    pub mod getting_started {}
     #[doc = include_str!("../docs/irql.md")]
     pub mod irql {}
     #[doc = include_str!("../docs/simulator.md")]

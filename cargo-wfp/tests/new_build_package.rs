@@ -16,48 +16,28 @@
 //! When the standard library for `x86_64-pc-windows-msvc` is not installed, `cargo wfp build`
 //! exits with status 3 and the image and package steps print `SKIPPED: ...`.
 
+mod common;
+
 use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Instant;
 
 use cargo_wfp::inf::InfSummary;
+use common::{
+    TARGET_MISSING, assert_success, cargo_program, describe, nested, projects_target, repo, say,
+};
 
 /// 2026-01-01T00:00:00Z: packages are dated from `SOURCE_DATE_EPOCH`, so `DriverVer` is known.
 const EPOCH: &str = "1767225600";
 const DRIVER_VER: &str = "01/01/2026,0.1.0.0";
 
-/// `cargo wfp build`'s exit status when the target's standard library is missing.
-const TARGET_MISSING: i32 = 3;
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("cargo-wfp is inside the repository")
-}
-
-/// The target folder all generated projects share.
-fn projects_target() -> PathBuf {
-    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    tmp.parent().unwrap_or(tmp).join("cargo-wfp-projects")
-}
-
-fn say(line: &str) {
-    // Written to stderr directly: libtest captures `eprintln!` of passing tests, and a skip or
-    // a timing must be visible in a plain `cargo test` run.
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
 /// `command` with the environment every step shares: offline, the shared target folder.
-fn prepared(mut command: Command) -> Command {
+fn prepared(command: Command) -> Command {
+    let mut command = nested(command);
     command
-        .env("CARGO_TARGET_DIR", projects_target())
         .env("CARGO_NET_OFFLINE", "true")
-        .env("SOURCE_DATE_EPOCH", EPOCH)
-        // Set by the `cargo test` running this file; the nested cargo must find its own.
-        .env_remove("CARGO_MANIFEST_DIR")
-        .env_remove("CARGO_PRIMARY_PACKAGE");
+        .env("SOURCE_DATE_EPOCH", EPOCH);
     command
 }
 
@@ -70,41 +50,16 @@ fn cargo_wfp(dir: &Path, args: &[&str]) -> Output {
 }
 
 fn cargo(dir: &Path, args: &[&str]) -> Output {
-    let program = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
-    let mut command = prepared(Command::new(program));
+    let mut command = prepared(Command::new(cargo_program()));
     command.current_dir(dir).args(args);
     command
         .output()
         .unwrap_or_else(|e| panic!("expected to run cargo, found: {e}"))
 }
 
-fn describe(what: &str, output: &Output) -> String {
-    format!(
-        "{what}: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-fn assert_success(what: &str, output: &Output) {
-    assert!(
-        output.status.success(),
-        "expected success, {}",
-        describe(what, output)
-    );
-}
-
-/// Whether this runs in the wfp-rs repository (the published crate has no SDK beside it to
-/// build generated projects against); prints why not.
+/// Whether this runs in the wfp-rs repository; prints why not.
 fn in_repository() -> bool {
-    let inside = repo().join("wfp-rs/Cargo.toml").is_file() && repo().join("Cargo.lock").is_file();
-    if !inside {
-        say(
-            "SKIPPED: cargo wfp end to end: not in the wfp-rs repository (no SDK to build against)",
-        );
-    }
-    inside
+    common::in_repository("cargo wfp end to end")
 }
 
 /// Runs `cargo wfp new NAME --template TEMPLATE` in `parent` against this repository and

@@ -169,6 +169,9 @@
 //!
 //! # Guides
 //!
+//! - [Getting started](https://github.com/wfp-rs/wfp-rs/blob/main/docs/getting-started.md):
+//!   from an empty folder to a driver that blocks a port — changed, tested in the simulator,
+//!   built as a `.sys`, packaged, and installed on Windows, every command shown.
 //! - [The IRQL model](https://github.com/wfp-rs/wfp-rs/blob/main/docs/irql.md): tokens,
 //!   bounds, raising and lowering, and what the compiler rejects.
 //! - [Writing a callout](https://github.com/wfp-rs/wfp-rs/blob/main/docs/callouts.md): layers
