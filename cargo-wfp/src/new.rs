@@ -89,12 +89,14 @@ impl Template {
                 old_hyphen: "minimal-driver",
                 old_underscore: "minimal_driver",
                 old_product: "WfpRsMinimal",
+                name_is_a_word: false,
             },
             Template::Callout => Spec {
                 crates: &[("callout", "examples/starter", "", Role::Driver)],
                 old_hyphen: "starter",
                 old_underscore: "starter",
                 old_product: "WfpRsStarter",
+                name_is_a_word: false,
             },
             Template::Firewall => Spec {
                 crates: &[
@@ -126,6 +128,7 @@ impl Template {
                 old_hyphen: "firewall",
                 old_underscore: "firewall",
                 old_product: "WfpRsFirewall",
+                name_is_a_word: true,
             },
         }
     }
@@ -169,6 +172,9 @@ struct Spec {
     old_hyphen: &'static str,
     old_underscore: &'static str,
     old_product: &'static str,
+    /// The crate name is also the word for what the product is ("a firewall that asks"), so in
+    /// prose it stays; a name such as `starter` is renamed everywhere.
+    name_is_a_word: bool,
 }
 
 /// What `cargo wfp new` was asked for.
@@ -487,7 +493,8 @@ fn caret_requirement(version: &str) -> String {
 /// (`WfpRsFirewall`) anywhere, and the crate name as a whole word (letters and digits around
 /// it end it; `-` and `_` do not): its `-` spelling, or the `_` one followed by `-`, becomes
 /// `NAME`, the `_` spelling otherwise `NAME` with `_`. A name inside a path (`/firewall/`) or a
-/// link to a guide (`firewall.md`) is not a crate name and stays.
+/// link to a guide (`firewall.md`) is not a crate name and stays, and so does a name that is an
+/// English word for the product where it is prose (below).
 fn rename(text: &str, spec: &Spec, names: &Names) -> String {
     let text = text.replace(spec.old_product, &names.product);
     let bytes = text.as_bytes();
@@ -507,17 +514,58 @@ fn rename(text: &str, spec: &Spec, names: &Names) -> String {
         });
         match found {
             Some((old, hyphen)) => {
-                out.push_str(&text[copied..index]);
                 let next = bytes.get(index + old.len()).copied();
+                let previous = index.checked_sub(1).map(|at| bytes[at]);
+                let path = bytes[index + old.len()..].starts_with(b"::");
                 // `-p NAME` takes the package name, whatever the spelling.
                 let package_flag =
                     bytes[..index].ends_with(b"-p ") || bytes[..index].ends_with(b"--package ");
-                let replacement =
-                    if (hyphen && old.contains('-')) || next == Some(b'-') || package_flag {
-                        &names.package
-                    } else {
-                        &names.ident
-                    };
+                // A name that is also what the product is (`firewall`) is a crate or
+                // program name only in code: a compound (`firewall-driver`), a path
+                // (`firewall::cli`), a file name (`starter.sys`), a string, code span or line
+                // it starts (`"firewall: #17"`, `` `firewall serve` ``), a `-p` argument.
+                // Elsewhere it is prose ("the firewall's driver") or a local variable, and
+                // stays.
+                let plain_word = !old.contains(['-', '_']);
+                // The driver's files (not `firewall.shared`, a field of a local variable).
+                let file_name = [".sys", ".inf", ".cat", ".cer", ".map", ".dll", ".pdb"]
+                    .iter()
+                    .any(|extension| {
+                        let after = index + old.len();
+                        bytes[after..].starts_with(extension.as_bytes())
+                            && bytes
+                                .get(after + extension.len())
+                                .is_none_or(|&b| !is_word(b))
+                    });
+                let starts_code = matches!(previous, Some(b'"' | b'`' | b'\n'));
+                let in_code = matches!(next, Some(b'-' | b'_'))
+                    || path
+                    || file_name
+                    || starts_code
+                    || package_flag;
+                if spec.name_is_a_word && !in_code {
+                    index += old.len();
+                    continue;
+                }
+                out.push_str(&text[copied..index]);
+                // The bare word starting a code span or string is a command line or a log
+                // line, which name the program, that is the package; a string that is just the
+                // word (`[lib] name = "firewall"`) is the crate name.
+                let program = plain_word
+                    && starts_code
+                    && !path
+                    && !file_name
+                    && next != Some(b'_')
+                    && !(previous == Some(b'"') && next == Some(b'"'));
+                let replacement = if (hyphen && old.contains('-'))
+                    || next == Some(b'-')
+                    || package_flag
+                    || program
+                {
+                    &names.package
+                } else {
+                    &names.ident
+                };
                 out.push_str(replacement);
                 index += old.len();
                 copied = index;
@@ -885,6 +933,13 @@ fn readme(template: Template, names: &Names, files: &BTreeMap<PathBuf, String>) 
         product = names.product,
         infs = infs.join(", "),
     );
+    if template != Template::Minimal {
+        text.push_str(
+            "- the display names (`.name(\"...\")`) the driver gives its session, provider, \
+             sublayer, callouts and filters, which `netsh wfp show state` lists, as the example \
+             wrote them;\n",
+        );
+    }
     if template == Template::Firewall {
         text.push_str(
             "- the minifilter **altitude** in the INF (`Instance1.Altitude`): the value there is \
@@ -915,7 +970,31 @@ mod tests {
                 &names
             ),
             "acme-guard-driver acme_guard_protocol::X acme_guard::cli firewalls \\AcmeGuardPort \
-             docs/firewall.md examples/firewall/driver let acme_guard = 1; -p acme-guard"
+             docs/firewall.md examples/firewall/driver let firewall = 1; -p acme-guard"
+        );
+        // Prose keeps the word; code (strings, code spans, paths) gets the names, a command or
+        // log line the program's (the package's) name.
+        assert_eq!(
+            rename(
+                "//! The example firewall's driver; a firewall that asks. `firewall serve` and \
+                 `firewall::cli` `firewall_protocol`; kd_print!(\"firewall: #{id}\"); \
+                 load_driver(\"firewall\") install firewall.sys\nfirewall serve firewall.shared",
+                &firewall,
+                &names
+            ),
+            "//! The example firewall's driver; a firewall that asks. `acme-guard serve` and \
+             `acme_guard::cli` `acme_guard_protocol`; kd_print!(\"acme-guard: #{id}\"); \
+             load_driver(\"acme_guard\") install acme_guard.sys\nacme-guard serve firewall.shared"
+        );
+        // A name that is not the product's word is renamed in prose too.
+        let callout = spec(Template::Callout);
+        assert_eq!(
+            rename(
+                "//! The starter's sublayer. let starter = 1; \"starter: pid\" starter.sys",
+                &callout,
+                &names
+            ),
+            "//! The acme_guard's sublayer. let acme_guard = 1; \"acme-guard: pid\" acme_guard.sys"
         );
         let minimal = spec(Template::Minimal);
         assert_eq!(
