@@ -37,7 +37,7 @@
 //!
 //! [features]
 //! # Tests on a Windows host: `cargo test --features sim`.
-//! sim = ["wfp-rs/sim"]
+//! sim = ["wfp-rs/sim", "wfp-rs-sim/sim"]
 //!
 //! [dependencies]
 //! wfp-rs = "0.1"
