@@ -208,20 +208,31 @@ impl Names {
     /// assert_eq!(names.ident, "acme_guard2");
     /// assert_eq!(names.product, "AcmeGuard2");
     /// assert!(cargo_wfp::new::Names::new("Acme").is_err());
+    /// let error = cargo_wfp::new::Names::new("My_Driver").unwrap_err();
+    /// assert_eq!(error.hint(), Some("cargo wfp new my-driver"));
     /// assert!(cargo_wfp::new::Names::new("core").is_err());
     /// ```
     pub fn new(name: &str) -> Result<Self, Error> {
-        let valid = name.starts_with(|c: char| c.is_ascii_lowercase())
-            && name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-            && !name.ends_with('-')
-            && !name.contains("--");
-        if !valid {
-            return Err(Error::usage(format!(
+        let valid = |name: &str| {
+            name.starts_with(|c: char| c.is_ascii_lowercase())
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !name.ends_with('-')
+                && !name.contains("--")
+        };
+        if !valid(name) {
+            let error = Error::usage(format!(
                 "`{name}` is not a usable project name: use lower-case letters, digits and \
                  single `-`, starting with a letter (e.g. `acme-guard`)"
-            )));
+            ));
+            // `My_Driver` → `my-driver`, when that is a name.
+            let suggestion = name.to_ascii_lowercase().replace(['_', ' '], "-");
+            return Err(if valid(&suggestion) {
+                error.with_hint(format!("cargo wfp new {suggestion}"))
+            } else {
+                error
+            });
         }
         const RESERVED: &[&str] = &[
             "core",
@@ -760,6 +771,15 @@ fn render_lints(lints: &Table, parent: Option<&str>) -> String {
     format!("\n{}", doc.to_string().trim_start())
 }
 
+/// The SDK's crates; each is in the folder of its name in the wfp-rs repository.
+const SDK_CRATES: &[&str] = &[
+    "wfp-rs",
+    "wfp-rs-macros",
+    "wfp-rs-build",
+    "wfp-rs-sim",
+    "wfp-rs-stack",
+];
+
 /// The generated form of dependency `name` = `item`, or `None` to keep it as it is.
 fn dependency_spec(
     name: &str,
@@ -768,6 +788,32 @@ fn dependency_spec(
     context: &ManifestContext<'_>,
     sdk_crates: &mut BTreeMap<String, String>,
 ) -> Result<Option<Item>, Error> {
+    // The examples depend on the SDK from the registry (`wfp-rs = "0.1.0"`), as a copy of one
+    // does; the repository's workspace patches them. The project gets the same requirement as
+    // for an inherited SDK dependency, and `--sdk-path` patches it.
+    if SDK_CRATES.contains(&name) {
+        if item.as_str().is_some() {
+            sdk_crates.insert(name.to_owned(), name.to_owned());
+            return Ok(Some(toml_edit::value(context.sdk_requirement)));
+        }
+        if let Some(table) = item.as_table_like()
+            && table.get("path").is_none()
+            && table.get("workspace").is_none()
+        {
+            sdk_crates.insert(name.to_owned(), name.to_owned());
+            let mut spec = InlineTable::new();
+            spec.insert("version", context.sdk_requirement.into());
+            for (key, value) in table.iter() {
+                if key != "version"
+                    && let Some(value) = value.as_value()
+                {
+                    spec.insert(key, value.clone());
+                }
+            }
+            spec.fmt();
+            return Ok(Some(Item::Value(Value::InlineTable(spec))));
+        }
+    }
     let Some(table) = item.as_table_like() else {
         return Ok(None);
     };
@@ -1053,7 +1099,8 @@ mod tests {
         let mut sdk = BTreeMap::new();
         let text = manifest(
             "[package]\nname = \"d\"\nversion.workspace = true\n\
-             [dependencies]\nproto = { path = \"../protocol\" }\n\
+             [dependencies]\nproto = { path = \"../protocol\" }\nwfp-rs = \"0.1.0\"\n\
+             wfp-rs-stack = { version = \"0.1.0\", features = [\"y\"] }\n\
              [dev-dependencies]\nwfp-rs-sim = { workspace = true, features = [\"x\"] }\n\
              [target.'cfg(unix)'.dependencies]\nwfp-rs-build = { path = \"../../../wfp-rs-build\" }\n\
              [lints]\nworkspace = true\n",
@@ -1072,12 +1119,20 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("wfp-rs-build = \"0.1\""), "{text}");
+        // Registry dependencies on the SDK, as the examples have them, are SDK crates too.
+        assert!(text.contains("wfp-rs = \"0.1\"\n"), "{text}");
+        assert!(
+            text.contains("wfp-rs-stack = { version = \"0.1\", features = [\"y\"] }"),
+            "{text}"
+        );
         assert!(text.contains("[lints]\nworkspace = true"), "{text}");
         assert_eq!(
             sdk.into_iter().collect::<Vec<_>>(),
             [
+                ("wfp-rs".to_owned(), "wfp-rs".to_owned()),
                 ("wfp-rs-build".to_owned(), "wfp-rs-build".to_owned()),
-                ("wfp-rs-sim".to_owned(), "wfp-rs-sim".to_owned())
+                ("wfp-rs-sim".to_owned(), "wfp-rs-sim".to_owned()),
+                ("wfp-rs-stack".to_owned(), "wfp-rs-stack".to_owned())
             ]
         );
         let patches = project_tables(
