@@ -93,9 +93,18 @@ impl Project {
         if let Some(path) = manifest_path {
             command.manifest_path(path);
         }
-        let metadata = command
-            .exec()
-            .map_err(|e| Error::failed(format!("`cargo metadata` failed: {e}")))?;
+        let metadata = command.exec().map_err(|e| {
+            let text = e.to_string();
+            let error = Error::failed(format!("`cargo metadata` failed: {}", text.trim()));
+            if text.contains("could not find `Cargo.toml`") {
+                error.with_hint(
+                    "run `cargo wfp` in the driver's folder (or pass --manifest-path), or \
+                         start a driver with `cargo wfp new NAME`",
+                )
+            } else {
+                error
+            }
+        })?;
         let members: Vec<&Package> = metadata.workspace_packages();
         let drivers = members
             .iter()
@@ -185,18 +194,18 @@ impl Project {
         let mut missing = Vec::new();
         if !has_helper {
             missing.push(format!(
-                "in {}:\n\n    [build-dependencies]\n    wfp-rs-build = \"0.1\"\n",
+                "add to {}:\n\n    [build-dependencies]\n    wfp-rs-build = \"0.1\"\n",
                 manifest.display()
             ));
         }
         if !has_script {
             missing.push(format!(
-                "{}:\n\n    fn main() {{\n        wfp_rs_build::driver();\n    }}\n",
+                "create {}:\n\n    fn main() {{\n        wfp_rs_build::driver();\n    }}\n",
                 driver.dir.join("build.rs").display()
             ));
         } else {
             missing.push(format!(
-                "and call `wfp_rs_build::driver();` from main() in {}\n",
+                "call `wfp_rs_build::driver();` from main() in {}\n",
                 driver.dir.join("build.rs").display()
             ));
         }
@@ -211,7 +220,7 @@ impl Project {
                 "no build script"
             }
         ))
-        .with_hint(format!("add\n{}", missing.join("\n"))))
+        .with_hint(missing.join("\n")))
     }
 }
 
