@@ -470,7 +470,9 @@ pub fn install_instructions(what: &Instructions<'_>, inf: &InfSummary) -> String
     line("   look for the driver's GUIDs. Its kd_print! lines appear in a kernel debugger or in");
     line("   DebugView with Capture Kernel on; Windows shows only the error-level ones unless");
     line("   the debug print filter lets the others through (read at boot: set it, restart):");
-    line("   reg add \"HKLM\\SYSTEM\\CurrentControlSet\\Control\\Session Manager\\Debug Print Filter\" /v IHVDRIVER /t REG_DWORD /d 0xf /f");
+    line(
+        "   reg add \"HKLM\\SYSTEM\\CurrentControlSet\\Control\\Session Manager\\Debug Print Filter\" /v IHVDRIVER /t REG_DWORD /d 0xf /f",
+    );
     line("   or, in a kernel debugger, ed nt!Kd_IHVDRIVER_Mask 0xf)");
     line("");
     line("5. Stop and remove");
