@@ -382,8 +382,36 @@ fn run_teeing_stderr(command: &mut Command) -> Result<(std::process::ExitStatus,
 /// )
 /// .unwrap();
 /// assert!(hint.contains("cargo wfp build -p my-driver"));
+///
+/// let hint = cargo_wfp::build::diagnose(
+///     "error[E0152]: found duplicate lang item `panic_impl`\n  = note: the lang item is first \
+///      defined in crate `std` (which `my_driver` depends on)",
+///     "my-driver",
+/// )
+/// .unwrap();
+/// assert!(hint.contains("`#![no_std]`"));
 /// ```
 pub fn diagnose(stderr: &str, package: &str) -> Option<String> {
+    // `#[driver_entry]` defines the image's panic handler; std has one too.
+    const STD_PANIC_HANDLER: &str = "first defined in crate `std` (which `";
+    if stderr.contains("duplicate lang item `panic_impl`")
+        && let Some(rest) = stderr.split(STD_PANIC_HANDLER).nth(1)
+    {
+        let linker_of_std = rest.split('`').next().unwrap_or_default();
+        return Some(if linker_of_std == package.replace('-', "_") {
+            format!(
+                "the driver crate links std, which a kernel image cannot have: put \
+                 `#![no_std]` (and `extern crate alloc;` for Box, Vec, ...) at the top of \
+                 {package}'s src/lib.rs"
+            )
+        } else {
+            format!(
+                "`{linker_of_std}` links std into the driver, which a kernel image cannot \
+                 have: depend on it without its std feature (`default-features = false`, if it \
+                 has a no_std mode) or use a no_std crate instead"
+            )
+        });
+    }
     let user_mode_library = [
         "kernel32.lib",
         "ntdll.lib",
