@@ -972,9 +972,10 @@ fn readme(template: Template, names: &Names, files: &BTreeMap<PathBuf, String>) 
          GUID and named everything after `{package}`. Before shipping, check:\n\n\
          - the service name `{product}` in {infs} (and, for a driver that names them, the \
          port, device and symbolic-link names derived from it);\n\
-         - the pool tag (`PoolTag::new(b\"....\")` in the driver): four characters of your \
+         - the pool tags (`PoolTag::new(b\"....\")` in the driver): four characters of your \
          own, so that pool leaks can be traced to `{driver}`;\n\
-         - `Provider` and the descriptions in the INF's `[Strings]`;\n",
+         - `Provider` and the descriptions in the INF's `[Strings]`, and the `description` of \
+         each crate in its Cargo.toml, which still describe the example;\n",
         package = names.package,
         product = names.product,
         infs = infs.join(", "),
