@@ -142,3 +142,52 @@ fn the_crate_page_shows_this_code() {
         "the test on the crate page (wfp-rs/src/lib.rs) differs from `blocks_port_1234` here"
     );
 }
+
+/// The crate page's manifest: the first `toml` block of wfp-rs/src/lib.rs.
+fn crate_page_manifest() -> toml::Table {
+    let page = include_str!("../wfp-rs/src/lib.rs");
+    let mut lines = page.lines().filter_map(|line| line.strip_prefix("//!"));
+    lines
+        .by_ref()
+        .find(|line| line.trim() == "```toml")
+        .expect("the crate page shows a manifest");
+    let manifest: String = lines
+        .take_while(|line| line.trim() != "```")
+        .map(|line| format!("{}\n", line.strip_prefix(' ').unwrap_or(line)))
+        .collect();
+    manifest.parse().expect("the crate page's manifest is TOML")
+}
+
+/// A user copies the manifest as it is, so its `sim` feature must switch the simulator crate
+/// on too: on a Windows host `wfp-rs-sim` is empty without its own `sim` feature, and the test
+/// would fail with unresolved imports. The examples' manifests are built and tested that way.
+#[test]
+fn the_crate_page_manifest_is_the_examples() {
+    let page = crate_page_manifest();
+    let starter: toml::Table = include_str!("../examples/starter/Cargo.toml")
+        .parse()
+        .expect("the starter's manifest is TOML");
+    let sim = |manifest: &toml::Table| manifest["features"]["sim"].clone();
+    assert_eq!(
+        sim(&page),
+        sim(&starter),
+        "the `sim` feature on the crate page (wfp-rs/src/lib.rs) differs from examples/starter's"
+    );
+    for (table, key) in [
+        ("lib", "crate-type"),
+        ("build-dependencies", "wfp-rs-build"),
+        ("dev-dependencies", "wfp-rs-sim"),
+    ] {
+        assert!(
+            page[table].get(key).is_some(),
+            "the crate page's manifest has no {table}.{key}"
+        );
+    }
+    for profile in ["dev", "release"] {
+        assert_eq!(
+            page["profile"][profile]["panic"].as_str(),
+            Some("abort"),
+            "the crate page's manifest does not abort on panic in the {profile} profile"
+        );
+    }
+}

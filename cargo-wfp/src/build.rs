@@ -93,9 +93,18 @@ impl Project {
         if let Some(path) = manifest_path {
             command.manifest_path(path);
         }
-        let metadata = command
-            .exec()
-            .map_err(|e| Error::failed(format!("`cargo metadata` failed: {e}")))?;
+        let metadata = command.exec().map_err(|e| {
+            let text = e.to_string();
+            let error = Error::failed(format!("`cargo metadata` failed: {}", text.trim()));
+            if text.contains("could not find `Cargo.toml`") {
+                error.with_hint(
+                    "run `cargo wfp` in the driver's folder (or pass --manifest-path), or \
+                         start a driver with `cargo wfp new NAME`",
+                )
+            } else {
+                error
+            }
+        })?;
         let members: Vec<&Package> = metadata.workspace_packages();
         let drivers = members
             .iter()
@@ -185,18 +194,18 @@ impl Project {
         let mut missing = Vec::new();
         if !has_helper {
             missing.push(format!(
-                "in {}:\n\n    [build-dependencies]\n    wfp-rs-build = \"0.1\"\n",
+                "add to {}:\n\n    [build-dependencies]\n    wfp-rs-build = \"0.1\"\n",
                 manifest.display()
             ));
         }
         if !has_script {
             missing.push(format!(
-                "{}:\n\n    fn main() {{\n        wfp_rs_build::driver();\n    }}\n",
+                "create {}:\n\n    fn main() {{\n        wfp_rs_build::driver();\n    }}\n",
                 driver.dir.join("build.rs").display()
             ));
         } else {
             missing.push(format!(
-                "and call `wfp_rs_build::driver();` from main() in {}\n",
+                "call `wfp_rs_build::driver();` from main() in {}\n",
                 driver.dir.join("build.rs").display()
             ));
         }
@@ -211,7 +220,7 @@ impl Project {
                 "no build script"
             }
         ))
-        .with_hint(format!("add\n{}", missing.join("\n"))))
+        .with_hint(missing.join("\n")))
     }
 }
 
@@ -373,8 +382,36 @@ fn run_teeing_stderr(command: &mut Command) -> Result<(std::process::ExitStatus,
 /// )
 /// .unwrap();
 /// assert!(hint.contains("cargo wfp build -p my-driver"));
+///
+/// let hint = cargo_wfp::build::diagnose(
+///     "error[E0152]: found duplicate lang item `panic_impl`\n  = note: the lang item is first \
+///      defined in crate `std` (which `my_driver` depends on)",
+///     "my-driver",
+/// )
+/// .unwrap();
+/// assert!(hint.contains("`#![no_std]`"));
 /// ```
 pub fn diagnose(stderr: &str, package: &str) -> Option<String> {
+    // `#[driver_entry]` defines the image's panic handler; std has one too.
+    const STD_PANIC_HANDLER: &str = "first defined in crate `std` (which `";
+    if stderr.contains("duplicate lang item `panic_impl`")
+        && let Some(rest) = stderr.split(STD_PANIC_HANDLER).nth(1)
+    {
+        let linker_of_std = rest.split('`').next().unwrap_or_default();
+        return Some(if linker_of_std == package.replace('-', "_") {
+            format!(
+                "the driver crate links std, which a kernel image cannot have: put \
+                 `#![no_std]` (and `extern crate alloc;` for Box, Vec, ...) at the top of \
+                 {package}'s src/lib.rs"
+            )
+        } else {
+            format!(
+                "`{linker_of_std}` links std into the driver, which a kernel image cannot \
+                 have: depend on it without its std feature (`default-features = false`, if it \
+                 has a no_std mode) or use a no_std crate instead"
+            )
+        });
+    }
     let user_mode_library = [
         "kernel32.lib",
         "ntdll.lib",

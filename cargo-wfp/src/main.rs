@@ -130,13 +130,17 @@ fn run(command: Command) -> Result<(), Error> {
             let project = cargo_wfp::new::generate(&options, &mut uuid::Uuid::new_v4)?;
             let dir = path.unwrap_or_else(|| PathBuf::from(&name));
             cargo_wfp::new::write(&project, &dir)?;
+            let guids = match project.guids.len() {
+                0 => String::new(),
+                n => format!(", with {n} fresh GUID(s) for its keys"),
+            };
             eprintln!(
-                "cargo wfp: created `{name}` ({template} template) in {} with {} fresh GUID(s)",
+                "cargo wfp: created `{name}` ({template} template) in {}{guids}",
                 dir.display(),
-                project.guids.len()
             );
             eprintln!(
-                "next: cd {} && cargo test && cargo wfp build --release",
+                "next: cd {} && cargo test && cargo wfp build --release; README.md lists what \
+                 to change before shipping",
                 dir.display()
             );
             println!("{}", dir.display());

@@ -89,12 +89,14 @@ impl Template {
                 old_hyphen: "minimal-driver",
                 old_underscore: "minimal_driver",
                 old_product: "WfpRsMinimal",
+                name_is_a_word: false,
             },
             Template::Callout => Spec {
                 crates: &[("callout", "examples/starter", "", Role::Driver)],
                 old_hyphen: "starter",
                 old_underscore: "starter",
                 old_product: "WfpRsStarter",
+                name_is_a_word: false,
             },
             Template::Firewall => Spec {
                 crates: &[
@@ -126,6 +128,7 @@ impl Template {
                 old_hyphen: "firewall",
                 old_underscore: "firewall",
                 old_product: "WfpRsFirewall",
+                name_is_a_word: true,
             },
         }
     }
@@ -169,6 +172,9 @@ struct Spec {
     old_hyphen: &'static str,
     old_underscore: &'static str,
     old_product: &'static str,
+    /// The crate name is also the word for what the product is ("a firewall that asks"), so in
+    /// prose it stays; a name such as `starter` is renamed everywhere.
+    name_is_a_word: bool,
 }
 
 /// What `cargo wfp new` was asked for.
@@ -202,20 +208,31 @@ impl Names {
     /// assert_eq!(names.ident, "acme_guard2");
     /// assert_eq!(names.product, "AcmeGuard2");
     /// assert!(cargo_wfp::new::Names::new("Acme").is_err());
+    /// let error = cargo_wfp::new::Names::new("My_Driver").unwrap_err();
+    /// assert_eq!(error.hint(), Some("cargo wfp new my-driver"));
     /// assert!(cargo_wfp::new::Names::new("core").is_err());
     /// ```
     pub fn new(name: &str) -> Result<Self, Error> {
-        let valid = name.starts_with(|c: char| c.is_ascii_lowercase())
-            && name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-            && !name.ends_with('-')
-            && !name.contains("--");
-        if !valid {
-            return Err(Error::usage(format!(
+        let valid = |name: &str| {
+            name.starts_with(|c: char| c.is_ascii_lowercase())
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !name.ends_with('-')
+                && !name.contains("--")
+        };
+        if !valid(name) {
+            let error = Error::usage(format!(
                 "`{name}` is not a usable project name: use lower-case letters, digits and \
                  single `-`, starting with a letter (e.g. `acme-guard`)"
-            )));
+            ));
+            // `My_Driver` → `my-driver`, when that is a name.
+            let suggestion = name.to_ascii_lowercase().replace(['_', ' '], "-");
+            return Err(if valid(&suggestion) {
+                error.with_hint(format!("cargo wfp new {suggestion}"))
+            } else {
+                error
+            });
         }
         const RESERVED: &[&str] = &[
             "core",
@@ -487,7 +504,8 @@ fn caret_requirement(version: &str) -> String {
 /// (`WfpRsFirewall`) anywhere, and the crate name as a whole word (letters and digits around
 /// it end it; `-` and `_` do not): its `-` spelling, or the `_` one followed by `-`, becomes
 /// `NAME`, the `_` spelling otherwise `NAME` with `_`. A name inside a path (`/firewall/`) or a
-/// link to a guide (`firewall.md`) is not a crate name and stays.
+/// link to a guide (`firewall.md`) is not a crate name and stays, and so does a name that is an
+/// English word for the product where it is prose (below).
 fn rename(text: &str, spec: &Spec, names: &Names) -> String {
     let text = text.replace(spec.old_product, &names.product);
     let bytes = text.as_bytes();
@@ -507,17 +525,58 @@ fn rename(text: &str, spec: &Spec, names: &Names) -> String {
         });
         match found {
             Some((old, hyphen)) => {
-                out.push_str(&text[copied..index]);
                 let next = bytes.get(index + old.len()).copied();
+                let previous = index.checked_sub(1).map(|at| bytes[at]);
+                let path = bytes[index + old.len()..].starts_with(b"::");
                 // `-p NAME` takes the package name, whatever the spelling.
                 let package_flag =
                     bytes[..index].ends_with(b"-p ") || bytes[..index].ends_with(b"--package ");
-                let replacement =
-                    if (hyphen && old.contains('-')) || next == Some(b'-') || package_flag {
-                        &names.package
-                    } else {
-                        &names.ident
-                    };
+                // A name that is also what the product is (`firewall`) is a crate or
+                // program name only in code: a compound (`firewall-driver`), a path
+                // (`firewall::cli`), a file name (`starter.sys`), a string, code span or line
+                // it starts (`"firewall: #17"`, `` `firewall serve` ``), a `-p` argument.
+                // Elsewhere it is prose ("the firewall's driver") or a local variable, and
+                // stays.
+                let plain_word = !old.contains(['-', '_']);
+                // The driver's files (not `firewall.shared`, a field of a local variable).
+                let file_name = [".sys", ".inf", ".cat", ".cer", ".map", ".dll", ".pdb"]
+                    .iter()
+                    .any(|extension| {
+                        let after = index + old.len();
+                        bytes[after..].starts_with(extension.as_bytes())
+                            && bytes
+                                .get(after + extension.len())
+                                .is_none_or(|&b| !is_word(b))
+                    });
+                let starts_code = matches!(previous, Some(b'"' | b'`' | b'\n'));
+                let in_code = matches!(next, Some(b'-' | b'_'))
+                    || path
+                    || file_name
+                    || starts_code
+                    || package_flag;
+                if spec.name_is_a_word && !in_code {
+                    index += old.len();
+                    continue;
+                }
+                out.push_str(&text[copied..index]);
+                // The bare word starting a code span or string is a command line or a log
+                // line, which name the program, that is the package; a string that is just the
+                // word (`[lib] name = "firewall"`) is the crate name.
+                let program = plain_word
+                    && starts_code
+                    && !path
+                    && !file_name
+                    && next != Some(b'_')
+                    && !(previous == Some(b'"') && next == Some(b'"'));
+                let replacement = if (hyphen && old.contains('-'))
+                    || next == Some(b'-')
+                    || package_flag
+                    || program
+                {
+                    &names.package
+                } else {
+                    &names.ident
+                };
                 out.push_str(replacement);
                 index += old.len();
                 copied = index;
@@ -712,6 +771,15 @@ fn render_lints(lints: &Table, parent: Option<&str>) -> String {
     format!("\n{}", doc.to_string().trim_start())
 }
 
+/// The SDK's crates; each is in the folder of its name in the wfp-rs repository.
+const SDK_CRATES: &[&str] = &[
+    "wfp-rs",
+    "wfp-rs-macros",
+    "wfp-rs-build",
+    "wfp-rs-sim",
+    "wfp-rs-stack",
+];
+
 /// The generated form of dependency `name` = `item`, or `None` to keep it as it is.
 fn dependency_spec(
     name: &str,
@@ -720,26 +788,19 @@ fn dependency_spec(
     context: &ManifestContext<'_>,
     sdk_crates: &mut BTreeMap<String, String>,
 ) -> Result<Option<Item>, Error> {
-    // A registry dependency on an SDK crate, the form the examples use (`wfp-rs = "0.1.0"`):
-    // the repository builds it from the checkout through its `[patch.crates-io]`, which names
-    // the crate's folder. The project gets the same patch under `--sdk-path`.
-    let patched = context
-        .workspace
-        .get("patch")
-        .and_then(|patch| patch.get("crates-io"))
-        .and_then(|patches| patches.get(name))
-        .and_then(|patch| patch.get("path"))
-        .and_then(Item::as_str);
-    if let Some(dir) = patched {
+    // The examples depend on the SDK from the registry (`wfp-rs = "0.1.0"`), as a copy of one
+    // does; the repository's workspace patches them. The project gets the same requirement as
+    // for an inherited SDK dependency, and `--sdk-path` patches it.
+    if SDK_CRATES.contains(&name) {
         if item.as_str().is_some() {
-            sdk_crates.insert(name.to_owned(), normalize(dir));
+            sdk_crates.insert(name.to_owned(), name.to_owned());
             return Ok(Some(toml_edit::value(context.sdk_requirement)));
         }
         if let Some(table) = item.as_table_like()
-            && table.get("workspace").is_none()
             && table.get("path").is_none()
+            && table.get("workspace").is_none()
         {
-            sdk_crates.insert(name.to_owned(), normalize(dir));
+            sdk_crates.insert(name.to_owned(), name.to_owned());
             let mut spec = InlineTable::new();
             spec.insert("version", context.sdk_requirement.into());
             for (key, value) in table.iter() {
@@ -911,13 +972,21 @@ fn readme(template: Template, names: &Names, files: &BTreeMap<PathBuf, String>) 
          GUID and named everything after `{package}`. Before shipping, check:\n\n\
          - the service name `{product}` in {infs} (and, for a driver that names them, the \
          port, device and symbolic-link names derived from it);\n\
-         - the pool tag (`PoolTag::new(b\"....\")` in the driver): four characters of your \
+         - the pool tags (`PoolTag::new(b\"....\")` in the driver): four characters of your \
          own, so that pool leaks can be traced to `{driver}`;\n\
-         - `Provider` and the descriptions in the INF's `[Strings]`;\n",
+         - `Provider` and the descriptions in the INF's `[Strings]`, and the `description` of \
+         each crate in its Cargo.toml, which still describe the example;\n",
         package = names.package,
         product = names.product,
         infs = infs.join(", "),
     );
+    if template != Template::Minimal {
+        text.push_str(
+            "- the display names (`.name(\"...\")`) the driver gives its session, provider, \
+             sublayer, callouts and filters, which `netsh wfp show state` lists, as the example \
+             wrote them;\n",
+        );
+    }
     if template == Template::Firewall {
         text.push_str(
             "- the minifilter **altitude** in the INF (`Instance1.Altitude`): the value there is \
@@ -948,7 +1017,31 @@ mod tests {
                 &names
             ),
             "acme-guard-driver acme_guard_protocol::X acme_guard::cli firewalls \\AcmeGuardPort \
-             docs/firewall.md examples/firewall/driver let acme_guard = 1; -p acme-guard"
+             docs/firewall.md examples/firewall/driver let firewall = 1; -p acme-guard"
+        );
+        // Prose keeps the word; code (strings, code spans, paths) gets the names, a command or
+        // log line the program's (the package's) name.
+        assert_eq!(
+            rename(
+                "//! The example firewall's driver; a firewall that asks. `firewall serve` and \
+                 `firewall::cli` `firewall_protocol`; kd_print!(\"firewall: #{id}\"); \
+                 load_driver(\"firewall\") install firewall.sys\nfirewall serve firewall.shared",
+                &firewall,
+                &names
+            ),
+            "//! The example firewall's driver; a firewall that asks. `acme-guard serve` and \
+             `acme_guard::cli` `acme_guard_protocol`; kd_print!(\"acme-guard: #{id}\"); \
+             load_driver(\"acme_guard\") install acme_guard.sys\nacme-guard serve firewall.shared"
+        );
+        // A name that is not the product's word is renamed in prose too.
+        let callout = spec(Template::Callout);
+        assert_eq!(
+            rename(
+                "//! The starter's sublayer. let starter = 1; \"starter: pid\" starter.sys",
+                &callout,
+                &names
+            ),
+            "//! The acme_guard's sublayer. let acme_guard = 1; \"acme-guard: pid\" acme_guard.sys"
         );
         let minimal = spec(Template::Minimal);
         assert_eq!(
@@ -1007,7 +1100,8 @@ mod tests {
         let mut sdk = BTreeMap::new();
         let text = manifest(
             "[package]\nname = \"d\"\nversion.workspace = true\n\
-             [dependencies]\nproto = { path = \"../protocol\" }\n\
+             [dependencies]\nproto = { path = \"../protocol\" }\nwfp-rs = \"0.1.0\"\n\
+             wfp-rs-stack = { version = \"0.1.0\", features = [\"y\"] }\n\
              [dev-dependencies]\nwfp-rs-sim = { workspace = true, features = [\"x\"] }\n\
              [target.'cfg(unix)'.dependencies]\nwfp-rs-build = { path = \"../../../wfp-rs-build\" }\n\
              [lints]\nworkspace = true\n",
@@ -1026,12 +1120,20 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("wfp-rs-build = \"0.1\""), "{text}");
+        // Registry dependencies on the SDK, as the examples have them, are SDK crates too.
+        assert!(text.contains("wfp-rs = \"0.1\"\n"), "{text}");
+        assert!(
+            text.contains("wfp-rs-stack = { version = \"0.1\", features = [\"y\"] }"),
+            "{text}"
+        );
         assert!(text.contains("[lints]\nworkspace = true"), "{text}");
         assert_eq!(
             sdk.into_iter().collect::<Vec<_>>(),
             [
+                ("wfp-rs".to_owned(), "wfp-rs".to_owned()),
                 ("wfp-rs-build".to_owned(), "wfp-rs-build".to_owned()),
-                ("wfp-rs-sim".to_owned(), "wfp-rs-sim".to_owned())
+                ("wfp-rs-sim".to_owned(), "wfp-rs-sim".to_owned()),
+                ("wfp-rs-stack".to_owned(), "wfp-rs-stack".to_owned())
             ]
         );
         let patches = project_tables(
@@ -1043,47 +1145,6 @@ mod tests {
         assert!(
             patches.contains("[patch.crates-io]\nwfp-rs-sim = { path = \"/sdk/wfp-rs-sim\" }"),
             "{patches}"
-        );
-    }
-
-    /// The examples' own form, a registry dependency that the repository patches to its
-    /// checkout, gets the SDK requirement and the same patch.
-    #[test]
-    fn registry_dependencies_on_patched_sdk_crates_get_patches() {
-        let workspace: DocumentMut = "[workspace.package]\nversion = \"0.1.0\"\n\
-             [patch.crates-io]\nwfp-rs = { path = \"wfp-rs\" }\n\
-             wfp-rs-sim = { path = \"wfp-rs-sim\" }\n"
-            .parse()
-            .unwrap();
-        let context = ManifestContext {
-            workspace: &workspace,
-            sdk_requirement: "0.1",
-            repo_dir: "examples/starter",
-            siblings: vec!["examples/starter"],
-            standalone: true,
-        };
-        let mut sdk = BTreeMap::new();
-        let text = manifest(
-            "[package]\nname = \"d\"\n\
-             [dependencies]\nwfp-rs = \"0.1.0\"\nclap = \"4\"\n\
-             [dev-dependencies]\nwfp-rs-sim = { version = \"0.1.0\", features = [\"x\"] }\n",
-            &context,
-            None,
-            &mut sdk,
-        )
-        .unwrap();
-        assert!(text.contains("wfp-rs = \"0.1\"\n"), "{text}");
-        assert!(text.contains("clap = \"4\"\n"), "{text}");
-        assert!(
-            text.contains("wfp-rs-sim = { version = \"0.1\", features = [\"x\"] }"),
-            "{text}"
-        );
-        assert_eq!(
-            sdk.into_iter().collect::<Vec<_>>(),
-            [
-                ("wfp-rs".to_owned(), "wfp-rs".to_owned()),
-                ("wfp-rs-sim".to_owned(), "wfp-rs-sim".to_owned())
-            ]
         );
     }
 

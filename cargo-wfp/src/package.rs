@@ -121,10 +121,10 @@ pub fn find_inf(driver: &BuiltDriver) -> Result<(PathBuf, String), Error> {
             driver.package.name,
             dir.display()
         ))
-        .with_hint(format!(
-            "add {}.inf (a kernel-service INF: `cargo wfp new --template minimal` writes one to \
-             start from)",
-            driver.package.crate_name
+        .with_hint(missing_inf_hint(
+            &driver.package.name,
+            &driver.package.crate_name,
+            dir,
         )));
     }
     let mut names = Vec::new();
@@ -150,6 +150,29 @@ pub fn find_inf(driver: &BuiltDriver) -> Result<(PathBuf, String), Error> {
         "the image is named after the library crate; list `{sys_name} = 1,,` under \
          [SourceDisksFiles] and use that name in the INF's CopyFiles and ServiceBinary"
     )))
+}
+
+/// What to do when a driver has no INF: the commands that take the one `cargo wfp new` writes
+/// for a driver of the same name (a plain kernel service, named after the package), when
+/// `package` is a name `cargo wfp new` accepts and the library is named after it.
+fn missing_inf_hint(package: &str, crate_name: &str, dir: &Path) -> String {
+    let inf = format!("{crate_name}.inf");
+    match crate::new::Names::new(package) {
+        Ok(names) if names.ident == crate_name => {
+            let scratch = std::env::temp_dir().join(format!("{package}-inf"));
+            format!(
+                "start from the kernel-service INF `cargo wfp new` writes for a driver of this \
+                 name, then edit its strings:\n\n    cargo wfp new {package} --path {scratch}\n    \
+                 cp {scratch}/{inf} {dir}/\n",
+                scratch = scratch.display(),
+                dir = dir.display()
+            )
+        }
+        _ => format!(
+            "add {inf} (a kernel-service INF: `cargo wfp new --template minimal` writes one to \
+             start from)"
+        ),
+    }
 }
 
 fn package_one(
@@ -445,7 +468,12 @@ pub fn install_instructions(what: &Instructions<'_>, inf: &InfSummary) -> String
     line("   netsh wfp show state file=wfpstate.xml");
     line("   (wfpstate.xml lists the registered callouts, sublayers, providers and filters:");
     line("   look for the driver's GUIDs. Its kd_print! lines appear in a kernel debugger or in");
-    line("   DebugView with Capture Kernel on.)");
+    line("   DebugView with Capture Kernel on; Windows shows only the error-level ones unless");
+    line("   the debug print filter lets the others through (read at boot: set it, restart):");
+    line(
+        "   reg add \"HKLM\\SYSTEM\\CurrentControlSet\\Control\\Session Manager\\Debug Print Filter\" /v IHVDRIVER /t REG_DWORD /d 0xf /f",
+    );
+    line("   or, in a kernel debugger, ed nt!Kd_IHVDRIVER_Mask 0xf)");
     line("");
     line("5. Stop and remove");
     if minifilter {
@@ -482,4 +510,21 @@ pub fn install_instructions(what: &Instructions<'_>, inf: &InfSummary) -> String
         what.sys
     ));
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_inf_gets_the_commands_that_write_one() {
+        let hint = missing_inf_hint("my-driver", "my_driver", Path::new("/src/my-driver"));
+        assert!(hint.contains("cargo wfp new my-driver --path "), "{hint}");
+        assert!(hint.contains("/my_driver.inf /src/my-driver/"), "{hint}");
+        // A library named otherwise, or a name `cargo wfp new` refuses: the general advice.
+        let hint = missing_inf_hint("my-driver", "kernel", Path::new("/src/my-driver"));
+        assert!(hint.starts_with("add kernel.inf"), "{hint}");
+        let hint = missing_inf_hint("My_Driver", "My_Driver", Path::new("/src"));
+        assert!(hint.starts_with("add My_Driver.inf"), "{hint}");
+    }
 }

@@ -493,3 +493,44 @@ fn user_feature_in_a_driver_is_explained() {
         "expected the hint about `user`, found:\n{stderr}"
     );
 }
+
+/// A plain `cargo build` for Windows without the project's settings, as a user who wrote the
+/// crate by hand runs it: no linker configured (the build script warns that cargo will use
+/// Visual Studio's `link.exe`, and says what to add) and no `panic = "abort"` profiles (the
+/// driver does not compile, and the error names the profile settings instead of rustc's
+/// suggestion of a nightly `-Zbuild-std`).
+#[test]
+fn plain_cargo_build_without_the_settings_is_explained() {
+    if !in_repository() {
+        return;
+    }
+    let temp = tempfile::tempdir().expect("a temporary folder");
+    let dir = new_project(temp.path(), "acme-plain", "minimal");
+    fs::remove_file(dir.join(".cargo/config.toml")).expect("removes .cargo/config.toml");
+    let manifest = fs::read_to_string(dir.join("Cargo.toml")).expect("reads the manifest");
+    let unwinding = manifest.replace("panic = \"abort\"", "panic = \"unwind\"");
+    assert_ne!(unwinding, manifest, "the project sets panic = \"abort\"");
+    fs::write(dir.join("Cargo.toml"), unwinding).expect("writes the manifest");
+    let output = cargo(&dir, &["build", "--target", "x86_64-pc-windows-msvc"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if stderr.contains("can't find crate for `core`") {
+        say("SKIPPED: the plain cargo build messages: the target is not installed");
+        return;
+    }
+    assert!(
+        !output.status.success(),
+        "{}",
+        describe("plain build", &output)
+    );
+    for expected in [
+        "no linker was configured for x86_64-pc-windows-msvc",
+        "linker = \"rust-lld\"",
+        "this driver is built with panic = \"unwind\"",
+        "`[profile.dev] panic = \"abort\"` and `[profile.release] panic = \"abort\"`",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "expected `{expected}` in:\n{stderr}"
+        );
+    }
+}

@@ -19,10 +19,12 @@
 //!
 //! ```sh
 //! cargo install cargo-wfp
+//! rustup target add x86_64-pc-windows-msvc     # once: the kernel image's target
 //! cargo wfp new my-driver --template callout   # or minimal, firewall
 //! cd my-driver
 //! cargo test                                   # the driver in the simulator
 //! cargo wfp build --release                    # target/.../my_driver.sys, checked
+//! cargo wfp package --release                  # .sys, INF, test signature, install steps
 //! ```
 //!
 //! By hand, a driver crate is four pieces.
@@ -37,7 +39,7 @@
 //!
 //! [features]
 //! # Tests on a Windows host: `cargo test --features sim`.
-//! sim = ["wfp-rs/sim"]
+//! sim = ["wfp-rs/sim", "wfp-rs-sim/sim"]
 //!
 //! [dependencies]
 //! wfp-rs = "0.1"

@@ -25,6 +25,10 @@
 /// to a driver crate when a single cargo command builds it together with a service (cargo
 /// unifies the feature), for example `cargo check --workspace`. Such a build checks, but is not
 /// a driver image; build images on their own (`cargo wfp build -p <package>`).
+///
+/// A driver image built with `panic = "unwind"` does not compile: the macro says which profile
+/// settings to add (rustc alone would say "unwinding panics are not supported without std" and
+/// suggest a nightly `-Zbuild-std`).
 #[cfg(all(wfp_nt, not(feature = "user")))]
 #[cfg_attr(
     docsrs,
@@ -33,6 +37,14 @@
 #[macro_export]
 macro_rules! panic_handler {
     () => {
+        // Evaluated in the driver crate, which is what the profile's `panic` applies to.
+        #[cfg(all(panic = "unwind", not(doc)))]
+        ::core::compile_error!(
+            "a kernel image cannot unwind, but this driver is built with panic = \"unwind\": add \
+             `[profile.dev] panic = \"abort\"` and `[profile.release] panic = \"abort\"` to the \
+             Cargo.toml of the workspace root (the driver's own, outside a workspace), or build \
+             with `cargo wfp build`, which sets them"
+        );
         #[panic_handler]
         fn __wfp_rs_panic(info: &::core::panic::PanicInfo<'_>) -> ! {
             $crate::panic::__bug_check_on_panic(info)

@@ -14,7 +14,7 @@
 //! filter engine of every machine the driver runs on.
 //!
 //! Build and check the kernel image: `cargo wfp build --release -p starter` (`cargo install
-//! cargo-wfp`; in the wfp-rs repository also `cargo xtask driver starter`).
+//! cargo-wfp`).
 //! Run it in the simulator: `cargo test -p starter`.
 
 #![no_std]
@@ -184,7 +184,8 @@ where
 /// This and [`tcp_filter`] are functions of their own to keep the stack shallow: in a debug
 /// build each builder step is a copy on the stack, and those copies must not lie under
 /// [`Engine::add_filter`], the deepest path when the driver loads. `cargo wfp build -p starter`
-/// checks it (docs/building-drivers.md).
+/// checks it
+/// ([building a driver image](https://github.com/wfp-rs/wfp-rs/blob/main/docs/building-drivers.md)).
 #[inline(never)]
 fn add_callout_entry<L: Layer>(
     irql: &PassiveLevel<'_>,

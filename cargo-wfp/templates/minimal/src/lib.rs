@@ -6,7 +6,7 @@
 //! `DISPATCH_LEVEL` to `PASSIVE_LEVEL` through a work queue.
 //!
 //! Build and check the kernel image: `cargo wfp build --release -p minimal-driver` (`cargo install
-//! cargo-wfp`; in the wfp-rs repository also `cargo xtask driver minimal-driver`).
+//! cargo-wfp`).
 
 #![no_std]
 

@@ -23,7 +23,7 @@
 //! in the driver depends on ports.
 //!
 //! The provider, sublayer, callout entries and filters are added in one dynamic session, in one
-//! transaction, after the callouts are registered, as in `examples/seed-fixed`.
+//! transaction, after the callouts are registered, as in the [seed-fixed example].
 //!
 //! # The decision, outbound (`ALE_AUTH_CONNECT`)
 //!
@@ -193,7 +193,7 @@
 //!
 //! # Unloading
 //!
-//! As in `examples/seed-fixed`, so that every pended connection gets exactly one decision and
+//! As in the [seed-fixed example], so that every pended connection gets exactly one decision and
 //! unload does not wait for a silent service:
 //!
 //! 1. [`Firewall::stopping`](DriverState::stopping) sets the "unloading" flag — new connections
@@ -216,6 +216,7 @@
 //! (service, cached for 60 s)`, `firewall: #18: deny (default: no reply within the timeout)`);
 //! cache hits are only counted ([`Stats`]), to keep the hot path short. Unload logs the totals.
 //!
+//! [seed-fixed example]: https://github.com/wfp-rs/wfp-rs/tree/main/examples/seed-fixed
 //! [`ConnectionRequest`]: firewall_protocol::ConnectionRequest
 //! [`ConnectionReply`]: firewall_protocol::ConnectionReply
 //! [`ConnectionReply::answers`]: firewall_protocol::ConnectionReply::answers
@@ -301,7 +302,7 @@ pub const SERVICE_CONNECTIONS: u32 = 1;
 /// evicted; a new connection that finds no free slot is not pended (see the crate
 /// documentation). 2048 slots of 80 bytes: 160 KiB of non-paged pool (tag `FwVt`), allocated
 /// at load. Enough for a burst of 1024 new connections at once
-/// (`docs/benchmarks.md`, (b)) with room to spare.
+/// ([benchmarks](https://github.com/wfp-rs/wfp-rs/blob/main/docs/benchmarks.md), (b)) with room to spare.
 pub const VERDICT_SLOTS: usize = 2048;
 
 /// How long unload waits, beyond [`Config::timeout`], for the reauthorizations of the

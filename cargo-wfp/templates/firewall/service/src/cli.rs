@@ -25,7 +25,7 @@ use firewall_rules::{Direction, VolumeMap};
 /// with a verdict the driver may cache for --cache-seconds, and appends one JSON line per
 /// decision to the audit log. Rules files are described in `firewall check-rules --help`.
 #[derive(Debug, Parser)]
-#[command(name = "firewall", version, about, long_about)]
+#[command(version, about, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -82,7 +82,7 @@ enum Command {
     ///
     /// A trace file has one JSON object per line: {"step":"connect","pid":1200,"image":"\\Device\\HarddiskVolume3\\app.exe","protocol":"tcp","direction":"outbound","remote":"192.0.2.1:443","expect":"allow"},
     /// {"step":"reload","rules":"FILE"}, {"step":"kill-service"}, {"step":"start-service"} or
-    /// {"step":"note","text":"..."}; see examples/firewall/service/demo-trace.jsonl.
+    /// {"step":"note","text":"..."}; see demo-trace.jsonl beside the service's Cargo.toml.
     Demo(DemoArgs),
 }
 
