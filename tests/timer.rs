@@ -281,12 +281,11 @@ bugcheck_test! {
             )
             .unwrap();
             let raw = core::ptr::from_ref(&*timer).cast_mut();
-            // SAFETY: the timer is in pool that does not move; the call at PASSIVE_LEVEL is
-            // allowed. Freeing it while set is the violation under test.
-            unsafe {
-                sys::KeInitializeTimerEx(raw, sys::NotificationTimer);
-                sys::KeSetTimerEx(raw, -1_000_000_000, 0, core::ptr::null_mut());
-            }
+            // SAFETY: the timer is in pool that does not move.
+            unsafe { sys::KeInitializeTimerEx(raw, sys::NotificationTimer) };
+            // SAFETY: initialised just above; PASSIVE_LEVEL is allowed. Freeing it while set is
+            // the violation under test.
+            unsafe { sys::KeSetTimerEx(raw, -1_000_000_000, 0, core::ptr::null_mut()) };
             drop(timer);
         });
     }

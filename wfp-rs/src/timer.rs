@@ -153,18 +153,18 @@ impl<F: TimerRoutine> Timer<F> {
         };
         let shared = PoolBox::try_new(blank, PoolTag::SDK, irql)?;
         let context: *const Shared<F> = &*shared;
-        // SAFETY: both objects are in pool memory that does not move, initialised before any
-        // other use; both routines may be called at any IRQL for non-paged objects. The DPC's
-        // context is the block itself, which lives until the DPC can no longer run (see
-        // `release`).
+        // SAFETY: the timer is in pool memory that does not move, initialised before any other
+        // use; KeInitializeTimerEx may be called at any IRQL for a non-paged timer.
+        unsafe { sys::KeInitializeTimerEx(shared.timer.get(), sys::NotificationTimer) };
+        // SAFETY: as for the timer; the DPC's context is the block itself, which lives until the
+        // DPC can no longer run (see `release`), and `run_routine::<F>` reads it as `Shared<F>`.
         unsafe {
-            sys::KeInitializeTimerEx(shared.timer.get(), sys::NotificationTimer);
             sys::KeInitializeDpc(
                 shared.dpc.get(),
                 Some(run_routine::<F>),
                 context.cast_mut().cast(),
-            );
-        }
+            )
+        };
         Ok(Timer {
             shared: Some(shared),
         })
@@ -266,13 +266,11 @@ fn unreachable_shut_down() -> ! {
 ///
 /// The current IRQL is `PASSIVE_LEVEL`.
 unsafe fn release<F: TimerRoutine>(shared: PoolBox<Shared<F>>) {
-    // SAFETY: the timer was initialised; after the cancel the timer queues no more DPCs, and
-    // KeFlushQueuedDpcs (PASSIVE_LEVEL, per this function's contract) returns once a DPC it
-    // queued before has run, so nothing refers to the block when it is freed.
-    unsafe {
-        sys::KeCancelTimer(shared.timer.get());
-        sys::KeFlushQueuedDpcs();
-    }
+    // SAFETY: the timer was initialised; after the cancel it queues no more DPCs.
+    unsafe { sys::KeCancelTimer(shared.timer.get()) };
+    // SAFETY: PASSIVE_LEVEL per this function's contract. It returns once a DPC queued before
+    // (by the timer, before the cancel) has run, so nothing refers to the block when it is freed.
+    unsafe { sys::KeFlushQueuedDpcs() };
     drop(shared);
 }
 

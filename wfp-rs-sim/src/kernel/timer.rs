@@ -104,11 +104,26 @@ pub unsafe extern "system" fn KeInitializeTimerEx(Timer: *mut KTIMER, Type: TIME
             "KeInitializeTimerEx on a timer that is still set",
         );
     }
-    // SAFETY: the caller passes a writable KTIMER; zeroed is its not-signalled, unset state.
+    let empty = LIST_ENTRY {
+        Flink: core::ptr::null_mut(),
+        Blink: core::ptr::null_mut(),
+    };
+    // SAFETY: the caller passes a writable KTIMER.
     unsafe {
-        Timer.write_bytes(0, 1);
-        (*Timer).Header.Lock = 8 + Type; // TimerNotificationObject = 8, TimerSynchronizationObject = 9
-    }
+        Timer.write(KTIMER {
+            Header: DISPATCHER_HEADER {
+                // The object type: TimerNotificationObject = 8, TimerSynchronizationObject = 9.
+                Lock: 8 + Type,
+                SignalState: 0,
+                WaitListHead: empty,
+            },
+            DueTime: 0,
+            TimerListEntry: empty,
+            Dpc: core::ptr::null_mut(),
+            Processor: 0,
+            Period: 0,
+        })
+    };
 }
 
 /// `KeInitializeDpc`.
@@ -124,11 +139,17 @@ pub unsafe extern "system" fn KeInitializeDpc(
     let _kernel = super::state::KernelCode::enter();
     // SAFETY: the caller passes a writable KDPC.
     unsafe {
-        Dpc.write_bytes(0, 1);
-        (*Dpc).TargetInfoAsUlong = 0x13; // DpcObject
-        (*Dpc).DeferredRoutine = DeferredRoutine;
-        (*Dpc).DeferredContext = DeferredContext;
-    }
+        Dpc.write(KDPC {
+            TargetInfoAsUlong: 0x13, // Type = DpcObject
+            DpcListEntry: core::ptr::null_mut(),
+            ProcessorHistory: 0,
+            DeferredRoutine,
+            DeferredContext,
+            SystemArgument1: core::ptr::null_mut(),
+            SystemArgument2: core::ptr::null_mut(),
+            DpcData: core::ptr::null_mut(),
+        })
+    };
 }
 
 /// `KeSetTimerEx`: returns whether the timer was already in the timer queue (it is reset).
@@ -154,13 +175,12 @@ pub unsafe extern "system" fn KeSetTimerEx(
         );
     }
     let due = absolute_due(&kernel, DueTime);
-    // SAFETY: the caller passes an initialised KTIMER.
-    unsafe {
-        (*Timer).DueTime = due;
-        (*Timer).Period = Period as u32;
-        (*Timer).Dpc = Dpc;
-        (*Timer).Header.SignalState = 0;
-    }
+    // SAFETY: the caller passes an initialised KTIMER, which the kernel owns while it is set.
+    let timer = unsafe { &mut *Timer };
+    timer.DueTime = due;
+    timer.Period = Period as u32;
+    timer.Dpc = Dpc;
+    timer.Header.SignalState = 0;
     let was_set = kernel
         .timers
         .lock()
