@@ -269,6 +269,22 @@ bugcheck_test! {
 }
 
 bugcheck_test! {
+    /// A timer dropped above PASSIVE_LEVEL cannot wait for its DPC, so its memory is leaked
+    /// (never freed under a DPC that may still run); the leak shows at unload.
+    fn a_timer_dropped_at_dispatch_level_is_leaked_and_reported_at_unload() expects DRIVER_VERIFIER_DETECTED_VIOLATION (0x62) {
+        let machine = Machine::new();
+        let driver = machine.load_driver("timers", host::DriverEntry).unwrap();
+        driver.run_in_driver(&machine, |irql, _driver| {
+            let timer = Timer::try_new(|_dispatch| {}, irql).unwrap();
+            timer.set(irql, HOUR, None);
+            let lock = SpinLock::new(Some(timer));
+            lock.lock(&mut *irql, |timer, _dispatch| drop(timer.take()));
+        });
+        let _ = machine.unload_driver(driver);
+    }
+}
+
+bugcheck_test! {
     /// Driver Verifier finds a set timer in pool that is being freed.
     fn freeing_pool_that_holds_a_set_timer_stops() expects TIMER_OR_DPC_INVALID (0) {
         let machine = Machine::new();
