@@ -167,13 +167,9 @@ pub unsafe extern "system" fn KeSetTimerEx(
     let _kernel = super::state::KernelCode::enter();
     require_irql("KeSetTimerEx", DISPATCH_LEVEL);
     let kernel = current();
-    if Period < 0 {
-        stop(
-            BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION,
-            [0, Timer as usize, Period as usize, 0],
-            "KeSetTimerEx with a negative period (INFERRED stop: the period is a LONG in ms >= 0)",
-        );
-    }
+    // wdm.h documents the period as milliseconds, at most MAXLONG; a negative one is not
+    // documented. INFERRED: treated as no period (a one-shot timer); the SDK never passes one.
+    let Period = Period.max(0);
     let due = absolute_due(&kernel, DueTime);
     // SAFETY: the caller passes an initialised KTIMER, which the kernel owns while it is set.
     let timer = unsafe { &mut *Timer };
