@@ -580,6 +580,43 @@ fn layer_ids_are_the_headers() {
     assert_eq!(<fields::IpRemotePort as Field<AleAuthConnectV4>>::INDEX, 7);
 }
 
+/// `KDPC` and `KTIMER`: the DPC as windows-sys has it; the timer's members up to `Dpc` too.
+/// windows-sys's `KTIMER` ends with a lone `ULONG Period` (an older wdm.h); WDK 10.0.22621
+/// has `ULONG Processor; ULONG Period;` there, so the size agrees (0x40) and `Period` is pinned
+/// to the header's offset, 0x3C.
+#[test]
+fn timer_and_dpc_match_windows_sys() {
+    use windows_sys::Wdk::Foundation as wdk;
+    use windows_sys::Wdk::System::SystemServices as svc;
+    let mut diffs = Vec::new();
+    check_layout!(
+        diffs,
+        ours::KDPC,
+        wdk::KDPC,
+        TargetInfoAsUlong => Anonymous,
+        DpcListEntry,
+        ProcessorHistory,
+        DeferredRoutine,
+        DeferredContext,
+        SystemArgument1,
+        SystemArgument2,
+        DpcData,
+    );
+    check_layout!(
+        diffs,
+        ours::KTIMER,
+        svc::KTIMER,
+        Header,
+        DueTime,
+        TimerListEntry,
+        Dpc,
+    );
+    if offset_of!(ours::KTIMER, Period) != 0x3C {
+        diffs.push("KTIMER.Period: not at 0x3C (wdm.h, x64)".into());
+    }
+    assert_no_diffs("KDPC/KTIMER", &diffs);
+}
+
 /// `DEVICE_OBJECT`: the fields drivers touch at the offsets windows-sys has, the size of the real
 /// structure, and the 16-byte alignment wdm.h gives it with
 /// `DECLSPEC_ALIGN(MEMORY_ALLOCATION_ALIGNMENT)` (x64: 16). windows-sys drops that alignment

@@ -261,4 +261,6 @@ pub mod guides {
     pub mod irql {}
     #[doc = include_str!("../docs/simulator.md")]
     pub mod simulator {}
+    #[doc = include_str!("../docs/timers.md")]
+    pub mod timers {}
 }

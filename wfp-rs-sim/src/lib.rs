@@ -538,6 +538,7 @@ impl Machine {
                 ),
             );
         }
+        crate::kernel::timer::check_unload(&self.kernel, driver.object, &driver.name);
         crate::kernel::flt::check_unload(&self.kernel, driver.object, &driver.name);
         crate::kernel::wfp::check_unload(&self.kernel, driver.object, &driver.name);
         crate::kernel::irp::check_unload(&self.kernel, driver.object, &driver.name);
@@ -718,6 +719,27 @@ impl Machine {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+    }
+
+    /// Waits until every timer that has expired by the machine's clock has had its DPC run, and
+    /// no DPC is queued or running: after [`advance_clock`](Self::advance_clock) past a timer's
+    /// due time, the timer's DPC routine has run once this returns.
+    ///
+    /// ```
+    /// # let machine = wfp_rs_sim::Machine::new();
+    /// machine.advance_clock(core::time::Duration::from_secs(60));
+    /// machine.wait_for_dpcs();
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// Stops the machine with `DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS` when a DPC
+    /// routine does not return within [`set_unload_wait_limit`](Self::set_unload_wait_limit).
+    pub fn wait_for_dpcs(&self) {
+        self.run_as("Machine::wait_for_dpcs", || {
+            let _harness = state::KernelCode::enter();
+            crate::kernel::timer::wait_idle(&self.kernel, "Machine::wait_for_dpcs");
+        });
     }
 
     /// Makes pool allocations fail (return null), to test low-memory paths: after `skip` more

@@ -50,6 +50,9 @@ codes! {
     BAD_POOL_CALLER = 0xC2;
     /// 0xC4: Driver Verifier caught a violation; parameter 1 says which ([`verifier`]).
     DRIVER_VERIFIER_DETECTED_VIOLATION = 0xC4;
+    /// 0xC7: a kernel timer or DPC was found in memory being freed. Parameter 1: 0 = a timer,
+    /// 1 = a DPC, 2 = a DPC routine; parameter 2 its address; parameters 3 and 4 the freed range.
+    TIMER_OR_DPC_INVALID = 0xC7;
     /// 0xC8: the IRQL is not what it should be, typically after a callback returned without
     /// restoring it.
     IRQL_UNEXPECTED_VALUE = 0xC8;

@@ -299,6 +299,7 @@ pub mod spin_lock;
 pub mod status;
 pub mod sys;
 pub mod time;
+pub mod timer;
 pub mod work_item;
 
 // What the simulator (the `wfp-rs-sim` crate) needs from inside the SDK; not API.

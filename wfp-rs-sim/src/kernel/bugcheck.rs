@@ -178,6 +178,7 @@ pub(crate) fn describe_routine(routine: Routine) -> String {
                 .map_or_else(String::new, |key| format!(" {{{}}}", wfp_rs::Guid(key)));
             format!("{callback} of callout {id}{key} of driver {driver}")
         }
+        RoutineKind::Dpc => format!("a DPC routine ({:#x}) of driver {driver}", routine.object),
         RoutineKind::Dispatch => format!(
             "the dispatch routine for major function {:#x} of driver {driver}",
             routine.object

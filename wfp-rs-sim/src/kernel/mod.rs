@@ -31,6 +31,7 @@ pub(crate) mod irp;
 mod irql;
 mod pool;
 pub(crate) mod state;
+pub(crate) mod timer;
 mod watchdog;
 pub(crate) mod wfp;
 
@@ -73,6 +74,11 @@ pub(crate) static FUNCTIONS: wfp_rs::__sim::KernelFunctions = wfp_rs::__sim::Ker
     ObOpenObjectByPointer: irp::ObOpenObjectByPointer,
     ZwClose: irp::ZwClose,
     ZwSetSecurityObject: irp::ZwSetSecurityObject,
+    KeCancelTimer: timer::KeCancelTimer,
+    KeFlushQueuedDpcs: timer::KeFlushQueuedDpcs,
+    KeInitializeDpc: timer::KeInitializeDpc,
+    KeInitializeTimerEx: timer::KeInitializeTimerEx,
+    KeSetTimerEx: timer::KeSetTimerEx,
     KeAcquireSpinLockRaiseToDpc: irql::KeAcquireSpinLockRaiseToDpc,
     KeGetCurrentIrql: irql::KeGetCurrentIrql,
     KeLowerIrql: irql::KeLowerIrql,

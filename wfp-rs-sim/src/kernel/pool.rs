@@ -137,7 +137,7 @@ pub unsafe extern "system" fn ExFreePoolWithTag(P: PVOID, Tag: ULONG) {
     let _kernel = super::state::KernelCode::enter();
     let now = irql();
     let kernel = current();
-    let mut state = kernel.lock();
+    let state = kernel.lock();
     let Some(block) = state.pool.get(&(P as usize)) else {
         let double = state.freed.contains(&(P as usize));
         drop(state);
@@ -177,6 +177,10 @@ pub unsafe extern "system" fn ExFreePoolWithTag(P: PVOID, Tag: ULONG) {
         );
     }
     let size = block.size;
+    drop(state);
+    // Driver Verifier looks for timers and DPCs in the freed range before the block is gone.
+    super::timer::check_free(&kernel, P as usize, size);
+    let mut state = kernel.lock();
     state.pool.remove(&(P as usize));
     state.freed.insert(P as usize);
     drop(state);

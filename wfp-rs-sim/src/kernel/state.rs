@@ -149,6 +149,8 @@ pub(crate) struct Kernel {
     /// The DPC watchdog: how long each thread has been at `DISPATCH_LEVEL` or above, and the
     /// limit (`watchdog.rs`).
     pub watchdog: super::watchdog::Watchdog,
+    /// Kernel timers and the DPC queue (`timer.rs`).
+    pub timers: super::timer::Timers,
 }
 
 /// A thread blocked in a wait.
@@ -184,6 +186,8 @@ pub(crate) enum RoutineKind {
     /// failed): waiting for its work item routines, looking for what it left behind.
     AfterUnload,
     WorkItem,
+    /// A DPC routine (a timer's, or one queued with `KeInsertQueueDpc`), at `DISPATCH_LEVEL`.
+    Dpc,
     /// A callout callback: `classifyFn`, `notifyFn`, `flowDeleteFn`.
     Callout(&'static str),
     Dispatch,
@@ -277,6 +281,7 @@ impl Kernel {
             unload_wait_limit_ms: AtomicU64::new(DEFAULT_UNLOAD_WAIT_LIMIT_MS),
             waiters: Mutex::new(HashMap::new()),
             watchdog: super::watchdog::Watchdog::default(),
+            timers: super::timer::Timers::default(),
         });
         let mut handles = Vec::with_capacity(workers);
         for index in 0..workers {
@@ -287,6 +292,13 @@ impl Kernel {
                 .expect("the host could not start a simulator worker thread");
             handles.push(handle);
         }
+        let dpc_kernel = Arc::clone(&kernel);
+        handles.push(
+            std::thread::Builder::new()
+                .name("sim-dpc".to_string())
+                .spawn(move || super::timer::dpc_thread(dpc_kernel))
+                .expect("the host could not start the simulator's DPC thread"),
+        );
         *kernel.workers.lock().unwrap() = handles;
         kernel
     }
@@ -332,6 +344,7 @@ impl Kernel {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |offset| {
                 Some(offset.saturating_add(ticks))
             });
+        self.timers.clock_changed();
     }
 
     /// How long a wait at load or unload may last (`Machine::set_unload_wait_limit`).

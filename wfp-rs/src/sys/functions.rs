@@ -181,6 +181,17 @@ kernel_functions! {
         fn KeSetEvent(Event: *mut KEVENT, Increment: KPRIORITY, Wait: BOOLEAN) -> LONG;
         fn KeClearEvent(Event: *mut KEVENT);
 
+        // Timers and DPCs. IRQL: KeInitializeTimerEx and KeInitializeDpc any level (for
+        // non-paged objects); KeSetTimerEx, KeCancelTimer, KeInsertQueueDpc and
+        // KeRemoveQueueDpc at most DISPATCH_LEVEL; KeFlushQueuedDpcs PASSIVE_LEVEL.
+        // `DueTime` is a LARGE_INTEGER passed by value: negative = relative, in 100 ns.
+        fn KeInitializeTimerEx(Timer: *mut KTIMER, Type: TIMER_TYPE);
+        fn KeSetTimerEx(Timer: *mut KTIMER, DueTime: LARGE_INTEGER, Period: LONG, Dpc: *mut KDPC)
+            -> BOOLEAN;
+        fn KeCancelTimer(Timer: *mut KTIMER) -> BOOLEAN;
+        fn KeInitializeDpc(Dpc: *mut KDPC, DeferredRoutine: PKDEFERRED_ROUTINE, DeferredContext: PVOID);
+        fn KeFlushQueuedDpcs();
+
         /// Exported since Windows 8.1; callable at any IRQL.
         fn KeQueryInterruptTimePrecise(QpcTimeStamp: *mut ULONG64) -> ULONG64;
         fn KeWaitForSingleObject(

@@ -114,6 +114,42 @@ pub struct KEVENT {
     pub Header: DISPATCHER_HEADER,
 }
 
+/// `TIMER_TYPE` (wdm.h): what a timer's expiry does to waiters.
+pub type TIMER_TYPE = i32;
+/// `NotificationTimer`: stays signalled, releasing every waiter, until set again.
+pub const NotificationTimer: TIMER_TYPE = 0;
+/// `SynchronizationTimer`: releases one waiter.
+pub const SynchronizationTimer: TIMER_TYPE = 1;
+
+/// `KDPC` (wdm.h): a deferred procedure call object, x64 layout.
+#[repr(C)]
+pub struct KDPC {
+    /// The union of `TargetInfoAsUlong` and {`Type`, `Importance`, `Number`}.
+    pub TargetInfoAsUlong: ULONG,
+    pub DpcListEntry: *mut core::ffi::c_void,
+    pub ProcessorHistory: usize,
+    pub DeferredRoutine: PKDEFERRED_ROUTINE,
+    pub DeferredContext: PVOID,
+    pub SystemArgument1: PVOID,
+    pub SystemArgument2: PVOID,
+    pub DpcData: PVOID,
+}
+
+/// `PKDEFERRED_ROUTINE` (wdm.h): `VOID (KDPC*, PVOID DeferredContext, PVOID, PVOID)`.
+pub type PKDEFERRED_ROUTINE = Option<unsafe extern "system" fn(*mut KDPC, PVOID, PVOID, PVOID)>;
+
+/// `KTIMER` (wdm.h), x64 layout.
+#[repr(C)]
+pub struct KTIMER {
+    pub Header: DISPATCHER_HEADER,
+    /// A `ULARGE_INTEGER`.
+    pub DueTime: u64,
+    pub TimerListEntry: LIST_ENTRY,
+    pub Dpc: *mut KDPC,
+    pub Processor: ULONG,
+    pub Period: ULONG,
+}
+
 /// `IO_WORKITEM` is opaque to drivers (wdm.h declares only the pointer type).
 #[repr(C)]
 pub struct IO_WORKITEM {
@@ -192,6 +228,14 @@ const_assert_eq!(core::mem::offset_of!(UNICODE_STRING, Buffer), 8);
 assert_eq_size!(GUID, [u8; 16]);
 assert_eq_size!(LIST_ENTRY, [u8; 16]);
 assert_eq_size!(KEVENT, [u8; 0x18]);
+assert_eq_size!(KDPC, [u8; 0x40]);
+const_assert_eq!(core::mem::offset_of!(KDPC, DeferredRoutine), 0x18);
+const_assert_eq!(core::mem::offset_of!(KDPC, DeferredContext), 0x20);
+const_assert_eq!(core::mem::offset_of!(KDPC, DpcData), 0x38);
+assert_eq_size!(KTIMER, [u8; 0x40]);
+const_assert_eq!(core::mem::offset_of!(KTIMER, DueTime), 0x18);
+const_assert_eq!(core::mem::offset_of!(KTIMER, Dpc), 0x30);
+const_assert_eq!(core::mem::offset_of!(KTIMER, Period), 0x3c);
 const_assert_eq!(core::mem::offset_of!(DISPATCHER_HEADER, SignalState), 4);
 assert_eq_size!(DRIVER_EXTENSION, [u8; 0x28]);
 const_assert_eq!(
