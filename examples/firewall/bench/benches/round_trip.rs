@@ -58,9 +58,10 @@ fn main() {
                 total
             })
         });
-        // Why a connection would get the default: more than `Config::max_pending` connections
-        // pended or waiting for their reauthorization at once (the overload case), or (a
-        // defect) a verdict lost before its reauthorization.
+        // Why a connection would not get the service's verdict: more than `Config::max_pending`
+        // connections pended or waiting for their reauthorization at once (overload: its own
+        // decision, deny), or (a defect, the default) a verdict lost before its
+        // reauthorization.
         let after = firewall_bench::firewall::STATS.snapshot();
         let overloaded = after.overloaded - before.overloaded;
         let defaults = after.defaults - before.defaults;
@@ -68,7 +69,7 @@ fn main() {
         let p50 = latencies.percentile(50.0).unwrap_or_default();
         let p99 = latencies.percentile(99.0).unwrap_or_default();
         summary.push(format!(
-            "(b) N = {n:>4}: round trip p50 = {:>9.1} µs, p99 = {:>9.1} µs over {} connections in {waves} waves; {denied} not permitted ({defaults} defaults, {overloaded} of them overload); {answered} questions answered",
+            "(b) N = {n:>4}: round trip p50 = {:>9.1} µs, p99 = {:>9.1} µs over {} connections in {waves} waves; {denied} not permitted ({defaults} defaults, {overloaded} overload); {answered} questions answered",
             p50.as_secs_f64() * 1e6,
             p99.as_secs_f64() * 1e6,
             latencies.len(),

@@ -43,7 +43,7 @@
 //!    [`answers`](ConnectionReply::answers) the request, caches the verdict if the reply allows
 //!    it (`cache_seconds > 0`), records it for the reauthorization, and completes the pend.
 //!    WFP reauthorizes the connection and step 2 answers, which frees the slot. Otherwise it is
-//!    not pended: it gets the default at once (see [Overload](#overload)).
+//!    not pended: it gets [`Config::overload`] at once (see [Overload](#overload)).
 //!
 //! Every failure gives [`Config::default`] — fail-closed ([`Verdict::Deny`]) in
 //! [`Config::DEFAULT`]: a firewall that asks before letting a process connect should not let
@@ -61,7 +61,7 @@
 //! | a well-formed reply to another request (its `request_id` is not this one's) | the default |
 //! | no pool to send ([`SendError::Status`]) | the default |
 //! | the work item cannot be queued (no pool): the default is recorded, and the closure that came back is dropped with the pend in it, which completes it | the default |
-//! | **overload**: [`Config::max_pending`] connections are pended or waiting for their reauthorization already, and the cache has no verdict | the default, at once (nothing pended); counted in [`StatsSnapshot::overloaded`] |
+//! | **overload**: [`Config::max_pending`] connections are pended or waiting for their reauthorization already, and the cache has no verdict | **[`Config::overload`]** (deny unless configured otherwise, whatever the default), at once (nothing pended); counted in [`StatsSnapshot::overloaded`], not in `defaults` |
 //! | a reauthorization the driver did not cause (WFP reauthorizes when policy changes) | the cache's verdict if it has one, else the default |
 //! | a second pend of the same connection (process, image, protocol, both endpoints) while the first waits for its reauthorization: one verdict is kept, for one of the two | the other: the cache's verdict if it has one, else the default |
 //! | the connection's fields or image path cannot be read, there is no pool for the request, or the classification cannot be pended | the default, at once (nothing pended) |
@@ -77,11 +77,16 @@
 //! the reauthorization it is for: every pended connection gets the service's verdict (or the
 //! default for the reasons above). The price is a bound: with [`Config::max_pending`]
 //! connections outstanding, a new connection the cache does not answer is not pended, and gets
-//! the default at once. That case is counted ([`StatsSnapshot::overloaded`], and in
-//! `defaults`) and logged once when a burst starts and once when it ends (with how many
-//! connections it refused), not per connection. The default bound, [`VERDICT_SLOTS`] (2048,
-//! 160 KiB of non-paged pool), is twice the largest burst the benchmarks make (1024 new
-//! connections at once, none refused).
+//! the **overload decision**, [`Config::overload`], at once. It is not the default: the default
+//! answers "the service could not answer", and a product may choose fail-open for that (a
+//! service crash should not cut the machine off), but anyone who can open connections fast
+//! can fill the table on purpose, and with fail-open every further connection would then be
+//! permitted without asking — a way around every deny rule. So overload has its own decision,
+//! [`Verdict::Deny`] in [`Config::DEFAULT`] whatever the default is. That case is counted
+//! ([`StatsSnapshot::overloaded`], not in `defaults`) and logged once when a burst starts and
+//! once when it ends (with how many connections it refused), not per connection. The default
+//! bound, [`VERDICT_SLOTS`] (2048, 160 KiB of non-paged pool), is twice the largest burst the
+//! benchmarks make (1024 new connections at once, none refused).
 //!
 //! A slot is freed only by the reauthorization that takes its verdict (or by the classification
 //! that reserved it, when it decides without pending). WFP reauthorizes every connection whose
@@ -168,7 +173,7 @@
 //! # Configuration
 //!
 //! [`Config`]; `DriverEntry` uses [`Config::DEFAULT`] (fail-closed, a 500 ms timeout, 1024
-//! cache entries, loopback permitted, [`VERDICT_SLOTS`] pends at most). A product would read
+//! cache entries, loopback permitted, [`VERDICT_SLOTS`] pends at most, deny on overload). A product would read
 //! its settings from its service key; here another configuration is a `#[driver_entry]` of
 //! your own that calls [`start`], which is what the tests and the service's simulator demo do:
 //!
@@ -360,9 +365,14 @@ pub struct Config {
     pub background_asks: usize,
     /// How many outbound connections may be pended at once, counting those completed and
     /// waiting for their reauthorization; at most [`VERDICT_SLOTS`] (a larger value is clamped).
-    /// A new connection beyond it that the cache does not answer gets the default at once (0:
-    /// the driver never pends, and such connections always get the default).
+    /// A new connection beyond it that the cache does not answer gets [`overload`](Self::overload)
+    /// at once (0: the driver never pends, and such connections always get it).
     pub max_pending: usize,
+    /// The decision for a new outbound connection the cache does not answer while
+    /// [`max_pending`](Self::max_pending) connections are outstanding. Separate from
+    /// [`default`](Self::default) so that a fail-open default does not let a burst of
+    /// connections past the deny rules (see "Overload" in the crate documentation).
+    pub overload: Verdict,
     /// Counters to update besides the driver's own, for a caller that reads them while the
     /// driver runs (see [`Stats`]).
     pub stats: Option<&'static Stats>,
@@ -371,7 +381,7 @@ pub struct Config {
 impl Config {
     /// What `DriverEntry` uses: fail-closed, [`DEFAULT_TIMEOUT`], [`DEFAULT_CACHE_CAPACITY`],
     /// the protocol's port and device names, loopback permitted, [`DEFAULT_BACKGROUND_ASKS`],
-    /// [`VERDICT_SLOTS`] pends at most.
+    /// [`VERDICT_SLOTS`] pends at most, deny on overload.
     pub const DEFAULT: Config = Config {
         default: Verdict::Deny,
         timeout: DEFAULT_TIMEOUT,
@@ -381,6 +391,7 @@ impl Config {
         permit_loopback: true,
         background_asks: DEFAULT_BACKGROUND_ASKS,
         max_pending: VERDICT_SLOTS,
+        overload: Verdict::Deny,
         stats: None,
     };
 }
@@ -858,7 +869,8 @@ impl Shared {
             if self.overload_burst.fetch_add(1, Ordering::Relaxed) == 0 {
                 kd_print!(
                     Warning,
-                    "firewall: {limit} connections pended or awaiting reauthorization; new connections the cache does not answer get the default until one is reauthorized\n"
+                    "firewall: {limit} connections pended or awaiting reauthorization; new connections the cache does not answer get {} (overload) until one is reauthorized\n",
+                    self.config.overload
                 );
             }
             return false;
@@ -869,7 +881,8 @@ impl Shared {
             if refused != 0 {
                 kd_print!(
                     Warning,
-                    "firewall: pending again; {refused} connection(s) got the default while {limit} were outstanding\n"
+                    "firewall: pending again; {refused} connection(s) got {} (overload) while {limit} were outstanding\n",
+                    self.config.overload
                 );
             }
         }
@@ -1012,10 +1025,10 @@ where
         }
         // A slot for the verdict, before the pend: a recorded verdict is never evicted.
         if !shared.reserve() {
-            // The cache did not answer (above): the default, counted; logged per burst.
+            // The cache did not answer (above): the overload decision, not the default (a
+            // burst must not open a fail-open firewall); counted, logged per burst.
             shared.count(Counter::Overloaded);
-            shared.count(Counter::Defaults);
-            apply(&mut c.out, default);
+            apply(&mut c.out, shared.config.overload);
             shared.finished(irql);
             return;
         }
@@ -1341,12 +1354,13 @@ pub fn start(
 fn announce(irql: &mut PassiveLevel<'_>, firewall: &Firewall) {
     let config = &firewall.shared.config;
     kd_print!(
-        "firewall: asking the service on {} ({} ms timeout, default {}, {} cache entries, {} pends at most, loopback {})\n",
+        "firewall: asking the service on {} ({} ms timeout, default {}, {} cache entries, {} pends at most, overload {}, loopback {})\n",
         config.port_name,
         config.timeout.as_millis(),
         config.default,
         firewall.shared.cache.capacity(irql),
         config.max_pending,
+        config.overload,
         if config.permit_loopback {
             "permitted"
         } else {

@@ -80,9 +80,10 @@ pub struct StatsSnapshot {
     pub background_skipped: u64,
     /// New outbound connections the cache did not answer that were not pended, because
     /// [`Config::max_pending`] connections were pended or waiting for their reauthorization
-    /// already: each got the default at once (also counted in `defaults`).
+    /// already: each got [`Config::overload`] at once (not counted in `defaults`).
     ///
     /// [`Config::max_pending`]: crate::Config::max_pending
+    /// [`Config::overload`]: crate::Config::overload
     pub overloaded: u64,
 }
 

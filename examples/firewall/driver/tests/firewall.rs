@@ -104,6 +104,23 @@ configured_driver!(
     }
 );
 configured_driver!(
+    overload_fail_open,
+    Config {
+        max_pending: 3,
+        default: Verdict::Allow,
+        ..PATIENT_CONFIG
+    }
+);
+configured_driver!(
+    overload_permits,
+    Config {
+        max_pending: 3,
+        default: Verdict::Allow,
+        overload: Verdict::Allow,
+        ..PATIENT_CONFIG
+    }
+);
+configured_driver!(
     impatient,
     Config {
         timeout: Duration::from_millis(50),
@@ -1768,7 +1785,7 @@ fn icmp_is_not_filtered() {
     assert_eq!(
         machine.debug_output()[0],
         "firewall: asking the service on \\WfpRsFirewallPort (500 ms timeout, default deny, \
-         1024 cache entries, 2048 pends at most, loopback permitted)\n"
+         1024 cache entries, 2048 pends at most, overload deny, loopback permitted)\n"
     );
     let ping = Connection {
         protocol: IpProtocol::Icmp,
@@ -2268,11 +2285,12 @@ fn overload_lines(machine: &Machine) -> (Vec<String>, Vec<String>) {
 }
 
 /// A burst the size of the verdict table, completed and waiting for its reauthorizations, and
-/// then more: the extra connections are not pended but get the default at once, are counted
-/// and logged once for the burst; every recorded verdict still answers its reauthorization;
+/// then more: the extra connections are not pended but get the overload decision (deny) at
+/// once, are counted as overloaded (not as defaults) and logged once for the burst; every recorded verdict still answers its reauthorization;
 /// once slots are free, new connections are pended again.
 #[test]
-fn beyond_the_verdict_table_new_connections_get_the_default_at_once_and_nothing_recorded_is_lost() {
+fn beyond_the_verdict_table_new_connections_get_the_overload_decision_and_nothing_recorded_is_lost()
+{
     const EXTRA: u16 = 5;
     let capacity = u16::try_from(firewall_driver::VERDICT_SLOTS).unwrap();
     let machine = Machine::new();
@@ -2297,13 +2315,13 @@ fn beyond_the_verdict_table_new_connections_get_the_default_at_once_and_nothing_
         assert_eq!(
             (decision.action, decision.pending, decision.absorbed),
             (Action::Block, None, false),
-            "port {port}: the default at once, not pended"
+            "port {port}: the overload decision at once, not pended"
         );
     }
     let stats = overload::STATS.snapshot();
     assert_eq!(
         (stats.overloaded, stats.defaults, stats.asked),
-        (u64::from(EXTRA), u64::from(EXTRA), u64::from(capacity)),
+        (u64::from(EXTRA), 0, u64::from(capacity)),
         "{stats:?}"
     );
     let (started, ended) = overload_lines(&machine);
@@ -2325,7 +2343,7 @@ fn beyond_the_verdict_table_new_connections_get_the_default_at_once_and_nothing_
     assert_eq!(started.len(), 1);
     assert_eq!(ended.len(), 1, "the burst's end is logged once");
     assert!(
-        ended[0].contains(&format!("{EXTRA} connection(s) got the default")),
+        ended[0].contains(&format!("{EXTRA} connection(s) got deny (overload)")),
         "{ended:?}"
     );
     unload_clean(&machine, driver);
@@ -2340,7 +2358,7 @@ fn beyond_the_verdict_table_new_connections_get_the_default_at_once_and_nothing_
         ),
         (
             u64::from(EXTRA),
-            u64::from(EXTRA),
+            0,
             u64::from(capacity) + 1,
             u64::from(capacity) + 1
         ),
@@ -2348,14 +2366,12 @@ fn beyond_the_verdict_table_new_connections_get_the_default_at_once_and_nothing_
     );
 }
 
-/// `Config::max_pending` counts connections still waiting for the service too: with 3 pended
-/// and unanswered, a fourth gets the default at once; the 3 then get the service's verdicts.
-#[test]
-fn max_pending_counts_connections_waiting_for_the_service() {
+/// Fills a `max_pending: 3` driver with 3 connections pended and held unanswered by the
+/// service, classifies a fourth (the overload), then lets the service answer the three and
+/// checks each gets the service's verdict. Returns the fourth's decision.
+fn overload_a_driver_of_three(machine: &Machine, stats: &Stats) -> Decision {
     const PORTS: [u16; 3] = [20_001, 20_002, 20_003];
-    let machine = Machine::with_worker_threads(3);
-    let driver = load(&machine, overload_small::DriverEntry);
-    let client = connected_client(&machine);
+    let client = connected_client(machine);
     let (asked_tx, asked_rx) = std::sync::mpsc::channel();
     let (answer_tx, answer_rx) = std::sync::mpsc::channel::<()>();
     // Detached, so a failing test ends instead of waiting for questions that will not come.
@@ -2370,32 +2386,94 @@ fn max_pending_counts_connections_waiting_for_the_service() {
                 .reply(message.id, &burst_reply(message))
                 .expect("replied");
         }
+        // Held until the fourth is decided: no service means the default, not overload.
+        client
     });
     let pendings: Vec<_> = PORTS
         .iter()
         .map(|&port| {
-            classify_connect(&machine, &auth_connect(port, 4, false))
+            classify_connect(machine, &auth_connect(port, 4, false))
                 .pending
                 .expect("pended")
         })
         .collect();
     asked_rx.recv().unwrap();
     // All three are with the service, unanswered.
-    let decision = classify_connect(&machine, &auth_connect(20_004, 4, false));
-    assert_eq!((decision.action, decision.pending), (Action::Block, None));
-    assert_eq!(overload_small::STATS.snapshot().overloaded, 1);
+    let overloaded = classify_connect(machine, &auth_connect(20_004, 4, false));
+    assert_eq!(overloaded.pending, None, "not pended: {overloaded:?}");
+    assert_eq!(stats.snapshot().overloaded, 1);
     answer_tx.send(()).unwrap();
-    complete_all(&machine, pendings);
-    service.join().unwrap();
+    complete_all(machine, pendings);
+    drop(service.join().unwrap());
     for port in PORTS {
-        let decision = classify_connect(&machine, &auth_connect(port, 4, true));
+        let decision = classify_connect(machine, &auth_connect(port, 4, true));
         assert_eq!(decision.action, action(burst_verdict(port)), "port {port}");
     }
-    let stats = overload_small::STATS.snapshot();
+    let snapshot = stats.snapshot();
     assert_eq!(
-        (stats.overloaded, stats.defaults, stats.answered),
-        (1, 1, 3),
-        "{stats:?}"
+        (snapshot.overloaded, snapshot.defaults, snapshot.answered),
+        (1, 0, 3),
+        "overload is not counted as a default: {snapshot:?}"
+    );
+    overloaded
+}
+
+/// `Config::max_pending` counts connections still waiting for the service too: with 3 pended
+/// and unanswered, a fourth gets the overload decision (deny) at once; the 3 then get the
+/// service's verdicts.
+#[test]
+fn max_pending_counts_connections_waiting_for_the_service() {
+    let machine = Machine::with_worker_threads(3);
+    let driver = load(&machine, overload_small::DriverEntry);
+    let decision = overload_a_driver_of_three(&machine, &overload_small::STATS);
+    assert_eq!(decision.action, Action::Block);
+    unload_clean(&machine, driver);
+}
+
+/// Fail-open is an answer to "no service", not to overload: with the default `allow`, a
+/// connection beyond `max_pending` is still blocked (the overload decision, deny by default),
+/// counted as overloaded and logged as such; the default still applies when no service is
+/// connected.
+#[test]
+fn a_fail_open_default_does_not_open_the_firewall_to_a_burst() {
+    let machine = Machine::with_worker_threads(3);
+    let driver = load(&machine, overload_fail_open::DriverEntry);
+    let decision = overload_a_driver_of_three(&machine, &overload_fail_open::STATS);
+    assert_eq!(decision.action, Action::Block, "{decision:?}");
+    let (started, ended) = overload_lines(&machine);
+    assert_eq!(started.len(), 1, "{started:?}");
+    assert!(started[0].contains("get deny (overload)"), "{started:?}");
+    // The service is gone now: the default (allow), after a pend, counted as a default.
+    let port = 20_005;
+    let pending = classify_connect(&machine, &auth_connect(port, 4, false))
+        .pending
+        .expect("pended: slots are free again");
+    assert_eq!(machine.wait_for_completion(pending), None);
+    let decision = classify_connect(&machine, &auth_connect(port, 4, true));
+    assert_eq!(decision.action, Action::Permit, "the no-service default");
+    let stats = overload_fail_open::STATS.snapshot();
+    assert_eq!((stats.overloaded, stats.defaults), (1, 1), "{stats:?}");
+    let (_, ended_after) = overload_lines(&machine);
+    assert_eq!((ended.len(), ended_after.len()), (0, 1));
+    assert!(
+        ended_after[0].contains("1 connection(s) got deny (overload)"),
+        "{ended_after:?}"
+    );
+    unload_clean(&machine, driver);
+}
+
+/// The overload decision is configuration: `overload: allow` permits a connection beyond
+/// `max_pending`, still counted as overloaded and not as a default.
+#[test]
+fn an_overload_decision_of_allow_permits_and_is_counted() {
+    let machine = Machine::with_worker_threads(3);
+    let driver = load(&machine, overload_permits::DriverEntry);
+    let decision = overload_a_driver_of_three(&machine, &overload_permits::STATS);
+    assert_eq!(decision.action, Action::Permit, "{decision:?}");
+    let (started, _) = overload_lines(&machine);
+    assert!(
+        started.len() == 1 && started[0].contains("get allow (overload)"),
+        "{started:?}"
     );
     unload_clean(&machine, driver);
 }

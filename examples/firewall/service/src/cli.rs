@@ -230,6 +230,10 @@ struct DemoArgs {
     /// Configure the driver to allow (instead of deny) connections it cannot get an answer for.
     #[arg(long)]
     fail_open: bool,
+    /// Configure the driver to allow (instead of deny) new connections beyond its bound of
+    /// pending questions (overload), whatever `--fail-open` says.
+    #[arg(long)]
+    permit_on_overload: bool,
     /// Keep the service's audit log in this file (otherwise it is removed with the demo's
     /// temporary directory).
     #[arg(long, value_name = "FILE")]
@@ -377,6 +381,7 @@ fn demo(args: &DemoArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
         trace: args.trace.clone(),
         rules: args.rules.clone(),
         fail_open: args.fail_open,
+        permit_on_overload: args.permit_on_overload,
         audit: args.audit.clone(),
         verbose: args.verbose,
         launcher: None,

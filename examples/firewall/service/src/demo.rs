@@ -102,6 +102,9 @@ pub struct DemoOptions {
     pub rules: Option<PathBuf>,
     /// The driver allows what it cannot get an answer for.
     pub fail_open: bool,
+    /// The driver allows new connections beyond its bound of pending questions (otherwise it
+    /// denies them, whatever `fail_open` says).
+    pub permit_on_overload: bool,
     /// Keep the audit log here (otherwise it is written to a temporary directory and removed).
     pub audit: Option<PathBuf>,
     /// Show the driver's debug output as it comes.
@@ -509,6 +512,7 @@ fn since(now: StatsSnapshot, base: StatsSnapshot) -> StatsSnapshot {
         defaults: now.defaults - base.defaults,
         cached: now.cached - base.cached,
         revoked: now.revoked - base.revoked,
+        overloaded: now.overloaded - base.overloaded,
         ..StatsSnapshot::default()
     }
 }
@@ -520,6 +524,7 @@ enum Source {
     Cache,
     Default,
     Loopback,
+    Overload,
 }
 
 /// The outcome of a demo run.
@@ -537,6 +542,8 @@ pub struct Summary {
     pub by_cache: usize,
     /// Given the driver's default.
     pub by_default: usize,
+    /// Given the driver's overload decision (its bound of pending questions was reached).
+    pub by_overload: usize,
     /// Attempts whose decision differed from the scenario's expectation.
     pub unexpected: Vec<usize>,
     /// Problems: a reload that did not go as the scenario said, pool left after unload.
@@ -631,6 +638,11 @@ fn run_in(
         } else {
             Verdict::Deny
         },
+        overload: if options.permit_on_overload {
+            Verdict::Allow
+        } else {
+            Verdict::Deny
+        },
         // The service is another process on a possibly busy machine: be patient. (A dead
         // service is noticed at once, not after the timeout: the port disconnects.)
         timeout: Duration::from_secs(10),
@@ -648,10 +660,12 @@ fn run_in(
         .map_err(|s| format!("the firewall driver did not load: {s}"))?;
     let _ = writeln!(
         out,
-        "firewall demo: a simulated machine with the firewall driver loaded (fail-{}, {} s timeout, {} cache entries)",
+        "firewall demo: a simulated machine with the firewall driver loaded (fail-{}, {} s timeout, {} cache entries, {} pending questions at most, then {} on overload)",
         if options.fail_open { "open" } else { "closed" },
         config.timeout.as_secs(),
-        config.cache_capacity
+        config.cache_capacity,
+        config.max_pending,
+        config.overload
     );
     let socket = dir.join("bridge.sock");
     let bridge = machine.serve_user_mode(&socket).map_err(|e| {
@@ -931,6 +945,12 @@ impl Demo<'_> {
                 .get(&key)
                 .map_or_else(|| "an earlier answer".to_owned(), Clone::clone);
             (Source::Cache, format!("driver cache: {rule}"))
+        } else if after.overloaded > before.overloaded {
+            // Not the default: overload has its own decision (the driver's "Overload").
+            (
+                Source::Overload,
+                "driver overload decision (too many pending)".to_owned(),
+            )
         } else if outcome.pended && after.answered > before.answered {
             let rule = service_said.map_or("?", |r| r.decided_by.as_str());
             (Source::Service, format!("service: {rule}"))
@@ -960,6 +980,7 @@ impl Demo<'_> {
             Source::Service => self.summary.by_service += 1,
             Source::Cache => self.summary.by_cache += 1,
             Source::Default | Source::Loopback => self.summary.by_default += 1,
+            Source::Overload => self.summary.by_overload += 1,
         }
         let stale = attempt.after_revoke && self.no_control_device && source == Source::Cache;
         let mark = match expect {
@@ -1046,18 +1067,19 @@ impl Demo<'_> {
         );
         let _ = writeln!(
             self.out,
-            "  decided by the service's rules: {}, the driver's cache: {}, the driver's default: {}",
-            s.by_service, s.by_cache, s.by_default
+            "  decided by the service's rules: {}, the driver's cache: {}, the driver's default: {}, the driver's overload decision: {}",
+            s.by_service, s.by_cache, s.by_default, s.by_overload
         );
         let _ = writeln!(
             self.out,
-            "  driver: {} questions asked, {} answered, {} verdicts cached, {} cache hits, {} revoked, {} defaults",
+            "  driver: {} questions asked, {} answered, {} verdicts cached, {} cache hits, {} revoked, {} defaults, {} overloaded",
             stats.asked,
             stats.answered,
             stats.cached,
             stats.cache_hits,
             stats.revoked,
-            stats.defaults
+            stats.defaults,
+            stats.overloaded
         );
         let records = std::fs::read_to_string(&self.audit_file)
             .map(|t| t.lines().count())

@@ -15,13 +15,19 @@
 //!    A bad file is logged as `file:line:col: message` and the policy in force stays (until the
 //!    text changes again). A good one replaces the policy, and the cached verdicts it changes
 //!    are revoked at the driver, in batches of at most
-//!    [`MAX_REVOKE_IDS`](firewall_protocol::control::MAX_REVOKE_IDS).
+//!    [`MAX_REVOKE_IDS`](firewall_protocol::control::MAX_REVOKE_IDS). An id is kept until the
+//!    driver confirms its batch; a failed batch is sent again after a backoff (doubling from
+//!    100 ms up to 5 s), and after 5 failures in a row, or with more than
+//!    [`MAX_PENDING_REVOKE_IDS`](crate::service::MAX_PENDING_REVOKE_IDS) ids waiting, the
+//!    service revokes every cached verdict instead ([`PendingRevocations`]). Revocations
+//!    waiting when the connection is lost are covered by the revoke-all of step 3, which is
+//!    retried the same way until the driver confirms it.
 //! 6. When the port goes away (the driver unloads), go back to 2.
 //!
 //! Revocations go to the driver's control device ([`CONTROL_DEVICE_PATH`]). If it cannot be
-//! opened (an older driver, or not enough rights), the service logs that and goes on: verdicts
-//! already cached then live out their lifetime (at most `--cache-seconds`) before the new rules
-//! apply to them. The device is opened again at the next revocation.
+//! opened (an older driver, or not enough rights), the service logs that and goes on serving:
+//! verdicts already cached may then live out their lifetime (at most `--cache-seconds`) before
+//! the new rules apply to them. The device is opened again at the next attempt.
 //!
 //! There is no signal handling: Ctrl-C ends the process, which closes its port connection (the
 //! driver sees the disconnect and applies its default to what was in flight). Every audit record
@@ -39,7 +45,7 @@ use wfp_rs::port::Message;
 use wfp_rs::user::{Device, PortConnection, Request};
 
 use crate::audit::AuditLog;
-use crate::service::{LoadError, Revocation, Service, encode_revoke_all};
+use crate::service::{LoadError, PendingRevocations, Service};
 
 /// How `serve` runs.
 #[derive(Clone, Debug)]
@@ -150,6 +156,8 @@ struct Server {
     watcher: RulesWatcher,
     audit: AuditLog,
     control: Option<Device>,
+    /// What the driver has not confirmed revoking yet.
+    revocations: PendingRevocations,
 }
 
 /// Runs the service until the process is stopped; returns only if it cannot start.
@@ -175,6 +183,7 @@ pub fn serve(options: ServeOptions) -> Result<std::convert::Infallible, ServeErr
         service,
         audit,
         control: None,
+        revocations: PendingRevocations::new(),
     };
     server.run()
 }
@@ -257,6 +266,7 @@ impl Server {
                 }
                 if Instant::now() >= next_poll {
                     self.check_rules();
+                    self.flush_revocations();
                     next_poll = Instant::now() + self.options.poll_interval;
                 }
             }
@@ -318,7 +328,8 @@ impl Server {
                         self.service.rules().default_action(),
                         revocation.ids.len()
                     ));
-                    self.revoke(&revocation);
+                    self.revocations.add(revocation);
+                    self.flush_revocations();
                 }
             },
         }
@@ -341,31 +352,49 @@ impl Server {
         self.control.as_ref()
     }
 
+    /// Has the driver revoke every cached verdict (at connection: an earlier instance or
+    /// policy may have let it cache verdicts this one knows nothing about).
     fn revoke_all(&mut self) {
-        self.service.forget_all();
-        let request = encode_revoke_all();
-        if let Some(removed) = self.send_revoke(&request) {
-            log(format_args!(
-                "revoked every cached verdict ({removed} entries)"
-            ));
-        }
+        self.revocations.revoke_all();
+        self.flush_revocations();
     }
 
-    fn revoke(&mut self, revocation: &Revocation) {
-        if revocation.is_empty() {
-            return;
+    /// Sends the revocations that wait, if their retry time has come. Nothing is forgotten
+    /// before the driver confirms it: a failed batch stays, and is sent again after a backoff
+    /// (or replaced by a revoke-all, see [`PendingRevocations::flush`]).
+    fn flush_revocations(&mut self) {
+        let mut revocations = std::mem::take(&mut self.revocations);
+        let flushed = revocations.flush(Instant::now(), |request| self.send_revoke(request));
+        self.revocations = revocations;
+        if flushed.all {
+            // The driver holds none of the remembered verdicts any more.
+            self.service.forget_all();
+            log(format_args!(
+                "revoked every cached verdict ({} entries)",
+                flushed.removed
+            ));
         }
-        let mut total = 0u64;
-        for request in revocation.encode() {
-            match self.send_revoke(&request) {
-                Some(removed) => total += u64::from(removed),
-                None => return,
-            }
+        if flushed.ids > 0 {
+            log(format_args!(
+                "revoked {} cached verdicts ({} entries removed)",
+                flushed.ids, flushed.removed
+            ));
         }
-        log(format_args!(
-            "revoked {} cached verdicts ({total} entries removed)",
-            revocation.ids.len()
-        ));
+        if flushed.failed {
+            let failures = self.revocations.failures();
+            log(format_args!(
+                "{} not confirmed ({failures} failure(s) in a row); trying again in {} ms",
+                if self.revocations.wants_all() {
+                    "revoking every cached verdict".to_owned()
+                } else {
+                    format!(
+                        "revoking {} cached verdicts",
+                        self.revocations.ids().count()
+                    )
+                },
+                PendingRevocations::backoff(failures).as_millis()
+            ));
+        }
     }
 
     /// Sends one encoded revoke request; the number of entries the driver removed, or `None`

@@ -100,6 +100,164 @@ impl Revocation {
     }
 }
 
+/// How many times in a row a batch of ids may fail before the service asks the driver to revoke
+/// everything instead.
+pub const REVOKE_RETRIES: u32 = 5;
+
+/// How many ids may wait to be revoked; beyond it the service revokes everything instead (one
+/// request, whatever the set's size).
+pub const MAX_PENDING_REVOKE_IDS: usize = 16 * MAX_REVOKE_IDS;
+
+/// The first wait before a failed revoke request is sent again; it doubles with each failure in
+/// a row, up to [`REVOKE_MAX_BACKOFF`].
+pub const REVOKE_FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The longest wait between two attempts to revoke.
+pub const REVOKE_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Revocations the driver has not confirmed yet: kept until it does, retried with a bounded
+/// backoff, and replaced by one revoke-all when a batch has failed [`REVOKE_RETRIES`] times in
+/// a row or more than [`MAX_PENDING_REVOKE_IDS`] ids wait. Time is passed in, never read, so
+/// the schedule is the same in a test as in the service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PendingRevocations {
+    ids: std::collections::BTreeSet<u64>,
+    all: bool,
+    failures: u32,
+    retry_at: Option<std::time::Instant>,
+}
+
+/// What one [`PendingRevocations::flush`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flushed {
+    /// Ids the driver confirmed revoked (batches it answered).
+    pub ids: usize,
+    /// Cache entries the driver said it removed.
+    pub removed: u64,
+    /// Whether a revoke-all was confirmed (every cached verdict is gone).
+    pub all: bool,
+    /// Whether a request failed; what is left waits for the next attempt.
+    pub failed: bool,
+}
+
+impl PendingRevocations {
+    /// Nothing to revoke.
+    pub fn new() -> PendingRevocations {
+        PendingRevocations::default()
+    }
+
+    /// Adds a reload's ids (due at once).
+    pub fn add(&mut self, revocation: Revocation) {
+        if revocation.is_empty() {
+            return;
+        }
+        if !self.all {
+            self.ids.extend(revocation.ids);
+            if self.ids.len() > MAX_PENDING_REVOKE_IDS {
+                self.revoke_all();
+            }
+        }
+        self.retry_at = None;
+    }
+
+    /// Revokes every cached verdict instead of the ids (due at once).
+    pub fn revoke_all(&mut self) {
+        self.ids.clear();
+        self.all = true;
+        self.retry_at = None;
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.ids.is_empty()
+    }
+
+    /// Whether a revoke-all waits.
+    pub fn wants_all(&self) -> bool {
+        self.all
+    }
+
+    /// The ids waiting (empty when a revoke-all waits: it covers them).
+    pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.ids.iter().copied()
+    }
+
+    /// Failed attempts in a row.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// Whether something waits and its retry time (if any) has come at `now`.
+    pub fn due(&self, now: std::time::Instant) -> bool {
+        !self.is_empty() && self.retry_at.is_none_or(|at| now >= at)
+    }
+
+    /// The wait after `failures` failures in a row.
+    pub fn backoff(failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(16);
+        REVOKE_FIRST_BACKOFF
+            .saturating_mul(1 << doublings)
+            .min(REVOKE_MAX_BACKOFF)
+    }
+
+    /// Sends what waits, if [`due`](Self::due) at `now`: the revoke-all, or the ids in batches
+    /// of at most [`MAX_REVOKE_IDS`]. `send` sends one encoded request and returns how many
+    /// entries the driver removed, or `None` if it failed. An id is forgotten only when the
+    /// driver answered its batch; at the first failure the rest waits until
+    /// [`backoff`](Self::backoff) has passed, and after [`REVOKE_RETRIES`] failures in a row
+    /// the ids give way to a revoke-all.
+    pub fn flush(
+        &mut self,
+        now: std::time::Instant,
+        mut send: impl FnMut(&[u8]) -> Option<u32>,
+    ) -> Flushed {
+        let mut flushed = Flushed::default();
+        if !self.due(now) {
+            return flushed;
+        }
+        if self.all {
+            match send(&encode_revoke_all()) {
+                Some(removed) => {
+                    self.all = false;
+                    flushed.all = true;
+                    flushed.removed = u64::from(removed);
+                }
+                None => flushed.failed = true,
+            }
+        } else {
+            while let Some(batch) = self.next_batch() {
+                let revocation = Revocation { ids: batch };
+                // One batch: one request.
+                let Some(removed) = revocation.encode().first().and_then(|r| send(r)) else {
+                    flushed.failed = true;
+                    break;
+                };
+                for id in &revocation.ids {
+                    self.ids.remove(id);
+                }
+                flushed.ids += revocation.ids.len();
+                flushed.removed += u64::from(removed);
+            }
+        }
+        if flushed.failed {
+            self.failures = self.failures.saturating_add(1);
+            if !self.all && self.failures >= REVOKE_RETRIES {
+                self.revoke_all();
+            }
+            self.retry_at = Some(now + Self::backoff(self.failures));
+        } else {
+            self.failures = 0;
+            self.retry_at = None;
+        }
+        flushed
+    }
+
+    fn next_batch(&self) -> Option<Vec<u64>> {
+        let batch: Vec<u64> = self.ids.iter().copied().take(MAX_REVOKE_IDS).collect();
+        (!batch.is_empty()).then_some(batch)
+    }
+}
+
 /// The request to revoke every cached verdict, encoded.
 pub fn encode_revoke_all() -> Vec<u8> {
     let mut out = vec![0u8; REVOKE_MAX_LEN];

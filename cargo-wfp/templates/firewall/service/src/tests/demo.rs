@@ -88,6 +88,10 @@ fn fail_open_lets_through_what_nobody_answered() {
     });
     assert!(passed(&result), "{result:?}\n{stdout}");
     assert!(stdout.contains("fail-open"));
+    // Fail-open is the answer to "no answer", not to overload.
+    assert!(stdout.contains("then deny on overload)"), "{stdout}");
+    assert!(stdout.contains(", 0 overloaded"), "{stdout}");
+    assert_eq!(result.as_ref().map(|s| s.by_overload).ok(), Some(0));
     assert!(
         row(&stdout, 14).contains("allow    driver default"),
         "{stdout}"

@@ -208,6 +208,40 @@ impl Fixture {
         flags.unwrap()
     }
 
+    /// Waits for the service's next revoke request and fails it: the driver answers nothing
+    /// (an empty output, which `Revoked::decode` refuses). Returns its flags.
+    fn fail_revoke(&self) -> u16 {
+        let control = self.control.as_ref().unwrap();
+        self.wait_for_revoke_request();
+        let mut flags = None;
+        self.machine
+            .at_dispatch(|irql| {
+                control.complete_next_with(irql, |buffer| {
+                    flags = Some(u16::from_le_bytes([buffer[6], buffer[7]]));
+                    0
+                })
+            })
+            .ok()
+            .unwrap();
+        flags.unwrap()
+    }
+
+    /// Waits until a revoke request is waiting at the control device.
+    fn wait_for_revoke_request(&self) {
+        let control = self.control.as_ref().unwrap();
+        let deadline = Instant::now() + LONG;
+        while self.machine.at_dispatch(|irql| control.waiting(irql)) == 0 {
+            assert!(Instant::now() < deadline, "no revoke request came");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// How many revoke requests are waiting at the control device.
+    fn revoke_requests_waiting(&self) -> usize {
+        let control = self.control.as_ref().unwrap();
+        self.machine.at_dispatch(|irql| control.waiting(irql))
+    }
+
     fn finish(mut self) {
         drop(self.bridge.take());
         let driver = self.driver.take().unwrap();
@@ -391,5 +425,78 @@ fn without_a_control_device_the_service_serves_and_says_so() {
             .unwrap()
             .unwrap(),
     );
+    fixture.finish();
+}
+
+/// Curl allowed only to 192.168.0.0/16: its verdicts for `10.0.0.0/8` change.
+const RULES_CURL_ELSEWHERE: &str = r#"default = "deny"
+
+[[rule]]
+name = "curl-elsewhere"
+action = "allow"
+app = '**\system32\curl.exe'
+remote = "192.168.0.0/16"
+port = 443
+"#;
+
+/// No revocation is lost (issue 11, point 8): a revoke request the driver fails is kept and
+/// sent again until the driver confirms it; a service killed between a reload and its revoke
+/// has, once restarted, every cached verdict revoked (retried until confirmed), so no verdict
+/// the reload changed outlives the revoke-all.
+#[test]
+fn revocations_survive_a_failed_request_and_a_killed_service() {
+    let fixture = Fixture::new("revoke-retry");
+    let rules = fixture.dir.join("rules.toml");
+    let audit = fixture.dir.join("audit.jsonl");
+    std::fs::write(&rules, RULES).unwrap();
+    let service = Service::start(&fixture.socket, &rules, &audit);
+    assert_eq!(fixture.answer_revoke(0), REVOKE_ALL);
+    service.wait_for("serving \\WfpRsFirewallPort");
+    let reply = fixture.ask(&request(1, CURL, "192.0.2.7", 443, 6)).unwrap();
+    assert_eq!((reply.verdict, reply.cache), (Verdict::Allow, sixty()));
+
+    // The reload's revoke fails: the id is kept and sent again.
+    write_rules(&rules, RULES_NO_CURL);
+    service.wait_for("1 cached verdicts to revoke");
+    assert_eq!(fixture.fail_revoke(), 0, "a revoke of request ids");
+    service.wait_for("revoking 1 cached verdicts not confirmed (1 failure(s) in a row)");
+    assert_eq!(fixture.fail_revoke(), 0, "the same ids again");
+    service.wait_for("(2 failure(s) in a row)");
+    assert_eq!(
+        fixture.answer_revoke(1),
+        0,
+        "and again, confirmed this time"
+    );
+    service.wait_for("revoked 1 cached verdicts (1 entries removed)");
+
+    // Killed between the reload and the revoke: the revoke request is still waiting when the
+    // service dies.
+    let reply = fixture.ask(&request(2, CURL, "10.1.1.1", 443, 6)).unwrap();
+    assert_eq!((reply.verdict, reply.cache), (Verdict::Allow, sixty()));
+    write_rules(&rules, RULES_CURL_ELSEWHERE);
+    service.wait_for("1 cached verdicts to revoke");
+    fixture.wait_for_revoke_request();
+    drop(service);
+    // Its handle closed, its request is cancelled: nobody is left to confirm it.
+    let deadline = Instant::now() + LONG;
+    while fixture.revoke_requests_waiting() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the dead service's request stays"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The restarted service knows nothing of the lost ids, so it revokes everything as it
+    // connects, and retries that until the driver confirms it (serving meanwhile: the stale
+    // verdicts are in the driver's cache, which answers without asking anyway).
+    let service = Service::start(&fixture.socket, &rules, &audit);
+    assert_eq!(fixture.fail_revoke(), REVOKE_ALL);
+    service.wait_for("revoking every cached verdict not confirmed (1 failure(s) in a row)");
+    service.wait_for("serving \\WfpRsFirewallPort");
+    assert_eq!(fixture.answer_revoke(1), REVOKE_ALL);
+    service.wait_for("revoked every cached verdict (1 entries)");
+    let reply = fixture.ask(&request(3, CURL, "10.1.1.1", 443, 6)).unwrap();
+    assert_eq!(reply.verdict, Verdict::Deny, "the new rules decide");
+    drop(service);
     fixture.finish();
 }

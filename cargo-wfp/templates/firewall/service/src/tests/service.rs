@@ -5,7 +5,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::audit::AuditRecord;
-use crate::service::{Revocation, Service, encode_revoke_all};
+use crate::service::{
+    MAX_PENDING_REVOKE_IDS, PendingRevocations, REVOKE_MAX_BACKOFF, REVOKE_RETRIES, Revocation,
+    Service, encode_revoke_all,
+};
 use firewall_protocol::control::{MAX_REVOKE_IDS, Revoke};
 use firewall_protocol::{
     CacheLifetime, ConnectionRequest, Direction, ImagePath, MAX_PATH_UNITS, Verdict, ip_protocol,
@@ -654,4 +657,141 @@ fn revocations_match_a_recompute_on_random_policies() {
             "{some} cases revoked something, {none} nothing"
         );
     }
+}
+
+// --- revocations the driver has not confirmed ---------------------------------------------------
+
+/// A stand-in for the driver's control device: fails the requests it is told to, answers the
+/// others, and keeps every request it received.
+struct FakeDevice {
+    fail_next: u32,
+    received: Vec<Vec<u8>>,
+}
+
+impl FakeDevice {
+    fn send(&mut self, request: &[u8]) -> Option<u32> {
+        self.received.push(request.to_vec());
+        if self.fail_next > 0 {
+            self.fail_next -= 1;
+            return None;
+        }
+        match Revoke::decode(request).unwrap() {
+            Revoke::All => Some(7),
+            Revoke::Requests(ids) => Some(u32::try_from(ids.len()).unwrap()),
+        }
+    }
+}
+
+fn ids(range: std::ops::Range<u64>) -> Revocation {
+    Revocation {
+        ids: range.collect(),
+    }
+}
+
+/// A batch that fails is kept, not sent again before its backoff, then sent again; only what
+/// the driver confirmed is forgotten. Time is given, never read.
+#[test]
+fn a_failed_batch_is_kept_and_retried_after_its_backoff() {
+    let start = std::time::Instant::now();
+    let mut device = FakeDevice {
+        fail_next: 0,
+        received: Vec::new(),
+    };
+    let mut pending = PendingRevocations::new();
+    let n = u64::try_from(MAX_REVOKE_IDS).unwrap();
+    pending.add(ids(1..n + 3));
+    // The first batch goes through; the second fails.
+    device.fail_next = 0;
+    let flushed = pending.flush(start, |r| {
+        if device.received.len() == 1 {
+            device.fail_next = 1;
+        }
+        device.send(r)
+    });
+    assert_eq!(
+        (flushed.ids, flushed.failed, flushed.all),
+        (MAX_REVOKE_IDS, true, false)
+    );
+    assert_eq!(pending.ids().collect::<Vec<_>>(), [n + 1, n + 2]);
+    assert_eq!(pending.failures(), 1);
+    // Not due before the backoff.
+    let backoff = PendingRevocations::backoff(1);
+    assert!(!pending.due(start + backoff - Duration::from_millis(1)));
+    let flushed = pending.flush(start, |r| device.send(r));
+    assert_eq!(flushed, crate::service::Flushed::default(), "nothing sent");
+    assert_eq!(device.received.len(), 2);
+    // Then sent again, and confirmed.
+    let flushed = pending.flush(start + backoff, |r| device.send(r));
+    assert_eq!(
+        (flushed.ids, flushed.removed, flushed.failed),
+        (2, 2, false)
+    );
+    assert!(pending.is_empty());
+    assert_eq!(pending.failures(), 0);
+    assert_eq!(
+        Revoke::decode(&device.received[2]).unwrap(),
+        Revoke::decode(&device.received[1]).unwrap(),
+        "the same batch again"
+    );
+}
+
+/// After `REVOKE_RETRIES` failures in a row the ids give way to a revoke-all, which is itself
+/// retried until confirmed; the backoff doubles and stays bounded.
+#[test]
+fn retries_run_out_into_a_revoke_all_that_is_retried_until_confirmed() {
+    let start = std::time::Instant::now();
+    let mut device = FakeDevice {
+        fail_next: REVOKE_RETRIES + 3,
+        received: Vec::new(),
+    };
+    let mut pending = PendingRevocations::new();
+    pending.add(ids(1..4));
+    let mut now = start;
+    let mut waits = Vec::new();
+    while !pending.is_empty() {
+        assert!(device.received.len() < 20, "never confirmed");
+        let flushed = pending.flush(now, |r| device.send(r));
+        if flushed.failed {
+            let wait = PendingRevocations::backoff(pending.failures());
+            waits.push(wait);
+            now += wait;
+        } else {
+            assert!(flushed.all, "confirmed by a revoke-all");
+        }
+    }
+    let kinds: Vec<bool> = device
+        .received
+        .iter()
+        .map(|r| Revoke::decode(r).unwrap() == Revoke::All)
+        .collect();
+    let retries = usize::try_from(REVOKE_RETRIES).unwrap();
+    assert!(kinds[..retries].iter().all(|all| !all), "{kinds:?}");
+    assert!(kinds[retries..].iter().all(|all| *all), "{kinds:?}");
+    assert_eq!(kinds.len(), retries + 4);
+    assert!(waits.windows(2).all(|w| w[0] <= w[1]), "{waits:?}");
+    assert!(waits.iter().all(|w| *w <= REVOKE_MAX_BACKOFF), "{waits:?}");
+    assert_eq!(waits.last(), Some(&REVOKE_MAX_BACKOFF));
+}
+
+/// Too many ids waiting: one revoke-all instead; a reload's ids while a revoke-all waits are
+/// covered by it.
+#[test]
+fn too_many_ids_waiting_become_one_revoke_all() {
+    let start = std::time::Instant::now();
+    let mut pending = PendingRevocations::new();
+    let n = u64::try_from(MAX_PENDING_REVOKE_IDS).unwrap();
+    pending.add(ids(1..n + 1));
+    assert!(!pending.wants_all());
+    pending.add(ids(n + 1..n + 2));
+    assert!(pending.wants_all());
+    assert_eq!(pending.ids().count(), 0);
+    pending.add(ids(n + 2..n + 5));
+    let mut sent = Vec::new();
+    let flushed = pending.flush(start, |r| {
+        sent.push(Revoke::decode(r).unwrap() == Revoke::All);
+        Some(9)
+    });
+    assert_eq!(sent, [true]);
+    assert_eq!((flushed.all, flushed.removed), (true, 9));
+    assert!(pending.is_empty());
 }
