@@ -1,11 +1,12 @@
 //! The figures of a whole `cargo bench -p firewall-bench` run, printed together at its end.
 //!
-//! Each bench target [`record`]s its summary lines (`name = value`) in a file of its own under
-//! `<target dir>/firewall-bench/`, stamped with the process id of its parent — `cargo` itself,
-//! the same for every bench of one `cargo bench` invocation — and then [`print`]s every recorded
-//! line of the same invocation, in the benches' order. Whichever bench cargo runs last therefore
-//! ends the run's output with all of the run's lines; a bench run alone (`--bench classify`)
-//! ends with its own. Files left by earlier invocations have another parent and are skipped.
+//! Each bench target records its summary lines (`name = value`, [`record`]) in a file of its own
+//! under `<target dir>/firewall-bench/`, stamped with the process id of its parent — `cargo`
+//! itself, the same for every bench of one `cargo bench` invocation — and then prints every line
+//! recorded by the same invocation, in the benches' order ([`print()`]). Whichever bench cargo
+//! runs last therefore ends the run's output with all of the run's lines; a bench run alone
+//! (`--bench classify`) ends with its own. Files left by earlier invocations have another parent
+//! and are skipped.
 //!
 //! The lines are `memory <name> = N`, `ratio <name> = X` and the like: a name, ` = `, a plain
 //! number, so that scripts can read them (`grep '^ratio '`).
