@@ -102,6 +102,8 @@ impl PerHit {
 pub enum Error {
     /// `valgrind` could not be started (not installed?).
     NoValgrind(std::io::Error),
+    /// An output file or its folder could not be written or read.
+    Io(PathBuf, std::io::Error),
     /// A child failed; its stderr's tail.
     Child(String),
     /// Callgrind's output had no `summary:` or `totals:` line.
@@ -115,6 +117,7 @@ impl std::fmt::Display for Error {
                 f,
                 "valgrind could not be run ({e}); install it (Debian: apt-get install valgrind)"
             ),
+            Error::Io(path, e) => write!(f, "{}: {e}", path.display()),
             Error::Child(tail) => write!(f, "the callgrind run failed:\n{tail}"),
             Error::NoTotal(path) => write!(f, "no instruction total in {}", path.display()),
         }
@@ -124,7 +127,7 @@ impl std::fmt::Display for Error {
 /// Counts both variants' instructions per hit: four runs of `bench_exe` (this bench binary)
 /// under callgrind, output files in `out_dir`.
 pub fn measure(bench_exe: &Path, out_dir: &Path) -> Result<PerHit, Error> {
-    std::fs::create_dir_all(out_dir).map_err(|e| Error::Child(e.to_string()))?;
+    std::fs::create_dir_all(out_dir).map_err(|e| Error::Io(out_dir.to_path_buf(), e))?;
     let per_hit = |variant| -> Result<f64, Error> {
         let small = run(bench_exe, out_dir, variant, SMALL)?;
         let large = run(bench_exe, out_dir, variant, LARGE)?;
@@ -164,7 +167,7 @@ fn run(bench_exe: &Path, out_dir: &Path, variant: Variant, calls: u64) -> Result
 
 /// The instruction total of a callgrind output file (its `summary:` line, or `totals:`).
 fn total(out: &Path) -> Result<u64, Error> {
-    let text = std::fs::read_to_string(out).map_err(|e| Error::Child(e.to_string()))?;
+    let text = std::fs::read_to_string(out).map_err(|e| Error::Io(out.to_path_buf(), e))?;
     text.lines()
         .find_map(|line| {
             let rest = line
