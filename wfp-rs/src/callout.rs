@@ -475,10 +475,22 @@ pub enum FilterEvent<'a> {
 
 /// Maps runtime callout ids to instances. A fixed table: no allocation on the classify path, no
 /// lock (slots are claimed with a compare-exchange on the id).
+///
+/// Open addressing keyed by the id itself: an id's home slot is `id % SLOTS`, and an id whose
+/// home is taken goes to the next free slot after it. The filter engine hands out runtime ids
+/// (INFERRED from what `FwpsCalloutRegister3` returns: small integers counted up as callouts
+/// are registered, so one driver's ids are near each other and distinct modulo `SLOTS`), so a
+/// lookup is one slot: the home, checked by id. Only ids placed away from their home (two ids
+/// equal modulo `SLOTS` registered at once) make lookups probe further, and never further than
+/// the longest displacement any insertion needed ([`MAX_PROBE`]), so the cost of a lookup does
+/// not depend on how many callouts are registered or in which order.
 mod registry {
+    use core::sync::atomic::AtomicUsize;
+
     use super::*;
 
     pub(super) const SLOTS: usize = 64;
+    const _: () = assert!(SLOTS.is_power_of_two());
 
     struct Slot {
         id: AtomicU32,
@@ -495,15 +507,32 @@ mod registry {
     };
     static TABLE: [Slot; SLOTS] = [EMPTY; SLOTS];
 
+    /// The longest distance from its home slot at which an id was ever placed: lookups probe no
+    /// further. It only grows (at most `SLOTS - 1`), so a lookup never stops short of an id
+    /// inserted before it.
+    static MAX_PROBE: AtomicUsize = AtomicUsize::new(0);
+
+    /// The slot `distance` places after `id`'s home.
+    fn slot(id: u32, distance: usize) -> &'static Slot {
+        &TABLE[(id as usize).wrapping_add(distance) % SLOTS]
+    }
+
     /// Publishes `instance`, registered for layer `layer`, under `id`; false if the table is
-    /// full.
+    /// full (or `id` is 0, which marks a free slot and no registration returns).
     pub(super) fn insert(id: u32, instance: *mut (), layer: u16) -> bool {
-        for slot in &TABLE {
+        if id == 0 {
+            return false;
+        }
+        for distance in 0..SLOTS {
+            let slot = slot(id, distance);
             if slot
                 .id
                 .compare_exchange(0, id, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
             {
+                // Before the instance is published: a lookup that can see the instance can
+                // reach its slot.
+                MAX_PROBE.fetch_max(distance, Ordering::AcqRel);
                 slot.layer.store(layer, Ordering::Relaxed);
                 slot.instance.store(instance, Ordering::Release);
                 return true;
@@ -512,32 +541,96 @@ mod registry {
         false
     }
 
-    /// The layer id the callout `id` is registered for, if this driver registered it.
-    pub(super) fn layer(id: u32) -> Option<u16> {
-        TABLE
-            .iter()
-            .find(|slot| {
-                slot.id.load(Ordering::Acquire) == id
-                    && !slot.instance.load(Ordering::Acquire).is_null()
-            })
-            .map(|slot| slot.layer.load(Ordering::Relaxed))
+    /// The slot holding `id`, if any: its home, else at most [`MAX_PROBE`] slots after it.
+    #[inline]
+    fn find(id: u32) -> Option<&'static Slot> {
+        if id == 0 {
+            return None;
+        }
+        let home = slot(id, 0);
+        if home.id.load(Ordering::Acquire) == id {
+            return Some(home);
+        }
+        find_displaced(id)
     }
 
-    pub(super) fn lookup(id: u32) -> Option<NonNull<()>> {
-        TABLE
-            .iter()
+    #[cold]
+    #[inline(never)]
+    fn find_displaced(id: u32) -> Option<&'static Slot> {
+        let max = MAX_PROBE.load(Ordering::Acquire);
+        (1..=max)
+            .map(|distance| slot(id, distance))
             .find(|slot| slot.id.load(Ordering::Acquire) == id)
-            .and_then(|slot| NonNull::new(slot.instance.load(Ordering::Acquire)))
+    }
+
+    /// The layer id the callout `id` is registered for, if this driver registered it.
+    pub(super) fn layer(id: u32) -> Option<u16> {
+        let slot = find(id)?;
+        if slot.instance.load(Ordering::Acquire).is_null() {
+            return None;
+        }
+        Some(slot.layer.load(Ordering::Relaxed))
+    }
+
+    /// The instance registered under `id`: `None` for an id that is not (or no longer, or not
+    /// yet) published.
+    #[inline]
+    pub(super) fn lookup(id: u32) -> Option<NonNull<()>> {
+        find(id).and_then(|slot| NonNull::new(slot.instance.load(Ordering::Acquire)))
     }
 
     /// Withdraws `id`. Only after the filter engine has stopped calling the callout.
     pub(super) fn remove(id: u32) {
-        for slot in &TABLE {
-            if slot.id.load(Ordering::Acquire) == id {
-                slot.instance
-                    .store(core::ptr::null_mut(), Ordering::Release);
-                slot.id.store(0, Ordering::Release);
+        if let Some(slot) = find(id) {
+            // The instance first: a slot whose id still matches never yields a freed instance.
+            slot.instance
+                .store(core::ptr::null_mut(), Ordering::Release);
+            slot.id.store(0, Ordering::Release);
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        // The table is shared by every test of this crate that registers a callout; ids far
+        // above the simulator's keep these apart from them.
+        const BASE: u32 = 0xfff0_0000;
+
+        #[test]
+        fn an_id_is_found_in_its_home_slot_and_displaced_ids_after_it() {
+            let mut instances = [0u8; 3];
+            let pointers: [*mut (); 3] = core::array::from_fn(|i| (&raw mut instances[i]).cast());
+            // Equal modulo SLOTS: the second and third go after the first.
+            let ids = [BASE, BASE + SLOTS as u32, BASE + 2 * SLOTS as u32];
+            for (id, pointer) in ids.iter().zip(pointers) {
+                assert!(insert(*id, pointer, 7));
             }
+            for (id, pointer) in ids.iter().zip(pointers) {
+                assert_eq!(lookup(*id).map(NonNull::as_ptr), Some(pointer));
+                assert_eq!(layer(*id), Some(7));
+            }
+            assert!(MAX_PROBE.load(Ordering::Relaxed) >= 2);
+            // An id never registered, at the same home: no instance.
+            assert_eq!(lookup(BASE + 3 * SLOTS as u32), None);
+            // Removing the first leaves the displaced ones reachable.
+            remove(ids[0]);
+            assert_eq!(lookup(ids[0]), None);
+            assert_eq!(layer(ids[0]), None);
+            assert_eq!(lookup(ids[2]).map(NonNull::as_ptr), Some(pointers[2]));
+            remove(ids[1]);
+            remove(ids[2]);
+            for id in ids {
+                assert_eq!(lookup(id), None, "{id:#x} withdrawn");
+            }
+        }
+
+        #[test]
+        fn id_zero_is_never_registered_nor_found() {
+            let mut instance = 0u8;
+            assert!(!insert(0, (&raw mut instance).cast(), 7));
+            assert_eq!(lookup(0), None);
+            assert_eq!(layer(0), None);
         }
     }
 }

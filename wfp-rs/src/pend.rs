@@ -386,6 +386,7 @@ pub struct ConnectionKey {
 impl ConnectionKey {
     /// The key of the connection being classified, from the layer's fields and metadata; `None`
     /// if a field is missing or malformed.
+    #[inline]
     pub fn of<L, F: 'static>(c: &Classify<'_, L, F>) -> Option<ConnectionKey>
     where
         L: Layer,

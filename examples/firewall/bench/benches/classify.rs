@@ -6,6 +6,12 @@
 //! alone, with structures prepared once) and **engine** (`Machine::classify`: filter matching
 //! and arbitration included, the same for both). The ratio is computed from interleaved rounds
 //! in the same run (see `docs/benchmarks.md`).
+//!
+//! Then the figures that do not depend on the machine's load: the instructions per hit of each
+//! classifyFn, counted by callgrind (`firewall_bench::callgrind`: this binary runs itself under
+//! valgrind), and the non-paged pool per cached verdict. They end the output as summary lines
+//! (`firewall_bench::summary`): `memory bytes-per-cached-verdict = N` and
+//! `ratio a-instructions-sdk-over-raw = X`.
 
 #![cfg(any(not(windows), feature = "sim"))]
 
@@ -14,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use firewall_bench::hit::{self, HitMachine, Variant};
+use firewall_bench::{callgrind, summary};
 use wfp_rs::classify::Action;
 use wfp_rs::layer::AleAuthConnectV4;
 use wfp_rs_sim::DirectClassify;
@@ -66,6 +73,9 @@ fn interleaved(
 }
 
 fn main() {
+    if firewall_bench::callgrind::child() {
+        return;
+    }
     let measuring = std::env::args().any(|a| a == "--bench");
     let mut c = Criterion::default()
         .sample_size(20)
@@ -143,4 +153,46 @@ fn main() {
     sdk.finish();
     raw.finish();
     c.final_summary();
+
+    let memory = firewall_bench::firewall::pool_per_cached_verdict();
+    println!(
+        "(a) non-paged pool per cached verdict: {memory} bytes ({} verdicts, the default capacity, in one allocation)",
+        firewall_driver::DEFAULT_CACHE_CAPACITY
+    );
+    let exe = std::env::current_exe().expect("the bench binary's path");
+    let dir = summary::dir(&exe);
+    let instructions = match callgrind::measure(&exe, &dir) {
+        Ok(per_hit) => per_hit,
+        // `cargo test --benches` need not have valgrind; a measurement must.
+        Err(error) if !measuring => {
+            println!("(a) instructions per hit not counted: {error}");
+            return;
+        }
+        Err(error) => panic!("(a) instructions per hit: {error}"),
+    };
+    println!(
+        "(a) instructions per cache hit, classifyFn and everything it calls (callgrind; ({} - {} calls) / {}): sdk-trampoline {:.1}, raw-classifyFn {:.1}, difference {:.1}",
+        callgrind::LARGE,
+        callgrind::SMALL,
+        callgrind::LARGE - callgrind::SMALL,
+        instructions.sdk,
+        instructions.raw,
+        instructions.sdk - instructions.raw,
+    );
+    let lines = [
+        format!("memory bytes-per-cached-verdict = {memory}"),
+        format!(
+            "ratio a-instructions-sdk-over-raw = {:.3}",
+            instructions.ratio()
+        ),
+    ];
+    if measuring {
+        summary::record(&dir, "classify", &lines).expect("the summary is written");
+        summary::print(&dir);
+    } else {
+        // Counted the same way in criterion's test mode, but not recorded as a run's figures.
+        for line in lines {
+            println!("{line}");
+        }
+    }
 }

@@ -80,4 +80,10 @@ fn main() {
         println!("{line}");
     }
     c.final_summary();
+    if measuring {
+        // The run's summary lines so far (see `firewall_bench::summary`): the last bench ends
+        // `cargo bench -p firewall-bench` with all of them.
+        let exe = std::env::current_exe().expect("the bench binary's path");
+        firewall_bench::summary::print(&firewall_bench::summary::dir(&exe));
+    }
 }

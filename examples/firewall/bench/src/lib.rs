@@ -12,12 +12,17 @@
 //!   is allowed, instead of stopping the machine as the seed did at `DISPATCH_LEVEL`.
 //! - [`Service`]: the user-mode service, played by harness threads on the filter-manager port.
 //! - [`Latencies`]: percentiles, which criterion does not report.
+//! - [`callgrind`]: benchmark (a)'s instructions per cache hit, counted by running the bench
+//!   binary under `valgrind --tool=callgrind`.
+//! - [`summary`]: the figures of a whole `cargo bench -p firewall-bench` run, printed together
+//!   at its end.
 //!
 //! Everything here is harness code for the simulator (`wfp_rs_sim`), not driver code.
 
 #![cfg(any(not(windows), feature = "sim"))]
 
 pub mod blocking;
+pub mod callgrind;
 pub mod firewall;
 pub mod hit;
 pub mod load;
@@ -26,6 +31,7 @@ pub mod raw_lookup;
 mod raw_objects;
 mod service;
 mod stats;
+pub mod summary;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 

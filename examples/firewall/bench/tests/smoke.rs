@@ -65,3 +65,47 @@ fn both_designs_decide_every_connection_of_a_wave() {
         assert_eq!(load.finish(), 24, "{design:?}: every connection asked once");
     }
 }
+
+#[test]
+fn the_firewall_holds_64_bytes_of_pool_per_cached_verdict() {
+    let measured = firewall_bench::firewall::pool_per_cached_verdict();
+    assert_eq!(measured, firewall_driver::cache::BYTES_PER_VERDICT as f64);
+    assert!(
+        measured <= 64.0,
+        "issue 11: at most 64 bytes per cached verdict"
+    );
+}
+
+#[test]
+fn the_summary_prints_this_invocations_lines_in_bench_order() {
+    use firewall_bench::summary;
+    let dir = std::env::temp_dir().join(format!("firewall-bench-summary-{}", std::process::id()));
+    // A file of another invocation is skipped.
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("round_trip.summary"),
+        "invocation 0\nratio stale = 1\n",
+    )
+    .unwrap();
+    summary::record(&dir, "throughput", &["ratio c = 2".to_owned()]).unwrap();
+    summary::record(
+        &dir,
+        "classify",
+        &["memory m = 64".to_owned(), "ratio a = 1.05".to_owned()],
+    )
+    .unwrap();
+    assert_eq!(
+        summary::collect(&dir),
+        ["memory m = 64", "ratio a = 1.05", "ratio c = 2"]
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_summary_goes_under_the_target_directory() {
+    let exe = std::path::Path::new("/work/target/release/deps/classify-0123");
+    assert_eq!(
+        firewall_bench::summary::dir(exe),
+        std::path::Path::new("/work/target/firewall-bench")
+    );
+}

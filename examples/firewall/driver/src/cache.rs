@@ -110,17 +110,78 @@ impl CacheKey {
     }
 }
 
+/// A [`CacheKey`] as an entry stores it: the same fields, losslessly, in 40 bytes instead of
+/// 48 — the remote address in 16 bytes with its family in a flag rather than an `IpAddr` (17
+/// bytes and padding). Two keys store equal exactly when they are equal (`stored_keys_are_equal_
+/// exactly_when_the_keys_are` below): nothing is hashed or cut, so a lookup can only hit the
+/// entry of its own key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct StoredKey {
+    pid: u64,
+    app: u64,
+    /// An IPv4 address in the first 4 bytes (the rest zero), an IPv6 address in all 16.
+    remote_address: [u8; 16],
+    remote_port: u16,
+    local_port: u16,
+    protocol: u8,
+    /// [`INBOUND`](Self::INBOUND) and [`IPV6`](Self::IPV6).
+    flags: u8,
+}
+
+impl StoredKey {
+    const INBOUND: u8 = 1;
+    const IPV6: u8 = 2;
+
+    fn of(key: &CacheKey) -> StoredKey {
+        let mut remote_address = [0u8; 16];
+        let mut flags = match key.direction {
+            Direction::Outbound => 0,
+            Direction::Inbound => Self::INBOUND,
+        };
+        match key.remote.0 {
+            IpAddr::V4(v4) => remote_address[..4].copy_from_slice(&v4.octets()),
+            IpAddr::V6(v6) => {
+                remote_address = v6.octets();
+                flags |= Self::IPV6;
+            }
+        }
+        StoredKey {
+            pid: key.pid,
+            app: key.app,
+            remote_address,
+            remote_port: key.remote.1,
+            local_port: key.local_port,
+            protocol: key.protocol,
+            flags,
+        }
+    }
+}
+
+/// One cached verdict. 64 bytes with its `Option` (one cache line), which is what a slot of the
+/// cache costs in non-paged pool: [`BYTES_PER_VERDICT`].
 #[derive(Clone, Copy)]
 struct Entry {
-    key: CacheKey,
+    key: StoredKey,
     verdict: Verdict,
     /// The first instant at which the entry no longer answers.
     expires: Instant,
     /// The request whose reply created the entry: what a revoke command names.
     request_id: u64,
-    /// Insertion order within the cache, for "oldest first" eviction.
-    stamp: u64,
+    /// Insertion order within the cache, for "oldest first" eviction, modulo 2^32: ages are
+    /// compared as the wrapping distance from the cache's current stamp, exact for the entries
+    /// inserted in the last 2^32 insertions. An entry that outlived 4 billion insertions may be
+    /// taken for a young one; that only changes which valid entry of a full set is evicted,
+    /// never what a lookup answers.
+    stamp: u32,
 }
+
+/// Bytes of non-paged pool per cached verdict: the cache is one allocation of `capacity` slots
+/// of this size, made by [`VerdictCache::new`].
+pub const BYTES_PER_VERDICT: usize = core::mem::size_of::<Option<Entry>>();
+
+// The issue 11 budget: a cached verdict in at most one cache line.
+const _: () = assert!(core::mem::size_of::<Entry>() <= 64);
+const _: () = assert!(BYTES_PER_VERDICT <= 64);
 
 /// A verdict to cache, with its expiry and the request it answered.
 #[derive(Clone, Copy, Debug)]
@@ -164,7 +225,7 @@ struct Inner {
     /// `sets * ways` slots; set `s` is `slots[s * ways..(s + 1) * ways]`.
     slots: Vec<Option<Entry>>,
     ways: usize,
-    stamp: u64,
+    stamp: u32,
 }
 
 impl Inner {
@@ -218,13 +279,14 @@ impl VerdictCache {
     /// The verdict cached for `key`, if one is and it has not expired at `now`. An expired
     /// entry is removed.
     pub fn lookup(&self, irql: impl RaiseIrql, key: &CacheKey, now: Instant) -> Lookup {
+        let stored = StoredKey::of(key);
         self.inner.lock(irql, |inner, _| {
             let Some(set) = inner.set_of(key) else {
                 return Lookup::Miss;
             };
             for slot in &mut inner.slots[set] {
                 if let Some(entry) = slot
-                    && entry.key == *key
+                    && entry.key == stored
                 {
                     if now >= entry.expires {
                         *slot = None;
@@ -260,6 +322,7 @@ impl VerdictCache {
             expires,
             request_id,
         } = answer;
+        let stored = StoredKey::of(&key);
         self.inner.lock(irql, |inner, _| {
             // Revocations change the generation under this lock: checked here, the answer is
             // either cached before a revocation (and revoked by it) or not at all.
@@ -269,13 +332,13 @@ impl VerdictCache {
             let Some(set) = inner.set_of(&key) else {
                 return Insert::Disabled;
             };
-            inner.stamp += 1;
+            inner.stamp = inner.stamp.wrapping_add(1);
             let stamp = inner.stamp;
             let (mut same, mut free, mut expired, mut oldest) =
-                (None, None, None::<(usize, Instant)>, None::<(usize, u64)>);
+                (None, None, None::<(usize, Instant)>, None::<(usize, u32)>);
             for index in set {
                 match &inner.slots[index] {
-                    Some(entry) if entry.key == key => {
+                    Some(entry) if entry.key == stored => {
                         same = Some(index);
                         break;
                     }
@@ -285,8 +348,9 @@ impl VerdictCache {
                         }
                     }
                     Some(entry) => {
-                        if oldest.is_none_or(|(_, least)| entry.stamp < least) {
-                            oldest = Some((index, entry.stamp));
+                        let age = stamp.wrapping_sub(entry.stamp);
+                        if oldest.is_none_or(|(_, most)| age > most) {
+                            oldest = Some((index, age));
                         }
                     }
                     None => {
@@ -302,7 +366,7 @@ impl VerdictCache {
                 (None, None, None, None) => return Insert::Disabled,
             };
             inner.slots[index] = Some(Entry {
-                key,
+                key: stored,
                 verdict,
                 expires,
                 request_id,
@@ -402,9 +466,134 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_is_72_bytes() {
+    fn a_cached_verdict_is_64_bytes() {
         // The crate documentation's memory figures.
-        assert_eq!(core::mem::size_of::<Option<Entry>>(), 72);
+        assert_eq!(BYTES_PER_VERDICT, 64);
+        assert_eq!(core::mem::size_of::<Option<Entry>>(), 64);
+    }
+
+    /// Keys that differ in one field each, and in the address family only.
+    fn distinct_keys() -> Vec<CacheKey> {
+        let base = key(1);
+        let v6 = |octets: [u8; 16]| IpAddr::V6(core::net::Ipv6Addr::from(octets));
+        let mut v4_in_v6 = [0u8; 16];
+        v4_in_v6[..4].copy_from_slice(&[192, 0, 2, 1]);
+        let mut mapped = [0u8; 16];
+        mapped[10..12].copy_from_slice(&[0xff, 0xff]);
+        mapped[12..].copy_from_slice(&[192, 0, 2, 1]);
+        let mut keys = Vec::from([base]);
+        let mut with = |change: &dyn Fn(&mut CacheKey)| {
+            let mut k = base;
+            change(&mut k);
+            keys.push(k);
+        };
+        with(&|k| k.pid = 43);
+        with(&|k| k.pid = 42 | 1 << 40);
+        with(&|k| k.app = 8);
+        with(&|k| k.direction = Direction::Inbound);
+        with(&|k| k.protocol = 17);
+        with(&|k| k.remote.0 = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2)));
+        // The same 16 bytes as the IPv4 key stores, as an IPv6 address: another key.
+        with(&|k| k.remote.0 = v6(v4_in_v6));
+        with(&|k| k.remote.0 = v6(mapped));
+        with(&|k| k.remote.0 = v6([0; 16]));
+        with(&|k| k.remote.0 = IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        with(&|k| k.remote.1 = 444);
+        with(&|k| k.local_port = 1);
+        with(&|k| {
+            k.direction = Direction::Inbound;
+            k.remote.0 = v6(v4_in_v6);
+        });
+        keys
+    }
+
+    #[test]
+    fn stored_keys_are_equal_exactly_when_the_keys_are() {
+        let keys = distinct_keys();
+        for (i, a) in keys.iter().enumerate() {
+            for (j, b) in keys.iter().enumerate() {
+                assert_eq!(a == b, i == j, "{a:?} {b:?}");
+                assert_eq!(StoredKey::of(a) == StoredKey::of(b), a == b, "{a:?} {b:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_lookup_hits_only_its_own_key() {
+        // One set of two ways: each pair of distinct keys shares it.
+        let keys = distinct_keys();
+        with_cache(2, |irql, cache| {
+            for (i, a) in keys.iter().enumerate() {
+                for b in keys.iter().skip(i + 1) {
+                    cache.revoke(&mut *irql, &Revoke::All);
+                    let g = cache.generation();
+                    let (allow, deny) = (
+                        answer(Verdict::Allow, 1_000, 1),
+                        answer(Verdict::Deny, 1_000, 2),
+                    );
+                    assert_eq!(cache.insert(&mut *irql, *a, allow, at(0), g), Insert::Added);
+                    assert_eq!(cache.insert(&mut *irql, *b, deny, at(0), g), Insert::Added);
+                    assert_eq!(
+                        cache.lookup(&mut *irql, a, at(0)),
+                        Lookup::Hit(Verdict::Allow)
+                    );
+                    assert_eq!(
+                        cache.lookup(&mut *irql, b, at(0)),
+                        Lookup::Hit(Verdict::Deny)
+                    );
+                    revoke_ids(&[1], |revoke| {
+                        assert_eq!(cache.revoke(&mut *irql, revoke), 1)
+                    });
+                    assert_eq!(cache.lookup(&mut *irql, a, at(0)), Lookup::Miss, "{a:?}");
+                    assert_eq!(
+                        cache.lookup(&mut *irql, b, at(0)),
+                        Lookup::Hit(Verdict::Deny),
+                        "{b:?}"
+                    );
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn eviction_takes_the_oldest_across_the_stamps_wrap() {
+        with_cache(2, |irql, cache| {
+            // Just before the insertion stamp wraps.
+            cache
+                .inner
+                .lock(&mut *irql, |inner, _| inner.stamp = u32::MAX - 1);
+            let g = cache.generation();
+            let a = answer(Verdict::Allow, 1_000, 1);
+            // Stamps u32::MAX, then 0 (wrapped), then 1.
+            assert_eq!(cache.insert(&mut *irql, key(1), a, at(0), g), Insert::Added);
+            assert_eq!(cache.insert(&mut *irql, key(2), a, at(0), g), Insert::Added);
+            assert_eq!(
+                cache.insert(&mut *irql, key(3), a, at(0), g),
+                Insert::Evicted
+            );
+            assert_eq!(
+                cache.lookup(&mut *irql, &key(1), at(0)),
+                Lookup::Miss,
+                "the oldest"
+            );
+            assert_eq!(
+                cache.lookup(&mut *irql, &key(2), at(0)),
+                Lookup::Hit(Verdict::Allow)
+            );
+            assert_eq!(
+                cache.insert(&mut *irql, key(4), a, at(0), g),
+                Insert::Evicted
+            );
+            assert_eq!(
+                cache.lookup(&mut *irql, &key(2), at(0)),
+                Lookup::Miss,
+                "then 2"
+            );
+            assert_eq!(
+                cache.lookup(&mut *irql, &key(3), at(0)),
+                Lookup::Hit(Verdict::Allow)
+            );
+        });
     }
 
     #[test]

@@ -131,8 +131,8 @@
 //! other drivers (and the benchmarks' C-style baseline) to use as it is.
 //!
 //! - **Bounded**: [`Config::cache_capacity`] entries (rounded down to a multiple of [`WAYS`]),
-//!   allocated once by [`start`], 72 bytes each (72 KiB for the default 1024). Lookups and
-//!   insertions never allocate.
+//!   allocated once by [`start`], 64 bytes each ([`cache::BYTES_PER_VERDICT`]; 64 KiB for the
+//!   default 1024). Lookups and insertions never allocate.
 //! - **Set-associative**: the key's hash picks a set of [`WAYS`] slots; a lookup scans one set
 //!   under a spin lock, at any IRQL up to `DISPATCH_LEVEL`, so its cost does not grow with the
 //!   capacity.
@@ -291,7 +291,8 @@ static ALLOCATOR: wfp_rs::pool::PoolAllocator =
 /// How long a work item waits for the service's reply by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// How many verdicts the cache holds by default (72 KiB of non-paged pool).
+/// How many verdicts the cache holds by default (64 KiB of non-paged pool, at
+/// [`cache::BYTES_PER_VERDICT`] each).
 pub const DEFAULT_CACHE_CAPACITY: usize = 1024;
 
 /// How many inbound background asks may be in flight by default.
