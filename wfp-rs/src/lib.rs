@@ -276,6 +276,7 @@ extern crate std;
 #[cfg(all(feature = "user", not(wfp_sim)))]
 extern crate std;
 
+pub mod ask;
 pub mod bugcheck;
 pub mod callout;
 pub mod classify;
