@@ -1013,3 +1013,69 @@ fn thousands_of_questions_each_get_exactly_one_decision_under_every_race() {
     );
     assert_eq!(machine.pending_io_requests(), 0);
 }
+
+// --- the service's side -------------------------------------------------------------------------
+
+/// `wfp_rs::user::AskClient` through the simulator's bridge (what a service process uses): it
+/// keeps its requests outstanding, gets each question once, and its answers, refusals and
+/// exit reach the driver.
+#[cfg(unix)]
+#[test]
+fn the_service_side_over_the_bridge_answers_and_its_exit_decides_the_rest() {
+    use wfp_rs::user::AskClient;
+
+    let setup = setup(16);
+    let socket =
+        std::env::temp_dir().join(format!("wfp-rs-{}-ask-client.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let bridge = setup.machine.serve_user_mode(&socket).unwrap();
+    let client = AskClient::open_at(&socket, PATH, &SPEC, 4).unwrap();
+    assert_eq!(
+        client
+            .next_question(Some(Duration::from_millis(10)))
+            .unwrap(),
+        None,
+        "nothing asked yet"
+    );
+    // Four questions find the client's requests waiting, six wait for its next ones.
+    let ids: Vec<QuestionId> = (0..10u64)
+        .map(|n| setup.ask(&[n as u8; 3], HOUR, n))
+        .collect();
+    let mut received = Vec::new();
+    for _ in 0..10 {
+        let question = client.next_question(None).unwrap().expect("a question");
+        client.answer(question.id, &[question.body[0] % 2]).unwrap();
+        received.push(question.id);
+    }
+    assert_eq!(received, ids, "each question once, oldest first");
+    let mut decided = setup.decisions();
+    decided.sort_by_key(|d| d.0);
+    assert_eq!(
+        decided,
+        (0..10u64)
+            .map(|n| (n, Outcome::Answered((n % 2) as u8)))
+            .collect::<Vec<_>>()
+    );
+    let late = client.answer(ids[0], &[1]).unwrap_err();
+    assert_eq!(late.kind(), std::io::ErrorKind::NotFound, "{late}");
+
+    let malformed = setup.ask(b"m", HOUR, 20);
+    let question = client.next_question(None).unwrap().unwrap();
+    assert_eq!(question.id, malformed);
+    let refused = client.answer(question.id, &[9]).unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::InvalidInput,
+        "{refused}"
+    );
+    assert_eq!(setup.decisions(), [(20, Outcome::Malformed)]);
+
+    // The service exits holding a question.
+    let held = setup.ask(b"h", HOUR, 30);
+    assert_eq!(client.next_question(None).unwrap().unwrap().id, held);
+    drop(client);
+    assert_eq!(setup.decisions(), [(30, Outcome::ServiceGone)]);
+    assert_eq!(setup.outstanding(), 0);
+    drop(bridge);
+    assert!(setup.teardown().is_empty());
+}

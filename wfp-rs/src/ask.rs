@@ -394,6 +394,8 @@ impl<C> NotAsked<C> {
     }
 
     /// The context, unchanged, so the driver can decide at once.
+    ///
+    /// See [`AskChannel::ask`] for an example.
     pub fn into_context(self) -> C {
         self.context
     }
@@ -440,6 +442,20 @@ impl<Q: QuestionHandler> AskChannel<Q> {
     /// `max_question` or `max_answer` over [`MAX_BODY`], codes that are not `METHOD_BUFFERED`
     /// or are equal; `STATUS_INSUFFICIENT_RESOURCES` when non-paged pool runs out; otherwise
     /// what [`InvertedQueue::new`] returns. The handler is dropped on failure.
+    ///
+    /// ```
+    /// # use wfp_rs::ask::{AskChannel, ChannelSpec, QuestionHandler};
+    /// # use wfp_rs::{Status, driver::Driver, irql::PassiveLevel};
+    /// fn create<Q: QuestionHandler>(
+    ///     irql: &mut PassiveLevel<'_>,
+    ///     driver: &Driver<'_>,
+    ///     spec: &ChannelSpec,
+    ///     handler: Q,
+    /// ) -> Result<AskChannel<Q>, Status> {
+    ///     // \\.\WfpRsAsk for the service; 1024 questions in flight at most.
+    ///     AskChannel::new(irql, driver, "WfpRsAsk", spec, 1024, handler)
+    /// }
+    /// ```
     pub fn new(
         irql: &mut PassiveLevel<'_>,
         driver: &Driver<'_>,
@@ -504,16 +520,37 @@ impl<Q: QuestionHandler> AskChannel<Q> {
     }
 
     /// The handler, for the driver's own use (the state it shares with its decisions).
+    ///
+    /// ```
+    /// # use wfp_rs::ask::{AskChannel, QuestionHandler};
+    /// fn handler_of<Q: QuestionHandler>(channel: &AskChannel<Q>) -> &Q {
+    ///     channel.handler()
+    /// }
+    /// ```
     pub fn handler(&self) -> &Q {
         &self.inner().handler
     }
 
     /// How many slots the channel has.
+    ///
+    /// ```
+    /// # use wfp_rs::ask::{AskChannel, QuestionHandler};
+    /// fn describe<Q: QuestionHandler>(channel: &AskChannel<Q>) -> (usize, usize) {
+    ///     (channel.capacity(), channel.max_question())
+    /// }
+    /// ```
     pub fn capacity(&self) -> usize {
         self.inner().capacity()
     }
 
     /// The largest question body it takes.
+    ///
+    /// ```
+    /// # use wfp_rs::ask::{AskChannel, QuestionHandler};
+    /// fn fits<Q: QuestionHandler>(channel: &AskChannel<Q>, question: &[u8]) -> bool {
+    ///     question.len() <= channel.max_question()
+    /// }
+    /// ```
     pub fn max_question(&self) -> usize {
         self.inner().max_question
     }
@@ -526,6 +563,26 @@ impl<Q: QuestionHandler> AskChannel<Q> {
     /// Takes the channel's spin lock (hence the exclusive borrow of the caller's token). Fails,
     /// handing the context back, when every slot is taken, the question is larger than
     /// `max_question`, or the channel is closing.
+    ///
+    /// ```
+    /// # use core::time::Duration;
+    /// # use wfp_rs::ask::{AskChannel, NotAskedReason, QuestionHandler};
+    /// # use wfp_rs::irql::DispatchLevel;
+    /// fn ask_or_default<Q: QuestionHandler<Context = u32>>(
+    ///     irql: &mut DispatchLevel<'_>,
+    ///     channel: &AskChannel<Q>,
+    ///     connection: u32,
+    /// ) -> bool {
+    ///     match channel.ask(&mut *irql, b"pid 42", Duration::from_secs(5), connection) {
+    ///         Ok(_id) => true, // `decide` will run for it, exactly once
+    ///         Err(not_asked) => {
+    ///             let _full = not_asked.reason() == NotAskedReason::Full;
+    ///             let _connection = not_asked.into_context(); // decide it here
+    ///             false
+    ///         }
+    ///     }
+    /// }
+    /// ```
     pub fn ask(
         &self,
         irql: impl RaiseIrql,
@@ -586,6 +643,17 @@ impl<Q: QuestionHandler> AskChannel<Q> {
     /// [`Outcome::Cancelled`] before this returns, in this thread. Returns false (and does
     /// nothing) if the question was decided already. Allowed at `DISPATCH_LEVEL`; do not hold
     /// a lock that `decide` takes.
+    ///
+    /// ```
+    /// # use wfp_rs::ask::{AskChannel, QuestionHandler, QuestionId};
+    /// # use wfp_rs::irql::DispatchLevel;
+    /// /// The connection went away before its answer came.
+    /// fn withdraw<Q: QuestionHandler>(irql: &mut DispatchLevel<'_>, channel: &AskChannel<Q>, id: QuestionId) {
+    ///     if !channel.cancel(&mut *irql, id) {
+    ///         // Decided already (answered, timed out, ...): `decide` ran for it then.
+    ///     }
+    /// }
+    /// ```
     pub fn cancel(&self, mut irql: impl RaiseIrql, id: QuestionId) -> bool {
         crate::irql::verify(&irql);
         let inner = self.inner();
@@ -609,6 +677,14 @@ impl<Q: QuestionHandler> AskChannel<Q> {
     }
 
     /// How many questions are asked and not decided yet.
+    ///
+    /// ```
+    /// # use wfp_rs::ask::{AskChannel, QuestionHandler};
+    /// # use wfp_rs::irql::DispatchLevel;
+    /// fn load<Q: QuestionHandler>(irql: &mut DispatchLevel<'_>, channel: &AskChannel<Q>) -> usize {
+    ///     100 * channel.outstanding(irql) / channel.capacity()
+    /// }
+    /// ```
     pub fn outstanding(&self, irql: impl RaiseIrql) -> usize {
         self.inner().state.lock(irql, |state, _| state.outstanding)
     }
@@ -617,6 +693,14 @@ impl<Q: QuestionHandler> AskChannel<Q> {
     /// [`Outcome::Closing`] and shuts the timers down. Waits for no user-mode thread (see the
     /// [module documentation](self#teardown)). Dropping the channel at `PASSIVE_LEVEL` does
     /// the same.
+    ///
+    /// ```
+    /// # use wfp_rs::ask::{AskChannel, QuestionHandler};
+    /// # use wfp_rs::irql::PassiveLevel;
+    /// fn unload<Q: QuestionHandler>(irql: &mut PassiveLevel<'_>, channel: AskChannel<Q>) {
+    ///     channel.close(irql); // every outstanding question: `decide` with `Outcome::Closing`
+    /// }
+    /// ```
     pub fn close(self, irql: &mut PassiveLevel<'_>) {
         let mut this = ManuallyDrop::new(self);
         this.shut_down(irql);
