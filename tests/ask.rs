@@ -10,6 +10,7 @@
 #![cfg(any(not(windows), feature = "sim"))]
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -1078,4 +1079,199 @@ fn the_service_side_over_the_bridge_answers_and_its_exit_decides_the_rest() {
     assert_eq!(setup.outstanding(), 0);
     drop(bridge);
     assert!(setup.teardown().is_empty());
+}
+
+// --- from classifyFn ------------------------------------------------------------------------------
+
+/// The channel as a callout uses it: `classifyFn` pends at ALE_AUTH_CONNECT and asks at
+/// DISPATCH_LEVEL, `decide` records the verdict and completes the pend, the reauthorization
+/// answers from the record. Connections from several threads, a service answering from its own.
+mod classify {
+    use super::*;
+    use wfp_rs::callout::{Callout, CalloutKey, Classify};
+    use wfp_rs::classify::Action;
+    use wfp_rs::layer::{self, value::IpProtocol};
+    use wfp_rs::metadata::Direction;
+    use wfp_rs::pend::{ConnectionKey, PendedClassify, VerdictTable};
+    use wfp_rs::{Guid, guid};
+    use wfp_rs_sim::{AleIrql, Connection};
+    use wfp_rs_tests::install::install;
+
+    const CALLOUT: Guid = guid!("5a000000-0000-0000-0000-000000000001");
+    const FILTER: Guid = guid!("5a000000-0000-0000-0000-000000000002");
+
+    /// What the service answers: odd remote ports are allowed; for multiples of 7 it sends
+    /// garbage, so the default (block) applies.
+    fn expected(port: u16) -> Action {
+        if port % 2 == 1 && !port.is_multiple_of(7) {
+            Action::Permit
+        } else {
+            Action::Block
+        }
+    }
+
+    struct PendDecisions {
+        verdicts: Arc<VerdictTable<bool, 1024>>,
+    }
+
+    impl QuestionHandler for PendDecisions {
+        type Context = (ConnectionKey, PendedClassify);
+        type Answer = bool;
+
+        fn decode(&self, answer: &[u8]) -> Option<bool> {
+            match answer {
+                [0] => Some(false),
+                [1] => Some(true),
+                _ => None,
+            }
+        }
+
+        fn decide(
+            &self,
+            irql: &mut DispatchLevel<'_>,
+            (key, pended): (ConnectionKey, PendedClassify),
+            outcome: Outcome<bool>,
+        ) {
+            let allow = outcome.answer().unwrap_or(false);
+            self.verdicts.record(&mut *irql, key, allow);
+            pended.complete(irql);
+        }
+    }
+
+    struct ChannelAsker {
+        channel: AskChannel<PendDecisions>,
+    }
+
+    impl Callout<layer::AleAuthConnectV4> for ChannelAsker {
+        fn classify(
+            &self,
+            irql: &mut DispatchLevel<'_>,
+            c: &mut Classify<'_, layer::AleAuthConnectV4>,
+        ) {
+            let Some(key) = ConnectionKey::of(c) else {
+                c.out.block();
+                return;
+            };
+            let verdicts = &self.channel.handler().verdicts;
+            if c.is_reauthorization() {
+                match verdicts.take(&mut *irql, &key) {
+                    Some(true) => {
+                        let _ = c.out.permit();
+                    }
+                    _ => {
+                        c.out.block();
+                    }
+                }
+                return;
+            }
+            let Ok(pended) = c.pend() else {
+                c.out.block();
+                return;
+            };
+            let question = key.remote.1.to_le_bytes();
+            let asked = self.channel.ask(&mut *irql, &question, HOUR, (key, pended));
+            if let Err(not_asked) = asked {
+                let (key, pended) = not_asked.into_context();
+                verdicts.record(&mut *irql, key, false);
+                pended.complete(irql);
+            }
+        }
+    }
+
+    fn connection(port: u16, local_port: u16) -> Connection {
+        Connection {
+            pid: 2000 + u64::from(local_port),
+            app: "\\device\\harddiskvolume1\\app.exe".into(),
+            protocol: IpProtocol::Tcp,
+            local: format!("10.0.0.1:{local_port}").parse().unwrap(),
+            remote: format!("192.0.2.1:{port}").parse().unwrap(),
+            direction: Direction::Outbound,
+        }
+    }
+
+    #[test]
+    fn connections_pended_in_classify_are_decided_by_the_service_without_a_work_item() {
+        const THREADS: u16 = 6;
+        const PER_THREAD: u16 = 40;
+        let machine = Machine::new();
+        let driver = machine.load_driver("asker", plain::DriverEntry).unwrap();
+        let verdicts = Arc::new(VerdictTable::new());
+        let handler = PendDecisions {
+            verdicts: Arc::clone(&verdicts),
+        };
+        let channel = driver
+            .run_in_driver(&machine, |irql, d| {
+                AskChannel::new(irql, d, NAME, &SPEC, 64, handler)
+            })
+            .unwrap()
+            .unwrap();
+        let installed = install(&machine, &driver, CalloutKey::new(CALLOUT), FILTER, |_| {
+            ChannelAsker { channel }
+        });
+        let service = machine.open_device(PATH, Caller::System).unwrap();
+        let wrong = std::sync::atomic::AtomicU32::new(0);
+        std::thread::scope(|scope| {
+            let service = &service;
+            let answering = scope.spawn(move || {
+                let mut waits: std::collections::VecDeque<IoRequest> =
+                    (0..8).map(|_| wait_request(service)).collect();
+                let mut answered = 0;
+                while let Some(wait) = waits.pop_front() {
+                    let completion = wait.wait();
+                    if completion.status != SUCCESS {
+                        break; // the channel closed
+                    }
+                    let (id, body) = decode_message(&completion.output).unwrap();
+                    let port = u16::from_le_bytes(body.try_into().unwrap());
+                    let reply = if port.is_multiple_of(7) {
+                        9
+                    } else {
+                        u8::from(port % 2 == 1)
+                    };
+                    answer(service, id, &[reply]);
+                    answered += 1;
+                    waits.push_back(wait_request(service));
+                }
+                answered
+            });
+            let connecting: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let (machine, wrong) = (&machine, &wrong);
+                    scope.spawn(move || {
+                        for n in 0..PER_THREAD {
+                            let port = 1000 + t * PER_THREAD + n;
+                            let irql = if n % 2 == 0 {
+                                AleIrql::Dispatch
+                            } else {
+                                AleIrql::Passive
+                            };
+                            let outcome = machine.connect(&connection(port, 30000 + port), irql);
+                            if !outcome.pended || outcome.decision.action != expected(port) {
+                                wrong.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for thread in connecting {
+                thread.join().unwrap();
+            }
+            // Unregistering drops the callout and with it the channel (at PASSIVE_LEVEL): its
+            // close ends the service's waiting requests.
+            installed.remove(&machine, &driver);
+            let answered = answering.join().unwrap();
+            assert_eq!(answered, usize::from(THREADS * PER_THREAD));
+        });
+        assert_eq!(wrong.load(Ordering::SeqCst), 0);
+        machine.at_dispatch(|irql| assert!(verdicts.is_empty(irql), "every verdict taken"));
+        drop(service);
+        assert_eq!(machine.pending_classifications(), 0);
+        machine.unload_driver(driver).unwrap();
+        assert!(
+            machine.pool_blocks().is_empty(),
+            "{:?}",
+            machine.pool_blocks()
+        );
+        assert_eq!(machine.pending_io_requests(), 0);
+    }
 }
