@@ -1275,3 +1275,24 @@ mod classify {
         assert_eq!(machine.pending_io_requests(), 0);
     }
 }
+
+/// The statuses an answer completes with are Windows' own values (windows-sys as the oracle).
+#[test]
+fn answer_statuses_are_the_windows_values() {
+    use windows_sys::Win32::Foundation as win;
+    assert_eq!(Status::NOT_FOUND.raw(), win::STATUS_NOT_FOUND);
+    assert_eq!(Status::ACCESS_DENIED.raw(), win::STATUS_ACCESS_DENIED);
+    assert_eq!(
+        Status::INVALID_PARAMETER.raw(),
+        win::STATUS_INVALID_PARAMETER
+    );
+    assert_eq!(
+        Status::INVALID_BUFFER_SIZE.raw(),
+        win::STATUS_INVALID_BUFFER_SIZE
+    );
+    assert_eq!(Status::DELETE_PENDING.raw(), win::STATUS_DELETE_PENDING);
+    assert_eq!(
+        wfp_rs::status::name_of(Status::NOT_FOUND.raw()),
+        Some("STATUS_NOT_FOUND")
+    );
+}

@@ -12,6 +12,10 @@
 //! Completing an IRP is allowed at `DISPATCH_LEVEL`, so `complete_next` takes any token: a
 //! `classifyFn` can hand a message to user mode directly, without a work item.
 //!
+//! When the driver needs an answer back — a verdict for a pended connection — use the question
+//! channel built on this queue, [`AskChannel`](crate::ask::AskChannel): it adds the answer
+//! request, a deadline per question and exactly one decision each.
+//!
 //! ```
 //! use wfp_rs::inverted::{ControlCode, InvertedQueue, RequiredAccess};
 //! use wfp_rs::irql::DispatchLevel;
