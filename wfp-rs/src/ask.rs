@@ -87,7 +87,7 @@
 //!
 //! # Exactly one decision
 //!
-//! Each question has a slot with an atomic phase under the channel's spin lock: free, queued
+//! Each question has a slot whose phase changes only under the channel's spin lock: free, queued
 //! (waiting for a request), or delivered (to the handle whose request carried it). Whoever moves
 //! the slot back to free — the answer, the deadline's DPC, [`AskChannel::cancel`], the service's
 //! handle closing, or [`AskChannel::close`] — takes the context out and calls `decide`, after
@@ -152,8 +152,9 @@
 //! finish), decides every question still outstanding with `Closing`, and shuts the timers down.
 //! It waits for no user-mode thread: only for the dispatch calls already inside the driver and
 //! for DPCs already queued. Dropped above `PASSIVE_LEVEL`, the channel decides the outstanding
-//! questions and cancels the timers, but the device and the memory are leaked (and reported at
-//! unload), as for [`InvertedQueue`].
+//! questions and cancels the timers, but the device and the memory are leaked, as for
+//! [`InvertedQueue`] (a device left behind keeps the driver from unloading: Windows leaves it
+//! "unload pending", the simulator's `unload_driver` says `DeviceObjectsRemain`).
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
