@@ -1328,3 +1328,39 @@ fn stop_decides_everything_now_and_leaves_the_device_until_close() {
     assert_eq!(idle.wait().status, Status::CANCELLED.raw());
     drop(service);
 }
+
+/// 1024 questions outstanding at once (the firewall's bound), all delivered and answered.
+#[test]
+fn a_thousand_and_twenty_four_questions_in_flight() {
+    const N: u64 = 1024;
+    let setup = setup(N as usize);
+    for n in 0..N {
+        setup.ask(&n.to_le_bytes(), HOUR, n);
+    }
+    let full = setup
+        .machine
+        .at_dispatch(|irql| setup.channel.ask(irql, b"one more", HOUR, N))
+        .unwrap_err();
+    assert_eq!(full.reason(), NotAskedReason::Full);
+    assert_eq!(setup.outstanding(), N as usize);
+    let service = setup.open();
+    let mut waits: std::collections::VecDeque<IoRequest> =
+        (0..64).map(|_| wait_request(&service)).collect();
+    for n in 0..N {
+        let wait = waits.pop_front().unwrap();
+        let (id, body) = question_of(&wait);
+        assert_eq!(body, n.to_le_bytes(), "oldest first");
+        assert_eq!(answer(&service, id, &[(n % 2) as u8]), SUCCESS);
+        waits.push_back(wait_request(&service));
+    }
+    let decided = setup.decisions();
+    assert_eq!(decided.len(), N as usize);
+    assert!(
+        decided
+            .iter()
+            .all(|(n, outcome)| *outcome == Outcome::Answered((n % 2) as u8))
+    );
+    drop(waits);
+    drop(service);
+    assert!(setup.teardown().is_empty());
+}
