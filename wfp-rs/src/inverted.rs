@@ -12,6 +12,10 @@
 //! Completing an IRP is allowed at `DISPATCH_LEVEL`, so `complete_next` takes any token: a
 //! `classifyFn` can hand a message to user mode directly, without a work item.
 //!
+//! When the driver needs an answer back — a verdict for a pended connection — use the question
+//! channel built on this queue, [`AskChannel`](crate::ask::AskChannel): it adds the answer
+//! request, a deadline per question and exactly one decision each.
+//!
 //! ```
 //! use wfp_rs::inverted::{ControlCode, InvertedQueue, RequiredAccess};
 //! use wfp_rs::irql::DispatchLevel;
@@ -240,6 +244,49 @@ pub const MAX_NAME_LEN: usize = crate::secure_device::MAX_NAME_LEN;
 /// `STATUS_SUCCESS`.
 const SUCCESS: sys::NTSTATUS = 0;
 
+/// What a device built on the queue adds to it: the question channel
+/// ([`AskChannel`](crate::ask::AskChannel)) answers a second control code and keeps state per
+/// handle. Every call runs inside the queue's reference count, so
+/// [`InvertedQueue::close`] waits for calls in progress.
+pub(crate) trait QueueHooks: Sync {
+    /// An I/O control request with another code than the queue's, at `PASSIVE_LEVEL` in the
+    /// sender's thread. The hook owns the request and completes it; it returns the status it
+    /// completed it with.
+    fn control(&self, request: Request) -> sys::NTSTATUS;
+
+    /// A request waits in the queue now: deliver to it what waits for a request.
+    fn waiter_queued(&self, waiters: Waiters<'_>);
+
+    /// The last handle to `file` was closed (`IRP_MJ_CLEANUP`); its waiting requests are
+    /// cancelled already.
+    fn cleanup(&self, file: *mut sys::FILE_OBJECT);
+}
+
+/// The queue's waiting requests, as the hooks and the channel use them.
+#[derive(Clone, Copy)]
+pub(crate) struct Waiters<'a>(&'a QueueDevice);
+
+impl Waiters<'_> {
+    /// Completes the oldest waiting request with what `fill` writes into its output buffer (at
+    /// least the queue's maximum message size long), given the file object (the handle) the
+    /// request came through. False, without calling `fill`, if no request waits. Callable at
+    /// <= `DISPATCH_LEVEL`, also under a spin lock of the caller's.
+    pub(crate) fn complete_next_for(
+        self,
+        fill: impl FnOnce(&mut [u8], *mut sys::FILE_OBJECT) -> usize,
+    ) -> bool {
+        let Some(mut request) = self.0.remove_next(core::ptr::null_mut()) else {
+            return false;
+        };
+        let file = request.file_object();
+        let output = request.buffered_output();
+        let limit = output.len();
+        let written = fill(output, file).min(limit);
+        self.0.finish(request, SUCCESS, written);
+        true
+    }
+}
+
 /// A queue of pending I/O control requests from user mode, on a named device only
 /// Administrators and SYSTEM can open. See the [module documentation](self).
 pub struct InvertedQueue {
@@ -273,6 +320,25 @@ impl InvertedQueue {
         code: ControlCode,
         max_message: usize,
     ) -> Result<InvertedQueue, Status> {
+        // SAFETY: no hooks.
+        unsafe { Self::with_hooks(irql, driver, name, code, max_message, None) }
+    }
+
+    /// [`new`](Self::new), with `hooks` called for other control codes, after a request is
+    /// queued, and at cleanup.
+    ///
+    /// # Safety
+    ///
+    /// `hooks`, if any, stays valid until the queue is closed (by `close`, drop, or a failure
+    /// of this function).
+    pub(crate) unsafe fn with_hooks(
+        irql: &impl AtPassive,
+        driver: &Driver<'_>,
+        name: &str,
+        code: ControlCode,
+        max_message: usize,
+        hooks: Option<NonNull<dyn QueueHooks>>,
+    ) -> Result<InvertedQueue, Status> {
         crate::irql::verify(irql);
         let mut names = secure_device::Names::EMPTY;
         names.set(name)?;
@@ -292,7 +358,7 @@ impl InvertedQueue {
         let queue = extension.cast::<QueueDevice>();
         // SAFETY: the extension is ours, unused and large enough; no request can reach the
         // device yet (it is still initializing and has no link).
-        unsafe { QueueDevice::init(queue, code, max_message, &names.link, idle) };
+        unsafe { QueueDevice::init(queue, code, max_message, &names.link, idle, hooks) };
         let this = InvertedQueue { device, queue };
 
         // From here on, dropping `this` at PASSIVE_LEVEL tears everything down.
@@ -368,6 +434,11 @@ impl InvertedQueue {
         let written = fill(output).min(limit);
         self.queue().finish(request, SUCCESS, written);
         Ok(written)
+    }
+
+    /// The waiting requests, for the channel built on this queue.
+    pub(crate) fn waiters(&self) -> Waiters<'_> {
+        Waiters(self.queue())
     }
 
     /// How many requests are waiting now.
@@ -491,6 +562,8 @@ struct QueueDevice {
     code: ControlCode,
     max_message: u32,
     link: WideName,
+    /// Valid until the queue is closed (the contract of `with_hooks`).
+    hooks: Option<NonNull<dyn QueueHooks>>,
 }
 
 const _: () = assert!(core::mem::align_of::<QueueDevice>() <= crate::pool::POOL_ALIGNMENT);
@@ -550,6 +623,7 @@ impl QueueDevice {
         max_message: u32,
         link: &WideName,
         idle: Event,
+        hooks: Option<NonNull<dyn QueueHooks>>,
     ) {
         let raw = this.as_ptr();
         // SAFETY: per the contract, the memory is ours to initialise.
@@ -583,6 +657,7 @@ impl QueueDevice {
                 code,
                 max_message,
                 link: link.clone(),
+                hooks,
             })
         };
         // SAFETY: initialised above; not shared with anyone yet.
@@ -677,6 +752,14 @@ impl QueueDevice {
         self.csq.get()
     }
 
+    /// The hooks, while the caller holds a reference of the queue (`enter`, or an accepted
+    /// request).
+    fn hooks(&self) -> Option<&dyn QueueHooks> {
+        // SAFETY: the hooks stay valid until the queue is closed (`with_hooks`), and `close`
+        // waits until no reference is held before it returns.
+        self.hooks.map(|hooks| unsafe { hooks.as_ref() })
+    }
+
     /// Takes a reference for a dispatch call; false if the queue is closed.
     fn enter(&self) -> bool {
         let mut state = self.lock();
@@ -734,7 +817,18 @@ impl QueueDevice {
             return refuse(request, Status::INVALID_DEVICE_REQUEST);
         };
         if control.code != self.code.raw() {
-            return refuse(request, Status::INVALID_DEVICE_REQUEST);
+            if self.hooks.is_none() {
+                return refuse(request, Status::INVALID_DEVICE_REQUEST);
+            }
+            if !self.enter() {
+                return refuse(request, Status::DELETE_PENDING);
+            }
+            let status = match self.hooks() {
+                Some(hooks) => hooks.control(request),
+                None => refuse(request, Status::INVALID_DEVICE_REQUEST),
+            };
+            self.leave();
+            return status;
         }
         if control.output_len < self.max_message as usize {
             return refuse(request, Status::BUFFER_TOO_SMALL);
@@ -755,6 +849,9 @@ impl QueueDevice {
         let returned = if Status::from_ntstatus(status).is_ok() {
             // Queued: another thread may complete it any moment, so the IRP is not touched
             // again here.
+            if let Some(hooks) = self.hooks() {
+                hooks.waiter_queued(Waiters(self));
+            }
             sys::STATUS_PENDING
         } else {
             // Refused (the queue closed meanwhile): the IRP is still ours.
@@ -800,6 +897,9 @@ unsafe fn dispatch(
                 let file = request.file_object();
                 while let Some(pending) = queue.remove_next(file) {
                     queue.finish(pending, Status::CANCELLED.raw(), 0);
+                }
+                if let Some(hooks) = queue.hooks() {
+                    hooks.cleanup(file);
                 }
                 queue.leave();
             }

@@ -179,7 +179,8 @@
 //! - [Writing a callout](https://github.com/wfp-rs/wfp-rs/blob/main/docs/callouts.md): layers
 //!   and fields, classify, registration, filters, `DriverEntry` and unload order.
 //! - [Asynchronous decisions](https://github.com/wfp-rs/wfp-rs/blob/main/docs/async-decisions.md):
-//!   asking user mode without blocking `classifyFn` — pend, work items, ports, the inverted call.
+//!   asking user mode without blocking `classifyFn` — pend, work items, ports, the inverted call,
+//!   the question channel.
 //! - [The simulator](https://github.com/wfp-rs/wfp-rs/blob/main/docs/simulator.md): what it
 //!   simulates, the bug checks it raises, and how to test a driver with it.
 //! - [Building a driver image]: manifest, build script, linking, the stack check, installing.
@@ -221,7 +222,10 @@
 //! - [`port`], [`inverted`], [`control`]: talking to a user-mode service — filter-manager ports,
 //!   the inverted call (requests pended by the service, completed by the driver) and commands
 //!   (requests the driver answers at once).
-//! - `user` (feature `user`): the service's side of ports, the inverted call and commands.
+//! - [`ask`]: the question channel — ask the service from `classifyFn` without a work item or a
+//!   blocked thread, with a deadline per question and exactly one decision each.
+//! - `user` (feature `user`): the service's side of ports, the inverted call, commands and the
+//!   question channel.
 //! - [`guid`](mod@guid), [`status`], [`debug`], [`bugcheck`]: GUIDs ([`guid!`] checks them at compile
 //!   time), `NTSTATUS`, the kernel debugger's output ([`kd_print!`]), bug checks.
 //! - [`sys`]: the raw kernel ABI under all of this.
@@ -276,6 +280,7 @@ extern crate std;
 #[cfg(all(feature = "user", not(wfp_sim)))]
 extern crate std;
 
+pub mod ask;
 pub mod bugcheck;
 pub mod callout;
 pub mod classify;

@@ -84,6 +84,9 @@ statuses! {
     INTERNAL_ERROR = 0xC000_00E5;
     /// `STATUS_INVALID_BUFFER_SIZE`: a buffer's size is not one the request accepts.
     INVALID_BUFFER_SIZE = 0xC000_0206;
+    /// `STATUS_NOT_FOUND`: the object the request names does not exist (for example, an answer
+    /// for a question no longer waiting for one).
+    NOT_FOUND = 0xC000_0225;
     /// `STATUS_DEVICE_BUSY`.
     DEVICE_BUSY = 0x8000_0011;
     /// `STATUS_CANCELLED`.

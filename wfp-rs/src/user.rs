@@ -8,6 +8,9 @@
 //!   driver, which completes them when it has something to say. The same calls send commands
 //!   to a [`ControlDevice`](crate::control::ControlDevice), which completes them at once: send
 //!   the request and [`wait`](Operation::wait) for it.
+//! - [`AskClient`]: the question channel (the driver's
+//!   [`AskChannel`](crate::ask::AskChannel)): keeps wait requests pending, receives the
+//!   driver's questions and sends the answers.
 //!
 //! # Two backends
 //!
@@ -46,6 +49,9 @@ use std::fmt;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
+
+mod ask;
+pub use ask::{AskClient, Question};
 
 #[cfg(wfp_sim)]
 mod sim;

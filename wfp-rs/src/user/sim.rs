@@ -37,6 +37,8 @@ fn status_error(status: i32) -> io::Error {
         Status::OBJECT_NAME_NOT_FOUND => io::ErrorKind::NotFound,
         Status::ACCESS_DENIED => io::ErrorKind::PermissionDenied,
         Status::PORT_DISCONNECTED => io::ErrorKind::NotConnected,
+        Status::NOT_FOUND => io::ErrorKind::NotFound,
+        Status::INVALID_PARAMETER => io::ErrorKind::InvalidInput,
         _ => io::ErrorKind::Other,
     };
     io::Error::new(kind, format!("{status}"))
