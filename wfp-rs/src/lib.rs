@@ -279,6 +279,7 @@ extern crate std;
 pub mod bugcheck;
 pub mod callout;
 pub mod classify;
+pub mod client;
 pub mod control;
 pub mod debug;
 mod dispatch;
