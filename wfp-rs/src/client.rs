@@ -16,8 +16,10 @@
 //! the context of the process that asks, which is what makes them possible:
 //!
 //! - the filter manager calls a port's connect callback (`ConnectNotifyCallback` of
-//!   `FltCreateCommunicationPort`) at `PASSIVE_LEVEL` in the context of the process that called
-//!   `FilterConnectCommunicationPort`;
+//!   `FltCreateCommunicationPort`) at `PASSIVE_LEVEL` (documented), in the thread of the process
+//!   that called `FilterConnectCommunicationPort` (INFERRED: the connect is that process's
+//!   synchronous open of the port, and the documentation tells the callback to validate the
+//!   connection attempt);
 //! - the I/O manager calls the `IRP_MJ_CREATE` dispatch routine of the highest-level driver (ours:
 //!   nobody is layered over these devices) in the thread that called `CreateFile`.
 //!
@@ -71,7 +73,7 @@
 //! let driver = machine.load_driver("doc", minimal::DriverEntry)?;
 //! let device = driver
 //!     .run_in_driver(&machine, |irql, d| -> Result<_, Status> {
-//!         d.admit_only(ClientIdentity::sid(service_sid.clone()))?;
+//!         d.admit_only(irql, ClientIdentity::sid(service_sid.clone()))?;
 //!         ControlDevice::new(irql, d, "WfpRsDocAdmission", Commands)
 //!     })
 //!     .expect("an SDK driver")?;
