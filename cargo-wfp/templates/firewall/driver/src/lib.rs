@@ -1392,19 +1392,12 @@ fn admit_service(
 ) -> Result<(), Status> {
     let sid = config.service_sid.map(Sid::parse).transpose()?;
     let identity = match (sid, config.service_image) {
-        (None, None) => {
-            kd_print!(
-                Warning,
-                "firewall: no service identity configured (service_sid, service_image): any administrator's process may connect to {} and answer\n",
-                config.port_name
-            );
-            return Ok(());
-        }
+        // Said at load, after the announcement (`announce`).
+        (None, None) => return Ok(()),
         (Some(sid), None) => ClientIdentity::sid(sid),
         (None, Some(image)) => ClientIdentity::image(image)?,
         (Some(sid), Some(image)) => ClientIdentity::sid(sid).and_image(image)?,
     };
-    kd_print!("firewall: only the service may connect or send commands: {identity:?}\n");
     driver.admit_only(irql, identity)
 }
 
@@ -1427,6 +1420,18 @@ fn announce(irql: &mut PassiveLevel<'_>, firewall: &Firewall) {
             "asked"
         }
     );
+    match (config.service_sid, config.service_image) {
+        (None, None) => kd_print!(
+            Warning,
+            "firewall: no service identity configured (service_sid, service_image): any administrator's process may connect to {} and answer\n",
+            config.port_name
+        ),
+        (sid, image) => kd_print!(
+            "firewall: only the service may connect or send commands (SID {}, image {})\n",
+            sid.unwrap_or("any"),
+            image.unwrap_or("any")
+        ),
+    }
 }
 
 /// Registers the minifilter and creates the service's port on it. Called by [`start`] on its
