@@ -528,3 +528,66 @@ fn bridge_clients_are_identified_by_their_executable() {
     drop(bridge);
     setup.teardown();
 }
+
+// --- the simulator's verifier on the new routines ----------------------------------------------
+
+mod verifier_checks {
+    use super::*;
+    use core::ptr::null_mut;
+    use wfp_rs::bugcheck::verifier;
+    use wfp_rs_sim::bugcheck_test;
+
+    bugcheck_test! {
+        /// SeQueryInformationToken requires PASSIVE_LEVEL.
+        fn querying_a_token_at_dispatch_level_stops() expects IRQL_NOT_LESS_OR_EQUAL {
+            let machine = Machine::new();
+            let token = machine.at_passive(|_irql| {
+                // SAFETY: at PASSIVE_LEVEL.
+                let process = unsafe { sys::IoGetCurrentProcess() };
+                // SAFETY: at PASSIVE_LEVEL, the current process; never released (the machine
+                // stops first).
+                unsafe { sys::PsReferencePrimaryToken(process) }
+            });
+            machine.at_dispatch(|_irql| {
+                let mut answer: sys::PVOID = null_mut();
+                // SAFETY: deliberately breaking the IRQL rule; the simulator stops first.
+                unsafe { sys::SeQueryInformationToken(token, sys::TokenUser, &mut answer) };
+            });
+        }
+    }
+
+    bugcheck_test! {
+        /// A pointer that is not a process: Windows would dereference it.
+        fn referencing_the_token_of_a_non_process_stops() expects KMODE_EXCEPTION_NOT_HANDLED {
+            let machine = Machine::new();
+            let mut not_a_process = [0u64; 8];
+            machine.at_passive(|_irql| {
+                // SAFETY: deliberately passing a pointer that is no process; the simulator
+                // stops before it uses it.
+                unsafe { sys::PsReferencePrimaryToken(not_a_process.as_mut_ptr().cast()) };
+            });
+        }
+    }
+
+    bugcheck_test! {
+        /// The answer is the driver's pool: never freed with ExFreePool, it is a leak at
+        /// unload.
+        fn a_token_answer_never_freed_is_a_leak_at_unload() expects DRIVER_VERIFIER_DETECTED_VIOLATION (verifier::POOL_LEAKED_AT_UNLOAD) {
+            let machine = Machine::new();
+            let driver = machine.load_driver("leaky", plain::DriverEntry).unwrap();
+            driver.run_in_driver(&machine, |_irql, _d| {
+                // SAFETY: at PASSIVE_LEVEL.
+                let process = unsafe { sys::IoGetCurrentProcess() };
+                // SAFETY: at PASSIVE_LEVEL; the current process; released below.
+                let token = unsafe { sys::PsReferencePrimaryToken(process) };
+                let mut answer: sys::PVOID = null_mut();
+                // SAFETY: a referenced token; the answer is deliberately never freed.
+                let status = unsafe { sys::SeQueryInformationToken(token, sys::TokenGroups, &mut answer) };
+                assert_eq!(status, 0);
+                // SAFETY: the reference taken above, released once.
+                unsafe { sys::PsDereferencePrimaryToken(token) };
+            });
+            let _ = machine.unload_driver(driver);
+        }
+    }
+}

@@ -1230,11 +1230,14 @@ unsafe extern "system" fn connect_notify<P: Protocol, E: PortEvents>(
     if connection_cookie.is_null() || client_port.is_null() {
         return Status::INVALID_PARAMETER.raw();
     }
-    // SAFETY: the filter manager calls ConnectNotify at PASSIVE_LEVEL, in the context of the
-    // connecting process; the token lives for this call.
-    let admit_irql = unsafe { PassiveLevel::new_unchecked() };
     // Before a slot is claimed: a refused process must not take the one the service needs.
-    if let Err(status) = crate::client::admit(shared.driver, &admit_irql) {
+    let admitted = {
+        // SAFETY: the filter manager calls ConnectNotify at PASSIVE_LEVEL, in the context of the
+        // connecting process; the token lives for this block only, before the one below.
+        let irql = unsafe { PassiveLevel::new_unchecked() };
+        crate::client::admit(shared.driver, &irql)
+    };
+    if let Err(status) = admitted {
         return status.raw();
     }
     let Some(slot) = shared.claim() else {
