@@ -591,3 +591,102 @@ mod verifier_checks {
         }
     }
 }
+
+// --- the driver's configuration in the registry ----------------------------------------------
+
+mod parameters {
+    use super::*;
+
+    #[wfp_rs::driver_entry]
+    fn entry(
+        irql: &mut wfp_rs::irql::PassiveLevel<'_>,
+        driver: &mut wfp_rs::driver::Driver<'_>,
+    ) -> Result<(), Status> {
+        for name in ["ServiceSid", "Missing", "Count", "Long", "Limit", "Broken"] {
+            // Long texts are shown by their length.
+            let read = driver.parameter(irql, name).map(|value| {
+                value.map(|text| match text.len() {
+                    0..=64 => text,
+                    len => format!("{len} characters"),
+                })
+            });
+            wfp_rs::kd_print!("{name}: {read:?}\n");
+        }
+        Ok(())
+    }
+
+    fn read(machine: &Machine) -> Vec<String> {
+        let driver = machine.load_driver("configured", DriverEntry).unwrap();
+        let lines = machine.debug_output();
+        machine.unload_driver(driver).unwrap();
+        assert!(
+            machine.pool_blocks().is_empty(),
+            "{:?}",
+            machine.pool_blocks()
+        );
+        lines
+    }
+
+    #[test]
+    fn a_driver_reads_strings_from_its_parameters_key() {
+        let machine = Machine::new();
+        let key = r"\REGISTRY\MACHINE\SYSTEM\CurrentControlSet\Services\configured\Parameters";
+        machine.set_registry_string(key, "ServiceSid", SERVICE_SID);
+        machine.set_registry_value(key, "Count", 4, &7u32.to_le_bytes());
+        let long: String = "x".repeat(wfp_rs::driver::MAX_PARAMETER_LEN + 1);
+        machine.set_registry_string(key, "Long", &long);
+        machine.set_registry_string(key, "Limit", &long[1..]);
+        // A lone surrogate, then NUL.
+        machine.set_registry_value(key, "Broken", sys::REG_SZ, &[0x00, 0xD8, 0, 0]);
+        assert_eq!(
+            read(&machine),
+            [
+                format!("ServiceSid: Ok(Some(\"{SERVICE_SID}\"))\n"),
+                "Missing: Ok(None)\n".to_owned(),
+                "Count: Err(Status(STATUS_OBJECT_TYPE_MISMATCH (0xC0000024)))\n".to_owned(),
+                "Long: Err(Status(STATUS_BUFFER_OVERFLOW (0x80000005)))\n".to_owned(),
+                "Limit: Ok(Some(\"4096 characters\"))\n".to_owned(),
+                "Broken: Err(Status(STATUS_INVALID_PARAMETER (0xC000000D)))\n".to_owned(),
+            ]
+        );
+    }
+
+    #[test]
+    fn without_a_parameters_key_every_value_is_absent() {
+        let machine = Machine::new();
+        // Another driver's key, in another case: not ours.
+        machine.set_driver_parameter("Other", "ServiceSid", SERVICE_SID);
+        let lines = read(&machine);
+        assert!(
+            lines.iter().all(|line| line.ends_with(": Ok(None)\n")),
+            "{lines:?}"
+        );
+        // The names are case-insensitive.
+        let machine = Machine::new();
+        machine.set_driver_parameter("CONFIGURED", "servicesid", "S-1-5-18");
+        assert_eq!(read(&machine)[0], "ServiceSid: Ok(Some(\"S-1-5-18\"))\n");
+    }
+
+    #[test]
+    fn registry_structures_match_windows_sys() {
+        use std::mem::{offset_of, size_of};
+        use windows_sys::Wdk::System::Registry as reg;
+        use windows_sys::Wdk::System::SystemServices as svc;
+        use windows_sys::Win32::System::Registry as ureg;
+        assert_eq!(
+            size_of::<sys::KEY_VALUE_PARTIAL_INFORMATION>(),
+            size_of::<svc::KEY_VALUE_PARTIAL_INFORMATION>()
+        );
+        assert_eq!(
+            offset_of!(sys::KEY_VALUE_PARTIAL_INFORMATION, Data),
+            offset_of!(svc::KEY_VALUE_PARTIAL_INFORMATION, Data)
+        );
+        assert_eq!(
+            sys::KeyValuePartialInformation,
+            reg::KeyValuePartialInformation
+        );
+        assert_eq!(sys::REG_SZ, ureg::REG_SZ);
+        assert_eq!(sys::REG_EXPAND_SZ, ureg::REG_EXPAND_SZ);
+        assert_eq!(sys::KEY_QUERY_VALUE, ureg::KEY_QUERY_VALUE);
+    }
+}

@@ -1877,6 +1877,35 @@ impl Machine {
         crate::kernel::irp::open(&self.kernel, path, process.into())
     }
 
+    /// Creates the registry key `key` (an absolute name, `\REGISTRY\MACHINE\...`) if needed
+    /// and sets its value `name` to the string `value` (`REG_SZ`, with its terminating NUL), for
+    /// drivers that read their configuration (`ZwOpenKey`, `ZwQueryValueKey`). Names are
+    /// case-insensitive.
+    pub fn set_registry_string(&self, key: &str, name: &str, value: &str) {
+        let data: Vec<u8> = value
+            .encode_utf16()
+            .chain([0])
+            .flat_map(u16::to_le_bytes)
+            .collect();
+        self.set_registry_value(key, name, REG_SZ, &data);
+    }
+
+    /// Like [`set_registry_string`](Self::set_registry_string), with any value type and data.
+    pub fn set_registry_value(&self, key: &str, name: &str, kind: u32, data: &[u8]) {
+        crate::kernel::registry::set_value(&self.kernel, key, name, kind, data);
+    }
+
+    /// Sets the string value `name` of the `Parameters` key of the driver `driver_name` will
+    /// load as (`\REGISTRY\MACHINE\SYSTEM\CurrentControlSet\Services\<driver_name>\Parameters`),
+    /// what its installer would write: the driver reads it with
+    /// [`Driver::parameter`](wfp_rs::driver::Driver::parameter).
+    pub fn set_driver_parameter(&self, driver_name: &str, name: &str, value: &str) {
+        let key = format!(
+            "\\REGISTRY\\MACHINE\\SYSTEM\\CurrentControlSet\\Services\\{driver_name}\\Parameters"
+        );
+        self.set_registry_string(&key, name, value);
+    }
+
     /// The symbolic links that exist, as (link, target) pairs, sorted: drivers must delete
     /// theirs before unload, or the next load finds the name taken.
     pub fn symbolic_links(&self) -> Vec<(String, String)> {

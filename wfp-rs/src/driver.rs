@@ -44,6 +44,8 @@ use crate::status::Status;
 use crate::sys;
 use crate::work_item::WorkQueue;
 
+pub use crate::registry::MAX_PARAMETER_LEN;
+
 /// The state a driver keeps from `DriverEntry` to unload.
 ///
 /// It is shared with callbacks that may run on any processor, hence `Send + Sync`.
@@ -297,6 +299,39 @@ impl Driver<'_> {
             return Err(Status::INVALID_DEVICE_STATE);
         }
         Ok(())
+    }
+
+    /// Reads the string value `name` of the driver's `Parameters` key
+    /// (`<registry path>\Parameters`), where an installer puts the driver's configuration:
+    /// `Ok(None)` if the key or the value does not exist. A `REG_SZ` or `REG_EXPAND_SZ` value
+    /// (not expanded), without its terminating NULs. Fails with `STATUS_OBJECT_TYPE_MISMATCH` for
+    /// another type, `STATUS_BUFFER_OVERFLOW` for a value longer than [`MAX_PARAMETER_LEN`]
+    /// units, `STATUS_INVALID_PARAMETER` for an empty name (or one over 255 bytes) or text that is
+    /// not UTF-16. Wraps `ZwOpenKey` and `ZwQueryValueKey` (`KeyValuePartialInformation`).
+    ///
+    /// ```
+    /// use wfp_rs::driver::Driver;
+    /// use wfp_rs::irql::PassiveLevel;
+    /// use wfp_rs::Status;
+    ///
+    /// #[wfp_rs::driver_entry]
+    /// fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<(), Status> {
+    ///     let mode = driver.parameter(irql, "Mode")?;
+    ///     wfp_rs::kd_print!("mode: {}\n", mode.as_deref().unwrap_or("(default)"));
+    ///     Ok(())
+    /// }
+    /// let machine = wfp_rs_sim::Machine::new();
+    /// machine.set_driver_parameter("doc", "Mode", "strict");
+    /// let loaded = machine.load_driver("doc", DriverEntry).unwrap();
+    /// assert!(machine.debug_output().iter().any(|line| line == "mode: strict\n"));
+    /// machine.unload_driver(loaded).unwrap();
+    /// ```
+    pub fn parameter(
+        &self,
+        irql: &impl AtPassive,
+        name: &str,
+    ) -> Result<Option<alloc::string::String>, Status> {
+        crate::registry::read_string(irql, UnicodeStr(self.registry_path).as_utf16(), name)
     }
 
     /// The client identity set with [`admit_only`](Self::admit_only), if any.

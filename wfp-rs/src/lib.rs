@@ -295,6 +295,7 @@ pub mod metadata;
 pub mod pend;
 pub mod pool;
 pub mod port;
+mod registry;
 mod secure_device;
 pub mod spin_lock;
 pub mod status;

@@ -1258,7 +1258,7 @@ pub unsafe extern "system" fn ZwSetSecurityObject(
     STATUS_SUCCESS
 }
 
-/// `ZwClose`, for handles from `ObOpenObjectByPointer`.
+/// `ZwClose`, for handles from `ObOpenObjectByPointer` and `ZwOpenKey`.
 ///
 /// # Safety
 ///
@@ -1267,9 +1267,12 @@ pub unsafe extern "system" fn ZwClose(Handle: HANDLE) -> NTSTATUS {
     let _kernel = super::state::KernelCode::enter();
     require_irql("ZwClose", PASSIVE_LEVEL);
     let kernel = current();
-    match io(&kernel).handles.remove(&(Handle as usize)) {
-        Some(_) => STATUS_SUCCESS,
-        None => Status::INVALID_HANDLE.raw(),
+    if io(&kernel).handles.remove(&(Handle as usize)).is_some()
+        || super::registry::close(&kernel, Handle as usize)
+    {
+        STATUS_SUCCESS
+    } else {
+        Status::INVALID_HANDLE.raw()
     }
 }
 

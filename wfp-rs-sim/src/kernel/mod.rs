@@ -31,6 +31,7 @@ pub(crate) mod irp;
 mod irql;
 mod pool;
 pub(crate) mod process;
+pub(crate) mod registry;
 pub(crate) mod state;
 pub(crate) mod timer;
 mod watchdog;
@@ -95,6 +96,8 @@ pub(crate) static FUNCTIONS: wfp_rs::__sim::KernelFunctions = wfp_rs::__sim::Ker
     SeQueryInformationToken: process::SeQueryInformationToken,
     SeLocateProcessImageName: process::SeLocateProcessImageName,
     RtlEqualUnicodeString: process::RtlEqualUnicodeString,
+    ZwOpenKey: registry::ZwOpenKey,
+    ZwQueryValueKey: registry::ZwQueryValueKey,
     DbgPrintEx: state::DbgPrintEx,
     KeQueryInterruptTimePrecise: state::KeQueryInterruptTimePrecise,
     FwpmCalloutAdd0: wfp::FwpmCalloutAdd0,

@@ -294,6 +294,20 @@ kernel_functions! {
             pImageFileName: *mut *mut UNICODE_STRING,
         ) -> NTSTATUS;
         fn ExFreePool(P: PVOID);
+        // The driver's configuration (wdm.h): PASSIVE_LEVEL.
+        fn ZwOpenKey(
+            KeyHandle: *mut HANDLE,
+            DesiredAccess: ACCESS_MASK,
+            ObjectAttributes: *const OBJECT_ATTRIBUTES,
+        ) -> NTSTATUS;
+        fn ZwQueryValueKey(
+            KeyHandle: HANDLE,
+            ValueName: *const UNICODE_STRING,
+            KeyValueInformationClass: KEY_VALUE_INFORMATION_CLASS,
+            KeyValueInformation: PVOID,
+            Length: ULONG,
+            ResultLength: *mut ULONG,
+        ) -> NTSTATUS;
         fn RtlEqualUnicodeString(
             String1: *const UNICODE_STRING,
             String2: *const UNICODE_STRING,

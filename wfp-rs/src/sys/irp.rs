@@ -204,6 +204,29 @@ pub const SID_MAX_SUB_AUTHORITIES: u8 = 15;
 /// `SID_REVISION` (ntifs.h).
 pub const SID_REVISION: u8 = 1;
 
+// --- the registry (wdm.h) -----------------------------------------------------------------------
+
+/// `KEY_QUERY_VALUE` (wdm.h): the right to read a key's values.
+pub const KEY_QUERY_VALUE: u32 = 0x0001;
+/// `KEY_VALUE_INFORMATION_CLASS` (wdm.h), an enum.
+pub type KEY_VALUE_INFORMATION_CLASS = i32;
+/// `KeyValuePartialInformation` (2): a `KEY_VALUE_PARTIAL_INFORMATION`.
+pub const KeyValuePartialInformation: KEY_VALUE_INFORMATION_CLASS = 2;
+/// `REG_SZ`, `REG_EXPAND_SZ` (wdm.h): NUL-terminated UTF-16 strings.
+pub const REG_SZ: ULONG = 1;
+pub const REG_EXPAND_SZ: ULONG = 2;
+
+/// `KEY_VALUE_PARTIAL_INFORMATION` (wdm.h): `DataLength` bytes of data start at `Data` (the
+/// declaration shows the first).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KEY_VALUE_PARTIAL_INFORMATION {
+    pub TitleIndex: ULONG,
+    pub Type: ULONG,
+    pub DataLength: ULONG,
+    pub Data: [u8; 1],
+}
+
 // --- IRP ----------------------------------------------------------------------------------------
 
 /// `IO_STATUS_BLOCK` (wdm.h).
@@ -567,6 +590,11 @@ const_assert_eq!(core::mem::offset_of!(SECURITY_DESCRIPTOR, Dacl), 0x20);
 assert_eq_size!(ACL, [u8; 8]);
 assert_eq_size!(ACE_HEADER, [u8; 4]);
 assert_eq_size!(TOKEN_USER, [u8; 0x10]);
+assert_eq_size!(KEY_VALUE_PARTIAL_INFORMATION, [u8; 0x10]);
+const_assert_eq!(
+    core::mem::offset_of!(KEY_VALUE_PARTIAL_INFORMATION, Data),
+    0x0C
+);
 assert_eq_size!(TOKEN_GROUPS, [u8; 0x18]);
 const_assert_eq!(core::mem::offset_of!(TOKEN_GROUPS, Groups), 0x08);
 const_assert_eq!(
