@@ -2757,3 +2757,81 @@ fn without_an_identity_the_driver_warns_that_any_admin_may_answer() {
     drop(intruder);
     unload_clean(&machine, driver);
 }
+
+/// The shipped `DriverEntry` reads the identity its installer wrote to `Parameters`: the
+/// service's SID there admits the service alone.
+#[test]
+fn the_installed_identity_in_the_registry_admits_only_the_service() {
+    let machine = Machine::new();
+    machine.set_driver_parameter(
+        "firewall",
+        firewall_driver::SERVICE_SID_PARAMETER,
+        SERVICE_SID,
+    );
+    let driver = load(&machine, firewall_driver::DriverEntry);
+    assert!(
+        machine
+            .debug_output()
+            .iter()
+            .any(|line| line.contains("only the service may connect") && line.contains(SERVICE_SID)),
+        "{:?}",
+        machine.debug_output()
+    );
+    let mut intruder = machine.port_client(PORT_NAME).as_process(another_admin());
+    assert_eq!(intruder.connect(&[]), Err(Status::ACCESS_DENIED));
+    assert_eq!(
+        machine
+            .open_device(CONTROL_DEVICE_PATH, another_admin())
+            .err(),
+        Some(Status::ACCESS_DENIED)
+    );
+    let mut service = machine.port_client(PORT_NAME).as_process(the_service());
+    service.connect(&[]).expect("the service connects");
+    drop(
+        machine
+            .open_device(CONTROL_DEVICE_PATH, the_service())
+            .unwrap(),
+    );
+    drop(service);
+    drop(intruder);
+    unload_clean(&machine, driver);
+}
+
+/// An installed image path works the same way; a malformed installed SID keeps the driver from
+/// loading rather than running unrestricted.
+#[test]
+fn an_installed_image_admits_it_and_a_malformed_installed_sid_fails_the_load() {
+    let machine = Machine::new();
+    machine.set_driver_parameter(
+        "firewall",
+        firewall_driver::SERVICE_IMAGE_PARAMETER,
+        SERVICE_IMAGE,
+    );
+    let driver = load(&machine, firewall_driver::DriverEntry);
+    let mut elsewhere = machine.port_client(PORT_NAME).as_process(another_admin());
+    assert_eq!(elsewhere.connect(&[]), Err(Status::ACCESS_DENIED));
+    let mut service =
+        machine
+            .port_client(PORT_NAME)
+            .as_process(Process::new(812, SERVICE_IMAGE, Caller::System));
+    service
+        .connect(&[])
+        .expect("the service's executable connects");
+    drop(service);
+    drop(elsewhere);
+    unload_clean(&machine, driver);
+
+    let machine = Machine::new();
+    machine.set_driver_parameter(
+        "firewall",
+        firewall_driver::SERVICE_SID_PARAMETER,
+        "S-1-5-80-x",
+    );
+    assert_eq!(
+        machine
+            .load_driver("firewall", firewall_driver::DriverEntry)
+            .err(),
+        Some(Status::INVALID_SID)
+    );
+    assert_eq!(machine.pool_blocks(), []);
+}

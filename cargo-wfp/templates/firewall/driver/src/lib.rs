@@ -183,10 +183,10 @@
 //! when it runs as a Windows service with `sc sidtype <name> unrestricted`. With neither set,
 //! the driver behaves as before — any administrator — and warns on the debugger at load.
 //!
-//! `DriverEntry` uses [`Config::DEFAULT`], which sets neither: a product reads the service's
-//! identity from its service key at load (for example `Parameters\ServiceSid`, written by its
-//! installer) and passes it in the [`Config`]; the simulator demo sets it in its own
-//! `#[driver_entry]`.
+//! `DriverEntry` reads the identity from the driver's service key, where the installer writes
+//! it ([`admit_installed_service`]: `Parameters\ServiceSid`, `Parameters\ServiceImage`), then
+//! starts with [`Config::DEFAULT`], which sets neither field; a `#[driver_entry]` of your own
+//! can set them in the [`Config`] instead, as the simulator demo does.
 //!
 //! # Configuration
 //!
@@ -1376,7 +1376,7 @@ pub fn start(
         // On an error the firewall is dropped: its fields go in declaration order, the engine
         // session (and with it everything added in it) first, the minifilter last.
         add_filters(irql, &firewall.engine)?;
-        announce(irql, firewall);
+        announce(irql, firewall, driver.admitted());
     }
     firewall
 }
@@ -1404,7 +1404,7 @@ fn admit_service(
 /// The load-time log line. A function of its own: its formatting temporaries stay off the
 /// stack under [`add_filters`].
 #[inline(never)]
-fn announce(irql: &mut PassiveLevel<'_>, firewall: &Firewall) {
+fn announce(irql: &mut PassiveLevel<'_>, firewall: &Firewall, admitted: Option<&ClientIdentity>) {
     let config = &firewall.shared.config;
     kd_print!(
         "firewall: asking the service on {} ({} ms timeout, default {}, {} cache entries, {} pends at most, overload {}, loopback {})\n",
@@ -1420,18 +1420,49 @@ fn announce(irql: &mut PassiveLevel<'_>, firewall: &Firewall) {
             "asked"
         }
     );
-    match (config.service_sid, config.service_image) {
-        (None, None) => kd_print!(
+    match admitted {
+        None => kd_print!(
             Warning,
-            "firewall: no service identity configured (service_sid, service_image): any administrator's process may connect to {} and answer\n",
+            "firewall: no service identity configured (Parameters\\{SERVICE_SID_PARAMETER} or \\{SERVICE_IMAGE_PARAMETER}, Config::service_sid or service_image): any administrator's process may connect to {} and answer\n",
             config.port_name
         ),
-        (sid, image) => kd_print!(
-            "firewall: only the service may connect or send commands (SID {}, image {})\n",
-            sid.unwrap_or("any"),
-            image.unwrap_or("any")
-        ),
+        Some(identity) => {
+            kd_print!("firewall: only the service may connect or send commands: {identity:?}\n")
+        }
     }
+}
+
+/// The value of the driver's `Parameters` key that names the service's SID (`S-1-5-…`), for
+/// [`admit_installed_service`].
+pub const SERVICE_SID_PARAMETER: &str = "ServiceSid";
+/// The value of the driver's `Parameters` key that names the service's executable (an NT path),
+/// for [`admit_installed_service`].
+pub const SERVICE_IMAGE_PARAMETER: &str = "ServiceImage";
+
+/// Reads the service's identity its installer wrote to the driver's service key —
+/// `Parameters\ServiceSid` and/or `Parameters\ServiceImage` ([`SERVICE_SID_PARAMETER`],
+/// [`SERVICE_IMAGE_PARAMETER`], `REG_SZ`) — and admits only that process
+/// ([`Driver::admit_only`](wfp_rs::driver::Driver::admit_only)). Returns whether it found one.
+/// `DriverEntry` calls it before [`start`]; a configuration that also sets
+/// [`Config::service_sid`] or [`Config::service_image`] then fails with
+/// `STATUS_INVALID_DEVICE_STATE` (one place says who the service is). A malformed SID is
+/// `STATUS_INVALID_SID`: the driver does not load with a configuration it cannot apply.
+#[inline(never)]
+pub fn admit_installed_service(
+    irql: &mut PassiveLevel<'_>,
+    driver: &mut Driver<'_>,
+) -> Result<bool, Status> {
+    let sid = driver.parameter(irql, SERVICE_SID_PARAMETER)?;
+    let image = driver.parameter(irql, SERVICE_IMAGE_PARAMETER)?;
+    let sid = sid.as_deref().map(Sid::parse).transpose()?;
+    let identity = match (sid, image.as_deref()) {
+        (None, None) => return Ok(false),
+        (Some(sid), None) => ClientIdentity::sid(sid),
+        (None, Some(image)) => ClientIdentity::image(image)?,
+        (Some(sid), Some(image)) => ClientIdentity::sid(sid).and_image(image)?,
+    };
+    driver.admit_only(irql, identity)?;
+    Ok(true)
 }
 
 /// Registers the minifilter and creates the service's port on it. Called by [`start`] on its
@@ -1600,6 +1631,7 @@ fn add_filters(irql: &mut PassiveLevel<'_>, engine: &Engine) -> Result<(), Statu
 
 #[wfp_rs::driver_entry]
 fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<Firewall, Status> {
+    admit_installed_service(irql, driver)?;
     start(irql, driver, Config::DEFAULT)
 }
 
