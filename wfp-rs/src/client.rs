@@ -43,8 +43,9 @@
 //!   executable too, or replace it), useful on top of it.
 //!
 //! Either or both; with both, both must match. The identity is configured "at install": read it
-//! in `DriverEntry` from the driver's service key (for example its `Parameters` subkey, written
-//! by the installer) or compile it in.
+//! in `DriverEntry` from the driver's service key with
+//! [`Driver::parameter`](crate::driver::Driver::parameter) (its `Parameters` subkey, written by
+//! the installer), or compile it in.
 //!
 //! What it does not do: an administrator owns the machine, so this is about the race for the
 //! slot, not about a determined administrator. They can open the service's process and duplicate
