@@ -253,6 +253,8 @@ pub mod guides {
     pub mod building_drivers {}
     #[doc = include_str!("../docs/callouts.md")]
     pub mod callouts {}
+    #[doc = include_str!("../docs/clients.md")]
+    pub mod clients {}
     #[doc = include_str!("../docs/firewall.md")]
     pub mod firewall {}
     #[doc = include_str!("../docs/getting-started.md")]

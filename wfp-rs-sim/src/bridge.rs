@@ -16,7 +16,10 @@ use std::thread::JoinHandle;
 
 use wfp_rs::__sim::bridge::{Answer, Call, malformed, read_frame, write_frame};
 
+use wfp_rs::client::Sid;
+
 use crate::kernel::irp::{Caller, DeviceHandle, IoRequest};
+use crate::kernel::process::Process;
 use crate::kernel::state::Kernel;
 
 // --- the server -------------------------------------------------------------------------------
@@ -41,6 +44,8 @@ struct Shared {
     /// Every stream accepted and not finished, to shut them down when the bridge stops.
     streams: Mutex<HashMap<u64, UnixStream>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Extra token groups by executable: what [`UserModeBridge::identify`] registered.
+    identities: Mutex<Vec<(PathBuf, Vec<Sid>)>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -56,6 +61,26 @@ impl Shared {
         lock(&self.sessions).get(&id).cloned()
     }
 
+    /// The process at the other end of `stream`, as the simulated kernel sees it: SYSTEM's
+    /// token (as every bridge client has always had), the peer's process id and executable
+    /// (`SO_PEERCRED` and `/proc/<pid>/exe`, on Linux), and the groups registered for that
+    /// executable. Elsewhere, or if the peer is gone, pid 0 and an empty image.
+    fn peer(&self, stream: &UnixStream) -> Process {
+        let (pid, exe) = peer_pid_and_exe(stream).unwrap_or((0, PathBuf::new()));
+        let mut process = Process::new(pid, &exe.to_string_lossy(), Caller::System);
+        if !exe.as_os_str().is_empty() {
+            let identities = lock(&self.identities);
+            for (registered, groups) in identities.iter() {
+                if registered == &exe {
+                    for sid in groups {
+                        process = process.with_group(sid.clone());
+                    }
+                }
+            }
+        }
+        process
+    }
+
     /// Serves one accepted stream until it ends.
     fn serve(self: &Arc<Self>, mut stream: UnixStream) -> io::Result<()> {
         let Some(body) = read_frame(&mut stream)? else {
@@ -64,7 +89,8 @@ impl Shared {
         let call = Call::decode(&body)?;
         match call {
             Call::PortConnect { name, context } => {
-                match crate::kernel::flt::user_connect(&self.kernel, &name, &context, true) {
+                let process = Arc::new(self.peer(&stream));
+                match crate::kernel::flt::user_connect(&self.kernel, &name, &context, &process) {
                     Ok(client) => {
                         let session = Arc::new(Session::Port {
                             client,
@@ -76,7 +102,7 @@ impl Shared {
                 }
             }
             Call::DeviceOpen { path } => {
-                match crate::kernel::irp::open(&self.kernel, &path, Caller::System) {
+                match crate::kernel::irp::open(&self.kernel, &path, self.peer(&stream)) {
                     Ok(handle) => {
                         let session = Arc::new(Session::Device {
                             handle: Mutex::new(Some(handle)),
@@ -264,6 +290,7 @@ impl UserModeBridge {
             stopping: AtomicBool::new(false),
             streams: Mutex::new(HashMap::new()),
             threads: Mutex::new(Vec::new()),
+            identities: Mutex::new(Vec::new()),
         });
         let accepting = Arc::clone(&shared);
         let listener = std::thread::Builder::new()
@@ -301,6 +328,31 @@ impl UserModeBridge {
     pub fn socket_path(&self) -> &Path {
         &self.path
     }
+
+    /// Gives processes running `executable` (compared with the peer's `/proc/<pid>/exe`, so pass
+    /// a canonical path) the token groups `groups` from now on: what a service's SID type does
+    /// on Windows, where the service control manager adds `NT SERVICE\<name>` to the token of
+    /// the service's process. A client cannot claim an identity itself: the bridge derives it
+    /// from the operating system's record of the peer (Linux only; elsewhere every client is
+    /// pid 0 with no image and no extra groups).
+    pub fn identify(&self, executable: &Path, groups: impl IntoIterator<Item = Sid>) {
+        lock(&self.shared.identities)
+            .push((executable.to_path_buf(), groups.into_iter().collect()));
+    }
+}
+
+/// The peer's process id and executable, from the kernel's record of the socket.
+#[cfg(target_os = "linux")]
+fn peer_pid_and_exe(stream: &UnixStream) -> Option<(u32, PathBuf)> {
+    let credentials = rustix::net::sockopt::socket_peercred(stream).ok()?;
+    let pid = credentials.pid.as_raw_nonzero().get();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    Some((u32::try_from(pid).ok()?, exe))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn peer_pid_and_exe(_stream: &UnixStream) -> Option<(u32, PathBuf)> {
+    None
 }
 
 impl Drop for UserModeBridge {

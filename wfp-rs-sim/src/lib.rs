@@ -1697,7 +1697,7 @@ impl Machine {
 pub struct PortClient {
     kernel: Arc<Kernel>,
     name: String,
-    administrator: bool,
+    process: Arc<Process>,
     client: Option<usize>,
 }
 
@@ -1715,13 +1715,14 @@ pub struct PortMessage {
 
 impl Machine {
     /// A user-mode client for the communication port named `name` (for example
-    /// `"\\WfpRsFirewall"`), not connected yet. It runs as an administrator, as a service
-    /// running as SYSTEM would; see [`PortClient::as_standard_user`].
+    /// `"\\WfpRsFirewall"`), not connected yet. It runs in a process with SYSTEM's token, as a
+    /// service running as LocalSystem would (`Process::from(Caller::System)`); see
+    /// [`PortClient::as_process`] and [`PortClient::as_standard_user`].
     pub fn port_client(&self, name: &str) -> PortClient {
         PortClient {
             kernel: Arc::clone(&self.kernel),
             name: name.to_owned(),
-            administrator: true,
+            process: Arc::new(Process::from(Caller::System)),
             client: None,
         }
     }
@@ -1737,8 +1738,14 @@ impl Machine {
 impl PortClient {
     /// Makes the process a standard user: a port whose security descriptor admits only
     /// administrators and SYSTEM refuses it (`STATUS_ACCESS_DENIED`).
-    pub fn as_standard_user(mut self) -> PortClient {
-        self.administrator = false;
+    pub fn as_standard_user(self) -> PortClient {
+        self.as_process(Process::from(Caller::User))
+    }
+
+    /// Makes the client run in `process`: the port's security descriptor checks its token, and
+    /// the driver's connect callback runs in it (what `PsGetCurrentProcess` returns there).
+    pub fn as_process(mut self, process: Process) -> PortClient {
+        self.process = Arc::new(process);
         self
     }
 
@@ -1753,7 +1760,7 @@ impl PortClient {
             return Err(Status::INVALID_PARAMETER);
         }
         let client =
-            crate::kernel::flt::user_connect(&self.kernel, &self.name, context, self.administrator)
+            crate::kernel::flt::user_connect(&self.kernel, &self.name, context, &self.process)
                 .map_err(Status::from_raw)?;
         self.client = Some(client);
         Ok(())
@@ -1810,7 +1817,7 @@ impl fmt::Debug for PortClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PortClient")
             .field("port", &self.name)
-            .field("administrator", &self.administrator)
+            .field("process", &self.process)
             .field("connected", &self.is_connected())
             .finish()
     }
@@ -1853,15 +1860,50 @@ impl Machine {
 // --- devices and I/O requests ----------------------------------------------------------------------
 
 pub use crate::kernel::irp::{Caller, DeviceHandle, IoCompletion, IoRequest};
+pub use crate::kernel::process::Process;
 
 impl Machine {
-    /// A user-mode process running as `caller` opens a device (`CreateFile` with
-    /// `GENERIC_READ | GENERIC_WRITE`): `path` is `\\.\name` or `\??\name` (through the symbolic
-    /// link), or the device's own name (`\Device\name`). The device's DACL decides (a device
-    /// without one lets everyone in, as the default device security descriptor does); then the
-    /// driver's `IRP_MJ_CREATE` runs.
-    pub fn open_device(&self, path: &str, caller: Caller) -> Result<DeviceHandle, Status> {
-        crate::kernel::irp::open(&self.kernel, path, caller)
+    /// A user-mode process opens a device (`CreateFile` with `GENERIC_READ | GENERIC_WRITE`):
+    /// `path` is `\\.\name` or `\??\name` (through the symbolic link), or the device's own name
+    /// (`\Device\name`). `process` is a [`Process`], or just a [`Caller`] (a process with that
+    /// token). The device's DACL decides (a device without one lets everyone in, as the default
+    /// device security descriptor does); then the driver's `IRP_MJ_CREATE` runs, in that process,
+    /// as do the dispatch routines of every later request on the handle.
+    pub fn open_device(
+        &self,
+        path: &str,
+        process: impl Into<Process>,
+    ) -> Result<DeviceHandle, Status> {
+        crate::kernel::irp::open(&self.kernel, path, process.into())
+    }
+
+    /// Creates the registry key `key` (an absolute name, `\REGISTRY\MACHINE\...`) if needed
+    /// and sets its value `name` to the string `value` (`REG_SZ`, with its terminating NUL), for
+    /// drivers that read their configuration (`ZwOpenKey`, `ZwQueryValueKey`). Names are
+    /// case-insensitive.
+    pub fn set_registry_string(&self, key: &str, name: &str, value: &str) {
+        let data: Vec<u8> = value
+            .encode_utf16()
+            .chain([0])
+            .flat_map(u16::to_le_bytes)
+            .collect();
+        self.set_registry_value(key, name, REG_SZ, &data);
+    }
+
+    /// Like [`set_registry_string`](Self::set_registry_string), with any value type and data.
+    pub fn set_registry_value(&self, key: &str, name: &str, kind: u32, data: &[u8]) {
+        crate::kernel::registry::set_value(&self.kernel, key, name, kind, data);
+    }
+
+    /// Sets the string value `name` of the `Parameters` key of the driver `driver_name` will
+    /// load as (`\REGISTRY\MACHINE\SYSTEM\CurrentControlSet\Services\<driver_name>\Parameters`),
+    /// what its installer would write: the driver reads it with
+    /// [`Driver::parameter`](wfp_rs::driver::Driver::parameter).
+    pub fn set_driver_parameter(&self, driver_name: &str, name: &str, value: &str) {
+        let key = format!(
+            "\\REGISTRY\\MACHINE\\SYSTEM\\CurrentControlSet\\Services\\{driver_name}\\Parameters"
+        );
+        self.set_registry_string(&key, name, value);
     }
 
     /// The symbolic links that exist, as (link, target) pairs, sorted: drivers must delete

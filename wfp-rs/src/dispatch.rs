@@ -8,11 +8,17 @@
 //! driver has, which user mode cannot open) gets the I/O manager's default answers: create and
 //! every other request fail with `STATUS_INVALID_DEVICE_REQUEST`, cleanup and close succeed.
 //!
+//! Before an SDK device's handler sees an `IRP_MJ_CREATE`, the client check of
+//! [`crate::client`] runs: a driver that restricted its clients
+//! ([`Driver::admit_only`](crate::driver::Driver::admit_only)) refuses other processes here,
+//! for every kind of SDK device.
+//!
 //! Devices that a driver creates itself with the raw `IoCreateDevice` must either have no
 //! extension or install dispatch routines of their own.
 
 use core::ptr::NonNull;
 
+use crate::irql::PassiveLevel;
 use crate::status::Status;
 use crate::sys;
 
@@ -109,6 +115,12 @@ unsafe extern "system" fn dispatch(
         .filter(|header| unsafe { header.as_ref() }.marker == &raw const MARKER);
     match header {
         Some(header) => {
+            if request.major() == sys::IRP_MJ_CREATE
+                && let Err(status) = admit(device)
+            {
+                request.complete(status.raw(), 0);
+                return status.raw();
+            }
             // SAFETY: checked above: an SDK header, alive with the device.
             let handler = unsafe { header.as_ref() }.handler;
             // SAFETY: the header belongs to this device, which the handler was written for.
@@ -116,6 +128,24 @@ unsafe extern "system" fn dispatch(
         }
         None => default_dispatch(request),
     }
+}
+
+/// The client check of [`crate::client`] for an `IRP_MJ_CREATE`: it runs in the thread of the
+/// process that opens the device (the I/O manager calls the create dispatch routine of the
+/// highest-level driver there), at `PASSIVE_LEVEL`. A create that arrives at a higher IRQL (no
+/// user-mode open does) is refused when the driver restricted its clients.
+fn admit(device: NonNull<sys::DEVICE_OBJECT>) -> Result<(), Status> {
+    // SAFETY: the device object is valid for the call.
+    let object = unsafe { (*device.as_ptr()).DriverObject };
+    // SAFETY: SDK code that uses the token only for the check's kernel calls.
+    let admitted =
+        unsafe { PassiveLevel::try_current_in_sdk(|irql| crate::client::admit(object, irql)) };
+    admitted.unwrap_or_else(|| {
+        crate::driver::with_admitted_client(object, |identity| match identity {
+            Some(_) => Err(Status::ACCESS_DENIED),
+            None => Ok(()),
+        })
+    })
 }
 
 /// What the I/O manager answers for a device that handles nothing.

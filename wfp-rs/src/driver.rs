@@ -33,14 +33,18 @@
 use core::fmt;
 use core::mem::MaybeUninit;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
+use crate::client::ClientIdentity;
 use crate::event::{Event, EventKind};
-use crate::irql::{DispatchLevel, PassiveLevel};
+use crate::irql::{AtPassive, DispatchLevel, PassiveLevel};
+use crate::pool::{PoolBox, PoolTag};
 use crate::spin_lock::SpinLock;
 use crate::status::Status;
 use crate::sys;
 use crate::work_item::WorkQueue;
+
+pub use crate::registry::MAX_PARAMETER_LEN;
 
 /// The state a driver keeps from `DriverEntry` to unload.
 ///
@@ -81,6 +85,9 @@ pub(crate) struct Shared {
     /// under the lock so they cannot disagree.
     jobs: SpinLock<usize>,
     idle: Event,
+    /// The only client the driver's devices and ports admit ([`Driver::admit_only`]): null
+    /// until set, then set once and freed at teardown, so readers never see it change.
+    admitted: AtomicPtr<ClientIdentity>,
 }
 
 impl Shared {
@@ -215,6 +222,29 @@ pub(crate) fn with_driver_of<R>(
     Some(f(irql, &mut driver))
 }
 
+/// Runs `f` with the client identity the driver of `object` admits (`None`: it did not restrict
+/// its clients, or it is not an SDK driver).
+pub(crate) fn with_admitted_client<R>(
+    object: *mut sys::DRIVER_OBJECT,
+    f: impl FnOnce(Option<&ClientIdentity>) -> R,
+) -> R {
+    if object.is_null() {
+        return f(None);
+    }
+    // SAFETY: the object of a loaded driver (a device's or a port's owner, alive while requests
+    // reach them); a driver without the SDK glue has no extension under this id.
+    let extension = unsafe { sys::IoGetDriverObjectExtension(object, extension_id()) };
+    let Some(shared) = NonNull::new(extension.cast::<Shared>()) else {
+        return f(None);
+    };
+    // SAFETY: the extension starts with the `Shared` block, alive until unload's teardown,
+    // which comes after every device and port of the driver is gone.
+    let admitted = unsafe { shared.as_ref() }.admitted.load(Ordering::Acquire);
+    // SAFETY: null, or the identity `admit_only` published, never changed and freed only at
+    // teardown.
+    f(unsafe { admitted.as_ref() })
+}
+
 /// The driver being initialised, as `DriverEntry` sees it.
 pub struct Driver<'a> {
     object: NonNull<sys::DRIVER_OBJECT>,
@@ -242,6 +272,73 @@ impl Driver<'_> {
     /// work items need one).
     pub fn raw_device(&self) -> *mut sys::DEVICE_OBJECT {
         self.shared.device.as_ptr()
+    }
+
+    /// From now on, only processes that match `identity` may open the driver's SDK devices
+    /// ([`ControlDevice`](crate::control::ControlDevice),
+    /// [`InvertedQueue`](crate::inverted::InvertedQueue)) or connect to its
+    /// [`ServerPort`](crate::port::ServerPort)s; every other process gets `STATUS_ACCESS_DENIED`
+    /// (see [`crate::client`]). Call it in `DriverEntry`, before creating them. It can be set
+    /// once: a second call fails with `STATUS_INVALID_DEVICE_STATE` (a restriction never loosens
+    /// while the driver runs). `STATUS_INSUFFICIENT_RESOURCES` without pool.
+    pub fn admit_only(
+        &self,
+        irql: &impl AtPassive,
+        identity: ClientIdentity,
+    ) -> Result<(), Status> {
+        let block = PoolBox::into_raw(PoolBox::try_new(identity, PoolTag::SDK, irql)?);
+        let published = self.shared.admitted.compare_exchange(
+            core::ptr::null_mut(),
+            block.as_ptr(),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        if published.is_err() {
+            // SAFETY: allocated just above with the SDK tag, never published.
+            drop(unsafe { PoolBox::from_raw(block, PoolTag::SDK) });
+            return Err(Status::INVALID_DEVICE_STATE);
+        }
+        Ok(())
+    }
+
+    /// Reads the string value `name` of the driver's `Parameters` key
+    /// (`<registry path>\Parameters`), where an installer puts the driver's configuration:
+    /// `Ok(None)` if the key or the value does not exist. A `REG_SZ` or `REG_EXPAND_SZ` value
+    /// (not expanded), without its terminating NULs. Fails with `STATUS_OBJECT_TYPE_MISMATCH` for
+    /// another type, `STATUS_BUFFER_OVERFLOW` for a value longer than [`MAX_PARAMETER_LEN`]
+    /// units, `STATUS_INVALID_PARAMETER` for an empty name (or one over 255 bytes) or text that is
+    /// not UTF-16. Wraps `ZwOpenKey` and `ZwQueryValueKey` (`KeyValuePartialInformation`).
+    ///
+    /// ```
+    /// use wfp_rs::driver::Driver;
+    /// use wfp_rs::irql::PassiveLevel;
+    /// use wfp_rs::Status;
+    ///
+    /// #[wfp_rs::driver_entry]
+    /// fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<(), Status> {
+    ///     let mode = driver.parameter(irql, "Mode")?;
+    ///     wfp_rs::kd_print!("mode: {}\n", mode.as_deref().unwrap_or("(default)"));
+    ///     Ok(())
+    /// }
+    /// let machine = wfp_rs_sim::Machine::new();
+    /// machine.set_driver_parameter("doc", "Mode", "strict");
+    /// let loaded = machine.load_driver("doc", DriverEntry).unwrap();
+    /// assert!(machine.debug_output().iter().any(|line| line == "mode: strict\n"));
+    /// machine.unload_driver(loaded).unwrap();
+    /// ```
+    pub fn parameter(
+        &self,
+        irql: &impl AtPassive,
+        name: &str,
+    ) -> Result<Option<alloc::string::String>, Status> {
+        crate::registry::read_string(irql, UnicodeStr(self.registry_path).as_utf16(), name)
+    }
+
+    /// The client identity set with [`admit_only`](Self::admit_only), if any.
+    pub fn admitted(&self) -> Option<&ClientIdentity> {
+        // SAFETY: null or the published identity, unchanged until teardown, which comes after
+        // every `Driver` handle is gone.
+        unsafe { self.shared.admitted.load(Ordering::Acquire).as_ref() }
     }
 }
 
@@ -443,6 +540,7 @@ fn prepare_extension<D: DriverState>(
             drained,
             jobs: SpinLock::new(0),
             idle,
+            admitted: AtomicPtr::new(core::ptr::null_mut()),
         })
     };
     Ok(extension)
@@ -459,6 +557,15 @@ unsafe fn tear_down(irql: &mut PassiveLevel<'_>, shared: &mut Shared) {
     shared.drained.wait(irql);
     // SAFETY: every reference is gone, so no work item can still use the device.
     unsafe { sys::IoDeleteDevice(shared.device.as_ptr()) };
+    if let Some(admitted) = NonNull::new(
+        shared
+            .admitted
+            .swap(core::ptr::null_mut(), Ordering::AcqRel),
+    ) {
+        // SAFETY: published by `admit_only` (SDK tag); the driver's devices and ports, the only
+        // readers, are gone, and the swap makes this the one release.
+        drop(unsafe { PoolBox::from_raw(admitted, PoolTag::SDK) });
+    }
     // SAFETY: nothing refers to `shared` any more; it is dropped in place exactly once.
     unsafe { core::ptr::drop_in_place(shared) };
 }

@@ -420,6 +420,8 @@ pub struct Filter {
 
 struct FilterInner {
     raw: sys::PFLT_FILTER,
+    /// The registering driver's object, for the client check of its ports ([`crate::client`]).
+    driver: *mut sys::DRIVER_OBJECT,
     /// This handle plus one per group of port handles.
     refs: AtomicUsize,
     /// The blocks of this filter's ports, freed once the filter is unregistered (after which
@@ -440,6 +442,7 @@ impl Filter {
         crate::irql::verify(irql);
         let blank = FilterInner {
             raw: core::ptr::null_mut(),
+            driver: driver.raw_object(),
             refs: AtomicUsize::new(1),
             ports: AtomicPtr::new(core::ptr::null_mut()),
         };
@@ -675,7 +678,10 @@ impl PortEvents for () {}
 /// through which the driver sends [`Protocol`] requests.
 ///
 /// Only administrators and SYSTEM may connect: the port's security descriptor is the filter
-/// manager's default one (`FltBuildDefaultSecurityDescriptor` with `FLT_PORT_ALL_ACCESS`).
+/// manager's default one (`FltBuildDefaultSecurityDescriptor` with `FLT_PORT_ALL_ACCESS`). A
+/// driver that restricted its clients ([`Driver::admit_only`](crate::driver::Driver::admit_only))
+/// also refuses every process but that one, before it takes a connection slot (see
+/// [`crate::client`]).
 ///
 /// Clone it to hand it to work items; the port is closed (`FltCloseCommunicationPort`) when the
 /// last clone is dropped, at `PASSIVE_LEVEL`. Closing stops new connections; connections that
@@ -714,6 +720,8 @@ struct Slot {
 struct PortShared<P: Protocol, E: PortEvents> {
     header: PortHeader,
     raw_filter: sys::PFLT_FILTER,
+    /// The driver's object: whose client restriction the port applies.
+    driver: *mut sys::DRIVER_OBJECT,
     server: AtomicPtr<sys::FLT_PORT>,
     /// Clones of the `ServerPort`.
     handles: AtomicUsize,
@@ -960,6 +968,10 @@ impl<P: Protocol, E: PortEvents> ServerPort<P, E> {
             let field = unsafe { &raw mut (*block).raw_filter };
             // SAFETY: valid for writes, as above.
             unsafe { field.write(filter.raw()) };
+            // SAFETY: as above.
+            let field = unsafe { &raw mut (*block).driver };
+            // SAFETY: valid for writes, as above.
+            unsafe { field.write(filter.inner().driver) };
             // SAFETY: as above.
             let field = unsafe { &raw mut (*block).server };
             // SAFETY: valid for writes, as above.
@@ -1217,6 +1229,16 @@ unsafe extern "system" fn connect_notify<P: Protocol, E: PortEvents>(
     };
     if connection_cookie.is_null() || client_port.is_null() {
         return Status::INVALID_PARAMETER.raw();
+    }
+    // Before a slot is claimed: a refused process must not take the one the service needs.
+    let admitted = {
+        // SAFETY: the filter manager calls ConnectNotify at PASSIVE_LEVEL, in the context of the
+        // connecting process; the token lives for this block only, before the one below.
+        let irql = unsafe { PassiveLevel::new_unchecked() };
+        crate::client::admit(shared.driver, &irql)
+    };
+    if let Err(status) = admitted {
+        return status.raw();
     }
     let Some(slot) = shared.claim() else {
         return Status::CONNECTION_COUNT_LIMIT.raw();

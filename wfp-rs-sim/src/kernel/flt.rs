@@ -960,8 +960,9 @@ pub(crate) fn user_connect(
     kernel: &Arc<Kernel>,
     name: &str,
     context: &[u8],
-    administrator: bool,
+    process: &Arc<super::process::Process>,
 ) -> Result<usize, NTSTATUS> {
+    let administrator = process.caller() != super::irp::Caller::User;
     let (client, connect, cookie, driver) = {
         let mut flt = lock(kernel);
         let Some((&server, record)) = flt.servers.iter().find(|(_, s)| s.is_named(name)) else {
@@ -1012,23 +1013,26 @@ pub(crate) fn user_connect(
     // The filter manager hands the driver a kernel copy of the context.
     let mut context = context.to_vec();
     let mut connection_cookie: PVOID = core::ptr::null_mut();
-    let status = call_driver(kernel, driver, "ConnectNotify", || {
-        let buffer = if context.is_empty() {
-            core::ptr::null_mut()
-        } else {
-            context.as_mut_ptr().cast()
-        };
-        // SAFETY: the driver registered this routine for a port that is open; the context
-        // buffer and the cookie are locals that outlive the call.
-        unsafe {
-            connect(
-                client as PFLT_PORT,
-                cookie as PVOID,
-                buffer,
-                context.len() as ULONG,
-                &mut connection_cookie,
-            )
-        }
+    // The connect callback runs in the context of the connecting process.
+    let status = super::process::with_process(process, || {
+        call_driver(kernel, driver, "ConnectNotify", || {
+            let buffer = if context.is_empty() {
+                core::ptr::null_mut()
+            } else {
+                context.as_mut_ptr().cast()
+            };
+            // SAFETY: the driver registered this routine for a port that is open; the context
+            // buffer and the cookie are locals that outlive the call.
+            unsafe {
+                connect(
+                    client as PFLT_PORT,
+                    cookie as PVOID,
+                    buffer,
+                    context.len() as ULONG,
+                    &mut connection_cookie,
+                )
+            }
+        })
     });
     let mut flt = lock(kernel);
     if status < 0 {

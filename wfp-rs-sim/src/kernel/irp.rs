@@ -52,6 +52,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::bugcheck::stop;
+use super::process::Process;
 use super::state::{Kernel, current, irql, level_name, require_irql, with_context};
 use wfp_rs::bugcheck::{BugCheckCode, iomanager};
 use wfp_rs::status::Status;
@@ -154,6 +155,8 @@ enum FilePhase {
 }
 
 struct FileRecord {
+    /// The process that opened the handle: the driver's dispatch routines for it run there.
+    process: Arc<Process>,
     block: *mut FileBlock,
     device: usize,
     device_serial: u64,
@@ -444,14 +447,40 @@ fn stack_control(block: *mut IrpBlock) -> u8 {
 }
 
 /// Sends `irp` to its driver's dispatch routine at `PASSIVE_LEVEL`, as `IoCallDriver` from the
-/// requesting thread, and applies the verifier's checks to what the routine did. Returns what
-/// the dispatch routine returned.
+/// requesting thread (in the process that opened the handle), and applies the verifier's checks
+/// to what the routine did. Returns what the dispatch routine returned.
 fn call_driver(kernel: &Arc<Kernel>, irp: usize) -> NTSTATUS {
-    let (block, device, driver, major) = {
+    let (block, device, driver, major, process) = {
         let state = io(kernel);
         let record = &state.irps[&irp];
-        (record.block, record.device, record.driver, record.major)
+        let process = state
+            .files
+            .get(&record.file)
+            .map(|file| Arc::clone(&file.process));
+        (
+            record.block,
+            record.device,
+            record.driver,
+            record.major,
+            process,
+        )
     };
+    match process {
+        Some(process) => super::process::with_process(&process, || {
+            dispatch_irp(kernel, irp, block, device, driver, major)
+        }),
+        None => dispatch_irp(kernel, irp, block, device, driver, major),
+    }
+}
+
+fn dispatch_irp(
+    kernel: &Arc<Kernel>,
+    irp: usize,
+    block: *mut IrpBlock,
+    device: usize,
+    driver: usize,
+    major: u8,
+) -> NTSTATUS {
     let routine = {
         let state = kernel.lock();
         state
@@ -1229,7 +1258,7 @@ pub unsafe extern "system" fn ZwSetSecurityObject(
     STATUS_SUCCESS
 }
 
-/// `ZwClose`, for handles from `ObOpenObjectByPointer`.
+/// `ZwClose`, for handles from `ObOpenObjectByPointer` and `ZwOpenKey`.
 ///
 /// # Safety
 ///
@@ -1238,9 +1267,12 @@ pub unsafe extern "system" fn ZwClose(Handle: HANDLE) -> NTSTATUS {
     let _kernel = super::state::KernelCode::enter();
     require_irql("ZwClose", PASSIVE_LEVEL);
     let kernel = current();
-    match io(&kernel).handles.remove(&(Handle as usize)) {
-        Some(_) => STATUS_SUCCESS,
-        None => Status::INVALID_HANDLE.raw(),
+    if io(&kernel).handles.remove(&(Handle as usize)).is_some()
+        || super::registry::close(&kernel, Handle as usize)
+    {
+        STATUS_SUCCESS
+    } else {
+        Status::INVALID_HANDLE.raw()
     }
 }
 
@@ -1355,7 +1387,7 @@ const A_USER: &[u8] = &[
     1, 5, 0, 0, 0, 0, 0, 5, 21, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 0xE9, 0x03, 0, 0,
 ];
 
-fn token_sids(caller: Caller) -> &'static [&'static [u8]] {
+pub(crate) fn token_sids(caller: Caller) -> &'static [&'static [u8]] {
     match caller {
         Caller::System => &[LOCAL_SYSTEM, ADMINISTRATORS, EVERYONE, AUTHENTICATED_USERS],
         Caller::Administrator => &[A_USER, ADMINISTRATORS, USERS, EVERYONE, AUTHENTICATED_USERS],
@@ -1444,8 +1476,10 @@ fn resolve(kernel: &Kernel, path: &str) -> Result<String, Status> {
 pub(crate) fn open(
     kernel: &Arc<Kernel>,
     path: &str,
-    caller: Caller,
+    process: Process,
 ) -> Result<DeviceHandle, Status> {
+    let caller = process.caller();
+    let process = Arc::new(process);
     run_due_closes(kernel);
     let target = resolve(kernel, path)?.to_lowercase();
     let (device, driver, serial) = {
@@ -1486,6 +1520,7 @@ pub(crate) fn open(
     io(kernel).files.insert(
         file,
         FileRecord {
+            process,
             block,
             device,
             device_serial: serial,

@@ -30,6 +30,8 @@ mod io;
 pub(crate) mod irp;
 mod irql;
 mod pool;
+pub(crate) mod process;
+pub(crate) mod registry;
 pub(crate) mod state;
 pub(crate) mod timer;
 mod watchdog;
@@ -86,6 +88,16 @@ pub(crate) static FUNCTIONS: wfp_rs::__sim::KernelFunctions = wfp_rs::__sim::Ker
     KfRaiseIrql: irql::KfRaiseIrql,
     ExAllocatePool2: pool::ExAllocatePool2,
     ExFreePoolWithTag: pool::ExFreePoolWithTag,
+    ExFreePool: pool::ExFreePool,
+    IoGetCurrentProcess: process::IoGetCurrentProcess,
+    PsGetCurrentProcessId: process::PsGetCurrentProcessId,
+    PsReferencePrimaryToken: process::PsReferencePrimaryToken,
+    PsDereferencePrimaryToken: process::PsDereferencePrimaryToken,
+    SeQueryInformationToken: process::SeQueryInformationToken,
+    SeLocateProcessImageName: process::SeLocateProcessImageName,
+    RtlEqualUnicodeString: process::RtlEqualUnicodeString,
+    ZwOpenKey: registry::ZwOpenKey,
+    ZwQueryValueKey: registry::ZwQueryValueKey,
     DbgPrintEx: state::DbgPrintEx,
     KeQueryInterruptTimePrecise: state::KeQueryInterruptTimePrecise,
     FwpmCalloutAdd0: wfp::FwpmCalloutAdd0,

@@ -134,6 +134,21 @@ pub unsafe extern "system" fn ExAllocatePool2(
 /// `P` must be a live block from `ExAllocatePool2`; the simulator stops the machine otherwise,
 /// before touching the memory.
 pub unsafe extern "system" fn ExFreePoolWithTag(P: PVOID, Tag: ULONG) {
+    free(P, Some(Tag));
+}
+
+/// `ExFreePool`: frees a block whatever its tag (the blocks kernel routines such as
+/// `SeQueryInformationToken` allocate for their answers are freed this way).
+///
+/// # Safety
+///
+/// None beyond the kernel's rules, which this function checks.
+pub unsafe extern "system" fn ExFreePool(P: PVOID) {
+    free(P, None);
+}
+
+/// Frees a pool block, checking its tag if `expected` is given.
+fn free(P: PVOID, expected: Option<ULONG>) {
     let _kernel = super::state::KernelCode::enter();
     let now = irql();
     let kernel = current();
@@ -163,7 +178,9 @@ pub unsafe extern "system" fn ExFreePoolWithTag(P: PVOID, Tag: ULONG) {
         drop(state);
         stop_free_above_irql(now, flags, P as usize, "pool");
     }
-    if block.tag != Tag {
+    if let Some(Tag) = expected
+        && block.tag != Tag
+    {
         let allocated_with = block.tag;
         drop(state);
         stop(

@@ -105,6 +105,8 @@ pub(crate) struct Faults {
 /// One simulated machine.
 pub(crate) struct Kernel {
     pub state: Mutex<State>,
+    /// Registry keys and values drivers read their configuration from (`registry.rs`).
+    pub registry: super::registry::Registry,
     /// Fault injection for pool allocations. A lock of its own, never held while allocating, so
     /// the global allocator can consult it whatever locks its caller holds.
     pub faults: Mutex<Faults>,
@@ -282,6 +284,7 @@ impl Kernel {
             waiters: Mutex::new(HashMap::new()),
             watchdog: super::watchdog::Watchdog::default(),
             timers: super::timer::Timers::default(),
+            registry: super::registry::Registry::default(),
         });
         let mut handles = Vec::with_capacity(workers);
         for index in 0..workers {

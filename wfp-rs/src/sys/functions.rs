@@ -270,6 +270,49 @@ kernel_functions! {
             SecurityDescriptor: PVOID,
         ) -> NTSTATUS;
         fn ZwClose(Handle: HANDLE) -> NTSTATUS;
+
+        // Who is calling (wdm.h, ntddk.h, ntifs.h). `PsGetCurrentProcess` is a macro for
+        // IoGetCurrentProcess (wdm.h). IRQL: IoGetCurrentProcess at most DISPATCH_LEVEL,
+        // PsGetCurrentProcessId any; PsReferencePrimaryToken, PsDereferencePrimaryToken,
+        // SeQueryInformationToken and SeLocateProcessImageName PASSIVE_LEVEL; ExFreePool at most
+        // DISPATCH_LEVEL (for paged pool, which the two queries return: APC_LEVEL);
+        // RtlEqualUnicodeString PASSIVE_LEVEL (it may touch paged strings).
+        fn IoGetCurrentProcess() -> PEPROCESS;
+        fn PsGetCurrentProcessId() -> HANDLE;
+        fn PsReferencePrimaryToken(Process: PEPROCESS) -> PACCESS_TOKEN;
+        fn PsDereferencePrimaryToken(PrimaryToken: PACCESS_TOKEN);
+        /// Allocates the answer in paged pool; the caller frees it with `ExFreePool`.
+        fn SeQueryInformationToken(
+            Token: PACCESS_TOKEN,
+            TokenInformationClass: TOKEN_INFORMATION_CLASS,
+            TokenInformation: *mut PVOID,
+        ) -> NTSTATUS;
+        /// Allocates the `UNICODE_STRING` and its text in one block; the caller frees it with
+        /// `ExFreePool`.
+        fn SeLocateProcessImageName(
+            Process: PEPROCESS,
+            pImageFileName: *mut *mut UNICODE_STRING,
+        ) -> NTSTATUS;
+        fn ExFreePool(P: PVOID);
+        // The driver's configuration (wdm.h): PASSIVE_LEVEL.
+        fn ZwOpenKey(
+            KeyHandle: *mut HANDLE,
+            DesiredAccess: ACCESS_MASK,
+            ObjectAttributes: *const OBJECT_ATTRIBUTES,
+        ) -> NTSTATUS;
+        fn ZwQueryValueKey(
+            KeyHandle: HANDLE,
+            ValueName: *const UNICODE_STRING,
+            KeyValueInformationClass: KEY_VALUE_INFORMATION_CLASS,
+            KeyValueInformation: PVOID,
+            Length: ULONG,
+            ResultLength: *mut ULONG,
+        ) -> NTSTATUS;
+        fn RtlEqualUnicodeString(
+            String1: *const UNICODE_STRING,
+            String2: *const UNICODE_STRING,
+            CaseInSensitive: BOOLEAN,
+        ) -> BOOLEAN;
     }
 
     // The WFP kernel client (fwpsk.h, fwpmk.h). Every management routine (`Fwpm*`) requires

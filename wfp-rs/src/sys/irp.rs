@@ -163,6 +163,70 @@ pub struct ACE_HEADER {
     pub AceSize: u16,
 }
 
+// --- processes and tokens (wdm.h, ntddk.h, ntifs.h) ---------------------------------------------
+
+/// `PEPROCESS` (wdm.h): a process object, opaque.
+pub type PEPROCESS = *mut c_void;
+/// `PACCESS_TOKEN` (wdm.h): a token object, opaque.
+pub type PACCESS_TOKEN = *mut c_void;
+/// `PSID` (ntifs.h): a security identifier (`SID`, variable length).
+pub type PSID = *mut super::fwp::SID;
+
+/// `TOKEN_INFORMATION_CLASS` (ntifs.h), an enum: what `SeQueryInformationToken` returns.
+pub type TOKEN_INFORMATION_CLASS = i32;
+/// `TokenUser` (1): a `TOKEN_USER`.
+pub const TokenUser: TOKEN_INFORMATION_CLASS = 1;
+/// `TokenGroups` (2): a `TOKEN_GROUPS`.
+pub const TokenGroups: TOKEN_INFORMATION_CLASS = 2;
+
+/// `TOKEN_USER` (ntifs.h).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TOKEN_USER {
+    pub User: super::fwp::SID_AND_ATTRIBUTES,
+}
+
+/// `TOKEN_GROUPS` (ntifs.h): `GroupCount` entries, of which the declaration shows the first
+/// (`ANYSIZE_ARRAY`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TOKEN_GROUPS {
+    pub GroupCount: ULONG,
+    pub Groups: [super::fwp::SID_AND_ATTRIBUTES; 1],
+}
+
+/// `SE_GROUP_ENABLED`, `SE_GROUP_USE_FOR_DENY_ONLY` (winnt.h): group attributes in a token.
+pub const SE_GROUP_ENABLED: ULONG = 0x0000_0004;
+pub const SE_GROUP_USE_FOR_DENY_ONLY: ULONG = 0x0000_0010;
+
+/// `SID_MAX_SUB_AUTHORITIES` (ntifs.h).
+pub const SID_MAX_SUB_AUTHORITIES: u8 = 15;
+/// `SID_REVISION` (ntifs.h).
+pub const SID_REVISION: u8 = 1;
+
+// --- the registry (wdm.h) -----------------------------------------------------------------------
+
+/// `KEY_QUERY_VALUE` (wdm.h): the right to read a key's values.
+pub const KEY_QUERY_VALUE: u32 = 0x0001;
+/// `KEY_VALUE_INFORMATION_CLASS` (wdm.h), an enum.
+pub type KEY_VALUE_INFORMATION_CLASS = i32;
+/// `KeyValuePartialInformation` (2): a `KEY_VALUE_PARTIAL_INFORMATION`.
+pub const KeyValuePartialInformation: KEY_VALUE_INFORMATION_CLASS = 2;
+/// `REG_SZ`, `REG_EXPAND_SZ` (wdm.h): NUL-terminated UTF-16 strings.
+pub const REG_SZ: ULONG = 1;
+pub const REG_EXPAND_SZ: ULONG = 2;
+
+/// `KEY_VALUE_PARTIAL_INFORMATION` (wdm.h): `DataLength` bytes of data start at `Data` (the
+/// declaration shows the first).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KEY_VALUE_PARTIAL_INFORMATION {
+    pub TitleIndex: ULONG,
+    pub Type: ULONG,
+    pub DataLength: ULONG,
+    pub Data: [u8; 1],
+}
+
 // --- IRP ----------------------------------------------------------------------------------------
 
 /// `IO_STATUS_BLOCK` (wdm.h).
@@ -525,6 +589,14 @@ assert_eq_size!(SECURITY_DESCRIPTOR, [u8; 0x28]);
 const_assert_eq!(core::mem::offset_of!(SECURITY_DESCRIPTOR, Dacl), 0x20);
 assert_eq_size!(ACL, [u8; 8]);
 assert_eq_size!(ACE_HEADER, [u8; 4]);
+assert_eq_size!(TOKEN_USER, [u8; 0x10]);
+assert_eq_size!(KEY_VALUE_PARTIAL_INFORMATION, [u8; 0x10]);
+const_assert_eq!(
+    core::mem::offset_of!(KEY_VALUE_PARTIAL_INFORMATION, Data),
+    0x0C
+);
+assert_eq_size!(TOKEN_GROUPS, [u8; 0x18]);
+const_assert_eq!(core::mem::offset_of!(TOKEN_GROUPS, Groups), 0x08);
 const_assert_eq!(
     CTL_CODE(FILE_DEVICE_UNKNOWN, 0x800, METHOD_BUFFERED, FILE_ANY_ACCESS),
     0x0022_2000

@@ -170,6 +170,24 @@
 //! `STATUS_BUFFER_TOO_SMALL`, a malformed request `STATUS_INVALID_PARAMETER`). Any other control
 //! code is `STATUS_INVALID_DEVICE_REQUEST`.
 //!
+//! # Only the service answers
+//!
+//! The port takes one connection ([`SERVICE_CONNECTIONS`]), and its security descriptor admits
+//! every administrator's process. So while the service restarts, another elevated process could
+//! connect first, keep the service out and answer "allow" to everything. With
+//! [`Config::service_sid`] or [`Config::service_image`] set, [`start`] calls
+//! [`Driver::admit_only`](wfp_rs::driver::Driver::admit_only) before it creates the port and the
+//! control device: both then refuse every other process with `STATUS_ACCESS_DENIED`, the port
+//! before that process takes the slot (the SDK checks the connecting process's token and image
+//! in its context: see [`wfp_rs::client`]). The service's SID is best: its per-service SID
+//! when it runs as a Windows service with `sc sidtype <name> unrestricted`. With neither set,
+//! the driver behaves as before — any administrator — and warns on the debugger at load.
+//!
+//! `DriverEntry` reads the identity from the driver's service key, where the installer writes
+//! it ([`admit_installed_service`]: `Parameters\ServiceSid`, `Parameters\ServiceImage`), then
+//! starts with [`Config::DEFAULT`], which sets neither field; a `#[driver_entry]` of your own
+//! can set them in the [`Config`] instead, as the simulator demo does.
+//!
 //! # Configuration
 //!
 //! [`Config`]; `DriverEntry` uses [`Config::DEFAULT`] (fail-closed, a 500 ms timeout, 1024
@@ -259,6 +277,7 @@ use firewall_protocol::{
 };
 use wfp_rs::callout::{Callout, CalloutKey, CalloutRegistration, Classify};
 use wfp_rs::classify::ClassifyOut;
+use wfp_rs::client::{ClientIdentity, Sid};
 use wfp_rs::control::{CommandHandler, ControlDevice};
 use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::engine::{CalloutEntry, Engine, Provider, SessionOptions, Sublayer};
@@ -377,6 +396,17 @@ pub struct Config {
     /// Counters to update besides the driver's own, for a caller that reads them while the
     /// driver runs (see [`Stats`]).
     pub stats: Option<&'static Stats>,
+    /// The service's SID, `S-1-5-…` (its per-service SID `NT SERVICE\<name>`, which
+    /// `sc showsid <name>` prints, or the SID of the account it alone runs as): only a process
+    /// whose token has it may connect to the port or open the control device (see "Only the
+    /// service answers" in the crate documentation). A malformed SID fails the load with
+    /// `STATUS_INVALID_SID`.
+    pub service_sid: Option<&'static str>,
+    /// The service's executable, as an NT path (`\Device\HarddiskVolume3\...\firewall.exe`;
+    /// compared case-insensitively): only a process running it may connect or open the device.
+    /// With [`service_sid`](Self::service_sid), both must match. With neither, any
+    /// administrator's process may, and the driver says so on the debugger at load.
+    pub service_image: Option<&'static str>,
 }
 
 impl Config {
@@ -394,6 +424,8 @@ impl Config {
         max_pending: VERDICT_SLOTS,
         overload: Verdict::Deny,
         stats: None,
+        service_sid: None,
+        service_image: None,
     };
 }
 
@@ -1335,6 +1367,7 @@ pub fn start(
     driver: &mut Driver<'_>,
     config: Config,
 ) -> Result<Firewall, Status> {
+    admit_service(irql, driver, &config)?;
     let (filter, port) = open_port(irql, driver, config.port_name)?;
     let firewall = register(irql, driver, config, filter, port);
     // Borrowed in the `Result` and returned as it is, rather than taken out with `?` and
@@ -1344,15 +1377,35 @@ pub fn start(
         // On an error the firewall is dropped: its fields go in declaration order, the engine
         // session (and with it everything added in it) first, the minifilter last.
         add_filters(irql, &firewall.engine)?;
-        announce(irql, firewall);
+        announce(irql, firewall, driver.admitted());
     }
     firewall
+}
+
+/// Restricts the port and the control device to the configured service (before either
+/// exists, so no other process ever gets in), or says on the debugger that any administrator's
+/// process may use them.
+#[inline(never)]
+fn admit_service(
+    irql: &mut PassiveLevel<'_>,
+    driver: &mut Driver<'_>,
+    config: &Config,
+) -> Result<(), Status> {
+    let sid = config.service_sid.map(Sid::parse).transpose()?;
+    let identity = match (sid, config.service_image) {
+        // Said at load, after the announcement (`announce`).
+        (None, None) => return Ok(()),
+        (Some(sid), None) => ClientIdentity::sid(sid),
+        (None, Some(image)) => ClientIdentity::image(image)?,
+        (Some(sid), Some(image)) => ClientIdentity::sid(sid).and_image(image)?,
+    };
+    driver.admit_only(irql, identity)
 }
 
 /// The load-time log line. A function of its own: its formatting temporaries stay off the
 /// stack under [`add_filters`].
 #[inline(never)]
-fn announce(irql: &mut PassiveLevel<'_>, firewall: &Firewall) {
+fn announce(irql: &mut PassiveLevel<'_>, firewall: &Firewall, admitted: Option<&ClientIdentity>) {
     let config = &firewall.shared.config;
     kd_print!(
         "firewall: asking the service on {} ({} ms timeout, default {}, {} cache entries, {} pends at most, overload {}, loopback {})\n",
@@ -1368,6 +1421,49 @@ fn announce(irql: &mut PassiveLevel<'_>, firewall: &Firewall) {
             "asked"
         }
     );
+    match admitted {
+        None => kd_print!(
+            Warning,
+            "firewall: no service identity configured (Parameters\\{SERVICE_SID_PARAMETER} or \\{SERVICE_IMAGE_PARAMETER}, Config::service_sid or service_image): any administrator's process may connect to {} and answer\n",
+            config.port_name
+        ),
+        Some(identity) => {
+            kd_print!("firewall: only the service may connect or send commands: {identity:?}\n")
+        }
+    }
+}
+
+/// The value of the driver's `Parameters` key that names the service's SID (`S-1-5-…`), for
+/// [`admit_installed_service`].
+pub const SERVICE_SID_PARAMETER: &str = "ServiceSid";
+/// The value of the driver's `Parameters` key that names the service's executable (an NT path),
+/// for [`admit_installed_service`].
+pub const SERVICE_IMAGE_PARAMETER: &str = "ServiceImage";
+
+/// Reads the service's identity its installer wrote to the driver's service key —
+/// `Parameters\ServiceSid` and/or `Parameters\ServiceImage` ([`SERVICE_SID_PARAMETER`],
+/// [`SERVICE_IMAGE_PARAMETER`], `REG_SZ`) — and admits only that process
+/// ([`Driver::admit_only`](wfp_rs::driver::Driver::admit_only)). Returns whether it found one.
+/// `DriverEntry` calls it before [`start`]; a configuration that also sets
+/// [`Config::service_sid`] or [`Config::service_image`] then fails with
+/// `STATUS_INVALID_DEVICE_STATE` (one place says who the service is). A malformed SID is
+/// `STATUS_INVALID_SID`: the driver does not load with a configuration it cannot apply.
+#[inline(never)]
+pub fn admit_installed_service(
+    irql: &mut PassiveLevel<'_>,
+    driver: &mut Driver<'_>,
+) -> Result<bool, Status> {
+    let sid = driver.parameter(irql, SERVICE_SID_PARAMETER)?;
+    let image = driver.parameter(irql, SERVICE_IMAGE_PARAMETER)?;
+    let sid = sid.as_deref().map(Sid::parse).transpose()?;
+    let identity = match (sid, image.as_deref()) {
+        (None, None) => return Ok(false),
+        (Some(sid), None) => ClientIdentity::sid(sid),
+        (None, Some(image)) => ClientIdentity::image(image)?,
+        (Some(sid), Some(image)) => ClientIdentity::sid(sid).and_image(image)?,
+    };
+    driver.admit_only(irql, identity)?;
+    Ok(true)
 }
 
 /// Registers the minifilter and creates the service's port on it. Called by [`start`] on its
@@ -1536,6 +1632,7 @@ fn add_filters(irql: &mut PassiveLevel<'_>, engine: &Engine) -> Result<(), Statu
 
 #[wfp_rs::driver_entry]
 fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<Firewall, Status> {
+    admit_installed_service(irql, driver)?;
     start(irql, driver, Config::DEFAULT)
 }
 

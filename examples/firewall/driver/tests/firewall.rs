@@ -41,7 +41,7 @@ use wfp_rs::metadata::Direction as SimDirection;
 use wfp_rs::port::Message;
 use wfp_rs_sim::{
     AleIrql, Caller, ClassifyRequest, ConnectOutcome, Connection, Decision, LoadedDriver, Machine,
-    PortClient,
+    PortClient, Process,
 };
 
 /// Long enough never to expire while a service is answering, however slow the machine.
@@ -152,6 +152,30 @@ configured_driver!(
     inbound_bounded,
     Config {
         background_asks: 3,
+        ..PATIENT_CONFIG
+    }
+);
+/// The service's per-service SID in these tests (any S-1-5-80 SID will do).
+const SERVICE_SID: &str = "S-1-5-80-1111111111-2222222222-3333333333-4044444444-555555555";
+const SERVICE_IMAGE: &str = r"\Device\HarddiskVolume3\Program Files\Firewall\firewall.exe";
+configured_driver!(
+    only_service,
+    Config {
+        service_sid: Some(SERVICE_SID),
+        ..PATIENT_CONFIG
+    }
+);
+configured_driver!(
+    only_service_image,
+    Config {
+        service_image: Some(SERVICE_IMAGE),
+        ..PATIENT_CONFIG
+    }
+);
+configured_driver!(
+    bad_service_sid,
+    Config {
+        service_sid: Some("S-1-5-80-not-a-number"),
         ..PATIENT_CONFIG
     }
 );
@@ -2546,4 +2570,268 @@ fn every_allocation_failure_during_load_is_reported_and_leaks_nothing() {
         assert_eq!(machine.pool_blocks(), [], "allocation {skip}");
     }
     assert!(failures > 10, "{failures} allocation points");
+}
+
+// --- only the service answers ------------------------------------------------------------------
+
+/// The firewall service: LocalSystem, with its per-service SID.
+fn the_service() -> Process {
+    Process::new(812, SERVICE_IMAGE, Caller::System)
+        .with_group(wfp_rs::client::Sid::parse(SERVICE_SID).unwrap())
+}
+
+/// Another elevated process, which would answer "allow" to everything.
+fn another_admin() -> Process {
+    Process::new(
+        4242,
+        r"\Device\HarddiskVolume3\Users\admin\allow-all.exe",
+        Caller::Administrator,
+    )
+}
+
+/// With the service's SID configured, another administrator's process is refused at the port
+/// and at the control device, before the service connects and while it restarts; connections
+/// meanwhile get the default; the real service then connects and answers.
+#[test]
+fn only_the_configured_service_may_connect_or_send_commands() {
+    let machine = Machine::new();
+    let driver = load(&machine, only_service::DriverEntry);
+    assert!(
+        machine
+            .debug_output()
+            .iter()
+            .any(|line| line.contains("only the service may connect")
+                && line.contains(SERVICE_SID)),
+        "{:?}",
+        machine.debug_output()
+    );
+    let mut intruder = machine.port_client(PORT_NAME).as_process(another_admin());
+    assert_eq!(intruder.connect(&[]), Err(Status::ACCESS_DENIED));
+    assert_eq!(
+        machine
+            .open_device(CONTROL_DEVICE_PATH, another_admin())
+            .err(),
+        Some(Status::ACCESS_DENIED)
+    );
+    // SYSTEM without the service SID is no better.
+    assert_eq!(
+        machine
+            .open_device(CONTROL_DEVICE_PATH, Caller::System)
+            .err(),
+        Some(Status::ACCESS_DENIED)
+    );
+
+    let mut service = machine.port_client(PORT_NAME).as_process(the_service());
+    service.connect(&[]).expect("the service connects");
+    let answering = serve_simply(service, RULES);
+    let c = browser(47_000, web(7, 443));
+    let outcome = machine.connect(&c, AleIrql::Dispatch);
+    assert_eq!(
+        decided_once(&c, &outcome, "service"),
+        (Action::Permit, true)
+    );
+    let device = machine
+        .open_device(CONTROL_DEVICE_PATH, the_service())
+        .expect("the service opens the control device");
+    let mut bytes = [0u8; REVOKE_MAX_LEN];
+    let len = Revoke::encode_all(&mut bytes).unwrap();
+    let revoked = device
+        .device_io_control(
+            REVOKE.raw(),
+            &bytes[..len],
+            firewall_protocol::control::REVOKED_LEN,
+        )
+        .wait();
+    assert_eq!(Revoked::decode(revoked.ok().unwrap()).unwrap().removed, 1);
+    drop(device);
+
+    // The identity admits; it does not add slots: a second instance of the service waits.
+    let mut second = machine.port_client(PORT_NAME).as_process(the_service());
+    assert_eq!(second.connect(&[]), Err(Status::CONNECTION_COUNT_LIMIT));
+    drop(second);
+    unload_clean(&machine, driver);
+    assert_eq!(answering.join().unwrap(), 1);
+    drop(intruder);
+}
+
+/// While the service is down (killed between two connections), another administrator still
+/// cannot take the slot; the connection meanwhile gets the default; the restarted service gets
+/// the slot and answers.
+#[test]
+fn while_the_service_restarts_another_admin_cannot_answer() {
+    let machine = Machine::new();
+    let driver = load(&machine, only_service::DriverEntry);
+    let mut service = machine.port_client(PORT_NAME).as_process(the_service());
+    service.connect(&[]).expect("the service connects");
+    service.disconnect();
+
+    let mut intruder = machine.port_client(PORT_NAME).as_process(another_admin());
+    assert_eq!(intruder.connect(&[]), Err(Status::ACCESS_DENIED));
+    let c = browser(47_100, web(7, 443));
+    let outcome = machine.connect(&c, AleIrql::Passive);
+    assert_eq!(decided_once(&c, &outcome, "down"), (Action::Block, true));
+
+    let restarted = Process::new(913, SERVICE_IMAGE, Caller::System)
+        .with_group(wfp_rs::client::Sid::parse(SERVICE_SID).unwrap());
+    let mut service = machine.port_client(PORT_NAME).as_process(restarted);
+    service
+        .connect(&[])
+        .expect("the restarted service connects");
+    let answering = serve_simply(service, RULES);
+    let c = browser(47_101, web(7, 443));
+    let outcome = machine.connect(&c, AleIrql::Dispatch);
+    assert_eq!(
+        decided_once(&c, &outcome, "restarted"),
+        (Action::Permit, true)
+    );
+    let reasons: Vec<String> = logged_decisions(&machine)
+        .into_iter()
+        .map(|(_, verdict, reason)| format!("{verdict} ({reason})"))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "deny (default: no client is connected to the port)",
+            "allow (service, cached for 60 s)",
+        ]
+    );
+    unload_clean(&machine, driver);
+    assert_eq!(answering.join().unwrap(), 1);
+}
+
+/// A configured image: the same executable elsewhere on disk is refused.
+#[test]
+fn a_configured_image_refuses_other_executables() {
+    let machine = Machine::new();
+    let driver = load(&machine, only_service_image::DriverEntry);
+    let copy = Process::new(
+        4243,
+        r"\Device\HarddiskVolume3\Temp\firewall.exe",
+        Caller::System,
+    );
+    let mut client = machine.port_client(PORT_NAME).as_process(copy.clone());
+    assert_eq!(client.connect(&[]), Err(Status::ACCESS_DENIED));
+    assert_eq!(
+        machine.open_device(CONTROL_DEVICE_PATH, copy).err(),
+        Some(Status::ACCESS_DENIED)
+    );
+    let service = Process::new(812, SERVICE_IMAGE, Caller::System);
+    let mut client = machine.port_client(PORT_NAME).as_process(service.clone());
+    client
+        .connect(&[])
+        .expect("the service's executable connects");
+    drop(machine.open_device(CONTROL_DEVICE_PATH, service).unwrap());
+    drop(client);
+    unload_clean(&machine, driver);
+}
+
+/// A malformed SID is a configuration error: the driver does not load.
+#[test]
+fn a_malformed_service_sid_fails_the_load() {
+    let machine = Machine::new();
+    assert_eq!(
+        machine
+            .load_driver("firewall", bad_service_sid::DriverEntry)
+            .err(),
+        Some(Status::INVALID_SID)
+    );
+    assert_eq!(machine.pool_blocks(), []);
+}
+
+/// Without an identity, any administrator may connect (the demo of the gap), and the driver
+/// says so at load.
+#[test]
+fn without_an_identity_the_driver_warns_that_any_admin_may_answer() {
+    let machine = Machine::new();
+    let driver = load(&machine, stress::DriverEntry);
+    assert!(
+        machine
+            .debug_output()
+            .iter()
+            .any(|line| line.contains("no service identity configured")),
+        "{:?}",
+        machine.debug_output()
+    );
+    let mut intruder = machine.port_client(PORT_NAME).as_process(another_admin());
+    intruder.connect(&[]).expect("no restriction");
+    drop(intruder);
+    unload_clean(&machine, driver);
+}
+
+/// The shipped `DriverEntry` reads the identity its installer wrote to `Parameters`: the
+/// service's SID there admits the service alone.
+#[test]
+fn the_installed_identity_in_the_registry_admits_only_the_service() {
+    let machine = Machine::new();
+    machine.set_driver_parameter(
+        "firewall",
+        firewall_driver::SERVICE_SID_PARAMETER,
+        SERVICE_SID,
+    );
+    let driver = load(&machine, firewall_driver::DriverEntry);
+    assert!(
+        machine
+            .debug_output()
+            .iter()
+            .any(|line| line.contains("only the service may connect") && line.contains(SERVICE_SID)),
+        "{:?}",
+        machine.debug_output()
+    );
+    let mut intruder = machine.port_client(PORT_NAME).as_process(another_admin());
+    assert_eq!(intruder.connect(&[]), Err(Status::ACCESS_DENIED));
+    assert_eq!(
+        machine
+            .open_device(CONTROL_DEVICE_PATH, another_admin())
+            .err(),
+        Some(Status::ACCESS_DENIED)
+    );
+    let mut service = machine.port_client(PORT_NAME).as_process(the_service());
+    service.connect(&[]).expect("the service connects");
+    drop(
+        machine
+            .open_device(CONTROL_DEVICE_PATH, the_service())
+            .unwrap(),
+    );
+    drop(service);
+    drop(intruder);
+    unload_clean(&machine, driver);
+}
+
+/// An installed image path works the same way; a malformed installed SID keeps the driver from
+/// loading rather than running unrestricted.
+#[test]
+fn an_installed_image_admits_it_and_a_malformed_installed_sid_fails_the_load() {
+    let machine = Machine::new();
+    machine.set_driver_parameter(
+        "firewall",
+        firewall_driver::SERVICE_IMAGE_PARAMETER,
+        SERVICE_IMAGE,
+    );
+    let driver = load(&machine, firewall_driver::DriverEntry);
+    let mut elsewhere = machine.port_client(PORT_NAME).as_process(another_admin());
+    assert_eq!(elsewhere.connect(&[]), Err(Status::ACCESS_DENIED));
+    let mut service =
+        machine
+            .port_client(PORT_NAME)
+            .as_process(Process::new(812, SERVICE_IMAGE, Caller::System));
+    service
+        .connect(&[])
+        .expect("the service's executable connects");
+    drop(service);
+    drop(elsewhere);
+    unload_clean(&machine, driver);
+
+    let machine = Machine::new();
+    machine.set_driver_parameter(
+        "firewall",
+        firewall_driver::SERVICE_SID_PARAMETER,
+        "S-1-5-80-x",
+    );
+    assert_eq!(
+        machine
+            .load_driver("firewall", firewall_driver::DriverEntry)
+            .err(),
+        Some(Status::INVALID_SID)
+    );
+    assert_eq!(machine.pool_blocks(), []);
 }

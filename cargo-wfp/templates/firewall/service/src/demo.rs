@@ -66,6 +66,15 @@ pub const DEMO_RULES: &str = include_str!("../demo-rules.toml");
 /// The NT device the demo's images live on, and its drive letter.
 pub const DEMO_VOLUME: (&str, char) = (r"\Device\HarddiskVolume3", 'C');
 
+/// The identity the demo's driver admits: the per-service SID of a Windows service named
+/// `WfpRsFirewallService`, which is what `sc showsid WfpRsFirewallService` would print (INFERRED:
+/// derived as Windows derives per-service SIDs, `S-1-5-80-` and the SHA-1 of the upper-cased
+/// UTF-16LE name as five little-endian 32-bit numbers; the same derivation gives
+/// TrustedInstaller's published SID). The bridge puts it in the token of the service's process
+/// only (see [`run`]); on hosts where the bridge cannot tell its peers apart (not Linux), the
+/// demo admits any process instead.
+pub const DEMO_SERVICE_SID: &str = "S-1-5-80-331628208-403515586-3174771387-4129996829-10248734";
+
 /// How long the demo waits for the service to do something it must do (start, reload).
 const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -647,6 +656,9 @@ fn run_in(
         // service is noticed at once, not after the timeout: the port disconnects.)
         timeout: Duration::from_secs(10),
         stats: Some(&STATS),
+        // Only the service answers: another process on the bridge is refused at the port and
+        // the control device.
+        service_sid: cfg!(target_os = "linux").then_some(DEMO_SERVICE_SID),
         ..Config::DEFAULT
     };
     *CONFIG
@@ -674,6 +686,13 @@ fn run_in(
             socket.display()
         )
     })?;
+    if let Some(sid) = config.service_sid {
+        identify_service(&bridge, options.launcher.unwrap_or(this_program), sid)?;
+        let _ = writeln!(
+            out,
+            "firewall demo: only the service's process (per-service SID {sid}) may connect to the port or open the control device"
+        );
+    }
     let mut volumes = VolumeMap::new();
     volumes.insert(DEMO_VOLUME.0, DEMO_VOLUME.1);
     let mut demo = Demo {
@@ -742,6 +761,28 @@ fn run_in(
         );
     }
     Ok(demo.summary)
+}
+
+/// Gives the service's program `sid` in its token on the bridge, as the service control manager
+/// gives a service with `sc sidtype <name> unrestricted` its per-service SID: processes are
+/// told apart by their executable (the program `launcher` runs), never by what they claim.
+fn identify_service(
+    bridge: &wfp_rs_sim::UserModeBridge,
+    launcher: Launcher,
+    sid: &str,
+) -> Result<(), String> {
+    let sid = wfp_rs::client::Sid::parse(sid).map_err(|s| format!("bad service SID {sid}: {s}"))?;
+    let program = launcher(&[]).map_err(|e| format!("cannot find the service's program: {e}"))?;
+    let program = Path::new(program.get_program())
+        .canonicalize()
+        .map_err(|e| {
+            format!(
+                "cannot resolve the service's program {}: {e}",
+                program.get_program().to_string_lossy()
+            )
+        })?;
+    bridge.identify(&program, [sid]);
+    Ok(())
 }
 
 impl Demo<'_> {

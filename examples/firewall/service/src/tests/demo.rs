@@ -50,6 +50,13 @@ fn the_builtin_scenario_decides_as_expected() {
         "{stdout}"
     );
     assert!(stdout.contains("the driver unloaded cleanly"), "{stdout}");
+    // The service answered through the restriction to its own identity (Linux: the bridge
+    // tells its peers apart there).
+    assert_eq!(
+        stdout.contains("only the service's process (per-service SID S-1-5-80-"),
+        cfg!(target_os = "linux"),
+        "{stdout}"
+    );
     // Asked, cached, denied by a rule, IPv6, inbound default then cache, no service.
     assert!(row(&stdout, 1).contains("allow    service: rule 3 \"browser-web\""));
     assert!(row(&stdout, 2).contains("allow    driver cache: rule 3 \"browser-web\""));
