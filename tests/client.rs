@@ -10,10 +10,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use wfp_rs::ask::{
+    AskChannel, ChannelSpec, Outcome, QuestionHandler, decode_message, encode_header,
+};
 use wfp_rs::client::{ClientIdentity, Sid};
 use wfp_rs::control::{CommandHandler, ControlDevice};
 use wfp_rs::inverted::{ControlCode, InvertedQueue, RequiredAccess};
-use wfp_rs::irql::PassiveLevel;
+use wfp_rs::irql::{DispatchLevel, PassiveLevel};
 use wfp_rs::port::{ConnectionId, Filter, Malformed, Message, PortEvents, Protocol, ServerPort};
 use wfp_rs::{Status, sys};
 use wfp_rs_sim::{Caller, LoadedDriver, Machine, Process};
@@ -322,6 +325,92 @@ fn every_sdk_device_refuses_other_processes() {
     assert_eq!(answer.ok(), Ok(&b"only me"[..]));
     drop(handle);
     setup.teardown();
+}
+
+/// Decides with the answer byte, or 0 for anything else; the context is the question's number.
+struct FirstByte(Arc<std::sync::Mutex<Vec<(u32, Option<u8>)>>>);
+
+impl QuestionHandler for FirstByte {
+    type Context = u32;
+    type Answer = u8;
+
+    fn decode(&self, answer: &[u8]) -> Option<u8> {
+        match answer {
+            [b] => Some(*b),
+            _ => None,
+        }
+    }
+
+    fn decide(&self, _irql: &mut DispatchLevel<'_>, question: u32, outcome: Outcome<u8>) {
+        // The log is the harness's: a push that grows it is not the driver's allocation.
+        wfp_rs_sim::as_harness(|| self.0.lock().unwrap().push((question, outcome.answer())));
+    }
+}
+
+#[test]
+fn the_question_channel_admits_only_the_service() {
+    const SPEC: ChannelSpec = ChannelSpec {
+        wait: ControlCode::buffered(0x8000, 0x902, RequiredAccess::Any),
+        answer: ControlCode::buffered(0x8000, 0x903, RequiredAccess::Any),
+        max_question: 8,
+        max_answer: 1,
+    };
+    const ASK_PATH: &str = r"\\.\WfpRsOnlyServiceAsk";
+    let machine = Machine::new();
+    let driver = machine
+        .load_driver("onlyservice", plain::DriverEntry)
+        .unwrap();
+    let decisions = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let handler = FirstByte(Arc::clone(&decisions));
+    let channel = driver
+        .run_in_driver(&machine, |irql, d| -> Result<_, Status> {
+            d.admit_only(irql, ClientIdentity::sid(service_sid()))?;
+            AskChannel::new(irql, d, "WfpRsOnlyServiceAsk", &SPEC, 4, handler)
+        })
+        .expect("an SDK driver")
+        .expect("the channel is created");
+
+    // Another administrator (or SYSTEM without the service's SID) cannot open the channel's
+    // device, so it can neither take questions nor answer them.
+    for other in [intruder(), Process::from(Caller::System)] {
+        assert_eq!(
+            machine.open_device(ASK_PATH, other).err(),
+            Some(Status::ACCESS_DENIED)
+        );
+    }
+
+    // The service can, and its answer decides.
+    let service = machine.open_device(ASK_PATH, service()).unwrap();
+    let wait = service.device_io_control(SPEC.wait.raw(), &[], SPEC.wait_output_len());
+    machine.at_dispatch(|irql| {
+        assert!(
+            channel
+                .ask(&mut *irql, b"pid 42?", Duration::from_secs(3600), 1)
+                .is_ok()
+        );
+    });
+    let question = wait.wait().output;
+    let (id, body) = decode_message(&question).expect("a question");
+    assert_eq!(body, b"pid 42?");
+    let mut answer = encode_header(id, 1).to_vec();
+    answer.push(1);
+    assert_eq!(
+        service
+            .device_io_control(SPEC.answer.raw(), &answer, 0)
+            .wait()
+            .status,
+        0
+    );
+    assert_eq!(*decisions.lock().unwrap(), [(1, Some(1))]);
+
+    drop(service);
+    machine.at_passive(|irql| channel.close(irql));
+    machine.unload_driver(driver).unwrap();
+    assert!(
+        machine.pool_blocks().is_empty(),
+        "{:?}",
+        machine.pool_blocks()
+    );
 }
 
 #[test]
