@@ -327,8 +327,11 @@ fn every_sdk_device_refuses_other_processes() {
     setup.teardown();
 }
 
-/// Decides with the answer byte, or 0 for anything else; the context is the question's number.
-struct FirstByte(Arc<std::sync::Mutex<Vec<(u32, Option<u8>)>>>);
+/// Each decision: the question's number and the answer, if one decided it.
+type Decisions = Arc<std::sync::Mutex<Vec<(u32, Option<u8>)>>>;
+
+/// Records the decisions; the context is the question's number, the answer one byte.
+struct FirstByte(Decisions);
 
 impl QuestionHandler for FirstByte {
     type Context = u32;
