@@ -370,12 +370,13 @@ pub const FILTER_RECV_ACCEPT_V6: Guid = guid!("f9e394eb-1314-44a7-9b08-b85844706
 
 /// How the driver asks the service about a connection the cache does not answer (see the
 /// crate documentation's decision tables: both designs decide the same cases the same way).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AskVia {
     /// The question channel ([`wfp_rs::ask`], [`firewall_protocol::ASK_CHANNEL`] on the device
     /// [`Config::ask_device_name`]): `classifyFn` pends and asks at once, at `DISPATCH_LEVEL`,
     /// and the service's answer (or the deadline, or the service going away) completes the
     /// pend. No work item, no thread waits. The default.
+    #[default]
     Channel,
     /// A PASSIVE_LEVEL work item sends the question over the filter-manager port
     /// ([`Config::port_name`]) and waits for the reply: the first design, kept so the
