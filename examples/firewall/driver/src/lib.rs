@@ -30,19 +30,23 @@
 //! 1. **Loopback** (the `FLAGS` field has `FWP_CONDITION_FLAG_IS_LOOPBACK`): permitted without
 //!    asking, when [`Config::permit_loopback`] (the default). Local IPC over TCP is not a
 //!    firewall question, and asking about it would make the service ask about itself.
-//! 2. **The reauthorization of a connection this driver pended**: the verdict the work item
+//! 2. **An image path no request can carry whole** (longer than
+//!    [`MAX_PATH_UNITS`], the longest NT path, or not a path: an odd number of bytes, a NUL
+//!    inside): denied, whatever [`Config::default`] says, without asking (see
+//!    [The whole path](#the-whole-path)).
+//! 3. **The reauthorization of a connection this driver pended**: the verdict the work item
 //!    recorded in its [`VerdictTable`] (keyed by [`ConnectionKey`], local port included).
-//! 3. **Any other classification** (a new connection, or a reauthorization the driver did not
+//! 4. **Any other classification** (a new connection, or a reauthorization the driver did not
 //!    cause): the **verdict cache**, if it holds a live verdict for the connection's
 //!    [cache key](#the-verdict-cache).
-//! 4. **A new connection the cache does not answer**: if fewer than [`Config::max_pending`]
+//! 5. **A new connection the cache does not answer**: if fewer than [`Config::max_pending`]
 //!    connections are outstanding (pended, or completed and not yet reauthorized), it takes a
 //!    slot of the [`VerdictTable`] and is pended ([`Classify::pend`]); a work item
-//!    sends a [`ConnectionRequest`] (process id, image path, protocol, both endpoints,
-//!    direction) and waits at most [`Config::timeout`]; it checks that the reply
+//!    sends a [`ConnectionRequest`] (process id, the whole image path, protocol, both
+//!    endpoints, direction) and waits at most [`Config::timeout`]; it checks that the reply
 //!    [`answers`](ConnectionReply::answers) the request, caches the verdict if the reply allows
 //!    it (`cache_seconds > 0`), records it for the reauthorization, and completes the pend.
-//!    WFP reauthorizes the connection and step 2 answers, which frees the slot. Otherwise it is
+//!    WFP reauthorizes the connection and step 3 answers, which frees the slot. Otherwise it is
 //!    not pended: it gets [`Config::overload`] at once (see [Overload](#overload)).
 //!
 //! Every failure gives [`Config::default`] — fail-closed ([`Verdict::Deny`]) in
@@ -52,6 +56,7 @@
 //! | situation | decision |
 //! |---|---|
 //! | a loopback connection, with [`Config::permit_loopback`] | permit, nobody asked |
+//! | **an image path no request can carry whole** (longer than [`MAX_PATH_UNITS`], an odd number of bytes, a NUL inside), at any classification, reauthorizations included | **deny**, whatever the default, at once (nothing pended, nobody asked); counted in [`StatsSnapshot::unaskable`], not in `defaults`, and logged |
 //! | a live cached verdict for the cache key | that verdict, at once (no allocation, no work item) |
 //! | the service replies in time with a valid reply to this request | its verdict |
 //! | no service connected ([`SendError::NotConnected`]) | the default |
@@ -64,7 +69,7 @@
 //! | **overload**: [`Config::max_pending`] connections are pended or waiting for their reauthorization already, and the cache has no verdict | **[`Config::overload`]** (deny unless configured otherwise, whatever the default), at once (nothing pended); counted in [`StatsSnapshot::overloaded`], not in `defaults` |
 //! | a reauthorization the driver did not cause (WFP reauthorizes when policy changes) | the cache's verdict if it has one, else the default |
 //! | a second pend of the same connection (process, image, protocol, both endpoints) while the first waits for its reauthorization: one verdict is kept, for one of the two | the other: the cache's verdict if it has one, else the default |
-//! | the connection's fields or image path cannot be read, there is no pool for the request, or the classification cannot be pended | the default, at once (nothing pended) |
+//! | the connection's fields cannot be read (a field missing, of the wrong type), there is no pool for the request, or the classification cannot be pended | the default, at once (nothing pended) |
 //! | a heavier sublayer already decided hard (no write right) | that decision stands |
 //! | the driver is unloading | the default, at once (nothing is pended any more) |
 //!
@@ -105,6 +110,7 @@
 //! | situation | decision |
 //! |---|---|
 //! | a loopback connection, with [`Config::permit_loopback`] | permit, nobody asked |
+//! | an image path no request can carry whole | **deny**, whatever the default, at once; nobody asked |
 //! | a live cached verdict for the cache key | that verdict, at once |
 //! | otherwise | **the default, at once**; and, unless [`Config::background_asks`] questions are in flight already or the driver is unloading, a work item asks the service *in the background*, and caches its verdict if the reply allows it |
 //!
@@ -114,8 +120,33 @@
 //! before its verdict is cached. An inbound verdict the service does not let the driver cache
 //! (`cache_seconds = 0`) cannot help a later attempt, so such a peer always gets the default:
 //! services should grant inbound verdicts a lifetime. The background asks are bounded so a flood
-//! of new peers cannot queue unbounded work items (each holds a request, about 1 KiB); a miss
+//! of new peers cannot queue unbounded work items (each holds a request of up to 64 KiB); a miss
 //! beyond the bound just gets the default, and is counted.
+//!
+//! # The whole path
+//!
+//! A question carries the connection's whole image path, as the `ALE_APP_ID` field holds it:
+//! the service's rules match paths (`app = '**\nc.exe'`), and a question about part of a path
+//! could be answered more permissively than one about the whole path — under a default-allow
+//! policy, a program started from a long path would escape a deny rule naming its file. So:
+//!
+//! - **No path Windows produces is cut.** A path is at most [`MAX_PATH_UNITS`] (32767) UTF-16
+//!   units, `UNICODE_STRING_MAX_CHARS`: a `UNICODE_STRING`'s length is a `USHORT` count of
+//!   bytes. (INFERRED: that WFP builds the application id from the image's `UNICODE_STRING`;
+//!   its documented type is an `FWP_BYTE_BLOB`, which has no such bound.) A request is 74 bytes
+//!   to [`REQUEST_MAX_LEN`] (65608), the one size a transport must take.
+//! - **One allocation per question, sized to it.** The classify callback checks the path where
+//!   the field holds it ([`PathBytes::from_app_id`]), allocates one non-paged buffer of exactly
+//!   the request's length (tag `FwRq`), and encodes the request into it
+//!   ([`RequestHead::encode_with_path`]) — no other allocation, nothing path-sized on the stack,
+//!   so the same code serves at `DISPATCH_LEVEL`. The work item sends those bytes as they are
+//!   ([`ServerPort::send_encoded`]).
+//! - **The defensive bound denies.** An application id a request cannot carry whole (longer
+//!   than the bound, an odd number of bytes, a NUL inside) is never asked about with a part of
+//!   it; the connection is denied — the one decision never more permissive than the service's —
+//!   whatever [`Config::default`], before the cache, at every classification. It is counted
+//!   ([`StatsSnapshot::unaskable`]) and logged (`firewall: pid 42 outbound: deny (the image
+//!   path cannot be sent whole: …)`).
 //!
 //! # The verdict cache
 //!
@@ -125,7 +156,9 @@
 //! be found again; a verdict that depends on it (a rule's `local_port`) must not be granted a
 //! cache lifetime, and the example service grants none. An inbound connection's local port is
 //! the port connected to, which rules name (`local_port = 22`) and a retransmission repeats. The
-//! image path is hashed in (64-bit FNV-1a) so a reused process id does not inherit a verdict.
+//! image path is hashed in (64-bit FNV-1a over the whole application id, every byte of it) so
+//! a reused process id does not inherit a verdict, and two programs whose paths differ only far
+//! along (past any length) have different keys.
 //!
 //! The cache is the public module [`cache`] ([`cache::VerdictCache`]), for
 //! other drivers (and the benchmarks' C-style baseline) to use as it is.
@@ -223,6 +256,11 @@
 //!
 //! [seed-fixed example]: https://github.com/wfp-rs/wfp-rs/tree/main/examples/seed-fixed
 //! [`ConnectionRequest`]: firewall_protocol::ConnectionRequest
+//! [`MAX_PATH_UNITS`]: firewall_protocol::MAX_PATH_UNITS
+//! [`REQUEST_MAX_LEN`]: firewall_protocol::REQUEST_MAX_LEN
+//! [`PathBytes::from_app_id`]: firewall_protocol::PathBytes::from_app_id
+//! [`RequestHead::encode_with_path`]: firewall_protocol::RequestHead::encode_with_path
+//! [`ServerPort::send_encoded`]: wfp_rs::port::ServerPort::send_encoded
 //! [`ConnectionReply`]: firewall_protocol::ConnectionReply
 //! [`ConnectionReply::answers`]: firewall_protocol::ConnectionReply::answers
 //! [`Verdict::Deny`]: firewall_protocol::Verdict::Deny
@@ -255,7 +293,7 @@ use wfp_rs::pool::PoolArc;
 
 use firewall_protocol::control::{REVOKE, REVOKED_LEN, Revoke, Revoked};
 use firewall_protocol::{
-    ConnectionReply, ConnectionRequest, Direction, FirewallProtocol, ImagePath, Verdict,
+    ConnectionReply, Direction, FirewallProtocol, PathBytes, RequestHead, Verdict, request_len,
 };
 use wfp_rs::callout::{Callout, CalloutKey, CalloutRegistration, Classify};
 use wfp_rs::classify::ClassifyOut;
@@ -272,8 +310,8 @@ use wfp_rs::layer::{
     fields,
 };
 use wfp_rs::pend::{ConnectionKey, PendError, PendableByCompletionHandle, VerdictTable};
-use wfp_rs::pool::{PoolBox, PoolTag};
-use wfp_rs::port::{Filter, SendError, ServerPort};
+use wfp_rs::pool::{PoolBox, PoolBytes, PoolTag};
+use wfp_rs::port::{Filter, Malformed, SendError, ServerPort};
 use wfp_rs::time::Instant;
 use wfp_rs::work_item::WorkQueue;
 use wfp_rs::{Guid, Status, guid, kd_print};
@@ -446,7 +484,7 @@ impl fmt::Display for ProtocolName {
 }
 
 /// A connection as a log line describes it.
-struct Described<'a>(&'a ConnectionRequest);
+struct Described<'a>(&'a RequestHead);
 
 impl fmt::Display for Described<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -531,43 +569,9 @@ impl Observed {
         }
     }
 
-    /// The request that asks about this connection, in pool memory, with the image path from
-    /// the `ALE_APP_ID` field (cut to [`MAX_PATH_UNITS`](firewall_protocol::MAX_PATH_UNITS) and
-    /// marked truncated if longer).
-    ///
-    /// With its image path (up to 1 KiB) a request is too big for a classify callback's stack:
-    /// the network stack leaves callouts little room. So the request is allocated with an empty
-    /// path and the path is copied from the field straight into the pool (no buffer, no
-    /// temporary `ImagePath`, no move of a whole request), which keeps this frame small in
-    /// debug builds too; `cargo wfp build -p firewall-driver` (a debug image) checks it.
-    #[inline(never)]
-    fn boxed_request<L>(
-        &self,
-        c: &Classify<'_, L>,
-        request_id: u64,
-        irql: &impl AtMostDispatch,
-    ) -> Result<PoolBox<ConnectionRequest>, NoRequest>
-    where
-        L: Layer,
-        fields::AleAppId: Field<L>,
-    {
-        let app = c
-            .values
-            .get::<fields::AleAppId>()
-            .map_err(|_| NoRequest::Unreadable)?;
-        let mut request =
-            PoolBox::try_new(self.request_without_path(request_id), REQUEST_TAG, irql)
-                .map_err(|_| NoRequest::NoPool)?;
-        request
-            .image_path
-            .set_units_truncating(app.units())
-            .map_err(|_| NoRequest::Unreadable)?;
-        Ok(request)
-    }
-
-    /// The request about this connection with an empty image path.
-    fn request_without_path(&self, request_id: u64) -> ConnectionRequest {
-        ConnectionRequest {
+    /// The connection's fields but its image path, for request `request_id`.
+    fn head(&self, request_id: u64) -> RequestHead {
+        RequestHead {
             request_id,
             process_id: self.key.pid,
             direction: self.direction,
@@ -576,16 +580,68 @@ impl Observed {
             local_port: self.key.local.1,
             remote_address: self.key.remote.0,
             remote_port: self.key.remote.1,
-            image_path: ImagePath::empty(),
         }
+    }
+
+    /// The question about this connection: the request's wire bytes, with the whole image
+    /// path of the `ALE_APP_ID` field, in one pool allocation of exactly the request's length
+    /// (74 bytes to 64 KiB).
+    ///
+    /// The path is checked where the field holds it and copied once, from the field into the
+    /// pool: no other buffer, nothing path-sized on the stack (which could not hold 64 KiB, and
+    /// where the network stack leaves callouts little room at all). So building a question
+    /// allocates one buffer, bounded by
+    /// [`REQUEST_MAX_LEN`](firewall_protocol::REQUEST_MAX_LEN), at any IRQL up to
+    /// `DISPATCH_LEVEL`; `cargo wfp build -p firewall-driver` (a debug image) checks this
+    /// frame's size.
+    #[inline(never)]
+    fn question<L>(
+        &self,
+        c: &Classify<'_, L>,
+        request_id: u64,
+        irql: &impl AtMostDispatch,
+    ) -> Result<Question, NoRequest>
+    where
+        L: Layer,
+        fields::AleAppId: Field<L>,
+    {
+        let path = whole_path(c).map_err(NoRequest::Unaskable)?;
+        let head = self.head(request_id);
+        let mut bytes = PoolBytes::try_zeroed(request_len(path.units()), REQUEST_TAG, irql)
+            .map_err(|_| NoRequest::NoPool)?;
+        head.encode_with_path(path, &mut bytes)
+            .map_err(NoRequest::Unaskable)?;
+        Ok(Question { head, bytes })
     }
 }
 
-/// Why no request was built for a connection.
+/// The image path of the classification's `ALE_APP_ID` field, if a request can carry it whole
+/// (see [`PathBytes::from_app_id`]).
+fn whole_path<'c, L>(c: &'c Classify<'_, L>) -> Result<PathBytes<'c>, Malformed>
+where
+    L: Layer,
+    fields::AleAppId: Field<L>,
+{
+    let app = c
+        .values
+        .get::<fields::AleAppId>()
+        .map_err(|_| Malformed("the application id cannot be read"))?;
+    PathBytes::from_app_id(app.as_bytes())
+}
+
+/// A question for the service: a request's wire bytes, in one pool buffer of exactly their
+/// length (tag `FwRq`), and the request's other fields, for the logs and to check the reply.
+struct Question {
+    head: RequestHead,
+    bytes: PoolBytes,
+}
+
+/// Why no question was built for a connection.
 #[derive(Clone, Copy, Debug)]
 enum NoRequest {
-    /// The `ALE_APP_ID` field is missing or malformed.
-    Unreadable,
+    /// The image path cannot be carried whole (see [`PathBytes::from_app_id`]): the connection
+    /// is denied, never asked about with part of its path.
+    Unaskable(Malformed),
     /// No pool for the request.
     NoPool,
 }
@@ -593,7 +649,7 @@ enum NoRequest {
 impl fmt::Display for NoRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            NoRequest::Unreadable => f.write_str("the image path cannot be read"),
+            NoRequest::Unaskable(why) => write!(f, "the image path cannot be sent whole: {why}"),
             NoRequest::NoPool => f.write_str("no pool for the request"),
         }
     }
@@ -731,8 +787,26 @@ impl Shared {
             apply(&mut c.out, default);
             return None;
         };
+        // Before the cache and every other answer: a question about part of a path could be
+        // answered more permissively than the service would answer about the whole path.
+        if let Err(why) = whole_path(c) {
+            self.unaskable(&observed, &why);
+            apply(&mut c.out, Verdict::Deny);
+            return None;
+        }
         let cache_key = observed.cache_key();
         Some((observed, cache_key))
+    }
+
+    /// Counts and logs a connection denied because its image path cannot be sent whole.
+    fn unaskable(&self, observed: &Observed, why: &dyn fmt::Display) {
+        self.count(Counter::Unaskable);
+        kd_print!(
+            Warning,
+            "firewall: pid {} {}: deny (the image path cannot be sent whole: {why})\n",
+            observed.key.pid,
+            observed.direction
+        );
     }
 
     /// The cache's verdict for `key` now, counting a hit or an expiry.
@@ -750,11 +824,11 @@ impl Shared {
         }
     }
 
-    /// Asks the service about `request` and checks that the reply answers it.
+    /// Asks the service `question` and checks that the reply answers it.
     fn ask(
         &self,
         irql: &PassiveLevel<'_>,
-        request: &ConnectionRequest,
+        question: &Question,
     ) -> Result<ConnectionReply, AskError> {
         if self.unloading.load(Ordering::SeqCst) {
             return Err(AskError::Unloading);
@@ -762,11 +836,12 @@ impl Shared {
         self.count(Counter::Asked);
         let reply = self
             .port
-            .send(irql, request, self.config.timeout)
+            .send_encoded(irql, &question.bytes, self.config.timeout)
             .map_err(AskError::Send)?;
-        if !reply.answers(request) {
+        let asked = question.head.request_id;
+        if reply.request_id != asked {
             return Err(AskError::Mismatched {
-                asked: request.request_id,
+                asked,
                 answered: reply.request_id,
             });
         }
@@ -779,11 +854,11 @@ impl Shared {
     fn ask_and_cache(
         &self,
         irql: &mut PassiveLevel<'_>,
-        request: &ConnectionRequest,
+        question: &Question,
         key: &CacheKey,
     ) -> Result<(ConnectionReply, Option<u32>), AskError> {
         let generation = self.cache.generation();
-        let reply = self.ask(irql, request)?;
+        let reply = self.ask(irql, question)?;
         let Some(lifetime) = reply.cache else {
             return Ok((reply, None));
         };
@@ -792,7 +867,7 @@ impl Shared {
         let answer = Answer {
             verdict: reply.verdict,
             expires,
-            request_id: request.request_id,
+            request_id: question.head.request_id,
         };
         let outcome = self.cache.insert(irql, *key, answer, now, generation);
         let cached = match outcome {
@@ -819,14 +894,9 @@ impl Shared {
 
     /// The outbound work item's job: ask (unless unloading), cache, log, and return the
     /// decision.
-    fn decide(
-        &self,
-        irql: &mut PassiveLevel<'_>,
-        request: &ConnectionRequest,
-        key: &CacheKey,
-    ) -> Verdict {
-        let id = request.request_id;
-        match self.ask_and_cache(irql, request, key) {
+    fn decide(&self, irql: &mut PassiveLevel<'_>, question: &Question, key: &CacheKey) -> Verdict {
+        let id = question.head.request_id;
+        match self.ask_and_cache(irql, question, key) {
             Ok((reply, cached)) => {
                 kd_print!(
                     "firewall: #{id}: {} (service{})\n",
@@ -845,9 +915,9 @@ impl Shared {
     }
 
     /// The inbound background work item's job: ask, cache, log.
-    fn learn(&self, irql: &mut PassiveLevel<'_>, request: &ConnectionRequest, key: &CacheKey) {
-        let id = request.request_id;
-        match self.ask_and_cache(irql, request, key) {
+    fn learn(&self, irql: &mut PassiveLevel<'_>, question: &Question, key: &CacheKey) {
+        let id = question.head.request_id;
+        match self.ask_and_cache(irql, question, key) {
             Ok((reply, cached)) => kd_print!(
                 "firewall: #{id}: {} for later attempts (service{})\n",
                 reply.verdict,
@@ -1032,9 +1102,17 @@ where
             shared.finished(irql);
             return;
         }
-        let request = match observed.boxed_request(c, request_id, irql) {
-            Ok(request) => request,
-            Err(error) => {
+        let question = match observed.question(c, request_id, irql) {
+            Ok(question) => question,
+            // Checked in `observe` already; never asked about with part of its path.
+            Err(NoRequest::Unaskable(why)) => {
+                shared.release(irql);
+                shared.unaskable(&observed, &why);
+                apply(&mut c.out, Verdict::Deny);
+                shared.finished(irql);
+                return;
+            }
+            Err(error @ NoRequest::NoPool) => {
                 shared.release(irql);
                 decided_at_once(c, &error);
                 return;
@@ -1056,12 +1134,12 @@ where
         };
         kd_print!(
             "firewall: #{request_id}: {}: pended, asking the service\n",
-            Described(&request)
+            Described(&question.head)
         );
         let key = observed.key;
         let work = PoolArc::clone(shared);
         let queued = self.queue.queue(irql, move |passive| {
-            let verdict = work.decide(passive, &request, &cache_key);
+            let verdict = work.decide(passive, &question, &cache_key);
             work.record(passive, key, verdict);
             pended.complete(passive);
             work.finished(passive);
@@ -1133,8 +1211,8 @@ where
             return;
         }
         let request_id = shared.request_id();
-        let request = match observed.boxed_request(c, request_id, irql) {
-            Ok(request) => request,
+        let question = match observed.question(c, request_id, irql) {
+            Ok(question) => question,
             Err(error) => {
                 shared.background.fetch_sub(1, Ordering::SeqCst);
                 shared.count(Counter::BackgroundSkipped);
@@ -1148,11 +1226,11 @@ where
         };
         kd_print!(
             "firewall: #{request_id}: {}: {default} (default: not cached; asking the service for later attempts)\n",
-            Described(&request)
+            Described(&question.head)
         );
         let work = PoolArc::clone(shared);
         let queued = self.queue.queue(irql, move |passive| {
-            work.learn(passive, &request, &cache_key);
+            work.learn(passive, &question, &cache_key);
             work.background.fetch_sub(1, Ordering::SeqCst);
         });
         match queued {

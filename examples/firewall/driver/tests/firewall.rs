@@ -999,7 +999,7 @@ fn short_oversized_malformed_and_mismatched_replies_give_the_default() {
         ),
         (set(0, b"FWRQ"), "default: malformed reply: bad reply magic"),
         (
-            set(4, &[2, 0]),
+            set(4, &[1, 0]),
             "default: malformed reply: unsupported protocol version",
         ),
         (
@@ -2546,4 +2546,207 @@ fn every_allocation_failure_during_load_is_reported_and_leaks_nothing() {
         assert_eq!(machine.pool_blocks(), [], "allocation {skip}");
     }
     assert!(failures > 10, "{failures} allocation points");
+}
+
+// --- the whole image path (issue 11, point 5) ---------------------------------------------------
+
+configured_driver!(
+    long_paths,
+    Config {
+        default: Verdict::Allow,
+        ..PATIENT_CONFIG
+    }
+);
+configured_driver!(
+    unaskable,
+    Config {
+        default: Verdict::Allow,
+        ..PATIENT_CONFIG
+    }
+);
+
+/// A default-allow policy whose one rule denies a program by its file name, wherever it is.
+const OPEN_POLICY: &str = r#"
+default = "allow"
+
+[[rule]]
+name = "no-nc"
+action = "deny"
+app = '**\nc.exe'
+"#;
+
+/// `\device\harddiskvolume3\<folders>\<file>`, exactly `units` UTF-16 units long (ASCII, so
+/// as many bytes).
+fn long_app(units: usize, file: &str) -> String {
+    let prefix = r"\device\harddiskvolume3";
+    let mut path = prefix.to_owned();
+    let folders = units - 1 - file.len();
+    while path.len() + r"\dir".len() <= folders {
+        path.push_str(r"\dir");
+    }
+    while path.len() < folders {
+        path.push('x');
+    }
+    path.push('\\');
+    path.push_str(file);
+    assert_eq!(path.len(), units);
+    path
+}
+
+/// Issue 11, point 5: version 1 of the protocol cut an image path at 520 UTF-16 units, and
+/// under a default-allow policy a program started from a longer path escaped a deny rule that
+/// named its file. Now the whole path is asked about: the program is denied by the rule,
+/// outbound (pended, the service's verdict) and inbound (the service's cached verdict for the
+/// retransmission), from just past the old cut to the longest NT path; another program from the
+/// same folders is allowed by the policy's default. The driver itself fails open, so a deny can
+/// only be the rule's.
+#[test]
+fn a_program_from_a_long_path_is_denied_by_the_rule_naming_its_file() {
+    let machine = Machine::new();
+    let driver = load(&machine, long_paths::DriverEntry);
+    let policy = Arc::new(Mutex::new(rules(OPEN_POLICY)));
+    let (log, service) = serve(&machine, Arc::clone(&policy), 1, seed());
+    let lengths = [521, 600, 4096, firewall_protocol::MAX_PATH_UNITS];
+    for (n, &units) in lengths.iter().enumerate() {
+        let n = n as u16;
+        let nc = long_app(units, "nc.exe");
+        let ok = long_app(units, "ok.exe");
+        let out = |app: &str, local_port| {
+            connection(
+                500 + u64::from(n),
+                app,
+                IpProtocol::Tcp,
+                SimDirection::Outbound,
+                local_port,
+                web(7, 443),
+            )
+        };
+        let (denied, allowed) = (out(&nc, 40_000 + 2 * n), out(&ok, 40_001 + 2 * n));
+        let what = format!("{units} units");
+        assert_eq!(
+            decided_once(&denied, &machine.connect(&denied, AleIrql::Dispatch), &what),
+            (Action::Block, true),
+            "{what}: asked, and denied by the rule"
+        );
+        assert_eq!(
+            decided_once(
+                &allowed,
+                &machine.connect(&allowed, AleIrql::Dispatch),
+                &what
+            ),
+            (Action::Permit, true),
+            "{what}: another program from the same folders"
+        );
+
+        // Inbound: the first attempt gets the (fail-open) default, the retransmission the
+        // service's cached verdict.
+        let peer = connection(
+            600 + u64::from(n),
+            &nc,
+            IpProtocol::Tcp,
+            SimDirection::Inbound,
+            4_000,
+            SocketAddr::new(Ipv4Addr::new(192, 0, 2, 99).into(), 50_000 + n),
+        );
+        machine.connect(&peer, AleIrql::Dispatch);
+        wait_for_background_asks(&machine, n as usize + 1);
+        assert_eq!(
+            decided_once(&peer, &machine.connect(&peer, AleIrql::Dispatch), &what),
+            (Action::Block, false),
+            "{what}: inbound, the cached verdict of the rule"
+        );
+    }
+    let stats = long_paths::STATS.snapshot();
+    assert_eq!(stats.unaskable, 0, "{stats:?}");
+    unload_clean(&machine, driver);
+    for thread in service {
+        thread.join().unwrap();
+    }
+    // The service saw each whole path, and decided by the rule.
+    let log = log.lock().unwrap();
+    assert_eq!(log.len(), 3 * lengths.len());
+    for answered in log.iter() {
+        let path: String = answered.request.image_path.chars_lossy().collect();
+        assert!(lengths.contains(&path.len()), "{}", path.len());
+        let expected = if path.ends_with(r"\nc.exe") {
+            Verdict::Deny
+        } else {
+            Verdict::Allow
+        };
+        assert_eq!(answered.valid, Some(expected), "{} units", path.len());
+    }
+}
+
+/// The defensive bound: an application id a request cannot carry whole — longer than any NT
+/// path, or not a path (a NUL inside) — is never asked about with a part of it, and never given
+/// a decision more permissive than the service's could be: it is denied, whatever the default
+/// (here allow), outbound and inbound, at once, counted and logged. The longest NT path is
+/// asked about as usual.
+#[test]
+fn a_path_no_request_can_carry_whole_is_denied_without_asking() {
+    let machine = Machine::new();
+    let driver = load(&machine, unaskable::DriverEntry);
+    let service = serve_simply(connected_client(&machine), OPEN_POLICY);
+    let too_long = long_app(firewall_protocol::MAX_PATH_UNITS + 1, "ok.exe");
+    let nul_inside = format!("{}\0{}", APPS[0], r"\nc.exe");
+    let mut attempts = 0u16;
+    for app in [&too_long, &nul_inside] {
+        for direction in [SimDirection::Outbound, SimDirection::Inbound] {
+            attempts += 1;
+            let c = connection(
+                700,
+                app,
+                IpProtocol::Tcp,
+                direction,
+                41_000 + attempts,
+                web(8, 443),
+            );
+            let what = format!("{direction:?}, {} bytes", app.len());
+            assert_eq!(
+                decided_once(&c, &machine.connect(&c, AleIrql::Dispatch), &what),
+                (Action::Block, false),
+                "{what}: denied at once, not the default"
+            );
+        }
+    }
+    let stats = unaskable::STATS.snapshot();
+    assert_eq!(
+        (stats.unaskable, stats.asked, stats.defaults),
+        (4, 0, 0),
+        "{stats:?}"
+    );
+    let denials: Vec<String> = machine
+        .debug_output()
+        .into_iter()
+        .filter(|line| line.contains("cannot be sent whole"))
+        .collect();
+    assert_eq!(
+        denials,
+        [
+            "firewall: pid 700 outbound: deny (the image path cannot be sent whole: the image path is longer than MAX_PATH_UNITS)\n",
+            "firewall: pid 700 inbound: deny (the image path cannot be sent whole: the image path is longer than MAX_PATH_UNITS)\n",
+            "firewall: pid 700 outbound: deny (the image path cannot be sent whole: the image path contains a NUL unit)\n",
+            "firewall: pid 700 inbound: deny (the image path cannot be sent whole: the image path contains a NUL unit)\n",
+        ]
+    );
+    // The longest NT path is asked about, and the default-allow policy allows it.
+    let longest = connection(
+        701,
+        &long_app(firewall_protocol::MAX_PATH_UNITS, "ok.exe"),
+        IpProtocol::Tcp,
+        SimDirection::Outbound,
+        41_100,
+        web(8, 443),
+    );
+    assert_eq!(
+        decided_once(
+            &longest,
+            &machine.connect(&longest, AleIrql::Dispatch),
+            "longest"
+        ),
+        (Action::Permit, true)
+    );
+    assert_eq!(unaskable::STATS.snapshot().asked, 1);
+    unload_clean(&machine, driver);
+    assert_eq!(service.join().unwrap(), 1);
 }

@@ -18,8 +18,8 @@ use firewall_protocol::control::{
     CONTROL_DEVICE_NAME, REVOKE, REVOKE_ALL, REVOKE_MAGIC, REVOKED_LEN, Revoked,
 };
 use firewall_protocol::{
-    CacheLifetime, ConnectionReply, ConnectionRequest, Direction, FirewallProtocol, ImagePath,
-    PORT_NAME, Verdict, ip_protocol,
+    CacheLifetime, ConnectionReply, ConnectionRequest, Direction, FirewallProtocol, PORT_NAME,
+    Verdict, ip_protocol,
 };
 use wfp_rs::Status;
 use wfp_rs::driver::Driver;
@@ -274,7 +274,7 @@ fn request(id: u64, image: &str, remote: &str, port: u16, protocol: u8) -> Conne
         local_port: 40_000,
         remote_address: remote,
         remote_port: port,
-        image_path: ImagePath::from_str_truncating(image).unwrap(),
+        image_path: image.parse().unwrap(),
     }
 }
 
