@@ -2750,3 +2750,139 @@ fn a_path_no_request_can_carry_whole_is_denied_without_asking() {
     unload_clean(&machine, driver);
     assert_eq!(service.join().unwrap(), 1);
 }
+
+configured_driver!(
+    question_budget,
+    Config {
+        default: Verdict::Allow,
+        ..PATIENT_CONFIG
+    }
+);
+
+/// The browser's outbound TCP attempt from `app` and `local_port` to 192.0.2.5:443 at
+/// ALE_AUTH_CONNECT_V4, as `auth_connect` builds it for the browser.
+fn auth_connect_from(
+    app: &str,
+    local_port: u16,
+    reauthorization: bool,
+) -> ClassifyRequest<AleAuthConnectV4> {
+    use wfp_rs::layer::fields;
+    use wfp_rs::layer::value::ConditionFlags;
+    let request = ClassifyRequest::<AleAuthConnectV4>::new()
+        .process(100, app)
+        .with::<fields::AleAppId>(app)
+        .with::<fields::IpProtocol>(IpProtocol::Tcp)
+        .with::<fields::IpLocalAddress>(Ipv4Addr::new(10, 0, 0, 2))
+        .with::<fields::IpLocalPort>(local_port)
+        .with::<fields::IpRemoteAddress>(Ipv4Addr::new(192, 0, 2, 5))
+        .with::<fields::IpRemotePort>(443u16);
+    if reauthorization {
+        request
+            .with::<fields::Flags>(ConditionFlags::IS_REAUTHORIZE)
+            .reauthorization()
+    } else {
+        request
+            .with::<fields::Flags>(ConditionFlags::empty())
+            .pendable()
+    }
+}
+
+/// Whole paths make questions of up to 64 KiB, so the questions of the moment are bounded in
+/// bytes as well as in number: with the service holding its answers, as many longest-path
+/// questions as fit in `QUESTION_BYTES` are pended, the next one gets the overload decision
+/// (deny, although the default is allow) at once, counted and logged once, while a question
+/// with a short path still fits in what is left. Once the service answers, every pended
+/// connection gets its verdict, and long questions fit again.
+#[test]
+fn the_questions_of_the_moment_hold_at_most_question_bytes_of_pool() {
+    let machine = Machine::with_worker_threads(2);
+    let driver = load(&machine, question_budget::DriverEntry);
+    let client = connected_client(&machine);
+    let (answer_tx, answer_rx) = std::sync::mpsc::channel::<()>();
+    // Holds what it reads until told, then answers everything until the driver goes away.
+    let service = thread::spawn(move || {
+        let mut held = Vec::new();
+        loop {
+            if answer_rx.try_recv().is_ok() {
+                break;
+            }
+            if let Some(message) = client.get_message(Some(Duration::from_millis(10))) {
+                held.push(message);
+            }
+        }
+        for message in &held {
+            client.reply(message.id, &burst_reply(message)).unwrap();
+        }
+        while let Some(message) = client.get_message(None) {
+            match client.reply(message.id, &burst_reply(&message)) {
+                Ok(()) => {}
+                Err(Status::PORT_DISCONNECTED) => break,
+                Err(status) => panic!("the driver is waiting for this reply: {status}"),
+            }
+        }
+    });
+    let longest = long_app(firewall_protocol::MAX_PATH_UNITS, "app.exe");
+    let fits = firewall_driver::QUESTION_BYTES / firewall_protocol::REQUEST_MAX_LEN;
+    assert_eq!(fits, 63);
+    let ports: Vec<u16> = (0..fits as u16).map(|n| 30_001 + n).collect();
+    let mut pendings: Vec<_> = ports
+        .iter()
+        .map(|&port| {
+            let decision = classify_connect(&machine, &auth_connect_from(&longest, port, false));
+            decision
+                .pending
+                .unwrap_or_else(|| panic!("port {port} pended: {decision:?}"))
+        })
+        .collect();
+    let refused = classify_connect(&machine, &auth_connect_from(&longest, 30_100, false));
+    assert_eq!(
+        (refused.action, refused.pending),
+        (Action::Block, None),
+        "the overload decision, not the default (allow): {refused:?}"
+    );
+    let stats = question_budget::STATS.snapshot();
+    assert_eq!((stats.overloaded, stats.defaults), (1, 0), "{stats:?}");
+    // A short question still fits beside them.
+    let short_port = 30_200;
+    let short = classify_connect(&machine, &auth_connect_from(APPS[0], short_port, false));
+    pendings.push(short.pending.expect("a short question fits"));
+    let (started, _) = overload_lines(&machine);
+    let budget_lines: Vec<_> = machine
+        .debug_output()
+        .into_iter()
+        .filter(|l| l.contains("hold 4194304 bytes of pool"))
+        .collect();
+    assert_eq!(
+        (started.len(), budget_lines.len()),
+        (0, 1),
+        "{budget_lines:?}"
+    );
+
+    answer_tx.send(()).unwrap();
+    complete_all(&machine, pendings);
+    for &port in ports.iter() {
+        let decision = classify_connect(&machine, &auth_connect_from(&longest, port, true));
+        assert_eq!(decision.action, action(burst_verdict(port)), "port {port}");
+    }
+    let decision = classify_connect(&machine, &auth_connect_from(APPS[0], short_port, true));
+    assert_eq!(decision.action, action(burst_verdict(short_port)));
+    // The questions are gone with their work items: a long one fits again.
+    let again = classify_connect(&machine, &auth_connect_from(&longest, 30_300, false));
+    complete_all(&machine, vec![again.pending.expect("pended again")]);
+    let decision = classify_connect(&machine, &auth_connect_from(&longest, 30_300, true));
+    assert_eq!(decision.action, action(burst_verdict(30_300)));
+    let ended: Vec<_> = machine
+        .debug_output()
+        .into_iter()
+        .filter(|l| l.contains("pending again; 1 connection(s) got deny (overload)"))
+        .collect();
+    assert_eq!(ended.len(), 1, "the burst's end is logged once");
+    unload_clean(&machine, driver);
+    service.join().unwrap();
+    let stats = question_budget::STATS.snapshot();
+    assert_eq!(
+        (stats.overloaded, stats.defaults, stats.answered),
+        (1, 0, fits as u64 + 2),
+        "{stats:?}"
+    );
+}

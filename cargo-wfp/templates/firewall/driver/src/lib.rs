@@ -66,7 +66,7 @@
 //! | a well-formed reply to another request (its `request_id` is not this one's) | the default |
 //! | no pool to send ([`SendError::Status`]) | the default |
 //! | the work item cannot be queued (no pool): the default is recorded, and the closure that came back is dropped with the pend in it, which completes it | the default |
-//! | **overload**: [`Config::max_pending`] connections are pended or waiting for their reauthorization already, and the cache has no verdict | **[`Config::overload`]** (deny unless configured otherwise, whatever the default), at once (nothing pended); counted in [`StatsSnapshot::overloaded`], not in `defaults` |
+//! | **overload**: [`Config::max_pending`] connections are pended or waiting for their reauthorization already, or the questions waiting for the service hold [`QUESTION_BYTES`] of pool and this one's does not fit, and the cache has no verdict | **[`Config::overload`]** (deny unless configured otherwise, whatever the default), at once (nothing pended); counted in [`StatsSnapshot::overloaded`], not in `defaults` |
 //! | a reauthorization the driver did not cause (WFP reauthorizes when policy changes) | the cache's verdict if it has one, else the default |
 //! | a second pend of the same connection (process, image, protocol, both endpoints) while the first waits for its reauthorization: one verdict is kept, for one of the two | the other: the cache's verdict if it has one, else the default |
 //! | the connection's fields cannot be read (a field missing, of the wrong type), there is no pool for the request, or the classification cannot be pended | the default, at once (nothing pended) |
@@ -93,6 +93,12 @@
 //! bound, [`VERDICT_SLOTS`] (2048, 160 KiB of non-paged pool), is twice the largest burst the
 //! benchmarks make (1024 new connections at once, none refused).
 //!
+//! The questions are bounded in bytes too: each holds its request, up to 64 KiB with the whole
+//! image path, until its work item ends, and together they hold at most [`QUESTION_BYTES`]
+//! (4 MiB; [`VERDICT_SLOTS`] questions about the longest path would be 128 MiB). A connection
+//! whose question does not fit gets the overload decision the same way, counted and logged the
+//! same way; an inbound miss whose question does not fit is not asked about in the background.
+//!
 //! A slot is freed only by the reauthorization that takes its verdict (or by the classification
 //! that reserved it, when it decides without pending). WFP reauthorizes every connection whose
 //! pend at `ALE_AUTH_CONNECT` is completed; if it ever did not, that slot would stay taken until
@@ -112,7 +118,7 @@
 //! | a loopback connection, with [`Config::permit_loopback`] | permit, nobody asked |
 //! | an image path no request can carry whole | **deny**, whatever the default, at once; nobody asked |
 //! | a live cached verdict for the cache key | that verdict, at once |
-//! | otherwise | **the default, at once**; and, unless [`Config::background_asks`] questions are in flight already or the driver is unloading, a work item asks the service *in the background*, and caches its verdict if the reply allows it |
+//! | otherwise | **the default, at once**; and, unless [`Config::background_asks`] questions are in flight already, its question does not fit in [`QUESTION_BYTES`], or the driver is unloading, a work item asks the service *in the background*, and caches its verdict if the reply allows it |
 //!
 //! So a peer's first attempt gets the default, and its next attempt — a TCP SYN is retransmitted
 //! after about a second — gets the service's cached verdict. With fail-closed that costs an
@@ -347,6 +353,16 @@ pub const SERVICE_CONNECTIONS: u32 = 1;
 /// at load. Enough for a burst of 1024 new connections at once
 /// ([benchmarks](https://github.com/wfp-rs/wfp-rs/blob/main/docs/benchmarks.md), (b)) with room to spare.
 pub const VERDICT_SLOTS: usize = 2048;
+
+/// The most non-paged pool the questions of the moment may hold together: 4 MiB. A question
+/// holds its request, 74 bytes to 64 KiB with the image path
+/// ([`REQUEST_MAX_LEN`](firewall_protocol::REQUEST_MAX_LEN)), from its classification to the
+/// end of its work item; without this bound, [`VERDICT_SLOTS`] pended connections of a program
+/// with the longest path would hold 128 MiB. A new outbound connection whose question does not
+/// fit gets [`Config::overload`], as when the slots are taken (see "Overload" in the crate
+/// documentation); an inbound one is not asked about in the background. Questions with the
+/// usual paths (40 to 150 units, 156 to 376 bytes) fit by the ten thousand.
+pub const QUESTION_BYTES: usize = 4 << 20;
 
 /// How long unload waits, beyond [`Config::timeout`], for the reauthorizations of the
 /// connections it completed before it deletes its filters.
@@ -594,11 +610,15 @@ impl Observed {
     /// [`REQUEST_MAX_LEN`](firewall_protocol::REQUEST_MAX_LEN), at any IRQL up to
     /// `DISPATCH_LEVEL`; `cargo wfp build -p firewall-driver` (a debug image) checks this
     /// frame's size.
+    ///
+    /// `charge` holds the question's bytes against [`QUESTION_BYTES`]; it must be for
+    /// [`question_len`] bytes (the buffer is that long whatever it says).
     #[inline(never)]
     fn question<L>(
         &self,
         c: &Classify<'_, L>,
         request_id: u64,
+        charge: Charge,
         irql: &impl AtMostDispatch,
     ) -> Result<Question, NoRequest>
     where
@@ -611,7 +631,11 @@ impl Observed {
             .map_err(|_| NoRequest::NoPool)?;
         head.encode_with_path(path, &mut bytes)
             .map_err(NoRequest::Unaskable)?;
-        Ok(Question { head, bytes })
+        Ok(Question {
+            head,
+            bytes,
+            _charge: charge,
+        })
     }
 }
 
@@ -629,11 +653,37 @@ where
     PathBytes::from_app_id(app.as_bytes())
 }
 
+/// The length of the question about the classification, if its image path can be sent whole.
+fn question_len<L>(c: &Classify<'_, L>) -> Result<usize, Malformed>
+where
+    L: Layer,
+    fields::AleAppId: Field<L>,
+{
+    whole_path(c).map(|path| request_len(path.units()))
+}
+
 /// A question for the service: a request's wire bytes, in one pool buffer of exactly their
 /// length (tag `FwRq`), and the request's other fields, for the logs and to check the reply.
 struct Question {
     head: RequestHead,
     bytes: PoolBytes,
+    /// The buffer's share of [`QUESTION_BYTES`], given back with it.
+    _charge: Charge,
+}
+
+/// Bytes charged to [`QUESTION_BYTES`], given back when dropped (at any IRQL up to
+/// `DISPATCH_LEVEL`: wherever the question goes).
+struct Charge {
+    shared: PoolArc<Shared>,
+    bytes: usize,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.shared
+            .question_bytes
+            .fetch_sub(self.bytes, Ordering::SeqCst);
+    }
 }
 
 /// Why no question was built for a connection.
@@ -644,6 +694,8 @@ enum NoRequest {
     Unaskable(Malformed),
     /// No pool for the request.
     NoPool,
+    /// The questions of the moment hold [`QUESTION_BYTES`] already.
+    OverBudget,
 }
 
 impl fmt::Display for NoRequest {
@@ -651,6 +703,10 @@ impl fmt::Display for NoRequest {
         match self {
             NoRequest::Unaskable(why) => write!(f, "the image path cannot be sent whole: {why}"),
             NoRequest::NoPool => f.write_str("no pool for the request"),
+            NoRequest::OverBudget => write!(
+                f,
+                "the questions waiting for the service hold {QUESTION_BYTES} bytes of pool"
+            ),
         }
     }
 }
@@ -714,6 +770,9 @@ struct Shared {
     /// New connections refused a slot since the last one that got one: the current overload
     /// burst, logged when it starts and when it ends rather than per connection.
     overload_burst: AtomicU64,
+    /// Bytes of pool the questions of the moment hold, at most [`QUESTION_BYTES`] (see
+    /// [`Charge`]).
+    question_bytes: AtomicUsize,
     /// Set, while unloading, when `in_flight` drops to zero or a recorded verdict is taken.
     progress: Event,
     next_request: AtomicU64,
@@ -930,33 +989,68 @@ impl Shared {
         }
     }
 
-    /// Takes a slot of the verdict table for a connection about to be pended, unless
-    /// [`Config::max_pending`] are taken already. Logs the start and the end of an overload
-    /// burst, not each refused connection.
-    fn reserve(&self) -> bool {
-        let limit = self.config.max_pending;
-        if !increment_below(&self.outstanding, limit) {
-            if self.overload_burst.fetch_add(1, Ordering::Relaxed) == 0 {
-                kd_print!(
-                    Warning,
-                    "firewall: {limit} connections pended or awaiting reauthorization; new connections the cache does not answer get {} (overload) until one is reauthorized\n",
-                    self.config.overload
-                );
+    /// Takes a slot of the verdict table for a connection about to be pended, and charges its
+    /// question's `bytes` to [`QUESTION_BYTES`], unless [`Config::max_pending`] slots are
+    /// taken already or the bytes do not fit. Logs the start and the end of an overload burst,
+    /// not each refused connection.
+    fn reserve(this: &PoolArc<Shared>, bytes: usize) -> Option<Charge> {
+        let limit = this.config.max_pending;
+        let overload = this.config.overload;
+        let charge = if increment_below(&this.outstanding, limit) {
+            let charge = Shared::try_charge(this, bytes);
+            if charge.is_none() {
+                // No progress to signal: this classification is still in flight.
+                this.outstanding.fetch_sub(1, Ordering::SeqCst);
             }
-            return false;
-        }
+            charge.ok_or(false)
+        } else {
+            Err(true)
+        };
+        let charge = match charge {
+            Ok(charge) => charge,
+            Err(slots) => {
+                if this.overload_burst.fetch_add(1, Ordering::Relaxed) == 0 {
+                    if slots {
+                        kd_print!(
+                            Warning,
+                            "firewall: {limit} connections pended or awaiting reauthorization; new connections the cache does not answer get {overload} (overload) until one is reauthorized\n"
+                        );
+                    } else {
+                        kd_print!(
+                            Warning,
+                            "firewall: the questions waiting for the service hold {QUESTION_BYTES} bytes of pool; new connections the cache does not answer get {overload} (overload) until some are answered\n"
+                        );
+                    }
+                }
+                return None;
+            }
+        };
         // A load first, so the common case (no overload) writes nothing shared.
-        if self.overload_burst.load(Ordering::Relaxed) != 0 {
-            let refused = self.overload_burst.swap(0, Ordering::Relaxed);
+        if this.overload_burst.load(Ordering::Relaxed) != 0 {
+            let refused = this.overload_burst.swap(0, Ordering::Relaxed);
             if refused != 0 {
                 kd_print!(
                     Warning,
-                    "firewall: pending again; {refused} connection(s) got {} (overload) while {limit} were outstanding\n",
-                    self.config.overload
+                    "firewall: pending again; {refused} connection(s) got {overload} (overload) while the driver was at its bound\n"
                 );
             }
         }
-        true
+        Some(charge)
+    }
+
+    /// Charges `bytes` of question to [`QUESTION_BYTES`], if they fit.
+    fn try_charge(this: &PoolArc<Shared>, bytes: usize) -> Option<Charge> {
+        let fits = this
+            .question_bytes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
+                held.checked_add(bytes)
+                    .filter(|&total| total <= QUESTION_BYTES)
+            })
+            .is_ok();
+        fits.then(|| Charge {
+            shared: PoolArc::clone(this),
+            bytes,
+        })
     }
 
     /// Frees a slot taken by [`reserve`](Self::reserve).
@@ -1093,16 +1187,27 @@ where
             decided_at_once(c, &"unloading");
             return;
         }
-        // A slot for the verdict, before the pend: a recorded verdict is never evicted.
-        if !shared.reserve() {
+        let bytes = match question_len(c) {
+            Ok(bytes) => bytes,
+            // Checked in `observe` already; never asked about with part of its path.
+            Err(why) => {
+                shared.unaskable(&observed, &why);
+                apply(&mut c.out, Verdict::Deny);
+                shared.finished(irql);
+                return;
+            }
+        };
+        // A slot for the verdict, before the pend: a recorded verdict is never evicted. And
+        // room for the question in the pool the questions may hold.
+        let Some(charge) = Shared::reserve(shared, bytes) else {
             // The cache did not answer (above): the overload decision, not the default (a
             // burst must not open a fail-open firewall); counted, logged per burst.
             shared.count(Counter::Overloaded);
             apply(&mut c.out, shared.config.overload);
             shared.finished(irql);
             return;
-        }
-        let question = match observed.question(c, request_id, irql) {
+        };
+        let question = match observed.question(c, request_id, charge, irql) {
             Ok(question) => question,
             // Checked in `observe` already; never asked about with part of its path.
             Err(NoRequest::Unaskable(why)) => {
@@ -1112,7 +1217,7 @@ where
                 shared.finished(irql);
                 return;
             }
-            Err(error @ NoRequest::NoPool) => {
+            Err(error @ (NoRequest::NoPool | NoRequest::OverBudget)) => {
                 shared.release(irql);
                 decided_at_once(c, &error);
                 return;
@@ -1211,7 +1316,11 @@ where
             return;
         }
         let request_id = shared.request_id();
-        let question = match observed.question(c, request_id, irql) {
+        let charge = question_len(c)
+            .map_err(NoRequest::Unaskable)
+            .and_then(|bytes| Shared::try_charge(shared, bytes).ok_or(NoRequest::OverBudget));
+        let question = charge.and_then(|charge| observed.question(c, request_id, charge, irql));
+        let question = match question {
             Ok(question) => question,
             Err(error) => {
                 shared.background.fetch_sub(1, Ordering::SeqCst);
@@ -1546,6 +1655,7 @@ fn shared_state(
             in_flight: AtomicUsize::new(0),
             outstanding: AtomicUsize::new(0),
             overload_burst: AtomicU64::new(0),
+            question_bytes: AtomicUsize::new(0),
             progress,
             next_request: AtomicU64::new(0),
             background: AtomicUsize::new(0),
