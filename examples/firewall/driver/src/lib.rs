@@ -30,15 +30,15 @@
 //! 1. **Loopback** (the `FLAGS` field has `FWP_CONDITION_FLAG_IS_LOOPBACK`): permitted without
 //!    asking, when [`Config::permit_loopback`] (the default). Local IPC over TCP is not a
 //!    firewall question, and asking about it would make the service ask about itself.
-//! 2. **An image path no request can carry whole** (longer than
-//!    [`MAX_PATH_UNITS`], the longest NT path, or not a path: an odd number of bytes, a NUL
-//!    inside): denied, whatever [`Config::default`] says, without asking (see
-//!    [The whole path](#the-whole-path)).
-//! 3. **The reauthorization of a connection this driver pended**: the verdict the work item
+//! 2. **The reauthorization of a connection this driver pended**: the verdict the work item
 //!    recorded in its [`VerdictTable`] (keyed by [`ConnectionKey`], local port included).
-//! 4. **Any other classification** (a new connection, or a reauthorization the driver did not
+//! 3. **Any other classification** (a new connection, or a reauthorization the driver did not
 //!    cause): the **verdict cache**, if it holds a live verdict for the connection's
 //!    [cache key](#the-verdict-cache).
+//! 4. **An image path no request can carry whole** (longer than [`MAX_PATH_UNITS`], the
+//!    longest NT path, or not a path: an odd number of bytes, a NUL inside), when the cache
+//!    does not answer: denied, whatever [`Config::default`] says, without asking (see
+//!    [The whole path](#the-whole-path)).
 //! 5. **A new connection the cache does not answer**: if fewer than [`Config::max_pending`]
 //!    connections are outstanding (pended, or completed and not yet reauthorized), it takes a
 //!    slot of the [`VerdictTable`] and is pended ([`Classify::pend`]); a work item
@@ -46,7 +46,7 @@
 //!    endpoints, direction) and waits at most [`Config::timeout`]; it checks that the reply
 //!    [`answers`](ConnectionReply::answers) the request, caches the verdict if the reply allows
 //!    it (`cache_seconds > 0`), records it for the reauthorization, and completes the pend.
-//!    WFP reauthorizes the connection and step 3 answers, which frees the slot. Otherwise it is
+//!    WFP reauthorizes the connection and step 2 answers, which frees the slot. Otherwise it is
 //!    not pended: it gets [`Config::overload`] at once (see [Overload](#overload)).
 //!
 //! Every failure gives [`Config::default`] — fail-closed ([`Verdict::Deny`]) in
@@ -56,8 +56,8 @@
 //! | situation | decision |
 //! |---|---|
 //! | a loopback connection, with [`Config::permit_loopback`] | permit, nobody asked |
-//! | **an image path no request can carry whole** (longer than [`MAX_PATH_UNITS`], an odd number of bytes, a NUL inside), at any classification, reauthorizations included | **deny**, whatever the default, at once (nothing pended, nobody asked); counted in [`StatsSnapshot::unaskable`], not in `defaults`, and logged |
 //! | a live cached verdict for the cache key | that verdict, at once (no allocation, no work item) |
+//! | **an image path no request can carry whole** (longer than [`MAX_PATH_UNITS`], an odd number of bytes, a NUL inside), reauthorizations included | **deny**, whatever the default, at once (nothing pended, nobody asked); counted in [`StatsSnapshot::unaskable`], not in `defaults`, and logged |
 //! | the service replies in time with a valid reply to this request | its verdict |
 //! | no service connected ([`SendError::NotConnected`]) | the default |
 //! | the service disconnects (is killed) before replying ([`SendError::Disconnected`]) | the default |
@@ -116,8 +116,8 @@
 //! | situation | decision |
 //! |---|---|
 //! | a loopback connection, with [`Config::permit_loopback`] | permit, nobody asked |
-//! | an image path no request can carry whole | **deny**, whatever the default, at once; nobody asked |
 //! | a live cached verdict for the cache key | that verdict, at once |
+//! | an image path no request can carry whole | **deny**, whatever the default, at once; nobody asked |
 //! | otherwise | **the default, at once**; and, unless [`Config::background_asks`] questions are in flight already, its question does not fit in [`QUESTION_BYTES`], or the driver is unloading, a work item asks the service *in the background*, and caches its verdict if the reply allows it |
 //!
 //! So a peer's first attempt gets the default, and its next attempt — a TCP SYN is retransmitted
@@ -150,7 +150,9 @@
 //! - **The defensive bound denies.** An application id a request cannot carry whole (longer
 //!   than the bound, an odd number of bytes, a NUL inside) is never asked about with a part of
 //!   it; the connection is denied — the one decision never more permissive than the service's —
-//!   whatever [`Config::default`], before the cache, at every classification. It is counted
+//!   whatever [`Config::default`], wherever the cache does not answer (new connections and
+//!   reauthorizations, out and in; the cache holds only verdicts asked with a whole path, and
+//!   its key hashes the whole application id). It is counted
 //!   ([`StatsSnapshot::unaskable`]) and logged (`firewall: pid 42 outbound: deny (the image
 //!   path cannot be sent whole: …)`).
 //!
@@ -846,15 +848,28 @@ impl Shared {
             apply(&mut c.out, default);
             return None;
         };
-        // Before the cache and every other answer: a question about part of a path could be
-        // answered more permissively than the service would answer about the whole path.
-        if let Err(why) = whole_path(c) {
-            self.unaskable(&observed, &why);
-            apply(&mut c.out, Verdict::Deny);
-            return None;
-        }
         let cache_key = observed.cache_key();
         Some((observed, cache_key))
+    }
+
+    /// Denies the classification if no request can carry its image path whole, and says
+    /// whether it did. Called wherever a connection the cache does not answer would otherwise
+    /// be asked about or given the default (or the overload decision): a question about part
+    /// of a path could be answered more permissively than the service would answer about the
+    /// whole path, and so could the default. (A cache hit needs no check: only a question with
+    /// the whole path puts a verdict in the cache, and the key hashes every byte of the
+    /// application id. It keeps the hit path to one pass over the path, the key's.)
+    fn denied_unaskable<L>(&self, c: &mut Classify<'_, L>, observed: &Observed) -> bool
+    where
+        L: Layer,
+        fields::AleAppId: Field<L>,
+    {
+        let Err(why) = whole_path(c) else {
+            return false;
+        };
+        self.unaskable(observed, &why);
+        apply(&mut c.out, Verdict::Deny);
+        true
     }
 
     /// Counts and logs a connection denied because its image path cannot be sent whole.
@@ -1155,6 +1170,10 @@ where
                 }
                 // A reauthorization this callout did not cause.
                 None => shared.cached(irql, &cache_key).unwrap_or_else(|| {
+                    if let Err(why) = whole_path(c) {
+                        shared.unaskable(&observed, &why);
+                        return Verdict::Deny;
+                    }
                     shared.count(Counter::Defaults);
                     kd_print!(
                         Warning,
@@ -1169,6 +1188,9 @@ where
         }
         if let Some(verdict) = shared.cached(irql, &cache_key) {
             apply(&mut c.out, verdict);
+            return;
+        }
+        if shared.denied_unaskable(c, &observed) {
             return;
         }
         // Counted before the flag is read (see `Shared::settle`).
@@ -1189,7 +1211,7 @@ where
         }
         let bytes = match question_len(c) {
             Ok(bytes) => bytes,
-            // Checked in `observe` already; never asked about with part of its path.
+            // Checked after the cache already; never asked about with part of its path.
             Err(why) => {
                 shared.unaskable(&observed, &why);
                 apply(&mut c.out, Verdict::Deny);
@@ -1209,7 +1231,7 @@ where
         };
         let question = match observed.question(c, request_id, charge, irql) {
             Ok(question) => question,
-            // Checked in `observe` already; never asked about with part of its path.
+            // Checked after the cache already; never asked about with part of its path.
             Err(NoRequest::Unaskable(why)) => {
                 shared.release(irql);
                 shared.unaskable(&observed, &why);
@@ -1301,6 +1323,9 @@ where
         };
         if let Some(verdict) = shared.cached(irql, &cache_key) {
             apply(&mut c.out, verdict);
+            return;
+        }
+        if shared.denied_unaskable(c, &observed) {
             return;
         }
         // This attempt gets the default whatever happens next.

@@ -2729,6 +2729,11 @@ fn a_path_no_request_can_carry_whole_is_denied_without_asking() {
             "firewall: pid 700 inbound: deny (the image path cannot be sent whole: the image path contains a NUL unit)\n",
         ]
     );
+    // A reauthorization the driver did not cause (policy changed, say) finds nothing recorded
+    // or cached: denied too, not the default.
+    let reauthorized = classify_connect(&machine, &auth_connect_from(&too_long, 41_050, true));
+    assert_eq!(reauthorized.action, Action::Block, "{reauthorized:?}");
+    assert_eq!(unaskable::STATS.snapshot().unaskable, 5);
     // The longest NT path is asked about, and the default-allow policy allows it.
     let longest = connection(
         701,
