@@ -241,8 +241,9 @@ pub trait Message: Sized {
     /// The shortest valid encoding, in bytes. A reply shorter than this is
     /// [`SendError::ReplyTooShort`] without being decoded.
     const MIN_LEN: usize;
-    /// The longest valid encoding, in bytes: the size of the reply buffer the driver offers. A
-    /// longer reply is [`SendError::ReplyTooLong`].
+    /// The longest valid encoding, in bytes: the bound on a request's length (a transport
+    /// that carries the messages must take this many), and the size of the reply buffer the
+    /// driver offers. A longer reply is [`SendError::ReplyTooLong`].
     const MAX_LEN: usize;
 
     /// How many bytes `encode` writes for this message: the size of the buffer
