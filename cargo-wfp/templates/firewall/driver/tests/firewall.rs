@@ -2847,6 +2847,42 @@ fn the_questions_of_the_moment_hold_at_most_question_bytes_of_pool() {
     );
     let stats = question_budget::STATS.snapshot();
     assert_eq!((stats.overloaded, stats.defaults), (1, 0), "{stats:?}");
+    // An inbound miss gets the default at once, as always, but its question does not fit:
+    // it is not asked about in the background.
+    let inbound = connection(
+        100,
+        &longest,
+        IpProtocol::Tcp,
+        SimDirection::Inbound,
+        8_080,
+        web(6, 50_000),
+    );
+    assert_eq!(
+        decided_once(
+            &inbound,
+            &machine.connect(&inbound, AleIrql::Dispatch),
+            "in"
+        ),
+        (Action::Permit, false)
+    );
+    wait_for_background_asks(&machine, 1);
+    let stats = question_budget::STATS.snapshot();
+    assert_eq!(
+        (
+            stats.background_asks,
+            stats.background_skipped,
+            stats.defaults
+        ),
+        (0, 1, 1),
+        "{stats:?}"
+    );
+    assert!(
+        machine.debug_output().iter().any(|l| l.ends_with(
+            "not asking: the questions waiting for the service hold 4194304 bytes of pool)\n"
+        )),
+        "{:#?}",
+        machine.debug_output()
+    );
     // A short question still fits beside them.
     let short_port = 30_200;
     let short = classify_connect(&machine, &auth_connect_from(APPS[0], short_port, false));
@@ -2855,7 +2891,7 @@ fn the_questions_of_the_moment_hold_at_most_question_bytes_of_pool() {
     let budget_lines: Vec<_> = machine
         .debug_output()
         .into_iter()
-        .filter(|l| l.contains("hold 4194304 bytes of pool"))
+        .filter(|l| l.contains("hold 4194304 bytes of pool; new connections"))
         .collect();
     assert_eq!(
         (started.len(), budget_lines.len()),
@@ -2887,7 +2923,7 @@ fn the_questions_of_the_moment_hold_at_most_question_bytes_of_pool() {
     let stats = question_budget::STATS.snapshot();
     assert_eq!(
         (stats.overloaded, stats.defaults, stats.answered),
-        (1, 0, fits as u64 + 2),
+        (1, 1, fits as u64 + 2),
         "{stats:?}"
     );
 }
