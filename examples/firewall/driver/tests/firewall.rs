@@ -2628,6 +2628,8 @@ fn a_program_from_a_long_path_is_denied_by_the_rule_naming_its_file() {
             (Action::Block, true),
             "{what}: asked, and denied by the rule"
         );
+        // Pended, not answered from the cache: the same process and remote endpoint, paths
+        // equal but for their last units, so the cache key must hash the whole path.
         assert_eq!(
             decided_once(
                 &allowed,
