@@ -47,6 +47,11 @@ use wfp_rs::user::{Device, PortConnection, Request};
 use crate::audit::AuditLog;
 use crate::service::{LoadError, PendingRevocations, Service};
 
+// Every request the driver can send, the longest image path included, fits the buffer
+// `get_message` reads it into: one that did not would never be answered, and its connection
+// would get the driver's default instead of the rules' verdict.
+const _: () = assert!(firewall_protocol::REQUEST_MAX_LEN <= wfp_rs::user::MAX_MESSAGE_LEN);
+
 /// How `serve` runs.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
