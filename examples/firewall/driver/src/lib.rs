@@ -2,9 +2,37 @@
 //! or IPv6, is allowed or denied by a user-mode service — answered at once from a verdict cache
 //! when the service has answered the same question before.
 //!
-//! The driver and the service speak [`firewall_protocol`]: a [`ConnectionRequest`] over the
-//! filter-manager port [`firewall_protocol::PORT_NAME`], a [`ConnectionReply`] back, and the
-//! [`REVOKE`] command on the control device [`CONTROL_DEVICE_NAME`].
+//! The driver and the service speak [`firewall_protocol`]: a [`ConnectionRequest`] as a question
+//! on the question channel [`firewall_protocol::ASK_CHANNEL`] (device
+//! [`firewall_protocol::ASK_DEVICE_NAME`]; [`AskVia::Channel`], the default) or over the
+//! filter-manager port [`firewall_protocol::PORT_NAME`] ([`AskVia::PortAndWorkItem`]), a
+//! [`ConnectionReply`] back, and the [`REVOKE`] command on the control device
+//! [`CONTROL_DEVICE_NAME`].
+//!
+//! # Two ways to ask
+//!
+//! [`Config::ask_via`] chooses; both decide every case of the tables below the same way, and
+//! [`StatsSnapshot::asked_via_channel`] / [`StatsSnapshot::asked_via_port`] count which asked.
+//!
+//! - [`AskVia::Channel`] (the default, [`wfp_rs::ask`]): the classify callback pends and puts the
+//!   question to the channel itself, at `DISPATCH_LEVEL`, with the pend, the connection's keys
+//!   and the request id as the question's context. The service keeps wait requests pending on
+//!   the channel's device and answers on the same handle; the channel's handler
+//!   ([`QuestionHandler::decide`], exactly once per question) checks the reply answers the
+//!   request, caches it if allowed, records the verdict for the reauthorization and completes
+//!   the pend, or applies the default for every other outcome. No work item, no thread waits.
+//!   The channel has [`Config::max_pending`] + [`Config::background_asks`] slots, so a
+//!   connection that reserved a slot of the [`VerdictTable`] finds one; each slot holds a
+//!   question of at most [`ASK_MAX_QUESTION`](firewall_protocol::ASK_MAX_QUESTION) bytes (an
+//!   image path of [`ASK_MAX_PATH_UNITS`](firewall_protocol::ASK_MAX_PATH_UNITS) units),
+//!   allocated at load. A longer question (or one that finds every slot taken, which the
+//!   sizing rules out) is asked through the port and a work item, whole. Only the admitted
+//!   service may open the channel's device ([`Driver::admit_only`](wfp_rs::driver::Driver::admit_only)
+//!   applies to every device the SDK creates).
+//! - [`AskVia::PortAndWorkItem`]: a work item at `PASSIVE_LEVEL` sends the question over the
+//!   port and waits for the reply (the first design; the benchmarks compare the two).
+//!
+//! [`QuestionHandler::decide`]: wfp_rs::ask::QuestionHandler::decide
 //!
 //! # Where it filters
 //!
@@ -30,8 +58,8 @@
 //! 1. **Loopback** (the `FLAGS` field has `FWP_CONDITION_FLAG_IS_LOOPBACK`): permitted without
 //!    asking, when [`Config::permit_loopback`] (the default). Local IPC over TCP is not a
 //!    firewall question, and asking about it would make the service ask about itself.
-//! 2. **The reauthorization of a connection this driver pended**: the verdict the work item
-//!    recorded in its [`VerdictTable`] (keyed by [`ConnectionKey`], local port included).
+//! 2. **The reauthorization of a connection this driver pended**: the verdict the channel's
+//!    handler or the work item recorded in its [`VerdictTable`] (keyed by [`ConnectionKey`], local port included).
 //! 3. **Any other classification** (a new connection, or a reauthorization the driver did not
 //!    cause): the **verdict cache**, if it holds a live verdict for the connection's
 //!    [cache key](#the-verdict-cache).
@@ -41,8 +69,8 @@
 //!    [The whole path](#the-whole-path)).
 //! 5. **A new connection the cache does not answer**: if fewer than [`Config::max_pending`]
 //!    connections are outstanding (pended, or completed and not yet reauthorized), it takes a
-//!    slot of the [`VerdictTable`] and is pended ([`Classify::pend`]); a work item
-//!    sends a [`ConnectionRequest`] (process id, the whole image path, protocol, both
+//!    slot of the [`VerdictTable`] and is pended ([`Classify::pend`]); the question channel
+//!    (or a work item, over the port) asks with a [`ConnectionRequest`] (process id, the whole image path, protocol, both
 //!    endpoints, direction) and waits at most [`Config::timeout`]; it checks that the reply
 //!    [`answers`](ConnectionReply::answers) the request, caches the verdict if the reply allows
 //!    it (`cache_seconds > 0`), records it for the reauthorization, and completes the pend.
@@ -59,13 +87,20 @@
 //! | a live cached verdict for the cache key | that verdict, at once (no allocation, no work item) |
 //! | **an image path no request can carry whole** (longer than [`MAX_PATH_UNITS`], an odd number of bytes, a NUL inside), reauthorizations included | **deny**, whatever the default, at once (nothing pended, nobody asked); counted in [`StatsSnapshot::unaskable`], not in `defaults`, and logged |
 //! | the service replies in time with a valid reply to this request | its verdict |
-//! | no service connected ([`SendError::NotConnected`]) | the default |
-//! | the service disconnects (is killed) before replying ([`SendError::Disconnected`]) | the default |
-//! | no reply within [`Config::timeout`] ([`SendError::Timeout`]); a late reply is discarded | the default |
+//! | **channel**: no service waits on the channel | the question stays queued: the default at its deadline ([`Config::timeout`]), or the verdict of a service that starts meanwhile |
+//! | **channel**: the service's handle closes (it exited, was killed) with the question delivered and not answered | the default, at once (`Outcome::ServiceGone`) |
+//! | **channel**: no answer by the deadline; a late answer is refused (`STATUS_NOT_FOUND`) | the default |
+//! | **channel**: an answer that does not decode, or a reply to another request | the default |
+//! | **channel**: an answer through a handle the question was not delivered to (foreign) | refused (`STATUS_ACCESS_DENIED`); the question waits for its own handle or its deadline |
+//! | **channel**: a second answer to a decided question (duplicate) | refused (`STATUS_NOT_FOUND`); the first decided |
+//! | **channel**: unload with questions outstanding | the default for each, in `stopping`, while the filters are still there |
+//! | **port**: no service connected ([`SendError::NotConnected`]) | the default |
+//! | **port**: the service disconnects (is killed) before replying ([`SendError::Disconnected`]) | the default |
+//! | **port**: no reply within [`Config::timeout`] ([`SendError::Timeout`]); a late reply is discarded | the default |
 //! | a reply too short, too long, or malformed (any field [`ConnectionReply`]'s decoder rejects) | the default |
 //! | a well-formed reply to another request (its `request_id` is not this one's) | the default |
 //! | no pool to send ([`SendError::Status`]) | the default |
-//! | the work item cannot be queued (no pool): the default is recorded, and the closure that came back is dropped with the pend in it, which completes it | the default |
+//! | **port**: the work item cannot be queued (no pool): the default is recorded, and the closure that came back is dropped with the pend in it, which completes it | the default |
 //! | **overload**: [`Config::max_pending`] connections are pended or waiting for their reauthorization already, or the questions waiting for the service hold [`QUESTION_BYTES`] of pool and this one's does not fit, and the cache has no verdict | **[`Config::overload`]** (deny unless configured otherwise, whatever the default), at once (nothing pended); counted in [`StatsSnapshot::overloaded`], not in `defaults` |
 //! | a reauthorization the driver did not cause (WFP reauthorizes when policy changes) | the cache's verdict if it has one, else the default |
 //! | a second pend of the same connection (process, image, protocol, both endpoints) while the first waits for its reauthorization: one verdict is kept, for one of the two | the other: the cache's verdict if it has one, else the default |
@@ -118,7 +153,7 @@
 //! | a loopback connection, with [`Config::permit_loopback`] | permit, nobody asked |
 //! | a live cached verdict for the cache key | that verdict, at once |
 //! | an image path no request can carry whole | **deny**, whatever the default, at once; nobody asked |
-//! | otherwise | **the default, at once**; and, unless [`Config::background_asks`] questions are in flight already, its question does not fit in [`QUESTION_BYTES`], or the driver is unloading, a work item asks the service *in the background*, and caches its verdict if the reply allows it |
+//! | otherwise | **the default, at once**; and, unless [`Config::background_asks`] questions are in flight already, its question does not fit in [`QUESTION_BYTES`], or the driver is unloading, the question channel (or, with [`AskVia::PortAndWorkItem`] or a question too long for the channel, a work item over the port) asks the service *in the background*, and its verdict is cached if the reply allows it |
 //!
 //! So a peer's first attempt gets the default, and its next attempt — a TCP SYN is retransmitted
 //! after about a second — gets the service's cached verdict. With fail-closed that costs an
@@ -262,15 +297,18 @@
 //!
 //! 1. [`Firewall::stopping`](DriverState::stopping) sets the "unloading" flag — new connections
 //!    get the cache or the default at once, work items that have not asked yet do not ask, no
-//!    background ask is queued — and closes the service's connection, so a send waiting for a
-//!    reply fails at once.
+//!    background ask is queued —, stops the question channel ([`AskChannel::stop`]: every
+//!    question outstanding is decided now with the default, so its pend is completed while the
+//!    filters are there for the reauthorization; it waits for no user-mode thread), and closes
+//!    the service's port connection, so a send waiting for a reply fails at once.
 //! 2. The SDK waits until no work item is queued or running: every pend is completed.
 //! 3. [`Firewall::unload`](DriverState::unload) closes the control device (waiting for a
 //!    command in progress), then waits until every completed pend has been reauthorized (no
 //!    pend in flight, no slot of the [`VerdictTable`] reserved, the table empty), or until
 //!    [`Config::timeout`] + [`REAUTHORIZATION_GRACE`] pass without progress.
 //! 4. It closes the engine session (the filters go before the callouts: a terminating filter
-//!    whose callout is gone blocks everything), unregisters the callouts, closes the port, and
+//!    whose callout is gone blocks everything), unregisters the callouts, closes the question
+//!    channel (its device goes; the service's waits complete as cancelled), closes the port, and
 //!    unregisters the minifilter.
 //!
 //! # Logging

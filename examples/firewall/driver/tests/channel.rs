@@ -144,8 +144,16 @@ fn decided_once(c: &Connection, outcome: &ConnectOutcome, what: &str) -> (Action
         .map(|(_, decision)| *decision)
         .collect();
     if outcome.pended {
-        assert_eq!(c.direction, SimDirection::Outbound, "{what}: never pended inbound");
-        assert_eq!(at_auth.len(), 2, "{what}: the pend and one reauthorization: {outcome:?}");
+        assert_eq!(
+            c.direction,
+            SimDirection::Outbound,
+            "{what}: never pended inbound"
+        );
+        assert_eq!(
+            at_auth.len(),
+            2,
+            "{what}: the pend and one reauthorization: {outcome:?}"
+        );
         assert!(at_auth[0].absorbed, "{what}: {outcome:?}");
     } else {
         assert_eq!(at_auth.len(), 1, "{what}: classified once: {outcome:?}");
@@ -262,7 +270,8 @@ fn run_service(
             let request = match ConnectionRequest::decode(body) {
                 Ok(request) => request,
                 Err(error) => {
-                    seen.violations.push(format!("undecodable question: {error:?}"));
+                    seen.violations
+                        .push(format!("undecodable question: {error:?}"));
                     return seen;
                 }
             };
@@ -314,7 +323,8 @@ fn run_service(
                     } else if refused_late(status) {
                         seen.late += 1;
                     } else {
-                        seen.violations.push(format!("malformed #{port}: {status:#x}"));
+                        seen.violations
+                            .push(format!("malformed #{port}: {status:#x}"));
                     }
                 }
                 63..71 => {
@@ -323,7 +333,8 @@ fn run_service(
                     if status == Status::ACCESS_DENIED.raw() {
                         seen.foreign += 1;
                     } else if !refused_late(status) {
-                        seen.violations.push(format!("foreign #{port}: {status:#x}"));
+                        seen.violations
+                            .push(format!("foreign #{port}: {status:#x}"));
                     }
                     correctly(&handle, &mut seen);
                 }
@@ -333,9 +344,8 @@ fn run_service(
                     if refused_late(second) {
                         seen.duplicates += 1;
                     } else {
-                        seen.violations.push(format!(
-                            "duplicate #{port}: {second:#x} after {first:#x}"
-                        ));
+                        seen.violations
+                            .push(format!("duplicate #{port}: {second:#x} after {first:#x}"));
                     }
                 }
                 79..91 => held.push((id, reply, clock.load(Ordering::SeqCst))),
@@ -373,7 +383,9 @@ fn every_connection_gets_exactly_one_decision_under_channel_races_and_unload() {
     const AT_UNLOAD: u64 = 24;
     let seed = seed();
     let machine = Machine::with_worker_threads(4);
-    let driver = machine.load_driver("firewall", race::DriverEntry).expect("loads");
+    let driver = machine
+        .load_driver("firewall", race::DriverEntry)
+        .expect("loads");
     let clock = AtomicU64::new(0);
     let silent = AtomicBool::new(false);
     let closing = AtomicBool::new(false);
@@ -463,7 +475,11 @@ fn every_connection_gets_exactly_one_decision_under_channel_races_and_unload() {
         *taken.entry(*port).or_default() += 1;
     }
     for s in &seen {
-        assert!(s.violations.is_empty(), "seed {seed:#x}: {:?}", s.violations);
+        assert!(
+            s.violations.is_empty(),
+            "seed {seed:#x}: {:?}",
+            s.violations
+        );
     }
     let mut by_service = 0;
     for (c, action, pended) in &attempts {
@@ -485,7 +501,11 @@ fn every_connection_gets_exactly_one_decision_under_channel_races_and_unload() {
         }
     }
     for (c, action, _) in &held_at_unload {
-        assert_eq!(*action, Action::Block, "{c:?}: decided by unload, the default");
+        assert_eq!(
+            *action,
+            Action::Block,
+            "{c:?}: decided by unload, the default"
+        );
     }
     let stats = race::STATS.snapshot();
     let sum = |f: fn(&Seen) -> usize| seen.iter().map(f).sum::<usize>();
@@ -498,7 +518,10 @@ fn every_connection_gets_exactly_one_decision_under_channel_races_and_unload() {
         sum(|s| s.duplicates),
         sum(|s| s.kills)
     );
-    assert_eq!(stats.asked_via_port, 0, "every question went through the channel");
+    assert_eq!(
+        stats.asked_via_port, 0,
+        "every question went through the channel"
+    );
     assert_eq!(
         stats.answered as usize,
         taken.values().sum::<usize>(),
@@ -520,9 +543,15 @@ fn every_connection_gets_exactly_one_decision_under_channel_races_and_unload() {
 /// default; a service that comes later still decides what it finds queued.
 #[test]
 fn without_a_service_the_deadline_gives_the_default() {
-    assert_eq!(Config::DEFAULT.ask_via, AskVia::Channel, "the default design");
+    assert_eq!(
+        Config::DEFAULT.ask_via,
+        AskVia::Channel,
+        "the default design"
+    );
     let machine = Machine::new();
-    let driver = machine.load_driver("firewall", no_service::DriverEntry).expect("loads");
+    let driver = machine
+        .load_driver("firewall", no_service::DriverEntry)
+        .expect("loads");
     let c = attempt(7, BROWSER, SimDirection::Outbound, 50_000, 443);
     let outcome = thread::scope(|s| {
         let connecting = s.spawn(|| machine.connect(&c, AleIrql::Dispatch));
@@ -534,7 +563,10 @@ fn without_a_service_the_deadline_gives_the_default() {
         machine.wait_for_dpcs();
         connecting.join().unwrap()
     });
-    assert_eq!(decided_once(&c, &outcome, "no service"), (Action::Block, true));
+    assert_eq!(
+        decided_once(&c, &outcome, "no service"),
+        (Action::Block, true)
+    );
 
     // A service that starts while a question is queued answers it.
     let c = attempt(7, BROWSER, SimDirection::Outbound, 50_001, 443);
@@ -551,9 +583,15 @@ fn without_a_service_the_deadline_gives_the_default() {
         assert_eq!(answer(&handle, id, &reply_bytes(&request)), SUCCESS);
         connecting.join().unwrap()
     });
-    assert_eq!(decided_once(&c, &outcome, "late service"), (Action::Permit, true));
+    assert_eq!(
+        decided_once(&c, &outcome, "late service"),
+        (Action::Permit, true)
+    );
     let stats = no_service::STATS.snapshot();
-    assert_eq!((stats.asked_via_channel, stats.answered, stats.defaults), (2, 1, 1));
+    assert_eq!(
+        (stats.asked_via_channel, stats.answered, stats.defaults),
+        (2, 1, 1)
+    );
     unload_clean(&machine, driver);
 }
 
@@ -562,7 +600,9 @@ fn without_a_service_the_deadline_gives_the_default() {
 #[test]
 fn a_path_longer_than_the_channels_slots_is_asked_through_the_port() {
     let machine = Machine::new();
-    let driver = machine.load_driver("firewall", long_path::DriverEntry).expect("loads");
+    let driver = machine
+        .load_driver("firewall", long_path::DriverEntry)
+        .expect("loads");
     let mut client = machine.port_client(PORT_NAME);
     client.connect(&[]).expect("the service connects");
     let deep = format!(
@@ -581,7 +621,10 @@ fn a_path_longer_than_the_channels_slots_is_asked_through_the_port() {
             .expect("the driver waits");
         connecting.join().unwrap()
     });
-    assert_eq!(decided_once(&c, &outcome, "long path"), (Action::Block, true));
+    assert_eq!(
+        decided_once(&c, &outcome, "long path"),
+        (Action::Block, true)
+    );
     let stats = long_path::STATS.snapshot();
     assert_eq!((stats.asked_via_channel, stats.asked_via_port), (0, 1));
     assert_eq!(stats.answered, 1);
@@ -596,7 +639,9 @@ fn a_path_longer_than_the_channels_slots_is_asked_through_the_port() {
 #[test]
 fn the_channel_queues_no_work_item_for_outbound() {
     let machine = Machine::new();
-    let driver = machine.load_driver("firewall", no_work_item::DriverEntry).expect("loads");
+    let driver = machine
+        .load_driver("firewall", no_work_item::DriverEntry)
+        .expect("loads");
     let handle = open(&machine).expect("the service opens the channel");
     let waits: Vec<_> = (0..8).map(|_| wait_request(&handle)).collect();
     let request_tag = wfp_rs::pool::PoolTag::new(b"FwRq");
@@ -612,7 +657,11 @@ fn the_channel_queues_no_work_item_for_outbound() {
             .collect();
         let questions: Vec<_> = waits
             .iter()
-            .map(|w| decode_message(&w.wait().output).map(|(id, b)| (id, b.to_vec())).unwrap())
+            .map(|w| {
+                decode_message(&w.wait().output)
+                    .map(|(id, b)| (id, b.to_vec()))
+                    .unwrap()
+            })
             .collect();
         // Eight connections pended and asked, none answered yet. Each classification drops
         // its question's buffer once the channel has copied it (after the delivery this
@@ -630,7 +679,11 @@ fn the_channel_queues_no_work_item_for_outbound() {
             thread::yield_now();
             spins += 1;
         }
-        assert_eq!(buffers(), 0, "no question buffer, so no work item, holds a waiting question");
+        assert_eq!(
+            buffers(),
+            0,
+            "no question buffer, so no work item, holds a waiting question"
+        );
         for (id, body) in questions {
             let request = ConnectionRequest::decode(&body).unwrap();
             assert_eq!(answer(&handle, id, &reply_bytes(&request)), SUCCESS);
@@ -650,7 +703,9 @@ fn the_channel_queues_no_work_item_for_outbound() {
 #[test]
 fn only_the_configured_service_may_open_the_channel() {
     let machine = Machine::new();
-    let driver = machine.load_driver("firewall", only_service::DriverEntry).expect("loads");
+    let driver = machine
+        .load_driver("firewall", only_service::DriverEntry)
+        .expect("loads");
     let admin = Process::new(
         4242,
         r"\Device\HarddiskVolume3\Users\admin\allow-all.exe",
@@ -660,8 +715,12 @@ fn only_the_configured_service_may_open_the_channel() {
         machine.open_device(ASK_DEVICE_PATH, admin).err(),
         Some(Status::ACCESS_DENIED)
     );
-    let service = Process::new(812, r"\Device\HarddiskVolume3\fw\firewall.exe", Caller::System)
-        .with_group(wfp_rs::client::Sid::parse(SERVICE_SID).unwrap());
+    let service = Process::new(
+        812,
+        r"\Device\HarddiskVolume3\fw\firewall.exe",
+        Caller::System,
+    )
+    .with_group(wfp_rs::client::Sid::parse(SERVICE_SID).unwrap());
     let handle = machine
         .open_device(ASK_DEVICE_PATH, service)
         .expect("the service opens it");

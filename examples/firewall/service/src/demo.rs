@@ -696,7 +696,7 @@ fn run_in(
         identify_service(&bridge, options.launcher.unwrap_or(this_program), sid)?;
         let _ = writeln!(
             out,
-            "firewall demo: only the service's process (per-service SID {sid}) may connect to the port or open the control device"
+            "firewall demo: only the service's process (per-service SID {sid}) may connect to the port or open the question channel and the control device"
         );
     }
     let mut volumes = VolumeMap::new();
@@ -1118,7 +1118,10 @@ impl Demo<'_> {
             (0, _) => "the port and a work item",
             _ => "both the question channel and the port (a mixed run)",
         };
-        let _ = writeln!(self.out, "  the service's answers reached the driver through {design}");
+        let _ = writeln!(
+            self.out,
+            "  the service's answers reached the driver through {design}"
+        );
         let _ = writeln!(
             self.out,
             "  {} attempts: {} allowed, {} denied",

@@ -356,7 +356,11 @@ impl Server {
     }
 
     /// Answers what the readers send until the port fails.
-    fn answer_messages(&mut self, port: &PortConnection, messages: &mpsc::Receiver<Incoming<'_>>) -> io::Error {
+    fn answer_messages(
+        &mut self,
+        port: &PortConnection,
+        messages: &mpsc::Receiver<Incoming<'_>>,
+    ) -> io::Error {
         {
             let mut next_poll = Instant::now() + self.options.poll_interval;
             loop {
