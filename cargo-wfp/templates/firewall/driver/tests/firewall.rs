@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use firewall_driver::{Config, Stats};
+use firewall_driver::{AskVia, Config, Stats};
 use firewall_protocol::control::{
     CONTROL_DEVICE_PATH, MAX_REVOKE_IDS, REVOKE, REVOKE_MAX_LEN, Revoke, Revoked,
 };
@@ -73,7 +73,11 @@ macro_rules! configured_driver {
     };
 }
 
+/// The port + work item design ([`AskVia::PortAndWorkItem`]), which these tests' service
+/// (harness threads on the port) answers; `tests/channel.rs` covers the default design, the
+/// question channel.
 const PATIENT_CONFIG: Config = Config {
+    ask_via: AskVia::PortAndWorkItem,
     timeout: PATIENT,
     ..Config::DEFAULT
 };
@@ -124,7 +128,7 @@ configured_driver!(
     impatient,
     Config {
         timeout: Duration::from_millis(50),
-        ..Config::DEFAULT
+        ..PATIENT_CONFIG
     }
 );
 configured_driver!(
