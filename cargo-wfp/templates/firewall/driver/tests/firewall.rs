@@ -183,6 +183,15 @@ configured_driver!(
         ..PATIENT_CONFIG
     }
 );
+configured_driver!(load_port, PATIENT_CONFIG);
+configured_driver!(
+    load_channel,
+    Config {
+        max_pending: 3,
+        background_asks: 1,
+        ..Config::DEFAULT
+    }
+);
 configured_driver!(
     loopback_asked,
     Config {
@@ -1812,8 +1821,9 @@ fn icmp_is_not_filtered() {
     let driver = load(&machine, firewall_driver::DriverEntry);
     assert_eq!(
         machine.debug_output()[0],
-        "firewall: asking the service on \\WfpRsFirewallPort (500 ms timeout, default deny, \
-         1024 cache entries, 2048 pends at most, overload deny, loopback permitted)\n"
+        "firewall: asking the service through the question channel on WfpRsFirewallAsk \
+         (500 ms timeout, default deny, 1024 cache entries, 2048 pends at most, overload deny, \
+         loopback permitted)\n"
     );
     let ping = Connection {
         protocol: IpProtocol::Icmp,
@@ -2553,14 +2563,23 @@ fn unload_waits_for_the_reauthorizations_of_completed_pends() {
 /// Every pool allocation `DriverEntry` makes — its shared state included, which is a `PoolArc`
 /// because `Arc::new` cannot report an exhausted pool — is made to fail in turn: the load fails
 /// with `STATUS_INSUFFICIENT_RESOURCES`, never a bug check, and leaves nothing behind.
+///
+/// Both designs: the port's (with the default sizes), and the channel's with 4 question slots
+/// (each slot's timer is an allocation, so the default 2056 would make the test quadratic).
 #[test]
 fn every_allocation_failure_during_load_is_reported_and_leaks_nothing() {
+    for entry in [load_port::DriverEntry, load_channel::DriverEntry] {
+        every_allocation_failure_during_load_of(entry);
+    }
+}
+
+fn every_allocation_failure_during_load_of(entry: wfp_rs_sim::DriverEntryFn) {
     let machine = Machine::new();
     let mut failures = 0;
     for skip in 0.. {
         assert!(skip < 1000, "the load has a bounded number of allocations");
         machine.fail_allocations(skip, 1);
-        match machine.load_driver("firewall", firewall_driver::DriverEntry) {
+        match machine.load_driver("firewall", entry) {
             Ok(driver) => {
                 machine.fail_allocations(0, 0);
                 unload_clean(&machine, driver);
