@@ -262,6 +262,7 @@ use core::net::IpAddr;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use core::time::Duration;
 
+use wfp_rs::ask::{AskChannel, Outcome, QuestionHandler};
 use wfp_rs::callout::{Callout, CalloutKey, CalloutRegistration, Classify};
 use wfp_rs::classify::ClassifyOut;
 use wfp_rs::driver::{Driver, DriverState};
@@ -271,13 +272,16 @@ use wfp_rs::filter::{Filter as WfpFilter, FilterAction, Match};
 use wfp_rs::irql::{AtMostApc, AtMostDispatch, DispatchLevel, PassiveLevel, Token};
 use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::layer::{AleAuthConnectV4, AleAuthConnectV6, Field, Layer, fields};
-use wfp_rs::pend::{ConnectionKey, PendError, PendableByCompletionHandle, VerdictTable};
+use wfp_rs::pend::{
+    ConnectionKey, PendError, PendableByCompletionHandle, PendedClassify, VerdictTable,
+};
 use wfp_rs::pool::{PoolArc, PoolBox, PoolTag};
-use wfp_rs::port::{Filter, SendError, ServerPort};
+use wfp_rs::port::{Filter, Message, SendError, ServerPort};
+use wfp_rs::spin_lock::SpinLock;
 use wfp_rs::work_item::WorkQueue;
 use wfp_rs::{Guid, Status, guid, kd_print};
 
-use protocol::{Verdict, VerdictProtocol, VerdictRequest};
+use protocol::{CHANNEL, MESSAGE_LEN, Verdict, VerdictProtocol, VerdictReply, VerdictRequest};
 
 #[cfg(all(target_os = "windows", not(feature = "sim")))]
 #[global_allocator]
@@ -287,19 +291,35 @@ static ALLOCATOR: wfp_rs::pool::PoolAllocator =
 /// The tag of the state the callouts and their work items share.
 const SHARED_TAG: PoolTag = PoolTag::new(b"SdSh");
 
+/// The tag of the question channel's holder, which the two callouts share.
+const CHANNEL_TAG: PoolTag = PoolTag::new(b"SdCh");
+
 /// The name of the communication port the service connects to
-/// (`FilterConnectCommunicationPort(L"\\WfpRsSeedPort", ...)`).
+/// (`FilterConnectCommunicationPort(L"\\WfpRsSeedPort", ...)`), in the work item design.
 pub const PORT_NAME: &str = "\\WfpRsSeedPort";
 
-/// How long a work item waits for the service's reply by default.
+/// The name of the question channel's device (`\Device\WfpRsSeedAsk`), in the channel design;
+/// the service opens [`ASK_DEVICE_PATH`].
+pub const ASK_DEVICE_NAME: &str = "WfpRsSeedAsk";
+
+/// Where the service opens the question channel (`AskClient::open`, `CreateFileW`).
+pub const ASK_DEVICE_PATH: &str = r"\\.\WfpRsSeedAsk";
+
+/// How long the service has to answer by default (the work item's send, or the question's
+/// deadline).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// How many service connections the port accepts at a time. One service, one connection: a
 /// second instance is refused (`STATUS_CONNECTION_COUNT_LIMIT`) until the first disconnects.
 pub const SERVICE_CONNECTIONS: u32 = 1;
 
+/// How many questions the channel holds at once (asked and not decided yet). A connection that
+/// finds every slot taken gets the default at once. Allocated at load: each slot is a
+/// [`MESSAGE_LEN`]-byte buffer and a kernel timer.
+pub const CHANNEL_CAPACITY: usize = 64;
+
 /// How many verdicts wait for their reauthorization at most. An entry lives only from the
-/// work item's `record` to the reauthorization's `take`, so this bounds completions in flight,
+/// decision's `record` to the reauthorization's `take`, so this bounds completions in flight,
 /// not connections; when it is exceeded the oldest entry is evicted and its connection gets the
 /// default. (`examples/firewall/driver` avoids that under bursts: it reserves a slot before each
 /// pend and records with `VerdictTable::try_record`, which never evicts.)
@@ -327,21 +347,42 @@ pub const FILTER_V4: Guid = guid!("b464e9d2-83a5-4774-89e0-982737ecd9e1");
 /// The filter that hands outbound IPv6 TCP connections to [`CALLOUT_V6`].
 pub const FILTER_V6: Guid = guid!("bedc39da-0808-4aad-ba67-44e88a0cb3d3");
 
+/// How the driver asks the service (see the crate documentation for the trade-offs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Design {
+    /// `classifyFn` pends and asks through a question channel ([`AskChannel`]) at once, at
+    /// whatever IRQL it runs; the answer arrives as the service's I/O control request and is
+    /// decided there. No work item, no thread waits. The service uses `AskClient`.
+    QuestionChannel,
+    /// `classifyFn` pends and queues a work item, which asks over a filter-manager port
+    /// (`FltSendMessage`) at `PASSIVE_LEVEL`, blocking a system worker thread until the reply
+    /// or the timeout. The service uses `PortConnection`.
+    WorkItemAndPort,
+}
+
 /// The driver's settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
-    /// The name of the communication port.
+    /// How the driver asks.
+    pub design: Design,
+    /// The name of the communication port ([`Design::WorkItemAndPort`]).
     pub port_name: &'static str,
-    /// How long a work item waits for the service (delivery and reply together).
+    /// The name of the question channel's device ([`Design::QuestionChannel`]).
+    pub device_name: &'static str,
+    /// How long the service has to answer: the work item's wait (delivery and reply together),
+    /// or the question's deadline (from the ask to the answer).
     pub timeout: Duration,
     /// The decision when the service gives none (see the crate documentation for every case).
     pub default: Verdict,
 }
 
 impl Config {
-    /// What `DriverEntry` uses: [`PORT_NAME`], [`DEFAULT_TIMEOUT`], fail-closed.
+    /// What `DriverEntry` uses: the question channel on [`ASK_DEVICE_NAME`],
+    /// [`DEFAULT_TIMEOUT`], fail-closed.
     pub const DEFAULT: Config = Config {
+        design: Design::QuestionChannel,
         port_name: PORT_NAME,
+        device_name: ASK_DEVICE_NAME,
         timeout: DEFAULT_TIMEOUT,
         default: Verdict::Block,
     };
@@ -393,6 +434,11 @@ pub fn ask_service(
     let reply = port
         .send(irql, &VerdictRequest { pid }, timeout)
         .map_err(AskError::Send)?;
+    check_reply(pid, reply)
+}
+
+/// The reply's verdict, if it is about the process asked about.
+fn check_reply(pid: u64, reply: VerdictReply) -> Result<Verdict, AskError> {
     if reply.pid != pid {
         return Err(AskError::WrongProcess {
             asked: pid,
@@ -405,18 +451,18 @@ pub fn ask_service(
 /// The pool tag of the verdict table's allocation.
 const VERDICTS_TAG: PoolTag = PoolTag::new(b"SfVt");
 
-/// What the callout and its work items share.
+/// What the callouts share with their work items (or with the question channel's decisions).
 struct Shared {
     config: Config,
-    port: ServerPort<VerdictProtocol>,
     /// In a pool allocation of its own: the table is several KiB, which a debug build would
     /// otherwise copy through the stack of `start` (the stack check,
     /// `cargo xtask stack seed-fixed --debug`, measured 38 KiB).
     verdicts: PoolBox<VerdictTable<Verdict, VERDICT_SLOTS>>,
     /// Set at unload: work items and classifications apply the default instead of asking.
     unloading: AtomicBool,
-    /// Classifications of new connections between their check of `unloading` and the end of
-    /// their work item (or of the path that decided without one).
+    /// Classifications of new connections between their check of `unloading` and their
+    /// decision (the end of their work item, the channel's `decide`, or the path that decided
+    /// without asking).
     in_flight: AtomicUsize,
     /// Set, while unloading, when `in_flight` drops to zero or a recorded verdict is taken.
     progress: Event,
@@ -470,8 +516,27 @@ impl Shared {
         }
     }
 
-    /// The work item's job: ask (unless unloading), log, and return the decision.
-    fn decide(&self, irql: &PassiveLevel<'_>, pid: u64) -> Verdict {
+    /// Decides a pended connection: records `verdict` for its reauthorization, completes the
+    /// pend (which triggers the reauthorization), and counts the connection as finished.
+    fn conclude(
+        &self,
+        irql: &mut DispatchLevel<'_>,
+        key: ConnectionKey,
+        pended: PendedClassify,
+        verdict: Verdict,
+    ) {
+        self.record(&mut *irql, key, verdict);
+        pended.complete(irql);
+        self.finished(irql);
+    }
+
+    /// The work item's job: ask over `port` (unless unloading), log, and return the decision.
+    fn ask_over_port(
+        &self,
+        irql: &PassiveLevel<'_>,
+        port: &ServerPort<VerdictProtocol>,
+        pid: u64,
+    ) -> Verdict {
         let default = self.config.default;
         if self.unloading.load(Ordering::SeqCst) {
             kd_print!(
@@ -480,7 +545,7 @@ impl Shared {
             );
             return default;
         }
-        match ask_service(irql, &self.port, pid, self.config.timeout) {
+        match ask_service(irql, port, pid, self.config.timeout) {
             Ok(verdict) => {
                 kd_print!("seed-fixed: pid {pid}: {verdict} (service)\n");
                 verdict
@@ -496,6 +561,68 @@ impl Shared {
     }
 }
 
+/// The question channel's decisions: each question's context is the connection's key and its
+/// pend, and whatever decides it — the service's answer, the deadline, the service's handle
+/// closing, unload — records the verdict and completes the pend, exactly once.
+struct ChannelDecisions {
+    shared: PoolArc<Shared>,
+}
+
+impl QuestionHandler for ChannelDecisions {
+    type Context = (ConnectionKey, PendedClassify);
+    type Answer = VerdictReply;
+
+    fn decode(&self, answer: &[u8]) -> Option<VerdictReply> {
+        // Untrusted input from user mode: anything not fully understood is `Malformed`.
+        VerdictReply::decode(answer).ok()
+    }
+
+    fn decide(
+        &self,
+        irql: &mut DispatchLevel<'_>,
+        (key, pended): Self::Context,
+        outcome: Outcome<VerdictReply>,
+    ) {
+        let default = self.shared.config.default;
+        let pid = key.pid;
+        let reason = match outcome {
+            Outcome::Answered(reply) => match check_reply(pid, reply) {
+                Ok(verdict) => {
+                    kd_print!("seed-fixed: pid {pid}: {verdict} (service)\n");
+                    self.shared.conclude(irql, key, pended, verdict);
+                    return;
+                }
+                Err(AskError::WrongProcess { answered, .. }) => {
+                    kd_print!(
+                        Warning,
+                        "seed-fixed: pid {pid}: {default} (default: the reply is about pid {answered}, not {pid})\n"
+                    );
+                    self.shared.conclude(irql, key, pended, default);
+                    return;
+                }
+                Err(AskError::Send(_)) => "malformed answer",
+            },
+            Outcome::Malformed => "malformed answer",
+            Outcome::TimedOut => "no reply within the timeout",
+            Outcome::ServiceGone => "the service closed its handle before it answered",
+            Outcome::Cancelled => "the question was withdrawn",
+            Outcome::Closing => "unloading",
+        };
+        kd_print!(
+            Warning,
+            "seed-fixed: pid {pid}: {default} (default: {reason})\n"
+        );
+        self.shared.conclude(irql, key, pended, default);
+    }
+}
+
+/// The question channel, shared by the two callouts. Unload takes it out and closes it while
+/// the filters still exist (see [`SeedFixed::stopping`](DriverState::stopping)): closing
+/// decides the questions still outstanding, and their reauthorizations must meet the filters.
+/// (`AskChannel::close` takes the channel by value, so it cannot be closed through a shared
+/// reference; `None` once closed.)
+type ChannelHolder = SpinLock<Option<AskChannel<ChannelDecisions>>>;
+
 /// Applies `verdict`: a soft permit (a lighter sublayer may still block) or a hard block.
 fn apply(out: &mut ClassifyOut<'_>, verdict: Verdict) {
     match verdict {
@@ -509,11 +636,102 @@ fn apply(out: &mut ClassifyOut<'_>, verdict: Verdict) {
     }
 }
 
-/// The callout: pends each new connection, asks the service from a work item, and answers the
-/// reauthorization from the verdict the work item recorded. One type serves both IP versions.
+/// How a callout asks, chosen at load ([`Config::design`]).
+enum Asks {
+    /// [`Design::QuestionChannel`]: from `classify`, through the channel.
+    ThroughTheChannel(PoolArc<ChannelHolder>),
+    /// [`Design::WorkItemAndPort`]: from a work item, over the port.
+    FromAWorkItem {
+        port: ServerPort<VerdictProtocol>,
+        queue: WorkQueue,
+    },
+}
+
+/// The callout: pends each new connection, asks the service (through the question channel, or
+/// from a work item over the port), and answers the reauthorization from the verdict the
+/// decision recorded. One type serves both IP versions and both designs.
 pub struct AskTheService {
     shared: PoolArc<Shared>,
-    queue: WorkQueue,
+    asks: Asks,
+}
+
+impl AskTheService {
+    /// [`Design::QuestionChannel`]: asks at once, at this IRQL; the channel's `decide` will
+    /// complete the pend. Nothing waits.
+    fn ask_through_the_channel(
+        &self,
+        irql: &mut DispatchLevel<'_>,
+        channel: &ChannelHolder,
+        key: ConnectionKey,
+        pended: PendedClassify,
+    ) {
+        let mut question = [0u8; MESSAGE_LEN];
+        // Cannot fail: the buffer is the message's size.
+        let _ = VerdictRequest { pid: key.pid }.encode(&mut question);
+        let timeout = self.shared.config.timeout;
+        let asked = channel.lock(&mut *irql, |channel, dispatch| match channel {
+            Some(channel) => channel
+                .ask(dispatch, &question, timeout, (key, pended))
+                .map(|_| ())
+                .map_err(|not_asked| {
+                    // Every slot taken (or closing): decide at once, with the reason.
+                    let reason = match not_asked.reason() {
+                        wfp_rs::ask::NotAskedReason::Full => "every question slot is taken",
+                        _ => "the question channel is closed",
+                    };
+                    (reason, not_asked.into_context())
+                }),
+            // Closed by unload after this classification checked `unloading`.
+            None => Err(("unloading", (key, pended))),
+        });
+        match asked {
+            Ok(()) => kd_print!("seed-fixed: pid {}: pended, asking the service\n", key.pid),
+            Err((reason, (key, pended))) => {
+                let default = self.shared.config.default;
+                kd_print!(
+                    Warning,
+                    "seed-fixed: pid {}: {default} (default: {reason})\n",
+                    key.pid
+                );
+                self.shared.conclude(irql, key, pended, default);
+            }
+        }
+    }
+
+    /// [`Design::WorkItemAndPort`]: queues a work item that asks at `PASSIVE_LEVEL`, records,
+    /// and completes the pend.
+    fn ask_from_a_work_item(
+        &self,
+        irql: &mut DispatchLevel<'_>,
+        port: &ServerPort<VerdictProtocol>,
+        queue: &WorkQueue,
+        key: ConnectionKey,
+        pended: PendedClassify,
+    ) {
+        let shared = &self.shared;
+        let default = shared.config.default;
+        kd_print!("seed-fixed: pid {}: pended, asking the service\n", key.pid);
+        let work = PoolArc::clone(shared);
+        let port = port.clone();
+        let queued = queue.queue(irql, move |passive| {
+            let verdict = work.ask_over_port(passive, &port, key.pid);
+            work.record(passive, key, verdict);
+            pended.complete(passive);
+            work.finished(passive);
+        });
+        if let Err(not_queued) = queued {
+            kd_print!(
+                Warning,
+                "seed-fixed: pid {}: {default} (default: {not_queued})\n",
+                key.pid
+            );
+            shared.record(irql, key, default);
+            // Dropping the closure drops the pend in it, which completes it; the
+            // reauthorization finds the default recorded.
+            drop(not_queued);
+            shared.finished(irql);
+        }
+    }
 }
 
 impl<L: PendableByCompletionHandle> Callout<L> for AskTheService
@@ -536,7 +754,7 @@ where
         };
         let shared = &self.shared;
         if c.is_reauthorization() {
-            // The work item recorded the verdict before it completed the pend. No record: a
+            // The decision recorded the verdict before it completed the pend. No record: a
             // reauthorization this callout did not cause, or an evicted entry.
             let verdict = match shared.verdicts.take(&mut *irql, &key) {
                 Some(verdict) => {
@@ -575,27 +793,26 @@ where
                 return;
             }
         };
-        kd_print!("seed-fixed: pid {}: pended, asking the service\n", key.pid);
-        let work = PoolArc::clone(shared);
-        let queued = self.queue.queue(irql, move |passive| {
-            let verdict = work.decide(passive, key.pid);
-            work.record(passive, key, verdict);
-            pended.complete(passive);
-            work.finished(passive);
-        });
-        if let Err(not_queued) = queued {
-            kd_print!(
-                Warning,
-                "seed-fixed: pid {}: {default} (default: {not_queued})\n",
-                key.pid
-            );
-            shared.record(irql, key, default);
-            // Dropping the closure drops the pend in it, which completes it; the
-            // reauthorization finds the default recorded.
-            drop(not_queued);
-            shared.finished(irql);
+        match &self.asks {
+            Asks::ThroughTheChannel(channel) => {
+                self.ask_through_the_channel(irql, channel, key, pended);
+            }
+            Asks::FromAWorkItem { port, queue } => {
+                self.ask_from_a_work_item(irql, port, queue, key, pended);
+            }
         }
     }
+}
+
+/// The service's end the driver keeps, per design.
+enum Service {
+    /// The question channel (`None` once unload has closed it).
+    Channel(PoolArc<ChannelHolder>),
+    /// The port, and the minifilter it needs.
+    Port {
+        port: ServerPort<VerdictProtocol>,
+        filter: Filter,
+    },
 }
 
 /// What the driver keeps while it is loaded.
@@ -604,26 +821,53 @@ pub struct SeedFixed {
     v4: CalloutRegistration<AleAuthConnectV4, AskTheService>,
     v6: CalloutRegistration<AleAuthConnectV6, AskTheService>,
     shared: PoolArc<Shared>,
-    filter: Filter,
+    service: Service,
+}
+
+impl SeedFixed {
+    /// Closes the question channel, if this driver has one still open: new questions are
+    /// refused, and each outstanding one is decided (the default, "unloading") and its pend
+    /// completed now, while the filters its reauthorization needs still exist.
+    fn close_channel(&self, irql: &mut PassiveLevel<'_>) -> usize {
+        let Service::Channel(holder) = &self.service else {
+            return 0;
+        };
+        let channel = holder.lock(&mut *irql, |channel, _| channel.take());
+        let Some(channel) = channel else { return 0 };
+        let outstanding = channel.outstanding(&mut *irql);
+        channel.close(irql);
+        outstanding
+    }
 }
 
 impl DriverState for SeedFixed {
     fn stopping(&self, irql: &mut PassiveLevel<'_>) {
-        // No new pends, and no new questions; then fail the questions already waiting, so the
-        // work items the SDK is about to wait for finish now rather than at their timeout.
+        // No new pends, and no new questions; then end the questions already waiting, so
+        // nothing the SDK or `unload` waits for runs into the timeout.
         self.shared.unloading.store(true, Ordering::SeqCst);
-        let closed = self.shared.port.disconnect_all(irql);
-        kd_print!("seed-fixed: stopping; {closed} service connection(s) closed\n");
+        match &self.service {
+            Service::Channel(_) => {
+                let decided = self.close_channel(irql);
+                kd_print!("seed-fixed: stopping; {decided} outstanding question(s) decided\n");
+            }
+            Service::Port { port, .. } => {
+                // Sends waiting for a reply fail at once instead of at their timeout.
+                let closed = port.disconnect_all(irql);
+                kd_print!("seed-fixed: stopping; {closed} service connection(s) closed\n");
+            }
+        }
     }
 
     fn unload(self, irql: &mut PassiveLevel<'_>) {
-        // The SDK has waited for every work item: no pend is outstanding.
+        // The SDK has waited for every work item: no pend of the work item design is
+        // outstanding. (`stopping` closed the channel already; this is in case it did not run.)
+        self.close_channel(irql);
         let SeedFixed {
             engine,
             v4,
             v6,
             shared,
-            filter,
+            service,
         } = self;
         // No new pends; wait for the reauthorizations of the pends completed so far, while the
         // filters that route them to this callout still exist.
@@ -644,38 +888,30 @@ impl DriverState for SeedFixed {
         if let Err((_, status)) = v6.unregister(&mut *irql) {
             kd_print!(Error, "seed-fixed: unregistering (IPv6) failed: {status}\n");
         }
-        // The port before the filter: a filter with an open port cannot be unregistered.
-        match PoolArc::try_unwrap(shared) {
-            Ok(Shared { port, .. }) => port.close(irql),
-            // A work item queued by a classification that raced the session's close still
-            // holds it; it closes the port when it finishes, at PASSIVE_LEVEL, and the SDK
-            // waits for it before the driver is gone.
-            Err(shared) => drop(shared),
+        drop(shared);
+        if let Service::Port { port, filter } = service {
+            // The port before the filter: a filter with an open port cannot be unregistered.
+            // A work item queued by a classification that raced the session's close may still
+            // hold a handle to the port; the port closes when it finishes, at PASSIVE_LEVEL,
+            // and the SDK waits for it before the driver is gone.
+            port.close(irql);
+            // Unregisters the minifilter (if no work item holds the port), which disconnects
+            // the service.
+            filter.close(irql);
         }
-        // Unregisters the minifilter (if no work item holds the port), which disconnects the
-        // service.
-        filter.close(irql);
         kd_print!("seed-fixed: unloaded\n");
     }
 }
 
-/// The body of `DriverEntry`, with a configuration: registers the minifilter and the port,
-/// the callouts, and then the filters that hand outbound TCP connections to them. On an error
-/// everything done so far is undone (the locals are dropped in reverse order, at
-/// `PASSIVE_LEVEL`).
+/// The body of `DriverEntry`, with a configuration: creates the service's end (the question
+/// channel's device, or the minifilter and its port), the callouts, and then the filters that
+/// hand outbound TCP connections to them. On an error everything done so far is undone (the
+/// locals are dropped in reverse order, at `PASSIVE_LEVEL`).
 pub fn start(
     irql: &mut PassiveLevel<'_>,
     driver: &mut Driver<'_>,
     config: Config,
 ) -> Result<SeedFixed, Status> {
-    let filter = Filter::register(irql, driver)?;
-    let port = ServerPort::<VerdictProtocol>::create(
-        irql,
-        &filter,
-        config.port_name,
-        SERVICE_CONNECTIONS,
-        (),
-    )?;
     let progress = Event::try_new(EventKind::Notification, false, irql)?;
     let verdicts =
         VerdictTable::try_new_in_pool(VERDICTS_TAG, irql).ok_or(Status::INSUFFICIENT_RESOURCES)?;
@@ -684,7 +920,6 @@ pub fn start(
     let shared = PoolArc::try_new(
         Shared {
             config,
-            port,
             verdicts,
             unloading: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
@@ -694,12 +929,32 @@ pub fn start(
         irql,
     )
     .map_err(|e| e.status())?;
+    let service = match config.design {
+        Design::QuestionChannel => Service::Channel(open_channel(irql, driver, &shared)?),
+        Design::WorkItemAndPort => {
+            let filter = Filter::register(irql, driver)?;
+            let port = ServerPort::<VerdictProtocol>::create(
+                irql,
+                &filter,
+                config.port_name,
+                SERVICE_CONNECTIONS,
+                (),
+            )?;
+            Service::Port { port, filter }
+        }
+    };
 
     // Registered before the filters that name them exist, so no connection meets a filter
     // whose callout is missing (it would be blocked).
     let callout = || AskTheService {
         shared: PoolArc::clone(&shared),
-        queue: driver.work_queue(),
+        asks: match &service {
+            Service::Channel(holder) => Asks::ThroughTheChannel(PoolArc::clone(holder)),
+            Service::Port { port, .. } => Asks::FromAWorkItem {
+                port: port.clone(),
+                queue: driver.work_queue(),
+            },
+        },
     };
     let v4 = CalloutRegistration::register(irql, driver, CALLOUT_V4, callout())?;
     let v6 = CalloutRegistration::register(irql, driver, CALLOUT_V6, callout())?;
@@ -723,19 +978,51 @@ pub fn start(
     add_connect_filter(irql, &txn, CALLOUT_V6, FILTER_V6, "seed-fixed (IPv6)")?;
     txn.commit(irql)?;
 
-    kd_print!(
-        "seed-fixed: asking the service on {} ({} ms timeout, default {})\n",
-        config.port_name,
-        config.timeout.as_millis(),
-        config.default
-    );
+    match config.design {
+        Design::QuestionChannel => kd_print!(
+            "seed-fixed: asking the service through the question channel \\\\.\\{} ({} ms timeout, default {})\n",
+            config.device_name,
+            config.timeout.as_millis(),
+            config.default
+        ),
+        Design::WorkItemAndPort => kd_print!(
+            "seed-fixed: asking the service on {} ({} ms timeout, default {})\n",
+            config.port_name,
+            config.timeout.as_millis(),
+            config.default
+        ),
+    }
     Ok(SeedFixed {
         engine,
         v4,
         v6,
         shared,
-        filter,
+        service,
     })
+}
+
+/// Creates the question channel ([`Design::QuestionChannel`]): its device, [`CHANNEL_CAPACITY`]
+/// slots and their timers, and the holder the callouts share. A function of its own so that its
+/// locals do not lie on the stack of the deepest load path (see [`add_callout_entry`]).
+#[inline(never)]
+fn open_channel(
+    irql: &mut PassiveLevel<'_>,
+    driver: &Driver<'_>,
+    shared: &PoolArc<Shared>,
+) -> Result<PoolArc<ChannelHolder>, Status> {
+    let decisions = ChannelDecisions {
+        shared: PoolArc::clone(shared),
+    };
+    let config = shared.config;
+    let channel = AskChannel::new(
+        irql,
+        driver,
+        config.device_name,
+        &CHANNEL,
+        CHANNEL_CAPACITY,
+        decisions,
+    )?;
+    PoolArc::try_new(SpinLock::new(Some(channel)), CHANNEL_TAG, irql).map_err(|e| e.status())
 }
 
 #[wfp_rs::driver_entry]
