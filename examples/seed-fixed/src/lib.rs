@@ -82,22 +82,99 @@
 //!    = note: to make this call from such code, queue a work item (`WorkQueue::queue`) and make the call in its closure, which receives a `&mut PassiveLevel`
 //! ```
 //!
-//! # The fix
+//! That is one of the two fixes below. The other asks without waiting at all, so the
+//! `&mut DispatchLevel` that `classify` holds is all it needs ([`AskChannel::ask`]).
 //!
-//! Leave `DISPATCH_LEVEL` before asking, and hold the connection meanwhile. [`AskTheService`],
-//! this crate's callout at `ALE_AUTH_CONNECT_V4` and `_V6`:
+//! # Two fixes
 //!
-//! 1. **pends** the classification ([`Classify::pend`], `FwpsPendOperation0`): WFP holds the
-//!    connection, and `classify` returns at once;
-//! 2. **queues a work item** ([`WorkQueue::queue`], `IoQueueWorkItem`), whose closure runs on a
-//!    system worker thread and receives a `&mut PassiveLevel` — the token `send` accepts;
-//! 3. in the work item, **asks the service** ([`ServerPort::send`], with a timeout),
-//!    **records** the verdict in a [`VerdictTable`] under the connection's [`ConnectionKey`],
-//!    and **completes** the pend ([`PendedClassify::complete`], `FwpsCompleteOperation0`);
+//! Leave `DISPATCH_LEVEL` before waiting, or do not wait at all — and hold the connection
+//! meanwhile. [`AskTheService`], this crate's callout at `ALE_AUTH_CONNECT_V4` and `_V6`, does
+//! either, as [`Config::design`] says; both begin and end the same way:
+//!
+//! 1. `classify` **pends** the classification ([`Classify::pend`], `FwpsPendOperation0`): WFP
+//!    holds the connection, and `classify` returns at once;
+//! 2. the service is asked, without waiting at `DISPATCH_LEVEL` — the two designs differ here;
+//! 3. the decision **records** the verdict in a [`VerdictTable`] under the connection's
+//!    [`ConnectionKey`] and **completes** the pend ([`PendedClassify::complete`],
+//!    `FwpsCompleteOperation0`);
 //! 4. WFP then **reauthorizes** the connection: `classify` runs again, with
 //!    `FWP_CONDITION_FLAG_IS_REAUTHORIZE`, and answers from the record.
 //!
-//! The work item, condensed (the real one is in this crate's source):
+//! ## The question channel ([`Design::QuestionChannel`], the default)
+//!
+//! `classify` hands the question to an [`AskChannel`] ([`AskChannel::ask`] is allowed at
+//! `DISPATCH_LEVEL` and allocates nothing) and returns. The service keeps I/O control requests
+//! pending on the channel's device ([`ASK_DEVICE_PATH`]); the question completes one of them, and
+//! the service answers with a request of its own (`wfp_rs::user::AskClient`). The channel checks
+//! the answer and calls the driver's [`QuestionHandler::decide`] exactly once per question —
+//! with the answer, or when the deadline passes, the service's handle closes, or the driver
+//! unloads — and `decide` records the verdict and completes the pend. Nothing waits: no work
+//! item, no blocked thread. Condensed (the real one is in this crate's source):
+//!
+//! ```
+//! use core::time::Duration;
+//!
+//! use seed_fixed::protocol::{CHANNEL, Verdict, VerdictReply, VerdictRequest};
+//! use wfp_rs::ask::{AskChannel, Outcome, QuestionHandler};
+//! use wfp_rs::callout::{Callout, Classify};
+//! use wfp_rs::irql::DispatchLevel;
+//! use wfp_rs::layer::AleAuthConnectV4;
+//! use wfp_rs::pend::{ConnectionKey, PendedClassify, VerdictTable};
+//! use wfp_rs::port::Message;
+//!
+//! struct Decisions {
+//!     verdicts: VerdictTable<Verdict, 64>,
+//! }
+//!
+//! impl QuestionHandler for Decisions {
+//!     type Context = (ConnectionKey, PendedClassify);
+//!     type Answer = VerdictReply;
+//!
+//!     fn decode(&self, answer: &[u8]) -> Option<VerdictReply> {
+//!         VerdictReply::decode(answer).ok() // untrusted: `None` is `Outcome::Malformed`
+//!     }
+//!
+//!     fn decide(&self, irql: &mut DispatchLevel<'_>, (key, pended): Self::Context, outcome: Outcome<VerdictReply>) {
+//!         // Exactly once: the answer, or the default (deadline, service gone, unload, ...).
+//!         let verdict = match outcome {
+//!             Outcome::Answered(reply) if reply.pid == key.pid => reply.verdict,
+//!             _ => Verdict::Block,
+//!         };
+//!         self.verdicts.record(&mut *irql, key, verdict);
+//!         pended.complete(irql);
+//!     }
+//! }
+//!
+//! struct AskThroughTheChannel {
+//!     channel: AskChannel<Decisions>,
+//! }
+//!
+//! impl Callout<AleAuthConnectV4> for AskThroughTheChannel {
+//!     fn classify(&self, irql: &mut DispatchLevel<'_>, c: &mut Classify<'_, AleAuthConnectV4>) {
+//!         // (A reauthorization would be answered from the record here.)
+//!         let Some(key) = ConnectionKey::of(c) else { c.out.block(); return };
+//!         let Ok(pended) = c.pend() else { c.out.block(); return };
+//!         let mut question = [0u8; 16];
+//!         let _ = VerdictRequest { pid: key.pid }.encode(&mut question);
+//!         // DISPATCH_LEVEL is fine: `ask` does not wait.
+//!         let asked = self.channel.ask(&mut *irql, &question, Duration::from_millis(500), (key, pended));
+//!         if let Err(not_asked) = asked {
+//!             // Every slot taken: the context comes back; decide at once.
+//!             let (key, pended) = not_asked.into_context();
+//!             self.channel.handler().verdicts.record(&mut *irql, key, Verdict::Block);
+//!             pended.complete(irql);
+//!         }
+//!     }
+//! }
+//! # let _ = CHANNEL;
+//! ```
+//!
+//! ## A work item and a port ([`Design::WorkItemAndPort`])
+//!
+//! `classify` **queues a work item** ([`WorkQueue::queue`], `IoQueueWorkItem`), whose closure
+//! runs on a system worker thread and receives a `&mut PassiveLevel` — the token `send` accepts
+//! — and there **asks the service** over the filter-manager port ([`ServerPort::send`], with a
+//! timeout), records and completes. Condensed:
 //!
 //! ```
 //! use core::time::Duration;
@@ -139,6 +216,25 @@
 //! }
 //! ```
 //!
+//! ## Which to pick
+//!
+//! | | question channel | work item + port |
+//! |---|---|---|
+//! | while the service thinks | nothing waits | a system worker thread per question, blocked in `FltSendMessage` |
+//! | questions in flight | at most [`CHANNEL_CAPACITY`] (fixed at load; more get the default at once) | as many as the system lends worker threads |
+//! | the service | `AskClient`: `DeviceIoControl` requests kept pending on [`ASK_DEVICE_PATH`] | `PortConnection` on [`PORT_NAME`] |
+//! | no service running | each question waits for its deadline (a service starting meanwhile answers it) | the default at once |
+//! | the service's handle closes with a question | that question: the default at once | the same |
+//! | answers checked by | the channel (the handle it was delivered to, its id, its size) and [`VerdictReply`]'s decoding | the port's length check and the decoding |
+//! | installation | a plain driver | a minifilter (the port needs one: INF sections, an altitude) |
+//!
+//! **Pick the question channel**: a burst of connections then costs slots, not threads, and
+//! the answer decides the connection in the service's own thread, with no hop through a work
+//! item. The port is the simpler model where a blocked thread per question is affordable (rare
+//! questions, a fast service), the driver is a minifilter anyway, or the filter manager's
+//! connect and disconnect notifications are wanted. `DriverEntry` uses the channel; the work
+//! item design stays selectable ([`Config::design`]), and both run the same tests.
+//!
 //! # What happens when the service cannot answer: fail closed
 //!
 //! Every pended connection gets exactly one decision. When the service gives none, the
@@ -149,20 +245,24 @@
 //! | situation | decision |
 //! |---|---|
 //! | the service replies with a valid [`VerdictReply`] for the process asked about | its verdict |
-//! | no service connected ([`SendError::NotConnected`]) | the default |
-//! | the service disconnects before replying ([`SendError::Disconnected`]) | the default |
-//! | no reply within [`Config::timeout`] ([`SendError::Timeout`]); a late reply is discarded | the default |
+//! | channel: no service has the device open, or it does not answer, within [`Config::timeout`] (the question's deadline, a kernel timer) | the default, at the deadline |
+//! | channel: the service's handle closes (it exited or was killed) holding the question | the default, at once |
+//! | channel: an answer through another handle than the one the question went to, a late answer, a second answer | refused (the service's request fails); the question keeps its one decision |
+//! | channel: every one of the [`CHANNEL_CAPACITY`] slots is taken | the default, at once |
+//! | port: no service connected ([`SendError::NotConnected`]) | the default, at once |
+//! | port: the service disconnects before replying ([`SendError::Disconnected`]) | the default |
+//! | port: no reply within [`Config::timeout`] ([`SendError::Timeout`]); a late reply is discarded | the default |
 //! | a reply too short, too long, or malformed (wrong magic or version, a verdict other than 0/1, reserved bytes set), or about another process | the default |
-//! | no pool to send ([`SendError::Status`]) | the default |
-//! | the work item cannot be queued (no pool): the default is recorded, and the closure that came back is dropped with the pend in it, which completes it | the default |
+//! | port: no pool to send ([`SendError::Status`]) | the default |
+//! | port: the work item cannot be queued (no pool): the default is recorded, and the closure that came back is dropped with the pend in it, which completes it | the default |
 //! | the verdict was evicted from the table (more than [`VERDICT_SLOTS`] completions waiting for their reauthorization) | no record: the default |
 //! | a reauthorization this callout did not cause (WFP reauthorizes connections when policy changes) | no record: the default |
 //! | the connection's key cannot be read, or the classification cannot be pended (no completion handle, refused) | the default, at once |
 //! | a heavier sublayer already decided hard (no write right): nothing to ask | that decision stands |
-//! | the driver is unloading: nothing is pended any more | the default, at once |
+//! | the driver is unloading: nothing is pended any more, and questions outstanding are decided | the default, at once |
 //!
 //! "No record" also means the default: the table answers only the reauthorization its own
-//! work item caused, and anything else is treated as unknown. With a fail-open configuration
+//! decision caused, and anything else is treated as unknown. With a fail-open configuration
 //! ([`Verdict::Allow`] as the default) every "default" row above permits instead, including
 //! reauthorizations of connections that existed before the driver loaded.
 //!
@@ -172,21 +272,27 @@
 //!
 //! # Configuration
 //!
-//! [`Config`] holds the port name, the timeout and the default. `DriverEntry` uses
-//! [`Config::DEFAULT`] (a 500 ms timeout, fail-closed); a product would read its settings from
-//! its service key. Without a registry, another configuration is a `#[driver_entry]` of your
-//! own that calls [`start`] — which is what the tests do:
+//! [`Config`] holds the design, the port's and the device's names, the timeout and the default.
+//! `DriverEntry` uses [`Config::DEFAULT`] (the question channel, a 500 ms timeout,
+//! fail-closed); a product would read its settings from its service key. Without a registry,
+//! another configuration is a `#[driver_entry]` of your own that calls [`start`] — which is
+//! what the tests do:
 //!
 //! ```
 //! use core::time::Duration;
-//! use seed_fixed::{Config, SeedFixed};
+//! use seed_fixed::{Config, Design, SeedFixed};
 //! use wfp_rs::driver::Driver;
 //! use wfp_rs::irql::PassiveLevel;
 //! use wfp_rs::Status;
 //!
 //! #[wfp_rs::driver_entry]
 //! fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<SeedFixed, Status> {
-//!     seed_fixed::start(irql, driver, Config { timeout: Duration::from_millis(50), ..Config::DEFAULT })
+//!     let config = Config {
+//!         design: Design::WorkItemAndPort,
+//!         timeout: Duration::from_millis(50),
+//!         ..Config::DEFAULT
+//!     };
+//!     seed_fixed::start(irql, driver, config)
 //! }
 //! # let machine = wfp_rs_sim::Machine::new();
 //! # let driver = machine.load_driver("seed-fixed", DriverEntry).unwrap();
@@ -196,44 +302,56 @@
 //!
 //! # Loading and unloading
 //!
-//! `DriverEntry` registers the minifilter ([`Filter`]; the driver must be installed as a
-//! minifilter, see [`wfp_rs::port`]) and creates the port [`PORT_NAME`] for one service
-//! connection; registers the callouts; and only then, in a dynamic session and one
-//! transaction, adds the provider, the sublayer, the callout entries and two terminating
-//! filters for outbound TCP at `ALE_AUTH_CONNECT_V4`/`_V6` — so no connection ever meets a
-//! filter whose callout is missing.
+//! `DriverEntry` creates the service's end — the question channel's device [`ASK_DEVICE_NAME`]
+//! with its [`CHANNEL_CAPACITY`] slots and timers; or, in the work item design, the minifilter
+//! ([`Filter`]; the driver must then be installed as a minifilter, see [`wfp_rs::port`]) and the
+//! port [`PORT_NAME`] for one service connection —; registers the callouts; and only then, in a
+//! dynamic session and one transaction, adds the provider, the sublayer, the callout entries
+//! and two terminating filters for outbound TCP at `ALE_AUTH_CONNECT_V4`/`_V6` — so no
+//! connection ever meets a filter whose callout is missing.
 //!
 //! Unload must leave no pend behind, must not let a pended connection through by accident,
 //! and should not wait for a silent service. The order:
 //!
 //! 1. [`SeedFixed::stopping`](DriverState::stopping), before the SDK waits for anything, sets
 //!    the "unloading" flag — from then on a new connection gets the default at once instead of
-//!    being pended, and a work item that has not asked yet does not — and closes the service's
-//!    connection ([`ServerPort::disconnect_all`]), so a send waiting for a reply fails at once
-//!    instead of running into [`Config::timeout`].
+//!    being pended, and a work item that has not asked yet does not — and ends the questions
+//!    waiting: it closes the question channel ([`AskChannel::close`]: each outstanding question
+//!    is decided with the default and its pend completed, now, while the filters exist), or the
+//!    service's port connection ([`ServerPort::disconnect_all`]), so a send waiting for a reply
+//!    fails at once instead of running into [`Config::timeout`].
 //! 2. The SDK waits until no work item is queued or running: every work item has completed its
 //!    pend, with the service's answer or the default.
 //! 3. [`SeedFixed::unload`](DriverState::unload) waits until every pend it made is completed
 //!    *and reauthorized*. Completing a pend only asks WFP to reauthorize; the reauthorization
 //!    comes later, on another thread. If the filters were deleted first, it would meet no filter
-//!    and the connection would be permitted whatever the verdict. The wait ends when no work
-//!    item of this driver is in flight and the [`VerdictTable`] is empty (every recorded verdict
-//!    taken), or after [`Config::timeout`] + [`REAUTHORIZATION_GRACE`] without progress (a
-//!    reauthorization that never comes; logged).
+//!    and the connection would be permitted whatever the verdict. The wait ends when no
+//!    connection of this driver is being decided and the [`VerdictTable`] is empty (every
+//!    recorded verdict taken), or after [`Config::timeout`] + [`REAUTHORIZATION_GRACE`] without
+//!    progress (a reauthorization that never comes; logged).
 //! 4. It closes the engine session: the filters go before the callouts, because a terminating
 //!    filter whose callout is gone blocks everything it matches.
-//! 5. It unregisters the callouts, closes the port, and unregisters the minifilter.
+//! 5. It unregisters the callouts; in the work item design it closes the port and unregisters
+//!    the minifilter.
 //!
 //! So every pended connection gets exactly one decision, and unload does not wait for the
 //! service. Connections that arrive after step 4 are not filtered by this driver, as after any
 //! unload.
 //!
+//! The channel is closed in step 1, not dropped with the callouts: closing decides questions,
+//! and the reauthorizations those decisions cause must still meet the filters. Both callouts
+//! share it, and [`AskChannel::close`] takes the channel by value, so it sits in a
+//! `SpinLock<Option<AskChannel>>` that `stopping` empties; a classification that finds it empty
+//! applies the default.
+//!
 //! # Running it
 //!
 //! Build the kernel image: `cargo xtask driver seed-fixed`
 //! (or `cargo build --release --target x86_64-pc-windows-msvc -p seed-fixed`).
-//! In the simulator, `cargo test -p seed-fixed` plays the service on a harness thread and
-//! drives hundreds of concurrent connections through the driver.
+//! In the simulator, `cargo test -p seed-fixed` plays the service on harness threads — with
+//! `wfp_rs::user::AskClient` through the simulator's bridge for the channel, on the port's
+//! client for the work item design — and drives hundreds of concurrent connections through the
+//! driver in each design.
 //!
 //! [`ServerPort::send`]: wfp_rs::port::ServerPort::send
 //! [`Callout::classify`]: wfp_rs::callout::Callout::classify
@@ -250,6 +368,11 @@
 //! [`Verdict::Block`]: protocol::Verdict::Block
 //! [`Verdict::Allow`]: protocol::Verdict::Allow
 //! [`Filter`]: wfp_rs::port::Filter
+//! [`AskChannel`]: wfp_rs::ask::AskChannel
+//! [`AskChannel::ask`]: wfp_rs::ask::AskChannel::ask
+//! [`AskChannel::close`]: wfp_rs::ask::AskChannel::close
+//! [`QuestionHandler::decide`]: wfp_rs::ask::QuestionHandler::decide
+//! [`ServerPort::disconnect_all`]: wfp_rs::port::ServerPort::disconnect_all
 
 #![no_std]
 
