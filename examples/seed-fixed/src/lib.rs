@@ -1054,17 +1054,7 @@ pub fn start(
     .map_err(|e| e.status())?;
     let service = match config.design {
         Design::QuestionChannel => Service::Channel(open_channel(irql, driver, &shared)?),
-        Design::WorkItemAndPort => {
-            let filter = Filter::register(irql, driver)?;
-            let port = ServerPort::<VerdictProtocol>::create(
-                irql,
-                &filter,
-                config.port_name,
-                SERVICE_CONNECTIONS,
-                (),
-            )?;
-            Service::Port { port, filter }
-        }
+        Design::WorkItemAndPort => open_port(irql, driver, config.port_name)?,
     };
 
     // Registered before the filters that name them exist, so no connection meets a filter
@@ -1146,6 +1136,20 @@ fn open_channel(
         decisions,
     )?;
     PoolArc::try_new(SpinLock::new(Some(channel)), CHANNEL_TAG, irql).map_err(|e| e.status())
+}
+
+/// Registers the minifilter and creates the port ([`Design::WorkItemAndPort`]). A function of
+/// its own for the same reason as [`open_channel`].
+#[inline(never)]
+fn open_port(
+    irql: &mut PassiveLevel<'_>,
+    driver: &Driver<'_>,
+    port_name: &str,
+) -> Result<Service, Status> {
+    let filter = Filter::register(irql, driver)?;
+    let port =
+        ServerPort::<VerdictProtocol>::create(irql, &filter, port_name, SERVICE_CONNECTIONS, ())?;
+    Ok(Service::Port { port, filter })
 }
 
 #[wfp_rs::driver_entry]
