@@ -1,7 +1,10 @@
-//! The seed scenario, fixed, in the simulator: the driver pends each outbound TCP connection,
-//! asks a simulated user-mode service (a harness thread on the filter-manager port) from a
-//! PASSIVE_LEVEL work item, and completes the pend with the answer — or, when the service
-//! cannot answer, with the configured default.
+//! The seed scenario, fixed, in the simulator, in both designs: the driver pends each outbound
+//! TCP connection and asks a simulated user-mode service — through the question channel from
+//! classify (`Design::QuestionChannel`, the service a harness thread with
+//! `wfp_rs::user::AskClient` through the simulator's bridge), or from a PASSIVE_LEVEL work item
+//! over the filter-manager port (`Design::WorkItemAndPort`, the service a harness thread on the
+//! port) — and completes the pend with the answer, or, when the service cannot answer, with the
+//! configured default.
 //!
 //! Every test checks that each connection got exactly one final decision (pended once,
 //! reauthorized once), that it is the service's answer or the documented default, and that after
@@ -10,8 +13,9 @@
 //!
 //! Nothing here waits for a time to make something "probably" happen: the service thread
 //! replies after it has received, tests wait for states (`wait_for_port_listener`, messages
-//! received, joins), and timeouts are tested with a service that never replies, which gives the
-//! same outcome however long the timeout takes.
+//! received, connections pended, joins), port timeouts are tested with a service that never
+//! replies, which gives the same outcome however long the timeout takes, and the channel's
+//! deadlines by moving the machine's clock (`Machine::advance_clock`).
 
 #![cfg(any(not(windows), feature = "sim"))]
 
@@ -759,17 +763,27 @@ fn unload_with_requests_outstanding_decides_every_pended_connection() {
 /// waits for those reauthorizations first. Unload leaves nothing behind.
 #[test]
 fn unload_under_load_decides_every_connection_once() {
-    const THREADS: u16 = 4;
-    let seed = seed();
     let machine = Machine::with_worker_threads(3);
     let driver = load(&machine, patient::DriverEntry);
     let service = serve(&machine, rule);
+    unload_under_load(&machine, driver, service);
+}
+
+/// The body of the unload-under-load tests of both designs: `service` answers with [`rule`]
+/// until unload ends it, and returns the process ids it was asked about.
+fn unload_under_load(
+    machine: &Machine,
+    driver: LoadedDriver,
+    service: thread::JoinHandle<Vec<u64>>,
+) {
+    const THREADS: u16 = 4;
+    let seed = seed();
     let unloaded = std::sync::atomic::AtomicBool::new(false);
 
     let outcomes: Vec<(Connection, ConnectOutcome)> = thread::scope(|s| {
         let workers: Vec<_> = (0..THREADS)
             .map(|t| {
-                let (machine, unloaded) = (&machine, &unloaded);
+                let unloaded = &unloaded;
                 s.spawn(move || {
                     let mut rng = Rng::new(seed, u64::from(t) + 100);
                     let mut outcomes = Vec::new();
@@ -788,10 +802,10 @@ fn unload_under_load_decides_every_connection_once() {
             })
             .collect();
         // Once the service has answered some, unload in the middle of the traffic.
-        while decisions(&machine).len() < 8 {
+        while decisions(machine).len() < 8 {
             thread::yield_now();
         }
-        unload_clean(&machine, driver);
+        unload_clean(machine, driver);
         unloaded.store(true, std::sync::atomic::Ordering::SeqCst);
         workers
             .into_iter()
@@ -847,7 +861,7 @@ fn unload_under_load_decides_every_connection_once() {
          {after_its_filters} after its filters were gone",
         outcomes.len()
     );
-    let logged = decisions(&machine);
+    let logged = decisions(machine);
     assert!(
         logged.len() >= asked.len(),
         "every request the service answered was logged"
@@ -1166,7 +1180,8 @@ mod channel_service {
 
     /// Starts the simulated service: a thread with its own client that answers every question
     /// with `answer(pid)` until the channel closes (at unload). Returns the process ids it was
-    /// asked about, in order.
+    /// asked about, in order. (The tests that use it check that each answer decided its
+    /// connection: the driver logs "service" as the reason.)
     fn serve_questions(
         bridge: &Bridge,
         answer: impl Fn(u64) -> Verdict + Send + 'static,
@@ -1184,9 +1199,14 @@ mod channel_service {
                 let pid = pid_of(&question.body);
                 asked.push(pid);
                 let reply = reply_bytes(pid, answer(pid));
-                client
-                    .answer(question.id, &reply)
-                    .expect("the driver takes a timely answer");
+                match client.answer(question.id, &reply) {
+                    Ok(()) => {}
+                    // Unload closed the channel meanwhile: the question was decided by the
+                    // close (not found any more), or the answer arrived while it was closing.
+                    Err(error) if error.kind() == ErrorKind::NotFound || channel_closed(&error) => {
+                    }
+                    Err(error) => panic!("the driver refused a timely answer: {error}"),
+                }
             }
             asked
         })
@@ -1236,6 +1256,18 @@ mod channel_service {
             assert_eq!(reason, "service", "pid {pid} (seed {seed:#x})");
             assert_eq!(*verdict, rule(*pid).as_str(), "pid {pid} (seed {seed:#x})");
         }
+    }
+
+    /// Unload while connections keep arriving and the service keeps answering through the
+    /// channel: each attempt gets exactly one decision, no pended attempt is reauthorized after
+    /// the filters are gone, nothing is left behind.
+    #[test]
+    fn channel_unload_under_load_decides_every_connection_once() {
+        let machine = Machine::new();
+        let driver = load(&machine, channel_patient::DriverEntry);
+        let bridge = bridge(&machine);
+        let service = serve_questions(&bridge, rule);
+        unload_under_load(&machine, driver, service);
     }
 
     /// With the only system worker thread held (`Machine::hold_work_items`), the channel design
@@ -1334,6 +1366,31 @@ mod channel_service {
                 .unwrap_err();
             assert_eq!(late.kind(), ErrorKind::NotFound, "{late}");
 
+            // Malformed: too short, too long (the channel refuses answers over 16 bytes).
+            for (n, len) in [15usize, 17].into_iter().enumerate() {
+                let pid = 211 + 2 * n as u64;
+                let waiting = connect_in_background(
+                    s,
+                    &machine,
+                    web(pid, 49_010 + n as u16),
+                    AleIrql::Dispatch,
+                );
+                let question = service.next_question(None).unwrap().unwrap();
+                let mut answer = reply_bytes(pid, Verdict::Allow);
+                answer.resize(len, 0);
+                let refused = service.answer(question.id, &answer).unwrap_err();
+                assert_eq!(
+                    refused.kind(),
+                    ErrorKind::InvalidInput,
+                    "{len} bytes: {refused}"
+                );
+                assert_decided_once(
+                    &waiting.join().unwrap(),
+                    Verdict::Block,
+                    &format!("pid {pid}"),
+                );
+            }
+
             // Malformed: a verdict other than 0 or 1.
             let waiting = connect_in_background(s, &machine, web(203, 49_001), AleIrql::Passive);
             let question = service.next_question(None).unwrap().unwrap();
@@ -1371,6 +1428,8 @@ mod channel_service {
                     "block".into(),
                     "default: no reply within the timeout".into()
                 ),
+                (211, "block".into(), "default: malformed answer".into()),
+                (213, "block".into(), "default: malformed answer".into()),
                 (203, "block".into(), "default: malformed answer".into()),
                 (205, "allow".into(), "service".into()),
                 (
