@@ -1296,3 +1296,71 @@ fn answer_statuses_are_the_windows_values() {
         Some("STATUS_NOT_FOUND")
     );
 }
+
+#[test]
+fn stop_decides_everything_now_and_leaves_the_device_until_close() {
+    let setup = setup(4);
+    let service = setup.open();
+    let wait = wait_request(&service);
+    let delivered = setup.ask(b"d", HOUR, 1);
+    setup.ask(b"q", HOUR, 2);
+    question_of(&wait);
+    setup.machine.at_passive(|irql| setup.channel.stop(irql));
+    let mut decided = setup.decisions();
+    decided.sort_by_key(|d| d.0);
+    assert_eq!(decided, [(1, Outcome::Closing), (2, Outcome::Closing)]);
+    assert_eq!(setup.outstanding(), 0);
+    let refused = setup
+        .machine
+        .at_dispatch(|irql| setup.channel.ask(irql, b"late", HOUR, 3))
+        .unwrap_err();
+    assert_eq!(refused.reason(), NotAskedReason::Closed);
+    assert_eq!(refused.into_context(), 3);
+    assert_eq!(
+        answer(&service, delivered, &[1]),
+        Status::DELETE_PENDING.raw()
+    );
+    let idle = wait_request(&service);
+    assert!(idle.is_pending(), "the device stays until close");
+    setup.machine.advance_clock(2 * HOUR);
+    setup.machine.wait_for_dpcs();
+    assert!(setup.teardown().is_empty(), "nothing decided twice");
+    assert_eq!(idle.wait().status, Status::CANCELLED.raw());
+    drop(service);
+}
+
+/// 1024 questions outstanding at once (the firewall's bound), all delivered and answered.
+#[test]
+fn a_thousand_and_twenty_four_questions_in_flight() {
+    const N: u64 = 1024;
+    let setup = setup(N as usize);
+    for n in 0..N {
+        setup.ask(&n.to_le_bytes(), HOUR, n);
+    }
+    let full = setup
+        .machine
+        .at_dispatch(|irql| setup.channel.ask(irql, b"one more", HOUR, N))
+        .unwrap_err();
+    assert_eq!(full.reason(), NotAskedReason::Full);
+    assert_eq!(setup.outstanding(), N as usize);
+    let service = setup.open();
+    let mut waits: std::collections::VecDeque<IoRequest> =
+        (0..64).map(|_| wait_request(&service)).collect();
+    for n in 0..N {
+        let wait = waits.pop_front().unwrap();
+        let (id, body) = question_of(&wait);
+        assert_eq!(body, n.to_le_bytes(), "oldest first");
+        assert_eq!(answer(&service, id, &[(n % 2) as u8]), SUCCESS);
+        waits.push_back(wait_request(&service));
+    }
+    let decided = setup.decisions();
+    assert_eq!(decided.len(), N as usize);
+    assert!(
+        decided
+            .iter()
+            .all(|(n, outcome)| *outcome == Outcome::Answered((n % 2) as u8))
+    );
+    drop(waits);
+    drop(service);
+    assert!(setup.teardown().is_empty());
+}

@@ -87,7 +87,7 @@
 //!
 //! # Exactly one decision
 //!
-//! Each question has a slot with an atomic phase under the channel's spin lock: free, queued
+//! Each question has a slot whose phase changes only under the channel's spin lock: free, queued
 //! (waiting for a request), or delivered (to the handle whose request carried it). Whoever moves
 //! the slot back to free — the answer, the deadline's DPC, [`AskChannel::cancel`], the service's
 //! handle closing, or [`AskChannel::close`] — takes the context out and calls `decide`, after
@@ -151,9 +151,11 @@
 //! with `STATUS_CANCELLED`, new ones fail with `STATUS_DELETE_PENDING`, answers being processed
 //! finish), decides every question still outstanding with `Closing`, and shuts the timers down.
 //! It waits for no user-mode thread: only for the dispatch calls already inside the driver and
-//! for DPCs already queued. Dropped above `PASSIVE_LEVEL`, the channel decides the outstanding
-//! questions and cancels the timers, but the device and the memory are leaked (and reported at
-//! unload), as for [`InvertedQueue`].
+//! for DPCs already queued. [`AskChannel::stop`] does the first and the fourth step through a
+//! shared reference (from `DriverState::stopping`, say), leaving the device to `close`. Dropped above `PASSIVE_LEVEL`, the channel decides the outstanding
+//! questions and cancels the timers, but the device and the memory are leaked, as for
+//! [`InvertedQueue`] (a device left behind keeps the driver from unloading: Windows leaves it
+//! "unload pending", the simulator's `unload_driver` says `DeviceObjectsRemain`).
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -687,6 +689,31 @@ impl<Q: QuestionHandler> AskChannel<Q> {
     /// ```
     pub fn outstanding(&self, irql: impl RaiseIrql) -> usize {
         self.inner().state.lock(irql, |state, _| state.outstanding)
+    }
+
+    /// Refuses new questions from now on ([`NotAskedReason::Closed`]; answers fail with
+    /// `STATUS_DELETE_PENDING`) and decides every outstanding question with
+    /// [`Outcome::Closing`], before this returns; the device stays until
+    /// [`close`](Self::close) (or drop). For [`DriverState::stopping`], which has the state only
+    /// by reference: a channel the driver's callout holds can decide its questions — and so
+    /// complete their pends — while the filters are still there for the reauthorizations, and
+    /// be dropped with the callout later. Waits for no user-mode thread.
+    ///
+    /// [`DriverState::stopping`]: crate::driver::DriverState::stopping
+    ///
+    /// ```
+    /// # use wfp_rs::ask::{AskChannel, QuestionHandler};
+    /// # use wfp_rs::irql::PassiveLevel;
+    /// fn stopping<Q: QuestionHandler>(irql: &mut PassiveLevel<'_>, channel: &AskChannel<Q>) {
+    ///     channel.stop(irql);
+    ///     assert_eq!(channel.outstanding(irql), 0);
+    /// }
+    /// ```
+    pub fn stop(&self, irql: &mut PassiveLevel<'_>) {
+        crate::irql::verify(irql);
+        let inner = self.inner();
+        inner.state.lock(&mut *irql, |state, _| state.closed = true);
+        inner.decide_all(irql, |_| true, || Outcome::Closing);
     }
 
     /// Refuses new questions, closes the device, decides every outstanding question with
