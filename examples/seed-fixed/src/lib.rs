@@ -316,9 +316,9 @@
 //! 1. [`SeedFixed::stopping`](DriverState::stopping), before the SDK waits for anything, sets
 //!    the "unloading" flag — from then on a new connection gets the default at once instead of
 //!    being pended, and a work item that has not asked yet does not — and ends the questions
-//!    waiting: it closes the question channel ([`AskChannel::close`]: each outstanding question
-//!    is decided with the default and its pend completed, now, while the filters exist), or the
-//!    service's port connection ([`ServerPort::disconnect_all`]), so a send waiting for a reply
+//!    waiting: it stops the question channel ([`AskChannel::stop`]: each outstanding question
+//!    is decided with the default and its pend completed, now, while the filters exist), or
+//!    closes the service's port connection ([`ServerPort::disconnect_all`]), so a send waiting for a reply
 //!    fails at once instead of running into [`Config::timeout`].
 //! 2. The SDK waits until no work item is queued or running: every work item has completed its
 //!    pend, with the service's answer or the default.
@@ -331,18 +331,18 @@
 //!    progress (a reauthorization that never comes; logged).
 //! 4. It closes the engine session: the filters go before the callouts, because a terminating
 //!    filter whose callout is gone blocks everything it matches.
-//! 5. It unregisters the callouts; in the work item design it closes the port and unregisters
-//!    the minifilter.
+//! 5. It unregisters the callouts; then it closes the question channel's device (the service's
+//!    waiting requests complete as cancelled), or, in the work item design, the port and the
+//!    minifilter.
 //!
 //! So every pended connection gets exactly one decision, and unload does not wait for the
 //! service. Connections that arrive after step 4 are not filtered by this driver, as after any
 //! unload.
 //!
-//! The channel is closed in step 1, not dropped with the callouts: closing decides questions,
-//! and the reauthorizations those decisions cause must still meet the filters. Both callouts
-//! share it, and [`AskChannel::close`] takes the channel by value, so it sits in a
-//! `SpinLock<Option<AskChannel>>` that `stopping` empties; a classification that finds it empty
-//! applies the default.
+//! The channel is stopped in step 1, not only closed in step 5 with the callouts gone: closing
+//! decides the questions still outstanding, and the reauthorizations those decisions cause must
+//! still meet the filters. A classification that asks after the stop gets its question back
+//! ([`NotAskedReason::Closed`]) and applies the default.
 //!
 //! # Running it
 //!
@@ -370,7 +370,8 @@
 //! [`Filter`]: wfp_rs::port::Filter
 //! [`AskChannel`]: wfp_rs::ask::AskChannel
 //! [`AskChannel::ask`]: wfp_rs::ask::AskChannel::ask
-//! [`AskChannel::close`]: wfp_rs::ask::AskChannel::close
+//! [`AskChannel::stop`]: wfp_rs::ask::AskChannel::stop
+//! [`NotAskedReason::Closed`]: wfp_rs::ask::NotAskedReason::Closed
 //! [`QuestionHandler::decide`]: wfp_rs::ask::QuestionHandler::decide
 //! [`ServerPort::disconnect_all`]: wfp_rs::port::ServerPort::disconnect_all
 
@@ -385,7 +386,7 @@ use core::net::IpAddr;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use core::time::Duration;
 
-use wfp_rs::ask::{AskChannel, Outcome, QuestionHandler};
+use wfp_rs::ask::{AskChannel, NotAskedReason, Outcome, QuestionHandler};
 use wfp_rs::callout::{Callout, CalloutKey, CalloutRegistration, Classify};
 use wfp_rs::classify::ClassifyOut;
 use wfp_rs::driver::{Driver, DriverState};
@@ -400,7 +401,6 @@ use wfp_rs::pend::{
 };
 use wfp_rs::pool::{PoolArc, PoolBox, PoolTag};
 use wfp_rs::port::{Filter, Message, SendError, ServerPort};
-use wfp_rs::spin_lock::SpinLock;
 use wfp_rs::work_item::WorkQueue;
 use wfp_rs::{Guid, Status, guid, kd_print};
 
@@ -414,7 +414,8 @@ static ALLOCATOR: wfp_rs::pool::PoolAllocator =
 /// The tag of the state the callouts and their work items share.
 const SHARED_TAG: PoolTag = PoolTag::new(b"SdSh");
 
-/// The tag of the question channel's holder, which the two callouts share.
+/// The tag of the pool block that holds the question channel, which the two callouts and the
+/// driver's state share.
 const CHANNEL_TAG: PoolTag = PoolTag::new(b"SdCh");
 
 /// The name of the communication port the service connects to
@@ -739,12 +740,8 @@ impl QuestionHandler for ChannelDecisions {
     }
 }
 
-/// The question channel, shared by the two callouts. Unload takes it out and closes it while
-/// the filters still exist (see [`SeedFixed::stopping`](DriverState::stopping)): closing
-/// decides the questions still outstanding, and their reauthorizations must meet the filters.
-/// (`AskChannel::close` takes the channel by value, so it cannot be closed through a shared
-/// reference; `None` once closed.)
-type ChannelHolder = SpinLock<Option<AskChannel<ChannelDecisions>>>;
+/// The question channel, shared by the two callouts and the driver's state.
+type Channel = AskChannel<ChannelDecisions>;
 
 /// Applies `verdict`: a soft permit (a lighter sublayer may still block) or a hard block.
 fn apply(out: &mut ClassifyOut<'_>, verdict: Verdict) {
@@ -762,7 +759,7 @@ fn apply(out: &mut ClassifyOut<'_>, verdict: Verdict) {
 /// How a callout asks, chosen at load ([`Config::design`]).
 enum Asks {
     /// [`Design::QuestionChannel`]: from `classify`, through the channel.
-    ThroughTheChannel(PoolArc<ChannelHolder>),
+    ThroughTheChannel(PoolArc<Channel>),
     /// [`Design::WorkItemAndPort`]: from a work item, over the port.
     FromAWorkItem {
         port: ServerPort<VerdictProtocol>,
@@ -784,7 +781,7 @@ impl AskTheService {
     fn ask_through_the_channel(
         &self,
         irql: &mut DispatchLevel<'_>,
-        channel: &ChannelHolder,
+        channel: &Channel,
         key: ConnectionKey,
         pended: PendedClassify,
     ) {
@@ -792,24 +789,18 @@ impl AskTheService {
         // Cannot fail: the buffer is the message's size.
         let _ = VerdictRequest { pid: key.pid }.encode(&mut question);
         let timeout = self.shared.config.timeout;
-        let asked = channel.lock(&mut *irql, |channel, dispatch| match channel {
-            Some(channel) => channel
-                .ask(dispatch, &question, timeout, (key, pended))
-                .map(|_| ())
-                .map_err(|not_asked| {
-                    // Every slot taken (or closing): decide at once, with the reason.
-                    let reason = match not_asked.reason() {
-                        wfp_rs::ask::NotAskedReason::Full => "every question slot is taken",
-                        _ => "the question channel is closed",
-                    };
-                    (reason, not_asked.into_context())
-                }),
-            // Closed by unload after this classification checked `unloading`.
-            None => Err(("unloading", (key, pended))),
-        });
-        match asked {
-            Ok(()) => kd_print!("seed-fixed: pid {}: pended, asking the service\n", key.pid),
-            Err((reason, (key, pended))) => {
+        let pid = key.pid;
+        match channel.ask(&mut *irql, &question, timeout, (key, pended)) {
+            Ok(_) => kd_print!("seed-fixed: pid {pid}: pended, asking the service\n"),
+            Err(not_asked) => {
+                // The context comes back: decide at once.
+                let reason = match not_asked.reason() {
+                    NotAskedReason::Full => "every question slot is taken",
+                    // Stopped by unload after this classification checked `unloading`.
+                    NotAskedReason::Closed => "unloading",
+                    NotAskedReason::TooLarge { .. } => "the question is too large",
+                };
+                let (key, pended) = not_asked.into_context();
                 let default = self.shared.config.default;
                 kd_print!(
                     Warning,
@@ -929,8 +920,8 @@ where
 
 /// The service's end the driver keeps, per design.
 enum Service {
-    /// The question channel (`None` once unload has closed it).
-    Channel(PoolArc<ChannelHolder>),
+    /// The question channel.
+    Channel(PoolArc<Channel>),
     /// The port, and the minifilter it needs.
     Port {
         port: ServerPort<VerdictProtocol>,
@@ -948,17 +939,15 @@ pub struct SeedFixed {
 }
 
 impl SeedFixed {
-    /// Closes the question channel, if this driver has one still open: new questions are
-    /// refused, and each outstanding one is decided (the default, "unloading") and its pend
-    /// completed now, while the filters its reauthorization needs still exist.
-    fn close_channel(&self, irql: &mut PassiveLevel<'_>) -> usize {
-        let Service::Channel(holder) = &self.service else {
+    /// Stops the question channel, if this driver has one: new questions are refused, and each
+    /// outstanding one is decided (the default, "unloading") and its pend completed now, while
+    /// the filters its reauthorization needs still exist. Returns how many were decided.
+    fn stop_channel(&self, irql: &mut PassiveLevel<'_>) -> usize {
+        let Service::Channel(channel) = &self.service else {
             return 0;
         };
-        let channel = holder.lock(&mut *irql, |channel, _| channel.take());
-        let Some(channel) = channel else { return 0 };
         let outstanding = channel.outstanding(&mut *irql);
-        channel.close(irql);
+        channel.stop(irql);
         outstanding
     }
 }
@@ -970,7 +959,7 @@ impl DriverState for SeedFixed {
         self.shared.unloading.store(true, Ordering::SeqCst);
         match &self.service {
             Service::Channel(_) => {
-                let decided = self.close_channel(irql);
+                let decided = self.stop_channel(irql);
                 kd_print!("seed-fixed: stopping; {decided} outstanding question(s) decided\n");
             }
             Service::Port { port, .. } => {
@@ -983,8 +972,8 @@ impl DriverState for SeedFixed {
 
     fn unload(self, irql: &mut PassiveLevel<'_>) {
         // The SDK has waited for every work item: no pend of the work item design is
-        // outstanding. (`stopping` closed the channel already; this is in case it did not run.)
-        self.close_channel(irql);
+        // outstanding. (`stopping` stopped the channel already; this is in case it did not run.)
+        self.stop_channel(irql);
         let SeedFixed {
             engine,
             v4,
@@ -1012,15 +1001,24 @@ impl DriverState for SeedFixed {
             kd_print!(Error, "seed-fixed: unregistering (IPv6) failed: {status}\n");
         }
         drop(shared);
-        if let Service::Port { port, filter } = service {
-            // The port before the filter: a filter with an open port cannot be unregistered.
-            // A work item queued by a classification that raced the session's close may still
-            // hold a handle to the port; the port closes when it finishes, at PASSIVE_LEVEL,
-            // and the SDK waits for it before the driver is gone.
-            port.close(irql);
-            // Unregisters the minifilter (if no work item holds the port), which disconnects
-            // the service.
-            filter.close(irql);
+        match service {
+            Service::Channel(channel) => match PoolArc::try_unwrap(channel) {
+                // The callouts are gone with their references: the last one deletes the device
+                // (the service's waiting requests complete as cancelled) and frees the timers.
+                Ok(channel) => channel.close(irql),
+                Err(channel) => drop(channel),
+            },
+            Service::Port { port, filter } => {
+                // The port before the filter: a filter with an open port cannot be
+                // unregistered. A work item queued by a classification that raced the
+                // session's close may still hold a handle to the port; the port closes when it
+                // finishes, at PASSIVE_LEVEL, and the SDK waits for it before the driver is
+                // gone.
+                port.close(irql);
+                // Unregisters the minifilter (if no work item holds the port), which
+                // disconnects the service.
+                filter.close(irql);
+            }
         }
         kd_print!("seed-fixed: unloaded\n");
     }
@@ -1062,7 +1060,7 @@ pub fn start(
     let callout = || AskTheService {
         shared: PoolArc::clone(&shared),
         asks: match &service {
-            Service::Channel(holder) => Asks::ThroughTheChannel(PoolArc::clone(holder)),
+            Service::Channel(channel) => Asks::ThroughTheChannel(PoolArc::clone(channel)),
             Service::Port { port, .. } => Asks::FromAWorkItem {
                 port: port.clone(),
                 queue: driver.work_queue(),
@@ -1115,14 +1113,14 @@ pub fn start(
 }
 
 /// Creates the question channel ([`Design::QuestionChannel`]): its device, [`CHANNEL_CAPACITY`]
-/// slots and their timers, and the holder the callouts share. A function of its own so that its
+/// slots and their timers, in the pool block the callouts share. A function of its own so that its
 /// locals do not lie on the stack of the deepest load path (see [`add_callout_entry`]).
 #[inline(never)]
 fn open_channel(
     irql: &mut PassiveLevel<'_>,
     driver: &Driver<'_>,
     shared: &PoolArc<Shared>,
-) -> Result<PoolArc<ChannelHolder>, Status> {
+) -> Result<PoolArc<Channel>, Status> {
     let decisions = ChannelDecisions {
         shared: PoolArc::clone(shared),
     };
@@ -1135,7 +1133,7 @@ fn open_channel(
         CHANNEL_CAPACITY,
         decisions,
     )?;
-    PoolArc::try_new(SpinLock::new(Some(channel)), CHANNEL_TAG, irql).map_err(|e| e.status())
+    PoolArc::try_new(channel, CHANNEL_TAG, irql).map_err(|e| e.status())
 }
 
 /// Registers the minifilter and creates the port ([`Design::WorkItemAndPort`]). A function of

@@ -1445,10 +1445,10 @@ mod channel_service {
 
     /// Unload while questions are outstanding — some delivered to a service that reads and
     /// never answers, some still waiting for a request — with a two-minute deadline that never
-    /// passes: `stopping` closes the channel, which decides each question once with the default
-    /// and completes its pend while the filters still exist; unload waits for the
-    /// reauthorizations, and leaves no pend, request or pool behind. The service's requests are
-    /// cancelled, and its late answers refused.
+    /// passes: `stopping` stops the channel (`AskChannel::stop`), which decides each question
+    /// once with the default and completes its pend while the filters still exist; unload waits
+    /// for the reauthorizations, then closes the channel's device, and leaves no pend, request
+    /// or pool behind. The service's requests are cancelled, and its late answers refused.
     #[test]
     fn channel_unload_with_questions_outstanding_decides_each_once() {
         const PENDED: usize = 12;
