@@ -710,22 +710,23 @@ impl QuestionHandler for ChannelDecisions {
         let default = self.shared.config.default;
         let pid = key.pid;
         let reason = match outcome {
-            Outcome::Answered(reply) => match check_reply(pid, reply) {
-                Ok(verdict) => {
-                    kd_print!("seed-fixed: pid {pid}: {verdict} (service)\n");
-                    self.shared.conclude(irql, key, pended, verdict);
-                    return;
-                }
-                Err(AskError::WrongProcess { answered, .. }) => {
-                    kd_print!(
-                        Warning,
-                        "seed-fixed: pid {pid}: {default} (default: the reply is about pid {answered}, not {pid})\n"
-                    );
-                    self.shared.conclude(irql, key, pended, default);
-                    return;
-                }
-                Err(AskError::Send(_)) => "malformed answer",
-            },
+            Outcome::Answered(reply) => {
+                let verdict = match check_reply(pid, reply) {
+                    Ok(verdict) => {
+                        kd_print!("seed-fixed: pid {pid}: {verdict} (service)\n");
+                        verdict
+                    }
+                    Err(error) => {
+                        kd_print!(
+                            Warning,
+                            "seed-fixed: pid {pid}: {default} (default: {error})\n"
+                        );
+                        default
+                    }
+                };
+                self.shared.conclude(irql, key, pended, verdict);
+                return;
+            }
             Outcome::Malformed => "malformed answer",
             Outcome::TimedOut => "no reply within the timeout",
             Outcome::ServiceGone => "the service closed its handle before it answered",
