@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use firewall_driver::{Config, Firewall, Stats};
+use firewall_driver::{AskVia, Config, Firewall, Stats};
 use wfp_rs::Status;
 use wfp_rs::driver::Driver;
 use wfp_rs::irql::PassiveLevel;
@@ -15,13 +15,16 @@ pub const PATIENT: Duration = Duration::from_secs(120);
 pub static STATS: Stats = Stats::new();
 
 /// `DriverEntry`: [`Config::DEFAULT`] (fail-closed, 1024 cache entries, 2048 pends at most,
-/// loopback permitted) with the [`PATIENT`] timeout and [`STATS`].
+/// loopback permitted) with the [`PATIENT`] timeout and [`STATS`], asking through the port and
+/// a work item ([`AskVia::PortAndWorkItem`]), which the harness's simulated service answers.
 #[wfp_rs::driver_entry]
 fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<Firewall, Status> {
     firewall_driver::start(
         irql,
         driver,
         Config {
+            // The harness's service answers on the port (see the module documentation).
+            ask_via: AskVia::PortAndWorkItem,
             timeout: PATIENT,
             stats: Some(&STATS),
             ..Config::DEFAULT
@@ -41,6 +44,7 @@ pub mod without_cache {
             irql,
             driver,
             Config {
+                ask_via: AskVia::PortAndWorkItem,
                 timeout: PATIENT,
                 cache_capacity: 0,
                 ..Config::DEFAULT

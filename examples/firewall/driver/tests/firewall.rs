@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use firewall_driver::{Config, Stats};
+use firewall_driver::{AskVia, Config, Stats};
 use firewall_protocol::control::{
     CONTROL_DEVICE_PATH, MAX_REVOKE_IDS, REVOKE, REVOKE_MAX_LEN, Revoke, Revoked,
 };
@@ -73,7 +73,11 @@ macro_rules! configured_driver {
     };
 }
 
+/// The port + work item design ([`AskVia::PortAndWorkItem`]), which these tests' service
+/// (harness threads on the port) answers; `tests/channel.rs` covers the default design, the
+/// question channel.
 const PATIENT_CONFIG: Config = Config {
+    ask_via: AskVia::PortAndWorkItem,
     timeout: PATIENT,
     ..Config::DEFAULT
 };
@@ -124,7 +128,7 @@ configured_driver!(
     impatient,
     Config {
         timeout: Duration::from_millis(50),
-        ..Config::DEFAULT
+        ..PATIENT_CONFIG
     }
 );
 configured_driver!(
@@ -177,6 +181,15 @@ configured_driver!(
     Config {
         service_sid: Some("S-1-5-80-not-a-number"),
         ..PATIENT_CONFIG
+    }
+);
+configured_driver!(load_port, PATIENT_CONFIG);
+configured_driver!(
+    load_channel,
+    Config {
+        max_pending: 3,
+        background_asks: 1,
+        ..Config::DEFAULT
     }
 );
 configured_driver!(
@@ -1808,8 +1821,9 @@ fn icmp_is_not_filtered() {
     let driver = load(&machine, firewall_driver::DriverEntry);
     assert_eq!(
         machine.debug_output()[0],
-        "firewall: asking the service on \\WfpRsFirewallPort (500 ms timeout, default deny, \
-         1024 cache entries, 2048 pends at most, overload deny, loopback permitted)\n"
+        "firewall: asking the service through the question channel on WfpRsFirewallAsk \
+         (500 ms timeout, default deny, 1024 cache entries, 2048 pends at most, overload deny, \
+         loopback permitted)\n"
     );
     let ping = Connection {
         protocol: IpProtocol::Icmp,
@@ -2549,14 +2563,23 @@ fn unload_waits_for_the_reauthorizations_of_completed_pends() {
 /// Every pool allocation `DriverEntry` makes — its shared state included, which is a `PoolArc`
 /// because `Arc::new` cannot report an exhausted pool — is made to fail in turn: the load fails
 /// with `STATUS_INSUFFICIENT_RESOURCES`, never a bug check, and leaves nothing behind.
+///
+/// Both designs: the port's (with the default sizes), and the channel's with 4 question slots
+/// (each slot's timer is an allocation, so the default 2056 would make the test quadratic).
 #[test]
 fn every_allocation_failure_during_load_is_reported_and_leaks_nothing() {
+    for entry in [load_port::DriverEntry, load_channel::DriverEntry] {
+        every_allocation_failure_during_load_of(entry);
+    }
+}
+
+fn every_allocation_failure_during_load_of(entry: wfp_rs_sim::DriverEntryFn) {
     let machine = Machine::new();
     let mut failures = 0;
     for skip in 0.. {
         assert!(skip < 1000, "the load has a bounded number of allocations");
         machine.fail_allocations(skip, 1);
-        match machine.load_driver("firewall", firewall_driver::DriverEntry) {
+        match machine.load_driver("firewall", entry) {
             Ok(driver) => {
                 machine.fail_allocations(0, 0);
                 unload_clean(&machine, driver);

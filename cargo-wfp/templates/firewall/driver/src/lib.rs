@@ -2,9 +2,37 @@
 //! or IPv6, is allowed or denied by a user-mode service — answered at once from a verdict cache
 //! when the service has answered the same question before.
 //!
-//! The driver and the service speak [`firewall_protocol`]: a [`ConnectionRequest`] over the
-//! filter-manager port [`firewall_protocol::PORT_NAME`], a [`ConnectionReply`] back, and the
-//! [`REVOKE`] command on the control device [`CONTROL_DEVICE_NAME`].
+//! The driver and the service speak [`firewall_protocol`]: a [`ConnectionRequest`] as a question
+//! on the question channel [`firewall_protocol::ASK_CHANNEL`] (device
+//! [`firewall_protocol::ASK_DEVICE_NAME`]; [`AskVia::Channel`], the default) or over the
+//! filter-manager port [`firewall_protocol::PORT_NAME`] ([`AskVia::PortAndWorkItem`]), a
+//! [`ConnectionReply`] back, and the [`REVOKE`] command on the control device
+//! [`CONTROL_DEVICE_NAME`].
+//!
+//! # Two ways to ask
+//!
+//! [`Config::ask_via`] chooses; both decide every case of the tables below the same way, and
+//! [`StatsSnapshot::asked_via_channel`] / [`StatsSnapshot::asked_via_port`] count which asked.
+//!
+//! - [`AskVia::Channel`] (the default, [`wfp_rs::ask`]): the classify callback pends and puts the
+//!   question to the channel itself, at `DISPATCH_LEVEL`, with the pend, the connection's keys
+//!   and the request id as the question's context. The service keeps wait requests pending on
+//!   the channel's device and answers on the same handle; the channel's handler
+//!   ([`QuestionHandler::decide`], exactly once per question) checks the reply answers the
+//!   request, caches it if allowed, records the verdict for the reauthorization and completes
+//!   the pend, or applies the default for every other outcome. No work item, no thread waits.
+//!   The channel has [`Config::max_pending`] + [`Config::background_asks`] slots, so a
+//!   connection that reserved a slot of the [`VerdictTable`] finds one; each slot holds a
+//!   question of at most [`ASK_MAX_QUESTION`](firewall_protocol::ASK_MAX_QUESTION) bytes (an
+//!   image path of [`ASK_MAX_PATH_UNITS`](firewall_protocol::ASK_MAX_PATH_UNITS) units),
+//!   allocated at load. A longer question (or one that finds every slot taken, which the
+//!   sizing rules out) is asked through the port and a work item, whole. Only the admitted
+//!   service may open the channel's device ([`Driver::admit_only`](wfp_rs::driver::Driver::admit_only)
+//!   applies to every device the SDK creates).
+//! - [`AskVia::PortAndWorkItem`]: a work item at `PASSIVE_LEVEL` sends the question over the
+//!   port and waits for the reply (the first design; the benchmarks compare the two).
+//!
+//! [`QuestionHandler::decide`]: wfp_rs::ask::QuestionHandler::decide
 //!
 //! # Where it filters
 //!
@@ -30,8 +58,8 @@
 //! 1. **Loopback** (the `FLAGS` field has `FWP_CONDITION_FLAG_IS_LOOPBACK`): permitted without
 //!    asking, when [`Config::permit_loopback`] (the default). Local IPC over TCP is not a
 //!    firewall question, and asking about it would make the service ask about itself.
-//! 2. **The reauthorization of a connection this driver pended**: the verdict the work item
-//!    recorded in its [`VerdictTable`] (keyed by [`ConnectionKey`], local port included).
+//! 2. **The reauthorization of a connection this driver pended**: the verdict the channel's
+//!    handler or the work item recorded in its [`VerdictTable`] (keyed by [`ConnectionKey`], local port included).
 //! 3. **Any other classification** (a new connection, or a reauthorization the driver did not
 //!    cause): the **verdict cache**, if it holds a live verdict for the connection's
 //!    [cache key](#the-verdict-cache).
@@ -41,8 +69,8 @@
 //!    [The whole path](#the-whole-path)).
 //! 5. **A new connection the cache does not answer**: if fewer than [`Config::max_pending`]
 //!    connections are outstanding (pended, or completed and not yet reauthorized), it takes a
-//!    slot of the [`VerdictTable`] and is pended ([`Classify::pend`]); a work item
-//!    sends a [`ConnectionRequest`] (process id, the whole image path, protocol, both
+//!    slot of the [`VerdictTable`] and is pended ([`Classify::pend`]); the question channel
+//!    (or a work item, over the port) asks with a [`ConnectionRequest`] (process id, the whole image path, protocol, both
 //!    endpoints, direction) and waits at most [`Config::timeout`]; it checks that the reply
 //!    [`answers`](ConnectionReply::answers) the request, caches the verdict if the reply allows
 //!    it (`cache_seconds > 0`), records it for the reauthorization, and completes the pend.
@@ -59,13 +87,20 @@
 //! | a live cached verdict for the cache key | that verdict, at once (no allocation, no work item) |
 //! | **an image path no request can carry whole** (longer than [`MAX_PATH_UNITS`], an odd number of bytes, a NUL inside), reauthorizations included | **deny**, whatever the default, at once (nothing pended, nobody asked); counted in [`StatsSnapshot::unaskable`], not in `defaults`, and logged |
 //! | the service replies in time with a valid reply to this request | its verdict |
-//! | no service connected ([`SendError::NotConnected`]) | the default |
-//! | the service disconnects (is killed) before replying ([`SendError::Disconnected`]) | the default |
-//! | no reply within [`Config::timeout`] ([`SendError::Timeout`]); a late reply is discarded | the default |
+//! | **channel**: no service waits on the channel | the question stays queued: the default at its deadline ([`Config::timeout`]), or the verdict of a service that starts meanwhile |
+//! | **channel**: the service's handle closes (it exited, was killed) with the question delivered and not answered | the default, at once (`Outcome::ServiceGone`) |
+//! | **channel**: no answer by the deadline; a late answer is refused (`STATUS_NOT_FOUND`) | the default |
+//! | **channel**: an answer that does not decode, or a reply to another request | the default |
+//! | **channel**: an answer through a handle the question was not delivered to (foreign) | refused (`STATUS_ACCESS_DENIED`); the question waits for its own handle or its deadline |
+//! | **channel**: a second answer to a decided question (duplicate) | refused (`STATUS_NOT_FOUND`); the first decided |
+//! | **channel**: unload with questions outstanding | the default for each, in `stopping`, while the filters are still there |
+//! | **port**: no service connected ([`SendError::NotConnected`]) | the default |
+//! | **port**: the service disconnects (is killed) before replying ([`SendError::Disconnected`]) | the default |
+//! | **port**: no reply within [`Config::timeout`] ([`SendError::Timeout`]); a late reply is discarded | the default |
 //! | a reply too short, too long, or malformed (any field [`ConnectionReply`]'s decoder rejects) | the default |
 //! | a well-formed reply to another request (its `request_id` is not this one's) | the default |
 //! | no pool to send ([`SendError::Status`]) | the default |
-//! | the work item cannot be queued (no pool): the default is recorded, and the closure that came back is dropped with the pend in it, which completes it | the default |
+//! | **port**: the work item cannot be queued (no pool): the default is recorded, and the closure that came back is dropped with the pend in it, which completes it | the default |
 //! | **overload**: [`Config::max_pending`] connections are pended or waiting for their reauthorization already, or the questions waiting for the service hold [`QUESTION_BYTES`] of pool and this one's does not fit, and the cache has no verdict | **[`Config::overload`]** (deny unless configured otherwise, whatever the default), at once (nothing pended); counted in [`StatsSnapshot::overloaded`], not in `defaults` |
 //! | a reauthorization the driver did not cause (WFP reauthorizes when policy changes) | the cache's verdict if it has one, else the default |
 //! | a second pend of the same connection (process, image, protocol, both endpoints) while the first waits for its reauthorization: one verdict is kept, for one of the two | the other: the cache's verdict if it has one, else the default |
@@ -118,7 +153,7 @@
 //! | a loopback connection, with [`Config::permit_loopback`] | permit, nobody asked |
 //! | a live cached verdict for the cache key | that verdict, at once |
 //! | an image path no request can carry whole | **deny**, whatever the default, at once; nobody asked |
-//! | otherwise | **the default, at once**; and, unless [`Config::background_asks`] questions are in flight already, its question does not fit in [`QUESTION_BYTES`], or the driver is unloading, a work item asks the service *in the background*, and caches its verdict if the reply allows it |
+//! | otherwise | **the default, at once**; and, unless [`Config::background_asks`] questions are in flight already, its question does not fit in [`QUESTION_BYTES`], or the driver is unloading, the question channel (or, with [`AskVia::PortAndWorkItem`] or a question too long for the channel, a work item over the port) asks the service *in the background*, and its verdict is cached if the reply allows it |
 //!
 //! So a peer's first attempt gets the default, and its next attempt — a TCP SYN is retransmitted
 //! after about a second — gets the service's cached verdict. With fail-closed that costs an
@@ -262,15 +297,18 @@
 //!
 //! 1. [`Firewall::stopping`](DriverState::stopping) sets the "unloading" flag — new connections
 //!    get the cache or the default at once, work items that have not asked yet do not ask, no
-//!    background ask is queued — and closes the service's connection, so a send waiting for a
-//!    reply fails at once.
+//!    background ask is queued —, stops the question channel ([`AskChannel::stop`]: every
+//!    question outstanding is decided now with the default, so its pend is completed while the
+//!    filters are there for the reauthorization; it waits for no user-mode thread), and closes
+//!    the service's port connection, so a send waiting for a reply fails at once.
 //! 2. The SDK waits until no work item is queued or running: every pend is completed.
 //! 3. [`Firewall::unload`](DriverState::unload) closes the control device (waiting for a
 //!    command in progress), then waits until every completed pend has been reauthorized (no
 //!    pend in flight, no slot of the [`VerdictTable`] reserved, the table empty), or until
 //!    [`Config::timeout`] + [`REAUTHORIZATION_GRACE`] pass without progress.
 //! 4. It closes the engine session (the filters go before the callouts: a terminating filter
-//!    whose callout is gone blocks everything), unregisters the callouts, closes the port, and
+//!    whose callout is gone blocks everything), unregisters the callouts, closes the question
+//!    channel (its device goes; the service's waits complete as cancelled), closes the port, and
 //!    unregisters the minifilter.
 //!
 //! # Logging
@@ -321,6 +359,7 @@ use firewall_protocol::control::{REVOKE, REVOKED_LEN, Revoke, Revoked};
 use firewall_protocol::{
     ConnectionReply, Direction, FirewallProtocol, PathBytes, RequestHead, Verdict, request_len,
 };
+use wfp_rs::ask::{AskChannel, NotAskedReason, Outcome, QuestionHandler};
 use wfp_rs::callout::{Callout, CalloutKey, CalloutRegistration, Classify};
 use wfp_rs::classify::ClassifyOut;
 use wfp_rs::client::{ClientIdentity, Sid};
@@ -336,7 +375,9 @@ use wfp_rs::layer::{
     AleAuthConnectV4, AleAuthConnectV6, AleAuthRecvAcceptV4, AleAuthRecvAcceptV6, Field, Layer,
     fields,
 };
-use wfp_rs::pend::{ConnectionKey, PendError, PendableByCompletionHandle, VerdictTable};
+use wfp_rs::pend::{
+    ConnectionKey, PendError, PendableByCompletionHandle, PendedClassify, VerdictTable,
+};
 use wfp_rs::pool::{PoolBox, PoolBytes, PoolTag};
 use wfp_rs::port::{Filter, Malformed, SendError, ServerPort};
 use wfp_rs::time::Instant;
@@ -421,12 +462,42 @@ pub const FILTER_RECV_ACCEPT_V4: Guid = guid!("4a9e0d4f-09ba-40f1-b27d-0ba024e97
 /// The filter that hands inbound IPv6 TCP and UDP to [`CALLOUT_RECV_ACCEPT_V6`].
 pub const FILTER_RECV_ACCEPT_V6: Guid = guid!("f9e394eb-1314-44a7-9b08-b8584470658a");
 
+/// How the driver asks the service about a connection the cache does not answer (see the
+/// crate documentation's decision tables: both designs decide the same cases the same way).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AskVia {
+    /// The question channel ([`wfp_rs::ask`], [`firewall_protocol::ASK_CHANNEL`] on the device
+    /// [`Config::ask_device_name`]): `classifyFn` pends and asks at once, at `DISPATCH_LEVEL`,
+    /// and the service's answer (or the deadline, or the service going away) completes the
+    /// pend. No work item, no thread waits. The default.
+    #[default]
+    Channel,
+    /// A PASSIVE_LEVEL work item sends the question over the filter-manager port
+    /// ([`Config::port_name`]) and waits for the reply: the first design, kept so the
+    /// benchmarks can compare the two.
+    PortAndWorkItem,
+}
+
+impl fmt::Display for AskVia {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AskVia::Channel => "the question channel",
+            AskVia::PortAndWorkItem => "the port and a work item",
+        })
+    }
+}
+
 /// The driver's settings.
 #[derive(Clone, Copy, Debug)]
 pub struct Config {
+    /// How the service is asked: [`AskVia::Channel`] in [`Config::DEFAULT`].
+    pub ask_via: AskVia,
+    /// The question channel's device name (`\Device\<name>`), with [`AskVia::Channel`].
+    pub ask_device_name: &'static str,
     /// The decision when the service gives none (see the crate documentation for every case).
     pub default: Verdict,
-    /// How long a work item waits for the service (delivery and reply together).
+    /// How long the service has to answer (delivery and reply together): a work item's wait
+    /// on the port, or a question's deadline on the channel.
     pub timeout: Duration,
     /// How many verdicts the cache holds (rounded down to a multiple of [`WAYS`]; 0 disables
     /// the cache, and inbound connections then always get the default).
@@ -466,10 +537,12 @@ pub struct Config {
 }
 
 impl Config {
-    /// What `DriverEntry` uses: fail-closed, [`DEFAULT_TIMEOUT`], [`DEFAULT_CACHE_CAPACITY`],
+    /// What `DriverEntry` uses: asks through the question channel, fail-closed, [`DEFAULT_TIMEOUT`], [`DEFAULT_CACHE_CAPACITY`],
     /// the protocol's port and device names, loopback permitted, [`DEFAULT_BACKGROUND_ASKS`],
     /// [`VERDICT_SLOTS`] pends at most, deny on overload.
     pub const DEFAULT: Config = Config {
+        ask_via: AskVia::Channel,
+        ask_device_name: firewall_protocol::ASK_DEVICE_NAME,
         default: Verdict::Deny,
         timeout: DEFAULT_TIMEOUT,
         cache_capacity: DEFAULT_CACHE_CAPACITY,
@@ -753,6 +826,8 @@ const REQUEST_TAG: PoolTag = PoolTag::new(b"FwRq");
 const VERDICTS_TAG: PoolTag = PoolTag::new(b"FwVt");
 /// The tag of the state the callouts, the work items and the control device share.
 const SHARED_TAG: PoolTag = PoolTag::new(b"FwSh");
+/// The tag of the question channel's shared handle.
+const CHANNEL_TAG: PoolTag = PoolTag::new(b"FwCh");
 
 /// Adds one to `counter` unless it has reached `limit`; whether it did.
 fn increment_below(counter: &AtomicUsize, limit: usize) -> bool {
@@ -940,7 +1015,7 @@ impl Shared {
         if self.unloading.load(Ordering::SeqCst) {
             return Err(AskError::Unloading);
         }
-        self.count(Counter::Asked);
+        self.count(Counter::AskedViaPort);
         let reply = self
             .port
             .send_encoded(irql, &question.bytes, self.config.timeout)
@@ -966,17 +1041,29 @@ impl Shared {
     ) -> Result<(ConnectionReply, Option<u32>), AskError> {
         let generation = self.cache.generation();
         let reply = self.ask(irql, question)?;
-        let Some(lifetime) = reply.cache else {
-            return Ok((reply, None));
-        };
+        let cached = self.cache_reply(irql, key, &reply, generation);
+        Ok((reply, cached))
+    }
+
+    /// Caches `reply`'s verdict for `key` if the reply grants it a lifetime and no revocation
+    /// came since cache generation `generation` (read before the question was asked). Returns
+    /// how long it was cached.
+    fn cache_reply<I: Token>(
+        &self,
+        irql: &mut I,
+        key: &CacheKey,
+        reply: &ConnectionReply,
+        generation: u64,
+    ) -> Option<u32> {
+        let lifetime = reply.cache?;
         let now = Instant::now();
         let expires = now.saturating_add(Duration::from_secs(u64::from(lifetime.as_secs())));
         let answer = Answer {
             verdict: reply.verdict,
             expires,
-            request_id: question.head.request_id,
+            request_id: reply.request_id,
         };
-        let outcome = self.cache.insert(irql, *key, answer, now, generation);
+        let outcome = self.cache.insert(&mut *irql, *key, answer, now, generation);
         let cached = match outcome {
             Insert::Added => true,
             Insert::ReplacedExpired => {
@@ -996,7 +1083,7 @@ impl Shared {
         if cached {
             self.count(Counter::Cached);
         }
-        Ok((reply, cached.then_some(lifetime.as_secs())))
+        cached.then_some(lifetime.as_secs())
     }
 
     /// The outbound work item's job: ask (unless unloading), cache, log, and return the
@@ -1171,6 +1258,8 @@ impl Shared {
 pub struct Outbound {
     shared: PoolArc<Shared>,
     queue: WorkQueue,
+    /// The question channel, with [`AskVia::Channel`].
+    channel: Option<PoolArc<QuestionChannel>>,
 }
 
 impl<L: PendableByCompletionHandle> Callout<L> for Outbound
@@ -1297,6 +1386,53 @@ where
             Described(&question.head)
         );
         let key = observed.key;
+        let pended = match &self.channel {
+            None => pended,
+            Some(channel) => {
+                let asked = Asked {
+                    pended: Some(pended),
+                    key,
+                    cache_key,
+                    request_id,
+                    generation: shared.cache.generation(),
+                };
+                match shared.ask_on_channel(irql, channel, &question, asked) {
+                    // `Decisions::decide` completes the pend, exactly once.
+                    Ok(()) => return,
+                    Err((asked, NotAskedReason::Closed)) => {
+                        // Unloading: the default, recorded for the reauthorization.
+                        shared.count(Counter::Defaults);
+                        kd_print!(
+                            Warning,
+                            "firewall: #{request_id}: {default} (default: unloading)\n"
+                        );
+                        shared.record(irql, asked.key, default);
+                        if let Some(pended) = asked.pended {
+                            pended.complete(irql);
+                        }
+                        shared.finished(irql);
+                        return;
+                    }
+                    // A question longer than the channel's slots (a path over
+                    // `ASK_MAX_PATH_UNITS`), or every slot taken: the port and a work item
+                    // ask it, whole, as in the other design.
+                    Err((asked, reason)) => {
+                        kd_print!(
+                            "firewall: #{request_id}: asking through the port ({})\n",
+                            Refusal(reason)
+                        );
+                        match asked.pended {
+                            Some(pended) => pended,
+                            // Not reached: the pend went in above.
+                            None => {
+                                shared.finished(irql);
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        };
         let work = PoolArc::clone(shared);
         let queued = self.queue.queue(irql, move |passive| {
             let verdict = work.decide(passive, &question, &cache_key);
@@ -1325,6 +1461,8 @@ where
 pub struct Inbound {
     shared: PoolArc<Shared>,
     queue: WorkQueue,
+    /// The question channel, with [`AskVia::Channel`].
+    channel: Option<PoolArc<QuestionChannel>>,
 }
 
 impl Inbound {
@@ -1395,6 +1533,32 @@ where
             "firewall: #{request_id}: {}: {default} (default: not cached; asking the service for later attempts)\n",
             Described(&question.head)
         );
+        if let Some(channel) = &self.channel {
+            let asked = Asked {
+                pended: None,
+                key: observed.key,
+                cache_key,
+                request_id,
+                generation: shared.cache.generation(),
+            };
+            match shared.ask_on_channel(irql, channel, &question, asked) {
+                Ok(()) => {
+                    shared.count(Counter::BackgroundAsks);
+                    return;
+                }
+                Err((_, NotAskedReason::Closed)) => {
+                    kd_print!(Warning, "firewall: #{request_id}: not asked (unloading)\n");
+                    shared.background.fetch_sub(1, Ordering::SeqCst);
+                    shared.count(Counter::BackgroundSkipped);
+                    return;
+                }
+                // Too long for the channel's slots, or every slot taken: a work item asks.
+                Err((_, reason)) => kd_print!(
+                    "firewall: #{request_id}: asking through the port ({})\n",
+                    Refusal(reason)
+                ),
+            }
+        }
         let work = PoolArc::clone(shared);
         let queued = self.queue.queue(irql, move |passive| {
             work.learn(passive, &question, &cache_key);
@@ -1410,6 +1574,158 @@ where
                 drop(not_queued);
                 shared.background.fetch_sub(1, Ordering::SeqCst);
                 shared.count(Counter::BackgroundSkipped);
+            }
+        }
+    }
+}
+
+/// The question channel the callouts ask through with [`AskVia::Channel`].
+type QuestionChannel = AskChannel<Decisions>;
+
+/// What the driver keeps per question asked through the channel, until it is decided.
+struct Asked {
+    /// The pended classification (outbound); `None` for an inbound background ask.
+    pended: Option<PendedClassify>,
+    key: ConnectionKey,
+    cache_key: CacheKey,
+    request_id: u64,
+    /// The cache's revocation generation when the question was asked.
+    generation: u64,
+}
+
+/// Why the channel did not take a question, as the logs say it.
+struct Refusal(NotAskedReason);
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            NotAskedReason::Full => f.write_str("every slot of the question channel is taken"),
+            NotAskedReason::Closed => f.write_str("the question channel is closing"),
+            NotAskedReason::TooLarge { len, max } => {
+                write!(f, "a {len}-byte question is over the channel's {max} bytes")
+            }
+        }
+    }
+}
+
+/// Why a channel question got no usable answer, as the logs say it.
+struct NoAnswer<'a>(&'a Outcome<ConnectionReply>, u64);
+
+impl fmt::Display for NoAnswer<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Outcome::Answered(reply) => write!(
+                f,
+                "the reply answers request #{}, not #{}",
+                reply.request_id, self.1
+            ),
+            Outcome::Malformed => f.write_str("a malformed reply"),
+            Outcome::TimedOut => f.write_str("no reply within the timeout"),
+            Outcome::Cancelled => f.write_str("the question was withdrawn"),
+            Outcome::ServiceGone => f.write_str("the service went away before replying"),
+            Outcome::Closing => f.write_str("unloading"),
+        }
+    }
+}
+
+impl Shared {
+    /// Puts `question` to the channel with its context; the channel copies its bytes into a
+    /// slot it allocated at load, so the question's own buffer (and its share of
+    /// [`QUESTION_BYTES`]) goes when the caller drops it. A question the channel does not take
+    /// comes back with the reason.
+    #[expect(
+        clippy::result_large_err,
+        reason = "the context must come back whole, and boxing it would allocate in classifyFn"
+    )]
+    fn ask_on_channel(
+        &self,
+        irql: &mut DispatchLevel<'_>,
+        channel: &QuestionChannel,
+        question: &Question,
+        asked: Asked,
+    ) -> Result<(), (Asked, NotAskedReason)> {
+        match channel.ask(&mut *irql, &question.bytes, self.config.timeout, asked) {
+            Ok(_) => {
+                self.count(Counter::AskedViaChannel);
+                Ok(())
+            }
+            Err(not_asked) => {
+                let reason = not_asked.reason();
+                Err((not_asked.into_context(), reason))
+            }
+        }
+    }
+}
+
+/// The question channel's handler: decodes the service's replies and decides the questions
+/// (see the crate documentation's tables).
+struct Decisions {
+    shared: PoolArc<Shared>,
+}
+
+impl QuestionHandler for Decisions {
+    type Context = Asked;
+    type Answer = ConnectionReply;
+
+    fn decode(&self, answer: &[u8]) -> Option<ConnectionReply> {
+        // Untrusted: every field is validated; whether it answers the question is checked in
+        // `decide`, which knows the question.
+        <ConnectionReply as wfp_rs::port::Message>::decode(answer).ok()
+    }
+
+    fn decide(
+        &self,
+        irql: &mut DispatchLevel<'_>,
+        asked: Asked,
+        outcome: Outcome<ConnectionReply>,
+    ) {
+        let shared = &self.shared;
+        let id = asked.request_id;
+        let default = shared.config.default;
+        let verdict = match &outcome {
+            Outcome::Answered(reply) if reply.request_id == id => {
+                shared.count(Counter::Answered);
+                let cached =
+                    shared.cache_reply(&mut *irql, &asked.cache_key, reply, asked.generation);
+                match asked.pended {
+                    Some(_) => kd_print!(
+                        "firewall: #{id}: {} (service, channel{})\n",
+                        reply.verdict,
+                        CachedFor(cached)
+                    ),
+                    None => kd_print!(
+                        "firewall: #{id}: {} for later attempts (service, channel{})\n",
+                        reply.verdict,
+                        CachedFor(cached)
+                    ),
+                }
+                Some(reply.verdict)
+            }
+            other => {
+                let why = NoAnswer(other, id);
+                match asked.pended {
+                    Some(_) => {
+                        shared.count(Counter::Defaults);
+                        kd_print!(Warning, "firewall: #{id}: {default} (default: {why})\n");
+                    }
+                    None => kd_print!(
+                        Warning,
+                        "firewall: #{id}: no verdict for later attempts ({why})\n"
+                    ),
+                }
+                None
+            }
+        };
+        match asked.pended {
+            Some(pended) => {
+                // Recorded before the completion: the reauthorization may run before
+                // `complete` returns.
+                shared.record(&mut *irql, asked.key, verdict.unwrap_or(default));
+                pended.complete(&*irql);
+                shared.finished(&*irql);
+            }
+            None => {
+                shared.background.fetch_sub(1, Ordering::SeqCst);
             }
         }
     }
@@ -1483,6 +1799,8 @@ pub struct Firewall {
     accept_v4: CalloutRegistration<AleAuthRecvAcceptV4, Inbound>,
     accept_v6: CalloutRegistration<AleAuthRecvAcceptV6, Inbound>,
     control: ControlDevice<Commands>,
+    /// With [`AskVia::Channel`]; the callouts hold it too.
+    channel: Option<PoolArc<QuestionChannel>>,
     shared: PoolArc<Shared>,
     filter: Filter,
 }
@@ -1499,6 +1817,12 @@ impl DriverState for Firewall {
         // No new pends or questions; then fail the questions already waiting, so the work
         // items the SDK is about to wait for finish now rather than at their timeout.
         self.shared.unloading.store(true, Ordering::SeqCst);
+        // Every question on the channel is decided now (`Closing`: the default), so its pend
+        // is completed while the filters are still there for the reauthorization. Waits for
+        // no user-mode thread.
+        if let Some(channel) = &self.channel {
+            channel.stop(irql);
+        }
         let closed = self.shared.port.disconnect_all(irql);
         kd_print!("firewall: stopping; {closed} service connection(s) closed\n");
     }
@@ -1512,6 +1836,7 @@ impl DriverState for Firewall {
             accept_v4,
             accept_v6,
             control,
+            channel,
             shared,
             filter,
         } = self;
@@ -1551,6 +1876,16 @@ impl DriverState for Firewall {
                 Error,
                 "firewall: unregistering (accept, IPv6) failed: {status}\n"
             );
+        }
+        // The callouts' shares of the channel went with them: this is the last, and closing it
+        // drops the handler's share of the state.
+        if let Some(channel) = channel {
+            match PoolArc::try_unwrap(channel) {
+                Ok(channel) => channel.close(irql),
+                // Cannot happen (the callouts are gone); dropped at PASSIVE_LEVEL, the last
+                // share closes it the same way.
+                Err(channel) => drop(channel),
+            }
         }
         let stats = shared.own_stats.snapshot();
         // The port before the filter: a filter with an open port cannot be unregistered.
@@ -1620,8 +1955,12 @@ fn admit_service(
 fn announce(irql: &mut PassiveLevel<'_>, firewall: &Firewall, admitted: Option<&ClientIdentity>) {
     let config = &firewall.shared.config;
     kd_print!(
-        "firewall: asking the service on {} ({} ms timeout, default {}, {} cache entries, {} pends at most, overload {}, loopback {})\n",
-        config.port_name,
+        "firewall: asking the service through {} on {} ({} ms timeout, default {}, {} cache entries, {} pends at most, overload {}, loopback {})\n",
+        config.ask_via,
+        match config.ask_via {
+            AskVia::Channel => config.ask_device_name,
+            AskVia::PortAndWorkItem => config.port_name,
+        },
         config.timeout.as_millis(),
         config.default,
         firewall.shared.cache.capacity(irql),
@@ -1717,16 +2056,22 @@ fn register(
             shared: PoolArc::clone(&shared),
         },
     )?;
+    let channel = match config.ask_via {
+        AskVia::Channel => Some(open_channel(irql, driver, &shared)?),
+        AskVia::PortAndWorkItem => None,
+    };
 
     // Registered before the filters that name them exist, so no connection meets a filter
     // whose callout is missing (it would be blocked).
     let outbound = || Outbound {
         shared: PoolArc::clone(&shared),
         queue: driver.work_queue(),
+        channel: channel.clone(),
     };
     let inbound = || Inbound {
         shared: PoolArc::clone(&shared),
         queue: driver.work_queue(),
+        channel: channel.clone(),
     };
     let connect_v4 = CalloutRegistration::register(irql, driver, CALLOUT_CONNECT_V4, outbound())?;
     let connect_v6 = CalloutRegistration::register(irql, driver, CALLOUT_CONNECT_V6, outbound())?;
@@ -1745,9 +2090,44 @@ fn register(
         accept_v4,
         accept_v6,
         control,
+        channel,
         shared,
         filter,
     })
+}
+
+/// The most questions the channel holds: one per pend the verdict table allows, and one per
+/// inbound background ask, so a classification that reserved a slot always finds one free.
+fn channel_capacity(config: &Config) -> usize {
+    config
+        .max_pending
+        .saturating_add(config.background_asks)
+        .clamp(1, wfp_rs::ask::MAX_CAPACITY)
+}
+
+/// Creates the question channel ([`firewall_protocol::ASK_CHANNEL`]) on
+/// [`Config::ask_device_name`]. Only the service [`start`] admitted may open its device (the SDK
+/// applies `Driver::admit_only` to every device it creates). A function of its own, for the
+/// stack (see [`start`]).
+#[inline(never)]
+fn open_channel(
+    irql: &mut PassiveLevel<'_>,
+    driver: &Driver<'_>,
+    shared: &PoolArc<Shared>,
+) -> Result<PoolArc<QuestionChannel>, Status> {
+    let config = &shared.config;
+    let channel = AskChannel::new(
+        irql,
+        driver,
+        config.ask_device_name,
+        &firewall_protocol::ASK_CHANNEL,
+        channel_capacity(config),
+        Decisions {
+            shared: PoolArc::clone(shared),
+        },
+    )?;
+    // On a failure the channel comes back in the error and is dropped here, at PASSIVE_LEVEL.
+    PoolArc::try_new(channel, CHANNEL_TAG, irql).map_err(|e| e.status())
 }
 
 /// The state the callouts, the work items and the control device share. A function of its

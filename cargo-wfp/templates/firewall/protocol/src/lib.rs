@@ -161,12 +161,47 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use core::num::NonZeroU32;
 
 use static_assertions::const_assert_eq;
+use wfp_rs::ask::ChannelSpec;
+use wfp_rs::inverted::{ControlCode, RequiredAccess};
 use wfp_rs::port::{Malformed, Message, Protocol};
 
 pub mod control;
 
 /// The filter-manager port the driver creates and the service connects to.
 pub const PORT_NAME: &str = r"\WfpRsFirewallPort";
+
+/// The question channel's device, as the driver names it (`\Device\WfpRsFirewallAsk`): the
+/// default way the driver asks (see [`ASK_CHANNEL`]).
+pub const ASK_DEVICE_NAME: &str = "WfpRsFirewallAsk";
+/// The question channel's device as user mode opens it (`wfp_rs::user::AskClient::open`).
+pub const ASK_DEVICE_PATH: &str = r"\\.\WfpRsFirewallAsk";
+
+/// The question channel ([`wfp_rs::ask`]) on [`ASK_DEVICE_NAME`]: the driver asks from
+/// `classifyFn` without a work item, the service keeps wait requests pending and answers.
+///
+/// A question's body is an encoded [`ConnectionRequest`] whose image path has at most
+/// [`ASK_MAX_PATH_UNITS`] units ([`ASK_MAX_QUESTION`] bytes, `max_question`), an answer's body an encoded [`ConnectionReply`] ([`REPLY_LEN`]
+/// bytes, `max_answer`): the same messages as over the port, after the channel's own 16-byte
+/// header (`wfp_rs::ask::encode_header`). The driver checks an answer as it checks a port reply:
+/// it must decode and [`answer`](ConnectionReply::answers) the request it was asked for.
+///
+/// The codes are `CTL_CODE(0x8A5E, 0x810 / 0x811, METHOD_BUFFERED, FILE_ANY_ACCESS)`; who may
+/// open the device at all is the driver's business (only its configured service).
+pub const ASK_CHANNEL: ChannelSpec = ChannelSpec {
+    wait: ControlCode::buffered(0x8A5E, 0x810, RequiredAccess::Any),
+    answer: ControlCode::buffered(0x8A5E, 0x811, RequiredAccess::Any),
+    max_question: ASK_MAX_QUESTION,
+    max_answer: REPLY_LEN,
+};
+
+/// The longest image path a question on the channel carries, in UTF-16 units: `MAX_PATH`. The
+/// channel allocates a slot of [`ASK_MAX_QUESTION`] bytes per question it may hold, at load
+/// (about 1.2 MiB of non-paged pool for the driver's 2056 slots); a slot for a question of
+/// [`REQUEST_MAX_LEN`] (64 KiB) would make that 128 MiB. The driver asks a question with a
+/// longer path through the port instead, whole.
+pub const ASK_MAX_PATH_UNITS: usize = 260;
+/// The longest question on the channel: a request with a path of [`ASK_MAX_PATH_UNITS`] units.
+pub const ASK_MAX_QUESTION: usize = request_len(ASK_MAX_PATH_UNITS);
 
 /// `RawRequestHeader::magic`: `"FWRQ"` in memory.
 pub const REQUEST_MAGIC: [u8; 4] = *b"FWRQ";
