@@ -3282,20 +3282,27 @@ fn an_image_crafted_to_collide_under_fnv1a_does_not_inherit_a_cached_verdict() {
             let outcome = machine.connect(&c, AleIrql::Dispatch);
             decided_once(&c, &outcome, app)
         };
-        assert_eq!(attempt(ALLOWED, 47_001), (Action::Permit, true), "asked");
-        assert_eq!(attempt(ALLOWED, 47_002), (Action::Permit, false), "cached");
-        assert_eq!(
+        let outcomes = [
+            attempt(ALLOWED, 47_001),
+            attempt(ALLOWED, 47_002),
             attempt(CRAFTED, 47_003),
-            (Action::Block, true),
-            "the crafted image under the reused pid is asked about, and denied"
-        );
-        assert_eq!(
             attempt(ALLOWED, 47_004),
-            (Action::Permit, false),
-            "the allowed image is still answered from the cache"
-        );
-        // Unloading closes the port, which ends the service thread.
+        ];
+        // Unloading closes the port, which ends the service thread; before asserting, so that
+        // a failed assertion does not leave the scope waiting for that thread.
         unload_clean(&machine, driver);
+        assert_eq!(
+            outcomes,
+            [
+                (Action::Permit, true),
+                (Action::Permit, false),
+                // The crafted image under the reused pid is asked about, and denied.
+                (Action::Block, true),
+                // The allowed image is still answered from the cache.
+                (Action::Permit, false),
+            ],
+            "(decision, asked) for: allowed, allowed again, crafted, allowed again"
+        );
     });
     assert_eq!(
         asked.lock().unwrap().len(),
