@@ -21,6 +21,8 @@ pub const KERNEL_MODULES: &[&str] = &[
     "fltmgr.sys",
     "netio.sys",
     "ndis.sys",
+    // CNG's kernel module: `BCryptGenRandom`, from which the SDK draws its secret at load.
+    "cng.sys",
 ];
 
 /// What a driver image is, as far as the checks read it.

@@ -752,6 +752,14 @@ impl Machine {
         faults.count = count;
     }
 
+    /// Makes the kernel's random number generator (`BCryptGenRandom`) fail with `status` until
+    /// called again with `None`, to test what a driver does without random numbers. The SDK's
+    /// `DriverEntry` draws a secret from it before the driver's entry function runs, so a load
+    /// then fails with `status`.
+    pub fn fail_random(&self, status: Option<wfp_rs::Status>) {
+        self.kernel.lock().random_failure = status.map(wfp_rs::Status::raw);
+    }
+
     /// How many injected failures are still to come (0 once all have happened).
     pub fn pending_allocation_failures(&self) -> u64 {
         self.kernel

@@ -405,11 +405,23 @@ pub unsafe fn __run_driver_entry<D: DriverState>(
     else {
         return Status::INVALID_PARAMETER.raw();
     };
+    // Before any of the driver's code, which may hash process images (`pend::app_hash`).
+    if let Err(status) = crate::pend::draw_app_secret(&irql) {
+        return failure(status);
+    }
     match start::<D>(&mut irql, object, registry_path, entry) {
         Ok(()) => 0,
-        // A success code would tell the I/O manager the driver loaded after it cleaned up.
-        Err(status) if status.raw() >= 0 => Status::UNSUCCESSFUL.raw(),
-        Err(status) => status.raw(),
+        Err(status) => failure(status),
+    }
+}
+
+/// What `DriverEntry` returns when the load fails with `status`.
+fn failure(status: Status) -> sys::NTSTATUS {
+    // A success code would tell the I/O manager the driver loaded after it cleaned up.
+    if status.raw() >= 0 {
+        Status::UNSUCCESSFUL.raw()
+    } else {
+        status.raw()
     }
 }
 

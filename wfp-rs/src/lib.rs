@@ -247,8 +247,8 @@
 //! either
 //!
 //! - **the Windows kernel**, when compiling for Windows without `sim`: `#[repr(C)]` types pinned
-//!   to the WDK's x64 layouts and imports from `ntoskrnl.exe`, `fwpkclnt.sys`, `fltmgr.sys` and
-//!   `netio.sys` — this is the kernel image; or
+//!   to the WDK's x64 layouts and imports from `ntoskrnl.exe`, `fwpkclnt.sys`, `fltmgr.sys`,
+//!   `netio.sys` and `cng.sys` — this is the kernel image; or
 //! - **the simulator** ([`wfp-rs-sim`](https://docs.rs/wfp-rs-sim)), everywhere else: the same
 //!   kernel functions implemented in Rust. It tracks the IRQL of every thread, runs work items on
 //!   system worker threads, accounts for every pool block, and stops with the real bug check

@@ -41,6 +41,7 @@
 
 use core::fmt;
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use crate::callout::Classify;
 use crate::irql::{AtMostDispatch, RaiseIrql};
@@ -373,7 +374,9 @@ impl fmt::Debug for PendedDecision {
 pub struct ConnectionKey {
     /// The process id (`FWPS_METADATA_FIELD_PROCESS_ID`; 0 if absent).
     pub pid: u64,
-    /// A 64-bit FNV-1a hash of the application id (the process image's NT path).
+    /// The process image: [`app_hash`] of the application id (the image's NT path), a hash
+    /// keyed with a secret drawn when the driver loaded, so a crafted path cannot be made to
+    /// hash like another image's.
     pub app: u64,
     /// The IP protocol number.
     pub protocol: u8,
@@ -385,7 +388,8 @@ pub struct ConnectionKey {
 
 impl ConnectionKey {
     /// The key of the connection being classified, from the layer's fields and metadata; `None`
-    /// if a field is missing or malformed.
+    /// if a field is missing or malformed, or if [`app_hash`] has no secret yet (never in a
+    /// loaded driver: see there).
     #[inline]
     pub fn of<L, F: 'static>(c: &Classify<'_, L, F>) -> Option<ConnectionKey>
     where
@@ -400,13 +404,9 @@ impl ConnectionKey {
     {
         use crate::layer::fields;
         let app = c.values.get::<fields::AleAppId>().ok()?;
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for byte in app.as_bytes() {
-            hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
         Some(ConnectionKey {
             pid: c.metadata.process_id().unwrap_or(0),
-            app: hash,
+            app: app_hash(app.as_bytes())?,
             protocol: c.values.get::<fields::IpProtocol>().ok()?.into(),
             local: (
                 c.values.get::<fields::IpLocalAddress>().ok()?.into(),
@@ -417,6 +417,123 @@ impl ConnectionKey {
                 c.values.get::<fields::IpRemotePort>().ok()?,
             ),
         })
+    }
+}
+
+/// The hash [`ConnectionKey::of`] gives a process image: SipHash-2-4 of `app_id` (the bytes
+/// of the application id, `FWPS_FIELD_*_ALE_APP_ID`) under a 128-bit secret the SDK draws from
+/// the kernel's random number generator (`BCryptGenRandom`, system-preferred RNG) when the
+/// driver loads, before the driver's entry function runs. `None` only before that draw: never
+/// in code a loaded driver runs; in host code (a test) that calls it before any driver loaded.
+///
+/// Keyed because a process image is what a verdict is cached for: with an unkeyed hash (FNV-1a,
+/// which this replaced), anyone can compute offline a path that hashes like an allowed image's,
+/// and a process started from it under a reused process id would be answered with the allowed
+/// image's cached verdict. Without the secret, finding such a path is guessing. The secret never
+/// leaves the driver; use this function (not a hash of your own) wherever a value must match
+/// `ConnectionKey::app`.
+///
+/// The secret is per driver image: drawn once per load of the image and kept until it
+/// unloads. A driver whose `DriverEntry` cannot draw it fails to load with the RNG's status,
+/// rather than hash without it. (In the simulator, every driver and machine of a host process
+/// shares the SDK's statics: each load still draws, so that a load fails as on Windows when the
+/// RNG does, but only the first draw of the process becomes the secret, so keys computed for
+/// one loaded driver stay valid when another loads.)
+///
+/// ```
+/// # let machine = wfp_rs_sim::Machine::new();
+/// # #[wfp_rs::driver_entry]
+/// # fn entry(_: &mut wfp_rs::irql::PassiveLevel<'_>, _: &mut wfp_rs::driver::Driver<'_>) -> Result<(), wfp_rs::Status> { Ok(()) }
+/// # let _driver = machine.load_driver("doc", DriverEntry).unwrap();
+/// use wfp_rs::pend::app_hash;
+///
+/// let app = app_hash(br"\device\harddiskvolume1\app.exe").expect("a driver has loaded");
+/// assert_eq!(Some(app), app_hash(br"\device\harddiskvolume1\app.exe"));
+/// assert_ne!(Some(app), app_hash(br"\device\harddiskvolume1\other.exe"));
+/// ```
+#[inline]
+pub fn app_hash(app_id: &[u8]) -> Option<u64> {
+    let secret = APP_SECRET.get()?;
+    Some(keyed_app_hash(secret, app_id))
+}
+
+fn keyed_app_hash(secret: (u64, u64), app_id: &[u8]) -> u64 {
+    use core::hash::Hasher;
+    let mut hasher = siphasher::sip::SipHasher24::new_with_keys(secret.0, secret.1);
+    hasher.write(app_id);
+    hasher.finish()
+}
+
+/// Draws the secret of [`app_hash`] (`BCryptGenRandom` with `BCRYPT_USE_SYSTEM_PREFERRED_RNG`,
+/// which is PASSIVE_LEVEL only), for the SDK's `DriverEntry` to call before the driver's entry
+/// function. Fails with the RNG's status.
+pub(crate) fn draw_app_secret(_irql: &crate::irql::PassiveLevel<'_>) -> Result<(), Status> {
+    let mut secret = [0u64; 2];
+    // SAFETY: the buffer is ours, 16 writable bytes, and any bytes are a valid `u64`; a null
+    // handle is what BCRYPT_USE_SYSTEM_PREFERRED_RNG requires; the token proves PASSIVE_LEVEL.
+    let status = unsafe {
+        sys::BCryptGenRandom(
+            core::ptr::null_mut(),
+            secret.as_mut_ptr().cast::<u8>(),
+            core::mem::size_of_val(&secret) as sys::ULONG,
+            sys::BCRYPT_USE_SYSTEM_PREFERRED_RNG,
+        )
+    };
+    Status::from_ntstatus(status)?;
+    APP_SECRET.publish((secret[0], secret[1]));
+    Ok(())
+}
+
+static APP_SECRET: AppSecret = AppSecret {
+    state: AtomicU8::new(AppSecret::UNSET),
+    words: [AtomicU64::new(0), AtomicU64::new(0)],
+};
+
+/// Set once, then read-only: 128 bits cannot be stored in one atomic operation on every target,
+/// so a state says when both words are there.
+struct AppSecret {
+    state: AtomicU8,
+    words: [AtomicU64; 2],
+}
+
+impl AppSecret {
+    const UNSET: u8 = 0;
+    const WRITING: u8 = 1;
+    const SET: u8 = 2;
+
+    #[inline]
+    fn get(&self) -> Option<(u64, u64)> {
+        (self.state.load(Ordering::Acquire) == Self::SET).then(|| {
+            (
+                self.words[0].load(Ordering::Relaxed),
+                self.words[1].load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// Keeps `secret` unless a secret is already set (or being set): one in use is never
+    /// replaced, or the hashes computed with it would stop matching.
+    fn publish(&self, secret: (u64, u64)) {
+        match self.state.compare_exchange(
+            Self::UNSET,
+            Self::WRITING,
+            Ordering::Acquire,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => {
+                self.words[0].store(secret.0, Ordering::Relaxed);
+                self.words[1].store(secret.1, Ordering::Relaxed);
+                self.state.store(Self::SET, Ordering::Release);
+            }
+            // Another load is writing its secret: two stores away from done. Only the
+            // simulator gets here (drivers loading at once on host threads); on Windows a
+            // driver image's DriverEntry runs once per load.
+            Err(_) => {
+                while self.state.load(Ordering::Acquire) != Self::SET {
+                    core::hint::spin_loop();
+                }
+            }
+        }
     }
 }
 
@@ -639,5 +756,35 @@ impl<V: Copy + Send, const N: usize> fmt::Debug for VerdictTable<V, N> {
         f.debug_struct("VerdictTable")
             .field("capacity", &N)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keyed_app_hash;
+
+    /// The key and messages of the SipHash paper's test vectors (Aumasson and Bernstein,
+    /// appendix A): key bytes 00..0f, message bytes 00, 01, ...
+    const PAPER_KEY: (u64, u64) = (0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908);
+
+    #[test]
+    fn the_app_hash_is_siphash_2_4() {
+        assert_eq!(keyed_app_hash(PAPER_KEY, &[]), 0x726f_db47_dd0e_0e31);
+        let fifteen: [u8; 15] = core::array::from_fn(|i| i as u8);
+        assert_eq!(keyed_app_hash(PAPER_KEY, &fifteen), 0xa129_ca61_49be_45e5);
+    }
+
+    #[test]
+    fn the_app_hash_depends_on_the_secret_and_on_every_byte() {
+        let path = br"\device\harddiskvolume1\app.exe";
+        let hash = keyed_app_hash(PAPER_KEY, path);
+        assert_ne!(hash, keyed_app_hash((PAPER_KEY.0 ^ 1, PAPER_KEY.1), path));
+        assert_ne!(
+            hash,
+            keyed_app_hash((PAPER_KEY.0, PAPER_KEY.1 ^ (1 << 63)), path)
+        );
+        let mut other = *path;
+        other[path.len() - 1] ^= 1;
+        assert_ne!(hash, keyed_app_hash(PAPER_KEY, &other));
     }
 }

@@ -22,6 +22,7 @@ use std::{
 };
 
 pub(crate) mod bugcheck;
+mod cng;
 mod deadlock;
 mod event;
 pub(crate) mod flt;
@@ -45,6 +46,7 @@ pub(crate) use pool::kernel_free as kernel_free_block;
 /// check that).
 pub(crate) static FUNCTIONS: wfp_rs::__sim::KernelFunctions = wfp_rs::__sim::KernelFunctions {
     KeBugCheckEx: bugcheck::KeBugCheckEx,
+    BCryptGenRandom: cng::BCryptGenRandom,
     KeClearEvent: event::KeClearEvent,
     KeInitializeEvent: event::KeInitializeEvent,
     KeSetEvent: event::KeSetEvent,

@@ -92,6 +92,8 @@ pub(crate) struct State {
     pub running_work: HashMap<usize, usize>,
     pub debug: Vec<String>,
     pub shutdown: bool,
+    /// While set, `BCryptGenRandom` fails with this status (`Machine::fail_random`).
+    pub random_failure: Option<NTSTATUS>,
 }
 
 // SAFETY: the raw pointers in the state (driver and device objects, their links) point into

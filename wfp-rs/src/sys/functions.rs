@@ -18,7 +18,7 @@
 //! linker: no symbol that only the simulator defines, no order of archives on the link line.
 //!
 //! Prototypes follow WDK 10.0.22621 (`km/wdm.h`, `km/ntifs.h`, `km/fwpsk.h`, `km/fwpmk.h`,
-//! `km/fltKernel.h`).
+//! `km/fltKernel.h`), and `bcrypt.h` as Microsoft documents it for `BCryptGenRandom`.
 
 use super::flt::*;
 use super::fwp::*;
@@ -437,6 +437,18 @@ kernel_functions! {
         ) -> NTSTATUS;
     }
 
+    // The kernel's CNG (bcrypt.h). Microsoft's documentation says to link kernel callers with
+    // Cng.lib, the import library of cng.sys (INFERRED: the module name is that of the library;
+    // the documentation names only the library).
+    module "cng.sys" {
+        /// With `BCRYPT_USE_SYSTEM_PREFERRED_RNG` and a null handle: `PASSIVE_LEVEL` only.
+        fn BCryptGenRandom(
+            hAlgorithm: BCRYPT_ALG_HANDLE,
+            pbBuffer: *mut u8,
+            cbBuffer: ULONG,
+            dwFlags: ULONG,
+        ) -> NTSTATUS;
+    }
     // What wdm.h inlines on x64: the IRQL is the task-priority register, CR8.
     inline {
         /// `KeGetCurrentIrql`: the IRQL of the calling processor.

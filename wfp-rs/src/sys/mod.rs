@@ -1,7 +1,7 @@
 //! The kernel's C ABI, with two interchangeable backends.
 //!
 //! - `nt` (compiling for Windows without the `sim` feature): `raw-dylib` imports from
-//!   `ntoskrnl.exe`, `fwpkclnt.sys` and `fltmgr.sys`; no WDK and no import libraries are needed.
+//!   `ntoskrnl.exe`, `fwpkclnt.sys`, `fltmgr.sys` and `cng.sys`; no WDK and no import libraries are needed.
 //! - `sim` (everywhere else): every function calls through a table that a simulated kernel
 //!   installs — the `wfp-rs-sim` crate, which implements the same functions with the same
 //!   signatures in Rust and stops with the real bug check where Windows would. Without it,

@@ -29,6 +29,9 @@ pub type DEVICE_TYPE = u32;
 pub type LARGE_INTEGER = i64;
 pub type KPRIORITY = i32;
 pub type KPROCESSOR_MODE = i8;
+/// `BCRYPT_ALG_HANDLE` (bcrypt.h): a CNG algorithm provider; null with
+/// [`BCRYPT_USE_SYSTEM_PREFERRED_RNG`].
+pub type BCRYPT_ALG_HANDLE = PVOID;
 
 pub const FALSE: BOOLEAN = 0;
 pub const TRUE: BOOLEAN = 1;
@@ -37,6 +40,10 @@ pub const PASSIVE_LEVEL: KIRQL = 0;
 pub const APC_LEVEL: KIRQL = 1;
 pub const DISPATCH_LEVEL: KIRQL = 2;
 pub const HIGH_LEVEL: KIRQL = 15;
+
+/// `BCryptGenRandom`'s flag (bcrypt.h): the system-preferred RNG, with a null algorithm handle;
+/// only at `PASSIVE_LEVEL`.
+pub const BCRYPT_USE_SYSTEM_PREFERRED_RNG: ULONG = 0x0000_0002;
 
 pub const POOL_FLAG_UNINITIALIZED: POOL_FLAGS = 0x2;
 pub const POOL_FLAG_NON_PAGED: POOL_FLAGS = 0x40;

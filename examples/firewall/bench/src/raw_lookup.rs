@@ -5,7 +5,7 @@
 //!
 //! It does the work the firewall's outbound callout does on a cache hit, in the same order, with
 //! the firewall's own [`VerdictCache`] (`firewall_driver::cache`): the loopback flag, the
-//! connection's fields and the FNV-1a hash of its application id, the reauthorization flag, the
+//! connection's fields and the keyed hash of its application id (`wfp_rs::pend::app_hash`), the reauthorization flag, the
 //! set-associative lookup under the cache's spin lock, the hit counted twice (the firewall as
 //! the benchmarks load it counts in its own counters and in `Config::stats`), and the verdict in
 //! the classify-out. It only skips what the SDK adds: finding the callout instance from the
@@ -21,6 +21,7 @@ use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::engine::Engine;
 use wfp_rs::irql::{DispatchLevel, PassiveLevel};
 use wfp_rs::layer::AleAuthConnectV4;
+use wfp_rs::pend::app_hash;
 use wfp_rs::time::Instant;
 use wfp_rs::{Guid, Status, guid, sys};
 
@@ -32,15 +33,6 @@ pub const CALLOUT: CalloutKey<AleAuthConnectV4> =
 const PROVIDER: Guid = guid!("5d2c8e41-7a93-4f0b-b6e2-19a4c3d5e7f8");
 const SUBLAYER: Guid = guid!("a7e1c9d3-2b48-4f6a-8c05-d3e9f1a2b4c6");
 const FILTER: Guid = guid!("c4f8a2e6-1d37-4b9c-a5e0-7f2d6b8c3e19");
-
-/// 64-bit FNV-1a, as `wfp_rs::pend::ConnectionKey` hashes the application id.
-pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in bytes {
-        hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash
-}
 
 /// What the callout uses, reached through [`STATE`] as a C driver reaches its globals.
 struct State {
@@ -93,8 +85,14 @@ unsafe extern "system" fn classify(
         apply(out, Verdict::Allow);
         return;
     }
+    // The firewall's key hashes the image as `ConnectionKey::of` does; `None` only before any
+    // driver loaded, which cannot be while this callout is registered.
     // SAFETY: the engine's blob, valid for the call.
-    let app = fnv1a(unsafe { fields.app_bytes() });
+    let Some(app) = app_hash(unsafe { fields.app_bytes() }) else {
+        state.defaults.fetch_add(1, Ordering::Relaxed);
+        apply(out, state.default);
+        return;
+    };
     let key = CacheKey {
         pid: fields.pid,
         app,
@@ -156,7 +154,8 @@ fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<RawLook
     let c = crate::connection(1);
     let key = CacheKey {
         pid: c.pid,
-        app: fnv1a(&wfp_rs_sim::app_id_bytes(&c.app)),
+        // Drawn by the SDK's DriverEntry before this function runs.
+        app: app_hash(&wfp_rs_sim::app_id_bytes(&c.app)).ok_or(Status::UNSUCCESSFUL)?,
         direction: Direction::Outbound,
         protocol: c.protocol.into(),
         remote: (c.remote.ip(), c.remote.port()),

@@ -70,7 +70,8 @@ pub const WAYS: usize = 8;
 pub struct CacheKey {
     /// The process id (`FWPS_INCOMING_METADATA_VALUES0::processId`).
     pub pid: u64,
-    /// FNV-1a of the image path's bytes (`wfp_rs::pend::ConnectionKey::app`).
+    /// The keyed hash of the image path's bytes (`wfp_rs::pend::app_hash`, as in
+    /// `wfp_rs::pend::ConnectionKey::app`).
     pub app: u64,
     /// Which way the connection goes.
     pub direction: Direction,

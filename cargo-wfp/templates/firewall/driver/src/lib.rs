@@ -199,9 +199,10 @@
 //! be found again; a verdict that depends on it (a rule's `local_port`) must not be granted a
 //! cache lifetime, and the example service grants none. An inbound connection's local port is
 //! the port connected to, which rules name (`local_port = 22`) and a retransmission repeats. The
-//! image path is hashed in (64-bit FNV-1a over the whole application id, every byte of it) so
-//! a reused process id does not inherit a verdict, and two programs whose paths differ only far
-//! along (past any length) have different keys.
+//! image path is hashed in (`wfp_rs::pend::app_hash` over the whole application id, every byte
+//! of it: SipHash-2-4 under a secret drawn when the driver loads) so a reused process id does
+//! not inherit a verdict, two programs whose paths differ only far along (past any length) have
+//! different keys, and a path crafted to hash like an allowed image's cannot be computed.
 //!
 //! The cache is the public module [`cache`] ([`cache::VerdictCache`]), for
 //! other drivers (and the benchmarks' C-style baseline) to use as it is.

@@ -3240,3 +3240,96 @@ fn the_questions_of_the_moment_hold_at_most_question_bytes_of_pool() {
         "{stats:?}"
     );
 }
+
+configured_driver!(crafted_image, PATIENT_CONFIG);
+
+/// The cache keys a process image by a keyed hash (`wfp_rs::pend::app_hash`): a program started
+/// under an allowed process's reused id, from a path crafted offline so that its application id
+/// has the allowed image's FNV-1a-64 (the unkeyed hash the key used before), is asked about, not
+/// answered with the allowed image's cached verdict.
+#[test]
+fn an_image_crafted_to_collide_under_fnv1a_does_not_inherit_a_cached_verdict() {
+    // Found offline (Brent's cycle search); the same pair as tests/app_hash.rs.
+    const ALLOWED: &str =
+        "\\device\\harddiskvolume1\\\u{56ef}\u{5608}\u{4e48}\u{58e6}\u{548e}\\app.exe";
+    const CRAFTED: &str =
+        "\\device\\harddiskvolume1\\\u{5746}\u{58dd}\u{607e}\u{670d}\u{54f5}\\app.exe";
+    let fnv1a = |bytes: &[u8]| {
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    };
+    let (allowed_id, crafted_id) = (
+        wfp_rs_sim::app_id_bytes(ALLOWED),
+        wfp_rs_sim::app_id_bytes(CRAFTED),
+    );
+    assert_ne!(allowed_id, crafted_id);
+    assert_eq!(
+        fnv1a(&allowed_id),
+        fnv1a(&crafted_id),
+        "expected the crafted path to collide with the allowed one under FNV-1a"
+    );
+
+    let machine = Machine::new();
+    let driver = load(&machine, crafted_image::DriverEntry);
+    let client = connected_client(&machine);
+    let asked = Mutex::new(Vec::new());
+    thread::scope(|s| {
+        s.spawn(|| {
+            while let Some(message) = client.get_message(None) {
+                let request = ConnectionRequest::decode(&message.data).unwrap();
+                let image: String = request.image_path.chars_lossy().collect();
+                let verdict = if image.eq_ignore_ascii_case(ALLOWED) {
+                    Verdict::Allow
+                } else {
+                    Verdict::Deny
+                };
+                let reply = request
+                    .reply(verdict)
+                    .cached_for(CacheLifetime::from_secs(60).unwrap());
+                asked.lock().unwrap().push(image);
+                if client.reply(message.id, &encode_reply(reply)).is_err() {
+                    break;
+                }
+            }
+        });
+        let attempt = |app: &str, local_port: u16| {
+            let c = connection(
+                100,
+                app,
+                IpProtocol::Tcp,
+                SimDirection::Outbound,
+                local_port,
+                web(7, 443),
+            );
+            let outcome = machine.connect(&c, AleIrql::Dispatch);
+            decided_once(&c, &outcome, app)
+        };
+        let outcomes = [
+            attempt(ALLOWED, 47_001),
+            attempt(ALLOWED, 47_002),
+            attempt(CRAFTED, 47_003),
+            attempt(ALLOWED, 47_004),
+        ];
+        // Unloading closes the port, which ends the service thread; before asserting, so that
+        // a failed assertion does not leave the scope waiting for that thread.
+        unload_clean(&machine, driver);
+        assert_eq!(
+            outcomes,
+            [
+                (Action::Permit, true),
+                (Action::Permit, false),
+                // The crafted image under the reused pid is asked about, and denied.
+                (Action::Block, true),
+                // The allowed image is still answered from the cache.
+                (Action::Permit, false),
+            ],
+            "(decision, asked) for: allowed, allowed again, crafted, allowed again"
+        );
+    });
+    assert_eq!(
+        asked.lock().unwrap().len(),
+        2,
+        "two questions: one per image"
+    );
+}
