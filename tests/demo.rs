@@ -47,7 +47,9 @@ fn the_readme_first_command_runs_the_firewall_demo() {
         ],
     );
     for expected in [
-        "service: rule",
+        // The default design, named on each row the service decided and in the summary.
+        "service (channel): rule",
+        "the service's answers reached the driver through the question channel",
         "driver cache:",
         "driver default (no service)",
         "[2001:db8::10]:443",
