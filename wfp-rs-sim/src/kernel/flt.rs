@@ -814,6 +814,8 @@ pub unsafe extern "system" fn FltSendMessage(
         },
     );
     kernel.flt.changed.notify_all();
+    // From the send until the call returns the sender waits for its reply.
+    let _blocked = super::blocked::BlockedWait::enter(&kernel);
     loop {
         let message = flt.messages.get(&id).expect("only the sender removes it");
         match (&message.state, reply_capacity) {

@@ -153,6 +153,8 @@ pub(crate) struct Kernel {
     pub watchdog: super::watchdog::Watchdog,
     /// Kernel timers and the DPC queue (`timer.rs`).
     pub timers: super::timer::Timers,
+    /// How many system worker and classifying threads are blocked in waits (`blocked.rs`).
+    pub blocked: super::blocked::BlockedThreads,
 }
 
 /// A thread blocked in a wait.
@@ -284,6 +286,7 @@ impl Kernel {
             waiters: Mutex::new(HashMap::new()),
             watchdog: super::watchdog::Watchdog::default(),
             timers: super::timer::Timers::default(),
+            blocked: super::blocked::BlockedThreads::default(),
             registry: super::registry::Registry::default(),
         });
         let mut handles = Vec::with_capacity(workers);
