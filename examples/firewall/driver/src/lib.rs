@@ -275,6 +275,7 @@ use firewall_protocol::control::{REVOKE, REVOKED_LEN, Revoke, Revoked};
 use firewall_protocol::{
     ConnectionReply, ConnectionRequest, Direction, FirewallProtocol, ImagePath, Verdict,
 };
+use wfp_rs::ask::{AskChannel, NotAskedReason, Outcome, QuestionHandler};
 use wfp_rs::callout::{Callout, CalloutKey, CalloutRegistration, Classify};
 use wfp_rs::classify::ClassifyOut;
 use wfp_rs::client::{ClientIdentity, Sid};
@@ -290,9 +291,11 @@ use wfp_rs::layer::{
     AleAuthConnectV4, AleAuthConnectV6, AleAuthRecvAcceptV4, AleAuthRecvAcceptV6, Field, Layer,
     fields,
 };
-use wfp_rs::pend::{ConnectionKey, PendError, PendableByCompletionHandle, VerdictTable};
+use wfp_rs::pend::{
+    ConnectionKey, PendError, PendableByCompletionHandle, PendedClassify, VerdictTable,
+};
 use wfp_rs::pool::{PoolBox, PoolTag};
-use wfp_rs::port::{Filter, SendError, ServerPort};
+use wfp_rs::port::{Filter, Message, SendError, ServerPort};
 use wfp_rs::time::Instant;
 use wfp_rs::work_item::WorkQueue;
 use wfp_rs::{Guid, Status, guid, kd_print};
@@ -365,12 +368,41 @@ pub const FILTER_RECV_ACCEPT_V4: Guid = guid!("4a9e0d4f-09ba-40f1-b27d-0ba024e97
 /// The filter that hands inbound IPv6 TCP and UDP to [`CALLOUT_RECV_ACCEPT_V6`].
 pub const FILTER_RECV_ACCEPT_V6: Guid = guid!("f9e394eb-1314-44a7-9b08-b8584470658a");
 
+/// How the driver asks the service about a connection the cache does not answer (see the
+/// crate documentation's decision tables: both designs decide the same cases the same way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AskVia {
+    /// The question channel ([`wfp_rs::ask`], [`firewall_protocol::ASK_CHANNEL`] on the device
+    /// [`Config::ask_device_name`]): `classifyFn` pends and asks at once, at `DISPATCH_LEVEL`,
+    /// and the service's answer (or the deadline, or the service going away) completes the
+    /// pend. No work item, no thread waits. The default.
+    Channel,
+    /// A PASSIVE_LEVEL work item sends the question over the filter-manager port
+    /// ([`Config::port_name`]) and waits for the reply: the first design, kept so the
+    /// benchmarks can compare the two.
+    PortAndWorkItem,
+}
+
+impl fmt::Display for AskVia {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AskVia::Channel => "the question channel",
+            AskVia::PortAndWorkItem => "the port and a work item",
+        })
+    }
+}
+
 /// The driver's settings.
 #[derive(Clone, Copy, Debug)]
 pub struct Config {
+    /// How the service is asked: [`AskVia::Channel`] in [`Config::DEFAULT`].
+    pub ask_via: AskVia,
+    /// The question channel's device name (`\Device\<name>`), with [`AskVia::Channel`].
+    pub ask_device_name: &'static str,
     /// The decision when the service gives none (see the crate documentation for every case).
     pub default: Verdict,
-    /// How long a work item waits for the service (delivery and reply together).
+    /// How long the service has to answer (delivery and reply together): a work item's wait
+    /// on the port, or a question's deadline on the channel.
     pub timeout: Duration,
     /// How many verdicts the cache holds (rounded down to a multiple of [`WAYS`]; 0 disables
     /// the cache, and inbound connections then always get the default).
@@ -410,10 +442,12 @@ pub struct Config {
 }
 
 impl Config {
-    /// What `DriverEntry` uses: fail-closed, [`DEFAULT_TIMEOUT`], [`DEFAULT_CACHE_CAPACITY`],
+    /// What `DriverEntry` uses: asks through the question channel, fail-closed, [`DEFAULT_TIMEOUT`], [`DEFAULT_CACHE_CAPACITY`],
     /// the protocol's port and device names, loopback permitted, [`DEFAULT_BACKGROUND_ASKS`],
     /// [`VERDICT_SLOTS`] pends at most, deny on overload.
     pub const DEFAULT: Config = Config {
+        ask_via: AskVia::Channel,
+        ask_device_name: firewall_protocol::ASK_DEVICE_NAME,
         default: Verdict::Deny,
         timeout: DEFAULT_TIMEOUT,
         cache_capacity: DEFAULT_CACHE_CAPACITY,
@@ -639,6 +673,8 @@ const REQUEST_TAG: PoolTag = PoolTag::new(b"FwRq");
 const VERDICTS_TAG: PoolTag = PoolTag::new(b"FwVt");
 /// The tag of the state the callouts, the work items and the control device share.
 const SHARED_TAG: PoolTag = PoolTag::new(b"FwSh");
+/// The tag of the question channel's shared handle.
+const CHANNEL_TAG: PoolTag = PoolTag::new(b"FwCh");
 
 /// Adds one to `counter` unless it has reached `limit`; whether it did.
 fn increment_below(counter: &AtomicUsize, limit: usize) -> bool {
@@ -792,7 +828,7 @@ impl Shared {
         if self.unloading.load(Ordering::SeqCst) {
             return Err(AskError::Unloading);
         }
-        self.count(Counter::Asked);
+        self.count(Counter::AskedViaPort);
         let reply = self
             .port
             .send(irql, request, self.config.timeout)
@@ -817,17 +853,29 @@ impl Shared {
     ) -> Result<(ConnectionReply, Option<u32>), AskError> {
         let generation = self.cache.generation();
         let reply = self.ask(irql, request)?;
-        let Some(lifetime) = reply.cache else {
-            return Ok((reply, None));
-        };
+        let cached = self.cache_reply(irql, key, &reply, generation);
+        Ok((reply, cached))
+    }
+
+    /// Caches `reply`'s verdict for `key` if the reply grants it a lifetime and no revocation
+    /// came since cache generation `generation` (read before the question was asked). Returns
+    /// how long it was cached.
+    fn cache_reply<I: Token>(
+        &self,
+        irql: &mut I,
+        key: &CacheKey,
+        reply: &ConnectionReply,
+        generation: u64,
+    ) -> Option<u32> {
+        let lifetime = reply.cache?;
         let now = Instant::now();
         let expires = now.saturating_add(Duration::from_secs(u64::from(lifetime.as_secs())));
         let answer = Answer {
             verdict: reply.verdict,
             expires,
-            request_id: request.request_id,
+            request_id: reply.request_id,
         };
-        let outcome = self.cache.insert(irql, *key, answer, now, generation);
+        let outcome = self.cache.insert(&mut *irql, *key, answer, now, generation);
         let cached = match outcome {
             Insert::Added => true,
             Insert::ReplacedExpired => {
@@ -847,7 +895,7 @@ impl Shared {
         if cached {
             self.count(Counter::Cached);
         }
-        Ok((reply, cached.then_some(lifetime.as_secs())))
+        cached.then_some(lifetime.as_secs())
     }
 
     /// The outbound work item's job: ask (unless unloading), cache, log, and return the
@@ -992,6 +1040,8 @@ impl Shared {
 pub struct Outbound {
     shared: PoolArc<Shared>,
     queue: WorkQueue,
+    /// The question channel, with [`AskVia::Channel`].
+    channel: Option<PoolArc<QuestionChannel>>,
 }
 
 impl<L: PendableByCompletionHandle> Callout<L> for Outbound
@@ -1092,6 +1142,33 @@ where
             Described(&request)
         );
         let key = observed.key;
+        if let Some(channel) = &self.channel {
+            let asked = Asked {
+                pended: Some(pended),
+                key,
+                cache_key,
+                request_id,
+                generation: shared.cache.generation(),
+            };
+            if let Err(not_asked) = shared.ask_on_channel(irql, channel, &request, asked) {
+                // Not asked (the channel is closing at unload, or full — which its capacity,
+                // `max_pending` + `background_asks`, rules out while a slot of the verdict
+                // table is reserved): the default, recorded for the reauthorization.
+                let asked = not_asked.asked;
+                shared.count(Counter::Defaults);
+                kd_print!(
+                    Warning,
+                    "firewall: #{request_id}: {default} (default: {})\n",
+                    not_asked.reason
+                );
+                shared.record(irql, asked.key, default);
+                if let Some(pended) = asked.pended {
+                    pended.complete(irql);
+                }
+                shared.finished(irql);
+            }
+            return;
+        }
         let work = PoolArc::clone(shared);
         let queued = self.queue.queue(irql, move |passive| {
             let verdict = work.decide(passive, &request, &cache_key);
@@ -1120,6 +1197,8 @@ where
 pub struct Inbound {
     shared: PoolArc<Shared>,
     queue: WorkQueue,
+    /// The question channel, with [`AskVia::Channel`].
+    channel: Option<PoolArc<QuestionChannel>>,
 }
 
 impl Inbound {
@@ -1183,6 +1262,28 @@ where
             "firewall: #{request_id}: {}: {default} (default: not cached; asking the service for later attempts)\n",
             Described(&request)
         );
+        if let Some(channel) = &self.channel {
+            let asked = Asked {
+                pended: None,
+                key: observed.key,
+                cache_key,
+                request_id,
+                generation: shared.cache.generation(),
+            };
+            match shared.ask_on_channel(irql, channel, &request, asked) {
+                Ok(()) => shared.count(Counter::BackgroundAsks),
+                Err(not_asked) => {
+                    kd_print!(
+                        Warning,
+                        "firewall: #{request_id}: not asked ({})\n",
+                        not_asked.reason
+                    );
+                    shared.background.fetch_sub(1, Ordering::SeqCst);
+                    shared.count(Counter::BackgroundSkipped);
+                }
+            }
+            return;
+        }
         let work = PoolArc::clone(shared);
         let queued = self.queue.queue(irql, move |passive| {
             work.learn(passive, &request, &cache_key);
@@ -1198,6 +1299,179 @@ where
                 drop(not_queued);
                 shared.background.fetch_sub(1, Ordering::SeqCst);
                 shared.count(Counter::BackgroundSkipped);
+            }
+        }
+    }
+}
+
+/// The question channel the callouts ask through with [`AskVia::Channel`].
+type QuestionChannel = AskChannel<Decisions>;
+
+/// What the driver keeps per question asked through the channel, until it is decided.
+struct Asked {
+    /// The pended classification (outbound); `None` for an inbound background ask.
+    pended: Option<PendedClassify>,
+    key: ConnectionKey,
+    cache_key: CacheKey,
+    request_id: u64,
+    /// The cache's revocation generation when the question was asked.
+    generation: u64,
+}
+
+/// A question the channel did not take, with its context.
+struct NotAskedOnChannel {
+    asked: Asked,
+    reason: ChannelRefusal,
+}
+
+/// Why a question was not put to the channel.
+#[derive(Clone, Copy, Debug)]
+enum ChannelRefusal {
+    /// The request could not be encoded, or there was no memory to encode it into.
+    Encoding(NoRequest),
+    /// The channel refused it.
+    Channel(NotAskedReason),
+}
+
+impl fmt::Display for ChannelRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChannelRefusal::Encoding(error) => error.fmt(f),
+            ChannelRefusal::Channel(NotAskedReason::Full) => {
+                f.write_str("every slot of the question channel is taken")
+            }
+            ChannelRefusal::Channel(NotAskedReason::Closed) => {
+                f.write_str("the question channel is closing")
+            }
+            ChannelRefusal::Channel(NotAskedReason::TooLarge { len, max }) => {
+                write!(f, "a {len}-byte question is over the channel's {max} bytes")
+            }
+        }
+    }
+}
+
+/// Why a channel question got no usable answer, as the logs say it.
+struct NoAnswer<'a>(&'a Outcome<ConnectionReply>, u64);
+
+impl fmt::Display for NoAnswer<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Outcome::Answered(reply) => write!(
+                f,
+                "the reply answers request #{}, not #{}",
+                reply.request_id, self.1
+            ),
+            Outcome::Malformed => f.write_str("a malformed reply"),
+            Outcome::TimedOut => f.write_str("no reply within the timeout"),
+            Outcome::Cancelled => f.write_str("the question was withdrawn"),
+            Outcome::ServiceGone => f.write_str("the service went away before replying"),
+            Outcome::Closing => f.write_str("unloading"),
+        }
+    }
+}
+
+impl Shared {
+    /// Puts `request` to the channel with its context. Encodes it into a pool buffer (a request
+    /// with its path is too big for a classify callback's stack), which the channel copies.
+    fn ask_on_channel(
+        &self,
+        irql: &mut DispatchLevel<'_>,
+        channel: &QuestionChannel,
+        request: &ConnectionRequest,
+        asked: Asked,
+    ) -> Result<(), NotAskedOnChannel> {
+        let refused = |asked, reason| Err(NotAskedOnChannel { asked, reason });
+        let mut bytes = alloc::vec::Vec::new();
+        if bytes.try_reserve_exact(ConnectionRequest::MAX_LEN).is_err() {
+            return refused(asked, ChannelRefusal::Encoding(NoRequest::NoPool));
+        }
+        bytes.resize(ConnectionRequest::MAX_LEN, 0);
+        let Ok(len) = request.encode(&mut bytes) else {
+            return refused(asked, ChannelRefusal::Encoding(NoRequest::Unreadable));
+        };
+        let question = bytes.get(..len).unwrap_or(&[]);
+        match channel.ask(&mut *irql, question, self.config.timeout, asked) {
+            Ok(_) => {
+                self.count(Counter::AskedViaChannel);
+                Ok(())
+            }
+            Err(not_asked) => {
+                let reason = ChannelRefusal::Channel(not_asked.reason());
+                refused(not_asked.into_context(), reason)
+            }
+        }
+    }
+}
+
+/// The question channel's handler: decodes the service's replies and decides the questions
+/// (see the crate documentation's tables).
+struct Decisions {
+    shared: PoolArc<Shared>,
+}
+
+impl QuestionHandler for Decisions {
+    type Context = Asked;
+    type Answer = ConnectionReply;
+
+    fn decode(&self, answer: &[u8]) -> Option<ConnectionReply> {
+        // Untrusted: every field is validated; whether it answers the question is checked in
+        // `decide`, which knows the question.
+        ConnectionReply::decode(answer).ok()
+    }
+
+    fn decide(
+        &self,
+        irql: &mut DispatchLevel<'_>,
+        asked: Asked,
+        outcome: Outcome<ConnectionReply>,
+    ) {
+        let shared = &self.shared;
+        let id = asked.request_id;
+        let default = shared.config.default;
+        let verdict = match &outcome {
+            Outcome::Answered(reply) if reply.request_id == id => {
+                shared.count(Counter::Answered);
+                let cached =
+                    shared.cache_reply(&mut *irql, &asked.cache_key, reply, asked.generation);
+                match asked.pended {
+                    Some(_) => kd_print!(
+                        "firewall: #{id}: {} (service, channel{})\n",
+                        reply.verdict,
+                        CachedFor(cached)
+                    ),
+                    None => kd_print!(
+                        "firewall: #{id}: {} for later attempts (service, channel{})\n",
+                        reply.verdict,
+                        CachedFor(cached)
+                    ),
+                }
+                Some(reply.verdict)
+            }
+            other => {
+                let why = NoAnswer(other, id);
+                match asked.pended {
+                    Some(_) => {
+                        shared.count(Counter::Defaults);
+                        kd_print!(Warning, "firewall: #{id}: {default} (default: {why})\n");
+                    }
+                    None => kd_print!(
+                        Warning,
+                        "firewall: #{id}: no verdict for later attempts ({why})\n"
+                    ),
+                }
+                None
+            }
+        };
+        match asked.pended {
+            Some(pended) => {
+                // Recorded before the completion: the reauthorization may run before
+                // `complete` returns.
+                shared.record(&mut *irql, asked.key, verdict.unwrap_or(default));
+                pended.complete(&*irql);
+                shared.finished(&*irql);
+            }
+            None => {
+                shared.background.fetch_sub(1, Ordering::SeqCst);
             }
         }
     }
@@ -1271,6 +1545,8 @@ pub struct Firewall {
     accept_v4: CalloutRegistration<AleAuthRecvAcceptV4, Inbound>,
     accept_v6: CalloutRegistration<AleAuthRecvAcceptV6, Inbound>,
     control: ControlDevice<Commands>,
+    /// With [`AskVia::Channel`]; the callouts hold it too.
+    channel: Option<PoolArc<QuestionChannel>>,
     shared: PoolArc<Shared>,
     filter: Filter,
 }
@@ -1287,6 +1563,12 @@ impl DriverState for Firewall {
         // No new pends or questions; then fail the questions already waiting, so the work
         // items the SDK is about to wait for finish now rather than at their timeout.
         self.shared.unloading.store(true, Ordering::SeqCst);
+        // Every question on the channel is decided now (`Closing`: the default), so its pend
+        // is completed while the filters are still there for the reauthorization. Waits for
+        // no user-mode thread.
+        if let Some(channel) = &self.channel {
+            channel.stop(irql);
+        }
         let closed = self.shared.port.disconnect_all(irql);
         kd_print!("firewall: stopping; {closed} service connection(s) closed\n");
     }
@@ -1300,6 +1582,7 @@ impl DriverState for Firewall {
             accept_v4,
             accept_v6,
             control,
+            channel,
             shared,
             filter,
         } = self;
@@ -1339,6 +1622,16 @@ impl DriverState for Firewall {
                 Error,
                 "firewall: unregistering (accept, IPv6) failed: {status}\n"
             );
+        }
+        // The callouts' shares of the channel went with them: this is the last, and closing it
+        // drops the handler's share of the state.
+        if let Some(channel) = channel {
+            match PoolArc::try_unwrap(channel) {
+                Ok(channel) => channel.close(irql),
+                // Cannot happen (the callouts are gone); dropped at PASSIVE_LEVEL, the last
+                // share closes it the same way.
+                Err(channel) => drop(channel),
+            }
         }
         let stats = shared.own_stats.snapshot();
         // The port before the filter: a filter with an open port cannot be unregistered.
@@ -1408,8 +1701,12 @@ fn admit_service(
 fn announce(irql: &mut PassiveLevel<'_>, firewall: &Firewall, admitted: Option<&ClientIdentity>) {
     let config = &firewall.shared.config;
     kd_print!(
-        "firewall: asking the service on {} ({} ms timeout, default {}, {} cache entries, {} pends at most, overload {}, loopback {})\n",
-        config.port_name,
+        "firewall: asking the service through {} on {} ({} ms timeout, default {}, {} cache entries, {} pends at most, overload {}, loopback {})\n",
+        config.ask_via,
+        match config.ask_via {
+            AskVia::Channel => config.ask_device_name,
+            AskVia::PortAndWorkItem => config.port_name,
+        },
         config.timeout.as_millis(),
         config.default,
         firewall.shared.cache.capacity(irql),
@@ -1505,16 +1802,22 @@ fn register(
             shared: PoolArc::clone(&shared),
         },
     )?;
+    let channel = match config.ask_via {
+        AskVia::Channel => Some(open_channel(irql, driver, &shared)?),
+        AskVia::PortAndWorkItem => None,
+    };
 
     // Registered before the filters that name them exist, so no connection meets a filter
     // whose callout is missing (it would be blocked).
     let outbound = || Outbound {
         shared: PoolArc::clone(&shared),
         queue: driver.work_queue(),
+        channel: channel.clone(),
     };
     let inbound = || Inbound {
         shared: PoolArc::clone(&shared),
         queue: driver.work_queue(),
+        channel: channel.clone(),
     };
     let connect_v4 = CalloutRegistration::register(irql, driver, CALLOUT_CONNECT_V4, outbound())?;
     let connect_v6 = CalloutRegistration::register(irql, driver, CALLOUT_CONNECT_V6, outbound())?;
@@ -1533,9 +1836,44 @@ fn register(
         accept_v4,
         accept_v6,
         control,
+        channel,
         shared,
         filter,
     })
+}
+
+/// The most questions the channel holds: one per pend the verdict table allows, and one per
+/// inbound background ask, so a classification that reserved a slot always finds one free.
+fn channel_capacity(config: &Config) -> usize {
+    config
+        .max_pending
+        .saturating_add(config.background_asks)
+        .clamp(1, wfp_rs::ask::MAX_CAPACITY)
+}
+
+/// Creates the question channel ([`firewall_protocol::ASK_CHANNEL`]) on
+/// [`Config::ask_device_name`]. Only the service [`start`] admitted may open its device (the SDK
+/// applies `Driver::admit_only` to every device it creates). A function of its own, for the
+/// stack (see [`start`]).
+#[inline(never)]
+fn open_channel(
+    irql: &mut PassiveLevel<'_>,
+    driver: &Driver<'_>,
+    shared: &PoolArc<Shared>,
+) -> Result<PoolArc<QuestionChannel>, Status> {
+    let config = &shared.config;
+    let channel = AskChannel::new(
+        irql,
+        driver,
+        config.ask_device_name,
+        &firewall_protocol::ASK_CHANNEL,
+        channel_capacity(config),
+        Decisions {
+            shared: PoolArc::clone(shared),
+        },
+    )?;
+    // On a failure the channel comes back in the error and is dropped here, at PASSIVE_LEVEL.
+    PoolArc::try_new(channel, CHANNEL_TAG, irql).map_err(|e| e.status())
 }
 
 /// The state the callouts, the work items and the control device share. A function of its

@@ -31,7 +31,8 @@ use core::sync::atomic::{AtomicU64, Ordering};
 /// [`Config::stats`]: crate::Config::stats
 pub struct Stats {
     cache_hits: AtomicU64,
-    asked: AtomicU64,
+    asked_via_channel: AtomicU64,
+    asked_via_port: AtomicU64,
     answered: AtomicU64,
     defaults: AtomicU64,
     loopback: AtomicU64,
@@ -53,6 +54,14 @@ pub struct StatsSnapshot {
     /// Questions put to the port (outbound pends and inbound background asks), whether or not
     /// a service was connected to receive them.
     pub asked: u64,
+    /// Of `asked`, the questions put to the question channel ([`AskVia::Channel`]).
+    ///
+    /// [`AskVia::Channel`]: crate::AskVia::Channel
+    pub asked_via_channel: u64,
+    /// Of `asked`, the questions a work item sent over the port ([`AskVia::PortAndWorkItem`]).
+    ///
+    /// [`AskVia::PortAndWorkItem`]: crate::AskVia::PortAndWorkItem
+    pub asked_via_port: u64,
     /// Valid replies to those requests (the right `request_id`, well-formed, in time).
     pub answered: u64,
     /// Classifications decided by [`Config::default`](crate::Config::default) (every row of
@@ -91,7 +100,8 @@ pub struct StatsSnapshot {
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Counter {
     CacheHits,
-    Asked,
+    AskedViaChannel,
+    AskedViaPort,
     Answered,
     Defaults,
     Loopback,
@@ -110,7 +120,8 @@ impl Stats {
     pub const fn new() -> Stats {
         Stats {
             cache_hits: AtomicU64::new(0),
-            asked: AtomicU64::new(0),
+            asked_via_channel: AtomicU64::new(0),
+            asked_via_port: AtomicU64::new(0),
             answered: AtomicU64::new(0),
             defaults: AtomicU64::new(0),
             loopback: AtomicU64::new(0),
@@ -128,7 +139,8 @@ impl Stats {
     fn counter(&self, counter: Counter) -> &AtomicU64 {
         match counter {
             Counter::CacheHits => &self.cache_hits,
-            Counter::Asked => &self.asked,
+            Counter::AskedViaChannel => &self.asked_via_channel,
+            Counter::AskedViaPort => &self.asked_via_port,
             Counter::Answered => &self.answered,
             Counter::Defaults => &self.defaults,
             Counter::Loopback => &self.loopback,
@@ -157,7 +169,9 @@ impl Stats {
         let get = |counter| self.counter(counter).load(Ordering::Relaxed);
         StatsSnapshot {
             cache_hits: get(Counter::CacheHits),
-            asked: get(Counter::Asked),
+            asked_via_channel: get(Counter::AskedViaChannel),
+            asked_via_port: get(Counter::AskedViaPort),
+            asked: get(Counter::AskedViaChannel) + get(Counter::AskedViaPort),
             answered: get(Counter::Answered),
             defaults: get(Counter::Defaults),
             loopback: get(Counter::Loopback),
@@ -189,10 +203,12 @@ impl fmt::Display for StatsSnapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} cache hits, {} asked, {} answered, {} defaults, {} loopback, {} cached, \
+            "{} cache hits, {} asked ({} through the channel, {} through the port), {} answered, {} defaults, {} loopback, {} cached, \
              {} expired, {} evicted, {} revoked, {} overloaded",
             self.cache_hits,
             self.asked,
+            self.asked_via_channel,
+            self.asked_via_port,
             self.answered,
             self.defaults,
             self.loopback,

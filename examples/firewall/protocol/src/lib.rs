@@ -125,12 +125,38 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use core::num::NonZeroU32;
 
 use static_assertions::const_assert_eq;
+use wfp_rs::ask::ChannelSpec;
+use wfp_rs::inverted::{ControlCode, RequiredAccess};
 use wfp_rs::port::{Malformed, Message, Protocol};
 
 pub mod control;
 
 /// The filter-manager port the driver creates and the service connects to.
 pub const PORT_NAME: &str = r"\WfpRsFirewallPort";
+
+/// The question channel's device, as the driver names it (`\Device\WfpRsFirewallAsk`): the
+/// default way the driver asks (see [`ASK_CHANNEL`]).
+pub const ASK_DEVICE_NAME: &str = "WfpRsFirewallAsk";
+/// The question channel's device as user mode opens it (`wfp_rs::user::AskClient::open`).
+pub const ASK_DEVICE_PATH: &str = r"\\.\WfpRsFirewallAsk";
+
+/// The question channel ([`wfp_rs::ask`]) on [`ASK_DEVICE_NAME`]: the driver asks from
+/// `classifyFn` without a work item, the service keeps wait requests pending and answers.
+///
+/// A question's body is an encoded [`ConnectionRequest`] (so at most [`REQUEST_MAX_LEN`]
+/// bytes, `max_question`), an answer's body an encoded [`ConnectionReply`] ([`REPLY_LEN`]
+/// bytes, `max_answer`): the same messages as over the port, after the channel's own 16-byte
+/// header (`wfp_rs::ask::encode_header`). The driver checks an answer as it checks a port reply:
+/// it must decode and [`answer`](ConnectionReply::answers) the request it was asked for.
+///
+/// The codes are `CTL_CODE(0x8A5E, 0x810 / 0x811, METHOD_BUFFERED, FILE_ANY_ACCESS)`; who may
+/// open the device at all is the driver's business (only its configured service).
+pub const ASK_CHANNEL: ChannelSpec = ChannelSpec {
+    wait: ControlCode::buffered(0x8A5E, 0x810, RequiredAccess::Any),
+    answer: ControlCode::buffered(0x8A5E, 0x811, RequiredAccess::Any),
+    max_question: REQUEST_MAX_LEN,
+    max_answer: REPLY_LEN,
+};
 
 /// `RawRequestHeader::magic`: `"FWRQ"` in memory.
 pub const REQUEST_MAGIC: [u8; 4] = *b"FWRQ";
