@@ -1,7 +1,7 @@
 //! Connections in waves: benchmarks (b) and (c).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Barrier, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -88,12 +88,20 @@ pub struct Load {
     done: Arc<Barrier>,
     stop: Arc<AtomicBool>,
     results: Arc<Mutex<Vec<(Duration, bool)>>>,
+    /// Held while a [`Design::Blocking`] driver is loaded: its state is a global of the process
+    /// ([`crate::blocking`]), so one instance at a time.
+    _blocking: Option<MutexGuard<'static, ()>>,
 }
+
+/// Serializes the loads of the blocking driver (see [`Load`]).
+static BLOCKING: Mutex<()> = Mutex::new(());
 
 impl Load {
     /// Boots a machine with `config.workers` worker threads, loads the design's driver, starts
     /// the service and the client threads (waiting for the first wave).
     pub fn start(config: LoadConfig) -> Load {
+        let blocking = (config.design == Design::Blocking)
+            .then(|| BLOCKING.lock().unwrap_or_else(PoisonError::into_inner));
         let machine = Arc::new(Machine::with_worker_threads(config.workers));
         let (entry, transport): (wfp_rs_sim::DriverEntryFn, Transport) = match config.design {
             Design::Inverted => (
@@ -166,6 +174,7 @@ impl Load {
             done,
             stop,
             results,
+            _blocking: blocking,
         }
     }
 
