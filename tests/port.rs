@@ -456,6 +456,121 @@ mod sim {
         fixture.finish();
     }
 
+    // --- messages of variable length ------------------------------------------------------------
+
+    /// A request as long as its bytes, up to 64 KiB: a long maximum that most messages are far
+    /// from, as the firewall's requests with their whole image paths are.
+    #[derive(Clone, Debug, PartialEq)]
+    struct Blob(Vec<u8>);
+
+    impl Message for Blob {
+        const MIN_LEN: usize = 1;
+        const MAX_LEN: usize = 65_536;
+
+        fn encoded_len(&self) -> usize {
+            self.0.len()
+        }
+
+        fn encode(&self, out: &mut [u8]) -> Result<usize, Malformed> {
+            out.get_mut(..self.0.len())
+                .ok_or(Malformed("short buffer"))?
+                .copy_from_slice(&self.0);
+            Ok(self.0.len())
+        }
+
+        fn decode(bytes: &[u8]) -> Result<Self, Malformed> {
+            Ok(Blob(bytes.to_vec()))
+        }
+    }
+
+    struct Blobs;
+
+    impl Protocol for Blobs {
+        type Request = Blob;
+        type Reply = Verdict;
+    }
+
+    const BLOB_PORT: &str = "\\WfpRsTestBlobPort";
+
+    /// `send` allocates the message its `encoded_len`, not the protocol's maximum; and
+    /// `send_encoded` sends bytes as they are, within the request's length bounds, or nothing.
+    #[test]
+    fn messages_are_sized_to_their_encoding_and_encoded_bytes_are_sent_as_they_are() {
+        let machine = Machine::new();
+        let driver = machine.load_driver("blobs", plain::DriverEntry).unwrap();
+        let (filter, port) = driver
+            .run_in_driver(&machine, |irql, d| {
+                let filter = Filter::register(irql, d)?;
+                let port = ServerPort::<Blobs>::create(irql, &filter, BLOB_PORT, 1, ())?;
+                Ok::<_, Status>((filter, port))
+            })
+            .unwrap()
+            .unwrap();
+        let mut client = machine.port_client(BLOB_PORT);
+        client.connect(&[]).unwrap();
+        std::thread::scope(|s| {
+            let service = s.spawn(|| {
+                let mut received = Vec::new();
+                for _ in 0..3 {
+                    let message = client.get_message(None).expect("a message");
+                    // While the driver waits, its message buffer is allocated: none of the
+                    // SDK's blocks is anywhere near the protocol's 64 KiB.
+                    let largest = machine
+                        .pool_blocks()
+                        .iter()
+                        .filter(|b| b.tag == wfp_rs::pool::PoolTag::SDK)
+                        .map(|b| b.size)
+                        .max()
+                        .unwrap_or(0);
+                    assert!(largest < 4096, "an SDK block of {largest} bytes");
+                    client
+                        .reply(message.id, &verdict_bytes(Verdict::Allow))
+                        .unwrap();
+                    received.push(message.data);
+                }
+                received
+            });
+            let short = Blob(b"ten bytes!".to_vec());
+            let sent = machine.at_passive(|irql| port.send(irql, &short, LONG));
+            assert_eq!(sent, Ok(Verdict::Allow));
+            let encoded = machine.at_passive(|irql| port.send_encoded(irql, b"as is", LONG));
+            assert_eq!(encoded, Ok(Verdict::Allow));
+            let longest = vec![7u8; Blob::MAX_LEN];
+            let refused = [
+                (vec![], "the request's length is outside MIN_LEN..=MAX_LEN"),
+                (
+                    vec![0u8; Blob::MAX_LEN + 1],
+                    "the request's length is outside MIN_LEN..=MAX_LEN",
+                ),
+            ];
+            for (bytes, reason) in refused {
+                let result = machine.at_passive(|irql| port.send_encoded(irql, &bytes, LONG));
+                assert_eq!(result, Err(SendError::Encode(Malformed(reason))));
+            }
+            let empty = machine.at_passive(|irql| port.send(irql, &Blob(vec![]), LONG));
+            assert_eq!(
+                empty,
+                Err(SendError::Encode(Malformed(
+                    "encoded_len returned a length outside MIN_LEN..=MAX_LEN"
+                )))
+            );
+            // The longest is sent whole, from the caller's buffer: still no large SDK block.
+            let whole = machine.at_passive(|irql| port.send_encoded(irql, &longest, LONG));
+            assert_eq!(whole, Ok(Verdict::Allow));
+            let received = service.join().unwrap();
+            assert_eq!(received[0], b"ten bytes!");
+            assert_eq!(received[1], b"as is");
+            assert_eq!(received[2], longest);
+        });
+        drop(client);
+        driver.run_in_driver(&machine, |irql, _| {
+            port.close(irql);
+            filter.close(irql);
+        });
+        machine.unload_driver(driver).unwrap();
+        assert!(machine.pool_blocks().is_empty());
+    }
+
     // --- message ids, replies, timeouts, disconnects -------------------------------------------
 
     #[test]

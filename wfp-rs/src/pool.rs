@@ -294,36 +294,66 @@ impl<T> Drop for PoolBox<T> {
     }
 }
 
-/// A copy of some bytes in non-paged pool, of a length known only at run time: for the SDK's
-/// own short-lived copies (an I/O control request's input). Empty copies allocate nothing.
-pub(crate) struct PoolBytes {
+/// Bytes in non-paged pool, of a length known only at run time, with a tag and a fallible
+/// constructor: a message sized to what it holds rather than to the longest it could be (a
+/// request with a 40-unit image path is 154 bytes, not its protocol's 64 KiB maximum).
+///
+/// ```
+/// use wfp_rs::pool::{PoolBytes, PoolTag};
+/// # wfp_rs_sim::Machine::new().at_dispatch(|irql| {
+/// let mut message = PoolBytes::try_zeroed(6, PoolTag::new(b"Demo"), irql)?;
+/// message[..4].copy_from_slice(b"FWRQ");
+/// assert_eq!(&message[..], b"FWRQ\0\0");
+/// # Ok::<(), wfp_rs::pool::AllocError<()>>(())
+/// # }).unwrap();
+/// ```
+pub struct PoolBytes {
     ptr: NonNull<u8>,
     len: usize,
     tag: PoolTag,
 }
 
+// SAFETY: a PoolBytes owns its bytes exactly like `Box<[u8]>` does.
+unsafe impl Send for PoolBytes {}
+// SAFETY: as for `Box<[u8]>`: shared access to the value is shared access to the bytes.
+unsafe impl Sync for PoolBytes {}
+
 impl PoolBytes {
+    /// `len` zeroed bytes in a new non-paged allocation tagged `tag` (no allocation for 0).
+    /// Wraps `ExAllocatePool2` with `POOL_FLAG_NON_PAGED`, which zeroes the block.
+    pub fn try_zeroed(
+        len: usize,
+        tag: PoolTag,
+        irql: &impl AtMostDispatch,
+    ) -> Result<PoolBytes, AllocError<()>> {
+        crate::irql::verify(irql);
+        let failed = || AllocError {
+            value: (),
+            bytes: len,
+        };
+        let ptr = if len == 0 {
+            NonNull::dangling()
+        } else {
+            let layout = Layout::array::<u8>(len).map_err(|_| failed())?;
+            NonNull::new(allocate_raw(layout, tag)).ok_or_else(failed)?
+        };
+        Ok(PoolBytes { ptr, len, tag })
+    }
+
     /// Copies `bytes` into a new allocation tagged `tag`; `None` if the pool has no room.
     pub(crate) fn try_copy(
         bytes: &[u8],
         tag: PoolTag,
         irql: &impl AtMostDispatch,
     ) -> Option<PoolBytes> {
-        crate::irql::verify(irql);
-        let ptr = if bytes.is_empty() {
-            NonNull::dangling()
-        } else {
-            let layout = Layout::array::<u8>(bytes.len()).ok()?;
-            NonNull::new(allocate_raw(layout, tag))?
-        };
-        // SAFETY: `ptr` is a fresh allocation of `bytes.len()` bytes (or dangling for none),
-        // which cannot overlap `bytes`.
-        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr.as_ptr(), bytes.len()) };
-        Some(PoolBytes {
-            ptr,
-            len: bytes.len(),
-            tag,
-        })
+        let mut copy = PoolBytes::try_zeroed(bytes.len(), tag, irql).ok()?;
+        copy.copy_from_slice(bytes);
+        Some(copy)
+    }
+
+    /// The tag of this allocation.
+    pub fn tag(this: &Self) -> PoolTag {
+        this.tag
     }
 }
 
@@ -335,10 +365,26 @@ impl Deref for PoolBytes {
     }
 }
 
+impl DerefMut for PoolBytes {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and `&mut self` makes the access unique.
+        unsafe { core::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl fmt::Debug for PoolBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolBytes")
+            .field("len", &self.len)
+            .field("tag", &self.tag)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for PoolBytes {
     fn drop(&mut self) {
         if self.len != 0 {
-            // SAFETY: allocated by `try_copy` with this tag, freed exactly once.
+            // SAFETY: allocated by `try_zeroed` with this tag, freed exactly once.
             unsafe { sys::ExFreePoolWithTag(self.ptr.as_ptr().cast(), self.tag.raw()) }
         }
     }

@@ -241,12 +241,21 @@ pub trait Message: Sized {
     /// The shortest valid encoding, in bytes. A reply shorter than this is
     /// [`SendError::ReplyTooShort`] without being decoded.
     const MIN_LEN: usize;
-    /// The longest valid encoding, in bytes: the size of the buffer `encode` writes to, and of
-    /// the reply buffer the driver offers. A longer reply is [`SendError::ReplyTooLong`].
+    /// The longest valid encoding, in bytes: the bound on a request's length (a transport
+    /// that carries the messages must take this many), and the size of the reply buffer the
+    /// driver offers. A longer reply is [`SendError::ReplyTooLong`].
     const MAX_LEN: usize;
 
-    /// Writes the message to `out` (`MAX_LEN` bytes, zeroed) and returns how many bytes it
-    /// wrote, at least `MIN_LEN` and at most `MAX_LEN`.
+    /// How many bytes `encode` writes for this message: the size of the buffer
+    /// [`send`](ServerPort::send) allocates for it. `MAX_LEN` unless the message says
+    /// otherwise; a message of variable length returns its own length, so that a long maximum
+    /// (a path of up to 32767 UTF-16 units) does not cost every message that much pool.
+    fn encoded_len(&self) -> usize {
+        Self::MAX_LEN
+    }
+
+    /// Writes the message to `out` (at least [`encoded_len`](Self::encoded_len) bytes, zeroed)
+    /// and returns how many bytes it wrote, at least `MIN_LEN` and at most `MAX_LEN`.
     fn encode(&self, out: &mut [u8]) -> Result<usize, Malformed>;
 
     /// Reads a message from `bytes` (between `MIN_LEN` and `MAX_LEN` bytes long), validating
@@ -1037,6 +1046,42 @@ impl<P: Protocol, E: PortEvents> ServerPort<P, E> {
         timeout: Duration,
     ) -> Result<P::Reply, SendError> {
         crate::irql::verify(irql);
+        if !self.has_client() {
+            return Err(SendError::NotConnected);
+        }
+        let size = request.encoded_len();
+        if !(P::Request::MIN_LEN..=P::Request::MAX_LEN).contains(&size) {
+            return Err(SendError::Encode(Malformed(
+                "encoded_len returned a length outside MIN_LEN..=MAX_LEN",
+            )));
+        }
+        let mut message = PoolBytes::try_new(size, irql).map_err(SendError::Status)?;
+        let len = request
+            .encode(message.as_mut_slice())
+            .map_err(SendError::Encode)?;
+        let encoded = message
+            .as_slice()
+            .get(..len)
+            .ok_or(SendError::Encode(Malformed(
+                "encode returned a length beyond encoded_len",
+            )))?;
+        self.send_encoded(irql, encoded, timeout)
+    }
+
+    /// Sends `request`, a [`P::Request`](Protocol::Request) already encoded, as
+    /// [`send`](Self::send) does after encoding: for a driver that builds the message's bytes
+    /// itself, in the one buffer it allocated for them (from the classify callback, with the
+    /// fields at hand), rather than a typed request that `send` would encode into a second.
+    /// The bytes go to the filter manager as they are: nothing checks that they decode, only
+    /// that their length is within the request's `MIN_LEN..=MAX_LEN`
+    /// ([`SendError::Encode`] otherwise). The reply is validated as by `send`.
+    pub fn send_encoded(
+        &self,
+        irql: &impl AtMostApc,
+        request: &[u8],
+        timeout: Duration,
+    ) -> Result<P::Reply, SendError> {
+        crate::irql::verify(irql);
         const {
             assert!(
                 P::Request::MIN_LEN >= 1 && P::Request::MIN_LEN <= P::Request::MAX_LEN,
@@ -1051,18 +1096,14 @@ impl<P: Protocol, E: PortEvents> ServerPort<P, E> {
                 "messages are at most u32::MAX bytes"
             );
         };
-        let shared = self.shared();
-        let slot = shared.pick().ok_or(SendError::NotConnected)?;
-        let mut message =
-            PoolBytes::try_new(P::Request::MAX_LEN, irql).map_err(SendError::Status)?;
-        let len = request
-            .encode(message.as_mut_slice())
-            .map_err(SendError::Encode)?;
+        let len = request.len();
         if !(P::Request::MIN_LEN..=P::Request::MAX_LEN).contains(&len) {
             return Err(SendError::Encode(Malformed(
-                "encode returned a length outside MIN_LEN..=MAX_LEN",
+                "the request's length is outside MIN_LEN..=MAX_LEN",
             )));
         }
+        let shared = self.shared();
+        let slot = shared.pick().ok_or(SendError::NotConnected)?;
         let mut reply = PoolBytes::try_new(P::Reply::MAX_LEN, irql).map_err(SendError::Status)?;
         let mut reply_len = P::Reply::MAX_LEN as u32;
         let reply_len_ptr: *mut u32 = if P::Reply::MAX_LEN == 0 {
@@ -1074,13 +1115,14 @@ impl<P: Protocol, E: PortEvents> ServerPort<P, E> {
         // SAFETY: IRQL <= APC_LEVEL (the token); the filter is registered while this handle
         // lives (the handles hold a reference on it); `slot.client` is the variable the filter
         // manager reads and clears atomically under its lock; the request buffer holds `len`
-        // bytes and the reply buffer `reply_len` bytes (or is null with a null length), both
-        // alive for the call; the timeout is a local.
+        // bytes, which the filter manager only reads (`SenderBuffer` is an in parameter), and
+        // the reply buffer `reply_len` bytes (or is null with a null length), both alive for
+        // the call; the timeout is a local.
         let status = unsafe {
             sys::FltSendMessage(
                 shared.raw_filter,
                 slot.client.as_ptr(),
-                message.as_mut_ptr().cast(),
+                request.as_ptr().cast_mut().cast(),
                 len as u32,
                 reply.as_mut_ptr().cast(),
                 reply_len_ptr,

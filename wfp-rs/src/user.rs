@@ -67,6 +67,17 @@ use windows as imp;
 /// `wfp_rs_sim::Machine::serve_user_mode`. Unused on Windows.
 pub const SIM_SOCKET_VARIABLE: &str = "WFP_RS_SIM_SOCKET";
 
+/// The longest message [`PortConnection::get_message`] receives, in bytes (the
+/// `FILTER_MESSAGE_HEADER` before it not counted): the size of the buffer it gives
+/// `FilterGetMessage`. A protocol whose requests can be longer cannot be served; check it where
+/// both are known, as the example firewall's service does:
+///
+/// ```
+/// # const REQUEST_MAX_LEN: usize = 65_608;
+/// const _: () = assert!(REQUEST_MAX_LEN <= wfp_rs::user::MAX_MESSAGE_LEN);
+/// ```
+pub const MAX_MESSAGE_LEN: usize = 128 * 1024;
+
 /// A message the driver sent (`FltSendMessage`), as [`PortConnection::get_message`] returns it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Request {

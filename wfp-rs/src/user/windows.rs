@@ -25,10 +25,7 @@ use windows_sys::Win32::System::IO::{
 };
 use windows_sys::Win32::System::Threading::{CreateEventW, INFINITE};
 
-use super::{Request, cancelled};
-
-/// The largest message [`Port::get_message`] receives, header excluded.
-const MAX_MESSAGE: usize = 64 * 1024;
+use super::{MAX_MESSAGE_LEN, Request, cancelled};
 
 /// `HRESULT_FROM_WIN32(ERROR_IO_PENDING)`: `FilterGetMessage` on an overlapped handle is under
 /// way.
@@ -131,7 +128,7 @@ impl Port {
     pub(super) fn get_message(&self, timeout: Option<Duration>) -> io::Result<Option<Request>> {
         const HEADER: usize = size_of::<FILTER_MESSAGE_HEADER>();
         // u64 words: FILTER_MESSAGE_HEADER is 8-aligned.
-        let mut buffer = vec![0u64; (HEADER + MAX_MESSAGE).div_ceil(8)];
+        let mut buffer = vec![0u64; (HEADER + MAX_MESSAGE_LEN).div_ceil(8)];
         let size = u32::try_from(buffer.len() * 8).unwrap_or(u32::MAX);
         let event = event()?;
         let mut overlapped = overlapped(&event);

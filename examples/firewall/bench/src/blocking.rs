@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use std::time::Duration;
 
 use firewall_protocol::{
-    ConnectionRequest, Direction, FirewallProtocol, ImagePath, MAX_PATH_UNITS, PORT_NAME, Verdict,
+    Direction, FirewallProtocol, PORT_NAME, PathBytes, RequestHead, Verdict, request_len,
 };
 use wfp_rs::callout::CalloutKey;
 use wfp_rs::driver::{Driver, DriverState};
@@ -69,22 +69,7 @@ unsafe extern "system" fn classify(
     };
     // SAFETY: the engine's blob, valid for the call.
     let app = unsafe { fields.app_bytes() };
-    let mut units = [0u16; MAX_PATH_UNITS + 1];
-    let mut len = 0;
-    for (slot, pair) in units.iter_mut().zip(app.chunks_exact(2)) {
-        let unit = u16::from_le_bytes([pair[0], pair[1]]);
-        if unit == 0 {
-            break;
-        }
-        *slot = unit;
-        len += 1;
-    }
-    let Ok(image_path) = ImagePath::from_units_truncating(&units[..len]) else {
-        state.defaults.fetch_add(1, Ordering::Relaxed);
-        apply(out, Verdict::Deny);
-        return;
-    };
-    let request = ConnectionRequest {
+    let head = RequestHead {
         request_id: state.next_request.fetch_add(1, Ordering::Relaxed) + 1,
         process_id: fields.pid,
         direction: Direction::Outbound,
@@ -93,18 +78,28 @@ unsafe extern "system" fn classify(
         local_port: fields.local.1,
         remote_address: fields.remote.0,
         remote_port: fields.remote.1,
-        image_path,
+    };
+    // As the firewall builds its questions: the whole path, in one buffer of the request's
+    // length (here through the global allocator, which the simulator backs with pool).
+    let encoded = PathBytes::from_app_id(app).and_then(|path| {
+        let mut bytes = vec![0u8; request_len(path.units())];
+        head.encode_with_path(path, &mut bytes).map(|_| bytes)
+    });
+    let Ok(request) = encoded else {
+        state.defaults.fetch_add(1, Ordering::Relaxed);
+        apply(out, Verdict::Deny);
+        return;
     };
     // The seed's design: the classification waits here for the service. Only at
     // PASSIVE_LEVEL; anywhere else sending would stop the machine.
     let ask = |passive: &mut PassiveLevel<'_>| {
         state.asked.fetch_add(1, Ordering::Relaxed);
-        state.port.send(passive, &request, TIMEOUT)
+        state.port.send_encoded(passive, &request, TIMEOUT)
     };
     // SAFETY: this raw classifyFn was called by the engine with no token, and holds none.
     let answer = unsafe { PassiveLevel::try_current(ask) };
     match answer {
-        Some(Ok(reply)) if reply.answers(&request) => apply(out, reply.verdict),
+        Some(Ok(reply)) if reply.request_id == head.request_id => apply(out, reply.verdict),
         _ => {
             state.defaults.fetch_add(1, Ordering::Relaxed);
             apply(out, Verdict::Deny);

@@ -2,9 +2,37 @@
 //! or IPv6, is allowed or denied by a user-mode service — answered at once from a verdict cache
 //! when the service has answered the same question before.
 //!
-//! The driver and the service speak [`firewall_protocol`]: a [`ConnectionRequest`] over the
-//! filter-manager port [`firewall_protocol::PORT_NAME`], a [`ConnectionReply`] back, and the
-//! [`REVOKE`] command on the control device [`CONTROL_DEVICE_NAME`].
+//! The driver and the service speak [`firewall_protocol`]: a [`ConnectionRequest`] as a question
+//! on the question channel [`firewall_protocol::ASK_CHANNEL`] (device
+//! [`firewall_protocol::ASK_DEVICE_NAME`]; [`AskVia::Channel`], the default) or over the
+//! filter-manager port [`firewall_protocol::PORT_NAME`] ([`AskVia::PortAndWorkItem`]), a
+//! [`ConnectionReply`] back, and the [`REVOKE`] command on the control device
+//! [`CONTROL_DEVICE_NAME`].
+//!
+//! # Two ways to ask
+//!
+//! [`Config::ask_via`] chooses; both decide every case of the tables below the same way, and
+//! [`StatsSnapshot::asked_via_channel`] / [`StatsSnapshot::asked_via_port`] count which asked.
+//!
+//! - [`AskVia::Channel`] (the default, [`wfp_rs::ask`]): the classify callback pends and puts the
+//!   question to the channel itself, at `DISPATCH_LEVEL`, with the pend, the connection's keys
+//!   and the request id as the question's context. The service keeps wait requests pending on
+//!   the channel's device and answers on the same handle; the channel's handler
+//!   ([`QuestionHandler::decide`], exactly once per question) checks the reply answers the
+//!   request, caches it if allowed, records the verdict for the reauthorization and completes
+//!   the pend, or applies the default for every other outcome. No work item, no thread waits.
+//!   The channel has [`Config::max_pending`] + [`Config::background_asks`] slots, so a
+//!   connection that reserved a slot of the [`VerdictTable`] finds one; each slot holds a
+//!   question of at most [`ASK_MAX_QUESTION`](firewall_protocol::ASK_MAX_QUESTION) bytes (an
+//!   image path of [`ASK_MAX_PATH_UNITS`](firewall_protocol::ASK_MAX_PATH_UNITS) units),
+//!   allocated at load. A longer question (or one that finds every slot taken, which the
+//!   sizing rules out) is asked through the port and a work item, whole. Only the admitted
+//!   service may open the channel's device ([`Driver::admit_only`](wfp_rs::driver::Driver::admit_only)
+//!   applies to every device the SDK creates).
+//! - [`AskVia::PortAndWorkItem`]: a work item at `PASSIVE_LEVEL` sends the question over the
+//!   port and waits for the reply (the first design; the benchmarks compare the two).
+//!
+//! [`QuestionHandler::decide`]: wfp_rs::ask::QuestionHandler::decide
 //!
 //! # Where it filters
 //!
@@ -30,16 +58,20 @@
 //! 1. **Loopback** (the `FLAGS` field has `FWP_CONDITION_FLAG_IS_LOOPBACK`): permitted without
 //!    asking, when [`Config::permit_loopback`] (the default). Local IPC over TCP is not a
 //!    firewall question, and asking about it would make the service ask about itself.
-//! 2. **The reauthorization of a connection this driver pended**: the verdict the work item
-//!    recorded in its [`VerdictTable`] (keyed by [`ConnectionKey`], local port included).
+//! 2. **The reauthorization of a connection this driver pended**: the verdict the channel's
+//!    handler or the work item recorded in its [`VerdictTable`] (keyed by [`ConnectionKey`], local port included).
 //! 3. **Any other classification** (a new connection, or a reauthorization the driver did not
 //!    cause): the **verdict cache**, if it holds a live verdict for the connection's
 //!    [cache key](#the-verdict-cache).
-//! 4. **A new connection the cache does not answer**: if fewer than [`Config::max_pending`]
+//! 4. **An image path no request can carry whole** (longer than [`MAX_PATH_UNITS`], the
+//!    longest NT path, or not a path: an odd number of bytes, a NUL inside), when the cache
+//!    does not answer: denied, whatever [`Config::default`] says, without asking (see
+//!    [The whole path](#the-whole-path)).
+//! 5. **A new connection the cache does not answer**: if fewer than [`Config::max_pending`]
 //!    connections are outstanding (pended, or completed and not yet reauthorized), it takes a
-//!    slot of the [`VerdictTable`] and is pended ([`Classify::pend`]); a work item
-//!    sends a [`ConnectionRequest`] (process id, image path, protocol, both endpoints,
-//!    direction) and waits at most [`Config::timeout`]; it checks that the reply
+//!    slot of the [`VerdictTable`] and is pended ([`Classify::pend`]); the question channel
+//!    (or a work item, over the port) asks with a [`ConnectionRequest`] (process id, the whole image path, protocol, both
+//!    endpoints, direction) and waits at most [`Config::timeout`]; it checks that the reply
 //!    [`answers`](ConnectionReply::answers) the request, caches the verdict if the reply allows
 //!    it (`cache_seconds > 0`), records it for the reauthorization, and completes the pend.
 //!    WFP reauthorizes the connection and step 2 answers, which frees the slot. Otherwise it is
@@ -53,18 +85,26 @@
 //! |---|---|
 //! | a loopback connection, with [`Config::permit_loopback`] | permit, nobody asked |
 //! | a live cached verdict for the cache key | that verdict, at once (no allocation, no work item) |
+//! | **an image path no request can carry whole** (longer than [`MAX_PATH_UNITS`], an odd number of bytes, a NUL inside), reauthorizations included | **deny**, whatever the default, at once (nothing pended, nobody asked); counted in [`StatsSnapshot::unaskable`], not in `defaults`, and logged |
 //! | the service replies in time with a valid reply to this request | its verdict |
-//! | no service connected ([`SendError::NotConnected`]) | the default |
-//! | the service disconnects (is killed) before replying ([`SendError::Disconnected`]) | the default |
-//! | no reply within [`Config::timeout`] ([`SendError::Timeout`]); a late reply is discarded | the default |
+//! | **channel**: no service waits on the channel | the question stays queued: the default at its deadline ([`Config::timeout`]), or the verdict of a service that starts meanwhile |
+//! | **channel**: the service's handle closes (it exited, was killed) with the question delivered and not answered | the default, at once (`Outcome::ServiceGone`) |
+//! | **channel**: no answer by the deadline; a late answer is refused (`STATUS_NOT_FOUND`) | the default |
+//! | **channel**: an answer that does not decode, or a reply to another request | the default |
+//! | **channel**: an answer through a handle the question was not delivered to (foreign) | refused (`STATUS_ACCESS_DENIED`); the question waits for its own handle or its deadline |
+//! | **channel**: a second answer to a decided question (duplicate) | refused (`STATUS_NOT_FOUND`); the first decided |
+//! | **channel**: unload with questions outstanding | the default for each, in `stopping`, while the filters are still there |
+//! | **port**: no service connected ([`SendError::NotConnected`]) | the default |
+//! | **port**: the service disconnects (is killed) before replying ([`SendError::Disconnected`]) | the default |
+//! | **port**: no reply within [`Config::timeout`] ([`SendError::Timeout`]); a late reply is discarded | the default |
 //! | a reply too short, too long, or malformed (any field [`ConnectionReply`]'s decoder rejects) | the default |
 //! | a well-formed reply to another request (its `request_id` is not this one's) | the default |
 //! | no pool to send ([`SendError::Status`]) | the default |
-//! | the work item cannot be queued (no pool): the default is recorded, and the closure that came back is dropped with the pend in it, which completes it | the default |
-//! | **overload**: [`Config::max_pending`] connections are pended or waiting for their reauthorization already, and the cache has no verdict | **[`Config::overload`]** (deny unless configured otherwise, whatever the default), at once (nothing pended); counted in [`StatsSnapshot::overloaded`], not in `defaults` |
+//! | **port**: the work item cannot be queued (no pool): the default is recorded, and the closure that came back is dropped with the pend in it, which completes it | the default |
+//! | **overload**: [`Config::max_pending`] connections are pended or waiting for their reauthorization already, or the questions waiting for the service hold [`QUESTION_BYTES`] of pool and this one's does not fit, and the cache has no verdict | **[`Config::overload`]** (deny unless configured otherwise, whatever the default), at once (nothing pended); counted in [`StatsSnapshot::overloaded`], not in `defaults` |
 //! | a reauthorization the driver did not cause (WFP reauthorizes when policy changes) | the cache's verdict if it has one, else the default |
 //! | a second pend of the same connection (process, image, protocol, both endpoints) while the first waits for its reauthorization: one verdict is kept, for one of the two | the other: the cache's verdict if it has one, else the default |
-//! | the connection's fields or image path cannot be read, there is no pool for the request, or the classification cannot be pended | the default, at once (nothing pended) |
+//! | the connection's fields cannot be read (a field missing, of the wrong type), there is no pool for the request, or the classification cannot be pended | the default, at once (nothing pended) |
 //! | a heavier sublayer already decided hard (no write right) | that decision stands |
 //! | the driver is unloading | the default, at once (nothing is pended any more) |
 //!
@@ -88,6 +128,12 @@
 //! bound, [`VERDICT_SLOTS`] (2048, 160 KiB of non-paged pool), is twice the largest burst the
 //! benchmarks make (1024 new connections at once, none refused).
 //!
+//! The questions are bounded in bytes too: each holds its request, up to 64 KiB with the whole
+//! image path, until its work item ends, and together they hold at most [`QUESTION_BYTES`]
+//! (4 MiB; [`VERDICT_SLOTS`] questions about the longest path would be 128 MiB). A connection
+//! whose question does not fit gets the overload decision the same way, counted and logged the
+//! same way; an inbound miss whose question does not fit is not asked about in the background.
+//!
 //! A slot is freed only by the reauthorization that takes its verdict (or by the classification
 //! that reserved it, when it decides without pending). WFP reauthorizes every connection whose
 //! pend at `ALE_AUTH_CONNECT` is completed; if it ever did not, that slot would stay taken until
@@ -106,7 +152,8 @@
 //! |---|---|
 //! | a loopback connection, with [`Config::permit_loopback`] | permit, nobody asked |
 //! | a live cached verdict for the cache key | that verdict, at once |
-//! | otherwise | **the default, at once**; and, unless [`Config::background_asks`] questions are in flight already or the driver is unloading, a work item asks the service *in the background*, and caches its verdict if the reply allows it |
+//! | an image path no request can carry whole | **deny**, whatever the default, at once; nobody asked |
+//! | otherwise | **the default, at once**; and, unless [`Config::background_asks`] questions are in flight already, its question does not fit in [`QUESTION_BYTES`], or the driver is unloading, the question channel (or, with [`AskVia::PortAndWorkItem`] or a question too long for the channel, a work item over the port) asks the service *in the background*, and its verdict is cached if the reply allows it |
 //!
 //! So a peer's first attempt gets the default, and its next attempt — a TCP SYN is retransmitted
 //! after about a second — gets the service's cached verdict. With fail-closed that costs an
@@ -114,8 +161,35 @@
 //! before its verdict is cached. An inbound verdict the service does not let the driver cache
 //! (`cache_seconds = 0`) cannot help a later attempt, so such a peer always gets the default:
 //! services should grant inbound verdicts a lifetime. The background asks are bounded so a flood
-//! of new peers cannot queue unbounded work items (each holds a request, about 1 KiB); a miss
+//! of new peers cannot queue unbounded work items (each holds a request of up to 64 KiB); a miss
 //! beyond the bound just gets the default, and is counted.
+//!
+//! # The whole path
+//!
+//! A question carries the connection's whole image path, as the `ALE_APP_ID` field holds it:
+//! the service's rules match paths (`app = '**\nc.exe'`), and a question about part of a path
+//! could be answered more permissively than one about the whole path — under a default-allow
+//! policy, a program started from a long path would escape a deny rule naming its file. So:
+//!
+//! - **No path Windows produces is cut.** A path is at most [`MAX_PATH_UNITS`] (32767) UTF-16
+//!   units, `UNICODE_STRING_MAX_CHARS`: a `UNICODE_STRING`'s length is a `USHORT` count of
+//!   bytes. (INFERRED: that WFP builds the application id from the image's `UNICODE_STRING`;
+//!   its documented type is an `FWP_BYTE_BLOB`, which has no such bound.) A request is 74 bytes
+//!   to [`REQUEST_MAX_LEN`] (65608), the one size a transport must take.
+//! - **One allocation per question, sized to it.** The classify callback checks the path where
+//!   the field holds it ([`PathBytes::from_app_id`]), allocates one non-paged buffer of exactly
+//!   the request's length (tag `FwRq`), and encodes the request into it
+//!   ([`RequestHead::encode_with_path`]) — no other allocation, nothing path-sized on the stack,
+//!   so the same code serves at `DISPATCH_LEVEL`. The work item sends those bytes as they are
+//!   ([`ServerPort::send_encoded`]).
+//! - **The defensive bound denies.** An application id a request cannot carry whole (longer
+//!   than the bound, an odd number of bytes, a NUL inside) is never asked about with a part of
+//!   it; the connection is denied — the one decision never more permissive than the service's —
+//!   whatever [`Config::default`], wherever the cache does not answer (new connections and
+//!   reauthorizations, out and in; the cache holds only verdicts asked with a whole path, and
+//!   its key hashes the whole application id). It is counted
+//!   ([`StatsSnapshot::unaskable`]) and logged (`firewall: pid 42 outbound: deny (the image
+//!   path cannot be sent whole: …)`).
 //!
 //! # The verdict cache
 //!
@@ -125,7 +199,9 @@
 //! be found again; a verdict that depends on it (a rule's `local_port`) must not be granted a
 //! cache lifetime, and the example service grants none. An inbound connection's local port is
 //! the port connected to, which rules name (`local_port = 22`) and a retransmission repeats. The
-//! image path is hashed in (64-bit FNV-1a) so a reused process id does not inherit a verdict.
+//! image path is hashed in (64-bit FNV-1a over the whole application id, every byte of it) so
+//! a reused process id does not inherit a verdict, and two programs whose paths differ only far
+//! along (past any length) have different keys.
 //!
 //! The cache is the public module [`cache`] ([`cache::VerdictCache`]), for
 //! other drivers (and the benchmarks' C-style baseline) to use as it is.
@@ -221,15 +297,18 @@
 //!
 //! 1. [`Firewall::stopping`](DriverState::stopping) sets the "unloading" flag — new connections
 //!    get the cache or the default at once, work items that have not asked yet do not ask, no
-//!    background ask is queued — and closes the service's connection, so a send waiting for a
-//!    reply fails at once.
+//!    background ask is queued —, stops the question channel ([`AskChannel::stop`]: every
+//!    question outstanding is decided now with the default, so its pend is completed while the
+//!    filters are there for the reauthorization; it waits for no user-mode thread), and closes
+//!    the service's port connection, so a send waiting for a reply fails at once.
 //! 2. The SDK waits until no work item is queued or running: every pend is completed.
 //! 3. [`Firewall::unload`](DriverState::unload) closes the control device (waiting for a
 //!    command in progress), then waits until every completed pend has been reauthorized (no
 //!    pend in flight, no slot of the [`VerdictTable`] reserved, the table empty), or until
 //!    [`Config::timeout`] + [`REAUTHORIZATION_GRACE`] pass without progress.
 //! 4. It closes the engine session (the filters go before the callouts: a terminating filter
-//!    whose callout is gone blocks everything), unregisters the callouts, closes the port, and
+//!    whose callout is gone blocks everything), unregisters the callouts, closes the question
+//!    channel (its device goes; the service's waits complete as cancelled), closes the port, and
 //!    unregisters the minifilter.
 //!
 //! # Logging
@@ -241,6 +320,11 @@
 //!
 //! [seed-fixed example]: https://github.com/wfp-rs/wfp-rs/tree/main/examples/seed-fixed
 //! [`ConnectionRequest`]: firewall_protocol::ConnectionRequest
+//! [`MAX_PATH_UNITS`]: firewall_protocol::MAX_PATH_UNITS
+//! [`REQUEST_MAX_LEN`]: firewall_protocol::REQUEST_MAX_LEN
+//! [`PathBytes::from_app_id`]: firewall_protocol::PathBytes::from_app_id
+//! [`RequestHead::encode_with_path`]: firewall_protocol::RequestHead::encode_with_path
+//! [`ServerPort::send_encoded`]: wfp_rs::port::ServerPort::send_encoded
 //! [`ConnectionReply`]: firewall_protocol::ConnectionReply
 //! [`ConnectionReply::answers`]: firewall_protocol::ConnectionReply::answers
 //! [`Verdict::Deny`]: firewall_protocol::Verdict::Deny
@@ -273,7 +357,7 @@ use wfp_rs::pool::PoolArc;
 
 use firewall_protocol::control::{REVOKE, REVOKED_LEN, Revoke, Revoked};
 use firewall_protocol::{
-    ConnectionReply, ConnectionRequest, Direction, FirewallProtocol, ImagePath, Verdict,
+    ConnectionReply, Direction, FirewallProtocol, PathBytes, RequestHead, Verdict, request_len,
 };
 use wfp_rs::ask::{AskChannel, NotAskedReason, Outcome, QuestionHandler};
 use wfp_rs::callout::{Callout, CalloutKey, CalloutRegistration, Classify};
@@ -294,8 +378,8 @@ use wfp_rs::layer::{
 use wfp_rs::pend::{
     ConnectionKey, PendError, PendableByCompletionHandle, PendedClassify, VerdictTable,
 };
-use wfp_rs::pool::{PoolBox, PoolTag};
-use wfp_rs::port::{Filter, Message, SendError, ServerPort};
+use wfp_rs::pool::{PoolBox, PoolBytes, PoolTag};
+use wfp_rs::port::{Filter, Malformed, SendError, ServerPort};
 use wfp_rs::time::Instant;
 use wfp_rs::work_item::WorkQueue;
 use wfp_rs::{Guid, Status, guid, kd_print};
@@ -332,6 +416,16 @@ pub const SERVICE_CONNECTIONS: u32 = 1;
 /// at load. Enough for a burst of 1024 new connections at once
 /// ([benchmarks](https://github.com/wfp-rs/wfp-rs/blob/main/docs/benchmarks.md), (b)) with room to spare.
 pub const VERDICT_SLOTS: usize = 2048;
+
+/// The most non-paged pool the questions of the moment may hold together: 4 MiB. A question
+/// holds its request, 74 bytes to 64 KiB with the image path
+/// ([`REQUEST_MAX_LEN`](firewall_protocol::REQUEST_MAX_LEN)), from its classification to the
+/// end of its work item; without this bound, [`VERDICT_SLOTS`] pended connections of a program
+/// with the longest path would hold 128 MiB. A new outbound connection whose question does not
+/// fit gets [`Config::overload`], as when the slots are taken (see "Overload" in the crate
+/// documentation); an inbound one is not asked about in the background. Questions with the
+/// usual paths (40 to 150 units, 156 to 376 bytes) fit by the ten thousand.
+pub const QUESTION_BYTES: usize = 4 << 20;
 
 /// How long unload waits, beyond [`Config::timeout`], for the reauthorizations of the
 /// connections it completed before it deletes its filters.
@@ -370,12 +464,13 @@ pub const FILTER_RECV_ACCEPT_V6: Guid = guid!("f9e394eb-1314-44a7-9b08-b85844706
 
 /// How the driver asks the service about a connection the cache does not answer (see the
 /// crate documentation's decision tables: both designs decide the same cases the same way).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AskVia {
     /// The question channel ([`wfp_rs::ask`], [`firewall_protocol::ASK_CHANNEL`] on the device
     /// [`Config::ask_device_name`]): `classifyFn` pends and asks at once, at `DISPATCH_LEVEL`,
     /// and the service's answer (or the deadline, or the service going away) completes the
     /// pend. No work item, no thread waits. The default.
+    #[default]
     Channel,
     /// A PASSIVE_LEVEL work item sends the question over the filter-manager port
     /// ([`Config::port_name`]) and waits for the reply: the first design, kept so the
@@ -513,7 +608,7 @@ impl fmt::Display for ProtocolName {
 }
 
 /// A connection as a log line describes it.
-struct Described<'a>(&'a ConnectionRequest);
+struct Described<'a>(&'a RequestHead);
 
 impl fmt::Display for Described<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -598,43 +693,9 @@ impl Observed {
         }
     }
 
-    /// The request that asks about this connection, in pool memory, with the image path from
-    /// the `ALE_APP_ID` field (cut to [`MAX_PATH_UNITS`](firewall_protocol::MAX_PATH_UNITS) and
-    /// marked truncated if longer).
-    ///
-    /// With its image path (up to 1 KiB) a request is too big for a classify callback's stack:
-    /// the network stack leaves callouts little room. So the request is allocated with an empty
-    /// path and the path is copied from the field straight into the pool (no buffer, no
-    /// temporary `ImagePath`, no move of a whole request), which keeps this frame small in
-    /// debug builds too; `cargo wfp build -p firewall-driver` (a debug image) checks it.
-    #[inline(never)]
-    fn boxed_request<L>(
-        &self,
-        c: &Classify<'_, L>,
-        request_id: u64,
-        irql: &impl AtMostDispatch,
-    ) -> Result<PoolBox<ConnectionRequest>, NoRequest>
-    where
-        L: Layer,
-        fields::AleAppId: Field<L>,
-    {
-        let app = c
-            .values
-            .get::<fields::AleAppId>()
-            .map_err(|_| NoRequest::Unreadable)?;
-        let mut request =
-            PoolBox::try_new(self.request_without_path(request_id), REQUEST_TAG, irql)
-                .map_err(|_| NoRequest::NoPool)?;
-        request
-            .image_path
-            .set_units_truncating(app.units())
-            .map_err(|_| NoRequest::Unreadable)?;
-        Ok(request)
-    }
-
-    /// The request about this connection with an empty image path.
-    fn request_without_path(&self, request_id: u64) -> ConnectionRequest {
-        ConnectionRequest {
+    /// The connection's fields but its image path, for request `request_id`.
+    fn head(&self, request_id: u64) -> RequestHead {
+        RequestHead {
             request_id,
             process_id: self.key.pid,
             direction: self.direction,
@@ -643,25 +704,117 @@ impl Observed {
             local_port: self.key.local.1,
             remote_address: self.key.remote.0,
             remote_port: self.key.remote.1,
-            image_path: ImagePath::empty(),
         }
+    }
+
+    /// The question about this connection: the request's wire bytes, with the whole image
+    /// path of the `ALE_APP_ID` field, in one pool allocation of exactly the request's length
+    /// (74 bytes to 64 KiB).
+    ///
+    /// The path is checked where the field holds it and copied once, from the field into the
+    /// pool: no other buffer, nothing path-sized on the stack (which could not hold 64 KiB, and
+    /// where the network stack leaves callouts little room at all). So building a question
+    /// allocates one buffer, bounded by
+    /// [`REQUEST_MAX_LEN`](firewall_protocol::REQUEST_MAX_LEN), at any IRQL up to
+    /// `DISPATCH_LEVEL`; `cargo wfp build -p firewall-driver` (a debug image) checks this
+    /// frame's size.
+    ///
+    /// `charge` holds the question's bytes against [`QUESTION_BYTES`]; it must be for
+    /// [`question_len`] bytes (the buffer is that long whatever it says).
+    #[inline(never)]
+    fn question<L>(
+        &self,
+        c: &Classify<'_, L>,
+        request_id: u64,
+        charge: Charge,
+        irql: &impl AtMostDispatch,
+    ) -> Result<Question, NoRequest>
+    where
+        L: Layer,
+        fields::AleAppId: Field<L>,
+    {
+        let path = whole_path(c).map_err(NoRequest::Unaskable)?;
+        let head = self.head(request_id);
+        let mut bytes = PoolBytes::try_zeroed(request_len(path.units()), REQUEST_TAG, irql)
+            .map_err(|_| NoRequest::NoPool)?;
+        head.encode_with_path(path, &mut bytes)
+            .map_err(NoRequest::Unaskable)?;
+        Ok(Question {
+            head,
+            bytes,
+            _charge: charge,
+        })
     }
 }
 
-/// Why no request was built for a connection.
+/// The image path of the classification's `ALE_APP_ID` field, if a request can carry it whole
+/// (see [`PathBytes::from_app_id`]).
+fn whole_path<'c, L>(c: &'c Classify<'_, L>) -> Result<PathBytes<'c>, Malformed>
+where
+    L: Layer,
+    fields::AleAppId: Field<L>,
+{
+    let app = c
+        .values
+        .get::<fields::AleAppId>()
+        .map_err(|_| Malformed("the application id cannot be read"))?;
+    PathBytes::from_app_id(app.as_bytes())
+}
+
+/// The length of the question about the classification, if its image path can be sent whole.
+fn question_len<L>(c: &Classify<'_, L>) -> Result<usize, Malformed>
+where
+    L: Layer,
+    fields::AleAppId: Field<L>,
+{
+    whole_path(c).map(|path| request_len(path.units()))
+}
+
+/// A question for the service: a request's wire bytes, in one pool buffer of exactly their
+/// length (tag `FwRq`), and the request's other fields, for the logs and to check the reply.
+struct Question {
+    head: RequestHead,
+    bytes: PoolBytes,
+    /// The buffer's share of [`QUESTION_BYTES`], given back with it.
+    _charge: Charge,
+}
+
+/// Bytes charged to [`QUESTION_BYTES`], given back when dropped (at any IRQL up to
+/// `DISPATCH_LEVEL`: wherever the question goes).
+struct Charge {
+    shared: PoolArc<Shared>,
+    bytes: usize,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.shared
+            .question_bytes
+            .fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
+/// Why no question was built for a connection.
 #[derive(Clone, Copy, Debug)]
 enum NoRequest {
-    /// The `ALE_APP_ID` field is missing or malformed.
-    Unreadable,
+    /// The image path cannot be carried whole (see [`PathBytes::from_app_id`]): the connection
+    /// is denied, never asked about with part of its path.
+    Unaskable(Malformed),
     /// No pool for the request.
     NoPool,
+    /// The questions of the moment hold [`QUESTION_BYTES`] already.
+    OverBudget,
 }
 
 impl fmt::Display for NoRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            NoRequest::Unreadable => f.write_str("the image path cannot be read"),
+            NoRequest::Unaskable(why) => write!(f, "the image path cannot be sent whole: {why}"),
             NoRequest::NoPool => f.write_str("no pool for the request"),
+            NoRequest::OverBudget => write!(
+                f,
+                "the questions waiting for the service hold {QUESTION_BYTES} bytes of pool"
+            ),
         }
     }
 }
@@ -727,6 +880,9 @@ struct Shared {
     /// New connections refused a slot since the last one that got one: the current overload
     /// burst, logged when it starts and when it ends rather than per connection.
     overload_burst: AtomicU64,
+    /// Bytes of pool the questions of the moment hold, at most [`QUESTION_BYTES`] (see
+    /// [`Charge`]).
+    question_bytes: AtomicUsize,
     /// Set, while unloading, when `in_flight` drops to zero or a recorded verdict is taken.
     progress: Event,
     next_request: AtomicU64,
@@ -804,6 +960,37 @@ impl Shared {
         Some((observed, cache_key))
     }
 
+    /// Denies the classification if no request can carry its image path whole, and says
+    /// whether it did. Called wherever a connection the cache does not answer would otherwise
+    /// be asked about or given the default (or the overload decision): a question about part
+    /// of a path could be answered more permissively than the service would answer about the
+    /// whole path, and so could the default. (A cache hit needs no check: only a question with
+    /// the whole path puts a verdict in the cache, and the key hashes every byte of the
+    /// application id. It keeps the hit path to one pass over the path, the key's.)
+    fn denied_unaskable<L>(&self, c: &mut Classify<'_, L>, observed: &Observed) -> bool
+    where
+        L: Layer,
+        fields::AleAppId: Field<L>,
+    {
+        let Err(why) = whole_path(c) else {
+            return false;
+        };
+        self.unaskable(observed, &why);
+        apply(&mut c.out, Verdict::Deny);
+        true
+    }
+
+    /// Counts and logs a connection denied because its image path cannot be sent whole.
+    fn unaskable(&self, observed: &Observed, why: &dyn fmt::Display) {
+        self.count(Counter::Unaskable);
+        kd_print!(
+            Warning,
+            "firewall: pid {} {}: deny (the image path cannot be sent whole: {why})\n",
+            observed.key.pid,
+            observed.direction
+        );
+    }
+
     /// The cache's verdict for `key` now, counting a hit or an expiry.
     fn cached<I: Token>(&self, irql: &mut I, key: &CacheKey) -> Option<Verdict> {
         match self.cache.lookup(irql, key, Instant::now()) {
@@ -819,11 +1006,11 @@ impl Shared {
         }
     }
 
-    /// Asks the service about `request` and checks that the reply answers it.
+    /// Asks the service `question` and checks that the reply answers it.
     fn ask(
         &self,
         irql: &PassiveLevel<'_>,
-        request: &ConnectionRequest,
+        question: &Question,
     ) -> Result<ConnectionReply, AskError> {
         if self.unloading.load(Ordering::SeqCst) {
             return Err(AskError::Unloading);
@@ -831,11 +1018,12 @@ impl Shared {
         self.count(Counter::AskedViaPort);
         let reply = self
             .port
-            .send(irql, request, self.config.timeout)
+            .send_encoded(irql, &question.bytes, self.config.timeout)
             .map_err(AskError::Send)?;
-        if !reply.answers(request) {
+        let asked = question.head.request_id;
+        if reply.request_id != asked {
             return Err(AskError::Mismatched {
-                asked: request.request_id,
+                asked,
                 answered: reply.request_id,
             });
         }
@@ -848,11 +1036,11 @@ impl Shared {
     fn ask_and_cache(
         &self,
         irql: &mut PassiveLevel<'_>,
-        request: &ConnectionRequest,
+        question: &Question,
         key: &CacheKey,
     ) -> Result<(ConnectionReply, Option<u32>), AskError> {
         let generation = self.cache.generation();
-        let reply = self.ask(irql, request)?;
+        let reply = self.ask(irql, question)?;
         let cached = self.cache_reply(irql, key, &reply, generation);
         Ok((reply, cached))
     }
@@ -900,14 +1088,9 @@ impl Shared {
 
     /// The outbound work item's job: ask (unless unloading), cache, log, and return the
     /// decision.
-    fn decide(
-        &self,
-        irql: &mut PassiveLevel<'_>,
-        request: &ConnectionRequest,
-        key: &CacheKey,
-    ) -> Verdict {
-        let id = request.request_id;
-        match self.ask_and_cache(irql, request, key) {
+    fn decide(&self, irql: &mut PassiveLevel<'_>, question: &Question, key: &CacheKey) -> Verdict {
+        let id = question.head.request_id;
+        match self.ask_and_cache(irql, question, key) {
             Ok((reply, cached)) => {
                 kd_print!(
                     "firewall: #{id}: {} (service{})\n",
@@ -926,9 +1109,9 @@ impl Shared {
     }
 
     /// The inbound background work item's job: ask, cache, log.
-    fn learn(&self, irql: &mut PassiveLevel<'_>, request: &ConnectionRequest, key: &CacheKey) {
-        let id = request.request_id;
-        match self.ask_and_cache(irql, request, key) {
+    fn learn(&self, irql: &mut PassiveLevel<'_>, question: &Question, key: &CacheKey) {
+        let id = question.head.request_id;
+        match self.ask_and_cache(irql, question, key) {
             Ok((reply, cached)) => kd_print!(
                 "firewall: #{id}: {} for later attempts (service{})\n",
                 reply.verdict,
@@ -941,33 +1124,68 @@ impl Shared {
         }
     }
 
-    /// Takes a slot of the verdict table for a connection about to be pended, unless
-    /// [`Config::max_pending`] are taken already. Logs the start and the end of an overload
-    /// burst, not each refused connection.
-    fn reserve(&self) -> bool {
-        let limit = self.config.max_pending;
-        if !increment_below(&self.outstanding, limit) {
-            if self.overload_burst.fetch_add(1, Ordering::Relaxed) == 0 {
-                kd_print!(
-                    Warning,
-                    "firewall: {limit} connections pended or awaiting reauthorization; new connections the cache does not answer get {} (overload) until one is reauthorized\n",
-                    self.config.overload
-                );
+    /// Takes a slot of the verdict table for a connection about to be pended, and charges its
+    /// question's `bytes` to [`QUESTION_BYTES`], unless [`Config::max_pending`] slots are
+    /// taken already or the bytes do not fit. Logs the start and the end of an overload burst,
+    /// not each refused connection.
+    fn reserve(this: &PoolArc<Shared>, bytes: usize) -> Option<Charge> {
+        let limit = this.config.max_pending;
+        let overload = this.config.overload;
+        let charge = if increment_below(&this.outstanding, limit) {
+            let charge = Shared::try_charge(this, bytes);
+            if charge.is_none() {
+                // No progress to signal: this classification is still in flight.
+                this.outstanding.fetch_sub(1, Ordering::SeqCst);
             }
-            return false;
-        }
+            charge.ok_or(false)
+        } else {
+            Err(true)
+        };
+        let charge = match charge {
+            Ok(charge) => charge,
+            Err(slots) => {
+                if this.overload_burst.fetch_add(1, Ordering::Relaxed) == 0 {
+                    if slots {
+                        kd_print!(
+                            Warning,
+                            "firewall: {limit} connections pended or awaiting reauthorization; new connections the cache does not answer get {overload} (overload) until one is reauthorized\n"
+                        );
+                    } else {
+                        kd_print!(
+                            Warning,
+                            "firewall: the questions waiting for the service hold {QUESTION_BYTES} bytes of pool; new connections the cache does not answer get {overload} (overload) until some are answered\n"
+                        );
+                    }
+                }
+                return None;
+            }
+        };
         // A load first, so the common case (no overload) writes nothing shared.
-        if self.overload_burst.load(Ordering::Relaxed) != 0 {
-            let refused = self.overload_burst.swap(0, Ordering::Relaxed);
+        if this.overload_burst.load(Ordering::Relaxed) != 0 {
+            let refused = this.overload_burst.swap(0, Ordering::Relaxed);
             if refused != 0 {
                 kd_print!(
                     Warning,
-                    "firewall: pending again; {refused} connection(s) got {} (overload) while {limit} were outstanding\n",
-                    self.config.overload
+                    "firewall: pending again; {refused} connection(s) got {overload} (overload) while the driver was at its bound\n"
                 );
             }
         }
-        true
+        Some(charge)
+    }
+
+    /// Charges `bytes` of question to [`QUESTION_BYTES`], if they fit.
+    fn try_charge(this: &PoolArc<Shared>, bytes: usize) -> Option<Charge> {
+        let fits = this
+            .question_bytes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
+                held.checked_add(bytes)
+                    .filter(|&total| total <= QUESTION_BYTES)
+            })
+            .is_ok();
+        fits.then(|| Charge {
+            shared: PoolArc::clone(this),
+            bytes,
+        })
     }
 
     /// Frees a slot taken by [`reserve`](Self::reserve).
@@ -1074,6 +1292,10 @@ where
                 }
                 // A reauthorization this callout did not cause.
                 None => shared.cached(irql, &cache_key).unwrap_or_else(|| {
+                    if let Err(why) = whole_path(c) {
+                        shared.unaskable(&observed, &why);
+                        return Verdict::Deny;
+                    }
                     shared.count(Counter::Defaults);
                     kd_print!(
                         Warning,
@@ -1088,6 +1310,9 @@ where
         }
         if let Some(verdict) = shared.cached(irql, &cache_key) {
             apply(&mut c.out, verdict);
+            return;
+        }
+        if shared.denied_unaskable(c, &observed) {
             return;
         }
         // Counted before the flag is read (see `Shared::settle`).
@@ -1106,18 +1331,37 @@ where
             decided_at_once(c, &"unloading");
             return;
         }
-        // A slot for the verdict, before the pend: a recorded verdict is never evicted.
-        if !shared.reserve() {
+        let bytes = match question_len(c) {
+            Ok(bytes) => bytes,
+            // Checked after the cache already; never asked about with part of its path.
+            Err(why) => {
+                shared.unaskable(&observed, &why);
+                apply(&mut c.out, Verdict::Deny);
+                shared.finished(irql);
+                return;
+            }
+        };
+        // A slot for the verdict, before the pend: a recorded verdict is never evicted. And
+        // room for the question in the pool the questions may hold.
+        let Some(charge) = Shared::reserve(shared, bytes) else {
             // The cache did not answer (above): the overload decision, not the default (a
             // burst must not open a fail-open firewall); counted, logged per burst.
             shared.count(Counter::Overloaded);
             apply(&mut c.out, shared.config.overload);
             shared.finished(irql);
             return;
-        }
-        let request = match observed.boxed_request(c, request_id, irql) {
-            Ok(request) => request,
-            Err(error) => {
+        };
+        let question = match observed.question(c, request_id, charge, irql) {
+            Ok(question) => question,
+            // Checked after the cache already; never asked about with part of its path.
+            Err(NoRequest::Unaskable(why)) => {
+                shared.release(irql);
+                shared.unaskable(&observed, &why);
+                apply(&mut c.out, Verdict::Deny);
+                shared.finished(irql);
+                return;
+            }
+            Err(error @ (NoRequest::NoPool | NoRequest::OverBudget)) => {
                 shared.release(irql);
                 decided_at_once(c, &error);
                 return;
@@ -1139,39 +1383,59 @@ where
         };
         kd_print!(
             "firewall: #{request_id}: {}: pended, asking the service\n",
-            Described(&request)
+            Described(&question.head)
         );
         let key = observed.key;
-        if let Some(channel) = &self.channel {
-            let asked = Asked {
-                pended: Some(pended),
-                key,
-                cache_key,
-                request_id,
-                generation: shared.cache.generation(),
-            };
-            if let Err(not_asked) = shared.ask_on_channel(irql, channel, &request, asked) {
-                // Not asked (the channel is closing at unload, or full — which its capacity,
-                // `max_pending` + `background_asks`, rules out while a slot of the verdict
-                // table is reserved): the default, recorded for the reauthorization.
-                let asked = not_asked.asked;
-                shared.count(Counter::Defaults);
-                kd_print!(
-                    Warning,
-                    "firewall: #{request_id}: {default} (default: {})\n",
-                    not_asked.reason
-                );
-                shared.record(irql, asked.key, default);
-                if let Some(pended) = asked.pended {
-                    pended.complete(irql);
+        let pended = match &self.channel {
+            None => pended,
+            Some(channel) => {
+                let asked = Asked {
+                    pended: Some(pended),
+                    key,
+                    cache_key,
+                    request_id,
+                    generation: shared.cache.generation(),
+                };
+                match shared.ask_on_channel(irql, channel, &question, asked) {
+                    // `Decisions::decide` completes the pend, exactly once.
+                    Ok(()) => return,
+                    Err((asked, NotAskedReason::Closed)) => {
+                        // Unloading: the default, recorded for the reauthorization.
+                        shared.count(Counter::Defaults);
+                        kd_print!(
+                            Warning,
+                            "firewall: #{request_id}: {default} (default: unloading)\n"
+                        );
+                        shared.record(irql, asked.key, default);
+                        if let Some(pended) = asked.pended {
+                            pended.complete(irql);
+                        }
+                        shared.finished(irql);
+                        return;
+                    }
+                    // A question longer than the channel's slots (a path over
+                    // `ASK_MAX_PATH_UNITS`), or every slot taken: the port and a work item
+                    // ask it, whole, as in the other design.
+                    Err((asked, reason)) => {
+                        kd_print!(
+                            "firewall: #{request_id}: asking through the port ({})\n",
+                            Refusal(reason)
+                        );
+                        match asked.pended {
+                            Some(pended) => pended,
+                            // Not reached: the pend went in above.
+                            None => {
+                                shared.finished(irql);
+                                return;
+                            }
+                        }
+                    }
                 }
-                shared.finished(irql);
             }
-            return;
-        }
+        };
         let work = PoolArc::clone(shared);
         let queued = self.queue.queue(irql, move |passive| {
-            let verdict = work.decide(passive, &request, &cache_key);
+            let verdict = work.decide(passive, &question, &cache_key);
             work.record(passive, key, verdict);
             pended.complete(passive);
             work.finished(passive);
@@ -1232,6 +1496,9 @@ where
             apply(&mut c.out, verdict);
             return;
         }
+        if shared.denied_unaskable(c, &observed) {
+            return;
+        }
         // This attempt gets the default whatever happens next.
         shared.count(Counter::Defaults);
         apply(&mut c.out, default);
@@ -1245,8 +1512,12 @@ where
             return;
         }
         let request_id = shared.request_id();
-        let request = match observed.boxed_request(c, request_id, irql) {
-            Ok(request) => request,
+        let charge = question_len(c)
+            .map_err(NoRequest::Unaskable)
+            .and_then(|bytes| Shared::try_charge(shared, bytes).ok_or(NoRequest::OverBudget));
+        let question = charge.and_then(|charge| observed.question(c, request_id, charge, irql));
+        let question = match question {
+            Ok(question) => question,
             Err(error) => {
                 shared.background.fetch_sub(1, Ordering::SeqCst);
                 shared.count(Counter::BackgroundSkipped);
@@ -1260,7 +1531,7 @@ where
         };
         kd_print!(
             "firewall: #{request_id}: {}: {default} (default: not cached; asking the service for later attempts)\n",
-            Described(&request)
+            Described(&question.head)
         );
         if let Some(channel) = &self.channel {
             let asked = Asked {
@@ -1270,23 +1541,27 @@ where
                 request_id,
                 generation: shared.cache.generation(),
             };
-            match shared.ask_on_channel(irql, channel, &request, asked) {
-                Ok(()) => shared.count(Counter::BackgroundAsks),
-                Err(not_asked) => {
-                    kd_print!(
-                        Warning,
-                        "firewall: #{request_id}: not asked ({})\n",
-                        not_asked.reason
-                    );
+            match shared.ask_on_channel(irql, channel, &question, asked) {
+                Ok(()) => {
+                    shared.count(Counter::BackgroundAsks);
+                    return;
+                }
+                Err((_, NotAskedReason::Closed)) => {
+                    kd_print!(Warning, "firewall: #{request_id}: not asked (unloading)\n");
                     shared.background.fetch_sub(1, Ordering::SeqCst);
                     shared.count(Counter::BackgroundSkipped);
+                    return;
                 }
+                // Too long for the channel's slots, or every slot taken: a work item asks.
+                Err((_, reason)) => kd_print!(
+                    "firewall: #{request_id}: asking through the port ({})\n",
+                    Refusal(reason)
+                ),
             }
-            return;
         }
         let work = PoolArc::clone(shared);
         let queued = self.queue.queue(irql, move |passive| {
-            work.learn(passive, &request, &cache_key);
+            work.learn(passive, &question, &cache_key);
             work.background.fetch_sub(1, Ordering::SeqCst);
         });
         match queued {
@@ -1318,32 +1593,15 @@ struct Asked {
     generation: u64,
 }
 
-/// A question the channel did not take, with its context.
-struct NotAskedOnChannel {
-    asked: Asked,
-    reason: ChannelRefusal,
-}
+/// Why the channel did not take a question, as the logs say it.
+struct Refusal(NotAskedReason);
 
-/// Why a question was not put to the channel.
-#[derive(Clone, Copy, Debug)]
-enum ChannelRefusal {
-    /// The request could not be encoded, or there was no memory to encode it into.
-    Encoding(NoRequest),
-    /// The channel refused it.
-    Channel(NotAskedReason),
-}
-
-impl fmt::Display for ChannelRefusal {
+impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ChannelRefusal::Encoding(error) => error.fmt(f),
-            ChannelRefusal::Channel(NotAskedReason::Full) => {
-                f.write_str("every slot of the question channel is taken")
-            }
-            ChannelRefusal::Channel(NotAskedReason::Closed) => {
-                f.write_str("the question channel is closing")
-            }
-            ChannelRefusal::Channel(NotAskedReason::TooLarge { len, max }) => {
+        match self.0 {
+            NotAskedReason::Full => f.write_str("every slot of the question channel is taken"),
+            NotAskedReason::Closed => f.write_str("the question channel is closing"),
+            NotAskedReason::TooLarge { len, max } => {
                 write!(f, "a {len}-byte question is over the channel's {max} bytes")
             }
         }
@@ -1371,33 +1629,29 @@ impl fmt::Display for NoAnswer<'_> {
 }
 
 impl Shared {
-    /// Puts `request` to the channel with its context. Encodes it into a pool buffer (a request
-    /// with its path is too big for a classify callback's stack), which the channel copies.
+    /// Puts `question` to the channel with its context; the channel copies its bytes into a
+    /// slot it allocated at load, so the question's own buffer (and its share of
+    /// [`QUESTION_BYTES`]) goes when the caller drops it. A question the channel does not take
+    /// comes back with the reason.
+    #[expect(
+        clippy::result_large_err,
+        reason = "the context must come back whole, and boxing it would allocate in classifyFn"
+    )]
     fn ask_on_channel(
         &self,
         irql: &mut DispatchLevel<'_>,
         channel: &QuestionChannel,
-        request: &ConnectionRequest,
+        question: &Question,
         asked: Asked,
-    ) -> Result<(), NotAskedOnChannel> {
-        let refused = |asked, reason| Err(NotAskedOnChannel { asked, reason });
-        let mut bytes = alloc::vec::Vec::new();
-        if bytes.try_reserve_exact(ConnectionRequest::MAX_LEN).is_err() {
-            return refused(asked, ChannelRefusal::Encoding(NoRequest::NoPool));
-        }
-        bytes.resize(ConnectionRequest::MAX_LEN, 0);
-        let Ok(len) = request.encode(&mut bytes) else {
-            return refused(asked, ChannelRefusal::Encoding(NoRequest::Unreadable));
-        };
-        let question = bytes.get(..len).unwrap_or(&[]);
-        match channel.ask(&mut *irql, question, self.config.timeout, asked) {
+    ) -> Result<(), (Asked, NotAskedReason)> {
+        match channel.ask(&mut *irql, &question.bytes, self.config.timeout, asked) {
             Ok(_) => {
                 self.count(Counter::AskedViaChannel);
                 Ok(())
             }
             Err(not_asked) => {
-                let reason = ChannelRefusal::Channel(not_asked.reason());
-                refused(not_asked.into_context(), reason)
+                let reason = not_asked.reason();
+                Err((not_asked.into_context(), reason))
             }
         }
     }
@@ -1416,7 +1670,7 @@ impl QuestionHandler for Decisions {
     fn decode(&self, answer: &[u8]) -> Option<ConnectionReply> {
         // Untrusted: every field is validated; whether it answers the question is checked in
         // `decide`, which knows the question.
-        ConnectionReply::decode(answer).ok()
+        <ConnectionReply as wfp_rs::port::Message>::decode(answer).ok()
     }
 
     fn decide(
@@ -1903,6 +2157,7 @@ fn shared_state(
             in_flight: AtomicUsize::new(0),
             outstanding: AtomicUsize::new(0),
             overload_burst: AtomicU64::new(0),
+            question_bytes: AtomicUsize::new(0),
             progress,
             next_request: AtomicU64::new(0),
             background: AtomicUsize::new(0),

@@ -44,6 +44,7 @@ pub struct Stats {
     background_asks: AtomicU64,
     background_skipped: AtomicU64,
     overloaded: AtomicU64,
+    unaskable: AtomicU64,
 }
 
 /// The counters at one moment (see [`Stats`]).
@@ -94,6 +95,12 @@ pub struct StatsSnapshot {
     /// [`Config::max_pending`]: crate::Config::max_pending
     /// [`Config::overload`]: crate::Config::overload
     pub overloaded: u64,
+    /// Connections denied without asking because their image path cannot be carried whole in
+    /// a request (longer than any NT path, or not a path at all: an odd number of bytes, a NUL
+    /// inside), whatever [`Config::default`](crate::Config::default) says: a question about
+    /// part of a path could be answered more permissively than one about the whole path (not
+    /// counted in `defaults`).
+    pub unaskable: u64,
 }
 
 /// Which counter to add to.
@@ -113,6 +120,7 @@ pub(crate) enum Counter {
     BackgroundAsks,
     BackgroundSkipped,
     Overloaded,
+    Unaskable,
 }
 
 impl Stats {
@@ -133,6 +141,7 @@ impl Stats {
             background_asks: AtomicU64::new(0),
             background_skipped: AtomicU64::new(0),
             overloaded: AtomicU64::new(0),
+            unaskable: AtomicU64::new(0),
         }
     }
 
@@ -152,6 +161,7 @@ impl Stats {
             Counter::BackgroundAsks => &self.background_asks,
             Counter::BackgroundSkipped => &self.background_skipped,
             Counter::Overloaded => &self.overloaded,
+            Counter::Unaskable => &self.unaskable,
         }
     }
 
@@ -183,6 +193,7 @@ impl Stats {
             background_asks: get(Counter::BackgroundAsks),
             background_skipped: get(Counter::BackgroundSkipped),
             overloaded: get(Counter::Overloaded),
+            unaskable: get(Counter::Unaskable),
         }
     }
 }
@@ -204,7 +215,7 @@ impl fmt::Display for StatsSnapshot {
         write!(
             f,
             "{} cache hits, {} asked ({} through the channel, {} through the port), {} answered, {} defaults, {} loopback, {} cached, \
-             {} expired, {} evicted, {} revoked, {} overloaded",
+             {} expired, {} evicted, {} revoked, {} overloaded, {} unaskable",
             self.cache_hits,
             self.asked,
             self.asked_via_channel,
@@ -216,7 +227,8 @@ impl fmt::Display for StatsSnapshot {
             self.expired,
             self.evicted,
             self.revoked,
-            self.overloaded
+            self.overloaded,
+            self.unaskable
         )
     }
 }

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use firewall_driver::{Config, Stats};
+use firewall_driver::{AskVia, Config, Stats};
 use firewall_protocol::control::{
     CONTROL_DEVICE_PATH, MAX_REVOKE_IDS, REVOKE, REVOKE_MAX_LEN, Revoke, Revoked,
 };
@@ -73,7 +73,11 @@ macro_rules! configured_driver {
     };
 }
 
+/// The port + work item design ([`AskVia::PortAndWorkItem`]), which these tests' service
+/// (harness threads on the port) answers; `tests/channel.rs` covers the default design, the
+/// question channel.
 const PATIENT_CONFIG: Config = Config {
+    ask_via: AskVia::PortAndWorkItem,
     timeout: PATIENT,
     ..Config::DEFAULT
 };
@@ -124,7 +128,7 @@ configured_driver!(
     impatient,
     Config {
         timeout: Duration::from_millis(50),
-        ..Config::DEFAULT
+        ..PATIENT_CONFIG
     }
 );
 configured_driver!(
@@ -177,6 +181,15 @@ configured_driver!(
     Config {
         service_sid: Some("S-1-5-80-not-a-number"),
         ..PATIENT_CONFIG
+    }
+);
+configured_driver!(load_port, PATIENT_CONFIG);
+configured_driver!(
+    load_channel,
+    Config {
+        max_pending: 3,
+        background_asks: 1,
+        ..Config::DEFAULT
     }
 );
 configured_driver!(
@@ -1023,7 +1036,7 @@ fn short_oversized_malformed_and_mismatched_replies_give_the_default() {
         ),
         (set(0, b"FWRQ"), "default: malformed reply: bad reply magic"),
         (
-            set(4, &[2, 0]),
+            set(4, &[1, 0]),
             "default: malformed reply: unsupported protocol version",
         ),
         (
@@ -1808,8 +1821,9 @@ fn icmp_is_not_filtered() {
     let driver = load(&machine, firewall_driver::DriverEntry);
     assert_eq!(
         machine.debug_output()[0],
-        "firewall: asking the service on \\WfpRsFirewallPort (500 ms timeout, default deny, \
-         1024 cache entries, 2048 pends at most, overload deny, loopback permitted)\n"
+        "firewall: asking the service through the question channel on WfpRsFirewallAsk \
+         (500 ms timeout, default deny, 1024 cache entries, 2048 pends at most, overload deny, \
+         loopback permitted)\n"
     );
     let ping = Connection {
         protocol: IpProtocol::Icmp,
@@ -2549,14 +2563,23 @@ fn unload_waits_for_the_reauthorizations_of_completed_pends() {
 /// Every pool allocation `DriverEntry` makes — its shared state included, which is a `PoolArc`
 /// because `Arc::new` cannot report an exhausted pool — is made to fail in turn: the load fails
 /// with `STATUS_INSUFFICIENT_RESOURCES`, never a bug check, and leaves nothing behind.
+///
+/// Both designs: the port's (with the default sizes), and the channel's with 4 question slots
+/// (each slot's timer is an allocation, so the default 2056 would make the test quadratic).
 #[test]
 fn every_allocation_failure_during_load_is_reported_and_leaks_nothing() {
+    for entry in [load_port::DriverEntry, load_channel::DriverEntry] {
+        every_allocation_failure_during_load_of(entry);
+    }
+}
+
+fn every_allocation_failure_during_load_of(entry: wfp_rs_sim::DriverEntryFn) {
     let machine = Machine::new();
     let mut failures = 0;
     for skip in 0.. {
         assert!(skip < 1000, "the load has a bounded number of allocations");
         machine.fail_allocations(skip, 1);
-        match machine.load_driver("firewall", firewall_driver::DriverEntry) {
+        match machine.load_driver("firewall", entry) {
             Ok(driver) => {
                 machine.fail_allocations(0, 0);
                 unload_clean(&machine, driver);
@@ -2834,4 +2857,386 @@ fn an_installed_image_admits_it_and_a_malformed_installed_sid_fails_the_load() {
         Some(Status::INVALID_SID)
     );
     assert_eq!(machine.pool_blocks(), []);
+}
+
+// --- the whole image path (issue 11, point 5) ---------------------------------------------------
+
+configured_driver!(
+    long_paths,
+    Config {
+        default: Verdict::Allow,
+        ..PATIENT_CONFIG
+    }
+);
+configured_driver!(
+    unaskable,
+    Config {
+        default: Verdict::Allow,
+        ..PATIENT_CONFIG
+    }
+);
+
+/// A default-allow policy whose one rule denies a program by its file name, wherever it is.
+const OPEN_POLICY: &str = r#"
+default = "allow"
+
+[[rule]]
+name = "no-nc"
+action = "deny"
+app = '**\nc.exe'
+"#;
+
+/// `\device\harddiskvolume3\<folders>\<file>`, exactly `units` UTF-16 units long (ASCII, so
+/// as many bytes).
+fn long_app(units: usize, file: &str) -> String {
+    let prefix = r"\device\harddiskvolume3";
+    let mut path = prefix.to_owned();
+    let folders = units - 1 - file.len();
+    while path.len() + r"\dir".len() <= folders {
+        path.push_str(r"\dir");
+    }
+    while path.len() < folders {
+        path.push('x');
+    }
+    path.push('\\');
+    path.push_str(file);
+    assert_eq!(path.len(), units);
+    path
+}
+
+/// Issue 11, point 5: version 1 of the protocol cut an image path at 520 UTF-16 units, and
+/// under a default-allow policy a program started from a longer path escaped a deny rule that
+/// named its file. Now the whole path is asked about: the program is denied by the rule,
+/// outbound (pended, the service's verdict) and inbound (the service's cached verdict for the
+/// retransmission), from just past the old cut to the longest NT path; another program from the
+/// same folders is allowed by the policy's default. The driver itself fails open, so a deny can
+/// only be the rule's.
+#[test]
+fn a_program_from_a_long_path_is_denied_by_the_rule_naming_its_file() {
+    let machine = Machine::new();
+    let driver = load(&machine, long_paths::DriverEntry);
+    let policy = Arc::new(Mutex::new(rules(OPEN_POLICY)));
+    let (log, service) = serve(&machine, Arc::clone(&policy), 1, seed());
+    let lengths = [521, 600, 4096, firewall_protocol::MAX_PATH_UNITS];
+    for (n, &units) in lengths.iter().enumerate() {
+        let n = n as u16;
+        let nc = long_app(units, "nc.exe");
+        let ok = long_app(units, "ok.exe");
+        let out = |app: &str, local_port| {
+            connection(
+                500 + u64::from(n),
+                app,
+                IpProtocol::Tcp,
+                SimDirection::Outbound,
+                local_port,
+                web(7, 443),
+            )
+        };
+        let (denied, allowed) = (out(&nc, 40_000 + 2 * n), out(&ok, 40_001 + 2 * n));
+        let what = format!("{units} units");
+        assert_eq!(
+            decided_once(&denied, &machine.connect(&denied, AleIrql::Dispatch), &what),
+            (Action::Block, true),
+            "{what}: asked, and denied by the rule"
+        );
+        // Pended, not answered from the cache: the same process and remote endpoint, paths
+        // equal but for their last units, so the cache key must hash the whole path.
+        assert_eq!(
+            decided_once(
+                &allowed,
+                &machine.connect(&allowed, AleIrql::Dispatch),
+                &what
+            ),
+            (Action::Permit, true),
+            "{what}: another program from the same folders"
+        );
+
+        // Inbound: the first attempt gets the (fail-open) default, the retransmission the
+        // service's cached verdict.
+        let peer = connection(
+            600 + u64::from(n),
+            &nc,
+            IpProtocol::Tcp,
+            SimDirection::Inbound,
+            4_000,
+            SocketAddr::new(Ipv4Addr::new(192, 0, 2, 99).into(), 50_000 + n),
+        );
+        machine.connect(&peer, AleIrql::Dispatch);
+        wait_for_background_asks(&machine, n as usize + 1);
+        assert_eq!(
+            decided_once(&peer, &machine.connect(&peer, AleIrql::Dispatch), &what),
+            (Action::Block, false),
+            "{what}: inbound, the cached verdict of the rule"
+        );
+    }
+    let stats = long_paths::STATS.snapshot();
+    assert_eq!(stats.unaskable, 0, "{stats:?}");
+    unload_clean(&machine, driver);
+    for thread in service {
+        thread.join().unwrap();
+    }
+    // The service saw each whole path, and decided by the rule.
+    let log = log.lock().unwrap();
+    assert_eq!(log.len(), 3 * lengths.len());
+    for answered in log.iter() {
+        let path: String = answered.request.image_path.chars_lossy().collect();
+        assert!(lengths.contains(&path.len()), "{}", path.len());
+        let expected = if path.ends_with(r"\nc.exe") {
+            Verdict::Deny
+        } else {
+            Verdict::Allow
+        };
+        assert_eq!(answered.valid, Some(expected), "{} units", path.len());
+    }
+}
+
+/// The defensive bound: an application id a request cannot carry whole — longer than any NT
+/// path, or not a path (a NUL inside) — is never asked about with a part of it, and never given
+/// a decision more permissive than the service's could be: it is denied, whatever the default
+/// (here allow), outbound and inbound, at once, counted and logged. The longest NT path is
+/// asked about as usual.
+#[test]
+fn a_path_no_request_can_carry_whole_is_denied_without_asking() {
+    let machine = Machine::new();
+    let driver = load(&machine, unaskable::DriverEntry);
+    let service = serve_simply(connected_client(&machine), OPEN_POLICY);
+    let too_long = long_app(firewall_protocol::MAX_PATH_UNITS + 1, "ok.exe");
+    let nul_inside = format!("{}\0{}", APPS[0], r"\nc.exe");
+    let mut attempts = 0u16;
+    for app in [&too_long, &nul_inside] {
+        for direction in [SimDirection::Outbound, SimDirection::Inbound] {
+            attempts += 1;
+            let c = connection(
+                700,
+                app,
+                IpProtocol::Tcp,
+                direction,
+                41_000 + attempts,
+                web(8, 443),
+            );
+            let what = format!("{direction:?}, {} bytes", app.len());
+            assert_eq!(
+                decided_once(&c, &machine.connect(&c, AleIrql::Dispatch), &what),
+                (Action::Block, false),
+                "{what}: denied at once, not the default"
+            );
+        }
+    }
+    let stats = unaskable::STATS.snapshot();
+    assert_eq!(
+        (stats.unaskable, stats.asked, stats.defaults),
+        (4, 0, 0),
+        "{stats:?}"
+    );
+    let denials: Vec<String> = machine
+        .debug_output()
+        .into_iter()
+        .filter(|line| line.contains("cannot be sent whole"))
+        .collect();
+    assert_eq!(
+        denials,
+        [
+            "firewall: pid 700 outbound: deny (the image path cannot be sent whole: the image path is longer than MAX_PATH_UNITS)\n",
+            "firewall: pid 700 inbound: deny (the image path cannot be sent whole: the image path is longer than MAX_PATH_UNITS)\n",
+            "firewall: pid 700 outbound: deny (the image path cannot be sent whole: the image path contains a NUL unit)\n",
+            "firewall: pid 700 inbound: deny (the image path cannot be sent whole: the image path contains a NUL unit)\n",
+        ]
+    );
+    // A reauthorization the driver did not cause (policy changed, say) finds nothing recorded
+    // or cached: denied too, not the default.
+    let reauthorized = classify_connect(&machine, &auth_connect_from(&too_long, 41_050, true));
+    assert_eq!(reauthorized.action, Action::Block, "{reauthorized:?}");
+    assert_eq!(unaskable::STATS.snapshot().unaskable, 5);
+    // The longest NT path is asked about, and the default-allow policy allows it.
+    let longest = connection(
+        701,
+        &long_app(firewall_protocol::MAX_PATH_UNITS, "ok.exe"),
+        IpProtocol::Tcp,
+        SimDirection::Outbound,
+        41_100,
+        web(8, 443),
+    );
+    assert_eq!(
+        decided_once(
+            &longest,
+            &machine.connect(&longest, AleIrql::Dispatch),
+            "longest"
+        ),
+        (Action::Permit, true)
+    );
+    assert_eq!(unaskable::STATS.snapshot().asked, 1);
+    unload_clean(&machine, driver);
+    assert_eq!(service.join().unwrap(), 1);
+}
+
+configured_driver!(
+    question_budget,
+    Config {
+        default: Verdict::Allow,
+        ..PATIENT_CONFIG
+    }
+);
+
+/// The browser's outbound TCP attempt from `app` and `local_port` to 192.0.2.5:443 at
+/// ALE_AUTH_CONNECT_V4, as `auth_connect` builds it for the browser.
+fn auth_connect_from(
+    app: &str,
+    local_port: u16,
+    reauthorization: bool,
+) -> ClassifyRequest<AleAuthConnectV4> {
+    use wfp_rs::layer::fields;
+    use wfp_rs::layer::value::ConditionFlags;
+    let request = ClassifyRequest::<AleAuthConnectV4>::new()
+        .process(100, app)
+        .with::<fields::AleAppId>(app)
+        .with::<fields::IpProtocol>(IpProtocol::Tcp)
+        .with::<fields::IpLocalAddress>(Ipv4Addr::new(10, 0, 0, 2))
+        .with::<fields::IpLocalPort>(local_port)
+        .with::<fields::IpRemoteAddress>(Ipv4Addr::new(192, 0, 2, 5))
+        .with::<fields::IpRemotePort>(443u16);
+    if reauthorization {
+        request
+            .with::<fields::Flags>(ConditionFlags::IS_REAUTHORIZE)
+            .reauthorization()
+    } else {
+        request
+            .with::<fields::Flags>(ConditionFlags::empty())
+            .pendable()
+    }
+}
+
+/// Whole paths make questions of up to 64 KiB, so the questions of the moment are bounded in
+/// bytes as well as in number: with the service holding its answers, as many longest-path
+/// questions as fit in `QUESTION_BYTES` are pended, the next one gets the overload decision
+/// (deny, although the default is allow) at once, counted and logged once, while a question
+/// with a short path still fits in what is left. Once the service answers, every pended
+/// connection gets its verdict, and long questions fit again.
+#[test]
+fn the_questions_of_the_moment_hold_at_most_question_bytes_of_pool() {
+    let machine = Machine::with_worker_threads(2);
+    let driver = load(&machine, question_budget::DriverEntry);
+    let client = connected_client(&machine);
+    let (answer_tx, answer_rx) = std::sync::mpsc::channel::<()>();
+    // Holds what it reads until told, then answers everything until the driver goes away.
+    let service = thread::spawn(move || {
+        let mut held = Vec::new();
+        loop {
+            if answer_rx.try_recv().is_ok() {
+                break;
+            }
+            if let Some(message) = client.get_message(Some(Duration::from_millis(10))) {
+                held.push(message);
+            }
+        }
+        for message in &held {
+            client.reply(message.id, &burst_reply(message)).unwrap();
+        }
+        while let Some(message) = client.get_message(None) {
+            match client.reply(message.id, &burst_reply(&message)) {
+                Ok(()) => {}
+                Err(Status::PORT_DISCONNECTED) => break,
+                Err(status) => panic!("the driver is waiting for this reply: {status}"),
+            }
+        }
+    });
+    let longest = long_app(firewall_protocol::MAX_PATH_UNITS, "app.exe");
+    let fits = firewall_driver::QUESTION_BYTES / firewall_protocol::REQUEST_MAX_LEN;
+    assert_eq!(fits, 63);
+    let ports: Vec<u16> = (0..fits as u16).map(|n| 30_001 + n).collect();
+    let mut pendings: Vec<_> = ports
+        .iter()
+        .map(|&port| {
+            let decision = classify_connect(&machine, &auth_connect_from(&longest, port, false));
+            decision
+                .pending
+                .unwrap_or_else(|| panic!("port {port} pended: {decision:?}"))
+        })
+        .collect();
+    let refused = classify_connect(&machine, &auth_connect_from(&longest, 30_100, false));
+    assert_eq!(
+        (refused.action, refused.pending),
+        (Action::Block, None),
+        "the overload decision, not the default (allow): {refused:?}"
+    );
+    let stats = question_budget::STATS.snapshot();
+    assert_eq!((stats.overloaded, stats.defaults), (1, 0), "{stats:?}");
+    // An inbound miss gets the default at once, as always, but its question does not fit:
+    // it is not asked about in the background.
+    let inbound = connection(
+        100,
+        &longest,
+        IpProtocol::Tcp,
+        SimDirection::Inbound,
+        8_080,
+        web(6, 50_000),
+    );
+    assert_eq!(
+        decided_once(
+            &inbound,
+            &machine.connect(&inbound, AleIrql::Dispatch),
+            "in"
+        ),
+        (Action::Permit, false)
+    );
+    wait_for_background_asks(&machine, 1);
+    let stats = question_budget::STATS.snapshot();
+    assert_eq!(
+        (
+            stats.background_asks,
+            stats.background_skipped,
+            stats.defaults
+        ),
+        (0, 1, 1),
+        "{stats:?}"
+    );
+    assert!(
+        machine.debug_output().iter().any(|l| l.ends_with(
+            "not asking: the questions waiting for the service hold 4194304 bytes of pool)\n"
+        )),
+        "{:#?}",
+        machine.debug_output()
+    );
+    // A short question still fits beside them.
+    let short_port = 30_200;
+    let short = classify_connect(&machine, &auth_connect_from(APPS[0], short_port, false));
+    pendings.push(short.pending.expect("a short question fits"));
+    let (started, _) = overload_lines(&machine);
+    let budget_lines: Vec<_> = machine
+        .debug_output()
+        .into_iter()
+        .filter(|l| l.contains("hold 4194304 bytes of pool; new connections"))
+        .collect();
+    assert_eq!(
+        (started.len(), budget_lines.len()),
+        (0, 1),
+        "{budget_lines:?}"
+    );
+
+    answer_tx.send(()).unwrap();
+    complete_all(&machine, pendings);
+    for &port in ports.iter() {
+        let decision = classify_connect(&machine, &auth_connect_from(&longest, port, true));
+        assert_eq!(decision.action, action(burst_verdict(port)), "port {port}");
+    }
+    let decision = classify_connect(&machine, &auth_connect_from(APPS[0], short_port, true));
+    assert_eq!(decision.action, action(burst_verdict(short_port)));
+    // The questions are gone with their work items: a long one fits again.
+    let again = classify_connect(&machine, &auth_connect_from(&longest, 30_300, false));
+    complete_all(&machine, vec![again.pending.expect("pended again")]);
+    let decision = classify_connect(&machine, &auth_connect_from(&longest, 30_300, true));
+    assert_eq!(decision.action, action(burst_verdict(30_300)));
+    let ended: Vec<_> = machine
+        .debug_output()
+        .into_iter()
+        .filter(|l| l.contains("pending again; 1 connection(s) got deny (overload)"))
+        .collect();
+    assert_eq!(ended.len(), 1, "the burst's end is logged once");
+    unload_clean(&machine, driver);
+    service.join().unwrap();
+    let stats = question_budget::STATS.snapshot();
+    assert_eq!(
+        (stats.overloaded, stats.defaults, stats.answered),
+        (1, 1, fits as u64 + 2),
+        "{stats:?}"
+    );
 }

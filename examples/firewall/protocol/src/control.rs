@@ -31,8 +31,6 @@ use core::fmt;
 use wfp_rs::inverted::{ControlCode, RequiredAccess};
 use wfp_rs::port::Malformed;
 
-use crate::VERSION;
-
 /// The driver's control device, as the driver names it (`\Device\WfpRsFirewall`).
 pub const CONTROL_DEVICE_NAME: &str = "WfpRsFirewall";
 /// The control device as user mode opens it.
@@ -40,6 +38,10 @@ pub const CONTROL_DEVICE_PATH: &str = r"\\.\WfpRsFirewall";
 
 /// `CTL_CODE(0x8A5E, 0x801, METHOD_BUFFERED, FILE_WRITE_ACCESS)`: revoke cached verdicts.
 pub const REVOKE: ControlCode = ControlCode::buffered(0x8A5E, 0x801, RequiredAccess::Write);
+
+/// The version of the control commands' format, which is the port messages' own
+/// ([`crate::VERSION`]): the commands did not change when the requests did.
+pub const VERSION: u16 = 1;
 
 /// The revoke request's magic, `"FWRV"`.
 pub const REVOKE_MAGIC: [u8; 4] = *b"FWRV";

@@ -5,7 +5,14 @@
 //! the service answers with a [`ConnectionReply`]. [`FirewallProtocol`] pairs them, so the driver
 //! opens a `ServerPort<FirewallProtocol>`; the service, which receives and sends raw bytes through
 //! `wfp_rs::user`, calls the same [`Message::decode`] and [`Message::encode`]. The crate is
-//! `#![no_std]` and allocation-free, so both sides link the one implementation.
+//! `#![no_std]` (with `alloc`), so both sides link the one implementation.
+//!
+//! The driver does not build a [`ConnectionRequest`] (whose [`ImagePath`] owns up to 64 KiB):
+//! it takes the image path where the classification holds it ([`PathBytes`]) and encodes the
+//! request with its other fields ([`RequestHead`]) into one buffer of exactly the request's
+//! length ([`RequestHead::encode_with_path`], which allocates nothing), then sends those bytes
+//! as they are (`ServerPort::send_encoded`). The service decodes them into a
+//! [`ConnectionRequest`].
 //!
 //! # Wire format
 //!
@@ -14,7 +21,7 @@
 //! 12 are zero. Every reserved field and every unused flag bit is zero, and a decoder rejects a
 //! message where it is not, so that a later version can give them a meaning.
 //!
-//! ## Request (driver → service): a 72-byte header, then the image path
+//! ## Request (driver → service): a 72-byte header, then the whole image path
 //!
 //! The header is [`RawRequestHeader`] (`#[repr(C)]`, no padding; its layout is pinned at compile
 //! time):
@@ -22,33 +29,50 @@
 //! | Offset | Size | Field            | Meaning                                                  |
 //! |-------:|-----:|------------------|----------------------------------------------------------|
 //! | 0      | 4    | `magic`          | `"FWRQ"` ([`REQUEST_MAGIC`])                             |
-//! | 4      | 2    | `version`        | [`VERSION`] (1)                                          |
+//! | 4      | 2    | `version`        | [`VERSION`] (2)                                          |
 //! | 6      | 2    | `reserved0`      | 0                                                        |
 //! | 8      | 8    | `request_id`     | chosen by the driver, echoed by the reply                |
 //! | 16     | 8    | `process_id`     | the connecting process                                   |
 //! | 24     | 1    | `direction`      | 0 = outbound, 1 = inbound ([`Direction`])                |
 //! | 25     | 1    | `ip_protocol`    | IANA protocol number (6 = TCP, 17 = UDP, ...)            |
 //! | 26     | 1    | `ip_version`     | 4 or 6, for both addresses                               |
-//! | 27     | 1    | `flags`          | bit 0: [`FLAG_PATH_TRUNCATED`]; other bits 0             |
+//! | 27     | 1    | `flags`          | 0 (no flag is defined in version 2)                      |
 //! | 28     | 2    | `path_len`       | image path length in UTF-16 units, without the NUL, at most [`MAX_PATH_UNITS`] |
 //! | 30     | 2    | `reserved1`      | 0                                                        |
 //! | 32     | 2    | `local_port`     | local port (0 for protocols without ports)               |
 //! | 34     | 2    | `remote_port`    | remote port                                              |
-//! | 36     | 4    | `reserved2`      | 0                                                        |
+//! | 36     | 4    | `message_len`    | the whole request's length in bytes, `72 + 2 × (path_len + 1)` |
 //! | 40     | 16   | `local_address`  | local address                                            |
 //! | 56     | 16   | `remote_address` | remote address                                           |
 //! | 72     | 2 × (`path_len` + 1) | path | the process image as an NT device path (`\Device\HarddiskVolume3\...`), UTF-16LE, then one NUL unit |
 //!
 //! A request is therefore between [`REQUEST_MIN_LEN`] (74, an empty path: the image is unknown,
-//! as for the System process) and [`REQUEST_MAX_LEN`] (1114) bytes, and its length must be
-//! exactly `72 + 2 × (path_len + 1)`. The path holds no NUL before its terminator. It is not
-//! required to be well-formed UTF-16 (NT names may hold unpaired surrogates), so the service
-//! converts it lossily for display and matching.
+//! as for the System process) and [`REQUEST_MAX_LEN`] (65608) bytes. Its length is stated twice,
+//! by `message_len` and by `path_len`, and a decoder rejects the request unless both agree with
+//! the number of bytes it received: a transport that hands over a buffer larger than the
+//! message (an I/O control request's output buffer) cannot make a short request look longer,
+//! nor a long one shorter. The path holds no NUL before its terminator. It is not required to
+//! be well-formed UTF-16 (NT names may hold unpaired surrogates), so the service converts it
+//! lossily for display and matching.
 //!
-//! A path longer than [`MAX_PATH_UNITS`] (520 units: twice `MAX_PATH`, room for a device prefix
-//! before any ordinary path) is cut to its first 520 units and marked with
-//! [`FLAG_PATH_TRUNCATED`]; a truncated path always has exactly 520 units. The service should not
-//! match path rules against a truncated path as if it were whole.
+//! ### The whole path, never a part of it
+//!
+//! A request carries the image path whole, or it is not sent. [`MAX_PATH_UNITS`] is 32767
+//! UTF-16 units, `UNICODE_STRING_MAX_CHARS` of `ntdef.h`: a `UNICODE_STRING` states its length
+//! in bytes in a `USHORT`, so no NT path is longer. The application id WFP hands a callout
+//! (`FWPM_CONDITION_ALE_APP_ID`, an `FWP_BYTE_BLOB`) is such a path with a NUL after it
+//! (INFERRED: that WFP builds it from the process image's `UNICODE_STRING`; the documentation
+//! gives its type, not its bound). So every path Windows can produce fits, and there is no
+//! "truncated" flag: version 1 cut paths at 520 units and marked them, and under a
+//! default-allow policy a program started from a longer path escaped a deny rule naming its
+//! file (`app = '**\nc.exe'`), which matched neither the cut path nor, in the service, one
+//! marked as cut.
+//!
+//! The one bound left is defensive: an application id this format cannot carry whole (longer
+//! than [`MAX_PATH_UNITS`], an odd number of bytes, a NUL inside) makes
+//! [`PathBytes::from_app_id`] fail, and a driver must then decide without asking, never more
+//! permissively than the service could have: the example driver denies such a connection,
+//! whatever its default, counts it and logs it.
 //!
 //! ## Reply (service → driver): 24 bytes
 //!
@@ -57,7 +81,7 @@
 //! | Offset | Size | Field           | Meaning                                                   |
 //! |-------:|-----:|-----------------|-----------------------------------------------------------|
 //! | 0      | 4    | `magic`         | `"FWRP"` ([`REPLY_MAGIC`])                                |
-//! | 4      | 2    | `version`       | [`VERSION`] (1)                                           |
+//! | 4      | 2    | `version`       | [`VERSION`] (2)                                           |
 //! | 6      | 1    | `verdict`       | 0 = deny, 1 = allow ([`Verdict`])                         |
 //! | 7      | 1    | `reserved0`     | 0                                                         |
 //! | 8      | 8    | `request_id`    | the request's, echoed                                     |
@@ -83,13 +107,14 @@
 //! ```
 //! use core::net::{IpAddr, Ipv4Addr};
 //! use firewall_protocol::{
-//!     CacheLifetime, ConnectionReply, ConnectionRequest, Direction, ImagePath, Verdict,
-//!     ip_protocol,
+//!     CacheLifetime, ConnectionReply, ConnectionRequest, Direction, PathBytes, RequestHead,
+//!     Verdict, ip_protocol, request_len,
 //! };
 //! use wfp_rs::port::Message;
 //!
-//! // The driver describes the connection...
-//! let request = ConnectionRequest {
+//! // The driver describes the connection, and takes the image path from the application id
+//! // (UTF-16LE with a NUL after it) as it is...
+//! let head = RequestHead {
 //!     request_id: 1,
 //!     process_id: 4242,
 //!     direction: Direction::Outbound,
@@ -98,27 +123,38 @@
 //!     local_port: 50_000,
 //!     remote_address: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
 //!     remote_port: 443,
-//!     image_path: ImagePath::from_str_truncating(r"\Device\HarddiskVolume3\app.exe")?,
 //! };
-//! let mut bytes = [0u8; ConnectionRequest::MAX_LEN];
-//! let len = request.encode(&mut bytes)?;
+//! let app_id: Vec<u8> = concat!(r"\device\harddiskvolume3\app.exe", "\0")
+//!     .encode_utf16()
+//!     .flat_map(u16::to_le_bytes)
+//!     .collect();
+//! let path = PathBytes::from_app_id(&app_id)?;
+//! // ...into a buffer of exactly the request's length (in a driver: one pool allocation).
+//! let mut bytes = vec![0u8; request_len(path.units())];
+//! let len = head.encode_with_path(path, &mut bytes)?;
+//! assert_eq!(len, bytes.len());
 //!
-//! // ...the service decodes it and answers...
-//! let asked = ConnectionRequest::decode(&bytes[..len])?;
-//! assert_eq!(asked, request);
+//! // The service decodes it and answers...
+//! let asked = ConnectionRequest::decode(&bytes)?;
+//! assert_eq!(asked.head(), head);
+//! assert_eq!(asked.image_path.to_string(), r"\device\harddiskvolume3\app.exe");
 //! let reply = asked.reply(Verdict::Allow).cached_for(CacheLifetime::from_secs(60)?);
 //! let mut reply_bytes = [0u8; ConnectionReply::MAX_LEN];
 //! let reply_len = reply.encode(&mut reply_bytes)?;
 //!
 //! // ...and the driver checks the answer.
 //! let answer = ConnectionReply::decode(&reply_bytes[..reply_len])?;
-//! assert!(answer.answers(&request));
+//! assert!(answer.answers(&asked));
+//! assert_eq!(answer.request_id, head.request_id);
 //! assert_eq!(answer.verdict, Verdict::Allow);
 //! # Ok::<(), wfp_rs::port::Malformed>(())
 //! ```
 
 #![no_std]
 
+extern crate alloc;
+
+use alloc::vec::Vec;
 use core::fmt;
 use core::mem::{offset_of, size_of};
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -143,8 +179,8 @@ pub const ASK_DEVICE_PATH: &str = r"\\.\WfpRsFirewallAsk";
 /// The question channel ([`wfp_rs::ask`]) on [`ASK_DEVICE_NAME`]: the driver asks from
 /// `classifyFn` without a work item, the service keeps wait requests pending and answers.
 ///
-/// A question's body is an encoded [`ConnectionRequest`] (so at most [`REQUEST_MAX_LEN`]
-/// bytes, `max_question`), an answer's body an encoded [`ConnectionReply`] ([`REPLY_LEN`]
+/// A question's body is an encoded [`ConnectionRequest`] whose image path has at most
+/// [`ASK_MAX_PATH_UNITS`] units ([`ASK_MAX_QUESTION`] bytes, `max_question`), an answer's body an encoded [`ConnectionReply`] ([`REPLY_LEN`]
 /// bytes, `max_answer`): the same messages as over the port, after the channel's own 16-byte
 /// header (`wfp_rs::ask::encode_header`). The driver checks an answer as it checks a port reply:
 /// it must decode and [`answer`](ConnectionReply::answers) the request it was asked for.
@@ -154,28 +190,38 @@ pub const ASK_DEVICE_PATH: &str = r"\\.\WfpRsFirewallAsk";
 pub const ASK_CHANNEL: ChannelSpec = ChannelSpec {
     wait: ControlCode::buffered(0x8A5E, 0x810, RequiredAccess::Any),
     answer: ControlCode::buffered(0x8A5E, 0x811, RequiredAccess::Any),
-    max_question: REQUEST_MAX_LEN,
+    max_question: ASK_MAX_QUESTION,
     max_answer: REPLY_LEN,
 };
+
+/// The longest image path a question on the channel carries, in UTF-16 units: `MAX_PATH`. The
+/// channel allocates a slot of [`ASK_MAX_QUESTION`] bytes per question it may hold, at load
+/// (about 1.2 MiB of non-paged pool for the driver's 2056 slots); a slot for a question of
+/// [`REQUEST_MAX_LEN`] (64 KiB) would make that 128 MiB. The driver asks a question with a
+/// longer path through the port instead, whole.
+pub const ASK_MAX_PATH_UNITS: usize = 260;
+/// The longest question on the channel: a request with a path of [`ASK_MAX_PATH_UNITS`] units.
+pub const ASK_MAX_QUESTION: usize = request_len(ASK_MAX_PATH_UNITS);
 
 /// `RawRequestHeader::magic`: `"FWRQ"` in memory.
 pub const REQUEST_MAGIC: [u8; 4] = *b"FWRQ";
 /// `RawReply::magic`: `"FWRP"` in memory.
 pub const REPLY_MAGIC: [u8; 4] = *b"FWRP";
-/// The protocol version both sides must speak.
-pub const VERSION: u16 = 1;
-/// The longest image path a request carries, in UTF-16 units, not counting the NUL terminator.
-pub const MAX_PATH_UNITS: usize = 520;
+/// The protocol version both sides must speak. Version 2 carries the whole image path (see
+/// [the crate documentation](crate#the-whole-path-never-a-part-of-it)).
+pub const VERSION: u16 = 2;
+/// The longest image path a request carries, in UTF-16 units, not counting the NUL terminator:
+/// `UNICODE_STRING_MAX_CHARS` (`ntdef.h`), the longest NT path there is.
+pub const MAX_PATH_UNITS: usize = 32_767;
 /// The longest cache lifetime a reply may grant: one day.
 pub const MAX_CACHE_SECONDS: u32 = 86_400;
-/// `RawRequestHeader::flags` bit: the image path was longer than [`MAX_PATH_UNITS`] and holds
-/// only its first [`MAX_PATH_UNITS`] units.
-pub const FLAG_PATH_TRUNCATED: u8 = 0x01;
 /// The size of a request's fixed header, in bytes.
 pub const REQUEST_HEADER_LEN: usize = size_of::<RawRequestHeader>();
 /// The shortest request: the header and the terminator of an empty path.
 pub const REQUEST_MIN_LEN: usize = request_len(0);
-/// The longest request: the header and a path of [`MAX_PATH_UNITS`] units with its terminator.
+/// The longest request, 65608 bytes: the header and a path of [`MAX_PATH_UNITS`] units with its
+/// terminator. A transport that carries requests (the filter-manager port, an inverted call's
+/// output buffer) must take messages of this size.
 pub const REQUEST_MAX_LEN: usize = request_len(MAX_PATH_UNITS);
 /// The size of a reply, in bytes.
 pub const REPLY_LEN: usize = size_of::<RawReply>();
@@ -220,7 +266,7 @@ pub struct RawRequestHeader {
     pub ip_protocol: u8,
     /// 4 or 6.
     pub ip_version: u8,
-    /// [`FLAG_PATH_TRUNCATED`] or 0.
+    /// Zero: no flag is defined.
     pub flags: u8,
     /// Image path length in UTF-16 units, without the terminator.
     pub path_len: u16,
@@ -230,8 +276,8 @@ pub struct RawRequestHeader {
     pub local_port: u16,
     /// Remote port.
     pub remote_port: u16,
-    /// Zero.
-    pub reserved2: u32,
+    /// The whole request's length in bytes: [`request_len`]`(path_len)`.
+    pub message_len: u32,
     /// Local address, network byte order; IPv4 in the first 4 bytes.
     pub local_address: [u8; 16],
     /// Remote address, network byte order; IPv4 in the first 4 bytes.
@@ -252,7 +298,8 @@ const_assert_eq!(offset_of!(RawRequestHeader, path_len), 28);
 const_assert_eq!(offset_of!(RawRequestHeader, reserved1), 30);
 const_assert_eq!(offset_of!(RawRequestHeader, local_port), 32);
 const_assert_eq!(offset_of!(RawRequestHeader, remote_port), 34);
-const_assert_eq!(offset_of!(RawRequestHeader, reserved2), 36);
+const_assert_eq!(offset_of!(RawRequestHeader, message_len), 36);
+const_assert_eq!(REQUEST_MAX_LEN, 65_608);
 const_assert_eq!(offset_of!(RawRequestHeader, local_address), 40);
 const_assert_eq!(offset_of!(RawRequestHeader, remote_address), 56);
 
@@ -317,7 +364,7 @@ impl RawRequestHeader {
             reserved1: u16::from_le_bytes(take(bytes, offset_of!(H, reserved1))),
             local_port: u16::from_le_bytes(take(bytes, offset_of!(H, local_port))),
             remote_port: u16::from_le_bytes(take(bytes, offset_of!(H, remote_port))),
-            reserved2: u32::from_le_bytes(take(bytes, offset_of!(H, reserved2))),
+            message_len: u32::from_le_bytes(take(bytes, offset_of!(H, message_len))),
             local_address: take(bytes, offset_of!(H, local_address)),
             remote_address: take(bytes, offset_of!(H, remote_address)),
         }
@@ -374,8 +421,8 @@ impl RawRequestHeader {
         );
         put(
             &mut out,
-            offset_of!(H, reserved2),
-            &self.reserved2.to_le_bytes(),
+            offset_of!(H, message_len),
+            &self.message_len.to_le_bytes(),
         );
         put(&mut out, offset_of!(H, local_address), &self.local_address);
         put(
@@ -514,132 +561,83 @@ impl fmt::Display for Verdict {
 }
 
 /// A process image path: an NT device path (`\Device\HarddiskVolume3\Windows\app.exe`) of at
-/// most [`MAX_PATH_UNITS`] UTF-16 units with no NUL in it, held inline (no allocation), and
-/// whether it was truncated to fit.
-#[derive(Clone)]
+/// most [`MAX_PATH_UNITS`] UTF-16 units with no NUL in it, whole: there is no truncated path.
+///
+/// It owns its units (a heap allocation sized to the path): it is what the service decodes. A
+/// driver builds its requests without it, from the application id's bytes ([`PathBytes`],
+/// [`RequestHead::encode_with_path`]).
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct ImagePath {
-    units: [u16; MAX_PATH_UNITS],
-    /// At most `MAX_PATH_UNITS`; `units[len..]` are zero.
-    len: usize,
-    truncated: bool,
+    /// At most `MAX_PATH_UNITS` units, none of them NUL.
+    units: Vec<u16>,
 }
 
 impl ImagePath {
-    /// The empty path: the image is unknown (the System process, or a query that failed).
+    /// The empty path: the image is unknown (the System process).
     pub const fn empty() -> Self {
-        ImagePath {
-            units: [0; MAX_PATH_UNITS],
-            len: 0,
-            truncated: false,
-        }
+        ImagePath { units: Vec::new() }
     }
 
     /// The path `units` (without a terminator). Longer than [`MAX_PATH_UNITS`] is an error, as
-    /// is a NUL unit.
+    /// is a NUL unit: a path is carried whole or not at all.
     pub fn new(units: &[u16]) -> Result<Self, Malformed> {
-        if units.len() > MAX_PATH_UNITS {
-            return Err(Malformed("the image path is longer than MAX_PATH_UNITS"));
-        }
-        Self::from_units_truncating(units)
+        Self::from_units(units.iter().copied())
     }
 
-    /// The path `units` (without a terminator), cut to its first [`MAX_PATH_UNITS`] units and
-    /// marked truncated if it is longer. A NUL unit is an error. This is what a driver does with
-    /// the path the kernel gives it (`UNICODE_STRING::Buffer`, `Length / 2` units).
-    pub fn from_units_truncating(units: &[u16]) -> Result<Self, Malformed> {
-        let mut path = ImagePath::empty();
-        path.set_units_truncating(units.iter().copied())?;
-        Ok(path)
-    }
-
-    /// Replaces the path, in place, with `units` (without a terminator) cut to their first
-    /// [`MAX_PATH_UNITS`] and marked truncated if there are more; units past the cut are not
-    /// read. A NUL unit in the kept part is an error, and leaves the path empty.
-    ///
-    /// This is how a driver fills a request that already lives in pool memory: no second copy
-    /// of the (1 KiB) path is made on the stack, which a kernel callback cannot spare.
-    pub fn set_units_truncating<I>(&mut self, units: I) -> Result<(), Malformed>
-    where
-        I: IntoIterator<Item = u16>,
-    {
-        self.units.fill(0);
-        self.len = 0;
-        self.truncated = false;
+    /// The path made of `units`, checked as by [`new`](Self::new); reads at most one unit past
+    /// [`MAX_PATH_UNITS`].
+    fn from_units(units: impl Iterator<Item = u16>) -> Result<Self, Malformed> {
+        let mut path = Vec::new();
         for unit in units {
-            if self.len == MAX_PATH_UNITS {
-                self.truncated = true;
-                break;
-            }
             if unit == 0 {
-                self.units.fill(0);
-                self.len = 0;
                 return Err(Malformed("the image path contains a NUL unit"));
             }
-            self.units[self.len] = unit;
-            self.len += 1;
+            if path.len() == MAX_PATH_UNITS {
+                return Err(Malformed("the image path is longer than MAX_PATH_UNITS"));
+            }
+            path.push(unit);
         }
-        Ok(())
-    }
-
-    /// `path` encoded as UTF-16, truncated like [`from_units_truncating`](Self::from_units_truncating).
-    /// A NUL character is an error.
-    pub fn from_str_truncating(path: &str) -> Result<Self, Malformed> {
-        let mut out = ImagePath::empty();
-        out.set_units_truncating(path.encode_utf16())?;
-        Ok(out)
+        Ok(ImagePath { units: path })
     }
 
     /// The path's UTF-16 units, without a terminator.
     pub fn as_units(&self) -> &[u16] {
-        &self.units[..self.len]
+        &self.units
     }
 
     /// Its length in UTF-16 units.
     pub fn len(&self) -> usize {
-        self.len
+        self.units.len()
     }
 
     /// Whether the path is empty (the image is unknown).
     pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Whether the original path was longer than [`MAX_PATH_UNITS`] and this holds only its
-    /// beginning.
-    pub fn is_truncated(&self) -> bool {
-        self.truncated
+        self.units.is_empty()
     }
 
     /// The path's characters, with U+FFFD for each unpaired surrogate.
     pub fn chars_lossy(&self) -> impl Iterator<Item = char> + '_ {
-        char::decode_utf16(self.as_units().iter().copied())
+        char::decode_utf16(self.units.iter().copied())
             .map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER))
     }
 }
 
-impl Default for ImagePath {
-    fn default() -> Self {
-        ImagePath::empty()
+/// `path` encoded as UTF-16; a NUL character, or more than [`MAX_PATH_UNITS`] units, is an
+/// error.
+impl core::str::FromStr for ImagePath {
+    type Err = Malformed;
+
+    fn from_str(path: &str) -> Result<Self, Malformed> {
+        Self::from_units(path.encode_utf16())
     }
 }
 
-impl PartialEq for ImagePath {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_units() == other.as_units() && self.truncated == other.truncated
-    }
-}
-
-impl Eq for ImagePath {}
-
-/// The path, lossily (see [`ImagePath::chars_lossy`]), with `...` after a truncated one.
+/// The path, lossily (see [`ImagePath::chars_lossy`]).
 impl fmt::Display for ImagePath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use fmt::Write as _;
         for c in self.chars_lossy() {
             f.write_char(c)?;
-        }
-        if self.truncated {
-            f.write_str("...")?;
         }
         Ok(())
     }
@@ -648,6 +646,152 @@ impl fmt::Display for ImagePath {
 impl fmt::Debug for ImagePath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ImagePath(\"{self}\")")
+    }
+}
+
+/// An image path as the bytes a request carries it in (UTF-16LE, without the terminator),
+/// borrowed from wherever it lies and checked to fit a request whole: what a driver takes from
+/// the `ALE_APP_ID` field of a classification and copies into its request as it is, with no
+/// intermediate buffer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct PathBytes<'a> {
+    /// An even number of bytes, at most `2 * MAX_PATH_UNITS`, with no NUL unit.
+    bytes: &'a [u8],
+}
+
+impl<'a> PathBytes<'a> {
+    /// The path of an application id (`FWP_BYTE_BLOB` data): UTF-16LE units, the last of which
+    /// may be a NUL terminator (dropped). An odd number of bytes, a NUL unit before the last,
+    /// or more than [`MAX_PATH_UNITS`] units is an error: such a path cannot be carried whole,
+    /// and a request never carries a part of one. An empty blob is the empty path.
+    pub fn from_app_id(bytes: &'a [u8]) -> Result<Self, Malformed> {
+        if !bytes.len().is_multiple_of(2) {
+            return Err(Malformed(
+                "the application id is not whole UTF-16 units (an odd number of bytes)",
+            ));
+        }
+        let bytes = match bytes {
+            [path @ .., 0, 0] => path,
+            path => path,
+        };
+        if bytes.chunks_exact(2).any(|unit| unit == [0, 0]) {
+            return Err(Malformed("the image path contains a NUL unit"));
+        }
+        if bytes.len() / 2 > MAX_PATH_UNITS {
+            return Err(Malformed("the image path is longer than MAX_PATH_UNITS"));
+        }
+        Ok(PathBytes { bytes })
+    }
+
+    /// The path's length in UTF-16 units.
+    pub fn units(&self) -> usize {
+        self.bytes.len() / 2
+    }
+
+    /// The path's bytes: UTF-16LE, without a terminator.
+    pub fn as_bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+}
+
+impl fmt::Debug for PathBytes<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let units = self
+            .bytes
+            .chunks_exact(2)
+            .map(|pair| u16::from_le_bytes([pair[0], pair[1]]));
+        f.write_str("PathBytes(\"")?;
+        for c in char::decode_utf16(units) {
+            fmt::Write::write_char(f, c.unwrap_or(char::REPLACEMENT_CHARACTER))?;
+        }
+        f.write_str("\")")
+    }
+}
+
+/// A request's fields but the image path: what a driver knows of a connection besides its
+/// path, small enough to keep on a kernel stack and in a log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RequestHead {
+    /// The driver's identifier for this request; the reply echoes it.
+    pub request_id: u64,
+    /// The connecting process (`FWPS_METADATA_FIELD_PROCESS_ID`).
+    pub process_id: u64,
+    /// Outbound or inbound.
+    pub direction: Direction,
+    /// IANA protocol number ([`ip_protocol`] names the usual ones).
+    pub ip_protocol: u8,
+    /// The local address. Must be of the same IP version as `remote_address`, or encoding
+    /// fails.
+    pub local_address: IpAddr,
+    /// The local port (0 for protocols without ports).
+    pub local_port: u16,
+    /// The remote address.
+    pub remote_address: IpAddr,
+    /// The remote port (0 for protocols without ports).
+    pub remote_port: u16,
+}
+
+impl RequestHead {
+    /// Encodes the request made of this head and `path` into `out`, which must hold at least
+    /// [`request_len`]`(path.units())` bytes, and returns that length. Allocates nothing and
+    /// copies the path's bytes once: a driver sizes one buffer to the request and fills it
+    /// here, at any IRQL.
+    pub fn encode_with_path(
+        &self,
+        path: PathBytes<'_>,
+        out: &mut [u8],
+    ) -> Result<usize, Malformed> {
+        let tail = self.encode_header(path.units(), out)?;
+        let (units, terminator) = tail.split_at_mut(path.bytes.len());
+        units.copy_from_slice(path.bytes);
+        terminator.fill(0);
+        Ok(request_len(path.units()))
+    }
+
+    /// Writes the header of a request with a path of `path_units` units and returns the
+    /// `2 * (path_units + 1)` bytes after it, for the path and its terminator.
+    fn encode_header<'o>(
+        &self,
+        path_units: usize,
+        out: &'o mut [u8],
+    ) -> Result<&'o mut [u8], Malformed> {
+        if path_units > MAX_PATH_UNITS {
+            return Err(Malformed("the image path is longer than MAX_PATH_UNITS"));
+        }
+        let len = request_len(path_units);
+        let out = out
+            .get_mut(..len)
+            .ok_or(Malformed("the buffer is too short for this request"))?;
+        let (local_address, local_version) = address_to_wire(self.local_address);
+        let (remote_address, remote_version) = address_to_wire(self.remote_address);
+        if local_version != remote_version {
+            return Err(Malformed(
+                "the local and remote addresses are of different IP versions",
+            ));
+        }
+        let header = RawRequestHeader {
+            magic: REQUEST_MAGIC,
+            version: VERSION,
+            reserved0: 0,
+            request_id: self.request_id,
+            process_id: self.process_id,
+            direction: self.direction.to_wire(),
+            ip_protocol: self.ip_protocol,
+            ip_version: local_version,
+            flags: 0,
+            // At most MAX_PATH_UNITS (32767), checked above.
+            path_len: path_units as u16,
+            reserved1: 0,
+            local_port: self.local_port,
+            remote_port: self.remote_port,
+            // At most REQUEST_MAX_LEN (65608).
+            message_len: len as u32,
+            local_address,
+            remote_address,
+        };
+        let (head, tail) = out.split_at_mut(REQUEST_HEADER_LEN);
+        head.copy_from_slice(&header.to_bytes());
+        Ok(tail)
     }
 }
 
@@ -671,19 +815,43 @@ pub struct ConnectionRequest {
     pub remote_address: IpAddr,
     /// The remote port (0 for protocols without ports).
     pub remote_port: u16,
-    /// The process image, as an NT device path; empty when unknown.
+    /// The process image, as an NT device path, whole; empty when unknown.
     pub image_path: ImagePath,
 }
 
 impl ConnectionRequest {
+    /// The request made of `head` and `image_path`.
+    pub fn new(head: RequestHead, image_path: ImagePath) -> Self {
+        ConnectionRequest {
+            request_id: head.request_id,
+            process_id: head.process_id,
+            direction: head.direction,
+            ip_protocol: head.ip_protocol,
+            local_address: head.local_address,
+            local_port: head.local_port,
+            remote_address: head.remote_address,
+            remote_port: head.remote_port,
+            image_path,
+        }
+    }
+
+    /// Its fields but the image path.
+    pub fn head(&self) -> RequestHead {
+        RequestHead {
+            request_id: self.request_id,
+            process_id: self.process_id,
+            direction: self.direction,
+            ip_protocol: self.ip_protocol,
+            local_address: self.local_address,
+            local_port: self.local_port,
+            remote_address: self.remote_address,
+            remote_port: self.remote_port,
+        }
+    }
+
     /// The reply to this request with `verdict`, not to be cached.
     pub fn reply(&self, verdict: Verdict) -> ConnectionReply {
         ConnectionReply::new(self.request_id, verdict)
-    }
-
-    /// The length of this request's encoding, in bytes.
-    pub fn encoded_len(&self) -> usize {
-        request_len(self.image_path.len())
     }
 }
 
@@ -800,50 +968,19 @@ impl Message for ConnectionRequest {
     const MIN_LEN: usize = REQUEST_MIN_LEN;
     const MAX_LEN: usize = REQUEST_MAX_LEN;
 
+    fn encoded_len(&self) -> usize {
+        request_len(self.image_path.len())
+    }
+
     fn encode(&self, out: &mut [u8]) -> Result<usize, Malformed> {
-        let len = self.encoded_len();
-        let out = out
-            .get_mut(..len)
-            .ok_or(Malformed("the buffer is too short for this request"))?;
-        let (local_address, local_version) = address_to_wire(self.local_address);
-        let (remote_address, remote_version) = address_to_wire(self.remote_address);
-        if local_version != remote_version {
-            return Err(Malformed(
-                "the local and remote addresses are of different IP versions",
-            ));
-        }
         let path = self.image_path.as_units();
-        let header = RawRequestHeader {
-            magic: REQUEST_MAGIC,
-            version: VERSION,
-            reserved0: 0,
-            request_id: self.request_id,
-            process_id: self.process_id,
-            direction: self.direction.to_wire(),
-            ip_protocol: self.ip_protocol,
-            ip_version: local_version,
-            flags: if self.image_path.is_truncated() {
-                FLAG_PATH_TRUNCATED
-            } else {
-                0
-            },
-            // An `ImagePath` holds at most MAX_PATH_UNITS (520) units.
-            path_len: path.len() as u16,
-            reserved1: 0,
-            local_port: self.local_port,
-            remote_port: self.remote_port,
-            reserved2: 0,
-            local_address,
-            remote_address,
-        };
-        let (head, tail) = out.split_at_mut(REQUEST_HEADER_LEN);
-        head.copy_from_slice(&header.to_bytes());
+        let tail = self.head().encode_header(path.len(), out)?;
         // `tail` is 2 * (path.len() + 1) bytes: the units, then the NUL.
         let units = path.iter().copied().chain(core::iter::once(0u16));
         for (slot, unit) in tail.chunks_exact_mut(2).zip(units) {
             slot.copy_from_slice(&unit.to_le_bytes());
         }
-        Ok(len)
+        Ok(request_len(path.len()))
     }
 
     fn decode(bytes: &[u8]) -> Result<Self, Malformed> {
@@ -866,8 +1003,24 @@ impl Message for ConnectionRequest {
         if header.version != VERSION {
             return Err(Malformed("unsupported protocol version"));
         }
-        if header.reserved0 != 0 || header.reserved1 != 0 || header.reserved2 != 0 {
+        if header.reserved0 != 0 || header.reserved1 != 0 {
             return Err(Malformed("reserved request fields are not zero"));
+        }
+        // Both lengths are checked against the bytes received, before anything is read by
+        // them.
+        if usize::try_from(header.message_len).ok() != Some(bytes.len()) {
+            return Err(Malformed(
+                "the request's message_len is not the length received",
+            ));
+        }
+        let path_len = usize::from(header.path_len);
+        if path_len > MAX_PATH_UNITS {
+            return Err(Malformed("the image path is longer than MAX_PATH_UNITS"));
+        }
+        if bytes.len() != request_len(path_len) {
+            return Err(Malformed(
+                "the request length does not match its image path length",
+            ));
         }
         let direction = Direction::from_wire(header.direction)?;
         if header.ip_version != 4 && header.ip_version != 6 {
@@ -875,41 +1028,18 @@ impl Message for ConnectionRequest {
         }
         let local_address = address_from_wire(header.local_address, header.ip_version)?;
         let remote_address = address_from_wire(header.remote_address, header.ip_version)?;
-        if header.flags & !FLAG_PATH_TRUNCATED != 0 {
+        if header.flags != 0 {
             return Err(Malformed("unknown request flags are set"));
         }
-        let path_len = usize::from(header.path_len);
-        if path_len > MAX_PATH_UNITS {
-            return Err(Malformed("the image path is longer than MAX_PATH_UNITS"));
-        }
-        let truncated = header.flags & FLAG_PATH_TRUNCATED != 0;
-        if truncated && path_len != MAX_PATH_UNITS {
-            return Err(Malformed(
-                "a truncated image path is exactly MAX_PATH_UNITS long",
-            ));
-        }
-        if bytes.len() != request_len(path_len) {
-            return Err(Malformed(
-                "the request length does not match its image path length",
-            ));
-        }
-        // `tail` is exactly 2 * (path_len + 1) bytes.
-        let mut image_path = ImagePath::empty();
-        let mut units = tail
-            .chunks_exact(2)
-            .map(|pair| u16::from_le_bytes([pair[0], pair[1]]));
-        for slot in &mut image_path.units[..path_len] {
-            match units.next() {
-                Some(0) => return Err(Malformed("the image path contains a NUL unit")),
-                Some(unit) => *slot = unit,
-                None => return Err(Malformed("the image path is cut short")),
-            }
-        }
-        if units.next() != Some(0) {
+        // `tail` is exactly 2 * (path_len + 1) bytes: the path, then its terminator.
+        let (path, terminator) = tail.split_at(2 * path_len);
+        if terminator != [0, 0] {
             return Err(Malformed("the image path is not NUL-terminated"));
         }
-        image_path.len = path_len;
-        image_path.truncated = truncated;
+        let image_path = ImagePath::from_units(
+            path.chunks_exact(2)
+                .map(|pair| u16::from_le_bytes([pair[0], pair[1]])),
+        )?;
         Ok(ConnectionRequest {
             request_id: header.request_id,
             process_id: header.process_id,

@@ -105,6 +105,12 @@ struct ServeArgs {
     /// The longest wait between two attempts to connect to the driver, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     max_backoff_ms: u64,
+    /// How many threads wait for the driver's questions on its question channel.
+    #[arg(long, value_name = "N", default_value_t = crate::serve::DEFAULT_ASK_THREADS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..64))]
+    ask_threads: usize,
+    /// How many wait requests each of them keeps pending on the channel (K).
+    #[arg(long, value_name = "K", default_value_t = crate::serve::DEFAULT_ASK_OUTSTANDING, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..1024))]
+    ask_outstanding: usize,
 }
 
 #[derive(Debug, Args)]
@@ -241,6 +247,10 @@ struct DemoArgs {
     /// Also print the driver's debug output.
     #[arg(long)]
     verbose: bool,
+    /// How the driver asks the service: `channel` (the question channel, the default) or
+    /// `port` (the filter-manager port and a work item, the first design).
+    #[arg(long, value_name = "DESIGN", default_value = "channel", value_parser = ["channel", "port"])]
+    ask_via: String,
 }
 
 /// Runs the command line of this process, printing to standard output and standard error.
@@ -295,6 +305,8 @@ fn run_serve(args: ServeArgs, err: &mut dyn Write) -> u8 {
     options.volumes = args.volumes.map();
     options.poll_interval = Duration::from_millis(args.poll_ms);
     options.max_backoff = Duration::from_millis(args.max_backoff_ms);
+    options.ask_threads = args.ask_threads;
+    options.ask_outstanding = args.ask_outstanding;
     let Err(error) = serve(options);
     let _ = writeln!(err, "firewall: {error}");
     1
@@ -384,6 +396,10 @@ fn demo(args: &DemoArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
         permit_on_overload: args.permit_on_overload,
         audit: args.audit.clone(),
         verbose: args.verbose,
+        ask_via: match args.ask_via.as_str() {
+            "port" => firewall_driver::AskVia::PortAndWorkItem,
+            _ => firewall_driver::AskVia::Channel,
+        },
         launcher: None,
     };
     match crate::demo::run(&options, out) {

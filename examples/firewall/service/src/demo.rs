@@ -46,7 +46,7 @@ use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
-use firewall_driver::{Config, Firewall, Stats, StatsSnapshot};
+use firewall_driver::{AskVia, Config, Firewall, Stats, StatsSnapshot};
 use firewall_protocol::{PORT_NAME, Verdict};
 use firewall_rules::{Rules, VolumeMap};
 use serde::Deserialize;
@@ -118,6 +118,8 @@ pub struct DemoOptions {
     pub audit: Option<PathBuf>,
     /// Show the driver's debug output as it comes.
     pub verbose: bool,
+    /// How the driver asks the service (`--ask-via channel|port`).
+    pub ask_via: AskVia,
     /// How to start the service; `None`: [`this_program`].
     pub launcher: Option<Launcher>,
 }
@@ -517,6 +519,8 @@ fn since(now: StatsSnapshot, base: StatsSnapshot) -> StatsSnapshot {
     StatsSnapshot {
         cache_hits: now.cache_hits - base.cache_hits,
         asked: now.asked - base.asked,
+        asked_via_channel: now.asked_via_channel - base.asked_via_channel,
+        asked_via_port: now.asked_via_port - base.asked_via_port,
         answered: now.answered - base.answered,
         defaults: now.defaults - base.defaults,
         cached: now.cached - base.cached,
@@ -642,6 +646,7 @@ fn run_in(
     let _ = std::fs::remove_file(&audit_file);
 
     let config = Config {
+        ask_via: options.ask_via,
         default: if options.fail_open {
             Verdict::Allow
         } else {
@@ -672,7 +677,8 @@ fn run_in(
         .map_err(|s| format!("the firewall driver did not load: {s}"))?;
     let _ = writeln!(
         out,
-        "firewall demo: a simulated machine with the firewall driver loaded (fail-{}, {} s timeout, {} cache entries, {} pending questions at most, then {} on overload)",
+        "firewall demo: a simulated machine with the firewall driver loaded, asking through {} (fail-{}, {} s timeout, {} cache entries, {} pending questions at most, then {} on overload)",
+        config.ask_via,
         if options.fail_open { "open" } else { "closed" },
         config.timeout.as_secs(),
         config.cache_capacity,
@@ -690,7 +696,7 @@ fn run_in(
         identify_service(&bridge, options.launcher.unwrap_or(this_program), sid)?;
         let _ = writeln!(
             out,
-            "firewall demo: only the service's process (per-service SID {sid}) may connect to the port or open the control device"
+            "firewall demo: only the service's process (per-service SID {sid}) may connect to the port or open the question channel and the control device"
         );
     }
     let mut volumes = VolumeMap::new();
@@ -994,7 +1000,12 @@ impl Demo<'_> {
             )
         } else if outcome.pended && after.answered > before.answered {
             let rule = service_said.map_or("?", |r| r.decided_by.as_str());
-            (Source::Service, format!("service: {rule}"))
+            let via = if after.asked_via_channel > before.asked_via_channel {
+                "channel"
+            } else {
+                "port"
+            };
+            (Source::Service, format!("service ({via}): {rule}"))
         } else {
             let why = if self.service.is_none() {
                 "no service".to_owned()
@@ -1101,6 +1112,16 @@ impl Demo<'_> {
     fn print_summary(&mut self, stats: &StatsSnapshot) {
         let s = &self.summary;
         let _ = writeln!(self.out, "\nSummary");
+        let design = match (stats.asked_via_channel, stats.asked_via_port) {
+            (0, 0) => "nobody was asked (every decision came from the cache or the driver)",
+            (_, 0) => "the question channel (asked from classifyFn, no work item)",
+            (0, _) => "the port and a work item",
+            _ => "both the question channel and the port (a mixed run)",
+        };
+        let _ = writeln!(
+            self.out,
+            "  the service's answers reached the driver through {design}"
+        );
         let _ = writeln!(
             self.out,
             "  {} attempts: {} allowed, {} denied",
@@ -1113,8 +1134,10 @@ impl Demo<'_> {
         );
         let _ = writeln!(
             self.out,
-            "  driver: {} questions asked, {} answered, {} verdicts cached, {} cache hits, {} revoked, {} defaults, {} overloaded",
+            "  driver: {} questions asked ({} through the question channel, {} through the port and a work item), {} answered, {} verdicts cached, {} cache hits, {} revoked, {} defaults, {} overloaded",
             stats.asked,
+            stats.asked_via_channel,
+            stats.asked_via_port,
             stats.answered,
             stats.cached,
             stats.cache_hits,

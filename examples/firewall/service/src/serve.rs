@@ -7,7 +7,13 @@
 //! 3. Once connected, tell the driver to revoke **every** cached verdict ([`Revoke::All`](firewall_protocol::control::Revoke::All)): an
 //!    earlier instance of the service, or an earlier policy, may have let it cache verdicts this
 //!    one knows nothing about. The service's own memory starts empty then.
-//! 4. Answer requests: decode, decide, append the audit record, reply. A request that does not
+//! 4. Answer requests — from the port, and from the driver's question channel
+//!    ([`ASK_DEVICE_PATH`], opened once connected; a driver asking through the port and a work
+//!    item has none, and the service serves the port alone): decode, decide, append the audit
+//!    record, reply. On the channel, [`ServeOptions::ask_threads`] threads each keep
+//!    [`ServeOptions::ask_outstanding`] wait requests pending (`wfp_rs::user::AskClient`), so the
+//!    driver hands a question over the moment it asks; one thread decides (it holds the policy
+//!    and the audit log) and answers through the handle the question came through. A request that does not
 //!    decode (a driver speaking another protocol version, or a bug) is logged and **not
 //!    answered**: its request id cannot be trusted, and the driver applies its own default
 //!    verdict (fail-open or fail-closed, the driver's configuration) when its wait times out.
@@ -39,13 +45,22 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use firewall_protocol::control::{CONTROL_DEVICE_PATH, REVOKE, REVOKED_LEN, Revoked};
-use firewall_protocol::{CacheLifetime, ConnectionReply, ConnectionRequest, PORT_NAME};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use firewall_protocol::{
+    ASK_CHANNEL, ASK_DEVICE_PATH, CacheLifetime, ConnectionReply, ConnectionRequest, PORT_NAME,
+};
 use firewall_rules::VolumeMap;
 use wfp_rs::port::Message;
-use wfp_rs::user::{Device, PortConnection, Request};
+use wfp_rs::user::{AskClient, Device, PortConnection, Question, Request};
 
 use crate::audit::AuditLog;
 use crate::service::{LoadError, PendingRevocations, Service};
+
+// Every request the driver can send, the longest image path included, fits the buffer
+// `get_message` reads it into: one that did not would never be answered, and its connection
+// would get the driver's default instead of the rules' verdict.
+const _: () = assert!(firewall_protocol::REQUEST_MAX_LEN <= wfp_rs::user::MAX_MESSAGE_LEN);
 
 /// How `serve` runs.
 #[derive(Clone, Debug)]
@@ -69,6 +84,25 @@ pub struct ServeOptions {
     pub port_name: String,
     /// The control device for revocations; [`CONTROL_DEVICE_PATH`] normally.
     pub control_device: String,
+    /// The question channel's device; [`ASK_DEVICE_PATH`] normally.
+    pub ask_device: String,
+    /// How many threads wait for the channel's questions, each with its own handle.
+    pub ask_threads: usize,
+    /// How many wait requests each of those handles keeps pending (K).
+    pub ask_outstanding: usize,
+}
+
+/// The threads that wait for the channel's questions, by default.
+pub const DEFAULT_ASK_THREADS: usize = 2;
+/// The wait requests each keeps pending, by default.
+pub const DEFAULT_ASK_OUTSTANDING: usize = 8;
+
+/// What the service's reader threads hand the deciding thread.
+enum Incoming<'a> {
+    /// A message from the port, or the port's failure.
+    Port(io::Result<Request>),
+    /// A question from the channel, and the client to answer through.
+    Question(Question, &'a AskClient),
 }
 
 impl ServeOptions {
@@ -85,6 +119,9 @@ impl ServeOptions {
             memory_capacity: crate::service::DEFAULT_MEMORY_CAPACITY,
             port_name: PORT_NAME.to_owned(),
             control_device: CONTROL_DEVICE_PATH.to_owned(),
+            ask_device: ASK_DEVICE_PATH.to_owned(),
+            ask_threads: DEFAULT_ASK_THREADS,
+            ask_outstanding: DEFAULT_ASK_OUTSTANDING,
         }
     }
 }
@@ -234,31 +271,106 @@ impl Server {
         }
     }
 
+    /// The question channel's clients, one per reader thread; none if the driver has no
+    /// channel (it asks through the port) or it cannot be opened (logged).
+    fn open_channel(&self) -> Vec<AskClient> {
+        let mut clients = Vec::new();
+        for _ in 0..self.options.ask_threads {
+            match AskClient::open(
+                &self.options.ask_device,
+                &ASK_CHANNEL,
+                self.options.ask_outstanding,
+            ) {
+                Ok(client) => clients.push(client),
+                Err(error) => {
+                    log(format_args!(
+                        "no question channel at {} ({error}): answering the port only",
+                        self.options.ask_device
+                    ));
+                    return Vec::new();
+                }
+            }
+        }
+        log(format_args!(
+            "answering the question channel {} too: {} thread(s), {} waits pending each",
+            self.options.ask_device,
+            clients.len(),
+            self.options.ask_outstanding
+        ));
+        clients
+    }
+
     /// Answers requests until the connection fails; returns the failure.
     ///
     /// A reader thread waits in `get_message` without a timeout, which is how a broken
     /// connection shows (a wait with a timeout that ends without a message may mean either);
-    /// this thread answers what it reads and reads the rules file between messages.
+    /// the channel's readers wait for questions, each on its own handle, until the port fails
+    /// or the driver closes the channel; this thread answers what they read and reads the rules
+    /// file between messages.
     fn serve_connection(&mut self, port: &PortConnection) -> io::Error {
+        let clients = self.open_channel();
         let (sender, messages) = mpsc::channel();
-        std::thread::scope(|scope| {
+        let done = AtomicBool::new(false);
+        let error = std::thread::scope(|scope| {
+            let port_sender = sender.clone();
             scope.spawn(move || {
                 loop {
                     let message = port.get_message(None).and_then(|m| {
                         m.ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
                     });
                     let failed = message.is_err();
-                    if sender.send(message).is_err() || failed {
+                    if port_sender.send(Incoming::Port(message)).is_err() || failed {
                         return;
                     }
                 }
             });
+            for client in &clients {
+                let (sender, done) = (sender.clone(), &done);
+                scope.spawn(move || {
+                    // A bounded wait, so the thread sees `done` when the port fails while the
+                    // channel stays.
+                    while !done.load(Ordering::SeqCst) {
+                        match client.next_question(Some(Duration::from_millis(200))) {
+                            Ok(Some(question)) => {
+                                if sender.send(Incoming::Question(question, client)).is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(None) => {}
+                            Err(error) => {
+                                log(format_args!("question channel closed: {error}"));
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+            drop(sender);
+            let error = self.answer_messages(port, &messages);
+            done.store(true, Ordering::SeqCst);
+            error
+        });
+        // The clients close after this (declared first, dropped last): the driver decides
+        // what they were asked and did not answer with its default.
+        error
+    }
+
+    /// Answers what the readers send until the port fails.
+    fn answer_messages(
+        &mut self,
+        port: &PortConnection,
+        messages: &mpsc::Receiver<Incoming<'_>>,
+    ) -> io::Error {
+        {
             let mut next_poll = Instant::now() + self.options.poll_interval;
             loop {
                 let wait = next_poll.saturating_duration_since(Instant::now());
                 match messages.recv_timeout(wait) {
-                    Ok(Ok(request)) => self.answer(port, &request),
-                    Ok(Err(error)) => return error,
+                    Ok(Incoming::Port(Ok(request))) => self.answer(port, &request),
+                    Ok(Incoming::Question(question, client)) => {
+                        self.answer_question(client, &question)
+                    }
+                    Ok(Incoming::Port(Err(error))) => return error,
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => {
                         return io::Error::other("the port reader stopped");
@@ -270,19 +382,21 @@ impl Server {
                     next_poll = Instant::now() + self.options.poll_interval;
                 }
             }
-        })
+        }
     }
 
-    fn answer(&mut self, port: &PortConnection, message: &Request) {
-        let request = match ConnectionRequest::decode(&message.data) {
+    /// Decides a request, audits the decision and encodes the reply; `None` (logged) for a
+    /// request that does not decode, which is not answered.
+    fn decide(&mut self, data: &[u8]) -> Option<(u64, Vec<u8>)> {
+        let request = match ConnectionRequest::decode(data) {
             Ok(request) => request,
             Err(malformed) => {
                 log(format_args!(
                     "malformed request ({} bytes): {}; not answered (the driver applies its default when its wait times out)",
-                    message.data.len(),
+                    data.len(),
                     malformed.0
                 ));
-                return;
+                return None;
             }
         };
         let (reply, record) = self.service.decide(&request);
@@ -291,22 +405,42 @@ impl Server {
         if let Err(error) = self.audit.write(&record) {
             log(format_args!("cannot write the audit log: {error}"));
         }
-        if message.wants_reply() {
-            let mut bytes = [0u8; ConnectionReply::MAX_LEN];
-            match reply.encode(&mut bytes) {
-                Ok(len) => {
-                    if let Err(error) = port.reply(message, &bytes[..len]) {
-                        log(format_args!(
-                            "request {}: the reply was not delivered: {error}",
-                            request.request_id
-                        ));
-                    }
-                }
-                Err(error) => log(format_args!(
+        let mut bytes = [0u8; ConnectionReply::MAX_LEN];
+        match reply.encode(&mut bytes) {
+            Ok(len) => Some((request.request_id, bytes[..len].to_vec())),
+            Err(error) => {
+                log(format_args!(
                     "request {}: cannot encode the reply: {}",
                     request.request_id, error.0
-                )),
+                ));
+                None
             }
+        }
+    }
+
+    /// Answers a question from the channel, through the client it came through.
+    fn answer_question(&mut self, client: &AskClient, question: &Question) {
+        let Some((request_id, reply)) = self.decide(&question.body) else {
+            return;
+        };
+        if let Err(error) = client.answer(question.id, &reply) {
+            // Most likely late: the driver applied its default at the deadline.
+            log(format_args!(
+                "request {request_id}: the answer was not taken: {error}"
+            ));
+        }
+    }
+
+    fn answer(&mut self, port: &PortConnection, message: &Request) {
+        let Some((request_id, reply)) = self.decide(&message.data) else {
+            return;
+        };
+        if message.wants_reply()
+            && let Err(error) = port.reply(message, &reply)
+        {
+            log(format_args!(
+                "request {request_id}: the reply was not delivered: {error}"
+            ));
         }
     }
 

@@ -31,7 +31,8 @@ use core::sync::atomic::{AtomicU64, Ordering};
 /// [`Config::stats`]: crate::Config::stats
 pub struct Stats {
     cache_hits: AtomicU64,
-    asked: AtomicU64,
+    asked_via_channel: AtomicU64,
+    asked_via_port: AtomicU64,
     answered: AtomicU64,
     defaults: AtomicU64,
     loopback: AtomicU64,
@@ -43,6 +44,7 @@ pub struct Stats {
     background_asks: AtomicU64,
     background_skipped: AtomicU64,
     overloaded: AtomicU64,
+    unaskable: AtomicU64,
 }
 
 /// The counters at one moment (see [`Stats`]).
@@ -53,6 +55,14 @@ pub struct StatsSnapshot {
     /// Questions put to the port (outbound pends and inbound background asks), whether or not
     /// a service was connected to receive them.
     pub asked: u64,
+    /// Of `asked`, the questions put to the question channel ([`AskVia::Channel`]).
+    ///
+    /// [`AskVia::Channel`]: crate::AskVia::Channel
+    pub asked_via_channel: u64,
+    /// Of `asked`, the questions a work item sent over the port ([`AskVia::PortAndWorkItem`]).
+    ///
+    /// [`AskVia::PortAndWorkItem`]: crate::AskVia::PortAndWorkItem
+    pub asked_via_port: u64,
     /// Valid replies to those requests (the right `request_id`, well-formed, in time).
     pub answered: u64,
     /// Classifications decided by [`Config::default`](crate::Config::default) (every row of
@@ -85,13 +95,20 @@ pub struct StatsSnapshot {
     /// [`Config::max_pending`]: crate::Config::max_pending
     /// [`Config::overload`]: crate::Config::overload
     pub overloaded: u64,
+    /// Connections denied without asking because their image path cannot be carried whole in
+    /// a request (longer than any NT path, or not a path at all: an odd number of bytes, a NUL
+    /// inside), whatever [`Config::default`](crate::Config::default) says: a question about
+    /// part of a path could be answered more permissively than one about the whole path (not
+    /// counted in `defaults`).
+    pub unaskable: u64,
 }
 
 /// Which counter to add to.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Counter {
     CacheHits,
-    Asked,
+    AskedViaChannel,
+    AskedViaPort,
     Answered,
     Defaults,
     Loopback,
@@ -103,6 +120,7 @@ pub(crate) enum Counter {
     BackgroundAsks,
     BackgroundSkipped,
     Overloaded,
+    Unaskable,
 }
 
 impl Stats {
@@ -110,7 +128,8 @@ impl Stats {
     pub const fn new() -> Stats {
         Stats {
             cache_hits: AtomicU64::new(0),
-            asked: AtomicU64::new(0),
+            asked_via_channel: AtomicU64::new(0),
+            asked_via_port: AtomicU64::new(0),
             answered: AtomicU64::new(0),
             defaults: AtomicU64::new(0),
             loopback: AtomicU64::new(0),
@@ -122,13 +141,15 @@ impl Stats {
             background_asks: AtomicU64::new(0),
             background_skipped: AtomicU64::new(0),
             overloaded: AtomicU64::new(0),
+            unaskable: AtomicU64::new(0),
         }
     }
 
     fn counter(&self, counter: Counter) -> &AtomicU64 {
         match counter {
             Counter::CacheHits => &self.cache_hits,
-            Counter::Asked => &self.asked,
+            Counter::AskedViaChannel => &self.asked_via_channel,
+            Counter::AskedViaPort => &self.asked_via_port,
             Counter::Answered => &self.answered,
             Counter::Defaults => &self.defaults,
             Counter::Loopback => &self.loopback,
@@ -140,6 +161,7 @@ impl Stats {
             Counter::BackgroundAsks => &self.background_asks,
             Counter::BackgroundSkipped => &self.background_skipped,
             Counter::Overloaded => &self.overloaded,
+            Counter::Unaskable => &self.unaskable,
         }
     }
 
@@ -157,7 +179,9 @@ impl Stats {
         let get = |counter| self.counter(counter).load(Ordering::Relaxed);
         StatsSnapshot {
             cache_hits: get(Counter::CacheHits),
-            asked: get(Counter::Asked),
+            asked_via_channel: get(Counter::AskedViaChannel),
+            asked_via_port: get(Counter::AskedViaPort),
+            asked: get(Counter::AskedViaChannel) + get(Counter::AskedViaPort),
             answered: get(Counter::Answered),
             defaults: get(Counter::Defaults),
             loopback: get(Counter::Loopback),
@@ -169,6 +193,7 @@ impl Stats {
             background_asks: get(Counter::BackgroundAsks),
             background_skipped: get(Counter::BackgroundSkipped),
             overloaded: get(Counter::Overloaded),
+            unaskable: get(Counter::Unaskable),
         }
     }
 }
@@ -189,10 +214,12 @@ impl fmt::Display for StatsSnapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} cache hits, {} asked, {} answered, {} defaults, {} loopback, {} cached, \
-             {} expired, {} evicted, {} revoked, {} overloaded",
+            "{} cache hits, {} asked ({} through the channel, {} through the port), {} answered, {} defaults, {} loopback, {} cached, \
+             {} expired, {} evicted, {} revoked, {} overloaded, {} unaskable",
             self.cache_hits,
             self.asked,
+            self.asked_via_channel,
+            self.asked_via_port,
             self.answered,
             self.defaults,
             self.loopback,
@@ -200,7 +227,8 @@ impl fmt::Display for StatsSnapshot {
             self.expired,
             self.evicted,
             self.revoked,
-            self.overloaded
+            self.overloaded,
+            self.unaskable
         )
     }
 }

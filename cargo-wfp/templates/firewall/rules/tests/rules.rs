@@ -360,6 +360,41 @@ fn glob_semantics() {
     }
 }
 
+/// Paths of any length are matched whole: a glob naming a file matches it at the end of the
+/// longest NT path (32767 UTF-16 units), and a path only longer than the file's name does not
+/// fool it. Under a default-allow policy a deny rule naming the file decides.
+#[test]
+fn globs_match_whole_paths_of_any_length() {
+    let nc = Glob::new(r"**\nc.exe").unwrap();
+    for units in [521, 600, 4096, 32_767] {
+        let mut path = format!("C:{}", r"\d".repeat((units - r"\nc.exe".len()) / 2 - 1));
+        while path.len() + r"\nc.exe".len() < units {
+            path.push('x');
+        }
+        path.push_str(r"\nc.exe");
+        assert_eq!(path.len(), units);
+        assert!(nc.matches(&path), "{units} units");
+        assert!(!nc.matches(&format!("{path}.bak")), "{units} units");
+        assert!(!nc.matches(&path.replace(r"\nc.exe", r"\xnc.exe")));
+        let rules = Rules::parse(
+            "default = \"allow\"\n[[rule]]\nname = \"no-nc\"\naction = \"deny\"\napp = '**\\nc.exe'\n",
+        )
+        .unwrap();
+        assert_eq!(
+            decided(&rules, &out(&path, "192.0.2.1", 443, 6)),
+            (Verdict::Deny, Some("no-nc")),
+            "{units} units"
+        );
+        assert_eq!(
+            decided(
+                &rules,
+                &out(&path.replace("nc.exe", "ok.exe"), "192.0.2.1", 443, 6)
+            ),
+            (Verdict::Allow, None)
+        );
+    }
+}
+
 #[test]
 fn cidr_matching_v4_and_v6() {
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();

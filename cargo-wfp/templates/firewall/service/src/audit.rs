@@ -3,7 +3,7 @@
 //! ```json
 //! {"time":"2026-11-24T07:40:00.123Z","request_id":7,"pid":4242,
 //!  "image":"\\Device\\HarddiskVolume3\\Windows\\System32\\curl.exe",
-//!  "image_dos":"C:\\Windows\\System32\\curl.exe","image_truncated":false,
+//!  "image_dos":"C:\\Windows\\System32\\curl.exe",
 //!  "direction":"outbound","protocol":6,"protocol_name":"tcp",
 //!  "local":"10.0.0.2:50000","remote":"192.0.2.7:443","verdict":"allow",
 //!  "decided_by":"rule 4 \"curl\"","rule_index":4,"rule_name":"curl","cache_seconds":60}
@@ -33,12 +33,10 @@ pub struct AuditRecord {
     pub request_id: u64,
     /// The connecting process.
     pub pid: u64,
-    /// The process image as the driver reported it (an NT device path; lossily decoded).
+    /// The process image as the driver reported it, whole (an NT device path; lossily decoded).
     pub image: String,
     /// The path the rules matched: the DOS path when the device is mapped.
     pub image_dos: String,
-    /// Whether the driver truncated the image path.
-    pub image_truncated: bool,
     /// `"outbound"` or `"inbound"`.
     pub direction: String,
     /// IANA protocol number.
@@ -83,7 +81,6 @@ impl AuditRecord {
             pid: request.process_id,
             image: request.image_path.chars_lossy().collect(),
             image_dos: outcome.image_dos,
-            image_truncated: request.image_path.is_truncated(),
             direction: request.direction.as_str().to_owned(),
             protocol: request.ip_protocol,
             protocol_name: protocol_name(request.ip_protocol).map(str::to_owned),

@@ -41,9 +41,6 @@ use crate::audit::{AuditRecord, Outcome};
 pub const DEFAULT_CACHE_SECONDS: u32 = 60;
 /// How many cacheable verdicts the service remembers unless told otherwise.
 pub const DEFAULT_MEMORY_CAPACITY: usize = 4096;
-/// What a truncated image path gets at its end before it is matched, so that a glob naming a
-/// whole file (`**\curl.exe`) does not match the beginning of a longer path.
-pub const TRUNCATION_MARK: &str = "...";
 
 /// The rules and the verdicts the service gave under them. See the [module
 /// documentation](self).
@@ -343,14 +340,11 @@ pub fn system_volumes() -> VolumeMap {
     VolumeMap::new()
 }
 
-/// `request` as the rules see it: the image path turned into a DOS path with `volumes` (and
-/// marked with [`TRUNCATION_MARK`] if the driver truncated it).
+/// `request` as the rules see it: the image path, whole, turned into a DOS path with
+/// `volumes`.
 pub fn connection_of(request: &ConnectionRequest, volumes: &VolumeMap) -> Connection {
     let nt = request.image_path.chars_lossy().collect::<String>();
-    let mut app = volumes.to_dos_path(&nt);
-    if request.image_path.is_truncated() {
-        app.push_str(TRUNCATION_MARK);
-    }
+    let app = volumes.to_dos_path(&nt);
     Connection {
         app,
         remote: request.remote_address,

@@ -41,6 +41,35 @@ fn row(stdout: &str, n: usize) -> &str {
         .unwrap_or_else(|| panic!("no row {n} in:\n{stdout}"))
 }
 
+/// `--ask-via port`: the same scenario, the same decisions, on the port + work item design; the
+/// rows and the summary say which design decided.
+#[test]
+fn the_port_design_decides_the_same_and_says_so() {
+    let (stdout, result) = demo(DemoOptions {
+        ask_via: firewall_driver::AskVia::PortAndWorkItem,
+        ..DemoOptions::default()
+    });
+    assert!(passed(&result), "{result:?}\n{stdout}");
+    assert!(
+        stdout.contains("every decision was the expected one"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("asking through the port and a work item"),
+        "{stdout}"
+    );
+    assert!(row(&stdout, 1).contains("allow    service (port): rule 3 \"browser-web\""));
+    assert!(
+        stdout
+            .contains("the service's answers reached the driver through the port and a work item"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("(0 through the question channel,"),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn the_builtin_scenario_decides_as_expected() {
     let (stdout, result) = demo(DemoOptions::default());
@@ -50,6 +79,14 @@ fn the_builtin_scenario_decides_as_expected() {
         "{stdout}"
     );
     assert!(stdout.contains("the driver unloaded cleanly"), "{stdout}");
+    assert!(
+        stdout.contains("the service's answers reached the driver through the question channel"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("through the port and a work item), "),
+        "{stdout}"
+    );
     // The service answered through the restriction to its own identity (Linux: the bridge
     // tells its peers apart there).
     assert_eq!(
@@ -58,10 +95,10 @@ fn the_builtin_scenario_decides_as_expected() {
         "{stdout}"
     );
     // Asked, cached, denied by a rule, IPv6, inbound default then cache, no service.
-    assert!(row(&stdout, 1).contains("allow    service: rule 3 \"browser-web\""));
+    assert!(row(&stdout, 1).contains("allow    service (channel): rule 3 \"browser-web\""));
     assert!(row(&stdout, 2).contains("allow    driver cache: rule 3 \"browser-web\""));
     assert!(row(&stdout, 5).contains("[2001:db8:bad::1]:80"));
-    assert!(row(&stdout, 5).contains("deny     service: rule 2 \"block-trackers\""));
+    assert!(row(&stdout, 5).contains("deny     service (channel): rule 2 \"block-trackers\""));
     assert!(row(&stdout, 14).contains("deny     driver default (asked in the background: allow"));
     assert!(row(&stdout, 15).contains("allow    driver cache: rule 6 \"lan-in\""));
     assert!(
@@ -70,15 +107,17 @@ fn the_builtin_scenario_decides_as_expected() {
         )
     );
     assert!(row(&stdout, 23).contains("deny     driver default (no service)"));
-    assert!(row(&stdout, 25).contains("allow    service: rule 5 \"updater\""));
+    assert!(row(&stdout, 25).contains("allow    service (channel): rule 5 \"updater\""));
     // With the driver's control device, the reload revokes the cached allow, and the restarted
     // service has every cached verdict revoked.
     assert!(
         stdout.contains("revoked 1 cached verdicts (1 entries removed)"),
         "{stdout}"
     );
-    assert!(row(&stdout, 18).contains("deny     service: rule 1 \"quarantine-192.0.2.10\""));
-    assert!(row(&stdout, 24).contains("allow    service: rule 4 \"browser-web\""));
+    assert!(
+        row(&stdout, 18).contains("deny     service (channel): rule 1 \"quarantine-192.0.2.10\"")
+    );
+    assert!(row(&stdout, 24).contains("allow    service (channel): rule 4 \"browser-web\""));
     let summary = result.unwrap();
     assert_eq!(
         (summary.attempts, summary.allowed, summary.denied),
@@ -122,7 +161,7 @@ fn the_sample_trace_replays() {
         "{stdout}"
     );
     assert!(
-        row(&stdout, 9).contains("deny     service: default"),
+        row(&stdout, 9).contains("deny     service (channel): default"),
         "{stdout}"
     );
 }

@@ -18,8 +18,8 @@ use firewall_protocol::control::{
     CONTROL_DEVICE_NAME, REVOKE, REVOKE_ALL, REVOKE_MAGIC, REVOKED_LEN, Revoked,
 };
 use firewall_protocol::{
-    CacheLifetime, ConnectionReply, ConnectionRequest, Direction, FirewallProtocol, ImagePath,
-    PORT_NAME, Verdict, ip_protocol,
+    CacheLifetime, ConnectionReply, ConnectionRequest, Direction, FirewallProtocol, PORT_NAME,
+    Verdict, ip_protocol,
 };
 use wfp_rs::Status;
 use wfp_rs::driver::Driver;
@@ -274,7 +274,7 @@ fn request(id: u64, image: &str, remote: &str, port: u16, protocol: u8) -> Conne
         local_port: 40_000,
         remote_address: remote,
         remote_port: port,
-        image_path: ImagePath::from_str_truncating(image).unwrap(),
+        image_path: image.parse().unwrap(),
     }
 }
 
@@ -367,6 +367,27 @@ fn serve_answers_reloads_revokes_and_reconnects() {
     let reply = fixture.ask(&request(6, "", "10.1.1.1", 443, 6)).unwrap();
     assert_eq!(reply.verdict, Verdict::Deny);
 
+    // The longest path there is crosses whole (a 65608-byte request) and is matched whole:
+    // the rule names the file at its end.
+    let prefix = r"\Device\HarddiskVolume3";
+    let file = r"\System32\curl.exe";
+    let longest_curl = format!(
+        "{prefix}{}{file}",
+        "x".repeat(firewall_protocol::MAX_PATH_UNITS - prefix.len() - file.len())
+    );
+    let longest = request(7, &longest_curl, "10.1.1.1", 443, 6);
+    assert_eq!(
+        firewall_protocol::request_len(longest.image_path.len()),
+        firewall_protocol::REQUEST_MAX_LEN
+    );
+    let reply = fixture.ask(&longest).unwrap();
+    assert_eq!(reply.verdict, Verdict::Allow);
+    let other = longest_curl.replace("curl.exe", "cur1.exe");
+    let reply = fixture
+        .ask(&request(8, &other, "10.1.1.1", 443, 6))
+        .unwrap();
+    assert_eq!(reply.verdict, Verdict::Deny);
+
     drop(service);
     let records: Vec<AuditRecord> = std::fs::read_to_string(&audit)
         .unwrap()
@@ -393,8 +414,11 @@ fn serve_answers_reloads_revokes_and_reconnects() {
             (4, "deny", "default", "192.0.2.7:443"),
             (5, "allow", "rule 1 \"curl-lan-only\"", "10.1.1.1:443"),
             (6, "deny", "default", "10.1.1.1:443"),
+            (7, "allow", "rule 1 \"curl-lan-only\"", "10.1.1.1:443"),
+            (8, "deny", "default", "10.1.1.1:443"),
         ]
     );
+    assert_eq!(records[6].image, longest_curl);
     assert_eq!(records[0].image_dos, r"C:\Windows\System32\curl.exe");
     assert_eq!(records[0].pid, 101);
     assert!(records.iter().all(|r| r.cache_seconds == 60));

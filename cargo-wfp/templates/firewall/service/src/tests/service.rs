@@ -11,7 +11,7 @@ use crate::service::{
 };
 use firewall_protocol::control::{MAX_REVOKE_IDS, Revoke};
 use firewall_protocol::{
-    CacheLifetime, ConnectionRequest, Direction, ImagePath, MAX_PATH_UNITS, Verdict, ip_protocol,
+    CacheLifetime, ConnectionRequest, Direction, MAX_PATH_UNITS, Verdict, ip_protocol,
 };
 use firewall_rules::{Rules, VolumeMap};
 
@@ -75,7 +75,7 @@ fn request(id: u64, image: &str, remote: IpAddr, port: u16, protocol: u8) -> Con
         local_port: 50_000,
         remote_address: remote,
         remote_port: port,
-        image_path: ImagePath::from_str_truncating(image).unwrap(),
+        image_path: image.parse().unwrap(),
     }
 }
 
@@ -95,7 +95,6 @@ fn a_decision_and_its_audit_record() {
         pid: 4007,
         image: CURL.to_owned(),
         image_dos: r"C:\Windows\System32\curl.exe".to_owned(),
-        image_truncated: false,
         direction: "outbound".to_owned(),
         protocol: 6,
         protocol_name: Some("tcp".to_owned()),
@@ -170,26 +169,15 @@ fn unnamed_rules_the_default_ipv6_and_unknown_protocols_are_recorded() {
     );
 }
 
+/// The driver sends the whole path, however long, and the rules match it whole: a rule
+/// naming a file matches at the end of a path far beyond the 520 units where version 1 of the
+/// protocol cut it, and the audit record holds the whole path.
 #[test]
-fn a_truncated_path_matches_only_globs_open_at_the_end() {
+fn a_long_path_is_matched_and_recorded_whole() {
     let mut service = service(60);
-    let long_tool = format!(r"\Device\HarddiskVolume3\tools\{}\a.exe", "d".repeat(600));
-    let (reply, record) = service.decide_at(
-        &request(1, &long_tool, "198.51.100.1".parse().unwrap(), 1, 6),
-        at(0),
-    );
-    assert!(record.image_truncated);
-    assert_eq!(record.image.chars().count(), MAX_PATH_UNITS);
-    assert!(record.image_dos.ends_with("dd..."), "{}", record.image_dos);
-    assert_eq!(
-        (reply.verdict, record.decided_by.as_str()),
-        (Verdict::Allow, "rule 4 \"tools\"")
-    );
-    // The same long path ending in curl.exe: the curl rule names a file, so a truncated path
-    // (whose end is unknown) does not match it.
     let long_curl = format!(
-        r"\Device\HarddiskVolume3\{}\system32\curl.exe",
-        "d".repeat(600)
+        r"\Device\HarddiskVolume3\{}system32\curl.exe",
+        r"d\".repeat(2000)
     );
     let (reply, record) = service.decide_at(
         &request(2, &long_curl, "192.0.2.7".parse().unwrap(), 443, 6),
@@ -197,8 +185,58 @@ fn a_truncated_path_matches_only_globs_open_at_the_end() {
     );
     assert_eq!(
         (reply.verdict, record.decided_by.as_str()),
-        (Verdict::Deny, "default")
+        (Verdict::Allow, "rule 3 \"curl\"")
     );
+    assert_eq!(record.image, long_curl);
+    assert!(
+        record.image_dos.starts_with(r"C:\d\d\"),
+        "{}",
+        record.image_dos
+    );
+    assert!(record.image_dos.ends_with(r"\system32\curl.exe"));
+
+    // Under a default-allow policy, a deny rule naming a program's file denies it from the
+    // longest path there is.
+    let policy = "default = \"allow\"\n\n[[rule]]\nname = \"no-nc\"\naction = \"deny\"\napp = '**\\nc.exe'\n";
+    let rules = Rules::parse_named("open.toml", policy).unwrap();
+    let mut open = Service::new(
+        rules,
+        "open.toml",
+        volumes(),
+        CacheLifetime::from_secs(60).ok(),
+    );
+    let prefix = r"\Device\HarddiskVolume3\";
+    let file = r"\nc.exe";
+    let longest = format!(
+        "{prefix}{}{file}",
+        "x".repeat(MAX_PATH_UNITS - prefix.len() - file.len())
+    );
+    assert_eq!(longest.encode_utf16().count(), MAX_PATH_UNITS);
+    for path in [&longest[..], &longest[..600 - file.len()]] {
+        let path = if path.ends_with(file) {
+            path.to_owned()
+        } else {
+            format!("{path}{file}")
+        };
+        let (reply, record) = open.decide_at(
+            &request(3, &path, "192.0.2.7".parse().unwrap(), 443, 6),
+            at(0),
+        );
+        assert_eq!(
+            (reply.verdict, record.decided_by.as_str()),
+            (Verdict::Deny, "rule 1 \"no-nc\""),
+            "{} units",
+            path.len()
+        );
+        assert_eq!(record.image, path);
+    }
+    // Another program from the same long folder is allowed by the default.
+    let other = longest.replace(file, r"\ok.exe");
+    let (reply, _) = open.decide_at(
+        &request(4, &other, "192.0.2.7".parse().unwrap(), 443, 6),
+        at(0),
+    );
+    assert_eq!(reply.verdict, Verdict::Allow);
 }
 
 #[test]
