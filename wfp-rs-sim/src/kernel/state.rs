@@ -132,8 +132,10 @@ pub(crate) struct Kernel {
     pub wfp_txn: Condvar,
     /// The filter manager: filters, communication ports and their messages.
     pub flt: super::flt::FilterManager,
-    /// Signalled when a pended classification is completed.
-    pub wfp_pend: Condvar,
+    /// Signalled when a pended classification is completed: the one for the pend's stripe
+    /// (`wfp::pend_completed`), so that a completion wakes the connection waiting for that pend
+    /// (and the few sharing its stripe), not every connection waiting for any pend.
+    pub wfp_pend: [Condvar; 64],
     /// I/O requests, file objects, symbolic links and device security (`irp.rs`).
     pub irp: super::irp::IoManager,
     /// The interrupt-time clock: host monotonic time since the machine started, plus
@@ -277,7 +279,7 @@ impl Kernel {
             wfp_idle: Condvar::new(),
             wfp_txn: Condvar::new(),
             flt: super::flt::FilterManager::default(),
-            wfp_pend: Condvar::new(),
+            wfp_pend: std::array::from_fn(|_| Condvar::new()),
             irp: super::irp::IoManager::default(),
             clock_start: std::time::Instant::now(),
             clock_offset: AtomicU64::new(0),
