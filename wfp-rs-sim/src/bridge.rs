@@ -270,6 +270,8 @@ pub struct UserModeBridge {
     shared: Arc<Shared>,
     path: PathBuf,
     listener: Option<JoinHandle<()>>,
+    /// The listening socket, to wake the accepting thread when the bridge stops.
+    wake: Option<UnixListener>,
 }
 
 impl core::fmt::Debug for UserModeBridge {
@@ -283,6 +285,7 @@ impl core::fmt::Debug for UserModeBridge {
 impl UserModeBridge {
     pub(crate) fn start(kernel: Arc<Kernel>, path: &Path) -> io::Result<UserModeBridge> {
         let listener = UnixListener::bind(path)?;
+        let wake = listener.try_clone().ok();
         let shared = Arc::new(Shared {
             kernel,
             sessions: Mutex::new(HashMap::new()),
@@ -321,6 +324,7 @@ impl UserModeBridge {
             shared,
             path: path.to_path_buf(),
             listener: Some(listener),
+            wake,
         })
     }
 
@@ -355,11 +359,25 @@ fn peer_pid_and_exe(_stream: &UnixStream) -> Option<(u32, PathBuf)> {
     None
 }
 
+#[cfg(target_os = "linux")]
+fn wake_accept(listener: &UnixListener) -> bool {
+    rustix::net::shutdown(listener, rustix::net::Shutdown::Both).is_ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn wake_accept(_listener: &UnixListener) -> bool {
+    false
+}
+
 impl Drop for UserModeBridge {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
-        // Wake the accepting thread, which then sees `stopping`.
-        drop(UnixStream::connect(&self.path));
+        // Wake the accepting thread, which then sees `stopping`. On Linux, shutting the
+        // listening socket down fails a blocked `accept` at once, even when the socket file is
+        // gone; elsewhere (or if that fails), a connection to the socket's path wakes it.
+        if !self.wake.as_ref().is_some_and(wake_accept) {
+            drop(UnixStream::connect(&self.path));
+        }
         if let Some(listener) = self.listener.take() {
             let _ = listener.join();
         }

@@ -761,6 +761,19 @@ impl Machine {
             .count
     }
 
+    /// How many work items have been queued (`IoQueueWorkItem`) on this machine since it
+    /// started, by every driver: each one is a system worker thread's time, and a work item
+    /// that waits (for a reply over a port, say) blocks that thread meanwhile. Harness
+    /// bookkeeping: tests compare it before and after to check that a path queues no work item.
+    ///
+    /// ```
+    /// let machine = wfp_rs_sim::Machine::new();
+    /// assert_eq!(machine.work_items_queued(), 0);
+    /// ```
+    pub fn work_items_queued(&self) -> u64 {
+        self.kernel.lock().work_items_queued
+    }
+
     /// While `hold` is true, system worker threads leave queued work items in the queue; set it
     /// back to false to let them run. For tests that need a work item to stay queued.
     pub fn hold_work_items(&self, hold: bool) {

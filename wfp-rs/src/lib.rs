@@ -198,8 +198,8 @@
 //! - [`starter`](https://github.com/wfp-rs/wfp-rs/tree/main/examples/starter): the classic
 //!   starter callout — logs outbound TCP connections, blocks remote port 1234.
 //! - [`seed-fixed`](https://github.com/wfp-rs/wfp-rs/tree/main/examples/seed-fixed): the bug
-//!   above, fixed — pend, ask the service from a work item, complete, answer the
-//!   reauthorization.
+//!   above, fixed twice — pend, ask the service through the question channel from classify
+//!   (or over a port from a work item), complete, answer the reauthorization.
 //! - [`firewall`](https://github.com/wfp-rs/wfp-rs/tree/main/examples/firewall): the example
 //!   firewall — driver, user-mode service, wire protocol, rules and benchmarks.
 //! - [`sim-demo`](https://github.com/wfp-rs/wfp-rs/tree/main/examples/sim-demo): loads a

@@ -1,5 +1,5 @@
 //! The messages between the driver and its user-mode service, as they cross the filter-manager
-//! port.
+//! port or the question channel ([`CHANNEL`]).
 //!
 //! Both are 16 bytes, little-endian, laid out as these C structures (no padding):
 //!
@@ -31,6 +31,12 @@
 //!
 //! The service side uses the same implementations: it decodes requests and encodes replies.
 //!
+//! Through the question channel the same two messages are the bodies of a question and of its
+//! answer; the channel adds its own header (the question's id and the body's length) around
+//! them, and the service's [`AskClient`] takes it off and puts it on.
+//!
+//! [`AskClient`]: https://docs.rs/wfp-rs/latest/wfp_rs/user/struct.AskClient.html
+//!
 //! ```
 //! use seed_fixed::protocol::{Verdict, VerdictReply, VerdictRequest};
 //! use wfp_rs::port::Message;
@@ -44,6 +50,8 @@
 //! assert_eq!(VerdictReply::decode(&reply).unwrap().verdict, Verdict::Allow);
 //! ```
 
+use wfp_rs::ask::ChannelSpec;
+use wfp_rs::inverted::{ControlCode, RequiredAccess};
 use wfp_rs::port::{Malformed, Message, Protocol};
 
 /// `SEED_REQUEST::Magic`: `"SEDQ"` in memory.
@@ -54,6 +62,22 @@ pub const REPLY_MAGIC: [u8; 4] = *b"SEDA";
 pub const VERSION: u16 = 1;
 /// The size of both messages, in bytes.
 pub const MESSAGE_LEN: usize = 16;
+
+/// The question channel both sides agree on (the driver's `AskChannel`, the service's
+/// `AskClient`): a [`VerdictRequest`] is the question, a [`VerdictReply`] the answer.
+///
+/// ```
+/// use seed_fixed::protocol::{CHANNEL, MESSAGE_LEN};
+/// // What the service's wait requests must hold: the channel's 16-byte header and a request.
+/// assert_eq!(CHANNEL.wait_output_len(), 16 + MESSAGE_LEN);
+/// ```
+pub const CHANNEL: ChannelSpec = ChannelSpec {
+    // Function codes 0x800 and up are the vendor's; the device type too (0x8000 and up).
+    wait: ControlCode::buffered(0x8000, 0x8A0, RequiredAccess::Any),
+    answer: ControlCode::buffered(0x8000, 0x8A1, RequiredAccess::Any),
+    max_question: MESSAGE_LEN,
+    max_answer: MESSAGE_LEN,
+};
 
 /// The service's answer, and the driver's decision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

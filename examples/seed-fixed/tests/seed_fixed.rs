@@ -1,7 +1,10 @@
-//! The seed scenario, fixed, in the simulator: the driver pends each outbound TCP connection,
-//! asks a simulated user-mode service (a harness thread on the filter-manager port) from a
-//! PASSIVE_LEVEL work item, and completes the pend with the answer — or, when the service
-//! cannot answer, with the configured default.
+//! The seed scenario, fixed, in the simulator, in both designs: the driver pends each outbound
+//! TCP connection and asks a simulated user-mode service — through the question channel from
+//! classify (`Design::QuestionChannel`, the service a harness thread with
+//! `wfp_rs::user::AskClient` through the simulator's bridge), or from a PASSIVE_LEVEL work item
+//! over the filter-manager port (`Design::WorkItemAndPort`, the service a harness thread on the
+//! port) — and completes the pend with the answer, or, when the service cannot answer, with the
+//! configured default.
 //!
 //! Every test checks that each connection got exactly one final decision (pended once,
 //! reauthorized once), that it is the service's answer or the documented default, and that after
@@ -10,8 +13,9 @@
 //!
 //! Nothing here waits for a time to make something "probably" happen: the service thread
 //! replies after it has received, tests wait for states (`wait_for_port_listener`, messages
-//! received, joins), and timeouts are tested with a service that never replies, which gives the
-//! same outcome however long the timeout takes.
+//! received, connections pended, joins), port timeouts are tested with a service that never
+//! replies, which gives the same outcome however long the timeout takes, and the channel's
+//! deadlines by moving the machine's clock (`Machine::advance_clock`).
 
 #![cfg(any(not(windows), feature = "sim"))]
 
@@ -21,7 +25,7 @@ use std::thread;
 use std::time::Duration;
 
 use seed_fixed::protocol::{MESSAGE_LEN, Verdict, VerdictReply, VerdictRequest};
-use seed_fixed::{Config, PORT_NAME};
+use seed_fixed::{Config, Design, PORT_NAME};
 use wfp_rs::Status;
 use wfp_rs::classify::Action;
 use wfp_rs::layer::value::IpProtocol;
@@ -54,9 +58,11 @@ macro_rules! configured_driver {
     };
 }
 
+// The work item + port design.
 configured_driver!(
     patient,
     Config {
+        design: Design::WorkItemAndPort,
         timeout: PATIENT,
         ..Config::DEFAULT
     }
@@ -64,6 +70,7 @@ configured_driver!(
 configured_driver!(
     fail_open,
     Config {
+        design: Design::WorkItemAndPort,
         timeout: PATIENT,
         default: Verdict::Allow,
         ..Config::DEFAULT
@@ -72,7 +79,31 @@ configured_driver!(
 configured_driver!(
     impatient,
     Config {
+        design: Design::WorkItemAndPort,
         timeout: Duration::from_millis(50),
+        ..Config::DEFAULT
+    }
+);
+configured_driver!(
+    port_defaults,
+    Config {
+        design: Design::WorkItemAndPort,
+        ..Config::DEFAULT
+    }
+);
+// The question channel design (`Config::DEFAULT`'s).
+configured_driver!(
+    channel_patient,
+    Config {
+        timeout: PATIENT,
+        ..Config::DEFAULT
+    }
+);
+configured_driver!(
+    channel_fail_open,
+    Config {
+        timeout: PATIENT,
+        default: Verdict::Allow,
         ..Config::DEFAULT
     }
 );
@@ -340,12 +371,18 @@ fn many_concurrent_connections_each_get_the_services_verdict_once() {
     let machine = Machine::with_worker_threads(4);
     let driver = load(&machine, patient::DriverEntry);
     let service = serve(&machine, rule);
+    let queued_before = machine.work_items_queued();
 
     let outcomes = connect_concurrently(&machine, seed, THREADS, PER_THREAD, 10_000);
+    let total = (THREADS * PER_THREAD) as usize;
+    assert_eq!(
+        machine.work_items_queued() - queued_before,
+        total as u64,
+        "one work item (a system worker thread's time) per connection (seed {seed:#x})"
+    );
     unload_clean(&machine, driver);
     let mut asked = service.join().expect("the service thread");
 
-    let total = (THREADS * PER_THREAD) as usize;
     assert_eq!(outcomes.len(), total, "seed {seed:#x}");
     for (c, outcome) in &outcomes {
         let what = format!("pid {} {} -> {} (seed {seed:#x})", c.pid, c.local, c.remote);
@@ -726,17 +763,27 @@ fn unload_with_requests_outstanding_decides_every_pended_connection() {
 /// waits for those reauthorizations first. Unload leaves nothing behind.
 #[test]
 fn unload_under_load_decides_every_connection_once() {
-    const THREADS: u16 = 4;
-    let seed = seed();
     let machine = Machine::with_worker_threads(3);
     let driver = load(&machine, patient::DriverEntry);
     let service = serve(&machine, rule);
+    unload_under_load(&machine, driver, service);
+}
+
+/// The body of the unload-under-load tests of both designs: `service` answers with [`rule`]
+/// until unload ends it, and returns the process ids it was asked about.
+fn unload_under_load(
+    machine: &Machine,
+    driver: LoadedDriver,
+    service: thread::JoinHandle<Vec<u64>>,
+) {
+    const THREADS: u16 = 4;
+    let seed = seed();
     let unloaded = std::sync::atomic::AtomicBool::new(false);
 
     let outcomes: Vec<(Connection, ConnectOutcome)> = thread::scope(|s| {
         let workers: Vec<_> = (0..THREADS)
             .map(|t| {
-                let (machine, unloaded) = (&machine, &unloaded);
+                let unloaded = &unloaded;
                 s.spawn(move || {
                     let mut rng = Rng::new(seed, u64::from(t) + 100);
                     let mut outcomes = Vec::new();
@@ -755,10 +802,10 @@ fn unload_under_load_decides_every_connection_once() {
             })
             .collect();
         // Once the service has answered some, unload in the middle of the traffic.
-        while decisions(&machine).len() < 8 {
+        while decisions(machine).len() < 8 {
             thread::yield_now();
         }
-        unload_clean(&machine, driver);
+        unload_clean(machine, driver);
         unloaded.store(true, std::sync::atomic::Ordering::SeqCst);
         workers
             .into_iter()
@@ -814,7 +861,7 @@ fn unload_under_load_decides_every_connection_once() {
          {after_its_filters} after its filters were gone",
         outcomes.len()
     );
-    let logged = decisions(&machine);
+    let logged = decisions(machine);
     assert!(
         logged.len() >= asked.len(),
         "every request the service answered was logged"
@@ -822,14 +869,14 @@ fn unload_under_load_decides_every_connection_once() {
     assert_eq!(machine.pool_blocks(), []);
 }
 
-/// The product's own `DriverEntry` (500 ms, fail-closed) loads, says how it is configured,
-/// blocks over both IP versions while no service is connected, and unloads clean. (The unload
-/// test above runs it with a silent service; the tests that need answers use a patient timeout,
-/// so that a slow machine cannot turn an answer into a timeout.)
+/// The work item design with the product's settings (500 ms, fail-closed) loads, says how it is
+/// configured, blocks over both IP versions while no service is connected, and unloads clean.
+/// (The tests that need answers use a patient timeout, so that a slow machine cannot turn an
+/// answer into a timeout.)
 #[test]
-fn the_default_driver_entry_fails_closed_over_both_ip_versions() {
+fn the_work_item_design_with_default_settings_fails_closed_over_both_ip_versions() {
     let machine = Machine::new();
-    let driver = load(&machine, seed_fixed::DriverEntry);
+    let driver = load(&machine, port_defaults::DriverEntry);
     assert_eq!(
         machine.debug_output()[0],
         "seed-fixed: asking the service on \\WfpRsSeedPort (500 ms timeout, default block)\n"
@@ -908,16 +955,26 @@ fn allocation_failures_on_the_path_fall_back_to_the_default() {
 }
 
 /// Every pool allocation `DriverEntry` makes — the shared state included, a `PoolArc` because
-/// `Arc::new` cannot report an exhausted pool — is made to fail in turn: the load fails with
-/// `STATUS_INSUFFICIENT_RESOURCES`, never a bug check, and leaves nothing behind.
+/// `Arc::new` cannot report an exhausted pool — is made to fail in turn, in both designs: the
+/// load fails with `STATUS_INSUFFICIENT_RESOURCES`, never a bug check, and leaves nothing
+/// behind.
 #[test]
 fn every_allocation_failure_during_load_is_reported_and_leaks_nothing() {
+    for entry in [
+        seed_fixed::DriverEntry as wfp_rs_sim::DriverEntryFn,
+        port_defaults::DriverEntry,
+    ] {
+        every_allocation_failure_during_load_of(entry);
+    }
+}
+
+fn every_allocation_failure_during_load_of(entry: wfp_rs_sim::DriverEntryFn) {
     let machine = Machine::new();
     let mut failures = 0;
     for skip in 0.. {
         assert!(skip < 1000, "the load has a bounded number of allocations");
         machine.fail_allocations(skip, 1);
-        match machine.load_driver("seed-fixed", seed_fixed::DriverEntry) {
+        match machine.load_driver("seed-fixed", entry) {
             Ok(driver) => {
                 machine.fail_allocations(0, 0);
                 machine.unload_driver(driver).expect("unloads");
@@ -932,4 +989,542 @@ fn every_allocation_failure_during_load_is_reported_and_leaks_nothing() {
     }
     assert!(failures > 5, "{failures} allocation points");
     assert_eq!(machine.pool_blocks(), []);
+}
+
+// --- the question channel design ----------------------------------------------------------------
+//
+// The same scenarios with `Design::QuestionChannel`: classify asks through the channel, the
+// service (a harness thread with `wfp_rs::user::AskClient`, through the simulator's bridge as a
+// service process would) answers, the channel's `decide` completes the pend. Deadlines are the
+// machine's clock: the tests move it (`Machine::advance_clock`) instead of waiting.
+
+/// How many connections have been decided (the driver logs each decision).
+fn decided(machine: &Machine) -> usize {
+    decisions(machine).len()
+}
+
+/// Waits until `count` connections are pended and asked (the channel design logs it once the
+/// question is in the channel, so its deadline is set).
+fn wait_for_pended(machine: &Machine, count: usize) {
+    while pended(machine) < count {
+        thread::yield_now();
+    }
+}
+
+/// Connects `c` on a thread of its own (the caller moves the clock or answers meanwhile).
+fn connect_in_background<'scope>(
+    s: &'scope thread::Scope<'scope, '_>,
+    machine: &'scope Machine,
+    c: Connection,
+    irql: AleIrql,
+) -> thread::ScopedJoinHandle<'scope, ConnectOutcome> {
+    s.spawn(move || machine.connect(&c, irql))
+}
+
+/// No service has the channel open: each question waits for its deadline — not a moment less,
+/// by the machine's clock — and then gets the fail-closed default, at either IRQL.
+#[test]
+fn channel_without_a_service_each_connection_gets_the_default_at_its_deadline() {
+    let machine = Machine::new();
+    let driver = load(&machine, channel_patient::DriverEntry);
+    let queued_before = machine.work_items_queued();
+    thread::scope(|s| {
+        let waiting: Vec<_> = [AleIrql::Dispatch, AleIrql::Passive]
+            .into_iter()
+            .enumerate()
+            .map(|(n, irql)| {
+                let pid = 2 * n as u64 + 1; // the rule would allow it
+                connect_in_background(s, &machine, web(pid, 46_000 + n as u16), irql)
+            })
+            .collect();
+        wait_for_pended(&machine, 2);
+        // Half-way (a minute of margin for a slow host, whose real time moves the clock too).
+        machine.advance_clock(PATIENT / 2);
+        machine.wait_for_dpcs();
+        assert_eq!(decided(&machine), 0, "decided before the deadline");
+        machine.advance_clock(PATIENT / 2);
+        machine.wait_for_dpcs();
+        for connection in waiting {
+            let outcome = connection.join().unwrap();
+            assert_decided_once(&outcome, Verdict::Block, "no service, deadline passed");
+        }
+    });
+    let mut logged = decisions(&machine);
+    logged.sort();
+    assert_eq!(
+        logged,
+        [1, 3].map(|pid| (
+            pid,
+            "block".to_owned(),
+            "default: no reply within the timeout".to_owned()
+        ))
+    );
+    assert_eq!(machine.work_items_queued(), queued_before, "no work item");
+    unload_clean(&machine, driver);
+}
+
+/// The default is configuration in this design too: fail-open permits at the deadline.
+#[test]
+fn channel_a_fail_open_configuration_permits_at_the_deadline_without_a_service() {
+    let machine = Machine::new();
+    let driver = load(&machine, channel_fail_open::DriverEntry);
+    thread::scope(|s| {
+        let waiting = connect_in_background(s, &machine, web(2, 46_100), AleIrql::Dispatch);
+        wait_for_pended(&machine, 1);
+        machine.advance_clock(PATIENT);
+        let outcome = waiting.join().unwrap();
+        assert_decided_once(&outcome, Verdict::Allow, "even pid, fail-open");
+    });
+    assert_eq!(
+        decisions(&machine),
+        [(
+            2,
+            "allow".into(),
+            "default: no reply within the timeout".into()
+        )]
+    );
+    unload_clean(&machine, driver);
+}
+
+/// The product's own `DriverEntry` (the question channel, 500 ms, fail-closed) says how it is
+/// configured and blocks over both IP versions when nobody answers within 500 ms of the
+/// machine's clock.
+#[test]
+fn the_default_driver_entry_asks_through_the_channel_and_fails_closed_at_the_deadline() {
+    let machine = Machine::new();
+    let driver = load(&machine, seed_fixed::DriverEntry);
+    assert_eq!(
+        machine.debug_output()[0],
+        "seed-fixed: asking the service through the question channel \\\\.\\WfpRsSeedAsk \
+         (500 ms timeout, default block)\n"
+    );
+    let v6 = connection(
+        21,
+        44_100,
+        SocketAddr::new(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1).into(), 443),
+    );
+    thread::scope(|s| {
+        let over_v6 = connect_in_background(s, &machine, v6, AleIrql::Dispatch);
+        let over_v4 = connect_in_background(s, &machine, web(23, 44_101), AleIrql::Passive);
+        wait_for_pended(&machine, 2);
+        machine.advance_clock(seed_fixed::DEFAULT_TIMEOUT);
+        let over_v6 = over_v6.join().unwrap();
+        assert_decided_once(&over_v6, Verdict::Block, "pid 21 over IPv6");
+        assert_eq!(
+            over_v6.layers[2].0,
+            AleAuthConnectV6::NAME,
+            "the IPv6 callout decided"
+        );
+        let over_v4 = over_v4.join().unwrap();
+        assert_decided_once(&over_v4, Verdict::Block, "pid 23 over IPv4");
+    });
+    unload_clean(&machine, driver);
+}
+
+#[cfg(unix)]
+mod channel_service {
+    //! The tests in which a service answers: `AskClient` needs the simulator's bridge, a Unix
+    //! domain socket.
+
+    use super::*;
+    use seed_fixed::ASK_DEVICE_PATH;
+    use seed_fixed::protocol::CHANNEL;
+    use std::io::ErrorKind;
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use wfp_rs::user::AskClient;
+    use wfp_rs_sim::UserModeBridge;
+
+    /// The bridge a service process would reach the simulated machine through.
+    struct Bridge {
+        socket: PathBuf,
+        _bridge: UserModeBridge,
+    }
+
+    fn bridge(machine: &Machine) -> Bridge {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let socket = std::env::temp_dir().join(format!(
+            "wfp-rs-{}-seed-fixed-{}.sock",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_file(&socket);
+        let bridge = machine.serve_user_mode(&socket).expect("the bridge");
+        Bridge {
+            socket,
+            _bridge: bridge,
+        }
+    }
+
+    impl Bridge {
+        /// A service's client, with `outstanding` wait requests kept pending.
+        fn client(&self, outstanding: usize) -> AskClient {
+            AskClient::open_at(&self.socket, ASK_DEVICE_PATH, &CHANNEL, outstanding)
+                .expect("the service opens the channel")
+        }
+    }
+
+    /// Whether `error`, from `AskClient::next_question`, says that the driver closed the
+    /// channel: its waiting requests were cancelled, or the client's replacement request arrived
+    /// while the channel was closing (`STATUS_DELETE_PENDING`, the status the simulator's
+    /// bridge reports it with).
+    fn channel_closed(error: &std::io::Error) -> bool {
+        wfp_rs::user::is_cancelled(error) || error.to_string().contains("STATUS_DELETE_PENDING")
+    }
+
+    /// The process a question asks about.
+    fn pid_of(body: &[u8]) -> u64 {
+        VerdictRequest::decode(body)
+            .expect("the driver's encoding")
+            .pid
+    }
+
+    /// Starts the simulated service: a thread with its own client that answers every question
+    /// with `answer(pid)` until the channel closes (at unload). Returns the process ids it was
+    /// asked about, in order. (The tests that use it check that each answer decided its
+    /// connection: the driver logs "service" as the reason.)
+    fn serve_questions(
+        bridge: &Bridge,
+        answer: impl Fn(u64) -> Verdict + Send + 'static,
+    ) -> thread::JoinHandle<Vec<u64>> {
+        let client = bridge.client(8);
+        thread::spawn(move || {
+            let mut asked = Vec::new();
+            loop {
+                let question = match client.next_question(None) {
+                    Ok(Some(question)) => question,
+                    Ok(None) => unreachable!("no timeout"),
+                    Err(error) if channel_closed(&error) => break,
+                    Err(error) => panic!("the channel failed: {error}"),
+                };
+                let pid = pid_of(&question.body);
+                asked.push(pid);
+                let reply = reply_bytes(pid, answer(pid));
+                match client.answer(question.id, &reply) {
+                    Ok(()) => {}
+                    // Unload closed the channel meanwhile: the question was decided by the
+                    // close (not found any more), or the answer arrived while it was closing.
+                    Err(error) if error.kind() == ErrorKind::NotFound || channel_closed(&error) => {
+                    }
+                    Err(error) => panic!("the driver refused a timely answer: {error}"),
+                }
+            }
+            asked
+        })
+    }
+
+    /// 8 threads × 50 connections, IPv4 and IPv6, at PASSIVE_LEVEL and DISPATCH_LEVEL, with the
+    /// service answering each through the channel: every connection gets the service's verdict,
+    /// exactly once, and no work item runs.
+    #[test]
+    fn channel_many_concurrent_connections_each_get_the_services_verdict_once() {
+        const THREADS: u64 = 8;
+        const PER_THREAD: u64 = 50;
+        let seed = seed();
+        let machine = Machine::new();
+        let driver = load(&machine, channel_patient::DriverEntry);
+        let bridge = bridge(&machine);
+        let service = serve_questions(&bridge, rule);
+        let queued_before = machine.work_items_queued();
+
+        let outcomes = connect_concurrently(&machine, seed, THREADS, PER_THREAD, 10_000);
+        assert_eq!(
+            machine.work_items_queued(),
+            queued_before,
+            "the channel design queues no work item (seed {seed:#x})"
+        );
+        unload_clean(&machine, driver);
+        let mut asked = service.join().expect("the service thread");
+
+        let total = (THREADS * PER_THREAD) as usize;
+        assert_eq!(outcomes.len(), total, "seed {seed:#x}");
+        for (c, outcome) in &outcomes {
+            let what = format!("pid {} {} -> {} (seed {seed:#x})", c.pid, c.local, c.remote);
+            assert_decided_once(outcome, rule(c.pid), &what);
+        }
+        let ipv6 = outcomes.iter().filter(|(c, _)| c.remote.is_ipv6()).count();
+        assert!(
+            ipv6 > 0 && ipv6 < total,
+            "both IP versions ran (seed {seed:#x})"
+        );
+        let mut pids: Vec<u64> = outcomes.iter().map(|(c, _)| c.pid).collect();
+        pids.sort_unstable();
+        asked.sort_unstable();
+        assert_eq!(asked, pids, "one question per connection (seed {seed:#x})");
+        let logged = decisions(&machine);
+        assert_eq!(logged.len(), total, "seed {seed:#x}");
+        for (pid, verdict, reason) in &logged {
+            assert_eq!(reason, "service", "pid {pid} (seed {seed:#x})");
+            assert_eq!(*verdict, rule(*pid).as_str(), "pid {pid} (seed {seed:#x})");
+        }
+    }
+
+    /// Unload while connections keep arriving and the service keeps answering through the
+    /// channel: each attempt gets exactly one decision, no pended attempt is reauthorized after
+    /// the filters are gone, nothing is left behind.
+    #[test]
+    fn channel_unload_under_load_decides_every_connection_once() {
+        let machine = Machine::new();
+        let driver = load(&machine, channel_patient::DriverEntry);
+        let bridge = bridge(&machine);
+        let service = serve_questions(&bridge, rule);
+        unload_under_load(&machine, driver, service);
+    }
+
+    /// With the only system worker thread held (`Machine::hold_work_items`), the channel design
+    /// still decides every connection, at both IRQLs: the question needs no thread while the
+    /// service thinks. The work item design would wait here until the worker is released.
+    #[test]
+    fn the_channel_design_needs_no_system_worker_thread() {
+        let machine = Machine::with_worker_threads(1);
+        let driver = load(&machine, channel_patient::DriverEntry);
+        let bridge = bridge(&machine);
+        let service = serve_questions(&bridge, rule);
+        machine.hold_work_items(true);
+        let queued_before = machine.work_items_queued();
+        for n in 0..10u16 {
+            let irql = if n % 2 == 0 {
+                AleIrql::Dispatch
+            } else {
+                AleIrql::Passive
+            };
+            let pid = u64::from(n) + 100;
+            let outcome = machine.connect(&web(pid, 47_000 + n), irql);
+            assert_decided_once(&outcome, rule(pid), &format!("pid {pid}"));
+        }
+        assert_eq!(machine.work_items_queued(), queued_before);
+        machine.hold_work_items(false);
+        unload_clean(&machine, driver);
+        assert_eq!(service.join().unwrap(), (100..110).collect::<Vec<_>>());
+    }
+
+    /// The service's process dies holding a question: its handle closes, and that connection
+    /// gets the default at once (not at its deadline). A new service then answers again.
+    #[test]
+    fn channel_a_service_killed_mid_question_leaves_the_default_then_a_new_one_answers() {
+        let machine = Machine::new();
+        let driver = load(&machine, channel_patient::DriverEntry);
+        let bridge = bridge(&machine);
+        let client = bridge.client(2);
+        thread::scope(|s| {
+            // Pid 7 would be allowed; the service never says so.
+            let waiting = connect_in_background(s, &machine, web(7, 48_000), AleIrql::Dispatch);
+            let question = client.next_question(None).unwrap().expect("the question");
+            assert_eq!(pid_of(&question.body), 7);
+            drop(client); // the process is killed: its handle closes
+            let outcome = waiting.join().unwrap();
+            assert_decided_once(&outcome, Verdict::Block, "the question its handle held");
+        });
+        let service = serve_questions(&bridge, rule);
+        let allowed = machine.connect(&web(9, 48_001), AleIrql::Passive);
+        assert_decided_once(&allowed, Verdict::Allow, "a new service, pid 9");
+        let blocked = machine.connect(&web(10, 48_002), AleIrql::Dispatch);
+        assert_decided_once(&blocked, Verdict::Block, "a new service, pid 10");
+        unload_clean(&machine, driver);
+        assert_eq!(service.join().unwrap(), [9, 10]);
+        assert_eq!(
+            decisions(&machine),
+            [
+                (
+                    7,
+                    "block".into(),
+                    "default: the service closed its handle before it answered".into()
+                ),
+                (9, "allow".into(), "service".into()),
+                (10, "block".into(), "service".into()),
+            ]
+        );
+    }
+
+    /// Answers are untrusted and checked: one through another handle than the question's
+    /// (refused, and the question keeps waiting — here until its deadline), a late one (refused),
+    /// a duplicate (refused; the first answer stands), a malformed one (refused, the default),
+    /// one about another process (taken, the default). Every pid here is odd, so the rule would
+    /// allow it; only pid 205's answer is honoured.
+    #[test]
+    fn channel_foreign_late_duplicate_and_malformed_answers_are_refused() {
+        let machine = Machine::new();
+        let driver = load(&machine, channel_patient::DriverEntry);
+        let bridge = bridge(&machine);
+        let service = bridge.client(1);
+        thread::scope(|s| {
+            // A foreign answer, then the deadline; then the late answer.
+            let waiting = connect_in_background(s, &machine, web(201, 49_000), AleIrql::Dispatch);
+            let question = service.next_question(None).unwrap().unwrap();
+            assert_eq!(pid_of(&question.body), 201);
+            let intruder = bridge.client(1);
+            let foreign = intruder
+                .answer(question.id, &reply_bytes(201, Verdict::Allow))
+                .unwrap_err();
+            assert_eq!(foreign.kind(), ErrorKind::PermissionDenied, "{foreign}");
+            drop(intruder);
+            assert_eq!(decided(&machine), 0, "the foreign answer decided nothing");
+            machine.advance_clock(PATIENT);
+            let outcome = waiting.join().unwrap();
+            assert_decided_once(&outcome, Verdict::Block, "pid 201: the deadline");
+            let late = service
+                .answer(question.id, &reply_bytes(201, Verdict::Allow))
+                .unwrap_err();
+            assert_eq!(late.kind(), ErrorKind::NotFound, "{late}");
+
+            // Malformed: too short, too long (the channel refuses answers over 16 bytes).
+            for (n, len) in [15usize, 17].into_iter().enumerate() {
+                let pid = 211 + 2 * n as u64;
+                let waiting = connect_in_background(
+                    s,
+                    &machine,
+                    web(pid, 49_010 + n as u16),
+                    AleIrql::Dispatch,
+                );
+                let question = service.next_question(None).unwrap().unwrap();
+                let mut answer = reply_bytes(pid, Verdict::Allow);
+                answer.resize(len, 0);
+                let refused = service.answer(question.id, &answer).unwrap_err();
+                assert_eq!(
+                    refused.kind(),
+                    ErrorKind::InvalidInput,
+                    "{len} bytes: {refused}"
+                );
+                assert_decided_once(
+                    &waiting.join().unwrap(),
+                    Verdict::Block,
+                    &format!("pid {pid}"),
+                );
+            }
+
+            // Malformed: a verdict other than 0 or 1.
+            let waiting = connect_in_background(s, &machine, web(203, 49_001), AleIrql::Passive);
+            let question = service.next_question(None).unwrap().unwrap();
+            let mut bad = reply_bytes(203, Verdict::Allow);
+            bad[6] = 2;
+            let malformed = service.answer(question.id, &bad).unwrap_err();
+            assert_eq!(malformed.kind(), ErrorKind::InvalidInput, "{malformed}");
+            assert_decided_once(&waiting.join().unwrap(), Verdict::Block, "pid 203");
+
+            // The first answer decides; the duplicate is refused.
+            let waiting = connect_in_background(s, &machine, web(205, 49_002), AleIrql::Dispatch);
+            let question = service.next_question(None).unwrap().unwrap();
+            service
+                .answer(question.id, &reply_bytes(205, Verdict::Allow))
+                .unwrap();
+            let duplicate = service
+                .answer(question.id, &reply_bytes(205, Verdict::Block))
+                .unwrap_err();
+            assert_eq!(duplicate.kind(), ErrorKind::NotFound, "{duplicate}");
+            assert_decided_once(&waiting.join().unwrap(), Verdict::Allow, "pid 205");
+
+            // Well-formed, about another process.
+            let waiting = connect_in_background(s, &machine, web(207, 49_003), AleIrql::Passive);
+            let question = service.next_question(None).unwrap().unwrap();
+            service
+                .answer(question.id, &reply_bytes(209, Verdict::Allow))
+                .unwrap();
+            assert_decided_once(&waiting.join().unwrap(), Verdict::Block, "pid 207");
+        });
+        assert_eq!(
+            decisions(&machine),
+            [
+                (
+                    201,
+                    "block".into(),
+                    "default: no reply within the timeout".into()
+                ),
+                (211, "block".into(), "default: malformed answer".into()),
+                (213, "block".into(), "default: malformed answer".into()),
+                (203, "block".into(), "default: malformed answer".into()),
+                (205, "allow".into(), "service".into()),
+                (
+                    207,
+                    "block".into(),
+                    "default: the reply is about pid 209, not 207".into()
+                ),
+            ]
+        );
+        drop(service);
+        unload_clean(&machine, driver);
+    }
+
+    /// Unload while questions are outstanding — some delivered to a service that reads and
+    /// never answers, some still waiting for a request — with a two-minute deadline that never
+    /// passes: `stopping` stops the channel (`AskChannel::stop`), which decides each question
+    /// once with the default and completes its pend while the filters still exist; unload waits
+    /// for the reauthorizations, then closes the channel's device, and leaves no pend, request
+    /// or pool behind. The service's requests are cancelled, and its late answers refused.
+    #[test]
+    fn channel_unload_with_questions_outstanding_decides_each_once() {
+        const PENDED: usize = 12;
+        let machine = Machine::new();
+        let driver = load(&machine, channel_patient::DriverEntry);
+        let bridge = bridge(&machine);
+        let client = bridge.client(4);
+        let reading = AtomicBool::new(true);
+
+        let (outcomes, held) = thread::scope(|s| {
+            // The service reads questions and answers none, until unload closes the channel.
+            let service = s.spawn(|| {
+                let mut held = Vec::new();
+                while reading.load(Ordering::SeqCst) {
+                    match client.next_question(None) {
+                        Ok(Some(question)) => held.push(question),
+                        Ok(None) => unreachable!("no timeout"),
+                        Err(error) => {
+                            assert!(channel_closed(&error), "{error}");
+                            break;
+                        }
+                    }
+                }
+                held
+            });
+            let connections: Vec<_> = (0..PENDED)
+                .map(|n| {
+                    let irql = if n % 2 == 0 {
+                        AleIrql::Dispatch
+                    } else {
+                        AleIrql::Passive
+                    };
+                    let c = web(2 * n as u64 + 1, 49_100 + n as u16);
+                    (c.clone(), connect_in_background(s, &machine, c, irql))
+                })
+                .collect();
+            wait_for_pended(&machine, PENDED);
+            let unloader = s.spawn(|| machine.unload_driver(driver));
+            let outcomes: Vec<_> = connections
+                .into_iter()
+                .map(|(c, connecting)| (c, connecting.join().expect("a connection thread")))
+                .collect();
+            unloader.join().unwrap().expect("unloads");
+            reading.store(false, Ordering::SeqCst);
+            (outcomes, service.join().unwrap())
+        });
+
+        for (c, outcome) in &outcomes {
+            assert_decided_once(outcome, Verdict::Block, &format!("pid {}", c.pid));
+        }
+        let mut logged = decisions(&machine);
+        logged.sort();
+        let expected: Vec<(u64, String, String)> = outcomes
+            .iter()
+            .map(|(c, _)| (c.pid, "block".into(), "default: unloading".into()))
+            .collect();
+        assert_eq!(logged, expected, "each decided once, by the unload");
+        assert!(
+            machine.debug_output().contains(&format!(
+                "seed-fixed: stopping; {PENDED} outstanding question(s) decided\n"
+            )),
+            "{:?}",
+            machine.debug_output()
+        );
+        assert!(!held.is_empty() && held.len() <= PENDED, "{held:?}");
+        for question in &held {
+            let late = client.answer(
+                question.id,
+                &reply_bytes(pid_of(&question.body), Verdict::Allow),
+            );
+            assert!(late.is_err(), "the channel is gone: {late:?}");
+        }
+        assert_eq!(machine.pending_classifications(), 0);
+        assert_eq!(machine.pool_blocks(), [], "pool left after unload");
+        drop(client);
+        assert_eq!(machine.pending_io_requests(), 0);
+    }
 }

@@ -314,6 +314,7 @@ pub unsafe extern "system" fn IoQueueWorkItem(
     };
     record.state = WorkItemState::Queued;
     let device = record.device;
+    state.work_items_queued += 1;
     state.queue.push_back(QueuedWork {
         item: IoWorkItem as usize,
         routine,

@@ -81,6 +81,9 @@ pub(crate) struct State {
     pub devices: HashMap<usize, DeviceRecord>,
     pub work_items: HashMap<usize, WorkItemRecord>,
     pub queue: VecDeque<QueuedWork>,
+    /// How many times `IoQueueWorkItem` queued an item since the machine started (harness
+    /// bookkeeping, `Machine::work_items_queued`; nothing in Windows reads it).
+    pub work_items_queued: u64,
     /// Work items taken off `queue` whose routine has not returned yet, by driver object (no
     /// entry: none). Counted by the worker threads, under this lock, from the moment they take
     /// an item off the queue until the routine returns, even if the routine freed its item

@@ -386,6 +386,7 @@ fn every_connection_gets_exactly_one_decision_under_channel_races_and_unload() {
     let driver = machine
         .load_driver("firewall", race::DriverEntry)
         .expect("loads");
+    let queued_before = machine.work_items_queued();
     let clock = AtomicU64::new(0);
     let silent = AtomicBool::new(false);
     let closing = AtomicBool::new(false);
@@ -523,6 +524,11 @@ fn every_connection_gets_exactly_one_decision_under_channel_races_and_unload() {
         "every question went through the channel"
     );
     assert_eq!(
+        machine.work_items_queued(),
+        queued_before,
+        "no work item for any question, outbound or inbound (seed {seed:#x})"
+    );
+    assert_eq!(
         stats.answered as usize,
         taken.values().sum::<usize>(),
         "the driver took exactly the answers the service saw taken (outbound and inbound)"
@@ -632,16 +638,16 @@ fn a_path_longer_than_the_channels_slots_is_asked_through_the_port() {
     unload_clean(&machine, driver);
 }
 
-/// On the channel an outbound question holds no work item and no request buffer while it
-/// waits: only the channel's slot (allocated at load). The port design's work item holds the
-/// question's buffer (tag `FwRq`) until it ends. (`Machine::work_items_queued` is not in the
-/// simulator yet; the request buffers stand in for the work items that would carry them.)
+/// On the channel an outbound question queues no work item (`Machine::work_items_queued`) and
+/// holds no request buffer while it waits: only the channel's slot (allocated at load). The
+/// port design's work item would hold the question's buffer (tag `FwRq`) until it ends.
 #[test]
 fn the_channel_queues_no_work_item_for_outbound() {
     let machine = Machine::new();
     let driver = machine
         .load_driver("firewall", no_work_item::DriverEntry)
         .expect("loads");
+    let queued_before = machine.work_items_queued();
     let handle = open(&machine).expect("the service opens the channel");
     let waits: Vec<_> = (0..8).map(|_| wait_request(&handle)).collect();
     let request_tag = wfp_rs::pool::PoolTag::new(b"FwRq");
@@ -694,6 +700,11 @@ fn the_channel_queues_no_work_item_for_outbound() {
     });
     let stats = no_work_item::STATS.snapshot();
     assert_eq!((stats.asked_via_channel, stats.asked_via_port), (8, 0));
+    assert_eq!(
+        machine.work_items_queued(),
+        queued_before,
+        "eight questions asked and answered, no work item queued"
+    );
     drop(handle);
     unload_clean(&machine, driver);
 }

@@ -1633,6 +1633,10 @@ impl Shared {
     /// slot it allocated at load, so the question's own buffer (and its share of
     /// [`QUESTION_BYTES`]) goes when the caller drops it. A question the channel does not take
     /// comes back with the reason.
+    #[expect(
+        clippy::result_large_err,
+        reason = "the context must come back whole, and boxing it would allocate in classifyFn"
+    )]
     fn ask_on_channel(
         &self,
         irql: &mut DispatchLevel<'_>,
