@@ -791,6 +791,45 @@ impl Machine {
         }
     }
 
+    /// The most system worker threads blocked at once in a kernel wait since the machine started
+    /// or the last [`reset_blocked_max`](Self::reset_blocked_max): work item routines inside
+    /// `FltSendMessage` (from the send until the call returns) or in `KeWaitForSingleObject`
+    /// (any timeout but zero). A design that waits for user mode from work items holds one
+    /// system worker thread per question in flight; one that does not holds none.
+    ///
+    /// ```
+    /// let machine = wfp_rs_sim::Machine::new();
+    /// assert_eq!(machine.blocked_workers_max(), 0);
+    /// ```
+    pub fn blocked_workers_max(&self) -> usize {
+        self.kernel.blocked.workers_max()
+    }
+
+    /// Like [`blocked_workers_max`](Self::blocked_workers_max), for threads inside a
+    /// `classifyFn` (the seed's design waits there): not system worker threads, but threads of
+    /// whoever the network stack classified on.
+    ///
+    /// ```
+    /// let machine = wfp_rs_sim::Machine::new();
+    /// assert_eq!(machine.blocked_classifying_max(), 0);
+    /// ```
+    pub fn blocked_classifying_max(&self) -> usize {
+        self.kernel.blocked.classifying_max()
+    }
+
+    /// Starts [`blocked_workers_max`](Self::blocked_workers_max) and
+    /// [`blocked_classifying_max`](Self::blocked_classifying_max) again, from the threads blocked
+    /// now.
+    ///
+    /// ```
+    /// let machine = wfp_rs_sim::Machine::new();
+    /// machine.reset_blocked_max();
+    /// assert_eq!(machine.blocked_workers_max(), 0);
+    /// ```
+    pub fn reset_blocked_max(&self) {
+        self.kernel.blocked.reset();
+    }
+
     /// The live pool blocks, those driver code took through the global allocator (`Box`, `Vec`,
     /// `Arc`: tag [`GLOBAL_ALLOCATOR_TAG`]) included.
     pub fn pool_blocks(&self) -> Vec<PoolBlock> {

@@ -128,6 +128,8 @@ pub unsafe extern "system" fn KeWaitForSingleObject(
         None
     };
     let _waiter = (deadline.is_none()).then(|| Registered::new(&kernel, Object as usize));
+    // A poll never waits; any other call may.
+    let _blocked = (!poll).then(|| super::blocked::BlockedWait::enter(&kernel));
     let mut guard = kernel.event_lock.lock().unwrap();
     loop {
         let state = signal_state(event);

@@ -95,8 +95,31 @@ type DisconnectFn = unsafe extern "system" fn(PVOID);
 #[derive(Default)]
 pub(crate) struct FilterManager {
     state: Mutex<State>,
-    /// Signalled on every change a sender or a user-mode reader may wait for.
+    /// Signalled on every change a user-mode reader (or `wait_for_listener`) may wait for, and
+    /// with [`FilterManager::notify_everyone`] on every change a sender may wait for too.
     changed: Condvar,
+    /// Signalled for the sender of a message, by its id's stripe ([`FilterManager::sender`]):
+    /// a reply wakes the thread waiting in `FltSendMessage` for it (and the few sharing its
+    /// stripe), not every sender and reader of every port — on Windows the reply signals the
+    /// waiting sender alone.
+    senders: [Condvar; 32],
+}
+
+impl FilterManager {
+    /// The condition variable the sender of message `id` waits on.
+    fn sender(&self, id: u64) -> &Condvar {
+        let mixed = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        &self.senders[(mixed >> 59) as usize % self.senders.len()]
+    }
+
+    /// Wakes every waiter: readers, listeners' waiters and senders (a port or a connection
+    /// changed).
+    fn notify_everyone(&self) {
+        self.changed.notify_all();
+        for sender in &self.senders {
+            sender.notify_all();
+        }
+    }
 }
 
 #[derive(Default)]
@@ -219,17 +242,19 @@ fn wait<'a>(
     guard: MutexGuard<'a, State>,
     deadline: Option<Instant>,
 ) -> MutexGuard<'a, State> {
+    wait_on(&kernel.flt.changed, guard, deadline)
+}
+
+fn wait_on<'a>(
+    condvar: &Condvar,
+    guard: MutexGuard<'a, State>,
+    deadline: Option<Instant>,
+) -> MutexGuard<'a, State> {
     match deadline {
-        None => kernel
-            .flt
-            .changed
-            .wait(guard)
-            .unwrap_or_else(|p| p.into_inner()),
+        None => condvar.wait(guard).unwrap_or_else(|p| p.into_inner()),
         Some(deadline) => {
             let left = deadline.saturating_duration_since(Instant::now());
-            kernel
-                .flt
-                .changed
+            condvar
                 .wait_timeout(guard, left)
                 .unwrap_or_else(|p| p.into_inner())
                 .0
@@ -452,7 +477,7 @@ pub unsafe extern "system" fn FltUnregisterFilter(Filter: PFLT_FILTER) {
     flt.clients.retain(|_, c| c.user_open);
     flt.filters.remove(&filter);
     drop(flt);
-    kernel.flt.changed.notify_all();
+    kernel.flt.notify_everyone();
 }
 
 // --- security descriptors ------------------------------------------------------------------------
@@ -678,7 +703,7 @@ pub unsafe extern "system" fn FltCloseClientPort(Filter: PFLT_FILTER, ClientPort
     }
     variable.store(core::ptr::null_mut(), Ordering::SeqCst);
     drop(flt);
-    kernel.flt.changed.notify_all();
+    kernel.flt.notify_everyone();
 }
 
 // --- messages ----------------------------------------------------------------------------------
@@ -813,7 +838,10 @@ pub unsafe extern "system" fn FltSendMessage(
             state,
         },
     );
+    // A reader may take it now; no other sender waits for it.
     kernel.flt.changed.notify_all();
+    // From the send until the call returns the sender waits for its reply.
+    let _blocked = super::blocked::BlockedWait::enter(&kernel);
     loop {
         let message = flt.messages.get(&id).expect("only the sender removes it");
         match (&message.state, reply_capacity) {
@@ -867,7 +895,7 @@ pub unsafe extern "system" fn FltSendMessage(
                 ),
             );
         }
-        flt = wait(&kernel, flt, deadline.or(unload_deadline));
+        flt = wait_on(kernel.flt.sender(id), flt, deadline.or(unload_deadline));
     }
 }
 
@@ -1046,7 +1074,7 @@ pub(crate) fn user_connect(
     record.accepted = true;
     record.cookie = connection_cookie as usize;
     drop(flt);
-    kernel.flt.changed.notify_all();
+    kernel.flt.notify_everyone();
     Ok(client)
 }
 
@@ -1098,6 +1126,7 @@ pub(crate) fn user_get_message(
         if !waiting {
             waiting = true;
             record.readers += 1;
+            // For `wait_for_listener`; no sender waits for a reader.
             kernel.flt.changed.notify_all();
         }
         flt = wait(kernel, flt, deadline);
@@ -1106,8 +1135,11 @@ pub(crate) fn user_get_message(
         record.readers -= 1;
     }
     drop(flt);
-    // A sender waiting for delivery only (no reply buffer) is done now.
     kernel.flt.changed.notify_all();
+    // A sender waiting for delivery only (no reply buffer) is done now.
+    if let Some(message) = &result {
+        kernel.flt.sender(message.id).notify_all();
+    }
     result
 }
 
@@ -1133,7 +1165,7 @@ pub(crate) fn user_reply(
     }
     message.state = MessageState::Replied(reply.to_vec());
     drop(flt);
-    kernel.flt.changed.notify_all();
+    kernel.flt.sender(id).notify_all();
     Ok(())
 }
 
@@ -1158,7 +1190,7 @@ pub(crate) fn user_disconnect(kernel: &Arc<Kernel>, client: usize) {
         }
         call
     };
-    kernel.flt.changed.notify_all();
+    kernel.flt.notify_everyone();
     if let Some((disconnect, cookie, driver)) = call {
         call_driver(kernel, driver, "DisconnectNotify", || {
             // SAFETY: the driver registered this routine and, its connection being open, is

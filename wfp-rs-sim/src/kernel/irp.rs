@@ -205,8 +205,11 @@ struct IoState {
 /// code runs.
 pub(crate) struct IoManager {
     state: Mutex<IoState>,
-    /// Signalled when an IRP completes.
-    changed: Condvar,
+    /// Signalled when an IRP completes: the one for the IRP's stripe ([`IoManager::completed`]),
+    /// so that a completion wakes the threads waiting for that request (and the few sharing its
+    /// stripe), not every thread waiting for any request — on Windows each overlapped request
+    /// signals its own event.
+    changed: [Condvar; COMPLETION_STRIPES],
     /// The system cancel spin lock (`IoAcquireCancelSpinLock`), a `KSPIN_LOCK`.
     cancel_lock: AtomicUsize,
 }
@@ -218,6 +221,18 @@ unsafe impl Send for IoManager {}
 // SAFETY: as above; all mutable state is behind the mutex or atomic.
 unsafe impl Sync for IoManager {}
 
+/// How many condition variables the I/O manager spreads its requests' waiters over.
+const COMPLETION_STRIPES: usize = 64;
+
+impl IoManager {
+    /// The condition variable signalled when `irp` completes (waited on with the state lock).
+    fn completed(&self, irp: usize) -> &Condvar {
+        // IRP blocks are heap addresses: drop the alignment bits, mix, take a stripe.
+        let mixed = (irp >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        &self.changed[(mixed >> 58) % COMPLETION_STRIPES]
+    }
+}
+
 impl Default for IoManager {
     fn default() -> Self {
         IoManager {
@@ -225,7 +240,7 @@ impl Default for IoManager {
                 next_handle: 1,
                 ..IoState::default()
             }),
-            changed: Condvar::new(),
+            changed: std::array::from_fn(|_| Condvar::new()),
             cancel_lock: AtomicUsize::new(0),
         }
     }
@@ -437,7 +452,7 @@ fn complete_internally(kernel: &Kernel, irp: usize, status: NTSTATUS) {
         });
     }
     drop(state);
-    kernel.irp.changed.notify_all();
+    kernel.irp.completed(irp).notify_all();
 }
 
 fn stack_control(block: *mut IrpBlock) -> u8 {
@@ -725,7 +740,7 @@ pub unsafe extern "system" fn IofCompleteRequest(Irp: *mut IRP, PriorityBoost: i
         pending_returned,
     });
     drop(state);
-    kernel.irp.changed.notify_all();
+    kernel.irp.completed(address).notify_all();
 }
 
 // --- the cancel spin lock -----------------------------------------------------------------------
@@ -1566,7 +1581,7 @@ fn wait_for(kernel: &Kernel, irp: usize) -> IoCompletion {
         }
         state = kernel
             .irp
-            .changed
+            .completed(irp)
             .wait(state)
             .unwrap_or_else(|p| p.into_inner());
     }
@@ -1743,7 +1758,7 @@ impl IoRequest {
                 state = self
                     .kernel
                     .irp
-                    .changed
+                    .completed(self.irp)
                     .wait_timeout(state, left)
                     .unwrap_or_else(|p| p.into_inner())
                     .0;

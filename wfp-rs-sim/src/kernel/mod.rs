@@ -21,6 +21,7 @@ use std::{
     vec::Vec,
 };
 
+pub(crate) mod blocked;
 pub(crate) mod bugcheck;
 mod cng;
 mod deadlock;

@@ -137,8 +137,10 @@ pub(crate) struct Kernel {
     pub wfp_txn: Condvar,
     /// The filter manager: filters, communication ports and their messages.
     pub flt: super::flt::FilterManager,
-    /// Signalled when a pended classification is completed.
-    pub wfp_pend: Condvar,
+    /// Signalled when a pended classification is completed: the one for the pend's stripe
+    /// (`wfp::pend_completed`), so that a completion wakes the connection waiting for that pend
+    /// (and the few sharing its stripe), not every connection waiting for any pend.
+    pub wfp_pend: [Condvar; 64],
     /// I/O requests, file objects, symbolic links and device security (`irp.rs`).
     pub irp: super::irp::IoManager,
     /// The interrupt-time clock: host monotonic time since the machine started, plus
@@ -158,6 +160,8 @@ pub(crate) struct Kernel {
     pub watchdog: super::watchdog::Watchdog,
     /// Kernel timers and the DPC queue (`timer.rs`).
     pub timers: super::timer::Timers,
+    /// How many system worker and classifying threads are blocked in waits (`blocked.rs`).
+    pub blocked: super::blocked::BlockedThreads,
 }
 
 /// A thread blocked in a wait.
@@ -280,7 +284,7 @@ impl Kernel {
             wfp_idle: Condvar::new(),
             wfp_txn: Condvar::new(),
             flt: super::flt::FilterManager::default(),
-            wfp_pend: Condvar::new(),
+            wfp_pend: std::array::from_fn(|_| Condvar::new()),
             irp: super::irp::IoManager::default(),
             clock_start: std::time::Instant::now(),
             clock_offset: AtomicU64::new(0),
@@ -289,6 +293,7 @@ impl Kernel {
             waiters: Mutex::new(HashMap::new()),
             watchdog: super::watchdog::Watchdog::default(),
             timers: super::timer::Timers::default(),
+            blocked: super::blocked::BlockedThreads::default(),
             registry: super::registry::Registry::default(),
         });
         let mut handles = Vec::with_capacity(workers);

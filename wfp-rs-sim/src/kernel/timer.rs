@@ -191,7 +191,13 @@ pub unsafe extern "system" fn KeSetTimerEx(
             },
         )
         .is_some();
-    kernel.timers.changed.notify_all();
+    // The DPC thread checks the timers at least every 5 ms (its clock tick); it is woken only
+    // for a timer due already. Windows, too, finds expired timers at its clock interrupt, and
+    // setting a timer wakes no thread; waking the DPC thread for every timer set would make
+    // every set a thread switch here.
+    if due <= kernel.interrupt_time() {
+        kernel.timers.changed.notify_all();
+    }
     u8::from(was_set)
 }
 
@@ -205,9 +211,16 @@ pub unsafe extern "system" fn KeCancelTimer(Timer: *mut KTIMER) -> BOOLEAN {
     let _kernel = super::state::KernelCode::enter();
     require_irql("KeCancelTimer", DISPATCH_LEVEL);
     let kernel = current();
-    let was_set = kernel.timers.lock().set.remove(&(Timer as usize)).is_some();
-    kernel.timers.changed.notify_all();
-    u8::from(was_set)
+    let removed = kernel.timers.lock().set.remove(&(Timer as usize));
+    // Only a timer that was due already can be what `wait_idle` waits for; the DPC thread has
+    // nothing to do for a cancel.
+    if removed
+        .as_ref()
+        .is_some_and(|timer| timer.due <= kernel.interrupt_time())
+    {
+        kernel.timers.changed.notify_all();
+    }
+    u8::from(removed.is_some())
 }
 
 /// `KeFlushQueuedDpcs`: returns once every DPC queued when it was called has run. Timers that

@@ -2596,7 +2596,15 @@ pub unsafe extern "system" fn FwpsCompleteOperation0(
             "FwpsCompleteOperation0 on a completion context that is not pending (completed twice, or never pended)",
         );
     }
-    kernel.wfp_pend.notify_all();
+    pend_completed(&kernel, completionContext as usize).notify_all();
+}
+
+/// The condition variable signalled when the pend `context` (a completion context or a classify
+/// handle) is completed; waited on with the filter engine's lock.
+fn pend_completed(kernel: &super::state::Kernel, context: usize) -> &std::sync::Condvar {
+    // Heap addresses or handles: drop the low bits, mix, take a stripe.
+    let mixed = (context >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    &kernel.wfp_pend[(mixed >> 58) % kernel.wfp_pend.len()]
 }
 
 /// Waits until the pend `context` is completed (harness: the connection's `connect` call);
@@ -2605,7 +2613,9 @@ pub(crate) fn wait_for_completion(context: usize) -> Option<FWP_ACTION_TYPE> {
     let kernel = current();
     let mut bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
     while bfe.pends.get(&context).is_some_and(|p| !p.completed) {
-        bfe = kernel.wfp_pend.wait(bfe).unwrap_or_else(|p| p.into_inner());
+        bfe = pend_completed(&kernel, context)
+            .wait(bfe)
+            .unwrap_or_else(|p| p.into_inner());
     }
     bfe.pends.remove(&context).and_then(|p| p.decision)
 }
@@ -2782,7 +2792,7 @@ pub unsafe extern "system" fn FwpsCompleteClassify0(
             "FwpsCompleteClassify0 on a classify handle that is not pending (completed twice, never pended, or released)",
         );
     }
-    kernel.wfp_pend.notify_all();
+    pend_completed(&kernel, classifyHandle as usize).notify_all();
 }
 
 /// `FwpsReleaseClassifyHandle0`. Releasing a handle twice, or while its pend is not completed,

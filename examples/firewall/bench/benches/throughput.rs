@@ -1,120 +1,185 @@
-//! Benchmark (c): throughput of the firewall's pended design against the seed's blocking design
-//! (`firewall_bench::blocking`: classify waits for the service's reply), same workload, same
-//! run: 8 client threads each opening 32 connections one after the other (ALE layers at
-//! `PASSIVE_LEVEL`, the only IRQL where the blocking design may wait), a service of 8 threads
-//! that takes a fixed time per request (a sleep: 200 µs, then 1 ms) and lets nothing be cached,
-//! so every connection asks.
+//! Benchmark (c): decisions per second of the three designs — the inverted call (the firewall's
+//! question channel), the work item + port, and the seed's blocking design
+//! (`firewall_bench::blocking`: classify waits for the service's reply) — at 1, 8, 64 and 1024
+//! concurrent connections and a service latency of 0, 200 µs and 1 ms: C client threads each
+//! open connections one after the other (ALE layers at `PASSIVE_LEVEL`, the only IRQL where the
+//! blocking design may wait), and a service of `SERVICE_THREADS` threads takes the latency per
+//! question (a sleep) and lets nothing be cached, so every connection asks. The designs' waves
+//! are interleaved at each point (rotating which goes first).
 //!
-//! The pended design runs its questions on the machine's system worker threads: with 8 (as
-//! many as the clients and the service's threads, so both designs may have 8 questions in
-//! flight) and with the simulator's default of 2. The ratio is computed from interleaved waves
-//! in the same run (see `docs/benchmarks.md`).
+//! Also the most system worker threads each design kept blocked at once (the simulator's
+//! `Machine::blocked_workers_max`), and the non-paged pool per outstanding question. The final
+//! lines: `ratio c-inverted-over-blocking-min`, `ratio c-inverted-over-workitem-64-1ms`,
+//! `blocked-workers-max inverted`. (No criterion groups here: 36 of them would take many
+//! minutes; the rates are computed from the interleaved waves.)
 
 #![cfg(any(not(windows), feature = "sim"))]
 
 use std::time::Duration;
 
-use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use firewall_bench::load::{Design, Load, LoadConfig};
+use firewall_driver::AskVia;
 use wfp_rs_sim::AleIrql;
 
-const CLIENTS: usize = 8;
-const PER_CLIENT: usize = 32;
-const SERVICE_THREADS: usize = 8;
-const SERVICE_LATENCIES: [Duration; 2] = [Duration::from_micros(200), Duration::from_millis(1)];
+const CONCURRENCY: [usize; 4] = [1, 8, 64, 1024];
+const SERVICE_LATENCIES: [Duration; 3] = [
+    Duration::ZERO,
+    Duration::from_micros(200),
+    Duration::from_millis(1),
+];
+/// The service's threads: as many as the questions of 64 concurrent connections, so at 1 ms the
+/// service could answer 64,000 questions a second — more than any design reaches on this
+/// machine — and is not the only bottleneck (at 1024 concurrent connections it is one).
+const SERVICE_THREADS: usize = 64;
+/// The wait requests the service keeps pending on the question channel.
+const SERVICE_OUTSTANDING: usize = 64;
+/// The machine's system worker threads (what runs the work item design's questions).
+const WORKERS: usize = 8;
+/// Questions outstanding in the memory measurement.
+const MEMORY_QUESTIONS: usize = 64;
 
-fn workload(design: Design, workers: usize, service_latency: Duration) -> LoadConfig {
+/// Connections per client per wave: at least 64 connections a wave.
+fn per_client(concurrency: usize) -> usize {
+    (64 / concurrency).max(1)
+}
+
+fn workload(design: Design, concurrency: usize, service_latency: Duration) -> LoadConfig {
     LoadConfig {
         design,
-        clients: CLIENTS,
-        per_client: PER_CLIENT,
+        clients: concurrency,
+        per_client: per_client(concurrency),
         ale_irql: AleIrql::Passive,
-        workers,
+        workers: WORKERS,
         service_threads: SERVICE_THREADS,
         service_latency,
+        service_outstanding: SERVICE_OUTSTANDING,
     }
 }
 
 fn main() {
     let measuring = std::env::args().any(|a| a == "--bench");
-    let mut c = Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(3))
-        .configure_from_args();
     if !measuring {
-        println!(
-            "(criterion's test mode: one small round each; the figures below are not measurements)"
-        );
+        println!("(test mode: one wave each; the figures below are not measurements)");
     }
-    let mut summary = Vec::new();
+    let rounds = if measuring { 6 } else { 1 };
+    let designs = Design::ALL;
+    let mut blocked_workers = [0usize; 3];
+    let mut blocked_classifying = [0usize; 3];
+    let mut min_over_blocking = f64::INFINITY;
+    let mut over_work_item_64_1ms = None;
+    println!(
+        "(c) decisions per second ({rounds} interleaved waves per point; {SERVICE_THREADS} service threads, {WORKERS} system worker threads):"
+    );
+    println!(
+        "(c) {:>11} {:>8} {:>12} {:>12} {:>12} {:>14} {:>15}",
+        "concurrent",
+        "latency",
+        "inverted",
+        "work-item",
+        "blocking",
+        "inv/blocking",
+        "inv/work-item"
+    );
     for latency in SERVICE_LATENCIES {
-        let variants = [
-            ("blocking", workload(Design::Blocking, 2, latency)),
-            ("pended-8-workers", workload(Design::Pended, 8, latency)),
-            ("pended-2-workers", workload(Design::Pended, 2, latency)),
-        ];
-        let loads: Vec<(&str, Load)> = variants
-            .iter()
-            .map(|(name, config)| (*name, Load::start(*config)))
-            .collect();
-
-        let micros = latency.as_micros();
-        let mut group = c.benchmark_group(format!("c-throughput-service-{micros}us"));
-        group.sampling_mode(SamplingMode::Flat);
-        group.throughput(Throughput::Elements((CLIENTS * PER_CLIENT) as u64));
-        for (name, load) in &loads {
-            group.bench_with_input(BenchmarkId::new("design", name), name, |b, _| {
-                b.iter_custom(|iters| (0..iters).map(|_| load.wave().elapsed).sum())
-            });
-        }
-        group.finish();
-
-        // The ratio: waves of the designs interleaved (rotating who goes first), so a change in the
-        // machine's load over the run hits them alike.
-        let rounds = if measuring { 30 } else { 1 };
-        let mut time = vec![Duration::ZERO; loads.len()];
-        let mut denied = vec![0usize; loads.len()];
-        for round in 0..rounds {
-            for k in 0..loads.len() {
-                let i = (round + k) % loads.len();
-                let wave = loads[i].1.wave();
-                time[i] += wave.elapsed;
-                denied[i] += wave.denied;
+        for concurrency in CONCURRENCY {
+            let loads: Vec<Load> = designs
+                .iter()
+                .map(|&design| Load::start(workload(design, concurrency, latency)))
+                .collect();
+            // Warm-up, not counted: the threads started and the allocator's pools filled.
+            for load in &loads {
+                load.wave();
+                load.machine().reset_blocked_max();
             }
-        }
-        let per_run = (rounds * CLIENTS * PER_CLIENT) as f64;
-        let rate: Vec<f64> = time.iter().map(|t| per_run / t.as_secs_f64()).collect();
-        for (i, (name, _)) in loads.iter().enumerate() {
+            let mut time = [Duration::ZERO; 3];
+            let mut denied = [0usize; 3];
+            for round in 0..rounds {
+                for k in 0..loads.len() {
+                    let i = (round + k) % loads.len();
+                    let wave = loads[i].wave();
+                    time[i] += wave.elapsed;
+                    denied[i] += wave.denied;
+                }
+            }
+            let per_design = (rounds * loads[0].connections_per_wave()) as f64;
+            let rate: Vec<f64> = time.iter().map(|t| per_design / t.as_secs_f64()).collect();
+            for (i, load) in loads.iter().enumerate() {
+                blocked_workers[i] = blocked_workers[i].max(load.machine().blocked_workers_max());
+                blocked_classifying[i] =
+                    blocked_classifying[i].max(load.machine().blocked_classifying_max());
+            }
+            for (i, load) in loads.into_iter().enumerate() {
+                load.finish();
+                assert_eq!(
+                    denied[i],
+                    0,
+                    "{}: the service allows every connection",
+                    designs[i].name()
+                );
+            }
+            let over_blocking = rate[0] / rate[2];
+            let over_work_item = rate[0] / rate[1];
+            min_over_blocking = min_over_blocking.min(over_blocking);
+            if concurrency == 64 && latency == Duration::from_millis(1) {
+                over_work_item_64_1ms = Some(over_work_item);
+            }
             println!(
-                "(c) service {micros:>4} µs: {name:<17} {:>8.0} connections/s ({} connections in {rounds} interleaved waves, {:.3} s; {} not permitted)",
-                rate[i],
-                rounds * CLIENTS * PER_CLIENT,
-                time[i].as_secs_f64(),
-                denied[i],
+                "(c) {concurrency:>11} {:>5} µs {:>12.0} {:>12.0} {:>12.0} {over_blocking:>14.2} {over_work_item:>15.2}",
+                latency.as_micros(),
+                rate[0],
+                rate[1],
+                rate[2],
             );
         }
-        summary.push(format!(
-            "ratio (c) pended/blocking, service {micros} µs, 8 workers = {:.2}",
-            rate[1] / rate[0]
-        ));
-        summary.push(format!(
-            "ratio (c) pended/blocking, service {micros} µs, 2 workers = {:.2}",
-            rate[2] / rate[0]
-        ));
-        for (name, load) in loads {
-            let answered = load.finish();
-            println!("(c) service {micros} µs: {name}: the service answered {answered} questions");
-        }
     }
-    for line in summary {
-        println!("{line}");
+    for (i, design) in designs.iter().enumerate() {
+        println!(
+            "(c) {}: at most {} system worker threads and {} classifying threads blocked at once",
+            design.name(),
+            blocked_workers[i],
+            blocked_classifying[i],
+        );
     }
-    c.final_summary();
+
+    let per_question =
+        firewall_bench::firewall::pool_per_outstanding_question(AskVia::Channel, MEMORY_QUESTIONS);
+    let per_question_work_item = firewall_bench::firewall::pool_per_outstanding_question(
+        AskVia::PortAndWorkItem,
+        MEMORY_QUESTIONS,
+    );
+    println!(
+        "(c) non-paged pool per outstanding question ({MEMORY_QUESTIONS} outstanding): inverted {per_question} bytes, work-item {per_question_work_item} bytes"
+    );
+
+    let figures = [
+        format!("memory bytes-per-outstanding-question = {per_question}"),
+        format!("memory bytes-per-outstanding-question-work-item = {per_question_work_item}"),
+        format!("blocked-workers-max work-item = {}", blocked_workers[1]),
+        format!("blocked-workers-max blocking = {}", blocked_workers[2]),
+        format!(
+            "blocked-classifying-threads-max blocking = {}",
+            blocked_classifying[2]
+        ),
+    ];
+    let finals = [
+        format!("ratio c-inverted-over-blocking-min = {min_over_blocking:.2}"),
+        format!(
+            "ratio c-inverted-over-workitem-64-1ms = {:.2}",
+            over_work_item_64_1ms.expect("the point is measured")
+        ),
+        format!("blocked-workers-max inverted = {}", blocked_workers[0]),
+    ];
     if measuring {
         // The run's summary lines so far (see `firewall_bench::summary`): the last bench ends
         // `cargo bench -p firewall-bench` with all of them.
         let exe = std::env::current_exe().expect("the bench binary's path");
-        firewall_bench::summary::print(&firewall_bench::summary::dir(&exe));
+        let dir = firewall_bench::summary::dir(&exe);
+        firewall_bench::summary::record(&dir, "throughput", &figures, &finals)
+            .expect("the summary is written");
+        firewall_bench::summary::print(&dir);
+    } else {
+        for line in figures.iter().chain(&finals) {
+            println!("{line}");
+        }
     }
 }

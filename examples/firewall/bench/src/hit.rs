@@ -11,7 +11,7 @@ use wfp_rs::layer::fields;
 use wfp_rs::layer::value::{ConditionFlags, IpProtocol};
 use wfp_rs_sim::{AleIrql, ClassifyRequest, DirectClassify, LoadedDriver, Machine};
 
-use crate::{APP, PID, Service};
+use crate::{APP, PID, Service, Transport};
 
 /// `ALE_AUTH_CONNECT_V4` for [`crate::connection`]`(local_port)`, as the network stack fills
 /// it for a new connection (not pendable: a hit needs no pend).
@@ -62,6 +62,7 @@ impl HitMachine {
                     .expect("the firewall loads");
                 let service = Service::start(
                     &machine,
+                    Transport::Channel { outstanding: 1 },
                     1,
                     Duration::ZERO,
                     Some(CacheLifetime::from_secs(3600).expect("an hour is a valid lifetime")),

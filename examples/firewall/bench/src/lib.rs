@@ -2,7 +2,8 @@
 //! they measure and the figures are in `docs/benchmarks.md`):
 //!
 //! - [`firewall`]: the firewall driver (`firewall_driver::start`) with a patient timeout and
-//!   counters the benchmarks read.
+//!   counters the benchmarks read, asking through the question channel (its default) or from
+//!   work items over the port.
 //! - [`raw_lookup`]: the baseline of benchmark (a), a C-style callout (`unsafe extern "system"`
 //!   classifyFn registered with `FwpsCalloutRegister3`) that reads the classification's fields
 //!   by raw pointer and does the firewall's cache-hit work with the firewall's own verdict cache
@@ -10,7 +11,9 @@
 //! - [`blocking`]: the seed's design for benchmark (c), a C-style callout whose classifyFn sends
 //!   the question to the service and waits for the reply — at `PASSIVE_LEVEL` only, where that
 //!   is allowed, instead of stopping the machine as the seed did at `DISPATCH_LEVEL`.
-//! - [`Service`]: the user-mode service, played by harness threads on the filter-manager port.
+//! - [`Service`]: the user-mode service, played by harness threads on the filter-manager port
+//!   or the question channel ([`Transport`]).
+//! - [`bare`]: a bare cross-thread channel round trip, the floor benchmark (b) compares with.
 //! - [`Latencies`]: percentiles, which criterion does not report.
 //! - [`callgrind`]: benchmark (a)'s instructions per cache hit, counted by running the bench
 //!   binary under `valgrind --tool=callgrind`.
@@ -21,6 +24,7 @@
 
 #![cfg(any(not(windows), feature = "sim"))]
 
+pub mod bare;
 pub mod blocking;
 pub mod callgrind;
 pub mod firewall;
@@ -35,7 +39,7 @@ pub mod summary;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-pub use service::Service;
+pub use service::{Service, Transport};
 pub use stats::Latencies;
 use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::metadata::Direction as SimDirection;

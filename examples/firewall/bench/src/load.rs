@@ -1,22 +1,42 @@
 //! Connections in waves: benchmarks (b) and (c).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Barrier, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use wfp_rs::classify::Action;
 use wfp_rs_sim::{AleIrql, LoadedDriver, Machine};
 
-use crate::Service;
+use crate::{Service, Transport};
 
 /// Which driver decides the connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Design {
-    /// The firewall driver: pend, ask from a work item, complete, answer the reauthorization.
-    Pended,
+    /// The firewall driver as it ships (`AskVia::Channel`): pend, hand the question to a wait
+    /// request the service left pending (the inverted call), return; the service's answer
+    /// completes the pend, and the reauthorization is answered from the verdict.
+    Inverted,
+    /// The firewall driver with `AskVia::PortAndWorkItem`: pend, ask from a PASSIVE_LEVEL work
+    /// item over the port (the work item waits for the reply), complete, answer the
+    /// reauthorization.
+    WorkItem,
     /// The seed's design ([`crate::blocking`]): the classification waits for the reply.
     Blocking,
+}
+
+impl Design {
+    /// Every design, in the order the benchmarks print them.
+    pub const ALL: [Design; 3] = [Design::Inverted, Design::WorkItem, Design::Blocking];
+
+    /// The name the benchmarks print.
+    pub fn name(self) -> &'static str {
+        match self {
+            Design::Inverted => "inverted",
+            Design::WorkItem => "work-item",
+            Design::Blocking => "blocking",
+        }
+    }
 }
 
 /// A workload: `clients` threads, each opening `per_client` connections one after the other
@@ -38,6 +58,9 @@ pub struct LoadConfig {
     pub service_threads: usize,
     /// How long the service takes per request (a sleep; none if zero).
     pub service_latency: Duration,
+    /// The wait requests the service keeps pending on the question channel
+    /// ([`Design::Inverted`] only).
+    pub service_outstanding: usize,
 }
 
 /// One wave's outcome.
@@ -65,22 +88,37 @@ pub struct Load {
     done: Arc<Barrier>,
     stop: Arc<AtomicBool>,
     results: Arc<Mutex<Vec<(Duration, bool)>>>,
+    /// Held while a [`Design::Blocking`] driver is loaded: its state is a global of the process
+    /// ([`crate::blocking`]), so one instance at a time.
+    _blocking: Option<MutexGuard<'static, ()>>,
 }
+
+/// Serializes the loads of the blocking driver (see [`Load`]).
+static BLOCKING: Mutex<()> = Mutex::new(());
 
 impl Load {
     /// Boots a machine with `config.workers` worker threads, loads the design's driver, starts
     /// the service and the client threads (waiting for the first wave).
     pub fn start(config: LoadConfig) -> Load {
+        let blocking = (config.design == Design::Blocking)
+            .then(|| BLOCKING.lock().unwrap_or_else(PoisonError::into_inner));
         let machine = Arc::new(Machine::with_worker_threads(config.workers));
-        let entry = match config.design {
-            Design::Pended => crate::firewall::DriverEntry,
-            Design::Blocking => crate::blocking::DriverEntry,
+        let (entry, transport): (wfp_rs_sim::DriverEntryFn, Transport) = match config.design {
+            Design::Inverted => (
+                crate::firewall::DriverEntry,
+                Transport::Channel {
+                    outstanding: config.service_outstanding,
+                },
+            ),
+            Design::WorkItem => (crate::firewall::work_item::DriverEntry, Transport::Port),
+            Design::Blocking => (crate::blocking::DriverEntry, Transport::Port),
         };
         let driver = machine
             .load_driver("firewall", entry)
             .expect("the driver loads");
         let service = Service::start(
             &machine,
+            transport,
             config.service_threads,
             config.service_latency,
             None,
@@ -136,12 +174,18 @@ impl Load {
             done,
             stop,
             results,
+            _blocking: blocking,
         }
     }
 
     /// The workload.
     pub fn config(&self) -> LoadConfig {
         self.config
+    }
+
+    /// The machine (for its counters: `Machine::blocked_workers_max`, ...).
+    pub fn machine(&self) -> &Machine {
+        &self.machine
     }
 
     /// Connections per wave.

@@ -1,10 +1,13 @@
 //! The figures of a whole `cargo bench -p firewall-bench` run, printed together at its end.
 //!
-//! Each bench target records its summary lines (`name = value`, [`record`]) in a file of its own
+//! Each bench target records its summary lines (`name = value`, [`record`]): its *figures*
+//! (memory, counts) and its *final lines* (the ratios the run is judged by), in a file of its own
 //! under `<target dir>/firewall-bench/`, stamped with the process id of its parent — `cargo`
 //! itself, the same for every bench of one `cargo bench` invocation — and then prints every line
-//! recorded by the same invocation, in the benches' order ([`print()`]). Whichever bench cargo
-//! runs last therefore ends the run's output with all of the run's lines; a bench run alone
+//! recorded by the same invocation ([`print()`]): every bench's figures, in the benches' order,
+//! then every bench's final lines, in the benches' order. Whichever bench cargo runs last
+//! therefore ends the run's output with all of the run's lines, the final ones last; a bench
+//! run alone
 //! (`--bench classify`) ends with its own. Files left by earlier invocations have another parent
 //! and are skipped.
 //!
@@ -43,21 +46,34 @@ fn file(dir: &Path, bench: &str) -> PathBuf {
     dir.join(format!("{bench}.summary"))
 }
 
-/// Records `lines` as bench `bench`'s summary of this invocation (replacing its earlier ones).
-pub fn record(dir: &Path, bench: &str, lines: &[String]) -> std::io::Result<()> {
+/// Records `figures` and `finals` as bench `bench`'s summary of this invocation (replacing its
+/// earlier ones).
+pub fn record(
+    dir: &Path,
+    bench: &str,
+    figures: &[String],
+    finals: &[String],
+) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut text = format!("invocation {}\n", invocation());
-    for line in lines {
-        text.push_str(line);
-        text.push('\n');
+    for (kind, lines) in [(FIGURE, figures), (FINAL, finals)] {
+        for line in lines {
+            text.push_str(kind);
+            text.push_str(line);
+            text.push('\n');
+        }
     }
     std::fs::write(file(dir, bench), text)
 }
 
-/// Every line recorded by this invocation's benches, in [`BENCHES`] order.
+const FIGURE: &str = "figure ";
+const FINAL: &str = "final ";
+
+/// Every line recorded by this invocation's benches: the figures in [`BENCHES`] order, then the
+/// final lines in [`BENCHES`] order.
 pub fn collect(dir: &Path) -> Vec<String> {
     let stamp = format!("invocation {}", invocation());
-    let mut lines = Vec::new();
+    let (mut figures, mut finals) = (Vec::new(), Vec::new());
     for bench in BENCHES {
         let Ok(text) = std::fs::read_to_string(file(dir, bench)) else {
             continue;
@@ -66,9 +82,16 @@ pub fn collect(dir: &Path) -> Vec<String> {
         if recorded.next() != Some(stamp.as_str()) {
             continue;
         }
-        lines.extend(recorded.map(str::to_owned));
+        for line in recorded {
+            if let Some(figure) = line.strip_prefix(FIGURE) {
+                figures.push(figure.to_owned());
+            } else if let Some(last) = line.strip_prefix(FINAL) {
+                finals.push(last.to_owned());
+            }
+        }
     }
-    lines
+    figures.extend(finals);
+    figures
 }
 
 /// Prints [`collect`]'s lines under a heading: the end of this bench's output.

@@ -42,10 +42,12 @@ fn both_callouts_answer_from_their_cache_directly_and_through_the_engine() {
 }
 
 #[test]
-fn both_designs_decide_every_connection_of_a_wave() {
+fn every_design_decides_every_connection_of_a_wave() {
     for (design, ale_irql) in [
-        (Design::Pended, AleIrql::Dispatch),
-        (Design::Pended, AleIrql::Passive),
+        (Design::Inverted, AleIrql::Dispatch),
+        (Design::Inverted, AleIrql::Passive),
+        (Design::WorkItem, AleIrql::Dispatch),
+        (Design::WorkItem, AleIrql::Passive),
         (Design::Blocking, AleIrql::Passive),
     ] {
         let load = Load::start(LoadConfig {
@@ -56,6 +58,7 @@ fn both_designs_decide_every_connection_of_a_wave() {
             workers: 2,
             service_threads: 2,
             service_latency: Duration::from_micros(50),
+            service_outstanding: 2,
         });
         for _ in 0..2 {
             let wave = load.wave();
@@ -63,6 +66,64 @@ fn both_designs_decide_every_connection_of_a_wave() {
             assert_eq!(wave.denied, 0, "{design:?}: the service allows everything");
         }
         assert_eq!(load.finish(), 24, "{design:?}: every connection asked once");
+    }
+}
+
+#[test]
+fn only_the_work_item_design_blocks_system_worker_threads() {
+    // More clients than service threads and worker threads, so questions queue everywhere.
+    let blocked = |design: Design| {
+        let load = Load::start(LoadConfig {
+            design,
+            clients: 16,
+            per_client: 4,
+            ale_irql: AleIrql::Passive,
+            workers: 4,
+            service_threads: 4,
+            service_latency: Duration::from_micros(100),
+            service_outstanding: 4,
+        });
+        let wave = load.wave();
+        assert_eq!(wave.denied, 0, "{design:?}");
+        let machine = load.machine();
+        let counts = (
+            machine.blocked_workers_max(),
+            machine.blocked_classifying_max(),
+        );
+        load.finish();
+        counts
+    };
+    let (workers, classifying) = blocked(Design::Inverted);
+    assert_eq!(
+        (workers, classifying),
+        (0, 0),
+        "the inverted call holds no thread"
+    );
+    let (workers, classifying) = blocked(Design::WorkItem);
+    // Every question waits in FltSendMessage on a worker thread: at least one, at most all 4.
+    assert!((1..=4).contains(&workers), "work item: {workers} workers");
+    assert_eq!(
+        classifying, 0,
+        "the work item design's classifyFn returns at once"
+    );
+    let (workers, classifying) = blocked(Design::Blocking);
+    assert_eq!(workers, 0, "the blocking design runs no work item");
+    assert!(
+        (1..=16).contains(&classifying),
+        "blocking: {classifying} classifying threads"
+    );
+}
+
+#[test]
+fn the_pool_per_outstanding_question_is_the_same_for_every_question() {
+    use firewall_driver::AskVia;
+    for via in [AskVia::Channel, AskVia::PortAndWorkItem] {
+        let (few, more) = (
+            firewall_bench::firewall::pool_per_outstanding_question(via, 4),
+            firewall_bench::firewall::pool_per_outstanding_question(via, 12),
+        );
+        assert_eq!(few, more, "{via:?}: per question, however many");
+        assert_eq!(few.fract(), 0.0, "{via:?}: whole bytes per question: {few}");
     }
 }
 
@@ -77,7 +138,7 @@ fn the_firewall_holds_64_bytes_of_pool_per_cached_verdict() {
 }
 
 #[test]
-fn the_summary_prints_this_invocations_lines_in_bench_order() {
+fn the_summary_prints_this_invocations_figures_then_final_lines_in_bench_order() {
     use firewall_bench::summary;
     let dir = std::env::temp_dir().join(format!("firewall-bench-summary-{}", std::process::id()));
     // A file of another invocation is skipped.
@@ -87,16 +148,29 @@ fn the_summary_prints_this_invocations_lines_in_bench_order() {
         "invocation 0\nratio stale = 1\n",
     )
     .unwrap();
-    summary::record(&dir, "throughput", &["ratio c = 2".to_owned()]).unwrap();
+    summary::record(
+        &dir,
+        "throughput",
+        &["memory q = 1".to_owned()],
+        &["ratio c = 2".to_owned()],
+    )
+    .unwrap();
     summary::record(
         &dir,
         "classify",
-        &["memory m = 64".to_owned(), "ratio a = 1.05".to_owned()],
+        &["memory m = 64".to_owned()],
+        &["ratio a = 1.05".to_owned()],
     )
     .unwrap();
+    // Every figure first, then the final lines, each in the benches' order.
     assert_eq!(
         summary::collect(&dir),
-        ["memory m = 64", "ratio a = 1.05", "ratio c = 2"]
+        [
+            "memory m = 64",
+            "memory q = 1",
+            "ratio a = 1.05",
+            "ratio c = 2"
+        ]
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
