@@ -1736,10 +1736,6 @@ impl Shared {
     /// A control request on the control device: [`REVOKE`] removes cached verdicts and writes
     /// a [`Revoked`] to `output`; any other code is `STATUS_INVALID_DEVICE_REQUEST`. Returns
     /// how many bytes of `output` it wrote.
-    #[allow(
-        dead_code,
-        reason = "wired to the control device when the SDK's ControlDevice lands"
-    )]
     fn command(
         &self,
         irql: &mut PassiveLevel<'_>,
