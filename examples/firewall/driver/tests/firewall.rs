@@ -238,10 +238,6 @@ action = "allow"
 app = 'C:\apps\tool.exe'
 "#;
 
-#[allow(
-    dead_code,
-    reason = "the reload test needs the control device (REVOKE)"
-)]
 /// The same policy after a reload: the tool may no longer connect, port 8080 may.
 const RELOADED_RULES: &str = r#"
 default = "deny"
