@@ -144,6 +144,9 @@ impl<'v, L: Layer> IncomingValues<'v, L> {
     }
 
     /// Reads field `K`.
+    // Inlined: the read is a bounds check, a tag compare and a load, which the caller's code
+    // around it (the cache-hit path) should not pay a call for.
+    #[inline]
     pub fn get<K>(&self) -> Result<<K::Repr as Decode<'v, L>>::Out, FieldError>
     where
         K: Field<L> + HasRepr,
