@@ -998,9 +998,19 @@ impl<Q: QuestionHandler> Inner<Q> {
     fn expire(&self, irql: &mut DispatchLevel<'_>, index: usize) {
         let context = self.state.lock(&mut *irql, |state, dispatch| {
             let slot = state.slots.get(index)?;
-            // A DPC queued for an earlier question of this slot, which was decided, finds a
-            // later deadline (or a free slot) and leaves it alone.
-            if slot.phase == Phase::Free || Instant::now() < slot.deadline {
+            if slot.phase == Phase::Free {
+                return None;
+            }
+            let now = Instant::now();
+            if now < slot.deadline {
+                // A DPC queued for an earlier question of this slot, which was decided, or a
+                // timer that expired before the deadline read from the precise clock (INFERRED:
+                // Windows checks due times at clock ticks, against the coarser interrupt time):
+                // the timer is set again for what remains, so the question still times out.
+                let remaining = slot.deadline.saturating_duration_since(now);
+                if let Some(Some(timer)) = state.timers.get(index) {
+                    timer.set(&*dispatch, remaining, None);
+                }
                 return None;
             }
             state.release(index, dispatch)
