@@ -542,7 +542,7 @@ impl<Q: QuestionHandler> AskChannel<Q> {
     /// }
     /// ```
     pub fn capacity(&self) -> usize {
-        self.inner().capacity()
+        self.inner().capacity
     }
 
     /// The largest question body it takes.
@@ -960,10 +960,6 @@ struct Inner<Q: QuestionHandler> {
 }
 
 impl<Q: QuestionHandler> Inner<Q> {
-    fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     /// Hands queued questions to waiting requests, oldest to oldest, until one side runs out.
     fn deliver(&self, state: &mut State<Q::Context>, waiters: Waiters<'_>) {
         while !state.closed && state.head != NONE {
@@ -1054,7 +1050,7 @@ impl<Q: QuestionHandler> Inner<Q> {
     /// Takes every timer out and shuts it down (cancel, flush its DPC, free), which also drops
     /// the references to `self` their routines hold.
     fn shut_down_timers(&self, irql: &mut PassiveLevel<'_>) {
-        for index in 0..self.capacity() {
+        for index in 0..self.capacity {
             let timer = self
                 .state
                 .lock(&mut *irql, |state, _| state.timers.get_mut(index)?.take());
