@@ -1364,3 +1364,70 @@ fn a_thousand_and_twenty_four_questions_in_flight() {
     drop(service);
     assert!(setup.teardown().is_empty());
 }
+
+// --- what a careless driver author writes -------------------------------------------------------
+
+/// A handler whose `decide` takes a spin lock of the driver's (as a verdict cache does).
+struct Counts {
+    cache: wfp_rs::spin_lock::SpinLock<u32>,
+}
+
+impl QuestionHandler for Counts {
+    type Context = ();
+    type Answer = u8;
+
+    fn decode(&self, answer: &[u8]) -> Option<u8> {
+        answer.first().copied()
+    }
+
+    fn decide(&self, irql: &mut DispatchLevel<'_>, _context: (), _outcome: Outcome<u8>) {
+        self.cache.lock(&mut *irql, |decided, _| *decided += 1);
+    }
+}
+
+fn counts_channel(machine: &Machine, driver: &LoadedDriver) -> AskChannel<Counts> {
+    let counts = Counts {
+        cache: wfp_rs::spin_lock::SpinLock::new(0),
+    };
+    driver
+        .run_in_driver(machine, |irql, d| {
+            AskChannel::new(irql, d, NAME, &SPEC, 2, counts)
+        })
+        .expect("an SDK driver")
+        .expect("the channel is created")
+}
+
+wfp_rs_sim::bugcheck_test! {
+    /// `cancel` runs `decide` in the caller's thread: cancelling under the lock `decide` takes
+    /// is a recursive acquisition, which the simulator (Driver Verifier) stops instead of
+    /// spinning forever.
+    fn cancelling_under_a_lock_that_decide_takes_stops() expects DRIVER_VERIFIER_DETECTED_VIOLATION (wfp_rs::bugcheck::verifier::DEADLOCK_SELF) {
+        let machine = Machine::new();
+        let driver = machine.load_driver("asker", plain::DriverEntry).unwrap();
+        let channel = counts_channel(&machine, &driver);
+        let id = machine
+            .at_dispatch(|irql| channel.ask(irql, b"q", HOUR, ()))
+            .expect("asked");
+        machine.at_dispatch(|irql| {
+            channel.handler().cache.lock(irql, |_, irql| channel.cancel(irql, id))
+        });
+    }
+}
+
+/// A channel kept in a `static`, never closed: its device outlives the driver's unload, so
+/// Windows leaves the driver "unload pending" and the simulator refuses the unload, saying why,
+/// as for `mem::forget`.
+#[test]
+fn a_channel_in_a_static_never_closed_keeps_the_driver_from_unloading() {
+    static CHANNEL: std::sync::OnceLock<AskChannel<Counts>> = std::sync::OnceLock::new();
+    let machine = Machine::new();
+    let driver = machine.load_driver("asker", plain::DriverEntry).unwrap();
+    let channel = CHANNEL.get_or_init(|| counts_channel(&machine, &driver));
+    machine
+        .at_dispatch(|irql| channel.ask(irql, b"q", HOUR, ()))
+        .expect("asked");
+    assert!(matches!(
+        machine.unload_driver(driver),
+        Err(UnloadError::DeviceObjectsRemain { devices: 1, .. })
+    ));
+}

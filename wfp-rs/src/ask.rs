@@ -542,7 +542,7 @@ impl<Q: QuestionHandler> AskChannel<Q> {
     /// }
     /// ```
     pub fn capacity(&self) -> usize {
-        self.inner().capacity()
+        self.inner().capacity
     }
 
     /// The largest question body it takes.
@@ -960,10 +960,6 @@ struct Inner<Q: QuestionHandler> {
 }
 
 impl<Q: QuestionHandler> Inner<Q> {
-    fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     /// Hands queued questions to waiting requests, oldest to oldest, until one side runs out.
     fn deliver(&self, state: &mut State<Q::Context>, waiters: Waiters<'_>) {
         while !state.closed && state.head != NONE {
@@ -998,9 +994,19 @@ impl<Q: QuestionHandler> Inner<Q> {
     fn expire(&self, irql: &mut DispatchLevel<'_>, index: usize) {
         let context = self.state.lock(&mut *irql, |state, dispatch| {
             let slot = state.slots.get(index)?;
-            // A DPC queued for an earlier question of this slot, which was decided, finds a
-            // later deadline (or a free slot) and leaves it alone.
-            if slot.phase == Phase::Free || Instant::now() < slot.deadline {
+            if slot.phase == Phase::Free {
+                return None;
+            }
+            let now = Instant::now();
+            if now < slot.deadline {
+                // A DPC queued for an earlier question of this slot, which was decided, or a
+                // timer that expired before the deadline read from the precise clock (INFERRED:
+                // Windows checks due times at clock ticks, against the coarser interrupt time):
+                // the timer is set again for what remains, so the question still times out.
+                let remaining = slot.deadline.saturating_duration_since(now);
+                if let Some(Some(timer)) = state.timers.get(index) {
+                    timer.set(&*dispatch, remaining, None);
+                }
                 return None;
             }
             state.release(index, dispatch)
@@ -1044,7 +1050,7 @@ impl<Q: QuestionHandler> Inner<Q> {
     /// Takes every timer out and shuts it down (cancel, flush its DPC, free), which also drops
     /// the references to `self` their routines hold.
     fn shut_down_timers(&self, irql: &mut PassiveLevel<'_>) {
-        for index in 0..self.capacity() {
+        for index in 0..self.capacity {
             let timer = self
                 .state
                 .lock(&mut *irql, |state, _| state.timers.get_mut(index)?.take());

@@ -1,7 +1,6 @@
 //! The service's side of a question channel ([`AskChannel`](crate::ask::AskChannel)).
 
-#[allow(unused_imports)]
-use std::{boxed::Box, vec::Vec};
+use std::vec::Vec;
 
 use std::collections::VecDeque;
 use std::fmt;
