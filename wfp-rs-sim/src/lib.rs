@@ -1231,12 +1231,30 @@ impl<L: Layer> ClassifyRequest<L> {
         self
     }
 
-    /// Marks the classification as a reauthorization: pending is refused
-    /// (`STATUS_FWP_CANNOT_PEND`). Set the `IS_REAUTHORIZE` flag field yourself if the layer has
-    /// one.
+    /// Marks the classification as a reauthorization, as the engine presents one: pending is
+    /// refused (`STATUS_FWP_CANNOT_PEND`), and where the layer has a `FLAGS` field,
+    /// `FWP_CONDITION_FLAG_IS_REAUTHORIZE` is set in it (beside any flags set with
+    /// [`with`](Self::with)), so `Classify::is_reauthorization` says so.
     pub fn reauthorization(mut self) -> Self {
         self.reauthorization = true;
         self
+    }
+
+    /// The values as the engine hands them to callouts: a reauthorization's `FLAGS` field
+    /// carries `FWP_CONDITION_FLAG_IS_REAUTHORIZE`.
+    fn presented_values(&self) -> Vec<SimValue> {
+        let mut values = self.values.clone();
+        if self.reauthorization
+            && let Some(flags) = L::FIELDS.iter().find(|f| f.name == "Flags")
+            && let Some(slot) = values.get_mut(flags.index as usize)
+        {
+            let bits = match *slot {
+                SimValue::U32(bits) => bits,
+                _ => 0,
+            };
+            *slot = SimValue::U32(bits | wfp_rs::sys::FWP_CONDITION_FLAG_IS_REAUTHORIZE);
+        }
+        values
     }
 
     /// Sets the flow handle metadata (`FWPS_METADATA_FIELD_FLOW_HANDLE`).
@@ -1315,7 +1333,7 @@ impl Machine {
         let layer = wfp_rs::layer::layer_by_id(L::ID).expect("every Layer type is in the table");
         let mut incoming = engine::Incoming {
             layer,
-            values: request.values.clone(),
+            values: request.presented_values(),
             metadata: request.metadata,
             layer_data: core::ptr::null_mut(),
             classify_context: core::ptr::null(),
@@ -1401,8 +1419,14 @@ impl Machine {
             metadata.processPath = &mut copy.1;
             copy
         });
-        let direct = self
-            .run(|| engine::Direct::prepare(layer, &request.values, metadata, callout.guid().0))?;
+        let direct = self.run(|| {
+            engine::Direct::prepare(
+                layer,
+                &request.presented_values(),
+                metadata,
+                callout.guid().0,
+            )
+        })?;
         Ok(DirectClassify {
             direct,
             _process_path: process_path,

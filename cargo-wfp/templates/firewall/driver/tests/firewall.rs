@@ -2181,8 +2181,9 @@ fn auth_connect(
         .with::<fields::IpRemoteAddress>(Ipv4Addr::new(192, 0, 2, last))
         .with::<fields::IpRemotePort>(443u16);
     if reauthorization {
+        // `reauthorization()` sets IS_REAUTHORIZE in FLAGS, as the engine presents one.
         request
-            .with::<fields::Flags>(ConditionFlags::IS_REAUTHORIZE)
+            .with::<fields::Flags>(ConditionFlags::empty())
             .reauthorization()
     } else {
         request
@@ -3091,8 +3092,9 @@ fn auth_connect_from(
         .with::<fields::IpRemoteAddress>(Ipv4Addr::new(192, 0, 2, 5))
         .with::<fields::IpRemotePort>(443u16);
     if reauthorization {
+        // `reauthorization()` sets IS_REAUTHORIZE in FLAGS, as the engine presents one.
         request
-            .with::<fields::Flags>(ConditionFlags::IS_REAUTHORIZE)
+            .with::<fields::Flags>(ConditionFlags::empty())
             .reauthorization()
     } else {
         request
