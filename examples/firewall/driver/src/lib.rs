@@ -373,8 +373,8 @@ use wfp_rs::inverted::ControlCode;
 use wfp_rs::irql::{AtMostDispatch, DispatchLevel, PassiveLevel, Token};
 use wfp_rs::layer::value::{ConditionFlags, IpProtocol};
 use wfp_rs::layer::{
-    AleAuthConnectV4, AleAuthConnectV6, AleAuthRecvAcceptV4, AleAuthRecvAcceptV6, Field, Layer,
-    fields,
+    AleAuthConnectV4, AleAuthConnectV6, AleAuthRecvAcceptV4, AleAuthRecvAcceptV6, Field,
+    IncomingValues, Layer, fields,
 };
 use wfp_rs::pend::{
     ConnectionKey, PendError, PendableByCompletionHandle, PendedClassify, VerdictTable,
@@ -720,21 +720,17 @@ impl Observed {
     /// `DISPATCH_LEVEL`; `cargo wfp build -p firewall-driver` (a debug image) checks this
     /// frame's size.
     ///
-    /// `charge` holds the question's bytes against [`QUESTION_BYTES`]; it must be for
-    /// [`question_len`] bytes (the buffer is that long whatever it says).
+    /// `path` is the classification's, checked once by [`whole_path`]; `charge` holds the
+    /// question's bytes against [`QUESTION_BYTES`] and must be for `request_len(path.units())`
+    /// bytes (the buffer is that long whatever it says).
     #[inline(never)]
-    fn question<L>(
+    fn question(
         &self,
-        c: &Classify<'_, L>,
+        path: PathBytes<'_>,
         request_id: u64,
         charge: Charge,
         irql: &impl AtMostDispatch,
-    ) -> Result<Question, NoRequest>
-    where
-        L: Layer,
-        fields::AleAppId: Field<L>,
-    {
-        let path = whole_path(c).map_err(NoRequest::Unaskable)?;
+    ) -> Result<Question, NoRequest> {
         let head = self.head(request_id);
         let mut bytes = PoolBytes::try_zeroed(request_len(path.units()), REQUEST_TAG, irql)
             .map_err(|_| NoRequest::NoPool)?;
@@ -749,26 +745,18 @@ impl Observed {
 }
 
 /// The image path of the classification's `ALE_APP_ID` field, if a request can carry it whole
-/// (see [`PathBytes::from_app_id`]).
-fn whole_path<'c, L>(c: &'c Classify<'_, L>) -> Result<PathBytes<'c>, Malformed>
+/// (see [`PathBytes::from_app_id`]). A miss checks it once, here, and sizes, charges and builds
+/// its question from the result. It borrows the values only, so the classification's `out` can
+/// still be written while the path is held.
+fn whole_path<'v, L>(values: &'v IncomingValues<'_, L>) -> Result<PathBytes<'v>, Malformed>
 where
     L: Layer,
     fields::AleAppId: Field<L>,
 {
-    let app = c
-        .values
+    let app = values
         .get::<fields::AleAppId>()
         .map_err(|_| Malformed("the application id cannot be read"))?;
     PathBytes::from_app_id(app.as_bytes())
-}
-
-/// The length of the question about the classification, if its image path can be sent whole.
-fn question_len<L>(c: &Classify<'_, L>) -> Result<usize, Malformed>
-where
-    L: Layer,
-    fields::AleAppId: Field<L>,
-{
-    whole_path(c).map(|path| request_len(path.units()))
 }
 
 /// A question for the service: a request's wire bytes, in one pool buffer of exactly their
@@ -961,24 +949,16 @@ impl Shared {
         Some((observed, cache_key))
     }
 
-    /// Denies the classification if no request can carry its image path whole, and says
-    /// whether it did. Called wherever a connection the cache does not answer would otherwise
+    /// Denies a classification whose image path no request can carry whole ([`whole_path`]
+    /// said `why`). Called wherever a connection the cache does not answer would otherwise
     /// be asked about or given the default (or the overload decision): a question about part
     /// of a path could be answered more permissively than the service would answer about the
     /// whole path, and so could the default. (A cache hit needs no check: only a question with
     /// the whole path puts a verdict in the cache, and the key hashes every byte of the
     /// application id. It keeps the hit path to one pass over the path, the key's.)
-    fn denied_unaskable<L>(&self, c: &mut Classify<'_, L>, observed: &Observed) -> bool
-    where
-        L: Layer,
-        fields::AleAppId: Field<L>,
-    {
-        let Err(why) = whole_path(c) else {
-            return false;
-        };
+    fn deny_unaskable(&self, out: &mut ClassifyOut<'_>, observed: &Observed, why: Malformed) {
         self.unaskable(observed, &why);
-        apply(&mut c.out, Verdict::Deny);
-        true
+        apply(out, Verdict::Deny);
     }
 
     /// Counts and logs a connection denied because its image path cannot be sent whole.
@@ -1293,7 +1273,7 @@ where
                 }
                 // A reauthorization this callout did not cause.
                 None => shared.cached(irql, &cache_key).unwrap_or_else(|| {
-                    if let Err(why) = whole_path(c) {
+                    if let Err(why) = whole_path(&c.values) {
                         shared.unaskable(&observed, &why);
                         return Verdict::Deny;
                     }
@@ -1313,9 +1293,10 @@ where
             apply(&mut c.out, verdict);
             return;
         }
-        if shared.denied_unaskable(c, &observed) {
-            return;
-        }
+        let path = match whole_path(&c.values) {
+            Ok(path) => path,
+            Err(why) => return shared.deny_unaskable(&mut c.out, &observed, why),
+        };
         // Counted before the flag is read (see `Shared::settle`).
         shared.in_flight.fetch_add(1, Ordering::SeqCst);
         let request_id = shared.request_id();
@@ -1332,19 +1313,9 @@ where
             decided_at_once(c, &"unloading");
             return;
         }
-        let bytes = match question_len(c) {
-            Ok(bytes) => bytes,
-            // Checked after the cache already; never asked about with part of its path.
-            Err(why) => {
-                shared.unaskable(&observed, &why);
-                apply(&mut c.out, Verdict::Deny);
-                shared.finished(irql);
-                return;
-            }
-        };
         // A slot for the verdict, before the pend: a recorded verdict is never evicted. And
         // room for the question in the pool the questions may hold.
-        let Some(charge) = Shared::reserve(shared, bytes) else {
+        let Some(charge) = Shared::reserve(shared, request_len(path.units())) else {
             // The cache did not answer (above): the overload decision, not the default (a
             // burst must not open a fail-open firewall); counted, logged per burst.
             shared.count(Counter::Overloaded);
@@ -1352,13 +1323,12 @@ where
             shared.finished(irql);
             return;
         };
-        let question = match observed.question(c, request_id, charge, irql) {
+        let question = match observed.question(path, request_id, charge, irql) {
             Ok(question) => question,
-            // Checked after the cache already; never asked about with part of its path.
+            // The path was checked above; never asked about with part of it.
             Err(NoRequest::Unaskable(why)) => {
                 shared.release(irql);
-                shared.unaskable(&observed, &why);
-                apply(&mut c.out, Verdict::Deny);
+                shared.deny_unaskable(&mut c.out, &observed, why);
                 shared.finished(irql);
                 return;
             }
@@ -1497,9 +1467,10 @@ where
             apply(&mut c.out, verdict);
             return;
         }
-        if shared.denied_unaskable(c, &observed) {
-            return;
-        }
+        let path = match whole_path(&c.values) {
+            Ok(path) => path,
+            Err(why) => return shared.deny_unaskable(&mut c.out, &observed, why),
+        };
         // This attempt gets the default whatever happens next.
         shared.count(Counter::Defaults);
         apply(&mut c.out, default);
@@ -1513,10 +1484,9 @@ where
             return;
         }
         let request_id = shared.request_id();
-        let charge = question_len(c)
-            .map_err(NoRequest::Unaskable)
-            .and_then(|bytes| Shared::try_charge(shared, bytes).ok_or(NoRequest::OverBudget));
-        let question = charge.and_then(|charge| observed.question(c, request_id, charge, irql));
+        let question = Shared::try_charge(shared, request_len(path.units()))
+            .ok_or(NoRequest::OverBudget)
+            .and_then(|charge| observed.question(path, request_id, charge, irql));
         let question = match question {
             Ok(question) => question,
             Err(error) => {
