@@ -658,10 +658,13 @@ impl fmt::Display for CachedFor {
 struct Observed {
     key: ConnectionKey,
     direction: Direction,
+    /// The `FLAGS` field has `FWP_CONDITION_FLAG_IS_REAUTHORIZE` (read with the loopback flag,
+    /// in one read of the field).
+    reauthorization: bool,
 }
 
 impl Observed {
-    fn of<L>(c: &Classify<'_, L>, direction: Direction) -> Option<Observed>
+    fn of<L>(c: &Classify<'_, L>, direction: Direction, flags: ConditionFlags) -> Option<Observed>
     where
         L: Layer,
         L::Address: Into<IpAddr>,
@@ -675,6 +678,7 @@ impl Observed {
         Some(Observed {
             key: ConnectionKey::of(c)?,
             direction,
+            reauthorization: flags.contains(ConditionFlags::IS_REAUTHORIZE),
         })
     }
 
@@ -827,14 +831,14 @@ fn increment_below(counter: &AtomicUsize, limit: usize) -> bool {
         .is_ok()
 }
 
-/// Whether the classification's `FLAGS` field marks loopback.
-fn is_loopback<L: Layer>(c: &Classify<'_, L>) -> bool
+/// The classification's `FLAGS` field; none if it cannot be read.
+fn flags<L: Layer>(c: &Classify<'_, L>) -> ConditionFlags
 where
     fields::Flags: Field<L>,
 {
     c.values
         .get::<fields::Flags>()
-        .is_ok_and(|flags| flags.contains(ConditionFlags::IS_LOOPBACK))
+        .unwrap_or(ConditionFlags::empty())
 }
 
 /// Applies `verdict`: a soft permit (a lighter sublayer may still block) or a hard block.
@@ -929,12 +933,13 @@ impl Shared {
         fields::IpRemoteAddress: Field<L>,
         fields::IpRemotePort: Field<L>,
     {
-        if self.config.permit_loopback && is_loopback(c) {
+        let flags = flags(c);
+        if self.config.permit_loopback && flags.contains(ConditionFlags::IS_LOOPBACK) {
             self.count(Counter::Loopback);
             apply(&mut c.out, Verdict::Allow);
             return None;
         }
-        let Some(observed) = Observed::of(c, direction) else {
+        let Some(observed) = Observed::of(c, direction, flags) else {
             let default = self.config.default;
             self.count(Counter::Defaults);
             // "firewall: outbound: …" or "firewall: inbound: …", as each callout logged it.
@@ -1260,7 +1265,7 @@ where
         let Some((observed, cache_key)) = shared.observe(c, Direction::Outbound) else {
             return;
         };
-        if c.is_reauthorization() {
+        if observed.reauthorization {
             // The work item recorded the verdict before it completed the pend.
             let verdict = match shared.verdicts.take(&mut *irql, &observed.key) {
                 Some(verdict) => {
