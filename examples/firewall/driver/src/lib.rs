@@ -129,7 +129,8 @@
 //! benchmarks make (1024 new connections at once, none refused).
 //!
 //! The questions are bounded in bytes too: each holds its request, up to 64 KiB with the whole
-//! image path, until its work item ends, and together they hold at most [`QUESTION_BYTES`]
+//! image path, until its work item ends (or, asked through the channel, until the channel has
+//! copied it into a slot of its own), and together they hold at most [`QUESTION_BYTES`]
 //! (4 MiB; [`VERDICT_SLOTS`] questions about the longest path would be 128 MiB). A connection
 //! whose question does not fit gets the overload decision the same way, counted and logged the
 //! same way; an inbound miss whose question does not fit is not asked about in the background.
@@ -180,8 +181,8 @@
 //!   the field holds it ([`PathBytes::from_app_id`]), allocates one non-paged buffer of exactly
 //!   the request's length (tag `FwRq`), and encodes the request into it
 //!   ([`RequestHead::encode_with_path`]) — no other allocation, nothing path-sized on the stack,
-//!   so the same code serves at `DISPATCH_LEVEL`. The work item sends those bytes as they are
-//!   ([`ServerPort::send_encoded`]).
+//!   so the same code serves at `DISPATCH_LEVEL`. The channel copies those bytes into a slot
+//!   it allocated at load; the work item sends them as they are ([`ServerPort::send_encoded`]).
 //! - **The defensive bound denies.** An application id a request cannot carry whole (longer
 //!   than the bound, an odd number of bytes, a NUL inside) is never asked about with a part of
 //!   it; the connection is denied — the one decision never more permissive than the service's —
@@ -421,7 +422,8 @@ pub const VERDICT_SLOTS: usize = 2048;
 /// The most non-paged pool the questions of the moment may hold together: 4 MiB. A question
 /// holds its request, 74 bytes to 64 KiB with the image path
 /// ([`REQUEST_MAX_LEN`](firewall_protocol::REQUEST_MAX_LEN)), from its classification to the
-/// end of its work item; without this bound, [`VERDICT_SLOTS`] pended connections of a program
+/// end of its work item (through the channel, only until the channel copies it into a slot it
+/// allocated at load); without this bound, [`VERDICT_SLOTS`] pended connections of a program
 /// with the longest path would hold 128 MiB. A new outbound connection whose question does not
 /// fit gets [`Config::overload`], as when the slots are taken (see "Overload" in the crate
 /// documentation); an inbound one is not asked about in the background. Questions with the
@@ -863,8 +865,8 @@ struct Shared {
     verdicts: PoolBox<VerdictTable<Verdict, VERDICT_SLOTS>>,
     /// Set at unload: nothing is pended or asked any more.
     unloading: AtomicBool,
-    /// Outbound classifications between their check of `unloading` and the end of their work
-    /// item (or of the path that decided without one).
+    /// Outbound classifications between their check of `unloading` and their decision: the
+    /// channel's `decide`, the end of their work item, or the path that decided without asking.
     in_flight: AtomicUsize,
     /// Outbound connections holding a slot of `verdicts`: reserved before the pend, freed when
     /// the reauthorization takes the verdict (or when the classification decides without
@@ -1239,8 +1241,9 @@ impl Shared {
     }
 }
 
-/// The outbound callout, at `ALE_AUTH_CONNECT_V4` and `_V6`: cache, else pend and ask from a
-/// work item, and answer the reauthorization from the recorded verdict.
+/// The outbound callout, at `ALE_AUTH_CONNECT_V4` and `_V6`: cache, else pend and ask through
+/// the question channel (or from a work item over the port), and answer the reauthorization from
+/// the recorded verdict.
 pub struct Outbound {
     shared: PoolArc<Shared>,
     queue: WorkQueue,
@@ -1266,7 +1269,8 @@ where
             return;
         };
         if observed.reauthorization {
-            // The work item recorded the verdict before it completed the pend.
+            // The channel's `decide` or the work item recorded the verdict before it completed
+            // the pend.
             let verdict = match shared.verdicts.take(&mut *irql, &observed.key) {
                 Some(verdict) => {
                     // Its connection's slot is free again (and unload is told of progress).
@@ -1800,7 +1804,8 @@ impl DriverState for Firewall {
     }
 
     fn unload(self, irql: &mut PassiveLevel<'_>) {
-        // The SDK has waited for every work item: no pend is outstanding.
+        // `stopping` decided every question on the channel, and the SDK has waited for every
+        // work item: no pend is outstanding.
         let Firewall {
             engine,
             connect_v4,
