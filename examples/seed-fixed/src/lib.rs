@@ -939,28 +939,18 @@ pub struct SeedFixed {
     service: Service,
 }
 
-impl SeedFixed {
-    /// Stops the question channel, if this driver has one: new questions are refused, and each
-    /// outstanding one is decided (the default, "unloading") and its pend completed now, while
-    /// the filters its reauthorization needs still exist. Returns how many were decided.
-    fn stop_channel(&self, irql: &mut PassiveLevel<'_>) -> usize {
-        let Service::Channel(channel) = &self.service else {
-            return 0;
-        };
-        let outstanding = channel.outstanding(&mut *irql);
-        channel.stop(irql);
-        outstanding
-    }
-}
-
 impl DriverState for SeedFixed {
     fn stopping(&self, irql: &mut PassiveLevel<'_>) {
         // No new pends, and no new questions; then end the questions already waiting, so
         // nothing the SDK or `unload` waits for runs into the timeout.
         self.shared.unloading.store(true, Ordering::SeqCst);
         match &self.service {
-            Service::Channel(_) => {
-                let decided = self.stop_channel(irql);
+            Service::Channel(channel) => {
+                // New questions are refused, and each outstanding one is decided (the default,
+                // "unloading") and its pend completed now, while the filters its
+                // reauthorization needs still exist.
+                let decided = channel.outstanding(&mut *irql);
+                channel.stop(irql);
                 kd_print!("seed-fixed: stopping; {decided} outstanding question(s) decided\n");
             }
             Service::Port { port, .. } => {
@@ -972,9 +962,8 @@ impl DriverState for SeedFixed {
     }
 
     fn unload(self, irql: &mut PassiveLevel<'_>) {
-        // The SDK has waited for every work item: no pend of the work item design is
-        // outstanding. (`stopping` stopped the channel already; this is in case it did not run.)
-        self.stop_channel(irql);
+        // The SDK always calls `stopping` first, which stopped the channel, and has waited for
+        // every work item: no pend of either design is outstanding.
         let SeedFixed {
             engine,
             v4,

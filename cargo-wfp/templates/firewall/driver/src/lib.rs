@@ -129,7 +129,8 @@
 //! benchmarks make (1024 new connections at once, none refused).
 //!
 //! The questions are bounded in bytes too: each holds its request, up to 64 KiB with the whole
-//! image path, until its work item ends, and together they hold at most [`QUESTION_BYTES`]
+//! image path, until its work item ends (or, asked through the channel, until the channel has
+//! copied it into a slot of its own), and together they hold at most [`QUESTION_BYTES`]
 //! (4 MiB; [`VERDICT_SLOTS`] questions about the longest path would be 128 MiB). A connection
 //! whose question does not fit gets the overload decision the same way, counted and logged the
 //! same way; an inbound miss whose question does not fit is not asked about in the background.
@@ -180,8 +181,8 @@
 //!   the field holds it ([`PathBytes::from_app_id`]), allocates one non-paged buffer of exactly
 //!   the request's length (tag `FwRq`), and encodes the request into it
 //!   ([`RequestHead::encode_with_path`]) — no other allocation, nothing path-sized on the stack,
-//!   so the same code serves at `DISPATCH_LEVEL`. The work item sends those bytes as they are
-//!   ([`ServerPort::send_encoded`]).
+//!   so the same code serves at `DISPATCH_LEVEL`. The channel copies those bytes into a slot
+//!   it allocated at load; the work item sends them as they are ([`ServerPort::send_encoded`]).
 //! - **The defensive bound denies.** An application id a request cannot carry whole (longer
 //!   than the bound, an odd number of bytes, a NUL inside) is never asked about with a part of
 //!   it; the connection is denied — the one decision never more permissive than the service's —
@@ -373,8 +374,8 @@ use wfp_rs::inverted::ControlCode;
 use wfp_rs::irql::{AtMostDispatch, DispatchLevel, PassiveLevel, Token};
 use wfp_rs::layer::value::{ConditionFlags, IpProtocol};
 use wfp_rs::layer::{
-    AleAuthConnectV4, AleAuthConnectV6, AleAuthRecvAcceptV4, AleAuthRecvAcceptV6, Field, Layer,
-    fields,
+    AleAuthConnectV4, AleAuthConnectV6, AleAuthRecvAcceptV4, AleAuthRecvAcceptV6, Field,
+    IncomingValues, Layer, fields,
 };
 use wfp_rs::pend::{
     ConnectionKey, PendError, PendableByCompletionHandle, PendedClassify, VerdictTable,
@@ -421,7 +422,8 @@ pub const VERDICT_SLOTS: usize = 2048;
 /// The most non-paged pool the questions of the moment may hold together: 4 MiB. A question
 /// holds its request, 74 bytes to 64 KiB with the image path
 /// ([`REQUEST_MAX_LEN`](firewall_protocol::REQUEST_MAX_LEN)), from its classification to the
-/// end of its work item; without this bound, [`VERDICT_SLOTS`] pended connections of a program
+/// end of its work item (through the channel, only until the channel copies it into a slot it
+/// allocated at load); without this bound, [`VERDICT_SLOTS`] pended connections of a program
 /// with the longest path would hold 128 MiB. A new outbound connection whose question does not
 /// fit gets [`Config::overload`], as when the slots are taken (see "Overload" in the crate
 /// documentation); an inbound one is not asked about in the background. Questions with the
@@ -658,10 +660,13 @@ impl fmt::Display for CachedFor {
 struct Observed {
     key: ConnectionKey,
     direction: Direction,
+    /// The `FLAGS` field has `FWP_CONDITION_FLAG_IS_REAUTHORIZE` (read with the loopback flag,
+    /// in one read of the field).
+    reauthorization: bool,
 }
 
 impl Observed {
-    fn of<L>(c: &Classify<'_, L>, direction: Direction) -> Option<Observed>
+    fn of<L>(c: &Classify<'_, L>, direction: Direction, flags: ConditionFlags) -> Option<Observed>
     where
         L: Layer,
         L::Address: Into<IpAddr>,
@@ -675,6 +680,7 @@ impl Observed {
         Some(Observed {
             key: ConnectionKey::of(c)?,
             direction,
+            reauthorization: flags.contains(ConditionFlags::IS_REAUTHORIZE),
         })
     }
 
@@ -720,21 +726,17 @@ impl Observed {
     /// `DISPATCH_LEVEL`; `cargo wfp build -p firewall-driver` (a debug image) checks this
     /// frame's size.
     ///
-    /// `charge` holds the question's bytes against [`QUESTION_BYTES`]; it must be for
-    /// [`question_len`] bytes (the buffer is that long whatever it says).
+    /// `path` is the classification's, checked once by [`whole_path`]; `charge` holds the
+    /// question's bytes against [`QUESTION_BYTES`] and must be for `request_len(path.units())`
+    /// bytes (the buffer is that long whatever it says).
     #[inline(never)]
-    fn question<L>(
+    fn question(
         &self,
-        c: &Classify<'_, L>,
+        path: PathBytes<'_>,
         request_id: u64,
         charge: Charge,
         irql: &impl AtMostDispatch,
-    ) -> Result<Question, NoRequest>
-    where
-        L: Layer,
-        fields::AleAppId: Field<L>,
-    {
-        let path = whole_path(c).map_err(NoRequest::Unaskable)?;
+    ) -> Result<Question, NoRequest> {
         let head = self.head(request_id);
         let mut bytes = PoolBytes::try_zeroed(request_len(path.units()), REQUEST_TAG, irql)
             .map_err(|_| NoRequest::NoPool)?;
@@ -749,26 +751,18 @@ impl Observed {
 }
 
 /// The image path of the classification's `ALE_APP_ID` field, if a request can carry it whole
-/// (see [`PathBytes::from_app_id`]).
-fn whole_path<'c, L>(c: &'c Classify<'_, L>) -> Result<PathBytes<'c>, Malformed>
+/// (see [`PathBytes::from_app_id`]). A miss checks it once, here, and sizes, charges and builds
+/// its question from the result. It borrows the values only, so the classification's `out` can
+/// still be written while the path is held.
+fn whole_path<'v, L>(values: &'v IncomingValues<'_, L>) -> Result<PathBytes<'v>, Malformed>
 where
     L: Layer,
     fields::AleAppId: Field<L>,
 {
-    let app = c
-        .values
+    let app = values
         .get::<fields::AleAppId>()
         .map_err(|_| Malformed("the application id cannot be read"))?;
     PathBytes::from_app_id(app.as_bytes())
-}
-
-/// The length of the question about the classification, if its image path can be sent whole.
-fn question_len<L>(c: &Classify<'_, L>) -> Result<usize, Malformed>
-where
-    L: Layer,
-    fields::AleAppId: Field<L>,
-{
-    whole_path(c).map(|path| request_len(path.units()))
 }
 
 /// A question for the service: a request's wire bytes, in one pool buffer of exactly their
@@ -839,14 +833,14 @@ fn increment_below(counter: &AtomicUsize, limit: usize) -> bool {
         .is_ok()
 }
 
-/// Whether the classification's `FLAGS` field marks loopback.
-fn is_loopback<L: Layer>(c: &Classify<'_, L>) -> bool
+/// The classification's `FLAGS` field; none if it cannot be read.
+fn flags<L: Layer>(c: &Classify<'_, L>) -> ConditionFlags
 where
     fields::Flags: Field<L>,
 {
     c.values
         .get::<fields::Flags>()
-        .is_ok_and(|flags| flags.contains(ConditionFlags::IS_LOOPBACK))
+        .unwrap_or(ConditionFlags::empty())
 }
 
 /// Applies `verdict`: a soft permit (a lighter sublayer may still block) or a hard block.
@@ -871,8 +865,8 @@ struct Shared {
     verdicts: PoolBox<VerdictTable<Verdict, VERDICT_SLOTS>>,
     /// Set at unload: nothing is pended or asked any more.
     unloading: AtomicBool,
-    /// Outbound classifications between their check of `unloading` and the end of their work
-    /// item (or of the path that decided without one).
+    /// Outbound classifications between their check of `unloading` and their decision: the
+    /// channel's `decide`, the end of their work item, or the path that decided without asking.
     in_flight: AtomicUsize,
     /// Outbound connections holding a slot of `verdicts`: reserved before the pend, freed when
     /// the reauthorization takes the verdict (or when the classification decides without
@@ -941,12 +935,13 @@ impl Shared {
         fields::IpRemoteAddress: Field<L>,
         fields::IpRemotePort: Field<L>,
     {
-        if self.config.permit_loopback && is_loopback(c) {
+        let flags = flags(c);
+        if self.config.permit_loopback && flags.contains(ConditionFlags::IS_LOOPBACK) {
             self.count(Counter::Loopback);
             apply(&mut c.out, Verdict::Allow);
             return None;
         }
-        let Some(observed) = Observed::of(c, direction) else {
+        let Some(observed) = Observed::of(c, direction, flags) else {
             let default = self.config.default;
             self.count(Counter::Defaults);
             // "firewall: outbound: …" or "firewall: inbound: …", as each callout logged it.
@@ -961,24 +956,16 @@ impl Shared {
         Some((observed, cache_key))
     }
 
-    /// Denies the classification if no request can carry its image path whole, and says
-    /// whether it did. Called wherever a connection the cache does not answer would otherwise
+    /// Denies a classification whose image path no request can carry whole ([`whole_path`]
+    /// said `why`). Called wherever a connection the cache does not answer would otherwise
     /// be asked about or given the default (or the overload decision): a question about part
     /// of a path could be answered more permissively than the service would answer about the
     /// whole path, and so could the default. (A cache hit needs no check: only a question with
     /// the whole path puts a verdict in the cache, and the key hashes every byte of the
     /// application id. It keeps the hit path to one pass over the path, the key's.)
-    fn denied_unaskable<L>(&self, c: &mut Classify<'_, L>, observed: &Observed) -> bool
-    where
-        L: Layer,
-        fields::AleAppId: Field<L>,
-    {
-        let Err(why) = whole_path(c) else {
-            return false;
-        };
+    fn deny_unaskable(&self, out: &mut ClassifyOut<'_>, observed: &Observed, why: Malformed) {
         self.unaskable(observed, &why);
-        apply(&mut c.out, Verdict::Deny);
-        true
+        apply(out, Verdict::Deny);
     }
 
     /// Counts and logs a connection denied because its image path cannot be sent whole.
@@ -1254,8 +1241,9 @@ impl Shared {
     }
 }
 
-/// The outbound callout, at `ALE_AUTH_CONNECT_V4` and `_V6`: cache, else pend and ask from a
-/// work item, and answer the reauthorization from the recorded verdict.
+/// The outbound callout, at `ALE_AUTH_CONNECT_V4` and `_V6`: cache, else pend and ask through
+/// the question channel (or from a work item over the port), and answer the reauthorization from
+/// the recorded verdict.
 pub struct Outbound {
     shared: PoolArc<Shared>,
     queue: WorkQueue,
@@ -1280,8 +1268,9 @@ where
         let Some((observed, cache_key)) = shared.observe(c, Direction::Outbound) else {
             return;
         };
-        if c.is_reauthorization() {
-            // The work item recorded the verdict before it completed the pend.
+        if observed.reauthorization {
+            // The channel's `decide` or the work item recorded the verdict before it completed
+            // the pend.
             let verdict = match shared.verdicts.take(&mut *irql, &observed.key) {
                 Some(verdict) => {
                     // Its connection's slot is free again (and unload is told of progress).
@@ -1293,7 +1282,7 @@ where
                 }
                 // A reauthorization this callout did not cause.
                 None => shared.cached(irql, &cache_key).unwrap_or_else(|| {
-                    if let Err(why) = whole_path(c) {
+                    if let Err(why) = whole_path(&c.values) {
                         shared.unaskable(&observed, &why);
                         return Verdict::Deny;
                     }
@@ -1313,9 +1302,10 @@ where
             apply(&mut c.out, verdict);
             return;
         }
-        if shared.denied_unaskable(c, &observed) {
-            return;
-        }
+        let path = match whole_path(&c.values) {
+            Ok(path) => path,
+            Err(why) => return shared.deny_unaskable(&mut c.out, &observed, why),
+        };
         // Counted before the flag is read (see `Shared::settle`).
         shared.in_flight.fetch_add(1, Ordering::SeqCst);
         let request_id = shared.request_id();
@@ -1332,19 +1322,9 @@ where
             decided_at_once(c, &"unloading");
             return;
         }
-        let bytes = match question_len(c) {
-            Ok(bytes) => bytes,
-            // Checked after the cache already; never asked about with part of its path.
-            Err(why) => {
-                shared.unaskable(&observed, &why);
-                apply(&mut c.out, Verdict::Deny);
-                shared.finished(irql);
-                return;
-            }
-        };
         // A slot for the verdict, before the pend: a recorded verdict is never evicted. And
         // room for the question in the pool the questions may hold.
-        let Some(charge) = Shared::reserve(shared, bytes) else {
+        let Some(charge) = Shared::reserve(shared, request_len(path.units())) else {
             // The cache did not answer (above): the overload decision, not the default (a
             // burst must not open a fail-open firewall); counted, logged per burst.
             shared.count(Counter::Overloaded);
@@ -1352,13 +1332,12 @@ where
             shared.finished(irql);
             return;
         };
-        let question = match observed.question(c, request_id, charge, irql) {
+        let question = match observed.question(path, request_id, charge, irql) {
             Ok(question) => question,
-            // Checked after the cache already; never asked about with part of its path.
+            // The path was checked above; never asked about with part of it.
             Err(NoRequest::Unaskable(why)) => {
                 shared.release(irql);
-                shared.unaskable(&observed, &why);
-                apply(&mut c.out, Verdict::Deny);
+                shared.deny_unaskable(&mut c.out, &observed, why);
                 shared.finished(irql);
                 return;
             }
@@ -1497,9 +1476,10 @@ where
             apply(&mut c.out, verdict);
             return;
         }
-        if shared.denied_unaskable(c, &observed) {
-            return;
-        }
+        let path = match whole_path(&c.values) {
+            Ok(path) => path,
+            Err(why) => return shared.deny_unaskable(&mut c.out, &observed, why),
+        };
         // This attempt gets the default whatever happens next.
         shared.count(Counter::Defaults);
         apply(&mut c.out, default);
@@ -1513,10 +1493,9 @@ where
             return;
         }
         let request_id = shared.request_id();
-        let charge = question_len(c)
-            .map_err(NoRequest::Unaskable)
-            .and_then(|bytes| Shared::try_charge(shared, bytes).ok_or(NoRequest::OverBudget));
-        let question = charge.and_then(|charge| observed.question(c, request_id, charge, irql));
+        let question = Shared::try_charge(shared, request_len(path.units()))
+            .ok_or(NoRequest::OverBudget)
+            .and_then(|charge| observed.question(path, request_id, charge, irql));
         let question = match question {
             Ok(question) => question,
             Err(error) => {
@@ -1825,7 +1804,8 @@ impl DriverState for Firewall {
     }
 
     fn unload(self, irql: &mut PassiveLevel<'_>) {
-        // The SDK has waited for every work item: no pend is outstanding.
+        // `stopping` decided every question on the channel, and the SDK has waited for every
+        // work item: no pend is outstanding.
         let Firewall {
             engine,
             connect_v4,
