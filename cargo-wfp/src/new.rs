@@ -967,6 +967,7 @@ fn readme(template: Template, names: &Names, files: &BTreeMap<PathBuf, String>) 
          `cargo wfp` is `cargo install cargo-wfp`; the image needs `rustup target add \
          x86_64-pc-windows-msvc` once. The guides: \
          <https://github.com/wfp-rs/wfp-rs/tree/main/docs>.\n\n\
+         {demo}\
          ## What a product must change\n\n\
          The generator gave every `guid!` key (provider, sublayer, callouts, filters) a fresh \
          GUID and named everything after `{package}`. Before shipping, check:\n\n\
@@ -979,6 +980,16 @@ fn readme(template: Template, names: &Names, files: &BTreeMap<PathBuf, String>) 
         package = names.package,
         product = names.product,
         infs = infs.join(", "),
+        demo = if template == Template::Firewall {
+            format!(
+                "The whole firewall (driver, service, rules) runs in the simulator with \
+                 `cargo run --release -p {} -- demo` (`--ask-via port` for the port + work item \
+                 design); `service/README.md` describes the service's commands.\n\n",
+                names.package
+            )
+        } else {
+            String::new()
+        },
     );
     if template != Template::Minimal {
         text.push_str(
