@@ -649,6 +649,24 @@ mod verifier_checks {
     }
 
     bugcheck_test! {
+        /// PsDereferencePrimaryToken is documented for IRQL < DISPATCH_LEVEL: a token released
+        /// from a DPC or under a spin lock stops.
+        fn releasing_a_token_at_dispatch_level_stops() expects IRQL_NOT_LESS_OR_EQUAL {
+            let machine = Machine::new();
+            let token = machine.at_passive(|_irql| {
+                // SAFETY: at PASSIVE_LEVEL.
+                let process = unsafe { sys::IoGetCurrentProcess() };
+                // SAFETY: at PASSIVE_LEVEL, the current process; released below.
+                unsafe { sys::PsReferencePrimaryToken(process) }
+            });
+            machine.at_dispatch(|_irql| {
+                // SAFETY: deliberately breaking the IRQL rule; the simulator stops first.
+                unsafe { sys::PsDereferencePrimaryToken(token) };
+            });
+        }
+    }
+
+    bugcheck_test! {
         /// A pointer that is not a process: Windows would dereference it.
         fn referencing_the_token_of_a_non_process_stops() expects KMODE_EXCEPTION_NOT_HANDLED {
             let machine = Machine::new();

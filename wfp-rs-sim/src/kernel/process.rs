@@ -240,7 +240,8 @@ pub unsafe extern "system" fn PsReferencePrimaryToken(Process: PEPROCESS) -> PAC
 /// `PrimaryToken` comes from `PsReferencePrimaryToken` and is released once.
 pub unsafe extern "system" fn PsDereferencePrimaryToken(PrimaryToken: PACCESS_TOKEN) {
     let _kernel = KernelCode::enter();
-    require_irql("PsDereferencePrimaryToken", PASSIVE_LEVEL);
+    // Documented as below DISPATCH_LEVEL, unlike the reference (PASSIVE_LEVEL).
+    require_irql("PsDereferencePrimaryToken", APC_LEVEL);
     let mut tokens = tokens();
     let Some(entry) = tokens.get_mut(&(PrimaryToken as usize)) else {
         drop(tokens);
