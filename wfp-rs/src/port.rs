@@ -221,13 +221,12 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use core::time::Duration;
 
-use alloc::vec::Vec;
-
 use crate::driver::Driver;
 use crate::irql::{ApcLevel, AtMostApc, AtMostDispatch, AtPassive, Irql, PassiveLevel};
 use crate::pool::{PoolBox, PoolTag};
 use crate::status::Status;
 use crate::sys;
+use crate::unicode::{counted, wide};
 
 // --- messages -----------------------------------------------------------------------------------
 
@@ -812,20 +811,6 @@ impl<E> From<CreatePortError<E>> for Status {
     }
 }
 
-/// The port name as UTF-16 for a `UNICODE_STRING` (at most 32767 units).
-fn wide(text: &str) -> Result<Vec<u16>, Status> {
-    let len = text.encode_utf16().count();
-    if len == 0 || len > usize::from(u16::MAX / 2) {
-        return Err(Status::INVALID_PARAMETER);
-    }
-    let mut units = Vec::new();
-    units
-        .try_reserve_exact(len)
-        .map_err(|_| Status::INSUFFICIENT_RESOURCES)?;
-    units.extend(text.encode_utf16());
-    Ok(units)
-}
-
 impl<P: Protocol, E: PortEvents> ServerPort<P, E> {
     /// Creates a communication server port named `name` (for example `"\\WfpRsFirewall"`;
     /// user mode connects with the same name), accepting at most `max_connections` clients at a
@@ -850,8 +835,12 @@ impl<P: Protocol, E: PortEvents> ServerPort<P, E> {
                 events,
             });
         }
-        let mut name = match wide(name) {
+        let name = match wide(name) {
             Ok(name) => name,
+            Err(status) => return Err(CreatePortError { status, events }),
+        };
+        let mut object_name = match counted(&name) {
+            Ok(object_name) => object_name,
             Err(status) => return Err(CreatePortError { status, events }),
         };
         let block = match Self::allocate_block(irql, filter, max_connections, events) {
@@ -887,12 +876,6 @@ impl<P: Protocol, E: PortEvents> ServerPort<P, E> {
         if let Err(status) = Status::from_ntstatus(status) {
             return fail(status);
         }
-        let bytes = (name.len() * 2) as u16;
-        let mut object_name = sys::UNICODE_STRING {
-            Length: bytes,
-            MaximumLength: bytes,
-            Buffer: name.as_mut_ptr(),
-        };
         let attributes = sys::OBJECT_ATTRIBUTES {
             Length: core::mem::size_of::<sys::OBJECT_ATTRIBUTES>() as u32,
             RootDirectory: core::ptr::null_mut(),
