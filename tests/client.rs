@@ -540,6 +540,52 @@ fn the_restriction_is_set_once() {
 }
 
 #[test]
+fn a_restriction_after_a_client_got_in_is_refused() {
+    // The careless order: the port exists (anyone may connect from then on), and only then
+    // does the driver restrict its clients. The intruder that connected in between keeps its
+    // connection, so the restriction would be a false promise: refused, and the driver knows.
+    let setup = setup(None);
+    let mut intruder_client = setup.machine.port_client(PORT).as_process(intruder());
+    intruder_client.connect(&[]).unwrap();
+    let late = setup
+        .driver
+        .run_in_driver(&setup.machine, |irql, d| {
+            let late = d.admit_only(irql, ClientIdentity::sid(service_sid()));
+            assert_eq!(d.admitted(), None);
+            late
+        })
+        .unwrap();
+    assert_eq!(late, Err(Status::INVALID_DEVICE_STATE));
+    assert_eq!(setup.ask(&intruder_client, 1), Ok(2));
+    drop(intruder_client);
+    // The same for a device opened before the call.
+    let handle = setup.machine.open_device(DEVICE_PATH, intruder()).unwrap();
+    drop(handle);
+    setup.teardown();
+}
+
+#[test]
+fn a_restriction_before_any_client_still_applies() {
+    // Creating the objects first is fine as long as nobody got in yet.
+    let setup = setup(None);
+    let set = setup
+        .driver
+        .run_in_driver(&setup.machine, |irql, d| {
+            d.admit_only(irql, ClientIdentity::sid(service_sid()))
+        })
+        .unwrap();
+    assert_eq!(set, Ok(()));
+    let mut intruder_client = setup.machine.port_client(PORT).as_process(intruder());
+    assert_eq!(intruder_client.connect(&[]), Err(Status::ACCESS_DENIED));
+    assert_eq!(
+        setup.machine.open_device(DEVICE_PATH, intruder()).err(),
+        Some(Status::ACCESS_DENIED)
+    );
+    drop(intruder_client);
+    setup.teardown();
+}
+
+#[test]
 fn the_check_is_callable_by_driver_code_in_the_callers_context() {
     // A kernel thread (the harness's at_passive) runs in the System process: no service SID.
     let machine = Machine::new();
