@@ -61,6 +61,7 @@ pub(crate) fn read_string(
 
 fn query(key: sys::HANDLE, name: &[u16]) -> Result<Option<String>, Status> {
     const HEADER: usize = core::mem::offset_of!(sys::KEY_VALUE_PARTIAL_INFORMATION, Data);
+    const { assert!(HEADER % 4 == 0) };
     // The header, the text and its NUL, in 32-bit words (the structure's alignment).
     let words = (HEADER + 2 * (MAX_PARAMETER_LEN + 1)).div_ceil(4);
     let mut buffer: Vec<u32> = Vec::new();
@@ -98,21 +99,17 @@ fn query(key: sys::HANDLE, name: &[u16]) -> Result<Option<String>, Status> {
     if length > 4 * words - HEADER {
         return Err(Status::BUFFER_OVERFLOW);
     }
-    let data = buffer[HEADER / 4..]
-        .iter()
-        .flat_map(|word| word.to_le_bytes())
-        .take(length);
     let mut units: Vec<u16> = Vec::new();
     units
         .try_reserve_exact(length / 2)
         .map_err(|_| Status::INSUFFICIENT_RESOURCES)?;
-    let mut low = None;
-    for byte in data {
-        match low.take() {
-            None => low = Some(byte),
-            Some(first) => units.push(u16::from_le_bytes([first, byte])),
-        }
-    }
+    // The data starts on a word (HEADER is 12); each little-endian word holds two units.
+    units.extend(
+        buffer[HEADER / 4..]
+            .iter()
+            .flat_map(|word| [*word as u16, (*word >> 16) as u16])
+            .take(length / 2),
+    );
     // REG_SZ data usually ends with its NUL (and may have more than one).
     while units.last() == Some(&0) {
         units.pop();
