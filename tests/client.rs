@@ -713,6 +713,32 @@ mod verifier_checks {
     }
 
     bugcheck_test! {
+        /// The answer is paged pool (documented): freeing it from a DPC or under a spin lock
+        /// is what Driver Verifier stops.
+        fn freeing_a_token_answer_at_dispatch_level_stops() expects DRIVER_VERIFIER_DETECTED_VIOLATION (verifier::PAGED_FREE_ABOVE_APC) {
+            let machine = Machine::new();
+            let answer = machine.at_passive(|_irql| {
+                // SAFETY: at PASSIVE_LEVEL.
+                let process = unsafe { sys::IoGetCurrentProcess() };
+                // SAFETY: at PASSIVE_LEVEL, the current process; released below.
+                let token = unsafe { sys::PsReferencePrimaryToken(process) };
+                let mut answer: sys::PVOID = null_mut();
+                // SAFETY: a referenced token; the answer is freed below.
+                let status = unsafe { sys::SeQueryInformationToken(token, sys::TokenUser, &mut answer) };
+                assert_eq!(status, 0);
+                // SAFETY: the reference taken above, released once.
+                unsafe { sys::PsDereferencePrimaryToken(token) };
+                answer as usize
+            });
+            machine.at_dispatch(|_irql| {
+                // SAFETY: deliberately freeing paged pool at DISPATCH_LEVEL; the simulator stops
+                // first.
+                unsafe { sys::ExFreePool(answer as sys::PVOID) };
+            });
+        }
+    }
+
+    bugcheck_test! {
         /// A pointer that is not a process: Windows would dereference it.
         fn referencing_the_token_of_a_non_process_stops() expects KMODE_EXCEPTION_NOT_HANDLED {
             let machine = Machine::new();
