@@ -61,7 +61,7 @@ pub(crate) fn read_string(
 
 fn query(key: sys::HANDLE, name: &[u16]) -> Result<Option<String>, Status> {
     const HEADER: usize = core::mem::offset_of!(sys::KEY_VALUE_PARTIAL_INFORMATION, Data);
-    const { assert!(HEADER % 4 == 0) };
+    const { assert!(HEADER.is_multiple_of(4)) };
     // The header, the text and its NUL, in 32-bit words (the structure's alignment).
     let words = (HEADER + 2 * (MAX_PARAMETER_LEN + 1)).div_ceil(4);
     let mut buffer: Vec<u32> = Vec::new();
