@@ -540,6 +540,52 @@ fn the_restriction_is_set_once() {
 }
 
 #[test]
+fn a_restriction_after_a_client_got_in_is_refused() {
+    // The careless order: the port exists (anyone may connect from then on), and only then
+    // does the driver restrict its clients. The intruder that connected in between keeps its
+    // connection, so the restriction would be a false promise: refused, and the driver knows.
+    let setup = setup(None);
+    let mut intruder_client = setup.machine.port_client(PORT).as_process(intruder());
+    intruder_client.connect(&[]).unwrap();
+    let late = setup
+        .driver
+        .run_in_driver(&setup.machine, |irql, d| {
+            let late = d.admit_only(irql, ClientIdentity::sid(service_sid()));
+            assert_eq!(d.admitted(), None);
+            late
+        })
+        .unwrap();
+    assert_eq!(late, Err(Status::INVALID_DEVICE_STATE));
+    assert_eq!(setup.ask(&intruder_client, 1), Ok(2));
+    drop(intruder_client);
+    // The same for a device opened before the call.
+    let handle = setup.machine.open_device(DEVICE_PATH, intruder()).unwrap();
+    drop(handle);
+    setup.teardown();
+}
+
+#[test]
+fn a_restriction_before_any_client_still_applies() {
+    // Creating the objects first is fine as long as nobody got in yet.
+    let setup = setup(None);
+    let set = setup
+        .driver
+        .run_in_driver(&setup.machine, |irql, d| {
+            d.admit_only(irql, ClientIdentity::sid(service_sid()))
+        })
+        .unwrap();
+    assert_eq!(set, Ok(()));
+    let mut intruder_client = setup.machine.port_client(PORT).as_process(intruder());
+    assert_eq!(intruder_client.connect(&[]), Err(Status::ACCESS_DENIED));
+    assert_eq!(
+        setup.machine.open_device(DEVICE_PATH, intruder()).err(),
+        Some(Status::ACCESS_DENIED)
+    );
+    drop(intruder_client);
+    setup.teardown();
+}
+
+#[test]
 fn the_check_is_callable_by_driver_code_in_the_callers_context() {
     // A kernel thread (the harness's at_passive) runs in the System process: no service SID.
     let machine = Machine::new();
@@ -644,6 +690,50 @@ mod verifier_checks {
                 let mut answer: sys::PVOID = null_mut();
                 // SAFETY: deliberately breaking the IRQL rule; the simulator stops first.
                 unsafe { sys::SeQueryInformationToken(token, sys::TokenUser, &mut answer) };
+            });
+        }
+    }
+
+    bugcheck_test! {
+        /// PsDereferencePrimaryToken is documented for IRQL < DISPATCH_LEVEL: a token released
+        /// from a DPC or under a spin lock stops.
+        fn releasing_a_token_at_dispatch_level_stops() expects IRQL_NOT_LESS_OR_EQUAL {
+            let machine = Machine::new();
+            let token = machine.at_passive(|_irql| {
+                // SAFETY: at PASSIVE_LEVEL.
+                let process = unsafe { sys::IoGetCurrentProcess() };
+                // SAFETY: at PASSIVE_LEVEL, the current process; released below.
+                unsafe { sys::PsReferencePrimaryToken(process) }
+            });
+            machine.at_dispatch(|_irql| {
+                // SAFETY: deliberately breaking the IRQL rule; the simulator stops first.
+                unsafe { sys::PsDereferencePrimaryToken(token) };
+            });
+        }
+    }
+
+    bugcheck_test! {
+        /// The answer is paged pool (documented): freeing it from a DPC or under a spin lock
+        /// is what Driver Verifier stops.
+        fn freeing_a_token_answer_at_dispatch_level_stops() expects DRIVER_VERIFIER_DETECTED_VIOLATION (verifier::PAGED_FREE_ABOVE_APC) {
+            let machine = Machine::new();
+            let answer = machine.at_passive(|_irql| {
+                // SAFETY: at PASSIVE_LEVEL.
+                let process = unsafe { sys::IoGetCurrentProcess() };
+                // SAFETY: at PASSIVE_LEVEL, the current process; released below.
+                let token = unsafe { sys::PsReferencePrimaryToken(process) };
+                let mut answer: sys::PVOID = null_mut();
+                // SAFETY: a referenced token; the answer is freed below.
+                let status = unsafe { sys::SeQueryInformationToken(token, sys::TokenUser, &mut answer) };
+                assert_eq!(status, 0);
+                // SAFETY: the reference taken above, released once.
+                unsafe { sys::PsDereferencePrimaryToken(token) };
+                answer as usize
+            });
+            machine.at_dispatch(|_irql| {
+                // SAFETY: deliberately freeing paged pool at DISPATCH_LEVEL; the simulator stops
+                // first.
+                unsafe { sys::ExFreePool(answer as sys::PVOID) };
             });
         }
     }

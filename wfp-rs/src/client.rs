@@ -114,7 +114,7 @@ use crate::sys;
 const MAX_SID_LEN: usize = 8 + 4 * sys::SID_MAX_SUB_AUTHORITIES as usize;
 
 /// The longest image path accepted, in UTF-16 units (a `UNICODE_STRING` holds at most 32767).
-pub const MAX_IMAGE_LEN: usize = 32767;
+pub const MAX_IMAGE_LEN: usize = crate::unicode::MAX_UNITS;
 
 /// A security identifier (`SID`), in its binary form: revision 1, a 48-bit identifier
 /// authority and 0 to 15 sub-authorities.
@@ -253,7 +253,7 @@ impl ClientIdentity {
     pub fn image(path: &str) -> Result<ClientIdentity, Status> {
         Ok(ClientIdentity {
             sid: None,
-            image: Some(wide_path(path)?),
+            image: Some(crate::unicode::wide(path)?),
         })
     }
 
@@ -265,7 +265,7 @@ impl ClientIdentity {
 
     /// Also requires the image (see [`image`](Self::image)).
     pub fn and_image(mut self, path: &str) -> Result<ClientIdentity, Status> {
-        self.image = Some(wide_path(path)?);
+        self.image = Some(crate::unicode::wide(path)?);
         Ok(self)
     }
 
@@ -317,19 +317,6 @@ impl fmt::Debug for ClientIdentity {
             .field("image", &image)
             .finish()
     }
-}
-
-fn wide_path(path: &str) -> Result<Vec<u16>, Status> {
-    let len = path.encode_utf16().count();
-    if len == 0 || len > MAX_IMAGE_LEN {
-        return Err(Status::INVALID_PARAMETER);
-    }
-    let mut units = Vec::new();
-    units
-        .try_reserve_exact(len)
-        .map_err(|_| Status::INSUFFICIENT_RESOURCES)?;
-    units.extend(path.encode_utf16());
-    Ok(units)
 }
 
 /// Refuses the current process with `STATUS_ACCESS_DENIED` (or the failure of a query) if the
@@ -456,12 +443,7 @@ fn image_is(process: sys::PEPROCESS, image: &[u16]) -> Result<bool, Status> {
     let answer = NonNull::new(name.cast())
         .map(KernelAnswer)
         .ok_or(Status::UNSUCCESSFUL)?;
-    let bytes = (image.len() * 2) as u16;
-    let expected = sys::UNICODE_STRING {
-        Length: bytes,
-        MaximumLength: bytes,
-        Buffer: image.as_ptr().cast_mut(),
-    };
+    let expected = crate::unicode::counted(image)?;
     // SAFETY: PASSIVE_LEVEL; both strings are valid for the call (the kernel's lives in
     // `answer`); neither is written.
     let equal =

@@ -86,7 +86,9 @@ pub(crate) struct Shared {
     jobs: SpinLock<usize>,
     idle: Event,
     /// The only client the driver's devices and ports admit ([`Driver::admit_only`]): null
-    /// until set, then set once and freed at teardown, so readers never see it change.
+    /// until set, then set once and freed at teardown, so readers never see it change; or
+    /// [`open_to_all`] once a client was admitted without a restriction, which then can no
+    /// longer be added (that client is already in).
     admitted: AtomicPtr<ClientIdentity>,
 }
 
@@ -239,10 +241,28 @@ pub(crate) fn with_admitted_client<R>(
     };
     // SAFETY: the extension starts with the `Shared` block, alive until unload's teardown,
     // which comes after every device and port of the driver is gone.
-    let admitted = unsafe { shared.as_ref() }.admitted.load(Ordering::Acquire);
-    // SAFETY: null, or the identity `admit_only` published, never changed and freed only at
-    // teardown.
+    let slot = &unsafe { shared.as_ref() }.admitted;
+    // A client is about to be let in: an unrestricted driver stays so (see `admit_only`).
+    let admitted = match slot.compare_exchange(
+        core::ptr::null_mut(),
+        open_to_all(),
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    ) {
+        Ok(_) => open_to_all(),
+        Err(published) => published,
+    };
+    if admitted == open_to_all() {
+        return f(None);
+    }
+    // SAFETY: the identity `admit_only` published, never changed and freed only at teardown.
     f(unsafe { admitted.as_ref() })
+}
+
+/// The value of `Shared::admitted` once a client was admitted without a restriction: never an
+/// allocation (dangling, aligned), so never read or freed.
+fn open_to_all() -> *mut ClientIdentity {
+    NonNull::dangling().as_ptr()
 }
 
 /// The driver being initialised, as `DriverEntry` sees it.
@@ -280,7 +300,10 @@ impl Driver<'_> {
     /// [`ServerPort`](crate::port::ServerPort)s; every other process gets `STATUS_ACCESS_DENIED`
     /// (see [`crate::client`]). Call it in `DriverEntry`, before creating them. It can be set
     /// once: a second call fails with `STATUS_INVALID_DEVICE_STATE` (a restriction never loosens
-    /// while the driver runs). `STATUS_INSUFFICIENT_RESOURCES` without pool.
+    /// while the driver runs), and so does a call after any process has opened one of them or
+    /// connected to a port without the restriction (a port is open to connections as soon as
+    /// it is created): that process is already in, so the restriction would be a false
+    /// promise. `STATUS_INSUFFICIENT_RESOURCES` without pool.
     pub fn admit_only(
         &self,
         irql: &impl AtPassive,
@@ -336,9 +359,13 @@ impl Driver<'_> {
 
     /// The client identity set with [`admit_only`](Self::admit_only), if any.
     pub fn admitted(&self) -> Option<&ClientIdentity> {
+        let admitted = self.shared.admitted.load(Ordering::Acquire);
+        if admitted == open_to_all() {
+            return None;
+        }
         // SAFETY: null or the published identity, unchanged until teardown, which comes after
         // every `Driver` handle is gone.
-        unsafe { self.shared.admitted.load(Ordering::Acquire).as_ref() }
+        unsafe { admitted.as_ref() }
     }
 }
 
@@ -569,11 +596,10 @@ unsafe fn tear_down(irql: &mut PassiveLevel<'_>, shared: &mut Shared) {
     shared.drained.wait(irql);
     // SAFETY: every reference is gone, so no work item can still use the device.
     unsafe { sys::IoDeleteDevice(shared.device.as_ptr()) };
-    if let Some(admitted) = NonNull::new(
-        shared
-            .admitted
-            .swap(core::ptr::null_mut(), Ordering::AcqRel),
-    ) {
+    let admitted = shared
+        .admitted
+        .swap(core::ptr::null_mut(), Ordering::AcqRel);
+    if let Some(admitted) = NonNull::new(admitted).filter(|_| admitted != open_to_all()) {
         // SAFETY: published by `admit_only` (SDK tag); the driver's devices and ports, the only
         // readers, are gone, and the swap makes this the one release.
         drop(unsafe { PoolBox::from_raw(admitted, PoolTag::SDK) });

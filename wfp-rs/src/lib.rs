@@ -307,6 +307,7 @@ pub mod status;
 pub mod sys;
 pub mod time;
 pub mod timer;
+mod unicode;
 pub mod work_item;
 
 // What the simulator (the `wfp-rs-sim` crate) needs from inside the SDK; not API.

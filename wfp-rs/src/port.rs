@@ -221,13 +221,12 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use core::time::Duration;
 
-use alloc::vec::Vec;
-
 use crate::driver::Driver;
 use crate::irql::{ApcLevel, AtMostApc, AtMostDispatch, AtPassive, Irql, PassiveLevel};
-use crate::pool::{PoolBox, PoolTag};
+use crate::pool::{PoolBox, PoolBytes, PoolTag};
 use crate::status::Status;
 use crate::sys;
+use crate::unicode::{counted, wide};
 
 // --- messages -----------------------------------------------------------------------------------
 
@@ -352,59 +351,11 @@ impl From<SendError> for Status {
     }
 }
 
-/// A byte buffer in non-paged pool: messages can be far larger than a kernel stack allows.
-struct PoolBytes {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl PoolBytes {
-    /// `len` zeroed bytes (no allocation for 0).
-    fn try_new(len: usize, irql: &impl AtMostDispatch) -> Result<PoolBytes, Status> {
-        crate::irql::verify(irql);
-        if len == 0 {
-            return Ok(PoolBytes {
-                ptr: NonNull::dangling(),
-                len: 0,
-            });
-        }
-        // SAFETY: a non-zero non-paged allocation at IRQL <= DISPATCH_LEVEL (the token);
-        // ExAllocatePool2 zeroes the block.
-        let raw =
-            unsafe { sys::ExAllocatePool2(sys::POOL_FLAG_NON_PAGED, len, PoolTag::SDK.raw()) };
-        let ptr = NonNull::new(raw.cast::<u8>()).ok_or(Status::INSUFFICIENT_RESOURCES)?;
-        Ok(PoolBytes { ptr, len })
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: `len` initialised (zeroed or written) bytes owned by this buffer, or a
-        // dangling pointer with length 0.
-        unsafe { core::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as in `as_slice`, and `&mut self` makes the access unique.
-        unsafe { core::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-
-    /// Null for an empty buffer (the filter manager's "no buffer").
-    fn as_mut_ptr(&mut self) -> *mut u8 {
-        if self.len == 0 {
-            core::ptr::null_mut()
-        } else {
-            self.ptr.as_ptr()
-        }
-    }
-}
-
-impl Drop for PoolBytes {
-    fn drop(&mut self) {
-        if self.len != 0 {
-            // SAFETY: allocated in `try_new` with the SDK tag, freed once; non-paged pool may be
-            // freed at IRQL <= DISPATCH_LEVEL, where all driver code runs.
-            unsafe { sys::ExFreePoolWithTag(self.ptr.as_ptr().cast(), PoolTag::SDK.raw()) };
-        }
-    }
+/// `len` zeroed bytes of non-paged pool for a message: messages can be far larger than a kernel
+/// stack allows.
+fn message_buffer(len: usize, irql: &impl AtMostDispatch) -> Result<PoolBytes, SendError> {
+    PoolBytes::try_zeroed(len, PoolTag::SDK, irql)
+        .map_err(|_| SendError::Status(Status::INSUFFICIENT_RESOURCES))
 }
 
 /// The relative timeout `FltSendMessage` takes: negative, in 100 ns units, and never 0 (the
@@ -812,20 +763,6 @@ impl<E> From<CreatePortError<E>> for Status {
     }
 }
 
-/// The port name as UTF-16 for a `UNICODE_STRING` (at most 32767 units).
-fn wide(text: &str) -> Result<Vec<u16>, Status> {
-    let len = text.encode_utf16().count();
-    if len == 0 || len > usize::from(u16::MAX / 2) {
-        return Err(Status::INVALID_PARAMETER);
-    }
-    let mut units = Vec::new();
-    units
-        .try_reserve_exact(len)
-        .map_err(|_| Status::INSUFFICIENT_RESOURCES)?;
-    units.extend(text.encode_utf16());
-    Ok(units)
-}
-
 impl<P: Protocol, E: PortEvents> ServerPort<P, E> {
     /// Creates a communication server port named `name` (for example `"\\WfpRsFirewall"`;
     /// user mode connects with the same name), accepting at most `max_connections` clients at a
@@ -850,8 +787,12 @@ impl<P: Protocol, E: PortEvents> ServerPort<P, E> {
                 events,
             });
         }
-        let mut name = match wide(name) {
+        let name = match wide(name) {
             Ok(name) => name,
+            Err(status) => return Err(CreatePortError { status, events }),
+        };
+        let mut object_name = match counted(&name) {
+            Ok(object_name) => object_name,
             Err(status) => return Err(CreatePortError { status, events }),
         };
         let block = match Self::allocate_block(irql, filter, max_connections, events) {
@@ -887,12 +828,6 @@ impl<P: Protocol, E: PortEvents> ServerPort<P, E> {
         if let Err(status) = Status::from_ntstatus(status) {
             return fail(status);
         }
-        let bytes = (name.len() * 2) as u16;
-        let mut object_name = sys::UNICODE_STRING {
-            Length: bytes,
-            MaximumLength: bytes,
-            Buffer: name.as_mut_ptr(),
-        };
         let attributes = sys::OBJECT_ATTRIBUTES {
             Length: core::mem::size_of::<sys::OBJECT_ATTRIBUTES>() as u32,
             RootDirectory: core::ptr::null_mut(),
@@ -1055,16 +990,11 @@ impl<P: Protocol, E: PortEvents> ServerPort<P, E> {
                 "encoded_len returned a length outside MIN_LEN..=MAX_LEN",
             )));
         }
-        let mut message = PoolBytes::try_new(size, irql).map_err(SendError::Status)?;
-        let len = request
-            .encode(message.as_mut_slice())
-            .map_err(SendError::Encode)?;
-        let encoded = message
-            .as_slice()
-            .get(..len)
-            .ok_or(SendError::Encode(Malformed(
-                "encode returned a length beyond encoded_len",
-            )))?;
+        let mut message = message_buffer(size, irql)?;
+        let len = request.encode(&mut message).map_err(SendError::Encode)?;
+        let encoded = message.get(..len).ok_or(SendError::Encode(Malformed(
+            "encode returned a length beyond encoded_len",
+        )))?;
         self.send_encoded(irql, encoded, timeout)
     }
 
@@ -1104,7 +1034,13 @@ impl<P: Protocol, E: PortEvents> ServerPort<P, E> {
         }
         let shared = self.shared();
         let slot = shared.pick().ok_or(SendError::NotConnected)?;
-        let mut reply = PoolBytes::try_new(P::Reply::MAX_LEN, irql).map_err(SendError::Status)?;
+        let mut reply = message_buffer(P::Reply::MAX_LEN, irql)?;
+        // Null for no reply buffer (the filter manager's "no reply").
+        let reply_ptr = if reply.is_empty() {
+            core::ptr::null_mut()
+        } else {
+            reply.as_mut_ptr()
+        };
         let mut reply_len = P::Reply::MAX_LEN as u32;
         let reply_len_ptr: *mut u32 = if P::Reply::MAX_LEN == 0 {
             core::ptr::null_mut()
@@ -1124,7 +1060,7 @@ impl<P: Protocol, E: PortEvents> ServerPort<P, E> {
                 slot.client.as_ptr(),
                 request.as_ptr().cast_mut().cast(),
                 len as u32,
-                reply.as_mut_ptr().cast(),
+                reply_ptr.cast(),
                 reply_len_ptr,
                 &timeout,
             )
@@ -1152,7 +1088,7 @@ impl<P: Protocol, E: PortEvents> ServerPort<P, E> {
                 min: P::Reply::MIN_LEN,
             });
         }
-        P::Reply::decode(&reply.as_slice()[..got]).map_err(SendError::Malformed)
+        P::Reply::decode(&reply[..got]).map_err(SendError::Malformed)
     }
 
     /// How many clients are connected now.

@@ -32,13 +32,9 @@ pub(crate) fn read_string(
         .map_err(|_| Status::INSUFFICIENT_RESOURCES)?;
     path.extend_from_slice(registry_path);
     path.extend(SUBKEY.encode_utf16());
-    let mut value_name = Vec::new();
-    value_name
-        .try_reserve_exact(name.len())
-        .map_err(|_| Status::INSUFFICIENT_RESOURCES)?;
-    value_name.extend(name.encode_utf16());
+    let value_name = crate::unicode::wide(name)?;
 
-    let mut key_name = unicode(&mut path)?;
+    let mut key_name = crate::unicode::counted(&path)?;
     let attributes = sys::OBJECT_ATTRIBUTES {
         Length: core::mem::size_of::<sys::OBJECT_ATTRIBUTES>() as u32,
         RootDirectory: core::ptr::null_mut(),
@@ -55,7 +51,7 @@ pub(crate) fn read_string(
         return Ok(None);
     }
     Status::from_ntstatus(status)?;
-    let value = query(key, &mut value_name);
+    let value = query(key, &value_name);
     // SAFETY: PASSIVE_LEVEL; the kernel handle opened above, closed once.
     let closed = unsafe { sys::ZwClose(key) };
     let value = value?;
@@ -63,18 +59,9 @@ pub(crate) fn read_string(
     Ok(value)
 }
 
-/// A `UNICODE_STRING` over `units` (at most 32767 of them).
-fn unicode(units: &mut [u16]) -> Result<sys::UNICODE_STRING, Status> {
-    let bytes = u16::try_from(units.len() * 2).map_err(|_| Status::INVALID_PARAMETER)?;
-    Ok(sys::UNICODE_STRING {
-        Length: bytes,
-        MaximumLength: bytes,
-        Buffer: units.as_mut_ptr(),
-    })
-}
-
-fn query(key: sys::HANDLE, name: &mut [u16]) -> Result<Option<String>, Status> {
+fn query(key: sys::HANDLE, name: &[u16]) -> Result<Option<String>, Status> {
     const HEADER: usize = core::mem::offset_of!(sys::KEY_VALUE_PARTIAL_INFORMATION, Data);
+    const { assert!(HEADER.is_multiple_of(4)) };
     // The header, the text and its NUL, in 32-bit words (the structure's alignment).
     let words = (HEADER + 2 * (MAX_PARAMETER_LEN + 1)).div_ceil(4);
     let mut buffer: Vec<u32> = Vec::new();
@@ -82,7 +69,7 @@ fn query(key: sys::HANDLE, name: &mut [u16]) -> Result<Option<String>, Status> {
         .try_reserve_exact(words)
         .map_err(|_| Status::INSUFFICIENT_RESOURCES)?;
     buffer.resize(words, 0);
-    let value_name = unicode(name)?;
+    let value_name = crate::unicode::counted(name)?;
     let mut returned = 0u32;
     // SAFETY: PASSIVE_LEVEL; an open key handle; the name and the out length are locals; the
     // buffer holds `4 * words` bytes, 4-byte aligned, valid for the call.
@@ -112,21 +99,17 @@ fn query(key: sys::HANDLE, name: &mut [u16]) -> Result<Option<String>, Status> {
     if length > 4 * words - HEADER {
         return Err(Status::BUFFER_OVERFLOW);
     }
-    let data = buffer[HEADER / 4..]
-        .iter()
-        .flat_map(|word| word.to_le_bytes())
-        .take(length);
     let mut units: Vec<u16> = Vec::new();
     units
         .try_reserve_exact(length / 2)
         .map_err(|_| Status::INSUFFICIENT_RESOURCES)?;
-    let mut low = None;
-    for byte in data {
-        match low.take() {
-            None => low = Some(byte),
-            Some(first) => units.push(u16::from_le_bytes([first, byte])),
-        }
-    }
+    // The data starts on a word (HEADER is 12); each little-endian word holds two units.
+    units.extend(
+        buffer[HEADER / 4..]
+            .iter()
+            .flat_map(|word| [*word as u16, (*word >> 16) as u16])
+            .take(length / 2),
+    );
     // REG_SZ data usually ends with its NUL (and may have more than one).
     while units.last() == Some(&0) {
         units.pop();

@@ -31,7 +31,7 @@ pub(crate) const WORK_ITEM_TAG: u32 = u32::from_le_bytes(*b"IoWk");
 /// Size of the simulated IO_WORKITEM block (the real one is opaque; this is its x64 size).
 const WORK_ITEM_SIZE: usize = 0x58;
 
-fn read_unicode(name: *const UNICODE_STRING) -> Option<String> {
+pub(super) fn read_unicode(name: *const UNICODE_STRING) -> Option<String> {
     // SAFETY: callers pass null or a valid UNICODE_STRING whose buffer holds `Length` bytes.
     let name = unsafe { name.as_ref() }?;
     let chars = usize::from(name.Length / 2);

@@ -52,6 +52,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::bugcheck::stop;
+use super::io::read_unicode;
 use super::process::Process;
 use super::state::{Kernel, current, irql, level_name, require_irql, with_context};
 use wfp_rs::bugcheck::{BugCheckCode, iomanager};
@@ -279,18 +280,6 @@ fn nt_error(status: NTSTATUS) -> bool {
 
 fn nt_success(status: NTSTATUS) -> bool {
     status >= 0
-}
-
-fn read_unicode(name: *const UNICODE_STRING) -> Option<String> {
-    // SAFETY: callers pass null or a valid UNICODE_STRING whose buffer holds `Length` bytes.
-    let name = unsafe { name.as_ref() }?;
-    let chars = usize::from(name.Length / 2);
-    if chars == 0 || name.Buffer.is_null() {
-        return Some(String::new());
-    }
-    // SAFETY: see above.
-    let units = unsafe { core::slice::from_raw_parts(name.Buffer, chars) };
-    Some(String::from_utf16_lossy(units))
 }
 
 // --- device identity ----------------------------------------------------------------------------

@@ -211,6 +211,17 @@ fn free(P: PVOID, expected: Option<ULONG>) {
 /// Allocates a block charged to `driver` on behalf of the kernel (driver object extensions,
 /// work items). Returns null when an injected failure applies.
 pub(crate) fn kernel_allocate(size: usize, tag: u32, driver: usize) -> *mut u8 {
+    kernel_allocate_with(size, tag, driver, POOL_FLAG_NON_PAGED)
+}
+
+/// [`kernel_allocate`] from the pool `flags` names (`POOL_FLAG_PAGED` for answers the kernel
+/// documents as paged, which may then only be freed at IRQL <= APC_LEVEL).
+pub(crate) fn kernel_allocate_with(
+    size: usize,
+    tag: u32,
+    driver: usize,
+    flags: POOL_FLAGS,
+) -> *mut u8 {
     let kernel = current();
     let mut state = kernel.lock();
     if kernel.injected_failure() {
@@ -225,7 +236,7 @@ pub(crate) fn kernel_allocate(size: usize, tag: u32, driver: usize) -> *mut u8 {
             Block {
                 size: size.max(1),
                 tag,
-                flags: POOL_FLAG_NON_PAGED,
+                flags,
                 driver,
             },
         );

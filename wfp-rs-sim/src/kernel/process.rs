@@ -24,7 +24,7 @@ use wfp_rs::sys::*;
 
 use super::bugcheck::stop;
 use super::irp::{Caller, token_sids};
-use super::pool::kernel_allocate;
+use super::pool::kernel_allocate_with;
 use super::state::{KernelCode, current_driver, require_irql};
 
 const STATUS_SUCCESS: NTSTATUS = 0;
@@ -240,7 +240,8 @@ pub unsafe extern "system" fn PsReferencePrimaryToken(Process: PEPROCESS) -> PAC
 /// `PrimaryToken` comes from `PsReferencePrimaryToken` and is released once.
 pub unsafe extern "system" fn PsDereferencePrimaryToken(PrimaryToken: PACCESS_TOKEN) {
     let _kernel = KernelCode::enter();
-    require_irql("PsDereferencePrimaryToken", PASSIVE_LEVEL);
+    // Documented as below DISPATCH_LEVEL, unlike the reference (PASSIVE_LEVEL).
+    require_irql("PsDereferencePrimaryToken", APC_LEVEL);
     let mut tokens = tokens();
     let Some(entry) = tokens.get_mut(&(PrimaryToken as usize)) else {
         drop(tokens);
@@ -305,7 +306,8 @@ pub unsafe extern "system" fn SeQueryInformationToken(
     };
     let table = prefix + header * entries.len().max(1);
     let size = table + entries.iter().map(|(sid, _)| sid.len()).sum::<usize>();
-    let block = kernel_allocate(size, TOKEN_TAG, current_driver());
+    // Paged pool, as documented: freeing it above APC_LEVEL stops.
+    let block = kernel_allocate_with(size, TOKEN_TAG, current_driver(), POOL_FLAG_PAGED);
     if block.is_null() {
         return STATUS_INSUFFICIENT_RESOURCES;
     }
@@ -355,7 +357,13 @@ pub unsafe extern "system" fn SeLocateProcessImageName(
     let units: Vec<u16> = current.image.encode_utf16().collect();
     let header = core::mem::size_of::<UNICODE_STRING>();
     let text_bytes = units.len() * 2;
-    let block = kernel_allocate(header + text_bytes, IMAGE_TAG, current_driver());
+    // Paged pool (INFERRED: like SeQueryInformationToken's answers, which are documented so).
+    let block = kernel_allocate_with(
+        header + text_bytes,
+        IMAGE_TAG,
+        current_driver(),
+        POOL_FLAG_PAGED,
+    );
     if block.is_null() {
         return STATUS_INSUFFICIENT_RESOURCES;
     }

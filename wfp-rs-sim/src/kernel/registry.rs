@@ -63,23 +63,14 @@ pub(crate) fn close(kernel: &Kernel, handle: usize) -> bool {
     registry(kernel).handles.remove(&handle).is_some()
 }
 
-/// The text of a `UNICODE_STRING`.
+/// The text of a `UNICODE_STRING` (the I/O manager's reader); a null pointer stops as the
+/// kernel's dereference would.
 ///
 /// # Safety
 ///
 /// `string` is null or a valid `UNICODE_STRING` whose buffer holds `Length` bytes.
 unsafe fn text(routine: &str, string: *const UNICODE_STRING) -> String {
-    // SAFETY: per the contract.
-    let Some(string) = (unsafe { string.as_ref() }) else {
-        bad_pointer(routine, "UNICODE_STRING");
-    };
-    if string.Buffer.is_null() || string.Length == 0 {
-        return String::new();
-    }
-    // SAFETY: per the contract.
-    let units =
-        unsafe { core::slice::from_raw_parts(string.Buffer, usize::from(string.Length / 2)) };
-    String::from_utf16_lossy(units)
+    super::io::read_unicode(string).unwrap_or_else(|| bad_pointer(routine, "UNICODE_STRING"))
 }
 
 fn bad_pointer(routine: &str, what: &str) -> ! {

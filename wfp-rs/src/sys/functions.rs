@@ -273,8 +273,9 @@ kernel_functions! {
 
         // Who is calling (wdm.h, ntddk.h, ntifs.h). `PsGetCurrentProcess` is a macro for
         // IoGetCurrentProcess (wdm.h). IRQL: IoGetCurrentProcess at most DISPATCH_LEVEL,
-        // PsGetCurrentProcessId any; PsReferencePrimaryToken, PsDereferencePrimaryToken,
-        // SeQueryInformationToken and SeLocateProcessImageName PASSIVE_LEVEL; ExFreePool at most
+        // PsGetCurrentProcessId any; PsReferencePrimaryToken, SeQueryInformationToken and
+        // SeLocateProcessImageName PASSIVE_LEVEL; PsDereferencePrimaryToken below
+        // DISPATCH_LEVEL; ExFreePool at most
         // DISPATCH_LEVEL (for paged pool, which the two queries return: APC_LEVEL);
         // RtlEqualUnicodeString PASSIVE_LEVEL (it may touch paged strings).
         fn IoGetCurrentProcess() -> PEPROCESS;
