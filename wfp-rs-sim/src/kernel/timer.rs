@@ -93,6 +93,8 @@ fn absolute_due(kernel: &Kernel, due: LARGE_INTEGER) -> u64 {
 /// `Timer` must point to writable, non-paged memory for a `KTIMER`.
 pub unsafe extern "system" fn KeInitializeTimerEx(Timer: *mut KTIMER, Type: TIMER_TYPE) {
     let _kernel = super::state::KernelCode::enter();
+    // wdm.h's requirements table: IRQL <= DISPATCH_LEVEL (the IrqlKeDispatchLte rule).
+    require_irql("KeInitializeTimerEx", DISPATCH_LEVEL);
     let kernel = current();
     if kernel.timers.lock().set.contains_key(&(Timer as usize)) {
         stop(
