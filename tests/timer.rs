@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use wfp_rs::driver::Driver;
-use wfp_rs::irql::PassiveLevel;
+use wfp_rs::irql::{DispatchLevel, PassiveLevel};
 use wfp_rs::spin_lock::SpinLock;
 use wfp_rs::timer::Timer;
 use wfp_rs::{Status, sys};
@@ -315,5 +315,51 @@ bugcheck_test! {
             // SAFETY: the call is the violation under test; the simulator stops before it waits.
             unsafe { sys::KeFlushQueuedDpcs() };
         });
+    }
+}
+
+bugcheck_test! {
+    /// A timer kept in a static is never dropped, so never shut down: still set when its driver
+    /// unloads, it would fire into the unloaded image.
+    fn a_timer_kept_in_a_static_past_unload_stops() expects DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS {
+        static KEPT: std::sync::OnceLock<Timer<fn(&mut DispatchLevel<'_>)>> =
+            std::sync::OnceLock::new();
+        let machine = Machine::new();
+        let driver = machine.load_driver("timers", host::DriverEntry).unwrap();
+        driver.run_in_driver(&machine, |irql, _driver| {
+            let timer = Timer::try_new((|_| {}) as fn(&mut DispatchLevel<'_>), irql).unwrap();
+            timer.set(irql, HOUR, Some(HOUR));
+            assert!(KEPT.set(timer).is_ok());
+        });
+        let _ = machine.unload_driver(driver);
+    }
+}
+
+/// A routine that can own its own timer (through a slot it shares with the driver).
+type SelfOwning = Box<dyn Fn(&mut DispatchLevel<'_>) + Send + Sync>;
+
+bugcheck_test! {
+    /// A routine that holds the last reference to its own timer and drops it, in its DPC: the
+    /// memory the routine runs from is not freed under it (that would need `KeFlushQueuedDpcs`,
+    /// which is PASSIVE_LEVEL only and would stop with 0xA) but leaked, and the leak shows at
+    /// unload.
+    fn a_timer_dropped_by_its_own_routine_is_leaked_not_freed_under_it() expects DRIVER_VERIFIER_DETECTED_VIOLATION (0x62) {
+        let machine = Machine::new();
+        let driver = machine.load_driver("timers", host::DriverEntry).unwrap();
+        let fired = Arc::new(AtomicU32::new(0));
+        driver.run_in_driver(&machine, |irql, _driver| {
+            let slot: Arc<Mutex<Option<Arc<Timer<SelfOwning>>>>> = Arc::default();
+            let (own, counter) = (Arc::clone(&slot), Arc::clone(&fired));
+            let routine: SelfOwning = Box::new(move |_dispatch| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                drop(own.lock().unwrap().take());
+            });
+            let timer = Arc::new(Timer::try_new(routine, irql).unwrap());
+            timer.set(irql, HOUR, None);
+            *slot.lock().unwrap() = Some(timer);
+        });
+        after(&machine, HOUR);
+        assert_eq!(fired.load(Ordering::SeqCst), 1);
+        let _ = machine.unload_driver(driver);
     }
 }

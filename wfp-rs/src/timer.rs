@@ -154,7 +154,8 @@ impl<F: TimerRoutine> Timer<F> {
         let shared = PoolBox::try_new(blank, PoolTag::SDK, irql)?;
         let context: *const Shared<F> = &*shared;
         // SAFETY: the timer is in pool memory that does not move, initialised before any other
-        // use; KeInitializeTimerEx may be called at any IRQL for a non-paged timer.
+        // use; KeInitializeTimerEx may be called at IRQL <= DISPATCH_LEVEL, which the token
+        // proves.
         unsafe { sys::KeInitializeTimerEx(shared.timer.get(), sys::NotificationTimer) };
         // SAFETY: as for the timer; the DPC's context is the block itself, which lives until the
         // DPC can no longer run (see `release`), and `run_routine::<F>` reads it as `Shared<F>`.

@@ -194,10 +194,10 @@ fn free(P: PVOID, expected: Option<ULONG>) {
         );
     }
     let size = block.size;
-    drop(state);
-    // Driver Verifier looks for timers and DPCs in the freed range before the block is gone.
-    super::timer::check_free(&kernel, P as usize, size);
-    let mut state = kernel.lock();
+    // Driver Verifier looks for timers and DPCs in the freed range before the block is gone;
+    // under the state lock (the timers' lock is taken after it), so that no other free of the
+    // same block slips in between the look and the removal and escapes the double-free stop.
+    let mut state = super::timer::check_free(&kernel, state, P as usize, size);
     state.pool.remove(&(P as usize));
     state.freed.insert(P as usize);
     drop(state);

@@ -15,7 +15,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::bugcheck::stop;
-use super::state::{Kernel, Routine, RoutineKind, current, current_driver, irql, require_irql};
+use super::state::{
+    Kernel, Routine, RoutineKind, State, current, current_driver, irql, require_irql,
+};
 use wfp_rs::bugcheck::BugCheckCode;
 use wfp_rs::sys::*;
 
@@ -91,6 +93,8 @@ fn absolute_due(kernel: &Kernel, due: LARGE_INTEGER) -> u64 {
 /// `Timer` must point to writable, non-paged memory for a `KTIMER`.
 pub unsafe extern "system" fn KeInitializeTimerEx(Timer: *mut KTIMER, Type: TIMER_TYPE) {
     let _kernel = super::state::KernelCode::enter();
+    // wdm.h's requirements table: IRQL <= DISPATCH_LEVEL (the IrqlKeDispatchLte rule).
+    require_irql("KeInitializeTimerEx", DISPATCH_LEVEL);
     let kernel = current();
     if kernel.timers.lock().set.contains_key(&(Timer as usize)) {
         stop(
@@ -322,8 +326,15 @@ fn dpc_routine(dpc: usize) -> usize {
 
 /// Driver Verifier's check when pool is freed: a set timer, or a queued DPC, inside the block
 /// stops the machine with `TIMER_OR_DPC_INVALID` (0xC7), parameter 1 = 0 for a timer, 1 for a
-/// DPC, parameter 2 its address, 3 and 4 the range freed.
-pub(crate) fn check_free(kernel: &Kernel, start: usize, size: usize) {
+/// DPC, parameter 2 its address, 3 and 4 the range freed. Takes the state lock the free holds
+/// (the timers' lock is taken after it) and gives it back, so the free looks and removes the
+/// block under one lock.
+pub(crate) fn check_free<'k>(
+    kernel: &'k Kernel,
+    held: MutexGuard<'k, State>,
+    start: usize,
+    size: usize,
+) -> MutexGuard<'k, State> {
     let end = start + size;
     let state = kernel.timers.lock();
     let inside = |address: usize| (start..end).contains(&address);
@@ -344,12 +355,14 @@ pub(crate) fn check_free(kernel: &Kernel, start: usize, size: usize) {
     };
     drop(state);
     if let Some((kind, address, why)) = found {
+        drop(held);
         stop(
             BugCheckCode::TIMER_OR_DPC_INVALID,
             [kind, address, start, end],
             why,
         );
     }
+    held
 }
 
 /// The DPC thread: expires timers against the interrupt time, queues their DPCs, and runs queued
