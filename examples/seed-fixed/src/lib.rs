@@ -800,6 +800,7 @@ impl AskTheService {
                     // Stopped by unload after this classification checked `unloading`.
                     NotAskedReason::Closed => "unloading",
                     NotAskedReason::TooLarge { .. } => "the question is too large",
+                    NotAskedReason::NoService => "no service has the channel open",
                 };
                 let (key, pended) = not_asked.into_context();
                 let default = self.shared.config.default;
