@@ -1211,6 +1211,86 @@ fn the_service_side_over_the_bridge_answers_and_its_exit_decides_the_rest() {
     assert!(setup.teardown().is_empty());
 }
 
+/// The service's side tells a closed channel from every other refusal: when the driver stops
+/// or closes the channel, `AskClient`'s calls fail with an error for which `user::is_closed` is
+/// true, and `AskClient::is_closed` says so from then on; a foreign answer is not mistaken for
+/// it.
+#[cfg(unix)]
+#[test]
+fn the_service_side_tells_a_closed_channel_from_other_refusals() {
+    use wfp_rs::user::{AskClient, is_cancelled, is_closed};
+
+    for closing in ["stop", "close"] {
+        let setup = setup(4);
+        let socket = std::env::temp_dir().join(format!(
+            "wfp-rs-{}-ask-closed-{closing}.sock",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&socket);
+        let bridge = setup.machine.serve_user_mode(&socket).unwrap();
+        let client = AskClient::open_at(&socket, PATH, &SPEC, 3).unwrap();
+        let other = AskClient::open_at(&socket, PATH, &SPEC, 1).unwrap();
+        let id = setup.ask(b"q", HOUR, 1);
+        let question = client.next_question(None).unwrap().expect("a question");
+        assert_eq!(question.id, id);
+        let foreign = other.answer(id, &[1]).unwrap_err();
+        assert_eq!(
+            foreign.kind(),
+            std::io::ErrorKind::PermissionDenied,
+            "{foreign}"
+        );
+        assert!(!is_closed(&foreign) && !other.is_closed(), "{foreign}");
+
+        let Setup {
+            machine,
+            driver,
+            channel,
+            log,
+        } = setup;
+        // The client's wait requests are pending in the driver when it closes the channel: they
+        // end cancelled, and the replacement the client sends is refused.
+        let channel = match closing {
+            "stop" => {
+                machine.at_passive(|irql| channel.stop(irql));
+                Some(channel)
+            }
+            _ => {
+                machine.at_passive(|irql| channel.close(irql));
+                None
+            }
+        };
+        assert_eq!(take(&log), [(1, Outcome::Closing)]);
+        assert!(
+            !client.is_closed(),
+            "{closing}: nothing told the client yet"
+        );
+        let error = client.next_question(None).unwrap_err();
+        assert!(is_closed(&error), "{closing}: {error}");
+        assert!(!is_cancelled(&error), "{closing}: {error}");
+        assert_eq!(error.kind(), std::io::ErrorKind::NotConnected);
+        assert!(client.is_closed(), "{closing}");
+        let again = client.next_question(Some(Duration::ZERO)).unwrap_err();
+        assert!(is_closed(&again), "{closing}: it stays closed: {again}");
+        let late = other.answer(id, &[1]).unwrap_err();
+        assert!(is_closed(&late), "{closing}: {late}");
+        assert!(other.is_closed(), "{closing}");
+        assert!(
+            late.to_string().contains("STATUS_DELETE_PENDING"),
+            "{closing}: {late}"
+        );
+
+        drop((client, other));
+        drop(bridge);
+        if let Some(channel) = channel {
+            machine.at_passive(|irql| channel.close(irql));
+        }
+        machine.unload_driver(driver).unwrap();
+        assert!(take(&log).is_empty(), "{closing}: decided once");
+        assert!(machine.pool_blocks().is_empty());
+        assert_eq!(machine.pending_io_requests(), 0);
+    }
+}
+
 // --- from classifyFn ------------------------------------------------------------------------------
 
 /// The channel as a callout uses it: `classifyFn` pends at ALE_AUTH_CONNECT and asks at

@@ -1212,11 +1212,9 @@ mod channel_service {
     }
 
     /// Whether `error`, from `AskClient::next_question`, says that the driver closed the
-    /// channel: its waiting requests were cancelled, or the client's replacement request arrived
-    /// while the channel was closing (`STATUS_DELETE_PENDING`, the status the simulator's
-    /// bridge reports it with).
+    /// channel (`wfp_rs::user::is_closed`: the client tells it from other errors).
     fn channel_closed(error: &std::io::Error) -> bool {
-        wfp_rs::user::is_cancelled(error) || error.to_string().contains("STATUS_DELETE_PENDING")
+        wfp_rs::user::is_closed(error)
     }
 
     /// The process a question asks about.
