@@ -1017,7 +1017,9 @@ impl<Q: QuestionHandler> Inner<Q> {
     /// Hands the oldest queued question to the oldest waiting request: writes it into the
     /// request's output and marks it delivered to the request's handle, under the lock. The
     /// request completes when the caller drops the returned [`Taken`], after releasing the lock,
-    /// so `IofCompleteRequest` never runs under the channel's lock. One at most: the callers
+    /// so `IofCompleteRequest` never runs under the channel's lock. Taking the request out
+    /// (`IoCsqRemoveNextIrp`) takes the queue's own lock inside this one: that order only, as
+    /// nothing that holds the queue's lock takes the channel's. One at most: the callers
     /// each add one question or one request, and every question that was queued found no
     /// request waiting (and every request no question).
     fn deliver_one<'w>(
