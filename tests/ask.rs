@@ -829,8 +829,14 @@ struct Seen {
 /// One service process: keeps `K` wait requests pending on its handle, answers what it gets
 /// (correctly, malformed, twice, first through a foreign handle, or not at all), and now and
 /// then is killed (its handle closed) and restarted, until the channel closes.
-fn run_service(machine: &Machine, seed: u64, closing: &std::sync::atomic::AtomicBool) -> Seen {
+fn run_service(
+    machine: &Machine,
+    seed: u64,
+    closing: &std::sync::atomic::AtomicBool,
+    started: &std::sync::atomic::AtomicUsize,
+) -> Seen {
     use std::sync::atomic::Ordering;
+    let mut first_start = true;
     const K: usize = 4;
     let mut rng = Rng(seed);
     let mut seen = Seen::default();
@@ -843,6 +849,9 @@ fn run_service(machine: &Machine, seed: u64, closing: &std::sync::atomic::Atomic
         let Ok(foreign) = machine.open_device(PATH, Caller::System) else {
             return seen;
         };
+        if std::mem::take(&mut first_start) {
+            started.fetch_add(1, Ordering::SeqCst);
+        }
         let mut waits: std::collections::VecDeque<IoRequest> =
             (0..K).map(|_| wait_request(&handle)).collect();
         while let Some(wait) = waits.pop_front() {
@@ -949,24 +958,31 @@ fn thousands_of_questions_each_get_exactly_one_decision_under_every_race() {
     let no_service = Mutex::new(Vec::with_capacity(TOTAL as usize));
     let asking_done = AtomicBool::new(false);
     let closing = AtomicBool::new(false);
-    let (machine, channel, refused, no_service, closing, asking_done) = (
+    let started = std::sync::atomic::AtomicUsize::new(0);
+    let (machine, channel, refused, no_service, closing, asking_done, started) = (
         &machine,
         &channel,
         &refused,
         &no_service,
         &closing,
         &asking_done,
+        &started,
     );
     let seen: Vec<Seen> = std::thread::scope(|scope| {
         let services: Vec<_> = (0..SERVICES)
             .map(|s| {
                 let seed = seed ^ (s + 1).wrapping_mul(0x51_7CC1_B727_220A);
-                scope.spawn(move || run_service(machine, seed, closing))
+                scope.spawn(move || run_service(machine, seed, closing, started))
             })
             .collect();
         let askers: Vec<_> = (0..ASKERS)
             .map(|a| {
                 scope.spawn(move || {
+                    // Asking starts once every service has the channel open; later, only a
+                    // kill of each at once leaves no service (`NoService`).
+                    while started.load(Ordering::SeqCst) < SERVICES as usize {
+                        std::thread::yield_now();
+                    }
                     let guard = channel.read().unwrap();
                     let channel = guard.as_ref().unwrap();
                     let mut rng = Rng(seed ^ (a + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
