@@ -87,8 +87,9 @@
 //! | a live cached verdict for the cache key | that verdict, at once (no allocation, no work item) |
 //! | **an image path no request can carry whole** (longer than [`MAX_PATH_UNITS`], an odd number of bytes, a NUL inside), reauthorizations included | **deny**, whatever the default, at once (nothing pended, nobody asked); counted in [`StatsSnapshot::unaskable`], not in `defaults`, and logged |
 //! | the service replies in time with a valid reply to this request | its verdict |
-//! | **channel**: no service waits on the channel | the question stays queued: the default at its deadline ([`Config::timeout`]), or the verdict of a service that starts meanwhile |
-//! | **channel**: the service's handle closes (it exited, was killed) with the question delivered and not answered | the default, at once (`Outcome::ServiceGone`) |
+//! | **channel**: no service has the channel open (not started yet, or exited) | not asked there ([`NotAskedReason::NoService`]): asked through the port and a work item, which gives the default at once when no service is connected there either |
+//! | **channel**: the service has the channel open but no request waiting | the question stays queued for its next request: its verdict, or the default at the deadline ([`Config::timeout`]) |
+//! | **channel**: the service's handle closes (it exited, was killed) with the question delivered and not answered, or its last handle closes with the question still queued | the default, at once (`Outcome::ServiceGone`) |
 //! | **channel**: no answer by the deadline; a late answer is refused (`STATUS_NOT_FOUND`) | the default |
 //! | **channel**: an answer that does not decode, or a reply to another request | the default |
 //! | **channel**: an answer through a handle the question was not delivered to (foreign) | refused (`STATUS_ACCESS_DENIED`); the question waits for its own handle or its deadline |
@@ -340,6 +341,7 @@
 //! [`ConnectionKey`]: wfp_rs::pend::ConnectionKey
 //! [`Classify::pend`]: wfp_rs::callout::Classify::pend
 //! [`SendError::NotConnected`]: wfp_rs::port::SendError::NotConnected
+//! [`NotAskedReason::NoService`]: wfp_rs::ask::NotAskedReason::NoService
 //! [`SendError::Disconnected`]: wfp_rs::port::SendError::Disconnected
 //! [`SendError::Timeout`]: wfp_rs::port::SendError::Timeout
 //! [`SendError::Status`]: wfp_rs::port::SendError::Status
@@ -1394,8 +1396,9 @@ where
                         return;
                     }
                     // A question longer than the channel's slots (a path over
-                    // `ASK_MAX_PATH_UNITS`), or every slot taken: the port and a work item
-                    // ask it, whole, as in the other design.
+                    // `ASK_MAX_PATH_UNITS`), every slot taken, or no service with the channel
+                    // open: the port and a work item ask it, whole, as in the other design
+                    // (with nobody connected there either, the default comes at once).
                     Err((asked, reason)) => {
                         kd_print!(
                             "firewall: #{request_id}: asking through the port ({})\n",
@@ -1532,7 +1535,8 @@ where
                     shared.count(Counter::BackgroundSkipped);
                     return;
                 }
-                // Too long for the channel's slots, or every slot taken: a work item asks.
+                // Too long for the channel's slots, every slot taken, or no service with the
+                // channel open: a work item asks.
                 Err((_, reason)) => kd_print!(
                     "firewall: #{request_id}: asking through the port ({})\n",
                     Refusal(reason)
@@ -1581,6 +1585,7 @@ impl fmt::Display for Refusal {
         match self.0 {
             NotAskedReason::Full => f.write_str("every slot of the question channel is taken"),
             NotAskedReason::Closed => f.write_str("the question channel is closing"),
+            NotAskedReason::NoService => f.write_str("no service has the question channel open"),
             NotAskedReason::TooLarge { len, max } => {
                 write!(f, "a {len}-byte question is over the channel's {max} bytes")
             }
