@@ -2095,6 +2095,9 @@ fn loopback_is_permitted_without_asking_unless_configured_otherwise(design: AskV
 
 /// A classification whose fields cannot be read (here: no `ALE_APP_ID`) gets the default at
 /// once, outbound and inbound, with the reason logged; nothing is pended or asked.
+///
+/// Once: it loads the shipped `DriverEntry`, which asks through the default design (the
+/// channel); nothing in it depends on how the service is asked.
 #[test]
 fn a_connection_whose_fields_cannot_be_read_gets_the_default_at_once() {
     use wfp_rs::layer::fields;
@@ -2140,6 +2143,9 @@ fn a_connection_whose_fields_cannot_be_read_gets_the_default_at_once() {
 
 /// TCP and UDP are filtered; ICMP is not (see the crate documentation): with no service, an
 /// ICMP echo is not seen by the driver and passes.
+///
+/// Once: it loads the shipped `DriverEntry`, which asks through the default design (the
+/// channel); nothing in it depends on how the service is asked.
 #[test]
 fn icmp_is_not_filtered() {
     let machine = Machine::new();
@@ -2407,6 +2413,9 @@ fn a_rules_reload_with_revoke_mid_stream_gives_no_stale_verdict(design: AskVia) 
 
 /// A second instance cannot load (the port's and the device's names are taken); its failed
 /// `DriverEntry` undoes everything it did, and the first instance keeps working.
+///
+/// Once: it loads the shipped `DriverEntry`, which asks through the default design (the
+/// channel); nothing in it depends on how the service is asked.
 #[test]
 fn a_second_instance_fails_to_load_and_leaves_nothing_behind() {
     let machine = Machine::new();
@@ -3092,6 +3101,9 @@ fn without_an_identity_the_driver_warns_that_any_admin_may_answer(design: AskVia
 
 /// The shipped `DriverEntry` reads the identity its installer wrote to `Parameters`: the
 /// service's SID there admits the service alone.
+///
+/// Once: it loads the shipped `DriverEntry`, which asks through the default design (the
+/// channel); nothing in it depends on how the service is asked.
 #[test]
 fn the_installed_identity_in_the_registry_admits_only_the_service() {
     let machine = Machine::new();
@@ -3131,6 +3143,9 @@ fn the_installed_identity_in_the_registry_admits_only_the_service() {
 
 /// An installed image path works the same way; a malformed installed SID keeps the driver from
 /// loading rather than running unrestricted.
+///
+/// Once: it loads the shipped `DriverEntry`, which asks through the default design (the
+/// channel); nothing in it depends on how the service is asked.
 #[test]
 fn an_installed_image_admits_it_and_a_malformed_installed_sid_fails_the_load() {
     let machine = Machine::new();
