@@ -1370,39 +1370,19 @@ where
             Described(&question.head)
         );
         let key = observed.key;
-        let asked = Asked {
-            waiting: Waiting::Connection(pended),
-            key,
-            cache_key,
-            request_id,
-            generation: shared.cache.generation(),
-        };
-        let asked = match &self.channel {
-            None => asked,
-            Some(channel) => match shared.ask_on_channel(irql, channel, &question, asked) {
+        let waiting = Waiting::Connection(pended);
+        let channel = self.channel.as_deref();
+        let asked =
+            match shared.ask_channel_first(irql, channel, &question, waiting, key, cache_key) {
                 // `Decisions::decide` concludes it, exactly once.
-                Ok(()) => return,
+                Ok(None) => return,
+                Ok(Some(asked)) => asked,
                 // Unloading: the default, recorded for the reauthorization.
-                Err((asked, NotAskedReason::Closed)) => {
-                    return shared.conclude(
-                        irql,
-                        asked,
-                        Err::<ConnectionReply, _>(AskError::Unloading),
-                        "",
-                    );
+                Err(asked) => {
+                    let unloading = Err::<ConnectionReply, _>(AskError::Unloading);
+                    return shared.conclude(irql, asked, unloading, "");
                 }
-                // A question longer than the channel's slots (a path over
-                // `ASK_MAX_PATH_UNITS`), or every slot taken: the port and a work item ask
-                // it, whole, as in the other design.
-                Err((asked, reason)) => {
-                    kd_print!(
-                        "firewall: #{request_id}: asking through the port ({})\n",
-                        Refusal(reason)
-                    );
-                    asked
-                }
-            },
-        };
+            };
         let work = PoolArc::clone(shared);
         let queued = self.queue.queue(irql, move |passive| {
             let reply = work.ask_on_port(passive, &question);
@@ -1503,36 +1483,23 @@ where
             "firewall: #{request_id}: {}: {default} (default: not cached; asking the service for later attempts)\n",
             Described(&question.head)
         );
-        let asked = Asked {
-            waiting: Waiting::LaterAttempts,
-            key: observed.key,
-            cache_key,
-            request_id,
-            generation: shared.cache.generation(),
-        };
-        let asked = match &self.channel {
-            None => asked,
-            Some(channel) => match shared.ask_on_channel(irql, channel, &question, asked) {
-                Ok(()) => {
+        let waiting = Waiting::LaterAttempts;
+        let channel = self.channel.as_deref();
+        let key = observed.key;
+        let asked =
+            match shared.ask_channel_first(irql, channel, &question, waiting, key, cache_key) {
+                Ok(None) => {
                     shared.count(Counter::BackgroundAsks);
                     return;
                 }
-                Err((_, NotAskedReason::Closed)) => {
+                Ok(Some(asked)) => asked,
+                Err(_) => {
                     kd_print!(Warning, "firewall: #{request_id}: not asked (unloading)\n");
                     shared.background.fetch_sub(1, Ordering::SeqCst);
                     shared.count(Counter::BackgroundSkipped);
                     return;
                 }
-                // Too long for the channel's slots, or every slot taken: a work item asks.
-                Err((asked, reason)) => {
-                    kd_print!(
-                        "firewall: #{request_id}: asking through the port ({})\n",
-                        Refusal(reason)
-                    );
-                    asked
-                }
-            },
-        };
+            };
         let work = PoolArc::clone(shared);
         let queued = self.queue.queue(irql, move |passive| {
             let reply = work.ask_on_port(passive, &question);
@@ -1605,30 +1572,51 @@ fn channel_reply(outcome: Outcome<ConnectionReply>) -> Result<ConnectionReply, &
 }
 
 impl Shared {
-    /// Puts `question` to the channel with its context; the channel copies its bytes into a
-    /// slot it allocated at load, so the question's own buffer (and its share of
-    /// [`QUESTION_BYTES`]) goes when the caller drops it. A question the channel does not take
-    /// comes back with the reason.
+    /// Asks `question` about `key` for `waiting`, through the channel when there is one: the
+    /// channel copies its bytes into a slot it allocated at load, so the question's own buffer
+    /// (and its share of [`QUESTION_BYTES`]) goes when the caller drops it, and concludes it
+    /// later (`Ok(None)`). A question the channel does not take comes back to be asked by a
+    /// work item over the port (`Ok(Some)`: no channel, a question longer than its slots, or
+    /// every slot taken), or unasked because the channel is closing (`Err`).
     #[expect(
         clippy::result_large_err,
         reason = "the context must come back whole, and boxing it would allocate in classifyFn"
     )]
-    fn ask_on_channel(
+    fn ask_channel_first(
         &self,
         irql: &mut DispatchLevel<'_>,
-        channel: &QuestionChannel,
+        channel: Option<&QuestionChannel>,
         question: &Question,
-        asked: Asked,
-    ) -> Result<(), (Asked, NotAskedReason)> {
+        waiting: Waiting,
+        key: ConnectionKey,
+        cache_key: CacheKey,
+    ) -> Result<Option<Asked>, Asked> {
+        let request_id = question.head.request_id;
+        let asked = Asked {
+            waiting,
+            key,
+            cache_key,
+            request_id,
+            generation: self.cache.generation(),
+        };
+        let Some(channel) = channel else {
+            return Ok(Some(asked));
+        };
         match channel.ask(&mut *irql, &question.bytes, self.config.timeout, asked) {
             Ok(_) => {
                 self.count(Counter::AskedViaChannel);
-                Ok(())
+                Ok(None)
             }
-            Err(not_asked) => {
-                let reason = not_asked.reason();
-                Err((not_asked.into_context(), reason))
-            }
+            Err(not_asked) => match not_asked.reason() {
+                NotAskedReason::Closed => Err(not_asked.into_context()),
+                reason => {
+                    kd_print!(
+                        "firewall: #{request_id}: asking through the port ({})\n",
+                        Refusal(reason)
+                    );
+                    Ok(Some(not_asked.into_context()))
+                }
+            },
         }
     }
 }
