@@ -927,6 +927,7 @@ fn ten_thousand_attempts_from_eight_threads_are_each_decided_once_by_the_rules(d
     );
     unload_clean(&machine, driver);
     let stats = stress::on(design).stats.snapshot();
+    asked_only_via(design, &stats);
     for thread in service {
         thread.join().expect("a service thread");
     }
@@ -1008,6 +1009,22 @@ fn logged_decisions(machine: &Machine) -> Vec<(u64, String, String)> {
             Some((id.parse().ok()?, verdict.to_owned(), reason.to_owned()))
         })
         .collect()
+}
+
+/// Checks that every question went the design's own way: through the channel, or a work item
+/// and the port (on the channel design a question goes through the port only when it is too
+/// long for the channel's slots, which none of these scenarios' questions is).
+fn asked_only_via(design: AskVia, stats: &firewall_driver::StatsSnapshot) {
+    let (own, other) = match design {
+        AskVia::Channel => (stats.asked_via_channel, stats.asked_via_port),
+        AskVia::PortAndWorkItem => (stats.asked_via_port, stats.asked_via_channel),
+    };
+    assert_eq!(
+        (own, other),
+        (stats.asked, 0),
+        "asked via {design}: {stats:?}"
+    );
+    assert!(stats.asked > 0, "{stats:?}");
 }
 
 /// How the driver logs a verdict of the service's, `cached` being its `CachedFor` (", cached for
@@ -1227,6 +1244,7 @@ fn faults_under_load_give_the_rules_or_the_default_and_nothing_else(design: AskV
     });
     assert!(kills > 0, "the service was killed (seed {seed:#x})");
     unload_clean(&machine, driver);
+    asked_only_via(design, &chaos::on(design).stats.snapshot());
     eprintln!(
         "faults under load: {kills} kills; {:?}",
         chaos::on(design).stats.snapshot()
@@ -1816,6 +1834,7 @@ fn the_cache_answers_known_connections_at_once(design: AskVia) {
         service.join().unwrap();
     });
     let stats = caching::on(design).stats.snapshot();
+    asked_only_via(design, &stats);
     assert_eq!(
         (stats.cache_hits, stats.asked, stats.cached),
         (3, 8, 6),
@@ -2374,6 +2393,7 @@ fn a_rules_reload_with_revoke_mid_stream_gives_no_stale_verdict(design: AskVia) 
     for thread in service {
         thread.join().unwrap();
     }
+    asked_only_via(design, &reload::on(design).stats.snapshot());
 
     let mut after_reload = 0;
     for (c, decided, after) in &attempts {
@@ -2623,6 +2643,7 @@ fn a_burst_beyond_the_old_table_size_gets_every_services_verdict(design: AskVia)
     service.join().unwrap();
     reauthorize_all(&machine, &ports);
     let stats = burst::on(design).stats.snapshot();
+    asked_only_via(design, &stats);
     assert_eq!(
         (
             stats.asked,
@@ -3293,6 +3314,8 @@ fn a_program_from_a_long_path_is_denied_by_the_rule_naming_its_file(design: AskV
         );
     }
     let stats = long_paths::on(design).stats.snapshot();
+    // Longer than the channel's slots: a work item asks over the port, on either design.
+    assert_eq!(stats.asked_via_port, stats.asked, "{stats:?}");
     assert_eq!(stats.unaskable, 0, "{stats:?}");
     unload_clean(&machine, driver);
     for thread in service {
