@@ -735,9 +735,12 @@ impl ServiceClient {
         }
     }
 
-    /// Whether the driver still listens (unload closes the port and the channel).
+    /// Whether the driver still listens: the port connection is open and, on the channel
+    /// design, a wait request is still pending (unload closes both).
     fn is_connected(&self) -> bool {
-        self.port.is_connected()
+        let waiting =
+            |end: &ChannelEnd| end.waits.lock().unwrap().iter().any(IoRequest::is_pending);
+        self.port.is_connected() && self.channel.as_ref().is_none_or(waiting)
     }
 
     /// Killed: closes the port connection and the channel's handle, with whatever questions
@@ -1252,8 +1255,9 @@ fn faults_under_load_give_the_rules_or_the_default_and_nothing_else(design: AskV
 }
 
 /// The service is killed while the driver waits for its reply: that connection gets the
-/// default at once (not at the timeout); with no service, the next one too; once it is
-/// restarted, connections get its verdict again.
+/// default at once (not at the timeout); with no service, the next one too (on the channel at
+/// its deadline: a service may start meanwhile); once it is restarted, connections get its
+/// verdict again.
 fn a_killed_service_gives_the_default_until_it_is_restarted(design: AskVia) {
     let machine = Machine::new();
     let driver = load(&machine, killed::on(design).entry);
@@ -1461,10 +1465,11 @@ fn short_oversized_malformed_and_mismatched_replies_give_the_default(design: Ask
     unload_clean(&machine, driver);
 }
 
-/// Every pool allocation on an outbound connection's path is made to fail in turn (the request,
-/// the work item and its `IO_WORKITEM`, the message buffers and the filter manager's message):
-/// the connection is decided once, by the default — at once when the request cannot be
-/// allocated, after its pend otherwise; then, with no failure left to inject, by the service.
+/// Every pool allocation on an outbound connection's path is made to fail in turn (the request;
+/// on the port, also the work item and its `IO_WORKITEM`, the message buffers and the filter
+/// manager's message — the channel allocated its slots at load): the connection is decided
+/// once, by the default — at once when the request cannot be allocated, after its pend
+/// otherwise; then, with no failure left to inject, by the service.
 /// The same for an inbound attempt, whose background ask is then simply not made. Nothing
 /// leaks.
 fn allocation_failures_fall_back_to_the_default(design: AskVia) {
@@ -1551,10 +1556,11 @@ fn allocation_failures_fall_back_to_the_default(design: AskVia) {
     service.join().unwrap();
 }
 
-/// Unload while outbound connections are pended and their work items wait for a service that
-/// reads the requests but never answers, with a two-minute timeout: `stopping` closes the
-/// service's connection, so every waiting send fails at once; each pend is completed with the
-/// default and reauthorized before the filters go. Nothing leaks.
+/// Unload while outbound connections are pended and their questions wait for a service that
+/// reads them but never answers, with a two-minute timeout: `stopping` closes the service's
+/// port connection, so every waiting send fails at once (port), or decides every question on
+/// the channel (channel); each pend is completed with the default and reauthorized before the
+/// filters go. Nothing leaks.
 fn unload_with_questions_outstanding_decides_every_pended_connection(design: AskVia) {
     const PENDED: u16 = 10;
     let machine = Machine::with_worker_threads(PENDED as usize);
