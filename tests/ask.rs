@@ -22,6 +22,7 @@ use wfp_rs::ask::{
 use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::inverted::{ControlCode, RequiredAccess};
 use wfp_rs::irql::{DispatchLevel, PassiveLevel};
+use wfp_rs::pool::{PoolArc, PoolTag};
 use wfp_rs_sim::{Caller, DeviceHandle, IoRequest, LoadedDriver, Machine, UnloadError};
 
 const SPEC: ChannelSpec = ChannelSpec {
@@ -211,9 +212,10 @@ fn a_question_goes_to_the_waiting_request_at_once_and_the_answer_decides_it() {
 #[test]
 fn a_question_asked_with_no_request_waiting_goes_to_the_next_request() {
     let setup = setup(4);
+    // The service has the channel open, but no request of its waits (it is busy).
+    let service = setup.open();
     let first = setup.ask(b"one", HOUR, 1);
     let second = setup.ask(b"two", HOUR, 2);
-    let service = setup.open();
     let (a, b) = (wait_request(&service), wait_request(&service));
     assert_eq!(question_of(&a), (first, b"one".to_vec()), "oldest first");
     assert_eq!(question_of(&b), (second, b"two".to_vec()));
@@ -367,7 +369,7 @@ fn a_foreign_answer_is_refused_and_the_question_keeps_waiting_for_its_own() {
 }
 
 #[test]
-fn closing_the_services_handle_decides_its_questions_and_leaves_the_queued_ones() {
+fn closing_the_services_handle_decides_its_questions_and_another_handle_takes_the_queued_ones() {
     let setup = setup(4);
     let service = setup.open();
     let (a, b) = (wait_request(&service), wait_request(&service));
@@ -376,20 +378,105 @@ fn closing_the_services_handle_decides_its_questions_and_leaves_the_queued_ones(
     let queued = setup.ask(b"c", HOUR, 3);
     question_of(&a);
     question_of(&b);
-    drop(service); // the service was killed
+    // The service restarts: the new instance opens the channel before the old one is gone.
+    let restarted = setup.open();
+    drop(service); // the old instance was killed
     let mut decisions = setup.decisions();
     decisions.sort_by_key(|d| d.0);
     assert_eq!(
         decisions,
         [(1, Outcome::ServiceGone), (2, Outcome::ServiceGone)]
     );
-    let restarted = setup.open();
     let wait = wait_request(&restarted);
     assert_eq!(question_of(&wait), (queued, b"c".to_vec()));
     assert_eq!(answer(&restarted, id_a, &[1]), Status::NOT_FOUND.raw());
     assert_eq!(answer(&restarted, queued, &[1]), SUCCESS);
     assert_eq!(setup.decisions(), [(3, Outcome::Answered(1))]);
     drop(restarted);
+    assert!(setup.teardown().is_empty());
+}
+
+/// With no handle open on the channel nobody can answer before the deadline: `ask` refuses at
+/// once with `NoService` and hands the context back, so the driver applies its default now.
+#[test]
+fn without_a_service_a_question_is_not_asked_and_the_driver_decides_at_once() {
+    let setup = setup(4);
+    let refused = setup
+        .machine
+        .at_dispatch(|irql| setup.channel.ask(irql, b"q", HOUR, 1))
+        .unwrap_err();
+    assert_eq!(refused.reason(), NotAskedReason::NoService);
+    assert_eq!(
+        refused.to_string(),
+        "no service has the question channel open"
+    );
+    assert_eq!(refused.into_context(), 1);
+    assert_eq!(setup.outstanding(), 0, "no slot taken");
+    // A service that opened the channel, even with no request waiting, is asked.
+    let service = setup.open();
+    let id = setup.ask(b"q", HOUR, 2);
+    assert_eq!(setup.outstanding(), 1);
+    let wait = wait_request(&service);
+    assert_eq!(question_of(&wait).0, id);
+    drop(service);
+    assert_eq!(setup.decisions(), [(2, Outcome::ServiceGone)]);
+    let refused = setup
+        .machine
+        .at_passive(|irql| setup.channel.ask(irql, b"q", HOUR, 3))
+        .unwrap_err();
+    assert_eq!(
+        refused.reason(),
+        NotAskedReason::NoService,
+        "the service went away"
+    );
+    assert!(
+        setup.decisions().is_empty(),
+        "a question not asked is not decided"
+    );
+    assert!(setup.teardown().is_empty());
+}
+
+/// The last handle closing decides the questions still queued at once (`ServiceGone`), not at
+/// their deadlines; while another handle is open they stay queued for its requests.
+#[test]
+fn the_last_handle_closing_decides_the_queued_questions_at_once() {
+    let setup = setup(8);
+    let (first, second) = (setup.open(), setup.open());
+    let wait = wait_request(&first);
+    setup.ask(b"delivered to the first", HOUR, 1);
+    setup.ask(b"queued", HOUR, 2);
+    setup.ask(b"queued too", 2 * HOUR, 3);
+    question_of(&wait);
+    drop(first);
+    assert_eq!(
+        setup.decisions(),
+        [(1, Outcome::ServiceGone)],
+        "the second handle is still open: the queued questions wait for it"
+    );
+    assert_eq!(setup.outstanding(), 2);
+    drop(second);
+    let mut decisions = setup.decisions();
+    decisions.sort_by_key(|d| d.0);
+    assert_eq!(
+        decisions,
+        [(2, Outcome::ServiceGone), (3, Outcome::ServiceGone)],
+        "decided when the last handle closed, without the clock moving"
+    );
+    assert_eq!(setup.outstanding(), 0);
+    setup.machine.advance_clock(3 * HOUR);
+    setup.machine.wait_for_dpcs();
+    assert!(
+        setup.decisions().is_empty(),
+        "no timeout after the decision"
+    );
+    // A service that comes back is asked again.
+    let back = setup.open();
+    let wait = wait_request(&back);
+    let id = setup.ask(b"again", HOUR, 4);
+    assert_eq!(question_of(&wait).0, id);
+    assert_eq!(answer(&back, id, &[1]), SUCCESS);
+    assert_eq!(setup.decisions(), [(4, Outcome::Answered(1))]);
+    drop(back);
     assert!(setup.teardown().is_empty());
 }
 
@@ -437,6 +524,7 @@ fn the_driver_cancels_a_question_once() {
 #[test]
 fn a_full_channel_and_a_large_question_hand_the_context_back() {
     let setup = setup(2);
+    let service = setup.open();
     setup.ask(b"1", HOUR, 1);
     setup.ask(b"2", HOUR, 2);
     let full = setup
@@ -460,6 +548,7 @@ fn a_full_channel_and_a_large_question_hand_the_context_back() {
     assert_eq!(large.into_context(), 4);
     assert_eq!(setup.outstanding(), 2);
     let mut closing = setup.teardown();
+    drop(service);
     closing.sort_by_key(|d| d.0);
     assert_eq!(closing, [(1, Outcome::Closing), (2, Outcome::Closing)]);
 }
@@ -544,20 +633,27 @@ mod holder {
             dead_code,
             reason = "held for its Drop, which closes the channel at unload"
         )]
-        pub channel: AskChannel<Logger>,
+        pub channel: PoolArc<AskChannel<Logger>>,
     }
 
     impl DriverState for State {}
 
+    /// The harness's reference to the channel the state holds, so it can ask; taken out (and
+    /// dropped) before the unload, which then drops the last reference.
+    pub static SHARED: Mutex<Option<PoolArc<AskChannel<Logger>>>> = Mutex::new(None);
+
+    /// Whether the entry's question, asked before any service was there, was refused.
+    pub static REFUSED_WITHOUT_SERVICE: Mutex<Option<NotAskedReason>> = Mutex::new(None);
+
     #[wfp_rs::driver_entry]
     fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<State, Status> {
         let channel = AskChannel::new(irql, driver, NAME, &SPEC, 4, Logger)?;
-        // Two questions before any service is there: they wait for its requests.
-        for n in [11, 12] {
-            channel
-                .ask(&mut *irql, b"q", HOUR, n)
-                .map_err(|_| Status::UNSUCCESSFUL)?;
+        // No service has the channel open at load: not asked, the context comes back.
+        if let Err(refused) = channel.ask(&mut *irql, b"q", HOUR, 10) {
+            *REFUSED_WITHOUT_SERVICE.lock().unwrap() = Some(refused.reason());
         }
+        let channel = PoolArc::try_new(channel, PoolTag::new(b"Test"), &*irql)?;
+        *SHARED.lock().unwrap() = Some(PoolArc::clone(&channel));
         Ok(State { channel })
     }
 }
@@ -568,7 +664,18 @@ fn unload_with_the_channel_in_the_driver_state_decides_everything() {
     // Room for the decisions, allocated by the harness (see `new_log`).
     holder::LOG.lock().unwrap().reserve(16);
     let driver = machine.load_driver("holder", holder::DriverEntry).unwrap();
+    assert_eq!(
+        *holder::REFUSED_WITHOUT_SERVICE.lock().unwrap(),
+        Some(NotAskedReason::NoService)
+    );
     let service = machine.open_device(PATH, Caller::System).unwrap();
+    let channel = holder::SHARED.lock().unwrap().take().unwrap();
+    for n in [11, 12] {
+        machine
+            .at_dispatch(|irql| channel.ask(irql, b"q", HOUR, n))
+            .expect("asked");
+    }
+    drop(channel);
     let (first, second) = (wait_request(&service), wait_request(&service));
     question_of(&first);
     question_of(&second);
@@ -609,6 +716,7 @@ fn a_leaked_channel_keeps_the_driver_from_unloading() {
 #[test]
 fn a_channel_dropped_at_dispatch_level_decides_its_questions() {
     let setup = setup(2);
+    let service = setup.open();
     setup.ask(b"q", HOUR, 1);
     let Setup {
         machine,
@@ -627,6 +735,7 @@ fn a_channel_dropped_at_dispatch_level_decides_its_questions() {
         machine.debug_output()
     );
     // The device and the timers are leaked: unload reports it.
+    drop(service);
     drop(driver);
 }
 
@@ -720,8 +829,14 @@ struct Seen {
 /// One service process: keeps `K` wait requests pending on its handle, answers what it gets
 /// (correctly, malformed, twice, first through a foreign handle, or not at all), and now and
 /// then is killed (its handle closed) and restarted, until the channel closes.
-fn run_service(machine: &Machine, seed: u64, closing: &std::sync::atomic::AtomicBool) -> Seen {
+fn run_service(
+    machine: &Machine,
+    seed: u64,
+    closing: &std::sync::atomic::AtomicBool,
+    started: &std::sync::atomic::AtomicUsize,
+) -> Seen {
     use std::sync::atomic::Ordering;
+    let mut first_start = true;
     const K: usize = 4;
     let mut rng = Rng(seed);
     let mut seen = Seen::default();
@@ -734,6 +849,9 @@ fn run_service(machine: &Machine, seed: u64, closing: &std::sync::atomic::Atomic
         let Ok(foreign) = machine.open_device(PATH, Caller::System) else {
             return seen;
         };
+        if std::mem::take(&mut first_start) {
+            started.fetch_add(1, Ordering::SeqCst);
+        }
         let mut waits: std::collections::VecDeque<IoRequest> =
             (0..K).map(|_| wait_request(&handle)).collect();
         while let Some(wait) = waits.pop_front() {
@@ -837,20 +955,34 @@ fn thousands_of_questions_each_get_exactly_one_decision_under_every_race() {
     } = setup(64);
     let channel = RwLock::new(Some(channel));
     let refused = Mutex::new(Vec::with_capacity(TOTAL as usize));
+    let no_service = Mutex::new(Vec::with_capacity(TOTAL as usize));
     let asking_done = AtomicBool::new(false);
     let closing = AtomicBool::new(false);
-    let (machine, channel, refused, closing, asking_done) =
-        (&machine, &channel, &refused, &closing, &asking_done);
+    let started = std::sync::atomic::AtomicUsize::new(0);
+    let (machine, channel, refused, no_service, closing, asking_done, started) = (
+        &machine,
+        &channel,
+        &refused,
+        &no_service,
+        &closing,
+        &asking_done,
+        &started,
+    );
     let seen: Vec<Seen> = std::thread::scope(|scope| {
         let services: Vec<_> = (0..SERVICES)
             .map(|s| {
                 let seed = seed ^ (s + 1).wrapping_mul(0x51_7CC1_B727_220A);
-                scope.spawn(move || run_service(machine, seed, closing))
+                scope.spawn(move || run_service(machine, seed, closing, started))
             })
             .collect();
         let askers: Vec<_> = (0..ASKERS)
             .map(|a| {
                 scope.spawn(move || {
+                    // Asking starts once every service has the channel open; later, only a
+                    // kill of each at once leaves no service (`NoService`).
+                    while started.load(Ordering::SeqCst) < SERVICES as usize {
+                        std::thread::yield_now();
+                    }
                     let guard = channel.read().unwrap();
                     let channel = guard.as_ref().unwrap();
                     let mut rng = Rng(seed ^ (a + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
@@ -873,6 +1005,14 @@ fn thousands_of_questions_each_get_exactly_one_decision_under_every_race() {
                             match result {
                                 Ok(id) => {
                                     asked.push(id);
+                                    break;
+                                }
+                                // Between a kill and the restart no service may have the
+                                // channel open: the asker decides at once.
+                                Err(not_asked)
+                                    if not_asked.reason() == NotAskedReason::NoService =>
+                                {
+                                    no_service.lock().unwrap().push(not_asked.into_context());
                                     break;
                                 }
                                 Err(not_asked) if attempt < 3 => {
@@ -925,15 +1065,17 @@ fn thousands_of_questions_each_get_exactly_one_decision_under_every_race() {
     machine.wait_for_dpcs();
     let decisions = take(&log);
     let refused = std::mem::take(&mut *refused.lock().unwrap());
+    let no_service = std::mem::take(&mut *no_service.lock().unwrap());
 
-    // Exactly one decision per question: by the channel, or (when full) by the asker.
+    // Exactly one decision per question: by the channel, or (when full, or no service had it
+    // open) by the asker.
     let mut count = vec![0u32; TOTAL as usize];
     let mut outcome_of = HashMap::new();
     for (number, outcome) in &decisions {
         count[*number as usize] += 1;
         outcome_of.insert(*number, outcome.clone());
     }
-    for number in &refused {
+    for number in refused.iter().chain(&no_service) {
         count[*number as usize] += 1;
     }
     let wrong: Vec<_> = count
@@ -991,7 +1133,11 @@ fn thousands_of_questions_each_get_exactly_one_decision_under_every_race() {
         tally.get("malformed").copied().unwrap_or(0),
         "seed {seed:#x}"
     );
-    eprintln!("outcomes {tally:?}, refused (full) {}", refused.len());
+    eprintln!(
+        "outcomes {tally:?}, refused (full) {}, refused (no service) {}",
+        refused.len(),
+        no_service.len()
+    );
     // The race reaches every outcome (for this seed; another seed may miss a rare one).
     if std::env::var("WFP_TEST_SEED").is_err() {
         for kind in [
@@ -1079,6 +1225,86 @@ fn the_service_side_over_the_bridge_answers_and_its_exit_decides_the_rest() {
     assert_eq!(setup.outstanding(), 0);
     drop(bridge);
     assert!(setup.teardown().is_empty());
+}
+
+/// The service's side tells a closed channel from every other refusal: when the driver stops
+/// or closes the channel, `AskClient`'s calls fail with an error for which `user::is_closed` is
+/// true, and `AskClient::is_closed` says so from then on; a foreign answer is not mistaken for
+/// it.
+#[cfg(unix)]
+#[test]
+fn the_service_side_tells_a_closed_channel_from_other_refusals() {
+    use wfp_rs::user::{AskClient, is_cancelled, is_closed};
+
+    for closing in ["stop", "close"] {
+        let setup = setup(4);
+        let socket = std::env::temp_dir().join(format!(
+            "wfp-rs-{}-ask-closed-{closing}.sock",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&socket);
+        let bridge = setup.machine.serve_user_mode(&socket).unwrap();
+        let client = AskClient::open_at(&socket, PATH, &SPEC, 3).unwrap();
+        let other = AskClient::open_at(&socket, PATH, &SPEC, 1).unwrap();
+        let id = setup.ask(b"q", HOUR, 1);
+        let question = client.next_question(None).unwrap().expect("a question");
+        assert_eq!(question.id, id);
+        let foreign = other.answer(id, &[1]).unwrap_err();
+        assert_eq!(
+            foreign.kind(),
+            std::io::ErrorKind::PermissionDenied,
+            "{foreign}"
+        );
+        assert!(!is_closed(&foreign) && !other.is_closed(), "{foreign}");
+
+        let Setup {
+            machine,
+            driver,
+            channel,
+            log,
+        } = setup;
+        // The client's wait requests are pending in the driver when it closes the channel: they
+        // end cancelled, and the replacement the client sends is refused.
+        let channel = match closing {
+            "stop" => {
+                machine.at_passive(|irql| channel.stop(irql));
+                Some(channel)
+            }
+            _ => {
+                machine.at_passive(|irql| channel.close(irql));
+                None
+            }
+        };
+        assert_eq!(take(&log), [(1, Outcome::Closing)]);
+        assert!(
+            !client.is_closed(),
+            "{closing}: nothing told the client yet"
+        );
+        let error = client.next_question(None).unwrap_err();
+        assert!(is_closed(&error), "{closing}: {error}");
+        assert!(!is_cancelled(&error), "{closing}: {error}");
+        assert_eq!(error.kind(), std::io::ErrorKind::NotConnected);
+        assert!(client.is_closed(), "{closing}");
+        let again = client.next_question(Some(Duration::ZERO)).unwrap_err();
+        assert!(is_closed(&again), "{closing}: it stays closed: {again}");
+        let late = other.answer(id, &[1]).unwrap_err();
+        assert!(is_closed(&late), "{closing}: {late}");
+        assert!(other.is_closed(), "{closing}");
+        assert!(
+            late.to_string().contains("STATUS_DELETE_PENDING"),
+            "{closing}: {late}"
+        );
+
+        drop((client, other));
+        drop(bridge);
+        if let Some(channel) = channel {
+            machine.at_passive(|irql| channel.close(irql));
+        }
+        machine.unload_driver(driver).unwrap();
+        assert!(take(&log).is_empty(), "{closing}: decided once");
+        assert!(machine.pool_blocks().is_empty());
+        assert_eq!(machine.pending_io_requests(), 0);
+    }
 }
 
 // --- from classifyFn ------------------------------------------------------------------------------
@@ -1305,7 +1531,11 @@ fn stop_decides_everything_now_and_leaves_the_device_until_close() {
     let delivered = setup.ask(b"d", HOUR, 1);
     setup.ask(b"q", HOUR, 2);
     question_of(&wait);
+    // "q" waits for a request; this one takes it, the next one waits.
+    question_of(&wait_request(&service));
+    let idle = wait_request(&service);
     setup.machine.at_passive(|irql| setup.channel.stop(irql));
+    assert_eq!(idle.wait().status, Status::CANCELLED.raw());
     let mut decided = setup.decisions();
     decided.sort_by_key(|d| d.0);
     assert_eq!(decided, [(1, Outcome::Closing), (2, Outcome::Closing)]);
@@ -1320,12 +1550,23 @@ fn stop_decides_everything_now_and_leaves_the_device_until_close() {
         answer(&service, delivered, &[1]),
         Status::DELETE_PENDING.raw()
     );
-    let idle = wait_request(&service);
-    assert!(idle.is_pending(), "the device stays until close");
+    assert_eq!(
+        wait_request(&service).wait().status,
+        Status::DELETE_PENDING.raw(),
+        "requests are refused as after close"
+    );
+    assert!(
+        setup
+            .machine
+            .symbolic_links()
+            .iter()
+            .any(|(link, _)| link.contains(NAME)),
+        "the device stays until close: {:?}",
+        setup.machine.symbolic_links()
+    );
     setup.machine.advance_clock(2 * HOUR);
     setup.machine.wait_for_dpcs();
     assert!(setup.teardown().is_empty(), "nothing decided twice");
-    assert_eq!(idle.wait().status, Status::CANCELLED.raw());
     drop(service);
 }
 
@@ -1334,6 +1575,7 @@ fn stop_decides_everything_now_and_leaves_the_device_until_close() {
 fn a_thousand_and_twenty_four_questions_in_flight() {
     const N: u64 = 1024;
     let setup = setup(N as usize);
+    let service = setup.open();
     for n in 0..N {
         setup.ask(&n.to_le_bytes(), HOUR, n);
     }
@@ -1343,7 +1585,6 @@ fn a_thousand_and_twenty_four_questions_in_flight() {
         .unwrap_err();
     assert_eq!(full.reason(), NotAskedReason::Full);
     assert_eq!(setup.outstanding(), N as usize);
-    let service = setup.open();
     let mut waits: std::collections::VecDeque<IoRequest> =
         (0..64).map(|_| wait_request(&service)).collect();
     for n in 0..N {
@@ -1405,6 +1646,7 @@ wfp_rs_sim::bugcheck_test! {
         let machine = Machine::new();
         let driver = machine.load_driver("asker", plain::DriverEntry).unwrap();
         let channel = counts_channel(&machine, &driver);
+        let _service = machine.open_device(PATH, Caller::System).unwrap();
         let id = machine
             .at_dispatch(|irql| channel.ask(irql, b"q", HOUR, ()))
             .expect("asked");
@@ -1423,6 +1665,7 @@ fn a_channel_in_a_static_never_closed_keeps_the_driver_from_unloading() {
     let machine = Machine::new();
     let driver = machine.load_driver("asker", plain::DriverEntry).unwrap();
     let channel = CHANNEL.get_or_init(|| counts_channel(&machine, &driver));
+    let _service = machine.open_device(PATH, Caller::System).unwrap();
     machine
         .at_dispatch(|irql| channel.ask(irql, b"q", HOUR, ()))
         .expect("asked");

@@ -171,46 +171,6 @@ pub mod protocol {
     }
 }
 
-/// The names the guides' code blocks use without importing them, so that a quoted fragment
-/// needs one hidden line of setup (`# use wfp_rs_tests::guide::*;`) rather than a screen of
-/// `use` lines. Not an API: only the doctests in `guides` use it.
-#[cfg(any(not(windows), feature = "sim"))]
-#[doc(hidden)]
-pub mod guide {
-    pub use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-    pub use core::sync::atomic::{AtomicU32, Ordering};
-
-    pub use alloc::sync::Arc;
-
-    pub use wfp_rs::callout::{Callout, CalloutKey, CalloutRegistration, Classify};
-    pub use wfp_rs::classify::{Action, BlockOutcome, RightsError};
-    pub use wfp_rs::control::{CommandHandler, ControlDevice};
-    pub use wfp_rs::driver::{Driver, DriverState};
-    pub use wfp_rs::engine::{
-        CalloutEntry, Engine, Provider, SessionOptions, Sublayer, Transaction,
-    };
-    pub use wfp_rs::filter::{AppPath, Filter, FilterAction, Match};
-    pub use wfp_rs::inverted::{ControlCode, RequiredAccess};
-    pub use wfp_rs::irql::{AtMostDispatch, AtPassive, DispatchLevel, Irql, PassiveLevel};
-    pub use wfp_rs::layer::value::{AppId, IpProtocol};
-    pub use wfp_rs::layer::{
-        AleAuthConnectV4, AleAuthConnectV6, AleResourceAssignmentV4, Field, Layer,
-        OutboundTransportV4, fields,
-    };
-    pub use wfp_rs::pend::{ConnectionKey, FinalAction, PendedClassify, VerdictTable};
-    #[cfg(unix)]
-    pub use wfp_rs::user::{Device, PortConnection};
-    pub use wfp_rs::work_item::WorkQueue;
-    pub use wfp_rs::{Guid, Status, guid, kd_print};
-    pub use wfp_rs_sim::{ClassifyRequest, Machine};
-
-    // docs/callouts.md quotes examples/starter.
-    pub use starter::{
-        BLOCKED_PORT, CALLOUT_V4, CALLOUT_V6, ConnectPolicy, FILTER_V4, FILTER_V6, PROVIDER,
-        SUBLAYER, SUBLAYER_WEIGHT, Starter, add_connect_filter,
-    };
-}
-
 /// Checks a guide's test as its doctest. A doctest is compiled without the test harness, which
 /// drops `#[test]` items (and so `bugcheck_test!`'s expansion) before their bodies are checked;
 /// the guide wraps the test in this macro, on hidden lines, instead.

@@ -9,7 +9,9 @@
 //! code, in its own thread; the channel checks the answer (size, id, the handle it came
 //! through, and the driver's own [`decode`](QuestionHandler::decode)) and calls the driver's
 //! [`decide`](QuestionHandler::decide) with the context and the [`Outcome`]. A kernel timer per
-//! slot enforces the question's deadline.
+//! slot enforces the question's deadline. With no service at all — no handle open on the
+//! device — `ask` does not wait for a deadline nobody could beat: it refuses with
+//! [`NotAskedReason::NoService`] and hands the context back, for the driver's default now.
 //!
 //! ```
 //! use core::time::Duration;
@@ -52,7 +54,7 @@
 //!
 //! fn on_connect(irql: &mut DispatchLevel<'_>, channel: &AskChannel<Verdicts>, connection: u32) {
 //!     if let Err(not_asked) = channel.ask(&mut *irql, b"may pid 42 connect?", Duration::from_secs(5), connection) {
-//!         // Full or closed: the context comes back; decide at once.
+//!         // Full, no service, or closed: the context comes back; decide at once.
 //!         let _connection: u32 = not_asked.into_context();
 //!     }
 //! }
@@ -100,7 +102,7 @@
 //! | an answer from that handle that does not (a header whose length field disagrees with the request's size, a body over `max_answer`, or `decode` refusing it) | `Malformed` | `STATUS_INVALID_PARAMETER` |
 //! | the deadline | `TimedOut` | — |
 //! | the driver's [`cancel`](AskChannel::cancel) | `Cancelled` | — |
-//! | the handle the question was delivered to closed (the service exited or was killed) | `ServiceGone` | — |
+//! | the handle the question was delivered to closed (the service exited or was killed), or the last handle closed while it was still queued | `ServiceGone` | — |
 //! | [`close`](AskChannel::close), or unload with the channel in the driver state | `Closing` | — |
 //!
 //! An answer that decides nothing completes with a status the service can log: shorter than the
@@ -118,7 +120,22 @@
 //! decided at once with `ServiceGone` rather than asked again: the service may have acted on it
 //! half-way, a question that crashes the service would crash every restart, and the driver's
 //! default is what the service's absence means anyway. Questions not delivered yet stay queued
-//! for the next request, whichever handle sends it, until their deadline.
+//! for the next request, whichever handle sends it, as long as a handle is open (a service
+//! restarting with its new instance's handle open first loses none); when the last handle
+//! closes they are decided at once with `ServiceGone` too, not at their deadlines.
+//!
+//! # No service
+//!
+//! The channel counts the handles open on its device: an `IRP_MJ_CREATE` it completed (after
+//! the driver's client check, [`Driver::admit_only`](crate::driver::Driver::admit_only)) until
+//! that file object's `IRP_MJ_CLEANUP`. While none is open, [`ask`](AskChannel::ask) refuses
+//! with [`NotAskedReason::NoService`] — no slot taken, no timer set, no `decide` — so a driver
+//! whose service is not running yet (at boot) or exited applies its default in `classifyFn`
+//! instead of pending every connection until its deadline. A service that has the device open
+//! but sends no request yet (busy, starting its readers) is asked: its questions wait in the
+//! queue. (INFERRED: Windows sends one cleanup for every file object whose create succeeded,
+//! also when the open fails later in the I/O manager; if one did not come, the count would stay
+//! up and questions would wait for their deadlines, as before this rule.)
 //!
 //! # Where `decide` runs
 //!
@@ -126,7 +143,10 @@
 //! DPC, in the service's thread (the answer, at `PASSIVE_LEVEL`), in the thread closing the
 //! handle, in the caller of `cancel`, or in `close`. It may complete a pended classification,
 //! record a verdict, take spin locks; it must not wait. It never runs under the channel's lock,
-//! so it may call [`ask`](AskChannel::ask) or [`cancel`](AskChannel::cancel) itself.
+//! so it may call [`ask`](AskChannel::ask) or [`cancel`](AskChannel::cancel) itself. Nor does
+//! the completion of the request that carries a question (`IofCompleteRequest`): the question
+//! is written into the request and marked delivered under the lock, and the request completes
+//! after it is released.
 //!
 //! # Memory
 //!
@@ -151,8 +171,9 @@
 //! with `STATUS_CANCELLED`, new ones fail with `STATUS_DELETE_PENDING`, answers being processed
 //! finish), decides every question still outstanding with `Closing`, and shuts the timers down.
 //! It waits for no user-mode thread: only for the dispatch calls already inside the driver and
-//! for DPCs already queued. [`AskChannel::stop`] does the first and the fourth step through a
-//! shared reference (from `DriverState::stopping`, say), leaving the device to `close`. Dropped above `PASSIVE_LEVEL`, the channel decides the outstanding
+//! for DPCs already queued. [`AskChannel::stop`] does the same through a shared reference (from
+//! `DriverState::stopping`, say) except deleting the device and shutting the timers down, which
+//! it leaves to `close`: the service sees what `close` shows it. Dropped above `PASSIVE_LEVEL`, the channel decides the outstanding
 //! questions and cancels the timers, but the device and the memory are leaked, as for
 //! [`InvertedQueue`] (a device left behind keeps the driver from unloading: Windows leaves it
 //! "unload pending", the simulator's `unload_driver` says `DeviceObjectsRemain`).
@@ -166,9 +187,9 @@ use core::time::Duration;
 
 use crate::dispatch::Request;
 use crate::driver::Driver;
-use crate::inverted::{ControlCode, InvertedQueue, QueueHooks, Waiters};
+use crate::inverted::{ControlCode, InvertedQueue, QueueHooks, Taken, Waiters};
 use crate::irql::{DispatchLevel, Irql, PassiveLevel, RaiseIrql, Token};
-use crate::pool::{PoolArc, PoolTag};
+use crate::pool::{PoolArc, PoolTag, try_box};
 use crate::secure_device::callback_token;
 use crate::spin_lock::SpinLock;
 use crate::status::Status;
@@ -315,8 +336,9 @@ pub enum Outcome<A> {
     TimedOut,
     /// The driver withdrew it with [`AskChannel::cancel`].
     Cancelled,
-    /// The handle the question was delivered to was closed before it answered: the service
-    /// exited, was killed, or closed it. Apply the default.
+    /// The handle the question was delivered to was closed before it answered (the service
+    /// exited, was killed, or closed it), or the last handle open on the channel closed while
+    /// the question still waited for a request. Apply the default.
     ServiceGone,
     /// The channel was closed (or the driver unloads) first. Apply the default.
     Closing,
@@ -381,6 +403,10 @@ pub enum NotAskedReason {
     },
     /// The channel is closing.
     Closed,
+    /// No service has the channel's device open: no handle is open on it (the service is not
+    /// running yet, or it exited), so nobody could answer before the deadline. Apply the
+    /// driver's "no service" default now.
+    NoService,
 }
 
 /// A question [`AskChannel::ask`] did not ask, with the context handed back.
@@ -420,6 +446,7 @@ impl<C> fmt::Display for NotAsked<C> {
                 "a {len}-byte question is larger than the channel's maximum of {max} bytes"
             ),
             NotAskedReason::Closed => f.write_str("the question channel is closing"),
+            NotAskedReason::NoService => f.write_str("no service has the question channel open"),
         }
     }
 }
@@ -563,8 +590,10 @@ impl<Q: QuestionHandler> AskChannel<Q> {
     /// deadline's timer is set before the question can be delivered.
     ///
     /// Takes the channel's spin lock (hence the exclusive borrow of the caller's token). Fails,
-    /// handing the context back, when every slot is taken, the question is larger than
-    /// `max_question`, or the channel is closing.
+    /// handing the context back, when the question is larger than `max_question`, the channel
+    /// is closing, no handle is open on the channel's device ([`NotAskedReason::NoService`]:
+    /// nobody could answer, so the driver's default should apply now rather than at the
+    /// deadline), or every slot is taken.
     ///
     /// ```
     /// # use core::time::Duration;
@@ -578,7 +607,8 @@ impl<Q: QuestionHandler> AskChannel<Q> {
     ///     match channel.ask(&mut *irql, b"pid 42", Duration::from_secs(5), connection) {
     ///         Ok(_id) => true, // `decide` will run for it, exactly once
     ///         Err(not_asked) => {
-    ///             let _full = not_asked.reason() == NotAskedReason::Full;
+    ///             // Full, TooLarge, Closed or NoService: the default, now.
+    ///             let _no_service = not_asked.reason() == NotAskedReason::NoService;
     ///             let _connection = not_asked.into_context(); // decide it here
     ///             false
     ///         }
@@ -604,40 +634,42 @@ impl<Q: QuestionHandler> AskChannel<Q> {
             });
         }
         let waiters = self.queue.waiters();
-        inner.state.lock(irql, |state, dispatch| {
-            if state.closed {
-                return Err(NotAsked {
-                    reason: NotAskedReason::Closed,
-                    context,
-                });
-            }
-            let Some(index) = state.take_free() else {
-                return Err(NotAsked {
-                    reason: NotAskedReason::Full,
-                    context,
-                });
+        let asked = inner.state.lock(irql, |state, dispatch| {
+            let reason = if state.closed {
+                NotAskedReason::Closed
+            } else if state.handles == 0 {
+                NotAskedReason::NoService
+            } else if let Some(index) = state.take_free() {
+                let start = index * inner.max_question;
+                if let Some(buffer) = state.questions.get_mut(start..start + question.len()) {
+                    buffer.copy_from_slice(question);
+                }
+                let deadline = Instant::now().saturating_add(timeout);
+                let slot = &mut state.slots[index];
+                slot.generation = match slot.generation.wrapping_add(1) {
+                    0 => 1,
+                    next => next,
+                };
+                slot.context = Some(context);
+                slot.deadline = deadline;
+                slot.len = question.len();
+                let id = QuestionId::new(index, slot.generation);
+                if let Some(Some(timer)) = state.timers.get(index) {
+                    timer.set(&*dispatch, timeout, None);
+                }
+                state.push_queued(index);
+                state.outstanding += 1;
+                return Ok((id, inner.deliver_one(state, waiters)));
+            } else {
+                NotAskedReason::Full
             };
-            let start = index * inner.max_question;
-            if let Some(buffer) = state.questions.get_mut(start..start + question.len()) {
-                buffer.copy_from_slice(question);
-            }
-            let deadline = Instant::now().saturating_add(timeout);
-            let slot = &mut state.slots[index];
-            slot.generation = match slot.generation.wrapping_add(1) {
-                0 => 1,
-                next => next,
-            };
-            slot.context = Some(context);
-            slot.deadline = deadline;
-            slot.len = question.len();
-            let id = QuestionId::new(index, slot.generation);
-            if let Some(Some(timer)) = state.timers.get(index) {
-                timer.set(&*dispatch, timeout, None);
-            }
-            state.push_queued(index);
-            state.outstanding += 1;
-            inner.deliver(state, waiters);
-            Ok(id)
+            Err(NotAsked { reason, context })
+        });
+        // The request that carries the question (if one waited) completes now, outside the
+        // channel's lock.
+        asked.map(|(id, delivery)| {
+            drop(delivery);
+            id
         })
     }
 
@@ -691,9 +723,11 @@ impl<Q: QuestionHandler> AskChannel<Q> {
         self.inner().state.lock(irql, |state, _| state.outstanding)
     }
 
-    /// Refuses new questions from now on ([`NotAskedReason::Closed`]; answers fail with
-    /// `STATUS_DELETE_PENDING`) and decides every outstanding question with
-    /// [`Outcome::Closing`], before this returns; the device stays until
+    /// Refuses new questions from now on ([`NotAskedReason::Closed`]), refuses the service's
+    /// requests as `close` does (waiting requests complete with `STATUS_CANCELLED`; new ones,
+    /// answers and opens fail with `STATUS_DELETE_PENDING`, which `wfp_rs::user::AskClient`
+    /// reports as the channel closed), and decides every outstanding question with
+    /// [`Outcome::Closing`], before this returns; the device object stays until
     /// [`close`](Self::close) (or drop). For [`DriverState::stopping`], which has the state only
     /// by reference: a channel the driver's callout holds can decide its questions — and so
     /// complete their pends — while the filters are still there for the reauthorizations, and
@@ -713,6 +747,9 @@ impl<Q: QuestionHandler> AskChannel<Q> {
         crate::irql::verify(irql);
         let inner = self.inner();
         inner.state.lock(&mut *irql, |state, _| state.closed = true);
+        // The service learns it as from `close`: its waiting requests complete as cancelled,
+        // new ones (and answers) are refused with STATUS_DELETE_PENDING.
+        self.queue.refuse_requests(&*irql);
         inner.decide_all(irql, |_| true, || Outcome::Closing);
     }
 
@@ -754,16 +791,15 @@ impl<Q: QuestionHandler> AskChannel<Q> {
 
     /// Dropped above `PASSIVE_LEVEL`: decide what is outstanding and stop the timers, but the
     /// device and the memory its hooks point into must be leaked.
-    fn abandon(&mut self) {
+    fn abandon(&mut self, irql: &mut DispatchLevel<'_>) {
         let inner = self.inner();
-        let mut token = callback_token();
-        inner.state.lock(&mut token, |state, dispatch| {
+        inner.state.lock(&mut *irql, |state, dispatch| {
             state.closed = true;
             for timer in state.timers.iter().flatten() {
                 timer.cancel(&*dispatch);
             }
         });
-        inner.decide_all(&mut token, |_| true, || Outcome::Closing);
+        inner.decide_all(irql, |_| true, || Outcome::Closing);
         crate::kd_print!(
             Error,
             "wfp-rs: an AskChannel was dropped at {}; closing its device and freeing its timers \
@@ -777,15 +813,27 @@ impl<Q: QuestionHandler> AskChannel<Q> {
 }
 
 impl<Q: QuestionHandler> Drop for AskChannel<Q> {
-    /// Closes the channel at `PASSIVE_LEVEL` (see [`close`](Self::close)); above it, decides
-    /// the outstanding questions and leaks the rest with a debugger message.
+    /// Closes the channel at `PASSIVE_LEVEL` (see [`close`](Self::close)); at `DISPATCH_LEVEL`,
+    /// decides the outstanding questions and leaks the rest with a debugger message.
     fn drop(&mut self) {
         // SAFETY: `shut_down` is SDK code; it reaches no token of the driver's (a token the
         // dropping code holds stays in its frame); the driver code it runs, `decide` and the
         // handler's drop, gets only the tokens the SDK hands it; its spin locks restore the
         // IRQL.
-        if unsafe { PassiveLevel::try_current_in_sdk(|irql| self.shut_down(irql)) }.is_none() {
-            self.abandon();
+        if unsafe { PassiveLevel::try_current_in_sdk(|irql| self.shut_down(irql)) }.is_some() {
+            return;
+        }
+        // SAFETY: as above, for `abandon`: `decide` gets only this token.
+        let abandoned = unsafe { DispatchLevel::try_current_in_sdk(|irql| self.abandon(irql)) };
+        if abandoned.is_none() {
+            // No spin lock can be taken above DISPATCH_LEVEL (and no safe code gets there):
+            // nothing is decided, everything is leaked.
+            crate::kd_print!(
+                Error,
+                "wfp-rs: an AskChannel was dropped at {}; its questions stay undecided and \
+                 everything it holds is leaked\n",
+                Irql::current()
+            );
         }
     }
 }
@@ -812,6 +860,9 @@ enum Phase {
     Queued,
     /// Carried by a request through the file object at this address.
     Delivered(usize),
+    /// Still queued when the last handle, the file object at this address, closed: decided
+    /// with `ServiceGone` by that handle's cleanup. No handle may answer it.
+    Orphaned(usize),
 }
 
 struct Slot<C> {
@@ -838,6 +889,8 @@ struct State<C> {
     head: usize,
     tail: usize,
     outstanding: usize,
+    /// Handles open on the channel's device (file objects created and not cleaned up yet).
+    handles: usize,
     closed: bool,
 }
 
@@ -878,6 +931,7 @@ impl<C> State<C> {
             head: NONE,
             tail: NONE,
             outstanding: 0,
+            handles: 0,
             closed: false,
         })
     }
@@ -960,34 +1014,41 @@ struct Inner<Q: QuestionHandler> {
 }
 
 impl<Q: QuestionHandler> Inner<Q> {
-    /// Hands queued questions to waiting requests, oldest to oldest, until one side runs out.
-    fn deliver(&self, state: &mut State<Q::Context>, waiters: Waiters<'_>) {
-        while !state.closed && state.head != NONE {
-            let index = state.head;
-            let slot = &state.slots[index];
-            let id = QuestionId::new(index, slot.generation);
-            let start = index * self.max_question;
-            let body = state.questions.get(start..start + slot.len).unwrap_or(&[]);
-            let mut carried_by = None;
-            let completed = waiters.complete_next_for(|output, file| {
-                let Some(message) = output.get_mut(..HEADER_LEN + body.len()) else {
-                    // Cannot happen: the queue takes only requests that hold the largest
-                    // question. The request completes empty; the question stays queued.
-                    return 0;
-                };
-                message[..HEADER_LEN].copy_from_slice(&encode_header(id, body.len()));
-                message[HEADER_LEN..].copy_from_slice(body);
-                carried_by = Some(file as usize);
-                message.len()
-            });
-            if !completed {
-                break;
-            }
-            if let Some(file) = carried_by {
-                state.unlink(index);
-                state.slots[index].phase = Phase::Delivered(file);
-            }
+    /// Hands the oldest queued question to the oldest waiting request: writes it into the
+    /// request's output and marks it delivered to the request's handle, under the lock. The
+    /// request completes when the caller drops the returned [`Taken`], after releasing the lock,
+    /// so `IofCompleteRequest` never runs under the channel's lock. Taking the request out
+    /// (`IoCsqRemoveNextIrp`) takes the queue's own lock inside this one: that order only, as
+    /// nothing that holds the queue's lock takes the channel's. One at most: the callers
+    /// each add one question or one request, and every question that was queued found no
+    /// request waiting (and every request no question).
+    fn deliver_one<'w>(
+        &self,
+        state: &mut State<Q::Context>,
+        waiters: Waiters<'w>,
+    ) -> Option<Taken<'w>> {
+        if state.closed || state.head == NONE {
+            return None;
         }
+        let mut taken = waiters.take_next()?;
+        let index = state.head;
+        let slot = &state.slots[index];
+        let id = QuestionId::new(index, slot.generation);
+        let start = index * self.max_question;
+        let body = state.questions.get(start..start + slot.len).unwrap_or(&[]);
+        let Some(message) = taken.output().get_mut(..HEADER_LEN + body.len()) else {
+            // Cannot happen: the queue takes only requests that hold the largest question. The
+            // request completes empty; the question stays queued for the next one.
+            return Some(taken);
+        };
+        message[..HEADER_LEN].copy_from_slice(&encode_header(id, body.len()));
+        message[HEADER_LEN..].copy_from_slice(body);
+        let written = message.len();
+        taken.set_written(written);
+        let file = taken.file() as usize;
+        state.unlink(index);
+        state.slots[index].phase = Phase::Delivered(file);
+        Some(taken)
     }
 
     /// The deadline timer of slot `index` expired (its DPC).
@@ -1085,36 +1146,57 @@ impl<Q: QuestionHandler> Inner<Q> {
             _ => None,
         };
         let file = request.file_object() as usize;
-        // A dispatch routine holds no other token.
-        let mut token = callback_token();
-        let claimed = self.state.lock(&mut token, |state, dispatch| {
-            if state.closed {
-                return Err(Status::DELETE_PENDING);
-            }
-            let index = state.live(id).ok_or(Status::NOT_FOUND)?;
-            match state.slots[index].phase {
-                Phase::Delivered(to) if to == file => Ok(state.release(index, dispatch)),
-                Phase::Delivered(_) => Err(Status::ACCESS_DENIED),
-                // Not delivered yet: no handle may answer it.
-                _ => Err(Status::NOT_FOUND),
+        let decided = with_dispatch_token(|token| {
+            let claimed = self.state.lock(&mut *token, |state, dispatch| {
+                if state.closed {
+                    return Err(Status::DELETE_PENDING);
+                }
+                let index = state.live(id).ok_or(Status::NOT_FOUND)?;
+                match state.slots[index].phase {
+                    Phase::Delivered(to) if to == file => Ok(state.release(index, dispatch)),
+                    Phase::Delivered(_) => Err(Status::ACCESS_DENIED),
+                    // Not delivered yet (or taken by the cleanup of the last handle): no handle
+                    // may answer it.
+                    _ => Err(Status::NOT_FOUND),
+                }
+            });
+            match claimed {
+                Err(status) => status.raw(),
+                Ok(context) => {
+                    let status = if decoded.is_some() {
+                        SUCCESS
+                    } else {
+                        Status::INVALID_PARAMETER.raw()
+                    };
+                    if let Some(context) = context {
+                        let outcome = decoded.map_or(Outcome::Malformed, Outcome::Answered);
+                        self.handler.decide(token, context, outcome);
+                    }
+                    status
+                }
             }
         });
-        match claimed {
-            Err(status) => status.raw(),
-            Ok(context) => {
-                let status = if decoded.is_some() {
-                    SUCCESS
-                } else {
-                    Status::INVALID_PARAMETER.raw()
-                };
-                if let Some(context) = context {
-                    let outcome = decoded.map_or(Outcome::Malformed, Outcome::Answered);
-                    self.handler.decide(&mut token, context, outcome);
-                }
-                status
-            }
-        }
+        // Not reached: the I/O manager sends requests at PASSIVE_LEVEL.
+        decided.unwrap_or(Status::INVALID_DEVICE_STATE.raw())
     }
+}
+
+/// Runs `f` with a token for a dispatch routine's hook that calls the driver's `decide`:
+/// checked, as a trampoline's, rather than assumed.
+fn with_dispatch_token<R>(f: impl for<'t> FnOnce(&'t mut DispatchLevel<'t>) -> R) -> Option<R> {
+    // SAFETY: the hooks are called from the SDK's dispatch routine, a trampoline: the I/O
+    // manager calls it in the requesting thread, where no driver code holds a token; `decide`
+    // gets only this one. The spin lock raises the IRQL through this token and restores it.
+    let ran = unsafe { DispatchLevel::try_current_in_sdk(f) };
+    if ran.is_none() {
+        crate::kd_print!(
+            Error,
+            "wfp-rs: a request reached an AskChannel at {}, above DISPATCH_LEVEL; it decides \
+             nothing\n",
+            Irql::current()
+        );
+    }
+    ran
 }
 
 impl<Q: QuestionHandler> QueueHooks for Inner<Q> {
@@ -1125,20 +1207,43 @@ impl<Q: QuestionHandler> QueueHooks for Inner<Q> {
     }
 
     fn waiter_queued(&self, waiters: Waiters<'_>) {
+        // A dispatch routine holds no other token; this one only takes the channel's lock.
         let mut token = callback_token();
-        self.state
-            .lock(&mut token, |state, _| self.deliver(state, waiters));
+        let delivery = self
+            .state
+            .lock(&mut token, |state, _| self.deliver_one(state, waiters));
+        // Completes the request that took a question, outside the lock.
+        drop(delivery);
+    }
+
+    fn opened(&self, _file: *mut sys::FILE_OBJECT) {
+        // A dispatch routine holds no other token; this one only takes the channel's lock.
+        let mut token = callback_token();
+        self.state.lock(&mut token, |state, _| state.handles += 1);
     }
 
     fn cleanup(&self, file: *mut sys::FILE_OBJECT) {
         let file = file as usize;
-        // A dispatch routine holds no other token.
-        let mut token = callback_token();
-        self.decide_all(
-            &mut token,
-            |phase| phase == Phase::Delivered(file),
-            || Outcome::ServiceGone,
-        );
+        with_dispatch_token(|token| {
+            self.state.lock(&mut *token, |state, _| {
+                state.handles = state.handles.saturating_sub(1);
+                if state.handles == 0 {
+                    // The last handle: no request can come for the queued questions any more.
+                    // They go to this cleanup, in the same acquisition as the count, so a
+                    // question asked for a handle opened meanwhile is not among them.
+                    while state.head != NONE {
+                        let index = state.head;
+                        state.unlink(index);
+                        state.slots[index].phase = Phase::Orphaned(file);
+                    }
+                }
+            });
+            self.decide_all(
+                token,
+                |phase| phase == Phase::Delivered(file) || phase == Phase::Orphaned(file),
+                || Outcome::ServiceGone,
+            );
+        });
     }
 }
 
@@ -1151,8 +1256,9 @@ fn arm_timers<Q: QuestionHandler>(
 ) -> Result<(), Status> {
     for index in 0..capacity {
         let owner = PoolArc::clone(inner);
-        let routine = try_box(move |irql: &mut DispatchLevel<'_>| owner.expire(irql, index))
-            .ok_or(Status::INSUFFICIENT_RESOURCES)?;
+        let routine: DeadlineRoutine =
+            try_box(move |irql: &mut DispatchLevel<'_>| owner.expire(irql, index))
+                .map_err(Status::from)?;
         let timer = Timer::try_new(routine, &*irql)?;
         inner.state.lock(&mut *irql, |state, _| {
             if let Some(place) = state.timers.get_mut(index) {
@@ -1161,23 +1267,6 @@ fn arm_timers<Q: QuestionHandler>(
         });
     }
     Ok(())
-}
-
-/// `Box::new` that reports running out of memory instead of panicking (`Box::try_new` is not
-/// stable).
-fn try_box<F>(routine: F) -> Option<DeadlineRoutine>
-where
-    F: Fn(&mut DispatchLevel<'_>) + Send + Sync + 'static,
-{
-    let mut one = Vec::new();
-    one.try_reserve_exact(1).ok()?;
-    one.push(routine);
-    let array: Box<[F; 1]> = one.into_boxed_slice().try_into().ok()?;
-    // SAFETY: `[F; 1]` has the size and alignment of `F`, so the block is one the global
-    // allocator made for the layout of `F` (as `Box<F>` requires), and it holds an initialised
-    // `F`; ownership passes from `array` to the new box.
-    let single: Box<F> = unsafe { Box::from_raw(Box::into_raw(array).cast::<F>()) };
-    Some(single)
 }
 
 #[cfg(test)]

@@ -257,6 +257,11 @@ pub(crate) trait QueueHooks: Sync {
     /// A request waits in the queue now: deliver to it what waits for a request.
     fn waiter_queued(&self, waiters: Waiters<'_>);
 
+    /// A handle to the device was opened (`IRP_MJ_CREATE`, admitted by the client check of
+    /// [`crate::client`]); `file` is its file object, which [`cleanup`](Self::cleanup) names
+    /// once its last handle closes. Called before the create completes.
+    fn opened(&self, file: *mut sys::FILE_OBJECT);
+
     /// The last handle to `file` was closed (`IRP_MJ_CLEANUP`); its waiting requests are
     /// cancelled already.
     fn cleanup(&self, file: *mut sys::FILE_OBJECT);
@@ -266,24 +271,59 @@ pub(crate) trait QueueHooks: Sync {
 #[derive(Clone, Copy)]
 pub(crate) struct Waiters<'a>(&'a QueueDevice);
 
-impl Waiters<'_> {
-    /// Completes the oldest waiting request with what `fill` writes into its output buffer (at
-    /// least the queue's maximum message size long), given the file object (the handle) the
-    /// request came through. False, without calling `fill`, if no request waits. Callable at
-    /// <= `DISPATCH_LEVEL`, also under a spin lock of the caller's.
-    pub(crate) fn complete_next_for(
-        self,
-        fill: impl FnOnce(&mut [u8], *mut sys::FILE_OBJECT) -> usize,
-    ) -> bool {
-        let Some(mut request) = self.0.remove_next(core::ptr::null_mut()) else {
-            return false;
-        };
-        let file = request.file_object();
-        let output = request.buffered_output();
-        let limit = output.len();
-        let written = fill(output, file).min(limit);
-        self.0.finish(request, SUCCESS, written);
-        true
+impl<'a> Waiters<'a> {
+    /// Takes the oldest waiting request out of the queue (`IoCsqRemoveNextIrp`), or `None` if
+    /// none waits. Callable at <= `DISPATCH_LEVEL`, also under a spin lock of the caller's (the
+    /// queue's lock is taken and released inside): the caller fills the request's output under
+    /// its lock and lets the [`Taken`] go after releasing it, which completes the request.
+    pub(crate) fn take_next(self) -> Option<Taken<'a>> {
+        let request = self.0.remove_next(core::ptr::null_mut())?;
+        Some(Taken {
+            queue: self.0,
+            request: Some(request),
+            written: 0,
+        })
+    }
+}
+
+/// A waiting request taken out of the queue: no cancel routine and no cleanup reaches it any
+/// more. Dropping it completes it with `STATUS_SUCCESS` and the output
+/// [`set_written`](Self::set_written) counted (`IofCompleteRequest`, allowed at
+/// `DISPATCH_LEVEL`), exactly once.
+pub(crate) struct Taken<'a> {
+    queue: &'a QueueDevice,
+    request: Option<Request>,
+    written: usize,
+}
+
+impl Taken<'_> {
+    /// The file object (the handle) the request came through.
+    pub(crate) fn file(&self) -> *mut sys::FILE_OBJECT {
+        self.request
+            .as_ref()
+            .map_or(core::ptr::null_mut(), Request::file_object)
+    }
+
+    /// The request's output buffer: at least the queue's maximum message size.
+    pub(crate) fn output(&mut self) -> &mut [u8] {
+        match self.request.as_mut() {
+            Some(request) => request.buffered_output(),
+            None => &mut [],
+        }
+    }
+
+    /// How many bytes of the output the request completes with (at most the buffer's length).
+    pub(crate) fn set_written(&mut self, written: usize) {
+        self.written = written;
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if let Some(mut request) = self.request.take() {
+            let written = self.written.min(request.buffered_output().len());
+            self.queue.finish(request, SUCCESS, written);
+        }
     }
 }
 
@@ -439,6 +479,17 @@ impl InvertedQueue {
     /// The waiting requests, for the channel built on this queue.
     pub(crate) fn waiters(&self) -> Waiters<'_> {
         Waiters(self.queue())
+    }
+
+    /// Refuses every request from now on as [`close`](Self::close) does — opens and new
+    /// requests fail with `STATUS_DELETE_PENDING`, waiting requests complete with
+    /// `STATUS_CANCELLED` — but keeps the device (and its link) until `close`: for the question
+    /// channel's `stop`, which has the queue by reference only.
+    pub(crate) fn refuse_requests(&self, irql: &impl AtMostDispatch) {
+        crate::irql::verify(irql);
+        let queue = self.queue();
+        queue.lock().closed = true;
+        queue.drain();
     }
 
     /// How many requests are waiting now.
@@ -780,10 +831,6 @@ impl QueueDevice {
         }
     }
 
-    fn is_closed(&self) -> bool {
-        self.lock().closed
-    }
-
     /// Removes the oldest waiting request, of `file` only if not null (`IoCsqRemoveNextIrp`).
     fn remove_next(&self, file: *mut sys::FILE_OBJECT) -> Option<Request> {
         // SAFETY: the IO_CSQ was initialised by `init` and lives with the device; this runs at
@@ -883,10 +930,14 @@ unsafe fn dispatch(
     let queue = unsafe { header.cast::<QueueDevice>().as_ref() };
     match request.major() {
         sys::IRP_MJ_CREATE => {
-            let status = if queue.is_closed() {
-                Status::DELETE_PENDING.raw()
-            } else {
+            let status = if queue.enter() {
+                if let Some(hooks) = queue.hooks() {
+                    hooks.opened(request.file_object());
+                }
+                queue.leave();
                 SUCCESS
+            } else {
+                Status::DELETE_PENDING.raw()
             };
             request.complete(status, 0);
             status

@@ -128,6 +128,32 @@ fn allocate_raw(layout: Layout, tag: PoolTag) -> *mut u8 {
     unsafe { sys::ExAllocatePool2(sys::POOL_FLAG_NON_PAGED, layout.size(), tag.raw()).cast() }
 }
 
+/// `Box::new` that hands the value back when the allocation fails, instead of calling
+/// `handle_alloc_error` (`Box::try_new` is not stable): for a `Box<dyn Trait>`, which a
+/// [`PoolBox`] cannot become. The block comes from the global allocator — non-paged pool with
+/// [`PoolAllocator`], the simulator's pool accounting in tests — so the IRQL rule of the pool
+/// applies.
+pub(crate) fn try_box<T>(value: T) -> Result<alloc::boxed::Box<T>, AllocError<T>> {
+    let layout = Layout::new::<T>();
+    if layout.size() == 0 {
+        // A zero-sized box allocates nothing.
+        return Ok(alloc::boxed::Box::new(value));
+    }
+    // SAFETY: the layout's size is not zero, as `GlobalAlloc::alloc` requires.
+    let raw = unsafe { alloc::alloc::alloc(layout) }.cast::<T>();
+    if raw.is_null() {
+        return Err(AllocError {
+            value,
+            bytes: layout.size(),
+        });
+    }
+    // SAFETY: a fresh block with the layout of `T`: valid and aligned for one write of `T`.
+    unsafe { raw.write(value) };
+    // SAFETY: the global allocator made the block for `Layout::new::<T>()`, as `Box<T>` requires,
+    // and it holds an initialised `T`; nothing else owns it.
+    Ok(unsafe { alloc::boxed::Box::from_raw(raw) })
+}
+
 /// A `Box` in non-paged pool, with a tag and a fallible constructor.
 ///
 /// ```
@@ -594,6 +620,14 @@ unsafe impl GlobalAlloc for PoolAllocator {
 mod tests {
     use super::*;
     use alloc::string::ToString;
+
+    #[test]
+    fn try_box_moves_the_value_in() {
+        let boxed = try_box([7u64; 3]).unwrap();
+        assert_eq!(*boxed, [7; 3]);
+        let unit: alloc::boxed::Box<dyn Fn() -> u8> = try_box(|| 5).unwrap();
+        assert_eq!(unit(), 5);
+    }
 
     #[test]
     fn tags_read_in_display_order_and_match_c_literals() {

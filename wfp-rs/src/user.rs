@@ -337,6 +337,41 @@ fn cancelled() -> io::Error {
     io::Error::new(io::ErrorKind::Interrupted, Cancelled)
 }
 
+/// The error of a request the driver refused because it closed the device
+/// (`STATUS_DELETE_PENDING`).
+#[derive(Debug)]
+struct Closed;
+
+impl fmt::Display for Closed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the driver closed the device (STATUS_DELETE_PENDING)")
+    }
+}
+
+impl std::error::Error for Closed {}
+
+fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, Closed)
+}
+
+/// Whether `error` says that the driver closed the device the request went to: its queue,
+/// question channel or control device refuses every request now (`STATUS_DELETE_PENDING`), and
+/// no request on this handle will reach the driver again — open the device anew once the
+/// driver is back. [`AskClient`] returns it once it knows its channel closed (see
+/// [`AskClient::is_closed`]).
+///
+/// Windows reports `STATUS_DELETE_PENDING` to Win32 as `ERROR_ACCESS_DENIED`, which other
+/// refusals share; the Windows backend gives this error where it can read the status itself
+/// (`OVERLAPPED::Internal`), and `ERROR_ACCESS_DENIED` (`PermissionDenied`) otherwise.
+///
+/// ```
+/// let error = std::io::Error::other("something else");
+/// assert!(!wfp_rs::user::is_closed(&error));
+/// ```
+pub fn is_closed(error: &io::Error) -> bool {
+    error.get_ref().is_some_and(|e| e.is::<Closed>())
+}
+
 /// Whether `error` says that a request was cancelled (by [`Operation::cancel`], by dropping its
 /// [`Device`], or by the driver closing its queue).
 ///

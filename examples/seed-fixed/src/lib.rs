@@ -223,7 +223,8 @@
 //! | while the service thinks | nothing waits | a system worker thread per question, blocked in `FltSendMessage` |
 //! | questions in flight | at most [`CHANNEL_CAPACITY`] (fixed at load; more get the default at once) | as many as the system lends worker threads |
 //! | the service | `AskClient`: `DeviceIoControl` requests kept pending on [`ASK_DEVICE_PATH`] | `PortConnection` on [`PORT_NAME`] |
-//! | no service running | each question waits for its deadline (a service starting meanwhile answers it) | the default at once |
+//! | no service running | the default at once (no handle open on the channel: `NotAskedReason::NoService`) | the default at once |
+//! | the service runs but does not answer | each question waits for its deadline | the same |
 //! | the service's handle closes with a question | that question: the default at once | the same |
 //! | answers checked by | the channel (the handle it was delivered to, its id, its size) and [`VerdictReply`]'s decoding | the port's length check and the decoding |
 //! | installation | a plain driver | a minifilter (the port needs one: INF sections, an altitude) |
@@ -800,6 +801,7 @@ impl AskTheService {
                     // Stopped by unload after this classification checked `unloading`.
                     NotAskedReason::Closed => "unloading",
                     NotAskedReason::TooLarge { .. } => "the question is too large",
+                    NotAskedReason::NoService => "no service has the channel open",
                 };
                 let (key, pended) = not_asked.into_context();
                 let default = self.shared.config.default;

@@ -32,7 +32,9 @@ use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::layer::{AleAuthConnectV4, AleAuthConnectV6, Layer};
 use wfp_rs::metadata::Direction;
 use wfp_rs::port::Message;
-use wfp_rs_sim::{AleIrql, ConnectOutcome, Connection, LoadedDriver, Machine, PortClient};
+use wfp_rs_sim::{
+    AleIrql, Caller, ConnectOutcome, Connection, DeviceHandle, LoadedDriver, Machine, PortClient,
+};
 
 const APP: &str = r"\device\harddiskvolume3\program files\seed\app.exe";
 
@@ -1021,12 +1023,52 @@ fn connect_in_background<'scope>(
     s.spawn(move || machine.connect(&c, irql))
 }
 
-/// No service has the channel open: each question waits for its deadline — not a moment less,
-/// by the machine's clock — and then gets the fail-closed default, at either IRQL.
+/// A service that has the channel open and never asks for a question (nor answers): what the
+/// driver sees of a hung service.
+fn silent_service(machine: &Machine) -> DeviceHandle {
+    machine
+        .open_device(seed_fixed::ASK_DEVICE_PATH, Caller::System)
+        .expect("the channel's device")
+}
+
+/// No service has the channel open: nobody could answer, so the question is not asked and the
+/// connection gets the fail-closed default at once, without the clock moving and without a
+/// work item.
 #[test]
-fn channel_without_a_service_each_connection_gets_the_default_at_its_deadline() {
+fn channel_without_a_service_each_connection_gets_the_default_at_once() {
     let machine = Machine::new();
     let driver = load(&machine, channel_patient::DriverEntry);
+    let queued_before = machine.work_items_queued();
+    for (n, irql) in [AleIrql::Dispatch, AleIrql::Passive]
+        .into_iter()
+        .enumerate()
+    {
+        let pid = 2 * n as u64 + 1; // the rule would allow it
+        let outcome = machine.connect(&web(pid, 45_900 + n as u16), irql);
+        assert_decided_once(&outcome, Verdict::Block, "no service");
+    }
+    let mut logged = decisions(&machine);
+    logged.sort();
+    assert_eq!(
+        logged,
+        [1, 3].map(|pid| (
+            pid,
+            "block".to_owned(),
+            "default: no service has the channel open".to_owned()
+        ))
+    );
+    assert_eq!(machine.work_items_queued(), queued_before, "no work item");
+    unload_clean(&machine, driver);
+}
+
+/// The service has the channel open but never answers: each question waits for its deadline —
+/// not a moment less, by the machine's clock — and then gets the fail-closed default, at either
+/// IRQL.
+#[test]
+fn channel_a_silent_service_leaves_each_connection_the_default_at_its_deadline() {
+    let machine = Machine::new();
+    let driver = load(&machine, channel_patient::DriverEntry);
+    let service = silent_service(&machine);
     let queued_before = machine.work_items_queued();
     thread::scope(|s| {
         let waiting: Vec<_> = [AleIrql::Dispatch, AleIrql::Passive]
@@ -1046,9 +1088,10 @@ fn channel_without_a_service_each_connection_gets_the_default_at_its_deadline() 
         machine.wait_for_dpcs();
         for connection in waiting {
             let outcome = connection.join().unwrap();
-            assert_decided_once(&outcome, Verdict::Block, "no service, deadline passed");
+            assert_decided_once(&outcome, Verdict::Block, "no answer, deadline passed");
         }
     });
+    drop(service);
     let mut logged = decisions(&machine);
     logged.sort();
     assert_eq!(
@@ -1065,9 +1108,10 @@ fn channel_without_a_service_each_connection_gets_the_default_at_its_deadline() 
 
 /// The default is configuration in this design too: fail-open permits at the deadline.
 #[test]
-fn channel_a_fail_open_configuration_permits_at_the_deadline_without_a_service() {
+fn channel_a_fail_open_configuration_permits_at_the_deadline_without_an_answer() {
     let machine = Machine::new();
     let driver = load(&machine, channel_fail_open::DriverEntry);
+    let service = silent_service(&machine);
     thread::scope(|s| {
         let waiting = connect_in_background(s, &machine, web(2, 46_100), AleIrql::Dispatch);
         wait_for_pended(&machine, 1);
@@ -1075,6 +1119,7 @@ fn channel_a_fail_open_configuration_permits_at_the_deadline_without_a_service()
         let outcome = waiting.join().unwrap();
         assert_decided_once(&outcome, Verdict::Allow, "even pid, fail-open");
     });
+    drop(service);
     assert_eq!(
         decisions(&machine),
         [(
@@ -1093,6 +1138,7 @@ fn channel_a_fail_open_configuration_permits_at_the_deadline_without_a_service()
 fn the_default_driver_entry_asks_through_the_channel_and_fails_closed_at_the_deadline() {
     let machine = Machine::new();
     let driver = load(&machine, seed_fixed::DriverEntry);
+    let service = silent_service(&machine);
     assert_eq!(
         machine.debug_output()[0],
         "seed-fixed: asking the service through the question channel \\\\.\\WfpRsSeedAsk \
@@ -1118,6 +1164,7 @@ fn the_default_driver_entry_asks_through_the_channel_and_fails_closed_at_the_dea
         let over_v4 = over_v4.join().unwrap();
         assert_decided_once(&over_v4, Verdict::Block, "pid 23 over IPv4");
     });
+    drop(service);
     unload_clean(&machine, driver);
 }
 
@@ -1165,11 +1212,9 @@ mod channel_service {
     }
 
     /// Whether `error`, from `AskClient::next_question`, says that the driver closed the
-    /// channel: its waiting requests were cancelled, or the client's replacement request arrived
-    /// while the channel was closing (`STATUS_DELETE_PENDING`, the status the simulator's
-    /// bridge reports it with).
+    /// channel (`wfp_rs::user::is_closed`: the client tells it from other errors).
     fn channel_closed(error: &std::io::Error) -> bool {
-        wfp_rs::user::is_cancelled(error) || error.to_string().contains("STATUS_DELETE_PENDING")
+        wfp_rs::user::is_closed(error)
     }
 
     /// The process a question asks about.

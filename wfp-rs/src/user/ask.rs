@@ -5,10 +5,11 @@ use std::vec::Vec;
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::{Device, Operation};
+use super::{Device, Operation, closed, is_cancelled, is_closed};
 use crate::ask::{ChannelSpec, QuestionId, decode_message, encode_header};
 
 /// A question from the driver, as [`AskClient::next_question`] returns it.
@@ -28,6 +29,11 @@ pub struct Question {
 /// from the handle its question was delivered to. Dropping the client closes the handle: the
 /// driver decides the questions delivered to it and not answered with its default
 /// (`Outcome::ServiceGone`).
+///
+/// When the driver closes or stops the channel (it unloads, say), the client's calls fail with
+/// an error for which [`is_closed`](super::is_closed) is true, and
+/// [`is_closed`](Self::is_closed) says so from then on: the handle is useless, and a new client
+/// must open the device once the driver is back.
 ///
 /// The methods take `&self`: several threads may wait for questions and answer them at once.
 ///
@@ -60,6 +66,8 @@ pub struct AskClient {
     answer_code: u32,
     wait_len: usize,
     outstanding: usize,
+    /// Set once a request showed that the driver closed the channel.
+    closed: AtomicBool,
 }
 
 impl fmt::Debug for AskClient {
@@ -131,6 +139,7 @@ impl AskClient {
             answer_code: spec.answer.raw(),
             wait_len: spec.wait_output_len(),
             outstanding: outstanding.max(1),
+            closed: AtomicBool::new(false),
         };
         client.refill()?;
         Ok(client)
@@ -140,20 +149,67 @@ impl AskClient {
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Whether the driver closed (or stopped) the channel, as a call of this client found out.
+    /// Once true it stays true, and every call fails with an error for which
+    /// [`is_closed`](super::is_closed) is true.
+    ///
+    /// ```no_run
+    /// # const SPEC: wfp_rs::ask::ChannelSpec = wfp_rs::ask::ChannelSpec {
+    /// #     wait: wfp_rs::inverted::ControlCode::from_raw(0x8000_2040),
+    /// #     answer: wfp_rs::inverted::ControlCode::from_raw(0x8000_2044),
+    /// #     max_question: 64, max_answer: 1 };
+    /// # let client = wfp_rs::user::AskClient::open(r"\\.\WfpRsAsk", &SPEC, 4)?;
+    /// match client.next_question(None) {
+    ///     Err(error) if client.is_closed() => eprintln!("the driver closed the channel: {error}"),
+    ///     other => drop(other),
+    /// }
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Records that the channel closed; the error to return.
+    fn closed(&self) -> io::Error {
+        self.closed.store(true, Ordering::SeqCst);
+        closed()
+    }
+
+    /// Sends a wait request. A refusal with access denied is the channel closing: the driver
+    /// refuses requests with `STATUS_DELETE_PENDING` then, which Windows reports as
+    /// `ERROR_ACCESS_DENIED` (its documented mapping of that status); nothing else refuses a
+    /// wait request on a handle that is open already.
+    fn send_wait(&self) -> io::Result<Operation> {
+        self.device
+            .request(self.wait_code, &[], self.wait_len)
+            .map_err(|error| {
+                if is_closed(&error) || error.kind() == io::ErrorKind::PermissionDenied {
+                    self.closed()
+                } else {
+                    error
+                }
+            })
+    }
+
     /// Sends wait requests until `outstanding` are pending (or waited for by a caller).
     fn refill(&self) -> io::Result<()> {
         let mut waiting = self.waiting();
         while waiting.len() < self.outstanding {
-            waiting.push_back(self.device.request(self.wait_code, &[], self.wait_len)?);
+            waiting.push_back(self.send_wait()?);
         }
         Ok(())
     }
 
     /// Waits for the next question, at most `timeout` (`None`: until one comes): `Ok(None)`
     /// when the timeout passed. Each question is returned once; a wait request that completed
-    /// is replaced by a new one before this returns. An error for which
-    /// [`is_cancelled`](super::is_cancelled) is true means the driver closed the channel (or
-    /// the handle was closed); a request refused with another status fails with it.
+    /// is replaced by a new one before this returns. When the driver closed or stopped the
+    /// channel, fails with an error for which [`is_closed`](super::is_closed) is true; a request
+    /// refused with another status fails with it.
+    ///
+    /// A wait request that ends cancelled is replaced and the wait goes on: the driver cancels
+    /// the waiting requests when it closes the channel, and then refuses the replacement (which
+    /// is how the client tells); Windows also cancels the requests a thread sent when the thread
+    /// exits, and then the replacement waits.
     ///
     /// ```no_run
     /// # const SPEC: wfp_rs::ask::ChannelSpec = wfp_rs::ask::ChannelSpec {
@@ -167,21 +223,30 @@ impl AskClient {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn next_question(&self, timeout: Option<Duration>) -> io::Result<Option<Question>> {
-        // A refill that failed before (the driver out of memory, say) is retried first.
-        self.refill()?;
-        let Some(operation) = self.waiting().pop_front() else {
-            return Err(io::Error::other("no wait request could be sent"));
-        };
-        let output = match operation.wait(timeout) {
-            Ok(Some(output)) => output,
-            Ok(None) => {
-                // Still the oldest request: it goes back to the front.
-                self.waiting().push_front(operation);
-                return Ok(None);
+        let deadline = timeout.map(|timeout| Instant::now() + timeout);
+        let output = loop {
+            if self.is_closed() {
+                return Err(closed());
             }
-            Err(error) => return Err(error),
+            // A refill that failed before (the driver out of memory, say) is retried first.
+            self.refill()?;
+            let Some(operation) = self.waiting().pop_front() else {
+                return Err(io::Error::other("no wait request could be sent"));
+            };
+            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            match operation.wait(remaining) {
+                Ok(Some(output)) => break output,
+                Ok(None) => {
+                    // Still the oldest request: it goes back to the front.
+                    self.waiting().push_front(operation);
+                    return Ok(None);
+                }
+                Err(error) if is_closed(&error) => return Err(self.closed()),
+                // Replaced at the top of the loop; a closed channel refuses the replacement.
+                Err(error) if is_cancelled(&error) => {}
+                Err(error) => return Err(error),
+            }
         };
-        drop(operation);
         // The question is returned even if no replacement can be sent now: the next call
         // tries again, and the driver holds further questions until a request comes.
         let _ = self.refill();
@@ -202,7 +267,12 @@ impl AskClient {
     /// (`STATUS_NOT_FOUND`) when the question is no longer waiting for an answer (it timed
     /// out, was answered, cancelled, or never asked), access denied when it was delivered to
     /// another handle, invalid parameter when the answer did not pass the driver's checks (the
-    /// question was then decided with the driver's default).
+    /// question was then decided with the driver's default), and an error for which
+    /// [`is_closed`](super::is_closed) is true when the driver closed or stopped the channel.
+    ///
+    /// On Windows a foreign answer and a closed channel both come back as `ERROR_ACCESS_DENIED`;
+    /// the client then sends one more wait request, which a closed channel refuses too and an
+    /// open one keeps (it waits for a question like the others).
     ///
     /// ```no_run
     /// # const SPEC: wfp_rs::ask::ChannelSpec = wfp_rs::ask::ChannelSpec {
@@ -215,12 +285,30 @@ impl AskClient {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn answer(&self, id: QuestionId, body: &[u8]) -> io::Result<()> {
+        if self.is_closed() {
+            return Err(closed());
+        }
         let mut input = Vec::with_capacity(crate::ask::HEADER_LEN + body.len());
         input.extend_from_slice(&encode_header(id, body.len()));
         input.extend_from_slice(body);
-        self.device
-            .request(self.answer_code, &input, 0)?
-            .wait(None)?;
-        Ok(())
+        let answered = self
+            .device
+            .request(self.answer_code, &input, 0)
+            .and_then(|operation| operation.wait(None));
+        match answered {
+            Ok(_) => Ok(()),
+            Err(error) if is_closed(&error) => Err(self.closed()),
+            Err(error) if error.kind() == io::ErrorKind::PermissionDenied => {
+                match self.send_wait() {
+                    Ok(operation) => {
+                        self.waiting().push_back(operation);
+                        Err(error)
+                    }
+                    Err(probe) if is_closed(&probe) => Err(probe),
+                    Err(_) => Err(error),
+                }
+            }
+            Err(error) => Err(error),
+        }
     }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use super::{Request, SIM_SOCKET_VARIABLE, cancelled};
+use super::{Request, SIM_SOCKET_VARIABLE, cancelled, closed};
 use crate::__sim::bridge::{Answer, Call, exchange};
 use crate::Status;
 
@@ -34,6 +34,7 @@ fn status_error(status: i32) -> io::Error {
     let status = Status::from_raw(status);
     let kind = match status {
         Status::CANCELLED => return cancelled(),
+        Status::DELETE_PENDING => return closed(),
         Status::OBJECT_NAME_NOT_FOUND => io::ErrorKind::NotFound,
         Status::ACCESS_DENIED => io::ErrorKind::PermissionDenied,
         Status::PORT_DISCONNECTED => io::ErrorKind::NotConnected,

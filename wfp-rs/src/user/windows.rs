@@ -12,8 +12,9 @@ use std::io;
 use std::time::Duration;
 
 use windows_sys::Win32::Foundation::{
-    CloseHandle, ERROR_IO_PENDING, ERROR_NOT_FOUND, ERROR_OPERATION_ABORTED, GENERIC_READ,
-    GENERIC_WRITE, GetLastError, HANDLE, INVALID_HANDLE_VALUE, WAIT_TIMEOUT,
+    CloseHandle, ERROR_IO_INCOMPLETE, ERROR_IO_PENDING, ERROR_NOT_FOUND, ERROR_OPERATION_ABORTED,
+    GENERIC_READ, GENERIC_WRITE, GetLastError, HANDLE, INVALID_HANDLE_VALUE, NTSTATUS,
+    STATUS_DELETE_PENDING, WAIT_TIMEOUT,
 };
 use windows_sys::Win32::Storage::FileSystem::{CreateFileW, FILE_FLAG_OVERLAPPED, OPEN_EXISTING};
 use windows_sys::Win32::Storage::InstallableFileSystems::{
@@ -25,7 +26,7 @@ use windows_sys::Win32::System::IO::{
 };
 use windows_sys::Win32::System::Threading::{CreateEventW, INFINITE};
 
-use super::{MAX_MESSAGE_LEN, Request, cancelled};
+use super::{MAX_MESSAGE_LEN, Request, cancelled, closed};
 
 /// `HRESULT_FROM_WIN32(ERROR_IO_PENDING)`: `FilterGetMessage` on an overlapped handle is under
 /// way.
@@ -50,6 +51,26 @@ fn last_error() -> io::Error {
         cancelled()
     } else {
         io::Error::from_raw_os_error(code.cast_signed())
+    }
+}
+
+/// The status of a request that is no longer under way, from `OVERLAPPED::Internal`, which
+/// Microsoft documents as the request's status code once it completed (`STATUS_PENDING` before).
+/// An `NTSTATUS` is 32 bits; the kernel writes it into the low half of the `ULONG_PTR`.
+fn completed_status(overlapped: &OVERLAPPED) -> NTSTATUS {
+    u32::try_from(overlapped.Internal & 0xFFFF_FFFF)
+        .unwrap_or(u32::MAX)
+        .cast_signed()
+}
+
+/// The error of a request that failed: the driver closed the device if the request's status
+/// says so (`STATUS_DELETE_PENDING`, which the Win32 error alone cannot tell from other
+/// refusals: both are `ERROR_ACCESS_DENIED`), otherwise `error`, the Win32 error.
+fn failed(overlapped: &OVERLAPPED, error: io::Error) -> io::Error {
+    if completed_status(overlapped) == STATUS_DELETE_PENDING {
+        closed()
+    } else {
+        error
     }
 }
 
@@ -287,11 +308,16 @@ impl Device {
             let code = unsafe { GetLastError() };
             if code != ERROR_IO_PENDING {
                 // Failed at once: no operation is under way, the state can go.
-                return Err(if code == ERROR_OPERATION_ABORTED {
+                let error = if code == ERROR_OPERATION_ABORTED {
                     cancelled()
                 } else {
                     io::Error::from_raw_os_error(code.cast_signed())
-                });
+                };
+                // SAFETY: no operation is under way: nothing writes the OVERLAPPED any more.
+                // (INFERRED: for a request refused at once the kernel may leave `Internal` as
+                // it was; then only the Win32 error is known.)
+                let overlapped = unsafe { &*state.overlapped.get() };
+                return Err(failed(overlapped, error));
             }
         }
         Ok(Op(state))
@@ -311,10 +337,15 @@ impl Device {
         };
         if done == 0 {
             let error = last_error();
-            if error.raw_os_error() == Some(WAIT_TIMEOUT.cast_signed()) {
+            // A timeout of 0 on a request still pending reports ERROR_IO_INCOMPLETE.
+            let pending = [WAIT_TIMEOUT, ERROR_IO_INCOMPLETE].map(|code| Some(code.cast_signed()));
+            if pending.contains(&error.raw_os_error()) {
                 return Ok(None);
             }
-            return Err(error);
+            // SAFETY: the operation has completed (with an error): the kernel no longer writes
+            // the OVERLAPPED.
+            let overlapped = unsafe { &*op.0.overlapped.get() };
+            return Err(failed(overlapped, error));
         }
         // SAFETY: the operation has completed: the kernel no longer writes the output buffer.
         let output = unsafe { &*op.0.output.get() };

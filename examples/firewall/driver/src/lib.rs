@@ -88,8 +88,9 @@
 //! | a live cached verdict for the cache key | that verdict, at once (no allocation, no work item) |
 //! | **an image path no request can carry whole** (longer than [`MAX_PATH_UNITS`], an odd number of bytes, a NUL inside), reauthorizations included | **deny**, whatever the default, at once (nothing pended, nobody asked); counted in [`StatsSnapshot::unaskable`], not in `defaults`, and logged |
 //! | the service replies in time with a valid reply to this request | its verdict |
-//! | **channel**: no service waits on the channel | the question stays queued: the default at its deadline ([`Config::timeout`]), or the verdict of a service that starts meanwhile |
-//! | **channel**: the service's handle closes (it exited, was killed) with the question delivered and not answered | the default, at once (`Outcome::ServiceGone`) |
+//! | **channel**: no service has the channel open (not started yet, or exited) | not asked there ([`NotAskedReason::NoService`]): asked through the port and a work item, which gives the default at once when no service is connected there either |
+//! | **channel**: the service has the channel open but no request waiting | the question stays queued for its next request: its verdict, or the default at the deadline ([`Config::timeout`]) |
+//! | **channel**: the service's handle closes (it exited, was killed) with the question delivered and not answered, or its last handle closes with the question still queued | the default, at once (`Outcome::ServiceGone`) |
 //! | **channel**: no answer by the deadline; a late answer is refused (`STATUS_NOT_FOUND`) | the default |
 //! | **channel**: an answer that does not decode, or a reply to another request | the default |
 //! | **channel**: an answer through a handle the question was not delivered to (foreign) | refused (`STATUS_ACCESS_DENIED`); the question waits for its own handle or its deadline |
@@ -341,6 +342,7 @@
 //! [`ConnectionKey`]: wfp_rs::pend::ConnectionKey
 //! [`Classify::pend`]: wfp_rs::callout::Classify::pend
 //! [`SendError::NotConnected`]: wfp_rs::port::SendError::NotConnected
+//! [`NotAskedReason::NoService`]: wfp_rs::ask::NotAskedReason::NoService
 //! [`SendError::Disconnected`]: wfp_rs::port::SendError::Disconnected
 //! [`SendError::Timeout`]: wfp_rs::port::SendError::Timeout
 //! [`SendError::Status`]: wfp_rs::port::SendError::Status
@@ -1551,6 +1553,7 @@ impl fmt::Display for Refusal {
         match self.0 {
             NotAskedReason::Full => f.write_str("every slot of the question channel is taken"),
             NotAskedReason::Closed => f.write_str("the question channel is closing"),
+            NotAskedReason::NoService => f.write_str("no service has the question channel open"),
             NotAskedReason::TooLarge { len, max } => {
                 write!(f, "a {len}-byte question is over the channel's {max} bytes")
             }
@@ -1576,8 +1579,10 @@ impl Shared {
     /// channel copies its bytes into a slot it allocated at load, so the question's own buffer
     /// (and its share of [`QUESTION_BYTES`]) goes when the caller drops it, and concludes it
     /// later (`Ok(None)`). A question the channel does not take comes back to be asked by a
-    /// work item over the port (`Ok(Some)`: no channel, a question longer than its slots, or
-    /// every slot taken), or unasked because the channel is closing (`Err`).
+    /// work item over the port (`Ok(Some)`: no channel, a question longer than its slots,
+    /// every slot taken, or no service with the channel open — with nobody connected to the
+    /// port either, the default comes at once), or unasked because the channel is closing
+    /// (`Err`).
     #[expect(
         clippy::result_large_err,
         reason = "the context must come back whole, and boxing it would allocate in classifyFn"

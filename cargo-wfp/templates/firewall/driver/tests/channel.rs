@@ -545,10 +545,12 @@ fn every_connection_gets_exactly_one_decision_under_channel_races_and_unload() {
     }
 }
 
-/// With nobody waiting on the channel, a question waits for its deadline and then gets the
-/// default; a service that comes later still decides what it finds queued.
+/// With no service holding the channel open, a question is not asked there: it goes to the
+/// port, where nobody is connected either, and gets the default at once, without the clock
+/// reaching its deadline. A service that has the channel open but no request waiting yet still
+/// gets the question, queued, and decides it.
 #[test]
-fn without_a_service_the_deadline_gives_the_default() {
+fn without_a_service_the_default_comes_at_once() {
     assert_eq!(
         Config::DEFAULT.ask_via,
         AskVia::Channel,
@@ -559,29 +561,26 @@ fn without_a_service_the_deadline_gives_the_default() {
         .load_driver("firewall", no_service::DriverEntry)
         .expect("loads");
     let c = attempt(7, BROWSER, SimDirection::Outbound, 50_000, 443);
-    let outcome = thread::scope(|s| {
-        let connecting = s.spawn(|| machine.connect(&c, AleIrql::Dispatch));
-        // Asked (its deadline set), not just pended.
-        while no_service::STATS.snapshot().asked_via_channel == 0 {
-            thread::yield_now();
-        }
-        machine.advance_clock(PATIENT * 2);
-        machine.wait_for_dpcs();
-        connecting.join().unwrap()
-    });
+    let outcome = machine.connect(&c, AleIrql::Dispatch);
     assert_eq!(
         decided_once(&c, &outcome, "no service"),
         (Action::Block, true)
     );
+    let stats = no_service::STATS.snapshot();
+    assert_eq!(
+        (stats.asked_via_channel, stats.defaults),
+        (0, 1),
+        "not asked on the channel; the default"
+    );
 
-    // A service that starts while a question is queued answers it.
+    // A service that opened the channel and has not sent a request yet.
+    let handle = open(&machine).expect("the service opens the channel");
     let c = attempt(7, BROWSER, SimDirection::Outbound, 50_001, 443);
     let outcome = thread::scope(|s| {
         let connecting = s.spawn(|| machine.connect(&c, AleIrql::Passive));
-        while machine.pending_classifications() == 0 {
+        while no_service::STATS.snapshot().asked_via_channel == 0 {
             thread::yield_now();
         }
-        let handle = open(&machine).expect("the service opens the channel");
         let completion = wait_request(&handle).wait();
         let (id, body) = decode_message(&completion.output).expect("a question");
         let request = ConnectionRequest::decode(body).expect("the driver's encoding");
@@ -590,14 +589,15 @@ fn without_a_service_the_deadline_gives_the_default() {
         connecting.join().unwrap()
     });
     assert_eq!(
-        decided_once(&c, &outcome, "late service"),
+        decided_once(&c, &outcome, "service without a request waiting"),
         (Action::Permit, true)
     );
     let stats = no_service::STATS.snapshot();
     assert_eq!(
         (stats.asked_via_channel, stats.answered, stats.defaults),
-        (2, 1, 1)
+        (1, 1, 1)
     );
+    drop(handle);
     unload_clean(&machine, driver);
 }
 
