@@ -1040,14 +1040,9 @@ fn by_the_service(design: AskVia, cached: &str) -> String {
 }
 
 /// How the driver logs the default for a question nobody answered because no service was
-/// there: the port fails at once; the channel keeps the question for a service that may start,
-/// until its deadline.
-fn no_service_default(design: AskVia) -> &'static str {
-    match design {
-        AskVia::PortAndWorkItem => "default: no client is connected to the port",
-        AskVia::Channel => "default: no reply within the timeout",
-    }
-}
+/// there, on either design: a channel no service has open hands its questions to the port,
+/// where nobody is connected either.
+const NO_SERVICE_DEFAULT: &str = "default: no client is connected to the port";
 
 /// How the driver logs the default for a question delivered to a service that was then killed.
 fn service_gone_default(design: AskVia) -> &'static str {
@@ -1055,30 +1050,6 @@ fn service_gone_default(design: AskVia) -> &'static str {
         AskVia::PortAndWorkItem => "default: the client disconnected before it replied",
         AskVia::Channel => "default: the service went away before replying",
     }
-}
-
-/// Runs `f`, in which connections are asked about with no service there to answer. On the
-/// port that is decided at once; the channel keeps a question until its deadline, so on the
-/// channel a ticker moves the machine's clock past the deadline until `f` returns (which also
-/// expires cached verdicts: only for scenarios that cache nothing meanwhile).
-fn without_service<R>(machine: &Machine, design: AskVia, f: impl FnOnce() -> R) -> R {
-    if design == AskVia::PortAndWorkItem {
-        return f();
-    }
-    let done = AtomicBool::new(false);
-    thread::scope(|s| {
-        s.spawn(|| {
-            while !done.load(Ordering::SeqCst) {
-                machine.advance_clock(PATIENT * 2);
-                machine.wait_for_dpcs();
-                // Pacing only: a question's deadline passes on the next tick after it was asked.
-                thread::sleep(Duration::from_millis(1));
-            }
-        });
-        let result = f();
-        done.store(true, Ordering::SeqCst);
-        result
-    })
 }
 
 /// Waits until `n` inbound background asks have ended (answered or not, queued or not), by
@@ -1273,7 +1244,7 @@ fn a_killed_service_gives_the_default_until_it_is_restarted(design: AskVia) {
     assert_eq!(decided_once(&c, &outcome, "killed"), (Action::Block, true));
 
     let c = browser(40_001, web(7, 443));
-    let outcome = without_service(&machine, design, || machine.connect(&c, AleIrql::Passive));
+    let outcome = machine.connect(&c, AleIrql::Passive);
     assert_eq!(
         decided_once(&c, &outcome, "no service"),
         (Action::Block, true)
@@ -1295,7 +1266,7 @@ fn a_killed_service_gives_the_default_until_it_is_restarted(design: AskVia) {
         reasons,
         [
             format!("deny ({})", service_gone_default(design)),
-            format!("deny ({})", no_service_default(design)),
+            format!("deny ({})", NO_SERVICE_DEFAULT),
             format!("allow ({})", by_the_service(design, ", cached for 60 s")),
         ]
     );
@@ -1710,9 +1681,7 @@ fn without_a_service_everything_gets_the_fail_closed_default(design: AskVia) {
     let seed = seed();
     let machine = Machine::with_worker_threads(2);
     let driver = load(&machine, no_service::on(design).entry);
-    let attempts = without_service(&machine, design, || {
-        run_attempts(&machine, seed, 4, 50, 45_000)
-    });
+    let attempts = run_attempts(&machine, seed, 4, 50, 45_000);
     for (c, decided, _) in &attempts {
         assert_eq!(*decided, Action::Block, "{c:?} (seed {seed:#x})");
     }
@@ -1721,7 +1690,7 @@ fn without_a_service_everything_gets_the_fail_closed_default(design: AskVia) {
     assert!(
         logged_decisions(&machine)
             .iter()
-            .all(|(_, verdict, reason)| verdict == "deny" && reason == no_service_default(design))
+            .all(|(_, verdict, reason)| verdict == "deny" && reason == NO_SERVICE_DEFAULT)
     );
     unload_clean(&machine, driver);
 }
@@ -1731,9 +1700,7 @@ fn a_fail_open_configuration_permits_without_a_service(design: AskVia) {
     let machine = Machine::new();
     let driver = load(&machine, fail_open::on(design).entry);
     let out = browser(46_000, web(7, 443));
-    let outcome = without_service(&machine, design, || {
-        machine.connect(&out, AleIrql::Dispatch)
-    });
+    let outcome = machine.connect(&out, AleIrql::Dispatch);
     assert_eq!(decided_once(&out, &outcome, "out"), (Action::Permit, true));
     let inbound = connection(
         7,
@@ -2108,7 +2075,7 @@ fn loopback_is_permitted_without_asking_unless_configured_otherwise(design: AskV
     let machine = Machine::new();
     let driver = load(&machine, loopback_asked::on(design).entry);
     let c = local(SimDirection::Outbound);
-    let outcome = without_service(&machine, design, || machine.connect(&c, AleIrql::Dispatch));
+    let outcome = machine.connect(&c, AleIrql::Dispatch);
     assert_eq!(
         decided_once(&c, &outcome, "asked"),
         (Action::Block, true),
@@ -2850,7 +2817,7 @@ fn a_fail_open_default_does_not_open_the_firewall_to_a_burst(design: AskVia) {
     let pending = classify_connect(&machine, &auth_connect(port, 4, false))
         .pending
         .expect("pended: slots are free again");
-    let completed = without_service(&machine, design, || machine.wait_for_completion(pending));
+    let completed = machine.wait_for_completion(pending);
     assert_eq!(completed, None);
     let decision = classify_connect(&machine, &auth_connect(port, 4, true));
     assert_eq!(decision.action, Action::Permit, "the no-service default");
@@ -3043,7 +3010,7 @@ fn while_the_service_restarts_another_admin_cannot_answer(design: AskVia) {
     let intruder = ServiceClient::connect_as(&machine, design, another_admin());
     assert_eq!(intruder.err(), Some(Status::ACCESS_DENIED));
     let c = browser(47_100, web(7, 443));
-    let outcome = without_service(&machine, design, || machine.connect(&c, AleIrql::Passive));
+    let outcome = machine.connect(&c, AleIrql::Passive);
     assert_eq!(decided_once(&c, &outcome, "down"), (Action::Block, true));
 
     let restarted = Process::new(913, SERVICE_IMAGE, Caller::System)
@@ -3064,7 +3031,7 @@ fn while_the_service_restarts_another_admin_cannot_answer(design: AskVia) {
     assert_eq!(
         reasons,
         [
-            format!("deny ({})", no_service_default(design)),
+            format!("deny ({})", NO_SERVICE_DEFAULT),
             format!("allow ({})", by_the_service(design, ", cached for 60 s")),
         ]
     );
