@@ -4,8 +4,7 @@
 //! Every scenario runs on both designs, as `on_channel::…` (the question channel, the default)
 //! and `on_port::…` (the filter-manager port and a work item): the service answers where the
 //! driver asks ([`ServiceClient`]), and the scenario expects the same decisions; only what the
-//! designs log differently, and what no service means to each (the port fails at once, the
-//! channel waits for the deadline), is spelled out per design. A few tests load the shipped
+//! designs log differently is spelled out per design. A few tests load the shipped
 //! `DriverEntry` (the default design) or test only the load, and run once. `tests/channel.rs`
 //! covers what only the channel does (foreign and duplicate answers, the clock's deadlines).
 //!
@@ -1225,9 +1224,8 @@ fn faults_under_load_give_the_rules_or_the_default_and_nothing_else(design: AskV
 }
 
 /// The service is killed while the driver waits for its reply: that connection gets the
-/// default at once (not at the timeout); with no service, the next one too (on the channel at
-/// its deadline: a service may start meanwhile); once it is restarted, connections get its
-/// verdict again.
+/// default at once (not at the timeout); with no service, the next one too; once it is
+/// restarted, connections get its verdict again.
 fn a_killed_service_gives_the_default_until_it_is_restarted(design: AskVia) {
     let machine = Machine::new();
     let driver = load(&machine, killed::on(design).entry);
