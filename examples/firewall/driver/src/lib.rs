@@ -20,7 +20,8 @@
 //!   the channel's device and answers on the same handle; the channel's handler
 //!   ([`QuestionHandler::decide`], exactly once per question) checks the reply answers the
 //!   request, caches it if allowed, records the verdict for the reauthorization and completes
-//!   the pend, or applies the default for every other outcome. No work item, no thread waits.
+//!   the pend, or applies the default for every other outcome — the same code that ends a
+//!   question asked over the port. No work item, no thread waits.
 //!   The channel has [`Config::max_pending`] + [`Config::background_asks`] slots, so a
 //!   connection that reserved a slot of the [`VerdictTable`] finds one; each slot holds a
 //!   question of at most [`ASK_MAX_QUESTION`](firewall_protocol::ASK_MAX_QUESTION) bytes (an
@@ -799,8 +800,6 @@ enum NoRequest {
     Unaskable(Malformed),
     /// No pool for the request.
     NoPool,
-    /// The questions of the moment hold [`QUESTION_BYTES`] already.
-    OverBudget,
 }
 
 impl fmt::Display for NoRequest {
@@ -808,10 +807,6 @@ impl fmt::Display for NoRequest {
         match self {
             NoRequest::Unaskable(why) => write!(f, "the image path cannot be sent whole: {why}"),
             NoRequest::NoPool => f.write_str("no pool for the request"),
-            NoRequest::OverBudget => write!(
-                f,
-                "the questions waiting for the service hold {QUESTION_BYTES} bytes of pool"
-            ),
         }
     }
 }
@@ -996,8 +991,9 @@ impl Shared {
         }
     }
 
-    /// Asks the service `question` and checks that the reply answers it.
-    fn ask(
+    /// Asks the service `question` over the port (the work item's job), and returns its
+    /// reply; [`conclude`](Self::conclude) checks that it answers the question.
+    fn ask_on_port(
         &self,
         irql: &PassiveLevel<'_>,
         question: &Question,
@@ -1006,33 +1002,9 @@ impl Shared {
             return Err(AskError::Unloading);
         }
         self.count(Counter::AskedViaPort);
-        let reply = self
-            .port
+        self.port
             .send_encoded(irql, &question.bytes, self.config.timeout)
-            .map_err(AskError::Send)?;
-        let asked = question.head.request_id;
-        if reply.request_id != asked {
-            return Err(AskError::Mismatched {
-                asked,
-                answered: reply.request_id,
-            });
-        }
-        self.count(Counter::Answered);
-        Ok(reply)
-    }
-
-    /// Asks, and caches the answer if the reply grants it a lifetime and no revocation came
-    /// since the question was asked. Returns the reply and how long it was cached.
-    fn ask_and_cache(
-        &self,
-        irql: &mut PassiveLevel<'_>,
-        question: &Question,
-        key: &CacheKey,
-    ) -> Result<(ConnectionReply, Option<u32>), AskError> {
-        let generation = self.cache.generation();
-        let reply = self.ask(irql, question)?;
-        let cached = self.cache_reply(irql, key, &reply, generation);
-        Ok((reply, cached))
+            .map_err(AskError::Send)
     }
 
     /// Caches `reply`'s verdict for `key` if the reply grants it a lifetime and no revocation
@@ -1076,41 +1048,73 @@ impl Shared {
         cached.then_some(lifetime.as_secs())
     }
 
-    /// The outbound work item's job: ask (unless unloading), cache, log, and return the
-    /// decision.
-    fn decide(&self, irql: &mut PassiveLevel<'_>, question: &Question, key: &CacheKey) -> Verdict {
-        let id = question.head.request_id;
-        match self.ask_and_cache(irql, question, key) {
-            Ok((reply, cached)) => {
+    /// The end of every question, on either design, with the service's `reply` or why there
+    /// is none: checks that the reply answers the question, caches its verdict if the reply
+    /// grants it a lifetime and no revocation came since the question was asked, and logs.
+    /// Then, for a pended connection, records the verdict (or the default) for its
+    /// reauthorization and completes the pend; for an inbound background ask, frees its place.
+    /// `via` says in the log which design asked (`", channel"` or nothing).
+    fn conclude<I: Token>(
+        &self,
+        irql: &mut I,
+        asked: Asked,
+        reply: Result<ConnectionReply, impl fmt::Display>,
+        via: &str,
+    ) {
+        let id = asked.request_id;
+        let default = self.config.default;
+        let later = match asked.waiting {
+            Waiting::Connection(_) => "",
+            Waiting::LaterAttempts => " for later attempts",
+        };
+        let verdict = match reply {
+            Ok(reply) if reply.request_id == id => {
+                self.count(Counter::Answered);
+                let cached =
+                    self.cache_reply(&mut *irql, &asked.cache_key, &reply, asked.generation);
                 kd_print!(
-                    "firewall: #{id}: {} (service{})\n",
+                    "firewall: #{id}: {}{later} (service{via}{})\n",
                     reply.verdict,
                     CachedFor(cached)
                 );
-                reply.verdict
+                Some(reply.verdict)
             }
-            Err(error) => {
-                let default = self.config.default;
-                self.count(Counter::Defaults);
-                kd_print!(Warning, "firewall: #{id}: {default} (default: {error})\n");
-                default
+            no_answer => {
+                let mismatched;
+                let why: &dyn fmt::Display = match &no_answer {
+                    Ok(reply) => {
+                        mismatched = AskError::Mismatched {
+                            asked: id,
+                            answered: reply.request_id,
+                        };
+                        &mismatched
+                    }
+                    Err(why) => why,
+                };
+                match asked.waiting {
+                    Waiting::Connection(_) => {
+                        self.count(Counter::Defaults);
+                        kd_print!(Warning, "firewall: #{id}: {default} (default: {why})\n");
+                    }
+                    Waiting::LaterAttempts => kd_print!(
+                        Warning,
+                        "firewall: #{id}: no verdict for later attempts ({why})\n"
+                    ),
+                }
+                None
             }
-        }
-    }
-
-    /// The inbound background work item's job: ask, cache, log.
-    fn learn(&self, irql: &mut PassiveLevel<'_>, question: &Question, key: &CacheKey) {
-        let id = question.head.request_id;
-        match self.ask_and_cache(irql, question, key) {
-            Ok((reply, cached)) => kd_print!(
-                "firewall: #{id}: {} for later attempts (service{})\n",
-                reply.verdict,
-                CachedFor(cached)
-            ),
-            Err(error) => kd_print!(
-                Warning,
-                "firewall: #{id}: no verdict for later attempts ({error})\n"
-            ),
+        };
+        match asked.waiting {
+            Waiting::Connection(pended) => {
+                // Recorded before the completion: the reauthorization may run before
+                // `complete` returns.
+                self.record(&mut *irql, asked.key, verdict.unwrap_or(default));
+                pended.complete(&*irql);
+                self.finished(&*irql);
+            }
+            Waiting::LaterAttempts => {
+                self.background.fetch_sub(1, Ordering::SeqCst);
+            }
         }
     }
 
@@ -1343,7 +1347,7 @@ where
                 shared.finished(irql);
                 return;
             }
-            Err(error @ (NoRequest::NoPool | NoRequest::OverBudget)) => {
+            Err(error @ NoRequest::NoPool) => {
                 shared.release(irql);
                 decided_at_once(c, &error);
                 return;
@@ -1368,60 +1372,23 @@ where
             Described(&question.head)
         );
         let key = observed.key;
-        let pended = match &self.channel {
-            None => pended,
-            Some(channel) => {
-                let asked = Asked {
-                    pended: Some(pended),
-                    key,
-                    cache_key,
-                    request_id,
-                    generation: shared.cache.generation(),
-                };
-                match shared.ask_on_channel(irql, channel, &question, asked) {
-                    // `Decisions::decide` completes the pend, exactly once.
-                    Ok(()) => return,
-                    Err((asked, NotAskedReason::Closed)) => {
-                        // Unloading: the default, recorded for the reauthorization.
-                        shared.count(Counter::Defaults);
-                        kd_print!(
-                            Warning,
-                            "firewall: #{request_id}: {default} (default: unloading)\n"
-                        );
-                        shared.record(irql, asked.key, default);
-                        if let Some(pended) = asked.pended {
-                            pended.complete(irql);
-                        }
-                        shared.finished(irql);
-                        return;
-                    }
-                    // A question longer than the channel's slots (a path over
-                    // `ASK_MAX_PATH_UNITS`), every slot taken, or no service with the channel
-                    // open: the port and a work item ask it, whole, as in the other design
-                    // (with nobody connected there either, the default comes at once).
-                    Err((asked, reason)) => {
-                        kd_print!(
-                            "firewall: #{request_id}: asking through the port ({})\n",
-                            Refusal(reason)
-                        );
-                        match asked.pended {
-                            Some(pended) => pended,
-                            // Not reached: the pend went in above.
-                            None => {
-                                shared.finished(irql);
-                                return;
-                            }
-                        }
-                    }
+        let waiting = Waiting::Connection(pended);
+        let channel = self.channel.as_deref();
+        let asked =
+            match shared.ask_channel_first(irql, channel, &question, waiting, key, cache_key) {
+                // `Decisions::decide` concludes it, exactly once.
+                Ok(None) => return,
+                Ok(Some(asked)) => asked,
+                // Unloading: the default, recorded for the reauthorization.
+                Err(asked) => {
+                    let unloading = Err::<ConnectionReply, _>(AskError::Unloading);
+                    return shared.conclude(irql, asked, unloading, "");
                 }
-            }
-        };
+            };
         let work = PoolArc::clone(shared);
         let queued = self.queue.queue(irql, move |passive| {
-            let verdict = work.decide(passive, &question, &cache_key);
-            work.record(passive, key, verdict);
-            pended.complete(passive);
-            work.finished(passive);
+            let reply = work.ask_on_port(passive, &question);
+            work.conclude(passive, asked, reply, "");
         });
         if let Err(not_queued) = queued {
             shared.count(Counter::Defaults);
@@ -1495,58 +1462,50 @@ where
             );
             return;
         }
+        let not_asking = |why: &dyn fmt::Display| {
+            shared.background.fetch_sub(1, Ordering::SeqCst);
+            shared.count(Counter::BackgroundSkipped);
+            kd_print!(
+                Warning,
+                "firewall: pid {} inbound: {default} (default: not cached; not asking: {why})\n",
+                observed.key.pid
+            );
+        };
+        let Some(charge) = Shared::try_charge(shared, request_len(path.units())) else {
+            return not_asking(&format_args!(
+                "the questions waiting for the service hold {QUESTION_BYTES} bytes of pool"
+            ));
+        };
         let request_id = shared.request_id();
-        let question = Shared::try_charge(shared, request_len(path.units()))
-            .ok_or(NoRequest::OverBudget)
-            .and_then(|charge| observed.question(path, request_id, charge, irql));
-        let question = match question {
+        let question = match observed.question(path, request_id, charge, irql) {
             Ok(question) => question,
-            Err(error) => {
-                shared.background.fetch_sub(1, Ordering::SeqCst);
-                shared.count(Counter::BackgroundSkipped);
-                kd_print!(
-                    Warning,
-                    "firewall: pid {} inbound: {default} (default: not cached; not asking: {error})\n",
-                    observed.key.pid
-                );
-                return;
-            }
+            Err(error) => return not_asking(&error),
         };
         kd_print!(
             "firewall: #{request_id}: {}: {default} (default: not cached; asking the service for later attempts)\n",
             Described(&question.head)
         );
-        if let Some(channel) = &self.channel {
-            let asked = Asked {
-                pended: None,
-                key: observed.key,
-                cache_key,
-                request_id,
-                generation: shared.cache.generation(),
-            };
-            match shared.ask_on_channel(irql, channel, &question, asked) {
-                Ok(()) => {
+        let waiting = Waiting::LaterAttempts;
+        let channel = self.channel.as_deref();
+        let key = observed.key;
+        let asked =
+            match shared.ask_channel_first(irql, channel, &question, waiting, key, cache_key) {
+                Ok(None) => {
                     shared.count(Counter::BackgroundAsks);
                     return;
                 }
-                Err((_, NotAskedReason::Closed)) => {
+                Ok(Some(asked)) => asked,
+                Err(_) => {
                     kd_print!(Warning, "firewall: #{request_id}: not asked (unloading)\n");
                     shared.background.fetch_sub(1, Ordering::SeqCst);
                     shared.count(Counter::BackgroundSkipped);
                     return;
                 }
-                // Too long for the channel's slots, every slot taken, or no service with the
-                // channel open: a work item asks.
-                Err((_, reason)) => kd_print!(
-                    "firewall: #{request_id}: asking through the port ({})\n",
-                    Refusal(reason)
-                ),
-            }
-        }
+            };
         let work = PoolArc::clone(shared);
         let queued = self.queue.queue(irql, move |passive| {
-            work.learn(passive, &question, &cache_key);
-            work.background.fetch_sub(1, Ordering::SeqCst);
+            let reply = work.ask_on_port(passive, &question);
+            work.conclude(passive, asked, reply, "");
         });
         match queued {
             Ok(()) => shared.count(Counter::BackgroundAsks),
@@ -1566,10 +1525,19 @@ where
 /// The question channel the callouts ask through with [`AskVia::Channel`].
 type QuestionChannel = AskChannel<Decisions>;
 
-/// What the driver keeps per question asked through the channel, until it is decided.
+/// Who waits for a question's verdict.
+enum Waiting {
+    /// An outbound connection, pended: the verdict is recorded for its reauthorization and the
+    /// pend completed.
+    Connection(PendedClassify),
+    /// Nobody: an inbound background ask, whose verdict serves later attempts from the cache.
+    LaterAttempts,
+}
+
+/// What the driver keeps per question, on either design, until [`Shared::conclude`] ends it:
+/// the channel holds it as the question's context, a work item in its closure.
 struct Asked {
-    /// The pended classification (outbound); `None` for an inbound background ask.
-    pended: Option<PendedClassify>,
+    waiting: Waiting,
     key: ConnectionKey,
     cache_key: CacheKey,
     request_id: u64,
@@ -1593,51 +1561,67 @@ impl fmt::Display for Refusal {
     }
 }
 
-/// Why a channel question got no usable answer, as the logs say it.
-struct NoAnswer<'a>(&'a Outcome<ConnectionReply>, u64);
-
-impl fmt::Display for NoAnswer<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            Outcome::Answered(reply) => write!(
-                f,
-                "the reply answers request #{}, not #{}",
-                reply.request_id, self.1
-            ),
-            Outcome::Malformed => f.write_str("a malformed reply"),
-            Outcome::TimedOut => f.write_str("no reply within the timeout"),
-            Outcome::Cancelled => f.write_str("the question was withdrawn"),
-            Outcome::ServiceGone => f.write_str("the service went away before replying"),
-            Outcome::Closing => f.write_str("unloading"),
-        }
+/// Why a channel question got no answer, as the logs say it; the answer itself, if it came
+/// (whether it answers the question, [`Shared::conclude`] checks).
+fn channel_reply(outcome: Outcome<ConnectionReply>) -> Result<ConnectionReply, &'static str> {
+    match outcome {
+        Outcome::Answered(reply) => Ok(reply),
+        Outcome::Malformed => Err("a malformed reply"),
+        Outcome::TimedOut => Err("no reply within the timeout"),
+        Outcome::Cancelled => Err("the question was withdrawn"),
+        Outcome::ServiceGone => Err("the service went away before replying"),
+        Outcome::Closing => Err("unloading"),
     }
 }
 
 impl Shared {
-    /// Puts `question` to the channel with its context; the channel copies its bytes into a
-    /// slot it allocated at load, so the question's own buffer (and its share of
-    /// [`QUESTION_BYTES`]) goes when the caller drops it. A question the channel does not take
-    /// comes back with the reason.
+    /// Asks `question` about `key` for `waiting`, through the channel when there is one: the
+    /// channel copies its bytes into a slot it allocated at load, so the question's own buffer
+    /// (and its share of [`QUESTION_BYTES`]) goes when the caller drops it, and concludes it
+    /// later (`Ok(None)`). A question the channel does not take comes back to be asked by a
+    /// work item over the port (`Ok(Some)`: no channel, a question longer than its slots,
+    /// every slot taken, or no service with the channel open — with nobody connected to the
+    /// port either, the default comes at once), or unasked because the channel is closing
+    /// (`Err`).
     #[expect(
         clippy::result_large_err,
         reason = "the context must come back whole, and boxing it would allocate in classifyFn"
     )]
-    fn ask_on_channel(
+    fn ask_channel_first(
         &self,
         irql: &mut DispatchLevel<'_>,
-        channel: &QuestionChannel,
+        channel: Option<&QuestionChannel>,
         question: &Question,
-        asked: Asked,
-    ) -> Result<(), (Asked, NotAskedReason)> {
+        waiting: Waiting,
+        key: ConnectionKey,
+        cache_key: CacheKey,
+    ) -> Result<Option<Asked>, Asked> {
+        let request_id = question.head.request_id;
+        let asked = Asked {
+            waiting,
+            key,
+            cache_key,
+            request_id,
+            generation: self.cache.generation(),
+        };
+        let Some(channel) = channel else {
+            return Ok(Some(asked));
+        };
         match channel.ask(&mut *irql, &question.bytes, self.config.timeout, asked) {
             Ok(_) => {
                 self.count(Counter::AskedViaChannel);
-                Ok(())
+                Ok(None)
             }
-            Err(not_asked) => {
-                let reason = not_asked.reason();
-                Err((not_asked.into_context(), reason))
-            }
+            Err(not_asked) => match not_asked.reason() {
+                NotAskedReason::Closed => Err(not_asked.into_context()),
+                reason => {
+                    kd_print!(
+                        "firewall: #{request_id}: asking through the port ({})\n",
+                        Refusal(reason)
+                    );
+                    Ok(Some(not_asked.into_context()))
+                }
+            },
         }
     }
 }
@@ -1654,7 +1638,7 @@ impl QuestionHandler for Decisions {
 
     fn decode(&self, answer: &[u8]) -> Option<ConnectionReply> {
         // Untrusted: every field is validated; whether it answers the question is checked in
-        // `decide`, which knows the question.
+        // `Shared::conclude`, which knows the question.
         <ConnectionReply as wfp_rs::port::Message>::decode(answer).ok()
     }
 
@@ -1664,55 +1648,8 @@ impl QuestionHandler for Decisions {
         asked: Asked,
         outcome: Outcome<ConnectionReply>,
     ) {
-        let shared = &self.shared;
-        let id = asked.request_id;
-        let default = shared.config.default;
-        let verdict = match &outcome {
-            Outcome::Answered(reply) if reply.request_id == id => {
-                shared.count(Counter::Answered);
-                let cached =
-                    shared.cache_reply(&mut *irql, &asked.cache_key, reply, asked.generation);
-                match asked.pended {
-                    Some(_) => kd_print!(
-                        "firewall: #{id}: {} (service, channel{})\n",
-                        reply.verdict,
-                        CachedFor(cached)
-                    ),
-                    None => kd_print!(
-                        "firewall: #{id}: {} for later attempts (service, channel{})\n",
-                        reply.verdict,
-                        CachedFor(cached)
-                    ),
-                }
-                Some(reply.verdict)
-            }
-            other => {
-                let why = NoAnswer(other, id);
-                match asked.pended {
-                    Some(_) => {
-                        shared.count(Counter::Defaults);
-                        kd_print!(Warning, "firewall: #{id}: {default} (default: {why})\n");
-                    }
-                    None => kd_print!(
-                        Warning,
-                        "firewall: #{id}: no verdict for later attempts ({why})\n"
-                    ),
-                }
-                None
-            }
-        };
-        match asked.pended {
-            Some(pended) => {
-                // Recorded before the completion: the reauthorization may run before
-                // `complete` returns.
-                shared.record(&mut *irql, asked.key, verdict.unwrap_or(default));
-                pended.complete(&*irql);
-                shared.finished(&*irql);
-            }
-            None => {
-                shared.background.fetch_sub(1, Ordering::SeqCst);
-            }
-        }
+        self.shared
+            .conclude(irql, asked, channel_reply(outcome), ", channel");
     }
 }
 

@@ -1,5 +1,12 @@
-//! The example firewall driver in the simulator, with the service played by harness threads on
-//! the filter-manager port, deciding with the `firewall-rules` crate.
+//! The example firewall driver in the simulator, with the service played by harness threads
+//! deciding with the `firewall-rules` crate.
+//!
+//! Every scenario runs on both designs, as `on_channel::…` (the question channel, the default)
+//! and `on_port::…` (the filter-manager port and a work item): the service answers where the
+//! driver asks ([`ServiceClient`]), and the scenario expects the same decisions; only what the
+//! designs log differently is spelled out per design. A few tests load the shipped
+//! `DriverEntry` (the default design) or test only the load, and run once. `tests/channel.rs`
+//! covers what only the channel does (foreign and duplicate answers, the clock's deadlines).
 //!
 //! Every test checks that each connection attempt got exactly one final decision (an outbound
 //! attempt the driver pended: the pended classification and one reauthorization; anything
@@ -27,10 +34,12 @@ use firewall_protocol::control::{
     CONTROL_DEVICE_PATH, MAX_REVOKE_IDS, REVOKE, REVOKE_MAX_LEN, Revoke, Revoked,
 };
 use firewall_protocol::{
-    CacheLifetime, ConnectionReply, ConnectionRequest, Direction, PORT_NAME, Verdict,
+    ASK_CHANNEL, ASK_DEVICE_PATH, CacheLifetime, ConnectionReply, ConnectionRequest, Direction,
+    PORT_NAME, Verdict,
 };
 use firewall_rules::{Rules, VolumeMap};
 use wfp_rs::Status;
+use wfp_rs::ask::{QuestionId, decode_message, encode_header};
 use wfp_rs::classify::Action;
 use wfp_rs::inverted::{ControlCode, RequiredAccess};
 use wfp_rs::layer::value::IpProtocol;
@@ -40,17 +49,47 @@ use wfp_rs::layer::{
 use wfp_rs::metadata::Direction as SimDirection;
 use wfp_rs::port::Message;
 use wfp_rs_sim::{
-    AleIrql, Caller, ClassifyRequest, ConnectOutcome, Connection, Decision, LoadedDriver, Machine,
-    PortClient, Process,
+    AleIrql, Caller, ClassifyRequest, ConnectOutcome, Connection, Decision, DeviceHandle,
+    IoRequest, LoadedDriver, Machine, PortClient, Process,
 };
 
 /// Long enough never to expire while a service is answering, however slow the machine.
 const PATIENT: Duration = Duration::from_secs(120);
 
-/// Drivers with the configurations the tests need, each with its own counters.
+/// A driver of the configuration the tests need on each design, with its own counters.
+#[derive(Clone, Copy)]
+struct Configured {
+    entry: wfp_rs_sim::DriverEntryFn,
+    stats: &'static Stats,
+}
+
+/// Drivers with the configurations the tests need, each on both designs (`$module::on(design)`),
+/// each with its own counters.
 macro_rules! configured_driver {
     ($module:ident, $config:expr) => {
         mod $module {
+            use super::*;
+
+            configured_driver!(@on channel, AskVia::Channel, $config);
+            configured_driver!(@on port, AskVia::PortAndWorkItem, $config);
+
+            /// This configuration, asking through `design`.
+            pub fn on(design: AskVia) -> Configured {
+                match design {
+                    AskVia::Channel => Configured {
+                        entry: channel::DriverEntry,
+                        stats: &channel::STATS,
+                    },
+                    AskVia::PortAndWorkItem => Configured {
+                        entry: port::DriverEntry,
+                        stats: &port::STATS,
+                    },
+                }
+            }
+        }
+    };
+    (@on $design:ident, $ask_via:expr, $config:expr) => {
+        pub mod $design {
             use super::*;
 
             pub static STATS: Stats = Stats::new();
@@ -65,6 +104,7 @@ macro_rules! configured_driver {
                     driver,
                     Config {
                         stats: Some(&STATS),
+                        ask_via: $ask_via,
                         ..$config
                     },
                 )
@@ -73,11 +113,31 @@ macro_rules! configured_driver {
     };
 }
 
-/// The port + work item design ([`AskVia::PortAndWorkItem`]), which these tests' service
-/// (harness threads on the port) answers; `tests/channel.rs` covers the default design, the
-/// question channel.
+/// Every scenario taking the design as `fn scenario(design: AskVia)`, as a test on each:
+/// `on_channel::scenario` and `on_port::scenario`.
+macro_rules! on_both_designs {
+    ($($scenario:ident),* $(,)?) => {
+        mod on_channel {
+            $(
+                #[test]
+                fn $scenario() {
+                    super::$scenario(firewall_driver::AskVia::Channel);
+                }
+            )*
+        }
+        mod on_port {
+            $(
+                #[test]
+                fn $scenario() {
+                    super::$scenario(firewall_driver::AskVia::PortAndWorkItem);
+                }
+            )*
+        }
+    };
+}
+
+/// Deadlines the tests never reach by waiting; each `configured_driver!` sets the design.
 const PATIENT_CONFIG: Config = Config {
-    ask_via: AskVia::PortAndWorkItem,
     timeout: PATIENT,
     ..Config::DEFAULT
 };
@@ -183,13 +243,14 @@ configured_driver!(
         ..PATIENT_CONFIG
     }
 );
-configured_driver!(load_port, PATIENT_CONFIG);
+// The channel's question slots each have a timer, an allocation: the default 2056 would make
+// the load's allocation-failure test quadratic.
 configured_driver!(
-    load_channel,
+    load,
     Config {
         max_pending: 3,
         background_asks: 1,
-        ..Config::DEFAULT
+        ..PATIENT_CONFIG
     }
 );
 configured_driver!(
@@ -520,10 +581,177 @@ impl Rng {
 
 // --- the simulated service ---------------------------------------------------------------------
 
-fn connected_client(machine: &Machine) -> PortClient {
-    let mut client = machine.port_client(PORT_NAME);
-    client.connect(&[]).expect("the service connects");
-    client
+/// The wait requests a simulated service keeps pending on the question channel's device.
+const WAITS: usize = 8;
+
+/// How long a channel client waits for its channel before it looks at the port again.
+const POLL: Duration = Duration::from_millis(2);
+
+/// Which question a [`Received`] is, to answer it where it came from.
+#[derive(Clone, Copy, Debug)]
+enum QuestionFrom {
+    Port(u64),
+    Channel(QuestionId),
+}
+
+/// A question the simulated service received, on the port or the channel.
+#[derive(Clone, Debug)]
+struct Received {
+    id: QuestionFrom,
+    /// The request, as the driver encoded it.
+    data: Vec<u8>,
+}
+
+/// The service's end of the question channel: a handle to its device with [`WAITS`] wait
+/// requests pending, oldest first (the driver completes the oldest first).
+struct ChannelEnd {
+    handle: DeviceHandle,
+    waits: Mutex<std::collections::VecDeque<IoRequest>>,
+}
+
+impl ChannelEnd {
+    fn wait_request(&self) -> IoRequest {
+        self.handle
+            .device_io_control(ASK_CHANNEL.wait.raw(), &[], ASK_CHANNEL.wait_output_len())
+    }
+
+    /// The next question delivered within `within`: `Err` once the channel is closed (unload)
+    /// or the handle is.
+    fn next(&self, within: Duration) -> Result<Option<Received>, ()> {
+        let Some(wait) = self.waits.lock().unwrap().pop_front() else {
+            // Every wait is with another of the service's threads.
+            thread::sleep(within);
+            return Ok(None);
+        };
+        let Some(completion) = wait.wait_timeout(within) else {
+            self.waits.lock().unwrap().push_front(wait);
+            return Ok(None);
+        };
+        if completion.status != 0 {
+            return Err(());
+        }
+        self.waits.lock().unwrap().push_back(self.wait_request());
+        let (id, body) = decode_message(&completion.output).expect("the channel's framing");
+        Ok(Some(Received {
+            id: QuestionFrom::Channel(id),
+            data: body.to_vec(),
+        }))
+    }
+}
+
+/// The simulated service, on the design the driver asks through: a connection to the port and,
+/// on the channel design, the question channel's device too — a question too long for the
+/// channel's slots comes through the port even then, so the service listens on both, as the
+/// real one does. Several threads may share one.
+///
+/// A reply is refused as on the port whatever the design, so the scenarios read the same: the
+/// channel's `STATUS_NOT_FOUND` (the question was decided without it: late, or by unload) is
+/// `STATUS_FLT_NO_WAITER_FOR_REPLY`, and `STATUS_DELETE_PENDING` (the channel is gone) is
+/// `STATUS_PORT_DISCONNECTED`. A malformed answer is taken as on the port, where user mode is
+/// not told: the driver decided with its default, and the channel's `STATUS_INVALID_PARAMETER`
+/// says so.
+struct ServiceClient {
+    port: PortClient,
+    channel: Option<ChannelEnd>,
+}
+
+impl ServiceClient {
+    /// Connects as `process` (the port, then the channel's device).
+    fn connect_as(machine: &Machine, design: AskVia, process: Process) -> Result<Self, Status> {
+        let mut port = machine.port_client(PORT_NAME).as_process(process.clone());
+        port.connect(&[])?;
+        let channel = match design {
+            AskVia::PortAndWorkItem => None,
+            AskVia::Channel => {
+                let handle = machine.open_device(ASK_DEVICE_PATH, process)?;
+                let end = ChannelEnd {
+                    handle,
+                    waits: Mutex::default(),
+                };
+                for _ in 0..WAITS {
+                    let wait = end.wait_request();
+                    end.waits.lock().unwrap().push_back(wait);
+                }
+                Some(end)
+            }
+        };
+        Ok(ServiceClient { port, channel })
+    }
+
+    /// Connects as LocalSystem.
+    fn connect(machine: &Machine, design: AskVia) -> Result<Self, Status> {
+        ServiceClient::connect_as(machine, design, Process::from(Caller::System))
+    }
+
+    /// The next question, waiting at most `timeout` (`None`: until one comes); `None` on
+    /// timeout or once the driver closed the port (and the channel).
+    fn get_message(&self, timeout: Option<Duration>) -> Option<Received> {
+        let from_port = |message: wfp_rs_sim::PortMessage| Received {
+            id: QuestionFrom::Port(message.id),
+            data: message.data,
+        };
+        let Some(channel) = &self.channel else {
+            return self.port.get_message(timeout).map(from_port);
+        };
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
+            if let Some(message) = self.port.get_message(Some(Duration::ZERO)) {
+                return Some(from_port(message));
+            }
+            match channel.next(POLL) {
+                Ok(Some(question)) => return Some(question),
+                Ok(None) => {}
+                Err(()) => return None,
+            }
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                return None;
+            }
+        }
+    }
+
+    /// Replies to `id`, where it came from (see the type's documentation for the statuses).
+    fn reply(&self, id: QuestionFrom, reply: &[u8]) -> Result<(), Status> {
+        let (channel, id) = match (id, &self.channel) {
+            (QuestionFrom::Port(id), _) => return self.port.reply(id, reply),
+            (QuestionFrom::Channel(id), Some(channel)) => (channel, id),
+            (QuestionFrom::Channel(_), None) => panic!("a channel question on the port design"),
+        };
+        let mut input = encode_header(id, reply.len()).to_vec();
+        input.extend_from_slice(reply);
+        let status = channel
+            .handle
+            .device_io_control(ASK_CHANNEL.answer.raw(), &input, 0)
+            .wait()
+            .status;
+        if status == 0 {
+            return Ok(());
+        }
+        match Status::from_raw(status) {
+            Status::INVALID_PARAMETER => Ok(()),
+            Status::NOT_FOUND => Err(Status::FLT_NO_WAITER_FOR_REPLY),
+            Status::DELETE_PENDING => Err(Status::PORT_DISCONNECTED),
+            other => Err(other),
+        }
+    }
+
+    /// Whether the driver still listens: the port connection is open and, on the channel
+    /// design, a wait request is still pending (unload closes both).
+    fn is_connected(&self) -> bool {
+        let waiting =
+            |end: &ChannelEnd| end.waits.lock().unwrap().iter().any(IoRequest::is_pending);
+        self.port.is_connected() && self.channel.as_ref().is_none_or(waiting)
+    }
+
+    /// Killed: closes the port connection and the channel's handle, with whatever questions
+    /// they hold unanswered.
+    fn disconnect(&mut self) {
+        self.port.disconnect();
+        self.channel = None;
+    }
+}
+
+fn connected_client(machine: &Machine, design: AskVia) -> ServiceClient {
+    ServiceClient::connect(machine, design).expect("the service connects")
 }
 
 fn encode_reply(reply: ConnectionReply) -> Vec<u8> {
@@ -562,11 +790,12 @@ type Log = Arc<Mutex<Vec<Answered>>>;
 /// threads.
 fn serve(
     machine: &Machine,
+    design: AskVia,
     rules: Arc<Mutex<Rules>>,
     threads: u64,
     seed: u64,
 ) -> (Log, Vec<thread::JoinHandle<()>>) {
-    let client = Arc::new(connected_client(machine));
+    let client = Arc::new(connected_client(machine, design));
     let log: Log = Arc::default();
     let handles = (0..threads)
         .map(|t| {
@@ -587,6 +816,8 @@ fn serve(
                         }),
                         // The driver closed the connection (at unload): nobody waits.
                         Err(Status::PORT_DISCONNECTED) => break,
+                        // Decided without it: on the channel, `stopping` decides the questions it holds.
+                        Err(Status::FLT_NO_WAITER_FOR_REPLY) if client.channel.is_some() => {}
                         Err(status) => panic!("the driver is waiting for this reply: {status}"),
                     }
                 }
@@ -632,6 +863,46 @@ fn run_attempts(
     })
 }
 
+// --- every scenario, on both designs ---------------------------------------------------------
+
+on_both_designs! {
+    ten_thousand_attempts_from_eight_threads_are_each_decided_once_by_the_rules,
+    faults_under_load_give_the_rules_or_the_default_and_nothing_else,
+    a_killed_service_gives_the_default_until_it_is_restarted,
+    no_reply_within_the_timeout_gives_the_default,
+    short_oversized_malformed_and_mismatched_replies_give_the_default,
+    allocation_failures_fall_back_to_the_default,
+    unload_with_questions_outstanding_decides_every_pended_connection,
+    unload_under_load_decides_every_attempt_once,
+    without_a_service_everything_gets_the_fail_closed_default,
+    a_fail_open_configuration_permits_without_a_service,
+    the_cache_answers_known_connections_at_once,
+    a_full_cache_evicts_the_oldest_verdict,
+    inbound_gets_the_default_then_the_services_cached_verdict,
+    inbound_verdicts_are_cached_per_local_port,
+    inbound_background_asks_are_bounded,
+    loopback_is_permitted_without_asking_unless_configured_otherwise,
+    the_revoke_command_forgets_cached_verdicts,
+    a_rules_reload_with_revoke_mid_stream_gives_no_stale_verdict,
+    cached_verdicts_expire_after_their_lifetime,
+    a_burst_beyond_the_old_table_size_gets_every_services_verdict,
+    beyond_the_verdict_table_new_connections_get_the_overload_decision_and_nothing_recorded_is_lost,
+    max_pending_counts_connections_waiting_for_the_service,
+    a_fail_open_default_does_not_open_the_firewall_to_a_burst,
+    an_overload_decision_of_allow_permits_and_is_counted,
+    unload_waits_for_the_reauthorizations_of_completed_pends,
+    every_allocation_failure_during_load_is_reported_and_leaks_nothing,
+    only_the_configured_service_may_connect_or_send_commands,
+    while_the_service_restarts_another_admin_cannot_answer,
+    a_configured_image_refuses_other_executables,
+    a_malformed_service_sid_fails_the_load,
+    without_an_identity_the_driver_warns_that_any_admin_may_answer,
+    a_program_from_a_long_path_is_denied_by_the_rule_naming_its_file,
+    a_path_no_request_can_carry_whole_is_denied_without_asking,
+    the_questions_of_the_moment_hold_at_most_question_bytes_of_pool,
+    an_image_crafted_to_collide_under_fnv1a_does_not_inherit_a_cached_verdict,
+}
+
 // --- the tests -------------------------------------------------------------------------------
 
 /// Issue 5, point 6: 10,000 attempts from 8 threads, out and in, TCP and UDP, IPv4 and IPv6, at
@@ -639,26 +910,26 @@ fn run_attempts(
 /// latency. Every attempt is decided once: outbound exactly as the rules say (asked, or from
 /// the cache); inbound as the rules say when cached, else the fail-closed default (so a permit
 /// is always the rules'). The service was asked once per pended attempt, about that attempt.
-#[test]
-fn ten_thousand_attempts_from_eight_threads_are_each_decided_once_by_the_rules() {
+fn ten_thousand_attempts_from_eight_threads_are_each_decided_once_by_the_rules(design: AskVia) {
     const THREADS: u64 = 8;
     const PER_THREAD: u64 = 1_250;
     let seed = seed();
     let machine = Machine::with_worker_threads(8);
-    let driver = load(&machine, stress::DriverEntry);
+    let driver = load(&machine, stress::on(design).entry);
     let policy = Arc::new(Mutex::new(rules(RULES)));
-    let (log, service) = serve(&machine, Arc::clone(&policy), 4, seed);
+    let (log, service) = serve(&machine, design, Arc::clone(&policy), 4, seed);
 
     let attempts = run_attempts(&machine, seed, THREADS, PER_THREAD, 1_024);
     assert_eq!(machine.pending_classifications(), 0);
     // The inbound misses' background questions are answered before the unload.
-    let misses = stress::STATS.snapshot();
+    let misses = stress::on(design).stats.snapshot();
     wait_for_background_asks(
         &machine,
         (misses.background_asks + misses.background_skipped) as usize,
     );
     unload_clean(&machine, driver);
-    let stats = stress::STATS.snapshot();
+    let stats = stress::on(design).stats.snapshot();
+    asked_only_via(design, &stats);
     for thread in service {
         thread.join().expect("a service thread");
     }
@@ -742,6 +1013,44 @@ fn logged_decisions(machine: &Machine) -> Vec<(u64, String, String)> {
         .collect()
 }
 
+/// Checks that every question went the design's own way: through the channel, or a work item
+/// and the port (on the channel design a question goes through the port only when it is too
+/// long for the channel's slots, which none of these scenarios' questions is).
+fn asked_only_via(design: AskVia, stats: &firewall_driver::StatsSnapshot) {
+    let (own, other) = match design {
+        AskVia::Channel => (stats.asked_via_channel, stats.asked_via_port),
+        AskVia::PortAndWorkItem => (stats.asked_via_port, stats.asked_via_channel),
+    };
+    assert_eq!(
+        (own, other),
+        (stats.asked, 0),
+        "asked via {design}: {stats:?}"
+    );
+    assert!(stats.asked > 0, "{stats:?}");
+}
+
+/// How the driver logs a verdict of the service's, `cached` being its `CachedFor` (", cached for
+/// 60 s" or nothing).
+fn by_the_service(design: AskVia, cached: &str) -> String {
+    match design {
+        AskVia::PortAndWorkItem => format!("service{cached}"),
+        AskVia::Channel => format!("service, channel{cached}"),
+    }
+}
+
+/// How the driver logs the default for a question nobody answered because no service was
+/// there, on either design: a channel no service has open hands its questions to the port,
+/// where nobody is connected either.
+const NO_SERVICE_DEFAULT: &str = "default: no client is connected to the port";
+
+/// How the driver logs the default for a question delivered to a service that was then killed.
+fn service_gone_default(design: AskVia) -> &'static str {
+    match design {
+        AskVia::PortAndWorkItem => "default: the client disconnected before it replied",
+        AskVia::Channel => "default: the service went away before replying",
+    }
+}
+
 /// Waits until `n` inbound background asks have ended (answered or not, queued or not), by
 /// the driver's log: one line each.
 fn wait_for_background_asks(machine: &Machine, n: usize) {
@@ -759,7 +1068,7 @@ fn wait_for_background_asks(machine: &Machine, n: usize) {
 
 /// A service that reads every request and answers none, until its connection goes away,
 /// counting what it read in `read`. Returns the requests it read.
-fn silent_service(client: &PortClient, read: &AtomicUsize) -> Vec<ConnectionRequest> {
+fn silent_service(client: &ServiceClient, read: &AtomicUsize) -> Vec<ConnectionRequest> {
     let mut requests = Vec::new();
     while let Some(message) = client.get_message(None) {
         requests.push(ConnectionRequest::decode(&message.data).expect("the driver's encoding"));
@@ -770,7 +1079,7 @@ fn silent_service(client: &PortClient, read: &AtomicUsize) -> Vec<ConnectionRequ
 
 /// One thread answering by `rules`, no latency, until the connection goes away; returns how
 /// many it answered.
-fn serve_simply(client: PortClient, policy: &str) -> thread::JoinHandle<usize> {
+fn serve_simply(client: ServiceClient, policy: &str) -> thread::JoinHandle<usize> {
     let policy = rules(policy);
     thread::spawn(move || {
         let mut answered = 0;
@@ -780,6 +1089,8 @@ fn serve_simply(client: PortClient, policy: &str) -> thread::JoinHandle<usize> {
             match client.reply(message.id, &bytes) {
                 Ok(()) => answered += 1,
                 Err(Status::PORT_DISCONNECTED) => break,
+                // Decided without it: on the channel, `stopping` decides the questions it holds.
+                Err(Status::FLT_NO_WAITER_FOR_REPLY) if client.channel.is_some() => {}
                 Err(status) => panic!("the driver is waiting for this reply: {status}"),
             }
         }
@@ -794,13 +1105,12 @@ fn serve_simply(client: PortClient, policy: &str) -> thread::JoinHandle<usize> {
 /// outbound attempt the service validly answered gets the rules' verdict, every other pended
 /// one the default; attempts answered from the cache get the rules' verdict (only valid
 /// replies are cached); inbound attempts get the rules' verdict or the default.
-#[test]
-fn faults_under_load_give_the_rules_or_the_default_and_nothing_else() {
+fn faults_under_load_give_the_rules_or_the_default_and_nothing_else(design: AskVia) {
     const THREADS: u64 = 8;
     const PER_THREAD: u64 = 250;
     let seed = seed();
     let machine = Machine::with_worker_threads(8);
-    let driver = load(&machine, chaos::DriverEntry);
+    let driver = load(&machine, chaos::on(design).entry);
     let policy = rules(RULES);
     let log: Log = Arc::default();
     let done = AtomicBool::new(false);
@@ -809,11 +1119,10 @@ fn faults_under_load_give_the_rules_or_the_default_and_nothing_else() {
             let mut rng = Rng::new(seed, 77);
             let mut kills = 0;
             'lives: while !done.load(Ordering::SeqCst) {
-                let mut client = machine.port_client(PORT_NAME);
-                if client.connect(&[]).is_err() {
+                let Ok(mut client) = ServiceClient::connect(&machine, design) else {
                     thread::yield_now();
                     continue;
-                }
+                };
                 loop {
                     // Polls, so it can notice the end of the test; the timeout decides nothing.
                     let Some(message) = client.get_message(Some(Duration::from_millis(5))) else {
@@ -910,18 +1219,17 @@ fn faults_under_load_give_the_rules_or_the_default_and_nothing_else() {
     unload_clean(&machine, driver);
     eprintln!(
         "faults under load: {kills} kills; {:?}",
-        chaos::STATS.snapshot()
+        chaos::on(design).stats.snapshot()
     );
 }
 
 /// The service is killed while the driver waits for its reply: that connection gets the
 /// default at once (not at the timeout); with no service, the next one too; once it is
 /// restarted, connections get its verdict again.
-#[test]
-fn a_killed_service_gives_the_default_until_it_is_restarted() {
+fn a_killed_service_gives_the_default_until_it_is_restarted(design: AskVia) {
     let machine = Machine::new();
-    let driver = load(&machine, killed::DriverEntry);
-    let mut client = connected_client(&machine);
+    let driver = load(&machine, killed::on(design).entry);
+    let mut client = connected_client(&machine, design);
     let outcome = thread::scope(|s| {
         let attempt = s.spawn(|| machine.connect(&browser(40_000, web(7, 443)), AleIrql::Dispatch));
         let message = client.get_message(None).expect("the request");
@@ -940,7 +1248,7 @@ fn a_killed_service_gives_the_default_until_it_is_restarted() {
         (Action::Block, true)
     );
 
-    let service = serve_simply(connected_client(&machine), RULES);
+    let service = serve_simply(connected_client(&machine, design), RULES);
     let c = browser(40_002, web(7, 443));
     let outcome = machine.connect(&c, AleIrql::Dispatch);
     assert_eq!(
@@ -955,9 +1263,9 @@ fn a_killed_service_gives_the_default_until_it_is_restarted() {
     assert_eq!(
         reasons,
         [
-            "deny (default: the client disconnected before it replied)",
-            "deny (default: no client is connected to the port)",
-            "allow (service, cached for 60 s)",
+            format!("deny ({})", service_gone_default(design)),
+            format!("deny ({})", NO_SERVICE_DEFAULT),
+            format!("allow ({})", by_the_service(design, ", cached for 60 s")),
         ]
     );
     unload_clean(&machine, driver);
@@ -966,11 +1274,10 @@ fn a_killed_service_gives_the_default_until_it_is_restarted() {
 
 /// A service that reads requests and never answers: with a 50 ms timeout, every connection
 /// gets the default, however long the timeout takes on this machine.
-#[test]
-fn no_reply_within_the_timeout_gives_the_default() {
+fn no_reply_within_the_timeout_gives_the_default(design: AskVia) {
     let machine = Machine::with_worker_threads(4);
-    let driver = load(&machine, impatient::DriverEntry);
-    let client = connected_client(&machine);
+    let driver = load(&machine, impatient::on(design).entry);
+    let client = connected_client(&machine, design);
     let counted = AtomicUsize::new(0);
     let (outcomes, read) = thread::scope(|s| {
         let service = s.spawn(|| silent_service(&client, &counted));
@@ -1004,8 +1311,7 @@ fn no_reply_within_the_timeout_gives_the_default() {
 
 /// Every kind of bad reply gives the default, and only a valid reply to the request asked
 /// gives the service's verdict. User mode is not told that its reply was refused.
-#[test]
-fn short_oversized_malformed_and_mismatched_replies_give_the_default() {
+fn short_oversized_malformed_and_mismatched_replies_give_the_default(design: AskVia) {
     type Corrupt = Box<dyn Fn(&ConnectionRequest, Vec<u8>) -> Vec<u8> + Send + Sync>;
     let set = |at: usize, bytes: &'static [u8]| -> Corrupt {
         Box::new(move |_, mut valid| {
@@ -1058,8 +1364,8 @@ fn short_oversized_malformed_and_mismatched_replies_give_the_default() {
         (Box::new(|_, valid| valid), "service, cached for 60 s"),
     ];
     let machine = Machine::new();
-    let driver = load(&machine, replies::DriverEntry);
-    let client = connected_client(&machine);
+    let driver = load(&machine, replies::on(design).entry);
+    let client = connected_client(&machine, design);
     let policy = rules(RULES);
     let mut ids = Vec::new();
     thread::scope(|s| {
@@ -1107,6 +1413,14 @@ fn short_oversized_malformed_and_mismatched_replies_give_the_default() {
             } else {
                 "deny"
             };
+            let reason = match (design, reason.starts_with("default: the reply answers ")) {
+                // The channel's `decode` refuses what does not decode, without saying why
+                // (`Outcome::Malformed`).
+                (AskVia::Channel, false) if verdict == "deny" => {
+                    "default: a malformed reply".to_owned()
+                }
+                _ => reason.replace("service", &by_the_service(design, "")),
+            };
             let reason = reason
                 .replace("{id}", &id.to_string())
                 .replace("{next}", &(id + 1).to_string());
@@ -1114,22 +1428,22 @@ fn short_oversized_malformed_and_mismatched_replies_give_the_default() {
         })
         .collect();
     assert_eq!(logged, expected);
-    let stats = replies::STATS.snapshot();
+    let stats = replies::on(design).stats.snapshot();
     assert_eq!((stats.asked, stats.answered, stats.cached), (12, 1, 1));
     unload_clean(&machine, driver);
 }
 
-/// Every pool allocation on an outbound connection's path is made to fail in turn (the request,
-/// the work item and its `IO_WORKITEM`, the message buffers and the filter manager's message):
-/// the connection is decided once, by the default — at once when the request cannot be
-/// allocated, after its pend otherwise; then, with no failure left to inject, by the service.
+/// Every pool allocation on an outbound connection's path is made to fail in turn (the request;
+/// on the port, also the work item and its `IO_WORKITEM`, the message buffers and the filter
+/// manager's message — the channel allocated its slots at load): the connection is decided
+/// once, by the default — at once when the request cannot be allocated, after its pend
+/// otherwise; then, with no failure left to inject, by the service.
 /// The same for an inbound attempt, whose background ask is then simply not made. Nothing
 /// leaks.
-#[test]
-fn allocation_failures_fall_back_to_the_default() {
+fn allocation_failures_fall_back_to_the_default(design: AskVia) {
     let machine = Machine::new();
-    let driver = load(&machine, alloc::DriverEntry);
-    let service = serve_simply(connected_client(&machine), RULES);
+    let driver = load(&machine, alloc::on(design).entry);
+    let service = serve_simply(connected_client(&machine, design), RULES);
     let (mut failures, mut unpended) = (0, 0);
     for skip in 0.. {
         assert!(skip < 100, "the path has a bounded number of allocations");
@@ -1168,12 +1482,19 @@ fn allocation_failures_fall_back_to_the_default() {
     let at_once = failed.iter().filter(|(_, _, reason)| reason == request);
     assert_eq!(at_once.count(), unpended, "{logged:#?}");
     assert_eq!(unpended, 1, "one allocation before the pend");
-    assert!(failed.iter().any(|(_, _, reason)| reason == queueing));
-    assert!(
-        failed
-            .iter()
-            .any(|(_, _, reason)| reason.starts_with(sending))
-    );
+    match design {
+        AskVia::PortAndWorkItem => {
+            assert!(failed.iter().any(|(_, _, reason)| reason == queueing));
+            assert!(
+                failed
+                    .iter()
+                    .any(|(_, _, reason)| reason.starts_with(sending))
+            );
+        }
+        // No work item, no message: the channel's slots were allocated at load, so the
+        // request is the one allocation on the path.
+        AskVia::Channel => assert_eq!(failures, 1, "{logged:#?}"),
+    }
 
     // Inbound: the attempt gets the default at once whatever fails; the background ask is
     // made or not.
@@ -1198,21 +1519,21 @@ fn allocation_failures_fall_back_to_the_default() {
             break;
         }
     }
-    assert!(alloc::STATS.snapshot().background_skipped > 0);
+    assert!(alloc::on(design).stats.snapshot().background_skipped > 0);
     unload_clean(&machine, driver);
     service.join().unwrap();
 }
 
-/// Unload while outbound connections are pended and their work items wait for a service that
-/// reads the requests but never answers, with a two-minute timeout: `stopping` closes the
-/// service's connection, so every waiting send fails at once; each pend is completed with the
-/// default and reauthorized before the filters go. Nothing leaks.
-#[test]
-fn unload_with_questions_outstanding_decides_every_pended_connection() {
+/// Unload while outbound connections are pended and their questions wait for a service that
+/// reads them but never answers, with a two-minute timeout: `stopping` closes the service's
+/// port connection, so every waiting send fails at once (port), or decides every question on
+/// the channel (channel); each pend is completed with the default and reauthorized before the
+/// filters go. Nothing leaks.
+fn unload_with_questions_outstanding_decides_every_pended_connection(design: AskVia) {
     const PENDED: u16 = 10;
     let machine = Machine::with_worker_threads(PENDED as usize);
-    let driver = load(&machine, unload_silent::DriverEntry);
-    let client = connected_client(&machine);
+    let driver = load(&machine, unload_silent::on(design).entry);
+    let client = connected_client(&machine, design);
     let counted = AtomicUsize::new(0);
     let (outcomes, read) = thread::scope(|s| {
         let service = s.spawn(|| silent_service(&client, &counted));
@@ -1248,7 +1569,13 @@ fn unload_with_questions_outstanding_decides_every_pended_connection() {
     assert_eq!(logged.len(), PENDED as usize);
     assert!(
         logged.iter().all(|(_, verdict, reason)| verdict == "deny"
-            && reason == "default: the client disconnected before it replied"),
+            && reason
+                == match design {
+                    // `stopping` closes the service's connection: every waiting send fails.
+                    AskVia::PortAndWorkItem => service_gone_default(design),
+                    // `stopping` decides every question on the channel.
+                    AskVia::Channel => "default: unloading",
+                }),
         "{logged:?}"
     );
     assert_eq!(machine.pending_classifications(), 0);
@@ -1260,14 +1587,13 @@ fn unload_with_questions_outstanding_decides_every_pended_connection() {
 /// attempt is decided once — by the driver (the rules or the default), or, once its session is
 /// closed, by nobody (permitted, as after any unload); never a pended attempt reauthorized
 /// after the filters are gone. Nothing leaks.
-#[test]
-fn unload_under_load_decides_every_attempt_once() {
+fn unload_under_load_decides_every_attempt_once(design: AskVia) {
     const THREADS: u64 = 6;
     let seed = seed();
     let machine = Machine::with_worker_threads(4);
-    let driver = load(&machine, unload_busy::DriverEntry);
+    let driver = load(&machine, unload_busy::on(design).entry);
     let policy = Arc::new(Mutex::new(rules(RULES)));
-    let (_log, service) = serve(&machine, Arc::clone(&policy), 2, seed);
+    let (_log, service) = serve(&machine, design, Arc::clone(&policy), 2, seed);
     let unloaded = AtomicBool::new(false);
     let attempts: Vec<(Connection, ConnectOutcome)> = thread::scope(|s| {
         let workers: Vec<_> = (0..THREADS)
@@ -1289,7 +1615,7 @@ fn unload_under_load_decides_every_attempt_once() {
                 })
             })
             .collect();
-        while unload_busy::STATS.snapshot().answered < 20 {
+        while unload_busy::on(design).stats.snapshot().answered < 20 {
             thread::yield_now();
         }
         // The connecting threads stop once this is over, failed or not.
@@ -1349,36 +1675,31 @@ fn unload_under_load_decides_every_attempt_once() {
 
 /// No service connected: every attempt gets the default (fail-closed), outbound after a pend,
 /// inbound at once; nothing is cached.
-#[test]
-fn without_a_service_everything_gets_the_fail_closed_default() {
+fn without_a_service_everything_gets_the_fail_closed_default(design: AskVia) {
     let seed = seed();
     let machine = Machine::with_worker_threads(2);
-    let driver = load(&machine, no_service::DriverEntry);
+    let driver = load(&machine, no_service::on(design).entry);
     let attempts = run_attempts(&machine, seed, 4, 50, 45_000);
     for (c, decided, _) in &attempts {
         assert_eq!(*decided, Action::Block, "{c:?} (seed {seed:#x})");
     }
-    let stats = no_service::STATS.snapshot();
+    let stats = no_service::on(design).stats.snapshot();
     assert_eq!((stats.answered, stats.cached, stats.cache_hits), (0, 0, 0));
     assert!(
         logged_decisions(&machine)
             .iter()
-            .all(|(_, verdict, reason)| verdict == "deny"
-                && reason == "default: no client is connected to the port")
+            .all(|(_, verdict, reason)| verdict == "deny" && reason == NO_SERVICE_DEFAULT)
     );
     unload_clean(&machine, driver);
 }
 
 /// The default is configuration: fail-open permits when no service answers.
-#[test]
-fn a_fail_open_configuration_permits_without_a_service() {
+fn a_fail_open_configuration_permits_without_a_service(design: AskVia) {
     let machine = Machine::new();
-    let driver = load(&machine, fail_open::DriverEntry);
+    let driver = load(&machine, fail_open::on(design).entry);
     let out = browser(46_000, web(7, 443));
-    assert_eq!(
-        decided_once(&out, &machine.connect(&out, AleIrql::Dispatch), "out"),
-        (Action::Permit, true)
-    );
+    let outcome = machine.connect(&out, AleIrql::Dispatch);
+    assert_eq!(decided_once(&out, &outcome, "out"), (Action::Permit, true));
     let inbound = connection(
         7,
         APPS[2],
@@ -1397,11 +1718,10 @@ fn a_fail_open_configuration_permits_without_a_service() {
 /// The cache answers a repeated (process, image, direction, protocol, remote endpoint) at once,
 /// whatever the local port; another process, another image under a reused process id, another
 /// protocol or remote is asked about. A reply with no lifetime is not cached.
-#[test]
-fn the_cache_answers_known_connections_at_once() {
+fn the_cache_answers_known_connections_at_once(design: AskVia) {
     let machine = Machine::new();
-    let driver = load(&machine, caching::DriverEntry);
-    let client = connected_client(&machine);
+    let driver = load(&machine, caching::on(design).entry);
+    let client = connected_client(&machine, design);
     let policy = rules(RULES);
     let asked = Mutex::new(Vec::new());
     thread::scope(|s| {
@@ -1483,7 +1803,8 @@ fn the_cache_answers_known_connections_at_once() {
         unload_clean(&machine, driver);
         service.join().unwrap();
     });
-    let stats = caching::STATS.snapshot();
+    let stats = caching::on(design).stats.snapshot();
+    asked_only_via(design, &stats);
     assert_eq!(
         (stats.cache_hits, stats.asked, stats.cached),
         (3, 8, 6),
@@ -1495,11 +1816,10 @@ fn the_cache_answers_known_connections_at_once() {
 /// The cache is bounded: with 4 entries (one set), a fifth verdict evicts the oldest, which is
 /// asked about again; the others are still answered from the cache. With no cache, everything
 /// is asked every time.
-#[test]
-fn a_full_cache_evicts_the_oldest_verdict() {
+fn a_full_cache_evicts_the_oldest_verdict(design: AskVia) {
     let machine = Machine::new();
-    let driver = load(&machine, small_cache::DriverEntry);
-    let service = serve_simply(connected_client(&machine), RULES);
+    let driver = load(&machine, small_cache::on(design).entry);
+    let service = serve_simply(connected_client(&machine, design), RULES);
     let mut port = 48_000;
     let mut attempt = |remote: u8| {
         port += 1;
@@ -1522,7 +1842,7 @@ fn a_full_cache_evicts_the_oldest_verdict() {
     for remote in [3, 4, 5, 1] {
         assert!(!attempt(remote), "{remote}: still cached");
     }
-    let stats = small_cache::STATS.snapshot();
+    let stats = small_cache::on(design).stats.snapshot();
     assert_eq!(
         (stats.asked, stats.evicted, stats.cache_hits),
         (6, 2, 8),
@@ -1532,8 +1852,8 @@ fn a_full_cache_evicts_the_oldest_verdict() {
     assert_eq!(service.join().unwrap(), 6);
 
     let machine = Machine::new();
-    let driver = load(&machine, no_cache::DriverEntry);
-    let service = serve_simply(connected_client(&machine), RULES);
+    let driver = load(&machine, no_cache::on(design).entry);
+    let service = serve_simply(connected_client(&machine, design), RULES);
     for n in 0..3 {
         let c = browser(48_100 + n, web(7, 443));
         assert_eq!(
@@ -1541,7 +1861,7 @@ fn a_full_cache_evicts_the_oldest_verdict() {
             (Action::Permit, true)
         );
     }
-    assert_eq!(no_cache::STATS.snapshot().cached, 0);
+    assert_eq!(no_cache::on(design).stats.snapshot().cached, 0);
     unload_clean(&machine, driver);
     assert_eq!(service.join().unwrap(), 3);
 }
@@ -1549,11 +1869,10 @@ fn a_full_cache_evicts_the_oldest_verdict() {
 /// Inbound is never pended: a peer's first attempt gets the default at once while the service
 /// is asked in the background; the next attempt gets the service's cached verdict, allow or
 /// deny.
-#[test]
-fn inbound_gets_the_default_then_the_services_cached_verdict() {
+fn inbound_gets_the_default_then_the_services_cached_verdict(design: AskVia) {
     let machine = Machine::new();
-    let driver = load(&machine, inbound::DriverEntry);
-    let service = serve_simply(connected_client(&machine), RULES);
+    let driver = load(&machine, inbound::on(design).entry);
+    let service = serve_simply(connected_client(&machine, design), RULES);
     // The rules allow the tool everything, and nothing else in.
     let peer = |app: &str, local_port: u16, remote_port: u16| {
         connection(
@@ -1596,7 +1915,7 @@ fn inbound_gets_the_default_then_the_services_cached_verdict() {
         (Action::Block, false),
         "the rules deny the rest: cached"
     );
-    let stats = inbound::STATS.snapshot();
+    let stats = inbound::on(design).stats.snapshot();
     assert_eq!(
         (
             stats.background_asks,
@@ -1609,9 +1928,10 @@ fn inbound_gets_the_default_then_the_services_cached_verdict() {
     );
     let lines = machine.debug_output();
     assert!(
-        lines
-            .iter()
-            .any(|l| l.ends_with(": allow for later attempts (service, cached for 60 s)\n")),
+        lines.iter().any(|l| l.ends_with(&format!(
+            ": allow for later attempts ({})\n",
+            by_the_service(design, ", cached for 60 s")
+        ))),
         "{lines:#?}"
     );
     unload_clean(&machine, driver);
@@ -1621,11 +1941,10 @@ fn inbound_gets_the_default_then_the_services_cached_verdict() {
 /// An inbound verdict is cached for the local port it was decided for: a rule's `local_port`
 /// (`ssh-in`: 22) admits the peer on that port, and the same peer endpoint on another local
 /// port of the same process gets its own verdict, not the cached one.
-#[test]
-fn inbound_verdicts_are_cached_per_local_port() {
+fn inbound_verdicts_are_cached_per_local_port(design: AskVia) {
     let machine = Machine::new();
-    let driver = load(&machine, inbound_local_port::DriverEntry);
-    let service = serve_simply(connected_client(&machine), RULES);
+    let driver = load(&machine, inbound_local_port::on(design).entry);
+    let service = serve_simply(connected_client(&machine, design), RULES);
     // One process listening on two ports; one peer endpoint (source port 22 on purpose: `port`
     // is the remote port, which `ssh-in` does not name).
     let peer = |local_port: u16| {
@@ -1666,7 +1985,7 @@ fn inbound_verdicts_are_cached_per_local_port() {
         (Action::Permit, false),
         "port 22's verdict is still cached"
     );
-    let stats = inbound_local_port::STATS.snapshot();
+    let stats = inbound_local_port::on(design).stats.snapshot();
     assert_eq!(
         (
             stats.background_asks,
@@ -1684,11 +2003,10 @@ fn inbound_verdicts_are_cached_per_local_port() {
 /// At most `background_asks` inbound questions are in flight: with a silent service, the
 /// first three misses queue a question each, later ones only get the default. Unload ends the
 /// waiting questions at once.
-#[test]
-fn inbound_background_asks_are_bounded() {
+fn inbound_background_asks_are_bounded(design: AskVia) {
     let machine = Machine::with_worker_threads(4);
-    let driver = load(&machine, inbound_bounded::DriverEntry);
-    let client = connected_client(&machine);
+    let driver = load(&machine, inbound_bounded::on(design).entry);
+    let client = connected_client(&machine, design);
     let read = AtomicUsize::new(0);
     thread::scope(|s| {
         let service = s.spawn(|| silent_service(&client, &read));
@@ -1706,7 +2024,7 @@ fn inbound_background_asks_are_bounded() {
                 (Action::Block, false)
             );
         }
-        let stats = inbound_bounded::STATS.snapshot();
+        let stats = inbound_bounded::on(design).stats.snapshot();
         assert_eq!((stats.background_asks, stats.background_skipped), (3, 3));
         // The three questions wait for the service when the driver unloads.
         while read.load(Ordering::SeqCst) < 3 {
@@ -1719,8 +2037,7 @@ fn inbound_background_asks_are_bounded() {
 
 /// Loopback is permitted without asking by default (even with no service); with
 /// `permit_loopback: false` it is asked about like any other connection.
-#[test]
-fn loopback_is_permitted_without_asking_unless_configured_otherwise() {
+fn loopback_is_permitted_without_asking_unless_configured_otherwise(design: AskVia) {
     let local = |direction| {
         connection(
             100,
@@ -1732,7 +2049,7 @@ fn loopback_is_permitted_without_asking_unless_configured_otherwise() {
         )
     };
     let machine = Machine::new();
-    let driver = load(&machine, loopback::DriverEntry);
+    let driver = load(&machine, loopback::on(design).entry);
     for direction in [SimDirection::Outbound, SimDirection::Inbound] {
         let c = local(direction);
         assert_eq!(
@@ -1749,15 +2066,16 @@ fn loopback_is_permitted_without_asking_unless_configured_otherwise() {
         decided_once(&v6, &machine.connect(&v6, AleIrql::Passive), "loopback v6"),
         (Action::Permit, false)
     );
-    let stats = loopback::STATS.snapshot();
+    let stats = loopback::on(design).stats.snapshot();
     assert_eq!((stats.loopback, stats.asked), (3, 0));
     unload_clean(&machine, driver);
 
     let machine = Machine::new();
-    let driver = load(&machine, loopback_asked::DriverEntry);
+    let driver = load(&machine, loopback_asked::on(design).entry);
     let c = local(SimDirection::Outbound);
+    let outcome = machine.connect(&c, AleIrql::Dispatch);
     assert_eq!(
-        decided_once(&c, &machine.connect(&c, AleIrql::Dispatch), "asked"),
+        decided_once(&c, &outcome, "asked"),
         (Action::Block, true),
         "asked, nobody answered: the default"
     );
@@ -1766,6 +2084,9 @@ fn loopback_is_permitted_without_asking_unless_configured_otherwise() {
 
 /// A classification whose fields cannot be read (here: no `ALE_APP_ID`) gets the default at
 /// once, outbound and inbound, with the reason logged; nothing is pended or asked.
+///
+/// Once: it loads the shipped `DriverEntry`, which asks through the default design (the
+/// channel); nothing in it depends on how the service is asked.
 #[test]
 fn a_connection_whose_fields_cannot_be_read_gets_the_default_at_once() {
     use wfp_rs::layer::fields;
@@ -1811,6 +2132,9 @@ fn a_connection_whose_fields_cannot_be_read_gets_the_default_at_once() {
 
 /// TCP and UDP are filtered; ICMP is not (see the crate documentation): with no service, an
 /// ICMP echo is not seen by the driver and passes.
+///
+/// Once: it loads the shipped `DriverEntry`, which asks through the default design (the
+/// channel); nothing in it depends on how the service is asked.
 #[test]
 fn icmp_is_not_filtered() {
     let machine = Machine::new();
@@ -1882,12 +2206,17 @@ fn revoke_ids(machine: &Machine, ids: &[u64]) -> u32 {
 /// The control device's revoke command removes the cached verdicts of the named requests, or
 /// all of them, and those connections are asked about again; other codes, malformed commands
 /// and a short output buffer are refused; a standard user cannot open the device.
-#[test]
-fn the_revoke_command_forgets_cached_verdicts() {
+fn the_revoke_command_forgets_cached_verdicts(design: AskVia) {
     let seed = seed();
     let machine = Machine::new();
-    let driver = load(&machine, revoking::DriverEntry);
-    let (log, service) = serve(&machine, Arc::new(Mutex::new(rules(RULES))), 1, seed);
+    let driver = load(&machine, revoking::on(design).entry);
+    let (log, service) = serve(
+        &machine,
+        design,
+        Arc::new(Mutex::new(rules(RULES))),
+        1,
+        seed,
+    );
     let mut port = 50_000;
     let mut attempt = |remote: u8| {
         port += 1;
@@ -1921,7 +2250,7 @@ fn the_revoke_command_forgets_cached_verdicts() {
     assert_eq!(revoke_all(&machine), Ok(2));
     assert_eq!(attempt(7), (Action::Permit, true), "asked again");
     assert_eq!(attempt(8), (Action::Permit, true), "asked again");
-    assert_eq!(revoking::STATS.snapshot().revoked, 3);
+    assert_eq!(revoking::on(design).stats.snapshot().revoked, 3);
 
     // Refusals.
     let device = machine
@@ -1972,21 +2301,20 @@ fn the_revoke_command_forgets_cached_verdicts() {
 /// after the revoke command returned gets the new rules (outbound) or the new rules or the
 /// default (inbound) — never a stale cached verdict; attempts during the reload get the old
 /// rules or the new ones (or the default, inbound).
-#[test]
-fn a_rules_reload_with_revoke_mid_stream_gives_no_stale_verdict() {
+fn a_rules_reload_with_revoke_mid_stream_gives_no_stale_verdict(design: AskVia) {
     const THREADS: u64 = 8;
     const PER_THREAD: u64 = 500;
     let seed = seed();
     let machine = Machine::with_worker_threads(8);
-    let driver = load(&machine, reload::DriverEntry);
+    let driver = load(&machine, reload::on(design).entry);
     let policy = Arc::new(Mutex::new(rules(RULES)));
-    let (log, service) = serve(&machine, Arc::clone(&policy), 4, seed);
+    let (log, service) = serve(&machine, design, Arc::clone(&policy), 4, seed);
     let reloaded = AtomicBool::new(false);
     let (old, new) = (rules(RULES), rules(RELOADED_RULES));
 
     let (attempts, removed) = thread::scope(|s| {
         let reloader = s.spawn(|| {
-            while reload::STATS.snapshot().answered < 300 {
+            while reload::on(design).stats.snapshot().answered < 300 {
                 thread::yield_now();
             }
             // What the service does on a reload: swap the rules, then revoke every cached
@@ -2035,6 +2363,7 @@ fn a_rules_reload_with_revoke_mid_stream_gives_no_stale_verdict() {
     for thread in service {
         thread.join().unwrap();
     }
+    asked_only_via(design, &reload::on(design).stats.snapshot());
 
     let mut after_reload = 0;
     for (c, decided, after) in &attempts {
@@ -2068,12 +2397,15 @@ fn a_rules_reload_with_revoke_mid_stream_gives_no_stale_verdict() {
     );
     eprintln!(
         "reload: {removed} verdicts revoked, {after_reload} attempts after; {:?}",
-        reload::STATS.snapshot()
+        reload::on(design).stats.snapshot()
     );
 }
 
 /// A second instance cannot load (the port's and the device's names are taken); its failed
 /// `DriverEntry` undoes everything it did, and the first instance keeps working.
+///
+/// Once: it loads the shipped `DriverEntry`, which asks through the default design (the
+/// channel); nothing in it depends on how the service is asked.
 #[test]
 fn a_second_instance_fails_to_load_and_leaves_nothing_behind() {
     let machine = Machine::new();
@@ -2097,11 +2429,10 @@ fn a_second_instance_fails_to_load_and_leaves_nothing_behind() {
 /// real time plus what the test adds, so "still cached" is checked right after caching, well
 /// within the minute granted, and expiry by adding the whole minute; the exact boundary is a
 /// unit test of the cache.)
-#[test]
-fn cached_verdicts_expire_after_their_lifetime() {
+fn cached_verdicts_expire_after_their_lifetime(design: AskVia) {
     let machine = Machine::new();
-    let driver = load(&machine, expiry::DriverEntry);
-    let service = serve_simply(connected_client(&machine), RULES);
+    let driver = load(&machine, expiry::on(design).entry);
+    let service = serve_simply(connected_client(&machine, design), RULES);
     let mut port = 51_000;
     let mut attempt = |c: Connection| {
         port += 1;
@@ -2153,7 +2484,7 @@ fn cached_verdicts_expire_after_their_lifetime() {
     wait_for_background_asks(&machine, 2);
     inbound_attempt(Action::Permit);
 
-    let stats = expiry::STATS.snapshot();
+    let stats = expiry::on(design).stats.snapshot();
     assert_eq!((stats.expired, stats.asked), (2, 4), "{stats:?}");
     unload_clean(&machine, driver);
     assert_eq!(service.join().unwrap(), 4);
@@ -2207,7 +2538,7 @@ fn burst_verdict(local_port: u16) -> Verdict {
     }
 }
 
-fn burst_reply(message: &wfp_rs_sim::PortMessage) -> Vec<u8> {
+fn burst_reply(message: &Received) -> Vec<u8> {
     let request = ConnectionRequest::decode(&message.data).expect("the driver's encoding");
     encode_reply(request.reply(burst_verdict(request.local_port)))
 }
@@ -2260,12 +2591,11 @@ fn reauthorize_all(machine: &Machine, ports: &[u16]) {
 /// all are asked at once), then all answered, and every reauthorization held until every pend
 /// is completed: every connection gets the service's own verdict; nothing is refused or
 /// defaulted.
-#[test]
-fn a_burst_beyond_the_old_table_size_gets_every_services_verdict() {
+fn a_burst_beyond_the_old_table_size_gets_every_services_verdict(design: AskVia) {
     const N: u16 = 320;
     let machine = Machine::with_worker_threads(N as usize);
-    let driver = load(&machine, burst::DriverEntry);
-    let client = connected_client(&machine);
+    let driver = load(&machine, burst::on(design).entry);
+    let client = connected_client(&machine, design);
     let ports: Vec<u16> = (0..N).map(|n| 47_000 + n).collect();
     // Detached, so a failing test ends instead of waiting for questions that will not come.
     let service = thread::spawn(move || {
@@ -2282,7 +2612,8 @@ fn a_burst_beyond_the_old_table_size_gets_every_services_verdict() {
     pend_and_complete(&machine, &ports);
     service.join().unwrap();
     reauthorize_all(&machine, &ports);
-    let stats = burst::STATS.snapshot();
+    let stats = burst::on(design).stats.snapshot();
+    asked_only_via(design, &stats);
     assert_eq!(
         (
             stats.asked,
@@ -2323,14 +2654,14 @@ fn overload_lines(machine: &Machine) -> (Vec<String>, Vec<String>) {
 /// then more: the extra connections are not pended but get the overload decision (deny) at
 /// once, are counted as overloaded (not as defaults) and logged once for the burst; every recorded verdict still answers its reauthorization;
 /// once slots are free, new connections are pended again.
-#[test]
-fn beyond_the_verdict_table_new_connections_get_the_overload_decision_and_nothing_recorded_is_lost()
-{
+fn beyond_the_verdict_table_new_connections_get_the_overload_decision_and_nothing_recorded_is_lost(
+    design: AskVia,
+) {
     const EXTRA: u16 = 5;
     let capacity = u16::try_from(firewall_driver::VERDICT_SLOTS).unwrap();
     let machine = Machine::new();
-    let driver = load(&machine, overload::DriverEntry);
-    let client = connected_client(&machine);
+    let driver = load(&machine, overload::on(design).entry);
+    let client = connected_client(&machine, design);
     let ports: Vec<u16> = (0..capacity).map(|n| 10_000 + n).collect();
     // Detached, so a failing test ends; it ends at unload, when the driver disconnects it.
     let service = thread::spawn(move || {
@@ -2338,6 +2669,8 @@ fn beyond_the_verdict_table_new_connections_get_the_overload_decision_and_nothin
             match client.reply(message.id, &burst_reply(&message)) {
                 Ok(()) => {}
                 Err(Status::PORT_DISCONNECTED) => break,
+                // Decided without it: on the channel, `stopping` decides the questions it holds.
+                Err(Status::FLT_NO_WAITER_FOR_REPLY) if client.channel.is_some() => {}
                 Err(status) => panic!("the driver is waiting for this reply: {status}"),
             }
         }
@@ -2353,7 +2686,7 @@ fn beyond_the_verdict_table_new_connections_get_the_overload_decision_and_nothin
             "port {port}: the overload decision at once, not pended"
         );
     }
-    let stats = overload::STATS.snapshot();
+    let stats = overload::on(design).stats.snapshot();
     assert_eq!(
         (stats.overloaded, stats.defaults, stats.asked),
         (u64::from(EXTRA), 0, u64::from(capacity)),
@@ -2383,7 +2716,7 @@ fn beyond_the_verdict_table_new_connections_get_the_overload_decision_and_nothin
     );
     unload_clean(&machine, driver);
     service.join().unwrap();
-    let stats = overload::STATS.snapshot();
+    let stats = overload::on(design).stats.snapshot();
     assert_eq!(
         (
             stats.overloaded,
@@ -2404,9 +2737,9 @@ fn beyond_the_verdict_table_new_connections_get_the_overload_decision_and_nothin
 /// Fills a `max_pending: 3` driver with 3 connections pended and held unanswered by the
 /// service, classifies a fourth (the overload), then lets the service answer the three and
 /// checks each gets the service's verdict. Returns the fourth's decision.
-fn overload_a_driver_of_three(machine: &Machine, stats: &Stats) -> Decision {
+fn overload_a_driver_of_three(machine: &Machine, design: AskVia, stats: &Stats) -> Decision {
     const PORTS: [u16; 3] = [20_001, 20_002, 20_003];
-    let client = connected_client(machine);
+    let client = connected_client(machine, design);
     let (asked_tx, asked_rx) = std::sync::mpsc::channel();
     let (answer_tx, answer_rx) = std::sync::mpsc::channel::<()>();
     // Detached, so a failing test ends instead of waiting for questions that will not come.
@@ -2456,11 +2789,10 @@ fn overload_a_driver_of_three(machine: &Machine, stats: &Stats) -> Decision {
 /// `Config::max_pending` counts connections still waiting for the service too: with 3 pended
 /// and unanswered, a fourth gets the overload decision (deny) at once; the 3 then get the
 /// service's verdicts.
-#[test]
-fn max_pending_counts_connections_waiting_for_the_service() {
+fn max_pending_counts_connections_waiting_for_the_service(design: AskVia) {
     let machine = Machine::with_worker_threads(3);
-    let driver = load(&machine, overload_small::DriverEntry);
-    let decision = overload_a_driver_of_three(&machine, &overload_small::STATS);
+    let driver = load(&machine, overload_small::on(design).entry);
+    let decision = overload_a_driver_of_three(&machine, design, overload_small::on(design).stats);
     assert_eq!(decision.action, Action::Block);
     unload_clean(&machine, driver);
 }
@@ -2469,11 +2801,11 @@ fn max_pending_counts_connections_waiting_for_the_service() {
 /// connection beyond `max_pending` is still blocked (the overload decision, deny by default),
 /// counted as overloaded and logged as such; the default still applies when no service is
 /// connected.
-#[test]
-fn a_fail_open_default_does_not_open_the_firewall_to_a_burst() {
+fn a_fail_open_default_does_not_open_the_firewall_to_a_burst(design: AskVia) {
     let machine = Machine::with_worker_threads(3);
-    let driver = load(&machine, overload_fail_open::DriverEntry);
-    let decision = overload_a_driver_of_three(&machine, &overload_fail_open::STATS);
+    let driver = load(&machine, overload_fail_open::on(design).entry);
+    let decision =
+        overload_a_driver_of_three(&machine, design, overload_fail_open::on(design).stats);
     assert_eq!(decision.action, Action::Block, "{decision:?}");
     let (started, ended) = overload_lines(&machine);
     assert_eq!(started.len(), 1, "{started:?}");
@@ -2483,10 +2815,11 @@ fn a_fail_open_default_does_not_open_the_firewall_to_a_burst() {
     let pending = classify_connect(&machine, &auth_connect(port, 4, false))
         .pending
         .expect("pended: slots are free again");
-    assert_eq!(machine.wait_for_completion(pending), None);
+    let completed = machine.wait_for_completion(pending);
+    assert_eq!(completed, None);
     let decision = classify_connect(&machine, &auth_connect(port, 4, true));
     assert_eq!(decision.action, Action::Permit, "the no-service default");
-    let stats = overload_fail_open::STATS.snapshot();
+    let stats = overload_fail_open::on(design).stats.snapshot();
     assert_eq!((stats.overloaded, stats.defaults), (1, 1), "{stats:?}");
     let (_, ended_after) = overload_lines(&machine);
     assert_eq!((ended.len(), ended_after.len()), (0, 1));
@@ -2499,11 +2832,10 @@ fn a_fail_open_default_does_not_open_the_firewall_to_a_burst() {
 
 /// The overload decision is configuration: `overload: allow` permits a connection beyond
 /// `max_pending`, still counted as overloaded and not as a default.
-#[test]
-fn an_overload_decision_of_allow_permits_and_is_counted() {
+fn an_overload_decision_of_allow_permits_and_is_counted(design: AskVia) {
     let machine = Machine::with_worker_threads(3);
-    let driver = load(&machine, overload_permits::DriverEntry);
-    let decision = overload_a_driver_of_three(&machine, &overload_permits::STATS);
+    let driver = load(&machine, overload_permits::on(design).entry);
+    let decision = overload_a_driver_of_three(&machine, design, overload_permits::on(design).stats);
     assert_eq!(decision.action, Action::Permit, "{decision:?}");
     let (started, _) = overload_lines(&machine);
     assert!(
@@ -2516,16 +2848,17 @@ fn an_overload_decision_of_allow_permits_and_is_counted() {
 /// Unload with verdicts recorded and their reauthorizations not yet run: it waits (the slots
 /// are still reserved), the reauthorizations that come while it waits get the service's
 /// verdicts, and it then finishes without giving up on them.
-#[test]
-fn unload_waits_for_the_reauthorizations_of_completed_pends() {
+fn unload_waits_for_the_reauthorizations_of_completed_pends(design: AskVia) {
     let machine = Machine::new();
-    let driver = load(&machine, unload_reserved::DriverEntry);
-    let client = connected_client(&machine);
+    let driver = load(&machine, unload_reserved::on(design).entry);
+    let client = connected_client(&machine, design);
     let service = thread::spawn(move || {
         while let Some(message) = client.get_message(None) {
             match client.reply(message.id, &burst_reply(&message)) {
                 Ok(()) => {}
                 Err(Status::PORT_DISCONNECTED) => break,
+                // Decided without it: on the channel, `stopping` decides the questions it holds.
+                Err(Status::FLT_NO_WAITER_FOR_REPLY) if client.channel.is_some() => {}
                 Err(status) => panic!("the driver is waiting for this reply: {status}"),
             }
         }
@@ -2553,24 +2886,15 @@ fn unload_waits_for_the_reauthorizations_of_completed_pends() {
     );
     assert_eq!(machine.pending_classifications(), 0);
     assert_eq!(machine.pool_blocks(), [], "pool left after unload");
-    let stats = unload_reserved::STATS.snapshot();
+    let stats = unload_reserved::on(design).stats.snapshot();
     assert_eq!((stats.defaults, stats.overloaded), (0, 0), "{stats:?}");
 }
 
 /// Every pool allocation `DriverEntry` makes — its shared state included, which is a `PoolArc`
 /// because `Arc::new` cannot report an exhausted pool — is made to fail in turn: the load fails
 /// with `STATUS_INSUFFICIENT_RESOURCES`, never a bug check, and leaves nothing behind.
-///
-/// Both designs: the port's (with the default sizes), and the channel's with 4 question slots
-/// (each slot's timer is an allocation, so the default 2056 would make the test quadratic).
-#[test]
-fn every_allocation_failure_during_load_is_reported_and_leaks_nothing() {
-    for entry in [load_port::DriverEntry, load_channel::DriverEntry] {
-        every_allocation_failure_during_load_of(entry);
-    }
-}
-
-fn every_allocation_failure_during_load_of(entry: wfp_rs_sim::DriverEntryFn) {
+fn every_allocation_failure_during_load_is_reported_and_leaks_nothing(design: AskVia) {
+    let entry = load::on(design).entry;
     let machine = Machine::new();
     let mut failures = 0;
     for skip in 0.. {
@@ -2612,10 +2936,9 @@ fn another_admin() -> Process {
 /// With the service's SID configured, another administrator's process is refused at the port
 /// and at the control device, before the service connects and while it restarts; connections
 /// meanwhile get the default; the real service then connects and answers.
-#[test]
-fn only_the_configured_service_may_connect_or_send_commands() {
+fn only_the_configured_service_may_connect_or_send_commands(design: AskVia) {
     let machine = Machine::new();
-    let driver = load(&machine, only_service::DriverEntry);
+    let driver = load(&machine, only_service::on(design).entry);
     assert!(
         machine
             .debug_output()
@@ -2625,8 +2948,8 @@ fn only_the_configured_service_may_connect_or_send_commands() {
         "{:?}",
         machine.debug_output()
     );
-    let mut intruder = machine.port_client(PORT_NAME).as_process(another_admin());
-    assert_eq!(intruder.connect(&[]), Err(Status::ACCESS_DENIED));
+    let intruder = ServiceClient::connect_as(&machine, design, another_admin());
+    assert_eq!(intruder.err(), Some(Status::ACCESS_DENIED));
     assert_eq!(
         machine
             .open_device(CONTROL_DEVICE_PATH, another_admin())
@@ -2641,8 +2964,8 @@ fn only_the_configured_service_may_connect_or_send_commands() {
         Some(Status::ACCESS_DENIED)
     );
 
-    let mut service = machine.port_client(PORT_NAME).as_process(the_service());
-    service.connect(&[]).expect("the service connects");
+    let service =
+        ServiceClient::connect_as(&machine, design, the_service()).expect("the service connects");
     let answering = serve_simply(service, RULES);
     let c = browser(47_000, web(7, 443));
     let outcome = machine.connect(&c, AleIrql::Dispatch);
@@ -2665,37 +2988,32 @@ fn only_the_configured_service_may_connect_or_send_commands() {
     assert_eq!(Revoked::decode(revoked.ok().unwrap()).unwrap().removed, 1);
     drop(device);
 
-    // The identity admits; it does not add slots: a second instance of the service waits.
-    let mut second = machine.port_client(PORT_NAME).as_process(the_service());
-    assert_eq!(second.connect(&[]), Err(Status::CONNECTION_COUNT_LIMIT));
-    drop(second);
+    // The identity admits; it does not add slots: a second instance of the service waits (at
+    // the port, which both designs connect to).
+    let second = ServiceClient::connect_as(&machine, design, the_service());
+    assert_eq!(second.err(), Some(Status::CONNECTION_COUNT_LIMIT));
     unload_clean(&machine, driver);
     assert_eq!(answering.join().unwrap(), 1);
-    drop(intruder);
 }
 
 /// While the service is down (killed between two connections), another administrator still
 /// cannot take the slot; the connection meanwhile gets the default; the restarted service gets
 /// the slot and answers.
-#[test]
-fn while_the_service_restarts_another_admin_cannot_answer() {
+fn while_the_service_restarts_another_admin_cannot_answer(design: AskVia) {
     let machine = Machine::new();
-    let driver = load(&machine, only_service::DriverEntry);
-    let mut service = machine.port_client(PORT_NAME).as_process(the_service());
-    service.connect(&[]).expect("the service connects");
-    service.disconnect();
+    let driver = load(&machine, only_service::on(design).entry);
+    let service = ServiceClient::connect_as(&machine, design, the_service());
+    drop(service.expect("the service connects"));
 
-    let mut intruder = machine.port_client(PORT_NAME).as_process(another_admin());
-    assert_eq!(intruder.connect(&[]), Err(Status::ACCESS_DENIED));
+    let intruder = ServiceClient::connect_as(&machine, design, another_admin());
+    assert_eq!(intruder.err(), Some(Status::ACCESS_DENIED));
     let c = browser(47_100, web(7, 443));
     let outcome = machine.connect(&c, AleIrql::Passive);
     assert_eq!(decided_once(&c, &outcome, "down"), (Action::Block, true));
 
     let restarted = Process::new(913, SERVICE_IMAGE, Caller::System)
         .with_group(wfp_rs::client::Sid::parse(SERVICE_SID).unwrap());
-    let mut service = machine.port_client(PORT_NAME).as_process(restarted);
-    service
-        .connect(&[])
+    let service = ServiceClient::connect_as(&machine, design, restarted)
         .expect("the restarted service connects");
     let answering = serve_simply(service, RULES);
     let c = browser(47_101, web(7, 443));
@@ -2711,8 +3029,8 @@ fn while_the_service_restarts_another_admin_cannot_answer() {
     assert_eq!(
         reasons,
         [
-            "deny (default: no client is connected to the port)",
-            "allow (service, cached for 60 s)",
+            format!("deny ({})", NO_SERVICE_DEFAULT),
+            format!("allow ({})", by_the_service(design, ", cached for 60 s")),
         ]
     );
     unload_clean(&machine, driver);
@@ -2720,25 +3038,22 @@ fn while_the_service_restarts_another_admin_cannot_answer() {
 }
 
 /// A configured image: the same executable elsewhere on disk is refused.
-#[test]
-fn a_configured_image_refuses_other_executables() {
+fn a_configured_image_refuses_other_executables(design: AskVia) {
     let machine = Machine::new();
-    let driver = load(&machine, only_service_image::DriverEntry);
+    let driver = load(&machine, only_service_image::on(design).entry);
     let copy = Process::new(
         4243,
         r"\Device\HarddiskVolume3\Temp\firewall.exe",
         Caller::System,
     );
-    let mut client = machine.port_client(PORT_NAME).as_process(copy.clone());
-    assert_eq!(client.connect(&[]), Err(Status::ACCESS_DENIED));
+    let client = ServiceClient::connect_as(&machine, design, copy.clone());
+    assert_eq!(client.err(), Some(Status::ACCESS_DENIED));
     assert_eq!(
         machine.open_device(CONTROL_DEVICE_PATH, copy).err(),
         Some(Status::ACCESS_DENIED)
     );
     let service = Process::new(812, SERVICE_IMAGE, Caller::System);
-    let mut client = machine.port_client(PORT_NAME).as_process(service.clone());
-    client
-        .connect(&[])
+    let client = ServiceClient::connect_as(&machine, design, service.clone())
         .expect("the service's executable connects");
     drop(machine.open_device(CONTROL_DEVICE_PATH, service).unwrap());
     drop(client);
@@ -2746,12 +3061,11 @@ fn a_configured_image_refuses_other_executables() {
 }
 
 /// A malformed SID is a configuration error: the driver does not load.
-#[test]
-fn a_malformed_service_sid_fails_the_load() {
+fn a_malformed_service_sid_fails_the_load(design: AskVia) {
     let machine = Machine::new();
     assert_eq!(
         machine
-            .load_driver("firewall", bad_service_sid::DriverEntry)
+            .load_driver("firewall", bad_service_sid::on(design).entry)
             .err(),
         Some(Status::INVALID_SID)
     );
@@ -2760,10 +3074,9 @@ fn a_malformed_service_sid_fails_the_load() {
 
 /// Without an identity, any administrator may connect (the demo of the gap), and the driver
 /// says so at load.
-#[test]
-fn without_an_identity_the_driver_warns_that_any_admin_may_answer() {
+fn without_an_identity_the_driver_warns_that_any_admin_may_answer(design: AskVia) {
     let machine = Machine::new();
-    let driver = load(&machine, stress::DriverEntry);
+    let driver = load(&machine, stress::on(design).entry);
     assert!(
         machine
             .debug_output()
@@ -2772,14 +3085,16 @@ fn without_an_identity_the_driver_warns_that_any_admin_may_answer() {
         "{:?}",
         machine.debug_output()
     );
-    let mut intruder = machine.port_client(PORT_NAME).as_process(another_admin());
-    intruder.connect(&[]).expect("no restriction");
-    drop(intruder);
+    let intruder = ServiceClient::connect_as(&machine, design, another_admin());
+    drop(intruder.expect("no restriction"));
     unload_clean(&machine, driver);
 }
 
 /// The shipped `DriverEntry` reads the identity its installer wrote to `Parameters`: the
 /// service's SID there admits the service alone.
+///
+/// Once: it loads the shipped `DriverEntry`, which asks through the default design (the
+/// channel); nothing in it depends on how the service is asked.
 #[test]
 fn the_installed_identity_in_the_registry_admits_only_the_service() {
     let machine = Machine::new();
@@ -2819,6 +3134,9 @@ fn the_installed_identity_in_the_registry_admits_only_the_service() {
 
 /// An installed image path works the same way; a malformed installed SID keeps the driver from
 /// loading rather than running unrestricted.
+///
+/// Once: it loads the shipped `DriverEntry`, which asks through the default design (the
+/// channel); nothing in it depends on how the service is asked.
 #[test]
 fn an_installed_image_admits_it_and_a_malformed_installed_sid_fails_the_load() {
     let machine = Machine::new();
@@ -2908,12 +3226,11 @@ fn long_app(units: usize, file: &str) -> String {
 /// retransmission), from just past the old cut to the longest NT path; another program from the
 /// same folders is allowed by the policy's default. The driver itself fails open, so a deny can
 /// only be the rule's.
-#[test]
-fn a_program_from_a_long_path_is_denied_by_the_rule_naming_its_file() {
+fn a_program_from_a_long_path_is_denied_by_the_rule_naming_its_file(design: AskVia) {
     let machine = Machine::new();
-    let driver = load(&machine, long_paths::DriverEntry);
+    let driver = load(&machine, long_paths::on(design).entry);
     let policy = Arc::new(Mutex::new(rules(OPEN_POLICY)));
-    let (log, service) = serve(&machine, Arc::clone(&policy), 1, seed());
+    let (log, service) = serve(&machine, design, Arc::clone(&policy), 1, seed());
     let lengths = [521, 600, 4096, firewall_protocol::MAX_PATH_UNITS];
     for (n, &units) in lengths.iter().enumerate() {
         let n = n as u16;
@@ -2966,7 +3283,9 @@ fn a_program_from_a_long_path_is_denied_by_the_rule_naming_its_file() {
             "{what}: inbound, the cached verdict of the rule"
         );
     }
-    let stats = long_paths::STATS.snapshot();
+    let stats = long_paths::on(design).stats.snapshot();
+    // Longer than the channel's slots: a work item asks over the port, on either design.
+    assert_eq!(stats.asked_via_port, stats.asked, "{stats:?}");
     assert_eq!(stats.unaskable, 0, "{stats:?}");
     unload_clean(&machine, driver);
     for thread in service {
@@ -2992,11 +3311,10 @@ fn a_program_from_a_long_path_is_denied_by_the_rule_naming_its_file() {
 /// a decision more permissive than the service's could be: it is denied, whatever the default
 /// (here allow), outbound and inbound, at once, counted and logged. The longest NT path is
 /// asked about as usual.
-#[test]
-fn a_path_no_request_can_carry_whole_is_denied_without_asking() {
+fn a_path_no_request_can_carry_whole_is_denied_without_asking(design: AskVia) {
     let machine = Machine::new();
-    let driver = load(&machine, unaskable::DriverEntry);
-    let service = serve_simply(connected_client(&machine), OPEN_POLICY);
+    let driver = load(&machine, unaskable::on(design).entry);
+    let service = serve_simply(connected_client(&machine, design), OPEN_POLICY);
     let too_long = long_app(firewall_protocol::MAX_PATH_UNITS + 1, "ok.exe");
     let nul_inside = format!("{}\0{}", APPS[0], r"\nc.exe");
     let mut attempts = 0u16;
@@ -3019,7 +3337,7 @@ fn a_path_no_request_can_carry_whole_is_denied_without_asking() {
             );
         }
     }
-    let stats = unaskable::STATS.snapshot();
+    let stats = unaskable::on(design).stats.snapshot();
     assert_eq!(
         (stats.unaskable, stats.asked, stats.defaults),
         (4, 0, 0),
@@ -3043,7 +3361,7 @@ fn a_path_no_request_can_carry_whole_is_denied_without_asking() {
     // or cached: denied too, not the default.
     let reauthorized = classify_connect(&machine, &auth_connect_from(&too_long, 41_050, true));
     assert_eq!(reauthorized.action, Action::Block, "{reauthorized:?}");
-    assert_eq!(unaskable::STATS.snapshot().unaskable, 5);
+    assert_eq!(unaskable::on(design).stats.snapshot().unaskable, 5);
     // The longest NT path is asked about, and the default-allow policy allows it.
     let longest = connection(
         701,
@@ -3061,7 +3379,7 @@ fn a_path_no_request_can_carry_whole_is_denied_without_asking() {
         ),
         (Action::Permit, true)
     );
-    assert_eq!(unaskable::STATS.snapshot().asked, 1);
+    assert_eq!(unaskable::on(design).stats.snapshot().asked, 1);
     unload_clean(&machine, driver);
     assert_eq!(service.join().unwrap(), 1);
 }
@@ -3109,11 +3427,10 @@ fn auth_connect_from(
 /// (deny, although the default is allow) at once, counted and logged once, while a question
 /// with a short path still fits in what is left. Once the service answers, every pended
 /// connection gets its verdict, and long questions fit again.
-#[test]
-fn the_questions_of_the_moment_hold_at_most_question_bytes_of_pool() {
+fn the_questions_of_the_moment_hold_at_most_question_bytes_of_pool(design: AskVia) {
     let machine = Machine::with_worker_threads(2);
-    let driver = load(&machine, question_budget::DriverEntry);
-    let client = connected_client(&machine);
+    let driver = load(&machine, question_budget::on(design).entry);
+    let client = connected_client(&machine, design);
     let (answer_tx, answer_rx) = std::sync::mpsc::channel::<()>();
     // Holds what it reads until told, then answers everything until the driver goes away.
     let service = thread::spawn(move || {
@@ -3133,6 +3450,8 @@ fn the_questions_of_the_moment_hold_at_most_question_bytes_of_pool() {
             match client.reply(message.id, &burst_reply(&message)) {
                 Ok(()) => {}
                 Err(Status::PORT_DISCONNECTED) => break,
+                // Decided without it: on the channel, `stopping` decides the questions it holds.
+                Err(Status::FLT_NO_WAITER_FOR_REPLY) if client.channel.is_some() => {}
                 Err(status) => panic!("the driver is waiting for this reply: {status}"),
             }
         }
@@ -3156,7 +3475,7 @@ fn the_questions_of_the_moment_hold_at_most_question_bytes_of_pool() {
         (Action::Block, None),
         "the overload decision, not the default (allow): {refused:?}"
     );
-    let stats = question_budget::STATS.snapshot();
+    let stats = question_budget::on(design).stats.snapshot();
     assert_eq!((stats.overloaded, stats.defaults), (1, 0), "{stats:?}");
     // An inbound miss gets the default at once, as always, but its question does not fit:
     // it is not asked about in the background.
@@ -3177,7 +3496,7 @@ fn the_questions_of_the_moment_hold_at_most_question_bytes_of_pool() {
         (Action::Permit, false)
     );
     wait_for_background_asks(&machine, 1);
-    let stats = question_budget::STATS.snapshot();
+    let stats = question_budget::on(design).stats.snapshot();
     assert_eq!(
         (
             stats.background_asks,
@@ -3231,7 +3550,7 @@ fn the_questions_of_the_moment_hold_at_most_question_bytes_of_pool() {
     assert_eq!(ended.len(), 1, "the burst's end is logged once");
     unload_clean(&machine, driver);
     service.join().unwrap();
-    let stats = question_budget::STATS.snapshot();
+    let stats = question_budget::on(design).stats.snapshot();
     assert_eq!(
         (stats.overloaded, stats.defaults, stats.answered),
         (1, 1, fits as u64 + 2),
@@ -3245,8 +3564,7 @@ configured_driver!(crafted_image, PATIENT_CONFIG);
 /// under an allowed process's reused id, from a path crafted offline so that its application id
 /// has the allowed image's FNV-1a-64 (the unkeyed hash the key used before), is asked about, not
 /// answered with the allowed image's cached verdict.
-#[test]
-fn an_image_crafted_to_collide_under_fnv1a_does_not_inherit_a_cached_verdict() {
+fn an_image_crafted_to_collide_under_fnv1a_does_not_inherit_a_cached_verdict(design: AskVia) {
     // Found offline (Brent's cycle search); the same pair as tests/app_hash.rs.
     const ALLOWED: &str =
         "\\device\\harddiskvolume1\\\u{56ef}\u{5608}\u{4e48}\u{58e6}\u{548e}\\app.exe";
@@ -3269,8 +3587,8 @@ fn an_image_crafted_to_collide_under_fnv1a_does_not_inherit_a_cached_verdict() {
     );
 
     let machine = Machine::new();
-    let driver = load(&machine, crafted_image::DriverEntry);
-    let client = connected_client(&machine);
+    let driver = load(&machine, crafted_image::on(design).entry);
+    let client = connected_client(&machine, design);
     let asked = Mutex::new(Vec::new());
     thread::scope(|s| {
         s.spawn(|| {
