@@ -247,9 +247,9 @@ pub(crate) struct ThreadState {
     /// The address of a local in the outermost `with_context` frame on this thread (0: none):
     /// locks between the current stack pointer and it live on this thread's stack.
     pub stack_anchor: Cell<usize>,
-    /// The machine in which this thread's current stay at `DISPATCH_LEVEL` or above is counted
-    /// by the DPC watchdog (None: not at `DISPATCH_LEVEL`); see `watchdog::track`.
-    pub dispatch: RefCell<Option<Arc<Kernel>>>,
+    /// This thread's stay at `DISPATCH_LEVEL` or above, for the DPC watchdog; see
+    /// `watchdog::track`.
+    pub watch: super::watchdog::ThreadWatch,
 }
 
 thread_local! {
@@ -262,7 +262,7 @@ thread_local! {
         held_locks: RefCell::new(Vec::new()),
         stack_locks: RefCell::new(Vec::new()),
         stack_anchor: Cell::new(0),
-        dispatch: RefCell::new(None),
+        watch: super::watchdog::ThreadWatch::default(),
     };
 }
 
