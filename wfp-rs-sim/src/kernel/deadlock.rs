@@ -49,9 +49,11 @@ use std::{
 };
 
 use std::backtrace::Backtrace;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::bugcheck::{describe_routine, first_driver_frame, stop_with_details};
 use super::state::{Kernel, Routine, THREAD, ThreadState, current_driver, current_routine};
@@ -76,7 +78,7 @@ struct Node {
 struct Graph {
     nodes: BTreeMap<usize, Node>,
     /// `after[a][b]`: b was taken while a was held.
-    after: HashMap<usize, HashMap<usize, Edge>>,
+    after: FxHashMap<usize, FxHashMap<usize, Edge>>,
 }
 
 /// The machine's lock-order graph.
@@ -96,7 +98,7 @@ impl LockOrder {
 impl Graph {
     /// The path of edges from `from` to `to`, if the graph has one.
     fn path(&self, from: usize, to: usize) -> Option<Vec<(usize, usize)>> {
-        let mut seen = HashSet::new();
+        let mut seen = FxHashSet::default();
         let mut stack = vec![(from, Vec::new())];
         while let Some((at, path)) = stack.pop() {
             if at == to {

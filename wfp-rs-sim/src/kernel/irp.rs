@@ -47,9 +47,10 @@ use std::{
     vec::Vec,
 };
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use rustc_hash::FxHashMap;
 
 use super::bugcheck::stop;
 use super::io::read_unicode;
@@ -191,13 +192,13 @@ struct KernelHandle {
 
 #[derive(Default)]
 struct IoState {
-    irps: HashMap<usize, IrpRecord>,
-    files: HashMap<usize, FileRecord>,
+    irps: FxHashMap<usize, IrpRecord>,
+    files: FxHashMap<usize, FileRecord>,
     /// By lower-case name (`\??\name`).
-    links: HashMap<String, LinkRecord>,
+    links: FxHashMap<String, LinkRecord>,
     /// By device object address.
-    security: HashMap<usize, DeviceSecurity>,
-    handles: HashMap<usize, KernelHandle>,
+    security: FxHashMap<usize, DeviceSecurity>,
+    handles: FxHashMap<usize, KernelHandle>,
     next_handle: usize,
 }
 

@@ -238,7 +238,10 @@ fn register(watch: &ThreadWatch, slot: &Arc<Slot>, kernel: &Arc<Kernel>) {
     }
     let mut slots = kernel.watchdog.slots();
     slots.retain(|s| s.strong_count() > 0);
-    if !slots.iter().any(|s| core::ptr::eq(s.as_ptr(), Arc::as_ptr(slot))) {
+    if !slots
+        .iter()
+        .any(|s| core::ptr::eq(s.as_ptr(), Arc::as_ptr(slot)))
+    {
         slots.push(Arc::downgrade(slot));
     }
     *registered = Arc::downgrade(kernel);
@@ -396,8 +399,7 @@ fn overdue(
     let longest = stays
         .iter()
         .filter(|s| {
-            s.stay.since.elapsed() > limit
-                && previous.get(&s.id) == Some(&(s.stay.since, s.calls))
+            s.stay.since.elapsed() > limit && previous.get(&s.id) == Some(&(s.stay.since, s.calls))
         })
         .min_by_key(|s| s.stay.since)?;
     let elapsed = longest.stay.since.elapsed();
