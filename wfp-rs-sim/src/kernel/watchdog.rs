@@ -102,9 +102,12 @@ pub(crate) struct ThreadWatch {
     /// The machine in which the thread's current stay at `DISPATCH_LEVEL` or above is counted
     /// (None: not at `DISPATCH_LEVEL`).
     machine: RefCell<Option<Arc<Kernel>>>,
-    /// When the current stay started: what [`check_current`] compares with the limit, without
-    /// taking the slot's lock.
+    /// When the current stay started, without taking the slot's lock.
     since: Cell<Option<Instant>>,
+    /// When the current stay passes the limit (None: never, the limit is too far), and the limit
+    /// (in nanoseconds) it was computed with: [`check_current`] compares the clock with it
+    /// directly, and recomputes it if `Machine::set_dpc_watchdog_limit` changed the limit.
+    deadline: Cell<(Option<Instant>, u64)>,
     /// The IRQL the slot has for the current stay.
     irql: Cell<KIRQL>,
     /// Created with the thread's first stay.
@@ -224,6 +227,8 @@ pub(crate) fn track(t: &ThreadState) {
             });
         }
         watch.since.set(Some(since));
+        let limit_ns = kernel.watchdog.limit_ns.load(Ordering::Relaxed);
+        watch.deadline.set((deadline(since, limit_ns), limit_ns));
         watch.irql.set(irql);
         *current = Some(Arc::clone(kernel));
         start_monitor(kernel);
@@ -259,6 +264,12 @@ pub(crate) fn routine_changed(t: &ThreadState) {
     }
 }
 
+/// When a stay that started at `since` passes a limit of `limit_ns` nanoseconds (None: later
+/// than the clock can say).
+fn deadline(since: Instant, limit_ns: u64) -> Option<Instant> {
+    since.checked_add(Duration::from_nanos(limit_ns))
+}
+
 /// The check at the top of every simulated kernel routine: a thread whose stay at
 /// `DISPATCH_LEVEL` has passed the limit stops the machine itself, with its own stack.
 pub(crate) fn check_current() {
@@ -272,10 +283,25 @@ pub(crate) fn check_current() {
             slot.calls.load(Ordering::Relaxed).wrapping_add(1),
             Ordering::Relaxed,
         );
-        let machine = watch.machine.try_borrow().ok()?;
-        let limit = machine.as_ref()?.watchdog.limit();
-        let elapsed = since.elapsed();
-        (elapsed > limit).then_some((elapsed, limit))
+        let limit_ns = watch
+            .machine
+            .try_borrow()
+            .ok()?
+            .as_ref()?
+            .watchdog
+            .limit_ns
+            .load(Ordering::Relaxed);
+        let (mut deadline_now, computed_with) = watch.deadline.get();
+        if computed_with != limit_ns {
+            deadline_now = deadline(since, limit_ns);
+            watch.deadline.set((deadline_now, limit_ns));
+        }
+        // One clock read, compared with a precomputed instant: `now > since + limit` is
+        // `now - since > limit`, exactly.
+        let now = Instant::now();
+        deadline_now
+            .is_some_and(|deadline| now > deadline)
+            .then(|| (now.duration_since(since), Duration::from_nanos(limit_ns)))
     });
     if let Ok(Some((elapsed, limit))) = overdue {
         let routine = super::state::current_routine().map_or_else(
