@@ -167,7 +167,6 @@ pub(crate) fn before_acquire(lock: usize) {
         if held.is_empty() {
             return;
         }
-        let held: Vec<usize> = held.clone();
         // Only nested acquisitions reach the machine's graph: a lock taken with none held adds
         // no order.
         let kernel = super::state::current();
@@ -177,6 +176,7 @@ pub(crate) fn before_acquire(lock: usize) {
             .copied()
             .filter(|h| !graph.after.get(h).is_some_and(|next| next.contains_key(&lock)))
             .collect();
+        drop(held);
         if new_edges.is_empty() {
             return;
         }

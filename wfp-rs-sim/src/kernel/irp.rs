@@ -317,16 +317,18 @@ fn device_alive(kernel: &Kernel, device: usize, serial: u64) -> bool {
 
 // --- IRPs ---------------------------------------------------------------------------------------
 
-struct NewIrp {
+struct NewIrp<'input> {
     driver: usize,
     device: usize,
     file: usize,
     major: u8,
-    control: Option<(u32, Vec<u8>, usize)>,
+    /// The control code, the caller's input (copied into the IRP's own buffer, never handed to
+    /// the driver) and the output length.
+    control: Option<(u32, &'input [u8], usize)>,
 }
 
 /// Allocates an IRP with one stack location and records it; returns its address.
-fn new_irp(kernel: &Kernel, request: NewIrp) -> usize {
+fn new_irp(kernel: &Kernel, request: NewIrp<'_>) -> usize {
     let mut system_buffer: PVOID = core::ptr::null_mut();
     let mut user_buffer: PVOID = core::ptr::null_mut();
     let (buffer, output_at, parameters, output_len) = match request.control {
@@ -340,9 +342,11 @@ fn new_irp(kernel: &Kernel, request: NewIrp) -> usize {
                 input.len().max(output_len)
             };
             let buffer = (len > 0).then(|| {
-                let mut bytes = vec![0u8; len].into_boxed_slice();
-                bytes[..input.len()].copy_from_slice(&input);
-                (Box::into_raw(bytes).cast::<u8>(), len)
+                // The input copied in, the rest zeroed: one allocation, each byte written once.
+                let mut bytes = Vec::with_capacity(len);
+                bytes.extend_from_slice(input);
+                bytes.resize(len, 0u8);
+                (Box::into_raw(bytes.into_boxed_slice()).cast::<u8>(), len)
             });
             let base = buffer.map_or(core::ptr::null_mut(), |(ptr, _)| ptr);
             let mut type3_input: PVOID = core::ptr::null_mut();
@@ -1656,7 +1660,7 @@ impl DeviceHandle {
                 device,
                 file: self.file,
                 major: IRP_MJ_DEVICE_CONTROL,
-                control: Some((code, input.to_vec(), output_len)),
+                control: Some((code, input, output_len)),
             },
         );
         let request = IoRequest {
