@@ -184,19 +184,36 @@ pub(crate) fn track(t: &ThreadState) {
     let watch = &t.watch;
     let mut current = watch.machine.borrow_mut();
     match (&*current, wanted) {
-        (None, None) => return,
+        (None, None) => {}
         (Some(current), Some(wanted)) if Arc::ptr_eq(current, wanted) => {
             // Still at DISPATCH_LEVEL or above in the same machine; only the level may differ.
-            if watch.irql.replace(irql) != irql
-                && let Some(slot) = watch.slot.get()
-                && let Some(stay) = slot.stay().as_mut()
-            {
-                stay.irql = irql;
+            if watch.irql.replace(irql) != irql {
+                level_changed(watch, irql);
             }
-            return;
         }
-        _ => {}
+        (_, wanted) => change_stay(t, &mut current, wanted, irql),
     }
+}
+
+#[inline(never)]
+fn level_changed(watch: &ThreadWatch, irql: KIRQL) {
+    if let Some(slot) = watch.slot.get()
+        && let Some(stay) = slot.stay().as_mut()
+    {
+        stay.irql = irql;
+    }
+}
+
+/// Ends the thread's stay, if any, and starts one in `wanted`, if given. Out of line, so that
+/// [`track`]'s common cases (no stay, or the same one) stay small.
+#[inline(never)]
+fn change_stay(
+    t: &ThreadState,
+    current: &mut Option<Arc<Kernel>>,
+    wanted: Option<&Arc<Kernel>>,
+    irql: KIRQL,
+) {
+    let watch = &t.watch;
     // The bookkeeping allocates from the host, never from a driver's pool.
     let _host = KernelCode::for_allocator();
     if current.take().is_some() {
@@ -304,16 +321,23 @@ pub(crate) fn check_current() {
             .then(|| (now.duration_since(since), Duration::from_nanos(limit_ns)))
     });
     if let Ok(Some((elapsed, limit))) = overdue {
-        let routine = super::state::current_routine().map_or_else(
-            || "kernel or harness code".to_owned(),
-            super::bugcheck::describe_routine,
-        );
-        super::bugcheck::stop(
-            BugCheckCode::DPC_WATCHDOG_VIOLATION,
-            [CUMULATIVE, ticks(limit), 0, 0],
-            &explanation("this processor", &routine, elapsed, limit),
-        );
+        stop_overdue(elapsed, limit);
     }
+}
+
+/// [`check_current`]'s stop, out of line: the check runs at every kernel call, the stop once.
+#[cold]
+#[inline(never)]
+fn stop_overdue(elapsed: Duration, limit: Duration) -> ! {
+    let routine = super::state::current_routine().map_or_else(
+        || "kernel or harness code".to_owned(),
+        super::bugcheck::describe_routine,
+    );
+    super::bugcheck::stop(
+        BugCheckCode::DPC_WATCHDOG_VIOLATION,
+        [CUMULATIVE, ticks(limit), 0, 0],
+        &explanation("this processor", &routine, elapsed, limit),
+    )
 }
 
 fn explanation(who: &str, routine: &str, elapsed: Duration, limit: Duration) -> String {
