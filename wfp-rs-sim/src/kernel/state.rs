@@ -741,7 +741,11 @@ pub(crate) fn current_routine() -> Option<Routine> {
 /// (address, IRQL, operation, instruction): here 0, the current IRQL, 8 (execute: the routine
 /// is pageable code, or requires a wait), 0. The maximum is in the explanation.
 pub(crate) fn require_irql(routine: &str, max: KIRQL) {
-    let now = irql();
+    require_irql_at(routine, irql(), max);
+}
+
+/// [`require_irql`] for a caller that has read the IRQL (`now`) already.
+pub(crate) fn require_irql_at(routine: &str, now: KIRQL, max: KIRQL) {
     if now > max {
         stop(
             BugCheckCode::IRQL_NOT_LESS_OR_EQUAL,
