@@ -10,13 +10,16 @@
 //! processors, nowhere.
 //!
 //! The simulator's processors are host threads, so the spin ends as soon as another host thread
-//! sets the flag; that passes in the simulator and hangs Windows until the watchdog fires. The
-//! simulator keeps, per machine, since when each thread has been at `DISPATCH_LEVEL` or above
-//! without a break ([`track`], called wherever a thread's IRQL or machine changes), and stops
-//! with 0x133 when a stay passes the machine's limit (`Machine::set_dpc_watchdog_limit`):
+//! sets the flag; that passes in the simulator and hangs Windows until the watchdog fires. Each
+//! thread keeps since when it has been at `DISPATCH_LEVEL` or above in a machine without a break
+//! ([`track`], called wherever a thread's IRQL or machine changes), in a record of its own that
+//! the machine's monitor can read (so the bookkeeping of the many IRQL changes takes no lock
+//! another thread takes), and the machine stops with 0x133 when a stay passes its limit
+//! (`Machine::set_dpc_watchdog_limit`):
 //!
 //! - the thread itself, at its next call of a kernel routine ([`check_current`], from
-//!   `KernelCode::enter`), with its own stack in the report;
+//!   `KernelCode::enter`: one clock read per call in a stay, compared with the stay's deadline),
+//!   with its own stack in the report;
 //! - otherwise a monitor thread per machine, started with the machine's first stay at
 //!   `DISPATCH_LEVEL`, which wakes every eighth of the limit (at most every 100 ms) and reports
 //!   the longest stay past the limit in which the thread called no kernel routine between two
