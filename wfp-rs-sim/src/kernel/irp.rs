@@ -547,15 +547,18 @@ fn check_dispatch_result(
 ) {
     let mut state = io(kernel);
     let record = state.irps.get_mut(&irp).expect("IRPs are never forgotten");
+    // (pending returned, status) of a completion in the dispatch routine: all the checks need
+    // of it (not a copy of its output).
     let completed = match &record.phase {
-        Phase::Completed(completion) => Some(completion.clone()),
+        Phase::Completed(completion) => {
+            Some((completion.pending_returned, completion.result.status))
+        }
         _ => None,
     };
-    let marked = completed
-        .as_ref()
-        .map_or(stack_control(block) & SL_PENDING_RETURNED != 0, |c| {
-            c.pending_returned
-        });
+    let marked = completed.map_or(
+        stack_control(block) & SL_PENDING_RETURNED != 0,
+        |(pending_returned, _)| pending_returned,
+    );
     if returned == STATUS_PENDING {
         if !marked {
             drop(state);
@@ -575,7 +578,7 @@ fn check_dispatch_result(
         }
         return;
     }
-    let Some(completion) = completed else {
+    let Some((_, completed_with)) = completed else {
         drop(state);
         stop(
             BugCheckCode::DRIVER_VERIFIER_IOMANAGER_VIOLATION,
@@ -602,8 +605,8 @@ fn check_dispatch_result(
             ),
         );
     }
-    if completion.result.status != returned {
-        let expected = completion.result.status;
+    if completed_with != returned {
+        let expected = completed_with;
         drop(state);
         stop(
             BugCheckCode::DRIVER_VERIFIER_IOMANAGER_VIOLATION,
@@ -1712,7 +1715,8 @@ impl Drop for DeviceHandle {
 impl IoRequest {
     /// Whether the request is still pending.
     pub fn is_pending(&self) -> bool {
-        self.result().is_none()
+        // Without copying the output, as `result` does.
+        !matches!(io(&self.kernel).irps[&self.irp].phase, Phase::Completed(_))
     }
 
     /// How the request ended, or `None` while it is pending.
