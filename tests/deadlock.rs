@@ -949,6 +949,100 @@ bugcheck_test! {
     }
 }
 
+/// The limit is read again during a stay: lowered while a thread spins at DISPATCH_LEVEL calling
+/// the kernel, the stay that has lasted longer than the new limit stops the machine on its own
+/// thread (with the new limit in the report), not the default 10 s later.
+#[test]
+fn lowering_the_watchdog_limit_during_a_stay_applies_to_it() {
+    let outcome = run_isolated(
+        &wfp_rs_sim::__test_name(
+            module_path!(),
+            "lowering_the_watchdog_limit_during_a_stay_applies_to_it",
+        ),
+        || {
+            let machine = Machine::new();
+            machine.at_dispatch(|_irql| {
+                let _ = wfp_rs::time::Instant::now(); // a kernel call with the default limit
+                machine.set_dpc_watchdog_limit(WATCHDOG);
+                loop {
+                    let _ = wfp_rs::time::Instant::now(); // spins, reading the clock
+                }
+            });
+        },
+    );
+    let report = outcome.expect_bugcheck(BugCheckCode::DPC_WATCHDOG_VIOLATION);
+    assert_eq!(
+        report.params,
+        [1, WATCHDOG_TICKS, 0, 0],
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        report.explanation.starts_with("this processor ")
+            && report.explanation.contains("limit of 0.200 s"),
+        "{}",
+        outcome.stderr
+    );
+}
+
+/// And raised during a stay, it no longer stops a stay the old limit would have: the thread
+/// spins calling the kernel for twice the old limit, then returns.
+#[test]
+fn raising_the_watchdog_limit_during_a_stay_applies_to_it() {
+    let outcome = run_isolated(
+        &wfp_rs_sim::__test_name(
+            module_path!(),
+            "raising_the_watchdog_limit_during_a_stay_applies_to_it",
+        ),
+        || {
+            let machine = Machine::new();
+            machine.set_dpc_watchdog_limit(WATCHDOG);
+            machine.at_dispatch(|_irql| {
+                let _ = wfp_rs::time::Instant::now(); // a kernel call with the short limit
+                machine.set_dpc_watchdog_limit(Duration::from_secs(3600));
+                let start = std::time::Instant::now();
+                while start.elapsed() < 2 * WATCHDOG {
+                    let _ = wfp_rs::time::Instant::now();
+                }
+            });
+        },
+    );
+    outcome.expect_completed();
+}
+
+/// A thread's stays are watched in every machine it enters: after a stay in one machine, a spin
+/// in another, calling no kernel routine, is found by the second machine's watchdog thread.
+#[test]
+fn a_thread_that_stayed_in_another_machine_is_watched_in_the_next() {
+    let outcome = run_isolated(
+        &wfp_rs_sim::__test_name(
+            module_path!(),
+            "a_thread_that_stayed_in_another_machine_is_watched_in_the_next",
+        ),
+        || {
+            static DONE: AtomicBool = AtomicBool::new(false);
+            let first = Machine::new();
+            assert_eq!(first.at_dispatch(|_| 1), 1);
+            let second = Machine::new();
+            second.set_dpc_watchdog_limit(WATCHDOG);
+            second.at_dispatch(|_irql| {
+                while !DONE.load(Ordering::SeqCst) {
+                    core::hint::spin_loop();
+                }
+            });
+        },
+    );
+    let report = outcome.expect_bugcheck(BugCheckCode::DPC_WATCHDOG_VIOLATION);
+    assert!(
+        report
+            .routine
+            .starts_with("test harness code (Machine::at_dispatch); thread ")
+            && report.location.starts_with("(not available"),
+        "the watchdog's thread reports the spinning thread: {}",
+        outcome.stderr
+    );
+}
+
 /// Many stays at DISPATCH_LEVEL, each far below the limit, adding up to more than it: a stay
 /// ends when the processor drops below DISPATCH_LEVEL, so nothing fires. On several threads at
 /// once, with the locks taken from PASSIVE_LEVEL and from DISPATCH_LEVEL, and work items running

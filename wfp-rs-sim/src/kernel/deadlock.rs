@@ -49,12 +49,14 @@ use std::{
 };
 
 use std::backtrace::Backtrace;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use rustc_hash::{FxHashMap, FxHashSet};
+
 use super::bugcheck::{describe_routine, first_driver_frame, stop_with_details};
-use super::state::{Kernel, Routine, THREAD, ThreadState, current_driver, current_routine};
+use super::state::{Kernel, Routine, ThreadState, current_driver, current_routine};
 use wfp_rs::bugcheck::{BugCheckCode, verifier};
 
 /// Where one order (`A → B`) was first seen.
@@ -76,7 +78,7 @@ struct Node {
 struct Graph {
     nodes: BTreeMap<usize, Node>,
     /// `after[a][b]`: b was taken while a was held.
-    after: HashMap<usize, HashMap<usize, Edge>>,
+    after: FxHashMap<usize, FxHashMap<usize, Edge>>,
 }
 
 /// The machine's lock-order graph.
@@ -96,7 +98,7 @@ impl LockOrder {
 impl Graph {
     /// The path of edges from `from` to `to`, if the graph has one.
     fn path(&self, from: usize, to: usize) -> Option<Vec<(usize, usize)>> {
-        let mut seen = HashSet::new();
+        let mut seen = FxHashSet::default();
         let mut stack = vec![(from, Vec::new())];
         while let Some((at, path)) = stack.pop() {
             if at == to {
@@ -148,80 +150,86 @@ fn on_this_stack(t: &ThreadState, address: usize) -> bool {
 
 /// Called by the acquire routines before they take `lock`: the self-deadlock and lock-order
 /// checks. Returns with the graph updated; the caller takes the lock, then calls [`acquired`].
-pub(crate) fn before_acquire(lock: usize) {
-    THREAD.with(|t| {
-        let held = t.held_locks.borrow();
-        if held.contains(&lock) {
-            drop(held);
+pub(crate) fn before_acquire(t: &ThreadState, lock: usize) {
+    let held = t.held_locks.borrow();
+    if held.contains(&lock) {
+        drop(held);
+        stop_with_details(
+            BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION,
+            [verifier::DEADLOCK_SELF, lock, 0, 0],
+            &format!(
+                "deadlock detection: spin lock {lock:#x} was acquired by the processor that already holds it (on Windows: a hang)"
+            ),
+            "",
+        );
+    }
+    if held.is_empty() {
+        return;
+    }
+    // Only nested acquisitions reach the machine's graph: a lock taken with none held adds
+    // no order.
+    let kernel = super::state::current();
+    let mut graph = kernel.lock_order.lock();
+    let new_edges: Vec<usize> = held
+        .iter()
+        .copied()
+        .filter(|h| {
+            !graph
+                .after
+                .get(h)
+                .is_some_and(|next| next.contains_key(&lock))
+        })
+        .collect();
+    drop(held);
+    if new_edges.is_empty() {
+        return;
+    }
+    for &h in &new_edges {
+        if let Some(path) = graph.path(lock, h) {
+            let report = cycle_report(&graph, lock, h, &path);
+            drop(graph);
             stop_with_details(
                 BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION,
-                [verifier::DEADLOCK_SELF, lock, 0, 0],
+                [verifier::DEADLOCK_LOCK_ORDER, lock, h, 0],
                 &format!(
-                    "deadlock detection: spin lock {lock:#x} was acquired by the processor that already holds it (on Windows: a hang)"
+                    "deadlock detection: spin lock {lock:#x} taken while holding {h:#x}, but {lock:#x} was taken before {h:#x} elsewhere: two processors taking them in these orders deadlock"
                 ),
-                "",
+                &report,
             );
         }
-        if held.is_empty() {
-            return;
+    }
+    let driver = current_driver();
+    let routine = current_routine();
+    let backtrace = Arc::new(Backtrace::force_capture());
+    let thread = this_thread_name();
+    for &h in &new_edges {
+        graph.after.entry(h).or_default().insert(
+            lock,
+            Edge {
+                thread: thread.clone(),
+                routine,
+                backtrace: Arc::clone(&backtrace),
+            },
+        );
+    }
+    let mut added = Vec::new();
+    for address in new_edges.iter().copied().chain([lock]) {
+        if let std::collections::btree_map::Entry::Vacant(v) = graph.nodes.entry(address) {
+            v.insert(Node { driver });
+            added.push(address);
         }
-        let held: Vec<usize> = held.clone();
-        // Only nested acquisitions reach the machine's graph: a lock taken with none held adds
-        // no order.
-        let kernel = super::state::current();
-        let mut graph = kernel.lock_order.lock();
-        let new_edges: Vec<usize> = held
-            .iter()
-            .copied()
-            .filter(|h| !graph.after.get(h).is_some_and(|next| next.contains_key(&lock)))
-            .collect();
-        if new_edges.is_empty() {
-            return;
+    }
+    kernel
+        .lock_order
+        .nodes
+        .store(graph.nodes.len(), Ordering::Relaxed);
+    drop(graph);
+    let mut stack_locks = t.stack_locks.borrow_mut();
+    for address in added {
+        if on_this_stack(t, address) {
+            stack_locks.push(address);
         }
-        for &h in &new_edges {
-            if let Some(path) = graph.path(lock, h) {
-                let report = cycle_report(&graph, lock, h, &path);
-                drop(graph);
-                stop_with_details(
-                    BugCheckCode::DRIVER_VERIFIER_DETECTED_VIOLATION,
-                    [verifier::DEADLOCK_LOCK_ORDER, lock, h, 0],
-                    &format!(
-                        "deadlock detection: spin lock {lock:#x} taken while holding {h:#x}, but {lock:#x} was taken before {h:#x} elsewhere: two processors taking them in these orders deadlock"
-                    ),
-                    &report,
-                );
-            }
-        }
-        let driver = current_driver();
-        let routine = current_routine();
-        let backtrace = Arc::new(Backtrace::force_capture());
-        let thread = this_thread_name();
-        for &h in &new_edges {
-            graph.after.entry(h).or_default().insert(
-                lock,
-                Edge {
-                    thread: thread.clone(),
-                    routine,
-                    backtrace: Arc::clone(&backtrace),
-                },
-            );
-        }
-        let mut added = Vec::new();
-        for address in new_edges.iter().copied().chain([lock]) {
-            if let std::collections::btree_map::Entry::Vacant(v) = graph.nodes.entry(address) {
-                v.insert(Node { driver });
-                added.push(address);
-            }
-        }
-        kernel.lock_order.nodes.store(graph.nodes.len(), Ordering::Relaxed);
-        drop(graph);
-        let mut stack_locks = t.stack_locks.borrow_mut();
-        for address in added {
-            if on_this_stack(t, address) {
-                stack_locks.push(address);
-            }
-        }
-    });
+    }
 }
 
 /// The lines after the stop header for a lock-order violation: where each order on the cycle
@@ -251,18 +259,16 @@ fn cycle_report(graph: &Graph, lock: usize, held: usize, path: &[(usize, usize)]
 }
 
 /// Called by the acquire routines once they hold `lock`.
-pub(crate) fn acquired(lock: usize) {
-    THREAD.with(|t| t.held_locks.borrow_mut().push(lock));
+pub(crate) fn acquired(t: &ThreadState, lock: usize) {
+    t.held_locks.borrow_mut().push(lock);
 }
 
 /// Called by the release routines once they have released `lock`.
-pub(crate) fn released(lock: usize) {
-    THREAD.with(|t| {
-        let mut held = t.held_locks.borrow_mut();
-        if let Some(at) = held.iter().rposition(|&l| l == lock) {
-            held.remove(at);
-        }
-    });
+pub(crate) fn released(t: &ThreadState, lock: usize) {
+    let mut held = t.held_locks.borrow_mut();
+    if let Some(at) = held.iter().rposition(|&l| l == lock) {
+        held.remove(at);
+    }
 }
 
 /// How many spin locks the graph remembers an order for.

@@ -54,10 +54,12 @@ use std::{
     vec::Vec,
 };
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use rustc_hash::FxHashMap;
 
 use super::bugcheck::stop;
 use super::pool::{kernel_allocate, kernel_free};
@@ -124,11 +126,11 @@ impl FilterManager {
 
 #[derive(Default)]
 struct State {
-    filters: HashMap<usize, FilterRecord>,
-    servers: HashMap<usize, ServerRecord>,
-    clients: HashMap<usize, ClientRecord>,
-    messages: HashMap<u64, MessageRecord>,
-    descriptors: HashMap<usize, DescriptorRecord>,
+    filters: FxHashMap<usize, FilterRecord>,
+    servers: FxHashMap<usize, ServerRecord>,
+    clients: FxHashMap<usize, ClientRecord>,
+    messages: FxHashMap<u64, MessageRecord>,
+    descriptors: FxHashMap<usize, DescriptorRecord>,
     next_message_id: u64,
 }
 

@@ -47,9 +47,10 @@ use std::{
     vec::Vec,
 };
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use rustc_hash::FxHashMap;
 
 use super::bugcheck::stop;
 use super::io::read_unicode;
@@ -191,13 +192,13 @@ struct KernelHandle {
 
 #[derive(Default)]
 struct IoState {
-    irps: HashMap<usize, IrpRecord>,
-    files: HashMap<usize, FileRecord>,
+    irps: FxHashMap<usize, IrpRecord>,
+    files: FxHashMap<usize, FileRecord>,
     /// By lower-case name (`\??\name`).
-    links: HashMap<String, LinkRecord>,
+    links: FxHashMap<String, LinkRecord>,
     /// By device object address.
-    security: HashMap<usize, DeviceSecurity>,
-    handles: HashMap<usize, KernelHandle>,
+    security: FxHashMap<usize, DeviceSecurity>,
+    handles: FxHashMap<usize, KernelHandle>,
     next_handle: usize,
 }
 
@@ -316,16 +317,18 @@ fn device_alive(kernel: &Kernel, device: usize, serial: u64) -> bool {
 
 // --- IRPs ---------------------------------------------------------------------------------------
 
-struct NewIrp {
+struct NewIrp<'input> {
     driver: usize,
     device: usize,
     file: usize,
     major: u8,
-    control: Option<(u32, Vec<u8>, usize)>,
+    /// The control code, the caller's input (copied into the IRP's own buffer, never handed to
+    /// the driver) and the output length.
+    control: Option<(u32, &'input [u8], usize)>,
 }
 
 /// Allocates an IRP with one stack location and records it; returns its address.
-fn new_irp(kernel: &Kernel, request: NewIrp) -> usize {
+fn new_irp(kernel: &Kernel, request: NewIrp<'_>) -> usize {
     let mut system_buffer: PVOID = core::ptr::null_mut();
     let mut user_buffer: PVOID = core::ptr::null_mut();
     let (buffer, output_at, parameters, output_len) = match request.control {
@@ -339,9 +342,11 @@ fn new_irp(kernel: &Kernel, request: NewIrp) -> usize {
                 input.len().max(output_len)
             };
             let buffer = (len > 0).then(|| {
-                let mut bytes = vec![0u8; len].into_boxed_slice();
-                bytes[..input.len()].copy_from_slice(&input);
-                (Box::into_raw(bytes).cast::<u8>(), len)
+                // The input copied in, the rest zeroed: one allocation, each byte written once.
+                let mut bytes = Vec::with_capacity(len);
+                bytes.extend_from_slice(input);
+                bytes.resize(len, 0u8);
+                (Box::into_raw(bytes.into_boxed_slice()).cast::<u8>(), len)
             });
             let base = buffer.map_or(core::ptr::null_mut(), |(ptr, _)| ptr);
             let mut type3_input: PVOID = core::ptr::null_mut();
@@ -542,15 +547,18 @@ fn check_dispatch_result(
 ) {
     let mut state = io(kernel);
     let record = state.irps.get_mut(&irp).expect("IRPs are never forgotten");
+    // (pending returned, status) of a completion in the dispatch routine: all the checks need
+    // of it (not a copy of its output).
     let completed = match &record.phase {
-        Phase::Completed(completion) => Some(completion.clone()),
+        Phase::Completed(completion) => {
+            Some((completion.pending_returned, completion.result.status))
+        }
         _ => None,
     };
-    let marked = completed
-        .as_ref()
-        .map_or(stack_control(block) & SL_PENDING_RETURNED != 0, |c| {
-            c.pending_returned
-        });
+    let marked = completed.map_or(
+        stack_control(block) & SL_PENDING_RETURNED != 0,
+        |(pending_returned, _)| pending_returned,
+    );
     if returned == STATUS_PENDING {
         if !marked {
             drop(state);
@@ -570,7 +578,7 @@ fn check_dispatch_result(
         }
         return;
     }
-    let Some(completion) = completed else {
+    let Some((_, completed_with)) = completed else {
         drop(state);
         stop(
             BugCheckCode::DRIVER_VERIFIER_IOMANAGER_VIOLATION,
@@ -597,8 +605,8 @@ fn check_dispatch_result(
             ),
         );
     }
-    if completion.result.status != returned {
-        let expected = completion.result.status;
+    if completed_with != returned {
+        let expected = completed_with;
         drop(state);
         stop(
             BugCheckCode::DRIVER_VERIFIER_IOMANAGER_VIOLATION,
@@ -1655,7 +1663,7 @@ impl DeviceHandle {
                 device,
                 file: self.file,
                 major: IRP_MJ_DEVICE_CONTROL,
-                control: Some((code, input.to_vec(), output_len)),
+                control: Some((code, input, output_len)),
             },
         );
         let request = IoRequest {
@@ -1707,7 +1715,8 @@ impl Drop for DeviceHandle {
 impl IoRequest {
     /// Whether the request is still pending.
     pub fn is_pending(&self) -> bool {
-        self.result().is_none()
+        // Without copying the output, as `result` does.
+        !matches!(io(&self.kernel).irps[&self.irp].phase, Phase::Completed(_))
     }
 
     /// How the request ended, or `None` while it is pending.

@@ -11,7 +11,7 @@ use std::{
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::bugcheck::stop;
-use super::state::{irql, level_name, set_irql, thread_id};
+use super::state::{THREAD, irql, level_name, set_irql};
 use wfp_rs::bugcheck::{BugCheckCode, verifier};
 use wfp_rs::sys::*;
 
@@ -83,27 +83,31 @@ fn word<'a>(lock: *mut KSPIN_LOCK) -> &'a AtomicUsize {
 /// `SpinLock` must point to an initialised `KSPIN_LOCK` that outlives the hold.
 pub unsafe extern "system" fn KeAcquireSpinLockRaiseToDpc(SpinLock: *mut KSPIN_LOCK) -> KIRQL {
     let _kernel = super::state::KernelCode::enter();
-    super::state::require_irql("KeAcquireSpinLockRaiseToDpc", DISPATCH_LEVEL);
-    let me = thread_id() as usize;
-    let lock = word(SpinLock);
-    super::deadlock::before_acquire(SpinLock as usize);
-    let old = irql();
-    set_irql(DISPATCH_LEVEL);
-    let mut spins = 0u32;
-    while lock
-        .compare_exchange_weak(0, me, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
-        spins = spins.wrapping_add(1);
-        if spins.is_multiple_of(64) {
-            // The holder is a host thread the host may have preempted; let it run.
-            std::thread::yield_now();
-        } else {
-            std::hint::spin_loop();
+    // One look at the thread's state for the whole acquisition: this runs for every spin lock.
+    THREAD.with(|t| {
+        let old = t.irql.get();
+        super::state::require_irql_at("KeAcquireSpinLockRaiseToDpc", old, DISPATCH_LEVEL);
+        let me = t.id as usize;
+        let lock = word(SpinLock);
+        super::deadlock::before_acquire(t, SpinLock as usize);
+        t.irql.set(DISPATCH_LEVEL);
+        super::watchdog::track(t);
+        let mut spins = 0u32;
+        while lock
+            .compare_exchange_weak(0, me, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(64) {
+                // The holder is a host thread the host may have preempted; let it run.
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
-    }
-    super::deadlock::acquired(SpinLock as usize);
-    old
+        super::deadlock::acquired(t, SpinLock as usize);
+        old
+    })
 }
 
 /// `KeReleaseSpinLock`. Releasing a lock nobody holds stops with 0xC4 / 0x1007, one another
@@ -131,7 +135,7 @@ pub unsafe extern "system" fn KeReleaseSpinLock(SpinLock: *mut KSPIN_LOCK, NewIr
             ),
         );
     }
-    let me = thread_id() as usize;
+    let me = THREAD.with(|t| t.id) as usize;
     let lock = word(SpinLock);
     if let Err(owner) = lock.compare_exchange(me, 0, Ordering::Release, Ordering::Relaxed) {
         if owner == 0 {
@@ -159,7 +163,7 @@ pub unsafe extern "system" fn KeReleaseSpinLock(SpinLock: *mut KSPIN_LOCK, NewIr
             ),
         );
     }
-    super::deadlock::released(SpinLock as usize);
+    THREAD.with(|t| super::deadlock::released(t, SpinLock as usize));
     // SAFETY: the lock was released; lowering to the saved level is the routine's own contract.
     unsafe { KeLowerIrql(NewIrql) };
 }

@@ -15,8 +15,9 @@ use std::{
 };
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+
+use rustc_hash::FxHashMap;
 
 use wfp_rs::bugcheck::BugCheckCode;
 use wfp_rs::client::Sid;
@@ -150,9 +151,9 @@ thread_local! {
 
 /// Referenced primary tokens: the token's address (its process's) → the process and the count
 /// of references drivers hold.
-type Tokens = HashMap<usize, (Arc<Process>, usize)>;
+type Tokens = FxHashMap<usize, (Arc<Process>, usize)>;
 
-static TOKENS: LazyLock<Mutex<Tokens>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+static TOKENS: LazyLock<Mutex<Tokens>> = LazyLock::new(|| Mutex::new(FxHashMap::default()));
 
 fn tokens() -> std::sync::MutexGuard<'static, Tokens> {
     TOKENS.lock().unwrap_or_else(PoisonError::into_inner)

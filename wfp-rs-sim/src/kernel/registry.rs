@@ -10,8 +10,9 @@ use std::{
     vec::Vec,
 };
 
-use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use rustc_hash::FxHashMap;
 
 use wfp_rs::bugcheck::BugCheckCode;
 use wfp_rs::status::Status;
@@ -29,9 +30,9 @@ const PARTIAL_HEADER: usize = 12;
 #[derive(Default)]
 struct RegistryState {
     /// Key name (lower case) → value name (lower case) → (type, data).
-    keys: HashMap<String, HashMap<String, (u32, Vec<u8>)>>,
+    keys: FxHashMap<String, FxHashMap<String, (u32, Vec<u8>)>>,
     /// Open key handles → the key's name.
-    handles: HashMap<usize, String>,
+    handles: FxHashMap<usize, String>,
     next_handle: usize,
 }
 

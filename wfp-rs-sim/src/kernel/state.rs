@@ -9,10 +9,12 @@ use std::{
 };
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::bugcheck::stop;
 use wfp_rs::bugcheck::BugCheckCode;
@@ -73,13 +75,13 @@ pub(crate) struct DeviceRecord {
 
 #[derive(Default)]
 pub(crate) struct State {
-    pub pool: HashMap<usize, Block>,
-    pub freed: HashSet<usize>,
+    pub pool: FxHashMap<usize, Block>,
+    pub freed: FxHashSet<usize>,
     /// While set, worker threads leave queued work items in the queue.
     pub hold_work_items: bool,
-    pub drivers: HashMap<usize, DriverRecord>,
-    pub devices: HashMap<usize, DeviceRecord>,
-    pub work_items: HashMap<usize, WorkItemRecord>,
+    pub drivers: FxHashMap<usize, DriverRecord>,
+    pub devices: FxHashMap<usize, DeviceRecord>,
+    pub work_items: FxHashMap<usize, WorkItemRecord>,
     pub queue: VecDeque<QueuedWork>,
     /// How many times `IoQueueWorkItem` queued an item since the machine started (harness
     /// bookkeeping, `Machine::work_items_queued`; nothing in Windows reads it).
@@ -89,7 +91,7 @@ pub(crate) struct State {
     /// an item off the queue until the routine returns, even if the routine freed its item
     /// first (the SDK's routines do): Windows keeps the device object referenced, and the
     /// driver loaded, for that long.
-    pub running_work: HashMap<usize, usize>,
+    pub running_work: FxHashMap<usize, usize>,
     pub debug: Vec<String>,
     pub shutdown: bool,
     /// While set, `BCryptGenRandom` fails with this status (`Machine::fail_random`).
@@ -117,7 +119,7 @@ pub(crate) struct Kernel {
     pub faults: Mutex<Faults>,
     /// Blocks the global allocator took from pool for driver code (`Box`, `Vec`, `Arc`), by
     /// address. A leaf lock, like `faults`: see `global_alloc.rs`.
-    pub global_pool: Mutex<HashMap<usize, Block>>,
+    pub global_pool: Mutex<FxHashMap<usize, Block>>,
     /// Signalled when work is queued or the machine shuts down.
     pub work_ready: Condvar,
     /// Signalled when a work item finishes.
@@ -154,7 +156,7 @@ pub(crate) struct Kernel {
     pub unload_wait_limit_ms: AtomicU64,
     /// Threads blocked in `KeWaitForSingleObject` with no timeout, by simulated thread id: what
     /// a wait at unload that gave up reports as blocking it.
-    pub waiters: Mutex<HashMap<u64, Waiter>>,
+    pub waiters: Mutex<FxHashMap<u64, Waiter>>,
     /// The DPC watchdog: how long each thread has been at `DISPATCH_LEVEL` or above, and the
     /// limit (`watchdog.rs`).
     pub watchdog: super::watchdog::Watchdog,
@@ -247,9 +249,9 @@ pub(crate) struct ThreadState {
     /// The address of a local in the outermost `with_context` frame on this thread (0: none):
     /// locks between the current stack pointer and it live on this thread's stack.
     pub stack_anchor: Cell<usize>,
-    /// The machine in which this thread's current stay at `DISPATCH_LEVEL` or above is counted
-    /// by the DPC watchdog (None: not at `DISPATCH_LEVEL`); see `watchdog::track`.
-    pub dispatch: RefCell<Option<Arc<Kernel>>>,
+    /// This thread's stay at `DISPATCH_LEVEL` or above, for the DPC watchdog; see
+    /// `watchdog::track`.
+    pub watch: super::watchdog::ThreadWatch,
 }
 
 thread_local! {
@@ -262,7 +264,7 @@ thread_local! {
         held_locks: RefCell::new(Vec::new()),
         stack_locks: RefCell::new(Vec::new()),
         stack_anchor: Cell::new(0),
-        dispatch: RefCell::new(None),
+        watch: super::watchdog::ThreadWatch::default(),
     };
 }
 
@@ -272,7 +274,7 @@ impl Kernel {
         let kernel = Arc::new(Kernel {
             state: Mutex::new(State::default()),
             faults: Mutex::new(Faults::default()),
-            global_pool: Mutex::new(HashMap::new()),
+            global_pool: Mutex::new(FxHashMap::default()),
             work_ready: Condvar::new(),
             work_done: Condvar::new(),
             event_lock: Mutex::new(()),
@@ -290,7 +292,7 @@ impl Kernel {
             clock_offset: AtomicU64::new(0),
             lock_order: super::deadlock::LockOrder::default(),
             unload_wait_limit_ms: AtomicU64::new(DEFAULT_UNLOAD_WAIT_LIMIT_MS),
-            waiters: Mutex::new(HashMap::new()),
+            waiters: Mutex::new(FxHashMap::default()),
             watchdog: super::watchdog::Watchdog::default(),
             timers: super::timer::Timers::default(),
             blocked: super::blocked::BlockedThreads::default(),
@@ -739,7 +741,11 @@ pub(crate) fn current_routine() -> Option<Routine> {
 /// (address, IRQL, operation, instruction): here 0, the current IRQL, 8 (execute: the routine
 /// is pageable code, or requires a wait), 0. The maximum is in the explanation.
 pub(crate) fn require_irql(routine: &str, max: KIRQL) {
-    let now = irql();
+    require_irql_at(routine, irql(), max);
+}
+
+/// [`require_irql`] for a caller that has read the IRQL (`now`) already.
+pub(crate) fn require_irql_at(routine: &str, now: KIRQL, max: KIRQL) {
     if now > max {
         stop(
             BugCheckCode::IRQL_NOT_LESS_OR_EQUAL,

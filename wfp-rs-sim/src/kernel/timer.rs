@@ -10,9 +10,11 @@ use std::{
     vec::Vec,
 };
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use rustc_hash::FxHashMap;
 
 use super::bugcheck::stop;
 use super::state::{
@@ -42,7 +44,7 @@ struct QueuedDpc {
 
 #[derive(Default)]
 pub(crate) struct TimerState {
-    set: HashMap<usize, SetTimer>,
+    set: FxHashMap<usize, SetTimer>,
     queue: VecDeque<QueuedDpc>,
     /// DPC routines running now: (KDPC address, routine, driver).
     running: Vec<(usize, usize, usize)>,

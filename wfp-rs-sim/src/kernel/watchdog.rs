@@ -10,13 +10,16 @@
 //! processors, nowhere.
 //!
 //! The simulator's processors are host threads, so the spin ends as soon as another host thread
-//! sets the flag; that passes in the simulator and hangs Windows until the watchdog fires. The
-//! simulator keeps, per machine, since when each thread has been at `DISPATCH_LEVEL` or above
-//! without a break ([`track`], called wherever a thread's IRQL or machine changes), and stops
-//! with 0x133 when a stay passes the machine's limit (`Machine::set_dpc_watchdog_limit`):
+//! sets the flag; that passes in the simulator and hangs Windows until the watchdog fires. Each
+//! thread keeps since when it has been at `DISPATCH_LEVEL` or above in a machine without a break
+//! ([`track`], called wherever a thread's IRQL or machine changes), in a record of its own that
+//! the machine's monitor can read (so the bookkeeping of the many IRQL changes takes no lock
+//! another thread takes), and the machine stops with 0x133 when a stay passes its limit
+//! (`Machine::set_dpc_watchdog_limit`):
 //!
 //! - the thread itself, at its next call of a kernel routine ([`check_current`], from
-//!   `KernelCode::enter`), with its own stack in the report;
+//!   `KernelCode::enter`: one clock read per call in a stay, compared with the stay's deadline),
+//!   with its own stack in the report;
 //! - otherwise a monitor thread per machine, started with the machine's first stay at
 //!   `DISPATCH_LEVEL`, which wakes every eighth of the limit (at most every 100 ms) and reports
 //!   the longest stay past the limit in which the thread called no kernel routine between two
@@ -40,10 +43,12 @@ use std::{
     vec::Vec,
 };
 
-use std::collections::HashMap;
+use std::cell::{Cell, OnceCell, RefCell};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
+
+use rustc_hash::FxHashMap;
 
 use super::state::{Kernel, KernelCode, Routine, THREAD, ThreadState};
 use wfp_rs::bugcheck::BugCheckCode;
@@ -61,15 +66,65 @@ const TICK: Duration = Duration::from_micros(15_625);
 /// Parameter 1 of the stop: the system spent too long at `DISPATCH_LEVEL` or above.
 const CUMULATIVE: usize = 1;
 
-/// A thread's stay at `DISPATCH_LEVEL` or above.
+/// A thread's stay at `DISPATCH_LEVEL` or above, as the monitor sees it.
+#[derive(Clone, Copy)]
 struct Stay {
+    /// The address of the machine the stay is counted in: only compared (the thread keeps the
+    /// machine alive for as long as the stay lasts, so no other machine has that address).
+    machine: usize,
     since: Instant,
-    /// How many kernel routines the thread has called in this stay: a thread that still calls
-    /// them stops the machine itself, with its own stack, so the monitor leaves it alone.
-    calls: u64,
     irql: KIRQL,
     routine: Option<Routine>,
+}
+
+/// One thread's record for the DPC watchdog. The thread writes it; a machine's monitor reads
+/// it. Per thread rather than one table per machine, so that the bookkeeping of a change of
+/// IRQL (many per connection) takes no lock another thread takes and hashes nothing.
+struct Slot {
+    /// The simulated thread id.
+    id: u64,
     thread: std::thread::Thread,
+    /// How many kernel routines the thread has called in its current stay: a thread that still
+    /// calls them stops the machine itself, with its own stack, so the monitor leaves it alone.
+    /// Written by the thread only (reset under `stay`'s lock when a stay starts).
+    calls: AtomicU64,
+    /// The current stay (None: the thread is below `DISPATCH_LEVEL` or outside every machine).
+    /// Uncontended but for the monitor's looks, a few times per limit.
+    stay: Mutex<Option<Stay>>,
+}
+
+impl Slot {
+    fn stay(&self) -> MutexGuard<'_, Option<Stay>> {
+        self.stay.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What a thread keeps for the DPC watchdog (part of its `ThreadState`).
+#[derive(Default)]
+pub(crate) struct ThreadWatch {
+    /// The machine in which the thread's current stay at `DISPATCH_LEVEL` or above is counted
+    /// (None: not at `DISPATCH_LEVEL`).
+    machine: RefCell<Option<Arc<Kernel>>>,
+    /// When the current stay started, without taking the slot's lock.
+    since: Cell<Option<Instant>>,
+    /// When the current stay passes the limit (None: never, the limit is too far), and the limit
+    /// (in nanoseconds) it was computed with: [`check_current`] compares the clock with it
+    /// directly, and recomputes it if `Machine::set_dpc_watchdog_limit` changed the limit.
+    deadline: Cell<(Option<Instant>, u64)>,
+    /// The IRQL the slot has for the current stay.
+    irql: Cell<KIRQL>,
+    /// Created with the thread's first stay.
+    slot: OnceCell<Arc<Slot>>,
+    /// The machine whose watchdog last got this thread's slot (a `Weak` so that its address
+    /// cannot be reused by another machine while it is compared).
+    registered: RefCell<Weak<Kernel>>,
+}
+
+impl ThreadWatch {
+    /// Whether the thread is in a stay at `DISPATCH_LEVEL` or above.
+    fn in_stay(&self) -> bool {
+        self.since.get().is_some()
+    }
 }
 
 /// One machine's watchdog.
@@ -78,9 +133,10 @@ pub(crate) struct Watchdog {
     limit_ns: AtomicU64,
     /// Whether the monitor thread runs.
     started: AtomicBool,
-    /// The threads at `DISPATCH_LEVEL` or above in this machine, by simulated thread id. A leaf
-    /// lock: nothing else is taken while it is held.
-    stays: Mutex<HashMap<u64, Stay>>,
+    /// The slots of the threads that have been at `DISPATCH_LEVEL` in this machine (a thread
+    /// that has ended leaves a dead `Weak`, dropped at the next registration). A leaf lock, taken
+    /// when a thread first stays in this machine and by the monitor.
+    slots: Mutex<Vec<Weak<Slot>>>,
 }
 
 impl Default for Watchdog {
@@ -88,7 +144,7 @@ impl Default for Watchdog {
         Watchdog {
             limit_ns: AtomicU64::new(nanos(DEFAULT_LIMIT)),
             started: AtomicBool::new(false),
-            stays: Mutex::new(HashMap::new()),
+            slots: Mutex::new(Vec::new()),
         }
     }
 }
@@ -107,8 +163,8 @@ impl Watchdog {
         Duration::from_nanos(self.limit_ns.load(Ordering::Relaxed))
     }
 
-    fn stays(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Stay>> {
-        self.stays.lock().unwrap_or_else(|p| p.into_inner())
+    fn slots(&self) -> MutexGuard<'_, Vec<Weak<Slot>>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -128,51 +184,110 @@ pub(crate) fn track(t: &ThreadState) {
         return;
     };
     let wanted = kernel.as_ref().filter(|_| irql >= DISPATCH_LEVEL);
-    let mut stay = t.dispatch.borrow_mut();
-    match (&*stay, wanted) {
-        (None, None) => return,
+    let watch = &t.watch;
+    let mut current = watch.machine.borrow_mut();
+    match (&*current, wanted) {
+        (None, None) => {}
         (Some(current), Some(wanted)) if Arc::ptr_eq(current, wanted) => {
             // Still at DISPATCH_LEVEL or above in the same machine; only the level may differ.
-            let _host = KernelCode::for_allocator();
-            if let Some(entry) = current.watchdog.stays().get_mut(&t.id) {
-                entry.irql = irql;
+            if watch.irql.replace(irql) != irql {
+                level_changed(watch, irql);
             }
-            return;
         }
-        _ => {}
+        (_, wanted) => change_stay(t, &mut current, wanted, irql),
     }
+}
+
+#[inline(never)]
+fn level_changed(watch: &ThreadWatch, irql: KIRQL) {
+    if let Some(slot) = watch.slot.get()
+        && let Some(stay) = slot.stay().as_mut()
+    {
+        stay.irql = irql;
+    }
+}
+
+/// Ends the thread's stay, if any, and starts one in `wanted`, if given. Out of line, so that
+/// [`track`]'s common cases (no stay, or the same one) stay small.
+#[inline(never)]
+fn change_stay(
+    t: &ThreadState,
+    current: &mut Option<Arc<Kernel>>,
+    wanted: Option<&Arc<Kernel>>,
+    irql: KIRQL,
+) {
+    let watch = &t.watch;
     // The bookkeeping allocates from the host, never from a driver's pool.
     let _host = KernelCode::for_allocator();
-    if let Some(previous) = stay.take() {
-        previous.watchdog.stays().remove(&t.id);
+    if current.take().is_some() {
+        watch.since.set(None);
+        if let Some(slot) = watch.slot.get() {
+            *slot.stay() = None;
+        }
     }
     if let Some(kernel) = wanted {
-        kernel.watchdog.stays().insert(
-            t.id,
-            Stay {
-                since: Instant::now(),
-                calls: 0,
+        let slot = watch.slot.get_or_init(|| {
+            Arc::new(Slot {
+                id: t.id,
+                thread: std::thread::current(),
+                calls: AtomicU64::new(0),
+                stay: Mutex::new(None),
+            })
+        });
+        register(watch, slot, kernel);
+        let since = Instant::now();
+        {
+            let mut stay = slot.stay();
+            slot.calls.store(0, Ordering::Relaxed);
+            *stay = Some(Stay {
+                machine: Arc::as_ptr(kernel) as usize,
+                since,
                 irql,
                 routine: t.routine.get(),
-                thread: std::thread::current(),
-            },
-        );
-        *stay = Some(Arc::clone(kernel));
+            });
+        }
+        watch.since.set(Some(since));
+        let limit_ns = kernel.watchdog.limit_ns.load(Ordering::Relaxed);
+        watch.deadline.set((deadline(since, limit_ns), limit_ns));
+        watch.irql.set(irql);
+        *current = Some(Arc::clone(kernel));
         start_monitor(kernel);
     }
 }
 
+/// Makes `kernel`'s monitor see this thread's slot, once per machine the thread stays in.
+fn register(watch: &ThreadWatch, slot: &Arc<Slot>, kernel: &Arc<Kernel>) {
+    let mut registered = watch.registered.borrow_mut();
+    if core::ptr::eq(registered.as_ptr(), Arc::as_ptr(kernel)) {
+        return;
+    }
+    let mut slots = kernel.watchdog.slots();
+    slots.retain(|s| s.strong_count() > 0);
+    if !slots
+        .iter()
+        .any(|s| core::ptr::eq(s.as_ptr(), Arc::as_ptr(slot)))
+    {
+        slots.push(Arc::downgrade(slot));
+    }
+    *registered = Arc::downgrade(kernel);
+}
+
 /// This thread's routine changed: the stay it is in, if any, is now in that routine.
 pub(crate) fn routine_changed(t: &ThreadState) {
-    let Ok(stay) = t.dispatch.try_borrow() else {
+    if !t.watch.in_stay() {
         return;
-    };
-    if let Some(kernel) = stay.as_ref() {
-        let _host = KernelCode::for_allocator();
-        if let Some(entry) = kernel.watchdog.stays().get_mut(&t.id) {
-            entry.routine = t.routine.get();
-        }
     }
+    if let Some(slot) = t.watch.slot.get()
+        && let Some(stay) = slot.stay().as_mut()
+    {
+        stay.routine = t.routine.get();
+    }
+}
+
+/// When a stay that started at `since` passes a limit of `limit_ns` nanoseconds (None: later
+/// than the clock can say).
+fn deadline(since: Instant, limit_ns: u64) -> Option<Instant> {
+    since.checked_add(Duration::from_nanos(limit_ns))
 }
 
 /// The check at the top of every simulated kernel routine: a thread whose stay at
@@ -180,26 +295,52 @@ pub(crate) fn routine_changed(t: &ThreadState) {
 pub(crate) fn check_current() {
     // `try_with`: a kernel routine may be called from a thread-local destructor.
     let overdue = THREAD.try_with(|t| {
-        let stay = t.dispatch.try_borrow().ok()?;
-        let kernel = stay.as_ref()?;
-        let limit = kernel.watchdog.limit();
-        let mut stays = kernel.watchdog.stays();
-        let stay = stays.get_mut(&t.id)?;
-        stay.calls = stay.calls.wrapping_add(1);
-        let elapsed = stay.since.elapsed();
-        (elapsed > limit).then_some((elapsed, limit))
+        let watch = &t.watch;
+        let since = watch.since.get()?;
+        let slot = watch.slot.get()?;
+        // Only this thread writes its count: no read-modify-write needed.
+        slot.calls.store(
+            slot.calls.load(Ordering::Relaxed).wrapping_add(1),
+            Ordering::Relaxed,
+        );
+        let limit_ns = watch
+            .machine
+            .try_borrow()
+            .ok()?
+            .as_ref()?
+            .watchdog
+            .limit_ns
+            .load(Ordering::Relaxed);
+        let (mut deadline_now, computed_with) = watch.deadline.get();
+        if computed_with != limit_ns {
+            deadline_now = deadline(since, limit_ns);
+            watch.deadline.set((deadline_now, limit_ns));
+        }
+        // One clock read, compared with a precomputed instant: `now > since + limit` is
+        // `now - since > limit`, exactly.
+        let now = Instant::now();
+        deadline_now
+            .is_some_and(|deadline| now > deadline)
+            .then(|| (now.duration_since(since), Duration::from_nanos(limit_ns)))
     });
     if let Ok(Some((elapsed, limit))) = overdue {
-        let routine = super::state::current_routine().map_or_else(
-            || "kernel or harness code".to_owned(),
-            super::bugcheck::describe_routine,
-        );
-        super::bugcheck::stop(
-            BugCheckCode::DPC_WATCHDOG_VIOLATION,
-            [CUMULATIVE, ticks(limit), 0, 0],
-            &explanation("this processor", &routine, elapsed, limit),
-        );
+        stop_overdue(elapsed, limit);
     }
+}
+
+/// [`check_current`]'s stop, out of line: the check runs at every kernel call, the stop once.
+#[cold]
+#[inline(never)]
+fn stop_overdue(elapsed: Duration, limit: Duration) -> ! {
+    let routine = super::state::current_routine().map_or_else(
+        || "kernel or harness code".to_owned(),
+        super::bugcheck::describe_routine,
+    );
+    super::bugcheck::stop(
+        BugCheckCode::DPC_WATCHDOG_VIOLATION,
+        [CUMULATIVE, ticks(limit), 0, 0],
+        &explanation("this processor", &routine, elapsed, limit),
+    )
 }
 
 fn explanation(who: &str, routine: &str, elapsed: Duration, limit: Duration) -> String {
@@ -212,7 +353,10 @@ fn explanation(who: &str, routine: &str, elapsed: Duration, limit: Duration) -> 
 
 /// Starts the machine's monitor thread, once.
 fn start_monitor(kernel: &Arc<Kernel>) {
-    if kernel.watchdog.started.swap(true, Ordering::SeqCst) {
+    // A load first: every stay calls this, and only the first needs the read-modify-write.
+    if kernel.watchdog.started.load(Ordering::Relaxed)
+        || kernel.watchdog.started.swap(true, Ordering::SeqCst)
+    {
         return;
     }
     let machine = Arc::downgrade(kernel);
@@ -226,7 +370,7 @@ fn start_monitor(kernel: &Arc<Kernel>) {
 /// the machine for the longest stay past the limit in which the thread called no kernel routine
 /// since the monitor's previous look (one that does stops the machine itself at its next call).
 fn monitor(machine: &Weak<Kernel>) {
-    let mut seen = HashMap::new();
+    let mut seen = FxHashMap::default();
     loop {
         let period = {
             let Some(kernel) = machine.upgrade() else {
@@ -255,46 +399,80 @@ struct Overdue {
     others: Vec<(u64, Duration, Option<Routine>, std::thread::Thread)>,
 }
 
+/// A stay the monitor looked at.
+struct Seen {
+    id: u64,
+    stay: Stay,
+    calls: u64,
+    thread: std::thread::Thread,
+}
+
+/// The stays in `kernel` now, by thread id.
+fn stays(kernel: &Kernel) -> Vec<Seen> {
+    let slots: Vec<Arc<Slot>> = kernel
+        .watchdog
+        .slots()
+        .iter()
+        .filter_map(Weak::upgrade)
+        .collect();
+    let mut stays: Vec<Seen> = slots
+        .iter()
+        .filter_map(|slot| {
+            // Under the slot's lock: a stay and its count, never one stay's start with another's
+            // count.
+            let stay = (*slot.stay())?;
+            let calls = slot.calls.load(Ordering::Relaxed);
+            (stay.machine == core::ptr::from_ref(kernel) as usize).then(|| Seen {
+                id: slot.id,
+                stay,
+                calls,
+                thread: slot.thread.clone(),
+            })
+        })
+        .collect();
+    stays.sort_by_key(|seen| seen.id);
+    stays
+}
+
 /// The longest stay past the limit that has made no progress through the kernel since the last
 /// look (`seen`: each stay's start and call count then, updated here).
 fn overdue(
     kernel: &Kernel,
     limit: Duration,
-    seen: &mut HashMap<u64, (Instant, u64)>,
+    seen: &mut FxHashMap<u64, (Instant, u64)>,
 ) -> Option<Overdue> {
-    let stays = kernel.watchdog.stays();
+    let stays = stays(kernel);
     let previous = core::mem::replace(
         seen,
         stays
             .iter()
-            .map(|(&id, stay)| (id, (stay.since, stay.calls)))
+            .map(|s| (s.id, (s.stay.since, s.calls)))
             .collect(),
     );
-    let (&id, longest) = stays
+    let longest = stays
         .iter()
-        .filter(|&(id, stay)| {
-            stay.since.elapsed() > limit && previous.get(id) == Some(&(stay.since, stay.calls))
+        .filter(|s| {
+            s.stay.since.elapsed() > limit && previous.get(&s.id) == Some(&(s.stay.since, s.calls))
         })
-        .min_by_key(|(_, stay)| stay.since)?;
-    let elapsed = longest.since.elapsed();
-    let mut others: Vec<_> = stays
+        .min_by_key(|s| s.stay.since)?;
+    let elapsed = longest.stay.since.elapsed();
+    let others: Vec<_> = stays
         .iter()
-        .filter(|&(&other, _)| other != id)
-        .map(|(&other, stay)| {
+        .filter(|other| other.id != longest.id)
+        .map(|other| {
             (
-                other,
-                stay.since.elapsed(),
-                stay.routine,
-                stay.thread.clone(),
+                other.id,
+                other.stay.since.elapsed(),
+                other.stay.routine,
+                other.thread.clone(),
             )
         })
         .collect();
-    others.sort_by_key(|&(other, ..)| other);
     Some(Overdue {
-        id,
+        id: longest.id,
         elapsed,
-        irql: longest.irql,
-        routine: longest.routine,
+        irql: longest.stay.irql,
+        routine: longest.stay.routine,
         thread: longest.thread.clone(),
         others,
     })

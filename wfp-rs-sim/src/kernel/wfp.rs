@@ -21,9 +21,11 @@ use std::{
     vec::Vec,
 };
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+use rustc_hash::FxHashMap;
 
 use super::bugcheck::stop;
 use super::state::{THREAD, current, current_driver, irql, level_name, require_irql};
@@ -120,10 +122,10 @@ struct Owned<T> {
 
 #[derive(Clone, Default)]
 struct Objects {
-    providers: HashMap<GUID, Owned<()>>,
-    sublayers: HashMap<GUID, Owned<u16>>,
+    providers: FxHashMap<GUID, Owned<()>>,
+    sublayers: FxHashMap<GUID, Owned<u16>>,
     /// Callout key → (applicable layer, id).
-    callouts: HashMap<GUID, Owned<(GUID, u32)>>,
+    callouts: FxHashMap<GUID, Owned<(GUID, u32)>>,
     filters: BTreeMap<u64, FilterRecord>,
 }
 
@@ -156,28 +158,28 @@ struct RuntimeCallout {
 pub(crate) struct Bfe {
     next_handle: usize,
     next_filter_id: u64,
-    sessions: HashMap<usize, Session>,
+    sessions: FxHashMap<usize, Session>,
     txn: Option<Transaction>,
     objects: Objects,
-    callout_ids: HashMap<GUID, u32>,
-    runtime: HashMap<u32, RuntimeCallout>,
+    callout_ids: FxHashMap<GUID, u32>,
+    runtime: FxHashMap<u32, RuntimeCallout>,
     next_pend: usize,
     /// Completion handles of classifications in progress (valid only during the classify).
-    completion_handles: HashMap<usize, CompletionHandle>,
+    completion_handles: FxHashMap<usize, CompletionHandle>,
     /// Pended classifications, by completion context.
-    pends: HashMap<usize, Pend>,
+    pends: FxHashMap<usize, Pend>,
     /// Flow contexts, by (flow id, layer id, callout id).
-    flow_contexts: HashMap<FlowKey, u64>,
+    flow_contexts: FxHashMap<FlowKey, u64>,
     /// Classifications in progress, by the flow handle in their metadata (those without one are
     /// not counted).
-    classifying_flows: HashMap<u64, usize>,
+    classifying_flows: FxHashMap<u64, usize>,
     /// Contexts removed while a classification of their flow was in progress, waiting for the
     /// last one to return before they go to `flowDeleteFn`.
     deferred_flow_deletes: Vec<(FlowKey, u64)>,
     /// Classifications in progress, by the classify context handed to callouts.
-    live_classifications: HashMap<usize, LiveClassification>,
+    live_classifications: FxHashMap<usize, LiveClassification>,
     /// Classify handles acquired and not yet released.
-    classify_handles: HashMap<usize, ClassifyHandle>,
+    classify_handles: FxHashMap<usize, ClassifyHandle>,
     /// Completion handles of classifications that returned, the most recent ones.
     retired_completion_handles: Retired,
     /// Classify contexts of classifications that returned, the most recent ones.
