@@ -22,6 +22,7 @@ use std::{
 };
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -61,10 +62,12 @@ pub(crate) enum SimValue {
     U32(u32),
     U64(u64),
     Bytes16([u8; 16]),
-    Blob(Vec<u8>),
-    Sid(Vec<u8>),
-    SecurityDescriptor(Vec<u8>),
-    TokenAccess(Vec<u8>),
+    // Shared, not owned: the harness presents one app id at every layer of a connection, and
+    // the engine copies values into fresh storage for each classification anyway.
+    Blob(Arc<[u8]>),
+    Sid(Arc<[u8]>),
+    SecurityDescriptor(Arc<[u8]>),
+    TokenAccess(Arc<[u8]>),
     Unicode(Vec<u16>),
     V4Mask { addr: u32, mask: u32 },
     V6Mask { addr: [u8; 16], prefix: u8 },
@@ -924,17 +927,17 @@ pub unsafe extern "system" fn FwpmCalloutDeleteByKey0(
 /// # Safety
 ///
 /// `ptr` must be null or point to a valid `FWP_BYTE_BLOB`.
-unsafe fn read_blob(ptr: *const FWP_BYTE_BLOB) -> Result<Vec<u8>, NTSTATUS> {
+unsafe fn read_blob(ptr: *const FWP_BYTE_BLOB) -> Result<Arc<[u8]>, NTSTATUS> {
     // SAFETY: null or valid per the contract.
     let blob = unsafe { ptr.as_ref() }.ok_or(Status::FWP_NULL_POINTER.raw())?;
     if blob.size == 0 {
-        return Ok(Vec::new());
+        return Ok(Arc::from(&[][..]));
     }
     if blob.data.is_null() {
         return Err(Status::FWP_NULL_POINTER.raw());
     }
     // SAFETY: a valid blob holds `size` bytes at `data`.
-    Ok(unsafe { core::slice::from_raw_parts(blob.data, blob.size as usize) }.to_vec())
+    Ok(unsafe { core::slice::from_raw_parts(blob.data, blob.size as usize) }.into())
 }
 
 /// Copies a SID (8-byte header, then 4 bytes per sub-authority; the count is byte 1).
@@ -942,7 +945,7 @@ unsafe fn read_blob(ptr: *const FWP_BYTE_BLOB) -> Result<Vec<u8>, NTSTATUS> {
 /// # Safety
 ///
 /// `sid` must be null or point to a valid SID.
-unsafe fn read_sid(sid: *const SID) -> Result<Vec<u8>, NTSTATUS> {
+unsafe fn read_sid(sid: *const SID) -> Result<Arc<[u8]>, NTSTATUS> {
     let bytes = sid.cast::<u8>();
     if bytes.is_null() {
         return Err(Status::FWP_NULL_POINTER.raw());
@@ -950,7 +953,7 @@ unsafe fn read_sid(sid: *const SID) -> Result<Vec<u8>, NTSTATUS> {
     // SAFETY: a valid SID has its 8-byte header; byte 1 is the sub-authority count.
     let count = unsafe { bytes.wrapping_add(1).read() } as usize;
     // SAFETY: a valid SID holds `8 + 4 * count` bytes.
-    Ok(unsafe { core::slice::from_raw_parts(bytes, 8 + 4 * count) }.to_vec())
+    Ok(unsafe { core::slice::from_raw_parts(bytes, 8 + 4 * count) }.into())
 }
 
 /// Copies a NUL-terminated UTF-16 string.
@@ -1985,7 +1988,7 @@ impl ValueStorage {
                 },
             ),
             SimValue::Sid(bytes) => {
-                let mut data = bytes.clone();
+                let mut data = bytes.to_vec();
                 let ptr = data.as_mut_ptr().cast::<SID>();
                 self._bytes.push(data);
                 (FWP_SID, FWP_VALUE0_u { sid: ptr })
