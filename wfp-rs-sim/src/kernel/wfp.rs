@@ -1553,7 +1553,7 @@ struct Notify {
 
 impl Notify {
     fn call(self, kind: FWPS_CALLOUT_NOTIFY_TYPE, record: &FilterRecord) -> NTSTATUS {
-        let mut storage = FilterStorage::new(record, 0);
+        let mut storage = FilterStorage::new(record, 0, self.call.id);
         let key = record.key;
         let driver = self.call.driver;
         let status = in_driver(driver, self.call.id, "notifyFn", || {
@@ -1622,7 +1622,9 @@ struct FilterStorage {
 }
 
 impl FilterStorage {
-    fn new(record: &FilterRecord, sublayer_weight: u16) -> FilterStorage {
+    /// The filter `record` as handed to callout `callout_id` (the id its callout key maps to,
+    /// known to the caller from the call it began).
+    fn new(record: &FilterRecord, sublayer_weight: u16, callout_id: u32) -> FilterStorage {
         let mut weight = Box::new(record.weight);
         let mut flags = 0u16;
         if record.flags & FWPM_FILTER_FLAG_CLEAR_ACTION_RIGHT != 0 {
@@ -1632,18 +1634,11 @@ impl FilterStorage {
             flags |= FWPS_FILTER_FLAG_PERMIT_IF_CALLOUT_UNREGISTERED;
         }
         let callout_id = if record.action & FWP_ACTION_FLAG_CALLOUT != 0 {
-            current()
-                .wfp
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .callout_ids
-                .get(&record.callout_key)
-                .copied()
-                .unwrap_or(0)
+            callout_id
         } else {
             0
         };
-        let mut values = ValueStorage::new(&[]);
+        let mut values = ValueStorage::new(record.conditions.iter().map(|c| &c.value));
         let mut conditions: Vec<FWPS_FILTER_CONDITION0> = record
             .conditions
             .iter()
@@ -1840,78 +1835,247 @@ fn filter_matches(record: &FilterRecord, values: &[SimValue]) -> bool {
     true
 }
 
-/// Storage for the raw `FWPS_INCOMING_VALUE0` array and the data its pointers refer to.
-#[expect(
-    clippy::vec_box,
-    reason = "each box gives its value an address that pushing cannot move"
-)]
+/// The raw forms of values as the engine hands them to callouts (the `FWPS_INCOMING_VALUE0`
+/// array of a classification, the `FWP_CONDITION_VALUE0`s of a filter), with the data their
+/// pointers refer to. Built anew for each classification and each filter handed to a callout,
+/// so a callout always sees fresh copies, and freed when that call returns.
+///
+/// The data lives in a few pools, each allocated once at its final size (a box or vector per
+/// value was most of the engine's cost per classification): `words` holds everything pointed to
+/// that holds no pointer itself (64-bit integers, byte arrays, blob bytes, SIDs, strings,
+/// address masks), each value from an 8-byte boundary so a `UINT64` or a SID is aligned as
+/// Windows' would be, zero-padded; `blobs` holds the `FWP_BYTE_BLOB` headers that point into
+/// `words`. Pointers into a pool are taken only once it is complete, so no push can move what
+/// they point to.
 struct ValueStorage {
     values: Vec<FWPS_INCOMING_VALUE0>,
-    _u64s: Vec<Box<u64>>,
-    _v4_masks: Vec<Box<FWP_V4_ADDR_AND_MASK>>,
-    _v6_masks: Vec<Box<FWP_V6_ADDR_AND_MASK>>,
-    _ranges: Vec<Box<FWP_RANGE0>>,
-    _arrays: Vec<Box<FWP_BYTE_ARRAY16>>,
-    _blobs: Vec<Box<FWP_BYTE_BLOB>>,
-    // Vectors of vectors: each inner buffer is its own allocation, so pointers into it stay
-    // valid as more are pushed.
-    _bytes: Vec<Vec<u8>>,
-    _units: Vec<Vec<u16>>,
+    words: Vec<u64>,
+    blobs: Vec<FWP_BYTE_BLOB>,
+    /// Ranges (condition values only, rare): boxed, as each is pointed to while more are added.
+    #[expect(
+        clippy::vec_box,
+        reason = "each box gives its range an address that pushing cannot move"
+    )]
+    ranges: Vec<Box<FWP_RANGE0>>,
+    /// Where the next value's data and blob header are, as [`raw`](Self::raw) hands them out
+    /// in the order the storage was built in.
+    next_word: usize,
+    next_blob: usize,
+}
+
+/// Whether `value` keeps anything beside its tag and union (most values do not: the loops over
+/// a classification's values skip them at this test).
+#[inline(always)]
+fn carries_data(value: &SimValue) -> bool {
+    !matches!(
+        value,
+        SimValue::Empty | SimValue::U8(_) | SimValue::U16(_) | SimValue::U32(_)
+    )
+}
+
+/// What `value` keeps beside its tag and union: words of data, blob headers.
+fn footprint(value: &SimValue) -> (usize, usize) {
+    let words = |bytes: usize| bytes.div_ceil(8);
+    match value {
+        SimValue::Empty | SimValue::U8(_) | SimValue::U16(_) | SimValue::U32(_) => (0, 0),
+        SimValue::U64(_) | SimValue::V4Mask { .. } => (1, 0),
+        SimValue::Bytes16(_) => (2, 0),
+        SimValue::V6Mask { .. } => (words(size_of::<FWP_V6_ADDR_AND_MASK>()), 0),
+        SimValue::Blob(bytes)
+        | SimValue::SecurityDescriptor(bytes)
+        | SimValue::TokenAccess(bytes) => (words(bytes.len()), 1),
+        SimValue::Sid(bytes) => (words(bytes.len()), 0),
+        // NUL-terminated.
+        SimValue::Unicode(units) => (words(2 * (units.len() + 1)), 0),
+        SimValue::Range(low, high) => range_footprint(low, high),
+    }
+}
+
+// The ranges' recursion lives out of line, so the per-value functions inline into the loops
+// over a classification's values.
+#[inline(never)]
+fn range_footprint(low: &SimValue, high: &SimValue) -> (usize, usize) {
+    let (low_words, low_blobs) = footprint(low);
+    let (high_words, high_blobs) = footprint(high);
+    (low_words + high_words, low_blobs + high_blobs)
+}
+
+/// Appends `bytes` to `words`, zero-padded to a whole word.
+fn push_bytes(words: &mut Vec<u64>, bytes: &[u8]) {
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        words.push(u64::from_ne_bytes(word));
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut word = [0u8; 8];
+        word[..rest.len()].copy_from_slice(rest);
+        words.push(u64::from_ne_bytes(word));
+    }
+}
+
+/// Appends the data `value` points to (its [`footprint`]'s words) to `words`.
+fn push_data(words: &mut Vec<u64>, value: &SimValue) {
+    #[cfg(debug_assertions)]
+    let start = words.len();
+    match value {
+        SimValue::Empty | SimValue::U8(_) | SimValue::U16(_) | SimValue::U32(_) => {}
+        SimValue::U64(v) => words.push(*v),
+        SimValue::Bytes16(bytes) => push_bytes(words, bytes),
+        // `FWP_V4_ADDR_AND_MASK`: `addr` at offset 0, `mask` at 4.
+        SimValue::V4Mask { addr, mask } => {
+            let mut word = [0u8; 8];
+            word[..4].copy_from_slice(&addr.to_ne_bytes());
+            word[4..].copy_from_slice(&mask.to_ne_bytes());
+            words.push(u64::from_ne_bytes(word));
+        }
+        // `FWP_V6_ADDR_AND_MASK`: `addr` at offset 0, `prefixLength` at 16.
+        SimValue::V6Mask { addr, prefix } => {
+            push_bytes(words, addr);
+            push_bytes(words, &[*prefix]);
+        }
+        SimValue::Blob(bytes)
+        | SimValue::SecurityDescriptor(bytes)
+        | SimValue::TokenAccess(bytes)
+        | SimValue::Sid(bytes) => push_bytes(words, bytes),
+        SimValue::Unicode(units) => {
+            let mut word = [0u8; 8];
+            let mut filled = 0;
+            for unit in units.iter().copied().chain([0]) {
+                word[filled..filled + 2].copy_from_slice(&unit.to_ne_bytes());
+                filled += 2;
+                if filled == word.len() {
+                    words.push(u64::from_ne_bytes(word));
+                    word = [0u8; 8];
+                    filled = 0;
+                }
+            }
+            if filled > 0 {
+                words.push(u64::from_ne_bytes(word));
+            }
+        }
+        SimValue::Range(low, high) => push_range_data(words, low, high),
+    }
+    #[cfg(debug_assertions)]
+    debug_assert_eq!(words.len() - start, footprint(value).0, "{value:?}");
+}
+
+#[inline(never)]
+fn push_range_data(words: &mut Vec<u64>, low: &SimValue, high: &SimValue) {
+    push_data(words, low);
+    push_data(words, high);
+}
+
+/// Appends the blob headers `value` needs to `blobs`, pointing into the complete data pool at
+/// `base` from word `*at` on; advances `*at` past the value's data.
+fn push_blob_headers(
+    blobs: &mut Vec<FWP_BYTE_BLOB>,
+    base: *mut u64,
+    at: &mut usize,
+    value: &SimValue,
+) {
+    match value {
+        SimValue::Blob(bytes)
+        | SimValue::SecurityDescriptor(bytes)
+        | SimValue::TokenAccess(bytes) => {
+            blobs.push(FWP_BYTE_BLOB {
+                size: bytes.len() as u32,
+                data: base.wrapping_add(*at).cast::<u8>(),
+            });
+        }
+        SimValue::Range(low, high) => return push_range_blob_headers(blobs, base, at, low, high),
+        _ => {}
+    }
+    *at += footprint(value).0;
+}
+
+#[inline(never)]
+fn push_range_blob_headers(
+    blobs: &mut Vec<FWP_BYTE_BLOB>,
+    base: *mut u64,
+    at: &mut usize,
+    low: &SimValue,
+    high: &SimValue,
+) {
+    push_blob_headers(blobs, base, at, low);
+    push_blob_headers(blobs, base, at, high);
 }
 
 impl ValueStorage {
-    fn new(values: &[SimValue]) -> ValueStorage {
-        let mut storage = ValueStorage {
-            values: Vec::with_capacity(values.len()),
-            _u64s: Vec::new(),
-            _v4_masks: Vec::new(),
-            _v6_masks: Vec::new(),
-            _ranges: Vec::new(),
-            _arrays: Vec::new(),
-            _blobs: Vec::new(),
-            _bytes: Vec::new(),
-            _units: Vec::new(),
-        };
+    /// Storage for `values`, in this order: their data, then the blob headers pointing into
+    /// it. Take each value's raw form with [`raw`](Self::raw) or
+    /// [`raw_condition`](Self::raw_condition), in the same order.
+    fn new<'v>(values: impl Iterator<Item = &'v SimValue> + Clone) -> ValueStorage {
+        let (mut words_len, mut blobs_len) = (0, 0);
+        for value in values.clone().filter(|v| carries_data(v)) {
+            let (words, blobs) = footprint(value);
+            words_len += words;
+            blobs_len += blobs;
+        }
+        let mut words = Vec::with_capacity(words_len);
+        for value in values.clone().filter(|v| carries_data(v)) {
+            push_data(&mut words, value);
+        }
+        // The footprints' total, whatever `push_data` did (it matches them, checked in debug
+        // builds): every offset `take` derives from the footprints then falls inside `words`.
+        words.resize(words_len, 0);
+        // `words` is complete: from here on it is only pointed into.
+        let base = words.as_mut_ptr();
+        let mut blobs = Vec::with_capacity(blobs_len);
+        let mut at = 0;
+        if blobs_len > 0 {
+            for value in values.filter(|v| carries_data(v)) {
+                push_blob_headers(&mut blobs, base, &mut at, value);
+            }
+        }
+        ValueStorage {
+            values: Vec::new(),
+            words,
+            blobs,
+            ranges: Vec::new(),
+            next_word: 0,
+            next_blob: 0,
+        }
+    }
+
+    /// `values` as a classification's `FWPS_INCOMING_VALUE0` array (in `values`).
+    fn incoming(values: &[SimValue]) -> ValueStorage {
+        let mut storage = ValueStorage::new(values.iter());
+        let mut raw = Vec::with_capacity(values.len());
         for value in values {
             let (tag, u) = storage.raw(value);
-            storage.values.push(FWPS_INCOMING_VALUE0 {
+            raw.push(FWPS_INCOMING_VALUE0 {
                 value: FWP_VALUE0 { r#type: tag, u },
             });
         }
+        storage.values = raw;
         storage
     }
 
-    fn blob(&mut self, bytes: &[u8]) -> *mut FWP_BYTE_BLOB {
-        let mut data = bytes.to_vec();
-        let mut blob = Box::new(FWP_BYTE_BLOB {
-            size: data.len() as u32,
-            data: data.as_mut_ptr(),
-        });
-        let ptr = &mut *blob as *mut FWP_BYTE_BLOB;
-        self._bytes.push(data);
-        self._blobs.push(blob);
-        ptr
+    /// The next value's data and blob header: where its [`footprint`] is in the pools.
+    #[inline]
+    fn take(&mut self, value: &SimValue) -> (*mut u64, *mut FWP_BYTE_BLOB) {
+        let (words, blobs) = footprint(value);
+        // `as_mut_ptr` keeps pointers taken before valid; the offsets stay inside the pools (or
+        // one past their end, for a value with no data, never read through).
+        let data = self.words.as_mut_ptr().wrapping_add(self.next_word);
+        let blob = self.blobs.as_mut_ptr().wrapping_add(self.next_blob);
+        self.next_word += words;
+        self.next_blob += blobs;
+        (data, blob)
     }
 
     /// A condition value as the engine hands it to callouts in `FWPS_FILTER3::filterCondition`.
     fn raw_condition(&mut self, value: &SimValue) -> (FWP_DATA_TYPE, FWP_CONDITION_VALUE0_u) {
         let u = match value {
-            SimValue::V4Mask { addr, mask } => {
-                let mut boxed = Box::new(FWP_V4_ADDR_AND_MASK {
-                    addr: *addr,
-                    mask: *mask,
-                });
-                let v4AddrMask = &mut *boxed as *mut FWP_V4_ADDR_AND_MASK;
-                self._v4_masks.push(boxed);
+            SimValue::V4Mask { .. } => {
+                let v4AddrMask = self.take(value).0.cast::<FWP_V4_ADDR_AND_MASK>();
                 return (FWP_V4_ADDR_MASK, FWP_CONDITION_VALUE0_u { v4AddrMask });
             }
-            SimValue::V6Mask { addr, prefix } => {
-                let mut boxed = Box::new(FWP_V6_ADDR_AND_MASK {
-                    addr: *addr,
-                    prefixLength: *prefix,
-                });
-                let v6AddrMask = &mut *boxed as *mut FWP_V6_ADDR_AND_MASK;
-                self._v6_masks.push(boxed);
+            SimValue::V6Mask { .. } => {
+                let v6AddrMask = self.take(value).0.cast::<FWP_V6_ADDR_AND_MASK>();
                 return (FWP_V6_ADDR_MASK, FWP_CONDITION_VALUE0_u { v6AddrMask });
             }
             SimValue::Range(low, high) => {
@@ -1928,7 +2092,7 @@ impl ValueStorage {
                     },
                 });
                 let rangeValue = &mut *boxed as *mut FWP_RANGE0;
-                self._ranges.push(boxed);
+                self.ranges.push(boxed);
                 return (FWP_RANGE_TYPE, FWP_CONDITION_VALUE0_u { rangeValue });
             }
             other => other,
@@ -1944,6 +2108,8 @@ impl ValueStorage {
         (tag, u)
     }
 
+    /// The next value as an `FWP_VALUE0`'s tag and union, pointing into the pools.
+    #[inline]
     fn raw(&mut self, value: &SimValue) -> (FWP_DATA_TYPE, FWP_VALUE0_u) {
         match value {
             SimValue::Empty => (
@@ -1955,51 +2121,46 @@ impl ValueStorage {
             SimValue::U8(v) => (FWP_UINT8, FWP_VALUE0_u { uint8: *v }),
             SimValue::U16(v) => (FWP_UINT16, FWP_VALUE0_u { uint16: *v }),
             SimValue::U32(v) => (FWP_UINT32, FWP_VALUE0_u { uint32: *v }),
-            SimValue::U64(v) => {
-                let mut boxed = Box::new(*v);
-                let ptr = &mut *boxed as *mut u64;
-                self._u64s.push(boxed);
-                (FWP_UINT64, FWP_VALUE0_u { uint64: ptr })
+            _ => self.raw_with_data(value),
+        }
+    }
+
+    /// [`raw`](Self::raw) for a value that [carries data](carries_data).
+    fn raw_with_data(&mut self, value: &SimValue) -> (FWP_DATA_TYPE, FWP_VALUE0_u) {
+        let (data, blob) = self.take(value);
+        match value {
+            SimValue::Empty | SimValue::U8(_) | SimValue::U16(_) | SimValue::U32(_) => {
+                unreachable!("raw handles the values without data")
             }
-            SimValue::Bytes16(bytes) => {
-                let mut boxed = Box::new(FWP_BYTE_ARRAY16 {
-                    byteArray16: *bytes,
-                });
-                let ptr = &mut *boxed as *mut FWP_BYTE_ARRAY16;
-                self._arrays.push(boxed);
-                (FWP_BYTE_ARRAY16_TYPE, FWP_VALUE0_u { byteArray16: ptr })
-            }
-            SimValue::Blob(bytes) => (
-                FWP_BYTE_BLOB_TYPE,
+            SimValue::U64(_) => (FWP_UINT64, FWP_VALUE0_u { uint64: data }),
+            SimValue::Bytes16(_) => (
+                FWP_BYTE_ARRAY16_TYPE,
                 FWP_VALUE0_u {
-                    byteBlob: self.blob(bytes),
+                    byteArray16: data.cast::<FWP_BYTE_ARRAY16>(),
                 },
             ),
-            SimValue::SecurityDescriptor(bytes) => (
-                FWP_SECURITY_DESCRIPTOR_TYPE,
-                FWP_VALUE0_u {
-                    sd: self.blob(bytes),
-                },
-            ),
-            SimValue::TokenAccess(bytes) => (
+            SimValue::Blob(_) => (FWP_BYTE_BLOB_TYPE, FWP_VALUE0_u { byteBlob: blob }),
+            SimValue::SecurityDescriptor(_) => {
+                (FWP_SECURITY_DESCRIPTOR_TYPE, FWP_VALUE0_u { sd: blob })
+            }
+            SimValue::TokenAccess(_) => (
                 FWP_TOKEN_ACCESS_INFORMATION_TYPE,
                 FWP_VALUE0_u {
-                    tokenAccessInformation: self.blob(bytes),
+                    tokenAccessInformation: blob,
                 },
             ),
-            SimValue::Sid(bytes) => {
-                let mut data = bytes.to_vec();
-                let ptr = data.as_mut_ptr().cast::<SID>();
-                self._bytes.push(data);
-                (FWP_SID, FWP_VALUE0_u { sid: ptr })
-            }
-            SimValue::Unicode(units) => {
-                let mut data = units.clone();
-                data.push(0);
-                let ptr = data.as_mut_ptr();
-                self._units.push(data);
-                (FWP_UNICODE_STRING_TYPE, FWP_VALUE0_u { unicodeString: ptr })
-            }
+            SimValue::Sid(_) => (
+                FWP_SID,
+                FWP_VALUE0_u {
+                    sid: data.cast::<SID>(),
+                },
+            ),
+            SimValue::Unicode(_) => (
+                FWP_UNICODE_STRING_TYPE,
+                FWP_VALUE0_u {
+                    unicodeString: data.cast::<u16>(),
+                },
+            ),
             SimValue::V4Mask { .. } | SimValue::V6Mask { .. } | SimValue::Range(..) => {
                 unreachable!("condition-only value types are never incoming values")
             }
@@ -2097,7 +2258,7 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
         incoming.metadata.currentMetadataValues |= FWPS_METADATA_FIELD_COMPLETION_HANDLE;
         incoming.metadata.completionHandle = handle as HANDLE;
     }
-    let mut storage = ValueStorage::new(&incoming.values);
+    let mut storage = ValueStorage::incoming(&incoming.values);
     let fixed = FWPS_INCOMING_VALUES0 {
         layerId: layer.id,
         valueCount: storage.values.len() as u32,
@@ -2281,7 +2442,7 @@ fn call_classify(
     classify_fn: FWPS_CALLOUT_CLASSIFY_FN3,
 ) -> (FWP_ACTION_TYPE, u32, bool) {
     let flow_context = incoming_flow_context(incoming, call.id);
-    let mut storage = FilterStorage::new(record, sublayer_weight);
+    let mut storage = FilterStorage::new(record, sublayer_weight, call.id);
     let mut out = FWPS_CLASSIFY_OUT0 {
         // INFERRED: the decision so far, or CONTINUE if there is none.
         actionType: if current.action == FWP_ACTION_NONE {
@@ -2397,7 +2558,8 @@ impl Direct {
             drop(call);
             return Err("the callout has no classifyFn");
         };
-        let mut values_storage = ValueStorage::new(values);
+        let mut values_storage = ValueStorage::incoming(values);
+        let filter = FilterStorage::new(&record, sublayer_weight, call.id);
         let fixed = Box::new(FWPS_INCOMING_VALUES0 {
             layerId: layer.id,
             valueCount: values_storage.values.len() as u32,
@@ -2410,7 +2572,7 @@ impl Direct {
             metadata: Box::new(metadata),
             fixed,
             _values: values_storage,
-            filter: FilterStorage::new(&record, sublayer_weight),
+            filter,
         })
     }
 
@@ -3039,5 +3201,82 @@ mod tests {
         assert_eq!(retired.parameter(0x1001), 1);
         assert_eq!(retired.parameter(0x1000 + Retired::CAPACITY), 1);
         assert_eq!(retired.parameter(0x42), 0, "never retired");
+    }
+
+    fn bytes(data: &[u8]) -> Arc<[u8]> {
+        Arc::from(data)
+    }
+
+    #[test]
+    fn incoming_values_read_back_as_the_values_they_were_built_from() {
+        // Every incoming type; blobs and strings of lengths that do and do not fill their last
+        // word, an empty blob, data-carrying values between plain ones.
+        let values = vec![
+            SimValue::Blob(bytes(b"\\device\\odd length")),
+            SimValue::Empty,
+            SimValue::U8(7),
+            SimValue::U64(u64::MAX - 3),
+            SimValue::U16(0x1234),
+            SimValue::Bytes16(core::array::from_fn(|i| i as u8 + 1)),
+            SimValue::U32(0xDEAD_BEEF),
+            SimValue::Blob(bytes(&[])),
+            SimValue::Blob(bytes(&[9; 16])),
+            SimValue::Sid(bytes(&[1, 2, 0, 0, 0, 0, 0, 5, 32, 0, 0, 0, 32, 2, 0, 0])),
+            SimValue::TokenAccess(bytes(&[0; 16])),
+            SimValue::SecurityDescriptor(bytes(&[1, 0, 4, 0x80, 5])),
+            SimValue::Unicode(vec![0x41, 0xC4, 0x42]),
+            SimValue::Unicode(vec![1, 2, 3, 4]),
+            SimValue::U64(5),
+        ];
+        let storage = ValueStorage::incoming(&values);
+        assert_eq!(storage.values.len(), values.len());
+        for (raw, value) in storage.values.iter().zip(&values) {
+            // SAFETY: `storage` built the raw value and is alive.
+            let back = unsafe { read_value(&raw.value) };
+            assert_eq!(back, Ok(Some(value.clone())));
+        }
+        // A UINT64 and a SID are aligned as their types need.
+        for index in [3, 14] {
+            // SAFETY: the values at these indexes are UINT64s.
+            let ptr = unsafe { storage.values[index].value.u.uint64 };
+            assert_eq!(ptr as usize % align_of::<u64>(), 0);
+        }
+        // SAFETY: the value at index 9 is a SID.
+        let sid = unsafe { storage.values[9].value.u.sid };
+        assert_eq!(sid as usize % 4, 0);
+    }
+
+    #[test]
+    fn condition_values_read_back_as_the_values_they_were_built_from() {
+        let conditions = vec![
+            SimValue::V4Mask {
+                addr: 0x0A00_0000,
+                mask: 0xFF00_0000,
+            },
+            SimValue::U16(443),
+            SimValue::V6Mask {
+                addr: core::array::from_fn(|i| 0x20 + i as u8),
+                prefix: 64,
+            },
+            SimValue::Range(Box::new(SimValue::U64(10)), Box::new(SimValue::U64(20))),
+            SimValue::Range(
+                Box::new(SimValue::Blob(bytes(b"aaa"))),
+                Box::new(SimValue::Blob(bytes(b"zzzzzzzzz"))),
+            ),
+            SimValue::Blob(bytes(b"after the ranges")),
+        ];
+        let mut storage = ValueStorage::new(conditions.iter());
+        let raw: Vec<FWP_CONDITION_VALUE0> = conditions
+            .iter()
+            .map(|condition| {
+                let (tag, u) = storage.raw_condition(condition);
+                FWP_CONDITION_VALUE0 { r#type: tag, u }
+            })
+            .collect();
+        for (raw, condition) in raw.iter().zip(&conditions) {
+            // SAFETY: `storage` built the raw value and is alive.
+            let back = unsafe { read_condition(raw) };
+            assert_eq!(back, Ok(condition.clone()));
+        }
     }
 }
