@@ -1334,9 +1334,10 @@ impl Machine {
         request: &ClassifyRequest<L>,
     ) -> Decision {
         let layer = wfp_rs::layer::layer_by_id(L::ID).expect("every Layer type is in the table");
+        let values = || request.presented_values();
         let mut incoming = engine::Incoming {
             layer,
-            values: request.presented_values(),
+            values: engine::Values::new(&values),
             metadata: request.metadata,
             layer_data: core::ptr::null_mut(),
             classify_context: core::ptr::null(),
@@ -1841,7 +1842,7 @@ impl Machine {
     ) -> Decision {
         use wfp_rs::sys::*;
         let connection = presented.connection;
-        let values = presented.values(layer, reauthorization);
+        let values = || presented.values(layer, reauthorization);
         // The stack's copy for this classification.
         let mut path = presented.app_id.to_vec();
         let mut path_blob = FWP_BYTE_BLOB {
@@ -1867,7 +1868,7 @@ impl Machine {
         }
         let mut incoming = engine::Incoming {
             layer,
-            values,
+            values: engine::Values::new(&values),
             metadata,
             layer_data: core::ptr::null_mut(),
             classify_context: core::ptr::null(),

@@ -1710,9 +1710,9 @@ pub(crate) struct Verdict {
 
 /// The incoming values and metadata of one classification, owned; the raw structures handed to
 /// callouts point into it.
-pub(crate) struct Incoming {
+pub(crate) struct Incoming<'a> {
     pub layer: &'static LayerInfo,
-    pub values: Vec<SimValue>,
+    pub values: Values<'a>,
     pub metadata: FWPS_INCOMING_METADATA_VALUES0,
     pub layer_data: PVOID,
     pub classify_context: *const core::ffi::c_void,
@@ -1721,6 +1721,26 @@ pub(crate) struct Incoming {
     pub pendable: bool,
     /// Whether this is the reauthorization after a completed pend (pending is refused).
     pub reauthorization: bool,
+}
+
+/// A classification's field values, built when something needs them: a filter with conditions
+/// to match, or a callout to call. Most classifications of a connection cross layers where no
+/// filter has conditions and no callout is called, and nothing can observe values nobody reads.
+pub(crate) struct Values<'a> {
+    build: &'a dyn Fn() -> Vec<SimValue>,
+    built: Option<Vec<SimValue>>,
+}
+
+impl<'a> Values<'a> {
+    /// The values `build` returns, built at most once, on first use. `build` must not touch the
+    /// engine: it may run with the engine locked.
+    pub(crate) fn new(build: &'a dyn Fn() -> Vec<SimValue>) -> Self {
+        Values { build, built: None }
+    }
+
+    fn get(&mut self) -> &[SimValue] {
+        self.built.get_or_insert_with(self.build)
+    }
 }
 
 struct Matched {
@@ -2178,7 +2198,7 @@ fn opaque_value(kind: u16, serial: usize) -> usize {
 
 /// Classifies `incoming` at its layer on this thread, at the thread's current IRQL, calling the
 /// matching callouts through their registered `classifyFn` and arbitrating as WFP does.
-pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
+pub(crate) fn classify(incoming: &mut Incoming<'_>) -> Verdict {
     let layer = incoming.layer;
     // The classify context identifies this classification to FwpsAcquireClassifyHandle0; it is
     // valid until the classification returns.
@@ -2203,7 +2223,10 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
         let mut list: Vec<(u16, GUID, FilterRecord)> = objects
             .filters
             .values()
-            .filter(|f| f.layer_id == layer.id && filter_matches(f, &incoming.values))
+            .filter(|f| {
+                f.layer_id == layer.id
+                    && (f.conditions.is_empty() || filter_matches(f, incoming.values.get()))
+            })
             .map(|f| {
                 let sublayer_weight = if f.sublayer == ZERO {
                     UNIVERSAL_SUBLAYER_WEIGHT
@@ -2258,12 +2281,9 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
         incoming.metadata.currentMetadataValues |= FWPS_METADATA_FIELD_COMPLETION_HANDLE;
         incoming.metadata.completionHandle = handle as HANDLE;
     }
-    let mut storage = ValueStorage::incoming(&incoming.values);
-    let fixed = FWPS_INCOMING_VALUES0 {
-        layerId: layer.id,
-        valueCount: storage.values.len() as u32,
-        incomingValue: storage.values.as_mut_ptr(),
-    };
+    // The raw values every callout of this classification gets, built for the first one called
+    // (a classification that calls none has nobody to hand them to).
+    let mut raw_values: Option<(ValueStorage, FWPS_INCOMING_VALUES0)> = None;
 
     let mut current = Verdict {
         pended: None,
@@ -2320,9 +2340,18 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
                         };
                     }
                     Some((call, classify_fn)) => {
+                        let (_, fixed) = raw_values.get_or_insert_with(|| {
+                            let mut storage = ValueStorage::incoming(incoming.values.get());
+                            let fixed = FWPS_INCOMING_VALUES0 {
+                                layerId: layer.id,
+                                valueCount: storage.values.len() as u32,
+                                incomingValue: storage.values.as_mut_ptr(),
+                            };
+                            (storage, fixed)
+                        });
                         let outcome = call_classify(
                             incoming,
-                            &fixed,
+                            fixed,
                             record,
                             entry.sublayer_weight,
                             &current,
@@ -2433,7 +2462,7 @@ fn guid_order(guid: &GUID) -> (u32, u16, u16, [u8; 8]) {
 
 /// Calls one callout's `classifyFn`; returns (action, rights, absorbed) as it left them.
 fn call_classify(
-    incoming: &mut Incoming,
+    incoming: &mut Incoming<'_>,
     fixed: &FWPS_INCOMING_VALUES0,
     record: &FilterRecord,
     sublayer_weight: u16,
@@ -3008,7 +3037,7 @@ pub(crate) fn is_pending(context: usize) -> bool {
 // --- flow contexts -------------------------------------------------------------------------------
 
 /// The context callout `callout` associated with the flow being classified, at this layer.
-fn incoming_flow_context(incoming: &Incoming, callout: u32) -> u64 {
+fn incoming_flow_context(incoming: &Incoming<'_>, callout: u32) -> u64 {
     if incoming.metadata.currentMetadataValues & FWPS_METADATA_FIELD_FLOW_HANDLE == 0 {
         return incoming.flow_context;
     }
