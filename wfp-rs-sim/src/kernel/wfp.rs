@@ -2200,21 +2200,6 @@ fn opaque_value(kind: u16, serial: usize) -> usize {
 /// matching callouts through their registered `classifyFn` and arbitrating as WFP does.
 pub(crate) fn classify(incoming: &mut Incoming<'_>) -> Verdict {
     let layer = incoming.layer;
-    // The classify context identifies this classification to FwpsAcquireClassifyHandle0; it is
-    // valid until the classification returns.
-    let classification = with_bfe(|bfe| {
-        bfe.next_pend += 1;
-        let context = opaque_value(0xC1A0, bfe.next_pend);
-        bfe.live_classifications.insert(
-            context,
-            LiveClassification {
-                pendable: pendable_by_classify_handle(layer) && !incoming.reauthorization,
-                pended: None,
-            },
-        );
-        context
-    });
-    incoming.classify_context = classification as *const core::ffi::c_void;
     let flow = enter_flow(&incoming.metadata);
     // Collect the matching filters from the committed objects, in evaluation order, and count a
     // call into each registered callout among them.
@@ -2263,24 +2248,8 @@ pub(crate) fn classify(incoming: &mut Incoming<'_>) -> Verdict {
             .collect()
     });
 
-    let completion_handle = incoming.pendable.then(|| {
-        with_bfe(|bfe| {
-            bfe.next_pend += 1;
-            let handle = opaque_value(0xC0A1, bfe.next_pend);
-            bfe.completion_handles.insert(
-                handle,
-                CompletionHandle {
-                    reauthorization: incoming.reauthorization,
-                    pended: None,
-                },
-            );
-            handle
-        })
-    });
-    if let Some(handle) = completion_handle {
-        incoming.metadata.currentMetadataValues |= FWPS_METADATA_FIELD_COMPLETION_HANDLE;
-        incoming.metadata.completionHandle = handle as HANDLE;
-    }
+    // Registered when the first callout is called: only callouts see them.
+    let mut handles: Option<Handles> = None;
     // The raw values every callout of this classification gets, built for the first one called
     // (a classification that calls none has nobody to hand them to).
     let mut raw_values: Option<(ValueStorage, FWPS_INCOMING_VALUES0)> = None;
@@ -2340,6 +2309,7 @@ pub(crate) fn classify(incoming: &mut Incoming<'_>) -> Verdict {
                         };
                     }
                     Some((call, classify_fn)) => {
+                        handles.get_or_insert_with(|| Handles::hand_out(incoming));
                         let (_, fixed) = raw_values.get_or_insert_with(|| {
                             let mut storage = ValueStorage::incoming(incoming.values.get());
                             let fixed = FWPS_INCOMING_VALUES0 {
@@ -2417,23 +2387,79 @@ pub(crate) fn classify(incoming: &mut Incoming<'_>) -> Verdict {
         // INFERRED: no filter decided, so the traffic is permitted.
         current.action = FWP_ACTION_PERMIT;
     }
-    // The completion handle and the classify context are valid only during the classification:
-    // retired now, so a callout that kept one and uses it later stops the machine.
-    if let Some(handle) = completion_handle {
-        current.pended = with_bfe(|bfe| {
-            bfe.retired_completion_handles.retire(handle);
-            bfe.completion_handles.remove(&handle)
-        })
-        .and_then(|h| h.pended);
+    if let Some(handles) = handles {
+        current.pended = handles.take_back();
     }
-    let by_classify_handle = with_bfe(|bfe| {
-        bfe.retired_classify_contexts.retire(classification);
-        bfe.live_classifications.remove(&classification)
-    })
-    .and_then(|c| c.pended);
-    current.pended = current.pended.or(by_classify_handle);
     leave_flow(flow);
     current
+}
+
+/// What a classification hands its callouts beside its values: the classify context (for
+/// `FwpsAcquireClassifyHandle0`) and, where the layer lets callouts pend, the completion handle
+/// (for `FwpsPendOperation0`). Both are valid only during the classification. They are
+/// registered when the first callout is about to be called: a classification that calls none
+/// hands them to nobody, so registering them would only cost.
+struct Handles {
+    classification: usize,
+    completion_handle: Option<usize>,
+}
+
+impl Handles {
+    /// Registers the handles and puts them in `incoming`.
+    fn hand_out(incoming: &mut Incoming<'_>) -> Handles {
+        let handles = with_bfe(|bfe| {
+            bfe.next_pend += 1;
+            let classification = opaque_value(0xC1A0, bfe.next_pend);
+            bfe.live_classifications.insert(
+                classification,
+                LiveClassification {
+                    pendable: pendable_by_classify_handle(incoming.layer)
+                        && !incoming.reauthorization,
+                    pended: None,
+                },
+            );
+            let completion_handle = incoming.pendable.then(|| {
+                bfe.next_pend += 1;
+                let handle = opaque_value(0xC0A1, bfe.next_pend);
+                bfe.completion_handles.insert(
+                    handle,
+                    CompletionHandle {
+                        reauthorization: incoming.reauthorization,
+                        pended: None,
+                    },
+                );
+                handle
+            });
+            Handles {
+                classification,
+                completion_handle,
+            }
+        });
+        incoming.classify_context = handles.classification as *const core::ffi::c_void;
+        if let Some(handle) = handles.completion_handle {
+            incoming.metadata.currentMetadataValues |= FWPS_METADATA_FIELD_COMPLETION_HANDLE;
+            incoming.metadata.completionHandle = handle as HANDLE;
+        }
+        handles
+    }
+
+    /// The classification returned: the handles are retired, so a callout that kept one and
+    /// uses it later stops the machine. Returns the pend, if a callout pended the
+    /// classification (by completion handle, or by classify handle).
+    fn take_back(self) -> Option<usize> {
+        with_bfe(|bfe| {
+            let by_completion_handle = self.completion_handle.and_then(|handle| {
+                bfe.retired_completion_handles.retire(handle);
+                bfe.completion_handles.remove(&handle)?.pended
+            });
+            bfe.retired_classify_contexts.retire(self.classification);
+            let by_classify_handle = bfe
+                .live_classifications
+                .remove(&self.classification)
+                .and_then(|c| c.pended);
+            by_completion_handle.or(by_classify_handle)
+        })
+    }
 }
 
 /// The layers whose classifications are pended with a classify handle (`FwpsPendClassify0`)
