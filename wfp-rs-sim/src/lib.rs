@@ -1339,6 +1339,7 @@ impl Machine {
             layer,
             values: engine::Values::new(&values),
             metadata: request.metadata,
+            process_path: None,
             layer_data: core::ptr::null_mut(),
             classify_context: core::ptr::null(),
             flow_context: 0,
@@ -1686,35 +1687,36 @@ impl Machine {
         };
         let flow = NEXT_FLOW.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
         let presented = Presented::new(connection);
-        let plan: Vec<(u16, Irql, bool)> = match (connection.direction, v4) {
-            (wfp_rs::metadata::Direction::Outbound, true) => vec![
+        let plan: &[(u16, Irql, bool)] = match (connection.direction, v4) {
+            (wfp_rs::metadata::Direction::Outbound, true) => &[
                 (AleResourceAssignmentV4::ID, ale, false),
                 (AleConnectRedirectV4::ID, ale, false),
                 (AleAuthConnectV4::ID, ale, false),
                 (OutboundTransportV4::ID, Irql::DISPATCH, true),
                 (AleFlowEstablishedV4::ID, Irql::DISPATCH, true),
             ],
-            (wfp_rs::metadata::Direction::Outbound, false) => vec![
+            (wfp_rs::metadata::Direction::Outbound, false) => &[
                 (AleResourceAssignmentV6::ID, ale, false),
                 (AleConnectRedirectV6::ID, ale, false),
                 (AleAuthConnectV6::ID, ale, false),
                 (OutboundTransportV6::ID, Irql::DISPATCH, true),
                 (AleFlowEstablishedV6::ID, Irql::DISPATCH, true),
             ],
-            (wfp_rs::metadata::Direction::Inbound, true) => vec![
+            (wfp_rs::metadata::Direction::Inbound, true) => &[
                 (InboundTransportV4::ID, Irql::DISPATCH, false),
                 (AleAuthRecvAcceptV4::ID, ale, false),
                 (AleFlowEstablishedV4::ID, Irql::DISPATCH, true),
             ],
-            (wfp_rs::metadata::Direction::Inbound, false) => vec![
+            (wfp_rs::metadata::Direction::Inbound, false) => &[
                 (InboundTransportV6::ID, Irql::DISPATCH, false),
                 (AleAuthRecvAcceptV6::ID, ale, false),
                 (AleFlowEstablishedV6::ID, Irql::DISPATCH, true),
             ],
         };
-        let mut layers = Vec::new();
+        // Each layer, and a pended one's reauthorization.
+        let mut layers = Vec::with_capacity(plan.len() + 1);
         let mut pended = false;
-        for (id, irql, has_flow) in plan {
+        for &(id, irql, has_flow) in plan {
             let layer = wfp_rs::layer::layer_by_id(id).expect("known layer");
             let mut decision =
                 self.classify_connection(layer, &presented, irql, has_flow.then_some(flow), false);
@@ -1843,12 +1845,6 @@ impl Machine {
         use wfp_rs::sys::*;
         let connection = presented.connection;
         let values = || presented.values(layer, reauthorization);
-        // The stack's copy for this classification.
-        let mut path = presented.app_id.to_vec();
-        let mut path_blob = FWP_BYTE_BLOB {
-            size: path.len() as u32,
-            data: path.as_mut_ptr(),
-        };
         // SAFETY: the metadata structure is plain data, valid when zeroed (no bits set).
         let mut metadata: FWPS_INCOMING_METADATA_VALUES0 = unsafe { core::mem::zeroed() };
         metadata.currentMetadataValues = FWPS_METADATA_FIELD_PROCESS_ID
@@ -1856,7 +1852,6 @@ impl Machine {
             | FWPS_METADATA_FIELD_COMPARTMENT_ID
             | FWPS_METADATA_FIELD_PACKET_DIRECTION;
         metadata.processId = connection.pid;
-        metadata.processPath = &mut path_blob;
         metadata.compartmentId = 1;
         metadata.packetDirection = match connection.direction {
             wfp_rs::metadata::Direction::Outbound => FWP_DIRECTION_OUTBOUND,
@@ -1870,6 +1865,8 @@ impl Machine {
             layer,
             values: engine::Values::new(&values),
             metadata,
+            // The engine copies it for the callouts (the stack's copy for this classification).
+            process_path: Some(&presented.app_id),
             layer_data: core::ptr::null_mut(),
             classify_context: core::ptr::null(),
             flow_context: 0,
@@ -1885,7 +1882,6 @@ impl Machine {
         };
         let verdict =
             state::with_context(&self.kernel, irql.0, 0, || engine::classify(&mut incoming));
-        drop(path);
         Machine::decision(verdict)
     }
 }

@@ -1714,6 +1714,10 @@ pub(crate) struct Incoming<'a> {
     pub layer: &'static LayerInfo,
     pub values: Values<'a>,
     pub metadata: FWPS_INCOMING_METADATA_VALUES0,
+    /// The process path (`FWP_BYTE_BLOB` bytes) for `metadata.processPath`, copied for the
+    /// callouts when the first is called (the caller sets `FWPS_METADATA_FIELD_PROCESS_PATH`);
+    /// `None` if the caller points `processPath` somewhere itself.
+    pub process_path: Option<&'a [u8]>,
     pub layer_data: PVOID,
     pub classify_context: *const core::ffi::c_void,
     pub flow_context: u64,
@@ -2402,12 +2406,20 @@ pub(crate) fn classify(incoming: &mut Incoming<'_>) -> Verdict {
 struct Handles {
     classification: usize,
     completion_handle: Option<usize>,
+    /// The stack's copy of the process path, which `processPath` points to.
+    _process_path: Option<Box<ProcessPath>>,
+}
+
+/// A process path and the blob describing it (boxed, so the blob's address is stable).
+struct ProcessPath {
+    bytes: Vec<u8>,
+    blob: FWP_BYTE_BLOB,
 }
 
 impl Handles {
-    /// Registers the handles and puts them in `incoming`.
+    /// Registers the handles and puts them in `incoming`, with the copy of the process path.
     fn hand_out(incoming: &mut Incoming<'_>) -> Handles {
-        let handles = with_bfe(|bfe| {
+        let (classification, completion_handle) = with_bfe(|bfe| {
             bfe.next_pend += 1;
             let classification = opaque_value(0xC1A0, bfe.next_pend);
             bfe.live_classifications.insert(
@@ -2430,17 +2442,30 @@ impl Handles {
                 );
                 handle
             });
-            Handles {
-                classification,
-                completion_handle,
-            }
+            (classification, completion_handle)
         });
-        incoming.classify_context = handles.classification as *const core::ffi::c_void;
-        if let Some(handle) = handles.completion_handle {
+        incoming.classify_context = classification as *const core::ffi::c_void;
+        if let Some(handle) = completion_handle {
             incoming.metadata.currentMetadataValues |= FWPS_METADATA_FIELD_COMPLETION_HANDLE;
             incoming.metadata.completionHandle = handle as HANDLE;
         }
-        handles
+        let process_path = incoming.process_path.map(|path| {
+            let mut copy = Box::new(ProcessPath {
+                bytes: path.to_vec(),
+                blob: FWP_BYTE_BLOB {
+                    size: path.len() as u32,
+                    data: core::ptr::null_mut(),
+                },
+            });
+            copy.blob.data = copy.bytes.as_mut_ptr();
+            incoming.metadata.processPath = &mut copy.blob;
+            copy
+        });
+        Handles {
+            classification,
+            completion_handle,
+            _process_path: process_path,
+        }
     }
 
     /// The classification returned: the handles are retired, so a callout that kept one and
