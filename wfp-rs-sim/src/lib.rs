@@ -1616,6 +1616,7 @@ impl<'a> Presented<'a> {
     }
 
     /// The value from `source` for this connection at a layer of `version`.
+    #[inline]
     fn value(
         &self,
         source: FieldSource,

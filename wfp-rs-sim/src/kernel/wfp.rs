@@ -1614,18 +1614,23 @@ fn in_driver<R>(driver: usize, callout: u32, callback: &'static str, f: impl FnO
 
 /// The `FWPS_FILTER3` handed to a callout, with the storage its pointers refer to.
 struct FilterStorage {
-    weight: Box<u64>,
-    filter: Box<FWPS_FILTER3>,
+    filter: Box<FilterAndWeight>,
     // The filter's conditions, and the values they point into.
     _conditions: Vec<FWPS_FILTER_CONDITION0>,
     _values: ValueStorage,
+}
+
+/// An `FWPS_FILTER3` and the weight its `weight` value points to, in one allocation (the box
+/// keeps the weight's address as the storage moves).
+struct FilterAndWeight {
+    filter: FWPS_FILTER3,
+    weight: u64,
 }
 
 impl FilterStorage {
     /// The filter `record` as handed to callout `callout_id` (the id its callout key maps to,
     /// known to the caller from the call it began).
     fn new(record: &FilterRecord, sublayer_weight: u16, callout_id: u32) -> FilterStorage {
-        let mut weight = Box::new(record.weight);
         let mut flags = 0u16;
         if record.flags & FWPM_FILTER_FLAG_CLEAR_ACTION_RIGHT != 0 {
             flags |= FWPS_FILTER_FLAG_CLEAR_ACTION_RIGHT;
@@ -1652,31 +1657,37 @@ impl FilterStorage {
                 }
             })
             .collect();
-        let filter = Box::new(FWPS_FILTER3 {
-            filterId: record.id,
-            weight: FWP_VALUE0 {
-                r#type: FWP_UINT64,
-                u: FWP_VALUE0_u {
-                    uint64: &mut *weight,
+        let mut filter = Box::new(FilterAndWeight {
+            filter: FWPS_FILTER3 {
+                filterId: record.id,
+                weight: FWP_VALUE0 {
+                    r#type: FWP_UINT64,
+                    u: FWP_VALUE0_u {
+                        uint64: core::ptr::null_mut(),
+                    },
                 },
+                subLayerWeight: sublayer_weight,
+                flags,
+                numFilterConditions: conditions.len() as u32,
+                filterCondition: if conditions.is_empty() {
+                    core::ptr::null_mut()
+                } else {
+                    conditions.as_mut_ptr()
+                },
+                action: FWPS_ACTION0 {
+                    r#type: record.action,
+                    calloutId: callout_id,
+                },
+                context: record.raw_context,
+                providerContext: core::ptr::null_mut(),
             },
-            subLayerWeight: sublayer_weight,
-            flags,
-            numFilterConditions: conditions.len() as u32,
-            filterCondition: if conditions.is_empty() {
-                core::ptr::null_mut()
-            } else {
-                conditions.as_mut_ptr()
-            },
-            action: FWPS_ACTION0 {
-                r#type: record.action,
-                calloutId: callout_id,
-            },
-            context: record.raw_context,
-            providerContext: core::ptr::null_mut(),
+            weight: record.weight,
         });
+        let parts = &mut *filter;
+        parts.filter.weight.u = FWP_VALUE0_u {
+            uint64: &raw mut parts.weight,
+        };
         FilterStorage {
-            weight,
             filter,
             _conditions: conditions,
             _values: values,
@@ -1684,8 +1695,7 @@ impl FilterStorage {
     }
 
     fn filter(&mut self) -> *mut FWPS_FILTER3 {
-        let _ = &self.weight;
-        &mut *self.filter
+        &raw mut self.filter.filter
     }
 }
 
