@@ -2042,14 +2042,15 @@ impl ValueStorage {
     /// it. Take each value's raw form with [`raw`](Self::raw) or
     /// [`raw_condition`](Self::raw_condition), in the same order.
     fn new<'v>(values: impl Iterator<Item = &'v SimValue> + Clone) -> ValueStorage {
+        // A word per value is usually room enough (most values carry no data, an app id about a
+        // dozen words); growing is harmless while nothing points into the pool yet.
+        let (_, size_hint) = values.size_hint();
+        let mut words = Vec::with_capacity(size_hint.unwrap_or(0));
         let (mut words_len, mut blobs_len) = (0, 0);
         for value in values.clone().filter(|v| carries_data(v)) {
-            let (words, blobs) = footprint(value);
-            words_len += words;
-            blobs_len += blobs;
-        }
-        let mut words = Vec::with_capacity(words_len);
-        for value in values.clone().filter(|v| carries_data(v)) {
+            let (value_words, value_blobs) = footprint(value);
+            words_len += value_words;
+            blobs_len += value_blobs;
             push_data(&mut words, value);
         }
         // The footprints' total, whatever `push_data` did (it matches them, checked in debug
