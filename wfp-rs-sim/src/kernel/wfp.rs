@@ -1874,8 +1874,8 @@ fn filter_matches(record: &FilterRecord, values: &[SimValue]) -> bool {
 /// pointers refer to. Built anew for each classification and each filter handed to a callout,
 /// so a callout always sees fresh copies, and freed when that call returns.
 ///
-/// The data lives in a few pools, each allocated once at its final size (a box or vector per
-/// value was most of the engine's cost per classification): `words` holds everything pointed to
+/// The data lives in a few pools, each usually a single allocation (a box or vector per value
+/// was most of the engine's cost per classification): `words` holds everything pointed to
 /// that holds no pointer itself (64-bit integers, byte arrays, blob bytes, SIDs, strings,
 /// address masks), each value from an 8-byte boundary so a `UINT64` or a SID is aligned as
 /// Windows' would be, zero-padded; `blobs` holds the `FWP_BYTE_BLOB` headers that point into
