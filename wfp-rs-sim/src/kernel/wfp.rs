@@ -1877,8 +1877,8 @@ fn filter_matches(record: &FilterRecord, values: &[SimValue]) -> bool {
 /// The data lives in a few pools, each usually a single allocation (a box or vector per value
 /// was most of the engine's cost per classification): `words` holds everything pointed to
 /// that holds no pointer itself (64-bit integers, byte arrays, blob bytes, SIDs, strings,
-/// address masks), each value from an 8-byte boundary so a `UINT64` or a SID is aligned as
-/// Windows' would be, zero-padded; `blobs` holds the `FWP_BYTE_BLOB` headers that point into
+/// address masks), each value from an 8-byte boundary so a `UINT64` or a SID is aligned for
+/// its type, zero-padded; `blobs` holds the `FWP_BYTE_BLOB` headers that point into
 /// `words`. Pointers into a pool are taken only once it is complete, so no push can move what
 /// they point to.
 struct ValueStorage {
