@@ -1528,6 +1528,184 @@ fn every_layer_delivers_the_connections_typed_values() {
     assert!(machine.pool_blocks().is_empty());
 }
 
+/// The ALE identity values of one classification, as the raw structures held them.
+#[derive(Clone, Debug, PartialEq)]
+struct Identity {
+    app_id: Vec<u8>,
+    original_app_id: Vec<u8>,
+    process_path: Vec<u8>,
+    user_id: (sys::FWP_DATA_TYPE, Vec<u8>),
+    package_id: (sys::FWP_DATA_TYPE, Vec<u8>),
+}
+
+/// Records the identity values it gets; if `scribble`, then overwrites every byte they point to,
+/// as a careless driver could through the engine's `*mut` pointers.
+struct IdentityReader {
+    scribble: bool,
+    seen: Mutex<Vec<Identity>>,
+}
+
+/// The bytes of a blob in the engine's structures, and a pointer to them.
+///
+/// # Safety
+///
+/// `blob` must be valid, holding `size` bytes at `data`.
+unsafe fn blob_bytes(blob: *const sys::FWP_BYTE_BLOB) -> (*mut u8, Vec<u8>) {
+    // SAFETY: valid per the contract.
+    let blob = unsafe { *blob };
+    // SAFETY: as above.
+    let bytes = unsafe { core::slice::from_raw_parts(blob.data, blob.size as usize) };
+    (blob.data, bytes.to_vec())
+}
+
+impl<L: Layer> Callout<L> for IdentityReader
+where
+    fields::AleAppId: layer::Field<L>,
+    fields::AleOriginalAppId: layer::Field<L>,
+    fields::AleUserId: layer::Field<L>,
+    fields::AlePackageId: layer::Field<L>,
+{
+    fn classify(&self, _irql: &mut DispatchLevel<'_>, c: &mut Classify<'_, L>) {
+        let blob = |index: u32| {
+            let value = c.values.raw_value(index).expect("the layer has the field");
+            // SAFETY: the tag names the arm; every blob-like arm is a blob pointer the engine
+            // keeps valid for the classification.
+            let (data, bytes) = unsafe { blob_bytes(value.u.byteBlob) };
+            (value.r#type, data, bytes)
+        };
+        let (_, app_data, app_id) = blob(<fields::AleAppId as layer::Field<L>>::INDEX);
+        let (_, original_data, original_app_id) =
+            blob(<fields::AleOriginalAppId as layer::Field<L>>::INDEX);
+        let (user_type, user_data, user_bytes) =
+            blob(<fields::AleUserId as layer::Field<L>>::INDEX);
+        let package = c
+            .values
+            .raw_value(<fields::AlePackageId as layer::Field<L>>::INDEX)
+            .unwrap();
+        // SAFETY: a SID: its 8-byte header, then 4 bytes per sub-authority (count in byte 1).
+        let package_bytes = unsafe {
+            let sid = package.u.sid.cast::<u8>();
+            core::slice::from_raw_parts(sid, 8 + 4 * usize::from(*sid.add(1))).to_vec()
+        };
+        let path = c.metadata.raw().processPath;
+        // SAFETY: with the process-path bit set the engine passes a valid blob.
+        let (path_data, process_path) = unsafe { blob_bytes(path) };
+        if self.scribble {
+            for (data, len) in [
+                (app_data, app_id.len()),
+                (original_data, original_app_id.len()),
+                (user_data, user_bytes.len()),
+                (path_data, process_path.len()),
+            ] {
+                // SAFETY: the engine's buffers of `len` bytes, writable (`*mut`), valid for the
+                // classification.
+                unsafe { core::ptr::write_bytes(data, 0xEE, len) };
+            }
+        }
+        self.seen.lock().unwrap().push(Identity {
+            app_id,
+            original_app_id,
+            process_path,
+            user_id: (user_type, user_bytes),
+            package_id: (package.r#type, package_bytes),
+        });
+    }
+}
+
+#[test]
+fn a_connection_presents_its_identity_as_wfp_does_and_fresh_to_every_classification() {
+    use wfp_rs_sim::{AleIrql, Connection};
+    const APP: &str = "\\Device\\HarddiskVolume1\\ÄÖ\\x.exe";
+    // Lower case, UTF-16LE, NUL-terminated.
+    let expected: Vec<u8> = "\\device\\harddiskvolume1\\äö\\x.exe"
+        .encode_utf16()
+        .chain([0])
+        .flat_map(u16::to_le_bytes)
+        .collect();
+    assert_eq!(wfp_rs_sim::app_id_bytes(APP), expected);
+
+    let machine = Machine::new();
+    let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+    let reader = |scribble| IdentityReader {
+        scribble,
+        seen: Mutex::new(Vec::new()),
+    };
+    // The first ALE layer a connection crosses scribbles over its values; a later one reads.
+    let (first, later) = driver
+        .run_in_driver(&machine, |irql, d| {
+            let first = CalloutRegistration::<layer::AleConnectRedirectV4, _>::register(
+                irql,
+                d,
+                CalloutKey::new(CALLOUT_A),
+                reader(true),
+            )
+            .unwrap();
+            let later = CalloutRegistration::<layer::AleAuthConnectV4, _>::register(
+                irql,
+                d,
+                CalloutKey::new(CALLOUT_B),
+                reader(false),
+            )
+            .unwrap();
+            (first, later)
+        })
+        .unwrap();
+    let connection = |port: u16| Connection {
+        pid: 31,
+        app: APP.into(),
+        protocol: IpProtocol::Tcp,
+        local: "10.0.0.5:50001".parse().unwrap(),
+        remote: format!("198.51.100.9:{port}").parse().unwrap(),
+        direction: wfp_rs::metadata::Direction::Outbound,
+    };
+    machine.at_passive(|_| {
+        let session = open(true);
+        session.callout::<layer::AleConnectRedirectV4>(CALLOUT_A);
+        session.callout::<layer::AleAuthConnectV4>(CALLOUT_B);
+        for (layer_filter, key) in [(0, CALLOUT_A), (1, CALLOUT_B)] {
+            let mut spec = FilterSpec::callout(key);
+            spec.action = sys::FWP_ACTION_CALLOUT_INSPECTION;
+            match layer_filter {
+                0 => session.filter::<layer::AleConnectRedirectV4>(spec),
+                _ => session.filter::<layer::AleAuthConnectV4>(spec),
+            }
+            .unwrap();
+        }
+        // A static filter with a condition, at a layer no callout watches: its field values are
+        // still there to match.
+        let mut block = FilterSpec::new(sys::FWP_ACTION_BLOCK);
+        block.ports = vec![(sys::FWP_MATCH_EQUAL, 8443)];
+        session.filter::<layer::OutboundTransportV4>(block).unwrap();
+
+        let permitted = machine.connect(&connection(443), AleIrql::Dispatch);
+        assert_eq!(permitted.decision.action, Action::Permit);
+        let blocked = machine.connect(&connection(8443), AleIrql::Dispatch);
+        assert_eq!(blocked.decision.action, Action::Block);
+        assert_eq!(
+            blocked.layers.last().map(|(name, _)| *name),
+            Some("OUTBOUND_TRANSPORT_V4")
+        );
+    });
+    let pristine = Identity {
+        app_id: expected.clone(),
+        original_app_id: expected.clone(),
+        process_path: expected.clone(),
+        user_id: (sys::FWP_TOKEN_ACCESS_INFORMATION_TYPE, vec![0; 16]),
+        // S-1-0-0: no AppContainer.
+        package_id: (sys::FWP_SID, vec![1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+    };
+    let scribbled = first.callout().seen.lock().unwrap().clone();
+    assert_eq!(scribbled, [pristine.clone(), pristine.clone()]);
+    let read = later.callout().seen.lock().unwrap().clone();
+    assert_eq!(
+        read,
+        [pristine.clone(), pristine],
+        "each classification gets its own copies"
+    );
+    driver.run_in_driver(&machine, |_, _| drop((first, later)));
+    machine.unload_driver(driver).unwrap();
+}
+
 // --- the filter a callout receives ---------------------------------------------------------------
 
 /// Records the conditions of the filter that called it, decoded from the raw structures.

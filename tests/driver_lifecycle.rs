@@ -465,3 +465,27 @@ fn a_pool_arc_that_cannot_be_allocated_hands_the_value_back() {
     assert_eq!(error.into_inner(), "kept");
     assert!(machine.pool_blocks().is_empty());
 }
+
+#[test]
+fn kd_print_sends_long_text_in_dbg_print_ex_calls_of_at_most_256_bytes() {
+    let machine = Machine::new();
+    // Pieces of every size: short ones that fill a chunk exactly and straddle its end, and one
+    // longer than a chunk.
+    let long = "x".repeat(300);
+    let pieces: Vec<String> = (0..40)
+        .map(|n| format!("{n:>width$};", width = n % 9))
+        .collect();
+    machine.run(|| {
+        wfp_rs::kd_print!("{}|{long}|{}\n", pieces.concat(), pieces.concat());
+    });
+    let expected = format!("{}|{long}|{}\n", pieces.concat(), pieces.concat());
+    let output = machine.debug_output();
+    assert_eq!(output.concat(), expected);
+    assert_eq!(output.len(), expected.len().div_ceil(256), "{output:?}");
+    assert!(
+        output[..output.len() - 1]
+            .iter()
+            .all(|call| call.len() == 256),
+        "every call but the last is full: {output:?}"
+    );
+}

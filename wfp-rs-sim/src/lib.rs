@@ -1134,23 +1134,26 @@ impl<L: Layer> FieldInput<repr::ConditionFlags, L> for ConditionFlags {
 
 impl<L: Layer> FieldInput<repr::AppId, L> for &str {
     fn into_sim(self) -> SimFieldValue {
-        SimFieldValue(SimValue::Blob(app_id_bytes(self)))
+        SimFieldValue(SimValue::Blob(app_id_bytes(self).into()))
     }
 }
 
 impl<L: Layer> FieldInput<repr::ByteBlob, L> for &[u8] {
     fn into_sim(self) -> SimFieldValue {
-        SimFieldValue(SimValue::Blob(self.to_vec()))
+        SimFieldValue(SimValue::Blob(self.into()))
     }
 }
 
 /// The bytes WFP uses for an application id: the NT path, lower case, UTF-16LE, NUL-terminated.
 pub fn app_id_bytes(path: &str) -> Vec<u8> {
-    path.to_lowercase()
-        .encode_utf16()
-        .chain([0])
-        .flat_map(u16::to_le_bytes)
-        .collect()
+    let lower = path.to_lowercase();
+    // UTF-16 never takes more code units than UTF-8 takes bytes, so one allocation holds it
+    // (byte-by-byte collecting grew the vector many times: most of a connection's harness cost).
+    let mut bytes = Vec::with_capacity(2 * lower.len() + 2);
+    for unit in lower.encode_utf16().chain([0]) {
+        bytes.extend_from_slice(&unit.to_le_bytes());
+    }
+    bytes
 }
 
 /// A classification to run at layer `L`: the values of its fields and its metadata. Fields not
@@ -1331,10 +1334,12 @@ impl Machine {
         request: &ClassifyRequest<L>,
     ) -> Decision {
         let layer = wfp_rs::layer::layer_by_id(L::ID).expect("every Layer type is in the table");
+        let values = || request.presented_values();
         let mut incoming = engine::Incoming {
             layer,
-            values: request.presented_values(),
+            values: engine::Values::new(&values),
             metadata: request.metadata,
+            process_path: None,
             layer_data: core::ptr::null_mut(),
             classify_context: core::ptr::null(),
             flow_context: 0,
@@ -1485,9 +1490,140 @@ const NULL_SID: [u8; 12] = [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
 static NEXT_FLOW: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0x0F10_0000);
 
-impl Connection {
-    /// The value field `name` has for this connection at a layer of `version`.
-    fn value(&self, name: &str, version: wfp_rs::layer::IpVersion, reauthorize: bool) -> SimValue {
+/// Where a connection's value for a layer field comes from: found once per layer from the
+/// field's name ([`FieldSource::for_layer`]), so classifying a connection does not compare every
+/// field's name with every name the harness knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FieldSource {
+    Empty,
+    AppId,
+    UserId,
+    PackageId,
+    LocalAddress,
+    RemoteAddress,
+    LocalPort,
+    RemotePort,
+    Protocol,
+    Flags,
+    ReauthorizeReason,
+    Direction,
+    U8(u8),
+    U32(u32),
+    U64(u64),
+}
+
+impl FieldSource {
+    /// The source of field `name` (a [`wfp_rs::layer::FieldInfo`] name).
+    fn of(name: &str) -> FieldSource {
+        match name {
+            "AleAppId" | "AleOriginalAppId" => FieldSource::AppId,
+            "AleUserId" => FieldSource::UserId,
+            "AlePackageId" => FieldSource::PackageId,
+            "IpLocalAddress" => FieldSource::LocalAddress,
+            "IpRemoteAddress" => FieldSource::RemoteAddress,
+            "IpLocalPort" => FieldSource::LocalPort,
+            "IpRemotePort" => FieldSource::RemotePort,
+            "IpProtocol" => FieldSource::Protocol,
+            "Flags" => FieldSource::Flags,
+            "ReauthorizeReason" => FieldSource::ReauthorizeReason,
+            "Direction" => FieldSource::Direction,
+            // NlatUnicast; the destination address type is unicast too.
+            "IpLocalAddressType" | "IpDestinationAddressType" => FieldSource::U8(1),
+            "IpLocalInterface" | "IpArrivalInterface" | "IpNexthopInterface" => {
+                FieldSource::U64(0x0006_0000_0100_0000)
+            }
+            "InterfaceIndex" | "ArrivalInterfaceIndex" | "NexthopInterfaceIndex" => {
+                FieldSource::U32(2)
+            }
+            "SubInterfaceIndex" | "NexthopSubInterfaceIndex" => FieldSource::U32(0),
+            // IF_TYPE_ETHERNET_CSMACD; no tunnel.
+            "InterfaceType" | "ArrivalInterfaceType" | "NexthopInterfaceType" => {
+                FieldSource::U32(6)
+            }
+            "TunnelType" | "ArrivalTunnelType" | "NexthopTunnelType" => FieldSource::U32(0),
+            "CompartmentId" => FieldSource::U32(1),
+            // NET_FW_PROFILE2_PRIVATE.
+            "CurrentProfileId" | "OriginalProfileId" | "LocalInterfaceProfileId" => {
+                FieldSource::U32(2)
+            }
+            _ => FieldSource::Empty,
+        }
+    }
+
+    /// The sources of `layer`'s fields, by index (`FWPS_FIELD_<LAYER>_MAX` of them). Fields
+    /// without a condition key, and the fields of a layer this crate does not know, are empty.
+    fn for_layer(layer: &wfp_rs::layer::LayerInfo) -> &'static [FieldSource] {
+        static TABLE: std::sync::OnceLock<Vec<(u16, Box<[FieldSource]>)>> =
+            std::sync::OnceLock::new();
+        let table = TABLE.get_or_init(|| {
+            wfp_rs::layer::ALL_LAYERS
+                .iter()
+                .map(|layer| {
+                    let mut sources = vec![FieldSource::Empty; layer.field_count as usize];
+                    for field in layer.fields {
+                        if let Some(slot) = sources.get_mut(field.index as usize) {
+                            *slot = FieldSource::of(field.name);
+                        }
+                    }
+                    (layer.id, sources.into_boxed_slice())
+                })
+                .collect()
+        });
+        table
+            .iter()
+            .find(|(id, _)| *id == layer.id)
+            .map_or(&[], |(_, sources)| sources)
+    }
+}
+
+/// What a connection presents at every layer, computed once per connection (lower-casing and
+/// encoding the app id for each field of each layer was most of the harness's cost).
+struct Presented<'a> {
+    connection: &'a Connection,
+    /// [`app_id_bytes`] of the path, shared by the `AleAppId` and `AleOriginalAppId` values
+    /// (the engine copies values into fresh storage for each classification).
+    app_id: Arc<[u8]>,
+}
+
+/// An opaque token-access blob: the simulator models no security.
+static NO_TOKEN: std::sync::LazyLock<Arc<[u8]>> =
+    std::sync::LazyLock::new(|| Arc::from(&[0u8; 16][..]));
+/// [`NULL_SID`], shared.
+static NULL_PACKAGE: std::sync::LazyLock<Arc<[u8]>> =
+    std::sync::LazyLock::new(|| Arc::from(&NULL_SID[..]));
+
+impl<'a> Presented<'a> {
+    fn new(connection: &'a Connection) -> Self {
+        Presented {
+            connection,
+            app_id: app_id_bytes(&connection.app).into(),
+        }
+    }
+
+    /// The values of `layer`'s fields for this connection, by index.
+    fn values(&self, layer: &wfp_rs::layer::LayerInfo, reauthorize: bool) -> Vec<SimValue> {
+        let sources = FieldSource::for_layer(layer);
+        (0..layer.field_count as usize)
+            .map(|index| {
+                let source = sources.get(index).copied();
+                self.value(
+                    source.unwrap_or(FieldSource::Empty),
+                    layer.ip_version,
+                    reauthorize,
+                )
+            })
+            .collect()
+    }
+
+    /// The value from `source` for this connection at a layer of `version`.
+    #[inline]
+    fn value(
+        &self,
+        source: FieldSource,
+        version: wfp_rs::layer::IpVersion,
+        reauthorize: bool,
+    ) -> SimValue {
+        let connection = self.connection;
         let address = |addr: std::net::IpAddr| match (addr, version) {
             (std::net::IpAddr::V4(v4), wfp_rs::layer::IpVersion::V4) => {
                 SimValue::U32(u32::from(v4))
@@ -1497,53 +1633,39 @@ impl Connection {
             }
             _ => SimValue::Empty,
         };
-        let mut flags = 0;
-        if self.remote.ip().is_loopback() {
-            flags |= wfp_rs::sys::FWP_CONDITION_FLAG_IS_LOOPBACK;
-        }
-        if reauthorize {
-            flags |= wfp_rs::sys::FWP_CONDITION_FLAG_IS_REAUTHORIZE;
-        }
-        let direction = match self.direction {
-            wfp_rs::metadata::Direction::Outbound => wfp_rs::sys::FWP_DIRECTION_OUTBOUND,
-            wfp_rs::metadata::Direction::Inbound => wfp_rs::sys::FWP_DIRECTION_INBOUND,
-        };
-        match name {
-            "AleAppId" | "AleOriginalAppId" => SimValue::Blob(app_id_bytes(&self.app)),
-            // An opaque token-access blob: the simulator models no security.
-            "AleUserId" => SimValue::TokenAccess(vec![0u8; 16]),
-            "AlePackageId" => SimValue::Sid(NULL_SID.to_vec()),
-            "IpLocalAddress" => address(self.local.ip()),
-            "IpRemoteAddress" => address(self.remote.ip()),
-            "IpLocalPort" => SimValue::U16(self.local.port()),
-            "IpRemotePort" => SimValue::U16(self.remote.port()),
-            "IpProtocol" => SimValue::U8(self.protocol.into()),
-            "Flags" => SimValue::U32(flags),
+        match source {
+            FieldSource::Empty => SimValue::Empty,
+            FieldSource::AppId => SimValue::Blob(Arc::clone(&self.app_id)),
+            FieldSource::UserId => SimValue::TokenAccess(Arc::clone(&NO_TOKEN)),
+            FieldSource::PackageId => SimValue::Sid(Arc::clone(&NULL_PACKAGE)),
+            FieldSource::LocalAddress => address(connection.local.ip()),
+            FieldSource::RemoteAddress => address(connection.remote.ip()),
+            FieldSource::LocalPort => SimValue::U16(connection.local.port()),
+            FieldSource::RemotePort => SimValue::U16(connection.remote.port()),
+            FieldSource::Protocol => SimValue::U8(connection.protocol.into()),
+            FieldSource::Flags => {
+                let mut flags = 0;
+                if connection.remote.ip().is_loopback() {
+                    flags |= wfp_rs::sys::FWP_CONDITION_FLAG_IS_LOOPBACK;
+                }
+                if reauthorize {
+                    flags |= wfp_rs::sys::FWP_CONDITION_FLAG_IS_REAUTHORIZE;
+                }
+                SimValue::U32(flags)
+            }
             // The harness reauthorizes only after a completed pend.
-            "ReauthorizeReason" => SimValue::U32(if reauthorize {
+            FieldSource::ReauthorizeReason => SimValue::U32(if reauthorize {
                 wfp_rs::sys::FWP_CONDITION_REAUTHORIZE_REASON_CLASSIFY_COMPLETION
             } else {
                 0
             }),
-            "Direction" => SimValue::U32(direction as u32),
-            // NlatUnicast; the destination address type is unicast too.
-            "IpLocalAddressType" | "IpDestinationAddressType" => SimValue::U8(1),
-            "IpLocalInterface" | "IpArrivalInterface" | "IpNexthopInterface" => {
-                SimValue::U64(0x0006_0000_0100_0000)
-            }
-            "InterfaceIndex" | "ArrivalInterfaceIndex" | "NexthopInterfaceIndex" => {
-                SimValue::U32(2)
-            }
-            "SubInterfaceIndex" | "NexthopSubInterfaceIndex" => SimValue::U32(0),
-            // IF_TYPE_ETHERNET_CSMACD; no tunnel.
-            "InterfaceType" | "ArrivalInterfaceType" | "NexthopInterfaceType" => SimValue::U32(6),
-            "TunnelType" | "ArrivalTunnelType" | "NexthopTunnelType" => SimValue::U32(0),
-            "CompartmentId" => SimValue::U32(1),
-            // NET_FW_PROFILE2_PRIVATE.
-            "CurrentProfileId" | "OriginalProfileId" | "LocalInterfaceProfileId" => {
-                SimValue::U32(2)
-            }
-            _ => SimValue::Empty,
+            FieldSource::Direction => SimValue::U32(match connection.direction {
+                wfp_rs::metadata::Direction::Outbound => wfp_rs::sys::FWP_DIRECTION_OUTBOUND,
+                wfp_rs::metadata::Direction::Inbound => wfp_rs::sys::FWP_DIRECTION_INBOUND,
+            } as u32),
+            FieldSource::U8(value) => SimValue::U8(value),
+            FieldSource::U32(value) => SimValue::U32(value),
+            FieldSource::U64(value) => SimValue::U64(value),
         }
     }
 }
@@ -1565,38 +1687,40 @@ impl Machine {
             AleIrql::Dispatch => Irql::DISPATCH,
         };
         let flow = NEXT_FLOW.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-        let plan: Vec<(u16, Irql, bool)> = match (connection.direction, v4) {
-            (wfp_rs::metadata::Direction::Outbound, true) => vec![
+        let presented = Presented::new(connection);
+        let plan: &[(u16, Irql, bool)] = match (connection.direction, v4) {
+            (wfp_rs::metadata::Direction::Outbound, true) => &[
                 (AleResourceAssignmentV4::ID, ale, false),
                 (AleConnectRedirectV4::ID, ale, false),
                 (AleAuthConnectV4::ID, ale, false),
                 (OutboundTransportV4::ID, Irql::DISPATCH, true),
                 (AleFlowEstablishedV4::ID, Irql::DISPATCH, true),
             ],
-            (wfp_rs::metadata::Direction::Outbound, false) => vec![
+            (wfp_rs::metadata::Direction::Outbound, false) => &[
                 (AleResourceAssignmentV6::ID, ale, false),
                 (AleConnectRedirectV6::ID, ale, false),
                 (AleAuthConnectV6::ID, ale, false),
                 (OutboundTransportV6::ID, Irql::DISPATCH, true),
                 (AleFlowEstablishedV6::ID, Irql::DISPATCH, true),
             ],
-            (wfp_rs::metadata::Direction::Inbound, true) => vec![
+            (wfp_rs::metadata::Direction::Inbound, true) => &[
                 (InboundTransportV4::ID, Irql::DISPATCH, false),
                 (AleAuthRecvAcceptV4::ID, ale, false),
                 (AleFlowEstablishedV4::ID, Irql::DISPATCH, true),
             ],
-            (wfp_rs::metadata::Direction::Inbound, false) => vec![
+            (wfp_rs::metadata::Direction::Inbound, false) => &[
                 (InboundTransportV6::ID, Irql::DISPATCH, false),
                 (AleAuthRecvAcceptV6::ID, ale, false),
                 (AleFlowEstablishedV6::ID, Irql::DISPATCH, true),
             ],
         };
-        let mut layers = Vec::new();
+        // Each layer, and a pended one's reauthorization.
+        let mut layers = Vec::with_capacity(plan.len() + 1);
         let mut pended = false;
-        for (id, irql, has_flow) in plan {
+        for &(id, irql, has_flow) in plan {
             let layer = wfp_rs::layer::layer_by_id(id).expect("known layer");
             let mut decision =
-                self.classify_connection(layer, connection, irql, has_flow.then_some(flow), false);
+                self.classify_connection(layer, &presented, irql, has_flow.then_some(flow), false);
             if let Some(pending) = decision.pending {
                 // The stack holds the connection until the callout completes the pend.
                 pended = true;
@@ -1624,7 +1748,7 @@ impl Machine {
                     },
                     // FwpsCompleteOperation0 (or FwpsCompleteClassify0 without a classify-out):
                     // the stack classifies the connection again.
-                    None => self.classify_connection(layer, connection, irql, None, true),
+                    None => self.classify_connection(layer, &presented, irql, None, true),
                 };
             }
             layers.push((layer.name, decision));
@@ -1665,7 +1789,13 @@ impl Machine {
         let layer = layer_by_id(id).expect("known layer");
         let mut packet = connection.clone();
         packet.direction = direction;
-        self.classify_connection(layer, &packet, Irql::DISPATCH, Some(flow_handle), false)
+        self.classify_connection(
+            layer,
+            &Presented::new(&packet),
+            Irql::DISPATCH,
+            Some(flow_handle),
+            false,
+        )
     }
 
     /// The flow `flow_handle` ends (its connection is torn down): every callout context attached
@@ -1689,7 +1819,13 @@ impl Machine {
             AleEndpointClosureV6::ID
         };
         let layer = layer_by_id(id).expect("known layer");
-        let decision = self.classify_connection(layer, connection, Irql::PASSIVE, None, false);
+        let decision = self.classify_connection(
+            layer,
+            &Presented::new(connection),
+            Irql::PASSIVE,
+            None,
+            false,
+        );
         if let Some(pending) = decision.pending
             && let Some(action) = self.wait_for_completion(pending)
         {
@@ -1698,26 +1834,18 @@ impl Machine {
         decision
     }
 
-    /// Classifies `connection` at one layer, with its field values and metadata.
+    /// Classifies a connection at one layer, with its field values and metadata.
     fn classify_connection(
         &self,
         layer: &'static wfp_rs::layer::LayerInfo,
-        connection: &Connection,
+        presented: &Presented<'_>,
         irql: Irql,
         flow: Option<u64>,
         reauthorization: bool,
     ) -> Decision {
         use wfp_rs::sys::*;
-        let mut values = vec![SimValue::Empty; layer.field_count as usize];
-        for field in layer.fields {
-            values[field.index as usize] =
-                connection.value(field.name, layer.ip_version, reauthorization);
-        }
-        let mut path = app_id_bytes(&connection.app);
-        let mut path_blob = FWP_BYTE_BLOB {
-            size: path.len() as u32,
-            data: path.as_mut_ptr(),
-        };
+        let connection = presented.connection;
+        let values = || presented.values(layer, reauthorization);
         // SAFETY: the metadata structure is plain data, valid when zeroed (no bits set).
         let mut metadata: FWPS_INCOMING_METADATA_VALUES0 = unsafe { core::mem::zeroed() };
         metadata.currentMetadataValues = FWPS_METADATA_FIELD_PROCESS_ID
@@ -1725,7 +1853,6 @@ impl Machine {
             | FWPS_METADATA_FIELD_COMPARTMENT_ID
             | FWPS_METADATA_FIELD_PACKET_DIRECTION;
         metadata.processId = connection.pid;
-        metadata.processPath = &mut path_blob;
         metadata.compartmentId = 1;
         metadata.packetDirection = match connection.direction {
             wfp_rs::metadata::Direction::Outbound => FWP_DIRECTION_OUTBOUND,
@@ -1737,8 +1864,10 @@ impl Machine {
         }
         let mut incoming = engine::Incoming {
             layer,
-            values,
+            values: engine::Values::new(&values),
             metadata,
+            // The engine copies it for the callouts (the stack's copy for this classification).
+            process_path: Some(&presented.app_id),
             layer_data: core::ptr::null_mut(),
             classify_context: core::ptr::null(),
             flow_context: 0,
@@ -1754,7 +1883,6 @@ impl Machine {
         };
         let verdict =
             state::with_context(&self.kernel, irql.0, 0, || engine::classify(&mut incoming));
-        drop(path);
         Machine::decision(verdict)
     }
 }

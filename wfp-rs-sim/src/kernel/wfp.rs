@@ -22,6 +22,7 @@ use std::{
 };
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -63,10 +64,12 @@ pub(crate) enum SimValue {
     U32(u32),
     U64(u64),
     Bytes16([u8; 16]),
-    Blob(Vec<u8>),
-    Sid(Vec<u8>),
-    SecurityDescriptor(Vec<u8>),
-    TokenAccess(Vec<u8>),
+    // Shared, not owned: the harness presents one app id at every layer of a connection, and
+    // the engine copies values into fresh storage for each classification anyway.
+    Blob(Arc<[u8]>),
+    Sid(Arc<[u8]>),
+    SecurityDescriptor(Arc<[u8]>),
+    TokenAccess(Arc<[u8]>),
     Unicode(Vec<u16>),
     V4Mask { addr: u32, mask: u32 },
     V6Mask { addr: [u8; 16], prefix: u8 },
@@ -926,17 +929,17 @@ pub unsafe extern "system" fn FwpmCalloutDeleteByKey0(
 /// # Safety
 ///
 /// `ptr` must be null or point to a valid `FWP_BYTE_BLOB`.
-unsafe fn read_blob(ptr: *const FWP_BYTE_BLOB) -> Result<Vec<u8>, NTSTATUS> {
+unsafe fn read_blob(ptr: *const FWP_BYTE_BLOB) -> Result<Arc<[u8]>, NTSTATUS> {
     // SAFETY: null or valid per the contract.
     let blob = unsafe { ptr.as_ref() }.ok_or(Status::FWP_NULL_POINTER.raw())?;
     if blob.size == 0 {
-        return Ok(Vec::new());
+        return Ok(Arc::from(&[][..]));
     }
     if blob.data.is_null() {
         return Err(Status::FWP_NULL_POINTER.raw());
     }
     // SAFETY: a valid blob holds `size` bytes at `data`.
-    Ok(unsafe { core::slice::from_raw_parts(blob.data, blob.size as usize) }.to_vec())
+    Ok(unsafe { core::slice::from_raw_parts(blob.data, blob.size as usize) }.into())
 }
 
 /// Copies a SID (8-byte header, then 4 bytes per sub-authority; the count is byte 1).
@@ -944,7 +947,7 @@ unsafe fn read_blob(ptr: *const FWP_BYTE_BLOB) -> Result<Vec<u8>, NTSTATUS> {
 /// # Safety
 ///
 /// `sid` must be null or point to a valid SID.
-unsafe fn read_sid(sid: *const SID) -> Result<Vec<u8>, NTSTATUS> {
+unsafe fn read_sid(sid: *const SID) -> Result<Arc<[u8]>, NTSTATUS> {
     let bytes = sid.cast::<u8>();
     if bytes.is_null() {
         return Err(Status::FWP_NULL_POINTER.raw());
@@ -952,7 +955,7 @@ unsafe fn read_sid(sid: *const SID) -> Result<Vec<u8>, NTSTATUS> {
     // SAFETY: a valid SID has its 8-byte header; byte 1 is the sub-authority count.
     let count = unsafe { bytes.wrapping_add(1).read() } as usize;
     // SAFETY: a valid SID holds `8 + 4 * count` bytes.
-    Ok(unsafe { core::slice::from_raw_parts(bytes, 8 + 4 * count) }.to_vec())
+    Ok(unsafe { core::slice::from_raw_parts(bytes, 8 + 4 * count) }.into())
 }
 
 /// Copies a NUL-terminated UTF-16 string.
@@ -1552,7 +1555,7 @@ struct Notify {
 
 impl Notify {
     fn call(self, kind: FWPS_CALLOUT_NOTIFY_TYPE, record: &FilterRecord) -> NTSTATUS {
-        let mut storage = FilterStorage::new(record, 0);
+        let mut storage = FilterStorage::new(record, 0, self.call.id);
         let key = record.key;
         let driver = self.call.driver;
         let status = in_driver(driver, self.call.id, "notifyFn", || {
@@ -1613,16 +1616,23 @@ fn in_driver<R>(driver: usize, callout: u32, callback: &'static str, f: impl FnO
 
 /// The `FWPS_FILTER3` handed to a callout, with the storage its pointers refer to.
 struct FilterStorage {
-    weight: Box<u64>,
-    filter: Box<FWPS_FILTER3>,
+    filter: Box<FilterAndWeight>,
     // The filter's conditions, and the values they point into.
     _conditions: Vec<FWPS_FILTER_CONDITION0>,
     _values: ValueStorage,
 }
 
+/// An `FWPS_FILTER3` and the weight its `weight` value points to, in one allocation (the box
+/// keeps the weight's address as the storage moves).
+struct FilterAndWeight {
+    filter: FWPS_FILTER3,
+    weight: u64,
+}
+
 impl FilterStorage {
-    fn new(record: &FilterRecord, sublayer_weight: u16) -> FilterStorage {
-        let mut weight = Box::new(record.weight);
+    /// The filter `record` as handed to callout `callout_id` (the id its callout key maps to,
+    /// known to the caller from the call it began).
+    fn new(record: &FilterRecord, sublayer_weight: u16, callout_id: u32) -> FilterStorage {
         let mut flags = 0u16;
         if record.flags & FWPM_FILTER_FLAG_CLEAR_ACTION_RIGHT != 0 {
             flags |= FWPS_FILTER_FLAG_CLEAR_ACTION_RIGHT;
@@ -1631,18 +1641,11 @@ impl FilterStorage {
             flags |= FWPS_FILTER_FLAG_PERMIT_IF_CALLOUT_UNREGISTERED;
         }
         let callout_id = if record.action & FWP_ACTION_FLAG_CALLOUT != 0 {
-            current()
-                .wfp
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .callout_ids
-                .get(&record.callout_key)
-                .copied()
-                .unwrap_or(0)
+            callout_id
         } else {
             0
         };
-        let mut values = ValueStorage::new(&[]);
+        let mut values = ValueStorage::new(record.conditions.iter().map(|c| &c.value));
         let mut conditions: Vec<FWPS_FILTER_CONDITION0> = record
             .conditions
             .iter()
@@ -1656,31 +1659,37 @@ impl FilterStorage {
                 }
             })
             .collect();
-        let filter = Box::new(FWPS_FILTER3 {
-            filterId: record.id,
-            weight: FWP_VALUE0 {
-                r#type: FWP_UINT64,
-                u: FWP_VALUE0_u {
-                    uint64: &mut *weight,
+        let mut filter = Box::new(FilterAndWeight {
+            filter: FWPS_FILTER3 {
+                filterId: record.id,
+                weight: FWP_VALUE0 {
+                    r#type: FWP_UINT64,
+                    u: FWP_VALUE0_u {
+                        uint64: core::ptr::null_mut(),
+                    },
                 },
+                subLayerWeight: sublayer_weight,
+                flags,
+                numFilterConditions: conditions.len() as u32,
+                filterCondition: if conditions.is_empty() {
+                    core::ptr::null_mut()
+                } else {
+                    conditions.as_mut_ptr()
+                },
+                action: FWPS_ACTION0 {
+                    r#type: record.action,
+                    calloutId: callout_id,
+                },
+                context: record.raw_context,
+                providerContext: core::ptr::null_mut(),
             },
-            subLayerWeight: sublayer_weight,
-            flags,
-            numFilterConditions: conditions.len() as u32,
-            filterCondition: if conditions.is_empty() {
-                core::ptr::null_mut()
-            } else {
-                conditions.as_mut_ptr()
-            },
-            action: FWPS_ACTION0 {
-                r#type: record.action,
-                calloutId: callout_id,
-            },
-            context: record.raw_context,
-            providerContext: core::ptr::null_mut(),
+            weight: record.weight,
         });
+        let parts = &mut *filter;
+        parts.filter.weight.u = FWP_VALUE0_u {
+            uint64: &raw mut parts.weight,
+        };
         FilterStorage {
-            weight,
             filter,
             _conditions: conditions,
             _values: values,
@@ -1688,8 +1697,7 @@ impl FilterStorage {
     }
 
     fn filter(&mut self) -> *mut FWPS_FILTER3 {
-        let _ = &self.weight;
-        &mut *self.filter
+        &raw mut self.filter.filter
     }
 }
 
@@ -1714,10 +1722,14 @@ pub(crate) struct Verdict {
 
 /// The incoming values and metadata of one classification, owned; the raw structures handed to
 /// callouts point into it.
-pub(crate) struct Incoming {
+pub(crate) struct Incoming<'a> {
     pub layer: &'static LayerInfo,
-    pub values: Vec<SimValue>,
+    pub values: Values<'a>,
     pub metadata: FWPS_INCOMING_METADATA_VALUES0,
+    /// The process path (`FWP_BYTE_BLOB` bytes) for `metadata.processPath`, copied for the
+    /// callouts when the first is called (the caller sets `FWPS_METADATA_FIELD_PROCESS_PATH`);
+    /// `None` if the caller points `processPath` somewhere itself.
+    pub process_path: Option<&'a [u8]>,
     pub layer_data: PVOID,
     pub classify_context: *const core::ffi::c_void,
     pub flow_context: u64,
@@ -1725,6 +1737,26 @@ pub(crate) struct Incoming {
     pub pendable: bool,
     /// Whether this is the reauthorization after a completed pend (pending is refused).
     pub reauthorization: bool,
+}
+
+/// A classification's field values, built when something needs them: a filter with conditions
+/// to match, or a callout to call. Most classifications of a connection cross layers where no
+/// filter has conditions and no callout is called, and nothing can observe values nobody reads.
+pub(crate) struct Values<'a> {
+    build: &'a dyn Fn() -> Vec<SimValue>,
+    built: Option<Vec<SimValue>>,
+}
+
+impl<'a> Values<'a> {
+    /// The values `build` returns, built at most once, on first use. `build` must not touch the
+    /// engine: it may run with the engine locked.
+    pub(crate) fn new(build: &'a dyn Fn() -> Vec<SimValue>) -> Self {
+        Values { build, built: None }
+    }
+
+    fn get(&mut self) -> &[SimValue] {
+        self.built.get_or_insert_with(self.build)
+    }
 }
 
 struct Matched {
@@ -1839,78 +1871,248 @@ fn filter_matches(record: &FilterRecord, values: &[SimValue]) -> bool {
     true
 }
 
-/// Storage for the raw `FWPS_INCOMING_VALUE0` array and the data its pointers refer to.
-#[expect(
-    clippy::vec_box,
-    reason = "each box gives its value an address that pushing cannot move"
-)]
+/// The raw forms of values as the engine hands them to callouts (the `FWPS_INCOMING_VALUE0`
+/// array of a classification, the `FWP_CONDITION_VALUE0`s of a filter), with the data their
+/// pointers refer to. Built anew for each classification and each filter handed to a callout,
+/// so a callout always sees fresh copies, and freed when that call returns.
+///
+/// The data lives in a few pools, each usually a single allocation (a box or vector per value
+/// was most of the engine's cost per classification): `words` holds everything pointed to
+/// that holds no pointer itself (64-bit integers, byte arrays, blob bytes, SIDs, strings,
+/// address masks), each value from an 8-byte boundary so a `UINT64` or a SID is aligned for
+/// its type, zero-padded; `blobs` holds the `FWP_BYTE_BLOB` headers that point into
+/// `words`. Pointers into a pool are taken only once it is complete, so no push can move what
+/// they point to.
 struct ValueStorage {
     values: Vec<FWPS_INCOMING_VALUE0>,
-    _u64s: Vec<Box<u64>>,
-    _v4_masks: Vec<Box<FWP_V4_ADDR_AND_MASK>>,
-    _v6_masks: Vec<Box<FWP_V6_ADDR_AND_MASK>>,
-    _ranges: Vec<Box<FWP_RANGE0>>,
-    _arrays: Vec<Box<FWP_BYTE_ARRAY16>>,
-    _blobs: Vec<Box<FWP_BYTE_BLOB>>,
-    // Vectors of vectors: each inner buffer is its own allocation, so pointers into it stay
-    // valid as more are pushed.
-    _bytes: Vec<Vec<u8>>,
-    _units: Vec<Vec<u16>>,
+    words: Vec<u64>,
+    blobs: Vec<FWP_BYTE_BLOB>,
+    /// Ranges (condition values only, rare): boxed, as each is pointed to while more are added.
+    #[expect(
+        clippy::vec_box,
+        reason = "each box gives its range an address that pushing cannot move"
+    )]
+    ranges: Vec<Box<FWP_RANGE0>>,
+    /// Where the next value's data and blob header are, as [`raw`](Self::raw) hands them out
+    /// in the order the storage was built in.
+    next_word: usize,
+    next_blob: usize,
+}
+
+/// Whether `value` keeps anything beside its tag and union (most values do not: the loops over
+/// a classification's values skip them at this test).
+#[inline(always)]
+fn carries_data(value: &SimValue) -> bool {
+    !matches!(
+        value,
+        SimValue::Empty | SimValue::U8(_) | SimValue::U16(_) | SimValue::U32(_)
+    )
+}
+
+/// What `value` keeps beside its tag and union: words of data, blob headers.
+fn footprint(value: &SimValue) -> (usize, usize) {
+    let words = |bytes: usize| bytes.div_ceil(8);
+    match value {
+        SimValue::Empty | SimValue::U8(_) | SimValue::U16(_) | SimValue::U32(_) => (0, 0),
+        SimValue::U64(_) | SimValue::V4Mask { .. } => (1, 0),
+        SimValue::Bytes16(_) => (2, 0),
+        SimValue::V6Mask { .. } => (words(size_of::<FWP_V6_ADDR_AND_MASK>()), 0),
+        SimValue::Blob(bytes)
+        | SimValue::SecurityDescriptor(bytes)
+        | SimValue::TokenAccess(bytes) => (words(bytes.len()), 1),
+        SimValue::Sid(bytes) => (words(bytes.len()), 0),
+        // NUL-terminated.
+        SimValue::Unicode(units) => (words(2 * (units.len() + 1)), 0),
+        SimValue::Range(low, high) => range_footprint(low, high),
+    }
+}
+
+// The ranges' recursion lives out of line, so the per-value functions inline into the loops
+// over a classification's values.
+#[inline(never)]
+fn range_footprint(low: &SimValue, high: &SimValue) -> (usize, usize) {
+    let (low_words, low_blobs) = footprint(low);
+    let (high_words, high_blobs) = footprint(high);
+    (low_words + high_words, low_blobs + high_blobs)
+}
+
+/// Appends `bytes` to `words`, zero-padded to a whole word.
+fn push_bytes(words: &mut Vec<u64>, bytes: &[u8]) {
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        words.push(u64::from_ne_bytes(word));
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut word = [0u8; 8];
+        word[..rest.len()].copy_from_slice(rest);
+        words.push(u64::from_ne_bytes(word));
+    }
+}
+
+/// Appends the data `value` points to (its [`footprint`]'s words) to `words`.
+fn push_data(words: &mut Vec<u64>, value: &SimValue) {
+    #[cfg(debug_assertions)]
+    let start = words.len();
+    match value {
+        SimValue::Empty | SimValue::U8(_) | SimValue::U16(_) | SimValue::U32(_) => {}
+        SimValue::U64(v) => words.push(*v),
+        SimValue::Bytes16(bytes) => push_bytes(words, bytes),
+        // `FWP_V4_ADDR_AND_MASK`: `addr` at offset 0, `mask` at 4.
+        SimValue::V4Mask { addr, mask } => {
+            let mut word = [0u8; 8];
+            word[..4].copy_from_slice(&addr.to_ne_bytes());
+            word[4..].copy_from_slice(&mask.to_ne_bytes());
+            words.push(u64::from_ne_bytes(word));
+        }
+        // `FWP_V6_ADDR_AND_MASK`: `addr` at offset 0, `prefixLength` at 16.
+        SimValue::V6Mask { addr, prefix } => {
+            push_bytes(words, addr);
+            push_bytes(words, &[*prefix]);
+        }
+        SimValue::Blob(bytes)
+        | SimValue::SecurityDescriptor(bytes)
+        | SimValue::TokenAccess(bytes)
+        | SimValue::Sid(bytes) => push_bytes(words, bytes),
+        SimValue::Unicode(units) => {
+            let mut word = [0u8; 8];
+            let mut filled = 0;
+            for unit in units.iter().copied().chain([0]) {
+                word[filled..filled + 2].copy_from_slice(&unit.to_ne_bytes());
+                filled += 2;
+                if filled == word.len() {
+                    words.push(u64::from_ne_bytes(word));
+                    word = [0u8; 8];
+                    filled = 0;
+                }
+            }
+            if filled > 0 {
+                words.push(u64::from_ne_bytes(word));
+            }
+        }
+        SimValue::Range(low, high) => push_range_data(words, low, high),
+    }
+    #[cfg(debug_assertions)]
+    debug_assert_eq!(words.len() - start, footprint(value).0, "{value:?}");
+}
+
+#[inline(never)]
+fn push_range_data(words: &mut Vec<u64>, low: &SimValue, high: &SimValue) {
+    push_data(words, low);
+    push_data(words, high);
+}
+
+/// Appends the blob headers `value` needs to `blobs`, pointing into the complete data pool at
+/// `base` from word `*at` on; advances `*at` past the value's data.
+fn push_blob_headers(
+    blobs: &mut Vec<FWP_BYTE_BLOB>,
+    base: *mut u64,
+    at: &mut usize,
+    value: &SimValue,
+) {
+    match value {
+        SimValue::Blob(bytes)
+        | SimValue::SecurityDescriptor(bytes)
+        | SimValue::TokenAccess(bytes) => {
+            blobs.push(FWP_BYTE_BLOB {
+                size: bytes.len() as u32,
+                data: base.wrapping_add(*at).cast::<u8>(),
+            });
+        }
+        SimValue::Range(low, high) => return push_range_blob_headers(blobs, base, at, low, high),
+        _ => {}
+    }
+    *at += footprint(value).0;
+}
+
+#[inline(never)]
+fn push_range_blob_headers(
+    blobs: &mut Vec<FWP_BYTE_BLOB>,
+    base: *mut u64,
+    at: &mut usize,
+    low: &SimValue,
+    high: &SimValue,
+) {
+    push_blob_headers(blobs, base, at, low);
+    push_blob_headers(blobs, base, at, high);
 }
 
 impl ValueStorage {
-    fn new(values: &[SimValue]) -> ValueStorage {
-        let mut storage = ValueStorage {
-            values: Vec::with_capacity(values.len()),
-            _u64s: Vec::new(),
-            _v4_masks: Vec::new(),
-            _v6_masks: Vec::new(),
-            _ranges: Vec::new(),
-            _arrays: Vec::new(),
-            _blobs: Vec::new(),
-            _bytes: Vec::new(),
-            _units: Vec::new(),
-        };
+    /// Storage for `values`, in this order: their data, then the blob headers pointing into
+    /// it. Take each value's raw form with [`raw`](Self::raw) or
+    /// [`raw_condition`](Self::raw_condition), in the same order.
+    fn new<'v>(values: impl Iterator<Item = &'v SimValue> + Clone) -> ValueStorage {
+        // A word per value is usually room enough (most values carry no data, an app id about a
+        // dozen words); growing is harmless while nothing points into the pool yet.
+        let (_, size_hint) = values.size_hint();
+        let mut words = Vec::with_capacity(size_hint.unwrap_or(0));
+        let (mut words_len, mut blobs_len) = (0, 0);
+        for value in values.clone().filter(|v| carries_data(v)) {
+            let (value_words, value_blobs) = footprint(value);
+            words_len += value_words;
+            blobs_len += value_blobs;
+            push_data(&mut words, value);
+        }
+        // The footprints' total, whatever `push_data` did (it matches them, checked in debug
+        // builds): every offset `take` derives from the footprints then falls inside `words`.
+        words.resize(words_len, 0);
+        // `words` is complete: from here on it is only pointed into.
+        let base = words.as_mut_ptr();
+        let mut blobs = Vec::with_capacity(blobs_len);
+        let mut at = 0;
+        if blobs_len > 0 {
+            for value in values.filter(|v| carries_data(v)) {
+                push_blob_headers(&mut blobs, base, &mut at, value);
+            }
+        }
+        ValueStorage {
+            values: Vec::new(),
+            words,
+            blobs,
+            ranges: Vec::new(),
+            next_word: 0,
+            next_blob: 0,
+        }
+    }
+
+    /// `values` as a classification's `FWPS_INCOMING_VALUE0` array (in `values`).
+    fn incoming(values: &[SimValue]) -> ValueStorage {
+        let mut storage = ValueStorage::new(values.iter());
+        let mut raw = Vec::with_capacity(values.len());
         for value in values {
             let (tag, u) = storage.raw(value);
-            storage.values.push(FWPS_INCOMING_VALUE0 {
+            raw.push(FWPS_INCOMING_VALUE0 {
                 value: FWP_VALUE0 { r#type: tag, u },
             });
         }
+        storage.values = raw;
         storage
     }
 
-    fn blob(&mut self, bytes: &[u8]) -> *mut FWP_BYTE_BLOB {
-        let mut data = bytes.to_vec();
-        let mut blob = Box::new(FWP_BYTE_BLOB {
-            size: data.len() as u32,
-            data: data.as_mut_ptr(),
-        });
-        let ptr = &mut *blob as *mut FWP_BYTE_BLOB;
-        self._bytes.push(data);
-        self._blobs.push(blob);
-        ptr
+    /// The next value's data and blob header: where its [`footprint`] is in the pools.
+    #[inline]
+    fn take(&mut self, value: &SimValue) -> (*mut u64, *mut FWP_BYTE_BLOB) {
+        let (words, blobs) = footprint(value);
+        // `as_mut_ptr` keeps pointers taken before valid; the offsets stay inside the pools (or
+        // one past their end, for a value with no data, never read through).
+        let data = self.words.as_mut_ptr().wrapping_add(self.next_word);
+        let blob = self.blobs.as_mut_ptr().wrapping_add(self.next_blob);
+        self.next_word += words;
+        self.next_blob += blobs;
+        (data, blob)
     }
 
     /// A condition value as the engine hands it to callouts in `FWPS_FILTER3::filterCondition`.
     fn raw_condition(&mut self, value: &SimValue) -> (FWP_DATA_TYPE, FWP_CONDITION_VALUE0_u) {
         let u = match value {
-            SimValue::V4Mask { addr, mask } => {
-                let mut boxed = Box::new(FWP_V4_ADDR_AND_MASK {
-                    addr: *addr,
-                    mask: *mask,
-                });
-                let v4AddrMask = &mut *boxed as *mut FWP_V4_ADDR_AND_MASK;
-                self._v4_masks.push(boxed);
+            SimValue::V4Mask { .. } => {
+                let v4AddrMask = self.take(value).0.cast::<FWP_V4_ADDR_AND_MASK>();
                 return (FWP_V4_ADDR_MASK, FWP_CONDITION_VALUE0_u { v4AddrMask });
             }
-            SimValue::V6Mask { addr, prefix } => {
-                let mut boxed = Box::new(FWP_V6_ADDR_AND_MASK {
-                    addr: *addr,
-                    prefixLength: *prefix,
-                });
-                let v6AddrMask = &mut *boxed as *mut FWP_V6_ADDR_AND_MASK;
-                self._v6_masks.push(boxed);
+            SimValue::V6Mask { .. } => {
+                let v6AddrMask = self.take(value).0.cast::<FWP_V6_ADDR_AND_MASK>();
                 return (FWP_V6_ADDR_MASK, FWP_CONDITION_VALUE0_u { v6AddrMask });
             }
             SimValue::Range(low, high) => {
@@ -1927,7 +2129,7 @@ impl ValueStorage {
                     },
                 });
                 let rangeValue = &mut *boxed as *mut FWP_RANGE0;
-                self._ranges.push(boxed);
+                self.ranges.push(boxed);
                 return (FWP_RANGE_TYPE, FWP_CONDITION_VALUE0_u { rangeValue });
             }
             other => other,
@@ -1943,6 +2145,8 @@ impl ValueStorage {
         (tag, u)
     }
 
+    /// The next value as an `FWP_VALUE0`'s tag and union, pointing into the pools.
+    #[inline]
     fn raw(&mut self, value: &SimValue) -> (FWP_DATA_TYPE, FWP_VALUE0_u) {
         match value {
             SimValue::Empty => (
@@ -1954,51 +2158,46 @@ impl ValueStorage {
             SimValue::U8(v) => (FWP_UINT8, FWP_VALUE0_u { uint8: *v }),
             SimValue::U16(v) => (FWP_UINT16, FWP_VALUE0_u { uint16: *v }),
             SimValue::U32(v) => (FWP_UINT32, FWP_VALUE0_u { uint32: *v }),
-            SimValue::U64(v) => {
-                let mut boxed = Box::new(*v);
-                let ptr = &mut *boxed as *mut u64;
-                self._u64s.push(boxed);
-                (FWP_UINT64, FWP_VALUE0_u { uint64: ptr })
+            _ => self.raw_with_data(value),
+        }
+    }
+
+    /// [`raw`](Self::raw) for a value that [carries data](carries_data).
+    fn raw_with_data(&mut self, value: &SimValue) -> (FWP_DATA_TYPE, FWP_VALUE0_u) {
+        let (data, blob) = self.take(value);
+        match value {
+            SimValue::Empty | SimValue::U8(_) | SimValue::U16(_) | SimValue::U32(_) => {
+                unreachable!("raw handles the values without data")
             }
-            SimValue::Bytes16(bytes) => {
-                let mut boxed = Box::new(FWP_BYTE_ARRAY16 {
-                    byteArray16: *bytes,
-                });
-                let ptr = &mut *boxed as *mut FWP_BYTE_ARRAY16;
-                self._arrays.push(boxed);
-                (FWP_BYTE_ARRAY16_TYPE, FWP_VALUE0_u { byteArray16: ptr })
-            }
-            SimValue::Blob(bytes) => (
-                FWP_BYTE_BLOB_TYPE,
+            SimValue::U64(_) => (FWP_UINT64, FWP_VALUE0_u { uint64: data }),
+            SimValue::Bytes16(_) => (
+                FWP_BYTE_ARRAY16_TYPE,
                 FWP_VALUE0_u {
-                    byteBlob: self.blob(bytes),
+                    byteArray16: data.cast::<FWP_BYTE_ARRAY16>(),
                 },
             ),
-            SimValue::SecurityDescriptor(bytes) => (
-                FWP_SECURITY_DESCRIPTOR_TYPE,
-                FWP_VALUE0_u {
-                    sd: self.blob(bytes),
-                },
-            ),
-            SimValue::TokenAccess(bytes) => (
+            SimValue::Blob(_) => (FWP_BYTE_BLOB_TYPE, FWP_VALUE0_u { byteBlob: blob }),
+            SimValue::SecurityDescriptor(_) => {
+                (FWP_SECURITY_DESCRIPTOR_TYPE, FWP_VALUE0_u { sd: blob })
+            }
+            SimValue::TokenAccess(_) => (
                 FWP_TOKEN_ACCESS_INFORMATION_TYPE,
                 FWP_VALUE0_u {
-                    tokenAccessInformation: self.blob(bytes),
+                    tokenAccessInformation: blob,
                 },
             ),
-            SimValue::Sid(bytes) => {
-                let mut data = bytes.clone();
-                let ptr = data.as_mut_ptr().cast::<SID>();
-                self._bytes.push(data);
-                (FWP_SID, FWP_VALUE0_u { sid: ptr })
-            }
-            SimValue::Unicode(units) => {
-                let mut data = units.clone();
-                data.push(0);
-                let ptr = data.as_mut_ptr();
-                self._units.push(data);
-                (FWP_UNICODE_STRING_TYPE, FWP_VALUE0_u { unicodeString: ptr })
-            }
+            SimValue::Sid(_) => (
+                FWP_SID,
+                FWP_VALUE0_u {
+                    sid: data.cast::<SID>(),
+                },
+            ),
+            SimValue::Unicode(_) => (
+                FWP_UNICODE_STRING_TYPE,
+                FWP_VALUE0_u {
+                    unicodeString: data.cast::<u16>(),
+                },
+            ),
             SimValue::V4Mask { .. } | SimValue::V6Mask { .. } | SimValue::Range(..) => {
                 unreachable!("condition-only value types are never incoming values")
             }
@@ -2016,23 +2215,8 @@ fn opaque_value(kind: u16, serial: usize) -> usize {
 
 /// Classifies `incoming` at its layer on this thread, at the thread's current IRQL, calling the
 /// matching callouts through their registered `classifyFn` and arbitrating as WFP does.
-pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
+pub(crate) fn classify(incoming: &mut Incoming<'_>) -> Verdict {
     let layer = incoming.layer;
-    // The classify context identifies this classification to FwpsAcquireClassifyHandle0; it is
-    // valid until the classification returns.
-    let classification = with_bfe(|bfe| {
-        bfe.next_pend += 1;
-        let context = opaque_value(0xC1A0, bfe.next_pend);
-        bfe.live_classifications.insert(
-            context,
-            LiveClassification {
-                pendable: pendable_by_classify_handle(layer) && !incoming.reauthorization,
-                pended: None,
-            },
-        );
-        context
-    });
-    incoming.classify_context = classification as *const core::ffi::c_void;
     let flow = enter_flow(&incoming.metadata);
     // Collect the matching filters from the committed objects, in evaluation order, and count a
     // call into each registered callout among them.
@@ -2041,7 +2225,10 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
         let mut list: Vec<(u16, GUID, FilterRecord)> = objects
             .filters
             .values()
-            .filter(|f| f.layer_id == layer.id && filter_matches(f, &incoming.values))
+            .filter(|f| {
+                f.layer_id == layer.id
+                    && (f.conditions.is_empty() || filter_matches(f, incoming.values.get()))
+            })
             .map(|f| {
                 let sublayer_weight = if f.sublayer == ZERO {
                     UNIVERSAL_SUBLAYER_WEIGHT
@@ -2078,30 +2265,11 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
             .collect()
     });
 
-    let completion_handle = incoming.pendable.then(|| {
-        with_bfe(|bfe| {
-            bfe.next_pend += 1;
-            let handle = opaque_value(0xC0A1, bfe.next_pend);
-            bfe.completion_handles.insert(
-                handle,
-                CompletionHandle {
-                    reauthorization: incoming.reauthorization,
-                    pended: None,
-                },
-            );
-            handle
-        })
-    });
-    if let Some(handle) = completion_handle {
-        incoming.metadata.currentMetadataValues |= FWPS_METADATA_FIELD_COMPLETION_HANDLE;
-        incoming.metadata.completionHandle = handle as HANDLE;
-    }
-    let mut storage = ValueStorage::new(&incoming.values);
-    let fixed = FWPS_INCOMING_VALUES0 {
-        layerId: layer.id,
-        valueCount: storage.values.len() as u32,
-        incomingValue: storage.values.as_mut_ptr(),
-    };
+    // Registered when the first callout is called: only callouts see them.
+    let mut handles: Option<Handles> = None;
+    // The raw values every callout of this classification gets, built for the first one called
+    // (a classification that calls none has nobody to hand them to).
+    let mut raw_values: Option<(ValueStorage, FWPS_INCOMING_VALUES0)> = None;
 
     let mut current = Verdict {
         pended: None,
@@ -2158,9 +2326,19 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
                         };
                     }
                     Some((call, classify_fn)) => {
+                        handles.get_or_insert_with(|| Handles::hand_out(incoming));
+                        let (_, fixed) = raw_values.get_or_insert_with(|| {
+                            let mut storage = ValueStorage::incoming(incoming.values.get());
+                            let fixed = FWPS_INCOMING_VALUES0 {
+                                layerId: layer.id,
+                                valueCount: storage.values.len() as u32,
+                                incomingValue: storage.values.as_mut_ptr(),
+                            };
+                            (storage, fixed)
+                        });
                         let outcome = call_classify(
                             incoming,
-                            &fixed,
+                            fixed,
                             record,
                             entry.sublayer_weight,
                             &current,
@@ -2226,23 +2404,100 @@ pub(crate) fn classify(incoming: &mut Incoming) -> Verdict {
         // INFERRED: no filter decided, so the traffic is permitted.
         current.action = FWP_ACTION_PERMIT;
     }
-    // The completion handle and the classify context are valid only during the classification:
-    // retired now, so a callout that kept one and uses it later stops the machine.
-    if let Some(handle) = completion_handle {
-        current.pended = with_bfe(|bfe| {
-            bfe.retired_completion_handles.retire(handle);
-            bfe.completion_handles.remove(&handle)
-        })
-        .and_then(|h| h.pended);
+    if let Some(handles) = handles {
+        current.pended = handles.take_back();
     }
-    let by_classify_handle = with_bfe(|bfe| {
-        bfe.retired_classify_contexts.retire(classification);
-        bfe.live_classifications.remove(&classification)
-    })
-    .and_then(|c| c.pended);
-    current.pended = current.pended.or(by_classify_handle);
     leave_flow(flow);
     current
+}
+
+/// What a classification hands its callouts beside its values: the classify context (for
+/// `FwpsAcquireClassifyHandle0`) and, where the layer lets callouts pend, the completion handle
+/// (for `FwpsPendOperation0`). Both are valid only during the classification. They are
+/// registered when the first callout is about to be called: a classification that calls none
+/// hands them to nobody, so registering them would only cost.
+struct Handles {
+    classification: usize,
+    completion_handle: Option<usize>,
+    /// The stack's copy of the process path, which `processPath` points to.
+    _process_path: Option<Box<ProcessPath>>,
+}
+
+/// A process path and the blob describing it (boxed, so the blob's address is stable).
+struct ProcessPath {
+    bytes: Vec<u8>,
+    blob: FWP_BYTE_BLOB,
+}
+
+impl Handles {
+    /// Registers the handles and puts them in `incoming`, with the copy of the process path.
+    fn hand_out(incoming: &mut Incoming<'_>) -> Handles {
+        let (classification, completion_handle) = with_bfe(|bfe| {
+            bfe.next_pend += 1;
+            let classification = opaque_value(0xC1A0, bfe.next_pend);
+            bfe.live_classifications.insert(
+                classification,
+                LiveClassification {
+                    pendable: pendable_by_classify_handle(incoming.layer)
+                        && !incoming.reauthorization,
+                    pended: None,
+                },
+            );
+            let completion_handle = incoming.pendable.then(|| {
+                bfe.next_pend += 1;
+                let handle = opaque_value(0xC0A1, bfe.next_pend);
+                bfe.completion_handles.insert(
+                    handle,
+                    CompletionHandle {
+                        reauthorization: incoming.reauthorization,
+                        pended: None,
+                    },
+                );
+                handle
+            });
+            (classification, completion_handle)
+        });
+        incoming.classify_context = classification as *const core::ffi::c_void;
+        if let Some(handle) = completion_handle {
+            incoming.metadata.currentMetadataValues |= FWPS_METADATA_FIELD_COMPLETION_HANDLE;
+            incoming.metadata.completionHandle = handle as HANDLE;
+        }
+        let process_path = incoming.process_path.map(|path| {
+            let mut copy = Box::new(ProcessPath {
+                bytes: path.to_vec(),
+                blob: FWP_BYTE_BLOB {
+                    size: path.len() as u32,
+                    data: core::ptr::null_mut(),
+                },
+            });
+            copy.blob.data = copy.bytes.as_mut_ptr();
+            incoming.metadata.processPath = &mut copy.blob;
+            copy
+        });
+        Handles {
+            classification,
+            completion_handle,
+            _process_path: process_path,
+        }
+    }
+
+    /// The classification returned: the handles are retired, so a callout that kept one and
+    /// uses it later stops the machine. Returns the pend, if a callout pended the
+    /// classification (by completion handle, or by classify handle).
+    fn take_back(self) -> Option<usize> {
+        with_bfe(|bfe| {
+            let by_completion_handle = self.completion_handle.and_then(|handle| {
+                bfe.retired_completion_handles.retire(handle);
+                bfe.completion_handles.remove(&handle)?.pended
+            });
+            bfe.retired_classify_contexts.retire(self.classification);
+            let by_classify_handle = bfe
+                .live_classifications
+                .remove(&self.classification)
+                .and_then(|c| c.pended);
+            by_completion_handle.or(by_classify_handle)
+        })
+    }
 }
 
 /// The layers whose classifications are pended with a classify handle (`FwpsPendClassify0`)
@@ -2271,7 +2526,7 @@ fn guid_order(guid: &GUID) -> (u32, u16, u16, [u8; 8]) {
 
 /// Calls one callout's `classifyFn`; returns (action, rights, absorbed) as it left them.
 fn call_classify(
-    incoming: &mut Incoming,
+    incoming: &mut Incoming<'_>,
     fixed: &FWPS_INCOMING_VALUES0,
     record: &FilterRecord,
     sublayer_weight: u16,
@@ -2280,7 +2535,7 @@ fn call_classify(
     classify_fn: FWPS_CALLOUT_CLASSIFY_FN3,
 ) -> (FWP_ACTION_TYPE, u32, bool) {
     let flow_context = incoming_flow_context(incoming, call.id);
-    let mut storage = FilterStorage::new(record, sublayer_weight);
+    let mut storage = FilterStorage::new(record, sublayer_weight, call.id);
     let mut out = FWPS_CLASSIFY_OUT0 {
         // INFERRED: the decision so far, or CONTINUE if there is none.
         actionType: if current.action == FWP_ACTION_NONE {
@@ -2396,7 +2651,8 @@ impl Direct {
             drop(call);
             return Err("the callout has no classifyFn");
         };
-        let mut values_storage = ValueStorage::new(values);
+        let mut values_storage = ValueStorage::incoming(values);
+        let filter = FilterStorage::new(&record, sublayer_weight, call.id);
         let fixed = Box::new(FWPS_INCOMING_VALUES0 {
             layerId: layer.id,
             valueCount: values_storage.values.len() as u32,
@@ -2409,7 +2665,7 @@ impl Direct {
             metadata: Box::new(metadata),
             fixed,
             _values: values_storage,
-            filter: FilterStorage::new(&record, sublayer_weight),
+            filter,
         })
     }
 
@@ -2845,7 +3101,7 @@ pub(crate) fn is_pending(context: usize) -> bool {
 // --- flow contexts -------------------------------------------------------------------------------
 
 /// The context callout `callout` associated with the flow being classified, at this layer.
-fn incoming_flow_context(incoming: &Incoming, callout: u32) -> u64 {
+fn incoming_flow_context(incoming: &Incoming<'_>, callout: u32) -> u64 {
     if incoming.metadata.currentMetadataValues & FWPS_METADATA_FIELD_FLOW_HANDLE == 0 {
         return incoming.flow_context;
     }
@@ -3038,5 +3294,82 @@ mod tests {
         assert_eq!(retired.parameter(0x1001), 1);
         assert_eq!(retired.parameter(0x1000 + Retired::CAPACITY), 1);
         assert_eq!(retired.parameter(0x42), 0, "never retired");
+    }
+
+    fn bytes(data: &[u8]) -> Arc<[u8]> {
+        Arc::from(data)
+    }
+
+    #[test]
+    fn incoming_values_read_back_as_the_values_they_were_built_from() {
+        // Every incoming type; blobs and strings of lengths that do and do not fill their last
+        // word, an empty blob, data-carrying values between plain ones.
+        let values = vec![
+            SimValue::Blob(bytes(b"\\device\\odd length")),
+            SimValue::Empty,
+            SimValue::U8(7),
+            SimValue::U64(u64::MAX - 3),
+            SimValue::U16(0x1234),
+            SimValue::Bytes16(core::array::from_fn(|i| i as u8 + 1)),
+            SimValue::U32(0xDEAD_BEEF),
+            SimValue::Blob(bytes(&[])),
+            SimValue::Blob(bytes(&[9; 16])),
+            SimValue::Sid(bytes(&[1, 2, 0, 0, 0, 0, 0, 5, 32, 0, 0, 0, 32, 2, 0, 0])),
+            SimValue::TokenAccess(bytes(&[0; 16])),
+            SimValue::SecurityDescriptor(bytes(&[1, 0, 4, 0x80, 5])),
+            SimValue::Unicode(vec![0x41, 0xC4, 0x42]),
+            SimValue::Unicode(vec![1, 2, 3, 4]),
+            SimValue::U64(5),
+        ];
+        let storage = ValueStorage::incoming(&values);
+        assert_eq!(storage.values.len(), values.len());
+        for (raw, value) in storage.values.iter().zip(&values) {
+            // SAFETY: `storage` built the raw value and is alive.
+            let back = unsafe { read_value(&raw.value) };
+            assert_eq!(back, Ok(Some(value.clone())));
+        }
+        // A UINT64 and a SID are aligned as their types need.
+        for index in [3, 14] {
+            // SAFETY: the values at these indexes are UINT64s.
+            let ptr = unsafe { storage.values[index].value.u.uint64 };
+            assert_eq!(ptr as usize % align_of::<u64>(), 0);
+        }
+        // SAFETY: the value at index 9 is a SID.
+        let sid = unsafe { storage.values[9].value.u.sid };
+        assert_eq!(sid as usize % 4, 0);
+    }
+
+    #[test]
+    fn condition_values_read_back_as_the_values_they_were_built_from() {
+        let conditions = vec![
+            SimValue::V4Mask {
+                addr: 0x0A00_0000,
+                mask: 0xFF00_0000,
+            },
+            SimValue::U16(443),
+            SimValue::V6Mask {
+                addr: core::array::from_fn(|i| 0x20 + i as u8),
+                prefix: 64,
+            },
+            SimValue::Range(Box::new(SimValue::U64(10)), Box::new(SimValue::U64(20))),
+            SimValue::Range(
+                Box::new(SimValue::Blob(bytes(b"aaa"))),
+                Box::new(SimValue::Blob(bytes(b"zzzzzzzzz"))),
+            ),
+            SimValue::Blob(bytes(b"after the ranges")),
+        ];
+        let mut storage = ValueStorage::new(conditions.iter());
+        let raw: Vec<FWP_CONDITION_VALUE0> = conditions
+            .iter()
+            .map(|condition| {
+                let (tag, u) = storage.raw_condition(condition);
+                FWP_CONDITION_VALUE0 { r#type: tag, u }
+            })
+            .collect();
+        for (raw, condition) in raw.iter().zip(&conditions) {
+            // SAFETY: `storage` built the raw value and is alive.
+            let back = unsafe { read_condition(raw) };
+            assert_eq!(back, Ok(condition.clone()));
+        }
     }
 }
