@@ -88,7 +88,7 @@
 //! | a live cached verdict for the cache key | that verdict, at once (no allocation, no work item) |
 //! | **an image path no request can carry whole** (longer than [`MAX_PATH_UNITS`], an odd number of bytes, a NUL inside), reauthorizations included | **deny**, whatever the default, at once (nothing pended, nobody asked); counted in [`StatsSnapshot::unaskable`], not in `defaults`, and logged |
 //! | the service replies in time with a valid reply to this request | its verdict |
-//! | **channel**: no service has the channel open (not started yet, or exited) | not asked there ([`NotAskedReason::NoService`]): asked through the port and a work item, which gives the default at once when no service is connected there either |
+//! | **channel**: no service has the channel open (not started yet, or exited) | not asked there ([`NotAskedReason::NoService`]): the default at once when no service is connected to the port either (no work item is queued to find that out); else asked through the port and a work item |
 //! | **channel**: the service has the channel open but no request waiting | the question stays queued for its next request: its verdict, or the default at the deadline ([`Config::timeout`]) |
 //! | **channel**: the service's handle closes (it exited, was killed) with the question delivered and not answered, or its last handle closes with the question still queued | the default, at once (`Outcome::ServiceGone`) |
 //! | **channel**: no answer by the deadline; a late answer is refused (`STATUS_NOT_FOUND`) | the default |
@@ -567,6 +567,34 @@ impl Config {
 impl Default for Config {
     fn default() -> Self {
         Config::DEFAULT
+    }
+}
+
+/// Why a question was not asked at all (see [`Shared::ask_channel_first`]).
+#[derive(Clone, Copy, Debug)]
+enum Unasked {
+    /// The driver is unloading.
+    Unloading,
+    /// No service has the question channel open and nobody is connected to the port.
+    NoService,
+}
+
+impl fmt::Display for Unasked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Unasked::Unloading => "unloading",
+            Unasked::NoService => "no service",
+        })
+    }
+}
+
+impl From<Unasked> for AskError {
+    fn from(why: Unasked) -> AskError {
+        match why {
+            Unasked::Unloading => AskError::Unloading,
+            // What the port design's work item would have found.
+            Unasked::NoService => AskError::Send(SendError::NotConnected),
+        }
     }
 }
 
@@ -1379,10 +1407,15 @@ where
                 // `Decisions::decide` concludes it, exactly once.
                 Ok(None) => return,
                 Ok(Some(asked)) => asked,
-                // Unloading: the default, recorded for the reauthorization.
-                Err(asked) => {
-                    let unloading = Err::<ConnectionReply, _>(AskError::Unloading);
-                    return shared.conclude(irql, asked, unloading, "");
+                // Unloading, or nobody to ask: the default, recorded for the
+                // reauthorization.
+                Err((asked, why)) => {
+                    return shared.conclude(
+                        irql,
+                        asked,
+                        Err::<ConnectionReply, AskError>(why.into()),
+                        "",
+                    );
                 }
             };
         let work = PoolArc::clone(shared);
@@ -1495,8 +1528,8 @@ where
                     return;
                 }
                 Ok(Some(asked)) => asked,
-                Err(_) => {
-                    kd_print!(Warning, "firewall: #{request_id}: not asked (unloading)\n");
+                Err((_, why)) => {
+                    kd_print!(Warning, "firewall: #{request_id}: not asked ({why})\n");
                     shared.background.fetch_sub(1, Ordering::SeqCst);
                     shared.count(Counter::BackgroundSkipped);
                     return;
@@ -1580,9 +1613,10 @@ impl Shared {
     /// (and its share of [`QUESTION_BYTES`]) goes when the caller drops it, and concludes it
     /// later (`Ok(None)`). A question the channel does not take comes back to be asked by a
     /// work item over the port (`Ok(Some)`: no channel, a question longer than its slots,
-    /// every slot taken, or no service with the channel open — with nobody connected to the
-    /// port either, the default comes at once), or unasked because the channel is closing
-    /// (`Err`).
+    /// every slot taken, or no service with the channel open but one connected to the port),
+    /// or unasked (`Err`): the channel is closing, or no service has the channel open and
+    /// nobody is connected to the port either, so there is nobody to ask and no work item is
+    /// queued to find that out.
     #[expect(
         clippy::result_large_err,
         reason = "the context must come back whole, and boxing it would allocate in classifyFn"
@@ -1595,7 +1629,7 @@ impl Shared {
         waiting: Waiting,
         key: ConnectionKey,
         cache_key: CacheKey,
-    ) -> Result<Option<Asked>, Asked> {
+    ) -> Result<Option<Asked>, (Asked, Unasked)> {
         let request_id = question.head.request_id;
         let asked = Asked {
             waiting,
@@ -1613,7 +1647,10 @@ impl Shared {
                 Ok(None)
             }
             Err(not_asked) => match not_asked.reason() {
-                NotAskedReason::Closed => Err(not_asked.into_context()),
+                NotAskedReason::Closed => Err((not_asked.into_context(), Unasked::Unloading)),
+                NotAskedReason::NoService if !self.port.has_client() => {
+                    Err((not_asked.into_context(), Unasked::NoService))
+                }
                 reason => {
                     kd_print!(
                         "firewall: #{request_id}: asking through the port ({})\n",

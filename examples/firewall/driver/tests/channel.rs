@@ -561,6 +561,7 @@ fn without_a_service_the_default_comes_at_once() {
         .load_driver("firewall", no_service::DriverEntry)
         .expect("loads");
     let c = attempt(7, BROWSER, SimDirection::Outbound, 50_000, 443);
+    let work_items = machine.work_items_queued();
     let outcome = machine.connect(&c, AleIrql::Dispatch);
     assert_eq!(
         decided_once(&c, &outcome, "no service"),
@@ -568,9 +569,14 @@ fn without_a_service_the_default_comes_at_once() {
     );
     let stats = no_service::STATS.snapshot();
     assert_eq!(
-        (stats.asked_via_channel, stats.defaults),
+        (stats.asked, stats.defaults),
         (0, 1),
-        "not asked on the channel; the default"
+        "asked on neither the channel nor the port; the default"
+    );
+    assert_eq!(
+        machine.work_items_queued(),
+        work_items,
+        "nobody to ask: no work item queued to find that out"
     );
 
     // A service that opened the channel and has not sent a request yet.
