@@ -19,15 +19,44 @@
 //!   value a callout receives at classify time differs from the filter-condition type (the
 //!   user/machine identities), the field's doc says so.
 //!
-//! The 16 layer ids are all below 82: each is the same for every `NTDDI_VERSION` at which the
-//! 22621 header defines the layer, and the same in the 19041 and 22000 WDKs. (Ids above 81 were
-//! renumbered between WDK 19041 and 22621; no such layer is listed here.)
+//! Which layers are here: every `FWPS_BUILTIN_LAYERS` member that a kernel callout can be
+//! registered at and classified at — Microsoft's "Run-time Filtering Layer Identifiers" page lists
+//! them as kernel-mode layers, each with an `FWPS_FIELDS_*` enum ("Data Field Identifiers" pairs
+//! every `_DISCARD` layer with its base layer's enum, so a discard layer has the same fields and
+//! count). Left out, on purpose:
+//! - ids 87..=98 (`IPSEC_KM_DEMUX`, `IPSEC`, `IKEEXT`, `RPC_*`, `KM_AUTHORIZATION`): fwpsk.h
+//!   lists them under "User-mode layers" and ends the kernel-mode range before them
+//!   (`FWPS_BUILTIN_KM_LAYER_MAX` is `FWPS_LAYER_IPSEC_KM_DEMUX_V4`).
+//! - `NAME_RESOLUTION_CACHE_V4/V6` (60, 61), the `*_FAST` layers (78..=81; their field enums are
+//!   empty), `INBOUND_RESERVED2` and `RESERVED_LAYER_9/10` (82..=84): reserved for the system
+//!   (INFERRED for 60/61 and 78..=81 from their names and Microsoft's layer tables, which
+//!   describe no callout use of them).
+//! - `OUTBOUND_NETWORK_CONNECTION_POLICY_V4/V6` (85, 86, from `NTDDI_WIN10_NI`): the only ids
+//!   above 81 that are not user-mode layers. Left out because of their ids (below), and because
+//!   whether third-party callouts may use them is UNCONFIRMED (the SDK ships built-in callouts
+//!   for them, `FWPM_CALLOUT_OUTBOUND_NETWORK_CONNECTION_POLICY_LAYER_V4/V6`).
+//!
+//! Every layer id here is below 82. Comparing `FWPS_BUILTIN_LAYERS` in the 19041, 20348 and
+//! 22621 WDKs with every `#if` evaluated: ids 0..=81 are the same in all three; from 82 on they
+//! differ. WDK 19041 has eight `RESERVED_LAYER_1..8` at 82..=89, `INBOUND_RESERVED2` at 90 and
+//! the user-mode layers from 91 (`IPSEC_KM_DEMUX_V4`) to 102 (`KM_AUTHORIZATION`); WDK 20348
+//! drops the eight, putting `INBOUND_RESERVED2` at 82, `RESERVED_LAYER_9/10` at 83/84 and the
+//! user-mode layers at 85..=96; WDK 22621 inserts the two network-connection-policy layers at
+//! 85/86, moving the user-mode layers to 87..=98. A runtime id is the running system's, not the
+//! WDK's, so an id above 81 compiled from one WDK may name another layer on another Windows
+//! build (INFERRED from the renumbering: nothing guarantees the numbering of a later build).
+//! That is why no such id is a `Layer::ID` here: a driver reaching one of those layers would
+//! have to look its id up at run time from its key (`FwpmLayerGetByKey0`, user mode) rather than
+//! trust a constant. The ids below 82 need no such care: where the layer exists (see each
+//! layer's `NTDDI` note) its id is the one below.
 //!
 //! Fields with no `FWPM_CONDITION_*` key (the `RESERVED_n` members the ALE layers gained in
 //! Windows 10 1809) are left out of both tables; they still count in `field_count`. Two fields that
 //! fwpsk.h names differently at different layers share one condition key and are one kind here:
 //! `PROFILE_ID` (transport layers) is `CURRENT_PROFILE_ID`, and `SIO_FIREWALL_SYSTEM_PORT`
-//! (ALE_AUTH_RECV_ACCEPT) is `SIO_FIREWALL_SOCKET_PROPERTY`.
+//! (ALE_AUTH_RECV_ACCEPT) is `SIO_FIREWALL_SOCKET_PROPERTY`. Fields that fwpsk.h names after a
+//! `#define` alias of a condition are the aliased kind: `ICMP_TYPE`/`ICMP_CODE` (ICMP error
+//! layers; `FWPM_CONDITION_ICMP_TYPE`/`_CODE` are `IP_LOCAL_PORT`/`IP_REMOTE_PORT`).
 
 use super::*;
 
@@ -64,6 +93,9 @@ field_kinds! {
     AleUserId: TokenAccessInformation = "af043a0a-b34d-4f86-979c-c90371af6e66";
     /// FWPM_CONDITION_ARRIVAL_INTERFACE_INDEX: the index of the arrival interface (FWP_UINT32).
     ArrivalInterfaceIndex: U32 = "cc088db3-1792-4a71-b0f9-037d21cd828b";
+    /// FWPM_CONDITION_ARRIVAL_INTERFACE_PROFILE_ID: the network category of the arrival interface
+    /// (FWP_UINT32).
+    ArrivalInterfaceProfileId: U32 = "cdfe6aab-c083-4142-8679-c08f95329c61";
     /// FWPM_CONDITION_ARRIVAL_INTERFACE_TYPE: the IANA interface type of the arrival interface
     /// (FWP_UINT32).
     ArrivalInterfaceType: U32 = "89f990de-e798-4e6d-ab76-7c9558292e6f";
@@ -75,9 +107,31 @@ field_kinds! {
     /// domain 3) of the interface (FWP_UINT32). The transport layers name this field `PROFILE_ID`
     /// (`FWPS_FIELD_*_TRANSPORT_V*_PROFILE_ID`); it is the same condition.
     CurrentProfileId: U32 = "ab3033c9-c0e3-4759-937d-5758c65d4ae3";
+    /// FWPM_CONDITION_DESTINATION_INTERFACE_INDEX: the index of the interface a forwarded packet
+    /// leaves by (FWP_UINT32).
+    DestinationInterfaceIndex: U32 = "35cf6522-4139-45ee-a0d5-67b80949d879";
+    /// FWPM_CONDITION_DESTINATION_SUB_INTERFACE_INDEX: the sub-interface index of the interface a
+    /// forwarded packet leaves by (FWP_UINT32).
+    DestinationSubInterfaceIndex: U32 = "2b7d4399-d4c7-4738-a2f5-e994b43da388";
     /// FWPM_CONDITION_DIRECTION: the direction of the connection, FWP_DIRECTION_OUTBOUND 0 /
     /// FWP_DIRECTION_INBOUND 1 (FWP_UINT32).
     Direction: U32 = "8784c146-ca97-44d6-9fd1-19fb1840cbf7";
+    /// FWPM_CONDITION_EMBEDDED_LOCAL_ADDRESS_TYPE: the local address type, an NL_ADDRESS_TYPE
+    /// value, of the packet an ICMP error message carries (FWP_UINT8).
+    EmbeddedLocalAddressType: U8 = "4672a468-8a0a-4202-abb4-849e92e66809";
+    /// FWPM_CONDITION_EMBEDDED_LOCAL_PORT: the local transport port of the packet an ICMP error
+    /// message carries (FWP_UINT16).
+    EmbeddedLocalPort: U16 = "bfca394d-acdb-484e-b8e6-2aff79757345";
+    /// FWPM_CONDITION_EMBEDDED_PROTOCOL: the IP protocol of the packet an ICMP error message
+    /// carries (FWP_UINT8).
+    EmbeddedProtocol: U8 = "07784107-a29e-4c7b-9ec7-29c44afafdbc";
+    /// FWPM_CONDITION_EMBEDDED_REMOTE_ADDRESS: the remote IP address of the packet an ICMP error
+    /// message carries (FWP_UINT32 in host order at V4 layers, FWP_BYTE_ARRAY16_TYPE at V6
+    /// layers).
+    EmbeddedRemoteAddress: Address = "77ee4b39-3273-4671-b63b-ab6feb66eeb6";
+    /// FWPM_CONDITION_EMBEDDED_REMOTE_PORT: the remote transport port of the packet an ICMP error
+    /// message carries (FWP_UINT16).
+    EmbeddedRemotePort: U16 = "cae4d6a1-2968-40ed-a4ce-547160dda88d";
     /// FWPM_CONDITION_FLAGS: a bitwise OR of FWP_CONDITION_FLAG_* values (FWP_UINT32).
     Flags: ConditionFlags = "632ce23b-5167-435c-86d7-e903684aa80c";
     /// FWPM_CONDITION_INTERFACE_INDEX: the index of the local interface (FWP_UINT32).
@@ -89,9 +143,15 @@ field_kinds! {
     InterfaceType: U32 = "daf8cd14-e09e-4c93-a5ae-c5c13b73ffca";
     /// FWPM_CONDITION_IP_ARRIVAL_INTERFACE: the LUID of the arrival interface (FWP_UINT64).
     IpArrivalInterface: U64 = "618a9b6d-386b-4136-ad6e-b51587cfb1cd";
+    /// FWPM_CONDITION_IP_DESTINATION_ADDRESS: the destination IP address of a forwarded packet
+    /// (FWP_UINT32 in host order at V4 layers, FWP_BYTE_ARRAY16_TYPE at V6 layers).
+    IpDestinationAddress: Address = "2d79133b-b390-45c6-8699-acaceaafed33";
     /// FWPM_CONDITION_IP_DESTINATION_ADDRESS_TYPE: the destination address type, an
     /// NL_ADDRESS_TYPE value (FWP_UINT8).
     IpDestinationAddressType: U8 = "1ec1b7c9-4eea-4f5e-b9ef-76beaaaf17ee";
+    /// FWPM_CONDITION_IP_FORWARD_INTERFACE: the LUID of the interface a packet is forwarded to
+    /// (FWP_UINT64).
+    IpForwardInterface: U64 = "1076b8a5-6323-4c5e-9810-e8d3fc9e6136";
     /// FWPM_CONDITION_IP_LOCAL_ADDRESS: the local IP address (FWP_UINT32 in host order at V4
     /// layers, FWP_BYTE_ARRAY16_TYPE at V6 layers).
     IpLocalAddress: Address = "d9ee00de-c1ef-4617-bfe3-ffd8f5a08957";
@@ -106,6 +166,12 @@ field_kinds! {
     IpLocalPort: U16 = "0c1ba1af-5765-453f-af22-a8f791ac775b";
     /// FWPM_CONDITION_IP_NEXTHOP_INTERFACE: the LUID of the next-hop interface (FWP_UINT64).
     IpNexthopInterface: U64 = "93ae8f5b-7f6f-4719-98c8-14e97429ef04";
+    /// FWPM_CONDITION_IP_PHYSICAL_ARRIVAL_INTERFACE: the LUID of the physical interface a packet
+    /// arrived on (FWP_UINT64).
+    IpPhysicalArrivalInterface: U64 = "da50d5c8-fa0d-4c89-b032-6e62136d1e96";
+    /// FWPM_CONDITION_IP_PHYSICAL_NEXTHOP_INTERFACE: the LUID of the physical interface a packet
+    /// leaves by (FWP_UINT64).
+    IpPhysicalNexthopInterface: U64 = "f09bd5ce-5150-48be-b098-c25152fb1f92";
     /// FWPM_CONDITION_IP_PROTOCOL: the IP protocol number (FWP_UINT8).
     IpProtocol: IpProtocol = "3971ef2b-623e-4f9a-8cb1-6e79b806b9a7";
     /// FWPM_CONDITION_IP_REMOTE_ADDRESS: the remote IP address (FWP_UINT32 in host order at V4
@@ -114,6 +180,9 @@ field_kinds! {
     /// FWPM_CONDITION_IP_REMOTE_PORT: the remote transport port in host order (FWP_UINT16); for
     /// ICMP, the ICMP code (FWPM_CONDITION_ICMP_CODE is an alias of this GUID).
     IpRemotePort: U16 = "c35a604d-d22b-4e1a-91b4-68f674ee674b";
+    /// FWPM_CONDITION_IP_SOURCE_ADDRESS: the source IP address of a forwarded packet (FWP_UINT32
+    /// in host order at V4 layers, FWP_BYTE_ARRAY16_TYPE at V6 layers).
+    IpSourceAddress: Address = "ae96897e-2e94-4bc9-b313-b27ee80e574d";
     /// FWPM_CONDITION_IPSEC_SECURITY_REALM_ID: the IPsec security realm ID (FWP_BYTE_BLOB_TYPE).
     IpsecSecurityRealmId: ByteBlob = "37a57700-5884-4964-92b8-3e704688b0ad";
     /// FWPM_CONDITION_LOCAL_INTERFACE_PROFILE_ID: the network category of the local (delivery)
@@ -124,6 +193,9 @@ field_kinds! {
     NapContext: U32 = "46275a9d-c03f-4d77-b784-1c57f4d02753";
     /// FWPM_CONDITION_NEXTHOP_INTERFACE_INDEX: the index of the next-hop interface (FWP_UINT32).
     NexthopInterfaceIndex: U32 = "138e6888-7ab8-4d65-9ee8-0591bcf6a494";
+    /// FWPM_CONDITION_NEXTHOP_INTERFACE_PROFILE_ID: the network category of the next-hop
+    /// interface (FWP_UINT32).
+    NexthopInterfaceProfileId: U32 = "d7ff9a56-cdaa-472b-84db-d23963c1d1bf";
     /// FWPM_CONDITION_NEXTHOP_INTERFACE_TYPE: the IANA interface type of the next-hop interface
     /// (FWP_UINT32).
     NexthopInterfaceType: U32 = "97537c6c-d9a3-4767-a381-e942675cd920";
@@ -149,6 +221,12 @@ field_kinds! {
     /// field `SIO_FIREWALL_SYSTEM_PORT` (fwpsk.h also #defines `..._SIO_FIREWALL_SOCKET_PROPERTY`
     /// there as an alias).
     SioFirewallSocketProperty: U32 = "b9f4e088-cb98-4efb-a2c7-ad07332643db";
+    /// FWPM_CONDITION_SOURCE_INTERFACE_INDEX: the index of the interface a forwarded packet
+    /// arrived on (FWP_UINT32).
+    SourceInterfaceIndex: U32 = "2311334d-c92d-45bf-9496-edf447820e2d";
+    /// FWPM_CONDITION_SOURCE_SUB_INTERFACE_INDEX: the sub-interface index of the interface a
+    /// forwarded packet arrived on (FWP_UINT32).
+    SourceSubInterfaceIndex: U32 = "055edd9d-acd2-4361-8dab-f9525d97662f";
     /// FWPM_CONDITION_SUB_INTERFACE_INDEX: the index of the logical (sub-)interface (FWP_UINT32).
     SubInterfaceIndex: U32 = "0cd42473-d621-4be3-ae8c-72a348d283e1";
     /// FWPM_CONDITION_TUNNEL_TYPE: the tunnel type of the local interface, a TUNNEL_TYPE value
@@ -834,6 +912,1790 @@ layers! {
             // have no FWPM_CONDITION_* key and are left out. WDK 19041 named them
             // BITMAP_IP_LOCAL_ADDRESS, BITMAP_IP_LOCAL_PORT; the FWPM_CONDITION_BITMAP_* keys of
             // that WDK are gone from 22621.
+        },
+    }
+
+    /// FWPM_LAYER_INBOUND_IPPACKET_V4: sees every inbound IP packet once its IP header is parsed,
+    /// before IP header processing (no IPsec decryption or reassembly yet).
+    InboundIpPacketV4 {
+        c_name: "INBOUND_IPPACKET_V4",
+        // FWPS_LAYER_INBOUND_IPPACKET_V4: the same in the 19041, 22000 and 22621 WDKs.
+        id: 0,
+        key: "c86fd1bf-21cd-497e-a0bb-17425c885c58",
+        ip_version: V4,
+        // FWPS_FIELD_INBOUND_IPPACKET_V4_MAX; by NTDDI_VERSION: 9 from WIN6, 10 from WIN10_RS2.
+        field_count: 10,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_INBOUND_IPPACKET_V4_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 1, // FWPS_FIELD_INBOUND_IPPACKET_V4_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 2, // FWPS_FIELD_INBOUND_IPPACKET_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalInterface = 3, // FWPS_FIELD_INBOUND_IPPACKET_V4_IP_LOCAL_INTERFACE
+            InterfaceIndex = 4, // FWPS_FIELD_INBOUND_IPPACKET_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 5, // FWPS_FIELD_INBOUND_IPPACKET_V4_SUB_INTERFACE_INDEX
+            Flags = 6, // FWPS_FIELD_INBOUND_IPPACKET_V4_FLAGS
+            InterfaceType = 7, // FWPS_FIELD_INBOUND_IPPACKET_V4_INTERFACE_TYPE
+            TunnelType = 8, // FWPS_FIELD_INBOUND_IPPACKET_V4_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 9, // FWPS_FIELD_INBOUND_IPPACKET_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INBOUND_IPPACKET_V4_DISCARD: sees what FWPM_LAYER_INBOUND_IPPACKET_V4 discards:
+    /// the same fields, for the packets, connections or binds dropped there (the classify sees why
+    /// in the metadata's discard reason).
+    InboundIpPacketV4Discard {
+        c_name: "INBOUND_IPPACKET_V4_DISCARD",
+        // FWPS_LAYER_INBOUND_IPPACKET_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 1,
+        key: "b5a230d0-a8c0-44f2-916e-991b53ded1f7",
+        ip_version: V4,
+        // FWPS_FIELD_INBOUND_IPPACKET_V4_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_INBOUND_IPPACKET_V4); by NTDDI_VERSION: 9 from WIN6, 10 from WIN10_RS2.
+        field_count: 10,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_INBOUND_IPPACKET_V4_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 1, // FWPS_FIELD_INBOUND_IPPACKET_V4_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 2, // FWPS_FIELD_INBOUND_IPPACKET_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalInterface = 3, // FWPS_FIELD_INBOUND_IPPACKET_V4_IP_LOCAL_INTERFACE
+            InterfaceIndex = 4, // FWPS_FIELD_INBOUND_IPPACKET_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 5, // FWPS_FIELD_INBOUND_IPPACKET_V4_SUB_INTERFACE_INDEX
+            Flags = 6, // FWPS_FIELD_INBOUND_IPPACKET_V4_FLAGS
+            InterfaceType = 7, // FWPS_FIELD_INBOUND_IPPACKET_V4_INTERFACE_TYPE
+            TunnelType = 8, // FWPS_FIELD_INBOUND_IPPACKET_V4_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 9, // FWPS_FIELD_INBOUND_IPPACKET_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INBOUND_IPPACKET_V6: sees every inbound IP packet once its IP header is parsed,
+    /// before IP header processing (no IPsec decryption or reassembly yet).
+    InboundIpPacketV6 {
+        c_name: "INBOUND_IPPACKET_V6",
+        // FWPS_LAYER_INBOUND_IPPACKET_V6: the same in the 19041, 22000 and 22621 WDKs.
+        id: 2,
+        key: "f52032cb-991c-46e7-971d-2601459a91ca",
+        ip_version: V6,
+        // FWPS_FIELD_INBOUND_IPPACKET_V6_MAX; by NTDDI_VERSION: 9 from WIN6, 10 from WIN10_RS2.
+        field_count: 10,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_INBOUND_IPPACKET_V6_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 1, // FWPS_FIELD_INBOUND_IPPACKET_V6_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 2, // FWPS_FIELD_INBOUND_IPPACKET_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalInterface = 3, // FWPS_FIELD_INBOUND_IPPACKET_V6_IP_LOCAL_INTERFACE
+            InterfaceIndex = 4, // FWPS_FIELD_INBOUND_IPPACKET_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 5, // FWPS_FIELD_INBOUND_IPPACKET_V6_SUB_INTERFACE_INDEX
+            Flags = 6, // FWPS_FIELD_INBOUND_IPPACKET_V6_FLAGS
+            InterfaceType = 7, // FWPS_FIELD_INBOUND_IPPACKET_V6_INTERFACE_TYPE
+            TunnelType = 8, // FWPS_FIELD_INBOUND_IPPACKET_V6_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 9, // FWPS_FIELD_INBOUND_IPPACKET_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INBOUND_IPPACKET_V6_DISCARD: sees what FWPM_LAYER_INBOUND_IPPACKET_V6 discards:
+    /// the same fields, for the packets, connections or binds dropped there (the classify sees why
+    /// in the metadata's discard reason).
+    InboundIpPacketV6Discard {
+        c_name: "INBOUND_IPPACKET_V6_DISCARD",
+        // FWPS_LAYER_INBOUND_IPPACKET_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 3,
+        key: "bb24c279-93b4-47a2-83ad-ae1698b50885",
+        ip_version: V6,
+        // FWPS_FIELD_INBOUND_IPPACKET_V6_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_INBOUND_IPPACKET_V6); by NTDDI_VERSION: 9 from WIN6, 10 from WIN10_RS2.
+        field_count: 10,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_INBOUND_IPPACKET_V6_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 1, // FWPS_FIELD_INBOUND_IPPACKET_V6_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 2, // FWPS_FIELD_INBOUND_IPPACKET_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalInterface = 3, // FWPS_FIELD_INBOUND_IPPACKET_V6_IP_LOCAL_INTERFACE
+            InterfaceIndex = 4, // FWPS_FIELD_INBOUND_IPPACKET_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 5, // FWPS_FIELD_INBOUND_IPPACKET_V6_SUB_INTERFACE_INDEX
+            Flags = 6, // FWPS_FIELD_INBOUND_IPPACKET_V6_FLAGS
+            InterfaceType = 7, // FWPS_FIELD_INBOUND_IPPACKET_V6_INTERFACE_TYPE
+            TunnelType = 8, // FWPS_FIELD_INBOUND_IPPACKET_V6_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 9, // FWPS_FIELD_INBOUND_IPPACKET_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_OUTBOUND_IPPACKET_V4: sees every outbound IP packet just before fragmentation,
+    /// after IP header processing and IPsec.
+    OutboundIpPacketV4 {
+        c_name: "OUTBOUND_IPPACKET_V4",
+        // FWPS_LAYER_OUTBOUND_IPPACKET_V4: the same in the 19041, 22000 and 22621 WDKs.
+        id: 4,
+        key: "1e5c9fae-8a84-4135-a331-950b54229ecd",
+        ip_version: V4,
+        // FWPS_FIELD_OUTBOUND_IPPACKET_V4_MAX; by NTDDI_VERSION: 9 from WIN6, 10 from WIN10_RS2.
+        field_count: 10,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 1, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_IP_LOCAL_ADDRESS_TYPE
+            IpRemoteAddress = 2, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_IP_REMOTE_ADDRESS
+            IpLocalInterface = 3, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_IP_LOCAL_INTERFACE
+            InterfaceIndex = 4, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 5, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_SUB_INTERFACE_INDEX
+            Flags = 6, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_FLAGS
+            InterfaceType = 7, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_INTERFACE_TYPE
+            TunnelType = 8, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 9, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_OUTBOUND_IPPACKET_V4_DISCARD: sees what FWPM_LAYER_OUTBOUND_IPPACKET_V4 discards:
+    /// the same fields, for the packets, connections or binds dropped there (the classify sees why
+    /// in the metadata's discard reason).
+    OutboundIpPacketV4Discard {
+        c_name: "OUTBOUND_IPPACKET_V4_DISCARD",
+        // FWPS_LAYER_OUTBOUND_IPPACKET_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 5,
+        key: "08e4bcb5-b647-48f3-953c-e5ddbd03937e",
+        ip_version: V4,
+        // FWPS_FIELD_OUTBOUND_IPPACKET_V4_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_OUTBOUND_IPPACKET_V4); by NTDDI_VERSION: 9 from WIN6, 10 from WIN10_RS2.
+        field_count: 10,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 1, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_IP_LOCAL_ADDRESS_TYPE
+            IpRemoteAddress = 2, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_IP_REMOTE_ADDRESS
+            IpLocalInterface = 3, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_IP_LOCAL_INTERFACE
+            InterfaceIndex = 4, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 5, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_SUB_INTERFACE_INDEX
+            Flags = 6, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_FLAGS
+            InterfaceType = 7, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_INTERFACE_TYPE
+            TunnelType = 8, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 9, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_OUTBOUND_IPPACKET_V6: sees every outbound IP packet just before fragmentation,
+    /// after IP header processing and IPsec.
+    OutboundIpPacketV6 {
+        c_name: "OUTBOUND_IPPACKET_V6",
+        // FWPS_LAYER_OUTBOUND_IPPACKET_V6: the same in the 19041, 22000 and 22621 WDKs.
+        id: 6,
+        key: "a3b3ab6b-3564-488c-9117-f34e82142763",
+        ip_version: V6,
+        // FWPS_FIELD_OUTBOUND_IPPACKET_V6_MAX; by NTDDI_VERSION: 9 from WIN6, 10 from WIN10_RS2.
+        field_count: 10,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 1, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_IP_LOCAL_ADDRESS_TYPE
+            IpRemoteAddress = 2, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_IP_REMOTE_ADDRESS
+            IpLocalInterface = 3, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_IP_LOCAL_INTERFACE
+            InterfaceIndex = 4, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 5, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_SUB_INTERFACE_INDEX
+            Flags = 6, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_FLAGS
+            InterfaceType = 7, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_INTERFACE_TYPE
+            TunnelType = 8, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 9, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_OUTBOUND_IPPACKET_V6_DISCARD: sees what FWPM_LAYER_OUTBOUND_IPPACKET_V6 discards:
+    /// the same fields, for the packets, connections or binds dropped there (the classify sees why
+    /// in the metadata's discard reason).
+    OutboundIpPacketV6Discard {
+        c_name: "OUTBOUND_IPPACKET_V6_DISCARD",
+        // FWPS_LAYER_OUTBOUND_IPPACKET_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 7,
+        key: "9513d7c4-a934-49dc-91a7-6ccb80cc02e3",
+        ip_version: V6,
+        // FWPS_FIELD_OUTBOUND_IPPACKET_V6_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_OUTBOUND_IPPACKET_V6); by NTDDI_VERSION: 9 from WIN6, 10 from WIN10_RS2.
+        field_count: 10,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 1, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_IP_LOCAL_ADDRESS_TYPE
+            IpRemoteAddress = 2, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_IP_REMOTE_ADDRESS
+            IpLocalInterface = 3, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_IP_LOCAL_INTERFACE
+            InterfaceIndex = 4, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 5, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_SUB_INTERFACE_INDEX
+            Flags = 6, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_FLAGS
+            InterfaceType = 7, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_INTERFACE_TYPE
+            TunnelType = 8, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 9, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_IPFORWARD_V4: sees every packet the host forwards, at the point where it is
+    /// forwarded.
+    IpForwardV4 {
+        c_name: "IPFORWARD_V4",
+        // FWPS_LAYER_IPFORWARD_V4: the same in the 19041, 22000 and 22621 WDKs.
+        id: 8,
+        key: "a82acc24-4ee1-4ee1-b465-fd1d25cb10a4",
+        ip_version: V4,
+        // FWPS_FIELD_IPFORWARD_V4_MAX; by NTDDI_VERSION: 10 from WIN6, 14 from WIN7, 15 from
+        // WIN10_RS2.
+        field_count: 15,
+        fields: {
+            IpSourceAddress = 0, // FWPS_FIELD_IPFORWARD_V4_IP_SOURCE_ADDRESS
+            IpDestinationAddress = 1, // FWPS_FIELD_IPFORWARD_V4_IP_DESTINATION_ADDRESS
+            IpDestinationAddressType = 2, // FWPS_FIELD_IPFORWARD_V4_IP_DESTINATION_ADDRESS_TYPE
+            IpLocalInterface = 3, // FWPS_FIELD_IPFORWARD_V4_IP_LOCAL_INTERFACE
+            IpForwardInterface = 4, // FWPS_FIELD_IPFORWARD_V4_IP_FORWARD_INTERFACE
+            SourceInterfaceIndex = 5, // FWPS_FIELD_IPFORWARD_V4_SOURCE_INTERFACE_INDEX
+            SourceSubInterfaceIndex = 6, // FWPS_FIELD_IPFORWARD_V4_SOURCE_SUB_INTERFACE_INDEX
+            DestinationInterfaceIndex = 7, // FWPS_FIELD_IPFORWARD_V4_DESTINATION_INTERFACE_INDEX
+            DestinationSubInterfaceIndex = 8, // FWPS_FIELD_IPFORWARD_V4_DESTINATION_SUB_INTERFACE_INDEX
+            Flags = 9, // FWPS_FIELD_IPFORWARD_V4_FLAGS
+            // From NTDDI_WIN7:
+            IpPhysicalArrivalInterface = 10, // FWPS_FIELD_IPFORWARD_V4_IP_PHYSICAL_ARRIVAL_INTERFACE
+            ArrivalInterfaceProfileId = 11, // FWPS_FIELD_IPFORWARD_V4_ARRIVAL_INTERFACE_PROFILE_ID
+            IpPhysicalNexthopInterface = 12, // FWPS_FIELD_IPFORWARD_V4_IP_PHYSICAL_NEXTHOP_INTERFACE
+            NexthopInterfaceProfileId = 13, // FWPS_FIELD_IPFORWARD_V4_NEXTHOP_INTERFACE_PROFILE_ID
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 14, // FWPS_FIELD_IPFORWARD_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_IPFORWARD_V4_DISCARD: sees what FWPM_LAYER_IPFORWARD_V4 discards: the same
+    /// fields, for the packets, connections or binds dropped there (the classify sees why in the
+    /// metadata's discard reason).
+    IpForwardV4Discard {
+        c_name: "IPFORWARD_V4_DISCARD",
+        // FWPS_LAYER_IPFORWARD_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 9,
+        key: "9e9ea773-2fae-4210-8f17-34129ef369eb",
+        ip_version: V4,
+        // FWPS_FIELD_IPFORWARD_V4_MAX (a discard layer has the fields of FWPS_FIELDS_IPFORWARD_V4);
+        // by NTDDI_VERSION: 10 from WIN6, 14 from WIN7, 15 from WIN10_RS2.
+        field_count: 15,
+        fields: {
+            IpSourceAddress = 0, // FWPS_FIELD_IPFORWARD_V4_IP_SOURCE_ADDRESS
+            IpDestinationAddress = 1, // FWPS_FIELD_IPFORWARD_V4_IP_DESTINATION_ADDRESS
+            IpDestinationAddressType = 2, // FWPS_FIELD_IPFORWARD_V4_IP_DESTINATION_ADDRESS_TYPE
+            IpLocalInterface = 3, // FWPS_FIELD_IPFORWARD_V4_IP_LOCAL_INTERFACE
+            IpForwardInterface = 4, // FWPS_FIELD_IPFORWARD_V4_IP_FORWARD_INTERFACE
+            SourceInterfaceIndex = 5, // FWPS_FIELD_IPFORWARD_V4_SOURCE_INTERFACE_INDEX
+            SourceSubInterfaceIndex = 6, // FWPS_FIELD_IPFORWARD_V4_SOURCE_SUB_INTERFACE_INDEX
+            DestinationInterfaceIndex = 7, // FWPS_FIELD_IPFORWARD_V4_DESTINATION_INTERFACE_INDEX
+            DestinationSubInterfaceIndex = 8, // FWPS_FIELD_IPFORWARD_V4_DESTINATION_SUB_INTERFACE_INDEX
+            Flags = 9, // FWPS_FIELD_IPFORWARD_V4_FLAGS
+            // From NTDDI_WIN7:
+            IpPhysicalArrivalInterface = 10, // FWPS_FIELD_IPFORWARD_V4_IP_PHYSICAL_ARRIVAL_INTERFACE
+            ArrivalInterfaceProfileId = 11, // FWPS_FIELD_IPFORWARD_V4_ARRIVAL_INTERFACE_PROFILE_ID
+            IpPhysicalNexthopInterface = 12, // FWPS_FIELD_IPFORWARD_V4_IP_PHYSICAL_NEXTHOP_INTERFACE
+            NexthopInterfaceProfileId = 13, // FWPS_FIELD_IPFORWARD_V4_NEXTHOP_INTERFACE_PROFILE_ID
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 14, // FWPS_FIELD_IPFORWARD_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_IPFORWARD_V6: sees every packet the host forwards, at the point where it is
+    /// forwarded.
+    IpForwardV6 {
+        c_name: "IPFORWARD_V6",
+        // FWPS_LAYER_IPFORWARD_V6: the same in the 19041, 22000 and 22621 WDKs.
+        id: 10,
+        key: "7b964818-19c7-493a-b71f-832c3684d28c",
+        ip_version: V6,
+        // FWPS_FIELD_IPFORWARD_V6_MAX; by NTDDI_VERSION: 10 from WIN6, 14 from WIN7, 15 from
+        // WIN10_RS2.
+        field_count: 15,
+        fields: {
+            IpSourceAddress = 0, // FWPS_FIELD_IPFORWARD_V6_IP_SOURCE_ADDRESS
+            IpDestinationAddress = 1, // FWPS_FIELD_IPFORWARD_V6_IP_DESTINATION_ADDRESS
+            IpDestinationAddressType = 2, // FWPS_FIELD_IPFORWARD_V6_IP_DESTINATION_ADDRESS_TYPE
+            IpLocalInterface = 3, // FWPS_FIELD_IPFORWARD_V6_IP_LOCAL_INTERFACE
+            IpForwardInterface = 4, // FWPS_FIELD_IPFORWARD_V6_IP_FORWARD_INTERFACE
+            SourceInterfaceIndex = 5, // FWPS_FIELD_IPFORWARD_V6_SOURCE_INTERFACE_INDEX
+            SourceSubInterfaceIndex = 6, // FWPS_FIELD_IPFORWARD_V6_SOURCE_SUB_INTERFACE_INDEX
+            DestinationInterfaceIndex = 7, // FWPS_FIELD_IPFORWARD_V6_DESTINATION_INTERFACE_INDEX
+            DestinationSubInterfaceIndex = 8, // FWPS_FIELD_IPFORWARD_V6_DESTINATION_SUB_INTERFACE_INDEX
+            Flags = 9, // FWPS_FIELD_IPFORWARD_V6_FLAGS
+            // From NTDDI_WIN7:
+            IpPhysicalArrivalInterface = 10, // FWPS_FIELD_IPFORWARD_V6_IP_PHYSICAL_ARRIVAL_INTERFACE
+            ArrivalInterfaceProfileId = 11, // FWPS_FIELD_IPFORWARD_V6_ARRIVAL_INTERFACE_PROFILE_ID
+            IpPhysicalNexthopInterface = 12, // FWPS_FIELD_IPFORWARD_V6_IP_PHYSICAL_NEXTHOP_INTERFACE
+            NexthopInterfaceProfileId = 13, // FWPS_FIELD_IPFORWARD_V6_NEXTHOP_INTERFACE_PROFILE_ID
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 14, // FWPS_FIELD_IPFORWARD_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_IPFORWARD_V6_DISCARD: sees what FWPM_LAYER_IPFORWARD_V6 discards: the same
+    /// fields, for the packets, connections or binds dropped there (the classify sees why in the
+    /// metadata's discard reason).
+    IpForwardV6Discard {
+        c_name: "IPFORWARD_V6_DISCARD",
+        // FWPS_LAYER_IPFORWARD_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 11,
+        key: "31524a5d-1dfe-472f-bb93-518ee945d8a2",
+        ip_version: V6,
+        // FWPS_FIELD_IPFORWARD_V6_MAX (a discard layer has the fields of FWPS_FIELDS_IPFORWARD_V6);
+        // by NTDDI_VERSION: 10 from WIN6, 14 from WIN7, 15 from WIN10_RS2.
+        field_count: 15,
+        fields: {
+            IpSourceAddress = 0, // FWPS_FIELD_IPFORWARD_V6_IP_SOURCE_ADDRESS
+            IpDestinationAddress = 1, // FWPS_FIELD_IPFORWARD_V6_IP_DESTINATION_ADDRESS
+            IpDestinationAddressType = 2, // FWPS_FIELD_IPFORWARD_V6_IP_DESTINATION_ADDRESS_TYPE
+            IpLocalInterface = 3, // FWPS_FIELD_IPFORWARD_V6_IP_LOCAL_INTERFACE
+            IpForwardInterface = 4, // FWPS_FIELD_IPFORWARD_V6_IP_FORWARD_INTERFACE
+            SourceInterfaceIndex = 5, // FWPS_FIELD_IPFORWARD_V6_SOURCE_INTERFACE_INDEX
+            SourceSubInterfaceIndex = 6, // FWPS_FIELD_IPFORWARD_V6_SOURCE_SUB_INTERFACE_INDEX
+            DestinationInterfaceIndex = 7, // FWPS_FIELD_IPFORWARD_V6_DESTINATION_INTERFACE_INDEX
+            DestinationSubInterfaceIndex = 8, // FWPS_FIELD_IPFORWARD_V6_DESTINATION_SUB_INTERFACE_INDEX
+            Flags = 9, // FWPS_FIELD_IPFORWARD_V6_FLAGS
+            // From NTDDI_WIN7:
+            IpPhysicalArrivalInterface = 10, // FWPS_FIELD_IPFORWARD_V6_IP_PHYSICAL_ARRIVAL_INTERFACE
+            ArrivalInterfaceProfileId = 11, // FWPS_FIELD_IPFORWARD_V6_ARRIVAL_INTERFACE_PROFILE_ID
+            IpPhysicalNexthopInterface = 12, // FWPS_FIELD_IPFORWARD_V6_IP_PHYSICAL_NEXTHOP_INTERFACE
+            NexthopInterfaceProfileId = 13, // FWPS_FIELD_IPFORWARD_V6_NEXTHOP_INTERFACE_PROFILE_ID
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 14, // FWPS_FIELD_IPFORWARD_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INBOUND_TRANSPORT_V4_DISCARD: sees what FWPM_LAYER_INBOUND_TRANSPORT_V4 discards:
+    /// the same fields, for the packets, connections or binds dropped there (the classify sees why
+    /// in the metadata's discard reason).
+    InboundTransportV4Discard {
+        c_name: "INBOUND_TRANSPORT_V4_DISCARD",
+        // FWPS_LAYER_INBOUND_TRANSPORT_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 13,
+        key: "ac4a9833-f69d-4648-b261-6dc84835ef39",
+        ip_version: V4,
+        // FWPS_FIELD_INBOUND_TRANSPORT_V4_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_INBOUND_TRANSPORT_V4); by NTDDI_VERSION: 12 from WIN6, 13 from WIN7, 14 from
+        // WINTHRESHOLD, 15 from WIN10_RS2.
+        field_count: 15,
+        fields: {
+            IpProtocol = 0, // FWPS_FIELD_INBOUND_TRANSPORT_V4_IP_PROTOCOL
+            IpLocalAddress = 1, // FWPS_FIELD_INBOUND_TRANSPORT_V4_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 2, // FWPS_FIELD_INBOUND_TRANSPORT_V4_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_INBOUND_TRANSPORT_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_INBOUND_TRANSPORT_V4_IP_LOCAL_PORT
+            IpRemotePort = 5, // FWPS_FIELD_INBOUND_TRANSPORT_V4_IP_REMOTE_PORT
+            IpLocalInterface = 6, // FWPS_FIELD_INBOUND_TRANSPORT_V4_IP_LOCAL_INTERFACE
+            InterfaceIndex = 7, // FWPS_FIELD_INBOUND_TRANSPORT_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 8, // FWPS_FIELD_INBOUND_TRANSPORT_V4_SUB_INTERFACE_INDEX
+            Flags = 9, // FWPS_FIELD_INBOUND_TRANSPORT_V4_FLAGS
+            InterfaceType = 10, // FWPS_FIELD_INBOUND_TRANSPORT_V4_INTERFACE_TYPE
+            TunnelType = 11, // FWPS_FIELD_INBOUND_TRANSPORT_V4_TUNNEL_TYPE
+            // From NTDDI_WIN7:
+            CurrentProfileId = 12, // FWPS_FIELD_INBOUND_TRANSPORT_V4_PROFILE_ID
+            // (PROFILE_ID is FWPM_CONDITION_CURRENT_PROFILE_ID.)
+            // From NTDDI_WINTHRESHOLD:
+            IpsecSecurityRealmId = 13, // FWPS_FIELD_INBOUND_TRANSPORT_V4_IPSEC_SECURITY_REALM_ID
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 14, // FWPS_FIELD_INBOUND_TRANSPORT_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INBOUND_TRANSPORT_V6_DISCARD: sees what FWPM_LAYER_INBOUND_TRANSPORT_V6 discards:
+    /// the same fields, for the packets, connections or binds dropped there (the classify sees why
+    /// in the metadata's discard reason).
+    InboundTransportV6Discard {
+        c_name: "INBOUND_TRANSPORT_V6_DISCARD",
+        // FWPS_LAYER_INBOUND_TRANSPORT_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 15,
+        key: "2a6ff955-3b2b-49d2-9848-ad9d72dcaab7",
+        ip_version: V6,
+        // FWPS_FIELD_INBOUND_TRANSPORT_V6_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_INBOUND_TRANSPORT_V6); by NTDDI_VERSION: 12 from WIN6, 13 from WIN7, 14 from
+        // WINTHRESHOLD, 15 from WIN10_RS2.
+        field_count: 15,
+        fields: {
+            IpProtocol = 0, // FWPS_FIELD_INBOUND_TRANSPORT_V6_IP_PROTOCOL
+            IpLocalAddress = 1, // FWPS_FIELD_INBOUND_TRANSPORT_V6_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 2, // FWPS_FIELD_INBOUND_TRANSPORT_V6_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_INBOUND_TRANSPORT_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_INBOUND_TRANSPORT_V6_IP_LOCAL_PORT
+            IpRemotePort = 5, // FWPS_FIELD_INBOUND_TRANSPORT_V6_IP_REMOTE_PORT
+            IpLocalInterface = 6, // FWPS_FIELD_INBOUND_TRANSPORT_V6_IP_LOCAL_INTERFACE
+            InterfaceIndex = 7, // FWPS_FIELD_INBOUND_TRANSPORT_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 8, // FWPS_FIELD_INBOUND_TRANSPORT_V6_SUB_INTERFACE_INDEX
+            Flags = 9, // FWPS_FIELD_INBOUND_TRANSPORT_V6_FLAGS
+            InterfaceType = 10, // FWPS_FIELD_INBOUND_TRANSPORT_V6_INTERFACE_TYPE
+            TunnelType = 11, // FWPS_FIELD_INBOUND_TRANSPORT_V6_TUNNEL_TYPE
+            // From NTDDI_WIN7:
+            CurrentProfileId = 12, // FWPS_FIELD_INBOUND_TRANSPORT_V6_PROFILE_ID
+            // (PROFILE_ID is FWPM_CONDITION_CURRENT_PROFILE_ID.)
+            // From NTDDI_WINTHRESHOLD:
+            IpsecSecurityRealmId = 13, // FWPS_FIELD_INBOUND_TRANSPORT_V6_IPSEC_SECURITY_REALM_ID
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 14, // FWPS_FIELD_INBOUND_TRANSPORT_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_OUTBOUND_TRANSPORT_V4_DISCARD: sees what FWPM_LAYER_OUTBOUND_TRANSPORT_V4
+    /// discards: the same fields, for the packets, connections or binds dropped there (the classify
+    /// sees why in the metadata's discard reason).
+    OutboundTransportV4Discard {
+        c_name: "OUTBOUND_TRANSPORT_V4_DISCARD",
+        // FWPS_LAYER_OUTBOUND_TRANSPORT_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 17,
+        key: "c5f10551-bdb0-43d7-a313-50e211f4d68a",
+        ip_version: V4,
+        // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_OUTBOUND_TRANSPORT_V4); by NTDDI_VERSION: 13 from WIN6, 14 from WIN7, 15 from
+        // WINTHRESHOLD, 16 from WIN10_RS2.
+        field_count: 16,
+        fields: {
+            IpProtocol = 0, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_IP_PROTOCOL
+            IpLocalAddress = 1, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 2, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_IP_LOCAL_ADDRESS_TYPE
+            IpRemoteAddress = 3, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_IP_REMOTE_ADDRESS
+            IpLocalPort = 4, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_IP_LOCAL_PORT
+            IpRemotePort = 5, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_IP_REMOTE_PORT
+            IpLocalInterface = 6, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_IP_LOCAL_INTERFACE
+            InterfaceIndex = 7, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 8, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_SUB_INTERFACE_INDEX
+            IpDestinationAddressType = 9, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_IP_DESTINATION_ADDRESS_TYPE
+            Flags = 10, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_FLAGS
+            InterfaceType = 11, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_INTERFACE_TYPE
+            TunnelType = 12, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_TUNNEL_TYPE
+            // From NTDDI_WIN7:
+            CurrentProfileId = 13, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_PROFILE_ID
+            // (PROFILE_ID is FWPM_CONDITION_CURRENT_PROFILE_ID.)
+            // From NTDDI_WINTHRESHOLD:
+            IpsecSecurityRealmId = 14, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_IPSEC_SECURITY_REALM_ID
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 15, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_OUTBOUND_TRANSPORT_V6_DISCARD: sees what FWPM_LAYER_OUTBOUND_TRANSPORT_V6
+    /// discards: the same fields, for the packets, connections or binds dropped there (the classify
+    /// sees why in the metadata's discard reason).
+    OutboundTransportV6Discard {
+        c_name: "OUTBOUND_TRANSPORT_V6_DISCARD",
+        // FWPS_LAYER_OUTBOUND_TRANSPORT_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 19,
+        key: "f433df69-ccbd-482e-b9b2-57165658c3b3",
+        ip_version: V6,
+        // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_OUTBOUND_TRANSPORT_V6); by NTDDI_VERSION: 13 from WIN6, 14 from WIN7, 15 from
+        // WINTHRESHOLD, 16 from WIN10_RS2.
+        field_count: 16,
+        fields: {
+            IpProtocol = 0, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_IP_PROTOCOL
+            IpLocalAddress = 1, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 2, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_IP_LOCAL_ADDRESS_TYPE
+            IpRemoteAddress = 3, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_IP_REMOTE_ADDRESS
+            IpLocalPort = 4, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_IP_LOCAL_PORT
+            IpRemotePort = 5, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_IP_REMOTE_PORT
+            IpLocalInterface = 6, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_IP_LOCAL_INTERFACE
+            InterfaceIndex = 7, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 8, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_SUB_INTERFACE_INDEX
+            IpDestinationAddressType = 9, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_IP_DESTINATION_ADDRESS_TYPE
+            Flags = 10, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_FLAGS
+            InterfaceType = 11, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_INTERFACE_TYPE
+            TunnelType = 12, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_TUNNEL_TYPE
+            // From NTDDI_WIN7:
+            CurrentProfileId = 13, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_PROFILE_ID
+            // (PROFILE_ID is FWPM_CONDITION_CURRENT_PROFILE_ID.)
+            // From NTDDI_WINTHRESHOLD:
+            IpsecSecurityRealmId = 14, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_IPSEC_SECURITY_REALM_ID
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 15, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_STREAM_V4: sees TCP stream data, per stream and in both directions.
+    StreamV4 {
+        c_name: "STREAM_V4",
+        // FWPS_LAYER_STREAM_V4: the same in the 19041, 22000 and 22621 WDKs.
+        id: 20,
+        key: "3b89653c-c170-49e4-b1cd-e0eeeee19a3e",
+        ip_version: V4,
+        // FWPS_FIELD_STREAM_V4_MAX; by NTDDI_VERSION: 6 from WIN6, 7 from WIN6SP1, 8 from
+        // WIN10_RS2.
+        field_count: 8,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_STREAM_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 1, // FWPS_FIELD_STREAM_V4_IP_LOCAL_ADDRESS_TYPE
+            IpRemoteAddress = 2, // FWPS_FIELD_STREAM_V4_IP_REMOTE_ADDRESS
+            IpLocalPort = 3, // FWPS_FIELD_STREAM_V4_IP_LOCAL_PORT
+            IpRemotePort = 4, // FWPS_FIELD_STREAM_V4_IP_REMOTE_PORT
+            Direction = 5, // FWPS_FIELD_STREAM_V4_DIRECTION
+            // From NTDDI_WIN6SP1:
+            Flags = 6, // FWPS_FIELD_STREAM_V4_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 7, // FWPS_FIELD_STREAM_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_STREAM_V4_DISCARD: sees what FWPM_LAYER_STREAM_V4 discards: the same fields, for
+    /// the packets, connections or binds dropped there (the classify sees why in the metadata's
+    /// discard reason).
+    StreamV4Discard {
+        c_name: "STREAM_V4_DISCARD",
+        // FWPS_LAYER_STREAM_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 21,
+        key: "25c4c2c2-25ff-4352-82f9-c54a4a4726dc",
+        ip_version: V4,
+        // FWPS_FIELD_STREAM_V4_MAX (a discard layer has the fields of FWPS_FIELDS_STREAM_V4); by
+        // NTDDI_VERSION: 6 from WIN6, 7 from WIN6SP1, 8 from WIN10_RS2.
+        field_count: 8,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_STREAM_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 1, // FWPS_FIELD_STREAM_V4_IP_LOCAL_ADDRESS_TYPE
+            IpRemoteAddress = 2, // FWPS_FIELD_STREAM_V4_IP_REMOTE_ADDRESS
+            IpLocalPort = 3, // FWPS_FIELD_STREAM_V4_IP_LOCAL_PORT
+            IpRemotePort = 4, // FWPS_FIELD_STREAM_V4_IP_REMOTE_PORT
+            Direction = 5, // FWPS_FIELD_STREAM_V4_DIRECTION
+            // From NTDDI_WIN6SP1:
+            Flags = 6, // FWPS_FIELD_STREAM_V4_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 7, // FWPS_FIELD_STREAM_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_STREAM_V6: sees TCP stream data, per stream and in both directions.
+    StreamV6 {
+        c_name: "STREAM_V6",
+        // FWPS_LAYER_STREAM_V6: the same in the 19041, 22000 and 22621 WDKs.
+        id: 22,
+        key: "47c9137a-7ec4-46b3-b6e4-48e926b1eda4",
+        ip_version: V6,
+        // FWPS_FIELD_STREAM_V6_MAX; by NTDDI_VERSION: 6 from WIN6, 7 from WIN6SP1, 8 from
+        // WIN10_RS2.
+        field_count: 8,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_STREAM_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 1, // FWPS_FIELD_STREAM_V6_IP_LOCAL_ADDRESS_TYPE
+            IpRemoteAddress = 2, // FWPS_FIELD_STREAM_V6_IP_REMOTE_ADDRESS
+            IpLocalPort = 3, // FWPS_FIELD_STREAM_V6_IP_LOCAL_PORT
+            IpRemotePort = 4, // FWPS_FIELD_STREAM_V6_IP_REMOTE_PORT
+            Direction = 5, // FWPS_FIELD_STREAM_V6_DIRECTION
+            // From NTDDI_WIN6SP1:
+            Flags = 6, // FWPS_FIELD_STREAM_V6_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 7, // FWPS_FIELD_STREAM_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_STREAM_V6_DISCARD: sees what FWPM_LAYER_STREAM_V6 discards: the same fields, for
+    /// the packets, connections or binds dropped there (the classify sees why in the metadata's
+    /// discard reason).
+    StreamV6Discard {
+        c_name: "STREAM_V6_DISCARD",
+        // FWPS_LAYER_STREAM_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 23,
+        key: "10a59fc7-b628-4c41-9eb8-cf37d55103cf",
+        ip_version: V6,
+        // FWPS_FIELD_STREAM_V6_MAX (a discard layer has the fields of FWPS_FIELDS_STREAM_V6); by
+        // NTDDI_VERSION: 6 from WIN6, 7 from WIN6SP1, 8 from WIN10_RS2.
+        field_count: 8,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_STREAM_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 1, // FWPS_FIELD_STREAM_V6_IP_LOCAL_ADDRESS_TYPE
+            IpRemoteAddress = 2, // FWPS_FIELD_STREAM_V6_IP_REMOTE_ADDRESS
+            IpLocalPort = 3, // FWPS_FIELD_STREAM_V6_IP_LOCAL_PORT
+            IpRemotePort = 4, // FWPS_FIELD_STREAM_V6_IP_REMOTE_PORT
+            Direction = 5, // FWPS_FIELD_STREAM_V6_DIRECTION
+            // From NTDDI_WIN6SP1:
+            Flags = 6, // FWPS_FIELD_STREAM_V6_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 7, // FWPS_FIELD_STREAM_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_DATAGRAM_DATA_V4: sees datagram (UDP and raw) data, per packet and in both
+    /// directions.
+    DatagramDataV4 {
+        c_name: "DATAGRAM_DATA_V4",
+        // FWPS_LAYER_DATAGRAM_DATA_V4: the same in the 19041, 22000 and 22621 WDKs.
+        id: 24,
+        key: "3d08bf4e-45f6-4930-a922-417098e20027",
+        ip_version: V4,
+        // FWPS_FIELD_DATAGRAM_DATA_V4_MAX; by NTDDI_VERSION: 13 from WIN6, 14 from WIN10_RS2.
+        field_count: 14,
+        fields: {
+            IpProtocol = 0, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_PROTOCOL
+            IpLocalAddress = 1, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 2, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_LOCAL_PORT
+            IpRemotePort = 5, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_REMOTE_PORT
+            IpLocalInterface = 6, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_LOCAL_INTERFACE
+            InterfaceIndex = 7, // FWPS_FIELD_DATAGRAM_DATA_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 8, // FWPS_FIELD_DATAGRAM_DATA_V4_SUB_INTERFACE_INDEX
+            Direction = 9, // FWPS_FIELD_DATAGRAM_DATA_V4_DIRECTION
+            Flags = 10, // FWPS_FIELD_DATAGRAM_DATA_V4_FLAGS
+            InterfaceType = 11, // FWPS_FIELD_DATAGRAM_DATA_V4_INTERFACE_TYPE
+            TunnelType = 12, // FWPS_FIELD_DATAGRAM_DATA_V4_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_DATAGRAM_DATA_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_DATAGRAM_DATA_V4_DISCARD: sees what FWPM_LAYER_DATAGRAM_DATA_V4 discards: the
+    /// same fields, for the packets, connections or binds dropped there (the classify sees why in
+    /// the metadata's discard reason).
+    DatagramDataV4Discard {
+        c_name: "DATAGRAM_DATA_V4_DISCARD",
+        // FWPS_LAYER_DATAGRAM_DATA_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 25,
+        key: "18e330c6-7248-4e52-aaab-472ed67704fd",
+        ip_version: V4,
+        // FWPS_FIELD_DATAGRAM_DATA_V4_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_DATAGRAM_DATA_V4); by NTDDI_VERSION: 13 from WIN6, 14 from WIN10_RS2.
+        field_count: 14,
+        fields: {
+            IpProtocol = 0, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_PROTOCOL
+            IpLocalAddress = 1, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 2, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_LOCAL_PORT
+            IpRemotePort = 5, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_REMOTE_PORT
+            IpLocalInterface = 6, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_LOCAL_INTERFACE
+            InterfaceIndex = 7, // FWPS_FIELD_DATAGRAM_DATA_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 8, // FWPS_FIELD_DATAGRAM_DATA_V4_SUB_INTERFACE_INDEX
+            Direction = 9, // FWPS_FIELD_DATAGRAM_DATA_V4_DIRECTION
+            Flags = 10, // FWPS_FIELD_DATAGRAM_DATA_V4_FLAGS
+            InterfaceType = 11, // FWPS_FIELD_DATAGRAM_DATA_V4_INTERFACE_TYPE
+            TunnelType = 12, // FWPS_FIELD_DATAGRAM_DATA_V4_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_DATAGRAM_DATA_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_DATAGRAM_DATA_V6: sees datagram (UDP and raw) data, per packet and in both
+    /// directions.
+    DatagramDataV6 {
+        c_name: "DATAGRAM_DATA_V6",
+        // FWPS_LAYER_DATAGRAM_DATA_V6: the same in the 19041, 22000 and 22621 WDKs.
+        id: 26,
+        key: "fa45fe2f-3cba-4427-87fc-57b9a4b10d00",
+        ip_version: V6,
+        // FWPS_FIELD_DATAGRAM_DATA_V6_MAX; by NTDDI_VERSION: 13 from WIN6, 14 from WIN10_RS2.
+        field_count: 14,
+        fields: {
+            IpProtocol = 0, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_PROTOCOL
+            IpLocalAddress = 1, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 2, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_LOCAL_PORT
+            IpRemotePort = 5, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_REMOTE_PORT
+            IpLocalInterface = 6, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_LOCAL_INTERFACE
+            InterfaceIndex = 7, // FWPS_FIELD_DATAGRAM_DATA_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 8, // FWPS_FIELD_DATAGRAM_DATA_V6_SUB_INTERFACE_INDEX
+            Direction = 9, // FWPS_FIELD_DATAGRAM_DATA_V6_DIRECTION
+            Flags = 10, // FWPS_FIELD_DATAGRAM_DATA_V6_FLAGS
+            InterfaceType = 11, // FWPS_FIELD_DATAGRAM_DATA_V6_INTERFACE_TYPE
+            TunnelType = 12, // FWPS_FIELD_DATAGRAM_DATA_V6_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_DATAGRAM_DATA_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_DATAGRAM_DATA_V6_DISCARD: sees what FWPM_LAYER_DATAGRAM_DATA_V6 discards: the
+    /// same fields, for the packets, connections or binds dropped there (the classify sees why in
+    /// the metadata's discard reason).
+    DatagramDataV6Discard {
+        c_name: "DATAGRAM_DATA_V6_DISCARD",
+        // FWPS_LAYER_DATAGRAM_DATA_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 27,
+        key: "09d1dfe1-9b86-4a42-be9d-8c315b92a5d0",
+        ip_version: V6,
+        // FWPS_FIELD_DATAGRAM_DATA_V6_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_DATAGRAM_DATA_V6); by NTDDI_VERSION: 13 from WIN6, 14 from WIN10_RS2.
+        field_count: 14,
+        fields: {
+            IpProtocol = 0, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_PROTOCOL
+            IpLocalAddress = 1, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 2, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_LOCAL_PORT
+            IpRemotePort = 5, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_REMOTE_PORT
+            IpLocalInterface = 6, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_LOCAL_INTERFACE
+            InterfaceIndex = 7, // FWPS_FIELD_DATAGRAM_DATA_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 8, // FWPS_FIELD_DATAGRAM_DATA_V6_SUB_INTERFACE_INDEX
+            Direction = 9, // FWPS_FIELD_DATAGRAM_DATA_V6_DIRECTION
+            Flags = 10, // FWPS_FIELD_DATAGRAM_DATA_V6_FLAGS
+            InterfaceType = 11, // FWPS_FIELD_DATAGRAM_DATA_V6_INTERFACE_TYPE
+            TunnelType = 12, // FWPS_FIELD_DATAGRAM_DATA_V6_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_DATAGRAM_DATA_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INBOUND_ICMP_ERROR_V4: sees inbound ICMP error messages for the transport
+    /// protocols.
+    InboundIcmpErrorV4 {
+        c_name: "INBOUND_ICMP_ERROR_V4",
+        // FWPS_LAYER_INBOUND_ICMP_ERROR_V4: the same in the 19041, 22000 and 22621 WDKs.
+        id: 28,
+        key: "61499990-3cb6-4e84-b950-53b94b6964f3",
+        ip_version: V4,
+        // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_MAX; by NTDDI_VERSION: 14 from WIN6, 19 from WIN6SP1, 21
+        // from WIN7, 22 from WIN10_RS2.
+        field_count: 22,
+        fields: {
+            EmbeddedProtocol = 0, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_EMBEDDED_PROTOCOL
+            IpLocalAddress = 1, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 2, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_IP_REMOTE_ADDRESS
+            EmbeddedRemoteAddress = 3, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_EMBEDDED_REMOTE_ADDRESS
+            EmbeddedLocalAddressType = 4, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_EMBEDDED_LOCAL_ADDRESS_TYPE
+            EmbeddedLocalPort = 5, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_EMBEDDED_LOCAL_PORT
+            EmbeddedRemotePort = 6, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_EMBEDDED_REMOTE_PORT
+            IpLocalInterface = 7, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_IP_LOCAL_INTERFACE
+            IpLocalPort = 8, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_ICMP_TYPE
+            // (ICMP_TYPE is FWPM_CONDITION_IP_LOCAL_PORT.)
+            IpRemotePort = 9, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_ICMP_CODE
+            // (ICMP_CODE is FWPM_CONDITION_IP_REMOTE_PORT.)
+            InterfaceIndex = 10, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 11, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_SUB_INTERFACE_INDEX
+            InterfaceType = 12, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_INTERFACE_TYPE
+            TunnelType = 13, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_TUNNEL_TYPE
+            // From NTDDI_WIN6SP1:
+            IpArrivalInterface = 14, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_IP_ARRIVAL_INTERFACE
+            ArrivalInterfaceIndex = 15, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_ARRIVAL_INTERFACE_INDEX
+            ArrivalInterfaceType = 16, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_ARRIVAL_INTERFACE_TYPE
+            ArrivalTunnelType = 17, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_ARRIVAL_TUNNEL_TYPE
+            Flags = 18, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_FLAGS
+            // From NTDDI_WIN7:
+            ArrivalInterfaceProfileId = 19, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_ARRIVAL_INTERFACE_PROFILE_ID
+            InterfaceQuarantineEpoch = 20, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_INTERFACE_QUARANTINE_EPOCH
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 21, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INBOUND_ICMP_ERROR_V4_DISCARD: sees what FWPM_LAYER_INBOUND_ICMP_ERROR_V4
+    /// discards: the same fields, for the packets, connections or binds dropped there (the classify
+    /// sees why in the metadata's discard reason).
+    InboundIcmpErrorV4Discard {
+        c_name: "INBOUND_ICMP_ERROR_V4_DISCARD",
+        // FWPS_LAYER_INBOUND_ICMP_ERROR_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 29,
+        key: "a6b17075-ebaf-4053-a4e7-213c8121ede5",
+        ip_version: V4,
+        // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_INBOUND_ICMP_ERROR_V4); by NTDDI_VERSION: 14 from WIN6, 19 from WIN6SP1, 21
+        // from WIN7, 22 from WIN10_RS2.
+        field_count: 22,
+        fields: {
+            EmbeddedProtocol = 0, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_EMBEDDED_PROTOCOL
+            IpLocalAddress = 1, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 2, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_IP_REMOTE_ADDRESS
+            EmbeddedRemoteAddress = 3, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_EMBEDDED_REMOTE_ADDRESS
+            EmbeddedLocalAddressType = 4, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_EMBEDDED_LOCAL_ADDRESS_TYPE
+            EmbeddedLocalPort = 5, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_EMBEDDED_LOCAL_PORT
+            EmbeddedRemotePort = 6, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_EMBEDDED_REMOTE_PORT
+            IpLocalInterface = 7, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_IP_LOCAL_INTERFACE
+            IpLocalPort = 8, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_ICMP_TYPE
+            // (ICMP_TYPE is FWPM_CONDITION_IP_LOCAL_PORT.)
+            IpRemotePort = 9, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_ICMP_CODE
+            // (ICMP_CODE is FWPM_CONDITION_IP_REMOTE_PORT.)
+            InterfaceIndex = 10, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 11, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_SUB_INTERFACE_INDEX
+            InterfaceType = 12, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_INTERFACE_TYPE
+            TunnelType = 13, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_TUNNEL_TYPE
+            // From NTDDI_WIN6SP1:
+            IpArrivalInterface = 14, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_IP_ARRIVAL_INTERFACE
+            ArrivalInterfaceIndex = 15, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_ARRIVAL_INTERFACE_INDEX
+            ArrivalInterfaceType = 16, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_ARRIVAL_INTERFACE_TYPE
+            ArrivalTunnelType = 17, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_ARRIVAL_TUNNEL_TYPE
+            Flags = 18, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_FLAGS
+            // From NTDDI_WIN7:
+            ArrivalInterfaceProfileId = 19, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_ARRIVAL_INTERFACE_PROFILE_ID
+            InterfaceQuarantineEpoch = 20, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_INTERFACE_QUARANTINE_EPOCH
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 21, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INBOUND_ICMP_ERROR_V6: sees inbound ICMP error messages for the transport
+    /// protocols.
+    InboundIcmpErrorV6 {
+        c_name: "INBOUND_ICMP_ERROR_V6",
+        // FWPS_LAYER_INBOUND_ICMP_ERROR_V6: the same in the 19041, 22000 and 22621 WDKs.
+        id: 30,
+        key: "65f9bdff-3b2d-4e5d-b8c6-c720651fe898",
+        ip_version: V6,
+        // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_MAX; by NTDDI_VERSION: 14 from WIN6, 19 from WIN6SP1, 21
+        // from WIN7, 22 from WIN10_RS2.
+        field_count: 22,
+        fields: {
+            EmbeddedProtocol = 0, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_EMBEDDED_PROTOCOL
+            IpLocalAddress = 1, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 2, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_IP_REMOTE_ADDRESS
+            EmbeddedRemoteAddress = 3, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_EMBEDDED_REMOTE_ADDRESS
+            EmbeddedLocalAddressType = 4, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_EMBEDDED_LOCAL_ADDRESS_TYPE
+            EmbeddedLocalPort = 5, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_EMBEDDED_LOCAL_PORT
+            EmbeddedRemotePort = 6, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_EMBEDDED_REMOTE_PORT
+            IpLocalInterface = 7, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_IP_LOCAL_INTERFACE
+            IpLocalPort = 8, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_ICMP_TYPE
+            // (ICMP_TYPE is FWPM_CONDITION_IP_LOCAL_PORT.)
+            IpRemotePort = 9, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_ICMP_CODE
+            // (ICMP_CODE is FWPM_CONDITION_IP_REMOTE_PORT.)
+            InterfaceIndex = 10, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 11, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_SUB_INTERFACE_INDEX
+            InterfaceType = 12, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_INTERFACE_TYPE
+            TunnelType = 13, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_TUNNEL_TYPE
+            // From NTDDI_WIN6SP1:
+            IpArrivalInterface = 14, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_IP_ARRIVAL_INTERFACE
+            ArrivalInterfaceIndex = 15, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_ARRIVAL_INTERFACE_INDEX
+            ArrivalInterfaceType = 16, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_ARRIVAL_INTERFACE_TYPE
+            ArrivalTunnelType = 17, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_ARRIVAL_TUNNEL_TYPE
+            Flags = 18, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_FLAGS
+            // From NTDDI_WIN7:
+            ArrivalInterfaceProfileId = 19, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_ARRIVAL_INTERFACE_PROFILE_ID
+            InterfaceQuarantineEpoch = 20, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_INTERFACE_QUARANTINE_EPOCH
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 21, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INBOUND_ICMP_ERROR_V6_DISCARD: sees what FWPM_LAYER_INBOUND_ICMP_ERROR_V6
+    /// discards: the same fields, for the packets, connections or binds dropped there (the classify
+    /// sees why in the metadata's discard reason).
+    InboundIcmpErrorV6Discard {
+        c_name: "INBOUND_ICMP_ERROR_V6_DISCARD",
+        // FWPS_LAYER_INBOUND_ICMP_ERROR_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 31,
+        key: "a6e7ccc0-08fb-468d-a472-9771d5595e09",
+        ip_version: V6,
+        // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_INBOUND_ICMP_ERROR_V6); by NTDDI_VERSION: 14 from WIN6, 19 from WIN6SP1, 21
+        // from WIN7, 22 from WIN10_RS2.
+        field_count: 22,
+        fields: {
+            EmbeddedProtocol = 0, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_EMBEDDED_PROTOCOL
+            IpLocalAddress = 1, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 2, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_IP_REMOTE_ADDRESS
+            EmbeddedRemoteAddress = 3, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_EMBEDDED_REMOTE_ADDRESS
+            EmbeddedLocalAddressType = 4, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_EMBEDDED_LOCAL_ADDRESS_TYPE
+            EmbeddedLocalPort = 5, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_EMBEDDED_LOCAL_PORT
+            EmbeddedRemotePort = 6, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_EMBEDDED_REMOTE_PORT
+            IpLocalInterface = 7, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_IP_LOCAL_INTERFACE
+            IpLocalPort = 8, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_ICMP_TYPE
+            // (ICMP_TYPE is FWPM_CONDITION_IP_LOCAL_PORT.)
+            IpRemotePort = 9, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_ICMP_CODE
+            // (ICMP_CODE is FWPM_CONDITION_IP_REMOTE_PORT.)
+            InterfaceIndex = 10, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 11, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_SUB_INTERFACE_INDEX
+            InterfaceType = 12, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_INTERFACE_TYPE
+            TunnelType = 13, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_TUNNEL_TYPE
+            // From NTDDI_WIN6SP1:
+            IpArrivalInterface = 14, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_IP_ARRIVAL_INTERFACE
+            ArrivalInterfaceIndex = 15, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_ARRIVAL_INTERFACE_INDEX
+            ArrivalInterfaceType = 16, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_ARRIVAL_INTERFACE_TYPE
+            ArrivalTunnelType = 17, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_ARRIVAL_TUNNEL_TYPE
+            Flags = 18, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_FLAGS
+            // From NTDDI_WIN7:
+            ArrivalInterfaceProfileId = 19, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_ARRIVAL_INTERFACE_PROFILE_ID
+            InterfaceQuarantineEpoch = 20, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_INTERFACE_QUARANTINE_EPOCH
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 21, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_OUTBOUND_ICMP_ERROR_V4: sees outbound ICMP error messages for the transport
+    /// protocols.
+    OutboundIcmpErrorV4 {
+        c_name: "OUTBOUND_ICMP_ERROR_V4",
+        // FWPS_LAYER_OUTBOUND_ICMP_ERROR_V4: the same in the 19041, 22000 and 22621 WDKs.
+        id: 32,
+        key: "41390100-564c-4b32-bc1d-718048354d7c",
+        ip_version: V4,
+        // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_MAX; by NTDDI_VERSION: 10 from WIN6, 11 from WIN6SP1,
+        // 13 from WIN7, 14 from WIN10_RS2.
+        field_count: 14,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 1, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 2, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalInterface = 3, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_IP_LOCAL_INTERFACE
+            IpLocalPort = 4, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_ICMP_TYPE
+            // (ICMP_TYPE is FWPM_CONDITION_IP_LOCAL_PORT.)
+            IpRemotePort = 5, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_ICMP_CODE
+            // (ICMP_CODE is FWPM_CONDITION_IP_REMOTE_PORT.)
+            InterfaceIndex = 6, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 7, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_SUB_INTERFACE_INDEX
+            InterfaceType = 8, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_INTERFACE_TYPE
+            TunnelType = 9, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_TUNNEL_TYPE
+            // From NTDDI_WIN6SP1:
+            Flags = 10, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_FLAGS
+            // From NTDDI_WIN7:
+            NexthopInterfaceProfileId = 11, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_NEXTHOP_INTERFACE_PROFILE_ID
+            InterfaceQuarantineEpoch = 12, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_INTERFACE_QUARANTINE_EPOCH
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_OUTBOUND_ICMP_ERROR_V4_DISCARD: sees what FWPM_LAYER_OUTBOUND_ICMP_ERROR_V4
+    /// discards: the same fields, for the packets, connections or binds dropped there (the classify
+    /// sees why in the metadata's discard reason).
+    OutboundIcmpErrorV4Discard {
+        c_name: "OUTBOUND_ICMP_ERROR_V4_DISCARD",
+        // FWPS_LAYER_OUTBOUND_ICMP_ERROR_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 33,
+        key: "b3598d36-0561-4588-a6bf-e955e3f6264b",
+        ip_version: V4,
+        // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_OUTBOUND_ICMP_ERROR_V4); by NTDDI_VERSION: 10 from WIN6, 11 from WIN6SP1, 13
+        // from WIN7, 14 from WIN10_RS2.
+        field_count: 14,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 1, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 2, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalInterface = 3, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_IP_LOCAL_INTERFACE
+            IpLocalPort = 4, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_ICMP_TYPE
+            // (ICMP_TYPE is FWPM_CONDITION_IP_LOCAL_PORT.)
+            IpRemotePort = 5, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_ICMP_CODE
+            // (ICMP_CODE is FWPM_CONDITION_IP_REMOTE_PORT.)
+            InterfaceIndex = 6, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 7, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_SUB_INTERFACE_INDEX
+            InterfaceType = 8, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_INTERFACE_TYPE
+            TunnelType = 9, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_TUNNEL_TYPE
+            // From NTDDI_WIN6SP1:
+            Flags = 10, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_FLAGS
+            // From NTDDI_WIN7:
+            NexthopInterfaceProfileId = 11, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_NEXTHOP_INTERFACE_PROFILE_ID
+            InterfaceQuarantineEpoch = 12, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_INTERFACE_QUARANTINE_EPOCH
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_OUTBOUND_ICMP_ERROR_V6: sees outbound ICMP error messages for the transport
+    /// protocols.
+    OutboundIcmpErrorV6 {
+        c_name: "OUTBOUND_ICMP_ERROR_V6",
+        // FWPS_LAYER_OUTBOUND_ICMP_ERROR_V6: the same in the 19041, 22000 and 22621 WDKs.
+        id: 34,
+        key: "7fb03b60-7b8d-4dfa-badd-980176fc4e12",
+        ip_version: V6,
+        // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_MAX; by NTDDI_VERSION: 10 from WIN6, 11 from WIN6SP1,
+        // 13 from WIN7, 14 from WIN10_RS2.
+        field_count: 14,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 1, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 2, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalInterface = 3, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_LOCAL_INTERFACE
+            IpLocalPort = 4, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_LOCAL_PORT
+            IpRemotePort = 5, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_REMOTE_PORT
+            InterfaceIndex = 6, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 7, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_SUB_INTERFACE_INDEX
+            InterfaceType = 8, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_INTERFACE_TYPE
+            TunnelType = 9, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_TUNNEL_TYPE
+            // From NTDDI_WIN6SP1:
+            Flags = 10, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_FLAGS
+            // From NTDDI_WIN7:
+            NexthopInterfaceProfileId = 11, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_NEXTHOP_INTERFACE_PROFILE_ID
+            InterfaceQuarantineEpoch = 12, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_INTERFACE_QUARANTINE_EPOCH
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_OUTBOUND_ICMP_ERROR_V6_DISCARD: sees what FWPM_LAYER_OUTBOUND_ICMP_ERROR_V6
+    /// discards: the same fields, for the packets, connections or binds dropped there (the classify
+    /// sees why in the metadata's discard reason).
+    OutboundIcmpErrorV6Discard {
+        c_name: "OUTBOUND_ICMP_ERROR_V6_DISCARD",
+        // FWPS_LAYER_OUTBOUND_ICMP_ERROR_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 35,
+        key: "65f2e647-8d0c-4f47-b19b-33a4d3f1357c",
+        ip_version: V6,
+        // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_OUTBOUND_ICMP_ERROR_V6); by NTDDI_VERSION: 10 from WIN6, 11 from WIN6SP1, 13
+        // from WIN7, 14 from WIN10_RS2.
+        field_count: 14,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 1, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 2, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalInterface = 3, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_LOCAL_INTERFACE
+            IpLocalPort = 4, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_LOCAL_PORT
+            IpRemotePort = 5, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_REMOTE_PORT
+            InterfaceIndex = 6, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 7, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_SUB_INTERFACE_INDEX
+            InterfaceType = 8, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_INTERFACE_TYPE
+            TunnelType = 9, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_TUNNEL_TYPE
+            // From NTDDI_WIN6SP1:
+            Flags = 10, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_FLAGS
+            // From NTDDI_WIN7:
+            NexthopInterfaceProfileId = 11, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_NEXTHOP_INTERFACE_PROFILE_ID
+            InterfaceQuarantineEpoch = 12, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_INTERFACE_QUARANTINE_EPOCH
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_ALE_RESOURCE_ASSIGNMENT_V4_DISCARD: sees what
+    /// FWPM_LAYER_ALE_RESOURCE_ASSIGNMENT_V4 discards: the same fields, for the packets,
+    /// connections or binds dropped there (the classify sees why in the metadata's discard reason).
+    AleResourceAssignmentV4Discard {
+        c_name: "ALE_RESOURCE_ASSIGNMENT_V4_DISCARD",
+        // FWPS_LAYER_ALE_RESOURCE_ASSIGNMENT_V4_DISCARD: the same in the 19041, 22000 and 22621
+        // WDKs.
+        id: 37,
+        key: "0b5812a2-c3ff-4eca-b88d-c79e20ac6322",
+        ip_version: V4,
+        // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_ALE_RESOURCE_ASSIGNMENT_V4); by NTDDI_VERSION: 11 from WIN6, 13 from WIN7, 14
+        // from WIN8, 15 from WINTHRESHOLD, 16 from WIN10_RS2, 18 from WIN10_RS5.
+        field_count: 18,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_IP_LOCAL_PORT
+            IpProtocol = 5, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_IP_PROTOCOL
+            AlePromiscuousMode = 6, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_ALE_PROMISCUOUS_MODE
+            IpLocalInterface = 7, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_IP_LOCAL_INTERFACE
+            Flags = 8, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_FLAGS
+            InterfaceType = 9, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_INTERFACE_TYPE
+            TunnelType = 10, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_TUNNEL_TYPE
+            // From NTDDI_WIN7:
+            LocalInterfaceProfileId = 11, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_LOCAL_INTERFACE_PROFILE_ID
+            SioFirewallSocketProperty = 12, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_SIO_FIREWALL_SOCKET_PROPERTY
+            // (SIO_FIREWALL_SOCKET_PROPERTY is FWPM_CONDITION_ALE_SIO_FIREWALL_SYSTEM_PORT.)
+            // From NTDDI_WIN8:
+            AlePackageId = 13, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 14, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 15, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_COMPARTMENT_ID
+            // From NTDDI_WIN10_RS5:
+            // 16: FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_RESERVED_0 has no FWPM_CONDITION_* key and
+            // is left out.
+            // 17: FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_RESERVED_1 has no FWPM_CONDITION_* key and
+            // is left out.
+        },
+    }
+
+    /// FWPM_LAYER_ALE_RESOURCE_ASSIGNMENT_V6_DISCARD: sees what
+    /// FWPM_LAYER_ALE_RESOURCE_ASSIGNMENT_V6 discards: the same fields, for the packets,
+    /// connections or binds dropped there (the classify sees why in the metadata's discard reason).
+    AleResourceAssignmentV6Discard {
+        c_name: "ALE_RESOURCE_ASSIGNMENT_V6_DISCARD",
+        // FWPS_LAYER_ALE_RESOURCE_ASSIGNMENT_V6_DISCARD: the same in the 19041, 22000 and 22621
+        // WDKs.
+        id: 39,
+        key: "cbc998bb-c51f-4c1a-bb4f-9775fcacab2f",
+        ip_version: V6,
+        // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_ALE_RESOURCE_ASSIGNMENT_V6); by NTDDI_VERSION: 11 from WIN6, 13 from WIN7, 14
+        // from WIN8, 15 from WINTHRESHOLD, 16 from WIN10_RS2, 18 from WIN10_RS5.
+        field_count: 18,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_IP_LOCAL_PORT
+            IpProtocol = 5, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_IP_PROTOCOL
+            AlePromiscuousMode = 6, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_ALE_PROMISCUOUS_MODE
+            IpLocalInterface = 7, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_IP_LOCAL_INTERFACE
+            Flags = 8, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_FLAGS
+            InterfaceType = 9, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_INTERFACE_TYPE
+            TunnelType = 10, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_TUNNEL_TYPE
+            // From NTDDI_WIN7:
+            LocalInterfaceProfileId = 11, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_LOCAL_INTERFACE_PROFILE_ID
+            SioFirewallSocketProperty = 12, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_SIO_FIREWALL_SOCKET_PROPERTY
+            // (SIO_FIREWALL_SOCKET_PROPERTY is FWPM_CONDITION_ALE_SIO_FIREWALL_SYSTEM_PORT.)
+            // From NTDDI_WIN8:
+            AlePackageId = 13, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 14, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 15, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_COMPARTMENT_ID
+            // From NTDDI_WIN10_RS5:
+            // 16: FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_RESERVED_0 has no FWPM_CONDITION_* key and
+            // is left out.
+            // 17: FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_RESERVED_1 has no FWPM_CONDITION_* key and
+            // is left out.
+        },
+    }
+
+    /// FWPM_LAYER_ALE_AUTH_LISTEN_V4: authorizes a TCP socket's listen.
+    AleAuthListenV4 {
+        c_name: "ALE_AUTH_LISTEN_V4",
+        // FWPS_LAYER_ALE_AUTH_LISTEN_V4: the same in the 19041, 22000 and 22621 WDKs.
+        id: 40,
+        key: "88bb5dad-76d7-4227-9c71-df0a3ed7be7e",
+        ip_version: V4,
+        // FWPS_FIELD_ALE_AUTH_LISTEN_V4_MAX; by NTDDI_VERSION: 9 from WIN6, 11 from WIN7, 12 from
+        // WIN8, 13 from WINTHRESHOLD, 14 from WIN10_RS2.
+        field_count: 14,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_IP_LOCAL_PORT
+            IpLocalInterface = 5, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_IP_LOCAL_INTERFACE
+            Flags = 6, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_FLAGS
+            InterfaceType = 7, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_INTERFACE_TYPE
+            TunnelType = 8, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_TUNNEL_TYPE
+            // From NTDDI_WIN7:
+            LocalInterfaceProfileId = 9, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_LOCAL_INTERFACE_PROFILE_ID
+            SioFirewallSocketProperty = 10, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_SIO_FIREWALL_SOCKET_PROPERTY
+            // (SIO_FIREWALL_SOCKET_PROPERTY is FWPM_CONDITION_ALE_SIO_FIREWALL_SYSTEM_PORT.)
+            // From NTDDI_WIN8:
+            AlePackageId = 11, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 12, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_ALE_AUTH_LISTEN_V4_DISCARD: sees what FWPM_LAYER_ALE_AUTH_LISTEN_V4 discards: the
+    /// same fields, for the packets, connections or binds dropped there (the classify sees why in
+    /// the metadata's discard reason).
+    AleAuthListenV4Discard {
+        c_name: "ALE_AUTH_LISTEN_V4_DISCARD",
+        // FWPS_LAYER_ALE_AUTH_LISTEN_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 41,
+        key: "371dfada-9f26-45fd-b4eb-c29eb212893f",
+        ip_version: V4,
+        // FWPS_FIELD_ALE_AUTH_LISTEN_V4_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_ALE_AUTH_LISTEN_V4); by NTDDI_VERSION: 9 from WIN6, 11 from WIN7, 12 from
+        // WIN8, 13 from WINTHRESHOLD, 14 from WIN10_RS2.
+        field_count: 14,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_IP_LOCAL_PORT
+            IpLocalInterface = 5, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_IP_LOCAL_INTERFACE
+            Flags = 6, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_FLAGS
+            InterfaceType = 7, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_INTERFACE_TYPE
+            TunnelType = 8, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_TUNNEL_TYPE
+            // From NTDDI_WIN7:
+            LocalInterfaceProfileId = 9, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_LOCAL_INTERFACE_PROFILE_ID
+            SioFirewallSocketProperty = 10, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_SIO_FIREWALL_SOCKET_PROPERTY
+            // (SIO_FIREWALL_SOCKET_PROPERTY is FWPM_CONDITION_ALE_SIO_FIREWALL_SYSTEM_PORT.)
+            // From NTDDI_WIN8:
+            AlePackageId = 11, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 12, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_ALE_AUTH_LISTEN_V6: authorizes a TCP socket's listen.
+    AleAuthListenV6 {
+        c_name: "ALE_AUTH_LISTEN_V6",
+        // FWPS_LAYER_ALE_AUTH_LISTEN_V6: the same in the 19041, 22000 and 22621 WDKs.
+        id: 42,
+        key: "7ac9de24-17dd-4814-b4bd-a9fbc95a321b",
+        ip_version: V6,
+        // FWPS_FIELD_ALE_AUTH_LISTEN_V6_MAX; by NTDDI_VERSION: 9 from WIN6, 11 from WIN7, 12 from
+        // WIN8, 13 from WINTHRESHOLD, 14 from WIN10_RS2.
+        field_count: 14,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_IP_LOCAL_PORT
+            IpLocalInterface = 5, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_IP_LOCAL_INTERFACE
+            Flags = 6, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_FLAGS
+            InterfaceType = 7, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_INTERFACE_TYPE
+            TunnelType = 8, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_TUNNEL_TYPE
+            // From NTDDI_WIN7:
+            LocalInterfaceProfileId = 9, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_LOCAL_INTERFACE_PROFILE_ID
+            SioFirewallSocketProperty = 10, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_SIO_FIREWALL_SOCKET_PROPERTY
+            // (SIO_FIREWALL_SOCKET_PROPERTY is FWPM_CONDITION_ALE_SIO_FIREWALL_SYSTEM_PORT.)
+            // From NTDDI_WIN8:
+            AlePackageId = 11, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 12, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_ALE_AUTH_LISTEN_V6_DISCARD: sees what FWPM_LAYER_ALE_AUTH_LISTEN_V6 discards: the
+    /// same fields, for the packets, connections or binds dropped there (the classify sees why in
+    /// the metadata's discard reason).
+    AleAuthListenV6Discard {
+        c_name: "ALE_AUTH_LISTEN_V6_DISCARD",
+        // FWPS_LAYER_ALE_AUTH_LISTEN_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 43,
+        key: "60703b07-63c8-48e9-ada3-12b1af40a617",
+        ip_version: V6,
+        // FWPS_FIELD_ALE_AUTH_LISTEN_V6_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_ALE_AUTH_LISTEN_V6); by NTDDI_VERSION: 9 from WIN6, 11 from WIN7, 12 from
+        // WIN8, 13 from WINTHRESHOLD, 14 from WIN10_RS2.
+        field_count: 14,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_IP_LOCAL_PORT
+            IpLocalInterface = 5, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_IP_LOCAL_INTERFACE
+            Flags = 6, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_FLAGS
+            InterfaceType = 7, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_INTERFACE_TYPE
+            TunnelType = 8, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_TUNNEL_TYPE
+            // From NTDDI_WIN7:
+            LocalInterfaceProfileId = 9, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_LOCAL_INTERFACE_PROFILE_ID
+            SioFirewallSocketProperty = 10, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_SIO_FIREWALL_SOCKET_PROPERTY
+            // (SIO_FIREWALL_SOCKET_PROPERTY is FWPM_CONDITION_ALE_SIO_FIREWALL_SYSTEM_PORT.)
+            // From NTDDI_WIN8:
+            AlePackageId = 11, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 12, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_ALE_AUTH_RECV_ACCEPT_V4_DISCARD: sees what FWPM_LAYER_ALE_AUTH_RECV_ACCEPT_V4
+    /// discards: the same fields, for the packets, connections or binds dropped there (the classify
+    /// sees why in the metadata's discard reason).
+    AleAuthRecvAcceptV4Discard {
+        c_name: "ALE_AUTH_RECV_ACCEPT_V4_DISCARD",
+        // FWPS_LAYER_ALE_AUTH_RECV_ACCEPT_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 45,
+        key: "9eeaa99b-bd22-4227-919f-0073c63357b1",
+        ip_version: V4,
+        // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_ALE_AUTH_RECV_ACCEPT_V4); by NTDDI_VERSION: 18 from WIN6, 22 from WIN6SP1, 32
+        // from WIN7, 33 from WIN8, 34 from WINTHRESHOLD, 35 from WIN10_RS2, 39 from WIN10_RS5.
+        field_count: 39,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_IP_LOCAL_PORT
+            IpProtocol = 5, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_IP_PROTOCOL
+            IpRemoteAddress = 6, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_IP_REMOTE_ADDRESS
+            IpRemotePort = 7, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_IP_REMOTE_PORT
+            AleRemoteUserId = 8, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ALE_REMOTE_USER_ID
+            AleRemoteMachineId = 9, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ALE_REMOTE_MACHINE_ID
+            IpLocalInterface = 10, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_IP_LOCAL_INTERFACE
+            Flags = 11, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_FLAGS
+            SioFirewallSocketProperty = 12, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_SIO_FIREWALL_SYSTEM_PORT
+            // (SIO_FIREWALL_SYSTEM_PORT is FWPM_CONDITION_ALE_SIO_FIREWALL_SYSTEM_PORT.)
+            NapContext = 13, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_NAP_CONTEXT
+            // (NAP_CONTEXT is FWPM_CONDITION_ALE_NAP_CONTEXT.)
+            InterfaceType = 14, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_INTERFACE_TYPE
+            TunnelType = 15, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_TUNNEL_TYPE
+            InterfaceIndex = 16, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 17, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_SUB_INTERFACE_INDEX
+            // From NTDDI_WIN6SP1:
+            IpArrivalInterface = 18, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_IP_ARRIVAL_INTERFACE
+            ArrivalInterfaceType = 19, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ARRIVAL_INTERFACE_TYPE
+            ArrivalTunnelType = 20, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ARRIVAL_TUNNEL_TYPE
+            ArrivalInterfaceIndex = 21, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ARRIVAL_INTERFACE_INDEX
+            // From NTDDI_WIN7:
+            NexthopSubInterfaceIndex = 22, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_NEXTHOP_SUB_INTERFACE_INDEX
+            IpNexthopInterface = 23, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_IP_NEXTHOP_INTERFACE
+            NexthopInterfaceType = 24, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_NEXTHOP_INTERFACE_TYPE
+            NexthopTunnelType = 25, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_NEXTHOP_TUNNEL_TYPE
+            NexthopInterfaceIndex = 26, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_NEXTHOP_INTERFACE_INDEX
+            OriginalProfileId = 27, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ORIGINAL_PROFILE_ID
+            CurrentProfileId = 28, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_CURRENT_PROFILE_ID
+            ReauthorizeReason = 29, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_REAUTHORIZE_REASON
+            OriginalIcmpType = 30, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ORIGINAL_ICMP_TYPE
+            InterfaceQuarantineEpoch = 31, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_INTERFACE_QUARANTINE_EPOCH
+            // From NTDDI_WIN8:
+            AlePackageId = 32, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 33, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 34, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_COMPARTMENT_ID
+            // From NTDDI_WIN10_RS5:
+            // 35: FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_RESERVED_0 has no FWPM_CONDITION_* key and is
+            // left out.
+            // 36: FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_RESERVED_1 has no FWPM_CONDITION_* key and is
+            // left out.
+            // 37: FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_RESERVED_2 has no FWPM_CONDITION_* key and is
+            // left out.
+            // 38: FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_RESERVED_3 has no FWPM_CONDITION_* key and is
+            // left out.
+        },
+    }
+
+    /// FWPM_LAYER_ALE_AUTH_RECV_ACCEPT_V6_DISCARD: sees what FWPM_LAYER_ALE_AUTH_RECV_ACCEPT_V6
+    /// discards: the same fields, for the packets, connections or binds dropped there (the classify
+    /// sees why in the metadata's discard reason).
+    AleAuthRecvAcceptV6Discard {
+        c_name: "ALE_AUTH_RECV_ACCEPT_V6_DISCARD",
+        // FWPS_LAYER_ALE_AUTH_RECV_ACCEPT_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 47,
+        key: "89455b97-dbe1-453f-a224-13da895af396",
+        ip_version: V6,
+        // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_ALE_AUTH_RECV_ACCEPT_V6); by NTDDI_VERSION: 18 from WIN6, 22 from WIN6SP1, 32
+        // from WIN7, 33 from WIN8, 34 from WINTHRESHOLD, 35 from WIN10_RS2, 39 from WIN10_RS5.
+        field_count: 39,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_IP_LOCAL_PORT
+            IpProtocol = 5, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_IP_PROTOCOL
+            IpRemoteAddress = 6, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_IP_REMOTE_ADDRESS
+            IpRemotePort = 7, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_IP_REMOTE_PORT
+            AleRemoteUserId = 8, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ALE_REMOTE_USER_ID
+            AleRemoteMachineId = 9, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ALE_REMOTE_MACHINE_ID
+            IpLocalInterface = 10, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_IP_LOCAL_INTERFACE
+            Flags = 11, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_FLAGS
+            SioFirewallSocketProperty = 12, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_SIO_FIREWALL_SYSTEM_PORT
+            // (SIO_FIREWALL_SYSTEM_PORT is FWPM_CONDITION_ALE_SIO_FIREWALL_SYSTEM_PORT.)
+            NapContext = 13, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_NAP_CONTEXT
+            // (NAP_CONTEXT is FWPM_CONDITION_ALE_NAP_CONTEXT.)
+            InterfaceType = 14, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_INTERFACE_TYPE
+            TunnelType = 15, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_TUNNEL_TYPE
+            InterfaceIndex = 16, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 17, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_SUB_INTERFACE_INDEX
+            // From NTDDI_WIN6SP1:
+            IpArrivalInterface = 18, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_IP_ARRIVAL_INTERFACE
+            ArrivalInterfaceType = 19, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ARRIVAL_INTERFACE_TYPE
+            ArrivalTunnelType = 20, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ARRIVAL_TUNNEL_TYPE
+            ArrivalInterfaceIndex = 21, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ARRIVAL_INTERFACE_INDEX
+            // From NTDDI_WIN7:
+            NexthopSubInterfaceIndex = 22, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_NEXTHOP_SUB_INTERFACE_INDEX
+            IpNexthopInterface = 23, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_IP_NEXTHOP_INTERFACE
+            NexthopInterfaceType = 24, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_NEXTHOP_INTERFACE_TYPE
+            NexthopTunnelType = 25, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_NEXTHOP_TUNNEL_TYPE
+            NexthopInterfaceIndex = 26, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_NEXTHOP_INTERFACE_INDEX
+            OriginalProfileId = 27, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ORIGINAL_PROFILE_ID
+            CurrentProfileId = 28, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_CURRENT_PROFILE_ID
+            ReauthorizeReason = 29, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_REAUTHORIZE_REASON
+            OriginalIcmpType = 30, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ORIGINAL_ICMP_TYPE
+            InterfaceQuarantineEpoch = 31, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_INTERFACE_QUARANTINE_EPOCH
+            // From NTDDI_WIN8:
+            AlePackageId = 32, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 33, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 34, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_COMPARTMENT_ID
+            // From NTDDI_WIN10_RS5:
+            // 35: FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_RESERVED_0 has no FWPM_CONDITION_* key and is
+            // left out.
+            // 36: FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_RESERVED_1 has no FWPM_CONDITION_* key and is
+            // left out.
+            // 37: FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_RESERVED_2 has no FWPM_CONDITION_* key and is
+            // left out.
+            // 38: FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_RESERVED_3 has no FWPM_CONDITION_* key and is
+            // left out.
+        },
+    }
+
+    /// FWPM_LAYER_ALE_AUTH_CONNECT_V4_DISCARD: sees what FWPM_LAYER_ALE_AUTH_CONNECT_V4 discards:
+    /// the same fields, for the packets, connections or binds dropped there (the classify sees why
+    /// in the metadata's discard reason).
+    AleAuthConnectV4Discard {
+        c_name: "ALE_AUTH_CONNECT_V4_DISCARD",
+        // FWPS_LAYER_ALE_AUTH_CONNECT_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 49,
+        key: "d632a801-f5ba-4ad6-96e3-607017d9836a",
+        ip_version: V4,
+        // FWPS_FIELD_ALE_AUTH_CONNECT_V4_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_ALE_AUTH_CONNECT_V4); by NTDDI_VERSION: 15 from WIN6, 17 from WIN6SP1, 32
+        // from WIN7, 34 from WIN8, 36 from WINTHRESHOLD, 37 from WIN10_RS2, 41 from WIN10_RS5.
+        field_count: 41,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_IP_LOCAL_PORT
+            IpProtocol = 5, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_IP_PROTOCOL
+            IpRemoteAddress = 6, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_IP_REMOTE_ADDRESS
+            IpRemotePort = 7, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_IP_REMOTE_PORT
+            AleRemoteUserId = 8, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ALE_REMOTE_USER_ID
+            AleRemoteMachineId = 9, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ALE_REMOTE_MACHINE_ID
+            IpDestinationAddressType = 10, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_IP_DESTINATION_ADDRESS_TYPE
+            IpLocalInterface = 11, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_IP_LOCAL_INTERFACE
+            Flags = 12, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_FLAGS
+            InterfaceType = 13, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_INTERFACE_TYPE
+            TunnelType = 14, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_TUNNEL_TYPE
+            // From NTDDI_WIN6SP1:
+            InterfaceIndex = 15, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 16, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_SUB_INTERFACE_INDEX
+            // From NTDDI_WIN7:
+            IpArrivalInterface = 17, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_IP_ARRIVAL_INTERFACE
+            ArrivalInterfaceType = 18, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ARRIVAL_INTERFACE_TYPE
+            ArrivalTunnelType = 19, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ARRIVAL_TUNNEL_TYPE
+            ArrivalInterfaceIndex = 20, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ARRIVAL_INTERFACE_INDEX
+            NexthopSubInterfaceIndex = 21, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_NEXTHOP_SUB_INTERFACE_INDEX
+            IpNexthopInterface = 22, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_IP_NEXTHOP_INTERFACE
+            NexthopInterfaceType = 23, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_NEXTHOP_INTERFACE_TYPE
+            NexthopTunnelType = 24, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_NEXTHOP_TUNNEL_TYPE
+            NexthopInterfaceIndex = 25, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_NEXTHOP_INTERFACE_INDEX
+            OriginalProfileId = 26, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ORIGINAL_PROFILE_ID
+            CurrentProfileId = 27, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_CURRENT_PROFILE_ID
+            ReauthorizeReason = 28, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_REAUTHORIZE_REASON
+            PeerName = 29, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_PEER_NAME
+            OriginalIcmpType = 30, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ORIGINAL_ICMP_TYPE
+            InterfaceQuarantineEpoch = 31, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_INTERFACE_QUARANTINE_EPOCH
+            // From NTDDI_WIN8:
+            AleOriginalAppId = 32, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ALE_ORIGINAL_APP_ID
+            AlePackageId = 33, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 34, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            AleEffectiveName = 35, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ALE_EFFECTIVE_NAME
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 36, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_COMPARTMENT_ID
+            // From NTDDI_WIN10_RS5:
+            // 37: FWPS_FIELD_ALE_AUTH_CONNECT_V4_RESERVED_0 has no FWPM_CONDITION_* key and is left
+            // out.
+            // 38: FWPS_FIELD_ALE_AUTH_CONNECT_V4_RESERVED_1 has no FWPM_CONDITION_* key and is left
+            // out.
+            // 39: FWPS_FIELD_ALE_AUTH_CONNECT_V4_RESERVED_2 has no FWPM_CONDITION_* key and is left
+            // out.
+            // 40: FWPS_FIELD_ALE_AUTH_CONNECT_V4_RESERVED_3 has no FWPM_CONDITION_* key and is left
+            // out.
+        },
+    }
+
+    /// FWPM_LAYER_ALE_AUTH_CONNECT_V6_DISCARD: sees what FWPM_LAYER_ALE_AUTH_CONNECT_V6 discards:
+    /// the same fields, for the packets, connections or binds dropped there (the classify sees why
+    /// in the metadata's discard reason).
+    AleAuthConnectV6Discard {
+        c_name: "ALE_AUTH_CONNECT_V6_DISCARD",
+        // FWPS_LAYER_ALE_AUTH_CONNECT_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 51,
+        key: "c97bc3b8-c9a3-4e33-8695-8e17aad4de09",
+        ip_version: V6,
+        // FWPS_FIELD_ALE_AUTH_CONNECT_V6_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_ALE_AUTH_CONNECT_V6); by NTDDI_VERSION: 15 from WIN6, 17 from WIN6SP1, 32
+        // from WIN7, 34 from WIN8, 36 from WINTHRESHOLD, 37 from WIN10_RS2, 41 from WIN10_RS5.
+        field_count: 41,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_IP_LOCAL_PORT
+            IpProtocol = 5, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_IP_PROTOCOL
+            IpRemoteAddress = 6, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_IP_REMOTE_ADDRESS
+            IpRemotePort = 7, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_IP_REMOTE_PORT
+            AleRemoteUserId = 8, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ALE_REMOTE_USER_ID
+            AleRemoteMachineId = 9, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ALE_REMOTE_MACHINE_ID
+            IpDestinationAddressType = 10, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_IP_DESTINATION_ADDRESS_TYPE
+            IpLocalInterface = 11, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_IP_LOCAL_INTERFACE
+            Flags = 12, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_FLAGS
+            InterfaceType = 13, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_INTERFACE_TYPE
+            TunnelType = 14, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_TUNNEL_TYPE
+            // From NTDDI_WIN6SP1:
+            InterfaceIndex = 15, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 16, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_SUB_INTERFACE_INDEX
+            // From NTDDI_WIN7:
+            IpArrivalInterface = 17, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_IP_ARRIVAL_INTERFACE
+            ArrivalInterfaceType = 18, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ARRIVAL_INTERFACE_TYPE
+            ArrivalTunnelType = 19, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ARRIVAL_TUNNEL_TYPE
+            ArrivalInterfaceIndex = 20, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ARRIVAL_INTERFACE_INDEX
+            NexthopSubInterfaceIndex = 21, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_NEXTHOP_SUB_INTERFACE_INDEX
+            IpNexthopInterface = 22, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_IP_NEXTHOP_INTERFACE
+            NexthopInterfaceType = 23, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_NEXTHOP_INTERFACE_TYPE
+            NexthopTunnelType = 24, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_NEXTHOP_TUNNEL_TYPE
+            NexthopInterfaceIndex = 25, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_NEXTHOP_INTERFACE_INDEX
+            OriginalProfileId = 26, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ORIGINAL_PROFILE_ID
+            CurrentProfileId = 27, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_CURRENT_PROFILE_ID
+            ReauthorizeReason = 28, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_REAUTHORIZE_REASON
+            PeerName = 29, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_PEER_NAME
+            OriginalIcmpType = 30, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ORIGINAL_ICMP_TYPE
+            InterfaceQuarantineEpoch = 31, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_INTERFACE_QUARANTINE_EPOCH
+            // From NTDDI_WIN8:
+            AleOriginalAppId = 32, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ALE_ORIGINAL_APP_ID
+            AlePackageId = 33, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 34, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            AleEffectiveName = 35, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ALE_EFFECTIVE_NAME
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 36, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_COMPARTMENT_ID
+            // From NTDDI_WIN10_RS5:
+            // 37: FWPS_FIELD_ALE_AUTH_CONNECT_V6_RESERVED_0 has no FWPM_CONDITION_* key and is left
+            // out.
+            // 38: FWPS_FIELD_ALE_AUTH_CONNECT_V6_RESERVED_1 has no FWPM_CONDITION_* key and is left
+            // out.
+            // 39: FWPS_FIELD_ALE_AUTH_CONNECT_V6_RESERVED_2 has no FWPM_CONDITION_* key and is left
+            // out.
+            // 40: FWPS_FIELD_ALE_AUTH_CONNECT_V6_RESERVED_3 has no FWPM_CONDITION_* key and is left
+            // out.
+        },
+    }
+
+    /// FWPM_LAYER_ALE_FLOW_ESTABLISHED_V4_DISCARD: sees what FWPM_LAYER_ALE_FLOW_ESTABLISHED_V4
+    /// discards: the same fields, for the packets, connections or binds dropped there (the classify
+    /// sees why in the metadata's discard reason).
+    AleFlowEstablishedV4Discard {
+        c_name: "ALE_FLOW_ESTABLISHED_V4_DISCARD",
+        // FWPS_LAYER_ALE_FLOW_ESTABLISHED_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 53,
+        key: "146ae4a9-a1d2-4d43-a31a-4c42682b8e4f",
+        ip_version: V4,
+        // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_ALE_FLOW_ESTABLISHED_V4); by NTDDI_VERSION: 15 from WIN6, 16 from WIN6SP1, 18
+        // from WIN8, 19 from WINTHRESHOLD, 20 from WIN10_RS2, 24 from WIN10_RS5.
+        field_count: 24,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_IP_LOCAL_PORT
+            IpProtocol = 5, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_IP_PROTOCOL
+            IpRemoteAddress = 6, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_IP_REMOTE_ADDRESS
+            IpRemotePort = 7, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_IP_REMOTE_PORT
+            AleRemoteUserId = 8, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_ALE_REMOTE_USER_ID
+            AleRemoteMachineId = 9, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_ALE_REMOTE_MACHINE_ID
+            IpDestinationAddressType = 10, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_IP_DESTINATION_ADDRESS_TYPE
+            IpLocalInterface = 11, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_IP_LOCAL_INTERFACE
+            Direction = 12, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_DIRECTION
+            InterfaceType = 13, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_INTERFACE_TYPE
+            TunnelType = 14, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_TUNNEL_TYPE
+            // From NTDDI_WIN6SP1:
+            Flags = 15, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_FLAGS
+            // From NTDDI_WIN8:
+            AleOriginalAppId = 16, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_ALE_ORIGINAL_APP_ID
+            AlePackageId = 17, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 18, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 19, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_COMPARTMENT_ID
+            // From NTDDI_WIN10_RS5:
+            // 20: FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_RESERVED_0 has no FWPM_CONDITION_* key and is
+            // left out.
+            // 21: FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_RESERVED_1 has no FWPM_CONDITION_* key and is
+            // left out.
+            // 22: FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_RESERVED_2 has no FWPM_CONDITION_* key and is
+            // left out.
+            // 23: FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_RESERVED_3 has no FWPM_CONDITION_* key and is
+            // left out.
+        },
+    }
+
+    /// FWPM_LAYER_ALE_FLOW_ESTABLISHED_V6_DISCARD: sees what FWPM_LAYER_ALE_FLOW_ESTABLISHED_V6
+    /// discards: the same fields, for the packets, connections or binds dropped there (the classify
+    /// sees why in the metadata's discard reason).
+    AleFlowEstablishedV6Discard {
+        c_name: "ALE_FLOW_ESTABLISHED_V6_DISCARD",
+        // FWPS_LAYER_ALE_FLOW_ESTABLISHED_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 55,
+        key: "46928636-bbca-4b76-941d-0fa7f5d7d372",
+        ip_version: V6,
+        // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_ALE_FLOW_ESTABLISHED_V6); by NTDDI_VERSION: 15 from WIN6, 16 from WIN6SP1, 18
+        // from WIN8, 19 from WINTHRESHOLD, 20 from WIN10_RS2, 24 from WIN10_RS5.
+        field_count: 24,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_IP_LOCAL_PORT
+            IpProtocol = 5, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_IP_PROTOCOL
+            IpRemoteAddress = 6, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_IP_REMOTE_ADDRESS
+            IpRemotePort = 7, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_IP_REMOTE_PORT
+            AleRemoteUserId = 8, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_ALE_REMOTE_USER_ID
+            AleRemoteMachineId = 9, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_ALE_REMOTE_MACHINE_ID
+            IpDestinationAddressType = 10, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_IP_DESTINATION_ADDRESS_TYPE
+            IpLocalInterface = 11, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_IP_LOCAL_INTERFACE
+            Direction = 12, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_DIRECTION
+            InterfaceType = 13, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_INTERFACE_TYPE
+            TunnelType = 14, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_TUNNEL_TYPE
+            // From NTDDI_WIN6SP1:
+            Flags = 15, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_FLAGS
+            // From NTDDI_WIN8:
+            AleOriginalAppId = 16, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_ALE_ORIGINAL_APP_ID
+            AlePackageId = 17, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 18, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 19, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_COMPARTMENT_ID
+            // From NTDDI_WIN10_RS5:
+            // 20: FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_RESERVED_0 has no FWPM_CONDITION_* key and is
+            // left out.
+            // 21: FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_RESERVED_1 has no FWPM_CONDITION_* key and is
+            // left out.
+            // 22: FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_RESERVED_2 has no FWPM_CONDITION_* key and is
+            // left out.
+            // 23: FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_RESERVED_3 has no FWPM_CONDITION_* key and is
+            // left out.
+        },
+    }
+
+    /// FWPM_LAYER_ALE_RESOURCE_RELEASE_V4: notifies that a port assigned at ALE_RESOURCE_ASSIGNMENT
+    /// is released.
+    AleResourceReleaseV4 {
+        c_name: "ALE_RESOURCE_RELEASE_V4",
+        // FWPS_LAYER_ALE_RESOURCE_RELEASE_V4: the same in the 19041, 22000 and 22621 WDKs (the
+        // layer exists from NTDDI_WIN7).
+        id: 62,
+        key: "74365cce-ccb0-401a-bfc1-b89934ad7e15",
+        ip_version: V4,
+        // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_MAX; by NTDDI_VERSION: 8 from WIN6, 9 from WIN8, 10
+        // from WINTHRESHOLD, 11 from WIN10_RS2.
+        field_count: 11,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_IP_LOCAL_PORT
+            IpProtocol = 5, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_IP_PROTOCOL
+            IpLocalInterface = 6, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_IP_LOCAL_INTERFACE
+            Flags = 7, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_FLAGS
+            // From NTDDI_WIN8:
+            AlePackageId = 8, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 9, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 10, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_ALE_RESOURCE_RELEASE_V6: notifies that a port assigned at ALE_RESOURCE_ASSIGNMENT
+    /// is released.
+    AleResourceReleaseV6 {
+        c_name: "ALE_RESOURCE_RELEASE_V6",
+        // FWPS_LAYER_ALE_RESOURCE_RELEASE_V6: the same in the 19041, 22000 and 22621 WDKs (the
+        // layer exists from NTDDI_WIN7).
+        id: 63,
+        key: "f4e5ce80-edcc-4e13-8a2f-b91454bb057b",
+        ip_version: V6,
+        // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_MAX; by NTDDI_VERSION: 8 from WIN6, 9 from WIN8, 10
+        // from WINTHRESHOLD, 11 from WIN10_RS2.
+        field_count: 11,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_IP_LOCAL_PORT
+            IpProtocol = 5, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_IP_PROTOCOL
+            IpLocalInterface = 6, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_IP_LOCAL_INTERFACE
+            Flags = 7, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_FLAGS
+            // From NTDDI_WIN8:
+            AlePackageId = 8, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 9, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 10, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_ALE_BIND_REDIRECT_V4: lets a callout inspect and change the local address and
+    /// port of a bind.
+    AleBindRedirectV4 {
+        c_name: "ALE_BIND_REDIRECT_V4",
+        // FWPS_LAYER_ALE_BIND_REDIRECT_V4: the same in the 19041, 22000 and 22621 WDKs (the layer
+        // exists from NTDDI_WIN7).
+        id: 68,
+        key: "66978cad-c704-42ac-86ac-7c1a231bd253",
+        ip_version: V4,
+        // FWPS_FIELD_ALE_BIND_REDIRECT_V4_MAX; by NTDDI_VERSION: 7 from WIN6, 8 from WIN8, 9 from
+        // WINTHRESHOLD, 10 from WIN10_RS2.
+        field_count: 10,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_BIND_REDIRECT_V4_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_BIND_REDIRECT_V4_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_BIND_REDIRECT_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_BIND_REDIRECT_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_BIND_REDIRECT_V4_IP_LOCAL_PORT
+            IpProtocol = 5, // FWPS_FIELD_ALE_BIND_REDIRECT_V4_IP_PROTOCOL
+            Flags = 6, // FWPS_FIELD_ALE_BIND_REDIRECT_V4_FLAGS
+            // From NTDDI_WIN8:
+            AlePackageId = 7, // FWPS_FIELD_ALE_BIND_REDIRECT_V4_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 8, // FWPS_FIELD_ALE_BIND_REDIRECT_V4_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 9, // FWPS_FIELD_ALE_BIND_REDIRECT_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_ALE_BIND_REDIRECT_V6: lets a callout inspect and change the local address and
+    /// port of a bind.
+    AleBindRedirectV6 {
+        c_name: "ALE_BIND_REDIRECT_V6",
+        // FWPS_LAYER_ALE_BIND_REDIRECT_V6: the same in the 19041, 22000 and 22621 WDKs (the layer
+        // exists from NTDDI_WIN7).
+        id: 69,
+        key: "bef02c9c-606b-4536-8c26-1c2fc7b631d4",
+        ip_version: V6,
+        // FWPS_FIELD_ALE_BIND_REDIRECT_V6_MAX; by NTDDI_VERSION: 7 from WIN6, 8 from WIN8, 9 from
+        // WINTHRESHOLD, 10 from WIN10_RS2.
+        field_count: 10,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_BIND_REDIRECT_V6_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_BIND_REDIRECT_V6_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_BIND_REDIRECT_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_BIND_REDIRECT_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_BIND_REDIRECT_V6_IP_LOCAL_PORT
+            IpProtocol = 5, // FWPS_FIELD_ALE_BIND_REDIRECT_V6_IP_PROTOCOL
+            Flags = 6, // FWPS_FIELD_ALE_BIND_REDIRECT_V6_FLAGS
+            // From NTDDI_WIN8:
+            AlePackageId = 7, // FWPS_FIELD_ALE_BIND_REDIRECT_V6_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 8, // FWPS_FIELD_ALE_BIND_REDIRECT_V6_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 9, // FWPS_FIELD_ALE_BIND_REDIRECT_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_STREAM_PACKET_V4: sees the packets of TCP streams (including handshake and
+    /// control packets), in both directions.
+    StreamPacketV4 {
+        c_name: "STREAM_PACKET_V4",
+        // FWPS_LAYER_STREAM_PACKET_V4: the same in the 19041, 22000 and 22621 WDKs (the layer
+        // exists from NTDDI_WIN7).
+        id: 70,
+        key: "af52d8ec-cb2d-44e5-ad92-f8dc38d2eb29",
+        ip_version: V4,
+        // FWPS_FIELD_STREAM_PACKET_V4_MAX; by NTDDI_VERSION: 11 from WIN6, 12 from WIN10_RS2.
+        field_count: 12,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_STREAM_PACKET_V4_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 1, // FWPS_FIELD_STREAM_PACKET_V4_IP_REMOTE_ADDRESS
+            IpLocalPort = 2, // FWPS_FIELD_STREAM_PACKET_V4_IP_LOCAL_PORT
+            IpRemotePort = 3, // FWPS_FIELD_STREAM_PACKET_V4_IP_REMOTE_PORT
+            IpLocalInterface = 4, // FWPS_FIELD_STREAM_PACKET_V4_IP_LOCAL_INTERFACE
+            InterfaceIndex = 5, // FWPS_FIELD_STREAM_PACKET_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 6, // FWPS_FIELD_STREAM_PACKET_V4_SUB_INTERFACE_INDEX
+            Direction = 7, // FWPS_FIELD_STREAM_PACKET_V4_DIRECTION
+            Flags = 8, // FWPS_FIELD_STREAM_PACKET_V4_FLAGS
+            InterfaceType = 9, // FWPS_FIELD_STREAM_PACKET_V4_INTERFACE_TYPE
+            TunnelType = 10, // FWPS_FIELD_STREAM_PACKET_V4_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 11, // FWPS_FIELD_STREAM_PACKET_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_STREAM_PACKET_V6: sees the packets of TCP streams (including handshake and
+    /// control packets), in both directions.
+    StreamPacketV6 {
+        c_name: "STREAM_PACKET_V6",
+        // FWPS_LAYER_STREAM_PACKET_V6: the same in the 19041, 22000 and 22621 WDKs (the layer
+        // exists from NTDDI_WIN7).
+        id: 71,
+        key: "779a8ca3-f099-468f-b5d4-83535c461c02",
+        ip_version: V6,
+        // FWPS_FIELD_STREAM_PACKET_V6_MAX; by NTDDI_VERSION: 11 from WIN6, 12 from WIN10_RS2.
+        field_count: 12,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_STREAM_PACKET_V6_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 1, // FWPS_FIELD_STREAM_PACKET_V6_IP_REMOTE_ADDRESS
+            IpLocalPort = 2, // FWPS_FIELD_STREAM_PACKET_V6_IP_LOCAL_PORT
+            IpRemotePort = 3, // FWPS_FIELD_STREAM_PACKET_V6_IP_REMOTE_PORT
+            IpLocalInterface = 4, // FWPS_FIELD_STREAM_PACKET_V6_IP_LOCAL_INTERFACE
+            InterfaceIndex = 5, // FWPS_FIELD_STREAM_PACKET_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 6, // FWPS_FIELD_STREAM_PACKET_V6_SUB_INTERFACE_INDEX
+            Direction = 7, // FWPS_FIELD_STREAM_PACKET_V6_DIRECTION
+            Flags = 8, // FWPS_FIELD_STREAM_PACKET_V6_FLAGS
+            InterfaceType = 9, // FWPS_FIELD_STREAM_PACKET_V6_INTERFACE_TYPE
+            TunnelType = 10, // FWPS_FIELD_STREAM_PACKET_V6_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 11, // FWPS_FIELD_STREAM_PACKET_V6_COMPARTMENT_ID
         },
     }
 }
