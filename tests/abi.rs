@@ -520,6 +520,10 @@ fn layer_keys_match_windows_sys() {
         l::AleFlowEstablishedV4Discard => FWPM_LAYER_ALE_FLOW_ESTABLISHED_V4_DISCARD,
         l::AleFlowEstablishedV6 => FWPM_LAYER_ALE_FLOW_ESTABLISHED_V6,
         l::AleFlowEstablishedV6Discard => FWPM_LAYER_ALE_FLOW_ESTABLISHED_V6_DISCARD,
+        l::InboundMacFrameEthernet => FWPM_LAYER_INBOUND_MAC_FRAME_ETHERNET,
+        l::OutboundMacFrameEthernet => FWPM_LAYER_OUTBOUND_MAC_FRAME_ETHERNET,
+        l::InboundMacFrameNative => FWPM_LAYER_INBOUND_MAC_FRAME_NATIVE,
+        l::OutboundMacFrameNative => FWPM_LAYER_OUTBOUND_MAC_FRAME_NATIVE,
         l::AleResourceReleaseV4 => FWPM_LAYER_ALE_RESOURCE_RELEASE_V4,
         l::AleResourceReleaseV6 => FWPM_LAYER_ALE_RESOURCE_RELEASE_V6,
         l::AleEndpointClosureV4 => FWPM_LAYER_ALE_ENDPOINT_CLOSURE_V4,
@@ -530,6 +534,12 @@ fn layer_keys_match_windows_sys() {
         l::AleBindRedirectV6 => FWPM_LAYER_ALE_BIND_REDIRECT_V6,
         l::StreamPacketV4 => FWPM_LAYER_STREAM_PACKET_V4,
         l::StreamPacketV6 => FWPM_LAYER_STREAM_PACKET_V6,
+        l::IngressVswitchEthernet => FWPM_LAYER_INGRESS_VSWITCH_ETHERNET,
+        l::EgressVswitchEthernet => FWPM_LAYER_EGRESS_VSWITCH_ETHERNET,
+        l::IngressVswitchTransportV4 => FWPM_LAYER_INGRESS_VSWITCH_TRANSPORT_V4,
+        l::IngressVswitchTransportV6 => FWPM_LAYER_INGRESS_VSWITCH_TRANSPORT_V6,
+        l::EgressVswitchTransportV4 => FWPM_LAYER_EGRESS_VSWITCH_TRANSPORT_V4,
+        l::EgressVswitchTransportV6 => FWPM_LAYER_EGRESS_VSWITCH_TRANSPORT_V6,
     );
     assert_no_diffs("FWPM_LAYER_* keys", &diffs);
 }
@@ -597,6 +607,32 @@ fn condition_keys_match_windows_sys() {
         f::NexthopInterfaceProfileId => FWPM_CONDITION_NEXTHOP_INTERFACE_PROFILE_ID,
         f::SourceInterfaceIndex => FWPM_CONDITION_SOURCE_INTERFACE_INDEX,
         f::SourceSubInterfaceIndex => FWPM_CONDITION_SOURCE_SUB_INTERFACE_INDEX,
+        f::EtherType => FWPM_CONDITION_ETHER_TYPE,
+        f::InterfaceMacAddress => FWPM_CONDITION_INTERFACE_MAC_ADDRESS,
+        f::IpDestinationPort => FWPM_CONDITION_IP_DESTINATION_PORT,
+        f::IpSourcePort => FWPM_CONDITION_IP_SOURCE_PORT,
+        f::L2Flags => FWPM_CONDITION_L2_FLAGS,
+        f::MacDestinationAddress => FWPM_CONDITION_MAC_DESTINATION_ADDRESS,
+        f::MacDestinationAddressType => FWPM_CONDITION_MAC_DESTINATION_ADDRESS_TYPE,
+        f::MacLocalAddress => FWPM_CONDITION_MAC_LOCAL_ADDRESS,
+        f::MacLocalAddressType => FWPM_CONDITION_MAC_LOCAL_ADDRESS_TYPE,
+        f::MacRemoteAddress => FWPM_CONDITION_MAC_REMOTE_ADDRESS,
+        f::MacRemoteAddressType => FWPM_CONDITION_MAC_REMOTE_ADDRESS_TYPE,
+        f::MacSourceAddress => FWPM_CONDITION_MAC_SOURCE_ADDRESS,
+        f::MacSourceAddressType => FWPM_CONDITION_MAC_SOURCE_ADDRESS_TYPE,
+        f::NdisMediaType => FWPM_CONDITION_NDIS_MEDIA_TYPE,
+        f::NdisPhysicalMediaType => FWPM_CONDITION_NDIS_PHYSICAL_MEDIA_TYPE,
+        f::NdisPort => FWPM_CONDITION_NDIS_PORT,
+        f::VlanId => FWPM_CONDITION_VLAN_ID,
+        f::VswitchDestinationInterfaceId => FWPM_CONDITION_VSWITCH_DESTINATION_INTERFACE_ID,
+        f::VswitchDestinationInterfaceType => FWPM_CONDITION_VSWITCH_DESTINATION_INTERFACE_TYPE,
+        f::VswitchDestinationVmId => FWPM_CONDITION_VSWITCH_DESTINATION_VM_ID,
+        f::VswitchId => FWPM_CONDITION_VSWITCH_ID,
+        f::VswitchNetworkType => FWPM_CONDITION_VSWITCH_NETWORK_TYPE,
+        f::VswitchSourceInterfaceId => FWPM_CONDITION_VSWITCH_SOURCE_INTERFACE_ID,
+        f::VswitchSourceInterfaceType => FWPM_CONDITION_VSWITCH_SOURCE_INTERFACE_TYPE,
+        f::VswitchSourceVmId => FWPM_CONDITION_VSWITCH_SOURCE_VM_ID,
+        f::VswitchTenantNetworkId => FWPM_CONDITION_VSWITCH_TENANT_NETWORK_ID,
     );
     assert_no_diffs("FWPM_CONDITION_* keys", &diffs);
 }
@@ -665,6 +701,10 @@ fn layer_ids_are_the_headers() {
         ("ALE_FLOW_ESTABLISHED_V4_DISCARD", 53, 24),
         ("ALE_FLOW_ESTABLISHED_V6", 54, 24),
         ("ALE_FLOW_ESTABLISHED_V6_DISCARD", 55, 24),
+        ("INBOUND_MAC_FRAME_ETHERNET", 56, 12),
+        ("OUTBOUND_MAC_FRAME_ETHERNET", 57, 12),
+        ("INBOUND_MAC_FRAME_NATIVE", 58, 8),
+        ("OUTBOUND_MAC_FRAME_NATIVE", 59, 8),
         ("ALE_RESOURCE_RELEASE_V4", 62, 11),
         ("ALE_RESOURCE_RELEASE_V6", 63, 11),
         ("ALE_ENDPOINT_CLOSURE_V4", 64, 13),
@@ -675,6 +715,12 @@ fn layer_ids_are_the_headers() {
         ("ALE_BIND_REDIRECT_V6", 69, 10),
         ("STREAM_PACKET_V4", 70, 12),
         ("STREAM_PACKET_V6", 71, 12),
+        ("INGRESS_VSWITCH_ETHERNET", 72, 14),
+        ("EGRESS_VSWITCH_ETHERNET", 73, 17),
+        ("INGRESS_VSWITCH_TRANSPORT_V4", 74, 14),
+        ("INGRESS_VSWITCH_TRANSPORT_V6", 75, 14),
+        ("EGRESS_VSWITCH_TRANSPORT_V4", 76, 17),
+        ("EGRESS_VSWITCH_TRANSPORT_V6", 77, 17),
     ];
     assert_eq!(wfp_rs::layer::ALL_LAYERS.len(), expected.len());
     for &(name, id, field_count) in expected {
@@ -745,6 +791,77 @@ fn layer_ids_are_the_headers() {
         <fields::SioFirewallSocketProperty as Field<l::AleAuthListenV4>>::INDEX,
         10
     );
+    assert_eq!(
+        <fields::MacRemoteAddress as Field<l::InboundMacFrameEthernet>>::INDEX,
+        2
+    );
+    assert_eq!(
+        <fields::EtherType as Field<l::InboundMacFrameEthernet>>::INDEX,
+        5
+    );
+    // The MAC layers' INTERFACE is FWPM_CONDITION_INTERFACE, a #define of IP_LOCAL_INTERFACE.
+    assert_eq!(
+        <fields::IpLocalInterface as Field<l::InboundMacFrameEthernet>>::INDEX,
+        7
+    );
+    assert_eq!(
+        <fields::NdisPhysicalMediaType as Field<l::OutboundMacFrameNative>>::INDEX,
+        1
+    );
+    assert_eq!(
+        <fields::NdisPort as Field<l::OutboundMacFrameNative>>::INDEX,
+        5
+    );
+    assert_eq!(
+        <fields::VswitchDestinationVmId as Field<l::EgressVswitchEthernet>>::INDEX,
+        14
+    );
+    assert_eq!(
+        <fields::L2Flags as Field<l::EgressVswitchEthernet>>::INDEX,
+        15
+    );
+    assert_eq!(
+        <fields::IpDestinationAddress as Field<l::IngressVswitchTransportV4>>::INDEX,
+        1
+    );
+    assert_eq!(
+        <fields::IpSourcePort as Field<l::IngressVswitchTransportV4>>::INDEX,
+        3
+    );
+    assert_eq!(
+        <fields::VswitchId as Field<l::IngressVswitchTransportV4>>::INDEX,
+        7
+    );
+}
+
+/// The layers below IP have no IP version (and so no address type); every other layer has the
+/// version its name ends with.
+#[test]
+fn only_the_frame_layers_have_no_ip_version() {
+    use wfp_rs::layer::IpVersion;
+    for layer in wfp_rs::layer::ALL_LAYERS {
+        let expected = if layer.name.contains("V4") {
+            Some(IpVersion::V4)
+        } else if layer.name.contains("V6") {
+            Some(IpVersion::V6)
+        } else {
+            assert!(
+                layer.name.contains("MAC_FRAME") || layer.name.contains("VSWITCH_ETHERNET"),
+                "{}",
+                layer.name
+            );
+            None
+        };
+        assert_eq!(layer.ip_version, expected, "{}", layer.name);
+        if expected.is_none() {
+            let address = wfp_rs::layer::value::ValueKind::Address;
+            assert!(
+                layer.fields.iter().all(|f| f.kind != address),
+                "{}",
+                layer.name
+            );
+        }
+    }
 }
 
 /// `KDPC` and `KTIMER`: the DPC as windows-sys has it; the timer's members up to `Dpc` too.

@@ -510,7 +510,17 @@ every_layer_reaches_its_callout!(
     AleBindRedirectV4,
     AleBindRedirectV6,
     StreamPacketV4,
-    StreamPacketV6
+    StreamPacketV6,
+    InboundMacFrameEthernet,
+    OutboundMacFrameEthernet,
+    InboundMacFrameNative,
+    OutboundMacFrameNative,
+    IngressVswitchEthernet,
+    EgressVswitchEthernet,
+    IngressVswitchTransportV4,
+    IngressVswitchTransportV6,
+    EgressVswitchTransportV4,
+    EgressVswitchTransportV6
 );
 
 // --- arbitration --------------------------------------------------------------------------------
@@ -1846,4 +1856,77 @@ fn datagram_layers_carry_their_typed_fields_at_both_versions_and_at_discard() {
         .with::<fields::Direction>(1u32);
     let (_, seen) = carried_at(&request);
     assert_eq!(seen, [(27, remote.into(), 5353, 1)]);
+}
+
+/// Records what a frame classification carries: the Ethernet type, the VLAN tag and the interface.
+#[derive(Default)]
+struct Frames {
+    seen: Mutex<Vec<(u16, u16, u16, u64)>>,
+}
+
+impl<L: Layer> Callout<L> for Frames
+where
+    fields::EtherType: layer::Field<L>,
+    fields::VlanId: layer::Field<L>,
+    fields::IpLocalInterface: layer::Field<L>,
+{
+    fn classify(&self, _irql: &mut DispatchLevel<'_>, c: &mut Classify<'_, L>) {
+        let ether_type = c.values.get::<fields::EtherType>().expect("ether type");
+        let vlan = c.values.get::<fields::VlanId>().expect("vlan");
+        let interface = c
+            .values
+            .get::<fields::IpLocalInterface>()
+            .expect("interface");
+        self.seen
+            .lock()
+            .unwrap()
+            .push((L::ID, ether_type, vlan, interface));
+        let _ = c.out.block();
+    }
+}
+
+#[test]
+fn a_mac_frame_classification_carries_its_typed_fields() {
+    // A layer without an IP version: registration, filter and classification work as at any
+    // other layer, and its frame fields read typed.
+    assert_eq!(<layer::InboundMacFrameEthernet as Layer>::IP_VERSION, None);
+    let machine = Machine::new();
+    let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+    let registration = driver
+        .run_in_driver(&machine, |irql, d| {
+            CalloutRegistration::<layer::InboundMacFrameEthernet, _>::register(
+                irql,
+                d,
+                CalloutKey::new(CALLOUT_A),
+                Frames::default(),
+            )
+            .unwrap()
+        })
+        .unwrap();
+    let action = machine.at_passive(|_| {
+        let session = open(true);
+        session.callout::<layer::InboundMacFrameEthernet>(CALLOUT_A);
+        session
+            .filter::<layer::InboundMacFrameEthernet>(FilterSpec::callout(CALLOUT_A))
+            .unwrap();
+        let request = ClassifyRequest::<layer::InboundMacFrameEthernet>::new()
+            .with::<fields::EtherType>(0x86DDu16)
+            .with::<fields::VlanId>(42u16)
+            .with::<fields::IpLocalInterface>(0x0006_0000_0100_0000u64);
+        machine.classify(Irql::DISPATCH, &request).action
+    });
+    assert_eq!(action, Action::Block);
+    assert_eq!(
+        *registration.callout().seen.lock().unwrap(),
+        [(56, 0x86DD, 42, 0x0006_0000_0100_0000)]
+    );
+    driver
+        .run_in_driver(&machine, |irql, _| {
+            registration
+                .unregister(irql)
+                .map_err(|(_, s)| s)
+                .expect("unregisters")
+        })
+        .expect("an SDK driver");
+    machine.unload_driver(driver).unwrap();
 }

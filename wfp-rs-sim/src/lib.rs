@@ -1487,12 +1487,17 @@ static NEXT_FLOW: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::n
 
 impl Connection {
     /// The value field `name` has for this connection at a layer of `version`.
-    fn value(&self, name: &str, version: wfp_rs::layer::IpVersion, reauthorize: bool) -> SimValue {
+    fn value(
+        &self,
+        name: &str,
+        version: Option<wfp_rs::layer::IpVersion>,
+        reauthorize: bool,
+    ) -> SimValue {
         let address = |addr: std::net::IpAddr| match (addr, version) {
-            (std::net::IpAddr::V4(v4), wfp_rs::layer::IpVersion::V4) => {
+            (std::net::IpAddr::V4(v4), Some(wfp_rs::layer::IpVersion::V4)) => {
                 SimValue::U32(u32::from(v4))
             }
-            (std::net::IpAddr::V6(v6), wfp_rs::layer::IpVersion::V6) => {
+            (std::net::IpAddr::V6(v6), Some(wfp_rs::layer::IpVersion::V6)) => {
                 SimValue::Bytes16(v6.octets())
             }
             _ => SimValue::Empty,

@@ -23,14 +23,17 @@
 //! registered at and classified at — Microsoft's "Run-time Filtering Layer Identifiers" page lists
 //! them as kernel-mode layers, each with an `FWPS_FIELDS_*` enum ("Data Field Identifiers" pairs
 //! every `_DISCARD` layer with its base layer's enum, so a discard layer has the same fields and
-//! count). Left out, on purpose:
+//! count). That is ids 0..=59, 62..=77: the IP packet, forward, transport, stream, datagram data
+//! and ICMP error layers, every ALE layer, stream packet, the MAC frame (Ethernet and native) and
+//! vSwitch (Ethernet and transport) layers, and every `_DISCARD` variant. The MAC frame and vSwitch
+//! Ethernet layers see frames, not IP packets: their `ip_version` is `None`. Left out, on purpose:
 //! - ids 87..=98 (`IPSEC_KM_DEMUX`, `IPSEC`, `IKEEXT`, `RPC_*`, `KM_AUTHORIZATION`): fwpsk.h
 //!   lists them under "User-mode layers" and ends the kernel-mode range before them
 //!   (`FWPS_BUILTIN_KM_LAYER_MAX` is `FWPS_LAYER_IPSEC_KM_DEMUX_V4`).
 //! - `NAME_RESOLUTION_CACHE_V4/V6` (60, 61), the `*_FAST` layers (78..=81; their field enums are
 //!   empty), `INBOUND_RESERVED2` and `RESERVED_LAYER_9/10` (82..=84): reserved for the system
-//!   (INFERRED for 60/61 and 78..=81 from their names and Microsoft's layer tables, which
-//!   describe no callout use of them).
+//!   (INFERRED for 60/61 and 78..=81 from their names and empty or internal field sets;
+//!   whether a callout is ever classified there is UNCONFIRMED).
 //! - `OUTBOUND_NETWORK_CONNECTION_POLICY_V4/V6` (85, 86, from `NTDDI_WIN10_NI`): the only ids
 //!   above 81 that are not user-mode layers. Left out because of their ids (below), and because
 //!   whether third-party callouts may use them is UNCONFIRMED (the SDK ships built-in callouts
@@ -132,10 +135,16 @@ field_kinds! {
     /// FWPM_CONDITION_EMBEDDED_REMOTE_PORT: the remote transport port of the packet an ICMP error
     /// message carries (FWP_UINT16).
     EmbeddedRemotePort: U16 = "cae4d6a1-2968-40ed-a4ce-547160dda88d";
+    /// FWPM_CONDITION_ETHER_TYPE: the Ethernet II payload type, e.g. 0x0800 for IPv4
+    /// (FWP_UINT16).
+    EtherType: U16 = "fd08948d-a219-4d52-bb98-1a5540ee7b4e";
     /// FWPM_CONDITION_FLAGS: a bitwise OR of FWP_CONDITION_FLAG_* values (FWP_UINT32).
     Flags: ConditionFlags = "632ce23b-5167-435c-86d7-e903684aa80c";
     /// FWPM_CONDITION_INTERFACE_INDEX: the index of the local interface (FWP_UINT32).
     InterfaceIndex: U32 = "667fd755-d695-434a-8af5-d3835a1259bc";
+    /// FWPM_CONDITION_INTERFACE_MAC_ADDRESS: the MAC address of the local interface
+    /// (FWP_BYTE_ARRAY6_TYPE).
+    InterfaceMacAddress: ByteArray6 = "f6e63dce-1f4b-4c6b-b6ef-1165e71f8ee7";
     /// FWPM_CONDITION_INTERFACE_QUARANTINE_EPOCH: the interface's quarantine epoch, reserved
     /// (FWP_UINT64).
     InterfaceQuarantineEpoch: U64 = "cce68d5e-053b-43a8-9a6f-33384c28e4f6";
@@ -149,6 +158,10 @@ field_kinds! {
     /// FWPM_CONDITION_IP_DESTINATION_ADDRESS_TYPE: the destination address type, an
     /// NL_ADDRESS_TYPE value (FWP_UINT8).
     IpDestinationAddressType: U8 = "1ec1b7c9-4eea-4f5e-b9ef-76beaaaf17ee";
+    /// FWPM_CONDITION_IP_DESTINATION_PORT: the destination transport port of a packet crossing a
+    /// virtual switch (FWP_UINT16); for ICMP, the ICMP code (FWPM_CONDITION_VSWITCH_ICMP_CODE is
+    /// an alias of this GUID).
+    IpDestinationPort: U16 = "ce6def45-60fb-4a7b-a304-af30a117000e";
     /// FWPM_CONDITION_IP_FORWARD_INTERFACE: the LUID of the interface a packet is forwarded to
     /// (FWP_UINT64).
     IpForwardInterface: U64 = "1076b8a5-6323-4c5e-9810-e8d3fc9e6136";
@@ -183,14 +196,51 @@ field_kinds! {
     /// FWPM_CONDITION_IP_SOURCE_ADDRESS: the source IP address of a forwarded packet (FWP_UINT32
     /// in host order at V4 layers, FWP_BYTE_ARRAY16_TYPE at V6 layers).
     IpSourceAddress: Address = "ae96897e-2e94-4bc9-b313-b27ee80e574d";
+    /// FWPM_CONDITION_IP_SOURCE_PORT: the source transport port of a packet crossing a virtual
+    /// switch (FWP_UINT16); for ICMP, the ICMP type (FWPM_CONDITION_VSWITCH_ICMP_TYPE is an alias
+    /// of this GUID).
+    IpSourcePort: U16 = "a6afef91-3df4-4730-a214-f5426aebf821";
     /// FWPM_CONDITION_IPSEC_SECURITY_REALM_ID: the IPsec security realm ID (FWP_BYTE_BLOB_TYPE).
     IpsecSecurityRealmId: ByteBlob = "37a57700-5884-4964-92b8-3e704688b0ad";
+    /// FWPM_CONDITION_L2_FLAGS: a bitwise OR of FWP_CONDITION_L2_* values (FWP_UINT32).
+    L2Flags: U32 = "7bc43cbf-37ba-45f1-b74a-82ff518eeb10";
     /// FWPM_CONDITION_LOCAL_INTERFACE_PROFILE_ID: the network category of the local (delivery)
     /// interface (FWP_UINT32).
     LocalInterfaceProfileId: U32 = "4ebf7562-9f18-4d06-9941-a7a625744d71";
+    /// FWPM_CONDITION_MAC_DESTINATION_ADDRESS: the destination MAC address of a frame
+    /// (FWP_BYTE_ARRAY6_TYPE).
+    MacDestinationAddress: ByteArray6 = "04ea2a93-858c-4027-b613-b43180c7859e";
+    /// FWPM_CONDITION_MAC_DESTINATION_ADDRESS_TYPE: the destination MAC address type, a
+    /// DL_ADDRESS_TYPE value (FWP_UINT8).
+    MacDestinationAddressType: U8 = "ae052932-ef42-4e99-b129-f3b3139e34f7";
+    /// FWPM_CONDITION_MAC_LOCAL_ADDRESS: the local MAC address: an inbound frame's destination,
+    /// an outbound frame's source (FWP_BYTE_ARRAY6_TYPE).
+    MacLocalAddress: ByteArray6 = "d999e981-7948-4c83-b742-c84e3b678f8f";
+    /// FWPM_CONDITION_MAC_LOCAL_ADDRESS_TYPE: the local MAC address type, a DL_ADDRESS_TYPE value
+    /// (FWP_UINT8).
+    MacLocalAddressType: U8 = "cc31355c-3073-4ffb-a14f-79415cb1ead1";
+    /// FWPM_CONDITION_MAC_REMOTE_ADDRESS: the remote MAC address: an inbound frame's source, an
+    /// outbound frame's destination (FWP_BYTE_ARRAY6_TYPE).
+    MacRemoteAddress: ByteArray6 = "408f2ed4-3a70-4b4d-92a6-415ac20e2f12";
+    /// FWPM_CONDITION_MAC_REMOTE_ADDRESS_TYPE: the remote MAC address type, a DL_ADDRESS_TYPE
+    /// value (FWP_UINT8).
+    MacRemoteAddressType: U8 = "027fedb4-f1c1-4030-b564-ee777fd867ea";
+    /// FWPM_CONDITION_MAC_SOURCE_ADDRESS: the source MAC address of a frame
+    /// (FWP_BYTE_ARRAY6_TYPE).
+    MacSourceAddress: ByteArray6 = "7b795451-f1f6-4d05-b7cb-21779d802336";
+    /// FWPM_CONDITION_MAC_SOURCE_ADDRESS_TYPE: the source MAC address type, a DL_ADDRESS_TYPE
+    /// value (FWP_UINT8).
+    MacSourceAddressType: U8 = "5c1b72e4-299e-4437-a298-bc3f014b3dc2";
     /// FWPM_CONDITION_ALE_NAP_CONTEXT: reserved for internal use (FWP_UINT32). Note the condition
     /// is named FWPM_CONDITION_ALE_NAP_CONTEXT.
     NapContext: U32 = "46275a9d-c03f-4d77-b784-1c57f4d02753";
+    /// FWPM_CONDITION_NDIS_MEDIA_TYPE: the NDIS port's medium, an NDIS_MEDIUM value (FWP_UINT32).
+    NdisMediaType: U32 = "cb31cef1-791d-473b-89d1-61c5984304a0";
+    /// FWPM_CONDITION_NDIS_PHYSICAL_MEDIA_TYPE: the NDIS port's physical medium, an
+    /// NDIS_PHYSICAL_MEDIUM value (FWP_UINT32).
+    NdisPhysicalMediaType: U32 = "34c79823-c229-44f2-b83c-74020882ae77";
+    /// FWPM_CONDITION_NDIS_PORT: the NDIS port number (FWP_UINT32).
+    NdisPort: U32 = "db7bb42b-2dac-4cd4-a59a-e0bdce1e6834";
     /// FWPM_CONDITION_NEXTHOP_INTERFACE_INDEX: the index of the next-hop interface (FWP_UINT32).
     NexthopInterfaceIndex: U32 = "138e6888-7ab8-4d65-9ee8-0591bcf6a494";
     /// FWPM_CONDITION_NEXTHOP_INTERFACE_PROFILE_ID: the network category of the next-hop
@@ -232,6 +282,35 @@ field_kinds! {
     /// FWPM_CONDITION_TUNNEL_TYPE: the tunnel type of the local interface, a TUNNEL_TYPE value
     /// (FWP_UINT32).
     TunnelType: U32 = "77a40437-8779-4868-a261-f5a902f1c0cd";
+    /// FWPM_CONDITION_VLAN_ID: the 16 bits of the 802.1Q tag (priority, CFI and VLAN id;
+    /// VLAN_TAG in netiodef.h) (FWP_UINT16).
+    VlanId: U16 = "938eab21-3618-4e64-9ca5-2141ebda1ca2";
+    /// FWPM_CONDITION_VSWITCH_DESTINATION_INTERFACE_ID: the name of the virtual switch port (VM
+    /// NIC, physical NIC or host virtual NIC) a packet leaves by (FWP_BYTE_BLOB_TYPE).
+    VswitchDestinationInterfaceId: ByteBlob = "8ed48be4-c926-49f6-a4f6-ef3030e3fc16";
+    /// FWPM_CONDITION_VSWITCH_DESTINATION_INTERFACE_TYPE: the kind of the virtual switch port a
+    /// packet leaves by, a switch NIC type (FWP_UINT8).
+    VswitchDestinationInterfaceType: U8 = "fa9b3f06-2f1a-4c57-9e68-a7098b28dbfe";
+    /// FWPM_CONDITION_VSWITCH_DESTINATION_VM_ID: the virtual machine a packet goes to
+    /// (FWP_BYTE_BLOB_TYPE).
+    VswitchDestinationVmId: ByteBlob = "6106aace-4de1-4c84-9671-3637f8bcf731";
+    /// FWPM_CONDITION_VSWITCH_ID: the virtual switch instance (FWP_BYTE_BLOB_TYPE).
+    VswitchId: ByteBlob = "c4a414ba-437b-4de6-9946-d99c1b95b312";
+    /// FWPM_CONDITION_VSWITCH_NETWORK_TYPE: whether the virtual switch's network is external,
+    /// internal or private (FWP_UINT8).
+    VswitchNetworkType: U8 = "11d48b4b-e77a-40b4-9155-392c906c2608";
+    /// FWPM_CONDITION_VSWITCH_SOURCE_INTERFACE_ID: the name of the virtual switch port (VM NIC,
+    /// physical NIC or host virtual NIC) a packet came from (FWP_BYTE_BLOB_TYPE).
+    VswitchSourceInterfaceId: ByteBlob = "7f4ef24b-b2c1-4938-ba33-a1ecbed512ba";
+    /// FWPM_CONDITION_VSWITCH_SOURCE_INTERFACE_TYPE: the kind of the virtual switch port a packet
+    /// came from, a switch NIC type (FWP_UINT8).
+    VswitchSourceInterfaceType: U8 = "e6b040a2-edaf-4c36-908b-f2f58ae43807";
+    /// FWPM_CONDITION_VSWITCH_SOURCE_VM_ID: the virtual machine a packet came from
+    /// (FWP_BYTE_BLOB_TYPE).
+    VswitchSourceVmId: ByteBlob = "9c2a9ec2-9fc6-42bc-bdd8-406d4da0be64";
+    /// FWPM_CONDITION_VSWITCH_TENANT_NETWORK_ID: the virtual switch network's identifier; not used
+    /// together with VLAN ids (the condition table gives FWP_UINT16).
+    VswitchTenantNetworkId: U16 = "dc04843c-79e6-4e44-a025-65b9bb0f9f94";
 }
 
 layers! {
@@ -2696,6 +2775,326 @@ layers! {
             TunnelType = 10, // FWPS_FIELD_STREAM_PACKET_V6_TUNNEL_TYPE
             // From NTDDI_WIN10_RS2:
             CompartmentId = 11, // FWPS_FIELD_STREAM_PACKET_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INBOUND_MAC_FRAME_ETHERNET: sees every inbound Ethernet frame (802.3) at the MAC
+    /// layer, before the IP stack.
+    ///
+    /// No IP version: `IP_VERSION` is `None`, and no IP address field exists here.
+    InboundMacFrameEthernet {
+        c_name: "INBOUND_MAC_FRAME_ETHERNET",
+        // FWPS_LAYER_INBOUND_MAC_FRAME_ETHERNET: the same in the 19041, 22000 and 22621 WDKs (the
+        // layer id exists from NTDDI_WIN7; its FWPS_FIELDS_* enum from NTDDI_WIN8).
+        id: 56,
+        key: "effb7edb-0055-4f9a-a231-4ff8131ad191",
+        ip_version: None,
+        // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_MAX; by NTDDI_VERSION: 11 from WIN8, 12 from
+        // WIN10_RS2.
+        field_count: 12,
+        fields: {
+            InterfaceMacAddress = 0, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_INTERFACE_MAC_ADDRESS
+            MacLocalAddress = 1, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_MAC_LOCAL_ADDRESS
+            MacRemoteAddress = 2, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_MAC_REMOTE_ADDRESS
+            MacLocalAddressType = 3, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_MAC_LOCAL_ADDRESS_TYPE
+            MacRemoteAddressType = 4, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_MAC_REMOTE_ADDRESS_TYPE
+            EtherType = 5, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_ETHER_TYPE
+            VlanId = 6, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_VLAN_ID
+            IpLocalInterface = 7, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_INTERFACE
+            // (FWPM_CONDITION_INTERFACE is a #define of IP_LOCAL_INTERFACE.)
+            InterfaceIndex = 8, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_INTERFACE_INDEX
+            NdisPort = 9, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_NDIS_PORT
+            L2Flags = 10, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_L2_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 11, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_OUTBOUND_MAC_FRAME_ETHERNET: sees every outbound Ethernet frame (802.3) at the
+    /// MAC layer, after the IP stack.
+    ///
+    /// No IP version: `IP_VERSION` is `None`, and no IP address field exists here.
+    OutboundMacFrameEthernet {
+        c_name: "OUTBOUND_MAC_FRAME_ETHERNET",
+        // FWPS_LAYER_OUTBOUND_MAC_FRAME_ETHERNET: the same in the 19041, 22000 and 22621 WDKs (the
+        // layer id exists from NTDDI_WIN7; its FWPS_FIELDS_* enum from NTDDI_WIN8).
+        id: 57,
+        key: "694673bc-d6db-4870-adee-0acdbdb7f4b2",
+        ip_version: None,
+        // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_MAX; by NTDDI_VERSION: 11 from WIN8, 12 from
+        // WIN10_RS2.
+        field_count: 12,
+        fields: {
+            InterfaceMacAddress = 0, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_INTERFACE_MAC_ADDRESS
+            MacLocalAddress = 1, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_MAC_LOCAL_ADDRESS
+            MacRemoteAddress = 2, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_MAC_REMOTE_ADDRESS
+            MacLocalAddressType = 3, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_MAC_LOCAL_ADDRESS_TYPE
+            MacRemoteAddressType = 4, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_MAC_REMOTE_ADDRESS_TYPE
+            EtherType = 5, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_ETHER_TYPE
+            VlanId = 6, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_VLAN_ID
+            IpLocalInterface = 7, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_INTERFACE
+            // (FWPM_CONDITION_INTERFACE is a #define of IP_LOCAL_INTERFACE.)
+            InterfaceIndex = 8, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_INTERFACE_INDEX
+            NdisPort = 9, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_NDIS_PORT
+            L2Flags = 10, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_L2_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 11, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INBOUND_MAC_FRAME_NATIVE: sees every inbound frame in the native format of a
+    /// non-Ethernet medium (e.g. Wi-Fi), at the MAC layer.
+    ///
+    /// No IP version: `IP_VERSION` is `None`, and no IP address field exists here.
+    InboundMacFrameNative {
+        c_name: "INBOUND_MAC_FRAME_NATIVE",
+        // FWPS_LAYER_INBOUND_MAC_FRAME_NATIVE: the same in the 19041, 22000 and 22621 WDKs (the
+        // layer id exists from NTDDI_WIN7, where NTDDI_WIN7 itself calls it
+        // FWPS_LAYER_RESERVED1_V4; its FWPS_FIELDS_* enum from NTDDI_WIN8).
+        id: 58,
+        key: "d4220bd3-62ce-4f08-ae88-b56e8526df50",
+        ip_version: None,
+        // FWPS_FIELD_INBOUND_MAC_FRAME_NATIVE_MAX; by NTDDI_VERSION: 7 from WIN8, 8 from WIN10_RS2.
+        field_count: 8,
+        fields: {
+            NdisMediaType = 0, // FWPS_FIELD_INBOUND_MAC_FRAME_NATIVE_NDIS_MEDIA_TYPE
+            NdisPhysicalMediaType = 1, // FWPS_FIELD_INBOUND_MAC_FRAME_NATIVE_NDIS_PHYSICAL_MEDIA_TYPE
+            IpLocalInterface = 2, // FWPS_FIELD_INBOUND_MAC_FRAME_NATIVE_INTERFACE
+            // (FWPM_CONDITION_INTERFACE is a #define of IP_LOCAL_INTERFACE.)
+            InterfaceType = 3, // FWPS_FIELD_INBOUND_MAC_FRAME_NATIVE_INTERFACE_TYPE
+            InterfaceIndex = 4, // FWPS_FIELD_INBOUND_MAC_FRAME_NATIVE_INTERFACE_INDEX
+            NdisPort = 5, // FWPS_FIELD_INBOUND_MAC_FRAME_NATIVE_NDIS_PORT
+            L2Flags = 6, // FWPS_FIELD_INBOUND_MAC_FRAME_NATIVE_L2_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 7, // FWPS_FIELD_INBOUND_MAC_FRAME_NATIVE_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_OUTBOUND_MAC_FRAME_NATIVE: sees every outbound frame in the native format of a
+    /// non-Ethernet medium (e.g. Wi-Fi), at the MAC layer.
+    ///
+    /// No IP version: `IP_VERSION` is `None`, and no IP address field exists here.
+    OutboundMacFrameNative {
+        c_name: "OUTBOUND_MAC_FRAME_NATIVE",
+        // FWPS_LAYER_OUTBOUND_MAC_FRAME_NATIVE: the same in the 19041, 22000 and 22621 WDKs (the
+        // layer id exists from NTDDI_WIN7, where NTDDI_WIN7 itself calls it
+        // FWPS_LAYER_RESERVED1_V6; its FWPS_FIELDS_* enum from NTDDI_WIN8).
+        id: 59,
+        key: "94c44912-9d6f-4ebf-b995-05ab8a088d1b",
+        ip_version: None,
+        // FWPS_FIELD_OUTBOUND_MAC_FRAME_NATIVE_MAX; by NTDDI_VERSION: 7 from WIN8, 8 from
+        // WIN10_RS2.
+        field_count: 8,
+        fields: {
+            NdisMediaType = 0, // FWPS_FIELD_OUTBOUND_MAC_FRAME_NATIVE_NDIS_MEDIA_TYPE
+            NdisPhysicalMediaType = 1, // FWPS_FIELD_OUTBOUND_MAC_FRAME_NATIVE_NDIS_PHYSICAL_MEDIA_TYPE
+            IpLocalInterface = 2, // FWPS_FIELD_OUTBOUND_MAC_FRAME_NATIVE_INTERFACE
+            // (FWPM_CONDITION_INTERFACE is a #define of IP_LOCAL_INTERFACE.)
+            InterfaceType = 3, // FWPS_FIELD_OUTBOUND_MAC_FRAME_NATIVE_INTERFACE_TYPE
+            InterfaceIndex = 4, // FWPS_FIELD_OUTBOUND_MAC_FRAME_NATIVE_INTERFACE_INDEX
+            NdisPort = 5, // FWPS_FIELD_OUTBOUND_MAC_FRAME_NATIVE_NDIS_PORT
+            L2Flags = 6, // FWPS_FIELD_OUTBOUND_MAC_FRAME_NATIVE_L2_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 7, // FWPS_FIELD_OUTBOUND_MAC_FRAME_NATIVE_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INGRESS_VSWITCH_ETHERNET: sees every Ethernet frame entering a Hyper-V virtual
+    /// switch.
+    ///
+    /// No IP version: `IP_VERSION` is `None`, and no IP address field exists here.
+    IngressVswitchEthernet {
+        c_name: "INGRESS_VSWITCH_ETHERNET",
+        // FWPS_LAYER_INGRESS_VSWITCH_ETHERNET: the same in the 19041, 22000 and 22621 WDKs (the
+        // layer exists from NTDDI_WIN8).
+        id: 72,
+        key: "7d98577a-9a87-41ec-9718-7cf589c9f32d",
+        ip_version: None,
+        // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_MAX; by NTDDI_VERSION: 13 from WIN8, 14 from
+        // WIN10_RS2.
+        field_count: 14,
+        fields: {
+            MacSourceAddress = 0, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_MAC_SOURCE_ADDRESS
+            MacSourceAddressType = 1, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_MAC_SOURCE_ADDRESS_TYPE
+            MacDestinationAddress = 2, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_MAC_DESTINATION_ADDRESS
+            MacDestinationAddressType = 3, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_MAC_DESTINATION_ADDRESS_TYPE
+            EtherType = 4, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_ETHER_TYPE
+            VlanId = 5, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_VLAN_ID
+            VswitchTenantNetworkId = 6, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_VSWITCH_TENANT_NETWORK_ID
+            VswitchId = 7, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_VSWITCH_ID
+            VswitchNetworkType = 8, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_VSWITCH_NETWORK_TYPE
+            VswitchSourceInterfaceId = 9, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_VSWITCH_SOURCE_INTERFACE_ID
+            VswitchSourceInterfaceType = 10, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_VSWITCH_SOURCE_INTERFACE_TYPE
+            VswitchSourceVmId = 11, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_VSWITCH_SOURCE_VM_ID
+            L2Flags = 12, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_L2_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_EGRESS_VSWITCH_ETHERNET: sees every Ethernet frame leaving a Hyper-V virtual
+    /// switch.
+    ///
+    /// No IP version: `IP_VERSION` is `None`, and no IP address field exists here.
+    EgressVswitchEthernet {
+        c_name: "EGRESS_VSWITCH_ETHERNET",
+        // FWPS_LAYER_EGRESS_VSWITCH_ETHERNET: the same in the 19041, 22000 and 22621 WDKs (the
+        // layer exists from NTDDI_WIN8).
+        id: 73,
+        key: "86c872b0-76fa-4b79-93a4-0750530ae292",
+        ip_version: None,
+        // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_MAX; by NTDDI_VERSION: 16 from WIN8, 17 from
+        // WIN10_RS2.
+        field_count: 17,
+        fields: {
+            MacSourceAddress = 0, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_MAC_SOURCE_ADDRESS
+            MacSourceAddressType = 1, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_MAC_SOURCE_ADDRESS_TYPE
+            MacDestinationAddress = 2, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_MAC_DESTINATION_ADDRESS
+            MacDestinationAddressType = 3, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_MAC_DESTINATION_ADDRESS_TYPE
+            EtherType = 4, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_ETHER_TYPE
+            VlanId = 5, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_VLAN_ID
+            VswitchTenantNetworkId = 6, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_VSWITCH_TENANT_NETWORK_ID
+            VswitchId = 7, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_VSWITCH_ID
+            VswitchNetworkType = 8, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_VSWITCH_NETWORK_TYPE
+            VswitchSourceInterfaceId = 9, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_VSWITCH_SOURCE_INTERFACE_ID
+            VswitchSourceInterfaceType = 10, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_VSWITCH_SOURCE_INTERFACE_TYPE
+            VswitchSourceVmId = 11, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_VSWITCH_SOURCE_VM_ID
+            VswitchDestinationInterfaceId = 12, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_VSWITCH_DESTINATION_INTERFACE_ID
+            VswitchDestinationInterfaceType = 13, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_VSWITCH_DESTINATION_INTERFACE_TYPE
+            VswitchDestinationVmId = 14, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_VSWITCH_DESTINATION_VM_ID
+            L2Flags = 15, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_L2_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 16, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INGRESS_VSWITCH_TRANSPORT_V4: sees every IP packet entering a Hyper-V virtual
+    /// switch, by its transport header.
+    IngressVswitchTransportV4 {
+        c_name: "INGRESS_VSWITCH_TRANSPORT_V4",
+        // FWPS_LAYER_INGRESS_VSWITCH_TRANSPORT_V4: the same in the 19041, 22000 and 22621 WDKs (the
+        // layer exists from NTDDI_WIN8).
+        id: 74,
+        key: "b2696ff6-774f-4554-9f7d-3da3945f8e85",
+        ip_version: V4,
+        // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_MAX; by NTDDI_VERSION: 13 from WIN8, 14 from
+        // WIN10_RS2.
+        field_count: 14,
+        fields: {
+            IpSourceAddress = 0, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_IP_SOURCE_ADDRESS
+            IpDestinationAddress = 1, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_IP_DESTINATION_ADDRESS
+            IpProtocol = 2, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_IP_PROTOCOL
+            IpSourcePort = 3, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_IP_SOURCE_PORT
+            IpDestinationPort = 4, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_IP_DESTINATION_PORT
+            VlanId = 5, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_VLAN_ID
+            VswitchTenantNetworkId = 6, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_TENANT_NETWORK_ID
+            VswitchId = 7, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_ID
+            VswitchNetworkType = 8, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_NETWORK_TYPE
+            VswitchSourceInterfaceId = 9, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_SOURCE_INTERFACE_ID
+            VswitchSourceInterfaceType = 10, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_SOURCE_INTERFACE_TYPE
+            VswitchSourceVmId = 11, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_SOURCE_VM_ID
+            L2Flags = 12, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_L2_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INGRESS_VSWITCH_TRANSPORT_V6: sees every IP packet entering a Hyper-V virtual
+    /// switch, by its transport header.
+    IngressVswitchTransportV6 {
+        c_name: "INGRESS_VSWITCH_TRANSPORT_V6",
+        // FWPS_LAYER_INGRESS_VSWITCH_TRANSPORT_V6: the same in the 19041, 22000 and 22621 WDKs (the
+        // layer exists from NTDDI_WIN8).
+        id: 75,
+        key: "5ee314fc-7d8a-47f4-b7e3-291a36da4e12",
+        ip_version: V6,
+        // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_MAX; by NTDDI_VERSION: 13 from WIN8, 14 from
+        // WIN10_RS2.
+        field_count: 14,
+        fields: {
+            IpSourceAddress = 0, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_IP_SOURCE_ADDRESS
+            IpDestinationAddress = 1, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_IP_DESTINATION_ADDRESS
+            IpProtocol = 2, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_IP_PROTOCOL
+            IpSourcePort = 3, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_IP_SOURCE_PORT
+            IpDestinationPort = 4, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_IP_DESTINATION_PORT
+            VlanId = 5, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_VLAN_ID
+            VswitchTenantNetworkId = 6, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_TENANT_NETWORK_ID
+            VswitchId = 7, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_ID
+            VswitchNetworkType = 8, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_NETWORK_TYPE
+            VswitchSourceInterfaceId = 9, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_SOURCE_INTERFACE_ID
+            VswitchSourceInterfaceType = 10, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_SOURCE_INTERFACE_TYPE
+            VswitchSourceVmId = 11, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_SOURCE_VM_ID
+            L2Flags = 12, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_L2_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_EGRESS_VSWITCH_TRANSPORT_V4: sees every IP packet leaving a Hyper-V virtual
+    /// switch, by its transport header.
+    EgressVswitchTransportV4 {
+        c_name: "EGRESS_VSWITCH_TRANSPORT_V4",
+        // FWPS_LAYER_EGRESS_VSWITCH_TRANSPORT_V4: the same in the 19041, 22000 and 22621 WDKs (the
+        // layer exists from NTDDI_WIN8).
+        id: 76,
+        key: "b92350b6-91f0-46b6-bdc4-871dfd4a7c98",
+        ip_version: V4,
+        // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_MAX; by NTDDI_VERSION: 16 from WIN8, 17 from
+        // WIN10_RS2.
+        field_count: 17,
+        fields: {
+            IpSourceAddress = 0, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_IP_SOURCE_ADDRESS
+            IpDestinationAddress = 1, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_IP_DESTINATION_ADDRESS
+            IpProtocol = 2, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_IP_PROTOCOL
+            IpSourcePort = 3, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_IP_SOURCE_PORT
+            IpDestinationPort = 4, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_IP_DESTINATION_PORT
+            VlanId = 5, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_VLAN_ID
+            VswitchTenantNetworkId = 6, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_TENANT_NETWORK_ID
+            VswitchId = 7, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_ID
+            VswitchNetworkType = 8, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_NETWORK_TYPE
+            VswitchSourceInterfaceId = 9, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_SOURCE_INTERFACE_ID
+            VswitchSourceInterfaceType = 10, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_SOURCE_INTERFACE_TYPE
+            VswitchSourceVmId = 11, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_SOURCE_VM_ID
+            VswitchDestinationInterfaceId = 12, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_DESTINATION_INTERFACE_ID
+            VswitchDestinationInterfaceType = 13, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_DESTINATION_INTERFACE_TYPE
+            VswitchDestinationVmId = 14, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_DESTINATION_VM_ID
+            L2Flags = 15, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_L2_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 16, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_EGRESS_VSWITCH_TRANSPORT_V6: sees every IP packet leaving a Hyper-V virtual
+    /// switch, by its transport header.
+    EgressVswitchTransportV6 {
+        c_name: "EGRESS_VSWITCH_TRANSPORT_V6",
+        // FWPS_LAYER_EGRESS_VSWITCH_TRANSPORT_V6: the same in the 19041, 22000 and 22621 WDKs (the
+        // layer exists from NTDDI_WIN8).
+        id: 77,
+        key: "1b2def23-1881-40bd-82f4-4254e63141cb",
+        ip_version: V6,
+        // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_MAX; by NTDDI_VERSION: 16 from WIN8, 17 from
+        // WIN10_RS2.
+        field_count: 17,
+        fields: {
+            IpSourceAddress = 0, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_IP_SOURCE_ADDRESS
+            IpDestinationAddress = 1, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_IP_DESTINATION_ADDRESS
+            IpProtocol = 2, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_IP_PROTOCOL
+            IpSourcePort = 3, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_IP_SOURCE_PORT
+            IpDestinationPort = 4, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_IP_DESTINATION_PORT
+            VlanId = 5, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_VLAN_ID
+            VswitchTenantNetworkId = 6, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_TENANT_NETWORK_ID
+            VswitchId = 7, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_ID
+            VswitchNetworkType = 8, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_NETWORK_TYPE
+            VswitchSourceInterfaceId = 9, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_SOURCE_INTERFACE_ID
+            VswitchSourceInterfaceType = 10, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_SOURCE_INTERFACE_TYPE
+            VswitchSourceVmId = 11, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_SOURCE_VM_ID
+            VswitchDestinationInterfaceId = 12, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_DESTINATION_INTERFACE_ID
+            VswitchDestinationInterfaceType = 13, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_DESTINATION_INTERFACE_TYPE
+            VswitchDestinationVmId = 14, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_DESTINATION_VM_ID
+            L2Flags = 15, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_L2_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 16, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_COMPARTMENT_ID
         },
     }
 }
