@@ -2613,7 +2613,7 @@ layers! {
         id: 62,
         key: "74365cce-ccb0-401a-bfc1-b89934ad7e15",
         ip_version: V4,
-        // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_MAX; by NTDDI_VERSION: 8 from WIN6, 9 from WIN8, 10
+        // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_MAX; by NTDDI_VERSION: 8 from WIN7, 9 from WIN8, 10
         // from WINTHRESHOLD, 11 from WIN10_RS2.
         field_count: 11,
         fields: {
@@ -2643,7 +2643,7 @@ layers! {
         id: 63,
         key: "f4e5ce80-edcc-4e13-8a2f-b91454bb057b",
         ip_version: V6,
-        // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_MAX; by NTDDI_VERSION: 8 from WIN6, 9 from WIN8, 10
+        // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_MAX; by NTDDI_VERSION: 8 from WIN7, 9 from WIN8, 10
         // from WINTHRESHOLD, 11 from WIN10_RS2.
         field_count: 11,
         fields: {
@@ -2673,7 +2673,7 @@ layers! {
         id: 68,
         key: "66978cad-c704-42ac-86ac-7c1a231bd253",
         ip_version: V4,
-        // FWPS_FIELD_ALE_BIND_REDIRECT_V4_MAX; by NTDDI_VERSION: 7 from WIN6, 8 from WIN8, 9 from
+        // FWPS_FIELD_ALE_BIND_REDIRECT_V4_MAX; by NTDDI_VERSION: 7 from WIN7, 8 from WIN8, 9 from
         // WINTHRESHOLD, 10 from WIN10_RS2.
         field_count: 10,
         fields: {
@@ -2702,7 +2702,7 @@ layers! {
         id: 69,
         key: "bef02c9c-606b-4536-8c26-1c2fc7b631d4",
         ip_version: V6,
-        // FWPS_FIELD_ALE_BIND_REDIRECT_V6_MAX; by NTDDI_VERSION: 7 from WIN6, 8 from WIN8, 9 from
+        // FWPS_FIELD_ALE_BIND_REDIRECT_V6_MAX; by NTDDI_VERSION: 7 from WIN7, 8 from WIN8, 9 from
         // WINTHRESHOLD, 10 from WIN10_RS2.
         field_count: 10,
         fields: {
@@ -2731,7 +2731,7 @@ layers! {
         id: 70,
         key: "af52d8ec-cb2d-44e5-ad92-f8dc38d2eb29",
         ip_version: V4,
-        // FWPS_FIELD_STREAM_PACKET_V4_MAX; by NTDDI_VERSION: 11 from WIN6, 12 from WIN10_RS2.
+        // FWPS_FIELD_STREAM_PACKET_V4_MAX; by NTDDI_VERSION: 11 from WIN7, 12 from WIN10_RS2.
         field_count: 12,
         fields: {
             IpLocalAddress = 0, // FWPS_FIELD_STREAM_PACKET_V4_IP_LOCAL_ADDRESS
@@ -2759,7 +2759,7 @@ layers! {
         id: 71,
         key: "779a8ca3-f099-468f-b5d4-83535c461c02",
         ip_version: V6,
-        // FWPS_FIELD_STREAM_PACKET_V6_MAX; by NTDDI_VERSION: 11 from WIN6, 12 from WIN10_RS2.
+        // FWPS_FIELD_STREAM_PACKET_V6_MAX; by NTDDI_VERSION: 11 from WIN7, 12 from WIN10_RS2.
         field_count: 12,
         fields: {
             IpLocalAddress = 0, // FWPS_FIELD_STREAM_PACKET_V6_IP_LOCAL_ADDRESS

@@ -113,7 +113,9 @@ pub struct LayerInfo {
     pub fields: &'static [FieldInfo],
 }
 
-/// The layer with runtime id `id`, if this crate knows it.
+/// The layer with runtime id `id`, if this crate knows it: every kernel layer a callout can be
+/// classified at, ids 0..=59 and 62..=77. Ids above 81 are never found: their numbering differs
+/// between Windows builds (see the table's notes in `defs.rs`), so none is a constant here.
 pub fn layer_by_id(id: u16) -> Option<&'static LayerInfo> {
     ALL_LAYERS.iter().find(|layer| layer.id == id)
 }
