@@ -464,22 +464,82 @@ macro_rules! guid_table {
 fn layer_keys_match_windows_sys() {
     use wfp_rs::layer as l;
     let diffs = guid_table!(Layer::KEY;
-        l::AleAuthConnectV4 => FWPM_LAYER_ALE_AUTH_CONNECT_V4,
-        l::AleAuthConnectV6 => FWPM_LAYER_ALE_AUTH_CONNECT_V6,
-        l::AleAuthRecvAcceptV4 => FWPM_LAYER_ALE_AUTH_RECV_ACCEPT_V4,
-        l::AleAuthRecvAcceptV6 => FWPM_LAYER_ALE_AUTH_RECV_ACCEPT_V6,
-        l::AleFlowEstablishedV4 => FWPM_LAYER_ALE_FLOW_ESTABLISHED_V4,
-        l::AleFlowEstablishedV6 => FWPM_LAYER_ALE_FLOW_ESTABLISHED_V6,
-        l::OutboundTransportV4 => FWPM_LAYER_OUTBOUND_TRANSPORT_V4,
-        l::OutboundTransportV6 => FWPM_LAYER_OUTBOUND_TRANSPORT_V6,
+        l::InboundIpPacketV4 => FWPM_LAYER_INBOUND_IPPACKET_V4,
+        l::InboundIpPacketV4Discard => FWPM_LAYER_INBOUND_IPPACKET_V4_DISCARD,
+        l::InboundIpPacketV6 => FWPM_LAYER_INBOUND_IPPACKET_V6,
+        l::InboundIpPacketV6Discard => FWPM_LAYER_INBOUND_IPPACKET_V6_DISCARD,
+        l::OutboundIpPacketV4 => FWPM_LAYER_OUTBOUND_IPPACKET_V4,
+        l::OutboundIpPacketV4Discard => FWPM_LAYER_OUTBOUND_IPPACKET_V4_DISCARD,
+        l::OutboundIpPacketV6 => FWPM_LAYER_OUTBOUND_IPPACKET_V6,
+        l::OutboundIpPacketV6Discard => FWPM_LAYER_OUTBOUND_IPPACKET_V6_DISCARD,
+        l::IpForwardV4 => FWPM_LAYER_IPFORWARD_V4,
+        l::IpForwardV4Discard => FWPM_LAYER_IPFORWARD_V4_DISCARD,
+        l::IpForwardV6 => FWPM_LAYER_IPFORWARD_V6,
+        l::IpForwardV6Discard => FWPM_LAYER_IPFORWARD_V6_DISCARD,
         l::InboundTransportV4 => FWPM_LAYER_INBOUND_TRANSPORT_V4,
+        l::InboundTransportV4Discard => FWPM_LAYER_INBOUND_TRANSPORT_V4_DISCARD,
         l::InboundTransportV6 => FWPM_LAYER_INBOUND_TRANSPORT_V6,
+        l::InboundTransportV6Discard => FWPM_LAYER_INBOUND_TRANSPORT_V6_DISCARD,
+        l::OutboundTransportV4 => FWPM_LAYER_OUTBOUND_TRANSPORT_V4,
+        l::OutboundTransportV4Discard => FWPM_LAYER_OUTBOUND_TRANSPORT_V4_DISCARD,
+        l::OutboundTransportV6 => FWPM_LAYER_OUTBOUND_TRANSPORT_V6,
+        l::OutboundTransportV6Discard => FWPM_LAYER_OUTBOUND_TRANSPORT_V6_DISCARD,
+        l::StreamV4 => FWPM_LAYER_STREAM_V4,
+        l::StreamV4Discard => FWPM_LAYER_STREAM_V4_DISCARD,
+        l::StreamV6 => FWPM_LAYER_STREAM_V6,
+        l::StreamV6Discard => FWPM_LAYER_STREAM_V6_DISCARD,
+        l::DatagramDataV4 => FWPM_LAYER_DATAGRAM_DATA_V4,
+        l::DatagramDataV4Discard => FWPM_LAYER_DATAGRAM_DATA_V4_DISCARD,
+        l::DatagramDataV6 => FWPM_LAYER_DATAGRAM_DATA_V6,
+        l::DatagramDataV6Discard => FWPM_LAYER_DATAGRAM_DATA_V6_DISCARD,
+        l::InboundIcmpErrorV4 => FWPM_LAYER_INBOUND_ICMP_ERROR_V4,
+        l::InboundIcmpErrorV4Discard => FWPM_LAYER_INBOUND_ICMP_ERROR_V4_DISCARD,
+        l::InboundIcmpErrorV6 => FWPM_LAYER_INBOUND_ICMP_ERROR_V6,
+        l::InboundIcmpErrorV6Discard => FWPM_LAYER_INBOUND_ICMP_ERROR_V6_DISCARD,
+        l::OutboundIcmpErrorV4 => FWPM_LAYER_OUTBOUND_ICMP_ERROR_V4,
+        l::OutboundIcmpErrorV4Discard => FWPM_LAYER_OUTBOUND_ICMP_ERROR_V4_DISCARD,
+        l::OutboundIcmpErrorV6 => FWPM_LAYER_OUTBOUND_ICMP_ERROR_V6,
+        l::OutboundIcmpErrorV6Discard => FWPM_LAYER_OUTBOUND_ICMP_ERROR_V6_DISCARD,
+        l::AleResourceAssignmentV4 => FWPM_LAYER_ALE_RESOURCE_ASSIGNMENT_V4,
+        l::AleResourceAssignmentV4Discard => FWPM_LAYER_ALE_RESOURCE_ASSIGNMENT_V4_DISCARD,
+        l::AleResourceAssignmentV6 => FWPM_LAYER_ALE_RESOURCE_ASSIGNMENT_V6,
+        l::AleResourceAssignmentV6Discard => FWPM_LAYER_ALE_RESOURCE_ASSIGNMENT_V6_DISCARD,
+        l::AleAuthListenV4 => FWPM_LAYER_ALE_AUTH_LISTEN_V4,
+        l::AleAuthListenV4Discard => FWPM_LAYER_ALE_AUTH_LISTEN_V4_DISCARD,
+        l::AleAuthListenV6 => FWPM_LAYER_ALE_AUTH_LISTEN_V6,
+        l::AleAuthListenV6Discard => FWPM_LAYER_ALE_AUTH_LISTEN_V6_DISCARD,
+        l::AleAuthRecvAcceptV4 => FWPM_LAYER_ALE_AUTH_RECV_ACCEPT_V4,
+        l::AleAuthRecvAcceptV4Discard => FWPM_LAYER_ALE_AUTH_RECV_ACCEPT_V4_DISCARD,
+        l::AleAuthRecvAcceptV6 => FWPM_LAYER_ALE_AUTH_RECV_ACCEPT_V6,
+        l::AleAuthRecvAcceptV6Discard => FWPM_LAYER_ALE_AUTH_RECV_ACCEPT_V6_DISCARD,
+        l::AleAuthConnectV4 => FWPM_LAYER_ALE_AUTH_CONNECT_V4,
+        l::AleAuthConnectV4Discard => FWPM_LAYER_ALE_AUTH_CONNECT_V4_DISCARD,
+        l::AleAuthConnectV6 => FWPM_LAYER_ALE_AUTH_CONNECT_V6,
+        l::AleAuthConnectV6Discard => FWPM_LAYER_ALE_AUTH_CONNECT_V6_DISCARD,
+        l::AleFlowEstablishedV4 => FWPM_LAYER_ALE_FLOW_ESTABLISHED_V4,
+        l::AleFlowEstablishedV4Discard => FWPM_LAYER_ALE_FLOW_ESTABLISHED_V4_DISCARD,
+        l::AleFlowEstablishedV6 => FWPM_LAYER_ALE_FLOW_ESTABLISHED_V6,
+        l::AleFlowEstablishedV6Discard => FWPM_LAYER_ALE_FLOW_ESTABLISHED_V6_DISCARD,
+        l::InboundMacFrameEthernet => FWPM_LAYER_INBOUND_MAC_FRAME_ETHERNET,
+        l::OutboundMacFrameEthernet => FWPM_LAYER_OUTBOUND_MAC_FRAME_ETHERNET,
+        l::InboundMacFrameNative => FWPM_LAYER_INBOUND_MAC_FRAME_NATIVE,
+        l::OutboundMacFrameNative => FWPM_LAYER_OUTBOUND_MAC_FRAME_NATIVE,
+        l::AleResourceReleaseV4 => FWPM_LAYER_ALE_RESOURCE_RELEASE_V4,
+        l::AleResourceReleaseV6 => FWPM_LAYER_ALE_RESOURCE_RELEASE_V6,
         l::AleEndpointClosureV4 => FWPM_LAYER_ALE_ENDPOINT_CLOSURE_V4,
         l::AleEndpointClosureV6 => FWPM_LAYER_ALE_ENDPOINT_CLOSURE_V6,
         l::AleConnectRedirectV4 => FWPM_LAYER_ALE_CONNECT_REDIRECT_V4,
         l::AleConnectRedirectV6 => FWPM_LAYER_ALE_CONNECT_REDIRECT_V6,
-        l::AleResourceAssignmentV4 => FWPM_LAYER_ALE_RESOURCE_ASSIGNMENT_V4,
-        l::AleResourceAssignmentV6 => FWPM_LAYER_ALE_RESOURCE_ASSIGNMENT_V6,
+        l::AleBindRedirectV4 => FWPM_LAYER_ALE_BIND_REDIRECT_V4,
+        l::AleBindRedirectV6 => FWPM_LAYER_ALE_BIND_REDIRECT_V6,
+        l::StreamPacketV4 => FWPM_LAYER_STREAM_PACKET_V4,
+        l::StreamPacketV6 => FWPM_LAYER_STREAM_PACKET_V6,
+        l::IngressVswitchEthernet => FWPM_LAYER_INGRESS_VSWITCH_ETHERNET,
+        l::EgressVswitchEthernet => FWPM_LAYER_EGRESS_VSWITCH_ETHERNET,
+        l::IngressVswitchTransportV4 => FWPM_LAYER_INGRESS_VSWITCH_TRANSPORT_V4,
+        l::IngressVswitchTransportV6 => FWPM_LAYER_INGRESS_VSWITCH_TRANSPORT_V6,
+        l::EgressVswitchTransportV4 => FWPM_LAYER_EGRESS_VSWITCH_TRANSPORT_V4,
+        l::EgressVswitchTransportV6 => FWPM_LAYER_EGRESS_VSWITCH_TRANSPORT_V6,
     );
     assert_no_diffs("FWPM_LAYER_* keys", &diffs);
 }
@@ -531,40 +591,160 @@ fn condition_keys_match_windows_sys() {
         f::SioFirewallSocketProperty => FWPM_CONDITION_ALE_SIO_FIREWALL_SYSTEM_PORT,
         f::SubInterfaceIndex => FWPM_CONDITION_SUB_INTERFACE_INDEX,
         f::TunnelType => FWPM_CONDITION_TUNNEL_TYPE,
+        f::ArrivalInterfaceProfileId => FWPM_CONDITION_ARRIVAL_INTERFACE_PROFILE_ID,
+        f::DestinationInterfaceIndex => FWPM_CONDITION_DESTINATION_INTERFACE_INDEX,
+        f::DestinationSubInterfaceIndex => FWPM_CONDITION_DESTINATION_SUB_INTERFACE_INDEX,
+        f::EmbeddedLocalAddressType => FWPM_CONDITION_EMBEDDED_LOCAL_ADDRESS_TYPE,
+        f::EmbeddedLocalPort => FWPM_CONDITION_EMBEDDED_LOCAL_PORT,
+        f::EmbeddedProtocol => FWPM_CONDITION_EMBEDDED_PROTOCOL,
+        f::EmbeddedRemoteAddress => FWPM_CONDITION_EMBEDDED_REMOTE_ADDRESS,
+        f::EmbeddedRemotePort => FWPM_CONDITION_EMBEDDED_REMOTE_PORT,
+        f::IpDestinationAddress => FWPM_CONDITION_IP_DESTINATION_ADDRESS,
+        f::IpForwardInterface => FWPM_CONDITION_IP_FORWARD_INTERFACE,
+        f::IpPhysicalArrivalInterface => FWPM_CONDITION_IP_PHYSICAL_ARRIVAL_INTERFACE,
+        f::IpPhysicalNexthopInterface => FWPM_CONDITION_IP_PHYSICAL_NEXTHOP_INTERFACE,
+        f::IpSourceAddress => FWPM_CONDITION_IP_SOURCE_ADDRESS,
+        f::NexthopInterfaceProfileId => FWPM_CONDITION_NEXTHOP_INTERFACE_PROFILE_ID,
+        f::SourceInterfaceIndex => FWPM_CONDITION_SOURCE_INTERFACE_INDEX,
+        f::SourceSubInterfaceIndex => FWPM_CONDITION_SOURCE_SUB_INTERFACE_INDEX,
+        f::EtherType => FWPM_CONDITION_ETHER_TYPE,
+        f::InterfaceMacAddress => FWPM_CONDITION_INTERFACE_MAC_ADDRESS,
+        f::IpDestinationPort => FWPM_CONDITION_IP_DESTINATION_PORT,
+        f::IpSourcePort => FWPM_CONDITION_IP_SOURCE_PORT,
+        f::L2Flags => FWPM_CONDITION_L2_FLAGS,
+        f::MacDestinationAddress => FWPM_CONDITION_MAC_DESTINATION_ADDRESS,
+        f::MacDestinationAddressType => FWPM_CONDITION_MAC_DESTINATION_ADDRESS_TYPE,
+        f::MacLocalAddress => FWPM_CONDITION_MAC_LOCAL_ADDRESS,
+        f::MacLocalAddressType => FWPM_CONDITION_MAC_LOCAL_ADDRESS_TYPE,
+        f::MacRemoteAddress => FWPM_CONDITION_MAC_REMOTE_ADDRESS,
+        f::MacRemoteAddressType => FWPM_CONDITION_MAC_REMOTE_ADDRESS_TYPE,
+        f::MacSourceAddress => FWPM_CONDITION_MAC_SOURCE_ADDRESS,
+        f::MacSourceAddressType => FWPM_CONDITION_MAC_SOURCE_ADDRESS_TYPE,
+        f::NdisMediaType => FWPM_CONDITION_NDIS_MEDIA_TYPE,
+        f::NdisPhysicalMediaType => FWPM_CONDITION_NDIS_PHYSICAL_MEDIA_TYPE,
+        f::NdisPort => FWPM_CONDITION_NDIS_PORT,
+        f::VlanId => FWPM_CONDITION_VLAN_ID,
+        f::VswitchDestinationInterfaceId => FWPM_CONDITION_VSWITCH_DESTINATION_INTERFACE_ID,
+        f::VswitchDestinationInterfaceType => FWPM_CONDITION_VSWITCH_DESTINATION_INTERFACE_TYPE,
+        f::VswitchDestinationVmId => FWPM_CONDITION_VSWITCH_DESTINATION_VM_ID,
+        f::VswitchId => FWPM_CONDITION_VSWITCH_ID,
+        f::VswitchNetworkType => FWPM_CONDITION_VSWITCH_NETWORK_TYPE,
+        f::VswitchSourceInterfaceId => FWPM_CONDITION_VSWITCH_SOURCE_INTERFACE_ID,
+        f::VswitchSourceInterfaceType => FWPM_CONDITION_VSWITCH_SOURCE_INTERFACE_TYPE,
+        f::VswitchSourceVmId => FWPM_CONDITION_VSWITCH_SOURCE_VM_ID,
+        f::VswitchTenantNetworkId => FWPM_CONDITION_VSWITCH_TENANT_NETWORK_ID,
     );
     assert_no_diffs("FWPM_CONDITION_* keys", &diffs);
 }
 
-/// Runtime layer ids, as transcribed from `FWPS_BUILTIN_LAYERS` in WDK 10.0.22621 `km/fwpsk.h`
-/// (all below 82, so the same in every WDK since Windows 8.1): the table's ids are the header's.
+/// Runtime layer ids and field counts, as transcribed from WDK 10.0.22621 `km/fwpsk.h`
+/// (`FWPS_BUILTIN_LAYERS`, and `FWPS_FIELD_<LAYER>_MAX` of each layer's `FWPS_FIELDS_*` enum; a
+/// `_DISCARD` layer has its base layer's fields). Every id is below 82, so the same in the
+/// 19041, 20348 and 22621 WDKs: the table's ids and counts are the header's, and every layer the
+/// crate knows is found by its id and its key.
 #[test]
 fn layer_ids_are_the_headers() {
-    let expected: &[(&str, u16)] = &[
-        ("INBOUND_TRANSPORT_V4", 12),
-        ("INBOUND_TRANSPORT_V6", 14),
-        ("OUTBOUND_TRANSPORT_V4", 16),
-        ("OUTBOUND_TRANSPORT_V6", 18),
-        ("ALE_RESOURCE_ASSIGNMENT_V4", 36),
-        ("ALE_RESOURCE_ASSIGNMENT_V6", 38),
-        ("ALE_AUTH_RECV_ACCEPT_V4", 44),
-        ("ALE_AUTH_RECV_ACCEPT_V6", 46),
-        ("ALE_AUTH_CONNECT_V4", 48),
-        ("ALE_AUTH_CONNECT_V6", 50),
-        ("ALE_FLOW_ESTABLISHED_V4", 52),
-        ("ALE_FLOW_ESTABLISHED_V6", 54),
-        ("ALE_ENDPOINT_CLOSURE_V4", 64),
-        ("ALE_ENDPOINT_CLOSURE_V6", 65),
-        ("ALE_CONNECT_REDIRECT_V4", 66),
-        ("ALE_CONNECT_REDIRECT_V6", 67),
+    let expected: &[(&str, u16, u32)] = &[
+        ("INBOUND_IPPACKET_V4", 0, 10),
+        ("INBOUND_IPPACKET_V4_DISCARD", 1, 10),
+        ("INBOUND_IPPACKET_V6", 2, 10),
+        ("INBOUND_IPPACKET_V6_DISCARD", 3, 10),
+        ("OUTBOUND_IPPACKET_V4", 4, 10),
+        ("OUTBOUND_IPPACKET_V4_DISCARD", 5, 10),
+        ("OUTBOUND_IPPACKET_V6", 6, 10),
+        ("OUTBOUND_IPPACKET_V6_DISCARD", 7, 10),
+        ("IPFORWARD_V4", 8, 15),
+        ("IPFORWARD_V4_DISCARD", 9, 15),
+        ("IPFORWARD_V6", 10, 15),
+        ("IPFORWARD_V6_DISCARD", 11, 15),
+        ("INBOUND_TRANSPORT_V4", 12, 15),
+        ("INBOUND_TRANSPORT_V4_DISCARD", 13, 15),
+        ("INBOUND_TRANSPORT_V6", 14, 15),
+        ("INBOUND_TRANSPORT_V6_DISCARD", 15, 15),
+        ("OUTBOUND_TRANSPORT_V4", 16, 16),
+        ("OUTBOUND_TRANSPORT_V4_DISCARD", 17, 16),
+        ("OUTBOUND_TRANSPORT_V6", 18, 16),
+        ("OUTBOUND_TRANSPORT_V6_DISCARD", 19, 16),
+        ("STREAM_V4", 20, 8),
+        ("STREAM_V4_DISCARD", 21, 8),
+        ("STREAM_V6", 22, 8),
+        ("STREAM_V6_DISCARD", 23, 8),
+        ("DATAGRAM_DATA_V4", 24, 14),
+        ("DATAGRAM_DATA_V4_DISCARD", 25, 14),
+        ("DATAGRAM_DATA_V6", 26, 14),
+        ("DATAGRAM_DATA_V6_DISCARD", 27, 14),
+        ("INBOUND_ICMP_ERROR_V4", 28, 22),
+        ("INBOUND_ICMP_ERROR_V4_DISCARD", 29, 22),
+        ("INBOUND_ICMP_ERROR_V6", 30, 22),
+        ("INBOUND_ICMP_ERROR_V6_DISCARD", 31, 22),
+        ("OUTBOUND_ICMP_ERROR_V4", 32, 14),
+        ("OUTBOUND_ICMP_ERROR_V4_DISCARD", 33, 14),
+        ("OUTBOUND_ICMP_ERROR_V6", 34, 14),
+        ("OUTBOUND_ICMP_ERROR_V6_DISCARD", 35, 14),
+        ("ALE_RESOURCE_ASSIGNMENT_V4", 36, 18),
+        ("ALE_RESOURCE_ASSIGNMENT_V4_DISCARD", 37, 18),
+        ("ALE_RESOURCE_ASSIGNMENT_V6", 38, 18),
+        ("ALE_RESOURCE_ASSIGNMENT_V6_DISCARD", 39, 18),
+        ("ALE_AUTH_LISTEN_V4", 40, 14),
+        ("ALE_AUTH_LISTEN_V4_DISCARD", 41, 14),
+        ("ALE_AUTH_LISTEN_V6", 42, 14),
+        ("ALE_AUTH_LISTEN_V6_DISCARD", 43, 14),
+        ("ALE_AUTH_RECV_ACCEPT_V4", 44, 39),
+        ("ALE_AUTH_RECV_ACCEPT_V4_DISCARD", 45, 39),
+        ("ALE_AUTH_RECV_ACCEPT_V6", 46, 39),
+        ("ALE_AUTH_RECV_ACCEPT_V6_DISCARD", 47, 39),
+        ("ALE_AUTH_CONNECT_V4", 48, 41),
+        ("ALE_AUTH_CONNECT_V4_DISCARD", 49, 41),
+        ("ALE_AUTH_CONNECT_V6", 50, 41),
+        ("ALE_AUTH_CONNECT_V6_DISCARD", 51, 41),
+        ("ALE_FLOW_ESTABLISHED_V4", 52, 24),
+        ("ALE_FLOW_ESTABLISHED_V4_DISCARD", 53, 24),
+        ("ALE_FLOW_ESTABLISHED_V6", 54, 24),
+        ("ALE_FLOW_ESTABLISHED_V6_DISCARD", 55, 24),
+        ("INBOUND_MAC_FRAME_ETHERNET", 56, 12),
+        ("OUTBOUND_MAC_FRAME_ETHERNET", 57, 12),
+        ("INBOUND_MAC_FRAME_NATIVE", 58, 8),
+        ("OUTBOUND_MAC_FRAME_NATIVE", 59, 8),
+        ("ALE_RESOURCE_RELEASE_V4", 62, 11),
+        ("ALE_RESOURCE_RELEASE_V6", 63, 11),
+        ("ALE_ENDPOINT_CLOSURE_V4", 64, 13),
+        ("ALE_ENDPOINT_CLOSURE_V6", 65, 13),
+        ("ALE_CONNECT_REDIRECT_V4", 66, 14),
+        ("ALE_CONNECT_REDIRECT_V6", 67, 14),
+        ("ALE_BIND_REDIRECT_V4", 68, 10),
+        ("ALE_BIND_REDIRECT_V6", 69, 10),
+        ("STREAM_PACKET_V4", 70, 12),
+        ("STREAM_PACKET_V6", 71, 12),
+        ("INGRESS_VSWITCH_ETHERNET", 72, 14),
+        ("EGRESS_VSWITCH_ETHERNET", 73, 17),
+        ("INGRESS_VSWITCH_TRANSPORT_V4", 74, 14),
+        ("INGRESS_VSWITCH_TRANSPORT_V6", 75, 14),
+        ("EGRESS_VSWITCH_TRANSPORT_V4", 76, 17),
+        ("EGRESS_VSWITCH_TRANSPORT_V6", 77, 17),
     ];
     assert_eq!(wfp_rs::layer::ALL_LAYERS.len(), expected.len());
-    for &(name, id) in expected {
+    for &(name, id, field_count) in expected {
         let layer = wfp_rs::layer::ALL_LAYERS
             .iter()
             .find(|l| l.name == name)
             .unwrap_or_else(|| panic!("{name} missing"));
         assert_eq!(layer.id, id, "{name}");
+        assert_eq!(layer.field_count, field_count, "{name}");
+        assert!(id < 82, "{name}: ids above 81 differ between WDKs");
         assert_eq!(wfp_rs::layer::layer_by_id(id).map(|l| l.name), Some(name));
+        assert_eq!(
+            wfp_rs::layer::layer_by_key(&layer.key).map(|l| l.id),
+            Some(id)
+        );
+        // Every typed field's index is inside the layer, and no two fields share one.
+        for (i, field) in layer.fields.iter().enumerate() {
+            assert!(field.index < field_count, "{name}: {}", field.name);
+            assert!(
+                layer.fields[..i].iter().all(|f| f.index != field.index),
+                "{name}: index {} twice",
+                field.index
+            );
+        }
     }
     // Spot checks of field indices against the header's FWPS_FIELDS_* enums.
     use wfp_rs::layer::{AleAuthConnectV4, Field, InboundTransportV4, OutboundTransportV4, fields};
@@ -578,6 +758,110 @@ fn layer_ids_are_the_headers() {
     );
     assert_eq!(<fields::AleAppId as Field<AleAuthConnectV4>>::INDEX, 0);
     assert_eq!(<fields::IpRemotePort as Field<AleAuthConnectV4>>::INDEX, 7);
+    // And at layers added after the first 16 (indices read off the header by hand).
+    use wfp_rs::layer as l;
+    assert_eq!(<fields::IpRemoteAddress as Field<l::StreamV4>>::INDEX, 2);
+    assert_eq!(<fields::Direction as Field<l::StreamV4>>::INDEX, 5);
+    assert_eq!(<fields::Direction as Field<l::StreamV4Discard>>::INDEX, 5);
+    assert_eq!(<fields::IpRemotePort as Field<l::DatagramDataV6>>::INDEX, 5);
+    assert_eq!(<fields::Direction as Field<l::DatagramDataV6>>::INDEX, 9);
+    assert_eq!(
+        <fields::EmbeddedRemoteAddress as Field<l::InboundIcmpErrorV4>>::INDEX,
+        3
+    );
+    // ICMP_TYPE is FWPM_CONDITION_ICMP_TYPE, a #define of IP_LOCAL_PORT.
+    assert_eq!(
+        <fields::IpLocalPort as Field<l::InboundIcmpErrorV4>>::INDEX,
+        8
+    );
+    assert_eq!(
+        <fields::IpDestinationAddress as Field<l::IpForwardV4>>::INDEX,
+        1
+    );
+    assert_eq!(
+        <fields::IpForwardInterface as Field<l::IpForwardV4>>::INDEX,
+        4
+    );
+    assert_eq!(
+        <fields::IpLocalPort as Field<l::AleBindRedirectV6>>::INDEX,
+        4
+    );
+    assert_eq!(<fields::Direction as Field<l::StreamPacketV4>>::INDEX, 7);
+    assert_eq!(
+        <fields::SioFirewallSocketProperty as Field<l::AleAuthListenV4>>::INDEX,
+        10
+    );
+    assert_eq!(
+        <fields::MacRemoteAddress as Field<l::InboundMacFrameEthernet>>::INDEX,
+        2
+    );
+    assert_eq!(
+        <fields::EtherType as Field<l::InboundMacFrameEthernet>>::INDEX,
+        5
+    );
+    // The MAC layers' INTERFACE is FWPM_CONDITION_INTERFACE, a #define of IP_LOCAL_INTERFACE.
+    assert_eq!(
+        <fields::IpLocalInterface as Field<l::InboundMacFrameEthernet>>::INDEX,
+        7
+    );
+    assert_eq!(
+        <fields::NdisPhysicalMediaType as Field<l::OutboundMacFrameNative>>::INDEX,
+        1
+    );
+    assert_eq!(
+        <fields::NdisPort as Field<l::OutboundMacFrameNative>>::INDEX,
+        5
+    );
+    assert_eq!(
+        <fields::VswitchDestinationVmId as Field<l::EgressVswitchEthernet>>::INDEX,
+        14
+    );
+    assert_eq!(
+        <fields::L2Flags as Field<l::EgressVswitchEthernet>>::INDEX,
+        15
+    );
+    assert_eq!(
+        <fields::IpDestinationAddress as Field<l::IngressVswitchTransportV4>>::INDEX,
+        1
+    );
+    assert_eq!(
+        <fields::IpSourcePort as Field<l::IngressVswitchTransportV4>>::INDEX,
+        3
+    );
+    assert_eq!(
+        <fields::VswitchId as Field<l::IngressVswitchTransportV4>>::INDEX,
+        7
+    );
+}
+
+/// The layers below IP have no IP version (and so no address type); every other layer has the
+/// version its name ends with.
+#[test]
+fn only_the_frame_layers_have_no_ip_version() {
+    use wfp_rs::layer::IpVersion;
+    for layer in wfp_rs::layer::ALL_LAYERS {
+        let expected = if layer.name.contains("V4") {
+            Some(IpVersion::V4)
+        } else if layer.name.contains("V6") {
+            Some(IpVersion::V6)
+        } else {
+            assert!(
+                layer.name.contains("MAC_FRAME") || layer.name.contains("VSWITCH_ETHERNET"),
+                "{}",
+                layer.name
+            );
+            None
+        };
+        assert_eq!(layer.ip_version, expected, "{}", layer.name);
+        if expected.is_none() {
+            let address = wfp_rs::layer::value::ValueKind::Address;
+            assert!(
+                layer.fields.iter().all(|f| f.kind != address),
+                "{}",
+                layer.name
+            );
+        }
+    }
 }
 
 /// `KDPC` and `KTIMER`: the DPC as windows-sys has it; the timer's members up to `Dpc` too.

@@ -460,7 +460,67 @@ every_layer_reaches_its_callout!(
     AleConnectRedirectV4,
     AleConnectRedirectV6,
     AleResourceAssignmentV4,
-    AleResourceAssignmentV6
+    AleResourceAssignmentV6,
+    InboundIpPacketV4,
+    InboundIpPacketV4Discard,
+    InboundIpPacketV6,
+    InboundIpPacketV6Discard,
+    OutboundIpPacketV4,
+    OutboundIpPacketV4Discard,
+    OutboundIpPacketV6,
+    OutboundIpPacketV6Discard,
+    IpForwardV4,
+    IpForwardV4Discard,
+    IpForwardV6,
+    IpForwardV6Discard,
+    InboundTransportV4Discard,
+    InboundTransportV6Discard,
+    OutboundTransportV4Discard,
+    OutboundTransportV6Discard,
+    StreamV4,
+    StreamV4Discard,
+    StreamV6,
+    StreamV6Discard,
+    DatagramDataV4,
+    DatagramDataV4Discard,
+    DatagramDataV6,
+    DatagramDataV6Discard,
+    InboundIcmpErrorV4,
+    InboundIcmpErrorV4Discard,
+    InboundIcmpErrorV6,
+    InboundIcmpErrorV6Discard,
+    OutboundIcmpErrorV4,
+    OutboundIcmpErrorV4Discard,
+    OutboundIcmpErrorV6,
+    OutboundIcmpErrorV6Discard,
+    AleResourceAssignmentV4Discard,
+    AleResourceAssignmentV6Discard,
+    AleAuthListenV4,
+    AleAuthListenV4Discard,
+    AleAuthListenV6,
+    AleAuthListenV6Discard,
+    AleAuthRecvAcceptV4Discard,
+    AleAuthRecvAcceptV6Discard,
+    AleAuthConnectV4Discard,
+    AleAuthConnectV6Discard,
+    AleFlowEstablishedV4Discard,
+    AleFlowEstablishedV6Discard,
+    AleResourceReleaseV4,
+    AleResourceReleaseV6,
+    AleBindRedirectV4,
+    AleBindRedirectV6,
+    StreamPacketV4,
+    StreamPacketV6,
+    InboundMacFrameEthernet,
+    OutboundMacFrameEthernet,
+    InboundMacFrameNative,
+    OutboundMacFrameNative,
+    IngressVswitchEthernet,
+    EgressVswitchEthernet,
+    IngressVswitchTransportV4,
+    IngressVswitchTransportV6,
+    EgressVswitchTransportV4,
+    EgressVswitchTransportV6
 );
 
 // --- arbitration --------------------------------------------------------------------------------
@@ -1874,4 +1934,177 @@ fn a_direct_classify_reaches_the_callout_as_the_engine_does() {
     unregister(&machine, &driver, registration);
     machine.unload_driver(driver).unwrap();
     assert!(machine.pool_blocks().is_empty());
+}
+
+// --- typed values at the layers beyond ALE and transport -----------------------------------------
+
+/// Records what a stream, datagram or ICMP-error classification carries, read by typed field.
+#[derive(Default)]
+struct Carried {
+    seen: Mutex<Vec<(u16, std::net::IpAddr, u16, u32)>>,
+}
+
+/// The stream and datagram layers: remote endpoint and direction.
+impl<L: Layer> Callout<L> for Carried
+where
+    L::Address: Into<std::net::IpAddr>,
+    fields::IpRemoteAddress: layer::Field<L>,
+    fields::IpRemotePort: layer::Field<L>,
+    fields::Direction: layer::Field<L>,
+{
+    fn classify(&self, _irql: &mut DispatchLevel<'_>, c: &mut Classify<'_, L>) {
+        let address = c.values.get::<fields::IpRemoteAddress>().expect("address");
+        let port = c.values.get::<fields::IpRemotePort>().expect("port");
+        let direction = c.values.get::<fields::Direction>().expect("direction");
+        self.seen
+            .lock()
+            .unwrap()
+            .push((L::ID, address.into(), port, direction));
+        let _ = c.out.block();
+    }
+}
+
+/// Registers `Carried` at `L` with a terminating callout filter, classifies `request` there and
+/// returns the decision and what the callout read.
+fn carried_at<L: Layer>(
+    request: &ClassifyRequest<L>,
+) -> (Action, Vec<(u16, std::net::IpAddr, u16, u32)>)
+where
+    Carried: Callout<L>,
+{
+    let machine = Machine::new();
+    let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+    let registration = driver
+        .run_in_driver(&machine, |irql, d| {
+            CalloutRegistration::<L, _>::register(
+                irql,
+                d,
+                CalloutKey::new(CALLOUT_A),
+                Carried::default(),
+            )
+            .unwrap()
+        })
+        .unwrap();
+    let action = machine.at_passive(|_| {
+        let session = open(true);
+        session.callout::<L>(CALLOUT_A);
+        session.filter::<L>(FilterSpec::callout(CALLOUT_A)).unwrap();
+        machine.classify(Irql::DISPATCH, request).action
+    });
+    let seen = registration.callout().seen.lock().unwrap().clone();
+    driver
+        .run_in_driver(&machine, |irql, _| {
+            registration
+                .unregister(irql)
+                .map_err(|(_, s)| s)
+                .expect("unregisters")
+        })
+        .expect("an SDK driver");
+    machine.unload_driver(driver).unwrap();
+    (action, seen)
+}
+
+#[test]
+fn a_stream_classification_carries_its_typed_fields() {
+    let remote: Ipv4Addr = "198.51.100.7".parse().unwrap();
+    let request = ClassifyRequest::<layer::StreamV4>::new()
+        .with::<fields::IpRemoteAddress>(remote)
+        .with::<fields::IpRemotePort>(443u16)
+        .with::<fields::Direction>(sys::FWP_DIRECTION_INBOUND as u32);
+    let (action, seen) = carried_at(&request);
+    assert_eq!(action, Action::Block);
+    assert_eq!(seen, [(20, remote.into(), 443, 1)]);
+}
+
+#[test]
+fn datagram_layers_carry_their_typed_fields_at_both_versions_and_at_discard() {
+    let remote: Ipv4Addr = "192.0.2.33".parse().unwrap();
+    let request = ClassifyRequest::<layer::DatagramDataV4>::new()
+        .with::<fields::IpRemoteAddress>(remote)
+        .with::<fields::IpRemotePort>(53u16)
+        .with::<fields::Direction>(0u32);
+    let (action, seen) = carried_at(&request);
+    assert_eq!(action, Action::Block);
+    assert_eq!(seen, [(24, remote.into(), 53, 0)]);
+
+    let remote: Ipv6Addr = "2001:db8::53".parse().unwrap();
+    let request = ClassifyRequest::<layer::DatagramDataV6Discard>::new()
+        .with::<fields::IpRemoteAddress>(remote)
+        .with::<fields::IpRemotePort>(5353u16)
+        .with::<fields::Direction>(1u32);
+    let (_, seen) = carried_at(&request);
+    assert_eq!(seen, [(27, remote.into(), 5353, 1)]);
+}
+
+/// Records what a frame classification carries: the Ethernet type, the VLAN tag and the interface.
+#[derive(Default)]
+struct Frames {
+    seen: Mutex<Vec<(u16, u16, u16, u64)>>,
+}
+
+impl<L: Layer> Callout<L> for Frames
+where
+    fields::EtherType: layer::Field<L>,
+    fields::VlanId: layer::Field<L>,
+    fields::IpLocalInterface: layer::Field<L>,
+{
+    fn classify(&self, _irql: &mut DispatchLevel<'_>, c: &mut Classify<'_, L>) {
+        let ether_type = c.values.get::<fields::EtherType>().expect("ether type");
+        let vlan = c.values.get::<fields::VlanId>().expect("vlan");
+        let interface = c
+            .values
+            .get::<fields::IpLocalInterface>()
+            .expect("interface");
+        self.seen
+            .lock()
+            .unwrap()
+            .push((L::ID, ether_type, vlan, interface));
+        let _ = c.out.block();
+    }
+}
+
+#[test]
+fn a_mac_frame_classification_carries_its_typed_fields() {
+    // A layer without an IP version: registration, filter and classification work as at any
+    // other layer, and its frame fields read typed.
+    assert_eq!(<layer::InboundMacFrameEthernet as Layer>::IP_VERSION, None);
+    let machine = Machine::new();
+    let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+    let registration = driver
+        .run_in_driver(&machine, |irql, d| {
+            CalloutRegistration::<layer::InboundMacFrameEthernet, _>::register(
+                irql,
+                d,
+                CalloutKey::new(CALLOUT_A),
+                Frames::default(),
+            )
+            .unwrap()
+        })
+        .unwrap();
+    let action = machine.at_passive(|_| {
+        let session = open(true);
+        session.callout::<layer::InboundMacFrameEthernet>(CALLOUT_A);
+        session
+            .filter::<layer::InboundMacFrameEthernet>(FilterSpec::callout(CALLOUT_A))
+            .unwrap();
+        let request = ClassifyRequest::<layer::InboundMacFrameEthernet>::new()
+            .with::<fields::EtherType>(0x86DDu16)
+            .with::<fields::VlanId>(42u16)
+            .with::<fields::IpLocalInterface>(0x0006_0000_0100_0000u64);
+        machine.classify(Irql::DISPATCH, &request).action
+    });
+    assert_eq!(action, Action::Block);
+    assert_eq!(
+        *registration.callout().seen.lock().unwrap(),
+        [(56, 0x86DD, 42, 0x0006_0000_0100_0000)]
+    );
+    driver
+        .run_in_driver(&machine, |irql, _| {
+            registration
+                .unregister(irql)
+                .map_err(|(_, s)| s)
+                .expect("unregisters")
+        })
+        .expect("an SDK driver");
+    machine.unload_driver(driver).unwrap();
 }

@@ -1553,26 +1553,23 @@ impl FieldSource {
     /// The sources of `layer`'s fields, by index (`FWPS_FIELD_<LAYER>_MAX` of them). Fields
     /// without a condition key, and the fields of a layer this crate does not know, are empty.
     fn for_layer(layer: &wfp_rs::layer::LayerInfo) -> &'static [FieldSource] {
-        static TABLE: std::sync::OnceLock<Vec<(u16, Box<[FieldSource]>)>> =
-            std::sync::OnceLock::new();
+        // Indexed by runtime layer id (all below 82).
+        static TABLE: std::sync::OnceLock<Vec<Box<[FieldSource]>>> = std::sync::OnceLock::new();
         let table = TABLE.get_or_init(|| {
-            wfp_rs::layer::ALL_LAYERS
-                .iter()
-                .map(|layer| {
-                    let mut sources = vec![FieldSource::Empty; layer.field_count as usize];
-                    for field in layer.fields {
-                        if let Some(slot) = sources.get_mut(field.index as usize) {
-                            *slot = FieldSource::of(field.name);
-                        }
+            let ids = wfp_rs::layer::ALL_LAYERS.iter().map(|l| usize::from(l.id));
+            let mut table = vec![Box::default(); ids.max().map_or(0, |max| max + 1)];
+            for layer in wfp_rs::layer::ALL_LAYERS {
+                let mut sources = vec![FieldSource::Empty; layer.field_count as usize];
+                for field in layer.fields {
+                    if let Some(slot) = sources.get_mut(field.index as usize) {
+                        *slot = FieldSource::of(field.name);
                     }
-                    (layer.id, sources.into_boxed_slice())
-                })
-                .collect()
+                }
+                table[usize::from(layer.id)] = sources.into_boxed_slice();
+            }
+            table
         });
-        table
-            .iter()
-            .find(|(id, _)| *id == layer.id)
-            .map_or(&[], |(_, sources)| sources)
+        table.get(usize::from(layer.id)).map_or(&[], |sources| sources)
     }
 }
 
@@ -1620,15 +1617,15 @@ impl<'a> Presented<'a> {
     fn value(
         &self,
         source: FieldSource,
-        version: wfp_rs::layer::IpVersion,
+        version: Option<wfp_rs::layer::IpVersion>,
         reauthorize: bool,
     ) -> SimValue {
         let connection = self.connection;
         let address = |addr: std::net::IpAddr| match (addr, version) {
-            (std::net::IpAddr::V4(v4), wfp_rs::layer::IpVersion::V4) => {
+            (std::net::IpAddr::V4(v4), Some(wfp_rs::layer::IpVersion::V4)) => {
                 SimValue::U32(u32::from(v4))
             }
-            (std::net::IpAddr::V6(v6), wfp_rs::layer::IpVersion::V6) => {
+            (std::net::IpAddr::V6(v6), Some(wfp_rs::layer::IpVersion::V6)) => {
                 SimValue::Bytes16(v6.octets())
             }
             _ => SimValue::Empty,

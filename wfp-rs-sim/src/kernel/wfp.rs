@@ -1097,7 +1097,11 @@ unsafe fn read_condition(value: &FWP_CONDITION_VALUE0) -> Result<SimValue, NTSTA
 }
 
 /// The value type a field of `kind` takes in a condition, and whether `value` fits it.
-fn condition_fits(kind: ValueKind, version: IpVersion, value: &SimValue) -> Result<(), NTSTATUS> {
+fn condition_fits(
+    kind: ValueKind,
+    version: Option<IpVersion>,
+    value: &SimValue,
+) -> Result<(), NTSTATUS> {
     let sample = |v: &SimValue| -> bool {
         matches!(
             (kind, v),
@@ -1113,11 +1117,11 @@ fn condition_fits(kind: ValueKind, version: IpVersion, value: &SimValue) -> Resu
             (kind, version, v),
             (
                 ValueKind::Address,
-                IpVersion::V4,
+                Some(IpVersion::V4),
                 SimValue::U32(_) | SimValue::V4Mask { .. }
             ) | (
                 ValueKind::Address,
-                IpVersion::V6,
+                Some(IpVersion::V6),
                 SimValue::Bytes16(_) | SimValue::V6Mask { .. }
             )
         )

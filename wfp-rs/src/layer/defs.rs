@@ -19,15 +19,47 @@
 //!   value a callout receives at classify time differs from the filter-condition type (the
 //!   user/machine identities), the field's doc says so.
 //!
-//! The 16 layer ids are all below 82: each is the same for every `NTDDI_VERSION` at which the
-//! 22621 header defines the layer, and the same in the 19041 and 22000 WDKs. (Ids above 81 were
-//! renumbered between WDK 19041 and 22621; no such layer is listed here.)
+//! Which layers are here: every `FWPS_BUILTIN_LAYERS` member that a kernel callout can be
+//! registered at and classified at — Microsoft's "Run-time Filtering Layer Identifiers" page lists
+//! them as kernel-mode layers, each with an `FWPS_FIELDS_*` enum ("Data Field Identifiers" pairs
+//! every `_DISCARD` layer with its base layer's enum, so a discard layer has the same fields and
+//! count). That is ids 0..=59, 62..=77: the IP packet, forward, transport, stream, datagram data
+//! and ICMP error layers, every ALE layer, stream packet, the MAC frame (Ethernet and native) and
+//! vSwitch (Ethernet and transport) layers, and every `_DISCARD` variant. The MAC frame and vSwitch
+//! Ethernet layers see frames, not IP packets: their `ip_version` is `None`. Left out, on purpose:
+//! - ids 87..=98 (`IPSEC_KM_DEMUX`, `IPSEC`, `IKEEXT`, `RPC_*`, `KM_AUTHORIZATION`): fwpsk.h
+//!   lists them under "User-mode layers" and ends the kernel-mode range before them
+//!   (`FWPS_BUILTIN_KM_LAYER_MAX` is `FWPS_LAYER_IPSEC_KM_DEMUX_V4`).
+//! - `NAME_RESOLUTION_CACHE_V4/V6` (60, 61), the `*_FAST` layers (78..=81; their field enums are
+//!   empty), `INBOUND_RESERVED2` and `RESERVED_LAYER_9/10` (82..=84): reserved for the system
+//!   (INFERRED for 60/61 and 78..=81 from their names and empty or internal field sets;
+//!   whether a callout is ever classified there is UNCONFIRMED).
+//! - `OUTBOUND_NETWORK_CONNECTION_POLICY_V4/V6` (85, 86, from `NTDDI_WIN10_NI`): the only ids
+//!   above 81 that are not user-mode layers. Left out because of their ids (below), and because
+//!   whether third-party callouts may use them is UNCONFIRMED (the SDK ships built-in callouts
+//!   for them, `FWPM_CALLOUT_OUTBOUND_NETWORK_CONNECTION_POLICY_LAYER_V4/V6`).
+//!
+//! Every layer id here is below 82. Comparing `FWPS_BUILTIN_LAYERS` in the 19041, 20348 and
+//! 22621 WDKs with every `#if` evaluated: ids 0..=81 are the same in all three; from 82 on they
+//! differ. WDK 19041 has eight `RESERVED_LAYER_1..8` at 82..=89, `INBOUND_RESERVED2` at 90 and
+//! the user-mode layers from 91 (`IPSEC_KM_DEMUX_V4`) to 102 (`KM_AUTHORIZATION`); WDK 20348
+//! drops the eight, putting `INBOUND_RESERVED2` at 82, `RESERVED_LAYER_9/10` at 83/84 and the
+//! user-mode layers at 85..=96; WDK 22621 inserts the two network-connection-policy layers at
+//! 85/86, moving the user-mode layers to 87..=98. A runtime id is the running system's, not the
+//! WDK's, so an id above 81 compiled from one WDK may name another layer on another Windows
+//! build (INFERRED from the renumbering: nothing guarantees the numbering of a later build).
+//! That is why no such id is a `Layer::ID` here: a driver reaching one of those layers would
+//! have to look its id up at run time from its key (`FwpmLayerGetByKey0`, user mode) rather than
+//! trust a constant. The ids below 82 need no such care: where the layer exists (see each
+//! layer's `NTDDI` note) its id is the one below.
 //!
 //! Fields with no `FWPM_CONDITION_*` key (the `RESERVED_n` members the ALE layers gained in
 //! Windows 10 1809) are left out of both tables; they still count in `field_count`. Two fields that
 //! fwpsk.h names differently at different layers share one condition key and are one kind here:
 //! `PROFILE_ID` (transport layers) is `CURRENT_PROFILE_ID`, and `SIO_FIREWALL_SYSTEM_PORT`
-//! (ALE_AUTH_RECV_ACCEPT) is `SIO_FIREWALL_SOCKET_PROPERTY`.
+//! (ALE_AUTH_RECV_ACCEPT) is `SIO_FIREWALL_SOCKET_PROPERTY`. Fields that fwpsk.h names after a
+//! `#define` alias of a condition are the aliased kind: `ICMP_TYPE`/`ICMP_CODE` (ICMP error
+//! layers; `FWPM_CONDITION_ICMP_TYPE`/`_CODE` are `IP_LOCAL_PORT`/`IP_REMOTE_PORT`).
 
 use super::*;
 
@@ -64,6 +96,9 @@ field_kinds! {
     AleUserId: TokenAccessInformation = "af043a0a-b34d-4f86-979c-c90371af6e66";
     /// FWPM_CONDITION_ARRIVAL_INTERFACE_INDEX: the index of the arrival interface (FWP_UINT32).
     ArrivalInterfaceIndex: U32 = "cc088db3-1792-4a71-b0f9-037d21cd828b";
+    /// FWPM_CONDITION_ARRIVAL_INTERFACE_PROFILE_ID: the network category of the arrival interface
+    /// (FWP_UINT32).
+    ArrivalInterfaceProfileId: U32 = "cdfe6aab-c083-4142-8679-c08f95329c61";
     /// FWPM_CONDITION_ARRIVAL_INTERFACE_TYPE: the IANA interface type of the arrival interface
     /// (FWP_UINT32).
     ArrivalInterfaceType: U32 = "89f990de-e798-4e6d-ab76-7c9558292e6f";
@@ -75,13 +110,41 @@ field_kinds! {
     /// domain 3) of the interface (FWP_UINT32). The transport layers name this field `PROFILE_ID`
     /// (`FWPS_FIELD_*_TRANSPORT_V*_PROFILE_ID`); it is the same condition.
     CurrentProfileId: U32 = "ab3033c9-c0e3-4759-937d-5758c65d4ae3";
+    /// FWPM_CONDITION_DESTINATION_INTERFACE_INDEX: the index of the interface a forwarded packet
+    /// leaves by (FWP_UINT32).
+    DestinationInterfaceIndex: U32 = "35cf6522-4139-45ee-a0d5-67b80949d879";
+    /// FWPM_CONDITION_DESTINATION_SUB_INTERFACE_INDEX: the sub-interface index of the interface a
+    /// forwarded packet leaves by (FWP_UINT32).
+    DestinationSubInterfaceIndex: U32 = "2b7d4399-d4c7-4738-a2f5-e994b43da388";
     /// FWPM_CONDITION_DIRECTION: the direction of the connection, FWP_DIRECTION_OUTBOUND 0 /
     /// FWP_DIRECTION_INBOUND 1 (FWP_UINT32).
     Direction: U32 = "8784c146-ca97-44d6-9fd1-19fb1840cbf7";
+    /// FWPM_CONDITION_EMBEDDED_LOCAL_ADDRESS_TYPE: the local address type, an NL_ADDRESS_TYPE
+    /// value, of the packet an ICMP error message carries (FWP_UINT8).
+    EmbeddedLocalAddressType: U8 = "4672a468-8a0a-4202-abb4-849e92e66809";
+    /// FWPM_CONDITION_EMBEDDED_LOCAL_PORT: the local transport port of the packet an ICMP error
+    /// message carries (FWP_UINT16).
+    EmbeddedLocalPort: U16 = "bfca394d-acdb-484e-b8e6-2aff79757345";
+    /// FWPM_CONDITION_EMBEDDED_PROTOCOL: the IP protocol of the packet an ICMP error message
+    /// carries (FWP_UINT8).
+    EmbeddedProtocol: U8 = "07784107-a29e-4c7b-9ec7-29c44afafdbc";
+    /// FWPM_CONDITION_EMBEDDED_REMOTE_ADDRESS: the remote IP address of the packet an ICMP error
+    /// message carries (FWP_UINT32 in host order at V4 layers, FWP_BYTE_ARRAY16_TYPE at V6
+    /// layers).
+    EmbeddedRemoteAddress: Address = "77ee4b39-3273-4671-b63b-ab6feb66eeb6";
+    /// FWPM_CONDITION_EMBEDDED_REMOTE_PORT: the remote transport port of the packet an ICMP error
+    /// message carries (FWP_UINT16).
+    EmbeddedRemotePort: U16 = "cae4d6a1-2968-40ed-a4ce-547160dda88d";
+    /// FWPM_CONDITION_ETHER_TYPE: the Ethernet II payload type, e.g. 0x0800 for IPv4
+    /// (FWP_UINT16).
+    EtherType: U16 = "fd08948d-a219-4d52-bb98-1a5540ee7b4e";
     /// FWPM_CONDITION_FLAGS: a bitwise OR of FWP_CONDITION_FLAG_* values (FWP_UINT32).
     Flags: ConditionFlags = "632ce23b-5167-435c-86d7-e903684aa80c";
     /// FWPM_CONDITION_INTERFACE_INDEX: the index of the local interface (FWP_UINT32).
     InterfaceIndex: U32 = "667fd755-d695-434a-8af5-d3835a1259bc";
+    /// FWPM_CONDITION_INTERFACE_MAC_ADDRESS: the MAC address of the local interface
+    /// (FWP_BYTE_ARRAY6_TYPE).
+    InterfaceMacAddress: ByteArray6 = "f6e63dce-1f4b-4c6b-b6ef-1165e71f8ee7";
     /// FWPM_CONDITION_INTERFACE_QUARANTINE_EPOCH: the interface's quarantine epoch, reserved
     /// (FWP_UINT64).
     InterfaceQuarantineEpoch: U64 = "cce68d5e-053b-43a8-9a6f-33384c28e4f6";
@@ -89,9 +152,19 @@ field_kinds! {
     InterfaceType: U32 = "daf8cd14-e09e-4c93-a5ae-c5c13b73ffca";
     /// FWPM_CONDITION_IP_ARRIVAL_INTERFACE: the LUID of the arrival interface (FWP_UINT64).
     IpArrivalInterface: U64 = "618a9b6d-386b-4136-ad6e-b51587cfb1cd";
+    /// FWPM_CONDITION_IP_DESTINATION_ADDRESS: the destination IP address of a forwarded packet
+    /// (FWP_UINT32 in host order at V4 layers, FWP_BYTE_ARRAY16_TYPE at V6 layers).
+    IpDestinationAddress: Address = "2d79133b-b390-45c6-8699-acaceaafed33";
     /// FWPM_CONDITION_IP_DESTINATION_ADDRESS_TYPE: the destination address type, an
     /// NL_ADDRESS_TYPE value (FWP_UINT8).
     IpDestinationAddressType: U8 = "1ec1b7c9-4eea-4f5e-b9ef-76beaaaf17ee";
+    /// FWPM_CONDITION_IP_DESTINATION_PORT: the destination transport port of a packet crossing a
+    /// virtual switch (FWP_UINT16); for ICMP, the ICMP code (FWPM_CONDITION_VSWITCH_ICMP_CODE is
+    /// an alias of this GUID).
+    IpDestinationPort: U16 = "ce6def45-60fb-4a7b-a304-af30a117000e";
+    /// FWPM_CONDITION_IP_FORWARD_INTERFACE: the LUID of the interface a packet is forwarded to
+    /// (FWP_UINT64).
+    IpForwardInterface: U64 = "1076b8a5-6323-4c5e-9810-e8d3fc9e6136";
     /// FWPM_CONDITION_IP_LOCAL_ADDRESS: the local IP address (FWP_UINT32 in host order at V4
     /// layers, FWP_BYTE_ARRAY16_TYPE at V6 layers).
     IpLocalAddress: Address = "d9ee00de-c1ef-4617-bfe3-ffd8f5a08957";
@@ -106,6 +179,12 @@ field_kinds! {
     IpLocalPort: U16 = "0c1ba1af-5765-453f-af22-a8f791ac775b";
     /// FWPM_CONDITION_IP_NEXTHOP_INTERFACE: the LUID of the next-hop interface (FWP_UINT64).
     IpNexthopInterface: U64 = "93ae8f5b-7f6f-4719-98c8-14e97429ef04";
+    /// FWPM_CONDITION_IP_PHYSICAL_ARRIVAL_INTERFACE: the LUID of the physical interface a packet
+    /// arrived on (FWP_UINT64).
+    IpPhysicalArrivalInterface: U64 = "da50d5c8-fa0d-4c89-b032-6e62136d1e96";
+    /// FWPM_CONDITION_IP_PHYSICAL_NEXTHOP_INTERFACE: the LUID of the physical interface a packet
+    /// leaves by (FWP_UINT64).
+    IpPhysicalNexthopInterface: U64 = "f09bd5ce-5150-48be-b098-c25152fb1f92";
     /// FWPM_CONDITION_IP_PROTOCOL: the IP protocol number (FWP_UINT8).
     IpProtocol: IpProtocol = "3971ef2b-623e-4f9a-8cb1-6e79b806b9a7";
     /// FWPM_CONDITION_IP_REMOTE_ADDRESS: the remote IP address (FWP_UINT32 in host order at V4
@@ -114,16 +193,59 @@ field_kinds! {
     /// FWPM_CONDITION_IP_REMOTE_PORT: the remote transport port in host order (FWP_UINT16); for
     /// ICMP, the ICMP code (FWPM_CONDITION_ICMP_CODE is an alias of this GUID).
     IpRemotePort: U16 = "c35a604d-d22b-4e1a-91b4-68f674ee674b";
+    /// FWPM_CONDITION_IP_SOURCE_ADDRESS: the source IP address of a forwarded packet (FWP_UINT32
+    /// in host order at V4 layers, FWP_BYTE_ARRAY16_TYPE at V6 layers).
+    IpSourceAddress: Address = "ae96897e-2e94-4bc9-b313-b27ee80e574d";
+    /// FWPM_CONDITION_IP_SOURCE_PORT: the source transport port of a packet crossing a virtual
+    /// switch (FWP_UINT16); for ICMP, the ICMP type (FWPM_CONDITION_VSWITCH_ICMP_TYPE is an alias
+    /// of this GUID).
+    IpSourcePort: U16 = "a6afef91-3df4-4730-a214-f5426aebf821";
     /// FWPM_CONDITION_IPSEC_SECURITY_REALM_ID: the IPsec security realm ID (FWP_BYTE_BLOB_TYPE).
     IpsecSecurityRealmId: ByteBlob = "37a57700-5884-4964-92b8-3e704688b0ad";
+    /// FWPM_CONDITION_L2_FLAGS: a bitwise OR of FWP_CONDITION_L2_* values (FWP_UINT32).
+    L2Flags: U32 = "7bc43cbf-37ba-45f1-b74a-82ff518eeb10";
     /// FWPM_CONDITION_LOCAL_INTERFACE_PROFILE_ID: the network category of the local (delivery)
     /// interface (FWP_UINT32).
     LocalInterfaceProfileId: U32 = "4ebf7562-9f18-4d06-9941-a7a625744d71";
+    /// FWPM_CONDITION_MAC_DESTINATION_ADDRESS: the destination MAC address of a frame
+    /// (FWP_BYTE_ARRAY6_TYPE).
+    MacDestinationAddress: ByteArray6 = "04ea2a93-858c-4027-b613-b43180c7859e";
+    /// FWPM_CONDITION_MAC_DESTINATION_ADDRESS_TYPE: the destination MAC address type, a
+    /// DL_ADDRESS_TYPE value (FWP_UINT8).
+    MacDestinationAddressType: U8 = "ae052932-ef42-4e99-b129-f3b3139e34f7";
+    /// FWPM_CONDITION_MAC_LOCAL_ADDRESS: the local MAC address: an inbound frame's destination,
+    /// an outbound frame's source (FWP_BYTE_ARRAY6_TYPE).
+    MacLocalAddress: ByteArray6 = "d999e981-7948-4c83-b742-c84e3b678f8f";
+    /// FWPM_CONDITION_MAC_LOCAL_ADDRESS_TYPE: the local MAC address type, a DL_ADDRESS_TYPE value
+    /// (FWP_UINT8).
+    MacLocalAddressType: U8 = "cc31355c-3073-4ffb-a14f-79415cb1ead1";
+    /// FWPM_CONDITION_MAC_REMOTE_ADDRESS: the remote MAC address: an inbound frame's source, an
+    /// outbound frame's destination (FWP_BYTE_ARRAY6_TYPE).
+    MacRemoteAddress: ByteArray6 = "408f2ed4-3a70-4b4d-92a6-415ac20e2f12";
+    /// FWPM_CONDITION_MAC_REMOTE_ADDRESS_TYPE: the remote MAC address type, a DL_ADDRESS_TYPE
+    /// value (FWP_UINT8).
+    MacRemoteAddressType: U8 = "027fedb4-f1c1-4030-b564-ee777fd867ea";
+    /// FWPM_CONDITION_MAC_SOURCE_ADDRESS: the source MAC address of a frame
+    /// (FWP_BYTE_ARRAY6_TYPE).
+    MacSourceAddress: ByteArray6 = "7b795451-f1f6-4d05-b7cb-21779d802336";
+    /// FWPM_CONDITION_MAC_SOURCE_ADDRESS_TYPE: the source MAC address type, a DL_ADDRESS_TYPE
+    /// value (FWP_UINT8).
+    MacSourceAddressType: U8 = "5c1b72e4-299e-4437-a298-bc3f014b3dc2";
     /// FWPM_CONDITION_ALE_NAP_CONTEXT: reserved for internal use (FWP_UINT32). Note the condition
     /// is named FWPM_CONDITION_ALE_NAP_CONTEXT.
     NapContext: U32 = "46275a9d-c03f-4d77-b784-1c57f4d02753";
+    /// FWPM_CONDITION_NDIS_MEDIA_TYPE: the NDIS port's medium, an NDIS_MEDIUM value (FWP_UINT32).
+    NdisMediaType: U32 = "cb31cef1-791d-473b-89d1-61c5984304a0";
+    /// FWPM_CONDITION_NDIS_PHYSICAL_MEDIA_TYPE: the NDIS port's physical medium, an
+    /// NDIS_PHYSICAL_MEDIUM value (FWP_UINT32).
+    NdisPhysicalMediaType: U32 = "34c79823-c229-44f2-b83c-74020882ae77";
+    /// FWPM_CONDITION_NDIS_PORT: the NDIS port number (FWP_UINT32).
+    NdisPort: U32 = "db7bb42b-2dac-4cd4-a59a-e0bdce1e6834";
     /// FWPM_CONDITION_NEXTHOP_INTERFACE_INDEX: the index of the next-hop interface (FWP_UINT32).
     NexthopInterfaceIndex: U32 = "138e6888-7ab8-4d65-9ee8-0591bcf6a494";
+    /// FWPM_CONDITION_NEXTHOP_INTERFACE_PROFILE_ID: the network category of the next-hop
+    /// interface (FWP_UINT32).
+    NexthopInterfaceProfileId: U32 = "d7ff9a56-cdaa-472b-84db-d23963c1d1bf";
     /// FWPM_CONDITION_NEXTHOP_INTERFACE_TYPE: the IANA interface type of the next-hop interface
     /// (FWP_UINT32).
     NexthopInterfaceType: U32 = "97537c6c-d9a3-4767-a381-e942675cd920";
@@ -149,11 +271,46 @@ field_kinds! {
     /// field `SIO_FIREWALL_SYSTEM_PORT` (fwpsk.h also #defines `..._SIO_FIREWALL_SOCKET_PROPERTY`
     /// there as an alias).
     SioFirewallSocketProperty: U32 = "b9f4e088-cb98-4efb-a2c7-ad07332643db";
+    /// FWPM_CONDITION_SOURCE_INTERFACE_INDEX: the index of the interface a forwarded packet
+    /// arrived on (FWP_UINT32).
+    SourceInterfaceIndex: U32 = "2311334d-c92d-45bf-9496-edf447820e2d";
+    /// FWPM_CONDITION_SOURCE_SUB_INTERFACE_INDEX: the sub-interface index of the interface a
+    /// forwarded packet arrived on (FWP_UINT32).
+    SourceSubInterfaceIndex: U32 = "055edd9d-acd2-4361-8dab-f9525d97662f";
     /// FWPM_CONDITION_SUB_INTERFACE_INDEX: the index of the logical (sub-)interface (FWP_UINT32).
     SubInterfaceIndex: U32 = "0cd42473-d621-4be3-ae8c-72a348d283e1";
     /// FWPM_CONDITION_TUNNEL_TYPE: the tunnel type of the local interface, a TUNNEL_TYPE value
     /// (FWP_UINT32).
     TunnelType: U32 = "77a40437-8779-4868-a261-f5a902f1c0cd";
+    /// FWPM_CONDITION_VLAN_ID: the 16 bits of the 802.1Q tag (priority, CFI and VLAN id;
+    /// VLAN_TAG in netiodef.h) (FWP_UINT16).
+    VlanId: U16 = "938eab21-3618-4e64-9ca5-2141ebda1ca2";
+    /// FWPM_CONDITION_VSWITCH_DESTINATION_INTERFACE_ID: the name of the virtual switch port (VM
+    /// NIC, physical NIC or host virtual NIC) a packet leaves by (FWP_BYTE_BLOB_TYPE).
+    VswitchDestinationInterfaceId: ByteBlob = "8ed48be4-c926-49f6-a4f6-ef3030e3fc16";
+    /// FWPM_CONDITION_VSWITCH_DESTINATION_INTERFACE_TYPE: the kind of the virtual switch port a
+    /// packet leaves by, a switch NIC type (FWP_UINT8).
+    VswitchDestinationInterfaceType: U8 = "fa9b3f06-2f1a-4c57-9e68-a7098b28dbfe";
+    /// FWPM_CONDITION_VSWITCH_DESTINATION_VM_ID: the virtual machine a packet goes to
+    /// (FWP_BYTE_BLOB_TYPE).
+    VswitchDestinationVmId: ByteBlob = "6106aace-4de1-4c84-9671-3637f8bcf731";
+    /// FWPM_CONDITION_VSWITCH_ID: the virtual switch instance (FWP_BYTE_BLOB_TYPE).
+    VswitchId: ByteBlob = "c4a414ba-437b-4de6-9946-d99c1b95b312";
+    /// FWPM_CONDITION_VSWITCH_NETWORK_TYPE: whether the virtual switch's network is external,
+    /// internal or private (FWP_UINT8).
+    VswitchNetworkType: U8 = "11d48b4b-e77a-40b4-9155-392c906c2608";
+    /// FWPM_CONDITION_VSWITCH_SOURCE_INTERFACE_ID: the name of the virtual switch port (VM NIC,
+    /// physical NIC or host virtual NIC) a packet came from (FWP_BYTE_BLOB_TYPE).
+    VswitchSourceInterfaceId: ByteBlob = "7f4ef24b-b2c1-4938-ba33-a1ecbed512ba";
+    /// FWPM_CONDITION_VSWITCH_SOURCE_INTERFACE_TYPE: the kind of the virtual switch port a packet
+    /// came from, a switch NIC type (FWP_UINT8).
+    VswitchSourceInterfaceType: U8 = "e6b040a2-edaf-4c36-908b-f2f58ae43807";
+    /// FWPM_CONDITION_VSWITCH_SOURCE_VM_ID: the virtual machine a packet came from
+    /// (FWP_BYTE_BLOB_TYPE).
+    VswitchSourceVmId: ByteBlob = "9c2a9ec2-9fc6-42bc-bdd8-406d4da0be64";
+    /// FWPM_CONDITION_VSWITCH_TENANT_NETWORK_ID: the virtual switch network's identifier; not used
+    /// together with VLAN ids (the condition table gives FWP_UINT16).
+    VswitchTenantNetworkId: U16 = "dc04843c-79e6-4e44-a025-65b9bb0f9f94";
 }
 
 layers! {
@@ -834,6 +991,2110 @@ layers! {
             // have no FWPM_CONDITION_* key and are left out. WDK 19041 named them
             // BITMAP_IP_LOCAL_ADDRESS, BITMAP_IP_LOCAL_PORT; the FWPM_CONDITION_BITMAP_* keys of
             // that WDK are gone from 22621.
+        },
+    }
+
+    /// FWPM_LAYER_INBOUND_IPPACKET_V4: sees every inbound IP packet once its IP header is parsed,
+    /// before IP header processing (no IPsec decryption or reassembly yet).
+    InboundIpPacketV4 {
+        c_name: "INBOUND_IPPACKET_V4",
+        // FWPS_LAYER_INBOUND_IPPACKET_V4: the same in the 19041, 22000 and 22621 WDKs.
+        id: 0,
+        key: "c86fd1bf-21cd-497e-a0bb-17425c885c58",
+        ip_version: V4,
+        // FWPS_FIELD_INBOUND_IPPACKET_V4_MAX; by NTDDI_VERSION: 9 from WIN6, 10 from WIN10_RS2.
+        field_count: 10,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_INBOUND_IPPACKET_V4_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 1, // FWPS_FIELD_INBOUND_IPPACKET_V4_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 2, // FWPS_FIELD_INBOUND_IPPACKET_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalInterface = 3, // FWPS_FIELD_INBOUND_IPPACKET_V4_IP_LOCAL_INTERFACE
+            InterfaceIndex = 4, // FWPS_FIELD_INBOUND_IPPACKET_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 5, // FWPS_FIELD_INBOUND_IPPACKET_V4_SUB_INTERFACE_INDEX
+            Flags = 6, // FWPS_FIELD_INBOUND_IPPACKET_V4_FLAGS
+            InterfaceType = 7, // FWPS_FIELD_INBOUND_IPPACKET_V4_INTERFACE_TYPE
+            TunnelType = 8, // FWPS_FIELD_INBOUND_IPPACKET_V4_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 9, // FWPS_FIELD_INBOUND_IPPACKET_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INBOUND_IPPACKET_V4_DISCARD: sees what FWPM_LAYER_INBOUND_IPPACKET_V4 discards:
+    /// the same fields, for the packets, connections or binds dropped there (the classify sees why
+    /// in the metadata's discard reason).
+    InboundIpPacketV4Discard {
+        c_name: "INBOUND_IPPACKET_V4_DISCARD",
+        // FWPS_LAYER_INBOUND_IPPACKET_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 1,
+        key: "b5a230d0-a8c0-44f2-916e-991b53ded1f7",
+        ip_version: V4,
+        // FWPS_FIELD_INBOUND_IPPACKET_V4_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_INBOUND_IPPACKET_V4); by NTDDI_VERSION: 9 from WIN6, 10 from WIN10_RS2.
+        field_count: 10,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_INBOUND_IPPACKET_V4_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 1, // FWPS_FIELD_INBOUND_IPPACKET_V4_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 2, // FWPS_FIELD_INBOUND_IPPACKET_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalInterface = 3, // FWPS_FIELD_INBOUND_IPPACKET_V4_IP_LOCAL_INTERFACE
+            InterfaceIndex = 4, // FWPS_FIELD_INBOUND_IPPACKET_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 5, // FWPS_FIELD_INBOUND_IPPACKET_V4_SUB_INTERFACE_INDEX
+            Flags = 6, // FWPS_FIELD_INBOUND_IPPACKET_V4_FLAGS
+            InterfaceType = 7, // FWPS_FIELD_INBOUND_IPPACKET_V4_INTERFACE_TYPE
+            TunnelType = 8, // FWPS_FIELD_INBOUND_IPPACKET_V4_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 9, // FWPS_FIELD_INBOUND_IPPACKET_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INBOUND_IPPACKET_V6: sees every inbound IP packet once its IP header is parsed,
+    /// before IP header processing (no IPsec decryption or reassembly yet).
+    InboundIpPacketV6 {
+        c_name: "INBOUND_IPPACKET_V6",
+        // FWPS_LAYER_INBOUND_IPPACKET_V6: the same in the 19041, 22000 and 22621 WDKs.
+        id: 2,
+        key: "f52032cb-991c-46e7-971d-2601459a91ca",
+        ip_version: V6,
+        // FWPS_FIELD_INBOUND_IPPACKET_V6_MAX; by NTDDI_VERSION: 9 from WIN6, 10 from WIN10_RS2.
+        field_count: 10,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_INBOUND_IPPACKET_V6_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 1, // FWPS_FIELD_INBOUND_IPPACKET_V6_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 2, // FWPS_FIELD_INBOUND_IPPACKET_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalInterface = 3, // FWPS_FIELD_INBOUND_IPPACKET_V6_IP_LOCAL_INTERFACE
+            InterfaceIndex = 4, // FWPS_FIELD_INBOUND_IPPACKET_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 5, // FWPS_FIELD_INBOUND_IPPACKET_V6_SUB_INTERFACE_INDEX
+            Flags = 6, // FWPS_FIELD_INBOUND_IPPACKET_V6_FLAGS
+            InterfaceType = 7, // FWPS_FIELD_INBOUND_IPPACKET_V6_INTERFACE_TYPE
+            TunnelType = 8, // FWPS_FIELD_INBOUND_IPPACKET_V6_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 9, // FWPS_FIELD_INBOUND_IPPACKET_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INBOUND_IPPACKET_V6_DISCARD: sees what FWPM_LAYER_INBOUND_IPPACKET_V6 discards:
+    /// the same fields, for the packets, connections or binds dropped there (the classify sees why
+    /// in the metadata's discard reason).
+    InboundIpPacketV6Discard {
+        c_name: "INBOUND_IPPACKET_V6_DISCARD",
+        // FWPS_LAYER_INBOUND_IPPACKET_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 3,
+        key: "bb24c279-93b4-47a2-83ad-ae1698b50885",
+        ip_version: V6,
+        // FWPS_FIELD_INBOUND_IPPACKET_V6_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_INBOUND_IPPACKET_V6); by NTDDI_VERSION: 9 from WIN6, 10 from WIN10_RS2.
+        field_count: 10,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_INBOUND_IPPACKET_V6_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 1, // FWPS_FIELD_INBOUND_IPPACKET_V6_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 2, // FWPS_FIELD_INBOUND_IPPACKET_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalInterface = 3, // FWPS_FIELD_INBOUND_IPPACKET_V6_IP_LOCAL_INTERFACE
+            InterfaceIndex = 4, // FWPS_FIELD_INBOUND_IPPACKET_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 5, // FWPS_FIELD_INBOUND_IPPACKET_V6_SUB_INTERFACE_INDEX
+            Flags = 6, // FWPS_FIELD_INBOUND_IPPACKET_V6_FLAGS
+            InterfaceType = 7, // FWPS_FIELD_INBOUND_IPPACKET_V6_INTERFACE_TYPE
+            TunnelType = 8, // FWPS_FIELD_INBOUND_IPPACKET_V6_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 9, // FWPS_FIELD_INBOUND_IPPACKET_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_OUTBOUND_IPPACKET_V4: sees every outbound IP packet just before fragmentation,
+    /// after IP header processing and IPsec.
+    OutboundIpPacketV4 {
+        c_name: "OUTBOUND_IPPACKET_V4",
+        // FWPS_LAYER_OUTBOUND_IPPACKET_V4: the same in the 19041, 22000 and 22621 WDKs.
+        id: 4,
+        key: "1e5c9fae-8a84-4135-a331-950b54229ecd",
+        ip_version: V4,
+        // FWPS_FIELD_OUTBOUND_IPPACKET_V4_MAX; by NTDDI_VERSION: 9 from WIN6, 10 from WIN10_RS2.
+        field_count: 10,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 1, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_IP_LOCAL_ADDRESS_TYPE
+            IpRemoteAddress = 2, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_IP_REMOTE_ADDRESS
+            IpLocalInterface = 3, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_IP_LOCAL_INTERFACE
+            InterfaceIndex = 4, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 5, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_SUB_INTERFACE_INDEX
+            Flags = 6, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_FLAGS
+            InterfaceType = 7, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_INTERFACE_TYPE
+            TunnelType = 8, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 9, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_OUTBOUND_IPPACKET_V4_DISCARD: sees what FWPM_LAYER_OUTBOUND_IPPACKET_V4 discards:
+    /// the same fields, for the packets, connections or binds dropped there (the classify sees why
+    /// in the metadata's discard reason).
+    OutboundIpPacketV4Discard {
+        c_name: "OUTBOUND_IPPACKET_V4_DISCARD",
+        // FWPS_LAYER_OUTBOUND_IPPACKET_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 5,
+        key: "08e4bcb5-b647-48f3-953c-e5ddbd03937e",
+        ip_version: V4,
+        // FWPS_FIELD_OUTBOUND_IPPACKET_V4_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_OUTBOUND_IPPACKET_V4); by NTDDI_VERSION: 9 from WIN6, 10 from WIN10_RS2.
+        field_count: 10,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 1, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_IP_LOCAL_ADDRESS_TYPE
+            IpRemoteAddress = 2, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_IP_REMOTE_ADDRESS
+            IpLocalInterface = 3, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_IP_LOCAL_INTERFACE
+            InterfaceIndex = 4, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 5, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_SUB_INTERFACE_INDEX
+            Flags = 6, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_FLAGS
+            InterfaceType = 7, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_INTERFACE_TYPE
+            TunnelType = 8, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 9, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_OUTBOUND_IPPACKET_V6: sees every outbound IP packet just before fragmentation,
+    /// after IP header processing and IPsec.
+    OutboundIpPacketV6 {
+        c_name: "OUTBOUND_IPPACKET_V6",
+        // FWPS_LAYER_OUTBOUND_IPPACKET_V6: the same in the 19041, 22000 and 22621 WDKs.
+        id: 6,
+        key: "a3b3ab6b-3564-488c-9117-f34e82142763",
+        ip_version: V6,
+        // FWPS_FIELD_OUTBOUND_IPPACKET_V6_MAX; by NTDDI_VERSION: 9 from WIN6, 10 from WIN10_RS2.
+        field_count: 10,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 1, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_IP_LOCAL_ADDRESS_TYPE
+            IpRemoteAddress = 2, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_IP_REMOTE_ADDRESS
+            IpLocalInterface = 3, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_IP_LOCAL_INTERFACE
+            InterfaceIndex = 4, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 5, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_SUB_INTERFACE_INDEX
+            Flags = 6, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_FLAGS
+            InterfaceType = 7, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_INTERFACE_TYPE
+            TunnelType = 8, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 9, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_OUTBOUND_IPPACKET_V6_DISCARD: sees what FWPM_LAYER_OUTBOUND_IPPACKET_V6 discards:
+    /// the same fields, for the packets, connections or binds dropped there (the classify sees why
+    /// in the metadata's discard reason).
+    OutboundIpPacketV6Discard {
+        c_name: "OUTBOUND_IPPACKET_V6_DISCARD",
+        // FWPS_LAYER_OUTBOUND_IPPACKET_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 7,
+        key: "9513d7c4-a934-49dc-91a7-6ccb80cc02e3",
+        ip_version: V6,
+        // FWPS_FIELD_OUTBOUND_IPPACKET_V6_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_OUTBOUND_IPPACKET_V6); by NTDDI_VERSION: 9 from WIN6, 10 from WIN10_RS2.
+        field_count: 10,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 1, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_IP_LOCAL_ADDRESS_TYPE
+            IpRemoteAddress = 2, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_IP_REMOTE_ADDRESS
+            IpLocalInterface = 3, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_IP_LOCAL_INTERFACE
+            InterfaceIndex = 4, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 5, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_SUB_INTERFACE_INDEX
+            Flags = 6, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_FLAGS
+            InterfaceType = 7, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_INTERFACE_TYPE
+            TunnelType = 8, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 9, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_IPFORWARD_V4: sees every packet the host forwards, at the point where it is
+    /// forwarded.
+    IpForwardV4 {
+        c_name: "IPFORWARD_V4",
+        // FWPS_LAYER_IPFORWARD_V4: the same in the 19041, 22000 and 22621 WDKs.
+        id: 8,
+        key: "a82acc24-4ee1-4ee1-b465-fd1d25cb10a4",
+        ip_version: V4,
+        // FWPS_FIELD_IPFORWARD_V4_MAX; by NTDDI_VERSION: 10 from WIN6, 14 from WIN7, 15 from
+        // WIN10_RS2.
+        field_count: 15,
+        fields: {
+            IpSourceAddress = 0, // FWPS_FIELD_IPFORWARD_V4_IP_SOURCE_ADDRESS
+            IpDestinationAddress = 1, // FWPS_FIELD_IPFORWARD_V4_IP_DESTINATION_ADDRESS
+            IpDestinationAddressType = 2, // FWPS_FIELD_IPFORWARD_V4_IP_DESTINATION_ADDRESS_TYPE
+            IpLocalInterface = 3, // FWPS_FIELD_IPFORWARD_V4_IP_LOCAL_INTERFACE
+            IpForwardInterface = 4, // FWPS_FIELD_IPFORWARD_V4_IP_FORWARD_INTERFACE
+            SourceInterfaceIndex = 5, // FWPS_FIELD_IPFORWARD_V4_SOURCE_INTERFACE_INDEX
+            SourceSubInterfaceIndex = 6, // FWPS_FIELD_IPFORWARD_V4_SOURCE_SUB_INTERFACE_INDEX
+            DestinationInterfaceIndex = 7, // FWPS_FIELD_IPFORWARD_V4_DESTINATION_INTERFACE_INDEX
+            DestinationSubInterfaceIndex = 8, // FWPS_FIELD_IPFORWARD_V4_DESTINATION_SUB_INTERFACE_INDEX
+            Flags = 9, // FWPS_FIELD_IPFORWARD_V4_FLAGS
+            // From NTDDI_WIN7:
+            IpPhysicalArrivalInterface = 10, // FWPS_FIELD_IPFORWARD_V4_IP_PHYSICAL_ARRIVAL_INTERFACE
+            ArrivalInterfaceProfileId = 11, // FWPS_FIELD_IPFORWARD_V4_ARRIVAL_INTERFACE_PROFILE_ID
+            IpPhysicalNexthopInterface = 12, // FWPS_FIELD_IPFORWARD_V4_IP_PHYSICAL_NEXTHOP_INTERFACE
+            NexthopInterfaceProfileId = 13, // FWPS_FIELD_IPFORWARD_V4_NEXTHOP_INTERFACE_PROFILE_ID
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 14, // FWPS_FIELD_IPFORWARD_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_IPFORWARD_V4_DISCARD: sees what FWPM_LAYER_IPFORWARD_V4 discards: the same
+    /// fields, for the packets, connections or binds dropped there (the classify sees why in the
+    /// metadata's discard reason).
+    IpForwardV4Discard {
+        c_name: "IPFORWARD_V4_DISCARD",
+        // FWPS_LAYER_IPFORWARD_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 9,
+        key: "9e9ea773-2fae-4210-8f17-34129ef369eb",
+        ip_version: V4,
+        // FWPS_FIELD_IPFORWARD_V4_MAX (a discard layer has the fields of FWPS_FIELDS_IPFORWARD_V4);
+        // by NTDDI_VERSION: 10 from WIN6, 14 from WIN7, 15 from WIN10_RS2.
+        field_count: 15,
+        fields: {
+            IpSourceAddress = 0, // FWPS_FIELD_IPFORWARD_V4_IP_SOURCE_ADDRESS
+            IpDestinationAddress = 1, // FWPS_FIELD_IPFORWARD_V4_IP_DESTINATION_ADDRESS
+            IpDestinationAddressType = 2, // FWPS_FIELD_IPFORWARD_V4_IP_DESTINATION_ADDRESS_TYPE
+            IpLocalInterface = 3, // FWPS_FIELD_IPFORWARD_V4_IP_LOCAL_INTERFACE
+            IpForwardInterface = 4, // FWPS_FIELD_IPFORWARD_V4_IP_FORWARD_INTERFACE
+            SourceInterfaceIndex = 5, // FWPS_FIELD_IPFORWARD_V4_SOURCE_INTERFACE_INDEX
+            SourceSubInterfaceIndex = 6, // FWPS_FIELD_IPFORWARD_V4_SOURCE_SUB_INTERFACE_INDEX
+            DestinationInterfaceIndex = 7, // FWPS_FIELD_IPFORWARD_V4_DESTINATION_INTERFACE_INDEX
+            DestinationSubInterfaceIndex = 8, // FWPS_FIELD_IPFORWARD_V4_DESTINATION_SUB_INTERFACE_INDEX
+            Flags = 9, // FWPS_FIELD_IPFORWARD_V4_FLAGS
+            // From NTDDI_WIN7:
+            IpPhysicalArrivalInterface = 10, // FWPS_FIELD_IPFORWARD_V4_IP_PHYSICAL_ARRIVAL_INTERFACE
+            ArrivalInterfaceProfileId = 11, // FWPS_FIELD_IPFORWARD_V4_ARRIVAL_INTERFACE_PROFILE_ID
+            IpPhysicalNexthopInterface = 12, // FWPS_FIELD_IPFORWARD_V4_IP_PHYSICAL_NEXTHOP_INTERFACE
+            NexthopInterfaceProfileId = 13, // FWPS_FIELD_IPFORWARD_V4_NEXTHOP_INTERFACE_PROFILE_ID
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 14, // FWPS_FIELD_IPFORWARD_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_IPFORWARD_V6: sees every packet the host forwards, at the point where it is
+    /// forwarded.
+    IpForwardV6 {
+        c_name: "IPFORWARD_V6",
+        // FWPS_LAYER_IPFORWARD_V6: the same in the 19041, 22000 and 22621 WDKs.
+        id: 10,
+        key: "7b964818-19c7-493a-b71f-832c3684d28c",
+        ip_version: V6,
+        // FWPS_FIELD_IPFORWARD_V6_MAX; by NTDDI_VERSION: 10 from WIN6, 14 from WIN7, 15 from
+        // WIN10_RS2.
+        field_count: 15,
+        fields: {
+            IpSourceAddress = 0, // FWPS_FIELD_IPFORWARD_V6_IP_SOURCE_ADDRESS
+            IpDestinationAddress = 1, // FWPS_FIELD_IPFORWARD_V6_IP_DESTINATION_ADDRESS
+            IpDestinationAddressType = 2, // FWPS_FIELD_IPFORWARD_V6_IP_DESTINATION_ADDRESS_TYPE
+            IpLocalInterface = 3, // FWPS_FIELD_IPFORWARD_V6_IP_LOCAL_INTERFACE
+            IpForwardInterface = 4, // FWPS_FIELD_IPFORWARD_V6_IP_FORWARD_INTERFACE
+            SourceInterfaceIndex = 5, // FWPS_FIELD_IPFORWARD_V6_SOURCE_INTERFACE_INDEX
+            SourceSubInterfaceIndex = 6, // FWPS_FIELD_IPFORWARD_V6_SOURCE_SUB_INTERFACE_INDEX
+            DestinationInterfaceIndex = 7, // FWPS_FIELD_IPFORWARD_V6_DESTINATION_INTERFACE_INDEX
+            DestinationSubInterfaceIndex = 8, // FWPS_FIELD_IPFORWARD_V6_DESTINATION_SUB_INTERFACE_INDEX
+            Flags = 9, // FWPS_FIELD_IPFORWARD_V6_FLAGS
+            // From NTDDI_WIN7:
+            IpPhysicalArrivalInterface = 10, // FWPS_FIELD_IPFORWARD_V6_IP_PHYSICAL_ARRIVAL_INTERFACE
+            ArrivalInterfaceProfileId = 11, // FWPS_FIELD_IPFORWARD_V6_ARRIVAL_INTERFACE_PROFILE_ID
+            IpPhysicalNexthopInterface = 12, // FWPS_FIELD_IPFORWARD_V6_IP_PHYSICAL_NEXTHOP_INTERFACE
+            NexthopInterfaceProfileId = 13, // FWPS_FIELD_IPFORWARD_V6_NEXTHOP_INTERFACE_PROFILE_ID
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 14, // FWPS_FIELD_IPFORWARD_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_IPFORWARD_V6_DISCARD: sees what FWPM_LAYER_IPFORWARD_V6 discards: the same
+    /// fields, for the packets, connections or binds dropped there (the classify sees why in the
+    /// metadata's discard reason).
+    IpForwardV6Discard {
+        c_name: "IPFORWARD_V6_DISCARD",
+        // FWPS_LAYER_IPFORWARD_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 11,
+        key: "31524a5d-1dfe-472f-bb93-518ee945d8a2",
+        ip_version: V6,
+        // FWPS_FIELD_IPFORWARD_V6_MAX (a discard layer has the fields of FWPS_FIELDS_IPFORWARD_V6);
+        // by NTDDI_VERSION: 10 from WIN6, 14 from WIN7, 15 from WIN10_RS2.
+        field_count: 15,
+        fields: {
+            IpSourceAddress = 0, // FWPS_FIELD_IPFORWARD_V6_IP_SOURCE_ADDRESS
+            IpDestinationAddress = 1, // FWPS_FIELD_IPFORWARD_V6_IP_DESTINATION_ADDRESS
+            IpDestinationAddressType = 2, // FWPS_FIELD_IPFORWARD_V6_IP_DESTINATION_ADDRESS_TYPE
+            IpLocalInterface = 3, // FWPS_FIELD_IPFORWARD_V6_IP_LOCAL_INTERFACE
+            IpForwardInterface = 4, // FWPS_FIELD_IPFORWARD_V6_IP_FORWARD_INTERFACE
+            SourceInterfaceIndex = 5, // FWPS_FIELD_IPFORWARD_V6_SOURCE_INTERFACE_INDEX
+            SourceSubInterfaceIndex = 6, // FWPS_FIELD_IPFORWARD_V6_SOURCE_SUB_INTERFACE_INDEX
+            DestinationInterfaceIndex = 7, // FWPS_FIELD_IPFORWARD_V6_DESTINATION_INTERFACE_INDEX
+            DestinationSubInterfaceIndex = 8, // FWPS_FIELD_IPFORWARD_V6_DESTINATION_SUB_INTERFACE_INDEX
+            Flags = 9, // FWPS_FIELD_IPFORWARD_V6_FLAGS
+            // From NTDDI_WIN7:
+            IpPhysicalArrivalInterface = 10, // FWPS_FIELD_IPFORWARD_V6_IP_PHYSICAL_ARRIVAL_INTERFACE
+            ArrivalInterfaceProfileId = 11, // FWPS_FIELD_IPFORWARD_V6_ARRIVAL_INTERFACE_PROFILE_ID
+            IpPhysicalNexthopInterface = 12, // FWPS_FIELD_IPFORWARD_V6_IP_PHYSICAL_NEXTHOP_INTERFACE
+            NexthopInterfaceProfileId = 13, // FWPS_FIELD_IPFORWARD_V6_NEXTHOP_INTERFACE_PROFILE_ID
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 14, // FWPS_FIELD_IPFORWARD_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INBOUND_TRANSPORT_V4_DISCARD: sees what FWPM_LAYER_INBOUND_TRANSPORT_V4 discards:
+    /// the same fields, for the packets, connections or binds dropped there (the classify sees why
+    /// in the metadata's discard reason).
+    InboundTransportV4Discard {
+        c_name: "INBOUND_TRANSPORT_V4_DISCARD",
+        // FWPS_LAYER_INBOUND_TRANSPORT_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 13,
+        key: "ac4a9833-f69d-4648-b261-6dc84835ef39",
+        ip_version: V4,
+        // FWPS_FIELD_INBOUND_TRANSPORT_V4_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_INBOUND_TRANSPORT_V4); by NTDDI_VERSION: 12 from WIN6, 13 from WIN7, 14 from
+        // WINTHRESHOLD, 15 from WIN10_RS2.
+        field_count: 15,
+        fields: {
+            IpProtocol = 0, // FWPS_FIELD_INBOUND_TRANSPORT_V4_IP_PROTOCOL
+            IpLocalAddress = 1, // FWPS_FIELD_INBOUND_TRANSPORT_V4_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 2, // FWPS_FIELD_INBOUND_TRANSPORT_V4_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_INBOUND_TRANSPORT_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_INBOUND_TRANSPORT_V4_IP_LOCAL_PORT
+            IpRemotePort = 5, // FWPS_FIELD_INBOUND_TRANSPORT_V4_IP_REMOTE_PORT
+            IpLocalInterface = 6, // FWPS_FIELD_INBOUND_TRANSPORT_V4_IP_LOCAL_INTERFACE
+            InterfaceIndex = 7, // FWPS_FIELD_INBOUND_TRANSPORT_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 8, // FWPS_FIELD_INBOUND_TRANSPORT_V4_SUB_INTERFACE_INDEX
+            Flags = 9, // FWPS_FIELD_INBOUND_TRANSPORT_V4_FLAGS
+            InterfaceType = 10, // FWPS_FIELD_INBOUND_TRANSPORT_V4_INTERFACE_TYPE
+            TunnelType = 11, // FWPS_FIELD_INBOUND_TRANSPORT_V4_TUNNEL_TYPE
+            // From NTDDI_WIN7:
+            CurrentProfileId = 12, // FWPS_FIELD_INBOUND_TRANSPORT_V4_PROFILE_ID
+            // (PROFILE_ID is FWPM_CONDITION_CURRENT_PROFILE_ID.)
+            // From NTDDI_WINTHRESHOLD:
+            IpsecSecurityRealmId = 13, // FWPS_FIELD_INBOUND_TRANSPORT_V4_IPSEC_SECURITY_REALM_ID
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 14, // FWPS_FIELD_INBOUND_TRANSPORT_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INBOUND_TRANSPORT_V6_DISCARD: sees what FWPM_LAYER_INBOUND_TRANSPORT_V6 discards:
+    /// the same fields, for the packets, connections or binds dropped there (the classify sees why
+    /// in the metadata's discard reason).
+    InboundTransportV6Discard {
+        c_name: "INBOUND_TRANSPORT_V6_DISCARD",
+        // FWPS_LAYER_INBOUND_TRANSPORT_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 15,
+        key: "2a6ff955-3b2b-49d2-9848-ad9d72dcaab7",
+        ip_version: V6,
+        // FWPS_FIELD_INBOUND_TRANSPORT_V6_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_INBOUND_TRANSPORT_V6); by NTDDI_VERSION: 12 from WIN6, 13 from WIN7, 14 from
+        // WINTHRESHOLD, 15 from WIN10_RS2.
+        field_count: 15,
+        fields: {
+            IpProtocol = 0, // FWPS_FIELD_INBOUND_TRANSPORT_V6_IP_PROTOCOL
+            IpLocalAddress = 1, // FWPS_FIELD_INBOUND_TRANSPORT_V6_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 2, // FWPS_FIELD_INBOUND_TRANSPORT_V6_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_INBOUND_TRANSPORT_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_INBOUND_TRANSPORT_V6_IP_LOCAL_PORT
+            IpRemotePort = 5, // FWPS_FIELD_INBOUND_TRANSPORT_V6_IP_REMOTE_PORT
+            IpLocalInterface = 6, // FWPS_FIELD_INBOUND_TRANSPORT_V6_IP_LOCAL_INTERFACE
+            InterfaceIndex = 7, // FWPS_FIELD_INBOUND_TRANSPORT_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 8, // FWPS_FIELD_INBOUND_TRANSPORT_V6_SUB_INTERFACE_INDEX
+            Flags = 9, // FWPS_FIELD_INBOUND_TRANSPORT_V6_FLAGS
+            InterfaceType = 10, // FWPS_FIELD_INBOUND_TRANSPORT_V6_INTERFACE_TYPE
+            TunnelType = 11, // FWPS_FIELD_INBOUND_TRANSPORT_V6_TUNNEL_TYPE
+            // From NTDDI_WIN7:
+            CurrentProfileId = 12, // FWPS_FIELD_INBOUND_TRANSPORT_V6_PROFILE_ID
+            // (PROFILE_ID is FWPM_CONDITION_CURRENT_PROFILE_ID.)
+            // From NTDDI_WINTHRESHOLD:
+            IpsecSecurityRealmId = 13, // FWPS_FIELD_INBOUND_TRANSPORT_V6_IPSEC_SECURITY_REALM_ID
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 14, // FWPS_FIELD_INBOUND_TRANSPORT_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_OUTBOUND_TRANSPORT_V4_DISCARD: sees what FWPM_LAYER_OUTBOUND_TRANSPORT_V4
+    /// discards: the same fields, for the packets, connections or binds dropped there (the classify
+    /// sees why in the metadata's discard reason).
+    OutboundTransportV4Discard {
+        c_name: "OUTBOUND_TRANSPORT_V4_DISCARD",
+        // FWPS_LAYER_OUTBOUND_TRANSPORT_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 17,
+        key: "c5f10551-bdb0-43d7-a313-50e211f4d68a",
+        ip_version: V4,
+        // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_OUTBOUND_TRANSPORT_V4); by NTDDI_VERSION: 13 from WIN6, 14 from WIN7, 15 from
+        // WINTHRESHOLD, 16 from WIN10_RS2.
+        field_count: 16,
+        fields: {
+            IpProtocol = 0, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_IP_PROTOCOL
+            IpLocalAddress = 1, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 2, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_IP_LOCAL_ADDRESS_TYPE
+            IpRemoteAddress = 3, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_IP_REMOTE_ADDRESS
+            IpLocalPort = 4, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_IP_LOCAL_PORT
+            IpRemotePort = 5, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_IP_REMOTE_PORT
+            IpLocalInterface = 6, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_IP_LOCAL_INTERFACE
+            InterfaceIndex = 7, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 8, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_SUB_INTERFACE_INDEX
+            IpDestinationAddressType = 9, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_IP_DESTINATION_ADDRESS_TYPE
+            Flags = 10, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_FLAGS
+            InterfaceType = 11, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_INTERFACE_TYPE
+            TunnelType = 12, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_TUNNEL_TYPE
+            // From NTDDI_WIN7:
+            CurrentProfileId = 13, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_PROFILE_ID
+            // (PROFILE_ID is FWPM_CONDITION_CURRENT_PROFILE_ID.)
+            // From NTDDI_WINTHRESHOLD:
+            IpsecSecurityRealmId = 14, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_IPSEC_SECURITY_REALM_ID
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 15, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_OUTBOUND_TRANSPORT_V6_DISCARD: sees what FWPM_LAYER_OUTBOUND_TRANSPORT_V6
+    /// discards: the same fields, for the packets, connections or binds dropped there (the classify
+    /// sees why in the metadata's discard reason).
+    OutboundTransportV6Discard {
+        c_name: "OUTBOUND_TRANSPORT_V6_DISCARD",
+        // FWPS_LAYER_OUTBOUND_TRANSPORT_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 19,
+        key: "f433df69-ccbd-482e-b9b2-57165658c3b3",
+        ip_version: V6,
+        // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_OUTBOUND_TRANSPORT_V6); by NTDDI_VERSION: 13 from WIN6, 14 from WIN7, 15 from
+        // WINTHRESHOLD, 16 from WIN10_RS2.
+        field_count: 16,
+        fields: {
+            IpProtocol = 0, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_IP_PROTOCOL
+            IpLocalAddress = 1, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 2, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_IP_LOCAL_ADDRESS_TYPE
+            IpRemoteAddress = 3, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_IP_REMOTE_ADDRESS
+            IpLocalPort = 4, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_IP_LOCAL_PORT
+            IpRemotePort = 5, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_IP_REMOTE_PORT
+            IpLocalInterface = 6, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_IP_LOCAL_INTERFACE
+            InterfaceIndex = 7, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 8, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_SUB_INTERFACE_INDEX
+            IpDestinationAddressType = 9, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_IP_DESTINATION_ADDRESS_TYPE
+            Flags = 10, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_FLAGS
+            InterfaceType = 11, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_INTERFACE_TYPE
+            TunnelType = 12, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_TUNNEL_TYPE
+            // From NTDDI_WIN7:
+            CurrentProfileId = 13, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_PROFILE_ID
+            // (PROFILE_ID is FWPM_CONDITION_CURRENT_PROFILE_ID.)
+            // From NTDDI_WINTHRESHOLD:
+            IpsecSecurityRealmId = 14, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_IPSEC_SECURITY_REALM_ID
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 15, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_STREAM_V4: sees TCP stream data, per stream and in both directions.
+    StreamV4 {
+        c_name: "STREAM_V4",
+        // FWPS_LAYER_STREAM_V4: the same in the 19041, 22000 and 22621 WDKs.
+        id: 20,
+        key: "3b89653c-c170-49e4-b1cd-e0eeeee19a3e",
+        ip_version: V4,
+        // FWPS_FIELD_STREAM_V4_MAX; by NTDDI_VERSION: 6 from WIN6, 7 from WIN6SP1, 8 from
+        // WIN10_RS2.
+        field_count: 8,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_STREAM_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 1, // FWPS_FIELD_STREAM_V4_IP_LOCAL_ADDRESS_TYPE
+            IpRemoteAddress = 2, // FWPS_FIELD_STREAM_V4_IP_REMOTE_ADDRESS
+            IpLocalPort = 3, // FWPS_FIELD_STREAM_V4_IP_LOCAL_PORT
+            IpRemotePort = 4, // FWPS_FIELD_STREAM_V4_IP_REMOTE_PORT
+            Direction = 5, // FWPS_FIELD_STREAM_V4_DIRECTION
+            // From NTDDI_WIN6SP1:
+            Flags = 6, // FWPS_FIELD_STREAM_V4_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 7, // FWPS_FIELD_STREAM_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_STREAM_V4_DISCARD: sees what FWPM_LAYER_STREAM_V4 discards: the same fields, for
+    /// the packets, connections or binds dropped there (the classify sees why in the metadata's
+    /// discard reason).
+    StreamV4Discard {
+        c_name: "STREAM_V4_DISCARD",
+        // FWPS_LAYER_STREAM_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 21,
+        key: "25c4c2c2-25ff-4352-82f9-c54a4a4726dc",
+        ip_version: V4,
+        // FWPS_FIELD_STREAM_V4_MAX (a discard layer has the fields of FWPS_FIELDS_STREAM_V4); by
+        // NTDDI_VERSION: 6 from WIN6, 7 from WIN6SP1, 8 from WIN10_RS2.
+        field_count: 8,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_STREAM_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 1, // FWPS_FIELD_STREAM_V4_IP_LOCAL_ADDRESS_TYPE
+            IpRemoteAddress = 2, // FWPS_FIELD_STREAM_V4_IP_REMOTE_ADDRESS
+            IpLocalPort = 3, // FWPS_FIELD_STREAM_V4_IP_LOCAL_PORT
+            IpRemotePort = 4, // FWPS_FIELD_STREAM_V4_IP_REMOTE_PORT
+            Direction = 5, // FWPS_FIELD_STREAM_V4_DIRECTION
+            // From NTDDI_WIN6SP1:
+            Flags = 6, // FWPS_FIELD_STREAM_V4_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 7, // FWPS_FIELD_STREAM_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_STREAM_V6: sees TCP stream data, per stream and in both directions.
+    StreamV6 {
+        c_name: "STREAM_V6",
+        // FWPS_LAYER_STREAM_V6: the same in the 19041, 22000 and 22621 WDKs.
+        id: 22,
+        key: "47c9137a-7ec4-46b3-b6e4-48e926b1eda4",
+        ip_version: V6,
+        // FWPS_FIELD_STREAM_V6_MAX; by NTDDI_VERSION: 6 from WIN6, 7 from WIN6SP1, 8 from
+        // WIN10_RS2.
+        field_count: 8,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_STREAM_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 1, // FWPS_FIELD_STREAM_V6_IP_LOCAL_ADDRESS_TYPE
+            IpRemoteAddress = 2, // FWPS_FIELD_STREAM_V6_IP_REMOTE_ADDRESS
+            IpLocalPort = 3, // FWPS_FIELD_STREAM_V6_IP_LOCAL_PORT
+            IpRemotePort = 4, // FWPS_FIELD_STREAM_V6_IP_REMOTE_PORT
+            Direction = 5, // FWPS_FIELD_STREAM_V6_DIRECTION
+            // From NTDDI_WIN6SP1:
+            Flags = 6, // FWPS_FIELD_STREAM_V6_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 7, // FWPS_FIELD_STREAM_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_STREAM_V6_DISCARD: sees what FWPM_LAYER_STREAM_V6 discards: the same fields, for
+    /// the packets, connections or binds dropped there (the classify sees why in the metadata's
+    /// discard reason).
+    StreamV6Discard {
+        c_name: "STREAM_V6_DISCARD",
+        // FWPS_LAYER_STREAM_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 23,
+        key: "10a59fc7-b628-4c41-9eb8-cf37d55103cf",
+        ip_version: V6,
+        // FWPS_FIELD_STREAM_V6_MAX (a discard layer has the fields of FWPS_FIELDS_STREAM_V6); by
+        // NTDDI_VERSION: 6 from WIN6, 7 from WIN6SP1, 8 from WIN10_RS2.
+        field_count: 8,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_STREAM_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 1, // FWPS_FIELD_STREAM_V6_IP_LOCAL_ADDRESS_TYPE
+            IpRemoteAddress = 2, // FWPS_FIELD_STREAM_V6_IP_REMOTE_ADDRESS
+            IpLocalPort = 3, // FWPS_FIELD_STREAM_V6_IP_LOCAL_PORT
+            IpRemotePort = 4, // FWPS_FIELD_STREAM_V6_IP_REMOTE_PORT
+            Direction = 5, // FWPS_FIELD_STREAM_V6_DIRECTION
+            // From NTDDI_WIN6SP1:
+            Flags = 6, // FWPS_FIELD_STREAM_V6_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 7, // FWPS_FIELD_STREAM_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_DATAGRAM_DATA_V4: sees datagram (UDP and raw) data, per packet and in both
+    /// directions.
+    DatagramDataV4 {
+        c_name: "DATAGRAM_DATA_V4",
+        // FWPS_LAYER_DATAGRAM_DATA_V4: the same in the 19041, 22000 and 22621 WDKs.
+        id: 24,
+        key: "3d08bf4e-45f6-4930-a922-417098e20027",
+        ip_version: V4,
+        // FWPS_FIELD_DATAGRAM_DATA_V4_MAX; by NTDDI_VERSION: 13 from WIN6, 14 from WIN10_RS2.
+        field_count: 14,
+        fields: {
+            IpProtocol = 0, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_PROTOCOL
+            IpLocalAddress = 1, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 2, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_LOCAL_PORT
+            IpRemotePort = 5, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_REMOTE_PORT
+            IpLocalInterface = 6, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_LOCAL_INTERFACE
+            InterfaceIndex = 7, // FWPS_FIELD_DATAGRAM_DATA_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 8, // FWPS_FIELD_DATAGRAM_DATA_V4_SUB_INTERFACE_INDEX
+            Direction = 9, // FWPS_FIELD_DATAGRAM_DATA_V4_DIRECTION
+            Flags = 10, // FWPS_FIELD_DATAGRAM_DATA_V4_FLAGS
+            InterfaceType = 11, // FWPS_FIELD_DATAGRAM_DATA_V4_INTERFACE_TYPE
+            TunnelType = 12, // FWPS_FIELD_DATAGRAM_DATA_V4_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_DATAGRAM_DATA_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_DATAGRAM_DATA_V4_DISCARD: sees what FWPM_LAYER_DATAGRAM_DATA_V4 discards: the
+    /// same fields, for the packets, connections or binds dropped there (the classify sees why in
+    /// the metadata's discard reason).
+    DatagramDataV4Discard {
+        c_name: "DATAGRAM_DATA_V4_DISCARD",
+        // FWPS_LAYER_DATAGRAM_DATA_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 25,
+        key: "18e330c6-7248-4e52-aaab-472ed67704fd",
+        ip_version: V4,
+        // FWPS_FIELD_DATAGRAM_DATA_V4_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_DATAGRAM_DATA_V4); by NTDDI_VERSION: 13 from WIN6, 14 from WIN10_RS2.
+        field_count: 14,
+        fields: {
+            IpProtocol = 0, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_PROTOCOL
+            IpLocalAddress = 1, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 2, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_LOCAL_PORT
+            IpRemotePort = 5, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_REMOTE_PORT
+            IpLocalInterface = 6, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_LOCAL_INTERFACE
+            InterfaceIndex = 7, // FWPS_FIELD_DATAGRAM_DATA_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 8, // FWPS_FIELD_DATAGRAM_DATA_V4_SUB_INTERFACE_INDEX
+            Direction = 9, // FWPS_FIELD_DATAGRAM_DATA_V4_DIRECTION
+            Flags = 10, // FWPS_FIELD_DATAGRAM_DATA_V4_FLAGS
+            InterfaceType = 11, // FWPS_FIELD_DATAGRAM_DATA_V4_INTERFACE_TYPE
+            TunnelType = 12, // FWPS_FIELD_DATAGRAM_DATA_V4_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_DATAGRAM_DATA_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_DATAGRAM_DATA_V6: sees datagram (UDP and raw) data, per packet and in both
+    /// directions.
+    DatagramDataV6 {
+        c_name: "DATAGRAM_DATA_V6",
+        // FWPS_LAYER_DATAGRAM_DATA_V6: the same in the 19041, 22000 and 22621 WDKs.
+        id: 26,
+        key: "fa45fe2f-3cba-4427-87fc-57b9a4b10d00",
+        ip_version: V6,
+        // FWPS_FIELD_DATAGRAM_DATA_V6_MAX; by NTDDI_VERSION: 13 from WIN6, 14 from WIN10_RS2.
+        field_count: 14,
+        fields: {
+            IpProtocol = 0, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_PROTOCOL
+            IpLocalAddress = 1, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 2, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_LOCAL_PORT
+            IpRemotePort = 5, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_REMOTE_PORT
+            IpLocalInterface = 6, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_LOCAL_INTERFACE
+            InterfaceIndex = 7, // FWPS_FIELD_DATAGRAM_DATA_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 8, // FWPS_FIELD_DATAGRAM_DATA_V6_SUB_INTERFACE_INDEX
+            Direction = 9, // FWPS_FIELD_DATAGRAM_DATA_V6_DIRECTION
+            Flags = 10, // FWPS_FIELD_DATAGRAM_DATA_V6_FLAGS
+            InterfaceType = 11, // FWPS_FIELD_DATAGRAM_DATA_V6_INTERFACE_TYPE
+            TunnelType = 12, // FWPS_FIELD_DATAGRAM_DATA_V6_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_DATAGRAM_DATA_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_DATAGRAM_DATA_V6_DISCARD: sees what FWPM_LAYER_DATAGRAM_DATA_V6 discards: the
+    /// same fields, for the packets, connections or binds dropped there (the classify sees why in
+    /// the metadata's discard reason).
+    DatagramDataV6Discard {
+        c_name: "DATAGRAM_DATA_V6_DISCARD",
+        // FWPS_LAYER_DATAGRAM_DATA_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 27,
+        key: "09d1dfe1-9b86-4a42-be9d-8c315b92a5d0",
+        ip_version: V6,
+        // FWPS_FIELD_DATAGRAM_DATA_V6_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_DATAGRAM_DATA_V6); by NTDDI_VERSION: 13 from WIN6, 14 from WIN10_RS2.
+        field_count: 14,
+        fields: {
+            IpProtocol = 0, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_PROTOCOL
+            IpLocalAddress = 1, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 2, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_LOCAL_PORT
+            IpRemotePort = 5, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_REMOTE_PORT
+            IpLocalInterface = 6, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_LOCAL_INTERFACE
+            InterfaceIndex = 7, // FWPS_FIELD_DATAGRAM_DATA_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 8, // FWPS_FIELD_DATAGRAM_DATA_V6_SUB_INTERFACE_INDEX
+            Direction = 9, // FWPS_FIELD_DATAGRAM_DATA_V6_DIRECTION
+            Flags = 10, // FWPS_FIELD_DATAGRAM_DATA_V6_FLAGS
+            InterfaceType = 11, // FWPS_FIELD_DATAGRAM_DATA_V6_INTERFACE_TYPE
+            TunnelType = 12, // FWPS_FIELD_DATAGRAM_DATA_V6_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_DATAGRAM_DATA_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INBOUND_ICMP_ERROR_V4: sees inbound ICMP error messages for the transport
+    /// protocols.
+    InboundIcmpErrorV4 {
+        c_name: "INBOUND_ICMP_ERROR_V4",
+        // FWPS_LAYER_INBOUND_ICMP_ERROR_V4: the same in the 19041, 22000 and 22621 WDKs.
+        id: 28,
+        key: "61499990-3cb6-4e84-b950-53b94b6964f3",
+        ip_version: V4,
+        // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_MAX; by NTDDI_VERSION: 14 from WIN6, 19 from WIN6SP1, 21
+        // from WIN7, 22 from WIN10_RS2.
+        field_count: 22,
+        fields: {
+            EmbeddedProtocol = 0, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_EMBEDDED_PROTOCOL
+            IpLocalAddress = 1, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 2, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_IP_REMOTE_ADDRESS
+            EmbeddedRemoteAddress = 3, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_EMBEDDED_REMOTE_ADDRESS
+            EmbeddedLocalAddressType = 4, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_EMBEDDED_LOCAL_ADDRESS_TYPE
+            EmbeddedLocalPort = 5, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_EMBEDDED_LOCAL_PORT
+            EmbeddedRemotePort = 6, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_EMBEDDED_REMOTE_PORT
+            IpLocalInterface = 7, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_IP_LOCAL_INTERFACE
+            IpLocalPort = 8, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_ICMP_TYPE
+            // (ICMP_TYPE is FWPM_CONDITION_IP_LOCAL_PORT.)
+            IpRemotePort = 9, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_ICMP_CODE
+            // (ICMP_CODE is FWPM_CONDITION_IP_REMOTE_PORT.)
+            InterfaceIndex = 10, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 11, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_SUB_INTERFACE_INDEX
+            InterfaceType = 12, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_INTERFACE_TYPE
+            TunnelType = 13, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_TUNNEL_TYPE
+            // From NTDDI_WIN6SP1:
+            IpArrivalInterface = 14, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_IP_ARRIVAL_INTERFACE
+            ArrivalInterfaceIndex = 15, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_ARRIVAL_INTERFACE_INDEX
+            ArrivalInterfaceType = 16, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_ARRIVAL_INTERFACE_TYPE
+            ArrivalTunnelType = 17, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_ARRIVAL_TUNNEL_TYPE
+            Flags = 18, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_FLAGS
+            // From NTDDI_WIN7:
+            ArrivalInterfaceProfileId = 19, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_ARRIVAL_INTERFACE_PROFILE_ID
+            InterfaceQuarantineEpoch = 20, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_INTERFACE_QUARANTINE_EPOCH
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 21, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INBOUND_ICMP_ERROR_V4_DISCARD: sees what FWPM_LAYER_INBOUND_ICMP_ERROR_V4
+    /// discards: the same fields, for the packets, connections or binds dropped there (the classify
+    /// sees why in the metadata's discard reason).
+    InboundIcmpErrorV4Discard {
+        c_name: "INBOUND_ICMP_ERROR_V4_DISCARD",
+        // FWPS_LAYER_INBOUND_ICMP_ERROR_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 29,
+        key: "a6b17075-ebaf-4053-a4e7-213c8121ede5",
+        ip_version: V4,
+        // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_INBOUND_ICMP_ERROR_V4); by NTDDI_VERSION: 14 from WIN6, 19 from WIN6SP1, 21
+        // from WIN7, 22 from WIN10_RS2.
+        field_count: 22,
+        fields: {
+            EmbeddedProtocol = 0, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_EMBEDDED_PROTOCOL
+            IpLocalAddress = 1, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 2, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_IP_REMOTE_ADDRESS
+            EmbeddedRemoteAddress = 3, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_EMBEDDED_REMOTE_ADDRESS
+            EmbeddedLocalAddressType = 4, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_EMBEDDED_LOCAL_ADDRESS_TYPE
+            EmbeddedLocalPort = 5, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_EMBEDDED_LOCAL_PORT
+            EmbeddedRemotePort = 6, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_EMBEDDED_REMOTE_PORT
+            IpLocalInterface = 7, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_IP_LOCAL_INTERFACE
+            IpLocalPort = 8, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_ICMP_TYPE
+            // (ICMP_TYPE is FWPM_CONDITION_IP_LOCAL_PORT.)
+            IpRemotePort = 9, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_ICMP_CODE
+            // (ICMP_CODE is FWPM_CONDITION_IP_REMOTE_PORT.)
+            InterfaceIndex = 10, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 11, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_SUB_INTERFACE_INDEX
+            InterfaceType = 12, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_INTERFACE_TYPE
+            TunnelType = 13, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_TUNNEL_TYPE
+            // From NTDDI_WIN6SP1:
+            IpArrivalInterface = 14, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_IP_ARRIVAL_INTERFACE
+            ArrivalInterfaceIndex = 15, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_ARRIVAL_INTERFACE_INDEX
+            ArrivalInterfaceType = 16, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_ARRIVAL_INTERFACE_TYPE
+            ArrivalTunnelType = 17, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_ARRIVAL_TUNNEL_TYPE
+            Flags = 18, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_FLAGS
+            // From NTDDI_WIN7:
+            ArrivalInterfaceProfileId = 19, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_ARRIVAL_INTERFACE_PROFILE_ID
+            InterfaceQuarantineEpoch = 20, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_INTERFACE_QUARANTINE_EPOCH
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 21, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INBOUND_ICMP_ERROR_V6: sees inbound ICMP error messages for the transport
+    /// protocols.
+    InboundIcmpErrorV6 {
+        c_name: "INBOUND_ICMP_ERROR_V6",
+        // FWPS_LAYER_INBOUND_ICMP_ERROR_V6: the same in the 19041, 22000 and 22621 WDKs.
+        id: 30,
+        key: "65f9bdff-3b2d-4e5d-b8c6-c720651fe898",
+        ip_version: V6,
+        // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_MAX; by NTDDI_VERSION: 14 from WIN6, 19 from WIN6SP1, 21
+        // from WIN7, 22 from WIN10_RS2.
+        field_count: 22,
+        fields: {
+            EmbeddedProtocol = 0, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_EMBEDDED_PROTOCOL
+            IpLocalAddress = 1, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 2, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_IP_REMOTE_ADDRESS
+            EmbeddedRemoteAddress = 3, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_EMBEDDED_REMOTE_ADDRESS
+            EmbeddedLocalAddressType = 4, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_EMBEDDED_LOCAL_ADDRESS_TYPE
+            EmbeddedLocalPort = 5, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_EMBEDDED_LOCAL_PORT
+            EmbeddedRemotePort = 6, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_EMBEDDED_REMOTE_PORT
+            IpLocalInterface = 7, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_IP_LOCAL_INTERFACE
+            IpLocalPort = 8, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_ICMP_TYPE
+            // (ICMP_TYPE is FWPM_CONDITION_IP_LOCAL_PORT.)
+            IpRemotePort = 9, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_ICMP_CODE
+            // (ICMP_CODE is FWPM_CONDITION_IP_REMOTE_PORT.)
+            InterfaceIndex = 10, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 11, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_SUB_INTERFACE_INDEX
+            InterfaceType = 12, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_INTERFACE_TYPE
+            TunnelType = 13, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_TUNNEL_TYPE
+            // From NTDDI_WIN6SP1:
+            IpArrivalInterface = 14, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_IP_ARRIVAL_INTERFACE
+            ArrivalInterfaceIndex = 15, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_ARRIVAL_INTERFACE_INDEX
+            ArrivalInterfaceType = 16, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_ARRIVAL_INTERFACE_TYPE
+            ArrivalTunnelType = 17, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_ARRIVAL_TUNNEL_TYPE
+            Flags = 18, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_FLAGS
+            // From NTDDI_WIN7:
+            ArrivalInterfaceProfileId = 19, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_ARRIVAL_INTERFACE_PROFILE_ID
+            InterfaceQuarantineEpoch = 20, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_INTERFACE_QUARANTINE_EPOCH
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 21, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INBOUND_ICMP_ERROR_V6_DISCARD: sees what FWPM_LAYER_INBOUND_ICMP_ERROR_V6
+    /// discards: the same fields, for the packets, connections or binds dropped there (the classify
+    /// sees why in the metadata's discard reason).
+    InboundIcmpErrorV6Discard {
+        c_name: "INBOUND_ICMP_ERROR_V6_DISCARD",
+        // FWPS_LAYER_INBOUND_ICMP_ERROR_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 31,
+        key: "a6e7ccc0-08fb-468d-a472-9771d5595e09",
+        ip_version: V6,
+        // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_INBOUND_ICMP_ERROR_V6); by NTDDI_VERSION: 14 from WIN6, 19 from WIN6SP1, 21
+        // from WIN7, 22 from WIN10_RS2.
+        field_count: 22,
+        fields: {
+            EmbeddedProtocol = 0, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_EMBEDDED_PROTOCOL
+            IpLocalAddress = 1, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 2, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_IP_REMOTE_ADDRESS
+            EmbeddedRemoteAddress = 3, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_EMBEDDED_REMOTE_ADDRESS
+            EmbeddedLocalAddressType = 4, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_EMBEDDED_LOCAL_ADDRESS_TYPE
+            EmbeddedLocalPort = 5, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_EMBEDDED_LOCAL_PORT
+            EmbeddedRemotePort = 6, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_EMBEDDED_REMOTE_PORT
+            IpLocalInterface = 7, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_IP_LOCAL_INTERFACE
+            IpLocalPort = 8, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_ICMP_TYPE
+            // (ICMP_TYPE is FWPM_CONDITION_IP_LOCAL_PORT.)
+            IpRemotePort = 9, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_ICMP_CODE
+            // (ICMP_CODE is FWPM_CONDITION_IP_REMOTE_PORT.)
+            InterfaceIndex = 10, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 11, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_SUB_INTERFACE_INDEX
+            InterfaceType = 12, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_INTERFACE_TYPE
+            TunnelType = 13, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_TUNNEL_TYPE
+            // From NTDDI_WIN6SP1:
+            IpArrivalInterface = 14, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_IP_ARRIVAL_INTERFACE
+            ArrivalInterfaceIndex = 15, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_ARRIVAL_INTERFACE_INDEX
+            ArrivalInterfaceType = 16, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_ARRIVAL_INTERFACE_TYPE
+            ArrivalTunnelType = 17, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_ARRIVAL_TUNNEL_TYPE
+            Flags = 18, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_FLAGS
+            // From NTDDI_WIN7:
+            ArrivalInterfaceProfileId = 19, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_ARRIVAL_INTERFACE_PROFILE_ID
+            InterfaceQuarantineEpoch = 20, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_INTERFACE_QUARANTINE_EPOCH
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 21, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_OUTBOUND_ICMP_ERROR_V4: sees outbound ICMP error messages for the transport
+    /// protocols.
+    OutboundIcmpErrorV4 {
+        c_name: "OUTBOUND_ICMP_ERROR_V4",
+        // FWPS_LAYER_OUTBOUND_ICMP_ERROR_V4: the same in the 19041, 22000 and 22621 WDKs.
+        id: 32,
+        key: "41390100-564c-4b32-bc1d-718048354d7c",
+        ip_version: V4,
+        // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_MAX; by NTDDI_VERSION: 10 from WIN6, 11 from WIN6SP1,
+        // 13 from WIN7, 14 from WIN10_RS2.
+        field_count: 14,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 1, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 2, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalInterface = 3, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_IP_LOCAL_INTERFACE
+            IpLocalPort = 4, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_ICMP_TYPE
+            // (ICMP_TYPE is FWPM_CONDITION_IP_LOCAL_PORT.)
+            IpRemotePort = 5, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_ICMP_CODE
+            // (ICMP_CODE is FWPM_CONDITION_IP_REMOTE_PORT.)
+            InterfaceIndex = 6, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 7, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_SUB_INTERFACE_INDEX
+            InterfaceType = 8, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_INTERFACE_TYPE
+            TunnelType = 9, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_TUNNEL_TYPE
+            // From NTDDI_WIN6SP1:
+            Flags = 10, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_FLAGS
+            // From NTDDI_WIN7:
+            NexthopInterfaceProfileId = 11, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_NEXTHOP_INTERFACE_PROFILE_ID
+            InterfaceQuarantineEpoch = 12, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_INTERFACE_QUARANTINE_EPOCH
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_OUTBOUND_ICMP_ERROR_V4_DISCARD: sees what FWPM_LAYER_OUTBOUND_ICMP_ERROR_V4
+    /// discards: the same fields, for the packets, connections or binds dropped there (the classify
+    /// sees why in the metadata's discard reason).
+    OutboundIcmpErrorV4Discard {
+        c_name: "OUTBOUND_ICMP_ERROR_V4_DISCARD",
+        // FWPS_LAYER_OUTBOUND_ICMP_ERROR_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 33,
+        key: "b3598d36-0561-4588-a6bf-e955e3f6264b",
+        ip_version: V4,
+        // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_OUTBOUND_ICMP_ERROR_V4); by NTDDI_VERSION: 10 from WIN6, 11 from WIN6SP1, 13
+        // from WIN7, 14 from WIN10_RS2.
+        field_count: 14,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 1, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 2, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalInterface = 3, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_IP_LOCAL_INTERFACE
+            IpLocalPort = 4, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_ICMP_TYPE
+            // (ICMP_TYPE is FWPM_CONDITION_IP_LOCAL_PORT.)
+            IpRemotePort = 5, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_ICMP_CODE
+            // (ICMP_CODE is FWPM_CONDITION_IP_REMOTE_PORT.)
+            InterfaceIndex = 6, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 7, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_SUB_INTERFACE_INDEX
+            InterfaceType = 8, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_INTERFACE_TYPE
+            TunnelType = 9, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_TUNNEL_TYPE
+            // From NTDDI_WIN6SP1:
+            Flags = 10, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_FLAGS
+            // From NTDDI_WIN7:
+            NexthopInterfaceProfileId = 11, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_NEXTHOP_INTERFACE_PROFILE_ID
+            InterfaceQuarantineEpoch = 12, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_INTERFACE_QUARANTINE_EPOCH
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_OUTBOUND_ICMP_ERROR_V6: sees outbound ICMP error messages for the transport
+    /// protocols.
+    OutboundIcmpErrorV6 {
+        c_name: "OUTBOUND_ICMP_ERROR_V6",
+        // FWPS_LAYER_OUTBOUND_ICMP_ERROR_V6: the same in the 19041, 22000 and 22621 WDKs.
+        id: 34,
+        key: "7fb03b60-7b8d-4dfa-badd-980176fc4e12",
+        ip_version: V6,
+        // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_MAX; by NTDDI_VERSION: 10 from WIN6, 11 from WIN6SP1,
+        // 13 from WIN7, 14 from WIN10_RS2.
+        field_count: 14,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 1, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 2, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalInterface = 3, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_LOCAL_INTERFACE
+            IpLocalPort = 4, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_LOCAL_PORT
+            IpRemotePort = 5, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_REMOTE_PORT
+            InterfaceIndex = 6, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 7, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_SUB_INTERFACE_INDEX
+            InterfaceType = 8, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_INTERFACE_TYPE
+            TunnelType = 9, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_TUNNEL_TYPE
+            // From NTDDI_WIN6SP1:
+            Flags = 10, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_FLAGS
+            // From NTDDI_WIN7:
+            NexthopInterfaceProfileId = 11, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_NEXTHOP_INTERFACE_PROFILE_ID
+            InterfaceQuarantineEpoch = 12, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_INTERFACE_QUARANTINE_EPOCH
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_OUTBOUND_ICMP_ERROR_V6_DISCARD: sees what FWPM_LAYER_OUTBOUND_ICMP_ERROR_V6
+    /// discards: the same fields, for the packets, connections or binds dropped there (the classify
+    /// sees why in the metadata's discard reason).
+    OutboundIcmpErrorV6Discard {
+        c_name: "OUTBOUND_ICMP_ERROR_V6_DISCARD",
+        // FWPS_LAYER_OUTBOUND_ICMP_ERROR_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 35,
+        key: "65f2e647-8d0c-4f47-b19b-33a4d3f1357c",
+        ip_version: V6,
+        // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_OUTBOUND_ICMP_ERROR_V6); by NTDDI_VERSION: 10 from WIN6, 11 from WIN6SP1, 13
+        // from WIN7, 14 from WIN10_RS2.
+        field_count: 14,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 1, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_REMOTE_ADDRESS
+            IpLocalAddressType = 2, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalInterface = 3, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_LOCAL_INTERFACE
+            IpLocalPort = 4, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_LOCAL_PORT
+            IpRemotePort = 5, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_REMOTE_PORT
+            InterfaceIndex = 6, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 7, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_SUB_INTERFACE_INDEX
+            InterfaceType = 8, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_INTERFACE_TYPE
+            TunnelType = 9, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_TUNNEL_TYPE
+            // From NTDDI_WIN6SP1:
+            Flags = 10, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_FLAGS
+            // From NTDDI_WIN7:
+            NexthopInterfaceProfileId = 11, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_NEXTHOP_INTERFACE_PROFILE_ID
+            InterfaceQuarantineEpoch = 12, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_INTERFACE_QUARANTINE_EPOCH
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_ALE_RESOURCE_ASSIGNMENT_V4_DISCARD: sees what
+    /// FWPM_LAYER_ALE_RESOURCE_ASSIGNMENT_V4 discards: the same fields, for the packets,
+    /// connections or binds dropped there (the classify sees why in the metadata's discard reason).
+    AleResourceAssignmentV4Discard {
+        c_name: "ALE_RESOURCE_ASSIGNMENT_V4_DISCARD",
+        // FWPS_LAYER_ALE_RESOURCE_ASSIGNMENT_V4_DISCARD: the same in the 19041, 22000 and 22621
+        // WDKs.
+        id: 37,
+        key: "0b5812a2-c3ff-4eca-b88d-c79e20ac6322",
+        ip_version: V4,
+        // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_ALE_RESOURCE_ASSIGNMENT_V4); by NTDDI_VERSION: 11 from WIN6, 13 from WIN7, 14
+        // from WIN8, 15 from WINTHRESHOLD, 16 from WIN10_RS2, 18 from WIN10_RS5.
+        field_count: 18,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_IP_LOCAL_PORT
+            IpProtocol = 5, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_IP_PROTOCOL
+            AlePromiscuousMode = 6, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_ALE_PROMISCUOUS_MODE
+            IpLocalInterface = 7, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_IP_LOCAL_INTERFACE
+            Flags = 8, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_FLAGS
+            InterfaceType = 9, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_INTERFACE_TYPE
+            TunnelType = 10, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_TUNNEL_TYPE
+            // From NTDDI_WIN7:
+            LocalInterfaceProfileId = 11, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_LOCAL_INTERFACE_PROFILE_ID
+            SioFirewallSocketProperty = 12, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_SIO_FIREWALL_SOCKET_PROPERTY
+            // (SIO_FIREWALL_SOCKET_PROPERTY is FWPM_CONDITION_ALE_SIO_FIREWALL_SYSTEM_PORT.)
+            // From NTDDI_WIN8:
+            AlePackageId = 13, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 14, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 15, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_COMPARTMENT_ID
+            // From NTDDI_WIN10_RS5:
+            // 16: FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_RESERVED_0 has no FWPM_CONDITION_* key and
+            // is left out.
+            // 17: FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_RESERVED_1 has no FWPM_CONDITION_* key and
+            // is left out.
+        },
+    }
+
+    /// FWPM_LAYER_ALE_RESOURCE_ASSIGNMENT_V6_DISCARD: sees what
+    /// FWPM_LAYER_ALE_RESOURCE_ASSIGNMENT_V6 discards: the same fields, for the packets,
+    /// connections or binds dropped there (the classify sees why in the metadata's discard reason).
+    AleResourceAssignmentV6Discard {
+        c_name: "ALE_RESOURCE_ASSIGNMENT_V6_DISCARD",
+        // FWPS_LAYER_ALE_RESOURCE_ASSIGNMENT_V6_DISCARD: the same in the 19041, 22000 and 22621
+        // WDKs.
+        id: 39,
+        key: "cbc998bb-c51f-4c1a-bb4f-9775fcacab2f",
+        ip_version: V6,
+        // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_ALE_RESOURCE_ASSIGNMENT_V6); by NTDDI_VERSION: 11 from WIN6, 13 from WIN7, 14
+        // from WIN8, 15 from WINTHRESHOLD, 16 from WIN10_RS2, 18 from WIN10_RS5.
+        field_count: 18,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_IP_LOCAL_PORT
+            IpProtocol = 5, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_IP_PROTOCOL
+            AlePromiscuousMode = 6, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_ALE_PROMISCUOUS_MODE
+            IpLocalInterface = 7, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_IP_LOCAL_INTERFACE
+            Flags = 8, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_FLAGS
+            InterfaceType = 9, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_INTERFACE_TYPE
+            TunnelType = 10, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_TUNNEL_TYPE
+            // From NTDDI_WIN7:
+            LocalInterfaceProfileId = 11, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_LOCAL_INTERFACE_PROFILE_ID
+            SioFirewallSocketProperty = 12, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_SIO_FIREWALL_SOCKET_PROPERTY
+            // (SIO_FIREWALL_SOCKET_PROPERTY is FWPM_CONDITION_ALE_SIO_FIREWALL_SYSTEM_PORT.)
+            // From NTDDI_WIN8:
+            AlePackageId = 13, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 14, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 15, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_COMPARTMENT_ID
+            // From NTDDI_WIN10_RS5:
+            // 16: FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_RESERVED_0 has no FWPM_CONDITION_* key and
+            // is left out.
+            // 17: FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_RESERVED_1 has no FWPM_CONDITION_* key and
+            // is left out.
+        },
+    }
+
+    /// FWPM_LAYER_ALE_AUTH_LISTEN_V4: authorizes a TCP socket's listen.
+    AleAuthListenV4 {
+        c_name: "ALE_AUTH_LISTEN_V4",
+        // FWPS_LAYER_ALE_AUTH_LISTEN_V4: the same in the 19041, 22000 and 22621 WDKs.
+        id: 40,
+        key: "88bb5dad-76d7-4227-9c71-df0a3ed7be7e",
+        ip_version: V4,
+        // FWPS_FIELD_ALE_AUTH_LISTEN_V4_MAX; by NTDDI_VERSION: 9 from WIN6, 11 from WIN7, 12 from
+        // WIN8, 13 from WINTHRESHOLD, 14 from WIN10_RS2.
+        field_count: 14,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_IP_LOCAL_PORT
+            IpLocalInterface = 5, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_IP_LOCAL_INTERFACE
+            Flags = 6, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_FLAGS
+            InterfaceType = 7, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_INTERFACE_TYPE
+            TunnelType = 8, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_TUNNEL_TYPE
+            // From NTDDI_WIN7:
+            LocalInterfaceProfileId = 9, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_LOCAL_INTERFACE_PROFILE_ID
+            SioFirewallSocketProperty = 10, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_SIO_FIREWALL_SOCKET_PROPERTY
+            // (SIO_FIREWALL_SOCKET_PROPERTY is FWPM_CONDITION_ALE_SIO_FIREWALL_SYSTEM_PORT.)
+            // From NTDDI_WIN8:
+            AlePackageId = 11, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 12, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_ALE_AUTH_LISTEN_V4_DISCARD: sees what FWPM_LAYER_ALE_AUTH_LISTEN_V4 discards: the
+    /// same fields, for the packets, connections or binds dropped there (the classify sees why in
+    /// the metadata's discard reason).
+    AleAuthListenV4Discard {
+        c_name: "ALE_AUTH_LISTEN_V4_DISCARD",
+        // FWPS_LAYER_ALE_AUTH_LISTEN_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 41,
+        key: "371dfada-9f26-45fd-b4eb-c29eb212893f",
+        ip_version: V4,
+        // FWPS_FIELD_ALE_AUTH_LISTEN_V4_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_ALE_AUTH_LISTEN_V4); by NTDDI_VERSION: 9 from WIN6, 11 from WIN7, 12 from
+        // WIN8, 13 from WINTHRESHOLD, 14 from WIN10_RS2.
+        field_count: 14,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_IP_LOCAL_PORT
+            IpLocalInterface = 5, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_IP_LOCAL_INTERFACE
+            Flags = 6, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_FLAGS
+            InterfaceType = 7, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_INTERFACE_TYPE
+            TunnelType = 8, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_TUNNEL_TYPE
+            // From NTDDI_WIN7:
+            LocalInterfaceProfileId = 9, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_LOCAL_INTERFACE_PROFILE_ID
+            SioFirewallSocketProperty = 10, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_SIO_FIREWALL_SOCKET_PROPERTY
+            // (SIO_FIREWALL_SOCKET_PROPERTY is FWPM_CONDITION_ALE_SIO_FIREWALL_SYSTEM_PORT.)
+            // From NTDDI_WIN8:
+            AlePackageId = 11, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 12, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_ALE_AUTH_LISTEN_V6: authorizes a TCP socket's listen.
+    AleAuthListenV6 {
+        c_name: "ALE_AUTH_LISTEN_V6",
+        // FWPS_LAYER_ALE_AUTH_LISTEN_V6: the same in the 19041, 22000 and 22621 WDKs.
+        id: 42,
+        key: "7ac9de24-17dd-4814-b4bd-a9fbc95a321b",
+        ip_version: V6,
+        // FWPS_FIELD_ALE_AUTH_LISTEN_V6_MAX; by NTDDI_VERSION: 9 from WIN6, 11 from WIN7, 12 from
+        // WIN8, 13 from WINTHRESHOLD, 14 from WIN10_RS2.
+        field_count: 14,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_IP_LOCAL_PORT
+            IpLocalInterface = 5, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_IP_LOCAL_INTERFACE
+            Flags = 6, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_FLAGS
+            InterfaceType = 7, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_INTERFACE_TYPE
+            TunnelType = 8, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_TUNNEL_TYPE
+            // From NTDDI_WIN7:
+            LocalInterfaceProfileId = 9, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_LOCAL_INTERFACE_PROFILE_ID
+            SioFirewallSocketProperty = 10, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_SIO_FIREWALL_SOCKET_PROPERTY
+            // (SIO_FIREWALL_SOCKET_PROPERTY is FWPM_CONDITION_ALE_SIO_FIREWALL_SYSTEM_PORT.)
+            // From NTDDI_WIN8:
+            AlePackageId = 11, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 12, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_ALE_AUTH_LISTEN_V6_DISCARD: sees what FWPM_LAYER_ALE_AUTH_LISTEN_V6 discards: the
+    /// same fields, for the packets, connections or binds dropped there (the classify sees why in
+    /// the metadata's discard reason).
+    AleAuthListenV6Discard {
+        c_name: "ALE_AUTH_LISTEN_V6_DISCARD",
+        // FWPS_LAYER_ALE_AUTH_LISTEN_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 43,
+        key: "60703b07-63c8-48e9-ada3-12b1af40a617",
+        ip_version: V6,
+        // FWPS_FIELD_ALE_AUTH_LISTEN_V6_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_ALE_AUTH_LISTEN_V6); by NTDDI_VERSION: 9 from WIN6, 11 from WIN7, 12 from
+        // WIN8, 13 from WINTHRESHOLD, 14 from WIN10_RS2.
+        field_count: 14,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_IP_LOCAL_PORT
+            IpLocalInterface = 5, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_IP_LOCAL_INTERFACE
+            Flags = 6, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_FLAGS
+            InterfaceType = 7, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_INTERFACE_TYPE
+            TunnelType = 8, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_TUNNEL_TYPE
+            // From NTDDI_WIN7:
+            LocalInterfaceProfileId = 9, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_LOCAL_INTERFACE_PROFILE_ID
+            SioFirewallSocketProperty = 10, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_SIO_FIREWALL_SOCKET_PROPERTY
+            // (SIO_FIREWALL_SOCKET_PROPERTY is FWPM_CONDITION_ALE_SIO_FIREWALL_SYSTEM_PORT.)
+            // From NTDDI_WIN8:
+            AlePackageId = 11, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 12, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_ALE_AUTH_RECV_ACCEPT_V4_DISCARD: sees what FWPM_LAYER_ALE_AUTH_RECV_ACCEPT_V4
+    /// discards: the same fields, for the packets, connections or binds dropped there (the classify
+    /// sees why in the metadata's discard reason).
+    AleAuthRecvAcceptV4Discard {
+        c_name: "ALE_AUTH_RECV_ACCEPT_V4_DISCARD",
+        // FWPS_LAYER_ALE_AUTH_RECV_ACCEPT_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 45,
+        key: "9eeaa99b-bd22-4227-919f-0073c63357b1",
+        ip_version: V4,
+        // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_ALE_AUTH_RECV_ACCEPT_V4); by NTDDI_VERSION: 18 from WIN6, 22 from WIN6SP1, 32
+        // from WIN7, 33 from WIN8, 34 from WINTHRESHOLD, 35 from WIN10_RS2, 39 from WIN10_RS5.
+        field_count: 39,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_IP_LOCAL_PORT
+            IpProtocol = 5, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_IP_PROTOCOL
+            IpRemoteAddress = 6, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_IP_REMOTE_ADDRESS
+            IpRemotePort = 7, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_IP_REMOTE_PORT
+            AleRemoteUserId = 8, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ALE_REMOTE_USER_ID
+            AleRemoteMachineId = 9, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ALE_REMOTE_MACHINE_ID
+            IpLocalInterface = 10, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_IP_LOCAL_INTERFACE
+            Flags = 11, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_FLAGS
+            SioFirewallSocketProperty = 12, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_SIO_FIREWALL_SYSTEM_PORT
+            // (SIO_FIREWALL_SYSTEM_PORT is FWPM_CONDITION_ALE_SIO_FIREWALL_SYSTEM_PORT.)
+            NapContext = 13, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_NAP_CONTEXT
+            // (NAP_CONTEXT is FWPM_CONDITION_ALE_NAP_CONTEXT.)
+            InterfaceType = 14, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_INTERFACE_TYPE
+            TunnelType = 15, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_TUNNEL_TYPE
+            InterfaceIndex = 16, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 17, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_SUB_INTERFACE_INDEX
+            // From NTDDI_WIN6SP1:
+            IpArrivalInterface = 18, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_IP_ARRIVAL_INTERFACE
+            ArrivalInterfaceType = 19, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ARRIVAL_INTERFACE_TYPE
+            ArrivalTunnelType = 20, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ARRIVAL_TUNNEL_TYPE
+            ArrivalInterfaceIndex = 21, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ARRIVAL_INTERFACE_INDEX
+            // From NTDDI_WIN7:
+            NexthopSubInterfaceIndex = 22, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_NEXTHOP_SUB_INTERFACE_INDEX
+            IpNexthopInterface = 23, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_IP_NEXTHOP_INTERFACE
+            NexthopInterfaceType = 24, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_NEXTHOP_INTERFACE_TYPE
+            NexthopTunnelType = 25, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_NEXTHOP_TUNNEL_TYPE
+            NexthopInterfaceIndex = 26, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_NEXTHOP_INTERFACE_INDEX
+            OriginalProfileId = 27, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ORIGINAL_PROFILE_ID
+            CurrentProfileId = 28, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_CURRENT_PROFILE_ID
+            ReauthorizeReason = 29, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_REAUTHORIZE_REASON
+            OriginalIcmpType = 30, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ORIGINAL_ICMP_TYPE
+            InterfaceQuarantineEpoch = 31, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_INTERFACE_QUARANTINE_EPOCH
+            // From NTDDI_WIN8:
+            AlePackageId = 32, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 33, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 34, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_COMPARTMENT_ID
+            // From NTDDI_WIN10_RS5:
+            // 35: FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_RESERVED_0 has no FWPM_CONDITION_* key and is
+            // left out.
+            // 36: FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_RESERVED_1 has no FWPM_CONDITION_* key and is
+            // left out.
+            // 37: FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_RESERVED_2 has no FWPM_CONDITION_* key and is
+            // left out.
+            // 38: FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_RESERVED_3 has no FWPM_CONDITION_* key and is
+            // left out.
+        },
+    }
+
+    /// FWPM_LAYER_ALE_AUTH_RECV_ACCEPT_V6_DISCARD: sees what FWPM_LAYER_ALE_AUTH_RECV_ACCEPT_V6
+    /// discards: the same fields, for the packets, connections or binds dropped there (the classify
+    /// sees why in the metadata's discard reason).
+    AleAuthRecvAcceptV6Discard {
+        c_name: "ALE_AUTH_RECV_ACCEPT_V6_DISCARD",
+        // FWPS_LAYER_ALE_AUTH_RECV_ACCEPT_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 47,
+        key: "89455b97-dbe1-453f-a224-13da895af396",
+        ip_version: V6,
+        // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_ALE_AUTH_RECV_ACCEPT_V6); by NTDDI_VERSION: 18 from WIN6, 22 from WIN6SP1, 32
+        // from WIN7, 33 from WIN8, 34 from WINTHRESHOLD, 35 from WIN10_RS2, 39 from WIN10_RS5.
+        field_count: 39,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_IP_LOCAL_PORT
+            IpProtocol = 5, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_IP_PROTOCOL
+            IpRemoteAddress = 6, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_IP_REMOTE_ADDRESS
+            IpRemotePort = 7, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_IP_REMOTE_PORT
+            AleRemoteUserId = 8, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ALE_REMOTE_USER_ID
+            AleRemoteMachineId = 9, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ALE_REMOTE_MACHINE_ID
+            IpLocalInterface = 10, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_IP_LOCAL_INTERFACE
+            Flags = 11, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_FLAGS
+            SioFirewallSocketProperty = 12, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_SIO_FIREWALL_SYSTEM_PORT
+            // (SIO_FIREWALL_SYSTEM_PORT is FWPM_CONDITION_ALE_SIO_FIREWALL_SYSTEM_PORT.)
+            NapContext = 13, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_NAP_CONTEXT
+            // (NAP_CONTEXT is FWPM_CONDITION_ALE_NAP_CONTEXT.)
+            InterfaceType = 14, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_INTERFACE_TYPE
+            TunnelType = 15, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_TUNNEL_TYPE
+            InterfaceIndex = 16, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 17, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_SUB_INTERFACE_INDEX
+            // From NTDDI_WIN6SP1:
+            IpArrivalInterface = 18, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_IP_ARRIVAL_INTERFACE
+            ArrivalInterfaceType = 19, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ARRIVAL_INTERFACE_TYPE
+            ArrivalTunnelType = 20, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ARRIVAL_TUNNEL_TYPE
+            ArrivalInterfaceIndex = 21, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ARRIVAL_INTERFACE_INDEX
+            // From NTDDI_WIN7:
+            NexthopSubInterfaceIndex = 22, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_NEXTHOP_SUB_INTERFACE_INDEX
+            IpNexthopInterface = 23, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_IP_NEXTHOP_INTERFACE
+            NexthopInterfaceType = 24, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_NEXTHOP_INTERFACE_TYPE
+            NexthopTunnelType = 25, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_NEXTHOP_TUNNEL_TYPE
+            NexthopInterfaceIndex = 26, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_NEXTHOP_INTERFACE_INDEX
+            OriginalProfileId = 27, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ORIGINAL_PROFILE_ID
+            CurrentProfileId = 28, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_CURRENT_PROFILE_ID
+            ReauthorizeReason = 29, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_REAUTHORIZE_REASON
+            OriginalIcmpType = 30, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ORIGINAL_ICMP_TYPE
+            InterfaceQuarantineEpoch = 31, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_INTERFACE_QUARANTINE_EPOCH
+            // From NTDDI_WIN8:
+            AlePackageId = 32, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 33, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 34, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_COMPARTMENT_ID
+            // From NTDDI_WIN10_RS5:
+            // 35: FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_RESERVED_0 has no FWPM_CONDITION_* key and is
+            // left out.
+            // 36: FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_RESERVED_1 has no FWPM_CONDITION_* key and is
+            // left out.
+            // 37: FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_RESERVED_2 has no FWPM_CONDITION_* key and is
+            // left out.
+            // 38: FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_RESERVED_3 has no FWPM_CONDITION_* key and is
+            // left out.
+        },
+    }
+
+    /// FWPM_LAYER_ALE_AUTH_CONNECT_V4_DISCARD: sees what FWPM_LAYER_ALE_AUTH_CONNECT_V4 discards:
+    /// the same fields, for the packets, connections or binds dropped there (the classify sees why
+    /// in the metadata's discard reason).
+    AleAuthConnectV4Discard {
+        c_name: "ALE_AUTH_CONNECT_V4_DISCARD",
+        // FWPS_LAYER_ALE_AUTH_CONNECT_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 49,
+        key: "d632a801-f5ba-4ad6-96e3-607017d9836a",
+        ip_version: V4,
+        // FWPS_FIELD_ALE_AUTH_CONNECT_V4_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_ALE_AUTH_CONNECT_V4); by NTDDI_VERSION: 15 from WIN6, 17 from WIN6SP1, 32
+        // from WIN7, 34 from WIN8, 36 from WINTHRESHOLD, 37 from WIN10_RS2, 41 from WIN10_RS5.
+        field_count: 41,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_IP_LOCAL_PORT
+            IpProtocol = 5, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_IP_PROTOCOL
+            IpRemoteAddress = 6, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_IP_REMOTE_ADDRESS
+            IpRemotePort = 7, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_IP_REMOTE_PORT
+            AleRemoteUserId = 8, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ALE_REMOTE_USER_ID
+            AleRemoteMachineId = 9, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ALE_REMOTE_MACHINE_ID
+            IpDestinationAddressType = 10, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_IP_DESTINATION_ADDRESS_TYPE
+            IpLocalInterface = 11, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_IP_LOCAL_INTERFACE
+            Flags = 12, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_FLAGS
+            InterfaceType = 13, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_INTERFACE_TYPE
+            TunnelType = 14, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_TUNNEL_TYPE
+            // From NTDDI_WIN6SP1:
+            InterfaceIndex = 15, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 16, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_SUB_INTERFACE_INDEX
+            // From NTDDI_WIN7:
+            IpArrivalInterface = 17, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_IP_ARRIVAL_INTERFACE
+            ArrivalInterfaceType = 18, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ARRIVAL_INTERFACE_TYPE
+            ArrivalTunnelType = 19, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ARRIVAL_TUNNEL_TYPE
+            ArrivalInterfaceIndex = 20, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ARRIVAL_INTERFACE_INDEX
+            NexthopSubInterfaceIndex = 21, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_NEXTHOP_SUB_INTERFACE_INDEX
+            IpNexthopInterface = 22, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_IP_NEXTHOP_INTERFACE
+            NexthopInterfaceType = 23, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_NEXTHOP_INTERFACE_TYPE
+            NexthopTunnelType = 24, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_NEXTHOP_TUNNEL_TYPE
+            NexthopInterfaceIndex = 25, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_NEXTHOP_INTERFACE_INDEX
+            OriginalProfileId = 26, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ORIGINAL_PROFILE_ID
+            CurrentProfileId = 27, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_CURRENT_PROFILE_ID
+            ReauthorizeReason = 28, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_REAUTHORIZE_REASON
+            PeerName = 29, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_PEER_NAME
+            OriginalIcmpType = 30, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ORIGINAL_ICMP_TYPE
+            InterfaceQuarantineEpoch = 31, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_INTERFACE_QUARANTINE_EPOCH
+            // From NTDDI_WIN8:
+            AleOriginalAppId = 32, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ALE_ORIGINAL_APP_ID
+            AlePackageId = 33, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 34, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            AleEffectiveName = 35, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ALE_EFFECTIVE_NAME
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 36, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_COMPARTMENT_ID
+            // From NTDDI_WIN10_RS5:
+            // 37: FWPS_FIELD_ALE_AUTH_CONNECT_V4_RESERVED_0 has no FWPM_CONDITION_* key and is left
+            // out.
+            // 38: FWPS_FIELD_ALE_AUTH_CONNECT_V4_RESERVED_1 has no FWPM_CONDITION_* key and is left
+            // out.
+            // 39: FWPS_FIELD_ALE_AUTH_CONNECT_V4_RESERVED_2 has no FWPM_CONDITION_* key and is left
+            // out.
+            // 40: FWPS_FIELD_ALE_AUTH_CONNECT_V4_RESERVED_3 has no FWPM_CONDITION_* key and is left
+            // out.
+        },
+    }
+
+    /// FWPM_LAYER_ALE_AUTH_CONNECT_V6_DISCARD: sees what FWPM_LAYER_ALE_AUTH_CONNECT_V6 discards:
+    /// the same fields, for the packets, connections or binds dropped there (the classify sees why
+    /// in the metadata's discard reason).
+    AleAuthConnectV6Discard {
+        c_name: "ALE_AUTH_CONNECT_V6_DISCARD",
+        // FWPS_LAYER_ALE_AUTH_CONNECT_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 51,
+        key: "c97bc3b8-c9a3-4e33-8695-8e17aad4de09",
+        ip_version: V6,
+        // FWPS_FIELD_ALE_AUTH_CONNECT_V6_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_ALE_AUTH_CONNECT_V6); by NTDDI_VERSION: 15 from WIN6, 17 from WIN6SP1, 32
+        // from WIN7, 34 from WIN8, 36 from WINTHRESHOLD, 37 from WIN10_RS2, 41 from WIN10_RS5.
+        field_count: 41,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_IP_LOCAL_PORT
+            IpProtocol = 5, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_IP_PROTOCOL
+            IpRemoteAddress = 6, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_IP_REMOTE_ADDRESS
+            IpRemotePort = 7, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_IP_REMOTE_PORT
+            AleRemoteUserId = 8, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ALE_REMOTE_USER_ID
+            AleRemoteMachineId = 9, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ALE_REMOTE_MACHINE_ID
+            IpDestinationAddressType = 10, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_IP_DESTINATION_ADDRESS_TYPE
+            IpLocalInterface = 11, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_IP_LOCAL_INTERFACE
+            Flags = 12, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_FLAGS
+            InterfaceType = 13, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_INTERFACE_TYPE
+            TunnelType = 14, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_TUNNEL_TYPE
+            // From NTDDI_WIN6SP1:
+            InterfaceIndex = 15, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 16, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_SUB_INTERFACE_INDEX
+            // From NTDDI_WIN7:
+            IpArrivalInterface = 17, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_IP_ARRIVAL_INTERFACE
+            ArrivalInterfaceType = 18, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ARRIVAL_INTERFACE_TYPE
+            ArrivalTunnelType = 19, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ARRIVAL_TUNNEL_TYPE
+            ArrivalInterfaceIndex = 20, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ARRIVAL_INTERFACE_INDEX
+            NexthopSubInterfaceIndex = 21, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_NEXTHOP_SUB_INTERFACE_INDEX
+            IpNexthopInterface = 22, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_IP_NEXTHOP_INTERFACE
+            NexthopInterfaceType = 23, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_NEXTHOP_INTERFACE_TYPE
+            NexthopTunnelType = 24, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_NEXTHOP_TUNNEL_TYPE
+            NexthopInterfaceIndex = 25, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_NEXTHOP_INTERFACE_INDEX
+            OriginalProfileId = 26, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ORIGINAL_PROFILE_ID
+            CurrentProfileId = 27, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_CURRENT_PROFILE_ID
+            ReauthorizeReason = 28, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_REAUTHORIZE_REASON
+            PeerName = 29, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_PEER_NAME
+            OriginalIcmpType = 30, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ORIGINAL_ICMP_TYPE
+            InterfaceQuarantineEpoch = 31, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_INTERFACE_QUARANTINE_EPOCH
+            // From NTDDI_WIN8:
+            AleOriginalAppId = 32, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ALE_ORIGINAL_APP_ID
+            AlePackageId = 33, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 34, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            AleEffectiveName = 35, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ALE_EFFECTIVE_NAME
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 36, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_COMPARTMENT_ID
+            // From NTDDI_WIN10_RS5:
+            // 37: FWPS_FIELD_ALE_AUTH_CONNECT_V6_RESERVED_0 has no FWPM_CONDITION_* key and is left
+            // out.
+            // 38: FWPS_FIELD_ALE_AUTH_CONNECT_V6_RESERVED_1 has no FWPM_CONDITION_* key and is left
+            // out.
+            // 39: FWPS_FIELD_ALE_AUTH_CONNECT_V6_RESERVED_2 has no FWPM_CONDITION_* key and is left
+            // out.
+            // 40: FWPS_FIELD_ALE_AUTH_CONNECT_V6_RESERVED_3 has no FWPM_CONDITION_* key and is left
+            // out.
+        },
+    }
+
+    /// FWPM_LAYER_ALE_FLOW_ESTABLISHED_V4_DISCARD: sees what FWPM_LAYER_ALE_FLOW_ESTABLISHED_V4
+    /// discards: the same fields, for the packets, connections or binds dropped there (the classify
+    /// sees why in the metadata's discard reason).
+    AleFlowEstablishedV4Discard {
+        c_name: "ALE_FLOW_ESTABLISHED_V4_DISCARD",
+        // FWPS_LAYER_ALE_FLOW_ESTABLISHED_V4_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 53,
+        key: "146ae4a9-a1d2-4d43-a31a-4c42682b8e4f",
+        ip_version: V4,
+        // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_ALE_FLOW_ESTABLISHED_V4); by NTDDI_VERSION: 15 from WIN6, 16 from WIN6SP1, 18
+        // from WIN8, 19 from WINTHRESHOLD, 20 from WIN10_RS2, 24 from WIN10_RS5.
+        field_count: 24,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_IP_LOCAL_PORT
+            IpProtocol = 5, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_IP_PROTOCOL
+            IpRemoteAddress = 6, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_IP_REMOTE_ADDRESS
+            IpRemotePort = 7, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_IP_REMOTE_PORT
+            AleRemoteUserId = 8, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_ALE_REMOTE_USER_ID
+            AleRemoteMachineId = 9, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_ALE_REMOTE_MACHINE_ID
+            IpDestinationAddressType = 10, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_IP_DESTINATION_ADDRESS_TYPE
+            IpLocalInterface = 11, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_IP_LOCAL_INTERFACE
+            Direction = 12, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_DIRECTION
+            InterfaceType = 13, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_INTERFACE_TYPE
+            TunnelType = 14, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_TUNNEL_TYPE
+            // From NTDDI_WIN6SP1:
+            Flags = 15, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_FLAGS
+            // From NTDDI_WIN8:
+            AleOriginalAppId = 16, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_ALE_ORIGINAL_APP_ID
+            AlePackageId = 17, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 18, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 19, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_COMPARTMENT_ID
+            // From NTDDI_WIN10_RS5:
+            // 20: FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_RESERVED_0 has no FWPM_CONDITION_* key and is
+            // left out.
+            // 21: FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_RESERVED_1 has no FWPM_CONDITION_* key and is
+            // left out.
+            // 22: FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_RESERVED_2 has no FWPM_CONDITION_* key and is
+            // left out.
+            // 23: FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_RESERVED_3 has no FWPM_CONDITION_* key and is
+            // left out.
+        },
+    }
+
+    /// FWPM_LAYER_ALE_FLOW_ESTABLISHED_V6_DISCARD: sees what FWPM_LAYER_ALE_FLOW_ESTABLISHED_V6
+    /// discards: the same fields, for the packets, connections or binds dropped there (the classify
+    /// sees why in the metadata's discard reason).
+    AleFlowEstablishedV6Discard {
+        c_name: "ALE_FLOW_ESTABLISHED_V6_DISCARD",
+        // FWPS_LAYER_ALE_FLOW_ESTABLISHED_V6_DISCARD: the same in the 19041, 22000 and 22621 WDKs.
+        id: 55,
+        key: "46928636-bbca-4b76-941d-0fa7f5d7d372",
+        ip_version: V6,
+        // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_MAX (a discard layer has the fields of
+        // FWPS_FIELDS_ALE_FLOW_ESTABLISHED_V6); by NTDDI_VERSION: 15 from WIN6, 16 from WIN6SP1, 18
+        // from WIN8, 19 from WINTHRESHOLD, 20 from WIN10_RS2, 24 from WIN10_RS5.
+        field_count: 24,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_IP_LOCAL_PORT
+            IpProtocol = 5, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_IP_PROTOCOL
+            IpRemoteAddress = 6, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_IP_REMOTE_ADDRESS
+            IpRemotePort = 7, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_IP_REMOTE_PORT
+            AleRemoteUserId = 8, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_ALE_REMOTE_USER_ID
+            AleRemoteMachineId = 9, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_ALE_REMOTE_MACHINE_ID
+            IpDestinationAddressType = 10, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_IP_DESTINATION_ADDRESS_TYPE
+            IpLocalInterface = 11, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_IP_LOCAL_INTERFACE
+            Direction = 12, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_DIRECTION
+            InterfaceType = 13, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_INTERFACE_TYPE
+            TunnelType = 14, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_TUNNEL_TYPE
+            // From NTDDI_WIN6SP1:
+            Flags = 15, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_FLAGS
+            // From NTDDI_WIN8:
+            AleOriginalAppId = 16, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_ALE_ORIGINAL_APP_ID
+            AlePackageId = 17, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 18, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 19, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_COMPARTMENT_ID
+            // From NTDDI_WIN10_RS5:
+            // 20: FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_RESERVED_0 has no FWPM_CONDITION_* key and is
+            // left out.
+            // 21: FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_RESERVED_1 has no FWPM_CONDITION_* key and is
+            // left out.
+            // 22: FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_RESERVED_2 has no FWPM_CONDITION_* key and is
+            // left out.
+            // 23: FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_RESERVED_3 has no FWPM_CONDITION_* key and is
+            // left out.
+        },
+    }
+
+    /// FWPM_LAYER_ALE_RESOURCE_RELEASE_V4: notifies that a port assigned at ALE_RESOURCE_ASSIGNMENT
+    /// is released.
+    AleResourceReleaseV4 {
+        c_name: "ALE_RESOURCE_RELEASE_V4",
+        // FWPS_LAYER_ALE_RESOURCE_RELEASE_V4: the same in the 19041, 22000 and 22621 WDKs (the
+        // layer exists from NTDDI_WIN7).
+        id: 62,
+        key: "74365cce-ccb0-401a-bfc1-b89934ad7e15",
+        ip_version: V4,
+        // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_MAX; by NTDDI_VERSION: 8 from WIN7, 9 from WIN8, 10
+        // from WINTHRESHOLD, 11 from WIN10_RS2.
+        field_count: 11,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_IP_LOCAL_PORT
+            IpProtocol = 5, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_IP_PROTOCOL
+            IpLocalInterface = 6, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_IP_LOCAL_INTERFACE
+            Flags = 7, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_FLAGS
+            // From NTDDI_WIN8:
+            AlePackageId = 8, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 9, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 10, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_ALE_RESOURCE_RELEASE_V6: notifies that a port assigned at ALE_RESOURCE_ASSIGNMENT
+    /// is released.
+    AleResourceReleaseV6 {
+        c_name: "ALE_RESOURCE_RELEASE_V6",
+        // FWPS_LAYER_ALE_RESOURCE_RELEASE_V6: the same in the 19041, 22000 and 22621 WDKs (the
+        // layer exists from NTDDI_WIN7).
+        id: 63,
+        key: "f4e5ce80-edcc-4e13-8a2f-b91454bb057b",
+        ip_version: V6,
+        // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_MAX; by NTDDI_VERSION: 8 from WIN7, 9 from WIN8, 10
+        // from WINTHRESHOLD, 11 from WIN10_RS2.
+        field_count: 11,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_IP_LOCAL_PORT
+            IpProtocol = 5, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_IP_PROTOCOL
+            IpLocalInterface = 6, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_IP_LOCAL_INTERFACE
+            Flags = 7, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_FLAGS
+            // From NTDDI_WIN8:
+            AlePackageId = 8, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 9, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 10, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_ALE_BIND_REDIRECT_V4: lets a callout inspect and change the local address and
+    /// port of a bind.
+    AleBindRedirectV4 {
+        c_name: "ALE_BIND_REDIRECT_V4",
+        // FWPS_LAYER_ALE_BIND_REDIRECT_V4: the same in the 19041, 22000 and 22621 WDKs (the layer
+        // exists from NTDDI_WIN7).
+        id: 68,
+        key: "66978cad-c704-42ac-86ac-7c1a231bd253",
+        ip_version: V4,
+        // FWPS_FIELD_ALE_BIND_REDIRECT_V4_MAX; by NTDDI_VERSION: 7 from WIN7, 8 from WIN8, 9 from
+        // WINTHRESHOLD, 10 from WIN10_RS2.
+        field_count: 10,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_BIND_REDIRECT_V4_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_BIND_REDIRECT_V4_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_BIND_REDIRECT_V4_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_BIND_REDIRECT_V4_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_BIND_REDIRECT_V4_IP_LOCAL_PORT
+            IpProtocol = 5, // FWPS_FIELD_ALE_BIND_REDIRECT_V4_IP_PROTOCOL
+            Flags = 6, // FWPS_FIELD_ALE_BIND_REDIRECT_V4_FLAGS
+            // From NTDDI_WIN8:
+            AlePackageId = 7, // FWPS_FIELD_ALE_BIND_REDIRECT_V4_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 8, // FWPS_FIELD_ALE_BIND_REDIRECT_V4_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 9, // FWPS_FIELD_ALE_BIND_REDIRECT_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_ALE_BIND_REDIRECT_V6: lets a callout inspect and change the local address and
+    /// port of a bind.
+    AleBindRedirectV6 {
+        c_name: "ALE_BIND_REDIRECT_V6",
+        // FWPS_LAYER_ALE_BIND_REDIRECT_V6: the same in the 19041, 22000 and 22621 WDKs (the layer
+        // exists from NTDDI_WIN7).
+        id: 69,
+        key: "bef02c9c-606b-4536-8c26-1c2fc7b631d4",
+        ip_version: V6,
+        // FWPS_FIELD_ALE_BIND_REDIRECT_V6_MAX; by NTDDI_VERSION: 7 from WIN7, 8 from WIN8, 9 from
+        // WINTHRESHOLD, 10 from WIN10_RS2.
+        field_count: 10,
+        fields: {
+            AleAppId = 0, // FWPS_FIELD_ALE_BIND_REDIRECT_V6_ALE_APP_ID
+            AleUserId = 1, // FWPS_FIELD_ALE_BIND_REDIRECT_V6_ALE_USER_ID
+            IpLocalAddress = 2, // FWPS_FIELD_ALE_BIND_REDIRECT_V6_IP_LOCAL_ADDRESS
+            IpLocalAddressType = 3, // FWPS_FIELD_ALE_BIND_REDIRECT_V6_IP_LOCAL_ADDRESS_TYPE
+            IpLocalPort = 4, // FWPS_FIELD_ALE_BIND_REDIRECT_V6_IP_LOCAL_PORT
+            IpProtocol = 5, // FWPS_FIELD_ALE_BIND_REDIRECT_V6_IP_PROTOCOL
+            Flags = 6, // FWPS_FIELD_ALE_BIND_REDIRECT_V6_FLAGS
+            // From NTDDI_WIN8:
+            AlePackageId = 7, // FWPS_FIELD_ALE_BIND_REDIRECT_V6_ALE_PACKAGE_ID
+            // From NTDDI_WINTHRESHOLD:
+            AleSecurityAttributeFqbnValue = 8, // FWPS_FIELD_ALE_BIND_REDIRECT_V6_ALE_SECURITY_ATTRIBUTE_FQBN_VALUE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 9, // FWPS_FIELD_ALE_BIND_REDIRECT_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_STREAM_PACKET_V4: sees the packets of TCP streams (including handshake and
+    /// control packets), in both directions.
+    StreamPacketV4 {
+        c_name: "STREAM_PACKET_V4",
+        // FWPS_LAYER_STREAM_PACKET_V4: the same in the 19041, 22000 and 22621 WDKs (the layer
+        // exists from NTDDI_WIN7).
+        id: 70,
+        key: "af52d8ec-cb2d-44e5-ad92-f8dc38d2eb29",
+        ip_version: V4,
+        // FWPS_FIELD_STREAM_PACKET_V4_MAX; by NTDDI_VERSION: 11 from WIN7, 12 from WIN10_RS2.
+        field_count: 12,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_STREAM_PACKET_V4_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 1, // FWPS_FIELD_STREAM_PACKET_V4_IP_REMOTE_ADDRESS
+            IpLocalPort = 2, // FWPS_FIELD_STREAM_PACKET_V4_IP_LOCAL_PORT
+            IpRemotePort = 3, // FWPS_FIELD_STREAM_PACKET_V4_IP_REMOTE_PORT
+            IpLocalInterface = 4, // FWPS_FIELD_STREAM_PACKET_V4_IP_LOCAL_INTERFACE
+            InterfaceIndex = 5, // FWPS_FIELD_STREAM_PACKET_V4_INTERFACE_INDEX
+            SubInterfaceIndex = 6, // FWPS_FIELD_STREAM_PACKET_V4_SUB_INTERFACE_INDEX
+            Direction = 7, // FWPS_FIELD_STREAM_PACKET_V4_DIRECTION
+            Flags = 8, // FWPS_FIELD_STREAM_PACKET_V4_FLAGS
+            InterfaceType = 9, // FWPS_FIELD_STREAM_PACKET_V4_INTERFACE_TYPE
+            TunnelType = 10, // FWPS_FIELD_STREAM_PACKET_V4_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 11, // FWPS_FIELD_STREAM_PACKET_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_STREAM_PACKET_V6: sees the packets of TCP streams (including handshake and
+    /// control packets), in both directions.
+    StreamPacketV6 {
+        c_name: "STREAM_PACKET_V6",
+        // FWPS_LAYER_STREAM_PACKET_V6: the same in the 19041, 22000 and 22621 WDKs (the layer
+        // exists from NTDDI_WIN7).
+        id: 71,
+        key: "779a8ca3-f099-468f-b5d4-83535c461c02",
+        ip_version: V6,
+        // FWPS_FIELD_STREAM_PACKET_V6_MAX; by NTDDI_VERSION: 11 from WIN7, 12 from WIN10_RS2.
+        field_count: 12,
+        fields: {
+            IpLocalAddress = 0, // FWPS_FIELD_STREAM_PACKET_V6_IP_LOCAL_ADDRESS
+            IpRemoteAddress = 1, // FWPS_FIELD_STREAM_PACKET_V6_IP_REMOTE_ADDRESS
+            IpLocalPort = 2, // FWPS_FIELD_STREAM_PACKET_V6_IP_LOCAL_PORT
+            IpRemotePort = 3, // FWPS_FIELD_STREAM_PACKET_V6_IP_REMOTE_PORT
+            IpLocalInterface = 4, // FWPS_FIELD_STREAM_PACKET_V6_IP_LOCAL_INTERFACE
+            InterfaceIndex = 5, // FWPS_FIELD_STREAM_PACKET_V6_INTERFACE_INDEX
+            SubInterfaceIndex = 6, // FWPS_FIELD_STREAM_PACKET_V6_SUB_INTERFACE_INDEX
+            Direction = 7, // FWPS_FIELD_STREAM_PACKET_V6_DIRECTION
+            Flags = 8, // FWPS_FIELD_STREAM_PACKET_V6_FLAGS
+            InterfaceType = 9, // FWPS_FIELD_STREAM_PACKET_V6_INTERFACE_TYPE
+            TunnelType = 10, // FWPS_FIELD_STREAM_PACKET_V6_TUNNEL_TYPE
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 11, // FWPS_FIELD_STREAM_PACKET_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INBOUND_MAC_FRAME_ETHERNET: sees every inbound Ethernet frame (802.3) at the MAC
+    /// layer, before the IP stack.
+    ///
+    /// No IP version: `IP_VERSION` is `None`, and no IP address field exists here.
+    InboundMacFrameEthernet {
+        c_name: "INBOUND_MAC_FRAME_ETHERNET",
+        // FWPS_LAYER_INBOUND_MAC_FRAME_ETHERNET: the same in the 19041, 22000 and 22621 WDKs (the
+        // layer id exists from NTDDI_WIN7; its FWPS_FIELDS_* enum from NTDDI_WIN8).
+        id: 56,
+        key: "effb7edb-0055-4f9a-a231-4ff8131ad191",
+        ip_version: None,
+        // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_MAX; by NTDDI_VERSION: 11 from WIN8, 12 from
+        // WIN10_RS2.
+        field_count: 12,
+        fields: {
+            InterfaceMacAddress = 0, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_INTERFACE_MAC_ADDRESS
+            MacLocalAddress = 1, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_MAC_LOCAL_ADDRESS
+            MacRemoteAddress = 2, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_MAC_REMOTE_ADDRESS
+            MacLocalAddressType = 3, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_MAC_LOCAL_ADDRESS_TYPE
+            MacRemoteAddressType = 4, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_MAC_REMOTE_ADDRESS_TYPE
+            EtherType = 5, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_ETHER_TYPE
+            VlanId = 6, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_VLAN_ID
+            IpLocalInterface = 7, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_INTERFACE
+            // (FWPM_CONDITION_INTERFACE is a #define of IP_LOCAL_INTERFACE.)
+            InterfaceIndex = 8, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_INTERFACE_INDEX
+            NdisPort = 9, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_NDIS_PORT
+            L2Flags = 10, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_L2_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 11, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_OUTBOUND_MAC_FRAME_ETHERNET: sees every outbound Ethernet frame (802.3) at the
+    /// MAC layer, after the IP stack.
+    ///
+    /// No IP version: `IP_VERSION` is `None`, and no IP address field exists here.
+    OutboundMacFrameEthernet {
+        c_name: "OUTBOUND_MAC_FRAME_ETHERNET",
+        // FWPS_LAYER_OUTBOUND_MAC_FRAME_ETHERNET: the same in the 19041, 22000 and 22621 WDKs (the
+        // layer id exists from NTDDI_WIN7; its FWPS_FIELDS_* enum from NTDDI_WIN8).
+        id: 57,
+        key: "694673bc-d6db-4870-adee-0acdbdb7f4b2",
+        ip_version: None,
+        // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_MAX; by NTDDI_VERSION: 11 from WIN8, 12 from
+        // WIN10_RS2.
+        field_count: 12,
+        fields: {
+            InterfaceMacAddress = 0, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_INTERFACE_MAC_ADDRESS
+            MacLocalAddress = 1, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_MAC_LOCAL_ADDRESS
+            MacRemoteAddress = 2, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_MAC_REMOTE_ADDRESS
+            MacLocalAddressType = 3, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_MAC_LOCAL_ADDRESS_TYPE
+            MacRemoteAddressType = 4, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_MAC_REMOTE_ADDRESS_TYPE
+            EtherType = 5, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_ETHER_TYPE
+            VlanId = 6, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_VLAN_ID
+            IpLocalInterface = 7, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_INTERFACE
+            // (FWPM_CONDITION_INTERFACE is a #define of IP_LOCAL_INTERFACE.)
+            InterfaceIndex = 8, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_INTERFACE_INDEX
+            NdisPort = 9, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_NDIS_PORT
+            L2Flags = 10, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_L2_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 11, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INBOUND_MAC_FRAME_NATIVE: sees every inbound frame in the native format of a
+    /// non-Ethernet medium (e.g. Wi-Fi), at the MAC layer.
+    ///
+    /// No IP version: `IP_VERSION` is `None`, and no IP address field exists here.
+    InboundMacFrameNative {
+        c_name: "INBOUND_MAC_FRAME_NATIVE",
+        // FWPS_LAYER_INBOUND_MAC_FRAME_NATIVE: the same in the 19041, 22000 and 22621 WDKs (the
+        // layer id exists from NTDDI_WIN7, where NTDDI_WIN7 itself calls it
+        // FWPS_LAYER_RESERVED1_V4; its FWPS_FIELDS_* enum from NTDDI_WIN8).
+        id: 58,
+        key: "d4220bd3-62ce-4f08-ae88-b56e8526df50",
+        ip_version: None,
+        // FWPS_FIELD_INBOUND_MAC_FRAME_NATIVE_MAX; by NTDDI_VERSION: 7 from WIN8, 8 from WIN10_RS2.
+        field_count: 8,
+        fields: {
+            NdisMediaType = 0, // FWPS_FIELD_INBOUND_MAC_FRAME_NATIVE_NDIS_MEDIA_TYPE
+            NdisPhysicalMediaType = 1, // FWPS_FIELD_INBOUND_MAC_FRAME_NATIVE_NDIS_PHYSICAL_MEDIA_TYPE
+            IpLocalInterface = 2, // FWPS_FIELD_INBOUND_MAC_FRAME_NATIVE_INTERFACE
+            // (FWPM_CONDITION_INTERFACE is a #define of IP_LOCAL_INTERFACE.)
+            InterfaceType = 3, // FWPS_FIELD_INBOUND_MAC_FRAME_NATIVE_INTERFACE_TYPE
+            InterfaceIndex = 4, // FWPS_FIELD_INBOUND_MAC_FRAME_NATIVE_INTERFACE_INDEX
+            NdisPort = 5, // FWPS_FIELD_INBOUND_MAC_FRAME_NATIVE_NDIS_PORT
+            L2Flags = 6, // FWPS_FIELD_INBOUND_MAC_FRAME_NATIVE_L2_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 7, // FWPS_FIELD_INBOUND_MAC_FRAME_NATIVE_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_OUTBOUND_MAC_FRAME_NATIVE: sees every outbound frame in the native format of a
+    /// non-Ethernet medium (e.g. Wi-Fi), at the MAC layer.
+    ///
+    /// No IP version: `IP_VERSION` is `None`, and no IP address field exists here.
+    OutboundMacFrameNative {
+        c_name: "OUTBOUND_MAC_FRAME_NATIVE",
+        // FWPS_LAYER_OUTBOUND_MAC_FRAME_NATIVE: the same in the 19041, 22000 and 22621 WDKs (the
+        // layer id exists from NTDDI_WIN7, where NTDDI_WIN7 itself calls it
+        // FWPS_LAYER_RESERVED1_V6; its FWPS_FIELDS_* enum from NTDDI_WIN8).
+        id: 59,
+        key: "94c44912-9d6f-4ebf-b995-05ab8a088d1b",
+        ip_version: None,
+        // FWPS_FIELD_OUTBOUND_MAC_FRAME_NATIVE_MAX; by NTDDI_VERSION: 7 from WIN8, 8 from
+        // WIN10_RS2.
+        field_count: 8,
+        fields: {
+            NdisMediaType = 0, // FWPS_FIELD_OUTBOUND_MAC_FRAME_NATIVE_NDIS_MEDIA_TYPE
+            NdisPhysicalMediaType = 1, // FWPS_FIELD_OUTBOUND_MAC_FRAME_NATIVE_NDIS_PHYSICAL_MEDIA_TYPE
+            IpLocalInterface = 2, // FWPS_FIELD_OUTBOUND_MAC_FRAME_NATIVE_INTERFACE
+            // (FWPM_CONDITION_INTERFACE is a #define of IP_LOCAL_INTERFACE.)
+            InterfaceType = 3, // FWPS_FIELD_OUTBOUND_MAC_FRAME_NATIVE_INTERFACE_TYPE
+            InterfaceIndex = 4, // FWPS_FIELD_OUTBOUND_MAC_FRAME_NATIVE_INTERFACE_INDEX
+            NdisPort = 5, // FWPS_FIELD_OUTBOUND_MAC_FRAME_NATIVE_NDIS_PORT
+            L2Flags = 6, // FWPS_FIELD_OUTBOUND_MAC_FRAME_NATIVE_L2_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 7, // FWPS_FIELD_OUTBOUND_MAC_FRAME_NATIVE_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INGRESS_VSWITCH_ETHERNET: sees every Ethernet frame entering a Hyper-V virtual
+    /// switch.
+    ///
+    /// No IP version: `IP_VERSION` is `None`, and no IP address field exists here.
+    IngressVswitchEthernet {
+        c_name: "INGRESS_VSWITCH_ETHERNET",
+        // FWPS_LAYER_INGRESS_VSWITCH_ETHERNET: the same in the 19041, 22000 and 22621 WDKs (the
+        // layer exists from NTDDI_WIN8).
+        id: 72,
+        key: "7d98577a-9a87-41ec-9718-7cf589c9f32d",
+        ip_version: None,
+        // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_MAX; by NTDDI_VERSION: 13 from WIN8, 14 from
+        // WIN10_RS2.
+        field_count: 14,
+        fields: {
+            MacSourceAddress = 0, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_MAC_SOURCE_ADDRESS
+            MacSourceAddressType = 1, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_MAC_SOURCE_ADDRESS_TYPE
+            MacDestinationAddress = 2, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_MAC_DESTINATION_ADDRESS
+            MacDestinationAddressType = 3, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_MAC_DESTINATION_ADDRESS_TYPE
+            EtherType = 4, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_ETHER_TYPE
+            VlanId = 5, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_VLAN_ID
+            VswitchTenantNetworkId = 6, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_VSWITCH_TENANT_NETWORK_ID
+            VswitchId = 7, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_VSWITCH_ID
+            VswitchNetworkType = 8, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_VSWITCH_NETWORK_TYPE
+            VswitchSourceInterfaceId = 9, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_VSWITCH_SOURCE_INTERFACE_ID
+            VswitchSourceInterfaceType = 10, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_VSWITCH_SOURCE_INTERFACE_TYPE
+            VswitchSourceVmId = 11, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_VSWITCH_SOURCE_VM_ID
+            L2Flags = 12, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_L2_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_EGRESS_VSWITCH_ETHERNET: sees every Ethernet frame leaving a Hyper-V virtual
+    /// switch.
+    ///
+    /// No IP version: `IP_VERSION` is `None`, and no IP address field exists here.
+    EgressVswitchEthernet {
+        c_name: "EGRESS_VSWITCH_ETHERNET",
+        // FWPS_LAYER_EGRESS_VSWITCH_ETHERNET: the same in the 19041, 22000 and 22621 WDKs (the
+        // layer exists from NTDDI_WIN8).
+        id: 73,
+        key: "86c872b0-76fa-4b79-93a4-0750530ae292",
+        ip_version: None,
+        // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_MAX; by NTDDI_VERSION: 16 from WIN8, 17 from
+        // WIN10_RS2.
+        field_count: 17,
+        fields: {
+            MacSourceAddress = 0, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_MAC_SOURCE_ADDRESS
+            MacSourceAddressType = 1, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_MAC_SOURCE_ADDRESS_TYPE
+            MacDestinationAddress = 2, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_MAC_DESTINATION_ADDRESS
+            MacDestinationAddressType = 3, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_MAC_DESTINATION_ADDRESS_TYPE
+            EtherType = 4, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_ETHER_TYPE
+            VlanId = 5, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_VLAN_ID
+            VswitchTenantNetworkId = 6, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_VSWITCH_TENANT_NETWORK_ID
+            VswitchId = 7, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_VSWITCH_ID
+            VswitchNetworkType = 8, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_VSWITCH_NETWORK_TYPE
+            VswitchSourceInterfaceId = 9, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_VSWITCH_SOURCE_INTERFACE_ID
+            VswitchSourceInterfaceType = 10, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_VSWITCH_SOURCE_INTERFACE_TYPE
+            VswitchSourceVmId = 11, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_VSWITCH_SOURCE_VM_ID
+            VswitchDestinationInterfaceId = 12, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_VSWITCH_DESTINATION_INTERFACE_ID
+            VswitchDestinationInterfaceType = 13, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_VSWITCH_DESTINATION_INTERFACE_TYPE
+            VswitchDestinationVmId = 14, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_VSWITCH_DESTINATION_VM_ID
+            L2Flags = 15, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_L2_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 16, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INGRESS_VSWITCH_TRANSPORT_V4: sees every IP packet entering a Hyper-V virtual
+    /// switch, by its transport header.
+    IngressVswitchTransportV4 {
+        c_name: "INGRESS_VSWITCH_TRANSPORT_V4",
+        // FWPS_LAYER_INGRESS_VSWITCH_TRANSPORT_V4: the same in the 19041, 22000 and 22621 WDKs (the
+        // layer exists from NTDDI_WIN8).
+        id: 74,
+        key: "b2696ff6-774f-4554-9f7d-3da3945f8e85",
+        ip_version: V4,
+        // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_MAX; by NTDDI_VERSION: 13 from WIN8, 14 from
+        // WIN10_RS2.
+        field_count: 14,
+        fields: {
+            IpSourceAddress = 0, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_IP_SOURCE_ADDRESS
+            IpDestinationAddress = 1, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_IP_DESTINATION_ADDRESS
+            IpProtocol = 2, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_IP_PROTOCOL
+            IpSourcePort = 3, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_IP_SOURCE_PORT
+            IpDestinationPort = 4, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_IP_DESTINATION_PORT
+            VlanId = 5, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_VLAN_ID
+            VswitchTenantNetworkId = 6, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_TENANT_NETWORK_ID
+            VswitchId = 7, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_ID
+            VswitchNetworkType = 8, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_NETWORK_TYPE
+            VswitchSourceInterfaceId = 9, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_SOURCE_INTERFACE_ID
+            VswitchSourceInterfaceType = 10, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_SOURCE_INTERFACE_TYPE
+            VswitchSourceVmId = 11, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_SOURCE_VM_ID
+            L2Flags = 12, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_L2_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_INGRESS_VSWITCH_TRANSPORT_V6: sees every IP packet entering a Hyper-V virtual
+    /// switch, by its transport header.
+    IngressVswitchTransportV6 {
+        c_name: "INGRESS_VSWITCH_TRANSPORT_V6",
+        // FWPS_LAYER_INGRESS_VSWITCH_TRANSPORT_V6: the same in the 19041, 22000 and 22621 WDKs (the
+        // layer exists from NTDDI_WIN8).
+        id: 75,
+        key: "5ee314fc-7d8a-47f4-b7e3-291a36da4e12",
+        ip_version: V6,
+        // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_MAX; by NTDDI_VERSION: 13 from WIN8, 14 from
+        // WIN10_RS2.
+        field_count: 14,
+        fields: {
+            IpSourceAddress = 0, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_IP_SOURCE_ADDRESS
+            IpDestinationAddress = 1, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_IP_DESTINATION_ADDRESS
+            IpProtocol = 2, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_IP_PROTOCOL
+            IpSourcePort = 3, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_IP_SOURCE_PORT
+            IpDestinationPort = 4, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_IP_DESTINATION_PORT
+            VlanId = 5, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_VLAN_ID
+            VswitchTenantNetworkId = 6, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_TENANT_NETWORK_ID
+            VswitchId = 7, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_ID
+            VswitchNetworkType = 8, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_NETWORK_TYPE
+            VswitchSourceInterfaceId = 9, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_SOURCE_INTERFACE_ID
+            VswitchSourceInterfaceType = 10, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_SOURCE_INTERFACE_TYPE
+            VswitchSourceVmId = 11, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_SOURCE_VM_ID
+            L2Flags = 12, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_L2_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 13, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_EGRESS_VSWITCH_TRANSPORT_V4: sees every IP packet leaving a Hyper-V virtual
+    /// switch, by its transport header.
+    EgressVswitchTransportV4 {
+        c_name: "EGRESS_VSWITCH_TRANSPORT_V4",
+        // FWPS_LAYER_EGRESS_VSWITCH_TRANSPORT_V4: the same in the 19041, 22000 and 22621 WDKs (the
+        // layer exists from NTDDI_WIN8).
+        id: 76,
+        key: "b92350b6-91f0-46b6-bdc4-871dfd4a7c98",
+        ip_version: V4,
+        // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_MAX; by NTDDI_VERSION: 16 from WIN8, 17 from
+        // WIN10_RS2.
+        field_count: 17,
+        fields: {
+            IpSourceAddress = 0, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_IP_SOURCE_ADDRESS
+            IpDestinationAddress = 1, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_IP_DESTINATION_ADDRESS
+            IpProtocol = 2, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_IP_PROTOCOL
+            IpSourcePort = 3, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_IP_SOURCE_PORT
+            IpDestinationPort = 4, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_IP_DESTINATION_PORT
+            VlanId = 5, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_VLAN_ID
+            VswitchTenantNetworkId = 6, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_TENANT_NETWORK_ID
+            VswitchId = 7, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_ID
+            VswitchNetworkType = 8, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_NETWORK_TYPE
+            VswitchSourceInterfaceId = 9, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_SOURCE_INTERFACE_ID
+            VswitchSourceInterfaceType = 10, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_SOURCE_INTERFACE_TYPE
+            VswitchSourceVmId = 11, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_SOURCE_VM_ID
+            VswitchDestinationInterfaceId = 12, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_DESTINATION_INTERFACE_ID
+            VswitchDestinationInterfaceType = 13, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_DESTINATION_INTERFACE_TYPE
+            VswitchDestinationVmId = 14, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_VSWITCH_DESTINATION_VM_ID
+            L2Flags = 15, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_L2_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 16, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_COMPARTMENT_ID
+        },
+    }
+
+    /// FWPM_LAYER_EGRESS_VSWITCH_TRANSPORT_V6: sees every IP packet leaving a Hyper-V virtual
+    /// switch, by its transport header.
+    EgressVswitchTransportV6 {
+        c_name: "EGRESS_VSWITCH_TRANSPORT_V6",
+        // FWPS_LAYER_EGRESS_VSWITCH_TRANSPORT_V6: the same in the 19041, 22000 and 22621 WDKs (the
+        // layer exists from NTDDI_WIN8).
+        id: 77,
+        key: "1b2def23-1881-40bd-82f4-4254e63141cb",
+        ip_version: V6,
+        // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_MAX; by NTDDI_VERSION: 16 from WIN8, 17 from
+        // WIN10_RS2.
+        field_count: 17,
+        fields: {
+            IpSourceAddress = 0, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_IP_SOURCE_ADDRESS
+            IpDestinationAddress = 1, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_IP_DESTINATION_ADDRESS
+            IpProtocol = 2, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_IP_PROTOCOL
+            IpSourcePort = 3, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_IP_SOURCE_PORT
+            IpDestinationPort = 4, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_IP_DESTINATION_PORT
+            VlanId = 5, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_VLAN_ID
+            VswitchTenantNetworkId = 6, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_TENANT_NETWORK_ID
+            VswitchId = 7, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_ID
+            VswitchNetworkType = 8, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_NETWORK_TYPE
+            VswitchSourceInterfaceId = 9, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_SOURCE_INTERFACE_ID
+            VswitchSourceInterfaceType = 10, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_SOURCE_INTERFACE_TYPE
+            VswitchSourceVmId = 11, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_SOURCE_VM_ID
+            VswitchDestinationInterfaceId = 12, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_DESTINATION_INTERFACE_ID
+            VswitchDestinationInterfaceType = 13, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_DESTINATION_INTERFACE_TYPE
+            VswitchDestinationVmId = 14, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_VSWITCH_DESTINATION_VM_ID
+            L2Flags = 15, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_L2_FLAGS
+            // From NTDDI_WIN10_RS2:
+            CompartmentId = 16, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_COMPARTMENT_ID
         },
     }
 }

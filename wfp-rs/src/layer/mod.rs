@@ -1,11 +1,17 @@
 //! WFP layers and their fields, as types.
 //!
 //! Each filtering layer is a type implementing [`Layer`] (its runtime id, its management key,
-//! its address family), and each data field is a type implementing [`FieldKind`] (its
+//! its address family, if it has one), and each data field is a type implementing [`FieldKind`] (its
 //! management condition key and the Rust type of its value). A field is readable at a layer only
 //! if the pair implements [`Field`], which carries the layer-specific index
 //! (`FWPS_FIELD_<LAYER>_<FIELD>`): reading a field a layer does not have is a compile error, not
 //! a wrong index.
+//!
+//! Not every layer is an IP layer: the MAC frame and vSwitch Ethernet layers see Ethernet frames
+//! and have no IP version. They have `IP_VERSION` `None` and the uninhabited
+//! [`NoAddress`](value::NoAddress) as their `Address`; no address field is implemented at them, so
+//! no address can be read or matched there, while code generic over every layer (`L: Layer`,
+//! `L::Address: Into<IpAddr>`) still compiles for them.
 //!
 //! The tables in `defs.rs` are transcribed from the WDK 10.0.22621 headers (`km/fwpsk.h` for
 //! runtime layer ids and field indices, `shared/fwpmu.h`/`fwpmk.h` for the layer and condition
@@ -22,7 +28,8 @@ use value::{AddressValue, Decode, FieldError, HasRepr, Repr, ValueKind};
 mod defs;
 pub use defs::*;
 
-/// The IP version of a layer.
+/// The IP version of a layer's traffic. A layer below IP (MAC frame, vSwitch Ethernet) has none:
+/// see [`Layer::IP_VERSION`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum IpVersion {
     /// IPv4: addresses are `UINT32` in host byte order.
@@ -43,11 +50,13 @@ pub trait Layer: sealed::Sealed + Copy + fmt::Debug + Send + Sync + 'static {
     const KEY: Guid;
     /// The C name without the `FWPM_LAYER_` prefix, e.g. `ALE_AUTH_CONNECT_V4`.
     const NAME: &'static str;
-    /// The IP version of the traffic at this layer.
-    const IP_VERSION: IpVersion;
+    /// The IP version of the traffic at this layer; `None` at the layers that see Ethernet frames
+    /// (MAC frame, vSwitch Ethernet), where `Address` is [`NoAddress`](value::NoAddress).
+    const IP_VERSION: Option<IpVersion>;
     /// How many fields the layer has (`FWPS_FIELD_<LAYER>_MAX`).
     const FIELD_COUNT: u32;
-    /// The type of the layer's address fields: `Ipv4Addr` or `Ipv6Addr`.
+    /// The type of the layer's address fields: `Ipv4Addr` or `Ipv6Addr`, or the uninhabited
+    /// [`NoAddress`](value::NoAddress) at a layer without an IP version.
     type Address: AddressValue;
     /// The fields, for tables and the simulator.
     const FIELDS: &'static [FieldInfo];
@@ -96,15 +105,17 @@ pub struct LayerInfo {
     pub id: u16,
     /// The management key.
     pub key: Guid,
-    /// The IP version.
-    pub ip_version: IpVersion,
+    /// The IP version; `None` at the layers that see Ethernet frames.
+    pub ip_version: Option<IpVersion>,
     /// `FWPS_FIELD_<LAYER>_MAX`.
     pub field_count: u32,
     /// The fields that have a condition key.
     pub fields: &'static [FieldInfo],
 }
 
-/// The layer with runtime id `id`, if this crate knows it.
+/// The layer with runtime id `id`, if this crate knows it: every kernel layer a callout can be
+/// classified at, ids 0..=59 and 62..=77. Ids above 81 are never found: their numbering differs
+/// between Windows builds (see the table's notes in `defs.rs`), so none is a constant here.
 pub fn layer_by_id(id: u16) -> Option<&'static LayerInfo> {
     ALL_LAYERS.iter().find(|layer| layer.id == id)
 }
@@ -258,7 +269,7 @@ macro_rules! layers {
                 const ID: u16 = $id;
                 const KEY: Guid = wfp_rs_macros::guid!($key);
                 const NAME: &'static str = $c_name;
-                const IP_VERSION: IpVersion = IpVersion::$version;
+                const IP_VERSION: Option<IpVersion> = layers!(@version $version);
                 const FIELD_COUNT: u32 = $count;
                 type Address = layers!(@address $version);
                 const FIELDS: &'static [FieldInfo] = &[$(
@@ -284,7 +295,7 @@ macro_rules! layers {
                 name: $c_name,
                 id: $id,
                 key: <$name as Layer>::KEY,
-                ip_version: IpVersion::$version,
+                ip_version: layers!(@version $version),
                 field_count: $count,
                 fields: <$name as Layer>::FIELDS,
             },
@@ -292,6 +303,9 @@ macro_rules! layers {
     };
     (@address V4) => { Ipv4Addr };
     (@address V6) => { Ipv6Addr };
+    (@address None) => { value::NoAddress };
+    (@version None) => { None };
+    (@version $version:ident) => { Some(IpVersion::$version) };
 }
 use {field_kinds, layers};
 

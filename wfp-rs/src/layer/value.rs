@@ -72,19 +72,23 @@ pub enum ValueKind {
     UnicodeString,
     /// A non-address `FWP_BYTE_ARRAY16_TYPE`.
     ByteArray16,
+    /// `FWP_BYTE_ARRAY6_TYPE`: a MAC address.
+    ByteArray6,
 }
 
 impl ValueKind {
-    /// The `FWP_DATA_TYPE` a field of this kind carries at a layer of `version`.
-    pub const fn data_type(self, version: IpVersion) -> sys::FWP_DATA_TYPE {
+    /// The `FWP_DATA_TYPE` a field of this kind carries at a layer of `version` (`None`: a layer
+    /// without an IP version, where an address field has no type and is `FWP_EMPTY`).
+    pub const fn data_type(self, version: Option<IpVersion>) -> sys::FWP_DATA_TYPE {
         match self {
             ValueKind::U8 | ValueKind::IpProtocol => sys::FWP_UINT8,
             ValueKind::U16 => sys::FWP_UINT16,
             ValueKind::U32 | ValueKind::ConditionFlags => sys::FWP_UINT32,
             ValueKind::U64 => sys::FWP_UINT64,
             ValueKind::Address => match version {
-                IpVersion::V4 => sys::FWP_UINT32,
-                IpVersion::V6 => sys::FWP_BYTE_ARRAY16_TYPE,
+                Some(IpVersion::V4) => sys::FWP_UINT32,
+                Some(IpVersion::V6) => sys::FWP_BYTE_ARRAY16_TYPE,
+                None => sys::FWP_EMPTY,
             },
             ValueKind::AppId | ValueKind::ByteBlob => sys::FWP_BYTE_BLOB_TYPE,
             ValueKind::Sid => sys::FWP_SID,
@@ -93,6 +97,7 @@ impl ValueKind {
             ValueKind::TokenInformation => sys::FWP_TOKEN_INFORMATION_TYPE,
             ValueKind::UnicodeString => sys::FWP_UNICODE_STRING_TYPE,
             ValueKind::ByteArray16 => sys::FWP_BYTE_ARRAY16_TYPE,
+            ValueKind::ByteArray6 => sys::FWP_BYTE_ARRAY6_TYPE,
         }
     }
 }
@@ -190,6 +195,8 @@ pub mod repr {
         UnicodeString;
         /// Sixteen bytes.
         ByteArray16;
+        /// Six bytes: a MAC address.
+        ByteArray6;
     }
 
     macro_rules! inline_arm {
@@ -236,6 +243,19 @@ pub mod repr {
             // SAFETY: null or valid for 'v, as the engine passes it.
             unsafe { ptr.as_ref() }
                 .map(|a| a.byteArray16)
+                .ok_or(FieldError::Null)
+        }
+    }
+
+    impl<'v, L: Layer> Decode<'v, L> for ByteArray6 {
+        type Out = [u8; 6];
+        fn decode(value: &'v sys::FWP_VALUE0) -> Result<[u8; 6], FieldError> {
+            check(value, sys::FWP_BYTE_ARRAY6_TYPE)?;
+            // SAFETY: the tag says the `byteArray6` arm (a pointer) is active.
+            let ptr = unsafe { value.u.byteArray6 };
+            // SAFETY: null or valid for 'v, as the engine passes it.
+            unsafe { ptr.as_ref() }
+                .map(|a| a.byteArray6)
                 .ok_or(FieldError::Null)
         }
     }
@@ -373,6 +393,33 @@ impl AddressValue for Ipv6Addr {
         unsafe { ptr.as_ref() }
             .map(|a| Ipv6Addr::from(a.byteArray16))
             .ok_or(FieldError::Null)
+    }
+}
+
+/// The address type of a layer without an IP version (MAC frame, vSwitch Ethernet): it has no
+/// values. No address field is implemented at such a layer, so a typed read never gets here; a
+/// raw decode reports the field as [`FieldError::Empty`], which it is at a layer below IP.
+///
+/// It converts into [`IpAddr`](core::net::IpAddr) (vacuously), so driver code generic over every
+/// layer with `L::Address: Into<IpAddr>` compiles for these layers too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NoAddress {}
+
+impl fmt::Display for NoAddress {
+    fn fmt(&self, _: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {}
+    }
+}
+
+impl AddressValue for NoAddress {
+    fn decode(_value: &sys::FWP_VALUE0) -> Result<NoAddress, FieldError> {
+        Err(FieldError::Empty)
+    }
+}
+
+impl From<NoAddress> for core::net::IpAddr {
+    fn from(never: NoAddress) -> core::net::IpAddr {
+        match never {}
     }
 }
 
@@ -534,5 +581,78 @@ impl From<IpProtocol> for u8 {
             IpProtocol::IcmpV6 => 58,
             IpProtocol::Other(other) => other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::repr;
+    use super::*;
+    use crate::layer::{InboundMacFrameEthernet, InboundTransportV4};
+
+    fn value(r#type: sys::FWP_DATA_TYPE, u: sys::FWP_VALUE0_u) -> sys::FWP_VALUE0 {
+        sys::FWP_VALUE0 { r#type, u }
+    }
+
+    #[test]
+    fn a_mac_address_reads_as_six_bytes_after_its_tag_is_checked() {
+        let mut mac = sys::FWP_BYTE_ARRAY6 {
+            byteArray6: [0x00, 0x15, 0x5d, 0x01, 0x02, 0x03],
+        };
+        let raw = value(
+            sys::FWP_BYTE_ARRAY6_TYPE,
+            sys::FWP_VALUE0_u {
+                byteArray6: &raw mut mac,
+            },
+        );
+        let read = <repr::ByteArray6 as Decode<'_, InboundMacFrameEthernet>>::decode(&raw);
+        assert_eq!(read, Ok([0x00, 0x15, 0x5d, 0x01, 0x02, 0x03]));
+
+        let wrong = value(sys::FWP_UINT16, sys::FWP_VALUE0_u { uint16: 6 });
+        assert_eq!(
+            <repr::ByteArray6 as Decode<'_, InboundMacFrameEthernet>>::decode(&wrong),
+            Err(FieldError::WrongType {
+                expected: sys::FWP_BYTE_ARRAY6_TYPE,
+                found: sys::FWP_UINT16
+            })
+        );
+        let null = value(
+            sys::FWP_BYTE_ARRAY6_TYPE,
+            sys::FWP_VALUE0_u {
+                byteArray6: core::ptr::null_mut(),
+            },
+        );
+        assert_eq!(
+            <repr::ByteArray6 as Decode<'_, InboundMacFrameEthernet>>::decode(&null),
+            Err(FieldError::Null)
+        );
+    }
+
+    #[test]
+    fn a_layer_without_an_ip_version_has_no_address_value() {
+        // Even a well-formed IPv4 value is not an address at a frame layer.
+        let v4 = value(
+            sys::FWP_UINT32,
+            sys::FWP_VALUE0_u {
+                uint32: 0x0A00_0001,
+            },
+        );
+        assert_eq!(
+            <repr::Address as Decode<'_, InboundMacFrameEthernet>>::decode(&v4),
+            Err(FieldError::Empty)
+        );
+        assert_eq!(
+            <repr::Address as Decode<'_, InboundTransportV4>>::decode(&v4),
+            Ok(Ipv4Addr::new(10, 0, 0, 1))
+        );
+        assert_eq!(ValueKind::Address.data_type(None), sys::FWP_EMPTY);
+        assert_eq!(
+            ValueKind::Address.data_type(Some(IpVersion::V6)),
+            sys::FWP_BYTE_ARRAY16_TYPE
+        );
+        assert_eq!(
+            ValueKind::ByteArray6.data_type(None),
+            sys::FWP_BYTE_ARRAY6_TYPE
+        );
     }
 }
