@@ -195,8 +195,18 @@ fn a_completed_decision_at_connect_redirect_is_final() {
 #[test]
 fn completing_without_a_decision_reauthorizes_and_pending_again_is_refused() {
     let setup = setup::<layer::AleConnectRedirectV4>(Finish::Reauthorize);
+    let began = std::time::Instant::now();
     let outcome = setup.machine.connect(&connection(443), AleIrql::Passive);
+    let connect_took = began.elapsed();
     assert!(outcome.pended);
+    // The pended round trip is part of the connection's time.
+    let round_trip = outcome
+        .pend_round_trip
+        .expect("a pended connection's round trip");
+    assert!(
+        round_trip <= connect_took,
+        "{round_trip:?} > {connect_took:?}"
+    );
     assert_eq!(
         outcome.decision.action,
         Action::Permit,
@@ -588,6 +598,7 @@ fn a_classify_handle_cannot_pend_at_auth_connect() {
     let outcome = machine.connect(&connection(443), AleIrql::Dispatch);
     assert_eq!(outcome.decision.action, Action::Permit);
     assert!(!outcome.pended);
+    assert_eq!(outcome.pend_round_trip, None, "nothing pended");
     assert_eq!(
         *installed.callout().0.lock().unwrap(),
         Some(Status::FWP_CANNOT_PEND.raw())

@@ -1483,6 +1483,11 @@ pub struct ConnectOutcome {
     /// at ALE_AUTH_CONNECT `layers` then lists the layer twice: the pended classification and
     /// the reauthorization).
     pub pended: bool,
+    /// For a pended connection, the pended round trip: from the start of the classification
+    /// that pended to the layer's final decision (the callout asked, the pend completed and,
+    /// unless the completion carried the decision, the reauthorization answered). Measured on
+    /// the host's clock; the layers before and after are not in it.
+    pub pend_round_trip: Option<std::time::Duration>,
 }
 
 /// The null SID (S-1-0-0): the package id of a process outside an AppContainer.
@@ -1569,7 +1574,9 @@ impl FieldSource {
             }
             table
         });
-        table.get(usize::from(layer.id)).map_or(&[], |sources| sources)
+        table
+            .get(usize::from(layer.id))
+            .map_or(&[], |sources| sources)
     }
 }
 
@@ -1714,8 +1721,10 @@ impl Machine {
         // Each layer, and a pended one's reauthorization.
         let mut layers = Vec::with_capacity(plan.len() + 1);
         let mut pended = false;
+        let mut pend_round_trip = None;
         for &(id, irql, has_flow) in plan {
             let layer = wfp_rs::layer::layer_by_id(id).expect("known layer");
+            let classified = std::time::Instant::now();
             let mut decision =
                 self.classify_connection(layer, &presented, irql, has_flow.then_some(flow), false);
             if let Some(pending) = decision.pending {
@@ -1731,6 +1740,7 @@ impl Machine {
                         layers,
                         flow_handle: None,
                         pended,
+                        pend_round_trip: Some(classified.elapsed()),
                     };
                 }
                 decision = match final_action {
@@ -1747,6 +1757,7 @@ impl Machine {
                     // the stack classifies the connection again.
                     None => self.classify_connection(layer, &presented, irql, None, true),
                 };
+                pend_round_trip = Some(classified.elapsed());
             }
             layers.push((layer.name, decision));
             if decision.action != wfp_rs::classify::Action::Permit {
@@ -1755,6 +1766,7 @@ impl Machine {
                     layers,
                     flow_handle: None,
                     pended,
+                    pend_round_trip,
                 };
             }
         }
@@ -1764,6 +1776,7 @@ impl Machine {
             layers,
             flow_handle: Some(flow),
             pended,
+            pend_round_trip,
         }
     }
 

@@ -1,8 +1,10 @@
-//! Benchmark (b): the pended decision's round trip — from `Machine::connect` (the
-//! classification that pends and asks) to the connection's final decision (the service's
-//! answer completed the pend; the reauthorization answered) — with 1, 64 and 1024 connections
-//! outstanding at once, the service answering at once, for each design: the inverted call
-//! (the firewall's question channel), the work item + port, and the seed's blocking design.
+//! Benchmark (b): the pended decision's round trip — from the start of the classification that
+//! pends and asks to the layer's final decision (the service's answer completed the pend; the
+//! reauthorization answered), `ConnectOutcome::pend_round_trip` — and the whole connection's
+//! time (`Machine::connect`, every layer), with 1, 64 and 1024 connections outstanding at once,
+//! the service answering at once, for each design: the inverted call (the firewall's question
+//! channel), the work item + port, and the seed's blocking design (which does not pend: only
+//! its connection time is measured).
 //!
 //! Each iteration is a wave: N client threads each open one connection at the same moment
 //! (ALE layers at `DISPATCH_LEVEL`; at `PASSIVE_LEVEL` for the blocking design, the only IRQL
@@ -11,7 +13,9 @@
 //!
 //! Then the floor: a bare cross-thread channel round trip (`firewall_bench::bare`), measured in
 //! rounds interleaved with rounds of the inverted design's single connections, and the ratio of
-//! their medians, `ratio b-p50-inverted-over-bare-channel`.
+//! their medians, `ratio b-p50-inverted-over-bare-channel` (the pended round trip's median), and
+//! as a figure the same for the whole connection's time,
+//! `ratio b-p50-inverted-connection-over-bare-channel`.
 
 #![cfg(any(not(windows), feature = "sim"))]
 
@@ -70,6 +74,7 @@ fn main() {
             let load = Load::start(workload(design, n, 1));
             let before = firewall_bench::firewall::STATS.snapshot();
             let mut latencies = Latencies::new();
+            let mut round_trips = Latencies::new();
             let (mut waves, mut denied) = (0u64, 0usize);
             group.bench_with_input(BenchmarkId::new(design.name(), n), &n, |b, _| {
                 b.iter_custom(|iters| {
@@ -80,6 +85,7 @@ fn main() {
                         denied += wave.denied;
                         waves += 1;
                         latencies.extend(wave.latencies);
+                        round_trips.extend(wave.round_trips);
                     }
                     total
                 })
@@ -94,8 +100,16 @@ fn main() {
             let answered = load.finish();
             let p50 = latencies.percentile(50.0).unwrap_or_default();
             let p99 = latencies.percentile(99.0).unwrap_or_default();
+            let pended = match (round_trips.percentile(50.0), round_trips.percentile(99.0)) {
+                (Some(p50), Some(p99)) => format!(
+                    "round trip p50 = {:>9.1} µs, p99 = {:>9.1} µs",
+                    micros(p50),
+                    micros(p99)
+                ),
+                _ => "no pend (the classification waits)".to_owned(),
+            };
             summary.push(format!(
-                "(b) {:<9} N = {n:>4}: round trip p50 = {:>9.1} µs, p99 = {:>9.1} µs over {} connections in {waves} waves; {denied} not permitted ({defaults} defaults, {overloaded} overload); {answered} questions answered",
+                "(b) {:<9} N = {n:>4}: {pended}; connection p50 = {:>9.1} µs, p99 = {:>9.1} µs; over {} connections in {waves} waves; {denied} not permitted ({defaults} defaults, {overloaded} overload); {answered} questions answered",
                 design.name(),
                 micros(p50),
                 micros(p99),
@@ -118,35 +132,47 @@ fn main() {
     // Warm-up, not counted: threads started, caches and the allocator's pools filled.
     load.wave();
     bare.round_trips(CONNECTIONS);
-    let (mut inverted, mut floor) = (Latencies::new(), Latencies::new());
+    let (mut inverted, mut connections, mut floor) =
+        (Latencies::new(), Latencies::new(), Latencies::new());
     let mut denied = 0;
     for round in 0..rounds {
+        if round % 2 == 1 {
+            floor.extend(bare.round_trips(CONNECTIONS));
+        }
+        let wave = load.wave();
+        denied += wave.denied;
+        assert_eq!(
+            wave.round_trips.len(),
+            wave.latencies.len(),
+            "every connection pended"
+        );
+        inverted.extend(wave.round_trips);
+        connections.extend(wave.latencies);
         if round % 2 == 0 {
-            let wave = load.wave();
-            denied += wave.denied;
-            inverted.extend(wave.latencies);
             floor.extend(bare.round_trips(CONNECTIONS));
-        } else {
-            floor.extend(bare.round_trips(CONNECTIONS));
-            let wave = load.wave();
-            denied += wave.denied;
-            inverted.extend(wave.latencies);
         }
     }
     drop(bare);
     load.finish();
     assert_eq!(denied, 0, "the service allows every connection");
     let inverted_p50 = inverted.percentile(50.0).expect("measured");
+    let connection_p50 = connections.percentile(50.0).expect("measured");
     let floor_p50 = floor.percentile(50.0).expect("measured");
     println!(
-        "(b) interleaved, {rounds} rounds: inverted N = 1 p50 = {:.1} µs, p99 = {:.1} µs ({} connections); bare channel round trip p50 = {:.1} µs, p99 = {:.1} µs ({} round trips)",
+        "(b) interleaved, {rounds} rounds: inverted N = 1 round trip p50 = {:.1} µs, p99 = {:.1} µs, connection p50 = {:.1} µs, p99 = {:.1} µs ({} connections); bare channel round trip p50 = {:.1} µs, p99 = {:.1} µs ({} round trips)",
         micros(inverted_p50),
         micros(inverted.percentile(99.0).expect("measured")),
+        micros(connection_p50),
+        micros(connections.percentile(99.0).expect("measured")),
         inverted.len(),
         micros(floor_p50),
         micros(floor.percentile(99.0).expect("measured")),
         floor.len(),
     );
+    let figures = [format!(
+        "ratio b-p50-inverted-connection-over-bare-channel = {:.2}",
+        connection_p50.as_secs_f64() / floor_p50.as_secs_f64()
+    )];
     let finals = [format!(
         "ratio b-p50-inverted-over-bare-channel = {:.2}",
         inverted_p50.as_secs_f64() / floor_p50.as_secs_f64()
@@ -157,11 +183,11 @@ fn main() {
         // `cargo bench -p firewall-bench` with all of them.
         let exe = std::env::current_exe().expect("the bench binary's path");
         let dir = firewall_bench::summary::dir(&exe);
-        firewall_bench::summary::record(&dir, "round_trip", &[], &finals)
+        firewall_bench::summary::record(&dir, "round_trip", &figures, &finals)
             .expect("the summary is written");
         firewall_bench::summary::print(&dir);
     } else {
-        for line in finals {
+        for line in figures.iter().chain(&finals) {
             println!("{line}");
         }
     }

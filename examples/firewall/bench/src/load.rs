@@ -68,12 +68,25 @@ pub struct LoadConfig {
 pub struct Wave {
     /// From the release of the clients to the last final decision.
     pub elapsed: Duration,
-    /// Each connection's round trip: from `Machine::connect` to its final decision (the
-    /// completion and the reauthorization, for a pended connection).
+    /// Each connection's time: from `Machine::connect` to its final decision (every layer;
+    /// for a pended connection the completion and the reauthorization too).
     pub latencies: Vec<Duration>,
+    /// Each pended connection's round trip ([`wfp_rs_sim::ConnectOutcome::pend_round_trip`]):
+    /// from the classification that pended to the layer's final decision. Empty for the
+    /// blocking design, which does not pend.
+    pub round_trips: Vec<Duration>,
     /// Connections that were not permitted (the service allows everything, so each is a
     /// default: a timeout, or a verdict evicted before its reauthorization).
     pub denied: usize,
+}
+
+/// One connection of a wave, as its client thread saw it.
+struct Decided {
+    /// From `Machine::connect` to its return.
+    connection: Duration,
+    /// `ConnectOutcome::pend_round_trip`.
+    round_trip: Option<Duration>,
+    permitted: bool,
 }
 
 /// The machine, the driver, the service and the client threads of a [`LoadConfig`], ready for
@@ -87,7 +100,7 @@ pub struct Load {
     start: Arc<Barrier>,
     done: Arc<Barrier>,
     stop: Arc<AtomicBool>,
-    results: Arc<Mutex<Vec<(Duration, bool)>>>,
+    results: Arc<Mutex<Vec<Decided>>>,
     /// Held while a [`Design::Blocking`] driver is loaded: its state is a global of the process
     /// ([`crate::blocking`]), so one instance at a time.
     _blocking: Option<MutexGuard<'static, ()>>,
@@ -152,10 +165,11 @@ impl Load {
                             for _ in 0..config.per_client {
                                 let began = Instant::now();
                                 let outcome = machine.connect(&c, config.ale_irql);
-                                mine.push((
-                                    began.elapsed(),
-                                    outcome.decision.action == Action::Permit,
-                                ));
+                                mine.push(Decided {
+                                    connection: began.elapsed(),
+                                    round_trip: outcome.pend_round_trip,
+                                    permitted: outcome.decision.action == Action::Permit,
+                                });
                             }
                             results.lock().unwrap().append(&mut mine);
                             done.wait();
@@ -207,8 +221,9 @@ impl Load {
         );
         Wave {
             elapsed,
-            denied: results.iter().filter(|(_, permitted)| !permitted).count(),
-            latencies: results.into_iter().map(|(latency, _)| latency).collect(),
+            denied: results.iter().filter(|d| !d.permitted).count(),
+            round_trips: results.iter().filter_map(|d| d.round_trip).collect(),
+            latencies: results.iter().map(|d| d.connection).collect(),
         }
     }
 

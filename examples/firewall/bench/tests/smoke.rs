@@ -63,6 +63,9 @@ fn every_design_decides_every_connection_of_a_wave() {
         for _ in 0..2 {
             let wave = load.wave();
             assert_eq!(wave.latencies.len(), 12, "{design:?}");
+            // Every connection pends, except in the blocking design.
+            let pended = if design == Design::Blocking { 0 } else { 12 };
+            assert_eq!(wave.round_trips.len(), pended, "{design:?}");
             assert_eq!(wave.denied, 0, "{design:?}: the service allows everything");
         }
         assert_eq!(load.finish(), 24, "{design:?}: every connection asked once");
