@@ -72,7 +72,7 @@ pub trait Layer: sealed::Sealed + Copy + fmt::Debug + Send + Sync + 'static {
 #[diagnostic::on_unimplemented(
     message = "the layer `{Self}` passes no packet to classifyFn",
     label = "no NET_BUFFER_LIST at this layer",
-    note = "packets are read at the IP packet, transport, datagram, ICMP error, forward, MAC/vSwitch, ALE_AUTH_CONNECT, ALE_AUTH_RECV_ACCEPT and ALE_FLOW_ESTABLISHED layers; see `wfp_rs::packet` and docs/packets.md"
+    note = "packets are read at the IP packet, transport, datagram, ICMP error, forward, MAC/vSwitch, ALE_AUTH_CONNECT, ALE_AUTH_RECV_ACCEPT and ALE_FLOW_ESTABLISHED layers, stream data at the stream layers with `Classify::stream`; see `wfp_rs::packet` and docs/packets.md"
 )]
 pub trait PacketLayer: Layer {}
 
