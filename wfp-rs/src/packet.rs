@@ -122,6 +122,20 @@ pub enum PacketError {
     /// An MDL with the bytes has no system-space mapping.
     #[error("an MDL holding the bytes has no system-space mapping")]
     NotMapped,
+    /// The bytes asked for go past the end of a stream indication (`dataLength`).
+    #[error("{len} bytes at offset {offset} of the stream data: it has {data_length} bytes")]
+    StreamOutOfRange {
+        /// The offset asked for, from the start of the indicated section.
+        offset: usize,
+        /// How many bytes were asked for.
+        len: usize,
+        /// The indication's `dataLength`.
+        data_length: usize,
+    },
+    /// The stream data's `dataOffset` does not point into its net buffer's data (its MDL is not
+    /// in the net buffer's chain, or lies before the data start).
+    #[error("the stream data's offset is not in its net buffer's data")]
+    StreamOffsetOutsideData,
 }
 
 /// The most MDLs walked in one read, and net buffers in one list, before a chain is taken to be
@@ -342,6 +356,31 @@ fn copy_from_chain(
     Ok(())
 }
 
+/// How many bytes into the MDL chain at `first` the byte `offset` bytes into `target` is.
+fn position_in_chain(
+    first: *const sys::MDL,
+    target: *const sys::MDL,
+    offset: u32,
+) -> Result<u64, PacketError> {
+    let mut mdl = first;
+    let mut position = 0u64;
+    for _ in 0..MAX_CHAIN {
+        // SAFETY: `mdl` is null or an MDL of a chain valid for the classification.
+        let Some(current) = (unsafe { mdl.as_ref() }) else {
+            return Err(PacketError::StreamOffsetOutsideData);
+        };
+        if core::ptr::eq(mdl, target) {
+            if offset > current.ByteCount {
+                return Err(PacketError::StreamOffsetOutsideData);
+            }
+            return Ok(position + u64::from(offset));
+        }
+        position += u64::from(current.ByteCount);
+        mdl = current.Next;
+    }
+    Err(PacketError::ChainTooLong)
+}
+
 /// A read-only view of the stream data passed at a stream layer
 /// (`FWPS_STREAM_CALLOUT_IO_PACKET0` and its `FWPS_STREAM_DATA0`), valid for the classification.
 #[derive(Clone, Copy)]
@@ -388,6 +427,72 @@ impl<'a> StreamData<'a> {
     /// How many bytes of the stream the callout did not see (`missedBytes`).
     pub fn missed_bytes(&self) -> usize {
         self.packet.missedBytes
+    }
+
+    /// Copies `out.len()` bytes of the indicated section of the stream, starting `offset` bytes
+    /// into it, into `out`: from `dataOffset` on, across MDLs, net buffers and the lists of the
+    /// chain.
+    pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<(), PacketError> {
+        let data_length = self.len();
+        let out_of_range = PacketError::StreamOutOfRange {
+            offset,
+            len: out.len(),
+            data_length,
+        };
+        match offset.checked_add(out.len()) {
+            Some(end) if end <= data_length => {}
+            _ => return Err(out_of_range),
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        let Some(data) = self.data else {
+            return Err(out_of_range);
+        };
+        let at = data.dataOffset;
+        // SAFETY: `from_layer_data`'s contract covers the stream data's lists and net buffers.
+        let (Some(mut list), Some(first)) = (
+            unsafe { NetBufferList::from_layer_data(at.netBufferList.cast_const().cast()) },
+            unsafe { at.netBuffer.cast_const().as_ref() },
+        ) else {
+            return Err(PacketError::ChainTooShort);
+        };
+        let mut buffer = NetBuffer { raw: first };
+        // Where the section starts in its net buffer's data.
+        let start = position_in_chain(first.MdlChain, at.mdl, at.mdlOffset)?
+            .checked_sub(u64::from(first.DataOffset))
+            .ok_or(PacketError::StreamOffsetOutsideData)?;
+        let mut skip = start + offset as u64;
+        let mut rest = out;
+        let mut walked = 0;
+        loop {
+            let length = u64::from(buffer.len());
+            if skip < length {
+                let n = ((length - skip) as usize).min(rest.len());
+                let (now, later) = rest.split_at_mut(n);
+                buffer.read(skip as u32, now)?;
+                rest = later;
+                skip = 0;
+                if rest.is_empty() {
+                    return Ok(());
+                }
+            } else {
+                skip -= length;
+            }
+            walked += 1;
+            if walked > MAX_CHAIN {
+                return Err(PacketError::ChainTooLong);
+            }
+            // The next net buffer of this list, else the first of the next list.
+            // SAFETY: as above: the chain's net buffers are valid for 'a.
+            buffer = match unsafe { buffer.raw.Next.cast_const().as_ref() } {
+                Some(raw) => NetBuffer { raw },
+                None => {
+                    list = list.next_list().ok_or(PacketError::ChainTooShort)?;
+                    list.first().ok_or(PacketError::ChainTooShort)?
+                }
+            };
+        }
     }
 
     /// The net buffer list chain holding the stream's bytes (`netBufferListChain`); the section
@@ -534,6 +639,77 @@ mod tests {
         let nb = first(&built);
         assert_eq!(&nb.read_array::<2>(5).unwrap(), b"fg");
         assert_eq!(nb.read(0, &mut [0; 1]), Err(PacketError::NotMapped));
+    }
+
+    /// Stream data over two lists: `b"xxab"` (data from 2) then `b"cdef"`, the section starting
+    /// at `b'b'` (MDL 0, byte 3) and `len` bytes long.
+    fn stream_over(first: &mut Built, second: &mut Built, len: usize) -> sys::FWPS_STREAM_DATA0 {
+        first.nbl.Next = &raw mut *second.nbl;
+        let list = &raw mut *first.nbl;
+        sys::FWPS_STREAM_DATA0 {
+            flags: sys::FWPS_STREAM_FLAG_RECEIVE,
+            dataOffset: sys::FWPS_STREAM_DATA_OFFSET0 {
+                netBufferList: list,
+                netBuffer: first.nbl.FirstNetBuffer,
+                mdl: first.mdls.as_mut_ptr(),
+                mdlOffset: 3,
+                netBufferOffset: 0,
+                streamDataOffset: 0,
+            },
+            dataLength: len,
+            netBufferListChain: list,
+        }
+    }
+
+    /// Reads `len` bytes from `offset` of `data`, through a fresh view.
+    fn read_stream(
+        data: &mut sys::FWPS_STREAM_DATA0,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<u8>, PacketError> {
+        let mut packet = sys::FWPS_STREAM_CALLOUT_IO_PACKET0 {
+            streamData: data,
+            missedBytes: 0,
+            countBytesRequired: 0,
+            countBytesEnforced: 0,
+            streamAction: sys::FWPS_STREAM_ACTION_NONE,
+        };
+        // SAFETY: everything it points to outlives the view, unchanged while it is used.
+        let stream = unsafe { StreamData::from_layer_data((&raw mut packet).cast_const().cast()) }
+            .expect("not null");
+        assert_eq!(stream.flags(), sys::FWPS_STREAM_FLAG_RECEIVE);
+        let mut out = alloc::vec![0; len];
+        stream.read(offset, &mut out).map(|()| out)
+    }
+
+    #[test]
+    fn stream_data_reads_from_its_offset_across_lists() {
+        let mut first = build(&[b"xxab"], 2, 2);
+        let mut second = build(&[b"cd", b"ef"], 0, 4);
+        let mut data = stream_over(&mut first, &mut second, 5);
+        assert_eq!(read_stream(&mut data, 0, 5).unwrap(), b"bcdef");
+        assert_eq!(read_stream(&mut data, 3, 2).unwrap(), b"ef");
+        assert_eq!(read_stream(&mut data, 5, 0).unwrap(), b"");
+        assert_eq!(
+            read_stream(&mut data, 4, 2),
+            Err(PacketError::StreamOutOfRange {
+                offset: 4,
+                len: 2,
+                data_length: 5
+            })
+        );
+        // A section that claims more than the chain holds.
+        data.dataLength = 9;
+        assert_eq!(
+            read_stream(&mut data, 0, 9),
+            Err(PacketError::ChainTooShort)
+        );
+        // An offset before the data start of its net buffer.
+        data.dataOffset.mdlOffset = 1;
+        assert_eq!(
+            read_stream(&mut data, 0, 1),
+            Err(PacketError::StreamOffsetOutsideData)
+        );
     }
 
     #[test]
