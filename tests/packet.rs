@@ -340,3 +340,27 @@ fn the_layer_tables_say_what_layer_data_is() {
         LayerData::Packet(DataStart::ByDirection)
     );
 }
+
+#[test]
+fn inbound_transport_v6_has_the_ipv6_header_behind_the_data() {
+    let conn = connection(
+        IpProtocol::Udp,
+        "[2001:db8::1]:5353",
+        "[2001:db8::9]:60000",
+        Direction::Inbound,
+    );
+    let machine = Machine::new();
+    let seen = with_reader::<layer::InboundTransportV6>(&machine, |machine| {
+        machine.connect(&conn, AleIrql::Passive);
+    });
+    assert_eq!(
+        seen,
+        [Some(Seen {
+            ports: Ok((60000, 5353)),
+            // Version 6 in the first nibble; next header UDP.
+            ip: Some(Ok((0x60, 17))),
+            data_length: 0,
+            net_buffers: 1,
+        })]
+    );
+}
