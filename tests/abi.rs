@@ -1005,3 +1005,93 @@ fn simulated_device_objects_are_16_byte_aligned() {
     });
     machine.unload_driver(driver).unwrap();
 }
+
+/// `MDL` against windows-sys; the NDIS buffer structures and the stream layer's structures
+/// (absent from windows-sys) against the x64 sizes and offsets of WDK 10.0.22621 `km/ndis/nbl.h`
+/// and `km/fwpsk.h`, computed by compiling the C definitions with fixed-width LLP64 typedefs.
+#[test]
+fn packet_structures_match_windows_sys_and_the_headers() {
+    use windows_sys::Wdk::Foundation as wdk;
+    let mut diffs = Vec::new();
+    check_layout!(
+        diffs,
+        ours::MDL,
+        wdk::MDL,
+        Next,
+        Size,
+        MdlFlags,
+        Process,
+        MappedSystemVa,
+        StartVa,
+        ByteCount,
+        ByteOffset,
+    );
+    macro_rules! pin {
+        ($t:ident, size $size:literal, align $align:literal { $($field:ident: $offset:literal),* $(,)? }) => {
+            if size_of::<ours::$t>() != $size {
+                diffs.push(format!("{}: {} bytes, the header has {}", stringify!($t), size_of::<ours::$t>(), $size));
+            }
+            if align_of::<ours::$t>() != $align {
+                diffs.push(format!("{}: aligned to {}, the header to {}", stringify!($t), align_of::<ours::$t>(), $align));
+            }
+            $(
+                if offset_of!(ours::$t, $field) != $offset {
+                    diffs.push(format!(
+                        "{}.{}: offset {}, the header has {}",
+                        stringify!($t), stringify!($field), offset_of!(ours::$t, $field), $offset
+                    ));
+                }
+            )*
+        };
+    }
+    pin!(NET_BUFFER, size 176, align 16 {
+        Next: 0, CurrentMdl: 8, CurrentMdlOffset: 16, DataLength: 24, MdlChain: 32,
+        DataOffset: 40, ChecksumBias: 48, NdisPoolHandle: 56, NdisReserved: 64,
+        ProtocolReserved: 80, MiniportReserved: 128, DataPhysicalAddress: 160,
+        SharedMemoryInfo: 168,
+    });
+    pin!(NET_BUFFER_LIST, size 368, align 16 {
+        Next: 0, FirstNetBuffer: 8, Context: 16, ParentNetBufferList: 24, NdisPoolHandle: 32,
+        NdisReserved: 48, ProtocolReserved: 64, MiniportReserved: 96, Scratch: 112,
+        SourceHandle: 120, NblFlags: 128, ChildRefCount: 132, Flags: 136, Status: 140,
+        NetBufferListInfo: 144,
+    });
+    pin!(FWPS_STREAM_DATA_OFFSET0, size 40, align 8 {
+        netBufferList: 0, netBuffer: 8, mdl: 16, mdlOffset: 24, netBufferOffset: 28,
+        streamDataOffset: 32,
+    });
+    pin!(FWPS_STREAM_DATA0, size 64, align 8 {
+        flags: 0, dataOffset: 8, dataLength: 48, netBufferListChain: 56,
+    });
+    pin!(FWPS_STREAM_CALLOUT_IO_PACKET0, size 40, align 8 {
+        streamData: 0, missedBytes: 8, countBytesRequired: 16, countBytesEnforced: 24,
+        streamAction: 32,
+    });
+    for (name, ours, header) in [
+        (
+            "MDL_MAPPED_TO_SYSTEM_VA",
+            i64::from(ours::MDL_MAPPED_TO_SYSTEM_VA),
+            0x1,
+        ),
+        (
+            "MDL_SOURCE_IS_NONPAGED_POOL",
+            i64::from(ours::MDL_SOURCE_IS_NONPAGED_POOL),
+            0x4,
+        ),
+        (
+            "FWPS_STREAM_FLAG_SEND",
+            i64::from(ours::FWPS_STREAM_FLAG_SEND),
+            0x1_0000,
+        ),
+        (
+            "FWPS_STREAM_ACTION_ALLOW_CONNECTION",
+            i64::from(ours::FWPS_STREAM_ACTION_ALLOW_CONNECTION),
+            4,
+        ),
+    ] {
+        if ours != header {
+            diffs.push(format!("{name}: {ours:#x} here, {header:#x} in the header"));
+        }
+    }
+    assert_no_diffs("packet structures", &diffs);
+}

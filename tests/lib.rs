@@ -221,6 +221,8 @@ pub mod guides {
     pub mod getting_started {}
     #[doc = include_str!("../docs/irql.md")]
     pub mod irql {}
+    #[doc = include_str!("../docs/packets.md")]
+    pub mod packets {}
     #[doc = include_str!("../docs/simulator.md")]
     pub mod simulator {}
     #[doc = include_str!("../docs/timers.md")]

@@ -1341,6 +1341,7 @@ impl Machine {
             metadata: request.metadata,
             process_path: None,
             layer_data: core::ptr::null_mut(),
+            packet: None,
             classify_context: core::ptr::null(),
             flow_context: 0,
             pendable: request.pendable,
@@ -1872,6 +1873,23 @@ impl Machine {
             metadata.currentMetadataValues |= FWPS_METADATA_FIELD_FLOW_HANDLE;
             metadata.flowHandle = flow;
         }
+        let packet_start = connection_packet_start(layer, connection);
+        let endpoints = match connection.direction {
+            wfp_rs::metadata::Direction::Outbound => (connection.local, connection.remote),
+            wfp_rs::metadata::Direction::Inbound => (connection.remote, connection.local),
+        };
+        let build_packet = move || {
+            let (source, destination) = endpoints;
+            let endpoints = crate::kernel::packet::Endpoints {
+                protocol: connection.protocol,
+                source,
+                destination,
+            };
+            crate::kernel::packet::SimPacket::build(
+                &endpoints,
+                packet_start.unwrap_or(crate::kernel::packet::Start::TransportHeader),
+            )
+        };
         let mut incoming = engine::Incoming {
             layer,
             values: engine::Values::new(&values),
@@ -1879,6 +1897,7 @@ impl Machine {
             // The engine copies it for the callouts (the stack's copy for this classification).
             process_path: Some(&presented.app_id),
             layer_data: core::ptr::null_mut(),
+            packet: packet_start.map(|_| &build_packet as &dyn Fn() -> _),
             classify_context: core::ptr::null(),
             flow_context: 0,
             // The layers where the stack hands callouts a completion handle.
@@ -1894,6 +1913,32 @@ impl Machine {
         let verdict =
             state::with_context(&self.kernel, irql.0, 0, || engine::classify(&mut incoming));
         Machine::decision(verdict)
+    }
+}
+
+/// Where the packet a connection's classification at `layer` carries starts, per the layer's
+/// [`LayerData`](wfp_rs::layer::LayerData); `None` where the layer passes no packet — not a
+/// packet layer, or ALE_AUTH_CONNECT for TCP ("not applicable" in Microsoft's table) — or none
+/// is modelled (the ICMP error, forward, IP packet and frame layers: no connection crosses them
+/// here).
+fn connection_packet_start(
+    layer: &wfp_rs::layer::LayerInfo,
+    connection: &Connection,
+) -> Option<crate::kernel::packet::Start> {
+    use crate::kernel::packet::Start;
+    use wfp_rs::layer::{DataStart, LayerData};
+    use wfp_rs::metadata::Direction;
+    match layer.data {
+        LayerData::Packet(DataStart::Payload) => Some(Start::Payload),
+        LayerData::Packet(DataStart::TransportHeader) => Some(Start::TransportHeader),
+        LayerData::Packet(DataStart::TransportHeaderUnlessTcp) => {
+            (connection.protocol != Protocol::Tcp).then_some(Start::TransportHeader)
+        }
+        LayerData::Packet(DataStart::ByDirection) => Some(match connection.direction {
+            Direction::Inbound => Start::Payload,
+            Direction::Outbound => Start::TransportHeader,
+        }),
+        _ => None,
     }
 }
 

@@ -62,8 +62,11 @@ use crate::driver::Driver;
 use crate::guid::Guid;
 use crate::irql::{AtPassive, DispatchLevel, Irql, PassiveLevel, RaiseIrql, Token};
 use crate::layer::value::ConditionFlags;
-use crate::layer::{FieldKind, IncomingValues, Layer, field_index, fields};
+use crate::layer::{
+    FieldKind, IncomingValues, Layer, PacketLayer, StreamLayer, field_index, fields,
+};
 use crate::metadata::Metadata;
+use crate::packet::{NetBufferList, StreamData};
 use crate::pool::{PoolBox, PoolTag};
 use crate::status::Status;
 use crate::sys;
@@ -218,9 +221,45 @@ pub struct Classify<'a, L: Layer, F: 'static = ()> {
     pub out: ClassifyOut<'a>,
     flow_context: u64,
     pub(crate) classify_context: *const core::ffi::c_void,
+    /// `layerData`: what it points to depends on `L` (`L::DATA`).
+    layer_data: *const core::ffi::c_void,
     callout_id: u32,
     flows: &'a Flows,
     _context: PhantomData<fn() -> F>,
+}
+
+impl<'a, L: Layer, F: 'static> Classify<'a, L, F> {
+    /// The packet being classified (`layerData` as a `NET_BUFFER_LIST`), at a layer that passes
+    /// one; `None` when the engine passed none (`layerData` null, as at ALE_AUTH_CONNECT for TCP).
+    /// Where its data starts is `L::DATA`; see [`crate::packet`].
+    ///
+    /// ```compile_fail
+    /// # use wfp_rs::callout::Classify;
+    /// # use wfp_rs::layer::AleResourceAssignmentV4;
+    /// fn bind(c: &Classify<'_, AleResourceAssignmentV4>) {
+    ///     let _ = c.packet(); // a bind has no packet
+    /// }
+    /// ```
+    pub fn packet(&self) -> Option<NetBufferList<'a>>
+    where
+        L: PacketLayer,
+    {
+        // SAFETY: at a packet layer (`L: PacketLayer`, and the trampoline checked the layer id),
+        // a non-null `layerData` is the engine's NET_BUFFER_LIST, valid and unchanged for the
+        // classification ('a).
+        unsafe { NetBufferList::from_layer_data(self.layer_data) }
+    }
+
+    /// The stream data being classified (`layerData` as an `FWPS_STREAM_CALLOUT_IO_PACKET0`), at
+    /// a stream layer; `None` when the engine passed none.
+    pub fn stream(&self) -> Option<StreamData<'a>>
+    where
+        L: StreamLayer,
+    {
+        // SAFETY: at a stream layer (`L: StreamLayer`, layer id checked by the trampoline), a
+        // non-null `layerData` is the engine's FWPS_STREAM_CALLOUT_IO_PACKET0, valid for 'a.
+        unsafe { StreamData::from_layer_data(self.layer_data) }
+    }
 }
 
 /// Why a flow context could not be associated; the value is handed back.
@@ -747,7 +786,7 @@ unsafe extern "system" fn classify_trampoline<
 >(
     in_fixed_values: *const sys::FWPS_INCOMING_VALUES0,
     in_meta_values: *const sys::FWPS_INCOMING_METADATA_VALUES0,
-    _layer_data: *mut core::ffi::c_void,
+    layer_data: *mut core::ffi::c_void,
     classify_context: *const core::ffi::c_void,
     filter: *const sys::FWPS_FILTER3,
     flow_context: u64,
@@ -786,6 +825,7 @@ unsafe extern "system" fn classify_trampoline<
         out: ClassifyOut::new(out),
         flow_context,
         classify_context,
+        layer_data: layer_data.cast_const(),
         callout_id,
         flows: &registered.flows,
         _context: PhantomData,

@@ -297,6 +297,7 @@ pub mod inverted;
 pub mod irql;
 pub mod layer;
 pub mod metadata;
+pub mod packet;
 pub mod pend;
 pub mod pool;
 pub mod port;

@@ -31,6 +31,7 @@ mod global_alloc;
 mod io;
 pub(crate) mod irp;
 mod irql;
+pub(crate) mod packet;
 mod pool;
 pub(crate) mod process;
 pub(crate) mod registry;

@@ -1735,6 +1735,9 @@ pub(crate) struct Incoming<'a> {
     /// `None` if the caller points `processPath` somewhere itself.
     pub process_path: Option<&'a [u8]>,
     pub layer_data: PVOID,
+    /// Builds the packet `layer_data` points to for callouts, when the first is called (a
+    /// classification that calls none hands it to nobody); `None` leaves `layer_data` as is.
+    pub packet: Option<&'a dyn Fn() -> super::packet::SimPacket>,
     pub classify_context: *const core::ffi::c_void,
     pub flow_context: u64,
     /// Whether the layer lets callouts pend (a completion handle goes in the metadata).
@@ -2274,6 +2277,9 @@ pub(crate) fn classify(incoming: &mut Incoming<'_>) -> Verdict {
     // The raw values every callout of this classification gets, built for the first one called
     // (a classification that calls none has nobody to hand them to).
     let mut raw_values: Option<(ValueStorage, FWPS_INCOMING_VALUES0)> = None;
+    // The packet every callout of this classification gets, likewise built for the first one;
+    // freed when the classification returns (a callout that keeps it must clone it).
+    let mut packet: Option<super::packet::SimPacket> = None;
 
     let mut current = Verdict {
         pended: None,
@@ -2331,6 +2337,13 @@ pub(crate) fn classify(incoming: &mut Incoming<'_>) -> Verdict {
                     }
                     Some((call, classify_fn)) => {
                         handles.get_or_insert_with(|| Handles::hand_out(incoming));
+                        if packet.is_none()
+                            && let Some(build) = incoming.packet
+                        {
+                            let built = packet.insert(build());
+                            incoming.layer_data = built.layer_data();
+                            built.describe(&mut incoming.metadata);
+                        }
                         let (_, fixed) = raw_values.get_or_insert_with(|| {
                             let mut storage = ValueStorage::incoming(incoming.values.get());
                             let fixed = FWPS_INCOMING_VALUES0 {
@@ -2410,6 +2423,9 @@ pub(crate) fn classify(incoming: &mut Incoming<'_>) -> Verdict {
     }
     if let Some(handles) = handles {
         current.pended = handles.take_back();
+    }
+    if packet.take().is_some() {
+        incoming.layer_data = core::ptr::null_mut();
     }
     leave_flow(flow);
     current

@@ -325,6 +325,8 @@ layers! {
         // FWPS_FIELD_ALE_AUTH_CONNECT_V4_MAX; by NTDDI_VERSION: 15 from WIN6, 17 from WIN6SP1, 32
         // from WIN7, 34 from WIN8, 36 from WINTHRESHOLD, 37 from WIN10_RS2, 41 from WIN10_RS5.
         field_count: 41,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(TransportHeaderUnlessTcp),
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ALE_USER_ID
@@ -387,6 +389,8 @@ layers! {
         // FWPS_FIELD_ALE_AUTH_CONNECT_V6_MAX; by NTDDI_VERSION: 15 from WIN6, 17 from WIN6SP1, 32
         // from WIN7, 34 from WIN8, 36 from WINTHRESHOLD, 37 from WIN10_RS2, 41 from WIN10_RS5.
         field_count: 41,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(TransportHeaderUnlessTcp),
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ALE_USER_ID
@@ -449,6 +453,8 @@ layers! {
         // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_MAX; by NTDDI_VERSION: 18 from WIN6, 22 from WIN6SP1,
         // 32 from WIN7, 33 from WIN8, 34 from WINTHRESHOLD, 35 from WIN10_RS2, 39 from WIN10_RS5.
         field_count: 39,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(ByDirection),
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ALE_USER_ID
@@ -510,6 +516,8 @@ layers! {
         // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_MAX; by NTDDI_VERSION: 18 from WIN6, 22 from WIN6SP1,
         // 32 from WIN7, 33 from WIN8, 34 from WINTHRESHOLD, 35 from WIN10_RS2, 39 from WIN10_RS5.
         field_count: 39,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(ByDirection),
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ALE_USER_ID
@@ -571,6 +579,8 @@ layers! {
         // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_MAX; by NTDDI_VERSION: 15 from WIN6, 16 from WIN6SP1,
         // 18 from WIN8, 19 from WINTHRESHOLD, 20 from WIN10_RS2, 24 from WIN10_RS5.
         field_count: 24,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(ByDirection),
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_ALE_USER_ID
@@ -615,6 +625,8 @@ layers! {
         // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_MAX; by NTDDI_VERSION: 15 from WIN6, 16 from WIN6SP1,
         // 18 from WIN8, 19 from WINTHRESHOLD, 20 from WIN10_RS2, 24 from WIN10_RS5.
         field_count: 24,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(ByDirection),
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_ALE_USER_ID
@@ -659,6 +671,8 @@ layers! {
         // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_MAX; by NTDDI_VERSION: 13 from WIN6, 14 from WIN7, 15
         // from WINTHRESHOLD, 16 from WIN10_RS2.
         field_count: 16,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(TransportHeader),
         fields: {
             IpProtocol = 0, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_IP_PROTOCOL
             IpLocalAddress = 1, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_IP_LOCAL_ADDRESS
@@ -694,6 +708,8 @@ layers! {
         // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_MAX; by NTDDI_VERSION: 13 from WIN6, 14 from WIN7, 15
         // from WINTHRESHOLD, 16 from WIN10_RS2.
         field_count: 16,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(TransportHeader),
         fields: {
             IpProtocol = 0, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_IP_PROTOCOL
             IpLocalAddress = 1, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_IP_LOCAL_ADDRESS
@@ -729,6 +745,8 @@ layers! {
         // FWPS_FIELD_INBOUND_TRANSPORT_V4_MAX; by NTDDI_VERSION: 12 from WIN6, 13 from WIN7, 14
         // from WINTHRESHOLD, 15 from WIN10_RS2.
         field_count: 15,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(Payload),
         fields: {
             IpProtocol = 0, // FWPS_FIELD_INBOUND_TRANSPORT_V4_IP_PROTOCOL
             IpLocalAddress = 1, // FWPS_FIELD_INBOUND_TRANSPORT_V4_IP_LOCAL_ADDRESS
@@ -763,6 +781,8 @@ layers! {
         // FWPS_FIELD_INBOUND_TRANSPORT_V6_MAX; by NTDDI_VERSION: 12 from WIN6, 13 from WIN7, 14
         // from WINTHRESHOLD, 15 from WIN10_RS2.
         field_count: 15,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(Payload),
         fields: {
             IpProtocol = 0, // FWPS_FIELD_INBOUND_TRANSPORT_V6_IP_PROTOCOL
             IpLocalAddress = 1, // FWPS_FIELD_INBOUND_TRANSPORT_V6_IP_LOCAL_ADDRESS
@@ -798,6 +818,8 @@ layers! {
         // FWPS_FIELD_ALE_ENDPOINT_CLOSURE_V4_MAX; by NTDDI_VERSION: 10 from WIN7, 11 from WIN8, 12
         // from WINTHRESHOLD, 13 from WIN10_RS2.
         field_count: 13,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: None,
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_ENDPOINT_CLOSURE_V4_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_ENDPOINT_CLOSURE_V4_ALE_USER_ID
@@ -830,6 +852,8 @@ layers! {
         // FWPS_FIELD_ALE_ENDPOINT_CLOSURE_V6_MAX; by NTDDI_VERSION: 10 from WIN7, 11 from WIN8, 12
         // from WINTHRESHOLD, 13 from WIN10_RS2.
         field_count: 13,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: None,
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_ENDPOINT_CLOSURE_V6_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_ENDPOINT_CLOSURE_V6_ALE_USER_ID
@@ -862,6 +886,8 @@ layers! {
         // FWPS_FIELD_ALE_CONNECT_REDIRECT_V4_MAX; by NTDDI_VERSION: 10 from WIN7, 12 from WIN8, 13
         // from WINTHRESHOLD, 14 from WIN10_RS2.
         field_count: 14,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: ConnectRequest,
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_CONNECT_REDIRECT_V4_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_CONNECT_REDIRECT_V4_ALE_USER_ID
@@ -895,6 +921,8 @@ layers! {
         // FWPS_FIELD_ALE_CONNECT_REDIRECT_V6_MAX; by NTDDI_VERSION: 10 from WIN7, 12 from WIN8, 13
         // from WINTHRESHOLD, 14 from WIN10_RS2.
         field_count: 14,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: ConnectRequest,
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_CONNECT_REDIRECT_V6_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_CONNECT_REDIRECT_V6_ALE_USER_ID
@@ -927,6 +955,8 @@ layers! {
         // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_MAX; by NTDDI_VERSION: 11 from WIN6, 13 from WIN7,
         // 14 from WIN8, 15 from WINTHRESHOLD, 16 from WIN10_RS2, 18 from WIN10_RS5.
         field_count: 18,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: None,
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_ALE_USER_ID
@@ -966,6 +996,8 @@ layers! {
         // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_MAX; by NTDDI_VERSION: 11 from WIN6, 13 from WIN7,
         // 14 from WIN8, 15 from WINTHRESHOLD, 16 from WIN10_RS2, 18 from WIN10_RS5.
         field_count: 18,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: None,
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_ALE_USER_ID
@@ -1004,6 +1036,8 @@ layers! {
         ip_version: V4,
         // FWPS_FIELD_INBOUND_IPPACKET_V4_MAX; by NTDDI_VERSION: 9 from WIN6, 10 from WIN10_RS2.
         field_count: 10,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(TransportHeader),
         fields: {
             IpLocalAddress = 0, // FWPS_FIELD_INBOUND_IPPACKET_V4_IP_LOCAL_ADDRESS
             IpRemoteAddress = 1, // FWPS_FIELD_INBOUND_IPPACKET_V4_IP_REMOTE_ADDRESS
@@ -1031,6 +1065,8 @@ layers! {
         // FWPS_FIELD_INBOUND_IPPACKET_V4_MAX (a discard layer has the fields of
         // FWPS_FIELDS_INBOUND_IPPACKET_V4); by NTDDI_VERSION: 9 from WIN6, 10 from WIN10_RS2.
         field_count: 10,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(WhereProcessingStopped),
         fields: {
             IpLocalAddress = 0, // FWPS_FIELD_INBOUND_IPPACKET_V4_IP_LOCAL_ADDRESS
             IpRemoteAddress = 1, // FWPS_FIELD_INBOUND_IPPACKET_V4_IP_REMOTE_ADDRESS
@@ -1056,6 +1092,8 @@ layers! {
         ip_version: V6,
         // FWPS_FIELD_INBOUND_IPPACKET_V6_MAX; by NTDDI_VERSION: 9 from WIN6, 10 from WIN10_RS2.
         field_count: 10,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(TransportHeader),
         fields: {
             IpLocalAddress = 0, // FWPS_FIELD_INBOUND_IPPACKET_V6_IP_LOCAL_ADDRESS
             IpRemoteAddress = 1, // FWPS_FIELD_INBOUND_IPPACKET_V6_IP_REMOTE_ADDRESS
@@ -1083,6 +1121,8 @@ layers! {
         // FWPS_FIELD_INBOUND_IPPACKET_V6_MAX (a discard layer has the fields of
         // FWPS_FIELDS_INBOUND_IPPACKET_V6); by NTDDI_VERSION: 9 from WIN6, 10 from WIN10_RS2.
         field_count: 10,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(WhereProcessingStopped),
         fields: {
             IpLocalAddress = 0, // FWPS_FIELD_INBOUND_IPPACKET_V6_IP_LOCAL_ADDRESS
             IpRemoteAddress = 1, // FWPS_FIELD_INBOUND_IPPACKET_V6_IP_REMOTE_ADDRESS
@@ -1108,6 +1148,8 @@ layers! {
         ip_version: V4,
         // FWPS_FIELD_OUTBOUND_IPPACKET_V4_MAX; by NTDDI_VERSION: 9 from WIN6, 10 from WIN10_RS2.
         field_count: 10,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(IpHeader),
         fields: {
             IpLocalAddress = 0, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_IP_LOCAL_ADDRESS
             IpLocalAddressType = 1, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_IP_LOCAL_ADDRESS_TYPE
@@ -1135,6 +1177,8 @@ layers! {
         // FWPS_FIELD_OUTBOUND_IPPACKET_V4_MAX (a discard layer has the fields of
         // FWPS_FIELDS_OUTBOUND_IPPACKET_V4); by NTDDI_VERSION: 9 from WIN6, 10 from WIN10_RS2.
         field_count: 10,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(WhereProcessingStopped),
         fields: {
             IpLocalAddress = 0, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_IP_LOCAL_ADDRESS
             IpLocalAddressType = 1, // FWPS_FIELD_OUTBOUND_IPPACKET_V4_IP_LOCAL_ADDRESS_TYPE
@@ -1160,6 +1204,8 @@ layers! {
         ip_version: V6,
         // FWPS_FIELD_OUTBOUND_IPPACKET_V6_MAX; by NTDDI_VERSION: 9 from WIN6, 10 from WIN10_RS2.
         field_count: 10,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(IpHeader),
         fields: {
             IpLocalAddress = 0, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_IP_LOCAL_ADDRESS
             IpLocalAddressType = 1, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_IP_LOCAL_ADDRESS_TYPE
@@ -1187,6 +1233,8 @@ layers! {
         // FWPS_FIELD_OUTBOUND_IPPACKET_V6_MAX (a discard layer has the fields of
         // FWPS_FIELDS_OUTBOUND_IPPACKET_V6); by NTDDI_VERSION: 9 from WIN6, 10 from WIN10_RS2.
         field_count: 10,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(WhereProcessingStopped),
         fields: {
             IpLocalAddress = 0, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_IP_LOCAL_ADDRESS
             IpLocalAddressType = 1, // FWPS_FIELD_OUTBOUND_IPPACKET_V6_IP_LOCAL_ADDRESS_TYPE
@@ -1213,6 +1261,8 @@ layers! {
         // FWPS_FIELD_IPFORWARD_V4_MAX; by NTDDI_VERSION: 10 from WIN6, 14 from WIN7, 15 from
         // WIN10_RS2.
         field_count: 15,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(IpHeader),
         fields: {
             IpSourceAddress = 0, // FWPS_FIELD_IPFORWARD_V4_IP_SOURCE_ADDRESS
             IpDestinationAddress = 1, // FWPS_FIELD_IPFORWARD_V4_IP_DESTINATION_ADDRESS
@@ -1246,6 +1296,8 @@ layers! {
         // FWPS_FIELD_IPFORWARD_V4_MAX (a discard layer has the fields of FWPS_FIELDS_IPFORWARD_V4);
         // by NTDDI_VERSION: 10 from WIN6, 14 from WIN7, 15 from WIN10_RS2.
         field_count: 15,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(IpHeader),
         fields: {
             IpSourceAddress = 0, // FWPS_FIELD_IPFORWARD_V4_IP_SOURCE_ADDRESS
             IpDestinationAddress = 1, // FWPS_FIELD_IPFORWARD_V4_IP_DESTINATION_ADDRESS
@@ -1278,6 +1330,8 @@ layers! {
         // FWPS_FIELD_IPFORWARD_V6_MAX; by NTDDI_VERSION: 10 from WIN6, 14 from WIN7, 15 from
         // WIN10_RS2.
         field_count: 15,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(IpHeader),
         fields: {
             IpSourceAddress = 0, // FWPS_FIELD_IPFORWARD_V6_IP_SOURCE_ADDRESS
             IpDestinationAddress = 1, // FWPS_FIELD_IPFORWARD_V6_IP_DESTINATION_ADDRESS
@@ -1311,6 +1365,8 @@ layers! {
         // FWPS_FIELD_IPFORWARD_V6_MAX (a discard layer has the fields of FWPS_FIELDS_IPFORWARD_V6);
         // by NTDDI_VERSION: 10 from WIN6, 14 from WIN7, 15 from WIN10_RS2.
         field_count: 15,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(IpHeader),
         fields: {
             IpSourceAddress = 0, // FWPS_FIELD_IPFORWARD_V6_IP_SOURCE_ADDRESS
             IpDestinationAddress = 1, // FWPS_FIELD_IPFORWARD_V6_IP_DESTINATION_ADDRESS
@@ -1345,6 +1401,8 @@ layers! {
         // FWPS_FIELDS_INBOUND_TRANSPORT_V4); by NTDDI_VERSION: 12 from WIN6, 13 from WIN7, 14 from
         // WINTHRESHOLD, 15 from WIN10_RS2.
         field_count: 15,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(Payload),
         fields: {
             IpProtocol = 0, // FWPS_FIELD_INBOUND_TRANSPORT_V4_IP_PROTOCOL
             IpLocalAddress = 1, // FWPS_FIELD_INBOUND_TRANSPORT_V4_IP_LOCAL_ADDRESS
@@ -1381,6 +1439,8 @@ layers! {
         // FWPS_FIELDS_INBOUND_TRANSPORT_V6); by NTDDI_VERSION: 12 from WIN6, 13 from WIN7, 14 from
         // WINTHRESHOLD, 15 from WIN10_RS2.
         field_count: 15,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(Payload),
         fields: {
             IpProtocol = 0, // FWPS_FIELD_INBOUND_TRANSPORT_V6_IP_PROTOCOL
             IpLocalAddress = 1, // FWPS_FIELD_INBOUND_TRANSPORT_V6_IP_LOCAL_ADDRESS
@@ -1417,6 +1477,8 @@ layers! {
         // FWPS_FIELDS_OUTBOUND_TRANSPORT_V4); by NTDDI_VERSION: 13 from WIN6, 14 from WIN7, 15 from
         // WINTHRESHOLD, 16 from WIN10_RS2.
         field_count: 16,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(TransportHeader),
         fields: {
             IpProtocol = 0, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_IP_PROTOCOL
             IpLocalAddress = 1, // FWPS_FIELD_OUTBOUND_TRANSPORT_V4_IP_LOCAL_ADDRESS
@@ -1454,6 +1516,8 @@ layers! {
         // FWPS_FIELDS_OUTBOUND_TRANSPORT_V6); by NTDDI_VERSION: 13 from WIN6, 14 from WIN7, 15 from
         // WINTHRESHOLD, 16 from WIN10_RS2.
         field_count: 16,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(TransportHeader),
         fields: {
             IpProtocol = 0, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_IP_PROTOCOL
             IpLocalAddress = 1, // FWPS_FIELD_OUTBOUND_TRANSPORT_V6_IP_LOCAL_ADDRESS
@@ -1488,6 +1552,8 @@ layers! {
         // FWPS_FIELD_STREAM_V4_MAX; by NTDDI_VERSION: 6 from WIN6, 7 from WIN6SP1, 8 from
         // WIN10_RS2.
         field_count: 8,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Stream,
         fields: {
             IpLocalAddress = 0, // FWPS_FIELD_STREAM_V4_IP_LOCAL_ADDRESS
             IpLocalAddressType = 1, // FWPS_FIELD_STREAM_V4_IP_LOCAL_ADDRESS_TYPE
@@ -1514,6 +1580,8 @@ layers! {
         // FWPS_FIELD_STREAM_V4_MAX (a discard layer has the fields of FWPS_FIELDS_STREAM_V4); by
         // NTDDI_VERSION: 6 from WIN6, 7 from WIN6SP1, 8 from WIN10_RS2.
         field_count: 8,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Stream,
         fields: {
             IpLocalAddress = 0, // FWPS_FIELD_STREAM_V4_IP_LOCAL_ADDRESS
             IpLocalAddressType = 1, // FWPS_FIELD_STREAM_V4_IP_LOCAL_ADDRESS_TYPE
@@ -1538,6 +1606,8 @@ layers! {
         // FWPS_FIELD_STREAM_V6_MAX; by NTDDI_VERSION: 6 from WIN6, 7 from WIN6SP1, 8 from
         // WIN10_RS2.
         field_count: 8,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Stream,
         fields: {
             IpLocalAddress = 0, // FWPS_FIELD_STREAM_V6_IP_LOCAL_ADDRESS
             IpLocalAddressType = 1, // FWPS_FIELD_STREAM_V6_IP_LOCAL_ADDRESS_TYPE
@@ -1564,6 +1634,8 @@ layers! {
         // FWPS_FIELD_STREAM_V6_MAX (a discard layer has the fields of FWPS_FIELDS_STREAM_V6); by
         // NTDDI_VERSION: 6 from WIN6, 7 from WIN6SP1, 8 from WIN10_RS2.
         field_count: 8,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Stream,
         fields: {
             IpLocalAddress = 0, // FWPS_FIELD_STREAM_V6_IP_LOCAL_ADDRESS
             IpLocalAddressType = 1, // FWPS_FIELD_STREAM_V6_IP_LOCAL_ADDRESS_TYPE
@@ -1588,6 +1660,8 @@ layers! {
         ip_version: V4,
         // FWPS_FIELD_DATAGRAM_DATA_V4_MAX; by NTDDI_VERSION: 13 from WIN6, 14 from WIN10_RS2.
         field_count: 14,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(ByDirection),
         fields: {
             IpProtocol = 0, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_PROTOCOL
             IpLocalAddress = 1, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_LOCAL_ADDRESS
@@ -1619,6 +1693,8 @@ layers! {
         // FWPS_FIELD_DATAGRAM_DATA_V4_MAX (a discard layer has the fields of
         // FWPS_FIELDS_DATAGRAM_DATA_V4); by NTDDI_VERSION: 13 from WIN6, 14 from WIN10_RS2.
         field_count: 14,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(ByDirection),
         fields: {
             IpProtocol = 0, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_PROTOCOL
             IpLocalAddress = 1, // FWPS_FIELD_DATAGRAM_DATA_V4_IP_LOCAL_ADDRESS
@@ -1648,6 +1724,8 @@ layers! {
         ip_version: V6,
         // FWPS_FIELD_DATAGRAM_DATA_V6_MAX; by NTDDI_VERSION: 13 from WIN6, 14 from WIN10_RS2.
         field_count: 14,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(ByDirection),
         fields: {
             IpProtocol = 0, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_PROTOCOL
             IpLocalAddress = 1, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_LOCAL_ADDRESS
@@ -1679,6 +1757,8 @@ layers! {
         // FWPS_FIELD_DATAGRAM_DATA_V6_MAX (a discard layer has the fields of
         // FWPS_FIELDS_DATAGRAM_DATA_V6); by NTDDI_VERSION: 13 from WIN6, 14 from WIN10_RS2.
         field_count: 14,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(ByDirection),
         fields: {
             IpProtocol = 0, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_PROTOCOL
             IpLocalAddress = 1, // FWPS_FIELD_DATAGRAM_DATA_V6_IP_LOCAL_ADDRESS
@@ -1709,6 +1789,8 @@ layers! {
         // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_MAX; by NTDDI_VERSION: 14 from WIN6, 19 from WIN6SP1, 21
         // from WIN7, 22 from WIN10_RS2.
         field_count: 22,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(InnerIpHeader),
         fields: {
             EmbeddedProtocol = 0, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_EMBEDDED_PROTOCOL
             IpLocalAddress = 1, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_IP_LOCAL_ADDRESS
@@ -1753,6 +1835,8 @@ layers! {
         // FWPS_FIELDS_INBOUND_ICMP_ERROR_V4); by NTDDI_VERSION: 14 from WIN6, 19 from WIN6SP1, 21
         // from WIN7, 22 from WIN10_RS2.
         field_count: 22,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(InnerIpHeader),
         fields: {
             EmbeddedProtocol = 0, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_EMBEDDED_PROTOCOL
             IpLocalAddress = 1, // FWPS_FIELD_INBOUND_ICMP_ERROR_V4_IP_LOCAL_ADDRESS
@@ -1795,6 +1879,8 @@ layers! {
         // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_MAX; by NTDDI_VERSION: 14 from WIN6, 19 from WIN6SP1, 21
         // from WIN7, 22 from WIN10_RS2.
         field_count: 22,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(InnerIpHeader),
         fields: {
             EmbeddedProtocol = 0, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_EMBEDDED_PROTOCOL
             IpLocalAddress = 1, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_IP_LOCAL_ADDRESS
@@ -1839,6 +1925,8 @@ layers! {
         // FWPS_FIELDS_INBOUND_ICMP_ERROR_V6); by NTDDI_VERSION: 14 from WIN6, 19 from WIN6SP1, 21
         // from WIN7, 22 from WIN10_RS2.
         field_count: 22,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(InnerIpHeader),
         fields: {
             EmbeddedProtocol = 0, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_EMBEDDED_PROTOCOL
             IpLocalAddress = 1, // FWPS_FIELD_INBOUND_ICMP_ERROR_V6_IP_LOCAL_ADDRESS
@@ -1881,6 +1969,8 @@ layers! {
         // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_MAX; by NTDDI_VERSION: 10 from WIN6, 11 from WIN6SP1,
         // 13 from WIN7, 14 from WIN10_RS2.
         field_count: 14,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(IcmpHeader),
         fields: {
             IpLocalAddress = 0, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_IP_LOCAL_ADDRESS
             IpRemoteAddress = 1, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_IP_REMOTE_ADDRESS
@@ -1917,6 +2007,8 @@ layers! {
         // FWPS_FIELDS_OUTBOUND_ICMP_ERROR_V4); by NTDDI_VERSION: 10 from WIN6, 11 from WIN6SP1, 13
         // from WIN7, 14 from WIN10_RS2.
         field_count: 14,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(IcmpHeader),
         fields: {
             IpLocalAddress = 0, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_IP_LOCAL_ADDRESS
             IpRemoteAddress = 1, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V4_IP_REMOTE_ADDRESS
@@ -1951,6 +2043,8 @@ layers! {
         // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_MAX; by NTDDI_VERSION: 10 from WIN6, 11 from WIN6SP1,
         // 13 from WIN7, 14 from WIN10_RS2.
         field_count: 14,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(IcmpHeader),
         fields: {
             IpLocalAddress = 0, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_LOCAL_ADDRESS
             IpRemoteAddress = 1, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_REMOTE_ADDRESS
@@ -1985,6 +2079,8 @@ layers! {
         // FWPS_FIELDS_OUTBOUND_ICMP_ERROR_V6); by NTDDI_VERSION: 10 from WIN6, 11 from WIN6SP1, 13
         // from WIN7, 14 from WIN10_RS2.
         field_count: 14,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(IcmpHeader),
         fields: {
             IpLocalAddress = 0, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_LOCAL_ADDRESS
             IpRemoteAddress = 1, // FWPS_FIELD_OUTBOUND_ICMP_ERROR_V6_IP_REMOTE_ADDRESS
@@ -2020,6 +2116,8 @@ layers! {
         // FWPS_FIELDS_ALE_RESOURCE_ASSIGNMENT_V4); by NTDDI_VERSION: 11 from WIN6, 13 from WIN7, 14
         // from WIN8, 15 from WINTHRESHOLD, 16 from WIN10_RS2, 18 from WIN10_RS5.
         field_count: 18,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: None,
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V4_ALE_USER_ID
@@ -2064,6 +2162,8 @@ layers! {
         // FWPS_FIELDS_ALE_RESOURCE_ASSIGNMENT_V6); by NTDDI_VERSION: 11 from WIN6, 13 from WIN7, 14
         // from WIN8, 15 from WINTHRESHOLD, 16 from WIN10_RS2, 18 from WIN10_RS5.
         field_count: 18,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: None,
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_RESOURCE_ASSIGNMENT_V6_ALE_USER_ID
@@ -2104,6 +2204,8 @@ layers! {
         // FWPS_FIELD_ALE_AUTH_LISTEN_V4_MAX; by NTDDI_VERSION: 9 from WIN6, 11 from WIN7, 12 from
         // WIN8, 13 from WINTHRESHOLD, 14 from WIN10_RS2.
         field_count: 14,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: None,
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_ALE_USER_ID
@@ -2140,6 +2242,8 @@ layers! {
         // FWPS_FIELDS_ALE_AUTH_LISTEN_V4); by NTDDI_VERSION: 9 from WIN6, 11 from WIN7, 12 from
         // WIN8, 13 from WINTHRESHOLD, 14 from WIN10_RS2.
         field_count: 14,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: None,
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_AUTH_LISTEN_V4_ALE_USER_ID
@@ -2173,6 +2277,8 @@ layers! {
         // FWPS_FIELD_ALE_AUTH_LISTEN_V6_MAX; by NTDDI_VERSION: 9 from WIN6, 11 from WIN7, 12 from
         // WIN8, 13 from WINTHRESHOLD, 14 from WIN10_RS2.
         field_count: 14,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: None,
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_ALE_USER_ID
@@ -2209,6 +2315,8 @@ layers! {
         // FWPS_FIELDS_ALE_AUTH_LISTEN_V6); by NTDDI_VERSION: 9 from WIN6, 11 from WIN7, 12 from
         // WIN8, 13 from WINTHRESHOLD, 14 from WIN10_RS2.
         field_count: 14,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: None,
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_AUTH_LISTEN_V6_ALE_USER_ID
@@ -2245,6 +2353,8 @@ layers! {
         // FWPS_FIELDS_ALE_AUTH_RECV_ACCEPT_V4); by NTDDI_VERSION: 18 from WIN6, 22 from WIN6SP1, 32
         // from WIN7, 33 from WIN8, 34 from WINTHRESHOLD, 35 from WIN10_RS2, 39 from WIN10_RS5.
         field_count: 39,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(ByDirection),
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V4_ALE_USER_ID
@@ -2313,6 +2423,8 @@ layers! {
         // FWPS_FIELDS_ALE_AUTH_RECV_ACCEPT_V6); by NTDDI_VERSION: 18 from WIN6, 22 from WIN6SP1, 32
         // from WIN7, 33 from WIN8, 34 from WINTHRESHOLD, 35 from WIN10_RS2, 39 from WIN10_RS5.
         field_count: 39,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(ByDirection),
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_AUTH_RECV_ACCEPT_V6_ALE_USER_ID
@@ -2381,6 +2493,8 @@ layers! {
         // FWPS_FIELDS_ALE_AUTH_CONNECT_V4); by NTDDI_VERSION: 15 from WIN6, 17 from WIN6SP1, 32
         // from WIN7, 34 from WIN8, 36 from WINTHRESHOLD, 37 from WIN10_RS2, 41 from WIN10_RS5.
         field_count: 41,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(TransportHeaderUnlessTcp),
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_AUTH_CONNECT_V4_ALE_USER_ID
@@ -2449,6 +2563,8 @@ layers! {
         // FWPS_FIELDS_ALE_AUTH_CONNECT_V6); by NTDDI_VERSION: 15 from WIN6, 17 from WIN6SP1, 32
         // from WIN7, 34 from WIN8, 36 from WINTHRESHOLD, 37 from WIN10_RS2, 41 from WIN10_RS5.
         field_count: 41,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(TransportHeaderUnlessTcp),
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_AUTH_CONNECT_V6_ALE_USER_ID
@@ -2517,6 +2633,8 @@ layers! {
         // FWPS_FIELDS_ALE_FLOW_ESTABLISHED_V4); by NTDDI_VERSION: 15 from WIN6, 16 from WIN6SP1, 18
         // from WIN8, 19 from WINTHRESHOLD, 20 from WIN10_RS2, 24 from WIN10_RS5.
         field_count: 24,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(ByDirection),
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V4_ALE_USER_ID
@@ -2567,6 +2685,8 @@ layers! {
         // FWPS_FIELDS_ALE_FLOW_ESTABLISHED_V6); by NTDDI_VERSION: 15 from WIN6, 16 from WIN6SP1, 18
         // from WIN8, 19 from WINTHRESHOLD, 20 from WIN10_RS2, 24 from WIN10_RS5.
         field_count: 24,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(ByDirection),
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_FLOW_ESTABLISHED_V6_ALE_USER_ID
@@ -2616,6 +2736,8 @@ layers! {
         // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_MAX; by NTDDI_VERSION: 8 from WIN7, 9 from WIN8, 10
         // from WINTHRESHOLD, 11 from WIN10_RS2.
         field_count: 11,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: None,
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V4_ALE_USER_ID
@@ -2646,6 +2768,8 @@ layers! {
         // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_MAX; by NTDDI_VERSION: 8 from WIN7, 9 from WIN8, 10
         // from WINTHRESHOLD, 11 from WIN10_RS2.
         field_count: 11,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: None,
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_RESOURCE_RELEASE_V6_ALE_USER_ID
@@ -2676,6 +2800,8 @@ layers! {
         // FWPS_FIELD_ALE_BIND_REDIRECT_V4_MAX; by NTDDI_VERSION: 7 from WIN7, 8 from WIN8, 9 from
         // WINTHRESHOLD, 10 from WIN10_RS2.
         field_count: 10,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: BindRequest,
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_BIND_REDIRECT_V4_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_BIND_REDIRECT_V4_ALE_USER_ID
@@ -2705,6 +2831,8 @@ layers! {
         // FWPS_FIELD_ALE_BIND_REDIRECT_V6_MAX; by NTDDI_VERSION: 7 from WIN7, 8 from WIN8, 9 from
         // WINTHRESHOLD, 10 from WIN10_RS2.
         field_count: 10,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: BindRequest,
         fields: {
             AleAppId = 0, // FWPS_FIELD_ALE_BIND_REDIRECT_V6_ALE_APP_ID
             AleUserId = 1, // FWPS_FIELD_ALE_BIND_REDIRECT_V6_ALE_USER_ID
@@ -2733,6 +2861,8 @@ layers! {
         ip_version: V4,
         // FWPS_FIELD_STREAM_PACKET_V4_MAX; by NTDDI_VERSION: 11 from WIN7, 12 from WIN10_RS2.
         field_count: 12,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(ByDirection),
         fields: {
             IpLocalAddress = 0, // FWPS_FIELD_STREAM_PACKET_V4_IP_LOCAL_ADDRESS
             IpRemoteAddress = 1, // FWPS_FIELD_STREAM_PACKET_V4_IP_REMOTE_ADDRESS
@@ -2761,6 +2891,8 @@ layers! {
         ip_version: V6,
         // FWPS_FIELD_STREAM_PACKET_V6_MAX; by NTDDI_VERSION: 11 from WIN7, 12 from WIN10_RS2.
         field_count: 12,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(ByDirection),
         fields: {
             IpLocalAddress = 0, // FWPS_FIELD_STREAM_PACKET_V6_IP_LOCAL_ADDRESS
             IpRemoteAddress = 1, // FWPS_FIELD_STREAM_PACKET_V6_IP_REMOTE_ADDRESS
@@ -2792,6 +2924,8 @@ layers! {
         // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_MAX; by NTDDI_VERSION: 11 from WIN8, 12 from
         // WIN10_RS2.
         field_count: 12,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(IpHeader),
         fields: {
             InterfaceMacAddress = 0, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_INTERFACE_MAC_ADDRESS
             MacLocalAddress = 1, // FWPS_FIELD_INBOUND_MAC_FRAME_ETHERNET_MAC_LOCAL_ADDRESS
@@ -2824,6 +2958,8 @@ layers! {
         // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_MAX; by NTDDI_VERSION: 11 from WIN8, 12 from
         // WIN10_RS2.
         field_count: 12,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(MacHeader),
         fields: {
             InterfaceMacAddress = 0, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_INTERFACE_MAC_ADDRESS
             MacLocalAddress = 1, // FWPS_FIELD_OUTBOUND_MAC_FRAME_ETHERNET_MAC_LOCAL_ADDRESS
@@ -2856,6 +2992,8 @@ layers! {
         ip_version: None,
         // FWPS_FIELD_INBOUND_MAC_FRAME_NATIVE_MAX; by NTDDI_VERSION: 7 from WIN8, 8 from WIN10_RS2.
         field_count: 8,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(MacHeader),
         fields: {
             NdisMediaType = 0, // FWPS_FIELD_INBOUND_MAC_FRAME_NATIVE_NDIS_MEDIA_TYPE
             NdisPhysicalMediaType = 1, // FWPS_FIELD_INBOUND_MAC_FRAME_NATIVE_NDIS_PHYSICAL_MEDIA_TYPE
@@ -2885,6 +3023,8 @@ layers! {
         // FWPS_FIELD_OUTBOUND_MAC_FRAME_NATIVE_MAX; by NTDDI_VERSION: 7 from WIN8, 8 from
         // WIN10_RS2.
         field_count: 8,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(MacHeader),
         fields: {
             NdisMediaType = 0, // FWPS_FIELD_OUTBOUND_MAC_FRAME_NATIVE_NDIS_MEDIA_TYPE
             NdisPhysicalMediaType = 1, // FWPS_FIELD_OUTBOUND_MAC_FRAME_NATIVE_NDIS_PHYSICAL_MEDIA_TYPE
@@ -2913,6 +3053,8 @@ layers! {
         // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_MAX; by NTDDI_VERSION: 13 from WIN8, 14 from
         // WIN10_RS2.
         field_count: 14,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(EthernetHeader),
         fields: {
             MacSourceAddress = 0, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_MAC_SOURCE_ADDRESS
             MacSourceAddressType = 1, // FWPS_FIELD_INGRESS_VSWITCH_ETHERNET_MAC_SOURCE_ADDRESS_TYPE
@@ -2946,6 +3088,8 @@ layers! {
         // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_MAX; by NTDDI_VERSION: 16 from WIN8, 17 from
         // WIN10_RS2.
         field_count: 17,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(EthernetHeader),
         fields: {
             MacSourceAddress = 0, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_MAC_SOURCE_ADDRESS
             MacSourceAddressType = 1, // FWPS_FIELD_EGRESS_VSWITCH_ETHERNET_MAC_SOURCE_ADDRESS_TYPE
@@ -2980,6 +3124,8 @@ layers! {
         // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_MAX; by NTDDI_VERSION: 13 from WIN8, 14 from
         // WIN10_RS2.
         field_count: 14,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(IpHeader),
         fields: {
             IpSourceAddress = 0, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_IP_SOURCE_ADDRESS
             IpDestinationAddress = 1, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V4_IP_DESTINATION_ADDRESS
@@ -3011,6 +3157,8 @@ layers! {
         // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_MAX; by NTDDI_VERSION: 13 from WIN8, 14 from
         // WIN10_RS2.
         field_count: 14,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(IpHeader),
         fields: {
             IpSourceAddress = 0, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_IP_SOURCE_ADDRESS
             IpDestinationAddress = 1, // FWPS_FIELD_INGRESS_VSWITCH_TRANSPORT_V6_IP_DESTINATION_ADDRESS
@@ -3042,6 +3190,8 @@ layers! {
         // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_MAX; by NTDDI_VERSION: 16 from WIN8, 17 from
         // WIN10_RS2.
         field_count: 17,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(IpHeader),
         fields: {
             IpSourceAddress = 0, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_IP_SOURCE_ADDRESS
             IpDestinationAddress = 1, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V4_IP_DESTINATION_ADDRESS
@@ -3076,6 +3226,8 @@ layers! {
         // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_MAX; by NTDDI_VERSION: 16 from WIN8, 17 from
         // WIN10_RS2.
         field_count: 17,
+        // layerData: Microsoft's "Data offset positions" table.
+        data: Packet(IpHeader),
         fields: {
             IpSourceAddress = 0, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_IP_SOURCE_ADDRESS
             IpDestinationAddress = 1, // FWPS_FIELD_EGRESS_VSWITCH_TRANSPORT_V6_IP_DESTINATION_ADDRESS

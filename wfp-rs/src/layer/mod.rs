@@ -22,6 +22,7 @@ use core::marker::PhantomData;
 use core::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::guid::Guid;
+pub use crate::packet::{DataStart, LayerData};
 use crate::sys;
 use value::{AddressValue, Decode, FieldError, HasRepr, Repr, ValueKind};
 
@@ -60,7 +61,29 @@ pub trait Layer: sealed::Sealed + Copy + fmt::Debug + Send + Sync + 'static {
     type Address: AddressValue;
     /// The fields, for tables and the simulator.
     const FIELDS: &'static [FieldInfo];
+    /// What the engine passes a callout's `classifyFn` in `layerData` at this layer.
+    const DATA: LayerData;
 }
+
+/// A layer whose `classifyFn` gets a packet: `layerData` is a `NET_BUFFER_LIST` (or null, where
+/// the layer has none for a classification), read with
+/// [`Classify::packet`](crate::callout::Classify::packet). Where the data starts in it is
+/// [`Layer::DATA`].
+#[diagnostic::on_unimplemented(
+    message = "the layer `{Self}` passes no packet to classifyFn",
+    label = "no NET_BUFFER_LIST at this layer",
+    note = "packets are read at the IP packet, transport, datagram, ICMP error, forward, MAC/vSwitch, ALE_AUTH_CONNECT, ALE_AUTH_RECV_ACCEPT and ALE_FLOW_ESTABLISHED layers, stream data at the stream layers with `Classify::stream`; see `wfp_rs::packet` and docs/packets.md"
+)]
+pub trait PacketLayer: Layer {}
+
+/// A stream layer (`STREAM_V4`/`STREAM_V6` and their discard layers): `layerData` is an
+/// `FWPS_STREAM_CALLOUT_IO_PACKET0`, read with [`Classify::stream`](crate::callout::Classify::stream).
+#[diagnostic::on_unimplemented(
+    message = "the layer `{Self}` passes no stream data to classifyFn",
+    label = "not a stream layer",
+    note = "stream data is read at STREAM_V4/STREAM_V6 (and their discard layers); see `wfp_rs::packet`"
+)]
+pub trait StreamLayer: Layer {}
 
 /// The index of the field whose management key is `condition` in a layer's table, if the
 /// layer has one. `const`, so callers can look up once per layer at compile time.
@@ -111,6 +134,8 @@ pub struct LayerInfo {
     pub field_count: u32,
     /// The fields that have a condition key.
     pub fields: &'static [FieldInfo],
+    /// What `layerData` is at this layer.
+    pub data: LayerData,
 }
 
 /// The layer with runtime id `id`, if this crate knows it: every kernel layer a callout can be
@@ -255,6 +280,7 @@ macro_rules! layers {
             key: $key:literal,
             ip_version: $version:ident,
             field_count: $count:literal,
+            data: $data:ident $(($start:ident))?,
             fields: { $($field:ident = $index:literal),* $(,)? } $(,)?
         }
     )*) => {
@@ -271,6 +297,7 @@ macro_rules! layers {
                 const NAME: &'static str = $c_name;
                 const IP_VERSION: Option<IpVersion> = layers!(@version $version);
                 const FIELD_COUNT: u32 = $count;
+                const DATA: LayerData = layers!(@data $data $($start)?);
                 type Address = layers!(@address $version);
                 const FIELDS: &'static [FieldInfo] = &[$(
                     FieldInfo {
@@ -281,6 +308,8 @@ macro_rules! layers {
                     },
                 )*];
             }
+
+            layers!(@data_impl $name $data);
 
             $(
                 impl Field<$name> for fields::$field {
@@ -298,6 +327,7 @@ macro_rules! layers {
                 ip_version: layers!(@version $version),
                 field_count: $count,
                 fields: <$name as Layer>::FIELDS,
+                data: <$name as Layer>::DATA,
             },
         )*];
     };
@@ -305,6 +335,11 @@ macro_rules! layers {
     (@address V6) => { Ipv6Addr };
     (@address None) => { value::NoAddress };
     (@version None) => { None };
+    (@data Packet $start:ident) => { LayerData::Packet(DataStart::$start) };
+    (@data $data:ident) => { LayerData::$data };
+    (@data_impl $name:ident Packet) => { impl PacketLayer for $name {} };
+    (@data_impl $name:ident Stream) => { impl StreamLayer for $name {} };
+    (@data_impl $name:ident $data:ident) => {};
     (@version $version:ident) => { Some(IpVersion::$version) };
 }
 use {field_kinds, layers};

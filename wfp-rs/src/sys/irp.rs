@@ -13,6 +13,7 @@
 
 #![allow(non_camel_case_types, non_snake_case, missing_docs)]
 
+use super::ndis::MDL;
 use core::ffi::c_void;
 use core::sync::atomic::{AtomicPtr, Ordering};
 
@@ -249,12 +250,6 @@ pub union IO_STATUS_BLOCK_0 {
 /// handles apart).
 #[repr(C)]
 pub struct FILE_OBJECT {
-    _opaque: [u8; 0],
-}
-
-/// `MDL` is handled by pointer only.
-#[repr(C)]
-pub struct MDL {
     _opaque: [u8; 0],
 }
 

@@ -29,6 +29,8 @@ mod irp;
 pub use irp::*;
 mod flt;
 pub use flt::*;
+mod ndis;
+pub use ndis::*;
 
 mod functions;
 pub use functions::*;
