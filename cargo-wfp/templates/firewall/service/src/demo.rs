@@ -587,6 +587,9 @@ struct Demo<'o> {
     /// Whether the service said it cannot reach the driver's control device (so revocations
     /// do not happen, and verdicts cached before a reload live out their lifetime).
     no_control_device: bool,
+    /// The driver's design: with the question channel, a started service is ready once it
+    /// has the channel open too.
+    ask_via: AskVia,
 }
 
 /// Runs the demo and prints it; the summary says what happened.
@@ -702,6 +705,7 @@ fn run_in(
     let mut volumes = VolumeMap::new();
     volumes.insert(DEMO_VOLUME.0, DEMO_VOLUME.1);
     let mut demo = Demo {
+        ask_via: config.ask_via,
         out,
         launcher: options.launcher.unwrap_or(this_program),
         baseline,
@@ -801,6 +805,14 @@ impl Demo<'_> {
             self.out,
         )?;
         service.wait_for(&["serving"], self.out)?;
+        if self.ask_via == AskVia::Channel {
+            // It connects to the port first: until it has the channel open too, a question
+            // would go to the port (the driver's fallback), which the rows would show.
+            service.wait_for(
+                &["answering the question channel", "no question channel"],
+                self.out,
+            )?;
+        }
         if service.no_control_device.get() {
             self.no_control_device = true;
         }
