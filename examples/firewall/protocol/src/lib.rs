@@ -587,7 +587,9 @@ impl ImagePath {
     /// The path made of `units`, checked as by [`new`](Self::new); reads at most one unit past
     /// [`MAX_PATH_UNITS`].
     fn from_units(units: impl Iterator<Item = u16>) -> Result<Self, Malformed> {
-        let mut path = Vec::new();
+        // Sized once from the iterator's lower bound (capped: a longer path is an error), not
+        // grown a unit at a time: the service decodes a path per question.
+        let mut path = Vec::with_capacity(units.size_hint().0.min(MAX_PATH_UNITS));
         for unit in units {
             if unit == 0 {
                 return Err(Malformed("the image path contains a NUL unit"));
