@@ -5,7 +5,7 @@
 //! echoed to stderr when `WFP_SIM_ECHO` is set.
 //!
 //! A message whose level the debugger's filter does not let through is not formatted at all:
-//! [`print`] asks the kernel first ([`enabled`]), so a driver's `Info` lines cost a call, not
+//! [`print()`] asks the kernel first ([`enabled`]), so a driver's `Info` lines cost a call, not
 //! the formatting, on a machine with Windows' default filter.
 
 use core::fmt::{self, Write};
@@ -95,7 +95,7 @@ impl Write for DbgWriter<'_> {
 
 /// Whether the debugger's filter lets messages of `level` through now: the component filter
 /// mask of `DPFLTR_IHVDRIVER_ID`, which a debugger or the registry may change at any time, so
-/// the answer is not kept. For a driver that builds an expensive message itself; [`print`]
+/// the answer is not kept. For a driver that builds an expensive message itself; [`print()`]
 /// asks by itself. Callable at any IRQL. Wraps `DbgQueryDebugFilterState`.
 ///
 /// ```
