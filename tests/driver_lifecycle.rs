@@ -466,6 +466,61 @@ fn a_pool_arc_that_cannot_be_allocated_hands_the_value_back() {
     assert!(machine.pool_blocks().is_empty());
 }
 
+/// Counts how often it is formatted.
+struct Counted<'a>(&'a AtomicU32);
+
+impl std::fmt::Display for Counted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        f.write_str("counted")
+    }
+}
+
+#[test]
+fn kd_print_formats_only_the_levels_the_debug_filter_lets_through() {
+    use wfp_rs::debug::{Level, enabled};
+    let machine = Machine::new();
+    let formatted = AtomicU32::new(0);
+    let print_every_level = || {
+        let c = Counted(&formatted);
+        wfp_rs::kd_print!(Error, "error {c}\n");
+        wfp_rs::kd_print!(Warning, "warning {c}\n");
+        wfp_rs::kd_print!(Trace, "trace {c}\n");
+        wfp_rs::kd_print!("info {c}\n");
+    };
+    let levels = || [Level::Error, Level::Warning, Level::Trace, Level::Info].map(enabled);
+
+    // A new machine lets every level through.
+    machine.run(print_every_level);
+    assert_eq!(formatted.swap(0, Ordering::SeqCst), 4);
+    assert_eq!(machine.run(levels), [true; 4]);
+
+    // Windows' default: only errors; the others are not even formatted.
+    machine.set_debug_filter_mask(0);
+    machine.run(print_every_level);
+    assert_eq!(formatted.swap(0, Ordering::SeqCst), 1);
+    assert_eq!(machine.run(levels), [true, false, false, false]);
+
+    // Bit 3: DPFLTR_INFO_LEVEL (and errors, always).
+    machine.set_debug_filter_mask(1 << 3);
+    machine.run(print_every_level);
+    assert_eq!(formatted.swap(0, Ordering::SeqCst), 2);
+    assert_eq!(machine.run(levels), [true, false, false, true]);
+
+    assert_eq!(
+        machine.debug_output(),
+        [
+            "error counted\n",
+            "warning counted\n",
+            "trace counted\n",
+            "info counted\n",
+            "error counted\n",
+            "error counted\n",
+            "info counted\n",
+        ]
+    );
+}
+
 #[test]
 fn kd_print_sends_long_text_in_dbg_print_ex_calls_of_at_most_256_bytes() {
     let machine = Machine::new();

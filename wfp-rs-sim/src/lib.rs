@@ -861,9 +861,35 @@ impl Machine {
         crate::kernel::remembered_locks(&self.kernel)
     }
 
-    /// Everything written with `DbgPrintEx` so far, one entry per call.
+    /// Everything written with `DbgPrintEx` so far, one entry per call (that the filter let
+    /// through: [`set_debug_filter_mask`](Self::set_debug_filter_mask)).
     pub fn debug_output(&self) -> Vec<String> {
         self.kernel.lock().debug.clone()
+    }
+
+    /// Sets the component filter mask of `DbgPrintEx` (and `DbgQueryDebugFilterState`), for
+    /// every component: bit *n* lets messages of level *n* through (`DPFLTR_ERROR_LEVEL` = 0 ..
+    /// `DPFLTR_INFO_LEVEL` = 3), as `ed nt!Kd_IHVDRIVER_Mask <mask>` does in the debugger.
+    /// Error messages always go through (the `WIN2000` mask, 0x1).
+    ///
+    /// A new machine's mask is `u32::MAX`: every level, a test machine whose masks were set, so
+    /// tests read every line a driver prints. Windows' default is 0 (only errors); set it to
+    /// measure what a driver's messages cost on a machine nobody debugs (the SDK does not even
+    /// format a message that is filtered out).
+    ///
+    /// ```
+    /// use wfp_rs_sim::Machine;
+    ///
+    /// let machine = Machine::new();
+    /// machine.set_debug_filter_mask(0);
+    /// machine.run(|| {
+    ///     wfp_rs::kd_print!("dropped\n");
+    ///     wfp_rs::kd_print!(Error, "kept\n");
+    /// });
+    /// assert_eq!(machine.debug_output(), ["kept\n"]);
+    /// ```
+    pub fn set_debug_filter_mask(&self, mask: u32) {
+        self.kernel.debug_filter_mask.store(mask, Ordering::Relaxed);
     }
 }
 

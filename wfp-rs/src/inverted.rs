@@ -85,6 +85,7 @@ use core::cell::UnsafeCell;
 use core::fmt;
 use core::mem::ManuallyDrop;
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::dispatch::{DeviceHeader, Request};
 use crate::driver::Driver;
@@ -488,7 +489,7 @@ impl InvertedQueue {
     pub(crate) fn refuse_requests(&self, irql: &impl AtMostDispatch) {
         crate::irql::verify(irql);
         let queue = self.queue();
-        queue.lock().closed = true;
+        queue.close();
         queue.drain();
     }
 
@@ -525,16 +526,15 @@ impl InvertedQueue {
             // The link was created by `new` and is deleted once, here.
             secure_device::delete_link(irql, &queue.link);
         }
-        queue.lock().closed = true;
+        queue.close();
         queue.drain();
-        // Wait until every dispatch call and every accepted request is finished. The last one
-        // signals `idle` while holding the lock; taking the lock once more after the wait makes
-        // sure it has also released it, its last touch of the extension.
-        loop {
-            if queue.lock().references == 0 {
-                break;
-            }
+        // Wait until every dispatch call and every accepted request is finished, if any was in
+        // progress when the queue closed: the last one signals `idle` while holding the lock
+        // (see `leave`); taking the lock once more after the wait makes sure it has also
+        // released it, its last touch of the extension.
+        if queue.lock().last_leave_signals {
             queue.idle().wait(irql);
+            drop(queue.lock());
         }
         // SAFETY: no reference is left and none can be taken (the queue is closed), so nothing
         // else uses the event.
@@ -551,7 +551,7 @@ impl InvertedQueue {
     /// device (and with them the extension) have to be leaked.
     fn abandon(&self) {
         let queue = self.queue();
-        queue.lock().closed = true;
+        queue.close();
         queue.drain();
         crate::kd_print!(
             Error,
@@ -593,12 +593,14 @@ struct QueueState {
     /// the IRP), oldest first.
     head: sys::LIST_ENTRY,
     waiting: usize,
-    /// Dispatch calls in progress plus requests accepted into the queue and not completed yet.
-    /// `close` waits for zero.
-    references: usize,
-    /// Set once by `close` (or drop): no new requests are accepted.
-    closed: bool,
+    /// Whether references were held when the queue closed: then the `leave` that drops the
+    /// last one signals `idle`, and closing waits for it.
+    last_leave_signals: bool,
 }
+
+/// The bit of [`QueueDevice::references`] that says the queue is closed (by `close`, drop or
+/// `refuse_requests`): no new requests are accepted, no reference can be taken.
+const CLOSED: usize = 1 << (usize::BITS - 1);
 
 /// The device extension of a queue's device. `header` comes first, for the dispatch routine.
 #[repr(C)]
@@ -608,6 +610,12 @@ struct QueueDevice {
     csq: UnsafeCell<sys::IO_CSQ>,
     lock: UnsafeCell<sys::KSPIN_LOCK>,
     state: UnsafeCell<QueueState>,
+    /// Dispatch calls in progress plus requests accepted into the queue and not completed yet,
+    /// and [`CLOSED`]. An atomic rather than under the lock: every dispatch call takes and drops
+    /// a reference, and a lock for each would be two more spin lock round trips per request.
+    /// The bit is set under the lock (so a request the queue inserts under it either sees it or
+    /// is drained after it); closing waits for the count to reach zero.
+    references: AtomicUsize,
     /// Signalled when the queue is closed and the last reference goes.
     idle: UnsafeCell<ManuallyDrop<Event>>,
     code: ControlCode,
@@ -701,9 +709,9 @@ impl QueueDevice {
                         Blink: core::ptr::null_mut(),
                     },
                     waiting: 0,
-                    references: 0,
-                    closed: false,
+                    last_leave_signals: false,
                 }),
+                references: AtomicUsize::new(0),
                 idle: UnsafeCell::new(ManuallyDrop::new(idle)),
                 code,
                 max_message,
@@ -813,21 +821,34 @@ impl QueueDevice {
 
     /// Takes a reference for a dispatch call; false if the queue is closed.
     fn enter(&self) -> bool {
-        let mut state = self.lock();
-        if state.closed {
-            return false;
-        }
-        state.references += 1;
-        true
+        self.references
+            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |references| {
+                (references & CLOSED == 0).then_some(references + 1)
+            })
+            .is_ok()
     }
 
     /// Drops a reference (a dispatch call ended, or an accepted request was completed). After
     /// this the caller must not touch the queue.
     fn leave(&self) {
-        let mut state = self.lock();
-        state.references -= 1;
-        if state.closed && state.references == 0 {
+        // AcqRel: whatever the other holders did before their own `leave` happens before the
+        // last one's signal (the decrements form one release sequence).
+        if self.references.fetch_sub(1, Ordering::AcqRel) == CLOSED | 1 {
+            // The last reference of a closed queue. The queue closed while references were held
+            // (it accepts none after), so closing waits for this signal; set under the lock, so
+            // that it can tell when this thread is done with the extension.
+            let _locked = self.lock();
             self.idle().set(&callback_token());
+        }
+    }
+
+    /// Closes the queue to new references and requests (idempotent). Under the lock: the
+    /// queue's insert callback checks [`CLOSED`] under it.
+    fn close(&self) {
+        let mut state = self.lock();
+        let before = self.references.fetch_or(CLOSED, Ordering::AcqRel);
+        if before & CLOSED == 0 {
+            state.last_leave_signals = before != 0;
         }
     }
 
@@ -1001,7 +1022,8 @@ unsafe extern "system" fn csq_insert(
     let queue = unsafe { QueueDevice::from_csq(csq) };
     // SAFETY: called with the lock held.
     let state = unsafe { queue.state_locked() };
-    if state.closed {
+    // `close` sets the bit under the lock this routine is called with.
+    if queue.references.load(Ordering::Relaxed) & CLOSED != 0 {
         return Status::DELETE_PENDING.raw();
     }
     let head = &raw mut state.head;
@@ -1022,8 +1044,9 @@ unsafe extern "system" fn csq_insert(
     // SAFETY: the head is valid (see above).
     unsafe { (*head).Blink = entry };
     state.waiting += 1;
-    // The request's own reference, dropped when it is completed.
-    state.references += 1;
+    // The request's own reference, dropped when it is completed. The dispatch call that
+    // inserts it holds one, so the count cannot reach zero meanwhile.
+    queue.references.fetch_add(1, Ordering::Relaxed);
     SUCCESS
 }
 

@@ -200,6 +200,9 @@ struct IoState {
     security: FxHashMap<usize, DeviceSecurity>,
     handles: FxHashMap<usize, KernelHandle>,
     next_handle: usize,
+    /// How many files are [`FilePhase::CleanedUp`]: while none is, a request's end has no close
+    /// to send, without a look at every file.
+    cleaned_up: usize,
 }
 
 /// The simulated I/O manager's request state; one per machine (`Kernel::irp`). Lock order: the
@@ -1596,6 +1599,9 @@ fn has_open_irps(state: &IoState, file: usize) -> bool {
 fn run_due_closes(kernel: &Arc<Kernel>) {
     let due: Vec<usize> = {
         let mut state = io(kernel);
+        if state.cleaned_up == 0 {
+            return;
+        }
         let due: Vec<usize> = state
             .files
             .iter()
@@ -1608,6 +1614,7 @@ fn run_due_closes(kernel: &Arc<Kernel>) {
                 record.phase = FilePhase::Closed;
             }
         }
+        state.cleaned_up -= due.len();
         due
     };
     for file in due {
@@ -1697,11 +1704,17 @@ impl DeviceHandle {
             return;
         }
         send_simple(&self.kernel, self.file, IRP_MJ_CLEANUP);
-        io(&self.kernel)
-            .files
-            .get_mut(&self.file)
-            .expect("files are never forgotten")
-            .phase = FilePhase::CleanedUp;
+        {
+            let mut state = io(&self.kernel);
+            let record = state
+                .files
+                .get_mut(&self.file)
+                .expect("files are never forgotten");
+            if record.phase != FilePhase::CleanedUp {
+                record.phase = FilePhase::CleanedUp;
+                state.cleaned_up += 1;
+            }
+        }
         run_due_closes(&self.kernel);
     }
 }
@@ -1834,11 +1847,16 @@ pub(crate) fn check_unload(kernel: &Kernel, driver: usize, name: &str) {
             ),
         );
     }
+    let mut no_longer_cleaned_up = 0;
     for file in state.files.values_mut() {
         if file.driver == driver && file.phase != FilePhase::Closed {
+            if file.phase == FilePhase::CleanedUp {
+                no_longer_cleaned_up += 1;
+            }
             file.phase = FilePhase::Orphaned;
         }
     }
+    state.cleaned_up -= no_longer_cleaned_up;
 }
 
 #[cfg(test)]

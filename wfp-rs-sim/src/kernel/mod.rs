@@ -103,6 +103,7 @@ pub(crate) static FUNCTIONS: wfp_rs::__sim::KernelFunctions = wfp_rs::__sim::Ker
     ZwOpenKey: registry::ZwOpenKey,
     ZwQueryValueKey: registry::ZwQueryValueKey,
     DbgPrintEx: state::DbgPrintEx,
+    DbgQueryDebugFilterState: state::DbgQueryDebugFilterState,
     KeQueryInterruptTimePrecise: state::KeQueryInterruptTimePrecise,
     FwpmCalloutAdd0: wfp::FwpmCalloutAdd0,
     FwpmCalloutDeleteByKey0: wfp::FwpmCalloutDeleteByKey0,

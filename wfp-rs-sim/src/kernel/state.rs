@@ -10,7 +10,7 @@ use std::{
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -128,6 +128,9 @@ pub(crate) struct Kernel {
     pub event_lock: Mutex<()>,
     pub event_signal: Condvar,
     pub echo_debug: bool,
+    /// The component filter mask `DbgPrintEx` and `DbgQueryDebugFilterState` apply, to every
+    /// component (`Machine::set_debug_filter_mask`).
+    pub debug_filter_mask: AtomicU32,
     pub workers: Mutex<Vec<JoinHandle<()>>>,
     pub stopped: AtomicBool,
     /// The filter engine. A lock of its own: classification calls into drivers, which call the
@@ -177,6 +180,24 @@ pub(crate) struct Waiter {
 /// The default of [`Kernel::unload_wait_limit_ms`]: 30 s, far beyond any unload that makes
 /// progress, short enough that a hung test reports instead of hanging.
 pub(crate) const DEFAULT_UNLOAD_WAIT_LIMIT_MS: u64 = 30_000;
+
+/// The default of [`Kernel::debug_filter_mask`]: every level. Windows' default is 0 (with the
+/// `WIN2000` mask's 0x1, only `DPFLTR_ERROR_LEVEL` messages go out); a simulated machine is a
+/// test machine whose masks were set, so tests read every line a driver prints.
+pub(crate) const DEFAULT_DEBUG_FILTER_MASK: u32 = u32::MAX;
+
+/// The `WIN2000` filter mask: levels every component's messages go out at, whatever its own
+/// mask. Windows' default, 0x1 (`DPFLTR_ERROR_LEVEL`), fixed in the simulator.
+const WIN2000_FILTER_MASK: u32 = 0x1;
+
+/// Whether a message of `level` passes a component filter mask of `mask`: a level up to 31 is
+/// a bit number, a larger one the bits themselves (Microsoft's "Reading and Filtering
+/// Debugging Messages"); a message goes out if one of its bits is in the component's mask or
+/// in the `WIN2000` mask.
+fn debug_level_passes(mask: u32, level: ULONG) -> bool {
+    let bits = if level <= 31 { 1 << level } else { level };
+    bits & (mask | WIN2000_FILTER_MASK) != 0
+}
 
 /// The driver code a thread is running, for the stop report ("in classifyFn of callout 3 of
 /// driver firewall").
@@ -280,6 +301,7 @@ impl Kernel {
             event_lock: Mutex::new(()),
             event_signal: Condvar::new(),
             echo_debug: std::env::var_os("WFP_SIM_ECHO").is_some(),
+            debug_filter_mask: AtomicU32::new(DEFAULT_DEBUG_FILTER_MASK),
             workers: Mutex::new(Vec::new()),
             stopped: AtomicBool::new(false),
             wfp: Mutex::new(super::wfp::Bfe::default()),
@@ -764,7 +786,8 @@ pub(crate) fn level_name(irql: KIRQL) -> &'static str {
 }
 
 /// `DbgPrintEx`. The simulator formats exactly what the safe layer passes: the format `%.*s`
-/// followed by a length and a pointer to the text. Any other format is recorded verbatim.
+/// followed by a length and a pointer to the text. Any other format is recorded verbatim. A
+/// message the machine's filter mask does not let through is dropped, as Windows drops it.
 ///
 /// # Safety
 ///
@@ -777,7 +800,12 @@ pub unsafe extern "system" fn DbgPrintEx(
     Text: *const u8,
 ) -> ULONG {
     let _kernel = KernelCode::enter();
-    let _ = (ComponentId, Level);
+    // One mask for every component: drivers print under `DPFLTR_IHVDRIVER_ID`.
+    let _ = ComponentId;
+    let kernel = current();
+    if !debug_level_passes(kernel.debug_filter_mask.load(Ordering::Relaxed), Level) {
+        return 0;
+    }
     // SAFETY: the caller passes a NUL-terminated format string.
     let format = unsafe { core::ffi::CStr::from_ptr(Format.cast()) };
     let text = if format.to_bytes() == b"%.*s" {
@@ -792,12 +820,25 @@ pub unsafe extern "system" fn DbgPrintEx(
     } else {
         format.to_string_lossy().into_owned()
     };
-    let kernel = current();
     if kernel.echo_debug {
         eprint!("{text}");
     }
     kernel.lock().debug.push(text);
     0
+}
+
+/// `DbgQueryDebugFilterState`: `TRUE` if `DbgPrintEx` sends messages of `Level` now (the
+/// machine's filter mask, `Machine::set_debug_filter_mask`, for every component), else
+/// `FALSE`. At any IRQL (INFERRED: `DbgPrintEx`, callable at any IRQL, applies the same masks).
+pub extern "system" fn DbgQueryDebugFilterState(ComponentId: ULONG, Level: ULONG) -> NTSTATUS {
+    let _kernel = KernelCode::enter();
+    let _ = ComponentId;
+    let mask = current().debug_filter_mask.load(Ordering::Relaxed);
+    NTSTATUS::from(if debug_level_passes(mask, Level) {
+        TRUE
+    } else {
+        FALSE
+    })
 }
 
 /// `KeQueryInterruptTimePrecise`: the machine's interrupt time in 100-ns units, at any IRQL. The

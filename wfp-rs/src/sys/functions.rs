@@ -217,6 +217,10 @@ kernel_functions! {
             Length: i32,
             Text: *const u8,
         ) -> ULONG;
+        /// Whether `DbgPrintEx` would send a message of `ComponentId` at `Level` (wdm.h):
+        /// `TRUE` or `FALSE`, as an NTSTATUS. INFERRED (undocumented beyond the prototype):
+        /// callable wherever `DbgPrintEx` is, which consults the same filter masks.
+        fn DbgQueryDebugFilterState(ComponentId: ULONG, Level: ULONG) -> NTSTATUS;
 
         // I/O requests, cancel-safe queues, symbolic links and object security (wdm.h,
         // ntifs.h). IofCompleteRequest is FASTCALL in the header, which on x64 is the one

@@ -587,15 +587,16 @@ impl ImagePath {
     /// The path made of `units`, checked as by [`new`](Self::new); reads at most one unit past
     /// [`MAX_PATH_UNITS`].
     fn from_units(units: impl Iterator<Item = u16>) -> Result<Self, Malformed> {
-        let mut path = Vec::new();
-        for unit in units {
-            if unit == 0 {
-                return Err(Malformed("the image path contains a NUL unit"));
-            }
-            if path.len() == MAX_PATH_UNITS {
-                return Err(Malformed("the image path is longer than MAX_PATH_UNITS"));
-            }
-            path.push(unit);
+        // Copied in one pass into a vector sized once, then checked, rather than checked and
+        // pushed a unit at a time: the service decodes a path per question. A NUL among the
+        // units read is reported before the length, as a unit-by-unit check would.
+        let mut path = Vec::with_capacity(units.size_hint().0.min(MAX_PATH_UNITS + 1));
+        path.extend(units.take(MAX_PATH_UNITS + 1));
+        if path.contains(&0) {
+            return Err(Malformed("the image path contains a NUL unit"));
+        }
+        if path.len() > MAX_PATH_UNITS {
+            return Err(Malformed("the image path is longer than MAX_PATH_UNITS"));
         }
         Ok(ImagePath { units: path })
     }
