@@ -24,10 +24,15 @@
 //!   question asked over the port. No work item, no thread waits.
 //!   The channel has [`Config::max_pending`] + [`Config::background_asks`] slots, so a
 //!   connection that reserved a slot of the [`VerdictTable`] finds one; each slot holds a
-//!   question of at most [`ASK_MAX_QUESTION`](firewall_protocol::ASK_MAX_QUESTION) bytes (an
-//!   image path of [`ASK_MAX_PATH_UNITS`](firewall_protocol::ASK_MAX_PATH_UNITS) units),
-//!   allocated at load. A longer question (or one that finds every slot taken, which the
-//!   sizing rules out) is asked through the port and a work item, whole. Only the admitted
+//!   question of at most [`ASK_SLOT_LEN`](firewall_protocol::ASK_SLOT_LEN) bytes (an image path
+//!   of [`ASK_SLOT_PATH_UNITS`](firewall_protocol::ASK_SLOT_PATH_UNITS) units), allocated at
+//!   load, and a longer question, up to the longest path there is, is asked through the channel
+//!   too, in a buffer the channel allocates for it and frees when it is decided (at most
+//!   [`ASK_MAX_LARGE_BYTES`](firewall_protocol::ASK_MAX_LARGE_BYTES) of them at once). The port
+//!   and a work item remain only for what the channel refuses while a service is connected to
+//!   the port: every slot taken (which the sizing rules out), the long questions' budget spent,
+//!   or no pool for a long question's buffer; and for a service that has the port but not the
+//!   channel open. Only the admitted
 //!   service may open the channel's device ([`Driver::admit_only`](wfp_rs::driver::Driver::admit_only)
 //!   applies to every device the SDK creates).
 //! - [`AskVia::PortAndWorkItem`]: a work item at `PASSIVE_LEVEL` sends the question over the
@@ -156,7 +161,7 @@
 //! | a loopback connection, with [`Config::permit_loopback`] | permit, nobody asked |
 //! | a live cached verdict for the cache key | that verdict, at once |
 //! | an image path no request can carry whole | **deny**, whatever the default, at once; nobody asked |
-//! | otherwise | **the default, at once**; and, unless [`Config::background_asks`] questions are in flight already, its question does not fit in [`QUESTION_BYTES`], or the driver is unloading, the question channel (or, with [`AskVia::PortAndWorkItem`] or a question too long for the channel, a work item over the port) asks the service *in the background*, and its verdict is cached if the reply allows it |
+//! | otherwise | **the default, at once**; and, unless [`Config::background_asks`] questions are in flight already, its question does not fit in [`QUESTION_BYTES`], or the driver is unloading, the question channel (or, with [`AskVia::PortAndWorkItem`] or a question the channel refuses, a work item over the port) asks the service *in the background*, and its verdict is cached if the reply allows it |
 //!
 //! So a peer's first attempt gets the default, and its next attempt — a TCP SYN is retransmitted
 //! after about a second — gets the service's cached verdict. With fail-closed that costs an
@@ -1590,6 +1595,15 @@ impl fmt::Display for Refusal {
             NotAskedReason::TooLarge { len, max } => {
                 write!(f, "a {len}-byte question is over the channel's {max} bytes")
             }
+            NotAskedReason::OverBudget { len, available } => write!(
+                f,
+                "a {len}-byte question is longer than a slot and the channel's budget for those \
+                 has {available} bytes left"
+            ),
+            NotAskedReason::OutOfMemory { len } => {
+                write!(f, "no pool for a {len}-byte question on the channel")
+            }
+            NotAskedReason::Unencoded => f.write_str("the question could not be encoded"),
         }
     }
 }
@@ -1609,11 +1623,13 @@ fn channel_reply(outcome: Outcome<ConnectionReply>) -> Result<ConnectionReply, &
 
 impl Shared {
     /// Asks `question` about `key` for `waiting`, through the channel when there is one: the
-    /// channel copies its bytes into a slot it allocated at load, so the question's own buffer
+    /// channel copies its bytes into a slot it allocated at load (or, for a path longer than
+    /// a slot holds, a buffer it allocates for the question), so the question's own buffer
     /// (and its share of [`QUESTION_BYTES`]) goes when the caller drops it, and concludes it
     /// later (`Ok(None)`). A question the channel does not take comes back to be asked by a
-    /// work item over the port (`Ok(Some)`: no channel, a question longer than its slots,
-    /// every slot taken, or no service with the channel open but one connected to the port),
+    /// work item over the port (`Ok(Some)`: no channel, every slot taken, the long questions'
+    /// budget spent or no pool for a long one, or no service with the channel open but one
+    /// connected to the port),
     /// or unasked (`Err`): the channel is closing, or no service has the channel open and
     /// nobody is connected to the port either, so there is nobody to ask and no work item is
     /// queued to find that out.

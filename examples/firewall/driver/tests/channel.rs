@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use firewall_driver::{AskVia, Config, Stats};
 use firewall_protocol::{
-    ASK_CHANNEL, ASK_DEVICE_PATH, ASK_MAX_PATH_UNITS, ConnectionReply, ConnectionRequest,
-    PORT_NAME, Verdict,
+    ASK_CHANNEL, ASK_DEVICE_PATH, ASK_SLOT_PATH_UNITS, ConnectionReply, ConnectionRequest,
+    MAX_PATH_UNITS, PORT_NAME, REQUEST_MAX_LEN, Verdict,
 };
 use wfp_rs::Status;
 use wfp_rs::ask::{QuestionId, decode_message, encode_header};
@@ -607,39 +607,53 @@ fn without_a_service_the_default_comes_at_once() {
     unload_clean(&machine, driver);
 }
 
-/// A question too long for the channel's slots (a path over `ASK_MAX_PATH_UNITS`) is asked
-/// whole through the port and a work item, and the service's port answer decides it.
+/// A question too long for the channel's slots (a path over `ASK_SLOT_PATH_UNITS`, here the
+/// longest NT path there is) is asked whole through the channel all the same, in a buffer the
+/// channel allocates for it, with no work item — though a service is connected to the port
+/// too — and the service's channel answer decides it; the buffer is freed with the decision.
 #[test]
-fn a_path_longer_than_the_channels_slots_is_asked_through_the_port() {
+fn a_path_longer_than_the_channels_slots_is_asked_through_the_channel() {
     let machine = Machine::new();
     let driver = machine
         .load_driver("firewall", long_path::DriverEntry)
         .expect("loads");
     let mut client = machine.port_client(PORT_NAME);
-    client.connect(&[]).expect("the service connects");
+    client
+        .connect(&[])
+        .expect("the service connects to the port too");
+    let handle = open(&machine).expect("the service opens the channel");
+    let tail = r"\tool.exe";
+    let prefix = r"\device\harddiskvolume3\";
     let deep = format!(
-        r"\device\harddiskvolume3\{}\tool.exe",
-        "d".repeat(ASK_MAX_PATH_UNITS)
+        "{prefix}{}{tail}",
+        "d".repeat(MAX_PATH_UNITS - prefix.len() - tail.len())
     );
+    assert_eq!(deep.len(), MAX_PATH_UNITS);
+    assert!(deep.len() > ASK_SLOT_PATH_UNITS);
+    let queued_before = machine.work_items_queued();
+    let wait = wait_request(&handle);
     let c = attempt(8, &deep, SimDirection::Outbound, 50_002, 443);
     let outcome = thread::scope(|s| {
         let connecting = s.spawn(|| machine.connect(&c, AleIrql::Dispatch));
-        let message = client.get_message(None).expect("asked on the port");
-        let request = ConnectionRequest::decode(&message.data).expect("the driver's encoding");
+        let delivered = wait.wait();
+        assert_eq!(delivered.status, 0);
+        let (id, body) = decode_message(&delivered.output).expect("a question");
+        assert_eq!(body.len(), REQUEST_MAX_LEN, "the longest request there is");
+        let request = ConnectionRequest::decode(body).expect("the driver's encoding");
         let path: String = request.image_path.chars_lossy().collect();
         assert_eq!(path, deep, "the whole path");
-        client
-            .reply(message.id, &reply_bytes(&request))
-            .expect("the driver waits");
+        assert_eq!(answer(&handle, id, &reply_bytes(&request)), 0);
         connecting.join().unwrap()
     });
     assert_eq!(
         decided_once(&c, &outcome, "long path"),
         (Action::Block, true)
     );
+    assert_eq!(machine.work_items_queued(), queued_before, "no work item");
     let stats = long_path::STATS.snapshot();
-    assert_eq!((stats.asked_via_channel, stats.asked_via_port), (0, 1));
+    assert_eq!((stats.asked_via_channel, stats.asked_via_port), (1, 0));
     assert_eq!(stats.answered, 1);
+    drop(handle);
     drop(client);
     unload_clean(&machine, driver);
 }
