@@ -657,6 +657,19 @@ impl<Q: QuestionHandler> AskChannel<Q> {
         self.inner().max_question
     }
 
+    /// The question body a slot holds (`slot_len`): [`ask`](Self::ask) allocates nothing for a
+    /// question this long or shorter.
+    ///
+    /// ```
+    /// # use wfp_rs::ask::{AskChannel, QuestionHandler};
+    /// fn needs_a_buffer<Q: QuestionHandler>(channel: &AskChannel<Q>, question: &[u8]) -> bool {
+    ///     question.len() > channel.slot_len()
+    /// }
+    /// ```
+    pub fn slot_len(&self) -> usize {
+        self.inner().slot_len
+    }
+
     /// Asks `question`, to be decided within `timeout`, keeping `context` until then. Allowed
     /// at `DISPATCH_LEVEL`; allocates nothing for a question of at most `slot_len` bytes (a
     /// longer one gets a buffer of its own, see [`ask_with`](Self::ask_with)). If a request of
@@ -1040,6 +1053,7 @@ impl<Q: QuestionHandler> fmt::Debug for AskChannel<Q> {
         f.debug_struct("AskChannel")
             .field("capacity", &self.capacity())
             .field("max_question", &self.inner().max_question)
+            .field("slot_len", &self.inner().slot_len)
             .field("max_answer", &self.inner().max_answer)
             .finish_non_exhaustive()
     }
