@@ -24,10 +24,15 @@
 //!   question asked over the port. No work item, no thread waits.
 //!   The channel has [`Config::max_pending`] + [`Config::background_asks`] slots, so a
 //!   connection that reserved a slot of the [`VerdictTable`] finds one; each slot holds a
-//!   question of at most [`ASK_MAX_QUESTION`](firewall_protocol::ASK_MAX_QUESTION) bytes (an
-//!   image path of [`ASK_MAX_PATH_UNITS`](firewall_protocol::ASK_MAX_PATH_UNITS) units),
-//!   allocated at load. A longer question (or one that finds every slot taken, which the
-//!   sizing rules out) is asked through the port and a work item, whole. Only the admitted
+//!   question of at most [`ASK_SLOT_LEN`](firewall_protocol::ASK_SLOT_LEN) bytes (an image path
+//!   of [`ASK_SLOT_PATH_UNITS`](firewall_protocol::ASK_SLOT_PATH_UNITS) units), allocated at
+//!   load, and a longer question, up to the longest path there is, is asked through the channel
+//!   too, in a buffer the channel allocates for it and frees when it is decided (at most
+//!   [`ASK_MAX_LARGE_BYTES`](firewall_protocol::ASK_MAX_LARGE_BYTES) of them at once). The port
+//!   and a work item remain only for what the channel refuses while a service is connected to
+//!   the port: every slot taken (which the sizing rules out), the long questions' budget spent,
+//!   or no pool for a long question's buffer; and for a service that has the port but not the
+//!   channel open. Only the admitted
 //!   service may open the channel's device ([`Driver::admit_only`](wfp_rs::driver::Driver::admit_only)
 //!   applies to every device the SDK creates).
 //! - [`AskVia::PortAndWorkItem`]: a work item at `PASSIVE_LEVEL` sends the question over the
@@ -106,7 +111,8 @@
 //! | **overload**: [`Config::max_pending`] connections are pended or waiting for their reauthorization already, or the questions waiting for the service hold [`QUESTION_BYTES`] of pool and this one's does not fit, and the cache has no verdict | **[`Config::overload`]** (deny unless configured otherwise, whatever the default), at once (nothing pended); counted in [`StatsSnapshot::overloaded`], not in `defaults` |
 //! | a reauthorization the driver did not cause (WFP reauthorizes when policy changes) | the cache's verdict if it has one, else the default |
 //! | a second pend of the same connection (process, image, protocol, both endpoints) while the first waits for its reauthorization: one verdict is kept, for one of the two | the other: the cache's verdict if it has one, else the default |
-//! | the connection's fields cannot be read (a field missing, of the wrong type), there is no pool for the request, or the classification cannot be pended | the default, at once (nothing pended) |
+//! | the connection's fields cannot be read (a field missing, of the wrong type), or the classification cannot be pended | the default, at once (nothing pended) |
+//! | **port**: no pool for the request the work item carries (the channel needs none: it encodes the request into its slot) | the default, recorded for the reauthorization |
 //! | a heavier sublayer already decided hard (no write right) | that decision stands |
 //! | the driver is unloading | the default, at once (nothing is pended any more) |
 //!
@@ -131,8 +137,9 @@
 //! benchmarks make (1024 new connections at once, none refused).
 //!
 //! The questions are bounded in bytes too: each holds its request, up to 64 KiB with the whole
-//! image path, until its work item ends (or, asked through the channel, until the channel has
-//! copied it into a slot of its own), and together they hold at most [`QUESTION_BYTES`]
+//! image path, until its work item ends (asked through the channel, a question in a slot holds
+//! no pool of its own, and one about a path longer than a slot holds the channel's buffer until
+//! it is decided), and together they hold at most [`QUESTION_BYTES`]
 //! (4 MiB; [`VERDICT_SLOTS`] questions about the longest path would be 128 MiB). A connection
 //! whose question does not fit gets the overload decision the same way, counted and logged the
 //! same way; an inbound miss whose question does not fit is not asked about in the background.
@@ -156,7 +163,7 @@
 //! | a loopback connection, with [`Config::permit_loopback`] | permit, nobody asked |
 //! | a live cached verdict for the cache key | that verdict, at once |
 //! | an image path no request can carry whole | **deny**, whatever the default, at once; nobody asked |
-//! | otherwise | **the default, at once**; and, unless [`Config::background_asks`] questions are in flight already, its question does not fit in [`QUESTION_BYTES`], or the driver is unloading, the question channel (or, with [`AskVia::PortAndWorkItem`] or a question too long for the channel, a work item over the port) asks the service *in the background*, and its verdict is cached if the reply allows it |
+//! | otherwise | **the default, at once**; and, unless [`Config::background_asks`] questions are in flight already, its question does not fit in [`QUESTION_BYTES`], or the driver is unloading, the question channel (or, with [`AskVia::PortAndWorkItem`] or a question the channel refuses, a work item over the port) asks the service *in the background*, and its verdict is cached if the reply allows it |
 //!
 //! So a peer's first attempt gets the default, and its next attempt — a TCP SYN is retransmitted
 //! after about a second — gets the service's cached verdict. With fail-closed that costs an
@@ -425,8 +432,9 @@ pub const VERDICT_SLOTS: usize = 2048;
 /// The most non-paged pool the questions of the moment may hold together: 4 MiB. A question
 /// holds its request, 74 bytes to 64 KiB with the image path
 /// ([`REQUEST_MAX_LEN`](firewall_protocol::REQUEST_MAX_LEN)), from its classification to the
-/// end of its work item (through the channel, only until the channel copies it into a slot it
-/// allocated at load); without this bound, [`VERDICT_SLOTS`] pended connections of a program
+/// end of its work item (through the channel, a question that fits a slot holds nothing of its
+/// own, and a longer one holds the channel's buffer for it until it is decided); without this
+/// bound, [`VERDICT_SLOTS`] pended connections of a program
 /// with the longest path would hold 128 MiB. A new outbound connection whose question does not
 /// fit gets [`Config::overload`], as when the slots are taken (see "Overload" in the crate
 /// documentation); an inbound one is not asked about in the background. Questions with the
@@ -745,9 +753,10 @@ impl Observed {
         }
     }
 
-    /// The question about this connection: the request's wire bytes, with the whole image
-    /// path of the `ALE_APP_ID` field, in one pool allocation of exactly the request's length
-    /// (74 bytes to 64 KiB).
+    /// The question about this connection for the port: the request's wire bytes, with the
+    /// whole image path of the `ALE_APP_ID` field, in one pool allocation of exactly the
+    /// request's length (74 bytes to 64 KiB), for the work item to carry. (The channel needs
+    /// none: [`Shared::ask_channel_first`] encodes the request into the channel's own buffer.)
     ///
     /// The path is checked where the field holds it and copied once, from the field into the
     /// pool: no other buffer, nothing path-sized on the stack (which could not hold 64 KiB, and
@@ -765,7 +774,7 @@ impl Observed {
         &self,
         path: PathBytes<'_>,
         request_id: u64,
-        charge: Charge,
+        charge: Option<Charge>,
         irql: &impl AtMostDispatch,
     ) -> Result<Question, NoRequest> {
         let head = self.head(request_id);
@@ -774,7 +783,6 @@ impl Observed {
         head.encode_with_path(path, &mut bytes)
             .map_err(NoRequest::Unaskable)?;
         Ok(Question {
-            head,
             bytes,
             _charge: charge,
         })
@@ -799,10 +807,9 @@ where
 /// A question for the service: a request's wire bytes, in one pool buffer of exactly their
 /// length (tag `FwRq`), and the request's other fields, for the logs and to check the reply.
 struct Question {
-    head: RequestHead,
     bytes: PoolBytes,
     /// The buffer's share of [`QUESTION_BYTES`], given back with it.
-    _charge: Charge,
+    _charge: Option<Charge>,
 }
 
 /// Bytes charged to [`QUESTION_BYTES`], given back when dropped (at any IRQL up to
@@ -1366,21 +1373,7 @@ where
             shared.finished(irql);
             return;
         };
-        let question = match observed.question(path, request_id, charge, irql) {
-            Ok(question) => question,
-            // The path was checked above; never asked about with part of it.
-            Err(NoRequest::Unaskable(why)) => {
-                shared.release(irql);
-                shared.deny_unaskable(&mut c.out, &observed, why);
-                shared.finished(irql);
-                return;
-            }
-            Err(error @ NoRequest::NoPool) => {
-                shared.release(irql);
-                decided_at_once(c, &error);
-                return;
-            }
-        };
+        let head = observed.head(request_id);
         let pended = match c.pend() {
             Ok(pended) => pended,
             // A heavier sublayer decided hard; there is nothing to ask.
@@ -1397,18 +1390,21 @@ where
         };
         kd_print!(
             "firewall: #{request_id}: {}: pended, asking the service\n",
-            Described(&question.head)
+            Described(&head)
         );
         let key = observed.key;
         let waiting = Waiting::Connection(pended);
         let channel = self.channel.as_deref();
-        let asked =
-            match shared.ask_channel_first(irql, channel, &question, waiting, key, cache_key) {
+        // The path again, where the field holds it: the pend borrowed the whole
+        // classification. It was checked above, and the field has not changed.
+        let path = whole_path(&c.values);
+        let ask = (waiting, key, cache_key);
+        let (asked, charge) =
+            match shared.ask_channel_first(irql, channel, &head, path, charge, ask) {
                 // `Decisions::decide` concludes it, exactly once.
                 Ok(None) => return,
                 Ok(Some(asked)) => asked,
-                // Unloading, or nobody to ask: the default, recorded for the
-                // reauthorization.
+                // Unloading, or nobody to ask: the default, recorded for the reauthorization.
                 Err((asked, why)) => {
                     return shared.conclude(
                         irql,
@@ -1418,6 +1414,17 @@ where
                     );
                 }
             };
+        // Through the port: the request in a buffer of its own, which the work item carries.
+        let question = match path
+            .map_err(NoRequest::Unaskable)
+            .and_then(|path| observed.question(path, request_id, charge, irql))
+        {
+            Ok(question) => question,
+            // The pend is completed with the default, recorded for the reauthorization.
+            Err(error) => {
+                return shared.conclude(irql, asked, Err::<ConnectionReply, NoRequest>(error), "");
+            }
+        };
         let work = PoolArc::clone(shared);
         let queued = self.queue.queue(irql, move |passive| {
             let reply = work.ask_on_port(passive, &question);
@@ -1510,19 +1517,17 @@ where
             ));
         };
         let request_id = shared.request_id();
-        let question = match observed.question(path, request_id, charge, irql) {
-            Ok(question) => question,
-            Err(error) => return not_asking(&error),
-        };
+        let head = observed.head(request_id);
         kd_print!(
             "firewall: #{request_id}: {}: {default} (default: not cached; asking the service for later attempts)\n",
-            Described(&question.head)
+            Described(&head)
         );
         let waiting = Waiting::LaterAttempts;
         let channel = self.channel.as_deref();
         let key = observed.key;
-        let asked =
-            match shared.ask_channel_first(irql, channel, &question, waiting, key, cache_key) {
+        let ask = (waiting, key, cache_key);
+        let (asked, charge) =
+            match shared.ask_channel_first(irql, channel, &head, Ok(path), charge, ask) {
                 Ok(None) => {
                     shared.count(Counter::BackgroundAsks);
                     return;
@@ -1535,6 +1540,11 @@ where
                     return;
                 }
             };
+        // Through the port: the request in a buffer of its own, which the work item carries.
+        let question = match observed.question(path, request_id, charge, irql) {
+            Ok(question) => question,
+            Err(error) => return not_asking(&error),
+        };
         let work = PoolArc::clone(shared);
         let queued = self.queue.queue(irql, move |passive| {
             let reply = work.ask_on_port(passive, &question);
@@ -1576,6 +1586,9 @@ struct Asked {
     request_id: u64,
     /// The cache's revocation generation when the question was asked.
     generation: u64,
+    /// The question's share of [`QUESTION_BYTES`], while the channel holds it in a buffer of
+    /// its own (a path longer than a slot holds): given back when it is decided.
+    _charge: Option<Charge>,
 }
 
 /// Why the channel did not take a question, as the logs say it.
@@ -1590,6 +1603,15 @@ impl fmt::Display for Refusal {
             NotAskedReason::TooLarge { len, max } => {
                 write!(f, "a {len}-byte question is over the channel's {max} bytes")
             }
+            NotAskedReason::OverBudget { len, available } => write!(
+                f,
+                "a {len}-byte question is longer than a slot and the channel's budget for those \
+                 has {available} bytes left"
+            ),
+            NotAskedReason::OutOfMemory { len } => {
+                write!(f, "no pool for a {len}-byte question on the channel")
+            }
+            NotAskedReason::Unencoded => f.write_str("the question could not be encoded"),
         }
     }
 }
@@ -1608,12 +1630,13 @@ fn channel_reply(outcome: Outcome<ConnectionReply>) -> Result<ConnectionReply, &
 }
 
 impl Shared {
-    /// Asks `question` about `key` for `waiting`, through the channel when there is one: the
-    /// channel copies its bytes into a slot it allocated at load, so the question's own buffer
-    /// (and its share of [`QUESTION_BYTES`]) goes when the caller drops it, and concludes it
-    /// later (`Ok(None)`). A question the channel does not take comes back to be asked by a
-    /// work item over the port (`Ok(Some)`: no channel, a question longer than its slots,
-    /// every slot taken, or no service with the channel open but one connected to the port),
+    /// Asks the request of `head` and `path` about `key` for `waiting`, through the channel
+    /// when there is one: the request is encoded straight into a slot the channel allocated at
+    /// load (or, for a path longer than a slot holds, a buffer it allocates for the question),
+    /// with no buffer of the driver's own, and the channel concludes it later (`Ok(None)`). A question the channel does not take comes back to be asked by a
+    /// work item over the port (`Ok(Some)`: no channel, every slot taken, the long questions'
+    /// budget spent or no pool for a long one, or no service with the channel open but one
+    /// connected to the port),
     /// or unasked (`Err`): the channel is closing, or no service has the channel open and
     /// nobody is connected to the port either, so there is nobody to ask and no work item is
     /// queued to find that out.
@@ -1625,23 +1648,39 @@ impl Shared {
         &self,
         irql: &mut DispatchLevel<'_>,
         channel: Option<&QuestionChannel>,
-        question: &Question,
-        waiting: Waiting,
-        key: ConnectionKey,
-        cache_key: CacheKey,
-    ) -> Result<Option<Asked>, (Asked, Unasked)> {
-        let request_id = question.head.request_id;
-        let asked = Asked {
+        head: &RequestHead,
+        path: Result<PathBytes<'_>, Malformed>,
+        charge: Charge,
+        ask: (Waiting, ConnectionKey, CacheKey),
+    ) -> Result<Option<(Asked, Option<Charge>)>, (Asked, Unasked)> {
+        let (waiting, key, cache_key) = ask;
+        let request_id = head.request_id;
+        let mut asked = Asked {
             waiting,
             key,
             cache_key,
             request_id,
             generation: self.cache.generation(),
+            _charge: None,
         };
-        let Some(channel) = channel else {
-            return Ok(Some(asked));
+        // Not a path a request can carry (it was checked already): no question on the channel;
+        // building the port's request says so.
+        let (Some(channel), Ok(path)) = (channel, path) else {
+            return Ok(Some((asked, Some(charge))));
         };
-        match channel.ask(&mut *irql, &question.bytes, self.config.timeout, asked) {
+        // Encoded straight into the channel's slot (or the buffer it allocates for a long
+        // path): the request is built once, where the service will read it from.
+        let len = request_len(path.units());
+        // A question in a slot holds no pool of its own; one in a buffer of the channel's
+        // keeps its charge until it is decided.
+        let mut spare = None;
+        if len > channel.slot_len() {
+            asked._charge = Some(charge);
+        } else {
+            spare = Some(charge);
+        }
+        let encode = |body: &mut [u8]| head.encode_with_path(path, body) == Ok(len);
+        match channel.ask_with(&mut *irql, len, self.config.timeout, asked, encode) {
             Ok(_) => {
                 self.count(Counter::AskedViaChannel);
                 Ok(None)
@@ -1656,7 +1695,9 @@ impl Shared {
                         "firewall: #{request_id}: asking through the port ({})\n",
                         Refusal(reason)
                     );
-                    Ok(Some(not_asked.into_context()))
+                    let mut asked = not_asked.into_context();
+                    let charge = asked._charge.take().or(spare);
+                    Ok(Some((asked, charge)))
                 }
             },
         }
