@@ -1591,6 +1591,10 @@ struct Asked {
     _charge: Option<Charge>,
 }
 
+/// A question [`Shared::ask_channel_first`] leaves to the port and a work item, with its
+/// share of [`QUESTION_BYTES`] for the request the work item carries.
+type ForThePort = (Asked, Option<Charge>);
+
 /// Why the channel did not take a question, as the logs say it.
 struct Refusal(NotAskedReason);
 
@@ -1652,7 +1656,7 @@ impl Shared {
         path: Result<PathBytes<'_>, Malformed>,
         charge: Charge,
         ask: (Waiting, ConnectionKey, CacheKey),
-    ) -> Result<Option<(Asked, Option<Charge>)>, (Asked, Unasked)> {
+    ) -> Result<Option<ForThePort>, (Asked, Unasked)> {
         let (waiting, key, cache_key) = ask;
         let request_id = head.request_id;
         let mut asked = Asked {
