@@ -391,6 +391,33 @@ fn a_wait_request_that_cannot_hold_the_longest_question_is_refused_at_once() {
     assert!(setup.teardown().is_empty());
 }
 
+#[test]
+fn the_service_side_sizes_its_requests_for_the_longest_question() {
+    use wfp_rs::user::AskClient;
+
+    let setup = setup_with(&LARGE, 4);
+    let socket = std::env::temp_dir().join(format!("wfp-rs-{}-ask-large.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let bridge = setup.machine.serve_user_mode(&socket).unwrap();
+    let client = AskClient::open_at(&socket, PATH, &LARGE, 2).unwrap();
+    let long: Vec<u8> = (0..64).collect();
+    let short = setup.ask(b"short", HOUR, 1);
+    let longest = setup.ask(&long, HOUR, 2);
+    for (id, body) in [(short, b"short".to_vec()), (longest, long)] {
+        let question = client.next_question(None).unwrap().expect("a question");
+        assert_eq!((question.id, question.body), (id, body));
+        client.answer(id, &[1]).unwrap();
+    }
+    assert_eq!(
+        setup.decisions(),
+        [(1, Outcome::Answered(1)), (2, Outcome::Answered(1))]
+    );
+    drop(client);
+    drop(bridge);
+    let _ = std::fs::remove_file(&socket);
+    assert!(setup.teardown().is_empty());
+}
+
 // --- one outcome at a time ----------------------------------------------------------------------
 
 #[test]
