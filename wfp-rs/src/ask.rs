@@ -764,88 +764,84 @@ impl<Q: QuestionHandler> AskChannel<Q> {
     ) -> Result<QuestionId, NotAsked<Q::Context>> {
         crate::irql::verify(&irql);
         let inner = self.inner();
-        if len > inner.max_question {
-            return Err(NotAsked {
-                reason: NotAskedReason::TooLarge {
-                    len,
-                    max: inner.max_question,
-                },
-                context,
-            });
-        }
         let mut encode = Some(encode);
-        let large = if len > inner.slot_len {
-            match self.prepare_large(irql.reborrow(), len, &mut encode) {
-                Ok(large) => Some(large),
-                Err(reason) => return Err(NotAsked { reason, context }),
+        // One way out for every refusal, so the context is moved as few times as possible
+        // (the encoder runs on top of this frame).
+        let (reason, context) = 'refused: {
+            if len > inner.max_question {
+                let max = inner.max_question;
+                break 'refused (NotAskedReason::TooLarge { len, max }, context);
             }
-        } else {
-            None
-        };
-        let waiters = self.queue.waiters();
-        let asked = inner.state.lock(irql, |state, dispatch| {
-            let taken = match state.refusal() {
-                Some(reason) => Err(reason),
-                None => state.take_free().ok_or(NotAskedReason::Full),
+            let large = if len > inner.slot_len {
+                match self.prepare_large(irql.reborrow(), len, &mut encode) {
+                    Ok(large) => Some(large),
+                    Err(reason) => break 'refused (reason, context),
+                }
+            } else {
+                None
             };
-            let index = match taken {
-                Ok(index) => index,
-                Err(reason) => {
-                    if large.is_some() {
-                        state.unreserve_large(len);
+            let waiters = self.queue.waiters();
+            let asked = inner.state.lock(irql, |state, dispatch| {
+                let claimed = match inner.claim_slot(state, len, large.is_some()) {
+                    // A question that fits a slot is encoded into it here, under the lock (the
+                    // encoder is called from this frame, not a deeper one: it runs on top of
+                    // the classify callback's stack).
+                    Ok(index) if large.is_none() => {
+                        let start = index * inner.slot_len;
+                        let encoded =
+                            match (state.questions.get_mut(start..start + len), encode.take()) {
+                                (Some(body), Some(encode)) => encode(body),
+                                _ => false,
+                            };
+                        if encoded {
+                            Ok(index)
+                        } else {
+                            state.put_free(index);
+                            Err(NotAskedReason::Unencoded)
+                        }
                     }
-                    // The large buffer, if any, is freed after the lock is released.
-                    return Err((NotAsked { reason, context }, large));
-                }
-            };
-            if large.is_none() {
-                let start = index * inner.slot_len;
-                let encoded = match state.questions.get_mut(start..start + len) {
-                    Some(body) => encode.take().is_some_and(|encode| encode(body)),
-                    None => false,
+                    claimed => claimed,
                 };
-                if !encoded {
-                    state.put_free(index);
-                    return Err((
-                        NotAsked {
-                            reason: NotAskedReason::Unencoded,
-                            context,
-                        },
-                        None,
-                    ));
+                let index = match claimed {
+                    Ok(index) => index,
+                    // The context and the large buffer, if any, go back after the lock is
+                    // released.
+                    Err(reason) => return Err((reason, context, large)),
+                };
+                let deadline = Instant::now().saturating_add(timeout);
+                let slot = &mut state.slots[index];
+                slot.generation = match slot.generation.wrapping_add(1) {
+                    0 => 1,
+                    next => next,
+                };
+                // A free slot holds no context: this drops nothing.
+                slot.context = Some(context);
+                slot.deadline = deadline;
+                slot.len = len;
+                // The budget was charged by `prepare_large`; `release` gives it back.
+                slot.large = large;
+                let id = QuestionId::new(index, slot.generation);
+                if let Some(Some(timer)) = state.timers.get(index) {
+                    timer.set(&*dispatch, timeout, None);
+                }
+                state.push_queued(index);
+                state.outstanding += 1;
+                Ok((id, inner.deliver_one(state, waiters)))
+            });
+            // The request that carries the question (if one waited) completes now, outside
+            // the channel's lock; a large buffer of a refused question is freed outside it too.
+            match asked {
+                Ok((id, delivery)) => {
+                    drop(delivery);
+                    return Ok(id);
+                }
+                Err((reason, context, large)) => {
+                    drop(large);
+                    (reason, context)
                 }
             }
-            let deadline = Instant::now().saturating_add(timeout);
-            let slot = &mut state.slots[index];
-            slot.generation = match slot.generation.wrapping_add(1) {
-                0 => 1,
-                next => next,
-            };
-            slot.context = Some(context);
-            slot.deadline = deadline;
-            slot.len = len;
-            // The budget was charged by `prepare_large`; `release` gives it back.
-            slot.large = large;
-            let id = QuestionId::new(index, slot.generation);
-            if let Some(Some(timer)) = state.timers.get(index) {
-                timer.set(&*dispatch, timeout, None);
-            }
-            state.push_queued(index);
-            state.outstanding += 1;
-            Ok((id, inner.deliver_one(state, waiters)))
-        });
-        // The request that carries the question (if one waited) completes now, outside the
-        // channel's lock; a large buffer of a refused question is freed outside it too.
-        match asked {
-            Ok((id, delivery)) => {
-                drop(delivery);
-                Ok(id)
-            }
-            Err((not_asked, large)) => {
-                drop(large);
-                Err(not_asked)
-            }
-        }
+        };
+        Err(NotAsked { reason, context })
     }
 
     /// For a question longer than a slot: charges its length to the budget (refusing early,
@@ -868,7 +864,11 @@ impl<Q: QuestionHandler> AskChannel<Q> {
         let prepared = match PoolBytes::try_zeroed(len, PoolTag::SDK, &*irql.reborrow()) {
             Err(_) => Err(NotAskedReason::OutOfMemory { len }),
             Ok(mut buffer) => {
-                if encode.take().is_some_and(|encode| encode(&mut buffer)) {
+                let encoded = match encode.take() {
+                    Some(encode) => encode(&mut buffer),
+                    None => false,
+                };
+                if encoded {
                     Ok(buffer)
                 } else {
                     Err(NotAskedReason::Unencoded)
@@ -1321,6 +1321,25 @@ impl<Q: QuestionHandler> Inner<Q> {
         state.unlink(index);
         state.slots[index].phase = Phase::Delivered(file);
         Some(taken)
+    }
+
+    /// Takes a free slot for a question of `len` bytes, under the lock: refuses when the
+    /// channel is closed, has no service or no free slot, giving back the budget a question
+    /// with a buffer of its own (`has_buffer`) charged.
+    fn claim_slot(
+        &self,
+        state: &mut State<Q::Context>,
+        len: usize,
+        has_buffer: bool,
+    ) -> Result<usize, NotAskedReason> {
+        let taken = match state.refusal() {
+            Some(reason) => Err(reason),
+            None => state.take_free().ok_or(NotAskedReason::Full),
+        };
+        if taken.is_err() && has_buffer {
+            state.unreserve_large(len);
+        }
+        taken
     }
 
     /// The deadline timer of slot `index` expired (its DPC).

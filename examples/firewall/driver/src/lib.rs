@@ -371,7 +371,7 @@ use firewall_protocol::control::{REVOKE, REVOKED_LEN, Revoke, Revoked};
 use firewall_protocol::{
     ConnectionReply, Direction, FirewallProtocol, PathBytes, RequestHead, Verdict, request_len,
 };
-use wfp_rs::ask::{AskChannel, NotAskedReason, Outcome, QuestionHandler};
+use wfp_rs::ask::{AskChannel, NotAsked, NotAskedReason, Outcome, QuestionHandler};
 use wfp_rs::callout::{Callout, CalloutKey, CalloutRegistration, Classify};
 use wfp_rs::classify::ClassifyOut;
 use wfp_rs::client::{ClientIdentity, Sid};
@@ -774,7 +774,7 @@ impl Observed {
         &self,
         path: PathBytes<'_>,
         request_id: u64,
-        charge: Option<Charge>,
+        charge: Charge,
         irql: &impl AtMostDispatch,
     ) -> Result<Question, NoRequest> {
         let head = self.head(request_id);
@@ -809,7 +809,7 @@ where
 struct Question {
     bytes: PoolBytes,
     /// The buffer's share of [`QUESTION_BYTES`], given back with it.
-    _charge: Option<Charge>,
+    _charge: Charge,
 }
 
 /// Bytes charged to [`QUESTION_BYTES`], given back when dropped (at any IRQL up to
@@ -817,6 +817,15 @@ struct Question {
 struct Charge {
     shared: PoolArc<Shared>,
     bytes: usize,
+}
+
+impl Charge {
+    /// Gives the bytes to whoever keeps them from now on (an [`Asked`] whose question the
+    /// channel holds, which [`Shared::conclude`] gives back): dropping this one gives back
+    /// nothing.
+    fn hand_over(mut self) {
+        self.bytes = 0;
+    }
 }
 
 impl Drop for Charge {
@@ -1097,6 +1106,10 @@ impl Shared {
         via: &str,
     ) {
         let id = asked.request_id;
+        if asked.charged != 0 {
+            self.question_bytes
+                .fetch_sub(asked.charged, Ordering::SeqCst);
+        }
         let default = self.config.default;
         let later = match asked.waiting {
             Waiting::Connection(_) => "",
@@ -1398,9 +1411,9 @@ where
         // The path again, where the field holds it: the pend borrowed the whole
         // classification. It was checked above, and the field has not changed.
         let path = whole_path(&c.values);
-        let ask = (waiting, key, cache_key);
+        let asked = shared.asked(waiting, key, cache_key, request_id);
         let (asked, charge) =
-            match shared.ask_channel_first(irql, channel, &head, path, charge, ask) {
+            match shared.ask_channel_first(irql, channel, &head, path, asked, charge) {
                 // `Decisions::decide` concludes it, exactly once.
                 Ok(None) => return,
                 Ok(Some(asked)) => asked,
@@ -1414,10 +1427,29 @@ where
                     );
                 }
             };
-        // Through the port: the request in a buffer of its own, which the work item carries.
-        let question = match path
-            .map_err(NoRequest::Unaskable)
-            .and_then(|path| observed.question(path, request_id, charge, irql))
+        let path = path.map_err(NoRequest::Unaskable);
+        self.ask_on_port_later(irql, &observed, path, asked, charge);
+    }
+}
+
+impl Outbound {
+    /// Asks a pended connection's question through the port: builds its request (in a buffer
+    /// of its own, which the work item carries) and queues the work item, or concludes it
+    /// with the default. Out of line, called after the channel said no: its locals stay off
+    /// the stack the channel's encoder runs on.
+    #[inline(never)]
+    fn ask_on_port_later(
+        &self,
+        irql: &mut DispatchLevel<'_>,
+        observed: &Observed,
+        path: Result<PathBytes<'_>, NoRequest>,
+        asked: Asked,
+        charge: Charge,
+    ) {
+        let shared = &self.shared;
+        let default = shared.config.default;
+        let (request_id, key) = (asked.request_id, asked.key);
+        let question = match path.and_then(|path| observed.question(path, request_id, charge, irql))
         {
             Ok(question) => question,
             // The pend is completed with the default, recorded for the reauthorization.
@@ -1525,9 +1557,9 @@ where
         let waiting = Waiting::LaterAttempts;
         let channel = self.channel.as_deref();
         let key = observed.key;
-        let ask = (waiting, key, cache_key);
+        let asked = shared.asked(waiting, key, cache_key, request_id);
         let (asked, charge) =
-            match shared.ask_channel_first(irql, channel, &head, Ok(path), charge, ask) {
+            match shared.ask_channel_first(irql, channel, &head, Ok(path), asked, charge) {
                 Ok(None) => {
                     shared.count(Counter::BackgroundAsks);
                     return;
@@ -1586,14 +1618,16 @@ struct Asked {
     request_id: u64,
     /// The cache's revocation generation when the question was asked.
     generation: u64,
-    /// The question's share of [`QUESTION_BYTES`], while the channel holds it in a buffer of
-    /// its own (a path longer than a slot holds): given back when it is decided.
-    _charge: Option<Charge>,
+    /// The question's share of [`QUESTION_BYTES`] while the channel holds it in a buffer of
+    /// its own (a path longer than a slot holds), given back by [`Shared::conclude`]; 0
+    /// otherwise. A count, not a [`Charge`]: the channel may drop a context under its lock,
+    /// where nothing should reach the shared state's teardown.
+    charged: usize,
 }
 
 /// A question [`Shared::ask_channel_first`] leaves to the port and a work item, with its
 /// share of [`QUESTION_BYTES`] for the request the work item carries.
-type ForThePort = (Asked, Option<Charge>);
+type ForThePort = (Asked, Charge);
 
 /// Why the channel did not take a question, as the logs say it.
 struct Refusal(NotAskedReason);
@@ -1634,6 +1668,26 @@ fn channel_reply(outcome: Outcome<ConnectionReply>) -> Result<ConnectionReply, &
 }
 
 impl Shared {
+    /// What the driver keeps about request `request_id` until it is concluded. Out of line:
+    /// its temporaries stay off the classify callback's frame.
+    #[inline(never)]
+    fn asked(
+        &self,
+        waiting: Waiting,
+        key: ConnectionKey,
+        cache_key: CacheKey,
+        request_id: u64,
+    ) -> Asked {
+        Asked {
+            waiting,
+            key,
+            cache_key,
+            request_id,
+            generation: self.cache.generation(),
+            charged: 0,
+        }
+    }
+
     /// Asks the request of `head` and `path` about `key` for `waiting`, through the channel
     /// when there is one: the request is encoded straight into a slot the channel allocated at
     /// load (or, for a path longer than a slot holds, a buffer it allocates for the question),
@@ -1654,56 +1708,64 @@ impl Shared {
         channel: Option<&QuestionChannel>,
         head: &RequestHead,
         path: Result<PathBytes<'_>, Malformed>,
+        mut asked: Asked,
         charge: Charge,
-        ask: (Waiting, ConnectionKey, CacheKey),
     ) -> Result<Option<ForThePort>, (Asked, Unasked)> {
-        let (waiting, key, cache_key) = ask;
-        let request_id = head.request_id;
-        let mut asked = Asked {
-            waiting,
-            key,
-            cache_key,
-            request_id,
-            generation: self.cache.generation(),
-            _charge: None,
-        };
         // Not a path a request can carry (it was checked already): no question on the channel;
         // building the port's request says so.
         let (Some(channel), Ok(path)) = (channel, path) else {
-            return Ok(Some((asked, Some(charge))));
+            return Ok(Some((asked, charge)));
         };
         // Encoded straight into the channel's slot (or the buffer it allocates for a long
         // path): the request is built once, where the service will read it from.
         let len = request_len(path.units());
         // A question in a slot holds no pool of its own; one in a buffer of the channel's
         // keeps its charge until it is decided.
-        let mut spare = None;
         if len > channel.slot_len() {
-            asked._charge = Some(charge);
-        } else {
-            spare = Some(charge);
+            asked.charged = charge.bytes;
         }
         let encode = |body: &mut [u8]| head.encode_with_path(path, body) == Ok(len);
         match channel.ask_with(&mut *irql, len, self.config.timeout, asked, encode) {
             Ok(_) => {
                 self.count(Counter::AskedViaChannel);
+                // The question keeps its bytes (in `charged`), or holds none.
+                charge.hand_over();
                 Ok(None)
             }
-            Err(not_asked) => match not_asked.reason() {
-                NotAskedReason::Closed => Err((not_asked.into_context(), Unasked::Unloading)),
-                NotAskedReason::NoService if !self.port.has_client() => {
-                    Err((not_asked.into_context(), Unasked::NoService))
-                }
-                reason => {
-                    kd_print!(
-                        "firewall: #{request_id}: asking through the port ({})\n",
-                        Refusal(reason)
-                    );
-                    let mut asked = not_asked.into_context();
-                    let charge = asked._charge.take().or(spare);
-                    Ok(Some((asked, charge)))
-                }
-            },
+            Err(not_asked) => self.refused(not_asked, charge),
+        }
+    }
+
+    /// A question the channel refused: unasked (`Err`) when the channel is closing or no
+    /// service has it open nor the port, else for the port. Out of line: its logging's
+    /// formatting stays off the stack the channel's encoder runs on.
+    #[inline(never)]
+    #[expect(
+        clippy::result_large_err,
+        reason = "the context must come back whole, and boxing it would allocate in classifyFn"
+    )]
+    fn refused(
+        &self,
+        not_asked: NotAsked<Asked>,
+        charge: Charge,
+    ) -> Result<Option<ForThePort>, (Asked, Unasked)> {
+        let reason = not_asked.reason();
+        let mut asked = not_asked.into_context();
+        // Not on the channel: the charge stays with `charge`.
+        asked.charged = 0;
+        match reason {
+            NotAskedReason::Closed => Err((asked, Unasked::Unloading)),
+            NotAskedReason::NoService if !self.port.has_client() => {
+                Err((asked, Unasked::NoService))
+            }
+            reason => {
+                kd_print!(
+                    "firewall: #{}: asking through the port ({})\n",
+                    asked.request_id,
+                    Refusal(reason)
+                );
+                Ok(Some((asked, charge)))
+            }
         }
     }
 }
