@@ -728,8 +728,10 @@ impl<Q: QuestionHandler> AskChannel<Q> {
     /// at `DISPATCH_LEVEL`, and for a question that fits a slot under the channel's spin lock:
     /// it gets no IRQL token, so it can neither wait nor take a spin lock nor call the channel
     /// (the caller's token is borrowed by this call); keep it to writing bytes. It is not
-    /// called when the question is refused before it could be asked (closed, no service,
-    /// full, too large, over the budget, no memory).
+    /// called for a question refused as closed, no service, full, too large, over the budget
+    /// or no memory — except that a question longer than a slot is encoded into its buffer
+    /// before the lock is taken to ask it, so a channel that closes (or loses its service, or
+    /// fills up) in between refuses it after its encoder ran.
     ///
     /// A question longer than the channel's `slot_len` and at most its `max_question` gets a
     /// buffer of exactly `len` bytes from non-paged pool (`ExAllocatePool2` with

@@ -1688,14 +1688,14 @@ impl Shared {
         }
     }
 
-    /// Asks the request of `head` and `path` about `key` for `waiting`, through the channel
+    /// Asks the request of `head` and `path` for `asked`, through the channel
     /// when there is one: the request is encoded straight into a slot the channel allocated at
     /// load (or, for a path longer than a slot holds, a buffer it allocates for the question),
-    /// with no buffer of the driver's own, and the channel concludes it later (`Ok(None)`). A question the channel does not take comes back to be asked by a
-    /// work item over the port (`Ok(Some)`: no channel, every slot taken, the long questions'
-    /// budget spent or no pool for a long one, or no service with the channel open but one
-    /// connected to the port),
-    /// or unasked (`Err`): the channel is closing, or no service has the channel open and
+    /// with no buffer of the driver's own, and the channel concludes it later (`Ok(None)`). A
+    /// question the channel does not take comes back to be asked by a work item over the port
+    /// (`Ok(Some)`: no channel, every slot taken, the long questions' budget spent or no pool
+    /// for a long one, or no service with the channel open but one connected to the port), or
+    /// unasked (`Err`): the channel is closing, or no service has the channel open and
     /// nobody is connected to the port either, so there is nobody to ask and no work item is
     /// queued to find that out.
     #[expect(
