@@ -50,6 +50,8 @@ use std::{
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+use std::collections::VecDeque;
+
 use rustc_hash::FxHashMap;
 
 use super::bugcheck::stop;
@@ -203,7 +205,18 @@ struct IoState {
     /// How many files are [`FilePhase::CleanedUp`]: while none is, a request's end has no close
     /// to send, without a look at every file.
     cleaned_up: usize,
+    /// The buffers of completed requests, oldest first, and their bytes: see [`QUARANTINE`].
+    retired: VecDeque<(*mut u8, usize)>,
+    retired_bytes: usize,
 }
+
+/// How many bytes of completed requests' buffers the simulator keeps allocated. Windows frees a
+/// buffered request's system buffer when the request completes; a driver that touches it after
+/// completing the request uses freed memory. The simulator keeps the most recent ones allocated
+/// (a quarantine, as memory sanitizers do) so such a driver reads memory the test process still
+/// owns instead of corrupting it, and frees the oldest past this bound, so the memory a machine
+/// holds does not grow with every request (a question channel's wait requests are 64 KiB each).
+const QUARANTINE: usize = 16 << 20;
 
 /// The simulated I/O manager's request state; one per machine (`Kernel::irp`). Lock order: the
 /// machine's state lock, then this one; never the other way round, and never held while driver
@@ -267,6 +280,29 @@ impl Drop for IoManager {
             // SAFETY: allocated with Box::into_raw in `open`, freed once, here.
             drop(unsafe { Box::from_raw(file.block) });
         }
+        while state.retired_bytes > 0 && state.free_oldest_retired() {}
+    }
+}
+
+impl IoState {
+    /// Keeps a completed request's buffer in the quarantine, freeing the oldest past
+    /// [`QUARANTINE`] bytes.
+    fn retire(&mut self, buffer: (*mut u8, usize)) {
+        self.retired.push_back(buffer);
+        self.retired_bytes += buffer.1;
+        while self.retired_bytes > QUARANTINE && self.free_oldest_retired() {}
+    }
+
+    /// Frees the oldest buffer of the quarantine; `false` if it is empty.
+    fn free_oldest_retired(&mut self) -> bool {
+        let Some((ptr, len)) = self.retired.pop_front() else {
+            return false;
+        };
+        self.retired_bytes -= len;
+        // SAFETY: a boxed slice of `len` bytes from `new_irp`, taken out of its record when the
+        // request completed (so no record frees it again), and popped here once.
+        drop(unsafe { Box::from_raw(core::ptr::slice_from_raw_parts_mut(ptr, len)) });
+        true
     }
 }
 
@@ -739,6 +775,9 @@ pub unsafe extern "system" fn IofCompleteRequest(Irp: *mut IRP, PriorityBoost: i
         },
         pending_returned,
     });
+    if let Some(buffer) = record.buffer.take() {
+        state.retire(buffer);
+    }
     drop(state);
     kernel.irp.completed(address).notify_all();
 }
