@@ -30,8 +30,6 @@ const SPEC: ChannelSpec = ChannelSpec {
     answer: ControlCode::buffered(0x8000, 0x821, RequiredAccess::Any),
     max_question: 24,
     max_answer: 4,
-    slot_len: 24,
-    max_large_bytes: 0,
 };
 const NAME: &str = "WfpRsAsk";
 const PATH: &str = r"\\.\WfpRsAsk";
@@ -92,10 +90,6 @@ struct Setup {
 }
 
 fn setup(capacity: usize) -> Setup {
-    setup_with(&SPEC, capacity)
-}
-
-fn setup_with(spec: &ChannelSpec, capacity: usize) -> Setup {
     let machine = Machine::new();
     let driver = machine.load_driver("asker", plain::DriverEntry).unwrap();
     let log = new_log();
@@ -104,7 +98,7 @@ fn setup_with(spec: &ChannelSpec, capacity: usize) -> Setup {
     };
     let channel = driver
         .run_in_driver(&machine, |irql, d| {
-            AskChannel::new(irql, d, NAME, spec, capacity, recorder)
+            AskChannel::new(irql, d, NAME, &SPEC, capacity, recorder)
         })
         .expect("an SDK driver")
         .expect("the channel is created");
@@ -187,235 +181,6 @@ fn answer_raw(handle: &DeviceHandle, input: &[u8]) -> i32 {
         .device_io_control(SPEC.answer.raw(), input, 0)
         .wait()
         .status
-}
-
-// --- questions longer than a slot --------------------------------------------------------------
-
-/// Slots of 8 bytes, questions of up to 64, and room for 100 bytes of questions longer than a
-/// slot at once.
-const LARGE: ChannelSpec = ChannelSpec {
-    max_question: 64,
-    slot_len: 8,
-    max_large_bytes: 100,
-    ..SPEC
-};
-
-/// The SDK's own pool blocks (tag `WfpR`) of exactly `len` bytes: a large question's buffer.
-fn buffers_of(machine: &Machine, len: usize) -> usize {
-    machine
-        .pool_blocks()
-        .iter()
-        .filter(|b| b.tag == PoolTag::SDK && b.size == len)
-        .count()
-}
-
-fn large_wait(handle: &DeviceHandle) -> IoRequest {
-    handle.device_io_control(LARGE.wait.raw(), &[], LARGE.wait_output_len())
-}
-
-#[test]
-fn a_question_longer_than_a_slot_is_asked_whole_in_a_buffer_freed_by_its_decision() {
-    let setup = setup_with(&LARGE, 4);
-    let service = setup.open();
-    let long: Vec<u8> = (0..50).collect();
-    let wait = large_wait(&service);
-    let id = setup.ask(&long, HOUR, 1);
-    assert_eq!(buffers_of(&setup.machine, 50), 1, "its own buffer");
-    let (delivered, body) = question_of(&wait);
-    assert_eq!((delivered, body), (id, long.clone()));
-    assert_eq!(answer(&service, id, &[1]), SUCCESS);
-    assert_eq!(setup.decisions(), [(1, Outcome::Answered(1))]);
-    assert_eq!(buffers_of(&setup.machine, 50), 0, "freed by the answer");
-
-    // Every other outcome frees it too, and gives its bytes back to the budget: each of these
-    // would be over the budget (100) if an earlier one's 50 bytes were still charged.
-    let timed_out = setup.ask(&long, Duration::from_secs(1), 2);
-    let cancelled = setup.ask(&long, HOUR, 3);
-    setup.machine.advance_clock(Duration::from_secs(2));
-    setup.machine.wait_for_dpcs();
-    assert!(
-        setup
-            .machine
-            .at_dispatch(|irql| setup.channel.cancel(irql, cancelled))
-    );
-    assert!(
-        !setup
-            .machine
-            .at_dispatch(|irql| setup.channel.cancel(irql, timed_out))
-    );
-    assert_eq!(
-        setup.decisions(),
-        [(2, Outcome::TimedOut), (3, Outcome::Cancelled)]
-    );
-    assert_eq!(buffers_of(&setup.machine, 50), 0);
-    let gone = large_wait(&service);
-    setup.ask(&long, HOUR, 4);
-    question_of(&gone);
-    drop(service);
-    assert_eq!(setup.decisions(), [(4, Outcome::ServiceGone)]);
-    assert_eq!(buffers_of(&setup.machine, 50), 0);
-    let service = setup.open();
-    setup.ask(&long, HOUR, 5);
-    setup.ask(&long, HOUR, 6);
-    assert_eq!(buffers_of(&setup.machine, 50), 2);
-    let mut closing = setup.teardown(); // checks that no pool is left
-    drop(service);
-    closing.sort_by_key(|d| d.0);
-    assert_eq!(closing, [(5, Outcome::Closing), (6, Outcome::Closing)]);
-}
-
-#[test]
-fn long_questions_over_the_budget_or_without_pool_are_refused_and_hand_the_context_back() {
-    let setup = setup_with(&LARGE, 8);
-    let service = setup.open();
-    let first = setup.ask(&[7; 60], HOUR, 1);
-    let over = setup
-        .machine
-        .at_dispatch(|irql| setup.channel.ask(irql, &[7; 41], HOUR, 2))
-        .unwrap_err();
-    assert_eq!(
-        over.reason(),
-        NotAskedReason::OverBudget {
-            len: 41,
-            available: 40
-        }
-    );
-    assert_eq!(
-        over.to_string(),
-        "a 41-byte question is larger than a slot and the channel's budget for such questions \
-         has 40 bytes left"
-    );
-    assert_eq!(over.into_context(), 2);
-    // Questions that fit a slot take nothing from the budget, nor any pool.
-    let blocks = setup.machine.pool_blocks().len();
-    setup.ask(&[1; 8], HOUR, 3);
-    assert_eq!(setup.machine.pool_blocks().len(), blocks);
-    setup.ask(&[7; 40], HOUR, 4);
-
-    assert!(
-        setup
-            .machine
-            .at_dispatch(|irql| setup.channel.cancel(irql, first))
-    );
-    assert_eq!(setup.decisions(), [(1, Outcome::Cancelled)]);
-    // No pool for the buffer: refused, and the budget the attempt charged is given back.
-    setup.machine.fail_allocations(0, 1);
-    let no_pool = setup
-        .machine
-        .at_dispatch(|irql| setup.channel.ask(irql, &[7; 60], HOUR, 5))
-        .unwrap_err();
-    assert_eq!(no_pool.reason(), NotAskedReason::OutOfMemory { len: 60 });
-    assert_eq!(
-        no_pool.to_string(),
-        "no non-paged pool for a 60-byte question"
-    );
-    assert_eq!(no_pool.into_context(), 5);
-    assert_eq!(setup.machine.pending_allocation_failures(), 0);
-    setup.ask(&[7; 60], HOUR, 6);
-    assert_eq!(setup.outstanding(), 3);
-    // Nothing is asked of a channel nobody has open, and nothing is allocated for it.
-    drop(service);
-    assert_eq!(setup.decisions().len(), 3, "ServiceGone for 3, 4 and 6");
-    let blocks = setup.machine.pool_blocks().len();
-    let nobody = setup
-        .machine
-        .at_dispatch(|irql| setup.channel.ask(irql, &[7; 60], HOUR, 7))
-        .unwrap_err();
-    assert_eq!(nobody.reason(), NotAskedReason::NoService);
-    assert_eq!(setup.machine.pool_blocks().len(), blocks);
-    assert!(setup.teardown().is_empty());
-}
-
-#[test]
-fn ask_with_encodes_in_place_and_a_refusing_encoder_asks_nothing() {
-    let setup = setup_with(&LARGE, 1);
-    let service = setup.open();
-    let wait = large_wait(&service);
-    let blocks = setup.machine.pool_blocks().len();
-    let id = setup
-        .machine
-        .at_dispatch(|irql| {
-            setup.channel.ask_with(irql, 8, HOUR, 1, |body| {
-                body.copy_from_slice(b"in place");
-                true
-            })
-        })
-        .unwrap();
-    assert_eq!(setup.machine.pool_blocks().len(), blocks, "no allocation");
-    assert_eq!(question_of(&wait), (id, b"in place".to_vec()));
-    assert_eq!(answer(&service, id, &[0]), SUCCESS);
-    for len in [8, 30] {
-        let refused = setup
-            .machine
-            .at_dispatch(|irql| setup.channel.ask_with(irql, len, HOUR, 2, |_| false))
-            .unwrap_err();
-        assert_eq!(refused.reason(), NotAskedReason::Unencoded);
-        assert_eq!(refused.into_context(), 2);
-    }
-    // The one slot is free again and the budget whole: a 30-byte question is asked, into a
-    // zeroed buffer of exactly its length.
-    let wait = large_wait(&service);
-    let id = setup
-        .machine
-        .at_dispatch(|irql| {
-            setup.channel.ask_with(irql, 30, HOUR, 3, |body| {
-                assert!(body.iter().all(|&b| b == 0));
-                body[29] = 9;
-                true
-            })
-        })
-        .unwrap();
-    let (delivered, body) = question_of(&wait);
-    assert_eq!((delivered, body.len(), body[29]), (id, 30, 9));
-    assert_eq!(answer(&service, id, &[1]), SUCCESS);
-    assert_eq!(
-        setup.decisions(),
-        [(1, Outcome::Answered(0)), (3, Outcome::Answered(1))]
-    );
-    drop(service);
-    assert!(setup.teardown().is_empty());
-}
-
-#[test]
-fn a_wait_request_that_cannot_hold_the_longest_question_is_refused_at_once() {
-    let setup = setup_with(&LARGE, 2);
-    let service = setup.open();
-    // Large enough for a slot's question, not for the longest one.
-    let small = service.device_io_control(LARGE.wait.raw(), &[], 16 + LARGE.slot_len);
-    assert_eq!(small.wait().status, Status::BUFFER_TOO_SMALL.raw());
-    let wait = large_wait(&service);
-    let id = setup.ask(&[5; 64], HOUR, 1);
-    assert_eq!(question_of(&wait), (id, vec![5; 64]));
-    drop(service);
-    assert_eq!(setup.decisions(), [(1, Outcome::ServiceGone)]);
-    assert!(setup.teardown().is_empty());
-}
-
-#[test]
-fn the_service_side_sizes_its_requests_for_the_longest_question() {
-    use wfp_rs::user::AskClient;
-
-    let setup = setup_with(&LARGE, 4);
-    let socket = std::env::temp_dir().join(format!("wfp-rs-{}-ask-large.sock", std::process::id()));
-    let _ = std::fs::remove_file(&socket);
-    let bridge = setup.machine.serve_user_mode(&socket).unwrap();
-    let client = AskClient::open_at(&socket, PATH, &LARGE, 2).unwrap();
-    let long: Vec<u8> = (0..64).collect();
-    let short = setup.ask(b"short", HOUR, 1);
-    let longest = setup.ask(&long, HOUR, 2);
-    for (id, body) in [(short, b"short".to_vec()), (longest, long)] {
-        let question = client.next_question(None).unwrap().expect("a question");
-        assert_eq!((question.id, question.body), (id, body));
-        client.answer(id, &[1]).unwrap();
-    }
-    assert_eq!(
-        setup.decisions(),
-        [(1, Outcome::Answered(1)), (2, Outcome::Answered(1))]
-    );
-    drop(client);
-    drop(bridge);
-    let _ = std::fs::remove_file(&socket);
-    assert!(setup.teardown().is_empty());
 }
 
 // --- one outcome at a time ----------------------------------------------------------------------
@@ -1005,26 +770,10 @@ fn creation_checks_its_parameters_and_reports_every_allocation_failure() {
     };
     assert_eq!(bad(neither, 1), Err(Status::INVALID_PARAMETER));
     let huge = ChannelSpec {
-        max_question: wfp_rs::ask::MAX_QUESTION + 1,
+        max_question: wfp_rs::ask::MAX_BODY + 1,
         ..SPEC
     };
     assert_eq!(bad(huge, 1), Err(Status::INVALID_PARAMETER));
-    let huge_slot = ChannelSpec {
-        max_question: wfp_rs::ask::MAX_BODY + 1,
-        slot_len: wfp_rs::ask::MAX_BODY + 1,
-        ..SPEC
-    };
-    assert_eq!(bad(huge_slot, 1), Err(Status::INVALID_PARAMETER));
-    let slot_over_max = ChannelSpec {
-        slot_len: SPEC.max_question + 1,
-        ..SPEC
-    };
-    assert_eq!(bad(slot_over_max, 1), Err(Status::INVALID_PARAMETER));
-    let huge_answer = ChannelSpec {
-        max_answer: wfp_rs::ask::MAX_BODY + 1,
-        ..SPEC
-    };
-    assert_eq!(bad(huge_answer, 1), Err(Status::INVALID_PARAMETER));
     // Every allocation of a 3-slot channel fails in turn: an error each time, nothing leaks.
     let mut failures = 0;
     for skip in 0..64 {

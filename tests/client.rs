@@ -357,8 +357,6 @@ fn the_question_channel_admits_only_the_service() {
         answer: ControlCode::buffered(0x8000, 0x903, RequiredAccess::Any),
         max_question: 8,
         max_answer: 1,
-        slot_len: 8,
-        max_large_bytes: 0,
     };
     const ASK_PATH: &str = r"\\.\WfpRsOnlyServiceAsk";
     let machine = Machine::new();

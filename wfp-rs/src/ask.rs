@@ -26,8 +26,6 @@
 //!     answer: ControlCode::buffered(0x8000, 0x811, RequiredAccess::Any),
 //!     max_question: 64,
 //!     max_answer: 1,
-//!     slot_len: 64,
-//!     max_large_bytes: 0,
 //! };
 //!
 //! /// Decides connections: the context is the connection's number (a real driver keeps its
@@ -152,37 +150,11 @@
 //!
 //! # Memory
 //!
-//! [`AskChannel::new`] (at `PASSIVE_LEVEL`) allocates `capacity` slots, a `slot_len`-byte
-//! buffer per slot and a timer (`KTIMER` + `KDPC`) per slot, in non-paged pool. For a question
-//! of at most `slot_len` bytes [`ask`](AskChannel::ask) allocates nothing: it copies the
-//! question into its slot ([`ask_with`](AskChannel::ask_with) encodes it there in place) and
+//! [`AskChannel::new`] (at `PASSIVE_LEVEL`) allocates everything: `capacity` slots, a
+//! `max_question`-byte buffer per slot and a timer (`KTIMER` + `KDPC`) per slot, in non-paged
+//! pool. [`ask`](AskChannel::ask) allocates nothing: it copies the question into its slot and
 //! keeps the context there. When every slot is taken, `ask` fails with [`NotAskedReason::Full`]
 //! and hands the context back.
-//!
-//! A question longer than `slot_len` (and at most `max_question`) still takes a slot, for its
-//! context, id and timer, but its bytes get a buffer of their own, allocated by `ask` from
-//! non-paged pool (`ExAllocatePool2`, `POOL_FLAG_NON_PAGED`: allowed at `DISPATCH_LEVEL`) and
-//! freed when the question is decided, by whatever decides it (answer, deadline, cancel,
-//! service gone, close). These buffers are charged to a budget, `max_large_bytes`, so a burst
-//! of long questions cannot take the machine's non-paged pool: a question the budget has no
-//! room for is refused with [`NotAskedReason::OverBudget`], one the pool has no room for with
-//! [`NotAskedReason::OutOfMemory`] — the driver's default applies at once, as for `Full`. So
-//! slots sized for the common question keep the channel's fixed memory small, and the rare
-//! long one is still asked through the channel, never sent another way.
-//!
-//! # Wait requests hold the largest question
-//!
-//! Every wait request must have an output buffer of [`ChannelSpec::wait_output_len`] bytes —
-//! the header and `max_question`, not `slot_len` — and a smaller one fails at once with
-//! `STATUS_BUFFER_TOO_SMALL`, before it waits. So any waiting request can carry any question,
-//! and a question is never handed to a request that cannot hold it (nor lost, nor delivered in
-//! parts). `wfp_rs::user::AskClient` sizes its requests that way. The price is in the service's
-//! pending requests: with `METHOD_BUFFERED`, the I/O manager gives each one a system buffer of
-//! that size in non-paged pool while it waits (a service keeping 8 requests for 64-KiB
-//! questions holds about 512 KiB). The alternative — requests sized for the common question,
-//! completed with `STATUS_BUFFER_OVERFLOW` and the required size when a longer one comes — would
-//! have to keep the question back until a larger request arrives, and hold up the questions
-//! behind it meanwhile; it is not what this channel does.
 //!
 //! # The wire
 //!
@@ -217,7 +189,7 @@ use crate::dispatch::Request;
 use crate::driver::Driver;
 use crate::inverted::{ControlCode, InvertedQueue, QueueHooks, Taken, Waiters};
 use crate::irql::{DispatchLevel, Irql, PassiveLevel, RaiseIrql, Token};
-use crate::pool::{PoolArc, PoolBytes, PoolTag, try_box};
+use crate::pool::{PoolArc, PoolTag, try_box};
 use crate::secure_device::callback_token;
 use crate::spin_lock::SpinLock;
 use crate::status::Status;
@@ -231,12 +203,8 @@ pub const HEADER_LEN: usize = 16;
 /// The most slots a channel can have.
 pub const MAX_CAPACITY: usize = 1 << 16;
 
-/// The largest `max_answer` and `slot_len` a channel accepts (64 KiB).
+/// The largest `max_question` and `max_answer` a channel accepts (64 KiB).
 pub const MAX_BODY: usize = 64 * 1024;
-
-/// The largest `max_question` a channel accepts (1 MiB): every wait request of the service
-/// holds a question this large.
-pub const MAX_QUESTION: usize = 1024 * 1024;
 
 /// `STATUS_SUCCESS`.
 const SUCCESS: sys::NTSTATUS = 0;
@@ -292,21 +260,10 @@ pub struct ChannelSpec {
     pub wait: ControlCode,
     /// The code of the requests that carry answers (input buffer: header and body).
     pub answer: ControlCode,
-    /// The largest question body, in bytes (at most [`MAX_QUESTION`]). Every wait request holds
-    /// a question this large: the service sizes its requests from it, the channel refuses
-    /// smaller ones.
+    /// The largest question body, in bytes.
     pub max_question: usize,
     /// The largest answer body, in bytes.
     pub max_answer: usize,
-    /// The question body each slot holds, in bytes (at most `max_question` and [`MAX_BODY`]):
-    /// allocated at creation for every slot, so [`AskChannel::ask`] allocates nothing for a
-    /// question this long or shorter. Only the driver uses it.
-    pub slot_len: usize,
-    /// The most bytes the questions longer than `slot_len` may hold at once: each gets a
-    /// buffer of its own length from non-paged pool when it is asked, freed when it is
-    /// decided; a question that would go over is refused ([`NotAskedReason::OverBudget`]).
-    /// 0 refuses every question longer than `slot_len`. Only the driver uses it.
-    pub max_large_bytes: usize,
 }
 
 impl ChannelSpec {
@@ -320,8 +277,6 @@ impl ChannelSpec {
     ///     answer: ControlCode::buffered(0x8000, 0x811, RequiredAccess::Any),
     ///     max_question: 100,
     ///     max_answer: 8,
-    ///     slot_len: 100,
-    ///     max_large_bytes: 0,
     /// };
     /// assert_eq!(SPEC.wait_output_len(), 116);
     /// ```
@@ -446,22 +401,6 @@ pub enum NotAskedReason {
         /// The channel's `max_question`.
         max: usize,
     },
-    /// The question is longer than a slot and would take the questions longer than a slot over
-    /// the channel's `max_large_bytes`.
-    OverBudget {
-        /// The question's length.
-        len: usize,
-        /// What the budget has left now.
-        available: usize,
-    },
-    /// The question is longer than a slot and non-paged pool has no buffer for it
-    /// (`ExAllocatePool2` failed).
-    OutOfMemory {
-        /// The question's length.
-        len: usize,
-    },
-    /// The encoder of [`AskChannel::ask_with`] returned false.
-    Unencoded,
     /// The channel is closing.
     Closed,
     /// No service has the channel's device open: no handle is open on it (the service is not
@@ -506,15 +445,6 @@ impl<C> fmt::Display for NotAsked<C> {
                 f,
                 "a {len}-byte question is larger than the channel's maximum of {max} bytes"
             ),
-            NotAskedReason::OverBudget { len, available } => write!(
-                f,
-                "a {len}-byte question is larger than a slot and the channel's budget for such \
-                 questions has {available} bytes left"
-            ),
-            NotAskedReason::OutOfMemory { len } => {
-                write!(f, "no non-paged pool for a {len}-byte question")
-            }
-            NotAskedReason::Unencoded => f.write_str("the question's encoder refused"),
             NotAskedReason::Closed => f.write_str("the question channel is closing"),
             NotAskedReason::NoService => f.write_str("no service has the question channel open"),
         }
@@ -566,9 +496,7 @@ impl<Q: QuestionHandler> AskChannel<Q> {
         crate::irql::verify(irql);
         if capacity == 0
             || capacity > MAX_CAPACITY
-            || spec.max_question > MAX_QUESTION
-            || spec.slot_len > spec.max_question
-            || spec.slot_len > MAX_BODY
+            || spec.max_question > MAX_BODY
             || spec.max_answer > MAX_BODY
             || spec.wait.method() != sys::METHOD_BUFFERED
             || spec.answer.method() != sys::METHOD_BUFFERED
@@ -576,13 +504,12 @@ impl<Q: QuestionHandler> AskChannel<Q> {
         {
             return Err(Status::INVALID_PARAMETER);
         }
-        let state = State::try_new(capacity, spec.slot_len, spec.max_large_bytes)?;
+        let state = State::try_new(capacity, spec.max_question)?;
         let inner = Inner {
             state: SpinLock::new(state),
             handler,
             capacity,
             max_question: spec.max_question,
-            slot_len: spec.slot_len,
             max_answer: spec.max_answer,
             answer_code: spec.answer.raw(),
         };
@@ -657,32 +584,16 @@ impl<Q: QuestionHandler> AskChannel<Q> {
         self.inner().max_question
     }
 
-    /// The question body a slot holds (`slot_len`): [`ask`](Self::ask) allocates nothing for a
-    /// question this long or shorter.
-    ///
-    /// ```
-    /// # use wfp_rs::ask::{AskChannel, QuestionHandler};
-    /// fn needs_a_buffer<Q: QuestionHandler>(channel: &AskChannel<Q>, question: &[u8]) -> bool {
-    ///     question.len() > channel.slot_len()
-    /// }
-    /// ```
-    pub fn slot_len(&self) -> usize {
-        self.inner().slot_len
-    }
-
     /// Asks `question`, to be decided within `timeout`, keeping `context` until then. Allowed
-    /// at `DISPATCH_LEVEL`; allocates nothing for a question of at most `slot_len` bytes (a
-    /// longer one gets a buffer of its own, see [`ask_with`](Self::ask_with)). If a request of
-    /// the service waits, the question is delivered to it before this returns; otherwise it
-    /// waits for the next request. The deadline's timer is set before the question can be
-    /// delivered.
+    /// at `DISPATCH_LEVEL`; allocates nothing. If a request of the service waits, the question
+    /// is delivered to it before this returns; otherwise it waits for the next request. The
+    /// deadline's timer is set before the question can be delivered.
     ///
     /// Takes the channel's spin lock (hence the exclusive borrow of the caller's token). Fails,
     /// handing the context back, when the question is larger than `max_question`, the channel
     /// is closing, no handle is open on the channel's device ([`NotAskedReason::NoService`]:
     /// nobody could answer, so the driver's default should apply now rather than at the
-    /// deadline), every slot is taken, or a question longer than a slot finds the budget
-    /// (`max_large_bytes`) spent or no pool.
+    /// deadline), or every slot is taken.
     ///
     /// ```
     /// # use core::time::Duration;
@@ -711,178 +622,55 @@ impl<Q: QuestionHandler> AskChannel<Q> {
         timeout: Duration,
         context: Q::Context,
     ) -> Result<QuestionId, NotAsked<Q::Context>> {
-        self.ask_with(irql, question.len(), timeout, context, |body| {
-            body.copy_from_slice(question);
-            true
-        })
-    }
-
-    /// Asks a question of `len` bytes that `encode` writes in place — into the question's slot,
-    /// or, for a question longer than a slot, into its own buffer — so the driver needs no
-    /// buffer of its own to encode it first. Otherwise as [`ask`](Self::ask): allowed at
-    /// `DISPATCH_LEVEL`, and fails the same ways, handing the context back.
-    ///
-    /// `encode` gets exactly `len` bytes (zeroed for a question longer than a slot; what an
-    /// earlier question left otherwise) and returns whether it encoded the question; false
-    /// refuses it ([`NotAskedReason::Unencoded`]) and nothing is asked. It runs at most once,
-    /// at `DISPATCH_LEVEL`, and for a question that fits a slot under the channel's spin lock:
-    /// it gets no IRQL token, so it can neither wait nor take a spin lock nor call the channel
-    /// (the caller's token is borrowed by this call); keep it to writing bytes. It is not
-    /// called for a question refused as closed, no service, full, too large, over the budget
-    /// or no memory — except that a question longer than a slot is encoded into its buffer
-    /// before the lock is taken to ask it, so a channel that closes (or loses its service, or
-    /// fills up) in between refuses it after its encoder ran.
-    ///
-    /// A question longer than the channel's `slot_len` and at most its `max_question` gets a
-    /// buffer of exactly `len` bytes from non-paged pool (`ExAllocatePool2` with
-    /// `POOL_FLAG_NON_PAGED`, allowed at `DISPATCH_LEVEL`), charged to `max_large_bytes` until
-    /// the question is decided, whatever decides it, and freed then.
-    ///
-    /// ```
-    /// # use core::time::Duration;
-    /// # use wfp_rs::ask::{AskChannel, QuestionHandler, QuestionId};
-    /// # use wfp_rs::irql::DispatchLevel;
-    /// /// "pid <n>", built straight into the slot.
-    /// fn ask_about<Q: QuestionHandler<Context = u32>>(
-    ///     irql: &mut DispatchLevel<'_>,
-    ///     channel: &AskChannel<Q>,
-    ///     pid: u32,
-    /// ) -> Option<QuestionId> {
-    ///     let asked = channel.ask_with(&mut *irql, 8, Duration::from_secs(5), pid, |body| {
-    ///         body[..4].copy_from_slice(b"pid ");
-    ///         body[4..].copy_from_slice(&pid.to_le_bytes());
-    ///         true
-    ///     });
-    ///     asked.ok() // refused: the default applies (see `ask`)
-    /// }
-    /// ```
-    pub fn ask_with(
-        &self,
-        mut irql: impl RaiseIrql,
-        len: usize,
-        timeout: Duration,
-        context: Q::Context,
-        encode: impl FnOnce(&mut [u8]) -> bool,
-    ) -> Result<QuestionId, NotAsked<Q::Context>> {
         crate::irql::verify(&irql);
         let inner = self.inner();
-        let mut encode = Some(encode);
-        // One way out for every refusal, so the context is moved as few times as possible
-        // (the encoder runs on top of this frame).
-        let (reason, context) = 'refused: {
-            if len > inner.max_question {
-                let max = inner.max_question;
-                break 'refused (NotAskedReason::TooLarge { len, max }, context);
-            }
-            let large = if len > inner.slot_len {
-                match self.prepare_large(irql.reborrow(), len, &mut encode) {
-                    Ok(large) => Some(large),
-                    Err(reason) => break 'refused (reason, context),
+        if question.len() > inner.max_question {
+            return Err(NotAsked {
+                reason: NotAskedReason::TooLarge {
+                    len: question.len(),
+                    max: inner.max_question,
+                },
+                context,
+            });
+        }
+        let waiters = self.queue.waiters();
+        let asked = inner.state.lock(irql, |state, dispatch| {
+            let reason = if state.closed {
+                NotAskedReason::Closed
+            } else if state.handles == 0 {
+                NotAskedReason::NoService
+            } else if let Some(index) = state.take_free() {
+                let start = index * inner.max_question;
+                if let Some(buffer) = state.questions.get_mut(start..start + question.len()) {
+                    buffer.copy_from_slice(question);
                 }
-            } else {
-                None
-            };
-            let waiters = self.queue.waiters();
-            let asked = inner.state.lock(irql, |state, dispatch| {
-                let claimed = match inner.claim_slot(state, len, large.is_some()) {
-                    // A question that fits a slot is encoded into it here, under the lock (the
-                    // encoder is called from this frame, not a deeper one: it runs on top of
-                    // the classify callback's stack).
-                    Ok(index) if large.is_none() => {
-                        let start = index * inner.slot_len;
-                        let encoded =
-                            match (state.questions.get_mut(start..start + len), encode.take()) {
-                                (Some(body), Some(encode)) => encode(body),
-                                _ => false,
-                            };
-                        if encoded {
-                            Ok(index)
-                        } else {
-                            state.put_free(index);
-                            Err(NotAskedReason::Unencoded)
-                        }
-                    }
-                    claimed => claimed,
-                };
-                let index = match claimed {
-                    Ok(index) => index,
-                    // The context and the large buffer, if any, go back after the lock is
-                    // released.
-                    Err(reason) => return Err((reason, context, large)),
-                };
                 let deadline = Instant::now().saturating_add(timeout);
                 let slot = &mut state.slots[index];
                 slot.generation = match slot.generation.wrapping_add(1) {
                     0 => 1,
                     next => next,
                 };
-                // A free slot holds no context: this drops nothing.
                 slot.context = Some(context);
                 slot.deadline = deadline;
-                slot.len = len;
-                // The budget was charged by `prepare_large`; `release` gives it back.
-                slot.large = large;
+                slot.len = question.len();
                 let id = QuestionId::new(index, slot.generation);
                 if let Some(Some(timer)) = state.timers.get(index) {
                     timer.set(&*dispatch, timeout, None);
                 }
                 state.push_queued(index);
                 state.outstanding += 1;
-                Ok((id, inner.deliver_one(state, waiters)))
-            });
-            // The request that carries the question (if one waited) completes now, outside
-            // the channel's lock; a large buffer of a refused question is freed outside it too.
-            match asked {
-                Ok((id, delivery)) => {
-                    drop(delivery);
-                    return Ok(id);
-                }
-                Err((reason, context, large)) => {
-                    drop(large);
-                    (reason, context)
-                }
-            }
-        };
-        Err(NotAsked { reason, context })
-    }
-
-    /// For a question longer than a slot: charges its length to the budget (refusing early,
-    /// before allocating, what could not be asked anyway), allocates its buffer and encodes
-    /// into it, outside the channel's lock. The budget stays charged on success; the caller
-    /// gives it back if the question is refused after all.
-    fn prepare_large(
-        &self,
-        mut irql: impl RaiseIrql,
-        len: usize,
-        encode: &mut Option<impl FnOnce(&mut [u8]) -> bool>,
-    ) -> Result<PoolBytes, NotAskedReason> {
-        let inner = self.inner();
-        inner
-            .state
-            .lock(irql.reborrow(), |state, _| match state.refusal() {
-                Some(reason) => Err(reason),
-                None => state.reserve_large(len),
-            })?;
-        let prepared = match PoolBytes::try_zeroed(len, PoolTag::SDK, &*irql.reborrow()) {
-            Err(_) => Err(NotAskedReason::OutOfMemory { len }),
-            Ok(mut buffer) => {
-                let encoded = match encode.take() {
-                    Some(encode) => encode(&mut buffer),
-                    None => false,
-                };
-                if encoded {
-                    Ok(buffer)
-                } else {
-                    Err(NotAskedReason::Unencoded)
-                }
-            }
-        };
-        if prepared.is_err() {
-            inner
-                .state
-                .lock(irql, |state, _| state.unreserve_large(len));
-        }
-        prepared
+                return Ok((id, inner.deliver_one(state, waiters)));
+            } else {
+                NotAskedReason::Full
+            };
+            Err(NotAsked { reason, context })
+        });
+        // The request that carries the question (if one waited) completes now, outside the
+        // channel's lock.
+        asked.map(|(id, delivery)| {
+            drop(delivery);
+            id
+        })
     }
 
     /// Withdraws a question that is not decided yet: `decide` runs with
@@ -1055,7 +843,6 @@ impl<Q: QuestionHandler> fmt::Debug for AskChannel<Q> {
         f.debug_struct("AskChannel")
             .field("capacity", &self.capacity())
             .field("max_question", &self.inner().max_question)
-            .field("slot_len", &self.inner().slot_len)
             .field("max_answer", &self.inner().max_answer)
             .finish_non_exhaustive()
     }
@@ -1084,8 +871,6 @@ struct Slot<C> {
     context: Option<C>,
     deadline: Instant,
     len: usize,
-    /// The question, when it is longer than a slot: allocated by `ask`, freed by `release`.
-    large: Option<PoolBytes>,
     /// The free list (singly linked) or the queue (doubly linked).
     prev: usize,
     next: usize,
@@ -1098,12 +883,8 @@ struct State<C> {
     slots: Vec<Slot<C>>,
     /// One per slot; `None` before `arm_timers` and after `shut_down_timers`.
     timers: Vec<Option<Timer<DeadlineRoutine>>>,
-    /// `slot_len` bytes per slot.
+    /// `max_question` bytes per slot.
     questions: Vec<u8>,
-    /// Bytes held by questions longer than a slot, and reserved for those being allocated.
-    large_in_use: usize,
-    /// `max_large_bytes`.
-    large_budget: usize,
     free: usize,
     head: usize,
     tail: usize,
@@ -1114,10 +895,10 @@ struct State<C> {
 }
 
 impl<C> State<C> {
-    fn try_new(capacity: usize, slot_len: usize, large_budget: usize) -> Result<State<C>, Status> {
+    fn try_new(capacity: usize, max_question: usize) -> Result<State<C>, Status> {
         let no_memory = |_| Status::INSUFFICIENT_RESOURCES;
         let bytes = capacity
-            .checked_mul(slot_len)
+            .checked_mul(max_question)
             .ok_or(Status::INVALID_PARAMETER)?;
         let mut slots = Vec::new();
         slots.try_reserve_exact(capacity).map_err(no_memory)?;
@@ -1133,7 +914,6 @@ impl<C> State<C> {
                 context: None,
                 deadline: Instant::from_ticks(0),
                 len: 0,
-                large: None,
                 prev: NONE,
                 next: if index + 1 < capacity {
                     index + 1
@@ -1147,8 +927,6 @@ impl<C> State<C> {
             slots,
             timers,
             questions,
-            large_in_use: 0,
-            large_budget,
             free: 0,
             head: NONE,
             tail: NONE,
@@ -1164,43 +942,6 @@ impl<C> State<C> {
         self.free = slot.next;
         slot.next = NONE;
         Some(index)
-    }
-
-    /// Gives back a slot `take_free` took and nothing asked in.
-    fn put_free(&mut self, index: usize) {
-        let free = self.free;
-        if let Some(slot) = self.slots.get_mut(index) {
-            slot.next = free;
-            self.free = index;
-        }
-    }
-
-    /// Why a question cannot be asked now, whatever its size.
-    fn refusal(&self) -> Option<NotAskedReason> {
-        if self.closed {
-            Some(NotAskedReason::Closed)
-        } else if self.handles == 0 {
-            Some(NotAskedReason::NoService)
-        } else if self.free == NONE {
-            Some(NotAskedReason::Full)
-        } else {
-            None
-        }
-    }
-
-    /// Charges `len` bytes to the budget of the questions longer than a slot, if it has them.
-    fn reserve_large(&mut self, len: usize) -> Result<(), NotAskedReason> {
-        let available = self.large_budget.saturating_sub(self.large_in_use);
-        if len > available {
-            return Err(NotAskedReason::OverBudget { len, available });
-        }
-        self.large_in_use += len;
-        Ok(())
-    }
-
-    /// Gives `len` bytes back to that budget.
-    fn unreserve_large(&mut self, len: usize) {
-        self.large_in_use = self.large_in_use.saturating_sub(len);
     }
 
     fn push_queued(&mut self, index: usize) {
@@ -1259,15 +1000,7 @@ impl<C> State<C> {
         slot.next = free;
         self.free = index;
         self.outstanding -= 1;
-        let context = slot.context.take();
-        if let Some(large) = slot.large.take() {
-            self.large_in_use = self.large_in_use.saturating_sub(large.len());
-            // Freed here, once, under the lock (`ExFreePoolWithTag` is allowed at
-            // DISPATCH_LEVEL): the phase went to Free in the same acquisition, so nobody else
-            // reaches this buffer.
-            drop(large);
-        }
-        context
+        slot.context.take()
     }
 }
 
@@ -1276,7 +1009,6 @@ struct Inner<Q: QuestionHandler> {
     handler: Q,
     capacity: usize,
     max_question: usize,
-    slot_len: usize,
     max_answer: usize,
     answer_code: u32,
 }
@@ -1302,17 +1034,11 @@ impl<Q: QuestionHandler> Inner<Q> {
         let index = state.head;
         let slot = &state.slots[index];
         let id = QuestionId::new(index, slot.generation);
-        let body = match &slot.large {
-            Some(large) => &large[..],
-            None => {
-                let start = index * self.slot_len;
-                state.questions.get(start..start + slot.len).unwrap_or(&[])
-            }
-        };
+        let start = index * self.max_question;
+        let body = state.questions.get(start..start + slot.len).unwrap_or(&[]);
         let Some(message) = taken.output().get_mut(..HEADER_LEN + body.len()) else {
-            // Cannot happen: the queue takes only requests that hold the largest question
-            // (`max_question`, also for questions larger than a slot). The request completes
-            // empty; the question stays queued for the next one.
+            // Cannot happen: the queue takes only requests that hold the largest question. The
+            // request completes empty; the question stays queued for the next one.
             return Some(taken);
         };
         message[..HEADER_LEN].copy_from_slice(&encode_header(id, body.len()));
@@ -1323,25 +1049,6 @@ impl<Q: QuestionHandler> Inner<Q> {
         state.unlink(index);
         state.slots[index].phase = Phase::Delivered(file);
         Some(taken)
-    }
-
-    /// Takes a free slot for a question of `len` bytes, under the lock: refuses when the
-    /// channel is closed, has no service or no free slot, giving back the budget a question
-    /// with a buffer of its own (`has_buffer`) charged.
-    fn claim_slot(
-        &self,
-        state: &mut State<Q::Context>,
-        len: usize,
-        has_buffer: bool,
-    ) -> Result<usize, NotAskedReason> {
-        let taken = match state.refusal() {
-            Some(reason) => Err(reason),
-            None => state.take_free().ok_or(NotAskedReason::Full),
-        };
-        if taken.is_err() && has_buffer {
-            state.unreserve_large(len);
-        }
-        taken
     }
 
     /// The deadline timer of slot `index` expired (its DPC).
@@ -1589,7 +1296,7 @@ mod tests {
 
     #[test]
     fn the_queue_and_the_free_list_keep_their_links() {
-        let mut state = State::<u32>::try_new(4, 1, 0).unwrap();
+        let mut state = State::<u32>::try_new(4, 1).unwrap();
         let slots: Vec<usize> = (0..4).map(|_| state.take_free().unwrap()).collect();
         assert_eq!(slots, [0, 1, 2, 3]);
         assert_eq!(state.take_free(), None);

@@ -801,11 +801,6 @@ impl AskTheService {
                     // Stopped by unload after this classification checked `unloading`.
                     NotAskedReason::Closed => "unloading",
                     NotAskedReason::TooLarge { .. } => "the question is too large",
-                    // Not reached: the question fits a slot (the spec's `slot_len` is the
-                    // message's size), so nothing is allocated for it and nothing encodes it.
-                    NotAskedReason::OverBudget { .. }
-                    | NotAskedReason::OutOfMemory { .. }
-                    | NotAskedReason::Unencoded => "the question could not be asked",
                     NotAskedReason::NoService => "no service has the channel open",
                 };
                 let (key, pended) = not_asked.into_context();

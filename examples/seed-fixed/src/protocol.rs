@@ -77,8 +77,6 @@ pub const CHANNEL: ChannelSpec = ChannelSpec {
     answer: ControlCode::buffered(0x8000, 0x8A1, RequiredAccess::Any),
     max_question: MESSAGE_LEN,
     max_answer: MESSAGE_LEN,
-    slot_len: MESSAGE_LEN,
-    max_large_bytes: 0,
 };
 
 /// The service's answer, and the driver's decision.

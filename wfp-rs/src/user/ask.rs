@@ -47,8 +47,6 @@ pub struct Question {
 ///     answer: ControlCode::buffered(0x8000, 0x811, RequiredAccess::Any),
 ///     max_question: 64,
 ///     max_answer: 1,
-///     slot_len: 64,
-///     max_large_bytes: 0,
 /// };
 ///
 /// let client = AskClient::open(r"\\.\WfpRsAsk", &SPEC, 8)?;
@@ -88,7 +86,7 @@ impl AskClient {
     /// # const SPEC: wfp_rs::ask::ChannelSpec = wfp_rs::ask::ChannelSpec {
     /// #     wait: wfp_rs::inverted::ControlCode::from_raw(0x8000_2040),
     /// #     answer: wfp_rs::inverted::ControlCode::from_raw(0x8000_2044),
-    /// #     max_question: 64, max_answer: 1, slot_len: 64, max_large_bytes: 0 };
+    /// #     max_question: 64, max_answer: 1 };
     /// let client = wfp_rs::user::AskClient::open(r"\\.\WfpRsAsk", &SPEC, 4)?;
     /// # Ok::<(), std::io::Error>(())
     /// ```
@@ -103,7 +101,7 @@ impl AskClient {
     /// # const SPEC: wfp_rs::ask::ChannelSpec = wfp_rs::ask::ChannelSpec {
     /// #     wait: wfp_rs::inverted::ControlCode::from_raw(0x8000_2040),
     /// #     answer: wfp_rs::inverted::ControlCode::from_raw(0x8000_2044),
-    /// #     max_question: 64, max_answer: 1, slot_len: 64, max_large_bytes: 0 };
+    /// #     max_question: 64, max_answer: 1 };
     /// let client = wfp_rs::user::AskClient::open_at("/tmp/wfp.sock".as_ref(), r"\\.\WfpRsAsk", &SPEC, 4)?;
     /// # Ok::<(), std::io::Error>(())
     /// ```
@@ -124,7 +122,7 @@ impl AskClient {
     /// # const SPEC: wfp_rs::ask::ChannelSpec = wfp_rs::ask::ChannelSpec {
     /// #     wait: wfp_rs::inverted::ControlCode::from_raw(0x8000_2040),
     /// #     answer: wfp_rs::inverted::ControlCode::from_raw(0x8000_2044),
-    /// #     max_question: 64, max_answer: 1, slot_len: 64, max_large_bytes: 0 };
+    /// #     max_question: 64, max_answer: 1 };
     /// let device = wfp_rs::user::Device::open(r"\\.\WfpRsAsk")?;
     /// let client = wfp_rs::user::AskClient::with_device(device, &SPEC, 4)?;
     /// # Ok::<(), std::io::Error>(())
@@ -159,7 +157,7 @@ impl AskClient {
     /// # const SPEC: wfp_rs::ask::ChannelSpec = wfp_rs::ask::ChannelSpec {
     /// #     wait: wfp_rs::inverted::ControlCode::from_raw(0x8000_2040),
     /// #     answer: wfp_rs::inverted::ControlCode::from_raw(0x8000_2044),
-    /// #     max_question: 64, max_answer: 1, slot_len: 64, max_large_bytes: 0 };
+    /// #     max_question: 64, max_answer: 1 };
     /// # let client = wfp_rs::user::AskClient::open(r"\\.\WfpRsAsk", &SPEC, 4)?;
     /// match client.next_question(None) {
     ///     Err(error) if client.is_closed() => eprintln!("the driver closed the channel: {error}"),
@@ -217,7 +215,7 @@ impl AskClient {
     /// # const SPEC: wfp_rs::ask::ChannelSpec = wfp_rs::ask::ChannelSpec {
     /// #     wait: wfp_rs::inverted::ControlCode::from_raw(0x8000_2040),
     /// #     answer: wfp_rs::inverted::ControlCode::from_raw(0x8000_2044),
-    /// #     max_question: 64, max_answer: 1, slot_len: 64, max_large_bytes: 0 };
+    /// #     max_question: 64, max_answer: 1 };
     /// # let client = wfp_rs::user::AskClient::open(r"\\.\WfpRsAsk", &SPEC, 4)?;
     /// if let Some(question) = client.next_question(Some(std::time::Duration::from_secs(1)))? {
     ///     client.answer(question.id, &[1])?;
@@ -280,7 +278,7 @@ impl AskClient {
     /// # const SPEC: wfp_rs::ask::ChannelSpec = wfp_rs::ask::ChannelSpec {
     /// #     wait: wfp_rs::inverted::ControlCode::from_raw(0x8000_2040),
     /// #     answer: wfp_rs::inverted::ControlCode::from_raw(0x8000_2044),
-    /// #     max_question: 64, max_answer: 1, slot_len: 64, max_large_bytes: 0 };
+    /// #     max_question: 64, max_answer: 1 };
     /// # let client = wfp_rs::user::AskClient::open(r"\\.\WfpRsAsk", &SPEC, 4)?;
     /// # let question = client.next_question(None)?.unwrap();
     /// client.answer(question.id, &[0])?;

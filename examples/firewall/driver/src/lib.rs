@@ -24,15 +24,10 @@
 //!   question asked over the port. No work item, no thread waits.
 //!   The channel has [`Config::max_pending`] + [`Config::background_asks`] slots, so a
 //!   connection that reserved a slot of the [`VerdictTable`] finds one; each slot holds a
-//!   question of at most [`ASK_SLOT_LEN`](firewall_protocol::ASK_SLOT_LEN) bytes (an image path
-//!   of [`ASK_SLOT_PATH_UNITS`](firewall_protocol::ASK_SLOT_PATH_UNITS) units), allocated at
-//!   load, and a longer question, up to the longest path there is, is asked through the channel
-//!   too, in a buffer the channel allocates for it and frees when it is decided (at most
-//!   [`ASK_MAX_LARGE_BYTES`](firewall_protocol::ASK_MAX_LARGE_BYTES) of them at once). The port
-//!   and a work item remain only for what the channel refuses while a service is connected to
-//!   the port: every slot taken (which the sizing rules out), the long questions' budget spent,
-//!   or no pool for a long question's buffer; and for a service that has the port but not the
-//!   channel open. Only the admitted
+//!   question of at most [`ASK_MAX_QUESTION`](firewall_protocol::ASK_MAX_QUESTION) bytes (an
+//!   image path of [`ASK_MAX_PATH_UNITS`](firewall_protocol::ASK_MAX_PATH_UNITS) units),
+//!   allocated at load. A longer question (or one that finds every slot taken, which the
+//!   sizing rules out) is asked through the port and a work item, whole. Only the admitted
 //!   service may open the channel's device ([`Driver::admit_only`](wfp_rs::driver::Driver::admit_only)
 //!   applies to every device the SDK creates).
 //! - [`AskVia::PortAndWorkItem`]: a work item at `PASSIVE_LEVEL` sends the question over the
@@ -111,8 +106,7 @@
 //! | **overload**: [`Config::max_pending`] connections are pended or waiting for their reauthorization already, or the questions waiting for the service hold [`QUESTION_BYTES`] of pool and this one's does not fit, and the cache has no verdict | **[`Config::overload`]** (deny unless configured otherwise, whatever the default), at once (nothing pended); counted in [`StatsSnapshot::overloaded`], not in `defaults` |
 //! | a reauthorization the driver did not cause (WFP reauthorizes when policy changes) | the cache's verdict if it has one, else the default |
 //! | a second pend of the same connection (process, image, protocol, both endpoints) while the first waits for its reauthorization: one verdict is kept, for one of the two | the other: the cache's verdict if it has one, else the default |
-//! | the connection's fields cannot be read (a field missing, of the wrong type), or the classification cannot be pended | the default, at once (nothing pended) |
-//! | **port**: no pool for the request the work item carries (the channel needs none: it encodes the request into its slot) | the default, recorded for the reauthorization |
+//! | the connection's fields cannot be read (a field missing, of the wrong type), there is no pool for the request, or the classification cannot be pended | the default, at once (nothing pended) |
 //! | a heavier sublayer already decided hard (no write right) | that decision stands |
 //! | the driver is unloading | the default, at once (nothing is pended any more) |
 //!
@@ -137,9 +131,8 @@
 //! benchmarks make (1024 new connections at once, none refused).
 //!
 //! The questions are bounded in bytes too: each holds its request, up to 64 KiB with the whole
-//! image path, until its work item ends (asked through the channel, a question in a slot holds
-//! no pool of its own, and one about a path longer than a slot holds the channel's buffer until
-//! it is decided), and together they hold at most [`QUESTION_BYTES`]
+//! image path, until its work item ends (or, asked through the channel, until the channel has
+//! copied it into a slot of its own), and together they hold at most [`QUESTION_BYTES`]
 //! (4 MiB; [`VERDICT_SLOTS`] questions about the longest path would be 128 MiB). A connection
 //! whose question does not fit gets the overload decision the same way, counted and logged the
 //! same way; an inbound miss whose question does not fit is not asked about in the background.
@@ -163,7 +156,7 @@
 //! | a loopback connection, with [`Config::permit_loopback`] | permit, nobody asked |
 //! | a live cached verdict for the cache key | that verdict, at once |
 //! | an image path no request can carry whole | **deny**, whatever the default, at once; nobody asked |
-//! | otherwise | **the default, at once**; and, unless [`Config::background_asks`] questions are in flight already, its question does not fit in [`QUESTION_BYTES`], or the driver is unloading, the question channel (or, with [`AskVia::PortAndWorkItem`] or a question the channel refuses, a work item over the port) asks the service *in the background*, and its verdict is cached if the reply allows it |
+//! | otherwise | **the default, at once**; and, unless [`Config::background_asks`] questions are in flight already, its question does not fit in [`QUESTION_BYTES`], or the driver is unloading, the question channel (or, with [`AskVia::PortAndWorkItem`] or a question too long for the channel, a work item over the port) asks the service *in the background*, and its verdict is cached if the reply allows it |
 //!
 //! So a peer's first attempt gets the default, and its next attempt — a TCP SYN is retransmitted
 //! after about a second — gets the service's cached verdict. With fail-closed that costs an
@@ -371,7 +364,7 @@ use firewall_protocol::control::{REVOKE, REVOKED_LEN, Revoke, Revoked};
 use firewall_protocol::{
     ConnectionReply, Direction, FirewallProtocol, PathBytes, RequestHead, Verdict, request_len,
 };
-use wfp_rs::ask::{AskChannel, NotAsked, NotAskedReason, Outcome, QuestionHandler};
+use wfp_rs::ask::{AskChannel, NotAskedReason, Outcome, QuestionHandler};
 use wfp_rs::callout::{Callout, CalloutKey, CalloutRegistration, Classify};
 use wfp_rs::classify::ClassifyOut;
 use wfp_rs::client::{ClientIdentity, Sid};
@@ -432,9 +425,8 @@ pub const VERDICT_SLOTS: usize = 2048;
 /// The most non-paged pool the questions of the moment may hold together: 4 MiB. A question
 /// holds its request, 74 bytes to 64 KiB with the image path
 /// ([`REQUEST_MAX_LEN`](firewall_protocol::REQUEST_MAX_LEN)), from its classification to the
-/// end of its work item (through the channel, a question that fits a slot holds nothing of its
-/// own, and a longer one holds the channel's buffer for it until it is decided); without this
-/// bound, [`VERDICT_SLOTS`] pended connections of a program
+/// end of its work item (through the channel, only until the channel copies it into a slot it
+/// allocated at load); without this bound, [`VERDICT_SLOTS`] pended connections of a program
 /// with the longest path would hold 128 MiB. A new outbound connection whose question does not
 /// fit gets [`Config::overload`], as when the slots are taken (see "Overload" in the crate
 /// documentation); an inbound one is not asked about in the background. Questions with the
@@ -753,10 +745,9 @@ impl Observed {
         }
     }
 
-    /// The question about this connection for the port: the request's wire bytes, with the
-    /// whole image path of the `ALE_APP_ID` field, in one pool allocation of exactly the
-    /// request's length (74 bytes to 64 KiB), for the work item to carry. (The channel needs
-    /// none: [`Shared::ask_channel_first`] encodes the request into the channel's own buffer.)
+    /// The question about this connection: the request's wire bytes, with the whole image
+    /// path of the `ALE_APP_ID` field, in one pool allocation of exactly the request's length
+    /// (74 bytes to 64 KiB).
     ///
     /// The path is checked where the field holds it and copied once, from the field into the
     /// pool: no other buffer, nothing path-sized on the stack (which could not hold 64 KiB, and
@@ -783,6 +774,7 @@ impl Observed {
         head.encode_with_path(path, &mut bytes)
             .map_err(NoRequest::Unaskable)?;
         Ok(Question {
+            head,
             bytes,
             _charge: charge,
         })
@@ -807,6 +799,7 @@ where
 /// A question for the service: a request's wire bytes, in one pool buffer of exactly their
 /// length (tag `FwRq`), and the request's other fields, for the logs and to check the reply.
 struct Question {
+    head: RequestHead,
     bytes: PoolBytes,
     /// The buffer's share of [`QUESTION_BYTES`], given back with it.
     _charge: Charge,
@@ -817,15 +810,6 @@ struct Question {
 struct Charge {
     shared: PoolArc<Shared>,
     bytes: usize,
-}
-
-impl Charge {
-    /// Gives the bytes to whoever keeps them from now on (an [`Asked`] whose question the
-    /// channel holds, which [`Shared::conclude`] gives back): dropping this one gives back
-    /// nothing.
-    fn hand_over(mut self) {
-        self.bytes = 0;
-    }
 }
 
 impl Drop for Charge {
@@ -1106,10 +1090,6 @@ impl Shared {
         via: &str,
     ) {
         let id = asked.request_id;
-        if asked.charged != 0 {
-            self.question_bytes
-                .fetch_sub(asked.charged, Ordering::SeqCst);
-        }
         let default = self.config.default;
         let later = match asked.waiting {
             Waiting::Connection(_) => "",
@@ -1386,7 +1366,21 @@ where
             shared.finished(irql);
             return;
         };
-        let head = observed.head(request_id);
+        let question = match observed.question(path, request_id, charge, irql) {
+            Ok(question) => question,
+            // The path was checked above; never asked about with part of it.
+            Err(NoRequest::Unaskable(why)) => {
+                shared.release(irql);
+                shared.deny_unaskable(&mut c.out, &observed, why);
+                shared.finished(irql);
+                return;
+            }
+            Err(error @ NoRequest::NoPool) => {
+                shared.release(irql);
+                decided_at_once(c, &error);
+                return;
+            }
+        };
         let pended = match c.pend() {
             Ok(pended) => pended,
             // A heavier sublayer decided hard; there is nothing to ask.
@@ -1403,21 +1397,18 @@ where
         };
         kd_print!(
             "firewall: #{request_id}: {}: pended, asking the service\n",
-            Described(&head)
+            Described(&question.head)
         );
         let key = observed.key;
         let waiting = Waiting::Connection(pended);
         let channel = self.channel.as_deref();
-        // The path again, where the field holds it: the pend borrowed the whole
-        // classification. It was checked above, and the field has not changed.
-        let path = whole_path(&c.values);
-        let asked = shared.asked(waiting, key, cache_key, request_id);
-        let (asked, charge) =
-            match shared.ask_channel_first(irql, channel, &head, path, asked, charge) {
+        let asked =
+            match shared.ask_channel_first(irql, channel, &question, waiting, key, cache_key) {
                 // `Decisions::decide` concludes it, exactly once.
                 Ok(None) => return,
                 Ok(Some(asked)) => asked,
-                // Unloading, or nobody to ask: the default, recorded for the reauthorization.
+                // Unloading, or nobody to ask: the default, recorded for the
+                // reauthorization.
                 Err((asked, why)) => {
                     return shared.conclude(
                         irql,
@@ -1427,36 +1418,6 @@ where
                     );
                 }
             };
-        let path = path.map_err(NoRequest::Unaskable);
-        self.ask_on_port_later(irql, &observed, path, asked, charge);
-    }
-}
-
-impl Outbound {
-    /// Asks a pended connection's question through the port: builds its request (in a buffer
-    /// of its own, which the work item carries) and queues the work item, or concludes it
-    /// with the default. Out of line, called after the channel said no: its locals stay off
-    /// the stack the channel's encoder runs on.
-    #[inline(never)]
-    fn ask_on_port_later(
-        &self,
-        irql: &mut DispatchLevel<'_>,
-        observed: &Observed,
-        path: Result<PathBytes<'_>, NoRequest>,
-        asked: Asked,
-        charge: Charge,
-    ) {
-        let shared = &self.shared;
-        let default = shared.config.default;
-        let (request_id, key) = (asked.request_id, asked.key);
-        let question = match path.and_then(|path| observed.question(path, request_id, charge, irql))
-        {
-            Ok(question) => question,
-            // The pend is completed with the default, recorded for the reauthorization.
-            Err(error) => {
-                return shared.conclude(irql, asked, Err::<ConnectionReply, NoRequest>(error), "");
-            }
-        };
         let work = PoolArc::clone(shared);
         let queued = self.queue.queue(irql, move |passive| {
             let reply = work.ask_on_port(passive, &question);
@@ -1549,17 +1510,19 @@ where
             ));
         };
         let request_id = shared.request_id();
-        let head = observed.head(request_id);
+        let question = match observed.question(path, request_id, charge, irql) {
+            Ok(question) => question,
+            Err(error) => return not_asking(&error),
+        };
         kd_print!(
             "firewall: #{request_id}: {}: {default} (default: not cached; asking the service for later attempts)\n",
-            Described(&head)
+            Described(&question.head)
         );
         let waiting = Waiting::LaterAttempts;
         let channel = self.channel.as_deref();
         let key = observed.key;
-        let asked = shared.asked(waiting, key, cache_key, request_id);
-        let (asked, charge) =
-            match shared.ask_channel_first(irql, channel, &head, Ok(path), asked, charge) {
+        let asked =
+            match shared.ask_channel_first(irql, channel, &question, waiting, key, cache_key) {
                 Ok(None) => {
                     shared.count(Counter::BackgroundAsks);
                     return;
@@ -1572,11 +1535,6 @@ where
                     return;
                 }
             };
-        // Through the port: the request in a buffer of its own, which the work item carries.
-        let question = match observed.question(path, request_id, charge, irql) {
-            Ok(question) => question,
-            Err(error) => return not_asking(&error),
-        };
         let work = PoolArc::clone(shared);
         let queued = self.queue.queue(irql, move |passive| {
             let reply = work.ask_on_port(passive, &question);
@@ -1618,16 +1576,7 @@ struct Asked {
     request_id: u64,
     /// The cache's revocation generation when the question was asked.
     generation: u64,
-    /// The question's share of [`QUESTION_BYTES`] while the channel holds it in a buffer of
-    /// its own (a path longer than a slot holds), given back by [`Shared::conclude`]; 0
-    /// otherwise. A count, not a [`Charge`]: the channel may drop a context under its lock,
-    /// where nothing should reach the shared state's teardown.
-    charged: usize,
 }
-
-/// A question [`Shared::ask_channel_first`] leaves to the port and a work item, with its
-/// share of [`QUESTION_BYTES`] for the request the work item carries.
-type ForThePort = (Asked, Charge);
 
 /// Why the channel did not take a question, as the logs say it.
 struct Refusal(NotAskedReason);
@@ -1641,15 +1590,6 @@ impl fmt::Display for Refusal {
             NotAskedReason::TooLarge { len, max } => {
                 write!(f, "a {len}-byte question is over the channel's {max} bytes")
             }
-            NotAskedReason::OverBudget { len, available } => write!(
-                f,
-                "a {len}-byte question is longer than a slot and the channel's budget for those \
-                 has {available} bytes left"
-            ),
-            NotAskedReason::OutOfMemory { len } => {
-                write!(f, "no pool for a {len}-byte question on the channel")
-            }
-            NotAskedReason::Unencoded => f.write_str("the question could not be encoded"),
         }
     }
 }
@@ -1668,34 +1608,13 @@ fn channel_reply(outcome: Outcome<ConnectionReply>) -> Result<ConnectionReply, &
 }
 
 impl Shared {
-    /// What the driver keeps about request `request_id` until it is concluded. Out of line:
-    /// its temporaries stay off the classify callback's frame.
-    #[inline(never)]
-    fn asked(
-        &self,
-        waiting: Waiting,
-        key: ConnectionKey,
-        cache_key: CacheKey,
-        request_id: u64,
-    ) -> Asked {
-        Asked {
-            waiting,
-            key,
-            cache_key,
-            request_id,
-            generation: self.cache.generation(),
-            charged: 0,
-        }
-    }
-
-    /// Asks the request of `head` and `path` for `asked`, through the channel
-    /// when there is one: the request is encoded straight into a slot the channel allocated at
-    /// load (or, for a path longer than a slot holds, a buffer it allocates for the question),
-    /// with no buffer of the driver's own, and the channel concludes it later (`Ok(None)`). A
-    /// question the channel does not take comes back to be asked by a work item over the port
-    /// (`Ok(Some)`: no channel, every slot taken, the long questions' budget spent or no pool
-    /// for a long one, or no service with the channel open but one connected to the port), or
-    /// unasked (`Err`): the channel is closing, or no service has the channel open and
+    /// Asks `question` about `key` for `waiting`, through the channel when there is one: the
+    /// channel copies its bytes into a slot it allocated at load, so the question's own buffer
+    /// (and its share of [`QUESTION_BYTES`]) goes when the caller drops it, and concludes it
+    /// later (`Ok(None)`). A question the channel does not take comes back to be asked by a
+    /// work item over the port (`Ok(Some)`: no channel, a question longer than its slots,
+    /// every slot taken, or no service with the channel open but one connected to the port),
+    /// or unasked (`Err`): the channel is closing, or no service has the channel open and
     /// nobody is connected to the port either, so there is nobody to ask and no work item is
     /// queued to find that out.
     #[expect(
@@ -1706,66 +1625,40 @@ impl Shared {
         &self,
         irql: &mut DispatchLevel<'_>,
         channel: Option<&QuestionChannel>,
-        head: &RequestHead,
-        path: Result<PathBytes<'_>, Malformed>,
-        mut asked: Asked,
-        charge: Charge,
-    ) -> Result<Option<ForThePort>, (Asked, Unasked)> {
-        // Not a path a request can carry (it was checked already): no question on the channel;
-        // building the port's request says so.
-        let (Some(channel), Ok(path)) = (channel, path) else {
-            return Ok(Some((asked, charge)));
+        question: &Question,
+        waiting: Waiting,
+        key: ConnectionKey,
+        cache_key: CacheKey,
+    ) -> Result<Option<Asked>, (Asked, Unasked)> {
+        let request_id = question.head.request_id;
+        let asked = Asked {
+            waiting,
+            key,
+            cache_key,
+            request_id,
+            generation: self.cache.generation(),
         };
-        // Encoded straight into the channel's slot (or the buffer it allocates for a long
-        // path): the request is built once, where the service will read it from.
-        let len = request_len(path.units());
-        // A question in a slot holds no pool of its own; one in a buffer of the channel's
-        // keeps its charge until it is decided.
-        if len > channel.slot_len() {
-            asked.charged = charge.bytes;
-        }
-        let encode = |body: &mut [u8]| head.encode_with_path(path, body) == Ok(len);
-        match channel.ask_with(&mut *irql, len, self.config.timeout, asked, encode) {
+        let Some(channel) = channel else {
+            return Ok(Some(asked));
+        };
+        match channel.ask(&mut *irql, &question.bytes, self.config.timeout, asked) {
             Ok(_) => {
                 self.count(Counter::AskedViaChannel);
-                // The question keeps its bytes (in `charged`), or holds none.
-                charge.hand_over();
                 Ok(None)
             }
-            Err(not_asked) => self.refused(not_asked, charge),
-        }
-    }
-
-    /// A question the channel refused: unasked (`Err`) when the channel is closing or no
-    /// service has it open nor the port, else for the port. Out of line: its logging's
-    /// formatting stays off the stack the channel's encoder runs on.
-    #[inline(never)]
-    #[expect(
-        clippy::result_large_err,
-        reason = "the context must come back whole, and boxing it would allocate in classifyFn"
-    )]
-    fn refused(
-        &self,
-        not_asked: NotAsked<Asked>,
-        charge: Charge,
-    ) -> Result<Option<ForThePort>, (Asked, Unasked)> {
-        let reason = not_asked.reason();
-        let mut asked = not_asked.into_context();
-        // Not on the channel: the charge stays with `charge`.
-        asked.charged = 0;
-        match reason {
-            NotAskedReason::Closed => Err((asked, Unasked::Unloading)),
-            NotAskedReason::NoService if !self.port.has_client() => {
-                Err((asked, Unasked::NoService))
-            }
-            reason => {
-                kd_print!(
-                    "firewall: #{}: asking through the port ({})\n",
-                    asked.request_id,
-                    Refusal(reason)
-                );
-                Ok(Some((asked, charge)))
-            }
+            Err(not_asked) => match not_asked.reason() {
+                NotAskedReason::Closed => Err((not_asked.into_context(), Unasked::Unloading)),
+                NotAskedReason::NoService if !self.port.has_client() => {
+                    Err((not_asked.into_context(), Unasked::NoService))
+                }
+                reason => {
+                    kd_print!(
+                        "firewall: #{request_id}: asking through the port ({})\n",
+                        Refusal(reason)
+                    );
+                    Ok(Some(not_asked.into_context()))
+                }
+            },
         }
     }
 }

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use firewall_driver::{AskVia, Config, Stats};
 use firewall_protocol::{
-    ASK_CHANNEL, ASK_DEVICE_PATH, ASK_MAX_LARGE_BYTES, ASK_SLOT_PATH_UNITS, ConnectionReply,
-    ConnectionRequest, MAX_PATH_UNITS, PORT_NAME, REQUEST_MAX_LEN, Verdict,
+    ASK_CHANNEL, ASK_DEVICE_PATH, ASK_MAX_PATH_UNITS, ConnectionReply, ConnectionRequest,
+    PORT_NAME, Verdict,
 };
 use wfp_rs::Status;
 use wfp_rs::ask::{QuestionId, decode_message, encode_header};
@@ -73,7 +73,6 @@ const CHANNEL_CONFIG: Config = Config {
 configured_driver!(race, CHANNEL_CONFIG);
 configured_driver!(no_service, CHANNEL_CONFIG);
 configured_driver!(long_path, CHANNEL_CONFIG);
-configured_driver!(long_budget, CHANNEL_CONFIG);
 configured_driver!(no_work_item, CHANNEL_CONFIG);
 configured_driver!(
     only_service,
@@ -608,131 +607,39 @@ fn without_a_service_the_default_comes_at_once() {
     unload_clean(&machine, driver);
 }
 
-/// A question too long for the channel's slots (a path over `ASK_SLOT_PATH_UNITS`, here the
-/// longest NT path there is) is asked whole through the channel all the same, in a buffer the
-/// channel allocates for it, with no work item — though a service is connected to the port
-/// too — and the service's channel answer decides it; the buffer is freed with the decision.
+/// A question too long for the channel's slots (a path over `ASK_MAX_PATH_UNITS`) is asked
+/// whole through the port and a work item, and the service's port answer decides it.
 #[test]
-fn a_path_longer_than_the_channels_slots_is_asked_through_the_channel() {
+fn a_path_longer_than_the_channels_slots_is_asked_through_the_port() {
     let machine = Machine::new();
     let driver = machine
         .load_driver("firewall", long_path::DriverEntry)
         .expect("loads");
     let mut client = machine.port_client(PORT_NAME);
-    client
-        .connect(&[])
-        .expect("the service connects to the port too");
-    let handle = open(&machine).expect("the service opens the channel");
-    let tail = r"\tool.exe";
-    let prefix = r"\device\harddiskvolume3\";
+    client.connect(&[]).expect("the service connects");
     let deep = format!(
-        "{prefix}{}{tail}",
-        "d".repeat(MAX_PATH_UNITS - prefix.len() - tail.len())
+        r"\device\harddiskvolume3\{}\tool.exe",
+        "d".repeat(ASK_MAX_PATH_UNITS)
     );
-    assert_eq!(deep.len(), MAX_PATH_UNITS);
-    assert!(deep.len() > ASK_SLOT_PATH_UNITS);
-    let queued_before = machine.work_items_queued();
-    let wait = wait_request(&handle);
     let c = attempt(8, &deep, SimDirection::Outbound, 50_002, 443);
     let outcome = thread::scope(|s| {
         let connecting = s.spawn(|| machine.connect(&c, AleIrql::Dispatch));
-        let delivered = wait.wait();
-        assert_eq!(delivered.status, 0);
-        let (id, body) = decode_message(&delivered.output).expect("a question");
-        assert_eq!(body.len(), REQUEST_MAX_LEN, "the longest request there is");
-        let request = ConnectionRequest::decode(body).expect("the driver's encoding");
+        let message = client.get_message(None).expect("asked on the port");
+        let request = ConnectionRequest::decode(&message.data).expect("the driver's encoding");
         let path: String = request.image_path.chars_lossy().collect();
         assert_eq!(path, deep, "the whole path");
-        assert_eq!(answer(&handle, id, &reply_bytes(&request)), 0);
+        client
+            .reply(message.id, &reply_bytes(&request))
+            .expect("the driver waits");
         connecting.join().unwrap()
     });
     assert_eq!(
         decided_once(&c, &outcome, "long path"),
         (Action::Block, true)
     );
-    assert_eq!(machine.work_items_queued(), queued_before, "no work item");
     let stats = long_path::STATS.snapshot();
-    assert_eq!((stats.asked_via_channel, stats.asked_via_port), (1, 0));
+    assert_eq!((stats.asked_via_channel, stats.asked_via_port), (0, 1));
     assert_eq!(stats.answered, 1);
-    drop(handle);
-    drop(client);
-    unload_clean(&machine, driver);
-}
-
-/// The channel holds at most `ASK_MAX_LARGE_BYTES` of questions longer than its slots: with
-/// that many longest-path questions unanswered, the next one is refused by the channel
-/// (`NotAskedReason::OverBudget`) and asked through the port and a work item — the one case,
-/// with a service on both, where a path's length still sends a question to the port. Every
-/// connection gets the service's verdict once; the buffers are freed with the decisions.
-#[test]
-fn long_questions_beyond_the_channels_budget_are_asked_through_the_port() {
-    let machine = Machine::new();
-    let driver = machine
-        .load_driver("firewall", long_budget::DriverEntry)
-        .expect("loads");
-    let mut client = machine.port_client(PORT_NAME);
-    client
-        .connect(&[])
-        .expect("the service connects to the port too");
-    let handle = open(&machine).expect("the service opens the channel");
-    let deep = format!(
-        r"\device\harddiskvolume3\{}\tool.exe",
-        "d".repeat(MAX_PATH_UNITS - 33)
-    );
-    assert_eq!(deep.len(), MAX_PATH_UNITS);
-    let fits = ASK_MAX_LARGE_BYTES / REQUEST_MAX_LEN;
-    assert_eq!(fits, 15);
-    let queued_before = machine.work_items_queued();
-    thread::scope(|s| {
-        let connecting: Vec<_> = (0..=fits as u16)
-            .map(|n| {
-                let c = attempt(
-                    20 + u64::from(n),
-                    &deep,
-                    SimDirection::Outbound,
-                    52_000 + n,
-                    443,
-                );
-                let machine = &machine;
-                let attempt = s.spawn(move || {
-                    let outcome = machine.connect(&c, AleIrql::Dispatch);
-                    (c, outcome)
-                });
-                // One at a time, so the budget is spent by the first `fits`.
-                while long_budget::STATS.snapshot().asked < u64::from(n) + 1 {
-                    thread::yield_now();
-                }
-                attempt
-            })
-            .collect();
-        // The last one, over the budget: on the port.
-        let message = client.get_message(None).expect("asked on the port");
-        let request = ConnectionRequest::decode(&message.data).expect("the driver's encoding");
-        assert_eq!(request.image_path.chars_lossy().count(), MAX_PATH_UNITS);
-        client
-            .reply(message.id, &reply_bytes(&request))
-            .expect("the work item waits");
-        // The others, on the channel.
-        for _ in 0..fits {
-            let delivered = wait_request(&handle).wait();
-            let (id, body) = decode_message(&delivered.output).expect("a question");
-            let request = ConnectionRequest::decode(body).expect("the driver's encoding");
-            assert_eq!(answer(&handle, id, &reply_bytes(&request)), 0);
-        }
-        for attempt in connecting {
-            let (c, outcome) = attempt.join().unwrap();
-            assert_eq!(decided_once(&c, &outcome, "long"), (Action::Block, true));
-        }
-    });
-    assert_eq!(
-        machine.work_items_queued(),
-        queued_before + 1,
-        "one work item"
-    );
-    let stats = long_budget::STATS.snapshot();
-    assert_eq!((stats.asked_via_channel, stats.asked_via_port), (15, 1));
-    assert_eq!((stats.answered, stats.defaults), (16, 0));
-    drop(handle);
     drop(client);
     unload_clean(&machine, driver);
 }

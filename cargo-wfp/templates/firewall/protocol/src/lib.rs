@@ -179,42 +179,29 @@ pub const ASK_DEVICE_PATH: &str = r"\\.\WfpRsFirewallAsk";
 /// The question channel ([`wfp_rs::ask`]) on [`ASK_DEVICE_NAME`]: the driver asks from
 /// `classifyFn` without a work item, the service keeps wait requests pending and answers.
 ///
-/// A question's body is an encoded [`ConnectionRequest`], whatever its image path's length (up
-/// to [`REQUEST_MAX_LEN`] bytes, `max_question`), an answer's body an encoded
-/// [`ConnectionReply`] ([`REPLY_LEN`] bytes, `max_answer`): the same messages as over the
-/// port, after the channel's own 16-byte header (`wfp_rs::ask::encode_header`). The driver
-/// checks an answer as it checks a port reply: it must decode and
-/// [`answer`](ConnectionReply::answers) the request it was asked for.
-///
-/// Every wait request holds the longest question (`ASK_CHANNEL.wait_output_len()`, 65624
-/// bytes; the channel refuses smaller ones). The driver's slots hold [`ASK_SLOT_LEN`] bytes
-/// each (`slot_len`, a path of [`ASK_SLOT_PATH_UNITS`] units); a longer question gets a buffer
-/// of its own when asked, within [`ASK_MAX_LARGE_BYTES`] (`max_large_bytes`).
+/// A question's body is an encoded [`ConnectionRequest`] whose image path has at most
+/// [`ASK_MAX_PATH_UNITS`] units ([`ASK_MAX_QUESTION`] bytes, `max_question`), an answer's body an encoded [`ConnectionReply`] ([`REPLY_LEN`]
+/// bytes, `max_answer`): the same messages as over the port, after the channel's own 16-byte
+/// header (`wfp_rs::ask::encode_header`). The driver checks an answer as it checks a port reply:
+/// it must decode and [`answer`](ConnectionReply::answers) the request it was asked for.
 ///
 /// The codes are `CTL_CODE(0x8A5E, 0x810 / 0x811, METHOD_BUFFERED, FILE_ANY_ACCESS)`; who may
 /// open the device at all is the driver's business (only its configured service).
 pub const ASK_CHANNEL: ChannelSpec = ChannelSpec {
     wait: ControlCode::buffered(0x8A5E, 0x810, RequiredAccess::Any),
     answer: ControlCode::buffered(0x8A5E, 0x811, RequiredAccess::Any),
-    max_question: REQUEST_MAX_LEN,
+    max_question: ASK_MAX_QUESTION,
     max_answer: REPLY_LEN,
-    slot_len: ASK_SLOT_LEN,
-    max_large_bytes: ASK_MAX_LARGE_BYTES,
 };
 
-/// The longest image path a slot of the question channel holds, in UTF-16 units: `MAX_PATH`.
-/// The channel allocates [`ASK_SLOT_LEN`] bytes per question it may hold, at load (about
-/// 1.2 MiB of non-paged pool for the driver's 2056 slots); slots for questions of
-/// [`REQUEST_MAX_LEN`] (64 KiB) would make that 128 MiB. A question with a longer path is
-/// still asked through the channel, in a buffer allocated for it (see
-/// [`ASK_MAX_LARGE_BYTES`]).
-pub const ASK_SLOT_PATH_UNITS: usize = 260;
-/// The question a slot of the channel holds: a request with a path of [`ASK_SLOT_PATH_UNITS`]
-/// units.
-pub const ASK_SLOT_LEN: usize = request_len(ASK_SLOT_PATH_UNITS);
-/// The most bytes the questions longer than a slot hold at once on the channel: 1 MiB, 15
-/// questions about the longest path. One more is asked through the port and a work item.
-pub const ASK_MAX_LARGE_BYTES: usize = 1 << 20;
+/// The longest image path a question on the channel carries, in UTF-16 units: `MAX_PATH`. The
+/// channel allocates a slot of [`ASK_MAX_QUESTION`] bytes per question it may hold, at load
+/// (about 1.2 MiB of non-paged pool for the driver's 2056 slots); a slot for a question of
+/// [`REQUEST_MAX_LEN`] (64 KiB) would make that 128 MiB. The driver asks a question with a
+/// longer path through the port instead, whole.
+pub const ASK_MAX_PATH_UNITS: usize = 260;
+/// The longest question on the channel: a request with a path of [`ASK_MAX_PATH_UNITS`] units.
+pub const ASK_MAX_QUESTION: usize = request_len(ASK_MAX_PATH_UNITS);
 
 /// `RawRequestHeader::magic`: `"FWRQ"` in memory.
 pub const REQUEST_MAGIC: [u8; 4] = *b"FWRQ";

@@ -94,11 +94,7 @@ pub struct ServeOptions {
 
 /// The threads that wait for the channel's questions, by default.
 pub const DEFAULT_ASK_THREADS: usize = 2;
-/// The wait requests each keeps pending, by default. Each holds the longest question
-/// (`ASK_CHANNEL.wait_output_len()`, 65624 bytes: a request about the longest NT path, which
-/// the driver asks through the channel too), and on Windows the I/O manager gives each a
-/// system buffer of that size in non-paged pool while it waits (`METHOD_BUFFERED`): with
-/// [`DEFAULT_ASK_THREADS`], about 1 MiB.
+/// The wait requests each keeps pending, by default.
 pub const DEFAULT_ASK_OUTSTANDING: usize = 8;
 
 /// What the service's reader threads hand the deciding thread.
