@@ -88,7 +88,7 @@
 //! | a live cached verdict for the cache key | that verdict, at once (no allocation, no work item) |
 //! | **an image path no request can carry whole** (longer than [`MAX_PATH_UNITS`], an odd number of bytes, a NUL inside), reauthorizations included | **deny**, whatever the default, at once (nothing pended, nobody asked); counted in [`StatsSnapshot::unaskable`], not in `defaults`, and logged |
 //! | the service replies in time with a valid reply to this request | its verdict |
-//! | **channel**: no service has the channel open (not started yet, or exited) | not asked there ([`NotAskedReason::NoService`]): the default at once when no service is connected to the port either (no work item is queued to find that out); else asked through the port and a work item |
+//! | **channel**: no service has the channel open (not started yet, or exited) | not asked ([`NotAskedReason::NoService`]): the default at once, in classifyFn (the service opens the port and the channel together; no work item is queued to find nobody) |
 //! | **channel**: the service has the channel open but no request waiting | the question stays queued for its next request: its verdict, or the default at the deadline ([`Config::timeout`]) |
 //! | **channel**: the service's handle closes (it exited, was killed) with the question delivered and not answered, or its last handle closes with the question still queued | the default, at once (`Outcome::ServiceGone`) |
 //! | **channel**: no answer by the deadline; a late answer is refused (`STATUS_NOT_FOUND`) | the default |
@@ -575,7 +575,7 @@ impl Default for Config {
 enum Unasked {
     /// The driver is unloading.
     Unloading,
-    /// No service has the question channel open and nobody is connected to the port.
+    /// No service has the question channel open.
     NoService,
 }
 
@@ -1613,10 +1613,8 @@ impl Shared {
     /// (and its share of [`QUESTION_BYTES`]) goes when the caller drops it, and concludes it
     /// later (`Ok(None)`). A question the channel does not take comes back to be asked by a
     /// work item over the port (`Ok(Some)`: no channel, a question longer than its slots,
-    /// every slot taken, or no service with the channel open but one connected to the port),
-    /// or unasked (`Err`): the channel is closing, or no service has the channel open and
-    /// nobody is connected to the port either, so there is nobody to ask and no work item is
-    /// queued to find that out.
+    /// every slot taken), or unasked (`Err`): the channel is closing, or no service has the
+    /// channel open, so there is nobody to ask and no work item is queued to find that out.
     #[expect(
         clippy::result_large_err,
         reason = "the context must come back whole, and boxing it would allocate in classifyFn"
@@ -1648,9 +1646,10 @@ impl Shared {
             }
             Err(not_asked) => match not_asked.reason() {
                 NotAskedReason::Closed => Err((not_asked.into_context(), Unasked::Unloading)),
-                NotAskedReason::NoService if !self.port.has_client() => {
-                    Err((not_asked.into_context(), Unasked::NoService))
-                }
+                // The service opens the port and the channel; with the channel closed it is
+                // gone or not up yet, and the port (whose end may not have seen the service go)
+                // has nobody to ask either.
+                NotAskedReason::NoService => Err((not_asked.into_context(), Unasked::NoService)),
                 reason => {
                     kd_print!(
                         "firewall: #{request_id}: asking through the port ({})\n",
