@@ -240,24 +240,39 @@ impl<'a, L: Layer, F: 'static> Classify<'a, L, F> {
     ///     let _ = c.packet(); // a bind has no packet
     /// }
     /// ```
-    pub fn packet(&self) -> Option<NetBufferList<'a>>
+    ///
+    /// The view borrows the classification, so it ends before `pend` (after which the operation
+    /// may be completed on another processor while this one still runs):
+    ///
+    /// ```compile_fail,E0502
+    /// # use wfp_rs::callout::Classify;
+    /// # use wfp_rs::layer::AleAuthRecvAcceptV4;
+    /// fn read_after_pend(c: &mut Classify<'_, AleAuthRecvAcceptV4>) {
+    ///     let packet = c.packet();
+    ///     let _pended = c.pend();
+    ///     let _ = packet.and_then(|list| list.first()).map(|nb| nb.read_array::<8>(0));
+    /// }
+    /// ```
+    pub fn packet(&self) -> Option<NetBufferList<'_>>
     where
         L: PacketLayer,
     {
         // SAFETY: at a packet layer (`L: PacketLayer`, and the trampoline checked the layer id),
         // a non-null `layerData` is the engine's NET_BUFFER_LIST, valid and unchanged for the
-        // classification ('a).
+        // classification ('a), which outlives the borrow of `self` the view keeps.
         unsafe { NetBufferList::from_layer_data(self.layer_data) }
     }
 
     /// The stream data being classified (`layerData` as an `FWPS_STREAM_CALLOUT_IO_PACKET0`), at
     /// a stream layer; `None` when the engine passed none.
-    pub fn stream(&self) -> Option<StreamData<'a>>
+    /// Like [`packet`](Self::packet), the view borrows the classification.
+    pub fn stream(&self) -> Option<StreamData<'_>>
     where
         L: StreamLayer,
     {
         // SAFETY: at a stream layer (`L: StreamLayer`, layer id checked by the trampoline), a
-        // non-null `layerData` is the engine's FWPS_STREAM_CALLOUT_IO_PACKET0, valid for 'a.
+        // non-null `layerData` is the engine's FWPS_STREAM_CALLOUT_IO_PACKET0, valid for 'a,
+        // which outlives the borrow of `self` the view keeps.
         unsafe { StreamData::from_layer_data(self.layer_data) }
     }
 }
