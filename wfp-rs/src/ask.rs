@@ -394,7 +394,10 @@ pub trait QuestionHandler: Send + Sync + 'static {
 pub enum NotAskedReason {
     /// Every slot holds a question that is not decided yet.
     Full,
-    /// The question is longer than the channel's `max_question`.
+    /// The question is longer than the channel's `max_question`. Checked before everything
+    /// else: it is a property of the question, not of the moment, so a driver that sends long
+    /// questions another way (the example firewall asks them through its port) learns it even
+    /// when no service has the channel open.
     TooLarge {
         /// The question's length.
         len: usize,
