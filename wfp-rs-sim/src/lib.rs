@@ -891,6 +891,29 @@ impl Machine {
     pub fn set_debug_filter_mask(&self, mask: u32) {
         self.kernel.debug_filter_mask.store(mask, Ordering::Relaxed);
     }
+
+    /// How long the harness's waits spin before they park: [`Machine::connect`] holding a
+    /// pended connection until the callout completes it, and [`IoRequest::wait`] (a service
+    /// waiting for its request's completion). Zero (the default) parks at once.
+    ///
+    /// Only host scheduling changes: a spinning wait busy-waits and yields (the standard
+    /// library's channels do the same before they park) instead of leaving its CPU idle, so a
+    /// completion within the spin reaches it without the host waking a parked thread — which on
+    /// a virtual machine whose CPU went idle can cost tens of microseconds. Nothing the
+    /// simulated kernel checks or decides changes. For benchmarks that compare with a channel
+    /// that spins; tests have no reason to set it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use wfp_rs_sim::Machine;
+    ///
+    /// let machine = Machine::new();
+    /// machine.set_wait_spin(Duration::from_micros(50));
+    /// ```
+    pub fn set_wait_spin(&self, spin: std::time::Duration) {
+        let nanos = u64::try_from(spin.as_nanos()).unwrap_or(u64::MAX);
+        self.kernel.wait_spin_nanos.store(nanos, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Machine {

@@ -1614,6 +1614,13 @@ pub(crate) fn open(
 /// Blocks until `irp` is completed (by whichever thread) and returns how it ended.
 fn wait_for(kernel: &Kernel, irp: usize) -> IoCompletion {
     let mut state = io(kernel);
+    if !matches!(state.irps[&irp].phase, Phase::Completed(_)) {
+        drop(state);
+        super::state::spin_before_parking(kernel, || {
+            matches!(io(kernel).irps[&irp].phase, Phase::Completed(_))
+        });
+        state = io(kernel);
+    }
     loop {
         if let Phase::Completed(completion) = &state.irps[&irp].phase {
             return completion.result.clone();

@@ -2889,8 +2889,16 @@ fn pend_completed(kernel: &super::state::Kernel, context: usize) -> &std::sync::
 /// returns the final decision `FwpsCompleteClassify0` gave, if it gave one.
 pub(crate) fn wait_for_completion(context: usize) -> Option<FWP_ACTION_TYPE> {
     let kernel = current();
+    let waiting = |bfe: &Bfe| bfe.pends.get(&context).is_some_and(|p| !p.completed);
     let mut bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
-    while bfe.pends.get(&context).is_some_and(|p| !p.completed) {
+    if waiting(&bfe) {
+        drop(bfe);
+        super::state::spin_before_parking(&kernel, || {
+            !waiting(&kernel.wfp.lock().unwrap_or_else(|p| p.into_inner()))
+        });
+        bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
+    }
+    while waiting(&bfe) {
         bfe = pend_completed(&kernel, context)
             .wait(bfe)
             .unwrap_or_else(|p| p.into_inner());
