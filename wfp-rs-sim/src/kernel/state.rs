@@ -816,11 +816,7 @@ pub unsafe extern "system" fn DbgPrintEx(
         let len = usize::try_from(Length).unwrap_or(0);
         // SAFETY: for `%.*s` the caller passes `Length` readable bytes at `Text`.
         let bytes = unsafe { core::slice::from_raw_parts(Text, len) };
-        // Valid UTF-8 (what the safe layer formats) is checked by the fast path and copied once.
-        match core::str::from_utf8(bytes) {
-            Ok(text) => text.to_owned(),
-            Err(_) => String::from_utf8_lossy(bytes).into_owned(),
-        }
+        String::from_utf8_lossy(bytes).into_owned()
     } else {
         format.to_string_lossy().into_owned()
     };
