@@ -14,8 +14,10 @@
 //! Then the floor: a bare cross-thread channel round trip (`firewall_bench::bare`), measured in
 //! rounds interleaved with rounds of the inverted design's single connections, and the ratio of
 //! their medians, `ratio b-p50-inverted-over-bare-channel` (the pended round trip's median), and
-//! as a figure the same for the whole connection's time,
-//! `ratio b-p50-inverted-connection-over-bare-channel`.
+//! as figures the same for the whole connection's time,
+//! `ratio b-p50-inverted-connection-over-bare-channel`, and for the inverted design with the
+//! simulator's waits spinning before they park (`Machine::set_wait_spin`), as the floor's
+//! channel does, `ratio b-p50-inverted-spinning-over-bare-channel`.
 
 #![cfg(any(not(windows), feature = "sim"))]
 
