@@ -134,6 +134,8 @@ pub(crate) struct Kernel {
     /// How long, in nanoseconds, a harness wait spins before it parks
     /// (`Machine::set_wait_spin`; [`spin_before_parking`]).
     pub wait_spin_nanos: AtomicU64,
+    /// The ALE flows `Machine::connect` established and `Machine::end_flow` has not ended.
+    pub established_flows: Mutex<FxHashMap<u64, crate::EstablishedFlow>>,
     pub workers: Mutex<Vec<JoinHandle<()>>>,
     pub stopped: AtomicBool,
     /// The filter engine. A lock of its own: classification calls into drivers, which call the
@@ -306,6 +308,7 @@ impl Kernel {
             echo_debug: std::env::var_os("WFP_SIM_ECHO").is_some(),
             debug_filter_mask: AtomicU32::new(DEFAULT_DEBUG_FILTER_MASK),
             wait_spin_nanos: AtomicU64::new(0),
+            established_flows: Mutex::new(FxHashMap::default()),
             workers: Mutex::new(Vec::new()),
             stopped: AtomicBool::new(false),
             wfp: Mutex::new(super::wfp::Bfe::default()),
