@@ -104,7 +104,8 @@
 //! | no pool to send ([`SendError::Status`]) | the default |
 //! | **port**: the work item cannot be queued (no pool): the default is recorded, and the closure that came back is dropped with the pend in it, which completes it | the default |
 //! | **overload**: [`Config::max_pending`] connections are pended or waiting for their reauthorization already, or the questions waiting for the service hold [`QUESTION_BYTES`] of pool and this one's does not fit, and the cache has no verdict | **[`Config::overload`]** (deny unless configured otherwise, whatever the default), at once (nothing pended); counted in [`StatsSnapshot::overloaded`], not in `defaults` |
-//! | a reauthorization the driver did not cause (WFP reauthorizes when policy changes) | the cache's verdict if it has one, else the default |
+//! | **an established connection reauthorized after a policy change** (a rules change: see "Established connections") | the cache's verdict if it has one; else **kept** (allow) while the service is asked in the background ([`StatsSnapshot::established_kept`]); a deny then cuts it at its next packet |
+//! | another reauthorization the driver did not cause | the cache's verdict if it has one, else the default |
 //! | a second pend of the same connection (process, image, protocol, both endpoints) while the first waits for its reauthorization: one verdict is kept, for one of the two | the other: the cache's verdict if it has one, else the default |
 //! | the connection's fields cannot be read (a field missing, of the wrong type), there is no pool for the request, or the classification cannot be pended | the default, at once (nothing pended) |
 //! | a heavier sublayer already decided hard (no write right) | that decision stands |
@@ -228,6 +229,27 @@
 //!   ([`Revoke::All`]). A reply whose question was asked *before* a revoke command and that
 //!   arrives after it is applied to its connection but not cached, whatever the command named:
 //!   it may be an answer under the rules the service just replaced.
+//!
+//! # Established connections
+//!
+//! A rules change reaches connections that are already established. When the service revokes
+//! cached verdicts (the [`REVOKE`] command, which it sends after loading new rules), the driver
+//! makes a *policy change*: it adds a filter at `ALE_AUTH_CONNECT` and `ALE_AUTH_RECV_ACCEPT`
+//! (IPv4 and IPv6) and deletes it again, in a dynamic session of its own; the filters never
+//! match (TCP from local port 0). WFP documents a filter added or deleted at the layer that
+//! authorized an ALE flow as the policy change that reauthorizes the flow ("ALE
+//! Reauthorization"): the flow's next packet, in either direction, is classified again at that
+//! layer with `FWP_CONDITION_FLAG_IS_REAUTHORIZE` and the reason `POLICY_CHANGE`.
+//!
+//! Such a reauthorization cannot be pended. The callouts answer it from the cache; after a
+//! revoke the cache usually has nothing, so the connection is **kept** and the service is asked
+//! in the background (within [`Config::background_asks`]). The answer goes to the cache; a deny
+//! makes another policy change (from a work item: the engine is called at `PASSIVE_LEVEL`), so
+//! the connection's next packet meets the cached deny and WFP tears the flow down. A connection
+//! the new rules allow runs on; its allow makes no policy change. So a denied established
+//! connection is cut about one service round trip after the rules change, at its next packet
+//! after that — not at once, and a connection that sends nothing is cut when it next does.
+//! [`StatsSnapshot::policy_changes`] counts the policy changes.
 //!
 //! # The service's own traffic
 //!
@@ -788,6 +810,20 @@ impl Observed {
 /// (see [`PathBytes::from_app_id`]). A miss checks it once, here, and sizes, charges and builds
 /// its question from the result. It borrows the values only, so the classification's `out` can
 /// still be written while the path is held.
+/// Whether this classification is a reauthorization a policy change caused (its
+/// `REAUTHORIZE_REASON` has the `POLICY_CHANGE` bit): an established connection's, after a
+/// filter was added or deleted at its layer ([`change_policy`]).
+fn policy_changed<L: Layer>(c: &Classify<'_, L>) -> bool
+where
+    fields::ReauthorizeReason: Field<L>,
+{
+    c.values
+        .get::<fields::ReauthorizeReason>()
+        .is_ok_and(|reason| {
+            reason & wfp_rs::sys::FWP_CONDITION_REAUTHORIZE_REASON_POLICY_CHANGE != 0
+        })
+}
+
 fn whole_path<'v, L>(values: &'v IncomingValues<'_, L>) -> Result<PathBytes<'v>, Malformed>
 where
     L: Layer,
@@ -911,6 +947,9 @@ struct Shared {
     next_request: AtomicU64,
     /// Inbound background asks queued or running.
     background: AtomicUsize,
+    /// Set when a verdict denies an established connection: a policy change must reauthorize
+    /// it ([`Shared::change_policy_if_due`]).
+    policy_change_due: AtomicBool,
     own_stats: Stats,
 }
 
@@ -1097,6 +1136,7 @@ impl Shared {
         let later = match asked.waiting {
             Waiting::Connection(_) => "",
             Waiting::LaterAttempts => " for later attempts",
+            Waiting::Established => " for an established connection",
         };
         let verdict = match reply {
             Ok(reply) if reply.request_id == id => {
@@ -1131,6 +1171,11 @@ impl Shared {
                         Warning,
                         "firewall: #{id}: no verdict for later attempts ({why})\n"
                     ),
+                    // It keeps running; the next policy change asks again.
+                    Waiting::Established => kd_print!(
+                        Warning,
+                        "firewall: #{id}: no verdict for an established connection ({why})\n"
+                    ),
                 }
                 None
             }
@@ -1145,6 +1190,12 @@ impl Shared {
             }
             Waiting::LaterAttempts => {
                 self.background.fetch_sub(1, Ordering::SeqCst);
+            }
+            Waiting::Established => {
+                self.background.fetch_sub(1, Ordering::SeqCst);
+                if verdict == Some(Verdict::Deny) {
+                    self.policy_change_due.store(true, Ordering::SeqCst);
+                }
             }
         }
     }
@@ -1291,6 +1342,7 @@ pub struct Outbound {
 impl<L: PendableByCompletionHandle> Callout<L> for Outbound
 where
     L::Address: Into<IpAddr>,
+    fields::ReauthorizeReason: Field<L>,
     fields::AleAppId: Field<L>,
     fields::Flags: Field<L>,
     fields::IpProtocol: Field<L>,
@@ -1319,9 +1371,23 @@ where
                 }
                 // A reauthorization this callout did not cause.
                 None => shared.cached(irql, &cache_key).unwrap_or_else(|| {
-                    if let Err(why) = whole_path(&c.values) {
-                        shared.unaskable(&observed, &why);
-                        return Verdict::Deny;
+                    let path = match whole_path(&c.values) {
+                        Ok(path) => path,
+                        Err(why) => {
+                            shared.unaskable(&observed, &why);
+                            return Verdict::Deny;
+                        }
+                    };
+                    if policy_changed(c) {
+                        // An established connection, after a rules change.
+                        shared.count(Counter::EstablishedKept);
+                        let channel = self.channel.as_deref();
+                        let background = Background::Established;
+                        Shared::ask_in_background(
+                            shared, irql, channel, &self.queue, &observed, cache_key, path,
+                            background,
+                        );
+                        return Verdict::Allow;
                     }
                     shared.count(Counter::Defaults);
                     kd_print!(
@@ -1451,19 +1517,10 @@ pub struct Inbound {
     channel: Option<PoolArc<QuestionChannel>>,
 }
 
-impl Inbound {
-    /// Takes one of the [`Config::background_asks`] slots, if one is free and the driver is
-    /// not unloading.
-    fn reserve_background(&self) -> bool {
-        let shared = &self.shared;
-        !shared.unloading.load(Ordering::SeqCst)
-            && increment_below(&shared.background, shared.config.background_asks)
-    }
-}
-
 impl<L: Layer> Callout<L> for Inbound
 where
     L::Address: Into<IpAddr>,
+    fields::ReauthorizeReason: Field<L>,
     fields::AleAppId: Field<L>,
     fields::Flags: Field<L>,
     fields::IpProtocol: Field<L>,
@@ -1486,14 +1543,119 @@ where
             Ok(path) => path,
             Err(why) => return shared.deny_unaskable(&mut c.out, &observed, why),
         };
+        let channel = self.channel.as_deref();
+        if observed.reauthorization && policy_changed(c) {
+            // An established connection, after a rules change: kept while the service is
+            // asked; a deny cuts it at its next packet.
+            shared.count(Counter::EstablishedKept);
+            apply(&mut c.out, Verdict::Allow);
+            let background = Background::Established;
+            return Shared::ask_in_background(
+                shared,
+                irql,
+                channel,
+                &self.queue,
+                &observed,
+                cache_key,
+                path,
+                background,
+            );
+        }
         // This attempt gets the default whatever happens next.
         shared.count(Counter::Defaults);
         apply(&mut c.out, default);
-        if !self.reserve_background() {
+        let background = Background::Inbound(default);
+        Shared::ask_in_background(
+            shared,
+            irql,
+            channel,
+            &self.queue,
+            &observed,
+            cache_key,
+            path,
+            background,
+        );
+    }
+}
+
+/// What a classification got while its question is asked in the background, for the logs.
+#[derive(Clone, Copy)]
+enum Background {
+    /// A new inbound connection: the default now; the verdict serves later attempts.
+    Inbound(Verdict),
+    /// An established connection a policy change reauthorized: kept now, cut if denied.
+    Established,
+}
+
+impl Background {
+    fn waiting(self) -> Waiting {
+        match self {
+            Background::Inbound(_) => Waiting::LaterAttempts,
+            Background::Established => Waiting::Established,
+        }
+    }
+
+    fn subject(self) -> &'static str {
+        match self {
+            Background::Inbound(_) => "inbound",
+            Background::Established => "established",
+        }
+    }
+
+    fn asking(self) -> &'static str {
+        match self {
+            Background::Inbound(_) => "asking the service for later attempts",
+            Background::Established => "asking the service",
+        }
+    }
+}
+
+/// The start of the parenthesis the logs give for what a classification got meanwhile.
+impl fmt::Display for Background {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Background::Inbound(default) => write!(f, "{default} (default: not cached; "),
+            Background::Established => {
+                f.write_str("allow (kept: a policy change reauthorized it; not cached; ")
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Takes one of the [`Config::background_asks`] slots, if one is free and the driver is
+    /// not unloading.
+    fn reserve_background(&self) -> bool {
+        !self.unloading.load(Ordering::SeqCst)
+            && increment_below(&self.background, self.config.background_asks)
+    }
+
+    /// Asks the service about `observed` with nobody waiting for the verdict (`background`
+    /// says whose it is), within [`Config::background_asks`]: through the channel when there is
+    /// one, else by a work item over the port. The verdict goes to the cache
+    /// ([`Shared::conclude`]). Not asking is logged and counted, never an error: the
+    /// classification has its decision already.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the classification's pieces, borrowed; a struct would only repeat them"
+    )]
+    fn ask_in_background(
+        this: &PoolArc<Shared>,
+        irql: &mut DispatchLevel<'_>,
+        channel: Option<&QuestionChannel>,
+        queue: &WorkQueue,
+        observed: &Observed,
+        cache_key: CacheKey,
+        path: PathBytes<'_>,
+        background: Background,
+    ) {
+        let shared = this;
+        let subject = background.subject();
+        if !shared.reserve_background() {
             shared.count(Counter::BackgroundSkipped);
             kd_print!(
                 Warning,
-                "firewall: pid {} inbound: {default} (default: not cached; not asking: too many questions in flight, or unloading)\n",
+                "firewall: pid {} {subject}: {background}not asking: too many questions in flight, or unloading)\n",
                 observed.key.pid
             );
             return;
@@ -1503,7 +1665,7 @@ where
             shared.count(Counter::BackgroundSkipped);
             kd_print!(
                 Warning,
-                "firewall: pid {} inbound: {default} (default: not cached; not asking: {why})\n",
+                "firewall: pid {} {subject}: {background}not asking: {why})\n",
                 observed.key.pid
             );
         };
@@ -1513,16 +1675,16 @@ where
             ));
         };
         let request_id = shared.request_id();
-        let question = match observed.question(path, request_id, charge, irql) {
+        let question = match observed.question(path, request_id, charge, &*irql) {
             Ok(question) => question,
             Err(error) => return not_asking(&error),
         };
         kd_print!(
-            "firewall: #{request_id}: {}: {default} (default: not cached; asking the service for later attempts)\n",
-            Described(&question.head)
+            "firewall: #{request_id}: {}: {background}{})\n",
+            Described(&question.head),
+            background.asking()
         );
-        let waiting = Waiting::LaterAttempts;
-        let channel = self.channel.as_deref();
+        let waiting = background.waiting();
         let key = observed.key;
         let asked =
             match shared.ask_channel_first(irql, channel, &question, waiting, key, cache_key) {
@@ -1539,9 +1701,10 @@ where
                 }
             };
         let work = PoolArc::clone(shared);
-        let queued = self.queue.queue(irql, move |passive| {
+        let queued = queue.queue(irql, move |passive| {
             let reply = work.ask_on_port(passive, &question);
             work.conclude(passive, asked, reply, "");
+            work.change_policy_if_due(passive);
         });
         match queued {
             Ok(()) => shared.count(Counter::BackgroundAsks),
@@ -1568,6 +1731,11 @@ enum Waiting {
     Connection(PendedClassify),
     /// Nobody: an inbound background ask, whose verdict serves later attempts from the cache.
     LaterAttempts,
+    /// Nobody: an established connection a policy change reauthorized (a rules change,
+    /// [`Shared::change_policy`]) when the cache no longer knew it. It keeps running meanwhile;
+    /// a deny makes another policy change, and its next packet meets the cached deny and cuts
+    /// it.
+    Established,
 }
 
 /// What the driver keeps per question, on either design, until [`Shared::conclude`] ends it:
@@ -1653,6 +1821,9 @@ impl Shared {
 /// (see the crate documentation's tables).
 struct Decisions {
     shared: PoolArc<Shared>,
+    /// For the policy change a denied established connection calls for (`decide` may run at
+    /// `DISPATCH_LEVEL`; the engine is called at `PASSIVE_LEVEL`).
+    queue: WorkQueue,
 }
 
 impl QuestionHandler for Decisions {
@@ -1673,6 +1844,7 @@ impl QuestionHandler for Decisions {
     ) {
         self.shared
             .conclude(irql, asked, channel_reply(outcome), ", channel");
+        Shared::queue_policy_change_if_due(&self.shared, &self.queue, &*irql);
     }
 }
 
@@ -1700,7 +1872,7 @@ impl Shared {
         let out = output
             .get_mut(..REVOKED_LEN)
             .ok_or(Status::BUFFER_TOO_SMALL)?;
-        let removed = self.cache.revoke(irql, &revoke);
+        let removed = self.cache.revoke(&mut *irql, &revoke);
         self.count_n(Counter::Revoked, u64::from(removed));
         match revoke {
             Revoke::All => kd_print!("firewall: revoked all cached verdicts ({removed})\n"),
@@ -1709,9 +1881,103 @@ impl Shared {
                 ids.len()
             ),
         }
+        // The rules changed: established connections are decided again, under the new rules.
+        self.change_policy(irql);
         out.copy_from_slice(&Revoked { removed }.to_bytes());
         Ok(REVOKED_LEN)
     }
+}
+
+impl Shared {
+    /// At `PASSIVE_LEVEL`: if a verdict denied an established connection since the last
+    /// policy change, makes one ([`Shared::change_policy`]).
+    fn change_policy_if_due(&self, irql: &mut PassiveLevel<'_>) {
+        if self.policy_change_due.swap(false, Ordering::SeqCst) {
+            self.change_policy(irql);
+        }
+    }
+
+    /// Makes WFP reauthorize every established connection at its next packet (see
+    /// [`change_policy`]); logged, and counted in [`StatsSnapshot::policy_changes`]. Nothing
+    /// while unloading: the filters go anyway.
+    fn change_policy(&self, irql: &mut PassiveLevel<'_>) {
+        if self.unloading.load(Ordering::SeqCst) {
+            return;
+        }
+        match change_policy(irql) {
+            Ok(()) => {
+                self.count(Counter::PolicyChanges);
+                kd_print!("firewall: policy changed: established connections are reauthorized\n");
+            }
+            Err(status) => kd_print!(
+                Warning,
+                "firewall: no policy change ({status}): established connections keep their verdicts\n"
+            ),
+        }
+    }
+
+    /// From any IRQL: queues a work item for [`Shared::change_policy_if_due`] if one is due.
+    fn queue_policy_change_if_due(
+        this: &PoolArc<Shared>,
+        queue: &WorkQueue,
+        irql: &impl AtMostDispatch,
+    ) {
+        if !this.policy_change_due.load(Ordering::SeqCst) {
+            return;
+        }
+        let work = PoolArc::clone(this);
+        if let Err(not_queued) =
+            queue.queue(irql, move |passive| work.change_policy_if_due(passive))
+        {
+            // Still due: the next verdict that concludes on a work item makes it.
+            kd_print!(
+                Warning,
+                "firewall: policy change not queued ({not_queued})\n"
+            );
+        }
+    }
+}
+
+/// A policy change at each layer where connections are authorized (ALE_AUTH_CONNECT and
+/// ALE_AUTH_RECV_ACCEPT, IPv4 and IPv6): a filter added there and deleted again. WFP then
+/// reauthorizes every connection those layers authorized when its next packet comes
+/// (Microsoft's "ALE Reauthorization": a policy change is a filter added or deleted at the
+/// layer), so the firewall's callouts decide established connections again. The filters never
+/// match (TCP from local port 0) and live in a dynamic session of their own, which deletes them
+/// when it closes.
+#[inline(never)]
+fn change_policy(irql: &mut PassiveLevel<'_>) -> Result<(), Status> {
+    let engine = Engine::open(
+        irql,
+        SessionOptions::new()
+            .dynamic()
+            .name("wfp-rs firewall: policy change"),
+    )?;
+    let added = add_policy_change_filters(irql, &engine);
+    let closed = engine.close(irql);
+    added.and(closed)
+}
+
+#[inline(never)]
+fn add_policy_change_filters(irql: &PassiveLevel<'_>, engine: &Engine) -> Result<(), Status> {
+    fn never_matching<L: Layer>(irql: &PassiveLevel<'_>, engine: &Engine) -> Result<(), Status>
+    where
+        fields::IpProtocol: Field<L>,
+        fields::IpLocalPort: Field<L>,
+    {
+        // In the default sublayer: the firewall's own belongs to its main (dynamic) session,
+        // which a filter of another session may not reference.
+        let filter = WfpFilter::<L>::new(Guid::default())
+            .name("wfp-rs firewall: policy change")
+            .condition::<fields::IpProtocol>(Match::Equal(IpProtocol::Tcp))
+            .condition::<fields::IpLocalPort>(Match::Equal(0))
+            .action(FilterAction::Block);
+        engine.add_filter(irql, &filter).map(|_| ())
+    }
+    never_matching::<AleAuthConnectV4>(irql, engine)?;
+    never_matching::<AleAuthConnectV6>(irql, engine)?;
+    never_matching::<AleAuthRecvAcceptV4>(irql, engine)?;
+    never_matching::<AleAuthRecvAcceptV6>(irql, engine)
 }
 
 /// The control device's handler: the service's commands (see "Control device" in the crate
@@ -2066,6 +2332,7 @@ fn open_channel(
         channel_capacity(config),
         Decisions {
             shared: PoolArc::clone(shared),
+            queue: driver.work_queue(),
         },
     )?;
     // On a failure the channel comes back in the error and is dropped here, at PASSIVE_LEVEL.
@@ -2103,6 +2370,7 @@ fn shared_state(
             progress,
             next_request: AtomicU64::new(0),
             background: AtomicUsize::new(0),
+            policy_change_due: AtomicBool::new(false),
             own_stats: Stats::new(),
         },
         SHARED_TAG,

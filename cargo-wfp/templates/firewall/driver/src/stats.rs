@@ -45,6 +45,8 @@ pub struct Stats {
     background_skipped: AtomicU64,
     overloaded: AtomicU64,
     unaskable: AtomicU64,
+    policy_changes: AtomicU64,
+    established_kept: AtomicU64,
 }
 
 /// The counters at one moment (see [`Stats`]).
@@ -101,6 +103,13 @@ pub struct StatsSnapshot {
     /// part of a path could be answered more permissively than one about the whole path (not
     /// counted in `defaults`).
     pub unaskable: u64,
+    /// Policy changes the driver made so that WFP reauthorizes established connections (after a
+    /// revoke command, and after a verdict denied an established connection).
+    pub policy_changes: u64,
+    /// Reauthorizations of established connections after a policy change that the cache did
+    /// not answer: each connection kept running while the service was asked in the
+    /// background (counted in `background_asks` or `background_skipped` too).
+    pub established_kept: u64,
 }
 
 /// Which counter to add to.
@@ -121,6 +130,8 @@ pub(crate) enum Counter {
     BackgroundSkipped,
     Overloaded,
     Unaskable,
+    PolicyChanges,
+    EstablishedKept,
 }
 
 impl Stats {
@@ -142,6 +153,8 @@ impl Stats {
             background_skipped: AtomicU64::new(0),
             overloaded: AtomicU64::new(0),
             unaskable: AtomicU64::new(0),
+            policy_changes: AtomicU64::new(0),
+            established_kept: AtomicU64::new(0),
         }
     }
 
@@ -162,6 +175,8 @@ impl Stats {
             Counter::BackgroundSkipped => &self.background_skipped,
             Counter::Overloaded => &self.overloaded,
             Counter::Unaskable => &self.unaskable,
+            Counter::PolicyChanges => &self.policy_changes,
+            Counter::EstablishedKept => &self.established_kept,
         }
     }
 
@@ -194,6 +209,8 @@ impl Stats {
             background_skipped: get(Counter::BackgroundSkipped),
             overloaded: get(Counter::Overloaded),
             unaskable: get(Counter::Unaskable),
+            policy_changes: get(Counter::PolicyChanges),
+            established_kept: get(Counter::EstablishedKept),
         }
     }
 }

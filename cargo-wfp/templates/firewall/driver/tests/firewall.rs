@@ -155,6 +155,7 @@ configured_driver!(inbound, PATIENT_CONFIG);
 configured_driver!(inbound_local_port, PATIENT_CONFIG);
 configured_driver!(loopback, PATIENT_CONFIG);
 configured_driver!(revoking, PATIENT_CONFIG);
+configured_driver!(established, PATIENT_CONFIG);
 configured_driver!(reload, PATIENT_CONFIG);
 configured_driver!(expiry, PATIENT_CONFIG);
 configured_driver!(burst, PATIENT_CONFIG);
@@ -883,6 +884,7 @@ on_both_designs! {
     inbound_background_asks_are_bounded,
     loopback_is_permitted_without_asking_unless_configured_otherwise,
     the_revoke_command_forgets_cached_verdicts,
+    a_rules_change_cuts_the_established_connections_the_new_rules_deny,
     a_rules_reload_with_revoke_mid_stream_gives_no_stale_verdict,
     cached_verdicts_expire_after_their_lifetime,
     a_burst_beyond_the_old_table_size_gets_every_services_verdict,
@@ -2293,6 +2295,107 @@ fn the_revoke_command_forgets_cached_verdicts(design: AskVia) {
         attempt(8),
         (Action::Permit, false),
         "the refusals revoked nothing"
+    );
+    unload_clean(&machine, driver);
+    for thread in service {
+        thread.join().unwrap();
+    }
+}
+
+/// Waits until the driver has made `n` policy changes in all (a revoke command makes one; a
+/// verdict that denies an established connection another, from a work item).
+fn wait_for_policy_changes(stats: &Stats, n: u64) {
+    let mut rounds = 0u64;
+    while stats.snapshot().policy_changes < n {
+        rounds += 1;
+        assert!(
+            rounds < 50_000_000,
+            "{} policy changes, not {n}",
+            stats.snapshot().policy_changes
+        );
+        thread::yield_now();
+    }
+}
+
+/// Issue 12, point 6: rules reach established connections. The service changes its rules and
+/// revokes the cached verdicts; the driver makes a policy change (a filter added and deleted
+/// at the ALE authorization layers), so WFP reauthorizes each established connection at its
+/// next packet. The cache no longer knows them: each is kept while the service is asked; the
+/// one the new rules deny makes another policy change, and its next packet is dropped and the
+/// connection cut. The one they still allow runs on.
+fn a_rules_change_cuts_the_established_connections_the_new_rules_deny(design: AskVia) {
+    let seed = seed();
+    let machine = Machine::new();
+    let configured = established::on(design);
+    let driver = load(&machine, configured.entry);
+    let policy = Arc::new(Mutex::new(rules(RULES)));
+    let (log, service) = serve(&machine, design, Arc::clone(&policy), 1, seed);
+    let (kept, cut) = (browser(51_001, web(7, 443)), browser(51_002, web(8, 443)));
+    let flow = |c: &Connection| {
+        let outcome = machine.connect(c, AleIrql::Dispatch);
+        assert_eq!(decided_once(c, &outcome, "before"), (Action::Permit, true));
+        outcome.flow_handle.expect("established")
+    };
+    let (kept_flow, cut_flow) = (flow(&kept), flow(&cut));
+    let packet = |c: &Connection, flow: u64| machine.packet(c, flow, SimDirection::Outbound).action;
+    assert_eq!(packet(&kept, kept_flow), Action::Permit);
+    assert_eq!(packet(&cut, cut_flow), Action::Permit);
+
+    // The new rules deny 192.0.2.8; the service swaps them and revokes what it told the driver.
+    *policy.lock().unwrap() = rules(&RULES.replacen(
+        "[[rule]]",
+        "[[rule]]\nname = \"cut\"\naction = \"deny\"\nremote = \"192.0.2.8/32\"\n\n[[rule]]",
+        1,
+    ));
+    assert_eq!(revoke_all(&machine), Ok(2));
+    assert_eq!(configured.stats.snapshot().policy_changes, 1);
+    // Its next packet reauthorizes the connection: not cached, so kept while the service is
+    // asked; the deny makes a policy change, and the packet after that cuts it.
+    assert_eq!(packet(&cut, cut_flow), Action::Permit, "kept while asked");
+    wait_for_policy_changes(configured.stats, 2);
+    assert_eq!(packet(&cut, cut_flow), Action::Block, "cut");
+    assert!(machine.is_flow_cut(cut_flow));
+    assert_eq!(packet(&cut, cut_flow), Action::Block, "and stays cut");
+    // The other one is reauthorized at its next packet too, kept while asked; the new rules
+    // still allow it, so it runs on and its verdict makes no policy change.
+    assert_eq!(packet(&kept, kept_flow), Action::Permit);
+    let mut rounds = 0u64;
+    while configured.stats.snapshot().answered < 4 {
+        rounds += 1;
+        assert!(
+            rounds < 50_000_000,
+            "the service answers the kept connection's question"
+        );
+        thread::yield_now();
+    }
+    for _ in 0..2 {
+        assert_eq!(packet(&kept, kept_flow), Action::Permit);
+    }
+    assert!(!machine.is_flow_cut(kept_flow));
+    let stats = configured.stats.snapshot();
+    assert_eq!(
+        stats.established_kept, 2,
+        "each connection kept once while asked"
+    );
+    assert_eq!(stats.policy_changes, 2, "an allow makes no policy change");
+    let asked_about = |remote: u8| {
+        log.lock()
+            .unwrap()
+            .iter()
+            .filter(|a| a.request.remote_address == web(remote, 443).ip())
+            .count()
+    };
+    assert_eq!(
+        (asked_about(7), asked_about(8)),
+        (2, 2),
+        "at connect and after the change"
+    );
+    // New connections get the new rules too.
+    let again = browser(51_003, web(8, 443));
+    assert_eq!(
+        decided_once(&again, &machine.connect(&again, AleIrql::Dispatch), "after"),
+        (Action::Block, false),
+        "the cached deny"
     );
     unload_clean(&machine, driver);
     for thread in service {
