@@ -1757,8 +1757,17 @@ impl Machine {
         for &(id, irql, has_flow) in plan {
             let layer = wfp_rs::layer::layer_by_id(id).expect("known layer");
             let classified = std::time::Instant::now();
-            let mut decision =
-                self.classify_connection(layer, &presented, irql, has_flow.then_some(flow), false);
+            // The packet carries the attempt (`flow`) even where the layer has no flow handle,
+            // so a clone of it finds this attempt when it is reinjected.
+            let mut decision = self.classify_packet_of(
+                layer,
+                &presented,
+                irql,
+                has_flow.then_some(flow),
+                false,
+                Carried::Built,
+                flow,
+            );
             if let Some(pending) = decision.pending {
                 // The stack holds the connection until the callout completes the pend.
                 pended = true;
@@ -1909,10 +1918,12 @@ impl Machine {
             flow,
             reauthorization,
             Carried::Built,
+            flow.unwrap_or(0),
         )
     }
 
-    /// [`classify_connection`](Self::classify_connection), with the packet `carried` says.
+    /// [`classify_connection`](Self::classify_connection), with the packet `carried` says, a
+    /// packet of connection attempt `origin`.
     fn classify_packet_of(
         &self,
         layer: &'static wfp_rs::layer::LayerInfo,
@@ -1921,6 +1932,7 @@ impl Machine {
         flow: Option<u64>,
         reauthorization: bool,
         carried: Carried,
+        origin: u64,
     ) -> Decision {
         use wfp_rs::sys::*;
         let connection = presented.connection;
@@ -1946,7 +1958,6 @@ impl Machine {
             wfp_rs::metadata::Direction::Outbound => (connection.local, connection.remote),
             wfp_rs::metadata::Direction::Inbound => (connection.remote, connection.local),
         };
-        let origin = flow.unwrap_or(0);
         let build_packet = move || {
             let (source, destination) = endpoints;
             let endpoints = crate::kernel::packet::Endpoints {
@@ -2097,6 +2108,7 @@ impl Machine {
                 has_flow.then_some(flow),
                 false,
                 Carried::Injected(nbl),
+                flow,
             );
             if let Some(pending) = decision.pending {
                 // Pended again: the reinjected packet is absorbed in its turn; this attempt
