@@ -1098,7 +1098,11 @@ fn packet_structures_match_windows_sys_and_the_headers() {
             3,
         ),
         ("AF_INET", i64::from(ours::AF_INET), i64::from(ws::AF_INET)),
-        ("AF_INET6", i64::from(ours::AF_INET6), i64::from(ws::AF_INET6)),
+        (
+            "AF_INET6",
+            i64::from(ours::AF_INET6),
+            i64::from(ws::AF_INET6),
+        ),
         (
             "MDL_MAPPED_TO_SYSTEM_VA",
             i64::from(ours::MDL_MAPPED_TO_SYSTEM_VA),

@@ -366,8 +366,10 @@ fn a_raw_clone_copies_the_packet_and_injects_once() {
     let mut packet = hand_built();
     let delivered = machine.at_dispatch(|_| {
         let clone = raw_clone(&mut packet);
-        // SAFETY: the clone the call returned, alive until freed below.
-        let first = unsafe { &*(*clone).FirstNetBuffer };
+        // SAFETY: the clone the call returned, alive until its injection completes below.
+        let list = unsafe { &*clone };
+        // SAFETY: its first net buffer, alive as long.
+        let first = unsafe { &*list.FirstNetBuffer };
         assert_eq!((first.DataOffset, first.DataLength as u32), (0, 28));
         // Not the original's structures: a clone of its own.
         assert!(!core::ptr::eq(first, &*packet._nb));
@@ -377,11 +379,11 @@ fn a_raw_clone_copies_the_packet_and_injects_once() {
             nbl: *mut sys::NET_BUFFER_LIST,
             _: u8,
         ) {
-            // SAFETY: the context is the test's counter; the clone is handed back once.
-            unsafe {
-                (*context.cast::<AtomicU32>()).fetch_add(1, Ordering::SeqCst);
-                sys::FwpsFreeCloneNetBufferList0(nbl, 0);
-            }
+            // SAFETY: the context is the test's counter, alive across the injection.
+            let count = unsafe { &*context.cast::<AtomicU32>() };
+            count.fetch_add(1, Ordering::SeqCst);
+            // SAFETY: the clone is handed back once, and freed once.
+            unsafe { sys::FwpsFreeCloneNetBufferList0(nbl, 0) };
         }
         let count = AtomicU32::new(0);
         // SAFETY: a live clone and handle; `count` outlives the completion, which runs before

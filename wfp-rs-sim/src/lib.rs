@@ -1765,8 +1765,7 @@ impl Machine {
                 irql,
                 has_flow.then_some(flow),
                 false,
-                Carried::Built,
-                flow,
+                Carried::Built { origin: flow },
             );
             if let Some(pending) = decision.pending {
                 // The stack holds the connection until the callout completes the pend.
@@ -1917,13 +1916,13 @@ impl Machine {
             irql,
             flow,
             reauthorization,
-            Carried::Built,
-            flow.unwrap_or(0),
+            Carried::Built {
+                origin: flow.unwrap_or(0),
+            },
         )
     }
 
-    /// [`classify_connection`](Self::classify_connection), with the packet `carried` says, a
-    /// packet of connection attempt `origin`.
+    /// [`classify_connection`](Self::classify_connection), with the packet `carried` says.
     fn classify_packet_of(
         &self,
         layer: &'static wfp_rs::layer::LayerInfo,
@@ -1932,7 +1931,6 @@ impl Machine {
         flow: Option<u64>,
         reauthorization: bool,
         carried: Carried,
-        origin: u64,
     ) -> Decision {
         use wfp_rs::sys::*;
         let connection = presented.connection;
@@ -1957,6 +1955,10 @@ impl Machine {
         let endpoints = match connection.direction {
             wfp_rs::metadata::Direction::Outbound => (connection.local, connection.remote),
             wfp_rs::metadata::Direction::Inbound => (connection.remote, connection.local),
+        };
+        let origin = match carried {
+            Carried::Built { origin } => origin,
+            Carried::Injected(_) => 0,
         };
         let build_packet = move || {
             let (source, destination) = endpoints;
@@ -1995,7 +1997,7 @@ impl Machine {
             process_path: Some(&presented.app_id),
             layer_data: injected_layer_data,
             packet: match carried {
-                Carried::Built => packet_start.map(|_| &build_packet as &dyn Fn() -> _),
+                Carried::Built { .. } => packet_start.map(|_| &build_packet as &dyn Fn() -> _),
                 Carried::Injected(_) => None,
             },
             classify_context: core::ptr::null(),
@@ -2019,8 +2021,9 @@ impl Machine {
 /// The packet a connection's classification carries.
 #[derive(Clone, Copy)]
 enum Carried {
-    /// One the stack builds for the classification (where the layer has packets).
-    Built,
+    /// One the stack builds for the classification (where the layer has packets), marked as a
+    /// packet of connection attempt `origin`.
+    Built { origin: u64 },
     /// The reinjected clone at this address.
     Injected(usize),
 }
@@ -2108,7 +2111,6 @@ impl Machine {
                 has_flow.then_some(flow),
                 false,
                 Carried::Injected(nbl),
-                flow,
             );
             if let Some(pending) = decision.pending {
                 // Pended again: the reinjected packet is absorbed in its turn; this attempt

@@ -309,10 +309,10 @@ pub unsafe extern "system" fn FwpsAllocateCloneNetBufferList0(
     let mut bytes = bytes.into_boxed_slice();
     let address = bytes.as_mut_ptr() as usize;
     // SAFETY: the NDIS structures are plain data; zero is an empty, unlinked one.
+    let (nbl, nb) = unsafe { core::mem::zeroed::<(NET_BUFFER_LIST, NET_BUFFER)>() };
     let mut storage = Box::new(CloneStorage {
-        nbl: unsafe { core::mem::zeroed() },
-        // SAFETY: as above.
-        nb: unsafe { core::mem::zeroed() },
+        nbl,
+        nb,
         mdl: MDL {
             Next: core::ptr::null_mut(),
             Size: size_of::<MDL>() as i16,
