@@ -269,7 +269,7 @@ bugcheck_test! {
 /// through the raw functions.
 struct HandBuilt {
     nbl: Box<sys::NET_BUFFER_LIST>,
-    _nb: Box<sys::NET_BUFFER>,
+    nb: Box<sys::NET_BUFFER>,
     _mdl: Box<sys::MDL>,
     _bytes: Box<[u8; 28]>,
 }
@@ -297,7 +297,7 @@ fn hand_built() -> HandBuilt {
     nbl.FirstNetBuffer = &raw mut *nb;
     HandBuilt {
         nbl,
-        _nb: nb,
+        nb,
         _mdl: mdl,
         _bytes: bytes,
     }
@@ -372,7 +372,7 @@ fn a_raw_clone_copies_the_packet_and_injects_once() {
         let first = unsafe { &*list.FirstNetBuffer };
         assert_eq!((first.DataOffset, first.DataLength as u32), (0, 28));
         // Not the original's structures: a clone of its own.
-        assert!(!core::ptr::eq(first, &*packet._nb));
+        assert!(!core::ptr::eq(first, &*packet.nb));
         /// Frees the clone it is handed back, and counts.
         unsafe extern "system" fn free(
             context: *mut core::ffi::c_void,
@@ -407,6 +407,60 @@ fn a_raw_clone_copies_the_packet_and_injects_once() {
         count.load(Ordering::SeqCst)
     });
     assert_eq!(delivered, 1, "the completion routine ran once");
+    machine.at_passive(|_| {
+        // SAFETY: PASSIVE_LEVEL; the handle is live.
+        assert_eq!(unsafe { sys::FwpsInjectionHandleDestroy0(handle) }, 0);
+    });
+}
+
+/// Records the status the injection ended with, and frees the clone.
+unsafe extern "system" fn record_status(
+    context: *mut core::ffi::c_void,
+    nbl: *mut sys::NET_BUFFER_LIST,
+    _: u8,
+) {
+    // SAFETY: the context is the test's cell, alive across the injection.
+    let cell = unsafe { &*context.cast::<std::sync::atomic::AtomicI32>() };
+    // SAFETY: the clone handed back, valid until freed below.
+    cell.store(unsafe { (*nbl).Status }, Ordering::SeqCst);
+    // SAFETY: handed back once, freed once.
+    unsafe { sys::FwpsFreeCloneNetBufferList0(nbl, 0) };
+}
+
+#[test]
+fn a_clone_that_does_not_start_at_the_ip_header_is_dropped() {
+    let machine = Machine::new();
+    let handle = raw_handle(&machine);
+    let mut packet = hand_built();
+    let status = std::sync::atomic::AtomicI32::new(i32::MIN);
+    machine.at_dispatch(|_| {
+        for (data_offset, expected) in [(20, Status::INVALID_PARAMETER.raw()), (0, 0)] {
+            // The data start past the IP header, as the transport layers indicate it: the
+            // caller did not retreat before cloning. Then at the IP header.
+            packet.nb.DataOffset = data_offset;
+            packet.nb.DataLength = 28 - data_offset as usize;
+            let clone = raw_clone(&mut packet);
+            // SAFETY: a live clone and handle; `status` outlives the injection, which completes
+            // before the call returns (no connection waits for it).
+            let injected = unsafe {
+                sys::FwpsInjectTransportReceiveAsync0(
+                    handle,
+                    core::ptr::null_mut(),
+                    core::ptr::null_mut(),
+                    0,
+                    sys::AF_INET,
+                    1,
+                    2,
+                    0,
+                    clone,
+                    Some(record_status),
+                    (&raw const status).cast_mut().cast(),
+                )
+            };
+            assert_eq!(injected, 0, "the call itself succeeds");
+            assert_eq!(status.load(Ordering::SeqCst), expected);
+        }
+    });
     machine.at_passive(|_| {
         // SAFETY: PASSIVE_LEVEL; the handle is live.
         assert_eq!(unsafe { sys::FwpsInjectionHandleDestroy0(handle) }, 0);

@@ -410,8 +410,8 @@ pub unsafe extern "system" fn FwpsFreeCloneNetBufferList0(
 }
 
 /// What an inject routine checks and records, for both directions: returns whether a harness
-/// thread delivers it.
-fn begin_flight(routine: &str, nbl: usize, mut flight: Flight) -> bool {
+/// thread delivers it (a receive injection of a `deliverable` packet of an attempt it waits for).
+fn begin_flight(routine: &str, nbl: usize, mut flight: Flight, deliverable: bool) -> bool {
     let kernel = current();
     let mut state = kernel.inject.state();
     if !state.handles.contains_key(&flight.handle) {
@@ -427,7 +427,8 @@ fn begin_flight(routine: &str, nbl: usize, mut flight: Flight) -> bool {
         }
         Some(record) => origin_of(&record.storage.nbl),
     };
-    flight.queued = flight.receive && origin != 0 && state.awaiting.contains(&origin);
+    flight.queued =
+        deliverable && flight.receive && origin != 0 && state.awaiting.contains(&origin);
     if let Some(record) = state.clones.get_mut(&nbl) {
         record.flight = Some(flight);
     }
@@ -449,7 +450,6 @@ pub(crate) fn complete_flight(nbl: usize, status: NTSTATUS) {
             return;
         };
         record.storage.nbl.Status = status;
-        // The data start back at the IP header, where the injector put it.
         record.flight.take()
     };
     let Some(flight) = flight else { return };
@@ -527,8 +527,9 @@ pub unsafe extern "system" fn FwpsInjectTransportReceiveAsync0(
         queued: false,
         driver: current_driver(),
     };
+    // A malformed packet is dropped at once, never delivered to a waiting attempt.
     let well_formed = starts_at_ip_header(nbl, addressFamily);
-    let queued = begin_flight("FwpsInjectTransportReceiveAsync0", nbl, flight);
+    let queued = begin_flight("FwpsInjectTransportReceiveAsync0", nbl, flight, well_formed);
     if !queued {
         let status = if well_formed {
             0
@@ -577,7 +578,7 @@ pub unsafe extern "system" fn FwpsInjectTransportSendAsync0(
         queued: false,
         driver: current_driver(),
     };
-    begin_flight("FwpsInjectTransportSendAsync0", nbl, flight);
+    begin_flight("FwpsInjectTransportSendAsync0", nbl, flight, true);
     complete_flight(nbl, 0);
     0
 }
