@@ -228,6 +228,63 @@ fn a_reinjected_packet_is_injected_by_other_for_another_handle() {
     machine.unload_driver(driver).unwrap();
 }
 
+/// Holds every outbound packet: clones it for send, absorbs the original, and injects the clone
+/// at once (a pass-through, the skeleton of a packet modifier).
+struct SendsClones {
+    injection: InjectionHandle,
+    injected: AtomicU32,
+}
+
+impl Callout<layer::OutboundTransportV4> for SendsClones {
+    fn classify(
+        &self,
+        irql: &mut DispatchLevel<'_>,
+        c: &mut Classify<'_, layer::OutboundTransportV4>,
+    ) {
+        if c.injection_state(irql, &self.injection) == InjectionState::InjectedBySelf {
+            let _ = c.out.permit();
+            return;
+        }
+        let clone = c.clone_for_send(irql).expect("an outbound packet to clone");
+        c.out.block();
+        if clone.inject(irql, &self.injection).is_ok() {
+            self.injected.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+#[test]
+fn a_send_clone_is_injected_and_freed_by_the_completion() {
+    let machine = Machine::new();
+    let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+    let injection = injection_handle(&machine, &driver);
+    let installed = install(
+        &machine,
+        &driver,
+        CalloutKey::<layer::OutboundTransportV4>::new(guid!(
+            "62000000-0000-0000-0000-000000000005"
+        )),
+        guid!("62000000-0000-0000-0000-000000000006"),
+        |_| SendsClones {
+            injection,
+            injected: AtomicU32::new(0),
+        },
+    );
+    let mut connection = inbound();
+    connection.direction = Direction::Outbound;
+    let outcome = machine.connect(&connection, AleIrql::Dispatch);
+    // The original was blocked (the clone went out in its place).
+    assert_eq!(
+        outcome.layers.last().map(|(name, d)| (*name, d.action)),
+        Some(("OUTBOUND_TRANSPORT_V4", Action::Block))
+    );
+    assert_eq!(installed.callout().injected.load(Ordering::SeqCst), 1);
+    installed.remove(&machine, &driver);
+    // Unloading checks that the clone was freed (by the SDK's completion routine) and the
+    // handle destroyed (when the callout was dropped, at PASSIVE_LEVEL).
+    machine.unload_driver(driver).unwrap();
+}
+
 /// Clones every packet and forgets the clone: a leak.
 struct LeaksClones;
 

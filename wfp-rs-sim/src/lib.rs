@@ -1951,6 +1951,14 @@ impl Machine {
             metadata.currentMetadataValues |= FWPS_METADATA_FIELD_FLOW_HANDLE;
             metadata.flowHandle = flow;
         }
+        if layer.name.starts_with("OUTBOUND_TRANSPORT")
+            || layer.name.starts_with("INBOUND_TRANSPORT")
+        {
+            // The socket's endpoint, which send injection names (an opaque value here, one per
+            // connection attempt).
+            metadata.currentMetadataValues |= FWPS_METADATA_FIELD_TRANSPORT_ENDPOINT_HANDLE;
+            metadata.transportEndpointHandle = 0xE9D0_0000_0000 | flow.unwrap_or(0);
+        }
         let packet_start = connection_packet_start(layer, connection);
         let endpoints = match connection.direction {
             wfp_rs::metadata::Direction::Outbound => (connection.local, connection.remote),
