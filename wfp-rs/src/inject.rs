@@ -25,13 +25,17 @@
 //! [`ReceiveInjectable`] and [`SendInjectable`] layers; elsewhere it does not compile.
 //!
 //! ```
+//! use std::sync::Arc;
+//!
 //! use wfp_rs::callout::{Callout, Classify};
 //! use wfp_rs::inject::{InjectionHandle, InjectionState};
-//! use wfp_rs::irql::DispatchLevel;
+//! use wfp_rs::irql::{DispatchLevel, PassiveLevel};
 //! use wfp_rs::layer::AleAuthRecvAcceptV4;
+//! use wfp_rs::work_item::WorkQueue;
 //!
 //! struct AskFirst {
-//!     injection: InjectionHandle,
+//!     injection: Arc<InjectionHandle>, // created in DriverEntry
+//!     queue: WorkQueue,
 //! }
 //!
 //! impl Callout<AleAuthRecvAcceptV4> for AskFirst {
@@ -44,9 +48,14 @@
 //!             return; // no packet to hold: leave the decision to the next filter
 //!         };
 //!         let Ok(pended) = c.pend() else { return }; // `clone` is dropped (freed) here
-//!         // ... later, after asking: complete, then inject (allow) or drop (deny) the clone.
-//!         pended.complete(irql);
-//!         let _ = clone.inject(irql, &self.injection);
+//!         let injection = Arc::clone(&self.injection);
+//!         let _ = self.queue.queue(irql, move |passive: &mut PassiveLevel<'_>| {
+//!             let allowed = true; // ... ask, at PASSIVE_LEVEL ...
+//!             pended.complete(passive);
+//!             if allowed {
+//!                 let _ = clone.inject(passive, &injection);
+//!             } // else `clone` is dropped: freed, and the connection never completes
+//!         });
 //!     }
 //! }
 //! ```
