@@ -1149,7 +1149,11 @@ fn thousands_of_questions_each_get_exactly_one_decision_under_every_race() {
         ] {
             assert!(tally.contains_key(kind), "no {kind} in {tally:?}");
         }
-        assert!(!refused.is_empty(), "the channel never filled up");
+        // Not asserted: that the channel filled up. Whether the askers outrun the services
+        // depends on the host's scheduling, not on the seed (about 1 run in 30 it never
+        // fills); a full channel is covered deterministically by
+        // `a_full_channel_and_a_large_question_hand_the_context_back`, and here each refusal
+        // that does happen is checked where it happens.
     }
 
     machine.unload_driver(driver).unwrap();

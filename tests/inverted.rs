@@ -140,6 +140,34 @@ fn requests_are_answered_oldest_first() {
     teardown(machine, driver, queue);
 }
 
+/// A service whose waits spin before they park (`Machine::set_wait_spin`) gets each completion
+/// made on another thread, whenever it comes: before, during or after the spin.
+#[test]
+fn a_spinning_wait_gets_each_completion_from_another_thread() {
+    const COUNT: u8 = 50;
+    let (machine, driver, queue) = setup();
+    machine.set_wait_spin(std::time::Duration::from_micros(20));
+    let service = machine.open_device(PATH, Caller::System).unwrap();
+    let requests: Vec<_> = (0..COUNT)
+        .map(|_| service.device_io_control(EVENTS.raw(), &[], MAX))
+        .collect();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for n in 0..COUNT {
+                machine
+                    .at_dispatch(|irql| queue.complete_next(irql, [n; 4]))
+                    .unwrap();
+                std::thread::yield_now();
+            }
+        });
+        for (n, request) in (0..COUNT).zip(&requests) {
+            assert_eq!(request.wait().output, [n; 4]);
+        }
+    });
+    drop(service);
+    teardown(machine, driver, queue);
+}
+
 #[test]
 fn a_message_built_in_place_is_delivered() {
     let (machine, driver, queue) = setup();

@@ -257,6 +257,17 @@ fn a_dropped_pend_is_completed_and_the_default_applies() {
 
 #[test]
 fn many_concurrent_connections_each_get_exactly_one_decision() {
+    many_concurrent_connections(std::time::Duration::ZERO);
+}
+
+/// The same with `Machine::connect` spinning before it parks (`Machine::set_wait_spin`): only
+/// the host's scheduling changes, not one decision.
+#[test]
+fn many_concurrent_connections_each_get_exactly_one_decision_with_spinning_waits() {
+    many_concurrent_connections(std::time::Duration::from_micros(20));
+}
+
+fn many_concurrent_connections(wait_spin: std::time::Duration) {
     const THREADS: u64 = 8;
     const PER_THREAD: u64 = 60;
     let seed: u64 = std::env::var("WFP_TEST_SEED")
@@ -264,6 +275,7 @@ fn many_concurrent_connections_each_get_exactly_one_decision() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x5EED_0001);
     let setup = setup(Mode::Ask);
+    setup.machine.set_wait_spin(wait_spin);
     let wrong = AtomicU32::new(0);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         std::thread::scope(|scope| {

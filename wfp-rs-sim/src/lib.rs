@@ -892,6 +892,29 @@ impl Machine {
     pub fn set_debug_filter_mask(&self, mask: u32) {
         self.kernel.debug_filter_mask.store(mask, Ordering::Relaxed);
     }
+
+    /// How long the harness's waits spin before they park: [`Machine::connect`] holding a
+    /// pended connection until the callout completes it, and [`IoRequest::wait`] (a service
+    /// waiting for its request's completion). Zero (the default) parks at once.
+    ///
+    /// Only host scheduling changes: a spinning wait busy-waits and yields (the standard
+    /// library's channels do the same before they park) instead of leaving its CPU idle, so a
+    /// completion within the spin reaches it without the host waking a parked thread — which on
+    /// a virtual machine whose CPU went idle can cost tens of microseconds. Nothing the
+    /// simulated kernel checks or decides changes. For benchmarks that compare with a channel
+    /// that spins; tests have no reason to set it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use wfp_rs_sim::Machine;
+    ///
+    /// let machine = Machine::new();
+    /// machine.set_wait_spin(Duration::from_micros(50));
+    /// ```
+    pub fn set_wait_spin(&self, spin: std::time::Duration) {
+        let nanos = u64::try_from(spin.as_nanos()).unwrap_or(u64::MAX);
+        self.kernel.wait_spin_nanos.store(nanos, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Machine {
@@ -1313,6 +1336,42 @@ pub struct Decision {
     pub pending: Option<Pending>,
 }
 
+impl Decision {
+    /// The stack's drop of a packet whose flow a reauthorization tore down: no filter, no
+    /// callout.
+    fn dropped() -> Decision {
+        Decision {
+            action: wfp_rs::classify::Action::Block,
+            hard: true,
+            vetoed: false,
+            absorbed: false,
+            filter_id: None,
+            pending: None,
+        }
+    }
+}
+
+/// An ALE flow [`Machine::connect`] established, as the stack remembers it for
+/// [`Machine::packet`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct EstablishedFlow {
+    /// The layer that authorized it: ALE_AUTH_CONNECT or ALE_AUTH_RECV_ACCEPT.
+    authorized_at: u16,
+    /// That layer's policy changes when the flow was last authorized.
+    policy_changes: u64,
+    /// Torn down by a reauthorization that did not permit it.
+    cut: bool,
+}
+
+fn lock_flows(
+    kernel: &Kernel,
+) -> std::sync::MutexGuard<'_, rustc_hash::FxHashMap<u64, EstablishedFlow>> {
+    kernel
+        .established_flows
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A classification a callout pended; see [`Machine::is_pending`] and
 /// [`Machine::wait_for_completion`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1633,7 +1692,9 @@ impl<'a> Presented<'a> {
     }
 
     /// The values of `layer`'s fields for this connection, by index.
-    fn values(&self, layer: &wfp_rs::layer::LayerInfo, reauthorize: bool) -> Vec<SimValue> {
+    /// `reauthorize`: the `REAUTHORIZE_REASON` bits of a reauthorization, `None` for a first
+    /// authorization.
+    fn values(&self, layer: &wfp_rs::layer::LayerInfo, reauthorize: Option<u32>) -> Vec<SimValue> {
         let sources = FieldSource::for_layer(layer);
         (0..layer.field_count as usize)
             .map(|index| {
@@ -1653,7 +1714,7 @@ impl<'a> Presented<'a> {
         &self,
         source: FieldSource,
         version: Option<wfp_rs::layer::IpVersion>,
-        reauthorize: bool,
+        reauthorize: Option<u32>,
     ) -> SimValue {
         let connection = self.connection;
         let address = |addr: std::net::IpAddr| match (addr, version) {
@@ -1680,17 +1741,13 @@ impl<'a> Presented<'a> {
                 if connection.remote.ip().is_loopback() {
                     flags |= wfp_rs::sys::FWP_CONDITION_FLAG_IS_LOOPBACK;
                 }
-                if reauthorize {
+                if reauthorize.is_some() {
                     flags |= wfp_rs::sys::FWP_CONDITION_FLAG_IS_REAUTHORIZE;
                 }
                 SimValue::U32(flags)
             }
-            // The harness reauthorizes only after a completed pend.
-            FieldSource::ReauthorizeReason => SimValue::U32(if reauthorize {
-                wfp_rs::sys::FWP_CONDITION_REAUTHORIZE_REASON_CLASSIFY_COMPLETION
-            } else {
-                0
-            }),
+            // A completed pend, or a policy change (`Machine::packet`).
+            FieldSource::ReauthorizeReason => SimValue::U32(reauthorize.unwrap_or(0)),
             FieldSource::Direction => SimValue::U32(match connection.direction {
                 wfp_rs::metadata::Direction::Outbound => wfp_rs::sys::FWP_DIRECTION_OUTBOUND,
                 wfp_rs::metadata::Direction::Inbound => wfp_rs::sys::FWP_DIRECTION_INBOUND,
@@ -1720,6 +1777,14 @@ impl Machine {
         };
         let flow = NEXT_FLOW.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
         let presented = Presented::new(connection);
+        // Read before the authorization, so a policy change during it reauthorizes the flow.
+        let authorized_at = match (connection.direction, v4) {
+            (wfp_rs::metadata::Direction::Outbound, true) => AleAuthConnectV4::ID,
+            (wfp_rs::metadata::Direction::Outbound, false) => AleAuthConnectV6::ID,
+            (wfp_rs::metadata::Direction::Inbound, true) => AleAuthRecvAcceptV4::ID,
+            (wfp_rs::metadata::Direction::Inbound, false) => AleAuthRecvAcceptV6::ID,
+        };
+        let policy_changes = self.run(|| engine::policy_changes(authorized_at));
         let plan: &[(u16, Irql, bool)] = match (connection.direction, v4) {
             (wfp_rs::metadata::Direction::Outbound, true) => &[
                 (AleResourceAssignmentV4::ID, ale, false),
@@ -1764,7 +1829,7 @@ impl Machine {
                 &presented,
                 irql,
                 has_flow.then_some(flow),
-                false,
+                None,
                 Carried::Built { origin: flow },
             );
             if let Some(pending) = decision.pending {
@@ -1812,7 +1877,13 @@ impl Machine {
                     },
                     // FwpsCompleteOperation0 (or FwpsCompleteClassify0 without a classify-out):
                     // the stack classifies the connection again.
-                    None => self.classify_connection(layer, &presented, irql, None, true),
+                    None => self.classify_connection(
+                        layer,
+                        &presented,
+                        irql,
+                        None,
+                        Some(wfp_rs::sys::FWP_CONDITION_REAUTHORIZE_REASON_CLASSIFY_COMPLETION),
+                    ),
                 };
                 pend_round_trip = Some(classified.elapsed());
             }
@@ -1828,6 +1899,14 @@ impl Machine {
             }
         }
         let decision = layers.last().map(|(_, d)| *d).expect("at least one layer");
+        lock_flows(&self.kernel).insert(
+            flow,
+            EstablishedFlow {
+                authorized_at,
+                policy_changes,
+                cut: false,
+            },
+        );
         ConnectOutcome {
             decision,
             layers,
@@ -1840,6 +1919,17 @@ impl Machine {
     /// A packet of an established connection crosses the transport layer: OUTBOUND_TRANSPORT
     /// when `direction` is outbound, INBOUND_TRANSPORT otherwise, at `DISPATCH_LEVEL`, with the
     /// connection's values and its flow handle.
+    ///
+    /// If the flow was established by [`connect`](Self::connect) and a filter has been added
+    /// to or deleted from the layer that authorized it (ALE_AUTH_CONNECT for an outbound
+    /// connection, ALE_AUTH_RECV_ACCEPT for an inbound one) since, the packet is first
+    /// reauthorized at that layer, as Microsoft's "ALE Reauthorization" describes: whatever the
+    /// packet's direction, with `FWP_CONDITION_FLAG_IS_REAUTHORIZE` and the reason
+    /// `FWP_CONDITION_REAUTHORIZE_REASON_POLICY_CHANGE` (a callout cannot pend it). A
+    /// reauthorization that does not permit tears the flow down: its flow contexts go to their
+    /// `flowDeleteFn`, this packet and every later one of the flow are dropped (the returned
+    /// decision blocks; [`is_flow_cut`](Self::is_flow_cut)). A flow handle `connect` did not
+    /// return is classified as given, never reauthorized.
     pub fn packet(
         &self,
         connection: &Connection,
@@ -1847,6 +1937,12 @@ impl Machine {
         direction: wfp_rs::metadata::Direction,
     ) -> Decision {
         use wfp_rs::layer::*;
+        let mut packet = connection.clone();
+        packet.direction = direction;
+        let presented = Presented::new(&packet);
+        if let Some(dropped) = self.reauthorize_if_policy_changed(&presented, flow_handle) {
+            return dropped;
+        }
         let id = match (direction, connection.remote.is_ipv4()) {
             (wfp_rs::metadata::Direction::Outbound, true) => OutboundTransportV4::ID,
             (wfp_rs::metadata::Direction::Outbound, false) => OutboundTransportV6::ID,
@@ -1854,22 +1950,62 @@ impl Machine {
             (wfp_rs::metadata::Direction::Inbound, false) => InboundTransportV6::ID,
         };
         let layer = layer_by_id(id).expect("known layer");
-        let mut packet = connection.clone();
-        packet.direction = direction;
-        self.classify_connection(
+        self.classify_connection(layer, &presented, Irql::DISPATCH, Some(flow_handle), None)
+    }
+
+    /// Whether the flow `flow_handle` was torn down by a reauthorization that did not permit it
+    /// (see [`packet`](Self::packet)); `false` for a flow that is live, ended, or unknown.
+    pub fn is_flow_cut(&self, flow_handle: u64) -> bool {
+        lock_flows(&self.kernel)
+            .get(&flow_handle)
+            .is_some_and(|flow| flow.cut)
+    }
+
+    /// The reauthorization a policy change owes the flow, if any: `Some` with the decision that
+    /// drops the packet when the flow is (or now gets) torn down, `None` when the packet goes
+    /// on.
+    fn reauthorize_if_policy_changed(
+        &self,
+        presented: &Presented<'_>,
+        flow_handle: u64,
+    ) -> Option<Decision> {
+        let flow = lock_flows(&self.kernel).get(&flow_handle).copied()?;
+        if flow.cut {
+            return Some(Decision::dropped());
+        }
+        let changes = self.run(|| engine::policy_changes(flow.authorized_at));
+        if changes == flow.policy_changes {
+            return None;
+        }
+        let layer = wfp_rs::layer::layer_by_id(flow.authorized_at).expect("known layer");
+        let decision = self.classify_connection(
             layer,
-            &Presented::new(&packet),
+            presented,
             Irql::DISPATCH,
             Some(flow_handle),
-            false,
-        )
+            Some(wfp_rs::sys::FWP_CONDITION_REAUTHORIZE_REASON_POLICY_CHANGE),
+        );
+        let permitted = decision.action == wfp_rs::classify::Action::Permit;
+        if let Some(record) = lock_flows(&self.kernel).get_mut(&flow_handle) {
+            record.policy_changes = changes;
+            record.cut = !permitted;
+        }
+        if permitted {
+            return None;
+        }
+        state::with_context(&self.kernel, DISPATCH_LEVEL, 0, || {
+            engine::end_flow(flow_handle)
+        });
+        Some(decision)
     }
 
     /// The flow `flow_handle` ends (its connection is torn down): every callout context attached
     /// to it is removed and goes to its callout's `flowDeleteFn`, at `DISPATCH_LEVEL` on this
     /// thread — or, while another thread is classifying the flow, on that thread when its
-    /// classification returns. Returns how many contexts were removed.
+    /// classification returns. Returns how many contexts were removed. The machine forgets the
+    /// flow (see [`packet`](Self::packet)).
     pub fn end_flow(&self, flow_handle: u64) -> usize {
+        lock_flows(&self.kernel).remove(&flow_handle);
         state::with_context(&self.kernel, DISPATCH_LEVEL, 0, || {
             engine::end_flow(flow_handle)
         })
@@ -1891,7 +2027,7 @@ impl Machine {
             &Presented::new(connection),
             Irql::PASSIVE,
             None,
-            false,
+            None,
         );
         if let Some(pending) = decision.pending
             && let Some(action) = self.wait_for_completion(pending)
@@ -1908,7 +2044,7 @@ impl Machine {
         presented: &Presented<'_>,
         irql: Irql,
         flow: Option<u64>,
-        reauthorization: bool,
+        reauthorization: Option<u32>,
     ) -> Decision {
         self.classify_packet_of(
             layer,
@@ -1929,7 +2065,7 @@ impl Machine {
         presented: &Presented<'_>,
         irql: Irql,
         flow: Option<u64>,
-        reauthorization: bool,
+        reauthorization: Option<u32>,
         carried: Carried,
     ) -> Decision {
         use wfp_rs::sys::*;
@@ -2018,7 +2154,7 @@ impl Machine {
                     | "ALE_AUTH_RECV_ACCEPT_V4"
                     | "ALE_AUTH_RECV_ACCEPT_V6"
             ),
-            reauthorization,
+            reauthorization: reauthorization.is_some(),
         };
         let verdict =
             state::with_context(&self.kernel, irql.0, 0, || engine::classify(&mut incoming));
@@ -2117,7 +2253,7 @@ impl Machine {
                 presented,
                 irql,
                 has_flow.then_some(flow),
-                false,
+                None,
                 Carried::Injected(nbl),
             );
             if let Some(pending) = decision.pending {

@@ -190,7 +190,6 @@ use crate::driver::Driver;
 use crate::inverted::{ControlCode, InvertedQueue, QueueHooks, Taken, Waiters};
 use crate::irql::{DispatchLevel, Irql, PassiveLevel, RaiseIrql, Token};
 use crate::pool::{PoolArc, PoolTag, try_box};
-use crate::secure_device::callback_token;
 use crate::spin_lock::SpinLock;
 use crate::status::Status;
 use crate::sys;
@@ -394,7 +393,10 @@ pub trait QuestionHandler: Send + Sync + 'static {
 pub enum NotAskedReason {
     /// Every slot holds a question that is not decided yet.
     Full,
-    /// The question is longer than the channel's `max_question`.
+    /// The question is longer than the channel's `max_question`. Checked before everything
+    /// else: it is a property of the question, not of the moment, so a driver that sends long
+    /// questions another way (the example firewall asks them through its port) learns it even
+    /// when no service has the channel open.
     TooLarge {
         /// The question's length.
         len: usize,
@@ -1207,19 +1209,17 @@ impl<Q: QuestionHandler> QueueHooks for Inner<Q> {
     }
 
     fn waiter_queued(&self, waiters: Waiters<'_>) {
-        // A dispatch routine holds no other token; this one only takes the channel's lock.
-        let mut token = callback_token();
-        let delivery = self
-            .state
-            .lock(&mut token, |state, _| self.deliver_one(state, waiters));
-        // Completes the request that took a question, outside the lock.
-        drop(delivery);
+        with_dispatch_token(|token| {
+            let delivery = self
+                .state
+                .lock(&mut *token, |state, _| self.deliver_one(state, waiters));
+            // Completes the request that took a question, outside the lock.
+            drop(delivery);
+        });
     }
 
     fn opened(&self, _file: *mut sys::FILE_OBJECT) {
-        // A dispatch routine holds no other token; this one only takes the channel's lock.
-        let mut token = callback_token();
-        self.state.lock(&mut token, |state, _| state.handles += 1);
+        with_dispatch_token(|token| self.state.lock(&mut *token, |state, _| state.handles += 1));
     }
 
     fn cleanup(&self, file: *mut sys::FILE_OBJECT) {

@@ -280,7 +280,7 @@ impl Drop for IoManager {
             // SAFETY: allocated with Box::into_raw in `open`, freed once, here.
             drop(unsafe { Box::from_raw(file.block) });
         }
-        while state.retired_bytes > 0 && state.free_oldest_retired() {}
+        while state.free_oldest_retired() {}
     }
 }
 
@@ -471,10 +471,11 @@ fn new_irp(kernel: &Kernel, request: NewIrp<'_>) -> usize {
     address
 }
 
-/// Records an IRP as completed by the I/O manager itself (no driver involved).
+/// Records an IRP as completed by the I/O manager itself (no driver involved). Its buffer goes
+/// to the quarantine, as a driver-completed request's does.
 fn complete_internally(kernel: &Kernel, irp: usize, status: NTSTATUS) {
     let mut state = io(kernel);
-    if let Some(record) = state.irps.get_mut(&irp) {
+    let buffer = state.irps.get_mut(&irp).and_then(|record| {
         record.phase = Phase::Completed(Completion {
             result: IoCompletion {
                 status,
@@ -483,6 +484,10 @@ fn complete_internally(kernel: &Kernel, irp: usize, status: NTSTATUS) {
             },
             pending_returned: false,
         });
+        record.buffer.take()
+    });
+    if let Some(buffer) = buffer {
+        state.retire(buffer);
     }
     drop(state);
     kernel.irp.completed(irp).notify_all();
@@ -1614,6 +1619,13 @@ pub(crate) fn open(
 /// Blocks until `irp` is completed (by whichever thread) and returns how it ended.
 fn wait_for(kernel: &Kernel, irp: usize) -> IoCompletion {
     let mut state = io(kernel);
+    if !matches!(state.irps[&irp].phase, Phase::Completed(_)) {
+        drop(state);
+        super::state::spin_before_parking(kernel, || {
+            matches!(io(kernel).irps[&irp].phase, Phase::Completed(_))
+        });
+        state = io(kernel);
+    }
     loop {
         if let Phase::Completed(completion) = &state.irps[&irp].phase {
             return completion.result.clone();

@@ -135,7 +135,7 @@ pub unsafe extern "system" fn KeReleaseSpinLock(SpinLock: *mut KSPIN_LOCK, NewIr
             ),
         );
     }
-    let me = THREAD.with(|t| t.id) as usize;
+    let me = super::state::thread_id() as usize;
     let lock = word(SpinLock);
     if let Err(owner) = lock.compare_exchange(me, 0, Ordering::Release, Ordering::Relaxed) {
         if owner == 0 {

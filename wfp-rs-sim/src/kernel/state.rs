@@ -131,6 +131,11 @@ pub(crate) struct Kernel {
     /// The component filter mask `DbgPrintEx` and `DbgQueryDebugFilterState` apply, to every
     /// component (`Machine::set_debug_filter_mask`).
     pub debug_filter_mask: AtomicU32,
+    /// How long, in nanoseconds, a harness wait spins before it parks
+    /// (`Machine::set_wait_spin`; [`spin_before_parking`]).
+    pub wait_spin_nanos: AtomicU64,
+    /// The ALE flows `Machine::connect` established and `Machine::end_flow` has not ended.
+    pub established_flows: Mutex<FxHashMap<u64, crate::EstablishedFlow>>,
     pub workers: Mutex<Vec<JoinHandle<()>>>,
     pub stopped: AtomicBool,
     /// The filter engine. A lock of its own: classification calls into drivers, which call the
@@ -304,6 +309,8 @@ impl Kernel {
             event_signal: Condvar::new(),
             echo_debug: std::env::var_os("WFP_SIM_ECHO").is_some(),
             debug_filter_mask: AtomicU32::new(DEFAULT_DEBUG_FILTER_MASK),
+            wait_spin_nanos: AtomicU64::new(0),
+            established_flows: Mutex::new(FxHashMap::default()),
             workers: Mutex::new(Vec::new()),
             stopped: AtomicBool::new(false),
             wfp: Mutex::new(super::wfp::Bfe::default()),
@@ -815,11 +822,7 @@ pub unsafe extern "system" fn DbgPrintEx(
         let len = usize::try_from(Length).unwrap_or(0);
         // SAFETY: for `%.*s` the caller passes `Length` readable bytes at `Text`.
         let bytes = unsafe { core::slice::from_raw_parts(Text, len) };
-        // Valid UTF-8 (what the safe layer formats) is checked by the fast path and copied once.
-        match core::str::from_utf8(bytes) {
-            Ok(text) => text.to_owned(),
-            Err(_) => String::from_utf8_lossy(bytes).into_owned(),
-        }
+        String::from_utf8_lossy(bytes).into_owned()
     } else {
         format.to_string_lossy().into_owned()
     };
@@ -865,4 +868,36 @@ pub unsafe extern "system" fn KeQueryInterruptTimePrecise(QpcTimeStamp: *mut ULO
     // SAFETY: the caller passes a pointer valid for a ULONG64 write, and it is not null.
     unsafe { QpcTimeStamp.write(now) };
     now
+}
+
+/// Busy-waits, then yields, for at most the machine's wait spin (`Machine::set_wait_spin`; none
+/// by default) until `done` says the awaited event happened; returns whether it did. A harness
+/// wait calls it before it parks on its condition variable, which it still does if this returns
+/// false: spinning changes which host thread runs when, never what the simulated kernel does.
+///
+/// The rounds are those of the standard library's channels (which the benchmarks' floor uses):
+/// 1, 2, 4 … 64 spin-loop hints, then a yield per round.
+pub(crate) fn spin_before_parking(kernel: &Kernel, mut done: impl FnMut() -> bool) -> bool {
+    let nanos = kernel.wait_spin_nanos.load(Ordering::Relaxed);
+    if nanos == 0 {
+        return false;
+    }
+    let deadline = std::time::Instant::now() + core::time::Duration::from_nanos(nanos);
+    let mut round = 0u32;
+    loop {
+        if round <= 6 {
+            for _ in 0..1u32 << round {
+                core::hint::spin_loop();
+            }
+            round += 1;
+        } else {
+            std::thread::yield_now();
+        }
+        if done() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+    }
 }

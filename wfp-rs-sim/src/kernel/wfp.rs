@@ -187,6 +187,10 @@ pub(crate) struct Bfe {
     retired_completion_handles: Retired,
     /// Classify contexts of classifications that returned, the most recent ones.
     retired_classify_contexts: Retired,
+    /// How many times the committed filters of each layer where ALE flows are authorized
+    /// changed (by layer id): an ALE flow authorized at an older count is reauthorized by its
+    /// next packet (`Machine::packet`; Microsoft's "ALE Reauthorization").
+    policy_changes: FxHashMap<u16, u64>,
 }
 
 /// A flow context's place: (flow id, layer id, callout id).
@@ -251,6 +255,34 @@ impl Bfe {
         self.txn.as_ref().map_or(&self.objects, |t| &t.snapshot)
     }
 
+    /// A filter at `layer_id` was added or deleted outside a transaction (one inside is counted
+    /// when it commits, [`Bfe::count_committed_changes`]).
+    fn policy_changed(&mut self, layer_id: u16) {
+        if self.txn.is_none() && is_flow_authorizing_layer(layer_id) {
+            *self.policy_changes.entry(layer_id).or_default() += 1;
+        }
+    }
+
+    /// At a commit: counts a policy change at each flow-authorizing layer whose filters differ
+    /// from the transaction's start.
+    fn count_committed_changes(&mut self, snapshot: &Objects) {
+        for layer in FLOW_AUTHORIZING_LAYERS {
+            let ids = |objects: &Objects| {
+                let mut ids: Vec<u64> = objects
+                    .filters
+                    .values()
+                    .filter(|f| f.layer_id == layer)
+                    .map(|f| f.id)
+                    .collect();
+                ids.sort_unstable();
+                ids
+            };
+            if ids(snapshot) != ids(&self.objects) {
+                *self.policy_changes.entry(layer).or_default() += 1;
+            }
+        }
+    }
+
     fn callout_id(&mut self, key: GUID) -> u32 {
         *self
             .callout_ids
@@ -284,6 +316,31 @@ impl Bfe {
             .map(|c| wfp_rs::guid::Guid(c.key).to_string())
             .collect()
     }
+}
+
+/// The layers where ALE flows are authorized: ALE_AUTH_CONNECT_V4/V6 and
+/// ALE_AUTH_RECV_ACCEPT_V4/V6. A filter added or deleted at one of them is the policy change
+/// that reauthorizes the flows it authorized.
+const FLOW_AUTHORIZING_LAYERS: [u16; 4] = {
+    use wfp_rs::layer::{
+        AleAuthConnectV4, AleAuthConnectV6, AleAuthRecvAcceptV4, AleAuthRecvAcceptV6, Layer,
+    };
+    [
+        AleAuthConnectV4::ID,
+        AleAuthConnectV6::ID,
+        AleAuthRecvAcceptV4::ID,
+        AleAuthRecvAcceptV6::ID,
+    ]
+};
+
+fn is_flow_authorizing_layer(layer_id: u16) -> bool {
+    FLOW_AUTHORIZING_LAYERS.contains(&layer_id)
+}
+
+/// How many policy changes the flow-authorizing layer `layer_id` has seen (see
+/// [`Bfe::policy_changes`]).
+pub(crate) fn policy_changes(layer_id: u16) -> u64 {
+    with_bfe(|bfe| bfe.policy_changes.get(&layer_id).copied().unwrap_or(0))
 }
 
 fn with_bfe<R>(f: impl FnOnce(&mut Bfe) -> R) -> R {
@@ -402,6 +459,7 @@ pub unsafe extern "system" fn FwpmEngineClose0(engineHandle: HANDLE) -> NTSTATUS
                 .collect();
             for id in ids {
                 if let Some(filter) = bfe.objects.filters.remove(&id) {
+                    bfe.policy_changed(filter.layer_id);
                     removed.push(filter);
                 }
             }
@@ -535,7 +593,8 @@ pub unsafe extern "system" fn FwpmTransactionCommit0(engineHandle: HANDLE) -> NT
         let session = session_of(bfe, engineHandle)?;
         match &bfe.txn {
             Some(txn) if txn.session == session => {
-                bfe.txn = None;
+                let txn = bfe.txn.take().expect("matched");
+                bfe.count_committed_changes(&txn.snapshot);
                 Ok(())
             }
             _ => Err(Status::FWP_NO_TXN_IN_PROGRESS.raw()),
@@ -1252,6 +1311,7 @@ pub unsafe extern "system" fn FwpmFilterAdd0(
             return Err(Status::FWP_ALREADY_EXISTS.raw());
         }
         bfe.objects.filters.insert(record.id, record.clone());
+        bfe.policy_changed(record.layer_id);
         Ok(record.id)
     });
     match inserted {
@@ -1374,10 +1434,13 @@ pub unsafe extern "system" fn FwpmFilterDeleteById0(engineHandle: HANDLE, id: u6
     let _kernel = super::state::KernelCode::enter();
     require_irql("FwpmFilterDeleteById0", PASSIVE_LEVEL);
     let removed = with_write(engineHandle, |bfe, _session| {
-        bfe.objects
+        let filter = bfe
+            .objects
             .filters
             .remove(&id)
-            .ok_or(Status::FWP_FILTER_NOT_FOUND.raw())
+            .ok_or(Status::FWP_FILTER_NOT_FOUND.raw())?;
+        bfe.policy_changed(filter.layer_id);
+        Ok(filter)
     });
     match removed {
         Ok(filter) => {
@@ -2894,8 +2957,16 @@ fn pend_completed(kernel: &super::state::Kernel, context: usize) -> &std::sync::
 /// returns the final decision `FwpsCompleteClassify0` gave, if it gave one.
 pub(crate) fn wait_for_completion(context: usize) -> Option<FWP_ACTION_TYPE> {
     let kernel = current();
+    let waiting = |bfe: &Bfe| bfe.pends.get(&context).is_some_and(|p| !p.completed);
     let mut bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
-    while bfe.pends.get(&context).is_some_and(|p| !p.completed) {
+    if waiting(&bfe) {
+        drop(bfe);
+        super::state::spin_before_parking(&kernel, || {
+            !waiting(&kernel.wfp.lock().unwrap_or_else(|p| p.into_inner()))
+        });
+        bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
+    }
+    while waiting(&bfe) {
         bfe = pend_completed(&kernel, context)
             .wait(bfe)
             .unwrap_or_else(|p| p.into_inner());

@@ -1039,9 +1039,14 @@ fn by_the_service(design: AskVia, cached: &str) -> String {
 }
 
 /// How the driver logs the default for a question nobody answered because no service was
-/// there, on either design: a channel no service has open hands its questions to the port,
-/// where nobody is connected either.
-const NO_SERVICE_DEFAULT: &str = "default: no client is connected to the port";
+/// there: the port design's work item finds no client connected; the channel design asks
+/// nobody (no service has the channel open, and the service opens both).
+fn no_service_default(design: AskVia) -> &'static str {
+    match design {
+        AskVia::PortAndWorkItem => "default: no client is connected to the port",
+        AskVia::Channel => "default: no service has the question channel open",
+    }
+}
 
 /// How the driver logs the default for a question delivered to a service that was then killed.
 fn service_gone_default(design: AskVia) -> &'static str {
@@ -1264,7 +1269,7 @@ fn a_killed_service_gives_the_default_until_it_is_restarted(design: AskVia) {
         reasons,
         [
             format!("deny ({})", service_gone_default(design)),
-            format!("deny ({})", NO_SERVICE_DEFAULT),
+            format!("deny ({})", no_service_default(design)),
             format!("allow ({})", by_the_service(design, ", cached for 60 s")),
         ]
     );
@@ -1688,7 +1693,7 @@ fn without_a_service_everything_gets_the_fail_closed_default(design: AskVia) {
     assert!(
         logged_decisions(&machine)
             .iter()
-            .all(|(_, verdict, reason)| verdict == "deny" && reason == NO_SERVICE_DEFAULT)
+            .all(|(_, verdict, reason)| verdict == "deny" && reason == no_service_default(design))
     );
     unload_clean(&machine, driver);
 }
@@ -3029,7 +3034,7 @@ fn while_the_service_restarts_another_admin_cannot_answer(design: AskVia) {
     assert_eq!(
         reasons,
         [
-            format!("deny ({})", NO_SERVICE_DEFAULT),
+            format!("deny ({})", no_service_default(design)),
             format!("allow ({})", by_the_service(design, ", cached for 60 s")),
         ]
     );

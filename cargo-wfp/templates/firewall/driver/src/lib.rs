@@ -88,7 +88,7 @@
 //! | a live cached verdict for the cache key | that verdict, at once (no allocation, no work item) |
 //! | **an image path no request can carry whole** (longer than [`MAX_PATH_UNITS`], an odd number of bytes, a NUL inside), reauthorizations included | **deny**, whatever the default, at once (nothing pended, nobody asked); counted in [`StatsSnapshot::unaskable`], not in `defaults`, and logged |
 //! | the service replies in time with a valid reply to this request | its verdict |
-//! | **channel**: no service has the channel open (not started yet, or exited) | not asked ([`NotAskedReason::NoService`]): the default at once, in classifyFn (the service opens the port and the channel together; no work item is queued to find nobody) |
+//! | **channel**: no service has the channel open (not started yet, or exited) | not asked ([`NotAskedReason::NoService`]): the default at once — the connection, pended to be asked, is completed in the same classifyFn and its reauthorization gets the default (the service opens the port and the channel together, so the port is not tried; no work item is queued to find nobody) |
 //! | **channel**: the service has the channel open but no request waiting | the question stays queued for its next request: its verdict, or the default at the deadline ([`Config::timeout`]) |
 //! | **channel**: the service's handle closes (it exited, was killed) with the question delivered and not answered, or its last handle closes with the question still queued | the default, at once (`Outcome::ServiceGone`) |
 //! | **channel**: no answer by the deadline; a late answer is refused (`STATUS_NOT_FOUND`) | the default |
@@ -592,8 +592,7 @@ impl From<Unasked> for AskError {
     fn from(why: Unasked) -> AskError {
         match why {
             Unasked::Unloading => AskError::Unloading,
-            // What the port design's work item would have found.
-            Unasked::NoService => AskError::Send(SendError::NotConnected),
+            Unasked::NoService => AskError::NoService,
         }
     }
 }
@@ -603,6 +602,9 @@ impl From<Unasked> for AskError {
 pub enum AskError {
     /// The driver is unloading: nothing is asked any more.
     Unloading,
+    /// No service has the question channel open: nobody was asked (the service opens the
+    /// port and the channel together, so the port is not tried either).
+    NoService,
     /// The message was not sent, or no valid reply came back.
     Send(SendError),
     /// The reply is well-formed but answers another request.
@@ -618,6 +620,7 @@ impl fmt::Display for AskError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             AskError::Unloading => f.write_str("unloading"),
+            AskError::NoService => f.write_str("no service has the question channel open"),
             AskError::Send(error) => error.fmt(f),
             AskError::Mismatched { asked, answered } => {
                 write!(f, "the reply answers request #{answered}, not #{asked}")
@@ -1578,22 +1581,6 @@ struct Asked {
     generation: u64,
 }
 
-/// Why the channel did not take a question, as the logs say it.
-struct Refusal(NotAskedReason);
-
-impl fmt::Display for Refusal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            NotAskedReason::Full => f.write_str("every slot of the question channel is taken"),
-            NotAskedReason::Closed => f.write_str("the question channel is closing"),
-            NotAskedReason::NoService => f.write_str("no service has the question channel open"),
-            NotAskedReason::TooLarge { len, max } => {
-                write!(f, "a {len}-byte question is over the channel's {max} bytes")
-            }
-        }
-    }
-}
-
 /// Why a channel question got no answer, as the logs say it; the answer itself, if it came
 /// (whether it answers the question, [`Shared::conclude`] checks).
 fn channel_reply(outcome: Outcome<ConnectionReply>) -> Result<ConnectionReply, &'static str> {
@@ -1650,10 +1637,10 @@ impl Shared {
                 // gone or not up yet, and the port (whose end may not have seen the service go)
                 // has nobody to ask either.
                 NotAskedReason::NoService => Err((not_asked.into_context(), Unasked::NoService)),
-                reason => {
+                NotAskedReason::Full | NotAskedReason::TooLarge { .. } => {
                     kd_print!(
                         "firewall: #{request_id}: asking through the port ({})\n",
-                        Refusal(reason)
+                        not_asked
                     );
                     Ok(Some(not_asked.into_context()))
                 }

@@ -545,9 +545,9 @@ fn every_connection_gets_exactly_one_decision_under_channel_races_and_unload() {
     }
 }
 
-/// With no service holding the channel open, a question is not asked there: it goes to the
-/// port, where nobody is connected either, and gets the default at once, without the clock
-/// reaching its deadline. A service that has the channel open but no request waiting yet still
+/// With no service holding the channel open, a question is not asked at all (nor through the
+/// port: the service opens both) and gets the default at once, without the clock reaching its
+/// deadline. A service that has the channel open but no request waiting yet still
 /// gets the question, queued, and decides it.
 #[test]
 fn without_a_service_the_default_comes_at_once() {
