@@ -1006,9 +1006,10 @@ fn simulated_device_objects_are_16_byte_aligned() {
     machine.unload_driver(driver).unwrap();
 }
 
-/// `MDL` against windows-sys; the NDIS buffer structures and the stream layer's structures
-/// (absent from windows-sys) against the x64 sizes and offsets of WDK 10.0.22621 `km/ndis/nbl.h`
-/// and `km/fwpsk.h`, computed by compiling the C definitions with fixed-width LLP64 typedefs.
+/// `MDL` against windows-sys; the NDIS buffer structures, the stream layer's structures and the
+/// injection types (absent from windows-sys) against the x64 sizes, offsets and values of WDK
+/// 10.0.22621 `km/ndis/nbl.h` and `km/fwpsk.h`, computed by compiling the C definitions with
+/// fixed-width LLP64 typedefs; the address families against windows-sys.
 #[test]
 fn packet_structures_match_windows_sys_and_the_headers() {
     use windows_sys::Wdk::Foundation as wdk;
@@ -1067,7 +1068,41 @@ fn packet_structures_match_windows_sys_and_the_headers() {
         streamData: 0, missedBytes: 8, countBytesRequired: 16, countBytesEnforced: 24,
         streamAction: 32,
     });
+    pin!(FWPS_TRANSPORT_SEND_PARAMS0, size 32, align 8 {
+        remoteAddress: 0, remoteScopeId: 8, controlData: 16, controlDataLength: 24,
+    });
     for (name, ours, header) in [
+        (
+            "FWPS_INJECTION_TYPE_TRANSPORT",
+            i64::from(ours::FWPS_INJECTION_TYPE_TRANSPORT),
+            0x2,
+        ),
+        (
+            "FWPS_INJECTION_TYPE_NETWORK",
+            i64::from(ours::FWPS_INJECTION_TYPE_NETWORK),
+            0x4,
+        ),
+        (
+            "FWPS_PACKET_INJECTED_BY_SELF",
+            i64::from(ours::FWPS_PACKET_INJECTED_BY_SELF),
+            1,
+        ),
+        (
+            "FWPS_PACKET_INJECTED_BY_OTHER",
+            i64::from(ours::FWPS_PACKET_INJECTED_BY_OTHER),
+            2,
+        ),
+        (
+            "FWPS_PACKET_PREVIOUSLY_INJECTED_BY_SELF",
+            i64::from(ours::FWPS_PACKET_PREVIOUSLY_INJECTED_BY_SELF),
+            3,
+        ),
+        ("AF_INET", i64::from(ours::AF_INET), i64::from(ws::AF_INET)),
+        (
+            "AF_INET6",
+            i64::from(ours::AF_INET6),
+            i64::from(ws::AF_INET6),
+        ),
         (
             "MDL_MAPPED_TO_SYSTEM_VA",
             i64::from(ours::MDL_MAPPED_TO_SYSTEM_VA),

@@ -542,6 +542,7 @@ impl Machine {
         crate::kernel::flt::check_unload(&self.kernel, driver.object, &driver.name);
         crate::kernel::wfp::check_unload(&self.kernel, driver.object, &driver.name);
         crate::kernel::irp::check_unload(&self.kernel, driver.object, &driver.name);
+        crate::kernel::inject::check_unload(&self.kernel, driver.object, &driver.name);
         let devices = state
             .devices
             .values()
@@ -1810,6 +1811,10 @@ impl Machine {
                 (AleFlowEstablishedV6::ID, Irql::DISPATCH, true),
             ],
         };
+        // An inbound attempt's absorbed packet may come back as a reinjected clone: the
+        // injection routine queues it for this thread from now until the attempt ends.
+        let _awaiting = (connection.direction == wfp_rs::metadata::Direction::Inbound)
+            .then(|| AwaitingReinjection::new(&self.kernel, flow));
         // Each layer, and a pended one's reauthorization.
         let mut layers = Vec::with_capacity(plan.len() + 1);
         let mut pended = false;
@@ -1817,8 +1822,16 @@ impl Machine {
         for &(id, irql, has_flow) in plan {
             let layer = wfp_rs::layer::layer_by_id(id).expect("known layer");
             let classified = std::time::Instant::now();
-            let mut decision =
-                self.classify_connection(layer, &presented, irql, has_flow.then_some(flow), None);
+            // The packet carries the attempt (`flow`) even where the layer has no flow handle,
+            // so a clone of it finds this attempt when it is reinjected.
+            let mut decision = self.classify_packet_of(
+                layer,
+                &presented,
+                irql,
+                has_flow.then_some(flow),
+                None,
+                Carried::Built { origin: flow },
+            );
             if let Some(pending) = decision.pending {
                 // The stack holds the connection until the callout completes the pend.
                 pended = true;
@@ -1826,13 +1839,30 @@ impl Machine {
                 let final_action = self.wait_for_completion(pending);
                 if layer.name.starts_with("ALE_AUTH_RECV_ACCEPT") {
                     // No reauthorization at RECV_ACCEPT: the absorbed packet is gone unless the
-                    // callout reinjects a clone (not simulated yet), so this attempt fails.
+                    // callout cloned it and reinjects the clone, which then crosses the inbound
+                    // layers again; the connection completes when that packet is delivered.
+                    let delivered = self.deliver_reinjected(connection, &presented, flow, ale);
+                    let pend_round_trip = Some(classified.elapsed());
+                    let Some(reinjected) = delivered else {
+                        return ConnectOutcome {
+                            decision,
+                            layers,
+                            flow_handle: None,
+                            pended,
+                            pend_round_trip,
+                        };
+                    };
+                    let established = reinjected
+                        .iter()
+                        .all(|(_, d)| d.action == wfp_rs::classify::Action::Permit);
+                    layers.extend(reinjected);
+                    let decision = layers.last().map(|(_, d)| *d).expect("at least one layer");
                     return ConnectOutcome {
                         decision,
                         layers,
-                        flow_handle: None,
+                        flow_handle: established.then_some(flow),
                         pended,
-                        pend_round_trip: Some(classified.elapsed()),
+                        pend_round_trip,
                     };
                 }
                 decision = match final_action {
@@ -2016,6 +2046,28 @@ impl Machine {
         flow: Option<u64>,
         reauthorization: Option<u32>,
     ) -> Decision {
+        self.classify_packet_of(
+            layer,
+            presented,
+            irql,
+            flow,
+            reauthorization,
+            Carried::Built {
+                origin: flow.unwrap_or(0),
+            },
+        )
+    }
+
+    /// [`classify_connection`](Self::classify_connection), with the packet `carried` says.
+    fn classify_packet_of(
+        &self,
+        layer: &'static wfp_rs::layer::LayerInfo,
+        presented: &Presented<'_>,
+        irql: Irql,
+        flow: Option<u64>,
+        reauthorization: Option<u32>,
+        carried: Carried,
+    ) -> Decision {
         use wfp_rs::sys::*;
         let connection = presented.connection;
         let values = || presented.values(layer, reauthorization);
@@ -2035,10 +2087,22 @@ impl Machine {
             metadata.currentMetadataValues |= FWPS_METADATA_FIELD_FLOW_HANDLE;
             metadata.flowHandle = flow;
         }
+        if layer.name.starts_with("OUTBOUND_TRANSPORT")
+            || layer.name.starts_with("INBOUND_TRANSPORT")
+        {
+            // The socket's endpoint, which send injection names (an opaque value here, one per
+            // connection attempt).
+            metadata.currentMetadataValues |= FWPS_METADATA_FIELD_TRANSPORT_ENDPOINT_HANDLE;
+            metadata.transportEndpointHandle = 0xE9D0_0000_0000 | flow.unwrap_or(0);
+        }
         let packet_start = connection_packet_start(layer, connection);
         let endpoints = match connection.direction {
             wfp_rs::metadata::Direction::Outbound => (connection.local, connection.remote),
             wfp_rs::metadata::Direction::Inbound => (connection.remote, connection.local),
+        };
+        let origin = match carried {
+            Carried::Built { origin } => origin,
+            Carried::Injected(_) => 0,
         };
         let build_packet = move || {
             let (source, destination) = endpoints;
@@ -2047,19 +2111,39 @@ impl Machine {
                 source,
                 destination,
             };
-            crate::kernel::packet::SimPacket::build(
+            let mut packet = crate::kernel::packet::SimPacket::build(
                 &endpoints,
                 packet_start.unwrap_or(crate::kernel::packet::Start::TransportHeader),
-            )
+            );
+            packet.set_origin(origin);
+            packet
         };
+        let mut injected_layer_data = core::ptr::null_mut();
+        if let (Carried::Injected(nbl), Some(start)) = (carried, packet_start) {
+            // The reinjected clone is the packet; each layer finds its data start where the
+            // layer puts it (the clone's bytes start at the IP header).
+            let (ip, transport) = header_sizes(connection);
+            let offset = match start {
+                crate::kernel::packet::Start::Payload => ip + transport,
+                crate::kernel::packet::Start::TransportHeader => ip,
+            };
+            injected_layer_data = crate::kernel::inject::position(&self.kernel, nbl, offset);
+            metadata.ipHeaderSize = ip;
+            metadata.transportHeaderSize = transport;
+            metadata.currentMetadataValues |=
+                FWPS_METADATA_FIELD_IP_HEADER_SIZE | FWPS_METADATA_FIELD_TRANSPORT_HEADER_SIZE;
+        }
         let mut incoming = engine::Incoming {
             layer,
             values: engine::Values::new(&values),
             metadata,
             // The engine copies it for the callouts (the stack's copy for this classification).
             process_path: Some(&presented.app_id),
-            layer_data: core::ptr::null_mut(),
-            packet: packet_start.map(|_| &build_packet as &dyn Fn() -> _),
+            layer_data: injected_layer_data,
+            packet: match carried {
+                Carried::Built { .. } => packet_start.map(|_| &build_packet as &dyn Fn() -> _),
+                Carried::Injected(_) => None,
+            },
             classify_context: core::ptr::null(),
             flow_context: 0,
             // The layers where the stack hands callouts a completion handle.
@@ -2075,6 +2159,118 @@ impl Machine {
         let verdict =
             state::with_context(&self.kernel, irql.0, 0, || engine::classify(&mut incoming));
         Machine::decision(verdict)
+    }
+}
+
+/// The packet a connection's classification carries.
+#[derive(Clone, Copy)]
+enum Carried {
+    /// One the stack builds for the classification (where the layer has packets), marked as a
+    /// packet of connection attempt `origin`.
+    Built { origin: u64 },
+    /// The reinjected clone at this address.
+    Injected(usize),
+}
+
+/// The IP and transport header sizes of a connection's first packet (as `SimPacket` builds it).
+fn header_sizes(connection: &Connection) -> (u32, u32) {
+    let ip = if connection.remote.is_ipv4() { 20 } else { 40 };
+    let transport = match connection.protocol {
+        Protocol::Tcp => 20,
+        Protocol::Udp => 8,
+        _ => 0,
+    };
+    (ip, transport)
+}
+
+/// How long an inbound attempt whose pend at ALE_AUTH_RECV_ACCEPT completed waits for a clone of
+/// its absorbed packet that is alive but neither injected nor freed. INFERRED: the peer would
+/// retransmit its SYN after about three seconds and the stack treat that as a new attempt; the
+/// simulator lets the attempt fail instead.
+const REINJECTION_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// While alive, receive injections of clones of connection attempt `origin`'s packet are queued
+/// for the connecting thread.
+struct AwaitingReinjection<'k> {
+    kernel: &'k Arc<Kernel>,
+    origin: u64,
+}
+
+impl<'k> AwaitingReinjection<'k> {
+    fn new(kernel: &'k Arc<Kernel>, origin: u64) -> Self {
+        crate::kernel::inject::await_origin(kernel, origin);
+        AwaitingReinjection { kernel, origin }
+    }
+}
+
+impl Drop for AwaitingReinjection<'_> {
+    fn drop(&mut self) {
+        crate::kernel::inject::forget_origin(self.kernel, self.origin);
+    }
+}
+
+impl Machine {
+    /// After a pend at ALE_AUTH_RECV_ACCEPT completed: waits for what the callout does with the
+    /// absorbed packet. A reinjected clone is delivered (INBOUND_TRANSPORT, ALE_AUTH_RECV_ACCEPT,
+    /// ALE_FLOW_ESTABLISHED again, on this thread, then the injector's completion routine);
+    /// returns those layers' decisions. `None` if no clone was reinjected (the attempt fails).
+    fn deliver_reinjected(
+        &self,
+        connection: &Connection,
+        presented: &Presented<'_>,
+        flow: u64,
+        ale: Irql,
+    ) -> Option<Vec<(&'static str, Decision)>> {
+        use crate::kernel::inject::{self, Fate};
+        use wfp_rs::layer::*;
+        let deadline = std::time::Instant::now() + REINJECTION_WAIT;
+        let Fate::Injected(nbl) = inject::wait_for_fate(&self.kernel, flow, deadline) else {
+            return None;
+        };
+        let plan: [u16; 3] = if connection.remote.is_ipv4() {
+            [
+                InboundTransportV4::ID,
+                AleAuthRecvAcceptV4::ID,
+                AleFlowEstablishedV4::ID,
+            ]
+        } else {
+            [
+                InboundTransportV6::ID,
+                AleAuthRecvAcceptV6::ID,
+                AleFlowEstablishedV6::ID,
+            ]
+        };
+        let mut layers = Vec::with_capacity(plan.len());
+        for (index, id) in plan.into_iter().enumerate() {
+            let layer = layer_by_id(id).expect("known layer");
+            let (irql, has_flow) = match index {
+                0 => (Irql::DISPATCH, false),
+                1 => (ale, false),
+                _ => (Irql::DISPATCH, true),
+            };
+            let mut decision = self.classify_packet_of(
+                layer,
+                presented,
+                irql,
+                has_flow.then_some(flow),
+                None,
+                Carried::Injected(nbl),
+            );
+            if let Some(pending) = decision.pending {
+                // Pended again: the reinjected packet is absorbed in its turn; this attempt
+                // ends with it (a callout that reinjects must recognise its own packets).
+                let _ = self.wait_for_completion(pending);
+                decision.action = wfp_rs::classify::Action::Block;
+            }
+            layers.push((layer.name, decision));
+            if decision.action != wfp_rs::classify::Action::Permit {
+                break;
+            }
+        }
+        // Back at the IP header, where the injector put it, for the completion routine.
+        inject::position(&self.kernel, nbl, 0);
+        self.run(|| inject::complete_flight(nbl, 0));
+        Some(layers)
     }
 }
 

@@ -263,6 +263,12 @@ impl<'a, L: Layer, F: 'static> Classify<'a, L, F> {
         unsafe { NetBufferList::from_layer_data(self.layer_data) }
     }
 
+    /// `layerData`, for the SDK's clone and injection-state routines (which move the data
+    /// start of the engine's packet and back, as the engine allows during classifyFn).
+    pub(crate) fn layer_data_mut(&self) -> *mut core::ffi::c_void {
+        self.layer_data.cast_mut()
+    }
+
     /// The stream data being classified (`layerData` as an `FWPS_STREAM_CALLOUT_IO_PACKET0`), at
     /// a stream layer; `None` when the engine passed none.
     /// Like [`packet`](Self::packet), the view borrows the classification.

@@ -293,6 +293,7 @@ pub mod engine;
 pub mod event;
 pub mod filter;
 pub mod guid;
+pub mod inject;
 pub mod inverted;
 pub mod irql;
 pub mod layer;

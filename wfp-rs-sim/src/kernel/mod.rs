@@ -28,6 +28,7 @@ mod deadlock;
 mod event;
 pub(crate) mod flt;
 mod global_alloc;
+pub(crate) mod inject;
 mod io;
 pub(crate) mod irp;
 mod irql;
@@ -128,4 +129,13 @@ pub(crate) static FUNCTIONS: wfp_rs::__sim::KernelFunctions = wfp_rs::__sim::Ker
     FwpsPendClassify0: wfp::FwpsPendClassify0,
     FwpsPendOperation0: wfp::FwpsPendOperation0,
     FwpsReleaseClassifyHandle0: wfp::FwpsReleaseClassifyHandle0,
+    FwpsInjectionHandleCreate0: inject::FwpsInjectionHandleCreate0,
+    FwpsInjectionHandleDestroy0: inject::FwpsInjectionHandleDestroy0,
+    FwpsAllocateCloneNetBufferList0: inject::FwpsAllocateCloneNetBufferList0,
+    FwpsFreeCloneNetBufferList0: inject::FwpsFreeCloneNetBufferList0,
+    FwpsInjectTransportReceiveAsync0: inject::FwpsInjectTransportReceiveAsync0,
+    FwpsInjectTransportSendAsync0: inject::FwpsInjectTransportSendAsync0,
+    FwpsQueryPacketInjectionState0: inject::FwpsQueryPacketInjectionState0,
+    NdisRetreatNetBufferDataStart: inject::NdisRetreatNetBufferDataStart,
+    NdisAdvanceNetBufferDataStart: inject::NdisAdvanceNetBufferDataStart,
 };

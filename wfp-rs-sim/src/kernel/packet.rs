@@ -198,6 +198,11 @@ impl SimPacket {
         }
     }
 
+    /// Marks the packet as one of connection attempt `origin` (see `inject.rs`).
+    pub(crate) fn set_origin(&mut self, origin: u64) {
+        super::inject::set_origin(&mut self.nbl, origin);
+    }
+
     /// The `layerData` pointer: the net buffer list.
     pub(crate) fn layer_data(&mut self) -> PVOID {
         (&raw mut *self.nbl).cast()

@@ -172,6 +172,8 @@ pub(crate) struct Kernel {
     pub timers: super::timer::Timers,
     /// How many system worker and classifying threads are blocked in waits (`blocked.rs`).
     pub blocked: super::blocked::BlockedThreads,
+    /// Injection handles and cloned net buffer lists (`inject.rs`).
+    pub inject: super::inject::Injections,
 }
 
 /// A thread blocked in a wait.
@@ -326,6 +328,7 @@ impl Kernel {
             timers: super::timer::Timers::default(),
             blocked: super::blocked::BlockedThreads::default(),
             registry: super::registry::Registry::default(),
+            inject: super::inject::Injections::default(),
         });
         let mut handles = Vec::with_capacity(workers);
         for index in 0..workers {

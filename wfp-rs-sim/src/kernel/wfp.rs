@@ -1650,7 +1650,12 @@ fn notify_delete(record: &FilterRecord) {
 
 /// Runs driver code on this thread, charged to `driver`, and checks that it returns at the IRQL
 /// it was called at.
-fn in_driver<R>(driver: usize, callout: u32, callback: &'static str, f: impl FnOnce() -> R) -> R {
+pub(crate) fn in_driver<R>(
+    driver: usize,
+    callout: u32,
+    callback: &'static str,
+    f: impl FnOnce() -> R,
+) -> R {
     let before = irql();
     let routine = super::state::Routine::new(
         super::state::RoutineKind::Callout(callback),

@@ -23,6 +23,7 @@
 use super::flt::*;
 use super::fwp::*;
 use super::irp::*;
+use super::ndis::*;
 use super::types::*;
 
 /// Declares the kernel functions, grouped by the module that exports them (see the module
@@ -399,6 +400,76 @@ kernel_functions! {
             classifyHandle: u64,
             flags: u32,
             classifyOut: *const FWPS_CLASSIFY_OUT0,
+        );
+    }
+
+    // Packet injection (fwpsk.h). FwpsInjectionHandleCreate0 and FwpsInjectionHandleDestroy0
+    // at PASSIVE_LEVEL (destroy returns when the handle's pending injections have completed);
+    // the clone, free, inject and query routines at IRQL <= DISPATCH_LEVEL.
+    module "fwpkclnt.sys" {
+        fn FwpsInjectionHandleCreate0(
+            addressFamily: ADDRESS_FAMILY,
+            flags: u32,
+            injectionHandle: *mut HANDLE,
+        ) -> NTSTATUS;
+        fn FwpsInjectionHandleDestroy0(injectionHandle: HANDLE) -> NTSTATUS;
+        fn FwpsAllocateCloneNetBufferList0(
+            originalNetBufferList: *mut NET_BUFFER_LIST,
+            netBufferListPoolHandle: HANDLE,
+            netBufferPoolHandle: HANDLE,
+            allocateCloneFlags: u32,
+            netBufferList: *mut *mut NET_BUFFER_LIST,
+        ) -> NTSTATUS;
+        fn FwpsFreeCloneNetBufferList0(netBufferList: *mut NET_BUFFER_LIST, freeCloneFlags: u32);
+        /// `reserved` and `flags` must be zero; `netBufferList` must start at the IP header.
+        fn FwpsInjectTransportReceiveAsync0(
+            injectionHandle: HANDLE,
+            injectionContext: HANDLE,
+            reserved: PVOID,
+            flags: u32,
+            addressFamily: ADDRESS_FAMILY,
+            compartmentId: u32,
+            interfaceIndex: u32,
+            subInterfaceIndex: u32,
+            netBufferList: *mut NET_BUFFER_LIST,
+            completionFn: FWPS_INJECT_COMPLETE0,
+            completionContext: HANDLE,
+        ) -> NTSTATUS;
+        /// `netBufferList` starts at the transport header.
+        fn FwpsInjectTransportSendAsync0(
+            injectionHandle: HANDLE,
+            injectionContext: HANDLE,
+            endpointHandle: u64,
+            flags: u32,
+            sendArgs: *mut FWPS_TRANSPORT_SEND_PARAMS0,
+            addressFamily: ADDRESS_FAMILY,
+            compartmentId: u32,
+            netBufferList: *mut NET_BUFFER_LIST,
+            completionFn: FWPS_INJECT_COMPLETE0,
+            completionContext: HANDLE,
+        ) -> NTSTATUS;
+        fn FwpsQueryPacketInjectionState0(
+            injectionHandle: HANDLE,
+            netBufferList: *const NET_BUFFER_LIST,
+            injectionContext: *mut HANDLE,
+        ) -> FWPS_PACKET_INJECTION_STATE;
+    }
+
+    // NDIS (nblapi.h): moving a net buffer's data start. IRQL <= DISPATCH_LEVEL. A callout that
+    // moves the start of a packet the engine indicated moves it back before classifyFn returns
+    // (Microsoft's "Packet Indication Format").
+    module "ndis.sys" {
+        fn NdisRetreatNetBufferDataStart(
+            NetBuffer: *mut NET_BUFFER,
+            DataOffsetDelta: u32,
+            DataBackFill: u32,
+            AllocateMdlHandler: NET_BUFFER_ALLOCATE_MDL,
+        ) -> NDIS_STATUS;
+        fn NdisAdvanceNetBufferDataStart(
+            NetBuffer: *mut NET_BUFFER,
+            DataOffsetDelta: u32,
+            FreeMdl: BOOLEAN,
+            FreeMdlHandler: NET_BUFFER_FREE_MDL,
         );
     }
 

@@ -559,6 +559,9 @@ pub struct FWPM_DISPLAY_DATA0 {
 
 /// `ADDRESS_FAMILY` (ws2def.h).
 pub type ADDRESS_FAMILY = u16;
+pub const AF_UNSPEC: ADDRESS_FAMILY = 0;
+pub const AF_INET: ADDRESS_FAMILY = 2;
+pub const AF_INET6: ADDRESS_FAMILY = 23;
 
 /// `SCOPE_ID` (ws2def.h): a union of `Value` with the bit fields `Zone` (bits 0..28) and
 /// `Level` (bits 28..32), modelled as the `ULONG` it is.

@@ -158,6 +158,62 @@ pub struct FWPS_STREAM_CALLOUT_IO_PACKET0 {
     pub streamAction: FWPS_STREAM_ACTION_TYPE,
 }
 
+/// `NDIS_STATUS` (ndis/types.h): an NTSTATUS-compatible code.
+pub type NDIS_STATUS = i32;
+pub const NDIS_STATUS_SUCCESS: NDIS_STATUS = 0;
+/// `NDIS_STATUS_RESOURCES` (`STATUS_INSUFFICIENT_RESOURCES`).
+pub const NDIS_STATUS_RESOURCES: NDIS_STATUS = 0xC000_009A_u32 as i32;
+/// `NDIS_STATUS_FAILURE` (`STATUS_UNSUCCESSFUL`).
+pub const NDIS_STATUS_FAILURE: NDIS_STATUS = 0xC000_0001_u32 as i32;
+
+/// `NET_BUFFER_ALLOCATE_MDL` (nblapi.h): the optional allocator `NdisRetreatNetBufferDataStart`
+/// calls when the used data space is too short.
+pub type NET_BUFFER_ALLOCATE_MDL =
+    Option<unsafe extern "system" fn(BufferSize: *mut u32) -> *mut MDL>;
+/// `NET_BUFFER_FREE_MDL` (nblapi.h): the optional routine `NdisAdvanceNetBufferDataStart` frees
+/// MDLs with.
+pub type NET_BUFFER_FREE_MDL = Option<unsafe extern "system" fn(Mdl: *mut MDL)>;
+
+// Packet injection (fwpsk.h).
+
+/// `FWPS_INJECTION_TYPE_*`: what an injection handle injects into (`FwpsInjectionHandleCreate0`).
+pub const FWPS_INJECTION_TYPE_STREAM: u32 = 0x0000_0001;
+pub const FWPS_INJECTION_TYPE_TRANSPORT: u32 = 0x0000_0002;
+pub const FWPS_INJECTION_TYPE_NETWORK: u32 = 0x0000_0004;
+pub const FWPS_INJECTION_TYPE_FORWARD: u32 = 0x0000_0008;
+
+/// `FWPS_PACKET_INJECTION_STATE` (fwpsk.h): what `FwpsQueryPacketInjectionState0` says of a
+/// packet, relative to the injection handle it is asked with.
+pub type FWPS_PACKET_INJECTION_STATE = i32;
+pub const FWPS_PACKET_NOT_INJECTED: FWPS_PACKET_INJECTION_STATE = 0;
+pub const FWPS_PACKET_INJECTED_BY_SELF: FWPS_PACKET_INJECTION_STATE = 1;
+pub const FWPS_PACKET_INJECTED_BY_OTHER: FWPS_PACKET_INJECTION_STATE = 2;
+pub const FWPS_PACKET_PREVIOUSLY_INJECTED_BY_SELF: FWPS_PACKET_INJECTION_STATE = 3;
+pub const FWPS_PACKET_INJECTION_STATE_MAX: FWPS_PACKET_INJECTION_STATE = 4;
+
+/// `FWPS_INJECT_COMPLETE0` (fwpsk.h): called when an injected net buffer list has been
+/// delivered (or dropped); `dispatchLevel` says whether it runs at `DISPATCH_LEVEL`. The
+/// injector frees the list here; its `Status` member says how the injection ended.
+pub type FWPS_INJECT_COMPLETE0 = Option<
+    unsafe extern "system" fn(
+        context: *mut c_void,
+        netBufferList: *mut NET_BUFFER_LIST,
+        dispatchLevel: u8,
+    ),
+>;
+
+/// `FWPS_TRANSPORT_SEND_PARAMS0` (fwpsk.h): where `FwpsInjectTransportSendAsync0` sends.
+/// `remoteAddress` points to the remote IP address in network byte order (4 or 16 bytes);
+/// `controlData` to `controlDataLength` bytes of socket control data, or null.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FWPS_TRANSPORT_SEND_PARAMS0 {
+    pub remoteAddress: *mut u8,
+    pub remoteScopeId: super::fwp::SCOPE_ID,
+    pub controlData: *mut super::fwp::WSACMSGHDR,
+    pub controlDataLength: u32,
+}
+
 macro_rules! assert_layout {
     ($t:ty, size $size:literal, align $align:literal { $($field:ident: $offset:expr),* $(,)? }) => {
         const_assert_eq!(size_of::<$t>(), $size);
@@ -191,4 +247,7 @@ assert_layout!(FWPS_STREAM_DATA0, size 64, align 8 {
 assert_layout!(FWPS_STREAM_CALLOUT_IO_PACKET0, size 40, align 8 {
     streamData: 0, missedBytes: 8, countBytesRequired: 16, countBytesEnforced: 24,
     streamAction: 32,
+});
+assert_layout!(FWPS_TRANSPORT_SEND_PARAMS0, size 32, align 8 {
+    remoteAddress: 0, remoteScopeId: 8, controlData: 16, controlDataLength: 24,
 });

@@ -1,0 +1,782 @@
+//! Packet injection: injection handles, cloned net buffer lists, transport injection and the
+//! injection state of a packet (`fwpsk.h`), and the NDIS routines that move a net buffer's data
+//! start (`nblapi.h`).
+//!
+//! What is modelled, and how:
+//! - A clone (`FwpsAllocateCloneNetBufferList0`) is a real `NET_BUFFER_LIST` with one
+//!   `NET_BUFFER` over one MDL, holding a **copy** of the original's bytes (the whole MDL chain,
+//!   so the used data space behind the data start is there too) with the same data offset and
+//!   length. Windows's clone shares the original's MDLs and data (`NdisAllocateCloneNetBufferList`
+//!   underneath) and the stack keeps the original until the clone is freed; a copy behaves the
+//!   same for a callout that does not write to the data (INFERRED equivalence), and lets the
+//!   simulator free the original when its classification returns. `ParentNetBufferList` is left
+//!   null for that reason.
+//! - The stack's packets carry the connection attempt they belong to in `NdisReserved[0]` (the
+//!   owner's field; the simulator is the owner), and a clone inherits it, so an injected clone
+//!   finds its connection.
+//! - `FwpsInjectTransportReceiveAsync0` of a clone of a connection attempt the harness is
+//!   waiting for (an inbound `Machine::connect` pended at ALE_AUTH_RECV_ACCEPT) queues it for
+//!   that attempt: the connecting thread runs it through INBOUND_TRANSPORT,
+//!   ALE_AUTH_RECV_ACCEPT and ALE_FLOW_ESTABLISHED again (the packet is the clone itself, its
+//!   data start advanced to where each layer puts it), then calls the completion routine. Any
+//!   other injected packet is delivered at once without being classified again (INFERRED
+//!   simplification: nothing in the harness waits for it), and its completion routine runs
+//!   before the inject call returns, at `DISPATCH_LEVEL` (Windows may complete an injection
+//!   inline or later; a driver must accept both).
+//! - While an injected clone is in flight, `FwpsQueryPacketInjectionState0` says
+//!   `FWPS_PACKET_INJECTED_BY_SELF` (and hands back the injection context) to the handle that
+//!   injected it, `FWPS_PACKET_INJECTED_BY_OTHER` to any other handle.
+//! - `FwpsInjectionHandleDestroy0` waits for the handle's injections in flight, as documented.
+//!
+//! What Windows punishes stops the machine (INFERRED codes: Microsoft documents the rules, not
+//! the bug checks; these misuses corrupt NDIS or WFP memory on Windows, so the simulator uses
+//! WFP's own code, `WFP_INVALID_OPERATION`, as it does for other dead WFP objects), parameter 1
+//! naming the rule ([`CLONE_NOT_LIVE`], [`CLONE_IN_FLIGHT`], [`HANDLE_NOT_LIVE`]), parameter 2
+//! the object. Unloading with a clone not freed or an injection handle not destroyed stops with
+//! `DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS`, parameter 3 [`UNLOAD_CLONES_LIVE`]
+//! or [`UNLOAD_INJECTION_HANDLES_OPEN`] (INFERRED likewise: what fwpkclnt.sys allocated for the
+//! driver is not charged to the driver's pool, so Verifier's 0xC4/0x62 does not apply; the
+//! simulator reports it as the other leftovers at unload).
+
+#[allow(unused_imports)]
+use std::{boxed::Box, string::String, vec::Vec};
+
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use super::bugcheck::stop;
+use super::state::{current, current_driver, require_irql};
+use wfp_rs::bugcheck::BugCheckCode;
+use wfp_rs::status::Status;
+use wfp_rs::sys::*;
+
+/// `FwpsFreeCloneNetBufferList0` or an inject routine with a net buffer list that is not a live
+/// clone (freed already, or never allocated by `FwpsAllocateCloneNetBufferList0`): parameter 1
+/// of the `WFP_INVALID_OPERATION` stop; parameter 3 is 1 if it is a clone freed recently.
+pub(crate) const CLONE_NOT_LIVE: usize = 0x8000_0010;
+/// A clone freed or injected again while an injection of it is in flight (the stack owns it
+/// until the completion routine runs).
+pub(crate) const CLONE_IN_FLIGHT: usize = 0x8000_0011;
+/// An inject, query or destroy with an injection handle that is not live (destroyed, or never
+/// created); parameter 3 is 1 if it was destroyed.
+pub(crate) const HANDLE_NOT_LIVE: usize = 0x8000_0012;
+/// Parameter 3 of the unload stop for clones the driver never freed; parameter 4 how many.
+pub(crate) const UNLOAD_CLONES_LIVE: usize = 5;
+/// Parameter 3 of the unload stop for injection handles never destroyed; parameter 4 how many.
+pub(crate) const UNLOAD_INJECTION_HANDLES_OPEN: usize = 6;
+
+/// How many freed clones stay allocated (and so keep their addresses out of reuse), so that a
+/// second free or an inject of a freed clone is recognised.
+const QUARANTINE: usize = 1024;
+
+/// The injection state of one machine.
+#[derive(Default)]
+pub(crate) struct Injections {
+    state: Mutex<State>,
+    /// Signalled when a clone is freed or injected, and when an injection completes.
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    next_handle: usize,
+    handles: FxHashMap<usize, HandleRecord>,
+    destroyed: FxHashSet<usize>,
+    clones: FxHashMap<usize, CloneRecord>,
+    /// Freed clones, oldest first, kept allocated for [`QUARANTINE`] frees.
+    freed: VecDeque<(usize, Box<CloneStorage>)>,
+    /// Connection attempts a harness thread waits to deliver injected packets of.
+    awaiting: FxHashSet<u64>,
+}
+
+struct HandleRecord {
+    driver: usize,
+    /// Injections of this handle in flight.
+    in_flight: usize,
+}
+
+struct CloneRecord {
+    driver: usize,
+    storage: Box<CloneStorage>,
+    flight: Option<Flight>,
+}
+
+/// An injection in flight.
+#[derive(Clone, Copy)]
+pub(crate) struct Flight {
+    pub handle: usize,
+    pub injection_context: usize,
+    pub completion: FWPS_INJECT_COMPLETE0,
+    pub completion_context: usize,
+    /// Receive injection (else send), and whether a harness thread delivers it.
+    pub receive: bool,
+    pub queued: bool,
+    pub driver: usize,
+}
+
+/// A clone's structures and bytes, at stable heap addresses.
+struct CloneStorage {
+    nbl: NET_BUFFER_LIST,
+    nb: NET_BUFFER,
+    mdl: MDL,
+    bytes: Box<[u8]>,
+}
+
+// SAFETY: the raw pointers point into the storage itself (or are null); the state is only
+// touched under its lock.
+unsafe impl Send for State {}
+
+impl Injections {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The connection attempt (origin) the stack's packet `nbl` belongs to: 0 for none.
+pub(crate) fn origin_of(nbl: &NET_BUFFER_LIST) -> u64 {
+    nbl.NdisReserved.0[0] as u64
+}
+
+/// Marks the stack's packet `nbl` as belonging to connection attempt `origin`.
+pub(crate) fn set_origin(nbl: &mut NET_BUFFER_LIST, origin: u64) {
+    nbl.NdisReserved.0[0] = origin as usize as PVOID;
+}
+
+/// Moves `nb`'s data start to `offset` bytes into its MDL chain, keeping its end.
+fn set_data_offset(nb: &mut NET_BUFFER, offset: u32) {
+    let end = nb.DataOffset as u64 + (nb.DataLength as u32) as u64;
+    nb.DataOffset = offset;
+    nb.DataLength = end.saturating_sub(u64::from(offset)) as usize;
+    // The current MDL is the one holding the new start.
+    let mut mdl = nb.MdlChain;
+    let mut skip = offset;
+    // SAFETY: the chain is the stack's or a clone's, valid while the net buffer is.
+    while let Some(current) = unsafe { mdl.as_ref() } {
+        if skip < current.ByteCount || current.Next.is_null() {
+            break;
+        }
+        skip -= current.ByteCount;
+        mdl = current.Next;
+    }
+    nb.CurrentMdl = mdl;
+    nb.CurrentMdlOffset = skip;
+}
+
+/// Copies every byte of `nb`'s MDL chain (mapped MDLs only, as the simulator builds them).
+fn chain_bytes(nb: &NET_BUFFER) -> Option<Vec<u8>> {
+    let mut bytes = Vec::new();
+    let mut mdl = nb.MdlChain;
+    let mut walked = 0;
+    // SAFETY: as in `set_data_offset`.
+    while let Some(current) = unsafe { mdl.as_ref() } {
+        walked += 1;
+        if walked > wfp_rs::packet::MAX_CHAIN || current.MappedSystemVa.is_null() {
+            return None;
+        }
+        // SAFETY: a mapped MDL describes `ByteCount` bytes at `MappedSystemVa`.
+        bytes.extend_from_slice(unsafe {
+            core::slice::from_raw_parts(
+                current.MappedSystemVa.cast::<u8>(),
+                current.ByteCount as usize,
+            )
+        });
+        mdl = current.Next;
+    }
+    Some(bytes)
+}
+
+/// `FwpsInjectionHandleCreate0`: `PASSIVE_LEVEL`.
+///
+/// # Safety
+///
+/// `injectionHandle` must be writable.
+pub unsafe extern "system" fn FwpsInjectionHandleCreate0(
+    addressFamily: ADDRESS_FAMILY,
+    flags: u32,
+    injectionHandle: *mut HANDLE,
+) -> NTSTATUS {
+    let _kernel = super::state::KernelCode::enter();
+    require_irql("FwpsInjectionHandleCreate0", PASSIVE_LEVEL);
+    if injectionHandle.is_null() {
+        return Status::FWP_NULL_POINTER.raw();
+    }
+    const KNOWN: u32 = FWPS_INJECTION_TYPE_STREAM
+        | FWPS_INJECTION_TYPE_TRANSPORT
+        | FWPS_INJECTION_TYPE_NETWORK
+        | FWPS_INJECTION_TYPE_FORWARD;
+    if flags & !KNOWN != 0 || !matches!(addressFamily, AF_UNSPEC | AF_INET | AF_INET6) {
+        return Status::INVALID_PARAMETER.raw();
+    }
+    let kernel = current();
+    let mut state = kernel.inject.state();
+    state.next_handle += 1;
+    // Opaque values with a tag of their own, so they never equal another kind of handle.
+    let handle = (0x1A1E_usize << 48) | state.next_handle;
+    state.handles.insert(
+        handle,
+        HandleRecord {
+            driver: current_driver(),
+            in_flight: 0,
+        },
+    );
+    drop(state);
+    // SAFETY: writable per the contract.
+    unsafe { injectionHandle.write(handle as HANDLE) };
+    0
+}
+
+/// Stops for a handle that is not live.
+fn handle_not_live(routine: &str, handle: usize, destroyed: bool) -> ! {
+    stop(
+        BugCheckCode::WFP_INVALID_OPERATION,
+        [HANDLE_NOT_LIVE, handle, usize::from(destroyed), 0],
+        &if destroyed {
+            format!("{routine} with an injection handle that was already destroyed")
+        } else {
+            format!("{routine} with an injection handle FwpsInjectionHandleCreate0 never returned")
+        },
+    )
+}
+
+/// `FwpsInjectionHandleDestroy0`: `PASSIVE_LEVEL`; returns once the handle's injections in
+/// flight have completed.
+///
+/// # Safety
+///
+/// None beyond the contract's: the handle is the caller's.
+pub unsafe extern "system" fn FwpsInjectionHandleDestroy0(injectionHandle: HANDLE) -> NTSTATUS {
+    let _kernel = super::state::KernelCode::enter();
+    require_irql("FwpsInjectionHandleDestroy0", PASSIVE_LEVEL);
+    let handle = injectionHandle as usize;
+    let kernel = current();
+    let mut state = kernel.inject.state();
+    loop {
+        match state.handles.get(&handle) {
+            None => {
+                let destroyed = state.destroyed.contains(&handle);
+                drop(state);
+                handle_not_live("FwpsInjectionHandleDestroy0", handle, destroyed);
+            }
+            Some(record) if record.in_flight == 0 => break,
+            Some(_) => {
+                state = kernel
+                    .inject
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+        }
+    }
+    state.handles.remove(&handle);
+    state.destroyed.insert(handle);
+    0
+}
+
+/// `FwpsAllocateCloneNetBufferList0`: at most `DISPATCH_LEVEL`. The clone copies the original's
+/// first net buffer (see the module documentation); the pool handles are ignored (the default
+/// pools).
+///
+/// # Safety
+///
+/// `originalNetBufferList` must be a valid net buffer list; `netBufferList` writable.
+pub unsafe extern "system" fn FwpsAllocateCloneNetBufferList0(
+    originalNetBufferList: *mut NET_BUFFER_LIST,
+    netBufferListPoolHandle: HANDLE,
+    netBufferPoolHandle: HANDLE,
+    allocateCloneFlags: u32,
+    netBufferList: *mut *mut NET_BUFFER_LIST,
+) -> NTSTATUS {
+    let _kernel = super::state::KernelCode::enter();
+    let _ = (netBufferListPoolHandle, netBufferPoolHandle);
+    require_irql("FwpsAllocateCloneNetBufferList0", DISPATCH_LEVEL);
+    if netBufferList.is_null() || originalNetBufferList.is_null() {
+        return Status::FWP_NULL_POINTER.raw();
+    }
+    if allocateCloneFlags != 0 {
+        return Status::INVALID_PARAMETER.raw();
+    }
+    // SAFETY: valid per the contract.
+    let original = unsafe { &*originalNetBufferList };
+    // SAFETY: likewise, its first net buffer.
+    let Some(first) = (unsafe { original.FirstNetBuffer.as_ref() }) else {
+        return Status::INVALID_PARAMETER.raw();
+    };
+    let Some(bytes) = chain_bytes(first) else {
+        return Status::INVALID_PARAMETER.raw();
+    };
+    let mut bytes = bytes.into_boxed_slice();
+    let address = bytes.as_mut_ptr() as usize;
+    // SAFETY: the NDIS structures are plain data; zero is an empty, unlinked one.
+    let (nbl, nb) = unsafe { core::mem::zeroed::<(NET_BUFFER_LIST, NET_BUFFER)>() };
+    let mut storage = Box::new(CloneStorage {
+        nbl,
+        nb,
+        mdl: MDL {
+            Next: core::ptr::null_mut(),
+            Size: size_of::<MDL>() as i16,
+            MdlFlags: MDL_SOURCE_IS_NONPAGED_POOL,
+            Process: core::ptr::null_mut(),
+            MappedSystemVa: bytes.as_mut_ptr().cast(),
+            StartVa: (address & !0xFFF) as PVOID,
+            ByteCount: bytes.len() as u32,
+            ByteOffset: (address & 0xFFF) as u32,
+        },
+        bytes,
+    });
+    storage.nb.MdlChain = &raw mut storage.mdl;
+    storage.nb.DataOffset = first.DataOffset;
+    storage.nb.DataLength = first.DataLength;
+    let offset = first.DataOffset;
+    set_data_offset(&mut storage.nb, offset);
+    storage.nbl.FirstNetBuffer = &raw mut storage.nb;
+    storage.nbl.NblFlags = original.NblFlags;
+    set_origin(&mut storage.nbl, origin_of(original));
+    let clone = &raw mut storage.nbl;
+    let kernel = current();
+    kernel.inject.state().clones.insert(
+        clone as usize,
+        CloneRecord {
+            driver: current_driver(),
+            storage,
+            flight: None,
+        },
+    );
+    // SAFETY: writable per the contract.
+    unsafe { netBufferList.write(clone) };
+    0
+}
+
+/// Stops for a net buffer list that is not a live clone.
+fn clone_not_live(routine: &str, nbl: usize, state: MutexGuard<'_, State>) -> ! {
+    let recently_freed = state.freed.iter().any(|(a, _)| *a == nbl);
+    drop(state);
+    stop(
+        BugCheckCode::WFP_INVALID_OPERATION,
+        [CLONE_NOT_LIVE, nbl, usize::from(recently_freed), 0],
+        &if recently_freed {
+            format!("{routine} with a cloned net buffer list that was already freed")
+        } else {
+            format!(
+                "{routine} with a net buffer list FwpsAllocateCloneNetBufferList0 did not return"
+            )
+        },
+    )
+}
+
+/// Stops for a clone whose injection is in flight.
+fn clone_in_flight(routine: &str, nbl: usize) -> ! {
+    stop(
+        BugCheckCode::WFP_INVALID_OPERATION,
+        [CLONE_IN_FLIGHT, nbl, 0, 0],
+        &format!(
+            "{routine} with a cloned net buffer list whose injection is still in flight (the \
+             stack owns it until the completion routine runs)"
+        ),
+    )
+}
+
+/// `FwpsFreeCloneNetBufferList0`: at most `DISPATCH_LEVEL`.
+///
+/// # Safety
+///
+/// `netBufferList` must be a clone the caller owns.
+pub unsafe extern "system" fn FwpsFreeCloneNetBufferList0(
+    netBufferList: *mut NET_BUFFER_LIST,
+    freeCloneFlags: u32,
+) {
+    let _kernel = super::state::KernelCode::enter();
+    let _ = freeCloneFlags;
+    require_irql("FwpsFreeCloneNetBufferList0", DISPATCH_LEVEL);
+    let nbl = netBufferList as usize;
+    let kernel = current();
+    let mut state = kernel.inject.state();
+    match state.clones.get(&nbl) {
+        None => clone_not_live("FwpsFreeCloneNetBufferList0", nbl, state),
+        Some(record) if record.flight.is_some() => {
+            drop(state);
+            clone_in_flight("FwpsFreeCloneNetBufferList0", nbl)
+        }
+        Some(_) => {}
+    }
+    let record = state.clones.remove(&nbl).expect("checked above");
+    state.freed.push_back((nbl, record.storage));
+    if state.freed.len() > QUARANTINE {
+        state.freed.pop_front();
+    }
+    drop(state);
+    kernel.inject.changed.notify_all();
+}
+
+/// What an inject routine checks and records, for both directions: returns whether a harness
+/// thread delivers it (a receive injection of a `deliverable` packet of an attempt it waits for).
+fn begin_flight(routine: &str, nbl: usize, mut flight: Flight, deliverable: bool) -> bool {
+    let kernel = current();
+    let mut state = kernel.inject.state();
+    if !state.handles.contains_key(&flight.handle) {
+        let destroyed = state.destroyed.contains(&flight.handle);
+        drop(state);
+        handle_not_live(routine, flight.handle, destroyed);
+    }
+    let origin = match state.clones.get(&nbl) {
+        None => clone_not_live(routine, nbl, state),
+        Some(record) if record.flight.is_some() => {
+            drop(state);
+            clone_in_flight(routine, nbl)
+        }
+        Some(record) => origin_of(&record.storage.nbl),
+    };
+    flight.queued =
+        deliverable && flight.receive && origin != 0 && state.awaiting.contains(&origin);
+    if let Some(record) = state.clones.get_mut(&nbl) {
+        record.flight = Some(flight);
+    }
+    if let Some(handle) = state.handles.get_mut(&flight.handle) {
+        handle.in_flight += 1;
+    }
+    drop(state);
+    kernel.inject.changed.notify_all();
+    flight.queued
+}
+
+/// Ends the injection of `nbl`: sets its status, calls the completion routine as the injecting
+/// driver's code at `DISPATCH_LEVEL`, and releases the handle.
+pub(crate) fn complete_flight(nbl: usize, status: NTSTATUS) {
+    let kernel = current();
+    let flight = {
+        let mut state = kernel.inject.state();
+        let Some(record) = state.clones.get_mut(&nbl) else {
+            return;
+        };
+        record.storage.nbl.Status = status;
+        record.flight.take()
+    };
+    let Some(flight) = flight else { return };
+    if let Some(completion) = flight.completion {
+        let run = || {
+            super::wfp::in_driver(flight.driver, 0, "the injection completion routine", || {
+                // SAFETY: the routine the driver passed for this injection, with its context and
+                // the clone it injected; at DISPATCH_LEVEL, as `dispatchLevel` says.
+                unsafe { completion(flight.completion_context as PVOID, nbl as _, TRUE) }
+            });
+        };
+        if super::state::irql() >= DISPATCH_LEVEL {
+            run();
+        } else {
+            super::state::with_context(&kernel, DISPATCH_LEVEL, flight.driver, run);
+        }
+    }
+    let mut state = kernel.inject.state();
+    if let Some(handle) = state.handles.get_mut(&flight.handle) {
+        handle.in_flight = handle.in_flight.saturating_sub(1);
+    }
+    drop(state);
+    kernel.inject.changed.notify_all();
+}
+
+/// Whether the first byte at the data start of `nbl` is the IP header of `family`.
+fn starts_at_ip_header(nbl: usize, family: ADDRESS_FAMILY) -> bool {
+    let kernel = current();
+    let state = kernel.inject.state();
+    let Some(record) = state.clones.get(&nbl) else {
+        return false;
+    };
+    let offset = record.storage.nb.DataOffset as usize;
+    let version = record.storage.bytes.get(offset).map(|b| b >> 4);
+    matches!((family, version), (AF_INET, Some(4)) | (AF_INET6, Some(6)))
+}
+
+/// `FwpsInjectTransportReceiveAsync0`: at most `DISPATCH_LEVEL`. The clone must start at the
+/// IP header; one that does not is dropped by the stack (its completion routine sees
+/// `STATUS_INVALID_PARAMETER` in the list's `Status`; INFERRED: Windows parses the bytes as an
+/// IP header and drops a malformed packet).
+///
+/// # Safety
+///
+/// As documented: `netBufferList` is a clone the caller owns, `completionFn` callable.
+pub unsafe extern "system" fn FwpsInjectTransportReceiveAsync0(
+    injectionHandle: HANDLE,
+    injectionContext: HANDLE,
+    reserved: PVOID,
+    flags: u32,
+    addressFamily: ADDRESS_FAMILY,
+    compartmentId: u32,
+    interfaceIndex: u32,
+    subInterfaceIndex: u32,
+    netBufferList: *mut NET_BUFFER_LIST,
+    completionFn: FWPS_INJECT_COMPLETE0,
+    completionContext: HANDLE,
+) -> NTSTATUS {
+    let _kernel = super::state::KernelCode::enter();
+    let _ = (compartmentId, interfaceIndex, subInterfaceIndex);
+    require_irql("FwpsInjectTransportReceiveAsync0", DISPATCH_LEVEL);
+    if netBufferList.is_null() || completionFn.is_none() {
+        return Status::FWP_NULL_POINTER.raw();
+    }
+    if !reserved.is_null() || flags != 0 || !matches!(addressFamily, AF_INET | AF_INET6) {
+        return Status::INVALID_PARAMETER.raw();
+    }
+    let nbl = netBufferList as usize;
+    let flight = Flight {
+        handle: injectionHandle as usize,
+        injection_context: injectionContext as usize,
+        completion: completionFn,
+        completion_context: completionContext as usize,
+        receive: true,
+        queued: false,
+        driver: current_driver(),
+    };
+    // A malformed packet is dropped at once, never delivered to a waiting attempt.
+    let well_formed = starts_at_ip_header(nbl, addressFamily);
+    let queued = begin_flight("FwpsInjectTransportReceiveAsync0", nbl, flight, well_formed);
+    if !queued {
+        let status = if well_formed {
+            0
+        } else {
+            Status::INVALID_PARAMETER.raw()
+        };
+        complete_flight(nbl, status);
+    }
+    0
+}
+
+/// `FwpsInjectTransportSendAsync0`: at most `DISPATCH_LEVEL`. The packet is delivered at once,
+/// without being classified again (INFERRED simplification, see the module documentation).
+///
+/// # Safety
+///
+/// As documented: `netBufferList` is a clone the caller owns, `sendArgs` null or valid.
+pub unsafe extern "system" fn FwpsInjectTransportSendAsync0(
+    injectionHandle: HANDLE,
+    injectionContext: HANDLE,
+    endpointHandle: u64,
+    flags: u32,
+    sendArgs: *mut FWPS_TRANSPORT_SEND_PARAMS0,
+    addressFamily: ADDRESS_FAMILY,
+    compartmentId: u32,
+    netBufferList: *mut NET_BUFFER_LIST,
+    completionFn: FWPS_INJECT_COMPLETE0,
+    completionContext: HANDLE,
+) -> NTSTATUS {
+    let _kernel = super::state::KernelCode::enter();
+    let _ = (endpointHandle, sendArgs, compartmentId);
+    require_irql("FwpsInjectTransportSendAsync0", DISPATCH_LEVEL);
+    if netBufferList.is_null() || completionFn.is_none() {
+        return Status::FWP_NULL_POINTER.raw();
+    }
+    if flags != 0 || !matches!(addressFamily, AF_INET | AF_INET6) {
+        return Status::INVALID_PARAMETER.raw();
+    }
+    let nbl = netBufferList as usize;
+    let flight = Flight {
+        handle: injectionHandle as usize,
+        injection_context: injectionContext as usize,
+        completion: completionFn,
+        completion_context: completionContext as usize,
+        receive: false,
+        queued: false,
+        driver: current_driver(),
+    };
+    begin_flight("FwpsInjectTransportSendAsync0", nbl, flight, true);
+    complete_flight(nbl, 0);
+    0
+}
+
+/// `FwpsQueryPacketInjectionState0`: at most `DISPATCH_LEVEL`.
+///
+/// # Safety
+///
+/// `netBufferList` must be valid; `injectionContext` null or writable.
+pub unsafe extern "system" fn FwpsQueryPacketInjectionState0(
+    injectionHandle: HANDLE,
+    netBufferList: *const NET_BUFFER_LIST,
+    injectionContext: *mut HANDLE,
+) -> FWPS_PACKET_INJECTION_STATE {
+    let _kernel = super::state::KernelCode::enter();
+    require_irql("FwpsQueryPacketInjectionState0", DISPATCH_LEVEL);
+    let handle = injectionHandle as usize;
+    let kernel = current();
+    let state = kernel.inject.state();
+    if !state.handles.contains_key(&handle) {
+        let destroyed = state.destroyed.contains(&handle);
+        drop(state);
+        handle_not_live("FwpsQueryPacketInjectionState0", handle, destroyed);
+    }
+    let flight = state
+        .clones
+        .get(&(netBufferList as usize))
+        .and_then(|record| record.flight);
+    drop(state);
+    match flight {
+        None => FWPS_PACKET_NOT_INJECTED,
+        Some(flight) if flight.handle == handle => {
+            if !injectionContext.is_null() {
+                // SAFETY: writable per the contract.
+                unsafe { injectionContext.write(flight.injection_context as HANDLE) };
+            }
+            FWPS_PACKET_INJECTED_BY_SELF
+        }
+        Some(_) => FWPS_PACKET_INJECTED_BY_OTHER,
+    }
+}
+
+/// `NdisRetreatNetBufferDataStart`: at most `DISPATCH_LEVEL`. The simulator's packets always
+/// have the used data space asked for; a retreat beyond it (which Windows satisfies by
+/// allocating an MDL) fails with `NDIS_STATUS_RESOURCES` here (not modelled).
+///
+/// # Safety
+///
+/// `NetBuffer` must be valid.
+pub unsafe extern "system" fn NdisRetreatNetBufferDataStart(
+    NetBuffer: *mut NET_BUFFER,
+    DataOffsetDelta: u32,
+    DataBackFill: u32,
+    AllocateMdlHandler: NET_BUFFER_ALLOCATE_MDL,
+) -> NDIS_STATUS {
+    let _kernel = super::state::KernelCode::enter();
+    let _ = (DataBackFill, AllocateMdlHandler);
+    require_irql("NdisRetreatNetBufferDataStart", DISPATCH_LEVEL);
+    // SAFETY: valid per the contract.
+    let Some(nb) = (unsafe { NetBuffer.as_mut() }) else {
+        return NDIS_STATUS_FAILURE;
+    };
+    let Some(offset) = nb.DataOffset.checked_sub(DataOffsetDelta) else {
+        return NDIS_STATUS_RESOURCES;
+    };
+    set_data_offset(nb, offset);
+    NDIS_STATUS_SUCCESS
+}
+
+/// `NdisAdvanceNetBufferDataStart`: at most `DISPATCH_LEVEL`. Advancing past the end of the
+/// data stops at the end (INFERRED: Windows does not check).
+///
+/// # Safety
+///
+/// `NetBuffer` must be valid.
+pub unsafe extern "system" fn NdisAdvanceNetBufferDataStart(
+    NetBuffer: *mut NET_BUFFER,
+    DataOffsetDelta: u32,
+    FreeMdl: BOOLEAN,
+    FreeMdlHandler: NET_BUFFER_FREE_MDL,
+) {
+    let _kernel = super::state::KernelCode::enter();
+    let _ = (FreeMdl, FreeMdlHandler);
+    require_irql("NdisAdvanceNetBufferDataStart", DISPATCH_LEVEL);
+    // SAFETY: valid per the contract.
+    if let Some(nb) = unsafe { NetBuffer.as_mut() } {
+        let length = nb.DataLength as u32;
+        let offset = nb.DataOffset + DataOffsetDelta.min(length);
+        set_data_offset(nb, offset);
+    }
+}
+
+/// The harness waits to deliver the injected packets of connection attempt `origin`.
+pub(crate) fn await_origin(kernel: &super::state::Kernel, origin: u64) {
+    kernel.inject.state().awaiting.insert(origin);
+}
+
+/// The harness no longer waits for `origin`.
+pub(crate) fn forget_origin(kernel: &super::state::Kernel, origin: u64) {
+    kernel.inject.state().awaiting.remove(&origin);
+}
+
+/// What became of the absorbed packet of connection attempt `origin`.
+pub(crate) enum Fate {
+    /// A clone of it was receive-injected: the clone's list, to deliver.
+    Injected(usize),
+    /// No clone of it is alive (none was made, or all were freed): the attempt fails.
+    Dropped,
+    /// Clones stayed alive, uninjected, until the deadline.
+    TimedOut,
+}
+
+/// Waits until a clone of `origin`'s packet is queued for delivery, or none is alive, or
+/// `deadline` passes.
+pub(crate) fn wait_for_fate(
+    kernel: &super::state::Kernel,
+    origin: u64,
+    deadline: std::time::Instant,
+) -> Fate {
+    let mut state = kernel.inject.state();
+    loop {
+        let mut alive = false;
+        for (&nbl, record) in &state.clones {
+            if origin_of(&record.storage.nbl) != origin {
+                continue;
+            }
+            match record.flight {
+                Some(flight) if flight.queued => return Fate::Injected(nbl),
+                _ => alive = true,
+            }
+        }
+        if !alive {
+            return Fate::Dropped;
+        }
+        let now = std::time::Instant::now();
+        if now >= deadline {
+            return Fate::TimedOut;
+        }
+        state = kernel
+            .inject
+            .changed
+            .wait_timeout(state, deadline - now)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+}
+
+/// Moves the data start of the queued clone `nbl` to `offset` bytes into its bytes (where a
+/// layer puts it) and returns the list, for the delivering classification's `layerData`.
+pub(crate) fn position(kernel: &super::state::Kernel, nbl: usize, offset: u32) -> PVOID {
+    let mut state = kernel.inject.state();
+    if let Some(record) = state.clones.get_mut(&nbl) {
+        set_data_offset(&mut record.storage.nb, offset);
+    }
+    nbl as PVOID
+}
+
+/// At unload of `driver`: a clone not freed, or an injection handle not destroyed, stops the
+/// machine (see the module documentation).
+pub(crate) fn check_unload(kernel: &super::state::Kernel, driver: usize, name: &str) {
+    let state = kernel.inject.state();
+    let mut clones: Vec<usize> = state
+        .clones
+        .iter()
+        .filter(|(_, r)| r.driver == driver)
+        .map(|(&a, _)| a)
+        .collect();
+    let mut handles: Vec<usize> = state
+        .handles
+        .iter()
+        .filter(|(_, r)| r.driver == driver)
+        .map(|(&h, _)| h)
+        .collect();
+    drop(state);
+    clones.sort_unstable();
+    handles.sort_unstable();
+    if let Some(&first) = clones.first() {
+        stop(
+            BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS,
+            [0, first, UNLOAD_CLONES_LIVE, clones.len()],
+            &format!(
+                "driver {name} unloaded with {} cloned net buffer list(s) never freed (first \
+                 {first:#x}); the stack holds each clone's original packet until it is freed. \
+                 Free every clone (FwpsFreeCloneNetBufferList0) or inject it",
+                clones.len()
+            ),
+        );
+    }
+    if let Some(&first) = handles.first() {
+        stop(
+            BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS,
+            [0, first, UNLOAD_INJECTION_HANDLES_OPEN, handles.len()],
+            &format!(
+                "driver {name} unloaded with {} injection handle(s) never destroyed (first \
+                 {first:#x}). Destroy every handle (FwpsInjectionHandleDestroy0) before unload \
+                 returns",
+                handles.len()
+            ),
+        );
+    }
+}
