@@ -1357,119 +1357,22 @@ where
         let Some((observed, cache_key)) = shared.observe(c, Direction::Outbound) else {
             return;
         };
-        if observed.reauthorization {
-            // The channel's `decide` or the work item recorded the verdict before it completed
-            // the pend.
-            let verdict = match shared.verdicts.take(&mut *irql, &observed.key) {
-                Some(verdict) => {
-                    // Its connection's slot is free again (and unload is told of progress).
-                    shared.release(irql);
-                    if shared.unloading.load(Ordering::SeqCst) {
-                        shared.progress.set(irql);
-                    }
-                    verdict
-                }
-                // A reauthorization this callout did not cause.
-                None => shared.cached(irql, &cache_key).unwrap_or_else(|| {
-                    let path = match whole_path(&c.values) {
-                        Ok(path) => path,
-                        Err(why) => {
-                            shared.unaskable(&observed, &why);
-                            return Verdict::Deny;
-                        }
-                    };
-                    if policy_changed(c) {
-                        // An established connection, after a rules change.
-                        shared.count(Counter::EstablishedKept);
-                        let channel = self.channel.as_deref();
-                        let background = Background::Established;
-                        Shared::ask_in_background(
-                            shared, irql, channel, &self.queue, &observed, cache_key, path,
-                            background,
-                        );
-                        return Verdict::Allow;
-                    }
-                    shared.count(Counter::Defaults);
-                    kd_print!(
-                        Warning,
-                        "firewall: pid {}: {default} (default: a reauthorization with no recorded or cached verdict)\n",
-                        observed.key.pid
-                    );
-                    default
-                }),
-            };
-            apply(&mut c.out, verdict);
-            return;
-        }
-        if let Some(verdict) = shared.cached(irql, &cache_key) {
-            apply(&mut c.out, verdict);
-            return;
-        }
-        let path = match whole_path(&c.values) {
-            Ok(path) => path,
-            Err(why) => return shared.deny_unaskable(&mut c.out, &observed, why),
-        };
-        // Counted before the flag is read (see `Shared::settle`).
-        shared.in_flight.fetch_add(1, Ordering::SeqCst);
-        let request_id = shared.request_id();
-        let decided_at_once = |c: &mut Classify<'_, L>, reason: &dyn fmt::Display| {
-            shared.count(Counter::Defaults);
-            kd_print!(
-                Warning,
-                "firewall: #{request_id}: {default} (default: {reason})\n"
-            );
-            apply(&mut c.out, default);
-            shared.finished(irql);
-        };
-        if shared.unloading.load(Ordering::SeqCst) {
-            decided_at_once(c, &"unloading");
-            return;
-        }
-        // A slot for the verdict, before the pend: a recorded verdict is never evicted. And
-        // room for the question in the pool the questions may hold.
-        let Some(charge) = Shared::reserve(shared, request_len(path.units())) else {
-            // The cache did not answer (above): the overload decision, not the default (a
-            // burst must not open a fail-open firewall); counted, logged per burst.
-            shared.count(Counter::Overloaded);
-            apply(&mut c.out, shared.config.overload);
-            shared.finished(irql);
-            return;
-        };
-        let question = match observed.question(path, request_id, charge, irql) {
-            Ok(question) => question,
-            // The path was checked above; never asked about with part of it.
-            Err(NoRequest::Unaskable(why)) => {
-                shared.release(irql);
-                shared.deny_unaskable(&mut c.out, &observed, why);
-                shared.finished(irql);
-                return;
+        // A reauthorization is decided here, or (an established connection after a rules
+        // change) asked about below, from this frame as a new connection is: the outbound
+        // classification's stack is the driver's deepest.
+        let (question, waiting) = if observed.reauthorization {
+            match Shared::reauthorized(shared, irql, c, &observed, cache_key) {
+                Some(question) => (question, Waiting::Established),
+                None => return,
             }
-            Err(error @ NoRequest::NoPool) => {
-                shared.release(irql);
-                decided_at_once(c, &error);
-                return;
+        } else {
+            match Shared::pended_question(shared, irql, c, &observed, cache_key) {
+                Some((question, pended)) => (question, Waiting::Connection(pended)),
+                None => return,
             }
         };
-        let pended = match c.pend() {
-            Ok(pended) => pended,
-            // A heavier sublayer decided hard; there is nothing to ask.
-            Err(PendError::NoWriteRight) => {
-                shared.release(irql);
-                shared.finished(irql);
-                return;
-            }
-            Err(error) => {
-                shared.release(irql);
-                decided_at_once(c, &error);
-                return;
-            }
-        };
-        kd_print!(
-            "firewall: #{request_id}: {}: pended, asking the service\n",
-            Described(&question.head)
-        );
         let key = observed.key;
-        let waiting = Waiting::Connection(pended);
+        let request_id = question.head.request_id;
         let channel = self.channel.as_deref();
         let asked =
             match shared.ask_channel_first(irql, channel, &question, waiting, key, cache_key) {
@@ -1477,7 +1380,7 @@ where
                 Ok(None) => return,
                 Ok(Some(asked)) => asked,
                 // Unloading, or nobody to ask: the default, recorded for the
-                // reauthorization.
+                // reauthorization (an established connection is kept).
                 Err((asked, why)) => {
                     return shared.conclude(
                         irql,
@@ -1487,6 +1390,9 @@ where
                     );
                 }
             };
+        if matches!(asked.waiting, Waiting::Established) {
+            return Shared::ask_background_on_port(shared, &*irql, &self.queue, question, asked);
+        }
         let work = PoolArc::clone(shared);
         let queued = self.queue.queue(irql, move |passive| {
             let reply = work.ask_on_port(passive, &question);
@@ -1649,6 +1555,26 @@ impl Shared {
         path: PathBytes<'_>,
         background: Background,
     ) {
+        if let Some(question) =
+            Shared::background_question(this, &*irql, observed, path, background)
+        {
+            let key = observed.key;
+            Shared::send_background(
+                this, irql, channel, queue, question, key, cache_key, background,
+            );
+        }
+    }
+
+    /// Takes a [`Config::background_asks`] slot and builds the question, or logs and counts
+    /// why not.
+    #[inline(never)]
+    fn background_question(
+        this: &PoolArc<Shared>,
+        irql: &impl AtMostDispatch,
+        observed: &Observed,
+        path: PathBytes<'_>,
+        background: Background,
+    ) -> Option<Question> {
         let shared = this;
         let subject = background.subject();
         if !shared.reserve_background() {
@@ -1658,7 +1584,7 @@ impl Shared {
                 "firewall: pid {} {subject}: {background}not asking: too many questions in flight, or unloading)\n",
                 observed.key.pid
             );
-            return;
+            return None;
         }
         let not_asking = |why: &dyn fmt::Display| {
             shared.background.fetch_sub(1, Ordering::SeqCst);
@@ -1670,54 +1596,230 @@ impl Shared {
             );
         };
         let Some(charge) = Shared::try_charge(shared, request_len(path.units())) else {
-            return not_asking(&format_args!(
+            not_asking(&format_args!(
                 "the questions waiting for the service hold {QUESTION_BYTES} bytes of pool"
             ));
+            return None;
         };
         let request_id = shared.request_id();
-        let question = match observed.question(path, request_id, charge, &*irql) {
+        let question = match observed.question(path, request_id, charge, irql) {
             Ok(question) => question,
-            Err(error) => return not_asking(&error),
+            Err(error) => {
+                not_asking(&error);
+                return None;
+            }
         };
         kd_print!(
             "firewall: #{request_id}: {}: {background}{})\n",
             Described(&question.head),
             background.asking()
         );
+        Some(question)
+    }
+
+    /// Asks a background question: through the channel when there is one, else by a work item
+    /// over the port. The slot [`Shared::background_question`] took goes with the question.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the question's pieces; a struct would only repeat them"
+    )]
+    fn send_background<I: Token>(
+        this: &PoolArc<Shared>,
+        irql: &mut I,
+        channel: Option<&QuestionChannel>,
+        queue: &WorkQueue,
+        question: Question,
+        key: ConnectionKey,
+        cache_key: CacheKey,
+        background: Background,
+    ) {
         let waiting = background.waiting();
-        let key = observed.key;
-        let asked =
-            match shared.ask_channel_first(irql, channel, &question, waiting, key, cache_key) {
-                Ok(None) => {
-                    shared.count(Counter::BackgroundAsks);
-                    return;
-                }
-                Ok(Some(asked)) => asked,
-                Err((_, why)) => {
-                    kd_print!(Warning, "firewall: #{request_id}: not asked ({why})\n");
-                    shared.background.fetch_sub(1, Ordering::SeqCst);
-                    shared.count(Counter::BackgroundSkipped);
-                    return;
-                }
-            };
-        let work = PoolArc::clone(shared);
+        match this.ask_channel_first(irql, channel, &question, waiting, key, cache_key) {
+            Ok(None) => this.count(Counter::BackgroundAsks),
+            Ok(Some(asked)) => Shared::ask_background_on_port(this, &*irql, queue, question, asked),
+            Err((asked, why)) => this.not_asked_in_background(asked.request_id, &why),
+        }
+    }
+
+    /// A background question the channel handed back: a work item asks it over the port.
+    #[inline(never)]
+    fn ask_background_on_port(
+        this: &PoolArc<Shared>,
+        irql: &impl AtMostDispatch,
+        queue: &WorkQueue,
+        question: Question,
+        asked: Asked,
+    ) {
+        let request_id = asked.request_id;
+        let work = PoolArc::clone(this);
         let queued = queue.queue(irql, move |passive| {
             let reply = work.ask_on_port(passive, &question);
             work.conclude(passive, asked, reply, "");
             work.change_policy_if_due(passive);
         });
         match queued {
-            Ok(()) => shared.count(Counter::BackgroundAsks),
+            Ok(()) => this.count(Counter::BackgroundAsks),
             Err(not_queued) => {
-                kd_print!(
-                    Warning,
-                    "firewall: #{request_id}: not asked ({not_queued})\n"
-                );
                 drop(not_queued);
-                shared.background.fetch_sub(1, Ordering::SeqCst);
-                shared.count(Counter::BackgroundSkipped);
+                this.not_asked_in_background(request_id, &"no work item could be queued");
             }
         }
+    }
+
+    /// A new outbound connection: the cache's verdict, or the connection pended and the
+    /// question to ask about it (`Some`); or decided at once (unaskable, unloading, overload,
+    /// no pool, no pend). A frame of its own, off the outbound classification's deepest path.
+    #[inline(never)]
+    fn pended_question<L>(
+        this: &PoolArc<Shared>,
+        irql: &mut DispatchLevel<'_>,
+        c: &mut Classify<'_, L>,
+        observed: &Observed,
+        cache_key: CacheKey,
+    ) -> Option<(Question, PendedClassify)>
+    where
+        L: PendableByCompletionHandle,
+        fields::AleAppId: Field<L>,
+    {
+        let shared = this;
+        let default = shared.config.default;
+        if let Some(verdict) = shared.cached(irql, &cache_key) {
+            apply(&mut c.out, verdict);
+            return None;
+        }
+        let path = match whole_path(&c.values) {
+            Ok(path) => path,
+            Err(why) => {
+                shared.deny_unaskable(&mut c.out, observed, why);
+                return None;
+            }
+        };
+        // Counted before the flag is read (see `Shared::settle`).
+        shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        let request_id = shared.request_id();
+        let decided_at_once = |c: &mut Classify<'_, L>, reason: &dyn fmt::Display| {
+            shared.count(Counter::Defaults);
+            kd_print!(
+                Warning,
+                "firewall: #{request_id}: {default} (default: {reason})\n"
+            );
+            apply(&mut c.out, default);
+            shared.finished(irql);
+        };
+        if shared.unloading.load(Ordering::SeqCst) {
+            decided_at_once(c, &"unloading");
+            return None;
+        }
+        // A slot for the verdict, before the pend: a recorded verdict is never evicted. And
+        // room for the question in the pool the questions may hold.
+        let Some(charge) = Shared::reserve(shared, request_len(path.units())) else {
+            // The cache did not answer (above): the overload decision, not the default (a
+            // burst must not open a fail-open firewall); counted, logged per burst.
+            shared.count(Counter::Overloaded);
+            apply(&mut c.out, shared.config.overload);
+            shared.finished(irql);
+            return None;
+        };
+        let question = match observed.question(path, request_id, charge, irql) {
+            Ok(question) => question,
+            // The path was checked above; never asked about with part of it.
+            Err(NoRequest::Unaskable(why)) => {
+                shared.release(irql);
+                shared.deny_unaskable(&mut c.out, observed, why);
+                shared.finished(irql);
+                return None;
+            }
+            Err(error @ NoRequest::NoPool) => {
+                shared.release(irql);
+                decided_at_once(c, &error);
+                return None;
+            }
+        };
+        let pended = match c.pend() {
+            Ok(pended) => pended,
+            // A heavier sublayer decided hard; there is nothing to ask.
+            Err(PendError::NoWriteRight) => {
+                shared.release(irql);
+                shared.finished(irql);
+                return None;
+            }
+            Err(error) => {
+                shared.release(irql);
+                decided_at_once(c, &error);
+                return None;
+            }
+        };
+        kd_print!(
+            "firewall: #{request_id}: {}: pended, asking the service\n",
+            Described(&question.head)
+        );
+        Some((question, pended))
+    }
+
+    /// Decides an outbound reauthorization: the verdict recorded for the connection this
+    /// callout pended, else the cache's, else — for an established connection a policy change
+    /// reauthorized — allow, and the question to ask about it (`Some`); else the default.
+    #[inline(never)]
+    fn reauthorized<L>(
+        this: &PoolArc<Shared>,
+        irql: &mut DispatchLevel<'_>,
+        c: &mut Classify<'_, L>,
+        observed: &Observed,
+        cache_key: CacheKey,
+    ) -> Option<Question>
+    where
+        L: Layer,
+        fields::AleAppId: Field<L>,
+        fields::ReauthorizeReason: Field<L>,
+    {
+        let shared = this;
+        // The channel's `decide` or the work item recorded the verdict before it completed
+        // the pend.
+        if let Some(verdict) = shared.verdicts.take(&mut *irql, &observed.key) {
+            // Its connection's slot is free again (and unload is told of progress).
+            shared.release(irql);
+            if shared.unloading.load(Ordering::SeqCst) {
+                shared.progress.set(irql);
+            }
+            apply(&mut c.out, verdict);
+            return None;
+        }
+        // A reauthorization this callout did not cause.
+        if let Some(verdict) = shared.cached(irql, &cache_key) {
+            apply(&mut c.out, verdict);
+            return None;
+        }
+        let path = match whole_path(&c.values) {
+            Ok(path) => path,
+            Err(why) => {
+                shared.unaskable(observed, &why);
+                apply(&mut c.out, Verdict::Deny);
+                return None;
+            }
+        };
+        if !policy_changed(c) {
+            let default = shared.config.default;
+            shared.count(Counter::Defaults);
+            kd_print!(
+                Warning,
+                "firewall: pid {}: {default} (default: a reauthorization with no recorded or cached verdict)\n",
+                observed.key.pid
+            );
+            apply(&mut c.out, default);
+            return None;
+        }
+        // An established connection, after a rules change: kept while the service is asked.
+        shared.count(Counter::EstablishedKept);
+        apply(&mut c.out, Verdict::Allow);
+        Shared::background_question(shared, &*irql, observed, path, Background::Established)
+    }
+
+    /// A background question that was not asked after all: its slot is free again.
+    #[inline(never)]
+    fn not_asked_in_background(&self, request_id: u64, why: &dyn fmt::Display) {
+        kd_print!(Warning, "firewall: #{request_id}: not asked ({why})\n");
+        self.background.fetch_sub(1, Ordering::SeqCst);
+        self.count(Counter::BackgroundSkipped);
     }
 }
 
@@ -1774,9 +1876,9 @@ impl Shared {
         clippy::result_large_err,
         reason = "the context must come back whole, and boxing it would allocate in classifyFn"
     )]
-    fn ask_channel_first(
+    fn ask_channel_first<I: Token>(
         &self,
-        irql: &mut DispatchLevel<'_>,
+        irql: &mut I,
         channel: Option<&QuestionChannel>,
         question: &Question,
         waiting: Waiting,
