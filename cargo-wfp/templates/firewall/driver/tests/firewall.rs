@@ -2412,6 +2412,8 @@ fn a_rules_change_cuts_the_established_connections_the_new_rules_deny(design: As
 fn a_rules_reload_with_revoke_mid_stream_gives_no_stale_verdict(design: AskVia) {
     const THREADS: u64 = 8;
     const PER_THREAD: u64 = 500;
+    const MAX_PER_THREAD: u64 = 2_000;
+    const AFTER: usize = 20;
     let seed = seed();
     let machine = Machine::with_worker_threads(8);
     let driver = load(&machine, reload::on(design).entry);
@@ -2447,17 +2449,24 @@ fn a_rules_reload_with_revoke_mid_stream_gives_no_stale_verdict(design: AskVia) 
                 let (machine, reloaded) = (&machine, &reloaded);
                 s.spawn(move || {
                     let mut rng = Rng::new(seed, 300 + t);
-                    (0..PER_THREAD)
-                        .map(|n| {
-                            let local = 2_000 + (t * PER_THREAD + n) as u16;
-                            let c = rng.attempt(local);
-                            let after = reloaded.load(Ordering::SeqCst);
-                            let outcome = machine.connect(&c, rng.irql());
-                            let what = format!("{c:?} (seed {seed:#x})");
-                            let (action, _) = decided_once(&c, &outcome, &what);
-                            (c, action, after)
-                        })
-                        .collect::<Vec<_>>()
+                    let mut attempts = Vec::new();
+                    // PER_THREAD attempts, and on until AFTER of them started after the reload
+                    // (however the threads were scheduled), within MAX_PER_THREAD.
+                    let mut after_reload = 0;
+                    for n in 0..MAX_PER_THREAD {
+                        if n >= PER_THREAD && after_reload >= AFTER {
+                            break;
+                        }
+                        let local = 2_000 + (t * MAX_PER_THREAD + n) as u16;
+                        let c = rng.attempt(local);
+                        let after = reloaded.load(Ordering::SeqCst);
+                        after_reload += usize::from(after);
+                        let outcome = machine.connect(&c, rng.irql());
+                        let what = format!("{c:?} (seed {seed:#x})");
+                        let (action, _) = decided_once(&c, &outcome, &what);
+                        attempts.push((c, action, after));
+                    }
+                    attempts
                 })
             })
             .collect();
