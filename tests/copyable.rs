@@ -378,6 +378,19 @@ fn seed_fixed_copied_alone_builds_and_tests() {
     });
 }
 
+#[test]
+#[cfg_attr(
+    windows,
+    ignore = "the copies' tests need the simulator, which a Windows host selects per crate with --features sim"
+)]
+fn stream_inspect_copied_alone_builds_and_tests() {
+    timed("stream-inspect", || {
+        let copy = Copy::of(&["stream-inspect"]);
+        copy.test(&["stream-inspect"]);
+        copy.build_image("stream-inspect", "stream_inspect");
+    });
+}
+
 /// The minimal driver alone, and the simulator demo with the minimal driver beside it.
 #[test]
 #[cfg_attr(
@@ -452,7 +465,13 @@ fn examples_write_out_the_workspace_lints() {
 }
 
 /// The example folders that hold a driver, each with the `.cargo/config.toml` a copy needs.
-const DRIVER_FOLDERS: &[&str] = &["minimal-driver", "starter", "seed-fixed", "firewall"];
+const DRIVER_FOLDERS: &[&str] = &[
+    "minimal-driver",
+    "starter",
+    "seed-fixed",
+    "stream-inspect",
+    "firewall",
+];
 
 /// Every example driver (a `cdylib`) is in a folder whose `.cargo/config.toml` sets
 /// `panic = "abort"` for both profiles and links the Windows target as the repository does, so

@@ -101,6 +101,8 @@ fn other_example_images_pass_the_stack_check_in_both_profiles() {
         ("starter", Profile::Release),
         ("starter", Profile::Debug),
         ("seed-fixed", Profile::Release),
+        ("stream-inspect", Profile::Release),
+        ("stream-inspect", Profile::Debug),
         ("firewall-driver", Profile::Debug),
     ] {
         let Some(sys) = build_driver_image(package, profile) else {

@@ -1577,6 +1577,21 @@ pub struct ConnectOutcome {
     pub pend_round_trip: Option<std::time::Duration>,
 }
 
+/// What [`Machine::stream`] did: the filter engine's decision, and what the callouts left in
+/// the `FWPS_STREAM_CALLOUT_IO_PACKET0`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamOutcome {
+    /// The filter engine's decision for the indication.
+    pub decision: Decision,
+    /// `streamAction`: an `FWPS_STREAM_ACTION_*` value; `FWPS_STREAM_ACTION_NONE` unless a
+    /// callout set another.
+    pub stream_action: wfp_rs::sys::FWPS_STREAM_ACTION_TYPE,
+    /// `countBytesRequired` (meaningful with `FWPS_STREAM_ACTION_NEED_MORE_DATA`).
+    pub count_bytes_required: u32,
+    /// `countBytesEnforced`: how many bytes of the indication the decision applies to.
+    pub count_bytes_enforced: usize,
+}
+
 /// The null SID (S-1-0-0): the package id of a process outside an AppContainer.
 const NULL_SID: [u8; 12] = [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
@@ -1951,6 +1966,111 @@ impl Machine {
         };
         let layer = layer_by_id(id).expect("known layer");
         self.classify_connection(layer, &presented, Irql::DISPATCH, Some(flow_handle), None)
+    }
+
+    /// A TCP connection's stream data crosses the stream layer: STREAM_V4 or STREAM_V6 (the
+    /// connection's IP version), once, at `DISPATCH_LEVEL`, with the connection's addresses and
+    /// ports, `direction` (the data's: outbound data is sent, inbound data received) and the
+    /// flow handle `flow_handle`. `layerData` is a real `FWPS_STREAM_CALLOUT_IO_PACKET0` whose
+    /// stream data holds `data` in one `NET_BUFFER_LIST`, its bytes split in two MDLs at the
+    /// middle (so a callout's reads cross MDLs); [`stream_pieces`](Self::stream_pieces) chooses
+    /// the split. The flags say the direction: `FWPS_STREAM_FLAG_SEND` or
+    /// `FWPS_STREAM_FLAG_RECEIVE`.
+    ///
+    /// As with [`packet`](Self::packet), a flow [`connect`](Self::connect) established is first
+    /// reauthorized if a policy change reached its authorization layer since, and the data of a
+    /// flow that was cut is dropped unclassified. Modifying the stream (a callout's
+    /// `streamAction`, `FwpsStreamInjectAsync0`) is not modelled: the outcome reports what the
+    /// callouts left in the io packet, and nothing acts on it.
+    ///
+    /// # Panics
+    ///
+    /// If `connection.protocol` is not TCP: the stream layers see only TCP.
+    pub fn stream(
+        &self,
+        connection: &Connection,
+        flow_handle: u64,
+        direction: wfp_rs::metadata::Direction,
+        data: &[u8],
+    ) -> StreamOutcome {
+        let (first, second) = data.split_at(data.len() / 2);
+        self.stream_pieces(connection, flow_handle, direction, &[first, second])
+    }
+
+    /// [`stream`](Self::stream) with the stream data's bytes in one MDL per non-empty piece of
+    /// `pieces`, in order.
+    ///
+    /// # Panics
+    ///
+    /// If `connection.protocol` is not TCP: the stream layers see only TCP.
+    pub fn stream_pieces(
+        &self,
+        connection: &Connection,
+        flow_handle: u64,
+        direction: wfp_rs::metadata::Direction,
+        pieces: &[&[u8]],
+    ) -> StreamOutcome {
+        use wfp_rs::layer::*;
+        use wfp_rs::sys::*;
+        assert_eq!(
+            connection.protocol,
+            Protocol::Tcp,
+            "expected a TCP connection: the stream layers see only TCP"
+        );
+        let mut data = connection.clone();
+        data.direction = direction;
+        let presented = Presented::new(&data);
+        let untouched = |decision| StreamOutcome {
+            decision,
+            stream_action: FWPS_STREAM_ACTION_NONE,
+            count_bytes_required: 0,
+            count_bytes_enforced: 0,
+        };
+        if let Some(dropped) = self.reauthorize_if_policy_changed(&presented, flow_handle) {
+            return untouched(dropped);
+        }
+        let layer = layer_by_id(if connection.remote.is_ipv4() {
+            StreamV4::ID
+        } else {
+            StreamV6::ID
+        })
+        .expect("known layer");
+        let flags = match direction {
+            wfp_rs::metadata::Direction::Outbound => FWPS_STREAM_FLAG_SEND,
+            wfp_rs::metadata::Direction::Inbound => FWPS_STREAM_FLAG_RECEIVE,
+        };
+        let mut indication = crate::kernel::stream::SimStream::build(pieces, flags);
+        let values = || presented.values(layer, None);
+        // SAFETY: the metadata structure is plain data, valid when zeroed (no bits set).
+        let mut metadata: FWPS_INCOMING_METADATA_VALUES0 = unsafe { core::mem::zeroed() };
+        // INFERRED: the TCP stack indicates stream data outside the sending process's context,
+        // so no process id or path is reported; the flow handle and compartment are.
+        metadata.currentMetadataValues =
+            FWPS_METADATA_FIELD_COMPARTMENT_ID | FWPS_METADATA_FIELD_FLOW_HANDLE;
+        metadata.compartmentId = 1;
+        metadata.flowHandle = flow_handle;
+        let mut incoming = engine::Incoming {
+            layer,
+            values: engine::Values::new(&values),
+            metadata,
+            process_path: None,
+            layer_data: indication.layer_data(),
+            packet: None,
+            classify_context: core::ptr::null(),
+            flow_context: 0,
+            pendable: false,
+            reauthorization: false,
+        };
+        let verdict = state::with_context(&self.kernel, Irql::DISPATCH.0, 0, || {
+            engine::classify(&mut incoming)
+        });
+        let (stream_action, count_bytes_required, count_bytes_enforced) = indication.answer();
+        StreamOutcome {
+            decision: Machine::decision(verdict),
+            stream_action,
+            count_bytes_required,
+            count_bytes_enforced,
+        }
     }
 
     /// Whether the flow `flow_handle` was torn down by a reauthorization that did not permit it

@@ -200,6 +200,8 @@
 //! - [`seed-fixed`](https://github.com/wfp-rs/wfp-rs/tree/main/examples/seed-fixed): the bug
 //!   above, fixed twice — pend, ask the service through the question channel from classify
 //!   (or over a port from a work item), complete, answer the reauthorization.
+//! - [`stream-inspect`](https://github.com/wfp-rs/wfp-rs/tree/main/examples/stream-inspect):
+//!   stream inspection — logs the HTTP `Host` of outbound connections, blocks a deny list.
 //! - [`firewall`](https://github.com/wfp-rs/wfp-rs/tree/main/examples/firewall): the example
 //!   firewall — driver, user-mode service, wire protocol, rules and benchmarks.
 //! - [`sim-demo`](https://github.com/wfp-rs/wfp-rs/tree/main/examples/sim-demo): loads a

@@ -37,6 +37,7 @@ mod pool;
 pub(crate) mod process;
 pub(crate) mod registry;
 pub(crate) mod state;
+pub(crate) mod stream;
 pub(crate) mod timer;
 mod watchdog;
 pub(crate) mod wfp;

@@ -135,7 +135,7 @@ fn ip_header(endpoints: &Endpoints, payload_length: usize) -> Vec<u8> {
 }
 
 /// An MDL describing `bytes`, mapped (built from non-paged memory).
-fn mdl_over(bytes: &mut [u8], next: *mut MDL) -> MDL {
+pub(crate) fn mdl_over(bytes: &mut [u8], next: *mut MDL) -> MDL {
     let address = bytes.as_mut_ptr() as usize;
     MDL {
         Next: next,
