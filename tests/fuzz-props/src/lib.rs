@@ -15,6 +15,7 @@
 //! one the replay checks. See docs/reliability.md.
 
 mod ask;
+mod driver;
 mod protocol;
 mod rules;
 mod seed;
@@ -63,6 +64,16 @@ pub const TARGETS: &[Target] = &[
         check: seed_messages,
     },
     Target {
+        name: "ask_answer",
+        decoder: "wfp_rs::ask::AskChannel's answer path in the simulator, with the firewall's reply decoder",
+        check: ask_answer,
+    },
+    Target {
+        name: "firewall_control",
+        decoder: "the example firewall driver's control device in the simulator (REVOKE requests)",
+        check: firewall_control,
+    },
+    Target {
         name: "rules",
         decoder: "firewall-rules: Rules::parse and Rules::decide",
         check: rules,
@@ -107,6 +118,21 @@ pub fn ask_message(data: &[u8]) -> bool {
 /// seed-fixed's two 16-byte messages: accepted ones re-encode to the same bytes.
 pub fn seed_messages(data: &[u8]) -> bool {
     seed::messages(data)
+}
+
+/// The question channel's answer path in the kernel, end to end in the simulator: a question is
+/// asked and delivered, the bytes are the service's answer (its first byte a flag: bit 0 set
+/// puts the question's id over the next 8 bytes). The answer request's status and the
+/// question's one decision are the ones `wfp_rs::ask` documents for it.
+pub fn ask_answer(data: &[u8]) -> bool {
+    driver::ask_answer(data)
+}
+
+/// The example firewall's control device, end to end in the simulator: the bytes are a
+/// `REVOKE` request's input, which succeeds with a `Revoked` answer exactly when
+/// `Revoke::decode` accepts it.
+pub fn firewall_control(data: &[u8]) -> bool {
+    driver::firewall_control(data)
 }
 
 /// The rules file parser: the text before the first NUL byte is the file, the bytes after it

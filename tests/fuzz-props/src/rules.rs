@@ -55,11 +55,10 @@ fn check_error(text: &str, error: &RulesError) {
         error.line,
         line.chars().count()
     );
-    assert!(
-        error
-            .to_string()
-            .starts_with(&format!("{DEFAULT_FILE_NAME}:{}:{}: ", error.line, error.column))
-    );
+    assert!(error.to_string().starts_with(&format!(
+        "{DEFAULT_FILE_NAME}:{}:{}: ",
+        error.line, error.column
+    )));
 }
 
 /// The connections the fuzzer describes after the text, up to 16: a flags byte (bit 0 inbound,
@@ -96,16 +95,15 @@ fn connections(mut bytes: &[u8]) -> impl Iterator<Item = Connection> + '_ {
 
 /// A few connections every parsed file is asked about, whatever follows the text.
 fn fixed_connections() -> impl Iterator<Item = Connection> {
-    let connection = |app: &str, remote: IpAddr, port, local_port, protocol, direction| {
-        Connection {
+    let connection =
+        |app: &str, remote: IpAddr, port, local_port, protocol, direction| Connection {
             app: app.to_owned(),
             remote,
             port,
             local_port,
             protocol,
             direction,
-        }
-    };
+        };
     [
         connection(
             r"C:\Windows\System32\curl.exe",
@@ -155,11 +153,17 @@ fn fixed_connections() -> impl Iterator<Item = Connection> {
 /// documentation says nothing that changed can matter.
 fn check_decision(rules: &Rules, connection: &Connection) {
     let decision = rules.decide(connection);
-    let first = rules.rules().iter().position(|rule| rule.matches(connection));
+    let first = rules
+        .rules()
+        .iter()
+        .position(|rule| rule.matches(connection));
     match (decision.by, first) {
         (DecidedBy::Rule { index, name }, Some(first)) => {
             let rule = &rules.rules()[first];
-            assert_eq!(index, first, "decided by a rule that is not the first match");
+            assert_eq!(
+                index, first,
+                "decided by a rule that is not the first match"
+            );
             assert_eq!(name, rule.name.as_deref());
             assert_eq!(decision.verdict, rule.action);
         }
@@ -217,9 +221,8 @@ fn check_decision(rules: &Rules, connection: &Connection) {
 
 pub(crate) fn glob(data: &[u8]) -> bool {
     let (pattern, rest) = split(data);
-    let documented_error = pattern.is_empty()
-        || pattern.contains("***")
-        || pattern.contains(['[', ']', '{', '}']);
+    let documented_error =
+        pattern.is_empty() || pattern.contains("***") || pattern.contains(['[', ']', '{', '}']);
     let glob = match Glob::new(&pattern) {
         Ok(glob) => glob,
         Err(message) => {
@@ -310,8 +313,7 @@ fn matches_from(
         }
         Some(Token::Star) => {
             matches_from(tokens, text, t + 1, c, memo)
-                || (next.is_some_and(|ch| ch != '\\')
-                    && matches_from(tokens, text, t, c + 1, memo))
+                || (next.is_some_and(|ch| ch != '\\') && matches_from(tokens, text, t, c + 1, memo))
         }
         Some(Token::DoubleStar) => {
             matches_from(tokens, text, t + 1, c, memo)

@@ -23,6 +23,9 @@ pub struct Seed {
     pub bytes: Vec<u8>,
 }
 
+/// Named inputs for one target.
+type Inputs = Vec<(&'static str, Vec<u8>)>;
+
 fn encoded(message: &impl Message) -> Vec<u8> {
     let mut out = vec![0u8; message.encoded_len()];
     let len = message
@@ -45,7 +48,7 @@ fn head(request_id: u64, direction: Direction, local: IpAddr, remote: IpAddr) ->
     }
 }
 
-fn requests() -> Vec<(&'static str, Vec<u8>)> {
+fn requests() -> Inputs {
     let v4 = |a, b, c, d| IpAddr::V4(Ipv4Addr::new(a, b, c, d));
     let v6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
     let curl = r"\device\harddiskvolume3\windows\system32\curl.exe";
@@ -78,7 +81,7 @@ fn requests() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-fn replies() -> Vec<(&'static str, Vec<u8>)> {
+fn replies() -> Inputs {
     let minute = CacheLifetime::from_secs(60).expect("a valid lifetime");
     vec![
         ("allow", encoded(&ConnectionReply::allow(1))),
@@ -94,7 +97,7 @@ fn replies() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-fn controls() -> Vec<(&'static str, Vec<u8>)> {
+fn controls() -> Inputs {
     let revoke = |ids: Option<&[u64]>| {
         let mut out = vec![0u8; REVOKE_MAX_LEN];
         let len = match ids {
@@ -105,7 +108,9 @@ fn controls() -> Vec<(&'static str, Vec<u8>)> {
         out.truncate(len);
         out
     };
-    let many: Vec<u64> = (0..MAX_REVOKE_IDS as u64).map(|i| i * 0x1_0000_0001).collect();
+    let many: Vec<u64> = (0..MAX_REVOKE_IDS as u64)
+        .map(|i| i * 0x1_0000_0001)
+        .collect();
     vec![
         ("revoke-all", revoke(None)),
         ("revoke-none", revoke(Some(&[]))),
@@ -115,7 +120,7 @@ fn controls() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-fn seed_messages() -> Vec<(&'static str, Vec<u8>)> {
+fn seed_messages() -> Inputs {
     vec![
         ("request", encoded(&VerdictRequest { pid: 4242 })),
         (
@@ -141,7 +146,7 @@ fn framed(id: u64, body: &[u8]) -> Vec<u8> {
     message
 }
 
-fn ask_messages() -> Vec<(&'static str, Vec<u8>)> {
+fn ask_messages() -> Inputs {
     let mut out = vec![("empty", framed(0, &[]))];
     let reply = replies().swap_remove(2).1;
     out.push(("firewall-answer", framed(0x1_0000_0002, &reply)));
@@ -153,8 +158,28 @@ fn ask_messages() -> Vec<(&'static str, Vec<u8>)> {
     out
 }
 
+/// Answers on the question channel: a flags byte (bit 0: the question's id goes over the
+/// header's), then the answer.
+fn answers() -> Inputs {
+    let flagged = |flags: u8, message: Vec<u8>| {
+        let mut bytes = vec![flags];
+        bytes.extend(message);
+        bytes
+    };
+    let mut out: Vec<_> = replies()
+        .into_iter()
+        .map(|(name, reply)| (name, flagged(1, framed(0, &reply))))
+        .collect();
+    // Accepted but malformed: the question is decided `Malformed`.
+    out.push((
+        "request-as-answer",
+        flagged(1, ask_messages().swap_remove(2).1),
+    ));
+    out
+}
+
 /// A rules file, then connections as [`crate::rules`] reads them after a NUL.
-fn rules_files() -> Vec<(&'static str, Vec<u8>)> {
+fn rules_files() -> Inputs {
     let with_connections = |text: &str| {
         let mut bytes = text.as_bytes().to_vec();
         bytes.push(0);
@@ -204,7 +229,7 @@ fn rules_files() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-fn globs() -> Vec<(&'static str, Vec<u8>)> {
+fn globs() -> Inputs {
     let glob = |pattern: &str, paths: &[&str]| {
         let mut bytes = pattern.as_bytes().to_vec();
         for path in paths {
@@ -231,19 +256,30 @@ fn globs() -> Vec<(&'static str, Vec<u8>)> {
                 &[r"C:/Windows/System32/CURL.EXE", "curl.exe", ""],
             ),
         ),
-        ("one", glob(r"C:\tools\?.exe", &[r"C:\tools\a.exe", r"C:\tools\\.exe"])),
+        (
+            "one",
+            glob(r"C:\tools\?.exe", &[r"C:\tools\a.exe", r"C:\tools\\.exe"]),
+        ),
         ("star", glob("*", &["", "a", r"a\b"])),
     ]
 }
 
 /// Every seed, for every target.
 pub fn seeds() -> Vec<Seed> {
-    let groups: [(&'static str, Vec<(&'static str, Vec<u8>)>); 7] = [
+    let groups: [(&'static str, Inputs); 9] = [
         ("reply", replies()),
         ("request", requests()),
         ("control", controls()),
         ("ask_message", ask_messages()),
         ("seed_messages", seed_messages()),
+        ("ask_answer", answers()),
+        (
+            "firewall_control",
+            controls()
+                .into_iter()
+                .filter(|(_, bytes)| Revoke::decode(bytes).is_ok())
+                .collect(),
+        ),
         ("rules", rules_files()),
         ("glob", globs()),
     ];

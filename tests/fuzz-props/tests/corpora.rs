@@ -107,7 +107,7 @@ fn a_check_that_panics_is_reported_with_its_file() {
         (PathBuf::from("bad"), vec![1u8]),
     ];
     fn odd_is_broken(bytes: &[u8]) -> bool {
-        assert!(bytes[0] % 2 == 0, "an odd byte");
+        assert!(bytes[0].is_multiple_of(2), "an odd byte");
         true
     }
     assert_eq!(failures(&inputs, odd_is_broken), ["bad"]);
