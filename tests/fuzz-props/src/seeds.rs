@@ -17,7 +17,8 @@ use wfp_rs::port::Message;
 pub struct Seed {
     /// The target's name ([`crate::TARGETS`]).
     pub target: &'static str,
-    /// A short name, unique within the target.
+    /// A short name, unique within the target; `refused-...` for an input the decoder must
+    /// refuse.
     pub name: String,
     /// The input.
     pub bytes: Vec<u8>,
@@ -278,6 +279,12 @@ pub fn seeds() -> Vec<Seed> {
             controls()
                 .into_iter()
                 .filter(|(_, bytes)| Revoke::decode(bytes).is_ok())
+                // One byte past the control device's limit, so that the fuzzer's inputs may
+                // be as long (libFuzzer's default limit is the longest seed's, or 4096).
+                .chain([(
+                    "refused-over-max-input",
+                    vec![0u8; wfp_rs::control::MAX_INPUT + 1],
+                )])
                 .collect(),
         ),
         ("rules", rules_files()),
