@@ -223,6 +223,8 @@ pub mod guides {
     pub mod irql {}
     #[doc = include_str!("../docs/packets.md")]
     pub mod packets {}
+    #[doc = include_str!("../docs/reliability.md")]
+    pub mod reliability {}
     #[doc = include_str!("../docs/simulator.md")]
     pub mod simulator {}
     #[doc = include_str!("../docs/timers.md")]

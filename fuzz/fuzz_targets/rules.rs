@@ -1,0 +1,8 @@
+//! `cargo +nightly fuzz run rules`: the property check `fuzz_props::rules` (tests/fuzz-props), which
+//! `cargo test -p fuzz-props` replays over this target's corpus.
+
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    fuzz_props::rules(data);
+});
