@@ -395,6 +395,7 @@ use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::engine::{CalloutEntry, Engine, Provider, SessionOptions, Sublayer};
 use wfp_rs::event::{Event, EventKind};
 use wfp_rs::filter::{Filter as WfpFilter, FilterAction, Match};
+use wfp_rs::inject::{InjectionHandle, InjectionState, ReceiveClone, ReceiveInjectable};
 use wfp_rs::inverted::ControlCode;
 use wfp_rs::irql::{AtMostDispatch, DispatchLevel, PassiveLevel, Token};
 use wfp_rs::layer::value::{ConditionFlags, IpProtocol};
@@ -950,6 +951,10 @@ struct Shared {
     /// Set when a verdict denies an established connection: a policy change must reauthorize
     /// it ([`Shared::change_policy_if_due`]).
     policy_change_due: AtomicBool,
+    /// Reinjects the clones of the inbound packets the service allowed, and recognises them
+    /// when they cross `ALE_AUTH_RECV_ACCEPT` again. Destroyed at unload, after every pend is
+    /// concluded (destroying it waits for its injections in flight).
+    injection: InjectionHandle,
     own_stats: Stats,
 }
 
@@ -1134,7 +1139,7 @@ impl Shared {
         let id = asked.request_id;
         let default = self.config.default;
         let later = match asked.waiting {
-            Waiting::Connection(_) => "",
+            Waiting::Connection(_) | Waiting::Inbound { .. } => "",
             Waiting::LaterAttempts => " for later attempts",
             Waiting::Established => " for an established connection",
         };
@@ -1163,7 +1168,7 @@ impl Shared {
                     Err(why) => why,
                 };
                 match asked.waiting {
-                    Waiting::Connection(_) => {
+                    Waiting::Connection(_) | Waiting::Inbound { .. } => {
                         self.count(Counter::Defaults);
                         kd_print!(Warning, "firewall: #{id}: {default} (default: {why})\n");
                     }
@@ -1188,6 +1193,14 @@ impl Shared {
                 pended.complete(&*irql);
                 self.finished(&*irql);
             }
+            Waiting::Inbound { pended, clone } => {
+                // Completed first, as for any pend; the clone then decides the attempt.
+                pended.complete(&*irql);
+                self.reinject_or_drop(&*irql, id, clone, verdict.unwrap_or(default));
+                // No reauthorization follows at RECV_ACCEPT: the slot is free now.
+                self.release(&*irql);
+                self.finished(&*irql);
+            }
             Waiting::LaterAttempts => {
                 self.background.fetch_sub(1, Ordering::SeqCst);
             }
@@ -1196,6 +1209,37 @@ impl Shared {
                 if verdict == Some(Verdict::Deny) {
                     self.policy_change_due.store(true, Ordering::SeqCst);
                 }
+            }
+        }
+    }
+
+    /// Ends an inbound attempt whose pend was completed: `verdict` allows, so its packet's clone
+    /// is reinjected (it crosses the inbound layers again, and the callout permits it as its
+    /// own), or denies, so the clone is freed and the attempt fails. A clone the stack refuses
+    /// to inject is freed too: that attempt fails whatever the verdict, and the peer's next one
+    /// is asked about (or answered from the cache) again.
+    fn reinject_or_drop(
+        &self,
+        irql: &impl AtMostDispatch,
+        request_id: u64,
+        clone: ReceiveClone,
+        verdict: Verdict,
+    ) {
+        match verdict {
+            Verdict::Allow => match clone.inject(irql, &self.injection) {
+                Ok(()) => self.count(Counter::Reinjected),
+                Err(refused) => {
+                    self.count(Counter::ClonesDropped);
+                    kd_print!(
+                        Warning,
+                        "firewall: #{request_id}: allowed, but the packet was not reinjected ({refused}); this attempt fails\n"
+                    );
+                    drop(refused.packet);
+                }
+            },
+            Verdict::Deny => {
+                self.count(Counter::ClonesDropped);
+                drop(clone);
             }
         }
     }
@@ -1224,12 +1268,12 @@ impl Shared {
                     if slots {
                         kd_print!(
                             Warning,
-                            "firewall: {limit} connections pended or awaiting reauthorization; new connections the cache does not answer get {overload} (overload) until one is reauthorized\n"
+                            "firewall: {limit} connections pended or awaiting reauthorization; new connections the cache does not answer get {overload} (overload) until one is reauthorized (inbound ones: the default)\n"
                         );
                     } else {
                         kd_print!(
                             Warning,
-                            "firewall: the questions waiting for the service hold {QUESTION_BYTES} bytes of pool; new connections the cache does not answer get {overload} (overload) until some are answered\n"
+                            "firewall: the questions waiting for the service hold {QUESTION_BYTES} bytes of pool; new connections the cache does not answer get {overload} (overload) until some are answered (inbound ones: the default)\n"
                         );
                     }
                 }
@@ -1242,7 +1286,7 @@ impl Shared {
             if refused != 0 {
                 kd_print!(
                     Warning,
-                    "firewall: pending again; {refused} connection(s) got {overload} (overload) while the driver was at its bound\n"
+                    "firewall: pending again; {refused} connection(s) got {overload} (overload) or, inbound, the default while the driver was at its bound\n"
                 );
             }
         }
@@ -1507,9 +1551,11 @@ where
     }
 }
 
-/// The inbound callout, at `ALE_AUTH_RECV_ACCEPT_V4` and `_V6`: cache, else the default at once
-/// and a background ask whose answer serves the next attempt. Never pends (see the crate
-/// documentation).
+/// The inbound callout, at `ALE_AUTH_RECV_ACCEPT_V4` and `_V6`: cache, else pend, clone the
+/// packet and ask through the question channel (or from a work item over the port), and
+/// reinject the clone if the service allows; its own reinjected packet is permitted without
+/// asking. Beyond the bound, the default at once and a background ask whose answer serves the
+/// next attempt (see the crate documentation).
 pub struct Inbound {
     shared: PoolArc<Shared>,
     queue: WorkQueue,
@@ -1517,7 +1563,7 @@ pub struct Inbound {
     channel: Option<PoolArc<QuestionChannel>>,
 }
 
-impl<L: Layer> Callout<L> for Inbound
+impl<L: PendableByCompletionHandle + ReceiveInjectable> Callout<L> for Inbound
 where
     L::Address: Into<IpAddr>,
     fields::ReauthorizeReason: Field<L>,
@@ -1531,7 +1577,13 @@ where
 {
     fn classify(&self, irql: &mut DispatchLevel<'_>, c: &mut Classify<'_, L>) {
         let shared = &self.shared;
-        let default = shared.config.default;
+        if c.injection_state(irql, &shared.injection) == InjectionState::InjectedBySelf {
+            // The clone of a packet this callout pended and the service (or the default)
+            // allowed: decided already. Asking again would pend it again, forever.
+            shared.count(Counter::OwnReinjections);
+            apply(&mut c.out, Verdict::Allow);
+            return;
+        }
         let Some((observed, cache_key)) = shared.observe(c, Direction::Inbound) else {
             return;
         };
@@ -1539,42 +1591,214 @@ where
             apply(&mut c.out, verdict);
             return;
         }
-        let path = match whole_path(&c.values) {
-            Ok(path) => path,
-            Err(why) => return shared.deny_unaskable(&mut c.out, &observed, why),
+        if let Err(why) = whole_path(&c.values) {
+            return shared.deny_unaskable(&mut c.out, &observed, why);
+        }
+        if observed.reauthorization {
+            // Not pendable (WFP refuses a pend during a reauthorization).
+            return self.at_once(irql, c, &observed, cache_key);
+        }
+        // Beyond the bound (logged per burst by `Shared::reserve`), or with no packet to hold.
+        if let Err(Unpended::Overload | Unpended::NoClone) =
+            self.pend_and_ask(irql, c, &observed, cache_key)
+        {
+            shared.count(Counter::InboundNotPended);
+            self.at_once(irql, c, &observed, cache_key);
+        }
+    }
+}
+
+/// Why an inbound miss was not pended; it is then decided at once ([`Inbound::at_once`]).
+enum Unpended {
+    /// [`Config::max_pending`] connections are outstanding, or the question does not fit in
+    /// [`QUESTION_BYTES`].
+    Overload,
+    /// The packet could not be cloned (none carried, or the stack refused).
+    NoClone,
+}
+
+impl Inbound {
+    /// Decides an inbound classification that is not pended: an established connection after
+    /// a policy change is kept, anything else gets the default; either way the service is asked
+    /// in the background, and its verdict cached for later attempts.
+    fn at_once<L>(
+        &self,
+        irql: &mut DispatchLevel<'_>,
+        c: &mut Classify<'_, L>,
+        observed: &Observed,
+        cache_key: CacheKey,
+    ) where
+        L: Layer,
+        fields::ReauthorizeReason: Field<L>,
+        fields::AleAppId: Field<L>,
+    {
+        let shared = &self.shared;
+        let Ok(path) = whole_path(&c.values) else {
+            // Checked by the caller; denied, never asked about with part of it.
+            apply(&mut c.out, Verdict::Deny);
+            return;
         };
         let channel = self.channel.as_deref();
-        if observed.reauthorization && policy_changed(c) {
+        let background = if observed.reauthorization && policy_changed(c) {
             // An established connection, after a rules change: kept while the service is
             // asked; a deny cuts it at its next packet.
             shared.count(Counter::EstablishedKept);
             apply(&mut c.out, Verdict::Allow);
-            let background = Background::Established;
-            return Shared::ask_in_background(
-                shared,
-                irql,
-                channel,
-                &self.queue,
-                &observed,
-                cache_key,
-                path,
-                background,
-            );
-        }
-        // This attempt gets the default whatever happens next.
-        shared.count(Counter::Defaults);
-        apply(&mut c.out, default);
-        let background = Background::Inbound(default);
+            Background::Established
+        } else {
+            // This attempt gets the default whatever happens next.
+            let default = shared.config.default;
+            shared.count(Counter::Defaults);
+            apply(&mut c.out, default);
+            Background::Inbound(default)
+        };
         Shared::ask_in_background(
             shared,
             irql,
             channel,
             &self.queue,
-            &observed,
+            observed,
             cache_key,
             path,
             background,
         );
+    }
+
+    /// Pends a new inbound connection the cache does not answer, with a clone of its packet,
+    /// and asks the service; the question's end ([`Shared::conclude`]) completes the pend and
+    /// reinjects or frees the clone. `Err` when it was not pended and nothing was decided yet:
+    /// the caller decides at once. Every other outcome is decided here.
+    fn pend_and_ask<L>(
+        &self,
+        irql: &mut DispatchLevel<'_>,
+        c: &mut Classify<'_, L>,
+        observed: &Observed,
+        cache_key: CacheKey,
+    ) -> Result<(), Unpended>
+    where
+        L: PendableByCompletionHandle + ReceiveInjectable,
+        fields::AleAppId: Field<L>,
+    {
+        let shared = &self.shared;
+        let default = shared.config.default;
+        // Counted before the flag is read (see `Shared::settle`).
+        shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        let request_id = shared.request_id();
+        let decided_at_once = |c: &mut Classify<'_, L>, reason: &dyn fmt::Display| {
+            shared.count(Counter::Defaults);
+            kd_print!(
+                Warning,
+                "firewall: #{request_id}: {default} (default: {reason})\n"
+            );
+            apply(&mut c.out, default);
+            shared.finished(irql);
+        };
+        if shared.unloading.load(Ordering::SeqCst) {
+            decided_at_once(c, &"unloading");
+            return Ok(());
+        }
+        let units = match whole_path(&c.values) {
+            Ok(path) => path.units(),
+            Err(why) => {
+                shared.deny_unaskable(&mut c.out, observed, why);
+                shared.finished(irql);
+                return Ok(());
+            }
+        };
+        // The same bound as outbound pends: a slot (freed when the question ends: nothing is
+        // reauthorized at RECV_ACCEPT) and room for the question.
+        let Some(charge) = Shared::reserve(shared, request_len(units)) else {
+            shared.finished(irql);
+            return Err(Unpended::Overload);
+        };
+        // Cloned before the pend: a pend without a clone could never let the attempt through.
+        let clone = match c.clone_for_receive(&*irql) {
+            Ok(clone) => clone,
+            Err(error) => {
+                kd_print!(
+                    Warning,
+                    "firewall: #{request_id}: the packet cannot be cloned ({error}); not pended\n"
+                );
+                shared.release(irql);
+                shared.finished(irql);
+                return Err(Unpended::NoClone);
+            }
+        };
+        let question = match whole_path(&c.values)
+            .map_err(NoRequest::Unaskable)
+            .and_then(|path| observed.question(path, request_id, charge, &*irql))
+        {
+            Ok(question) => question,
+            Err(NoRequest::Unaskable(why)) => {
+                shared.release(irql);
+                shared.deny_unaskable(&mut c.out, observed, why);
+                shared.finished(irql);
+                return Ok(());
+            }
+            Err(error @ NoRequest::NoPool) => {
+                shared.release(irql);
+                decided_at_once(c, &error);
+                return Ok(());
+            }
+        };
+        let pended = match c.pend() {
+            Ok(pended) => pended,
+            // A heavier sublayer decided hard; there is nothing to ask (the clone is freed).
+            Err(PendError::NoWriteRight) => {
+                shared.release(irql);
+                shared.finished(irql);
+                return Ok(());
+            }
+            Err(error) => {
+                shared.release(irql);
+                decided_at_once(c, &error);
+                return Ok(());
+            }
+        };
+        shared.count(Counter::InboundPended);
+        kd_print!(
+            "firewall: #{request_id}: {}: pended, asking the service\n",
+            Described(&question.head)
+        );
+        let waiting = Waiting::Inbound { pended, clone };
+        let channel = self.channel.as_deref();
+        let key = observed.key;
+        let asked =
+            match shared.ask_channel_first(irql, channel, &question, waiting, key, cache_key) {
+                // `Decisions::decide` concludes it, exactly once.
+                Ok(None) => return Ok(()),
+                Ok(Some(asked)) => asked,
+                // Unloading, or nobody to ask: the default, now.
+                Err((asked, why)) => {
+                    shared.conclude(
+                        irql,
+                        asked,
+                        Err::<ConnectionReply, AskError>(why.into()),
+                        "",
+                    );
+                    return Ok(());
+                }
+            };
+        let work = PoolArc::clone(shared);
+        let queued = self.queue.queue(irql, move |passive| {
+            let reply = work.ask_on_port(passive, &question);
+            work.conclude(passive, asked, reply, "");
+        });
+        if let Err(not_queued) = queued {
+            // The closure cannot give the pend and the clone back: dropping it completes the
+            // pend and frees the clone, so this attempt fails whatever the default (the one
+            // case where an inbound attempt does not get it: no pool for a work item).
+            shared.count(Counter::Defaults);
+            shared.count(Counter::ClonesDropped);
+            kd_print!(
+                Warning,
+                "firewall: #{request_id}: deny (no pool: {not_queued}; the clone is freed)\n"
+            );
+            drop(not_queued);
+            shared.release(irql);
+            shared.finished(irql);
+        }
+        Ok(())
     }
 }
 
@@ -1729,6 +1953,14 @@ enum Waiting {
     /// An outbound connection, pended: the verdict is recorded for its reauthorization and the
     /// pend completed.
     Connection(PendedClassify),
+    /// An inbound connection, pended at `ALE_AUTH_RECV_ACCEPT` with its packet absorbed and
+    /// cloned: the pend is completed, then the clone reinjected (allow: the packet crosses the
+    /// layers again, and the callout permits its own reinjection) or freed (deny: the attempt
+    /// fails). Completing alone would not let the connection through: nothing reauthorizes it.
+    Inbound {
+        pended: PendedClassify,
+        clone: ReceiveClone,
+    },
     /// Nobody: an inbound background ask, whose verdict serves later attempts from the cache.
     LaterAttempts,
     /// Nobody: an established connection a policy change reauthorized (a rules change,
@@ -2098,7 +2330,19 @@ impl DriverState for Firewall {
         let stats = shared.own_stats.snapshot();
         // The port before the filter: a filter with an open port cannot be unregistered.
         match PoolArc::try_unwrap(shared) {
-            Ok(Shared { port, .. }) => port.close(irql),
+            Ok(Shared {
+                port, injection, ..
+            }) => {
+                port.close(irql);
+                // Every pend is concluded (its clone injected or freed); this waits for the
+                // injections still in flight.
+                if let Err(status) = injection.destroy(irql) {
+                    kd_print!(
+                        Error,
+                        "firewall: destroying the injection handle failed: {status}\n"
+                    );
+                }
+            }
             // A work item queued by a classification that raced the session's close still
             // holds it; it closes the port when it finishes, at PASSIVE_LEVEL, and the SDK
             // waits for it before the driver is gone.
@@ -2354,6 +2598,8 @@ fn shared_state(
     let verdicts =
         VerdictTable::try_new_in_pool(VERDICTS_TAG, irql).ok_or(Status::INSUFFICIENT_RESOURCES)?;
     let progress = Event::try_new(EventKind::Notification, false, irql)?;
+    // For both IP versions: one handle serves both inbound callouts.
+    let injection = InjectionHandle::create(irql, None)?;
     // Fallible: `Arc::new` cannot report an exhausted pool, and in a driver its failure is a
     // bug check. On a failure the value comes back and is dropped like the other locals.
     PoolArc::try_new(
@@ -2371,6 +2617,7 @@ fn shared_state(
             next_request: AtomicU64::new(0),
             background: AtomicUsize::new(0),
             policy_change_due: AtomicBool::new(false),
+            injection,
             own_stats: Stats::new(),
         },
         SHARED_TAG,
