@@ -2349,6 +2349,13 @@ impl DriverState for Firewall {
             Err(shared) => drop(shared),
         }
         filter.close(irql);
+        // A line of its own: debugger lines are cut at 256 bytes.
+        kd_print!(
+            "firewall: inbound: {} pended, {} reinjected, {} clones dropped\n",
+            stats.inbound_pended,
+            stats.reinjected,
+            stats.clones_dropped
+        );
         kd_print!("firewall: unloaded ({stats})\n");
     }
 }

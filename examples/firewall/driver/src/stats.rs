@@ -278,8 +278,7 @@ impl fmt::Display for StatsSnapshot {
         write!(
             f,
             "{} cache hits, {} asked ({} through the channel, {} through the port), {} answered, {} defaults, {} loopback, {} cached, \
-             {} expired, {} evicted, {} revoked, {} overloaded, {} unaskable, {} inbound pended \
-             ({} reinjected, {} clones dropped)",
+             {} expired, {} evicted, {} revoked, {} overloaded, {} unaskable",
             self.cache_hits,
             self.asked,
             self.asked_via_channel,
@@ -292,10 +291,7 @@ impl fmt::Display for StatsSnapshot {
             self.evicted,
             self.revoked,
             self.overloaded,
-            self.unaskable,
-            self.inbound_pended,
-            self.reinjected,
-            self.clones_dropped
+            self.unaskable
         )
     }
 }
