@@ -146,6 +146,7 @@ const PATIENT_CONFIG: Config = Config {
 configured_driver!(stress, PATIENT_CONFIG);
 configured_driver!(chaos, PATIENT_CONFIG);
 configured_driver!(killed, PATIENT_CONFIG);
+configured_driver!(killed_inbound, PATIENT_CONFIG);
 configured_driver!(replies, PATIENT_CONFIG);
 configured_driver!(alloc, PATIENT_CONFIG);
 configured_driver!(unload_busy, PATIENT_CONFIG);
@@ -897,6 +898,7 @@ on_both_designs! {
     ten_thousand_attempts_from_eight_threads_are_each_decided_once_by_the_rules,
     faults_under_load_give_the_rules_or_the_default_and_nothing_else,
     a_killed_service_gives_the_default_until_it_is_restarted,
+    a_killed_service_gives_the_default_to_pended_inbound_attempts,
     no_reply_within_the_timeout_gives_the_default,
     short_oversized_malformed_and_mismatched_replies_give_the_default,
     allocation_failures_fall_back_to_the_default,
@@ -1318,6 +1320,78 @@ fn a_killed_service_gives_the_default_until_it_is_restarted(design: AskVia) {
             format!("deny ({})", no_service_default(design)),
             format!("allow ({})", by_the_service(design, ", cached for 60 s")),
         ]
+    );
+    unload_clean(&machine, driver);
+    assert_eq!(service.join().unwrap(), 1);
+}
+
+/// The same for inbound attempts, which the driver pends too: the one whose question the
+/// killed service had read gets the default at once (its clone freed), the next one too (no
+/// service), and once the service is back the rules' verdict (its clone reinjected).
+fn a_killed_service_gives_the_default_to_pended_inbound_attempts(design: AskVia) {
+    let machine = Machine::new();
+    let driver = load(&machine, killed_inbound::on(design).entry);
+    let mut client = connected_client(&machine, design);
+    // `ssh-in` allows them all: only the default denies.
+    let ssh = |remote_port: u16| {
+        connection(
+            9,
+            APPS[2],
+            IpProtocol::Tcp,
+            SimDirection::Inbound,
+            22,
+            web(30, remote_port),
+        )
+    };
+    let outcome = thread::scope(|s| {
+        let attempt = s.spawn(|| machine.connect(&ssh(41_000), AleIrql::Dispatch));
+        let message = client.get_message(None).expect("the request");
+        let request = ConnectionRequest::decode(&message.data).unwrap();
+        assert_eq!(request.direction, Direction::Inbound);
+        // Killed with the request unanswered.
+        client.disconnect();
+        attempt.join().unwrap()
+    });
+    assert_eq!(
+        decided_once(&ssh(41_000), &outcome, "killed"),
+        (Action::Block, true)
+    );
+    let c = ssh(41_001);
+    let outcome = machine.connect(&c, AleIrql::Passive);
+    assert_eq!(
+        decided_once(&c, &outcome, "no service"),
+        (Action::Block, true)
+    );
+    let service = serve_simply(connected_client(&machine, design), RULES);
+    let c = ssh(41_002);
+    let outcome = machine.connect(&c, AleIrql::Dispatch);
+    assert_eq!(
+        decided_once(&c, &outcome, "restarted"),
+        (Action::Permit, true)
+    );
+    let reasons: Vec<String> = logged_decisions(&machine)
+        .into_iter()
+        .map(|(_, verdict, reason)| format!("{verdict} ({reason})"))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            format!("deny ({})", service_gone_default(design)),
+            format!("deny ({})", no_service_default(design)),
+            format!("allow ({})", by_the_service(design, ", cached for 60 s")),
+        ]
+    );
+    let stats = killed_inbound::on(design).stats.snapshot();
+    assert_eq!(
+        (
+            stats.inbound_pended,
+            stats.clones_dropped,
+            stats.reinjected,
+            stats.own_reinjections,
+            stats.defaults
+        ),
+        (3, 2, 1, 1, 2),
+        "{stats:?}"
     );
     unload_clean(&machine, driver);
     assert_eq!(service.join().unwrap(), 1);
