@@ -20,8 +20,9 @@
 //!   the channel's device and answers on the same handle; the channel's handler
 //!   ([`QuestionHandler::decide`], exactly once per question) checks the reply answers the
 //!   request, caches it if allowed, records the verdict for the reauthorization and completes
-//!   the pend, or applies the default for every other outcome — the same code that ends a
-//!   question asked over the port. No work item, no thread waits.
+//!   the pend (inbound: completes the pend and reinjects or frees the packet's clone), or
+//!   applies the default for every other outcome — the same code that ends a question asked
+//!   over the port. No work item, no thread waits.
 //!   The channel has [`Config::max_pending`] + [`Config::background_asks`] slots, so a
 //!   connection that reserved a slot of the [`VerdictTable`] finds one; each slot holds a
 //!   question of at most [`ASK_MAX_QUESTION`](firewall_protocol::ASK_MAX_QUESTION) bytes (an
@@ -136,7 +137,14 @@
 //! copied it into a slot of its own), and together they hold at most [`QUESTION_BYTES`]
 //! (4 MiB; [`VERDICT_SLOTS`] questions about the longest path would be 128 MiB). A connection
 //! whose question does not fit gets the overload decision the same way, counted and logged the
-//! same way; an inbound miss whose question does not fit is not asked about in the background.
+//! same way; an inbound miss whose question does not fit gets the default and is not asked about
+//! in the background.
+//!
+//! Inbound pends share the bound: each takes a slot before its pend, and gives it back when its
+//! question ends (nothing is reauthorized at `ALE_AUTH_RECV_ACCEPT`). An inbound miss beyond it
+//! gets the default and a background ask (see the inbound decision below), counted in
+//! [`StatsSnapshot::inbound_not_pended`] rather than `overloaded`; the burst's log lines count it
+//! with the refused outbound connections.
 //!
 //! A slot is freed only by the reauthorization that takes its verdict (or by the classification
 //! that reserved it, when it decides without pending). WFP reauthorizes every connection whose
@@ -147,26 +155,53 @@
 //! # The decision, inbound (`ALE_AUTH_RECV_ACCEPT`)
 //!
 //! Completing a pend at `ALE_AUTH_RECV_ACCEPT` does not reauthorize the connection: the packet
-//! that carried it was absorbed, and only a callout that cloned it and reinjects the clone
-//! (`FwpsInjectTransportReceiveAsync0`) lets the connection through. This first version does
-//! not reinject, and so never pends inbound — it never pretends a completion lets an inbound
-//! connection through. Instead:
+//! that carried it is absorbed, and only a callout that cloned it and reinjects the clone
+//! (`FwpsInjectTransportReceiveAsync0`) lets the connection through (Microsoft's "Processing
+//! classify callouts asynchronously"; [`wfp_rs::inject`]). So the inbound callout pends *and
+//! clones*: a new connection the cache does not answer takes a slot of the same bound as the
+//! outbound pends ([`Config::max_pending`], and [`QUESTION_BYTES`] for its question), its packet
+//! is cloned ([`Classify::clone_for_receive`]), the classification pended (BLOCK + ABSORB) and
+//! the service asked exactly as for an outbound connection, on either design. The question's
+//! end (exactly once, whatever ends it) completes the pend, then, if the verdict allows,
+//! reinjects the clone with the driver's injection handle — the packet crosses the inbound
+//! layers again, and the connection is established — or, if it denies, frees the clone, and
+//! the attempt fails. Nothing is recorded (there is no reauthorization to answer); the slot is
+//! freed at once.
+//!
+//! The reinjected packet meets this callout again. [`Classify::injection_state`] says it is the
+//! driver's own (`InjectedBySelf`) and it is permitted without asking, before anything else:
+//! asking would pend it again, forever. So the service is asked once per attempt.
 //!
 //! | situation | decision |
 //! |---|---|
+//! | the driver's own reinjected packet (`InjectedBySelf`) | permit, nobody asked; counted in [`StatsSnapshot::own_reinjections`] |
 //! | a loopback connection, with [`Config::permit_loopback`] | permit, nobody asked |
 //! | a live cached verdict for the cache key | that verdict, at once |
 //! | an image path no request can carry whole | **deny**, whatever the default, at once; nobody asked |
-//! | otherwise | **the default, at once**; and, unless [`Config::background_asks`] questions are in flight already, its question does not fit in [`QUESTION_BYTES`], or the driver is unloading, the question channel (or, with [`AskVia::PortAndWorkItem`] or a question too long for the channel, a work item over the port) asks the service *in the background*, and its verdict is cached if the reply allows it |
+//! | a new connection, within the bound | pended with a clone of its packet ([`StatsSnapshot::inbound_pended`]); **the service's verdict at the first attempt**: allow reinjects the clone ([`StatsSnapshot::reinjected`]), deny frees it ([`StatsSnapshot::clones_dropped`]) |
+//! | the service does not answer (every "the default" row of the outbound table: no service, killed, timeout, a reply that does not decode or answers another request, unload) | the default, the same way: allow reinjects the clone, deny frees it |
+//! | the stack refuses to inject the clone | the clone is freed and this attempt fails (logged, counted in `clones_dropped`); the peer's next attempt is decided again |
+//! | **port**: the work item cannot be queued (no pool) | the pend and the clone are in the closure that came back, which cannot give them back: dropping it completes the pend and frees the clone, so this attempt fails **whatever the default** (counted in `defaults` and `clones_dropped`) |
+//! | **overload**: [`Config::max_pending`] connections (out and in) are outstanding, or the question does not fit in [`QUESTION_BYTES`]; or the packet cannot be cloned | not pended ([`StatsSnapshot::inbound_not_pended`]): **the default, at once**, and the service is asked *in the background* (below) |
+//! | a reauthorization (not pendable) | the default at once, and a background ask |
+//! | an established connection reauthorized after a policy change | the cache's verdict if it has one; else kept while the service is asked in the background (see "Established connections") |
+//! | the driver is unloading | the default, at once (nothing is pended any more) |
 //!
-//! So a peer's first attempt gets the default, and its next attempt — a TCP SYN is retransmitted
-//! after about a second — gets the service's cached verdict. With fail-closed that costs an
-//! allowed peer one retransmission; with fail-open, a denied peer gets one connection through
-//! before its verdict is cached. An inbound verdict the service does not let the driver cache
-//! (`cache_seconds = 0`) cannot help a later attempt, so such a peer always gets the default:
-//! services should grant inbound verdicts a lifetime. The background asks are bounded so a flood
-//! of new peers cannot queue unbounded work items (each holds a request of up to 64 KiB); a miss
-//! beyond the bound just gets the default, and is counted.
+//! Overload falls back to the first version's answer: the default at once, and, unless
+//! [`Config::background_asks`] questions are in flight already, its question does not fit in
+//! [`QUESTION_BYTES`], or the driver is unloading, the question channel (or, with
+//! [`AskVia::PortAndWorkItem`] or a question too long for the channel, a work item over the
+//! port) asks the service in the background; its verdict is cached if the reply allows it, so
+//! the peer's next attempt — a TCP SYN is retransmitted after about a second — gets it. (Unlike
+//! an outbound connection it gets the default, not [`Config::overload`]: with a fail-open
+//! default, a flood of new inbound peers gets in until the bound frees, so a product that fails
+//! open should keep [`Config::max_pending`] large.) The background asks are bounded so a flood of
+//! new peers cannot queue unbounded work items; a miss beyond that bound just gets the default,
+//! and is counted ([`StatsSnapshot::background_skipped`]).
+//!
+//! The injection handle ([`InjectionHandle`], both IP versions) is created at load and
+//! destroyed at unload after every pend is concluded; destroying it waits for the injections
+//! still in flight.
 //!
 //! # The whole path
 //!
@@ -325,7 +360,8 @@
 //!    get the cache or the default at once, work items that have not asked yet do not ask, no
 //!    background ask is queued —, stops the question channel ([`AskChannel::stop`]: every
 //!    question outstanding is decided now with the default, so its pend is completed while the
-//!    filters are there for the reauthorization; it waits for no user-mode thread), and closes
+//!    filters are there for the reauthorization, and an inbound pend's clone is reinjected
+//!    (fail-open) or freed; it waits for no user-mode thread), and closes
 //!    the service's port connection, so a send waiting for a reply fails at once.
 //! 2. The SDK waits until no work item is queued or running: every pend is completed.
 //! 3. [`Firewall::unload`](DriverState::unload) closes the control device (waiting for a
@@ -334,8 +370,9 @@
 //!    [`Config::timeout`] + [`REAUTHORIZATION_GRACE`] pass without progress.
 //! 4. It closes the engine session (the filters go before the callouts: a terminating filter
 //!    whose callout is gone blocks everything), unregisters the callouts, closes the question
-//!    channel (its device goes; the service's waits complete as cancelled), closes the port, and
-//!    unregisters the minifilter.
+//!    channel (its device goes; the service's waits complete as cancelled), closes the port,
+//!    destroys the injection handle (which waits for the reinjections still in flight: no clone
+//!    outlives the driver), and unregisters the minifilter.
 //!
 //! # Logging
 //!
@@ -363,6 +400,9 @@
 //! [`ControlDevice`]: wfp_rs::control::ControlDevice
 //! [`ConnectionKey`]: wfp_rs::pend::ConnectionKey
 //! [`Classify::pend`]: wfp_rs::callout::Classify::pend
+//! [`Classify::clone_for_receive`]: wfp_rs::callout::Classify::clone_for_receive
+//! [`Classify::injection_state`]: wfp_rs::callout::Classify::injection_state
+//! [`InjectionHandle`]: wfp_rs::inject::InjectionHandle
 //! [`SendError::NotConnected`]: wfp_rs::port::SendError::NotConnected
 //! [`NotAskedReason::NoService`]: wfp_rs::ask::NotAskedReason::NoService
 //! [`SendError::Disconnected`]: wfp_rs::port::SendError::Disconnected
@@ -452,7 +492,8 @@ pub const VERDICT_SLOTS: usize = 2048;
 /// allocated at load); without this bound, [`VERDICT_SLOTS`] pended connections of a program
 /// with the longest path would hold 128 MiB. A new outbound connection whose question does not
 /// fit gets [`Config::overload`], as when the slots are taken (see "Overload" in the crate
-/// documentation); an inbound one is not asked about in the background. Questions with the
+/// documentation); an inbound one is not pended (the default at once) nor asked about in the
+/// background. Questions with the
 /// usual paths (40 to 150 units, 156 to 376 bytes) fit by the ten thousand.
 pub const QUESTION_BYTES: usize = 4 << 20;
 
@@ -529,7 +570,8 @@ pub struct Config {
     /// on the port, or a question's deadline on the channel.
     pub timeout: Duration,
     /// How many verdicts the cache holds (rounded down to a multiple of [`WAYS`]; 0 disables
-    /// the cache, and inbound connections then always get the default).
+    /// the cache: every new connection is asked about, and an inbound one beyond
+    /// [`max_pending`](Self::max_pending) always gets the default).
     pub cache_capacity: usize,
     /// The filter-manager port the service connects to.
     pub port_name: &'static str,
@@ -537,12 +579,14 @@ pub struct Config {
     pub device_name: &'static str,
     /// Permit loopback connections without asking (`true`), or ask about them like any other.
     pub permit_loopback: bool,
-    /// How many inbound background asks may be in flight at once.
+    /// How many background asks may be in flight at once (inbound connections beyond
+    /// [`max_pending`](Self::max_pending), established connections after a rules change).
     pub background_asks: usize,
-    /// How many outbound connections may be pended at once, counting those completed and
-    /// waiting for their reauthorization; at most [`VERDICT_SLOTS`] (a larger value is clamped).
-    /// A new connection beyond it that the cache does not answer gets [`overload`](Self::overload)
-    /// at once (0: the driver never pends, and such connections always get it).
+    /// How many connections may be pended at once, outbound (counting those completed and
+    /// waiting for their reauthorization) and inbound together; at most [`VERDICT_SLOTS`] (a
+    /// larger value is clamped). A new outbound connection beyond it that the cache does not
+    /// answer gets [`overload`](Self::overload) at once, an inbound one the default and a
+    /// background ask (0: the driver never pends).
     pub max_pending: usize,
     /// The decision for a new outbound connection the cache does not answer while
     /// [`max_pending`](Self::max_pending) connections are outstanding. Separate from
@@ -930,12 +974,14 @@ struct Shared {
     verdicts: PoolBox<VerdictTable<Verdict, VERDICT_SLOTS>>,
     /// Set at unload: nothing is pended or asked any more.
     unloading: AtomicBool,
-    /// Outbound classifications between their check of `unloading` and their decision: the
-    /// channel's `decide`, the end of their work item, or the path that decided without asking.
+    /// Classifications that may pend (outbound, and inbound within the bound) between their
+    /// check of `unloading` and their decision: the channel's `decide`, the end of their work
+    /// item, or the path that decided without asking.
     in_flight: AtomicUsize,
-    /// Outbound connections holding a slot of `verdicts`: reserved before the pend, freed when
-    /// the reauthorization takes the verdict (or when the classification decides without
-    /// pending or recording). At most `config.max_pending`, so `verdicts` never fills.
+    /// Connections holding a slot of the bound: reserved before the pend, freed when the
+    /// reauthorization takes the verdict (outbound), when the question ends (inbound: nothing
+    /// is reauthorized), or when the classification decides without pending or recording. At
+    /// most `config.max_pending`, so `verdicts` never fills.
     outstanding: AtomicUsize,
     /// New connections refused a slot since the last one that got one: the current overload
     /// burst, logged when it starts and when it ends rather than per connection.
