@@ -1755,7 +1755,11 @@ fn unload_with_questions_outstanding(design: AskVia, configured: Configured, def
     };
     assert_eq!(
         (stats.inbound_pended, stats.reinjected, stats.clones_dropped),
-        (u64::from(PENDED / 2), u64::from(reinjected), u64::from(dropped)),
+        (
+            u64::from(PENDED / 2),
+            u64::from(reinjected),
+            u64::from(dropped)
+        ),
         "{stats:?}"
     );
     assert!(stats.own_reinjections <= u64::from(reinjected), "{stats:?}");
@@ -1928,7 +1932,11 @@ fn a_fail_open_configuration_permits_without_a_service(design: AskVia) {
     );
     let stats = inbound_settled(fail_open::on(design).stats);
     assert_eq!(
-        (stats.inbound_pended, stats.reinjected, stats.own_reinjections),
+        (
+            stats.inbound_pended,
+            stats.reinjected,
+            stats.own_reinjections
+        ),
         (1, 1, 1),
         "{stats:?}"
     );
@@ -2097,9 +2105,19 @@ fn inbound_first_attempts_get_the_services_verdict(design: AskVia) {
     let service = serve_simply(connected_client(&machine, design), RULES);
     // The rules allow the tool everything, and nothing else in.
     let peer = |app: &str, local_port: u16, remote: SocketAddr| {
-        connection(4, app, IpProtocol::Tcp, SimDirection::Inbound, local_port, remote)
+        connection(
+            4,
+            app,
+            IpProtocol::Tcp,
+            SimDirection::Inbound,
+            local_port,
+            remote,
+        )
     };
-    let v6 = SocketAddr::new(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 9).into(), 50_000);
+    let v6 = SocketAddr::new(
+        Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 9).into(),
+        50_000,
+    );
     let v4 = web(9, 50_001);
     for (n, remote) in [v6, v4].into_iter().enumerate() {
         let (ssh, other) = (peer(APPS[1], 22, remote), peer(APPS[2], 23, remote));
@@ -2135,7 +2153,12 @@ fn inbound_first_attempts_get_the_services_verdict(design: AskVia) {
             "{stats:?}"
         );
         assert_eq!(
-            (stats.asked, stats.answered, stats.cache_hits, stats.defaults),
+            (
+                stats.asked,
+                stats.answered,
+                stats.cache_hits,
+                stats.defaults
+            ),
             (2 * n, 2 * n, 2 * n, 0),
             "asked once per first attempt, never about a reinjected packet: {stats:?}"
         );
