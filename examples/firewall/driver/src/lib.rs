@@ -1447,119 +1447,22 @@ where
         let Some((observed, cache_key)) = shared.observe(c, Direction::Outbound) else {
             return;
         };
-        if observed.reauthorization {
-            // The channel's `decide` or the work item recorded the verdict before it completed
-            // the pend.
-            let verdict = match shared.verdicts.take(&mut *irql, &observed.key) {
-                Some(verdict) => {
-                    // Its connection's slot is free again (and unload is told of progress).
-                    shared.release(irql);
-                    if shared.unloading.load(Ordering::SeqCst) {
-                        shared.progress.set(irql);
-                    }
-                    verdict
-                }
-                // A reauthorization this callout did not cause.
-                None => shared.cached(irql, &cache_key).unwrap_or_else(|| {
-                    let path = match whole_path(&c.values) {
-                        Ok(path) => path,
-                        Err(why) => {
-                            shared.unaskable(&observed, &why);
-                            return Verdict::Deny;
-                        }
-                    };
-                    if policy_changed(c) {
-                        // An established connection, after a rules change.
-                        shared.count(Counter::EstablishedKept);
-                        let channel = self.channel.as_deref();
-                        let background = Background::Established;
-                        Shared::ask_in_background(
-                            shared, irql, channel, &self.queue, &observed, cache_key, path,
-                            background,
-                        );
-                        return Verdict::Allow;
-                    }
-                    shared.count(Counter::Defaults);
-                    kd_print!(
-                        Warning,
-                        "firewall: pid {}: {default} (default: a reauthorization with no recorded or cached verdict)\n",
-                        observed.key.pid
-                    );
-                    default
-                }),
-            };
-            apply(&mut c.out, verdict);
-            return;
-        }
-        if let Some(verdict) = shared.cached(irql, &cache_key) {
-            apply(&mut c.out, verdict);
-            return;
-        }
-        let path = match whole_path(&c.values) {
-            Ok(path) => path,
-            Err(why) => return shared.deny_unaskable(&mut c.out, &observed, why),
-        };
-        // Counted before the flag is read (see `Shared::settle`).
-        shared.in_flight.fetch_add(1, Ordering::SeqCst);
-        let request_id = shared.request_id();
-        let decided_at_once = |c: &mut Classify<'_, L>, reason: &dyn fmt::Display| {
-            shared.count(Counter::Defaults);
-            kd_print!(
-                Warning,
-                "firewall: #{request_id}: {default} (default: {reason})\n"
-            );
-            apply(&mut c.out, default);
-            shared.finished(irql);
-        };
-        if shared.unloading.load(Ordering::SeqCst) {
-            decided_at_once(c, &"unloading");
-            return;
-        }
-        // A slot for the verdict, before the pend: a recorded verdict is never evicted. And
-        // room for the question in the pool the questions may hold.
-        let Some(charge) = Shared::reserve(shared, request_len(path.units())) else {
-            // The cache did not answer (above): the overload decision, not the default (a
-            // burst must not open a fail-open firewall); counted, logged per burst.
-            shared.count(Counter::Overloaded);
-            apply(&mut c.out, shared.config.overload);
-            shared.finished(irql);
-            return;
-        };
-        let question = match observed.question(path, request_id, charge, irql) {
-            Ok(question) => question,
-            // The path was checked above; never asked about with part of it.
-            Err(NoRequest::Unaskable(why)) => {
-                shared.release(irql);
-                shared.deny_unaskable(&mut c.out, &observed, why);
-                shared.finished(irql);
-                return;
+        // A reauthorization is decided here, or (an established connection after a rules
+        // change) asked about below, from this frame as a new connection is: the outbound
+        // classification's stack is the driver's deepest.
+        let (question, waiting) = if observed.reauthorization {
+            match Shared::reauthorized(shared, irql, c, &observed, cache_key) {
+                Some(question) => (question, Waiting::Established),
+                None => return,
             }
-            Err(error @ NoRequest::NoPool) => {
-                shared.release(irql);
-                decided_at_once(c, &error);
-                return;
+        } else {
+            match Shared::pended_question(shared, irql, c, &observed, cache_key) {
+                Some((question, pended)) => (question, Waiting::Connection(pended)),
+                None => return,
             }
         };
-        let pended = match c.pend() {
-            Ok(pended) => pended,
-            // A heavier sublayer decided hard; there is nothing to ask.
-            Err(PendError::NoWriteRight) => {
-                shared.release(irql);
-                shared.finished(irql);
-                return;
-            }
-            Err(error) => {
-                shared.release(irql);
-                decided_at_once(c, &error);
-                return;
-            }
-        };
-        kd_print!(
-            "firewall: #{request_id}: {}: pended, asking the service\n",
-            Described(&question.head)
-        );
         let key = observed.key;
-        let waiting = Waiting::Connection(pended);
+        let request_id = question.head.request_id;
         let channel = self.channel.as_deref();
         let asked =
             match shared.ask_channel_first(irql, channel, &question, waiting, key, cache_key) {
@@ -1567,7 +1470,7 @@ where
                 Ok(None) => return,
                 Ok(Some(asked)) => asked,
                 // Unloading, or nobody to ask: the default, recorded for the
-                // reauthorization.
+                // reauthorization (an established connection is kept).
                 Err((asked, why)) => {
                     return shared.conclude(
                         irql,
@@ -1577,6 +1480,9 @@ where
                     );
                 }
             };
+        if matches!(asked.waiting, Waiting::Established) {
+            return Shared::ask_background_on_port(shared, &*irql, &self.queue, question, asked);
+        }
         let work = PoolArc::clone(shared);
         let queued = self.queue.queue(irql, move |passive| {
             let reply = work.ask_on_port(passive, &question);
@@ -1645,11 +1551,14 @@ where
             return self.at_once(irql, c, &observed, cache_key);
         }
         // Beyond the bound (logged per burst by `Shared::reserve`), or with no packet to hold.
-        if let Err(Unpended::Overload | Unpended::NoClone) =
-            self.pend_and_ask(irql, c, &observed, cache_key)
-        {
-            shared.count(Counter::InboundNotPended);
-            self.at_once(irql, c, &observed, cache_key);
+        match self.pend(irql, c, &observed) {
+            Ok(Some(held)) => self.ask_pended(irql, held, observed.key, cache_key),
+            // Decided already.
+            Ok(None) => {}
+            Err(Unpended::Overload | Unpended::NoClone) => {
+                shared.count(Counter::InboundNotPended);
+                self.at_once(irql, c, &observed, cache_key);
+            }
         }
     }
 }
@@ -1711,16 +1620,17 @@ impl Inbound {
     }
 
     /// Pends a new inbound connection the cache does not answer, with a clone of its packet,
-    /// and asks the service; the question's end ([`Shared::conclude`]) completes the pend and
-    /// reinjects or frees the clone. `Err` when it was not pended and nothing was decided yet:
-    /// the caller decides at once. Every other outcome is decided here.
-    fn pend_and_ask<L>(
+    /// and returns them with the question to ask ([`Inbound::ask_pended`] asks it). `Ok(None)`
+    /// when it was decided here (unloading, unaskable, no pool, no pend); `Err` when it was not
+    /// pended and nothing was decided yet: the caller decides at once. A frame of its own, off
+    /// the path that asks (the debug image's stack check).
+    #[inline(never)]
+    fn pend<L>(
         &self,
         irql: &mut DispatchLevel<'_>,
         c: &mut Classify<'_, L>,
         observed: &Observed,
-        cache_key: CacheKey,
-    ) -> Result<(), Unpended>
+    ) -> Result<Option<HeldInbound>, Unpended>
     where
         L: PendableByCompletionHandle + ReceiveInjectable,
         fields::AleAppId: Field<L>,
@@ -1741,14 +1651,14 @@ impl Inbound {
         };
         if shared.unloading.load(Ordering::SeqCst) {
             decided_at_once(c, &"unloading");
-            return Ok(());
+            return Ok(None);
         }
         let units = match whole_path(&c.values) {
             Ok(path) => path.units(),
             Err(why) => {
                 shared.deny_unaskable(&mut c.out, observed, why);
                 shared.finished(irql);
-                return Ok(());
+                return Ok(None);
             }
         };
         // The same bound as outbound pends: a slot (freed when the question ends: nothing is
@@ -1779,12 +1689,12 @@ impl Inbound {
                 shared.release(irql);
                 shared.deny_unaskable(&mut c.out, observed, why);
                 shared.finished(irql);
-                return Ok(());
+                return Ok(None);
             }
             Err(error @ NoRequest::NoPool) => {
                 shared.release(irql);
                 decided_at_once(c, &error);
-                return Ok(());
+                return Ok(None);
             }
         };
         let pended = match c.pend() {
@@ -1793,12 +1703,12 @@ impl Inbound {
             Err(PendError::NoWriteRight) => {
                 shared.release(irql);
                 shared.finished(irql);
-                return Ok(());
+                return Ok(None);
             }
             Err(error) => {
                 shared.release(irql);
                 decided_at_once(c, &error);
-                return Ok(());
+                return Ok(None);
             }
         };
         shared.count(Counter::InboundPended);
@@ -1806,23 +1716,46 @@ impl Inbound {
             "firewall: #{request_id}: {}: pended, asking the service\n",
             Described(&question.head)
         );
+        Ok(Some(HeldInbound {
+            question,
+            pended,
+            clone,
+        }))
+    }
+
+    /// Asks the service about a pended inbound connection, through the channel or a work item
+    /// over the port; the question's end ([`Shared::conclude`], exactly once) completes the pend
+    /// and reinjects or frees the clone.
+    #[inline(never)]
+    fn ask_pended(
+        &self,
+        irql: &mut DispatchLevel<'_>,
+        held: HeldInbound,
+        key: ConnectionKey,
+        cache_key: CacheKey,
+    ) {
+        let shared = &self.shared;
+        let HeldInbound {
+            question,
+            pended,
+            clone,
+        } = held;
+        let request_id = question.head.request_id;
         let waiting = Waiting::Inbound { pended, clone };
         let channel = self.channel.as_deref();
-        let key = observed.key;
         let asked =
             match shared.ask_channel_first(irql, channel, &question, waiting, key, cache_key) {
                 // `Decisions::decide` concludes it, exactly once.
-                Ok(None) => return Ok(()),
+                Ok(None) => return,
                 Ok(Some(asked)) => asked,
                 // Unloading, or nobody to ask: the default, now.
                 Err((asked, why)) => {
-                    shared.conclude(
+                    return shared.conclude(
                         irql,
                         asked,
                         Err::<ConnectionReply, AskError>(why.into()),
                         "",
                     );
-                    return Ok(());
                 }
             };
         let work = PoolArc::clone(shared);
@@ -1844,8 +1777,14 @@ impl Inbound {
             shared.release(irql);
             shared.finished(irql);
         }
-        Ok(())
     }
+}
+
+/// A pended inbound connection, its packet's clone and the question to ask about it.
+struct HeldInbound {
+    question: Question,
+    pended: PendedClassify,
+    clone: ReceiveClone,
 }
 
 /// What a classification got while its question is asked in the background, for the logs.
@@ -1919,6 +1858,26 @@ impl Shared {
         path: PathBytes<'_>,
         background: Background,
     ) {
+        if let Some(question) =
+            Shared::background_question(this, &*irql, observed, path, background)
+        {
+            let key = observed.key;
+            Shared::send_background(
+                this, irql, channel, queue, question, key, cache_key, background,
+            );
+        }
+    }
+
+    /// Takes a [`Config::background_asks`] slot and builds the question, or logs and counts
+    /// why not.
+    #[inline(never)]
+    fn background_question(
+        this: &PoolArc<Shared>,
+        irql: &impl AtMostDispatch,
+        observed: &Observed,
+        path: PathBytes<'_>,
+        background: Background,
+    ) -> Option<Question> {
         let shared = this;
         let subject = background.subject();
         if !shared.reserve_background() {
@@ -1928,7 +1887,7 @@ impl Shared {
                 "firewall: pid {} {subject}: {background}not asking: too many questions in flight, or unloading)\n",
                 observed.key.pid
             );
-            return;
+            return None;
         }
         let not_asking = |why: &dyn fmt::Display| {
             shared.background.fetch_sub(1, Ordering::SeqCst);
@@ -1940,54 +1899,230 @@ impl Shared {
             );
         };
         let Some(charge) = Shared::try_charge(shared, request_len(path.units())) else {
-            return not_asking(&format_args!(
+            not_asking(&format_args!(
                 "the questions waiting for the service hold {QUESTION_BYTES} bytes of pool"
             ));
+            return None;
         };
         let request_id = shared.request_id();
-        let question = match observed.question(path, request_id, charge, &*irql) {
+        let question = match observed.question(path, request_id, charge, irql) {
             Ok(question) => question,
-            Err(error) => return not_asking(&error),
+            Err(error) => {
+                not_asking(&error);
+                return None;
+            }
         };
         kd_print!(
             "firewall: #{request_id}: {}: {background}{})\n",
             Described(&question.head),
             background.asking()
         );
+        Some(question)
+    }
+
+    /// Asks a background question: through the channel when there is one, else by a work item
+    /// over the port. The slot [`Shared::background_question`] took goes with the question.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the question's pieces; a struct would only repeat them"
+    )]
+    fn send_background<I: Token>(
+        this: &PoolArc<Shared>,
+        irql: &mut I,
+        channel: Option<&QuestionChannel>,
+        queue: &WorkQueue,
+        question: Question,
+        key: ConnectionKey,
+        cache_key: CacheKey,
+        background: Background,
+    ) {
         let waiting = background.waiting();
-        let key = observed.key;
-        let asked =
-            match shared.ask_channel_first(irql, channel, &question, waiting, key, cache_key) {
-                Ok(None) => {
-                    shared.count(Counter::BackgroundAsks);
-                    return;
-                }
-                Ok(Some(asked)) => asked,
-                Err((_, why)) => {
-                    kd_print!(Warning, "firewall: #{request_id}: not asked ({why})\n");
-                    shared.background.fetch_sub(1, Ordering::SeqCst);
-                    shared.count(Counter::BackgroundSkipped);
-                    return;
-                }
-            };
-        let work = PoolArc::clone(shared);
+        match this.ask_channel_first(irql, channel, &question, waiting, key, cache_key) {
+            Ok(None) => this.count(Counter::BackgroundAsks),
+            Ok(Some(asked)) => Shared::ask_background_on_port(this, &*irql, queue, question, asked),
+            Err((asked, why)) => this.not_asked_in_background(asked.request_id, &why),
+        }
+    }
+
+    /// A background question the channel handed back: a work item asks it over the port.
+    #[inline(never)]
+    fn ask_background_on_port(
+        this: &PoolArc<Shared>,
+        irql: &impl AtMostDispatch,
+        queue: &WorkQueue,
+        question: Question,
+        asked: Asked,
+    ) {
+        let request_id = asked.request_id;
+        let work = PoolArc::clone(this);
         let queued = queue.queue(irql, move |passive| {
             let reply = work.ask_on_port(passive, &question);
             work.conclude(passive, asked, reply, "");
             work.change_policy_if_due(passive);
         });
         match queued {
-            Ok(()) => shared.count(Counter::BackgroundAsks),
+            Ok(()) => this.count(Counter::BackgroundAsks),
             Err(not_queued) => {
-                kd_print!(
-                    Warning,
-                    "firewall: #{request_id}: not asked ({not_queued})\n"
-                );
                 drop(not_queued);
-                shared.background.fetch_sub(1, Ordering::SeqCst);
-                shared.count(Counter::BackgroundSkipped);
+                this.not_asked_in_background(request_id, &"no work item could be queued");
             }
         }
+    }
+
+    /// A new outbound connection: the cache's verdict, or the connection pended and the
+    /// question to ask about it (`Some`); or decided at once (unaskable, unloading, overload,
+    /// no pool, no pend). A frame of its own, off the outbound classification's deepest path.
+    #[inline(never)]
+    fn pended_question<L>(
+        this: &PoolArc<Shared>,
+        irql: &mut DispatchLevel<'_>,
+        c: &mut Classify<'_, L>,
+        observed: &Observed,
+        cache_key: CacheKey,
+    ) -> Option<(Question, PendedClassify)>
+    where
+        L: PendableByCompletionHandle,
+        fields::AleAppId: Field<L>,
+    {
+        let shared = this;
+        let default = shared.config.default;
+        if let Some(verdict) = shared.cached(irql, &cache_key) {
+            apply(&mut c.out, verdict);
+            return None;
+        }
+        let path = match whole_path(&c.values) {
+            Ok(path) => path,
+            Err(why) => {
+                shared.deny_unaskable(&mut c.out, observed, why);
+                return None;
+            }
+        };
+        // Counted before the flag is read (see `Shared::settle`).
+        shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        let request_id = shared.request_id();
+        let decided_at_once = |c: &mut Classify<'_, L>, reason: &dyn fmt::Display| {
+            shared.count(Counter::Defaults);
+            kd_print!(
+                Warning,
+                "firewall: #{request_id}: {default} (default: {reason})\n"
+            );
+            apply(&mut c.out, default);
+            shared.finished(irql);
+        };
+        if shared.unloading.load(Ordering::SeqCst) {
+            decided_at_once(c, &"unloading");
+            return None;
+        }
+        // A slot for the verdict, before the pend: a recorded verdict is never evicted. And
+        // room for the question in the pool the questions may hold.
+        let Some(charge) = Shared::reserve(shared, request_len(path.units())) else {
+            // The cache did not answer (above): the overload decision, not the default (a
+            // burst must not open a fail-open firewall); counted, logged per burst.
+            shared.count(Counter::Overloaded);
+            apply(&mut c.out, shared.config.overload);
+            shared.finished(irql);
+            return None;
+        };
+        let question = match observed.question(path, request_id, charge, irql) {
+            Ok(question) => question,
+            // The path was checked above; never asked about with part of it.
+            Err(NoRequest::Unaskable(why)) => {
+                shared.release(irql);
+                shared.deny_unaskable(&mut c.out, observed, why);
+                shared.finished(irql);
+                return None;
+            }
+            Err(error @ NoRequest::NoPool) => {
+                shared.release(irql);
+                decided_at_once(c, &error);
+                return None;
+            }
+        };
+        let pended = match c.pend() {
+            Ok(pended) => pended,
+            // A heavier sublayer decided hard; there is nothing to ask.
+            Err(PendError::NoWriteRight) => {
+                shared.release(irql);
+                shared.finished(irql);
+                return None;
+            }
+            Err(error) => {
+                shared.release(irql);
+                decided_at_once(c, &error);
+                return None;
+            }
+        };
+        kd_print!(
+            "firewall: #{request_id}: {}: pended, asking the service\n",
+            Described(&question.head)
+        );
+        Some((question, pended))
+    }
+
+    /// Decides an outbound reauthorization: the verdict recorded for the connection this
+    /// callout pended, else the cache's, else — for an established connection a policy change
+    /// reauthorized — allow, and the question to ask about it (`Some`); else the default.
+    #[inline(never)]
+    fn reauthorized<L>(
+        this: &PoolArc<Shared>,
+        irql: &mut DispatchLevel<'_>,
+        c: &mut Classify<'_, L>,
+        observed: &Observed,
+        cache_key: CacheKey,
+    ) -> Option<Question>
+    where
+        L: Layer,
+        fields::AleAppId: Field<L>,
+        fields::ReauthorizeReason: Field<L>,
+    {
+        let shared = this;
+        // The channel's `decide` or the work item recorded the verdict before it completed
+        // the pend.
+        if let Some(verdict) = shared.verdicts.take(&mut *irql, &observed.key) {
+            // Its connection's slot is free again (and unload is told of progress).
+            shared.release(irql);
+            if shared.unloading.load(Ordering::SeqCst) {
+                shared.progress.set(irql);
+            }
+            apply(&mut c.out, verdict);
+            return None;
+        }
+        // A reauthorization this callout did not cause.
+        if let Some(verdict) = shared.cached(irql, &cache_key) {
+            apply(&mut c.out, verdict);
+            return None;
+        }
+        let path = match whole_path(&c.values) {
+            Ok(path) => path,
+            Err(why) => {
+                shared.unaskable(observed, &why);
+                apply(&mut c.out, Verdict::Deny);
+                return None;
+            }
+        };
+        if !policy_changed(c) {
+            let default = shared.config.default;
+            shared.count(Counter::Defaults);
+            kd_print!(
+                Warning,
+                "firewall: pid {}: {default} (default: a reauthorization with no recorded or cached verdict)\n",
+                observed.key.pid
+            );
+            apply(&mut c.out, default);
+            return None;
+        }
+        // An established connection, after a rules change: kept while the service is asked.
+        shared.count(Counter::EstablishedKept);
+        apply(&mut c.out, Verdict::Allow);
+        Shared::background_question(shared, &*irql, observed, path, Background::Established)
+    }
+
+    /// A background question that was not asked after all: its slot is free again.
+    #[inline(never)]
+    fn not_asked_in_background(&self, request_id: u64, why: &dyn fmt::Display) {
+        kd_print!(Warning, "firewall: #{request_id}: not asked ({why})\n");
+        self.background.fetch_sub(1, Ordering::SeqCst);
+        self.count(Counter::BackgroundSkipped);
     }
 }
 
@@ -2052,9 +2187,9 @@ impl Shared {
         clippy::result_large_err,
         reason = "the context must come back whole, and boxing it would allocate in classifyFn"
     )]
-    fn ask_channel_first(
+    fn ask_channel_first<I: Token>(
         &self,
-        irql: &mut DispatchLevel<'_>,
+        irql: &mut I,
         channel: Option<&QuestionChannel>,
         question: &Question,
         waiting: Waiting,
@@ -2421,7 +2556,10 @@ pub fn start(
 ) -> Result<Firewall, Status> {
     admit_service(irql, driver, &config)?;
     let (filter, port) = open_port(irql, driver, config.port_name)?;
-    let firewall = register(irql, driver, config, filter, port);
+    // Built here rather than in `register`: below `register`'s frame, this path would be the
+    // load's deepest in a debug image.
+    let shared = shared_state(irql, config, port)?;
+    let firewall = register(irql, driver, filter, shared);
     // Borrowed in the `Result` and returned as it is, rather than taken out with `?` and
     // wrapped again: in a debug build each of those moves is a copy of the whole state in this
     // frame, which lies under the filters' path.
@@ -2537,22 +2675,18 @@ fn open_port(
     Ok((filter, port))
 }
 
-/// Everything [`start`] does after [`open_port`] and before the filters: the shared state, the
-/// control device, the callouts and the (still empty) dynamic engine session. On an error the
-/// port and then the minifilter it was given are dropped after its own locals.
+/// Everything [`start`] does after [`open_port`] and [`shared_state`] and before the filters:
+/// the control device, the callouts and the (still empty) dynamic engine session. On an error
+/// the shared state (with the port) and then the minifilter it was given are dropped after its
+/// own locals.
 #[inline(never)]
 fn register(
     irql: &mut PassiveLevel<'_>,
     driver: &mut Driver<'_>,
-    config: Config,
     filter: Filter,
-    port: ServerPort<FirewallProtocol>,
+    shared: PoolArc<Shared>,
 ) -> Result<Firewall, Status> {
-    let config = Config {
-        max_pending: config.max_pending.min(VERDICT_SLOTS),
-        ..config
-    };
-    let shared = shared_state(irql, config, port)?;
+    let config = &shared.config;
     let control = ControlDevice::new(
         irql,
         driver,
@@ -2647,12 +2781,15 @@ fn shared_state(
     config: Config,
     port: ServerPort<FirewallProtocol>,
 ) -> Result<PoolArc<Shared>, Status> {
+    let config = Config {
+        max_pending: config.max_pending.min(VERDICT_SLOTS),
+        ..config
+    };
     let cache = VerdictCache::new(config.cache_capacity)?;
     let verdicts =
         VerdictTable::try_new_in_pool(VERDICTS_TAG, irql).ok_or(Status::INSUFFICIENT_RESOURCES)?;
     let progress = Event::try_new(EventKind::Notification, false, irql)?;
-    // For both IP versions: one handle serves both inbound callouts.
-    let injection = InjectionHandle::create(irql, None)?;
+    let injection = injection_handle(irql)?;
     // Fallible: `Arc::new` cannot report an exhausted pool, and in a driver its failure is a
     // bug check. On a failure the value comes back and is dropped like the other locals.
     PoolArc::try_new(
@@ -2677,6 +2814,13 @@ fn shared_state(
         irql,
     )
     .map_err(|e| e.status())
+}
+
+/// The injection handle the inbound callouts reinject with, for both IP versions (one handle
+/// serves both callouts). A function of its own, for the stack (see [`shared_state`]).
+#[inline(never)]
+fn injection_handle(irql: &PassiveLevel<'_>) -> Result<InjectionHandle, Status> {
+    InjectionHandle::create(irql, None)
 }
 
 /// Adds the provider and the sublayer; a function of its own, so that their builders are off

@@ -26,14 +26,21 @@
 //! {"step":"kill-service"}
 //! {"step":"start-service"}
 //! {"step":"note","text":"a heading for what follows"}
+//! {"step":"send","connection":"tab","expect":"cut"}
 //! ```
 //!
 //! For `connect`: `pid` and `remote` are required; `image` (an NT path; empty: unknown) defaults
 //! to empty, `protocol` (`tcp`, `udp`, `icmp`, `icmpv6` or a number) to `tcp`, `direction`
 //! (`outbound` or `inbound`) to `outbound`, `local` to `10.0.0.2` (or `fd00::2`) with a fresh
 //! port for outbound attempts and port 22 for inbound ones. `expect` (`allow` or `deny`) makes
-//! the demo check the decision and fail if it differs. A `reload` path is relative to the trace
-//! file. The service maps `\Device\HarddiskVolume3` to `C:`.
+//! the demo check the decision and fail if it differs. `hold` (a name) keeps the connection
+//! open, if the driver allows it, for later `send` steps. A `reload` path is relative to the
+//! trace file. The service maps `\Device\HarddiskVolume3` to `C:`.
+//!
+//! `send` makes a held connection send data: after a rules change WFP reauthorizes it at its
+//! next packet, the driver keeps it while it asks the service, and a deny cuts it (see the
+//! driver's "Established connections"). The demo sends until the connection is cut or the
+//! driver has nothing more to ask; `expect` (`flows` or `cut`) is checked like a `connect`'s.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -150,6 +157,9 @@ pub struct Attempt {
     /// a reload (it does not hold, and is not checked, when the driver has no control device).
     #[serde(skip)]
     pub after_revoke: bool,
+    /// Keep the connection open under this name, if the driver allows it, for `send` steps.
+    #[serde(default)]
+    pub hold: Option<String>,
 }
 
 fn default_protocol() -> String {
@@ -180,17 +190,33 @@ pub enum Step {
     KillService,
     /// Start the service again.
     StartService,
+    /// A held connection sends data (see the [module documentation](self)).
+    Send {
+        /// The name an attempt's `hold` gave it.
+        connection: String,
+        /// `flows` or `cut`, checked if given.
+        expect: Option<String>,
+    },
 }
 
 /// A line of a trace file.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "step", rename_all = "kebab-case")]
 enum TraceLine {
-    Note { text: String },
+    Note {
+        text: String,
+    },
     Connect(Attempt),
-    Reload { rules: PathBuf },
+    Reload {
+        rules: PathBuf,
+    },
     KillService,
     StartService,
+    Send {
+        connection: String,
+        #[serde(default)]
+        expect: Option<String>,
+    },
 }
 
 /// Reads a trace file into steps (see the [module documentation](self)).
@@ -225,6 +251,12 @@ pub fn read_trace(path: &Path) -> Result<Vec<Step>, String> {
             }
             TraceLine::KillService => Step::KillService,
             TraceLine::StartService => Step::StartService,
+            TraceLine::Send { connection, expect } => {
+                if let Some(expect) = &expect {
+                    parse_flow(expect).map_err(|e| at(&e))?;
+                }
+                Step::Send { connection, expect }
+            }
         });
     }
     Ok(steps)
@@ -247,6 +279,15 @@ fn parse_verdict(text: &str) -> Result<Verdict, String> {
         "allow" => Ok(Verdict::Allow),
         "deny" => Ok(Verdict::Deny),
         other => Err(format!("expected verdict `{other}` is not allow or deny")),
+    }
+}
+
+/// `flows` (true) or `cut` (false).
+fn parse_flow(text: &str) -> Result<bool, String> {
+    match text {
+        "flows" => Ok(true),
+        "cut" => Ok(false),
+        other => Err(format!("expected `{other}` is not flows or cut")),
     }
 }
 
@@ -284,7 +325,27 @@ fn attempt(pid: u64, image: &str, protocol: &str, remote: &str, expect: &str) ->
         local: None,
         expect: Some(expect.to_owned()),
         after_revoke: false,
+        hold: None,
     })
+}
+
+/// An attempt whose connection the demo keeps open as `name`.
+fn held(step: Step, name: &str) -> Step {
+    match step {
+        Step::Connect(mut a) => {
+            a.hold = Some(name.to_owned());
+            Step::Connect(a)
+        }
+        other => other,
+    }
+}
+
+/// The held connection `name` sends; `expect`: `flows` or `cut`.
+fn send(name: &str, expect: &str) -> Step {
+    Step::Send {
+        connection: name.to_owned(),
+        expect: Some(expect.to_owned()),
+    }
 }
 
 /// An attempt whose expectation holds only if the driver revoked what it had cached.
@@ -327,7 +388,7 @@ pub fn builtin_scenario(rules: &str) -> Vec<Step> {
     let reloaded = with_first_rule(rules, QUARANTINE);
     vec![
         Step::Note("Programs connect out (the driver pends each new connection and asks the service)".into()),
-        attempt(1200, BROWSER, "tcp", "192.0.2.10:443", "allow"),
+        held(attempt(1200, BROWSER, "tcp", "192.0.2.10:443", "allow"), "the browser's tab"),
         attempt(1200, BROWSER, "tcp", "192.0.2.10:443", "allow"),
         attempt(1200, BROWSER, "tcp", "[2001:db8::10]:443", "allow"),
         attempt(1200, BROWSER, "tcp", "203.0.113.5:443", "deny"),
@@ -336,7 +397,7 @@ pub fn builtin_scenario(rules: &str) -> Vec<Step> {
         attempt(1600, SVCHOST, "udp", "[2001:db8::53]:53", "allow"),
         attempt(1300, UPDATER, "tcp", "198.51.100.20:443", "allow"),
         attempt(1300, UPDATER, "tcp", "192.0.2.99:443", "deny"),
-        attempt(1400, CURL, "tcp", "10.1.2.3:8080", "allow"),
+        held(attempt(1400, CURL, "tcp", "10.1.2.3:8080", "allow"), "curl's download"),
         attempt(1400, CURL, "tcp", "[fd00::5]:443", "allow"),
         attempt(1500, GAME, "tcp", "198.51.100.7:6667", "deny"),
         attempt(1500, GAME, "udp", "[2001:db8:77::1]:3478", "deny"),
@@ -351,6 +412,10 @@ pub fn builtin_scenario(rules: &str) -> Vec<Step> {
             what: format!("a rule in front: {}", QUARANTINE.lines().nth(1).unwrap_or_default()),
             valid: true,
         },
+        Step::Note("Connections already open meet the new rules: the driver has WFP reauthorize them, keeps each while it asks the service, and the quarantined one is cut".into()),
+        send("the browser's tab", "cut"),
+        send("curl's download", "flows"),
+        Step::Note("New connections meet them too".into()),
         after_revoke(attempt(1200, BROWSER, "tcp", "192.0.2.10:443", "deny")),
         attempt(1200, BROWSER, "tcp", "[2001:db8::10]:443", "allow"),
         Step::Note("A broken rules file: the service says where, and the policy in force stays".into()),
@@ -561,6 +626,8 @@ pub struct Summary {
     pub unexpected: Vec<usize>,
     /// Problems: a reload that did not go as the scenario said, pool left after unload.
     pub problems: Vec<String>,
+    /// Held connections a rules change cut (`send` steps).
+    pub cut: usize,
 }
 
 struct Demo<'o> {
@@ -577,6 +644,8 @@ struct Demo<'o> {
     volumes: VolumeMap,
     /// The rule behind each verdict the service gave, by cache key, to explain cache hits.
     given: HashMap<(u64, String, u8, SocketAddr), String>,
+    /// The connections attempts asked to hold, by name: the connection and its flow.
+    held: HashMap<String, (Connection, u64)>,
     next_port: u16,
     summary: Summary,
     widths: [usize; 7],
@@ -617,8 +686,10 @@ pub fn run(options: &DemoOptions, out: &mut dyn Write) -> Result<Summary, String
             let mut steps = builtin_scenario(&rules_text);
             if !builtin_rules || options.fail_open {
                 for step in &mut steps {
-                    if let Step::Connect(a) = step {
-                        a.expect = None;
+                    match step {
+                        Step::Connect(a) => a.expect = None,
+                        Step::Send { expect, .. } => *expect = None,
+                        _ => {}
                     }
                 }
             }
@@ -720,6 +791,7 @@ fn run_in(
         service: None,
         volumes,
         given: HashMap::new(),
+        held: HashMap::new(),
         next_port: 49_152,
         summary: Summary::default(),
         widths: [3, 5, 38, 3, 5, 26, 7],
@@ -927,8 +999,122 @@ impl Demo<'_> {
                     self.start_service()?;
                 }
             }
+            Step::Send { connection, expect } => {
+                let expect = expect.as_deref().map(parse_flow).transpose()?;
+                self.send(&connection, expect)?;
+            }
         }
         Ok(())
+    }
+
+    /// The held connection `name` sends packets: one, and while the driver keeps it only to
+    /// ask the service about it, another once the driver has its verdict (and, for a deny, has
+    /// made the policy change that reauthorizes it again).
+    fn send(&mut self, name: &str, expect: Option<bool>) -> Result<(), String> {
+        let Some((connection, flow)) = self.held.get(name).cloned() else {
+            self.summary.problems.push(format!(
+                "`send` names `{name}`, which no allowed attempt held open"
+            ));
+            return Ok(());
+        };
+        let mut packets = 0;
+        let flows = loop {
+            let before = STATS.snapshot();
+            let decision = self
+                .machine
+                .packet(&connection, flow, SimDirection::Outbound);
+            packets += 1;
+            if decision.action != Action::Permit {
+                break false;
+            }
+            if STATS.snapshot().established_kept == before.established_kept {
+                // Not reauthorized, or answered from the cache: nothing more will change.
+                break true;
+            }
+            // Kept while asked: wait for the verdict, and for a deny's policy change.
+            if !self.wait_for_established_verdict(before.policy_changes)? {
+                break true;
+            }
+        };
+        if let Some(service) = &self.service {
+            service.show_log(self.out);
+        }
+        let what = if flows {
+            format!("flows ({packets} packet(s) delivered)")
+        } else {
+            self.summary.cut += 1;
+            format!(
+                "cut: packet {packets} dropped (WFP reauthorized the connection after the rules change; the new rules deny it)"
+            )
+        };
+        let mark = match expect {
+            Some(expected) if expected != flows && self.no_control_device => format!(
+                "  (not cut: this driver has no control device yet, so a rules change does not reach open connections; expected {} once it does)",
+                if expected { "flows" } else { "cut" }
+            ),
+            Some(expected) if expected != flows => {
+                self.summary.problems.push(format!(
+                    "{name} {} where the scenario expected it to {}",
+                    if flows { "flowed" } else { "was cut" },
+                    if expected { "flow" } else { "be cut" }
+                ));
+                format!("  << expected {}", if expected { "flows" } else { "cut" })
+            }
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            self.out,
+            "    [demo] {name} ({} -> {}) sends: {what}{mark}",
+            self.volumes.to_dos_path(&connection.app),
+            connection.remote
+        );
+        Ok(())
+    }
+
+    /// After a packet the driver kept while asking the service: waits for the driver's verdict
+    /// line for that question; for a deny, also for the policy change it makes (past
+    /// `policy_changes`). Whether another packet may meet a different decision.
+    fn wait_for_established_verdict(&self, policy_changes: u64) -> Result<bool, String> {
+        let asked = self
+            .machine
+            .debug_output()
+            .iter()
+            .rev()
+            .find(|line| {
+                line.contains("a policy change reauthorized it")
+                    && line.contains("asking the service")
+            })
+            .and_then(|line| line.strip_prefix("firewall: #"))
+            .and_then(|rest| rest.split(':').next())
+            .map(|id| format!("firewall: #{id}: "));
+        let Some(asked) = asked else {
+            // Kept without asking (too many questions in flight): nothing will change now.
+            return Ok(false);
+        };
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let verdict = self.machine.debug_output().iter().find_map(|line| {
+                let rest = line.strip_prefix(&asked)?;
+                if rest.starts_with("deny for an established connection") {
+                    Some(true)
+                } else if rest.contains("for an established connection") {
+                    Some(false)
+                } else {
+                    None
+                }
+            });
+            match verdict {
+                Some(true) if STATS.snapshot().policy_changes > policy_changes => return Ok(true),
+                Some(false) => return Ok(false),
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(
+                    "the driver did not settle an established connection in time".to_owned(),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     fn connect(&mut self, attempt: &Attempt) -> Result<(), String> {
@@ -963,6 +1149,9 @@ impl Demo<'_> {
         };
         let before = STATS.snapshot();
         let outcome = self.machine.connect(&connection, AleIrql::Passive);
+        if let (Some(name), Some(flow)) = (&attempt.hold, outcome.flow_handle) {
+            self.held.insert(name.clone(), (connection.clone(), flow));
+        }
         // Inbound misses ask the service in the background: let that finish, so its verdict is
         // in the cache (and the audit log) before the next attempt.
         self.machine.wait_for_work_items();
@@ -1136,8 +1325,8 @@ impl Demo<'_> {
         );
         let _ = writeln!(
             self.out,
-            "  {} attempts: {} allowed, {} denied",
-            s.attempts, s.allowed, s.denied
+            "  {} attempts: {} allowed, {} denied; {} open connection(s) cut by a rules change",
+            s.attempts, s.allowed, s.denied, s.cut
         );
         let _ = writeln!(
             self.out,

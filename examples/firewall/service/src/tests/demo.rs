@@ -115,14 +115,32 @@ fn the_builtin_scenario_decides_as_expected() {
         stdout.contains("revoked 1 cached verdicts (1 entries removed)"),
         "{stdout}"
     );
-    assert!(
-        row(&stdout, 18).contains("deny     service (channel): rule 1 \"quarantine-192.0.2.10\"")
-    );
+    assert!(row(&stdout, 18).contains("deny     driver cache: rule 1 \"quarantine-192.0.2.10\""));
     assert!(row(&stdout, 24).contains("allow    service (channel): rule 4 \"browser-web\""));
+    // Connections held open meet the new rules: the quarantined one is kept while the service
+    // is asked, and its next packet is dropped; the other flows (its verdict was not revoked).
+    // The new attempt to the quarantined address then meets the deny in the cache (row 18).
+    assert!(
+        stdout.contains(
+            "[demo] the browser's tab (C:\\Program Files\\Browser\\browser.exe -> 192.0.2.10:443) sends: cut: packet 2 dropped"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "[demo] curl's download (C:\\Windows\\System32\\curl.exe -> 10.1.2.3:8080) sends: flows"
+        ),
+        "{stdout}"
+    );
     let summary = result.unwrap();
     assert_eq!(
-        (summary.attempts, summary.allowed, summary.denied),
-        (25, 15, 10),
+        (
+            summary.attempts,
+            summary.allowed,
+            summary.denied,
+            summary.cut
+        ),
+        (25, 15, 10, 1),
         "{stdout}"
     );
 }
