@@ -59,8 +59,8 @@ pub struct Stats {
 pub struct StatsSnapshot {
     /// Classifications answered from the verdict cache.
     pub cache_hits: u64,
-    /// Questions put to the port (outbound pends and inbound background asks), whether or not
-    /// a service was connected to receive them.
+    /// Questions put to the service (outbound and inbound pends, and background asks), whether
+    /// or not a service was connected to receive them.
     pub asked: u64,
     /// Of `asked`, the questions put to the question channel ([`AskVia::Channel`]).
     ///
@@ -88,7 +88,8 @@ pub struct StatsSnapshot {
     /// Replies that granted a cache lifetime but were not cached, because a revoke command
     /// came while they were being asked for.
     pub not_cached_revoked: u64,
-    /// Inbound misses that queued a background ask.
+    /// Misses asked about in the background: inbound connections that were not pended, and
+    /// established connections after a rules change.
     pub background_asks: u64,
     /// Inbound misses that did not, because [`Config::background_asks`] were in flight already
     /// (or no work item could be queued).
