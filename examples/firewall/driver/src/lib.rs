@@ -20,8 +20,9 @@
 //!   the channel's device and answers on the same handle; the channel's handler
 //!   ([`QuestionHandler::decide`], exactly once per question) checks the reply answers the
 //!   request, caches it if allowed, records the verdict for the reauthorization and completes
-//!   the pend, or applies the default for every other outcome — the same code that ends a
-//!   question asked over the port. No work item, no thread waits.
+//!   the pend (inbound: completes the pend and reinjects or frees the packet's clone), or
+//!   applies the default for every other outcome — the same code that ends a question asked
+//!   over the port. No work item, no thread waits.
 //!   The channel has [`Config::max_pending`] + [`Config::background_asks`] slots, so a
 //!   connection that reserved a slot of the [`VerdictTable`] finds one; each slot holds a
 //!   question of at most [`ASK_MAX_QUESTION`](firewall_protocol::ASK_MAX_QUESTION) bytes (an
@@ -136,7 +137,14 @@
 //! copied it into a slot of its own), and together they hold at most [`QUESTION_BYTES`]
 //! (4 MiB; [`VERDICT_SLOTS`] questions about the longest path would be 128 MiB). A connection
 //! whose question does not fit gets the overload decision the same way, counted and logged the
-//! same way; an inbound miss whose question does not fit is not asked about in the background.
+//! same way; an inbound miss whose question does not fit gets the default and is not asked about
+//! in the background.
+//!
+//! Inbound pends share the bound: each takes a slot before its pend, and gives it back when its
+//! question ends (nothing is reauthorized at `ALE_AUTH_RECV_ACCEPT`). An inbound miss beyond it
+//! gets the default and a background ask (see the inbound decision below), counted in
+//! [`StatsSnapshot::inbound_not_pended`] rather than `overloaded`; the burst's log lines count it
+//! with the refused outbound connections.
 //!
 //! A slot is freed only by the reauthorization that takes its verdict (or by the classification
 //! that reserved it, when it decides without pending). WFP reauthorizes every connection whose
@@ -147,26 +155,53 @@
 //! # The decision, inbound (`ALE_AUTH_RECV_ACCEPT`)
 //!
 //! Completing a pend at `ALE_AUTH_RECV_ACCEPT` does not reauthorize the connection: the packet
-//! that carried it was absorbed, and only a callout that cloned it and reinjects the clone
-//! (`FwpsInjectTransportReceiveAsync0`) lets the connection through. This first version does
-//! not reinject, and so never pends inbound — it never pretends a completion lets an inbound
-//! connection through. Instead:
+//! that carried it is absorbed, and only a callout that cloned it and reinjects the clone
+//! (`FwpsInjectTransportReceiveAsync0`) lets the connection through (Microsoft's "Processing
+//! classify callouts asynchronously"; [`wfp_rs::inject`]). So the inbound callout pends *and
+//! clones*: a new connection the cache does not answer takes a slot of the same bound as the
+//! outbound pends ([`Config::max_pending`], and [`QUESTION_BYTES`] for its question), its packet
+//! is cloned ([`Classify::clone_for_receive`]), the classification pended (BLOCK + ABSORB) and
+//! the service asked exactly as for an outbound connection, on either design. The question's
+//! end (exactly once, whatever ends it) completes the pend, then, if the verdict allows,
+//! reinjects the clone with the driver's injection handle — the packet crosses the inbound
+//! layers again, and the connection is established — or, if it denies, frees the clone, and
+//! the attempt fails. Nothing is recorded (there is no reauthorization to answer); the slot is
+//! freed at once.
+//!
+//! The reinjected packet meets this callout again. [`Classify::injection_state`] says it is the
+//! driver's own (`InjectedBySelf`) and it is permitted without asking, before anything else:
+//! asking would pend it again, forever. So the service is asked once per attempt.
 //!
 //! | situation | decision |
 //! |---|---|
+//! | the driver's own reinjected packet (`InjectedBySelf`) | permit, nobody asked; counted in [`StatsSnapshot::own_reinjections`] |
 //! | a loopback connection, with [`Config::permit_loopback`] | permit, nobody asked |
 //! | a live cached verdict for the cache key | that verdict, at once |
 //! | an image path no request can carry whole | **deny**, whatever the default, at once; nobody asked |
-//! | otherwise | **the default, at once**; and, unless [`Config::background_asks`] questions are in flight already, its question does not fit in [`QUESTION_BYTES`], or the driver is unloading, the question channel (or, with [`AskVia::PortAndWorkItem`] or a question too long for the channel, a work item over the port) asks the service *in the background*, and its verdict is cached if the reply allows it |
+//! | a new connection, within the bound | pended with a clone of its packet ([`StatsSnapshot::inbound_pended`]); **the service's verdict at the first attempt**: allow reinjects the clone ([`StatsSnapshot::reinjected`]), deny frees it ([`StatsSnapshot::clones_dropped`]) |
+//! | the service does not answer (every "the default" row of the outbound table: no service, killed, timeout, a reply that does not decode or answers another request, unload) | the default, the same way: allow reinjects the clone, deny frees it |
+//! | the stack refuses to inject the clone | the clone is freed and this attempt fails (logged, counted in `clones_dropped`); the peer's next attempt is decided again |
+//! | **port**: the work item cannot be queued (no pool) | the pend and the clone are in the closure that came back, which cannot give them back: dropping it completes the pend and frees the clone, so this attempt fails **whatever the default** (counted in `defaults` and `clones_dropped`) |
+//! | **overload**: [`Config::max_pending`] connections (out and in) are outstanding, or the question does not fit in [`QUESTION_BYTES`]; or the packet cannot be cloned | not pended ([`StatsSnapshot::inbound_not_pended`]): **the default, at once**, and the service is asked *in the background* (below) |
+//! | a reauthorization (not pendable) | the default at once, and a background ask |
+//! | an established connection reauthorized after a policy change | the cache's verdict if it has one; else kept while the service is asked in the background (see "Established connections") |
+//! | the driver is unloading | the default, at once (nothing is pended any more) |
 //!
-//! So a peer's first attempt gets the default, and its next attempt — a TCP SYN is retransmitted
-//! after about a second — gets the service's cached verdict. With fail-closed that costs an
-//! allowed peer one retransmission; with fail-open, a denied peer gets one connection through
-//! before its verdict is cached. An inbound verdict the service does not let the driver cache
-//! (`cache_seconds = 0`) cannot help a later attempt, so such a peer always gets the default:
-//! services should grant inbound verdicts a lifetime. The background asks are bounded so a flood
-//! of new peers cannot queue unbounded work items (each holds a request of up to 64 KiB); a miss
-//! beyond the bound just gets the default, and is counted.
+//! Overload falls back to the first version's answer: the default at once, and, unless
+//! [`Config::background_asks`] questions are in flight already, its question does not fit in
+//! [`QUESTION_BYTES`], or the driver is unloading, the question channel (or, with
+//! [`AskVia::PortAndWorkItem`] or a question too long for the channel, a work item over the
+//! port) asks the service in the background; its verdict is cached if the reply allows it, so
+//! the peer's next attempt — a TCP SYN is retransmitted after about a second — gets it. (Unlike
+//! an outbound connection it gets the default, not [`Config::overload`]: with a fail-open
+//! default, a flood of new inbound peers gets in until the bound frees, so a product that fails
+//! open should keep [`Config::max_pending`] large.) The background asks are bounded so a flood of
+//! new peers cannot queue unbounded work items; a miss beyond that bound just gets the default,
+//! and is counted ([`StatsSnapshot::background_skipped`]).
+//!
+//! The injection handle ([`InjectionHandle`], both IP versions) is created at load and
+//! destroyed at unload after every pend is concluded; destroying it waits for the injections
+//! still in flight.
 //!
 //! # The whole path
 //!
@@ -325,7 +360,8 @@
 //!    get the cache or the default at once, work items that have not asked yet do not ask, no
 //!    background ask is queued —, stops the question channel ([`AskChannel::stop`]: every
 //!    question outstanding is decided now with the default, so its pend is completed while the
-//!    filters are there for the reauthorization; it waits for no user-mode thread), and closes
+//!    filters are there for the reauthorization, and an inbound pend's clone is reinjected
+//!    (fail-open) or freed; it waits for no user-mode thread), and closes
 //!    the service's port connection, so a send waiting for a reply fails at once.
 //! 2. The SDK waits until no work item is queued or running: every pend is completed.
 //! 3. [`Firewall::unload`](DriverState::unload) closes the control device (waiting for a
@@ -334,8 +370,9 @@
 //!    [`Config::timeout`] + [`REAUTHORIZATION_GRACE`] pass without progress.
 //! 4. It closes the engine session (the filters go before the callouts: a terminating filter
 //!    whose callout is gone blocks everything), unregisters the callouts, closes the question
-//!    channel (its device goes; the service's waits complete as cancelled), closes the port, and
-//!    unregisters the minifilter.
+//!    channel (its device goes; the service's waits complete as cancelled), closes the port,
+//!    destroys the injection handle (which waits for the reinjections still in flight: no clone
+//!    outlives the driver), and unregisters the minifilter.
 //!
 //! # Logging
 //!
@@ -363,6 +400,9 @@
 //! [`ControlDevice`]: wfp_rs::control::ControlDevice
 //! [`ConnectionKey`]: wfp_rs::pend::ConnectionKey
 //! [`Classify::pend`]: wfp_rs::callout::Classify::pend
+//! [`Classify::clone_for_receive`]: wfp_rs::callout::Classify::clone_for_receive
+//! [`Classify::injection_state`]: wfp_rs::callout::Classify::injection_state
+//! [`InjectionHandle`]: wfp_rs::inject::InjectionHandle
 //! [`SendError::NotConnected`]: wfp_rs::port::SendError::NotConnected
 //! [`NotAskedReason::NoService`]: wfp_rs::ask::NotAskedReason::NoService
 //! [`SendError::Disconnected`]: wfp_rs::port::SendError::Disconnected
@@ -395,6 +435,7 @@ use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::engine::{CalloutEntry, Engine, Provider, SessionOptions, Sublayer};
 use wfp_rs::event::{Event, EventKind};
 use wfp_rs::filter::{Filter as WfpFilter, FilterAction, Match};
+use wfp_rs::inject::{InjectionHandle, InjectionState, ReceiveClone, ReceiveInjectable};
 use wfp_rs::inverted::ControlCode;
 use wfp_rs::irql::{AtMostDispatch, DispatchLevel, PassiveLevel, Token};
 use wfp_rs::layer::value::{ConditionFlags, IpProtocol};
@@ -451,7 +492,8 @@ pub const VERDICT_SLOTS: usize = 2048;
 /// allocated at load); without this bound, [`VERDICT_SLOTS`] pended connections of a program
 /// with the longest path would hold 128 MiB. A new outbound connection whose question does not
 /// fit gets [`Config::overload`], as when the slots are taken (see "Overload" in the crate
-/// documentation); an inbound one is not asked about in the background. Questions with the
+/// documentation); an inbound one is not pended (the default at once) nor asked about in the
+/// background. Questions with the
 /// usual paths (40 to 150 units, 156 to 376 bytes) fit by the ten thousand.
 pub const QUESTION_BYTES: usize = 4 << 20;
 
@@ -528,7 +570,8 @@ pub struct Config {
     /// on the port, or a question's deadline on the channel.
     pub timeout: Duration,
     /// How many verdicts the cache holds (rounded down to a multiple of [`WAYS`]; 0 disables
-    /// the cache, and inbound connections then always get the default).
+    /// the cache: every new connection is asked about, and an inbound one beyond
+    /// [`max_pending`](Self::max_pending) always gets the default).
     pub cache_capacity: usize,
     /// The filter-manager port the service connects to.
     pub port_name: &'static str,
@@ -536,12 +579,14 @@ pub struct Config {
     pub device_name: &'static str,
     /// Permit loopback connections without asking (`true`), or ask about them like any other.
     pub permit_loopback: bool,
-    /// How many inbound background asks may be in flight at once.
+    /// How many background asks may be in flight at once (inbound connections beyond
+    /// [`max_pending`](Self::max_pending), established connections after a rules change).
     pub background_asks: usize,
-    /// How many outbound connections may be pended at once, counting those completed and
-    /// waiting for their reauthorization; at most [`VERDICT_SLOTS`] (a larger value is clamped).
-    /// A new connection beyond it that the cache does not answer gets [`overload`](Self::overload)
-    /// at once (0: the driver never pends, and such connections always get it).
+    /// How many connections may be pended at once, outbound (counting those completed and
+    /// waiting for their reauthorization) and inbound together; at most [`VERDICT_SLOTS`] (a
+    /// larger value is clamped). A new outbound connection beyond it that the cache does not
+    /// answer gets [`overload`](Self::overload) at once, an inbound one the default and a
+    /// background ask (0: the driver never pends).
     pub max_pending: usize,
     /// The decision for a new outbound connection the cache does not answer while
     /// [`max_pending`](Self::max_pending) connections are outstanding. Separate from
@@ -929,12 +974,14 @@ struct Shared {
     verdicts: PoolBox<VerdictTable<Verdict, VERDICT_SLOTS>>,
     /// Set at unload: nothing is pended or asked any more.
     unloading: AtomicBool,
-    /// Outbound classifications between their check of `unloading` and their decision: the
-    /// channel's `decide`, the end of their work item, or the path that decided without asking.
+    /// Classifications that may pend (outbound, and inbound within the bound) between their
+    /// check of `unloading` and their decision: the channel's `decide`, the end of their work
+    /// item, or the path that decided without asking.
     in_flight: AtomicUsize,
-    /// Outbound connections holding a slot of `verdicts`: reserved before the pend, freed when
-    /// the reauthorization takes the verdict (or when the classification decides without
-    /// pending or recording). At most `config.max_pending`, so `verdicts` never fills.
+    /// Connections holding a slot of the bound: reserved before the pend, freed when the
+    /// reauthorization takes the verdict (outbound), when the question ends (inbound: nothing
+    /// is reauthorized), or when the classification decides without pending or recording. At
+    /// most `config.max_pending`, so `verdicts` never fills.
     outstanding: AtomicUsize,
     /// New connections refused a slot since the last one that got one: the current overload
     /// burst, logged when it starts and when it ends rather than per connection.
@@ -950,6 +997,10 @@ struct Shared {
     /// Set when a verdict denies an established connection: a policy change must reauthorize
     /// it ([`Shared::change_policy_if_due`]).
     policy_change_due: AtomicBool,
+    /// Reinjects the clones of the inbound packets the service allowed, and recognises them
+    /// when they cross `ALE_AUTH_RECV_ACCEPT` again. Destroyed at unload, after every pend is
+    /// concluded (destroying it waits for its injections in flight).
+    injection: InjectionHandle,
     own_stats: Stats,
 }
 
@@ -1134,7 +1185,7 @@ impl Shared {
         let id = asked.request_id;
         let default = self.config.default;
         let later = match asked.waiting {
-            Waiting::Connection(_) => "",
+            Waiting::Connection(_) | Waiting::Inbound { .. } => "",
             Waiting::LaterAttempts => " for later attempts",
             Waiting::Established => " for an established connection",
         };
@@ -1163,7 +1214,7 @@ impl Shared {
                     Err(why) => why,
                 };
                 match asked.waiting {
-                    Waiting::Connection(_) => {
+                    Waiting::Connection(_) | Waiting::Inbound { .. } => {
                         self.count(Counter::Defaults);
                         kd_print!(Warning, "firewall: #{id}: {default} (default: {why})\n");
                     }
@@ -1188,6 +1239,14 @@ impl Shared {
                 pended.complete(&*irql);
                 self.finished(&*irql);
             }
+            Waiting::Inbound { pended, clone } => {
+                // Completed first, as for any pend; the clone then decides the attempt.
+                pended.complete(&*irql);
+                self.reinject_or_drop(&*irql, id, clone, verdict.unwrap_or(default));
+                // No reauthorization follows at RECV_ACCEPT: the slot is free now.
+                self.release(&*irql);
+                self.finished(&*irql);
+            }
             Waiting::LaterAttempts => {
                 self.background.fetch_sub(1, Ordering::SeqCst);
             }
@@ -1196,6 +1255,37 @@ impl Shared {
                 if verdict == Some(Verdict::Deny) {
                     self.policy_change_due.store(true, Ordering::SeqCst);
                 }
+            }
+        }
+    }
+
+    /// Ends an inbound attempt whose pend was completed: `verdict` allows, so its packet's clone
+    /// is reinjected (it crosses the inbound layers again, and the callout permits it as its
+    /// own), or denies, so the clone is freed and the attempt fails. A clone the stack refuses
+    /// to inject is freed too: that attempt fails whatever the verdict, and the peer's next one
+    /// is asked about (or answered from the cache) again.
+    fn reinject_or_drop(
+        &self,
+        irql: &impl AtMostDispatch,
+        request_id: u64,
+        clone: ReceiveClone,
+        verdict: Verdict,
+    ) {
+        match verdict {
+            Verdict::Allow => match clone.inject(irql, &self.injection) {
+                Ok(()) => self.count(Counter::Reinjected),
+                Err(refused) => {
+                    self.count(Counter::ClonesDropped);
+                    kd_print!(
+                        Warning,
+                        "firewall: #{request_id}: allowed, but the packet was not reinjected ({refused}); this attempt fails\n"
+                    );
+                    drop(refused.packet);
+                }
+            },
+            Verdict::Deny => {
+                self.count(Counter::ClonesDropped);
+                drop(clone);
             }
         }
     }
@@ -1224,12 +1314,12 @@ impl Shared {
                     if slots {
                         kd_print!(
                             Warning,
-                            "firewall: {limit} connections pended or awaiting reauthorization; new connections the cache does not answer get {overload} (overload) until one is reauthorized\n"
+                            "firewall: {limit} connections pended or awaiting reauthorization; new connections the cache does not answer get {overload} (overload) until one is reauthorized (inbound ones: the default)\n"
                         );
                     } else {
                         kd_print!(
                             Warning,
-                            "firewall: the questions waiting for the service hold {QUESTION_BYTES} bytes of pool; new connections the cache does not answer get {overload} (overload) until some are answered\n"
+                            "firewall: the questions waiting for the service hold {QUESTION_BYTES} bytes of pool; new connections the cache does not answer get {overload} (overload) until some are answered (inbound ones: the default)\n"
                         );
                     }
                 }
@@ -1242,7 +1332,7 @@ impl Shared {
             if refused != 0 {
                 kd_print!(
                     Warning,
-                    "firewall: pending again; {refused} connection(s) got {overload} (overload) while the driver was at its bound\n"
+                    "firewall: pending again; {refused} connection(s) got {overload} (overload) or, inbound, the default while the driver was at its bound\n"
                 );
             }
         }
@@ -1413,9 +1503,11 @@ where
     }
 }
 
-/// The inbound callout, at `ALE_AUTH_RECV_ACCEPT_V4` and `_V6`: cache, else the default at once
-/// and a background ask whose answer serves the next attempt. Never pends (see the crate
-/// documentation).
+/// The inbound callout, at `ALE_AUTH_RECV_ACCEPT_V4` and `_V6`: cache, else pend, clone the
+/// packet and ask through the question channel (or from a work item over the port), and
+/// reinject the clone if the service allows; its own reinjected packet is permitted without
+/// asking. Beyond the bound, the default at once and a background ask whose answer serves the
+/// next attempt (see the crate documentation).
 pub struct Inbound {
     shared: PoolArc<Shared>,
     queue: WorkQueue,
@@ -1423,7 +1515,7 @@ pub struct Inbound {
     channel: Option<PoolArc<QuestionChannel>>,
 }
 
-impl<L: Layer> Callout<L> for Inbound
+impl<L: PendableByCompletionHandle + ReceiveInjectable> Callout<L> for Inbound
 where
     L::Address: Into<IpAddr>,
     fields::ReauthorizeReason: Field<L>,
@@ -1437,7 +1529,13 @@ where
 {
     fn classify(&self, irql: &mut DispatchLevel<'_>, c: &mut Classify<'_, L>) {
         let shared = &self.shared;
-        let default = shared.config.default;
+        if c.injection_state(irql, &shared.injection) == InjectionState::InjectedBySelf {
+            // The clone of a packet this callout pended and the service (or the default)
+            // allowed: decided already. Asking again would pend it again, forever.
+            shared.count(Counter::OwnReinjections);
+            apply(&mut c.out, Verdict::Allow);
+            return;
+        }
         let Some((observed, cache_key)) = shared.observe(c, Direction::Inbound) else {
             return;
         };
@@ -1445,43 +1543,248 @@ where
             apply(&mut c.out, verdict);
             return;
         }
-        let path = match whole_path(&c.values) {
-            Ok(path) => path,
-            Err(why) => return shared.deny_unaskable(&mut c.out, &observed, why),
+        if let Err(why) = whole_path(&c.values) {
+            return shared.deny_unaskable(&mut c.out, &observed, why);
+        }
+        if observed.reauthorization {
+            // Not pendable (WFP refuses a pend during a reauthorization).
+            return self.at_once(irql, c, &observed, cache_key);
+        }
+        // Beyond the bound (logged per burst by `Shared::reserve`), or with no packet to hold.
+        match self.pend(irql, c, &observed) {
+            Ok(Some(held)) => self.ask_pended(irql, held, observed.key, cache_key),
+            // Decided already.
+            Ok(None) => {}
+            Err(Unpended::Overload | Unpended::NoClone) => {
+                shared.count(Counter::InboundNotPended);
+                self.at_once(irql, c, &observed, cache_key);
+            }
+        }
+    }
+}
+
+/// Why an inbound miss was not pended; it is then decided at once ([`Inbound::at_once`]).
+enum Unpended {
+    /// [`Config::max_pending`] connections are outstanding, or the question does not fit in
+    /// [`QUESTION_BYTES`].
+    Overload,
+    /// The packet could not be cloned (none carried, or the stack refused).
+    NoClone,
+}
+
+impl Inbound {
+    /// Decides an inbound classification that is not pended: an established connection after
+    /// a policy change is kept, anything else gets the default; either way the service is asked
+    /// in the background, and its verdict cached for later attempts.
+    fn at_once<L>(
+        &self,
+        irql: &mut DispatchLevel<'_>,
+        c: &mut Classify<'_, L>,
+        observed: &Observed,
+        cache_key: CacheKey,
+    ) where
+        L: Layer,
+        fields::ReauthorizeReason: Field<L>,
+        fields::AleAppId: Field<L>,
+    {
+        let shared = &self.shared;
+        let Ok(path) = whole_path(&c.values) else {
+            // Checked by the caller; denied, never asked about with part of it.
+            apply(&mut c.out, Verdict::Deny);
+            return;
         };
         let channel = self.channel.as_deref();
-        if observed.reauthorization && policy_changed(c) {
+        let background = if observed.reauthorization && policy_changed(c) {
             // An established connection, after a rules change: kept while the service is
             // asked; a deny cuts it at its next packet.
             shared.count(Counter::EstablishedKept);
             apply(&mut c.out, Verdict::Allow);
-            let background = Background::Established;
-            return Shared::ask_in_background(
-                shared,
-                irql,
-                channel,
-                &self.queue,
-                &observed,
-                cache_key,
-                path,
-                background,
-            );
-        }
-        // This attempt gets the default whatever happens next.
-        shared.count(Counter::Defaults);
-        apply(&mut c.out, default);
-        let background = Background::Inbound(default);
+            Background::Established
+        } else {
+            // This attempt gets the default whatever happens next.
+            let default = shared.config.default;
+            shared.count(Counter::Defaults);
+            apply(&mut c.out, default);
+            Background::Inbound(default)
+        };
         Shared::ask_in_background(
             shared,
             irql,
             channel,
             &self.queue,
-            &observed,
+            observed,
             cache_key,
             path,
             background,
         );
     }
+
+    /// Pends a new inbound connection the cache does not answer, with a clone of its packet,
+    /// and returns them with the question to ask ([`Inbound::ask_pended`] asks it). `Ok(None)`
+    /// when it was decided here (unloading, unaskable, no pool, no pend); `Err` when it was not
+    /// pended and nothing was decided yet: the caller decides at once. A frame of its own, off
+    /// the path that asks (the debug image's stack check).
+    #[inline(never)]
+    fn pend<L>(
+        &self,
+        irql: &mut DispatchLevel<'_>,
+        c: &mut Classify<'_, L>,
+        observed: &Observed,
+    ) -> Result<Option<HeldInbound>, Unpended>
+    where
+        L: PendableByCompletionHandle + ReceiveInjectable,
+        fields::AleAppId: Field<L>,
+    {
+        let shared = &self.shared;
+        let default = shared.config.default;
+        // Counted before the flag is read (see `Shared::settle`).
+        shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        let request_id = shared.request_id();
+        let decided_at_once = |c: &mut Classify<'_, L>, reason: &dyn fmt::Display| {
+            shared.count(Counter::Defaults);
+            kd_print!(
+                Warning,
+                "firewall: #{request_id}: {default} (default: {reason})\n"
+            );
+            apply(&mut c.out, default);
+            shared.finished(irql);
+        };
+        if shared.unloading.load(Ordering::SeqCst) {
+            decided_at_once(c, &"unloading");
+            return Ok(None);
+        }
+        let units = match whole_path(&c.values) {
+            Ok(path) => path.units(),
+            Err(why) => {
+                shared.deny_unaskable(&mut c.out, observed, why);
+                shared.finished(irql);
+                return Ok(None);
+            }
+        };
+        // The same bound as outbound pends: a slot (freed when the question ends: nothing is
+        // reauthorized at RECV_ACCEPT) and room for the question.
+        let Some(charge) = Shared::reserve(shared, request_len(units)) else {
+            shared.finished(irql);
+            return Err(Unpended::Overload);
+        };
+        // Cloned before the pend: a pend without a clone could never let the attempt through.
+        let clone = match c.clone_for_receive(&*irql) {
+            Ok(clone) => clone,
+            Err(error) => {
+                kd_print!(
+                    Warning,
+                    "firewall: #{request_id}: the packet cannot be cloned ({error}); not pended\n"
+                );
+                shared.release(irql);
+                shared.finished(irql);
+                return Err(Unpended::NoClone);
+            }
+        };
+        let question = match whole_path(&c.values)
+            .map_err(NoRequest::Unaskable)
+            .and_then(|path| observed.question(path, request_id, charge, &*irql))
+        {
+            Ok(question) => question,
+            Err(NoRequest::Unaskable(why)) => {
+                shared.release(irql);
+                shared.deny_unaskable(&mut c.out, observed, why);
+                shared.finished(irql);
+                return Ok(None);
+            }
+            Err(error @ NoRequest::NoPool) => {
+                shared.release(irql);
+                decided_at_once(c, &error);
+                return Ok(None);
+            }
+        };
+        let pended = match c.pend() {
+            Ok(pended) => pended,
+            // A heavier sublayer decided hard; there is nothing to ask (the clone is freed).
+            Err(PendError::NoWriteRight) => {
+                shared.release(irql);
+                shared.finished(irql);
+                return Ok(None);
+            }
+            Err(error) => {
+                shared.release(irql);
+                decided_at_once(c, &error);
+                return Ok(None);
+            }
+        };
+        shared.count(Counter::InboundPended);
+        kd_print!(
+            "firewall: #{request_id}: {}: pended, asking the service\n",
+            Described(&question.head)
+        );
+        Ok(Some(HeldInbound {
+            question,
+            pended,
+            clone,
+        }))
+    }
+
+    /// Asks the service about a pended inbound connection, through the channel or a work item
+    /// over the port; the question's end ([`Shared::conclude`], exactly once) completes the pend
+    /// and reinjects or frees the clone.
+    #[inline(never)]
+    fn ask_pended(
+        &self,
+        irql: &mut DispatchLevel<'_>,
+        held: HeldInbound,
+        key: ConnectionKey,
+        cache_key: CacheKey,
+    ) {
+        let shared = &self.shared;
+        let HeldInbound {
+            question,
+            pended,
+            clone,
+        } = held;
+        let request_id = question.head.request_id;
+        let waiting = Waiting::Inbound { pended, clone };
+        let channel = self.channel.as_deref();
+        let asked =
+            match shared.ask_channel_first(irql, channel, &question, waiting, key, cache_key) {
+                // `Decisions::decide` concludes it, exactly once.
+                Ok(None) => return,
+                Ok(Some(asked)) => asked,
+                // Unloading, or nobody to ask: the default, now.
+                Err((asked, why)) => {
+                    return shared.conclude(
+                        irql,
+                        asked,
+                        Err::<ConnectionReply, AskError>(why.into()),
+                        "",
+                    );
+                }
+            };
+        let work = PoolArc::clone(shared);
+        let queued = self.queue.queue(irql, move |passive| {
+            let reply = work.ask_on_port(passive, &question);
+            work.conclude(passive, asked, reply, "");
+        });
+        if let Err(not_queued) = queued {
+            // The closure cannot give the pend and the clone back: dropping it completes the
+            // pend and frees the clone, so this attempt fails whatever the default (the one
+            // case where an inbound attempt does not get it: no pool for a work item).
+            shared.count(Counter::Defaults);
+            shared.count(Counter::ClonesDropped);
+            kd_print!(
+                Warning,
+                "firewall: #{request_id}: deny (no pool: {not_queued}; the clone is freed)\n"
+            );
+            drop(not_queued);
+            shared.release(irql);
+            shared.finished(irql);
+        }
+    }
+}
+
+/// A pended inbound connection, its packet's clone and the question to ask about it.
+struct HeldInbound {
+    question: Question,
+    pended: PendedClassify,
+    clone: ReceiveClone,
 }
 
 /// What a classification got while its question is asked in the background, for the logs.
@@ -1831,6 +2134,14 @@ enum Waiting {
     /// An outbound connection, pended: the verdict is recorded for its reauthorization and the
     /// pend completed.
     Connection(PendedClassify),
+    /// An inbound connection, pended at `ALE_AUTH_RECV_ACCEPT` with its packet absorbed and
+    /// cloned: the pend is completed, then the clone reinjected (allow: the packet crosses the
+    /// layers again, and the callout permits its own reinjection) or freed (deny: the attempt
+    /// fails). Completing alone would not let the connection through: nothing reauthorizes it.
+    Inbound {
+        pended: PendedClassify,
+        clone: ReceiveClone,
+    },
     /// Nobody: an inbound background ask, whose verdict serves later attempts from the cache.
     LaterAttempts,
     /// Nobody: an established connection a policy change reauthorized (a rules change,
@@ -2200,13 +2511,32 @@ impl DriverState for Firewall {
         let stats = shared.own_stats.snapshot();
         // The port before the filter: a filter with an open port cannot be unregistered.
         match PoolArc::try_unwrap(shared) {
-            Ok(Shared { port, .. }) => port.close(irql),
+            Ok(Shared {
+                port, injection, ..
+            }) => {
+                port.close(irql);
+                // Every pend is concluded (its clone injected or freed); this waits for the
+                // injections still in flight.
+                if let Err(status) = injection.destroy(irql) {
+                    kd_print!(
+                        Error,
+                        "firewall: destroying the injection handle failed: {status}\n"
+                    );
+                }
+            }
             // A work item queued by a classification that raced the session's close still
             // holds it; it closes the port when it finishes, at PASSIVE_LEVEL, and the SDK
             // waits for it before the driver is gone.
             Err(shared) => drop(shared),
         }
         filter.close(irql);
+        // A line of its own: debugger lines are cut at 256 bytes.
+        kd_print!(
+            "firewall: inbound: {} pended, {} reinjected, {} clones dropped\n",
+            stats.inbound_pended,
+            stats.reinjected,
+            stats.clones_dropped
+        );
         kd_print!("firewall: unloaded ({stats})\n");
     }
 }
@@ -2226,7 +2556,10 @@ pub fn start(
 ) -> Result<Firewall, Status> {
     admit_service(irql, driver, &config)?;
     let (filter, port) = open_port(irql, driver, config.port_name)?;
-    let firewall = register(irql, driver, config, filter, port);
+    // Built here rather than in `register`: below `register`'s frame, this path would be the
+    // load's deepest in a debug image.
+    let shared = shared_state(irql, config, port)?;
+    let firewall = register(irql, driver, filter, shared);
     // Borrowed in the `Result` and returned as it is, rather than taken out with `?` and
     // wrapped again: in a debug build each of those moves is a copy of the whole state in this
     // frame, which lies under the filters' path.
@@ -2342,22 +2675,18 @@ fn open_port(
     Ok((filter, port))
 }
 
-/// Everything [`start`] does after [`open_port`] and before the filters: the shared state, the
-/// control device, the callouts and the (still empty) dynamic engine session. On an error the
-/// port and then the minifilter it was given are dropped after its own locals.
+/// Everything [`start`] does after [`open_port`] and [`shared_state`] and before the filters:
+/// the control device, the callouts and the (still empty) dynamic engine session. On an error
+/// the shared state (with the port) and then the minifilter it was given are dropped after its
+/// own locals.
 #[inline(never)]
 fn register(
     irql: &mut PassiveLevel<'_>,
     driver: &mut Driver<'_>,
-    config: Config,
     filter: Filter,
-    port: ServerPort<FirewallProtocol>,
+    shared: PoolArc<Shared>,
 ) -> Result<Firewall, Status> {
-    let config = Config {
-        max_pending: config.max_pending.min(VERDICT_SLOTS),
-        ..config
-    };
-    let shared = shared_state(irql, config, port)?;
+    let config = &shared.config;
     let control = ControlDevice::new(
         irql,
         driver,
@@ -2452,10 +2781,15 @@ fn shared_state(
     config: Config,
     port: ServerPort<FirewallProtocol>,
 ) -> Result<PoolArc<Shared>, Status> {
+    let config = Config {
+        max_pending: config.max_pending.min(VERDICT_SLOTS),
+        ..config
+    };
     let cache = VerdictCache::new(config.cache_capacity)?;
     let verdicts =
         VerdictTable::try_new_in_pool(VERDICTS_TAG, irql).ok_or(Status::INSUFFICIENT_RESOURCES)?;
     let progress = Event::try_new(EventKind::Notification, false, irql)?;
+    let injection = injection_handle(irql)?;
     // Fallible: `Arc::new` cannot report an exhausted pool, and in a driver its failure is a
     // bug check. On a failure the value comes back and is dropped like the other locals.
     PoolArc::try_new(
@@ -2473,12 +2807,20 @@ fn shared_state(
             next_request: AtomicU64::new(0),
             background: AtomicUsize::new(0),
             policy_change_due: AtomicBool::new(false),
+            injection,
             own_stats: Stats::new(),
         },
         SHARED_TAG,
         irql,
     )
     .map_err(|e| e.status())
+}
+
+/// The injection handle the inbound callouts reinject with, for both IP versions (one handle
+/// serves both callouts). A function of its own, for the stack (see [`shared_state`]).
+#[inline(never)]
+fn injection_handle(irql: &PassiveLevel<'_>) -> Result<InjectionHandle, Status> {
+    InjectionHandle::create(irql, None)
 }
 
 /// Adds the provider and the sublayer; a function of its own, so that their builders are off

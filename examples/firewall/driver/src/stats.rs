@@ -47,6 +47,11 @@ pub struct Stats {
     unaskable: AtomicU64,
     policy_changes: AtomicU64,
     established_kept: AtomicU64,
+    inbound_pended: AtomicU64,
+    reinjected: AtomicU64,
+    clones_dropped: AtomicU64,
+    own_reinjections: AtomicU64,
+    inbound_not_pended: AtomicU64,
 }
 
 /// The counters at one moment (see [`Stats`]).
@@ -54,8 +59,8 @@ pub struct Stats {
 pub struct StatsSnapshot {
     /// Classifications answered from the verdict cache.
     pub cache_hits: u64,
-    /// Questions put to the port (outbound pends and inbound background asks), whether or not
-    /// a service was connected to receive them.
+    /// Questions put to the service (outbound and inbound pends, and background asks), whether
+    /// or not a service was connected to receive them.
     pub asked: u64,
     /// Of `asked`, the questions put to the question channel ([`AskVia::Channel`]).
     ///
@@ -83,7 +88,8 @@ pub struct StatsSnapshot {
     /// Replies that granted a cache lifetime but were not cached, because a revoke command
     /// came while they were being asked for.
     pub not_cached_revoked: u64,
-    /// Inbound misses that queued a background ask.
+    /// Misses asked about in the background: inbound connections that were not pended, and
+    /// established connections after a rules change.
     pub background_asks: u64,
     /// Inbound misses that did not, because [`Config::background_asks`] were in flight already
     /// (or no work item could be queued).
@@ -110,6 +116,27 @@ pub struct StatsSnapshot {
     /// not answer: each connection kept running while the service was asked in the
     /// background (counted in `background_asks` or `background_skipped` too).
     pub established_kept: u64,
+    /// New inbound connections the cache did not answer that were pended at
+    /// `ALE_AUTH_RECV_ACCEPT`, their packet cloned, to ask the service (counted in `asked`
+    /// too, unless nobody could be asked).
+    pub inbound_pended: u64,
+    /// Clones of pended inbound packets reinjected because the verdict (the service's or the
+    /// default) allowed: each lets its attempt through.
+    pub reinjected: u64,
+    /// Clones of pended inbound packets freed instead: the verdict denied, the stack refused
+    /// the injection, or no work item could be queued to ask. Each such attempt fails.
+    /// `inbound_pended` = `reinjected` + `clones_dropped` once every question has ended.
+    pub clones_dropped: u64,
+    /// Classifications of the driver's own reinjected packets, permitted without asking.
+    pub own_reinjections: u64,
+    /// New inbound connections the cache did not answer that were not pended: the bound
+    /// ([`Config::max_pending`] or [`QUESTION_BYTES`]) was reached, or the packet could not be
+    /// cloned. Each got the default at once (counted in `defaults`) and a background ask for
+    /// later attempts (`background_asks` or `background_skipped`).
+    ///
+    /// [`Config::max_pending`]: crate::Config::max_pending
+    /// [`QUESTION_BYTES`]: crate::QUESTION_BYTES
+    pub inbound_not_pended: u64,
 }
 
 /// Which counter to add to.
@@ -132,6 +159,11 @@ pub(crate) enum Counter {
     Unaskable,
     PolicyChanges,
     EstablishedKept,
+    InboundPended,
+    Reinjected,
+    ClonesDropped,
+    OwnReinjections,
+    InboundNotPended,
 }
 
 impl Stats {
@@ -155,6 +187,11 @@ impl Stats {
             unaskable: AtomicU64::new(0),
             policy_changes: AtomicU64::new(0),
             established_kept: AtomicU64::new(0),
+            inbound_pended: AtomicU64::new(0),
+            reinjected: AtomicU64::new(0),
+            clones_dropped: AtomicU64::new(0),
+            own_reinjections: AtomicU64::new(0),
+            inbound_not_pended: AtomicU64::new(0),
         }
     }
 
@@ -177,6 +214,11 @@ impl Stats {
             Counter::Unaskable => &self.unaskable,
             Counter::PolicyChanges => &self.policy_changes,
             Counter::EstablishedKept => &self.established_kept,
+            Counter::InboundPended => &self.inbound_pended,
+            Counter::Reinjected => &self.reinjected,
+            Counter::ClonesDropped => &self.clones_dropped,
+            Counter::OwnReinjections => &self.own_reinjections,
+            Counter::InboundNotPended => &self.inbound_not_pended,
         }
     }
 
@@ -211,6 +253,11 @@ impl Stats {
             unaskable: get(Counter::Unaskable),
             policy_changes: get(Counter::PolicyChanges),
             established_kept: get(Counter::EstablishedKept),
+            inbound_pended: get(Counter::InboundPended),
+            reinjected: get(Counter::Reinjected),
+            clones_dropped: get(Counter::ClonesDropped),
+            own_reinjections: get(Counter::OwnReinjections),
+            inbound_not_pended: get(Counter::InboundNotPended),
         }
     }
 }

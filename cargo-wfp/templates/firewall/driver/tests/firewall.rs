@@ -9,8 +9,9 @@
 //! covers what only the channel does (foreign and duplicate answers, the clock's deadlines).
 //!
 //! Every test checks that each connection attempt got exactly one final decision (an outbound
-//! attempt the driver pended: the pended classification and one reauthorization; anything
-//! else: one classification, never pended inbound), that the decision is what the rules say or
+//! attempt the driver pended: the pended classification and one reauthorization; an inbound
+//! one: the pended classification, and its reinjected clone's if the verdict allowed; anything
+//! else: one classification), that the decision is what the rules say or
 //! the documented default, and that after unload no pool is left (work items and their
 //! closures, the cache, every pend's bookkeeping). The simulator stops the process on any rule
 //! it enforces, so a test that returns did not bugcheck.
@@ -145,14 +146,29 @@ const PATIENT_CONFIG: Config = Config {
 configured_driver!(stress, PATIENT_CONFIG);
 configured_driver!(chaos, PATIENT_CONFIG);
 configured_driver!(killed, PATIENT_CONFIG);
+configured_driver!(killed_inbound, PATIENT_CONFIG);
 configured_driver!(replies, PATIENT_CONFIG);
 configured_driver!(alloc, PATIENT_CONFIG);
 configured_driver!(unload_busy, PATIENT_CONFIG);
 configured_driver!(unload_silent, PATIENT_CONFIG);
+configured_driver!(
+    unload_fail_open,
+    Config {
+        default: Verdict::Allow,
+        ..PATIENT_CONFIG
+    }
+);
 configured_driver!(no_service, PATIENT_CONFIG);
 configured_driver!(caching, PATIENT_CONFIG);
 configured_driver!(inbound, PATIENT_CONFIG);
 configured_driver!(inbound_local_port, PATIENT_CONFIG);
+configured_driver!(
+    inbound_unpended,
+    Config {
+        max_pending: 0,
+        ..PATIENT_CONFIG
+    }
+);
 configured_driver!(loopback, PATIENT_CONFIG);
 configured_driver!(revoking, PATIENT_CONFIG);
 configured_driver!(established, PATIENT_CONFIG);
@@ -216,6 +232,7 @@ configured_driver!(
 configured_driver!(
     inbound_bounded,
     Config {
+        max_pending: 0,
         background_asks: 3,
         ..PATIENT_CONFIG
     }
@@ -436,7 +453,10 @@ fn auth_layer(c: &Connection) -> &'static str {
 }
 
 /// Checks that `outcome` is exactly one final decision by the driver for `c`, and returns it
-/// with whether the attempt was pended.
+/// with whether the attempt was pended. An outbound attempt the driver pended is classified
+/// twice at its layer (the pend, and its one reauthorization); an inbound one is classified
+/// once (the pend, which absorbs its packet), and once more only if the verdict allowed: its
+/// reinjected clone, which the driver permits as its own.
 fn decided_once(c: &Connection, outcome: &ConnectOutcome, what: &str) -> (Action, bool) {
     let layer = auth_layer(c);
     let at_auth: Vec<_> = outcome
@@ -446,20 +466,28 @@ fn decided_once(c: &Connection, outcome: &ConnectOutcome, what: &str) -> (Action
         .map(|(_, decision)| *decision)
         .collect();
     if outcome.pended {
-        assert_eq!(
-            c.direction,
-            SimDirection::Outbound,
-            "{what}: never pended inbound"
-        );
-        assert_eq!(
-            at_auth.len(),
-            2,
-            "{what}: a pended attempt is classified twice, the pend and its one reauthorization: {outcome:?}"
-        );
         assert!(
             at_auth[0].absorbed && at_auth[0].action == Action::Block,
             "{what}: a pended classification is BLOCK + ABSORB: {outcome:?}"
         );
+        match c.direction {
+            SimDirection::Outbound => assert_eq!(
+                at_auth.len(),
+                2,
+                "{what}: a pended attempt is classified twice, the pend and its one reauthorization: {outcome:?}"
+            ),
+            SimDirection::Inbound if at_auth.len() == 1 => {
+                // Denied: the clone was freed, the absorbed packet is gone.
+                assert_eq!(outcome.flow_handle, None, "{what}: {outcome:?}");
+                assert_eq!(outcome.decision.action, Action::Block, "{what}");
+                return (Action::Block, true);
+            }
+            SimDirection::Inbound => assert_eq!(
+                at_auth.len(),
+                2,
+                "{what}: a pended inbound attempt is classified once more only as its reinjected clone: {outcome:?}"
+            ),
+        }
     } else {
         assert_eq!(at_auth.len(), 1, "{what}: classified once: {outcome:?}");
     }
@@ -870,16 +898,19 @@ on_both_designs! {
     ten_thousand_attempts_from_eight_threads_are_each_decided_once_by_the_rules,
     faults_under_load_give_the_rules_or_the_default_and_nothing_else,
     a_killed_service_gives_the_default_until_it_is_restarted,
+    a_killed_service_gives_the_default_to_pended_inbound_attempts,
     no_reply_within_the_timeout_gives_the_default,
     short_oversized_malformed_and_mismatched_replies_give_the_default,
     allocation_failures_fall_back_to_the_default,
     unload_with_questions_outstanding_decides_every_pended_connection,
+    unload_with_inbound_pends_outstanding_reinjects_them_when_failing_open,
     unload_under_load_decides_every_attempt_once,
     without_a_service_everything_gets_the_fail_closed_default,
     a_fail_open_configuration_permits_without_a_service,
     the_cache_answers_known_connections_at_once,
     a_full_cache_evicts_the_oldest_verdict,
-    inbound_gets_the_default_then_the_services_cached_verdict,
+    inbound_first_attempts_get_the_services_verdict,
+    inbound_beyond_the_bound_gets_the_default_then_the_services_cached_verdict,
     inbound_verdicts_are_cached_per_local_port,
     inbound_background_asks_are_bounded,
     loopback_is_permitted_without_asking_unless_configured_otherwise,
@@ -910,8 +941,9 @@ on_both_designs! {
 /// Issue 5, point 6: 10,000 attempts from 8 threads, out and in, TCP and UDP, IPv4 and IPv6, at
 /// PASSIVE_LEVEL and DISPATCH_LEVEL, with a service of 4 threads answering after a random
 /// latency. Every attempt is decided once: outbound exactly as the rules say (asked, or from
-/// the cache); inbound as the rules say when cached, else the fail-closed default (so a permit
-/// is always the rules'). The service was asked once per pended attempt, about that attempt.
+/// the cache), inbound too — its first attempt pended, asked and its packet reinjected if
+/// allowed. The service was asked once per pended attempt, about that attempt, and never about
+/// a reinjected packet.
 fn ten_thousand_attempts_from_eight_threads_are_each_decided_once_by_the_rules(design: AskVia) {
     const THREADS: u64 = 8;
     const PER_THREAD: u64 = 1_250;
@@ -944,7 +976,7 @@ fn ten_thousand_attempts_from_eight_threads_are_each_decided_once_by_the_rules(d
         .map(|a| (a.request.local_port, a))
         .collect();
     assert_eq!(attempts.len(), (THREADS * PER_THREAD) as usize);
-    let (mut pended, mut inbound_defaults) = (0, 0);
+    let (mut pended, mut inbound_pended) = (0, 0);
     for (c, decided, was_pended) in &attempts {
         let what = format!("{c:?} (seed {seed:#x})");
         let rule = action(decide_connection(&policy, c));
@@ -962,10 +994,11 @@ fn ten_thousand_attempts_from_eight_threads_are_each_decided_once_by_the_rules(d
                     assert_eq!(path, c.app, "{what}");
                 }
             }
+            // A first attempt too: pended, asked, and reinjected if allowed.
             SimDirection::Inbound => {
-                if *decided != rule {
-                    assert_eq!(*decided, Action::Block, "{what}: the default");
-                    inbound_defaults += 1;
+                assert_eq!(*decided, rule, "{what}");
+                if *was_pended {
+                    inbound_pended += 1;
                 }
             }
         }
@@ -975,6 +1008,19 @@ fn ten_thousand_attempts_from_eight_threads_are_each_decided_once_by_the_rules(d
         .filter(|a| a.request.direction == Direction::Outbound)
         .count();
     assert_eq!(outbound_asked, pended, "one question per pended attempt");
+    assert_eq!(
+        log.len() - outbound_asked,
+        inbound_pended,
+        "one question per pended inbound attempt, none about its reinjected packet"
+    );
+    assert_eq!(stats.inbound_pended as usize, inbound_pended, "{stats:?}");
+    assert_eq!(
+        stats.reinjected + stats.clones_dropped,
+        stats.inbound_pended,
+        "every clone reinjected or freed: {stats:?}"
+    );
+    assert_eq!(stats.own_reinjections, stats.reinjected, "{stats:?}");
+    assert_eq!(stats.inbound_not_pended, 0, "{stats:?}");
     assert_eq!(stats.asked as usize, log.len(), "every question answered");
     assert_eq!(stats.answered, stats.asked);
     assert!(
@@ -982,7 +1028,7 @@ fn ten_thousand_attempts_from_eight_threads_are_each_decided_once_by_the_rules(d
         "repeated keys are answered from the cache: {stats:?}"
     );
     assert!(pended > 100, "and new ones are asked: {pended}");
-    assert!(stats.defaults >= inbound_defaults, "{stats:?}");
+    assert_eq!(stats.defaults, 0, "{stats:?}");
     for version_v4 in [true, false] {
         assert!(
             attempts
@@ -992,7 +1038,7 @@ fn ten_thousand_attempts_from_eight_threads_are_each_decided_once_by_the_rules(d
         );
     }
     eprintln!(
-        "{} attempts: {pended} pended, {inbound_defaults} inbound defaults; {stats:?}",
+        "{} attempts: {pended} pended outbound, {inbound_pended} inbound; {stats:?}",
         attempts.len()
     );
 }
@@ -1055,6 +1101,20 @@ fn service_gone_default(design: AskVia) -> &'static str {
     match design {
         AskVia::PortAndWorkItem => "default: the client disconnected before it replied",
         AskVia::Channel => "default: the service went away before replying",
+    }
+}
+
+/// The counters once every inbound pend's question has ended: its clone reinjected or freed.
+/// The driver counts a reinjection after the injection returns, and the simulator may deliver
+/// the packet (ending the attempt) before that: a test that read the counters right after its
+/// attempt could miss it.
+fn inbound_settled(stats: &Stats) -> firewall_driver::StatsSnapshot {
+    loop {
+        let snapshot = stats.snapshot();
+        if snapshot.reinjected + snapshot.clones_dropped == snapshot.inbound_pended {
+            return snapshot;
+        }
+        thread::yield_now();
     }
 }
 
@@ -1274,6 +1334,78 @@ fn a_killed_service_gives_the_default_until_it_is_restarted(design: AskVia) {
             format!("deny ({})", no_service_default(design)),
             format!("allow ({})", by_the_service(design, ", cached for 60 s")),
         ]
+    );
+    unload_clean(&machine, driver);
+    assert_eq!(service.join().unwrap(), 1);
+}
+
+/// The same for inbound attempts, which the driver pends too: the one whose question the
+/// killed service had read gets the default at once (its clone freed), the next one too (no
+/// service), and once the service is back the rules' verdict (its clone reinjected).
+fn a_killed_service_gives_the_default_to_pended_inbound_attempts(design: AskVia) {
+    let machine = Machine::new();
+    let driver = load(&machine, killed_inbound::on(design).entry);
+    let mut client = connected_client(&machine, design);
+    // `ssh-in` allows them all: only the default denies.
+    let ssh = |remote_port: u16| {
+        connection(
+            9,
+            APPS[2],
+            IpProtocol::Tcp,
+            SimDirection::Inbound,
+            22,
+            web(30, remote_port),
+        )
+    };
+    let outcome = thread::scope(|s| {
+        let attempt = s.spawn(|| machine.connect(&ssh(41_000), AleIrql::Dispatch));
+        let message = client.get_message(None).expect("the request");
+        let request = ConnectionRequest::decode(&message.data).unwrap();
+        assert_eq!(request.direction, Direction::Inbound);
+        // Killed with the request unanswered.
+        client.disconnect();
+        attempt.join().unwrap()
+    });
+    assert_eq!(
+        decided_once(&ssh(41_000), &outcome, "killed"),
+        (Action::Block, true)
+    );
+    let c = ssh(41_001);
+    let outcome = machine.connect(&c, AleIrql::Passive);
+    assert_eq!(
+        decided_once(&c, &outcome, "no service"),
+        (Action::Block, true)
+    );
+    let service = serve_simply(connected_client(&machine, design), RULES);
+    let c = ssh(41_002);
+    let outcome = machine.connect(&c, AleIrql::Dispatch);
+    assert_eq!(
+        decided_once(&c, &outcome, "restarted"),
+        (Action::Permit, true)
+    );
+    let reasons: Vec<String> = logged_decisions(&machine)
+        .into_iter()
+        .map(|(_, verdict, reason)| format!("{verdict} ({reason})"))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            format!("deny ({})", service_gone_default(design)),
+            format!("deny ({})", no_service_default(design)),
+            format!("allow ({})", by_the_service(design, ", cached for 60 s")),
+        ]
+    );
+    let stats = inbound_settled(killed_inbound::on(design).stats);
+    assert_eq!(
+        (
+            stats.inbound_pended,
+            stats.clones_dropped,
+            stats.reinjected,
+            stats.own_reinjections,
+            stats.defaults
+        ),
+        (3, 2, 1, 1, 2),
+        "{stats:?}"
     );
     unload_clean(&machine, driver);
     assert_eq!(service.join().unwrap(), 1);
@@ -1503,8 +1635,10 @@ fn allocation_failures_fall_back_to_the_default(design: AskVia) {
         AskVia::Channel => assert_eq!(failures, 1, "{logged:#?}"),
     }
 
-    // Inbound: the attempt gets the default at once whatever fails; the background ask is
-    // made or not.
+    // Inbound: whatever allocation fails (the clone, the request, the work item, the message),
+    // the attempt gets the default (a refused attempt: its clone is freed), pended or not;
+    // with no failure, the service's verdict, its clone reinjected.
+    let mut inbound_failures = 0;
     for skip in 0.. {
         assert!(skip < 100, "the path has a bounded number of allocations");
         machine.fail_allocations(skip, 1);
@@ -1517,29 +1651,48 @@ fn allocation_failures_fall_back_to_the_default(design: AskVia) {
             SocketAddr::new(Ipv4Addr::new(192, 0, 2, 200).into(), 50_000),
         );
         let outcome = machine.connect(&c, AleIrql::Dispatch);
-        wait_for_background_asks(&machine, skip as usize + 1);
         let injected = machine.pending_allocation_failures() == 0;
         machine.fail_allocations(0, 0);
         let what = format!("inbound, allocation {skip}");
-        assert_eq!(decided_once(&c, &outcome, &what), (Action::Block, false));
+        let (decided, pended) = decided_once(&c, &outcome, &what);
         if !injected {
+            assert_eq!((decided, pended), (Action::Permit, true), "{what}");
             break;
         }
+        inbound_failures += 1;
+        assert_eq!(decided, Action::Block, "{what}: fail closed");
     }
-    assert!(alloc::on(design).stats.snapshot().background_skipped > 0);
+    assert!(inbound_failures > 0);
+    // Every clone reinjected or freed (this waits for that).
+    let stats = inbound_settled(alloc::on(design).stats);
+    assert!(stats.reinjected >= 1, "{stats:?}");
     unload_clean(&machine, driver);
     service.join().unwrap();
 }
 
-/// Unload while outbound connections are pended and their questions wait for a service that
-/// reads them but never answers, with a two-minute timeout: `stopping` closes the service's
-/// port connection, so every waiting send fails at once (port), or decides every question on
-/// the channel (channel); each pend is completed with the default and reauthorized before the
-/// filters go. Nothing leaks.
+/// Unload while connections, out and in, are pended and their questions wait for a service
+/// that reads them but never answers, with a two-minute timeout: `stopping` closes the
+/// service's port connection, so every waiting send fails at once (port), or decides every
+/// question on the channel (channel); each pend is completed with the default (fail-closed)
+/// and, outbound, reauthorized before the filters go; inbound, its clone is freed. Nothing
+/// leaks: no pend, clone, injection handle or pool.
 fn unload_with_questions_outstanding_decides_every_pended_connection(design: AskVia) {
+    unload_with_questions_outstanding(design, unload_silent::on(design), Verdict::Deny);
+}
+
+/// The same with a fail-open default: each inbound pend's clone is reinjected while the
+/// driver stops (its connection established), and the injection handle is destroyed only
+/// after those injections completed.
+fn unload_with_inbound_pends_outstanding_reinjects_them_when_failing_open(design: AskVia) {
+    unload_with_questions_outstanding(design, unload_fail_open::on(design), Verdict::Allow);
+}
+
+/// Unloads a driver with 10 attempts pended (even: outbound, odd: inbound) and waiting for a
+/// silent service; each gets `default`.
+fn unload_with_questions_outstanding(design: AskVia, configured: Configured, default: Verdict) {
     const PENDED: u16 = 10;
     let machine = Machine::with_worker_threads(PENDED as usize);
-    let driver = load(&machine, unload_silent::on(design).entry);
+    let driver = load(&machine, configured.entry);
     let client = connected_client(&machine, design);
     let counted = AtomicUsize::new(0);
     let (outcomes, read) = thread::scope(|s| {
@@ -1549,10 +1702,14 @@ fn unload_with_questions_outstanding_decides_every_pended_connection(design: Ask
                 let machine = &machine;
                 s.spawn(move || {
                     let c = browser(44_000 + n, web(20 + n as u8, 443));
-                    let irql = if n % 2 == 0 {
-                        AleIrql::Dispatch
+                    let (c, irql) = if n % 2 == 0 {
+                        (c, AleIrql::Dispatch)
                     } else {
-                        AleIrql::Passive
+                        let inbound = Connection {
+                            direction: SimDirection::Inbound,
+                            ..c
+                        };
+                        (inbound, AleIrql::Passive)
                     };
                     let outcome = machine.connect(&c, irql);
                     (c, outcome)
@@ -1569,13 +1726,48 @@ fn unload_with_questions_outstanding_decides_every_pended_connection(design: Ask
         (outcomes, service.join().unwrap())
     });
     for (c, outcome) in &outcomes {
-        assert_eq!(decided_once(c, outcome, "unloaded"), (Action::Block, true));
+        if c.direction == SimDirection::Inbound && default == Verdict::Allow {
+            // Reinjected while the driver stopped: the clone's classification may come after
+            // the filters are gone (then nobody's, and permitted).
+            assert!(
+                outcome.pended && outcome.flow_handle.is_some(),
+                "{c:?}: {outcome:?}"
+            );
+            continue;
+        }
+        assert_eq!(
+            decided_once(c, outcome, "unloaded"),
+            (action(default), true),
+            "{c:?}"
+        );
     }
     assert_eq!(read.len(), PENDED as usize);
+    assert_eq!(
+        read.iter()
+            .filter(|r| r.direction == Direction::Inbound)
+            .count(),
+        PENDED as usize / 2
+    );
+    let stats = configured.stats.snapshot();
+    let (reinjected, dropped) = match default {
+        Verdict::Allow => (PENDED / 2, 0),
+        Verdict::Deny => (0, PENDED / 2),
+    };
+    assert_eq!(
+        (stats.inbound_pended, stats.reinjected, stats.clones_dropped),
+        (
+            u64::from(PENDED / 2),
+            u64::from(reinjected),
+            u64::from(dropped)
+        ),
+        "{stats:?}"
+    );
+    assert!(stats.own_reinjections <= u64::from(reinjected), "{stats:?}");
     let logged = logged_decisions(&machine);
     assert_eq!(logged.len(), PENDED as usize);
+    let verdict = default.to_string();
     assert!(
-        logged.iter().all(|(_, verdict, reason)| verdict == "deny"
+        logged.iter().all(|(_, logged, reason)| *logged == verdict
             && reason
                 == match design {
                     // `stopping` closes the service's connection: every waiting send fails.
@@ -1653,6 +1845,25 @@ fn unload_under_load_decides_every_attempt_once(design: AskVia) {
             .map(|(_, d)| *d)
             .collect();
         let last = at_auth.last().expect("classified");
+        let rule = action(decide_connection(&policy, c));
+        if outcome.pended && c.direction == SimDirection::Inbound {
+            // Pended by the driver; its clone reinjected (a second classification, the
+            // driver's own packet, or nobody's once the filters are gone) or freed.
+            assert!(at_auth[0].filter_id.is_some(), "{what}");
+            assert!(at_auth.len() <= 2, "{what}");
+            let decided = if outcome.flow_handle.is_some() {
+                Action::Permit
+            } else {
+                Action::Block
+            };
+            assert_eq!(at_auth.len() == 2, decided == Action::Permit, "{what}");
+            assert!(
+                decided == rule || decided == Action::Block,
+                "{what}: the rules or the default"
+            );
+            by_driver += 1;
+            continue;
+        }
         assert_eq!(at_auth.len(), if outcome.pended { 2 } else { 1 }, "{what}");
         if last.filter_id.is_none() {
             assert!(
@@ -1662,7 +1873,6 @@ fn unload_under_load_decides_every_attempt_once(design: AskVia) {
             assert_eq!(outcome.decision.action, Action::Permit, "{what}");
             after += 1;
         } else {
-            let rule = action(decide_connection(&policy, c));
             assert!(
                 last.action == rule || last.action == Action::Block,
                 "{what}: the rules or the default"
@@ -1715,9 +1925,20 @@ fn a_fail_open_configuration_permits_without_a_service(design: AskVia) {
         22,
         web(9, 50_000),
     );
+    // Pended like any inbound miss; the default lets its reinjected packet through.
     assert_eq!(
         decided_once(&inbound, &machine.connect(&inbound, AleIrql::Passive), "in"),
-        (Action::Permit, false)
+        (Action::Permit, true)
+    );
+    let stats = inbound_settled(fail_open::on(design).stats);
+    assert_eq!(
+        (
+            stats.inbound_pended,
+            stats.reinjected,
+            stats.own_reinjections
+        ),
+        (1, 1, 1),
+        "{stats:?}"
     );
     unload_clean(&machine, driver);
 }
@@ -1873,12 +2094,100 @@ fn a_full_cache_evicts_the_oldest_verdict(design: AskVia) {
     assert_eq!(service.join().unwrap(), 3);
 }
 
-/// Inbound is never pended: a peer's first attempt gets the default at once while the service
-/// is asked in the background; the next attempt gets the service's cached verdict, allow or
-/// deny.
-fn inbound_gets_the_default_then_the_services_cached_verdict(design: AskVia) {
+/// A peer's first attempt gets the service's verdict: the driver pends it, clones its packet
+/// and asks; an allow reinjects the clone, which crosses ALE_AUTH_RECV_ACCEPT again and is
+/// permitted as the driver's own without asking (one question per attempt), and the connection
+/// is established; a deny frees the clone and the attempt fails. The next attempts are answered
+/// from the cache.
+fn inbound_first_attempts_get_the_services_verdict(design: AskVia) {
     let machine = Machine::new();
     let driver = load(&machine, inbound::on(design).entry);
+    let service = serve_simply(connected_client(&machine, design), RULES);
+    // The rules allow the tool everything, and nothing else in.
+    let peer = |app: &str, local_port: u16, remote: SocketAddr| {
+        connection(
+            4,
+            app,
+            IpProtocol::Tcp,
+            SimDirection::Inbound,
+            local_port,
+            remote,
+        )
+    };
+    let v6 = SocketAddr::new(
+        Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 9).into(),
+        50_000,
+    );
+    let v4 = web(9, 50_001);
+    for (n, remote) in [v6, v4].into_iter().enumerate() {
+        let (ssh, other) = (peer(APPS[1], 22, remote), peer(APPS[2], 23, remote));
+        for (irql, what) in [(AleIrql::Dispatch, "first"), (AleIrql::Passive, "again")] {
+            let pended = what == "first";
+            let outcome = machine.connect(&ssh, irql);
+            assert_eq!(
+                decided_once(&ssh, &outcome, what),
+                (Action::Permit, pended),
+                "the rules allow the tool in"
+            );
+            if pended {
+                // The reinjected clone crossed the inbound layers again.
+                let layers: Vec<&str> = outcome.layers.iter().map(|(name, _)| *name).collect();
+                assert_eq!(layers.len(), 5, "{layers:?}");
+            }
+            assert_eq!(
+                decided_once(&other, &machine.connect(&other, irql), what),
+                (Action::Block, pended),
+                "the rules deny the rest"
+            );
+        }
+        let stats = inbound_settled(inbound::on(design).stats);
+        let n = n as u64 + 1;
+        assert_eq!(
+            (
+                stats.inbound_pended,
+                stats.reinjected,
+                stats.clones_dropped,
+                stats.own_reinjections,
+            ),
+            (2 * n, n, n, n),
+            "{stats:?}"
+        );
+        assert_eq!(
+            (
+                stats.asked,
+                stats.answered,
+                stats.cache_hits,
+                stats.defaults
+            ),
+            (2 * n, 2 * n, 2 * n, 0),
+            "asked once per first attempt, never about a reinjected packet: {stats:?}"
+        );
+    }
+    let stats = inbound_settled(inbound::on(design).stats);
+    assert_eq!(
+        (stats.background_asks, stats.inbound_not_pended),
+        (0, 0),
+        "{stats:?}"
+    );
+    asked_only_via(design, &stats);
+    let lines = machine.debug_output();
+    assert!(
+        lines.iter().any(|l| l.ends_with(&format!(
+            ": allow ({})\n",
+            by_the_service(design, ", cached for 60 s")
+        ))),
+        "{lines:#?}"
+    );
+    unload_clean(&machine, driver);
+    assert_eq!(service.join().unwrap(), 4);
+}
+
+/// Beyond the bound (here `max_pending: 0`: nothing is pended) an inbound miss is not pended:
+/// a peer's first attempt gets the default at once while the service is asked in the
+/// background; the next attempt gets the service's cached verdict, allow or deny.
+fn inbound_beyond_the_bound_gets_the_default_then_the_services_cached_verdict(design: AskVia) {
+    let machine = Machine::new();
+    let driver = load(&machine, inbound_unpended::on(design).entry);
     let service = serve_simply(connected_client(&machine, design), RULES);
     // The rules allow the tool everything, and nothing else in.
     let peer = |app: &str, local_port: u16, remote_port: u16| {
@@ -1922,7 +2231,7 @@ fn inbound_gets_the_default_then_the_services_cached_verdict(design: AskVia) {
         (Action::Block, false),
         "the rules deny the rest: cached"
     );
-    let stats = inbound::on(design).stats.snapshot();
+    let stats = inbound_unpended::on(design).stats.snapshot();
     assert_eq!(
         (
             stats.background_asks,
@@ -1933,6 +2242,7 @@ fn inbound_gets_the_default_then_the_services_cached_verdict(design: AskVia) {
         (2, 2, 2, 2),
         "{stats:?}"
     );
+    assert_eq!((stats.inbound_not_pended, stats.inbound_pended), (2, 0));
     let lines = machine.debug_output();
     assert!(
         lines.iter().any(|l| l.ends_with(&format!(
@@ -1967,10 +2277,9 @@ fn inbound_verdicts_are_cached_per_local_port(design: AskVia) {
     let (ssh, other) = (peer(22), peer(2222));
     assert_eq!(
         decided_once(&ssh, &machine.connect(&ssh, AleIrql::Dispatch), "first"),
-        (Action::Block, false),
-        "the default at once"
+        (Action::Permit, true),
+        "ssh-in allows local port 22: asked"
     );
-    wait_for_background_asks(&machine, 1);
     assert_eq!(
         decided_once(&ssh, &machine.connect(&ssh, AleIrql::Dispatch), "again"),
         (Action::Permit, false),
@@ -1978,10 +2287,9 @@ fn inbound_verdicts_are_cached_per_local_port(design: AskVia) {
     );
     assert_eq!(
         decided_once(&other, &machine.connect(&other, AleIrql::Dispatch), "first"),
-        (Action::Block, false),
-        "not the verdict cached for port 22"
+        (Action::Block, true),
+        "not the verdict cached for port 22: asked"
     );
-    wait_for_background_asks(&machine, 2);
     assert_eq!(
         decided_once(&other, &machine.connect(&other, AleIrql::Passive), "again"),
         (Action::Block, false),
@@ -2000,16 +2308,16 @@ fn inbound_verdicts_are_cached_per_local_port(design: AskVia) {
             stats.cache_hits,
             stats.defaults
         ),
-        (2, 2, 3, 2),
+        (0, 2, 3, 0),
         "{stats:?}"
     );
     unload_clean(&machine, driver);
     assert_eq!(service.join().unwrap(), 2);
 }
 
-/// At most `background_asks` inbound questions are in flight: with a silent service, the
-/// first three misses queue a question each, later ones only get the default. Unload ends the
-/// waiting questions at once.
+/// At most `background_asks` inbound questions are in flight: with nothing pended
+/// (`max_pending: 0`) and a silent service, the first three misses queue a question each, later
+/// ones only get the default. Unload ends the waiting questions at once.
 fn inbound_background_asks_are_bounded(design: AskVia) {
     let machine = Machine::with_worker_threads(4);
     let driver = load(&machine, inbound_bounded::on(design).entry);
@@ -2586,20 +2894,18 @@ fn cached_verdicts_expire_after_their_lifetime(design: AskVia) {
         5_000,
         web(9, 40_000),
     );
-    let inbound_attempt = |expected: Action| {
+    let inbound_attempt = |pended: bool| {
         let outcome = machine.connect(&inbound, AleIrql::Passive);
         assert_eq!(
             decided_once(&inbound, &outcome, "inbound"),
-            (expected, false)
+            (Action::Permit, pended)
         );
     };
-    inbound_attempt(Action::Block);
-    wait_for_background_asks(&machine, 1);
-    inbound_attempt(Action::Permit);
+    inbound_attempt(true);
+    inbound_attempt(false);
     machine.advance_clock(Duration::from_secs(60));
-    inbound_attempt(Action::Block);
-    wait_for_background_asks(&machine, 2);
-    inbound_attempt(Action::Permit);
+    inbound_attempt(true);
+    inbound_attempt(false);
 
     let stats = expiry::on(design).stats.snapshot();
     assert_eq!((stats.expired, stats.asked), (2, 4), "{stats:?}");
@@ -3382,8 +3688,8 @@ fn a_program_from_a_long_path_is_denied_by_the_rule_naming_its_file(design: AskV
             "{what}: another program from the same folders"
         );
 
-        // Inbound: the first attempt gets the (fail-open) default, the retransmission the
-        // service's cached verdict.
+        // Inbound: the first attempt is pended and gets the rule's verdict (not the fail-open
+        // default), the retransmission the service's cached verdict.
         let peer = connection(
             600 + u64::from(n),
             &nc,
@@ -3392,8 +3698,11 @@ fn a_program_from_a_long_path_is_denied_by_the_rule_naming_its_file(design: AskV
             4_000,
             SocketAddr::new(Ipv4Addr::new(192, 0, 2, 99).into(), 50_000 + n),
         );
-        machine.connect(&peer, AleIrql::Dispatch);
-        wait_for_background_asks(&machine, n as usize + 1);
+        assert_eq!(
+            decided_once(&peer, &machine.connect(&peer, AleIrql::Dispatch), &what),
+            (Action::Block, true),
+            "{what}: inbound, the rule's verdict at the first attempt"
+        );
         assert_eq!(
             decided_once(&peer, &machine.connect(&peer, AleIrql::Dispatch), &what),
             (Action::Block, false),
@@ -3594,8 +3903,8 @@ fn the_questions_of_the_moment_hold_at_most_question_bytes_of_pool(design: AskVi
     );
     let stats = question_budget::on(design).stats.snapshot();
     assert_eq!((stats.overloaded, stats.defaults), (1, 0), "{stats:?}");
-    // An inbound miss gets the default at once, as always, but its question does not fit:
-    // it is not asked about in the background.
+    // An inbound miss is not pended either (its question does not fit): it gets the default
+    // at once, and is not asked about in the background.
     let inbound = connection(
         100,
         &longest,
@@ -3621,6 +3930,11 @@ fn the_questions_of_the_moment_hold_at_most_question_bytes_of_pool(design: AskVi
             stats.defaults
         ),
         (0, 1, 1),
+        "{stats:?}"
+    );
+    assert_eq!(
+        (stats.inbound_not_pended, stats.inbound_pended),
+        (1, 0),
         "{stats:?}"
     );
     assert!(
@@ -3662,7 +3976,8 @@ fn the_questions_of_the_moment_hold_at_most_question_bytes_of_pool(design: AskVi
     let ended: Vec<_> = machine
         .debug_output()
         .into_iter()
-        .filter(|l| l.contains("pending again; 1 connection(s) got deny (overload)"))
+        // The outbound connection refused, and the inbound one not pended.
+        .filter(|l| l.contains("pending again; 2 connection(s) got deny (overload)"))
         .collect();
     assert_eq!(ended.len(), 1, "the burst's end is logged once");
     unload_clean(&machine, driver);

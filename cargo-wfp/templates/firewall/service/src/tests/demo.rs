@@ -94,12 +94,13 @@ fn the_builtin_scenario_decides_as_expected() {
         cfg!(target_os = "linux"),
         "{stdout}"
     );
-    // Asked, cached, denied by a rule, IPv6, inbound default then cache, no service.
+    // Asked, cached, denied by a rule, IPv6, inbound asked (first attempt) then cache, no
+    // service.
     assert!(row(&stdout, 1).contains("allow    service (channel): rule 3 \"browser-web\""));
     assert!(row(&stdout, 2).contains("allow    driver cache: rule 3 \"browser-web\""));
     assert!(row(&stdout, 5).contains("[2001:db8:bad::1]:80"));
     assert!(row(&stdout, 5).contains("deny     service (channel): rule 2 \"block-trackers\""));
-    assert!(row(&stdout, 14).contains("deny     driver default (asked in the background: allow"));
+    assert!(row(&stdout, 14).contains("allow    service (channel): rule 6 \"lan-in\""));
     assert!(row(&stdout, 15).contains("allow    driver cache: rule 6 \"lan-in\""));
     assert!(
         stdout.contains(
@@ -139,7 +140,7 @@ fn the_builtin_scenario_decides_as_expected() {
             summary.denied,
             summary.cut
         ),
-        (25, 14, 11, 1),
+        (25, 15, 10, 1),
         "{stdout}"
     );
 }
@@ -156,8 +157,9 @@ fn fail_open_lets_through_what_nobody_answered() {
     assert!(stdout.contains("then deny on overload)"), "{stdout}");
     assert!(stdout.contains(", 0 overloaded"), "{stdout}");
     assert_eq!(result.as_ref().map(|s| s.by_overload).ok(), Some(0));
+    // An inbound first attempt is asked like an outbound one, fail-open or not.
     assert!(
-        row(&stdout, 14).contains("allow    driver default"),
+        row(&stdout, 14).contains("allow    service (channel): rule 6 \"lan-in\""),
         "{stdout}"
     );
     assert!(
