@@ -845,6 +845,42 @@ fn a_raw_driver_that_pends_and_completes_from_dispatch_level_runs_clean() {
 }
 
 #[test]
+fn served_requests_are_forgotten_once_nobody_can_ask_how_they_ended() {
+    let machine = Machine::new();
+    let (driver, handle) = raw::load(&machine);
+    let baseline = machine.tracked_io_requests();
+    for _ in 0..1000 {
+        let echo = handle.device_io_control(raw_code(behaviour::ECHO), b"ping", 8);
+        assert_eq!(echo.result().unwrap().output, b"ping");
+    }
+    assert_eq!(
+        machine.tracked_io_requests(),
+        baseline,
+        "a thousand completed, dropped requests leave no record behind"
+    );
+    let kept = handle.device_io_control(raw_code(behaviour::ECHO), b"kept", 8);
+    assert_eq!(machine.tracked_io_requests(), baseline + 1);
+    let pending = handle.device_io_control(raw_code(behaviour::PEND), &[], 16);
+    drop(pending);
+    assert_eq!(
+        machine.tracked_io_requests(),
+        baseline + 2,
+        "a pending request stays known to the I/O manager after its sender stops asking"
+    );
+    raw::complete_kept(&machine, &driver, b"late answer");
+    assert_eq!(machine.tracked_io_requests(), baseline + 1);
+    assert_eq!(
+        kept.result().unwrap().output,
+        b"kept",
+        "a request still held can be asked how it ended"
+    );
+    drop(kept);
+    assert_eq!(machine.tracked_io_requests(), baseline);
+    drop(handle);
+    machine.unload_driver(driver).unwrap();
+}
+
+#[test]
 fn a_raw_cancel_routine_runs_with_the_cancel_lock_and_completes_the_request() {
     let machine = Machine::new();
     let (driver, handle) = raw::load(&machine);

@@ -862,6 +862,15 @@ impl Machine {
         crate::kernel::remembered_locks(&self.kernel)
     }
 
+    /// How many I/O requests the simulated I/O manager keeps a record of: the pending ones, and
+    /// the completed ones whose [`IoRequest`] is still alive. A completed request is forgotten
+    /// once its `IoRequest` is dropped (its IRP and buffer go to a bounded quarantine first, so
+    /// a driver touching them after completion reads memory the test still owns), so a machine's
+    /// memory does not grow with the number of requests it has served. For tests of long runs.
+    pub fn tracked_io_requests(&self) -> usize {
+        crate::kernel::irp::tracked_irps(&self.kernel)
+    }
+
     /// Everything written with `DbgPrintEx` so far, one entry per call (that the filter let
     /// through: [`set_debug_filter_mask`](Self::set_debug_filter_mask)).
     pub fn debug_output(&self) -> Vec<String> {

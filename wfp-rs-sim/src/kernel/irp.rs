@@ -52,7 +52,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use std::collections::VecDeque;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::bugcheck::stop;
 use super::io::read_unicode;
@@ -144,6 +144,10 @@ struct IrpRecord {
     major: u8,
     output_len: usize,
     phase: Phase,
+    /// Whoever sent the request no longer asks how it ended (its [`IoRequest`] was dropped, or
+    /// the I/O manager read the result of its own create, cleanup or close): the record goes
+    /// when the request completes.
+    released: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,17 +209,30 @@ struct IoState {
     /// How many files are [`FilePhase::CleanedUp`]: while none is, a request's end has no close
     /// to send, without a look at every file.
     cleaned_up: usize,
-    /// The buffers of completed requests, oldest first, and their bytes: see [`QUARANTINE`].
-    retired: VecDeque<(*mut u8, usize)>,
+    /// The buffers and IRP blocks of completed requests, oldest first, and their bytes: see
+    /// [`QUARANTINE`].
+    retired: VecDeque<Retired>,
     retired_bytes: usize,
+    /// The addresses of the IRP blocks in `retired`: completing one of them again is a double
+    /// completion, not a completion of something that never was an IRP.
+    retired_irps: FxHashSet<usize>,
 }
 
-/// How many bytes of completed requests' buffers the simulator keeps allocated. Windows frees a
-/// buffered request's system buffer when the request completes; a driver that touches it after
-/// completing the request uses freed memory. The simulator keeps the most recent ones allocated
-/// (a quarantine, as memory sanitizers do) so such a driver reads memory the test process still
-/// owns instead of corrupting it, and frees the oldest past this bound, so the memory a machine
-/// holds does not grow with every request (a question channel's wait requests are 64 KiB each).
+/// What the quarantine holds.
+enum Retired {
+    /// A request's buffer: a boxed slice, address and length.
+    Buffer(*mut u8, usize),
+    /// A completed request's IRP, whose record is gone.
+    Irp(*mut IrpBlock),
+}
+
+/// How many bytes of completed requests' buffers and IRPs the simulator keeps allocated. Windows
+/// frees a buffered request's system buffer when the request completes, and the IRP once its
+/// result is copied back; a driver that touches either after completing the request uses freed
+/// memory. The simulator keeps the most recent ones allocated (a quarantine, as memory sanitizers
+/// do) so such a driver reads memory the test process still owns instead of corrupting it, and
+/// frees the oldest past this bound, so the memory a machine holds does not grow with every
+/// request (a question channel's wait requests are 64 KiB each).
 const QUARANTINE: usize = 16 << 20;
 
 /// The simulated I/O manager's request state; one per machine (`Kernel::irp`). Lock order: the
@@ -287,22 +304,63 @@ impl Drop for IoManager {
 impl IoState {
     /// Keeps a completed request's buffer in the quarantine, freeing the oldest past
     /// [`QUARANTINE`] bytes.
-    fn retire(&mut self, buffer: (*mut u8, usize)) {
-        self.retired.push_back(buffer);
-        self.retired_bytes += buffer.1;
+    fn retire(&mut self, (ptr, len): (*mut u8, usize)) {
+        self.retired.push_back(Retired::Buffer(ptr, len));
+        self.retired_bytes += len;
         while self.retired_bytes > QUARANTINE && self.free_oldest_retired() {}
     }
 
-    /// Frees the oldest buffer of the quarantine; `false` if it is empty.
-    fn free_oldest_retired(&mut self) -> bool {
-        let Some((ptr, len)) = self.retired.pop_front() else {
-            return false;
+    /// Forgets the record of `irp` if it is completed and its sender no longer asks how it
+    /// ended, and puts its IRP in the quarantine; a pending one is forgotten when it completes.
+    fn release(&mut self, irp: usize) {
+        let Some(record) = self.irps.get_mut(&irp) else {
+            return;
         };
-        self.retired_bytes -= len;
-        // SAFETY: a boxed slice of `len` bytes from `new_irp`, taken out of its record when the
-        // request completed (so no record frees it again), and popped here once.
-        drop(unsafe { Box::from_raw(core::ptr::slice_from_raw_parts_mut(ptr, len)) });
-        true
+        record.released = true;
+        self.forget_if_done(irp);
+    }
+
+    /// The second half of [`release`](Self::release), also called when a request completes.
+    fn forget_if_done(&mut self, irp: usize) {
+        let done = self
+            .irps
+            .get(&irp)
+            .is_some_and(|r| r.released && matches!(r.phase, Phase::Completed(_)));
+        if !done {
+            return;
+        }
+        let Some(record) = self.irps.remove(&irp) else {
+            return;
+        };
+        if let Some(buffer) = record.buffer {
+            self.retire(buffer);
+        }
+        self.retired.push_back(Retired::Irp(record.block));
+        self.retired_irps.insert(irp);
+        self.retired_bytes += core::mem::size_of::<IrpBlock>();
+        while self.retired_bytes > QUARANTINE && self.free_oldest_retired() {}
+    }
+
+    /// Frees the oldest entry of the quarantine; `false` if it is empty.
+    fn free_oldest_retired(&mut self) -> bool {
+        match self.retired.pop_front() {
+            None => false,
+            Some(Retired::Buffer(ptr, len)) => {
+                self.retired_bytes -= len;
+                // SAFETY: a boxed slice of `len` bytes from `new_irp`, taken out of its record
+                // when the request completed (so no record frees it again), and popped here once.
+                drop(unsafe { Box::from_raw(core::ptr::slice_from_raw_parts_mut(ptr, len)) });
+                true
+            }
+            Some(Retired::Irp(block)) => {
+                self.retired_bytes -= core::mem::size_of::<IrpBlock>();
+                self.retired_irps.remove(&(block as usize));
+                // SAFETY: allocated with Box::into_raw in `new_irp`; its record was removed when
+                // it went to the quarantine (so nothing else frees it), and it is popped once.
+                drop(unsafe { Box::from_raw(block) });
+                true
+            }
+        }
     }
 }
 
@@ -466,6 +524,7 @@ fn new_irp(kernel: &Kernel, request: NewIrp<'_>) -> usize {
             major: request.major,
             output_len,
             phase: Phase::Dispatching,
+            released: false,
         },
     );
     address
@@ -489,6 +548,7 @@ fn complete_internally(kernel: &Kernel, irp: usize, status: NTSTATUS) {
     if let Some(buffer) = buffer {
         state.retire(buffer);
     }
+    state.forget_if_done(irp);
     drop(state);
     kernel.irp.completed(irp).notify_all();
 }
@@ -692,11 +752,16 @@ pub unsafe extern "system" fn IofCompleteRequest(Irp: *mut IRP, PriorityBoost: i
     let kernel = current();
     let mut state = io(&kernel);
     let Some(record) = state.irps.get_mut(&address) else {
+        let message = if state.retired_irps.contains(&address) {
+            "IoCompleteRequest for an IRP that was already completed"
+        } else {
+            "IoCompleteRequest with a pointer that is not an IRP"
+        };
         drop(state);
         stop(
             BugCheckCode::MULTIPLE_IRP_COMPLETE_REQUESTS,
             [address, 0, 0, 0],
-            "IoCompleteRequest with a pointer that is not an IRP",
+            message,
         );
     };
     if matches!(record.phase, Phase::Completed(_)) {
@@ -783,6 +848,7 @@ pub unsafe extern "system" fn IofCompleteRequest(Irp: *mut IRP, PriorityBoost: i
     if let Some(buffer) = record.buffer.take() {
         state.retire(buffer);
     }
+    state.forget_if_done(address);
     drop(state);
     kernel.irp.completed(address).notify_all();
 }
@@ -1599,6 +1665,7 @@ pub(crate) fn open(
     );
     call_driver(kernel, irp);
     let status = wait_for(kernel, irp).status;
+    io(kernel).release(irp);
     let mut state = io(kernel);
     let record = state
         .files
@@ -1695,6 +1762,7 @@ fn send_simple(kernel: &Arc<Kernel>, file: usize, major: u8) {
     );
     call_driver(kernel, irp);
     wait_for(kernel, irp);
+    io(kernel).release(irp);
 }
 
 impl DeviceHandle {
@@ -1773,6 +1841,13 @@ impl DeviceHandle {
 impl Drop for DeviceHandle {
     fn drop(&mut self) {
         self.close_inner();
+    }
+}
+
+impl Drop for IoRequest {
+    fn drop(&mut self) {
+        // Nobody can ask how the request ended any more: its record goes when it completes.
+        io(&self.kernel).release(self.irp);
     }
 }
 
@@ -1862,6 +1937,12 @@ pub(crate) fn symbolic_links(kernel: &Kernel) -> Vec<(String, String)> {
         .collect();
     links.sort();
     links
+}
+
+/// How many requests the I/O manager keeps a record of: the pending ones, and the completed ones
+/// whose sender may still ask how they ended.
+pub(crate) fn tracked_irps(kernel: &Kernel) -> usize {
+    io(kernel).irps.len()
 }
 
 /// How many IRPs of `driver` (any driver, for 0) are not completed.
