@@ -871,10 +871,48 @@ impl Machine {
         crate::kernel::irp::tracked_irps(&self.kernel)
     }
 
-    /// Everything written with `DbgPrintEx` so far, one entry per call (that the filter let
-    /// through: [`set_debug_filter_mask`](Self::set_debug_filter_mask)).
+    /// What was written with `DbgPrintEx` so far, one entry per call (that the filter let
+    /// through: [`set_debug_filter_mask`](Self::set_debug_filter_mask)), oldest first: the most
+    /// recent [`debug_log_limit`](Self::debug_log_limit) messages.
     pub fn debug_output(&self) -> Vec<String> {
-        self.kernel.lock().debug.clone()
+        self.kernel.lock().debug.lines.iter().cloned().collect()
+    }
+
+    /// How many messages the machine keeps for [`debug_output`](Self::debug_output): 100,000
+    /// on a new machine. Older ones are dropped, and counted
+    /// ([`debug_output_dropped`](Self::debug_output_dropped)), so a long run's memory does not
+    /// grow with every message a driver prints.
+    pub fn debug_log_limit(&self) -> usize {
+        self.kernel.lock().debug.limit
+    }
+
+    /// Sets how many messages the machine keeps (see [`debug_log_limit`](Self::debug_log_limit));
+    /// lowering it drops the oldest of those kept now. Zero keeps none (and counts every message
+    /// as dropped).
+    ///
+    /// ```
+    /// use wfp_rs_sim::Machine;
+    ///
+    /// let machine = Machine::new();
+    /// machine.set_debug_log_limit(2);
+    /// machine.run(|| {
+    ///     for n in 0..5 {
+    ///         wfp_rs::kd_print!("message {}\n", n);
+    ///     }
+    /// });
+    /// assert_eq!(machine.debug_output(), ["message 3\n", "message 4\n"]);
+    /// assert_eq!(machine.debug_output_dropped(), 3);
+    /// ```
+    pub fn set_debug_log_limit(&self, limit: usize) {
+        let mut state = self.kernel.lock();
+        state.debug.limit = limit;
+        state.debug.trim();
+    }
+
+    /// How many messages were dropped from [`debug_output`](Self::debug_output) to keep it
+    /// within [`debug_log_limit`](Self::debug_log_limit).
+    pub fn debug_output_dropped(&self) -> u64 {
+        self.kernel.lock().debug.dropped
     }
 
     /// Sets the component filter mask of `DbgPrintEx` (and `DbgQueryDebugFilterState`), for

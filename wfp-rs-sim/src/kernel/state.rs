@@ -92,7 +92,8 @@ pub(crate) struct State {
     /// first (the SDK's routines do): Windows keeps the device object referenced, and the
     /// driver loaded, for that long.
     pub running_work: FxHashMap<usize, usize>,
-    pub debug: Vec<String>,
+    /// The most recent `DbgPrintEx` messages, oldest first (`Machine::debug_output`).
+    pub debug: DebugLog,
     pub shutdown: bool,
     /// While set, `BCryptGenRandom` fails with this status (`Machine::fail_random`).
     pub random_failure: Option<NTSTATUS>,
@@ -101,6 +102,44 @@ pub(crate) struct State {
 // SAFETY: the raw pointers in the state (driver and device objects, their links) point into
 // boxes the state itself owns, and are only touched with the machine's state lock held.
 unsafe impl Send for State {}
+
+/// How many `DbgPrintEx` messages a new machine keeps (`Machine::set_debug_log_limit`).
+pub(crate) const DEFAULT_DEBUG_LOG_LIMIT: usize = 100_000;
+
+/// The machine's record of `DbgPrintEx` messages: the most recent `limit`, and how many older
+/// ones were dropped to keep it there. Harness bookkeeping, like a debugger's scrollback: a
+/// driver that prints per connection must not grow the test process's memory with every
+/// connection (about 1.2 KB each for the firewall at a million connections).
+pub(crate) struct DebugLog {
+    pub lines: VecDeque<String>,
+    pub limit: usize,
+    pub dropped: u64,
+}
+
+impl Default for DebugLog {
+    fn default() -> Self {
+        DebugLog {
+            lines: VecDeque::new(),
+            limit: DEFAULT_DEBUG_LOG_LIMIT,
+            dropped: 0,
+        }
+    }
+}
+
+impl DebugLog {
+    pub fn push(&mut self, line: String) {
+        self.lines.push_back(line);
+        self.trim();
+    }
+
+    /// Drops the oldest messages past the limit.
+    pub fn trim(&mut self) {
+        while self.lines.len() > self.limit {
+            self.lines.pop_front();
+            self.dropped += 1;
+        }
+    }
+}
 
 /// Pool allocations that fail: `skip` more succeed, then `count` fail.
 #[derive(Default)]
