@@ -909,6 +909,29 @@ impl Machine {
         state.debug.trim();
     }
 
+    /// The messages printed after the first `seen` (counting dropped ones), oldest first, and how
+    /// many there have been in all (the `seen` of the next call): a consistent way to follow the
+    /// log while drivers print. Messages dropped before they could be read are missing from the
+    /// list (see [`debug_log_limit`](Self::debug_log_limit)), not from the count.
+    ///
+    /// ```
+    /// use wfp_rs_sim::Machine;
+    ///
+    /// let machine = Machine::new();
+    /// machine.run(|| wfp_rs::kd_print!("first\n"));
+    /// let (lines, seen) = machine.debug_output_after(0);
+    /// assert_eq!((lines, seen), (vec!["first\n".to_string()], 1));
+    /// machine.run(|| wfp_rs::kd_print!("second\n"));
+    /// assert_eq!(machine.debug_output_after(seen).0, ["second\n"]);
+    /// ```
+    pub fn debug_output_after(&self, seen: u64) -> (Vec<String>, u64) {
+        let state = self.kernel.lock();
+        let log = &state.debug;
+        let total = log.dropped + log.lines.len() as u64;
+        let skip = usize::try_from(seen.saturating_sub(log.dropped)).unwrap_or(usize::MAX);
+        (log.lines.iter().skip(skip).cloned().collect(), total)
+    }
+
     /// How many messages were dropped from [`debug_output`](Self::debug_output) to keep it
     /// within [`debug_log_limit`](Self::debug_log_limit).
     pub fn debug_output_dropped(&self) -> u64 {
