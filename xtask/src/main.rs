@@ -45,6 +45,7 @@ USAGE:
     cargo xtask templates
     cargo xtask publishable
     cargo xtask docs-rs
+    cargo xtask soak [<firewall-soak options>]
     cargo xtask --help
 
 COMMANDS:
@@ -73,6 +74,13 @@ COMMANDS:
                         features, all-features, no-default-features). Only the targets
                         x86_64-unknown-linux-gnu and x86_64-pc-windows-msvc are printed;
                         others a package asks for are named on stderr.
+    soak                Build the example firewall's soak (examples/firewall/soak)
+                        in release and run it: a million connections through the firewall
+                        in the simulator on real threads, with random service faults and
+                        allocation failures, every decision checked, nothing left after
+                        unload; prints decisions, faults, leaks and time. Options go to it:
+                        --connections <n>, --seed <n>, --clients <n>, --design channel|port
+                        (`cargo xtask soak --help`). See docs/reliability.md.
 
 OPTIONS:
     --debug             Build with the dev profile instead of release
@@ -223,9 +231,23 @@ fn run(args: &[String]) -> Result<(), Error> {
             }
             Ok(())
         }
+        Some("soak") => {
+            let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let status = std::process::Command::new(cargo)
+                .current_dir(workspace_root())
+                .args(["run", "--release", "--quiet", "-p", "firewall-soak", "--"])
+                .args(&args[1..])
+                .status()
+                .map_err(|e| Error::Failed(format!("could not run cargo: {e}")))?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(Error::Failed(format!("the soak failed ({status})")))
+            }
+        }
         Some(other) => Err(Error::Usage(format!(
             "unknown command `{other}` (the commands are `driver`, `stack`, `templates`, \
-             `publishable` and `docs-rs`)"
+             `publishable`, `docs-rs` and `soak`)"
         ))),
     }
 }

@@ -34,6 +34,7 @@ mod raw_callout;
 pub mod raw_lookup;
 mod raw_objects;
 mod service;
+pub mod soak;
 mod stats;
 pub mod summary;
 

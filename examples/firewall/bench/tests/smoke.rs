@@ -186,3 +186,36 @@ fn the_summary_goes_under_the_target_directory() {
         std::path::Path::new("/work/target/firewall-bench")
     );
 }
+
+#[test]
+fn a_small_soak_decides_every_connection_and_leaves_nothing_on_both_designs() {
+    use firewall_bench::soak::{self, SoakConfig};
+    use firewall_driver::AskVia;
+
+    for design in [AskVia::Channel, AskVia::PortAndWorkItem] {
+        let config = SoakConfig {
+            connections: 3 * soak::PHASE / 2,
+            seed: 0x50A4,
+            clients: 4,
+            design,
+        };
+        let report = soak::run(config, &|_| {}).unwrap_or_else(|failure| panic!("{failure}"));
+        eprintln!("{report}");
+        assert_eq!(report.permitted + report.blocked, config.connections);
+        assert!(report.permitted > 0 && report.blocked > 0, "{report}");
+        assert!(
+            report.pended_outbound > 0 && report.pended_inbound > 0,
+            "{report}"
+        );
+        assert!(report.checked_answers > 0, "{report}");
+        assert!(report.garbage_replies > 0, "{report}");
+        assert_eq!(
+            (
+                report.leaked_pool_blocks,
+                report.leaked_io_requests,
+                report.leaked_pends
+            ),
+            (0, 0, 0)
+        );
+    }
+}
