@@ -53,7 +53,9 @@
 //! in the driver depends on ports.
 //!
 //! The provider, sublayer, callout entries and filters are added in one dynamic session, in one
-//! transaction, after the callouts are registered, as in the [seed-fixed example].
+//! transaction, after the callouts are registered, as in the [seed-fixed example] — or
+//! persistent, with boot-time filters, with [`Config::fail_closed_at_boot`] (see
+//! [Fail-closed from boot](#fail-closed-from-boot)).
 //!
 //! # The decision, outbound (`ALE_AUTH_CONNECT`)
 //!
@@ -373,6 +375,38 @@
 //!    channel (its device goes; the service's waits complete as cancelled), closes the port,
 //!    destroys the injection handle (which waits for the reinjections still in flight: no clone
 //!    outlives the driver), and unregisters the minifilter.
+//!
+//! # Fail-closed from boot
+//!
+//! A callout driver's filters exist only while it is loaded, so between the boot and the
+//! moment the driver is up — and whenever it is not loaded — nothing filters, and every
+//! connection is allowed. [`Config::fail_closed_at_boot`] (the shipped `DriverEntry` reads it
+//! from `Parameters\FailClosedAtBoot`, [`installed_fail_closed_at_boot`]) closes that gap with
+//! what Windows offers for it:
+//!
+//! - the provider, sublayer, callout entries and the four filters are added **persistent**, in
+//!   a non-dynamic session of their own ([`install_fail_closed_at_boot`]): BFE stores them and
+//!   adds them back when it starts. While no driver has registered their callouts, the
+//!   terminating filters block (documented for `FwpsCalloutUnregisterById0`: a filter whose
+//!   callout is not registered is treated as a block), so from BFE's start until this driver
+//!   loads, and after it unloads, TCP and UDP connections are blocked;
+//! - four **boot-time** filters ([`BOOT_FILTER_CONNECT_V4`], …) block TCP and UDP (but
+//!   loopback) at both layers while the machine boots, from the TCP/IP stack's start until BFE
+//!   has started, when persistent filters take over. They name no provider or sublayer (at boot
+//!   none of BFE's exist yet);
+//! - once loaded, the callouts decide as ever; before the service connects that is
+//!   [`Config::default`], which must be deny with this option (`start` refuses a fail-open
+//!   default with `STATUS_INVALID_PARAMETER`).
+//!
+//! Each load with the option replaces the installed objects in one transaction (after the
+//! callouts are registered, so no connection meets a filter without its callout). A load
+//! **without** it removes them by key ([`Engine::delete_filter_by_key`], callout entries,
+//! sublayer, provider), in the same transaction that adds the dynamic filters: loading the
+//! driver once with the option off is how to uninstall (set `FailClosedAtBoot` to `0`, load and
+//! unload the driver, then remove it). Deleting the driver package while the option is on
+//! leaves every TCP and UDP connection blocked. See the repository's `docs/firewall.md`.
+//!
+//! [`Engine::delete_filter_by_key`]: wfp_rs::engine::Engine::delete_filter_by_key
 //!
 //! # Logging
 //!
@@ -2585,13 +2619,6 @@ pub fn start(
     driver: &mut Driver<'_>,
     config: Config,
 ) -> Result<Firewall, Status> {
-    if config.fail_closed_at_boot && config.default != Verdict::Deny {
-        kd_print!(
-            Error,
-            "firewall: fail-closed from boot needs the default deny (Config::default)\n"
-        );
-        return Err(Status::INVALID_PARAMETER);
-    }
     admit_service(irql, driver, &config)?;
     let (filter, port) = open_port(irql, driver, config.port_name)?;
     // Built here rather than in `register`: below `register`'s frame, this path would be the
@@ -2604,25 +2631,37 @@ pub fn start(
     if let Ok(firewall) = &firewall {
         // On an error the firewall is dropped: its fields go in declaration order, the engine
         // session (and with it everything added in it) first, the minifilter last.
-        add_filters(
-            irql,
-            &firewall.engine,
-            firewall.shared.config.fail_closed_at_boot,
-        )?;
+        add_filters(irql, firewall)?;
         announce(irql, firewall, driver.admitted());
     }
     firewall
 }
 
-/// Restricts the port and the control device to the configured service (before either
-/// exists, so no other process ever gets in), or says on the debugger that any administrator's
-/// process may use them.
+/// Fail-closed from boot with a fail-open default would let connections through once the
+/// driver is loaded: refused. A function of its own, so its log line's formatting is off
+/// the load's path (see [`start`]).
+#[inline(never)]
+fn check_fail_closed_at_boot(config: &Config) -> Result<(), Status> {
+    if config.fail_closed_at_boot && config.default != Verdict::Deny {
+        kd_print!(
+            Error,
+            "firewall: fail-closed from boot needs the default deny (Config::default)\n"
+        );
+        return Err(Status::INVALID_PARAMETER);
+    }
+    Ok(())
+}
+
+/// Checks the configuration ([`check_fail_closed_at_boot`]), then restricts the port and the
+/// control device to the configured service (before either exists, so no other process ever
+/// gets in), or says on the debugger that any administrator's process may use them.
 #[inline(never)]
 fn admit_service(
     irql: &mut PassiveLevel<'_>,
     driver: &mut Driver<'_>,
     config: &Config,
 ) -> Result<(), Status> {
+    check_fail_closed_at_boot(config)?;
     let sid = config.service_sid.map(Sid::parse).transpose()?;
     let identity = match (sid, config.service_image) {
         // Said at load, after the announcement (`announce`).
@@ -2889,20 +2928,17 @@ fn add_provider_and_sublayer(
 }
 
 /// Adds the provider, the sublayer, the callout entries and the filters that hand connections
-/// to the callouts: to `engine` (the driver's dynamic session), in one transaction that first
+/// to the callouts: to the firewall's engine (its dynamic session), in one transaction that first
 /// removes what an earlier load installed persistent; or, `fail_closed_at_boot`, persistent,
 /// with the boot-time filters ([`install_fail_closed_at_boot`]). Runs after the callouts are
 /// registered: no other instance of the driver runs (its registrations would have failed), so
 /// the objects found under the firewall's keys are an earlier load's.
 #[inline(never)]
-fn add_filters(
-    irql: &mut PassiveLevel<'_>,
-    engine: &Engine,
-    fail_closed_at_boot: bool,
-) -> Result<(), Status> {
-    if fail_closed_at_boot {
+fn add_filters(irql: &mut PassiveLevel<'_>, firewall: &Firewall) -> Result<(), Status> {
+    if firewall.shared.config.fail_closed_at_boot {
         return install_fail_closed_at_boot(irql);
     }
+    let engine = &firewall.engine;
     // All or nothing: dropped on an error, the transaction is aborted.
     let txn = engine.transaction(irql)?;
     let removed = remove_installed(irql, &txn)?;
@@ -3101,16 +3137,19 @@ pub fn installed_fail_closed_at_boot(
 
 #[wfp_rs::driver_entry]
 fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<Firewall, Status> {
+    // One configuration, changed in place, and one call for the service key: in a debug build
+    // each temporary has a slot in this frame, which lies under the whole load.
+    let mut config = Config::DEFAULT;
+    config.fail_closed_at_boot = read_service_key(irql, driver)?;
+    start(irql, driver, config)
+}
+
+/// What `DriverEntry` reads from the service key: admits the installed service
+/// ([`admit_installed_service`]) and returns [`installed_fail_closed_at_boot`].
+#[inline(never)]
+fn read_service_key(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<bool, Status> {
     admit_installed_service(irql, driver)?;
-    let fail_closed_at_boot = installed_fail_closed_at_boot(irql, driver)?;
-    start(
-        irql,
-        driver,
-        Config {
-            fail_closed_at_boot,
-            ..Config::DEFAULT
-        },
-    )
+    installed_fail_closed_at_boot(irql, driver)
 }
 
 /// The terminating filter `filter` that hands connections to `callout`, without conditions. A
