@@ -12,6 +12,11 @@
 //! - a completion handle or classify context that is not live (kept after its classification
 //!   returned, or never handed out) stops the machine with `WFP_INVALID_OPERATION`, parameter 1
 //!   = 0x80000004 / 0x80000005 (see [`FwpsPendOperation0`]).
+//! - across a simulated restart ([`restart`], [`start_bfe`]): sessions cannot be opened before
+//!   BFE starts ([`BFE_NOT_RUNNING`]); a boot-time filter added while BFE runs waits for the
+//!   next boot; persistent objects may name only persistent ones, and boot-time filters no
+//!   provider or sublayer of their own (`STATUS_FWP_LIFETIME_MISMATCH`); a callout no driver has
+//!   registered since the boot blocks like an unregistered one.
 
 #[allow(unused_imports)]
 use std::{
