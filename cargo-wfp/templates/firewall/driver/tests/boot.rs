@@ -61,6 +61,21 @@ driver_with!(
     }
 );
 driver_with!(
+    fail_closed_on_channel,
+    Config {
+        fail_closed_at_boot: true,
+        ask_via: AskVia::Channel,
+        ..Config::DEFAULT
+    }
+);
+driver_with!(
+    plain_on_channel,
+    Config {
+        ask_via: AskVia::Channel,
+        ..Config::DEFAULT
+    }
+);
+driver_with!(
     fail_closed_but_open,
     Config {
         fail_closed_at_boot: true,
@@ -270,17 +285,37 @@ fn by_rules(c: &Connection) -> Action {
     }
 }
 
-/// The whole life of fail-closed from boot, in order.
+/// The whole life of fail-closed from boot, in order, on the port design, where the harness
+/// plays the service.
 #[test]
 fn fail_closed_from_boot_blocks_until_the_service_decides_and_uninstalls_without_a_trace() {
+    life_of_fail_closed_from_boot(fail_closed::DriverEntry, plain::DriverEntry, true);
+}
+
+/// The same on the question channel (the default design), but for the service's part (a
+/// service on the channel is `tests/channel.rs`'s subject): the persistent and boot-time
+/// filters, the default before the service and the uninstall do not depend on how the driver
+/// asks.
+#[test]
+fn fail_closed_from_boot_on_the_question_channel() {
+    life_of_fail_closed_from_boot(
+        fail_closed_on_channel::DriverEntry,
+        plain_on_channel::DriverEntry,
+        false,
+    );
+}
+
+fn life_of_fail_closed_from_boot(
+    fail_closed: wfp_rs_sim::DriverEntryFn,
+    plain: wfp_rs_sim::DriverEntryFn,
+    with_service: bool,
+) {
     let (mut rng, seed) = Rng::seeded();
     let mut port = 40_000u16;
     let machine = Machine::new();
 
     // Install: the first load with the option.
-    let driver = machine
-        .load_driver("firewall", fail_closed::DriverEntry)
-        .expect("loads");
+    let driver = machine.load_driver("firewall", fail_closed).expect("loads");
     assert_eq!(ours(&machine), installed(), "installed persistent");
     // Loaded, no service yet: the default, deny.
     attempts(
@@ -333,9 +368,7 @@ fn fail_closed_from_boot_blocks_until_the_service_decides_and_uninstalls_without
     );
 
     // The driver loads; no service yet: the default, deny.
-    let driver = machine
-        .load_driver("firewall", fail_closed::DriverEntry)
-        .expect("loads");
+    let driver = machine.load_driver("firewall", fail_closed).expect("loads");
     assert_eq!(ours(&machine), installed(), "reinstalled as it was");
     attempts(
         &machine,
@@ -348,24 +381,26 @@ fn fail_closed_from_boot_blocks_until_the_service_decides_and_uninstalls_without
     );
 
     // The service is up: its rules decide.
-    let service = serve(&machine);
-    attempts(
-        &machine,
-        &mut rng,
-        seed,
-        "service up",
-        40,
-        &mut port,
-        by_rules,
-    );
-    unload_clean(&machine, driver);
-    assert!(service.join().unwrap() > 0, "the service answered");
+    if with_service {
+        let service = serve(&machine);
+        attempts(
+            &machine,
+            &mut rng,
+            seed,
+            "service up",
+            40,
+            &mut port,
+            by_rules,
+        );
+        unload_clean(&machine, driver);
+        assert!(service.join().unwrap() > 0, "the service answered");
+    } else {
+        unload_clean(&machine, driver);
+    }
 
     // Uninstall: a load with the option off removes everything the option installed; its
     // unload removes its own (dynamic) objects.
-    let driver = machine
-        .load_driver("firewall", plain::DriverEntry)
-        .expect("loads");
+    let driver = machine.load_driver("firewall", plain).expect("loads");
     assert_eq!(
         ours(&machine),
         dynamic(),
