@@ -2733,6 +2733,160 @@ impl Machine {
     }
 }
 
+// --- restart --------------------------------------------------------------------------------------
+
+/// Why [`Machine::restart`] refused to restart the machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RestartError {
+    /// These drivers are loaded. A simulated restart replaces the filter engine's state, not a
+    /// driver's: unload them first ([`Machine::unload_driver`], which checks them for leaks),
+    /// and load them again after the restart, as the boot would.
+    DriversLoaded(Vec<String>),
+}
+
+impl fmt::Display for RestartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RestartError::DriversLoaded(names) => write!(
+                f,
+                "drivers are loaded ({}): unload them before Machine::restart",
+                names.join(", ")
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RestartError {}
+
+/// How long an object of the filter engine lives ([`Machine::engine_objects`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Lifetime {
+    /// Added in a dynamic session: deleted when the session closes.
+    Dynamic,
+    /// Added in a non-dynamic session without a persistence flag: stays until deleted or
+    /// until the machine restarts.
+    Static,
+    /// Added with its `FWPM_*_FLAG_PERSISTENT`: stays across [restarts](Machine::restart)
+    /// until deleted, enforced while BFE runs.
+    Persistent,
+    /// A filter added with `FWPM_FILTER_FLAG_BOOTTIME`: stays across restarts until deleted,
+    /// enforced only while the machine boots (from [`Machine::restart`] to
+    /// [`Machine::start_bfe`]).
+    BootTime,
+}
+
+/// What an object of the filter engine is ([`Machine::engine_objects`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EngineObjectKind {
+    /// `FWPM_PROVIDER0`.
+    Provider,
+    /// `FWPM_SUBLAYER0`.
+    Sublayer,
+    /// `FWPM_CALLOUT0` (the management object, not the registration).
+    Callout,
+    /// `FWPM_FILTER0`.
+    Filter,
+}
+
+/// One provider, sublayer, callout or filter in the filter engine ([`Machine::engine_objects`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EngineObject {
+    /// Which kind of object.
+    pub kind: EngineObjectKind,
+    /// Its key.
+    pub key: wfp_rs::Guid,
+    /// How long it lives.
+    pub lifetime: Lifetime,
+}
+
+impl Machine {
+    /// Restarts the machine, as far as the filter engine is concerned: every session ends (a
+    /// transaction still open with it is lost), every dynamic and static object goes, and so
+    /// does every connection (no flow survives a reboot). Persistent providers, sublayers,
+    /// callouts and filters stay, and so do boot-time filters. The machine then **boots**:
+    /// only the boot-time filters are enforced (`FWPM_FILTER_FLAG_BOOTTIME`: "enforced at
+    /// boot-time, even before BFE starts"), and no session can be opened (`FwpmEngineOpen0`
+    /// fails with `RPC_NT_SERVER_UNAVAILABLE`, INFERRED), until [`start_bfe`](Self::start_bfe).
+    /// Callouts may be registered meanwhile, as Microsoft documents ("at any time, even if the
+    /// filter engine is currently not running").
+    ///
+    /// Drivers must be unloaded first ([`RestartError::DriversLoaded`]): a driver's code and
+    /// memory are not the engine's to reset, and an unload is where the simulator checks them.
+    /// On Windows a shutdown does not unload drivers; what matters here is what the engine
+    /// keeps, which is the same either way.
+    ///
+    /// ```
+    /// use wfp_rs::engine::{Engine, SessionOptions};
+    /// use wfp_rs::filter::{Filter, FilterAction, FilterFlags};
+    /// use wfp_rs::layer::AleAuthConnectV4;
+    /// use wfp_rs::guid;
+    /// use wfp_rs_sim::{Lifetime, Machine};
+    ///
+    /// let machine = Machine::new();
+    /// machine.at_passive(|irql| {
+    ///     let engine = Engine::open(irql, SessionOptions::new())?;
+    ///     let block = |key, flags| {
+    ///         Filter::<AleAuthConnectV4>::new(key).name("block").action(FilterAction::Block).flags(flags)
+    ///     };
+    ///     engine.add_filter(irql, &block(guid!("9d3a3c1e-9b55-4c5e-9b1a-6d1f0c2b7a01"), FilterFlags::PERSISTENT))?;
+    ///     engine.add_filter(irql, &block(guid!("9d3a3c1e-9b55-4c5e-9b1a-6d1f0c2b7a02"), FilterFlags::BOOT_TIME))?;
+    ///     engine.add_filter(irql, &block(guid!("9d3a3c1e-9b55-4c5e-9b1a-6d1f0c2b7a03"), FilterFlags::empty()))?;
+    ///     engine.close(irql)
+    /// })?;
+    /// machine.restart()?;
+    /// assert!(!machine.is_bfe_running());
+    /// let mut kept: Vec<Lifetime> = machine.engine_objects().iter().map(|o| o.lifetime).collect();
+    /// kept.sort_by_key(|l| *l as u8);
+    /// assert_eq!(kept, [Lifetime::Persistent, Lifetime::BootTime]);
+    /// machine.start_bfe();
+    /// assert!(machine.is_bfe_running());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn restart(&self) -> Result<(), RestartError> {
+        let loaded: Vec<String> = self
+            .kernel
+            .lock()
+            .drivers
+            .values()
+            .map(|d| d.name.clone())
+            .collect();
+        if !loaded.is_empty() {
+            return Err(RestartError::DriversLoaded(loaded));
+        }
+        crate::kernel::wfp::restart(&self.kernel);
+        lock_flows(&self.kernel).clear();
+        Ok(())
+    }
+
+    /// BFE starts, after a [`restart`](Self::restart): the persistent objects are enforced
+    /// again (a persistent filter whose callout no driver has registered yet blocks, as
+    /// `FwpsCalloutUnregisterById0` documents for filters whose callout is not registered;
+    /// INFERRED for a callout not registered since the boot), the boot-time filters no longer
+    /// (they stay stored for the next boot), and sessions can be opened again.
+    ///
+    /// # Panics
+    ///
+    /// If BFE runs already: a machine starts with it running, and only a restart stops it.
+    pub fn start_bfe(&self) {
+        assert!(
+            crate::kernel::wfp::start_bfe(&self.kernel),
+            "Machine::start_bfe: BFE runs already (only Machine::restart stops it)"
+        );
+    }
+
+    /// Whether BFE runs: `false` from a [`restart`](Self::restart) to
+    /// [`start_bfe`](Self::start_bfe), `true` otherwise.
+    pub fn is_bfe_running(&self) -> bool {
+        crate::kernel::wfp::bfe_running(&self.kernel)
+    }
+
+    /// Every provider, sublayer, callout (management object) and filter in the filter engine,
+    /// with its lifetime: what an installer left behind, what survives a restart.
+    pub fn engine_objects(&self) -> Vec<EngineObject> {
+        crate::kernel::wfp::objects(&self.kernel)
+    }
+}
+
 /// The README's code, compiled as doctests so the crates.io page cannot drift from the API.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

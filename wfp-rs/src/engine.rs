@@ -407,6 +407,35 @@ impl Engine {
         Status::from_ntstatus(unsafe { sys::FwpmFilterDeleteById0(self.handle, id.raw()) })
     }
 
+    /// Deletes the filter with key `key`. Wraps `FwpmFilterDeleteByKey0`. Fails with
+    /// `STATUS_FWP_FILTER_NOT_FOUND` if there is none. A filter's key stays the same across
+    /// reboots (its id does not), so this is how an installer removes the
+    /// [persistent](crate::filter::FilterFlags::PERSISTENT) and
+    /// [boot-time](crate::filter::FilterFlags::BOOT_TIME) filters an earlier run added.
+    ///
+    /// ```
+    /// use wfp_rs::engine::{Engine, SessionOptions};
+    /// use wfp_rs::filter::{Filter, FilterAction};
+    /// use wfp_rs::layer::AleAuthConnectV4;
+    /// use wfp_rs::{guid, Guid, Status};
+    ///
+    /// const FILTER: Guid = guid!("0f1e2d3c-4b5a-4968-8776-a5b4c3d2e121");
+    /// # wfp_rs_sim::Machine::new().at_passive(|irql| {
+    /// let engine = Engine::open(irql, SessionOptions::new().dynamic())?;
+    /// let block = Filter::<AleAuthConnectV4>::new(FILTER).name("Block").action(FilterAction::Block);
+    /// engine.add_filter(irql, &block)?;
+    /// engine.delete_filter_by_key(irql, FILTER)?;
+    /// assert_eq!(engine.delete_filter_by_key(irql, FILTER), Err(Status::FWP_FILTER_NOT_FOUND));
+    /// engine.close(irql)?;
+    /// # Ok::<(), Status>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn delete_filter_by_key(&self, irql: &impl AtPassive, key: Guid) -> Result<(), Status> {
+        verify(irql);
+        // SAFETY: PASSIVE_LEVEL (the token); the handle is open; `key` lives for the call.
+        Status::from_ntstatus(unsafe { sys::FwpmFilterDeleteByKey0(self.handle, key.raw()) })
+    }
+
     /// Deletes a callout's management object. Wraps `FwpmCalloutDeleteByKey0`. Fails with
     /// `STATUS_FWP_IN_USE` while filters use the callout.
     pub fn delete_callout<L: Layer>(

@@ -236,14 +236,21 @@ impl<L: Layer> fmt::Debug for FilterAction<L> {
 
 bitflags::bitflags! {
     /// `FWPM_FILTER_FLAG_*`: the filter flags a caller may set when adding a filter. Left out:
-    /// `DISABLED` (only ever reported by the engine), `BOOTTIME` and the provider-context flags
-    /// (not wrapped yet).
+    /// `DISABLED` (only ever reported by the engine) and the provider-context flags (not
+    /// wrapped yet).
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
     pub struct FilterFlags: u32 {
         /// `FWPM_FILTER_FLAG_PERSISTENT`: the filter survives a reboot. Not allowed in a
         /// dynamic session; a persistent filter that calls out should name a persistent
         /// callout.
         const PERSISTENT = sys::FWPM_FILTER_FLAG_PERSISTENT;
+        /// `FWPM_FILTER_FLAG_BOOTTIME`: the filter is enforced at boot, from when the TCP/IP
+        /// stack starts until the filter engine (BFE) has started, and not after that (BFE
+        /// then enforces its persistent filters). Cannot be combined with
+        /// [`PERSISTENT`](Self::PERSISTENT); not allowed in a dynamic session. The way to keep
+        /// connections from being made before a callout driver and its persistent filters are
+        /// in place (see the repository's `docs/firewall.md`, "Fail-closed from boot").
+        const BOOT_TIME = sys::FWPM_FILTER_FLAG_BOOTTIME;
         /// `FWPM_FILTER_FLAG_CLEAR_ACTION_RIGHT`: the filter's permit or block is final for
         /// lower-weight sublayers (clears `FWPS_RIGHT_ACTION_WRITE`), unless a veto overrides it.
         const CLEAR_ACTION_RIGHT = sys::FWPM_FILTER_FLAG_CLEAR_ACTION_RIGHT;

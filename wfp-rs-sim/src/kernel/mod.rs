@@ -113,6 +113,7 @@ pub(crate) static FUNCTIONS: wfp_rs::__sim::KernelFunctions = wfp_rs::__sim::Ker
     FwpmEngineOpen0: wfp::FwpmEngineOpen0,
     FwpmFilterAdd0: wfp::FwpmFilterAdd0,
     FwpmFilterDeleteById0: wfp::FwpmFilterDeleteById0,
+    FwpmFilterDeleteByKey0: wfp::FwpmFilterDeleteByKey0,
     FwpmProviderAdd0: wfp::FwpmProviderAdd0,
     FwpmProviderDeleteByKey0: wfp::FwpmProviderDeleteByKey0,
     FwpmSubLayerAdd0: wfp::FwpmSubLayerAdd0,

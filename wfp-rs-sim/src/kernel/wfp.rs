@@ -12,6 +12,11 @@
 //! - a completion handle or classify context that is not live (kept after its classification
 //!   returned, or never handed out) stops the machine with `WFP_INVALID_OPERATION`, parameter 1
 //!   = 0x80000004 / 0x80000005 (see [`FwpsPendOperation0`]).
+//! - across a simulated restart ([`restart`], [`start_bfe`]): sessions cannot be opened before
+//!   BFE starts ([`BFE_NOT_RUNNING`]); a boot-time filter added while BFE runs waits for the
+//!   next boot; persistent objects may name only persistent ones, and boot-time filters no
+//!   provider or sublayer of their own (`STATUS_FWP_LIFETIME_MISMATCH`); a callout no driver has
+//!   registered since the boot blocks like an unregistered one.
 
 #[allow(unused_imports)]
 use std::{
@@ -118,6 +123,8 @@ struct FilterRecord {
 #[derive(Clone, Debug)]
 struct Owned<T> {
     session: usize,
+    /// Added with its `*_FLAG_PERSISTENT`: kept across a restart ([`restart`]).
+    persistent: bool,
     /// The provider the object names, if any (a provider in use cannot be deleted).
     provider: Option<GUID>,
     data: T,
@@ -191,6 +198,31 @@ pub(crate) struct Bfe {
     /// changed (by layer id): an ALE flow authorized at an older count is reauthorized by its
     /// next packet (`Machine::packet`; Microsoft's "ALE Reauthorization").
     policy_changes: FxHashMap<u16, u64>,
+    /// Where the machine is in its boot: which filters are enforced, whether sessions open.
+    phase: Phase,
+}
+
+/// Where a simulated machine is in its boot ([`restart`], [`start_bfe`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// BFE runs: the persistent and every other filter but the boot-time ones are enforced.
+    #[default]
+    Running,
+    /// From a restart until BFE starts: only the boot-time filters are enforced, and no
+    /// session can be opened.
+    BootTime,
+}
+
+/// Whether `filter` is enforced in `phase`. Documented (`FWPM_FILTER0`, `FwpmProviderAdd0`):
+/// boot-time objects are in force from when TCP/IP starts until BFE has initialized, and
+/// persistent ones from when BFE starts. INFERRED: a boot-time filter added while BFE runs is
+/// stored for the next boot and not enforced until then.
+fn enforced(filter: &FilterRecord, phase: Phase) -> bool {
+    let boot_time = filter.flags & FWPM_FILTER_FLAG_BOOTTIME != 0;
+    match phase {
+        Phase::Running => !boot_time,
+        Phase::BootTime => boot_time,
+    }
 }
 
 /// A flow context's place: (flow id, layer id, callout id).
@@ -271,7 +303,7 @@ impl Bfe {
                 let mut ids: Vec<u64> = objects
                     .filters
                     .values()
-                    .filter(|f| f.layer_id == layer)
+                    .filter(|f| f.layer_id == layer && enforced(f, self.phase))
                     .map(|f| f.id)
                     .collect();
                 ids.sort_unstable();
@@ -373,7 +405,15 @@ fn status(result: Result<(), NTSTATUS>) -> NTSTATUS {
 
 // --- sessions and transactions -----------------------------------------------------------------
 
-/// `FwpmEngineOpen0` (kernel mode: `serverName` must be null).
+/// What [`FwpmEngineOpen0`] returns before BFE has started (after a [`restart`], until
+/// [`start_bfe`]): `RPC_NT_SERVER_UNAVAILABLE`. INFERRED: the documentation says a callout
+/// driver must wait for BFE to run (`FwpmBfeStateGet0`, `FwpmBfeStateSubscribeChanges0`) but
+/// not what opening a session earlier returns; the management calls are requests to the BFE
+/// service, and this is the status of a request to a server that is not running.
+pub(crate) const BFE_NOT_RUNNING: NTSTATUS = 0xC002_0017_u32 as NTSTATUS;
+
+/// `FwpmEngineOpen0` (kernel mode: `serverName` must be null). Fails with
+/// [`BFE_NOT_RUNNING`] while the machine boots ([`Phase::BootTime`]).
 ///
 /// # Safety
 ///
@@ -402,6 +442,9 @@ pub unsafe extern "system" fn FwpmEngineOpen0(
     };
     let driver = current_driver();
     let handle = with_bfe(|bfe| {
+        if bfe.phase == Phase::BootTime {
+            return Err(BFE_NOT_RUNNING);
+        }
         bfe.next_handle += 1;
         let handle = 0x5E55_0000 + bfe.next_handle;
         bfe.sessions.insert(
@@ -412,8 +455,12 @@ pub unsafe extern "system" fn FwpmEngineOpen0(
                 driver,
             },
         );
-        handle
+        Ok(handle)
     });
+    let handle = match handle {
+        Ok(handle) => handle,
+        Err(status) => return status,
+    };
     // SAFETY: writable per the contract.
     unsafe { engineHandle.write(handle as HANDLE) };
     STATUS_SUCCESS
@@ -554,6 +601,125 @@ pub(crate) fn check_unload(kernel: &super::state::Kernel, driver: usize, name: &
             open.len()
         ),
     );
+}
+
+// --- restart -------------------------------------------------------------------------------------
+
+/// The filter engine's part of a simulated restart (`Machine::restart`): every session ends
+/// (an open transaction with it, uncommitted), and with them every object that is not stored
+/// across a reboot: dynamic and static (non-persistent) providers, sublayers, callouts and
+/// filters. Persistent objects stay, and boot-time filters stay stored; the engine enters
+/// [`Phase::BootTime`], where only the boot-time filters are enforced, until [`start_bfe`].
+/// Flows and their contexts end (no connection survives a reboot). Returns how many objects
+/// were dropped. The caller makes sure no driver is loaded: no callout is registered and no
+/// classification is pended.
+pub(crate) fn restart(kernel: &super::state::Kernel) -> usize {
+    let mut bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
+    debug_assert!(bfe.runtime.is_empty() && bfe.pends.values().all(|p| p.completed));
+    if let Some(txn) = bfe.txn.take() {
+        bfe.objects = txn.snapshot;
+    }
+    bfe.sessions.clear();
+    let objects = &mut bfe.objects;
+    let before = objects.providers.len()
+        + objects.sublayers.len()
+        + objects.callouts.len()
+        + objects.filters.len();
+    objects
+        .filters
+        .retain(|_, f| f.flags & (FWPM_FILTER_FLAG_PERSISTENT | FWPM_FILTER_FLAG_BOOTTIME) != 0);
+    objects.callouts.retain(|_, c| c.persistent);
+    objects.sublayers.retain(|_, s| s.persistent);
+    objects.providers.retain(|_, p| p.persistent);
+    let after = objects.providers.len()
+        + objects.sublayers.len()
+        + objects.callouts.len()
+        + objects.filters.len();
+    bfe.pends.clear();
+    bfe.flow_contexts.clear();
+    bfe.deferred_flow_deletes.clear();
+    bfe.classify_handles.clear();
+    bfe.phase = Phase::BootTime;
+    drop(bfe);
+    kernel.wfp_txn.notify_all();
+    before - after
+}
+
+/// BFE starts after a restart: the persistent objects are enforced again and the boot-time
+/// filters no longer (they stay stored for the next boot); sessions can be opened. Returns
+/// `false` if BFE was running already.
+pub(crate) fn start_bfe(kernel: &super::state::Kernel) -> bool {
+    let mut bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
+    if bfe.phase == Phase::Running {
+        return false;
+    }
+    bfe.phase = Phase::Running;
+    // The enforced filters changed at every layer.
+    for layer in FLOW_AUTHORIZING_LAYERS {
+        *bfe.policy_changes.entry(layer).or_default() += 1;
+    }
+    true
+}
+
+/// Whether BFE runs (see [`Phase`]).
+pub(crate) fn bfe_running(kernel: &super::state::Kernel) -> bool {
+    kernel.wfp.lock().unwrap_or_else(|p| p.into_inner()).phase == Phase::Running
+}
+
+/// Every provider, sublayer, callout and filter in the engine (committed or not), for
+/// `Machine::engine_objects`.
+pub(crate) fn objects(kernel: &super::state::Kernel) -> Vec<crate::EngineObject> {
+    use crate::{EngineObject, EngineObjectKind as Kind, Lifetime};
+    let bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
+    let lifetime = |session: usize, persistent: bool, boot_time: bool| {
+        if boot_time {
+            Lifetime::BootTime
+        } else if persistent {
+            Lifetime::Persistent
+        } else if bfe.sessions.get(&session).is_some_and(|s| s.dynamic) {
+            Lifetime::Dynamic
+        } else {
+            Lifetime::Static
+        }
+    };
+    let object = |kind, key: &GUID, lifetime| EngineObject {
+        kind,
+        key: wfp_rs::Guid(*key),
+        lifetime,
+    };
+    let objects = &bfe.objects;
+    let mut list = Vec::new();
+    for (key, p) in &objects.providers {
+        list.push(object(
+            Kind::Provider,
+            key,
+            lifetime(p.session, p.persistent, false),
+        ));
+    }
+    for (key, s) in &objects.sublayers {
+        list.push(object(
+            Kind::Sublayer,
+            key,
+            lifetime(s.session, s.persistent, false),
+        ));
+    }
+    for (key, c) in &objects.callouts {
+        list.push(object(
+            Kind::Callout,
+            key,
+            lifetime(c.session, c.persistent, false),
+        ));
+    }
+    for f in objects.filters.values() {
+        let persistent = f.flags & FWPM_FILTER_FLAG_PERSISTENT != 0;
+        let boot_time = f.flags & FWPM_FILTER_FLAG_BOOTTIME != 0;
+        list.push(object(
+            Kind::Filter,
+            &f.key,
+            lifetime(f.session, persistent, boot_time),
+        ));
+    }
+    list
 }
 
 /// `FwpmTransactionBegin0`. One transaction at a time, machine-wide.
@@ -705,15 +871,31 @@ fn lifetime_ok(bfe: &Bfe, session: usize, owner: usize) -> bool {
     owner == session || !bfe.sessions.get(&owner).is_some_and(|s| s.dynamic)
 }
 
-/// Checks a reference to provider `key` by a new object of `session`.
-fn check_provider(bfe: &Bfe, session: usize, key: Option<GUID>) -> Result<(), NTSTATUS> {
+/// Whether a persistent object (`referrer_persistent`) may refer to one that is
+/// (`target_persistent`) or is not: only to a persistent one, which is there again after a
+/// restart. (`STATUS_FWP_LIFETIME_MISMATCH` is documented as two objects of incompatible
+/// lifetimes; that a persistent filter, sublayer or callout needs a persistent provider,
+/// sublayer and callout is INFERRED from it.)
+fn persistence_ok(referrer_persistent: bool, target_persistent: bool) -> bool {
+    !referrer_persistent || target_persistent
+}
+
+/// Checks a reference to provider `key` by a new object of `session`, persistent or not.
+fn check_provider(
+    bfe: &Bfe,
+    session: usize,
+    key: Option<GUID>,
+    persistent: bool,
+) -> Result<(), NTSTATUS> {
     let Some(key) = key else { return Ok(()) };
     let provider = bfe
         .objects
         .providers
         .get(&key)
         .ok_or(Status::FWP_PROVIDER_NOT_FOUND.raw())?;
-    if lifetime_ok(bfe, session, provider.session) {
+    if lifetime_ok(bfe, session, provider.session)
+        && persistence_ok(persistent, provider.persistent)
+    {
         Ok(())
     } else {
         Err(Status::FWP_LIFETIME_MISMATCH.raw())
@@ -759,11 +941,8 @@ pub unsafe extern "system" fn FwpmProviderAdd0(
     };
     status(with_write(engineHandle, |bfe, session| {
         check_name(&provider.displayData)?;
-        check_persistence(
-            bfe,
-            session,
-            provider.flags & FWPM_PROVIDER_FLAG_PERSISTENT != 0,
-        )?;
+        let persistent = provider.flags & FWPM_PROVIDER_FLAG_PERSISTENT != 0;
+        check_persistence(bfe, session, persistent)?;
         if bfe.objects.providers.contains_key(&provider.providerKey) {
             return Err(Status::FWP_ALREADY_EXISTS.raw());
         }
@@ -771,6 +950,7 @@ pub unsafe extern "system" fn FwpmProviderAdd0(
             provider.providerKey,
             Owned {
                 session,
+                persistent,
                 provider: None,
                 data: (),
             },
@@ -832,12 +1012,9 @@ pub unsafe extern "system" fn FwpmSubLayerAdd0(
     let provider = unsafe { sublayer.providerKey.as_ref() }.copied();
     status(with_write(engineHandle, |bfe, session| {
         check_name(&sublayer.displayData)?;
-        check_persistence(
-            bfe,
-            session,
-            sublayer.flags & FWPM_SUBLAYER_FLAG_PERSISTENT != 0,
-        )?;
-        check_provider(bfe, session, provider)?;
+        let persistent = sublayer.flags & FWPM_SUBLAYER_FLAG_PERSISTENT != 0;
+        check_persistence(bfe, session, persistent)?;
+        check_provider(bfe, session, provider, persistent)?;
         let key = if sublayer.subLayerKey == ZERO {
             // BFE generates a key for a sublayer that has none.
             bfe.next_handle += 1;
@@ -857,6 +1034,7 @@ pub unsafe extern "system" fn FwpmSubLayerAdd0(
             key,
             Owned {
                 session,
+                persistent,
                 provider,
                 data: sublayer.weight,
             },
@@ -914,12 +1092,9 @@ pub unsafe extern "system" fn FwpmCalloutAdd0(
     let provider = unsafe { callout.providerKey.as_ref() }.copied();
     let result = with_write(engineHandle, |bfe, session| {
         check_name(&callout.displayData)?;
-        check_persistence(
-            bfe,
-            session,
-            callout.flags & FWPM_CALLOUT_FLAG_PERSISTENT != 0,
-        )?;
-        check_provider(bfe, session, provider)?;
+        let persistent = callout.flags & FWPM_CALLOUT_FLAG_PERSISTENT != 0;
+        check_persistence(bfe, session, persistent)?;
+        check_provider(bfe, session, provider, persistent)?;
         if layer_by_key(&wfp_rs::guid::Guid(callout.applicableLayer)).is_none() {
             return Err(Status::FWP_LAYER_NOT_FOUND.raw());
         }
@@ -931,6 +1106,7 @@ pub unsafe extern "system" fn FwpmCalloutAdd0(
             callout.calloutKey,
             Owned {
                 session,
+                persistent,
                 provider,
                 data: (callout.applicableLayer, callout_id),
             },
@@ -1247,19 +1423,27 @@ pub unsafe extern "system" fn FwpmFilterAdd0(
         |bfe, session| -> Result<(FilterRecord, Option<Notify>), NTSTATUS> {
             let mut record = record;
             record.session = session;
-            check_persistence(
-                bfe,
-                session,
-                record.flags & FWPM_FILTER_FLAG_PERSISTENT != 0,
-            )?;
-            check_provider(bfe, session, record.provider)?;
+            let persistent = record.flags & FWPM_FILTER_FLAG_PERSISTENT != 0;
+            let boot_time = record.flags & FWPM_FILTER_FLAG_BOOTTIME != 0;
+            // A boot-time filter is stored for the next boot like a persistent one, so a
+            // dynamic session cannot add it either (INFERRED).
+            check_persistence(bfe, session, persistent || boot_time)?;
+            if boot_time && (record.provider.is_some() || record.sublayer != ZERO) {
+                // INFERRED: at boot, before BFE, none of BFE's providers and sublayers exist
+                // (persistent objects are added when BFE starts), so a boot-time filter can
+                // name only the built-in default sublayer.
+                return Err(Status::FWP_LIFETIME_MISMATCH.raw());
+            }
+            check_provider(bfe, session, record.provider, persistent)?;
             if record.sublayer != ZERO {
                 let sublayer = bfe
                     .objects
                     .sublayers
                     .get(&record.sublayer)
                     .ok_or(Status::FWP_SUBLAYER_NOT_FOUND.raw())?;
-                if !lifetime_ok(bfe, session, sublayer.session) {
+                if !lifetime_ok(bfe, session, sublayer.session)
+                    || !persistence_ok(persistent, sublayer.persistent)
+                {
                     return Err(Status::FWP_LIFETIME_MISMATCH.raw());
                 }
             }
@@ -1271,7 +1455,9 @@ pub unsafe extern "system" fn FwpmFilterAdd0(
                 let Some(callout) = bfe.objects.callouts.get(&record.callout_key) else {
                     return Err(Status::FWP_CALLOUT_NOT_FOUND.raw());
                 };
-                if !lifetime_ok(bfe, session, callout.session) {
+                if !lifetime_ok(bfe, session, callout.session)
+                    || !persistence_ok(persistent, callout.persistent)
+                {
                     return Err(Status::FWP_LIFETIME_MISMATCH.raw());
                 }
                 let layer = layer_by_id(record.layer_id).expect("parsed from a known layer");
@@ -1311,7 +1497,9 @@ pub unsafe extern "system" fn FwpmFilterAdd0(
             return Err(Status::FWP_ALREADY_EXISTS.raw());
         }
         bfe.objects.filters.insert(record.id, record.clone());
-        bfe.policy_changed(record.layer_id);
+        if enforced(&record, bfe.phase) {
+            bfe.policy_changed(record.layer_id);
+        }
         Ok(record.id)
     });
     match inserted {
@@ -1345,6 +1533,15 @@ unsafe fn parse_filter(filter: &FWPM_FILTER0) -> Result<FilterRecord, NTSTATUS> 
     if filter.flags & FWPM_FILTER_FLAG_DISABLED != 0 {
         // A filter cannot be added disabled.
         return Err(Status::FWP_INVALID_FLAGS.raw());
+    }
+    let boot_time = filter.flags & FWPM_FILTER_FLAG_BOOTTIME != 0;
+    if boot_time && filter.flags & FWPM_FILTER_FLAG_PERSISTENT != 0 {
+        // FWPM_FILTER0: the two flags cannot be set together.
+        return Err(Status::FWP_INVALID_FLAGS.raw());
+    }
+    if boot_time && action & FWP_ACTION_FLAG_CALLOUT != 0 {
+        // Boot-time callouts are not simulated: refused rather than never called.
+        return Err(Status::NOT_IMPLEMENTED.raw());
     }
     match action {
         FWP_ACTION_PERMIT
@@ -1439,7 +1636,47 @@ pub unsafe extern "system" fn FwpmFilterDeleteById0(engineHandle: HANDLE, id: u6
             .filters
             .remove(&id)
             .ok_or(Status::FWP_FILTER_NOT_FOUND.raw())?;
-        bfe.policy_changed(filter.layer_id);
+        if enforced(&filter, bfe.phase) {
+            bfe.policy_changed(filter.layer_id);
+        }
+        Ok(filter)
+    });
+    match removed {
+        Ok(filter) => {
+            notify_delete(&filter);
+            STATUS_SUCCESS
+        }
+        Err(status) => status,
+    }
+}
+
+/// `FwpmFilterDeleteByKey0`: as [`FwpmFilterDeleteById0`], for the filter with that key.
+///
+/// # Safety
+///
+/// `key` must be valid.
+pub unsafe extern "system" fn FwpmFilterDeleteByKey0(
+    engineHandle: HANDLE,
+    key: *const GUID,
+) -> NTSTATUS {
+    let _kernel = super::state::KernelCode::enter();
+    require_irql("FwpmFilterDeleteByKey0", PASSIVE_LEVEL);
+    // SAFETY: valid per the contract.
+    let Some(key) = (unsafe { key.as_ref() }).copied() else {
+        return Status::FWP_NULL_POINTER.raw();
+    };
+    let removed = with_write(engineHandle, |bfe, _session| {
+        let id = bfe
+            .objects
+            .filters
+            .values()
+            .find(|f| f.key == key)
+            .map(|f| f.id)
+            .ok_or(Status::FWP_FILTER_NOT_FOUND.raw())?;
+        let filter = bfe.objects.filters.remove(&id).expect("found");
+        if enforced(&filter, bfe.phase) {
+            bfe.policy_changed(filter.layer_id);
+        }
         Ok(filter)
     });
     match removed {
@@ -2297,11 +2534,13 @@ pub(crate) fn classify(incoming: &mut Incoming<'_>) -> Verdict {
     // call into each registered callout among them.
     let mut matched: Vec<Matched> = with_bfe(|bfe| {
         let objects = bfe.committed();
+        let phase = bfe.phase;
         let mut list: Vec<(u16, GUID, FilterRecord)> = objects
             .filters
             .values()
             .filter(|f| {
                 f.layer_id == layer.id
+                    && enforced(f, phase)
                     && (f.conditions.is_empty() || filter_matches(f, incoming.values.get()))
             })
             .map(|f| {
@@ -2386,6 +2625,11 @@ pub(crate) fn classify(incoming: &mut Incoming<'_>) -> Verdict {
                     None => {
                         // An unregistered callout: terminating and unknown filters block (or
                         // permit, when the filter asks to); inspection filters are skipped.
+                        // Documented in the remarks of FwpsCalloutUnregisterById0 ("treated as
+                        // FWP_ACTION_BLOCK"; https://learn.microsoft.com/windows-hardware/drivers/ddi/fwpsk/nf-fwpsk-fwpscalloutunregisterbyid0)
+                        // and by FWPM_FILTER_FLAG_PERMIT_IF_CALLOUT_UNREGISTERED (FWPM_FILTER0).
+                        // INFERRED: a callout no driver has registered since the boot (its
+                        // persistent filter back when BFE starts) is treated the same way.
                         if action == FWP_ACTION_CALLOUT_INSPECTION {
                             continue;
                         }

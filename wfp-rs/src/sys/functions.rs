@@ -369,6 +369,7 @@ kernel_functions! {
             id: *mut u64,
         ) -> NTSTATUS;
         fn FwpmFilterDeleteById0(engineHandle: HANDLE, id: u64) -> NTSTATUS;
+        fn FwpmFilterDeleteByKey0(engineHandle: HANDLE, key: *const GUID) -> NTSTATUS;
 
         fn FwpsPendOperation0(completionHandle: HANDLE, completionContext: *mut HANDLE)
             -> NTSTATUS;

@@ -53,7 +53,9 @@
 //! in the driver depends on ports.
 //!
 //! The provider, sublayer, callout entries and filters are added in one dynamic session, in one
-//! transaction, after the callouts are registered, as in the [seed-fixed example].
+//! transaction, after the callouts are registered, as in the [seed-fixed example] — or
+//! persistent, with boot-time filters, with [`Config::fail_closed_at_boot`] (see
+//! [Fail-closed from boot](#fail-closed-from-boot)).
 //!
 //! # The decision, outbound (`ALE_AUTH_CONNECT`)
 //!
@@ -374,6 +376,38 @@
 //!    destroys the injection handle (which waits for the reinjections still in flight: no clone
 //!    outlives the driver), and unregisters the minifilter.
 //!
+//! # Fail-closed from boot
+//!
+//! A callout driver's filters exist only while it is loaded, so between the boot and the
+//! moment the driver is up — and whenever it is not loaded — nothing filters, and every
+//! connection is allowed. [`Config::fail_closed_at_boot`] (the shipped `DriverEntry` reads it
+//! from `Parameters\FailClosedAtBoot`, [`installed_fail_closed_at_boot`]) closes that gap with
+//! what Windows offers for it:
+//!
+//! - the provider, sublayer, callout entries and the four filters are added **persistent**, in
+//!   a non-dynamic session of their own ([`install_fail_closed_at_boot`]): BFE stores them and
+//!   adds them back when it starts. While no driver has registered their callouts, the
+//!   terminating filters block (documented for `FwpsCalloutUnregisterById0`: a filter whose
+//!   callout is not registered is treated as a block), so from BFE's start until this driver
+//!   loads, and after it unloads, TCP and UDP connections are blocked;
+//! - four **boot-time** filters ([`BOOT_FILTER_CONNECT_V4`], …) block TCP and UDP (but
+//!   loopback) at both layers while the machine boots, from the TCP/IP stack's start until BFE
+//!   has started, when persistent filters take over. They name no provider or sublayer (at boot
+//!   none of BFE's exist yet);
+//! - once loaded, the callouts decide as ever; before the service connects that is
+//!   [`Config::default`], which must be deny with this option (`start` refuses a fail-open
+//!   default with `STATUS_INVALID_PARAMETER`).
+//!
+//! Each load with the option replaces the installed objects in one transaction (after the
+//! callouts are registered, so no connection meets a filter without its callout). A load
+//! **without** it removes them by key ([`Engine::delete_filter_by_key`], callout entries,
+//! sublayer, provider), in the same transaction that adds the dynamic filters: loading the
+//! driver once with the option off is how to uninstall (set `FailClosedAtBoot` to `0`, load and
+//! unload the driver, then remove it). Deleting the driver package while the option is on
+//! leaves every TCP and UDP connection blocked. See the repository's `docs/firewall.md`.
+//!
+//! [`Engine::delete_filter_by_key`]: wfp_rs::engine::Engine::delete_filter_by_key
+//!
 //! # Logging
 //!
 //! Each question and decision is logged with the request's id (`firewall: #17: pid 42 outbound
@@ -434,7 +468,7 @@ use wfp_rs::control::{CommandHandler, ControlDevice};
 use wfp_rs::driver::{Driver, DriverState};
 use wfp_rs::engine::{CalloutEntry, Engine, Provider, SessionOptions, Sublayer};
 use wfp_rs::event::{Event, EventKind};
-use wfp_rs::filter::{Filter as WfpFilter, FilterAction, Match};
+use wfp_rs::filter::{Filter as WfpFilter, FilterAction, FilterFlags, Match};
 use wfp_rs::inject::{InjectionHandle, InjectionState, ReceiveClone, ReceiveInjectable};
 use wfp_rs::inverted::ControlCode;
 use wfp_rs::irql::{AtMostDispatch, DispatchLevel, PassiveLevel, Token};
@@ -531,6 +565,21 @@ pub const FILTER_CONNECT_V6: Guid = guid!("983ff833-1a7d-427e-9713-c93963014788"
 pub const FILTER_RECV_ACCEPT_V4: Guid = guid!("4a9e0d4f-09ba-40f1-b27d-0ba024e97ffc");
 /// The filter that hands inbound IPv6 TCP and UDP to [`CALLOUT_RECV_ACCEPT_V6`].
 pub const FILTER_RECV_ACCEPT_V6: Guid = guid!("f9e394eb-1314-44a7-9b08-b8584470658a");
+/// With [`Config::fail_closed_at_boot`]: the boot-time filter that blocks outbound IPv4 TCP and
+/// UDP while the machine boots (see "Fail-closed from boot" in the crate documentation).
+pub const BOOT_FILTER_CONNECT_V4: Guid = guid!("b7bcc0dc-3933-41b5-a0e6-b81b908d67e9");
+/// The boot-time filter that blocks outbound IPv6 TCP and UDP while the machine boots.
+pub const BOOT_FILTER_CONNECT_V6: Guid = guid!("5cb10840-482c-43f5-9ef2-99eb7fb336f7");
+/// The boot-time filter that blocks inbound IPv4 TCP and UDP while the machine boots.
+pub const BOOT_FILTER_RECV_ACCEPT_V4: Guid = guid!("c16e724a-dade-42c2-8725-0b7f60ff9241");
+/// The boot-time filter that blocks inbound IPv6 TCP and UDP while the machine boots.
+pub const BOOT_FILTER_RECV_ACCEPT_V6: Guid = guid!("05555731-7442-495b-b8c5-1590d69a2956");
+
+/// The value of the driver's `Parameters` key that turns on [`Config::fail_closed_at_boot`]
+/// for the shipped `DriverEntry`: `REG_SZ` `"1"` (on) or `"0"` (off, as when it is absent);
+/// anything else keeps the driver from loading (`STATUS_INVALID_PARAMETER`). See
+/// [`installed_fail_closed_at_boot`].
+pub const FAIL_CLOSED_AT_BOOT_PARAMETER: &str = "FailClosedAtBoot";
 
 /// How the driver asks the service about a connection the cache does not answer (see the
 /// crate documentation's decision tables: both designs decide the same cases the same way).
@@ -607,6 +656,15 @@ pub struct Config {
     /// With [`service_sid`](Self::service_sid), both must match. With neither, any
     /// administrator's process may, and the driver says so on the debugger at load.
     pub service_image: Option<&'static str>,
+    /// Fail closed from boot (see "Fail-closed from boot" in the crate documentation): the
+    /// provider, sublayer, callout entries and filters are added **persistent**, with
+    /// **boot-time** filters that block TCP and UDP while the machine boots, so that from the
+    /// boot until the driver is loaded, and whenever it is not, new connections are blocked
+    /// rather than allowed. Requires [`default`](Self::default) = [`Verdict::Deny`] (the
+    /// driver does not load otherwise: `STATUS_INVALID_PARAMETER`). Off (`false`, the default):
+    /// everything is added in the driver's dynamic session, as ever, and what an earlier load
+    /// with the option installed is removed — loading once with it off is how to uninstall.
+    pub fail_closed_at_boot: bool,
 }
 
 impl Config {
@@ -628,6 +686,7 @@ impl Config {
         stats: None,
         service_sid: None,
         service_image: None,
+        fail_closed_at_boot: false,
     };
 }
 
@@ -2509,6 +2568,7 @@ impl DriverState for Firewall {
             }
         }
         let stats = shared.own_stats.snapshot();
+        let fail_closed_at_boot = shared.config.fail_closed_at_boot;
         // The port before the filter: a filter with an open port cannot be unregistered.
         match PoolArc::try_unwrap(shared) {
             Ok(Shared {
@@ -2537,6 +2597,11 @@ impl DriverState for Firewall {
             stats.reinjected,
             stats.clones_dropped
         );
+        if fail_closed_at_boot {
+            kd_print!(
+                "firewall: fail-closed from boot stays installed: TCP and UDP connections are blocked until the driver is loaded again\n"
+            );
+        }
         kd_print!("firewall: unloaded ({stats})\n");
     }
 }
@@ -2566,21 +2631,37 @@ pub fn start(
     if let Ok(firewall) = &firewall {
         // On an error the firewall is dropped: its fields go in declaration order, the engine
         // session (and with it everything added in it) first, the minifilter last.
-        add_filters(irql, &firewall.engine)?;
+        add_filters(irql, firewall)?;
         announce(irql, firewall, driver.admitted());
     }
     firewall
 }
 
-/// Restricts the port and the control device to the configured service (before either
-/// exists, so no other process ever gets in), or says on the debugger that any administrator's
-/// process may use them.
+/// Fail-closed from boot with a fail-open default would let connections through once the
+/// driver is loaded: refused. A function of its own, so its log line's formatting is off
+/// the load's path (see [`start`]).
+#[inline(never)]
+fn check_fail_closed_at_boot(config: &Config) -> Result<(), Status> {
+    if config.fail_closed_at_boot && config.default != Verdict::Deny {
+        kd_print!(
+            Error,
+            "firewall: fail-closed from boot needs the default deny (Config::default)\n"
+        );
+        return Err(Status::INVALID_PARAMETER);
+    }
+    Ok(())
+}
+
+/// Checks the configuration ([`check_fail_closed_at_boot`]), then restricts the port and the
+/// control device to the configured service (before either exists, so no other process ever
+/// gets in), or says on the debugger that any administrator's process may use them.
 #[inline(never)]
 fn admit_service(
     irql: &mut PassiveLevel<'_>,
     driver: &mut Driver<'_>,
     config: &Config,
 ) -> Result<(), Status> {
+    check_fail_closed_at_boot(config)?;
     let sid = config.service_sid.map(Sid::parse).transpose()?;
     let identity = match (sid, config.service_image) {
         // Said at load, after the announcement (`announce`).
@@ -2826,61 +2907,249 @@ fn injection_handle(irql: &PassiveLevel<'_>) -> Result<InjectionHandle, Status> 
 /// Adds the provider and the sublayer; a function of its own, so that their builders are off
 /// the stack under [`add_filter`] (see [`start`]).
 #[inline(never)]
-fn add_provider_and_sublayer(irql: &PassiveLevel<'_>, engine: &Engine) -> Result<(), Status> {
-    engine.add_provider(irql, &Provider::new(PROVIDER).name("wfp-rs firewall"))?;
-    engine.add_sublayer(
-        irql,
-        &Sublayer::new(SUBLAYER)
-            .name("wfp-rs firewall")
-            .provider(PROVIDER)
-            .weight(SUBLAYER_WEIGHT),
-    )?;
+fn add_provider_and_sublayer(
+    irql: &PassiveLevel<'_>,
+    engine: &Engine,
+    persistent: bool,
+) -> Result<(), Status> {
+    let provider = Provider::new(PROVIDER).name("wfp-rs firewall");
+    let sublayer = Sublayer::new(SUBLAYER)
+        .name("wfp-rs firewall")
+        .provider(PROVIDER)
+        .weight(SUBLAYER_WEIGHT);
+    let (provider, sublayer) = if persistent {
+        (provider.persistent(), sublayer.persistent())
+    } else {
+        (provider, sublayer)
+    };
+    engine.add_provider(irql, &provider)?;
+    engine.add_sublayer(irql, &sublayer)?;
     Ok(())
 }
 
-/// Adds to `engine`, in one transaction, the provider, the sublayer, the callout entries and
-/// the filters that hand connections to the callouts.
+/// Adds the provider, the sublayer, the callout entries and the filters that hand connections
+/// to the callouts: to the firewall's engine (its dynamic session), in one transaction that first
+/// removes what an earlier load installed persistent; or, `fail_closed_at_boot`, persistent,
+/// with the boot-time filters ([`install_fail_closed_at_boot`]). Runs after the callouts are
+/// registered: no other instance of the driver runs (its registrations would have failed), so
+/// the objects found under the firewall's keys are an earlier load's.
 #[inline(never)]
-fn add_filters(irql: &mut PassiveLevel<'_>, engine: &Engine) -> Result<(), Status> {
+fn add_filters(irql: &mut PassiveLevel<'_>, firewall: &Firewall) -> Result<(), Status> {
+    if firewall.shared.config.fail_closed_at_boot {
+        return install_fail_closed_at_boot(irql);
+    }
+    let engine = &firewall.engine;
     // All or nothing: dropped on an error, the transaction is aborted.
     let txn = engine.transaction(irql)?;
-    add_provider_and_sublayer(irql, &txn)?;
+    let removed = remove_installed(irql, &txn)?;
+    add_callout_filters(irql, &txn, false)?;
+    txn.commit(irql)?;
+    if removed > 0 {
+        kd_print!(
+            "firewall: fail-closed from boot is off: removed the {removed} persistent and boot-time objects an earlier load installed\n"
+        );
+    }
+    Ok(())
+}
+
+/// The provider, the sublayer, and for each layer the callout entry and the filter that hands
+/// it connections; `persistent` or not.
+#[inline(never)]
+fn add_callout_filters(
+    irql: &PassiveLevel<'_>,
+    engine: &Engine,
+    persistent: bool,
+) -> Result<(), Status> {
+    add_provider_and_sublayer(irql, engine, persistent)?;
     add_filter::<AleAuthConnectV4>(
         irql,
-        &txn,
+        engine,
         CALLOUT_CONNECT_V4,
         FILTER_CONNECT_V4,
         "firewall (connect, IPv4)",
+        persistent,
     )?;
     add_filter(
         irql,
-        &txn,
+        engine,
         CALLOUT_CONNECT_V6,
         FILTER_CONNECT_V6,
         "firewall (connect, IPv6)",
+        persistent,
     )?;
     add_filter(
         irql,
-        &txn,
+        engine,
         CALLOUT_RECV_ACCEPT_V4,
         FILTER_RECV_ACCEPT_V4,
         "firewall (accept, IPv4)",
+        persistent,
     )?;
     add_filter(
         irql,
-        &txn,
+        engine,
         CALLOUT_RECV_ACCEPT_V6,
         FILTER_RECV_ACCEPT_V6,
         "firewall (accept, IPv6)",
+        persistent,
+    )
+}
+
+/// Installs fail-closed from boot (see the crate documentation): in a non-dynamic session of
+/// its own (a dynamic one cannot add persistent objects), in one transaction, removes what an
+/// earlier load installed, then adds the provider, the sublayer, the callout entries and the
+/// filters persistent, and the boot-time filters. The session closes; the objects stay, across
+/// unloads and reboots, until a load with the option off removes them.
+#[inline(never)]
+pub fn install_fail_closed_at_boot(irql: &mut PassiveLevel<'_>) -> Result<(), Status> {
+    let engine = Engine::open(
+        irql,
+        SessionOptions::new().name("wfp-rs firewall: fail-closed from boot"),
     )?;
-    txn.commit(irql)?;
+    let installed = install_persistent(irql, &engine);
+    let closed = engine.close(irql);
+    installed.and(closed)?;
+    kd_print!(
+        "firewall: fail-closed from boot: persistent filters and boot-time filters installed; TCP and UDP connections are blocked whenever the driver is not loaded\n"
+    );
     Ok(())
+}
+
+#[inline(never)]
+fn install_persistent(irql: &mut PassiveLevel<'_>, engine: &Engine) -> Result<(), Status> {
+    let txn = engine.transaction(irql)?;
+    remove_installed(irql, &txn)?;
+    add_callout_filters(irql, &txn, true)?;
+    add_boot_time_filters(irql, &txn)?;
+    txn.commit(irql)
+}
+
+/// The boot-time filters: block TCP and UDP, out and in, over IPv4 and IPv6, while the machine
+/// boots (but loopback, as the callouts permit it). In the default sublayer and without a
+/// provider: at boot, before BFE, the firewall's persistent provider and sublayer do not exist
+/// yet (persistent objects come with BFE).
+#[inline(never)]
+fn add_boot_time_filters(irql: &PassiveLevel<'_>, engine: &Engine) -> Result<(), Status> {
+    fn boot_time<L: Layer>(
+        irql: &PassiveLevel<'_>,
+        engine: &Engine,
+        key: Guid,
+        name: &str,
+    ) -> Result<(), Status>
+    where
+        fields::IpProtocol: Field<L>,
+        fields::Flags: Field<L>,
+    {
+        let mut filter = WfpFilter::<L>::new(key)
+            .name(name)
+            .action(FilterAction::Block)
+            .flags(FilterFlags::BOOT_TIME)
+            .condition::<fields::Flags>(Match::FlagsNoneSet(ConditionFlags::IS_LOOPBACK));
+        for protocol in FILTERED_PROTOCOLS {
+            filter = filter.condition::<fields::IpProtocol>(Match::Equal(protocol));
+        }
+        engine.add_filter(irql, &filter).map(|_| ())
+    }
+    boot_time::<AleAuthConnectV4>(
+        irql,
+        engine,
+        BOOT_FILTER_CONNECT_V4,
+        "wfp-rs firewall: blocked while booting (connect, IPv4)",
+    )?;
+    boot_time::<AleAuthConnectV6>(
+        irql,
+        engine,
+        BOOT_FILTER_CONNECT_V6,
+        "wfp-rs firewall: blocked while booting (connect, IPv6)",
+    )?;
+    boot_time::<AleAuthRecvAcceptV4>(
+        irql,
+        engine,
+        BOOT_FILTER_RECV_ACCEPT_V4,
+        "wfp-rs firewall: blocked while booting (accept, IPv4)",
+    )?;
+    boot_time::<AleAuthRecvAcceptV6>(
+        irql,
+        engine,
+        BOOT_FILTER_RECV_ACCEPT_V6,
+        "wfp-rs firewall: blocked while booting (accept, IPv6)",
+    )
+}
+
+/// Deletes, by key, every object fail-closed from boot installs — the filters (boot-time ones
+/// too), then the callout entries, the sublayer and the provider, each only after what refers
+/// to it — and returns how many there were. An object that is not there is skipped; any other
+/// failure is returned.
+#[inline(never)]
+fn remove_installed(irql: &PassiveLevel<'_>, engine: &Engine) -> Result<usize, Status> {
+    fn gone(result: Result<(), Status>) -> Result<usize, Status> {
+        match result {
+            Ok(()) => Ok(1),
+            Err(
+                Status::FWP_FILTER_NOT_FOUND
+                | Status::FWP_CALLOUT_NOT_FOUND
+                | Status::FWP_SUBLAYER_NOT_FOUND
+                | Status::FWP_PROVIDER_NOT_FOUND,
+            ) => Ok(0),
+            Err(status) => Err(status),
+        }
+    }
+    let mut removed = 0;
+    for filter in [
+        FILTER_CONNECT_V4,
+        FILTER_CONNECT_V6,
+        FILTER_RECV_ACCEPT_V4,
+        FILTER_RECV_ACCEPT_V6,
+        BOOT_FILTER_CONNECT_V4,
+        BOOT_FILTER_CONNECT_V6,
+        BOOT_FILTER_RECV_ACCEPT_V4,
+        BOOT_FILTER_RECV_ACCEPT_V6,
+    ] {
+        removed += gone(engine.delete_filter_by_key(irql, filter))?;
+    }
+    removed += gone(engine.delete_callout(irql, CALLOUT_CONNECT_V4))?;
+    removed += gone(engine.delete_callout(irql, CALLOUT_CONNECT_V6))?;
+    removed += gone(engine.delete_callout(irql, CALLOUT_RECV_ACCEPT_V4))?;
+    removed += gone(engine.delete_callout(irql, CALLOUT_RECV_ACCEPT_V6))?;
+    removed += gone(engine.delete_sublayer(irql, SUBLAYER))?;
+    removed += gone(engine.delete_provider(irql, PROVIDER))?;
+    Ok(removed)
+}
+
+/// Reads [`FAIL_CLOSED_AT_BOOT_PARAMETER`] from the driver's service key, where an installer
+/// writes it: `"1"` turns [`Config::fail_closed_at_boot`] on, `"0"` or no value leaves it off,
+/// anything else is `STATUS_INVALID_PARAMETER` (the driver does not load with a configuration
+/// it cannot read). `DriverEntry` calls it before [`start`].
+#[inline(never)]
+pub fn installed_fail_closed_at_boot(
+    irql: &PassiveLevel<'_>,
+    driver: &Driver<'_>,
+) -> Result<bool, Status> {
+    match driver
+        .parameter(irql, FAIL_CLOSED_AT_BOOT_PARAMETER)?
+        .as_deref()
+    {
+        None | Some("0") => Ok(false),
+        Some("1") => Ok(true),
+        Some(_) => Err(Status::INVALID_PARAMETER),
+    }
 }
 
 #[wfp_rs::driver_entry]
 fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<Firewall, Status> {
+    // One configuration, changed in place, and one call for the service key: in a debug build
+    // each temporary has a slot in this frame, which lies under the whole load.
+    let mut config = Config::DEFAULT;
+    config.fail_closed_at_boot = read_service_key(irql, driver)?;
+    start(irql, driver, config)
+}
+
+/// What `DriverEntry` reads from the service key: admits the installed service
+/// ([`admit_installed_service`]) and returns [`installed_fail_closed_at_boot`].
+#[inline(never)]
+fn read_service_key(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<bool, Status> {
     admit_installed_service(irql, driver)?;
-    start(irql, driver, Config::DEFAULT)
+    installed_fail_closed_at_boot(irql, driver)
 }
 
 /// The terminating filter `filter` that hands connections to `callout`, without conditions. A
@@ -2891,12 +3160,20 @@ fn terminating_filter<'a, L: Layer>(
     filter: Guid,
     callout: CalloutKey<L>,
     name: &'a str,
+    persistent: bool,
 ) -> WfpFilter<'a, L> {
     WfpFilter::<L>::new(filter)
         .name(name)
         .provider(PROVIDER)
         .sublayer(SUBLAYER)
         .action(FilterAction::CalloutTerminating(callout))
+        // Persistent: while the callout is not registered (the driver not loaded yet, or
+        // unloaded), the filter blocks.
+        .flags(if persistent {
+            FilterFlags::PERSISTENT
+        } else {
+            FilterFlags::empty()
+        })
 }
 
 /// Adds the callout entry `callout` at layer `L`; a function of its own, so that its builder is
@@ -2907,13 +3184,17 @@ fn add_callout_entry<L: Layer>(
     engine: &Engine,
     callout: CalloutKey<L>,
     name: &str,
+    persistent: bool,
 ) -> Result<(), Status> {
-    engine.add_callout(
-        irql,
-        &CalloutEntry::<L>::new(callout)
-            .name(name)
-            .provider(PROVIDER),
-    )?;
+    let entry = CalloutEntry::<L>::new(callout)
+        .name(name)
+        .provider(PROVIDER);
+    let entry = if persistent {
+        entry.persistent()
+    } else {
+        entry
+    };
+    engine.add_callout(irql, &entry)?;
     Ok(())
 }
 
@@ -2925,12 +3206,13 @@ fn add_filter<L: Layer>(
     callout: CalloutKey<L>,
     filter: Guid,
     name: &str,
+    persistent: bool,
 ) -> Result<(), Status>
 where
     fields::IpProtocol: Field<L>,
 {
-    add_callout_entry::<L>(irql, engine, callout, name)?;
-    let mut entry = terminating_filter::<L>(filter, callout, name);
+    add_callout_entry::<L>(irql, engine, callout, name, persistent)?;
+    let mut entry = terminating_filter::<L>(filter, callout, name, persistent);
     // Consecutive conditions on one field: the engine ORs them.
     for protocol in FILTERED_PROTOCOLS {
         entry = entry.condition::<fields::IpProtocol>(Match::Equal(protocol));
