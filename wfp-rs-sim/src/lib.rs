@@ -2549,7 +2549,7 @@ impl Machine {
     ) -> Option<Vec<(&'static str, Decision)>> {
         use crate::kernel::inject::{self, Fate};
         use wfp_rs::layer::*;
-        let deadline = std::time::Instant::now() + REINJECTION_WAIT;
+        let deadline = self.kernel.deadline_in(REINJECTION_WAIT);
         let Fate::Injected(nbl) = inject::wait_for_fate(&self.kernel, flow, deadline) else {
             return None;
         };

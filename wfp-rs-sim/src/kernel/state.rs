@@ -387,7 +387,12 @@ impl Kernel {
     /// A deadline `wait` from now, on the machine's clock for waits (see [`Deadline`]).
     pub(crate) fn deadline_in(&self, wait: std::time::Duration) -> Deadline {
         match &self.sched {
-            None => Deadline::Host(std::time::Instant::now() + wait),
+            None => {
+                let now = std::time::Instant::now();
+                // A wait too long for the host's clock is one no test outlives.
+                let far = core::time::Duration::from_secs(1 << 32);
+                Deadline::Host(now.checked_add(wait).unwrap_or(now + far))
+            }
             Some(sched) => {
                 let ticks = u64::try_from(wait.as_nanos() / 100).unwrap_or(u64::MAX);
                 Deadline::Virtual(sched.now().saturating_add(ticks))
