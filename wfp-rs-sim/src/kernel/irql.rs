@@ -90,8 +90,11 @@ pub unsafe extern "system" fn KeAcquireSpinLockRaiseToDpc(SpinLock: *mut KSPIN_L
         let me = t.id as usize;
         let lock = word(SpinLock);
         super::deadlock::before_acquire(t, SpinLock as usize);
-        let machine = t.kernel.borrow();
-        let sched = machine.as_ref().and_then(|k| k.sched.as_deref());
+        let machine = super::sched::any_live().then(|| t.kernel.borrow());
+        let sched = machine
+            .as_ref()
+            .and_then(|k| k.as_ref())
+            .and_then(|k| k.sched.as_deref());
         if let Some(sched) = sched {
             sched.point("KeAcquireSpinLock");
         }
@@ -180,9 +183,11 @@ pub unsafe extern "system" fn KeReleaseSpinLock(SpinLock: *mut KSPIN_LOCK, NewIr
     THREAD.with(|t| super::deadlock::released(t, SpinLock as usize));
     // SAFETY: the lock was released; lowering to the saved level is the routine's own contract.
     unsafe { KeLowerIrql(NewIrql) };
-    THREAD.with(|t| {
-        if let Some(sched) = t.kernel.borrow().as_ref().and_then(|k| k.sched.as_deref()) {
-            sched.point("KeReleaseSpinLock");
-        }
-    });
+    if super::sched::any_live() {
+        THREAD.with(|t| {
+            if let Some(sched) = t.kernel.borrow().as_ref().and_then(|k| k.sched.as_deref()) {
+                sched.point("KeReleaseSpinLock");
+            }
+        });
+    }
 }

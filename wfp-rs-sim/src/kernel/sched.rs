@@ -42,7 +42,7 @@ use std::{
 
 use std::cell::Cell;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 /// A task's index in its scheduler.
@@ -133,6 +133,19 @@ pub(crate) struct Scheduler {
     released: AtomicBool,
 }
 
+/// How many deterministic machines are alive in the process: while none is, the yield points on
+/// the hottest paths (spin locks) cost one relaxed load and a branch.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// The schedulers alive, by address.
+static ALIVE: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+/// Whether any deterministic machine is alive (see [`LIVE`]).
+#[inline]
+pub(crate) fn any_live() -> bool {
+    LIVE.load(Ordering::Relaxed) != 0
+}
+
 thread_local! {
     /// The scheduler (by address) and task this thread is, if it is a task.
     static TASK: Cell<Option<(usize, TaskId)>> = const { Cell::new(None) };
@@ -169,9 +182,13 @@ impl Scheduler {
         });
         let id = scheduler.add("harness");
         let me = scheduler.address();
+        let mut live = ALIVE.lock().unwrap_or_else(|p| p.into_inner());
         TASK.with(|t| {
+            // A machine dropped on another thread leaves this thread's mark behind: only a
+            // machine still alive counts.
             if let Some((other, _)) = t.get()
                 && other != me
+                && live.contains(&other)
             {
                 panic!(
                     "wfp-rs simulator: this thread is already a task of another deterministic machine; drop that machine first (one deterministic machine per thread at a time)"
@@ -179,6 +196,9 @@ impl Scheduler {
             }
             t.set(Some((me, id)));
         });
+        live.push(me);
+        LIVE.fetch_add(1, Ordering::Relaxed);
+        drop(live);
         scheduler
     }
 
@@ -478,6 +498,17 @@ impl Scheduler {
             ));
         }
         report
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        let me = self.address();
+        ALIVE
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|&s| s != me);
+        LIVE.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
