@@ -6,16 +6,18 @@
 #![cfg(any(not(windows), feature = "sim"))]
 
 use core::time::Duration;
+use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use wfp_rs::Status;
 use wfp_rs::driver::Driver;
 use wfp_rs::event::{Event, EventKind};
+use wfp_rs::inverted::{ControlCode, InvertedQueue, RequiredAccess};
 use wfp_rs::irql::{PassiveLevel, RaiseIrql};
 use wfp_rs::spin_lock::SpinLock;
 use wfp_rs::timer::Timer;
-use wfp_rs_sim::{Machine, ScheduleStep};
+use wfp_rs_sim::{Caller, Machine, ScheduleStep};
 
 /// A driver with nothing of its own: the tests queue work on its behalf.
 mod host {
@@ -297,4 +299,119 @@ fn a_failing_seed_is_printed_with_the_command_that_replays_it() {
         "{}",
         outcome.stderr
     );
+}
+
+/// The inverted call on a deterministic machine: two services keep I/O control requests pending
+/// at the driver's device (cancelling some), a third context completes them from
+/// `DISPATCH_LEVEL`, and every delivered message reaches exactly one request. Returns the
+/// delivered values, what the services received, and the schedule.
+fn inverted_run(seed: u64) -> (BTreeSet<u64>, BTreeSet<u64>, Vec<ScheduleStep>) {
+    const EVENTS: ControlCode = ControlCode::buffered(0x8000, 0x800, RequiredAccess::Any);
+    const SERVICES: u64 = 2;
+    const REQUESTS: u64 = 4;
+    let machine = Machine::deterministic(seed);
+    let driver = machine
+        .load_driver("inverted", host::DriverEntry)
+        .expect("loads");
+    let queue = driver
+        .run_in_driver(&machine, |irql, d| {
+            InvertedQueue::new(irql, d, "WfpRsDetEvents", EVENTS, 8)
+        })
+        .expect("an SDK driver")
+        .expect("the queue is created");
+    let done = AtomicU64::new(0);
+    let (delivered, received) = std::thread::scope(|scope| {
+        let (machine, queue, done) = (&machine, &queue, &done);
+        let services: Vec<_> = (0..SERVICES)
+            .map(|s| {
+                machine.spawn(scope, &format!("service-{s}"), move || {
+                    let device = machine
+                        .open_device(r"\\.\WfpRsDetEvents", Caller::System)
+                        .expect("opens");
+                    let requests: Vec<_> = (0..REQUESTS)
+                        .map(|n| {
+                            let request = device.device_io_control(EVENTS.raw(), &[], 8);
+                            let cancelled = n % 2 == 1 && request.cancel();
+                            (request, cancelled)
+                        })
+                        .collect();
+                    let mut received = Vec::new();
+                    for (request, cancelled) in &requests {
+                        let completion = request.wait();
+                        if completion.status == 0 {
+                            assert!(!cancelled, "a cancelled request was answered too");
+                            received
+                                .push(u64::from_le_bytes(completion.output.try_into().unwrap()));
+                        } else {
+                            assert_eq!(completion.status, Status::CANCELLED.raw());
+                        }
+                    }
+                    drop(requests);
+                    device.close();
+                    done.fetch_add(1, Ordering::SeqCst);
+                    received
+                })
+            })
+            .collect();
+        let completer = machine.spawn(scope, "completer", move || {
+            let mut delivered = Vec::new();
+            let mut value = 0u64;
+            // Until every service has had each of its requests answered or cancelled.
+            while done.load(Ordering::SeqCst) < SERVICES {
+                value += 1;
+                if machine
+                    .at_dispatch(|irql| queue.complete_next(irql, value.to_le_bytes()))
+                    .is_ok()
+                {
+                    delivered.push(value);
+                } else {
+                    // No request waits now: let the services send theirs.
+                    machine.at_passive(|irql| {
+                        let idle = Event::try_new(EventKind::Notification, false, irql).unwrap();
+                        idle.wait_timeout(irql, Duration::from_millis(1));
+                    });
+                }
+            }
+            delivered
+        });
+        let delivered: BTreeSet<u64> = completer
+            .join()
+            .expect("the completer")
+            .into_iter()
+            .collect();
+        let received: BTreeSet<u64> = services
+            .into_iter()
+            .flat_map(|s| s.join().expect("a service"))
+            .collect();
+        (delivered, received)
+    });
+    machine.at_passive(|irql| queue.close(irql));
+    machine.unload_driver(driver).expect("unloads");
+    assert_eq!(machine.pool_blocks(), []);
+    assert_eq!(machine.pending_io_requests(), 0);
+    (delivered, received, machine.schedule())
+}
+
+#[test]
+fn the_inverted_call_on_a_deterministic_machine_loses_nothing_and_replays() {
+    for seed in 0..4 {
+        let (delivered, received, schedule) = inverted_run(seed);
+        assert!(
+            !delivered.is_empty(),
+            "seed {seed}: the completer answered some"
+        );
+        assert_eq!(
+            delivered, received,
+            "seed {seed}: every delivered message reached one request"
+        );
+        assert!(
+            schedule.iter().any(|s| s.label == "IoCompleteRequest"),
+            "seed {seed}"
+        );
+        assert_eq!(
+            inverted_run(seed),
+            (delivered, received, schedule),
+            "seed {seed}"
+        );
+    }
 }

@@ -235,8 +235,9 @@ impl Scheduler {
         self.now.store(now, Ordering::SeqCst);
     }
 
-    /// A new task, runnable, for a thread about to start; the thread calls [`attach`]
-    /// (Self::attach) first. Tasks are added by running tasks, so their ids are deterministic.
+    /// A new task, runnable, for a thread about to start; the thread calls
+    /// [`attach`](Self::attach) first. Tasks are added by running tasks, so their ids are
+    /// deterministic.
     pub(crate) fn add(&self, name: &str) -> TaskId {
         let mut state = self.lock();
         state.tasks.push(Task {
@@ -336,7 +337,7 @@ impl Scheduler {
         state.epoch += 1;
         state.tasks[me].state = TaskState::Finished;
         self.record(&mut state, me, "finished");
-        match self.pick(&mut state, me) {
+        match self.pick(&mut state) {
             Some(next) => self.hand_to(&mut state, next),
             None => self.deadlocked(&state),
         }
@@ -397,7 +398,7 @@ impl Scheduler {
     /// back.
     fn switch(&self, mut state: MutexGuard<'_, State>, me: TaskId, label: &'static str) {
         self.record(&mut state, me, label);
-        match self.pick(&mut state, me) {
+        match self.pick(&mut state) {
             Some(next) => self.hand_to(&mut state, next),
             None => self.deadlocked(&state),
         }
@@ -432,7 +433,7 @@ impl Scheduler {
 
     /// The next task, picked by the seed among the eligible ones; when none is, the clock
     /// jumps to the earliest deadline. `None`: every task waits with no deadline.
-    fn pick(&self, state: &mut State, _me: TaskId) -> Option<TaskId> {
+    fn pick(&self, state: &mut State) -> Option<TaskId> {
         loop {
             let now = self.now();
             let epoch = state.epoch;

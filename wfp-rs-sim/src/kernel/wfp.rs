@@ -3151,6 +3151,7 @@ pub unsafe extern "system" fn FwpsCompleteClassify0(
         );
     }
     pend_completed(&kernel, classifyHandle as usize).notify_all();
+    kernel.yield_point("FwpsCompleteClassify0");
 }
 
 /// `FwpsReleaseClassifyHandle0`. Releasing a handle twice, or while its pend is not completed,
