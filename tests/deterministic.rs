@@ -415,3 +415,35 @@ fn the_inverted_call_on_a_deterministic_machine_loses_nothing_and_replays() {
         );
     }
 }
+
+#[test]
+fn advance_clock_expires_timers_on_the_virtual_clock() {
+    let machine = Machine::deterministic(9);
+    let fired = Arc::new(AtomicU32::new(0));
+    let counter = Arc::clone(&fired);
+    let timer = machine.at_passive(|irql| {
+        let timer = Timer::try_new(
+            move |_: &mut wfp_rs::irql::DispatchLevel<'_>| {
+                counter.fetch_add(1, Ordering::SeqCst);
+            },
+            irql,
+        )
+        .unwrap();
+        timer.set(irql, Duration::from_secs(60), None);
+        timer
+    });
+    machine.advance_clock(Duration::from_secs(59));
+    machine.wait_for_dpcs();
+    assert_eq!(fired.load(Ordering::SeqCst), 0, "a second early");
+    machine.advance_clock(Duration::from_secs(1));
+    machine.wait_for_dpcs();
+    assert_eq!(fired.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        machine
+            .now()
+            .duration_since(wfp_rs::time::Instant::from_ticks(0)),
+        Duration::from_secs(60),
+        "only the harness moved the clock"
+    );
+    machine.run(|| drop(timer));
+}
