@@ -269,8 +269,9 @@ impl Machine {
     /// Every context of the machine is still a host thread, but only one runs at a time: the
     /// calling thread (the *harness* task), the system worker threads, the DPC thread, and
     /// threads started with [`spawn`](Self::spawn). At a yield point (acquiring and releasing
-    /// a spin lock, queueing a work item, setting an event or a timer, completing a pended
-    /// classification, the start of a classification, a work item or DPC routine returning)
+    /// a spin lock, queueing a work item, setting an event or a timer, completing an I/O request
+    /// or a pended classification, the start of a classification, a work item or DPC routine
+    /// returning, a service sending an I/O control request or replying on a port)
     /// and at every wait, the running context hands over to one the seed picks. The interrupt
     /// time moves only by [`advance_clock`](Self::advance_clock), or when every context waits:
     /// then it jumps to the earliest deadline (a timed wait, a timer), and a timer's DPC runs.

@@ -1171,6 +1171,7 @@ pub(crate) fn user_reply(
     message.state = MessageState::Replied(reply.to_vec());
     drop(flt);
     kernel.flt.sender(id).notify_all();
+    kernel.yield_point("FilterReplyMessage");
     Ok(())
 }
 

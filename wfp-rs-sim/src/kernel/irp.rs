@@ -1706,6 +1706,8 @@ impl DeviceHandle {
     /// `METHOD_BUFFERED` and `METHOD_NEITHER` codes are simulated (direct I/O completes with
     /// `STATUS_NOT_IMPLEMENTED`).
     pub fn device_io_control(&self, code: u32, input: &[u8], output_len: usize) -> IoRequest {
+        // Where a deterministic machine may run another context before the request is sent.
+        self.kernel.yield_point("DeviceIoControl");
         run_due_closes(&self.kernel);
         let (device, serial, driver, phase) = {
             let state = io(&self.kernel);
