@@ -447,3 +447,22 @@ fn advance_clock_expires_timers_on_the_virtual_clock() {
     );
     machine.run(|| drop(timer));
 }
+
+#[test]
+fn a_deterministic_machine_may_have_more_worker_threads() {
+    let run = |seed| {
+        let machine = Machine::deterministic_with_worker_threads(seed, 4);
+        let driver = machine
+            .load_driver("minimal-driver", minimal_driver::DriverEntry)
+            .expect("loads");
+        machine.unload_driver(driver).expect("unloads");
+        machine.schedule()
+    };
+    let used: BTreeSet<String> = (0..8)
+        .flat_map(run)
+        .map(|step| step.task)
+        .filter(|task| task.starts_with("sim-worker-"))
+        .collect();
+    assert_eq!(used.len(), 4, "{used:?}");
+    assert_eq!(run(5), run(5));
+}

@@ -303,6 +303,16 @@ impl Machine {
         Machine::boot(2, Some(seed))
     }
 
+    /// A [`deterministic`](Self::deterministic) machine with `workers` system worker threads
+    /// (at least one): more of them, more work items that can interleave.
+    ///
+    /// # Panics
+    ///
+    /// As [`deterministic`](Self::deterministic).
+    pub fn deterministic_with_worker_threads(seed: u64, workers: usize) -> Machine {
+        Machine::boot(workers, Some(seed))
+    }
+
     /// The seed of a [`deterministic`](Self::deterministic) machine (`None` for a machine of
     /// real threads).
     pub fn seed(&self) -> Option<u64> {
