@@ -64,6 +64,7 @@ use wfp_rs::status::Status;
 use wfp_rs::sys::*;
 
 use crate::kernel::bugcheck::{AT_PREFIX, IN_PREFIX, STOP_PREFIX, stop};
+pub use crate::kernel::sched::{SEED_VARIABLE, ScheduleStep};
 use crate::kernel::state::{
     self as state, DriverRecord, Kernel, Routine, RoutineKind, WorkItemState,
 };
@@ -249,11 +250,130 @@ impl Machine {
 
     /// A machine with `workers` system worker threads (at least one).
     pub fn with_worker_threads(workers: usize) -> Machine {
+        Machine::boot(workers, None)
+    }
+
+    fn boot(workers: usize, seed: Option<u64>) -> Machine {
         // The same table every time: the first machine of the process installs it, the others
         // find it there.
         wfp_rs::__sim::install_kernel(&crate::kernel::FUNCTIONS);
         Machine {
-            kernel: Kernel::new(workers.max(1)),
+            kernel: Kernel::new(workers.max(1), seed),
+        }
+    }
+
+    /// A deterministic machine (two system worker threads): one seed fixes every scheduling
+    /// decision, and its clock is virtual, so the same seed gives the same run — the same
+    /// [`schedule`](Self::schedule) — every time.
+    ///
+    /// Every context of the machine is still a host thread, but only one runs at a time: the
+    /// calling thread (the *harness* task), the system worker threads, the DPC thread, and
+    /// threads started with [`spawn`](Self::spawn). At a yield point (acquiring and releasing
+    /// a spin lock, queueing a work item, setting an event or a timer, completing an I/O request
+    /// or a pended classification, the start of a classification, a work item or DPC routine
+    /// returning, a service sending an I/O control request or replying on a port)
+    /// and at every wait, the running context hands over to one the seed picks. The interrupt
+    /// time moves only by [`advance_clock`](Self::advance_clock), or when every context waits:
+    /// then it jumps to the earliest deadline (a timed wait, a timer), and a timer's DPC runs.
+    /// When every context waits with no deadline, the process ends with the seed, the command
+    /// that replays it and the schedule's last steps, instead of hanging (as a bug check ends
+    /// it; [`run_isolated`] observes it). A test that fails on a deterministic machine prints
+    /// its seed and that command as the machine drops, and so does a bug check's report.
+    ///
+    /// Only the harness thread and contexts the machine knows may enter it: another thread
+    /// that calls into it panics (start it with [`spawn`](Self::spawn)). The repository's
+    /// `docs/simulator.md` ("Deterministic mode") says what is not scheduled yet.
+    ///
+    /// ```
+    /// use wfp_rs_sim::Machine;
+    ///
+    /// let schedule = |seed| {
+    ///     let machine = Machine::deterministic(seed);
+    ///     machine.run(|| ());
+    ///     machine.wait_for_work_items();
+    ///     machine.schedule()
+    /// };
+    /// assert_eq!(schedule(7), schedule(7));
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If the calling thread is a task of another deterministic machine that is still alive.
+    pub fn deterministic(seed: u64) -> Machine {
+        Machine::boot(2, Some(seed))
+    }
+
+    /// A [`deterministic`](Self::deterministic) machine with `workers` system worker threads
+    /// (at least one): more of them, more work items that can interleave.
+    ///
+    /// # Panics
+    ///
+    /// As [`deterministic`](Self::deterministic).
+    pub fn deterministic_with_worker_threads(seed: u64, workers: usize) -> Machine {
+        Machine::boot(workers, Some(seed))
+    }
+
+    /// The seed of a [`deterministic`](Self::deterministic) machine (`None` for a machine of
+    /// real threads).
+    pub fn seed(&self) -> Option<u64> {
+        self.kernel.sched.as_ref().map(|s| s.seed())
+    }
+
+    /// The schedule of a [`deterministic`](Self::deterministic) machine so far: each step a
+    /// context gave up the processor at a yield point or a wait. Two runs with one seed give
+    /// equal schedules. Empty for a machine of real threads.
+    pub fn schedule(&self) -> Vec<ScheduleStep> {
+        self.kernel
+            .sched
+            .as_ref()
+            .map_or_else(Vec::new, |s| s.trace())
+    }
+
+    /// Starts a thread in `scope` that may use this machine, named `name`: the way a test runs
+    /// another context (a user-mode service, a second caller of classify) beside its own. On a
+    /// [`deterministic`](Self::deterministic) machine the thread is a task the scheduler runs;
+    /// otherwise it is a plain scoped thread.
+    ///
+    /// Join it (or drop its handle) before the scope ends: the scope's own join does not tell
+    /// a deterministic machine that the harness waits.
+    ///
+    /// ```
+    /// use wfp_rs_sim::Machine;
+    ///
+    /// let machine = Machine::deterministic(1);
+    /// let answer = std::thread::scope(|scope| {
+    ///     let service = machine.spawn(scope, "service", || machine.run(|| 42));
+    ///     service.join().expect("the service returns")
+    /// });
+    /// assert_eq!(answer, 42);
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If the host cannot start a thread.
+    pub fn spawn<'scope, 'env, T: Send + 'scope>(
+        &'env self,
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        name: &str,
+        f: impl FnOnce() -> T + Send + 'scope,
+    ) -> Spawned<'scope, T> {
+        let kernel: &'env Kernel = &self.kernel;
+        let task = kernel.sched.as_ref().map(|s| s.add(name));
+        let handle = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn_scoped(scope, move || {
+                let Some((sched, task)) = kernel.sched.as_deref().zip(task) else {
+                    return f();
+                };
+                sched.attach(task);
+                let _finish = crate::kernel::sched::FinishOnDrop(sched);
+                f()
+            })
+            .expect("the host could not start a thread");
+        let waiter = task.map(|task| (kernel, task));
+        Spawned {
+            handle: Some(handle),
+            waiter,
         }
     }
 
@@ -613,38 +733,37 @@ impl Machine {
         &self,
         driver: &LoadedDriver,
     ) -> std::sync::MutexGuard<'_, state::State> {
-        let deadline = std::time::Instant::now() + self.kernel.unload_wait_limit();
-        let mut state = self.kernel.lock();
-        while state.running_work.contains_key(&driver.object) {
-            let now = std::time::Instant::now();
-            if now >= deadline {
-                let running: Vec<(usize, usize)> = state
-                    .work_items
-                    .iter()
-                    .filter(|(_, w)| {
-                        w.driver == driver.object && matches!(w.state, WorkItemState::Running(_))
-                    })
-                    .map(|(&item, _)| (item, 0))
-                    .collect();
-                let routine = self.kernel.blocked_work_routine_of(driver.object);
-                let count = state.running_work.get(&driver.object).copied().unwrap_or(0);
-                drop(state);
-                let item = running.first().map_or(0, |&(item, _)| item);
-                self.kernel.unload_wait_expired(
-                    driver.object,
-                    [item, 0, routine, wfp_rs::bugcheck::unload_wait::WORK_ITEM_ROUTINES],
-                    &format!(
-                        "{count} work item routine(s) of driver {} that have not returned (the I/O manager keeps the driver loaded until they do)",
-                        driver.name
-                    ),
-                );
-            }
-            state = self
-                .kernel
-                .work_done
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        let deadline = self.kernel.deadline_in(self.kernel.unload_wait_limit());
+        let state = self.kernel.lock();
+        let (state, timed_out) = self.kernel.wait_while(
+            &self.kernel.state,
+            state,
+            &self.kernel.work_done,
+            Some(deadline),
+            "unload: waits for the driver's work item routines",
+            |state| state.running_work.contains_key(&driver.object),
+        );
+        if timed_out {
+            let running: Vec<(usize, usize)> = state
+                .work_items
+                .iter()
+                .filter(|(_, w)| {
+                    w.driver == driver.object && matches!(w.state, WorkItemState::Running(_))
+                })
+                .map(|(&item, _)| (item, 0))
+                .collect();
+            let routine = self.kernel.blocked_work_routine_of(driver.object);
+            let count = state.running_work.get(&driver.object).copied().unwrap_or(0);
+            drop(state);
+            let item = running.first().map_or(0, |&(item, _)| item);
+            self.kernel.unload_wait_expired(
+                driver.object,
+                [item, 0, routine, wfp_rs::bugcheck::unload_wait::WORK_ITEM_ROUTINES],
+                &format!(
+                    "{count} work item routine(s) of driver {} that have not returned (the I/O manager keeps the driver loaded until they do)",
+                    driver.name
+                ),
+            );
         }
         state
     }
@@ -697,28 +816,32 @@ impl Machine {
     /// (a work item routine blocked for good), with the threads still blocked and what they wait
     /// on, instead of hanging the test.
     pub fn wait_for_work_items(&self) {
-        let deadline = std::time::Instant::now() + self.kernel.unload_wait_limit();
-        let mut state = self.kernel.lock();
-        while (!state.queue.is_empty() && !state.hold_work_items) || !state.running_work.is_empty()
-        {
-            let now = std::time::Instant::now();
-            if now >= deadline {
-                let running: usize = state.running_work.values().sum();
-                let queued = state.queue.len();
-                drop(state);
-                let blocked = self.kernel.blocked_threads();
-                panic!(
-                    "wfp-rs simulator: Machine::wait_for_work_items waited {:.1} s (Machine::set_unload_wait_limit) and {running} work item routine(s) still run, {queued} queued\n{}",
-                    self.kernel.unload_wait_limit().as_secs_f64(),
-                    blocked.join("\n")
-                );
-            }
-            state = self
-                .kernel
-                .work_done
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        if let Some(sched) = &self.kernel.sched {
+            sched.require_task();
+        }
+        let deadline = self.kernel.deadline_in(self.kernel.unload_wait_limit());
+        let state = self.kernel.lock();
+        let (state, timed_out) = self.kernel.wait_while(
+            &self.kernel.state,
+            state,
+            &self.kernel.work_done,
+            Some(deadline),
+            "Machine::wait_for_work_items",
+            |state| {
+                (!state.queue.is_empty() && !state.hold_work_items)
+                    || !state.running_work.is_empty()
+            },
+        );
+        if timed_out {
+            let running: usize = state.running_work.values().sum();
+            let queued = state.queue.len();
+            drop(state);
+            let blocked = self.kernel.blocked_threads();
+            panic!(
+                "wfp-rs simulator: Machine::wait_for_work_items waited {:.1} s (Machine::set_unload_wait_limit) and {running} work item routine(s) still run, {queued} queued\n{}",
+                self.kernel.unload_wait_limit().as_secs_f64(),
+                blocked.join("\n")
+            );
         }
     }
 
@@ -989,7 +1112,101 @@ impl Machine {
 
 impl Drop for Machine {
     fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(sched) = &self.kernel.sched
+        {
+            eprintln!(
+                "wfp-rs simulator: a deterministic machine (seed {}) was dropped by a panic\n{}",
+                sched.seed(),
+                sched.replay()
+            );
+        }
         self.kernel.shut_down();
+    }
+}
+
+/// A thread started with [`Machine::spawn`]; [`join`](Self::join) it (dropping it joins too).
+#[must_use = "join the thread before its scope ends"]
+pub struct Spawned<'scope, T> {
+    handle: Option<std::thread::ScopedJoinHandle<'scope, T>>,
+    /// On a deterministic machine: the scheduler, and the thread's task.
+    waiter: Option<(&'scope Kernel, crate::kernel::sched::TaskId)>,
+}
+
+impl<T> fmt::Debug for Spawned<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Spawned").finish_non_exhaustive()
+    }
+}
+
+impl<T> Spawned<'_, T> {
+    /// Waits for the thread to return, and returns what it returned (`Err`: it panicked), as
+    /// [`JoinHandle::join`](std::thread::JoinHandle::join). On a deterministic machine the
+    /// wait is one of the schedule's: other tasks run meanwhile.
+    pub fn join(mut self) -> std::thread::Result<T> {
+        self.wait_finished();
+        self.handle.take().expect("joined once").join()
+    }
+
+    fn wait_finished(&mut self) {
+        let Some((kernel, task)) = self.waiter.take() else {
+            return;
+        };
+        let Some(sched) = kernel.sched.as_deref() else {
+            return;
+        };
+        let lock = std::sync::Mutex::new(());
+        let idle = std::sync::Condvar::new();
+        let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = kernel.wait_while(&lock, guard, &idle, None, "joins a spawned thread", |_| {
+            !sched.is_released() && !sched.is_finished(task)
+        });
+    }
+}
+
+impl<T> Drop for Spawned<'_, T> {
+    fn drop(&mut self) {
+        self.wait_finished();
+    }
+}
+
+/// Runs `run` once for each seed in `seeds` — or, when the environment variable
+/// `WFP_SIM_SEED` is set, once for that seed only — so a test can explore schedules of
+/// [`Machine::deterministic`] machines and replay the one that failed. When `run` panics, the
+/// seed and the command that replays it are printed before the panic goes on.
+///
+/// ```
+/// let mut runs = 0;
+/// wfp_rs_sim::for_each_seed(0..4, |seed| {
+///     let machine = wfp_rs_sim::Machine::deterministic(seed);
+///     machine.wait_for_work_items();
+///     runs += 1;
+/// });
+/// assert!(runs >= 1);
+/// ```
+///
+/// # Panics
+///
+/// When `run` panics (the seed is printed first), or when `WFP_SIM_SEED` is not a number.
+pub fn for_each_seed(seeds: core::ops::Range<u64>, mut run: impl FnMut(u64)) {
+    let seeds = match std::env::var(SEED_VARIABLE) {
+        Ok(seed) => {
+            let seed = seed.trim().parse::<u64>().unwrap_or_else(|_| {
+                panic!("{SEED_VARIABLE}={seed:?} is not a seed (a number from 0 to 2^64 - 1)")
+            });
+            seed..seed.saturating_add(1)
+        }
+        Err(_) => seeds,
+    };
+    for seed in seeds {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(seed)));
+        if let Err(panic) = outcome {
+            eprintln!(
+                "wfp-rs simulator: the run with seed {seed} failed\n{}",
+                crate::kernel::sched::replay_hint(seed)
+            );
+            std::panic::resume_unwind(panic);
+        }
     }
 }
 
@@ -2413,7 +2630,7 @@ impl Machine {
     ) -> Option<Vec<(&'static str, Decision)>> {
         use crate::kernel::inject::{self, Fate};
         use wfp_rs::layer::*;
-        let deadline = std::time::Instant::now() + REINJECTION_WAIT;
+        let deadline = self.kernel.deadline_in(REINJECTION_WAIT);
         let Fate::Injected(nbl) = inject::wait_for_fate(&self.kernel, flow, deadline) else {
             return None;
         };

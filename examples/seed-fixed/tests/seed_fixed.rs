@@ -1573,3 +1573,89 @@ mod channel_service {
         assert_eq!(machine.pending_io_requests(), 0);
     }
 }
+
+// --- a deterministic machine ---------------------------------------------------------------------
+
+/// The work item + port design on a deterministic machine (`Machine::deterministic`): two
+/// connecting contexts and the service are tasks the seed schedules, with the system worker
+/// threads that ask the service and the harness that unloads. Returns each connection's final
+/// action, by process id, and the schedule.
+fn deterministic_run(seed: u64) -> (BTreeMap<u64, Action>, Vec<wfp_rs_sim::ScheduleStep>) {
+    const CALLERS: u64 = 2;
+    const PER_CALLER: u64 = 3;
+    let machine = Machine::deterministic(seed);
+    let driver = load(&machine, patient::DriverEntry);
+    let client = connected_client(&machine);
+    let outcomes = thread::scope(|s| {
+        let machine = &machine;
+        let service = machine.spawn(s, "service", move || {
+            let mut answered = 0;
+            while let Some(message) = client.get_message(None) {
+                let request = VerdictRequest::decode(&message.data).expect("the driver's encoding");
+                match client.reply(message.id, &reply_bytes(request.pid, rule(request.pid))) {
+                    Ok(()) => answered += 1,
+                    Err(Status::PORT_DISCONNECTED) => break,
+                    Err(status) => panic!("the driver is waiting for this reply: {status}"),
+                }
+            }
+            answered
+        });
+        let callers: Vec<_> = (0..CALLERS)
+            .map(|t| {
+                machine.spawn(s, &format!("caller-{t}"), move || {
+                    (0..PER_CALLER)
+                        .map(|n| {
+                            let pid = 10 + t * PER_CALLER + n;
+                            let c = web(pid, 20_000 + pid as u16);
+                            let irql = if n % 2 == 0 {
+                                AleIrql::Passive
+                            } else {
+                                AleIrql::Dispatch
+                            };
+                            let outcome = machine.connect(&c, irql);
+                            assert_decided_once(&outcome, rule(pid), &format!("pid {pid}"));
+                            (pid, outcome.decision.action)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let outcomes: BTreeMap<u64, Action> = callers
+            .into_iter()
+            .flat_map(|caller| caller.join().expect("a caller"))
+            .collect();
+        unload_clean(machine, driver);
+        assert_eq!(
+            service.join().expect("the service"),
+            CALLERS * PER_CALLER,
+            "one question per connection"
+        );
+        outcomes
+    });
+    (outcomes, machine.schedule())
+}
+
+/// Every connection gets the service's verdict once, whatever the schedule; one seed gives one
+/// schedule. A failure prints its seed and the command that replays it (`WFP_SIM_SEED`).
+#[test]
+fn on_a_deterministic_machine_one_seed_gives_one_schedule() {
+    let mut schedules = Vec::new();
+    wfp_rs_sim::for_each_seed(0..4, |seed| {
+        let (outcomes, schedule) = deterministic_run(seed);
+        assert_eq!(outcomes.len(), 6);
+        for (pid, got) in &outcomes {
+            assert_eq!(*got, action(rule(*pid)), "pid {pid}");
+        }
+        assert!(schedule.iter().any(|s| s.task == "service"));
+        assert!(schedule.iter().any(|s| s.label == "classify"));
+        let (_, again) = deterministic_run(seed);
+        assert_eq!(schedule, again, "seed {seed}: two runs, two schedules");
+        schedules.push(schedule);
+    });
+    if schedules.len() > 1 {
+        assert!(
+            schedules.iter().skip(1).any(|s| *s != schedules[0]),
+            "four seeds gave one schedule"
+        );
+    }
+}

@@ -137,6 +137,15 @@ fn report(
         text.push_str(details);
         text.push('\n');
     }
+    if let Some(kernel) = current_kernel()
+        && let Some(sched) = &kernel.sched
+    {
+        text.push_str(&format!(
+            "deterministic machine, seed {}\n{}\n",
+            sched.seed(),
+            sched.replay()
+        ));
+    }
     let mut stderr = std::io::stderr().lock();
     let _ = stderr.write_all(text.as_bytes());
     let _ = stderr.flush();

@@ -51,6 +51,11 @@ pub unsafe extern "system" fn BCryptGenRandom(
     }
     // SAFETY: the caller passes `cbBuffer` writable bytes at `pbBuffer` (checked non-null).
     let buffer = unsafe { core::slice::from_raw_parts_mut(pbBuffer, cbBuffer as usize) };
+    // A deterministic machine's random numbers come from its seed, so a run replays.
+    if let Some(sched) = &current().sched {
+        sched.fill_random(buffer);
+        return STATUS_SUCCESS;
+    }
     match getrandom::fill(buffer) {
         Ok(()) => STATUS_SUCCESS,
         // INFERRED: Windows documents no status for an RNG that cannot produce output.

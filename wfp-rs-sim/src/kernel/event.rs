@@ -10,7 +10,7 @@ use std::{
 };
 
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::state::{
     Kernel, Waiter, current, current_driver, current_routine, require_irql, thread_id,
@@ -67,9 +67,11 @@ pub unsafe extern "system" fn KeSetEvent(
         if Wait != 0 { APC_LEVEL } else { DISPATCH_LEVEL },
     );
     let kernel = current();
-    let _guard = kernel.event_lock.lock().unwrap();
+    let guard = kernel.event_lock.lock().unwrap_or_else(|p| p.into_inner());
     let previous = signal_state(Event).swap(1, Ordering::SeqCst);
     kernel.event_signal.notify_all();
+    drop(guard);
+    kernel.yield_point("KeSetEvent");
     previous
 }
 
@@ -111,14 +113,14 @@ pub unsafe extern "system" fn KeWaitForSingleObject(
         if poll { DISPATCH_LEVEL } else { APC_LEVEL },
     );
     let event = Object.cast::<KEVENT>();
+    let kernel = current();
     let deadline = match timeout {
         None => None,
-        Some(ticks) if ticks < 0 => {
-            Some(Instant::now() + Duration::from_nanos(ticks.unsigned_abs().saturating_mul(100)))
-        }
-        Some(_) => Some(Instant::now()),
+        Some(ticks) if ticks < 0 => Some(kernel.deadline_in(Duration::from_nanos(
+            ticks.unsigned_abs().saturating_mul(100),
+        ))),
+        Some(_) => Some(kernel.deadline_in(Duration::ZERO)),
     };
-    let kernel = current();
     // A wait with no timeout in DriverEntry or an unload routine is one the I/O manager's load
     // or unload waits on: it gives up after the machine's unload wait limit (on Windows it
     // hangs). Other waits with no timeout are listed for that report while they block.
@@ -130,38 +132,33 @@ pub unsafe extern "system" fn KeWaitForSingleObject(
     let _waiter = (deadline.is_none()).then(|| Registered::new(&kernel, Object as usize));
     // A poll never waits; any other call may.
     let _blocked = (!poll).then(|| super::blocked::BlockedWait::enter(&kernel));
-    let mut guard = kernel.event_lock.lock().unwrap();
-    loop {
+    let guard = kernel.event_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let acquire = |_: &mut ()| {
         let state = signal_state(event);
-        let acquired = if is_synchronization(event) {
+        if is_synchronization(event) {
             state
                 .compare_exchange(1, 0, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
         } else {
             state.load(Ordering::SeqCst) != 0
-        };
-        if acquired {
-            return STATUS_SUCCESS;
         }
-        match deadline.or(unload_deadline) {
-            None => guard = kernel.event_signal.wait(guard).unwrap(),
-            Some(until) => {
-                let now = Instant::now();
-                if now >= until {
-                    if deadline.is_none() {
-                        drop(guard);
-                        give_up_at_unload(&kernel, Object as usize);
-                    }
-                    return STATUS_TIMEOUT;
-                }
-                guard = kernel
-                    .event_signal
-                    .wait_timeout(guard, until - now)
-                    .unwrap()
-                    .0;
-            }
-        }
+    };
+    let (guard, timed_out) = kernel.wait_while(
+        &kernel.event_lock,
+        guard,
+        &kernel.event_signal,
+        deadline.or(unload_deadline),
+        "KeWaitForSingleObject",
+        |unit| !acquire(unit),
+    );
+    if !timed_out {
+        return STATUS_SUCCESS;
     }
+    if deadline.is_none() {
+        drop(guard);
+        give_up_at_unload(&kernel, Object as usize);
+    }
+    STATUS_TIMEOUT
 }
 
 /// A wait with no timeout, listed in the machine's waiters while it blocks.

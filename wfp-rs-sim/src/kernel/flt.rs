@@ -57,14 +57,14 @@ use std::{
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rustc_hash::FxHashMap;
 
 use super::bugcheck::stop;
 use super::pool::{kernel_allocate, kernel_free};
 use super::state::{
-    self as kernel, Kernel, current, current_driver, irql, level_name, require_irql,
+    self as kernel, Deadline, Kernel, current, current_driver, irql, level_name, require_irql,
 };
 use wfp_rs::bugcheck::{BugCheckCode, verifier};
 use wfp_rs::status::Status;
@@ -242,26 +242,24 @@ fn lock(kernel: &Kernel) -> MutexGuard<'_, State> {
 fn wait<'a>(
     kernel: &'a Kernel,
     guard: MutexGuard<'a, State>,
-    deadline: Option<Instant>,
+    deadline: Option<Deadline>,
 ) -> MutexGuard<'a, State> {
-    wait_on(&kernel.flt.changed, guard, deadline)
+    wait_on(kernel, &kernel.flt.changed, guard, deadline)
 }
 
 fn wait_on<'a>(
+    kernel: &'a Kernel,
     condvar: &Condvar,
     guard: MutexGuard<'a, State>,
-    deadline: Option<Instant>,
+    deadline: Option<Deadline>,
 ) -> MutexGuard<'a, State> {
-    match deadline {
-        None => condvar.wait(guard).unwrap_or_else(|p| p.into_inner()),
-        Some(deadline) => {
-            let left = deadline.saturating_duration_since(Instant::now());
-            condvar
-                .wait_timeout(guard, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0
-        }
-    }
+    kernel.wait_once(
+        &kernel.flt.state,
+        guard,
+        condvar,
+        deadline,
+        "filter manager: waits on a communication port",
+    )
 }
 
 /// Object addresses: kernel-looking, unique for the life of the process, never dereferenced.
@@ -770,11 +768,11 @@ pub unsafe extern "system" fn FltSendMessage(
     let timeout = unsafe { Timeout.as_ref() }.copied();
     let deadline = match timeout {
         None => None,
-        Some(ticks) if ticks < 0 => {
-            Some(Instant::now() + Duration::from_nanos(ticks.unsigned_abs().saturating_mul(100)))
-        }
+        Some(ticks) if ticks < 0 => Some(current().deadline_in(Duration::from_nanos(
+            ticks.unsigned_abs().saturating_mul(100),
+        ))),
         // Absolute times (and zero) are treated as already expired.
-        Some(_) => Some(Instant::now()),
+        Some(_) => Some(current().deadline_in(Duration::ZERO)),
     };
     // With no timeout in DriverEntry or an unload routine, the I/O manager's load or unload
     // waits on the service: bounded by the machine's unload wait limit (on Windows: a hang).
@@ -881,11 +879,11 @@ pub unsafe extern "system" fn FltSendMessage(
             withdraw(&mut flt, client, id);
             return STATUS_PORT_DISCONNECTED;
         }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
+        if deadline.is_some_and(|d| kernel.has_passed(d)) {
             withdraw(&mut flt, client, id);
             return STATUS_TIMEOUT;
         }
-        if unload_deadline.is_some_and(|d| Instant::now() >= d) {
+        if unload_deadline.is_some_and(|d| kernel.has_passed(d)) {
             let delivered = matches!(flt.messages[&id].state, MessageState::Delivered);
             drop(flt);
             kernel.unload_wait_expired(
@@ -897,7 +895,12 @@ pub unsafe extern "system" fn FltSendMessage(
                 ),
             );
         }
-        flt = wait_on(kernel.flt.sender(id), flt, deadline.or(unload_deadline));
+        flt = wait_on(
+            &kernel,
+            kernel.flt.sender(id),
+            flt,
+            deadline.or(unload_deadline),
+        );
     }
 }
 
@@ -1095,7 +1098,7 @@ pub(crate) fn user_get_message(
     client: usize,
     timeout: Option<Duration>,
 ) -> Option<UserMessage> {
-    let deadline = timeout.map(|t| Instant::now() + t);
+    let deadline = timeout.map(|t| kernel.deadline_in(t));
     let mut flt = lock(kernel);
     let mut waiting = false;
     let result = loop {
@@ -1122,7 +1125,7 @@ pub(crate) fn user_get_message(
                 data: message.data.clone(),
             });
         }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
+        if deadline.is_some_and(|d| kernel.has_passed(d)) {
             break None;
         }
         if !waiting {
@@ -1168,6 +1171,7 @@ pub(crate) fn user_reply(
     message.state = MessageState::Replied(reply.to_vec());
     drop(flt);
     kernel.flt.sender(id).notify_all();
+    kernel.yield_point("FilterReplyMessage");
     Ok(())
 }
 

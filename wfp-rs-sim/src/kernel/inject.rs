@@ -261,11 +261,13 @@ pub unsafe extern "system" fn FwpsInjectionHandleDestroy0(injectionHandle: HANDL
             }
             Some(record) if record.in_flight == 0 => break,
             Some(_) => {
-                state = kernel
-                    .inject
-                    .changed
-                    .wait(state)
-                    .unwrap_or_else(|p| p.into_inner());
+                state = kernel.wait_once(
+                    &kernel.inject.state,
+                    state,
+                    &kernel.inject.changed,
+                    None,
+                    "FwpsInjectionHandleDestroy0: waits for injections in flight",
+                );
             }
         }
     }
@@ -696,7 +698,7 @@ pub(crate) enum Fate {
 pub(crate) fn wait_for_fate(
     kernel: &super::state::Kernel,
     origin: u64,
-    deadline: std::time::Instant,
+    deadline: super::state::Deadline,
 ) -> Fate {
     let mut state = kernel.inject.state();
     loop {
@@ -713,16 +715,16 @@ pub(crate) fn wait_for_fate(
         if !alive {
             return Fate::Dropped;
         }
-        let now = std::time::Instant::now();
-        if now >= deadline {
+        if kernel.has_passed(deadline) {
             return Fate::TimedOut;
         }
-        state = kernel
-            .inject
-            .changed
-            .wait_timeout(state, deadline - now)
-            .unwrap_or_else(|p| p.into_inner())
-            .0;
+        state = kernel.wait_once(
+            &kernel.inject.state,
+            state,
+            &kernel.inject.changed,
+            Some(deadline),
+            "waits for a clone's reinjection",
+        );
     }
 }
 

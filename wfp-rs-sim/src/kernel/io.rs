@@ -323,6 +323,7 @@ pub unsafe extern "system" fn IoQueueWorkItem(
     });
     drop(state);
     kernel.work_ready.notify_one();
+    kernel.yield_point("IoQueueWorkItem");
 }
 
 /// `IoFreeWorkItem`. Freeing an item that is queued, or whose routine runs on another thread,
@@ -386,30 +387,29 @@ fn work_routine(state: &super::state::State, item: *mut IO_WORKITEM) -> usize {
 pub(crate) fn worker_thread(kernel: Arc<Kernel>) {
     loop {
         let (work, driver) = {
-            let mut state = kernel.lock();
-            loop {
-                if state.shutdown {
-                    return;
-                }
-                if !state.hold_work_items
-                    && let Some(work) = state.queue.pop_front()
-                {
-                    // Taken off the queue and counted as running under the same lock, so a
-                    // waiter never sees the item in neither place.
-                    let record = state
-                        .work_items
-                        .get_mut(&work.item)
-                        .expect("queued item is allocated");
-                    record.state = WorkItemState::Running(thread_id());
-                    let driver = record.driver;
-                    *state.running_work.entry(driver).or_insert(0) += 1;
-                    break (work, driver);
-                }
-                state = kernel
-                    .work_ready
-                    .wait(state)
-                    .unwrap_or_else(|p| p.into_inner());
+            let state = kernel.lock();
+            let (mut state, _) = kernel.wait_while(
+                &kernel.state,
+                state,
+                &kernel.work_ready,
+                None,
+                "worker: waits for a work item",
+                |state| !state.shutdown && (state.hold_work_items || state.queue.is_empty()),
+            );
+            if state.shutdown {
+                return;
             }
+            let work = state.queue.pop_front().expect("the wait saw a queued item");
+            // Taken off the queue and counted as running under the same lock, so a waiter
+            // never sees the item in neither place.
+            let record = state
+                .work_items
+                .get_mut(&work.item)
+                .expect("queued item is allocated");
+            record.state = WorkItemState::Running(thread_id());
+            let driver = record.driver;
+            *state.running_work.entry(driver).or_insert(0) += 1;
+            (work, driver)
         };
         super::state::with_context(&kernel, PASSIVE_LEVEL, driver, || {
             THREAD.with(|t| t.work_item.set(work.item));
@@ -446,5 +446,6 @@ pub(crate) fn worker_thread(kernel: Arc<Kernel>) {
         }
         drop(state);
         kernel.work_done.notify_all();
+        kernel.yield_point("worker: a work item routine returned");
     }
 }

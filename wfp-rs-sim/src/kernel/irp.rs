@@ -851,6 +851,7 @@ pub unsafe extern "system" fn IofCompleteRequest(Irp: *mut IRP, PriorityBoost: i
     state.forget_if_done(address);
     drop(state);
     kernel.irp.completed(address).notify_all();
+    kernel.yield_point("IoCompleteRequest");
 }
 
 // --- the cancel spin lock -----------------------------------------------------------------------
@@ -1693,15 +1694,17 @@ fn wait_for(kernel: &Kernel, irp: usize) -> IoCompletion {
         });
         state = io(kernel);
     }
-    loop {
-        if let Phase::Completed(completion) = &state.irps[&irp].phase {
-            return completion.result.clone();
-        }
-        state = kernel
-            .irp
-            .completed(irp)
-            .wait(state)
-            .unwrap_or_else(|p| p.into_inner());
+    let (state, _) = kernel.wait_while(
+        &kernel.irp.state,
+        state,
+        kernel.irp.completed(irp),
+        None,
+        "waits for an I/O request's completion",
+        |state| !matches!(state.irps[&irp].phase, Phase::Completed(_)),
+    );
+    match &state.irps[&irp].phase {
+        Phase::Completed(completion) => completion.result.clone(),
+        _ => unreachable!("the wait ends when the request is completed"),
     }
 }
 
@@ -1771,6 +1774,8 @@ impl DeviceHandle {
     /// `METHOD_BUFFERED` and `METHOD_NEITHER` codes are simulated (direct I/O completes with
     /// `STATUS_NOT_IMPLEMENTED`).
     pub fn device_io_control(&self, code: u32, input: &[u8], output_len: usize) -> IoRequest {
+        // Where a deterministic machine may run another context before the request is sent.
+        self.kernel.yield_point("DeviceIoControl");
         run_due_closes(&self.kernel);
         let (device, serial, driver, phase) = {
             let state = io(&self.kernel);
@@ -1877,28 +1882,20 @@ impl IoRequest {
     /// Like [`wait`](Self::wait), for at most `timeout`: `None` if the request is still pending
     /// then (`GetOverlappedResultEx` failing with `WAIT_TIMEOUT`).
     pub fn wait_timeout(&self, timeout: core::time::Duration) -> Option<IoCompletion> {
-        let deadline = std::time::Instant::now().checked_add(timeout);
+        let kernel = &*self.kernel;
         let result = {
-            let mut state = io(&self.kernel);
-            loop {
-                if let Phase::Completed(completion) = &state.irps[&self.irp].phase {
-                    break Some(completion.result.clone());
-                }
-                let now = std::time::Instant::now();
-                let Some(left) = deadline.map_or(Some(timeout), |d| d.checked_duration_since(now))
-                else {
-                    break None;
-                };
-                if left.is_zero() {
-                    break None;
-                }
-                state = self
-                    .kernel
-                    .irp
-                    .completed(self.irp)
-                    .wait_timeout(state, left)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
+            let state = io(kernel);
+            let (state, _) = kernel.wait_while(
+                &kernel.irp.state,
+                state,
+                kernel.irp.completed(self.irp),
+                Some(kernel.deadline_in(timeout)),
+                "waits for an I/O request's completion",
+                |state| !matches!(state.irps[&self.irp].phase, Phase::Completed(_)),
+            );
+            match &state.irps[&self.irp].phase {
+                Phase::Completed(completion) => Some(completion.result.clone()),
+                _ => None,
             }
         };
         if result.is_some() {

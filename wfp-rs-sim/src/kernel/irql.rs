@@ -90,6 +90,14 @@ pub unsafe extern "system" fn KeAcquireSpinLockRaiseToDpc(SpinLock: *mut KSPIN_L
         let me = t.id as usize;
         let lock = word(SpinLock);
         super::deadlock::before_acquire(t, SpinLock as usize);
+        let machine = super::sched::any_live().then(|| t.kernel.borrow());
+        let sched = machine
+            .as_ref()
+            .and_then(|k| k.as_ref())
+            .and_then(|k| k.sched.as_deref());
+        if let Some(sched) = sched {
+            sched.point("KeAcquireSpinLock");
+        }
         t.irql.set(DISPATCH_LEVEL);
         super::watchdog::track(t);
         let mut spins = 0u32;
@@ -97,6 +105,12 @@ pub unsafe extern "system" fn KeAcquireSpinLockRaiseToDpc(SpinLock: *mut KSPIN_L
             .compare_exchange_weak(0, me, Ordering::Acquire, Ordering::Relaxed)
             .is_err()
         {
+            if let Some(sched) = sched {
+                // The holder is another task: only it can release the lock, so this processor
+                // waits until another task has made progress.
+                sched.block("KeAcquireSpinLock: spins on a held lock", None);
+                continue;
+            }
             spins = spins.wrapping_add(1);
             if spins.is_multiple_of(64) {
                 // The holder is a host thread the host may have preempted; let it run.
@@ -104,6 +118,9 @@ pub unsafe extern "system" fn KeAcquireSpinLockRaiseToDpc(SpinLock: *mut KSPIN_L
             } else {
                 std::hint::spin_loop();
             }
+        }
+        if let Some(sched) = sched {
+            sched.progressed();
         }
         super::deadlock::acquired(t, SpinLock as usize);
         old
@@ -166,4 +183,11 @@ pub unsafe extern "system" fn KeReleaseSpinLock(SpinLock: *mut KSPIN_LOCK, NewIr
     THREAD.with(|t| super::deadlock::released(t, SpinLock as usize));
     // SAFETY: the lock was released; lowering to the saved level is the routine's own contract.
     unsafe { KeLowerIrql(NewIrql) };
+    if super::sched::any_live() {
+        THREAD.with(|t| {
+            if let Some(sched) = t.kernel.borrow().as_ref().and_then(|k| k.sched.as_deref()) {
+                sched.point("KeReleaseSpinLock");
+            }
+        });
+    }
 }

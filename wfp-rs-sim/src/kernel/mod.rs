@@ -36,6 +36,7 @@ pub(crate) mod packet;
 mod pool;
 pub(crate) mod process;
 pub(crate) mod registry;
+pub(crate) mod sched;
 pub(crate) mod state;
 pub(crate) mod stream;
 pub(crate) mod timer;

@@ -213,6 +213,17 @@ pub(crate) struct Kernel {
     pub blocked: super::blocked::BlockedThreads,
     /// Injection handles and cloned net buffer lists (`inject.rs`).
     pub inject: super::inject::Injections,
+    /// The scheduler of a deterministic machine (`sched.rs`); `None` in real-threads mode,
+    /// where every context is a host thread the host schedules.
+    pub sched: Option<Box<super::sched::Scheduler>>,
+}
+
+/// When a wait gives up: a host instant in real-threads mode, an interrupt time (100-ns ticks)
+/// on a deterministic machine's virtual clock.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Deadline {
+    Host(std::time::Instant),
+    Virtual(u64),
 }
 
 /// A thread blocked in a wait.
@@ -336,7 +347,9 @@ thread_local! {
 }
 
 impl Kernel {
-    pub(crate) fn new(workers: usize) -> Arc<Kernel> {
+    /// A machine with `workers` system worker threads; with a seed, a deterministic one
+    /// (`sched.rs`) whose first task is the calling thread.
+    pub(crate) fn new(workers: usize, seed: Option<u64>) -> Arc<Kernel> {
         super::bugcheck::install_driver_panic_hook();
         let kernel = Arc::new(Kernel {
             state: Mutex::new(State::default()),
@@ -368,25 +381,209 @@ impl Kernel {
             blocked: super::blocked::BlockedThreads::default(),
             registry: super::registry::Registry::default(),
             inject: super::inject::Injections::default(),
+            sched: seed.map(super::sched::Scheduler::new),
         });
         let mut handles = Vec::with_capacity(workers);
         for index in 0..workers {
-            let kernel = Arc::clone(&kernel);
-            let handle = std::thread::Builder::new()
-                .name(format!("sim-worker-{index}"))
-                .spawn(move || super::io::worker_thread(kernel))
+            let handle = kernel
+                .spawn_context(format!("sim-worker-{index}"), super::io::worker_thread)
                 .expect("the host could not start a simulator worker thread");
             handles.push(handle);
         }
-        let dpc_kernel = Arc::clone(&kernel);
         handles.push(
-            std::thread::Builder::new()
-                .name("sim-dpc".to_string())
-                .spawn(move || super::timer::dpc_thread(dpc_kernel))
+            kernel
+                .spawn_context("sim-dpc".to_owned(), super::timer::dpc_thread)
                 .expect("the host could not start the simulator's DPC thread"),
         );
         *kernel.workers.lock().unwrap() = handles;
         kernel
+    }
+
+    /// Starts a host thread for one of the machine's own contexts (a system worker thread, the
+    /// DPC thread); on a deterministic machine it is a task of the scheduler.
+    fn spawn_context(
+        self: &Arc<Kernel>,
+        name: String,
+        body: fn(Arc<Kernel>),
+    ) -> std::io::Result<JoinHandle<()>> {
+        let task = self.sched.as_ref().map(|s| s.add(&name));
+        let kernel = Arc::clone(self);
+        std::thread::Builder::new().name(name).spawn(move || {
+            let Some(task) = task else {
+                return body(kernel);
+            };
+            let sched = Arc::clone(&kernel);
+            let sched = sched
+                .sched
+                .as_deref()
+                .expect("a task of a deterministic machine");
+            sched.attach(task);
+            let _finish = super::sched::FinishOnDrop(sched);
+            body(kernel);
+        })
+    }
+
+    /// A deadline `wait` from now, on the machine's clock for waits (see [`Deadline`]).
+    pub(crate) fn deadline_in(&self, wait: std::time::Duration) -> Deadline {
+        match &self.sched {
+            None => {
+                let now = std::time::Instant::now();
+                // A wait too long for the host's clock is one no test outlives.
+                let far = core::time::Duration::from_secs(1 << 32);
+                Deadline::Host(now.checked_add(wait).unwrap_or(now + far))
+            }
+            Some(sched) => {
+                let ticks = u64::try_from(wait.as_nanos() / 100).unwrap_or(u64::MAX);
+                Deadline::Virtual(sched.now().saturating_add(ticks))
+            }
+        }
+    }
+
+    /// Whether `deadline` has passed.
+    pub(crate) fn has_passed(&self, deadline: Deadline) -> bool {
+        match deadline {
+            Deadline::Host(at) => std::time::Instant::now() >= at,
+            Deadline::Virtual(at) => self.interrupt_time() >= at,
+        }
+    }
+
+    /// A yield point of a deterministic machine: the scheduler may run another context here
+    /// (`label` says what the caller did). Nothing in real-threads mode. The caller must hold
+    /// none of the simulator's locks.
+    #[inline]
+    pub(crate) fn yield_point(&self, label: &'static str) {
+        if let Some(sched) = &self.sched {
+            sched.point(label);
+        }
+    }
+
+    /// The one way the simulator's contexts wait: until `waiting` (called with `mutex` held)
+    /// returns false, or `deadline` passes; returns the guard and whether the deadline passed.
+    /// In real-threads mode it waits on `condvar` (whoever changes what `waiting` reads
+    /// notifies it); on a deterministic machine it hands the scheduler the baton instead
+    /// (`label` names the wait in the schedule), and the deadline is on the virtual clock.
+    pub(crate) fn wait_while<'a, T>(
+        &self,
+        mutex: &'a Mutex<T>,
+        mut guard: MutexGuard<'a, T>,
+        condvar: &Condvar,
+        deadline: Option<Deadline>,
+        label: &'static str,
+        mut waiting: impl FnMut(&mut T) -> bool,
+    ) -> (MutexGuard<'a, T>, bool) {
+        if let Some(sched) = &self.sched {
+            return self.wait_scheduled(sched, mutex, guard, condvar, deadline, label, waiting);
+        }
+        loop {
+            if !waiting(&mut guard) {
+                return (guard, false);
+            }
+            guard = match deadline {
+                None => condvar.wait(guard).unwrap_or_else(|p| p.into_inner()),
+                Some(deadline) => {
+                    let left = match deadline {
+                        Deadline::Host(at) => {
+                            at.saturating_duration_since(std::time::Instant::now())
+                        }
+                        Deadline::Virtual(_) => {
+                            unreachable!("virtual deadlines are a deterministic machine's")
+                        }
+                    };
+                    if left.is_zero() {
+                        return (guard, true);
+                    }
+                    condvar
+                        .wait_timeout(guard, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    /// One wait of a loop that checks its own condition (and may change state between
+    /// waits): returns when woken, maybe spuriously, or at `deadline`; the caller checks the
+    /// time. Prefer [`wait_while`](Self::wait_while), which tells a deterministic machine
+    /// exactly when the wait ended; here the scheduler infers it (`sched.rs`, `block`).
+    pub(crate) fn wait_once<'a, T>(
+        &self,
+        mutex: &'a Mutex<T>,
+        guard: MutexGuard<'a, T>,
+        condvar: &Condvar,
+        deadline: Option<Deadline>,
+        label: &'static str,
+    ) -> MutexGuard<'a, T> {
+        match (&self.sched, deadline) {
+            (None, None) => condvar.wait(guard).unwrap_or_else(|p| p.into_inner()),
+            (None, Some(deadline)) => {
+                let left = match deadline {
+                    Deadline::Host(at) => at.saturating_duration_since(std::time::Instant::now()),
+                    Deadline::Virtual(_) => {
+                        unreachable!("virtual deadlines are a deterministic machine's")
+                    }
+                };
+                condvar
+                    .wait_timeout(guard, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            }
+            (Some(sched), _) if sched.is_released() => {
+                condvar
+                    .wait_timeout(guard, std::time::Duration::from_millis(10))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            }
+            (Some(sched), deadline) => {
+                let wake_at = deadline.map(|d| match d {
+                    Deadline::Virtual(at) => at,
+                    Deadline::Host(_) => sched.now(),
+                });
+                drop(guard);
+                sched.block(label, wake_at);
+                mutex.lock().unwrap_or_else(|p| p.into_inner())
+            }
+        }
+    }
+
+    /// [`wait_while`](Self::wait_while) on a deterministic machine. Once the machine shuts
+    /// down (the scheduler released its tasks), it polls `condvar` instead: the notifications
+    /// made while the tasks waited on the scheduler went to nobody.
+    #[allow(clippy::too_many_arguments)]
+    fn wait_scheduled<'a, T>(
+        &self,
+        sched: &super::sched::Scheduler,
+        mutex: &'a Mutex<T>,
+        mut guard: MutexGuard<'a, T>,
+        condvar: &Condvar,
+        deadline: Option<Deadline>,
+        label: &'static str,
+        mut waiting: impl FnMut(&mut T) -> bool,
+    ) -> (MutexGuard<'a, T>, bool) {
+        loop {
+            if !waiting(&mut guard) {
+                sched.progressed();
+                return (guard, false);
+            }
+            if deadline.is_some_and(|d| self.has_passed(d)) {
+                sched.progressed();
+                return (guard, true);
+            }
+            if sched.is_released() {
+                guard = condvar
+                    .wait_timeout(guard, std::time::Duration::from_millis(10))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                continue;
+            }
+            let wake_at = deadline.map(|d| match d {
+                Deadline::Virtual(at) => at,
+                // Made before the machine was deterministic: none are.
+                Deadline::Host(_) => sched.now(),
+            });
+            drop(guard);
+            sched.block(label, wake_at);
+            guard = mutex.lock().unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     /// Whether the next pool allocation is one the harness asked to fail.
@@ -414,6 +611,9 @@ impl Kernel {
     /// The interrupt time, in 100-ns ticks: real time since the machine started (so it moves
     /// on while the machine sleeps, as interrupt time does) plus the harness's offset.
     pub(crate) fn interrupt_time(&self) -> u64 {
+        if let Some(sched) = &self.sched {
+            return sched.now();
+        }
         // Offset first: of two reads ordered by happens-before, the later sees an offset and an
         // elapsed time at least as large, so the sum never goes back.
         let offset = self.clock_offset.load(Ordering::SeqCst);
@@ -425,6 +625,11 @@ impl Kernel {
 
     /// Moves the clock forward by `ticks` (100 ns each), saturating.
     pub(crate) fn advance_clock(&self, ticks: u64) {
+        if let Some(sched) = &self.sched {
+            sched.advance(ticks);
+            self.timers.clock_changed();
+            return;
+        }
         let _ = self
             .clock_offset
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |offset| {
@@ -441,10 +646,10 @@ impl Kernel {
     /// The deadline of a wait with no timeout that starts now on this thread: bounded by the
     /// unload wait limit while the thread runs `DriverEntry` or an unload routine, `None`
     /// (forever) otherwise.
-    pub(crate) fn load_or_unload_deadline(&self) -> Option<std::time::Instant> {
+    pub(crate) fn load_or_unload_deadline(&self) -> Option<Deadline> {
         current_routine()
             .filter(|r| r.is_load_or_unload())
-            .map(|_| std::time::Instant::now() + self.unload_wait_limit())
+            .map(|_| self.deadline_in(self.unload_wait_limit()))
     }
 
     /// One line per thread (other than this one) blocked in a wait with no timeout: which, in
@@ -520,6 +725,11 @@ impl Kernel {
         }
         self.lock().shutdown = true;
         self.work_ready.notify_all();
+        // From here on every task of a deterministic machine runs free (and is not traced):
+        // the workers must see the shutdown and return, whoever the seed would have picked.
+        if let Some(sched) = &self.sched {
+            sched.release();
+        }
         let handles = std::mem::take(&mut *self.workers.lock().unwrap());
         // A worker blocked in a work item routine never sees the shutdown: wait for the workers
         // at most the unload wait limit, then leave the blocked ones behind and say so (unless
@@ -725,6 +935,9 @@ pub(crate) fn with_context<R>(
     f: impl FnOnce() -> R,
 ) -> R {
     refuse_reentry_from_driver_code(irql);
+    if let Some(sched) = &kernel.sched {
+        sched.require_task();
+    }
     struct Restore {
         kernel: Option<Arc<Kernel>>,
         irql: KIRQL,
@@ -917,6 +1130,10 @@ pub unsafe extern "system" fn KeQueryInterruptTimePrecise(QpcTimeStamp: *mut ULO
 /// The rounds are those of the standard library's channels (which the benchmarks' floor uses):
 /// 1, 2, 4 … 64 spin-loop hints, then a yield per round.
 pub(crate) fn spin_before_parking(kernel: &Kernel, mut done: impl FnMut() -> bool) -> bool {
+    if kernel.sched.is_some() {
+        // A deterministic machine's waits hand over the baton; spinning would only burn it.
+        return false;
+    }
     let nanos = kernel.wait_spin_nanos.load(Ordering::Relaxed);
     if nanos == 0 {
         return false;

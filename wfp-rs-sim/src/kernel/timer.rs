@@ -18,7 +18,7 @@ use rustc_hash::FxHashMap;
 
 use super::bugcheck::stop;
 use super::state::{
-    Kernel, Routine, RoutineKind, State, current, current_driver, irql, require_irql,
+    Deadline, Kernel, Routine, RoutineKind, State, current, current_driver, irql, require_irql,
 };
 use wfp_rs::bugcheck::BugCheckCode;
 use wfp_rs::sys::*;
@@ -32,6 +32,10 @@ struct SetTimer {
     /// Period in 100-ns ticks (0: one-shot).
     period: u64,
     dpc: usize,
+    /// The order timers were set in: timers due at the same time expire in it, not in the
+    /// order of their addresses (which differ from run to run, and would make a deterministic
+    /// machine's schedule depend on the host's allocator).
+    seq: u64,
 }
 
 /// A DPC in the DPC queue.
@@ -48,6 +52,8 @@ pub(crate) struct TimerState {
     queue: VecDeque<QueuedDpc>,
     /// DPC routines running now: (KDPC address, routine, driver).
     running: Vec<(usize, usize, usize)>,
+    /// How many timers have been set (`SetTimer::seq`).
+    sets: u64,
 }
 
 impl TimerState {
@@ -183,20 +189,24 @@ pub unsafe extern "system" fn KeSetTimerEx(
     timer.Period = Period as u32;
     timer.Dpc = Dpc;
     timer.Header.SignalState = 0;
-    let was_set = kernel
-        .timers
-        .lock()
-        .set
-        .insert(
-            Timer as usize,
-            SetTimer {
-                driver: current_driver(),
-                due,
-                period: u64::from(Period as u32) * 10_000,
-                dpc: Dpc as usize,
-            },
-        )
-        .is_some();
+    let was_set = {
+        let mut timers = kernel.timers.lock();
+        timers.sets += 1;
+        let seq = timers.sets;
+        timers
+            .set
+            .insert(
+                Timer as usize,
+                SetTimer {
+                    driver: current_driver(),
+                    due,
+                    period: u64::from(Period as u32) * 10_000,
+                    dpc: Dpc as usize,
+                    seq,
+                },
+            )
+            .is_some()
+    };
     // The DPC thread checks the timers at least every 5 ms (its clock tick); it is woken only
     // for a timer due already. Windows, too, finds expired timers at its clock interrupt, and
     // setting a timer wakes no thread; waking the DPC thread for every timer set would make
@@ -204,6 +214,7 @@ pub unsafe extern "system" fn KeSetTimerEx(
     if due <= kernel.interrupt_time() {
         kernel.timers.changed.notify_all();
     }
+    kernel.yield_point("KeSetTimerEx");
     u8::from(was_set)
 }
 
@@ -246,6 +257,24 @@ pub unsafe extern "system" fn KeFlushQueuedDpcs() {
 /// Waits until no expired timer or queued DPC is left and no DPC routine runs; past the unload
 /// wait limit, stops the machine (a DPC that never returns hangs Windows too).
 pub(crate) fn wait_idle(kernel: &Kernel, who: &str) {
+    if kernel.sched.is_some() {
+        let deadline = kernel.deadline_in(kernel.unload_wait_limit());
+        let state = kernel.timers.lock();
+        let (state, timed_out) = kernel.wait_while(
+            &kernel.timers.state,
+            state,
+            &kernel.timers.changed,
+            Some(deadline),
+            "waits for DPCs",
+            |state| !state.idle(kernel.interrupt_time()),
+        );
+        if timed_out {
+            let routine = state.running.first().map_or(0, |r| r.1);
+            drop(state);
+            dpcs_did_not_finish(kernel, who, routine);
+        }
+        return;
+    }
     let deadline = std::time::Instant::now() + kernel.unload_wait_limit();
     let mut state = kernel.timers.lock();
     while !state.idle(kernel.interrupt_time()) {
@@ -253,14 +282,7 @@ pub(crate) fn wait_idle(kernel: &Kernel, who: &str) {
         if now >= deadline {
             let routine = state.running.first().map_or(0, |r| r.1);
             drop(state);
-            stop(
-                BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS,
-                [routine, 0, routine, 0],
-                &format!(
-                    "{who} waited {:.1} s for DPC routines that did not finish (Machine::set_unload_wait_limit)",
-                    kernel.unload_wait_limit().as_secs_f64()
-                ),
-            );
+            dpcs_did_not_finish(kernel, who, routine);
         }
         state = kernel
             .timers
@@ -272,6 +294,17 @@ pub(crate) fn wait_idle(kernel: &Kernel, who: &str) {
             .unwrap_or_else(|p| p.into_inner())
             .0;
     }
+}
+
+fn dpcs_did_not_finish(kernel: &Kernel, who: &str, routine: usize) -> ! {
+    stop(
+        BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS,
+        [routine, 0, routine, 0],
+        &format!(
+            "{who} waited {:.1} s for DPC routines that did not finish (Machine::set_unload_wait_limit)",
+            kernel.unload_wait_limit().as_secs_f64()
+        ),
+    )
 }
 
 /// The unload rule: a timer still set, or a DPC queued or running, for `driver` would call into
@@ -370,6 +403,9 @@ pub(crate) fn check_free<'k>(
 /// The DPC thread: expires timers against the interrupt time, queues their DPCs, and runs queued
 /// DPC routines at `DISPATCH_LEVEL`, checking that each returns at `DISPATCH_LEVEL`.
 pub(crate) fn dpc_thread(kernel: Arc<Kernel>) {
+    if kernel.sched.is_some() {
+        return dpc_thread_scheduled(&kernel);
+    }
     loop {
         if kernel.stopped.load(Ordering::SeqCst) {
             return;
@@ -396,7 +432,52 @@ pub(crate) fn dpc_thread(kernel: Arc<Kernel>) {
             }
         };
         let Some(dpc) = next else { continue };
-        super::state::with_context(&kernel, DISPATCH_LEVEL, dpc.driver, || {
+        run_dpc(&kernel, dpc);
+    }
+}
+
+/// The DPC thread of a deterministic machine: it waits, through the scheduler, until a DPC is
+/// queued or the earliest timer is due on the virtual clock (when every task waits, the clock
+/// jumps to that due time: timers fire when the machine is otherwise idle).
+fn dpc_thread_scheduled(kernel: &Arc<Kernel>) {
+    loop {
+        let state = kernel.timers.lock();
+        let earliest = |state: &TimerState| state.set.values().map(|t| t.due).min();
+        let due = earliest(&state);
+        let (mut state, _) = kernel.wait_while(
+            &kernel.timers.state,
+            state,
+            &kernel.timers.changed,
+            due.map(Deadline::Virtual),
+            "DPC thread: waits for a timer or a DPC",
+            // A timer set earlier than `due` ends the wait, to wait again with its due time.
+            |state| {
+                !kernel.stopped.load(Ordering::SeqCst)
+                    && state.queue.is_empty()
+                    && earliest(state) == due
+                    && due.is_none_or(|due| due > kernel.interrupt_time())
+            },
+        );
+        if kernel.stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        expire(kernel, &mut state);
+        let Some(dpc) = state.queue.pop_front() else {
+            continue;
+        };
+        state
+            .running
+            .push((dpc.dpc, dpc.routine as usize, dpc.driver));
+        drop(state);
+        run_dpc(kernel, dpc);
+        kernel.yield_point("DPC thread: a DPC routine returned");
+    }
+}
+
+/// Runs one DPC routine, taken off the queue, at `DISPATCH_LEVEL`.
+fn run_dpc(kernel: &Arc<Kernel>, dpc: QueuedDpc) {
+    {
+        super::state::with_context(kernel, DISPATCH_LEVEL, dpc.driver, || {
             let routine = Routine::new(RoutineKind::Dpc, dpc.driver, dpc.routine as usize);
             super::state::with_routine(routine, || {
                 // SAFETY: the driver initialised this DPC with this routine and context
@@ -431,13 +512,15 @@ pub(crate) fn dpc_thread(kernel: Arc<Kernel>) {
 /// Moves expired timers' DPCs to the queue; periodic timers are set again for their next period.
 fn expire(kernel: &Kernel, state: &mut TimerState) {
     let now = kernel.interrupt_time();
-    let expired: Vec<usize> = state
+    let mut expired: Vec<(u64, u64, usize)> = state
         .set
         .iter()
         .filter(|(_, t)| t.due <= now)
-        .map(|(&a, _)| a)
+        .map(|(&a, t)| (t.due, t.seq, a))
         .collect();
-    for address in expired {
+    // In due order, and in the order they were set among equals: a DPC queue in a stable order.
+    expired.sort_unstable();
+    for (_, _, address) in expired {
         let (driver, dpc) = {
             let timer = state.set.get_mut(&address).expect("listed above");
             if timer.period > 0 {

@@ -29,7 +29,7 @@ use std::{
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rustc_hash::FxHashMap;
 
@@ -816,11 +816,11 @@ fn with_write<R>(
     f: impl FnOnce(&mut Bfe, usize) -> Result<R, NTSTATUS>,
 ) -> Result<R, NTSTATUS> {
     let kernel = current();
-    let mut bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
+    let bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
     let session = session_of(&bfe, handle)?;
     let deadline = bfe.sessions[&session]
         .txn_wait
-        .map(|wait| Instant::now() + wait);
+        .map(|wait| kernel.deadline_in(wait));
     // An infinite transaction wait in DriverEntry or an unload routine is bounded by the
     // machine's unload wait limit (on Windows: a hang).
     let unload_deadline = if deadline.is_none() {
@@ -828,39 +828,37 @@ fn with_write<R>(
     } else {
         None
     };
-    while bfe.txn.as_ref().is_some_and(|txn| txn.session != session) {
-        bfe = match deadline.or(unload_deadline) {
-            None => kernel.wfp_txn.wait(bfe).unwrap_or_else(|p| p.into_inner()),
-            Some(until) => {
-                let now = Instant::now();
-                if now >= until && deadline.is_none() {
-                    let holder = bfe.txn.as_ref().map_or(0, |txn| txn.session);
-                    drop(bfe);
-                    kernel.unload_wait_expired(
-                        super::state::current_driver(),
-                        [
-                            handle as usize,
-                            0,
-                            0,
-                            wfp_rs::bugcheck::unload_wait::TRANSACTION,
-                        ],
-                        &format!(
-                            "another session's filter engine transaction to end (session {holder:#x} keeps one open; this session waits with an infinite transaction wait timeout)"
-                        ),
-                    );
-                }
-                if now >= until {
-                    return Err(Status::FWP_TIMEOUT.raw());
-                }
-                kernel
-                    .wfp_txn
-                    .wait_timeout(bfe, until - now)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0
-            }
-        };
-        // The session may have been closed while this thread waited.
-        session_of(&bfe, handle)?;
+    // The session may be closed while this thread waits: that ends the wait too.
+    let (mut bfe, timed_out) = kernel.wait_while(
+        &kernel.wfp,
+        bfe,
+        &kernel.wfp_txn,
+        deadline.or(unload_deadline),
+        "filter engine: waits for another session's transaction",
+        |bfe| {
+            bfe.txn.as_ref().is_some_and(|txn| txn.session != session)
+                && session_of(bfe, handle).is_ok()
+        },
+    );
+    session_of(&bfe, handle)?;
+    if timed_out {
+        if deadline.is_none() {
+            let holder = bfe.txn.as_ref().map_or(0, |txn| txn.session);
+            drop(bfe);
+            kernel.unload_wait_expired(
+                super::state::current_driver(),
+                [
+                    handle as usize,
+                    0,
+                    0,
+                    wfp_rs::bugcheck::unload_wait::TRANSACTION,
+                ],
+                &format!(
+                    "another session's filter engine transaction to end (session {holder:#x} keeps one open; this session waits with an infinite transaction wait timeout)"
+                ),
+            );
+        }
+        return Err(Status::FWP_TIMEOUT.raw());
     }
     f(&mut bfe, session)
 }
@@ -1757,7 +1755,7 @@ pub unsafe extern "system" fn FwpsCalloutUnregisterById0(calloutId: u32) -> NTST
     let _kernel = super::state::KernelCode::enter();
     require_irql("FwpsCalloutUnregisterById0", PASSIVE_LEVEL);
     let kernel = current();
-    let mut bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
+    let bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
     if bfe
         .flow_contexts
         .keys()
@@ -1774,38 +1772,38 @@ pub unsafe extern "system" fn FwpsCalloutUnregisterById0(calloutId: u32) -> NTST
     // From an unload routine (or DriverEntry) the wait is bounded, as every wait the I/O
     // manager's unload depends on (`Machine::set_unload_wait_limit`).
     let deadline = kernel.load_or_unload_deadline();
-    loop {
-        match bfe.runtime.get(&calloutId) {
-            None => return Status::FWP_CALLOUT_NOT_FOUND.raw(),
-            Some(callout) if callout.in_flight == 0 => break,
-            Some(callout) => match deadline {
-                None => bfe = kernel.wfp_idle.wait(bfe).unwrap_or_else(|p| p.into_inner()),
-                Some(until) => {
-                    let now = std::time::Instant::now();
-                    if now >= until {
-                        let calls = callout.in_flight;
-                        drop(bfe);
-                        kernel.unload_wait_expired(
-                            super::state::current_driver(),
-                            [
-                                calloutId as usize,
-                                0,
-                                0,
-                                wfp_rs::bugcheck::unload_wait::CALLOUT_CALLS,
-                            ],
-                            &format!(
-                                "{calls} call(s) into callout {calloutId} to return (FwpsCalloutUnregisterById0 waits for callbacks in progress)"
-                            ),
-                        );
-                    }
-                    bfe = kernel
-                        .wfp_idle
-                        .wait_timeout(bfe, until - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-                }
-            },
+    let (bfe, timed_out) = kernel.wait_while(
+        &kernel.wfp,
+        bfe,
+        &kernel.wfp_idle,
+        deadline,
+        "FwpsCalloutUnregisterById0: waits for calls into the callout",
+        |bfe| {
+            bfe.runtime
+                .get(&calloutId)
+                .is_some_and(|callout| callout.in_flight > 0)
+        },
+    );
+    let mut bfe = bfe;
+    match bfe.runtime.get(&calloutId) {
+        None => return Status::FWP_CALLOUT_NOT_FOUND.raw(),
+        Some(callout) if timed_out => {
+            let calls = callout.in_flight;
+            drop(bfe);
+            kernel.unload_wait_expired(
+                super::state::current_driver(),
+                [
+                    calloutId as usize,
+                    0,
+                    0,
+                    wfp_rs::bugcheck::unload_wait::CALLOUT_CALLS,
+                ],
+                &format!(
+                    "{calls} call(s) into callout {calloutId} to return (FwpsCalloutUnregisterById0 waits for callbacks in progress)"
+                ),
+            );
         }
+        Some(_) => {}
     }
     bfe.runtime.remove(&calloutId);
     STATUS_SUCCESS
@@ -2528,6 +2526,8 @@ fn opaque_value(kind: u16, serial: usize) -> usize {
 /// Classifies `incoming` at its layer on this thread, at the thread's current IRQL, calling the
 /// matching callouts through their registered `classifyFn` and arbitrating as WFP does.
 pub(crate) fn classify(incoming: &mut Incoming<'_>) -> Verdict {
+    // Where a deterministic machine may run another context before this classification.
+    current().yield_point("classify");
     let layer = incoming.layer;
     let flow = enter_flow(&incoming.metadata);
     // Collect the matching filters from the committed objects, in evaluation order, and count a
@@ -3187,6 +3187,7 @@ pub unsafe extern "system" fn FwpsCompleteOperation0(
         );
     }
     pend_completed(&kernel, completionContext as usize).notify_all();
+    kernel.yield_point("FwpsCompleteOperation0");
 }
 
 /// The condition variable signalled when the pend `context` (a completion context or a classify
@@ -3210,11 +3211,14 @@ pub(crate) fn wait_for_completion(context: usize) -> Option<FWP_ACTION_TYPE> {
         });
         bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
     }
-    while waiting(&bfe) {
-        bfe = pend_completed(&kernel, context)
-            .wait(bfe)
-            .unwrap_or_else(|p| p.into_inner());
-    }
+    let (mut bfe, _) = kernel.wait_while(
+        &kernel.wfp,
+        bfe,
+        pend_completed(&kernel, context),
+        None,
+        "waits for a pended classification's completion",
+        |bfe| waiting(bfe),
+    );
     bfe.pends.remove(&context).and_then(|p| p.decision)
 }
 
@@ -3391,6 +3395,7 @@ pub unsafe extern "system" fn FwpsCompleteClassify0(
         );
     }
     pend_completed(&kernel, classifyHandle as usize).notify_all();
+    kernel.yield_point("FwpsCompleteClassify0");
 }
 
 /// `FwpsReleaseClassifyHandle0`. Releasing a handle twice, or while its pend is not completed,
