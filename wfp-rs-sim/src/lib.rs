@@ -985,6 +985,22 @@ impl Machine {
         crate::kernel::remembered_locks(&self.kernel)
     }
 
+    /// The most recent network and forward injections (`FwpsInjectNetworkSendAsync0`,
+    /// `FwpsInjectNetworkReceiveAsync0`, `FwpsInjectForwardAsync0`), oldest first, at most 256:
+    /// which routine, the status the stack gave the packet (a packet that does not start with an
+    /// IP header of its family is dropped with `STATUS_INVALID_PARAMETER`), and its bytes from
+    /// its data start. Such packets are delivered at once (see docs/packets.md).
+    pub fn injected_packets(&self) -> Vec<InjectedPacket> {
+        crate::kernel::inject::delivered(&self.kernel)
+            .into_iter()
+            .map(|d| InjectedPacket {
+                routine: d.routine,
+                status: wfp_rs::Status::from_raw(d.status),
+                packet: d.packet,
+            })
+            .collect()
+    }
+
     /// How many I/O requests the simulated I/O manager keeps a record of: the pending ones, and
     /// the completed ones whose [`IoRequest`] is still alive. A completed request is forgotten
     /// once its `IoRequest` is dropped (its IRP and buffer go to a bounded quarantine first, so
@@ -1493,6 +1509,18 @@ pub fn app_id_bytes(path: &str) -> Vec<u8> {
     bytes
 }
 
+/// A network or forward injection the simulated stack delivered ([`Machine::injected_packets`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InjectedPacket {
+    /// The inject routine, by name.
+    pub routine: &'static str,
+    /// What the stack made of the packet: success (0), or `INVALID_PARAMETER` for one that does
+    /// not start with an IP header of its family.
+    pub status: wfp_rs::Status,
+    /// The packet's bytes from its data start.
+    pub packet: Vec<u8>,
+}
+
 /// A classification to run at layer `L`: the values of its fields and its metadata. Fields not
 /// set are `FWP_EMPTY`.
 pub struct ClassifyRequest<L: Layer> {
@@ -1501,6 +1529,7 @@ pub struct ClassifyRequest<L: Layer> {
     process_path: Option<Box<(Vec<u8>, wfp_rs::sys::FWP_BYTE_BLOB)>>,
     pendable: bool,
     reauthorization: bool,
+    packet: Option<crate::kernel::packet::Endpoints>,
     _layer: core::marker::PhantomData<L>,
 }
 
@@ -1530,8 +1559,43 @@ impl<L: Layer> ClassifyRequest<L> {
             process_path: None,
             pendable: false,
             reauthorization: false,
+            packet: None,
             _layer: core::marker::PhantomData,
         }
+    }
+
+    /// Gives the classification a packet in `layerData`, as the stack does at the packet
+    /// layers: a real `NET_BUFFER_LIST` holding the IP header and a TCP SYN or UDP header (no
+    /// payload) travelling from `source` to `destination`, its data start where Microsoft's
+    /// "Data offset positions" table puts it for `L` (at the IP header at OUTBOUND_IPPACKET and
+    /// IPFORWARD, past it at INBOUND_IPPACKET, past both headers at INBOUND_TRANSPORT), and the
+    /// header sizes in the metadata. At a layer without packet data it is ignored. The fields
+    /// are not derived from it: set them with [`with`](Self::with).
+    ///
+    /// ```
+    /// use std::net::SocketAddr;
+    /// use wfp_rs::layer::OutboundIpPacketV4;
+    /// use wfp_rs::layer::value::IpProtocol;
+    /// use wfp_rs_sim::ClassifyRequest;
+    ///
+    /// let source: SocketAddr = "10.0.0.2:50000".parse().unwrap();
+    /// let destination: SocketAddr = "192.0.2.7:443".parse().unwrap();
+    /// let request =
+    ///     ClassifyRequest::<OutboundIpPacketV4>::new().with_packet(IpProtocol::Tcp, source, destination);
+    /// # let _ = request;
+    /// ```
+    pub fn with_packet(
+        mut self,
+        protocol: wfp_rs::layer::value::IpProtocol,
+        source: std::net::SocketAddr,
+        destination: std::net::SocketAddr,
+    ) -> Self {
+        self.packet = Some(crate::kernel::packet::Endpoints {
+            protocol,
+            source,
+            destination,
+        });
+        self
     }
 
     /// Sets field `K`.
@@ -1708,13 +1772,23 @@ impl Machine {
     ) -> Decision {
         let layer = wfp_rs::layer::layer_by_id(L::ID).expect("every Layer type is in the table");
         let values = || request.presented_values();
+        let start = request_packet_start(layer, &request.metadata);
+        let build_packet = move || {
+            let endpoints = request.packet.expect("built only with endpoints");
+            crate::kernel::packet::SimPacket::build(
+                &endpoints,
+                start.unwrap_or(crate::kernel::packet::Start::TransportHeader),
+            )
+        };
+        let packet: Option<&dyn Fn() -> crate::kernel::packet::SimPacket> =
+            (request.packet.is_some() && start.is_some()).then_some(&build_packet);
         let mut incoming = engine::Incoming {
             layer,
             values: engine::Values::new(&values),
             metadata: request.metadata,
             process_path: None,
             layer_data: core::ptr::null_mut(),
-            packet: None,
+            packet,
             classify_context: core::ptr::null(),
             flow_context: 0,
             pendable: request.pendable,
@@ -2532,7 +2606,9 @@ impl Machine {
             let (ip, transport) = header_sizes(connection);
             let offset = match start {
                 crate::kernel::packet::Start::Payload => ip + transport,
-                crate::kernel::packet::Start::TransportHeader => ip,
+                crate::kernel::packet::Start::TransportHeader
+                | crate::kernel::packet::Start::PastIpHeader => ip,
+                crate::kernel::packet::Start::IpHeader => 0,
             };
             injected_layer_data = crate::kernel::inject::position(&self.kernel, nbl, offset);
             metadata.ipHeaderSize = ip;
@@ -2702,6 +2778,39 @@ fn connection_packet_start(
         LayerData::Packet(DataStart::ByDirection) => Some(match connection.direction {
             Direction::Inbound => Start::Payload,
             Direction::Outbound => Start::TransportHeader,
+        }),
+        _ => None,
+    }
+}
+
+/// Where a [`ClassifyRequest`]'s packet starts at `layer` (`None`: the layer carries no packet).
+/// The inbound IP packet layers' "transport header" start has the IP header behind it; at a
+/// layer whose start depends on the direction, the metadata's direction decides (outbound if
+/// none is set).
+fn request_packet_start(
+    layer: &wfp_rs::layer::LayerInfo,
+    metadata: &wfp_rs::sys::FWPS_INCOMING_METADATA_VALUES0,
+) -> Option<crate::kernel::packet::Start> {
+    use crate::kernel::packet::Start;
+    use wfp_rs::layer::{DataStart, LayerData};
+    let inbound =
+        metadata.currentMetadataValues & wfp_rs::sys::FWPS_METADATA_FIELD_PACKET_DIRECTION != 0
+            && metadata.packetDirection == wfp_rs::sys::FWP_DIRECTION_INBOUND;
+    match layer.data {
+        LayerData::Packet(DataStart::IpHeader) => Some(Start::IpHeader),
+        LayerData::Packet(DataStart::Payload) => Some(Start::Payload),
+        LayerData::Packet(DataStart::TransportHeader)
+            if layer.name.starts_with("INBOUND_IPPACKET") =>
+        {
+            Some(Start::PastIpHeader)
+        }
+        LayerData::Packet(DataStart::TransportHeader | DataStart::TransportHeaderUnlessTcp) => {
+            Some(Start::TransportHeader)
+        }
+        LayerData::Packet(DataStart::ByDirection) => Some(if inbound {
+            Start::Payload
+        } else {
+            Start::TransportHeader
         }),
         _ => None,
     }

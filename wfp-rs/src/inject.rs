@@ -19,6 +19,16 @@
 //!   frees it once the stack is done with it. So a clone is freed exactly once, and never
 //!   injected after it was freed or while an injection of it is in flight.
 //!
+//! At the IP packet and forward layers the same is done with network and forward injection:
+//! [`Classify::clone_for_network_receive`] (INBOUND_IPPACKET), [`clone_for_network_send`]
+//! (OUTBOUND_IPPACKET) and [`clone_for_forward`] (IPFORWARD), injected with an
+//! [`InjectionHandle<Network>`](InjectionHandle::network) (one per IP version) or an
+//! [`InjectionHandle<Forward>`](InjectionHandle::forward); the handle's kind is in its type, so
+//! a clone cannot be injected with a handle of another kind.
+//!
+//! [`clone_for_network_send`]: Classify::clone_for_network_send
+//! [`clone_for_forward`]: Classify::clone_for_forward
+//!
 //! Every call takes an IRQL token: creating and destroying a handle need `PASSIVE_LEVEL`,
 //! cloning, injecting and querying at most `DISPATCH_LEVEL` (`classify` has that token).
 //! Cloning exists only at the layers whose packet can be injected that way:
@@ -78,37 +88,95 @@ const fn family(version: IpVersion) -> sys::ADDRESS_FAMILY {
     }
 }
 
-/// A transport injection handle (`FwpsInjectionHandleCreate0` with
-/// `FWPS_INJECTION_TYPE_TRANSPORT`), for one IP version or both.
+/// What an [`InjectionHandle`] injects: [`Transport`] (the default), [`Network`] or
+/// [`Forward`]. The kind is in the handle's type, so a clone is injected only with a handle of
+/// its kind (a transport handle for a network clone does not compile). Sealed.
+pub trait InjectionKind: sealed::Sealed + 'static {
+    /// The `FWPS_INJECTION_TYPE_*` flag `FwpsInjectionHandleCreate0` is given.
+    const FLAG: u32;
+}
+
+/// Transport injection (`FWPS_INJECTION_TYPE_TRANSPORT`): [`ReceiveClone`], [`SendClone`].
+#[derive(Debug)]
+pub enum Transport {}
+/// Network injection (`FWPS_INJECTION_TYPE_NETWORK`): [`NetworkReceiveClone`],
+/// [`NetworkSendClone`].
+#[derive(Debug)]
+pub enum Network {}
+/// Forward injection (`FWPS_INJECTION_TYPE_FORWARD`): [`ForwardClone`].
+#[derive(Debug)]
+pub enum Forward {}
+
+impl sealed::Sealed for Transport {}
+impl InjectionKind for Transport {
+    const FLAG: u32 = sys::FWPS_INJECTION_TYPE_TRANSPORT;
+}
+impl sealed::Sealed for Network {}
+impl InjectionKind for Network {
+    const FLAG: u32 = sys::FWPS_INJECTION_TYPE_NETWORK;
+}
+impl sealed::Sealed for Forward {}
+impl InjectionKind for Forward {
+    const FLAG: u32 = sys::FWPS_INJECTION_TYPE_FORWARD;
+}
+
+/// An injection handle (`FwpsInjectionHandleCreate0`) of kind `K`: transport (the default,
+/// [`create`](InjectionHandle::create)), network ([`network`](InjectionHandle::network), one
+/// per IP version, as Microsoft requires) or forward ([`forward`](InjectionHandle::forward)).
 ///
 /// Keep it in the driver's state. Dropping it at `PASSIVE_LEVEL` destroys it (and waits for its
 /// injections in flight); dropping it above `PASSIVE_LEVEL` cannot, so it is leaked with a
 /// debugger message — and the simulator stops at unload, as a leaked handle would stay in
 /// fwpkclnt.sys. [`destroy`](Self::destroy) reports the status.
-pub struct InjectionHandle {
+pub struct InjectionHandle<K: InjectionKind = Transport> {
     raw: NonNull<core::ffi::c_void>,
+    _kind: core::marker::PhantomData<K>,
 }
 
 // SAFETY: an injection handle is a kernel handle, usable from any thread (the injection routines
 // are called on whatever processor runs the callout or the work item).
-unsafe impl Send for InjectionHandle {}
+unsafe impl<K: InjectionKind> Send for InjectionHandle<K> {}
 // SAFETY: every use through `&self` passes the handle to a routine that may run concurrently.
-unsafe impl Sync for InjectionHandle {}
+unsafe impl<K: InjectionKind> Sync for InjectionHandle<K> {}
 
-impl InjectionHandle {
+impl InjectionHandle<Transport> {
     /// Creates a transport injection handle for `version`, or for both IP versions with
     /// `None`. Wraps `FwpsInjectionHandleCreate0` (`PASSIVE_LEVEL`).
     pub fn create(irql: &impl AtPassive, version: Option<IpVersion>) -> Result<Self, Status> {
+        Self::create_raw(irql, version)
+    }
+}
+
+impl InjectionHandle<Network> {
+    /// Creates a network injection handle for `version` (`FWPS_INJECTION_TYPE_NETWORK`): a
+    /// driver injecting IPv4 and IPv6 packets at the network layer creates one of each, as
+    /// Microsoft's documentation of `FwpsInjectionHandleCreate0` requires. `PASSIVE_LEVEL`.
+    pub fn network(irql: &impl AtPassive, version: IpVersion) -> Result<Self, Status> {
+        Self::create_raw(irql, Some(version))
+    }
+}
+
+impl InjectionHandle<Forward> {
+    /// Creates a forward injection handle (`FWPS_INJECTION_TYPE_FORWARD`) for `version`, or
+    /// for both with `None`. `PASSIVE_LEVEL`.
+    pub fn forward(irql: &impl AtPassive, version: Option<IpVersion>) -> Result<Self, Status> {
+        Self::create_raw(irql, version)
+    }
+}
+
+impl<K: InjectionKind> InjectionHandle<K> {
+    fn create_raw(irql: &impl AtPassive, version: Option<IpVersion>) -> Result<Self, Status> {
         crate::irql::verify(irql);
         let family = version.map_or(sys::AF_UNSPEC, family);
         let mut raw: sys::HANDLE = core::ptr::null_mut();
         // SAFETY: PASSIVE_LEVEL (the token); `raw` is writable.
-        let status = unsafe {
-            sys::FwpsInjectionHandleCreate0(family, sys::FWPS_INJECTION_TYPE_TRANSPORT, &mut raw)
-        };
+        let status = unsafe { sys::FwpsInjectionHandleCreate0(family, K::FLAG, &mut raw) };
         Status::from_ntstatus(status)?;
         let raw = NonNull::new(raw).ok_or(Status::FWP_NULL_POINTER)?;
-        Ok(InjectionHandle { raw })
+        Ok(InjectionHandle {
+            raw,
+            _kind: core::marker::PhantomData,
+        })
     }
 
     /// Destroys the handle; returns once its injections in flight have completed. Wraps
@@ -127,7 +195,7 @@ impl InjectionHandle {
     }
 }
 
-impl Drop for InjectionHandle {
+impl<K: InjectionKind> Drop for InjectionHandle<K> {
     /// Destroys the handle at `PASSIVE_LEVEL`; above it, leaks it with a debugger message.
     fn drop(&mut self) {
         let irql = Irql::current();
@@ -151,7 +219,7 @@ impl Drop for InjectionHandle {
     }
 }
 
-impl fmt::Debug for InjectionHandle {
+impl<K: InjectionKind> fmt::Debug for InjectionHandle<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("InjectionHandle").field(&self.raw).finish()
     }
@@ -285,9 +353,75 @@ pub trait SendInjectable: PacketLayer + sealed::Sealed {
     fn remote_address(values: &crate::layer::IncomingValues<'_, Self>) -> Option<[u8; 16]>;
 }
 
+/// Layers whose inbound packet can be cloned for `FwpsInjectNetworkReceiveAsync0`:
+/// INBOUND_IPPACKET. Only these have [`Classify::clone_for_network_receive`]. Sealed.
+#[diagnostic::on_unimplemented(
+    message = "a packet of `{Self}` cannot be cloned for network receive injection",
+    label = "`clone_for_network_receive` is for INBOUND_IPPACKET",
+    note = "see `wfp_rs::inject` and docs/packets.md"
+)]
+pub trait NetworkReceiveInjectable: PacketLayer + sealed::Sealed {
+    #[doc(hidden)]
+    fn interfaces(values: &crate::layer::IncomingValues<'_, Self>) -> Option<(u32, u32)>;
+}
+
+/// Layers whose outbound packet can be cloned for `FwpsInjectNetworkSendAsync0`:
+/// OUTBOUND_IPPACKET. Only these have [`Classify::clone_for_network_send`]. Sealed.
+#[diagnostic::on_unimplemented(
+    message = "a packet of `{Self}` cannot be cloned for network send injection",
+    label = "`clone_for_network_send` is for OUTBOUND_IPPACKET",
+    note = "see `wfp_rs::inject` and docs/packets.md"
+)]
+pub trait NetworkSendInjectable: PacketLayer + sealed::Sealed {}
+
+/// Layers whose packet can be cloned for `FwpsInjectForwardAsync0`: IPFORWARD. Only these have
+/// [`Classify::clone_for_forward`]. Sealed.
+#[diagnostic::on_unimplemented(
+    message = "a packet of `{Self}` cannot be cloned for forward injection",
+    label = "`clone_for_forward` is for IPFORWARD",
+    note = "see `wfp_rs::inject` and docs/packets.md"
+)]
+pub trait ForwardInjectable: PacketLayer + sealed::Sealed {
+    #[doc(hidden)]
+    fn destination_interface(values: &crate::layer::IncomingValues<'_, Self>) -> Option<u32>;
+}
+
 mod sealed {
     pub trait Sealed {}
 }
+
+macro_rules! network_receive_injectable {
+    ($($layer:ident),*) => {$(
+        impl sealed::Sealed for crate::layer::$layer {}
+        impl NetworkReceiveInjectable for crate::layer::$layer {
+            fn interfaces(values: &crate::layer::IncomingValues<'_, Self>) -> Option<(u32, u32)> {
+                let interface = values.get::<fields::InterfaceIndex>().ok()?;
+                let sub_interface = values.get::<fields::SubInterfaceIndex>().ok()?;
+                Some((interface, sub_interface))
+            }
+        }
+    )*};
+}
+
+network_receive_injectable!(InboundIpPacketV4, InboundIpPacketV6);
+
+impl sealed::Sealed for crate::layer::OutboundIpPacketV4 {}
+impl NetworkSendInjectable for crate::layer::OutboundIpPacketV4 {}
+impl sealed::Sealed for crate::layer::OutboundIpPacketV6 {}
+impl NetworkSendInjectable for crate::layer::OutboundIpPacketV6 {}
+
+macro_rules! forward_injectable {
+    ($($layer:ident),*) => {$(
+        impl sealed::Sealed for crate::layer::$layer {}
+        impl ForwardInjectable for crate::layer::$layer {
+            fn destination_interface(values: &crate::layer::IncomingValues<'_, Self>) -> Option<u32> {
+                values.get::<fields::DestinationInterfaceIndex>().ok()
+            }
+        }
+    )*};
+}
+
+forward_injectable!(IpForwardV4, IpForwardV6);
 
 macro_rules! receive_injectable {
     ($($layer:ident),*) => {$(
@@ -472,14 +606,210 @@ impl fmt::Debug for SendClone {
     }
 }
 
+/// A clone of an inbound IP packet, starting at its IP header, with the interface and
+/// sub-interface it arrived on and its compartment, read from the classification. Inject it
+/// into the receive path with [`inject`](Self::inject) and a [`Network`] handle of its IP
+/// version; dropping it frees it.
+pub struct NetworkReceiveClone {
+    clone: Clone,
+    version: IpVersion,
+    compartment: u32,
+    interface: u32,
+    sub_interface: u32,
+}
+
+/// A clone of an outbound IP packet, starting at its IP header, with its compartment. Inject it
+/// into the send path with [`inject`](Self::inject) and a [`Network`] handle of its IP version;
+/// dropping it frees it.
+pub struct NetworkSendClone {
+    clone: Clone,
+    version: IpVersion,
+    compartment: u32,
+}
+
+/// A clone of a forwarded IP packet, starting at its IP header, with the interface it is
+/// forwarded to and its compartment. Inject it into the forwarding path with
+/// [`inject`](Self::inject) and a [`Forward`] handle; dropping it frees it. A forward-injected
+/// packet is not classified again at the forward layer (Microsoft's documentation of
+/// `FwpsInjectForwardAsync0`).
+pub struct ForwardClone {
+    clone: Clone,
+    version: IpVersion,
+    compartment: u32,
+    interface: u32,
+}
+
+// SAFETY: as for `ReceiveClone`.
+unsafe impl Send for NetworkReceiveClone {}
+// SAFETY: as for `ReceiveClone`.
+unsafe impl Sync for NetworkReceiveClone {}
+// SAFETY: as for `ReceiveClone`.
+unsafe impl Send for NetworkSendClone {}
+// SAFETY: as for `ReceiveClone`.
+unsafe impl Sync for NetworkSendClone {}
+// SAFETY: as for `ReceiveClone`.
+unsafe impl Send for ForwardClone {}
+// SAFETY: as for `ReceiveClone`.
+unsafe impl Sync for ForwardClone {}
+
+/// What an inject routine returned, as the clone's fate: on success the stack owns it (the
+/// completion routine frees it), else it comes back in the error.
+fn injected<P>(
+    status: sys::NTSTATUS,
+    clone: P,
+    take: impl FnOnce(P) -> Clone,
+) -> Result<(), InjectError<P>> {
+    match Status::from_ntstatus(status) {
+        Ok(()) => {
+            // The stack owns it now; the completion routine frees it.
+            let _ = take(clone).into_raw();
+            Ok(())
+        }
+        Err(status) => Err(InjectError {
+            status,
+            packet: clone,
+        }),
+    }
+}
+
+impl NetworkReceiveClone {
+    /// Injects the clone into the receive path of its interface
+    /// (`FwpsInjectNetworkReceiveAsync0`) with `handle`, a network handle of the clone's IP
+    /// version, consuming it: the SDK's completion routine frees it. The packet can be indicated
+    /// to the inbound layers again, where [`Classify::injection_state`] with `handle` says
+    /// [`InjectionState::InjectedBySelf`]: permit it there. If the stack refuses, the clone
+    /// comes back in the error.
+    pub fn inject(
+        self,
+        irql: &impl AtMostDispatch,
+        handle: &InjectionHandle<Network>,
+    ) -> Result<(), InjectError<NetworkReceiveClone>> {
+        crate::irql::verify(irql);
+        let nbl = self.clone.nbl.as_ptr();
+        // SAFETY: <= DISPATCH_LEVEL (the token); the handle is live (borrowed) and a network
+        // one (its type); the clone is owned and starts at the IP header
+        // (`clone_for_network_receive`); `free_on_completion` frees it.
+        let status = unsafe {
+            sys::FwpsInjectNetworkReceiveAsync0(
+                handle.raw(),
+                core::ptr::null_mut(),
+                0,
+                self.compartment,
+                self.interface,
+                self.sub_interface,
+                nbl,
+                Some(free_on_completion),
+                core::ptr::null_mut(),
+            )
+        };
+        injected(status, self, |c| c.clone)
+    }
+
+    /// The clone's IP version (the version of the network handle to inject it with).
+    pub fn version(&self) -> IpVersion {
+        self.version
+    }
+}
+
+impl NetworkSendClone {
+    /// Injects the clone into the send path (`FwpsInjectNetworkSendAsync0`) with `handle`, a
+    /// network handle of the clone's IP version, consuming it; the SDK's completion routine
+    /// frees it. The packet can be indicated to the outbound layers again (check
+    /// [`Classify::injection_state`]). If the stack refuses, the clone comes back in the error.
+    pub fn inject(
+        self,
+        irql: &impl AtMostDispatch,
+        handle: &InjectionHandle<Network>,
+    ) -> Result<(), InjectError<NetworkSendClone>> {
+        crate::irql::verify(irql);
+        let nbl = self.clone.nbl.as_ptr();
+        // SAFETY: <= DISPATCH_LEVEL (the token); the handle is live (borrowed) and a network
+        // one; the clone is owned and starts at the IP header; the completion routine frees it.
+        let status = unsafe {
+            sys::FwpsInjectNetworkSendAsync0(
+                handle.raw(),
+                core::ptr::null_mut(),
+                0,
+                self.compartment,
+                nbl,
+                Some(free_on_completion),
+                core::ptr::null_mut(),
+            )
+        };
+        injected(status, self, |c| c.clone)
+    }
+
+    /// The clone's IP version (the version of the network handle to inject it with).
+    pub fn version(&self) -> IpVersion {
+        self.version
+    }
+}
+
+impl ForwardClone {
+    /// Injects the clone into the forwarding path (`FwpsInjectForwardAsync0`) with `handle`,
+    /// towards the interface it was being forwarded to, consuming it; the SDK's completion
+    /// routine frees it. If the stack refuses, the clone comes back in the error.
+    pub fn inject(
+        self,
+        irql: &impl AtMostDispatch,
+        handle: &InjectionHandle<Forward>,
+    ) -> Result<(), InjectError<ForwardClone>> {
+        crate::irql::verify(irql);
+        let nbl = self.clone.nbl.as_ptr();
+        // SAFETY: <= DISPATCH_LEVEL (the token); the handle is live (borrowed) and a forward
+        // one; the clone is owned and starts at the IP header; the completion routine frees it.
+        let status = unsafe {
+            sys::FwpsInjectForwardAsync0(
+                handle.raw(),
+                core::ptr::null_mut(),
+                0,
+                family(self.version),
+                self.compartment,
+                self.interface,
+                nbl,
+                Some(free_on_completion),
+                core::ptr::null_mut(),
+            )
+        };
+        injected(status, self, |c| c.clone)
+    }
+}
+
+impl fmt::Debug for NetworkReceiveClone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NetworkReceiveClone")
+            .field("version", &self.version)
+            .field("interface", &self.interface)
+            .field("sub_interface", &self.sub_interface)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for NetworkSendClone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NetworkSendClone")
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for ForwardClone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ForwardClone")
+            .field("version", &self.version)
+            .field("interface", &self.interface)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<L: Layer, F: 'static> Classify<'_, L, F> {
     /// Whether the packet being classified was injected, and by whom, relative to `handle`
     /// (`FwpsQueryPacketInjectionState0`). [`InjectionState::NotInjected`] when the
     /// classification carries no packet.
-    pub fn injection_state(
+    pub fn injection_state<K: InjectionKind>(
         &self,
         irql: &impl AtMostDispatch,
-        handle: &InjectionHandle,
+        handle: &InjectionHandle<K>,
     ) -> InjectionState
     where
         L: PacketLayer,
@@ -572,6 +902,83 @@ impl<L: Layer, F: 'static> Classify<'_, L, F> {
             endpoint,
             remote_address,
             remote_scope,
+        })
+    }
+
+    /// Clones the inbound IP packet being classified for network receive injection
+    /// (`FwpsAllocateCloneNetBufferList0`). At INBOUND_IPPACKET the data starts past the IP
+    /// header (Microsoft's "Data offset positions"), so the SDK retreats it by the IP header
+    /// size before cloning and advances it back after, as for
+    /// [`clone_for_receive`](Self::clone_for_receive): the clone starts at the IP header, as
+    /// `FwpsInjectNetworkReceiveAsync0` requires.
+    pub fn clone_for_network_receive(
+        &mut self,
+        irql: &impl AtMostDispatch,
+    ) -> Result<NetworkReceiveClone, CloneError>
+    where
+        L: NetworkReceiveInjectable,
+    {
+        crate::irql::verify(irql);
+        let version = L::IP_VERSION.ok_or(CloneError::MissingField)?;
+        let (interface, sub_interface) =
+            L::interfaces(&self.values).ok_or(CloneError::MissingField)?;
+        let compartment = self.metadata.compartment_id().unwrap_or(0);
+        let behind = self
+            .metadata
+            .ip_header_size()
+            .ok_or(CloneError::MissingMetadata)?;
+        let clone = self.clone_with_start_moved(behind)?;
+        Ok(NetworkReceiveClone {
+            clone,
+            version,
+            compartment,
+            interface,
+            sub_interface,
+        })
+    }
+
+    /// Clones the outbound IP packet being classified for network send injection
+    /// (`FwpsAllocateCloneNetBufferList0`); at OUTBOUND_IPPACKET it starts at the IP header,
+    /// where `FwpsInjectNetworkSendAsync0` expects it.
+    pub fn clone_for_network_send(
+        &mut self,
+        irql: &impl AtMostDispatch,
+    ) -> Result<NetworkSendClone, CloneError>
+    where
+        L: NetworkSendInjectable,
+    {
+        crate::irql::verify(irql);
+        let version = L::IP_VERSION.ok_or(CloneError::MissingField)?;
+        let compartment = self.metadata.compartment_id().unwrap_or(0);
+        let clone = self.clone_with_start_moved(0)?;
+        Ok(NetworkSendClone {
+            clone,
+            version,
+            compartment,
+        })
+    }
+
+    /// Clones the forwarded packet being classified for forward injection
+    /// (`FwpsAllocateCloneNetBufferList0`); at IPFORWARD it starts at the IP header, where
+    /// `FwpsInjectForwardAsync0` expects it. The clone is injected towards the classification's
+    /// destination interface.
+    pub fn clone_for_forward(
+        &mut self,
+        irql: &impl AtMostDispatch,
+    ) -> Result<ForwardClone, CloneError>
+    where
+        L: ForwardInjectable,
+    {
+        crate::irql::verify(irql);
+        let version = L::IP_VERSION.ok_or(CloneError::MissingField)?;
+        let interface = L::destination_interface(&self.values).ok_or(CloneError::MissingField)?;
+        let compartment = self.metadata.compartment_id().unwrap_or(0);
+        let clone = self.clone_with_start_moved(0)?;
+        Ok(ForwardClone {
+            clone,
+            version,
+            compartment,
+            interface,
         })
     }
 

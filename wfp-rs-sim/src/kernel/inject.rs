@@ -27,6 +27,13 @@
 //!   `FWPS_PACKET_INJECTED_BY_SELF` (and hands back the injection context) to the handle that
 //!   injected it, `FWPS_PACKET_INJECTED_BY_OTHER` to any other handle.
 //! - `FwpsInjectionHandleDestroy0` waits for the handle's injections in flight, as documented.
+//! - An inject routine refuses, with `STATUS_INVALID_PARAMETER` (INFERRED), a handle that was
+//!   not created for its injection type (`FWPS_INJECTION_TYPE_*`; flags 0 mean transport,
+//!   stream and forward) or for the packet's address family. Network injection
+//!   (`FwpsInjectNetworkSendAsync0`, `FwpsInjectNetworkReceiveAsync0`) and forward injection
+//!   (`FwpsInjectForwardAsync0`) deliver the packet at once; a forward-injected packet is not
+//!   classified again (documented), and neither, here, is a network-injected one (INFERRED
+//!   simplification: on Windows it can be indicated to the callouts again).
 //!
 //! What Windows punishes stops the machine (INFERRED codes: Microsoft documents the rules, not
 //! the bug checks; these misuses corrupt NDIS or WFP memory on Windows, so the simulator uses
@@ -89,12 +96,36 @@ struct State {
     freed: VecDeque<(usize, Box<CloneStorage>)>,
     /// Connection attempts a harness thread waits to deliver injected packets of.
     awaiting: FxHashSet<u64>,
+    /// The most recent network and forward injections, oldest first (`Machine::injected_packets`).
+    delivered: VecDeque<Delivered>,
+}
+
+/// How many network and forward injections a machine remembers.
+const DELIVERED_KEPT: usize = 256;
+
+/// A network or forward injection, as the harness sees it.
+#[derive(Clone, Debug)]
+pub(crate) struct Delivered {
+    pub routine: &'static str,
+    pub status: NTSTATUS,
+    /// The packet's bytes from its data start.
+    pub packet: Vec<u8>,
+}
+
+/// The most recent network and forward injections of the machine, oldest first.
+pub(crate) fn delivered(kernel: &super::state::Kernel) -> Vec<Delivered> {
+    kernel.inject.state().delivered.iter().cloned().collect()
 }
 
 struct HandleRecord {
     driver: usize,
     /// Injections of this handle in flight.
     in_flight: usize,
+    /// The injection types it was created for (`FWPS_INJECTION_TYPE_*`; 0 already mapped to
+    /// what it means: transport, stream and forward).
+    types: u32,
+    /// The address family it was created for (`AF_UNSPEC`: either).
+    family: ADDRESS_FAMILY,
 }
 
 struct CloneRecord {
@@ -209,6 +240,17 @@ pub unsafe extern "system" fn FwpsInjectionHandleCreate0(
     if flags & !KNOWN != 0 || !matches!(addressFamily, AF_UNSPEC | AF_INET | AF_INET6) {
         return Status::INVALID_PARAMETER.raw();
     }
+    // Documented: "for transport, stream, and forward injections" the family is optional, so a
+    // network handle names one (INFERRED: the status Windows returns without one); flags 0 make
+    // a handle for transport, stream and forward injection.
+    if flags & FWPS_INJECTION_TYPE_NETWORK != 0 && addressFamily == AF_UNSPEC {
+        return Status::INVALID_PARAMETER.raw();
+    }
+    let types = if flags == 0 {
+        FWPS_INJECTION_TYPE_TRANSPORT | FWPS_INJECTION_TYPE_STREAM | FWPS_INJECTION_TYPE_FORWARD
+    } else {
+        flags
+    };
     let kernel = current();
     let mut state = kernel.inject.state();
     state.next_handle += 1;
@@ -219,6 +261,8 @@ pub unsafe extern "system" fn FwpsInjectionHandleCreate0(
         HandleRecord {
             driver: current_driver(),
             in_flight: 0,
+            types,
+            family: addressFamily,
         },
     );
     drop(state);
@@ -520,6 +564,13 @@ pub unsafe extern "system" fn FwpsInjectTransportReceiveAsync0(
         return Status::INVALID_PARAMETER.raw();
     }
     let nbl = netBufferList as usize;
+    if !handle_fits(
+        injectionHandle as usize,
+        FWPS_INJECTION_TYPE_TRANSPORT,
+        addressFamily,
+    ) {
+        return Status::INVALID_PARAMETER.raw();
+    }
     let flight = Flight {
         handle: injectionHandle as usize,
         injection_context: injectionContext as usize,
@@ -571,6 +622,13 @@ pub unsafe extern "system" fn FwpsInjectTransportSendAsync0(
         return Status::INVALID_PARAMETER.raw();
     }
     let nbl = netBufferList as usize;
+    if !handle_fits(
+        injectionHandle as usize,
+        FWPS_INJECTION_TYPE_TRANSPORT,
+        addressFamily,
+    ) {
+        return Status::INVALID_PARAMETER.raw();
+    }
     let flight = Flight {
         handle: injectionHandle as usize,
         injection_context: injectionContext as usize,
@@ -583,6 +641,211 @@ pub unsafe extern "system" fn FwpsInjectTransportSendAsync0(
     begin_flight("FwpsInjectTransportSendAsync0", nbl, flight, true);
     complete_flight(nbl, 0);
     0
+}
+
+/// Whether `handle` (if live) was created for injections of `kind` (`FWPS_INJECTION_TYPE_*`)
+/// of `family` (`AF_UNSPEC`: of any family, for a packet that is not IP at all, which the stack
+/// then drops). A handle that is not live is left to `begin_flight`, which stops for it.
+fn handle_fits(handle: usize, kind: u32, family: ADDRESS_FAMILY) -> bool {
+    let kernel = current();
+    let state = kernel.inject.state();
+    state.handles.get(&handle).is_none_or(|record| {
+        record.types & kind != 0
+            && (family == AF_UNSPEC || record.family == AF_UNSPEC || record.family == family)
+    })
+}
+
+/// The address family of the IP header at the data start of clone `nbl` (`AF_UNSPEC` if none).
+fn family_at_start(nbl: usize) -> ADDRESS_FAMILY {
+    if starts_at_ip_header(nbl, AF_INET) {
+        AF_INET
+    } else if starts_at_ip_header(nbl, AF_INET6) {
+        AF_INET6
+    } else {
+        AF_UNSPEC
+    }
+}
+
+/// What the network and forward inject routines share: the checks, then delivery at once.
+/// `family` is the one the caller names (forward) or the packet's own (network); a packet that
+/// does not start with an IP header of it is dropped by the stack (its completion routine sees
+/// `STATUS_INVALID_PARAMETER`, as for transport receive injection). A handle not created for
+/// `kind` of `family` is refused with `STATUS_INVALID_PARAMETER` and the clone stays the
+/// caller's (INFERRED: the documentation requires the type; it does not say what Windows
+/// returns otherwise).
+#[allow(clippy::too_many_arguments)]
+fn inject_at_once(
+    routine: &'static str,
+    kind: u32,
+    family: ADDRESS_FAMILY,
+    injectionHandle: HANDLE,
+    injectionContext: HANDLE,
+    netBufferList: *mut NET_BUFFER_LIST,
+    completionFn: FWPS_INJECT_COMPLETE0,
+    completionContext: HANDLE,
+) -> NTSTATUS {
+    let nbl = netBufferList as usize;
+    let handle = injectionHandle as usize;
+    if !handle_fits(handle, kind, family) {
+        return Status::INVALID_PARAMETER.raw();
+    }
+    let flight = Flight {
+        handle,
+        injection_context: injectionContext as usize,
+        completion: completionFn,
+        completion_context: completionContext as usize,
+        receive: kind == FWPS_INJECTION_TYPE_NETWORK,
+        queued: false,
+        driver: current_driver(),
+    };
+    let well_formed = family != AF_UNSPEC && starts_at_ip_header(nbl, family);
+    begin_flight(routine, nbl, flight, false);
+    let status = if well_formed {
+        0
+    } else {
+        Status::INVALID_PARAMETER.raw()
+    };
+    {
+        let kernel = current();
+        let mut state = kernel.inject.state();
+        let packet = state
+            .clones
+            .get(&nbl)
+            .map(|record| {
+                let start = record.storage.nb.DataOffset as usize;
+                record
+                    .storage
+                    .bytes
+                    .get(start..)
+                    .unwrap_or_default()
+                    .to_vec()
+            })
+            .unwrap_or_default();
+        state.delivered.push_back(Delivered {
+            routine,
+            status,
+            packet,
+        });
+        if state.delivered.len() > DELIVERED_KEPT {
+            state.delivered.pop_front();
+        }
+    }
+    complete_flight(nbl, status);
+    0
+}
+
+/// `FwpsInjectNetworkSendAsync0`: at most `DISPATCH_LEVEL`. The packet (a clone starting at its
+/// IP header) is delivered at once; it is not classified again here (INFERRED simplification:
+/// on Windows a network-injected packet can be indicated to the callouts again, which is why a
+/// callout asks `FwpsQueryPacketInjectionState0` first; see docs/packets.md).
+///
+/// # Safety
+///
+/// As documented: `netBufferList` is a clone the caller owns, `completionFn` callable.
+pub unsafe extern "system" fn FwpsInjectNetworkSendAsync0(
+    injectionHandle: HANDLE,
+    injectionContext: HANDLE,
+    flags: u32,
+    compartmentId: u32,
+    netBufferList: *mut NET_BUFFER_LIST,
+    completionFn: FWPS_INJECT_COMPLETE0,
+    completionContext: HANDLE,
+) -> NTSTATUS {
+    let _kernel = super::state::KernelCode::enter();
+    let _ = compartmentId;
+    require_irql("FwpsInjectNetworkSendAsync0", DISPATCH_LEVEL);
+    if netBufferList.is_null() || completionFn.is_none() {
+        return Status::FWP_NULL_POINTER.raw();
+    }
+    if flags != 0 {
+        return Status::INVALID_PARAMETER.raw();
+    }
+    inject_at_once(
+        "FwpsInjectNetworkSendAsync0",
+        FWPS_INJECTION_TYPE_NETWORK,
+        family_at_start(netBufferList as usize),
+        injectionHandle,
+        injectionContext,
+        netBufferList,
+        completionFn,
+        completionContext,
+    )
+}
+
+/// `FwpsInjectNetworkReceiveAsync0`: at most `DISPATCH_LEVEL`. As `FwpsInjectNetworkSendAsync0`,
+/// into the receive path.
+///
+/// # Safety
+///
+/// As documented: `netBufferList` is a clone the caller owns, `completionFn` callable.
+pub unsafe extern "system" fn FwpsInjectNetworkReceiveAsync0(
+    injectionHandle: HANDLE,
+    injectionContext: HANDLE,
+    flags: u32,
+    compartmentId: u32,
+    interfaceIndex: u32,
+    subInterfaceIndex: u32,
+    netBufferList: *mut NET_BUFFER_LIST,
+    completionFn: FWPS_INJECT_COMPLETE0,
+    completionContext: HANDLE,
+) -> NTSTATUS {
+    let _kernel = super::state::KernelCode::enter();
+    let _ = (compartmentId, interfaceIndex, subInterfaceIndex);
+    require_irql("FwpsInjectNetworkReceiveAsync0", DISPATCH_LEVEL);
+    if netBufferList.is_null() || completionFn.is_none() {
+        return Status::FWP_NULL_POINTER.raw();
+    }
+    if flags != 0 {
+        return Status::INVALID_PARAMETER.raw();
+    }
+    inject_at_once(
+        "FwpsInjectNetworkReceiveAsync0",
+        FWPS_INJECTION_TYPE_NETWORK,
+        family_at_start(netBufferList as usize),
+        injectionHandle,
+        injectionContext,
+        netBufferList,
+        completionFn,
+        completionContext,
+    )
+}
+
+/// `FwpsInjectForwardAsync0`: at most `DISPATCH_LEVEL`. The packet is delivered at once and,
+/// as documented, not classified again at the forward layer.
+///
+/// # Safety
+///
+/// As documented: `netBufferList` is a clone the caller owns, `completionFn` callable.
+pub unsafe extern "system" fn FwpsInjectForwardAsync0(
+    injectionHandle: HANDLE,
+    injectionContext: HANDLE,
+    flags: u32,
+    addressFamily: ADDRESS_FAMILY,
+    compartmentId: u32,
+    interfaceIndex: u32,
+    netBufferList: *mut NET_BUFFER_LIST,
+    completionFn: FWPS_INJECT_COMPLETE0,
+    completionContext: HANDLE,
+) -> NTSTATUS {
+    let _kernel = super::state::KernelCode::enter();
+    let _ = (compartmentId, interfaceIndex);
+    require_irql("FwpsInjectForwardAsync0", DISPATCH_LEVEL);
+    if netBufferList.is_null() || completionFn.is_none() {
+        return Status::FWP_NULL_POINTER.raw();
+    }
+    if flags != 0 || !matches!(addressFamily, AF_INET | AF_INET6) {
+        return Status::INVALID_PARAMETER.raw();
+    }
+    inject_at_once(
+        "FwpsInjectForwardAsync0",
+        FWPS_INJECTION_TYPE_FORWARD,
+        addressFamily,
+        injectionHandle,
+        injectionContext,
+        netBufferList,
+        completionFn,
+        completionContext,
+    )
 }
 
 /// `FwpsQueryPacketInjectionState0`: at most `DISPATCH_LEVEL`.

@@ -31,6 +31,10 @@ pub(crate) enum Start {
     Payload,
     /// At the transport header, with no IP header built yet (the outbound layers).
     TransportHeader,
+    /// At the transport header, the IP header behind it (the inbound IP packet layers).
+    PastIpHeader,
+    /// At the IP header (the outbound IP packet and forward layers).
+    IpHeader,
 }
 
 /// What a packet is built from: a connection's endpoints and protocol, as they travel.
@@ -155,14 +159,17 @@ impl SimPacket {
     pub(crate) fn build(endpoints: &Endpoints, start: Start) -> SimPacket {
         let transport = transport_header(endpoints);
         let ip = match start {
-            Start::Payload => ip_header(endpoints, transport.len()),
+            Start::Payload | Start::PastIpHeader | Start::IpHeader => {
+                ip_header(endpoints, transport.len())
+            }
             Start::TransportHeader => Vec::new(),
         };
         let (ip_header_size, transport_header_size) = (ip.len() as u32, transport.len() as u32);
         let mut bytes: Box<[u8]> = [ip, transport].concat().into_boxed_slice();
         let data_offset = match start {
             Start::Payload => ip_header_size + transport_header_size,
-            Start::TransportHeader => 0,
+            Start::PastIpHeader => ip_header_size,
+            Start::TransportHeader | Start::IpHeader => 0,
         };
         let split = (ip_header_size as usize + 3).min(bytes.len());
         let (first, second) = bytes.split_at_mut(split);

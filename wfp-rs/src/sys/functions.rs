@@ -449,6 +449,42 @@ kernel_functions! {
             completionFn: FWPS_INJECT_COMPLETE0,
             completionContext: HANDLE,
         ) -> NTSTATUS;
+        /// `flags` must be zero; `netBufferList` must start at the IP header. The handle must
+        /// be a network one (`FWPS_INJECTION_TYPE_NETWORK`) of the packet's address family.
+        fn FwpsInjectNetworkSendAsync0(
+            injectionHandle: HANDLE,
+            injectionContext: HANDLE,
+            flags: u32,
+            compartmentId: u32,
+            netBufferList: *mut NET_BUFFER_LIST,
+            completionFn: FWPS_INJECT_COMPLETE0,
+            completionContext: HANDLE,
+        ) -> NTSTATUS;
+        /// As `FwpsInjectNetworkSendAsync0`, into the receive path of an interface.
+        fn FwpsInjectNetworkReceiveAsync0(
+            injectionHandle: HANDLE,
+            injectionContext: HANDLE,
+            flags: u32,
+            compartmentId: u32,
+            interfaceIndex: u32,
+            subInterfaceIndex: u32,
+            netBufferList: *mut NET_BUFFER_LIST,
+            completionFn: FWPS_INJECT_COMPLETE0,
+            completionContext: HANDLE,
+        ) -> NTSTATUS;
+        /// `flags` must be zero; `netBufferList` must start at the IP header; `interfaceIndex`
+        /// is the destination interface. Forward-injected packets are not classified again.
+        fn FwpsInjectForwardAsync0(
+            injectionHandle: HANDLE,
+            injectionContext: HANDLE,
+            flags: u32,
+            addressFamily: ADDRESS_FAMILY,
+            compartmentId: u32,
+            interfaceIndex: u32,
+            netBufferList: *mut NET_BUFFER_LIST,
+            completionFn: FWPS_INJECT_COMPLETE0,
+            completionContext: HANDLE,
+        ) -> NTSTATUS;
         fn FwpsQueryPacketInjectionState0(
             injectionHandle: HANDLE,
             netBufferList: *const NET_BUFFER_LIST,
