@@ -1,91 +1,22 @@
 //! `firewall-soak`: the example firewall through a million connections with random faults, in
 //! the simulator on real threads (`cargo xtask soak`; what it checks: `firewall_bench::soak`).
 
-#![cfg(any(not(windows), feature = "sim"))]
-
 use std::process::ExitCode;
 
-use clap::{Parser, ValueEnum};
-use firewall_bench::soak::{self, SoakConfig};
-use firewall_driver::AskVia;
+#[cfg(any(not(windows), feature = "sim"))]
+mod cli;
 
-/// The driver's design to soak.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum Design {
-    /// The question channel (the inverted call), the firewall's default.
-    Channel,
-    /// Work items asking over the filter-manager port.
-    Port,
-}
-
-/// Drives the example firewall through many connections with random faults (garbage replies,
-/// stalls past the timeout, the service killed and restarted, allocation failures) and checks
-/// every decision and that nothing is left after unload.
-#[derive(Parser, Debug)]
-#[command(name = "firewall-soak")]
-struct Args {
-    /// How many connections.
-    #[arg(long, default_value_t = 1_000_000)]
-    connections: u64,
-    /// The seed (decimal or 0x-hex); a new one each run if not given.
-    #[arg(long, value_parser = parse_seed)]
-    seed: Option<u64>,
-    /// Threads opening connections.
-    #[arg(long, default_value_t = 4)]
-    clients: u64,
-    /// How the driver asks the service.
-    #[arg(long, value_enum, default_value_t = Design::Channel)]
-    design: Design,
-}
-
-fn parse_seed(text: &str) -> Result<u64, String> {
-    match text.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => text.parse(),
-    }
-    .map_err(|e| format!("not a seed: {e}"))
-}
-
+#[cfg(any(not(windows), feature = "sim"))]
 fn main() -> ExitCode {
-    let args = Args::parse();
-    let seed = args.seed.unwrap_or_else(|| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        now.as_nanos() as u64 ^ u64::from(std::process::id())
-    });
-    let config = SoakConfig {
-        connections: args.connections,
-        seed,
-        clients: args.clients,
-        design: match args.design {
-            Design::Channel => AskVia::Channel,
-            Design::Port => AskVia::PortAndWorkItem,
-        },
-    };
-    let tenth = (args.connections / 10).max(1);
-    let progress = |done: u64| {
-        if done % tenth < soak::PHASE || done == args.connections {
-            eprintln!("soak: {done} of {} connections", args.connections);
-        }
-    };
-    match soak::run(config, &progress) {
-        Ok(report) => {
-            println!("{report}");
-            ExitCode::SUCCESS
-        }
-        Err(failure) => {
-            eprintln!("{failure}");
-            eprintln!(
-                "rerun with: cargo xtask soak --seed {:#x} --connections {} --clients {} \
-                 --design {} (the seed fixes the connections and the faults, not the host's \
-                 thread scheduling)",
-                failure.seed,
-                args.connections,
-                args.clients,
-                format!("{:?}", args.design).to_lowercase()
-            );
-            ExitCode::FAILURE
-        }
-    }
+    cli::main()
+}
+
+/// On a Windows host the simulator is built only with `--features sim`.
+#[cfg(all(windows, not(feature = "sim")))]
+fn main() -> ExitCode {
+    eprintln!(
+        "firewall-soak runs the firewall in the simulator: on Windows, build it with \
+         `--features sim`"
+    );
+    ExitCode::from(2)
 }
