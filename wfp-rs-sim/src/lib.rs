@@ -42,6 +42,7 @@
 // The kernel functions keep their C names and parameter names, as in `wfp_rs::sys`.
 #[allow(non_snake_case)]
 mod kernel;
+pub mod prop;
 
 #[allow(unused_imports)]
 use std::{
@@ -882,6 +883,22 @@ impl Machine {
     /// then fails with `status`.
     pub fn fail_random(&self, status: Option<wfp_rs::Status>) {
         self.kernel.lock().random_failure = status.map(wfp_rs::Status::raw);
+    }
+
+    /// Sets the lines a bug check on this machine adds at the end of its report (`None`: none):
+    /// what a harness knows about the run that the machine does not, such as the case the
+    /// [property harness](crate::prop) was running and how to replay it.
+    ///
+    /// ```
+    /// let machine = wfp_rs_sim::Machine::new();
+    /// machine.set_stop_note(Some("case: 3 connections".to_owned()));
+    /// ```
+    pub fn set_stop_note(&self, note: Option<String>) {
+        *self
+            .kernel
+            .stop_note
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = note;
     }
 
     /// How many injected failures are still to come (0 once all have happened).

@@ -146,6 +146,14 @@ fn report(
             sched.replay()
         ));
     }
+    // `try_lock`: the stopping thread may be the harness, in the middle of setting the note.
+    if let Some(kernel) = current_kernel()
+        && let Ok(note) = kernel.stop_note.try_lock()
+        && let Some(note) = note.as_deref()
+    {
+        text.push_str(note);
+        text.push('\n');
+    }
     let mut stderr = std::io::stderr().lock();
     let _ = stderr.write_all(text.as_bytes());
     let _ = stderr.flush();
