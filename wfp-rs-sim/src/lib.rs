@@ -894,11 +894,7 @@ impl Machine {
     /// machine.set_stop_note(Some("case: 3 connections".to_owned()));
     /// ```
     pub fn set_stop_note(&self, note: Option<String>) {
-        *self
-            .kernel
-            .stop_note
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = note;
+        crate::kernel::bugcheck::set_stop_note(Arc::as_ptr(&self.kernel) as usize, note);
     }
 
     /// How many injected failures are still to come (0 once all have happened).
@@ -1154,6 +1150,7 @@ impl Drop for Machine {
                 sched.replay()
             );
         }
+        crate::kernel::bugcheck::set_stop_note(Arc::as_ptr(&self.kernel) as usize, None);
         self.kernel.shut_down();
     }
 }

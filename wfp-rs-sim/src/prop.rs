@@ -6,7 +6,7 @@
 //! caller contexts, each with the answer the simulated service should give when asked about it
 //! ([`Answer`]: a verdict, garbage, silence until the driver's deadline, or hanging up) — and a
 //! [`FaultPlan`] (allocation failure at the Nth allocation after load, unload while the callers
-//! connect). [`Harness::check`] generates one case per seed (with [`proptest`]'s strategies),
+//! connect). [`Harness::check`] generates one case per seed (with [`proptest`](mod@proptest)'s strategies),
 //! runs it on a machine deterministic in the same seed, and checks:
 //!
 //! - every connection was decided exactly once: [`Machine::connect`] returned a final decision,
@@ -413,7 +413,15 @@ impl<S: Send> Harness<S> {
             });
         let connections = proptest::collection::vec(connection, 1..=g.max_connections.max(1));
         let faults = (
-            proptest::option::of((0..=g.max_allocation_skip, 1..=3u64)),
+            // The first few allocations after load more often: most drivers allocate a little
+            // per connection, and a workload has a few connections.
+            proptest::option::of((
+                prop_oneof![
+                    3 => 0..=g.max_allocation_skip.min(4),
+                    1 => 0..=g.max_allocation_skip,
+                ],
+                1..=3u64,
+            )),
             any::<bool>(),
         )
             .prop_map(move |(allocation, unload)| {

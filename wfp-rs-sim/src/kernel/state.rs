@@ -180,9 +180,6 @@ pub(crate) struct Kernel {
     /// The filter engine. A lock of its own: classification calls into drivers, which call the
     /// pool and the I/O manager.
     pub wfp: Mutex<super::wfp::Bfe>,
-    /// Lines a bug check's report adds at its end (`Machine::set_stop_note`): what a harness
-    /// knows about the run that the machine does not (the property harness's case).
-    pub stop_note: Mutex<Option<String>>,
     /// Signalled when a call into a callout finishes (unregistration waits on it).
     pub wfp_idle: Condvar,
     /// Signalled when a filter engine transaction ends (writers of other sessions wait on it).
@@ -369,7 +366,6 @@ impl Kernel {
             workers: Mutex::new(Vec::new()),
             stopped: AtomicBool::new(false),
             wfp: Mutex::new(super::wfp::Bfe::default()),
-            stop_note: Mutex::new(None),
             wfp_idle: Condvar::new(),
             wfp_txn: Condvar::new(),
             flt: super::flt::FilterManager::default(),
