@@ -166,7 +166,7 @@ fn the_harness_finds_and_shrinks_a_fail_open_on_allocation_failure() {
     assert_eq!(
         (failure.skip, failure.count),
         (0, 1),
-        "the first allocation after load, once"
+        "the first allocation of the workload, once"
     );
     // The shrunk case fails again, and without its fault it passes.
     let harness = harness();

@@ -2,8 +2,8 @@
 //! harness (`wfp_rs_sim::prop`): random workloads — connections in and out, IPv4 and IPv6, from
 //! two callers at either IRQL, the service allowing, blocking, answering garbage, staying silent
 //! past the deadline or hanging up — and random faults — an allocation failing at the Nth
-//! allocation after load, unload while the callers connect — each on a machine deterministic in
-//! the case's seed. Beside the harness's invariants (every classification decided once, nothing
+//! allocation of the workload, unload while the callers connect — each on a machine
+//! deterministic in the case's seed. Beside the harness's invariants (every classification decided once, nothing
 //! left after unload, no bug check), the driver's own properties below.
 //!
 //! A failure prints the minimal case, its seed and the command that replays it
@@ -12,6 +12,7 @@
 #![cfg(any(not(windows), feature = "sim"))]
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use seed_fixed::protocol::{MESSAGE_LEN, Verdict, VerdictReply, VerdictRequest};
 use seed_fixed::{Config, Design, PORT_NAME};
@@ -22,7 +23,7 @@ use wfp_rs_sim::Machine;
 use wfp_rs_sim::prop::{Answer, Case, Harness, Run, ServiceBody};
 
 /// Seeds checked by `cargo test` (a few seconds); the soak sets `WFP_PROP_CASES`.
-const CI_CASES: u64 = 48;
+const CI_CASES: u64 = 128;
 
 #[wfp_rs::driver_entry]
 fn entry(
@@ -149,6 +150,35 @@ fn cases() -> u64 {
         .unwrap_or(CI_CASES)
 }
 
+/// How many checked cases showed each effect: that the workloads and faults reach the driver.
+static PENDED: AtomicUsize = AtomicUsize::new(0);
+static PERMITTED_AFTER_ASKING: AtomicUsize = AtomicUsize::new(0);
+static ALLOWED_BUT_BLOCKED: AtomicUsize = AtomicUsize::new(0);
+static NOT_PENDED_OUTBOUND: AtomicUsize = AtomicUsize::new(0);
+
+fn count_effects(run: &Run<Vec<u64>>) -> Result<(), String> {
+    let count = |counter: &AtomicUsize, seen: bool| {
+        if seen {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    let outcomes = || run.outcomes.iter().filter(|(c, _)| filtered(c));
+    count(&PENDED, outcomes().any(|(_, o)| o.pended));
+    count(
+        &PERMITTED_AFTER_ASKING,
+        outcomes().any(|(_, o)| o.pended && o.decision.action == Action::Permit),
+    );
+    // An allow that a fault (an allocation failure, the unload, a hang-up before it) turned
+    // into the default.
+    count(
+        &ALLOWED_BUT_BLOCKED,
+        outcomes().any(|(c, o)| c.answer == Answer::Allow && o.decision.action == Action::Block),
+    );
+    // Decided without asking: the driver was unloading, or could not pend or queue.
+    count(&NOT_PENDED_OUTBOUND, outcomes().any(|(_, o)| !o.pended));
+    Ok(())
+}
+
 #[test]
 fn the_port_design_keeps_its_properties_over_random_workloads_and_faults() {
     Harness::new("seed-fixed", DriverEntry, service)
@@ -160,5 +190,19 @@ fn the_port_design_keeps_its_properties_over_random_workloads_and_faults() {
             "the service's verdict without faults",
             the_services_verdict_without_faults,
         )
+        .property("(counts what the cases reached)", count_effects)
         .assert_holds(0..cases());
+    for (what, counter) in [
+        ("a pended connection", &PENDED),
+        ("a permit after asking", &PERMITTED_AFTER_ASKING),
+        ("an allow a fault turned into a block", &ALLOWED_BUT_BLOCKED),
+        (
+            "an outbound connection decided without asking",
+            &NOT_PENDED_OUTBOUND,
+        ),
+    ] {
+        let cases = counter.load(Ordering::Relaxed);
+        eprintln!("{what}: {cases} case(s)");
+        assert!(cases > 0, "no case had {what}");
+    }
 }
