@@ -6,8 +6,9 @@
 //! caller contexts, each with the answer the simulated service should give when asked about it
 //! ([`Answer`]: a verdict, garbage, silence until the driver's deadline, or hanging up) — and a
 //! [`FaultPlan`] (allocation failure at the Nth allocation of the workload, unload while the
-//! callers connect). [`Harness::check`] generates one case per seed (with [`proptest`](mod@proptest)'s strategies),
-//! runs it on a machine deterministic in the same seed, and checks:
+//! callers connect). [`Harness::check`] generates one case per seed (with
+//! [`proptest`](mod@proptest)'s strategies), runs it on a machine deterministic in the same
+//! seed, and checks:
 //!
 //! - every connection was decided exactly once: [`Machine::connect`] returned (it waits for a
 //!   pended classification's completion), each classification the driver pended was followed by
@@ -27,7 +28,9 @@
 //! A bug check cannot be a reported failure: it ends the process, as it stops Windows (see
 //! [`run_isolated`](crate::run_isolated)). The harness puts the case it runs into the stop report
 //! ([`Machine::set_stop_note`]), with its seed and the replay command, so a bug check found by a
-//! random case replays too; it does not shrink.
+//! random case replays too; it does not shrink. (Not yet for an allocation failure that driver code
+//! cannot handle — `Box::new` on a low-memory path: it aborts from the allocator, whose report
+//! is written without allocating and carries neither the note nor the seed.)
 //!
 //! ```
 //! use wfp_rs_sim::prop::{Harness, ServiceBody};
