@@ -232,3 +232,42 @@ fn a_bug_check_in_a_case_reports_the_case_and_its_seed() {
         outcome.stderr
     );
 }
+
+/// One seed, one case; the generator keeps to its bounds; pids are unique.
+#[test]
+fn cases_are_a_function_of_the_seed_within_the_generations_bounds() {
+    let harness = harness_of(fails_open::DriverEntry).generation(Generation {
+        max_connections: 3,
+        callers: 1,
+        inbound: false,
+        ipv6: false,
+        udp: false,
+        answers: vec![Answer::Block, Answer::Silent],
+        faults: false,
+        max_allocation_skip: 0,
+    });
+    let mut sizes = std::collections::BTreeSet::new();
+    for seed in 0..64 {
+        let case = harness.case(seed);
+        assert_eq!(case, harness.case(seed), "seed {seed}: two cases");
+        assert_eq!(case.schedule_seed, seed);
+        assert!((1..=3).contains(&case.connections.len()), "{case:?}");
+        assert!(case.faults.is_empty(), "{case:?}");
+        let mut pids = std::collections::BTreeSet::new();
+        for c in &case.connections {
+            assert!(!c.inbound && !c.ipv6 && !c.udp && c.caller == 0, "{case:?}");
+            assert!(
+                matches!(c.answer, Answer::Block | Answer::Silent),
+                "{case:?}"
+            );
+            assert!(pids.insert(c.pid), "pid {} twice: {case:?}", c.pid);
+            assert_eq!(case.answer_for(c.pid), Some(c.answer));
+        }
+        sizes.insert(case.connections.len());
+    }
+    assert_eq!(
+        sizes.len(),
+        3,
+        "every workload size from 1 to 3 within 64 seeds"
+    );
+}
