@@ -42,6 +42,7 @@
 // The kernel functions keep their C names and parameter names, as in `wfp_rs::sys`.
 #[allow(non_snake_case)]
 mod kernel;
+pub mod prop;
 
 #[allow(unused_imports)]
 use std::{
@@ -884,6 +885,18 @@ impl Machine {
         self.kernel.lock().random_failure = status.map(wfp_rs::Status::raw);
     }
 
+    /// Sets the lines a bug check on this machine adds at the end of its report (`None`: none):
+    /// what a harness knows about the run that the machine does not, such as the case the
+    /// [property harness](crate::prop) was running and how to replay it.
+    ///
+    /// ```
+    /// let machine = wfp_rs_sim::Machine::new();
+    /// machine.set_stop_note(Some("case: 3 connections".to_owned()));
+    /// ```
+    pub fn set_stop_note(&self, note: Option<String>) {
+        crate::kernel::bugcheck::set_stop_note(Arc::as_ptr(&self.kernel) as usize, note);
+    }
+
     /// How many injected failures are still to come (0 once all have happened).
     pub fn pending_allocation_failures(&self) -> u64 {
         self.kernel
@@ -1137,6 +1150,7 @@ impl Drop for Machine {
                 sched.replay()
             );
         }
+        crate::kernel::bugcheck::set_stop_note(Arc::as_ptr(&self.kernel) as usize, None);
         self.kernel.shut_down();
     }
 }

@@ -146,10 +146,46 @@ fn report(
             sched.replay()
         ));
     }
+    if let Some(note) = stop_note() {
+        text.push_str(&note);
+        text.push('\n');
+    }
     let mut stderr = std::io::stderr().lock();
     let _ = stderr.write_all(text.as_bytes());
     let _ = stderr.flush();
     std::process::abort();
+}
+
+/// The notes machines add to a stop report (`Machine::set_stop_note`), by the address of their
+/// kernel. Process-wide, not a field of the kernel: a thread that stops outside any machine's
+/// context (the global allocator's failure path, a panic hook) still finds the note.
+static STOP_NOTES: std::sync::Mutex<Vec<(usize, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// Sets (or, with `None`, removes) the stop note of the machine whose kernel is at `kernel`.
+pub(crate) fn set_stop_note(kernel: usize, note: Option<String>) {
+    let mut notes = STOP_NOTES.lock().unwrap_or_else(|p| p.into_inner());
+    notes.retain(|(k, _)| *k != kernel);
+    if let Some(note) = note {
+        notes.push((kernel, note));
+    }
+}
+
+/// The note for this stop: the note of the machine this thread runs in, or, when the thread is
+/// in none, of the only machine that has one (with several, which one stopped is unknown).
+/// `try_lock`: the stopping thread may be the one setting a note.
+fn stop_note() -> Option<String> {
+    let notes = STOP_NOTES.try_lock().ok()?;
+    let kernel = current_kernel().map(|k| std::sync::Arc::as_ptr(&k) as usize);
+    match kernel {
+        Some(kernel) => notes
+            .iter()
+            .find(|(k, _)| *k == kernel)
+            .map(|(_, n)| n.clone()),
+        None => match notes.as_slice() {
+            [(_, note)] => Some(note.clone()),
+            _ => None,
+        },
+    }
 }
 
 /// The name of driver object `driver`, if the machine's state can be read without waiting (a

@@ -2975,7 +2975,7 @@ impl Direct {
                 .ok_or("the callout is not registered")?;
             let (call, runtime) = begin_call(bfe, id).ok_or("the callout is not registered")?;
             let classify_fn = runtime.classify;
-            Ok((record, sublayer_weight, call, classify_fn))
+            Ok::<_, &'static str>((record, sublayer_weight, call, classify_fn))
         });
         let (record, sublayer_weight, call, classify_fn) = found?;
         let Some(classify_fn) = classify_fn else {

@@ -1,0 +1,752 @@
+//! A property harness for any driver: random workloads and fault plans on
+//! [deterministic](crate::Machine::deterministic) machines, the invariants every driver must
+//! keep, the driver's own properties, and failing cases shrunk to a minimal one.
+//!
+//! A [`Case`] is a workload — connections in and out, over IPv4 and IPv6, from one or more
+//! caller contexts, each with the answer the simulated service should give when asked about it
+//! ([`Answer`]: a verdict, garbage, silence until the driver's deadline, or hanging up) — and a
+//! [`FaultPlan`] (allocation failure at the Nth allocation of the workload, unload while the
+//! callers connect). [`Harness::check`] generates one case per seed (with
+//! [`proptest`](mod@proptest)'s strategies), runs it on a machine deterministic in the same
+//! seed, and checks:
+//!
+//! - every connection was decided exactly once: [`Machine::connect`] returned (it waits for a
+//!   pended classification's completion), each classification the driver pended was followed by
+//!   one decision at its layer (the completion's or the reauthorization's; at
+//!   `ALE_AUTH_RECV_ACCEPT`, which is not reauthorized, at most the reinjected packet's), and no
+//!   classification is still pended once the callers are done;
+//! - the driver unloads ([`Machine::unload_driver`] succeeds) and leaves nothing: no pool block,
+//!   no pended classification, no I/O request pending (the simulator's own unload checks stop
+//!   the machine on a work item, timer or handle still alive);
+//! - the driver's own properties, closures over the [`Run`] ([`Harness::property`]).
+//!
+//! A failing case shrinks (proptest's value trees: fewer connections, fewer faults, simpler
+//! answers) to a minimal one that still fails, which [`Counterexample`] prints with its seed and
+//! the command that replays it: `WFP_SIM_SEED=<seed>` makes `check` run that seed only, and the
+//! same seed gives the same case, the same schedule and the same shrinking.
+//!
+//! A bug check cannot be a reported failure: it ends the process, as it stops Windows (see
+//! [`run_isolated`](crate::run_isolated)). The harness puts the case it runs into the stop report
+//! ([`Machine::set_stop_note`]), with its seed and the replay command, so a bug check found by a
+//! random case replays too; it does not shrink. (Not yet for an allocation failure that driver code
+//! cannot handle — `Box::new` on a low-memory path: it aborts from the allocator, whose report
+//! is written without allocating and carries neither the note nor the seed.)
+//!
+//! ```
+//! use wfp_rs_sim::prop::{Harness, ServiceBody};
+//!
+//! // A driver that registers nothing: every connection is permitted by the filter engine.
+//! #[wfp_rs::driver_entry]
+//! fn entry(
+//!     _irql: &mut wfp_rs::irql::PassiveLevel<'_>,
+//!     _driver: &mut wfp_rs::driver::Driver<'_>,
+//! ) -> Result<(), wfp_rs::Status> {
+//!     Ok(())
+//! }
+//!
+//! let harness = Harness::new("nothing", DriverEntry, |_machine, _case| -> ServiceBody<'_, ()> {
+//!     Box::new(|| ())
+//! })
+//! .property("nothing is blocked", |run| {
+//!     match run.outcomes.iter().find(|(_, o)| o.decision.action != wfp_rs::classify::Action::Permit) {
+//!         Some((c, _)) => Err(format!("pid {} was blocked", c.pid)),
+//!         None => Ok(()),
+//!     }
+//! });
+//! harness.assert_holds(0..4);
+//! ```
+
+#[allow(unused_imports)]
+use std::{
+    borrow::ToOwned,
+    boxed::Box,
+    string::{String, ToString},
+    vec::Vec,
+};
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+use wfp_rs::layer::value::IpProtocol;
+use wfp_rs::metadata::Direction;
+
+use crate::{AleIrql, ConnectOutcome, Connection, DriverEntryFn, Machine};
+
+/// What the simulated service should do when the driver asks it about a connection. The
+/// harness does not play the service: the driver's own service closure
+/// ([`Harness::new`]) reads the answer for the process it was asked about
+/// ([`Case::answer_for`]) and acts on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Answer {
+    /// Allow the connection.
+    Allow,
+    /// Block it.
+    Block,
+    /// Reply with something the driver must refuse (too short, wrong magic, another process).
+    Malformed,
+    /// Never reply: the driver's deadline passes (virtual time jumps to it when every context
+    /// waits).
+    Silent,
+    /// Disconnect (the service is killed) instead of replying, and answer nothing after.
+    Hangup,
+}
+
+/// One connection attempt of a workload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionCase {
+    /// The process id, unique in its case (the service's answer is looked up by it).
+    pub pid: u64,
+    /// Accepted from outside (`ALE_AUTH_RECV_ACCEPT`) instead of connecting out.
+    pub inbound: bool,
+    /// IPv6 instead of IPv4.
+    pub ipv6: bool,
+    /// UDP instead of TCP.
+    pub udp: bool,
+    /// The IRQL the ALE authorization layers run at.
+    pub irql: AleIrql,
+    /// Which caller context makes the attempt (callers connect concurrently, each in order).
+    pub caller: usize,
+    /// What the service should answer when asked about it.
+    pub answer: Answer,
+}
+
+/// The application every connection of a generated workload comes from.
+pub const APP: &str = r"\device\harddiskvolume3\program files\prop\app.exe";
+
+impl ConnectionCase {
+    /// The attempt as [`Machine::connect`] takes it: local port `40000 + pid % 20000`, remote
+    /// `192.0.2.80:443` or `[2001:db8::80]:443` (outbound; inbound the local side listens on
+    /// 443 and the remote port varies).
+    pub fn connection(&self) -> Connection {
+        let (local_ip, remote_ip): (IpAddr, IpAddr) = if self.ipv6 {
+            (
+                Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1).into(),
+                Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x80).into(),
+            )
+        } else {
+            (
+                Ipv4Addr::new(10, 0, 0, 1).into(),
+                Ipv4Addr::new(192, 0, 2, 80).into(),
+            )
+        };
+        let ephemeral = 40_000 + u16::try_from(self.pid % 20_000).unwrap_or(0);
+        let (local_port, remote_port, direction) = if self.inbound {
+            (443, ephemeral, Direction::Inbound)
+        } else {
+            (ephemeral, 443, Direction::Outbound)
+        };
+        Connection {
+            pid: self.pid,
+            app: APP.to_owned(),
+            protocol: if self.udp {
+                IpProtocol::Udp
+            } else {
+                IpProtocol::Tcp
+            },
+            local: SocketAddr::new(local_ip, local_port),
+            remote: SocketAddr::new(remote_ip, remote_port),
+            direction,
+        }
+    }
+}
+
+/// Allocation failure at the Nth allocation: after the driver loaded and its service started,
+/// `skip` allocations succeed and the next `count` fail ([`Machine::fail_allocations`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllocationFailure {
+    /// Allocations that succeed first.
+    pub skip: u64,
+    /// Allocations that fail then.
+    pub count: u64,
+}
+
+/// The faults of a case.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FaultPlan {
+    /// Pool allocations that fail, counted from the start of the workload.
+    pub allocation_failure: Option<AllocationFailure>,
+    /// Unload from a context of its own, concurrently with the callers (the schedule decides
+    /// when it runs), instead of after every connection was decided.
+    pub unload_while_connecting: bool,
+}
+
+impl FaultPlan {
+    /// Whether the plan has no fault.
+    pub fn is_empty(&self) -> bool {
+        self.allocation_failure.is_none() && !self.unload_while_connecting
+    }
+}
+
+/// One generated case: the workload, the faults, and the seed of the machine's schedule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Case {
+    /// The seed of the [deterministic](Machine::deterministic) machine the case runs on (the
+    /// seed the case was generated from: shrinking keeps it).
+    pub schedule_seed: u64,
+    /// The connection attempts, in the order each caller makes its own.
+    pub connections: Vec<ConnectionCase>,
+    /// The faults.
+    pub faults: FaultPlan,
+}
+
+impl Case {
+    /// The answer the service should give about process `pid` (`None`: no connection of the
+    /// case has that pid).
+    pub fn answer_for(&self, pid: u64) -> Option<Answer> {
+        self.connections
+            .iter()
+            .find(|c| c.pid == pid)
+            .map(|c| c.answer)
+    }
+
+    /// Whether any connection's answer is [`Answer::Hangup`] (after which the service answers
+    /// nothing).
+    pub fn service_hangs_up(&self) -> bool {
+        self.connections.iter().any(|c| c.answer == Answer::Hangup)
+    }
+}
+
+/// What the workloads are made of: the generator's bounds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Generation {
+    /// At most this many connections per case (at least one).
+    pub max_connections: usize,
+    /// Caller contexts (at least one).
+    pub callers: usize,
+    /// Generate inbound connections too.
+    pub inbound: bool,
+    /// Generate IPv6 connections too.
+    pub ipv6: bool,
+    /// Generate UDP connections too.
+    pub udp: bool,
+    /// The answers the service may be told to give, each equally likely (list one twice to make
+    /// it likelier).
+    pub answers: Vec<Answer>,
+    /// Generate fault plans (otherwise every plan is empty).
+    pub faults: bool,
+    /// The largest `skip` of an [`AllocationFailure`].
+    pub max_allocation_skip: u64,
+}
+
+impl Default for Generation {
+    fn default() -> Self {
+        Generation {
+            max_connections: 6,
+            callers: 2,
+            inbound: true,
+            ipv6: true,
+            udp: false,
+            // Verdicts likelier than the faults among the answers.
+            answers: vec![
+                Answer::Allow,
+                Answer::Allow,
+                Answer::Block,
+                Answer::Block,
+                Answer::Malformed,
+                Answer::Silent,
+                Answer::Hangup,
+            ],
+            faults: true,
+            max_allocation_skip: 24,
+        }
+    }
+}
+
+/// What happened in one case, for the driver's properties.
+#[derive(Debug)]
+pub struct Run<S> {
+    /// The case.
+    pub case: Case,
+    /// Each connection (in the case's order) with what [`Machine::connect`] returned.
+    pub outcomes: Vec<(ConnectionCase, ConnectOutcome)>,
+    /// What the service closure returned (what it saw).
+    pub service: S,
+    /// The driver's debugger output (`DbgPrintEx`), as [`Machine::debug_output`] gave it after
+    /// unload.
+    pub debug_output: Vec<String>,
+}
+
+/// The body of a simulated service, which the harness runs as a context of the machine
+/// ([`Machine::spawn`]). It must return once the driver has unloaded (a port client's
+/// `get_message` returns `None` when the driver closes the port, for example); what it returns
+/// goes to the properties ([`Run::service`]).
+pub type ServiceBody<'m, S> = Box<dyn FnOnce() -> S + Send + 'm>;
+
+type StartService<S> = dyn for<'m> Fn(&'m Machine, &Case) -> ServiceBody<'m, S> + Sync;
+type Property<S> = dyn Fn(&Run<S>) -> Result<(), String> + Sync;
+
+/// A failed check: which invariant or property, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// The invariant's or property's name.
+    pub property: String,
+    /// What was wrong.
+    pub message: String,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.property, self.message)
+    }
+}
+
+/// A case that failed, shrunk.
+#[derive(Clone, Debug)]
+pub struct Counterexample {
+    /// The seed the failing case was generated from (`WFP_SIM_SEED` replays it).
+    pub seed: u64,
+    /// How many cases ran before it (itself included), over every seed checked.
+    pub cases_run: u64,
+    /// The case as generated.
+    pub original: Case,
+    /// The smallest case that still failed.
+    pub minimal: Case,
+    /// How the minimal case failed.
+    pub failure: Failure,
+    /// How many shrunk cases were run.
+    pub shrink_runs: u32,
+}
+
+impl fmt::Display for Counterexample {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "property harness: the case of seed {} failed (case {} of the run; {} shrinking runs)",
+            self.seed, self.cases_run, self.shrink_runs
+        )?;
+        writeln!(f, "failure: {}", self.failure)?;
+        writeln!(f, "minimal case: {:#?}", self.minimal)?;
+        write!(f, "{}", crate::kernel::sched::replay_hint(self.seed))
+    }
+}
+
+/// The most shrinking runs for one failing case.
+const MAX_SHRINK_RUNS: u32 = 256;
+
+/// The property harness for one driver; see the [module](self).
+pub struct Harness<S> {
+    name: String,
+    entry: DriverEntryFn,
+    start_service: Box<StartService<S>>,
+    properties: Vec<(String, Box<Property<S>>)>,
+    generation: Generation,
+}
+
+impl<S> fmt::Debug for Harness<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Harness")
+            .field("name", &self.name)
+            .field("generation", &self.generation)
+            .field(
+                "properties",
+                &self.properties.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Send> Harness<S> {
+    /// A harness for the driver loaded as `name` with `entry`. `start_service` starts its
+    /// service side for a case: it runs on the harness's thread once the driver is loaded (to
+    /// connect a port client, open a device), and returns the service's body, which the harness
+    /// runs as a context of the machine beside the callers.
+    pub fn new(
+        name: &str,
+        entry: DriverEntryFn,
+        start_service: impl for<'m> Fn(&'m Machine, &Case) -> ServiceBody<'m, S> + Sync + 'static,
+    ) -> Self {
+        Harness {
+            name: name.to_owned(),
+            entry,
+            start_service: Box::new(start_service),
+            properties: Vec::new(),
+            generation: Generation::default(),
+        }
+    }
+
+    /// Adds a property of the driver's own, checked after every case that kept the invariants:
+    /// `Err` with what was wrong fails the case.
+    #[must_use]
+    pub fn property(
+        mut self,
+        name: &str,
+        check: impl Fn(&Run<S>) -> Result<(), String> + Sync + 'static,
+    ) -> Self {
+        self.properties.push((name.to_owned(), Box::new(check)));
+        self
+    }
+
+    /// Replaces the generator's bounds ([`Generation::default`] otherwise).
+    #[must_use]
+    pub fn generation(mut self, generation: Generation) -> Self {
+        self.generation = generation;
+        self
+    }
+
+    /// The strategy that generates cases for `seed` (the schedule seed is `seed`).
+    fn strategy(&self, seed: u64) -> impl Strategy<Value = Case> + use<S> {
+        let g = self.generation.clone();
+        let answers = if g.answers.is_empty() {
+            vec![Answer::Allow]
+        } else {
+            g.answers.clone()
+        };
+        let callers = g.callers.max(1);
+        // Simpler first, for shrinking: outbound, IPv4, TCP, PASSIVE_LEVEL, caller 0, and the
+        // answers in the order given.
+        let connection = (
+            any::<bool>().prop_map(move |b| b && g.inbound),
+            any::<bool>().prop_map(move |b| b && g.ipv6),
+            any::<bool>().prop_map(move |b| b && g.udp),
+            any::<bool>(),
+            0..callers,
+            0..answers.len(),
+        )
+            .prop_map(move |(inbound, ipv6, udp, dispatch, caller, answer)| {
+                ConnectionCase {
+                    pid: 0,
+                    inbound,
+                    ipv6,
+                    udp,
+                    irql: if dispatch {
+                        AleIrql::Dispatch
+                    } else {
+                        AleIrql::Passive
+                    },
+                    caller,
+                    answer: answers[answer],
+                }
+            });
+        let connections = proptest::collection::vec(connection, 1..=g.max_connections.max(1));
+        let faults = (
+            // The first few allocations after load more often: most drivers allocate a little
+            // per connection, and a workload has a few connections.
+            proptest::option::of((
+                prop_oneof![
+                    3 => 0..=g.max_allocation_skip.min(4),
+                    1 => 0..=g.max_allocation_skip,
+                ],
+                1..=3u64,
+            )),
+            // One case in four: an unload early in the schedule decides most connections
+            // without the driver, so more would leave fewer cases that exercise it.
+            proptest::bool::weighted(0.25),
+        )
+            .prop_map(move |(allocation, unload)| {
+                if g.faults {
+                    FaultPlan {
+                        allocation_failure: allocation
+                            .map(|(skip, count)| AllocationFailure { skip, count }),
+                        unload_while_connecting: unload,
+                    }
+                } else {
+                    FaultPlan::default()
+                }
+            });
+        (connections, faults).prop_map(move |(mut connections, faults)| {
+            // Pids by position, so that they stay unique (and small) as the case shrinks.
+            for (index, c) in connections.iter_mut().enumerate() {
+                c.pid = 101 + index as u64;
+            }
+            Case {
+                schedule_seed: seed,
+                connections,
+                faults,
+            }
+        })
+    }
+
+    /// Generates the case of `seed`.
+    pub fn case(&self, seed: u64) -> Case {
+        self.tree(seed).current()
+    }
+
+    fn tree(&self, seed: u64) -> impl ValueTree<Value = Case> + use<S> {
+        let mut bytes = [0u8; 32];
+        for chunk in bytes.chunks_mut(8) {
+            chunk.copy_from_slice(&seed.to_le_bytes());
+        }
+        let mut runner = TestRunner::new_with_rng(
+            Config::default(),
+            TestRng::from_seed(RngAlgorithm::ChaCha, &bytes),
+        );
+        self.strategy(seed)
+            .new_tree(&mut runner)
+            .expect("the case strategy never rejects")
+    }
+
+    /// Checks one case for each seed in `seeds` (or, when `WFP_SIM_SEED` is set, that seed
+    /// only), and shrinks the first that fails. Returns how many cases ran.
+    ///
+    /// # Errors
+    ///
+    /// The first failing case, shrunk.
+    ///
+    /// # Panics
+    ///
+    /// When `WFP_SIM_SEED` is set but not a number.
+    pub fn check(&self, seeds: core::ops::Range<u64>) -> Result<u64, Box<Counterexample>> {
+        let seeds = match std::env::var(crate::SEED_VARIABLE) {
+            Ok(seed) => {
+                let seed = seed
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or_else(|_| panic!("{}={seed:?} is not a seed", crate::SEED_VARIABLE));
+                seed..seed.saturating_add(1)
+            }
+            Err(_) => seeds,
+        };
+        let mut cases_run = 0;
+        for seed in seeds {
+            cases_run += 1;
+            let mut tree = self.tree(seed);
+            let original = tree.current();
+            let Err(failure) = self.run_case(&original, seed) else {
+                continue;
+            };
+            let (minimal, failure, shrink_runs) =
+                self.shrink(&mut tree, original.clone(), failure, seed);
+            return Err(Box::new(Counterexample {
+                seed,
+                cases_run,
+                original,
+                minimal,
+                failure,
+                shrink_runs,
+            }));
+        }
+        Ok(cases_run)
+    }
+
+    /// [`check`](Self::check), panicking with the counterexample.
+    ///
+    /// # Panics
+    ///
+    /// When a case fails: the message is the [`Counterexample`] (minimal case, seed, replay
+    /// command).
+    #[track_caller]
+    pub fn assert_holds(&self, seeds: core::ops::Range<u64>) {
+        if let Err(counterexample) = self.check(seeds) {
+            panic!("{counterexample}");
+        }
+    }
+
+    fn shrink(
+        &self,
+        tree: &mut impl ValueTree<Value = Case>,
+        mut minimal: Case,
+        mut failure: Failure,
+        seed: u64,
+    ) -> (Case, Failure, u32) {
+        // Proptest's own loop: simplify while the case fails, complicate (step back towards the
+        // last failing value) while it passes.
+        let mut runs = 0;
+        if !tree.simplify() {
+            return (minimal, failure, runs);
+        }
+        while runs < MAX_SHRINK_RUNS {
+            runs += 1;
+            let candidate = tree.current();
+            match self.run_case(&candidate, seed) {
+                Err(f) => {
+                    minimal = candidate;
+                    failure = f;
+                    if !tree.simplify() {
+                        break;
+                    }
+                }
+                Ok(()) => {
+                    if !tree.complicate() {
+                        break;
+                    }
+                }
+            }
+        }
+        (minimal, failure, runs)
+    }
+
+    /// Runs `case` on a fresh deterministic machine and checks the invariants and the
+    /// properties. `seed` is the seed the case was generated from, for the stop report.
+    ///
+    /// # Errors
+    ///
+    /// The first invariant or property that did not hold.
+    pub fn run_case(&self, case: &Case, seed: u64) -> Result<(), Failure> {
+        let fail = |property: &str, message: String| Failure {
+            property: property.to_owned(),
+            message,
+        };
+        let machine = Machine::deterministic(case.schedule_seed);
+        machine.set_stop_note(Some(format!(
+            "property harness: running the case of seed {seed} (or a case shrunk from it), \
+             replayed by WFP_SIM_SEED={seed} with the same test: {case:?}"
+        )));
+        let driver = machine
+            .load_driver(&self.name, self.entry)
+            .map_err(|status| fail("the driver loads", format!("{status}")))?;
+        let callers = case
+            .connections
+            .iter()
+            .map(|c| c.caller)
+            .max()
+            .map_or(0, |m| m + 1);
+        let mut driver = Some(driver);
+        let (outcomes, callers_panicked, still_pended, unloaded, service) =
+            std::thread::scope(|scope| {
+                let machine = &machine;
+                let body = (self.start_service)(machine, case);
+                // Armed once the service has started: the faults are the workload's, not the
+                // test setup's.
+                if let Some(a) = case.faults.allocation_failure {
+                    machine.fail_allocations(a.skip, a.count);
+                }
+                let service = machine.spawn(scope, "service", body);
+                let unloader = if case.faults.unload_while_connecting {
+                    driver
+                        .take()
+                        .map(|d| machine.spawn(scope, "unloader", move || machine.unload_driver(d)))
+                } else {
+                    None
+                };
+                let running: Vec<_> = (0..callers)
+                    .map(|caller| {
+                        machine.spawn(scope, &format!("caller-{caller}"), move || {
+                            case.connections
+                                .iter()
+                                .enumerate()
+                                .filter(|(_, c)| c.caller == caller)
+                                .map(|(index, c)| (index, machine.connect(&c.connection(), c.irql)))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                let mut outcomes: Vec<Option<ConnectOutcome>> = vec![None; case.connections.len()];
+                let mut callers_panicked = false;
+                for caller in running {
+                    match caller.join() {
+                        Ok(done) => {
+                            for (index, outcome) in done {
+                                outcomes[index] = Some(outcome);
+                            }
+                        }
+                        Err(_) => callers_panicked = true,
+                    }
+                }
+                let still_pended = machine.pending_classifications();
+                let unloaded = match (unloader, driver.take()) {
+                    (Some(unloader), _) => unloader
+                        .join()
+                        .map_err(|_| "the unload panicked".to_owned())
+                        .and_then(|r| r.map_err(|e| e.to_string())),
+                    (None, Some(d)) => machine.unload_driver(d).map_err(|e| e.to_string()),
+                    (None, None) => Ok(()),
+                };
+                let service = service.join();
+                (outcomes, callers_panicked, still_pended, unloaded, service)
+            });
+        machine.fail_allocations(0, 0);
+        if callers_panicked {
+            return Err(fail(
+                "every connection returns",
+                "a caller panicked".to_owned(),
+            ));
+        }
+        unloaded.map_err(|e| fail("the driver unloads", e))?;
+        let service =
+            service.map_err(|_| fail("the service returns", "the service panicked".to_owned()))?;
+        if still_pended != 0 {
+            return Err(fail(
+                "every classification is decided exactly once",
+                format!(
+                    "{still_pended} classification(s) still pended after every connection returned"
+                ),
+            ));
+        }
+        let outcomes: Vec<(ConnectionCase, ConnectOutcome)> = case
+            .connections
+            .iter()
+            .cloned()
+            .zip(outcomes)
+            .map(|(c, o)| o.map(|o| (c, o)))
+            .collect::<Option<_>>()
+            .ok_or_else(|| {
+                fail(
+                    "every connection returns",
+                    "a connection has no outcome".to_owned(),
+                )
+            })?;
+        for (c, outcome) in &outcomes {
+            decided_once(outcome).map_err(|m| {
+                fail(
+                    "every classification is decided exactly once",
+                    format!("pid {}: {m}", c.pid),
+                )
+            })?;
+        }
+        let left = machine.pool_blocks();
+        if !left.is_empty() {
+            return Err(fail(
+                "nothing is left after unload",
+                format!("pool blocks: {left:?}"),
+            ));
+        }
+        let pended = machine.pending_classifications();
+        if pended != 0 {
+            return Err(fail(
+                "nothing is left after unload",
+                format!("{pended} pended classification(s)"),
+            ));
+        }
+        let io = machine.pending_io_requests();
+        if io != 0 {
+            return Err(fail(
+                "nothing is left after unload",
+                format!("{io} I/O request(s) pending"),
+            ));
+        }
+        let run = Run {
+            case: case.clone(),
+            outcomes,
+            service,
+            debug_output: machine.debug_output(),
+        };
+        for (name, property) in &self.properties {
+            let held = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| property(&run)))
+                .unwrap_or_else(|_| Err("the property panicked".to_owned()));
+            held.map_err(|m| fail(name, m))?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `outcome` is one final decision at each layer: a pended classification is followed
+/// by exactly one decision at its layer (the completion's, or the reauthorization's). At
+/// `ALE_AUTH_RECV_ACCEPT` a completion causes no reauthorization: the layer is crossed again
+/// only by a packet the callout reinjected, so at most once. (That the pend was completed at all
+/// is [`Machine::connect`] returning, and no classification being pended afterwards.)
+fn decided_once(outcome: &ConnectOutcome) -> Result<(), String> {
+    for (at, (layer, decision)) in outcome.layers.iter().enumerate() {
+        if decision.pending.is_none() {
+            continue;
+        }
+        let after = outcome.layers[at + 1..]
+            .iter()
+            .filter(|(l, _)| l == layer)
+            .count();
+        let once = if layer.starts_with("ALE_AUTH_RECV_ACCEPT") {
+            after <= 1
+        } else {
+            after == 1
+        };
+        if !once {
+            return Err(format!(
+                "{layer}: a pended classification followed by {after} decisions at its layer: {:?}",
+                outcome.layers
+            ));
+        }
+    }
+    Ok(())
+}
