@@ -566,8 +566,9 @@ fn serve(machine: &Machine, design: AskVia, shared: &Shared) -> Result<(), Strin
                 }
                 Err(()) => continue 'lives,
             };
-            // Counted before its answer is logged: see `Shared::in_flight`.
-            shared.in_flight.fetch_add(1, Ordering::SeqCst);
+            // Counted before its answer is logged (see `Shared::in_flight`), until this iteration
+            // ends however it ends: a service that fails must not leave the phase waiting.
+            let _answering = Answering::start(&shared.in_flight);
             let data = match &question {
                 Question::Port(_, data) | Question::Channel(_, data) => data,
             };
@@ -602,7 +603,6 @@ fn serve(machine: &Machine, design: AskVia, shared: &Shared) -> Result<(), Strin
                     // Killed mid-question: the connection closes without a reply.
                     shared.kills.fetch_add(1, Ordering::Relaxed);
                     drop(end);
-                    shared.in_flight.fetch_sub(1, Ordering::SeqCst);
                     continue 'lives;
                 }
                 8 if rng.below(8) == 0 => {
@@ -639,10 +639,25 @@ fn serve(machine: &Machine, design: AskVia, shared: &Shared) -> Result<(), Strin
                     .unwrap_or_else(PoisonError::into_inner)
                     .remove(&key);
             }
-            shared.in_flight.fetch_sub(1, Ordering::SeqCst);
         }
     }
     Ok(())
+}
+
+/// One question the service is answering, counted in `Shared::in_flight` while it lives.
+struct Answering<'a>(&'a AtomicUsize);
+
+impl<'a> Answering<'a> {
+    fn start(in_flight: &'a AtomicUsize) -> Answering<'a> {
+        in_flight.fetch_add(1, Ordering::SeqCst);
+        Answering(in_flight)
+    }
+}
+
+impl Drop for Answering<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The layer whose decision is the connection's.
