@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use wfp_rs::callout::{Callout, CalloutKey, Classify};
 use wfp_rs::classify::Action;
@@ -16,6 +17,7 @@ use wfp_rs::irql::{DispatchLevel, Irql, PassiveLevel};
 use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::layer::{self, IpVersion, fields};
 use wfp_rs::{Guid, Status, guid};
+use wfp_rs_sim::bugcheck_test;
 use wfp_rs_sim::{ClassifyRequest, LoadedDriver, Machine};
 use wfp_rs_tests::install::install;
 
@@ -49,6 +51,8 @@ fn is_the_whole_ip_packet(packet: &[u8]) -> bool {
 struct NetworkReinjector {
     handle: InjectionHandle<Network>,
     results: Mutex<Vec<Result<(), Status>>>,
+    /// Its own injections, indicated to it again and permitted.
+    own: AtomicU32,
 }
 
 impl Callout<layer::InboundIpPacketV4> for NetworkReinjector {
@@ -58,6 +62,7 @@ impl Callout<layer::InboundIpPacketV4> for NetworkReinjector {
         c: &mut Classify<'_, layer::InboundIpPacketV4>,
     ) {
         if c.injection_state(irql, &self.handle) == InjectionState::InjectedBySelf {
+            self.own.fetch_add(1, Ordering::SeqCst);
             let _ = c.out.permit();
             return;
         }
@@ -77,6 +82,7 @@ impl Callout<layer::OutboundIpPacketV4> for NetworkReinjector {
         c: &mut Classify<'_, layer::OutboundIpPacketV4>,
     ) {
         if c.injection_state(irql, &self.handle) == InjectionState::InjectedBySelf {
+            self.own.fetch_add(1, Ordering::SeqCst);
             let _ = c.out.permit();
             return;
         }
@@ -134,6 +140,7 @@ fn an_inbound_ip_packet_is_cloned_from_its_ip_header_and_injected_into_the_recei
         |_| NetworkReinjector {
             handle,
             results: Mutex::default(),
+            own: AtomicU32::new(0),
         },
     );
     let request = ClassifyRequest::<layer::InboundIpPacketV4>::new()
@@ -151,6 +158,14 @@ fn an_inbound_ip_packet_is_cloned_from_its_ip_header_and_injected_into_the_recei
         is_the_whole_ip_packet(&injected[0].packet),
         "the clone starts at the IP header the layer's data start is past: {:?}",
         injected[0].packet
+    );
+    assert_eq!(
+        (
+            injected[0].reindicated,
+            installed.callout().own.load(Ordering::SeqCst)
+        ),
+        (Some(Action::Permit), 1),
+        "the injected packet was indicated to INBOUND_IPPACKET again, recognised and permitted"
     );
     installed.remove(&machine, &driver);
     // Unloading checks that the clone was freed (the SDK's completion routine) and the handle
@@ -178,6 +193,7 @@ fn an_outbound_ip_packet_is_injected_into_the_send_path_and_a_handle_of_the_othe
             |_| NetworkReinjector {
                 handle,
                 results: Mutex::default(),
+                own: AtomicU32::new(0),
             },
         );
         let request = ClassifyRequest::<layer::OutboundIpPacketV4>::new().with_packet(
@@ -193,6 +209,8 @@ fn an_outbound_ip_packet_is_injected_into_the_send_path_and_a_handle_of_the_othe
                 assert_eq!(injected.len(), 1, "{version:?}");
                 assert_eq!(injected[0].routine, "FwpsInjectNetworkSendAsync0");
                 assert!(is_the_whole_ip_packet(&injected[0].packet));
+                assert_eq!(injected[0].reindicated, Some(Action::Permit));
+                assert_eq!(installed.callout().own.load(Ordering::SeqCst), 1);
             }
             // Refused before the stack took it: the clone came back and was freed by the
             // callout (else the unload below would stop).
@@ -231,6 +249,52 @@ fn a_forwarded_packet_is_injected_into_the_forwarding_path() {
     assert_eq!(injected.len(), 1);
     assert_eq!(injected[0].routine, "FwpsInjectForwardAsync0");
     assert!(is_the_whole_ip_packet(&injected[0].packet));
+    assert_eq!(
+        injected[0].reindicated, None,
+        "a forward-injected packet is not classified again"
+    );
     installed.remove(&machine, &driver);
     machine.unload_driver(driver).unwrap();
+}
+
+/// Injects every packet it sees, its own injections included: on Windows a loop for ever.
+struct Loops {
+    handle: InjectionHandle<Network>,
+}
+
+impl Callout<layer::OutboundIpPacketV4> for Loops {
+    fn classify(
+        &self,
+        irql: &mut DispatchLevel<'_>,
+        c: &mut Classify<'_, layer::OutboundIpPacketV4>,
+    ) {
+        if let Ok(clone) = c.clone_for_network_send(irql) {
+            c.out.block();
+            let _ = clone.inject(irql, &self.handle);
+        }
+    }
+}
+
+bugcheck_test! {
+    /// A callout that does not recognise its own network injections injects each again.
+    fn injecting_its_own_injections_again_stops_as_a_loop() expects WFP_INVALID_OPERATION (0x8000_0013) {
+        let machine = Machine::new();
+        let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+        let handle = network_handle(&machine, &driver, IpVersion::V4);
+        let _installed = install(
+            &machine,
+            &driver,
+            CalloutKey::<layer::OutboundIpPacketV4>::new(guid!(
+                "63000000-0000-0000-0000-000000000005"
+            )),
+            FILTER,
+            |_| Loops { handle },
+        );
+        let request = ClassifyRequest::<layer::OutboundIpPacketV4>::new().with_packet(
+            IpProtocol::Tcp,
+            source(),
+            destination(),
+        );
+        machine.classify(Irql::DISPATCH, &request);
+    }
 }

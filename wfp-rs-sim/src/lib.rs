@@ -1002,7 +1002,8 @@ impl Machine {
     /// `FwpsInjectNetworkReceiveAsync0`, `FwpsInjectForwardAsync0`), oldest first, at most 256:
     /// which routine, the status the stack gave the packet (a packet that does not start with an
     /// IP header of its family is dropped with `STATUS_INVALID_PARAMETER`), and its bytes from
-    /// its data start. Such packets are delivered at once (see docs/packets.md).
+    /// its data start, and what the layer decided when a network-injected one was indicated to
+    /// it again (see docs/packets.md).
     pub fn injected_packets(&self) -> Vec<InjectedPacket> {
         crate::kernel::inject::delivered(&self.kernel)
             .into_iter()
@@ -1010,6 +1011,7 @@ impl Machine {
                 routine: d.routine,
                 status: wfp_rs::Status::from_raw(d.status),
                 packet: d.packet,
+                reindicated: d.reindicated.map(wfp_rs::classify::Action::from_raw),
             })
             .collect()
     }
@@ -1533,6 +1535,11 @@ pub struct InjectedPacket {
     pub status: wfp_rs::Status,
     /// The packet's bytes from its data start.
     pub packet: Vec<u8>,
+    /// What the IP packet layer of its direction decided when the network-injected packet was
+    /// indicated to it again (as on Windows: a callout recognises its own injection with
+    /// `FwpsQueryPacketInjectionState0`); `None` for forward injection, which is not classified
+    /// again, and for a packet the stack dropped.
+    pub reindicated: Option<wfp_rs::classify::Action>,
 }
 
 /// A classification to run at layer `L`: the values of its fields and its metadata. Fields not

@@ -32,8 +32,10 @@
 //!   stream and forward) or for the packet's address family. Network injection
 //!   (`FwpsInjectNetworkSendAsync0`, `FwpsInjectNetworkReceiveAsync0`) and forward injection
 //!   (`FwpsInjectForwardAsync0`) deliver the packet at once; a forward-injected packet is not
-//!   classified again (documented), and neither, here, is a network-injected one (INFERRED
-//!   simplification: on Windows it can be indicated to the callouts again).
+//!   classified again (documented); a network-injected one is indicated again at the IP packet
+//!   layer of its direction before the inject routine returns (`reindicate`), and a callout
+//!   that injects its own injections again stops the machine after a few rounds instead of
+//!   looping for ever ([`INJECTION_LOOP`]).
 //!
 //! What Windows punishes stops the machine (INFERRED codes: Microsoft documents the rules, not
 //! the bug checks; these misuses corrupt NDIS or WFP memory on Windows, so the simulator uses
@@ -69,6 +71,19 @@ pub(crate) const CLONE_IN_FLIGHT: usize = 0x8000_0011;
 /// An inject, query or destroy with an injection handle that is not live (destroyed, or never
 /// created); parameter 3 is 1 if it was destroyed.
 pub(crate) const HANDLE_NOT_LIVE: usize = 0x8000_0012;
+/// A network-injected packet re-indicated more than [`REINDICATION_LIMIT`] times in a row: a
+/// callout that injects its own injections again (it does not check
+/// `FwpsQueryPacketInjectionState0`). Parameter 3 is the depth.
+pub(crate) const INJECTION_LOOP: usize = 0x8000_0013;
+/// How deep re-indications of network-injected packets may nest before the simulator calls it
+/// a loop.
+const REINDICATION_LIMIT: u32 = 8;
+
+thread_local! {
+    /// How many network injections this thread is re-indicating, one inside the other.
+    static REINDICATION_DEPTH: core::cell::Cell<u32> = const { core::cell::Cell::new(0) };
+}
+
 /// Parameter 3 of the unload stop for clones the driver never freed; parameter 4 how many.
 pub(crate) const UNLOAD_CLONES_LIVE: usize = 5;
 /// Parameter 3 of the unload stop for injection handles never destroyed; parameter 4 how many.
@@ -110,6 +125,9 @@ pub(crate) struct Delivered {
     pub status: NTSTATUS,
     /// The packet's bytes from its data start.
     pub packet: Vec<u8>,
+    /// The action of the packet's re-indication at its IP packet layer (network injection of a
+    /// well-formed packet), `FWP_ACTION_PERMIT` or `FWP_ACTION_BLOCK`.
+    pub reindicated: Option<FWP_ACTION_TYPE>,
 }
 
 /// The most recent network and forward injections of the machine, oldest first.
@@ -725,19 +743,130 @@ fn inject_at_once(
             routine,
             status,
             packet,
+            reindicated: None,
         });
         if state.delivered.len() > DELIVERED_KEPT {
             state.delivered.pop_front();
+        }
+    }
+    if well_formed && kind == FWPS_INJECTION_TYPE_NETWORK {
+        let receive = routine == "FwpsInjectNetworkReceiveAsync0";
+        let action = reindicate(nbl, family, receive);
+        let kernel = current();
+        let mut state = kernel.inject.state();
+        // Its own entry: the newest of this routine's entries for no re-indication yet (inner
+        // injections, re-indicated first, pushed theirs after it).
+        if let Some(entry) = state
+            .delivered
+            .iter_mut()
+            .rev()
+            .find(|d| d.routine == routine && d.reindicated.is_none())
+        {
+            entry.reindicated = Some(action);
         }
     }
     complete_flight(nbl, status);
     0
 }
 
+/// Indicates network-injected clone `nbl` to the IP packet layer of its direction again, as
+/// Microsoft documents ("the injected packet can be indicated to the callout driver again"):
+/// INBOUND_IPPACKET past its IP header for a receive injection, OUTBOUND_IPPACKET at it for a
+/// send, at `DISPATCH_LEVEL`, on the injecting thread before the inject routine returns
+/// (INFERRED: Windows may do it later, on another processor; a callout must be ready for both),
+/// with the injection in flight, so `FwpsQueryPacketInjectionState0` says `INJECTED_BY_SELF` to
+/// the injecting handle. Only the layer's filters and callouts decide it; its fields are empty.
+/// A callout that injects every packet it sees, its own injections included, would loop for
+/// ever on Windows; here it stops with `WFP_INVALID_OPERATION` ([`INJECTION_LOOP`]) once the
+/// re-indications nest [`REINDICATION_LIMIT`] deep. Returns the layer's action.
+fn reindicate(nbl: usize, family: ADDRESS_FAMILY, receive: bool) -> FWP_ACTION_TYPE {
+    let depth = REINDICATION_DEPTH.with(|d| {
+        d.set(d.get() + 1);
+        d.get()
+    });
+    struct Unnest;
+    impl Drop for Unnest {
+        fn drop(&mut self) {
+            REINDICATION_DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+        }
+    }
+    let _unnest = Unnest;
+    if depth > REINDICATION_LIMIT {
+        stop(
+            BugCheckCode::WFP_INVALID_OPERATION,
+            [INJECTION_LOOP, nbl, depth as usize, 0],
+            &format!(
+                "a network-injected packet was injected again {depth} times in a row: a callout \
+                 injects its own injections (check FwpsQueryPacketInjectionState0 and permit \
+                 FWPS_PACKET_INJECTED_BY_SELF)"
+            ),
+        );
+    }
+    let layer_id = match (receive, family) {
+        (true, AF_INET) => FWPS_LAYER_INBOUND_IPPACKET_V4,
+        (true, _) => FWPS_LAYER_INBOUND_IPPACKET_V6,
+        (false, AF_INET) => FWPS_LAYER_OUTBOUND_IPPACKET_V4,
+        (false, _) => FWPS_LAYER_OUTBOUND_IPPACKET_V6,
+    };
+    let Some(layer) = wfp_rs::layer::layer_by_id(layer_id) else {
+        return FWP_ACTION_PERMIT;
+    };
+    let kernel = current();
+    let ip_header_size = {
+        let state = kernel.inject.state();
+        state.clones.get(&nbl).map_or(0, |record| {
+            let start = record.storage.nb.DataOffset as usize;
+            match record.storage.bytes.get(start) {
+                Some(b) if b >> 4 == 4 => u32::from(b & 0x0F) * 4,
+                _ => 40,
+            }
+        })
+    };
+    let start = {
+        let state = kernel.inject.state();
+        state
+            .clones
+            .get(&nbl)
+            .map_or(0, |record| record.storage.nb.DataOffset)
+    };
+    let offset = if receive {
+        start + ip_header_size
+    } else {
+        start
+    };
+    let layer_data = position(&kernel, nbl, offset);
+    let values = || vec![super::wfp::SimValue::Empty; layer.field_count as usize];
+    // SAFETY: the metadata structure is plain data, valid when zeroed (no field present).
+    let mut metadata: FWPS_INCOMING_METADATA_VALUES0 = unsafe { core::mem::zeroed() };
+    metadata.ipHeaderSize = ip_header_size;
+    metadata.currentMetadataValues |= FWPS_METADATA_FIELD_IP_HEADER_SIZE;
+    let mut incoming = super::wfp::Incoming {
+        layer,
+        values: super::wfp::Values::new(&values),
+        metadata,
+        process_path: None,
+        layer_data,
+        packet: None,
+        classify_context: core::ptr::null(),
+        flow_context: 0,
+        pendable: false,
+        reauthorization: false,
+    };
+    let was = super::state::irql();
+    if was < DISPATCH_LEVEL {
+        super::state::set_irql(DISPATCH_LEVEL);
+    }
+    let verdict = super::wfp::classify(&mut incoming);
+    if was < DISPATCH_LEVEL {
+        super::state::set_irql(was);
+    }
+    // Back where the driver injected it from, for the completion routine.
+    position(&kernel, nbl, start);
+    verdict.action
+}
+
 /// `FwpsInjectNetworkSendAsync0`: at most `DISPATCH_LEVEL`. The packet (a clone starting at its
-/// IP header) is delivered at once; it is not classified again here (INFERRED simplification:
-/// on Windows a network-injected packet can be indicated to the callouts again, which is why a
-/// callout asks `FwpsQueryPacketInjectionState0` first; see docs/packets.md).
+/// IP header) is indicated to OUTBOUND_IPPACKET again (see `reindicate`), then delivered.
 ///
 /// # Safety
 ///
