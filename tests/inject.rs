@@ -233,6 +233,8 @@ fn a_reinjected_packet_is_injected_by_other_for_another_handle() {
 struct SendsClones {
     injection: InjectionHandle,
     injected: AtomicU32,
+    /// Its own injections, indicated to it again at OUTBOUND_TRANSPORT and permitted.
+    own: AtomicU32,
 }
 
 impl Callout<layer::OutboundTransportV4> for SendsClones {
@@ -242,6 +244,7 @@ impl Callout<layer::OutboundTransportV4> for SendsClones {
         c: &mut Classify<'_, layer::OutboundTransportV4>,
     ) {
         if c.injection_state(irql, &self.injection) == InjectionState::InjectedBySelf {
+            self.own.fetch_add(1, Ordering::SeqCst);
             let _ = c.out.permit();
             return;
         }
@@ -268,6 +271,7 @@ fn a_send_clone_is_injected_and_freed_by_the_completion() {
         |_| SendsClones {
             injection,
             injected: AtomicU32::new(0),
+            own: AtomicU32::new(0),
         },
     );
     let mut connection = inbound();
@@ -279,6 +283,11 @@ fn a_send_clone_is_injected_and_freed_by_the_completion() {
         Some(("OUTBOUND_TRANSPORT_V4", Action::Block))
     );
     assert_eq!(installed.callout().injected.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        installed.callout().own.load(Ordering::SeqCst),
+        1,
+        "the injected clone was indicated at OUTBOUND_TRANSPORT again and recognised"
+    );
     installed.remove(&machine, &driver);
     // Unloading checks that the clone was freed (by the SDK's completion routine) and the
     // handle destroyed (when the callout was dropped, at PASSIVE_LEVEL).
@@ -578,5 +587,45 @@ bugcheck_test! {
                 sys::FwpsInjectionHandleCreate0(sys::AF_INET, sys::FWPS_INJECTION_TYPE_TRANSPORT, &mut handle)
             };
         });
+    }
+}
+
+/// Send-injects a clone of every outbound packet it sees, its own injections included.
+struct SendsForEver {
+    injection: InjectionHandle,
+}
+
+impl Callout<layer::OutboundTransportV4> for SendsForEver {
+    fn classify(
+        &self,
+        irql: &mut DispatchLevel<'_>,
+        c: &mut Classify<'_, layer::OutboundTransportV4>,
+    ) {
+        if let Ok(clone) = c.clone_for_send(irql) {
+            c.out.block();
+            let _ = clone.inject(irql, &self.injection);
+        }
+    }
+}
+
+bugcheck_test! {
+    /// A send-injected packet is indicated at OUTBOUND_TRANSPORT again: a callout that does not
+    /// recognise its own injection injects it again, for ever on Windows.
+    fn send_injecting_its_own_injections_again_stops_as_a_loop() expects WFP_INVALID_OPERATION (0x8000_0013) {
+        let machine = Machine::new();
+        let driver = machine.load_driver("host", host::DriverEntry).unwrap();
+        let injection = injection_handle(&machine, &driver);
+        let _installed = install(
+            &machine,
+            &driver,
+            CalloutKey::<layer::OutboundTransportV4>::new(guid!(
+                "62000000-0000-0000-0000-000000000009"
+            )),
+            guid!("62000000-0000-0000-0000-00000000000a"),
+            |_| SendsForEver { injection },
+        );
+        let mut connection = inbound();
+        connection.direction = Direction::Outbound;
+        machine.connect(&connection, AleIrql::Dispatch);
     }
 }

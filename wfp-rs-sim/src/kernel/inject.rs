@@ -19,10 +19,12 @@
 //!   that attempt: the connecting thread runs it through INBOUND_TRANSPORT,
 //!   ALE_AUTH_RECV_ACCEPT and ALE_FLOW_ESTABLISHED again (the packet is the clone itself, its
 //!   data start advanced to where each layer puts it), then calls the completion routine. Any
-//!   other injected packet is delivered at once without being classified again (INFERRED
-//!   simplification: nothing in the harness waits for it), and its completion routine runs
-//!   before the inject call returns, at `DISPATCH_LEVEL` (Windows may complete an injection
-//!   inline or later; a driver must accept both).
+//!   other transport- or network-injected packet is indicated again at the one layer it
+//!   re-enters (INBOUND_TRANSPORT or OUTBOUND_TRANSPORT, INBOUND_IPPACKET or OUTBOUND_IPPACKET;
+//!   INFERRED simplification: the layers above it are not run, nothing in the harness waits for
+//!   the packet), on the injecting thread, and its completion routine runs before the inject
+//!   call returns, at `DISPATCH_LEVEL` (Windows may complete an injection inline or later; a
+//!   driver must accept both).
 //! - While an injected clone is in flight, `FwpsQueryPacketInjectionState0` says
 //!   `FWPS_PACKET_INJECTED_BY_SELF` (and hands back the injection context) to the handle that
 //!   injected it, `FWPS_PACKET_INJECTED_BY_OTHER` to any other handle.
@@ -603,6 +605,7 @@ pub unsafe extern "system" fn FwpsInjectTransportReceiveAsync0(
     let queued = begin_flight("FwpsInjectTransportReceiveAsync0", nbl, flight, well_formed);
     if !queued {
         let status = if well_formed {
+            reindicate(nbl, addressFamily, Reentry::TransportReceive);
             0
         } else {
             Status::INVALID_PARAMETER.raw()
@@ -612,8 +615,8 @@ pub unsafe extern "system" fn FwpsInjectTransportReceiveAsync0(
     0
 }
 
-/// `FwpsInjectTransportSendAsync0`: at most `DISPATCH_LEVEL`. The packet is delivered at once,
-/// without being classified again (INFERRED simplification, see the module documentation).
+/// `FwpsInjectTransportSendAsync0`: at most `DISPATCH_LEVEL`. The packet is indicated again at
+/// OUTBOUND_TRANSPORT (see `reindicate`), then delivered.
 ///
 /// # Safety
 ///
@@ -631,7 +634,7 @@ pub unsafe extern "system" fn FwpsInjectTransportSendAsync0(
     completionContext: HANDLE,
 ) -> NTSTATUS {
     let _kernel = super::state::KernelCode::enter();
-    let _ = (endpointHandle, sendArgs, compartmentId);
+    let _ = compartmentId;
     require_irql("FwpsInjectTransportSendAsync0", DISPATCH_LEVEL);
     if netBufferList.is_null() || completionFn.is_none() {
         return Status::FWP_NULL_POINTER.raw();
@@ -657,6 +660,28 @@ pub unsafe extern "system" fn FwpsInjectTransportSendAsync0(
         driver: current_driver(),
     };
     begin_flight("FwpsInjectTransportSendAsync0", nbl, flight, true);
+    // SAFETY: `sendArgs` is null or valid per the contract, its `remoteAddress` null or pointing
+    // to the address (4 bytes for IPv4, 16 for IPv6).
+    let remote = unsafe { sendArgs.as_ref() }
+        .filter(|args| !args.remoteAddress.is_null())
+        .map(|args| {
+            let len = if addressFamily == AF_INET { 4 } else { 16 };
+            let mut address = [0u8; 16];
+            // SAFETY: as above.
+            address[..len].copy_from_slice(unsafe {
+                core::slice::from_raw_parts(args.remoteAddress.cast_const(), len)
+            });
+            address
+        });
+    reindicate_with(
+        nbl,
+        addressFamily,
+        Reentry::TransportSend,
+        Sent {
+            endpoint: endpointHandle,
+            remote,
+        },
+    );
     complete_flight(nbl, 0);
     0
 }
@@ -750,8 +775,12 @@ fn inject_at_once(
         }
     }
     if well_formed && kind == FWPS_INJECTION_TYPE_NETWORK {
-        let receive = routine == "FwpsInjectNetworkReceiveAsync0";
-        let action = reindicate(nbl, family, receive);
+        let reentry = if routine == "FwpsInjectNetworkReceiveAsync0" {
+            Reentry::NetworkReceive
+        } else {
+            Reentry::NetworkSend
+        };
+        let action = reindicate(nbl, family, reentry);
         let kernel = current();
         let mut state = kernel.inject.state();
         // Its own entry: the newest of this routine's entries for no re-indication yet (inner
@@ -769,17 +798,82 @@ fn inject_at_once(
     0
 }
 
-/// Indicates network-injected clone `nbl` to the IP packet layer of its direction again, as
-/// Microsoft documents ("the injected packet can be indicated to the callout driver again"):
-/// INBOUND_IPPACKET past its IP header for a receive injection, OUTBOUND_IPPACKET at it for a
-/// send, at `DISPATCH_LEVEL`, on the injecting thread before the inject routine returns
+/// Where an injected packet is indicated again.
+#[derive(Clone, Copy)]
+enum Reentry {
+    /// INBOUND_IPPACKET, past the IP header the clone starts at.
+    NetworkReceive,
+    /// OUTBOUND_IPPACKET, at the IP header the clone starts at.
+    NetworkSend,
+    /// INBOUND_TRANSPORT, past the IP and transport headers the clone starts at.
+    TransportReceive,
+    /// OUTBOUND_TRANSPORT, at the transport header the clone starts at.
+    TransportSend,
+}
+
+/// The IP header's size and the transport header's size (TCP's data offset, UDP's 8, else 0)
+/// of `bytes`, which start at an IP header if `ip`, else at a transport header of `protocol`.
+fn header_sizes(bytes: &[u8], ip: bool, protocol: u8) -> (u32, u32) {
+    let (ip_size, protocol) = if ip {
+        match bytes.first() {
+            Some(b) if b >> 4 == 4 => (u32::from(b & 0x0F) * 4, bytes.get(9).copied().unwrap_or(0)),
+            Some(_) => (40, bytes.get(6).copied().unwrap_or(0)),
+            None => (0, 0),
+        }
+    } else {
+        (0, protocol)
+    };
+    let transport = match protocol {
+        6 => bytes
+            .get(ip_size as usize + 12)
+            .map_or(20, |b| u32::from(b >> 4) * 4),
+        17 => 8,
+        _ => 0,
+    };
+    (ip_size, transport)
+}
+
+/// Indicates injected clone `nbl` to the layer it re-enters, as Microsoft documents for
+/// network and transport injection ("the injected packet can be indicated to the callout driver
+/// again"): at `DISPATCH_LEVEL`, on the injecting thread before the inject routine returns
 /// (INFERRED: Windows may do it later, on another processor; a callout must be ready for both),
 /// with the injection in flight, so `FwpsQueryPacketInjectionState0` says `INJECTED_BY_SELF` to
 /// the injecting handle. Only the layer's filters and callouts decide it; its fields are empty.
 /// A callout that injects every packet it sees, its own injections included, would loop for
 /// ever on Windows; here it stops with `WFP_INVALID_OPERATION` ([`INJECTION_LOOP`]) once the
 /// re-indications nest [`REINDICATION_LIMIT`] deep. Returns the layer's action.
-fn reindicate(nbl: usize, family: ADDRESS_FAMILY, receive: bool) -> FWP_ACTION_TYPE {
+fn reindicate(nbl: usize, family: ADDRESS_FAMILY, reentry: Reentry) -> FWP_ACTION_TYPE {
+    reindicate_with(nbl, family, reentry, Sent::default())
+}
+
+/// What a transport send injection says of the packet beyond its bytes, which carry no IP
+/// header: the endpoint it is sent from, and its remote address (`sendArgs`).
+#[derive(Clone, Copy, Default)]
+struct Sent {
+    endpoint: u64,
+    remote: Option<[u8; 16]>,
+}
+
+/// The value of an address field: IPv4 as `FWP_UINT32` in host order, IPv6 as 16 bytes.
+fn address_value(v4: bool, bytes: &[u8]) -> super::wfp::SimValue {
+    if v4 {
+        let mut a = [0u8; 4];
+        a.copy_from_slice(bytes.get(..4).unwrap_or(&[0; 4]));
+        super::wfp::SimValue::U32(u32::from_be_bytes(a))
+    } else {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(bytes.get(..16).unwrap_or(&[0; 16]));
+        super::wfp::SimValue::Bytes16(a)
+    }
+}
+
+/// [`reindicate`], with what a transport send injection adds ([`Sent`]).
+fn reindicate_with(
+    nbl: usize,
+    family: ADDRESS_FAMILY,
+    reentry: Reentry,
+    sent: Sent,
+) -> FWP_ACTION_TYPE {
     let depth = REINDICATION_DEPTH.with(|d| {
         d.set(d.get() + 1);
         d.get()
@@ -796,50 +890,118 @@ fn reindicate(nbl: usize, family: ADDRESS_FAMILY, receive: bool) -> FWP_ACTION_T
             BugCheckCode::WFP_INVALID_OPERATION,
             [INJECTION_LOOP, nbl, depth as usize, 0],
             &format!(
-                "a network-injected packet was injected again {depth} times in a row: a callout \
+                "an injected packet was injected again {depth} times in a row: a callout \
                  injects its own injections (check FwpsQueryPacketInjectionState0 and permit \
                  FWPS_PACKET_INJECTED_BY_SELF)"
             ),
         );
     }
-    let layer_id = match (receive, family) {
-        (true, AF_INET) => FWPS_LAYER_INBOUND_IPPACKET_V4,
-        (true, _) => FWPS_LAYER_INBOUND_IPPACKET_V6,
-        (false, AF_INET) => FWPS_LAYER_OUTBOUND_IPPACKET_V4,
-        (false, _) => FWPS_LAYER_OUTBOUND_IPPACKET_V6,
+    let v4 = family == AF_INET;
+    let layer_id = match (reentry, v4) {
+        (Reentry::NetworkReceive, true) => FWPS_LAYER_INBOUND_IPPACKET_V4,
+        (Reentry::NetworkReceive, false) => FWPS_LAYER_INBOUND_IPPACKET_V6,
+        (Reentry::NetworkSend, true) => FWPS_LAYER_OUTBOUND_IPPACKET_V4,
+        (Reentry::NetworkSend, false) => FWPS_LAYER_OUTBOUND_IPPACKET_V6,
+        (Reentry::TransportReceive, true) => FWPS_LAYER_INBOUND_TRANSPORT_V4,
+        (Reentry::TransportReceive, false) => FWPS_LAYER_INBOUND_TRANSPORT_V6,
+        (Reentry::TransportSend, true) => FWPS_LAYER_OUTBOUND_TRANSPORT_V4,
+        (Reentry::TransportSend, false) => FWPS_LAYER_OUTBOUND_TRANSPORT_V6,
     };
     let Some(layer) = wfp_rs::layer::layer_by_id(layer_id) else {
         return FWP_ACTION_PERMIT;
     };
     let kernel = current();
-    let ip_header_size = {
-        let state = kernel.inject.state();
-        state.clones.get(&nbl).map_or(0, |record| {
-            let start = record.storage.nb.DataOffset as usize;
-            match record.storage.bytes.get(start) {
-                Some(b) if b >> 4 == 4 => u32::from(b & 0x0F) * 4,
-                _ => 40,
-            }
-        })
-    };
-    let start = {
+    let ip_present = !matches!(reentry, Reentry::TransportSend);
+    let (start, ip_size, transport_size, bytes) = {
         let state = kernel.inject.state();
         state
             .clones
             .get(&nbl)
-            .map_or(0, |record| record.storage.nb.DataOffset)
+            .map_or((0, 0, 0, Vec::new()), |record| {
+                let start = record.storage.nb.DataOffset;
+                let bytes = record
+                    .storage
+                    .bytes
+                    .get(start as usize..)
+                    .unwrap_or_default();
+                // A send clone carries no IP header to read the protocol from: TCP if the header
+                // is TCP-sized (INFERRED: the simulator's packets are SYNs or UDP headers).
+                let guessed = if bytes.len() >= 20 { 6 } else { 17 };
+                let (ip, transport) = header_sizes(bytes, ip_present, guessed);
+                (start, ip, transport, bytes.to_vec())
+            })
     };
-    let offset = if receive {
-        start + ip_header_size
-    } else {
-        start
-    };
+    let offset = start
+        + match reentry {
+            Reentry::NetworkReceive => ip_size,
+            Reentry::TransportReceive => ip_size + transport_size,
+            Reentry::NetworkSend | Reentry::TransportSend => 0,
+        };
     let layer_data = position(&kernel, nbl, offset);
-    let values = || vec![super::wfp::SimValue::Empty; layer.field_count as usize];
+    // The address and port fields, from the packet's headers (and, for a send, `sendArgs`):
+    // enough for a callout to clone the packet again, as on Windows, where every field is
+    // filled (INFERRED: the other fields are left empty here).
+    let inbound = matches!(reentry, Reentry::NetworkReceive | Reentry::TransportReceive);
+    let (local, remote): (Option<&[u8]>, Option<&[u8]>) = if ip_present {
+        let (source, destination) = if v4 {
+            (bytes.get(12..16), bytes.get(16..20))
+        } else {
+            (bytes.get(8..24), bytes.get(24..40))
+        };
+        if inbound {
+            (destination, source)
+        } else {
+            (source, destination)
+        }
+    } else {
+        (None, sent.remote.as_ref().map(|r| &r[..]))
+    };
+    let ports = bytes.get(ip_size as usize..ip_size as usize + 4).map(|p| {
+        let (source, destination) = (
+            u16::from_be_bytes([p[0], p[1]]),
+            u16::from_be_bytes([p[2], p[3]]),
+        );
+        if inbound {
+            (destination, source)
+        } else {
+            (source, destination)
+        }
+    });
+    let transport_layer = matches!(reentry, Reentry::TransportReceive | Reentry::TransportSend);
+    let values = || {
+        let mut values = vec![super::wfp::SimValue::Empty; layer.field_count as usize];
+        for field in layer.fields {
+            let value = match field.name {
+                "IpLocalAddress" => local.map(|a| address_value(v4, a)),
+                "IpRemoteAddress" => remote.map(|a| address_value(v4, a)),
+                "IpLocalPort" if transport_layer => {
+                    ports.map(|(l, _)| super::wfp::SimValue::U16(l))
+                }
+                "IpRemotePort" if transport_layer => {
+                    ports.map(|(_, r)| super::wfp::SimValue::U16(r))
+                }
+                _ => None,
+            };
+            if let (Some(value), Some(slot)) = (value, values.get_mut(field.index as usize)) {
+                *slot = value;
+            }
+        }
+        values
+    };
     // SAFETY: the metadata structure is plain data, valid when zeroed (no field present).
     let mut metadata: FWPS_INCOMING_METADATA_VALUES0 = unsafe { core::mem::zeroed() };
-    metadata.ipHeaderSize = ip_header_size;
-    metadata.currentMetadataValues |= FWPS_METADATA_FIELD_IP_HEADER_SIZE;
+    if ip_present {
+        metadata.ipHeaderSize = ip_size;
+        metadata.currentMetadataValues |= FWPS_METADATA_FIELD_IP_HEADER_SIZE;
+    }
+    if transport_layer {
+        metadata.transportHeaderSize = transport_size;
+        metadata.currentMetadataValues |= FWPS_METADATA_FIELD_TRANSPORT_HEADER_SIZE;
+    }
+    if matches!(reentry, Reentry::TransportSend) && sent.endpoint != 0 {
+        metadata.transportEndpointHandle = sent.endpoint;
+        metadata.currentMetadataValues |= FWPS_METADATA_FIELD_TRANSPORT_ENDPOINT_HANDLE;
+    }
     let mut incoming = super::wfp::Incoming {
         layer,
         values: super::wfp::Values::new(&values),
