@@ -506,17 +506,7 @@ impl ReceiveClone {
                 core::ptr::null_mut(),
             )
         };
-        match Status::from_ntstatus(status) {
-            Ok(()) => {
-                // The stack owns it now; the completion routine frees it.
-                let _ = self.clone.into_raw();
-                Ok(())
-            }
-            Err(status) => Err(InjectError {
-                status,
-                packet: self,
-            }),
-        }
+        injected(status, self, |c| c.clone)
     }
 }
 
@@ -583,17 +573,7 @@ impl SendClone {
                 core::ptr::null_mut(),
             )
         };
-        match Status::from_ntstatus(status) {
-            Ok(()) => {
-                // The stack owns it now; the completion routine frees it.
-                let _ = self.clone.into_raw();
-                Ok(())
-            }
-            Err(status) => Err(InjectError {
-                status,
-                packet: self,
-            }),
-        }
+        injected(status, self, |c| c.clone)
     }
 }
 
