@@ -18,8 +18,12 @@
 //! simulator's unload checks find nothing left (pool, pends, work items, timers, handles).
 //!
 //! The run is seeded: the seed fixes the connections and the service's and the fault thread's
-//! choices, but not the host's thread scheduling, so a real-thread run does not replay exactly
-//! (issue 13's deterministic mode is what will make it do so).
+//! choices. On real threads ([`SoakConfig::deterministic`] false) the host schedules the
+//! threads, so a run does not replay exactly. On a deterministic machine
+//! ([`Machine::deterministic_with_worker_threads`]) the clients, the service and the fault
+//! injector are contexts the machine schedules from the same seed, and time is virtual (the
+//! driver's timeouts and the service's stalls cost no host time), so one seed gives one run:
+//! [`SoakReport::schedule`] fingerprints the schedule to show it.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -150,6 +154,21 @@ pub struct SoakConfig {
     pub clients: u64,
     /// How the driver asks the service.
     pub design: AskVia,
+    /// Whether to run on a deterministic machine (seeded scheduling, virtual time) instead of
+    /// real threads.
+    pub deterministic: bool,
+}
+
+/// What a deterministic run's schedule was: its length, a hash of every step, and the virtual
+/// time at its end. Two runs of one seed give equal fingerprints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScheduleFingerprint {
+    /// Steps (a context giving up the processor at a yield point or a wait).
+    pub steps: u64,
+    /// A hash of every step ([`wfp_rs_sim::ScheduleFingerprint::hash`]).
+    pub hash: u64,
+    /// The machine's virtual interrupt time at the end of the run.
+    pub virtual_time: Duration,
 }
 
 /// What a soak did: decisions, faults, leaks and time.
@@ -193,6 +212,8 @@ pub struct SoakReport {
     pub elapsed: Duration,
     /// The process's peak resident memory, where the host says (Linux).
     pub peak_memory_bytes: Option<u64>,
+    /// On a deterministic machine: its schedule's fingerprint.
+    pub schedule: Option<ScheduleFingerprint>,
 }
 
 impl fmt::Display for SoakReport {
@@ -202,11 +223,20 @@ impl fmt::Display for SoakReport {
             AskVia::Channel => "question channel",
             AskVia::PortAndWorkItem => "port and work items",
         };
-        writeln!(
-            f,
-            "soak: {} connections on real threads (seed {:#x}, {} client threads, {design})",
-            c.connections, c.seed, c.clients
-        )?;
+        if c.deterministic {
+            writeln!(
+                f,
+                "soak: {} connections on a deterministic machine (seed {:#x}, {} client \
+                 contexts, {design}; seeded scheduling, virtual time)",
+                c.connections, c.seed, c.clients
+            )?;
+        } else {
+            writeln!(
+                f,
+                "soak: {} connections on real threads (seed {:#x}, {} client threads, {design})",
+                c.connections, c.seed, c.clients
+            )?;
+        }
         writeln!(
             f,
             "decisions: {} permitted, {} blocked; pended {} outbound, {} inbound; driver: {} \
@@ -250,8 +280,49 @@ impl fmt::Display for SoakReport {
             f,
             "time: {secs:.1} s ({:.0} connections/s); peak memory {memory}",
             c.connections as f64 / secs.max(f64::EPSILON)
-        )
+        )?;
+        if let Some(schedule) = &self.schedule {
+            write!(
+                f,
+                "\nschedule: {} steps, {:.1} s of virtual time, fingerprint {:#018x}\nreplay: \
+                 {}",
+                schedule.steps,
+                schedule.virtual_time.as_secs_f64(),
+                schedule.hash,
+                replay_command(c)
+            )?;
+        }
+        Ok(())
     }
+}
+
+/// The command that runs `config` again (on a deterministic machine: the same run).
+pub fn replay_command(config: &SoakConfig) -> String {
+    format!(
+        "cargo xtask soak --seed {:#x} --connections {} --clients {} --design {}{}",
+        config.seed,
+        config.connections,
+        config.clients,
+        match config.design {
+            AskVia::Channel => "channel",
+            AskVia::PortAndWorkItem => "port",
+        },
+        if config.deterministic {
+            " --deterministic"
+        } else {
+            ""
+        }
+    )
+}
+
+/// The fingerprint of `machine`'s schedule so far (`None` on real threads).
+fn fingerprint(machine: &Machine) -> Option<ScheduleFingerprint> {
+    let whole = machine.schedule_fingerprint()?;
+    Some(ScheduleFingerprint {
+        steps: whole.steps,
+        hash: whole.hash,
+        virtual_time: Duration::from_nanos(machine.now().as_ticks().saturating_mul(100)),
+    })
 }
 
 /// Why a soak failed: what was wrong, with the seed that chose the run.
@@ -552,7 +623,7 @@ fn serve(machine: &Machine, design: AskVia, shared: &Shared) -> Result<(), Strin
     'lives: while !shared.done.load(Ordering::SeqCst) {
         let Ok(mut end) = ServiceEnd::connect(machine, design) else {
             // Refused (an allocation failure, or the previous connection still closing).
-            thread::yield_now();
+            let_others_run(machine);
             continue;
         };
         loop {
@@ -607,7 +678,7 @@ fn serve(machine: &Machine, design: AskVia, shared: &Shared) -> Result<(), Strin
                 }
                 8 if rng.below(8) == 0 => {
                     shared.stalls.fetch_add(1, Ordering::Relaxed);
-                    thread::sleep(STALL);
+                    machine.sleep(STALL);
                     None
                 }
                 _ => None,
@@ -749,34 +820,46 @@ fn run_phase(
 ) -> Result<Vec<Attempt>, String> {
     let clients = phase.config.clients.max(1);
     let seed = phase.config.seed;
-    let barrier = Barrier::new(clients as usize + 1);
+    let machine = phase.machine;
+    // On real threads the clients start together, to contend; on a deterministic machine the
+    // seed decides who runs when (and a host barrier would keep the processor: it is not a
+    // wait the machine knows).
+    let barrier = (!phase.config.deterministic).then(|| Barrier::new(clients as usize + 1));
+    let start = || {
+        if let Some(barrier) = &barrier {
+            barrier.wait();
+        }
+    };
     let phase_done = AtomicBool::new(false);
     thread::scope(|s| {
         let injector = phase.allocation_faults.then(|| {
             let mut rng = Rng::new(seed, 0x000A_110C ^ phase.number);
-            let (barrier, phase_done) = (&barrier, &phase_done);
-            s.spawn(move || {
-                barrier.wait();
+            let (start, phase_done) = (&start, &phase_done);
+            machine.spawn(s, "fault-injector", move || {
+                start();
                 while !phase_done.load(Ordering::SeqCst) {
-                    if phase.machine.pending_allocation_failures() == 0 {
+                    if machine.pending_allocation_failures() == 0 {
                         failures.fetch_add(1, Ordering::Relaxed);
-                        phase.machine.fail_allocations(rng.below(400), 1);
+                        machine.fail_allocations(rng.below(400), 1);
                     }
-                    thread::sleep(Duration::from_micros(200));
+                    // On a deterministic machine a wait in the schedule: the clock moves on
+                    // only when every other context waits too.
+                    machine.sleep(Duration::from_micros(200));
                 }
-                if phase.machine.pending_allocation_failures() != 0 {
+                if machine.pending_allocation_failures() != 0 {
                     // The last one never happened.
                     failures.fetch_sub(1, Ordering::Relaxed);
                 }
-                phase.machine.fail_allocations(0, 0);
+                machine.fail_allocations(0, 0);
             })
         });
         let workers: Vec<_> = (0..clients)
             .map(|t| {
-                let barrier = &barrier;
-                s.spawn(move || -> Result<Vec<Attempt>, String> {
+                let start = &start;
+                let name = format!("client-{t}");
+                machine.spawn(s, &name, move || -> Result<Vec<Attempt>, String> {
                     let mut rng = Rng::new(seed, (phase.number << 8) | (t + 1));
-                    barrier.wait();
+                    start();
                     let mut attempts = Vec::new();
                     let mut n = phase.first + t;
                     while n < phase.first + phase.count {
@@ -805,7 +888,7 @@ fn run_phase(
             })
             .collect();
         if injector.is_none() {
-            barrier.wait();
+            start();
         }
         let mut result = Ok(Vec::new());
         for worker in workers {
@@ -838,7 +921,15 @@ pub fn run(config: SoakConfig, progress: &dyn Fn(u64)) -> Result<SoakReport, Soa
         AskVia::PortAndWorkItem => &PORT_STATS,
     };
     let before = stats.snapshot();
-    let machine = Machine::with_worker_threads(4);
+    let machine = if config.deterministic {
+        let machine = Machine::deterministic_with_worker_threads(config.seed, 4);
+        // Tens of steps per connection: the fingerprint covers them all, the trace only the
+        // last few (for the report if a schedule deadlocks).
+        machine.set_schedule_trace_limit(Some(1_000));
+        machine
+    } else {
+        Machine::with_worker_threads(4)
+    };
     // The driver logs every decision; the soak reads the log after each phase (10,000
     // connections, a line or two each), so the machine's default limit loses none.
     let entry: wfp_rs_sim::DriverEntryFn = match config.design {
@@ -864,7 +955,7 @@ pub fn run(config: SoakConfig, progress: &dyn Fn(u64)) -> Result<SoakReport, Soa
     let allocation_failures = AtomicU64::new(0);
     let mut reasons: HashMap<String, u64> = HashMap::new();
     let outcome: Result<(), String> = thread::scope(|s| {
-        let service = s.spawn(|| serve(&machine, config.design, &shared));
+        let service = machine.spawn(s, "service", || serve(&machine, config.design, &shared));
         let mut phases_run = || -> Result<(), String> {
             let mut fault_rng = Rng::new(config.seed, 0x00FA_0017);
             let mut log_seen = 0;
@@ -888,7 +979,7 @@ pub fn run(config: SoakConfig, progress: &dyn Fn(u64)) -> Result<SoakReport, Soa
                 // Every answer the service is still writing down is for a connection of this
                 // phase, already decided: wait for the log to be final.
                 while shared.in_flight.load(Ordering::SeqCst) > 0 {
-                    thread::yield_now();
+                    let_others_run(&machine);
                 }
                 let answered = std::mem::take(
                     &mut *shared
@@ -968,11 +1059,23 @@ pub fn run(config: SoakConfig, progress: &dyn Fn(u64)) -> Result<SoakReport, Soa
         leaked_pends: machine.pending_classifications(),
         elapsed: started.elapsed(),
         peak_memory_bytes: peak_memory_bytes(),
+        schedule: fingerprint(&machine),
     };
     if report.leaked_pool_blocks + report.leaked_io_requests + report.leaked_pends != 0 {
         return Err(fail(format!("left behind after unload: {report}")));
     }
     Ok(report)
+}
+
+/// Gives the other contexts a turn while this one polls harness state: a host yield on real
+/// threads, a short wait in the schedule on a deterministic machine (where a host yield would
+/// keep the processor).
+fn let_others_run(machine: &Machine) {
+    if machine.seed().is_some() {
+        machine.sleep(Duration::from_micros(100));
+    } else {
+        thread::yield_now();
+    }
 }
 
 /// The reason of a decision the driver logged as its default (`firewall: #<id>: <verdict>

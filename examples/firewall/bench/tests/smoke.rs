@@ -198,6 +198,7 @@ fn a_small_soak_decides_every_connection_and_leaves_nothing_on_both_designs() {
             seed: 0x50A4,
             clients: 4,
             design,
+            deterministic: false,
         };
         let report = soak::run(config, &|_| {}).unwrap_or_else(|failure| panic!("{failure}"));
         eprintln!("{report}");

@@ -33,6 +33,10 @@ struct Args {
     /// How the driver asks the service.
     #[arg(long, value_enum, default_value_t = Design::Channel)]
     design: Design,
+    /// Run on a deterministic machine: the seed schedules every context and time is virtual,
+    /// so the same seed replays the same run.
+    #[arg(long)]
+    deterministic: bool,
 }
 
 fn parse_seed(text: &str) -> Result<u64, String> {
@@ -60,6 +64,7 @@ pub fn main() -> ExitCode {
             Design::Channel => AskVia::Channel,
             Design::Port => AskVia::PortAndWorkItem,
         },
+        deterministic: args.deterministic,
     };
     let tenth = (args.connections / 10).max(1);
     let progress = |done: u64| {
@@ -74,15 +79,15 @@ pub fn main() -> ExitCode {
         }
         Err(failure) => {
             eprintln!("{failure}");
-            eprintln!(
-                "rerun with: cargo xtask soak --seed {:#x} --connections {} --clients {} \
-                 --design {} (the seed fixes the connections and the faults, not the host's \
-                 thread scheduling)",
-                failure.seed,
-                args.connections,
-                args.clients,
-                format!("{:?}", args.design).to_lowercase()
-            );
+            let replay = soak::replay_command(&config);
+            if config.deterministic {
+                eprintln!("replay: {replay}");
+            } else {
+                eprintln!(
+                    "rerun with: {replay} (the seed fixes the connections and the faults, not \
+                     the host's thread scheduling; add --deterministic for a run that replays)"
+                );
+            }
             ExitCode::FAILURE
         }
     }
