@@ -1,7 +1,8 @@
 //! The soak: the firewall driver through a large number of connections (a million by default,
 //! `cargo xtask soak`) with random faults, on real host threads, checking every decision.
 //!
-//! Connections come from [`SoakConfig::clients`] threads in phases of [`PHASE`] connections,
+//! Connections come from [`SoakConfig::clients`] threads in phases of [`PHASE`] connections
+//! ([`SoakConfig::phase`]),
 //! out and in, TCP and UDP, IPv4 and IPv6, at `PASSIVE_LEVEL` and `DISPATCH_LEVEL`, each from
 //! its own local endpoint (the local address changes every 60,000 ports, so a million
 //! connections never reuse one). A simulated service answers by [`RULES`] and, at random,
@@ -51,7 +52,8 @@ use wfp_rs_sim::{
     AleIrql, Caller, ConnectOutcome, Connection, DeviceHandle, IoRequest, Machine, PortClient,
 };
 
-/// Connections per phase: the service's log is checked, and cleared, between phases.
+/// Connections per phase by default: the service's log is checked, and cleared, between
+/// phases.
 pub const PHASE: u64 = 10_000;
 
 /// The driver's reply timeout in the soak: short, so stalls time out quickly, and long enough
@@ -152,6 +154,9 @@ pub struct SoakConfig {
     pub seed: u64,
     /// Threads opening connections.
     pub clients: u64,
+    /// Connections per phase (at least one; [`PHASE`] in the soak command): one phase in five,
+    /// chosen by the seed, has allocation failures.
+    pub phase: u64,
     /// How the driver asks the service.
     pub design: AskVia,
     /// Whether to run on a deterministic machine (seeded scheduling, virtual time) instead of
@@ -299,10 +304,11 @@ impl fmt::Display for SoakReport {
 /// The command that runs `config` again (on a deterministic machine: the same run).
 pub fn replay_command(config: &SoakConfig) -> String {
     format!(
-        "cargo xtask soak --seed {:#x} --connections {} --clients {} --design {}{}",
+        "cargo xtask soak --seed {:#x} --connections {} --clients {} --phase {} --design {}{}",
         config.seed,
         config.connections,
         config.clients,
+        config.phase,
         match config.design {
             AskVia::Channel => "channel",
             AskVia::PortAndWorkItem => "port",
@@ -832,7 +838,12 @@ fn run_phase(
     };
     let phase_done = AtomicBool::new(false);
     thread::scope(|s| {
-        let injector = phase.allocation_faults.then(|| {
+        // On real threads a fault thread keeps one allocation failure armed. On a deterministic
+        // machine the clients arm it before each connection instead: a fault context would
+        // have to wait between looks, and its timed wait ends only when every other context
+        // waits too, so it would rarely look.
+        let deterministic = phase.config.deterministic;
+        let injector = (phase.allocation_faults && !deterministic).then(|| {
             let mut rng = Rng::new(seed, 0x000A_110C ^ phase.number);
             let (start, phase_done) = (&start, &phase_done);
             machine.spawn(s, "fault-injector", move || {
@@ -842,9 +853,7 @@ fn run_phase(
                         failures.fetch_add(1, Ordering::Relaxed);
                         machine.fail_allocations(rng.below(400), 1);
                     }
-                    // On a deterministic machine a wait in the schedule: the clock moves on
-                    // only when every other context waits too.
-                    machine.sleep(Duration::from_micros(200));
+                    thread::sleep(Duration::from_micros(200));
                 }
                 if machine.pending_allocation_failures() != 0 {
                     // The last one never happened.
@@ -859,10 +868,19 @@ fn run_phase(
                 let name = format!("client-{t}");
                 machine.spawn(s, &name, move || -> Result<Vec<Attempt>, String> {
                     let mut rng = Rng::new(seed, (phase.number << 8) | (t + 1));
+                    let mut faults = (phase.allocation_faults && deterministic)
+                        .then(|| Rng::new(seed, ((0x000A_110C ^ phase.number) << 8) | (t + 1)));
                     start();
                     let mut attempts = Vec::new();
                     let mut n = phase.first + t;
                     while n < phase.first + phase.count {
+                        if let Some(faults) = &mut faults
+                            && machine.pending_allocation_failures() == 0
+                        {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                            // Armed once per connection at most, not every 200 µs: sooner.
+                            machine.fail_allocations(faults.below(40), 1);
+                        }
                         let c = attempt(&mut rng, n);
                         let irql = if rng.below(2) == 0 {
                             AleIrql::Passive
@@ -900,6 +918,13 @@ fn run_phase(
             }
         }
         phase_done.store(true, Ordering::SeqCst);
+        if phase.allocation_faults && deterministic {
+            if machine.pending_allocation_failures() != 0 {
+                // The last one the clients armed never happened.
+                failures.fetch_sub(1, Ordering::Relaxed);
+            }
+            machine.fail_allocations(0, 0);
+        }
         if let Some(injector) = injector {
             injector
                 .join()
@@ -950,7 +975,8 @@ pub fn run(config: SoakConfig, progress: &dyn Fn(u64)) -> Result<SoakReport, Soa
         stalls: AtomicU64::new(0),
         kills: AtomicU64::new(0),
     };
-    let phases = config.connections.div_ceil(PHASE);
+    let phase_len = config.phase.max(1);
+    let phases = config.connections.div_ceil(phase_len);
     let counts = Mutex::new([0u64; 5]);
     let allocation_failures = AtomicU64::new(0);
     let mut reasons: HashMap<String, u64> = HashMap::new();
@@ -960,8 +986,8 @@ pub fn run(config: SoakConfig, progress: &dyn Fn(u64)) -> Result<SoakReport, Soa
             let mut fault_rng = Rng::new(config.seed, 0x00FA_0017);
             let mut log_seen = 0;
             for phase in 0..phases {
-                let first = phase * PHASE;
-                let count = PHASE.min(config.connections - first);
+                let first = phase * phase_len;
+                let count = phase_len.min(config.connections - first);
                 let allocation_faults = fault_rng.below(5) == 0;
                 let attempts = run_phase(
                     &Phase {

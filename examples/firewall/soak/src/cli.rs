@@ -30,6 +30,10 @@ struct Args {
     /// Threads opening connections.
     #[arg(long, default_value_t = 4)]
     clients: u64,
+    /// Connections per phase (one phase in five has allocation failures; the service's
+    /// answers are checked after each).
+    #[arg(long, default_value_t = soak::PHASE, value_parser = clap::value_parser!(u64).range(1..))]
+    phase: u64,
     /// How the driver asks the service.
     #[arg(long, value_enum, default_value_t = Design::Channel)]
     design: Design,
@@ -60,6 +64,7 @@ pub fn main() -> ExitCode {
         connections: args.connections,
         seed,
         clients: args.clients,
+        phase: args.phase,
         design: match args.design {
             Design::Channel => AskVia::Channel,
             Design::Port => AskVia::PortAndWorkItem,
@@ -68,7 +73,7 @@ pub fn main() -> ExitCode {
     };
     let tenth = (args.connections / 10).max(1);
     let progress = |done: u64| {
-        if done % tenth < soak::PHASE || done == args.connections {
+        if done % tenth < args.phase || done == args.connections {
             eprintln!("soak: {done} of {} connections", args.connections);
         }
     };
