@@ -1,5 +1,6 @@
 //! The soak: the firewall driver through a large number of connections (a million by default,
-//! `cargo xtask soak`) with random faults, on real host threads, checking every decision.
+//! `cargo xtask soak`) with random faults, on real host threads or on a deterministic machine,
+//! checking every decision.
 //!
 //! Connections come from [`SoakConfig::clients`] threads in phases of [`PHASE`] connections
 //! ([`SoakConfig::phase`]),
@@ -8,7 +9,8 @@
 //! connections never reuse one). A simulated service answers by [`RULES`] and, at random,
 //! replies short, oversized, malformed or about another question, stalls past the driver's
 //! timeout, or is killed mid-question and restarts. In one phase of five, pool allocations fail
-//! at random too.
+//! at random too (armed by a fault thread on real threads, by the clients before each connection
+//! on a deterministic machine).
 //!
 //! What is checked, per connection: it was decided exactly once (one classification, or a pend
 //! and one reauthorization, or a pend and the reinjected clone's classification), by the
