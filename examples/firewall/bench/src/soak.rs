@@ -107,6 +107,10 @@ const APPS: [&str; 3] = [
 static CHANNEL_STATS: Stats = Stats::new();
 static PORT_STATS: Stats = Stats::new();
 
+/// Held by a soak while it runs: the driver's statistics are statics, one per design, so two
+/// soaks at once in one process (parallel tests) would count each other's decisions.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 /// The soak's firewall on the question channel (its default design).
 pub mod channel_design {
     use super::*;
@@ -942,6 +946,8 @@ pub fn run(config: SoakConfig, progress: &dyn Fn(u64)) -> Result<SoakReport, Soa
         seed: config.seed,
         message,
     };
+    // Taken before the machine exists, by a thread of no machine: no context waits on it.
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
     let started = Instant::now();
     let stats = match config.design {
         AskVia::Channel => &CHANNEL_STATS,
