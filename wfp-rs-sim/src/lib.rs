@@ -334,6 +334,27 @@ impl Machine {
     /// its number of steps and a hash of all of them, also of steps the trace no longer keeps
     /// (see [`set_schedule_trace_limit`](Self::set_schedule_trace_limit)). `None` for a
     /// machine of real threads.
+    ///
+    /// ```
+    /// use wfp_rs_sim::Machine;
+    ///
+    /// let fingerprint = |seed| {
+    ///     let machine = Machine::deterministic(seed);
+    ///     machine.set_schedule_trace_limit(Some(10));
+    ///     std::thread::scope(|scope| {
+    ///         let machine = &machine;
+    ///         let others: Vec<_> = (0..4)
+    ///             .map(|n| machine.spawn(scope, &format!("caller-{n}"), move || machine.run(|| n)))
+    ///             .collect();
+    ///         for other in others {
+    ///             other.join().unwrap();
+    ///         }
+    ///     });
+    ///     assert!(machine.schedule().len() <= 10);
+    ///     machine.schedule_fingerprint().unwrap()
+    /// };
+    /// assert_eq!(fingerprint(7), fingerprint(7));
+    /// ```
     pub fn schedule_fingerprint(&self) -> Option<ScheduleFingerprint> {
         self.kernel.sched.as_ref().map(|s| s.fingerprint())
     }
@@ -418,6 +439,16 @@ impl Machine {
     /// contexts run during and which ends on the virtual clock. What a test's service or fault
     /// injector uses instead of [`std::thread::sleep`], which on a deterministic machine would
     /// keep the processor and let virtual time stand still.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use wfp_rs_sim::Machine;
+    ///
+    /// let machine = Machine::deterministic(5);
+    /// let before = machine.now();
+    /// machine.sleep(Duration::from_secs(3600)); // at once: nothing else runs
+    /// assert!(machine.now().duration_since(before) >= Duration::from_secs(3600));
+    /// ```
     pub fn sleep(&self, duration: core::time::Duration) {
         let lock = std::sync::Mutex::new(());
         let never = std::sync::Condvar::new();
