@@ -449,6 +449,11 @@ impl Machine {
     /// machine.sleep(Duration::from_secs(3600)); // at once: nothing else runs
     /// assert!(machine.now().duration_since(before) >= Duration::from_secs(3600));
     /// ```
+    ///
+    /// # Panics
+    ///
+    /// On a deterministic machine, if the calling thread is not one of its contexts (start it
+    /// with [`spawn`](Self::spawn)).
     pub fn sleep(&self, duration: core::time::Duration) {
         let lock = std::sync::Mutex::new(());
         let never = std::sync::Condvar::new();
