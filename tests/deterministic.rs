@@ -466,3 +466,58 @@ fn a_deterministic_machine_may_have_more_worker_threads() {
     assert_eq!(used.len(), 4, "{used:?}");
     assert_eq!(run(5), run(5));
 }
+
+#[test]
+fn a_test_sleeps_on_the_virtual_clock_while_other_contexts_run() {
+    let machine = Machine::deterministic(21);
+    let ran = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let machine = &machine;
+        let ran = &ran;
+        let other = machine.spawn(scope, "other", move || {
+            machine.run(|| ran.store(true, Ordering::SeqCst));
+        });
+        // An hour, at once: the other context runs, then every context waits, and the clock
+        // jumps to the sleep's end.
+        machine.sleep(Duration::from_secs(3600));
+        assert!(
+            ran.load(Ordering::SeqCst),
+            "the other context ran meanwhile"
+        );
+        other.join().expect("the other context returns");
+    });
+    assert!(
+        machine
+            .now()
+            .duration_since(wfp_rs::time::Instant::from_ticks(0))
+            >= Duration::from_secs(3600)
+    );
+    assert!(machine.schedule().iter().any(|s| s.label == "sleeps"));
+}
+
+#[test]
+fn the_fingerprint_covers_steps_the_limited_trace_dropped() {
+    let run = |seed, limit| {
+        let machine = Machine::deterministic(seed);
+        machine.set_schedule_trace_limit(limit);
+        let driver = machine
+            .load_driver("minimal-driver", minimal_driver::DriverEntry)
+            .expect("loads");
+        machine.unload_driver(driver).expect("unloads");
+        (
+            machine.schedule(),
+            machine.schedule_fingerprint().expect("deterministic"),
+        )
+    };
+    let (whole, fingerprint) = run(3, None);
+    assert_eq!(fingerprint.steps, whole.len() as u64);
+    let (last, limited) = run(3, Some(5));
+    assert_eq!(
+        limited, fingerprint,
+        "the same schedule, whatever the trace keeps"
+    );
+    assert_eq!(last.as_slice(), &whole[whole.len() - 5..]);
+    let (_, other) = run(4, None);
+    assert_ne!(other, fingerprint, "another seed, another schedule");
+    assert_eq!(Machine::new().schedule_fingerprint(), None);
+}

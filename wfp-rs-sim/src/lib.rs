@@ -65,7 +65,7 @@ use wfp_rs::status::Status;
 use wfp_rs::sys::*;
 
 use crate::kernel::bugcheck::{AT_PREFIX, IN_PREFIX, STOP_PREFIX, stop};
-pub use crate::kernel::sched::{SEED_VARIABLE, ScheduleStep};
+pub use crate::kernel::sched::{SEED_VARIABLE, ScheduleFingerprint, ScheduleStep};
 use crate::kernel::state::{
     self as state, DriverRecord, Kernel, Routine, RoutineKind, WorkItemState,
 };
@@ -330,6 +330,45 @@ impl Machine {
             .map_or_else(Vec::new, |s| s.trace())
     }
 
+    /// The fingerprint of a [`deterministic`](Self::deterministic) machine's schedule so far:
+    /// its number of steps and a hash of all of them, also of steps the trace no longer keeps
+    /// (see [`set_schedule_trace_limit`](Self::set_schedule_trace_limit)). `None` for a
+    /// machine of real threads.
+    ///
+    /// ```
+    /// use wfp_rs_sim::Machine;
+    ///
+    /// let fingerprint = |seed| {
+    ///     let machine = Machine::deterministic(seed);
+    ///     machine.set_schedule_trace_limit(Some(10));
+    ///     std::thread::scope(|scope| {
+    ///         let machine = &machine;
+    ///         let others: Vec<_> = (0..4)
+    ///             .map(|n| machine.spawn(scope, &format!("caller-{n}"), move || machine.run(|| n)))
+    ///             .collect();
+    ///         for other in others {
+    ///             other.join().unwrap();
+    ///         }
+    ///     });
+    ///     assert!(machine.schedule().len() <= 10);
+    ///     machine.schedule_fingerprint().unwrap()
+    /// };
+    /// assert_eq!(fingerprint(7), fingerprint(7));
+    /// ```
+    pub fn schedule_fingerprint(&self) -> Option<ScheduleFingerprint> {
+        self.kernel.sched.as_ref().map(|s| s.fingerprint())
+    }
+
+    /// Keeps only the last `limit` steps of a [`deterministic`](Self::deterministic)
+    /// machine's schedule (`None`, the default: every step), for a long run whose whole trace
+    /// would not fit in memory; [`schedule_fingerprint`](Self::schedule_fingerprint) still
+    /// covers every step. Nothing on a machine of real threads.
+    pub fn set_schedule_trace_limit(&self, limit: Option<usize>) {
+        if let Some(sched) = &self.kernel.sched {
+            sched.set_trace_limit(limit);
+        }
+    }
+
     /// Starts a thread in `scope` that may use this machine, named `name`: the way a test runs
     /// another context (a user-mode service, a second caller of classify) beside its own. On a
     /// [`deterministic`](Self::deterministic) machine the thread is a task the scheduler runs;
@@ -392,6 +431,37 @@ impl Machine {
     pub fn advance_clock(&self, by: core::time::Duration) {
         let ticks = u64::try_from(by.as_nanos().div_ceil(100)).unwrap_or(u64::MAX);
         self.kernel.advance_clock(ticks);
+    }
+
+    /// Waits `duration` on the machine's clock, from a thread of the test (the harness, or one
+    /// started with [`spawn`](Self::spawn)): a sleep of the host's on a machine of real threads;
+    /// on a [`deterministic`](Self::deterministic) machine a wait in the schedule, which other
+    /// contexts run during and which ends on the virtual clock. What a test's service or fault
+    /// injector uses instead of [`std::thread::sleep`], which on a deterministic machine would
+    /// keep the processor and let virtual time stand still.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use wfp_rs_sim::Machine;
+    ///
+    /// let machine = Machine::deterministic(5);
+    /// let before = machine.now();
+    /// machine.sleep(Duration::from_secs(3600)); // at once: nothing else runs
+    /// assert!(machine.now().duration_since(before) >= Duration::from_secs(3600));
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// On a deterministic machine, if the calling thread is not one of its contexts (start it
+    /// with [`spawn`](Self::spawn)).
+    pub fn sleep(&self, duration: core::time::Duration) {
+        let lock = std::sync::Mutex::new(());
+        let never = std::sync::Condvar::new();
+        let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = self.kernel.deadline_in(duration);
+        let _ = self
+            .kernel
+            .wait_while(&lock, guard, &never, Some(deadline), "sleeps", |_| true);
     }
 
     /// Runs `f` on this thread inside the machine at `PASSIVE_LEVEL`, as harness code (not

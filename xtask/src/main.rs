@@ -79,7 +79,10 @@ COMMANDS:
                         in the simulator on real threads, with random service faults and
                         allocation failures, every decision checked, nothing left after
                         unload; prints decisions, faults, leaks and time. Options go to it:
-                        --connections <n>, --seed <n>, --clients <n>, --design channel|port
+                        --connections <n>, --seed <n>, --clients <n>, --phase <n>,
+                        --design channel|port, and --deterministic for the other half: the
+                        same workload on a deterministic machine (seeded scheduling, virtual
+                        time; prints the schedule's fingerprint and the replay command)
                         (`cargo xtask soak --help`). See docs/reliability.md.
 
 OPTIONS:

@@ -97,6 +97,27 @@ impl core::fmt::Display for ScheduleStep {
     }
 }
 
+/// A summary of a deterministic machine's whole schedule, kept however many steps the trace
+/// keeps (`Machine::set_schedule_trace_limit`): two runs with one seed give equal
+/// fingerprints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ScheduleFingerprint {
+    /// How many steps the schedule has had.
+    pub steps: u64,
+    /// FNV-1a over every step's number, interrupt time, task name and label, in order.
+    pub hash: u64,
+}
+
+const FNV_OFFSET: u64 = 0xCBF2_9CE4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01B3;
+
+fn fnv(mut hash: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        hash = (hash ^ u64::from(b)).wrapping_mul(FNV_PRIME);
+    }
+    hash
+}
+
 struct Step {
     step: u64,
     time: u64,
@@ -114,7 +135,11 @@ struct State {
     /// Counts progress: moved by every task that gives up the baton after doing work.
     epoch: u64,
     step: u64,
-    trace: Vec<Step>,
+    /// The last `trace_limit` steps (every step without a limit).
+    trace: std::collections::VecDeque<Step>,
+    trace_limit: Option<usize>,
+    /// The fingerprint's hash over every step so far.
+    hash: u64,
 }
 
 /// The scheduler of one deterministic machine.
@@ -174,7 +199,9 @@ impl Scheduler {
                 running: Some(0),
                 epoch: 0,
                 step: 0,
-                trace: Vec::new(),
+                trace: std::collections::VecDeque::new(),
+                trace_limit: None,
+                hash: FNV_OFFSET,
             }),
             turn: Condvar::new(),
             now: AtomicU64::new(0),
@@ -391,7 +418,37 @@ impl Scheduler {
             task: me,
             label,
         };
-        state.trace.push(step);
+        let mut hash = fnv(state.hash, &step.step.to_le_bytes());
+        hash = fnv(hash, &step.time.to_le_bytes());
+        hash = fnv(hash, state.tasks[me].name.as_bytes());
+        state.hash = fnv(hash, label.as_bytes());
+        if state
+            .trace_limit
+            .is_some_and(|limit| state.trace.len() >= limit)
+        {
+            state.trace.pop_front();
+        }
+        if state.trace_limit != Some(0) {
+            state.trace.push_back(step);
+        }
+    }
+
+    /// Keeps only the last `limit` steps in the trace from now on (`None`: every step).
+    pub(crate) fn set_trace_limit(&self, limit: Option<usize>) {
+        let mut state = self.lock();
+        state.trace_limit = limit;
+        if let Some(limit) = limit {
+            let excess = state.trace.len().saturating_sub(limit);
+            state.trace.drain(..excess);
+        }
+    }
+
+    pub(crate) fn fingerprint(&self) -> ScheduleFingerprint {
+        let state = self.lock();
+        ScheduleFingerprint {
+            steps: state.step,
+            hash: state.hash,
+        }
     }
 
     /// Records the step, hands the baton to the task the seed picks, and parks until it comes
@@ -492,7 +549,7 @@ impl Scheduler {
         }
         report.push_str("\nlast steps:");
         let skip = state.trace.len().saturating_sub(REPORT_TAIL);
-        for step in &state.trace[skip..] {
+        for step in state.trace.iter().skip(skip) {
             report.push_str(&format!(
                 "\n  #{} t={} {}: {}",
                 step.step, step.time, state.tasks[step.task].name, step.label

@@ -1,13 +1,16 @@
 //! The soak: the firewall driver through a large number of connections (a million by default,
-//! `cargo xtask soak`) with random faults, on real host threads, checking every decision.
+//! `cargo xtask soak`) with random faults, on real host threads or on a deterministic machine,
+//! checking every decision.
 //!
-//! Connections come from [`SoakConfig::clients`] threads in phases of [`PHASE`] connections,
+//! Connections come from [`SoakConfig::clients`] threads in phases of [`PHASE`] connections
+//! ([`SoakConfig::phase`]),
 //! out and in, TCP and UDP, IPv4 and IPv6, at `PASSIVE_LEVEL` and `DISPATCH_LEVEL`, each from
 //! its own local endpoint (the local address changes every 60,000 ports, so a million
 //! connections never reuse one). A simulated service answers by [`RULES`] and, at random,
 //! replies short, oversized, malformed or about another question, stalls past the driver's
 //! timeout, or is killed mid-question and restarts. In one phase of five, pool allocations fail
-//! at random too.
+//! at random too (armed by a fault thread on real threads, by the clients before each connection
+//! on a deterministic machine).
 //!
 //! What is checked, per connection: it was decided exactly once (one classification, or a pend
 //! and one reauthorization, or a pend and the reinjected clone's classification), by the
@@ -18,8 +21,12 @@
 //! simulator's unload checks find nothing left (pool, pends, work items, timers, handles).
 //!
 //! The run is seeded: the seed fixes the connections and the service's and the fault thread's
-//! choices, but not the host's thread scheduling, so a real-thread run does not replay exactly
-//! (issue 13's deterministic mode is what will make it do so).
+//! choices. On real threads ([`SoakConfig::deterministic`] false) the host schedules the
+//! threads, so a run does not replay exactly. On a deterministic machine
+//! ([`Machine::deterministic_with_worker_threads`]) the clients, the service and the fault
+//! injector are contexts the machine schedules from the same seed, and time is virtual (the
+//! driver's timeouts and the service's stalls cost no host time), so one seed gives one run:
+//! [`SoakReport::schedule`] fingerprints the schedule to show it.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -47,7 +54,8 @@ use wfp_rs_sim::{
     AleIrql, Caller, ConnectOutcome, Connection, DeviceHandle, IoRequest, Machine, PortClient,
 };
 
-/// Connections per phase: the service's log is checked, and cleared, between phases.
+/// Connections per phase by default: the service's log is checked, and cleared, between
+/// phases.
 pub const PHASE: u64 = 10_000;
 
 /// The driver's reply timeout in the soak: short, so stalls time out quickly, and long enough
@@ -99,6 +107,10 @@ const APPS: [&str; 3] = [
 static CHANNEL_STATS: Stats = Stats::new();
 static PORT_STATS: Stats = Stats::new();
 
+/// Held by a soak while it runs: the driver's statistics are statics, one per design, so two
+/// soaks at once in one process (parallel tests) would count each other's decisions.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 /// The soak's firewall on the question channel (its default design).
 pub mod channel_design {
     use super::*;
@@ -148,8 +160,26 @@ pub struct SoakConfig {
     pub seed: u64,
     /// Threads opening connections.
     pub clients: u64,
+    /// Connections per phase (at least one; [`PHASE`] in the soak command): one phase in five,
+    /// chosen by the seed, has allocation failures.
+    pub phase: u64,
     /// How the driver asks the service.
     pub design: AskVia,
+    /// Whether to run on a deterministic machine (seeded scheduling, virtual time) instead of
+    /// real threads.
+    pub deterministic: bool,
+}
+
+/// What a deterministic run's schedule was: its length, a hash of every step, and the virtual
+/// time at its end. Two runs of one seed give equal fingerprints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScheduleFingerprint {
+    /// Steps (a context giving up the processor at a yield point or a wait).
+    pub steps: u64,
+    /// A hash of every step ([`wfp_rs_sim::ScheduleFingerprint::hash`]).
+    pub hash: u64,
+    /// The machine's virtual interrupt time at the end of the run.
+    pub virtual_time: Duration,
 }
 
 /// What a soak did: decisions, faults, leaks and time.
@@ -193,6 +223,8 @@ pub struct SoakReport {
     pub elapsed: Duration,
     /// The process's peak resident memory, where the host says (Linux).
     pub peak_memory_bytes: Option<u64>,
+    /// On a deterministic machine: its schedule's fingerprint.
+    pub schedule: Option<ScheduleFingerprint>,
 }
 
 impl fmt::Display for SoakReport {
@@ -202,11 +234,20 @@ impl fmt::Display for SoakReport {
             AskVia::Channel => "question channel",
             AskVia::PortAndWorkItem => "port and work items",
         };
-        writeln!(
-            f,
-            "soak: {} connections on real threads (seed {:#x}, {} client threads, {design})",
-            c.connections, c.seed, c.clients
-        )?;
+        if c.deterministic {
+            writeln!(
+                f,
+                "soak: {} connections on a deterministic machine (seed {:#x}, {} client \
+                 contexts, {design}; seeded scheduling, virtual time)",
+                c.connections, c.seed, c.clients
+            )?;
+        } else {
+            writeln!(
+                f,
+                "soak: {} connections on real threads (seed {:#x}, {} client threads, {design})",
+                c.connections, c.seed, c.clients
+            )?;
+        }
         writeln!(
             f,
             "decisions: {} permitted, {} blocked; pended {} outbound, {} inbound; driver: {} \
@@ -250,8 +291,50 @@ impl fmt::Display for SoakReport {
             f,
             "time: {secs:.1} s ({:.0} connections/s); peak memory {memory}",
             c.connections as f64 / secs.max(f64::EPSILON)
-        )
+        )?;
+        if let Some(schedule) = &self.schedule {
+            write!(
+                f,
+                "\nschedule: {} steps, {:.1} s of virtual time, fingerprint {:#018x}\nreplay: \
+                 {}",
+                schedule.steps,
+                schedule.virtual_time.as_secs_f64(),
+                schedule.hash,
+                replay_command(c)
+            )?;
+        }
+        Ok(())
     }
+}
+
+/// The command that runs `config` again (on a deterministic machine: the same run).
+pub fn replay_command(config: &SoakConfig) -> String {
+    format!(
+        "cargo xtask soak --seed {:#x} --connections {} --clients {} --phase {} --design {}{}",
+        config.seed,
+        config.connections,
+        config.clients,
+        config.phase,
+        match config.design {
+            AskVia::Channel => "channel",
+            AskVia::PortAndWorkItem => "port",
+        },
+        if config.deterministic {
+            " --deterministic"
+        } else {
+            ""
+        }
+    )
+}
+
+/// The fingerprint of `machine`'s schedule so far (`None` on real threads).
+fn fingerprint(machine: &Machine) -> Option<ScheduleFingerprint> {
+    let whole = machine.schedule_fingerprint()?;
+    Some(ScheduleFingerprint {
+        steps: whole.steps,
+        hash: whole.hash,
+        virtual_time: Duration::from_nanos(machine.now().as_ticks().saturating_mul(100)),
+    })
 }
 
 /// Why a soak failed: what was wrong, with the seed that chose the run.
@@ -552,7 +635,7 @@ fn serve(machine: &Machine, design: AskVia, shared: &Shared) -> Result<(), Strin
     'lives: while !shared.done.load(Ordering::SeqCst) {
         let Ok(mut end) = ServiceEnd::connect(machine, design) else {
             // Refused (an allocation failure, or the previous connection still closing).
-            thread::yield_now();
+            let_others_run(machine);
             continue;
         };
         loop {
@@ -607,7 +690,7 @@ fn serve(machine: &Machine, design: AskVia, shared: &Shared) -> Result<(), Strin
                 }
                 8 if rng.below(8) == 0 => {
                     shared.stalls.fetch_add(1, Ordering::Relaxed);
-                    thread::sleep(STALL);
+                    machine.sleep(STALL);
                     None
                 }
                 _ => None,
@@ -749,37 +832,61 @@ fn run_phase(
 ) -> Result<Vec<Attempt>, String> {
     let clients = phase.config.clients.max(1);
     let seed = phase.config.seed;
-    let barrier = Barrier::new(clients as usize + 1);
+    let machine = phase.machine;
+    // On real threads the clients start together, to contend; on a deterministic machine the
+    // seed decides who runs when (and a host barrier would keep the processor: it is not a
+    // wait the machine knows).
+    let barrier = (!phase.config.deterministic).then(|| Barrier::new(clients as usize + 1));
+    let start = || {
+        if let Some(barrier) = &barrier {
+            barrier.wait();
+        }
+    };
     let phase_done = AtomicBool::new(false);
     thread::scope(|s| {
-        let injector = phase.allocation_faults.then(|| {
+        // On real threads a fault thread keeps one allocation failure armed. On a deterministic
+        // machine the clients arm it before each connection instead: a fault context would
+        // have to wait between looks, and its timed wait ends only when every other context
+        // waits too, so it would rarely look.
+        let deterministic = phase.config.deterministic;
+        let injector = (phase.allocation_faults && !deterministic).then(|| {
             let mut rng = Rng::new(seed, 0x000A_110C ^ phase.number);
-            let (barrier, phase_done) = (&barrier, &phase_done);
-            s.spawn(move || {
-                barrier.wait();
+            let (start, phase_done) = (&start, &phase_done);
+            machine.spawn(s, "fault-injector", move || {
+                start();
                 while !phase_done.load(Ordering::SeqCst) {
-                    if phase.machine.pending_allocation_failures() == 0 {
+                    if machine.pending_allocation_failures() == 0 {
                         failures.fetch_add(1, Ordering::Relaxed);
-                        phase.machine.fail_allocations(rng.below(400), 1);
+                        machine.fail_allocations(rng.below(400), 1);
                     }
                     thread::sleep(Duration::from_micros(200));
                 }
-                if phase.machine.pending_allocation_failures() != 0 {
+                if machine.pending_allocation_failures() != 0 {
                     // The last one never happened.
                     failures.fetch_sub(1, Ordering::Relaxed);
                 }
-                phase.machine.fail_allocations(0, 0);
+                machine.fail_allocations(0, 0);
             })
         });
         let workers: Vec<_> = (0..clients)
             .map(|t| {
-                let barrier = &barrier;
-                s.spawn(move || -> Result<Vec<Attempt>, String> {
+                let start = &start;
+                let name = format!("client-{t}");
+                machine.spawn(s, &name, move || -> Result<Vec<Attempt>, String> {
                     let mut rng = Rng::new(seed, (phase.number << 8) | (t + 1));
-                    barrier.wait();
+                    let mut faults = (phase.allocation_faults && deterministic)
+                        .then(|| Rng::new(seed, ((0x000A_110C ^ phase.number) << 8) | (t + 1)));
+                    start();
                     let mut attempts = Vec::new();
                     let mut n = phase.first + t;
                     while n < phase.first + phase.count {
+                        if let Some(faults) = &mut faults
+                            && machine.pending_allocation_failures() == 0
+                        {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                            // Armed once per connection at most, not every 200 µs: sooner.
+                            machine.fail_allocations(faults.below(40), 1);
+                        }
                         let c = attempt(&mut rng, n);
                         let irql = if rng.below(2) == 0 {
                             AleIrql::Passive
@@ -805,7 +912,7 @@ fn run_phase(
             })
             .collect();
         if injector.is_none() {
-            barrier.wait();
+            start();
         }
         let mut result = Ok(Vec::new());
         for worker in workers {
@@ -817,6 +924,13 @@ fn run_phase(
             }
         }
         phase_done.store(true, Ordering::SeqCst);
+        if phase.allocation_faults && deterministic {
+            if machine.pending_allocation_failures() != 0 {
+                // The last one the clients armed never happened.
+                failures.fetch_sub(1, Ordering::Relaxed);
+            }
+            machine.fail_allocations(0, 0);
+        }
         if let Some(injector) = injector {
             injector
                 .join()
@@ -832,13 +946,23 @@ pub fn run(config: SoakConfig, progress: &dyn Fn(u64)) -> Result<SoakReport, Soa
         seed: config.seed,
         message,
     };
+    // Taken before the machine exists, by a thread of no machine: no context waits on it.
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
     let started = Instant::now();
     let stats = match config.design {
         AskVia::Channel => &CHANNEL_STATS,
         AskVia::PortAndWorkItem => &PORT_STATS,
     };
     let before = stats.snapshot();
-    let machine = Machine::with_worker_threads(4);
+    let machine = if config.deterministic {
+        let machine = Machine::deterministic_with_worker_threads(config.seed, 4);
+        // Tens of steps per connection: the fingerprint covers them all, the trace only the
+        // last few (for the report if a schedule deadlocks).
+        machine.set_schedule_trace_limit(Some(1_000));
+        machine
+    } else {
+        Machine::with_worker_threads(4)
+    };
     // The driver logs every decision; the soak reads the log after each phase (10,000
     // connections, a line or two each), so the machine's default limit loses none.
     let entry: wfp_rs_sim::DriverEntryFn = match config.design {
@@ -859,18 +983,19 @@ pub fn run(config: SoakConfig, progress: &dyn Fn(u64)) -> Result<SoakReport, Soa
         stalls: AtomicU64::new(0),
         kills: AtomicU64::new(0),
     };
-    let phases = config.connections.div_ceil(PHASE);
+    let phase_len = config.phase.max(1);
+    let phases = config.connections.div_ceil(phase_len);
     let counts = Mutex::new([0u64; 5]);
     let allocation_failures = AtomicU64::new(0);
     let mut reasons: HashMap<String, u64> = HashMap::new();
     let outcome: Result<(), String> = thread::scope(|s| {
-        let service = s.spawn(|| serve(&machine, config.design, &shared));
+        let service = machine.spawn(s, "service", || serve(&machine, config.design, &shared));
         let mut phases_run = || -> Result<(), String> {
             let mut fault_rng = Rng::new(config.seed, 0x00FA_0017);
             let mut log_seen = 0;
             for phase in 0..phases {
-                let first = phase * PHASE;
-                let count = PHASE.min(config.connections - first);
+                let first = phase * phase_len;
+                let count = phase_len.min(config.connections - first);
                 let allocation_faults = fault_rng.below(5) == 0;
                 let attempts = run_phase(
                     &Phase {
@@ -888,7 +1013,7 @@ pub fn run(config: SoakConfig, progress: &dyn Fn(u64)) -> Result<SoakReport, Soa
                 // Every answer the service is still writing down is for a connection of this
                 // phase, already decided: wait for the log to be final.
                 while shared.in_flight.load(Ordering::SeqCst) > 0 {
-                    thread::yield_now();
+                    let_others_run(&machine);
                 }
                 let answered = std::mem::take(
                     &mut *shared
@@ -968,11 +1093,23 @@ pub fn run(config: SoakConfig, progress: &dyn Fn(u64)) -> Result<SoakReport, Soa
         leaked_pends: machine.pending_classifications(),
         elapsed: started.elapsed(),
         peak_memory_bytes: peak_memory_bytes(),
+        schedule: fingerprint(&machine),
     };
     if report.leaked_pool_blocks + report.leaked_io_requests + report.leaked_pends != 0 {
         return Err(fail(format!("left behind after unload: {report}")));
     }
     Ok(report)
+}
+
+/// Gives the other contexts a turn while this one polls harness state: a host yield on real
+/// threads, a short wait in the schedule on a deterministic machine (where a host yield would
+/// keep the processor).
+fn let_others_run(machine: &Machine) {
+    if machine.seed().is_some() {
+        machine.sleep(Duration::from_micros(100));
+    } else {
+        thread::yield_now();
+    }
 }
 
 /// The reason of a decision the driver logged as its default (`firewall: #<id>: <verdict>

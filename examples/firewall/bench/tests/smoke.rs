@@ -197,7 +197,9 @@ fn a_small_soak_decides_every_connection_and_leaves_nothing_on_both_designs() {
             connections: 3 * soak::PHASE / 2,
             seed: 0x50A4,
             clients: 4,
+            phase: soak::PHASE,
             design,
+            deterministic: false,
         };
         let report = soak::run(config, &|_| {}).unwrap_or_else(|failure| panic!("{failure}"));
         eprintln!("{report}");
@@ -216,6 +218,83 @@ fn a_small_soak_decides_every_connection_and_leaves_nothing_on_both_designs() {
                 report.leaked_pends
             ),
             (0, 0, 0)
+        );
+    }
+}
+
+/// The soak on deterministic machines (issue 13): the firewall, its service (killed and
+/// restarted at random, replying garbage, stalling past the timeout), three client contexts
+/// and, in one phase in five, allocation failures, all scheduled by the seed in virtual time.
+/// Every run checks that every connection is decided once, by the rules or the default, that
+/// every decision the service's valid answer reached is that answer, and that nothing is left
+/// after unload; a second run of each seed must give the same schedule and the same figures.
+/// A failure prints the seed and the command that replays it (`WFP_SIM_SEED`).
+#[test]
+fn on_deterministic_machines_the_soak_decides_every_connection_and_one_seed_replays() {
+    use firewall_bench::soak::{self, SoakConfig, SoakReport};
+    use firewall_driver::AskVia;
+
+    const SEEDS: u64 = 3;
+    let mut all: Vec<SoakReport> = Vec::new();
+    wfp_rs_sim::for_each_seed(0..SEEDS, |seed| {
+        for design in [AskVia::Channel, AskVia::PortAndWorkItem] {
+            let config = SoakConfig {
+                connections: 300,
+                seed,
+                clients: 3,
+                phase: 50,
+                design,
+                deterministic: true,
+            };
+            let report = soak::run(config, &|_| {}).unwrap_or_else(|failure| panic!("{failure}"));
+            assert_eq!(report.permitted + report.blocked, config.connections);
+            assert!(report.permitted > 0 && report.blocked > 0, "{report}");
+            assert_eq!(
+                (
+                    report.leaked_pool_blocks,
+                    report.leaked_io_requests,
+                    report.leaked_pends
+                ),
+                (0, 0, 0)
+            );
+            eprintln!("{report}");
+            let schedule = report.schedule.expect("a deterministic run has a schedule");
+            assert!(schedule.steps > config.connections, "{report}");
+            let again = soak::run(config, &|_| {}).unwrap_or_else(|failure| panic!("{failure}"));
+            assert_eq!(
+                again.schedule,
+                Some(schedule),
+                "seed {seed}, {design:?}: two runs, two schedules"
+            );
+            let figures = |r: &SoakReport| {
+                (
+                    [r.permitted, r.blocked, r.pended_outbound, r.pended_inbound],
+                    [r.checked_answers, r.answered, r.defaults, r.cache_hits],
+                    [r.garbage_replies, r.stalls, r.kills, r.allocation_failures],
+                    r.default_reasons.clone(),
+                )
+            };
+            assert_eq!(figures(&again), figures(&report), "seed {seed}, {design:?}");
+            all.push(report);
+        }
+    });
+    if all.len() > 2 {
+        // Over the seeds, every kind of fault happened and answers were checked.
+        let sum = |f: fn(&SoakReport) -> u64| all.iter().map(f).sum::<u64>();
+        assert!(sum(|r| r.checked_answers) > 0);
+        assert!(sum(|r| r.garbage_replies) > 0, "no garbage reply");
+        assert!(sum(|r| r.kills) > 0, "the service was never killed");
+        assert!(sum(|r| r.allocation_failures) > 0, "no allocation failed");
+        assert!(
+            sum(|r| r.defaults) > 0,
+            "no connection decided by the default"
+        );
+        let fingerprints: std::collections::HashSet<_> =
+            all.iter().map(|r| r.schedule.map(|s| s.hash)).collect();
+        assert_eq!(
+            fingerprints.len(),
+            all.len(),
+            "every seed and design, its own schedule"
         );
     }
 }

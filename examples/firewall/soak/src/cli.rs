@@ -30,9 +30,17 @@ struct Args {
     /// Threads opening connections.
     #[arg(long, default_value_t = 4)]
     clients: u64,
+    /// Connections per phase (one phase in five has allocation failures; the service's
+    /// answers are checked after each).
+    #[arg(long, default_value_t = soak::PHASE, value_parser = clap::value_parser!(u64).range(1..))]
+    phase: u64,
     /// How the driver asks the service.
     #[arg(long, value_enum, default_value_t = Design::Channel)]
     design: Design,
+    /// Run on a deterministic machine: the seed schedules every context and time is virtual,
+    /// so the same seed replays the same run.
+    #[arg(long)]
+    deterministic: bool,
 }
 
 fn parse_seed(text: &str) -> Result<u64, String> {
@@ -56,14 +64,16 @@ pub fn main() -> ExitCode {
         connections: args.connections,
         seed,
         clients: args.clients,
+        phase: args.phase,
         design: match args.design {
             Design::Channel => AskVia::Channel,
             Design::Port => AskVia::PortAndWorkItem,
         },
+        deterministic: args.deterministic,
     };
     let tenth = (args.connections / 10).max(1);
     let progress = |done: u64| {
-        if done % tenth < soak::PHASE || done == args.connections {
+        if done % tenth < args.phase || done == args.connections {
             eprintln!("soak: {done} of {} connections", args.connections);
         }
     };
@@ -74,15 +84,15 @@ pub fn main() -> ExitCode {
         }
         Err(failure) => {
             eprintln!("{failure}");
-            eprintln!(
-                "rerun with: cargo xtask soak --seed {:#x} --connections {} --clients {} \
-                 --design {} (the seed fixes the connections and the faults, not the host's \
-                 thread scheduling)",
-                failure.seed,
-                args.connections,
-                args.clients,
-                format!("{:?}", args.design).to_lowercase()
-            );
+            let replay = soak::replay_command(&config);
+            if config.deterministic {
+                eprintln!("replay: {replay}");
+            } else {
+                eprintln!(
+                    "rerun with: {replay} (the seed fixes the connections and the faults, not \
+                     the host's thread scheduling; add --deterministic for a run that replays)"
+                );
+            }
             ExitCode::FAILURE
         }
     }

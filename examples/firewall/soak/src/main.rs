@@ -1,5 +1,6 @@
 //! `firewall-soak`: the example firewall through a million connections with random faults, in
-//! the simulator on real threads (`cargo xtask soak`; what it checks: `firewall_bench::soak`).
+//! the simulator on real threads or, with `--deterministic`, on a deterministic machine
+//! (`cargo xtask soak`; what it checks: `firewall_bench::soak`).
 
 use std::process::ExitCode;
 
