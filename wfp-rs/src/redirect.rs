@@ -115,10 +115,10 @@ impl From<RedirectError> for Status {
     fn from(error: RedirectError) -> Status {
         match error {
             RedirectError::Refused(status) => status,
-            RedirectError::NoWriteRight | RedirectError::NoClassifyContext => {
-                Status::INVALID_PARAMETER
-            }
-            RedirectError::WrongIpVersion | RedirectError::Loopback => Status::INVALID_PARAMETER,
+            RedirectError::NoWriteRight
+            | RedirectError::NoClassifyContext
+            | RedirectError::WrongIpVersion
+            | RedirectError::Loopback => Status::INVALID_PARAMETER,
         }
     }
 }
