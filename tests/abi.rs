@@ -286,6 +286,15 @@ fn socket_address_types_match_windows_sys() {
     check_layout!(d, ours::SOCKADDR_INET, ws::SOCKADDR_INET);
     check_layout!(
         d,
+        ours::SOCKADDR_STORAGE,
+        ws::SOCKADDR_STORAGE,
+        ss_family,
+        __ss_pad1,
+        __ss_align,
+        __ss_pad2,
+    );
+    check_layout!(
+        d,
         ours::IP_ADDRESS_PREFIX,
         iphlp::IP_ADDRESS_PREFIX,
         Prefix,
@@ -1067,6 +1076,18 @@ fn packet_structures_match_windows_sys_and_the_headers() {
     pin!(FWPS_STREAM_CALLOUT_IO_PACKET0, size 40, align 8 {
         streamData: 0, missedBytes: 8, countBytesRequired: 16, countBytesEnforced: 24,
         streamAction: 32,
+    });
+    pin!(SOCKADDR_STORAGE, size 128, align 8 {
+        ss_family: 0, __ss_pad1: 2, __ss_align: 8, __ss_pad2: 16,
+    });
+    pin!(FWPS_CONNECT_REQUEST0, size 312, align 8 {
+        localAddressAndPort: 0, remoteAddressAndPort: 128, portReservationToken: 256,
+        localRedirectTargetPID: 264, previousVersion: 272, modifierFilterId: 280,
+        localRedirectHandle: 288, localRedirectContext: 296, localRedirectContextSize: 304,
+    });
+    pin!(FWPS_BIND_REQUEST0, size 152, align 8 {
+        localAddressAndPort: 0, portReservationToken: 128, previousVersion: 136,
+        modifierFilterId: 144,
     });
     pin!(FWPS_TRANSPORT_SEND_PARAMS0, size 32, align 8 {
         remoteAddress: 0, remoteScopeId: 8, controlData: 16, controlDataLength: 24,

@@ -2027,6 +2027,10 @@ pub struct ConnectOutcome {
     /// unless the completion carried the decision, the reauthorization answered). Measured on
     /// the host's clock; the layers before and after are not in it.
     pub pend_round_trip: Option<std::time::Duration>,
+    /// Where an outbound connection went: its remote endpoint after ALE_CONNECT_REDIRECT (a
+    /// callout's applied connect request), which the later layers saw. The connection's own
+    /// remote endpoint when nothing redirected it, and for an inbound connection.
+    pub remote: std::net::SocketAddr,
 }
 
 /// What [`Machine::stream`] did: the filter engine's decision, and what the callouts left in
@@ -2235,6 +2239,11 @@ impl Machine {
     /// INBOUND_TRANSPORT, ALE_AUTH_RECV_ACCEPT, ALE_FLOW_ESTABLISHED. The IP version follows the
     /// addresses; the ALE authorization layers run at `ale_irql`, the others at
     /// `DISPATCH_LEVEL`.
+    ///
+    /// At ALE_CONNECT_REDIRECT `layerData` is a real `FWPS_CONNECT_REQUEST0` with the
+    /// connection's endpoints; if a callout applies a new remote endpoint
+    /// (`FwpsApplyModifiedLayerData0`), the later layers classify the connection to it, and
+    /// [`ConnectOutcome::remote`] reports it.
     pub fn connect(&self, connection: &Connection, ale_irql: AleIrql) -> ConnectOutcome {
         use wfp_rs::layer::*;
         let v4 = connection.remote.is_ipv4();
@@ -2243,7 +2252,9 @@ impl Machine {
             AleIrql::Dispatch => Irql::DISPATCH,
         };
         let flow = NEXT_FLOW.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-        let presented = Presented::new(connection);
+        let mut presented = Presented::new(connection);
+        // The connection as a callout redirected it at ALE_CONNECT_REDIRECT, if one did.
+        let redirected = std::cell::OnceCell::new();
         // Read before the authorization, so a policy change during it reauthorizes the flow.
         let authorized_at = match (connection.direction, v4) {
             (wfp_rs::metadata::Direction::Outbound, true) => AleAuthConnectV4::ID,
@@ -2289,15 +2300,23 @@ impl Machine {
         for &(id, irql, has_flow) in plan {
             let layer = wfp_rs::layer::layer_by_id(id).expect("known layer");
             let classified = std::time::Instant::now();
-            // The packet carries the attempt (`flow`) even where the layer has no flow handle,
-            // so a clone of it finds this attempt when it is reinjected.
+            // ALE_CONNECT_REDIRECT's layerData: the stack's connect request, which callouts
+            // may rewrite (FwpsApplyModifiedLayerData0).
+            let mut request = (id == AleConnectRedirectV4::ID || id == AleConnectRedirectV6::ID)
+                .then(|| Box::new(connect_request(presented.connection)));
+            let carried = match request.as_mut() {
+                Some(request) => Carried::Request(&mut **request as *mut _ as usize),
+                // The packet carries the attempt (`flow`) even where the layer has no flow
+                // handle, so a clone of it finds this attempt when it is reinjected.
+                None => Carried::Built { origin: flow },
+            };
             let mut decision = self.classify_packet_of(
                 layer,
                 &presented,
                 irql,
                 has_flow.then_some(flow),
                 None,
-                Carried::Built { origin: flow },
+                carried,
             );
             if let Some(pending) = decision.pending {
                 // The stack holds the connection until the callout completes the pend.
@@ -2317,6 +2336,7 @@ impl Machine {
                             flow_handle: None,
                             pended,
                             pend_round_trip,
+                            remote: connection.remote,
                         };
                     };
                     let established = reinjected
@@ -2330,6 +2350,7 @@ impl Machine {
                         flow_handle: established.then_some(flow),
                         pended,
                         pend_round_trip,
+                        remote: connection.remote,
                     };
                 }
                 decision = match final_action {
@@ -2343,16 +2364,32 @@ impl Machine {
                         ..decision
                     },
                     // FwpsCompleteOperation0 (or FwpsCompleteClassify0 without a classify-out):
-                    // the stack classifies the connection again.
-                    None => self.classify_connection(
+                    // the stack classifies the connection again (at ALE_CONNECT_REDIRECT with
+                    // the connect request as the first classification left it).
+                    None => self.classify_packet_of(
                         layer,
                         &presented,
                         irql,
                         None,
                         Some(wfp_rs::sys::FWP_CONDITION_REAUTHORIZE_REASON_CLASSIFY_COMPLETION),
+                        match request.as_mut() {
+                            Some(request) => Carried::Request(&mut **request as *mut _ as usize),
+                            None => Carried::Built { origin: 0 },
+                        },
                     ),
                 };
                 pend_round_trip = Some(classified.elapsed());
+            }
+            if let Some(request) = request
+                && let Some(remote) =
+                    wfp_rs::redirect::socket_address_from_storage(&request.remoteAddressAndPort)
+                && remote != presented.connection.remote
+                && remote.is_ipv4() == presented.connection.remote.is_ipv4()
+            {
+                // Redirected: the later layers see the new remote endpoint.
+                let mut moved = presented.connection.clone();
+                moved.remote = remote;
+                presented = Presented::new(redirected.get_or_init(|| moved));
             }
             layers.push((layer.name, decision));
             if decision.action != wfp_rs::classify::Action::Permit {
@@ -2362,6 +2399,7 @@ impl Machine {
                     flow_handle: None,
                     pended,
                     pend_round_trip,
+                    remote: presented.connection.remote,
                 };
             }
         }
@@ -2380,6 +2418,7 @@ impl Machine {
             flow_handle: Some(flow),
             pended,
             pend_round_trip,
+            remote: presented.connection.remote,
         }
     }
 
@@ -2674,7 +2713,7 @@ impl Machine {
         };
         let origin = match carried {
             Carried::Built { origin } => origin,
-            Carried::Injected(_) => 0,
+            Carried::Injected(_) | Carried::Request(_) => 0,
         };
         let build_packet = move || {
             let (source, destination) = endpoints;
@@ -2713,10 +2752,13 @@ impl Machine {
             metadata,
             // The engine copies it for the callouts (the stack's copy for this classification).
             process_path: Some(&presented.app_id),
-            layer_data: injected_layer_data,
+            layer_data: match carried {
+                Carried::Request(request) => request as PVOID,
+                Carried::Built { .. } | Carried::Injected(_) => injected_layer_data,
+            },
             packet: match carried {
                 Carried::Built { .. } => packet_start.map(|_| &build_packet as &dyn Fn() -> _),
-                Carried::Injected(_) => None,
+                Carried::Injected(_) | Carried::Request(_) => None,
             },
             classify_context: core::ptr::null(),
             flow_context: 0,
@@ -2736,9 +2778,27 @@ impl Machine {
     }
 }
 
+/// The stack's `FWPS_CONNECT_REQUEST0` for an outbound connection at ALE_CONNECT_REDIRECT: its
+/// endpoints, no history, nothing to redirect locally.
+fn connect_request(connection: &Connection) -> wfp_rs::sys::FWPS_CONNECT_REQUEST0 {
+    wfp_rs::sys::FWPS_CONNECT_REQUEST0 {
+        localAddressAndPort: wfp_rs::redirect::storage_from_socket_address(connection.local),
+        remoteAddressAndPort: wfp_rs::redirect::storage_from_socket_address(connection.remote),
+        portReservationToken: 0,
+        localRedirectTargetPID: 0,
+        previousVersion: core::ptr::null_mut(),
+        modifierFilterId: 0,
+        localRedirectHandle: core::ptr::null_mut(),
+        localRedirectContext: core::ptr::null_mut(),
+        localRedirectContextSize: 0,
+    }
+}
+
 /// The packet a connection's classification carries.
 #[derive(Clone, Copy)]
 enum Carried {
+    /// No packet: `layerData` is the connect request at this address (ALE_CONNECT_REDIRECT).
+    Request(usize),
     /// One the stack builds for the classification (where the layer has packets), marked as a
     /// packet of connection attempt `origin`.
     Built { origin: u64 },

@@ -304,6 +304,7 @@ pub mod packet;
 pub mod pend;
 pub mod pool;
 pub mod port;
+pub mod redirect;
 mod registry;
 mod secure_device;
 pub mod spin_lock;

@@ -47,11 +47,11 @@ pub enum LayerData {
     Packet(DataStart),
     /// An `FWPS_STREAM_CALLOUT_IO_PACKET0` (the stream layers).
     Stream,
-    /// An `FWPS_CONNECT_REQUEST0`, the writable request of ALE_CONNECT_REDIRECT (not read by this
-    /// crate yet).
+    /// An `FWPS_CONNECT_REQUEST0`, the writable request of ALE_CONNECT_REDIRECT: see
+    /// [`crate::redirect`].
     ConnectRequest,
-    /// An `FWPS_BIND_REQUEST0`, the writable request of ALE_BIND_REDIRECT (not read by this crate
-    /// yet).
+    /// An `FWPS_BIND_REQUEST0`, the writable request of ALE_BIND_REDIRECT (bound in
+    /// [`crate::sys`], not wrapped yet).
     BindRequest,
 }
 

@@ -132,6 +132,8 @@ pub(crate) static FUNCTIONS: wfp_rs::__sim::KernelFunctions = wfp_rs::__sim::Ker
     FwpsPendClassify0: wfp::FwpsPendClassify0,
     FwpsPendOperation0: wfp::FwpsPendOperation0,
     FwpsReleaseClassifyHandle0: wfp::FwpsReleaseClassifyHandle0,
+    FwpsAcquireWritableLayerDataPointer0: wfp::FwpsAcquireWritableLayerDataPointer0,
+    FwpsApplyModifiedLayerData0: wfp::FwpsApplyModifiedLayerData0,
     FwpsInjectionHandleCreate0: inject::FwpsInjectionHandleCreate0,
     FwpsInjectionHandleDestroy0: inject::FwpsInjectionHandleDestroy0,
     FwpsAllocateCloneNetBufferList0: inject::FwpsAllocateCloneNetBufferList0,

@@ -257,7 +257,30 @@ struct LiveClassification {
     pendable: bool,
     /// The classify handle that pended it.
     pended: Option<usize>,
+    /// `layerData` when it is a connect request (ALE_CONNECT_REDIRECT): the address of the
+    /// stack's `FWPS_CONNECT_REQUEST0`, which an applied modification rewrites.
+    connect_request: Option<usize>,
+    /// The writable copy handed out and not applied yet.
+    writable: Option<WritableCopy>,
+    /// The versions the history of the copies handed out points to, freed with the
+    /// classification.
+    versions: Vec<RequestVersion>,
 }
+
+/// A writable copy of a connect request, from `FwpsAcquireWritableLayerDataPointer0`.
+struct WritableCopy {
+    handle: usize,
+    filter_id: u64,
+    copy: RequestVersion,
+}
+
+/// A connect request the engine owns (its address is handed to the callout).
+struct RequestVersion(Box<FWPS_CONNECT_REQUEST0>);
+
+// SAFETY: the raw pointers inside (`previousVersion`, the loopback-redirect fields) point to other
+// versions the same classification owns, or are the callout's; the engine reads them only under
+// its lock.
+unsafe impl Send for RequestVersion {}
 
 /// A classify handle from `FwpsAcquireClassifyHandle0`.
 struct ClassifyHandle {
@@ -2773,6 +2796,11 @@ impl Handles {
                     pendable: pendable_by_classify_handle(incoming.layer)
                         && !incoming.reauthorization,
                     pended: None,
+                    connect_request: (is_connect_redirect_layer(incoming.layer)
+                        && !incoming.layer_data.is_null())
+                    .then_some(incoming.layer_data as usize),
+                    writable: None,
+                    versions: Vec::new(),
                 },
             );
             let completion_handle = incoming.pendable.then(|| {
@@ -2816,19 +2844,34 @@ impl Handles {
     /// The classification returned: the handles are retired, so a callout that kept one and
     /// uses it later stops the machine. Returns the pend, if a callout pended the
     /// classification (by completion handle, or by classify handle).
+    ///
+    /// A writable copy of the layer data acquired and never applied stops the machine:
+    /// WFP_INVALID_OPERATION, parameter 1 = [`WRITABLE_DATA_NOT_APPLIED`], parameter 2 the
+    /// classify handle. (INFERRED: the documentation says only that the classification may not
+    /// complete correctly without the apply.)
     fn take_back(self) -> Option<usize> {
-        with_bfe(|bfe| {
+        let (pended, not_applied) = with_bfe(|bfe| {
             let by_completion_handle = self.completion_handle.and_then(|handle| {
                 bfe.retired_completion_handles.retire(handle);
                 bfe.completion_handles.remove(&handle)?.pended
             });
             bfe.retired_classify_contexts.retire(self.classification);
-            let by_classify_handle = bfe
-                .live_classifications
-                .remove(&self.classification)
-                .and_then(|c| c.pended);
-            by_completion_handle.or(by_classify_handle)
-        })
+            let live = bfe.live_classifications.remove(&self.classification);
+            let not_applied = live
+                .as_ref()
+                .and_then(|c| c.writable.as_ref())
+                .map(|w| w.handle);
+            let by_classify_handle = live.and_then(|c| c.pended);
+            (by_completion_handle.or(by_classify_handle), not_applied)
+        });
+        if let Some(handle) = not_applied {
+            stop(
+                BugCheckCode::WFP_INVALID_OPERATION,
+                [WRITABLE_DATA_NOT_APPLIED, handle, 0, 0],
+                "classifyFn returned with writable layer data acquired and never applied (FwpsApplyModifiedLayerData0 is required once per acquire)",
+            );
+        }
+        pended
     }
 }
 
@@ -2849,6 +2892,12 @@ fn pendable_by_classify_handle(layer: &LayerInfo) -> bool {
         AleEndpointClosureV6::ID,
     ]
     .contains(&layer.id)
+}
+
+/// ALE_CONNECT_REDIRECT_V4/V6, where `layerData` is an `FWPS_CONNECT_REQUEST0`.
+fn is_connect_redirect_layer(layer: &LayerInfo) -> bool {
+    use wfp_rs::layer::{AleConnectRedirectV4, AleConnectRedirectV6, Layer};
+    layer.id == AleConnectRedirectV4::ID || layer.id == AleConnectRedirectV6::ID
 }
 
 /// Orders sublayers of equal weight deterministically.
@@ -3430,6 +3479,222 @@ pub unsafe extern "system" fn FwpsReleaseClassifyHandle0(classifyHandle: u64) {
             "FwpsReleaseClassifyHandle0 while its pended classification is not completed",
         ),
         None => {}
+    }
+}
+
+/// Parameter 1 of the stop for `FwpsAcquireWritableLayerDataPointer0` after the classification
+/// returned (simulator-specific, like the other `0x8000_000x`).
+pub(crate) const WRITABLE_DATA_AFTER_CLASSIFICATION: usize = 0x8000_0007;
+/// Parameter 1 of the stop for `FwpsApplyModifiedLayerData0` with data that is not the
+/// outstanding writable copy of the handle's classification: never acquired, applied already,
+/// or another pointer.
+pub(crate) const APPLY_WITHOUT_ACQUIRE: usize = 0x8000_0008;
+/// Parameter 1 of the stop for a classification that returned with a writable copy acquired
+/// and not applied.
+pub(crate) const WRITABLE_DATA_NOT_APPLIED: usize = 0x8000_0009;
+
+/// What went wrong in a writable-layer-data call, found under the engine lock.
+enum WritableMisuse {
+    NotAcquired,
+    ClassificationReturned,
+    NotOutstanding,
+    Status(NTSTATUS),
+}
+
+/// `FwpsAcquireWritableLayerDataPointer0`: a writable copy of the classification's connect
+/// request (the simulated redirect layers are ALE_CONNECT_REDIRECT_V4/V6), for the classify
+/// handle acquired in this classification. Sets the classify-out to BLOCK and clears its write
+/// right, as the documentation says.
+///
+/// The copy's `previousVersion` is the history: null if no filter modified the request yet,
+/// otherwise the current version, whose `modifierFilterId` is the filter that made it and whose
+/// own `previousVersion` goes further back. INFERRED: the documentation says the chain records
+/// the modifications and ends in null, not which version each link is.
+///
+/// A classify handle that is not acquired stops the machine as for `FwpsPendClassify0`; so does
+/// a classification that has returned (parameter 1 = [`WRITABLE_DATA_AFTER_CLASSIFICATION`]).
+/// A layer without writable data, or a copy still outstanding for the classification, returns
+/// `STATUS_INVALID_PARAMETER` (INFERRED: the documentation lists no specific status).
+///
+/// # Safety
+///
+/// `writableLayerData` writable; `classifyOut` null or the classification's.
+pub unsafe extern "system" fn FwpsAcquireWritableLayerDataPointer0(
+    classifyHandle: u64,
+    filterId: u64,
+    flags: u32,
+    writableLayerData: *mut PVOID,
+    classifyOut: *mut FWPS_CLASSIFY_OUT0,
+) -> NTSTATUS {
+    let _kernel = super::state::KernelCode::enter();
+    let _ = flags;
+    require_irql("FwpsAcquireWritableLayerDataPointer0", DISPATCH_LEVEL);
+    if writableLayerData.is_null() {
+        return Status::FWP_NULL_POINTER.raw();
+    }
+    let handle = classifyHandle as usize;
+    let acquired = with_bfe(|bfe| {
+        let acquired = bfe
+            .classify_handles
+            .get(&handle)
+            .ok_or(WritableMisuse::NotAcquired)?;
+        let live = bfe
+            .live_classifications
+            .get_mut(&acquired.classification)
+            .ok_or(WritableMisuse::ClassificationReturned)?;
+        let request = live
+            .connect_request
+            .ok_or(WritableMisuse::Status(Status::INVALID_PARAMETER.raw()))?;
+        if live.writable.is_some() {
+            return Err(WritableMisuse::Status(Status::INVALID_PARAMETER.raw()));
+        }
+        // SAFETY: the stack's request for this classification, alive while it is live.
+        let current = unsafe { *(request as *const FWPS_CONNECT_REQUEST0) };
+        let previous = if current.modifierFilterId == 0 {
+            core::ptr::null_mut()
+        } else {
+            let mut snapshot = RequestVersion(Box::new(current));
+            let address: *mut FWPS_CONNECT_REQUEST0 = &mut *snapshot.0;
+            live.versions.push(snapshot);
+            address
+        };
+        let mut copy = RequestVersion(Box::new(current));
+        copy.0.previousVersion = previous;
+        copy.0.modifierFilterId = 0;
+        let address: *mut FWPS_CONNECT_REQUEST0 = &mut *copy.0;
+        live.writable = Some(WritableCopy {
+            handle,
+            filter_id: filterId,
+            copy,
+        });
+        Ok(address)
+    });
+    match acquired {
+        Ok(address) => {
+            // SAFETY: writable per the contract.
+            unsafe { writableLayerData.write(address.cast()) };
+            // SAFETY: null or the classification's classify-out, per the contract.
+            if let Some(out) = unsafe { classifyOut.as_mut() } {
+                out.actionType = FWP_ACTION_BLOCK;
+                out.rights &= !FWPS_RIGHT_ACTION_WRITE;
+            }
+            STATUS_SUCCESS
+        }
+        Err(misuse) => writable_misuse("FwpsAcquireWritableLayerDataPointer0", handle, misuse),
+    }
+}
+
+/// `FwpsApplyModifiedLayerData0`: hands the writable copy back. If the callout changed what may
+/// be changed at ALE_CONNECT_REDIRECT (the remote address and port, the port reservation token,
+/// the loopback-redirect fields), the connection continues with the copy's values, and the new
+/// version records the filter (`modifierFilterId`, the filter id given at the acquire) and the
+/// history; an unchanged copy records nothing (INFERRED). A changed local address is ignored
+/// (INFERRED: "Using Bind or Connect Redirection" says it is only supported at
+/// ALE_BIND_REDIRECT). Only inline redirection is simulated: `flags` is not acted on.
+///
+/// Applying data that is not the outstanding copy of the handle's classification — never
+/// acquired, applied already, another pointer — stops the machine (INFERRED: on Windows the
+/// engine would use freed or foreign memory): WFP_INVALID_OPERATION, parameter 1 =
+/// [`APPLY_WITHOUT_ACQUIRE`], parameter 2 the classify handle. So does
+/// a handle that is not acquired, or a classification that has returned.
+///
+/// # Safety
+///
+/// `modifiedLayerData` the pointer `FwpsAcquireWritableLayerDataPointer0` returned.
+pub unsafe extern "system" fn FwpsApplyModifiedLayerData0(
+    classifyHandle: u64,
+    modifiedLayerData: PVOID,
+    flags: u32,
+) {
+    let _kernel = super::state::KernelCode::enter();
+    let _ = flags;
+    require_irql("FwpsApplyModifiedLayerData0", DISPATCH_LEVEL);
+    let handle = classifyHandle as usize;
+    let applied = with_bfe(|bfe| {
+        let acquired = bfe
+            .classify_handles
+            .get(&handle)
+            .ok_or(WritableMisuse::NotAcquired)?;
+        let live = bfe
+            .live_classifications
+            .get_mut(&acquired.classification)
+            .ok_or(WritableMisuse::ClassificationReturned)?;
+        let outstanding = live.writable.as_ref().is_some_and(|w| {
+            w.handle == handle
+                && core::ptr::eq(
+                    &*w.copy.0,
+                    modifiedLayerData.cast::<FWPS_CONNECT_REQUEST0>(),
+                )
+        });
+        let (Some(request), true) = (live.connect_request, outstanding) else {
+            return Err(WritableMisuse::NotOutstanding);
+        };
+        let Some(WritableCopy {
+            filter_id, copy, ..
+        }) = live.writable.take()
+        else {
+            return Err(WritableMisuse::NotOutstanding);
+        };
+        let request = request as *mut FWPS_CONNECT_REQUEST0;
+        // SAFETY: the stack's request for this classification, alive while it is live; the
+        // engine lock orders every access to it.
+        let current = unsafe { &mut *request };
+        let modified = &*copy.0;
+        let changed = !same_socket_address(
+            &current.remoteAddressAndPort,
+            &modified.remoteAddressAndPort,
+        ) || current.portReservationToken != modified.portReservationToken
+            || current.localRedirectTargetPID != modified.localRedirectTargetPID
+            || current.localRedirectHandle != modified.localRedirectHandle
+            || current.localRedirectContext != modified.localRedirectContext
+            || current.localRedirectContextSize != modified.localRedirectContextSize;
+        if changed {
+            current.remoteAddressAndPort = modified.remoteAddressAndPort;
+            current.portReservationToken = modified.portReservationToken;
+            current.localRedirectTargetPID = modified.localRedirectTargetPID;
+            current.localRedirectHandle = modified.localRedirectHandle;
+            current.localRedirectContext = modified.localRedirectContext;
+            current.localRedirectContextSize = modified.localRedirectContextSize;
+            current.previousVersion = modified.previousVersion;
+            current.modifierFilterId = filter_id;
+        }
+        Ok(())
+    });
+    if let Err(misuse) = applied {
+        writable_misuse("FwpsApplyModifiedLayerData0", handle, misuse);
+    }
+}
+
+fn same_socket_address(a: &SOCKADDR_STORAGE, b: &SOCKADDR_STORAGE) -> bool {
+    a.ss_family == b.ss_family
+        && a.__ss_pad1 == b.__ss_pad1
+        && a.__ss_align == b.__ss_align
+        && a.__ss_pad2 == b.__ss_pad2
+}
+
+/// Stops the machine for a misused writable-layer-data call, or returns its status.
+fn writable_misuse(function: &'static str, handle: usize, misuse: WritableMisuse) -> NTSTATUS {
+    match misuse {
+        WritableMisuse::Status(status) => status,
+        WritableMisuse::NotAcquired => stop(
+            BugCheckCode::WFP_INVALID_OPERATION,
+            [INVALID_CLASSIFY_HANDLE, handle, 0, 0],
+            if function.starts_with("FwpsApply") {
+                "FwpsApplyModifiedLayerData0 with a classify handle that is not acquired (released already?)"
+            } else {
+                "FwpsAcquireWritableLayerDataPointer0 with a classify handle that is not acquired (released already?)"
+            },
+        ),
+        WritableMisuse::ClassificationReturned => stop(
+            BugCheckCode::WFP_INVALID_OPERATION,
+            [WRITABLE_DATA_AFTER_CLASSIFICATION, handle, 0, 0],
+            "writable layer data acquired or applied after the classification returned: redirect from within classifyFn",
+        ),
+        WritableMisuse::NotOutstanding => stop(
+            BugCheckCode::WFP_INVALID_OPERATION,
+            [APPLY_WITHOUT_ACQUIRE, handle, 0, 0],
+            "FwpsApplyModifiedLayerData0 with data that is not the outstanding writable copy (never acquired, applied twice, or another pointer)",
+        ),
     }
 }
 

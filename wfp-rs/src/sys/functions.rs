@@ -402,6 +402,16 @@ kernel_functions! {
             flags: u32,
             classifyOut: *const FWPS_CLASSIFY_OUT0,
         );
+        // The redirect layers' writable request (FWPS_CONNECT_REQUEST0, FWPS_BIND_REQUEST0):
+        // acquired in classifyFn with a classify handle, applied once per acquire.
+        fn FwpsAcquireWritableLayerDataPointer0(
+            classifyHandle: u64,
+            filterId: u64,
+            flags: u32,
+            writableLayerData: *mut PVOID,
+            classifyOut: *mut FWPS_CLASSIFY_OUT0,
+        ) -> NTSTATUS;
+        fn FwpsApplyModifiedLayerData0(classifyHandle: u64, modifiedLayerData: PVOID, flags: u32);
     }
 
     // Packet injection (fwpsk.h). FwpsInjectionHandleCreate0 and FwpsInjectionHandleDestroy0

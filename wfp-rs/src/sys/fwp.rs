@@ -648,6 +648,49 @@ pub union SOCKADDR_INET {
     pub si_family: ADDRESS_FAMILY,
 }
 
+/// `SOCKADDR_STORAGE` (ws2def.h; `SOCKADDR_STORAGE_LH`): room for any socket address, 8-byte
+/// aligned. `ss_family` says which `SOCKADDR_*` the bytes hold.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SOCKADDR_STORAGE {
+    pub ss_family: ADDRESS_FAMILY,
+    pub __ss_pad1: [i8; 6],
+    pub __ss_align: i64,
+    pub __ss_pad2: [i8; 112],
+}
+
+/// `FWPS_CONNECT_REQUEST0` (fwpsk.h, the `NTDDI_WIN8` and later branch): `layerData` at
+/// ALE_CONNECT_REDIRECT, and the writable copy `FwpsAcquireWritableLayerDataPointer0` returns
+/// there. `previousVersion` and `modifierFilterId` are the modification history (read-only).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FWPS_CONNECT_REQUEST0 {
+    pub localAddressAndPort: SOCKADDR_STORAGE,
+    pub remoteAddressAndPort: SOCKADDR_STORAGE,
+    pub portReservationToken: u64,
+    pub localRedirectTargetPID: u32,
+    pub previousVersion: *mut FWPS_CONNECT_REQUEST0,
+    pub modifierFilterId: u64,
+    pub localRedirectHandle: *mut c_void,
+    pub localRedirectContext: *mut c_void,
+    pub localRedirectContextSize: usize,
+}
+
+/// `FWPS_BIND_REQUEST0` (fwpsk.h): `layerData` at ALE_BIND_REDIRECT, and the writable copy
+/// `FwpsAcquireWritableLayerDataPointer0` returns there.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FWPS_BIND_REQUEST0 {
+    pub localAddressAndPort: SOCKADDR_STORAGE,
+    pub portReservationToken: u64,
+    pub previousVersion: *mut FWPS_BIND_REQUEST0,
+    pub modifierFilterId: u64,
+}
+
+/// `FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS` (fwpsk.h): for
+/// `FwpsApplyModifiedLayerData0` after a pended classify only.
+pub const FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS: u32 = 0x0000_0001;
+
 /// `IP_ADDRESS_PREFIX` (netioapi.h).
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -1022,6 +1065,34 @@ assert_offsets!(SOCKADDR_IN {
     sin_port: 2,
     sin_addr: 4,
     sin_zero: 8,
+});
+assert_eq_size!(SOCKADDR_STORAGE, [u8; 128]);
+const_assert_eq!(align_of::<SOCKADDR_STORAGE>(), 8);
+assert_offsets!(SOCKADDR_STORAGE {
+    ss_family: 0,
+    __ss_pad1: 2,
+    __ss_align: 8,
+    __ss_pad2: 16,
+});
+// fwpsk.h, the redirect layers' writable data.
+assert_eq_size!(FWPS_CONNECT_REQUEST0, [u8; 312]);
+assert_offsets!(FWPS_CONNECT_REQUEST0 {
+    localAddressAndPort: 0,
+    remoteAddressAndPort: 128,
+    portReservationToken: 256,
+    localRedirectTargetPID: 264,
+    previousVersion: 272,
+    modifierFilterId: 280,
+    localRedirectHandle: 288,
+    localRedirectContext: 296,
+    localRedirectContextSize: 304,
+});
+assert_eq_size!(FWPS_BIND_REQUEST0, [u8; 152]);
+assert_offsets!(FWPS_BIND_REQUEST0 {
+    localAddressAndPort: 0,
+    portReservationToken: 128,
+    previousVersion: 136,
+    modifierFilterId: 144,
 });
 assert_eq_size!(SOCKADDR_IN6, [u8; 28]);
 assert_offsets!(SOCKADDR_IN6 {

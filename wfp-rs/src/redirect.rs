@@ -1,0 +1,463 @@
+//! Redirecting a connection: the writable connect request of ALE_CONNECT_REDIRECT.
+//!
+//! At ALE_CONNECT_REDIRECT_V4/V6 `layerData` is an `FWPS_CONNECT_REQUEST0`: the connection's
+//! local and remote address and port. A callout changes where the connection goes by taking a
+//! *writable copy* of it (`FwpsAcquireClassifyHandle0`, then
+//! `FwpsAcquireWritableLayerDataPointer0`), changing the copy, and handing it back
+//! (`FwpsApplyModifiedLayerData0`, then `FwpsReleaseClassifyHandle0`). The rules, from
+//! Microsoft's `FwpsAcquireWritableLayerDataPointer0`, `FWPS_CONNECT_REQUEST0` and "Using Bind
+//! or Connect Redirection" pages, and how this module keeps them:
+//!
+//! - The copy is taken in `classifyFn`. [`Classify::connect_request`] borrows the classification,
+//!   so the copy cannot outlive it.
+//! - Every acquire needs exactly one apply, even when nothing changed, or the classification may
+//!   not complete. [`WritableConnectRequest::apply`] consumes the copy; dropping it un-applied
+//!   restores what it held and applies that, so the modifications are discarded and the
+//!   connection goes where it was going.
+//! - Only the remote address and port (and the loopback-redirect fields, not offered here yet)
+//!   may be changed at ALE_CONNECT_REDIRECT; the local address is changed at ALE_BIND_REDIRECT.
+//! - Redirected connections come back: a proxy's own outbound connection crosses
+//!   ALE_CONNECT_REDIRECT again, and other callouts may have redirected this one already. The
+//!   copy's history (`previousVersion`, each version with the `modifierFilterId` of the filter
+//!   that made it) says who changed it; check
+//!   [`redirected_by_this_filter`](WritableConnectRequest::redirected_by_this_filter) before
+//!   redirecting, or the connection loops.
+//!
+//! Acquiring sets the classify-out to BLOCK with the write right cleared (as the documentation
+//! says). INFERRED: that guards a classification that returns mid-modification; when the copy is
+//! applied (or dropped) this module puts the action and rights back as they were before the
+//! acquire, and the callout then decides as usual (typically
+//! [`permit`](crate::classify::ClassifyOut::permit)).
+//!
+//! Not offered yet: redirecting to a local proxy (loopback), which needs
+//! `localRedirectTargetPID` and, from Windows 8, a redirect handle from `FwpsRedirectHandleCreate0`
+//! (the `FWPS_CONNECT_REQUEST0` page says the handle must be set for redirection to work; the
+//! simulator does not require it, so a redirect that works in the simulator may need it on
+//! Windows); pending a redirect (`FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS`); and
+//! ALE_BIND_REDIRECT's `FWPS_BIND_REQUEST0` (bound in [`crate::sys`], not wrapped).
+//!
+//! ```
+//! use core::net::SocketAddr;
+//! use wfp_rs::callout::{Callout, Classify};
+//! use wfp_rs::irql::DispatchLevel;
+//! use wfp_rs::layer::AleConnectRedirectV4;
+//!
+//! struct ToProxy {
+//!     proxy: SocketAddr,
+//! }
+//!
+//! impl Callout<AleConnectRedirectV4> for ToProxy {
+//!     fn classify(&self, irql: &mut DispatchLevel<'_>, c: &mut Classify<'_, AleConnectRedirectV4>) {
+//!         if let Ok(mut request) = c.connect_request(irql) {
+//!             // Our own redirect coming back (or the proxy's connection): leave it alone.
+//!             if !request.redirected_by_this_filter() && request.remote() != Some(self.proxy) {
+//!                 let _ = request.set_remote(self.proxy);
+//!             }
+//!             request.apply(irql);
+//!         }
+//!         let _ = c.out.permit();
+//!     }
+//! }
+//! ```
+
+use core::fmt;
+use core::marker::PhantomData;
+use core::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use core::ptr::NonNull;
+
+use crate::callout::Classify;
+use crate::irql::AtMostDispatch;
+use crate::layer::Layer;
+use crate::status::Status;
+use crate::sys;
+
+/// The layers whose `layerData` is a connect request (`FWPS_CONNECT_REQUEST0`):
+/// ALE_CONNECT_REDIRECT_V4 and ALE_CONNECT_REDIRECT_V6. Only these have
+/// [`Classify::connect_request`]; elsewhere it does not compile.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` has no connect request to redirect",
+    label = "`connect_request` is only for ALE_CONNECT_REDIRECT_V4 and ALE_CONNECT_REDIRECT_V6",
+    note = "register the callout at ALE_CONNECT_REDIRECT to change where a connection goes; at other layers permit or block it"
+)]
+pub trait ConnectRedirectLayer: Layer + sealed::Sealed {}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+impl sealed::Sealed for crate::layer::AleConnectRedirectV4 {}
+impl ConnectRedirectLayer for crate::layer::AleConnectRedirectV4 {}
+impl sealed::Sealed for crate::layer::AleConnectRedirectV6 {}
+impl ConnectRedirectLayer for crate::layer::AleConnectRedirectV6 {}
+
+/// Why a connect request could not be acquired or changed. Nothing was changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RedirectError {
+    /// The callout does not have the write right: a higher-priority filter decided.
+    #[error("a higher-priority filter made a hard decision; the connection cannot be redirected")]
+    NoWriteRight,
+    /// The engine handed no classify context.
+    #[error("this classification has no classify context")]
+    NoClassifyContext,
+    /// `FwpsAcquireClassifyHandle0` or `FwpsAcquireWritableLayerDataPointer0` failed.
+    #[error("the filter engine refused: {0}")]
+    Refused(Status),
+    /// The new remote address is not of the connection's IP version.
+    #[error("the new remote address is not of the connection's IP version")]
+    WrongIpVersion,
+    /// A loopback address: redirecting to a local proxy needs the redirect handle and target
+    /// process, which this module does not offer yet.
+    #[error("redirecting to a loopback address is not supported yet")]
+    Loopback,
+}
+
+impl From<RedirectError> for Status {
+    fn from(error: RedirectError) -> Status {
+        match error {
+            RedirectError::Refused(status) => status,
+            RedirectError::NoWriteRight
+            | RedirectError::NoClassifyContext
+            | RedirectError::WrongIpVersion
+            | RedirectError::Loopback => Status::INVALID_PARAMETER,
+        }
+    }
+}
+
+impl<L: Layer, F: 'static> Classify<'_, L, F> {
+    /// Acquires the writable copy of this connection's connect request
+    /// (`FwpsAcquireClassifyHandle0`, then `FwpsAcquireWritableLayerDataPointer0`). Apply it with
+    /// [`WritableConnectRequest::apply`]; dropping it discards the changes. See
+    /// [`crate::redirect`].
+    ///
+    /// Refused with [`RedirectError::NoWriteRight`] when a higher-priority filter decided.
+    pub fn connect_request(
+        &mut self,
+        irql: &impl AtMostDispatch,
+    ) -> Result<WritableConnectRequest<'_>, RedirectError>
+    where
+        L: ConnectRedirectLayer,
+    {
+        crate::irql::verify(irql);
+        if !self.out.can_write() {
+            return Err(RedirectError::NoWriteRight);
+        }
+        if self.classify_context.is_null() {
+            return Err(RedirectError::NoClassifyContext);
+        }
+        let mut handle: u64 = 0;
+        // SAFETY: the classify context is the engine's for this classification, in progress
+        // (we are in classifyFn: `self` is borrowed from the trampoline); IRQL <= DISPATCH_LEVEL.
+        let status = unsafe {
+            sys::FwpsAcquireClassifyHandle0(self.classify_context.cast_mut(), 0, &mut handle)
+        };
+        Status::from_ntstatus(status).map_err(RedirectError::Refused)?;
+        let filter_id = self.filter.id();
+        let out = self.out.raw();
+        let (action_before, rights_before) = (out.actionType, out.rights);
+        let mut data: sys::PVOID = core::ptr::null_mut();
+        // SAFETY: the handle was just acquired for this classification; `out` is its
+        // classify-out; `data` is writable.
+        let status = unsafe {
+            sys::FwpsAcquireWritableLayerDataPointer0(handle, filter_id, 0, &mut data, out)
+        };
+        let request = match Status::from_ntstatus(status) {
+            Ok(()) => NonNull::new(data.cast::<sys::FWPS_CONNECT_REQUEST0>()),
+            Err(status) => {
+                // SAFETY: acquired above, nothing acquired with it, released once.
+                unsafe { sys::FwpsReleaseClassifyHandle0(handle) };
+                return Err(RedirectError::Refused(status));
+            }
+        };
+        let Some(request) = request else {
+            // INFERRED: success without data does not happen; the handle is still ours.
+            // SAFETY: acquired above, released once.
+            unsafe { sys::FwpsReleaseClassifyHandle0(handle) };
+            return Err(RedirectError::Refused(Status::FWP_NULL_POINTER));
+        };
+        // SAFETY: the engine returned a valid, writable FWPS_CONNECT_REQUEST0 for this
+        // classification (ALE_CONNECT_REDIRECT, checked by the `L` bound).
+        let original = unsafe { request.as_ptr().read() };
+        Ok(WritableConnectRequest {
+            handle,
+            filter_id,
+            request,
+            original,
+            out: NonNull::from(out),
+            action_before,
+            rights_before,
+            released: false,
+            _classification: PhantomData,
+        })
+    }
+}
+
+/// The writable copy of a connection's connect request, from [`Classify::connect_request`].
+/// Apply it once with [`apply`](Self::apply); dropping it restores and applies what it held
+/// (the connection continues unchanged). Either way the classify handle is released.
+#[must_use = "dropping the request discards the changes; call `apply` to redirect"]
+pub struct WritableConnectRequest<'a> {
+    handle: u64,
+    filter_id: u64,
+    request: NonNull<sys::FWPS_CONNECT_REQUEST0>,
+    /// What the copy held when acquired, restored if it is dropped un-applied.
+    original: sys::FWPS_CONNECT_REQUEST0,
+    out: NonNull<sys::FWPS_CLASSIFY_OUT0>,
+    action_before: u32,
+    rights_before: u32,
+    /// Applied and released (by `apply`, or by `drop`).
+    released: bool,
+    /// Borrows the classification (and its classify-out) mutably, and is not `Send`.
+    _classification: PhantomData<&'a mut sys::FWPS_CLASSIFY_OUT0>,
+}
+
+impl WritableConnectRequest<'_> {
+    fn data(&self) -> &sys::FWPS_CONNECT_REQUEST0 {
+        // SAFETY: the engine's writable copy, valid until it is applied (which consumes `self`).
+        unsafe { self.request.as_ref() }
+    }
+
+    /// The remote address and port the connection goes to (`remoteAddressAndPort`); `None` for
+    /// an address family other than IPv4 or IPv6.
+    pub fn remote(&self) -> Option<SocketAddr> {
+        socket_address_from_storage(&self.data().remoteAddressAndPort)
+    }
+
+    /// The local address and port (`localAddressAndPort`, read-only at this layer).
+    pub fn local(&self) -> Option<SocketAddr> {
+        socket_address_from_storage(&self.data().localAddressAndPort)
+    }
+
+    /// Sends the connection to `remote` instead. It must be of the connection's IP version and
+    /// not a loopback address (see [`crate::redirect`]).
+    pub fn set_remote(&mut self, remote: SocketAddr) -> Result<(), RedirectError> {
+        if remote.ip().is_loopback() {
+            return Err(RedirectError::Loopback);
+        }
+        let same_version = matches!(
+            (self.remote(), remote),
+            (Some(SocketAddr::V4(_)), SocketAddr::V4(_))
+                | (Some(SocketAddr::V6(_)), SocketAddr::V6(_))
+        );
+        if !same_version {
+            return Err(RedirectError::WrongIpVersion);
+        }
+        let storage = storage_from_socket_address(remote);
+        // SAFETY: the engine's writable copy; `self` is borrowed mutably, so no reference
+        // from `data()` is alive.
+        unsafe { (*self.request.as_ptr()).remoteAddressAndPort = storage };
+        Ok(())
+    }
+
+    /// The filter ids of the earlier modifications, newest first (the `modifierFilterId` of
+    /// each `previousVersion`). Empty if no filter has changed the request.
+    pub fn previous_modifiers(&self) -> PreviousModifiers<'_> {
+        PreviousModifiers {
+            next: self.data().previousVersion,
+            remaining: MAX_HISTORY,
+            _request: PhantomData,
+        }
+    }
+
+    /// Whether the filter that called this callout changed the request before: the connection
+    /// was redirected by this callout already (redirect it again and it loops).
+    pub fn redirected_by_this_filter(&self) -> bool {
+        self.previous_modifiers().any(|id| id == self.filter_id)
+    }
+
+    /// Hands the copy back to the engine (`FwpsApplyModifiedLayerData0`), so the connection
+    /// continues to the addresses it holds, and releases the classify handle. The classify-out's
+    /// action and rights are put back as they were before the acquire.
+    pub fn apply(mut self, irql: &impl AtMostDispatch) {
+        crate::irql::verify(irql);
+        self.apply_and_release();
+    }
+
+    /// Discards the changes: the copy gets back what it held when acquired and is applied
+    /// unchanged (the documentation requires an apply for every acquire), and the classify
+    /// handle is released. Dropping the request does the same.
+    pub fn discard(self, irql: &impl AtMostDispatch) {
+        crate::irql::verify(irql);
+        drop(self);
+    }
+
+    fn apply_and_release(&mut self) {
+        if self.released {
+            return;
+        }
+        self.released = true;
+        // SAFETY: the copy the engine handed out with this handle, applied once (`released`
+        // guards it); IRQL <= DISPATCH_LEVEL.
+        unsafe {
+            sys::FwpsApplyModifiedLayerData0(self.handle, self.request.as_ptr().cast(), 0);
+        }
+        // SAFETY: the classify-out of the classification `self` borrows, still in classifyFn.
+        let out = unsafe { self.out.as_mut() };
+        out.actionType = self.action_before;
+        out.rights = self.rights_before;
+        // SAFETY: acquired in `connect_request`, released once, after its apply.
+        unsafe { sys::FwpsReleaseClassifyHandle0(self.handle) };
+    }
+}
+
+impl Drop for WritableConnectRequest<'_> {
+    fn drop(&mut self) {
+        if !self.released {
+            // SAFETY: the engine's writable copy, not applied yet; `self` is borrowed mutably.
+            unsafe { self.request.as_ptr().write(self.original) };
+            self.apply_and_release();
+        }
+    }
+}
+
+impl fmt::Debug for WritableConnectRequest<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WritableConnectRequest")
+            .field("local", &self.local())
+            .field("remote", &self.remote())
+            .field("filter_id", &self.filter_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// At most this many versions of history are read: a longer chain is taken to be a cycle.
+const MAX_HISTORY: usize = 64;
+
+/// The earlier modifiers of a connect request: see
+/// [`WritableConnectRequest::previous_modifiers`].
+pub struct PreviousModifiers<'r> {
+    next: *mut sys::FWPS_CONNECT_REQUEST0,
+    remaining: usize,
+    _request: PhantomData<&'r sys::FWPS_CONNECT_REQUEST0>,
+}
+
+impl Iterator for PreviousModifiers<'_> {
+    type Item = u64;
+
+    fn next(&mut self) -> Option<u64> {
+        if self.remaining == 0 {
+            return None;
+        }
+        self.remaining -= 1;
+        // SAFETY: `previousVersion` links are the engine's read-only history, valid while the
+        // writable copy they hang from is (borrowed for 'r); null ends the chain.
+        let version = unsafe { self.next.as_ref() }?;
+        self.next = version.previousVersion;
+        Some(version.modifierFilterId)
+    }
+}
+
+impl fmt::Debug for PreviousModifiers<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PreviousModifiers").finish_non_exhaustive()
+    }
+}
+
+/// The bytes of a `SOCKADDR_STORAGE`, in memory order.
+fn storage_bytes(storage: &sys::SOCKADDR_STORAGE) -> [u8; 128] {
+    let mut bytes = [0u8; 128];
+    bytes[0..2].copy_from_slice(&storage.ss_family.to_ne_bytes());
+    for (byte, pad) in bytes[2..8].iter_mut().zip(storage.__ss_pad1) {
+        *byte = pad.to_ne_bytes()[0];
+    }
+    bytes[8..16].copy_from_slice(&storage.__ss_align.to_ne_bytes());
+    for (byte, pad) in bytes[16..].iter_mut().zip(storage.__ss_pad2) {
+        *byte = pad.to_ne_bytes()[0];
+    }
+    bytes
+}
+
+fn storage_from_bytes(bytes: &[u8; 128]) -> sys::SOCKADDR_STORAGE {
+    let mut storage = sys::SOCKADDR_STORAGE {
+        ss_family: u16::from_ne_bytes([bytes[0], bytes[1]]),
+        __ss_pad1: [0; 6],
+        __ss_align: 0,
+        __ss_pad2: [0; 112],
+    };
+    for (pad, byte) in storage.__ss_pad1.iter_mut().zip(&bytes[2..8]) {
+        *pad = i8::from_ne_bytes([*byte]);
+    }
+    let mut align = [0u8; 8];
+    align.copy_from_slice(&bytes[8..16]);
+    storage.__ss_align = i64::from_ne_bytes(align);
+    for (pad, byte) in storage.__ss_pad2.iter_mut().zip(&bytes[16..]) {
+        *pad = i8::from_ne_bytes([*byte]);
+    }
+    storage
+}
+
+/// The socket address a `SOCKADDR_STORAGE` holds, read as the `SOCKADDR_IN` or `SOCKADDR_IN6`
+/// its `ss_family` says; `None` for another family.
+pub fn socket_address_from_storage(storage: &sys::SOCKADDR_STORAGE) -> Option<SocketAddr> {
+    let b = storage_bytes(storage);
+    let port = u16::from_be_bytes([b[2], b[3]]);
+    match storage.ss_family {
+        sys::AF_INET => {
+            let ip = Ipv4Addr::new(b[4], b[5], b[6], b[7]);
+            Some(SocketAddr::V4(SocketAddrV4::new(ip, port)))
+        }
+        sys::AF_INET6 => {
+            let flow_info = u32::from_be_bytes([b[4], b[5], b[6], b[7]]);
+            let mut octets = [0u8; 16];
+            octets.copy_from_slice(&b[8..24]);
+            let scope_id = u32::from_ne_bytes([b[24], b[25], b[26], b[27]]);
+            let ip = Ipv6Addr::from(octets);
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                ip, port, flow_info, scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// A `SOCKADDR_STORAGE` holding `address` as a `SOCKADDR_IN` or `SOCKADDR_IN6` (port, address
+/// and flow info in network byte order, as ws2def.h has them), the rest zero.
+pub fn storage_from_socket_address(address: SocketAddr) -> sys::SOCKADDR_STORAGE {
+    let mut b = [0u8; 128];
+    b[2..4].copy_from_slice(&address.port().to_be_bytes());
+    let family = match address {
+        SocketAddr::V4(v4) => {
+            b[4..8].copy_from_slice(&v4.ip().octets());
+            sys::AF_INET
+        }
+        SocketAddr::V6(v6) => {
+            b[4..8].copy_from_slice(&v6.flowinfo().to_be_bytes());
+            b[8..24].copy_from_slice(&v6.ip().octets());
+            b[24..28].copy_from_slice(&v6.scope_id().to_ne_bytes());
+            sys::AF_INET6
+        }
+    };
+    b[0..2].copy_from_slice(&family.to_ne_bytes());
+    storage_from_bytes(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_addresses_round_trip_through_storage() {
+        for address in [
+            "192.0.2.7:8080".parse::<SocketAddr>().unwrap(),
+            "[2001:db8::5]:443".parse().unwrap(),
+            SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 1, 0x12345, 7)),
+        ] {
+            let storage = storage_from_socket_address(address);
+            assert_eq!(socket_address_from_storage(&storage), Some(address));
+        }
+    }
+
+    #[test]
+    fn ipv4_storage_is_a_sockaddr_in_in_network_byte_order() {
+        let storage = storage_from_socket_address("10.1.2.3:258".parse().unwrap());
+        let bytes = storage_bytes(&storage);
+        assert_eq!(&bytes[0..8], &[2, 0, 1, 2, 10, 1, 2, 3]);
+        assert!(bytes[8..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn unknown_family_reads_as_none() {
+        let mut storage = storage_from_socket_address("10.1.2.3:1".parse().unwrap());
+        storage.ss_family = 1;
+        assert_eq!(socket_address_from_storage(&storage), None);
+    }
+}
