@@ -173,57 +173,10 @@ impl<L: Layer, F: 'static> Classify<'_, L, F> {
     where
         L: ConnectRedirectLayer,
     {
-        crate::irql::verify(irql);
-        if !self.out.can_write() {
-            return Err(RedirectError::NoWriteRight);
-        }
-        if self.classify_context.is_null() {
-            return Err(RedirectError::NoClassifyContext);
-        }
-        let mut handle: u64 = 0;
-        // SAFETY: the classify context is the engine's for this classification, in progress
-        // (we are in classifyFn: `self` is borrowed from the trampoline); IRQL <= DISPATCH_LEVEL.
-        let status = unsafe {
-            sys::FwpsAcquireClassifyHandle0(self.classify_context.cast_mut(), 0, &mut handle)
-        };
-        Status::from_ntstatus(status).map_err(RedirectError::Refused)?;
-        let filter_id = self.filter.id();
-        let out = self.out.raw();
-        let (action_before, rights_before) = (out.actionType, out.rights);
-        let mut data: sys::PVOID = core::ptr::null_mut();
-        // SAFETY: the handle was just acquired for this classification; `out` is its
-        // classify-out; `data` is writable.
-        let status = unsafe {
-            sys::FwpsAcquireWritableLayerDataPointer0(handle, filter_id, 0, &mut data, out)
-        };
-        let request = match Status::from_ntstatus(status) {
-            Ok(()) => NonNull::new(data.cast::<sys::FWPS_CONNECT_REQUEST0>()),
-            Err(status) => {
-                // SAFETY: acquired above, nothing acquired with it, released once.
-                unsafe { sys::FwpsReleaseClassifyHandle0(handle) };
-                return Err(RedirectError::Refused(status));
-            }
-        };
-        let Some(request) = request else {
-            // INFERRED: success without data does not happen; the handle is still ours.
-            // SAFETY: acquired above, released once.
-            unsafe { sys::FwpsReleaseClassifyHandle0(handle) };
-            return Err(RedirectError::Refused(Status::FWP_NULL_POINTER));
-        };
-        // SAFETY: the engine returned a valid, writable FWPS_CONNECT_REQUEST0 for this
-        // classification (ALE_CONNECT_REDIRECT, checked by the `L` bound).
-        let original = unsafe { request.as_ptr().read() };
-        Ok(WritableConnectRequest {
-            handle,
-            filter_id,
-            request,
-            original,
-            out: NonNull::from(out),
-            action_before,
-            rights_before,
-            released: false,
-            _classification: PhantomData,
-        })
+        // SAFETY: `layerData` at ALE_CONNECT_REDIRECT (the `L` bound) is an
+        // FWPS_CONNECT_REQUEST0.
+        let data = unsafe { self.acquire_writable::<sys::FWPS_CONNECT_REQUEST0>(irql) }?;
+        Ok(WritableConnectRequest { data })
     }
 }
 
@@ -232,24 +185,12 @@ impl<L: Layer, F: 'static> Classify<'_, L, F> {
 /// (the connection continues unchanged). Either way the classify handle is released.
 #[must_use = "dropping the request discards the changes; call `apply` to redirect"]
 pub struct WritableConnectRequest<'a> {
-    handle: u64,
-    filter_id: u64,
-    request: NonNull<sys::FWPS_CONNECT_REQUEST0>,
-    /// What the copy held when acquired, restored if it is dropped un-applied.
-    original: sys::FWPS_CONNECT_REQUEST0,
-    out: NonNull<sys::FWPS_CLASSIFY_OUT0>,
-    action_before: u32,
-    rights_before: u32,
-    /// Applied and released (by `apply`, or by `drop`).
-    released: bool,
-    /// Borrows the classification (and its classify-out) mutably, and is not `Send`.
-    _classification: PhantomData<&'a mut sys::FWPS_CLASSIFY_OUT0>,
+    data: WritableLayerData<'a, sys::FWPS_CONNECT_REQUEST0>,
 }
 
 impl WritableConnectRequest<'_> {
     fn data(&self) -> &sys::FWPS_CONNECT_REQUEST0 {
-        // SAFETY: the engine's writable copy, valid until it is applied (which consumes `self`).
-        unsafe { self.request.as_ref() }
+        self.data.get()
     }
 
     /// The remote address and port the connection goes to (`remoteAddressAndPort`); `None` for
@@ -277,10 +218,7 @@ impl WritableConnectRequest<'_> {
         if !same_version {
             return Err(RedirectError::WrongIpVersion);
         }
-        let storage = storage_from_socket_address(remote);
-        // SAFETY: the engine's writable copy; `self` is borrowed mutably, so no reference
-        // from `data()` is alive.
-        unsafe { (*self.request.as_ptr()).remoteAddressAndPort = storage };
+        self.data.get_mut().remoteAddressAndPort = storage_from_socket_address(remote);
         Ok(())
     }
 
@@ -297,15 +235,16 @@ impl WritableConnectRequest<'_> {
     /// Whether the filter that called this callout changed the request before: the connection
     /// was redirected by this callout already (redirect it again and it loops).
     pub fn redirected_by_this_filter(&self) -> bool {
-        self.previous_modifiers().any(|id| id == self.filter_id)
+        self.previous_modifiers()
+            .any(|id| id == self.data.filter_id)
     }
 
     /// Hands the copy back to the engine (`FwpsApplyModifiedLayerData0`), so the connection
     /// continues to the addresses it holds, and releases the classify handle. The classify-out's
     /// action and rights are put back as they were before the acquire.
-    pub fn apply(mut self, irql: &impl AtMostDispatch) {
+    pub fn apply(self, irql: &impl AtMostDispatch) {
         crate::irql::verify(irql);
-        self.apply_and_release();
+        self.data.apply();
     }
 
     /// Discards the changes: the copy gets back what it held when acquired and is applied
@@ -315,34 +254,6 @@ impl WritableConnectRequest<'_> {
         crate::irql::verify(irql);
         drop(self);
     }
-
-    fn apply_and_release(&mut self) {
-        if self.released {
-            return;
-        }
-        self.released = true;
-        // SAFETY: the copy the engine handed out with this handle, applied once (`released`
-        // guards it); IRQL <= DISPATCH_LEVEL.
-        unsafe {
-            sys::FwpsApplyModifiedLayerData0(self.handle, self.request.as_ptr().cast(), 0);
-        }
-        // SAFETY: the classify-out of the classification `self` borrows, still in classifyFn.
-        let out = unsafe { self.out.as_mut() };
-        out.actionType = self.action_before;
-        out.rights = self.rights_before;
-        // SAFETY: acquired in `connect_request`, released once, after its apply.
-        unsafe { sys::FwpsReleaseClassifyHandle0(self.handle) };
-    }
-}
-
-impl Drop for WritableConnectRequest<'_> {
-    fn drop(&mut self) {
-        if !self.released {
-            // SAFETY: the engine's writable copy, not applied yet; `self` is borrowed mutably.
-            unsafe { self.request.as_ptr().write(self.original) };
-            self.apply_and_release();
-        }
-    }
 }
 
 impl fmt::Debug for WritableConnectRequest<'_> {
@@ -350,7 +261,7 @@ impl fmt::Debug for WritableConnectRequest<'_> {
         f.debug_struct("WritableConnectRequest")
             .field("local", &self.local())
             .field("remote", &self.remote())
-            .field("filter_id", &self.filter_id)
+            .field("filter_id", &self.data.filter_id)
             .finish_non_exhaustive()
     }
 }
