@@ -3643,16 +3643,15 @@ pub unsafe extern "system" fn FwpsAcquireWritableLayerDataPointer0(
         if live.writable.is_some() {
             return Err(WritableMisuse::Status(Status::INVALID_PARAMETER.raw()));
         }
-        // SAFETY: the stack's request for this classification, alive while it is live.
-        let (copy, address) = unsafe {
-            match request {
-                LayerRequest::Connect(request) => {
-                    writable_copy::<FWPS_CONNECT_REQUEST0>(request, &mut live.versions)
-                }
-                LayerRequest::Bind(request) => {
-                    writable_copy::<FWPS_BIND_REQUEST0>(request, &mut live.versions)
-                }
-            }
+        let (copy, address) = match request {
+            // SAFETY: the stack's request for this classification, alive while it is live.
+            LayerRequest::Connect(request) => unsafe {
+                writable_copy::<FWPS_CONNECT_REQUEST0>(request, &mut live.versions)
+            },
+            // SAFETY: as above.
+            LayerRequest::Bind(request) => unsafe {
+                writable_copy::<FWPS_BIND_REQUEST0>(request, &mut live.versions)
+            },
         };
         live.writable = Some(WritableCopy {
             handle,
@@ -3726,17 +3725,16 @@ pub unsafe extern "system" fn FwpsApplyModifiedLayerData0(
         else {
             return Err(WritableMisuse::NotOutstanding);
         };
-        // SAFETY: the stack's request for this classification, alive while it is live; the
-        // engine lock orders every access to it.
-        unsafe {
-            match request {
-                LayerRequest::Connect(request) => {
-                    apply_copy::<FWPS_CONNECT_REQUEST0>(request, &copy, filter_id);
-                }
-                LayerRequest::Bind(request) => {
-                    apply_copy::<FWPS_BIND_REQUEST0>(request, &copy, filter_id);
-                }
-            }
+        match request {
+            // SAFETY: the stack's request for this classification, alive while it is live; the
+            // engine lock orders every access to it.
+            LayerRequest::Connect(request) => unsafe {
+                apply_copy::<FWPS_CONNECT_REQUEST0>(request, &copy, filter_id);
+            },
+            // SAFETY: as above.
+            LayerRequest::Bind(request) => unsafe {
+                apply_copy::<FWPS_BIND_REQUEST0>(request, &copy, filter_id);
+            },
         }
         Ok(())
     });
