@@ -17,10 +17,11 @@ use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::layer::{self, fields};
 use wfp_rs::metadata::Direction;
 use wfp_rs::redirect::{BindRedirectLayer, RedirectError};
-use wfp_rs::{Guid, Status, guid, sys};
+use wfp_rs::{Guid, Status, guid};
 use wfp_rs_sim::bugcheck_test;
 use wfp_rs_sim::{AleIrql, Connection, LoadedDriver, Machine};
 use wfp_rs_tests::install::{Installed, install};
+use wfp_rs_tests::raw_redirect::{Misuse, Raw};
 
 mod host {
     use super::*;
@@ -428,69 +429,10 @@ fn a_reauthorization_sees_its_own_earlier_bind_redirect() {
     machine.unload_driver(driver).unwrap();
 }
 
-/// How a raw callout misuses the functions at ALE_BIND_REDIRECT.
-#[derive(Clone, Copy)]
-enum Misuse {
-    ApplyTwice,
-    ApplyAnotherPointer,
-    NeverApply,
-}
-
-struct Raw(Misuse);
-
-impl Callout<layer::AleBindRedirectV4> for Raw {
-    fn classify(
-        &self,
-        _irql: &mut DispatchLevel<'_>,
-        c: &mut Classify<'_, layer::AleBindRedirectV4>,
-    ) {
-        let mut handle = 0u64;
-        // SAFETY: the classification's own classify context, during classifyFn.
-        let status = unsafe {
-            sys::FwpsAcquireClassifyHandle0(c.raw_classify_context().cast_mut(), 0, &mut handle)
-        };
-        assert_eq!(status, 0);
-        let mut data: sys::PVOID = core::ptr::null_mut();
-        let filter_id = c.filter.id();
-        // SAFETY: the handle was just acquired; `data` is writable; no classify-out given.
-        let status = unsafe {
-            sys::FwpsAcquireWritableLayerDataPointer0(
-                handle,
-                filter_id,
-                0,
-                &mut data,
-                core::ptr::null_mut(),
-            )
-        };
-        assert_eq!(status, 0);
-        match self.0 {
-            Misuse::ApplyTwice => {
-                // SAFETY: the copy acquired above, applied once here; the second apply is the
-                // misuse under test.
-                unsafe { sys::FwpsApplyModifiedLayerData0(handle, data, 0) };
-                // SAFETY: none; the simulator stops here.
-                unsafe { sys::FwpsApplyModifiedLayerData0(handle, data, 0) };
-            }
-            Misuse::ApplyAnotherPointer => {
-                // SAFETY: a copy of the writable bind request, not the engine's.
-                let mut copy = unsafe { data.cast::<sys::FWPS_BIND_REQUEST0>().read() };
-                let copy: *mut sys::FWPS_BIND_REQUEST0 = &mut copy;
-                // SAFETY: none; the simulator stops here.
-                unsafe { sys::FwpsApplyModifiedLayerData0(handle, copy.cast(), 0) };
-            }
-            Misuse::NeverApply => {
-                // SAFETY: acquired above; the un-applied copy is the misuse.
-                unsafe { sys::FwpsReleaseClassifyHandle0(handle) };
-            }
-        }
-        let _ = c.out.permit();
-    }
-}
-
 fn misuse(how: Misuse) {
     let machine = Machine::new();
     let driver = machine.load_driver("raw-bind", host::DriverEntry).unwrap();
-    let _installed = install(
+    let _installed = install::<layer::AleBindRedirectV4, _, ()>(
         &machine,
         &driver,
         CalloutKey::new(BIND_CALLOUT),
@@ -511,6 +453,12 @@ bugcheck_test! {
     /// A copy of the writable request is not the engine's copy.
     fn applying_another_pointer_stops_the_machine() expects WFP_INVALID_OPERATION(0x8000_0008) {
         misuse(Misuse::ApplyAnotherPointer);
+    }
+}
+
+bugcheck_test! {
+    fn applying_a_bind_request_never_acquired_stops_the_machine() expects WFP_INVALID_OPERATION(0x8000_0008) {
+        misuse(Misuse::ApplyWithoutAcquire);
     }
 }
 

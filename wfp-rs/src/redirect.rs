@@ -225,34 +225,27 @@ impl WritableConnectRequest<'_> {
     /// The filter ids of the earlier modifications, newest first (the `modifierFilterId` of
     /// each `previousVersion`). Empty if no filter has changed the request.
     pub fn previous_modifiers(&self) -> PreviousModifiers<'_> {
-        PreviousModifiers {
-            next: self.data().previousVersion,
-            remaining: MAX_HISTORY,
-            _request: PhantomData,
-        }
+        self.data.previous_modifiers()
     }
 
     /// Whether the filter that called this callout changed the request before: the connection
     /// was redirected by this callout already (redirect it again and it loops).
     pub fn redirected_by_this_filter(&self) -> bool {
-        self.previous_modifiers()
-            .any(|id| id == self.data.filter_id)
+        self.data.redirected_by_this_filter()
     }
 
     /// Hands the copy back to the engine (`FwpsApplyModifiedLayerData0`), so the connection
     /// continues to the addresses it holds, and releases the classify handle. The classify-out's
     /// action and rights are put back as they were before the acquire.
     pub fn apply(self, irql: &impl AtMostDispatch) {
-        crate::irql::verify(irql);
-        self.data.apply();
+        self.data.apply(irql);
     }
 
     /// Discards the changes: the copy gets back what it held when acquired and is applied
     /// unchanged (the documentation requires an apply for every acquire), and the classify
     /// handle is released. Dropping the request does the same.
     pub fn discard(self, irql: &impl AtMostDispatch) {
-        crate::irql::verify(irql);
-        drop(self);
+        self.data.discard(irql);
     }
 }
 
@@ -514,8 +507,14 @@ impl<T: Copy> WritableLayerData<'_, T> {
         unsafe { self.writable.as_mut() }
     }
 
-    fn apply(mut self) {
+    fn apply(mut self, irql: &impl AtMostDispatch) {
+        crate::irql::verify(irql);
         self.apply_and_release();
+    }
+
+    fn discard(self, irql: &impl AtMostDispatch) {
+        crate::irql::verify(irql);
+        drop(self);
     }
 
     fn apply_and_release(&mut self) {
@@ -534,6 +533,20 @@ impl<T: Copy> WritableLayerData<'_, T> {
         out.rights = self.rights_before;
         // SAFETY: acquired in `acquire_writable`, released once, after its apply.
         unsafe { sys::FwpsReleaseClassifyHandle0(self.handle) };
+    }
+}
+
+impl<T: Copy + history::Versioned> WritableLayerData<'_, T> {
+    fn previous_modifiers(&self) -> PreviousModifiers<'_, T> {
+        PreviousModifiers {
+            next: self.get().previous_version(),
+            remaining: MAX_HISTORY,
+            _request: PhantomData,
+        }
+    }
+
+    fn redirected_by_this_filter(&self) -> bool {
+        self.previous_modifiers().any(|id| id == self.filter_id)
     }
 }
 
@@ -588,34 +601,27 @@ impl WritableBindRequest<'_> {
     /// The filter ids of the earlier modifications, newest first (the `modifierFilterId` of
     /// each `previousVersion`). Empty if no filter has changed the request.
     pub fn previous_modifiers(&self) -> PreviousModifiers<'_, sys::FWPS_BIND_REQUEST0> {
-        PreviousModifiers {
-            next: self.data.get().previousVersion,
-            remaining: MAX_HISTORY,
-            _request: PhantomData,
-        }
+        self.data.previous_modifiers()
     }
 
     /// Whether the filter that called this callout changed the request before: the bind was
     /// redirected by this callout already.
     pub fn redirected_by_this_filter(&self) -> bool {
-        self.previous_modifiers()
-            .any(|id| id == self.data.filter_id)
+        self.data.redirected_by_this_filter()
     }
 
     /// Hands the copy back to the engine (`FwpsApplyModifiedLayerData0`), so the socket binds to
     /// the address and port it holds, and releases the classify handle. The classify-out's
     /// action and rights are put back as they were before the acquire.
     pub fn apply(self, irql: &impl AtMostDispatch) {
-        crate::irql::verify(irql);
-        self.data.apply();
+        self.data.apply(irql);
     }
 
     /// Discards the changes: the copy gets back what it held when acquired and is applied
     /// unchanged (the documentation requires an apply for every acquire), and the classify
     /// handle is released. Dropping the request does the same.
     pub fn discard(self, irql: &impl AtMostDispatch) {
-        crate::irql::verify(irql);
-        drop(self);
+        self.data.discard(irql);
     }
 }
 
