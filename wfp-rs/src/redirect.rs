@@ -371,7 +371,7 @@ pub fn storage_from_socket_address(address: SocketAddr) -> sys::SOCKADDR_STORAGE
     storage_from_bytes(&b)
 }
 
-// --- Redirecting a bind ------------------------------------------------------------------------
+// --- Redirecting a bind, and the acquire/apply plumbing both requests share ------------------
 
 /// The layers whose `layerData` is a bind request (`FWPS_BIND_REQUEST0`):
 /// ALE_BIND_REDIRECT_V4 and ALE_BIND_REDIRECT_V6. Only these have [`Classify::bind_request`];
