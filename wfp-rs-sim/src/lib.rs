@@ -2031,6 +2031,11 @@ pub struct ConnectOutcome {
     /// callout's applied connect request), which the later layers saw. The connection's own
     /// remote endpoint when nothing redirected it, and for an inbound connection.
     pub remote: std::net::SocketAddr,
+    /// Where an outbound connection's socket was bound: its local endpoint after
+    /// ALE_BIND_REDIRECT (a callout's applied bind request), which the later layers saw. The
+    /// connection's own local endpoint when nothing redirected the bind, and for an inbound
+    /// connection.
+    pub local: std::net::SocketAddr,
 }
 
 /// What [`Machine::stream`] did: the filter engine's decision, and what the callouts left in
@@ -2234,8 +2239,9 @@ impl Machine {
     /// Process `connection.pid` opens (or accepts) a connection: runs the layers the network
     /// stack runs, in order, and stops at the first block.
     ///
-    /// Outbound: ALE_RESOURCE_ASSIGNMENT (the implicit bind), ALE_CONNECT_REDIRECT,
-    /// ALE_AUTH_CONNECT, OUTBOUND_TRANSPORT (the first packet), ALE_FLOW_ESTABLISHED. Inbound:
+    /// Outbound: ALE_BIND_REDIRECT and ALE_RESOURCE_ASSIGNMENT (the implicit bind of the
+    /// connecting socket), ALE_CONNECT_REDIRECT, ALE_AUTH_CONNECT, OUTBOUND_TRANSPORT (the first
+    /// packet), ALE_FLOW_ESTABLISHED. Inbound:
     /// INBOUND_TRANSPORT, ALE_AUTH_RECV_ACCEPT, ALE_FLOW_ESTABLISHED. The IP version follows the
     /// addresses; the ALE authorization layers run at `ale_irql`, the others at
     /// `DISPATCH_LEVEL`.
@@ -2244,6 +2250,16 @@ impl Machine {
     /// connection's endpoints; if a callout applies a new remote endpoint
     /// (`FwpsApplyModifiedLayerData0`), the later layers classify the connection to it, and
     /// [`ConnectOutcome::remote`] reports it.
+    ///
+    /// At ALE_BIND_REDIRECT `layerData` is a real `FWPS_BIND_REQUEST0` with the connection's
+    /// local endpoint; if a callout applies a new one, ALE_RESOURCE_ASSIGNMENT and the later
+    /// layers classify the connection from it, and [`ConnectOutcome::local`] reports it.
+    /// INFERRED: the documentation says ALE_BIND_REDIRECT is where a bind's local address and
+    /// port are changed, and that ALE_RESOURCE_ASSIGNMENT sees explicit and implicit binds; that
+    /// the implicit bind of a connect crosses ALE_BIND_REDIRECT too, and before
+    /// ALE_RESOURCE_ASSIGNMENT, is inferred. Explicit `bind()`/`listen()` without a connection
+    /// are not modelled: each connection is its own socket, so a bind redirect affects that
+    /// connection only.
     pub fn connect(&self, connection: &Connection, ale_irql: AleIrql) -> ConnectOutcome {
         use wfp_rs::layer::*;
         let v4 = connection.remote.is_ipv4();
@@ -2253,6 +2269,8 @@ impl Machine {
         };
         let flow = NEXT_FLOW.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
         let mut presented = Presented::new(connection);
+        // The connection as a callout rebound it at ALE_BIND_REDIRECT, if one did.
+        let rebound = std::cell::OnceCell::new();
         // The connection as a callout redirected it at ALE_CONNECT_REDIRECT, if one did.
         let redirected = std::cell::OnceCell::new();
         // Read before the authorization, so a policy change during it reauthorizes the flow.
@@ -2265,6 +2283,7 @@ impl Machine {
         let policy_changes = self.run(|| engine::policy_changes(authorized_at));
         let plan: &[(u16, Irql, bool)] = match (connection.direction, v4) {
             (wfp_rs::metadata::Direction::Outbound, true) => &[
+                (AleBindRedirectV4::ID, ale, false),
                 (AleResourceAssignmentV4::ID, ale, false),
                 (AleConnectRedirectV4::ID, ale, false),
                 (AleAuthConnectV4::ID, ale, false),
@@ -2272,6 +2291,7 @@ impl Machine {
                 (AleFlowEstablishedV4::ID, Irql::DISPATCH, true),
             ],
             (wfp_rs::metadata::Direction::Outbound, false) => &[
+                (AleBindRedirectV6::ID, ale, false),
                 (AleResourceAssignmentV6::ID, ale, false),
                 (AleConnectRedirectV6::ID, ale, false),
                 (AleAuthConnectV6::ID, ale, false),
@@ -2304,8 +2324,16 @@ impl Machine {
             // may rewrite (FwpsApplyModifiedLayerData0).
             let mut request = (id == AleConnectRedirectV4::ID || id == AleConnectRedirectV6::ID)
                 .then(|| Box::new(connect_request(presented.connection)));
-            let carried = match request.as_mut() {
-                Some(request) => Carried::Request(&mut **request as *mut _ as usize),
+            // ALE_BIND_REDIRECT's layerData: the stack's bind request, likewise.
+            let mut bind = (id == AleBindRedirectV4::ID || id == AleBindRedirectV6::ID)
+                .then(|| Box::new(bind_request(presented.connection)));
+            let mut layer_data = || match (request.as_mut(), bind.as_mut()) {
+                (Some(request), _) => Some(&mut **request as *mut _ as usize),
+                (_, Some(bind)) => Some(&mut **bind as *mut _ as usize),
+                (None, None) => None,
+            };
+            let carried = match layer_data() {
+                Some(address) => Carried::Request(address),
                 // The packet carries the attempt (`flow`) even where the layer has no flow
                 // handle, so a clone of it finds this attempt when it is reinjected.
                 None => Carried::Built { origin: flow },
@@ -2337,6 +2365,7 @@ impl Machine {
                             pended,
                             pend_round_trip,
                             remote: connection.remote,
+                            local: connection.local,
                         };
                     };
                     let established = reinjected
@@ -2351,6 +2380,7 @@ impl Machine {
                         pended,
                         pend_round_trip,
                         remote: connection.remote,
+                        local: connection.local,
                     };
                 }
                 decision = match final_action {
@@ -2372,13 +2402,24 @@ impl Machine {
                         irql,
                         None,
                         Some(wfp_rs::sys::FWP_CONDITION_REAUTHORIZE_REASON_CLASSIFY_COMPLETION),
-                        match request.as_mut() {
-                            Some(request) => Carried::Request(&mut **request as *mut _ as usize),
+                        match layer_data() {
+                            Some(address) => Carried::Request(address),
                             None => Carried::Built { origin: 0 },
                         },
                     ),
                 };
                 pend_round_trip = Some(classified.elapsed());
+            }
+            if let Some(bind) = bind
+                && let Some(local) =
+                    wfp_rs::redirect::socket_address_from_storage(&bind.localAddressAndPort)
+                && local != presented.connection.local
+                && local.is_ipv4() == presented.connection.local.is_ipv4()
+            {
+                // Rebound: the later layers see the new local endpoint.
+                let mut moved = presented.connection.clone();
+                moved.local = local;
+                presented = Presented::new(rebound.get_or_init(|| moved));
             }
             if let Some(request) = request
                 && let Some(remote) =
@@ -2400,6 +2441,7 @@ impl Machine {
                     pended,
                     pend_round_trip,
                     remote: presented.connection.remote,
+                    local: presented.connection.local,
                 };
             }
         }
@@ -2419,6 +2461,7 @@ impl Machine {
             pended,
             pend_round_trip,
             remote: presented.connection.remote,
+            local: presented.connection.local,
         }
     }
 
@@ -2794,10 +2837,22 @@ fn connect_request(connection: &Connection) -> wfp_rs::sys::FWPS_CONNECT_REQUEST
     }
 }
 
+/// The stack's `FWPS_BIND_REQUEST0` for the implicit bind of an outbound connection at
+/// ALE_BIND_REDIRECT: its local endpoint, no port reservation, no history.
+fn bind_request(connection: &Connection) -> wfp_rs::sys::FWPS_BIND_REQUEST0 {
+    wfp_rs::sys::FWPS_BIND_REQUEST0 {
+        localAddressAndPort: wfp_rs::redirect::storage_from_socket_address(connection.local),
+        portReservationToken: 0,
+        previousVersion: core::ptr::null_mut(),
+        modifierFilterId: 0,
+    }
+}
+
 /// The packet a connection's classification carries.
 #[derive(Clone, Copy)]
 enum Carried {
-    /// No packet: `layerData` is the connect request at this address (ALE_CONNECT_REDIRECT).
+    /// No packet: `layerData` is the connect request (ALE_CONNECT_REDIRECT) or the bind request
+    /// (ALE_BIND_REDIRECT) at this address.
     Request(usize),
     /// One the stack builds for the classification (where the layer has packets), marked as a
     /// packet of connection attempt `origin`.
