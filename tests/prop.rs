@@ -19,7 +19,7 @@ use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::{Guid, Status, guid};
 use wfp_rs_sim::AleIrql;
 use wfp_rs_sim::prop::{
-    AllocationFailure, Answer, Case, ConnectionCase, FaultPlan, Generation, Harness, Run,
+    AllocationFailure, Answer, Case, ConnectionCase, Data, FaultPlan, Generation, Harness, Run,
     ServiceBody,
 };
 
@@ -155,6 +155,8 @@ fn the_harness_finds_and_shrinks_a_fail_open_on_allocation_failure() {
     let connection = &minimal.connections[0];
     assert!(connection.inbound && connection.ipv6 && !connection.udp);
     assert_eq!(connection.caller, 0, "shrunk to the first caller");
+    assert_eq!(connection.data, Data::None, "no data: {minimal:#?}");
+    assert!(connection.pause.is_zero(), "no pause: {minimal:#?}");
     assert!(
         !minimal.faults.unload_while_connecting,
         "the unload fault is not needed: {minimal:#?}"
@@ -200,11 +202,15 @@ fn a_bug_check_in_a_case_reports_the_case_and_its_seed() {
             irql: AleIrql::Passive,
             caller: 0,
             answer: Answer::Allow,
+            data: Data::None,
+            pause: std::time::Duration::ZERO,
         }],
         faults: FaultPlan {
             allocation_failure: Some(AllocationFailure { skip: 0, count: 1 }),
             unload_while_connecting: false,
+            service_restart: None,
         },
+        reply_delay: std::time::Duration::ZERO,
     };
     let outcome = wfp_rs_sim::run_isolated(
         "a_bug_check_in_a_case_reports_the_case_and_its_seed",
@@ -245,6 +251,8 @@ fn cases_are_a_function_of_the_seed_within_the_generations_bounds() {
         answers: vec![Answer::Block, Answer::Silent],
         faults: false,
         max_allocation_skip: 0,
+        data: false,
+        max_reply_delay: std::time::Duration::from_millis(300),
     });
     let mut sizes = std::collections::BTreeSet::new();
     for seed in 0..64 {
@@ -253,9 +261,13 @@ fn cases_are_a_function_of_the_seed_within_the_generations_bounds() {
         assert_eq!(case.schedule_seed, seed);
         assert!((1..=3).contains(&case.connections.len()), "{case:?}");
         assert!(case.faults.is_empty(), "{case:?}");
+        assert!(case.reply_delay <= std::time::Duration::from_millis(300));
         let mut pids = std::collections::BTreeSet::new();
         for c in &case.connections {
-            assert!(!c.inbound && !c.ipv6 && !c.udp && c.caller == 0, "{case:?}");
+            assert!(
+                !c.inbound && !c.ipv6 && !c.udp && c.caller == 0 && c.data == Data::None,
+                "{case:?}"
+            );
             assert!(
                 matches!(c.answer, Answer::Block | Answer::Silent),
                 "{case:?}"

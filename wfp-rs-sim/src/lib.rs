@@ -2564,6 +2564,17 @@ impl Machine {
         }
     }
 
+    /// Another provider changes the policy at the layers that authorize flows (ALE_AUTH_CONNECT
+    /// and ALE_AUTH_RECV_ACCEPT, V4 and V6): as when a user-mode firewall or a group policy adds
+    /// or deletes a filter there. The filter itself is not modelled, only what Microsoft's "ALE
+    /// Reauthorization" says follows: every flow established before is reauthorized at its next
+    /// [`packet`](Self::packet) or [`stream`](Self::stream) indication, with the reason
+    /// `FWP_CONDITION_REAUTHORIZE_REASON_POLICY_CHANGE`. What the property harness's
+    /// reauthorization workloads use ([`prop::Data::AfterPolicyChange`]).
+    pub fn another_provider_changes_policy(&self) {
+        self.run(engine::another_provider_changed_policy);
+    }
+
     /// Whether the flow `flow_handle` was torn down by a reauthorization that did not permit it
     /// (see [`packet`](Self::packet)); `false` for a flow that is live, ended, or unknown.
     pub fn is_flow_cut(&self, flow_handle: u64) -> bool {

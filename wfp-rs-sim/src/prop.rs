@@ -3,10 +3,12 @@
 //! keep, the driver's own properties, and failing cases shrunk to a minimal one.
 //!
 //! A [`Case`] is a workload — connections in and out, over IPv4 and IPv6, from one or more
-//! caller contexts, each with the answer the simulated service should give when asked about it
-//! ([`Answer`]: a verdict, garbage, silence until the driver's deadline, or hanging up) — and a
-//! [`FaultPlan`] (allocation failure at the Nth allocation of the workload, unload while the
-//! callers connect). [`Harness::check`] generates one case per seed (with
+//! caller contexts at their own pace, each with the answer the simulated service should give
+//! when asked about it ([`Answer`]: a verdict, garbage, silence until the driver's deadline,
+//! hanging up, or an allow sent late) and what it does once established ([`Data`]: a packet,
+//! perhaps after a policy change that reauthorizes it) — and a [`FaultPlan`] (allocation failure
+//! at the Nth allocation of the workload, unload while the callers connect, the service
+//! restarted after it hung up). [`Harness::check`] generates one case per seed (with
 //! [`proptest`](mod@proptest)'s strategies), runs it on a machine deterministic in the same
 //! seed, and checks:
 //!
@@ -73,7 +75,7 @@ use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::metadata::Direction;
 
-use crate::{AleIrql, ConnectOutcome, Connection, DriverEntryFn, Machine};
+use crate::{AleIrql, ConnectOutcome, Connection, Decision, DriverEntryFn, Machine};
 
 /// What the simulated service should do when the driver asks it about a connection. The
 /// harness does not play the service: the driver's own service closure
@@ -90,8 +92,29 @@ pub enum Answer {
     /// Never reply: the driver's deadline passes (virtual time jumps to it when every context
     /// waits).
     Silent,
-    /// Disconnect (the service is killed) instead of replying, and answer nothing after.
+    /// Disconnect (the service is killed) instead of replying, and answer nothing after —
+    /// unless the fault plan restarts it ([`FaultPlan::service_restart`]).
     Hangup,
+    /// Allow, but only after [`Case::reply_delay`] of virtual time, during which the service
+    /// answers nothing else (it is one thread, busy). The delay may be shorter or longer than
+    /// the driver's deadline: a reply that comes after the driver gave up must be refused.
+    Delayed,
+}
+
+/// What a connection does once it is established, after [`Machine::connect`] returned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Data {
+    /// Nothing.
+    #[default]
+    None,
+    /// One packet of the connection crosses the transport layer ([`Machine::packet`]), in the
+    /// connection's direction.
+    Packet,
+    /// Another provider changes the policy at the flow-authorizing layers
+    /// ([`Machine::another_provider_changes_policy`]), then one packet crosses the transport
+    /// layer: the flow is reauthorized first (`FWP_CONDITION_FLAG_IS_REAUTHORIZE`, reason
+    /// `POLICY_CHANGE`), and cut if the reauthorization does not permit it.
+    AfterPolicyChange,
 }
 
 /// One connection attempt of a workload.
@@ -111,6 +134,11 @@ pub struct ConnectionCase {
     pub caller: usize,
     /// What the service should answer when asked about it.
     pub answer: Answer,
+    /// What the connection does once established (nothing if it was not).
+    pub data: Data,
+    /// How long its caller waits (virtual time, [`Machine::sleep`]) before the attempt: the
+    /// workload's pace, so that an attempt can come while the service is busy, gone or back.
+    pub pause: core::time::Duration,
 }
 
 /// The application every connection of a generated workload comes from.
@@ -171,12 +199,19 @@ pub struct FaultPlan {
     /// Unload from a context of its own, concurrently with the callers (the schedule decides
     /// when it runs), instead of after every connection was decided.
     pub unload_while_connecting: bool,
+    /// After the service hung up ([`Answer::Hangup`]), start it again once this much virtual
+    /// time has passed: the harness calls the driver's `start_service` again (from the
+    /// service's context, perhaps while the driver unloads) and runs the new body. Generated
+    /// only for cases with a hang-up.
+    pub service_restart: Option<core::time::Duration>,
 }
 
 impl FaultPlan {
     /// Whether the plan has no fault.
     pub fn is_empty(&self) -> bool {
-        self.allocation_failure.is_none() && !self.unload_while_connecting
+        self.allocation_failure.is_none()
+            && !self.unload_while_connecting
+            && self.service_restart.is_none()
     }
 }
 
@@ -190,6 +225,8 @@ pub struct Case {
     pub connections: Vec<ConnectionCase>,
     /// The faults.
     pub faults: FaultPlan,
+    /// How long the service waits before a [`Answer::Delayed`] reply, in virtual time.
+    pub reply_delay: core::time::Duration,
 }
 
 impl Case {
@@ -203,9 +240,24 @@ impl Case {
     }
 
     /// Whether any connection's answer is [`Answer::Hangup`] (after which the service answers
-    /// nothing).
+    /// nothing, unless it is restarted).
     pub fn service_hangs_up(&self) -> bool {
         self.connections.iter().any(|c| c.answer == Answer::Hangup)
+    }
+
+    /// Whether any connection's answer is [`Answer::Delayed`]: the service is then busy for
+    /// [`reply_delay`](Self::reply_delay), and the questions behind that one wait too.
+    pub fn service_delays(&self) -> bool {
+        self.connections.iter().any(|c| c.answer == Answer::Delayed)
+    }
+
+    /// Whether another provider changes the policy in this case ([`Data::AfterPolicyChange`]):
+    /// every flow established before is then reauthorized at its next packet, including
+    /// flows whose own data is only [`Data::Packet`].
+    pub fn changes_policy(&self) -> bool {
+        self.connections
+            .iter()
+            .any(|c| c.data == Data::AfterPolicyChange)
     }
 }
 
@@ -229,6 +281,12 @@ pub struct Generation {
     pub faults: bool,
     /// The largest `skip` of an [`AllocationFailure`].
     pub max_allocation_skip: u64,
+    /// Generate data on established connections, and policy changes that reauthorize them
+    /// ([`Data`]).
+    pub data: bool,
+    /// The longest [`Case::reply_delay`] (make it longer than the driver's deadline, so that
+    /// some delayed replies come too late).
+    pub max_reply_delay: core::time::Duration,
 }
 
 impl Default for Generation {
@@ -248,9 +306,12 @@ impl Default for Generation {
                 Answer::Malformed,
                 Answer::Silent,
                 Answer::Hangup,
+                Answer::Delayed,
             ],
             faults: true,
             max_allocation_skip: 24,
+            data: true,
+            max_reply_delay: core::time::Duration::from_secs(1),
         }
     }
 }
@@ -262,17 +323,36 @@ pub struct Run<S> {
     pub case: Case,
     /// Each connection (in the case's order) with what [`Machine::connect`] returned.
     pub outcomes: Vec<(ConnectionCase, ConnectOutcome)>,
+    /// Each established connection that sent data ([`ConnectionCase::data`]), in the case's
+    /// order, with what became of its packet.
+    pub packets: Vec<(ConnectionCase, PacketOutcome)>,
     /// What the service closure returned (what it saw).
     pub service: S,
+    /// What the restarted service's body returned, when the fault plan restarted it
+    /// ([`FaultPlan::service_restart`]) after it hung up.
+    pub restarted_service: Option<S>,
     /// The driver's debugger output (`DbgPrintEx`), as [`Machine::debug_output`] gave it after
     /// unload.
     pub debug_output: Vec<String>,
 }
 
+/// What became of an established connection's packet ([`Data`]).
+#[derive(Clone, Copy, Debug)]
+pub struct PacketOutcome {
+    /// The flow's handle.
+    pub flow_handle: u64,
+    /// The filter engine's decision for the packet: the transport layer's, or the stack's drop
+    /// when the flow was cut (by this packet's reauthorization or an earlier one).
+    pub decision: Decision,
+    /// Whether a reauthorization that did not permit the flow tore it down
+    /// ([`Machine::is_flow_cut`]).
+    pub cut: bool,
+}
+
 /// The body of a simulated service, which the harness runs as a context of the machine
 /// ([`Machine::spawn`]). It must return once the driver has unloaded (a port client's
-/// `get_message` returns `None` when the driver closes the port, for example); what it returns
-/// goes to the properties ([`Run::service`]).
+/// `get_message` returns `None` when the driver closes the port, for example) or once it hung
+/// up; what it returns goes to the properties ([`Run::service`], [`Run::restarted_service`]).
 pub type ServiceBody<'m, S> = Box<dyn FnOnce() -> S + Send + 'm>;
 
 type StartService<S> = dyn for<'m> Fn(&'m Machine, &Case) -> ServiceBody<'m, S> + Sync;
@@ -353,6 +433,11 @@ impl<S: Send> Harness<S> {
     /// service side for a case: it runs on the harness's thread once the driver is loaded (to
     /// connect a port client, open a device), and returns the service's body, which the harness
     /// runs as a context of the machine beside the callers.
+    ///
+    /// When the fault plan restarts the service ([`FaultPlan::service_restart`]),
+    /// `start_service` is called a second time, from the service's context and perhaps while
+    /// the driver unloads or after it has: if it cannot connect then, it must return a body that
+    /// returns at once (as a real service finds no driver to talk to), not panic.
     pub fn new(
         name: &str,
         entry: DriverEntryFn,
@@ -404,9 +489,18 @@ impl<S: Send> Harness<S> {
             any::<bool>(),
             0..callers,
             0..answers.len(),
+            // None first (simplest), then a packet, then a policy change before it.
+            (0..3u8).prop_map(move |d| match d {
+                _ if !g.data => Data::None,
+                0 => Data::None,
+                1 => Data::Packet,
+                _ => Data::AfterPolicyChange,
+            }),
+            // Most attempts at once, some after up to a second.
+            prop_oneof![2 => Just(0u64), 1 => 0..=1000u64],
         )
-            .prop_map(move |(inbound, ipv6, udp, dispatch, caller, answer)| {
-                ConnectionCase {
+            .prop_map(
+                move |(inbound, ipv6, udp, dispatch, caller, answer, data, pause)| ConnectionCase {
                     pid: 0,
                     inbound,
                     ipv6,
@@ -418,8 +512,10 @@ impl<S: Send> Harness<S> {
                     },
                     caller,
                     answer: answers[answer],
-                }
-            });
+                    data,
+                    pause: core::time::Duration::from_millis(pause),
+                },
+            );
         let connections = proptest::collection::vec(connection, 1..=g.max_connections.max(1));
         let faults = (
             // The first few allocations after load more often: most drivers allocate a little
@@ -434,29 +530,41 @@ impl<S: Send> Harness<S> {
             // One case in four: an unload early in the schedule decides most connections
             // without the driver, so more would leave fewer cases that exercise it.
             proptest::bool::weighted(0.25),
+            // A restart (kept only for cases where the service hangs up), in whole
+            // milliseconds up to a second: at once, or after questions went unanswered.
+            proptest::option::of(prop_oneof![Just(0u64), 0..=1000u64]),
         )
-            .prop_map(move |(allocation, unload)| {
+            .prop_map(move |(allocation, unload, restart)| {
                 if g.faults {
                     FaultPlan {
                         allocation_failure: allocation
                             .map(|(skip, count)| AllocationFailure { skip, count }),
                         unload_while_connecting: unload,
+                        service_restart: restart.map(core::time::Duration::from_millis),
                     }
                 } else {
                     FaultPlan::default()
                 }
             });
-        (connections, faults).prop_map(move |(mut connections, faults)| {
-            // Pids by position, so that they stay unique (and small) as the case shrinks.
-            for (index, c) in connections.iter_mut().enumerate() {
-                c.pid = 101 + index as u64;
-            }
-            Case {
-                schedule_seed: seed,
-                connections,
-                faults,
-            }
-        })
+        let max_delay_ms =
+            u64::try_from(self.generation.max_reply_delay.as_millis()).unwrap_or(u64::MAX);
+        (connections, faults, 0..=max_delay_ms).prop_map(
+            move |(mut connections, mut faults, delay_ms)| {
+                // Pids by position, so that they stay unique (and small) as the case shrinks.
+                for (index, c) in connections.iter_mut().enumerate() {
+                    c.pid = 101 + index as u64;
+                }
+                if !connections.iter().any(|c| c.answer == Answer::Hangup) {
+                    faults.service_restart = None;
+                }
+                Case {
+                    schedule_seed: seed,
+                    connections,
+                    faults,
+                    reply_delay: core::time::Duration::from_millis(delay_ms),
+                }
+            },
+        )
     }
 
     /// Generates the case of `seed`.
@@ -603,7 +711,15 @@ impl<S: Send> Harness<S> {
                 if let Some(a) = case.faults.allocation_failure {
                     machine.fail_allocations(a.skip, a.count);
                 }
-                let service = machine.spawn(scope, "service", body);
+                let start_service = &*self.start_service;
+                let service = machine.spawn(scope, "service", move || {
+                    let first = body();
+                    let restarted = case.faults.service_restart.map(|after| {
+                        machine.sleep(after);
+                        start_service(machine, case)()
+                    });
+                    (first, restarted)
+                });
                 let unloader = if case.faults.unload_while_connecting {
                     driver
                         .take()
@@ -618,18 +734,32 @@ impl<S: Send> Harness<S> {
                                 .iter()
                                 .enumerate()
                                 .filter(|(_, c)| c.caller == caller)
-                                .map(|(index, c)| (index, machine.connect(&c.connection(), c.irql)))
+                                .map(|(index, c)| {
+                                    if !c.pause.is_zero() {
+                                        machine.sleep(c.pause);
+                                    }
+                                    let connection = c.connection();
+                                    let outcome = machine.connect(&connection, c.irql);
+                                    let packet = outcome
+                                        .flow_handle
+                                        .filter(|_| c.data != Data::None)
+                                        .map(|flow_handle| {
+                                            send_data(machine, c, &connection, flow_handle)
+                                        });
+                                    (index, outcome, packet)
+                                })
                                 .collect::<Vec<_>>()
                         })
                     })
                     .collect();
-                let mut outcomes: Vec<Option<ConnectOutcome>> = vec![None; case.connections.len()];
+                let mut outcomes: Vec<Option<(ConnectOutcome, Option<PacketOutcome>)>> =
+                    vec![None; case.connections.len()];
                 let mut callers_panicked = false;
                 for caller in running {
                     match caller.join() {
                         Ok(done) => {
-                            for (index, outcome) in done {
-                                outcomes[index] = Some(outcome);
+                            for (index, outcome, packet) in done {
+                                outcomes[index] = Some((outcome, packet));
                             }
                         }
                         Err(_) => callers_panicked = true,
@@ -655,7 +785,7 @@ impl<S: Send> Harness<S> {
             ));
         }
         unloaded.map_err(|e| fail("the driver unloads", e))?;
-        let service =
+        let (service, restarted_service) =
             service.map_err(|_| fail("the service returns", "the service panicked".to_owned()))?;
         if still_pended != 0 {
             return Err(fail(
@@ -665,7 +795,7 @@ impl<S: Send> Harness<S> {
                 ),
             ));
         }
-        let outcomes: Vec<(ConnectionCase, ConnectOutcome)> = case
+        let outcomes: Vec<(ConnectionCase, (ConnectOutcome, Option<PacketOutcome>))> = case
             .connections
             .iter()
             .cloned()
@@ -678,6 +808,12 @@ impl<S: Send> Harness<S> {
                     "a connection has no outcome".to_owned(),
                 )
             })?;
+        let packets = outcomes
+            .iter()
+            .filter_map(|(c, (_, packet))| packet.map(|p| (c.clone(), p)))
+            .collect();
+        let outcomes: Vec<(ConnectionCase, ConnectOutcome)> =
+            outcomes.into_iter().map(|(c, (o, _))| (c, o)).collect();
         for (c, outcome) in &outcomes {
             decided_once(outcome).map_err(|m| {
                 fail(
@@ -710,7 +846,9 @@ impl<S: Send> Harness<S> {
         let run = Run {
             case: case.clone(),
             outcomes,
+            packets,
             service,
+            restarted_service,
             debug_output: machine.debug_output(),
         };
         for (name, property) in &self.properties {
@@ -719,6 +857,25 @@ impl<S: Send> Harness<S> {
             held.map_err(|m| fail(name, m))?;
         }
         Ok(())
+    }
+}
+
+/// An established connection's data ([`ConnectionCase::data`]), after another provider's policy
+/// change if the case says so.
+fn send_data(
+    machine: &Machine,
+    c: &ConnectionCase,
+    connection: &Connection,
+    flow_handle: u64,
+) -> PacketOutcome {
+    if c.data == Data::AfterPolicyChange {
+        machine.another_provider_changes_policy();
+    }
+    let decision = machine.packet(connection, flow_handle, connection.direction);
+    PacketOutcome {
+        flow_handle,
+        decision,
+        cut: machine.is_flow_cut(flow_handle),
     }
 }
 
