@@ -942,9 +942,29 @@ impl Machine {
     /// driver (work items, driver object extensions) count too. `fail_allocations(0, 0)` turns
     /// injection off.
     pub fn fail_allocations(&self, skip: u64, count: u64) {
+        self.fail_allocations_in(&[(skip, count)]);
+    }
+
+    /// [`fail_allocations`](Self::fail_allocations) with several windows, in order: after the
+    /// first window's `skip` allocations succeed its `count` fail, then the second window's
+    /// `skip` succeed and its `count` fail, and so on. An empty plan turns injection off.
+    ///
+    /// ```
+    /// let machine = wfp_rs_sim::Machine::new();
+    /// // The 3rd allocation fails, then the 6th and 7th.
+    /// machine.fail_allocations_in(&[(2, 1), (2, 2)]);
+    /// assert_eq!(machine.pending_allocation_failures(), 3);
+    /// ```
+    pub fn fail_allocations_in(&self, windows: &[(u64, u64)]) {
+        let mut later: Vec<(u64, u64)> = windows.iter().rev().copied().collect();
+        let (skip, count) = later.pop().unwrap_or((0, 0));
         let mut faults = self.kernel.faults.lock().unwrap_or_else(|p| p.into_inner());
         faults.skip = skip;
         faults.count = count;
+        let old = core::mem::replace(&mut faults.later, later);
+        // Freed once the lock is released: the allocator takes it.
+        drop(faults);
+        drop(old);
     }
 
     /// Makes the kernel's random number generator (`BCryptGenRandom`) fail with `status` until
@@ -969,11 +989,8 @@ impl Machine {
 
     /// How many injected failures are still to come (0 once all have happened).
     pub fn pending_allocation_failures(&self) -> u64 {
-        self.kernel
-            .faults
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .count
+        let faults = self.kernel.faults.lock().unwrap_or_else(|p| p.into_inner());
+        faults.count + faults.later.iter().map(|(_, count)| count).sum::<u64>()
     }
 
     /// How many work items have been queued (`IoQueueWorkItem`) on this machine since it
@@ -1413,6 +1430,15 @@ impl Isolated {
 /// function runs `scenario` and exits. Prefer the [`bugcheck_test!`](crate::bugcheck_test) macro,
 /// which fills in the name.
 pub fn run_isolated(test_name: &str, scenario: impl FnOnce()) -> Isolated {
+    run_isolated_with(test_name, &[], scenario)
+}
+
+/// [`run_isolated`], with `env` set in the child's environment too.
+pub(crate) fn run_isolated_with(
+    test_name: &str,
+    env: &[(&str, &str)],
+    scenario: impl FnOnce(),
+) -> Isolated {
     if std::env::var(ISOLATED_ENV).as_deref() == Ok(test_name) {
         scenario();
         eprintln!("{COMPLETED_MARKER}");
@@ -1423,6 +1449,7 @@ pub fn run_isolated(test_name: &str, scenario: impl FnOnce()) -> Isolated {
         .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
         .env(ISOLATED_ENV, test_name)
         .env("RUST_BACKTRACE", "0")
+        .envs(env.iter().copied())
         .output()
         .expect("could not start the test binary as a child process");
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();

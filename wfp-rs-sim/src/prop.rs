@@ -27,12 +27,13 @@
 //! the command that replays it: `WFP_SIM_SEED=<seed>` makes `check` run that seed only, and the
 //! same seed gives the same case, the same schedule and the same shrinking.
 //!
-//! A bug check cannot be a reported failure: it ends the process, as it stops Windows (see
-//! [`run_isolated`](crate::run_isolated)). The harness puts the case it runs into the stop report
-//! ([`Machine::set_stop_note`]), with its seed and the replay command, so a bug check found by a
-//! random case replays too; it does not shrink. (Not yet for an allocation failure that driver code
-//! cannot handle — `Box::new` on a low-memory path: it aborts from the allocator, whose report
-//! is written without allocating and carries neither the note nor the seed.)
+//! A bug check ends the process, as it stops Windows (see [`run_isolated`](crate::run_isolated)).
+//! [`Harness::check`] puts the case it runs into the stop report ([`Machine::set_stop_note`]),
+//! with its seed and the replay command, so a bug check found by a random case replays too
+//! (also an allocation failure that driver code cannot handle, `Box::new` on a low-memory path,
+//! which aborts from the allocator: its report is written without allocating, with the note and
+//! the seed); it does not shrink. [`Harness::check_isolated`] runs the cases in child processes
+//! instead, so that a bug check is a failure like any other, shrunk like any other.
 //!
 //! ```
 //! use wfp_rs_sim::prop::{Harness, ServiceBody};
@@ -181,8 +182,9 @@ impl ConnectionCase {
     }
 }
 
-/// Allocation failure at the Nth allocation: after the driver loaded and its service started,
-/// `skip` allocations succeed and the next `count` fail ([`Machine::fail_allocations`]).
+/// Allocation failure at the Nth allocation: `skip` allocations succeed and the next `count`
+/// fail ([`Machine::fail_allocations_in`]), counted from the end of the plan's window before
+/// (the first: from the start of the workload, once the driver loaded and its service started).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AllocationFailure {
     /// Allocations that succeed first.
@@ -194,8 +196,9 @@ pub struct AllocationFailure {
 /// The faults of a case.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FaultPlan {
-    /// Pool allocations that fail, counted from the start of the workload.
-    pub allocation_failure: Option<AllocationFailure>,
+    /// Windows of pool allocations that fail, in order; the first counted from the start of the
+    /// workload, each other from the end of the one before.
+    pub allocation_failures: Vec<AllocationFailure>,
     /// Unload from a context of its own, concurrently with the callers (the schedule decides
     /// when it runs), instead of after every connection was decided.
     pub unload_while_connecting: bool,
@@ -209,7 +212,7 @@ pub struct FaultPlan {
 impl FaultPlan {
     /// Whether the plan has no fault.
     pub fn is_empty(&self) -> bool {
-        self.allocation_failure.is_none()
+        self.allocation_failures.is_empty()
             && !self.unload_while_connecting
             && self.service_restart.is_none()
     }
@@ -406,6 +409,67 @@ impl fmt::Display for Counterexample {
 /// The most shrinking runs for one failing case.
 const MAX_SHRINK_RUNS: u32 = 256;
 
+/// What an isolated child of [`Harness::check_isolated`] runs (see `run_in_child`).
+const ISOLATED_RUN_VARIABLE: &str = "WFP_SIM_PROP_RUN";
+/// How a child reports a failed case: this, the seed, the property, the message's lines (each
+/// after `| `), then [`CHILD_END`].
+const CHILD_FAILED: &str = "wfp-rs property harness: a case failed, seed ";
+const CHILD_END: &str = "wfp-rs property harness: end of failure";
+/// The stop note's opening, before the seed: how the parent finds which case bug-checked.
+const CASE_NOTE_PREFIX: &str = "property harness: running the case of seed ";
+
+/// `seeds`, or the one seed `WFP_SIM_SEED` names.
+fn seeds_to_check(seeds: core::ops::Range<u64>) -> core::ops::Range<u64> {
+    match std::env::var(crate::SEED_VARIABLE) {
+        Ok(seed) => {
+            let seed = seed
+                .trim()
+                .parse::<u64>()
+                .unwrap_or_else(|_| panic!("{}={seed:?} is not a seed", crate::SEED_VARIABLE));
+            seed..seed.saturating_add(1)
+        }
+        Err(_) => seeds,
+    }
+}
+
+/// Proptest's own shrinking loop: simplify while the case fails, complicate (step back towards
+/// the last failing value) while it passes. `run` runs a candidate, given too as the steps that
+/// lead to it from the generated case (`s` simplify, `c` complicate), for a child process to
+/// rebuild it.
+fn shrink(
+    tree: &mut impl ValueTree<Value = Case>,
+    mut minimal: Case,
+    mut failure: Failure,
+    mut run: impl FnMut(&Case, &str) -> Result<(), Failure>,
+) -> (Case, Failure, u32) {
+    let mut runs = 0;
+    let mut steps = String::from("s");
+    if !tree.simplify() {
+        return (minimal, failure, runs);
+    }
+    while runs < MAX_SHRINK_RUNS {
+        runs += 1;
+        let candidate = tree.current();
+        match run(&candidate, &steps) {
+            Err(f) => {
+                minimal = candidate;
+                failure = f;
+                steps.push('s');
+                if !tree.simplify() {
+                    break;
+                }
+            }
+            Ok(()) => {
+                steps.push('c');
+                if !tree.complicate() {
+                    break;
+                }
+            }
+        }
+    }
+    (minimal, failure, runs)
+}
+
 /// The property harness for one driver; see the [module](self).
 pub struct Harness<S> {
     name: String,
@@ -518,15 +582,23 @@ impl<S: Send> Harness<S> {
             );
         let connections = proptest::collection::vec(connection, 1..=g.max_connections.max(1));
         let faults = (
-            // The first few allocations after load more often: most drivers allocate a little
-            // per connection, and a workload has a few connections.
-            proptest::option::of((
+            // None, one window or up to three (simpler first, for shrinking); the first few
+            // allocations after load more often: most drivers allocate a little per connection,
+            // and a workload has a few connections.
+            {
+                let window = (
+                    prop_oneof![
+                        3 => 0..=g.max_allocation_skip.min(4),
+                        1 => 0..=g.max_allocation_skip,
+                    ],
+                    1..=3u64,
+                );
                 prop_oneof![
-                    3 => 0..=g.max_allocation_skip.min(4),
-                    1 => 0..=g.max_allocation_skip,
-                ],
-                1..=3u64,
-            )),
+                    2 => Just(Vec::new()),
+                    2 => proptest::collection::vec(window.clone(), 1..=1),
+                    1 => proptest::collection::vec(window, 2..=3),
+                ]
+            },
             // One case in four: an unload early in the schedule decides most connections
             // without the driver, so more would leave fewer cases that exercise it.
             proptest::bool::weighted(0.25),
@@ -537,8 +609,10 @@ impl<S: Send> Harness<S> {
             .prop_map(move |(allocation, unload, restart)| {
                 if g.faults {
                     FaultPlan {
-                        allocation_failure: allocation
-                            .map(|(skip, count)| AllocationFailure { skip, count }),
+                        allocation_failures: allocation
+                            .into_iter()
+                            .map(|(skip, count)| AllocationFailure { skip, count })
+                            .collect(),
                         unload_while_connecting: unload,
                         service_restart: restart.map(core::time::Duration::from_millis),
                     }
@@ -597,18 +671,8 @@ impl<S: Send> Harness<S> {
     ///
     /// When `WFP_SIM_SEED` is set but not a number.
     pub fn check(&self, seeds: core::ops::Range<u64>) -> Result<u64, Box<Counterexample>> {
-        let seeds = match std::env::var(crate::SEED_VARIABLE) {
-            Ok(seed) => {
-                let seed = seed
-                    .trim()
-                    .parse::<u64>()
-                    .unwrap_or_else(|_| panic!("{}={seed:?} is not a seed", crate::SEED_VARIABLE));
-                seed..seed.saturating_add(1)
-            }
-            Err(_) => seeds,
-        };
         let mut cases_run = 0;
-        for seed in seeds {
+        for seed in seeds_to_check(seeds) {
             cases_run += 1;
             let mut tree = self.tree(seed);
             let original = tree.current();
@@ -616,7 +680,9 @@ impl<S: Send> Harness<S> {
                 continue;
             };
             let (minimal, failure, shrink_runs) =
-                self.shrink(&mut tree, original.clone(), failure, seed);
+                shrink(&mut tree, original.clone(), failure, |case, _| {
+                    self.run_case(case, seed)
+                });
             return Err(Box::new(Counterexample {
                 seed,
                 cases_run,
@@ -642,38 +708,155 @@ impl<S: Send> Harness<S> {
         }
     }
 
-    fn shrink(
+    /// [`check`](Self::check), with every case run in a child process (see
+    /// [`run_isolated`](crate::run_isolated)), so that a case that bug-checks — which ends the
+    /// process it runs in, as it stops Windows — is a failure like any other ("no bug check",
+    /// with the stop code, parameters and explanation), shrunk like any other, each candidate in
+    /// a child of its own. `test_name` is the calling test's libtest name (`module::test`,
+    /// without the crate name), which the children re-run.
+    ///
+    /// One child runs the seeds in order until a case fails (about as fast as `check`); only a
+    /// failure costs a child per shrinking run.
+    ///
+    /// # Errors
+    ///
+    /// The first failing case, shrunk.
+    ///
+    /// # Panics
+    ///
+    /// When `WFP_SIM_SEED` is set but not a number, or a child ends in a way it cannot
+    /// (`test_name` is wrong, the harness itself panicked): the message has the child's stderr.
+    pub fn check_isolated(
         &self,
-        tree: &mut impl ValueTree<Value = Case>,
-        mut minimal: Case,
-        mut failure: Failure,
-        seed: u64,
-    ) -> (Case, Failure, u32) {
-        // Proptest's own loop: simplify while the case fails, complicate (step back towards the
-        // last failing value) while it passes.
-        let mut runs = 0;
-        if !tree.simplify() {
-            return (minimal, failure, runs);
+        test_name: &str,
+        seeds: core::ops::Range<u64>,
+    ) -> Result<u64, Box<Counterexample>> {
+        if let Ok(mode) = std::env::var(ISOLATED_RUN_VARIABLE) {
+            // In a child: run what the parent asked for, report it on stderr, and exit.
+            crate::run_isolated_with(test_name, &[], || self.run_in_child(&mode));
         }
-        while runs < MAX_SHRINK_RUNS {
-            runs += 1;
-            let candidate = tree.current();
-            match self.run_case(&candidate, seed) {
-                Err(f) => {
-                    minimal = candidate;
-                    failure = f;
-                    if !tree.simplify() {
-                        break;
-                    }
-                }
-                Ok(()) => {
-                    if !tree.complicate() {
-                        break;
-                    }
-                }
+        let seeds = seeds_to_check(seeds);
+        let first = seeds.start;
+        let scan = self.run_child(test_name, &format!("scan:{}:{}", seeds.start, seeds.end));
+        let Some((seed, failure)) = scan else {
+            return Ok(seeds.end.saturating_sub(seeds.start));
+        };
+        let mut tree = self.tree(seed);
+        let original = tree.current();
+        let (minimal, failure, shrink_runs) =
+            shrink(&mut tree, original.clone(), failure, |_, steps| match self
+                .run_child(test_name, &format!("case:{seed}:{steps}"))
+            {
+                Some((_, failure)) => Err(failure),
+                None => Ok(()),
+            });
+        Err(Box::new(Counterexample {
+            seed,
+            cases_run: seed - first + 1,
+            original,
+            minimal,
+            failure,
+            shrink_runs,
+        }))
+    }
+
+    /// [`check_isolated`](Self::check_isolated), panicking with the counterexample.
+    ///
+    /// # Panics
+    ///
+    /// When a case fails (a bug check included): the message is the [`Counterexample`].
+    #[track_caller]
+    pub fn assert_holds_isolated(&self, test_name: &str, seeds: core::ops::Range<u64>) {
+        if let Err(counterexample) = self.check_isolated(test_name, seeds) {
+            panic!("{counterexample}");
+        }
+    }
+
+    /// Runs a child for `mode`; `Some` with the seed and the failure if a case failed.
+    fn run_child(&self, test_name: &str, mode: &str) -> Option<(u64, Failure)> {
+        let child = crate::run_isolated_with(test_name, &[(ISOLATED_RUN_VARIABLE, mode)], || {});
+        if let Some(stop) = &child.bugcheck {
+            let seed = child
+                .stderr
+                .split(CASE_NOTE_PREFIX)
+                .nth(1)
+                .and_then(|rest| rest.split(' ').next()?.parse::<u64>().ok())
+                .unwrap_or_else(|| {
+                    panic!(
+                        "property harness: a child stopped outside a case\n--- child stderr ---\n{}",
+                        child.stderr
+                    )
+                });
+            let params = stop.params.map(|p| format!("{p:#x}")).join(", ");
+            return Some((
+                seed,
+                Failure {
+                    property: "no bug check".to_owned(),
+                    message: format!(
+                        "{} ({params}): {}; in: {}; at: {}",
+                        stop.code, stop.explanation, stop.routine, stop.location
+                    ),
+                },
+            ));
+        }
+        if let Some(report) = child.stderr.split(CHILD_FAILED).nth(1) {
+            let mut lines = report.lines();
+            let seed = lines.next().and_then(|l| l.trim().parse::<u64>().ok());
+            let property = lines.next().map(ToOwned::to_owned);
+            let message: Vec<&str> = lines
+                .take_while(|l| *l != CHILD_END)
+                .map(|l| l.strip_prefix("| ").unwrap_or(l))
+                .collect();
+            if let (Some(seed), Some(property)) = (seed, property) {
+                return Some((
+                    seed,
+                    Failure {
+                        property,
+                        message: message.join("\n"),
+                    },
+                ));
             }
         }
-        (minimal, failure, runs)
+        assert!(
+            child.completed,
+            "property harness: a child ended without a result (is `{test_name}` the test's \
+             name?)\n--- child stderr ---\n{}",
+            child.stderr
+        );
+        None
+    }
+
+    /// In a child: `scan:<first>:<end>` runs the seeds' cases until one fails;
+    /// `case:<seed>:<steps>` runs the case of `seed` after the shrinking steps (`s` simplify,
+    /// `c` complicate). A failure is written to stderr for [`run_child`](Self::run_child).
+    fn run_in_child(&self, mode: &str) {
+        let fields: Vec<&str> = mode.split(':').collect();
+        let number = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        let (seeds, steps) = match (fields.first(), number(1), number(2)) {
+            (Some(&"scan"), Some(first), Some(end)) => (first..end, None),
+            (Some(&"case"), Some(seed), _) => (seed..seed + 1, fields.get(2).copied()),
+            _ => panic!("property harness: {ISOLATED_RUN_VARIABLE}={mode:?} is not a mode"),
+        };
+        for seed in seeds {
+            let mut tree = self.tree(seed);
+            for step in steps.unwrap_or_default().chars() {
+                let _ = if step == 's' {
+                    tree.simplify()
+                } else {
+                    tree.complicate()
+                };
+            }
+            if let Err(failure) = self.run_case(&tree.current(), seed) {
+                let mut report = format!("{CHILD_FAILED}{seed}\n{}\n", failure.property);
+                for line in failure.message.lines() {
+                    report.push_str("| ");
+                    report.push_str(line);
+                    report.push('\n');
+                }
+                eprintln!("{report}{CHILD_END}");
+                return;
+            }
+        }
     }
 
     /// Runs `case` on a fresh deterministic machine and checks the invariants and the
@@ -689,7 +872,7 @@ impl<S: Send> Harness<S> {
         };
         let machine = Machine::deterministic(case.schedule_seed);
         machine.set_stop_note(Some(format!(
-            "property harness: running the case of seed {seed} (or a case shrunk from it), \
+            "{CASE_NOTE_PREFIX}{seed} (or a case shrunk from it), \
              replayed by WFP_SIM_SEED={seed} with the same test: {case:?}"
         )));
         let driver = machine
@@ -708,8 +891,14 @@ impl<S: Send> Harness<S> {
                 let body = (self.start_service)(machine, case);
                 // Armed once the service has started: the faults are the workload's, not the
                 // test setup's.
-                if let Some(a) = case.faults.allocation_failure {
-                    machine.fail_allocations(a.skip, a.count);
+                if !case.faults.allocation_failures.is_empty() {
+                    let windows: Vec<(u64, u64)> = case
+                        .faults
+                        .allocation_failures
+                        .iter()
+                        .map(|a| (a.skip, a.count))
+                        .collect();
+                    machine.fail_allocations_in(&windows);
                 }
                 let start_service = &*self.start_service;
                 let service = machine.spawn(scope, "service", move || {

@@ -141,11 +141,13 @@ impl DebugLog {
     }
 }
 
-/// Pool allocations that fail: `skip` more succeed, then `count` fail.
+/// Pool allocations that fail: `skip` more succeed, then `count` fail; then the windows of
+/// `later`, last first, each counted from the end of the one before.
 #[derive(Default)]
 pub(crate) struct Faults {
     pub skip: u64,
     pub count: u64,
+    pub later: Vec<(u64, u64)>,
 }
 
 /// One simulated machine.
@@ -589,8 +591,13 @@ impl Kernel {
     /// Whether the next pool allocation is one the harness asked to fail.
     pub(crate) fn injected_failure(&self) -> bool {
         let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
-        if faults.count == 0 {
-            return false;
+        while faults.count == 0 {
+            // Popping never allocates: the allocator may be the caller.
+            let Some((skip, count)) = faults.later.pop() else {
+                return false;
+            };
+            faults.skip = skip;
+            faults.count = count;
         }
         if faults.skip > 0 {
             faults.skip -= 1;
