@@ -398,7 +398,7 @@ impl Machine {
         f: impl FnOnce() -> T + Send + 'scope,
     ) -> Spawned<'scope, T> {
         let kernel: &'env Kernel = &self.kernel;
-        let task = kernel.sched.as_ref().map(|s| s.add(name));
+        let task = kernel.sched.as_ref().map(|s| s.add(name, false));
         let handle = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn_scoped(scope, move || {

@@ -388,13 +388,17 @@ impl Kernel {
         let mut handles = Vec::with_capacity(workers);
         for index in 0..workers {
             let handle = kernel
-                .spawn_context(format!("sim-worker-{index}"), super::io::worker_thread)
+                .spawn_context(
+                    format!("sim-worker-{index}"),
+                    super::io::worker_thread,
+                    false,
+                )
                 .expect("the host could not start a simulator worker thread");
             handles.push(handle);
         }
         handles.push(
             kernel
-                .spawn_context("sim-dpc".to_owned(), super::timer::dpc_thread)
+                .spawn_context("sim-dpc".to_owned(), super::timer::dpc_thread, true)
                 .expect("the host could not start the simulator's DPC thread"),
         );
         *kernel.workers.lock().unwrap() = handles;
@@ -407,8 +411,9 @@ impl Kernel {
         self: &Arc<Kernel>,
         name: String,
         body: fn(Arc<Kernel>),
+        timer_thread: bool,
     ) -> std::io::Result<JoinHandle<()>> {
-        let task = self.sched.as_ref().map(|s| s.add(&name));
+        let task = self.sched.as_ref().map(|s| s.add(&name, timer_thread));
         let kernel = Arc::clone(self);
         std::thread::Builder::new().name(name).spawn(move || {
             let Some(task) = task else {
