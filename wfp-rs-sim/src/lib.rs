@@ -1841,6 +1841,24 @@ fn lock_flows(
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// An interval being measured ([`Machine::stopwatch`]).
+enum Stopwatch<'m> {
+    Host(std::time::Instant),
+    /// The scheduler's virtual interrupt time at the start, in 100-ns ticks.
+    Virtual(&'m crate::kernel::sched::Scheduler, u64),
+}
+
+impl Stopwatch<'_> {
+    fn elapsed(&self) -> std::time::Duration {
+        match self {
+            Stopwatch::Host(start) => start.elapsed(),
+            Stopwatch::Virtual(sched, start) => std::time::Duration::from_nanos(
+                sched.now().saturating_sub(*start).saturating_mul(100),
+            ),
+        }
+    }
+}
+
 /// A classification a callout pended; see [`Machine::is_pending`] and
 /// [`Machine::wait_for_completion`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -2052,7 +2070,9 @@ pub struct ConnectOutcome {
     /// For a pended connection, the pended round trip: from the start of the classification
     /// that pended to the layer's final decision (the callout asked, the pend completed and,
     /// unless the completion carried the decision, the reauthorization answered). Measured on
-    /// the host's clock; the layers before and after are not in it.
+    /// the host's clock, or on a [deterministic](Machine::deterministic) machine on its virtual
+    /// clock (so that the outcome is a function of the seed); the layers before and after are
+    /// not in it.
     pub pend_round_trip: Option<std::time::Duration>,
     /// Where an outbound connection went: its remote endpoint after ALE_CONNECT_REDIRECT (a
     /// callout's applied connect request), which the later layers saw. The connection's own
@@ -2326,7 +2346,7 @@ impl Machine {
         let mut pend_round_trip = None;
         for &(id, irql, has_flow) in plan {
             let layer = wfp_rs::layer::layer_by_id(id).expect("known layer");
-            let classified = std::time::Instant::now();
+            let classified = self.stopwatch();
             // ALE_CONNECT_REDIRECT's layerData: the stack's connect request, which callouts
             // may rewrite (FwpsApplyModifiedLayerData0).
             let mut request = (id == AleConnectRedirectV4::ID || id == AleConnectRedirectV6::ID)
@@ -2446,6 +2466,15 @@ impl Machine {
             pended,
             pend_round_trip,
             remote: presented.connection.remote,
+        }
+    }
+
+    /// Starts measuring an interval: on the host's clock, or on a deterministic machine on its
+    /// virtual clock, which host time never enters.
+    fn stopwatch(&self) -> Stopwatch<'_> {
+        match &self.kernel.sched {
+            Some(sched) => Stopwatch::Virtual(sched, sched.now()),
+            None => Stopwatch::Host(std::time::Instant::now()),
         }
     }
 

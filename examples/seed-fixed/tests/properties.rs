@@ -127,7 +127,8 @@ fn only_what_the_service_allowed(run: &Run<Vec<u64>>) -> Result<(), String> {
 }
 
 /// Without faults and with the service staying and prompt, every outbound TCP connection is
-/// asked about once and gets the service's verdict (its answer, or the default: block).
+/// asked about once and gets the service's verdict (its answer, or the default: block) — within
+/// the deadline, or at it for silence.
 fn the_services_verdict_without_faults(run: &Run<Vec<u64>>) -> Result<(), String> {
     if !run.case.faults.is_empty() || run.case.service_hangs_up() || run.case.service_delays() {
         return Ok(());
@@ -153,6 +154,15 @@ fn the_services_verdict_without_faults(run: &Run<Vec<u64>>) -> Result<(), String
                 "pid {}: the service was asked {} times",
                 c.pid,
                 asked.get(&c.pid).copied().unwrap_or(0)
+            ));
+        }
+        // Virtual time: a prompt answer takes less than the deadline, silence the deadline.
+        let round_trip = outcome.pend_round_trip.unwrap_or_default();
+        let in_time = round_trip < seed_fixed::DEFAULT_TIMEOUT;
+        if in_time != (c.answer != Answer::Silent) {
+            return Err(format!(
+                "pid {} (answer {:?}): the pend took {round_trip:?}",
+                c.pid, c.answer
             ));
         }
     }
