@@ -186,8 +186,11 @@ fn the_harness_finds_and_shrinks_a_fail_open_on_allocation_failure() {
     assert_eq!(connection.data, Data::None, "no data: {minimal:#?}");
     assert!(connection.pause.is_zero(), "no pause: {minimal:#?}");
     assert!(
-        !minimal.faults.unload_while_connecting,
-        "the unload fault is not needed: {minimal:#?}"
+        !minimal.faults.unload_while_connecting
+            && minimal.faults.service_restart.is_none()
+            && minimal.faults.cancel_io_after.is_none()
+            && minimal.faults.clock_jump.is_none(),
+        "only the allocation failure is needed: {minimal:#?}"
     );
     assert_eq!(
         minimal.faults.allocation_failures,
@@ -229,6 +232,8 @@ fn inbound_ipv6_without_memory() -> Case {
             allocation_failures: vec![AllocationFailure { skip: 0, count: 1 }],
             unload_while_connecting: false,
             service_restart: None,
+            cancel_io_after: None,
+            clock_jump: None,
         },
         reply_delay: std::time::Duration::ZERO,
     }

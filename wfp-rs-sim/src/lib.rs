@@ -987,6 +987,14 @@ impl Machine {
         crate::kernel::bugcheck::set_stop_note(Arc::as_ptr(&self.kernel) as usize, note);
     }
 
+    /// User mode cancels every request it has pending on the machine's devices: `CancelIoEx` on
+    /// each handle, as a service does when it stops waiting, in the order the requests were sent.
+    /// Each request's cancel routine runs, if its driver set one (see [`IoRequest::cancel`]).
+    /// Returns how many cancel routines ran.
+    pub fn cancel_io_requests(&self) -> usize {
+        crate::kernel::irp::cancel_user_requests(&self.kernel)
+    }
+
     /// How many injected failures are still to come (0 once all have happened).
     pub fn pending_allocation_failures(&self) -> u64 {
         let faults = self.kernel.faults.lock().unwrap_or_else(|p| p.into_inner());

@@ -6,9 +6,10 @@
 //! caller contexts at their own pace, each with the answer the simulated service should give
 //! when asked about it ([`Answer`]: a verdict, garbage, silence until the driver's deadline,
 //! hanging up, or an allow sent late) and what it does once established ([`Data`]: a packet,
-//! perhaps after a policy change that reauthorizes it) — and a [`FaultPlan`] (allocation failure
-//! at the Nth allocation of the workload, unload while the callers connect, the service
-//! restarted after it hung up). [`Harness::check`] generates one case per seed (with
+//! perhaps after a policy change that reauthorizes it) — and a [`FaultPlan`] (allocation
+//! failures from the Nth allocation of the workload, unload while the callers connect, the
+//! service restarted after it hung up, user mode cancelling its pending requests, the clock
+//! jumping). [`Harness::check`] generates one case per seed (with
 //! [`proptest`](mod@proptest)'s strategies), runs it on a machine deterministic in the same
 //! seed, and checks:
 //!
@@ -207,6 +208,23 @@ pub struct FaultPlan {
     /// service's context, perhaps while the driver unloads) and runs the new body. Generated
     /// only for cases with a hang-up.
     pub service_restart: Option<core::time::Duration>,
+    /// After this much virtual time, user mode cancels every request it has pending on the
+    /// driver's devices ([`Machine::cancel_io_requests`]: `CancelIoEx`, as a service does when
+    /// it stops waiting); the service's body sees them complete with `STATUS_CANCELLED`. No
+    /// effect on a driver that user mode reaches only through communication ports.
+    pub cancel_io_after: Option<core::time::Duration>,
+    /// The clock jumps ([`Machine::advance_clock`]): the interrupt time counts time the machine
+    /// spent asleep, so on resume every deadline and timer that passed meanwhile is due at once.
+    pub clock_jump: Option<ClockJump>,
+}
+
+/// A jump of the machine's clock ([`FaultPlan::clock_jump`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClockJump {
+    /// When, in virtual time from the start of the workload.
+    pub after: core::time::Duration,
+    /// By how much.
+    pub by: core::time::Duration,
 }
 
 impl FaultPlan {
@@ -215,6 +233,8 @@ impl FaultPlan {
         self.allocation_failures.is_empty()
             && !self.unload_while_connecting
             && self.service_restart.is_none()
+            && self.cancel_io_after.is_none()
+            && self.clock_jump.is_none()
     }
 }
 
@@ -605,8 +625,15 @@ impl<S: Send> Harness<S> {
             // A restart (kept only for cases where the service hangs up), in whole
             // milliseconds up to a second: at once, or after questions went unanswered.
             proptest::option::of(prop_oneof![Just(0u64), 0..=1000u64]),
+            // One case in five each: user mode cancels its requests, the clock jumps (by a
+            // second, a minute or an hour: past deadlines, cache lifetimes, everything).
+            proptest::option::weighted(0.2, 0..=1000u64),
+            proptest::option::weighted(
+                0.2,
+                (0..=1000u64, prop_oneof![Just(1u64), Just(60), Just(3600)]),
+            ),
         )
-            .prop_map(move |(allocation, unload, restart)| {
+            .prop_map(move |(allocation, unload, restart, cancel, jump)| {
                 if g.faults {
                     FaultPlan {
                         allocation_failures: allocation
@@ -615,6 +642,11 @@ impl<S: Send> Harness<S> {
                             .collect(),
                         unload_while_connecting: unload,
                         service_restart: restart.map(core::time::Duration::from_millis),
+                        cancel_io_after: cancel.map(core::time::Duration::from_millis),
+                        clock_jump: jump.map(|(after, by)| ClockJump {
+                            after: core::time::Duration::from_millis(after),
+                            by: core::time::Duration::from_secs(by),
+                        }),
                     }
                 } else {
                     FaultPlan::default()
@@ -909,6 +941,9 @@ impl<S: Send> Harness<S> {
                     });
                     (first, restarted)
                 });
+                let timed_faults = (case.faults.cancel_io_after.is_some()
+                    || case.faults.clock_jump.is_some())
+                .then(|| machine.spawn(scope, "faults", move || timed_faults(machine, case)));
                 let unloader = if case.faults.unload_while_connecting {
                     driver
                         .take()
@@ -964,7 +999,14 @@ impl<S: Send> Harness<S> {
                     (None, None) => Ok(()),
                 };
                 let service = service.join();
-                (outcomes, callers_panicked, still_pended, unloaded, service)
+                let faults_panicked = timed_faults.is_some_and(|f| f.join().is_err());
+                (
+                    outcomes,
+                    callers_panicked || faults_panicked,
+                    still_pended,
+                    unloaded,
+                    service,
+                )
             });
         machine.fail_allocations(0, 0);
         if callers_panicked {
@@ -1046,6 +1088,28 @@ impl<S: Send> Harness<S> {
             held.map_err(|m| fail(name, m))?;
         }
         Ok(())
+    }
+}
+
+/// The faults that come at a time ([`FaultPlan::cancel_io_after`], [`FaultPlan::clock_jump`]),
+/// in the order of their times, from a context of their own.
+fn timed_faults(machine: &Machine, case: &Case) {
+    let cancel = case.faults.cancel_io_after.map(|at| (at, None));
+    let jump = case.faults.clock_jump.map(|j| (j.after, Some(j.by)));
+    let mut events: Vec<_> = cancel.into_iter().chain(jump).collect();
+    events.sort();
+    let mut now = core::time::Duration::ZERO;
+    for (at, jump_by) in events {
+        if at > now {
+            machine.sleep(at - now);
+            now = at;
+        }
+        match jump_by {
+            Some(by) => machine.advance_clock(by),
+            None => {
+                machine.cancel_io_requests();
+            }
+        }
     }
 }
 
