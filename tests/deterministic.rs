@@ -198,6 +198,42 @@ fn a_deadlock_ends_the_run_with_its_seed_and_the_replay_command() {
     );
 }
 
+#[test]
+fn a_deadlock_behind_a_periodic_timer_ends_the_run_too() {
+    let outcome = wfp_rs_sim::run_isolated(
+        &wfp_rs_sim::__test_name(
+            module_path!(),
+            "a_deadlock_behind_a_periodic_timer_ends_the_run_too",
+        ),
+        || {
+            let machine = Machine::deterministic(6);
+            machine.at_passive(|irql| {
+                // A timer that fires every second for ever, and touches nothing anyone waits
+                // for: the clock keeps jumping, and the wait below can never end.
+                let timer =
+                    Timer::try_new(|_dpc: &mut wfp_rs::irql::DispatchLevel<'_>| {}, irql).unwrap();
+                timer.set(irql, Duration::from_secs(1), Some(Duration::from_secs(1)));
+                let never = Event::try_new(EventKind::Notification, false, irql).unwrap();
+                never.wait(irql);
+            });
+        },
+    );
+    assert!(!outcome.completed, "{}", outcome.stderr);
+    for expected in [
+        "(seed 6): every task but the timer thread waits and no wait has a deadline, and only \
+         timers' DPCs have run for 10000 clock jumps",
+        "replay: WFP_SIM_SEED=6",
+        "harness: waiting",
+        "harness: KeWaitForSingleObject",
+    ] {
+        assert!(
+            outcome.stderr.contains(expected),
+            "{expected:?} in {}",
+            outcome.stderr
+        );
+    }
+}
+
 /// What the racy routine below shares between the contexts that run it.
 #[derive(Default)]
 struct Racy {

@@ -398,7 +398,7 @@ impl Machine {
         f: impl FnOnce() -> T + Send + 'scope,
     ) -> Spawned<'scope, T> {
         let kernel: &'env Kernel = &self.kernel;
-        let task = kernel.sched.as_ref().map(|s| s.add(name));
+        let task = kernel.sched.as_ref().map(|s| s.add(name, false));
         let handle = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn_scoped(scope, move || {
@@ -942,9 +942,29 @@ impl Machine {
     /// driver (work items, driver object extensions) count too. `fail_allocations(0, 0)` turns
     /// injection off.
     pub fn fail_allocations(&self, skip: u64, count: u64) {
+        self.fail_allocations_in(&[(skip, count)]);
+    }
+
+    /// [`fail_allocations`](Self::fail_allocations) with several windows, in order: after the
+    /// first window's `skip` allocations succeed its `count` fail, then the second window's
+    /// `skip` succeed and its `count` fail, and so on. An empty plan turns injection off.
+    ///
+    /// ```
+    /// let machine = wfp_rs_sim::Machine::new();
+    /// // The 3rd allocation fails, then the 6th and 7th.
+    /// machine.fail_allocations_in(&[(2, 1), (2, 2)]);
+    /// assert_eq!(machine.pending_allocation_failures(), 3);
+    /// ```
+    pub fn fail_allocations_in(&self, windows: &[(u64, u64)]) {
+        let mut later: Vec<(u64, u64)> = windows.iter().rev().copied().collect();
+        let (skip, count) = later.pop().unwrap_or((0, 0));
         let mut faults = self.kernel.faults.lock().unwrap_or_else(|p| p.into_inner());
         faults.skip = skip;
         faults.count = count;
+        let old = core::mem::replace(&mut faults.later, later);
+        // Freed once the lock is released: the allocator takes it.
+        drop(faults);
+        drop(old);
     }
 
     /// Makes the kernel's random number generator (`BCryptGenRandom`) fail with `status` until
@@ -967,13 +987,18 @@ impl Machine {
         crate::kernel::bugcheck::set_stop_note(Arc::as_ptr(&self.kernel) as usize, note);
     }
 
+    /// User mode cancels every request it has pending on the machine's devices: `CancelIoEx` on
+    /// each handle, as a service does when it stops waiting, in the order the requests were sent.
+    /// Each request's cancel routine runs, if its driver set one (see [`IoRequest::cancel`]).
+    /// Returns how many cancel routines ran.
+    pub fn cancel_io_requests(&self) -> usize {
+        crate::kernel::irp::cancel_user_requests(&self.kernel)
+    }
+
     /// How many injected failures are still to come (0 once all have happened).
     pub fn pending_allocation_failures(&self) -> u64 {
-        self.kernel
-            .faults
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .count
+        let faults = self.kernel.faults.lock().unwrap_or_else(|p| p.into_inner());
+        faults.count + faults.later.iter().map(|(_, count)| count).sum::<u64>()
     }
 
     /// How many work items have been queued (`IoQueueWorkItem`) on this machine since it
@@ -1413,6 +1438,15 @@ impl Isolated {
 /// function runs `scenario` and exits. Prefer the [`bugcheck_test!`](crate::bugcheck_test) macro,
 /// which fills in the name.
 pub fn run_isolated(test_name: &str, scenario: impl FnOnce()) -> Isolated {
+    run_isolated_with(test_name, &[], scenario)
+}
+
+/// [`run_isolated`], with `env` set in the child's environment too.
+pub(crate) fn run_isolated_with(
+    test_name: &str,
+    env: &[(&str, &str)],
+    scenario: impl FnOnce(),
+) -> Isolated {
     if std::env::var(ISOLATED_ENV).as_deref() == Ok(test_name) {
         scenario();
         eprintln!("{COMPLETED_MARKER}");
@@ -1423,6 +1457,7 @@ pub fn run_isolated(test_name: &str, scenario: impl FnOnce()) -> Isolated {
         .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
         .env(ISOLATED_ENV, test_name)
         .env("RUST_BACKTRACE", "0")
+        .envs(env.iter().copied())
         .output()
         .expect("could not start the test binary as a child process");
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
@@ -1814,6 +1849,24 @@ fn lock_flows(
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// An interval being measured ([`Machine::stopwatch`]).
+enum Stopwatch<'m> {
+    Host(std::time::Instant),
+    /// The scheduler's virtual interrupt time at the start, in 100-ns ticks.
+    Virtual(&'m crate::kernel::sched::Scheduler, u64),
+}
+
+impl Stopwatch<'_> {
+    fn elapsed(&self) -> std::time::Duration {
+        match self {
+            Stopwatch::Host(start) => start.elapsed(),
+            Stopwatch::Virtual(sched, start) => std::time::Duration::from_nanos(
+                sched.now().saturating_sub(*start).saturating_mul(100),
+            ),
+        }
+    }
+}
+
 /// A classification a callout pended; see [`Machine::is_pending`] and
 /// [`Machine::wait_for_completion`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -2025,7 +2078,9 @@ pub struct ConnectOutcome {
     /// For a pended connection, the pended round trip: from the start of the classification
     /// that pended to the layer's final decision (the callout asked, the pend completed and,
     /// unless the completion carried the decision, the reauthorization answered). Measured on
-    /// the host's clock; the layers before and after are not in it.
+    /// the host's clock, or on a [deterministic](Machine::deterministic) machine on its virtual
+    /// clock (so that the outcome is a function of the seed); the layers before and after are
+    /// not in it.
     pub pend_round_trip: Option<std::time::Duration>,
     /// Where an outbound connection went: its remote endpoint after ALE_CONNECT_REDIRECT (a
     /// callout's applied connect request), which the later layers saw. The connection's own
@@ -2319,7 +2374,7 @@ impl Machine {
         let mut pend_round_trip = None;
         for &(id, irql, has_flow) in plan {
             let layer = wfp_rs::layer::layer_by_id(id).expect("known layer");
-            let classified = std::time::Instant::now();
+            let classified = self.stopwatch();
             // ALE_CONNECT_REDIRECT's layerData: the stack's connect request, which callouts
             // may rewrite (FwpsApplyModifiedLayerData0).
             let mut request = (id == AleConnectRedirectV4::ID || id == AleConnectRedirectV6::ID)
@@ -2465,6 +2520,15 @@ impl Machine {
         }
     }
 
+    /// Starts measuring an interval: on the host's clock, or on a deterministic machine on its
+    /// virtual clock, which host time never enters.
+    fn stopwatch(&self) -> Stopwatch<'_> {
+        match &self.kernel.sched {
+            Some(sched) => Stopwatch::Virtual(sched, sched.now()),
+            None => Stopwatch::Host(std::time::Instant::now()),
+        }
+    }
+
     /// A packet of an established connection crosses the transport layer: OUTBOUND_TRANSPORT
     /// when `direction` is outbound, INBOUND_TRANSPORT otherwise, at `DISPATCH_LEVEL`, with the
     /// connection's values and its flow handle.
@@ -2605,6 +2669,17 @@ impl Machine {
             count_bytes_required,
             count_bytes_enforced,
         }
+    }
+
+    /// Another provider changes the policy at the layers that authorize flows (ALE_AUTH_CONNECT
+    /// and ALE_AUTH_RECV_ACCEPT, V4 and V6): as when a user-mode firewall or a group policy adds
+    /// or deletes a filter there. The filter itself is not modelled, only what Microsoft's "ALE
+    /// Reauthorization" says follows: every flow established before is reauthorized at its next
+    /// [`packet`](Self::packet) or [`stream`](Self::stream) indication, with the reason
+    /// `FWP_CONDITION_REAUTHORIZE_REASON_POLICY_CHANGE`. What the property harness's
+    /// reauthorization workloads use ([`prop::Data::AfterPolicyChange`]).
+    pub fn another_provider_changes_policy(&self) {
+        self.run(engine::another_provider_changed_policy);
     }
 
     /// Whether the flow `flow_handle` was torn down by a reauthorization that did not permit it

@@ -141,11 +141,13 @@ impl DebugLog {
     }
 }
 
-/// Pool allocations that fail: `skip` more succeed, then `count` fail.
+/// Pool allocations that fail: `skip` more succeed, then `count` fail; then the windows of
+/// `later`, last first, each counted from the end of the one before.
 #[derive(Default)]
 pub(crate) struct Faults {
     pub skip: u64,
     pub count: u64,
+    pub later: Vec<(u64, u64)>,
 }
 
 /// One simulated machine.
@@ -386,13 +388,17 @@ impl Kernel {
         let mut handles = Vec::with_capacity(workers);
         for index in 0..workers {
             let handle = kernel
-                .spawn_context(format!("sim-worker-{index}"), super::io::worker_thread)
+                .spawn_context(
+                    format!("sim-worker-{index}"),
+                    super::io::worker_thread,
+                    false,
+                )
                 .expect("the host could not start a simulator worker thread");
             handles.push(handle);
         }
         handles.push(
             kernel
-                .spawn_context("sim-dpc".to_owned(), super::timer::dpc_thread)
+                .spawn_context("sim-dpc".to_owned(), super::timer::dpc_thread, true)
                 .expect("the host could not start the simulator's DPC thread"),
         );
         *kernel.workers.lock().unwrap() = handles;
@@ -405,8 +411,9 @@ impl Kernel {
         self: &Arc<Kernel>,
         name: String,
         body: fn(Arc<Kernel>),
+        timer_thread: bool,
     ) -> std::io::Result<JoinHandle<()>> {
-        let task = self.sched.as_ref().map(|s| s.add(&name));
+        let task = self.sched.as_ref().map(|s| s.add(&name, timer_thread));
         let kernel = Arc::clone(self);
         std::thread::Builder::new().name(name).spawn(move || {
             let Some(task) = task else {
@@ -589,8 +596,13 @@ impl Kernel {
     /// Whether the next pool allocation is one the harness asked to fail.
     pub(crate) fn injected_failure(&self) -> bool {
         let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
-        if faults.count == 0 {
-            return false;
+        while faults.count == 0 {
+            // Popping never allocates: the allocator may be the caller.
+            let Some((skip, count)) = faults.later.pop() else {
+                return false;
+            };
+            faults.skip = skip;
+            faults.count = count;
         }
         if faults.skip > 0 {
             faults.skip -= 1;

@@ -484,6 +484,19 @@ pub(crate) fn policy_changes(layer_id: u16) -> u64 {
     with_bfe(|bfe| bfe.policy_changes.get(&layer_id).copied().unwrap_or(0))
 }
 
+/// Another provider (a user-mode firewall, group policy) added or deleted a filter at every
+/// flow-authorizing layer: each counts a policy change, as [`Bfe::policy_changed`] does for a
+/// filter of the machine's drivers. The filter itself is not modelled: only its effect on
+/// established flows, which are reauthorized at their next packet. Inside an open transaction
+/// the change is counted at its commit, as a filter added in it would be.
+pub(crate) fn another_provider_changed_policy() {
+    with_bfe(|bfe| {
+        for layer in FLOW_AUTHORIZING_LAYERS {
+            bfe.policy_changed(layer);
+        }
+    });
+}
+
 fn with_bfe<R>(f: impl FnOnce(&mut Bfe) -> R) -> R {
     let kernel = current();
     let mut bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
