@@ -493,7 +493,10 @@ impl Scheduler {
             Ok(next) => self.hand_to(&mut state, next),
             Err(stall) => self.deadlocked(&state, stall),
         }
+        // A stay at DISPATCH_LEVEL counts only this task's own turns.
+        super::watchdog::parked(true);
         drop(self.wait_turn(state, me));
+        super::watchdog::parked(false);
     }
 
     fn hand_to(&self, state: &mut State, next: TaskId) {
