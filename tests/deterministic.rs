@@ -641,3 +641,42 @@ wfp_rs_sim::bugcheck_test! {
         });
     }
 }
+
+/// The flow handles a deterministic run's connections get are a function of its seed: the same
+/// in a second run, whatever machines the process made in between.
+#[test]
+fn flow_handles_are_the_same_in_every_run_of_a_seed() {
+    let flows = |seed| {
+        let machine = Machine::deterministic(seed);
+        let connection = wfp_rs_sim::Connection {
+            pid: 7,
+            app: r"\device\harddiskvolume3\app.exe".to_owned(),
+            protocol: wfp_rs::layer::value::IpProtocol::Tcp,
+            local: "10.0.0.1:50000".parse().unwrap(),
+            remote: "192.0.2.1:443".parse().unwrap(),
+            direction: wfp_rs::metadata::Direction::Outbound,
+        };
+        (0..3)
+            .map(|_| {
+                machine
+                    .connect(&connection, wfp_rs_sim::AleIrql::Passive)
+                    .flow_handle
+            })
+            .collect::<Vec<_>>()
+    };
+    let first = flows(9);
+    assert!(first.iter().all(Option::is_some), "{first:?}");
+    // Another machine's connections in between.
+    let _ = Machine::new().connect(
+        &wfp_rs_sim::Connection {
+            pid: 8,
+            app: r"\device\harddiskvolume3\other.exe".to_owned(),
+            protocol: wfp_rs::layer::value::IpProtocol::Udp,
+            local: "10.0.0.1:50001".parse().unwrap(),
+            remote: "192.0.2.2:53".parse().unwrap(),
+            direction: wfp_rs::metadata::Direction::Outbound,
+        },
+        wfp_rs_sim::AleIrql::Passive,
+    );
+    assert_eq!(flows(9), first);
+}

@@ -2111,8 +2111,6 @@ pub struct StreamOutcome {
 /// The null SID (S-1-0-0): the package id of a process outside an AppContainer.
 const NULL_SID: [u8; 12] = [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
-static NEXT_FLOW: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0x0F10_0000);
-
 /// Where a connection's value for a layer field comes from: found once per layer from the
 /// field's name ([`FieldSource::for_layer`]), so classifying a connection does not compare every
 /// field's name with every name the harness knows.
@@ -2322,7 +2320,10 @@ impl Machine {
             AleIrql::Passive => Irql::PASSIVE,
             AleIrql::Dispatch => Irql::DISPATCH,
         };
-        let flow = NEXT_FLOW.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+        let flow = self
+            .kernel
+            .next_flow
+            .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
         let mut presented = Presented::new(connection);
         // The connection as a callout rebound it at ALE_BIND_REDIRECT, if one did.
         let rebound = std::cell::OnceCell::new();

@@ -150,6 +150,10 @@ pub(crate) struct Faults {
     pub later: Vec<(u64, u64)>,
 }
 
+/// The first flow handle a machine gives a connection (INFERRED: any nonzero value; this one is
+/// easy to tell apart in a log).
+const FIRST_FLOW_HANDLE: u64 = 0x0F10_0000;
+
 /// One simulated machine.
 pub(crate) struct Kernel {
     pub state: Mutex<State>,
@@ -177,6 +181,10 @@ pub(crate) struct Kernel {
     pub wait_spin_nanos: AtomicU64,
     /// The ALE flows `Machine::connect` established and `Machine::end_flow` has not ended.
     pub established_flows: Mutex<FxHashMap<u64, crate::EstablishedFlow>>,
+    /// The flow handle `Machine::connect` gives the next connection. Per machine, so that a
+    /// deterministic run's handles are the same in every run of its seed, whatever other
+    /// machines the process has made.
+    pub next_flow: AtomicU64,
     pub workers: Mutex<Vec<JoinHandle<()>>>,
     pub stopped: AtomicBool,
     /// The filter engine. A lock of its own: classification calls into drivers, which call the
@@ -365,6 +373,7 @@ impl Kernel {
             debug_filter_mask: AtomicU32::new(DEFAULT_DEBUG_FILTER_MASK),
             wait_spin_nanos: AtomicU64::new(0),
             established_flows: Mutex::new(FxHashMap::default()),
+            next_flow: AtomicU64::new(FIRST_FLOW_HANDLE),
             workers: Mutex::new(Vec::new()),
             stopped: AtomicBool::new(false),
             wfp: Mutex::new(super::wfp::Bfe::default()),
