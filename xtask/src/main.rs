@@ -46,6 +46,7 @@ USAGE:
     cargo xtask publishable
     cargo xtask docs-rs
     cargo xtask soak [<firewall-soak options>]
+    cargo xtask soak --prop <cases>
     cargo xtask --help
 
 COMMANDS:
@@ -84,6 +85,10 @@ COMMANDS:
                         same workload on a deterministic machine (seeded scheduling, virtual
                         time; prints the schedule's fingerprint and the replay command)
                         (`cargo xtask soak --help`). See docs/reliability.md.
+    soak --prop <cases> Run the property-harness tests of the example firewall (both
+                        designs; firewall-bench's `properties`) and of seed-fixed
+                        (`properties`) in release over <cases> seeds each
+                        (WFP_PROP_CASES=<cases>), instead of the connection soak.
 
 OPTIONS:
     --debug             Build with the dev profile instead of release
@@ -125,6 +130,50 @@ fn main() -> ExitCode {
             ExitCode::from(err.exit_code())
         }
     }
+}
+
+/// The drivers whose property tests `cargo xtask soak --prop` runs: (package, test).
+const PROPERTY_TESTS: [(&str, &str); 2] = [
+    ("firewall-bench", "properties"),
+    ("seed-fixed", "properties"),
+];
+
+/// `cargo xtask soak --prop <cases>`: each driver's property test in release with
+/// `WFP_PROP_CASES=<cases>` (per design, for the firewall), printing what each reached and how
+/// long it took.
+fn prop_soak(cases: u64) -> Result<(), Error> {
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    for (package, test) in PROPERTY_TESTS {
+        eprintln!("soak: {package}'s `{test}` test over {cases} cases (release)");
+        let started = std::time::Instant::now();
+        let status = std::process::Command::new(&cargo)
+            .current_dir(workspace_root())
+            .env("WFP_PROP_CASES", cases.to_string())
+            .args([
+                "test",
+                "--release",
+                "--quiet",
+                "-p",
+                package,
+                "--test",
+                test,
+            ])
+            .args(["--", "--nocapture"])
+            .status()
+            .map_err(|e| Error::Failed(format!("could not run cargo: {e}")))?;
+        if !status.success() {
+            return Err(Error::Failed(format!(
+                "{package}'s property test failed over {cases} cases ({status}); its output \
+                 names the seed and the command that replays it"
+            )));
+        }
+        println!(
+            "soak: {package}: {cases} cases per design held every property, in {:.1} s \
+             (build included)",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
 }
 
 /// Why a task failed.
@@ -233,6 +282,19 @@ fn run(args: &[String]) -> Result<(), Error> {
                 }
             }
             Ok(())
+        }
+        Some("soak") if args.get(1).is_some_and(|a| a == "--prop") => {
+            let cases = match args.get(2).map(|n| n.parse::<u64>()) {
+                Some(Ok(cases)) if cases > 0 && args.len() == 3 => cases,
+                _ => {
+                    return Err(Error::Usage(
+                        "`cargo xtask soak --prop <cases>` takes a number of cases (at least \
+                         one) and nothing else"
+                            .into(),
+                    ));
+                }
+            };
+            prop_soak(cases)
         }
         Some("soak") => {
             let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
