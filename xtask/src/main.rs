@@ -132,47 +132,43 @@ fn main() -> ExitCode {
     }
 }
 
-/// The drivers whose property tests `cargo xtask soak --prop` runs: (package, test).
-const PROPERTY_TESTS: [(&str, &str); 2] = [
-    ("firewall-bench", "properties"),
-    ("seed-fixed", "properties"),
-];
+/// The packages whose `properties` test `cargo xtask soak --prop` runs: the example firewall's
+/// (both designs) and seed-fixed's.
+const PROPERTY_TEST_PACKAGES: [&str; 2] = ["firewall-bench", "seed-fixed"];
 
-/// `cargo xtask soak --prop <cases>`: each driver's property test in release with
-/// `WFP_PROP_CASES=<cases>` (per design, for the firewall), printing what each reached and how
-/// long it took.
+/// `cargo xtask soak --prop <cases>`: the drivers' property tests in release, in one build,
+/// with `WFP_PROP_CASES=<cases>` (per design, for the firewall); each test prints the cases
+/// that reached each effect and cargo how long each binary took.
 fn prop_soak(cases: u64) -> Result<(), Error> {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    for (package, test) in PROPERTY_TESTS {
-        eprintln!("soak: {package}'s `{test}` test over {cases} cases (release)");
-        let started = std::time::Instant::now();
-        let status = std::process::Command::new(&cargo)
-            .current_dir(workspace_root())
-            .env("WFP_PROP_CASES", cases.to_string())
-            .args([
-                "test",
-                "--release",
-                "--quiet",
-                "-p",
-                package,
-                "--test",
-                test,
-            ])
-            .args(["--", "--nocapture"])
-            .status()
-            .map_err(|e| Error::Failed(format!("could not run cargo: {e}")))?;
-        if !status.success() {
-            return Err(Error::Failed(format!(
-                "{package}'s property test failed over {cases} cases ({status}); its output \
-                 names the seed and the command that replays it"
-            )));
-        }
-        println!(
-            "soak: {package}: {cases} cases per design held every property, in {:.1} s \
-             (build included)",
-            started.elapsed().as_secs_f64()
-        );
+    eprintln!(
+        "soak: the property tests of {} over {cases} cases each (release)",
+        PROPERTY_TEST_PACKAGES.join(", ")
+    );
+    let started = std::time::Instant::now();
+    let mut command = std::process::Command::new(&cargo);
+    command
+        .current_dir(workspace_root())
+        .env("WFP_PROP_CASES", cases.to_string())
+        .args(["test", "--release", "--quiet"]);
+    for package in PROPERTY_TEST_PACKAGES {
+        command.args(["-p", package]);
     }
+    let status = command
+        .args(["--test", "properties", "--", "--nocapture"])
+        .status()
+        .map_err(|e| Error::Failed(format!("could not run cargo: {e}")))?;
+    if !status.success() {
+        return Err(Error::Failed(format!(
+            "a property test failed over {cases} cases ({status}); its output names the seed \
+             and the command that replays it"
+        )));
+    }
+    println!(
+        "soak: {cases} cases per driver and design held every property, in {:.1} s (build \
+         included)",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
