@@ -85,10 +85,10 @@ COMMANDS:
                         same workload on a deterministic machine (seeded scheduling, virtual
                         time; prints the schedule's fingerprint and the replay command)
                         (`cargo xtask soak --help`). See docs/reliability.md.
-    soak --prop <cases> Run the property-harness tests of the example firewall (both
-                        designs; firewall-bench's `properties`) and of seed-fixed
-                        (`properties`) in release over <cases> seeds each
-                        (WFP_PROP_CASES=<cases>), instead of the connection soak.
+    soak --prop <cases> Run the property-harness tests of the example firewall
+                        (firewall-bench's `properties`) and of seed-fixed (`properties`),
+                        each on both of its designs, in release over <cases> seeds per
+                        design (WFP_PROP_CASES=<cases>), instead of the connection soak.
 
 OPTIONS:
     --debug             Build with the dev profile instead of release
@@ -133,11 +133,11 @@ fn main() -> ExitCode {
 }
 
 /// The packages whose `properties` test `cargo xtask soak --prop` runs: the example firewall's
-/// (both designs) and seed-fixed's.
+/// and seed-fixed's (each on both of its designs).
 const PROPERTY_TEST_PACKAGES: [&str; 2] = ["firewall-bench", "seed-fixed"];
 
 /// `cargo xtask soak --prop <cases>`: the drivers' property tests in release, in one build,
-/// with `WFP_PROP_CASES=<cases>` (per design, for the firewall); each test prints the cases
+/// with `WFP_PROP_CASES=<cases>` (seeds per design); each test prints the cases
 /// that reached each effect and cargo how long each binary took.
 fn prop_soak(cases: u64) -> Result<(), Error> {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
