@@ -404,6 +404,41 @@ fn the_counters_agree(run: &Run<Served>) -> Result<(), String> {
     )
 }
 
+/// The log (crate documentation, "Logging"): every question the driver pended and asked
+/// (`firewall: #<id>: …: pended, asking the service`) is followed by exactly one decision line
+/// for its request id (`firewall: #<id>: allow (service…)`, `… deny (default: <reason>)`, …).
+fn each_question_logs_one_decision(run: &Run<Served>) -> Result<(), String> {
+    let id_and_rest = |line: &str| -> Option<(u64, String)> {
+        let rest = line.strip_prefix("firewall: #")?;
+        let (id, rest) = rest.split_once(": ")?;
+        Some((id.parse().ok()?, rest.trim_end().to_owned()))
+    };
+    let lines: Vec<(u64, String)> = run
+        .debug_output
+        .iter()
+        .filter_map(|l| id_and_rest(l))
+        .collect();
+    for (id, _) in lines
+        .iter()
+        .filter(|(_, rest)| rest.ends_with(": pended, asking the service"))
+    {
+        let decisions: Vec<&String> = lines
+            .iter()
+            .filter(|(other, rest)| {
+                other == id && (rest.starts_with("allow ") || rest.starts_with("deny "))
+            })
+            .map(|(_, rest)| rest)
+            .collect();
+        if decisions.len() != 1 {
+            return Err(format!(
+                "request #{id} was pended and asked, and logged {} decisions: {decisions:?}",
+                decisions.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn cases() -> u64 {
     std::env::var("WFP_PROP_CASES")
         .ok()
@@ -522,6 +557,10 @@ fn check_design(design: AskVia, effects: &'static Effects) {
         the_services_verdict,
     )
     .property("the driver's counters agree", the_counters_agree)
+    .property(
+        "each question logs one decision",
+        each_question_logs_one_decision,
+    )
     .property("(counts what the cases reached)", move |run| {
         effects.count(run);
         Ok(())
