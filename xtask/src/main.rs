@@ -46,6 +46,7 @@ USAGE:
     cargo xtask publishable
     cargo xtask docs-rs
     cargo xtask soak [<firewall-soak options>]
+    cargo xtask soak --prop <cases>
     cargo xtask --help
 
 COMMANDS:
@@ -84,6 +85,10 @@ COMMANDS:
                         same workload on a deterministic machine (seeded scheduling, virtual
                         time; prints the schedule's fingerprint and the replay command)
                         (`cargo xtask soak --help`). See docs/reliability.md.
+    soak --prop <cases> Run the property-harness tests of the example firewall
+                        (firewall-bench's `properties`) and of seed-fixed (`properties`),
+                        each on both of its designs, in release over <cases> seeds per
+                        design (WFP_PROP_CASES=<cases>), instead of the connection soak.
 
 OPTIONS:
     --debug             Build with the dev profile instead of release
@@ -125,6 +130,46 @@ fn main() -> ExitCode {
             ExitCode::from(err.exit_code())
         }
     }
+}
+
+/// The packages whose `properties` test `cargo xtask soak --prop` runs: the example firewall's
+/// and seed-fixed's (each on both of its designs).
+const PROPERTY_TEST_PACKAGES: [&str; 2] = ["firewall-bench", "seed-fixed"];
+
+/// `cargo xtask soak --prop <cases>`: the drivers' property tests in release, in one build,
+/// with `WFP_PROP_CASES=<cases>` (seeds per design); each test prints the cases
+/// that reached each effect and cargo how long each binary took.
+fn prop_soak(cases: u64) -> Result<(), Error> {
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!(
+        "soak: the property tests of {} over {cases} cases each (release)",
+        PROPERTY_TEST_PACKAGES.join(", ")
+    );
+    let started = std::time::Instant::now();
+    let mut command = std::process::Command::new(&cargo);
+    command
+        .current_dir(workspace_root())
+        .env("WFP_PROP_CASES", cases.to_string())
+        .args(["test", "--release", "--quiet"]);
+    for package in PROPERTY_TEST_PACKAGES {
+        command.args(["-p", package]);
+    }
+    let status = command
+        .args(["--test", "properties", "--", "--nocapture"])
+        .status()
+        .map_err(|e| Error::Failed(format!("could not run cargo: {e}")))?;
+    if !status.success() {
+        return Err(Error::Failed(format!(
+            "a property test failed over {cases} cases ({status}); its output names the seed \
+             and the command that replays it"
+        )));
+    }
+    println!(
+        "soak: {cases} cases per driver and design held every property, in {:.1} s (build \
+         included)",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// Why a task failed.
@@ -233,6 +278,19 @@ fn run(args: &[String]) -> Result<(), Error> {
                 }
             }
             Ok(())
+        }
+        Some("soak") if args.get(1).is_some_and(|a| a == "--prop") => {
+            let cases = match args.get(2).map(|n| n.parse::<u64>()) {
+                Some(Ok(cases)) if cases > 0 && args.len() == 3 => cases,
+                _ => {
+                    return Err(Error::Usage(
+                        "`cargo xtask soak --prop <cases>` takes a number of cases (at least \
+                         one) and nothing else"
+                            .into(),
+                    ));
+                }
+            };
+            prop_soak(cases)
         }
         Some("soak") => {
             let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());

@@ -1,10 +1,18 @@
-//! The seed scenario's driver (the work item + port design) under the simulator's property
-//! harness (`wfp_rs_sim::prop`): random workloads — connections in and out, IPv4 and IPv6, from
-//! two callers at either IRQL, the service allowing, blocking, answering garbage, staying silent
-//! past the deadline or hanging up — and random faults — an allocation failing at the Nth
-//! allocation of the workload, unload while the callers connect — each on a machine
-//! deterministic in the case's seed. Beside the harness's invariants (every classification decided once, nothing
+//! The seed scenario's driver, on both designs (the question channel and the work item +
+//! port), under the simulator's property harness (`wfp_rs_sim::prop`): random workloads — connections in and out, IPv4 and IPv6, from
+//! two callers at either IRQL and at their own pace, the service allowing, blocking, answering
+//! garbage, staying silent past the deadline, allowing late or hanging up, established
+//! connections sending a packet, perhaps after another provider's policy change — and random
+//! faults — allocations failing from the Nth allocation of the workload, unload while the callers
+//! connect, the service restarted after it hung up, its pending requests cancelled, the clock
+//! jumping — each on a machine deterministic in the case's seed. Beside the harness's invariants (every classification decided once, nothing
 //! left after unload, no bug check), the driver's own properties below.
+//!
+//! The service runs as a context of the machine on both designs: a port client
+//! (`Machine::port_client`), or an in-process handle to the question channel's device
+//! (`Machine::open_device`) with wait requests pending, answering with the channel's answer
+//! request — what `wfp_rs::user::AskClient` does through the simulator's bridge, whose threads
+//! are not machine contexts.
 //!
 //! A failure prints the minimal case, its seed and the command that replays it
 //! (`WFP_SIM_SEED=<seed>`); `WFP_PROP_CASES=<n>` checks more seeds (the soak).
@@ -13,33 +21,50 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
-use seed_fixed::protocol::{MESSAGE_LEN, Verdict, VerdictReply, VerdictRequest};
-use seed_fixed::{Config, Design, PORT_NAME};
+use seed_fixed::protocol::{CHANNEL, MESSAGE_LEN, Verdict, VerdictReply, VerdictRequest};
+use seed_fixed::{ASK_DEVICE_PATH, Config, Design, PORT_NAME};
 use wfp_rs::Status;
+use wfp_rs::ask::{decode_message, encode_header};
 use wfp_rs::classify::Action;
 use wfp_rs::port::Message;
-use wfp_rs_sim::Machine;
 use wfp_rs_sim::prop::{Answer, Case, ConnectionCase, Data, Harness, Run, ServiceBody};
+use wfp_rs_sim::{Caller, DeviceHandle, IoRequest, Machine};
 
-/// Seeds checked by `cargo test` (a few seconds); the soak sets `WFP_PROP_CASES`.
+/// Seeds checked per design by `cargo test` (a few seconds); the soak sets `WFP_PROP_CASES`.
 const CI_CASES: u64 = 128;
 
-#[wfp_rs::driver_entry]
-fn entry(
-    irql: &mut wfp_rs::irql::PassiveLevel<'_>,
-    driver: &mut wfp_rs::driver::Driver<'_>,
-) -> Result<seed_fixed::SeedFixed, Status> {
-    // The product's configuration (500 ms deadline, fail-closed) in the port design; the
-    // deadline is virtual time, so a silent service costs nothing.
-    seed_fixed::start(
-        irql,
-        driver,
-        Config {
-            design: Design::WorkItemAndPort,
-            ..Config::DEFAULT
-        },
-    )
+/// The product's configuration (the question channel, 500 ms deadline, fail-closed); the
+/// deadline is virtual time, so a silent service costs nothing.
+mod channel {
+    #[wfp_rs::driver_entry]
+    fn entry(
+        irql: &mut wfp_rs::irql::PassiveLevel<'_>,
+        driver: &mut wfp_rs::driver::Driver<'_>,
+    ) -> Result<seed_fixed::SeedFixed, wfp_rs::Status> {
+        seed_fixed::start(irql, driver, seed_fixed::Config::DEFAULT)
+    }
+}
+
+/// The same in the work item + port design.
+mod port {
+    use super::*;
+
+    #[wfp_rs::driver_entry]
+    fn entry(
+        irql: &mut wfp_rs::irql::PassiveLevel<'_>,
+        driver: &mut wfp_rs::driver::Driver<'_>,
+    ) -> Result<seed_fixed::SeedFixed, Status> {
+        seed_fixed::start(
+            irql,
+            driver,
+            Config {
+                design: Design::WorkItemAndPort,
+                ..Config::DEFAULT
+            },
+        )
+    }
 }
 
 fn reply_bytes(pid: u64, verdict: Verdict) -> Vec<u8> {
@@ -51,10 +76,27 @@ fn reply_bytes(pid: u64, verdict: Verdict) -> Vec<u8> {
     out
 }
 
-/// The service: answers each question as the case says, and returns the process ids it was
-/// asked about, in order. It ends when the driver closes the port (at unload) or when it hangs
-/// up; restarted while the driver unloads, it finds no port and ends at once.
-fn service<'m>(machine: &'m Machine, case: &Case) -> ServiceBody<'m, Vec<u64>> {
+/// The reply the case says to give to `request` (`None`: give none; `Some(None)`: hang up).
+/// A delayed allow is given after the case's delay, during which the service does nothing else.
+fn reply_for(machine: &Machine, case: &Case, request: &VerdictRequest) -> Option<Option<Vec<u8>>> {
+    match case.answer_for(request.pid) {
+        Some(Answer::Allow) => Some(Some(reply_bytes(request.pid, Verdict::Allow))),
+        Some(Answer::Block) => Some(Some(reply_bytes(request.pid, Verdict::Block))),
+        // An allow for another process: the driver must not take it.
+        Some(Answer::Malformed) => Some(Some(reply_bytes(request.pid + 1, Verdict::Allow))),
+        Some(Answer::Silent) => None,
+        Some(Answer::Delayed) => {
+            machine.sleep(case.reply_delay);
+            Some(Some(reply_bytes(request.pid, Verdict::Allow)))
+        }
+        Some(Answer::Hangup) | None => Some(None),
+    }
+}
+
+/// The service on the port: answers each question as the case says, and returns the process
+/// ids it was asked about, in order. It ends when the driver closes the port (at unload) or
+/// when it hangs up; restarted while the driver unloads, it finds no port and ends at once.
+fn port_service<'m>(machine: &'m Machine, case: &Case) -> ServiceBody<'m, Vec<u64>> {
     let mut client = machine.port_client(PORT_NAME);
     if client.connect(&[]).is_err() {
         return Box::new(Vec::new);
@@ -65,17 +107,10 @@ fn service<'m>(machine: &'m Machine, case: &Case) -> ServiceBody<'m, Vec<u64>> {
         while let Some(message) = client.get_message(None) {
             let request = VerdictRequest::decode(&message.data).expect("the driver's encoding");
             asked.push(request.pid);
-            let reply = match case.answer_for(request.pid) {
-                Some(Answer::Allow) => reply_bytes(request.pid, Verdict::Allow),
-                Some(Answer::Block) => reply_bytes(request.pid, Verdict::Block),
-                // An allow for another process: the driver must not take it.
-                Some(Answer::Malformed) => reply_bytes(request.pid + 1, Verdict::Allow),
-                Some(Answer::Silent) => continue,
-                Some(Answer::Delayed) => {
-                    machine.sleep(case.reply_delay);
-                    reply_bytes(request.pid, Verdict::Allow)
-                }
-                Some(Answer::Hangup) | None => {
+            let reply = match reply_for(machine, &case, &request) {
+                Some(Some(reply)) => reply,
+                None => continue,
+                Some(None) => {
                     client.disconnect();
                     break;
                 }
@@ -87,6 +122,65 @@ fn service<'m>(machine: &'m Machine, case: &Case) -> ServiceBody<'m, Vec<u64>> {
                 Err(_) => {}
             }
         }
+        asked
+    })
+}
+
+/// The wait requests the channel service keeps pending.
+const WAITS: usize = 4;
+
+fn wait_request(handle: &DeviceHandle) -> IoRequest {
+    handle.device_io_control(CHANNEL.wait.raw(), &[], CHANNEL.wait_output_len())
+}
+
+/// The service on the question channel, as `port_service` on the port: a handle to the
+/// channel's device with [`WAITS`] wait requests pending, oldest first (the driver completes
+/// the oldest first), each replaced when it completes; it ends when the driver closes the
+/// channel (the waits complete as cancelled), when user mode cancels them (the fault plan's
+/// cancel: it stops serving) or when it hangs up (drops the handle with its waits: the
+/// questions it holds are decided with the default at once). Restarted while the driver
+/// unloads, it finds no device and ends at once.
+fn channel_service<'m>(machine: &'m Machine, case: &Case) -> ServiceBody<'m, Vec<u64>> {
+    let Ok(handle) = machine.open_device(ASK_DEVICE_PATH, Caller::System) else {
+        return Box::new(Vec::new);
+    };
+    let mut waits: std::collections::VecDeque<IoRequest> =
+        (0..WAITS).map(|_| wait_request(&handle)).collect();
+    let case = case.clone();
+    Box::new(move || {
+        let mut asked = Vec::new();
+        while let Some(wait) = waits.pop_front() {
+            // A machine wait: virtual time, which jumps when every context waits.
+            let Some(completion) = wait.wait_timeout(Duration::from_secs(3600)) else {
+                waits.push_front(wait);
+                continue;
+            };
+            if completion.status != 0 {
+                break;
+            }
+            waits.push_back(wait_request(&handle));
+            let (id, body) = decode_message(&completion.output).expect("the channel's framing");
+            let request = VerdictRequest::decode(body).expect("the driver's encoding");
+            asked.push(request.pid);
+            let reply = match reply_for(machine, &case, &request) {
+                Some(Some(reply)) => reply,
+                None => continue,
+                Some(None) => break,
+            };
+            let mut input = encode_header(id, reply.len()).to_vec();
+            input.extend_from_slice(&reply);
+            let status = handle
+                .device_io_control(CHANNEL.answer.raw(), &input, 0)
+                .wait()
+                .status;
+            // Refused once the channel is closed (an unload); a late or refused answer is
+            // the driver's to decide.
+            if status == Status::DELETE_PENDING.raw() {
+                break;
+            }
+        }
+        drop(waits);
+        drop(handle);
         asked
     })
 }
@@ -199,60 +293,100 @@ fn cases() -> u64 {
 }
 
 /// How many checked cases showed each effect: that the workloads and faults reach the driver.
-static PENDED: AtomicUsize = AtomicUsize::new(0);
-static PERMITTED_AFTER_ASKING: AtomicUsize = AtomicUsize::new(0);
-static ALLOWED_BUT_BLOCKED: AtomicUsize = AtomicUsize::new(0);
-static NOT_PENDED_OUTBOUND: AtomicUsize = AtomicUsize::new(0);
-static CUT_BY_A_POLICY_CHANGE: AtomicUsize = AtomicUsize::new(0);
-static RESTARTED_AND_ASKED: AtomicUsize = AtomicUsize::new(0);
-static LATE_ALLOW_REFUSED: AtomicUsize = AtomicUsize::new(0);
-
-fn count_effects(run: &Run<Vec<u64>>) -> Result<(), String> {
-    let count = |counter: &AtomicUsize, seen: bool| {
-        if seen {
-            counter.fetch_add(1, Ordering::Relaxed);
-        }
-    };
-    let outcomes = || run.outcomes.iter().filter(|(c, _)| filtered(c));
-    count(&PENDED, outcomes().any(|(_, o)| o.pended));
-    count(
-        &PERMITTED_AFTER_ASKING,
-        outcomes().any(|(_, o)| o.pended && o.decision.action == Action::Permit),
-    );
-    // An allow that a fault (an allocation failure, the unload, a hang-up before it) turned
-    // into the default.
-    count(
-        &ALLOWED_BUT_BLOCKED,
-        outcomes().any(|(c, o)| c.answer == Answer::Allow && o.decision.action == Action::Block),
-    );
-    // Decided without asking: the driver was unloading, or could not pend or queue.
-    count(&NOT_PENDED_OUTBOUND, outcomes().any(|(_, o)| !o.pended));
-    count(
-        &CUT_BY_A_POLICY_CHANGE,
-        run.packets.iter().any(|(_, p)| p.cut),
-    );
-    // The restarted service was asked something: the driver took the new connection.
-    count(
-        &RESTARTED_AND_ASKED,
-        run.restarted_service
-            .as_ref()
-            .is_some_and(|asked| !asked.is_empty()),
-    );
-    count(
-        &LATE_ALLOW_REFUSED,
-        outcomes().any(|(c, o)| {
-            c.answer == Answer::Delayed
-                && run.case.reply_delay > seed_fixed::DEFAULT_TIMEOUT
-                && o.pended
-                && o.decision.action == Action::Block
-        }),
-    );
-    Ok(())
+#[derive(Default)]
+struct Effects {
+    pended: AtomicUsize,
+    permitted_after_asking: AtomicUsize,
+    allowed_but_blocked: AtomicUsize,
+    not_pended_outbound: AtomicUsize,
+    cut_by_a_policy_change: AtomicUsize,
+    restarted_and_asked: AtomicUsize,
+    late_allow_refused: AtomicUsize,
 }
 
-#[test]
-fn the_port_design_keeps_its_properties_over_random_workloads_and_faults() {
-    Harness::new("seed-fixed", DriverEntry, service)
+impl Effects {
+    fn count(&self, run: &Run<Vec<u64>>) {
+        let count = |counter: &AtomicUsize, seen: bool| {
+            if seen {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        let outcomes = || run.outcomes.iter().filter(|(c, _)| filtered(c));
+        count(&self.pended, outcomes().any(|(_, o)| o.pended));
+        count(
+            &self.permitted_after_asking,
+            outcomes().any(|(_, o)| o.pended && o.decision.action == Action::Permit),
+        );
+        // An allow that a fault (an allocation failure, the unload, a hang-up before it) turned
+        // into the default.
+        count(
+            &self.allowed_but_blocked,
+            outcomes()
+                .any(|(c, o)| c.answer == Answer::Allow && o.decision.action == Action::Block),
+        );
+        // Decided without asking: the driver was unloading, or could not pend or queue.
+        count(
+            &self.not_pended_outbound,
+            outcomes().any(|(_, o)| !o.pended),
+        );
+        count(
+            &self.cut_by_a_policy_change,
+            run.packets.iter().any(|(_, p)| p.cut),
+        );
+        // The restarted service was asked something: the driver took the new connection.
+        count(
+            &self.restarted_and_asked,
+            run.restarted_service
+                .as_ref()
+                .is_some_and(|asked| !asked.is_empty()),
+        );
+        count(
+            &self.late_allow_refused,
+            outcomes().any(|(c, o)| {
+                c.answer == Answer::Delayed
+                    && run.case.reply_delay > seed_fixed::DEFAULT_TIMEOUT
+                    && o.pended
+                    && o.decision.action == Action::Block
+            }),
+        );
+    }
+
+    fn assert_all_reached(&self, design: &str) {
+        for (what, counter) in [
+            ("a pended connection", &self.pended),
+            ("a permit after asking", &self.permitted_after_asking),
+            (
+                "an allow a fault turned into a block",
+                &self.allowed_but_blocked,
+            ),
+            (
+                "an outbound connection decided without asking",
+                &self.not_pended_outbound,
+            ),
+            (
+                "a flow cut by a policy change",
+                &self.cut_by_a_policy_change,
+            ),
+            (
+                "a question to the restarted service",
+                &self.restarted_and_asked,
+            ),
+            ("a late allow refused", &self.late_allow_refused),
+        ] {
+            let cases = counter.load(Ordering::Relaxed);
+            eprintln!("{design}: {what}: {cases} case(s)");
+            assert!(cases > 0, "{design}: no case had {what}");
+        }
+    }
+}
+
+fn check_design(
+    design: &str,
+    entry: wfp_rs_sim::DriverEntryFn,
+    service: for<'m> fn(&'m Machine, &Case) -> ServiceBody<'m, Vec<u64>>,
+    effects: &'static Effects,
+) {
+    Harness::new("seed-fixed", entry, service)
         .property(
             "fail-closed: only what the service allowed",
             only_what_the_service_allowed,
@@ -265,22 +399,32 @@ fn the_port_design_keeps_its_properties_over_random_workloads_and_faults() {
             "a policy change cuts filtered connections",
             a_policy_change_cuts_filtered_connections,
         )
-        .property("(counts what the cases reached)", count_effects)
+        .property("(counts what the cases reached)", move |run| {
+            effects.count(run);
+            Ok(())
+        })
         .assert_holds(0..cases());
-    for (what, counter) in [
-        ("a pended connection", &PENDED),
-        ("a permit after asking", &PERMITTED_AFTER_ASKING),
-        ("an allow a fault turned into a block", &ALLOWED_BUT_BLOCKED),
-        (
-            "an outbound connection decided without asking",
-            &NOT_PENDED_OUTBOUND,
-        ),
-        ("a flow cut by a policy change", &CUT_BY_A_POLICY_CHANGE),
-        ("a question to the restarted service", &RESTARTED_AND_ASKED),
-        ("a late allow refused", &LATE_ALLOW_REFUSED),
-    ] {
-        let cases = counter.load(Ordering::Relaxed);
-        eprintln!("{what}: {cases} case(s)");
-        assert!(cases > 0, "no case had {what}");
-    }
+    effects.assert_all_reached(design);
+}
+
+#[test]
+fn the_channel_design_keeps_its_properties_over_random_workloads_and_faults() {
+    static EFFECTS: std::sync::LazyLock<Effects> = std::sync::LazyLock::new(Effects::default);
+    check_design(
+        "question channel",
+        channel::DriverEntry,
+        channel_service,
+        &EFFECTS,
+    );
+}
+
+#[test]
+fn the_port_design_keeps_its_properties_over_random_workloads_and_faults() {
+    static EFFECTS: std::sync::LazyLock<Effects> = std::sync::LazyLock::new(Effects::default);
+    check_design(
+        "work item + port",
+        port::DriverEntry,
+        port_service,
+        &EFFECTS,
+    );
 }

@@ -13,6 +13,8 @@
 //!   is allowed, instead of stopping the machine as the seed did at `DISPATCH_LEVEL`.
 //! - [`Service`]: the user-mode service, played by harness threads on the filter-manager port
 //!   or the question channel ([`Transport`]).
+//! - [`service_end`]: the service's end of either design for a service that runs as a context
+//!   of a deterministic machine (the soak's, and the firewall's property test's).
 //! - [`bare`]: a bare cross-thread channel round trip, the floor benchmark (b) compares with.
 //! - [`Latencies`]: percentiles, which criterion does not report.
 //! - [`callgrind`]: benchmark (a)'s instructions per cache hit, counted by running the bench
@@ -34,6 +36,7 @@ mod raw_callout;
 pub mod raw_lookup;
 mod raw_objects;
 mod service;
+pub mod service_end;
 pub mod soak;
 mod stats;
 pub mod summary;

@@ -37,22 +37,18 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use firewall_driver::{AskVia, Config, Firewall, Stats, StatsSnapshot};
-use firewall_protocol::{
-    ASK_CHANNEL, ASK_DEVICE_PATH, CacheLifetime, ConnectionReply, ConnectionRequest, Direction,
-    PORT_NAME, Verdict,
-};
+use firewall_protocol::{CacheLifetime, ConnectionReply, ConnectionRequest, Direction, Verdict};
 use firewall_rules::{Rules, VolumeMap};
 use wfp_rs::Status;
-use wfp_rs::ask::{QuestionId, decode_message, encode_header};
 use wfp_rs::classify::Action;
 use wfp_rs::driver::Driver;
 use wfp_rs::irql::PassiveLevel;
 use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::metadata::Direction as SimDirection;
 use wfp_rs::port::Message;
-use wfp_rs_sim::{
-    AleIrql, Caller, ConnectOutcome, Connection, DeviceHandle, IoRequest, Machine, PortClient,
-};
+use wfp_rs_sim::{AleIrql, ConnectOutcome, Connection, Machine};
+
+use crate::service_end::ServiceEnd;
 
 /// Connections per phase by default: the service's log is checked, and cleared, between
 /// phases.
@@ -523,95 +519,6 @@ fn valid_reply(
     (action(decision.verdict), out)
 }
 
-/// A question the service received, and where to answer it.
-enum Question {
-    Port(u64, Vec<u8>),
-    Channel(QuestionId, Vec<u8>),
-}
-
-/// The simulated service's connection: the port and, on the channel design, the question
-/// channel's device with wait requests pending (a question too long for the channel comes
-/// through the port even then).
-struct ServiceEnd {
-    port: PortClient,
-    channel: Option<(DeviceHandle, Vec<IoRequest>)>,
-}
-
-/// The wait requests the service keeps pending on the channel.
-const WAITS: usize = 8;
-
-impl ServiceEnd {
-    fn connect(machine: &Machine, design: AskVia) -> Result<ServiceEnd, Status> {
-        let mut port = machine.port_client(PORT_NAME);
-        port.connect(&[])?;
-        let channel = match design {
-            AskVia::PortAndWorkItem => None,
-            AskVia::Channel => {
-                let handle = machine.open_device(ASK_DEVICE_PATH, Caller::System)?;
-                let waits = (0..WAITS).map(|_| wait_request(&handle)).collect();
-                Some((handle, waits))
-            }
-        };
-        Ok(ServiceEnd { port, channel })
-    }
-
-    /// The next question, waiting about `within`; `Err` once the driver closed the connection.
-    fn next(&mut self, within: Duration) -> Result<Option<Question>, ()> {
-        let Some((handle, waits)) = &mut self.channel else {
-            return match self.port.get_message(Some(within)) {
-                Some(m) => Ok(Some(Question::Port(m.id, m.data))),
-                None if self.port.is_connected() => Ok(None),
-                None => Err(()),
-            };
-        };
-        if let Some(m) = self.port.get_message(Some(Duration::ZERO)) {
-            return Ok(Some(Question::Port(m.id, m.data)));
-        }
-        let Some(completion) = waits[0].wait_timeout(within) else {
-            return Ok(None);
-        };
-        waits.remove(0);
-        if completion.status != 0 {
-            return Err(());
-        }
-        waits.push(wait_request(handle));
-        let (id, body) = decode_message(&completion.output).ok_or(())?;
-        Ok(Some(Question::Channel(id, body.to_vec())))
-    }
-
-    /// Replies; `Ok(true)` if the driver took the reply as the answer to a waiting question.
-    fn reply(&self, question: &Question, bytes: &[u8]) -> Result<bool, Status> {
-        match question {
-            Question::Port(id, _) => match self.port.reply(*id, bytes) {
-                Ok(()) => Ok(true),
-                Err(Status::FLT_NO_WAITER_FOR_REPLY) => Ok(false),
-                Err(status) => Err(status),
-            },
-            Question::Channel(id, _) => {
-                let (handle, _) = self.channel.as_ref().expect("a channel question");
-                let mut input = encode_header(*id, bytes.len()).to_vec();
-                input.extend_from_slice(bytes);
-                let status = handle
-                    .device_io_control(ASK_CHANNEL.answer.raw(), &input, 0)
-                    .wait()
-                    .status;
-                match status {
-                    0 => Ok(true),
-                    // Malformed (decided with the default) or no longer waiting.
-                    s if s == Status::INVALID_PARAMETER.raw() || s == Status::NOT_FOUND.raw() => {
-                        Ok(false)
-                    }
-                    s => Err(Status::from_raw(s)),
-                }
-            }
-        }
-    }
-}
-
-fn wait_request(handle: &DeviceHandle) -> IoRequest {
-    handle.device_io_control(ASK_CHANNEL.wait.raw(), &[], ASK_CHANNEL.wait_output_len())
-}
-
 /// What the harness shares between its threads.
 struct Shared {
     seed: u64,
@@ -652,9 +559,7 @@ fn serve(machine: &Machine, design: AskVia, shared: &Shared) -> Result<(), Strin
             // Counted before its answer is logged (see `Shared::in_flight`), until this iteration
             // ends however it ends: a service that fails must not leave the phase waiting.
             let _answering = Answering::start(&shared.in_flight);
-            let data = match &question {
-                Question::Port(_, data) | Question::Channel(_, data) => data,
-            };
+            let data = question.data();
             let request = ConnectionRequest::decode(data)
                 .map_err(|e| format!("the driver sent a request that does not decode: {e:?}"))?;
             let (verdict, valid) = valid_reply(&shared.rules, &shared.volumes, &request);
