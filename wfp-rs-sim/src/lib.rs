@@ -732,6 +732,7 @@ impl Machine {
         crate::kernel::timer::check_unload(&self.kernel, driver.object, &driver.name);
         crate::kernel::flt::check_unload(&self.kernel, driver.object, &driver.name);
         crate::kernel::wfp::check_unload(&self.kernel, driver.object, &driver.name);
+        crate::kernel::wfp::check_unload_redirect_handles(&self.kernel, driver.object, &driver.name);
         crate::kernel::irp::check_unload(&self.kernel, driver.object, &driver.name);
         crate::kernel::inject::check_unload(&self.kernel, driver.object, &driver.name);
         let devices = state
@@ -2031,6 +2032,31 @@ pub struct ConnectOutcome {
     /// callout's applied connect request), which the later layers saw. The connection's own
     /// remote endpoint when nothing redirected it, and for an inbound connection.
     pub remote: std::net::SocketAddr,
+    /// The connection's redirect records after ALE_CONNECT_REDIRECT: one per accepted
+    /// redirection that named a redirect handle (`localRedirectHandle`). A proxy that accepts
+    /// this connection sets them on its own outbound connection
+    /// ([`Machine::connect_with_redirect_records`]). Empty for an inbound connection.
+    pub redirect_records: RedirectRecords,
+}
+
+/// A connection's WFP redirect records: opaque data that relates a proxy's outbound connection
+/// to the connection it proxies (Winsock's `SIO_QUERY_WFP_CONNECTION_REDIRECT_RECORDS` on the
+/// accepted socket, `SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS` on the proxy's socket). In the
+/// simulator: the redirect handles that redirected the connection, oldest first, which
+/// `FwpsQueryConnectionRedirectState0` answers from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RedirectRecords(Vec<engine::RedirectRecord>);
+
+impl RedirectRecords {
+    /// Whether no redirect handle redirected the connection.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// How many redirections the records hold.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
 }
 
 /// What [`Machine::stream`] did: the filter engine's decision, and what the callouts left in
@@ -2245,6 +2271,43 @@ impl Machine {
     /// (`FwpsApplyModifiedLayerData0`), the later layers classify the connection to it, and
     /// [`ConnectOutcome::remote`] reports it.
     pub fn connect(&self, connection: &Connection, ale_irql: AleIrql) -> ConnectOutcome {
+        self.connect_with_redirect_records(connection, ale_irql, &RedirectRecords::default())
+    }
+
+    /// [`connect`](Self::connect) for a proxy's outbound connection whose socket carries
+    /// `records` (the [`ConnectOutcome::redirect_records`] of the connection it proxies, set
+    /// with Winsock's `SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS`, as Microsoft's "Using Bind or
+    /// Connect Redirection" tells a proxy to): at ALE_CONNECT_REDIRECT,
+    /// `FwpsQueryConnectionRedirectState0` then answers `FWPS_CONNECTION_REDIRECTED_BY_SELF` to
+    /// the callout whose redirect handle made the newest record, so it lets the proxy's
+    /// connection through instead of redirecting it back to the proxy.
+    pub fn connect_with_redirect_records(
+        &self,
+        connection: &Connection,
+        ale_irql: AleIrql,
+        records: &RedirectRecords,
+    ) -> ConnectOutcome {
+        let outbound = connection.direction == wfp_rs::metadata::Direction::Outbound;
+        let handle = outbound.then(|| {
+            let initial = records.0.clone();
+            self.run(|| engine::open_redirect_records(initial))
+        });
+        let mut outcome = self.connect_through_layers(connection, ale_irql, handle.unwrap_or(0));
+        if let Some(handle) = handle {
+            outcome.redirect_records =
+                RedirectRecords(self.run(|| engine::close_redirect_records(handle)));
+        }
+        outcome
+    }
+
+    /// The layers of [`connect`](Self::connect); `records` is the redirect records handle for
+    /// ALE_CONNECT_REDIRECT's metadata (0 for none).
+    fn connect_through_layers(
+        &self,
+        connection: &Connection,
+        ale_irql: AleIrql,
+        records: usize,
+    ) -> ConnectOutcome {
         use wfp_rs::layer::*;
         let v4 = connection.remote.is_ipv4();
         let ale = match ale_irql {
@@ -2305,7 +2368,10 @@ impl Machine {
             let mut request = (id == AleConnectRedirectV4::ID || id == AleConnectRedirectV6::ID)
                 .then(|| Box::new(connect_request(presented.connection)));
             let carried = match request.as_mut() {
-                Some(request) => Carried::Request(&mut **request as *mut _ as usize),
+                Some(request) => Carried::Request {
+                    request: &mut **request as *mut _ as usize,
+                    records,
+                },
                 // The packet carries the attempt (`flow`) even where the layer has no flow
                 // handle, so a clone of it finds this attempt when it is reinjected.
                 None => Carried::Built { origin: flow },
@@ -2337,6 +2403,7 @@ impl Machine {
                             pended,
                             pend_round_trip,
                             remote: connection.remote,
+                            redirect_records: RedirectRecords::default(),
                         };
                     };
                     let established = reinjected
@@ -2351,6 +2418,7 @@ impl Machine {
                         pended,
                         pend_round_trip,
                         remote: connection.remote,
+                        redirect_records: RedirectRecords::default(),
                     };
                 }
                 decision = match final_action {
@@ -2373,7 +2441,10 @@ impl Machine {
                         None,
                         Some(wfp_rs::sys::FWP_CONDITION_REAUTHORIZE_REASON_CLASSIFY_COMPLETION),
                         match request.as_mut() {
-                            Some(request) => Carried::Request(&mut **request as *mut _ as usize),
+                            Some(request) => Carried::Request {
+                                request: &mut **request as *mut _ as usize,
+                                records,
+                            },
                             None => Carried::Built { origin: 0 },
                         },
                     ),
@@ -2400,6 +2471,7 @@ impl Machine {
                     pended,
                     pend_round_trip,
                     remote: presented.connection.remote,
+                    redirect_records: RedirectRecords::default(),
                 };
             }
         }
@@ -2419,6 +2491,7 @@ impl Machine {
             pended,
             pend_round_trip,
             remote: presented.connection.remote,
+            redirect_records: RedirectRecords::default(),
         }
     }
 
@@ -2713,7 +2786,7 @@ impl Machine {
         };
         let origin = match carried {
             Carried::Built { origin } => origin,
-            Carried::Injected(_) | Carried::Request(_) => 0,
+            Carried::Injected(_) | Carried::Request { .. } => 0,
         };
         let build_packet = move || {
             let (source, destination) = endpoints;
@@ -2729,6 +2802,12 @@ impl Machine {
             packet.set_origin(origin);
             packet
         };
+        if let Carried::Request { records, .. } = carried
+            && records != 0
+        {
+            metadata.currentMetadataValues |= FWPS_METADATA_FIELD_REDIRECT_RECORD_HANDLE;
+            metadata.redirectRecords = records as HANDLE;
+        }
         let mut injected_layer_data = core::ptr::null_mut();
         if let (Carried::Injected(nbl), Some(start)) = (carried, packet_start) {
             // The reinjected clone is the packet; each layer finds its data start where the
@@ -2753,12 +2832,12 @@ impl Machine {
             // The engine copies it for the callouts (the stack's copy for this classification).
             process_path: Some(&presented.app_id),
             layer_data: match carried {
-                Carried::Request(request) => request as PVOID,
+                Carried::Request { request, .. } => request as PVOID,
                 Carried::Built { .. } | Carried::Injected(_) => injected_layer_data,
             },
             packet: match carried {
                 Carried::Built { .. } => packet_start.map(|_| &build_packet as &dyn Fn() -> _),
-                Carried::Injected(_) | Carried::Request(_) => None,
+                Carried::Injected(_) | Carried::Request { .. } => None,
             },
             classify_context: core::ptr::null(),
             flow_context: 0,
@@ -2797,8 +2876,9 @@ fn connect_request(connection: &Connection) -> wfp_rs::sys::FWPS_CONNECT_REQUEST
 /// The packet a connection's classification carries.
 #[derive(Clone, Copy)]
 enum Carried {
-    /// No packet: `layerData` is the connect request at this address (ALE_CONNECT_REDIRECT).
-    Request(usize),
+    /// No packet: `layerData` is the connect request at `request` (ALE_CONNECT_REDIRECT), and
+    /// the metadata carries the redirect records handle `records` (if not 0).
+    Request { request: usize, records: usize },
     /// One the stack builds for the classification (where the layer has packets), marked as a
     /// packet of connection attempt `origin`.
     Built { origin: u64 },
