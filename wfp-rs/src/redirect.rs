@@ -87,10 +87,11 @@ use crate::sys;
 
 /// The layers whose `layerData` is a connect request (`FWPS_CONNECT_REQUEST0`):
 /// ALE_CONNECT_REDIRECT_V4 and ALE_CONNECT_REDIRECT_V6. Only these have
-/// [`Classify::connect_request`]; elsewhere it does not compile.
+/// [`Classify::connect_request`], [`Classify::redirect_state`] and [`Classify::pend_redirect`];
+/// elsewhere they do not compile.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` has no connect request to redirect",
-    label = "`connect_request` is only for ALE_CONNECT_REDIRECT_V4 and ALE_CONNECT_REDIRECT_V6",
+    label = "only ALE_CONNECT_REDIRECT_V4 and ALE_CONNECT_REDIRECT_V6 have a connect request (and redirect records)",
     note = "register the callout at ALE_CONNECT_REDIRECT to change where a connection goes; at other layers permit or block it"
 )]
 pub trait ConnectRedirectLayer: Layer + sealed::Sealed {}
