@@ -146,8 +146,13 @@ fn setup<C: Callout<layer::AleConnectRedirectV4>>(
     machine: Machine,
     make: impl FnOnce([RedirectHandle; 2], &mut Driver<'_>) -> C,
 ) -> Setup<C> {
-    let driver = machine.load_driver("local-proxy", host::DriverEntry).unwrap();
-    let handles = [create_handle(&machine, &driver), create_handle(&machine, &driver)];
+    let driver = machine
+        .load_driver("local-proxy", host::DriverEntry)
+        .unwrap();
+    let handles = [
+        create_handle(&machine, &driver),
+        create_handle(&machine, &driver),
+    ];
     let redirect = install(
         &machine,
         &driver,
@@ -183,7 +188,11 @@ impl<C: Callout<layer::AleConnectRedirectV4>> Setup<C> {
         redirect.remove(&machine, &driver);
         auth.remove(&machine, &driver);
         machine.unload_driver(driver).unwrap();
-        assert!(machine.pool_blocks().is_empty(), "{:?}", machine.pool_blocks());
+        assert!(
+            machine.pool_blocks().is_empty(),
+            "{:?}",
+            machine.pool_blocks()
+        );
     }
 }
 
@@ -222,7 +231,10 @@ fn a_local_redirect_with_a_handle_reaches_the_proxy_and_the_proxy_gets_through()
         setup.redirect.callout().states.lock().unwrap()[..],
         [
             [RedirectState::NotRedirected; 2],
-            [RedirectState::RedirectedBySelf, RedirectState::RedirectedByOther],
+            [
+                RedirectState::RedirectedBySelf,
+                RedirectState::RedirectedByOther
+            ],
         ]
     );
     setup.teardown();
@@ -257,7 +269,10 @@ fn the_redirect_state_tells_self_other_and_previously_self_apart() {
         setup.redirect.callout().states.lock().unwrap()[..],
         [
             [RedirectState::NotRedirected, RedirectState::NotRedirected],
-            [RedirectState::RedirectedBySelf, RedirectState::RedirectedByOther],
+            [
+                RedirectState::RedirectedBySelf,
+                RedirectState::RedirectedByOther
+            ],
             [
                 RedirectState::PreviouslyRedirectedBySelf,
                 RedirectState::RedirectedBySelf
@@ -270,7 +285,11 @@ fn the_redirect_state_tells_self_other_and_previously_self_apart() {
         AleIrql::Passive,
         &RedirectRecords::default(),
     );
-    assert_eq!(fresh.remote, ORIGINAL.parse().unwrap(), "the plan is used up");
+    assert_eq!(
+        fresh.remote,
+        ORIGINAL.parse().unwrap(),
+        "the plan is used up"
+    );
     assert_eq!(
         setup.redirect.callout().states.lock().unwrap()[3],
         [RedirectState::NotRedirected; 2]
@@ -376,10 +395,7 @@ impl Callout<layer::AleConnectRedirectV4> for RawRedirect {
 }
 
 fn raw_outcome(how: RawLocal) -> SocketAddr {
-    let setup = setup(Machine::new(), |[handle, _], _| RawRedirect {
-        handle,
-        how,
-    });
+    let setup = setup(Machine::new(), |[handle, _], _| RawRedirect { handle, how });
     let outcome = setup.machine.connect(&app_connection(), AleIrql::Dispatch);
     assert_eq!(outcome.decision.action, Action::Permit);
     let seen = setup.auth.callout().seen.lock().unwrap().clone();
@@ -398,13 +414,21 @@ fn a_local_redirect_without_a_redirect_handle_does_not_take_effect() {
             pid: PROXY_PID,
             with_handle: false,
         };
-        assert_eq!(raw_outcome(without_handle), original, "{remote} without a handle");
+        assert_eq!(
+            raw_outcome(without_handle),
+            original,
+            "{remote} without a handle"
+        );
         let without_pid = RawLocal {
             remote,
             pid: 0,
             with_handle: true,
         };
-        assert_eq!(raw_outcome(without_pid), original, "{remote} without a process");
+        assert_eq!(
+            raw_outcome(without_pid),
+            original,
+            "{remote} without a process"
+        );
         let complete = RawLocal {
             remote,
             pid: PROXY_PID,
@@ -459,10 +483,12 @@ impl Callout<layer::AleConnectRedirectV4> for PendedProxy {
 
 #[test]
 fn a_pended_redirect_applied_from_a_work_item_reaches_the_proxy() {
-    let setup = setup(Machine::with_worker_threads(2), |[handle, _], d| PendedProxy {
-        queue: d.work_queue(),
-        handle: Arc::new(handle),
-        states: Mutex::new(Vec::new()),
+    let setup = setup(Machine::with_worker_threads(2), |[handle, _], d| {
+        PendedProxy {
+            queue: d.work_queue(),
+            handle: Arc::new(handle),
+            states: Mutex::new(Vec::new()),
+        }
     });
     let proxy: SocketAddr = PROXY.parse().unwrap();
     for irql in [AleIrql::Passive, AleIrql::Dispatch] {
@@ -481,7 +507,12 @@ fn a_pended_redirect_applied_from_a_work_item_reaches_the_proxy() {
     }
     assert_eq!(
         *setup.auth.callout().seen.lock().unwrap(),
-        [proxy, ORIGINAL.parse().unwrap(), proxy, ORIGINAL.parse().unwrap()]
+        [
+            proxy,
+            ORIGINAL.parse().unwrap(),
+            proxy,
+            ORIGINAL.parse().unwrap()
+        ]
     );
     assert_eq!(
         setup.redirect.callout().states.lock().unwrap()[..],
@@ -563,7 +594,9 @@ impl Callout<layer::AleConnectRedirectV4> for RawPended {
             let acquire = |data: &mut sys::PVOID, out: &mut sys::FWPS_CLASSIFY_OUT0| {
                 // SAFETY: the pended classification's handle; `data` writable; `out` the deep
                 // copy (or, after the completion, the misuse under test).
-                unsafe { sys::FwpsAcquireWritableLayerDataPointer0(handle, filter_id, 0, data, out) }
+                unsafe {
+                    sys::FwpsAcquireWritableLayerDataPointer0(handle, filter_id, 0, data, out)
+                }
             };
             match how {
                 PendedMisuse::CompleteBeforeApply => {
@@ -591,7 +624,9 @@ impl Callout<layer::AleConnectRedirectV4> for RawPended {
 
 fn pended_misuse(how: PendedMisuse) {
     let machine = Machine::with_worker_threads(2);
-    let driver = machine.load_driver("raw-pended", host::DriverEntry).unwrap();
+    let driver = machine
+        .load_driver("raw-pended", host::DriverEntry)
+        .unwrap();
     let _installed = install(
         &machine,
         &driver,

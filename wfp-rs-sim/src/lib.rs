@@ -732,7 +732,11 @@ impl Machine {
         crate::kernel::timer::check_unload(&self.kernel, driver.object, &driver.name);
         crate::kernel::flt::check_unload(&self.kernel, driver.object, &driver.name);
         crate::kernel::wfp::check_unload(&self.kernel, driver.object, &driver.name);
-        crate::kernel::wfp::check_unload_redirect_handles(&self.kernel, driver.object, &driver.name);
+        crate::kernel::wfp::check_unload_redirect_handles(
+            &self.kernel,
+            driver.object,
+            &driver.name,
+        );
         crate::kernel::irp::check_unload(&self.kernel, driver.object, &driver.name);
         crate::kernel::inject::check_unload(&self.kernel, driver.object, &driver.name);
         let devices = state

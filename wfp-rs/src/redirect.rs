@@ -123,7 +123,9 @@ pub enum RedirectError {
     /// A loopback address given to [`WritableConnectRequest::set_remote`]: a redirect to a
     /// local proxy needs the redirect handle and the proxy's process id, which
     /// [`WritableConnectRequest::redirect_locally`] sets.
-    #[error("a loopback address needs redirect_locally, with a redirect handle and the proxy's process id")]
+    #[error(
+        "a loopback address needs redirect_locally, with a redirect handle and the proxy's process id"
+    )]
     Loopback,
     /// [`WritableConnectRequest::redirect_locally`] with process id 0: the engine accepts a
     /// loopback redirect only with the proxy's process id (`localRedirectTargetPID`).
