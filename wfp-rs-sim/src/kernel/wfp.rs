@@ -3602,8 +3602,9 @@ fn is_local_redirect(request: &FWPS_CONNECT_REQUEST0) -> bool {
 }
 
 /// `FwpsAcquireWritableLayerDataPointer0`: a writable copy of the classification's connect
-/// request (the simulated redirect layers are ALE_CONNECT_REDIRECT_V4/V6), for the classify
-/// handle acquired in this classification. Sets the classify-out to BLOCK and clears its write
+/// request (the simulated redirect layers are ALE_CONNECT_REDIRECT_V4/V6), for a classify
+/// handle acquired for a classification in progress, or for one pended at ALE_CONNECT_REDIRECT
+/// whose pend is not completed (from any context at IRQL <= `DISPATCH_LEVEL`). Sets the classify-out to BLOCK and clears its write
 /// right, as the documentation says.
 ///
 /// The copy's `previousVersion` is the history: null if no filter modified the request yet,
@@ -3692,7 +3693,18 @@ pub unsafe extern "system" fn FwpsAcquireWritableLayerDataPointer0(
 /// version records the filter (`modifierFilterId`, the filter id given at the acquire) and the
 /// history; an unchanged copy records nothing (INFERRED). A changed local address is ignored
 /// (INFERRED: "Using Bind or Connect Redirection" says it is only supported at
-/// ALE_BIND_REDIRECT). Only inline redirection is simulated: `flags` is not acted on.
+/// ALE_BIND_REDIRECT). `flags` (`FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS`) is not
+/// acted on.
+///
+/// A change that sends the connection to this host (a loopback address, or the connection's
+/// own local address) is dropped whole unless the copy names a redirect handle
+/// (`localRedirectHandle`) and the proxy's process id (`localRedirectTargetPID`): see
+/// [`is_local_redirect`]. An accepted change that names a redirect handle adds a record to the
+/// connection's redirect records ([`FwpsQueryConnectionRedirectState0`]).
+///
+/// The classification may be in progress, or pended at ALE_CONNECT_REDIRECT and not completed
+/// (asynchronous redirection: the copy is acquired and applied from another context with the
+/// classify handle that pended it).
 ///
 /// Applying data that is not the outstanding copy of the handle's classification — never
 /// acquired, applied already, another pointer — stops the machine (INFERRED: on Windows the
