@@ -526,6 +526,76 @@ fn a_pended_redirect_applied_from_a_work_item_reaches_the_proxy() {
     setup.teardown();
 }
 
+/// Pends, acquires the connect request in classifyFn and hands the copy to a work item, which
+/// changes, applies and completes after (or while) classifyFn returns: the copy of a pended
+/// classification may be held across the return.
+struct HandOff {
+    queue: WorkQueue,
+}
+
+impl Callout<layer::AleConnectRedirectV4> for HandOff {
+    fn classify(
+        &self,
+        irql: &mut DispatchLevel<'_>,
+        c: &mut Classify<'_, layer::AleConnectRedirectV4>,
+    ) {
+        let mut handle = 0u64;
+        // SAFETY: the classification's own classify context, during classifyFn.
+        let status = unsafe {
+            sys::FwpsAcquireClassifyHandle0(c.raw_classify_context().cast_mut(), 0, &mut handle)
+        };
+        assert_eq!(status, 0);
+        let filter_id = c.filter.id();
+        let mut out = sys::FWPS_CLASSIFY_OUT0 {
+            actionType: sys::FWP_ACTION_BLOCK,
+            outContext: 0,
+            filterId: 0,
+            rights: 0,
+            flags: 0,
+            reserved: 0,
+        };
+        // SAFETY: the handle was just acquired; `out` stands in for the classify-out.
+        let status = unsafe { sys::FwpsPendClassify0(handle, filter_id, 0, &mut out) };
+        assert_eq!(status, 0);
+        c.out.block();
+        let mut data: sys::PVOID = core::ptr::null_mut();
+        assert_eq!(acquire_pended(handle, filter_id, &mut data, &mut out), 0);
+        let data = data as usize;
+        drop(self.queue.queue(irql, move |_passive| {
+            let request = data as *mut sys::FWPS_CONNECT_REQUEST0;
+            // SAFETY: the copy acquired in classifyFn, still outstanding: the pend holds it.
+            unsafe {
+                (*request).remoteAddressAndPort = wfp_rs::redirect::storage_from_socket_address(
+                    "198.51.100.80:3128".parse().unwrap(),
+                );
+            }
+            // SAFETY: the copy acquired in classifyFn, applied once.
+            unsafe { sys::FwpsApplyModifiedLayerData0(handle, request.cast(), 0) };
+            out.actionType = sys::FWP_ACTION_PERMIT;
+            // SAFETY: pended in classifyFn, completed once, then released once.
+            unsafe { sys::FwpsCompleteClassify0(handle, 0, &out) };
+            // SAFETY: completed above, released once.
+            unsafe { sys::FwpsReleaseClassifyHandle0(handle) };
+        }));
+    }
+}
+
+#[test]
+fn a_pended_classification_s_copy_may_be_applied_after_classify_returns() {
+    let setup = setup(Machine::with_worker_threads(2), |_, d| HandOff {
+        queue: d.work_queue(),
+    });
+    let outcome = setup.machine.connect(&app_connection(), AleIrql::Dispatch);
+    assert!(outcome.pended);
+    assert_eq!(outcome.decision.action, Action::Permit);
+    assert_eq!(outcome.remote, "198.51.100.80:3128".parse().unwrap());
+    assert_eq!(
+        *setup.auth.callout().seen.lock().unwrap(),
+        ["198.51.100.80:3128".parse::<SocketAddr>().unwrap()]
+    );
+    setup.teardown();
+}
+
 bugcheck_test! {
     /// A redirect handle still alive when the driver unloads: fwpkclnt.sys would keep it.
     fn unloading_with_a_redirect_handle_never_destroyed_stops() expects DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS {
@@ -550,17 +620,31 @@ bugcheck_test! {
     }
 }
 
-/// How a raw pended redirect misuses the functions, in its work item.
+/// How a raw pended redirect misuses the functions. The first two happen in classifyFn itself
+/// (Windows 8 allows every step of an asynchronous redirection there), so they do not race
+/// with classifyFn's return; the third in a work item.
 #[derive(Clone, Copy)]
 enum PendedMisuse {
     CompleteBeforeApply,
     AcquireAfterComplete,
-    ApplyTwice,
+    ApplyTwiceFromAWorkItem,
 }
 
 struct RawPended {
     queue: WorkQueue,
     how: PendedMisuse,
+}
+
+/// `FwpsAcquireWritableLayerDataPointer0` with a pended classification's handle.
+fn acquire_pended(
+    handle: u64,
+    filter_id: u64,
+    data: &mut sys::PVOID,
+    out: &mut sys::FWPS_CLASSIFY_OUT0,
+) -> i32 {
+    // SAFETY: the pended classification's handle; `data` writable; `out` the deep copy of the
+    // classify-out (or, after the completion, the misuse under test).
+    unsafe { sys::FwpsAcquireWritableLayerDataPointer0(handle, filter_id, 0, data, out) }
 }
 
 impl Callout<layer::AleConnectRedirectV4> for RawPended {
@@ -588,37 +672,30 @@ impl Callout<layer::AleConnectRedirectV4> for RawPended {
         let status = unsafe { sys::FwpsPendClassify0(handle, filter_id, 0, &mut out) };
         assert_eq!(status, 0);
         c.out.block();
-        let how = self.how;
-        drop(self.queue.queue(irql, move |_passive| {
-            let mut data: sys::PVOID = core::ptr::null_mut();
-            let acquire = |data: &mut sys::PVOID, out: &mut sys::FWPS_CLASSIFY_OUT0| {
-                // SAFETY: the pended classification's handle; `data` writable; `out` the deep
-                // copy (or, after the completion, the misuse under test).
-                unsafe {
-                    sys::FwpsAcquireWritableLayerDataPointer0(handle, filter_id, 0, data, out)
-                }
-            };
-            match how {
-                PendedMisuse::CompleteBeforeApply => {
-                    assert_eq!(acquire(&mut data, &mut out), 0);
-                    // SAFETY: none; the copy is not applied, the simulator stops here.
-                    unsafe { sys::FwpsCompleteClassify0(handle, 0, &out) };
-                }
-                PendedMisuse::AcquireAfterComplete => {
-                    // SAFETY: pended above, completed once.
-                    unsafe { sys::FwpsCompleteClassify0(handle, 0, &out) };
-                    // The simulator stops in here.
-                    acquire(&mut data, &mut out);
-                }
-                PendedMisuse::ApplyTwice => {
-                    assert_eq!(acquire(&mut data, &mut out), 0);
+        let mut data: sys::PVOID = core::ptr::null_mut();
+        match self.how {
+            PendedMisuse::CompleteBeforeApply => {
+                assert_eq!(acquire_pended(handle, filter_id, &mut data, &mut out), 0);
+                // SAFETY: none; the copy is not applied, the simulator stops here.
+                unsafe { sys::FwpsCompleteClassify0(handle, 0, &out) };
+            }
+            PendedMisuse::AcquireAfterComplete => {
+                // SAFETY: pended above, completed once.
+                unsafe { sys::FwpsCompleteClassify0(handle, 0, &out) };
+                // The simulator stops in here.
+                acquire_pended(handle, filter_id, &mut data, &mut out);
+            }
+            PendedMisuse::ApplyTwiceFromAWorkItem => {
+                drop(self.queue.queue(irql, move |_passive| {
+                    let mut data: sys::PVOID = core::ptr::null_mut();
+                    assert_eq!(acquire_pended(handle, filter_id, &mut data, &mut out), 0);
                     // SAFETY: the copy acquired above, applied once.
                     unsafe { sys::FwpsApplyModifiedLayerData0(handle, data, 0) };
                     // SAFETY: none; the second apply is the misuse, the simulator stops here.
                     unsafe { sys::FwpsApplyModifiedLayerData0(handle, data, 0) };
-                }
+                }));
             }
-        }));
+        }
     }
 }
 
@@ -656,6 +733,6 @@ bugcheck_test! {
 
 bugcheck_test! {
     fn applying_a_pended_redirect_twice_stops() expects WFP_INVALID_OPERATION(0x8000_0008) {
-        pended_misuse(PendedMisuse::ApplyTwice);
+        pended_misuse(PendedMisuse::ApplyTwiceFromAWorkItem);
     }
 }

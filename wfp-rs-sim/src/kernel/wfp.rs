@@ -2882,7 +2882,9 @@ impl Handles {
     /// A writable copy of the layer data acquired and never applied stops the machine:
     /// WFP_INVALID_OPERATION, parameter 1 = [`WRITABLE_DATA_NOT_APPLIED`], parameter 2 the
     /// classify handle. (INFERRED: the documentation says only that the classification may not
-    /// complete correctly without the apply.)
+    /// complete correctly without the apply.) Not while the classification is pended at
+    /// ALE_CONNECT_REDIRECT: the copy may be applied until the pend is completed, and
+    /// completing with it outstanding stops instead ([`COMPLETED_WITH_WRITABLE_DATA`]).
     fn take_back(self) -> Option<usize> {
         let (pended, not_applied) = with_bfe(|bfe| {
             let by_completion_handle = self.completion_handle.and_then(|handle| {
@@ -2891,22 +2893,21 @@ impl Handles {
             });
             bfe.retired_classify_contexts.retire(self.classification);
             let live = bfe.live_classifications.remove(&self.classification);
-            let not_applied = live
-                .as_ref()
-                .and_then(|c| c.writable.as_ref())
-                .map(|w| w.handle);
             let by_classify_handle = live.as_ref().and_then(|c| c.pended);
-            if let Some(live) = live
-                && let Some(handle) = live.pended
-                && live.connect_request.is_some()
-                && live.writable.is_none()
-                && bfe.pends.get(&handle).is_some_and(|p| !p.completed)
-            {
-                // Pended at ALE_CONNECT_REDIRECT: the stack holds the connection and its
-                // connect request, which the callout may still acquire, change and apply from
-                // another context before it completes the pend ("Using Bind or Connect
-                // Redirection", asynchronous redirection).
-                bfe.pended_redirects.insert(self.classification, live);
+            let still_pended = by_classify_handle
+                .is_some_and(|handle| bfe.pends.get(&handle).is_some_and(|p| !p.completed));
+            let mut not_applied = None;
+            if let Some(live) = live {
+                if still_pended && live.connect_request.is_some() {
+                    // Pended at ALE_CONNECT_REDIRECT: the stack holds the connection and its
+                    // connect request, which the callout may still acquire, change and apply
+                    // from another context (a worker may hold the copy right now) before it
+                    // completes the pend ("Using Bind or Connect Redirection", asynchronous
+                    // redirection).
+                    bfe.pended_redirects.insert(self.classification, live);
+                } else {
+                    not_applied = live.writable.as_ref().map(|w| w.handle);
+                }
             }
             (by_completion_handle.or(by_classify_handle), not_applied)
         });
@@ -3639,6 +3640,11 @@ pub unsafe extern "system" fn FwpsAcquireWritableLayerDataPointer0(
             .classify_handles
             .get(&handle)
             .ok_or(WritableMisuse::NotAcquired)?;
+        if bfe.pends.get(&handle).is_some_and(|p| p.completed) {
+            // The pend this handle made is completed: the stack has taken the connect request
+            // back, even if classifyFn (which completed it inline) has not returned yet.
+            return Err(WritableMisuse::ClassificationReturned);
+        }
         let live = writable_classification(
             &mut bfe.live_classifications,
             &mut bfe.pended_redirects,
