@@ -736,3 +736,112 @@ bugcheck_test! {
         pended_misuse(PendedMisuse::ApplyTwiceFromAWorkItem);
     }
 }
+
+bugcheck_test! {
+    /// The request names a redirect handle that was destroyed: WFP would use a freed object.
+    fn applying_a_request_naming_a_destroyed_redirect_handle_stops() expects WFP_INVALID_OPERATION(0x8000_0020) {
+        let machine = Machine::new();
+        let driver = machine.load_driver("stale-handle", host::DriverEntry).unwrap();
+        let stale = create_handle(&machine, &driver);
+        let raw = stale.raw();
+        driver.run_in_driver(&machine, |irql, _| stale.destroy(irql));
+        struct Stale(usize);
+        impl Callout<layer::AleConnectRedirectV4> for Stale {
+            fn classify(
+                &self,
+                _irql: &mut DispatchLevel<'_>,
+                c: &mut Classify<'_, layer::AleConnectRedirectV4>,
+            ) {
+                // The safe API cannot name a destroyed handle (the request borrows it): the raw
+                // functions can.
+                let mut handle = 0u64;
+                // SAFETY: the classification's own classify context, during classifyFn.
+                let status = unsafe {
+                    sys::FwpsAcquireClassifyHandle0(
+                        c.raw_classify_context().cast_mut(),
+                        0,
+                        &mut handle,
+                    )
+                };
+                assert_eq!(status, 0);
+                let mut data: sys::PVOID = core::ptr::null_mut();
+                // SAFETY: the handle was just acquired; `data` is writable.
+                let status = unsafe {
+                    sys::FwpsAcquireWritableLayerDataPointer0(
+                        handle,
+                        c.filter.id(),
+                        0,
+                        &mut data,
+                        core::ptr::null_mut(),
+                    )
+                };
+                assert_eq!(status, 0);
+                // SAFETY: the writable copy the engine just handed out.
+                let copy = unsafe { &mut *data.cast::<sys::FWPS_CONNECT_REQUEST0>() };
+                copy.remoteAddressAndPort =
+                    wfp_rs::redirect::storage_from_socket_address(PROXY.parse().unwrap());
+                copy.localRedirectTargetPID = PROXY_PID;
+                copy.localRedirectHandle = self.0 as sys::HANDLE;
+                // SAFETY: none; the copy names a destroyed handle, the simulator stops here.
+                unsafe { sys::FwpsApplyModifiedLayerData0(handle, data, 0) };
+            }
+        }
+        let _installed = install(
+            &machine,
+            &driver,
+            CalloutKey::new(REDIRECT_CALLOUT),
+            REDIRECT_FILTER,
+            |_| Stale(raw as usize),
+        );
+        machine.connect(&app_connection(), AleIrql::Dispatch);
+    }
+}
+
+/// Keeps the redirect records of the first connection and queries them in the second.
+struct KeepsRecords {
+    handle: RedirectHandle,
+    kept: Mutex<Option<usize>>,
+}
+
+impl Callout<layer::AleConnectRedirectV4> for KeepsRecords {
+    fn classify(
+        &self,
+        _irql: &mut DispatchLevel<'_>,
+        c: &mut Classify<'_, layer::AleConnectRedirectV4>,
+    ) {
+        let current = c.metadata.redirect_records().expect("records") as usize;
+        let kept = *self.kept.lock().unwrap().get_or_insert(current);
+        if kept != current {
+            // SAFETY: none; the first connection's records are gone, the simulator stops here.
+            unsafe {
+                sys::FwpsQueryConnectionRedirectState0(
+                    kept as sys::HANDLE,
+                    self.handle.raw(),
+                    core::ptr::null_mut(),
+                )
+            };
+        }
+        let _ = c.out.permit();
+    }
+}
+
+bugcheck_test! {
+    /// Redirect records belong to the classification that handed them out.
+    fn querying_redirect_records_kept_after_classify_stops() expects WFP_INVALID_OPERATION(0x8000_0021) {
+        let machine = Machine::new();
+        let driver = machine.load_driver("keeps-records", host::DriverEntry).unwrap();
+        let handle = create_handle(&machine, &driver);
+        let _installed = install(
+            &machine,
+            &driver,
+            CalloutKey::new(REDIRECT_CALLOUT),
+            REDIRECT_FILTER,
+            |_| KeepsRecords {
+                handle,
+                kept: Mutex::new(None),
+            },
+        );
+        machine.connect(&app_connection(), AleIrql::Dispatch);
+        machine.connect(&app_connection(), AleIrql::Dispatch);
+    }
+}
