@@ -2273,7 +2273,11 @@ impl Machine {
     /// At ALE_CONNECT_REDIRECT `layerData` is a real `FWPS_CONNECT_REQUEST0` with the
     /// connection's endpoints; if a callout applies a new remote endpoint
     /// (`FwpsApplyModifiedLayerData0`), the later layers classify the connection to it, and
-    /// [`ConnectOutcome::remote`] reports it.
+    /// [`ConnectOutcome::remote`] reports it. The metadata there carries the connection's
+    /// redirect records (`FWPS_METADATA_FIELD_REDIRECT_RECORD_HANDLE`), empty for an
+    /// application's connection: see [`connect_with_redirect_records`](Self::connect_with_redirect_records).
+    /// A pended classification there (`FwpsPendClassify0`) keeps its connect request writable
+    /// until the pend is completed, and the later layers see what was applied by then.
     pub fn connect(&self, connection: &Connection, ale_irql: AleIrql) -> ConnectOutcome {
         self.connect_with_redirect_records(connection, ale_irql, &RedirectRecords::default())
     }
