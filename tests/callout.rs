@@ -1340,6 +1340,7 @@ fn an_outbound_connection_runs_the_layers_in_order_and_stops_at_a_block() {
         assert_eq!(
             names,
             [
+                "ALE_BIND_REDIRECT_V4",
                 "ALE_RESOURCE_ASSIGNMENT_V4",
                 "ALE_CONNECT_REDIRECT_V4",
                 "ALE_AUTH_CONNECT_V4",
@@ -1354,7 +1355,7 @@ fn an_outbound_connection_runs_the_layers_in_order_and_stops_at_a_block() {
         assert_eq!(blocked.decision.action, Action::Block);
         assert_eq!(
             blocked.layers.len(),
-            3,
+            4,
             "nothing after ALE_AUTH_CONNECT runs"
         );
         assert_eq!(blocked.flow_handle, None);

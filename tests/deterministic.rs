@@ -198,6 +198,42 @@ fn a_deadlock_ends_the_run_with_its_seed_and_the_replay_command() {
     );
 }
 
+#[test]
+fn a_deadlock_behind_a_periodic_timer_ends_the_run_too() {
+    let outcome = wfp_rs_sim::run_isolated(
+        &wfp_rs_sim::__test_name(
+            module_path!(),
+            "a_deadlock_behind_a_periodic_timer_ends_the_run_too",
+        ),
+        || {
+            let machine = Machine::deterministic(6);
+            machine.at_passive(|irql| {
+                // A timer that fires every second for ever, and touches nothing anyone waits
+                // for: the clock keeps jumping, and the wait below can never end.
+                let timer =
+                    Timer::try_new(|_dpc: &mut wfp_rs::irql::DispatchLevel<'_>| {}, irql).unwrap();
+                timer.set(irql, Duration::from_secs(1), Some(Duration::from_secs(1)));
+                let never = Event::try_new(EventKind::Notification, false, irql).unwrap();
+                never.wait(irql);
+            });
+        },
+    );
+    assert!(!outcome.completed, "{}", outcome.stderr);
+    for expected in [
+        "(seed 6): every task but the timer thread waits and no wait has a deadline, and only \
+         timers' DPCs have run for 10000 clock jumps",
+        "replay: WFP_SIM_SEED=6",
+        "harness: waiting",
+        "harness: KeWaitForSingleObject",
+    ] {
+        assert!(
+            outcome.stderr.contains(expected),
+            "{expected:?} in {}",
+            outcome.stderr
+        );
+    }
+}
+
 /// What the racy routine below shares between the contexts that run it.
 #[derive(Default)]
 struct Racy {
@@ -520,4 +556,127 @@ fn the_fingerprint_covers_steps_the_limited_trace_dropped() {
     let (_, other) = run(4, None);
     assert_ne!(other, fingerprint, "another seed, another schedule");
     assert_eq!(Machine::new().schedule_fingerprint(), None);
+}
+
+/// The DPC watchdog counts a stay at `DISPATCH_LEVEL` only while its context runs: a context
+/// parked at `DISPATCH_LEVEL` (at a yield point in `KeSetEvent`) while another keeps the
+/// processor for longer than the limit (a host sleep, standing for any slow turn on a loaded
+/// host) is not stopped. For some of the seeds the slow turn comes while the other context is
+/// parked at `DISPATCH_LEVEL`; every seed completes.
+#[test]
+fn a_context_parked_at_dispatch_level_does_not_count_the_others_turns() {
+    const SEEDS: u64 = 8;
+    let outcome = wfp_rs_sim::run_isolated(
+        &wfp_rs_sim::__test_name(
+            module_path!(),
+            "a_context_parked_at_dispatch_level_does_not_count_the_others_turns",
+        ),
+        || {
+            let mut parked_during_the_slow_turn = 0;
+            for seed in 0..SEEDS {
+                let machine = Machine::deterministic(seed);
+                machine.set_dpc_watchdog_limit(Duration::from_millis(100));
+                let event = machine.at_passive(|irql| {
+                    Event::try_new(EventKind::Notification, false, irql).unwrap()
+                });
+                std::thread::scope(|scope| {
+                    let (machine, event) = (&machine, &event);
+                    let setter = machine.spawn(scope, "setter", move || {
+                        machine.at_dispatch(|irql| {
+                            for _ in 0..4 {
+                                event.set(irql);
+                            }
+                        });
+                    });
+                    let slow = machine.spawn(scope, "slow", || {
+                        std::thread::sleep(Duration::from_millis(300));
+                    });
+                    setter.join().unwrap();
+                    slow.join().unwrap();
+                });
+                machine.run(|| drop(event));
+                let schedule = machine.schedule();
+                let slow_done = schedule
+                    .iter()
+                    .position(|s| s.task == "slow" && s.label == "finished")
+                    .unwrap();
+                // The setter's last step before the slow turn: parked in KeSetEvent, at
+                // DISPATCH_LEVEL, and not finished.
+                if schedule[..slow_done]
+                    .iter()
+                    .rev()
+                    .find(|s| s.task == "setter")
+                    .is_some_and(|s| s.label == "KeSetEvent")
+                {
+                    parked_during_the_slow_turn += 1;
+                }
+            }
+            eprintln!("parked during the slow turn: {parked_during_the_slow_turn} seed(s)");
+            assert!(parked_during_the_slow_turn > 0);
+        },
+    );
+    outcome.expect_completed();
+    assert!(
+        outcome.stderr.contains("parked during the slow turn: "),
+        "{}",
+        outcome.stderr
+    );
+}
+
+wfp_rs_sim::bugcheck_test! {
+    /// A stay at `DISPATCH_LEVEL` that runs too long is stopped on a deterministic machine too,
+    /// although it gives up the processor at every `KeSetEvent`: its running time adds up
+    /// across its turns.
+    fn a_long_stay_at_dispatch_level_with_yields_trips_the_dpc_watchdog() expects DPC_WATCHDOG_VIOLATION (1) {
+        let machine = Machine::deterministic(3);
+        machine.set_dpc_watchdog_limit(Duration::from_millis(100));
+        let event =
+            machine.at_passive(|irql| Event::try_new(EventKind::Notification, false, irql).unwrap());
+        machine.at_dispatch(|irql| {
+            for _ in 0..20 {
+                // Work that takes a while, between yield points.
+                std::thread::sleep(Duration::from_millis(20));
+                event.set(irql);
+            }
+        });
+    }
+}
+
+/// The flow handles a deterministic run's connections get are a function of its seed: the same
+/// in a second run, whatever machines the process made in between.
+#[test]
+fn flow_handles_are_the_same_in_every_run_of_a_seed() {
+    let flows = |seed| {
+        let machine = Machine::deterministic(seed);
+        let connection = wfp_rs_sim::Connection {
+            pid: 7,
+            app: r"\device\harddiskvolume3\app.exe".to_owned(),
+            protocol: wfp_rs::layer::value::IpProtocol::Tcp,
+            local: "10.0.0.1:50000".parse().unwrap(),
+            remote: "192.0.2.1:443".parse().unwrap(),
+            direction: wfp_rs::metadata::Direction::Outbound,
+        };
+        (0..3)
+            .map(|_| {
+                machine
+                    .connect(&connection, wfp_rs_sim::AleIrql::Passive)
+                    .flow_handle
+            })
+            .collect::<Vec<_>>()
+    };
+    let first = flows(9);
+    assert!(first.iter().all(Option::is_some), "{first:?}");
+    // Another machine's connections in between.
+    let _ = Machine::new().connect(
+        &wfp_rs_sim::Connection {
+            pid: 8,
+            app: r"\device\harddiskvolume3\other.exe".to_owned(),
+            protocol: wfp_rs::layer::value::IpProtocol::Udp,
+            local: "10.0.0.1:50001".parse().unwrap(),
+            remote: "192.0.2.2:53".parse().unwrap(),
+            direction: wfp_rs::metadata::Direction::Outbound,
+        },
+        wfp_rs_sim::AleIrql::Passive,
+    );
+    assert_eq!(flows(9), first);
 }

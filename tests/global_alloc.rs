@@ -192,6 +192,31 @@ fn injected_failures_hit_the_drivers_allocations_and_try_reserve_recovers() {
 }
 
 #[test]
+fn failure_windows_follow_each_other() {
+    let machine = Machine::new();
+    let driver = load(&machine, "plain");
+    // The 2nd allocation fails, then (after two more) the 5th and 6th.
+    machine.fail_allocations_in(&[(1, 1), (2, 2)]);
+    assert_eq!(machine.pending_allocation_failures(), 3);
+    let outcomes = driver
+        .run_in_driver(&machine, |_irql, _driver| {
+            // An array: collecting into a Vec would allocate too.
+            let mut outcomes = [false; 8];
+            for outcome in &mut outcomes {
+                *outcome = Vec::<u32>::new().try_reserve(16).is_ok();
+            }
+            outcomes
+        })
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        [true, false, true, true, false, false, true, true]
+    );
+    assert_eq!(machine.pending_allocation_failures(), 0);
+    machine.unload_driver(driver).unwrap();
+}
+
+#[test]
 fn the_harness_and_the_kernel_allocate_from_the_host() {
     let machine = Machine::new();
     let driver = load(&machine, "plain");

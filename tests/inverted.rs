@@ -277,6 +277,32 @@ fn cancel_io_ex_completes_the_request_as_cancelled() {
 }
 
 #[test]
+fn user_mode_cancels_every_pending_request() {
+    let (machine, driver, queue) = setup();
+    let one = machine.open_device(PATH, Caller::System).unwrap();
+    let two = machine.open_device(PATH, Caller::System).unwrap();
+    let requests = [
+        one.device_io_control(EVENTS.raw(), &[], MAX),
+        two.device_io_control(EVENTS.raw(), &[], MAX),
+        one.device_io_control(EVENTS.raw(), &[], MAX),
+    ];
+    assert_eq!(machine.cancel_io_requests(), 3, "three cancel routines ran");
+    for request in &requests {
+        assert_eq!(request.wait().status, Status::CANCELLED.raw());
+    }
+    assert_eq!(machine.at_dispatch(|irql| queue.waiting(irql)), 0);
+    assert_eq!(machine.cancel_io_requests(), 0, "nothing left to cancel");
+    // A request sent after it waits as usual.
+    let later = one.device_io_control(EVENTS.raw(), &[], MAX);
+    machine
+        .at_dispatch(|irql| queue.complete_next(irql, b"after"))
+        .unwrap();
+    assert_eq!(later.wait().output, b"after");
+    drop((one, two));
+    teardown(machine, driver, queue);
+}
+
+#[test]
 fn closing_a_handle_cancels_its_requests_and_only_its() {
     let (machine, driver, queue) = setup();
     let closing = machine.open_device(PATH, Caller::System).unwrap();

@@ -91,6 +91,82 @@ pub mod install {
 }
 
 #[cfg(any(not(windows), feature = "sim"))]
+pub mod raw_redirect {
+    //! A callout that misuses `FwpsAcquireWritableLayerDataPointer0` /
+    //! `FwpsApplyModifiedLayerData0` through the raw functions, at whichever redirect layer it is
+    //! registered: the bug-check tests of the connect and bind requests share it.
+
+    use wfp_rs::callout::{Callout, Classify};
+    use wfp_rs::irql::DispatchLevel;
+    use wfp_rs::layer::Layer;
+    use wfp_rs::sys;
+
+    /// How [`Raw`] misuses the functions.
+    #[derive(Clone, Copy, Debug)]
+    pub enum Misuse {
+        /// Applies the copy it acquired twice.
+        ApplyTwice,
+        /// Applies a buffer without acquiring anything.
+        ApplyWithoutAcquire,
+        /// Acquires, then applies a copy of the copy (another pointer).
+        ApplyAnotherPointer,
+        /// Acquires and returns without applying.
+        NeverApply,
+    }
+
+    /// Misuses the writable layer data as told, then permits.
+    pub struct Raw(pub Misuse);
+
+    impl<L: Layer> Callout<L> for Raw {
+        fn classify(&self, _irql: &mut DispatchLevel<'_>, c: &mut Classify<'_, L>) {
+            let mut handle = 0u64;
+            // SAFETY: the classification's own classify context, during classifyFn.
+            let status = unsafe {
+                sys::FwpsAcquireClassifyHandle0(c.raw_classify_context().cast_mut(), 0, &mut handle)
+            };
+            assert_eq!(status, 0);
+            let mut data: sys::PVOID = core::ptr::null_mut();
+            let filter_id = c.filter.id();
+            if !matches!(self.0, Misuse::ApplyWithoutAcquire) {
+                // SAFETY: the handle was just acquired; `data` is writable; no classify-out.
+                let status = unsafe {
+                    sys::FwpsAcquireWritableLayerDataPointer0(
+                        handle,
+                        filter_id,
+                        0,
+                        &mut data,
+                        core::ptr::null_mut(),
+                    )
+                };
+                assert_eq!(status, 0);
+            }
+            // Larger than any request (FWPS_CONNECT_REQUEST0 is 312 bytes), 8-byte aligned.
+            let mut other = [0u64; 64];
+            match self.0 {
+                Misuse::ApplyTwice => {
+                    // SAFETY: the copy acquired above, applied once here; the second apply is
+                    // the misuse under test.
+                    unsafe { sys::FwpsApplyModifiedLayerData0(handle, data, 0) };
+                    // SAFETY: none; the simulator stops here.
+                    unsafe { sys::FwpsApplyModifiedLayerData0(handle, data, 0) };
+                }
+                Misuse::ApplyWithoutAcquire | Misuse::ApplyAnotherPointer => {
+                    // SAFETY: none; the simulator stops here.
+                    unsafe {
+                        sys::FwpsApplyModifiedLayerData0(handle, other.as_mut_ptr().cast(), 0)
+                    };
+                }
+                Misuse::NeverApply => {
+                    // SAFETY: acquired above; the un-applied copy is the misuse.
+                    unsafe { sys::FwpsReleaseClassifyHandle0(handle) };
+                }
+            }
+            let _ = c.out.permit();
+        }
+    }
+}
+
+#[cfg(any(not(windows), feature = "sim"))]
 pub mod protocol {
     //! The little protocol the port tests (kernel side and user-mode side) speak.
 

@@ -19,7 +19,7 @@ use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::{Guid, Status, guid};
 use wfp_rs_sim::AleIrql;
 use wfp_rs_sim::prop::{
-    AllocationFailure, Answer, Case, ConnectionCase, FaultPlan, Generation, Harness, Run,
+    AllocationFailure, Answer, Case, ConnectionCase, Data, FaultPlan, Generation, Harness, Run,
     ServiceBody,
 };
 
@@ -29,17 +29,35 @@ const CALLOUT: CalloutKey<AleAuthRecvAcceptV6> =
     CalloutKey::new(guid!("b7d2c8a4-51e3-4c0f-a6b9-7e2d9f3c1a58"));
 const FILTER: Guid = guid!("e3a9f6d1-2c4b-4b8e-9f7a-5d1c8e2b6f94");
 
-/// Blocks, after taking a scratch buffer; without one it permits (the bug: it should block) —
-/// or, with `panics`, it panics, which stops the machine (another bug).
+/// What the test driver does when its scratch buffer cannot be allocated.
+#[derive(Clone, Copy)]
+enum WithoutMemory {
+    /// Permits (the bug: it should block).
+    FailsOpen,
+    /// Panics, which stops the machine (another bug).
+    Panics,
+    /// Does not check: allocates with `Vec::with_capacity`, whose failure aborts (`handle_alloc_error`).
+    Assumes,
+}
+
+/// Blocks, after taking a scratch buffer; without one, see [`WithoutMemory`].
 struct FailsOpenWithoutMemory {
-    panics: bool,
+    without: WithoutMemory,
 }
 
 impl Callout<AleAuthRecvAcceptV6> for FailsOpenWithoutMemory {
     fn classify(&self, _irql: &mut DispatchLevel<'_>, c: &mut Classify<'_, AleAuthRecvAcceptV6>) {
+        if let WithoutMemory::Assumes = self.without {
+            std::hint::black_box(Vec::<u8>::with_capacity(64));
+            c.out.block();
+            return;
+        }
         let mut scratch: Vec<u8> = Vec::new();
         if scratch.try_reserve(64).is_err() {
-            assert!(!self.panics, "no scratch buffer");
+            assert!(
+                !matches!(self.without, WithoutMemory::Panics),
+                "no scratch buffer"
+            );
             let _ = c.out.permit();
             return;
         }
@@ -65,7 +83,7 @@ mod fails_open {
         irql: &mut super::PassiveLevel<'_>,
         driver: &mut super::Driver<'_>,
     ) -> Result<super::Buggy, super::Status> {
-        super::start(irql, driver, false)
+        super::start(irql, driver, super::WithoutMemory::FailsOpen)
     }
 }
 
@@ -75,17 +93,27 @@ mod stops {
         irql: &mut super::PassiveLevel<'_>,
         driver: &mut super::Driver<'_>,
     ) -> Result<super::Buggy, super::Status> {
-        super::start(irql, driver, true)
+        super::start(irql, driver, super::WithoutMemory::Panics)
+    }
+}
+
+mod aborts {
+    #[wfp_rs::driver_entry]
+    fn entry(
+        irql: &mut super::PassiveLevel<'_>,
+        driver: &mut super::Driver<'_>,
+    ) -> Result<super::Buggy, super::Status> {
+        super::start(irql, driver, super::WithoutMemory::Assumes)
     }
 }
 
 fn start(
     irql: &mut PassiveLevel<'_>,
     driver: &mut Driver<'_>,
-    panics: bool,
+    without: WithoutMemory,
 ) -> Result<Buggy, Status> {
     let callout =
-        CalloutRegistration::register(irql, driver, CALLOUT, FailsOpenWithoutMemory { panics })?;
+        CalloutRegistration::register(irql, driver, CALLOUT, FailsOpenWithoutMemory { without })?;
     let engine = Engine::open(irql, SessionOptions::new().dynamic())?;
     let txn = engine.transaction(irql)?;
     txn.add_provider(irql, &Provider::new(PROVIDER))?;
@@ -155,24 +183,25 @@ fn the_harness_finds_and_shrinks_a_fail_open_on_allocation_failure() {
     let connection = &minimal.connections[0];
     assert!(connection.inbound && connection.ipv6 && !connection.udp);
     assert_eq!(connection.caller, 0, "shrunk to the first caller");
+    assert_eq!(connection.data, Data::None, "no data: {minimal:#?}");
+    assert!(connection.pause.is_zero(), "no pause: {minimal:#?}");
     assert!(
-        !minimal.faults.unload_while_connecting,
-        "the unload fault is not needed: {minimal:#?}"
+        !minimal.faults.unload_while_connecting
+            && minimal.faults.service_restart.is_none()
+            && minimal.faults.cancel_io_after.is_none()
+            && minimal.faults.clock_jump.is_none(),
+        "only the allocation failure is needed: {minimal:#?}"
     );
-    let failure = minimal
-        .faults
-        .allocation_failure
-        .expect("the allocation failure is needed");
     assert_eq!(
-        (failure.skip, failure.count),
-        (0, 1),
+        minimal.faults.allocation_failures,
+        [AllocationFailure { skip: 0, count: 1 }],
         "the first allocation of the workload, once"
     );
     // The shrunk case fails again, and without its fault it passes.
     let harness = harness();
     assert!(harness.run_case(minimal, counterexample.seed).is_err());
     let mut without_fault = minimal.clone();
-    without_fault.faults.allocation_failure = None;
+    without_fault.faults.allocation_failures.clear();
     harness
         .run_case(&without_fault, counterexample.seed)
         .expect("without the allocation failure the driver blocks");
@@ -183,14 +212,10 @@ fn the_harness_finds_and_shrinks_a_fail_open_on_allocation_failure() {
     assert_eq!(again.minimal, *minimal);
 }
 
-/// A bug check ends the process, so the harness cannot shrink it; the stop report names the case
-/// the harness was running, its seed and the command that replays it.
-#[test]
-fn a_bug_check_in_a_case_reports_the_case_and_its_seed() {
-    // The minimal case above; with `panics` its allocation failure stops the machine. (One
-    // failing allocation: the panic's own message must not fail too, or the process aborts
-    // from the allocator, whose report cannot carry the note.)
-    let case = Case {
+/// The minimal case of the test above: one inbound IPv6 connection, whose classification's
+/// allocation fails.
+fn inbound_ipv6_without_memory() -> Case {
+    Case {
         schedule_seed: 5,
         connections: vec![ConnectionCase {
             pid: 101,
@@ -200,12 +225,27 @@ fn a_bug_check_in_a_case_reports_the_case_and_its_seed() {
             irql: AleIrql::Passive,
             caller: 0,
             answer: Answer::Allow,
+            data: Data::None,
+            pause: std::time::Duration::ZERO,
         }],
         faults: FaultPlan {
-            allocation_failure: Some(AllocationFailure { skip: 0, count: 1 }),
+            allocation_failures: vec![AllocationFailure { skip: 0, count: 1 }],
             unload_while_connecting: false,
+            service_restart: None,
+            cancel_io_after: None,
+            clock_jump: None,
         },
-    };
+        reply_delay: std::time::Duration::ZERO,
+    }
+}
+
+/// A bug check ends the process, so the harness cannot shrink it; the stop report names the case
+/// the harness was running, its seed and the command that replays it.
+#[test]
+fn a_bug_check_in_a_case_reports_the_case_and_its_seed() {
+    // With `stops` the allocation failure stops the machine. (One failing allocation: the
+    // panic's own message must not fail too.)
+    let case = inbound_ipv6_without_memory();
     let outcome = wfp_rs_sim::run_isolated(
         "a_bug_check_in_a_case_reports_the_case_and_its_seed",
         || {
@@ -233,6 +273,92 @@ fn a_bug_check_in_a_case_reports_the_case_and_its_seed() {
     );
 }
 
+/// Run isolated, the harness shrinks a bug check as any failure: each candidate runs in a child
+/// process, and a candidate that stops the machine fails.
+#[test]
+fn isolated_the_harness_shrinks_a_bug_check() {
+    let counterexample = harness_of(stops::DriverEntry)
+        .check_isolated("isolated_the_harness_shrinks_a_bug_check", 0..64)
+        .expect_err("a case with an inbound IPv6 connection and an allocation failure stops");
+    eprintln!("{counterexample}");
+    assert_eq!(counterexample.failure.property, "no bug check");
+    for expected in [
+        "KMODE_EXCEPTION_NOT_HANDLED",
+        "no scratch buffer",
+        "classifyFn",
+    ] {
+        assert!(
+            counterexample.failure.message.contains(expected),
+            "{expected:?} in {}",
+            counterexample.failure.message
+        );
+    }
+    assert!(counterexample.shrink_runs > 0);
+    let minimal = &counterexample.minimal;
+    assert_eq!(minimal.connections.len(), 1, "{minimal:#?}");
+    assert!(minimal.connections[0].inbound && minimal.connections[0].ipv6);
+    // The same minimal case as the in-process harness finds for the fail-open variant, whose
+    // failure needs the same connection and fault.
+    let in_process = harness().check(0..64).expect_err("fails in process too");
+    assert_eq!(counterexample.seed, in_process.seed);
+    assert_eq!(
+        (
+            &counterexample.minimal.connections,
+            &counterexample.minimal.faults
+        ),
+        (&in_process.minimal.connections, &in_process.minimal.faults)
+    );
+}
+
+/// Run isolated, a property that fails is reported as in process: same seed, same minimal case,
+/// same failure.
+#[test]
+fn isolated_a_failing_property_is_reported_as_in_process() {
+    let isolated = harness()
+        .check_isolated(
+            "isolated_a_failing_property_is_reported_as_in_process",
+            0..64,
+        )
+        .expect_err("fails isolated");
+    let in_process = harness().check(0..64).expect_err("fails in process");
+    assert_eq!(isolated.seed, in_process.seed);
+    assert_eq!(isolated.cases_run, in_process.cases_run);
+    assert_eq!(isolated.minimal, in_process.minimal);
+    assert_eq!(isolated.failure, in_process.failure);
+    assert_eq!(isolated.shrink_runs, in_process.shrink_runs);
+}
+
+/// An allocation failure driver code does not handle aborts from the allocator, whose report is
+/// written without allocating: it still names the case, its seed and the replay command.
+#[test]
+fn an_unhandled_allocation_failure_in_a_case_reports_the_case_and_its_seed() {
+    let case = inbound_ipv6_without_memory();
+    let outcome = wfp_rs_sim::run_isolated(
+        "an_unhandled_allocation_failure_in_a_case_reports_the_case_and_its_seed",
+        || {
+            let _ = harness_of(aborts::DriverEntry).run_case(&case, 5);
+        },
+    );
+    let report = outcome.expect_bugcheck(BugCheckCode::KMODE_EXCEPTION_NOT_HANDLED);
+    assert!(
+        report.explanation.contains("could not handle it"),
+        "{}",
+        outcome.stderr
+    );
+    for expected in [
+        "deterministic machine, seed 5\nreplay: WFP_SIM_SEED=5",
+        "property harness: running the case of seed 5 (or a case shrunk from it), \
+         replayed by WFP_SIM_SEED=5",
+        "inbound: true, ipv6: true",
+    ] {
+        assert!(
+            outcome.stderr.contains(expected),
+            "{expected:?} in {}",
+            outcome.stderr
+        );
+    }
+}
+
 /// One seed, one case; the generator keeps to its bounds; pids are unique.
 #[test]
 fn cases_are_a_function_of_the_seed_within_the_generations_bounds() {
@@ -245,6 +371,8 @@ fn cases_are_a_function_of_the_seed_within_the_generations_bounds() {
         answers: vec![Answer::Block, Answer::Silent],
         faults: false,
         max_allocation_skip: 0,
+        data: false,
+        max_reply_delay: std::time::Duration::from_millis(300),
     });
     let mut sizes = std::collections::BTreeSet::new();
     for seed in 0..64 {
@@ -253,9 +381,13 @@ fn cases_are_a_function_of_the_seed_within_the_generations_bounds() {
         assert_eq!(case.schedule_seed, seed);
         assert!((1..=3).contains(&case.connections.len()), "{case:?}");
         assert!(case.faults.is_empty(), "{case:?}");
+        assert!(case.reply_delay <= std::time::Duration::from_millis(300));
         let mut pids = std::collections::BTreeSet::new();
         for c in &case.connections {
-            assert!(!c.inbound && !c.ipv6 && !c.udp && c.caller == 0, "{case:?}");
+            assert!(
+                !c.inbound && !c.ipv6 && !c.udp && c.caller == 0 && c.data == Data::None,
+                "{case:?}"
+            );
             assert!(
                 matches!(c.answer, Answer::Block | Answer::Silent),
                 "{case:?}"

@@ -16,10 +16,11 @@ use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::layer::{self, fields};
 use wfp_rs::metadata::Direction;
 use wfp_rs::redirect::RedirectError;
-use wfp_rs::{Guid, Status, guid, sys};
+use wfp_rs::{Guid, Status, guid};
 use wfp_rs_sim::bugcheck_test;
 use wfp_rs_sim::{AleIrql, Connection, LoadedDriver, Machine};
 use wfp_rs_tests::install::{Installed, install};
+use wfp_rs_tests::raw_redirect::{Misuse, Raw};
 
 mod host {
     use super::*;
@@ -300,69 +301,10 @@ fn an_ipv6_connection_is_redirected_too() {
     machine.unload_driver(driver).unwrap();
 }
 
-/// How a raw callout misuses the functions.
-#[derive(Clone, Copy)]
-enum Misuse {
-    ApplyTwice,
-    ApplyWithoutAcquire,
-    NeverApply,
-}
-
-struct Raw(Misuse);
-
-impl Callout<layer::AleConnectRedirectV4> for Raw {
-    fn classify(
-        &self,
-        _irql: &mut DispatchLevel<'_>,
-        c: &mut Classify<'_, layer::AleConnectRedirectV4>,
-    ) {
-        let mut handle = 0u64;
-        // SAFETY: the classification's own classify context, during classifyFn.
-        let status = unsafe {
-            sys::FwpsAcquireClassifyHandle0(c.raw_classify_context().cast_mut(), 0, &mut handle)
-        };
-        assert_eq!(status, 0);
-        let mut data: sys::PVOID = core::ptr::null_mut();
-        let filter_id = c.filter.id();
-        if !matches!(self.0, Misuse::ApplyWithoutAcquire) {
-            // SAFETY: the handle was just acquired; `data` is writable; no classify-out given.
-            let status = unsafe {
-                sys::FwpsAcquireWritableLayerDataPointer0(
-                    handle,
-                    filter_id,
-                    0,
-                    &mut data,
-                    core::ptr::null_mut(),
-                )
-            };
-            assert_eq!(status, 0);
-        }
-        match self.0 {
-            Misuse::ApplyTwice => {
-                // SAFETY: the copy acquired above, applied once here; the second apply is the
-                // misuse under test.
-                unsafe { sys::FwpsApplyModifiedLayerData0(handle, data, 0) };
-                // SAFETY: none; the simulator stops here.
-                unsafe { sys::FwpsApplyModifiedLayerData0(handle, data, 0) };
-            }
-            Misuse::ApplyWithoutAcquire => {
-                let mut bogus = [0u8; 312];
-                // SAFETY: none; the simulator stops here.
-                unsafe { sys::FwpsApplyModifiedLayerData0(handle, bogus.as_mut_ptr().cast(), 0) };
-            }
-            Misuse::NeverApply => {
-                // SAFETY: acquired above; the un-applied copy is the misuse.
-                unsafe { sys::FwpsReleaseClassifyHandle0(handle) };
-            }
-        }
-        let _ = c.out.permit();
-    }
-}
-
 fn misuse(how: Misuse) {
     let machine = Machine::new();
     let driver = machine.load_driver("raw", host::DriverEntry).unwrap();
-    let _installed = install(
+    let _installed = install::<layer::AleConnectRedirectV4, _, ()>(
         &machine,
         &driver,
         CalloutKey::new(REDIRECT_CALLOUT),

@@ -398,7 +398,7 @@ impl Machine {
         f: impl FnOnce() -> T + Send + 'scope,
     ) -> Spawned<'scope, T> {
         let kernel: &'env Kernel = &self.kernel;
-        let task = kernel.sched.as_ref().map(|s| s.add(name));
+        let task = kernel.sched.as_ref().map(|s| s.add(name, false));
         let handle = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn_scoped(scope, move || {
@@ -947,9 +947,29 @@ impl Machine {
     /// driver (work items, driver object extensions) count too. `fail_allocations(0, 0)` turns
     /// injection off.
     pub fn fail_allocations(&self, skip: u64, count: u64) {
+        self.fail_allocations_in(&[(skip, count)]);
+    }
+
+    /// [`fail_allocations`](Self::fail_allocations) with several windows, in order: after the
+    /// first window's `skip` allocations succeed its `count` fail, then the second window's
+    /// `skip` succeed and its `count` fail, and so on. An empty plan turns injection off.
+    ///
+    /// ```
+    /// let machine = wfp_rs_sim::Machine::new();
+    /// // The 3rd allocation fails, then the 6th and 7th.
+    /// machine.fail_allocations_in(&[(2, 1), (2, 2)]);
+    /// assert_eq!(machine.pending_allocation_failures(), 3);
+    /// ```
+    pub fn fail_allocations_in(&self, windows: &[(u64, u64)]) {
+        let mut later: Vec<(u64, u64)> = windows.iter().rev().copied().collect();
+        let (skip, count) = later.pop().unwrap_or((0, 0));
         let mut faults = self.kernel.faults.lock().unwrap_or_else(|p| p.into_inner());
         faults.skip = skip;
         faults.count = count;
+        let old = core::mem::replace(&mut faults.later, later);
+        // Freed once the lock is released: the allocator takes it.
+        drop(faults);
+        drop(old);
     }
 
     /// Makes the kernel's random number generator (`BCryptGenRandom`) fail with `status` until
@@ -972,13 +992,18 @@ impl Machine {
         crate::kernel::bugcheck::set_stop_note(Arc::as_ptr(&self.kernel) as usize, note);
     }
 
+    /// User mode cancels every request it has pending on the machine's devices: `CancelIoEx` on
+    /// each handle, as a service does when it stops waiting, in the order the requests were sent.
+    /// Each request's cancel routine runs, if its driver set one (see [`IoRequest::cancel`]).
+    /// Returns how many cancel routines ran.
+    pub fn cancel_io_requests(&self) -> usize {
+        crate::kernel::irp::cancel_user_requests(&self.kernel)
+    }
+
     /// How many injected failures are still to come (0 once all have happened).
     pub fn pending_allocation_failures(&self) -> u64 {
-        self.kernel
-            .faults
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .count
+        let faults = self.kernel.faults.lock().unwrap_or_else(|p| p.into_inner());
+        faults.count + faults.later.iter().map(|(_, count)| count).sum::<u64>()
     }
 
     /// How many work items have been queued (`IoQueueWorkItem`) on this machine since it
@@ -1418,6 +1443,15 @@ impl Isolated {
 /// function runs `scenario` and exits. Prefer the [`bugcheck_test!`](crate::bugcheck_test) macro,
 /// which fills in the name.
 pub fn run_isolated(test_name: &str, scenario: impl FnOnce()) -> Isolated {
+    run_isolated_with(test_name, &[], scenario)
+}
+
+/// [`run_isolated`], with `env` set in the child's environment too.
+pub(crate) fn run_isolated_with(
+    test_name: &str,
+    env: &[(&str, &str)],
+    scenario: impl FnOnce(),
+) -> Isolated {
     if std::env::var(ISOLATED_ENV).as_deref() == Ok(test_name) {
         scenario();
         eprintln!("{COMPLETED_MARKER}");
@@ -1428,6 +1462,7 @@ pub fn run_isolated(test_name: &str, scenario: impl FnOnce()) -> Isolated {
         .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
         .env(ISOLATED_ENV, test_name)
         .env("RUST_BACKTRACE", "0")
+        .envs(env.iter().copied())
         .output()
         .expect("could not start the test binary as a child process");
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
@@ -1819,6 +1854,24 @@ fn lock_flows(
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// An interval being measured ([`Machine::stopwatch`]).
+enum Stopwatch<'m> {
+    Host(std::time::Instant),
+    /// The scheduler's virtual interrupt time at the start, in 100-ns ticks.
+    Virtual(&'m crate::kernel::sched::Scheduler, u64),
+}
+
+impl Stopwatch<'_> {
+    fn elapsed(&self) -> std::time::Duration {
+        match self {
+            Stopwatch::Host(start) => start.elapsed(),
+            Stopwatch::Virtual(sched, start) => std::time::Duration::from_nanos(
+                sched.now().saturating_sub(*start).saturating_mul(100),
+            ),
+        }
+    }
+}
+
 /// A classification a callout pended; see [`Machine::is_pending`] and
 /// [`Machine::wait_for_completion`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -2030,12 +2083,19 @@ pub struct ConnectOutcome {
     /// For a pended connection, the pended round trip: from the start of the classification
     /// that pended to the layer's final decision (the callout asked, the pend completed and,
     /// unless the completion carried the decision, the reauthorization answered). Measured on
-    /// the host's clock; the layers before and after are not in it.
+    /// the host's clock, or on a [deterministic](Machine::deterministic) machine on its virtual
+    /// clock (so that the outcome is a function of the seed); the layers before and after are
+    /// not in it.
     pub pend_round_trip: Option<std::time::Duration>,
     /// Where an outbound connection went: its remote endpoint after ALE_CONNECT_REDIRECT (a
     /// callout's applied connect request), which the later layers saw. The connection's own
     /// remote endpoint when nothing redirected it, and for an inbound connection.
     pub remote: std::net::SocketAddr,
+    /// Where an outbound connection's socket was bound: its local endpoint after
+    /// ALE_BIND_REDIRECT (a callout's applied bind request), which the later layers saw. The
+    /// connection's own local endpoint when nothing redirected the bind, and for an inbound
+    /// connection.
+    pub local: std::net::SocketAddr,
     /// The connection's redirect records after ALE_CONNECT_REDIRECT: one per accepted
     /// redirection that named a redirect handle (`localRedirectHandle`). A proxy that accepts
     /// this connection sets them on its own outbound connection
@@ -2080,8 +2140,6 @@ pub struct StreamOutcome {
 
 /// The null SID (S-1-0-0): the package id of a process outside an AppContainer.
 const NULL_SID: [u8; 12] = [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-
-static NEXT_FLOW: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0x0F10_0000);
 
 /// Where a connection's value for a layer field comes from: found once per layer from the
 /// field's name ([`FieldSource::for_layer`]), so classifying a connection does not compare every
@@ -2264,8 +2322,9 @@ impl Machine {
     /// Process `connection.pid` opens (or accepts) a connection: runs the layers the network
     /// stack runs, in order, and stops at the first block.
     ///
-    /// Outbound: ALE_RESOURCE_ASSIGNMENT (the implicit bind), ALE_CONNECT_REDIRECT,
-    /// ALE_AUTH_CONNECT, OUTBOUND_TRANSPORT (the first packet), ALE_FLOW_ESTABLISHED. Inbound:
+    /// Outbound: ALE_BIND_REDIRECT and ALE_RESOURCE_ASSIGNMENT (the implicit bind of the
+    /// connecting socket), ALE_CONNECT_REDIRECT, ALE_AUTH_CONNECT, OUTBOUND_TRANSPORT (the first
+    /// packet), ALE_FLOW_ESTABLISHED. Inbound:
     /// INBOUND_TRANSPORT, ALE_AUTH_RECV_ACCEPT, ALE_FLOW_ESTABLISHED. The IP version follows the
     /// addresses; the ALE authorization layers run at `ale_irql`, the others at
     /// `DISPATCH_LEVEL`.
@@ -2278,6 +2337,16 @@ impl Machine {
     /// application's connection: see [`connect_with_redirect_records`](Self::connect_with_redirect_records).
     /// A pended classification there (`FwpsPendClassify0`) keeps its connect request writable
     /// until the pend is completed, and the later layers see what was applied by then.
+    ///
+    /// At ALE_BIND_REDIRECT `layerData` is a real `FWPS_BIND_REQUEST0` with the connection's
+    /// local endpoint; if a callout applies a new one, ALE_RESOURCE_ASSIGNMENT and the later
+    /// layers classify the connection from it, and [`ConnectOutcome::local`] reports it.
+    /// INFERRED: the documentation says ALE_BIND_REDIRECT is where a bind's local address and
+    /// port are changed, and that ALE_RESOURCE_ASSIGNMENT sees explicit and implicit binds; that
+    /// the implicit bind of a connect crosses ALE_BIND_REDIRECT too, and before
+    /// ALE_RESOURCE_ASSIGNMENT, is inferred. Explicit `bind()`/`listen()` without a connection
+    /// are not modelled: each connection is its own socket, so a bind redirect affects that
+    /// connection only.
     pub fn connect(&self, connection: &Connection, ale_irql: AleIrql) -> ConnectOutcome {
         self.connect_with_redirect_records(connection, ale_irql, &RedirectRecords::default())
     }
@@ -2322,8 +2391,13 @@ impl Machine {
             AleIrql::Passive => Irql::PASSIVE,
             AleIrql::Dispatch => Irql::DISPATCH,
         };
-        let flow = NEXT_FLOW.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+        let flow = self
+            .kernel
+            .next_flow
+            .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
         let mut presented = Presented::new(connection);
+        // The connection as a callout rebound it at ALE_BIND_REDIRECT, if one did.
+        let rebound = std::cell::OnceCell::new();
         // The connection as a callout redirected it at ALE_CONNECT_REDIRECT, if one did.
         let redirected = std::cell::OnceCell::new();
         // Read before the authorization, so a policy change during it reauthorizes the flow.
@@ -2336,6 +2410,7 @@ impl Machine {
         let policy_changes = self.run(|| engine::policy_changes(authorized_at));
         let plan: &[(u16, Irql, bool)] = match (connection.direction, v4) {
             (wfp_rs::metadata::Direction::Outbound, true) => &[
+                (AleBindRedirectV4::ID, ale, false),
                 (AleResourceAssignmentV4::ID, ale, false),
                 (AleConnectRedirectV4::ID, ale, false),
                 (AleAuthConnectV4::ID, ale, false),
@@ -2343,6 +2418,7 @@ impl Machine {
                 (AleFlowEstablishedV4::ID, Irql::DISPATCH, true),
             ],
             (wfp_rs::metadata::Direction::Outbound, false) => &[
+                (AleBindRedirectV6::ID, ale, false),
                 (AleResourceAssignmentV6::ID, ale, false),
                 (AleConnectRedirectV6::ID, ale, false),
                 (AleAuthConnectV6::ID, ale, false),
@@ -2370,16 +2446,28 @@ impl Machine {
         let mut pend_round_trip = None;
         for &(id, irql, has_flow) in plan {
             let layer = wfp_rs::layer::layer_by_id(id).expect("known layer");
-            let classified = std::time::Instant::now();
+            let classified = self.stopwatch();
             // ALE_CONNECT_REDIRECT's layerData: the stack's connect request, which callouts
             // may rewrite (FwpsApplyModifiedLayerData0).
             let mut request = (id == AleConnectRedirectV4::ID || id == AleConnectRedirectV6::ID)
                 .then(|| Box::new(connect_request(presented.connection)));
-            let carried = match request.as_mut() {
-                Some(request) => Carried::Request {
+            // ALE_BIND_REDIRECT's layerData: the stack's bind request, likewise.
+            let mut bind = (id == AleBindRedirectV4::ID || id == AleBindRedirectV6::ID)
+                .then(|| Box::new(bind_request(presented.connection)));
+            // The redirect records go with the connect request only (ALE_CONNECT_REDIRECT).
+            let mut layer_data = || match (request.as_mut(), bind.as_mut()) {
+                (Some(request), _) => Some(Carried::Request {
                     request: &mut **request as *mut _ as usize,
                     records,
-                },
+                }),
+                (_, Some(bind)) => Some(Carried::Request {
+                    request: &mut **bind as *mut _ as usize,
+                    records: 0,
+                }),
+                (None, None) => None,
+            };
+            let carried = match layer_data() {
+                Some(carried) => carried,
                 // The packet carries the attempt (`flow`) even where the layer has no flow
                 // handle, so a clone of it finds this attempt when it is reinjected.
                 None => Carried::Built { origin: flow },
@@ -2411,6 +2499,7 @@ impl Machine {
                             pended,
                             pend_round_trip,
                             remote: connection.remote,
+                            local: connection.local,
                             redirect_records: RedirectRecords::default(),
                         };
                     };
@@ -2426,6 +2515,7 @@ impl Machine {
                         pended,
                         pend_round_trip,
                         remote: connection.remote,
+                        local: connection.local,
                         redirect_records: RedirectRecords::default(),
                     };
                 }
@@ -2448,16 +2538,24 @@ impl Machine {
                         irql,
                         None,
                         Some(wfp_rs::sys::FWP_CONDITION_REAUTHORIZE_REASON_CLASSIFY_COMPLETION),
-                        match request.as_mut() {
-                            Some(request) => Carried::Request {
-                                request: &mut **request as *mut _ as usize,
-                                records,
-                            },
+                        match layer_data() {
+                            Some(carried) => carried,
                             None => Carried::Built { origin: 0 },
                         },
                     ),
                 };
                 pend_round_trip = Some(classified.elapsed());
+            }
+            if let Some(bind) = bind
+                && let Some(local) =
+                    wfp_rs::redirect::socket_address_from_storage(&bind.localAddressAndPort)
+                && local != presented.connection.local
+                && local.is_ipv4() == presented.connection.local.is_ipv4()
+            {
+                // Rebound: the later layers see the new local endpoint.
+                let mut moved = presented.connection.clone();
+                moved.local = local;
+                presented = Presented::new(rebound.get_or_init(|| moved));
             }
             if let Some(request) = request
                 && let Some(remote) =
@@ -2479,6 +2577,7 @@ impl Machine {
                     pended,
                     pend_round_trip,
                     remote: presented.connection.remote,
+                    local: presented.connection.local,
                     redirect_records: RedirectRecords::default(),
                 };
             }
@@ -2499,7 +2598,17 @@ impl Machine {
             pended,
             pend_round_trip,
             remote: presented.connection.remote,
+            local: presented.connection.local,
             redirect_records: RedirectRecords::default(),
+        }
+    }
+
+    /// Starts measuring an interval: on the host's clock, or on a deterministic machine on its
+    /// virtual clock, which host time never enters.
+    fn stopwatch(&self) -> Stopwatch<'_> {
+        match &self.kernel.sched {
+            Some(sched) => Stopwatch::Virtual(sched, sched.now()),
+            None => Stopwatch::Host(std::time::Instant::now()),
         }
     }
 
@@ -2643,6 +2752,17 @@ impl Machine {
             count_bytes_required,
             count_bytes_enforced,
         }
+    }
+
+    /// Another provider changes the policy at the layers that authorize flows (ALE_AUTH_CONNECT
+    /// and ALE_AUTH_RECV_ACCEPT, V4 and V6): as when a user-mode firewall or a group policy adds
+    /// or deletes a filter there. The filter itself is not modelled, only what Microsoft's "ALE
+    /// Reauthorization" says follows: every flow established before is reauthorized at its next
+    /// [`packet`](Self::packet) or [`stream`](Self::stream) indication, with the reason
+    /// `FWP_CONDITION_REAUTHORIZE_REASON_POLICY_CHANGE`. What the property harness's
+    /// reauthorization workloads use ([`prop::Data::AfterPolicyChange`]).
+    pub fn another_provider_changes_policy(&self) {
+        self.run(engine::another_provider_changed_policy);
     }
 
     /// Whether the flow `flow_handle` was torn down by a reauthorization that did not permit it
@@ -2881,11 +3001,23 @@ fn connect_request(connection: &Connection) -> wfp_rs::sys::FWPS_CONNECT_REQUEST
     }
 }
 
+/// The stack's `FWPS_BIND_REQUEST0` for the implicit bind of an outbound connection at
+/// ALE_BIND_REDIRECT: its local endpoint, no port reservation, no history.
+fn bind_request(connection: &Connection) -> wfp_rs::sys::FWPS_BIND_REQUEST0 {
+    wfp_rs::sys::FWPS_BIND_REQUEST0 {
+        localAddressAndPort: wfp_rs::redirect::storage_from_socket_address(connection.local),
+        portReservationToken: 0,
+        previousVersion: core::ptr::null_mut(),
+        modifierFilterId: 0,
+    }
+}
+
 /// The packet a connection's classification carries.
 #[derive(Clone, Copy)]
 enum Carried {
-    /// No packet: `layerData` is the connect request at `request` (ALE_CONNECT_REDIRECT), and
-    /// the metadata carries the redirect records handle `records` (if not 0).
+    /// No packet: `layerData` is the connect request (ALE_CONNECT_REDIRECT) or the bind request
+    /// (ALE_BIND_REDIRECT) at `request`, and the metadata carries the redirect records handle
+    /// `records` (if not 0; ALE_CONNECT_REDIRECT only).
     Request { request: usize, records: usize },
     /// One the stack builds for the classification (where the layer has packets), marked as a
     /// packet of connection attempt `origin`.

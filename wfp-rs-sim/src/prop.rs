@@ -3,10 +3,13 @@
 //! keep, the driver's own properties, and failing cases shrunk to a minimal one.
 //!
 //! A [`Case`] is a workload — connections in and out, over IPv4 and IPv6, from one or more
-//! caller contexts, each with the answer the simulated service should give when asked about it
-//! ([`Answer`]: a verdict, garbage, silence until the driver's deadline, or hanging up) — and a
-//! [`FaultPlan`] (allocation failure at the Nth allocation of the workload, unload while the
-//! callers connect). [`Harness::check`] generates one case per seed (with
+//! caller contexts at their own pace, each with the answer the simulated service should give
+//! when asked about it ([`Answer`]: a verdict, garbage, silence until the driver's deadline,
+//! hanging up, or an allow sent late) and what it does once established ([`Data`]: a packet,
+//! perhaps after a policy change that reauthorizes it) — and a [`FaultPlan`] (allocation
+//! failures from the Nth allocation of the workload, unload while the callers connect, the
+//! service restarted after it hung up, user mode cancelling its pending requests, the clock
+//! jumping). [`Harness::check`] generates one case per seed (with
 //! [`proptest`](mod@proptest)'s strategies), runs it on a machine deterministic in the same
 //! seed, and checks:
 //!
@@ -25,12 +28,13 @@
 //! the command that replays it: `WFP_SIM_SEED=<seed>` makes `check` run that seed only, and the
 //! same seed gives the same case, the same schedule and the same shrinking.
 //!
-//! A bug check cannot be a reported failure: it ends the process, as it stops Windows (see
-//! [`run_isolated`](crate::run_isolated)). The harness puts the case it runs into the stop report
-//! ([`Machine::set_stop_note`]), with its seed and the replay command, so a bug check found by a
-//! random case replays too; it does not shrink. (Not yet for an allocation failure that driver code
-//! cannot handle — `Box::new` on a low-memory path: it aborts from the allocator, whose report
-//! is written without allocating and carries neither the note nor the seed.)
+//! A bug check ends the process, as it stops Windows (see [`run_isolated`](crate::run_isolated)).
+//! [`Harness::check`] puts the case it runs into the stop report ([`Machine::set_stop_note`]),
+//! with its seed and the replay command, so a bug check found by a random case replays too
+//! (also an allocation failure that driver code cannot handle, `Box::new` on a low-memory path,
+//! which aborts from the allocator: its report is written without allocating, with the note and
+//! the seed); it does not shrink. [`Harness::check_isolated`] runs the cases in child processes
+//! instead, so that a bug check is a failure like any other, shrunk like any other.
 //!
 //! ```
 //! use wfp_rs_sim::prop::{Harness, ServiceBody};
@@ -73,7 +77,7 @@ use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::metadata::Direction;
 
-use crate::{AleIrql, ConnectOutcome, Connection, DriverEntryFn, Machine};
+use crate::{AleIrql, ConnectOutcome, Connection, Decision, DriverEntryFn, Machine};
 
 /// What the simulated service should do when the driver asks it about a connection. The
 /// harness does not play the service: the driver's own service closure
@@ -90,8 +94,29 @@ pub enum Answer {
     /// Never reply: the driver's deadline passes (virtual time jumps to it when every context
     /// waits).
     Silent,
-    /// Disconnect (the service is killed) instead of replying, and answer nothing after.
+    /// Disconnect (the service is killed) instead of replying, and answer nothing after —
+    /// unless the fault plan restarts it ([`FaultPlan::service_restart`]).
     Hangup,
+    /// Allow, but only after [`Case::reply_delay`] of virtual time, during which the service
+    /// answers nothing else (it is one thread, busy). The delay may be shorter or longer than
+    /// the driver's deadline: a reply that comes after the driver gave up must be refused.
+    Delayed,
+}
+
+/// What a connection does once it is established, after [`Machine::connect`] returned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Data {
+    /// Nothing.
+    #[default]
+    None,
+    /// One packet of the connection crosses the transport layer ([`Machine::packet`]), in the
+    /// connection's direction.
+    Packet,
+    /// Another provider changes the policy at the flow-authorizing layers
+    /// ([`Machine::another_provider_changes_policy`]), then one packet crosses the transport
+    /// layer: the flow is reauthorized first (`FWP_CONDITION_FLAG_IS_REAUTHORIZE`, reason
+    /// `POLICY_CHANGE`), and cut if the reauthorization does not permit it.
+    AfterPolicyChange,
 }
 
 /// One connection attempt of a workload.
@@ -111,6 +136,11 @@ pub struct ConnectionCase {
     pub caller: usize,
     /// What the service should answer when asked about it.
     pub answer: Answer,
+    /// What the connection does once established (nothing if it was not).
+    pub data: Data,
+    /// How long its caller waits (virtual time, [`Machine::sleep`]) before the attempt: the
+    /// workload's pace, so that an attempt can come while the service is busy, gone or back.
+    pub pause: core::time::Duration,
 }
 
 /// The application every connection of a generated workload comes from.
@@ -153,8 +183,9 @@ impl ConnectionCase {
     }
 }
 
-/// Allocation failure at the Nth allocation: after the driver loaded and its service started,
-/// `skip` allocations succeed and the next `count` fail ([`Machine::fail_allocations`]).
+/// Allocation failure at the Nth allocation: `skip` allocations succeed and the next `count`
+/// fail ([`Machine::fail_allocations_in`]), counted from the end of the plan's window before
+/// (the first: from the start of the workload, once the driver loaded and its service started).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AllocationFailure {
     /// Allocations that succeed first.
@@ -166,17 +197,44 @@ pub struct AllocationFailure {
 /// The faults of a case.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FaultPlan {
-    /// Pool allocations that fail, counted from the start of the workload.
-    pub allocation_failure: Option<AllocationFailure>,
+    /// Windows of pool allocations that fail, in order; the first counted from the start of the
+    /// workload, each other from the end of the one before.
+    pub allocation_failures: Vec<AllocationFailure>,
     /// Unload from a context of its own, concurrently with the callers (the schedule decides
     /// when it runs), instead of after every connection was decided.
     pub unload_while_connecting: bool,
+    /// After the service hung up ([`Answer::Hangup`]), start it again once this much virtual
+    /// time has passed: the harness calls the driver's `start_service` again (from the
+    /// service's context, perhaps while the driver unloads) and runs the new body. Generated
+    /// only for cases with a hang-up.
+    pub service_restart: Option<core::time::Duration>,
+    /// After this much virtual time, user mode cancels every request it has pending on the
+    /// driver's devices ([`Machine::cancel_io_requests`]: `CancelIoEx`, as a service does when
+    /// it stops waiting); the service's body sees them complete with `STATUS_CANCELLED`. No
+    /// effect on a driver that user mode reaches only through communication ports.
+    pub cancel_io_after: Option<core::time::Duration>,
+    /// The clock jumps ([`Machine::advance_clock`]): the interrupt time counts time the machine
+    /// spent asleep, so on resume every deadline and timer that passed meanwhile is due at once.
+    pub clock_jump: Option<ClockJump>,
+}
+
+/// A jump of the machine's clock ([`FaultPlan::clock_jump`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClockJump {
+    /// When, in virtual time from the start of the workload.
+    pub after: core::time::Duration,
+    /// By how much.
+    pub by: core::time::Duration,
 }
 
 impl FaultPlan {
     /// Whether the plan has no fault.
     pub fn is_empty(&self) -> bool {
-        self.allocation_failure.is_none() && !self.unload_while_connecting
+        self.allocation_failures.is_empty()
+            && !self.unload_while_connecting
+            && self.service_restart.is_none()
+            && self.cancel_io_after.is_none()
+            && self.clock_jump.is_none()
     }
 }
 
@@ -190,6 +248,8 @@ pub struct Case {
     pub connections: Vec<ConnectionCase>,
     /// The faults.
     pub faults: FaultPlan,
+    /// How long the service waits before a [`Answer::Delayed`] reply, in virtual time.
+    pub reply_delay: core::time::Duration,
 }
 
 impl Case {
@@ -203,9 +263,24 @@ impl Case {
     }
 
     /// Whether any connection's answer is [`Answer::Hangup`] (after which the service answers
-    /// nothing).
+    /// nothing, unless it is restarted).
     pub fn service_hangs_up(&self) -> bool {
         self.connections.iter().any(|c| c.answer == Answer::Hangup)
+    }
+
+    /// Whether any connection's answer is [`Answer::Delayed`]: the service is then busy for
+    /// [`reply_delay`](Self::reply_delay), and the questions behind that one wait too.
+    pub fn service_delays(&self) -> bool {
+        self.connections.iter().any(|c| c.answer == Answer::Delayed)
+    }
+
+    /// Whether another provider changes the policy in this case ([`Data::AfterPolicyChange`]):
+    /// every flow established before is then reauthorized at its next packet, including
+    /// flows whose own data is only [`Data::Packet`].
+    pub fn changes_policy(&self) -> bool {
+        self.connections
+            .iter()
+            .any(|c| c.data == Data::AfterPolicyChange)
     }
 }
 
@@ -229,6 +304,12 @@ pub struct Generation {
     pub faults: bool,
     /// The largest `skip` of an [`AllocationFailure`].
     pub max_allocation_skip: u64,
+    /// Generate data on established connections, and policy changes that reauthorize them
+    /// ([`Data`]).
+    pub data: bool,
+    /// The longest [`Case::reply_delay`] (make it longer than the driver's deadline, so that
+    /// some delayed replies come too late).
+    pub max_reply_delay: core::time::Duration,
 }
 
 impl Default for Generation {
@@ -248,9 +329,12 @@ impl Default for Generation {
                 Answer::Malformed,
                 Answer::Silent,
                 Answer::Hangup,
+                Answer::Delayed,
             ],
             faults: true,
             max_allocation_skip: 24,
+            data: true,
+            max_reply_delay: core::time::Duration::from_secs(1),
         }
     }
 }
@@ -262,17 +346,36 @@ pub struct Run<S> {
     pub case: Case,
     /// Each connection (in the case's order) with what [`Machine::connect`] returned.
     pub outcomes: Vec<(ConnectionCase, ConnectOutcome)>,
+    /// Each established connection that sent data ([`ConnectionCase::data`]), in the case's
+    /// order, with what became of its packet.
+    pub packets: Vec<(ConnectionCase, PacketOutcome)>,
     /// What the service closure returned (what it saw).
     pub service: S,
+    /// What the restarted service's body returned, when the fault plan restarted it
+    /// ([`FaultPlan::service_restart`]) after it hung up.
+    pub restarted_service: Option<S>,
     /// The driver's debugger output (`DbgPrintEx`), as [`Machine::debug_output`] gave it after
     /// unload.
     pub debug_output: Vec<String>,
 }
 
+/// What became of an established connection's packet ([`Data`]).
+#[derive(Clone, Copy, Debug)]
+pub struct PacketOutcome {
+    /// The flow's handle.
+    pub flow_handle: u64,
+    /// The filter engine's decision for the packet: the transport layer's, or the stack's drop
+    /// when the flow was cut (by this packet's reauthorization or an earlier one).
+    pub decision: Decision,
+    /// Whether a reauthorization that did not permit the flow tore it down
+    /// ([`Machine::is_flow_cut`]).
+    pub cut: bool,
+}
+
 /// The body of a simulated service, which the harness runs as a context of the machine
 /// ([`Machine::spawn`]). It must return once the driver has unloaded (a port client's
-/// `get_message` returns `None` when the driver closes the port, for example); what it returns
-/// goes to the properties ([`Run::service`]).
+/// `get_message` returns `None` when the driver closes the port, for example) or once it hung
+/// up; what it returns goes to the properties ([`Run::service`], [`Run::restarted_service`]).
 pub type ServiceBody<'m, S> = Box<dyn FnOnce() -> S + Send + 'm>;
 
 type StartService<S> = dyn for<'m> Fn(&'m Machine, &Case) -> ServiceBody<'m, S> + Sync;
@@ -326,6 +429,67 @@ impl fmt::Display for Counterexample {
 /// The most shrinking runs for one failing case.
 const MAX_SHRINK_RUNS: u32 = 256;
 
+/// What an isolated child of [`Harness::check_isolated`] runs (see `run_in_child`).
+const ISOLATED_RUN_VARIABLE: &str = "WFP_SIM_PROP_RUN";
+/// How a child reports a failed case: this, the seed, the property, the message's lines (each
+/// after `| `), then [`CHILD_END`].
+const CHILD_FAILED: &str = "wfp-rs property harness: a case failed, seed ";
+const CHILD_END: &str = "wfp-rs property harness: end of failure";
+/// The stop note's opening, before the seed: how the parent finds which case bug-checked.
+const CASE_NOTE_PREFIX: &str = "property harness: running the case of seed ";
+
+/// `seeds`, or the one seed `WFP_SIM_SEED` names.
+fn seeds_to_check(seeds: core::ops::Range<u64>) -> core::ops::Range<u64> {
+    match std::env::var(crate::SEED_VARIABLE) {
+        Ok(seed) => {
+            let seed = seed
+                .trim()
+                .parse::<u64>()
+                .unwrap_or_else(|_| panic!("{}={seed:?} is not a seed", crate::SEED_VARIABLE));
+            seed..seed.saturating_add(1)
+        }
+        Err(_) => seeds,
+    }
+}
+
+/// Proptest's own shrinking loop: simplify while the case fails, complicate (step back towards
+/// the last failing value) while it passes. `run` runs a candidate, given too as the steps that
+/// lead to it from the generated case (`s` simplify, `c` complicate), for a child process to
+/// rebuild it.
+fn shrink(
+    tree: &mut impl ValueTree<Value = Case>,
+    mut minimal: Case,
+    mut failure: Failure,
+    mut run: impl FnMut(&Case, &str) -> Result<(), Failure>,
+) -> (Case, Failure, u32) {
+    let mut runs = 0;
+    let mut steps = String::from("s");
+    if !tree.simplify() {
+        return (minimal, failure, runs);
+    }
+    while runs < MAX_SHRINK_RUNS {
+        runs += 1;
+        let candidate = tree.current();
+        match run(&candidate, &steps) {
+            Err(f) => {
+                minimal = candidate;
+                failure = f;
+                steps.push('s');
+                if !tree.simplify() {
+                    break;
+                }
+            }
+            Ok(()) => {
+                steps.push('c');
+                if !tree.complicate() {
+                    break;
+                }
+            }
+        }
+    }
+    (minimal, failure, runs)
+}
+
 /// The property harness for one driver; see the [module](self).
 pub struct Harness<S> {
     name: String,
@@ -353,6 +517,11 @@ impl<S: Send> Harness<S> {
     /// service side for a case: it runs on the harness's thread once the driver is loaded (to
     /// connect a port client, open a device), and returns the service's body, which the harness
     /// runs as a context of the machine beside the callers.
+    ///
+    /// When the fault plan restarts the service ([`FaultPlan::service_restart`]),
+    /// `start_service` is called a second time, from the service's context and perhaps while
+    /// the driver unloads or after it has: if it cannot connect then, it must return a body that
+    /// returns at once (as a real service finds no driver to talk to), not panic.
     pub fn new(
         name: &str,
         entry: DriverEntryFn,
@@ -404,9 +573,18 @@ impl<S: Send> Harness<S> {
             any::<bool>(),
             0..callers,
             0..answers.len(),
+            // None first (simplest), then a packet, then a policy change before it.
+            (0..3u8).prop_map(move |d| match d {
+                _ if !g.data => Data::None,
+                0 => Data::None,
+                1 => Data::Packet,
+                _ => Data::AfterPolicyChange,
+            }),
+            // Most attempts at once, some after up to a second.
+            prop_oneof![2 => Just(0u64), 1 => 0..=1000u64],
         )
-            .prop_map(move |(inbound, ipv6, udp, dispatch, caller, answer)| {
-                ConnectionCase {
+            .prop_map(
+                move |(inbound, ipv6, udp, dispatch, caller, answer, data, pause)| ConnectionCase {
                     pid: 0,
                     inbound,
                     ipv6,
@@ -418,45 +596,81 @@ impl<S: Send> Harness<S> {
                     },
                     caller,
                     answer: answers[answer],
-                }
-            });
+                    data,
+                    pause: core::time::Duration::from_millis(pause),
+                },
+            );
         let connections = proptest::collection::vec(connection, 1..=g.max_connections.max(1));
         let faults = (
-            // The first few allocations after load more often: most drivers allocate a little
-            // per connection, and a workload has a few connections.
-            proptest::option::of((
+            // None, one window or up to three (simpler first, for shrinking); the first few
+            // allocations after load more often: most drivers allocate a little per connection,
+            // and a workload has a few connections.
+            {
+                let window = (
+                    prop_oneof![
+                        3 => 0..=g.max_allocation_skip.min(4),
+                        1 => 0..=g.max_allocation_skip,
+                    ],
+                    1..=3u64,
+                );
                 prop_oneof![
-                    3 => 0..=g.max_allocation_skip.min(4),
-                    1 => 0..=g.max_allocation_skip,
-                ],
-                1..=3u64,
-            )),
+                    2 => Just(Vec::new()),
+                    2 => proptest::collection::vec(window.clone(), 1..=1),
+                    1 => proptest::collection::vec(window, 2..=3),
+                ]
+            },
             // One case in four: an unload early in the schedule decides most connections
             // without the driver, so more would leave fewer cases that exercise it.
             proptest::bool::weighted(0.25),
+            // A restart (kept only for cases where the service hangs up), in whole
+            // milliseconds up to a second: at once, or after questions went unanswered.
+            proptest::option::of(prop_oneof![Just(0u64), 0..=1000u64]),
+            // One case in five each: user mode cancels its requests, the clock jumps (by a
+            // second, a minute or an hour: past deadlines, cache lifetimes, everything).
+            proptest::option::weighted(0.2, 0..=1000u64),
+            proptest::option::weighted(
+                0.2,
+                (0..=1000u64, prop_oneof![Just(1u64), Just(60), Just(3600)]),
+            ),
         )
-            .prop_map(move |(allocation, unload)| {
+            .prop_map(move |(allocation, unload, restart, cancel, jump)| {
                 if g.faults {
                     FaultPlan {
-                        allocation_failure: allocation
-                            .map(|(skip, count)| AllocationFailure { skip, count }),
+                        allocation_failures: allocation
+                            .into_iter()
+                            .map(|(skip, count)| AllocationFailure { skip, count })
+                            .collect(),
                         unload_while_connecting: unload,
+                        service_restart: restart.map(core::time::Duration::from_millis),
+                        cancel_io_after: cancel.map(core::time::Duration::from_millis),
+                        clock_jump: jump.map(|(after, by)| ClockJump {
+                            after: core::time::Duration::from_millis(after),
+                            by: core::time::Duration::from_secs(by),
+                        }),
                     }
                 } else {
                     FaultPlan::default()
                 }
             });
-        (connections, faults).prop_map(move |(mut connections, faults)| {
-            // Pids by position, so that they stay unique (and small) as the case shrinks.
-            for (index, c) in connections.iter_mut().enumerate() {
-                c.pid = 101 + index as u64;
-            }
-            Case {
-                schedule_seed: seed,
-                connections,
-                faults,
-            }
-        })
+        let max_delay_ms =
+            u64::try_from(self.generation.max_reply_delay.as_millis()).unwrap_or(u64::MAX);
+        (connections, faults, 0..=max_delay_ms).prop_map(
+            move |(mut connections, mut faults, delay_ms)| {
+                // Pids by position, so that they stay unique (and small) as the case shrinks.
+                for (index, c) in connections.iter_mut().enumerate() {
+                    c.pid = 101 + index as u64;
+                }
+                if !connections.iter().any(|c| c.answer == Answer::Hangup) {
+                    faults.service_restart = None;
+                }
+                Case {
+                    schedule_seed: seed,
+                    connections,
+                    faults,
+                    reply_delay: core::time::Duration::from_millis(delay_ms),
+                }
+            },
+        )
     }
 
     /// Generates the case of `seed`.
@@ -489,18 +703,8 @@ impl<S: Send> Harness<S> {
     ///
     /// When `WFP_SIM_SEED` is set but not a number.
     pub fn check(&self, seeds: core::ops::Range<u64>) -> Result<u64, Box<Counterexample>> {
-        let seeds = match std::env::var(crate::SEED_VARIABLE) {
-            Ok(seed) => {
-                let seed = seed
-                    .trim()
-                    .parse::<u64>()
-                    .unwrap_or_else(|_| panic!("{}={seed:?} is not a seed", crate::SEED_VARIABLE));
-                seed..seed.saturating_add(1)
-            }
-            Err(_) => seeds,
-        };
         let mut cases_run = 0;
-        for seed in seeds {
+        for seed in seeds_to_check(seeds) {
             cases_run += 1;
             let mut tree = self.tree(seed);
             let original = tree.current();
@@ -508,7 +712,9 @@ impl<S: Send> Harness<S> {
                 continue;
             };
             let (minimal, failure, shrink_runs) =
-                self.shrink(&mut tree, original.clone(), failure, seed);
+                shrink(&mut tree, original.clone(), failure, |case, _| {
+                    self.run_case(case, seed)
+                });
             return Err(Box::new(Counterexample {
                 seed,
                 cases_run,
@@ -534,38 +740,155 @@ impl<S: Send> Harness<S> {
         }
     }
 
-    fn shrink(
+    /// [`check`](Self::check), with every case run in a child process (see
+    /// [`run_isolated`](crate::run_isolated)), so that a case that bug-checks — which ends the
+    /// process it runs in, as it stops Windows — is a failure like any other ("no bug check",
+    /// with the stop code, parameters and explanation), shrunk like any other, each candidate in
+    /// a child of its own. `test_name` is the calling test's libtest name (`module::test`,
+    /// without the crate name), which the children re-run.
+    ///
+    /// One child runs the seeds in order until a case fails (about as fast as `check`); only a
+    /// failure costs a child per shrinking run.
+    ///
+    /// # Errors
+    ///
+    /// The first failing case, shrunk.
+    ///
+    /// # Panics
+    ///
+    /// When `WFP_SIM_SEED` is set but not a number, or a child ends in a way it cannot
+    /// (`test_name` is wrong, the harness itself panicked): the message has the child's stderr.
+    pub fn check_isolated(
         &self,
-        tree: &mut impl ValueTree<Value = Case>,
-        mut minimal: Case,
-        mut failure: Failure,
-        seed: u64,
-    ) -> (Case, Failure, u32) {
-        // Proptest's own loop: simplify while the case fails, complicate (step back towards the
-        // last failing value) while it passes.
-        let mut runs = 0;
-        if !tree.simplify() {
-            return (minimal, failure, runs);
+        test_name: &str,
+        seeds: core::ops::Range<u64>,
+    ) -> Result<u64, Box<Counterexample>> {
+        if let Ok(mode) = std::env::var(ISOLATED_RUN_VARIABLE) {
+            // In a child: run what the parent asked for, report it on stderr, and exit.
+            crate::run_isolated_with(test_name, &[], || self.run_in_child(&mode));
         }
-        while runs < MAX_SHRINK_RUNS {
-            runs += 1;
-            let candidate = tree.current();
-            match self.run_case(&candidate, seed) {
-                Err(f) => {
-                    minimal = candidate;
-                    failure = f;
-                    if !tree.simplify() {
-                        break;
-                    }
-                }
-                Ok(()) => {
-                    if !tree.complicate() {
-                        break;
-                    }
-                }
+        let seeds = seeds_to_check(seeds);
+        let first = seeds.start;
+        let scan = self.run_child(test_name, &format!("scan:{}:{}", seeds.start, seeds.end));
+        let Some((seed, failure)) = scan else {
+            return Ok(seeds.end.saturating_sub(seeds.start));
+        };
+        let mut tree = self.tree(seed);
+        let original = tree.current();
+        let (minimal, failure, shrink_runs) =
+            shrink(&mut tree, original.clone(), failure, |_, steps| match self
+                .run_child(test_name, &format!("case:{seed}:{steps}"))
+            {
+                Some((_, failure)) => Err(failure),
+                None => Ok(()),
+            });
+        Err(Box::new(Counterexample {
+            seed,
+            cases_run: seed - first + 1,
+            original,
+            minimal,
+            failure,
+            shrink_runs,
+        }))
+    }
+
+    /// [`check_isolated`](Self::check_isolated), panicking with the counterexample.
+    ///
+    /// # Panics
+    ///
+    /// When a case fails (a bug check included): the message is the [`Counterexample`].
+    #[track_caller]
+    pub fn assert_holds_isolated(&self, test_name: &str, seeds: core::ops::Range<u64>) {
+        if let Err(counterexample) = self.check_isolated(test_name, seeds) {
+            panic!("{counterexample}");
+        }
+    }
+
+    /// Runs a child for `mode`; `Some` with the seed and the failure if a case failed.
+    fn run_child(&self, test_name: &str, mode: &str) -> Option<(u64, Failure)> {
+        let child = crate::run_isolated_with(test_name, &[(ISOLATED_RUN_VARIABLE, mode)], || {});
+        if let Some(stop) = &child.bugcheck {
+            let seed = child
+                .stderr
+                .split(CASE_NOTE_PREFIX)
+                .nth(1)
+                .and_then(|rest| rest.split(' ').next()?.parse::<u64>().ok())
+                .unwrap_or_else(|| {
+                    panic!(
+                        "property harness: a child stopped outside a case\n--- child stderr ---\n{}",
+                        child.stderr
+                    )
+                });
+            let params = stop.params.map(|p| format!("{p:#x}")).join(", ");
+            return Some((
+                seed,
+                Failure {
+                    property: "no bug check".to_owned(),
+                    message: format!(
+                        "{} ({params}): {}; in: {}; at: {}",
+                        stop.code, stop.explanation, stop.routine, stop.location
+                    ),
+                },
+            ));
+        }
+        if let Some(report) = child.stderr.split(CHILD_FAILED).nth(1) {
+            let mut lines = report.lines();
+            let seed = lines.next().and_then(|l| l.trim().parse::<u64>().ok());
+            let property = lines.next().map(ToOwned::to_owned);
+            let message: Vec<&str> = lines
+                .take_while(|l| *l != CHILD_END)
+                .map(|l| l.strip_prefix("| ").unwrap_or(l))
+                .collect();
+            if let (Some(seed), Some(property)) = (seed, property) {
+                return Some((
+                    seed,
+                    Failure {
+                        property,
+                        message: message.join("\n"),
+                    },
+                ));
             }
         }
-        (minimal, failure, runs)
+        assert!(
+            child.completed,
+            "property harness: a child ended without a result (is `{test_name}` the test's \
+             name?)\n--- child stderr ---\n{}",
+            child.stderr
+        );
+        None
+    }
+
+    /// In a child: `scan:<first>:<end>` runs the seeds' cases until one fails;
+    /// `case:<seed>:<steps>` runs the case of `seed` after the shrinking steps (`s` simplify,
+    /// `c` complicate). A failure is written to stderr for [`run_child`](Self::run_child).
+    fn run_in_child(&self, mode: &str) {
+        let fields: Vec<&str> = mode.split(':').collect();
+        let number = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        let (seeds, steps) = match (fields.first(), number(1), number(2)) {
+            (Some(&"scan"), Some(first), Some(end)) => (first..end, None),
+            (Some(&"case"), Some(seed), _) => (seed..seed + 1, fields.get(2).copied()),
+            _ => panic!("property harness: {ISOLATED_RUN_VARIABLE}={mode:?} is not a mode"),
+        };
+        for seed in seeds {
+            let mut tree = self.tree(seed);
+            for step in steps.unwrap_or_default().chars() {
+                let _ = if step == 's' {
+                    tree.simplify()
+                } else {
+                    tree.complicate()
+                };
+            }
+            if let Err(failure) = self.run_case(&tree.current(), seed) {
+                let mut report = format!("{CHILD_FAILED}{seed}\n{}\n", failure.property);
+                for line in failure.message.lines() {
+                    report.push_str("| ");
+                    report.push_str(line);
+                    report.push('\n');
+                }
+                eprintln!("{report}{CHILD_END}");
+                return;
+            }
+        }
     }
 
     /// Runs `case` on a fresh deterministic machine and checks the invariants and the
@@ -581,7 +904,7 @@ impl<S: Send> Harness<S> {
         };
         let machine = Machine::deterministic(case.schedule_seed);
         machine.set_stop_note(Some(format!(
-            "property harness: running the case of seed {seed} (or a case shrunk from it), \
+            "{CASE_NOTE_PREFIX}{seed} (or a case shrunk from it), \
              replayed by WFP_SIM_SEED={seed} with the same test: {case:?}"
         )));
         let driver = machine
@@ -600,10 +923,27 @@ impl<S: Send> Harness<S> {
                 let body = (self.start_service)(machine, case);
                 // Armed once the service has started: the faults are the workload's, not the
                 // test setup's.
-                if let Some(a) = case.faults.allocation_failure {
-                    machine.fail_allocations(a.skip, a.count);
+                if !case.faults.allocation_failures.is_empty() {
+                    let windows: Vec<(u64, u64)> = case
+                        .faults
+                        .allocation_failures
+                        .iter()
+                        .map(|a| (a.skip, a.count))
+                        .collect();
+                    machine.fail_allocations_in(&windows);
                 }
-                let service = machine.spawn(scope, "service", body);
+                let start_service = &*self.start_service;
+                let service = machine.spawn(scope, "service", move || {
+                    let first = body();
+                    let restarted = case.faults.service_restart.map(|after| {
+                        machine.sleep(after);
+                        start_service(machine, case)()
+                    });
+                    (first, restarted)
+                });
+                let timed_faults = (case.faults.cancel_io_after.is_some()
+                    || case.faults.clock_jump.is_some())
+                .then(|| machine.spawn(scope, "faults", move || timed_faults(machine, case)));
                 let unloader = if case.faults.unload_while_connecting {
                     driver
                         .take()
@@ -618,18 +958,32 @@ impl<S: Send> Harness<S> {
                                 .iter()
                                 .enumerate()
                                 .filter(|(_, c)| c.caller == caller)
-                                .map(|(index, c)| (index, machine.connect(&c.connection(), c.irql)))
+                                .map(|(index, c)| {
+                                    if !c.pause.is_zero() {
+                                        machine.sleep(c.pause);
+                                    }
+                                    let connection = c.connection();
+                                    let outcome = machine.connect(&connection, c.irql);
+                                    let packet = outcome
+                                        .flow_handle
+                                        .filter(|_| c.data != Data::None)
+                                        .map(|flow_handle| {
+                                            send_data(machine, c, &connection, flow_handle)
+                                        });
+                                    (index, outcome, packet)
+                                })
                                 .collect::<Vec<_>>()
                         })
                     })
                     .collect();
-                let mut outcomes: Vec<Option<ConnectOutcome>> = vec![None; case.connections.len()];
+                let mut outcomes: Vec<Option<(ConnectOutcome, Option<PacketOutcome>)>> =
+                    vec![None; case.connections.len()];
                 let mut callers_panicked = false;
                 for caller in running {
                     match caller.join() {
                         Ok(done) => {
-                            for (index, outcome) in done {
-                                outcomes[index] = Some(outcome);
+                            for (index, outcome, packet) in done {
+                                outcomes[index] = Some((outcome, packet));
                             }
                         }
                         Err(_) => callers_panicked = true,
@@ -645,7 +999,14 @@ impl<S: Send> Harness<S> {
                     (None, None) => Ok(()),
                 };
                 let service = service.join();
-                (outcomes, callers_panicked, still_pended, unloaded, service)
+                let faults_panicked = timed_faults.is_some_and(|f| f.join().is_err());
+                (
+                    outcomes,
+                    callers_panicked || faults_panicked,
+                    still_pended,
+                    unloaded,
+                    service,
+                )
             });
         machine.fail_allocations(0, 0);
         if callers_panicked {
@@ -655,7 +1016,7 @@ impl<S: Send> Harness<S> {
             ));
         }
         unloaded.map_err(|e| fail("the driver unloads", e))?;
-        let service =
+        let (service, restarted_service) =
             service.map_err(|_| fail("the service returns", "the service panicked".to_owned()))?;
         if still_pended != 0 {
             return Err(fail(
@@ -665,7 +1026,7 @@ impl<S: Send> Harness<S> {
                 ),
             ));
         }
-        let outcomes: Vec<(ConnectionCase, ConnectOutcome)> = case
+        let outcomes: Vec<(ConnectionCase, (ConnectOutcome, Option<PacketOutcome>))> = case
             .connections
             .iter()
             .cloned()
@@ -678,6 +1039,12 @@ impl<S: Send> Harness<S> {
                     "a connection has no outcome".to_owned(),
                 )
             })?;
+        let packets = outcomes
+            .iter()
+            .filter_map(|(c, (_, packet))| packet.map(|p| (c.clone(), p)))
+            .collect();
+        let outcomes: Vec<(ConnectionCase, ConnectOutcome)> =
+            outcomes.into_iter().map(|(c, (o, _))| (c, o)).collect();
         for (c, outcome) in &outcomes {
             decided_once(outcome).map_err(|m| {
                 fail(
@@ -710,7 +1077,9 @@ impl<S: Send> Harness<S> {
         let run = Run {
             case: case.clone(),
             outcomes,
+            packets,
             service,
+            restarted_service,
             debug_output: machine.debug_output(),
         };
         for (name, property) in &self.properties {
@@ -719,6 +1088,47 @@ impl<S: Send> Harness<S> {
             held.map_err(|m| fail(name, m))?;
         }
         Ok(())
+    }
+}
+
+/// The faults that come at a time ([`FaultPlan::cancel_io_after`], [`FaultPlan::clock_jump`]),
+/// in the order of their times, from a context of their own.
+fn timed_faults(machine: &Machine, case: &Case) {
+    let cancel = case.faults.cancel_io_after.map(|at| (at, None));
+    let jump = case.faults.clock_jump.map(|j| (j.after, Some(j.by)));
+    let mut events: Vec<_> = cancel.into_iter().chain(jump).collect();
+    events.sort();
+    let mut now = core::time::Duration::ZERO;
+    for (at, jump_by) in events {
+        if at > now {
+            machine.sleep(at - now);
+            now = at;
+        }
+        match jump_by {
+            Some(by) => machine.advance_clock(by),
+            None => {
+                machine.cancel_io_requests();
+            }
+        }
+    }
+}
+
+/// An established connection's data ([`ConnectionCase::data`]), after another provider's policy
+/// change if the case says so.
+fn send_data(
+    machine: &Machine,
+    c: &ConnectionCase,
+    connection: &Connection,
+    flow_handle: u64,
+) -> PacketOutcome {
+    if c.data == Data::AfterPolicyChange {
+        machine.another_provider_changes_policy();
+    }
+    let decision = machine.packet(connection, flow_handle, connection.direction);
+    PacketOutcome {
+        flow_handle,
+        decision,
+        cut: machine.is_flow_cut(flow_handle),
     }
 }
 

@@ -8,9 +8,9 @@
 //! then classifies the connection again (a *reauthorization*, where pending is refused), and the
 //! callout answers from the verdict it recorded: [`VerdictTable`] does that bookkeeping.
 //!
-//! ALE_CONNECT_REDIRECT and ALE_ENDPOINT_CLOSURE have no completion handle; there a callout
-//! pends by classify handle with [`Classify::pend_decision`], and the completion carries the
-//! final decision ([`PendedDecision::complete`]) or asks for a reauthorization.
+//! ALE_CONNECT_REDIRECT, ALE_BIND_REDIRECT and ALE_ENDPOINT_CLOSURE have no completion handle;
+//! there a callout pends by classify handle with [`Classify::pend_decision`], and the completion
+//! carries the final decision ([`PendedDecision::complete`]) or asks for a reauthorization.
 //!
 //! ```
 //! use wfp_rs::callout::{Callout, Classify};
@@ -80,7 +80,7 @@ impl From<PendError> for Status {
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot pend with a completion handle",
     label = "`pend` is only for ALE_AUTH_CONNECT and ALE_AUTH_RECV_ACCEPT",
-    note = "at ALE_CONNECT_REDIRECT and ALE_ENDPOINT_CLOSURE, use `Classify::pend_decision` (classify handle); elsewhere decide inline, or keep per-flow state and decide on a later packet"
+    note = "at ALE_CONNECT_REDIRECT, ALE_BIND_REDIRECT and ALE_ENDPOINT_CLOSURE, use `Classify::pend_decision` (classify handle); elsewhere decide inline, or keep per-flow state and decide on a later packet"
 )]
 pub trait PendableByCompletionHandle: Layer + sealed::Sealed {}
 
@@ -185,12 +185,12 @@ impl fmt::Debug for PendedClassify {
 }
 
 /// Layers whose classifications are pended by *classify handle* (`FwpsAcquireClassifyHandle0` +
-/// `FwpsPendClassify0`) instead of a completion handle: ALE_CONNECT_REDIRECT and
-/// ALE_ENDPOINT_CLOSURE. Only these have [`Classify::pend_decision`]; elsewhere it does not
+/// `FwpsPendClassify0`) instead of a completion handle: ALE_CONNECT_REDIRECT, ALE_BIND_REDIRECT
+/// and ALE_ENDPOINT_CLOSURE. Only these have [`Classify::pend_decision`]; elsewhere it does not
 /// compile.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` does not pend by classify handle",
-    label = "`pend_decision` is only for ALE_CONNECT_REDIRECT and ALE_ENDPOINT_CLOSURE",
+    label = "`pend_decision` is only for ALE_CONNECT_REDIRECT, ALE_BIND_REDIRECT and ALE_ENDPOINT_CLOSURE",
     note = "at ALE_AUTH_CONNECT and ALE_AUTH_RECV_ACCEPT, use `Classify::pend` (completion handle) and answer the reauthorization"
 )]
 pub trait PendableByClassifyHandle: Layer + sealed::Sealed {}
@@ -209,6 +209,8 @@ macro_rules! pendable_by_classify_handle {
 pendable_by_classify_handle!(
     AleConnectRedirectV4,
     AleConnectRedirectV6,
+    AleBindRedirectV4,
+    AleBindRedirectV6,
     AleEndpointClosureV4,
     AleEndpointClosureV6,
 );

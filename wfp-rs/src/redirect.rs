@@ -1,4 +1,5 @@
-//! Redirecting a connection: the writable connect request of ALE_CONNECT_REDIRECT.
+//! Redirecting a connection: the writable connect request of ALE_CONNECT_REDIRECT, and the
+//! writable bind request of ALE_BIND_REDIRECT (see [Redirecting a bind](#redirecting-a-bind)).
 //!
 //! At ALE_CONNECT_REDIRECT_V4/V6 `layerData` is an `FWPS_CONNECT_REQUEST0`: the connection's
 //! local and remote address and port. A callout changes where the connection goes by taking a
@@ -46,7 +47,7 @@
 //! [`permit`](crate::classify::ClassifyOut::permit)).
 //!
 //! Not offered yet: the redirect context (`localRedirectContext`, pool WFP takes ownership of
-//! and frees when the proxied flow goes away) and ALE_BIND_REDIRECT's `FWPS_BIND_REQUEST0`.
+//! and frees when the proxied flow goes away).
 //!
 //! ```
 //! use core::net::SocketAddr;
@@ -64,6 +65,41 @@
 //!             // Our own redirect coming back (or the proxy's connection): leave it alone.
 //!             if !request.redirected_by_this_filter() && request.remote() != Some(self.proxy) {
 //!                 let _ = request.set_remote(self.proxy);
+//!             }
+//!             request.apply(irql);
+//!         }
+//!         let _ = c.out.permit();
+//!     }
+//! }
+//! ```
+//!
+//! # Redirecting a bind
+//!
+//! At ALE_BIND_REDIRECT_V4/V6 `layerData` is an `FWPS_BIND_REQUEST0`: the local address and
+//! port a socket is binding to, and the port reservation token. The same acquire/apply rules
+//! hold; [`Classify::bind_request`] returns a [`WritableBindRequest`], whose local address and
+//! port ([`set_local`](WritableBindRequest::set_local)) and reservation token are the only
+//! things the `FWPS_BIND_REQUEST0` page lets a callout change. A change there affects every
+//! connection that uses the socket ("Using Bind or Connect Redirection"); a change of the local
+//! endpoint at ALE_CONNECT_REDIRECT is not supported by Windows, which is why
+//! [`WritableConnectRequest`] has no `set_local`.
+//!
+//! ```
+//! use core::net::{Ipv4Addr, SocketAddr};
+//! use wfp_rs::callout::{Callout, Classify};
+//! use wfp_rs::irql::DispatchLevel;
+//! use wfp_rs::layer::AleBindRedirectV4;
+//!
+//! /// Binds every IPv4 socket to one source address, keeping its port.
+//! struct SourceAddress(Ipv4Addr);
+//!
+//! impl Callout<AleBindRedirectV4> for SourceAddress {
+//!     fn classify(&self, irql: &mut DispatchLevel<'_>, c: &mut Classify<'_, AleBindRedirectV4>) {
+//!         if let Ok(mut request) = c.bind_request(irql) {
+//!             if let Some(local) = request.local()
+//!                 && !request.redirected_by_this_filter()
+//!             {
+//!                 let _ = request.set_local(SocketAddr::new(self.0.into(), local.port()));
 //!             }
 //!             request.apply(irql);
 //!         }
@@ -105,11 +141,11 @@ impl ConnectRedirectLayer for crate::layer::AleConnectRedirectV4 {}
 impl sealed::Sealed for crate::layer::AleConnectRedirectV6 {}
 impl ConnectRedirectLayer for crate::layer::AleConnectRedirectV6 {}
 
-/// Why a connect request could not be acquired or changed. Nothing was changed.
+/// Why a connect or bind request could not be acquired or changed. Nothing was changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RedirectError {
     /// The callout does not have the write right: a higher-priority filter decided.
-    #[error("a higher-priority filter made a hard decision; the connection cannot be redirected")]
+    #[error("a higher-priority filter made a hard decision; nothing can be redirected")]
     NoWriteRight,
     /// The engine handed no classify context.
     #[error("this classification has no classify context")]
@@ -117,8 +153,9 @@ pub enum RedirectError {
     /// `FwpsAcquireClassifyHandle0` or `FwpsAcquireWritableLayerDataPointer0` failed.
     #[error("the filter engine refused: {0}")]
     Refused(Status),
-    /// The new remote address is not of the connection's IP version.
-    #[error("the new remote address is not of the connection's IP version")]
+    /// The new address is not of the IP version of the connection (or, for a bind, of the
+    /// layer).
+    #[error("the new address is not of the connection's IP version")]
     WrongIpVersion,
     /// A loopback address given to [`WritableConnectRequest::set_remote`]: a redirect to a
     /// local proxy needs the redirect handle and the proxy's process id, which
@@ -160,29 +197,10 @@ impl<L: Layer, F: 'static> Classify<'_, L, F> {
     where
         L: ConnectRedirectLayer,
     {
-        crate::irql::verify(irql);
-        if !self.out.can_write() {
-            return Err(RedirectError::NoWriteRight);
-        }
-        if self.classify_context.is_null() {
-            return Err(RedirectError::NoClassifyContext);
-        }
-        let mut handle: u64 = 0;
-        // SAFETY: the classify context is the engine's for this classification, in progress
-        // (we are in classifyFn: `self` is borrowed from the trampoline); IRQL <= DISPATCH_LEVEL.
-        let status = unsafe {
-            sys::FwpsAcquireClassifyHandle0(self.classify_context.cast_mut(), 0, &mut handle)
-        };
-        Status::from_ntstatus(status).map_err(RedirectError::Refused)?;
-        let filter_id = self.filter.id();
-        let out = self.out.raw();
-        let acquired = WritableConnectRequest::acquire(handle, filter_id, out, Origin::Inline);
-        if acquired.is_err() {
-            // SAFETY: acquired above, nothing acquired with it (the acquire failed), released
-            // once.
-            unsafe { sys::FwpsReleaseClassifyHandle0(handle) };
-        }
-        acquired
+        // SAFETY: `layerData` at ALE_CONNECT_REDIRECT (the `L` bound) is an
+        // FWPS_CONNECT_REQUEST0.
+        let data = unsafe { self.acquire_writable::<sys::FWPS_CONNECT_REQUEST0>(irql) }?;
+        Ok(WritableConnectRequest { data })
     }
 
     /// Whether this connection was redirected, and by whom, relative to `handle`
@@ -235,79 +253,19 @@ impl<L: Layer, F: 'static> Classify<'_, L, F> {
     }
 }
 
-/// Where a writable connect request was acquired, which decides what its apply does with the
-/// classify handle.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Origin {
-    /// In classifyFn: the request owns the classify handle and releases it after the apply.
-    Inline,
-    /// From a [`PendedRedirect`], which owns the handle and releases it after the completion.
-    Pended,
-}
-
 /// The writable copy of a connection's connect request, from [`Classify::connect_request`] or
 /// [`PendedRedirect::connect_request`]. Apply it once with [`apply`](Self::apply); dropping it
 /// restores and applies what it held (the connection continues unchanged). Acquired in
 /// classifyFn, the classify handle is released with the apply.
 #[must_use = "dropping the request discards the changes; call `apply` to redirect"]
 pub struct WritableConnectRequest<'a> {
-    handle: u64,
-    filter_id: u64,
-    request: NonNull<sys::FWPS_CONNECT_REQUEST0>,
-    /// What the copy held when acquired, restored if it is dropped un-applied.
-    original: sys::FWPS_CONNECT_REQUEST0,
-    out: NonNull<sys::FWPS_CLASSIFY_OUT0>,
-    action_before: u32,
-    rights_before: u32,
-    origin: Origin,
-    /// Applied (by `apply`, or by `drop`).
-    released: bool,
-    /// Borrows the classification or the pend (and its classify-out) mutably, and the redirect
-    /// handle a local redirect names; not `Send`.
-    _classification: PhantomData<&'a mut sys::FWPS_CLASSIFY_OUT0>,
+    /// Borrows the classification or the pend, and the redirect handle a local redirect names.
+    data: WritableLayerData<'a, sys::FWPS_CONNECT_REQUEST0>,
 }
 
 impl<'a> WritableConnectRequest<'a> {
-    /// `FwpsAcquireWritableLayerDataPointer0` with `handle`, acquired for a connect-redirect
-    /// classification; on failure the caller still owns the handle.
-    fn acquire(
-        handle: u64,
-        filter_id: u64,
-        out: &'a mut sys::FWPS_CLASSIFY_OUT0,
-        origin: Origin,
-    ) -> Result<Self, RedirectError> {
-        let (action_before, rights_before) = (out.actionType, out.rights);
-        let mut data: sys::PVOID = core::ptr::null_mut();
-        // SAFETY: the handle is acquired for a classification at ALE_CONNECT_REDIRECT (in
-        // progress, or pended and not completed); `out` is its classify-out or the pend's deep
-        // copy of it; `data` is writable.
-        let status = unsafe {
-            sys::FwpsAcquireWritableLayerDataPointer0(handle, filter_id, 0, &mut data, out)
-        };
-        Status::from_ntstatus(status).map_err(RedirectError::Refused)?;
-        // INFERRED: success without data does not happen.
-        let request = NonNull::new(data.cast::<sys::FWPS_CONNECT_REQUEST0>())
-            .ok_or(RedirectError::Refused(Status::FWP_NULL_POINTER))?;
-        // SAFETY: the engine returned a valid, writable FWPS_CONNECT_REQUEST0 for this
-        // classification (ALE_CONNECT_REDIRECT, checked by the callers' bounds).
-        let original = unsafe { request.as_ptr().read() };
-        Ok(WritableConnectRequest {
-            handle,
-            filter_id,
-            request,
-            original,
-            out: NonNull::from(out),
-            action_before,
-            rights_before,
-            origin,
-            released: false,
-            _classification: PhantomData,
-        })
-    }
-
     fn data(&self) -> &sys::FWPS_CONNECT_REQUEST0 {
-        // SAFETY: the engine's writable copy, valid until it is applied (which consumes `self`).
-        unsafe { self.request.as_ref() }
+        self.data.get()
     }
 
     /// The remote address and port the connection goes to (`remoteAddressAndPort`); `None` for
@@ -353,9 +311,7 @@ impl<'a> WritableConnectRequest<'a> {
             return Err(RedirectError::NoTargetProcess);
         }
         self.write_remote(proxy)?;
-        // SAFETY: the engine's writable copy; `self` is borrowed mutably, so no reference
-        // from `data()` is alive.
-        let request = unsafe { &mut *self.request.as_ptr() };
+        let request = self.data.get_mut();
         request.localRedirectTargetPID = target_pid;
         request.localRedirectHandle = handle.raw();
         Ok(())
@@ -370,36 +326,28 @@ impl<'a> WritableConnectRequest<'a> {
         if !same_version {
             return Err(RedirectError::WrongIpVersion);
         }
-        let storage = storage_from_socket_address(remote);
-        // SAFETY: the engine's writable copy; `self` is borrowed mutably, so no reference
-        // from `data()` is alive.
-        unsafe { (*self.request.as_ptr()).remoteAddressAndPort = storage };
+        self.data.get_mut().remoteAddressAndPort = storage_from_socket_address(remote);
         Ok(())
     }
 
     /// The filter ids of the earlier modifications, newest first (the `modifierFilterId` of
     /// each `previousVersion`). Empty if no filter has changed the request.
     pub fn previous_modifiers(&self) -> PreviousModifiers<'_> {
-        PreviousModifiers {
-            next: self.data().previousVersion,
-            remaining: MAX_HISTORY,
-            _request: PhantomData,
-        }
+        self.data.previous_modifiers()
     }
 
     /// Whether the filter that called this callout changed the request before: the connection
     /// was redirected by this callout already (redirect it again and it loops).
     pub fn redirected_by_this_filter(&self) -> bool {
-        self.previous_modifiers().any(|id| id == self.filter_id)
+        self.data.redirected_by_this_filter()
     }
 
     /// Hands the copy back to the engine (`FwpsApplyModifiedLayerData0`), so the connection
     /// continues to the addresses it holds; acquired in classifyFn, the classify handle is
     /// released. The classify-out's action and rights are put back as they were before the
     /// acquire.
-    pub fn apply(mut self, irql: &impl AtMostDispatch) {
-        crate::irql::verify(irql);
-        self.apply_and_release(0);
+    pub fn apply(self, irql: &impl AtMostDispatch) {
+        self.data.apply(irql);
     }
 
     /// [`apply`](Self::apply) with `FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS`, for a
@@ -407,51 +355,29 @@ impl<'a> WritableConnectRequest<'a> {
     /// to be reauthorized if another callout changes the request further. Acquired in
     /// classifyFn, the flag is not passed (the header allows it after a pended classify only).
     /// (The simulator does not act on the flag.)
-    pub fn apply_reauthorize_if_modified_by_others(mut self, irql: &impl AtMostDispatch) {
-        crate::irql::verify(irql);
-        let flags = match self.origin {
+    pub fn apply_reauthorize_if_modified_by_others(self, irql: &impl AtMostDispatch) {
+        let flags = match self.data.origin {
             Origin::Pended => sys::FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS,
             Origin::Inline => 0,
         };
-        self.apply_and_release(flags);
+        self.data.apply_with_flags(irql, flags);
     }
 
     /// Discards the changes: the copy gets back what it held when acquired and is applied
     /// unchanged (the documentation requires an apply for every acquire); acquired in
     /// classifyFn, the classify handle is released. Dropping the request does the same.
     pub fn discard(self, irql: &impl AtMostDispatch) {
-        crate::irql::verify(irql);
-        drop(self);
-    }
-
-    fn apply_and_release(&mut self, flags: u32) {
-        if self.released {
-            return;
-        }
-        self.released = true;
-        // SAFETY: the copy the engine handed out with this handle, applied once (`released`
-        // guards it); IRQL <= DISPATCH_LEVEL.
-        unsafe {
-            sys::FwpsApplyModifiedLayerData0(self.handle, self.request.as_ptr().cast(), flags);
-        }
-        // SAFETY: the classify-out of the classification (or the pend's copy) `self` borrows.
-        let out = unsafe { self.out.as_mut() };
-        out.actionType = self.action_before;
-        out.rights = self.rights_before;
-        if self.origin == Origin::Inline {
-            // SAFETY: acquired in `connect_request`, released once, after its apply.
-            unsafe { sys::FwpsReleaseClassifyHandle0(self.handle) };
-        }
+        self.data.discard(irql);
     }
 }
 
-impl Drop for WritableConnectRequest<'_> {
-    fn drop(&mut self) {
-        if !self.released {
-            // SAFETY: the engine's writable copy, not applied yet; `self` is borrowed mutably.
-            unsafe { self.request.as_ptr().write(self.original) };
-            self.apply_and_release(0);
-        }
+impl fmt::Debug for WritableConnectRequest<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WritableConnectRequest")
+            .field("local", &self.local())
+            .field("remote", &self.remote())
+            .field("filter_id", &self.data.filter_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -484,7 +410,12 @@ impl PendedRedirect {
             .ok_or(RedirectError::NoClassifyContext)?;
         let filter_id = self.filter_id;
         let out = self.decision.classify_out_mut();
-        WritableConnectRequest::acquire(handle, filter_id, out, Origin::Pended)
+        // SAFETY: the handle pended a classification at ALE_CONNECT_REDIRECT (only
+        // `Classify::pend_redirect` makes a `PendedRedirect`), not completed yet (`self` is
+        // borrowed); `out` is the pend's copy of its classify-out; `layerData` there is an
+        // FWPS_CONNECT_REQUEST0.
+        let data = unsafe { WritableLayerData::acquire(handle, filter_id, out, Origin::Pended) }?;
+        Ok(WritableConnectRequest { data })
     }
 
     /// Completes the pend with `action` as the final decision, as
@@ -615,28 +546,19 @@ impl RedirectState {
     }
 }
 
-impl fmt::Debug for WritableConnectRequest<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WritableConnectRequest")
-            .field("local", &self.local())
-            .field("remote", &self.remote())
-            .field("filter_id", &self.filter_id)
-            .finish_non_exhaustive()
-    }
-}
-
 /// At most this many versions of history are read: a longer chain is taken to be a cycle.
 const MAX_HISTORY: usize = 64;
 
-/// The earlier modifiers of a connect request: see
-/// [`WritableConnectRequest::previous_modifiers`].
-pub struct PreviousModifiers<'r> {
-    next: *mut sys::FWPS_CONNECT_REQUEST0,
+/// The earlier modifiers of a connect request (`R` = `FWPS_CONNECT_REQUEST0`) or a bind request
+/// (`FWPS_BIND_REQUEST0`): see [`WritableConnectRequest::previous_modifiers`] and
+/// [`WritableBindRequest::previous_modifiers`].
+pub struct PreviousModifiers<'r, R = sys::FWPS_CONNECT_REQUEST0> {
+    next: *mut R,
     remaining: usize,
-    _request: PhantomData<&'r sys::FWPS_CONNECT_REQUEST0>,
+    _request: PhantomData<&'r R>,
 }
 
-impl Iterator for PreviousModifiers<'_> {
+impl<R: history::Versioned> Iterator for PreviousModifiers<'_, R> {
     type Item = u64;
 
     fn next(&mut self) -> Option<u64> {
@@ -647,12 +569,12 @@ impl Iterator for PreviousModifiers<'_> {
         // SAFETY: `previousVersion` links are the engine's read-only history, valid while the
         // writable copy they hang from is (borrowed for 'r); null ends the chain.
         let version = unsafe { self.next.as_ref() }?;
-        self.next = version.previousVersion;
-        Some(version.modifierFilterId)
+        self.next = version.previous_version();
+        Some(version.modifier_filter_id())
     }
 }
 
-impl fmt::Debug for PreviousModifiers<'_> {
+impl<R> fmt::Debug for PreviousModifiers<'_, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PreviousModifiers").finish_non_exhaustive()
     }
@@ -734,6 +656,333 @@ pub fn storage_from_socket_address(address: SocketAddr) -> sys::SOCKADDR_STORAGE
     };
     b[0..2].copy_from_slice(&family.to_ne_bytes());
     storage_from_bytes(&b)
+}
+
+// --- Redirecting a bind, and the acquire/apply plumbing both requests share ------------------
+
+/// The layers whose `layerData` is a bind request (`FWPS_BIND_REQUEST0`):
+/// ALE_BIND_REDIRECT_V4 and ALE_BIND_REDIRECT_V6. Only these have [`Classify::bind_request`];
+/// elsewhere it does not compile.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` has no bind request to redirect",
+    label = "`bind_request` is only for ALE_BIND_REDIRECT_V4 and ALE_BIND_REDIRECT_V6",
+    note = "register the callout at ALE_BIND_REDIRECT to change the local address or port a socket binds to"
+)]
+pub trait BindRedirectLayer: Layer + bind_sealed::Sealed {}
+
+mod bind_sealed {
+    pub trait Sealed {}
+}
+
+impl bind_sealed::Sealed for crate::layer::AleBindRedirectV4 {}
+impl BindRedirectLayer for crate::layer::AleBindRedirectV4 {}
+impl bind_sealed::Sealed for crate::layer::AleBindRedirectV6 {}
+impl BindRedirectLayer for crate::layer::AleBindRedirectV6 {}
+
+impl<L: Layer, F: 'static> Classify<'_, L, F> {
+    /// Acquires the writable copy of this socket's bind request (`FwpsAcquireClassifyHandle0`,
+    /// then `FwpsAcquireWritableLayerDataPointer0`). Apply it with
+    /// [`WritableBindRequest::apply`]; dropping it discards the changes. See
+    /// [Redirecting a bind](crate::redirect#redirecting-a-bind).
+    ///
+    /// Refused with [`RedirectError::NoWriteRight`] when a higher-priority filter decided.
+    pub fn bind_request(
+        &mut self,
+        irql: &impl AtMostDispatch,
+    ) -> Result<WritableBindRequest<'_>, RedirectError>
+    where
+        L: BindRedirectLayer,
+    {
+        let ipv4 = L::ID == crate::layer::AleBindRedirectV4::ID;
+        // SAFETY: `layerData` at ALE_BIND_REDIRECT (the `L` bound) is an FWPS_BIND_REQUEST0.
+        let data = unsafe { self.acquire_writable::<sys::FWPS_BIND_REQUEST0>(irql) }?;
+        Ok(WritableBindRequest { data, ipv4 })
+    }
+
+    /// `FwpsAcquireClassifyHandle0` + `FwpsAcquireWritableLayerDataPointer0`: the writable copy
+    /// of this classification's layer data, which must be a `T`.
+    ///
+    /// # Safety
+    ///
+    /// `T` is the type of `layerData` at layer `L`.
+    unsafe fn acquire_writable<T: Copy>(
+        &mut self,
+        irql: &impl AtMostDispatch,
+    ) -> Result<WritableLayerData<'_, T>, RedirectError> {
+        crate::irql::verify(irql);
+        if !self.out.can_write() {
+            return Err(RedirectError::NoWriteRight);
+        }
+        if self.classify_context.is_null() {
+            return Err(RedirectError::NoClassifyContext);
+        }
+        let mut handle: u64 = 0;
+        // SAFETY: the classify context is the engine's for this classification, in progress
+        // (we are in classifyFn: `self` is borrowed from the trampoline); IRQL <= DISPATCH_LEVEL.
+        let status = unsafe {
+            sys::FwpsAcquireClassifyHandle0(self.classify_context.cast_mut(), 0, &mut handle)
+        };
+        Status::from_ntstatus(status).map_err(RedirectError::Refused)?;
+        let filter_id = self.filter.id();
+        let out = self.out.raw();
+        // SAFETY: the handle was just acquired for this classification, in progress; `out` is
+        // its classify-out; `T` is its layer data's type (this function's contract).
+        let acquired = unsafe { WritableLayerData::acquire(handle, filter_id, out, Origin::Inline) };
+        if acquired.is_err() {
+            // SAFETY: acquired above, nothing acquired with it (the acquire failed), released
+            // once.
+            unsafe { sys::FwpsReleaseClassifyHandle0(handle) };
+        }
+        acquired
+    }
+}
+
+/// Where a writable copy was acquired, which decides whether its apply releases the classify
+/// handle.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// In classifyFn: the copy owns the classify handle and releases it after the apply.
+    Inline,
+    /// From a [`PendedRedirect`], which owns the handle and releases it after the completion.
+    Pended,
+}
+
+/// The engine's writable copy of a classification's layer data (a `T`), and what handing it
+/// back takes. Applied once, by [`apply`](Self::apply) or, with what it held when acquired, on
+/// drop; either way the classify-out's action and rights are put back as they were before the
+/// acquire, and a copy acquired in classifyFn ([`Origin::Inline`]) releases the classify
+/// handle.
+struct WritableLayerData<'a, T: Copy> {
+    handle: u64,
+    filter_id: u64,
+    writable: NonNull<T>,
+    /// What the copy held when acquired, restored if it is dropped un-applied.
+    original: T,
+    out: NonNull<sys::FWPS_CLASSIFY_OUT0>,
+    action_before: u32,
+    rights_before: u32,
+    origin: Origin,
+    /// Applied (by `apply`, or by `drop`), and released if the copy owns the handle.
+    released: bool,
+    /// Borrows the classification or the pend (and its classify-out) mutably, and whatever the
+    /// copy points into (a connect request's redirect handle); not `Send`.
+    _classification: PhantomData<&'a mut sys::FWPS_CLASSIFY_OUT0>,
+}
+
+impl<'a, T: Copy> WritableLayerData<'a, T> {
+    /// `FwpsAcquireWritableLayerDataPointer0` with `handle`; on failure the caller still owns
+    /// the handle.
+    ///
+    /// # Safety
+    ///
+    /// `handle` is a classify handle of a classification in progress, or pended and not
+    /// completed, whose `layerData` is a `T`; `out` is its classify-out (or the pend's copy of
+    /// it).
+    unsafe fn acquire(
+        handle: u64,
+        filter_id: u64,
+        out: &'a mut sys::FWPS_CLASSIFY_OUT0,
+        origin: Origin,
+    ) -> Result<Self, RedirectError> {
+        let (action_before, rights_before) = (out.actionType, out.rights);
+        let mut data: sys::PVOID = core::ptr::null_mut();
+        // SAFETY: by this function's contract; `data` is writable.
+        let status = unsafe {
+            sys::FwpsAcquireWritableLayerDataPointer0(handle, filter_id, 0, &mut data, out)
+        };
+        Status::from_ntstatus(status).map_err(RedirectError::Refused)?;
+        // INFERRED: success without data does not happen.
+        let writable = NonNull::new(data.cast::<T>())
+            .ok_or(RedirectError::Refused(Status::FWP_NULL_POINTER))?;
+        // SAFETY: the engine returned a valid, writable copy of the layer data, a `T` by this
+        // function's contract.
+        let original = unsafe { writable.as_ptr().read() };
+        Ok(WritableLayerData {
+            handle,
+            filter_id,
+            writable,
+            original,
+            out: NonNull::from(out),
+            action_before,
+            rights_before,
+            origin,
+            released: false,
+            _classification: PhantomData,
+        })
+    }
+
+    fn get(&self) -> &T {
+        // SAFETY: the engine's writable copy, valid until it is applied (which consumes `self`).
+        unsafe { self.writable.as_ref() }
+    }
+
+    fn get_mut(&mut self) -> &mut T {
+        // SAFETY: the engine's writable copy, valid until applied; `self` is borrowed mutably,
+        // so no reference from `get` is alive.
+        unsafe { self.writable.as_mut() }
+    }
+
+    fn apply(self, irql: &impl AtMostDispatch) {
+        self.apply_with_flags(irql, 0);
+    }
+
+    /// Applies with `flags` for `FwpsApplyModifiedLayerData0`.
+    fn apply_with_flags(mut self, irql: &impl AtMostDispatch, flags: u32) {
+        crate::irql::verify(irql);
+        self.apply_and_release(flags);
+    }
+
+    fn discard(self, irql: &impl AtMostDispatch) {
+        crate::irql::verify(irql);
+        drop(self);
+    }
+
+    fn apply_and_release(&mut self, flags: u32) {
+        if self.released {
+            return;
+        }
+        self.released = true;
+        // SAFETY: the copy the engine handed out with this handle, applied once (`released`
+        // guards it); IRQL <= DISPATCH_LEVEL.
+        unsafe {
+            sys::FwpsApplyModifiedLayerData0(self.handle, self.writable.as_ptr().cast(), flags);
+        }
+        // SAFETY: the classify-out of the classification (or the pend's copy) `self` borrows.
+        let out = unsafe { self.out.as_mut() };
+        out.actionType = self.action_before;
+        out.rights = self.rights_before;
+        if self.origin == Origin::Inline {
+            // SAFETY: acquired in `acquire_writable`, released once, after its apply.
+            unsafe { sys::FwpsReleaseClassifyHandle0(self.handle) };
+        }
+    }
+}
+
+impl<T: Copy + history::Versioned> WritableLayerData<'_, T> {
+    fn previous_modifiers(&self) -> PreviousModifiers<'_, T> {
+        PreviousModifiers {
+            next: self.get().previous_version(),
+            remaining: MAX_HISTORY,
+            _request: PhantomData,
+        }
+    }
+
+    fn redirected_by_this_filter(&self) -> bool {
+        self.previous_modifiers().any(|id| id == self.filter_id)
+    }
+}
+
+impl<T: Copy> Drop for WritableLayerData<'_, T> {
+    fn drop(&mut self) {
+        if !self.released {
+            *self.get_mut() = self.original;
+            self.apply_and_release(0);
+        }
+    }
+}
+
+/// The writable copy of a socket's bind request, from [`Classify::bind_request`]. Apply it once
+/// with [`apply`](Self::apply); dropping it restores and applies what it held (the socket binds
+/// where it was binding). Either way the classify handle is released.
+#[must_use = "dropping the request discards the changes; call `apply` to redirect"]
+pub struct WritableBindRequest<'a> {
+    data: WritableLayerData<'a, sys::FWPS_BIND_REQUEST0>,
+    /// Whether the layer is ALE_BIND_REDIRECT_V4 (otherwise V6).
+    ipv4: bool,
+}
+
+impl WritableBindRequest<'_> {
+    /// The local address and port the socket binds to (`localAddressAndPort`); `None` for an
+    /// address family other than IPv4 or IPv6. A port of 0 asks the stack to pick one.
+    pub fn local(&self) -> Option<SocketAddr> {
+        socket_address_from_storage(&self.data.get().localAddressAndPort)
+    }
+
+    /// Binds the socket to `local` instead (address and port). It must be of the layer's IP
+    /// version (IPv4 at ALE_BIND_REDIRECT_V4, IPv6 at V6), or
+    /// [`RedirectError::WrongIpVersion`] and nothing changes.
+    pub fn set_local(&mut self, local: SocketAddr) -> Result<(), RedirectError> {
+        if local.is_ipv4() != self.ipv4 {
+            return Err(RedirectError::WrongIpVersion);
+        }
+        self.data.get_mut().localAddressAndPort = storage_from_socket_address(local);
+        Ok(())
+    }
+
+    /// The port reservation token (`portReservationToken`): 0, or the token of a port reserved
+    /// with `CreatePersistentTcpPortReservation`/`CreatePersistentUdpPortReservation`.
+    pub fn port_reservation_token(&self) -> u64 {
+        self.data.get().portReservationToken
+    }
+
+    /// Binds the socket through the port reservation `token` (0 for none).
+    pub fn set_port_reservation_token(&mut self, token: u64) {
+        self.data.get_mut().portReservationToken = token;
+    }
+
+    /// The filter ids of the earlier modifications, newest first (the `modifierFilterId` of
+    /// each `previousVersion`). Empty if no filter has changed the request.
+    pub fn previous_modifiers(&self) -> PreviousModifiers<'_, sys::FWPS_BIND_REQUEST0> {
+        self.data.previous_modifiers()
+    }
+
+    /// Whether the filter that called this callout changed the request before: the bind was
+    /// redirected by this callout already.
+    pub fn redirected_by_this_filter(&self) -> bool {
+        self.data.redirected_by_this_filter()
+    }
+
+    /// Hands the copy back to the engine (`FwpsApplyModifiedLayerData0`), so the socket binds to
+    /// the address and port it holds, and releases the classify handle. The classify-out's
+    /// action and rights are put back as they were before the acquire.
+    pub fn apply(self, irql: &impl AtMostDispatch) {
+        self.data.apply(irql);
+    }
+
+    /// Discards the changes: the copy gets back what it held when acquired and is applied
+    /// unchanged (the documentation requires an apply for every acquire), and the classify
+    /// handle is released. Dropping the request does the same.
+    pub fn discard(self, irql: &impl AtMostDispatch) {
+        self.data.discard(irql);
+    }
+}
+
+impl fmt::Debug for WritableBindRequest<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WritableBindRequest")
+            .field("local", &self.local())
+            .field("port_reservation_token", &self.port_reservation_token())
+            .field("filter_id", &self.data.filter_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A request with a modification history: `previousVersion` and `modifierFilterId`.
+mod history {
+    use crate::sys;
+
+    pub trait Versioned {
+        fn previous_version(&self) -> *mut Self;
+        fn modifier_filter_id(&self) -> u64;
+    }
+
+    impl Versioned for sys::FWPS_CONNECT_REQUEST0 {
+        fn previous_version(&self) -> *mut Self {
+            self.previousVersion
+        }
+        fn modifier_filter_id(&self) -> u64 {
+            self.modifierFilterId
+        }
+    }
+
+    impl Versioned for sys::FWPS_BIND_REQUEST0 {
+        fn previous_version(&self) -> *mut Self {
+            self.previousVersion
+        }
+        fn modifier_filter_id(&self) -> u64 {
+            self.modifierFilterId
+        }
+    }
 }
 
 #[cfg(test)]

@@ -897,7 +897,7 @@ fn the_work_item_design_with_default_settings_fails_closed_over_both_ip_versions
     assert_decided_once(&outcomes[&21], Verdict::Block, "pid 21 over IPv6");
     assert_decided_once(&outcomes[&23], Verdict::Block, "pid 23 over IPv4");
     assert_eq!(
-        outcomes[&21].layers[2].0,
+        outcomes[&21].layers[3].0,
         AleAuthConnectV6::NAME,
         "the IPv6 callout decided"
     );
@@ -1157,7 +1157,7 @@ fn the_default_driver_entry_asks_through_the_channel_and_fails_closed_at_the_dea
         let over_v6 = over_v6.join().unwrap();
         assert_decided_once(&over_v6, Verdict::Block, "pid 21 over IPv6");
         assert_eq!(
-            over_v6.layers[2].0,
+            over_v6.layers[3].0,
             AleAuthConnectV6::NAME,
             "the IPv6 callout decided"
         );

@@ -170,6 +170,31 @@ pub(crate) fn set_stop_note(kernel: usize, note: Option<String>) {
     }
 }
 
+/// What [`stop`] adds to a report after the bug check, for a report that must be written
+/// without allocating (the global allocator's failure path, in a signal handler): calls
+/// `report` with the seed and replay line of the deterministic machine this thread runs in, if
+/// it runs in one, and the stop note [`stop_note`] would find. Borrows, never clones.
+pub(crate) fn with_stop_context(report: impl FnOnce(Option<(u64, &str)>, Option<&str>)) {
+    let kernel = current_kernel();
+    let sched = kernel
+        .as_ref()
+        .and_then(|k| k.sched.as_ref())
+        .map(|s| (s.seed(), s.replay()));
+    let notes = STOP_NOTES.try_lock().ok();
+    let key = kernel.as_ref().map(|k| std::sync::Arc::as_ptr(k) as usize);
+    let note = notes.as_deref().and_then(|notes| match key {
+        Some(key) => notes
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, n)| n.as_str()),
+        None => match notes.as_slice() {
+            [(_, note)] => Some(note.as_str()),
+            _ => None,
+        },
+    });
+    report(sched, note);
+}
+
 /// The note for this stop: the note of the machine this thread runs in, or, when the thread is
 /// in none, of the only machine that has one (with several, which one stopped is unknown).
 /// `try_lock`: the stopping thread may be the one setting a note.

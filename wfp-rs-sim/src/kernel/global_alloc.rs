@@ -419,8 +419,33 @@ mod report_unhandled_failure {
              bug checks\n",
             0x1E, 0, 0, 0
         );
-        // SAFETY: `text.bytes` holds `text.len` initialised bytes; fd 2 is stderr.
-        unsafe { write(2, text.bytes.as_ptr(), text.len) };
+        // The seed and the stop note (the property harness's case), as `stop` writes them:
+        // borrowed, and written piece by piece, so nothing is allocated.
+        crate::kernel::bugcheck::with_stop_context(|sched, note| {
+            if let Some((seed, replay)) = sched {
+                let _ = writeln!(text, "deterministic machine, seed {seed}");
+                flush(&mut text);
+                stderr(replay.as_bytes());
+                stderr(b"\n");
+            }
+            if let Some(note) = note {
+                flush(&mut text);
+                stderr(note.as_bytes());
+                stderr(b"\n");
+            }
+        });
+        flush(&mut text);
+    }
+
+    fn stderr(bytes: &[u8]) {
+        // SAFETY: `bytes` is a live slice of `bytes.len()` bytes; fd 2 is stderr.
+        unsafe { write(2, bytes.as_ptr(), bytes.len()) };
+    }
+
+    /// Writes what `text` holds and empties it.
+    fn flush(text: &mut Text) {
+        stderr(&text.bytes[..text.len]);
+        text.len = 0;
     }
 }
 

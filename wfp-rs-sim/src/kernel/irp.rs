@@ -148,6 +148,8 @@ struct IrpRecord {
     /// the I/O manager read the result of its own create, cleanup or close): the record goes
     /// when the request completes.
     released: bool,
+    /// The order requests were sent in, on this machine (addresses are the host's).
+    serial: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -199,6 +201,8 @@ struct KernelHandle {
 #[derive(Default)]
 struct IoState {
     irps: FxHashMap<usize, IrpRecord>,
+    /// The next request's [`IrpRecord::serial`].
+    next_irp_serial: u64,
     files: FxHashMap<usize, FileRecord>,
     /// By lower-case name (`\??\name`).
     links: FxHashMap<String, LinkRecord>,
@@ -512,7 +516,10 @@ fn new_irp(kernel: &Kernel, request: NewIrp<'_>) -> usize {
         },
     };
     let address = block as usize;
-    io(kernel).irps.insert(
+    let mut state = io(kernel);
+    state.next_irp_serial += 1;
+    let serial = state.next_irp_serial;
+    state.irps.insert(
         address,
         IrpRecord {
             block,
@@ -525,6 +532,7 @@ fn new_irp(kernel: &Kernel, request: NewIrp<'_>) -> usize {
             output_len,
             phase: Phase::Dispatching,
             released: false,
+            serial,
         },
     );
     address
@@ -1921,6 +1929,39 @@ impl IoRequest {
             cancel_irp(&self.kernel, self.irp)
         })
     }
+}
+
+/// `CancelIoEx(handle, NULL)` on every handle user mode has open: every device control request
+/// (the only requests the simulator's handles send besides create, cleanup and close) still
+/// pending is cancelled, in the order they were sent (see [`IoRequest::cancel`]). Returns how
+/// many cancel routines ran.
+pub(crate) fn cancel_user_requests(kernel: &Arc<Kernel>) -> usize {
+    let mut pending: Vec<(u64, usize, usize)> = io(kernel)
+        .irps
+        .iter()
+        .filter(|(_, r)| {
+            r.major == IRP_MJ_DEVICE_CONTROL && !matches!(r.phase, Phase::Completed(_))
+        })
+        .map(|(&irp, r)| (r.serial, irp, r.driver))
+        .collect();
+    pending.sort_unstable();
+    let mut cancelled = 0;
+    for (_, irp, driver) in pending {
+        // Completed since (by the driver, or by an earlier cancel's routine): nothing to cancel.
+        let still_pending = io(kernel)
+            .irps
+            .get(&irp)
+            .is_some_and(|r| !matches!(r.phase, Phase::Completed(_)));
+        if still_pending
+            && with_context(kernel, PASSIVE_LEVEL, driver, || {
+                let _kernel = super::state::KernelCode::enter();
+                cancel_irp(kernel, irp)
+            })
+        {
+            cancelled += 1;
+        }
+    }
+    cancelled
 }
 
 // --- the harness's view and the unload check ----------------------------------------------------

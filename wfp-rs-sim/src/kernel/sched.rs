@@ -51,6 +51,13 @@ pub(crate) type TaskId = usize;
 /// How many of the schedule's last steps a deadlock report shows.
 const REPORT_TAIL: usize = 24;
 
+/// How many clock jumps in a row only the timer thread may make progress across, while every
+/// other task waits with no deadline, before the schedule counts as deadlocked: a periodic
+/// timer keeps a deadline for ever, so without this bound its DPCs would keep the clock jumping
+/// and the test would hang. A driver whose timer signals a waiter only after this many periods
+/// is reported wrongly; none is known (a second's period makes this almost three hours).
+const TIMER_ONLY_JUMPS: u64 = 10_000;
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum TaskState {
     Runnable,
@@ -71,6 +78,9 @@ struct Task {
     rechecking: bool,
     /// The wait it blocked in last.
     blocked_at: &'static str,
+    /// The timer (DPC) thread: its waits end on timers' due times, so it alone never makes a
+    /// schedule stall (see [`TIMER_ONLY_JUMPS`]).
+    timer_thread: bool,
 }
 
 /// One step of a deterministic schedule: a task that gave up the baton, and why.
@@ -140,6 +150,19 @@ struct State {
     trace_limit: Option<usize>,
     /// The fingerprint's hash over every step so far.
     hash: u64,
+    /// Clock jumps in a row across which only the timer thread made progress while every other
+    /// task waited with no deadline (see [`TIMER_ONLY_JUMPS`]).
+    timer_only_jumps: u64,
+}
+
+/// Why no task can run.
+#[derive(Clone, Copy)]
+enum Stall {
+    /// Every task waits with no deadline.
+    Deadlock,
+    /// Every task but the timer thread waits with no deadline, and only timers have fired for
+    /// [`TIMER_ONLY_JUMPS`] clock jumps.
+    OnlyTimers,
 }
 
 /// The scheduler of one deterministic machine.
@@ -202,12 +225,13 @@ impl Scheduler {
                 trace: std::collections::VecDeque::new(),
                 trace_limit: None,
                 hash: FNV_OFFSET,
+                timer_only_jumps: 0,
             }),
             turn: Condvar::new(),
             now: AtomicU64::new(0),
             released: AtomicBool::new(false),
         });
-        let id = scheduler.add("harness");
+        let id = scheduler.add("harness", false);
         let me = scheduler.address();
         let mut live = ALIVE.lock().unwrap_or_else(|p| p.into_inner());
         TASK.with(|t| {
@@ -265,15 +289,25 @@ impl Scheduler {
     /// A new task, runnable, for a thread about to start; the thread calls
     /// [`attach`](Self::attach) first. Tasks are added by running tasks, so their ids are
     /// deterministic.
-    pub(crate) fn add(&self, name: &str) -> TaskId {
+    /// `timer_thread`: the task is the machine's timer (DPC) thread.
+    pub(crate) fn add(&self, name: &str, timer_thread: bool) -> TaskId {
         let mut state = self.lock();
         state.tasks.push(Task {
             name: name.to_owned(),
             state: TaskState::Runnable,
             rechecking: false,
             blocked_at: "",
+            timer_thread,
         });
         state.tasks.len() - 1
+    }
+
+    /// Task `me` made progress (the epoch moved).
+    fn progress(state: &mut State, me: TaskId) {
+        state.epoch += 1;
+        if !state.tasks[me].timer_thread {
+            state.timer_only_jumps = 0;
+        }
     }
 
     /// Makes the calling (new) thread task `id` and waits for its first turn.
@@ -313,7 +347,7 @@ impl Scheduler {
         }
         let me = self.current();
         let mut state = self.lock();
-        state.epoch += 1;
+        Scheduler::progress(&mut state, me);
         state.tasks[me].rechecking = false;
         self.switch(state, me, label);
     }
@@ -331,7 +365,7 @@ impl Scheduler {
         // as progress when the task blocks somewhere else than it was woken from.
         let task = &state.tasks[me];
         if !task.rechecking || task.blocked_at != label {
-            state.epoch += 1;
+            Scheduler::progress(&mut state, me);
         }
         state.tasks[me].blocked_at = label;
         let seen = state.epoch;
@@ -361,12 +395,12 @@ impl Scheduler {
         }
         TASK.with(|t| t.set(None));
         let mut state = self.lock();
-        state.epoch += 1;
+        Scheduler::progress(&mut state, me);
         state.tasks[me].state = TaskState::Finished;
         self.record(&mut state, me, "finished");
         match self.pick(&mut state) {
-            Some(next) => self.hand_to(&mut state, next),
-            None => self.deadlocked(&state),
+            Ok(next) => self.hand_to(&mut state, next),
+            Err(stall) => self.deadlocked(&state, stall),
         }
     }
 
@@ -456,10 +490,13 @@ impl Scheduler {
     fn switch(&self, mut state: MutexGuard<'_, State>, me: TaskId, label: &'static str) {
         self.record(&mut state, me, label);
         match self.pick(&mut state) {
-            Some(next) => self.hand_to(&mut state, next),
-            None => self.deadlocked(&state),
+            Ok(next) => self.hand_to(&mut state, next),
+            Err(stall) => self.deadlocked(&state, stall),
         }
+        // A stay at DISPATCH_LEVEL counts only this task's own turns.
+        super::watchdog::parked(true);
         drop(self.wait_turn(state, me));
+        super::watchdog::parked(false);
     }
 
     fn hand_to(&self, state: &mut State, next: TaskId) {
@@ -489,8 +526,8 @@ impl Scheduler {
     }
 
     /// The next task, picked by the seed among the eligible ones; when none is, the clock
-    /// jumps to the earliest deadline. `None`: every task waits with no deadline.
-    fn pick(&self, state: &mut State) -> Option<TaskId> {
+    /// jumps to the earliest deadline. `Err`: no task can ever run (see [`Stall`]).
+    fn pick(&self, state: &mut State) -> Result<TaskId, Stall> {
         loop {
             let now = self.now();
             let epoch = state.epoch;
@@ -508,7 +545,7 @@ impl Scheduler {
                 .map(|(id, _)| id)
                 .collect();
             if !eligible.is_empty() {
-                return Some(eligible[state.rng.usize(..eligible.len())]);
+                return Ok(eligible[state.rng.usize(..eligible.len())]);
             }
             let earliest = state
                 .tasks
@@ -517,7 +554,23 @@ impl Scheduler {
                     TaskState::Waiting { deadline, .. } => deadline,
                     _ => None,
                 })
-                .min()?;
+                .min()
+                .ok_or(Stall::Deadlock)?;
+            let only_timers = state.tasks.iter().all(|t| {
+                t.timer_thread
+                    || matches!(
+                        t.state,
+                        TaskState::Waiting { deadline: None, .. } | TaskState::Finished
+                    )
+            });
+            if only_timers {
+                state.timer_only_jumps += 1;
+                if state.timer_only_jumps > TIMER_ONLY_JUMPS {
+                    return Err(Stall::OnlyTimers);
+                }
+            } else {
+                state.timer_only_jumps = 0;
+            }
             self.now.store(earliest.max(now), Ordering::SeqCst);
         }
     }
@@ -526,17 +579,25 @@ impl Scheduler {
     /// contexts would, forever). The simulator reports the schedule instead, and ends the
     /// process as a bug check does: the task that found it may be in a kernel routine, which
     /// cannot unwind into the driver.
-    fn deadlocked(&self, state: &State) -> ! {
-        let report = self.deadlock_report(state);
+    fn deadlocked(&self, state: &State, stall: Stall) -> ! {
+        let report = self.deadlock_report(state, stall);
         let mut stderr = std::io::stderr().lock();
         let _ = writeln!(stderr, "{report}");
         let _ = stderr.flush();
         std::process::abort();
     }
 
-    fn deadlock_report(&self, state: &State) -> String {
+    fn deadlock_report(&self, state: &State, stall: Stall) -> String {
+        let why = match stall {
+            Stall::Deadlock => "every task waits and no wait has a deadline".to_owned(),
+            Stall::OnlyTimers => format!(
+                "every task but the timer thread waits and no wait has a deadline, and only \
+                 timers' DPCs have run for {TIMER_ONLY_JUMPS} clock jumps (a periodic timer \
+                 keeps the clock moving)"
+            ),
+        };
         let mut report = format!(
-            "wfp-rs simulator: deterministic machine (seed {}): every task waits and no wait has a deadline (a deadlock in this schedule)\n{}\ntasks:",
+            "wfp-rs simulator: deterministic machine (seed {}): {why} (a deadlock in this schedule)\n{}\ntasks:",
             self.seed, self.replay
         );
         for task in &state.tasks {

@@ -141,12 +141,18 @@ impl DebugLog {
     }
 }
 
-/// Pool allocations that fail: `skip` more succeed, then `count` fail.
+/// Pool allocations that fail: `skip` more succeed, then `count` fail; then the windows of
+/// `later`, last first, each counted from the end of the one before.
 #[derive(Default)]
 pub(crate) struct Faults {
     pub skip: u64,
     pub count: u64,
+    pub later: Vec<(u64, u64)>,
 }
+
+/// The first flow handle a machine gives a connection (INFERRED: any nonzero value; this one is
+/// easy to tell apart in a log).
+const FIRST_FLOW_HANDLE: u64 = 0x0F10_0000;
 
 /// One simulated machine.
 pub(crate) struct Kernel {
@@ -175,6 +181,10 @@ pub(crate) struct Kernel {
     pub wait_spin_nanos: AtomicU64,
     /// The ALE flows `Machine::connect` established and `Machine::end_flow` has not ended.
     pub established_flows: Mutex<FxHashMap<u64, crate::EstablishedFlow>>,
+    /// The flow handle `Machine::connect` gives the next connection. Per machine, so that a
+    /// deterministic run's handles are the same in every run of its seed, whatever other
+    /// machines the process has made.
+    pub next_flow: AtomicU64,
     pub workers: Mutex<Vec<JoinHandle<()>>>,
     pub stopped: AtomicBool,
     /// The filter engine. A lock of its own: classification calls into drivers, which call the
@@ -363,6 +373,7 @@ impl Kernel {
             debug_filter_mask: AtomicU32::new(DEFAULT_DEBUG_FILTER_MASK),
             wait_spin_nanos: AtomicU64::new(0),
             established_flows: Mutex::new(FxHashMap::default()),
+            next_flow: AtomicU64::new(FIRST_FLOW_HANDLE),
             workers: Mutex::new(Vec::new()),
             stopped: AtomicBool::new(false),
             wfp: Mutex::new(super::wfp::Bfe::default()),
@@ -386,13 +397,17 @@ impl Kernel {
         let mut handles = Vec::with_capacity(workers);
         for index in 0..workers {
             let handle = kernel
-                .spawn_context(format!("sim-worker-{index}"), super::io::worker_thread)
+                .spawn_context(
+                    format!("sim-worker-{index}"),
+                    super::io::worker_thread,
+                    false,
+                )
                 .expect("the host could not start a simulator worker thread");
             handles.push(handle);
         }
         handles.push(
             kernel
-                .spawn_context("sim-dpc".to_owned(), super::timer::dpc_thread)
+                .spawn_context("sim-dpc".to_owned(), super::timer::dpc_thread, true)
                 .expect("the host could not start the simulator's DPC thread"),
         );
         *kernel.workers.lock().unwrap() = handles;
@@ -405,8 +420,9 @@ impl Kernel {
         self: &Arc<Kernel>,
         name: String,
         body: fn(Arc<Kernel>),
+        timer_thread: bool,
     ) -> std::io::Result<JoinHandle<()>> {
-        let task = self.sched.as_ref().map(|s| s.add(&name));
+        let task = self.sched.as_ref().map(|s| s.add(&name, timer_thread));
         let kernel = Arc::clone(self);
         std::thread::Builder::new().name(name).spawn(move || {
             let Some(task) = task else {
@@ -589,8 +605,13 @@ impl Kernel {
     /// Whether the next pool allocation is one the harness asked to fail.
     pub(crate) fn injected_failure(&self) -> bool {
         let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
-        if faults.count == 0 {
-            return false;
+        while faults.count == 0 {
+            // Popping never allocates: the allocator may be the caller.
+            let Some((skip, count)) = faults.later.pop() else {
+                return false;
+            };
+            faults.skip = skip;
+            faults.count = count;
         }
         if faults.skip > 0 {
             faults.skip -= 1;

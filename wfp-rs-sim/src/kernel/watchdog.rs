@@ -75,6 +75,9 @@ struct Stay {
     since: Instant,
     irql: KIRQL,
     routine: Option<Routine>,
+    /// The thread waits for its turn on a deterministic machine (see [`parked`]): the monitor
+    /// leaves the stay alone until it runs again.
+    paused: bool,
 }
 
 /// One thread's record for the DPC watchdog. The thread writes it; a machine's monitor reads
@@ -113,6 +116,9 @@ pub(crate) struct ThreadWatch {
     deadline: Cell<(Option<Instant>, u64)>,
     /// The IRQL the slot has for the current stay.
     irql: Cell<KIRQL>,
+    /// Since when the thread has waited for its turn on a deterministic machine in its current
+    /// stay (see [`parked`]).
+    parked_at: Cell<Option<Instant>>,
     /// Created with the thread's first stay.
     slot: OnceCell<Arc<Slot>>,
     /// The machine whose watchdog last got this thread's slot (a `Weak` so that its address
@@ -221,6 +227,7 @@ fn change_stay(
     let _host = KernelCode::for_allocator();
     if current.take().is_some() {
         watch.since.set(None);
+        watch.parked_at.set(None);
         if let Some(slot) = watch.slot.get() {
             *slot.stay() = None;
         }
@@ -244,6 +251,7 @@ fn change_stay(
                 since,
                 irql,
                 routine: t.routine.get(),
+                paused: false,
             });
         }
         watch.since.set(Some(since));
@@ -282,6 +290,45 @@ pub(crate) fn routine_changed(t: &ThreadState) {
     {
         stay.routine = t.routine.get();
     }
+}
+
+/// A deterministic machine's scheduler parks this thread until its next turn (`true`), or gave
+/// it the processor back (`false`). On such a machine every context is a processor of its own,
+/// but only one runs at a time while the others wait for their turn: a stay at
+/// `DISPATCH_LEVEL` counts only the time its thread runs, so the stay's start moves forward by
+/// the time it waited, and the monitor does not look at it meanwhile. Without this a context
+/// parked at `DISPATCH_LEVEL` (between a spin lock's acquire and release, both yield points)
+/// would count the other contexts' time as its own and stop the machine wrongly on a slow or
+/// loaded host. A stay that runs too long is still stopped: its running time adds up across
+/// its turns.
+pub(crate) fn parked(waiting: bool) {
+    let _ = THREAD.try_with(|t| {
+        let watch = &t.watch;
+        let (Some(since), Some(slot)) = (watch.since.get(), watch.slot.get()) else {
+            return;
+        };
+        let now = Instant::now();
+        if waiting {
+            watch.parked_at.set(Some(now));
+            if let Some(stay) = slot.stay().as_mut() {
+                stay.paused = true;
+            }
+            return;
+        }
+        let Some(parked_at) = watch.parked_at.take() else {
+            return;
+        };
+        let since = since
+            .checked_add(now.saturating_duration_since(parked_at))
+            .unwrap_or(now);
+        if let Some(stay) = slot.stay().as_mut() {
+            stay.since = since;
+            stay.paused = false;
+        }
+        watch.since.set(Some(since));
+        let (_, limit_ns) = watch.deadline.get();
+        watch.deadline.set((deadline(since, limit_ns), limit_ns));
+    });
 }
 
 /// When a stay that started at `since` passes a limit of `limit_ns` nanoseconds (None: later
@@ -422,7 +469,7 @@ fn stays(kernel: &Kernel) -> Vec<Seen> {
             // count.
             let stay = (*slot.stay())?;
             let calls = slot.calls.load(Ordering::Relaxed);
-            (stay.machine == core::ptr::from_ref(kernel) as usize).then(|| Seen {
+            (stay.machine == core::ptr::from_ref(kernel) as usize && !stay.paused).then(|| Seen {
                 id: slot.id,
                 stay,
                 calls,

@@ -283,9 +283,10 @@ struct LiveClassification {
     pendable: bool,
     /// The classify handle that pended it.
     pended: Option<usize>,
-    /// `layerData` when it is a connect request (ALE_CONNECT_REDIRECT): the address of the
-    /// stack's `FWPS_CONNECT_REQUEST0`, which an applied modification rewrites.
-    connect_request: Option<usize>,
+    /// `layerData` when it is a connect request (ALE_CONNECT_REDIRECT) or a bind request
+    /// (ALE_BIND_REDIRECT): the address of the stack's request, which an applied modification
+    /// rewrites.
+    request: Option<LayerRequest>,
     /// The writable copy handed out and not applied yet.
     writable: Option<WritableCopy>,
     /// The versions the history of the copies handed out points to, freed with the
@@ -295,15 +296,100 @@ struct LiveClassification {
     redirect_records: Option<usize>,
 }
 
-/// A writable copy of a connect request, from `FwpsAcquireWritableLayerDataPointer0`.
+/// A writable copy of a connect or bind request, from `FwpsAcquireWritableLayerDataPointer0`.
 struct WritableCopy {
     handle: usize,
     filter_id: u64,
     copy: RequestVersion,
 }
 
-/// A connect request the engine owns (its address is handed to the callout).
-struct RequestVersion(Box<FWPS_CONNECT_REQUEST0>);
+/// The writable layer data of a redirect layer: the address of the stack's request, by type.
+#[derive(Clone, Copy)]
+enum LayerRequest {
+    /// An `FWPS_CONNECT_REQUEST0` (ALE_CONNECT_REDIRECT).
+    Connect(usize),
+    /// An `FWPS_BIND_REQUEST0` (ALE_BIND_REDIRECT).
+    Bind(usize),
+}
+
+/// A request of a redirect layer with its modification history.
+trait RedirectRequest: Copy + 'static {
+    fn history(&mut self) -> (&mut *mut Self, &mut u64);
+    /// Takes from `modified` what a callout may change at the layer; whether anything changed.
+    fn take_changes(&mut self, modified: &Self) -> bool;
+}
+
+impl RedirectRequest for FWPS_CONNECT_REQUEST0 {
+    fn history(&mut self) -> (&mut *mut Self, &mut u64) {
+        (&mut self.previousVersion, &mut self.modifierFilterId)
+    }
+
+    /// The remote address and port, the port reservation token, the loopback-redirect fields.
+    /// A changed local address is ignored (INFERRED: "Using Bind or Connect Redirection" says it
+    /// is only supported at ALE_BIND_REDIRECT).
+    fn take_changes(&mut self, modified: &Self) -> bool {
+        let changed =
+            !same_socket_address(&self.remoteAddressAndPort, &modified.remoteAddressAndPort)
+                || self.portReservationToken != modified.portReservationToken
+                || self.localRedirectTargetPID != modified.localRedirectTargetPID
+                || self.localRedirectHandle != modified.localRedirectHandle
+                || self.localRedirectContext != modified.localRedirectContext
+                || self.localRedirectContextSize != modified.localRedirectContextSize;
+        if changed {
+            self.remoteAddressAndPort = modified.remoteAddressAndPort;
+            self.portReservationToken = modified.portReservationToken;
+            self.localRedirectTargetPID = modified.localRedirectTargetPID;
+            self.localRedirectHandle = modified.localRedirectHandle;
+            self.localRedirectContext = modified.localRedirectContext;
+            self.localRedirectContextSize = modified.localRedirectContextSize;
+        }
+        changed
+    }
+}
+
+impl RedirectRequest for FWPS_BIND_REQUEST0 {
+    fn history(&mut self) -> (&mut *mut Self, &mut u64) {
+        (&mut self.previousVersion, &mut self.modifierFilterId)
+    }
+
+    /// The local address and port and the port reservation token: the only members the
+    /// `FWPS_BIND_REQUEST0` page lets a callout modify.
+    fn take_changes(&mut self, modified: &Self) -> bool {
+        let changed =
+            !same_socket_address(&self.localAddressAndPort, &modified.localAddressAndPort)
+                || self.portReservationToken != modified.portReservationToken;
+        if changed {
+            self.localAddressAndPort = modified.localAddressAndPort;
+            self.portReservationToken = modified.portReservationToken;
+        }
+        changed
+    }
+}
+
+/// A version of a request the engine owns (its address is handed to the callout): an
+/// `FWPS_CONNECT_REQUEST0` or an `FWPS_BIND_REQUEST0`.
+struct RequestVersion(Box<dyn core::any::Any>);
+
+impl RequestVersion {
+    /// Boxes `request`; the address stays valid while the version lives (moving the box does
+    /// not move the request).
+    fn new<R: RedirectRequest>(request: R) -> (RequestVersion, *mut R) {
+        let mut boxed = Box::new(request);
+        let address: *mut R = &mut *boxed;
+        (RequestVersion(boxed), address)
+    }
+
+    fn is_at(&self, address: PVOID) -> bool {
+        core::ptr::eq(
+            (&*self.0 as *const dyn core::any::Any).cast::<u8>(),
+            address.cast(),
+        )
+    }
+
+    fn get<R: RedirectRequest>(&self) -> Option<&R> {
+        self.0.downcast_ref()
+    }
+}
 
 // SAFETY: the raw pointers inside (`previousVersion`, the loopback-redirect fields) point to other
 // versions the same classification owns, or are the callout's; the engine reads them only under
@@ -424,6 +510,19 @@ fn is_flow_authorizing_layer(layer_id: u16) -> bool {
 /// [`Bfe::policy_changes`]).
 pub(crate) fn policy_changes(layer_id: u16) -> u64 {
     with_bfe(|bfe| bfe.policy_changes.get(&layer_id).copied().unwrap_or(0))
+}
+
+/// Another provider (a user-mode firewall, group policy) added or deleted a filter at every
+/// flow-authorizing layer: each counts a policy change, as [`Bfe::policy_changed`] does for a
+/// filter of the machine's drivers. The filter itself is not modelled: only its effect on
+/// established flows, which are reauthorized at their next packet. Inside an open transaction
+/// the change is counted at its commit, as a filter added in it would be.
+pub(crate) fn another_provider_changed_policy() {
+    with_bfe(|bfe| {
+        for layer in FLOW_AUTHORIZING_LAYERS {
+            bfe.policy_changed(layer);
+        }
+    });
 }
 
 fn with_bfe<R>(f: impl FnOnce(&mut Bfe) -> R) -> R {
@@ -2826,9 +2925,7 @@ impl Handles {
                     pendable: pendable_by_classify_handle(incoming.layer)
                         && !incoming.reauthorization,
                     pended: None,
-                    connect_request: (is_connect_redirect_layer(incoming.layer)
-                        && !incoming.layer_data.is_null())
-                    .then_some(incoming.layer_data as usize),
+                    request: layer_request(incoming.layer, incoming.layer_data),
                     writable: None,
                     versions: Vec::new(),
                     redirect_records: (incoming.metadata.currentMetadataValues
@@ -2898,7 +2995,7 @@ impl Handles {
                 .is_some_and(|handle| bfe.pends.get(&handle).is_some_and(|p| !p.completed));
             let mut not_applied = None;
             if let Some(live) = live {
-                if still_pended && live.connect_request.is_some() {
+                if still_pended && matches!(live.request, Some(LayerRequest::Connect(_))) {
                     // Pended at ALE_CONNECT_REDIRECT: the stack holds the connection and its
                     // connect request, which the callout may still acquire, change and apply
                     // from another context (a worker may hold the copy right now) before it
@@ -2928,23 +3025,34 @@ impl Handles {
 /// refuses with `STATUS_FWP_CANNOT_PEND`.
 fn pendable_by_classify_handle(layer: &LayerInfo) -> bool {
     use wfp_rs::layer::{
-        AleConnectRedirectV4, AleConnectRedirectV6, AleEndpointClosureV4, AleEndpointClosureV6,
-        Layer,
+        AleBindRedirectV4, AleBindRedirectV6, AleConnectRedirectV4, AleConnectRedirectV6,
+        AleEndpointClosureV4, AleEndpointClosureV6, Layer,
     };
-    // (ALE_BIND_REDIRECT is not among the simulated layers.)
     [
         AleConnectRedirectV4::ID,
         AleConnectRedirectV6::ID,
+        AleBindRedirectV4::ID,
+        AleBindRedirectV6::ID,
         AleEndpointClosureV4::ID,
         AleEndpointClosureV6::ID,
     ]
     .contains(&layer.id)
 }
 
-/// ALE_CONNECT_REDIRECT_V4/V6, where `layerData` is an `FWPS_CONNECT_REQUEST0`.
-fn is_connect_redirect_layer(layer: &LayerInfo) -> bool {
-    use wfp_rs::layer::{AleConnectRedirectV4, AleConnectRedirectV6, Layer};
-    layer.id == AleConnectRedirectV4::ID || layer.id == AleConnectRedirectV6::ID
+/// `layerData` as a request callouts may rewrite: an `FWPS_CONNECT_REQUEST0` at
+/// ALE_CONNECT_REDIRECT_V4/V6, an `FWPS_BIND_REQUEST0` at ALE_BIND_REDIRECT_V4/V6.
+fn layer_request(layer: &LayerInfo, layer_data: *mut core::ffi::c_void) -> Option<LayerRequest> {
+    use wfp_rs::layer::{
+        AleBindRedirectV4, AleBindRedirectV6, AleConnectRedirectV4, AleConnectRedirectV6, Layer,
+    };
+    let address = (!layer_data.is_null()).then_some(layer_data as usize)?;
+    if layer.id == AleConnectRedirectV4::ID || layer.id == AleConnectRedirectV6::ID {
+        Some(LayerRequest::Connect(address))
+    } else if layer.id == AleBindRedirectV4::ID || layer.id == AleBindRedirectV6::ID {
+        Some(LayerRequest::Bind(address))
+    } else {
+        None
+    }
 }
 
 /// Orders sublayers of equal weight deterministically.
@@ -3603,9 +3711,10 @@ fn is_local_redirect(request: &FWPS_CONNECT_REQUEST0) -> bool {
 }
 
 /// `FwpsAcquireWritableLayerDataPointer0`: a writable copy of the classification's connect
-/// request (the simulated redirect layers are ALE_CONNECT_REDIRECT_V4/V6), for a classify
-/// handle acquired for a classification in progress, or for one pended at ALE_CONNECT_REDIRECT
-/// whose pend is not completed (from any context at IRQL <= `DISPATCH_LEVEL`). Sets the classify-out to BLOCK and clears its write
+/// request (ALE_CONNECT_REDIRECT_V4/V6) or bind request (ALE_BIND_REDIRECT_V4/V6), for a
+/// classify handle acquired for a classification in progress, or for one pended at
+/// ALE_CONNECT_REDIRECT whose pend is not completed (from any context at IRQL <=
+/// `DISPATCH_LEVEL`). Sets the classify-out to BLOCK and clears its write
 /// right, as the documentation says.
 ///
 /// The copy's `previousVersion` is the history: null if no filter modified the request yet,
@@ -3652,25 +3761,21 @@ pub unsafe extern "system" fn FwpsAcquireWritableLayerDataPointer0(
         )
         .ok_or(WritableMisuse::ClassificationReturned)?;
         let request = live
-            .connect_request
+            .request
             .ok_or(WritableMisuse::Status(Status::INVALID_PARAMETER.raw()))?;
         if live.writable.is_some() {
             return Err(WritableMisuse::Status(Status::INVALID_PARAMETER.raw()));
         }
-        // SAFETY: the stack's request for this classification, alive while it is live.
-        let current = unsafe { *(request as *const FWPS_CONNECT_REQUEST0) };
-        let previous = if current.modifierFilterId == 0 {
-            core::ptr::null_mut()
-        } else {
-            let mut snapshot = RequestVersion(Box::new(current));
-            let address: *mut FWPS_CONNECT_REQUEST0 = &mut *snapshot.0;
-            live.versions.push(snapshot);
-            address
+        let (copy, address) = match request {
+            // SAFETY: the stack's request for this classification, alive while it is live.
+            LayerRequest::Connect(request) => unsafe {
+                writable_copy::<FWPS_CONNECT_REQUEST0>(request, &mut live.versions)
+            },
+            // SAFETY: as above.
+            LayerRequest::Bind(request) => unsafe {
+                writable_copy::<FWPS_BIND_REQUEST0>(request, &mut live.versions)
+            },
         };
-        let mut copy = RequestVersion(Box::new(current));
-        copy.0.previousVersion = previous;
-        copy.0.modifierFilterId = 0;
-        let address: *mut FWPS_CONNECT_REQUEST0 = &mut *copy.0;
         live.writable = Some(WritableCopy {
             handle,
             filter_id: filterId,
@@ -3694,16 +3799,17 @@ pub unsafe extern "system" fn FwpsAcquireWritableLayerDataPointer0(
 }
 
 /// `FwpsApplyModifiedLayerData0`: hands the writable copy back. If the callout changed what may
-/// be changed at ALE_CONNECT_REDIRECT (the remote address and port, the port reservation token,
-/// the loopback-redirect fields), the connection continues with the copy's values, and the new
-/// version records the filter (`modifierFilterId`, the filter id given at the acquire) and the
-/// history; an unchanged copy records nothing (INFERRED). A changed local address is ignored
-/// (INFERRED: "Using Bind or Connect Redirection" says it is only supported at
-/// ALE_BIND_REDIRECT). `flags` (`FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS`) is not
-/// acted on.
+/// be changed at the layer — at ALE_CONNECT_REDIRECT the remote address and port, the port
+/// reservation token, the loopback-redirect fields; at ALE_BIND_REDIRECT the local address and
+/// port and the port reservation token — the connection (or bind) continues with the copy's
+/// values, and the new version records the filter (`modifierFilterId`, the filter id given at
+/// the acquire) and the history; an unchanged copy records nothing (INFERRED). A changed local
+/// address at ALE_CONNECT_REDIRECT is ignored (INFERRED: "Using Bind or Connect Redirection"
+/// says it is only supported at ALE_BIND_REDIRECT). `flags`
+/// (`FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS`) is not acted on.
 ///
-/// A change that sends the connection to this host (a loopback address, or the connection's
-/// own local address) is dropped whole unless the copy names a redirect handle
+/// A connect request's change that sends the connection to this host (a loopback address, or
+/// the connection's own local address) is dropped whole unless the copy names a redirect handle
 /// (`localRedirectHandle`) and the proxy's process id (`localRedirectTargetPID`): see
 /// [`is_local_redirect`]. An accepted change that names a redirect handle adds a record to the
 /// connection's redirect records ([`FwpsQueryConnectionRedirectState0`]).
@@ -3741,20 +3847,18 @@ pub unsafe extern "system" fn FwpsApplyModifiedLayerData0(
             acquired.classification,
         )
         .ok_or(WritableMisuse::ClassificationReturned)?;
-        let outstanding = live.writable.as_ref().is_some_and(|w| {
-            w.handle == handle
-                && core::ptr::eq(
-                    &*w.copy.0,
-                    modifiedLayerData.cast::<FWPS_CONNECT_REQUEST0>(),
-                )
-        });
-        let (Some(request), true) = (live.connect_request, outstanding) else {
+        let outstanding = live
+            .writable
+            .as_ref()
+            .is_some_and(|w| w.handle == handle && w.copy.is_at(modifiedLayerData));
+        let (Some(request), true) = (live.request, outstanding) else {
             return Err(WritableMisuse::NotOutstanding);
         };
         let redirect_handle = live
             .writable
             .as_ref()
-            .map_or(0, |w| w.copy.0.localRedirectHandle as usize);
+            .and_then(|w| w.copy.get::<FWPS_CONNECT_REQUEST0>())
+            .map_or(0, |request| request.localRedirectHandle as usize);
         if redirect_handle != 0 && !bfe.redirect_handles.contains_key(&redirect_handle) {
             return Err(WritableMisuse::RedirectHandleNotLive(
                 redirect_handle,
@@ -3776,52 +3880,98 @@ pub unsafe extern "system" fn FwpsApplyModifiedLayerData0(
         else {
             return Err(WritableMisuse::NotOutstanding);
         };
-        let request = request as *mut FWPS_CONNECT_REQUEST0;
-        // SAFETY: the stack's request for this classification, alive while it is live; the
-        // engine lock orders every access to it.
-        let current = unsafe { &mut *request };
-        let modified = &*copy.0;
-        let changed = !same_socket_address(
-            &current.remoteAddressAndPort,
-            &modified.remoteAddressAndPort,
-        ) || current.portReservationToken != modified.portReservationToken
-            || current.localRedirectTargetPID != modified.localRedirectTargetPID
-            || current.localRedirectHandle != modified.localRedirectHandle
-            || current.localRedirectContext != modified.localRedirectContext
-            || current.localRedirectContextSize != modified.localRedirectContextSize;
-        // A redirect to this host (a local proxy) is accepted only with a redirect handle and
-        // the proxy's process id: documented for the process id ("must be set for loopback
-        // redirect changes to be accepted"); INFERRED for the handle from the
-        // FWPS_CONNECT_REQUEST0 page ("must be populated for redirection to work", Windows 8
-        // and later): the whole modification is dropped, and the connection goes where it was
-        // going.
-        let accepted = !is_local_redirect(modified)
-            || (redirect_handle != 0 && modified.localRedirectTargetPID != 0);
-        if changed && accepted {
-            if redirect_handle != 0
-                && let Some(records) = live
-                    .redirect_records
-                    .and_then(|records| bfe.redirect_records.get_mut(&records))
-            {
-                records.push(RedirectRecord {
-                    handle: redirect_handle,
-                    context: modified.localRedirectContext as usize,
-                });
+        match request {
+            LayerRequest::Connect(request) => {
+                let Some(modified) = copy.get::<FWPS_CONNECT_REQUEST0>() else {
+                    return Err(WritableMisuse::NotOutstanding);
+                };
+                // A redirect to this host (a local proxy) is accepted only with a redirect
+                // handle and the proxy's process id: documented for the process id ("must be
+                // set for loopback redirect changes to be accepted"); INFERRED for the handle
+                // from the FWPS_CONNECT_REQUEST0 page ("must be populated for redirection to
+                // work", Windows 8 and later): the whole modification is dropped, and the
+                // connection goes where it was going.
+                let accepted = !is_local_redirect(modified)
+                    || (redirect_handle != 0 && modified.localRedirectTargetPID != 0);
+                // SAFETY: the stack's request for this classification, alive while it is live;
+                // the engine lock orders every access to it.
+                if accepted
+                    && unsafe { apply_copy::<FWPS_CONNECT_REQUEST0>(request, &copy, filter_id) }
+                    && redirect_handle != 0
+                    && let Some(records) = live
+                        .redirect_records
+                        .and_then(|records| bfe.redirect_records.get_mut(&records))
+                {
+                    records.push(RedirectRecord {
+                        handle: redirect_handle,
+                        context: modified.localRedirectContext as usize,
+                    });
+                }
             }
-            current.remoteAddressAndPort = modified.remoteAddressAndPort;
-            current.portReservationToken = modified.portReservationToken;
-            current.localRedirectTargetPID = modified.localRedirectTargetPID;
-            current.localRedirectHandle = modified.localRedirectHandle;
-            current.localRedirectContext = modified.localRedirectContext;
-            current.localRedirectContextSize = modified.localRedirectContextSize;
-            current.previousVersion = modified.previousVersion;
-            current.modifierFilterId = filter_id;
+            // SAFETY: as above.
+            LayerRequest::Bind(request) => unsafe {
+                apply_copy::<FWPS_BIND_REQUEST0>(request, &copy, filter_id);
+            },
         }
         Ok(())
     });
     if let Err(misuse) = applied {
         writable_misuse("FwpsApplyModifiedLayerData0", handle, misuse);
     }
+}
+
+/// A writable copy of the stack's request at `request`, whose `previousVersion` is the history:
+/// null if no filter modified the request yet, otherwise a snapshot of the current version
+/// (kept in `versions`), whose own `previousVersion` goes further back.
+///
+/// # Safety
+///
+/// `request` is the address of a live `R`.
+unsafe fn writable_copy<R: RedirectRequest>(
+    request: usize,
+    versions: &mut Vec<RequestVersion>,
+) -> (RequestVersion, PVOID) {
+    // SAFETY: a live `R`, per the contract.
+    let mut current = unsafe { *(request as *const R) };
+    let previous = if *current.history().1 == 0 {
+        core::ptr::null_mut()
+    } else {
+        let (snapshot, address) = RequestVersion::new(current);
+        versions.push(snapshot);
+        address
+    };
+    let mut copy = current;
+    let (previous_version, modifier) = copy.history();
+    *previous_version = previous;
+    *modifier = 0;
+    let (copy, address) = RequestVersion::new(copy);
+    (copy, address.cast())
+}
+
+/// Applies the writable `copy` to the stack's request at `request`: what changed is taken, and
+/// the new version records `filter_id` and the history. Whether anything changed.
+///
+/// # Safety
+///
+/// `request` is the address of a live `R`, accessed by nobody else meanwhile.
+unsafe fn apply_copy<R: RedirectRequest>(
+    request: usize,
+    copy: &RequestVersion,
+    filter_id: u64,
+) -> bool {
+    // SAFETY: a live `R`, exclusively ours, per the contract.
+    let current = unsafe { &mut *(request as *mut R) };
+    let Some(modified) = copy.get::<R>() else {
+        return false;
+    };
+    let mut modified = *modified;
+    let changed = current.take_changes(&modified);
+    if changed {
+        let (previous_version, modifier) = current.history();
+        *previous_version = *modified.history().0;
+        *modifier = filter_id;
+    }
+    changed
 }
 
 fn same_socket_address(a: &SOCKADDR_STORAGE, b: &SOCKADDR_STORAGE) -> bool {
