@@ -727,7 +727,8 @@ impl<L: Layer, F: 'static> Classify<'_, L, F> {
         let out = self.out.raw();
         // SAFETY: the handle was just acquired for this classification, in progress; `out` is
         // its classify-out; `T` is its layer data's type (this function's contract).
-        let acquired = unsafe { WritableLayerData::acquire(handle, filter_id, out, Origin::Inline) };
+        let acquired =
+            unsafe { WritableLayerData::acquire(handle, filter_id, out, Origin::Inline) };
         if acquired.is_err() {
             // SAFETY: acquired above, nothing acquired with it (the acquire failed), released
             // once.
