@@ -3893,10 +3893,11 @@ pub unsafe extern "system" fn FwpsApplyModifiedLayerData0(
                 // connection goes where it was going.
                 let accepted = !is_local_redirect(modified)
                     || (redirect_handle != 0 && modified.localRedirectTargetPID != 0);
-                // SAFETY: the stack's request for this classification, alive while it is live;
-                // the engine lock orders every access to it.
-                if accepted
-                    && unsafe { apply_copy::<FWPS_CONNECT_REQUEST0>(request, &copy, filter_id) }
+                let changed = accepted
+                    // SAFETY: the stack's request for this classification, alive while it is
+                    // live; the engine lock orders every access to it.
+                    && unsafe { apply_copy::<FWPS_CONNECT_REQUEST0>(request, &copy, filter_id) };
+                if changed
                     && redirect_handle != 0
                     && let Some(records) = live
                         .redirect_records
