@@ -4000,15 +4000,13 @@ fn writable_misuse(function: &'static str, handle: usize, misuse: WritableMisuse
             [WRITABLE_DATA_AFTER_CLASSIFICATION, handle, 0, 0],
             "writable layer data acquired or applied after the classification returned (and was not pended, or its pend was completed): redirect from within classifyFn, or pend it and redirect before completing",
         ),
-        WritableMisuse::RedirectHandleNotLive(redirect_handle, destroyed) => stop(
-            BugCheckCode::WFP_INVALID_OPERATION,
-            [REDIRECT_HANDLE_NOT_LIVE, redirect_handle, destroyed, 0],
-            if destroyed == 1 {
-                "FwpsApplyModifiedLayerData0 with a localRedirectHandle that was already destroyed"
-            } else {
-                "FwpsApplyModifiedLayerData0 with a localRedirectHandle FwpsRedirectHandleCreate0 never returned"
-            },
-        ),
+        WritableMisuse::RedirectHandleNotLive(redirect_handle, destroyed) => {
+            redirect_handle_not_live(
+                "FwpsApplyModifiedLayerData0 with a localRedirectHandle",
+                redirect_handle,
+                destroyed,
+            )
+        }
         WritableMisuse::NotOutstanding => stop(
             BugCheckCode::WFP_INVALID_OPERATION,
             [APPLY_WITHOUT_ACQUIRE, handle, 0, 0],
@@ -4088,16 +4086,28 @@ pub unsafe extern "system" fn FwpsRedirectHandleDestroy0(redirectHandle: HANDLE)
         }
     });
     if let Err(destroyed) = destroyed {
-        stop(
-            BugCheckCode::WFP_INVALID_OPERATION,
-            [REDIRECT_HANDLE_NOT_LIVE, handle, destroyed, 0],
-            if destroyed == 1 {
-                "FwpsRedirectHandleDestroy0 on a redirect handle that was already destroyed"
-            } else {
-                "FwpsRedirectHandleDestroy0 on a redirect handle FwpsRedirectHandleCreate0 never returned"
-            },
+        redirect_handle_not_live(
+            "FwpsRedirectHandleDestroy0 on a redirect handle",
+            handle,
+            destroyed,
         );
     }
+}
+
+/// Stops the machine for a redirect handle that is not live: WFP_INVALID_OPERATION,
+/// parameter 1 = [`REDIRECT_HANDLE_NOT_LIVE`], parameter 2 the handle, parameter 3 `destroyed`
+/// (1 if it was destroyed recently). `what` names the routine and the handle.
+fn redirect_handle_not_live(what: &str, handle: usize, destroyed: usize) -> ! {
+    let why = if destroyed == 1 {
+        "that was already destroyed"
+    } else {
+        "FwpsRedirectHandleCreate0 never returned"
+    };
+    stop(
+        BugCheckCode::WFP_INVALID_OPERATION,
+        [REDIRECT_HANDLE_NOT_LIVE, handle, destroyed, 0],
+        &format!("{what} {why}"),
+    )
 }
 
 /// `FwpsQueryConnectionRedirectState0`: IRQL <= `DISPATCH_LEVEL`. What the redirect records
@@ -4158,10 +4168,10 @@ pub unsafe extern "system" fn FwpsQueryConnectionRedirectState0(
             }
             state
         }
-        Err((REDIRECT_HANDLE_NOT_LIVE, handle, destroyed)) => stop(
-            BugCheckCode::WFP_INVALID_OPERATION,
-            [REDIRECT_HANDLE_NOT_LIVE, handle, destroyed, 0],
-            "FwpsQueryConnectionRedirectState0 with a redirect handle that is not live (destroyed, or never created)",
+        Err((REDIRECT_HANDLE_NOT_LIVE, handle, destroyed)) => redirect_handle_not_live(
+            "FwpsQueryConnectionRedirectState0 with a redirect handle",
+            handle,
+            destroyed,
         ),
         Err((parameter, records, _)) => stop(
             BugCheckCode::WFP_INVALID_OPERATION,
