@@ -1,8 +1,8 @@
 //! Redirecting a connection to a local proxy at ALE_CONNECT_REDIRECT, in the simulator: the
 //! redirect handle (`FwpsRedirectHandleCreate0`), the redirect state
 //! (`FwpsQueryConnectionRedirectState0`) of the connection and of the proxy's own connections,
-//! a local redirect without a handle not taking effect, pended redirection from a work item,
-//! and the misuses that stop the machine.
+//! a local redirect without a handle not taking effect, pended redirection from a work item
+//! (also of a connection a bind redirect rebound), and the misuses that stop the machine.
 
 #![cfg(any(not(windows), feature = "sim"))]
 
@@ -523,6 +523,62 @@ fn a_pended_redirect_applied_from_a_work_item_reaches_the_proxy() {
             RedirectState::RedirectedBySelf,
         ]
     );
+    setup.teardown();
+}
+
+/// Binds every IPv4 socket to one source address, keeping its port (ALE_BIND_REDIRECT).
+struct SourceAddress(SocketAddr);
+
+impl Callout<layer::AleBindRedirectV4> for SourceAddress {
+    fn classify(
+        &self,
+        irql: &mut DispatchLevel<'_>,
+        c: &mut Classify<'_, layer::AleBindRedirectV4>,
+    ) {
+        if let Ok(mut request) = c.bind_request(irql) {
+            if let Some(local) = request.local() {
+                let _ = request.set_local(SocketAddr::new(self.0.ip(), local.port()));
+            }
+            request.apply(irql);
+        }
+        let _ = c.out.permit();
+    }
+}
+
+/// The bind request (main's shared acquire/apply) and the pended local redirect (the same
+/// plumbing, acquired from the pend) on one connection: the implicit bind is rebound first,
+/// then the connect request, acquired from a work item, sends it to the proxy.
+#[test]
+fn a_rebound_connection_is_redirected_to_the_local_proxy_from_a_pend() {
+    const BIND_CALLOUT: Guid = guid!("53000000-0000-0000-0000-000000000005");
+    const BIND_FILTER: Guid = guid!("53000000-0000-0000-0000-000000000006");
+    let setup = setup(Machine::with_worker_threads(2), |[handle, _], d| {
+        PendedProxy {
+            queue: d.work_queue(),
+            handle: Arc::new(handle),
+            states: Mutex::new(Vec::new()),
+        }
+    });
+    let source: SocketAddr = "10.0.0.9:0".parse().unwrap();
+    let bind = install(
+        &setup.machine,
+        &setup.driver,
+        CalloutKey::new(BIND_CALLOUT),
+        BIND_FILTER,
+        |_| SourceAddress(source),
+    );
+    let outcome = setup.machine.connect(&app_connection(), AleIrql::Dispatch);
+    assert!(outcome.pended);
+    assert_eq!(outcome.decision.action, Action::Permit);
+    let local: SocketAddr = LOCAL.parse().unwrap();
+    assert_eq!(outcome.local, SocketAddr::new(source.ip(), local.port()));
+    assert_eq!(outcome.remote, PROXY.parse().unwrap());
+    assert_eq!(outcome.redirect_records.len(), 1);
+    assert_eq!(
+        outcome.layers.first().map(|(name, _)| *name),
+        Some("ALE_BIND_REDIRECT_V4")
+    );
+    bind.remove(&setup.machine, &setup.driver);
     setup.teardown();
 }
 
