@@ -582,6 +582,34 @@ fn a_rebound_connection_is_redirected_to_the_local_proxy_from_a_pend() {
     setup.teardown();
 }
 
+/// Pends the classification with the raw routines (`FwpsAcquireClassifyHandle0`,
+/// `FwpsPendClassify0`) and blocks it for now: the classify handle, the filter id and the
+/// classify-out the completion will hand back.
+fn pend_raw(
+    c: &mut Classify<'_, layer::AleConnectRedirectV4>,
+) -> (u64, u64, sys::FWPS_CLASSIFY_OUT0) {
+    let mut handle = 0u64;
+    // SAFETY: the classification's own classify context, during classifyFn.
+    let status = unsafe {
+        sys::FwpsAcquireClassifyHandle0(c.raw_classify_context().cast_mut(), 0, &mut handle)
+    };
+    assert_eq!(status, 0);
+    let filter_id = c.filter.id();
+    let mut out = sys::FWPS_CLASSIFY_OUT0 {
+        actionType: sys::FWP_ACTION_BLOCK,
+        outContext: 0,
+        filterId: 0,
+        rights: 0,
+        flags: 0,
+        reserved: 0,
+    };
+    // SAFETY: the handle was just acquired; `out` stands in for the classify-out.
+    let status = unsafe { sys::FwpsPendClassify0(handle, filter_id, 0, &mut out) };
+    assert_eq!(status, 0);
+    c.out.block();
+    (handle, filter_id, out)
+}
+
 /// Pends, acquires the connect request in classifyFn and hands the copy to a work item, which
 /// changes, applies and completes after (or while) classifyFn returns: the copy of a pended
 /// classification may be held across the return.
@@ -595,25 +623,7 @@ impl Callout<layer::AleConnectRedirectV4> for HandOff {
         irql: &mut DispatchLevel<'_>,
         c: &mut Classify<'_, layer::AleConnectRedirectV4>,
     ) {
-        let mut handle = 0u64;
-        // SAFETY: the classification's own classify context, during classifyFn.
-        let status = unsafe {
-            sys::FwpsAcquireClassifyHandle0(c.raw_classify_context().cast_mut(), 0, &mut handle)
-        };
-        assert_eq!(status, 0);
-        let filter_id = c.filter.id();
-        let mut out = sys::FWPS_CLASSIFY_OUT0 {
-            actionType: sys::FWP_ACTION_BLOCK,
-            outContext: 0,
-            filterId: 0,
-            rights: 0,
-            flags: 0,
-            reserved: 0,
-        };
-        // SAFETY: the handle was just acquired; `out` stands in for the classify-out.
-        let status = unsafe { sys::FwpsPendClassify0(handle, filter_id, 0, &mut out) };
-        assert_eq!(status, 0);
-        c.out.block();
+        let (handle, filter_id, mut out) = pend_raw(c);
         let mut data: sys::PVOID = core::ptr::null_mut();
         assert_eq!(acquire_pended(handle, filter_id, &mut data, &mut out), 0);
         let data = data as usize;
@@ -709,25 +719,7 @@ impl Callout<layer::AleConnectRedirectV4> for RawPended {
         irql: &mut DispatchLevel<'_>,
         c: &mut Classify<'_, layer::AleConnectRedirectV4>,
     ) {
-        let mut handle = 0u64;
-        // SAFETY: the classification's own classify context, during classifyFn.
-        let status = unsafe {
-            sys::FwpsAcquireClassifyHandle0(c.raw_classify_context().cast_mut(), 0, &mut handle)
-        };
-        assert_eq!(status, 0);
-        let filter_id = c.filter.id();
-        let mut out = sys::FWPS_CLASSIFY_OUT0 {
-            actionType: sys::FWP_ACTION_BLOCK,
-            outContext: 0,
-            filterId: 0,
-            rights: 0,
-            flags: 0,
-            reserved: 0,
-        };
-        // SAFETY: the handle was just acquired; `out` stands in for the classify-out.
-        let status = unsafe { sys::FwpsPendClassify0(handle, filter_id, 0, &mut out) };
-        assert_eq!(status, 0);
-        c.out.block();
+        let (handle, filter_id, mut out) = pend_raw(c);
         let mut data: sys::PVOID = core::ptr::null_mut();
         match self.how {
             PendedMisuse::CompleteBeforeApply => {
