@@ -1118,6 +1118,37 @@ fn packet_structures_match_windows_sys_and_the_headers() {
             i64::from(ours::FWPS_PACKET_PREVIOUSLY_INJECTED_BY_SELF),
             3,
         ),
+        // fwpsk.h, FWPS_CONNECTION_REDIRECT_STATE (NTDDI_WIN8): an enum counted from 0.
+        (
+            "FWPS_CONNECTION_NOT_REDIRECTED",
+            i64::from(ours::FWPS_CONNECTION_NOT_REDIRECTED),
+            0,
+        ),
+        (
+            "FWPS_CONNECTION_REDIRECTED_BY_SELF",
+            i64::from(ours::FWPS_CONNECTION_REDIRECTED_BY_SELF),
+            1,
+        ),
+        (
+            "FWPS_CONNECTION_REDIRECTED_BY_OTHER",
+            i64::from(ours::FWPS_CONNECTION_REDIRECTED_BY_OTHER),
+            2,
+        ),
+        (
+            "FWPS_CONNECTION_PREVIOUSLY_REDIRECTED_BY_SELF",
+            i64::from(ours::FWPS_CONNECTION_PREVIOUSLY_REDIRECTED_BY_SELF),
+            3,
+        ),
+        (
+            "FWPS_CONNECTION_REDIRECT_STATE_MAX",
+            i64::from(ours::FWPS_CONNECTION_REDIRECT_STATE_MAX),
+            4,
+        ),
+        (
+            "FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS",
+            i64::from(ours::FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS),
+            0x1,
+        ),
         ("AF_INET", i64::from(ours::AF_INET), i64::from(ws::AF_INET)),
         (
             "AF_INET6",

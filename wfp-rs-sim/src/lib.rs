@@ -732,6 +732,11 @@ impl Machine {
         crate::kernel::timer::check_unload(&self.kernel, driver.object, &driver.name);
         crate::kernel::flt::check_unload(&self.kernel, driver.object, &driver.name);
         crate::kernel::wfp::check_unload(&self.kernel, driver.object, &driver.name);
+        crate::kernel::wfp::check_unload_redirect_handles(
+            &self.kernel,
+            driver.object,
+            &driver.name,
+        );
         crate::kernel::irp::check_unload(&self.kernel, driver.object, &driver.name);
         crate::kernel::inject::check_unload(&self.kernel, driver.object, &driver.name);
         let devices = state
@@ -2091,6 +2096,31 @@ pub struct ConnectOutcome {
     /// connection's own local endpoint when nothing redirected the bind, and for an inbound
     /// connection.
     pub local: std::net::SocketAddr,
+    /// The connection's redirect records after ALE_CONNECT_REDIRECT: one per accepted
+    /// redirection that named a redirect handle (`localRedirectHandle`). A proxy that accepts
+    /// this connection sets them on its own outbound connection
+    /// ([`Machine::connect_with_redirect_records`]). Empty for an inbound connection.
+    pub redirect_records: RedirectRecords,
+}
+
+/// A connection's WFP redirect records: opaque data that relates a proxy's outbound connection
+/// to the connection it proxies (Winsock's `SIO_QUERY_WFP_CONNECTION_REDIRECT_RECORDS` on the
+/// accepted socket, `SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS` on the proxy's socket). In the
+/// simulator: the redirect handles that redirected the connection, oldest first, which
+/// `FwpsQueryConnectionRedirectState0` answers from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RedirectRecords(Vec<engine::RedirectRecord>);
+
+impl RedirectRecords {
+    /// Whether no redirect handle redirected the connection.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// How many redirections the records hold.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
 }
 
 /// What [`Machine::stream`] did: the filter engine's decision, and what the callouts left in
@@ -2302,7 +2332,11 @@ impl Machine {
     /// At ALE_CONNECT_REDIRECT `layerData` is a real `FWPS_CONNECT_REQUEST0` with the
     /// connection's endpoints; if a callout applies a new remote endpoint
     /// (`FwpsApplyModifiedLayerData0`), the later layers classify the connection to it, and
-    /// [`ConnectOutcome::remote`] reports it.
+    /// [`ConnectOutcome::remote`] reports it. The metadata there carries the connection's
+    /// redirect records (`FWPS_METADATA_FIELD_REDIRECT_RECORD_HANDLE`), empty for an
+    /// application's connection: see [`connect_with_redirect_records`](Self::connect_with_redirect_records).
+    /// A pended classification there (`FwpsPendClassify0`) keeps its connect request writable
+    /// until the pend is completed, and the later layers see what was applied by then.
     ///
     /// At ALE_BIND_REDIRECT `layerData` is a real `FWPS_BIND_REQUEST0` with the connection's
     /// local endpoint; if a callout applies a new one, ALE_RESOURCE_ASSIGNMENT and the later
@@ -2314,6 +2348,43 @@ impl Machine {
     /// are not modelled: each connection is its own socket, so a bind redirect affects that
     /// connection only.
     pub fn connect(&self, connection: &Connection, ale_irql: AleIrql) -> ConnectOutcome {
+        self.connect_with_redirect_records(connection, ale_irql, &RedirectRecords::default())
+    }
+
+    /// [`connect`](Self::connect) for a proxy's outbound connection whose socket carries
+    /// `records` (the [`ConnectOutcome::redirect_records`] of the connection it proxies, set
+    /// with Winsock's `SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS`, as Microsoft's "Using Bind or
+    /// Connect Redirection" tells a proxy to): at ALE_CONNECT_REDIRECT,
+    /// `FwpsQueryConnectionRedirectState0` then answers `FWPS_CONNECTION_REDIRECTED_BY_SELF` to
+    /// the callout whose redirect handle made the newest record, so it lets the proxy's
+    /// connection through instead of redirecting it back to the proxy.
+    pub fn connect_with_redirect_records(
+        &self,
+        connection: &Connection,
+        ale_irql: AleIrql,
+        records: &RedirectRecords,
+    ) -> ConnectOutcome {
+        let outbound = connection.direction == wfp_rs::metadata::Direction::Outbound;
+        let handle = outbound.then(|| {
+            let initial = records.0.clone();
+            self.run(|| engine::open_redirect_records(initial))
+        });
+        let mut outcome = self.connect_through_layers(connection, ale_irql, handle.unwrap_or(0));
+        if let Some(handle) = handle {
+            outcome.redirect_records =
+                RedirectRecords(self.run(|| engine::close_redirect_records(handle)));
+        }
+        outcome
+    }
+
+    /// The layers of [`connect`](Self::connect); `records` is the redirect records handle for
+    /// ALE_CONNECT_REDIRECT's metadata (0 for none).
+    fn connect_through_layers(
+        &self,
+        connection: &Connection,
+        ale_irql: AleIrql,
+        records: usize,
+    ) -> ConnectOutcome {
         use wfp_rs::layer::*;
         let v4 = connection.remote.is_ipv4();
         let ale = match ale_irql {
@@ -2383,13 +2454,20 @@ impl Machine {
             // ALE_BIND_REDIRECT's layerData: the stack's bind request, likewise.
             let mut bind = (id == AleBindRedirectV4::ID || id == AleBindRedirectV6::ID)
                 .then(|| Box::new(bind_request(presented.connection)));
+            // The redirect records go with the connect request only (ALE_CONNECT_REDIRECT).
             let mut layer_data = || match (request.as_mut(), bind.as_mut()) {
-                (Some(request), _) => Some(&mut **request as *mut _ as usize),
-                (_, Some(bind)) => Some(&mut **bind as *mut _ as usize),
+                (Some(request), _) => Some(Carried::Request {
+                    request: &mut **request as *mut _ as usize,
+                    records,
+                }),
+                (_, Some(bind)) => Some(Carried::Request {
+                    request: &mut **bind as *mut _ as usize,
+                    records: 0,
+                }),
                 (None, None) => None,
             };
             let carried = match layer_data() {
-                Some(address) => Carried::Request(address),
+                Some(carried) => carried,
                 // The packet carries the attempt (`flow`) even where the layer has no flow
                 // handle, so a clone of it finds this attempt when it is reinjected.
                 None => Carried::Built { origin: flow },
@@ -2422,6 +2500,7 @@ impl Machine {
                             pend_round_trip,
                             remote: connection.remote,
                             local: connection.local,
+                            redirect_records: RedirectRecords::default(),
                         };
                     };
                     let established = reinjected
@@ -2437,6 +2516,7 @@ impl Machine {
                         pend_round_trip,
                         remote: connection.remote,
                         local: connection.local,
+                        redirect_records: RedirectRecords::default(),
                     };
                 }
                 decision = match final_action {
@@ -2459,7 +2539,7 @@ impl Machine {
                         None,
                         Some(wfp_rs::sys::FWP_CONDITION_REAUTHORIZE_REASON_CLASSIFY_COMPLETION),
                         match layer_data() {
-                            Some(address) => Carried::Request(address),
+                            Some(carried) => carried,
                             None => Carried::Built { origin: 0 },
                         },
                     ),
@@ -2498,6 +2578,7 @@ impl Machine {
                     pend_round_trip,
                     remote: presented.connection.remote,
                     local: presented.connection.local,
+                    redirect_records: RedirectRecords::default(),
                 };
             }
         }
@@ -2518,6 +2599,7 @@ impl Machine {
             pend_round_trip,
             remote: presented.connection.remote,
             local: presented.connection.local,
+            redirect_records: RedirectRecords::default(),
         }
     }
 
@@ -2832,7 +2914,7 @@ impl Machine {
         };
         let origin = match carried {
             Carried::Built { origin } => origin,
-            Carried::Injected(_) | Carried::Request(_) => 0,
+            Carried::Injected(_) | Carried::Request { .. } => 0,
         };
         let build_packet = move || {
             let (source, destination) = endpoints;
@@ -2848,6 +2930,12 @@ impl Machine {
             packet.set_origin(origin);
             packet
         };
+        if let Carried::Request { records, .. } = carried
+            && records != 0
+        {
+            metadata.currentMetadataValues |= FWPS_METADATA_FIELD_REDIRECT_RECORD_HANDLE;
+            metadata.redirectRecords = records as HANDLE;
+        }
         let mut injected_layer_data = core::ptr::null_mut();
         if let (Carried::Injected(nbl), Some(start)) = (carried, packet_start) {
             // The reinjected clone is the packet; each layer finds its data start where the
@@ -2872,12 +2960,12 @@ impl Machine {
             // The engine copies it for the callouts (the stack's copy for this classification).
             process_path: Some(&presented.app_id),
             layer_data: match carried {
-                Carried::Request(request) => request as PVOID,
+                Carried::Request { request, .. } => request as PVOID,
                 Carried::Built { .. } | Carried::Injected(_) => injected_layer_data,
             },
             packet: match carried {
                 Carried::Built { .. } => packet_start.map(|_| &build_packet as &dyn Fn() -> _),
-                Carried::Injected(_) | Carried::Request(_) => None,
+                Carried::Injected(_) | Carried::Request { .. } => None,
             },
             classify_context: core::ptr::null(),
             flow_context: 0,
@@ -2928,8 +3016,9 @@ fn bind_request(connection: &Connection) -> wfp_rs::sys::FWPS_BIND_REQUEST0 {
 #[derive(Clone, Copy)]
 enum Carried {
     /// No packet: `layerData` is the connect request (ALE_CONNECT_REDIRECT) or the bind request
-    /// (ALE_BIND_REDIRECT) at this address.
-    Request(usize),
+    /// (ALE_BIND_REDIRECT) at `request`, and the metadata carries the redirect records handle
+    /// `records` (if not 0; ALE_CONNECT_REDIRECT only).
+    Request { request: usize, records: usize },
     /// One the stack builds for the classification (where the layer has packets), marked as a
     /// packet of connection attempt `origin`.
     Built { origin: u64 },

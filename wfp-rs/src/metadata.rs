@@ -77,6 +77,17 @@ impl<'a> Metadata<'a> {
         .filter(|handle| !handle.is_null())
     }
 
+    /// The connection's redirect records (`FWPS_METADATA_FIELD_REDIRECT_RECORD_HANDLE`), which
+    /// ALE_CONNECT_REDIRECT hands its callouts for `FwpsQueryConnectionRedirectState0` (see
+    /// [`Classify::redirect_state`](crate::callout::Classify::redirect_state)).
+    pub fn redirect_records(&self) -> Option<sys::HANDLE> {
+        self.get(
+            sys::FWPS_METADATA_FIELD_REDIRECT_RECORD_HANDLE,
+            self.raw.redirectRecords,
+        )
+        .filter(|handle| !handle.is_null())
+    }
+
     /// The transport endpoint handle (`FWPS_METADATA_FIELD_TRANSPORT_ENDPOINT_HANDLE`).
     pub fn transport_endpoint_handle(&self) -> Option<u64> {
         self.get(

@@ -335,6 +335,17 @@ impl PendedDecision {
         self.finish(None);
     }
 
+    /// The classify handle that pended the classification, until it is completed (for
+    /// [`crate::redirect::PendedRedirect`], which acquires the connect request with it).
+    pub(crate) fn classify_handle(&self) -> Option<u64> {
+        self.handle
+    }
+
+    /// The deep copy of the classify-out the completion hands back.
+    pub(crate) fn classify_out_mut(&mut self) -> &mut sys::FWPS_CLASSIFY_OUT0 {
+        &mut self.out
+    }
+
     fn finish(&mut self, out: Option<&sys::FWPS_CLASSIFY_OUT0>) {
         if let Some(handle) = self.handle.take() {
             let out = out.map_or(core::ptr::null(), |out| out as *const _);

@@ -200,6 +200,32 @@ pub(crate) struct Bfe {
     policy_changes: FxHashMap<u16, u64>,
     /// Where the machine is in its boot: which filters are enforced, whether sessions open.
     phase: Phase,
+    /// Redirect handles from `FwpsRedirectHandleCreate0`, not destroyed yet.
+    redirect_handles: FxHashMap<usize, RedirectHandleRecord>,
+    /// Redirect handles destroyed, the most recent ones (for the stop's report).
+    destroyed_redirect_handles: Retired,
+    /// The redirect records of the connections being classified at ALE_CONNECT_REDIRECT, by
+    /// the handle their metadata carries (`redirectRecords`): the redirect handles that
+    /// redirected each connection, oldest first.
+    redirect_records: FxHashMap<usize, Vec<RedirectRecord>>,
+    /// Classifications pended at ALE_CONNECT_REDIRECT whose classifyFn returned, by classify
+    /// context: their connect request stays writable, through the classify handle that pended
+    /// them, until the pend is completed.
+    pended_redirects: FxHashMap<usize, LiveClassification>,
+}
+
+/// A redirect handle from `FwpsRedirectHandleCreate0`.
+struct RedirectHandleRecord {
+    /// The driver that created it (checked at unload).
+    driver: usize,
+}
+
+/// One redirection of a connection: the redirect handle a callout put in the connect request
+/// it applied (`localRedirectHandle`), and the context it gave (`localRedirectContext`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RedirectRecord {
+    pub handle: usize,
+    pub context: usize,
 }
 
 /// Where a simulated machine is in its boot ([`restart`], [`start_bfe`]).
@@ -266,6 +292,8 @@ struct LiveClassification {
     /// The versions the history of the copies handed out points to, freed with the
     /// classification.
     versions: Vec<RequestVersion>,
+    /// The redirect records handle of the classification's metadata (ALE_CONNECT_REDIRECT).
+    redirect_records: Option<usize>,
 }
 
 /// A writable copy of a connect or bind request, from `FwpsAcquireWritableLayerDataPointer0`.
@@ -761,6 +789,8 @@ pub(crate) fn restart(kernel: &super::state::Kernel) -> usize {
     bfe.flow_contexts.clear();
     bfe.deferred_flow_deletes.clear();
     bfe.classify_handles.clear();
+    bfe.pended_redirects.clear();
+    bfe.redirect_handles.clear();
     bfe.phase = Phase::BootTime;
     drop(bfe);
     kernel.wfp_txn.notify_all();
@@ -2898,6 +2928,10 @@ impl Handles {
                     request: layer_request(incoming.layer, incoming.layer_data),
                     writable: None,
                     versions: Vec::new(),
+                    redirect_records: (incoming.metadata.currentMetadataValues
+                        & FWPS_METADATA_FIELD_REDIRECT_RECORD_HANDLE
+                        != 0)
+                        .then_some(incoming.metadata.redirectRecords as usize),
                 },
             );
             let completion_handle = incoming.pendable.then(|| {
@@ -2945,7 +2979,9 @@ impl Handles {
     /// A writable copy of the layer data acquired and never applied stops the machine:
     /// WFP_INVALID_OPERATION, parameter 1 = [`WRITABLE_DATA_NOT_APPLIED`], parameter 2 the
     /// classify handle. (INFERRED: the documentation says only that the classification may not
-    /// complete correctly without the apply.)
+    /// complete correctly without the apply.) Not while the classification is pended at
+    /// ALE_CONNECT_REDIRECT: the copy may be applied until the pend is completed, and
+    /// completing with it outstanding stops instead ([`COMPLETED_WITH_WRITABLE_DATA`]).
     fn take_back(self) -> Option<usize> {
         let (pended, not_applied) = with_bfe(|bfe| {
             let by_completion_handle = self.completion_handle.and_then(|handle| {
@@ -2954,11 +2990,22 @@ impl Handles {
             });
             bfe.retired_classify_contexts.retire(self.classification);
             let live = bfe.live_classifications.remove(&self.classification);
-            let not_applied = live
-                .as_ref()
-                .and_then(|c| c.writable.as_ref())
-                .map(|w| w.handle);
-            let by_classify_handle = live.and_then(|c| c.pended);
+            let by_classify_handle = live.as_ref().and_then(|c| c.pended);
+            let still_pended = by_classify_handle
+                .is_some_and(|handle| bfe.pends.get(&handle).is_some_and(|p| !p.completed));
+            let mut not_applied = None;
+            if let Some(live) = live {
+                if still_pended && matches!(live.request, Some(LayerRequest::Connect(_))) {
+                    // Pended at ALE_CONNECT_REDIRECT: the stack holds the connection and its
+                    // connect request, which the callout may still acquire, change and apply
+                    // from another context (a worker may hold the copy right now) before it
+                    // completes the pend ("Using Bind or Connect Redirection", asynchronous
+                    // redirection).
+                    bfe.pended_redirects.insert(self.classification, live);
+                } else {
+                    not_applied = live.writable.as_ref().map(|w| w.handle);
+                }
+            }
             (by_completion_handle.or(by_classify_handle), not_applied)
         });
         if let Some(handle) = not_applied {
@@ -3531,10 +3578,35 @@ pub unsafe extern "system" fn FwpsCompleteClassify0(
     // SAFETY: null or valid per the contract.
     let decision = unsafe { classifyOut.as_ref() }.map(|out| out.actionType);
     let kernel = current();
+    let handle = classifyHandle as usize;
+    let writable_outstanding = with_bfe(|bfe| {
+        let classification = bfe.classify_handles.get(&handle)?.classification;
+        let pended = bfe
+            .live_classifications
+            .get(&classification)
+            .or_else(|| bfe.pended_redirects.get(&classification))
+            .filter(|live| live.pended == Some(handle))?;
+        pended.writable.as_ref().map(|w| w.handle)
+    });
+    if writable_outstanding.is_some() {
+        stop(
+            BugCheckCode::WFP_INVALID_OPERATION,
+            [COMPLETED_WITH_WRITABLE_DATA, handle, 0, 0],
+            "FwpsCompleteClassify0 with the connect request acquired and not applied: apply it (FwpsApplyModifiedLayerData0) before completing",
+        );
+    }
     let completed = {
         let mut bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
-        let handle = classifyHandle as usize;
         let acquired = bfe.classify_handles.contains_key(&handle);
+        if let Some(classification) = bfe.classify_handles.get(&handle).map(|h| h.classification)
+            && bfe
+                .pended_redirects
+                .get(&classification)
+                .is_some_and(|live| live.pended == Some(handle))
+        {
+            // The pend ends: the stack takes the connect request back.
+            bfe.pended_redirects.remove(&classification);
+        }
         match bfe.pends.get_mut(&handle) {
             Some(pend) if acquired && !pend.completed => {
                 pend.completed = true;
@@ -3606,12 +3678,43 @@ enum WritableMisuse {
     NotAcquired,
     ClassificationReturned,
     NotOutstanding,
+    /// The copy names a redirect handle that is not live; with the stop's parameter 3.
+    RedirectHandleNotLive(usize, usize),
     Status(NTSTATUS),
 }
 
+/// The classification whose connect request a classify handle reaches: one in progress, or one
+/// pended at ALE_CONNECT_REDIRECT whose pend is not completed yet.
+fn writable_classification<'b>(
+    live: &'b mut FxHashMap<usize, LiveClassification>,
+    pended: &'b mut FxHashMap<usize, LiveClassification>,
+    classification: usize,
+) -> Option<&'b mut LiveClassification> {
+    match live.get_mut(&classification) {
+        Some(live) => Some(live),
+        None => pended.get_mut(&classification),
+    }
+}
+
+/// Whether a connect request now goes to this host: a loopback address, or the connection's
+/// own local address (the two ways "Using Bind or Connect Redirection" points a connection at
+/// a local proxy).
+fn is_local_redirect(request: &FWPS_CONNECT_REQUEST0) -> bool {
+    let remote = wfp_rs::redirect::socket_address_from_storage(&request.remoteAddressAndPort);
+    let local = wfp_rs::redirect::socket_address_from_storage(&request.localAddressAndPort);
+    match remote {
+        Some(remote) => {
+            remote.ip().is_loopback() || local.is_some_and(|local| local.ip() == remote.ip())
+        }
+        None => false,
+    }
+}
+
 /// `FwpsAcquireWritableLayerDataPointer0`: a writable copy of the classification's connect
-/// request (ALE_CONNECT_REDIRECT_V4/V6) or bind request (ALE_BIND_REDIRECT_V4/V6), for the
-/// classify handle acquired in this classification. Sets the classify-out to BLOCK and clears its write
+/// request (ALE_CONNECT_REDIRECT_V4/V6) or bind request (ALE_BIND_REDIRECT_V4/V6), for a
+/// classify handle acquired for a classification in progress, or for one pended at
+/// ALE_CONNECT_REDIRECT whose pend is not completed (from any context at IRQL <=
+/// `DISPATCH_LEVEL`). Sets the classify-out to BLOCK and clears its write
 /// right, as the documentation says.
 ///
 /// The copy's `previousVersion` is the history: null if no filter modified the request yet,
@@ -3646,10 +3749,17 @@ pub unsafe extern "system" fn FwpsAcquireWritableLayerDataPointer0(
             .classify_handles
             .get(&handle)
             .ok_or(WritableMisuse::NotAcquired)?;
-        let live = bfe
-            .live_classifications
-            .get_mut(&acquired.classification)
-            .ok_or(WritableMisuse::ClassificationReturned)?;
+        if bfe.pends.get(&handle).is_some_and(|p| p.completed) {
+            // The pend this handle made is completed: the stack has taken the connect request
+            // back, even if classifyFn (which completed it inline) has not returned yet.
+            return Err(WritableMisuse::ClassificationReturned);
+        }
+        let live = writable_classification(
+            &mut bfe.live_classifications,
+            &mut bfe.pended_redirects,
+            acquired.classification,
+        )
+        .ok_or(WritableMisuse::ClassificationReturned)?;
         let request = live
             .request
             .ok_or(WritableMisuse::Status(Status::INVALID_PARAMETER.raw()))?;
@@ -3695,8 +3805,18 @@ pub unsafe extern "system" fn FwpsAcquireWritableLayerDataPointer0(
 /// values, and the new version records the filter (`modifierFilterId`, the filter id given at
 /// the acquire) and the history; an unchanged copy records nothing (INFERRED). A changed local
 /// address at ALE_CONNECT_REDIRECT is ignored (INFERRED: "Using Bind or Connect Redirection"
-/// says it is only supported at ALE_BIND_REDIRECT). Only inline redirection is simulated:
-/// `flags` is not acted on.
+/// says it is only supported at ALE_BIND_REDIRECT). `flags`
+/// (`FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS`) is not acted on.
+///
+/// A connect request's change that sends the connection to this host (a loopback address, or
+/// the connection's own local address) is dropped whole unless the copy names a redirect handle
+/// (`localRedirectHandle`) and the proxy's process id (`localRedirectTargetPID`): see
+/// [`is_local_redirect`]. An accepted change that names a redirect handle adds a record to the
+/// connection's redirect records ([`FwpsQueryConnectionRedirectState0`]).
+///
+/// The classification may be in progress, or pended at ALE_CONNECT_REDIRECT and not completed
+/// (asynchronous redirection: the copy is acquired and applied from another context with the
+/// classify handle that pended it).
 ///
 /// Applying data that is not the outstanding copy of the handle's classification — never
 /// acquired, applied already, another pointer — stops the machine (INFERRED: on Windows the
@@ -3721,16 +3841,38 @@ pub unsafe extern "system" fn FwpsApplyModifiedLayerData0(
             .classify_handles
             .get(&handle)
             .ok_or(WritableMisuse::NotAcquired)?;
-        let live = bfe
-            .live_classifications
-            .get_mut(&acquired.classification)
-            .ok_or(WritableMisuse::ClassificationReturned)?;
+        let live = writable_classification(
+            &mut bfe.live_classifications,
+            &mut bfe.pended_redirects,
+            acquired.classification,
+        )
+        .ok_or(WritableMisuse::ClassificationReturned)?;
         let outstanding = live
             .writable
             .as_ref()
             .is_some_and(|w| w.handle == handle && w.copy.is_at(modifiedLayerData));
         let (Some(request), true) = (live.request, outstanding) else {
             return Err(WritableMisuse::NotOutstanding);
+        };
+        let redirect_handle = live
+            .writable
+            .as_ref()
+            .and_then(|w| w.copy.get::<FWPS_CONNECT_REQUEST0>())
+            .map_or(0, |request| request.localRedirectHandle as usize);
+        if redirect_handle != 0 && !bfe.redirect_handles.contains_key(&redirect_handle) {
+            return Err(WritableMisuse::RedirectHandleNotLive(
+                redirect_handle,
+                bfe.destroyed_redirect_handles.parameter(redirect_handle),
+            ));
+        }
+        let Some(live) = writable_classification(
+            &mut bfe.live_classifications,
+            &mut bfe.pended_redirects,
+            bfe.classify_handles
+                .get(&handle)
+                .map_or(0, |acquired| acquired.classification),
+        ) else {
+            return Err(WritableMisuse::ClassificationReturned);
         };
         let Some(WritableCopy {
             filter_id, copy, ..
@@ -3739,11 +3881,34 @@ pub unsafe extern "system" fn FwpsApplyModifiedLayerData0(
             return Err(WritableMisuse::NotOutstanding);
         };
         match request {
-            // SAFETY: the stack's request for this classification, alive while it is live; the
-            // engine lock orders every access to it.
-            LayerRequest::Connect(request) => unsafe {
-                apply_copy::<FWPS_CONNECT_REQUEST0>(request, &copy, filter_id);
-            },
+            LayerRequest::Connect(request) => {
+                let Some(modified) = copy.get::<FWPS_CONNECT_REQUEST0>() else {
+                    return Err(WritableMisuse::NotOutstanding);
+                };
+                // A redirect to this host (a local proxy) is accepted only with a redirect
+                // handle and the proxy's process id: documented for the process id ("must be
+                // set for loopback redirect changes to be accepted"); INFERRED for the handle
+                // from the FWPS_CONNECT_REQUEST0 page ("must be populated for redirection to
+                // work", Windows 8 and later): the whole modification is dropped, and the
+                // connection goes where it was going.
+                let accepted = !is_local_redirect(modified)
+                    || (redirect_handle != 0 && modified.localRedirectTargetPID != 0);
+                let changed = accepted
+                    // SAFETY: the stack's request for this classification, alive while it is
+                    // live; the engine lock orders every access to it.
+                    && unsafe { apply_copy::<FWPS_CONNECT_REQUEST0>(request, &copy, filter_id) };
+                if changed
+                    && redirect_handle != 0
+                    && let Some(records) = live
+                        .redirect_records
+                        .and_then(|records| bfe.redirect_records.get_mut(&records))
+                {
+                    records.push(RedirectRecord {
+                        handle: redirect_handle,
+                        context: modified.localRedirectContext as usize,
+                    });
+                }
+            }
             // SAFETY: as above.
             LayerRequest::Bind(request) => unsafe {
                 apply_copy::<FWPS_BIND_REQUEST0>(request, &copy, filter_id);
@@ -3785,23 +3950,29 @@ unsafe fn writable_copy<R: RedirectRequest>(
 }
 
 /// Applies the writable `copy` to the stack's request at `request`: what changed is taken, and
-/// the new version records `filter_id` and the history.
+/// the new version records `filter_id` and the history. Whether anything changed.
 ///
 /// # Safety
 ///
 /// `request` is the address of a live `R`, accessed by nobody else meanwhile.
-unsafe fn apply_copy<R: RedirectRequest>(request: usize, copy: &RequestVersion, filter_id: u64) {
+unsafe fn apply_copy<R: RedirectRequest>(
+    request: usize,
+    copy: &RequestVersion,
+    filter_id: u64,
+) -> bool {
     // SAFETY: a live `R`, exclusively ours, per the contract.
     let current = unsafe { &mut *(request as *mut R) };
     let Some(modified) = copy.get::<R>() else {
-        return;
+        return false;
     };
     let mut modified = *modified;
-    if current.take_changes(&modified) {
+    let changed = current.take_changes(&modified);
+    if changed {
         let (previous_version, modifier) = current.history();
         *previous_version = *modified.history().0;
         *modifier = filter_id;
     }
+    changed
 }
 
 fn same_socket_address(a: &SOCKADDR_STORAGE, b: &SOCKADDR_STORAGE) -> bool {
@@ -3827,13 +3998,236 @@ fn writable_misuse(function: &'static str, handle: usize, misuse: WritableMisuse
         WritableMisuse::ClassificationReturned => stop(
             BugCheckCode::WFP_INVALID_OPERATION,
             [WRITABLE_DATA_AFTER_CLASSIFICATION, handle, 0, 0],
-            "writable layer data acquired or applied after the classification returned: redirect from within classifyFn",
+            "writable layer data acquired or applied after the classification returned (and was not pended, or its pend was completed): redirect from within classifyFn, or pend it and redirect before completing",
         ),
+        WritableMisuse::RedirectHandleNotLive(redirect_handle, destroyed) => {
+            redirect_handle_not_live(
+                "FwpsApplyModifiedLayerData0 with a localRedirectHandle",
+                redirect_handle,
+                destroyed,
+            )
+        }
         WritableMisuse::NotOutstanding => stop(
             BugCheckCode::WFP_INVALID_OPERATION,
             [APPLY_WITHOUT_ACQUIRE, handle, 0, 0],
             "FwpsApplyModifiedLayerData0 with data that is not the outstanding writable copy (never acquired, applied twice, or another pointer)",
         ),
+    }
+}
+
+// --- redirect handles and redirect records -------------------------------------------------------
+
+/// Parameter 1 of the `WFP_INVALID_OPERATION` stop for a redirect handle that is not live
+/// (destroyed, or never created) given to `FwpsRedirectHandleDestroy0`,
+/// `FwpsQueryConnectionRedirectState0` or, as `localRedirectHandle`, to
+/// `FwpsApplyModifiedLayerData0`; parameter 2 the handle, parameter 3 = 1 if it was destroyed
+/// recently. INFERRED, like the other `0x8000_00xx`: Windows would use a freed object.
+pub(crate) const REDIRECT_HANDLE_NOT_LIVE: usize = 0x8000_0020;
+/// Parameter 1 of the stop for `FwpsQueryConnectionRedirectState0` with redirect records that
+/// are not a classification's in progress (kept after classifyFn, or never handed out).
+pub(crate) const REDIRECT_RECORDS_NOT_LIVE: usize = 0x8000_0021;
+/// Parameter 1 of the stop for `FwpsCompleteClassify0` while the pended classification's
+/// connect request is acquired and not applied (INFERRED: the documentation orders apply before
+/// complete; completing first hands the stack a request the callout still writes).
+pub(crate) const COMPLETED_WITH_WRITABLE_DATA: usize = 0x8000_0022;
+/// Parameter 3 of the unload stop for redirect handles never destroyed; parameter 4 how many.
+pub(crate) const UNLOAD_REDIRECT_HANDLES_OPEN: usize = 7;
+
+/// `FwpsRedirectHandleCreate0`: `PASSIVE_LEVEL`; `flags` is reserved and must be zero
+/// (INFERRED: `STATUS_INVALID_PARAMETER` otherwise). The handle belongs to the calling driver:
+/// unloading without destroying it stops the machine ([`check_unload_redirect_handles`]).
+///
+/// # Safety
+///
+/// `providerGuid` readable, `redirectHandle` writable.
+pub unsafe extern "system" fn FwpsRedirectHandleCreate0(
+    providerGuid: *const GUID,
+    flags: u32,
+    redirectHandle: *mut HANDLE,
+) -> NTSTATUS {
+    let _kernel = super::state::KernelCode::enter();
+    require_irql("FwpsRedirectHandleCreate0", PASSIVE_LEVEL);
+    if providerGuid.is_null() || redirectHandle.is_null() {
+        return Status::FWP_NULL_POINTER.raw();
+    }
+    if flags != 0 {
+        return Status::INVALID_PARAMETER.raw();
+    }
+    let driver = current_driver();
+    let handle = with_bfe(|bfe| {
+        bfe.next_pend += 1;
+        let handle = opaque_value(0xDE1A, bfe.next_pend);
+        bfe.redirect_handles
+            .insert(handle, RedirectHandleRecord { driver });
+        handle
+    });
+    // SAFETY: writable per the contract.
+    unsafe { redirectHandle.write(handle as HANDLE) };
+    STATUS_SUCCESS
+}
+
+/// `FwpsRedirectHandleDestroy0`: `PASSIVE_LEVEL`. A handle that is not live (destroyed twice,
+/// never created) stops the machine: WFP_INVALID_OPERATION, parameter 1 =
+/// [`REDIRECT_HANDLE_NOT_LIVE`].
+///
+/// # Safety
+///
+/// None beyond the kernel's rules, which this function checks.
+pub unsafe extern "system" fn FwpsRedirectHandleDestroy0(redirectHandle: HANDLE) {
+    let _kernel = super::state::KernelCode::enter();
+    require_irql("FwpsRedirectHandleDestroy0", PASSIVE_LEVEL);
+    let handle = redirectHandle as usize;
+    let destroyed = with_bfe(|bfe| {
+        if bfe.redirect_handles.remove(&handle).is_some() {
+            bfe.destroyed_redirect_handles.retire(handle);
+            Ok(())
+        } else {
+            Err(bfe.destroyed_redirect_handles.parameter(handle))
+        }
+    });
+    if let Err(destroyed) = destroyed {
+        redirect_handle_not_live(
+            "FwpsRedirectHandleDestroy0 on a redirect handle",
+            handle,
+            destroyed,
+        );
+    }
+}
+
+/// Stops the machine for a redirect handle that is not live: WFP_INVALID_OPERATION,
+/// parameter 1 = [`REDIRECT_HANDLE_NOT_LIVE`], parameter 2 the handle, parameter 3 `destroyed`
+/// (1 if it was destroyed recently). `what` names the routine and the handle.
+fn redirect_handle_not_live(what: &str, handle: usize, destroyed: usize) -> ! {
+    let why = if destroyed == 1 {
+        "that was already destroyed"
+    } else {
+        "FwpsRedirectHandleCreate0 never returned"
+    };
+    stop(
+        BugCheckCode::WFP_INVALID_OPERATION,
+        [REDIRECT_HANDLE_NOT_LIVE, handle, destroyed, 0],
+        &format!("{what} {why}"),
+    )
+}
+
+/// `FwpsQueryConnectionRedirectState0`: IRQL <= `DISPATCH_LEVEL`. What the redirect records
+/// of a connection say relative to `redirectHandle` (fwpsk.h's meanings): no record,
+/// `FWPS_CONNECTION_NOT_REDIRECTED`; the newest record is this handle's,
+/// `FWPS_CONNECTION_REDIRECTED_BY_SELF`; an older one is, `FWPS_CONNECTION_PREVIOUSLY_REDIRECTED_BY_SELF`;
+/// none is, `FWPS_CONNECTION_REDIRECTED_BY_OTHER`. With a `redirectContext` pointer, it
+/// receives the context of this handle's newest record in the two "self" states and null
+/// otherwise (INFERRED: the documentation says only when it is returned).
+///
+/// A record is made when a callout applies a connect request that names a redirect handle
+/// (`localRedirectHandle`) and is accepted; a proxy's own connection carries the records of
+/// the connection it proxies when the harness says so
+/// (`Machine::connect_with_redirect_records`, Winsock's
+/// `SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS`).
+///
+/// A redirect handle that is not live stops the machine ([`REDIRECT_HANDLE_NOT_LIVE`]); so do
+/// records that are not a classification's in progress ([`REDIRECT_RECORDS_NOT_LIVE`],
+/// INFERRED: they belong to the connection being classified).
+///
+/// # Safety
+///
+/// `redirectContext` null or writable.
+pub unsafe extern "system" fn FwpsQueryConnectionRedirectState0(
+    redirectRecords: HANDLE,
+    redirectHandle: HANDLE,
+    redirectContext: *mut *mut core::ffi::c_void,
+) -> FWPS_CONNECTION_REDIRECT_STATE {
+    let _kernel = super::state::KernelCode::enter();
+    require_irql("FwpsQueryConnectionRedirectState0", DISPATCH_LEVEL);
+    let (records, handle) = (redirectRecords as usize, redirectHandle as usize);
+    let answer = with_bfe(|bfe| {
+        if !bfe.redirect_handles.contains_key(&handle) {
+            let destroyed = bfe.destroyed_redirect_handles.parameter(handle);
+            return Err((REDIRECT_HANDLE_NOT_LIVE, handle, destroyed));
+        }
+        let Some(records) = bfe.redirect_records.get(&records) else {
+            return Err((REDIRECT_RECORDS_NOT_LIVE, records, 0));
+        };
+        let newest_own = records.iter().rposition(|r| r.handle == handle);
+        Ok(match (records.last(), newest_own) {
+            (None, _) => (FWPS_CONNECTION_NOT_REDIRECTED, 0),
+            (Some(last), Some(own)) if last.handle == handle => {
+                (FWPS_CONNECTION_REDIRECTED_BY_SELF, records[own].context)
+            }
+            (Some(_), Some(own)) => (
+                FWPS_CONNECTION_PREVIOUSLY_REDIRECTED_BY_SELF,
+                records[own].context,
+            ),
+            (Some(_), None) => (FWPS_CONNECTION_REDIRECTED_BY_OTHER, 0),
+        })
+    });
+    match answer {
+        Ok((state, context)) => {
+            // SAFETY: null or writable per the contract.
+            if let Some(out) = unsafe { redirectContext.as_mut() } {
+                *out = context as *mut core::ffi::c_void;
+            }
+            state
+        }
+        Err((REDIRECT_HANDLE_NOT_LIVE, handle, destroyed)) => redirect_handle_not_live(
+            "FwpsQueryConnectionRedirectState0 with a redirect handle",
+            handle,
+            destroyed,
+        ),
+        Err((parameter, records, _)) => stop(
+            BugCheckCode::WFP_INVALID_OPERATION,
+            [parameter, records, 0, 0],
+            "FwpsQueryConnectionRedirectState0 with redirect records that are not a classification's in progress (kept after classifyFn?)",
+        ),
+    }
+}
+
+/// Opens the redirect records of a connection about to cross ALE_CONNECT_REDIRECT (harness):
+/// `initial` are the records its socket carries (empty for an application's connection).
+/// Returns the handle the classification's metadata carries.
+pub(crate) fn open_redirect_records(initial: Vec<RedirectRecord>) -> usize {
+    with_bfe(|bfe| {
+        bfe.next_pend += 1;
+        let handle = opaque_value(0x5EC0, bfe.next_pend);
+        bfe.redirect_records.insert(handle, initial);
+        handle
+    })
+}
+
+/// Closes the redirect records `handle` (harness, when the connection has crossed the layers)
+/// and returns them.
+pub(crate) fn close_redirect_records(handle: usize) -> Vec<RedirectRecord> {
+    with_bfe(|bfe| bfe.redirect_records.remove(&handle).unwrap_or_default())
+}
+
+/// At unload of `driver`: a redirect handle it created and did not destroy stops the machine
+/// with `DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS`, parameter 2 the lowest such
+/// handle, parameter 3 [`UNLOAD_REDIRECT_HANDLES_OPEN`], parameter 4 how many. INFERRED, as for
+/// injection handles: what fwpkclnt.sys allocated for the driver outlives it.
+pub(crate) fn check_unload_redirect_handles(
+    kernel: &super::state::Kernel,
+    driver: usize,
+    name: &str,
+) {
+    let bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
+    let mut open: Vec<usize> = bfe
+        .redirect_handles
+        .iter()
+        .filter(|(_, r)| r.driver == driver)
+        .map(|(&h, _)| h)
+        .collect();
+    drop(bfe);
+    open.sort_unstable();
+    if let Some(&first) = open.first() {
+        stop(
+            BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS,
+            [0, first, UNLOAD_REDIRECT_HANDLES_OPEN, open.len()],
+            &format!(
+                "driver {name} unloaded with {} redirect handle(s) never destroyed (first \
+                 {first:#x}). Destroy every handle (FwpsRedirectHandleDestroy0) before unload \
+                 returns",
+                open.len()
+            ),
+        );
     }
 }
 

@@ -412,6 +412,19 @@ kernel_functions! {
             classifyOut: *mut FWPS_CLASSIFY_OUT0,
         ) -> NTSTATUS;
         fn FwpsApplyModifiedLayerData0(classifyHandle: u64, modifiedLayerData: PVOID, flags: u32);
+        // Redirect handles (Windows 8 and later): create and destroy at PASSIVE_LEVEL; the
+        // query at IRQL <= DISPATCH_LEVEL.
+        fn FwpsRedirectHandleCreate0(
+            providerGuid: *const GUID,
+            flags: u32,
+            redirectHandle: *mut HANDLE,
+        ) -> NTSTATUS;
+        fn FwpsRedirectHandleDestroy0(redirectHandle: HANDLE);
+        fn FwpsQueryConnectionRedirectState0(
+            redirectRecords: HANDLE,
+            redirectHandle: HANDLE,
+            redirectContext: *mut *mut core::ffi::c_void,
+        ) -> FWPS_CONNECTION_REDIRECT_STATE;
     }
 
     // Packet injection (fwpsk.h). FwpsInjectionHandleCreate0 and FwpsInjectionHandleDestroy0
