@@ -403,3 +403,43 @@ fn cases_are_a_function_of_the_seed_within_the_generations_bounds() {
         "every workload size from 1 to 3 within 64 seeds"
     );
 }
+
+/// Effects count the cases that reached them; `assert_holds` fails when one was never reached,
+/// and the isolated harness counts them in its child.
+#[test]
+fn effects_are_counted_and_one_never_reached_fails() {
+    let harness = || {
+        Harness::new("buggy", fails_open::DriverEntry, no_service)
+            .generation(Generation {
+                max_connections: 3,
+                answers: vec![Answer::Allow],
+                faults: false,
+                ..Generation::default()
+            })
+            .effect("an inbound connection", |run| {
+                run.outcomes.iter().any(|(c, _)| c.inbound)
+            })
+            .effect("more than three connections", |run| run.outcomes.len() > 3)
+    };
+    let counted = harness();
+    assert_eq!(counted.check(0..32).expect("holds"), 32);
+    let effects = counted.effects();
+    assert_eq!(effects[0].0, "an inbound connection");
+    assert!(effects[0].1 > 0 && effects[0].1 <= 32, "{effects:?}");
+    assert_eq!(effects[1].1, 0, "{effects:?}");
+    let unreached = std::panic::catch_unwind(|| harness().assert_holds(0..32))
+        .expect_err("an effect never reached fails");
+    let message = unreached
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        message.contains("no case reached the effect \"more than three connections\""),
+        "{message}"
+    );
+    let isolated = harness();
+    isolated
+        .check_isolated("effects_are_counted_and_one_never_reached_fails", 0..32)
+        .expect("holds");
+    assert_eq!(isolated.effects(), effects, "counted in the child");
+}

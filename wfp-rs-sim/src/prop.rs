@@ -23,6 +23,11 @@
 //!   the machine on a work item, timer or handle still alive);
 //! - the driver's own properties, closures over the [`Run`] ([`Harness::property`]).
 //!
+//! And it counts the cases that reached each effect the driver's author names
+//! ([`Harness::effect`]: a pended connection, a reply refused, a flow cut), failing
+//! [`Harness::assert_holds`] if one was never reached: a property whose situation never comes up
+//! holds vacuously.
+//!
 //! A failing case shrinks (proptest's value trees: fewer connections, fewer faults, simpler
 //! answers) to a minimal one that still fails, which [`Counterexample`] prints with its seed and
 //! the command that replays it: `WFP_SIM_SEED=<seed>` makes `check` run that seed only, and the
@@ -70,6 +75,7 @@ use std::{
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -381,6 +387,13 @@ pub type ServiceBody<'m, S> = Box<dyn FnOnce() -> S + Send + 'm>;
 type StartService<S> = dyn for<'m> Fn(&'m Machine, &Case) -> ServiceBody<'m, S> + Sync;
 type Property<S> = dyn Fn(&Run<S>) -> Result<(), String> + Sync;
 
+/// An effect a case may reach ([`Harness::effect`]), and how many checked cases did.
+struct Effect<S> {
+    name: String,
+    reached: Box<dyn Fn(&Run<S>) -> bool + Sync>,
+    cases: AtomicU64,
+}
+
 /// A failed check: which invariant or property, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Failure {
@@ -435,6 +448,8 @@ const ISOLATED_RUN_VARIABLE: &str = "WFP_SIM_PROP_RUN";
 /// after `| `), then [`CHILD_END`].
 const CHILD_FAILED: &str = "wfp-rs property harness: a case failed, seed ";
 const CHILD_END: &str = "wfp-rs property harness: end of failure";
+/// How a scanning child reports an effect's count: this, the effect's index, a space, the count.
+const CHILD_EFFECT: &str = "wfp-rs property harness: effect ";
 /// The stop note's opening, before the seed: how the parent finds which case bug-checked.
 const CASE_NOTE_PREFIX: &str = "property harness: running the case of seed ";
 
@@ -496,6 +511,7 @@ pub struct Harness<S> {
     entry: DriverEntryFn,
     start_service: Box<StartService<S>>,
     properties: Vec<(String, Box<Property<S>>)>,
+    effects: Vec<Effect<S>>,
     generation: Generation,
 }
 
@@ -507,6 +523,14 @@ impl<S> fmt::Debug for Harness<S> {
             .field(
                 "properties",
                 &self.properties.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .field(
+                "effects",
+                &self
+                    .effects
+                    .iter()
+                    .map(|e| (&e.name, e.cases.load(Ordering::Relaxed)))
+                    .collect::<Vec<_>>(),
             )
             .finish_non_exhaustive()
     }
@@ -532,8 +556,37 @@ impl<S: Send> Harness<S> {
             entry,
             start_service: Box::new(start_service),
             properties: Vec::new(),
+            effects: Vec::new(),
             generation: Generation::default(),
         }
+    }
+
+    /// Adds an effect the workloads should reach — a pended connection, a reply refused, a
+    /// flow cut — counted over the cases [`check`](Self::check) runs (each case that passed
+    /// and for which `reached` holds; shrinking runs do not count).
+    /// [`assert_holds`](Self::assert_holds) prints the counts and fails if an effect was never
+    /// reached, so that a property that holds only because its situation never came up (a
+    /// generator change, a fault that stopped reaching the driver) does not pass unnoticed.
+    #[must_use]
+    pub fn effect(
+        mut self,
+        name: &str,
+        reached: impl Fn(&Run<S>) -> bool + Sync + 'static,
+    ) -> Self {
+        self.effects.push(Effect {
+            name: name.to_owned(),
+            reached: Box::new(reached),
+            cases: AtomicU64::new(0),
+        });
+        self
+    }
+
+    /// Each effect ([`effect`](Self::effect)) with how many checked cases reached it so far.
+    pub fn effects(&self) -> Vec<(String, u64)> {
+        self.effects
+            .iter()
+            .map(|e| (e.name.clone(), e.cases.load(Ordering::Relaxed)))
+            .collect()
     }
 
     /// Adds a property of the driver's own, checked after every case that kept the invariants:
@@ -708,7 +761,7 @@ impl<S: Send> Harness<S> {
             cases_run += 1;
             let mut tree = self.tree(seed);
             let original = tree.current();
-            let Err(failure) = self.run_case(&original, seed) else {
+            let Err(failure) = self.run_counting(&original, seed, true) else {
                 continue;
             };
             let (minimal, failure, shrink_runs) =
@@ -737,6 +790,25 @@ impl<S: Send> Harness<S> {
     pub fn assert_holds(&self, seeds: core::ops::Range<u64>) {
         if let Err(counterexample) = self.check(seeds) {
             panic!("{counterexample}");
+        }
+        self.assert_effects_reached();
+    }
+
+    /// Prints each effect's count, and panics if one was never reached — unless `WFP_SIM_SEED`
+    /// replays one seed, whose case need not reach them all.
+    #[track_caller]
+    fn assert_effects_reached(&self) {
+        let effects = self.effects();
+        for (name, cases) in &effects {
+            std::eprintln!("{}: {name}: {cases} case(s)", self.name);
+        }
+        if std::env::var(crate::SEED_VARIABLE).is_err()
+            && let Some((name, _)) = effects.iter().find(|(_, cases)| *cases == 0)
+        {
+            panic!(
+                "property harness: no case reached the effect {name:?} (the workloads or faults \
+                 no longer bring it about, and the properties that need it hold vacuously)"
+            );
         }
     }
 
@@ -802,11 +874,26 @@ impl<S: Send> Harness<S> {
         if let Err(counterexample) = self.check_isolated(test_name, seeds) {
             panic!("{counterexample}");
         }
+        self.assert_effects_reached();
     }
 
-    /// Runs a child for `mode`; `Some` with the seed and the failure if a case failed.
+    /// Runs a child for `mode`; `Some` with the seed and the failure if a case failed. The
+    /// effects a scanning child counted are added to this harness's.
     fn run_child(&self, test_name: &str, mode: &str) -> Option<(u64, Failure)> {
         let child = crate::run_isolated_with(test_name, &[(ISOLATED_RUN_VARIABLE, mode)], || {});
+        for line in child.stderr.lines() {
+            let Some((index, cases)) = line
+                .strip_prefix(CHILD_EFFECT)
+                .and_then(|rest| rest.split_once(' '))
+            else {
+                continue;
+            };
+            if let (Ok(index), Ok(cases)) = (index.parse::<usize>(), cases.parse::<u64>())
+                && let Some(effect) = self.effects.get(index)
+            {
+                effect.cases.fetch_add(cases, Ordering::Relaxed);
+            }
+        }
         if let Some(stop) = &child.bugcheck {
             let seed = child
                 .stderr
@@ -878,7 +965,7 @@ impl<S: Send> Harness<S> {
                     tree.complicate()
                 };
             }
-            if let Err(failure) = self.run_case(&tree.current(), seed) {
+            if let Err(failure) = self.run_counting(&tree.current(), seed, steps.is_none()) {
                 let mut report = format!("{CHILD_FAILED}{seed}\n{}\n", failure.property);
                 for line in failure.message.lines() {
                     report.push_str("| ");
@@ -889,6 +976,12 @@ impl<S: Send> Harness<S> {
                 return;
             }
         }
+        for (index, effect) in self.effects.iter().enumerate() {
+            eprintln!(
+                "{CHILD_EFFECT}{index} {}",
+                effect.cases.load(Ordering::Relaxed)
+            );
+        }
     }
 
     /// Runs `case` on a fresh deterministic machine and checks the invariants and the
@@ -898,6 +991,12 @@ impl<S: Send> Harness<S> {
     ///
     /// The first invariant or property that did not hold.
     pub fn run_case(&self, case: &Case, seed: u64) -> Result<(), Failure> {
+        self.run_counting(case, seed, false)
+    }
+
+    /// [`run_case`](Self::run_case), counting the effects the case reached if it passed and
+    /// `count` is set.
+    fn run_counting(&self, case: &Case, seed: u64, count: bool) -> Result<(), Failure> {
         let fail = |property: &str, message: String| Failure {
             property: property.to_owned(),
             message,
@@ -1086,6 +1185,17 @@ impl<S: Send> Harness<S> {
             let held = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| property(&run)))
                 .unwrap_or_else(|_| Err("the property panicked".to_owned()));
             held.map_err(|m| fail(name, m))?;
+        }
+        if count {
+            for effect in &self.effects {
+                let reached = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    (effect.reached)(&run)
+                }))
+                .map_err(|_| fail(&effect.name, "the effect's closure panicked".to_owned()))?;
+                if reached {
+                    effect.cases.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
         Ok(())
     }
