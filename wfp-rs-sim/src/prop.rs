@@ -387,10 +387,12 @@ pub type ServiceBody<'m, S> = Box<dyn FnOnce() -> S + Send + 'm>;
 type StartService<S> = dyn for<'m> Fn(&'m Machine, &Case) -> ServiceBody<'m, S> + Sync;
 type Property<S> = dyn Fn(&Run<S>) -> Result<(), String> + Sync;
 
+type Reached<S> = dyn Fn(&Run<S>) -> bool + Sync;
+
 /// An effect a case may reach ([`Harness::effect`]), and how many checked cases did.
 struct Effect<S> {
     name: String,
-    reached: Box<dyn Fn(&Run<S>) -> bool + Sync>,
+    reached: Box<Reached<S>>,
     cases: AtomicU64,
 }
 
