@@ -2,7 +2,9 @@
 //! redirect handle (`FwpsRedirectHandleCreate0`), the redirect state
 //! (`FwpsQueryConnectionRedirectState0`) of the connection and of the proxy's own connections,
 //! a local redirect without a handle not taking effect, pended redirection from a work item
-//! (also of a connection a bind redirect rebound), and the misuses that stop the machine.
+//! (also of a connection a bind redirect rebound), the reauthorization
+//! `FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS` asks for when another filter changes
+//! a pended request, and the misuses that stop the machine.
 
 #![cfg(any(not(windows), feature = "sim"))]
 
@@ -10,9 +12,11 @@ use core::net::SocketAddr;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use wfp_rs::callout::{Callout, CalloutKey, Classify};
+use wfp_rs::callout::{Callout, CalloutKey, CalloutRegistration, Classify};
 use wfp_rs::classify::Action;
 use wfp_rs::driver::Driver;
+use wfp_rs::engine::{CalloutEntry, Engine, SessionOptions, Sublayer};
+use wfp_rs::filter::{Filter, FilterAction};
 use wfp_rs::irql::{DispatchLevel, PassiveLevel};
 use wfp_rs::layer::value::IpProtocol;
 use wfp_rs::layer::{self, fields};
@@ -890,6 +894,366 @@ bugcheck_test! {
             },
         );
         machine.connect(&app_connection(), AleIrql::Dispatch);
+        machine.connect(&app_connection(), AleIrql::Dispatch);
+    }
+}
+
+// --- FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS ----------------------------------------
+
+const PENDING_CALLOUT: Guid = guid!("53000000-0000-0000-0000-000000000011");
+const PENDING_FILTER: Guid = guid!("53000000-0000-0000-0000-000000000012");
+const MEDDLING_CALLOUT: Guid = guid!("53000000-0000-0000-0000-000000000013");
+const MEDDLING_FILTER: Guid = guid!("53000000-0000-0000-0000-000000000014");
+/// Above the default sublayer (weight 0x8000), where `install` puts the meddling filter: the
+/// pending callout is classified first.
+const HIGH_SUBLAYER: Guid = guid!("53000000-0000-0000-0000-000000000015");
+const PENDING_TARGET: &str = "198.51.100.10:443";
+const MEDDLING_TARGET: &str = "198.51.100.20:443";
+
+/// A pended callout's work, handed over to be queued once the other callout has run.
+type Deferred = Box<dyn FnOnce(&mut PassiveLevel<'_>) + Send>;
+
+/// What a callout saw in one of its calls.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Observation {
+    reauthorization: bool,
+    filter_id: u64,
+    /// The request's previous modifiers, newest first, if it acquired the request.
+    modifiers: Option<Vec<u64>>,
+}
+
+/// Pends the first classification of a connection; its work (handed to `relay`, so
+/// [`Meddler`] queues it after its own classification and the order is fixed) acquires the
+/// request, sends it to `PENDING_TARGET`, applies it with or without the flag, and completes
+/// with a permit. A reauthorization is let through, after reading the request's history.
+struct Pender {
+    flagged: bool,
+    relay: Arc<Mutex<Option<Deferred>>>,
+    seen: Arc<Mutex<Vec<Observation>>>,
+}
+
+impl Callout<layer::AleConnectRedirectV4> for Pender {
+    fn classify(
+        &self,
+        irql: &mut DispatchLevel<'_>,
+        c: &mut Classify<'_, layer::AleConnectRedirectV4>,
+    ) {
+        let filter_id = c.filter.id();
+        if c.is_reauthorization() {
+            let request = c
+                .connect_request(irql)
+                .expect("the write right, first sublayer");
+            let modifiers = request.previous_modifiers().collect();
+            request.discard(irql);
+            self.seen.lock().unwrap().push(Observation {
+                reauthorization: true,
+                filter_id,
+                modifiers: Some(modifiers),
+            });
+            let _ = c.out.permit();
+            return;
+        }
+        self.seen.lock().unwrap().push(Observation {
+            reauthorization: false,
+            filter_id,
+            modifiers: None,
+        });
+        let mut pended = c.pend_redirect().expect("pends the first classification");
+        let (flagged, seen) = (self.flagged, Arc::clone(&self.seen));
+        let work: Deferred = Box::new(move |passive| {
+            let mut request = pended
+                .connect_request(passive)
+                .expect("acquires while pended");
+            let modifiers = request.previous_modifiers().collect();
+            request
+                .set_remote(PENDING_TARGET.parse().unwrap())
+                .expect("an IPv4 address");
+            if flagged {
+                request.apply_reauthorize_if_modified_by_others(passive);
+            } else {
+                request.apply(passive);
+            }
+            seen.lock().unwrap().push(Observation {
+                reauthorization: false,
+                filter_id,
+                modifiers: Some(modifiers),
+            });
+            pended.complete(passive, FinalAction::Permit);
+        });
+        *self.relay.lock().unwrap() = Some(work);
+    }
+}
+
+/// Another callout driver, in a lower sublayer: classified after the pend, in the same
+/// classification. With `changes`, it redirects the first classification of a connection to
+/// `MEDDLING_TARGET` with the raw functions (the pend took the write right, which the safe
+/// API requires and the raw functions do not check), applying with `apply_flags`. Then it
+/// queues the pended callout's work.
+struct Meddler {
+    changes: bool,
+    apply_flags: u32,
+    relay: Arc<Mutex<Option<Deferred>>>,
+    queue: WorkQueue,
+    seen: Mutex<Vec<Observation>>,
+}
+
+impl Callout<layer::AleConnectRedirectV4> for Meddler {
+    fn classify(
+        &self,
+        irql: &mut DispatchLevel<'_>,
+        c: &mut Classify<'_, layer::AleConnectRedirectV4>,
+    ) {
+        self.seen.lock().unwrap().push(Observation {
+            reauthorization: c.is_reauthorization(),
+            filter_id: c.filter.id(),
+            modifiers: None,
+        });
+        if self.changes && !c.is_reauthorization() {
+            let mut handle = 0u64;
+            // SAFETY: the classification's own classify context, during classifyFn.
+            let status = unsafe {
+                sys::FwpsAcquireClassifyHandle0(c.raw_classify_context().cast_mut(), 0, &mut handle)
+            };
+            assert_eq!(status, 0);
+            let mut data: sys::PVOID = core::ptr::null_mut();
+            // SAFETY: the handle was just acquired; `data` is writable; no classify-out given.
+            let status = unsafe {
+                sys::FwpsAcquireWritableLayerDataPointer0(
+                    handle,
+                    c.filter.id(),
+                    0,
+                    &mut data,
+                    core::ptr::null_mut(),
+                )
+            };
+            assert_eq!(status, 0);
+            // SAFETY: the writable copy the engine just handed out.
+            let request = unsafe { &mut *data.cast::<sys::FWPS_CONNECT_REQUEST0>() };
+            request.remoteAddressAndPort =
+                wfp_rs::redirect::storage_from_socket_address(MEDDLING_TARGET.parse().unwrap());
+            // SAFETY: the copy acquired above, applied once, then the handle released once.
+            unsafe { sys::FwpsApplyModifiedLayerData0(handle, data, self.apply_flags) };
+            // SAFETY: acquired above, applied, released once.
+            unsafe { sys::FwpsReleaseClassifyHandle0(handle) };
+        }
+        if let Some(work) = self.relay.lock().unwrap().take() {
+            assert!(
+                self.queue.queue(irql, work).is_ok(),
+                "queues the pended work"
+            );
+        }
+        let _ = c.out.permit();
+    }
+}
+
+/// What one connection through a [`Pender`] and a [`Meddler`] shows.
+struct Crossing {
+    outcome: wfp_rs_sim::ConnectOutcome,
+    pender: Vec<Observation>,
+    meddler: Vec<Observation>,
+}
+
+/// Connects once through a [`Pender`] (in a sublayer above the default one) and a [`Meddler`]
+/// (in the default sublayer), then removes both and unloads.
+fn cross(flagged: bool, changes: bool) -> Crossing {
+    let machine = Machine::with_worker_threads(2);
+    let driver = machine
+        .load_driver("reauthorize-if-modified", host::DriverEntry)
+        .unwrap();
+    let relay: Arc<Mutex<Option<Deferred>>> = Arc::default();
+    let pender_seen: Arc<Mutex<Vec<Observation>>> = Arc::default();
+    let pender_key = CalloutKey::<layer::AleConnectRedirectV4>::new(PENDING_CALLOUT);
+    let pender = driver
+        .run_in_driver(&machine, |irql, d| {
+            let callout = Pender {
+                flagged,
+                relay: Arc::clone(&relay),
+                seen: Arc::clone(&pender_seen),
+            };
+            let registration = CalloutRegistration::register(irql, d, pender_key, callout)
+                .unwrap_or_else(|e| panic!("registers: {}", e.status));
+            let engine = Engine::open(irql, SessionOptions::new().dynamic()).expect("opens");
+            engine
+                .add_sublayer(
+                    irql,
+                    &Sublayer::new(HIGH_SUBLAYER).name("high").weight(0x9000),
+                )
+                .expect("adds the sublayer");
+            engine
+                .add_callout(irql, &CalloutEntry::new(pender_key).name("pender"))
+                .expect("adds the callout entry");
+            engine
+                .add_filter(
+                    irql,
+                    &Filter::<layer::AleConnectRedirectV4>::new(PENDING_FILTER)
+                        .name("pender")
+                        .sublayer(HIGH_SUBLAYER)
+                        .action(FilterAction::CalloutTerminating(pender_key)),
+                )
+                .expect("adds the filter");
+            Installed {
+                registration,
+                engine,
+            }
+        })
+        .expect("an SDK driver");
+    let meddler = install(
+        &machine,
+        &driver,
+        CalloutKey::new(MEDDLING_CALLOUT),
+        MEDDLING_FILTER,
+        |d| Meddler {
+            changes,
+            apply_flags: 0,
+            relay: Arc::clone(&relay),
+            queue: d.work_queue(),
+            seen: Mutex::new(Vec::new()),
+        },
+    );
+    let outcome = machine.connect(&app_connection(), AleIrql::Passive);
+    let meddler_seen = meddler.callout().seen.lock().unwrap().clone();
+    pender.remove(&machine, &driver);
+    meddler.remove(&machine, &driver);
+    // What the callouts recorded was allocated in the driver (pool): copied out, then freed
+    // there before the unload checks for leaks.
+    let pender_copy = pender_seen.lock().unwrap().clone();
+    driver.run_in_driver(&machine, |_, _| drop(pender_seen));
+    machine.unload_driver(driver).unwrap();
+    assert!(
+        machine.pool_blocks().is_empty(),
+        "{:?}",
+        machine.pool_blocks()
+    );
+    Crossing {
+        outcome,
+        pender: pender_copy,
+        meddler: meddler_seen,
+    }
+}
+
+/// The names of the layers a connection crossed, in order.
+fn layer_names(outcome: &wfp_rs_sim::ConnectOutcome) -> Vec<&'static str> {
+    outcome.layers.iter().map(|(name, _)| *name).collect()
+}
+
+#[test]
+fn a_flagged_pended_redirect_modified_by_another_filter_is_reauthorized() {
+    let crossing = cross(true, true);
+    let outcome = &crossing.outcome;
+    assert!(outcome.pended);
+    assert_eq!(outcome.decision.action, Action::Permit);
+    let [first, pended, reauthorized] = &crossing.pender[..] else {
+        panic!(
+            "classified, pended work, reauthorized: {:?}",
+            crossing.pender
+        );
+    };
+    let (pender_filter, meddler_filter) = (first.filter_id, crossing.meddler[0].filter_id);
+    assert_ne!(pender_filter, meddler_filter);
+    assert_eq!(
+        *pended,
+        Observation {
+            reauthorization: false,
+            filter_id: pender_filter,
+            modifiers: Some(vec![meddler_filter]),
+        },
+        "the work item acquires after the other filter's change"
+    );
+    assert_eq!(
+        *reauthorized,
+        Observation {
+            reauthorization: true,
+            filter_id: pender_filter,
+            modifiers: Some(vec![pender_filter, meddler_filter]),
+        },
+        "the reauthorization sees both changes, newest first"
+    );
+    assert_eq!(
+        crossing
+            .meddler
+            .iter()
+            .map(|o| o.reauthorization)
+            .collect::<Vec<_>>(),
+        [false, true],
+        "the other callout is classified again too"
+    );
+    assert_eq!(
+        layer_names(outcome),
+        [
+            "ALE_BIND_REDIRECT_V4",
+            "ALE_RESOURCE_ASSIGNMENT_V4",
+            "ALE_CONNECT_REDIRECT_V4",
+            "ALE_CONNECT_REDIRECT_V4",
+            "ALE_AUTH_CONNECT_V4",
+            "OUTBOUND_TRANSPORT_V4",
+            "ALE_FLOW_ESTABLISHED_V4",
+        ]
+    );
+    // The reauthorization's decision is the classification's (the last soft permit, the
+    // meddling filter's), not the completion's (which would keep the pending filter).
+    assert_eq!(outcome.layers[3].1.filter_id, Some(meddler_filter));
+    assert_eq!(outcome.remote, PENDING_TARGET.parse().unwrap());
+}
+
+#[test]
+fn without_the_flag_or_without_another_change_the_completion_decides() {
+    for (flagged, changes) in [(false, true), (true, false), (false, false)] {
+        let crossing = cross(flagged, changes);
+        let outcome = &crossing.outcome;
+        let case = format!("flagged {flagged}, another change {changes}");
+        assert!(outcome.pended, "{case}");
+        assert_eq!(outcome.decision.action, Action::Permit, "{case}");
+        assert_eq!(crossing.pender.len(), 2, "{case}: {:?}", crossing.pender);
+        let other_changes: Vec<u64> = if changes {
+            vec![crossing.meddler[0].filter_id]
+        } else {
+            vec![]
+        };
+        assert_eq!(
+            crossing.pender[1].modifiers,
+            Some(other_changes),
+            "{case}: the work item's copy"
+        );
+        assert!(
+            crossing.pender.iter().all(|o| !o.reauthorization),
+            "{case}: {:?}",
+            crossing.pender
+        );
+        assert_eq!(crossing.meddler.len(), 1, "{case}: {:?}", crossing.meddler);
+        let pender_filter = crossing.pender[0].filter_id;
+        assert_eq!(
+            layer_names(outcome)[2..4],
+            ["ALE_CONNECT_REDIRECT_V4"; 2],
+            "{case}"
+        );
+        assert_eq!(
+            outcome.layers[3].1.filter_id,
+            Some(pender_filter),
+            "{case}: the completion's classify-out decides"
+        );
+        assert_eq!(outcome.remote, PENDING_TARGET.parse().unwrap(), "{case}");
+    }
+}
+
+bugcheck_test! {
+    /// `FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS` on an inline apply, where the
+    /// documentation says flags must be 0 (results indeterminate).
+    fn the_reauthorize_flag_on_an_inline_apply_stops() expects WFP_INVALID_OPERATION(0x8000_0023) {
+        let machine = Machine::new();
+        let driver = machine.load_driver("inline-flag", host::DriverEntry).unwrap();
+        let _meddler = install(
+            &machine,
+            &driver,
+            CalloutKey::new(MEDDLING_CALLOUT),
+            MEDDLING_FILTER,
+            |d| Meddler {
+                changes: true,
+                apply_flags: sys::FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS,
+                relay: Arc::default(),
+                queue: d.work_queue(),
+                seen: Mutex::new(Vec::new()),
+            },
+        );
         machine.connect(&app_connection(), AleIrql::Dispatch);
     }
 }

@@ -354,7 +354,10 @@ impl<'a> WritableConnectRequest<'a> {
     /// request acquired from a [`PendedRedirect`]: the documentation offers the flag there,
     /// to be reauthorized if another callout changes the request further. Acquired in
     /// classifyFn, the flag is not passed (the header allows it after a pended classify only).
-    /// (The simulator does not act on the flag.)
+    /// With the flag, if another filter changes the request after the pend and before
+    /// [`PendedRedirect::complete`], the completion's action does not decide: the stack
+    /// classifies the connection again at ALE_CONNECT_REDIRECT with the request as it then
+    /// stands (the simulator models this; the window from the pend is INFERRED).
     pub fn apply_reauthorize_if_modified_by_others(self, irql: &impl AtMostDispatch) {
         let flags = match self.data.origin {
             Origin::Pended => sys::FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS,

@@ -294,6 +294,31 @@ struct LiveClassification {
     versions: Vec<RequestVersion>,
     /// The redirect records handle of the classification's metadata (ALE_CONNECT_REDIRECT).
     redirect_records: Option<usize>,
+    /// The filter ids of the applied copies that changed the request, oldest first.
+    changes: Vec<u64>,
+    /// How many of `changes` there were when the classification was pended by classify handle.
+    changes_at_pend: usize,
+    /// The filter id of the pended callout's copy applied with
+    /// `FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS`.
+    reauthorize_if_modified_by_others: Option<u64>,
+}
+
+impl LiveClassification {
+    /// Whether the completion of the pend reauthorizes the connection instead of deciding:
+    /// the pended callout applied its copy with `FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS`,
+    /// and another filter changed the request while the classification was pended.
+    /// INFERRED: the documentation says "if another callout driver modifies the data before
+    /// the classification is completed"; the window is taken from the pend (when the callout
+    /// last saw the request it decided on), not from the acquire, because a callout that
+    /// acquires from its work item after another filter's change overwrites what that filter
+    /// decided without that filter seeing the result. Another filter is a different filter id.
+    fn modified_by_others_while_pended(&self) -> bool {
+        self.reauthorize_if_modified_by_others.is_some_and(|own| {
+            self.changes
+                .get(self.changes_at_pend..)
+                .is_some_and(|since| since.iter().any(|&filter| filter != own))
+        })
+    }
 }
 
 /// A writable copy of a connect or bind request, from `FwpsAcquireWritableLayerDataPointer0`.
@@ -2932,6 +2957,9 @@ impl Handles {
                         & FWPS_METADATA_FIELD_REDIRECT_RECORD_HANDLE
                         != 0)
                         .then_some(incoming.metadata.redirectRecords as usize),
+                    changes: Vec::new(),
+                    changes_at_pend: 0,
+                    reauthorize_if_modified_by_others: None,
                 },
             );
             let completion_handle = incoming.pendable.then(|| {
@@ -3533,6 +3561,7 @@ pub unsafe extern "system" fn FwpsPendClassify0(
             return Ok(Err(Status::FWP_CANNOT_PEND.raw()));
         }
         live.pended = Some(handle);
+        live.changes_at_pend = live.changes.len();
         bfe.pends.insert(
             handle,
             Pend {
@@ -3561,8 +3590,11 @@ pub unsafe extern "system" fn FwpsPendClassify0(
 pub(crate) const PEND_AFTER_CLASSIFICATION: usize = 0x8000_0006;
 
 /// `FwpsCompleteClassify0`: ends a pend by classify handle. With `classifyOut`, its action is
-/// the callout's final decision; without, the stack reauthorizes. Completing a handle that is
-/// not pending stops the machine, as `FwpsCompleteOperation0` does.
+/// the callout's final decision; without, the stack reauthorizes. So it does, whatever the
+/// classify-out, when the callout applied its connect request with
+/// `FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS` and another filter changed the request
+/// while the classification was pended ([`FwpsApplyModifiedLayerData0`]). Completing a handle
+/// that is not pending stops the machine, as `FwpsCompleteOperation0` does.
 ///
 /// # Safety
 ///
@@ -3598,19 +3630,35 @@ pub unsafe extern "system" fn FwpsCompleteClassify0(
     let completed = {
         let mut bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
         let acquired = bfe.classify_handles.contains_key(&handle);
-        if let Some(classification) = bfe.classify_handles.get(&handle).map(|h| h.classification)
-            && bfe
+        let mut reauthorize = false;
+        if let Some(classification) = bfe.classify_handles.get(&handle).map(|h| h.classification) {
+            let bfe = &mut *bfe;
+            if let Some(live) = bfe
+                .live_classifications
+                .get(&classification)
+                .filter(|live| live.pended == Some(handle))
+            {
+                // Completed inline, from classifyFn: the classification is still in progress.
+                reauthorize = live.modified_by_others_while_pended();
+            } else if bfe
                 .pended_redirects
                 .get(&classification)
                 .is_some_and(|live| live.pended == Some(handle))
-        {
-            // The pend ends: the stack takes the connect request back.
-            bfe.pended_redirects.remove(&classification);
+            {
+                // The pend ends: the stack takes the connect request back.
+                reauthorize = bfe
+                    .pended_redirects
+                    .remove(&classification)
+                    .is_some_and(|live| live.modified_by_others_while_pended());
+            }
         }
         match bfe.pends.get_mut(&handle) {
             Some(pend) if acquired && !pend.completed => {
                 pend.completed = true;
-                pend.decision = decision;
+                // FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS with another filter's
+                // change: the stack classifies the connection again, as for a completion
+                // without a classify-out, instead of taking this one's action.
+                pend.decision = if reauthorize { None } else { decision };
                 true
             }
             _ => false,
@@ -3680,6 +3728,9 @@ enum WritableMisuse {
     NotOutstanding,
     /// The copy names a redirect handle that is not live; with the stop's parameter 3.
     RedirectHandleNotLive(usize, usize),
+    /// `FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS` on a copy whose classification the
+    /// handle did not pend.
+    ReauthorizeFlagInline,
     Status(NTSTATUS),
 }
 
@@ -3805,8 +3856,21 @@ pub unsafe extern "system" fn FwpsAcquireWritableLayerDataPointer0(
 /// values, and the new version records the filter (`modifierFilterId`, the filter id given at
 /// the acquire) and the history; an unchanged copy records nothing (INFERRED). A changed local
 /// address at ALE_CONNECT_REDIRECT is ignored (INFERRED: "Using Bind or Connect Redirection"
-/// says it is only supported at ALE_BIND_REDIRECT). `flags`
-/// (`FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS`) is not acted on.
+/// says it is only supported at ALE_BIND_REDIRECT).
+///
+/// `flags` = `FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS`, from the callout that
+/// pended the classification at ALE_CONNECT_REDIRECT (by this classify handle): if another
+/// filter (a different filter id) applies a change to the connect request after the pend and
+/// before the pend is completed, the completion does not decide the layer: the stack
+/// classifies the connection again at ALE_CONNECT_REDIRECT with the request as it then stands
+/// (reason `FWP_CONDITION_REAUTHORIZE_REASON_CLASSIFY_COMPLETION`), as for a completion without
+/// a classify-out. INFERRED: the documentation says the data "should be reauthorized if another
+/// callout driver modifies the data before the classification is completed"; the window is
+/// counted from the pend (see `LiveClassification::modified_by_others_while_pended`). Without
+/// the flag, or without another's change, the completion's classify-out decides as before. The
+/// flag for a classification the handle did not pend (an inline classify, where `flags` must be
+/// 0) stops the machine: WFP_INVALID_OPERATION, parameter 1 = [`REAUTHORIZE_FLAG_INLINE`]
+/// (INFERRED: Microsoft says only that the results are indeterminate).
 ///
 /// A connect request's change that sends the connection to this host (a loopback address, or
 /// the connection's own local address) is dropped whole unless the copy names a redirect handle
@@ -3833,8 +3897,9 @@ pub unsafe extern "system" fn FwpsApplyModifiedLayerData0(
     flags: u32,
 ) {
     let _kernel = super::state::KernelCode::enter();
-    let _ = flags;
     require_irql("FwpsApplyModifiedLayerData0", DISPATCH_LEVEL);
+    let reauthorize_if_modified =
+        flags & wfp_rs::sys::FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS != 0;
     let handle = classifyHandle as usize;
     let applied = with_bfe(|bfe| {
         let acquired = bfe
@@ -3854,6 +3919,9 @@ pub unsafe extern "system" fn FwpsApplyModifiedLayerData0(
         let (Some(request), true) = (live.request, outstanding) else {
             return Err(WritableMisuse::NotOutstanding);
         };
+        if reauthorize_if_modified && live.pended != Some(handle) {
+            return Err(WritableMisuse::ReauthorizeFlagInline);
+        }
         let redirect_handle = live
             .writable
             .as_ref()
@@ -3897,6 +3965,9 @@ pub unsafe extern "system" fn FwpsApplyModifiedLayerData0(
                     // SAFETY: the stack's request for this classification, alive while it is
                     // live; the engine lock orders every access to it.
                     && unsafe { apply_copy::<FWPS_CONNECT_REQUEST0>(request, &copy, filter_id) };
+                if changed {
+                    live.changes.push(filter_id);
+                }
                 if changed
                     && redirect_handle != 0
                     && let Some(records) = live
@@ -3909,10 +3980,15 @@ pub unsafe extern "system" fn FwpsApplyModifiedLayerData0(
                     });
                 }
             }
-            // SAFETY: as above.
-            LayerRequest::Bind(request) => unsafe {
-                apply_copy::<FWPS_BIND_REQUEST0>(request, &copy, filter_id);
-            },
+            LayerRequest::Bind(request) => {
+                // SAFETY: as above.
+                if unsafe { apply_copy::<FWPS_BIND_REQUEST0>(request, &copy, filter_id) } {
+                    live.changes.push(filter_id);
+                }
+            }
+        }
+        if reauthorize_if_modified {
+            live.reauthorize_if_modified_by_others = Some(filter_id);
         }
         Ok(())
     });
@@ -4007,6 +4083,11 @@ fn writable_misuse(function: &'static str, handle: usize, misuse: WritableMisuse
                 destroyed,
             )
         }
+        WritableMisuse::ReauthorizeFlagInline => stop(
+            BugCheckCode::WFP_INVALID_OPERATION,
+            [REAUTHORIZE_FLAG_INLINE, handle, 0, 0],
+            "FwpsApplyModifiedLayerData0 with FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS for a classification the handle did not pend: the flag is for a pended classify only (inline, flags must be 0)",
+        ),
         WritableMisuse::NotOutstanding => stop(
             BugCheckCode::WFP_INVALID_OPERATION,
             [APPLY_WITHOUT_ACQUIRE, handle, 0, 0],
@@ -4030,6 +4111,12 @@ pub(crate) const REDIRECT_RECORDS_NOT_LIVE: usize = 0x8000_0021;
 /// connect request is acquired and not applied (INFERRED: the documentation orders apply before
 /// complete; completing first hands the stack a request the callout still writes).
 pub(crate) const COMPLETED_WITH_WRITABLE_DATA: usize = 0x8000_0022;
+/// Parameter 1 of the stop for `FwpsApplyModifiedLayerData0` with
+/// `FWPS_CLASSIFY_FLAG_REAUTHORIZE_IF_MODIFIED_BY_OTHERS` for a classification the classify
+/// handle did not pend (INFERRED: the documentation says the flag is for a pended classify
+/// only, that with an inline classify `flags` must be 0, and that the results are otherwise
+/// indeterminate; the simulator stops rather than guess).
+pub(crate) const REAUTHORIZE_FLAG_INLINE: usize = 0x8000_0023;
 /// Parameter 3 of the unload stop for redirect handles never destroyed; parameter 4 how many.
 pub(crate) const UNLOAD_REDIRECT_HANDLES_OPEN: usize = 7;
 
