@@ -114,32 +114,58 @@ pub mod raw_redirect {
         NeverApply,
     }
 
+    /// `FwpsAcquireClassifyHandle0` for the classification `c` is in (asserting success).
+    pub fn classify_handle<L: Layer>(c: &Classify<'_, L>) -> u64 {
+        let mut handle = 0u64;
+        // SAFETY: the classification's own classify context, during classifyFn.
+        let status = unsafe {
+            sys::FwpsAcquireClassifyHandle0(c.raw_classify_context().cast_mut(), 0, &mut handle)
+        };
+        assert_eq!(status, 0);
+        handle
+    }
+
+    /// `FwpsAcquireWritableLayerDataPointer0` with `handle` for `filter_id`, without a
+    /// classify-out (asserting success): the engine's writable copy of the layer data. Only
+    /// with a handle [`classify_handle`] just acquired, during the classification.
+    fn writable(handle: u64, filter_id: u64) -> sys::PVOID {
+        let mut data: sys::PVOID = core::ptr::null_mut();
+        // SAFETY: the callers pass a classify handle just acquired for the classification in
+        // progress; `data` is writable.
+        let status = unsafe {
+            sys::FwpsAcquireWritableLayerDataPointer0(
+                handle,
+                filter_id,
+                0,
+                &mut data,
+                core::ptr::null_mut(),
+            )
+        };
+        assert_eq!(status, 0);
+        data
+    }
+
+    /// The classify handle and the writable connect request of the classification `c` is in
+    /// (at ALE_CONNECT_REDIRECT), through the raw functions, which let a test leave out what
+    /// the safe API requires. The caller applies the copy and releases the handle.
+    pub fn connect_request<L: Layer>(
+        c: &Classify<'_, L>,
+    ) -> (u64, *mut sys::FWPS_CONNECT_REQUEST0) {
+        let handle = classify_handle(c);
+        (handle, writable(handle, c.filter.id()).cast())
+    }
+
     /// Misuses the writable layer data as told, then permits.
     pub struct Raw(pub Misuse);
 
     impl<L: Layer> Callout<L> for Raw {
         fn classify(&self, _irql: &mut DispatchLevel<'_>, c: &mut Classify<'_, L>) {
-            let mut handle = 0u64;
-            // SAFETY: the classification's own classify context, during classifyFn.
-            let status = unsafe {
-                sys::FwpsAcquireClassifyHandle0(c.raw_classify_context().cast_mut(), 0, &mut handle)
+            let handle = classify_handle(c);
+            let data = if matches!(self.0, Misuse::ApplyWithoutAcquire) {
+                core::ptr::null_mut()
+            } else {
+                writable(handle, c.filter.id())
             };
-            assert_eq!(status, 0);
-            let mut data: sys::PVOID = core::ptr::null_mut();
-            let filter_id = c.filter.id();
-            if !matches!(self.0, Misuse::ApplyWithoutAcquire) {
-                // SAFETY: the handle was just acquired; `data` is writable; no classify-out.
-                let status = unsafe {
-                    sys::FwpsAcquireWritableLayerDataPointer0(
-                        handle,
-                        filter_id,
-                        0,
-                        &mut data,
-                        core::ptr::null_mut(),
-                    )
-                };
-                assert_eq!(status, 0);
-            }
             // Larger than any request (FWPS_CONNECT_REQUEST0 is 312 bytes), 8-byte aligned.
             let mut other = [0u64; 64];
             match self.0 {

@@ -28,6 +28,7 @@ use wfp_rs::{Guid, Status, guid, sys};
 use wfp_rs_sim::bugcheck_test;
 use wfp_rs_sim::{AleIrql, Connection, LoadedDriver, Machine, RedirectRecords};
 use wfp_rs_tests::install::{Installed, install};
+use wfp_rs_tests::raw_redirect;
 
 mod host {
     use super::*;
@@ -364,26 +365,9 @@ impl Callout<layer::AleConnectRedirectV4> for RawRedirect {
         _irql: &mut DispatchLevel<'_>,
         c: &mut Classify<'_, layer::AleConnectRedirectV4>,
     ) {
-        let mut handle = 0u64;
-        // SAFETY: the classification's own classify context, during classifyFn.
-        let status = unsafe {
-            sys::FwpsAcquireClassifyHandle0(c.raw_classify_context().cast_mut(), 0, &mut handle)
-        };
-        assert_eq!(status, 0);
-        let mut data: sys::PVOID = core::ptr::null_mut();
-        // SAFETY: the handle was just acquired; `data` is writable; no classify-out given.
-        let status = unsafe {
-            sys::FwpsAcquireWritableLayerDataPointer0(
-                handle,
-                c.filter.id(),
-                0,
-                &mut data,
-                core::ptr::null_mut(),
-            )
-        };
-        assert_eq!(status, 0);
+        let (handle, data) = raw_redirect::connect_request(c);
         // SAFETY: the writable copy the engine just handed out.
-        let request = unsafe { &mut *data.cast::<sys::FWPS_CONNECT_REQUEST0>() };
+        let request = unsafe { &mut *data };
         request.remoteAddressAndPort =
             wfp_rs::redirect::storage_from_socket_address(self.how.remote.parse().unwrap());
         request.localRedirectTargetPID = self.how.pid;
@@ -391,7 +375,7 @@ impl Callout<layer::AleConnectRedirectV4> for RawRedirect {
             request.localRedirectHandle = self.handle.raw();
         }
         // SAFETY: the copy acquired above, applied once, then the handle released once.
-        unsafe { sys::FwpsApplyModifiedLayerData0(handle, data, 0) };
+        unsafe { sys::FwpsApplyModifiedLayerData0(handle, data.cast(), 0) };
         // SAFETY: acquired above, applied, released once.
         unsafe { sys::FwpsReleaseClassifyHandle0(handle) };
         let _ = c.out.permit();
@@ -806,36 +790,15 @@ bugcheck_test! {
             ) {
                 // The safe API cannot name a destroyed handle (the request borrows it): the raw
                 // functions can.
-                let mut handle = 0u64;
-                // SAFETY: the classification's own classify context, during classifyFn.
-                let status = unsafe {
-                    sys::FwpsAcquireClassifyHandle0(
-                        c.raw_classify_context().cast_mut(),
-                        0,
-                        &mut handle,
-                    )
-                };
-                assert_eq!(status, 0);
-                let mut data: sys::PVOID = core::ptr::null_mut();
-                // SAFETY: the handle was just acquired; `data` is writable.
-                let status = unsafe {
-                    sys::FwpsAcquireWritableLayerDataPointer0(
-                        handle,
-                        c.filter.id(),
-                        0,
-                        &mut data,
-                        core::ptr::null_mut(),
-                    )
-                };
-                assert_eq!(status, 0);
+                let (handle, data) = raw_redirect::connect_request(c);
                 // SAFETY: the writable copy the engine just handed out.
-                let copy = unsafe { &mut *data.cast::<sys::FWPS_CONNECT_REQUEST0>() };
+                let copy = unsafe { &mut *data };
                 copy.remoteAddressAndPort =
                     wfp_rs::redirect::storage_from_socket_address(PROXY.parse().unwrap());
                 copy.localRedirectTargetPID = PROXY_PID;
                 copy.localRedirectHandle = self.0 as sys::HANDLE;
                 // SAFETY: none; the copy names a destroyed handle, the simulator stops here.
-                unsafe { sys::FwpsApplyModifiedLayerData0(handle, data, 0) };
+                unsafe { sys::FwpsApplyModifiedLayerData0(handle, data.cast(), 0) };
             }
         }
         let _installed = install(
@@ -1009,30 +972,13 @@ impl Callout<layer::AleConnectRedirectV4> for Meddler {
             modifiers: None,
         });
         if self.changes && !c.is_reauthorization() {
-            let mut handle = 0u64;
-            // SAFETY: the classification's own classify context, during classifyFn.
-            let status = unsafe {
-                sys::FwpsAcquireClassifyHandle0(c.raw_classify_context().cast_mut(), 0, &mut handle)
-            };
-            assert_eq!(status, 0);
-            let mut data: sys::PVOID = core::ptr::null_mut();
-            // SAFETY: the handle was just acquired; `data` is writable; no classify-out given.
-            let status = unsafe {
-                sys::FwpsAcquireWritableLayerDataPointer0(
-                    handle,
-                    c.filter.id(),
-                    0,
-                    &mut data,
-                    core::ptr::null_mut(),
-                )
-            };
-            assert_eq!(status, 0);
+            let (handle, data) = raw_redirect::connect_request(c);
             // SAFETY: the writable copy the engine just handed out.
-            let request = unsafe { &mut *data.cast::<sys::FWPS_CONNECT_REQUEST0>() };
+            let request = unsafe { &mut *data };
             request.remoteAddressAndPort =
                 wfp_rs::redirect::storage_from_socket_address(MEDDLING_TARGET.parse().unwrap());
             // SAFETY: the copy acquired above, applied once, then the handle released once.
-            unsafe { sys::FwpsApplyModifiedLayerData0(handle, data, self.apply_flags) };
+            unsafe { sys::FwpsApplyModifiedLayerData0(handle, data.cast(), self.apply_flags) };
             // SAFETY: acquired above, applied, released once.
             unsafe { sys::FwpsReleaseClassifyHandle0(handle) };
         }

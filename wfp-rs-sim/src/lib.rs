@@ -1854,6 +1854,21 @@ fn lock_flows(
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Forgets the history versions of a layer's stack requests when the connection leaves the
+/// layer (see `Bfe::request_versions`).
+struct RequestHistory<'m> {
+    machine: &'m Machine,
+    requests: [Option<usize>; 2],
+}
+
+impl Drop for RequestHistory<'_> {
+    fn drop(&mut self) {
+        for request in self.requests.into_iter().flatten() {
+            self.machine.run(|| engine::forget_request(request));
+        }
+    }
+}
+
 /// An interval being measured ([`Machine::stopwatch`]).
 enum Stopwatch<'m> {
     Host(std::time::Instant),
@@ -2454,6 +2469,15 @@ impl Machine {
             // ALE_BIND_REDIRECT's layerData: the stack's bind request, likewise.
             let mut bind = (id == AleBindRedirectV4::ID || id == AleBindRedirectV6::ID)
                 .then(|| Box::new(bind_request(presented.connection)));
+            // The history versions of this layer's request, dropped after it (declared after
+            // the requests, so dropped before them).
+            let _history = RequestHistory {
+                machine: self,
+                requests: [
+                    request.as_deref().map(|r| core::ptr::from_ref(r) as usize),
+                    bind.as_deref().map(|b| core::ptr::from_ref(b) as usize),
+                ],
+            };
             // The redirect records go with the connect request only (ALE_CONNECT_REDIRECT).
             let mut layer_data = || match (request.as_mut(), bind.as_mut()) {
                 (Some(request), _) => Some(Carried::Request {

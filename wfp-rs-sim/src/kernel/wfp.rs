@@ -212,6 +212,11 @@ pub(crate) struct Bfe {
     /// context: their connect request stays writable, through the classify handle that pended
     /// them, until the pend is completed.
     pended_redirects: FxHashMap<usize, LiveClassification>,
+    /// The versions of the history of each stack request (by its address) whose
+    /// classifications have ended: the request's `previousVersion` may point into them, and a
+    /// reauthorization's copy reads the chain, so they live as long as the request
+    /// ([`forget_request`], when the stack drops it), not as the classification.
+    request_versions: FxHashMap<usize, Vec<RequestVersion>>,
 }
 
 /// A redirect handle from `FwpsRedirectHandleCreate0`.
@@ -417,8 +422,8 @@ impl RequestVersion {
 }
 
 // SAFETY: the raw pointers inside (`previousVersion`, the loopback-redirect fields) point to other
-// versions the same classification owns, or are the callout's; the engine reads them only under
-// its lock.
+// versions the same classification owns or the request's earlier classifications left in
+// `Bfe::request_versions`, or are the callout's; the engine reads them only under its lock.
 unsafe impl Send for RequestVersion {}
 
 /// A classify handle from `FwpsAcquireClassifyHandle0`.
@@ -548,6 +553,29 @@ pub(crate) fn another_provider_changed_policy() {
             bfe.policy_changed(layer);
         }
     });
+}
+
+impl Bfe {
+    /// Keeps a finished classification's history versions with its request (see
+    /// [`Bfe::request_versions`]).
+    fn retain_versions(&mut self, mut live: LiveClassification) {
+        let (Some(LayerRequest::Connect(request) | LayerRequest::Bind(request)), false) =
+            (live.request, live.versions.is_empty())
+        else {
+            return;
+        };
+        self.request_versions
+            .entry(request)
+            .or_default()
+            .append(&mut live.versions);
+    }
+}
+
+/// The stack dropped its request at `request` (the connection left the redirect layer): the
+/// versions its history pointed to go with it.
+pub(crate) fn forget_request(request: usize) {
+    let versions = with_bfe(|bfe| bfe.request_versions.remove(&request));
+    drop(versions);
 }
 
 fn with_bfe<R>(f: impl FnOnce(&mut Bfe) -> R) -> R {
@@ -815,6 +843,7 @@ pub(crate) fn restart(kernel: &super::state::Kernel) -> usize {
     bfe.deferred_flow_deletes.clear();
     bfe.classify_handles.clear();
     bfe.pended_redirects.clear();
+    bfe.request_versions.clear();
     bfe.redirect_handles.clear();
     bfe.phase = Phase::BootTime;
     drop(bfe);
@@ -3032,6 +3061,7 @@ impl Handles {
                     bfe.pended_redirects.insert(self.classification, live);
                 } else {
                     not_applied = live.writable.as_ref().map(|w| w.handle);
+                    bfe.retain_versions(live);
                 }
             }
             (by_completion_handle.or(by_classify_handle), not_applied)
@@ -3646,10 +3676,10 @@ pub unsafe extern "system" fn FwpsCompleteClassify0(
                 .is_some_and(|live| live.pended == Some(handle))
             {
                 // The pend ends: the stack takes the connect request back.
-                reauthorize = bfe
-                    .pended_redirects
-                    .remove(&classification)
-                    .is_some_and(|live| live.modified_by_others_while_pended());
+                if let Some(live) = bfe.pended_redirects.remove(&classification) {
+                    reauthorize = live.modified_by_others_while_pended();
+                    bfe.retain_versions(live);
+                }
             }
         }
         match bfe.pends.get_mut(&handle) {
