@@ -1203,3 +1203,60 @@ bugcheck_test! {
         machine.connect(&app_connection(), AleIrql::Dispatch);
     }
 }
+
+/// A careless author's ways around "apply every copy" in safe code: leaking the writable
+/// request (`mem::forget`, or a `Box::leak` in a helper) skips its drop, which would have
+/// applied it. The simulator stops where Windows' classification would be left broken.
+struct ForgetsTheCopy {
+    queue: WorkQueue,
+    pended: bool,
+}
+
+impl Callout<layer::AleConnectRedirectV4> for ForgetsTheCopy {
+    fn classify(
+        &self,
+        irql: &mut DispatchLevel<'_>,
+        c: &mut Classify<'_, layer::AleConnectRedirectV4>,
+    ) {
+        if !self.pended {
+            if let Ok(request) = c.connect_request(irql) {
+                core::mem::forget(request);
+            }
+            let _ = c.out.permit();
+            return;
+        }
+        let Ok(mut pended) = c.pend_redirect() else {
+            let _ = c.out.permit();
+            return;
+        };
+        drop(self.queue.queue(irql, move |passive| {
+            if let Ok(request) = pended.connect_request(passive) {
+                // Kept "for later" in a helper that leaks it: the borrow of the pend ends.
+                let _kept: &mut _ = Box::leak(Box::new(request));
+            }
+            pended.complete(passive, FinalAction::Permit);
+        }));
+    }
+}
+
+fn forget_the_copy(pended: bool) {
+    let setup = setup(Machine::with_worker_threads(2), |_, d| ForgetsTheCopy {
+        queue: d.work_queue(),
+        pended,
+    });
+    setup.machine.connect(&app_connection(), AleIrql::Dispatch);
+}
+
+bugcheck_test! {
+    /// `mem::forget` of the copy in classifyFn: it returns with the copy never applied.
+    fn forgetting_the_copy_in_classify_stops() expects WFP_INVALID_OPERATION(0x8000_0009) {
+        forget_the_copy(false);
+    }
+}
+
+bugcheck_test! {
+    /// A pended copy leaked from the work item, then the pend completed.
+    fn leaking_a_pended_copy_then_completing_stops() expects WFP_INVALID_OPERATION(0x8000_0022) {
+        forget_the_copy(true);
+    }
+}

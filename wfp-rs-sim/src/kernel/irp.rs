@@ -1916,19 +1916,25 @@ impl IoRequest {
     /// its cancel routine, if one is set. Returns whether a cancel routine was called (false if
     /// the request was completed already, or the driver holds it without a cancel routine).
     pub fn cancel(&self) -> bool {
-        let driver = {
-            let state = io(&self.kernel);
-            let record = &state.irps[&self.irp];
-            if matches!(record.phase, Phase::Completed(_)) {
-                return false;
-            }
-            record.driver
-        };
-        with_context(&self.kernel, PASSIVE_LEVEL, driver, || {
-            let _kernel = super::state::KernelCode::enter();
-            cancel_irp(&self.kernel, self.irp)
-        })
+        cancel_if_pending(&self.kernel, self.irp)
     }
+}
+
+/// `CancelIoEx` for the request `irp`, as user mode does it: nothing if it has completed (or
+/// its record is gone), else its cancel routine runs, in its driver's context. Whether a cancel
+/// routine ran.
+fn cancel_if_pending(kernel: &Arc<Kernel>, irp: usize) -> bool {
+    let driver = {
+        let state = io(kernel);
+        match state.irps.get(&irp) {
+            Some(record) if !matches!(record.phase, Phase::Completed(_)) => record.driver,
+            _ => return false,
+        }
+    };
+    with_context(kernel, PASSIVE_LEVEL, driver, || {
+        let _kernel = super::state::KernelCode::enter();
+        cancel_irp(kernel, irp)
+    })
 }
 
 /// `CancelIoEx(handle, NULL)` on every handle user mode has open: every device control request
@@ -1936,32 +1942,20 @@ impl IoRequest {
 /// pending is cancelled, in the order they were sent (see [`IoRequest::cancel`]). Returns how
 /// many cancel routines ran.
 pub(crate) fn cancel_user_requests(kernel: &Arc<Kernel>) -> usize {
-    let mut pending: Vec<(u64, usize, usize)> = io(kernel)
+    let mut pending: Vec<(u64, usize)> = io(kernel)
         .irps
         .iter()
         .filter(|(_, r)| {
             r.major == IRP_MJ_DEVICE_CONTROL && !matches!(r.phase, Phase::Completed(_))
         })
-        .map(|(&irp, r)| (r.serial, irp, r.driver))
+        .map(|(&irp, r)| (r.serial, irp))
         .collect();
     pending.sort_unstable();
-    let mut cancelled = 0;
-    for (_, irp, driver) in pending {
-        // Completed since (by the driver, or by an earlier cancel's routine): nothing to cancel.
-        let still_pending = io(kernel)
-            .irps
-            .get(&irp)
-            .is_some_and(|r| !matches!(r.phase, Phase::Completed(_)));
-        if still_pending
-            && with_context(kernel, PASSIVE_LEVEL, driver, || {
-                let _kernel = super::state::KernelCode::enter();
-                cancel_irp(kernel, irp)
-            })
-        {
-            cancelled += 1;
-        }
-    }
-    cancelled
+    // One may have completed since (by its driver, or by an earlier one's cancel routine).
+    pending
+        .into_iter()
+        .filter(|&(_, irp)| cancel_if_pending(kernel, irp))
+        .count()
 }
 
 // --- the harness's view and the unload check ----------------------------------------------------

@@ -494,9 +494,9 @@ impl Scheduler {
             Err(stall) => self.deadlocked(&state, stall),
         }
         // A stay at DISPATCH_LEVEL counts only this task's own turns.
-        super::watchdog::parked(true);
+        super::watchdog::park();
         drop(self.wait_turn(state, me));
-        super::watchdog::parked(false);
+        super::watchdog::resume();
     }
 
     fn hand_to(&self, state: &mut State, next: TaskId) {

@@ -75,7 +75,7 @@ struct Stay {
     since: Instant,
     irql: KIRQL,
     routine: Option<Routine>,
-    /// The thread waits for its turn on a deterministic machine (see [`parked`]): the monitor
+    /// The thread waits for its turn on a deterministic machine (see [`park`]): the monitor
     /// leaves the stay alone until it runs again.
     paused: bool,
 }
@@ -117,7 +117,7 @@ pub(crate) struct ThreadWatch {
     /// The IRQL the slot has for the current stay.
     irql: Cell<KIRQL>,
     /// Since when the thread has waited for its turn on a deterministic machine in its current
-    /// stay (see [`parked`]).
+    /// stay (see [`park`]).
     parked_at: Cell<Option<Instant>>,
     /// Created with the thread's first stay.
     slot: OnceCell<Arc<Slot>>,
@@ -292,8 +292,8 @@ pub(crate) fn routine_changed(t: &ThreadState) {
     }
 }
 
-/// A deterministic machine's scheduler parks this thread until its next turn (`true`), or gave
-/// it the processor back (`false`). On such a machine every context is a processor of its own,
+/// A deterministic machine's scheduler parks this thread until its next turn ([`resume`] when
+/// it has it back). On such a machine every context is a processor of its own,
 /// but only one runs at a time while the others wait for their turn: a stay at
 /// `DISPATCH_LEVEL` counts only the time its thread runs, so the stay's start moves forward by
 /// the time it waited, and the monitor does not look at it meanwhile. Without this a context
@@ -301,23 +301,30 @@ pub(crate) fn routine_changed(t: &ThreadState) {
 /// would count the other contexts' time as its own and stop the machine wrongly on a slow or
 /// loaded host. A stay that runs too long is still stopped: its running time adds up across
 /// its turns.
-pub(crate) fn parked(waiting: bool) {
+pub(crate) fn park() {
     let _ = THREAD.try_with(|t| {
         let watch = &t.watch;
-        let (Some(since), Some(slot)) = (watch.since.get(), watch.slot.get()) else {
+        let (Some(_), Some(slot)) = (watch.since.get(), watch.slot.get()) else {
+            return;
+        };
+        watch.parked_at.set(Some(Instant::now()));
+        if let Some(stay) = slot.stay().as_mut() {
+            stay.paused = true;
+        }
+    });
+}
+
+/// The thread has its turn again after [`park`]: its stay's start moves forward by the time it
+/// waited.
+pub(crate) fn resume() {
+    let _ = THREAD.try_with(|t| {
+        let watch = &t.watch;
+        let (Some(since), Some(slot), Some(parked_at)) =
+            (watch.since.get(), watch.slot.get(), watch.parked_at.take())
+        else {
             return;
         };
         let now = Instant::now();
-        if waiting {
-            watch.parked_at.set(Some(now));
-            if let Some(stay) = slot.stay().as_mut() {
-                stay.paused = true;
-            }
-            return;
-        }
-        let Some(parked_at) = watch.parked_at.take() else {
-            return;
-        };
         let since = since
             .checked_add(now.saturating_duration_since(parked_at))
             .unwrap_or(now);
