@@ -146,7 +146,9 @@ fn requests_are_answered_oldest_first() {
 fn a_spinning_wait_gets_each_completion_from_another_thread() {
     const COUNT: u8 = 50;
     let (machine, driver, queue) = setup();
-    machine.set_wait_spin(std::time::Duration::from_micros(20));
+    machine.set_wait_spin(wfp_rs_sim::WaitSpin::Fixed(
+        std::time::Duration::from_micros(20),
+    ));
     let service = machine.open_device(PATH, Caller::System).unwrap();
     let requests: Vec<_> = (0..COUNT)
         .map(|_| service.device_io_control(EVENTS.raw(), &[], MAX))

@@ -17,7 +17,7 @@ use wfp_rs::pend::{ConnectionKey, PendError, TableFull, VerdictTable};
 use wfp_rs::work_item::WorkQueue;
 use wfp_rs::{Guid, Status, guid, sys};
 use wfp_rs_sim::bugcheck_test;
-use wfp_rs_sim::{AleIrql, Connection, LoadedDriver, Machine};
+use wfp_rs_sim::{AleIrql, Connection, LoadedDriver, Machine, WaitSpin};
 use wfp_rs_tests::install::{Installed, install};
 
 mod host {
@@ -257,17 +257,19 @@ fn a_dropped_pend_is_completed_and_the_default_applies() {
 
 #[test]
 fn many_concurrent_connections_each_get_exactly_one_decision() {
-    many_concurrent_connections(std::time::Duration::ZERO);
+    many_concurrent_connections(WaitSpin::Fixed(std::time::Duration::ZERO));
 }
 
-/// The same with `Machine::connect` spinning before it parks (`Machine::set_wait_spin`): only
-/// the host's scheduling changes, not one decision.
+/// The same with `Machine::connect` spinning before it parks (`Machine::set_wait_spin`), for a
+/// fixed time or as long as the adaptive default learns: only the host's scheduling changes,
+/// not one decision.
 #[test]
 fn many_concurrent_connections_each_get_exactly_one_decision_with_spinning_waits() {
-    many_concurrent_connections(std::time::Duration::from_micros(20));
+    many_concurrent_connections(WaitSpin::Fixed(std::time::Duration::from_micros(20)));
+    many_concurrent_connections(WaitSpin::Adaptive);
 }
 
-fn many_concurrent_connections(wait_spin: std::time::Duration) {
+fn many_concurrent_connections(wait_spin: WaitSpin) {
     const THREADS: u64 = 8;
     const PER_THREAD: u64 = 60;
     let seed: u64 = std::env::var("WFP_TEST_SEED")

@@ -66,6 +66,7 @@ use wfp_rs::sys::*;
 
 use crate::kernel::bugcheck::{AT_PREFIX, IN_PREFIX, STOP_PREFIX, stop};
 pub use crate::kernel::sched::{SEED_VARIABLE, ScheduleFingerprint, ScheduleStep};
+pub use crate::kernel::spin::WaitSpin;
 use crate::kernel::state::{
     self as state, DriverRecord, Kernel, Routine, RoutineKind, WorkItemState,
 };
@@ -1217,27 +1218,27 @@ impl Machine {
         self.kernel.debug_filter_mask.store(mask, Ordering::Relaxed);
     }
 
-    /// How long the harness's waits spin before they park: [`Machine::connect`] holding a
-    /// pended connection until the callout completes it, and [`IoRequest::wait`] (a service
-    /// waiting for its request's completion). Zero (the default) parks at once.
+    /// How the harness's waits spin before they park: [`Machine::connect`] holding a pended
+    /// connection until the callout completes it, and [`IoRequest::wait`] (a service waiting
+    /// for its request's completion). [`WaitSpin::Adaptive`] by default.
     ///
     /// Only host scheduling changes: a spinning wait busy-waits and yields (the standard
     /// library's channels do the same before they park) instead of leaving its CPU idle, so a
     /// completion within the spin reaches it without the host waking a parked thread — which on
     /// a virtual machine whose CPU went idle can cost tens of microseconds. Nothing the
-    /// simulated kernel checks or decides changes. For benchmarks that compare with a channel
-    /// that spins; tests have no reason to set it.
+    /// simulated kernel checks or decides changes, and a deterministic machine never spins.
+    /// [`WaitSpin::Fixed`]`(Duration::ZERO)` parks at once, as the simulator did before the
+    /// adaptive default; benchmark (b) measures both.
     ///
     /// ```
     /// use std::time::Duration;
-    /// use wfp_rs_sim::Machine;
+    /// use wfp_rs_sim::{Machine, WaitSpin};
     ///
     /// let machine = Machine::new();
-    /// machine.set_wait_spin(Duration::from_micros(50));
+    /// machine.set_wait_spin(WaitSpin::Fixed(Duration::ZERO));
     /// ```
-    pub fn set_wait_spin(&self, spin: std::time::Duration) {
-        let nanos = u64::try_from(spin.as_nanos()).unwrap_or(u64::MAX);
-        self.kernel.wait_spin_nanos.store(nanos, Ordering::Relaxed);
+    pub fn set_wait_spin(&self, spin: WaitSpin) {
+        self.kernel.wait_spin.set(spin);
     }
 }
 

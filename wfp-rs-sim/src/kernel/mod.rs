@@ -37,6 +37,7 @@ mod pool;
 pub(crate) mod process;
 pub(crate) mod registry;
 pub(crate) mod sched;
+pub(crate) mod spin;
 pub(crate) mod state;
 pub(crate) mod stream;
 pub(crate) mod timer;

@@ -176,9 +176,8 @@ pub(crate) struct Kernel {
     /// The component filter mask `DbgPrintEx` and `DbgQueryDebugFilterState` apply, to every
     /// component (`Machine::set_debug_filter_mask`).
     pub debug_filter_mask: AtomicU32,
-    /// How long, in nanoseconds, a harness wait spins before it parks
-    /// (`Machine::set_wait_spin`; [`spin_before_parking`]).
-    pub wait_spin_nanos: AtomicU64,
+    /// How the harness's waits spin before they park (`Machine::set_wait_spin`).
+    pub wait_spin: super::spin::Spinner,
     /// The ALE flows `Machine::connect` established and `Machine::end_flow` has not ended.
     pub established_flows: Mutex<FxHashMap<u64, crate::EstablishedFlow>>,
     /// The flow handle `Machine::connect` gives the next connection. Per machine, so that a
@@ -199,7 +198,10 @@ pub(crate) struct Kernel {
     /// Signalled when a pended classification is completed: the one for the pend's stripe
     /// (`wfp::pend_completed`), so that a completion wakes the connection waiting for that pend
     /// (and the few sharing its stripe), not every connection waiting for any pend.
-    pub wfp_pend: [Condvar; 64],
+    pub wfp_pend: [Condvar; 1 << super::wfp::PEND_STRIPE_BITS],
+    /// `Machine::connect` waiting for a pended classification's completion, as a spinning wait
+    /// sees it.
+    pub wfp_pend_wait: super::spin::WaitSite,
     /// I/O requests, file objects, symbolic links and device security (`irp.rs`).
     pub irp: super::irp::IoManager,
     /// The interrupt-time clock: host monotonic time since the machine started, plus
@@ -371,7 +373,7 @@ impl Kernel {
             event_signal: Condvar::new(),
             echo_debug: std::env::var_os("WFP_SIM_ECHO").is_some(),
             debug_filter_mask: AtomicU32::new(DEFAULT_DEBUG_FILTER_MASK),
-            wait_spin_nanos: AtomicU64::new(0),
+            wait_spin: super::spin::Spinner::default(),
             established_flows: Mutex::new(FxHashMap::default()),
             next_flow: AtomicU64::new(FIRST_FLOW_HANDLE),
             workers: Mutex::new(Vec::new()),
@@ -381,6 +383,7 @@ impl Kernel {
             wfp_txn: Condvar::new(),
             flt: super::flt::FilterManager::default(),
             wfp_pend: std::array::from_fn(|_| Condvar::new()),
+            wfp_pend_wait: super::spin::WaitSite::default(),
             irp: super::irp::IoManager::default(),
             clock_start: std::time::Instant::now(),
             clock_offset: AtomicU64::new(0),
@@ -1141,40 +1144,4 @@ pub unsafe extern "system" fn KeQueryInterruptTimePrecise(QpcTimeStamp: *mut ULO
     // SAFETY: the caller passes a pointer valid for a ULONG64 write, and it is not null.
     unsafe { QpcTimeStamp.write(now) };
     now
-}
-
-/// Busy-waits, then yields, for at most the machine's wait spin (`Machine::set_wait_spin`; none
-/// by default) until `done` says the awaited event happened; returns whether it did. A harness
-/// wait calls it before it parks on its condition variable, which it still does if this returns
-/// false: spinning changes which host thread runs when, never what the simulated kernel does.
-///
-/// The rounds are those of the standard library's channels (which the benchmarks' floor uses):
-/// 1, 2, 4 … 64 spin-loop hints, then a yield per round.
-pub(crate) fn spin_before_parking(kernel: &Kernel, mut done: impl FnMut() -> bool) -> bool {
-    if kernel.sched.is_some() {
-        // A deterministic machine's waits hand over the baton; spinning would only burn it.
-        return false;
-    }
-    let nanos = kernel.wait_spin_nanos.load(Ordering::Relaxed);
-    if nanos == 0 {
-        return false;
-    }
-    let deadline = std::time::Instant::now() + core::time::Duration::from_nanos(nanos);
-    let mut round = 0u32;
-    loop {
-        if round <= 6 {
-            for _ in 0..1u32 << round {
-                core::hint::spin_loop();
-            }
-            round += 1;
-        } else {
-            std::thread::yield_now();
-        }
-        if done() {
-            return true;
-        }
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-    }
 }

@@ -10,11 +10,9 @@ use std::{
     vec::Vec,
 };
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-
-use rustc_hash::FxHashMap;
 
 use super::bugcheck::stop;
 use super::state::{
@@ -48,7 +46,10 @@ struct QueuedDpc {
 
 #[derive(Default)]
 pub(crate) struct TimerState {
-    set: FxHashMap<usize, SetTimer>,
+    /// By address: a pool free looks for a set timer inside the freed block with a range query,
+    /// not a scan of every set timer (a driver with a deadline per outstanding question has
+    /// thousands set at once).
+    set: BTreeMap<usize, SetTimer>,
     queue: VecDeque<QueuedDpc>,
     /// DPC routines running now: (KDPC address, routine, driver).
     running: Vec<(usize, usize, usize)>,
@@ -373,7 +374,7 @@ pub(crate) fn check_free<'k>(
     let end = start + size;
     let state = kernel.timers.lock();
     let inside = |address: usize| (start..end).contains(&address);
-    let found = if let Some(&timer) = state.set.keys().find(|&&t| inside(t)) {
+    let found = if let Some((&timer, _)) = state.set.range(start..end).next() {
         Some((
             0,
             timer,

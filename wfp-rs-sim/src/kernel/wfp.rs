@@ -3448,6 +3448,7 @@ pub unsafe extern "system" fn FwpsCompleteOperation0(
             "FwpsCompleteOperation0 on a completion context that is not pending (completed twice, or never pended)",
         );
     }
+    kernel.wfp_pend_wait.completed();
     pend_completed(&kernel, completionContext as usize).notify_all();
     kernel.yield_point("FwpsCompleteOperation0");
 }
@@ -3456,9 +3457,13 @@ pub unsafe extern "system" fn FwpsCompleteOperation0(
 /// handle) is completed; waited on with the filter engine's lock.
 fn pend_completed(kernel: &super::state::Kernel, context: usize) -> &std::sync::Condvar {
     // Heap addresses or handles: drop the low bits, mix, take a stripe.
-    let mixed = (context >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    &kernel.wfp_pend[(mixed >> 58) % kernel.wfp_pend.len()]
+    let mixed = ((context >> 4) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    &kernel.wfp_pend[(mixed >> (64 - PEND_STRIPE_BITS)) as usize]
 }
+
+/// The pend stripes are `1 << PEND_STRIPE_BITS` condition variables: enough that a thousand
+/// connections waiting at once rarely share one, so a completion wakes about one thread.
+pub(crate) const PEND_STRIPE_BITS: u32 = 10;
 
 /// Waits until the pend `context` is completed (harness: the connection's `connect` call);
 /// returns the final decision `FwpsCompleteClassify0` gave, if it gave one.
@@ -3468,7 +3473,7 @@ pub(crate) fn wait_for_completion(context: usize) -> Option<FWP_ACTION_TYPE> {
     let mut bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
     if waiting(&bfe) {
         drop(bfe);
-        super::state::spin_before_parking(&kernel, || {
+        super::spin::spin_before_parking(&kernel, &kernel.wfp_pend_wait, || {
             !waiting(&kernel.wfp.lock().unwrap_or_else(|p| p.into_inner()))
         });
         bfe = kernel.wfp.lock().unwrap_or_else(|p| p.into_inner());
@@ -3701,6 +3706,7 @@ pub unsafe extern "system" fn FwpsCompleteClassify0(
             "FwpsCompleteClassify0 on a classify handle that is not pending (completed twice, never pended, or released)",
         );
     }
+    kernel.wfp_pend_wait.completed();
     pend_completed(&kernel, classifyHandle as usize).notify_all();
     kernel.yield_point("FwpsCompleteClassify0");
 }
