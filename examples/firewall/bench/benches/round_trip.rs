@@ -12,12 +12,13 @@
 //! median and the 99th percentile, which criterion does not report.
 //!
 //! Then the floor: a bare cross-thread channel round trip (`firewall_bench::bare`), measured in
-//! rounds interleaved with rounds of the inverted design's single connections, and the ratio of
+//! rounds interleaved with rounds of the inverted design's single connections (one client, and a
+//! service answering with one thread, as the floor's echo thread), and the ratio of
 //! their medians, `ratio b-p50-inverted-over-bare-channel` (the pended round trip's median), and
 //! as figures the same for the whole connection's time,
 //! `ratio b-p50-inverted-connection-over-bare-channel`, and for the inverted design with the
-//! simulator's waits spinning before they park (`Machine::set_wait_spin`), as the floor's
-//! channel does, `ratio b-p50-inverted-spinning-over-bare-channel`.
+//! simulator's waits parking at once (`Machine::set_wait_spin(WaitSpin::Fixed(ZERO))`) instead
+//! of its default adaptive spin, `ratio b-p50-inverted-parking-over-bare-channel`.
 
 #![cfg(any(not(windows), feature = "sim"))]
 
@@ -27,17 +28,13 @@ use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use firewall_bench::Latencies;
 use firewall_bench::bare::PingPong;
 use firewall_bench::load::{Design, Load, LoadConfig};
-use wfp_rs_sim::AleIrql;
+use wfp_rs_sim::{AleIrql, WaitSpin};
 
 /// The service's threads, and its pending wait requests on the question channel.
 const SERVICE_THREADS: usize = 2;
 const SERVICE_OUTSTANDING: usize = 8;
 /// The machine's system worker threads (the simulator's default).
 const WORKERS: usize = 2;
-/// How long the simulator's waits spin before they park in the floor's comparison's third
-/// variant: longer than the round trip they wait for (about 10 µs here), so that at N = 1 a
-/// completion finds its waiter awake, as the floor's channel's spinning receiver is.
-const WAIT_SPIN: Duration = Duration::from_micros(50);
 
 fn workload(design: Design, clients: usize, per_client: usize) -> LoadConfig {
     LoadConfig {
@@ -130,17 +127,23 @@ fn main() {
 
     // The floor, interleaved with the inverted design's single connections so that a change in
     // the machine's load hits both alike: per round, CONNECTIONS connections one after another
-    // (one client) with the simulator's waits parking at once (its default), as many with its
-    // waits spinning first (`Machine::set_wait_spin`, as the floor's channel does), and as many
-    // bare round trips; which goes first rotates.
+    // (one client) with the simulator's default waits (spinning as long as they learn it pays,
+    // as the floor's channel spins before it parks), as many with its waits parking at once,
+    // and as many bare round trips; which goes first rotates. The service answers with one
+    // thread, as the floor's echo thread does: at N = 1 a second thread has nothing to answer,
+    // only the two CPUs to take from the two threads that do the round trip (the waves above,
+    // N = 1 included, keep SERVICE_THREADS).
     const CONNECTIONS: usize = 200;
     let rounds = if measuring { 21 } else { 3 };
-    let load = Load::start(workload(Design::Inverted, 1, CONNECTIONS));
+    let load = Load::start(LoadConfig {
+        service_threads: 1,
+        ..workload(Design::Inverted, 1, CONNECTIONS)
+    });
     let bare = PingPong::start();
     // Warm-up, not counted: threads started, caches and the allocator's pools filled.
     load.wave();
     bare.round_trips(CONNECTIONS);
-    let (mut inverted, mut connections, mut spinning, mut floor) = (
+    let (mut inverted, mut connections, mut parking, mut floor) = (
         Latencies::new(),
         Latencies::new(),
         Latencies::new(),
@@ -152,9 +155,12 @@ fn main() {
             match (round + turn) % 3 {
                 0 => floor.extend(bare.round_trips(CONNECTIONS)),
                 part => {
-                    let spin = part == 2;
-                    load.machine()
-                        .set_wait_spin(if spin { WAIT_SPIN } else { Duration::ZERO });
+                    let park = part == 2;
+                    load.machine().set_wait_spin(if park {
+                        WaitSpin::Fixed(Duration::ZERO)
+                    } else {
+                        WaitSpin::Adaptive
+                    });
                     let wave = load.wave();
                     denied += wave.denied;
                     assert_eq!(
@@ -162,8 +168,8 @@ fn main() {
                         wave.latencies.len(),
                         "every connection pended"
                     );
-                    if spin {
-                        spinning.extend(wave.round_trips);
+                    if park {
+                        parking.extend(wave.round_trips);
                     } else {
                         inverted.extend(wave.round_trips);
                         connections.extend(wave.latencies);
@@ -172,25 +178,24 @@ fn main() {
             }
         }
     }
-    load.machine().set_wait_spin(Duration::ZERO);
+    load.machine().set_wait_spin(WaitSpin::Adaptive);
     drop(bare);
     load.finish();
     assert_eq!(denied, 0, "the service allows every connection");
     let inverted_p50 = inverted.percentile(50.0).expect("measured");
     let connection_p50 = connections.percentile(50.0).expect("measured");
-    let spinning_p50 = spinning.percentile(50.0).expect("measured");
+    let parking_p50 = parking.percentile(50.0).expect("measured");
     let floor_p50 = floor.percentile(50.0).expect("measured");
     println!(
-        "(b) interleaved, {rounds} rounds: inverted N = 1 round trip p50 = {:.1} µs, p99 = {:.1} µs, connection p50 = {:.1} µs, p99 = {:.1} µs ({} connections); with the waits spinning up to {} µs first: round trip p50 = {:.1} µs, p99 = {:.1} µs ({} connections); bare channel round trip p50 = {:.1} µs, p99 = {:.1} µs ({} round trips)",
+        "(b) interleaved, {rounds} rounds: inverted N = 1 round trip p50 = {:.1} µs, p99 = {:.1} µs, connection p50 = {:.1} µs, p99 = {:.1} µs ({} connections); with the waits parking at once: round trip p50 = {:.1} µs, p99 = {:.1} µs ({} connections); bare channel round trip p50 = {:.1} µs, p99 = {:.1} µs ({} round trips)",
         micros(inverted_p50),
         micros(inverted.percentile(99.0).expect("measured")),
         micros(connection_p50),
         micros(connections.percentile(99.0).expect("measured")),
         inverted.len(),
-        WAIT_SPIN.as_micros(),
-        micros(spinning_p50),
-        micros(spinning.percentile(99.0).expect("measured")),
-        spinning.len(),
+        micros(parking_p50),
+        micros(parking.percentile(99.0).expect("measured")),
+        parking.len(),
         micros(floor_p50),
         micros(floor.percentile(99.0).expect("measured")),
         floor.len(),
@@ -201,8 +206,8 @@ fn main() {
             connection_p50.as_secs_f64() / floor_p50.as_secs_f64()
         ),
         format!(
-            "ratio b-p50-inverted-spinning-over-bare-channel = {:.2}",
-            spinning_p50.as_secs_f64() / floor_p50.as_secs_f64()
+            "ratio b-p50-inverted-parking-over-bare-channel = {:.2}",
+            parking_p50.as_secs_f64() / floor_p50.as_secs_f64()
         ),
     ];
     let finals = [format!(

@@ -47,9 +47,11 @@ const MORE_WORKERS: usize = 8;
 /// Questions outstanding in the memory measurement.
 const MEMORY_QUESTIONS: usize = 64;
 
-/// Connections per client per wave: at least 64 connections a wave.
+/// Connections per client per wave: at least 64 connections a wave, and at least 4 per client,
+/// so that the wave's ramps (clients leaving the barrier one by one, the last connections
+/// finishing alone) are a small part of it and most of it runs at the point's concurrency.
 fn per_client(concurrency: usize) -> usize {
-    (64 / concurrency).max(1)
+    (64 / concurrency).max(4)
 }
 
 fn workload(design: Design, concurrency: usize, service_latency: Duration) -> LoadConfig {
