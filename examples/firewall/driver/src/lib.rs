@@ -1515,7 +1515,13 @@ where
                 None => return,
             }
         } else {
-            match Shared::pended_question(shared, irql, c, &observed, cache_key) {
+            // The hot path, a cached verdict, in this frame: no call that takes the observed
+            // connection and its key by value.
+            if let Some(verdict) = shared.cached(irql, &cache_key) {
+                apply(&mut c.out, verdict);
+                return;
+            }
+            match Shared::pended_question(shared, irql, c, &observed) {
                 Some((question, pended)) => (question, Waiting::Connection(pended)),
                 None => return,
             }
@@ -2028,7 +2034,7 @@ impl Shared {
         }
     }
 
-    /// A new outbound connection: the cache's verdict, or the connection pended and the
+    /// A new outbound connection the cache did not answer: the connection pended and the
     /// question to ask about it (`Some`); or decided at once (unaskable, unloading, overload,
     /// no pool, no pend). A frame of its own, off the outbound classification's deepest path.
     #[inline(never)]
@@ -2037,7 +2043,6 @@ impl Shared {
         irql: &mut DispatchLevel<'_>,
         c: &mut Classify<'_, L>,
         observed: &Observed,
-        cache_key: CacheKey,
     ) -> Option<(Question, PendedClassify)>
     where
         L: PendableByCompletionHandle,
@@ -2045,10 +2050,6 @@ impl Shared {
     {
         let shared = this;
         let default = shared.config.default;
-        if let Some(verdict) = shared.cached(irql, &cache_key) {
-            apply(&mut c.out, verdict);
-            return None;
-        }
         let path = match whole_path(&c.values) {
             Ok(path) => path,
             Err(why) => {
