@@ -94,7 +94,6 @@ type ConnectFn = unsafe extern "system" fn(PFLT_PORT, PVOID, PVOID, ULONG, *mut 
 type DisconnectFn = unsafe extern "system" fn(PVOID);
 
 /// The filter manager of one machine: a field of [`Kernel`].
-#[derive(Default)]
 pub(crate) struct FilterManager {
     state: Mutex<State>,
     /// Signalled on every change a user-mode reader (or `wait_for_listener`) may wait for, and
@@ -104,14 +103,28 @@ pub(crate) struct FilterManager {
     /// a reply wakes the thread waiting in `FltSendMessage` for it (and the few sharing its
     /// stripe), not every sender and reader of every port — on Windows the reply signals the
     /// waiting sender alone.
-    senders: [Condvar; 32],
+    senders: [Condvar; 1 << SENDER_STRIPE_BITS],
+}
+
+/// The senders' condition variables are `1 << SENDER_STRIPE_BITS`: enough that a thousand
+/// threads waiting in `FltSendMessage` at once rarely share one, so a reply wakes about one.
+const SENDER_STRIPE_BITS: u32 = 10;
+
+impl Default for FilterManager {
+    fn default() -> Self {
+        FilterManager {
+            state: Mutex::default(),
+            changed: Condvar::new(),
+            senders: std::array::from_fn(|_| Condvar::new()),
+        }
+    }
 }
 
 impl FilterManager {
     /// The condition variable the sender of message `id` waits on.
     fn sender(&self, id: u64) -> &Condvar {
         let mixed = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        &self.senders[(mixed >> 59) as usize % self.senders.len()]
+        &self.senders[(mixed >> (64 - SENDER_STRIPE_BITS)) as usize]
     }
 
     /// Wakes every waiter: readers, listeners' waiters and senders (a port or a connection
