@@ -412,6 +412,68 @@ mod sim {
         }
     }
 
+    /// Eight readers on one connection, each waiting until a message comes, and eight senders at once: a
+    /// message wakes one reader (as on Windows a message completes one pending read), and no
+    /// message waits for a reader that was not woken. A lost wake-up would leave a message
+    /// undelivered until its reader's wait ends (`LONG`), and its sender, which waits only
+    /// `SEND_LIMIT`, would fail the assertion.
+    #[test]
+    fn many_readers_of_one_connection_answer_every_message_once() {
+        const READERS: u32 = 8;
+        const SENDERS: u32 = 8;
+        const PER_SENDER: u32 = 40;
+        /// The pid of a message that ends the reader that takes it.
+        const STOP: u32 = 0;
+        /// Far beyond what a reply takes here, far short of `LONG`.
+        const SEND_LIMIT: Duration = Duration::from_secs(10);
+        let fixture = Fixture::new(1);
+        let client = fixture.client();
+        let answered = AtomicU32::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..READERS {
+                s.spawn(|| {
+                    // `LONG`, not for ever: if a wake-up were lost, the test fails instead of
+                    // hanging.
+                    while let Some(message) = client.get_message(Some(LONG)) {
+                        // A reply to a sender that gave up fails; the sender's assertion says why.
+                        let _ = client.reply(message.id, &policy(&message));
+                        if Ask::decode(&message.data).unwrap().pid == STOP {
+                            return;
+                        }
+                        answered.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+            }
+            std::thread::scope(|senders| {
+                for sender in 0..SENDERS {
+                    let fixture = &fixture;
+                    senders.spawn(move || {
+                        for n in 0..PER_SENDER {
+                            let pid = if n % 7 == 0 {
+                                666
+                            } else {
+                                1 + sender * 1000 + n
+                            };
+                            let expected = if pid == 666 {
+                                Verdict::Block
+                            } else {
+                                Verdict::Allow
+                            };
+                            assert_eq!(fixture.send(pid, SEND_LIMIT), Ok(expected), "pid {pid}");
+                        }
+                    });
+                }
+            });
+            // One stop message per reader: each wakes one reader, which answers and ends.
+            for _ in 0..READERS {
+                assert_eq!(fixture.send(STOP, SEND_LIMIT), Ok(Verdict::Allow));
+            }
+        });
+        assert_eq!(answered.load(Ordering::SeqCst), SENDERS * PER_SENDER);
+        drop(client);
+        fixture.finish();
+    }
+
     #[test]
     fn a_work_item_queued_at_dispatch_level_sends_and_gets_the_reply() {
         let fixture = Fixture::new(1);

@@ -205,6 +205,9 @@ struct ClientRecord {
     queued: VecDeque<u64>,
     /// Messages delivered to a waiting `FilterGetMessage` that has not returned yet.
     delivered: VecDeque<UserMessage>,
+    /// What this connection's `FilterGetMessage` calls wait on: a message wakes one of them (on
+    /// Windows a message completes one pending read), a change of the connection all of them.
+    readable: Arc<Condvar>,
 }
 
 impl ClientRecord {
@@ -258,6 +261,14 @@ fn wait<'a>(
     deadline: Option<Deadline>,
 ) -> MutexGuard<'a, State> {
     wait_on(kernel, &kernel.flt.changed, guard, deadline)
+}
+
+/// Wakes every `FilterGetMessage` waiting on these connections: they changed (closed, or their
+/// filter unregistered), and each reader must look again.
+fn wake_all_readers(readable: &[Arc<Condvar>]) {
+    for condvar in readable {
+        condvar.notify_all();
+    }
 }
 
 fn wait_on<'a>(
@@ -484,13 +495,16 @@ pub unsafe extern "system" fn FltUnregisterFilter(Filter: PFLT_FILTER) {
     }
     let mut flt = lock(&kernel);
     // The filter manager closes every client port the driver has not closed.
+    let mut closed = Vec::new();
     for client in flt.clients.values_mut().filter(|c| c.filter == filter) {
         client.driver_open = false;
+        closed.push(Arc::clone(&client.readable));
     }
     flt.clients.retain(|_, c| c.user_open);
     flt.filters.remove(&filter);
     drop(flt);
     kernel.flt.notify_everyone();
+    wake_all_readers(&closed);
 }
 
 // --- security descriptors ------------------------------------------------------------------------
@@ -711,12 +725,14 @@ pub unsafe extern "system" fn FltCloseClientPort(Filter: PFLT_FILTER, ClientPort
     };
     record.driver_open = false;
     let user_open = record.user_open;
+    let readable = Arc::clone(&record.readable);
     if !user_open {
         flt.clients.remove(&client);
     }
     variable.store(core::ptr::null_mut(), Ordering::SeqCst);
     drop(flt);
     kernel.flt.notify_everyone();
+    wake_all_readers(&[readable]);
 }
 
 // --- messages ----------------------------------------------------------------------------------
@@ -851,8 +867,11 @@ pub unsafe extern "system" fn FltSendMessage(
             state,
         },
     );
-    // A reader may take it now; no other sender waits for it.
-    kernel.flt.changed.notify_all();
+    // A reader of this connection may take it now (one is enough: any of them takes any
+    // message); no other sender waits for it.
+    if let Some(record) = flt.clients.get(&client) {
+        record.readable.notify_one();
+    }
     // From the send until the call returns the sender waits for its reply.
     let _blocked = super::blocked::BlockedWait::enter(&kernel);
     loop {
@@ -1052,6 +1071,7 @@ pub(crate) fn user_connect(
                 readers: 0,
                 queued: VecDeque::new(),
                 delivered: VecDeque::new(),
+                readable: Arc::new(Condvar::new()),
             },
         );
         (client, connect, cookie, driver)
@@ -1147,7 +1167,8 @@ pub(crate) fn user_get_message(
             // For `wait_for_listener`; no sender waits for a reader.
             kernel.flt.changed.notify_all();
         }
-        flt = wait(kernel, flt, deadline);
+        let readable = Arc::clone(&record.readable);
+        flt = wait_on(kernel, &readable, flt, deadline);
     };
     if waiting && let Some(record) = flt.clients.get_mut(&client) {
         record.readers -= 1;
@@ -1204,12 +1225,15 @@ pub(crate) fn user_disconnect(kernel: &Arc<Kernel>, client: usize) {
             record.notified = true;
             (record.disconnect, record.cookie, record.driver)
         });
+        let readable = Arc::clone(&record.readable);
         if !record.driver_open {
             flt.clients.remove(&client);
         }
-        call
+        (call, readable)
     };
+    let (call, readable) = call;
     kernel.flt.notify_everyone();
+    wake_all_readers(&[readable]);
     if let Some((disconnect, cookie, driver)) = call {
         call_driver(kernel, driver, "DisconnectNotify", || {
             // SAFETY: the driver registered this routine and, its connection being open, is
