@@ -117,6 +117,8 @@ impl IoCompletion {
 
 #[derive(Clone, Debug)]
 enum Phase {
+    /// Sent, not yet handed to the driver: the I/O manager still checks the device.
+    Sending,
     /// In the driver's dispatch routine.
     Dispatching,
     /// The dispatch routine returned `STATUS_PENDING` and the IRP is not completed yet.
@@ -537,7 +539,7 @@ fn new_irp(kernel: &Kernel, request: NewIrp<'_>) -> usize {
             file: request.file,
             major: request.major,
             output_len,
-            phase: Phase::Dispatching,
+            phase: Phase::Sending,
             released: false,
             serial,
         },
@@ -610,12 +612,35 @@ fn dispatch_irp(
     driver: usize,
     major: u8,
 ) -> NTSTATUS {
+    // The device is looked up again, under the same locks as the request is marked as in the
+    // driver: a device its driver deleted meanwhile (unloading) gets no more requests, and an
+    // unload waits for those it got (`wait_for_dispatch_calls`).
     let routine = {
         let state = kernel.lock();
-        state
+        let mut requests = io(kernel);
+        let serial = requests
+            .irps
+            .get(&irp)
+            .and_then(|record| requests.files.get(&record.file))
+            .map(|file| file.device_serial);
+        let alive = state.devices.contains_key(&device)
+            && serial.is_none_or(|serial| serial_of(device) == serial);
+        if !alive {
+            drop((requests, state));
+            let status = Status::DELETE_PENDING.raw();
+            complete_internally(kernel, irp, status);
+            return status;
+        }
+        let routine = state
             .drivers
             .get(&driver)
-            .and_then(|record| record.object.MajorFunction[usize::from(major)])
+            .and_then(|record| record.object.MajorFunction[usize::from(major)]);
+        if routine.is_some()
+            && let Some(record) = requests.irps.get_mut(&irp)
+        {
+            record.phase = Phase::Dispatching;
+        }
+        routine
     };
     let Some(routine) = routine else {
         // The I/O manager's IopInvalidDeviceRequest.
@@ -1996,26 +2021,60 @@ pub(crate) fn pending_irps(kernel: &Kernel, driver: usize) -> usize {
         .count()
 }
 
+/// Waits until no request sent to `driver` is still on its way into it (sent, its dispatch
+/// routine not returned yet), up to the unload wait limit; called after the driver's unload
+/// routine returned, before the unload checks, and holding none of the machine's locks (the
+/// sender needs them to finish). Such a request is not pending: on Windows the call holds a
+/// reference to the device, which defers the unload until the dispatch routine returns — and
+/// then, the device deleted, the request is refused or completed. A service thread that sends a
+/// new request while the driver unloads is in that window. A call that outlasts the limit is
+/// reported by [`check_unload`] as pending.
+pub(crate) fn wait_for_dispatch_calls(kernel: &Kernel, driver: usize) {
+    let limit = std::time::Instant::now() + kernel.unload_wait_limit();
+    let in_dispatch = || {
+        io(kernel)
+            .irps
+            .values()
+            .any(|irp| irp.driver == driver && matches!(irp.phase, Phase::Dispatching))
+    };
+    while in_dispatch() && std::time::Instant::now() < limit {
+        kernel.yield_point("unload: waits for dispatch calls in progress");
+        std::thread::yield_now();
+    }
+}
+
 /// What the I/O manager checks after a driver's unload routine returned: no IRP sent to the
 /// driver may still be pending (`DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS`, with
 /// the IRP as parameter 1). Handles still open to its devices are orphaned (Windows would not
 /// have unloaded the driver while they were open).
 pub(crate) fn check_unload(kernel: &Kernel, driver: usize, name: &str) {
     let mut state = io(kernel);
+    // A request still being sent finds the device gone and is refused: not the driver's.
     let pending: Vec<usize> = state
         .irps
         .iter()
-        .filter(|(_, irp)| irp.driver == driver && !matches!(irp.phase, Phase::Completed(_)))
+        .filter(|(_, irp)| {
+            irp.driver == driver && matches!(irp.phase, Phase::Dispatching | Phase::Pending)
+        })
         .map(|(&address, _)| address)
         .collect();
     if let Some(&first) = pending.iter().min() {
+        let record = &state.irps[&first];
+        let what = format!(
+            "major function {:#04x}, {}",
+            record.major,
+            match record.phase {
+                Phase::Dispatching => "its dispatch routine still running",
+                _ => "pending",
+            }
+        );
         drop(state);
         stop(
             BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS,
             [first, 0, 0, 0],
             &format!(
-                "driver {name} unloaded with {} IRP(s) still pending; complete (or cancel) every \
-                 queued request before unload",
+                "driver {name} unloaded with {} IRP(s) still pending (the first: {what}); \
+                 complete (or cancel) every queued request before unload",
                 pending.len()
             ),
         );
