@@ -150,6 +150,10 @@ struct State {
 struct FilterRecord {
     driver: usize,
     started: bool,
+    /// `DisconnectNotify` calls a user-mode disconnect is making now: `FltUnregisterFilter` waits
+    /// for them (INFERRED: on Windows a callback in progress holds a reference on the filter, and
+    /// unregistering waits for the filter's references).
+    callbacks: usize,
 }
 
 /// Who a port's security descriptor lets connect.
@@ -413,6 +417,7 @@ pub unsafe extern "system" fn FltRegisterFilter(
         FilterRecord {
             driver,
             started: false,
+            callbacks: 0,
         },
     );
     drop(flt);
@@ -492,6 +497,18 @@ pub unsafe extern "system" fn FltUnregisterFilter(Filter: PFLT_FILTER) {
             // cookie is the one its ConnectNotify returned.
             unsafe { disconnect(cookie as PVOID) }
         });
+    }
+    // A DisconnectNotify another thread's disconnect is making holds the filter (it may close
+    // its client port with it): wait for it, up to the unload wait limit.
+    let limit = std::time::Instant::now() + kernel.unload_wait_limit();
+    while lock(&kernel)
+        .filters
+        .get(&filter)
+        .is_some_and(|record| record.callbacks > 0)
+        && std::time::Instant::now() < limit
+    {
+        kernel.yield_point("FltUnregisterFilter: waits for DisconnectNotify calls in progress");
+        std::thread::yield_now();
     }
     let mut flt = lock(&kernel);
     // The filter manager closes every client port the driver has not closed.
@@ -1223,18 +1240,28 @@ pub(crate) fn user_disconnect(kernel: &Arc<Kernel>, client: usize) {
         record.user_open = false;
         let call = (record.accepted && record.driver_open && !record.notified).then(|| {
             record.notified = true;
-            (record.disconnect, record.cookie, record.driver)
+            (
+                record.disconnect,
+                record.cookie,
+                record.driver,
+                record.filter,
+            )
         });
         let readable = Arc::clone(&record.readable);
         if !record.driver_open {
             flt.clients.remove(&client);
+        }
+        if let Some((_, _, _, filter)) = call
+            && let Some(record) = flt.filters.get_mut(&filter)
+        {
+            record.callbacks += 1;
         }
         (call, readable)
     };
     let (call, readable) = call;
     kernel.flt.notify_everyone();
     wake_all_readers(&[readable]);
-    if let Some((disconnect, cookie, driver)) = call {
+    if let Some((disconnect, cookie, driver, _)) = call {
         call_driver(kernel, driver, "DisconnectNotify", || {
             // SAFETY: the driver registered this routine and, its connection being open, is
             // loaded; the cookie is the one its ConnectNotify returned.
@@ -1242,6 +1269,11 @@ pub(crate) fn user_disconnect(kernel: &Arc<Kernel>, client: usize) {
         });
     }
     let mut flt = lock(kernel);
+    if let Some((_, _, _, filter)) = call
+        && let Some(record) = flt.filters.get_mut(&filter)
+    {
+        record.callbacks = record.callbacks.saturating_sub(1);
+    }
     if flt
         .clients
         .get(&client)
