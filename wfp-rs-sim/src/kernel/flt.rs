@@ -96,8 +96,9 @@ type DisconnectFn = unsafe extern "system" fn(PVOID);
 /// The filter manager of one machine: a field of [`Kernel`].
 pub(crate) struct FilterManager {
     state: Mutex<State>,
-    /// Signalled on every change a user-mode reader (or `wait_for_listener`) may wait for, and
-    /// with [`FilterManager::notify_everyone`] on every change a sender may wait for too.
+    /// Signalled on every change `wait_for_listener` may wait for, and with
+    /// [`FilterManager::notify_everyone`] on every change a sender may wait for too. Readers
+    /// wait on their connection's own condition variable (`ClientRecord::readable`).
     changed: Condvar,
     /// Signalled for the sender of a message, by its id's stripe ([`FilterManager::sender`]):
     /// a reply wakes the thread waiting in `FltSendMessage` for it (and the few sharing its
@@ -127,8 +128,8 @@ impl FilterManager {
         &self.senders[(mixed >> (64 - SENDER_STRIPE_BITS)) as usize]
     }
 
-    /// Wakes every waiter: readers, listeners' waiters and senders (a port or a connection
-    /// changed).
+    /// Wakes every listener's waiter and every sender (a port or a connection changed); the
+    /// readers of a changed connection are woken with `wake_all_readers`.
     fn notify_everyone(&self) {
         self.changed.notify_all();
         for sender in &self.senders {
