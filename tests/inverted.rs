@@ -622,6 +622,10 @@ mod behaviour {
     pub const RAISE_IRQL: u16 = 0x80B;
     /// Completes with STATUS_SUCCESS and the input echoed back.
     pub const ECHO: u16 = 0x80C;
+    /// Completes with STATUS_SUCCESS, then waits at the raw driver's gate before it returns.
+    pub const COMPLETE_THEN_WAIT: u16 = 0x80D;
+    /// As PEND_CANCELABLE, with a cancel routine that waits at the gate before it completes.
+    pub const PEND_SLOW_CANCEL: u16 = 0x80E;
 }
 
 fn raw_code(function: u16) -> u32 {
@@ -736,6 +740,19 @@ mod raw {
         }
     }
 
+    /// A cancel routine that releases the cancel lock and waits at the gate before it completes
+    /// the IRP as cancelled.
+    unsafe extern "system" fn slow_cancel(_device: *mut sys::DEVICE_OBJECT, irp: *mut sys::IRP) {
+        KEPT.lock()
+            .unwrap()
+            .retain(|&(_, kept)| kept != irp as usize);
+        // SAFETY: called with the cancel spin lock held, for the IRP this driver keeps.
+        unsafe { sys::IoReleaseCancelSpinLock((*irp).CancelIrql) };
+        IN_CANCEL.pass();
+        // SAFETY: the IRP is still this driver's: its cancel routine owns it now.
+        unsafe { complete(irp, Status::CANCELLED.raw(), 0) };
+    }
+
     unsafe extern "system" fn dispatch(
         device: *mut sys::DEVICE_OBJECT,
         irp: *mut sys::IRP,
@@ -760,6 +777,12 @@ mod raw {
                     sys::IoMarkIrpPending(irp);
                     keep(device, irp);
                     sys::IoSetCancelRoutine(irp, Some(cancel));
+                    sys::STATUS_PENDING
+                }
+                behaviour::PEND_SLOW_CANCEL => {
+                    sys::IoMarkIrpPending(irp);
+                    keep(device, irp);
+                    sys::IoSetCancelRoutine(irp, Some(slow_cancel));
                     sys::STATUS_PENDING
                 }
                 behaviour::COMPLETE_TWICE => {
@@ -799,6 +822,11 @@ mod raw {
                     sys::KfRaiseIrql(sys::DISPATCH_LEVEL);
                     SUCCESS
                 }
+                behaviour::COMPLETE_THEN_WAIT => {
+                    complete(irp, SUCCESS, 0);
+                    AFTER_COMPLETING.pass();
+                    SUCCESS
+                }
                 behaviour::ECHO => {
                     let length = (control.InputBufferLength as usize)
                         .min(control.OutputBufferLength as usize);
@@ -819,6 +847,51 @@ mod raw {
             }
         }
     }
+
+    /// Where a routine of the raw driver waits until the test lets it go on.
+    pub struct Gate {
+        /// (a routine waits at the gate, the gate is open)
+        state: Mutex<(bool, bool)>,
+        changed: std::sync::Condvar,
+    }
+
+    impl Gate {
+        const fn new() -> Gate {
+            Gate {
+                state: Mutex::new((false, false)),
+                changed: std::sync::Condvar::new(),
+            }
+        }
+
+        /// Waits until the test opens the gate (at most 20 s), in harness code.
+        fn pass(&self) {
+            wfp_rs_sim::as_harness(|| {
+                let mut gate = self.state.lock().unwrap();
+                gate.0 = true;
+                self.changed.notify_all();
+                let limit = std::time::Duration::from_secs(20);
+                drop(self.changed.wait_timeout_while(gate, limit, |gate| !gate.1));
+            });
+        }
+
+        /// Waits until a routine waits at the gate.
+        pub fn wait_for_a_routine(&self) {
+            let mut gate = self.state.lock().unwrap();
+            while !gate.0 {
+                gate = self.changed.wait(gate).unwrap();
+            }
+        }
+
+        pub fn open(&self) {
+            self.state.lock().unwrap().1 = true;
+            self.changed.notify_all();
+        }
+    }
+
+    /// Where `COMPLETE_THEN_WAIT`'s dispatch waits, after completing its request.
+    pub static AFTER_COMPLETING: Gate = Gate::new();
+    /// Where `PEND_SLOW_CANCEL`'s cancel routine waits, before completing its request.
+    pub static IN_CANCEL: Gate = Gate::new();
 
     /// Loads the raw driver and opens its device.
     pub fn load(machine: &Machine) -> (LoadedDriver, wfp_rs_sim::DeviceHandle) {
@@ -870,6 +943,94 @@ fn a_raw_driver_that_pends_and_completes_from_dispatch_level_runs_clean() {
     drop(handle);
     machine.unload_driver(driver).unwrap();
     assert!(machine.symbolic_links().is_empty());
+}
+
+/// A dispatch routine that completed its request and has not returned yet is still driver code
+/// running: the unload waits for it (on Windows the I/O manager's reference on the device defers
+/// the unload until the call returns).
+#[test]
+fn an_unload_waits_for_a_dispatch_routine_that_completed_its_request_and_runs_on() {
+    let machine = Machine::new();
+    let (driver, handle) = raw::load(&machine);
+    std::thread::scope(|scope| {
+        let sending = scope.spawn(|| {
+            handle
+                .device_io_control(raw_code(behaviour::COMPLETE_THEN_WAIT), &[], 0)
+                .wait()
+                .status
+        });
+        raw::AFTER_COMPLETING.wait_for_a_routine();
+        let unloading = scope.spawn(|| machine.unload_driver(driver));
+        // Time for an unload that does not wait to finish (the test passes whatever the timing:
+        // one that waits cannot finish before the gate opens).
+        for _ in 0..20 {
+            assert!(
+                !unloading.is_finished(),
+                "the driver unloaded while its dispatch routine was still running"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        raw::AFTER_COMPLETING.open();
+        assert_eq!(sending.join().unwrap(), SUCCESS);
+        unloading.join().unwrap().unwrap();
+    });
+}
+
+/// A cancel routine (`CancelIoEx` from the service) still running when the driver unloads: the
+/// unload waits for it, and the request it completes is not "pending at unload".
+#[test]
+fn an_unload_waits_for_a_cancel_routine_that_is_running() {
+    let machine = Machine::new();
+    let (driver, handle) = raw::load(&machine);
+    let request = handle.device_io_control(raw_code(behaviour::PEND_SLOW_CANCEL), &[], 0);
+    assert!(request.is_pending());
+    std::thread::scope(|scope| {
+        let cancelling = scope.spawn(|| request.cancel());
+        raw::IN_CANCEL.wait_for_a_routine();
+        let unloading = scope.spawn(|| machine.unload_driver(driver));
+        for _ in 0..20 {
+            assert!(
+                !unloading.is_finished(),
+                "the driver unloaded while its cancel routine was still running"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        raw::IN_CANCEL.open();
+        assert!(cancelling.join().unwrap(), "the cancel routine ran");
+        unloading.join().unwrap().unwrap();
+    });
+    assert_eq!(request.wait().status, Status::CANCELLED.raw());
+}
+
+/// One that never returns: the simulator stops after the unload wait limit.
+#[test]
+fn a_dispatch_routine_that_never_returns_stops_the_unload() {
+    let outcome = wfp_rs_sim::run_isolated(
+        "a_dispatch_routine_that_never_returns_stops_the_unload",
+        || {
+            let machine = Machine::new();
+            machine.set_unload_wait_limit(std::time::Duration::from_millis(200));
+            let (driver, handle) = raw::load(&machine);
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    let _ =
+                        handle.device_io_control(raw_code(behaviour::COMPLETE_THEN_WAIT), &[], 0);
+                });
+                raw::AFTER_COMPLETING.wait_for_a_routine();
+                let _ = machine.unload_driver(driver);
+            });
+        },
+    );
+    let report = outcome.expect_bugcheck(
+        wfp_rs::bugcheck::BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS,
+    );
+    assert!(
+        report.explanation.starts_with(
+            "driver raw unloaded with 1 dispatch or cancel routine(s) still running after 0.2 s"
+        ),
+        "{}",
+        outcome.stderr
+    );
 }
 
 #[test]

@@ -1061,6 +1061,144 @@ mod sim {
         machine.unload_driver(driver).unwrap();
     }
 
+    /// A driver whose `ConnectNotify` waits at a gate the test opens: a process connecting while
+    /// the driver unloads.
+    mod slow_connect {
+        use super::*;
+        use std::sync::Condvar;
+
+        pub static DISCONNECTS: AtomicU32 = AtomicU32::new(0);
+        /// (a connect callback is waiting, the gate is open)
+        static GATE: Mutex<(bool, bool)> = Mutex::new((false, false));
+        static GATE_CHANGED: Condvar = Condvar::new();
+        /// The longest a connect callback waits for the gate.
+        const GATE_LIMIT: Duration = Duration::from_secs(20);
+
+        pub fn wait_until_connecting() {
+            let mut gate = GATE.lock().unwrap();
+            while !gate.0 {
+                gate = GATE_CHANGED.wait(gate).unwrap();
+            }
+        }
+
+        pub fn open_gate() {
+            GATE.lock().unwrap().1 = true;
+            GATE_CHANGED.notify_all();
+        }
+
+        pub struct Events;
+
+        impl PortEvents for Events {
+            fn connected(
+                &self,
+                _irql: &mut PassiveLevel<'_>,
+                _connection: ConnectionId,
+                _context: &[u8],
+            ) -> Result<(), Status> {
+                let mut gate = GATE.lock().unwrap();
+                gate.0 = true;
+                GATE_CHANGED.notify_all();
+                let (gate, _) = GATE_CHANGED
+                    .wait_timeout_while(gate, GATE_LIMIT, |gate| !gate.1)
+                    .unwrap();
+                drop(gate);
+                Ok(())
+            }
+
+            fn disconnected(&self, _irql: &mut PassiveLevel<'_>, _connection: ConnectionId) {
+                DISCONNECTS.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+
+        pub struct State {
+            pub _filter: Filter,
+            pub _port: ServerPort<Firewall, Events>,
+        }
+
+        impl DriverState for State {}
+
+        #[wfp_rs::driver_entry]
+        fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<State, Status> {
+            let filter = Filter::register(irql, driver)?;
+            let port = ServerPort::create(irql, &filter, "\\SlowConnect", 1, Events)?;
+            Ok(State {
+                _filter: filter,
+                _port: port,
+            })
+        }
+    }
+
+    /// A process connecting while the driver unloads: its `ConnectNotify` runs in the driver,
+    /// so `FltUnregisterFilter` waits for it (INFERRED: the callback holds a reference on the
+    /// filter), and then disconnects the connection it accepted. A simulator that did not wait
+    /// unloaded the driver (and freed the port the callback was using) with its code still
+    /// running.
+    #[test]
+    fn a_connect_in_progress_holds_the_unload_until_its_callback_returns() {
+        let machine = Machine::new();
+        let driver = machine
+            .load_driver("slow-connect", slow_connect::DriverEntry)
+            .unwrap();
+        std::thread::scope(|scope| {
+            let connecting = scope.spawn(|| {
+                let mut client = machine.port_client("\\SlowConnect");
+                let connected = client.connect(&[]);
+                (connected, client)
+            });
+            slow_connect::wait_until_connecting();
+            let unloading = scope.spawn(|| machine.unload_driver(driver));
+            // Give the unload time to finish if it does not wait (it passes whatever the timing:
+            // an unload that waits cannot finish before the gate opens).
+            for _ in 0..20 {
+                assert!(
+                    !unloading.is_finished(),
+                    "the driver unloaded while its ConnectNotify was still running"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            slow_connect::open_gate();
+            unloading.join().unwrap().unwrap();
+            let (connected, client) = connecting.join().unwrap();
+            assert_eq!(connected, Ok(()), "the driver accepted the connection");
+            assert!(!client.is_connected(), "the unload disconnected it");
+        });
+        assert_eq!(slow_connect::DISCONNECTS.load(Ordering::SeqCst), 1);
+        assert!(machine.pool_blocks().is_empty());
+    }
+
+    /// A `ConnectNotify` that never returns: Windows' `FltUnregisterFilter` waits for it forever;
+    /// the simulator stops after the unload wait limit and says which callbacks it waited for.
+    #[test]
+    fn a_connect_callback_that_never_returns_stops_the_unload() {
+        let outcome = run_isolated(
+            "sim::a_connect_callback_that_never_returns_stops_the_unload",
+            || {
+                let machine = Machine::new();
+                machine.set_unload_wait_limit(Duration::from_millis(200));
+                let driver = machine
+                    .load_driver("slow-connect", slow_connect::DriverEntry)
+                    .unwrap();
+                std::thread::scope(|scope| {
+                    scope.spawn(|| {
+                        let mut client = machine.port_client("\\SlowConnect");
+                        let _ = client.connect(&[]);
+                    });
+                    slow_connect::wait_until_connecting();
+                    let _ = machine.unload_driver(driver);
+                });
+            },
+        );
+        let report = outcome
+            .expect_bugcheck(BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS);
+        assert!(
+            report.explanation.starts_with(
+                "FltUnregisterFilter waited 0.2 s for the driver's ConnectNotify or DisconnectNotify"
+            ),
+            "{}",
+            outcome.stderr
+        );
+    }
+
     mod forgets {
         use super::*;
 

@@ -484,7 +484,9 @@ impl Machine {
     /// `DriverEntry` or the unload routine (the SDK's unload waits for work items and
     /// [`WorkQueue`](wfp_rs::work_item::WorkQueue) handles this way), work item routines that have
     /// not returned when the unload routine has, calls into a callout that
-    /// `FwpsCalloutUnregisterById0` waits for. The report names what was waited for and the
+    /// `FwpsCalloutUnregisterById0` waits for, `ConnectNotify` and `DisconnectNotify` calls that
+    /// `FltUnregisterFilter` waits for, dispatch and cancel routines still running on a service's
+    /// threads after the unload routine returned. The report names what was waited for and the
     /// threads still blocked. The default is 30 seconds; tests of these stops set a short limit
     /// (the hang is real, so a short limit only makes the test quicker).
     ///

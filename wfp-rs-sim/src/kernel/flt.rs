@@ -39,6 +39,7 @@
 //! | what user mode sees when its reply is too long for the driver | success |
 //! | `DisconnectNotify` after the driver closed the client port itself | not called |
 //! | `FltCloseClientPort` on a variable that is already null | nothing happens |
+//! | `FltUnregisterFilter` while a process's connect or disconnect runs the driver's `ConnectNotify` or `DisconnectNotify` | waits for it (the callback holds the filter), then disconnects a connection it accepted; after the unload wait limit, stops with 0xCE |
 //!
 //! `FltRegisterFilter` without a `FilterUnloadCallback` clears the driver object's
 //! `DriverUnload`, as `fltmgr.sys` does (Microsoft documents that such a filter "cannot be
@@ -151,9 +152,10 @@ struct State {
 struct FilterRecord {
     driver: usize,
     started: bool,
-    /// `DisconnectNotify` calls a user-mode disconnect is making now: `FltUnregisterFilter` waits
-    /// for them (INFERRED: on Windows a callback in progress holds a reference on the filter, and
-    /// unregistering waits for the filter's references).
+    /// `ConnectNotify` and `DisconnectNotify` calls other threads are making now (a process
+    /// connecting or disconnecting): `FltUnregisterFilter` waits for them (INFERRED: on Windows a
+    /// callback in progress holds a reference on the filter, and unregistering waits for the
+    /// filter's references). Decremented with [`FilterManager::changed`] notified.
     callbacks: usize,
 }
 
@@ -454,9 +456,10 @@ pub unsafe extern "system" fn FltStartFiltering(Filter: PFLT_FILTER) -> NTSTATUS
     STATUS_SUCCESS
 }
 
-/// `FltUnregisterFilter`: disconnects every client of the filter's ports (calling the driver's
+/// `FltUnregisterFilter`: waits for the `ConnectNotify` and `DisconnectNotify` calls other
+/// threads are making, disconnects every client of the filter's ports (calling the driver's
 /// `DisconnectNotify` for each) and removes the filter. With a server port of the filter still
-/// open, Windows waits forever; the simulator stops.
+/// open, or a callback that does not return, Windows waits forever; the simulator stops.
 ///
 /// # Safety
 ///
@@ -466,8 +469,8 @@ pub unsafe extern "system" fn FltUnregisterFilter(Filter: PFLT_FILTER) {
     require_irql("FltUnregisterFilter", APC_LEVEL);
     let kernel = current();
     let filter = Filter as usize;
-    let calls: Vec<(DisconnectFn, usize, usize)> = {
-        let mut flt = lock(&kernel);
+    let mut flt = {
+        let flt = lock(&kernel);
         if !flt.filters.contains_key(&filter) {
             drop(flt);
             bad_object("FltUnregisterFilter", "registered filter", filter);
@@ -483,35 +486,61 @@ pub unsafe extern "system" fn FltUnregisterFilter(Filter: PFLT_FILTER) {
                 ),
             );
         }
-        flt.clients
+        flt
+    };
+    // A connect or disconnect another thread is making holds the filter: its ConnectNotify or
+    // DisconnectNotify runs in the driver (and may close its client port), so wait for it. A
+    // connection accepted meanwhile is disconnected like the others. No new connect can start:
+    // the server ports are closed (checked above).
+    let deadline = kernel.deadline_in(kernel.unload_wait_limit());
+    loop {
+        let (guard, timed_out) = kernel.wait_while(
+            &kernel.flt.state,
+            flt,
+            &kernel.flt.changed,
+            Some(deadline),
+            "FltUnregisterFilter: waits for ConnectNotify and DisconnectNotify calls in progress",
+            |state| {
+                state
+                    .filters
+                    .get(&filter)
+                    .is_some_and(|record| record.callbacks > 0)
+            },
+        );
+        if timed_out {
+            drop(guard);
+            stop(
+                BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS,
+                [0, 0, filter, 0],
+                &format!(
+                    "FltUnregisterFilter waited {:.1} s for the driver's ConnectNotify or DisconnectNotify, called by a connecting or disconnecting process, to return (Machine::set_unload_wait_limit); on Windows it waits for them forever",
+                    kernel.unload_wait_limit().as_secs_f64()
+                ),
+            );
+        }
+        flt = guard;
+        let calls: Vec<(DisconnectFn, usize, usize)> = flt
+            .clients
             .values_mut()
             .filter(|c| c.filter == filter && c.accepted && !c.notified)
             .map(|c| {
                 c.notified = true;
                 (c.disconnect, c.cookie, c.driver)
             })
-            .collect()
-    };
-    for (disconnect, cookie, driver) in calls {
-        call_driver(&kernel, driver, "DisconnectNotify", || {
-            // SAFETY: the driver registered this routine for its port and is still loaded; the
-            // cookie is the one its ConnectNotify returned.
-            unsafe { disconnect(cookie as PVOID) }
-        });
+            .collect();
+        if calls.is_empty() {
+            break;
+        }
+        drop(flt);
+        for (disconnect, cookie, driver) in calls {
+            call_driver(&kernel, driver, "DisconnectNotify", || {
+                // SAFETY: the driver registered this routine for its port and is still loaded;
+                // the cookie is the one its ConnectNotify returned.
+                unsafe { disconnect(cookie as PVOID) }
+            });
+        }
+        flt = lock(&kernel);
     }
-    // A DisconnectNotify another thread's disconnect is making holds the filter (it may close
-    // its client port with it): wait for it, up to the unload wait limit.
-    let limit = std::time::Instant::now() + kernel.unload_wait_limit();
-    while lock(&kernel)
-        .filters
-        .get(&filter)
-        .is_some_and(|record| record.callbacks > 0)
-        && std::time::Instant::now() < limit
-    {
-        kernel.yield_point("FltUnregisterFilter: waits for DisconnectNotify calls in progress");
-        std::thread::yield_now();
-    }
-    let mut flt = lock(&kernel);
     // The filter manager closes every client port the driver has not closed.
     let mut closed = Vec::new();
     for client in flt.clients.values_mut().filter(|c| c.filter == filter) {
@@ -1046,7 +1075,7 @@ pub(crate) fn user_connect(
     process: &Arc<super::process::Process>,
 ) -> Result<usize, NTSTATUS> {
     let administrator = process.caller() != super::irp::Caller::User;
-    let (client, connect, cookie, driver) = {
+    let (client, connect, cookie, driver, filter) = {
         let mut flt = lock(kernel);
         let Some((&server, record)) = flt.servers.iter().find(|(_, s)| s.is_named(name)) else {
             return Err(STATUS_OBJECT_NAME_NOT_FOUND);
@@ -1092,7 +1121,11 @@ pub(crate) fn user_connect(
                 readable: Arc::new(Condvar::new()),
             },
         );
-        (client, connect, cookie, driver)
+        // The ConnectNotify about to run holds the filter (`FltUnregisterFilter` waits for it).
+        if let Some(record) = flt.filters.get_mut(&filter) {
+            record.callbacks += 1;
+        }
+        (client, connect, cookie, driver, filter)
     };
     // The filter manager hands the driver a kernel copy of the context.
     let mut context = context.to_vec();
@@ -1119,19 +1152,24 @@ pub(crate) fn user_connect(
         })
     });
     let mut flt = lock(kernel);
-    if status < 0 {
-        flt.clients.remove(&client);
-        return Err(status);
+    if let Some(record) = flt.filters.get_mut(&filter) {
+        record.callbacks = record.callbacks.saturating_sub(1);
     }
-    let Some(record) = flt.clients.get_mut(&client) else {
-        // The filter was unregistered while the driver accepted.
-        return Err(STATUS_PORT_DISCONNECTED);
+    let result = if status < 0 {
+        flt.clients.remove(&client);
+        Err(status)
+    } else if let Some(record) = flt.clients.get_mut(&client) {
+        record.accepted = true;
+        record.cookie = connection_cookie as usize;
+        Ok(client)
+    } else {
+        // Unreachable while FltUnregisterFilter waits for this call; kept for a machine whose
+        // unload gave up waiting (it stopped).
+        Err(STATUS_PORT_DISCONNECTED)
     };
-    record.accepted = true;
-    record.cookie = connection_cookie as usize;
     drop(flt);
     kernel.flt.notify_everyone();
-    Ok(client)
+    result
 }
 
 /// Whether the connection is still usable from user mode.
@@ -1281,6 +1319,11 @@ pub(crate) fn user_disconnect(kernel: &Arc<Kernel>, client: usize) {
         .is_some_and(|c| !c.user_open && !c.driver_open)
     {
         flt.clients.remove(&client);
+    }
+    drop(flt);
+    if call.is_some() {
+        // An unregistering filter may be waiting for this DisconnectNotify.
+        kernel.flt.changed.notify_all();
     }
 }
 

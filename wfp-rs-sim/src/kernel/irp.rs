@@ -222,6 +222,11 @@ struct IoState {
     /// The addresses of the IRP blocks in `retired`: completing one of them again is a double
     /// completion, not a completion of something that never was an IRP.
     retired_irps: FxHashSet<usize>,
+    /// Calls the I/O manager is making into each driver now, by driver: dispatch routines, from
+    /// the request's hand-over to the routine's return (whether or not it completed its request
+    /// before returning), and cancel routines (`CancelIoEx` from user mode). An unload waits for
+    /// them ([`wait_for_dispatch_calls`]).
+    calls_in_driver: FxHashMap<usize, usize>,
 }
 
 /// What the quarantine holds.
@@ -256,6 +261,9 @@ pub(crate) struct IoManager {
     pub(crate) waits: super::spin::WaitSite,
     /// The system cancel spin lock (`IoAcquireCancelSpinLock`), a `KSPIN_LOCK`.
     cancel_lock: AtomicUsize,
+    /// Signalled when a dispatch or cancel routine returns (`IoState::calls_in_driver` went
+    /// down).
+    call_returned: Condvar,
 }
 
 // SAFETY: the raw pointers in the records point to blocks this manager allocated and frees only
@@ -290,6 +298,7 @@ impl Default for IoManager {
             changed: std::array::from_fn(|_| Condvar::new()),
             waits: super::spin::WaitSite::default(),
             cancel_lock: AtomicUsize::new(0),
+            call_returned: Condvar::new(),
         }
     }
 }
@@ -639,6 +648,7 @@ fn dispatch_irp(
             && let Some(record) = requests.irps.get_mut(&irp)
         {
             record.phase = Phase::Dispatching;
+            *requests.calls_in_driver.entry(driver).or_default() += 1;
         }
         routine
     };
@@ -648,7 +658,7 @@ fn dispatch_irp(
         complete_internally(kernel, irp, status);
         return status;
     };
-    with_context(kernel, PASSIVE_LEVEL, driver, || {
+    let returned = with_context(kernel, PASSIVE_LEVEL, driver, || {
         let before = irql();
         let dispatch = super::state::Routine::new(
             super::state::RoutineKind::Dispatch,
@@ -680,7 +690,23 @@ fn dispatch_irp(
         }
         check_dispatch_result(kernel, irp, block, routine as usize, returned);
         returned
-    })
+    });
+    call_returned(kernel, driver);
+    returned
+}
+
+/// A dispatch or cancel routine of `driver` returned.
+fn call_returned(kernel: &Kernel, driver: usize) {
+    {
+        let mut requests = io(kernel);
+        if let Some(calls) = requests.calls_in_driver.get_mut(&driver) {
+            *calls -= 1;
+            if *calls == 0 {
+                requests.calls_in_driver.remove(&driver);
+            }
+        }
+    }
+    kernel.irp.call_returned.notify_all();
 }
 
 fn check_dispatch_result(
@@ -1959,16 +1985,21 @@ impl IoRequest {
 /// routine ran.
 fn cancel_if_pending(kernel: &Arc<Kernel>, irp: usize) -> bool {
     let driver = {
-        let state = io(kernel);
-        match state.irps.get(&irp) {
+        let mut state = io(kernel);
+        let driver = match state.irps.get(&irp) {
             Some(record) if !matches!(record.phase, Phase::Completed(_)) => record.driver,
             _ => return false,
-        }
+        };
+        // The cancel routine is the driver's code: an unload waits for it.
+        *state.calls_in_driver.entry(driver).or_default() += 1;
+        driver
     };
-    with_context(kernel, PASSIVE_LEVEL, driver, || {
+    let called = with_context(kernel, PASSIVE_LEVEL, driver, || {
         let _kernel = super::state::KernelCode::enter();
         cancel_irp(kernel, irp)
-    })
+    });
+    call_returned(kernel, driver);
+    called
 }
 
 /// `CancelIoEx(handle, NULL)` on every handle user mode has open: every device control request
@@ -2021,26 +2052,24 @@ pub(crate) fn pending_irps(kernel: &Kernel, driver: usize) -> usize {
         .count()
 }
 
-/// Waits until no request sent to `driver` is still on its way into it (sent, its dispatch
-/// routine not returned yet), up to the unload wait limit; called after the driver's unload
-/// routine returned, before the unload checks, and holding none of the machine's locks (the
-/// sender needs them to finish). Such a request is not pending: on Windows the call holds a
-/// reference to the device, which defers the unload until the dispatch routine returns — and
-/// then, the device deleted, the request is refused or completed. A service thread that sends a
-/// new request while the driver unloads is in that window. A call that outlasts the limit is
-/// reported by [`check_unload`] as pending.
+/// Waits until no dispatch or cancel routine of `driver` is running, up to the unload wait
+/// limit; called after the driver's unload routine returned, before the unload checks, and
+/// holding none of the machine's locks (the caller needs them to finish). On Windows the call
+/// holds a reference to the device (a cancel: the request does), which defers the unload until
+/// the routine returns — and then, the device deleted, further requests are refused. A service
+/// thread that sends a new request, or cancels one, while the driver unloads is in that window;
+/// so is a dispatch routine that completed its request and has not returned yet. What outlasts
+/// the limit is reported by [`check_unload`].
 pub(crate) fn wait_for_dispatch_calls(kernel: &Kernel, driver: usize) {
-    let limit = std::time::Instant::now() + kernel.unload_wait_limit();
-    let in_dispatch = || {
-        io(kernel)
-            .irps
-            .values()
-            .any(|irp| irp.driver == driver && matches!(irp.phase, Phase::Dispatching))
-    };
-    while in_dispatch() && std::time::Instant::now() < limit {
-        kernel.yield_point("unload: waits for dispatch calls in progress");
-        std::thread::yield_now();
-    }
+    let deadline = kernel.deadline_in(kernel.unload_wait_limit());
+    let _ = kernel.wait_while(
+        &kernel.irp.state,
+        io(kernel),
+        &kernel.irp.call_returned,
+        Some(deadline),
+        "unload: waits for dispatch and cancel routines that are running",
+        |state| state.calls_in_driver.contains_key(&driver),
+    );
 }
 
 /// What the I/O manager checks after a driver's unload routine returned: no IRP sent to the
@@ -2076,6 +2105,20 @@ pub(crate) fn check_unload(kernel: &Kernel, driver: usize, name: &str) {
                 "driver {name} unloaded with {} IRP(s) still pending (the first: {what}); \
                  complete (or cancel) every queued request before unload",
                 pending.len()
+            ),
+        );
+    }
+    if let Some(&running) = state.calls_in_driver.get(&driver) {
+        drop(state);
+        stop(
+            BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS,
+            [0, 0, 0, running],
+            &format!(
+                "driver {name} unloaded with {running} dispatch or cancel routine(s) still \
+                 running after {:.1} s (Machine::set_unload_wait_limit); their requests were \
+                 completed but the routines had not returned, and Windows would not unload the \
+                 driver until they did",
+                kernel.unload_wait_limit().as_secs_f64()
             ),
         );
     }
