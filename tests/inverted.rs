@@ -1024,9 +1024,15 @@ fn a_dispatch_routine_that_never_returns_stops_the_unload() {
     let report = outcome.expect_bugcheck(
         wfp_rs::bugcheck::BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS,
     );
+    assert_eq!(
+        (report.params[1], report.params[3]),
+        (1, wfp_rs::bugcheck::unload_wait::DISPATCH_ROUTINES),
+        "{}",
+        outcome.stderr
+    );
     assert!(
-        report.explanation.starts_with(
-            "driver raw unloaded with 1 dispatch or cancel routine(s) still running after 0.2 s"
+        report.explanation.contains(
+            "waited 0.2 s for 1 dispatch or cancel routine(s) running on other threads (a service's requests) to return"
         ),
         "{}",
         outcome.stderr

@@ -1190,9 +1190,15 @@ mod sim {
         );
         let report = outcome
             .expect_bugcheck(BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS);
+        assert_eq!(
+            report.params[3],
+            wfp_rs::bugcheck::unload_wait::PORT_CALLBACKS,
+            "{}",
+            outcome.stderr
+        );
         assert!(
-            report.explanation.starts_with(
-                "FltUnregisterFilter waited 0.2 s for the driver's ConnectNotify or DisconnectNotify"
+            report.explanation.contains(
+                "waited 0.2 s for 1 ConnectNotify or DisconnectNotify call(s) by connecting or disconnecting processes to return (FltUnregisterFilter waits for them)"
             ),
             "{}",
             outcome.stderr

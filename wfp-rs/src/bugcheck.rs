@@ -152,6 +152,12 @@ pub mod unload_wait {
     /// A filter engine write with an infinite transaction wait timeout waited for another
     /// session's transaction; parameter 1 is the waiting session's handle.
     pub const TRANSACTION: usize = 5;
+    /// `FltUnregisterFilter` waited for `ConnectNotify` or `DisconnectNotify` calls (a process
+    /// connecting or disconnecting) that did not return; parameter 1 is the filter.
+    pub const PORT_CALLBACKS: usize = 6;
+    /// The I/O manager's unload waited for dispatch or cancel routines still running on other
+    /// threads (a service's requests); parameter 2 is how many.
+    pub const DISPATCH_ROUTINES: usize = 7;
 }
 
 /// Parameter 1 values of [`BugCheckCode::DRIVER_VERIFIER_IOMANAGER_VIOLATION`], as the bug check

@@ -39,7 +39,7 @@
 //! | what user mode sees when its reply is too long for the driver | success |
 //! | `DisconnectNotify` after the driver closed the client port itself | not called |
 //! | `FltCloseClientPort` on a variable that is already null | nothing happens |
-//! | `FltUnregisterFilter` while a process's connect or disconnect runs the driver's `ConnectNotify` or `DisconnectNotify` | waits for it (the callback holds the filter), then disconnects a connection it accepted; after the unload wait limit, stops with 0xCE |
+//! | `FltUnregisterFilter` while a process's connect or disconnect runs the driver's `ConnectNotify` or `DisconnectNotify` | waits for it (the callback holds the filter), then disconnects a connection it accepted; in an unload routine, after the unload wait limit, stops with 0xCE |
 //!
 //! `FltRegisterFilter` without a `FilterUnloadCallback` clears the driver object's
 //! `DriverUnload`, as `fltmgr.sys` does (Microsoft documents that such a filter "cannot be
@@ -492,13 +492,14 @@ pub unsafe extern "system" fn FltUnregisterFilter(Filter: PFLT_FILTER) {
     // DisconnectNotify runs in the driver (and may close its client port), so wait for it. A
     // connection accepted meanwhile is disconnected like the others. No new connect can start:
     // the server ports are closed (checked above).
-    let deadline = kernel.deadline_in(kernel.unload_wait_limit());
+    // From an unload routine the wait is bounded, as every wait the unload depends on.
+    let deadline = kernel.load_or_unload_deadline();
     loop {
         let (guard, timed_out) = kernel.wait_while(
             &kernel.flt.state,
             flt,
             &kernel.flt.changed,
-            Some(deadline),
+            deadline,
             "FltUnregisterFilter: waits for ConnectNotify and DisconnectNotify calls in progress",
             |state| {
                 state
@@ -508,13 +509,16 @@ pub unsafe extern "system" fn FltUnregisterFilter(Filter: PFLT_FILTER) {
             },
         );
         if timed_out {
+            let calls = guard
+                .filters
+                .get(&filter)
+                .map_or(0, |record| record.callbacks);
             drop(guard);
-            stop(
-                BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS,
-                [0, 0, filter, 0],
+            kernel.unload_wait_expired(
+                super::state::current_driver(),
+                [filter, 0, 0, wfp_rs::bugcheck::unload_wait::PORT_CALLBACKS],
                 &format!(
-                    "FltUnregisterFilter waited {:.1} s for the driver's ConnectNotify or DisconnectNotify, called by a connecting or disconnecting process, to return (Machine::set_unload_wait_limit); on Windows it waits for them forever",
-                    kernel.unload_wait_limit().as_secs_f64()
+                    "{calls} ConnectNotify or DisconnectNotify call(s) by connecting or disconnecting processes to return (FltUnregisterFilter waits for them)"
                 ),
             );
         }

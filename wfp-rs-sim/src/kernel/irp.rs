@@ -2058,11 +2058,11 @@ pub(crate) fn pending_irps(kernel: &Kernel, driver: usize) -> usize {
 /// holds a reference to the device (a cancel: the request does), which defers the unload until
 /// the routine returns — and then, the device deleted, further requests are refused. A service
 /// thread that sends a new request, or cancels one, while the driver unloads is in that window;
-/// so is a dispatch routine that completed its request and has not returned yet. What outlasts
-/// the limit is reported by [`check_unload`].
+/// so is a dispatch routine that completed its request and has not returned yet. A routine that
+/// outlasts the limit stops the machine (0xCE): on Windows the unload would hang.
 pub(crate) fn wait_for_dispatch_calls(kernel: &Kernel, driver: usize) {
     let deadline = kernel.deadline_in(kernel.unload_wait_limit());
-    let _ = kernel.wait_while(
+    let (state, timed_out) = kernel.wait_while(
         &kernel.irp.state,
         io(kernel),
         &kernel.irp.call_returned,
@@ -2070,6 +2070,22 @@ pub(crate) fn wait_for_dispatch_calls(kernel: &Kernel, driver: usize) {
         "unload: waits for dispatch and cancel routines that are running",
         |state| state.calls_in_driver.contains_key(&driver),
     );
+    if timed_out {
+        let running = state.calls_in_driver.get(&driver).copied().unwrap_or(0);
+        drop(state);
+        kernel.unload_wait_expired(
+            driver,
+            [
+                0,
+                running,
+                0,
+                wfp_rs::bugcheck::unload_wait::DISPATCH_ROUTINES,
+            ],
+            &format!(
+                "{running} dispatch or cancel routine(s) running on other threads (a service's requests) to return"
+            ),
+        );
+    }
 }
 
 /// What the I/O manager checks after a driver's unload routine returned: no IRP sent to the
@@ -2105,20 +2121,6 @@ pub(crate) fn check_unload(kernel: &Kernel, driver: usize, name: &str) {
                 "driver {name} unloaded with {} IRP(s) still pending (the first: {what}); \
                  complete (or cancel) every queued request before unload",
                 pending.len()
-            ),
-        );
-    }
-    if let Some(&running) = state.calls_in_driver.get(&driver) {
-        drop(state);
-        stop(
-            BugCheckCode::DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS,
-            [0, 0, 0, running],
-            &format!(
-                "driver {name} unloaded with {running} dispatch or cancel routine(s) still \
-                 running after {:.1} s (Machine::set_unload_wait_limit); their requests were \
-                 completed but the routines had not returned, and Windows would not unload the \
-                 driver until they did",
-                kernel.unload_wait_limit().as_secs_f64()
             ),
         );
     }
