@@ -11,7 +11,9 @@
 //! concurrent connections and 1 ms it is also measured with `MORE_WORKERS`, in the same
 //! interleaved rounds.
 //!
-//! Also the most system worker threads each design kept blocked at once (the simulator's
+//! Also each design's CPU time per decision (the whole process's, user and kernel, over its
+//! waves: what the decisions cost the machine, where the rate says how fast they came), the most
+//! system worker threads each design kept blocked at once (the simulator's
 //! `Machine::blocked_workers_max`), and the non-paged pool per outstanding question. The final
 //! lines: `ratio c-inverted-over-blocking-min`, `ratio c-inverted-over-workitem-64-1ms`,
 //! `blocked-workers-max inverted`. (No criterion groups here: 36 of them would take many
@@ -77,20 +79,24 @@ fn main() {
     let mut blocked_workers = [0usize; 3];
     let mut blocked_classifying = [0usize; 3];
     let mut min_over_blocking = f64::INFINITY;
+    // Where the inverted design's rate is smallest against the blocking design's: the ratio of
+    // their CPU time per decision there.
+    let mut cpu_at_min = None;
     let mut over_work_item_64_1ms = None;
     let mut more_workers_64_1ms = None;
     println!(
         "(c) decisions per second ({rounds} interleaved waves per point; {SERVICE_THREADS} service threads, {WORKERS} system worker threads):"
     );
     println!(
-        "(c) {:>11} {:>8} {:>12} {:>12} {:>12} {:>14} {:>15}",
+        "(c) {:>11} {:>8} {:>12} {:>12} {:>12} {:>14} {:>15} {:>26}",
         "concurrent",
         "latency",
         "inverted",
         "work-item",
         "blocking",
         "inv/blocking",
-        "inv/work-item"
+        "inv/work-item",
+        "cpu µs/decision inv/wi/bl"
     );
     for latency in SERVICE_LATENCIES {
         for concurrency in CONCURRENCY {
@@ -111,12 +117,14 @@ fn main() {
                 load.machine().reset_blocked_max();
             }
             let mut time = [Duration::ZERO; 4];
+            let mut cpu = [Duration::ZERO; 4];
             let mut denied = [0usize; 4];
             for round in 0..rounds {
                 for k in 0..loads.len() {
                     let i = (round + k) % loads.len();
                     let wave = loads[i].wave();
                     time[i] += wave.elapsed;
+                    cpu[i] += wave.cpu;
                     denied[i] += wave.denied;
                 }
             }
@@ -124,6 +132,10 @@ fn main() {
             let rate: Vec<f64> = time[..loads.len()]
                 .iter()
                 .map(|t| per_design / t.as_secs_f64())
+                .collect();
+            let cpu_per_decision: Vec<f64> = cpu[..loads.len()]
+                .iter()
+                .map(|c| c.as_secs_f64() * 1e6 / per_design)
                 .collect();
             for (i, load) in loads.iter().enumerate().take(designs.len()) {
                 blocked_workers[i] = blocked_workers[i].max(load.machine().blocked_workers_max());
@@ -143,22 +155,38 @@ fn main() {
             }
             let over_blocking = rate[0] / rate[2];
             let over_work_item = rate[0] / rate[1];
+            if over_blocking < min_over_blocking {
+                cpu_at_min = Some((
+                    concurrency,
+                    latency,
+                    cpu_per_decision[0] / cpu_per_decision[2],
+                ));
+            }
             min_over_blocking = min_over_blocking.min(over_blocking);
             if headline {
                 over_work_item_64_1ms = Some(over_work_item);
                 more_workers_64_1ms = Some((rate[3], rate[0] / rate[3]));
             }
             println!(
-                "(c) {concurrency:>11} {:>5} µs {:>12.0} {:>12.0} {:>12.0} {over_blocking:>14.2} {over_work_item:>15.2}",
+                "(c) {concurrency:>11} {:>5} µs {:>12.0} {:>12.0} {:>12.0} {over_blocking:>14.2} {over_work_item:>15.2} {:>10.1} {:>7.1} {:>7.1}",
                 latency.as_micros(),
                 rate[0],
                 rate[1],
                 rate[2],
+                cpu_per_decision[0],
+                cpu_per_decision[1],
+                cpu_per_decision[2],
             );
         }
     }
     let (more_workers_rate, over_more_workers) =
         more_workers_64_1ms.expect("the point is measured");
+    let (min_concurrency, min_latency, cpu_over_blocking_at_min) =
+        cpu_at_min.expect("every point is measured");
+    println!(
+        "(c) at the smallest inverted / blocking ({min_concurrency} concurrent, {} µs), the inverted design used {cpu_over_blocking_at_min:.2} × the blocking design's CPU time per decision",
+        min_latency.as_micros()
+    );
     println!(
         "(c) at 64 concurrent, 1 ms, the work item design with {MORE_WORKERS} system worker threads: {more_workers_rate:.0} a second (inverted / it = {over_more_workers:.2})"
     );
@@ -186,6 +214,9 @@ fn main() {
         format!("memory bytes-per-outstanding-question-work-item = {per_question_work_item}"),
         format!(
             "ratio c-inverted-over-workitem-{MORE_WORKERS}-workers-64-1ms = {over_more_workers:.2}"
+        ),
+        format!(
+            "ratio c-cpu-per-decision-inverted-over-blocking-at-min = {cpu_over_blocking_at_min:.2}"
         ),
         format!("blocked-workers-max work-item = {}", blocked_workers[1]),
         format!("blocked-workers-max blocking = {}", blocked_workers[2]),

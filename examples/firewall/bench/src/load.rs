@@ -68,6 +68,10 @@ pub struct LoadConfig {
 pub struct Wave {
     /// From the release of the clients to the last final decision.
     pub elapsed: Duration,
+    /// The CPU time the whole process used meanwhile (every thread: clients, service, the
+    /// simulator's own; user and kernel): the wave's cost, as long as the process does nothing
+    /// else at the time (other loads idle between their waves).
+    pub cpu: Duration,
     /// Each connection's time: from `Machine::connect` to its final decision (every layer;
     /// for a pended connection the completion and the reauthorization too).
     pub latencies: Vec<Duration>,
@@ -214,9 +218,11 @@ impl Load {
     /// Releases the clients and waits until every connection of the wave has its decision.
     pub fn wave(&self) -> Wave {
         let began = Instant::now();
+        let cpu_began = cpu_time::ProcessTime::now();
         self.start.wait();
         self.done.wait();
         let elapsed = began.elapsed();
+        let cpu = cpu_began.elapsed();
         let results = std::mem::take(&mut *self.results.lock().unwrap());
         assert_eq!(
             results.len(),
@@ -225,6 +231,7 @@ impl Load {
         );
         Wave {
             elapsed,
+            cpu,
             denied: results.iter().filter(|d| !d.permitted).count(),
             round_trips: results.iter().filter_map(|d| d.round_trip).collect(),
             latencies: results.iter().map(|d| d.connection).collect(),
