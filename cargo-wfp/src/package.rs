@@ -476,10 +476,14 @@ pub fn install_instructions(what: &Instructions<'_>, inf: &InfSummary) -> String
     line("   or, in a kernel debugger, ed nt!Kd_IHVDRIVER_Mask 0xf)");
     line("");
     line("5. Stop and remove");
+    line("   First stop every program that has one of the driver's devices open (its service):");
+    line("   Windows calls a driver's unload routine only once no handle to its devices is open");
+    line("   and no request to them is outstanding; until then the driver stays STOP_PENDING.");
+    line(&format!("   sc stop {service}"));
     if minifilter {
-        line(&format!("   fltmc unload {service}"));
-    } else {
-        line(&format!("   sc stop {service}"));
+        line("   (Not fltmc unload: it asks the filter's FilterUnloadCallback, which wfp-rs");
+        line("   drivers do not register, so the filter manager refuses; sc stop runs the");
+        line("   driver's own unload routine.)");
     }
     line(&format!("   sc delete {service}"));
     line("   (Installed with pnputil instead: pnputil /enum-drivers, then");

@@ -271,6 +271,8 @@ fn check_package(expect: &Expect, out: &Path, stderr: &str) {
         start,
         format!("sc query {}", expect.service),
         "netsh wfp show state".to_owned(),
+        // Minifilters too: `fltmc unload` needs a FilterUnloadCallback, which they lack.
+        format!("sc stop {}", expect.service),
         format!("sc delete {}", expect.service),
         "bcdedit /set testsigning on".to_owned(),
         "Inf2Cat".to_owned(),
