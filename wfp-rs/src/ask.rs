@@ -177,6 +177,15 @@
 //! questions and cancels the timers, but the device and the memory are leaked, as for
 //! [`InvertedQueue`] (a device left behind keeps the driver from unloading: Windows leaves it
 //! "unload pending", the simulator's `unload_driver` says `DeviceObjectsRemain`).
+//!
+//! On Windows the unload routine runs only once no handle to the driver's devices is open and
+//! no request to them is outstanding (documented: "Unload Routine Environment"), so a service
+//! with the channel open keeps the driver from unloading — `sc stop` leaves it `STOP_PENDING`
+//! and the driver is not told — until the service closes its handle: stop the service before the
+//! driver (make it depend on the driver). `close` from the unload routine then finds no service;
+//! `close` or `stop` at another time (the driver reconfiguring itself) is where the service sees
+//! the channel close. The simulator does not enforce that order yet (docs/simulator.md, "Known
+//! limits"): its `unload_driver` runs the unload routine with a service's handle open.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
