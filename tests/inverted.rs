@@ -18,6 +18,7 @@ use wfp_rs::irql::PassiveLevel;
 use wfp_rs::{Status, sys};
 use wfp_rs_sim::bugcheck_test;
 use wfp_rs_sim::{Caller, LoadedDriver, Machine, UnloadError};
+use wfp_rs_tests::race::{Gate, assert_keeps_waiting};
 
 /// The code the tests' service sends.
 const EVENTS: ControlCode = ControlCode::buffered(0x8000, 0x800, RequiredAccess::Any);
@@ -848,46 +849,6 @@ mod raw {
         }
     }
 
-    /// Where a routine of the raw driver waits until the test lets it go on.
-    pub struct Gate {
-        /// (a routine waits at the gate, the gate is open)
-        state: Mutex<(bool, bool)>,
-        changed: std::sync::Condvar,
-    }
-
-    impl Gate {
-        const fn new() -> Gate {
-            Gate {
-                state: Mutex::new((false, false)),
-                changed: std::sync::Condvar::new(),
-            }
-        }
-
-        /// Waits until the test opens the gate (at most 20 s), in harness code.
-        fn pass(&self) {
-            wfp_rs_sim::as_harness(|| {
-                let mut gate = self.state.lock().unwrap();
-                gate.0 = true;
-                self.changed.notify_all();
-                let limit = std::time::Duration::from_secs(20);
-                drop(self.changed.wait_timeout_while(gate, limit, |gate| !gate.1));
-            });
-        }
-
-        /// Waits until a routine waits at the gate.
-        pub fn wait_for_a_routine(&self) {
-            let mut gate = self.state.lock().unwrap();
-            while !gate.0 {
-                gate = self.changed.wait(gate).unwrap();
-            }
-        }
-
-        pub fn open(&self) {
-            self.state.lock().unwrap().1 = true;
-            self.changed.notify_all();
-        }
-    }
-
     /// Where `COMPLETE_THEN_WAIT`'s dispatch waits, after completing its request.
     pub static AFTER_COMPLETING: Gate = Gate::new();
     /// Where `PEND_SLOW_CANCEL`'s cancel routine waits, before completing its request.
@@ -961,15 +922,10 @@ fn an_unload_waits_for_a_dispatch_routine_that_completed_its_request_and_runs_on
         });
         raw::AFTER_COMPLETING.wait_for_a_routine();
         let unloading = scope.spawn(|| machine.unload_driver(driver));
-        // Time for an unload that does not wait to finish (the test passes whatever the timing:
-        // one that waits cannot finish before the gate opens).
-        for _ in 0..20 {
-            assert!(
-                !unloading.is_finished(),
-                "the driver unloaded while its dispatch routine was still running"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        assert_keeps_waiting(
+            &unloading,
+            "the driver unloaded while its dispatch routine was still running",
+        );
         raw::AFTER_COMPLETING.open();
         assert_eq!(sending.join().unwrap(), SUCCESS);
         unloading.join().unwrap().unwrap();
@@ -988,13 +944,10 @@ fn an_unload_waits_for_a_cancel_routine_that_is_running() {
         let cancelling = scope.spawn(|| request.cancel());
         raw::IN_CANCEL.wait_for_a_routine();
         let unloading = scope.spawn(|| machine.unload_driver(driver));
-        for _ in 0..20 {
-            assert!(
-                !unloading.is_finished(),
-                "the driver unloaded while its cancel routine was still running"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        assert_keeps_waiting(
+            &unloading,
+            "the driver unloaded while its cancel routine was still running",
+        );
         raw::IN_CANCEL.open();
         assert!(cancelling.join().unwrap(), "the cancel routine ran");
         unloading.join().unwrap().unwrap();

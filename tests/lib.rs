@@ -302,6 +302,82 @@ macro_rules! guide_test {
     };
 }
 
+#[cfg(any(not(windows), feature = "sim"))]
+pub mod race {
+    //! For tests of what must wait for driver code running on another thread (an unload waiting
+    //! for a callback, say): a [`Gate`] holds the driver's routine where the test wants it, and
+    //! [`assert_keeps_waiting`] checks the waiter does not go on meanwhile.
+
+    use std::sync::{Condvar, Mutex};
+    use std::thread::ScopedJoinHandle;
+    use std::time::Duration;
+
+    /// Where a driver routine waits until the test lets it go on. One per scenario: tests run in
+    /// parallel.
+    pub struct Gate {
+        /// (a routine waits at the gate, the gate is open)
+        state: Mutex<(bool, bool)>,
+        changed: Condvar,
+    }
+
+    impl Gate {
+        /// The longest a routine waits at a gate nobody opens.
+        pub const LIMIT: Duration = Duration::from_secs(20);
+
+        /// A closed gate.
+        pub const fn new() -> Gate {
+            Gate {
+                state: Mutex::new((false, false)),
+                changed: Condvar::new(),
+            }
+        }
+
+        /// Called by the driver's routine: waits until the test opens the gate (at most
+        /// [`LIMIT`](Self::LIMIT)), as harness code.
+        pub fn pass(&self) {
+            wfp_rs_sim::as_harness(|| {
+                let mut gate = self.state.lock().unwrap();
+                gate.0 = true;
+                self.changed.notify_all();
+                drop(
+                    self.changed
+                        .wait_timeout_while(gate, Self::LIMIT, |gate| !gate.1),
+                );
+            });
+        }
+
+        /// Waits until a routine waits at the gate.
+        pub fn wait_for_a_routine(&self) {
+            let mut gate = self.state.lock().unwrap();
+            while !gate.0 {
+                gate = self.changed.wait(gate).unwrap();
+            }
+        }
+
+        /// Lets the routine (and every later one) go on.
+        pub fn open(&self) {
+            self.state.lock().unwrap().1 = true;
+            self.changed.notify_all();
+        }
+    }
+
+    impl Default for Gate {
+        fn default() -> Self {
+            Gate::new()
+        }
+    }
+
+    /// Asserts for 200 ms that `waiter` has not finished, with `what` as the failure: a wait
+    /// that is there passes whatever the timing; one that is missing fails as long as the
+    /// waiter gets to run meanwhile.
+    pub fn assert_keeps_waiting<T>(waiter: &ScopedJoinHandle<'_, T>, what: &str) {
+        for _ in 0..20 {
+            assert!(!waiter.is_finished(), "{what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 /// The guides' Rust code blocks, compiled (and the `compile_fail` ones checked to fail with their
 /// error code) as doctests of this crate, so the guides cannot drift from the API:
 /// `cargo test -p wfp-rs-tests --doc`.

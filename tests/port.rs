@@ -1023,21 +1023,31 @@ mod sim {
         }
 
         /// The shape of a real driver: the filter and the port live in the state.
-        pub struct State {
+        pub struct State<E: PortEvents = Events> {
             pub _filter: Filter,
-            pub _port: ServerPort<Firewall, Events>,
+            pub _port: ServerPort<Firewall, E>,
         }
 
-        impl DriverState for State {}
+        impl<E: PortEvents> DriverState for State<E> {}
 
-        #[wfp_rs::driver_entry]
-        fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<State, Status> {
+        /// Registers the filter and creates the port `name` (one connection) with `events`.
+        pub fn register<E: PortEvents>(
+            irql: &mut PassiveLevel<'_>,
+            driver: &mut Driver<'_>,
+            name: &str,
+            events: E,
+        ) -> Result<State<E>, Status> {
             let filter = Filter::register(irql, driver)?;
-            let port = ServerPort::create(irql, &filter, "\\Stateful", 1, Events)?;
+            let port = ServerPort::create(irql, &filter, name, 1, events)?;
             Ok(State {
                 _filter: filter,
                 _port: port,
             })
+        }
+
+        #[wfp_rs::driver_entry]
+        fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<State, Status> {
+            register(irql, driver, "\\Stateful", Events)
         }
     }
 
@@ -1065,26 +1075,11 @@ mod sim {
     /// the driver unloads.
     mod slow_connect {
         use super::*;
-        use std::sync::Condvar;
+        use wfp_rs_tests::race::Gate;
 
         pub static DISCONNECTS: AtomicU32 = AtomicU32::new(0);
-        /// (a connect callback is waiting, the gate is open)
-        static GATE: Mutex<(bool, bool)> = Mutex::new((false, false));
-        static GATE_CHANGED: Condvar = Condvar::new();
-        /// The longest a connect callback waits for the gate.
-        const GATE_LIMIT: Duration = Duration::from_secs(20);
-
-        pub fn wait_until_connecting() {
-            let mut gate = GATE.lock().unwrap();
-            while !gate.0 {
-                gate = GATE_CHANGED.wait(gate).unwrap();
-            }
-        }
-
-        pub fn open_gate() {
-            GATE.lock().unwrap().1 = true;
-            GATE_CHANGED.notify_all();
-        }
+        /// Where `ConnectNotify` waits.
+        pub static CONNECTING: Gate = Gate::new();
 
         pub struct Events;
 
@@ -1095,13 +1090,7 @@ mod sim {
                 _connection: ConnectionId,
                 _context: &[u8],
             ) -> Result<(), Status> {
-                let mut gate = GATE.lock().unwrap();
-                gate.0 = true;
-                GATE_CHANGED.notify_all();
-                let (gate, _) = GATE_CHANGED
-                    .wait_timeout_while(gate, GATE_LIMIT, |gate| !gate.1)
-                    .unwrap();
-                drop(gate);
+                CONNECTING.pass();
                 Ok(())
             }
 
@@ -1110,21 +1099,12 @@ mod sim {
             }
         }
 
-        pub struct State {
-            pub _filter: Filter,
-            pub _port: ServerPort<Firewall, Events>,
-        }
-
-        impl DriverState for State {}
-
         #[wfp_rs::driver_entry]
-        fn entry(irql: &mut PassiveLevel<'_>, driver: &mut Driver<'_>) -> Result<State, Status> {
-            let filter = Filter::register(irql, driver)?;
-            let port = ServerPort::create(irql, &filter, "\\SlowConnect", 1, Events)?;
-            Ok(State {
-                _filter: filter,
-                _port: port,
-            })
+        fn entry(
+            irql: &mut PassiveLevel<'_>,
+            driver: &mut Driver<'_>,
+        ) -> Result<stateful::State<Events>, Status> {
+            stateful::register(irql, driver, "\\SlowConnect", Events)
         }
     }
 
@@ -1145,18 +1125,13 @@ mod sim {
                 let connected = client.connect(&[]);
                 (connected, client)
             });
-            slow_connect::wait_until_connecting();
+            slow_connect::CONNECTING.wait_for_a_routine();
             let unloading = scope.spawn(|| machine.unload_driver(driver));
-            // Give the unload time to finish if it does not wait (it passes whatever the timing:
-            // an unload that waits cannot finish before the gate opens).
-            for _ in 0..20 {
-                assert!(
-                    !unloading.is_finished(),
-                    "the driver unloaded while its ConnectNotify was still running"
-                );
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            slow_connect::open_gate();
+            wfp_rs_tests::race::assert_keeps_waiting(
+                &unloading,
+                "the driver unloaded while its ConnectNotify was still running",
+            );
+            slow_connect::CONNECTING.open();
             unloading.join().unwrap().unwrap();
             let (connected, client) = connecting.join().unwrap();
             assert_eq!(connected, Ok(()), "the driver accepted the connection");
@@ -1183,7 +1158,7 @@ mod sim {
                         let mut client = machine.port_client("\\SlowConnect");
                         let _ = client.connect(&[]);
                     });
-                    slow_connect::wait_until_connecting();
+                    slow_connect::CONNECTING.wait_for_a_routine();
                     let _ = machine.unload_driver(driver);
                 });
             },
