@@ -1234,7 +1234,8 @@ pub(crate) fn user_get_message(
         record.readers -= 1;
     }
     drop(flt);
-    kernel.flt.changed.notify_all();
+    // `changed` is not signalled: what its waiters wait for (a reader waiting on a port, a
+    // callback returning) does not come true when a read ends.
     // A sender waiting for delivery only (no reply buffer) is done now.
     if let Some(message) = &result {
         kernel.flt.sender(message.id).notify_all();
