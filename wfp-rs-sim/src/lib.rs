@@ -667,7 +667,8 @@ impl Machine {
     }
 
     fn finish_unload_checks(&self, driver: &LoadedDriver) -> Result<(), UnloadError> {
-        // Requests on their way into the driver hold its device, as running routines do (below).
+        // Dispatch and cancel routines running on other threads hold its device, as work item
+        // routines do (below).
         crate::kernel::irp::wait_for_dispatch_calls(&self.kernel, driver.object);
         // Routines already running keep the image loaded until they return (IoQueueWorkItem
         // holds the device object), including those that freed their work item.

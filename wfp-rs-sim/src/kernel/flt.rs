@@ -252,6 +252,23 @@ pub(crate) struct UserMessage {
     pub(crate) data: Vec<u8>,
 }
 
+impl State {
+    /// A `ConnectNotify` or `DisconnectNotify` of `filter` is about to run on a process's thread
+    /// ([`FilterRecord::callbacks`]).
+    fn callback_started(&mut self, filter: usize) {
+        if let Some(record) = self.filters.get_mut(&filter) {
+            record.callbacks += 1;
+        }
+    }
+
+    /// It returned; the caller notifies [`FilterManager::changed`] after releasing the lock.
+    fn callback_returned(&mut self, filter: usize) {
+        if let Some(record) = self.filters.get_mut(&filter) {
+            record.callbacks = record.callbacks.saturating_sub(1);
+        }
+    }
+}
+
 fn lock(kernel: &Kernel) -> MutexGuard<'_, State> {
     // A poisoned lock means a harness thread panicked holding it; the bookkeeping is still
     // consistent.
@@ -1126,9 +1143,7 @@ pub(crate) fn user_connect(
             },
         );
         // The ConnectNotify about to run holds the filter (`FltUnregisterFilter` waits for it).
-        if let Some(record) = flt.filters.get_mut(&filter) {
-            record.callbacks += 1;
-        }
+        flt.callback_started(filter);
         (client, connect, cookie, driver, filter)
     };
     // The filter manager hands the driver a kernel copy of the context.
@@ -1156,9 +1171,7 @@ pub(crate) fn user_connect(
         })
     });
     let mut flt = lock(kernel);
-    if let Some(record) = flt.filters.get_mut(&filter) {
-        record.callbacks = record.callbacks.saturating_sub(1);
-    }
+    flt.callback_returned(filter);
     let result = if status < 0 {
         flt.clients.remove(&client);
         Err(status)
@@ -1295,10 +1308,8 @@ pub(crate) fn user_disconnect(kernel: &Arc<Kernel>, client: usize) {
         if !record.driver_open {
             flt.clients.remove(&client);
         }
-        if let Some((_, _, _, filter)) = call
-            && let Some(record) = flt.filters.get_mut(&filter)
-        {
-            record.callbacks += 1;
+        if let Some((_, _, _, filter)) = call {
+            flt.callback_started(filter);
         }
         (call, readable)
     };
@@ -1313,10 +1324,8 @@ pub(crate) fn user_disconnect(kernel: &Arc<Kernel>, client: usize) {
         });
     }
     let mut flt = lock(kernel);
-    if let Some((_, _, _, filter)) = call
-        && let Some(record) = flt.filters.get_mut(&filter)
-    {
-        record.callbacks = record.callbacks.saturating_sub(1);
+    if let Some((_, _, _, filter)) = call {
+        flt.callback_returned(filter);
     }
     if flt
         .clients

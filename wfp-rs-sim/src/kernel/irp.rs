@@ -648,7 +648,7 @@ fn dispatch_irp(
             && let Some(record) = requests.irps.get_mut(&irp)
         {
             record.phase = Phase::Dispatching;
-            *requests.calls_in_driver.entry(driver).or_default() += 1;
+            requests.call_started(driver);
         }
         routine
     };
@@ -695,7 +695,15 @@ fn dispatch_irp(
     returned
 }
 
-/// A dispatch or cancel routine of `driver` returned.
+impl IoState {
+    /// A dispatch or cancel routine of `driver` is about to run; [`call_returned`] when it
+    /// returns.
+    fn call_started(&mut self, driver: usize) {
+        *self.calls_in_driver.entry(driver).or_default() += 1;
+    }
+}
+
+/// A dispatch or cancel routine of `driver` returned ([`IoState::call_started`]).
 fn call_returned(kernel: &Kernel, driver: usize) {
     {
         let mut requests = io(kernel);
@@ -1991,7 +1999,7 @@ fn cancel_if_pending(kernel: &Arc<Kernel>, irp: usize) -> bool {
             _ => return false,
         };
         // The cancel routine is the driver's code: an unload waits for it.
-        *state.calls_in_driver.entry(driver).or_default() += 1;
+        state.call_started(driver);
         driver
     };
     let called = with_context(kernel, PASSIVE_LEVEL, driver, || {
